@@ -1,0 +1,1 @@
+"""qtasks: a fast, reliable task queue built from replaceable components."""

@@ -1,0 +1,306 @@
+"""The component contracts. Every pluggable part of qtasks is a protocol in this module.
+
+Implementations live elsewhere (``qtasks.memory``, ``qtasks_redis``, ``qtasks_rabbitmq``) and are
+found through entry points. The docstrings here are the contract: what an implementation must
+guarantee. ``qtasks_testing.contract`` holds the test suites that check it; every backend in this
+repository runs them.
+
+Lifecycle. A component is started with ``await component.start(stack, config)``: it connects and
+pushes its own teardown onto ``stack`` (an :class:`~contextlib.AsyncExitStack`), so there is no
+``stop()`` to forget. The app starts storage, global config, broker, plugins and worker in that
+order and unwinds in reverse. A component started twice, or used before ``start``, raises
+:class:`~qtasks.errors.ComponentNotStartedError`.
+
+Construction from configuration. Components found by name (``broker="redis"``) are built with
+``Cls.from_config(config)``, a classmethod that reads the ``*_url`` and other settings of
+:class:`~qtasks.config.QueueConfig` (including ``config.extra``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+
+from qtasks.config import QueueConfig
+from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """A message a broker gave up on, with why."""
+
+    id: str
+    body: bytes
+    reason: str
+    priority: int = 0
+    deliveries: int = 0
+    dead_at: float = 0.0
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    """Live figures a broker reports to ``qtasks inspect``."""
+
+    ready_by_priority: dict[int, int] = field(default_factory=dict)
+    delayed: int = 0
+    in_flight: int = 0
+    dead_letters: int = 0
+
+
+class Delivery(Protocol):
+    """One delivery of one message to one worker. Acknowledgement is carried here.
+
+    A delivery is *held* (leased) by the consumer that received it until exactly one of
+    :meth:`ack`, :meth:`nack` or :meth:`requeue` is called, or until its lease runs out without
+    :meth:`extend`. When the lease runs out (or the consumer's connection dies), the broker makes
+    the message deliverable again, to any consumer, with ``attempt`` increased. After
+    ``config.max_deliveries`` deliveries the broker dead-letters the message instead of
+    delivering it again, with a reason that says the delivery limit was hit.
+
+    ``token`` fences stale holders: once a message was delivered again, calls made through an
+    older delivery must not affect it (ack/nack/requeue do nothing and return ``False``;
+    :meth:`extend` returns ``False``).
+    """
+
+    @property
+    def id(self) -> str:
+        """The envelope id (the task uuid)."""
+        ...
+
+    @property
+    def body(self) -> bytes:
+        """The encoded message, exactly as published."""
+        ...
+
+    @property
+    def priority(self) -> int: ...
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first delivery since the message was published or requeued, then 2, 3..."""
+        ...
+
+    @property
+    def token(self) -> str:
+        """Unique per delivery; stored on the task record to fence result writes."""
+        ...
+
+    async def ack(self) -> bool:
+        """Remove the message for good. Call only after the task's final record is stored."""
+        ...
+
+    async def nack(self, reason: str) -> bool:
+        """Give up on the message: move it to the dead-letter queue with ``reason``."""
+        ...
+
+    async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
+        """Hand the message back, optionally replacing its body, due after ``delay`` seconds.
+
+        A requeue is deliberate (retry, graceful shutdown), so it resets ``attempt`` to 0: the
+        next delivery has ``attempt == 1``.
+        """
+        ...
+
+    async def extend(self) -> bool:
+        """Renew the lease for another ``config.lease`` seconds; ``False`` if it was lost."""
+        ...
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Moves task messages from producers to workers.
+
+    Guarantees an implementation must give:
+
+    * **At-least-once.** Once :meth:`publish` returned, the message is delivered until a
+      delivery of it is acked, nacked, or it exceeds ``max_deliveries``.
+    * **Priorities** across the whole queue: among due messages, a lower ``priority`` number is
+      delivered first; FIFO within a priority.
+    * **Delays.** An envelope with ``eta`` is not delivered before that time, and becomes
+      deliverable promptly after it (no poll interval longer than ~100 ms; better: woken).
+    * **Bounded prefetch.** :meth:`consume` never holds more than ``prefetch`` undelivered
+      messages on behalf of one consumer.
+    * **Dead letters** keep the body and a reason, are listed by :meth:`dead_letters` and can be
+      put back with :meth:`requeue_dead_letters`.
+    * Bad input from the outside (bytes that are not a message) is delivered like any other
+      message: deciding that it is poison is the worker's job (it nacks it with a reason).
+    """
+
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        """Connect, and register teardown on ``stack``."""
+        ...
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Store the message durably (as durable as the backend is) before returning."""
+        ...
+
+    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """Open a consumer. Iterating yields deliveries as they become due, blocking (not
+        polling) while there are none. When the context exits, messages delivered to it and
+        not yet settled are handed back at once."""
+        ...
+
+    async def cancel(self, id: str) -> bool:
+        """Drop a message that is queued or delayed and not yet delivered; ``True`` if it was."""
+        ...
+
+    async def stats(self) -> BrokerStats: ...
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters."""
+        ...
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Publish dead letters again (all of them when ``ids`` is None); return how many."""
+        ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Keeps task records and results, and wakes those waiting for them.
+
+    Guarantees:
+
+    * :meth:`save` with ``fence`` writes only while the stored record's ``token`` equals the
+      fence (or the stored record has no token), so a worker that lost its lease cannot
+      overwrite a newer attempt's result; it returns ``False`` when refused. A record whose
+      stored status is final is never overwritten by a non-final one.
+    * :meth:`wait` returns as soon as a final record is saved (woken, not polled) and raises
+      :class:`~qtasks.errors.TaskTimeoutError` at the deadline.
+    * Generator steps appended with :meth:`add_step` are readable in order by :meth:`steps`
+      within milliseconds, which follows them live until the record is final.
+    * Final records expire after ``config.result_ttl`` seconds (when set).
+    """
+
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None: ...
+
+    async def add(self, record: TaskRecord) -> None:
+        """Store a new record (status ``new``)."""
+        ...
+
+    async def get(self, uuid: str) -> TaskRecord | None: ...
+
+    async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        """Write ``record`` whole. See the class docstring for fencing; wakes waiters when the
+        status is final."""
+        ...
+
+    async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
+        """Atomically mark a not-yet-final record ``cancel``; return the stored record (final
+        records are returned unchanged), ``None`` when unknown."""
+        ...
+
+    async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
+        """Block until the record is final; return it."""
+        ...
+
+    async def add_step(self, uuid: str, value: Any) -> int:
+        """Append one generator step (JSON-like); return its index (0-based)."""
+        ...
+
+    def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
+        """Yield stored steps from ``start`` on, waiting for new ones until the record is
+        final (then the iterator ends)."""
+        ...
+
+    async def stats(self) -> dict[str, int]:
+        """Number of stored records by status."""
+        ...
+
+
+@runtime_checkable
+class GlobalConfig(Protocol):
+    """Cluster-wide settings, shared state and worker heartbeats, in namespaces of keys.
+
+    Values are JSON-like. ``set_if_absent`` and ``increment`` are atomic across every process
+    that uses the same backend; keys with a ``ttl`` vanish after it.
+    """
+
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None: ...
+
+    async def get(self, namespace: str, key: str, default: Any = None) -> Any: ...
+
+    async def set(self, namespace: str, key: str, value: Any, *, ttl: float | None = None) -> None:
+        ...
+
+    async def set_if_absent(
+        self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+    ) -> bool:
+        """Set only if the key does not exist; ``True`` if this call set it."""
+        ...
+
+    async def delete(self, namespace: str, key: str) -> bool: ...
+
+    async def get_all(self, namespace: str) -> dict[str, Any]: ...
+
+    async def clear(self, namespace: str) -> None: ...
+
+    async def increment(self, namespace: str, key: str, amount: float = 1) -> float:
+        """Atomically add ``amount`` (a missing key counts as 0); return the new value."""
+        ...
+
+    async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
+        """Record that ``worker_id`` is alive with ``info`` for the next ``ttl`` seconds."""
+        ...
+
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        """The workers whose last heartbeat has not expired, by id."""
+        ...
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """Takes deliveries from the broker and runs them through an executor.
+
+    A worker must: hold at most ``max_tasks_process`` running tasks and ``prefetch`` waiting
+    ones; run waiting ones lowest priority number first; renew leases of running tasks; store the
+    final record (fenced with the delivery token) *before* acking; nack undecodable or unknown
+    messages with a reason; never die of one task's failure; on stop, requeue waiting deliveries
+    at once, give running tasks ``shutdown_grace`` seconds, then cancel and requeue them.
+    """
+
+    async def run(self, app: AsyncQueueTasks, *, task_status: Any = ...) -> None:
+        """Serve until cancelled; report readiness through ``task_status.started()``."""
+        ...
+
+    @property
+    def running(self) -> int:
+        """Tasks running now."""
+        ...
+
+    def cancel_local(self, uuid: str, reason: str) -> bool:
+        """Cancel a task running on this worker; ``True`` if it was running here."""
+        ...
+
+
+class TaskExecutor(Protocol):
+    """Runs one task call: argument injection, the call itself, generators, result encoding."""
+
+    async def execute(self, run: Any) -> Any:
+        """Run ``run`` (a :class:`qtasks.executor.TaskRun`) and return the encoded result.
+
+        Raises what the task raised (the worker records it)."""
+        ...
+
+
+class Starter(Protocol):
+    """Owns the process lifecycle for ``run_forever``: signals, the event loop, shutdown."""
+
+    def run(self, app: AsyncQueueTasks) -> None:
+        """Block serving ``app`` until SIGINT/SIGTERM, then stop gracefully."""
+        ...
+
+
+ComponentFactory = Callable[[QueueConfig], Any]
+"""What an entry point may name: a class with ``from_config`` or a factory taking the config."""
+
+
+class SupportsFromConfig(Protocol):
+    @classmethod
+    def from_config(cls, config: QueueConfig) -> Self: ...

@@ -1,0 +1,114 @@
+"""The qtasks error tree: every error qtasks raises is a :class:`QTasksError`.
+
+Exceptions carry the ids they are about as attributes and build their own message. Backend
+packages subclass these (e.g. ``qtasks_redis`` raises :class:`BrokerConnectionError`).
+"""
+
+from __future__ import annotations
+
+
+class QTasksError(Exception):
+    """Base of every qtasks error."""
+
+
+class ConfigError(QTasksError):
+    """Bad configuration: a wrong type, an unknown key, a missing component."""
+
+
+class TaskDeclarationError(QTasksError, TypeError):
+    """A task was declared with a duplicate name or an option of the wrong type."""
+
+
+class UnknownTaskError(QTasksError, LookupError):
+    """A task name that is not in the app's registry."""
+
+    def __init__(self, task_name: str) -> None:
+        self.task_name = task_name
+        super().__init__(f"unknown task {task_name!r}: it is not registered in this app")
+
+
+class TaskNotFoundError(QTasksError, LookupError):
+    """No record is stored for this task uuid (never added, or expired)."""
+
+    def __init__(self, uuid: str) -> None:
+        self.uuid = uuid
+        super().__init__(f"no task record for uuid {uuid!r}")
+
+
+class SerializationError(QTasksError, ValueError):
+    """A value could not be encoded or decoded by the app's serializer."""
+
+
+class MessageTooLargeError(SerializationError):
+    """An encoded message is larger than ``max_message_size``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"encoded message is {size} bytes, above max_message_size={limit}")
+
+
+class TaskArgumentsError(QTasksError, TypeError):
+    """The arguments do not fit the task's signature."""
+
+
+class TaskTimeoutError(QTasksError, TimeoutError):
+    """Waiting for a task's final record took longer than the timeout."""
+
+    def __init__(self, uuid: str, timeout: float | None) -> None:
+        self.uuid = uuid
+        self.timeout = timeout
+        super().__init__(f"task {uuid} did not finish within {timeout} s")
+
+
+class TaskMaxTimeError(QTasksError, TimeoutError):
+    """A task ran longer than its ``max_time``; stored on the record as the error."""
+
+    def __init__(self, task_name: str, max_time: float) -> None:
+        self.task_name = task_name
+        self.max_time = max_time
+        super().__init__(f"task {task_name!r} exceeded max_time={max_time} s")
+
+
+class TaskCancelledError(QTasksError):
+    """Raised inside a task (``self.ctx.cancel``) or by a waiter to end it as cancelled."""
+
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"task cancelled: {reason}" if reason else "task cancelled")
+
+
+class TaskFailedError(QTasksError):
+    """A waited-for task ended with status ``error``; ``task`` holds its record."""
+
+    def __init__(self, task: object, message: str) -> None:
+        self.task = task
+        super().__init__(message)
+
+
+class ComponentError(QTasksError):
+    """A component (broker, storage, global config) failed or was used wrongly."""
+
+
+class ComponentNotStartedError(ComponentError):
+    """A component was used before ``start`` or after its stop."""
+
+
+class BrokerConnectionError(ComponentError, ConnectionError):
+    """The broker or storage server cannot be reached. The message never contains a password."""
+
+
+class LeaseLostError(ComponentError):
+    """A worker presented a stale delivery token: another attempt owns this message now."""
+
+
+class PluginError(QTasksError):
+    """A plugin is broken: it names an unknown hook, or a hook implementation raised."""
+
+    def __init__(self, plugin: str, message: str) -> None:
+        self.plugin = plugin
+        super().__init__(f"plugin {plugin!r}: {message}")
+
+
+class DependencyError(QTasksError):
+    """A ``Depends`` dependency could not be resolved or torn down."""

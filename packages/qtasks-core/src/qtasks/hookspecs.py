@@ -1,0 +1,286 @@
+"""The qtasks hook specification: one pluggy hook per lifecycle trigger.
+
+Implement any of these in a plugin with ``@qtasks.hookimpl``; register it with
+``app.add_plugin(obj)`` or through the ``qtasks.plugins`` entry-point group. An implementation
+may take any subset of a hook's parameters, and may be ``async def`` (the core awaits it), except
+for ``firstresult`` hooks and wrappers, which must be plain functions.
+
+Kinds of hooks (each docstring says which):
+
+* **notification** (past tense, return value ignored). An exception is logged with the
+  plugin's name and does not affect the task or the worker.
+* **transform** (return a new value, or ``None`` for "unchanged"). Implementations are chained
+  in call order: each receives the value the previous one returned. An exception fails the task
+  (or the ``add_task`` call) with :class:`~qtasks.errors.PluginError` naming the plugin.
+* **decide** (``firstresult``): the first non-``None`` return wins; sync only.
+
+Order of hooks for one task
+---------------------------
+Producer: ``qtasks_task_enqueue`` (transform of the message) → broker publish →
+``qtasks_task_enqueued``.
+
+Worker, success path: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received`` →
+``qtasks_worker_execute_before`` → ``qtasks_executor_args`` (transform) →
+``qtasks_executor_execute_before`` → the task runs (for generators ``qtasks_executor_yielded``
+per step) → ``qtasks_executor_result`` (transform) → ``qtasks_executor_execute_after`` →
+``qtasks_executor_closed`` → ``qtasks_storage_saved`` (the final record) →
+``qtasks_broker_acked`` → ``qtasks_task_succeeded`` → ``qtasks_worker_execute_after``.
+
+Error path: … the task raises → ``qtasks_executor_error`` → ``qtasks_executor_closed`` →
+``qtasks_task_retry_delay`` (decide) → either ``qtasks_worker_task_retry`` (record ``retry``,
+message requeued with the delay) or ``qtasks_task_failed`` (record ``error``) →
+``qtasks_worker_execute_after``. Cancel: ``qtasks_task_cancelled``. ``max_time`` exceeded:
+``qtasks_task_timed_out`` then the error path. A message that cannot run at all (undecodable,
+unknown task, bad arguments): ``qtasks_broker_nacked`` → ``qtasks_task_rejected``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.components import Delivery
+    from qtasks.config import QueueConfig
+    from qtasks.messages import Message
+    from qtasks.record import TaskRecord
+    from qtasks.task import TaskDef
+
+hookspec = pluggy.HookspecMarker("qtasks")
+
+# --- app and configuration ------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_app_configured(app: AsyncQueueTasks, config: QueueConfig) -> None:
+    """Notification: the app has its configuration and components, before anything starts."""
+
+
+@hookspec
+def qtasks_task_registered(app: AsyncQueueTasks, task: TaskDef) -> None:
+    """Notification: ``task`` was declared with ``@app.task`` (sync; fired at import time, so
+    an ``async`` implementation is awaited when the app starts)."""
+
+
+# --- starter and component lifecycle --------------------------------------------------------
+
+
+@hookspec
+def qtasks_app_started(app: AsyncQueueTasks) -> None:
+    """Notification: every component and plugin started; fired before the worker serves."""
+
+
+@hookspec
+def qtasks_app_stopping(app: AsyncQueueTasks) -> None:
+    """Notification: shutdown began; the worker stops taking messages after this."""
+
+
+@hookspec
+def qtasks_app_stopped(app: AsyncQueueTasks) -> None:
+    """Notification: every component was stopped (last hook of an app's life)."""
+
+
+@hookspec
+def qtasks_component_started(app: AsyncQueueTasks, kind: str, component: Any) -> None:
+    """Notification: a component started; ``kind`` is ``broker``, ``storage``,
+    ``global_config`` or ``worker``. Fired in start order: storage, global_config, broker,
+    worker."""
+
+
+@hookspec
+def qtasks_component_stopped(app: AsyncQueueTasks, kind: str, component: Any) -> None:
+    """Notification: a component stopped, in reverse start order."""
+
+
+# --- enqueue --------------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_task_enqueue(app: AsyncQueueTasks, message: Message) -> Message | None:
+    """Transform, before the message goes to the broker: return a replacement message (e.g. with
+    other args, priority or headers) or ``None``. Raising aborts ``add_task``."""
+
+
+@hookspec
+def qtasks_task_enqueued(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the broker accepted the message; ``record`` is the stored ``new`` record."""
+
+
+# --- broker ---------------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_broker_listening(app: AsyncQueueTasks, worker: Any) -> None:
+    """Notification: the worker opened its consumer and waits for messages."""
+
+
+@hookspec
+def qtasks_broker_message_received(app: AsyncQueueTasks, delivery: Delivery) -> None:
+    """Notification: a delivery arrived at the worker (before it is decoded)."""
+
+
+@hookspec
+def qtasks_broker_acked(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the message of a finished task was acknowledged (removed)."""
+
+
+@hookspec
+def qtasks_broker_nacked(app: AsyncQueueTasks, delivery: Delivery, reason: str) -> None:
+    """Notification: a message was dead-lettered with ``reason``."""
+
+
+@hookspec
+def qtasks_broker_requeued(app: AsyncQueueTasks, delivery: Delivery, delay: float | None) -> None:
+    """Notification: a delivery was handed back to the broker (retry or shutdown)."""
+
+
+# --- storage --------------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_storage_added(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: a new record was stored by ``add_task``."""
+
+
+@hookspec
+def qtasks_storage_got(app: AsyncQueueTasks, record: TaskRecord) -> TaskRecord | None:
+    """Transform: a record read by ``app.get``; return a replacement or ``None``."""
+
+
+@hookspec
+def qtasks_storage_saved(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the worker wrote ``record`` (status ``process``, ``retry`` or final)."""
+
+
+# --- global config --------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_global_config_set(app: AsyncQueueTasks, namespace: str, key: str, value: Any) -> None:
+    """Notification: ``app.config_set`` wrote a cluster-wide value."""
+
+
+@hookspec
+def qtasks_global_config_got(
+    app: AsyncQueueTasks, namespace: str, key: str, value: Any
+) -> Any | None:
+    """Transform: a value read by ``app.config_get``; return a replacement or ``None``."""
+
+
+@hookspec
+def qtasks_global_config_status(app: AsyncQueueTasks, worker_id: str, info: dict[str, Any]) -> None:
+    """Notification: the worker wrote its heartbeat ``info``."""
+
+
+# --- worker ---------------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_worker_task_received(app: AsyncQueueTasks, message: Message) -> None:
+    """Notification: a delivery decoded into ``message`` and was queued locally."""
+
+
+@hookspec
+def qtasks_worker_execute_before(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the task is about to run; ``record`` is stored with status ``process``."""
+
+
+@hookspec
+def qtasks_worker_execute_after(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the task's handling ended; ``record`` is its stored record (final, or
+    ``retry``). Always fired, whatever happened."""
+
+
+@hookspec
+def qtasks_worker_task_retry(
+    app: AsyncQueueTasks, record: TaskRecord, exc: BaseException, delay: float
+) -> None:
+    """Notification: the task failed and will run again after ``delay`` seconds."""
+
+
+# --- executor -------------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_executor_args(
+    app: AsyncQueueTasks, task: TaskDef, record: TaskRecord, args: list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]] | None:
+    """Transform: return ``(args, kwargs)`` to call the task with, or ``None`` (unchanged).
+    Used by the built-in State and Depends plugins to inject values."""
+
+
+@hookspec
+def qtasks_executor_execute_before(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: arguments are final; the task function is called right after."""
+
+
+@hookspec
+def qtasks_executor_yielded(app: AsyncQueueTasks, record: TaskRecord, value: Any) -> None:
+    """Notification: a generator task yielded and ``value`` (the handler's result) was stored."""
+
+
+@hookspec
+def qtasks_executor_result(app: AsyncQueueTasks, record: TaskRecord, result: Any) -> Any | None:
+    """Transform: the task's result before encoding; return a replacement or ``None``."""
+
+
+@hookspec
+def qtasks_executor_execute_after(app: AsyncQueueTasks, record: TaskRecord, result: Any) -> None:
+    """Notification: the task returned ``result`` (after the result transform)."""
+
+
+@hookspec
+def qtasks_executor_error(app: AsyncQueueTasks, record: TaskRecord, exc: BaseException) -> None:
+    """Notification: the task raised ``exc`` (not fired for cancellation)."""
+
+
+@hookspec
+def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the call ended (success, error, cancel or timeout); always fired once."""
+
+
+# --- results, errors, retries, cancel, timeout ----------------------------------------------
+
+
+@hookspec(firstresult=True)
+def qtasks_task_retry_delay(
+    app: AsyncQueueTasks, task: TaskDef, record: TaskRecord, exc: BaseException
+) -> float | None:
+    """Decide: seconds until the failed task runs again, or ``None`` for no retry. The built-in
+    retry plugin implements it from ``retry``/``retry_on_exc``/``retry_backoff``."""
+
+
+@hookspec
+def qtasks_task_succeeded(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the final ``success`` record is stored and the message acked."""
+
+
+@hookspec
+def qtasks_task_failed(app: AsyncQueueTasks, record: TaskRecord, exc: BaseException) -> None:
+    """Notification: the final ``error`` record is stored and the message acked."""
+
+
+@hookspec
+def qtasks_task_cancelled(app: AsyncQueueTasks, record: TaskRecord, reason: str) -> None:
+    """Notification: the task ended as ``cancel``."""
+
+
+@hookspec
+def qtasks_task_timed_out(app: AsyncQueueTasks, record: TaskRecord, max_time: float) -> None:
+    """Notification: the task ran past its ``max_time`` (the error path follows)."""
+
+
+@hookspec
+def qtasks_task_rejected(app: AsyncQueueTasks, delivery: Delivery, reason: str) -> None:
+    """Notification: a message could not run at all (undecodable, unknown task, bad
+    arguments, too large); it was dead-lettered and its record, if any, says ``error``."""
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_inspect(app: AsyncQueueTasks, report: dict[str, Any]) -> dict[str, Any] | None:
+    """Transform: ``qtasks inspect`` is about to print ``report``; return one with more keys."""

@@ -1,0 +1,143 @@
+"""What travels through a broker: :class:`Message` (the task call) and its wire encoding.
+
+A broker never sees Python objects, only :class:`Envelope` values: an id, a priority, an optional
+due time and the encoded body. The body is produced by a :class:`Serializer`; JSON by default.
+Pickle is never used unless a user passes a serializer that does it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from qtasks.errors import MessageTooLargeError, SerializationError
+
+WIRE_VERSION = 1
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns JSON-like values into bytes and back. Must raise on values it cannot encode."""
+
+    content_type: str
+
+    def dumps(self, value: Any) -> bytes:
+        """Encode ``value``; raise :class:`SerializationError` if it cannot be encoded."""
+        ...
+
+    def loads(self, data: bytes) -> Any:
+        """Decode ``data``; raise :class:`SerializationError` if it is not valid."""
+        ...
+
+
+class JSONSerializer:
+    """The default serializer: strict JSON (no NaN), UTF-8."""
+
+    content_type = "application/json"
+
+    def __init__(self) -> None:
+        self._encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        self._decoder = json.JSONDecoder()
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return self._encoder.encode(value).encode()
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"cannot encode as JSON: {exc}") from exc
+
+    def loads(self, data: bytes) -> Any:
+        try:
+            return self._decoder.decode(data.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SerializationError(f"cannot decode JSON message: {exc}") from exc
+
+
+@dataclass(slots=True)
+class Message:
+    """One task call as it travels from producer to worker."""
+
+    uuid: str
+    task_name: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    created_at: float = field(default_factory=time.time)
+    attempt: int = 0
+    """Executions already made (0 for a fresh message; retries increase it)."""
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-like form written into the envelope body."""
+        return {
+            "v": WIRE_VERSION,
+            "uuid": self.uuid,
+            "task": self.task_name,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "priority": self.priority,
+            "created_at": self.created_at,
+            "attempt": self.attempt,
+            "headers": self.headers,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Message:
+        """Rebuild a message; raise :class:`SerializationError` on any missing or bad field."""
+        if not isinstance(data, dict):
+            raise SerializationError(f"message body is a {type(data).__name__}, not an object")
+        try:
+            uuid, task, args, kwargs = data["uuid"], data["task"], data["args"], data["kwargs"]
+        except KeyError as exc:
+            raise SerializationError(f"message is missing the field {exc.args[0]!r}") from None
+        if not isinstance(uuid, str) or not isinstance(task, str):
+            raise SerializationError("message fields 'uuid' and 'task' must be strings")
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise SerializationError("message fields 'args'/'kwargs' must be a list/an object")
+        priority, attempt = data.get("priority", 0), data.get("attempt", 0)
+        if not isinstance(priority, int) or not isinstance(attempt, int):
+            raise SerializationError("message fields 'priority'/'attempt' must be integers")
+        headers = data.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise SerializationError("message field 'headers' must be an object")
+        return cls(
+            uuid=uuid,
+            task_name=task,
+            args=args,
+            kwargs=kwargs,
+            priority=priority,
+            created_at=float(data.get("created_at") or time.time()),
+            attempt=attempt,
+            headers=headers,
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class Envelope:
+    """What a broker stores and moves: opaque ``body`` plus the fields it schedules by."""
+
+    id: str
+    body: bytes
+    priority: int = 0
+    eta: float | None = None
+    """Unix time before which the message must not be delivered (``None``: now)."""
+
+
+class Codec:
+    """Encodes messages into envelopes and back with one serializer and a size limit."""
+
+    def __init__(self, serializer: Serializer | None = None, max_size: int = 1 << 20) -> None:
+        self.serializer: Serializer = serializer or JSONSerializer()
+        self.max_size = max_size
+
+    def encode(self, message: Message, eta: float | None = None) -> Envelope:
+        body = self.serializer.dumps(message.to_wire())
+        if len(body) > self.max_size:
+            raise MessageTooLargeError(len(body), self.max_size)
+        return Envelope(id=message.uuid, body=body, priority=message.priority, eta=eta)
+
+    def decode(self, body: bytes) -> Message:
+        if len(body) > self.max_size:
+            raise MessageTooLargeError(len(body), self.max_size)
+        return Message.from_wire(self.serializer.loads(body))

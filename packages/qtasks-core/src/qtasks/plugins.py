@@ -1,0 +1,160 @@
+"""Plugin registration and the one helper through which the core calls every hook.
+
+``hookimpl`` marks implementations. :class:`Hooks` wraps a pluggy ``PluginManager``: it checks
+plugins at registration (unknown hook names, async ``firstresult``/wrapper implementations), and
+calls hooks with the documented exception policy. A hook that no plugin implements costs one dict
+lookup.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+from qtasks import hookspecs
+from qtasks.errors import PluginError
+
+hookimpl = pluggy.HookimplMarker("qtasks")
+"""Marker for hook implementations: ``@hookimpl`` (``tryfirst``/``trylast`` supported)."""
+
+log = logging.getLogger("qtasks.plugins")
+
+_Impl = tuple[str, Callable[..., Any], tuple[str, ...]]
+
+
+class Hooks:
+    """The app's plugin manager and hook caller."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("qtasks")
+        self.pm.add_hookspecs(hookspecs)
+        self._impls: dict[str, list[_Impl]] = {}
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register ``plugin``; raise :class:`PluginError` if it is broken."""
+        label = name or getattr(plugin, "name", None) or _label(plugin)
+        if self.pm.is_registered(plugin):
+            return str(self.pm.get_name(plugin))
+        if self.pm.has_plugin(label):
+            raise PluginError(label, "a plugin with this name is already registered")
+        try:
+            self.pm.register(plugin, name=label)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(label, str(exc)) from exc
+        try:
+            self._check(plugin, label)
+        except PluginError:
+            self.pm.unregister(plugin)
+            raise
+        self._refresh()
+        return label
+
+    def unregister(self, plugin: object) -> None:
+        self.pm.unregister(plugin)
+        self._refresh()
+
+    def _check(self, plugin: object, label: str) -> None:
+        for hook_name in dir(plugin):
+            impl = getattr(plugin, hook_name, None)
+            opts = getattr(impl, "qtasks_impl", None)
+            if opts is None:
+                continue
+            spec_name = opts.get("specname") or hook_name
+            caller = getattr(self.pm.hook, spec_name, None)
+            if caller is None or caller.spec is None:
+                raise PluginError(label, f"implements unknown hook {spec_name!r}")
+            is_async = inspect.iscoroutinefunction(impl) or inspect.isasyncgenfunction(impl)
+            wrapper = opts.get("wrapper") or opts.get("hookwrapper")
+            if is_async and (caller.spec.opts.get("firstresult") or wrapper):
+                raise PluginError(
+                    label, f"{spec_name} must be a plain function (firstresult/wrapper hook)"
+                )
+            if wrapper and not caller.spec.opts.get("firstresult"):
+                raise PluginError(
+                    label, f"{spec_name}: wrappers are only supported on firstresult hooks"
+                )
+
+    def _refresh(self) -> None:
+        self._impls = {}
+        for hook_name in dir(self.pm.hook):
+            caller = getattr(self.pm.hook, hook_name)
+            if not isinstance(caller, pluggy.HookCaller):
+                continue
+            impls = [i for i in caller.get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+            if impls:
+                # pluggy calls the last registered (and tryfirst) first.
+                self._impls[hook_name] = [
+                    (i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(impls)
+                ]
+
+    def implemented(self, hook: str) -> bool:
+        """Whether any plugin implements ``hook``."""
+        return hook in self._impls
+
+    async def notify(self, hook: str, **kwargs: Any) -> None:
+        """Call a notification hook: every implementation, errors logged and swallowed."""
+        impls = self._impls.get(hook)
+        if not impls:
+            return
+        for plugin, func, argnames in impls:
+            try:
+                result = func(**{a: kwargs[a] for a in argnames})
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
+
+    def notify_sync(self, hook: str, **kwargs: Any) -> list[Any]:
+        """Call a notification hook from sync code; returns awaitables to run later."""
+        pending: list[Any] = []
+        for plugin, func, argnames in self._impls.get(hook, ()):
+            try:
+                result = func(**{a: kwargs[a] for a in argnames})
+                if inspect.isawaitable(result):
+                    pending.append(result)
+            except Exception:
+                log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
+        return pending
+
+    async def transform(self, hook: str, key: str, **kwargs: Any) -> Any:
+        """Call a transform hook chaining ``kwargs[key]`` through every implementation.
+
+        Returns the final value. An implementation's exception is raised as
+        :class:`PluginError` naming the plugin."""
+        impls = self._impls.get(hook)
+        if not impls:
+            return kwargs[key]
+        for plugin, func, argnames in impls:
+            try:
+                result = func(**{a: kwargs[a] for a in argnames})
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                raise PluginError(plugin, f"hook {hook} raised {exc!r}") from exc
+            if result is not None:
+                kwargs[key] = result
+        return kwargs[key]
+
+    def decide(self, hook: str, **kwargs: Any) -> Any:
+        """Call a ``firstresult`` hook through pluggy (wrappers included)."""
+        if hook not in self._impls:
+            return None
+        try:
+            return getattr(self.pm.hook, hook)(**kwargs)
+        except Exception as exc:
+            raise PluginError(_culprit(self, hook), f"hook {hook} raised {exc!r}") from exc
+
+
+def _label(plugin: object) -> str:
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    module = getattr(plugin, "__name__", None) if inspect.ismodule(plugin) else None
+    return module or f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _culprit(hooks: Hooks, hook: str) -> str:
+    names = [plugin for plugin, _, _ in hooks._impls.get(hook, ())]
+    return ",".join(names) or "?"

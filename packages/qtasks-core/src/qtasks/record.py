@@ -1,0 +1,85 @@
+"""The stored task record (:class:`Task`) and its statuses."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+
+from qtasks.errors import SerializationError
+
+
+class TaskStatus(StrEnum):
+    """Where a task is in its life. ``success``, ``error`` and ``cancel`` are final."""
+
+    NEW = "new"
+    PROCESS = "process"
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCEL = "cancel"
+    RETRY = "retry"
+
+    @property
+    def final(self) -> bool:
+        """True for the statuses a task never leaves."""
+        return self in _FINAL
+
+
+_FINAL = frozenset({TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL})
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """A task's stored record, as kept by a Storage.
+
+    ``returning`` holds the (encoded) result, ``traceback`` the last error's traceback, ``error``
+    a one-line description of it. ``attempt`` counts executions started; ``retries`` is how many
+    retries the task may still make in total. ``token`` fences writes: only the delivery that
+    holds it may finish the record.
+    """
+
+    uuid: str
+    task_name: str
+    status: TaskStatus = TaskStatus.NEW
+    priority: int = 0
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    returning: Any = None
+    traceback: str | None = None
+    error: str | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    attempt: int = 0
+    retries: int = 0
+    eta: float | None = None
+    parent_uuid: str | None = None
+    cancel_reason: str | None = None
+    worker: str | None = None
+    token: str | None = None
+    steps: int = 0
+    """How many generator steps have been stored for this task."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-like dict of every field (status as its string)."""
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
+        """Rebuild a record from :meth:`to_dict` output; unknown keys are ignored."""
+        try:
+            known = {f.name for f in fields(cls)}
+            kwargs = {k: v for k, v in data.items() if k in known}
+            kwargs["status"] = TaskStatus(kwargs.get("status", "new"))
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"bad task record: {exc}") from exc
+
+    def copy(self) -> TaskRecord:
+        """A shallow copy; lists and dicts of args are copied one level."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["args"] = list(self.args)
+        data["kwargs"] = dict(self.kwargs)
+        return TaskRecord(**data)

@@ -1,0 +1,1 @@
+"""Redis broker, storage and global config for qtasks."""

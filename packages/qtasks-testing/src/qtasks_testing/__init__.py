@@ -1,0 +1,1 @@
+"""Test cases, a pytest plugin and component contract suites for qtasks."""

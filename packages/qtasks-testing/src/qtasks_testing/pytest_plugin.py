@@ -1,0 +1,1 @@
+"""pytest plugin for qtasks: fixtures for apps, workers and the inline runner."""

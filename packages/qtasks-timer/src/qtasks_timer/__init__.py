@@ -1,0 +1,1 @@
+"""Scheduled (cron and interval) tasks for qtasks, without a separate beat service."""
