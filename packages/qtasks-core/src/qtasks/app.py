@@ -319,9 +319,7 @@ class AsyncQueueTasks:
         record = await self.storage.get(uuid)
         if record is None:
             return None
-        record = await self.hooks.transform(
-            "qtasks_storage_got", "record", app=self, record=record
-        )
+        record = await self.hooks.transform("qtasks_storage_got", "record", app=self, record=record)
         return self._bind(record)
 
     async def wait(self, uuid: str, timeout: float | None) -> AsyncTask:
@@ -357,7 +355,11 @@ class AsyncQueueTasks:
         """Read a cluster-wide value from the GlobalConfig."""
         value = await self.global_config.get(namespace, key, default)
         return await self.hooks.transform(
-            "qtasks_global_config_got", "value", app=self, namespace=namespace, key=key,
+            "qtasks_global_config_got",
+            "value",
+            app=self,
+            namespace=namespace,
+            key=key,
             value=value,
         )
 

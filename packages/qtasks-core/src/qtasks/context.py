@@ -104,9 +104,7 @@ class SyncTaskHandle:
         self.task_name = run.task.name
 
     def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Any:
-        return anyio.from_thread.run(
-            lambda: self._async.add_task(task_name, *args, **kwargs)
-        )
+        return anyio.from_thread.run(lambda: self._async.add_task(task_name, *args, **kwargs))
 
 
 def make_handle(run: TaskRun) -> AsyncTaskHandle | SyncTaskHandle:

@@ -87,7 +87,11 @@ class TaskExecutor:
         if app.hooks.implemented(hook):
             for plugin, func, argnames in app.hooks._impls[hook]:
                 values = {
-                    "app": app, "task": task, "record": run.record, "args": args, "kwargs": kwargs
+                    "app": app,
+                    "task": task,
+                    "record": run.record,
+                    "args": args,
+                    "kwargs": kwargs,
                 }
                 try:
                     result = func(**{a: values[a] for a in argnames})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any, ParamSpec, TypeVar
@@ -184,4 +184,3 @@ class QueueTasks:
     def run_forever(self) -> None:
         """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread)."""
         self.aio.run_forever()
-

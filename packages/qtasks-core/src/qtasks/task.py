@@ -156,9 +156,7 @@ class TaskDef(Generic[P, R]):
             if not params:
                 raise TaskDeclarationError(f"task {self.name!r}: echo=True needs a first parameter")
             params = params[1:]
-        self.injected = frozenset(
-            p.name for p in params if is_injected(p.annotation, p.default)
-        )
+        self.injected = frozenset(p.name for p in params if is_injected(p.annotation, p.default))
         self.caller_signature = self.signature.replace(
             parameters=[p for p in params if p.name not in self.injected]
         )
@@ -182,7 +180,8 @@ class TaskDef(Generic[P, R]):
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
         options of the call; use :meth:`enqueue` when the task itself takes such parameters."""
-        return self.app.add_task(self.name, *args, **kwargs)
+        extra: dict[str, Any] = dict(kwargs)
+        return self.app.add_task(self.name, *args, **extra)
 
     def enqueue(
         self,
@@ -208,7 +207,8 @@ class SyncTaskDef(TaskDef[P, R]):
         self.facade = facade
 
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Task:
-        return self.facade.add_task(self.name, *args, **kwargs)
+        extra: dict[str, Any] = dict(kwargs)
+        return self.facade.add_task(self.name, *args, **extra)
 
     def enqueue(
         self,

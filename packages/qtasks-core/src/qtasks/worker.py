@@ -78,7 +78,10 @@ class QueueWorker:
         self._stopping.set()
 
     async def run(
-        self, app: AsyncQueueTasks, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        app: AsyncQueueTasks,
+        *,
+        task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         config = app.config
         concurrency = self._max_tasks or config.max_tasks_process
@@ -86,65 +89,67 @@ class QueueWorker:
         slots = anyio.Semaphore(concurrency + prefetch)
         available = anyio.Semaphore(0)
         self._stopping = anyio.Event()
-        async with app.broker.consume(prefetch=prefetch) as deliveries:
-            async with anyio.create_task_group() as serving:
-                runners: list[anyio.CancelScope] = []
+        async with (
+            app.broker.consume(prefetch=prefetch) as deliveries,
+            anyio.create_task_group() as serving,
+        ):
+            runners: list[anyio.CancelScope] = []
 
-                async def runner() -> None:
-                    scope = anyio.CancelScope()
-                    runners.append(scope)
-                    with scope:
-                        while True:
-                            await available.acquire()
-                            _, _, delivery = heapq.heappop(self._local)
-                            try:
-                                await self._process(app, delivery)
-                            finally:
-                                slots.release()
-
-                async def receive() -> None:
-                    iterator = deliveries.__aiter__()
+            async def runner() -> None:
+                scope = anyio.CancelScope()
+                runners.append(scope)
+                with scope:
                     while True:
-                        await slots.acquire()
-                        delivery = await iterator.__anext__()
-                        heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
-                        available.release()
+                        await available.acquire()
+                        _, _, delivery = heapq.heappop(self._local)
+                        try:
+                            await self._process(app, delivery)
+                        finally:
+                            slots.release()
 
-                for _ in range(concurrency):
-                    serving.start_soon(runner)
-                receiving = anyio.CancelScope()
+            async def receive() -> None:
+                iterator = deliveries.__aiter__()
+                while True:
+                    await slots.acquire()
+                    delivery = await iterator.__anext__()
+                    heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
+                    available.release()
 
-                async def receive_until_stopped() -> None:
-                    with receiving:
-                        await receive()
+            for _ in range(concurrency):
+                serving.start_soon(runner)
+            receiving = anyio.CancelScope()
 
-                serving.start_soon(receive_until_stopped)
-                serving.start_soon(self._heartbeat, app, concurrency)
-                await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
-                await app.hooks.notify(
-                    "qtasks_component_started", app=app, kind="worker", component=self
-                )
-                task_status.started()
-                try:
-                    await self._stopping.wait()
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        receiving.cancel()
-                        await self._hand_back(app)
-                        with anyio.move_on_after(config.shutdown_grace):
-                            while self._running:
-                                await self._wait_idle()
-                        for run in list(self._running.values()):
-                            run.cancel_reason = "__shutdown__"
-                            run.cancel_scope.cancel()
+            async def receive_until_stopped() -> None:
+                with receiving:
+                    await receive()
+
+            serving.start_soon(receive_until_stopped)
+            serving.start_soon(self._heartbeat, app, concurrency)
+            await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
+            await app.hooks.notify(
+                "qtasks_component_started", app=app, kind="worker", component=self
+            )
+            task_status.started()
+            try:
+                await self._stopping.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    receiving.cancel()
+                    await self._hand_back(app)
+                    with anyio.move_on_after(config.shutdown_grace):
                         while self._running:
                             await self._wait_idle()
-                        for scope in runners:
-                            scope.cancel()
-                        serving.cancel_scope.cancel()
-                        await app.hooks.notify(
-                            "qtasks_component_stopped", app=app, kind="worker", component=self
-                        )
+                    for run in list(self._running.values()):
+                        run.cancel_reason = "__shutdown__"
+                        run.cancel_scope.cancel()
+                    while self._running:
+                        await self._wait_idle()
+                    for scope in runners:
+                        scope.cancel()
+                    serving.cancel_scope.cancel()
+                    await app.hooks.notify(
+                        "qtasks_component_stopped", app=app, kind="worker", component=self
+                    )
 
     async def _wait_idle(self) -> None:
         self._idle = anyio.Event()
@@ -374,7 +379,9 @@ class QueueWorker:
         if await self._save_final(app, record, delivery):
             await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)
 
-    async def _save_final(self, app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery) -> bool:
+    async def _save_final(
+        self, app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery
+    ) -> bool:
         if not await app.storage.save(record, fence=delivery.token):
             log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
             return False
