@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
+from anyio.abc import TaskGroup
 
 from qtasks.components import Broker, GlobalConfig, Storage
 from qtasks.config import QueueConfig
@@ -64,6 +65,7 @@ class AsyncQueueTasks:
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
+        self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
         self._pending_hooks: list[Any] = []
 
@@ -196,12 +198,30 @@ class AsyncQueueTasks:
         try:
             tg = await serving.enter_async_context(anyio.create_task_group())
             serving.callback(self.worker.stop)
+            # Plugins' long-lived tasks (timers): cancelled first on shutdown, before the
+            # worker drains, and available to hooks fired while the worker starts.
+            background = await serving.enter_async_context(anyio.create_task_group())
+            serving.callback(background.cancel_scope.cancel)
+            serving.callback(setattr, self, "_task_group", None)
+            self._task_group = background
             await tg.start(self.worker.run, self)
         except BaseException:
             await serving.aclose()
             raise
         self._serving = serving
         return self
+
+    @property
+    def task_group(self) -> TaskGroup:
+        """While the app serves (``async with app:``): the task group in which plugins run
+        long-lived tasks, e.g. ``await app.task_group.start(loop)`` from
+        ``qtasks_component_started``. Its tasks are cancelled when shutdown begins, before the
+        worker stops; they must not raise (an exception there cancels the serving code).
+
+        Raises :class:`~qtasks.errors.ComponentNotStartedError` when the app is not serving."""
+        if self._task_group is None:
+            raise ComponentNotStartedError(f"app {self.name!r} is not serving")
+        return self._task_group
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
