@@ -6,7 +6,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -63,4 +63,3 @@ def redis_url() -> str:
 @pytest.fixture
 def unique_name() -> str:
     return f"qtasks-timer-test-{uuid.uuid4().hex[:10]}"
-

@@ -28,6 +28,7 @@ from qtasks_timer.triggers import (
     derive_id,
     first_tick,
     is_calendar,
+    next_fire,
     plan,
     tick_key,
     to_trigger,
@@ -375,9 +376,7 @@ class AsyncTimer:
         key = tick_key(entry.trigger, decision.fire)
         if entry.last_key is not None and key <= entry.last_key:
             # The wall clock went back, or a local hour repeats (DST): this tick was handled.
-            entry.next_fire = entry.trigger.get_next_fire_time(
-                decision.fire, max(now, decision.fire)
-            )
+            entry.next_fire = next_fire(entry.trigger, decision.fire, max(now, decision.fire))
             return
         if entry.id not in self._entries:
             return
@@ -419,7 +418,7 @@ class AsyncTimer:
     def _next_run(self, entry: _Entry) -> datetime | None:
         if entry.armed:
             return entry.next_fire
-        return entry.trigger.get_next_fire_time(None, self._clock())
+        return next_fire(entry.trigger, None, self._clock())
 
     async def _ensure_started(self) -> None:
         if not self.app.started:

@@ -21,6 +21,8 @@ from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import
 from qtasks_timer.errors import ScheduleError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_GRACE = 1.0
+"""Seconds of lateness that always count as on time (waking up takes a moment)."""
 
 _MACROS = {
     "@yearly": "0 0 1 1 *",
@@ -184,6 +186,14 @@ def _implicit_start(trigger: Any) -> bool:
     return abs(float(trigger.start_date.timestamp()) - expected) < 2.0
 
 
+def next_fire(trigger: Trigger, previous: datetime | None, now: datetime) -> datetime | None:
+    """The trigger's next fire time, in UTC. Times are kept in UTC because Python compares
+    two times of one zone by wall clock, ignoring ``fold``: the two 02:30 of a DST fall-back
+    would be "equal"."""
+    fire = trigger.get_next_fire_time(previous, now)
+    return None if fire is None else fire.astimezone(UTC)
+
+
 def is_calendar(trigger: Trigger) -> bool:
     """Calendar triggers (cron) are keyed by local wall time, the rest by the UTC instant."""
     return isinstance(trigger, CronTrigger)
@@ -193,8 +203,10 @@ def tick_key(trigger: Trigger, fire_time: datetime) -> str:
     """The per-tick dedupe key. Cron ticks use the local wall time without offset, so the
     hour that repeats when daylight saving ends cannot fire a 02:30 job twice; other ticks use
     the UTC instant. Fixed width, so keys of one timer sort in time order."""
-    moment = fire_time.replace(tzinfo=None) if is_calendar(trigger) else fire_time.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + ("" if is_calendar(trigger) else "Z")
+    if is_calendar(trigger):
+        local = fire_time.astimezone(trigger.timezone)  # type: ignore[attr-defined]
+        return f"{local:%Y-%m-%dT%H:%M:%S.%f}"
+    return f"{fire_time.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
 
 
 def trigger_text(trigger: Trigger) -> str:
@@ -228,20 +240,20 @@ class Plan:
 def first_tick(trigger: Trigger, now: datetime, grace: float) -> datetime | None:
     """The first tick a starting timer considers: the earliest one not older than ``grace``
     (a tick missed while every replica was down is caught up if it is that recent)."""
-    return trigger.get_next_fire_time(None, now - timedelta(seconds=grace))
+    return next_fire(trigger, None, now - timedelta(seconds=grace))
 
 
 def plan(trigger: Trigger, due: datetime, now: datetime, grace: float) -> Plan:
     """The misfire policy for a timer whose tick ``due`` is at or before ``now``.
 
-    Ticks older than ``grace`` seconds are skipped. The remaining due ticks (at most those
-    in the last ``grace`` seconds) coalesce into one run of the latest of them, so a process
-    that was busy or asleep catches up once, not once per missed tick."""
+    Ticks older than ``grace`` seconds (at least :data:`MIN_GRACE`) are skipped. The
+    remaining due ticks coalesce into one run of the latest of them, so a process that was
+    busy or asleep catches up once, not once per missed tick."""
     skipped = False
-    window = now - timedelta(seconds=grace)
+    window = now - timedelta(seconds=max(grace, MIN_GRACE))
     if due < window:
         skipped = True
-        candidate = trigger.get_next_fire_time(None, window)
+        candidate = next_fire(trigger, None, window)
         # DateTrigger ignores ``now`` and returns its run date whatever it is.
         if candidate is not None and candidate < window:
             candidate = None
@@ -250,7 +262,7 @@ def plan(trigger: Trigger, due: datetime, now: datetime, grace: float) -> Plan:
         due = candidate
     fire, coalesced = due, 0
     while True:
-        following = trigger.get_next_fire_time(fire, max(now, fire))
+        following = next_fire(trigger, fire, max(now, fire))
         if following is None or following > now:
             return Plan(fire, following, coalesced, skipped)
         fire, coalesced = following, coalesced + 1
