@@ -45,7 +45,7 @@ async def wait_until(condition: Callable[[], bool], timeout: float, what: str = 
     """Wait (checking every 10 ms) until ``condition()`` holds; fail after ``timeout``."""
     try:
         with anyio.fail_after(timeout):
-            while not condition():
+            while not condition():  # noqa: ASYNC110 - a plain predicate, no event
                 await anyio.sleep(0.01)
     except TimeoutError:
         message = f"timed out after {timeout} s waiting for {what or condition}"
