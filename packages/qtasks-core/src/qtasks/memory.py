@@ -28,18 +28,25 @@ from qtasks.record import TaskRecord, TaskStatus
 
 
 class _Signal:
-    """A re-armable wake-up: waiters sleep until :meth:`fire` or a deadline."""
+    """A re-armable wake-up: waiters sleep until :meth:`fire` or a deadline.
+
+    The event is only created when somebody waits, so firing with no waiter costs nothing.
+    """
 
     __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = anyio.Event()
+        event = self._event
+        if event is not None:
+            self._event = None
+            event.set()
 
     async def wait(self, timeout: float | None) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
         event = self._event
         if timeout is None:
             await event.wait()
