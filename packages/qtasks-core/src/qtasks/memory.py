@@ -140,6 +140,8 @@ class MemoryBroker:
         self._known: dict[str, _Entry] = {}
         self._dead_letters: dict[str, DeadLetter] = {}
         self._seq = itertools.count()
+        self._tokens = itertools.count(1)
+        self._token_prefix = uuid_mod.uuid4().hex[:12] + "-"
         self._signal: _Signal | None = None
 
     @classmethod
@@ -217,7 +219,7 @@ class MemoryBroker:
                     f"without being settled (max_deliveries={self._max_deliveries})",
                 )
                 continue
-            entry.token = uuid_mod.uuid4().hex
+            entry.token = f"{self._token_prefix}{next(self._tokens)}"
             entry.lease_until = time.monotonic() + self._lease
             self._inflight[entry.token] = entry
             heapq.heappush(self._leases, (entry.lease_until, entry.token))

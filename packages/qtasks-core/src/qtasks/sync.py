@@ -87,8 +87,7 @@ class QueueTasks:
         return self.aio.add_plugin(plugin, name)
 
     def _bind(self, record: TaskRecord) -> Task:
-        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
-        return Task(**data, _client=self)
+        return Task(*record.values(), _client=self)
 
     def add_task(
         self,
