@@ -309,7 +309,9 @@ class AsyncQueueTasks:
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
-        return AsyncTask(*record.values(), _client=self)
+        bound = AsyncTask(*record.values())
+        bound._client = self
+        return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""

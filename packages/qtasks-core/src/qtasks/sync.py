@@ -87,7 +87,9 @@ class QueueTasks:
         return self.aio.add_plugin(plugin, name)
 
     def _bind(self, record: TaskRecord) -> Task:
-        return Task(*record.values(), _client=self)
+        bound = Task(*record.values())
+        bound._client = self
+        return bound
 
     def add_task(
         self,
