@@ -315,8 +315,9 @@ class QueueWorker:
                 return
             outcome = TaskCancelledError(reason)
         await hooks.notify("qtasks_executor_closed", app=app, record=record)
-        with anyio.CancelScope(shield=True):
-            await self._finish(app, run, delivery, result, outcome)
+        # Not shielded: if the worker is torn down here, the message is simply not acked and
+        # comes back after its lease (at-least-once), so no extra cancel scope per task.
+        await self._finish(app, run, delivery, result, outcome)
 
     async def _keep_leases(self, app: AsyncQueueTasks) -> None:
         """Renew the lease of every running task, and notice cancels made elsewhere.
