@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -13,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
-from qtasks.components import Broker, GlobalConfig, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
@@ -22,6 +21,7 @@ from qtasks.messages import Codec, Message, Serializer
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 
@@ -227,17 +227,13 @@ class AsyncQueueTasks:
         await self.aclose()
 
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM, then stop gracefully."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with self:
-                log.info("qtasks app %r serving (worker %s)", self.name, self.worker.id)
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+        """Serve in the running loop until SIGINT/SIGTERM, then stop gracefully."""
+        await SignalStarter().serve(self)
 
-    def run_forever(self) -> None:
-        """Block serving tasks until SIGINT/SIGTERM."""
-        anyio.run(self.serve)
+    def run_forever(self, starter: Starter | None = None) -> None:
+        """Block serving tasks until SIGINT/SIGTERM (through ``starter``, by default a
+        :class:`~qtasks.starter.SignalStarter`)."""
+        (starter or SignalStarter()).run(self)
 
     # --- producing ------------------------------------------------------------------------
 
@@ -329,8 +325,9 @@ class AsyncQueueTasks:
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
-        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
-        return AsyncTask(**data, _client=self)
+        bound = AsyncTask(*record.values())
+        bound._client = self
+        return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""
@@ -370,6 +367,27 @@ class AsyncQueueTasks:
             await self.broker.cancel(uuid)
             self.worker.cancel_local(uuid, reason)
         return self._bind(record)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The broker's dead letters (oldest first), each with the reason it was given up."""
+        if self._stack is None:
+            await self.start()
+        return await self.broker.dead_letters(limit)
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Put dead letters back in the queue (all when ``ids`` is None) and reset their
+        records to ``new`` so that a worker runs them again. Returns how many."""
+        if self._stack is None:
+            await self.start()
+        letters = await self.broker.dead_letters(limit=1_000_000)
+        chosen = [d for d in letters if ids is None or d.id in ids]
+        for letter in chosen:
+            record = await self.storage.get(letter.id)
+            if record is not None and record.status.final:
+                record.status, record.error, record.token = TaskStatus.NEW, None, None
+                record.updated_at = time.time()
+                await self.storage.add(record)  # add() replaces: a deliberate reset
+        return await self.broker.requeue_dead_letters([d.id for d in chosen])
 
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig."""
