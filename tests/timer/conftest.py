@@ -1,19 +1,12 @@
-"""Fixtures of the timer tests: the anyio backend, a clock tests can move, the local Redis."""
+"""Fixtures of the timer tests (``anyio_backend`` and ``redis_url`` come from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import pytest
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 class FakeClock:
@@ -40,24 +33,6 @@ class FakeClock:
 @pytest.fixture
 def fake_clock() -> Callable[[datetime], FakeClock]:
     return FakeClock
-
-
-def _redis_up(host: str = "127.0.0.1", port: int = 6379) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The local Redis; skips when it is down, fails under CI."""
-    if not _redis_up():
-        if os.environ.get("CI"):
-            pytest.fail("Redis at 127.0.0.1:6379 is unreachable (CI is set)")
-        pytest.skip("Redis at 127.0.0.1:6379 is unreachable")
-    return "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture

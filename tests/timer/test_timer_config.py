@@ -6,10 +6,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from timer_helpers import Recorder, wait_until
+
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.errors import TaskArgumentsError
 from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin
-from timer_helpers import Recorder, wait_until
 
 pytestmark = pytest.mark.anyio
 

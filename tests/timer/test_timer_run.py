@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
+from timer_helpers import Recorder, key_time, wait_until
+
 from qtasks import AsyncQueueTasks, MemoryGlobalConfig
 from qtasks_timer import AsyncTimer, TimerError
-from timer_helpers import Recorder, key_time, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -12,9 +12,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from timer_helpers import Recorder, wait_until
+
 from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
 from qtasks_timer import AsyncTimer, SyncTimer
-from timer_helpers import Recorder, wait_until
 
 
 def test_sync_timer_runs_inside_the_sync_app() -> None:

@@ -9,6 +9,7 @@ import pytest
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
+
 from qtasks_timer import ScheduleError, every, parse_crontab
 from qtasks_timer.triggers import derive_id, first_tick, plan, tick_key, to_trigger
 

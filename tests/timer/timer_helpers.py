@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+
 from qtasks import hookimpl
 from qtasks.messages import Message
 from qtasks.record import TaskRecord
