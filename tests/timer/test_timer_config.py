@@ -14,7 +14,7 @@ from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin
 
 pytestmark = pytest.mark.anyio
 
-TIMERS = [
+TIMERS: list[dict[str, Any]] = [
     {"task": "tick", "schedule": "* * * * * *", "id": "every-second"},
     {"task": "tick", "interval": 0.3, "args": [1], "kwargs": {"source": "config"}},
 ]

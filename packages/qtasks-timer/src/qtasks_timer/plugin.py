@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qtasks import hookimpl
-
 from qtasks_timer.errors import TimerError
 from qtasks_timer.timer import FIRING, HEADER, AsyncTimer
 

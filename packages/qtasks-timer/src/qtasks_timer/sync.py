@@ -9,7 +9,6 @@ from functools import partial
 from typing import Any
 
 from qtasks.sync import QueueTasks
-
 from qtasks_timer.timer import AsyncTimer, TimerHandle, _utcnow
 from qtasks_timer.triggers import Schedule, Trigger
 

@@ -412,7 +412,7 @@ class AsyncTimer:
                 FIRING.reset(token)
         entry.fired += 1
         if coalesced:
-            log.warning("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
+            log.info("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
         log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
 
     def _next_run(self, entry: _Entry) -> datetime | None:
