@@ -127,6 +127,15 @@ def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
+    """``func``'s signature with string annotations (``from __future__ import annotations``)
+    evaluated where possible, so injected parameters are recognised."""
+    try:
+        return inspect.signature(func, eval_str=True)
+    except Exception:
+        return inspect.signature(func)
+
+
 def is_injected(annotation: Any, default: Any) -> bool:
     """Whether a parameter is filled by qtasks (Depends, State...), not by the caller."""
     if getattr(default, "__qtasks_injected__", False):
@@ -150,7 +159,7 @@ class TaskDef(Generic[P, R]):
         self.options = options
         self.name = options.name
         self.kind = task_kind(func)
-        self.signature = inspect.signature(func)
+        self.signature = resolved_signature(func)
         params = list(self.signature.parameters.values())
         if options.echo:
             if not params:
@@ -172,6 +181,9 @@ class TaskDef(Generic[P, R]):
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise :class:`TaskArgumentsError` if the call does not fit the signature."""
+        if self.injected:
+            # An injected parameter may still be passed explicitly, by keyword.
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.injected}
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:

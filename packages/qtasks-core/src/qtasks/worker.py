@@ -73,6 +73,11 @@ class QueueWorker:
         run.cancel_scope.cancel()
         return True
 
+    @property
+    def stopping(self) -> anyio.Event:
+        """Set once the worker was asked to stop (``ctx.sleep`` wakes on it)."""
+        return self._stopping
+
     def stop(self) -> None:
         """Ask the worker to stop: no new messages; running tasks get the grace period."""
         self._stopping.set()
@@ -278,6 +283,10 @@ class QueueWorker:
                 except Exception as exc:
                     outcome = exc
             tg.cancel_scope.cancel()
+        # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
+        # (Depends) are torn down here, so it must never be skipped.
+        with anyio.CancelScope(shield=True):
+            await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
         if lease_lost.is_set():
             log.warning(
                 "lease of task %s was lost; another worker owns it now, result dropped",
@@ -297,7 +306,6 @@ class QueueWorker:
                     )
                 return
             outcome = TaskCancelledError(reason)
-        await hooks.notify("qtasks_executor_closed", app=app, record=record)
         with anyio.CancelScope(shield=True):
             await self._finish(app, run, delivery, result, outcome)
 
