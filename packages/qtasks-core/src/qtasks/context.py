@@ -211,7 +211,16 @@ class SyncContext:
         """Sleep ``seconds``; raises :class:`~qtasks.errors.TaskCancelledError` early when the
         task is cancelled (or times out) or the worker begins to stop. Unlike ``time.sleep``
         this wakes at once, so an abandoned worker thread does not linger."""
-        woke = anyio.from_thread.run(self._inner._wait, seconds)
+        try:
+            woke = anyio.from_thread.run(self._inner._wait, seconds)
+        except Exception:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            # The task's cancel scope was cancelled while waiting (anyio delivers it into the
+            # thread as the backend's cancellation exception): say it in qtasks terms.
+            raise TaskCancelledError(self._inner._run.cancel_reason or "cancelled") from exc
         if woke == "stop":
             anyio.from_thread.run_sync(self._inner._hand_back)
             raise TaskCancelledError("worker stopping")

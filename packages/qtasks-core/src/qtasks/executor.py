@@ -151,6 +151,13 @@ class TaskExecutor:
         await app.hooks.notify("qtasks_executor_yielded", app=app, record=run.record, value=value)
         return value
 
+    @staticmethod
+    def _reply(run: TaskRun, handled: Any) -> Any:
+        # ``step = yield x`` receives the generate_handler's result. Without a handler there is
+        # nothing new to tell, and sending None keeps ``yield from <plain iterator>`` working
+        # (a non-None send would call the iterator's missing ``send``).
+        return handled if run.task.options.generate_handler is not None else None
+
     async def _async_gen(self, run: TaskRun, gen: Any) -> Any:
         results: list[Any] = []
         sent: Any = None
@@ -160,8 +167,9 @@ class TaskExecutor:
                     value = await gen.asend(sent)
                 except StopAsyncIteration:
                     return results
-                sent = await self._handle_step(run, value)
-                results.append(sent)
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = self._reply(run, handled)
         finally:
             # The generator's own cleanup runs even when the task was cancelled (bounded, so a
             # stuck finally cannot hold the worker forever).
@@ -193,8 +201,9 @@ class TaskExecutor:
                 in_step = False
                 if isinstance(value, tuple) and len(value) == 2 and value[0] is stop:
                     return results if value[1] is None else value[1]
-                sent = await self._handle_step(run, value)
-                results.append(sent)
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = self._reply(run, handled)
         finally:
             # A step abandoned by cancellation still runs in its thread and owns the generator
             # (closing it now would raise "generator already executing"); otherwise close it in

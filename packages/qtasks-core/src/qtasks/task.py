@@ -129,11 +129,22 @@ def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
 
 def resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
     """``func``'s signature with string annotations (``from __future__ import annotations``)
-    evaluated where possible, so injected parameters are recognised."""
-    try:
-        return inspect.signature(func, eval_str=True)
-    except Exception:
-        return inspect.signature(func)
+    evaluated in the function's module where possible, so injected parameters are recognised.
+    One annotation that does not resolve (e.g. a class local to a function) stays a string."""
+    signature = inspect.signature(func)
+    namespace = getattr(inspect.unwrap(func), "__globals__", None)
+    if namespace is None:
+        return signature
+    params = []
+    for param in signature.parameters.values():
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # what inspect's eval_str does
+            except Exception:
+                pass
+        params.append(param.replace(annotation=annotation))
+    return signature.replace(parameters=params)
 
 
 def is_injected(annotation: Any, default: Any) -> bool:
