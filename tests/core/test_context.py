@@ -8,7 +8,6 @@ from typing import Any
 
 import anyio
 import pytest
-
 from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus
 from qtasks.context import AsyncTaskHandle, SyncTaskHandle
 from qtasks.errors import TaskCancelledError
@@ -65,7 +64,8 @@ async def test_async_ctx_every_method(caplog: pytest.LogCaptureFixture) -> None:
     assert checks["meta_uuid"] == task.uuid
     assert checks["kid_parent"] == task.uuid
     assert checks["missing"] is None
-    assert checks["config"] and checks["worker"]
+    assert checks["config"]
+    assert checks["worker"]
     assert checks["components"] == [app.broker, app.storage, app.global_config]
     [record] = [r for r in caplog.records if r.getMessage() == "working on 21"]
     assert record.task_name == "parent"  # type: ignore[attr-defined]
@@ -127,7 +127,9 @@ def test_sync_ctx_every_method(caplog: pytest.LogCaptureFixture) -> None:
     assert checks["kid_parent"] == task.uuid
     assert checks["refreshed"] is TaskStatus.SUCCESS
     assert checks["streamed"] == [0, 1, 2]
-    assert checks["config"] and checks["storage"] and checks["thread"]
+    assert checks["config"]
+    assert checks["storage"]
+    assert checks["thread"]
     [record] = [r for r in caplog.records if r.getMessage() == "sync 5"]
     assert record.task_uuid == task.uuid  # type: ignore[attr-defined]
     assert record.task_name == "parent"  # type: ignore[attr-defined]
@@ -263,7 +265,8 @@ def test_sync_sleep_wakes_at_max_time() -> None:
     finally:
         app.close()
     assert final.status is TaskStatus.ERROR
-    assert final.error is not None and "TaskMaxTimeError" in final.error
+    assert final.error is not None
+    assert "TaskMaxTimeError" in final.error
 
 
 async def test_async_sleep_hands_task_back_at_shutdown() -> None:

@@ -7,10 +7,16 @@ import time
 from typing import Annotated, Any
 
 import anyio
+import anyio.lowlevel
 import pytest
-
-from qtasks import AsyncQueueTasks, MemoryBroker, MemoryGlobalConfig, QueueConfig, QueueTasks
-from qtasks import TaskStatus
+from qtasks import (
+    AsyncQueueTasks,
+    MemoryBroker,
+    MemoryGlobalConfig,
+    QueueConfig,
+    QueueTasks,
+    TaskStatus,
+)
 from qtasks.errors import StateError
 from qtasks.plugins import AsyncState, SyncState
 
@@ -79,7 +85,7 @@ async def test_async_state_no_lost_updates_across_coroutines() -> None:
 
     @app.task
     async def bump(i: int, state: Annotated[Counter, "metadata is fine"]) -> None:
-        await anyio.sleep(0)  # interleave with the other tasks
+        await anyio.lowlevel.checkpoint()  # interleave with the other tasks
         await state.increment("n")
         await state.update_with("seen", lambda xs: [*xs, i], [])
 
@@ -230,7 +236,9 @@ async def test_async_state_in_sync_task_is_refused() -> None:
         async with app:
             task = await app.add_task("wrong", timeout=WAIT)
     assert task.status is TaskStatus.ERROR
-    assert task.error is not None and "StateError" in task.error and "SyncState" in task.error
+    assert task.error is not None
+    assert "StateError" in task.error
+    assert "SyncState" in task.error
 
 
 def test_bad_scope_is_refused_at_declaration() -> None:
