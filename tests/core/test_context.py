@@ -244,7 +244,7 @@ def test_sync_sleep_wakes_its_thread_when_cancelled() -> None:
     assert final.cancel_reason == "enough"
     assert len(woke) == 1, woke
     assert isinstance(woke[0], TaskCancelledError)
-    assert woke[0].reason == "enough"  # type: ignore[attr-defined]
+    assert woke[0].reason == "enough"
 
 
 def test_sync_sleep_wakes_at_max_time() -> None:
