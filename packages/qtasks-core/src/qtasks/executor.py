@@ -147,7 +147,9 @@ class TaskExecutor:
             if inspect.isawaitable(value):
                 value = await value
         app = run.app
-        await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        index = await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        # The worker saves run.record whole at the end: keep its step count current.
+        run.record.steps = index + 1
         await app.hooks.notify("qtasks_executor_yielded", app=app, record=run.record, value=value)
         return value
 
