@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 import pytest
+
 from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus
 from qtasks.context import AsyncTaskHandle, SyncTaskHandle
 from qtasks.errors import TaskCancelledError
@@ -280,11 +282,13 @@ async def test_async_sleep_hands_task_back_at_shutdown() -> None:
         await self.ctx.sleep(3600)
 
     storage = app.storage
-    with anyio.fail_after(WAIT):
-        async with app:
-            task = await app.add_task("sleeper")
-            await sleeping.wait()
-    record = await storage.get(task.uuid)
+    async with AsyncExitStack() as hold:
+        await storage.start(hold, app.config)  # keeps the storage readable after the app stops
+        with anyio.fail_after(WAIT):
+            async with app:
+                task = await app.add_task("sleeper")
+                await sleeping.wait()
+        record = await storage.get(task.uuid)
     assert record is not None
     assert record.status is TaskStatus.NEW  # handed back for another worker, not lost
 
@@ -302,6 +306,8 @@ def test_sync_sleep_hands_task_back_at_shutdown() -> None:
         finally:
             thread_done.set()
 
+    hold = AsyncExitStack()  # keeps the storage readable after the app stops
+    app.portal.call(app.aio.storage.start, hold, app.config)
     try:
         with app:
             task = app.add_task("sleeper")
@@ -309,6 +315,7 @@ def test_sync_sleep_hands_task_back_at_shutdown() -> None:
         assert thread_done.wait(WAIT)
         record = app.portal.call(app.aio.storage.get, task.uuid)
     finally:
+        app.portal.call(hold.aclose)
         app.close()
     assert record is not None
     assert record.status is TaskStatus.NEW

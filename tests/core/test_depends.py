@@ -4,11 +4,12 @@ shutdown), every supported dependency form, nested dependencies, explicit values
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Annotated, Any
 
 import anyio
 import pytest
+
 from qtasks import AsyncQueueTasks, Depends, QueueConfig, QueueTasks, TaskStatus
 
 pytestmark = pytest.mark.anyio
@@ -331,11 +332,13 @@ async def test_task_scope_torn_down_when_shutdown_hands_the_task_back() -> None:
         await anyio.sleep_forever()
 
     storage = app.storage
-    with anyio.fail_after(WAIT):
-        async with app:
-            task = await app.add_task("stuck")
-            await started.wait()
-    record = await storage.get(task.uuid)
+    async with AsyncExitStack() as hold:
+        await storage.start(hold, app.config)  # keeps the storage readable after the app stops
+        with anyio.fail_after(WAIT):
+            async with app:
+                task = await app.add_task("stuck")
+                await started.wait()
+        record = await storage.get(task.uuid)
     assert record is not None
     assert record.status is TaskStatus.NEW  # handed back
     assert log == {"task.created": 1, "task.closed": 1}

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+
 from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, hookimpl
 
 pytestmark = pytest.mark.anyio

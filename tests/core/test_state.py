@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import anyio
 import anyio.lowlevel
 import pytest
+
 from qtasks import (
     AsyncQueueTasks,
     MemoryBroker,
@@ -152,12 +153,13 @@ async def test_worker_state_is_per_worker_global_state_is_shared() -> None:
             first = await apps[0].add_task("bump", timeout=WAIT)
             second = await apps[1].add_task("bump", timeout=WAIT)
             third = await apps[0].add_task("bump", timeout=WAIT)
+            stored = await shared.get_all("qtasks.state:shared-counter")
     # Worker-scoped: each worker counts its own; global: one count for both workers.
     assert first.returning == [1, 1]
     assert second.returning == [1, 2]
     assert third.returning == [2, 3]
     # The global state is plainly in the GlobalConfig, under its namespace.
-    assert await shared.get_all("qtasks.state:shared-counter") == {"n": 3}
+    assert stored == {"n": 3}
 
 
 async def test_global_state_update_with_is_atomic() -> None:

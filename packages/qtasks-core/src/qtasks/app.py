@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from qtasks.components import Broker, GlobalConfig, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Storage
 from qtasks.config import QueueConfig
 from qtasks.depends import InjectPlugin
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
@@ -311,8 +311,9 @@ class AsyncQueueTasks:
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
-        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
-        return AsyncTask(**data, _client=self)
+        bound = AsyncTask(*record.values())
+        bound._client = self
+        return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""
@@ -352,6 +353,27 @@ class AsyncQueueTasks:
             await self.broker.cancel(uuid)
             self.worker.cancel_local(uuid, reason)
         return self._bind(record)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The broker's dead letters (oldest first), each with the reason it was given up."""
+        if self._stack is None:
+            await self.start()
+        return await self.broker.dead_letters(limit)
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Put dead letters back in the queue (all when ``ids`` is None) and reset their
+        records to ``new`` so that a worker runs them again. Returns how many."""
+        if self._stack is None:
+            await self.start()
+        letters = await self.broker.dead_letters(limit=1_000_000)
+        chosen = [d for d in letters if ids is None or d.id in ids]
+        for letter in chosen:
+            record = await self.storage.get(letter.id)
+            if record is not None and record.status.final:
+                record.status, record.error, record.token = TaskStatus.NEW, None, None
+                record.updated_at = time.time()
+                await self.storage.add(record)  # add() replaces: a deliberate reset
+        return await self.broker.requeue_dead_letters([d.id for d in chosen])
 
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig."""

@@ -39,6 +39,9 @@ class TaskRun:
     record: TaskRecord
     cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     cancel_reason: str | None = None
+    delivery: Any = None
+    """The broker delivery being executed (``None`` when run inline)."""
+    lease_lost: bool = False
     state: dict[str, Any] = field(default_factory=dict)
     """Free space for plugins (e.g. the Depends exit stack of this run)."""
 
@@ -153,14 +156,9 @@ class TaskExecutor:
         await app.hooks.notify("qtasks_executor_yielded", app=app, record=run.record, value=value)
         return value
 
-    @staticmethod
-    def _reply(run: TaskRun, handled: Any) -> Any:
-        # ``step = yield x`` receives the generate_handler's result. Without a handler there is
-        # nothing new to tell, and sending None keeps ``yield from <plain iterator>`` working
-        # (a non-None send would call the iterator's missing ``send``).
-        return handled if run.task.options.generate_handler is not None else None
-
     async def _async_gen(self, run: TaskRun, gen: Any) -> Any:
+        # Without a handler nothing is sent back, so ``yield from iterable`` works.
+        has_handler = run.task.options.generate_handler is not None
         results: list[Any] = []
         sent: Any = None
         try:
@@ -171,7 +169,7 @@ class TaskExecutor:
                     return results
                 handled = await self._handle_step(run, value)
                 results.append(handled)
-                sent = self._reply(run, handled)
+                sent = handled if has_handler else None
         finally:
             # The generator's own cleanup runs even when the task was cancelled (bounded, so a
             # stuck finally cannot hold the worker forever).
@@ -183,6 +181,7 @@ class TaskExecutor:
         gen = await anyio.to_thread.run_sync(
             partial(run.task.func, *args, **kwargs), limiter=limiter
         )
+        has_handler = run.task.options.generate_handler is not None
         results: list[Any] = []
         sent: Any = None
         stop = object()
@@ -205,7 +204,7 @@ class TaskExecutor:
                     return results if value[1] is None else value[1]
                 handled = await self._handle_step(run, value)
                 results.append(handled)
-                sent = self._reply(run, handled)
+                sent = handled if has_handler else None
         finally:
             # A step abandoned by cancellation still runs in its thread and owns the generator
             # (closing it now would raise "generator already executing"); otherwise close it in
