@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -12,7 +11,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from qtasks.components import Broker, DeadLetter, GlobalConfig, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig
 from qtasks.depends import InjectPlugin
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
@@ -22,6 +21,7 @@ from qtasks.messages import Codec, Message, Serializer
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 
@@ -209,17 +209,13 @@ class AsyncQueueTasks:
         await self.aclose()
 
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM, then stop gracefully."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with self:
-                log.info("qtasks app %r serving (worker %s)", self.name, self.worker.id)
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+        """Serve in the running loop until SIGINT/SIGTERM, then stop gracefully."""
+        await SignalStarter().serve(self)
 
-    def run_forever(self) -> None:
-        """Block serving tasks until SIGINT/SIGTERM."""
-        anyio.run(self.serve)
+    def run_forever(self, starter: Starter | None = None) -> None:
+        """Block serving tasks until SIGINT/SIGTERM (through ``starter``, by default a
+        :class:`~qtasks.starter.SignalStarter`)."""
+        (starter or SignalStarter()).run(self)
 
     # --- producing ------------------------------------------------------------------------
 

@@ -302,8 +302,7 @@ class QueueWorker:
                 outcome = exc
         # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
         # (Depends) are torn down here, so it must never be skipped.
-        with anyio.CancelScope(shield=True):
-            await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
+        await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
         if run.lease_lost:
             log.warning(
                 "lease of task %s was lost; another worker owns it now, result dropped",
@@ -323,8 +322,9 @@ class QueueWorker:
                     )
                 return
             outcome = TaskCancelledError(reason)
-        with anyio.CancelScope(shield=True):
-            await self._finish(app, run, delivery, result, outcome)
+        # Not shielded: if the worker is torn down here, the message is simply not acked and
+        # comes back after its lease (at-least-once), so no extra cancel scope per task.
+        await self._finish(app, run, delivery, result, outcome)
 
     async def _keep_leases(self, app: AsyncQueueTasks) -> None:
         """Renew the lease of every running task, and notice cancels made elsewhere.
