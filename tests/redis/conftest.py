@@ -11,7 +11,6 @@ from contextlib import AsyncExitStack
 import pytest
 import redis
 
-
 REDIS_URL = os.environ.get("QTASKS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 

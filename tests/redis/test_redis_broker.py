@@ -8,7 +8,6 @@ from contextlib import AsyncExitStack
 
 import anyio
 import pytest
-
 from qtasks.components import Broker
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
@@ -18,9 +17,7 @@ from qtasks_redis import RedisBroker, RedisDelivery
 pytestmark = pytest.mark.anyio
 
 
-async def make(
-    stack: AsyncExitStack, url: str, prefix: str, **config: object
-) -> RedisBroker:
+async def make(stack: AsyncExitStack, url: str, prefix: str, **config: object) -> RedisBroker:
     broker = RedisBroker(url, prefix=prefix, queue="q")
     await broker.start(stack, QueueConfig().merged(**config))
     return broker
