@@ -226,8 +226,9 @@ class GlobalConfig(Protocol):
 
     async def get(self, namespace: str, key: str, default: Any = None) -> Any: ...
 
-    async def set(self, namespace: str, key: str, value: Any, *, ttl: float | None = None) -> None:
-        ...
+    async def set(
+        self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+    ) -> None: ...
 
     async def set_if_absent(
         self, namespace: str, key: str, value: Any, *, ttl: float | None = None
