@@ -53,6 +53,8 @@ class QueueWorker:
         self.processed = 0
         self._running: dict[str, TaskRun] = {}
         self._local: list[tuple[int, int, Delivery]] = []
+        self._lost: set[str] = set()
+        """Tokens of waiting deliveries whose lease could not be renewed."""
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -105,6 +107,14 @@ class QueueWorker:
                             return  # stopping: what waits locally is handed back
                         _, _, delivery = heapq.heappop(self._local)
                         try:
+                            if delivery.token in self._lost:
+                                self._lost.discard(delivery.token)
+                                log.warning(
+                                    "lease of waiting message %s was lost; another worker "
+                                    "owns it now",
+                                    delivery.id,
+                                )
+                                continue
                             await self._process(app, delivery)
                         finally:
                             slots.release()
@@ -127,6 +137,7 @@ class QueueWorker:
 
             serving.start_soon(receive_until_stopped)
             serving.start_soon(self._heartbeat, app, concurrency)
+            serving.start_soon(self._keep_leases, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
             await app.hooks.notify(
                 "qtasks_component_started", app=app, kind="worker", component=self
@@ -300,10 +311,20 @@ class QueueWorker:
             await self._finish(app, run, delivery, result, outcome)
 
     async def _keep_leases(self, app: AsyncQueueTasks) -> None:
-        """Renew the lease of every running task, and notice cancels made elsewhere."""
+        """Renew the lease of every running task, and notice cancels made elsewhere.
+
+        Prefetched deliveries waiting for a free slot are renewed too: otherwise a long task
+        ahead of them lets their lease run out and another worker runs them while this one
+        still holds them (a duplicate run)."""
         interval = max(app.config.lease / 3, 0.05)
         while True:
             await anyio.sleep(interval)
+            for _, _, waiting in list(self._local):
+                try:
+                    if not await waiting.extend():
+                        self._lost.add(waiting.token)
+                except Exception:
+                    log.warning("lease renewal of %s failed", waiting.id, exc_info=True)
             for run in list(self._running.values()):
                 try:
                     if not await run.delivery.extend():
