@@ -1,41 +1,14 @@
-"""Fixtures for tests against a real Redis: skip when unreachable, fail under CI."""
+"""Fixtures for the Redis tests (``redis_url`` and ``anyio_backend`` come from the root
+conftest): a key prefix per test, cleaned up afterwards."""
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 
 import pytest
 import redis
-
-REDIS_URL = os.environ.get("QTASKS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The shared test Redis; skipped (or failed, under CI) when it is not running."""
-    if not _reachable("127.0.0.1", 6379):
-        message = "Redis is not reachable at 127.0.0.1:6379"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return REDIS_URL
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture
