@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -20,7 +21,7 @@ from typing import Any, Self
 import anyio
 from qtasks.components import BrokerStats, DeadLetter
 from qtasks.config import QueueConfig
-from qtasks.errors import ComponentNotStartedError
+from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
 from qtasks.messages import Envelope
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -38,7 +39,16 @@ _BACKOFF_CAP = 5.0
 class RedisDelivery:
     """One delivery from :class:`RedisBroker`; settle it with ack, nack, requeue or extend."""
 
-    __slots__ = ("_attempt", "_body", "_broker", "_id", "_owner", "_priority", "_token")
+    __slots__ = (
+        "_attempt",
+        "_body",
+        "_broker",
+        "_id",
+        "_lease_until",
+        "_owner",
+        "_priority",
+        "_token",
+    )
 
     def __init__(
         self,
@@ -57,6 +67,7 @@ class RedisDelivery:
         self._priority = priority
         self._attempt = attempt
         self._token = token
+        self._lease_until = time.monotonic() + broker._lease_ms / 1000
 
     def __repr__(self) -> str:
         return f"RedisDelivery(id={self._id!r}, attempt={self._attempt})"
@@ -82,7 +93,18 @@ class RedisDelivery:
         return self._token
 
     async def _settle(self, script: Script, *args: Any) -> bool:
-        done = bool(await self._broker._run(script, self._id, self._token, *args))
+        # While the lease may still be ours, ride out a Redis outage rather than give up: an
+        # ack lost here means the task runs again elsewhere.
+        failures = 0
+        while True:
+            try:
+                done = bool(await self._broker._run(script, self._id, self._token, *args))
+                break
+            except BrokerConnectionError:
+                failures += 1
+                if time.monotonic() >= self._lease_until:
+                    raise
+                await anyio.sleep(min(_BACKOFF_CAP, 0.1 * 2**failures) * random.random())
         self._owner.pop(self._token, None)
         return done
 
@@ -99,9 +121,13 @@ class RedisDelivery:
         return await self._settle(lua.REQUEUE, delay_ms, "1", body)
 
     async def extend(self) -> bool:
-        return bool(
+        deadline = time.monotonic() + self._broker._lease_ms / 1000
+        done = bool(
             await self._broker._run(lua.EXTEND, self._id, self._token, self._broker._lease_ms)
         )
+        if done:
+            self._lease_until = deadline
+        return done
 
 
 class RedisBroker:
