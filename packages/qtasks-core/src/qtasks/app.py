@@ -309,8 +309,7 @@ class AsyncQueueTasks:
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
-        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
-        return AsyncTask(**data, _client=self)
+        return AsyncTask(*record.values(), _client=self)
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""

@@ -26,6 +26,7 @@ from qtasks.errors import (
     UnknownTaskError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
+from qtasks.memory import _Signal
 from qtasks.messages import Message
 from qtasks.record import TaskRecord, TaskStatus
 
@@ -88,8 +89,10 @@ class QueueWorker:
         config = app.config
         concurrency = self._max_tasks or config.max_tasks_process
         prefetch = self._prefetch if self._prefetch is not None else config.prefetch
-        slots = anyio.Semaphore(concurrency + prefetch)
-        available = anyio.Semaphore(0)
+        capacity = concurrency + prefetch
+        self._held = 0
+        slot_freed = _Signal()
+        item_ready = _Signal()
         self._stopping = anyio.Event()
         async with (
             app.broker.consume(prefetch=prefetch) as deliveries,
@@ -102,8 +105,9 @@ class QueueWorker:
                 runners.append(scope)
                 with scope:
                     while True:
-                        await available.acquire()
-                        if self._stopping.is_set() or not self._local:
+                        while not self._local and not self._stopping.is_set():
+                            await item_ready.wait(None)
+                        if self._stopping.is_set():
                             return  # stopping: what waits locally is handed back
                         _, _, delivery = heapq.heappop(self._local)
                         try:
@@ -117,15 +121,18 @@ class QueueWorker:
                                 continue
                             await self._process(app, delivery)
                         finally:
-                            slots.release()
+                            self._held -= 1
+                            slot_freed.fire()
 
             async def receive() -> None:
                 iterator = deliveries.__aiter__()
                 while True:
-                    await slots.acquire()
+                    while self._held >= capacity:
+                        await slot_freed.wait(None)
                     delivery = await iterator.__anext__()
+                    self._held += 1
                     heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
-                    available.release()
+                    item_ready.fire()
 
             for _ in range(concurrency):
                 serving.start_soon(runner)
@@ -148,6 +155,7 @@ class QueueWorker:
             finally:
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
+                    item_ready.fire()
                     await self._hand_back(app)
                     with anyio.move_on_after(config.shutdown_grace):
                         while self._running:
