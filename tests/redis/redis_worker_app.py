@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import anyio
+
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 

@@ -7,10 +7,11 @@ import time
 
 import anyio
 import pytest
+from redis_worker_app import build
+
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks.errors import BrokerConnectionError
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
-from redis_worker_app import build
 
 pytestmark = pytest.mark.anyio
 

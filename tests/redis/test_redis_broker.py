@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 
 import anyio
 import pytest
+
 from qtasks.components import Broker
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentNotStartedError

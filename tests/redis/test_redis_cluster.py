@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from redis_procs import RedisServer, Worker, counts, ledger
+from redis_worker_app import build
+
 from qtasks import AsyncQueueTasks, TaskStatus
 from qtasks_redis import RedisBroker
 from qtasks_redis.broker_lua import KEY_NAMES
-from redis_procs import RedisServer, Worker, counts, ledger
-from redis_worker_app import build
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 import anyio
 import pytest
 import redis.asyncio as aioredis
+
 from qtasks.components import GlobalConfig, Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError, TaskTimeoutError
