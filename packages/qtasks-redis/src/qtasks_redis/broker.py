@@ -19,13 +19,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Self
 
 import anyio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from qtasks.components import BrokerStats, DeadLetter
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
 from qtasks.messages import Envelope
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from qtasks_redis import broker_lua as lua
 from qtasks_redis.connection import Client, RedisTarget, Script, connect, guarded
 

@@ -11,10 +11,10 @@ import json
 from contextlib import AsyncExitStack
 from typing import Any, Self
 
-from qtasks.config import QueueConfig
-from qtasks.errors import ComponentError, ComponentNotStartedError, SerializationError
 from redis.exceptions import ResponseError
 
+from qtasks.config import QueueConfig
+from qtasks.errors import ComponentError, ComponentNotStartedError, SerializationError
 from qtasks_redis.connection import Client, RedisTarget, Script, connect, guarded
 
 _PRELUDE = r"""

@@ -6,15 +6,16 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import fields
 from typing import Any, Self
 
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, SerializationError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
-
 from qtasks_redis import storage_lua as lua
 from qtasks_redis.connection import Client, RedisTarget, Script, connect, guarded
 
+_FIELDS = tuple(f.name for f in fields(TaskRecord))
 _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
@@ -111,7 +112,11 @@ class RedisStorage:
         return record
 
     async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
-        payload = _dumps(record.to_dict())
+        # A shallow dict, not ``to_dict()``: dataclasses.asdict deep-copies every value, which
+        # costs more than the Redis round trip on small records.
+        data = {name: getattr(record, name) for name in _FIELDS}
+        data["status"] = record.status.value
+        payload = _dumps(data)
         args = (
             payload,
             record.status.value,
