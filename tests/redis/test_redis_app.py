@@ -94,3 +94,20 @@ async def test_found_by_entry_point_name(redis_url: str, prefix: str) -> None:
     ]:
         [ep] = [ep for ep in entry_points(group=group) if ep.name == "redis"]
         assert ep.load() is cls
+
+
+async def test_docs_example_runs(redis_url: str, prefix: str) -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "redis.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(code, namespace)
+    app = namespace["app"]
+    assert isinstance(app, AsyncQueueTasks)
+    await app.start()
+    try:
+        assert isinstance(app.broker, RedisBroker)
+        assert (await app.broker.stats()).in_flight >= 0
+    finally:
+        await app.aclose()

@@ -14,7 +14,7 @@ script touches one Redis Cluster slot and declares every key it uses):
 9. ``notify``    LIST of wake-up tokens, BLPOPed by idle consumers
 10. ``dlbody``   HASH id -> dead letter bytes
 11. ``dlmeta``   HASH id -> JSON {reason, priority, deliveries, dead_at}
-12. ``dlq``      ZSET id -> dead time (ms), oldest first
+12. ``dlq``      ZSET id -> sequence number, oldest first
 
 Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
 """
@@ -82,7 +82,8 @@ local function dead(id, body, reason, prio, deliveries, now)
   redis.call('HSET', K_DLMETA, id, cjson.encode({
     reason = reason, priority = tonumber(prio) or 0,
     deliveries = tonumber(deliveries) or 0, dead_at = now / 1000}))
-  redis.call('ZADD', K_DLQ, now, id)
+  -- Ordered by the queue's sequence, not the clock: several can die in one millisecond.
+  redis.call('ZADD', K_DLQ, redis.call('INCR', K_SEQ), id)
   forget(id)
 end
 
