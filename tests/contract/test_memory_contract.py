@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks_testing.contract import (
     BrokerContract,

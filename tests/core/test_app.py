@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -449,6 +450,10 @@ async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> No
     async def queued(i: int) -> int:
         return i
 
+    # Keep the components started past the app's own stop, to inspect them afterwards.
+    inspect_stack = AsyncExitStack()
+    await broker_app.broker.start(inspect_stack, broker_app.config)
+    await broker_app.storage.start(inspect_stack, broker_app.config)
     async with broker_app:
         running = await broker_app.add_task("hold")
         with anyio.fail_after(5):
@@ -465,4 +470,4 @@ async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> No
     for task in waiting:
         record = await broker_app.storage.get(task.uuid)
         assert record is not None and record.status is TaskStatus.NEW
-    await broker_app.aclose()
+    await inspect_stack.aclose()

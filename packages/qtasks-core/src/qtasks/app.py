@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -12,8 +11,9 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from qtasks.components import Broker, DeadLetter, GlobalConfig, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig
+from qtasks.depends import InjectPlugin
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
@@ -21,6 +21,7 @@ from qtasks.messages import Codec, Message, Serializer
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 
@@ -59,6 +60,7 @@ class AsyncQueueTasks:
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
+        self.hooks.register(InjectPlugin())
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
@@ -207,17 +209,13 @@ class AsyncQueueTasks:
         await self.aclose()
 
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM, then stop gracefully."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with self:
-                log.info("qtasks app %r serving (worker %s)", self.name, self.worker.id)
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+        """Serve in the running loop until SIGINT/SIGTERM, then stop gracefully."""
+        await SignalStarter().serve(self)
 
-    def run_forever(self) -> None:
-        """Block serving tasks until SIGINT/SIGTERM."""
-        anyio.run(self.serve)
+    def run_forever(self, starter: Starter | None = None) -> None:
+        """Block serving tasks until SIGINT/SIGTERM (through ``starter``, by default a
+        :class:`~qtasks.starter.SignalStarter`)."""
+        (starter or SignalStarter()).run(self)
 
     # --- producing ------------------------------------------------------------------------
 
@@ -309,7 +307,9 @@ class AsyncQueueTasks:
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
-        return AsyncTask(*record.values(), _client=self)
+        bound = AsyncTask(*record.values())
+        bound._client = self
+        return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""

@@ -56,21 +56,21 @@ class _Signal:
 
 
 class _Lifecycle:
-    """Started/stopped bookkeeping: the contract's rules on ``start`` for every component."""
+    """Reference-counted start/stop, per the contract: several apps may share a component."""
 
-    _running = False
+    _starts = 0
 
-    def _begin(self, stack: AsyncExitStack) -> None:
-        if self._running:
-            raise ComponentNotStartedError(f"{type(self).__name__} is already started")
-        self._running = True
+    def _begin(self, stack: AsyncExitStack) -> bool:
+        """Count a start; ``True`` for the first one (which must set the component up)."""
+        self._starts += 1
         stack.callback(self._end)
+        return self._starts == 1
 
     def _end(self) -> None:
-        self._running = False
+        self._starts -= 1
 
     def _check(self) -> None:
-        if not self._running:
+        if self._starts <= 0:
             raise ComponentNotStartedError(
                 f"{type(self).__name__} used before start() or after its stop"
             )

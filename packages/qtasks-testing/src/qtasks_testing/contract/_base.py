@@ -8,6 +8,7 @@ from typing import Any, ClassVar, TypeVar
 
 import anyio
 import pytest
+
 from qtasks.config import QueueConfig
 
 T = TypeVar("T")

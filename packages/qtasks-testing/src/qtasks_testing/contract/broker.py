@@ -12,11 +12,11 @@ from typing import ClassVar
 import anyio
 import pytest
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
 from qtasks.components import Broker, DeadLetter, Delivery
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError
 from qtasks.messages import Envelope
-
 from qtasks_testing.contract._base import ContractSuite, wait_until
 
 BrokerFactory = Callable[[QueueConfig], Broker]
@@ -135,14 +135,19 @@ class BrokerContract(ContractSuite):
             await broker.publish(envelope())
 
     @pytest.mark.anyio
-    async def test_start_twice_raises(
+    async def test_shared_start_is_reference_counted(
         self, broker_factory: BrokerFactory, contract_config: QueueConfig
     ) -> None:
-        async with AsyncExitStack() as stack:
-            broker = broker_factory(contract_config)
-            await broker.start(stack, contract_config)
-            with pytest.raises(ComponentNotStartedError):
-                await broker.start(stack, contract_config)
+        """Several apps in one process may share a component: it stops with the last stack."""
+        broker = broker_factory(contract_config)
+        first, second = AsyncExitStack(), AsyncExitStack()
+        await broker.start(first, contract_config)
+        await broker.start(second, contract_config)
+        await second.aclose()
+        await broker.stats()  # still started: the first stack holds it
+        await first.aclose()
+        with pytest.raises(ComponentNotStartedError):
+            await broker.stats()
 
     @pytest.mark.anyio
     async def test_use_after_stop_raises(

@@ -9,10 +9,10 @@ from contextlib import AsyncExitStack
 
 import anyio
 import pytest
+
 from qtasks.components import GlobalConfig
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError
-
 from qtasks_testing.contract._base import ContractSuite, wait_until
 
 GlobalConfigFactory = Callable[[QueueConfig], GlobalConfig]
@@ -59,14 +59,19 @@ class GlobalConfigContract(ContractSuite):
             await component.get("ns", "key")
 
     @pytest.mark.anyio
-    async def test_start_twice_raises(
+    async def test_shared_start_is_reference_counted(
         self, global_config_factory: GlobalConfigFactory, contract_config: QueueConfig
     ) -> None:
-        async with AsyncExitStack() as stack:
-            component = global_config_factory(contract_config)
-            await component.start(stack, contract_config)
-            with pytest.raises(ComponentNotStartedError):
-                await component.start(stack, contract_config)
+        """Several apps in one process may share a component: it stops with the last stack."""
+        component = global_config_factory(contract_config)
+        first, second = AsyncExitStack(), AsyncExitStack()
+        await component.start(first, contract_config)
+        await component.start(second, contract_config)
+        await second.aclose()
+        await component.get("ns", "key")  # still started: the first stack holds it
+        await first.aclose()
+        with pytest.raises(ComponentNotStartedError):
+            await component.get("ns", "key")
 
     # --- keys -----------------------------------------------------------------------------
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import anyio
 import pytest
+
 from qtasks.components import Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
-
 from qtasks_testing.contract._base import ContractSuite, wait_until
 
 StorageFactory = Callable[[QueueConfig], Storage]
@@ -81,14 +81,19 @@ class StorageContract(ContractSuite):
             await storage.add(record())
 
     @pytest.mark.anyio
-    async def test_start_twice_raises(
+    async def test_shared_start_is_reference_counted(
         self, storage_factory: StorageFactory, contract_config: QueueConfig
     ) -> None:
-        async with AsyncExitStack() as stack:
-            storage = storage_factory(contract_config)
-            await storage.start(stack, contract_config)
-            with pytest.raises(ComponentNotStartedError):
-                await storage.start(stack, contract_config)
+        """Several apps in one process may share a component: it stops with the last stack."""
+        storage = storage_factory(contract_config)
+        first, second = AsyncExitStack(), AsyncExitStack()
+        await storage.start(first, contract_config)
+        await storage.start(second, contract_config)
+        await second.aclose()
+        await storage.get("no-such-uuid")  # still started: the first stack holds it
+        await first.aclose()
+        with pytest.raises(ComponentNotStartedError):
+            await storage.get("no-such-uuid")
 
     @pytest.mark.anyio
     async def test_use_after_stop_raises(
