@@ -24,10 +24,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.components import BrokerStats, DeadLetter
 from qtasks.config import QueueConfig
-from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
+from qtasks.errors import BrokerConnectionError
 from qtasks.messages import Envelope
 from qtasks_redis import broker_lua as lua
-from qtasks_redis.connection import Client, RedisTarget, Script, connect, guarded
+from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
 
 log = logging.getLogger("qtasks.redis")
 
@@ -160,7 +160,7 @@ class RedisBroker:
         self._notify_key = self.keys[lua.KEY_NAMES.index("notify")]
         self._lease_ms = 30_000
         self._max_deliveries = 5
-        self._client: Client | None = None
+        self._shared = SharedClient(self.target, "RedisBroker")
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -179,22 +179,14 @@ class RedisBroker:
         return f"RedisBroker({self.target.where}, queue={self.queue!r})"
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
-        if self._client is not None:
-            raise ComponentNotStartedError("RedisBroker started twice")
         lease = self._lease_opt if self._lease_opt is not None else config.lease
         self._lease_ms = max(int(lease * 1000), 1)
         self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
         options = {**config.extra, **self._options}
-        self._client = await connect(stack, self.target, options)
-        stack.callback(self._stopped)
-
-    def _stopped(self) -> None:
-        self._client = None
+        await self._shared.acquire(stack, options)
 
     def _require(self) -> Client:
-        if self._client is None:
-            raise ComponentNotStartedError("RedisBroker used before start() or after stop")
-        return self._client
+        return self._shared.get()
 
     async def _run(self, script: Script, *args: Any) -> Any:
         client = self._require()

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from qtasks.errors import BrokerConnectionError, ComponentError
+from qtasks.errors import BrokerConnectionError, ComponentError, ComponentNotStartedError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -166,3 +166,44 @@ class Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
+
+
+class SharedClient:
+    """The client of one component, reference-counted across ``start`` calls.
+
+    Several apps in one process may share a component; it connects on the first ``start`` and
+    disconnects when the last stack that started it unwinds.
+    """
+
+    __slots__ = ("_client", "_owner", "_stack", "_users", "target")
+
+    def __init__(self, target: RedisTarget, owner: str) -> None:
+        self.target = target
+        self._owner = owner
+        self._client: Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._users = 0
+
+    async def acquire(self, stack: AsyncExitStack, options: dict[str, Any]) -> Client:
+        if self._client is None:
+            inner = AsyncExitStack()
+            try:
+                self._client = await connect(inner, self.target, options)
+            except BaseException:
+                await inner.aclose()
+                raise
+            self._stack = inner
+        self._users += 1
+        stack.push_async_callback(self._release)
+        return self._client
+
+    async def _release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._stack is not None:
+            inner, self._stack, self._client = self._stack, None, None
+            await inner.aclose()
+
+    def get(self) -> Client:
+        if self._client is None:
+            raise ComponentNotStartedError(f"{self._owner} used before start() or after stop")
+        return self._client

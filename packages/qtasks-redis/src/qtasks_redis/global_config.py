@@ -14,8 +14,8 @@ from typing import Any, Self
 from redis.exceptions import ResponseError
 
 from qtasks.config import QueueConfig
-from qtasks.errors import ComponentError, ComponentNotStartedError, SerializationError
-from qtasks_redis.connection import Client, RedisTarget, Script, connect, guarded
+from qtasks.errors import ComponentError, SerializationError
+from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
 
 _PRELUDE = r"""
 local function now_ms()
@@ -120,7 +120,7 @@ class RedisGlobalConfig:
         self.target = RedisTarget.parse(url, cluster=cluster)
         self.prefix = prefix
         self._options = dict(options or {})
-        self._client: Client | None = None
+        self._shared = SharedClient(self.target, "RedisGlobalConfig")
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -138,18 +138,10 @@ class RedisGlobalConfig:
         return f"RedisGlobalConfig({self.target.where}, prefix={self.prefix!r})"
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
-        if self._client is not None:
-            raise ComponentNotStartedError("RedisGlobalConfig started twice")
-        self._client = await connect(stack, self.target, {**config.extra, **self._options})
-        stack.callback(self._stopped)
-
-    def _stopped(self) -> None:
-        self._client = None
+        await self._shared.acquire(stack, {**config.extra, **self._options})
 
     def _require(self) -> Client:
-        if self._client is None:
-            raise ComponentNotStartedError("RedisGlobalConfig used before start() or after stop")
-        return self._client
+        return self._shared.get()
 
     def _names(self, namespace: str) -> tuple[str, str]:
         """The namespace's index key and the prefix of its value keys."""

@@ -10,10 +10,10 @@ from dataclasses import fields
 from typing import Any, Self
 
 from qtasks.config import QueueConfig
-from qtasks.errors import ComponentNotStartedError, SerializationError, TaskTimeoutError
+from qtasks.errors import SerializationError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
-from qtasks_redis.connection import Client, RedisTarget, Script, connect, guarded
+from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
 _BLOCK_CAP = 10.0
@@ -49,7 +49,7 @@ class RedisStorage:
         self._options = dict(options or {})
         self._index_keys = tuple(f"{self._tag}:i:{status}" for status in lua.STATUSES)
         self._ttl_ms: str = ""
-        self._client: Client | None = None
+        self._shared = SharedClient(self.target, "RedisStorage")
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -67,20 +67,12 @@ class RedisStorage:
         return f"RedisStorage({self.target.where}, prefix={self.prefix!r})"
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
-        if self._client is not None:
-            raise ComponentNotStartedError("RedisStorage started twice")
         ttl = config.result_ttl
         self._ttl_ms = "" if ttl is None else str(max(int(ttl * 1000), 1))
-        self._client = await connect(stack, self.target, {**config.extra, **self._options})
-        stack.callback(self._stopped)
-
-    def _stopped(self) -> None:
-        self._client = None
+        await self._shared.acquire(stack, {**config.extra, **self._options})
 
     def _require(self) -> Client:
-        if self._client is None:
-            raise ComponentNotStartedError("RedisStorage used before start() or after stop")
-        return self._client
+        return self._shared.get()
 
     def _keys(self, uuid: str) -> tuple[str, ...]:
         tag = self._tag

@@ -78,8 +78,8 @@ local cur = redis.call('HMGET', K_REC, 'd', 's')
 if not cur[1] then return false end
 if not FINAL[cur[2]] then
   local now = now_ms()
-  redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2],
-             'u', string.format('%.3f', now / 1000))
+  local t = redis.call('TIME')
+  redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
   index(ARGV[1], cur[2], 'cancel', now)
   finished(tonumber(ARGV[3]))
 end
