@@ -79,7 +79,8 @@ if not cur[1] then return false end
 if not FINAL[cur[2]] then
   local now = now_ms()
   local t = redis.call('TIME')
-  redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+  local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', updated)
   index(ARGV[1], cur[2], 'cancel', now)
   finished(tonumber(ARGV[3]))
 end
