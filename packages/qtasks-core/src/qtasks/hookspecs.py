@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.components import Delivery
     from qtasks.config import QueueConfig
+    from qtasks.executor import Middleware
     from qtasks.messages import Message
     from qtasks.record import TaskRecord
     from qtasks.task import TaskDef
@@ -213,6 +214,20 @@ def qtasks_executor_args(
 ) -> tuple[list[Any], dict[str, Any]] | None:
     """Transform: return ``(args, kwargs)`` to call the task with, or ``None`` (unchanged).
     Used by the built-in State and Depends plugins to inject values."""
+
+
+@hookspec
+def qtasks_executor_middlewares(
+    app: AsyncQueueTasks,
+    task: TaskDef[..., Any],
+    record: TaskRecord,
+    middlewares: list[Middleware],
+) -> list[Middleware] | None:
+    """Transform, first thing the executor does: return the middlewares that wrap this call,
+    outermost first (``middlewares`` is the list so far), or ``None`` (unchanged). The built-in
+    :class:`~qtasks.middleware.MiddlewarePlugin` (``tryfirst``) supplies ``app.middlewares`` and
+    the task's ``middlewares_before``/``middlewares_after``; ``qtasks_executor_args`` and the call
+    run inside the innermost one."""
 
 
 @hookspec
