@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import anyio
 
-from qtasks.components import Broker, GlobalConfig, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Storage
 from qtasks.config import QueueConfig, load_config
 from qtasks.discovery import build_components, load_plugins
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
@@ -380,6 +380,27 @@ class AsyncQueueTasks:
             await self.broker.cancel(uuid)
             self.worker.cancel_local(uuid, reason)
         return self._bind(record)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The broker's dead letters (oldest first), each with the reason it was given up."""
+        if self._stack is None:
+            await self.start()
+        return await self.broker.dead_letters(limit)
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Put dead letters back in the queue (all when ``ids`` is None) and reset their
+        records to ``new`` so that a worker runs them again. Returns how many."""
+        if self._stack is None:
+            await self.start()
+        letters = await self.broker.dead_letters(limit=1_000_000)
+        chosen = [d for d in letters if ids is None or d.id in ids]
+        for letter in chosen:
+            record = await self.storage.get(letter.id)
+            if record is not None and record.status.final:
+                record.status, record.error, record.token = TaskStatus.NEW, None, None
+                record.updated_at = time.time()
+                await self.storage.add(record)  # add() replaces: a deliberate reset
+        return await self.broker.requeue_dead_letters([d.id for d in chosen])
 
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig."""

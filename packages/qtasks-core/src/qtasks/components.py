@@ -181,7 +181,8 @@ class Storage(Protocol):
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None: ...
 
     async def add(self, record: TaskRecord) -> None:
-        """Store a new record (status ``new``)."""
+        """Store ``record`` unconditionally, replacing any stored one: used for new records
+        and for deliberate resets (requeueing a dead letter)."""
         ...
 
     async def get(self, uuid: str) -> TaskRecord | None: ...

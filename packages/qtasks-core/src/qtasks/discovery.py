@@ -166,23 +166,38 @@ def instantiate_plugin(obj: Any, config: QueueConfig) -> Any:
 def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
     """Register every ``qtasks.plugins`` entry point not in ``config.plugins_disabled``.
 
-    Each is registered under its entry-point name (so one object per app, no global state).
-    A plugin that fails to import or names an unknown hook raises :class:`PluginError`: a
-    plugin the user installed and did not disable must not silently go missing."""
+    Each is registered under its entry-point name, one object per app (no global state).
+    ``"*"`` in ``plugins_disabled`` disables them all.
+
+    A plugin whose module cannot be imported (a half-installed distribution) is logged as an
+    error naming it, its distribution and the way to disable it, and skipped, so an optional
+    extension cannot make every app of the process unusable. A plugin that imports but is
+    broken (its constructor raises, it names an unknown hook, an async ``firstresult`` hook)
+    raises :class:`PluginError`."""
     disabled = set(config.plugins_disabled)
     loaded: list[str] = []
     for name, ep in _entry_points("plugin").items():
-        if name in disabled:
+        if name in disabled or "*" in disabled:
             log.debug("plugin %r is disabled in the configuration", name)
             continue
         if hooks.pm.has_plugin(name):
             continue
         try:
-            plugin = instantiate_plugin(ep.load(), config)
+            obj = ep.load()
         except Exception as exc:
-            raise PluginError(
-                name, f"failed to load {ep.value} (from {_dist_label(ep)}): {exc!r}"
-            ) from exc
+            log.error(
+                "plugin %r (%s, from %s) failed to import and is not loaded: %r; "
+                "add it to plugins_disabled to silence this",
+                name,
+                ep.value,
+                _dist_label(ep),
+                exc,
+            )
+            continue
+        try:
+            plugin = instantiate_plugin(obj, config)
+        except Exception as exc:
+            raise PluginError(name, f"could not be built from the configuration: {exc!r}") from exc
         hooks.register(plugin, name)
         loaded.append(name)
     return loaded

@@ -36,6 +36,9 @@ class TaskRun:
     record: TaskRecord
     cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     cancel_reason: str | None = None
+    delivery: Any = None
+    """The broker delivery being executed (``None`` when run inline)."""
+    lease_lost: bool = False
     state: dict[str, Any] = field(default_factory=dict)
     """Free space for plugins (e.g. the Depends exit stack of this run)."""
 
@@ -141,6 +144,8 @@ class TaskExecutor:
         return value
 
     async def _async_gen(self, run: TaskRun, gen: Any) -> Any:
+        # Without a handler nothing is sent back, so ``yield from iterable`` works.
+        has_handler = run.task.options.generate_handler is not None
         results: list[Any] = []
         sent: Any = None
         try:
@@ -149,8 +154,9 @@ class TaskExecutor:
                     value = await gen.asend(sent)
                 except StopAsyncIteration:
                     return results
-                sent = await self._handle_step(run, value)
-                results.append(sent)
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = handled if has_handler else None
         finally:
             await gen.aclose()
 
@@ -159,6 +165,7 @@ class TaskExecutor:
         gen = await anyio.to_thread.run_sync(
             partial(run.task.func, *args, **kwargs), limiter=limiter
         )
+        has_handler = run.task.options.generate_handler is not None
         results: list[Any] = []
         sent: Any = None
         stop = object()
@@ -176,8 +183,9 @@ class TaskExecutor:
                 )
                 if isinstance(value, tuple) and len(value) == 2 and value[0] is stop:
                     return results if value[1] is None else value[1]
-                sent = await self._handle_step(run, value)
-                results.append(sent)
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = handled if has_handler else None
         finally:
             gen.close()
 

@@ -101,6 +101,8 @@ class QueueWorker:
                 with scope:
                     while True:
                         await available.acquire()
+                        if self._stopping.is_set() or not self._local:
+                            return  # stopping: what waits locally is handed back
                         _, _, delivery = heapq.heappop(self._local)
                         try:
                             await self._process(app, delivery)
@@ -251,7 +253,7 @@ class QueueWorker:
         record.updated_at = time.time()
         await app.storage.save(record)
         await hooks.notify("qtasks_storage_saved", app=app, record=record)
-        run = TaskRun(app=app, task=task, message=message, record=record)
+        run = TaskRun(app=app, task=task, message=message, record=record, delivery=delivery)
         self._running[record.uuid] = run
         try:
             await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
@@ -269,16 +271,12 @@ class QueueWorker:
         hooks = app.hooks
         outcome: BaseException | None = None
         result: Any = None
-        lease_lost = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_lease, app, run, delivery, lease_lost)
-            with run.cancel_scope:
-                try:
-                    result = await (task_executor(run)).execute(run)
-                except Exception as exc:
-                    outcome = exc
-            tg.cancel_scope.cancel()
-        if lease_lost.is_set():
+        with run.cancel_scope:
+            try:
+                result = await task_executor(run).execute(run)
+            except Exception as exc:
+                outcome = exc
+        if run.lease_lost:
             log.warning(
                 "lease of task %s was lost; another worker owns it now, result dropped",
                 record.uuid,
@@ -301,21 +299,24 @@ class QueueWorker:
         with anyio.CancelScope(shield=True):
             await self._finish(app, run, delivery, result, outcome)
 
-    async def _keep_lease(
-        self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery, lost: anyio.Event
-    ) -> None:
+    async def _keep_leases(self, app: AsyncQueueTasks) -> None:
+        """Renew the lease of every running task, and notice cancels made elsewhere."""
         interval = max(app.config.lease / 3, 0.05)
         while True:
             await anyio.sleep(interval)
-            if not await delivery.extend():
-                lost.set()
-                run.cancel_scope.cancel()
-                return
-            stored = await app.storage.get(run.record.uuid)
-            if stored is not None and stored.status is TaskStatus.CANCEL:
-                run.cancel_reason = stored.cancel_reason or "cancelled"
-                run.cancel_scope.cancel()
-                return
+            for run in list(self._running.values()):
+                try:
+                    if not await run.delivery.extend():
+                        run.lease_lost = True
+                        run.cancel_scope.cancel()
+                        continue
+                    stored = await app.storage.get(run.record.uuid)
+                except Exception:
+                    log.warning("lease renewal of %s failed", run.record.uuid, exc_info=True)
+                    continue
+                if stored is not None and stored.status is TaskStatus.CANCEL:
+                    run.cancel_reason = stored.cancel_reason or "cancelled"
+                    run.cancel_scope.cancel()
 
     async def _finish(
         self,
