@@ -10,7 +10,6 @@ from typing import Any
 
 import anyio
 import pytest
-
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, hookimpl, hookspecs
 
 pytestmark = pytest.mark.anyio
@@ -127,7 +126,8 @@ async def test_success_order(app: AsyncQueueTasks) -> None:
         await recorder.wait_finished(1)
     assert recorder.calls == [*ENQUEUE, *RECEIVE_AND_START, *SUCCESS_END]
     record = await app.get(task.uuid)
-    assert record is not None and record.status is TaskStatus.SUCCESS
+    assert record is not None
+    assert record.status is TaskStatus.SUCCESS
     assert recorder.calls[-1] == "qtasks_storage_got"
 
 
@@ -223,7 +223,8 @@ async def test_timeout_order(app: AsyncQueueTasks) -> None:
         await recorder.wait_finished(1)
     calls = list(recorder.calls)
     record = await app.get(task.uuid)
-    assert record is not None and record.status is TaskStatus.ERROR
+    assert record is not None
+    assert record.status is TaskStatus.ERROR
     assert "TaskMaxTimeError" in (record.error or "")
     assert calls == [
         *ENQUEUE,
