@@ -17,9 +17,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from typer.testing import CliRunner
+
 from qtasks import QueueTasks
 from qtasks.cli import cli
-from typer.testing import CliRunner
 
 APP_SOURCE = """
 import threading

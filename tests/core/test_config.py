@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus
 from qtasks.config import find_config_file, load_config
 from qtasks.errors import ConfigError

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from qtasks import QueueConfig
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, hookimpl, hookspecs
 
 pytestmark = pytest.mark.anyio

@@ -295,7 +295,7 @@ def run(
         type(aio.storage).__name__,
         aio.config.max_tasks_process,
     )
-    anyio.run(aio.serve)
+    aio.run_forever()
     logging.getLogger("qtasks.cli").info("stopped")
 
 
