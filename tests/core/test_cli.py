@@ -300,3 +300,29 @@ def test_cli_flag_does_not_override_code(tmp_path: Path, monkeypatch: pytest.Mon
 def test_extension_command_from_an_installed_distribution() -> None:
     code, out = invoke("audit", "hello", "qtasks")
     assert (code, out.strip()) == (0, "audit says hello to qtasks")
+
+
+def test_app_named_in_configuration_is_used(
+    app_module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "qtasks.toml").write_text(f'app = "{app_module.__name__}:app"\n')
+    code, out = invoke("inspect", "--json")
+    assert code == 0, out
+    assert json.loads(out)["app"] == "cli-test"
+
+
+def test_component_commands_work_without_an_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qtasks.toml").write_text('plugins_disabled = ["*"]\n')
+    code, out = invoke("inspect", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert (report["tasks"], report["plugins"]) == ({}, ["qtasks.middlewares", "qtasks.retry"])
+    code, out = invoke("get", "f" * 32)
+    assert code == 1
+    assert "no task record" in out
+    code, out = invoke("add", "anything", "1", "two", "[3]")
+    assert code == 0
+    assert len(out.strip()) == 32  # the uuid; nothing serves it in this process
