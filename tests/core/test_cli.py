@@ -188,6 +188,9 @@ def test_dlq_list_and_requeue(served: str, app_module: ModuleType) -> None:
     assert rejected.uuid in out
     code, out = invoke("dlq", "requeue", rejected.uuid, "-A", served)
     assert (code, out.strip()) == (0, "requeued 1")
+    # The record was reset, so the worker ran (and rejected) it again.
+    again = app.wait(rejected.uuid, 5)
+    assert again.status.value == "error"
 
 
 def test_dlq_list_empty(served: str) -> None:

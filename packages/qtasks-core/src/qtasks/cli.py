@@ -157,6 +157,9 @@ def resolve_app(
     target: str | None, config_path: str | None, flags: dict[str, Any], *, need_tasks: bool
 ) -> AnyApp:
     """The app a command works on (see the module docstring)."""
+    if config_path is not None:
+        # So that an app module calling from_config() reads the same file.
+        os.environ["QTASKS_CONFIG"] = config_path
     if target is None:
         target = load_config(config_path).config.app
     if target is None:
@@ -456,7 +459,7 @@ def dlq_list(
     the_app = resolve_app(app, config, {}, need_tasks=False)
 
     async def go(aio: AsyncQueueTasks) -> list[Any]:
-        return list(await aio.broker.dead_letters(limit))
+        return list(await aio.dead_letters(limit))
 
     letters = run_on(the_app, go)
     if as_json:
@@ -487,11 +490,14 @@ def dlq_requeue(
     app: AppOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Publish dead letters again (all, or the given IDS) and print how many."""
+    """Publish dead letters again (all, or the given IDS) and print how many.
+
+    Their records are reset to status new, so a worker runs them again.
+    """
     the_app = resolve_app(app, config, {}, need_tasks=False)
 
     async def go(aio: AsyncQueueTasks) -> int:
-        return await aio.broker.requeue_dead_letters(list(ids) if ids else None)
+        return await aio.requeue_dead_letters(list(ids) if ids else None)
 
     typer.echo(f"requeued {run_on(the_app, go)}")
 
