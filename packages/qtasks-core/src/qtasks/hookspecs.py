@@ -10,9 +10,12 @@ Kinds of hooks (each docstring says which):
 * **notification** (past tense, return value ignored). An exception is logged with the
   plugin's name and does not affect the task or the worker.
 * **transform** (return a new value, or ``None`` for "unchanged"). Implementations are chained
-  in call order: each receives the value the previous one returned. An exception fails the task
-  (or the ``add_task`` call) with :class:`~qtasks.errors.PluginError` naming the plugin.
-* **decide** (``firstresult``): the first non-``None`` return wins; sync only.
+  in call order: each receives the value the previous one returned. An exception in a worker-side
+  transform fails the task with :class:`~qtasks.errors.PluginError` naming the plugin (stored as
+  the record's error; not retried); in a caller-side one (``qtasks_task_enqueue``,
+  ``qtasks_storage_got``, ``qtasks_global_config_got``, ``qtasks_inspect``) the call raises it.
+* **decide** (``firstresult``): the first non-``None`` return wins; sync only. An exception in
+  ``qtasks_task_retry_delay`` is logged and the task fails without a retry.
 
 Order of hooks
 --------------
