@@ -443,3 +443,24 @@ def test_sync_app_hooks_fire_in_its_worker_thread() -> None:
     finally:
         app.close()
     assert (task.returning, seen) == (8, ["double"])
+
+
+async def test_decide_hook_exception_is_logged_and_the_task_fails_without_retry(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BadPolicy:
+        @hookimpl(tryfirst=True)
+        def qtasks_task_retry_delay(self) -> float:
+            raise ZeroDivisionError("policy bug")
+
+    app.add_plugin(BadPolicy(), name="bad-policy")
+
+    @app.task(retry=5, retry_backoff=0)
+    async def boom() -> None:
+        raise ValueError("x")
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with app:
+            task = await boom.add_task(timeout=5)
+    assert (task.status, task.attempt) == (TaskStatus.ERROR, 1)
+    assert any("bad-policy" in r.getMessage() for r in caplog.records)
