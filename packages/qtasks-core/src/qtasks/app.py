@@ -14,6 +14,7 @@ import anyio
 
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, load_config
+from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, load_plugins
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
@@ -62,6 +63,7 @@ class AsyncQueueTasks:
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
+        self.hooks.register(InjectPlugin())
         self.hooks.register(MiddlewarePlugin())
         # Installed plugins (entry points) load with the app, so a broken one fails here.
         load_plugins(self.hooks, self.config)
