@@ -1,1 +1,46 @@
-"""qtasks: a fast, reliable task queue built from replaceable components."""
+"""qtasks: a fast, reliable task queue built from replaceable components.
+
+``QueueTasks`` is the sync app, ``AsyncQueueTasks`` the async one (also
+``qtasks.asyncio.QueueTasks``). With no arguments every component is in-memory.
+"""
+
+from qtasks.app import AsyncQueueTasks
+from qtasks.config import QueueConfig
+from qtasks.errors import (
+    QTasksError,
+    TaskCancelledError,
+    TaskDeclarationError,
+    TaskMaxTimeError,
+    TaskTimeoutError,
+    UnknownTaskError,
+)
+from qtasks.executor import TaskRun
+from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
+from qtasks.plugins import hookimpl
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks.sync import QueueTasks
+from qtasks.task import AsyncTask, Task, TaskDef
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncQueueTasks",
+    "AsyncTask",
+    "MemoryBroker",
+    "MemoryGlobalConfig",
+    "MemoryStorage",
+    "QTasksError",
+    "QueueConfig",
+    "QueueTasks",
+    "Task",
+    "TaskCancelledError",
+    "TaskDeclarationError",
+    "TaskDef",
+    "TaskMaxTimeError",
+    "TaskRecord",
+    "TaskRun",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "UnknownTaskError",
+    "hookimpl",
+]

@@ -181,7 +181,8 @@ class Storage(Protocol):
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None: ...
 
     async def add(self, record: TaskRecord) -> None:
-        """Store a new record (status ``new``)."""
+        """Store ``record`` unconditionally, replacing any stored one: used for new records
+        and for deliberate resets (requeueing a dead letter)."""
         ...
 
     async def get(self, uuid: str) -> TaskRecord | None: ...
@@ -226,8 +227,9 @@ class GlobalConfig(Protocol):
 
     async def get(self, namespace: str, key: str, default: Any = None) -> Any: ...
 
-    async def set(self, namespace: str, key: str, value: Any, *, ttl: float | None = None) -> None:
-        ...
+    async def set(
+        self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+    ) -> None: ...
 
     async def set_if_absent(
         self, namespace: str, key: str, value: Any, *, ttl: float | None = None

@@ -93,7 +93,5 @@ def check_value(key: str, value: Any, source: str) -> Any:
     else:  # pragma: no cover - every field type is listed above
         ok = True
     if not ok:
-        raise ConfigError(
-            f"{source}: {key!r} expects {kind}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"{source}: {key!r} expects {kind}, got {type(value).__name__} {value!r}")
     return value

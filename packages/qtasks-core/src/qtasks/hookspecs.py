@@ -59,7 +59,7 @@ def qtasks_app_configured(app: AsyncQueueTasks, config: QueueConfig) -> None:
 
 
 @hookspec
-def qtasks_task_registered(app: AsyncQueueTasks, task: TaskDef) -> None:
+def qtasks_task_registered(app: AsyncQueueTasks, task: TaskDef[..., Any]) -> None:
     """Notification: ``task`` was declared with ``@app.task`` (sync; fired at import time, so
     an ``async`` implementation is awaited when the app starts)."""
 
@@ -205,7 +205,11 @@ def qtasks_worker_task_retry(
 
 @hookspec
 def qtasks_executor_args(
-    app: AsyncQueueTasks, task: TaskDef, record: TaskRecord, args: list[Any], kwargs: dict[str, Any]
+    app: AsyncQueueTasks,
+    task: TaskDef[..., Any],
+    record: TaskRecord,
+    args: list[Any],
+    kwargs: dict[str, Any],
 ) -> tuple[list[Any], dict[str, Any]] | None:
     """Transform: return ``(args, kwargs)`` to call the task with, or ``None`` (unchanged).
     Used by the built-in State and Depends plugins to inject values."""
@@ -246,7 +250,7 @@ def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord) -> None:
 
 @hookspec(firstresult=True)
 def qtasks_task_retry_delay(
-    app: AsyncQueueTasks, task: TaskDef, record: TaskRecord, exc: BaseException
+    app: AsyncQueueTasks, task: TaskDef[..., Any], record: TaskRecord, exc: BaseException
 ) -> float | None:
     """Decide: seconds until the failed task runs again, or ``None`` for no retry. The built-in
     retry plugin implements it from ``retry``/``retry_on_exc``/``retry_backoff``."""

@@ -141,9 +141,7 @@ class MemoryBroker:
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         self._lease = self._lease_opt if self._lease_opt is not None else config.lease
-        self._max_deliveries = (
-            self._max_opt if self._max_opt is not None else config.max_deliveries
-        )
+        self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
         if self._signal is None:
             self._signal = _Signal()
 
@@ -186,12 +184,12 @@ class MemoryBroker:
                 heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
         mono = time.monotonic()
         while self._leases and self._leases[0][0] <= mono:
-            until, token = heapq.heappop(self._leases)
-            entry = self._inflight.get(token)
-            if entry is not None and entry.lease_until <= mono:
+            _, token = heapq.heappop(self._leases)
+            held = self._inflight.get(token)
+            if held is not None and held.lease_until <= mono:
                 del self._inflight[token]
-                entry.token = ""
-                heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+                held.token = ""
+                heapq.heappush(self._ready, (held.priority, next(self._seq), held))
         waits = []
         if self._delayed:
             waits.append(self._delayed[0][0] - now)
@@ -313,9 +311,11 @@ class MemoryStorage:
         while self._expiry and self._expiry[0][0] <= now:
             _, uuid = heapq.heappop(self._expiry)
             record = self._records.get(uuid)
-            if record is not None and record.status.final and record.updated_at + (
-                self._ttl or math.inf
-            ) <= now:
+            if (
+                record is not None
+                and record.status.final
+                and record.updated_at + (self._ttl or math.inf) <= now
+            ):
                 del self._records[uuid]
                 self._steps.pop(uuid, None)
 

@@ -120,14 +120,14 @@ class Hooks:
                 log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
         return pending
 
-    async def transform(self, hook: str, key: str, **kwargs: Any) -> Any:
-        """Call a transform hook chaining ``kwargs[key]`` through every implementation.
+    async def transform(self, hook: str, field: str, /, **kwargs: Any) -> Any:
+        """Call a transform hook chaining ``kwargs[field]`` through every implementation.
 
         Returns the final value. An implementation's exception is raised as
         :class:`PluginError` naming the plugin."""
         impls = self._impls.get(hook)
         if not impls:
-            return kwargs[key]
+            return kwargs[field]
         for plugin, func, argnames in impls:
             try:
                 result = func(**{a: kwargs[a] for a in argnames})
@@ -136,8 +136,8 @@ class Hooks:
             except Exception as exc:
                 raise PluginError(plugin, f"hook {hook} raised {exc!r}") from exc
             if result is not None:
-                kwargs[key] = result
-        return kwargs[key]
+                kwargs[field] = result
+        return kwargs[field]
 
     def decide(self, hook: str, **kwargs: Any) -> Any:
         """Call a ``firstresult`` hook through pluggy (wrappers included)."""

@@ -1,0 +1,396 @@
+"""The async app: task registry, components, enqueue, results and the serving lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import uuid as uuid_mod
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any, ParamSpec, TypeVar, overload
+
+import anyio
+
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Storage
+from qtasks.config import QueueConfig
+from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
+from qtasks.executor import Middleware
+from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
+from qtasks.messages import Codec, Message, Serializer
+from qtasks.plugins import Hooks
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks.retry import RetryPlugin
+from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
+from qtasks.worker import QueueWorker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+log = logging.getLogger("qtasks")
+
+_RESERVED = ("priority", "timeout", "delay", "eta")
+
+
+class AsyncQueueTasks:
+    """A qtasks app for async code. With no arguments every component is in-memory.
+
+    Use ``async with app:`` to serve tasks inside a running event loop (e.g. a FastAPI lifespan),
+    ``app.run_forever()`` to serve until SIGINT/SIGTERM, or just ``await app.add_task(...)`` to
+    produce (components start on first use; close them with ``await app.aclose()``).
+    """
+
+    def __init__(
+        self,
+        name: str = "QueueTasks",
+        *,
+        broker: Broker | None = None,
+        storage: Storage | None = None,
+        global_config: GlobalConfig | None = None,
+        worker: QueueWorker | None = None,
+        config: QueueConfig | None = None,
+        serializer: Serializer | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config or QueueConfig()
+        self.broker: Broker = broker or MemoryBroker()
+        self.storage: Storage = storage or MemoryStorage()
+        self.global_config: GlobalConfig = global_config or MemoryGlobalConfig()
+        self.worker: QueueWorker = worker or QueueWorker()
+        self.codec = Codec(serializer, self.config.max_message_size)
+        self.hooks = Hooks()
+        self.hooks.register(RetryPlugin())
+        self.tasks: dict[str, TaskDef[..., Any]] = {}
+        self.middlewares: list[Middleware] = []
+        self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
+        self._stack: AsyncExitStack | None = None
+        self._serving: AsyncExitStack | None = None
+        self._start_lock: anyio.Lock | None = None
+        self._pending_hooks: list[Any] = []
+
+    # --- declaration ----------------------------------------------------------------------
+
+    @overload
+    def task(self, func: Callable[P, R], /) -> TaskDef[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        priority: int | None = None,
+        echo: bool = False,
+        max_time: float | None = None,
+        retry: int | None = None,
+        retry_on_exc: Sequence[type[BaseException]] | type[BaseException] | None = None,
+        retry_backoff: float | Callable[[int], float] | None = None,
+        decode: Callable[[Any], Any] | None = None,
+        tags: Sequence[str] | None = None,
+        description: str | None = None,
+        generate_handler: Callable[[Any], Any] | None = None,
+        executor: Any = None,
+        middlewares_before: Sequence[Middleware] | None = None,
+        middlewares_after: Sequence[Middleware] | None = None,
+        **extra: Any,
+    ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
+
+    def task(self, name: Any = None, **options: Any) -> Any:
+        """Register a task: ``@app.task`` or ``@app.task("name", retry=3, ...)``.
+
+        A duplicate name or an option of the wrong type raises
+        :class:`~qtasks.errors.TaskDeclarationError` here, not when the task runs."""
+        if callable(name):
+            return self._register(name, None, {})
+        if name is not None and not isinstance(name, str):
+            raise TaskDeclarationError(f"task name must be a string, got {name!r}")
+
+        def decorator(func: Callable[P, R]) -> TaskDef[P, R]:
+            return self._register(func, name, options)
+
+        return decorator
+
+    def _register(
+        self, func: Callable[P, R], name: str | None, options: dict[str, Any]
+    ) -> TaskDef[P, R]:
+        if not callable(func):
+            raise TaskDeclarationError(f"@app.task needs a function, got {func!r}")
+        task_name = name or getattr(func, "__name__", None) or repr(func)
+        if task_name in self.tasks:
+            raise TaskDeclarationError(f"a task named {task_name!r} is already registered")
+        known = set(TaskOptions.__dataclass_fields__) - {"name", "extra"}
+        extra = {k: options.pop(k) for k in list(options) if k not in known}
+        for key in ("retry_on_exc", "tags", "middlewares_before", "middlewares_after"):
+            if key in options:
+                options[key] = as_tuple(options[key], key, task_name)
+        if options.get("retry_on_exc") == ():
+            options["retry_on_exc"] = None
+        opts = TaskOptions(name=task_name, extra=extra, **options)
+        task = TaskDef(self, func, opts)
+        self.tasks[task_name] = task
+        self._pending_hooks.extend(
+            self.hooks.notify_sync("qtasks_task_registered", app=self, task=task)
+        )
+        return task
+
+    def add_plugin(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object (its ``@hookimpl`` methods); return its name."""
+        return self.hooks.register(plugin, name)
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Wrap every task's execution in ``middleware`` (outermost first)."""
+        self.middlewares.append(middleware)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._stack is not None
+
+    async def start(self) -> None:
+        """Start the components (not the worker). Idempotent."""
+        if self._start_lock is None:
+            self._start_lock = anyio.Lock()
+        async with self._start_lock:
+            if self._stack is not None:
+                return
+            stack = AsyncExitStack()
+            await stack.__aenter__()
+            try:
+                await self.hooks.notify("qtasks_app_configured", app=self, config=self.config)
+                for pending in self._pending_hooks:
+                    await pending
+                self._pending_hooks.clear()
+                for kind in ("storage", "global_config", "broker"):
+                    component = getattr(self, kind)
+                    await component.start(stack, self.config)
+                    stack.push_async_callback(self._stopped_hook, kind, component)
+                    await self.hooks.notify(
+                        "qtasks_component_started", app=self, kind=kind, component=component
+                    )
+                await self.hooks.notify("qtasks_app_started", app=self)
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._stack = stack
+
+    async def _stopped_hook(self, kind: str, component: Any) -> None:
+        await self.hooks.notify(
+            "qtasks_component_stopped", app=self, kind=kind, component=component
+        )
+
+    async def aclose(self) -> None:
+        """Stop the worker (if serving) and every component."""
+        if self._serving is not None:
+            serving, self._serving = self._serving, None
+            await serving.aclose()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await self.hooks.notify("qtasks_app_stopping", app=self)
+            await stack.aclose()
+            await self.hooks.notify("qtasks_app_stopped", app=self)
+
+    async def __aenter__(self) -> AsyncQueueTasks:
+        """Start components and a worker in the current event loop."""
+        await self.start()
+        serving = AsyncExitStack()
+        await serving.__aenter__()
+        try:
+            tg = await serving.enter_async_context(anyio.create_task_group())
+            serving.callback(self.worker.stop)
+            await tg.start(self.worker.run, self)
+        except BaseException:
+            await serving.aclose()
+            raise
+        self._serving = serving
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def serve(self) -> None:
+        """Serve until SIGINT/SIGTERM, then stop gracefully."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with self:
+                log.info("qtasks app %r serving (worker %s)", self.name, self.worker.id)
+                async for signum in signals:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    break
+
+    def run_forever(self) -> None:
+        """Block serving tasks until SIGINT/SIGTERM."""
+        anyio.run(self.serve)
+
+    # --- producing ------------------------------------------------------------------------
+
+    async def add_task(
+        self,
+        task_name: str,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        _parent_uuid: str | None = None,
+        **kwargs: Any,
+    ) -> AsyncTask:
+        """Enqueue ``task_name(*args, **kwargs)`` and return its record.
+
+        ``priority`` (lower runs first), ``delay`` (seconds) or ``eta`` (unix time) schedule
+        it; with ``timeout`` the call waits for the final record and raises
+        :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. Tasks whose own
+        parameters use these names are enqueued with :meth:`enqueue`."""
+        return await self.enqueue(
+            task_name,
+            args,
+            kwargs,
+            priority=priority,
+            timeout=timeout,
+            delay=delay,
+            eta=eta,
+            _parent_uuid=_parent_uuid,
+        )
+
+    async def enqueue(
+        self,
+        task_name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        _parent_uuid: str | None = None,
+    ) -> AsyncTask:
+        """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
+        if self._stack is None:
+            await self.start()
+        kwargs = dict(kwargs or {})
+        task = self.tasks.get(task_name)
+        if task is not None:
+            task.check_arguments(args, kwargs)
+            if priority is None:
+                priority = task.options.priority
+        if priority is None:
+            priority = self.config.default_priority
+        if delay is not None:
+            eta = time.time() + delay
+        now = time.time()
+        message = Message(
+            uuid=uuid_mod.uuid4().hex,
+            task_name=task_name,
+            args=list(args),
+            kwargs=kwargs,
+            priority=priority,
+            created_at=now,
+        )
+        if _parent_uuid is not None:
+            message.headers["parent_uuid"] = _parent_uuid
+        message = await self.hooks.transform(
+            "qtasks_task_enqueue", "message", app=self, message=message
+        )
+        envelope = self.codec.encode(message, eta)
+        record = TaskRecord(
+            uuid=message.uuid,
+            task_name=message.task_name,
+            priority=message.priority,
+            args=message.args,
+            kwargs=message.kwargs,
+            created_at=now,
+            updated_at=now,
+            eta=eta,
+            parent_uuid=_parent_uuid,
+        )
+        await self.storage.add(record)
+        await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+        await self.broker.publish(envelope)
+        await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
+        if timeout is not None:
+            return await self.wait(record.uuid, timeout)
+        return self._bind(record)
+
+    def _bind(self, record: TaskRecord) -> AsyncTask:
+        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
+        return AsyncTask(**data, _client=self)
+
+    async def get(self, uuid: str) -> AsyncTask | None:
+        """The stored record of ``uuid``, or ``None``."""
+        if self._stack is None:
+            await self.start()
+        record = await self.storage.get(uuid)
+        if record is None:
+            return None
+        record = await self.hooks.transform("qtasks_storage_got", "record", app=self, record=record)
+        return self._bind(record)
+
+    async def wait(self, uuid: str, timeout: float | None) -> AsyncTask:
+        """Wait for the final record of ``uuid`` (woken when it is written)."""
+        if self._stack is None:
+            await self.start()
+        if await self.storage.get(uuid) is None:
+            raise TaskNotFoundError(uuid)
+        return self._bind(await self.storage.wait(uuid, timeout))
+
+    async def stream(self, uuid: str, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Yield the stored steps of a generator task as they come, until it is final."""
+        if self._stack is None:
+            await self.start()
+        with anyio.fail_after(timeout):
+            async for step in self.storage.steps(uuid):
+                yield step
+
+    async def cancel(self, uuid: str, reason: str = "cancelled") -> AsyncTask | None:
+        """Cancel a task: a queued one never runs, a running one on this worker is cancelled
+        now (on another worker, at its next lease renewal). Returns the record."""
+        if self._stack is None:
+            await self.start()
+        record = await self.storage.cancel(uuid, reason)
+        if record is None:
+            return None
+        if record.status is TaskStatus.CANCEL:
+            await self.broker.cancel(uuid)
+            self.worker.cancel_local(uuid, reason)
+        return self._bind(record)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The broker's dead letters (oldest first), each with the reason it was given up."""
+        if self._stack is None:
+            await self.start()
+        return await self.broker.dead_letters(limit)
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Put dead letters back in the queue (all when ``ids`` is None) and reset their
+        records to ``new`` so that a worker runs them again. Returns how many."""
+        if self._stack is None:
+            await self.start()
+        letters = await self.broker.dead_letters(limit=1_000_000)
+        chosen = [d for d in letters if ids is None or d.id in ids]
+        for letter in chosen:
+            record = await self.storage.get(letter.id)
+            if record is not None and record.status.final:
+                record.status, record.error, record.token = TaskStatus.NEW, None, None
+                record.updated_at = time.time()
+                await self.storage.add(record)  # add() replaces: a deliberate reset
+        return await self.broker.requeue_dead_letters([d.id for d in chosen])
+
+    async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
+        """Read a cluster-wide value from the GlobalConfig."""
+        value = await self.global_config.get(namespace, key, default)
+        return await self.hooks.transform(
+            "qtasks_global_config_got",
+            "value",
+            app=self,
+            namespace=namespace,
+            key=key,
+            value=value,
+        )
+
+    async def config_set(self, namespace: str, key: str, value: Any) -> None:
+        """Write a cluster-wide value to the GlobalConfig."""
+        await self.global_config.set(namespace, key, value)
+        await self.hooks.notify(
+            "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value
+        )
+
+    def require_started(self) -> None:
+        if self._stack is None:
+            raise ComponentNotStartedError(f"app {self.name!r} is not started")

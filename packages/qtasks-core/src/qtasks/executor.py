@@ -1,0 +1,202 @@
+"""The default task executor: injection, middlewares, the call, generators, result encoding."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from qtasks.errors import PluginError, SerializationError, TaskMaxTimeError
+from qtasks.messages import Message
+from qtasks.record import TaskRecord
+from qtasks.task import TaskDef, TaskKind
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+CallNext = Callable[[], Awaitable[Any]]
+Middleware = Callable[["TaskRun", CallNext], Awaitable[Any]]
+"""A task middleware: ``async def mw(run, call_next) -> result``. It may run code around
+``await call_next()``, see its result or exception, replace the result, or return without
+calling it (short-circuit)."""
+
+
+@dataclass(slots=True)
+class TaskRun:
+    """Everything about one execution of one task, passed to the executor and middlewares."""
+
+    app: AsyncQueueTasks
+    task: TaskDef[..., Any]
+    message: Message
+    record: TaskRecord
+    cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    cancel_reason: str | None = None
+    delivery: Any = None
+    """The broker delivery being executed (``None`` when run inline)."""
+    lease_lost: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    """Free space for plugins (e.g. the Depends exit stack of this run)."""
+
+
+class TaskExecutor:
+    """Runs one task call; see :class:`qtasks.components.TaskExecutor`."""
+
+    async def execute(self, run: TaskRun) -> Any:
+        app, task = run.app, run.task
+        chain: list[Middleware] = [
+            *app.middlewares,
+            *task.options.middlewares_before,
+            *task.options.middlewares_after,
+        ]
+
+        async def innermost() -> Any:
+            return await self.call(run)
+
+        call_next: CallNext = innermost
+        for middleware in reversed(chain):
+            call_next = partial(middleware, run, call_next)
+        result = await call_next()
+        result = await app.hooks.transform(
+            "qtasks_executor_result", "result", app=app, record=run.record, result=result
+        )
+        return self.encode(run, result)
+
+    async def call(self, run: TaskRun) -> Any:
+        """Build the arguments and run the function (with ``max_time``)."""
+        app, task, record = run.app, run.task, run.record
+        args, kwargs = await self.arguments(run)
+        await app.hooks.notify("qtasks_executor_execute_before", app=app, record=record)
+        max_time = task.options.max_time
+        if max_time is None:
+            return await self.run_function(run, args, kwargs)
+        with anyio.move_on_after(max_time) as scope:
+            return await self.run_function(run, args, kwargs)
+        if scope.cancelled_caught:
+            await app.hooks.notify(
+                "qtasks_task_timed_out", app=app, record=record, max_time=max_time
+            )
+            raise TaskMaxTimeError(task.name, max_time)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def arguments(self, run: TaskRun) -> tuple[list[Any], dict[str, Any]]:
+        app, task = run.app, run.task
+        args, kwargs = list(run.message.args), dict(run.message.kwargs)
+        hook = "qtasks_executor_args"
+        if app.hooks.implemented(hook):
+            for plugin, func, argnames in app.hooks._impls[hook]:
+                values = {
+                    "app": app,
+                    "task": task,
+                    "record": run.record,
+                    "args": args,
+                    "kwargs": kwargs,
+                }
+                try:
+                    result = func(**{a: values[a] for a in argnames})
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception as exc:
+                    raise PluginError(plugin, f"hook {hook} raised {exc!r}") from exc
+                if result is not None:
+                    args, kwargs = list(result[0]), dict(result[1])
+        if task.options.echo:
+            from qtasks.context import make_handle
+
+            args.insert(0, make_handle(run))
+        return args, kwargs
+
+    async def run_function(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        task = run.task
+        func = task.func
+        kind = task.kind
+        if kind is TaskKind.ASYNC:
+            return await func(*args, **kwargs)
+        if kind is TaskKind.SYNC:
+            return await anyio.to_thread.run_sync(
+                partial(func, *args, **kwargs),
+                abandon_on_cancel=True,
+                limiter=run.app.thread_limiter,
+            )
+        if kind is TaskKind.ASYNC_GEN:
+            return await self._async_gen(run, func(*args, **kwargs))
+        return await self._sync_gen(run, args, kwargs)
+
+    async def _handle_step(self, run: TaskRun, value: Any) -> Any:
+        handler = run.task.options.generate_handler
+        if handler is not None:
+            value = handler(value)
+            if inspect.isawaitable(value):
+                value = await value
+        app = run.app
+        await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        await app.hooks.notify("qtasks_executor_yielded", app=app, record=run.record, value=value)
+        return value
+
+    async def _async_gen(self, run: TaskRun, gen: Any) -> Any:
+        # Without a handler nothing is sent back, so ``yield from iterable`` works.
+        has_handler = run.task.options.generate_handler is not None
+        results: list[Any] = []
+        sent: Any = None
+        try:
+            while True:
+                try:
+                    value = await gen.asend(sent)
+                except StopAsyncIteration:
+                    return results
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = handled if has_handler else None
+        finally:
+            await gen.aclose()
+
+    async def _sync_gen(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        limiter = run.app.thread_limiter
+        gen = await anyio.to_thread.run_sync(
+            partial(run.task.func, *args, **kwargs), limiter=limiter
+        )
+        has_handler = run.task.options.generate_handler is not None
+        results: list[Any] = []
+        sent: Any = None
+        stop = object()
+
+        def step(value: Any) -> Any:
+            try:
+                return gen.send(value)
+            except StopIteration as exc:
+                return (stop, exc.value)
+
+        try:
+            while True:
+                value = await anyio.to_thread.run_sync(
+                    step, sent, abandon_on_cancel=True, limiter=limiter
+                )
+                if isinstance(value, tuple) and len(value) == 2 and value[0] is stop:
+                    return results if value[1] is None else value[1]
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = handled if has_handler else None
+        finally:
+            gen.close()
+
+    def encode(self, run: TaskRun, result: Any) -> Any:
+        """Apply the task's ``decode`` encoder; check the value can be stored."""
+        decode = run.task.options.decode
+        if decode is not None:
+            result = decode(result)
+        return self.storable(run, result)
+
+    def storable(self, run: TaskRun, result: Any) -> Any:
+        """Return ``result`` if the app's serializer can store it, else raise."""
+        try:
+            run.app.codec.serializer.dumps(result)
+        except SerializationError as exc:
+            raise SerializationError(
+                f"task {run.task.name!r} returned a value that cannot be stored "
+                f"({type(result).__name__}): {exc}; pass decode= to convert it"
+            ) from exc
+        return result

@@ -1,0 +1,269 @@
+"""Registered tasks (:class:`TaskDef`) and the records ``add_task`` returns (:class:`Task`,
+:class:`AsyncTask`)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, get_args, get_origin
+
+from qtasks.errors import TaskArgumentsError, TaskDeclarationError
+from qtasks.record import TaskRecord
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.sync import QueueTasks
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class TaskKind(StrEnum):
+    """How a task function is called."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+    SYNC_GEN = "sync_gen"
+    ASYNC_GEN = "async_gen"
+
+    @property
+    def is_async(self) -> bool:
+        return self in (TaskKind.ASYNC, TaskKind.ASYNC_GEN)
+
+
+def task_kind(func: Callable[..., Any]) -> TaskKind:
+    """Classify ``func`` (unwrapping ``functools.partial`` and decorators)."""
+    target = inspect.unwrap(func)
+    if inspect.isasyncgenfunction(target):
+        return TaskKind.ASYNC_GEN
+    if inspect.isgeneratorfunction(target):
+        return TaskKind.SYNC_GEN
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - async callables objects
+    ):
+        return TaskKind.ASYNC
+    return TaskKind.SYNC
+
+
+@dataclass(slots=True)
+class TaskOptions:
+    """Every option of ``@app.task``, checked at declaration time."""
+
+    name: str
+    priority: int | None = None
+    echo: bool = False
+    max_time: float | None = None
+    retry: int | None = None
+    retry_on_exc: tuple[type[BaseException], ...] | None = None
+    retry_backoff: float | Callable[[int], float] | None = None
+    decode: Callable[[Any], Any] | None = None
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+    generate_handler: Callable[[Any], Any] | None = None
+    executor: Any = None
+    middlewares_before: tuple[Any, ...] = ()
+    middlewares_after: tuple[Any, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        def bad(option: str, expected: str, value: Any) -> TaskDeclarationError:
+            return TaskDeclarationError(
+                f"task {self.name!r}: option {option} expects {expected}, got {value!r}"
+            )
+
+        if not isinstance(self.name, str) or not self.name:
+            raise bad("name", "a non-empty string", self.name)
+        if self.priority is not None and (
+            not isinstance(self.priority, int) or isinstance(self.priority, bool)
+        ):
+            raise bad("priority", "an int", self.priority)
+        if not isinstance(self.echo, bool):
+            raise bad("echo", "a bool", self.echo)
+        if self.max_time is not None and (
+            not isinstance(self.max_time, int | float)
+            or isinstance(self.max_time, bool)
+            or self.max_time <= 0
+        ):
+            raise bad("max_time", "a positive number of seconds", self.max_time)
+        if self.retry is not None and (
+            not isinstance(self.retry, int) or isinstance(self.retry, bool) or self.retry < 0
+        ):
+            raise bad("retry", "an int >= 0", self.retry)
+        if self.retry_on_exc is not None and not all(
+            isinstance(e, type) and issubclass(e, BaseException) for e in self.retry_on_exc
+        ):
+            raise bad("retry_on_exc", "exception classes", self.retry_on_exc)
+        if self.retry_backoff is not None and not (
+            callable(self.retry_backoff)
+            or (isinstance(self.retry_backoff, int | float) and self.retry_backoff >= 0)
+        ):
+            raise bad("retry_backoff", "seconds >= 0 or a callable(attempt)", self.retry_backoff)
+        for option in ("decode", "generate_handler"):
+            value = getattr(self, option)
+            if value is not None and not callable(value):
+                raise bad(option, "a callable", value)
+        if not all(isinstance(t, str) for t in self.tags):
+            raise bad("tags", "strings", self.tags)
+        if self.description is not None and not isinstance(self.description, str):
+            raise bad("description", "a string", self.description)
+        for option in ("middlewares_before", "middlewares_after"):
+            if not all(callable(m) for m in getattr(self, option)):
+                raise bad(option, "callables (TaskMiddleware)", getattr(self, option))
+
+
+def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
+    """Normalise a list option (``None``, one item, or a sequence) to a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, type) or not isinstance(value, Sequence | set | frozenset):
+        return (value,)
+    return tuple(value)
+
+
+def is_injected(annotation: Any, default: Any) -> bool:
+    """Whether a parameter is filled by qtasks (Depends, State...), not by the caller."""
+    if getattr(default, "__qtasks_injected__", False):
+        return True
+    candidates = [annotation]
+    if get_origin(annotation) is not None:
+        candidates.extend(get_args(annotation))
+    return any(getattr(c, "__qtasks_injected__", False) for c in candidates)
+
+
+class TaskDef(Generic[P, R]):
+    """A task registered with ``@app.task``.
+
+    Calling it runs the function in this process (handy in tests). ``add_task`` enqueues it:
+    a coroutine on the async app, a plain call on the sync app.
+    """
+
+    def __init__(self, app: AsyncQueueTasks, func: Callable[P, R], options: TaskOptions) -> None:
+        self.app = app
+        self.func = func
+        self.options = options
+        self.name = options.name
+        self.kind = task_kind(func)
+        self.signature = inspect.signature(func)
+        params = list(self.signature.parameters.values())
+        if options.echo:
+            if not params:
+                raise TaskDeclarationError(f"task {self.name!r}: echo=True needs a first parameter")
+            params = params[1:]
+        self.injected = frozenset(p.name for p in params if is_injected(p.annotation, p.default))
+        self.caller_signature = self.signature.replace(
+            parameters=[p for p in params if p.name not in self.injected]
+        )
+        self.__doc__ = func.__doc__
+        self.__name__ = getattr(func, "__name__", self.name)
+        self.__wrapped__ = func
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<TaskDef {self.name} ({self.kind.value})>"
+
+    def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Raise :class:`TaskArgumentsError` if the call does not fit the signature."""
+        try:
+            self.caller_signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TaskArgumentsError(f"task {self.name!r}: {exc}") from None
+
+    def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
+        options of the call; use :meth:`enqueue` when the task itself takes such parameters."""
+        extra: dict[str, Any] = dict(kwargs)
+        return self.app.add_task(self.name, *args, **extra)
+
+    def enqueue(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+    ) -> Any:
+        """Enqueue with explicit ``args``/``kwargs``, leaving every name free for the task."""
+        return self.app.enqueue(
+            self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
+        )
+
+
+class SyncTaskDef(TaskDef[P, R]):
+    """A task of the sync app: ``add_task`` blocks and returns a :class:`Task`."""
+
+    def __init__(self, facade: QueueTasks, inner: TaskDef[P, R]) -> None:
+        super().__init__(inner.app, inner.func, inner.options)
+        self.facade = facade
+
+    def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Task:
+        extra: dict[str, Any] = dict(kwargs)
+        return self.facade.add_task(self.name, *args, **extra)
+
+    def enqueue(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+    ) -> Task:
+        return self.facade.enqueue(
+            self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
+        )
+
+
+@dataclass(slots=True)
+class Task(TaskRecord):
+    """A task record returned to a producer of the sync app, able to wait for its result."""
+
+    _client: Any = field(default=None, repr=False, compare=False)
+
+    def wait_result(self, timeout: float | None = None) -> Task:
+        """Block until the task is final and return its record; raises
+        :class:`~qtasks.errors.TaskTimeoutError` when ``timeout`` runs out."""
+        record: Task = self._client.wait(self.uuid, timeout)
+        return record
+
+    def stream(self, timeout: float | None = None) -> Iterator[Any]:
+        """Follow a generator task: yield each stored step as it happens."""
+        iterator: Iterator[Any] = self._client.stream(self.uuid, timeout)
+        return iterator
+
+    def refresh(self) -> Task:
+        """The record as stored now."""
+        record: Task = self._client.get(self.uuid)
+        return record
+
+
+@dataclass(slots=True)
+class AsyncTask(TaskRecord):
+    """A task record returned to a producer of the async app."""
+
+    _client: Any = field(default=None, repr=False, compare=False)
+
+    async def wait_result(self, timeout: float | None = None) -> AsyncTask:
+        """Wait until the task is final and return its record (woken, not polled)."""
+        record: AsyncTask = await self._client.wait(self.uuid, timeout)
+        return record
+
+    def stream(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Follow a generator task: ``async for step in task.stream()``."""
+        iterator: AsyncIterator[Any] = self._client.stream(self.uuid, timeout)
+        return iterator
+
+    async def refresh(self) -> AsyncTask:
+        record: AsyncTask = await self._client.get(self.uuid)
+        return record

@@ -1,0 +1,402 @@
+"""The default worker: bounded prefetch, a local priority queue, a concurrency limit, leases
+renewed while tasks run, fenced result writes, and acks only after the final record is stored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid as uuid_mod
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus as AnyioTaskStatus
+
+from qtasks.components import Delivery
+from qtasks.errors import (
+    PluginError,
+    SerializationError,
+    TaskArgumentsError,
+    TaskCancelledError,
+    UnknownTaskError,
+)
+from qtasks.executor import TaskExecutor, TaskRun
+from qtasks.messages import Message
+from qtasks.record import TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+log = logging.getLogger("qtasks.worker")
+
+
+class QueueWorker:
+    """Serves tasks from the app's broker. See :class:`qtasks.components.Worker`."""
+
+    def __init__(
+        self,
+        *,
+        max_tasks_process: int | None = None,
+        prefetch: int | None = None,
+        executor: TaskExecutor | None = None,
+    ) -> None:
+        self._max_tasks = max_tasks_process
+        self._prefetch = prefetch
+        self.executor = executor or TaskExecutor()
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid_mod.uuid4().hex[:8]}"
+        self.started_at = time.time()
+        self.processed = 0
+        self._running: dict[str, TaskRun] = {}
+        self._local: list[tuple[int, int, Delivery]] = []
+        self._seq = itertools.count()
+        self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._local)
+
+    def cancel_local(self, uuid: str, reason: str) -> bool:
+        run = self._running.get(uuid)
+        if run is None:
+            return False
+        run.cancel_reason = reason
+        run.cancel_scope.cancel()
+        return True
+
+    def stop(self) -> None:
+        """Ask the worker to stop: no new messages; running tasks get the grace period."""
+        self._stopping.set()
+
+    async def run(
+        self,
+        app: AsyncQueueTasks,
+        *,
+        task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        config = app.config
+        concurrency = self._max_tasks or config.max_tasks_process
+        prefetch = self._prefetch if self._prefetch is not None else config.prefetch
+        slots = anyio.Semaphore(concurrency + prefetch)
+        available = anyio.Semaphore(0)
+        self._stopping = anyio.Event()
+        async with (
+            app.broker.consume(prefetch=prefetch) as deliveries,
+            anyio.create_task_group() as serving,
+        ):
+            runners: list[anyio.CancelScope] = []
+
+            async def runner() -> None:
+                scope = anyio.CancelScope()
+                runners.append(scope)
+                with scope:
+                    while True:
+                        await available.acquire()
+                        if self._stopping.is_set() or not self._local:
+                            return  # stopping: what waits locally is handed back
+                        _, _, delivery = heapq.heappop(self._local)
+                        try:
+                            await self._process(app, delivery)
+                        finally:
+                            slots.release()
+
+            async def receive() -> None:
+                iterator = deliveries.__aiter__()
+                while True:
+                    await slots.acquire()
+                    delivery = await iterator.__anext__()
+                    heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
+                    available.release()
+
+            for _ in range(concurrency):
+                serving.start_soon(runner)
+            receiving = anyio.CancelScope()
+
+            async def receive_until_stopped() -> None:
+                with receiving:
+                    await receive()
+
+            serving.start_soon(receive_until_stopped)
+            serving.start_soon(self._heartbeat, app, concurrency)
+            await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
+            await app.hooks.notify(
+                "qtasks_component_started", app=app, kind="worker", component=self
+            )
+            task_status.started()
+            try:
+                await self._stopping.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    receiving.cancel()
+                    await self._hand_back(app)
+                    with anyio.move_on_after(config.shutdown_grace):
+                        while self._running:
+                            await self._wait_idle()
+                    for run in list(self._running.values()):
+                        run.cancel_reason = "__shutdown__"
+                        run.cancel_scope.cancel()
+                    while self._running:
+                        await self._wait_idle()
+                    for scope in runners:
+                        scope.cancel()
+                    serving.cancel_scope.cancel()
+                    await app.hooks.notify(
+                        "qtasks_component_stopped", app=app, kind="worker", component=self
+                    )
+
+    async def _wait_idle(self) -> None:
+        self._idle = anyio.Event()
+        await self._idle.wait()
+
+    async def _hand_back(self, app: AsyncQueueTasks) -> None:
+        while self._local:
+            _, _, delivery = heapq.heappop(self._local)
+            await delivery.requeue()
+            await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
+
+    async def _heartbeat(self, app: AsyncQueueTasks, concurrency: int) -> None:
+        interval = app.config.heartbeat_interval
+        while True:
+            info = {
+                "id": self.id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+                "running": self.running,
+                "waiting": self.waiting,
+                "processed": self.processed,
+                "concurrency": concurrency,
+            }
+            try:
+                await app.global_config.heartbeat(self.id, info, ttl=interval * 3)
+                await app.hooks.notify(
+                    "qtasks_global_config_status", app=app, worker_id=self.id, info=info
+                )
+            except Exception:
+                log.warning("heartbeat to the global config failed", exc_info=True)
+            await anyio.sleep(interval)
+
+    # --- one delivery ---------------------------------------------------------------------
+
+    async def _reject(
+        self, app: AsyncQueueTasks, delivery: Delivery, reason: str, record: TaskRecord | None
+    ) -> None:
+        log.error("rejected message %s: %s", delivery.id, reason)
+        if record is not None:
+            record.status = TaskStatus.ERROR
+            record.error = reason
+            record.updated_at = time.time()
+            await app.storage.save(record)
+        await delivery.nack(reason)
+        await app.hooks.notify("qtasks_broker_nacked", app=app, delivery=delivery, reason=reason)
+        await app.hooks.notify("qtasks_task_rejected", app=app, delivery=delivery, reason=reason)
+
+    async def _process(self, app: AsyncQueueTasks, delivery: Delivery) -> None:
+        try:
+            await self._process_inner(app, delivery)
+        except Exception:
+            # A bug in a component or plugin must not kill the worker: log, hand back.
+            log.exception("worker failed while handling message %s", delivery.id)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await delivery.requeue(delay=1.0)
+                except Exception:
+                    log.exception("could not hand message %s back", delivery.id)
+
+    async def _process_inner(self, app: AsyncQueueTasks, delivery: Delivery) -> None:
+        hooks = app.hooks
+        await hooks.notify("qtasks_broker_message_received", app=app, delivery=delivery)
+        try:
+            message = app.codec.decode(delivery.body)
+        except SerializationError as exc:
+            stored = await app.storage.get(delivery.id)
+            await self._reject(app, delivery, f"undecodable message: {exc}", stored)
+            return
+        record = await app.storage.get(message.uuid)
+        if record is None:
+            record = TaskRecord(
+                uuid=message.uuid,
+                task_name=message.task_name,
+                priority=message.priority,
+                args=message.args,
+                kwargs=message.kwargs,
+                created_at=message.created_at,
+            )
+        if record.status in (TaskStatus.CANCEL, TaskStatus.SUCCESS, TaskStatus.ERROR):
+            # Cancelled while queued, or finished by an attempt whose ack got lost.
+            await delivery.ack()
+            return
+        task = app.tasks.get(message.task_name)
+        if task is None:
+            await self._reject(app, delivery, str(UnknownTaskError(message.task_name)), record)
+            return
+        try:
+            task.check_arguments(message.args, message.kwargs)
+        except TaskArgumentsError as exc:
+            await self._reject(app, delivery, f"wrong arguments: {exc}", record)
+            return
+        await hooks.notify("qtasks_worker_task_received", app=app, message=message)
+
+        record.status = TaskStatus.PROCESS
+        record.attempt = message.attempt + 1
+        record.token = delivery.token
+        record.worker = self.id
+        record.updated_at = time.time()
+        await app.storage.save(record)
+        await hooks.notify("qtasks_storage_saved", app=app, record=record)
+        run = TaskRun(app=app, task=task, message=message, record=record, delivery=delivery)
+        self._running[record.uuid] = run
+        try:
+            await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
+            await self._execute(app, run, delivery)
+            await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
+        finally:
+            del self._running[record.uuid]
+            self.processed += 1
+            idle = getattr(self, "_idle", None)
+            if idle is not None:
+                idle.set()
+
+    async def _execute(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> None:
+        record = run.record
+        hooks = app.hooks
+        outcome: BaseException | None = None
+        result: Any = None
+        with run.cancel_scope:
+            try:
+                result = await task_executor(run).execute(run)
+            except Exception as exc:
+                outcome = exc
+        if run.lease_lost:
+            log.warning(
+                "lease of task %s was lost; another worker owns it now, result dropped",
+                record.uuid,
+            )
+            return
+        if run.cancel_scope.cancelled_caught and outcome is None:
+            reason = run.cancel_reason or "cancelled"
+            if reason == "__shutdown__":
+                with anyio.CancelScope(shield=True):
+                    record.status = TaskStatus.NEW
+                    record.token = None
+                    await app.storage.save(record, fence=delivery.token)
+                    await delivery.requeue()
+                    await hooks.notify(
+                        "qtasks_broker_requeued", app=app, delivery=delivery, delay=None
+                    )
+                return
+            outcome = TaskCancelledError(reason)
+        await hooks.notify("qtasks_executor_closed", app=app, record=record)
+        with anyio.CancelScope(shield=True):
+            await self._finish(app, run, delivery, result, outcome)
+
+    async def _keep_leases(self, app: AsyncQueueTasks) -> None:
+        """Renew the lease of every running task, and notice cancels made elsewhere."""
+        interval = max(app.config.lease / 3, 0.05)
+        while True:
+            await anyio.sleep(interval)
+            for run in list(self._running.values()):
+                try:
+                    if not await run.delivery.extend():
+                        run.lease_lost = True
+                        run.cancel_scope.cancel()
+                        continue
+                    stored = await app.storage.get(run.record.uuid)
+                except Exception:
+                    log.warning("lease renewal of %s failed", run.record.uuid, exc_info=True)
+                    continue
+                if stored is not None and stored.status is TaskStatus.CANCEL:
+                    run.cancel_reason = stored.cancel_reason or "cancelled"
+                    run.cancel_scope.cancel()
+
+    async def _finish(
+        self,
+        app: AsyncQueueTasks,
+        run: TaskRun,
+        delivery: Delivery,
+        result: Any,
+        outcome: BaseException | None,
+    ) -> None:
+        record, hooks, task = run.record, app.hooks, run.task
+        record.updated_at = time.time()
+        if outcome is None:
+            record.status = TaskStatus.SUCCESS
+            record.returning = result
+            record.error = None
+            if await self._save_final(app, record, delivery):
+                await hooks.notify("qtasks_task_succeeded", app=app, record=record)
+            return
+        if isinstance(outcome, TaskCancelledError):
+            record.status = TaskStatus.CANCEL
+            record.cancel_reason = outcome.reason
+            if await self._save_final(app, record, delivery):
+                await hooks.notify(
+                    "qtasks_task_cancelled", app=app, record=record, reason=outcome.reason
+                )
+            return
+        record.traceback = "".join(traceback.format_exception(outcome))
+        record.error = f"{type(outcome).__name__}: {outcome}"
+        await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
+        delay: float | None = None
+        if not isinstance(outcome, PluginError | SerializationError):
+            try:
+                delay = hooks.decide(
+                    "qtasks_task_retry_delay", app=app, task=task, record=record, exc=outcome
+                )
+            except PluginError as exc:
+                log.error("%s", exc)
+        if delay is not None:
+            record.status = TaskStatus.RETRY
+            record.eta = time.time() + delay
+            if not await app.storage.save(record, fence=delivery.token):
+                return
+            next_message = Message(
+                uuid=run.message.uuid,
+                task_name=run.message.task_name,
+                args=run.message.args,
+                kwargs=run.message.kwargs,
+                priority=run.message.priority,
+                created_at=run.message.created_at,
+                attempt=record.attempt,
+                headers=run.message.headers,
+            )
+            body = app.codec.encode(next_message).body
+            await delivery.requeue(delay=delay, body=body)
+            await hooks.notify(
+                "qtasks_worker_task_retry", app=app, record=record, exc=outcome, delay=delay
+            )
+            await hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=delay)
+            return
+        record.status = TaskStatus.ERROR
+        if await self._save_final(app, record, delivery):
+            await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)
+
+    async def _save_final(
+        self, app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery
+    ) -> bool:
+        if not await app.storage.save(record, fence=delivery.token):
+            log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
+            return False
+        await app.hooks.notify("qtasks_storage_saved", app=app, record=record)
+        await delivery.ack()
+        await app.hooks.notify("qtasks_broker_acked", app=app, record=record)
+        return True
+
+
+def task_executor(run: TaskRun) -> TaskExecutor:
+    """The executor for ``run``: the task's own, else the worker's."""
+    custom = run.task.options.executor
+    if custom is not None:
+        return custom() if isinstance(custom, type) else custom  # type: ignore[no-any-return]
+    worker = run.app.worker
+    executor: TaskExecutor = getattr(worker, "executor", None) or TaskExecutor()
+    return executor
