@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,28 +23,9 @@ from qtasks_rabbitmq import RabbitMQBroker, Topology
 URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-def _reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _reachable():
-        return
-    if os.environ.get("CI"):
-        raise pytest.UsageError("RabbitMQ at 127.0.0.1:5672 is unreachable and CI is set")
-    skip = pytest.mark.skip(reason="RabbitMQ is not reachable at 127.0.0.1:5672")
-    for item in items:
-        if "tests/rabbitmq" in str(item.fspath):
-            item.add_marker(skip)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(autouse=True)
+def _needs_rabbitmq(rabbitmq_url: str) -> None:
+    """Every test here needs the server: skip locally, fail under CI (root conftest)."""
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
@@ -110,3 +90,13 @@ async def make_broker(queue_name: str) -> AsyncIterator[BrokerFactory]:
             await stack.aclose()
             for topology in {t.queue: t for t in topologies}.values():
                 await asyncio.wait_for(delete_topology(topology), 30)
+
+
+def close_connections(queue: str, why: str = "closed by a qtasks test") -> int:
+    """Close, from the server side, every connection a broker on ``queue`` opened."""
+    closed = 0
+    for line in rabbitmqctl("list_connections", "-q", "pid", "client_properties").splitlines():
+        if f"qtasks {queue} " in line:
+            rabbitmqctl("close_connection", line.split()[0], why)
+            closed += 1
+    return closed

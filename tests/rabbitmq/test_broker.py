@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aio_pika
 import anyio
 import pytest
+from qtasks.components import BrokerStats
 from qtasks.errors import BrokerConnectionError, ConfigError
 from qtasks.messages import Envelope
 from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker, RabbitMQDelivery, TopologyError
@@ -25,6 +26,17 @@ def envelope(body: bytes = b"{}", *, priority: int = 0, eta: float | None = None
 async def take(deliveries: AsyncIterator[RabbitMQDelivery], timeout: float = 5) -> RabbitMQDelivery:
     with anyio.fail_after(timeout):
         return await anext(deliveries)
+
+
+async def eventually(
+    broker: RabbitMQBroker, check: Callable[[BrokerStats], bool], timeout: float = 5
+) -> None:
+    """Poll ``stats()`` until ``check`` holds: the server offers no event for queue counts."""
+    with anyio.fail_after(timeout):
+        while True:
+            if check(await broker.stats()):
+                return
+            await anyio.sleep(0.05)
 
 
 async def nothing_within(deliveries: AsyncIterator[RabbitMQDelivery], seconds: float) -> bool:
@@ -185,19 +197,24 @@ async def test_unsettled_deliveries_count_until_dead_lettered(
     assert "3" in letter.reason
 
 
-async def test_prefetch_bounds_unacked_messages(make_broker: BrokerFactory) -> None:
+async def test_prefetch_bounds_messages_not_yet_handed_out(make_broker: BrokerFactory) -> None:
+    """prefetch counts what the consumer holds beyond the deliveries the worker took: taking
+    two and holding them unsettled still lets the consumer receive two more, never a fifth
+    before one is settled."""
     broker = await make_broker()
-    for i in range(6):
+    for i in range(8):
         await broker.publish(envelope(str(i).encode()))
     async with broker.consume(prefetch=2) as deliveries:
-        held = [await take(deliveries), await take(deliveries)]
-        assert await nothing_within(deliveries, 0.3), "got a third message with prefetch=2"
+        taken = [await take(deliveries) for _ in range(4)]
+        assert [d.body for d in taken] == [b"0", b"1", b"2", b"3"]
+        await eventually(broker, lambda stats: stats.in_flight == 6)
         stats = await broker.stats()
-        assert stats.ready_by_priority == {0: 4}
-        assert stats.in_flight == 2
-        await held[0].ack()
-        third = await take(deliveries)
-        assert third.body == b"2"
+        assert stats.ready_by_priority == {0: 2}, "more than prefetch held beyond the taken"
+        assert stats.in_flight == 6
+        await taken[0].ack()  # held 3 + buffered 2: still at the limit, nothing more comes
+        assert (await take(deliveries)).body == b"4"
+        await eventually(broker, lambda stats: stats.ready_by_priority == {0: 1})
+        assert (await broker.stats()).in_flight == 6
 
 
 async def test_second_consumer_gets_what_first_does_not_hold(make_broker: BrokerFactory) -> None:

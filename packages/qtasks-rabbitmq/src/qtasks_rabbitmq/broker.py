@@ -139,7 +139,7 @@ class RabbitMQDelivery:
 
     async def _finish(self) -> bool:
         """Ack on the original channel; ``False`` if that channel is gone."""
-        self._consumer.held.pop(self.token, None)
+        self._consumer.release(self.token)
         try:
             await self._message.ack()
         except Exception:
@@ -212,7 +212,43 @@ class _Consumer:
         self.pending = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.qos = 0
+        self.dynamic = broker.topology.queue_type == "classic"
+        self._qos_wanted = asyncio.Event()
+        self._qos_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+
+    # basic.qos counts every unacked message, but ``prefetch`` bounds only those not yet handed
+    # to the worker. Classic queues: a channel-wide (global) qos of ``prefetch`` plus what the
+    # worker holds, updated in the background (coalesced: a settle followed by a take sends
+    # nothing); RabbitMQ applies a changed global limit at once. Quorum queues refuse global
+    # qos and per-consumer qos is fixed at basic.consume, so there it is ``prefetch`` plus
+    # ``max_tasks_process`` (what a worker may hold running).
+
+    def take(self, delivery: RabbitMQDelivery) -> None:
+        self.held[delivery.token] = delivery
+        self._qos_wanted.set()
+
+    def release(self, token: str) -> None:
+        if self.held.pop(token, None) is not None:
+            self._qos_wanted.set()
+
+    async def _qos_loop(self) -> None:
+        while True:
+            await self._qos_wanted.wait()
+            self._qos_wanted.clear()
+            if self.closing:
+                return
+            target = len(self.held) + self.prefetch
+            channel = self.channel
+            if channel is None or channel.is_closed or target == self.qos or not self.dynamic:
+                continue
+            try:
+                # Shielded: aiormq closes a channel whose RPC is cancelled mid-flight.
+                await asyncio.shield(channel.set_qos(prefetch_count=target, global_=True))
+                self.qos = target
+            except Exception:
+                continue  # the channel is dying; reopen sets qos again
 
     def holds(self, generation: int) -> bool:
         channel = self.channel
@@ -230,7 +266,15 @@ class _Consumer:
                 return
             link = self.broker._require_link()
             channel = await connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self.prefetch)
+            self.held.clear()  # deliveries of the old channel are stale now
+            if self.dynamic:
+                self.qos = self.prefetch
+                await channel.set_qos(prefetch_count=self.qos, global_=True)
+            else:
+                self.qos = self.prefetch + self.broker._max_running
+                await channel.set_qos(prefetch_count=self.qos)
+            if self._qos_task is None:
+                self._qos_task = asyncio.create_task(self._qos_loop(), name="qtasks-rabbitmq-qos")
             channel.close_callbacks.add(
                 lambda _s, exc: self._closed(generation, "consumer channel closed", exc)
             )
@@ -241,7 +285,6 @@ class _Consumer:
             self.generation = generation
             self.channel = channel
             self.underlay = cast(aiormq.Channel, underlay)
-            self.held.clear()
             queue = await channel.get_queue(link.topology.queue, ensure=False)
             self.tag = await queue.consume(
                 functools.partial(self._on_message, generation), no_ack=False
@@ -282,12 +325,18 @@ class _Consumer:
         while True:
             delivery = await self.buffer.get()
             if delivery._live():
-                self.held[delivery.token] = delivery
+                self.take(delivery)
                 return delivery
             # Its channel died: RabbitMQ delivers the message again.
 
     async def close(self) -> None:
         self.closing = True
+        if self._qos_task is not None:
+            self._qos_wanted.set()
+            try:
+                await asyncio.wait_for(self._qos_task, 5)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
         link = self.broker._link
         if link is not None:
             link.unregister(self.key)
@@ -353,6 +402,7 @@ class RabbitMQBroker:
         }
         self._topology = Topology(queue, queue_type, max_priority)
         self._max_deliveries = 5
+        self._max_running = 10
         self._link: Link | None = None
         self._consumers: dict[int, _Consumer] = {}
         self._published: OrderedDict[str, None] = OrderedDict()
@@ -396,6 +446,7 @@ class RabbitMQBroker:
         if self._link is not None:
             raise ComponentNotStartedError("RabbitMQBroker started twice")
         self._max_deliveries = config.max_deliveries
+        self._max_running = config.max_tasks_process
         topology = self._topology
         self._topology = Topology(
             topology.queue, topology.queue_type, topology.max_priority, config.max_deliveries
@@ -504,7 +555,9 @@ class RabbitMQBroker:
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[RabbitMQDelivery]]:
-        """Open a consumer holding at most ``prefetch`` unacked messages (``basic.qos``)."""
+        """Open a consumer that holds at most ``prefetch`` messages (at least 1) beyond those it
+        handed out and that are not settled yet (``basic.qos``, adjusted as deliveries are
+        taken and settled)."""
         link = self._require_link()
         consumer = _Consumer(self, prefetch)
         link.register(consumer.key, consumer.reopen, consumer.alive)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -196,7 +197,9 @@ class Link:
         connection = await aio_pika.connect(
             self._url,
             timeout=self._connect_timeout,
-            client_properties={"connection_name": "qtasks"},
+            client_properties={
+                "connection_name": f"qtasks {self.topology.queue} pid={os.getpid()}"
+            },
         )
         self._connection = connection
         generation = self.generation + 1
