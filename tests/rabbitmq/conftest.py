@@ -13,12 +13,15 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
+import anyio
 import pytest
 from qtasks.config import QueueConfig
 from qtasks_rabbitmq import RabbitMQBroker, Topology
+
+T = TypeVar("T")
 
 URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -100,3 +103,14 @@ def close_connections(queue: str, why: str = "closed by a qtasks test") -> int:
             rabbitmqctl("close_connection", line.split()[0], why)
             closed += 1
     return closed
+
+
+async def poll(check: Callable[[], Awaitable[T | None]], timeout: float, every: float = 0.05) -> T:
+    """Call ``check`` until it returns something other than ``None``/``False``; for state that
+    offers nothing to wait on (another process's files, server-side queue counts)."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = await check()
+            if value is not None and value is not False:
+                return value
+            await anyio.sleep(every)

@@ -51,7 +51,7 @@ async def test_publish_waits_for_the_link_to_come_back(
         sent = [envelope(str(i).encode()) for i in range(20)]
         for env in sent:
             await broker.publish(env)  # confirmed, whatever the link was doing
-        got = set()
+        got: set[str] = set()
         with anyio.fail_after(20):
             while len(got) < len(sent):
                 delivery = await anext(deliveries)
