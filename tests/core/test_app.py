@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, TaskTimeoutError
+from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, TaskTimeoutError, hookimpl
 from qtasks.errors import (
     MessageTooLargeError,
     QTasksError,
@@ -300,13 +301,20 @@ async def test_retry_backoff_goes_through_delayed_delivery(app: AsyncQueueTasks)
         if len(times) == 1:
             raise RuntimeError("first")
 
+    retried: list[tuple[str, float]] = []
+
+    class SeeRetry:
+        @hookimpl
+        async def qtasks_worker_task_retry(self, app: AsyncQueueTasks, record: Any, delay: float):
+            stored = await app.get(record.uuid)
+            retried.append((stored.status.value if stored else "?", delay))
+
+    app.add_plugin(SeeRetry())
     async with app:
-        task = await app.add_task("again")
-        with anyio.fail_after(5):
-            while (await app.get(task.uuid)).status is not TaskStatus.RETRY:  # type: ignore[union-attr]
-                await anyio.sleep(0.01)
-        final = await task.wait_result(5)
+        final = await app.add_task("again", timeout=5)
     assert final.status is TaskStatus.SUCCESS
+    assert retried[0][0] == "retry"  # the record said retry while it waited
+    assert 0.1 <= retried[0][1] <= 0.2
     # equal jitter: between half and all of the 0.2 s base delay
     assert times[1] - times[0] >= 0.1
 
@@ -442,6 +450,10 @@ async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> No
     async def queued(i: int) -> int:
         return i
 
+    # Keep the components started past the app's own stop, to inspect them afterwards.
+    inspect_stack = AsyncExitStack()
+    await broker_app.broker.start(inspect_stack, broker_app.config)
+    await broker_app.storage.start(inspect_stack, broker_app.config)
     async with broker_app:
         running = await broker_app.add_task("hold")
         with anyio.fail_after(5):
@@ -458,4 +470,4 @@ async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> No
     for task in waiting:
         record = await broker_app.storage.get(task.uuid)
         assert record is not None and record.status is TaskStatus.NEW
-    await broker_app.aclose()
+    await inspect_stack.aclose()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 from qtasks.components import DeadLetter
 from qtasks.messages import Envelope, Message
 
@@ -25,19 +26,35 @@ async def apps() -> AsyncIterator[tuple[AsyncQueueTasks, AsyncQueueTasks]]:
     async def add(a: int, b: int) -> int:
         return a + b
 
+    worker.add_plugin(Rejections(), name="rejections")
+
     await producer.start()
     async with worker:
         yield producer, worker
     await producer.aclose()
 
 
+class Rejections:
+    """Sets an event per message id when the worker rejects (dead-letters) it."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, anyio.Event] = {}
+
+    def event(self, id: str) -> anyio.Event:
+        return self.events.setdefault(id, anyio.Event())
+
+    @hookimpl
+    def qtasks_task_rejected(self, delivery: Any) -> None:
+        self.event(delivery.id).set()
+
+
 async def dead_letter(app: AsyncQueueTasks, id: str) -> DeadLetter:
+    """Wait until the worker rejected message ``id``; return its dead letter."""
+    plugin = app.hooks.pm.get_plugin("rejections")
     with anyio.fail_after(5):
-        while True:
-            for letter in await app.broker.dead_letters():
-                if letter.id == id:
-                    return letter
-            await anyio.sleep(0.01)
+        await plugin.event(id).wait()
+    letters = {letter.id: letter for letter in await app.broker.dead_letters()}
+    return letters[id]
 
 
 async def test_unknown_task_name(apps: tuple[AsyncQueueTasks, AsyncQueueTasks]) -> None:
@@ -80,15 +97,20 @@ async def test_undecodable_message(
 async def test_message_without_record_still_runs(
     apps: tuple[AsyncQueueTasks, AsyncQueueTasks],
 ) -> None:
-    producer, worker = apps
+    _, worker = apps
+    finished = anyio.Event()
+
+    class Done:
+        @hookimpl
+        def qtasks_task_succeeded(self) -> None:
+            finished.set()
+
+    worker.add_plugin(Done())
     message = Message(uuid="raw-1", task_name="add", args=[5, 6])
     await worker.broker.publish(worker.codec.encode(message))
-    final = await worker.wait("raw-1", 5) if await worker.storage.get("raw-1") else None
-    if final is None:
-        with anyio.fail_after(5):
-            while (record := await worker.storage.get("raw-1")) is None or not record.status.final:
-                await anyio.sleep(0.01)
-        final = await worker.wait("raw-1", 5)
+    with anyio.fail_after(5):
+        await finished.wait()
+    final = await worker.wait("raw-1", 5)
     assert final.returning == 11
 
 

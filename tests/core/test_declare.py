@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueTasks, TaskDeclarationError
@@ -86,3 +88,43 @@ def test_echo_needs_a_parameter() -> None:
 
         @app.task(echo=True)
         def job() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "ok"),
+    [
+        ((1, 2), {}, True),
+        ((1,), {"b": 2}, True),
+        ((), {"a": 1, "b": 2}, True),
+        ((1,), {}, False),
+        ((1, 2, 3), {}, False),
+        ((1,), {"a": 2}, False),
+        ((), {"a": 1, "c": 2}, False),
+    ],
+)
+def test_argument_check(args: tuple[int, ...], kwargs: dict[str, int], ok: bool) -> None:
+    from qtasks.errors import TaskArgumentsError
+
+    app = AsyncQueueTasks()
+
+    @app.task
+    def plain(a: int, b: int) -> None: ...
+
+    @app.task
+    def with_default(a: int, b: int = 0, *rest: int) -> None: ...
+
+    def fits(task: object) -> bool:
+        try:
+            task.check_arguments(args, kwargs)  # type: ignore[attr-defined]
+        except TaskArgumentsError:
+            return False
+        return True
+
+    assert fits(plain) is ok
+    # the general path agrees with inspect's own binding
+    try:
+        inspect.signature(with_default).bind(*args, **kwargs)
+        expected = True
+    except TypeError:
+        expected = False
+    assert fits(with_default) is expected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -12,7 +11,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from qtasks.components import Broker, DeadLetter, GlobalConfig, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
@@ -21,6 +20,7 @@ from qtasks.messages import Codec, Message, Serializer
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 
@@ -207,17 +207,13 @@ class AsyncQueueTasks:
         await self.aclose()
 
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM, then stop gracefully."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with self:
-                log.info("qtasks app %r serving (worker %s)", self.name, self.worker.id)
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+        """Serve in the running loop until SIGINT/SIGTERM, then stop gracefully."""
+        await SignalStarter().serve(self)
 
-    def run_forever(self) -> None:
-        """Block serving tasks until SIGINT/SIGTERM."""
-        anyio.run(self.serve)
+    def run_forever(self, starter: Starter | None = None) -> None:
+        """Block serving tasks until SIGINT/SIGTERM (through ``starter``, by default a
+        :class:`~qtasks.starter.SignalStarter`)."""
+        (starter or SignalStarter()).run(self)
 
     # --- producing ------------------------------------------------------------------------
 
@@ -309,8 +305,9 @@ class AsyncQueueTasks:
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
-        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
-        return AsyncTask(**data, _client=self)
+        bound = AsyncTask(*record.values())
+        bound._client = self
+        return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""

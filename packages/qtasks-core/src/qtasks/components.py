@@ -8,8 +8,10 @@ repository runs them.
 Lifecycle. A component is started with ``await component.start(stack, config)``: it connects and
 pushes its own teardown onto ``stack`` (an :class:`~contextlib.AsyncExitStack`), so there is no
 ``stop()`` to forget. The app starts storage, global config, broker, plugins and worker in that
-order and unwinds in reverse. A component started twice, or used before ``start``, raises
-:class:`~qtasks.errors.ComponentNotStartedError`.
+order and unwinds in reverse. Several apps in one process may share one component instance
+(a producer app and a worker app, say): ``start`` is reference-counted and the component stops
+when the last stack that started it unwinds. A component used before its first start or after
+its last stop raises :class:`~qtasks.errors.ComponentNotStartedError`.
 
 Construction from configuration. Components found by name (``broker="redis"``) are built with
 ``Cls.from_config(config)``, a classmethod that reads the ``*_url`` and other settings of

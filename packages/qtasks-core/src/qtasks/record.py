@@ -79,7 +79,11 @@ class TaskRecord:
 
     def copy(self) -> TaskRecord:
         """A copy whose ``args``/``kwargs`` containers are copied too (hot path: explicit)."""
-        return TaskRecord(
+        return TaskRecord(*self.values())
+
+    def values(self) -> tuple[Any, ...]:
+        """Every field in declaration order (containers copied), to build a copy or subclass."""
+        return (
             self.uuid,
             self.task_name,
             self.status,

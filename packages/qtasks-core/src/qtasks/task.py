@@ -160,6 +160,14 @@ class TaskDef(Generic[P, R]):
         self.caller_signature = self.signature.replace(
             parameters=[p for p in params if p.name not in self.injected]
         )
+        simple = all(
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty
+            for p in self.caller_signature.parameters.values()
+        )
+        # Fast path for the common "plain parameters, no defaults" signature.
+        self._plain_names: tuple[str, ...] | None = (
+            tuple(self.caller_signature.parameters) if simple else None
+        )
         self.__doc__ = func.__doc__
         self.__name__ = getattr(func, "__name__", self.name)
         self.__wrapped__ = func
@@ -172,6 +180,13 @@ class TaskDef(Generic[P, R]):
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise :class:`TaskArgumentsError` if the call does not fit the signature."""
+        names = self._plain_names
+        if (
+            names is not None
+            and len(args) + len(kwargs) == len(names)
+            and all(k in names[len(args) :] for k in kwargs)
+        ):
+            return
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:

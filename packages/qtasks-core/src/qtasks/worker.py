@@ -26,6 +26,7 @@ from qtasks.errors import (
     UnknownTaskError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
+from qtasks.memory import _Signal
 from qtasks.messages import Message
 from qtasks.record import TaskRecord, TaskStatus
 
@@ -53,6 +54,8 @@ class QueueWorker:
         self.processed = 0
         self._running: dict[str, TaskRun] = {}
         self._local: list[tuple[int, int, Delivery]] = []
+        self._lost: set[str] = set()
+        """Tokens of waiting deliveries whose lease could not be renewed."""
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -86,8 +89,10 @@ class QueueWorker:
         config = app.config
         concurrency = self._max_tasks or config.max_tasks_process
         prefetch = self._prefetch if self._prefetch is not None else config.prefetch
-        slots = anyio.Semaphore(concurrency + prefetch)
-        available = anyio.Semaphore(0)
+        capacity = concurrency + prefetch
+        self._held = 0
+        slot_freed = _Signal()
+        item_ready = _Signal()
         self._stopping = anyio.Event()
         async with (
             app.broker.consume(prefetch=prefetch) as deliveries,
@@ -100,22 +105,34 @@ class QueueWorker:
                 runners.append(scope)
                 with scope:
                     while True:
-                        await available.acquire()
-                        if self._stopping.is_set() or not self._local:
+                        while not self._local and not self._stopping.is_set():
+                            await item_ready.wait(None)
+                        if self._stopping.is_set():
                             return  # stopping: what waits locally is handed back
                         _, _, delivery = heapq.heappop(self._local)
                         try:
+                            if delivery.token in self._lost:
+                                self._lost.discard(delivery.token)
+                                log.warning(
+                                    "lease of waiting message %s was lost; another worker "
+                                    "owns it now",
+                                    delivery.id,
+                                )
+                                continue
                             await self._process(app, delivery)
                         finally:
-                            slots.release()
+                            self._held -= 1
+                            slot_freed.fire()
 
             async def receive() -> None:
                 iterator = deliveries.__aiter__()
                 while True:
-                    await slots.acquire()
+                    while self._held >= capacity:
+                        await slot_freed.wait(None)
                     delivery = await iterator.__anext__()
+                    self._held += 1
                     heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
-                    available.release()
+                    item_ready.fire()
 
             for _ in range(concurrency):
                 serving.start_soon(runner)
@@ -127,6 +144,7 @@ class QueueWorker:
 
             serving.start_soon(receive_until_stopped)
             serving.start_soon(self._heartbeat, app, concurrency)
+            serving.start_soon(self._keep_leases, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
             await app.hooks.notify(
                 "qtasks_component_started", app=app, kind="worker", component=self
@@ -137,6 +155,7 @@ class QueueWorker:
             finally:
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
+                    item_ready.fire()
                     await self._hand_back(app)
                     with anyio.move_on_after(config.shutdown_grace):
                         while self._running:
@@ -296,14 +315,25 @@ class QueueWorker:
                 return
             outcome = TaskCancelledError(reason)
         await hooks.notify("qtasks_executor_closed", app=app, record=record)
-        with anyio.CancelScope(shield=True):
-            await self._finish(app, run, delivery, result, outcome)
+        # Not shielded: if the worker is torn down here, the message is simply not acked and
+        # comes back after its lease (at-least-once), so no extra cancel scope per task.
+        await self._finish(app, run, delivery, result, outcome)
 
     async def _keep_leases(self, app: AsyncQueueTasks) -> None:
-        """Renew the lease of every running task, and notice cancels made elsewhere."""
+        """Renew the lease of every running task, and notice cancels made elsewhere.
+
+        Prefetched deliveries waiting for a free slot are renewed too: otherwise a long task
+        ahead of them lets their lease run out and another worker runs them while this one
+        still holds them (a duplicate run)."""
         interval = max(app.config.lease / 3, 0.05)
         while True:
             await anyio.sleep(interval)
+            for _, _, waiting in list(self._local):
+                try:
+                    if not await waiting.extend():
+                        self._lost.add(waiting.token)
+                except Exception:
+                    log.warning("lease renewal of %s failed", waiting.id, exc_info=True)
             for run in list(self._running.values()):
                 try:
                     if not await run.delivery.extend():
