@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import aio_pika
 import anyio
 import pytest
+
 from qtasks.config import QueueConfig
 from qtasks_rabbitmq import RabbitMQBroker, Topology
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import aio_pika
 import anyio
 import pytest
+
 from qtasks.components import BrokerStats
 from qtasks.errors import BrokerConnectionError, ConfigError
 from qtasks.messages import Envelope

@@ -14,6 +14,7 @@ from pathlib import Path
 import aio_pika
 import anyio
 import pytest
+
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.components import DeadLetter
 from qtasks.record import TaskStatus

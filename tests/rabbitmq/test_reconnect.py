@@ -7,6 +7,7 @@ import uuid
 import aio_pika
 import anyio
 import pytest
+
 from qtasks.messages import Envelope
 
 from .conftest import URL, BrokerFactory, close_connections

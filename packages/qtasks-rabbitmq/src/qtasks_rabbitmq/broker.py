@@ -26,7 +26,7 @@ import math
 import time
 import uuid as uuid_mod
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any, Self, cast, get_args
@@ -34,11 +34,11 @@ from typing import Any, Self, cast, get_args
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
 from qtasks.components import BrokerStats, DeadLetter
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, ConfigError
 from qtasks.messages import Envelope
-
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.topology import (
     LEVELS,
@@ -91,7 +91,16 @@ def _as_str(value: Any) -> str | None:
 class RabbitMQDelivery:
     """One delivery from :class:`RabbitMQBroker`; settles on the channel it came from."""
 
-    __slots__ = ("_attempt", "_consumer", "_generation", "_id", "_message", "_priority", "_settled")
+    __slots__ = (
+        "_attempt",
+        "_consumer",
+        "_generation",
+        "_id",
+        "_message",
+        "_priority",
+        "_settled",
+        "lease_until",
+    )
 
     def __init__(
         self,
@@ -109,6 +118,7 @@ class RabbitMQDelivery:
         self._priority = priority
         self._attempt = attempt
         self._settled = False
+        self.lease_until = 0.0
 
     @property
     def id(self) -> str:
@@ -146,12 +156,13 @@ class RabbitMQDelivery:
             return False
         return True
 
-    async def _then_finish(self, publish: Any) -> bool:
+    async def _then_finish(self, publish: Callable[[], Awaitable[None]]) -> bool:
+        """Publish (a copy, a dead letter) and only then ack this delivery."""
         if not self._live():
             return False
         self._settled = True
         try:
-            await publish
+            await publish()
         except BaseException:
             self._settled = False
             raise
@@ -166,20 +177,23 @@ class RabbitMQDelivery:
     async def nack(self, reason: str) -> bool:
         broker = self._consumer.broker
         return await self._then_finish(
-            broker._bury(self._id, self.body, self._priority, self._attempt, reason)
+            lambda: broker._bury(self._id, self.body, self._priority, self._attempt, reason)
         )
 
     async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
         broker = self._consumer.broker
         eta = time.time() + delay if delay else None
         return await self._then_finish(
-            broker._send(self._id, self.body if body is None else body, self._priority, 0, eta)
+            lambda: broker._send(
+                self._id, self.body if body is None else body, self._priority, 0, eta
+            )
         )
 
     async def extend(self) -> bool:
-        # RabbitMQ keeps an unacked message for as long as the channel lives (up to the
-        # server's consumer_timeout), so there is no lease to renew: just report if it holds.
-        return self._live()
+        if not self._live():
+            return False
+        self.lease_until = time.monotonic() + self._consumer.broker._lease
+        return True
 
     async def hand_back(self) -> None:
         """Return an unstarted delivery without counting it: publish a copy, ack this one."""
@@ -188,7 +202,7 @@ class RabbitMQDelivery:
         deliveries = _as_int(headers.get(H_DELIVERIES), 0)
         with contextlib.suppress(Exception):
             await self._then_finish(
-                broker._send(self._id, self.body, self._priority, deliveries, None)
+                lambda: broker._send(self._id, self.body, self._priority, deliveries, None)
             )
 
 
@@ -216,6 +230,7 @@ class _Consumer:
         self.dynamic = broker.topology.queue_type == "classic"
         self._qos_wanted = asyncio.Event()
         self._qos_task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     # basic.qos counts every unacked message, but ``prefetch`` bounds only those not yet handed
@@ -226,8 +241,25 @@ class _Consumer:
     # ``max_tasks_process`` (what a worker may hold running).
 
     def take(self, delivery: RabbitMQDelivery) -> None:
+        delivery.lease_until = time.monotonic() + self.broker._lease
         self.held[delivery.token] = delivery
         self._qos_wanted.set()
+
+    async def _lease_loop(self) -> None:
+        """RabbitMQ holds an unacked message until its channel closes; the contract's lease is
+        kept here: a delivery not settled or extended within ``config.lease`` is handed back
+        (``basic.nack`` with requeue, so it counts as a delivery) and its holder is fenced."""
+        lease = self.broker._lease
+        while not self.closing:
+            await asyncio.sleep(min(lease / 4, 1.0))
+            now = time.monotonic()
+            for delivery in [d for d in self.held.values() if d.lease_until <= now]:
+                if not delivery._live():
+                    continue
+                delivery._settled = True
+                self.release(delivery.token)
+                with contextlib.suppress(Exception):
+                    await delivery._message.nack(requeue=True)
 
     def release(self, token: str) -> None:
         if self.held.pop(token, None) is not None:
@@ -275,6 +307,9 @@ class _Consumer:
                 await channel.set_qos(prefetch_count=self.qos)
             if self._qos_task is None:
                 self._qos_task = asyncio.create_task(self._qos_loop(), name="qtasks-rabbitmq-qos")
+                self._lease_task = asyncio.create_task(
+                    self._lease_loop(), name="qtasks-rabbitmq-lease"
+                )
             channel.close_callbacks.add(
                 lambda _s, exc: self._closed(generation, "consumer channel closed", exc)
             )
@@ -331,6 +366,8 @@ class _Consumer:
 
     async def close(self) -> None:
         self.closing = True
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         if self._qos_task is not None:
             self._qos_wanted.set()
             try:
@@ -403,6 +440,8 @@ class RabbitMQBroker:
         self._topology = Topology(queue, queue_type, max_priority)
         self._max_deliveries = 5
         self._max_running = 10
+        self._lease = 30.0
+        self._starts = 0
         self._link: Link | None = None
         self._consumers: dict[int, _Consumer] = {}
         self._published: OrderedDict[str, None] = OrderedDict()
@@ -443,21 +482,30 @@ class RabbitMQBroker:
         return self._link
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        """Connect and declare. Started again (apps sharing this broker), it only counts: the
+        connection closes when the last of the stacks closes."""
         if self._link is not None:
-            raise ComponentNotStartedError("RabbitMQBroker started twice")
+            self._starts += 1
+            stack.push_async_callback(self._release)
+            return
         self._max_deliveries = config.max_deliveries
         self._max_running = config.max_tasks_process
         topology = self._topology
         self._topology = Topology(
             topology.queue, topology.queue_type, topology.max_priority, config.max_deliveries
         )
+        self._lease = config.lease
         link = Link(self._url, self._topology, **self._options)  # type: ignore[arg-type]
-        await link.start(stack)
+        await link.start(AsyncExitStack())  # closed by _release, when the last user goes
         self._link = link
-        stack.callback(self._stopped)
+        self._starts = 1
+        stack.push_async_callback(self._release)
 
-    def _stopped(self) -> None:
-        self._link = None
+    async def _release(self) -> None:
+        self._starts -= 1
+        if self._starts == 0 and self._link is not None:
+            link, self._link = self._link, None
+            await link.close()
 
     # publishing
 

@@ -23,9 +23,9 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
-from qtasks.errors import BrokerConnectionError
 from yarl import URL
 
+from qtasks.errors import BrokerConnectionError
 from qtasks_rabbitmq.errors import PublishRejectedError, TopologyError
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 
