@@ -13,6 +13,7 @@ import anyio
 
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig
+from qtasks.depends import InjectPlugin
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
@@ -59,6 +60,7 @@ class AsyncQueueTasks:
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
+        self.hooks.register(InjectPlugin())
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)

@@ -185,3 +185,8 @@ def _label(plugin: object) -> str:
 def _culprit(hooks: Hooks, hook: str) -> str:
     names = [plugin for plugin, _, _ in hooks._impls.get(hook, ())]
     return ",".join(names) or "?"
+
+
+# Re-exported: ``from qtasks.plugins import AsyncState, SyncState``.
+from qtasks.state import AsyncState as AsyncState  # noqa: E402
+from qtasks.state import SyncState as SyncState  # noqa: E402
