@@ -11,8 +11,12 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import anyio
 import redis
+
+from qtasks.components import BrokerStats
 
 HERE = Path(__file__).parent
 APP = HERE / "redis_worker_app.py"
@@ -147,3 +151,15 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+async def settled(app: Any, seconds: float = 5) -> BrokerStats:
+    """The app's broker stats once nothing is in flight (or at the deadline).
+
+    A waiter is woken by the final save, and the worker acks right after it: this waits for
+    that ack instead of racing it."""
+    with anyio.move_on_after(seconds):
+        while (await app.broker.stats()).in_flight:  # noqa: ASYNC110 - a remote count
+            await anyio.sleep(0.02)
+    stats: BrokerStats = await app.broker.stats()
+    return stats

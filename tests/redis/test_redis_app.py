@@ -7,6 +7,7 @@ import time
 
 import anyio
 import pytest
+from redis_procs import settled
 from redis_worker_app import build
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
@@ -24,7 +25,7 @@ async def test_add_task_waits_for_result(redis_url: str, prefix: str) -> None:
         tasks = [await app.add_task("noop", i) for i in range(20)]
         done = [await app.wait(t.uuid, timeout=5) for t in tasks]
         assert [t.returning for t in done] == [i * 2 for i in range(20)]
-        stats = await app.broker.stats()
+        stats = await settled(app)
         assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
         workers = await app.global_config.workers()
         assert app.worker.id in workers
