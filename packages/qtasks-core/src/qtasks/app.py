@@ -13,7 +13,14 @@ from typing import Any, ParamSpec, Self, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
-from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
+from qtasks.components import (
+    Broker,
+    DeadLetter,
+    GlobalConfig,
+    SharedServer,
+    Starter,
+    Storage,
+)
 from qtasks.config import QueueConfig, load_config
 from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, load_plugins
@@ -73,6 +80,9 @@ class AsyncQueueTasks:
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
+        self.shared_server: SharedServer | None = None
+        """The broker, when it folds storage writes into its round trips (see
+        :class:`~qtasks.components.SharedServer`); set at start."""
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
@@ -200,6 +210,12 @@ class AsyncQueueTasks:
                     await self.hooks.notify(
                         "qtasks_component_started", app=self, kind=kind, component=component
                     )
+                broker = self.broker
+                self.shared_server = (
+                    broker
+                    if isinstance(broker, SharedServer) and broker.shares_server_with(self.storage)
+                    else None
+                )
                 await self.hooks.notify("qtasks_app_started", app=self)
             except BaseException:
                 await stack.aclose()
@@ -348,9 +364,13 @@ class AsyncQueueTasks:
             eta=eta,
             parent_uuid=_parent_uuid,
         )
-        await self.storage.add(record)
-        await self.hooks.notify("qtasks_storage_added", app=self, record=record)
-        await self.broker.publish(envelope)
+        if self.shared_server is not None:
+            await self.shared_server.publish_new(envelope, self.storage, record)
+            await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+        else:
+            await self.storage.add(record)
+            await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+            await self.broker.publish(envelope)
         await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
         if timeout is not None:
             return await self.wait(record.uuid, timeout)

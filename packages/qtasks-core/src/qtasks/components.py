@@ -164,6 +164,30 @@ class Broker(Protocol):
 
 
 @runtime_checkable
+class SharedServer(Protocol):
+    """Optional broker capability: fold storage writes into the broker's round trips when the
+    app's storage lives on the same server (e.g. Redis broker and Redis storage on one
+    instance). The app checks it once at start; everything else goes through the plain
+    protocols, so a broker without it loses nothing but a round trip.
+    """
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        """Whether :meth:`publish_new` and :meth:`ack_final` may be used with ``storage``."""
+        ...
+
+    async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
+        """Exactly ``await storage.add(record)`` then ``await self.publish(envelope)``, in that
+        order, in one round trip."""
+        ...
+
+    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+        """Exactly ``await storage.save(record, fence=delivery.token)`` followed, when that
+        was accepted, by ``await delivery.ack()``, in one round trip. Returns whether the save
+        was accepted."""
+        ...
+
+
+@runtime_checkable
 class Storage(Protocol):
     """Keeps task records and results, and wakes those waiting for them.
 

@@ -416,11 +416,17 @@ class QueueWorker:
     async def _save_final(
         self, app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery
     ) -> bool:
-        if not await app.storage.save(record, fence=delivery.token):
+        shared = app.shared_server
+        if shared is not None:
+            saved = await shared.ack_final(delivery, app.storage, record)
+        else:
+            saved = await app.storage.save(record, fence=delivery.token)
+        if not saved:
             log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
             return False
         await app.hooks.notify("qtasks_storage_saved", app=app, record=record)
-        await delivery.ack()
+        if shared is None:
+            await delivery.ack()
         await app.hooks.notify("qtasks_broker_acked", app=app, record=record)
         return True
 
