@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Self
 
@@ -22,12 +22,15 @@ import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from qtasks.components import BrokerStats, DeadLetter
+from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
 from qtasks.config import QueueConfig
-from qtasks.errors import BrokerConnectionError
+from qtasks.errors import BrokerConnectionError, ComponentError
 from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
 from qtasks_redis import broker_lua as lua
+from qtasks_redis import shared_lua
 from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.storage import RedisStorage
 
 log = logging.getLogger("qtasks.redis")
 
@@ -93,12 +96,15 @@ class RedisDelivery:
         return self._token
 
     async def _settle(self, script: Script, *args: Any) -> bool:
+        return await self._settle_call(script, self._broker.keys, (self._id, self._token, *args))
+
+    async def _settle_call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> bool:
         # While the lease may still be ours, ride out a Redis outage rather than give up: an
         # ack lost here means the task runs again elsewhere.
         failures = 0
         while True:
             try:
-                done = bool(await self._broker._run(script, self._id, self._token, *args))
+                done = bool(await self._broker._run_call(script, keys, args))
                 break
             except BrokerConnectionError:
                 failures += 1
@@ -192,9 +198,46 @@ class RedisBroker:
         client = self._require()
         return await guarded(self.target, script(client, self.keys, args))
 
-    async def publish(self, envelope: Envelope) -> None:
+    async def _run_call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        client = self._require()
+        return await guarded(self.target, script(client, keys, args))
+
+    @staticmethod
+    def _publish_args(envelope: Envelope) -> tuple[Any, ...]:
         eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
-        await self._run(lua.PUBLISH, envelope.id, envelope.body, envelope.priority, eta)
+        return (envelope.id, envelope.body, envelope.priority, eta)
+
+    async def publish(self, envelope: Envelope) -> None:
+        await self._run(lua.PUBLISH, *self._publish_args(envelope))
+
+    # --- SharedServer: folded storage writes -----------------------------------------------
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        """True for a :class:`~qtasks_redis.RedisStorage` on the same server, database and
+        credentials, outside Redis Cluster (there a record and its queue live in different
+        slots, so they go through the plain protocols)."""
+        return (
+            isinstance(storage, RedisStorage)
+            and not self.target.cluster
+            and storage.target.server == self.target.server
+        )
+
+    async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
+        """Store ``record`` and publish ``envelope`` in one atomic script."""
+        keys, args = _redis_storage(storage)._save_call(record, None, True)
+        await self._run_call(
+            shared_lua.PUBLISH_NEW, (*keys, *self.keys), (*args, *self._publish_args(envelope))
+        )
+
+    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+        """Save the final ``record`` fenced by the delivery's token and, when accepted, ack the
+        delivery, in one atomic script. Returns whether the save was accepted."""
+        if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
+            raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
+        keys, args = _redis_storage(storage)._save_call(record, delivery.token, False)
+        return await delivery._settle_call(
+            shared_lua.ACK_FINAL, (*keys, *self.keys), (*args, delivery.id, delivery.token)
+        )
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
@@ -305,3 +348,9 @@ class RedisBroker:
             total += moved
             if moved < 1000:
                 return total
+
+
+def _redis_storage(storage: Storage) -> RedisStorage:
+    if not isinstance(storage, RedisStorage):
+        raise ComponentError(f"{storage!r} does not share a server with a RedisBroker")
+    return storage

@@ -44,6 +44,23 @@ class RedisTarget:
     socket: str | None
 
     @property
+    def server(self) -> tuple[object, ...]:
+        """Server, database, scheme, credentials and options: equal for two targets that one
+        connection can serve (the password is compared, never shown)."""
+        parts = urlsplit(self.url)
+        return (
+            parts.scheme,
+            parts.username,
+            parts.password,
+            self.host,
+            self.port,
+            self.db,
+            self.socket,
+            parts.query,
+            self.cluster,
+        )
+
+    @property
     def where(self) -> str:
         """``host:port`` (or the socket path), for messages."""
         if self.socket is not None:

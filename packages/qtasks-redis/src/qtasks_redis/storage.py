@@ -117,10 +117,14 @@ class RedisStorage:
         data["status"] = record.status.value
         return data
 
-    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
-        payload = _dumps(self._shallow(record))
+    def _save_call(
+        self, record: TaskRecord, fence: str | None, force: bool
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Keys and arguments of the SAVE script for ``record`` (also run folded into a broker
+        script, see :mod:`qtasks_redis.shared_lua`)."""
         args = (
-            payload,
+            record.uuid,
+            _dumps(self._shallow(record)),
             record.status.value,
             record.token or "",
             "0" if fence is None else "1",
@@ -128,7 +132,12 @@ class RedisStorage:
             "1" if force else "0",
             self._ttl_ms,
         )
-        return bool(await self._run(lua.SAVE, record.uuid, record.uuid, *args))
+        return self._keys(record.uuid), args
+
+    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
+        keys, args = self._save_call(record, fence, force)
+        client = self._require()
+        return bool(await guarded(self.target, lua.SAVE(client, keys, args)))
 
     async def add(self, record: TaskRecord) -> None:
         await self._save(record, None, True)
