@@ -30,6 +30,7 @@ from qtasks.record import TaskRecord
 from qtasks_redis import broker_lua as lua
 from qtasks_redis import shared_lua
 from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.lane import Lane
 from qtasks_redis.storage import RedisStorage
 
 log = logging.getLogger("qtasks.redis")
@@ -191,16 +192,14 @@ class RedisBroker:
         options = {**config.extra, **self._options}
         await self._shared.acquire(stack, options)
 
-    def _require(self) -> Client:
-        return self._shared.get()
+    def _require(self) -> Client | Lane:
+        return self._shared.fast()
 
     async def _run(self, script: Script, *args: Any) -> Any:
-        client = self._require()
-        return await guarded(self.target, script(client, self.keys, args))
+        return await guarded(self.target, script(self._shared.fast(), self.keys, args))
 
     async def _run_call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        client = self._require()
-        return await guarded(self.target, script(client, keys, args))
+        return await guarded(self.target, script(self._shared.fast(), keys, args))
 
     @staticmethod
     def _publish_args(envelope: Envelope) -> tuple[Any, ...]:
@@ -278,7 +277,7 @@ class RedisBroker:
                     if isinstance(got, list):
                         buffer.extend(got)
                     else:
-                        await client.blpop([self._notify_key], timeout=max(got, 0.001))
+                        await self._block(client, max(got, 0.001))
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
                     failures = 0
@@ -311,6 +310,13 @@ class RedisBroker:
                             len(args) // 2,
                             self.target.where,
                         )
+
+    async def _block(self, client: Client | Lane, seconds: float) -> None:
+        """Until the queue is notified or ``seconds`` pass."""
+        if isinstance(client, Lane):
+            await client.blocking(seconds, ("BLPOP", self._notify_key, seconds))
+        else:
+            await client.blpop([self._notify_key], timeout=seconds)
 
     async def cancel(self, id: str) -> bool:
         return bool(await self._run(lua.CANCEL, id))

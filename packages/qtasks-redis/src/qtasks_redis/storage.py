@@ -14,8 +14,11 @@ from qtasks.errors import SerializationError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
 from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
+_RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w")
+"""Hash fields read back into a record, in :meth:`RedisStorage._record`'s order."""
 _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
@@ -72,6 +75,7 @@ class RedisStorage:
         await self._shared.acquire(stack, {**config.extra, **self._options})
 
     def _require(self) -> Client:
+        """The redis-py client (blocking reads of steps; every path when there is no lane)."""
         return self._shared.get()
 
     def _keys(self, uuid: str) -> tuple[str, ...]:
@@ -79,9 +83,8 @@ class RedisStorage:
         return (f"{tag}:r:{uuid}", f"{tag}:w:{uuid}", f"{tag}:s:{uuid}", *self._index_keys)
 
     async def _run(self, script: Script, uuid: str, *args: Any) -> Any:
-        client = self._require()
         keys = self._keys(uuid)
-        return await guarded(self.target, script(client, keys, args))
+        return await guarded(self.target, script(self._shared.fast(), keys, args))
 
     @staticmethod
     def _record(fields: list[bytes | None]) -> TaskRecord | None:
@@ -136,18 +139,20 @@ class RedisStorage:
 
     async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
         keys, args = self._save_call(record, fence, force)
-        client = self._require()
-        return bool(await guarded(self.target, lua.SAVE(client, keys, args)))
+        return bool(await guarded(self.target, lua.SAVE(self._shared.fast(), keys, args)))
 
     async def add(self, record: TaskRecord) -> None:
         await self._save(record, None, True)
 
     async def get(self, uuid: str) -> TaskRecord | None:
-        client = self._require()
-        key = self._keys(uuid)[0]
-        fields: Any = await guarded(
-            self.target, client.hmget(key, ["d", "s", "t", "cr", "u", "n", "a", "w"])
+        key = f"{self._tag}:r:{uuid}"
+        client = self._shared.fast()
+        call = (
+            client.command("HMGET", key, *_RECORD_FIELDS)
+            if isinstance(client, Lane)
+            else client.hmget(key, _RECORD_FIELDS)
         )
+        fields: Any = await guarded(self.target, call)
         return self._record(fields)
 
     async def begin(self, record: TaskRecord) -> TaskRecord:
@@ -174,10 +179,11 @@ class RedisStorage:
 
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
         client = self._require()
-        wake = self._keys(uuid)[1]
+        lane = self._shared.lane
+        rec, wake = self._keys(uuid)[:2]
         deadline = None if timeout is None else time.monotonic() + timeout
+        record = await self.get(uuid)
         while True:
-            record = await self.get(uuid)
             if record is not None and record.status.final:
                 return record
             left = None if deadline is None else deadline - time.monotonic()
@@ -187,7 +193,21 @@ class RedisStorage:
             # The token is moved back onto the same list: every waiter wakes, none consumes it.
             # redis-py types the timeout as int; Redis takes fractional seconds.
             seconds: Any = max(block, 0.001)
-            await guarded(self.target, client.blmove(wake, wake, seconds, "RIGHT", "LEFT"))
+            if lane is None:
+                await guarded(self.target, client.blmove(wake, wake, seconds, "RIGHT", "LEFT"))
+                record = await self.get(uuid)
+                continue
+            # Block and read the record in one round trip: the HMGET runs as soon as the
+            # BLMOVE returns (Redis answers a connection's commands in order).
+            _, fields = await guarded(
+                self.target,
+                lane.blocking(
+                    seconds,
+                    ("BLMOVE", wake, wake, "RIGHT", "LEFT", seconds),
+                    ("HMGET", rec, *_RECORD_FIELDS),
+                ),
+            )
+            record = self._record(fields)
 
     async def add_step(self, uuid: str, value: Any) -> int:
         return int(await self._run(lua.ADD_STEP, uuid, _dumps(value)))
