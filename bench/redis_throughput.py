@@ -102,6 +102,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_counter(client: redis.Redis, key: str, n: int, deadline_s: float) -> float:
     """Poll ``key`` every 2 ms until it reaches ``n`` (as the peers' harness does)."""
     end = time.monotonic() + deadline_s
@@ -144,14 +150,18 @@ async def w1_w2(prefix: str, tmp: Path, n1: int, n2: int, out: dict[str, str]) -
         await warm(app, counter, f"{prefix}:warm")
         if n1:
             key = f"{prefix}:w1"
+            cpu = (time.process_time(), cpu_seconds(worker.proc.pid))
             start = time.perf_counter()
             for _ in range(n1):
                 await app.add_task("incr", key)
             enqueued = time.perf_counter()
             done = wait_counter(counter, key, n1, 60 + n1 / 20)
+            mine = (time.process_time() - cpu[0]) / n1 * 1e6
+            theirs = (cpu_seconds(worker.proc.pid) - cpu[1]) / n1 * 1e6
             out["W1"] = (
                 f"{n1 / (done - start):,.0f} tasks/s ({n1} tasks, concurrency 10; "
-                f"enqueue alone {n1 / (enqueued - start):,.0f}/s)"
+                f"enqueue alone {n1 / (enqueued - start):,.0f}/s; CPU per task: "
+                f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us)"
             )
         if n2:
             for i in range(10):
