@@ -2,12 +2,13 @@
 the same (non-cluster) Redis server: one round trip instead of two, and atomic, so a crash can no
 longer leave a record without its message or a final record without its ack.
 
-Each part is the unchanged source of the storage or broker script, wrapped in a local function
-whose ``KEYS`` and ``ARGV`` parameters shadow the globals, so both run exactly as they do alone.
-The storage part's keys and arguments come first; their counts are fixed.
+Each part is the unchanged body of the storage or broker script after both preludes; the
+storage part's keys and arguments come first, their counts are fixed.
 """
 
 from __future__ import annotations
+
+import re
 
 from qtasks_redis import broker_lua, storage_lua
 from qtasks_redis.connection import Script
@@ -19,24 +20,38 @@ SAVE_ARGS = 8
 """Arguments of the storage's SAVE: uuid, json, status, token, has_fence, fence, force, ttl."""
 
 
+def _keys_from(prelude: str, base: int) -> str:
+    """``prelude`` reading its keys ``base`` places further along ``KEYS``."""
+    return re.sub(r"KEYS\[(\d+)\]", lambda m: f"KEYS[{int(m.group(1)) + base}]", prelude)
+
+
+def _body(script: Script, prelude: str) -> str:
+    assert script.source.startswith(prelude)
+    return script.source[len(prelude) :]
+
+
 def _combine(storage: Script, broker: Script, broker_args: int, *, gate: bool) -> Script:
     """``storage`` then ``broker``; with ``gate``, the broker part runs only when the storage
-    part returned 1. Returns the storage part's reply."""
-    run_broker = "if saved == 1 then broker(bk, ba) end" if gate else "broker(bk, ba)"
+    part returned 1. Returns the storage part's reply.
+
+    Both preludes are defined once at the top (the broker's reading its keys after the
+    storage's); each body becomes a local function whose ``ARGV`` parameter shadows the
+    global, so its early ``return`` statements keep their meaning."""
+    run_broker = "if saved == 1 then broker(ba) end" if gate else "broker(ba)"
     return Script(
-        f"""
-local function storage(KEYS, ARGV)
-{storage.source}
+        storage_lua.PRELUDE
+        + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
+        + f"""
+local function storage(ARGV)
+{_body(storage, storage_lua.PRELUDE)}
 end
-local function broker(KEYS, ARGV)
-{broker.source}
+local function broker(ARGV)
+{_body(broker, broker_lua.PRELUDE)}
 end
-local sk, bk, sa, ba = {{}}, {{}}, {{}}, {{}}
-for i = 1, {STORAGE_KEYS} do sk[i] = KEYS[i] end
-for i = 1, {BROKER_KEYS} do bk[i] = KEYS[{STORAGE_KEYS} + i] end
+local sa, ba = {{}}, {{}}
 for i = 1, {SAVE_ARGS} do sa[i] = ARGV[i] end
 for i = 1, {broker_args} do ba[i] = ARGV[{SAVE_ARGS} + i] end
-local saved = storage(sk, sa)
+local saved = storage(sa)
 {run_broker}
 return saved
 """

@@ -156,15 +156,12 @@ class RedisStorage:
         return self._record(fields)
 
     async def begin(self, record: TaskRecord) -> TaskRecord:
-        fields = await self._run(
-            lua.BEGIN,
-            record.uuid,
-            record.uuid,
-            _dumps(self._shallow(record)),
-            record.token or "",
-            record.attempt,
-            record.worker or "",
-        )
+        # The record's JSON is sent only when none is stored (rare: the producer stores one).
+        args = [record.uuid, "", record.token or "", record.attempt, record.worker or ""]
+        fields = await self._run(lua.BEGIN, record.uuid, *args)
+        if fields is None:
+            args[1] = _dumps(self._shallow(record))
+            fields = await self._run(lua.BEGIN, record.uuid, *args)
         begun = self._record(fields)
         if begun is None:  # pragma: no cover - the script always leaves a record
             raise SerializationError(f"task record {record.uuid} vanished while starting")
