@@ -270,6 +270,24 @@ class _Conn(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         return futures
 
+    def send_one(self, packed: bytes) -> asyncio.Future[Any]:
+        """:meth:`send` of one command."""
+        if self.lost is not None:
+            raise self.lost
+        deadline = float("inf") if self._timeout is None else time.monotonic() + self._timeout
+        future = self._loop.create_future()
+        self._pending.append((future, deadline))
+        self._out.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    @property
+    def paused(self) -> bool:
+        """Whether the transport asked us to stop writing for now."""
+        return self._writable is not None
+
     async def drained(self) -> None:
         if self._writable is not None:
             await self._writable
@@ -368,9 +386,21 @@ class Lane:
                 backoff = min(self._retry_cap, 0.05 * 2**failures)
                 await asyncio.sleep(random.uniform(0, backoff))
 
+    async def _one(self, packed: bytes) -> Any:
+        conn = self._main
+        if conn is None or conn.lost is not None or conn.paused:
+            return (await self._retrying(packed, 1))[0]
+        # The common case in one frame: connected and writable.
+        try:
+            return await conn.send_one(packed)
+        except (RedisConnectionError, RedisTimeoutError):
+            if self._closed:
+                raise
+            return (await self._retrying(packed, 1))[0]
+
     async def command(self, *args: Any) -> Any:
         """Run one command on the shared connection."""
-        return (await self._retrying(pack(args), 1))[0]
+        return await self._one(pack(args))
 
     async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """``EVALSHA`` (``EVAL`` when the server lacks the script) with ``keys`` and ``args``.
@@ -387,7 +417,7 @@ class Lane:
         body = b"".join(map(_bulk, args))
         count = 3 + len(keys) + len(args)
         try:
-            return (await self._retrying(b"*%d\r\n%s%s" % (count, head, body), 1))[0]
+            return await self._one(b"*%d\r\n%s%s" % (count, head, body))
         except NoScriptError:
             return await self.command("EVAL", script.source, len(keys), *keys, *args)
 

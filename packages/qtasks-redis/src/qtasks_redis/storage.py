@@ -17,15 +17,20 @@ from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, g
 from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
+_FIELD_SET = frozenset(_FIELDS)
 _RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w")
 """Hash fields read back into a record, in :meth:`RedisStorage._record`'s order."""
 _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_loads = json.JSONDecoder().decode
+
+
 def _dumps(value: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"cannot store as JSON: {exc}") from exc
 
@@ -94,10 +99,14 @@ class RedisStorage:
         if data is None:
             return None
         try:
-            record = TaskRecord.from_dict(json.loads(data))
-            if status is not None:
-                record.status = TaskStatus(status.decode())
-        except (ValueError, UnicodeDecodeError) as exc:
+            # TaskRecord.from_dict, without recomputing the field names on every read.
+            stored = _loads(data.decode())
+            values = {k: v for k, v in stored.items() if k in _FIELD_SET}
+            values["status"] = TaskStatus(
+                status.decode() if status is not None else values.get("status", "new")
+            )
+            record = TaskRecord(**values)
+        except (TypeError, ValueError, AttributeError) as exc:
             raise SerializationError(f"stored task record is not valid: {exc}") from exc
         if reason is not None:
             record.cancel_reason = reason.decode()
