@@ -244,15 +244,29 @@ class RedisBroker:
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
         count = max(prefetch, 1)
 
-        async def claim() -> list[RedisDelivery] | float:
-            """Claim up to ``count``; or return seconds until the next deadline."""
-            nonce = os.urandom(6).hex()
+        lane = client if isinstance(client, Lane) else None
+
+        async def claim(block: float | None) -> list[RedisDelivery] | float:
+            """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up);
+            or return seconds until the next deadline."""
+            args = (self._lease_ms, self._max_deliveries, count, os.urandom(6).hex())
+            if block is not None and lane is not None:
+                # Idle: block and claim in one round trip (the claim runs as soon as the
+                # BLPOP returns); a claim made while we are cancelled is still recorded.
+                wake = ("BLPOP", self._notify_key, block)
+                reply = await lane.block_then_script(
+                    block, wake, lua.CLAIM, self.keys, args, orphan=parse
+                )
+                return parse(reply)
+            if block is not None:
+                await self._block(client, block)
             # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
             # that they are handed back at exit, not left to their lease.
             with anyio.CancelScope(shield=True):
-                reply = await lua.CLAIM(
-                    client, self.keys, (self._lease_ms, self._max_deliveries, count, nonce)
-                )
+                reply = await lua.CLAIM(client, self.keys, args)
+            return parse(reply)
+
+        def parse(reply: Any) -> list[RedisDelivery] | float:
             out: list[RedisDelivery] = []
             for i in range(1, len(reply), 5):
                 id, body, prio, attempt, token = reply[i : i + 5]
@@ -268,20 +282,23 @@ class RedisBroker:
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             buffer: deque[RedisDelivery] = deque()
             failures = 0
+            block: float | None = None
             while True:
                 if buffer:
                     yield buffer.popleft()
                     continue
                 try:
-                    got = await claim()
+                    got = await claim(block)
                     if isinstance(got, list):
                         buffer.extend(got)
+                        block = None
                     else:
-                        await self._block(client, max(got, 0.001))
+                        block = max(got, 0.001)
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
                     failures = 0
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    block = None
                     failures += 1
                     pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
                     log.warning(

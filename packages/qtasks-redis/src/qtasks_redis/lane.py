@@ -23,10 +23,11 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import anyio
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
@@ -170,6 +171,8 @@ class _Conn(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self.lost: Exception | None = None
+        self.client_id: int | None = None
+        """The server's id of this connection (for ``CLIENT UNBLOCK``), on blocking ones."""
 
     # --- asyncio.Protocol ---
 
@@ -320,7 +323,7 @@ class Lane:
         self._headers: dict[tuple[str, tuple[str, ...]], bytes] = {}
         self._closed = False
 
-    async def _open(self) -> _Conn:
+    async def _open(self, *, blocking: bool = False) -> _Conn:
         if self._closed:
             raise RedisConnectionError("the lane is closed")
         loop = asyncio.get_running_loop()
@@ -340,10 +343,14 @@ class Lane:
                     setup.append(auth)
                 if self._db:
                     setup.append(["SELECT", self._db])
+                if blocking:
+                    setup.append(["CLIENT", "ID"])
                 if setup:
                     futures = conn.send(b"".join(pack(cmd) for cmd in setup), len(setup))
                     for future in futures:
-                        await future
+                        reply = await future
+                    if blocking:
+                        conn.client_id = int(reply)
         except TimeoutError:
             conn.close()
             raise RedisTimeoutError("timed out connecting to Redis") from None
@@ -425,9 +432,7 @@ class Lane:
         """Run ``commands`` in order on a connection of their own (the first may block up to
         ``block`` seconds); return their replies. Raises the first error reply."""
         packed = b"".join(pack(cmd) for cmd in commands)
-        conn = self._idle.pop() if self._idle else None
-        if conn is None or conn.lost is not None:
-            conn = await self._open()
+        conn = await self._blocking_conn()
         done = False
         try:
             futures = conn.send(packed, len(commands), block)
@@ -441,6 +446,59 @@ class Lane:
                 self._idle.append(conn)
             else:
                 conn.close()
+
+    async def _blocking_conn(self) -> _Conn:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.lost is None:
+                return conn
+        return await self._open(blocking=True)
+
+    async def block_then_script(
+        self,
+        block: float,
+        blocking: Sequence[Any],
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        orphan: Callable[[Any], object],
+    ) -> Any:
+        """Run the blocking command ``blocking`` then ``script`` right after it, in one round
+        trip on a connection of their own; return the script's reply.
+
+        A script that changes state must not have its reply lost: if the caller is cancelled
+        while waiting, the blocking command is cut short (``CLIENT UNBLOCK``), the script's
+        reply is still awaited (bounded, shielded) and handed to ``orphan``."""
+        packed = pack(blocking) + pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        conn = await self._blocking_conn()
+        first, second = conn.send(packed, 2, block)
+        try:
+            # Shielded waits: cancelling the caller must not cancel (and drop) a reply.
+            await asyncio.shield(first)
+            reply = await asyncio.shield(second)
+        except NoScriptError:
+            self._keep(conn)
+            with anyio.CancelScope(shield=True):
+                return await self.script(script, keys, args)
+        except BaseException:
+            if conn.lost is None and not second.done():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    if not first.done() and conn.client_id is not None:
+                        await self.command("CLIENT", "UNBLOCK", conn.client_id)
+                    try:
+                        orphan(await second)
+                    except Exception:  # lost anyway: its lease brings it back
+                        pass
+            conn.close()
+            raise
+        self._keep(conn)
+        return reply
+
+    def _keep(self, conn: _Conn) -> None:
+        if conn.idle and len(self._idle) < _IDLE_BLOCKING and not self._closed:
+            self._idle.append(conn)
+        else:
+            conn.close()
 
     async def check(self) -> None:
         """Connect now (and fail now on a bad address or password)."""
