@@ -31,7 +31,7 @@ from qtasks_redis import broker_lua as lua
 from qtasks_redis import shared_lua
 from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
 from qtasks_redis.lane import Lane
-from qtasks_redis.storage import RedisStorage
+from qtasks_redis.storage import RECORD_KEYS, RedisStorage
 
 log = logging.getLogger("qtasks.redis")
 
@@ -99,13 +99,15 @@ class RedisDelivery:
     async def _settle(self, script: Script, *args: Any) -> bool:
         return await self._settle_call(script, self._broker.keys, (self._id, self._token, *args))
 
-    async def _settle_call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> bool:
+    async def _settle_call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
+    ) -> bool:
         # While the lease may still be ours, ride out a Redis outage rather than give up: an
         # ack lost here means the task runs again elsewhere.
         failures = 0
         while True:
             try:
-                done = bool(await self._broker._run_call(script, keys, args))
+                done = bool(await self._broker._run_call(script, keys, args, dynamic))
                 break
             except BrokerConnectionError:
                 failures += 1
@@ -198,8 +200,10 @@ class RedisBroker:
     async def _run(self, script: Script, *args: Any) -> Any:
         return await guarded(self.target, script(self._shared.fast(), self.keys, args))
 
-    async def _run_call(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await guarded(self.target, script(self._shared.fast(), keys, args))
+    async def _run_call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
+    ) -> Any:
+        return await guarded(self.target, script(self._shared.fast(), keys, args, dynamic))
 
     @staticmethod
     def _publish_args(envelope: Envelope) -> tuple[Any, ...]:
@@ -225,7 +229,10 @@ class RedisBroker:
         """Store ``record`` and publish ``envelope`` in one atomic script."""
         keys, args = _redis_storage(storage)._save_call(record, None, True)
         await self._run_call(
-            shared_lua.PUBLISH_NEW, (*keys, *self.keys), (*args, *self._publish_args(envelope))
+            shared_lua.PUBLISH_NEW,
+            (*keys, *self.keys),
+            (*args, *self._publish_args(envelope)),
+            RECORD_KEYS,
         )
 
     async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
@@ -235,7 +242,10 @@ class RedisBroker:
             raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
         keys, args = _redis_storage(storage)._save_call(record, delivery.token, False)
         return await delivery._settle_call(
-            shared_lua.ACK_FINAL, (*keys, *self.keys), (*args, delivery.id, delivery.token)
+            shared_lua.ACK_FINAL,
+            (*keys, *self.keys),
+            (*args, delivery.id, delivery.token),
+            RECORD_KEYS,
         )
 
     @asynccontextmanager

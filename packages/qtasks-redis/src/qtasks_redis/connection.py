@@ -180,10 +180,12 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def __call__(
-        self, client: Client | Lane, keys: Sequence[str], args: Sequence[Any]
+        self, client: Client | Lane, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
     ) -> Any:
+        """Run with ``keys`` and ``args``; ``keys[:dynamic]`` change from call to call (see
+        :meth:`Lane.script`)."""
         if isinstance(client, Lane):
-            return await client.script(self, keys, args)
+            return await client.script(self, keys, args, dynamic=dynamic)
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:

@@ -320,7 +320,8 @@ class Lane:
         self._main: _Conn | None = None
         self._opening: asyncio.Future[_Conn] | None = None
         self._idle: list[_Conn] = []
-        self._headers: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        self._heads: dict[tuple[str, int], bytes] = {}
+        self._tails: dict[tuple[str, ...], bytes] = {}
         self._closed = False
 
     async def _open(self, *, blocking: bool = False) -> _Conn:
@@ -409,22 +410,35 @@ class Lane:
         """Run one command on the shared connection."""
         return await self._one(pack(args))
 
-    async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def script(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], *, dynamic: int = 0
+    ) -> Any:
         """``EVALSHA`` (``EVAL`` when the server lacks the script) with ``keys`` and ``args``.
 
-        The command's head (sha, key count, keys) is packed once per script and key tuple
-        while ``keys`` repeats (a queue's keys), so only the arguments are packed per call."""
-        key_tuple = tuple(keys)
-        cache_key = (script.sha, key_tuple)
-        head = self._headers.get(cache_key)
+        ``keys[dynamic:]`` repeat from call to call (a queue's keys, a storage's indexes):
+        they are packed once and kept; only the first ``dynamic`` keys and the arguments are
+        packed per call."""
+        nkeys = len(keys)
+        head = self._heads.get((script.sha, nkeys))
         if head is None:
-            head = b"".join(map(_bulk, ("EVALSHA", script.sha, len(keys), *keys)))
-            if len(self._headers) < 64:
-                self._headers[cache_key] = head
-        body = b"".join(map(_bulk, args))
-        count = 3 + len(keys) + len(args)
+            head = b"".join(map(_bulk, ("EVALSHA", script.sha, nkeys)))
+            if len(self._heads) < 256:
+                self._heads[(script.sha, nkeys)] = head
+        fixed = tuple(keys[dynamic:])
+        tail = self._tails.get(fixed)
+        if tail is None:
+            tail = b"".join(map(_bulk, fixed))
+            if len(self._tails) < 64:
+                self._tails[fixed] = tail
+        packed = b"*%d\r\n%s%s%s%s" % (
+            3 + nkeys + len(args),
+            head,
+            b"".join(map(_bulk, keys[:dynamic])),
+            tail,
+            b"".join(map(_bulk, args)),
+        )
         try:
-            return await self._one(b"*%d\r\n%s%s" % (count, head, body))
+            return await self._one(packed)
         except NoScriptError:
             return await self.command("EVAL", script.source, len(keys), *keys, *args)
 

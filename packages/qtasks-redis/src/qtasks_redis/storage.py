@@ -18,6 +18,9 @@ from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
 _FIELD_SET = frozenset(_FIELDS)
+RECORD_KEYS = 3
+"""Keys of one record (rec, wake, steps) at the head of every script's keys; the status
+indexes after them are the same for every record."""
 _RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w")
 """Hash fields read back into a record, in :meth:`RedisStorage._record`'s order."""
 _BLOCK_CAP = 10.0
@@ -89,7 +92,7 @@ class RedisStorage:
 
     async def _run(self, script: Script, uuid: str, *args: Any) -> Any:
         keys = self._keys(uuid)
-        return await guarded(self.target, script(self._shared.fast(), keys, args))
+        return await guarded(self.target, script(self._shared.fast(), keys, args, RECORD_KEYS))
 
     @staticmethod
     def _record(fields: list[bytes | None]) -> TaskRecord | None:
@@ -148,7 +151,9 @@ class RedisStorage:
 
     async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
         keys, args = self._save_call(record, fence, force)
-        return bool(await guarded(self.target, lua.SAVE(self._shared.fast(), keys, args)))
+        return bool(
+            await guarded(self.target, lua.SAVE(self._shared.fast(), keys, args, RECORD_KEYS))
+        )
 
     async def add(self, record: TaskRecord) -> None:
         await self._save(record, None, True)
