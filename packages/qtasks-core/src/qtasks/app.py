@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import Any, ParamSpec, TypeVar, overload
+from os import PathLike
+from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import anyio
+from anyio.abc import TaskGroup
 
-from qtasks.components import Broker, GlobalConfig, Storage
-from qtasks.config import QueueConfig
+from qtasks.components import (
+    Broker,
+    DeadLetter,
+    GlobalConfig,
+    SharedServer,
+    Starter,
+    Storage,
+)
+from qtasks.config import QueueConfig, load_config
+from qtasks.depends import InjectPlugin
+from qtasks.discovery import build_components, load_plugins
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Message, Serializer
+from qtasks.middleware import MiddlewarePlugin
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 
@@ -59,13 +71,45 @@ class AsyncQueueTasks:
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
+        self.hooks.register(InjectPlugin())
+        self.hooks.register(MiddlewarePlugin())
+        # Installed plugins (entry points) load with the app, so a broken one fails here.
+        load_plugins(self.hooks, self.config)
+        self.config_sources: dict[str, str] = {}
+        """Where each config value came from (filled by :meth:`from_config`)."""
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
+        self.shared_server: SharedServer | None = None
+        """The broker, when it folds storage writes into its round trips (see
+        :class:`~qtasks.components.SharedServer`); set at start."""
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
+        self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
         self._pending_hooks: list[Any] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | PathLike[str] | None = None,
+        *,
+        name: str = "QueueTasks",
+        cli: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """Build an app from configuration alone.
+
+        Reads ``path`` (default: ``$QTASKS_CONFIG``, else ``qtasks.toml`` or ``[tool.qtasks]``
+        of ``pyproject.toml`` in the working directory), then ``QTASKS_*`` variables, then
+        ``cli`` flags, then ``overrides`` (keyword arguments win over everything). The broker,
+        storage and global config are found by name among the installed entry points and built
+        with ``from_config(config)``. ``app.config_sources`` tells where each value came from.
+        """
+        loaded = load_config(path, cli=cli, overrides=overrides)
+        app = cls(name, config=loaded.config, **build_components(loaded.config))
+        app.config_sources = loaded.sources
+        return app
 
     # --- declaration ----------------------------------------------------------------------
 
@@ -166,6 +210,12 @@ class AsyncQueueTasks:
                     await self.hooks.notify(
                         "qtasks_component_started", app=self, kind=kind, component=component
                     )
+                broker = self.broker
+                self.shared_server = (
+                    broker
+                    if isinstance(broker, SharedServer) and broker.shares_server_with(self.storage)
+                    else None
+                )
                 await self.hooks.notify("qtasks_app_started", app=self)
             except BaseException:
                 await stack.aclose()
@@ -196,6 +246,12 @@ class AsyncQueueTasks:
         try:
             tg = await serving.enter_async_context(anyio.create_task_group())
             serving.callback(self.worker.stop)
+            # Plugins' long-lived tasks (timers): cancelled first on shutdown, before the
+            # worker drains, and available to hooks fired while the worker starts.
+            background = await serving.enter_async_context(anyio.create_task_group())
+            serving.callback(background.cancel_scope.cancel)
+            serving.callback(setattr, self, "_task_group", None)
+            self._task_group = background
             await tg.start(self.worker.run, self)
         except BaseException:
             await serving.aclose()
@@ -203,21 +259,29 @@ class AsyncQueueTasks:
         self._serving = serving
         return self
 
+    @property
+    def task_group(self) -> TaskGroup:
+        """While the app serves (``async with app:``): the task group in which plugins run
+        long-lived tasks, e.g. ``await app.task_group.start(loop)`` from
+        ``qtasks_component_started``. Its tasks are cancelled when shutdown begins, before the
+        worker stops; they must not raise (an exception there cancels the serving code).
+
+        Raises :class:`~qtasks.errors.ComponentNotStartedError` when the app is not serving."""
+        if self._task_group is None:
+            raise ComponentNotStartedError(f"app {self.name!r} is not serving")
+        return self._task_group
+
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM, then stop gracefully."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with self:
-                log.info("qtasks app %r serving (worker %s)", self.name, self.worker.id)
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+        """Serve in the running loop until SIGINT/SIGTERM, then stop gracefully."""
+        await SignalStarter().serve(self)
 
-    def run_forever(self) -> None:
-        """Block serving tasks until SIGINT/SIGTERM."""
-        anyio.run(self.serve)
+    def run_forever(self, starter: Starter | None = None) -> None:
+        """Block serving tasks until SIGINT/SIGTERM (through ``starter``, by default a
+        :class:`~qtasks.starter.SignalStarter`)."""
+        (starter or SignalStarter()).run(self)
 
     # --- producing ------------------------------------------------------------------------
 
@@ -300,17 +364,22 @@ class AsyncQueueTasks:
             eta=eta,
             parent_uuid=_parent_uuid,
         )
-        await self.storage.add(record)
-        await self.hooks.notify("qtasks_storage_added", app=self, record=record)
-        await self.broker.publish(envelope)
+        if self.shared_server is not None:
+            await self.shared_server.publish_new(envelope, self.storage, record)
+            await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+        else:
+            await self.storage.add(record)
+            await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+            await self.broker.publish(envelope)
         await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
         if timeout is not None:
             return await self.wait(record.uuid, timeout)
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
-        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
-        return AsyncTask(**data, _client=self)
+        bound = AsyncTask(*record.values())
+        bound._client = self
+        return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""
@@ -319,9 +388,7 @@ class AsyncQueueTasks:
         record = await self.storage.get(uuid)
         if record is None:
             return None
-        record = await self.hooks.transform(
-            "qtasks_storage_got", "record", app=self, record=record
-        )
+        record = await self.hooks.transform("qtasks_storage_got", "record", app=self, record=record)
         return self._bind(record)
 
     async def wait(self, uuid: str, timeout: float | None) -> AsyncTask:
@@ -353,11 +420,36 @@ class AsyncQueueTasks:
             self.worker.cancel_local(uuid, reason)
         return self._bind(record)
 
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The broker's dead letters (oldest first), each with the reason it was given up."""
+        if self._stack is None:
+            await self.start()
+        return await self.broker.dead_letters(limit)
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Put dead letters back in the queue (all when ``ids`` is None) and reset their
+        records to ``new`` so that a worker runs them again. Returns how many."""
+        if self._stack is None:
+            await self.start()
+        letters = await self.broker.dead_letters(limit=1_000_000)
+        chosen = [d for d in letters if ids is None or d.id in ids]
+        for letter in chosen:
+            record = await self.storage.get(letter.id)
+            if record is not None and record.status.final:
+                record.status, record.error, record.token = TaskStatus.NEW, None, None
+                record.updated_at = time.time()
+                await self.storage.add(record)  # add() replaces: a deliberate reset
+        return await self.broker.requeue_dead_letters([d.id for d in chosen])
+
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig."""
         value = await self.global_config.get(namespace, key, default)
         return await self.hooks.transform(
-            "qtasks_global_config_got", "value", app=self, namespace=namespace, key=key,
+            "qtasks_global_config_got",
+            "value",
+            app=self,
+            namespace=namespace,
+            key=key,
             value=value,
         )
 
@@ -368,6 +460,65 @@ class AsyncQueueTasks:
             "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value
         )
 
+    async def inspect(self) -> dict[str, Any]:
+        """What ``qtasks inspect`` shows: registered tasks with their options, queue depth per
+        priority, delayed, in-flight and dead-lettered counts (``broker.stats()``), workers alive
+        (``global_config.workers()``), records by status (``storage.stats()``) and the plugins;
+        then the ``qtasks_inspect`` hook may add keys. JSON-ready."""
+        if self._stack is None:
+            await self.start()
+        stats = await self.broker.stats()
+        report: dict[str, Any] = {
+            "app": self.name,
+            "components": {
+                kind: type(getattr(self, kind)).__name__
+                for kind in ("broker", "storage", "global_config", "worker")
+            },
+            "tasks": {name: task_summary(task) for name, task in sorted(self.tasks.items())},
+            "queue": {
+                "ready_by_priority": {
+                    str(p): n for p, n in sorted(stats.ready_by_priority.items())
+                },
+                "delayed": stats.delayed,
+                "in_flight": stats.in_flight,
+                "dead_letters": stats.dead_letters,
+            },
+            "workers": await self.global_config.workers(),
+            "records_by_status": dict(sorted((await self.storage.stats()).items())),
+            "plugins": sorted(str(name) for name, _ in self.hooks.pm.list_name_plugin()),
+        }
+        result: dict[str, Any] = await self.hooks.transform(
+            "qtasks_inspect", "report", app=self, report=report
+        )
+        return result
+
     def require_started(self) -> None:
         if self._stack is None:
             raise ComponentNotStartedError(f"app {self.name!r} is not started")
+
+
+def task_summary(task: TaskDef[..., Any]) -> dict[str, Any]:
+    """A registered task's options, JSON-ready (callables shown by name)."""
+    opts = task.options
+
+    def label(value: Any) -> Any:
+        if value is None or isinstance(value, int | float | str):
+            return value
+        return getattr(value, "__qualname__", None) or repr(value)
+
+    summary: dict[str, Any] = {
+        "kind": task.kind.value,
+        "priority": opts.priority,
+        "retry": opts.retry,
+        "retry_on_exc": [label(e) for e in opts.retry_on_exc or ()],
+        "retry_backoff": label(opts.retry_backoff),
+        "max_time": opts.max_time,
+        "echo": opts.echo,
+        "tags": list(opts.tags),
+        "description": opts.description or (task.__doc__ or "").strip().split("\n")[0] or None,
+        "middlewares": [label(m) for m in (*opts.middlewares_before, *opts.middlewares_after)],
+        "signature": str(task.caller_signature),
+    }
+    if opts.extra:
+        summary["extra"] = {k: label(v) for k, v in opts.extra.items()}
+    return summary

@@ -8,8 +8,10 @@ repository runs them.
 Lifecycle. A component is started with ``await component.start(stack, config)``: it connects and
 pushes its own teardown onto ``stack`` (an :class:`~contextlib.AsyncExitStack`), so there is no
 ``stop()`` to forget. The app starts storage, global config, broker, plugins and worker in that
-order and unwinds in reverse. A component started twice, or used before ``start``, raises
-:class:`~qtasks.errors.ComponentNotStartedError`.
+order and unwinds in reverse. Several apps in one process may share one component instance
+(a producer app and a worker app, say): ``start`` is reference-counted and the component stops
+when the last stack that started it unwinds. A component used before its first start or after
+its last stop raises :class:`~qtasks.errors.ComponentNotStartedError`.
 
 Construction from configuration. Components found by name (``broker="redis"``) are built with
 ``Cls.from_config(config)``, a classmethod that reads the ``*_url`` and other settings of
@@ -162,6 +164,30 @@ class Broker(Protocol):
 
 
 @runtime_checkable
+class SharedServer(Protocol):
+    """Optional broker capability: fold storage writes into the broker's round trips when the
+    app's storage lives on the same server (e.g. Redis broker and Redis storage on one
+    instance). The app checks it once at start; everything else goes through the plain
+    protocols, so a broker without it loses nothing but a round trip.
+    """
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        """Whether :meth:`publish_new` and :meth:`ack_final` may be used with ``storage``."""
+        ...
+
+    async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
+        """Exactly ``await storage.add(record)`` then ``await self.publish(envelope)``, in that
+        order, in one round trip."""
+        ...
+
+    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+        """Exactly ``await storage.save(record, fence=delivery.token)`` followed, when that
+        was accepted, by ``await delivery.ack()``, in one round trip. Returns whether the save
+        was accepted."""
+        ...
+
+
+@runtime_checkable
 class Storage(Protocol):
     """Keeps task records and results, and wakes those waiting for them.
 
@@ -181,10 +207,23 @@ class Storage(Protocol):
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None: ...
 
     async def add(self, record: TaskRecord) -> None:
-        """Store a new record (status ``new``)."""
+        """Store ``record`` unconditionally, replacing any stored one: used for new records
+        and for deliberate resets (requeueing a dead letter)."""
         ...
 
     async def get(self, uuid: str) -> TaskRecord | None: ...
+
+    async def begin(self, record: TaskRecord) -> TaskRecord:
+        """Atomically mark a task started by one delivery; return the stored record.
+
+        ``record`` holds the message's fields and the new attempt's ``status`` (``process``),
+        ``attempt``, ``token`` and ``worker``. If the stored record is final (cancelled while
+        queued, or finished by an attempt whose ack was lost), return it unchanged and write
+        nothing. Otherwise write the new attempt's status, attempt, token, worker and a fresh
+        ``updated_at`` over the stored record (keeping its other fields), or store ``record``
+        when there is none, and return what is stored. One round trip for remote backends.
+        """
+        ...
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         """Write ``record`` whole. See the class docstring for fencing; wakes waiters when the
@@ -226,8 +265,9 @@ class GlobalConfig(Protocol):
 
     async def get(self, namespace: str, key: str, default: Any = None) -> Any: ...
 
-    async def set(self, namespace: str, key: str, value: Any, *, ttl: float | None = None) -> None:
-        ...
+    async def set(
+        self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+    ) -> None: ...
 
     async def set_if_absent(
         self, namespace: str, key: str, value: Any, *, ttl: float | None = None

@@ -19,6 +19,9 @@ from qtasks.task import TaskDef, TaskKind
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
+INJECT_PLUGIN = "qtasks.inject"  # the built-in Depends/State plugin (qtasks.depends)
+_ENDED = "qtasks.context.ended"  # run.state key of the event ctx.sleep waits on
+
 CallNext = Callable[[], Awaitable[Any]]
 Middleware = Callable[["TaskRun", CallNext], Awaitable[Any]]
 """A task middleware: ``async def mw(run, call_next) -> result``. It may run code around
@@ -36,6 +39,9 @@ class TaskRun:
     record: TaskRecord
     cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     cancel_reason: str | None = None
+    delivery: Any = None
+    """The broker delivery being executed (``None`` when run inline)."""
+    lease_lost: bool = False
     state: dict[str, Any] = field(default_factory=dict)
     """Free space for plugins (e.g. the Depends exit stack of this run)."""
 
@@ -45,11 +51,14 @@ class TaskExecutor:
 
     async def execute(self, run: TaskRun) -> Any:
         app, task = run.app, run.task
-        chain: list[Middleware] = [
-            *app.middlewares,
-            *task.options.middlewares_before,
-            *task.options.middlewares_after,
-        ]
+        chain: list[Middleware] = await app.hooks.transform(
+            "qtasks_executor_middlewares",
+            "middlewares",
+            app=app,
+            task=task,
+            record=run.record,
+            middlewares=[],
+        )
 
         async def innermost() -> Any:
             return await self.call(run)
@@ -60,6 +69,9 @@ class TaskExecutor:
         result = await call_next()
         result = await app.hooks.transform(
             "qtasks_executor_result", "result", app=app, record=run.record, result=result
+        )
+        await app.hooks.notify(
+            "qtasks_executor_execute_after", app=app, record=run.record, result=result
         )
         return self.encode(run, result)
 
@@ -87,13 +99,22 @@ class TaskExecutor:
         if app.hooks.implemented(hook):
             for plugin, func, argnames in app.hooks._impls[hook]:
                 values = {
-                    "app": app, "task": task, "record": run.record, "args": args, "kwargs": kwargs
+                    "app": app,
+                    "task": task,
+                    "record": run.record,
+                    "args": args,
+                    "kwargs": kwargs,
+                    "run": run,
                 }
                 try:
                     result = func(**{a: values[a] for a in argnames})
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception as exc:
+                    if plugin == INJECT_PLUGIN:
+                        # A dependency function failed: the task's own code, not a plugin bug;
+                        # raise it as is so retry_on_exc sees the real exception.
+                        raise
                     raise PluginError(plugin, f"hook {hook} raised {exc!r}") from exc
                 if result is not None:
                     args, kwargs = list(result[0]), dict(result[1])
@@ -104,6 +125,15 @@ class TaskExecutor:
         return args, kwargs
 
     async def run_function(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        try:
+            return await self._run_function(run, args, kwargs)
+        finally:
+            # Wakes a sync task's ctx.sleep in its (possibly abandoned) worker thread.
+            ended = run.state.get(_ENDED)
+            if ended is not None:
+                ended.set()
+
+    async def _run_function(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
         task = run.task
         func = task.func
         kind = task.kind
@@ -126,11 +156,15 @@ class TaskExecutor:
             if inspect.isawaitable(value):
                 value = await value
         app = run.app
-        await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        index = await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        # The worker saves run.record whole at the end: keep its step count current.
+        run.record.steps = index + 1
         await app.hooks.notify("qtasks_executor_yielded", app=app, record=run.record, value=value)
         return value
 
     async def _async_gen(self, run: TaskRun, gen: Any) -> Any:
+        # Without a handler nothing is sent back, so ``yield from iterable`` works.
+        has_handler = run.task.options.generate_handler is not None
         results: list[Any] = []
         sent: Any = None
         try:
@@ -139,16 +173,21 @@ class TaskExecutor:
                     value = await gen.asend(sent)
                 except StopAsyncIteration:
                     return results
-                sent = await self._handle_step(run, value)
-                results.append(sent)
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = handled if has_handler else None
         finally:
-            await gen.aclose()
+            # The generator's own cleanup runs even when the task was cancelled (bounded, so a
+            # stuck finally cannot hold the worker forever).
+            with anyio.move_on_after(run.app.config.shutdown_grace, shield=True):
+                await gen.aclose()
 
     async def _sync_gen(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
         limiter = run.app.thread_limiter
         gen = await anyio.to_thread.run_sync(
             partial(run.task.func, *args, **kwargs), limiter=limiter
         )
+        has_handler = run.task.options.generate_handler is not None
         results: list[Any] = []
         sent: Any = None
         stop = object()
@@ -159,17 +198,26 @@ class TaskExecutor:
             except StopIteration as exc:
                 return (stop, exc.value)
 
+        in_step = False
         try:
             while True:
+                in_step = True
                 value = await anyio.to_thread.run_sync(
                     step, sent, abandon_on_cancel=True, limiter=limiter
                 )
+                in_step = False
                 if isinstance(value, tuple) and len(value) == 2 and value[0] is stop:
                     return results if value[1] is None else value[1]
-                sent = await self._handle_step(run, value)
-                results.append(sent)
+                handled = await self._handle_step(run, value)
+                results.append(handled)
+                sent = handled if has_handler else None
         finally:
-            gen.close()
+            # A step abandoned by cancellation still runs in its thread and owns the generator
+            # (closing it now would raise "generator already executing"); otherwise close it in
+            # a thread, since its cleanup code may block.
+            if not in_step:
+                with anyio.move_on_after(run.app.config.shutdown_grace, shield=True):
+                    await anyio.to_thread.run_sync(gen.close, abandon_on_cancel=True)
 
     def encode(self, run: TaskRun, result: Any) -> Any:
         """Apply the task's ``decode`` encoder; check the value can be stored."""

@@ -10,28 +10,73 @@ Kinds of hooks (each docstring says which):
 * **notification** (past tense, return value ignored). An exception is logged with the
   plugin's name and does not affect the task or the worker.
 * **transform** (return a new value, or ``None`` for "unchanged"). Implementations are chained
-  in call order: each receives the value the previous one returned. An exception fails the task
-  (or the ``add_task`` call) with :class:`~qtasks.errors.PluginError` naming the plugin.
-* **decide** (``firstresult``): the first non-``None`` return wins; sync only.
+  in call order: each receives the value the previous one returned. An exception in a worker-side
+  transform fails the task with :class:`~qtasks.errors.PluginError` naming the plugin (stored as
+  the record's error; not retried); in a caller-side one (``qtasks_task_enqueue``,
+  ``qtasks_storage_got``, ``qtasks_global_config_got``, ``qtasks_inspect``) the call raises it.
+* **decide** (``firstresult``): the first non-``None`` return wins; sync only. An exception in
+  ``qtasks_task_retry_delay`` is logged and the task fails without a retry.
 
-Order of hooks for one task
----------------------------
-Producer: ``qtasks_task_enqueue`` (transform of the message) → broker publish →
-``qtasks_task_enqueued``.
+Order of hooks
+--------------
+(Checked by ``tests/core/test_plugins_order.py``.)
 
-Worker, success path: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received`` →
-``qtasks_worker_execute_before`` → ``qtasks_executor_args`` (transform) →
-``qtasks_executor_execute_before`` → the task runs (for generators ``qtasks_executor_yielded``
-per step) → ``qtasks_executor_result`` (transform) → ``qtasks_executor_execute_after`` →
-``qtasks_executor_closed`` → ``qtasks_storage_saved`` (the final record) →
-``qtasks_broker_acked`` → ``qtasks_task_succeeded`` → ``qtasks_worker_execute_after``.
+App: ``qtasks_app_configured`` → ``qtasks_component_started`` for storage, global_config,
+broker → ``qtasks_app_started`` → (serving) ``qtasks_broker_listening`` →
+``qtasks_component_started`` (worker) … ``qtasks_component_stopped`` (worker) →
+``qtasks_app_stopping`` → ``qtasks_component_stopped`` for broker, global_config, storage →
+``qtasks_app_stopped``.
 
-Error path: … the task raises → ``qtasks_executor_error`` → ``qtasks_executor_closed`` →
-``qtasks_task_retry_delay`` (decide) → either ``qtasks_worker_task_retry`` (record ``retry``,
-message requeued with the delay) or ``qtasks_task_failed`` (record ``error``) →
-``qtasks_worker_execute_after``. Cancel: ``qtasks_task_cancelled``. ``max_time`` exceeded:
-``qtasks_task_timed_out`` then the error path. A message that cannot run at all (undecodable,
-unknown task, bad arguments): ``qtasks_broker_nacked`` → ``qtasks_task_rejected``.
+Producer: ``qtasks_task_enqueue`` (transform of the message) → ``qtasks_storage_added`` →
+broker publish → ``qtasks_task_enqueued``.
+
+Worker, every path starts: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received``
+→ ``qtasks_storage_saved`` (status ``process``) → ``qtasks_worker_execute_before`` →
+``qtasks_executor_middlewares`` (transform) → ``qtasks_executor_args`` (transform) →
+``qtasks_executor_execute_before`` → the task runs (a generator: ``qtasks_executor_yielded`` per
+step). Then:
+
+* success: ``qtasks_executor_result`` (transform) → ``qtasks_executor_execute_after`` →
+  ``qtasks_executor_closed`` → ``qtasks_storage_saved`` (final) → ``qtasks_broker_acked`` →
+  ``qtasks_task_succeeded`` → ``qtasks_worker_execute_after``.
+* error: ``qtasks_executor_closed`` → ``qtasks_executor_error`` → ``qtasks_task_retry_delay``
+  (decide) → ``qtasks_storage_saved`` (final) → ``qtasks_broker_acked`` → ``qtasks_task_failed``
+  → ``qtasks_worker_execute_after``.
+* retry: ``qtasks_executor_closed`` → ``qtasks_executor_error`` → ``qtasks_task_retry_delay``
+  (returns a delay; the ``retry`` record is stored) → ``qtasks_worker_task_retry`` →
+  ``qtasks_broker_requeued`` → ``qtasks_worker_execute_after``; the next delivery starts over.
+* cancel: ``qtasks_executor_closed`` → ``qtasks_storage_saved`` → ``qtasks_broker_acked`` →
+  ``qtasks_task_cancelled`` → ``qtasks_worker_execute_after``.
+* ``max_time`` exceeded: ``qtasks_task_timed_out`` → the error path (the error is
+  :class:`~qtasks.errors.TaskMaxTimeError`).
+* a message that cannot run (undecodable, unknown task, bad arguments):
+  ``qtasks_broker_nacked`` → ``qtasks_task_rejected`` (nothing of the above after
+  ``qtasks_broker_message_received``).
+
+Reading: ``app.get`` → ``qtasks_storage_got``; ``app.config_get`` → ``qtasks_global_config_got``;
+``app.config_set`` → ``qtasks_global_config_set``; ``app.inspect`` → ``qtasks_inspect``.
+
+Coming from QTasks 1.7
+----------------------
+Its triggers map to: ``qtasks_add_task_before_broker``/``_after_broker`` → ``qtasks_task_enqueue``
+/ ``qtasks_task_enqueued``; ``broker_start``/``broker_stop``, ``storage_start``/``storage_stop``,
+``global_config_start``/``_stop``, ``worker_start``/``worker_stop`` → ``qtasks_component_started``
+/ ``qtasks_component_stopped`` with ``kind``; ``broker_listen_start`` → ``qtasks_broker_listening``;
+``broker_add_worker`` → ``qtasks_broker_message_received``; ``broker_update``/``storage_update``/
+``storage_add_process`` → ``qtasks_storage_saved``; ``broker_remove_finished_task``/
+``storage_remove_finished_task``/``worker_remove_finished_task`` → ``qtasks_broker_acked`` (after
+the final ``qtasks_storage_saved``); ``storage_add`` → ``qtasks_storage_added``; ``storage_get``/
+``broker_get``/``qtasks_get`` → ``qtasks_storage_got``; ``global_config_get``/``_set``/
+``_set_status`` → ``qtasks_global_config_got``/``_set``/``_status``; ``worker_add`` →
+``qtasks_worker_task_received``; ``worker_execute_before``/``_after`` → ``qtasks_worker_execute_*``;
+``worker_task_error_retry`` → ``qtasks_task_retry_delay`` + ``qtasks_worker_task_retry``;
+``task_executor_args_replace`` → ``qtasks_executor_args``; ``task_executor_before_execute``/
+``after_execute`` → ``qtasks_executor_execute_*``; ``task_executor_middlewares_execute`` →
+``qtasks_executor_middlewares``; ``task_executor_run_task_gen`` → ``qtasks_executor_yielded``;
+``task_executor_after_execute_result_replace``/``run_task``/``decode`` →
+``qtasks_executor_result``; ``task_executor_run_task_trigger_error`` → ``qtasks_executor_error``;
+``task_executor_task_close`` → ``qtasks_executor_closed``; ``starter_start``/``starter_stop`` →
+``qtasks_app_started``/``qtasks_app_stopping``; ``stats_inspect`` → ``qtasks_inspect``.
 """
 
 from __future__ import annotations
@@ -44,6 +89,7 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.components import Delivery
     from qtasks.config import QueueConfig
+    from qtasks.executor import Middleware, TaskRun
     from qtasks.messages import Message
     from qtasks.record import TaskRecord
     from qtasks.task import TaskDef
@@ -59,7 +105,7 @@ def qtasks_app_configured(app: AsyncQueueTasks, config: QueueConfig) -> None:
 
 
 @hookspec
-def qtasks_task_registered(app: AsyncQueueTasks, task: TaskDef) -> None:
+def qtasks_task_registered(app: AsyncQueueTasks, task: TaskDef[..., Any]) -> None:
     """Notification: ``task`` was declared with ``@app.task`` (sync; fired at import time, so
     an ``async`` implementation is awaited when the app starts)."""
 
@@ -151,7 +197,9 @@ def qtasks_storage_got(app: AsyncQueueTasks, record: TaskRecord) -> TaskRecord |
 
 @hookspec
 def qtasks_storage_saved(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: the worker wrote ``record`` (status ``process``, ``retry`` or final)."""
+    """Notification: the worker wrote ``record``: status ``process`` when it starts the task,
+    then the final record (before the ack). The ``retry`` record is announced by
+    ``qtasks_worker_task_retry`` instead."""
 
 
 # --- global config --------------------------------------------------------------------------
@@ -205,10 +253,30 @@ def qtasks_worker_task_retry(
 
 @hookspec
 def qtasks_executor_args(
-    app: AsyncQueueTasks, task: TaskDef, record: TaskRecord, args: list[Any], kwargs: dict[str, Any]
+    app: AsyncQueueTasks,
+    task: TaskDef[..., Any],
+    record: TaskRecord,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    run: TaskRun,
 ) -> tuple[list[Any], dict[str, Any]] | None:
     """Transform: return ``(args, kwargs)`` to call the task with, or ``None`` (unchanged).
-    Used by the built-in State and Depends plugins to inject values."""
+    ``run`` is this execution (``run.state`` is per-run space for plugins). Used by the built-in
+    State and Depends plugin to inject values."""
+
+
+@hookspec
+def qtasks_executor_middlewares(
+    app: AsyncQueueTasks,
+    task: TaskDef[..., Any],
+    record: TaskRecord,
+    middlewares: list[Middleware],
+) -> list[Middleware] | None:
+    """Transform, first thing the executor does: return the middlewares that wrap this call,
+    outermost first (``middlewares`` is the list so far), or ``None`` (unchanged). The built-in
+    :class:`~qtasks.middleware.MiddlewarePlugin` (``tryfirst``) supplies ``app.middlewares`` and
+    the task's ``middlewares_before``/``middlewares_after``; ``qtasks_executor_args`` and the call
+    run inside the innermost one."""
 
 
 @hookspec
@@ -233,12 +301,15 @@ def qtasks_executor_execute_after(app: AsyncQueueTasks, record: TaskRecord, resu
 
 @hookspec
 def qtasks_executor_error(app: AsyncQueueTasks, record: TaskRecord, exc: BaseException) -> None:
-    """Notification: the task raised ``exc`` (not fired for cancellation)."""
+    """Notification: the task raised ``exc``; fired by the worker right after
+    ``qtasks_executor_closed``, before the retry decision (not for cancellation)."""
 
 
 @hookspec
-def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: the call ended (success, error, cancel or timeout); always fired once."""
+def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord, run: TaskRun) -> None:
+    """Notification: the call ended (success, error, cancel, timeout, lost lease or shutdown);
+    always fired exactly once per run, before the final record is stored. ``run`` is the
+    execution (task-scoped Depends are closed here from ``run.state``)."""
 
 
 # --- results, errors, retries, cancel, timeout ----------------------------------------------
@@ -246,7 +317,7 @@ def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord) -> None:
 
 @hookspec(firstresult=True)
 def qtasks_task_retry_delay(
-    app: AsyncQueueTasks, task: TaskDef, record: TaskRecord, exc: BaseException
+    app: AsyncQueueTasks, task: TaskDef[..., Any], record: TaskRecord, exc: BaseException
 ) -> float | None:
     """Decide: seconds until the failed task runs again, or ``None`` for no retry. The built-in
     retry plugin implements it from ``retry``/``retry_on_exc``/``retry_backoff``."""

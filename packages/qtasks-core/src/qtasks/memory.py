@@ -28,24 +28,52 @@ from qtasks.record import TaskRecord, TaskStatus
 
 
 class _Signal:
-    """A re-armable wake-up: waiters sleep until :meth:`fire` or a deadline."""
+    """A re-armable wake-up: waiters sleep until :meth:`fire` or a deadline.
+
+    The event is only created when somebody waits, so firing with no waiter costs nothing.
+    """
 
     __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = anyio.Event()
+        event = self._event
+        if event is not None:
+            self._event = None
+            event.set()
 
     async def wait(self, timeout: float | None) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
         event = self._event
         if timeout is None:
             await event.wait()
             return
         with anyio.move_on_after(max(timeout, 0)):
             await event.wait()
+
+
+class _Lifecycle:
+    """Reference-counted start/stop, per the contract: several apps may share a component."""
+
+    _starts = 0
+
+    def _begin(self, stack: AsyncExitStack) -> bool:
+        """Count a start; ``True`` for the first one (which must set the component up)."""
+        self._starts += 1
+        stack.callback(self._end)
+        return self._starts == 1
+
+    def _end(self) -> None:
+        self._starts -= 1
+
+    def _check(self) -> None:
+        if self._starts <= 0:
+            raise ComponentNotStartedError(
+                f"{type(self).__name__} used before start() or after its stop"
+            )
 
 
 @dataclass(slots=True)
@@ -118,7 +146,7 @@ class MemoryDelivery:
         return True
 
 
-class MemoryBroker:
+class MemoryBroker(_Lifecycle):
     """A priority queue with delays, leases and a dead-letter list, in process memory."""
 
     def __init__(self, *, lease: float | None = None, max_deliveries: int | None = None) -> None:
@@ -133,6 +161,8 @@ class MemoryBroker:
         self._known: dict[str, _Entry] = {}
         self._dead_letters: dict[str, DeadLetter] = {}
         self._seq = itertools.count()
+        self._tokens = itertools.count(1)
+        self._token_prefix = uuid_mod.uuid4().hex[:12] + "-"
         self._signal: _Signal | None = None
 
     @classmethod
@@ -140,10 +170,9 @@ class MemoryBroker:
         return cls()
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        self._begin(stack)
         self._lease = self._lease_opt if self._lease_opt is not None else config.lease
-        self._max_deliveries = (
-            self._max_opt if self._max_opt is not None else config.max_deliveries
-        )
+        self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
         if self._signal is None:
             self._signal = _Signal()
 
@@ -186,12 +215,12 @@ class MemoryBroker:
                 heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
         mono = time.monotonic()
         while self._leases and self._leases[0][0] <= mono:
-            until, token = heapq.heappop(self._leases)
-            entry = self._inflight.get(token)
-            if entry is not None and entry.lease_until <= mono:
+            _, token = heapq.heappop(self._leases)
+            held = self._inflight.get(token)
+            if held is not None and held.lease_until <= mono:
                 del self._inflight[token]
-                entry.token = ""
-                heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+                held.token = ""
+                heapq.heappush(self._ready, (held.priority, next(self._seq), held))
         waits = []
         if self._delayed:
             waits.append(self._delayed[0][0] - now)
@@ -212,7 +241,7 @@ class MemoryBroker:
                     f"without being settled (max_deliveries={self._max_deliveries})",
                 )
                 continue
-            entry.token = uuid_mod.uuid4().hex
+            entry.token = f"{self._token_prefix}{next(self._tokens)}"
             entry.lease_until = time.monotonic() + self._lease
             self._inflight[entry.token] = entry
             heapq.heappush(self._leases, (entry.lease_until, entry.token))
@@ -220,8 +249,7 @@ class MemoryBroker:
         return None
 
     async def publish(self, envelope: Envelope) -> None:
-        if self._signal is None:
-            raise ComponentNotStartedError("MemoryBroker used before start()")
+        self._check()
         entry = _Entry(envelope.id, envelope.body, envelope.priority)
         old = self._known.get(entry.id)
         if old is not None and old.token:
@@ -231,8 +259,7 @@ class MemoryBroker:
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[MemoryDelivery]]:
-        if self._signal is None:
-            raise ComponentNotStartedError("MemoryBroker used before start()")
+        self._check()
         mine: set[str] = set()
 
         async def deliveries() -> AsyncIterator[MemoryDelivery]:
@@ -259,6 +286,7 @@ class MemoryBroker:
                 self._wake()
 
     async def cancel(self, id: str) -> bool:
+        self._check()
         entry = self._known.get(id)
         if entry is None or entry.token:
             return False
@@ -266,6 +294,7 @@ class MemoryBroker:
         return True
 
     async def stats(self) -> BrokerStats:
+        self._check()
         self._promote()
         by_priority: dict[int, int] = {}
         for _, _, entry in self._ready:
@@ -275,9 +304,11 @@ class MemoryBroker:
         return BrokerStats(by_priority, delayed, len(self._inflight), len(self._dead_letters))
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        self._check()
         return sorted(self._dead_letters.values(), key=lambda d: d.dead_at)[:limit]
 
     async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        self._check()
         chosen = list(self._dead_letters) if ids is None else ids
         count = 0
         for id in chosen:
@@ -288,7 +319,7 @@ class MemoryBroker:
         return count
 
 
-class MemoryStorage:
+class MemoryStorage(_Lifecycle):
     """Task records in a dict, with woken waiters and live generator steps."""
 
     def __init__(self) -> None:
@@ -298,24 +329,25 @@ class MemoryStorage:
         self._watchers: dict[str, int] = {}
         self._expiry: list[tuple[float, str]] = []
         self._ttl: float | None = None
-        self._started = False
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
         return cls()
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        self._begin(stack)
         self._ttl = config.result_ttl
-        self._started = True
 
     def _expire(self) -> None:
         now = time.time()
         while self._expiry and self._expiry[0][0] <= now:
             _, uuid = heapq.heappop(self._expiry)
             record = self._records.get(uuid)
-            if record is not None and record.status.final and record.updated_at + (
-                self._ttl or math.inf
-            ) <= now:
+            if (
+                record is not None
+                and record.status.final
+                and record.updated_at + (self._ttl or math.inf) <= now
+            ):
                 del self._records[uuid]
                 self._steps.pop(uuid, None)
 
@@ -336,17 +368,35 @@ class MemoryStorage:
             signal.fire()
 
     async def add(self, record: TaskRecord) -> None:
-        if not self._started:
-            raise ComponentNotStartedError("MemoryStorage used before start()")
+        self._check()
         self._expire()
         self._records[record.uuid] = record.copy()
 
     async def get(self, uuid: str) -> TaskRecord | None:
+        self._check()
         self._expire()
         record = self._records.get(uuid)
         return record.copy() if record is not None else None
 
+    async def begin(self, record: TaskRecord) -> TaskRecord:
+        self._check()
+        stored = self._records.get(record.uuid)
+        if stored is None:
+            stored = record.copy()
+            stored.updated_at = time.time()
+            self._records[record.uuid] = stored
+            return stored.copy()
+        if stored.status.final:
+            return stored.copy()
+        stored.status = record.status
+        stored.attempt = record.attempt
+        stored.token = record.token
+        stored.worker = record.worker
+        stored.updated_at = time.time()
+        return stored.copy()
+
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        self._check()
         stored = self._records.get(record.uuid)
         if stored is not None:
             if fence is not None and stored.token not in (None, fence):
@@ -361,6 +411,7 @@ class MemoryStorage:
         return True
 
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
+        self._check()
         stored = self._records.get(uuid)
         if stored is None:
             return None
@@ -372,6 +423,7 @@ class MemoryStorage:
         return stored.copy()
 
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
+        self._check()
         deadline = None if timeout is None else time.monotonic() + timeout
         signal = self._watch(uuid)
         try:
@@ -387,6 +439,7 @@ class MemoryStorage:
             self._unwatch(uuid)
 
     async def add_step(self, uuid: str, value: Any) -> int:
+        self._check()
         steps = self._steps.setdefault(uuid, [])
         steps.append(value)
         record = self._records.get(uuid)
@@ -396,6 +449,7 @@ class MemoryStorage:
         return len(steps) - 1
 
     async def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
+        self._check()
         index = start
         signal = self._watch(uuid)
         try:
@@ -414,6 +468,7 @@ class MemoryStorage:
             self._unwatch(uuid)
 
     async def stats(self) -> dict[str, int]:
+        self._check()
         self._expire()
         counts: dict[str, int] = {}
         for record in self._records.values():
@@ -421,7 +476,7 @@ class MemoryStorage:
         return counts
 
 
-class MemoryGlobalConfig:
+class MemoryGlobalConfig(_Lifecycle):
     """Namespaced keys with TTLs and heartbeats, in process memory."""
 
     def __init__(self) -> None:
@@ -433,7 +488,7 @@ class MemoryGlobalConfig:
         return cls()
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
-        return None
+        self._begin(stack)
 
     def _ns(self, namespace: str) -> dict[str, tuple[Any, float | None]]:
         space = self._data.setdefault(namespace, {})
@@ -447,15 +502,18 @@ class MemoryGlobalConfig:
         return None if ttl is None else time.monotonic() + ttl
 
     async def get(self, namespace: str, key: str, default: Any = None) -> Any:
+        self._check()
         item = self._ns(namespace).get(key)
         return default if item is None else item[0]
 
     async def set(self, namespace: str, key: str, value: Any, *, ttl: float | None = None) -> None:
+        self._check()
         self._ns(namespace)[key] = (value, self._exp(ttl))
 
     async def set_if_absent(
         self, namespace: str, key: str, value: Any, *, ttl: float | None = None
     ) -> bool:
+        self._check()
         space = self._ns(namespace)
         if key in space:
             return False
@@ -463,15 +521,19 @@ class MemoryGlobalConfig:
         return True
 
     async def delete(self, namespace: str, key: str) -> bool:
+        self._check()
         return self._ns(namespace).pop(key, None) is not None
 
     async def get_all(self, namespace: str) -> dict[str, Any]:
+        self._check()
         return {k: v for k, (v, _) in self._ns(namespace).items()}
 
     async def clear(self, namespace: str) -> None:
+        self._check()
         self._data.pop(namespace, None)
 
     async def increment(self, namespace: str, key: str, amount: float = 1) -> float:
+        self._check()
         space = self._ns(namespace)
         value, exp = space.get(key, (0, None))
         new = value + amount

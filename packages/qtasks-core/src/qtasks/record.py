@@ -78,8 +78,29 @@ class TaskRecord:
             raise SerializationError(f"bad task record: {exc}") from exc
 
     def copy(self) -> TaskRecord:
-        """A shallow copy; lists and dicts of args are copied one level."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["args"] = list(self.args)
-        data["kwargs"] = dict(self.kwargs)
-        return TaskRecord(**data)
+        """A copy whose ``args``/``kwargs`` containers are copied too (hot path: explicit)."""
+        return TaskRecord(*self.values())
+
+    def values(self) -> tuple[Any, ...]:
+        """Every field in declaration order (containers copied), to build a copy or subclass."""
+        return (
+            self.uuid,
+            self.task_name,
+            self.status,
+            self.priority,
+            list(self.args),
+            dict(self.kwargs),
+            self.returning,
+            self.traceback,
+            self.error,
+            self.created_at,
+            self.updated_at,
+            self.attempt,
+            self.retries,
+            self.eta,
+            self.parent_uuid,
+            self.cancel_reason,
+            self.worker,
+            self.token,
+            self.steps,
+        )

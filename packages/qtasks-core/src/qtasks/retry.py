@@ -27,10 +27,14 @@ class RetryPlugin:
 
     @hookimpl(trylast=True)
     def qtasks_task_retry_delay(
-        self, app: AsyncQueueTasks, task: TaskDef[..., object], record: TaskRecord, exc: BaseException
+        self,
+        app: AsyncQueueTasks,
+        task: TaskDef[..., object],
+        record: TaskRecord,
+        exc: BaseException,
     ) -> float | None:
         options = task.options
-        retries = options.retry if options.retry is not None else app.config.retry
+        retries: int = options.retry if options.retry is not None else app.config.retry
         if record.attempt > retries:
             return None
         if options.retry_on_exc is not None and not isinstance(exc, options.retry_on_exc):
@@ -38,8 +42,8 @@ class RetryPlugin:
         backoff = options.retry_backoff
         if callable(backoff):
             return max(float(backoff(record.attempt)), 0.0)
-        base = app.config.retry_backoff if backoff is None else float(backoff)
+        base: float = app.config.retry_backoff if backoff is None else float(backoff)
         if base == 0:
             return 0.0
-        delay = min(base * 2 ** (record.attempt - 1), app.config.retry_backoff_max)
+        delay: float = min(base * 2 ** (record.attempt - 1), app.config.retry_backoff_max)
         return delay / 2 + random.uniform(0, delay / 2)

@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
-from typing import Any, ParamSpec, TypeVar
+from os import PathLike
+from typing import Any, ParamSpec, Self, TypeVar
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.components import Broker, GlobalConfig, Storage
-from qtasks.config import QueueConfig
+from qtasks.components import Broker, GlobalConfig, Starter, Storage
+from qtasks.config import QueueConfig, load_config
+from qtasks.discovery import build_components
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
@@ -47,10 +52,25 @@ class QueueTasks:
             config=config,
             serializer=serializer,
         )
-        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
+        self._portal_stop: threading.Thread | None = None
         self._serving: AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | PathLike[str] | None = None,
+        *,
+        name: str = "QueueTasks",
+        cli: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """Build an app from configuration alone; see :meth:`AsyncQueueTasks.from_config`."""
+        loaded = load_config(path, cli=cli, overrides=overrides)
+        app = cls(name, config=loaded.config, **build_components(loaded.config))
+        app.aio.config_sources = loaded.sources
+        return app
 
     def __getattr__(self, name: str) -> Any:
         # Plain attributes (name, config, tasks, broker, hooks...) come from the async app.
@@ -58,11 +78,14 @@ class QueueTasks:
 
     @property
     def portal(self) -> BlockingPortal:
-        """The portal that runs the async app's loop (started on first use)."""
+        """The portal that runs the async app's loop (started on first use).
+
+        Its thread is a daemon, and an ``atexit`` handler closes the app, so a script that
+        forgets :meth:`close` still stops gracefully and exits."""
         with self._lock:
             if self._portal is None:
-                self._portal_cm = start_blocking_portal()
-                self._portal = self._portal_cm.__enter__()
+                self._portal, self._portal_stop = _start_portal()
+                atexit.register(_close_at_exit, weakref.ref(self))
             return self._portal
 
     def task(self, *args: Any, **kwargs: Any) -> Any:
@@ -81,8 +104,9 @@ class QueueTasks:
         return self.aio.add_plugin(plugin, name)
 
     def _bind(self, record: TaskRecord) -> Task:
-        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
-        return Task(**data, _client=self)
+        bound = Task(*record.values())
+        bound._client = self
+        return bound
 
     def add_task(
         self,
@@ -176,12 +200,38 @@ class QueueTasks:
         """Stop serving, stop every component and the portal's thread."""
         self.__exit__()
         if self._portal is not None:
-            self._portal.call(self.aio.aclose)
-            assert self._portal_cm is not None
-            self._portal_cm.__exit__(None, None, None)
-            self._portal = self._portal_cm = None
+            portal, self._portal = self._portal, None
+            portal.call(self.aio.aclose)
+            portal.call(portal.stop)
+            if self._portal_stop is not None:
+                self._portal_stop.join(timeout=10)
 
-    def run_forever(self) -> None:
+    def run_forever(self, starter: Starter | None = None) -> None:
         """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread)."""
-        self.aio.run_forever()
+        self.aio.run_forever(starter)
 
+
+def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
+    """Run an event loop with a portal in a daemon thread."""
+    ready = threading.Event()
+    holder: list[BlockingPortal] = []
+
+    async def main() -> None:
+        async with BlockingPortal() as portal:
+            holder.append(portal)
+            ready.set()
+            await portal.sleep_until_stopped()
+
+    thread = threading.Thread(target=anyio.run, args=(main,), name="qtasks-portal", daemon=True)
+    thread.start()
+    ready.wait()
+    return holder[0], thread
+
+
+def _close_at_exit(ref: weakref.ref[QueueTasks]) -> None:
+    app = ref()
+    if app is not None:
+        try:
+            app.close()
+        except Exception:  # pragma: no cover - interpreter shutdown, nothing left to report to
+            pass

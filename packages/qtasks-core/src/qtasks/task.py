@@ -127,6 +127,26 @@ def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
+    """``func``'s signature with string annotations (``from __future__ import annotations``)
+    evaluated in the function's module where possible, so injected parameters are recognised.
+    One annotation that does not resolve (e.g. a class local to a function) stays a string."""
+    signature = inspect.signature(func)
+    namespace = getattr(inspect.unwrap(func), "__globals__", None)
+    if namespace is None:
+        return signature
+    params = []
+    for param in signature.parameters.values():
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # what inspect's eval_str does
+            except Exception:
+                pass
+        params.append(param.replace(annotation=annotation))
+    return signature.replace(parameters=params)
+
+
 def is_injected(annotation: Any, default: Any) -> bool:
     """Whether a parameter is filled by qtasks (Depends, State...), not by the caller."""
     if getattr(default, "__qtasks_injected__", False):
@@ -150,17 +170,23 @@ class TaskDef(Generic[P, R]):
         self.options = options
         self.name = options.name
         self.kind = task_kind(func)
-        self.signature = inspect.signature(func)
+        self.signature = resolved_signature(func)
         params = list(self.signature.parameters.values())
         if options.echo:
             if not params:
                 raise TaskDeclarationError(f"task {self.name!r}: echo=True needs a first parameter")
             params = params[1:]
-        self.injected = frozenset(
-            p.name for p in params if is_injected(p.annotation, p.default)
-        )
+        self.injected = frozenset(p.name for p in params if is_injected(p.annotation, p.default))
         self.caller_signature = self.signature.replace(
             parameters=[p for p in params if p.name not in self.injected]
+        )
+        simple = all(
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty
+            for p in self.caller_signature.parameters.values()
+        )
+        # Fast path for the common "plain parameters, no defaults" signature.
+        self._plain_names: tuple[str, ...] | None = (
+            tuple(self.caller_signature.parameters) if simple else None
         )
         self.__doc__ = func.__doc__
         self.__name__ = getattr(func, "__name__", self.name)
@@ -174,6 +200,16 @@ class TaskDef(Generic[P, R]):
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise :class:`TaskArgumentsError` if the call does not fit the signature."""
+        if self.injected:
+            # An injected parameter may still be passed explicitly, by keyword.
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.injected}
+        names = self._plain_names
+        if (
+            names is not None
+            and len(args) + len(kwargs) == len(names)
+            and all(k in names[len(args) :] for k in kwargs)
+        ):
+            return
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -182,7 +218,8 @@ class TaskDef(Generic[P, R]):
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
         options of the call; use :meth:`enqueue` when the task itself takes such parameters."""
-        return self.app.add_task(self.name, *args, **kwargs)
+        extra: dict[str, Any] = dict(kwargs)
+        return self.app.add_task(self.name, *args, **extra)
 
     def enqueue(
         self,
@@ -208,7 +245,8 @@ class SyncTaskDef(TaskDef[P, R]):
         self.facade = facade
 
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Task:
-        return self.facade.add_task(self.name, *args, **kwargs)
+        extra: dict[str, Any] = dict(kwargs)
+        return self.facade.add_task(self.name, *args, **extra)
 
     def enqueue(
         self,

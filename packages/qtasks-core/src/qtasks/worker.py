@@ -26,6 +26,7 @@ from qtasks.errors import (
     UnknownTaskError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
+from qtasks.memory import _Signal
 from qtasks.messages import Message
 from qtasks.record import TaskRecord, TaskStatus
 
@@ -53,6 +54,8 @@ class QueueWorker:
         self.processed = 0
         self._running: dict[str, TaskRun] = {}
         self._local: list[tuple[int, int, Delivery]] = []
+        self._lost: set[str] = set()
+        """Tokens of waiting deliveries whose lease could not be renewed."""
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -73,78 +76,106 @@ class QueueWorker:
         run.cancel_scope.cancel()
         return True
 
+    @property
+    def stopping(self) -> anyio.Event:
+        """Set once the worker was asked to stop (``ctx.sleep`` wakes on it)."""
+        return self._stopping
+
     def stop(self) -> None:
         """Ask the worker to stop: no new messages; running tasks get the grace period."""
         self._stopping.set()
 
     async def run(
-        self, app: AsyncQueueTasks, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        app: AsyncQueueTasks,
+        *,
+        task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         config = app.config
         concurrency = self._max_tasks or config.max_tasks_process
         prefetch = self._prefetch if self._prefetch is not None else config.prefetch
-        slots = anyio.Semaphore(concurrency + prefetch)
-        available = anyio.Semaphore(0)
+        capacity = concurrency + prefetch
+        self._held = 0
+        slot_freed = _Signal()
+        item_ready = _Signal()
         self._stopping = anyio.Event()
-        async with app.broker.consume(prefetch=prefetch) as deliveries:
-            async with anyio.create_task_group() as serving:
-                runners: list[anyio.CancelScope] = []
+        async with (
+            app.broker.consume(prefetch=prefetch) as deliveries,
+            anyio.create_task_group() as serving,
+        ):
+            runners: list[anyio.CancelScope] = []
 
-                async def runner() -> None:
-                    scope = anyio.CancelScope()
-                    runners.append(scope)
-                    with scope:
-                        while True:
-                            await available.acquire()
-                            _, _, delivery = heapq.heappop(self._local)
-                            try:
-                                await self._process(app, delivery)
-                            finally:
-                                slots.release()
-
-                async def receive() -> None:
-                    iterator = deliveries.__aiter__()
+            async def runner() -> None:
+                scope = anyio.CancelScope()
+                runners.append(scope)
+                with scope:
                     while True:
-                        await slots.acquire()
-                        delivery = await iterator.__anext__()
-                        heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
-                        available.release()
+                        while not self._local and not self._stopping.is_set():
+                            await item_ready.wait(None)
+                        if self._stopping.is_set():
+                            return  # stopping: what waits locally is handed back
+                        _, _, delivery = heapq.heappop(self._local)
+                        try:
+                            if delivery.token in self._lost:
+                                self._lost.discard(delivery.token)
+                                log.warning(
+                                    "lease of waiting message %s was lost; another worker "
+                                    "owns it now",
+                                    delivery.id,
+                                )
+                                continue
+                            await self._process(app, delivery)
+                        finally:
+                            self._held -= 1
+                            slot_freed.fire()
 
-                for _ in range(concurrency):
-                    serving.start_soon(runner)
-                receiving = anyio.CancelScope()
+            async def receive() -> None:
+                iterator = deliveries.__aiter__()
+                while True:
+                    while self._held >= capacity:
+                        await slot_freed.wait(None)
+                    delivery = await iterator.__anext__()
+                    self._held += 1
+                    heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
+                    item_ready.fire()
 
-                async def receive_until_stopped() -> None:
-                    with receiving:
-                        await receive()
+            for _ in range(concurrency):
+                serving.start_soon(runner)
+            receiving = anyio.CancelScope()
 
-                serving.start_soon(receive_until_stopped)
-                serving.start_soon(self._heartbeat, app, concurrency)
-                await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
-                await app.hooks.notify(
-                    "qtasks_component_started", app=app, kind="worker", component=self
-                )
-                task_status.started()
-                try:
-                    await self._stopping.wait()
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        receiving.cancel()
-                        await self._hand_back(app)
-                        with anyio.move_on_after(config.shutdown_grace):
-                            while self._running:
-                                await self._wait_idle()
-                        for run in list(self._running.values()):
-                            run.cancel_reason = "__shutdown__"
-                            run.cancel_scope.cancel()
+            async def receive_until_stopped() -> None:
+                with receiving:
+                    await receive()
+
+            serving.start_soon(receive_until_stopped)
+            serving.start_soon(self._heartbeat, app, concurrency)
+            serving.start_soon(self._keep_leases, app)
+            await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
+            await app.hooks.notify(
+                "qtasks_component_started", app=app, kind="worker", component=self
+            )
+            task_status.started()
+            try:
+                await self._stopping.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    receiving.cancel()
+                    item_ready.fire()
+                    await self._hand_back(app)
+                    with anyio.move_on_after(config.shutdown_grace):
                         while self._running:
                             await self._wait_idle()
-                        for scope in runners:
-                            scope.cancel()
-                        serving.cancel_scope.cancel()
-                        await app.hooks.notify(
-                            "qtasks_component_stopped", app=app, kind="worker", component=self
-                        )
+                    for run in list(self._running.values()):
+                        run.cancel_reason = "__shutdown__"
+                        run.cancel_scope.cancel()
+                    while self._running:
+                        await self._wait_idle()
+                    for scope in runners:
+                        scope.cancel()
+                    serving.cancel_scope.cancel()
+                    await app.hooks.notify(
+                        "qtasks_component_stopped", app=app, kind="worker", component=self
+                    )
 
     async def _wait_idle(self) -> None:
         self._idle = anyio.Event()
@@ -214,39 +245,35 @@ class QueueWorker:
             stored = await app.storage.get(delivery.id)
             await self._reject(app, delivery, f"undecodable message: {exc}", stored)
             return
-        record = await app.storage.get(message.uuid)
-        if record is None:
-            record = TaskRecord(
-                uuid=message.uuid,
-                task_name=message.task_name,
-                priority=message.priority,
-                args=message.args,
-                kwargs=message.kwargs,
-                created_at=message.created_at,
-            )
-        if record.status in (TaskStatus.CANCEL, TaskStatus.SUCCESS, TaskStatus.ERROR):
+        task = app.tasks.get(message.task_name)
+        problem: str | None = None
+        if task is None:
+            problem = str(UnknownTaskError(message.task_name))
+        else:
+            try:
+                task.check_arguments(message.args, message.kwargs)
+            except TaskArgumentsError as exc:
+                problem = f"wrong arguments: {exc}"
+        if problem is not None or task is None:
+            stored = await app.storage.get(message.uuid)
+            if stored is not None and stored.status.final:
+                await delivery.ack()  # cancelled while queued, or already finished
+                return
+            await self._reject(app, delivery, problem or "", stored or _record_of(message))
+            return
+        await hooks.notify("qtasks_worker_task_received", app=app, message=message)
+        claim = _record_of(message)
+        claim.status = TaskStatus.PROCESS
+        claim.attempt = message.attempt + 1
+        claim.token = delivery.token
+        claim.worker = self.id
+        record = await app.storage.begin(claim)
+        if record.status.final:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             await delivery.ack()
             return
-        task = app.tasks.get(message.task_name)
-        if task is None:
-            await self._reject(app, delivery, str(UnknownTaskError(message.task_name)), record)
-            return
-        try:
-            task.check_arguments(message.args, message.kwargs)
-        except TaskArgumentsError as exc:
-            await self._reject(app, delivery, f"wrong arguments: {exc}", record)
-            return
-        await hooks.notify("qtasks_worker_task_received", app=app, message=message)
-
-        record.status = TaskStatus.PROCESS
-        record.attempt = message.attempt + 1
-        record.token = delivery.token
-        record.worker = self.id
-        record.updated_at = time.time()
-        await app.storage.save(record)
         await hooks.notify("qtasks_storage_saved", app=app, record=record)
-        run = TaskRun(app=app, task=task, message=message, record=record)
+        run = TaskRun(app=app, task=task, message=message, record=record, delivery=delivery)
         self._running[record.uuid] = run
         try:
             await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
@@ -264,16 +291,15 @@ class QueueWorker:
         hooks = app.hooks
         outcome: BaseException | None = None
         result: Any = None
-        lease_lost = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_lease, app, run, delivery, lease_lost)
-            with run.cancel_scope:
-                try:
-                    result = await (task_executor(run)).execute(run)
-                except Exception as exc:
-                    outcome = exc
-            tg.cancel_scope.cancel()
-        if lease_lost.is_set():
+        with run.cancel_scope:
+            try:
+                result = await task_executor(run).execute(run)
+            except Exception as exc:
+                outcome = exc
+        # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
+        # (Depends) are torn down here, so it must never be skipped.
+        await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
+        if run.lease_lost:
             log.warning(
                 "lease of task %s was lost; another worker owns it now, result dropped",
                 record.uuid,
@@ -292,25 +318,38 @@ class QueueWorker:
                     )
                 return
             outcome = TaskCancelledError(reason)
-        await hooks.notify("qtasks_executor_closed", app=app, record=record)
-        with anyio.CancelScope(shield=True):
-            await self._finish(app, run, delivery, result, outcome)
+        # Not shielded: if the worker is torn down here, the message is simply not acked and
+        # comes back after its lease (at-least-once), so no extra cancel scope per task.
+        await self._finish(app, run, delivery, result, outcome)
 
-    async def _keep_lease(
-        self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery, lost: anyio.Event
-    ) -> None:
+    async def _keep_leases(self, app: AsyncQueueTasks) -> None:
+        """Renew the lease of every running task, and notice cancels made elsewhere.
+
+        Prefetched deliveries waiting for a free slot are renewed too: otherwise a long task
+        ahead of them lets their lease run out and another worker runs them while this one
+        still holds them (a duplicate run)."""
         interval = max(app.config.lease / 3, 0.05)
         while True:
             await anyio.sleep(interval)
-            if not await delivery.extend():
-                lost.set()
-                run.cancel_scope.cancel()
-                return
-            stored = await app.storage.get(run.record.uuid)
-            if stored is not None and stored.status is TaskStatus.CANCEL:
-                run.cancel_reason = stored.cancel_reason or "cancelled"
-                run.cancel_scope.cancel()
-                return
+            for _, _, waiting in list(self._local):
+                try:
+                    if not await waiting.extend():
+                        self._lost.add(waiting.token)
+                except Exception:
+                    log.warning("lease renewal of %s failed", waiting.id, exc_info=True)
+            for run in list(self._running.values()):
+                try:
+                    if not await run.delivery.extend():
+                        run.lease_lost = True
+                        run.cancel_scope.cancel()
+                        continue
+                    stored = await app.storage.get(run.record.uuid)
+                except Exception:
+                    log.warning("lease renewal of %s failed", run.record.uuid, exc_info=True)
+                    continue
+                if stored is not None and stored.status is TaskStatus.CANCEL:
+                    run.cancel_reason = stored.cancel_reason or "cancelled"
+                    run.cancel_scope.cancel()
 
     async def _finish(
         self,
@@ -374,12 +413,20 @@ class QueueWorker:
         if await self._save_final(app, record, delivery):
             await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)
 
-    async def _save_final(self, app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery) -> bool:
-        if not await app.storage.save(record, fence=delivery.token):
+    async def _save_final(
+        self, app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery
+    ) -> bool:
+        shared = app.shared_server
+        if shared is not None:
+            saved = await shared.ack_final(delivery, app.storage, record)
+        else:
+            saved = await app.storage.save(record, fence=delivery.token)
+        if not saved:
             log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
             return False
         await app.hooks.notify("qtasks_storage_saved", app=app, record=record)
-        await delivery.ack()
+        if shared is None:
+            await delivery.ack()
         await app.hooks.notify("qtasks_broker_acked", app=app, record=record)
         return True
 
@@ -392,3 +439,16 @@ def task_executor(run: TaskRun) -> TaskExecutor:
     worker = run.app.worker
     executor: TaskExecutor = getattr(worker, "executor", None) or TaskExecutor()
     return executor
+
+
+def _record_of(message: Message) -> TaskRecord:
+    """A record built from the message alone (when the producer stored none)."""
+    return TaskRecord(
+        uuid=message.uuid,
+        task_name=message.task_name,
+        priority=message.priority,
+        args=message.args,
+        kwargs=message.kwargs,
+        created_at=message.created_at,
+        parent_uuid=message.headers.get("parent_uuid"),
+    )

@@ -1,0 +1,32 @@
+"""Contract suites for qtasks components: subclass one and provide a factory fixture.
+
+Every backend in the qtasks repository (in-memory, Redis, RabbitMQ) runs these same suites; they
+are the executable form of the docstrings in :mod:`qtasks.components`. See ``docs/testing.md``.
+"""
+
+from qtasks_testing.contract._base import ContractSuite, wait_until
+from qtasks_testing.contract.broker import (
+    BrokerContract,
+    BrokerFactory,
+    Consumer,
+    consuming,
+    envelope,
+)
+from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
+from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
+
+__all__ = [
+    "BrokerContract",
+    "BrokerFactory",
+    "Consumer",
+    "ContractSuite",
+    "GlobalConfigContract",
+    "GlobalConfigFactory",
+    "StorageContract",
+    "StorageFactory",
+    "consuming",
+    "envelope",
+    "finished",
+    "record",
+    "wait_until",
+]

@@ -1,0 +1,81 @@
+"""What every contract suite shares: the anyio backend, the config, opt-outs and wait helpers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+import pytest
+
+from qtasks.config import QueueConfig
+
+T = TypeVar("T")
+
+
+class ContractSuite:
+    """Base of the contract suites. Subclass a concrete suite, not this class.
+
+    Class attributes a backend may set:
+
+    ``config_overrides``
+        Settings merged into the suite's :class:`~qtasks.config.QueueConfig` (for example a
+        ``broker_url``). The suite's own timing settings (``lease``, ``max_deliveries``,
+        ``result_ttl``) should be left alone: the tests read them back, but a long lease makes the
+        suite slow.
+    ``not_applicable``
+        ``{"test_name": "why this guarantee cannot hold for this backend"}``. Each named test is
+        skipped with that reason shown in the report. A reason is required and a name that is not a
+        test of the suite is an error, so an opt-out cannot silently outlive a renamed test.
+    ``timing_slack``
+        Seconds of scheduling noise tolerated where a test checks that something happens
+        *promptly* (a due message, a woken waiter). Raise it only for a backend that is slow by
+        design, never to hide polling.
+    """
+
+    config_overrides: ClassVar[Mapping[str, Any]] = {}
+    not_applicable: ClassVar[Mapping[str, str]] = {}
+    timing_slack: ClassVar[float] = 0.5
+
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        """The suites run on asyncio; override with ``"trio"`` for a trio-capable backend."""
+        return "asyncio"
+
+    @pytest.fixture
+    def contract_config(self) -> QueueConfig:
+        """The settings components are started with: a 1 s lease and 3 deliveries at most."""
+        base = QueueConfig(lease=1.0, max_deliveries=3, result_ttl=3600.0, prefetch=10)
+        return base.merged(**dict(self.config_overrides))
+
+    @pytest.fixture(autouse=True)
+    def _contract_opt_out(self, request: pytest.FixtureRequest) -> None:
+        tests = {name for name in dir(type(self)) if name.startswith("test_")}
+        for name, reason in self.not_applicable.items():
+            if name not in tests:
+                pytest.fail(
+                    f"{type(self).__name__}.not_applicable names {name!r}, which is not a test "
+                    "of this contract suite"
+                )
+            if not isinstance(reason, str) or not reason.strip():
+                pytest.fail(f"{type(self).__name__}.not_applicable[{name!r}] needs a reason")
+        name = getattr(request.node, "originalname", request.node.name)
+        if name in self.not_applicable:
+            pytest.skip(f"not applicable to this backend: {self.not_applicable[name]}")
+
+
+async def wait_until(check: Callable[[], Awaitable[T]], *, timeout: float, what: str) -> T:
+    """Re-check ``check`` every 20 ms until it returns a truthy value; fail after ``timeout``.
+
+    For state that a backend exposes only by being asked (stats, dead letters, expired keys):
+    the deadline is what the test asserts, the 20 ms is only how often it asks.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await anyio.sleep(0.02)

@@ -1,0 +1,602 @@
+"""The broker contract suite: :class:`BrokerContract`."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import ClassVar
+
+import anyio
+import pytest
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from qtasks.components import Broker, DeadLetter, Delivery
+from qtasks.config import QueueConfig
+from qtasks.errors import ComponentNotStartedError
+from qtasks.messages import Envelope
+from qtasks_testing.contract._base import ContractSuite, wait_until
+
+BrokerFactory = Callable[[QueueConfig], Broker]
+
+
+def envelope(body: bytes | None = None, *, priority: int = 0, eta: float | None = None) -> Envelope:
+    """An envelope with a fresh id; the body defaults to one naming that id."""
+    id = uuid.uuid4().hex
+    return Envelope(
+        id=id, body=body if body is not None else f"body-{id}".encode(), priority=priority, eta=eta
+    )
+
+
+class Consumer:
+    """The test's end of an open :meth:`Broker.consume`.
+
+    A background task pulls deliveries from the broker's iterator and hands them over one at a
+    time, so a test can wait for "no delivery within N seconds" without cancelling the broker's
+    iterator (cancelling ``__anext__`` would end an async generator for good). At most one
+    delivery sits in that hand-over beyond what the test received.
+    """
+
+    def __init__(self, receive: ObjectReceiveStream[Delivery]) -> None:
+        self._receive = receive
+
+    async def next(self, *, timeout: float, what: str = "a delivery") -> Delivery:
+        """The next delivery; fail the test if none comes within ``timeout`` seconds."""
+        try:
+            with anyio.fail_after(timeout):
+                return await self._receive.receive()
+        except TimeoutError:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+    async def none_within(self, seconds: float) -> Delivery | None:
+        """``None`` when nothing is delivered for ``seconds`` (waiting is the assertion)."""
+        with anyio.move_on_after(seconds):
+            return await self._receive.receive()
+        return None
+
+
+@asynccontextmanager
+async def consuming(broker: Broker, *, prefetch: int = 10) -> AsyncIterator[Consumer]:
+    """Open ``broker.consume(prefetch=...)`` for the duration of the block."""
+
+    async def pump(deliveries: AsyncIterator[Delivery], send: ObjectSendStream[Delivery]) -> None:
+        async with send:
+            async for delivery in deliveries:
+                await send.send(delivery)
+
+    async with broker.consume(prefetch=prefetch) as deliveries:
+        send, receive = anyio.create_memory_object_stream[Delivery](0)
+        async with receive, anyio.create_task_group() as tg:
+            tg.start_soon(pump, deliveries, send)
+            try:
+                yield Consumer(receive)
+            finally:
+                tg.cancel_scope.cancel()
+
+
+class BrokerContract(ContractSuite):
+    """The guarantees of :class:`qtasks.components.Broker`, as tests.
+
+    Subclass it in a module pytest collects (name it ``Test...``) and provide a
+    ``broker_factory`` fixture returning a callable that takes the
+    :class:`~qtasks.config.QueueConfig` and returns an **unstarted** broker on an **empty,
+    isolated** queue (a fresh queue name or key prefix per call)::
+
+        class TestMyBroker(BrokerContract):
+            @pytest.fixture
+            def broker_factory(self) -> BrokerFactory:
+                return lambda config: MyBroker(url=..., queue=f"t-{uuid.uuid4().hex}")
+
+    The suite starts it with ``await broker.start(stack, config)`` on an
+    :class:`~contextlib.AsyncExitStack` it closes after the test; ``config`` has a 1 s lease and
+    ``max_deliveries=3``.
+
+    Opt-outs (each one a documented reason, see :class:`ContractSuite`):
+
+    ``cancel_unsupported``
+        Why the broker cannot drop a queued message (e.g. an AMQP queue). The suite then checks
+        the documented alternative instead of ``test_cancel_*``: :meth:`Broker.cancel` returns
+        ``False`` and the message is still delivered, so the worker must find the task record
+        cancelled and ack the delivery without running it.
+    ``priority_stats_unsupported``
+        Why :attr:`BrokerStats.ready_by_priority` cannot be split by priority; the suite then
+        only checks that its values add up to the number of ready messages.
+    """
+
+    cancel_unsupported: ClassVar[str | None] = None
+    priority_stats_unsupported: ClassVar[str | None] = None
+
+    @pytest.fixture
+    async def broker(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> AsyncIterator[Broker]:
+        """A started broker from ``broker_factory``, stopped after the test."""
+        async with AsyncExitStack() as stack:
+            broker = broker_factory(contract_config)
+            await broker.start(stack, contract_config)
+            yield broker
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_satisfies_the_protocol(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        assert isinstance(broker_factory(contract_config), Broker)
+
+    @pytest.mark.anyio
+    async def test_use_before_start_raises(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        broker = broker_factory(contract_config)
+        with pytest.raises(ComponentNotStartedError):
+            await broker.publish(envelope())
+
+    @pytest.mark.anyio
+    async def test_shared_start_is_reference_counted(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        """Several apps in one process may share a component: it stops with the last stack."""
+        broker = broker_factory(contract_config)
+        first, second = AsyncExitStack(), AsyncExitStack()
+        await broker.start(first, contract_config)
+        await broker.start(second, contract_config)
+        await second.aclose()
+        await broker.stats()  # still started: the first stack holds it
+        await first.aclose()
+        with pytest.raises(ComponentNotStartedError):
+            await broker.stats()
+
+    @pytest.mark.anyio
+    async def test_use_after_stop_raises(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        async with AsyncExitStack() as stack:
+            broker = broker_factory(contract_config)
+            await broker.start(stack, contract_config)
+        with pytest.raises(ComponentNotStartedError):
+            await broker.publish(envelope())
+
+    # --- delivery -------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_publish_consume_round_trip(self, broker: Broker) -> None:
+        sent = envelope(priority=3)
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            got = await consumer.next(timeout=2)
+            assert (got.id, got.body, got.priority, got.attempt) == (sent.id, sent.body, 3, 1)
+            assert got.token
+            assert await got.ack() is True
+            assert await consumer.none_within(0.2) is None
+
+    @pytest.mark.anyio
+    async def test_consumer_waiting_is_woken_by_publish(self, broker: Broker) -> None:
+        async with consuming(broker) as consumer:
+            assert await consumer.none_within(0.1) is None
+            sent = envelope()
+            published = time.monotonic()
+            await broker.publish(sent)
+            got = await consumer.next(timeout=2)
+            assert got.id == sent.id
+            assert time.monotonic() - published < self.timing_slack
+            await got.ack()
+
+    @pytest.mark.anyio
+    async def test_arbitrary_bytes_are_delivered_intact(self, broker: Broker) -> None:
+        bodies = [b"", bytes(range(256)) * 4, b"\x00not json\xff", os.urandom(256 * 1024)]
+        sent = [envelope(body) for body in bodies]
+        for item in sent:
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            got = {}
+            for _ in sent:
+                delivery = await consumer.next(timeout=2)
+                got[delivery.id] = delivery.body
+                await delivery.ack()
+        assert got == {item.id: item.body for item in sent}
+
+    @pytest.mark.anyio
+    async def test_lower_priority_number_first_fifo_within_priority(self, broker: Broker) -> None:
+        priorities = [5, 1, 3, 1, 0, 5, 1, 0, 3]
+        sent = [envelope(priority=p) for p in priorities]
+        for item in sent:
+            await broker.publish(item)
+        expected = [e.id for e in sorted(sent, key=lambda e: e.priority)]  # sort is stable
+        async with consuming(broker) as consumer:
+            order = []
+            for _ in sent:
+                delivery = await consumer.next(timeout=2)
+                order.append(delivery.id)
+                await delivery.ack()
+        assert order == expected
+
+    @pytest.mark.anyio
+    async def test_negative_priorities_order_before_zero(self, broker: Broker) -> None:
+        sent = [envelope(priority=0), envelope(priority=-5), envelope(priority=2)]
+        for item in sent:
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            order = [(await consumer.next(timeout=2)).priority for _ in sent]
+        assert order == [-5, 0, 2]
+
+    @pytest.mark.anyio
+    async def test_delayed_message_not_before_eta_promptly_after(self, broker: Broker) -> None:
+        eta = time.time() + 0.6
+        sent = envelope(eta=eta)
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            assert await consumer.none_within(0.4) is None
+            got = await consumer.next(timeout=1 + self.timing_slack, what="the due message")
+            arrived = time.time()
+            assert got.id == sent.id
+            assert arrived >= eta - 0.01, "delivered before its eta"
+            assert arrived - eta < self.timing_slack, f"delivered {arrived - eta:.3f} s late"
+            await got.ack()
+
+    @pytest.mark.anyio
+    async def test_eta_in_the_past_is_due_now(self, broker: Broker) -> None:
+        sent = envelope(eta=time.time() - 60)
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            assert (await consumer.next(timeout=1)).id == sent.id
+
+    @pytest.mark.anyio
+    async def test_due_delayed_message_takes_its_priority_place(self, broker: Broker) -> None:
+        late = envelope(priority=5)
+        urgent = envelope(priority=0, eta=time.time() + 0.3)
+        await broker.publish(late)
+        await broker.publish(urgent)
+        await anyio.sleep(0.5)  # past the eta: the urgent message is due and must come first
+        async with consuming(broker) as consumer:
+            order = [(await consumer.next(timeout=2)).id for _ in range(2)]
+        assert order == [urgent.id, late.id]
+
+    # --- settling -------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_ack_removes_for_good(self, broker: Broker, contract_config: QueueConfig) -> None:
+        sent = envelope()
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            got = await consumer.next(timeout=2)
+            assert await got.ack() is True
+            # Past the lease: an acked message must not come back.
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+        stats = await broker.stats()
+        assert (sum(stats.ready_by_priority.values()), stats.in_flight, stats.delayed) == (0, 0, 0)
+        assert await broker.dead_letters() == []
+
+    @pytest.mark.anyio
+    async def test_nack_dead_letters_with_reason(self, broker: Broker) -> None:
+        sent = envelope(b"\x00poison\xff", priority=2)
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            got = await consumer.next(timeout=2)
+            assert await got.nack("undecodable message: boom") is True
+            assert await consumer.none_within(0.3) is None
+        letters = await broker.dead_letters()
+        assert [(d.id, d.body, d.reason) for d in letters] == [
+            (sent.id, sent.body, "undecodable message: boom")
+        ]
+        assert letters[0].priority == 2
+        assert letters[0].deliveries >= 1
+        assert (await broker.stats()).dead_letters == 1
+
+    @pytest.mark.anyio
+    async def test_requeue_dead_letters_puts_them_back(self, broker: Broker) -> None:
+        sent = [envelope() for _ in range(3)]
+        for item in sent:
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            for _ in sent:
+                await (await consumer.next(timeout=2)).nack("no")
+        assert await broker.requeue_dead_letters([sent[1].id, "no-such-id"]) == 1
+        async with consuming(broker) as consumer:
+            again = await consumer.next(timeout=2)
+            assert (again.id, again.body, again.attempt) == (sent[1].id, sent[1].body, 1)
+            await again.ack()
+            assert await consumer.none_within(0.2) is None
+        assert {d.id for d in await broker.dead_letters()} == {sent[0].id, sent[2].id}
+        assert await broker.requeue_dead_letters() == 2
+        assert await broker.dead_letters() == []
+        async with consuming(broker) as consumer:
+            ids = {(await consumer.next(timeout=2)).id for _ in range(2)}
+        assert ids == {sent[0].id, sent[2].id}
+
+    @pytest.mark.anyio
+    async def test_dead_letters_lists_oldest_first_up_to_limit(self, broker: Broker) -> None:
+        sent = [envelope() for _ in range(4)]
+        for item in sent:
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            for _ in sent:
+                await (await consumer.next(timeout=2)).nack("no")
+        letters: list[DeadLetter] = await broker.dead_letters(limit=2)
+        assert [d.id for d in letters] == [sent[0].id, sent[1].id]
+
+    @pytest.mark.anyio
+    async def test_requeue_with_delay_and_new_body_resets_attempt(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        sent = envelope(b"first")
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            first = await consumer.next(timeout=2)
+            # Let it be redelivered once so the attempt counter is above 1.
+            second = await consumer.next(timeout=contract_config.lease * 2 + self.timing_slack)
+            assert second.attempt == 2
+            requeued_at = time.monotonic()
+            assert await second.requeue(delay=0.5, body=b"second") is True
+            assert await consumer.none_within(0.3) is None
+            third = await consumer.next(timeout=1 + self.timing_slack)
+            waited = time.monotonic() - requeued_at
+            assert 0.49 <= waited < 0.5 + self.timing_slack
+            assert (third.id, third.body, third.attempt) == (sent.id, b"second", 1)
+            assert third.token not in (first.token, second.token)
+            assert await third.ack() is True
+
+    @pytest.mark.anyio
+    async def test_requeue_without_delay_is_due_now_and_keeps_body(self, broker: Broker) -> None:
+        sent = envelope(priority=1)
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            first = await consumer.next(timeout=2)
+            assert await first.requeue() is True
+            again = await consumer.next(timeout=1)
+            assert (again.id, again.body, again.priority, again.attempt) == (
+                sent.id,
+                sent.body,
+                1,
+                1,
+            )
+
+    # --- leases ---------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_lease_expiry_redelivers_with_next_attempt(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        lease = contract_config.lease
+        sent = envelope()
+        await broker.publish(sent)
+        async with consuming(broker) as holder, consuming(broker) as other:
+            first = await holder.next(timeout=2)
+            taken = time.monotonic()
+            # Either consumer may get the redelivery; the first consumer keeps the old one.
+            async with anyio.create_task_group() as tg:
+                got: list[Delivery] = []
+
+                async def take(consumer: Consumer) -> None:
+                    got.append(await consumer.next(timeout=lease * 2 + self.timing_slack))
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(take, holder)
+                tg.start_soon(take, other)
+            second = got[0]
+            assert time.monotonic() - taken >= lease * 0.9, "redelivered before the lease ran out"
+            assert (second.id, second.body, second.attempt) == (sent.id, sent.body, 2)
+            assert second.token != first.token
+            assert await second.ack() is True
+
+    @pytest.mark.anyio
+    async def test_stale_delivery_is_fenced(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        sent = envelope()
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            old = await consumer.next(timeout=2)
+            new = await consumer.next(timeout=contract_config.lease * 2 + self.timing_slack)
+            assert new.id == old.id
+            assert await old.extend() is False
+            assert await old.ack() is False
+            assert await old.nack("stale") is False
+            assert await old.requeue(body=b"stale") is False
+            assert await broker.dead_letters() == []
+            # The old holder's calls did nothing: the new delivery still owns the message.
+            assert await new.extend() is True
+            assert await new.ack() is True
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+    @pytest.mark.anyio
+    async def test_settling_twice_returns_false(self, broker: Broker) -> None:
+        for item in (envelope(), envelope()):
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            acked = await consumer.next(timeout=2)
+            assert await acked.ack() is True
+            assert await acked.ack() is False
+            assert await acked.nack("late") is False
+            assert await acked.extend() is False
+            nacked = await consumer.next(timeout=2)
+            assert await nacked.nack("no") is True
+            assert await nacked.requeue() is False
+        assert len(await broker.dead_letters()) == 1
+
+    @pytest.mark.anyio
+    async def test_extend_keeps_the_lease(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        lease = contract_config.lease
+        sent = envelope()
+        await broker.publish(sent)
+        async with consuming(broker) as holder, consuming(broker) as other:
+            held = await holder.next(timeout=2)
+            deadline = time.monotonic() + lease * 2.5
+            while time.monotonic() < deadline:
+                assert await held.extend() is True
+                assert await other.none_within(lease / 3) is None
+                assert await holder.none_within(0.01) is None
+            assert await held.ack() is True
+
+    @pytest.mark.anyio
+    async def test_delivery_limit_dead_letters_with_reason(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        limit, lease = contract_config.max_deliveries, contract_config.lease
+        sent = envelope()
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            attempts = []
+            for _ in range(limit):
+                delivery = await consumer.next(timeout=lease * 2 + self.timing_slack)
+                attempts.append(delivery.attempt)  # never settled: the lease runs out
+            assert attempts == list(range(1, limit + 1))
+
+            async def dead() -> list[DeadLetter]:
+                return [d for d in await broker.dead_letters() if d.id == sent.id]
+
+            letters = await wait_until(
+                dead, timeout=lease * 2 + self.timing_slack, what="the dead letter"
+            )
+            assert await consumer.none_within(0.2) is None
+        assert letters[0].body == sent.body
+        assert "deliver" in letters[0].reason.lower(), letters[0].reason
+        assert str(limit) in letters[0].reason, "the reason should name the limit"
+
+    @pytest.mark.anyio
+    async def test_consumer_exit_hands_back_unsettled(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        sent = [envelope(), envelope()]
+        for item in sent:
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            settled = await consumer.next(timeout=2)
+            unsettled = await consumer.next(timeout=2)
+            await settled.ack()
+        exited = time.monotonic()
+        async with consuming(broker) as consumer:
+            again = await consumer.next(timeout=contract_config.lease / 2, what="the hand-back")
+            assert time.monotonic() - exited < contract_config.lease / 2
+            assert again.id == unsettled.id
+            assert again.attempt == unsettled.attempt + 1
+            assert await unsettled.ack() is False
+            assert await again.ack() is True
+            assert await consumer.none_within(0.2) is None
+
+    # --- consumers ------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_bounded_prefetch_leaves_the_rest_to_others(self, broker: Broker) -> None:
+        total, prefetch = 20, 2
+        for _ in range(total):
+            await broker.publish(envelope())
+        async with consuming(broker, prefetch=prefetch) as slow:
+            await slow.next(timeout=2)  # held, never settled during the test
+            # The slow consumer may hold at most ``prefetch`` more (plus the one being handed
+            # over by the test helper): everything else must reach another consumer.
+            floor = total - 1 - prefetch - 1
+            async with consuming(broker, prefetch=total) as fast:
+                got = 0
+                while got < floor:
+                    await (await fast.next(timeout=2, what=f"message {got + 1} of {floor}")).ack()
+                    got += 1
+
+    @pytest.mark.anyio
+    async def test_concurrent_consumers_each_message_once(self, broker: Broker) -> None:
+        items = [envelope(priority=i % 3) for i in range(60)]
+        sent = {item.id for item in items}
+        for item in items:
+            await broker.publish(item)
+        received: list[str] = []
+        done = anyio.Event()
+
+        async def work(prefetch: int) -> None:
+            async with consuming(broker, prefetch=prefetch) as consumer:
+                while not done.is_set():
+                    delivery = await consumer.none_within(0.05)
+                    if delivery is None:
+                        continue
+                    received.append(delivery.id)
+                    assert await delivery.ack() is True
+                    if len(received) >= len(sent):
+                        done.set()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for prefetch in (1, 2, 5, 10):
+                    tg.start_soon(work, prefetch)
+        assert sorted(received) == sorted(sent), "a message was lost or delivered twice"
+
+    # --- cancel ---------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_cancel_queued_message(self, broker: Broker) -> None:
+        dropped, kept = envelope(), envelope()
+        await broker.publish(dropped)
+        await broker.publish(kept)
+        if self.cancel_unsupported is not None:
+            assert await broker.cancel(dropped.id) is False
+            async with consuming(broker) as consumer:
+                ids = {(await consumer.next(timeout=2)).id for _ in range(2)}
+            assert ids == {dropped.id, kept.id}, "cannot cancel, so it must still be delivered"
+            return
+        assert await broker.cancel(dropped.id) is True
+        assert await broker.cancel(dropped.id) is False
+        assert await broker.cancel("no-such-id") is False
+        async with consuming(broker) as consumer:
+            got = await consumer.next(timeout=2)
+            assert got.id == kept.id
+            await got.ack()
+            assert await consumer.none_within(0.3) is None
+
+    @pytest.mark.anyio
+    async def test_cancel_delayed_message(self, broker: Broker) -> None:
+        sent = envelope(eta=time.time() + 0.3)
+        await broker.publish(sent)
+        if self.cancel_unsupported is not None:
+            assert await broker.cancel(sent.id) is False
+            async with consuming(broker) as consumer:
+                assert (await consumer.next(timeout=2)).id == sent.id
+            return
+        assert await broker.cancel(sent.id) is True
+        async with consuming(broker) as consumer:
+            assert await consumer.none_within(0.6) is None
+        assert (await broker.stats()).delayed == 0
+
+    @pytest.mark.anyio
+    async def test_cancel_of_a_delivered_message_returns_false(self, broker: Broker) -> None:
+        sent = envelope()
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            held = await consumer.next(timeout=2)
+            assert await broker.cancel(sent.id) is False
+            assert await held.ack() is True
+
+    # --- introspection --------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_stats(self, broker: Broker) -> None:
+        for priority in (0, 0, 2):
+            await broker.publish(envelope(priority=priority))
+        await broker.publish(envelope(eta=time.time() + 60))
+        stats = await broker.stats()
+        if self.priority_stats_unsupported is None:
+            assert stats.ready_by_priority == {0: 2, 2: 1}
+        else:
+            assert sum(stats.ready_by_priority.values()) == 3
+        assert (stats.delayed, stats.in_flight, stats.dead_letters) == (1, 0, 0)
+        async with consuming(broker, prefetch=1) as consumer:
+            held = await consumer.next(timeout=2)
+
+            async def counted() -> bool:
+                stats = await broker.stats()
+                ready = sum(stats.ready_by_priority.values())
+                # A consumer may hold its prefetch besides the delivery the test has.
+                return stats.in_flight >= 1 and ready + stats.in_flight == 3
+
+            await wait_until(counted, timeout=2, what="stats to count the delivery in flight")
+            await held.nack("no")
+            stats = await broker.stats()
+            assert stats.dead_letters == 1
+            assert stats.delayed == 1
+
+    @pytest.mark.anyio
+    async def test_stats_of_an_empty_queue(self, broker: Broker) -> None:
+        stats = await broker.stats()
+        assert sum(stats.ready_by_priority.values()) == 0
+        assert (stats.delayed, stats.in_flight, stats.dead_letters) == (0, 0, 0)

@@ -1,0 +1,404 @@
+"""The storage contract suite: :class:`StorageContract`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks.components import Storage
+from qtasks.config import QueueConfig
+from qtasks.errors import ComponentNotStartedError, TaskTimeoutError
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks_testing.contract._base import ContractSuite, wait_until
+
+StorageFactory = Callable[[QueueConfig], Storage]
+
+
+def record(status: TaskStatus = TaskStatus.NEW, **fields: Any) -> TaskRecord:
+    """A record with a fresh uuid and JSON-like arguments."""
+    values: dict[str, Any] = {
+        "uuid": uuid.uuid4().hex,
+        "task_name": "contract_task",
+        "status": status,
+        "args": [1, "two", [3.5, None], {"four": True}],
+        "kwargs": {"name": "ünïcode ✓", "n": -7},
+    }
+    values.update(fields)
+    return TaskRecord(**values)
+
+
+def finished(rec: TaskRecord, status: TaskStatus = TaskStatus.SUCCESS, **fields: Any) -> TaskRecord:
+    """A copy of ``rec`` moved to ``status`` (final by default)."""
+    done = rec.copy()
+    done.status = status
+    done.updated_at = time.time()
+    for key, value in fields.items():
+        setattr(done, key, value)
+    return done
+
+
+class StorageContract(ContractSuite):
+    """The guarantees of :class:`qtasks.components.Storage`, as tests.
+
+    Subclass it (``class TestMyStorage(StorageContract)``) and provide a ``storage_factory``
+    fixture returning a callable that takes the :class:`~qtasks.config.QueueConfig` and returns an
+    **unstarted** storage on an **empty, isolated** namespace (a fresh key prefix per call). The
+    suite starts it on an :class:`~contextlib.AsyncExitStack` it closes after the test; the TTL
+    test starts a second one from the same factory with ``result_ttl=0.5``.
+    """
+
+    @pytest.fixture
+    async def storage(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> AsyncIterator[Storage]:
+        """A started storage from ``storage_factory``, stopped after the test."""
+        async with AsyncExitStack() as stack:
+            storage = storage_factory(contract_config)
+            await storage.start(stack, contract_config)
+            yield storage
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_satisfies_the_protocol(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        assert isinstance(storage_factory(contract_config), Storage)
+
+    @pytest.mark.anyio
+    async def test_use_before_start_raises(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        storage = storage_factory(contract_config)
+        with pytest.raises(ComponentNotStartedError):
+            await storage.add(record())
+
+    @pytest.mark.anyio
+    async def test_shared_start_is_reference_counted(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        """Several apps in one process may share a component: it stops with the last stack."""
+        storage = storage_factory(contract_config)
+        first, second = AsyncExitStack(), AsyncExitStack()
+        await storage.start(first, contract_config)
+        await storage.start(second, contract_config)
+        await second.aclose()
+        await storage.get("no-such-uuid")  # still started: the first stack holds it
+        await first.aclose()
+        with pytest.raises(ComponentNotStartedError):
+            await storage.get("no-such-uuid")
+
+    @pytest.mark.anyio
+    async def test_use_after_stop_raises(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        async with AsyncExitStack() as stack:
+            storage = storage_factory(contract_config)
+            await storage.start(stack, contract_config)
+        with pytest.raises(ComponentNotStartedError):
+            await storage.get("anything")
+
+    # --- records --------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_add_get_round_trip(self, storage: Storage) -> None:
+        rec = record(priority=-3, parent_uuid="p" * 32, eta=time.time() + 10)
+        await storage.add(rec)
+        assert await storage.get(rec.uuid) == rec
+        assert await storage.get(uuid.uuid4().hex) is None
+
+    @pytest.mark.anyio
+    async def test_save_overwrites_the_whole_record(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        running = finished(rec, TaskStatus.PROCESS, attempt=1, worker="w1", token="t1")
+        assert await storage.save(running) is True
+        assert await storage.get(rec.uuid) == running
+        done = finished(running, returning={"answer": [42]}, error=None)
+        assert await storage.save(done, fence="t1") is True
+        assert await storage.get(rec.uuid) == done
+
+    @pytest.mark.anyio
+    async def test_save_of_an_unknown_record_stores_it(self, storage: Storage) -> None:
+        rec = record(TaskStatus.PROCESS, token="t1")
+        assert await storage.save(rec, fence="t1") is True
+        assert await storage.get(rec.uuid) == rec
+
+    @pytest.mark.anyio
+    async def test_fenced_save_refused_for_another_token(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        # A stored record without a token accepts any fence.
+        newer = finished(rec, TaskStatus.PROCESS, attempt=2, token="new-token")
+        assert await storage.save(newer, fence="whatever") is True
+        stale = finished(rec, TaskStatus.SUCCESS, attempt=1, token="old-token", returning=1)
+        assert await storage.save(stale, fence="old-token") is False
+        assert await storage.get(rec.uuid) == newer
+        ok = finished(newer, returning=2)
+        assert await storage.save(ok, fence="new-token") is True
+        assert await storage.get(rec.uuid) == ok
+
+    @pytest.mark.anyio
+    async def test_final_record_not_overwritten_by_non_final(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        done = finished(rec, returning="result")
+        assert await storage.save(done) is True
+        for status in (TaskStatus.NEW, TaskStatus.PROCESS, TaskStatus.RETRY):
+            assert await storage.save(finished(rec, status)) is False
+        assert await storage.get(rec.uuid) == done
+
+    # --- cancel ---------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_begin_marks_the_attempt_and_keeps_other_fields(self, storage: Storage) -> None:
+        rec = record(parent_uuid="parent-1")
+        await storage.add(rec)
+        claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=2, token="tok-2")
+        claim.worker = "worker-a"
+        begun = await storage.begin(claim)
+        assert begun.status is TaskStatus.PROCESS
+        assert (begun.attempt, begun.token, begun.worker) == (2, "tok-2", "worker-a")
+        assert begun.parent_uuid == "parent-1"  # kept from the stored record
+        assert begun.args == rec.args
+        assert begun.updated_at >= rec.updated_at
+        stored = await storage.get(rec.uuid)
+        assert stored is not None
+        assert (stored.status, stored.attempt, stored.token) == (TaskStatus.PROCESS, 2, "tok-2")
+        # the begun attempt's token fences writes from then on
+        stale = finished(stored, token="tok-1")
+        assert await storage.save(stale, fence="tok-1") is False
+        assert await storage.save(finished(stored), fence="tok-2") is True
+
+    @pytest.mark.anyio
+    async def test_begin_without_a_stored_record_stores_it(self, storage: Storage) -> None:
+        claim = record(status=TaskStatus.PROCESS, attempt=1, token="t1")
+        begun = await storage.begin(claim)
+        assert (begun.uuid, begun.status, begun.attempt) == (claim.uuid, TaskStatus.PROCESS, 1)
+        stored = await storage.get(claim.uuid)
+        assert stored is not None
+        assert stored.args == claim.args
+
+    @pytest.mark.anyio
+    async def test_begin_leaves_a_final_record_alone(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        cancelled = await storage.cancel(rec.uuid, "not wanted")
+        assert cancelled is not None
+        claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="late")
+        begun = await storage.begin(claim)
+        assert begun.status is TaskStatus.CANCEL
+        assert begun.cancel_reason == "not wanted"
+        stored = await storage.get(rec.uuid)
+        assert stored is not None
+        assert stored.status is TaskStatus.CANCEL
+        assert stored.token != "late"
+
+    @pytest.mark.anyio
+    async def test_cancel_marks_a_pending_record(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        cancelled = await storage.cancel(rec.uuid, "user asked")
+        assert cancelled is not None
+        assert (cancelled.status, cancelled.cancel_reason) == (TaskStatus.CANCEL, "user asked")
+        stored = await storage.get(rec.uuid)
+        assert stored is not None
+        assert (stored.status, stored.cancel_reason) == (TaskStatus.CANCEL, "user asked")
+        assert (stored.args, stored.kwargs) == (rec.args, rec.kwargs)
+
+    @pytest.mark.anyio
+    async def test_cancel_leaves_final_records_and_unknown_is_none(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        done = finished(rec, returning=5)
+        await storage.save(done)
+        assert await storage.cancel(rec.uuid, "too late") == done
+        assert await storage.get(rec.uuid) == done
+        assert await storage.cancel(uuid.uuid4().hex, "nobody") is None
+
+    @pytest.mark.anyio
+    async def test_cancel_wakes_waiters(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        async with anyio.create_task_group() as tg:
+            got: list[TaskRecord] = []
+
+            async def waiter() -> None:
+                got.append(await storage.wait(rec.uuid, timeout=5))
+
+            tg.start_soon(waiter)
+            await anyio.sleep(0.05)  # let the waiter block first (it must work either way)
+            await storage.cancel(rec.uuid, "stop")
+        assert got[0].status is TaskStatus.CANCEL
+
+    # --- waiting --------------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_wait_returns_a_final_record_at_once(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        done = finished(rec, TaskStatus.ERROR, error="ValueError: x", traceback="Traceback...")
+        await storage.save(done)
+        with anyio.fail_after(1):
+            assert await storage.wait(rec.uuid, timeout=1) == done
+
+    @pytest.mark.anyio
+    async def test_wait_is_woken_by_save_not_polled(self, storage: Storage) -> None:
+        latencies = []
+        for _ in range(5):
+            rec = record()
+            await storage.add(rec)
+            woken = anyio.Event()
+            result: list[TaskRecord] = []
+
+            async def waiter(
+                uuid: str = rec.uuid, woken: anyio.Event = woken, result: list[TaskRecord] = result
+            ) -> None:
+                result.append(await storage.wait(uuid, timeout=5))
+                woken.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                # Non-final saves must not end the wait.
+                await anyio.sleep(0.05)
+                await storage.save(finished(rec, TaskStatus.PROCESS))
+                await anyio.sleep(0.05)
+                assert not woken.is_set(), "wait returned for a non-final record"
+                saved = time.monotonic()
+                await storage.save(finished(rec, returning="done"))
+                with anyio.fail_after(2):
+                    await woken.wait()
+                latencies.append(time.monotonic() - saved)
+            assert result[0].returning == "done"
+        # A median over 5 rounds tolerates one scheduling hiccup; a poller of 100 ms or more
+        # lands around 50 ms or above.
+        assert statistics.median(latencies) < 0.03, f"wake-up latencies {latencies}"
+
+    @pytest.mark.anyio
+    async def test_every_waiter_is_woken(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        got: list[TaskRecord] = []
+
+        async def waiter() -> None:
+            got.append(await storage.wait(rec.uuid, timeout=5))
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(waiter)
+                await anyio.sleep(0.05)
+                await storage.save(finished(rec))
+        assert len(got) == 10
+        assert all(r.status is TaskStatus.SUCCESS for r in got)
+
+    @pytest.mark.anyio
+    async def test_wait_timeout_raises(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        started = time.monotonic()
+        with pytest.raises(TaskTimeoutError) as caught:
+            await storage.wait(rec.uuid, timeout=0.3)
+        waited = time.monotonic() - started
+        assert caught.value.uuid == rec.uuid
+        assert 0.29 <= waited < 0.3 + self.timing_slack
+
+    # --- generator steps ------------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_steps_are_indexed_and_read_back_in_order(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        values = [0, "one", {"two": [2]}, None, 4.5]
+        assert [await storage.add_step(rec.uuid, v) for v in values] == [0, 1, 2, 3, 4]
+        await storage.save(finished(rec, steps=len(values)))
+        assert [s async for s in storage.steps(rec.uuid)] == values
+        assert [s async for s in storage.steps(rec.uuid, start=3)] == values[3:]
+        stored = await storage.get(rec.uuid)
+        assert stored is not None
+        assert stored.steps == len(values)
+
+    @pytest.mark.anyio
+    async def test_steps_follow_live_until_final(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        seen: list[Any] = []
+        step_seen = anyio.Event()
+        ended = anyio.Event()
+
+        async def follow() -> None:
+            nonlocal step_seen
+            async for value in storage.steps(rec.uuid):
+                seen.append(value)
+                step_seen.set()
+            ended.set()
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                for i in range(5):
+                    step_seen = anyio.Event()
+                    added = time.monotonic()
+                    await storage.add_step(rec.uuid, {"i": i})
+                    await step_seen.wait()
+                    assert time.monotonic() - added < self.timing_slack
+                assert not ended.is_set(), "steps() ended before the record was final"
+                await storage.save(finished(rec, steps=5))
+                await ended.wait()
+        assert seen == [{"i": i} for i in range(5)]
+
+    @pytest.mark.anyio
+    async def test_steps_of_a_final_record_end(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        await storage.save(finished(rec))
+        with anyio.fail_after(2):
+            assert [s async for s in storage.steps(rec.uuid)] == []
+
+    # --- expiry and stats -----------------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_final_records_expire_after_result_ttl(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        config = contract_config.merged(result_ttl=0.5)
+        async with AsyncExitStack() as stack:
+            storage = storage_factory(config)
+            await storage.start(stack, config)
+            pending, done = record(), record()
+            await storage.add(pending)
+            await storage.add(done)
+            await storage.save(finished(done))
+            assert await storage.get(done.uuid) is not None
+
+            async def gone() -> bool:
+                return await storage.get(done.uuid) is None
+
+            saved = time.monotonic()
+            await wait_until(gone, timeout=0.5 + 1.0, what="the final record to expire")
+            assert time.monotonic() - saved >= 0.4
+            # Only final records expire.
+            assert await storage.get(pending.uuid) == pending
+
+    @pytest.mark.anyio
+    async def test_stats_count_records_by_status(self, storage: Storage) -> None:
+        assert _nonzero(await storage.stats()) == {}
+        records = [record() for _ in range(4)]
+        for rec in records:
+            await storage.add(rec)
+        await storage.save(finished(records[0]))
+        await storage.save(finished(records[1], TaskStatus.ERROR))
+        await storage.save(finished(records[2], TaskStatus.PROCESS))
+        assert _nonzero(await storage.stats()) == {"new": 1, "process": 1, "success": 1, "error": 1}
+
+
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    """Statuses with no records may be reported as 0 or left out."""
+    return {status: n for status, n in counts.items() if n}

@@ -1,0 +1,53 @@
+"""Shared fixtures: the anyio backend and the real services (Redis, RabbitMQ).
+
+A service test that cannot reach its server skips with the reason locally and fails when the
+``CI`` environment variable is set, so CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether a TCP server answers at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (locally) or fail (under CI) when the service is down."""
+    if reachable(host, port):
+        return
+    reason = f"{name} is not reachable at {host}:{port}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: service tests must not skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """URL of the real Redis server (db 0); the test skips/fails if it is down."""
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    """URL of the real RabbitMQ server; the test skips/fails if it is down."""
+    require_service("RabbitMQ", RABBITMQ_HOST, RABBITMQ_PORT)
+    return f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/"

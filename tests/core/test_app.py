@@ -1,0 +1,473 @@
+"""The async app end to end with an in-process worker and the in-memory components."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, TaskTimeoutError, hookimpl
+from qtasks.errors import (
+    MessageTooLargeError,
+    QTasksError,
+    SerializationError,
+    TaskArgumentsError,
+    TaskNotFoundError,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[AsyncQueueTasks]:
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=4, lease=2.0, shutdown_grace=2.0))
+    yield app
+    await app.aclose()
+
+
+async def test_add_task_returns_new_record_then_result(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    task = await add.add_task(2, 3)
+    assert task.status is TaskStatus.NEW
+    assert (task.task_name, task.args, task.kwargs) == ("add", [2, 3], {})
+    stored = await app.get(task.uuid)
+    assert stored is not None and stored.status is TaskStatus.NEW
+    async with app:
+        done = await task.wait_result(timeout=5)
+    assert done.status is TaskStatus.SUCCESS
+    assert done.returning == 5
+    assert done.attempt == 1
+    assert done.updated_at >= done.created_at
+
+
+async def test_timeout_raises_and_never_returns_none(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def slow() -> None: ...
+
+    # No worker runs, so the task cannot finish.
+    with pytest.raises(TaskTimeoutError) as info:
+        await app.add_task("slow", timeout=0.05)
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, QTasksError)
+
+
+async def test_wait_for_unknown_uuid(app: AsyncQueueTasks) -> None:
+    with pytest.raises(TaskNotFoundError):
+        await app.wait("nope", timeout=1)
+    assert await app.get("nope") is None
+
+
+async def test_timeout_waits_for_the_result(app: AsyncQueueTasks) -> None:
+    @app.task
+    def mul(a: int, b: int) -> int:
+        return a * b
+
+    async with app:
+        record = await app.add_task("mul", 6, 7, timeout=5)
+    assert record.status is TaskStatus.SUCCESS and record.returning == 42
+
+
+async def test_task_with_reserved_parameter_names(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def schedule(priority: str, timeout: int) -> str:
+        return f"{priority}/{timeout}"
+
+    async with app:
+        task = await schedule.enqueue(kwargs={"priority": "high", "timeout": 3}, timeout=5)
+        other = await app.enqueue("schedule", ["low", 1], timeout=5)
+    assert task.returning == "high/3"
+    assert other.returning == "low/1"
+
+
+async def test_sync_task_runs_in_a_thread_and_does_not_block_the_loop(
+    app: AsyncQueueTasks,
+) -> None:
+    release = threading.Event()
+
+    @app.task
+    def blocking() -> str:
+        assert release.wait(5), "never released"
+        return threading.current_thread().name
+
+    @app.task
+    async def quick() -> str:
+        release.set()
+        return "ok"
+
+    async with app:
+        slow = await app.add_task("blocking")
+        # The blocking task holds a thread; an async task still runs and releases it.
+        assert (await app.add_task("quick", timeout=5)).returning == "ok"
+        done = await slow.wait_result(5)
+    assert done.status is TaskStatus.SUCCESS
+    assert done.returning != threading.main_thread().name
+
+
+async def test_priority_order_lower_first_fifo_within() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=1, prefetch=0))
+    order: list[str] = []
+
+    @app.task
+    async def record(label: str) -> None:
+        order.append(label)
+
+    for label, priority in [("c1", 5), ("a1", 1), ("b1", 3), ("a2", 1), ("c2", 5), ("b2", 3)]:
+        await app.add_task("record", label, priority=priority)
+    last = await app.add_task("record", "z", priority=9)
+    async with app:
+        await last.wait_result(5)
+    await app.aclose()
+    assert order == ["a1", "a2", "b1", "b2", "c1", "c2", "z"]
+
+
+async def test_task_default_priority_applies() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=1, prefetch=0))
+    order: list[str] = []
+
+    @app.task(priority=9)
+    async def low() -> None:
+        order.append("low")
+
+    @app.task(priority=0)
+    async def high() -> None:
+        order.append("high")
+
+    await app.add_task("low")
+    last = await app.add_task("high")
+    async with app:
+        await last.wait_result(5)
+        await anyio.wait_all_tasks_blocked() if hasattr(anyio, "wait_all_tasks_blocked") else None
+    await app.aclose()
+    assert order[0] == "high"
+
+
+async def test_delayed_task_waits_for_its_eta(app: AsyncQueueTasks) -> None:
+    ran_at: list[float] = []
+
+    @app.task
+    async def later() -> None:
+        ran_at.append(time.time())
+
+    async with app:
+        start = time.time()
+        task = await app.add_task("later", delay=0.3)
+        assert (await app.get(task.uuid)).status is TaskStatus.NEW  # type: ignore[union-attr]
+        await task.wait_result(5)
+    assert ran_at and ran_at[0] >= start + 0.3
+
+
+async def test_absolute_eta(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def at() -> float:
+        return time.time()
+
+    async with app:
+        eta = time.time() + 0.2
+        done = await app.add_task("at", eta=eta, timeout=5)
+    assert done.returning >= eta
+
+
+async def test_cancel_queued_task_never_runs(app: AsyncQueueTasks) -> None:
+    ran: list[int] = []
+
+    @app.task
+    async def job() -> None:
+        ran.append(1)
+
+    task = await app.add_task("job")
+    cancelled = await app.cancel(task.uuid, "not needed")
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+    marker = await app.add_task("job")
+    async with app:
+        await marker.wait_result(5)
+        final = await task.wait_result(1)
+    assert final.status is TaskStatus.CANCEL and final.cancel_reason == "not needed"
+    assert ran == [1]  # only the marker ran
+
+
+async def test_cancel_running_async_task(app: AsyncQueueTasks) -> None:
+    started = anyio.Event()
+
+    @app.task
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with app:
+        task = await app.add_task("forever")
+        with anyio.fail_after(5):
+            await started.wait()
+        await app.cancel(task.uuid, "stop it")
+        final = await task.wait_result(5)
+    assert final.status is TaskStatus.CANCEL
+    assert final.cancel_reason == "stop it"
+
+
+async def test_max_time_async_task(app: AsyncQueueTasks) -> None:
+    cancelled = anyio.Event()
+
+    @app.task(max_time=0.1)
+    async def too_long() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async with app:
+        final = await app.add_task("too_long", timeout=5)
+    assert final.status is TaskStatus.ERROR
+    assert "max_time" in (final.error or "")
+    assert cancelled.is_set()
+
+
+async def test_max_time_sync_task_record_says_error_at_deadline(app: AsyncQueueTasks) -> None:
+    release = threading.Event()
+
+    @app.task(max_time=0.1)
+    def stuck() -> None:
+        release.wait(5)
+
+    async with app:
+        start = time.monotonic()
+        final = await app.add_task("stuck", timeout=5)
+        elapsed = time.monotonic() - start
+        release.set()
+    assert final.status is TaskStatus.ERROR and "max_time" in (final.error or "")
+    assert elapsed < 4  # recorded at the deadline, not when the thread ended
+
+
+async def test_retry_until_success_keeps_attempts(app: AsyncQueueTasks) -> None:
+    calls: list[int] = []
+
+    @app.task(retry=2, retry_backoff=0)
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError(f"boom {len(calls)}")
+        return "ok"
+
+    async with app:
+        final = await app.add_task("flaky", timeout=5)
+    assert final.status is TaskStatus.SUCCESS and final.returning == "ok"
+    assert final.attempt == 3 and len(calls) == 3
+
+
+async def test_retry_exhausted_keeps_last_traceback(app: AsyncQueueTasks) -> None:
+    @app.task(retry=1, retry_backoff=0)
+    async def broken() -> None:
+        raise ValueError("always")
+
+    async with app:
+        final = await app.add_task("broken", timeout=5)
+    assert final.status is TaskStatus.ERROR
+    assert final.attempt == 2
+    assert "ValueError: always" in (final.traceback or "")
+
+
+async def test_retry_on_exc_matches_subclasses_only(app: AsyncQueueTasks) -> None:
+    calls: dict[str, int] = {"sub": 0, "other": 0}
+
+    @app.task(retry=1, retry_on_exc=[OSError], retry_backoff=0)
+    async def sub() -> None:
+        calls["sub"] += 1
+        raise ConnectionResetError("subclass of OSError")
+
+    @app.task(retry=3, retry_on_exc=OSError, retry_backoff=0)
+    async def other() -> None:
+        calls["other"] += 1
+        raise KeyError("not an OSError")
+
+    async with app:
+        a = await app.add_task("sub", timeout=5)
+        b = await app.add_task("other", timeout=5)
+    assert (a.status, calls["sub"]) == (TaskStatus.ERROR, 2)
+    assert (b.status, calls["other"]) == (TaskStatus.ERROR, 1)
+
+
+async def test_retry_backoff_goes_through_delayed_delivery(app: AsyncQueueTasks) -> None:
+    times: list[float] = []
+
+    @app.task(retry=1, retry_backoff=0.2)
+    async def again() -> None:
+        times.append(time.monotonic())
+        if len(times) == 1:
+            raise RuntimeError("first")
+
+    retried: list[tuple[str, float]] = []
+
+    class SeeRetry:
+        @hookimpl
+        async def qtasks_worker_task_retry(self, app: AsyncQueueTasks, record: Any, delay: float):
+            stored = await app.get(record.uuid)
+            retried.append((stored.status.value if stored else "?", delay))
+
+    app.add_plugin(SeeRetry())
+    async with app:
+        final = await app.add_task("again", timeout=5)
+    assert final.status is TaskStatus.SUCCESS
+    assert retried[0][0] == "retry"  # the record said retry while it waited
+    assert 0.1 <= retried[0][1] <= 0.2
+    # equal jitter: between half and all of the 0.2 s base delay
+    assert times[1] - times[0] >= 0.1
+
+
+async def test_generators_send_handler_results_back(app: AsyncQueueTasks) -> None:
+    seen: list[Any] = []
+
+    async def handler(value: int) -> int:
+        return value * 10
+
+    @app.task(generate_handler=handler)
+    def sync_gen():  # type: ignore[no-untyped-def]
+        step = yield 1
+        seen.append(step)
+        step = yield 2
+        seen.append(step)
+        return "final"
+
+    @app.task(generate_handler=lambda v: v + 1)
+    async def async_gen():  # type: ignore[no-untyped-def]
+        step = yield 1
+        seen.append(step)
+        yield step
+
+    async with app:
+        a = await app.add_task("sync_gen", timeout=5)
+        b = await app.add_task("async_gen", timeout=5)
+        steps = [s async for s in b.stream(timeout=5)]
+    assert a.returning == "final"
+    assert b.returning == [2, 3]
+    assert seen == [10, 20, 2]
+    assert steps == [2, 3]
+
+
+async def test_sync_generator_without_return_gives_handler_results(app: AsyncQueueTasks) -> None:
+    @app.task
+    def gen(n: int):  # type: ignore[no-untyped-def]
+        yield from range(n)
+
+    async with app:
+        done = await app.add_task("gen", 3, timeout=5)
+    assert done.returning == [0, 1, 2]
+
+
+async def test_decode_encodes_result(app: AsyncQueueTasks) -> None:
+    @app.task(decode=lambda r: {"wrapped": sorted(r)})
+    async def as_set() -> set[int]:
+        return {3, 1, 2}
+
+    async with app:
+        done = await app.add_task("as_set", timeout=5)
+    assert done.returning == {"wrapped": [1, 2, 3]}
+
+
+async def test_unserializable_result_is_a_clear_error(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def returns_object() -> object:
+        return object()
+
+    @app.task
+    async def fine() -> int:
+        return 1
+
+    async with app:
+        bad = await app.add_task("returns_object", timeout=5)
+        good = await app.add_task("fine", timeout=5)
+    assert bad.status is TaskStatus.ERROR
+    assert "cannot be stored" in (bad.error or "")
+    assert good.returning == 1
+
+
+async def test_unserializable_arguments_fail_before_sending(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def takes(x: object) -> None: ...
+
+    with pytest.raises(SerializationError):
+        await app.add_task("takes", object())
+    stats = await app.broker.stats()
+    assert sum(stats.ready_by_priority.values()) == 0
+    assert await app.storage.stats() == {}
+
+
+async def test_wrong_arguments_for_a_known_task_fail_in_add_task(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def two(a: int, b: int) -> None: ...
+
+    with pytest.raises(TaskArgumentsError, match="two"):
+        await app.add_task("two", 1)
+
+
+async def test_oversized_payload_is_refused() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(max_message_size=1000))
+
+    @app.task
+    async def big(data: str) -> None: ...
+
+    with pytest.raises(MessageTooLargeError):
+        await app.add_task("big", "x" * 2000)
+    await app.aclose()
+
+
+async def test_worker_survives_failures_and_keeps_serving(app: AsyncQueueTasks) -> None:
+    @app.task
+    async def fails(i: int) -> None:
+        raise RuntimeError(f"task {i}")
+
+    @app.task
+    async def ok(i: int) -> int:
+        return i
+
+    async with app:
+        failed = [await app.add_task("fails", i) for i in range(20)]
+        results = [await app.add_task("ok", i, timeout=5) for i in range(5)]
+        finals = [await t.wait_result(5) for t in failed]
+    assert {f.status for f in finals} == {TaskStatus.ERROR}
+    assert [r.returning for r in results] == list(range(5))
+
+
+async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> None:
+    broker_app = AsyncQueueTasks(
+        config=QueueConfig(max_tasks_process=1, prefetch=5, shutdown_grace=5)
+    )
+    started = anyio.Event()
+    release = anyio.Event()
+
+    @broker_app.task
+    async def hold() -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    @broker_app.task
+    async def queued(i: int) -> int:
+        return i
+
+    # Keep the components started past the app's own stop, to inspect them afterwards.
+    inspect_stack = AsyncExitStack()
+    await broker_app.broker.start(inspect_stack, broker_app.config)
+    await broker_app.storage.start(inspect_stack, broker_app.config)
+    async with broker_app:
+        running = await broker_app.add_task("hold")
+        with anyio.fail_after(5):
+            await started.wait()
+        waiting = [await broker_app.add_task("queued", i) for i in range(3)]
+        # stop while one runs and three wait locally
+        broker_app.worker.stop()
+        release.set()
+    final = await broker_app.storage.get(running.uuid)
+    assert final is not None and final.status is TaskStatus.SUCCESS
+    stats = await broker_app.broker.stats()
+    # the waiting ones went back to the broker, not lost and not run
+    assert sum(stats.ready_by_priority.values()) == 3
+    for task in waiting:
+        record = await broker_app.storage.get(task.uuid)
+        assert record is not None and record.status is TaskStatus.NEW
+    await inspect_stack.aclose()

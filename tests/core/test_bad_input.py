@@ -1,0 +1,129 @@
+"""Bad input reaching a worker: a clear error, nothing lost silently, the worker keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
+from qtasks.components import DeadLetter
+from qtasks.messages import Envelope, Message
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def apps() -> AsyncIterator[tuple[AsyncQueueTasks, AsyncQueueTasks]]:
+    """A producer that knows no tasks and a worker app, sharing one broker and storage."""
+    broker, storage = MemoryBroker(), MemoryStorage()
+    producer = AsyncQueueTasks("producer", broker=broker, storage=storage)
+    worker = AsyncQueueTasks("worker", broker=broker, storage=storage, config=QueueConfig())
+
+    @worker.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    worker.add_plugin(Rejections(), name="rejections")
+
+    await producer.start()
+    async with worker:
+        yield producer, worker
+    await producer.aclose()
+
+
+class Rejections:
+    """Sets an event per message id when the worker rejects (dead-letters) it."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, anyio.Event] = {}
+
+    def event(self, id: str) -> anyio.Event:
+        return self.events.setdefault(id, anyio.Event())
+
+    @hookimpl
+    def qtasks_task_rejected(self, delivery: Any) -> None:
+        self.event(delivery.id).set()
+
+
+async def dead_letter(app: AsyncQueueTasks, id: str) -> DeadLetter:
+    """Wait until the worker rejected message ``id``; return its dead letter."""
+    plugin = app.hooks.pm.get_plugin("rejections")
+    with anyio.fail_after(5):
+        await plugin.event(id).wait()
+    letters = {letter.id: letter for letter in await app.broker.dead_letters()}
+    return letters[id]
+
+
+async def test_unknown_task_name(apps: tuple[AsyncQueueTasks, AsyncQueueTasks]) -> None:
+    producer, worker = apps
+    task = await producer.add_task("no_such_task", 1)
+    final = await task.wait_result(5)
+    assert final.status is TaskStatus.ERROR
+    assert "unknown task 'no_such_task'" in (final.error or "")
+    letter = await dead_letter(worker, task.uuid)
+    assert "unknown task" in letter.reason
+    # still serving
+    assert (await producer.add_task("add", 1, 2, timeout=5)).returning == 3
+
+
+async def test_wrong_arguments(apps: tuple[AsyncQueueTasks, AsyncQueueTasks]) -> None:
+    producer, worker = apps
+    task = await producer.add_task("add", 1, 2, 3)
+    final = await task.wait_result(5)
+    assert final.status is TaskStatus.ERROR
+    assert "wrong arguments" in (final.error or "")
+    assert "wrong arguments" in (await dead_letter(worker, task.uuid)).reason
+    assert (await producer.add_task("add", 2, 2, timeout=5)).returning == 4
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe not utf8", b"{not json", b"[1, 2]", b'{"uuid": "x"}', b'{"uuid": 1, "task": 2,'],
+)
+async def test_undecodable_message(
+    apps: tuple[AsyncQueueTasks, AsyncQueueTasks], body: bytes
+) -> None:
+    producer, worker = apps
+    await worker.broker.publish(Envelope(id="poison", body=body))
+    letter = await dead_letter(worker, "poison")
+    assert letter.body == body  # kept intact for an operator
+    assert "undecodable message" in letter.reason
+    assert (await producer.add_task("add", 1, 1, timeout=5)).returning == 2
+
+
+async def test_message_without_record_still_runs(
+    apps: tuple[AsyncQueueTasks, AsyncQueueTasks],
+) -> None:
+    _, worker = apps
+    finished = anyio.Event()
+
+    class Done:
+        @hookimpl
+        def qtasks_task_succeeded(self) -> None:
+            finished.set()
+
+    worker.add_plugin(Done())
+    message = Message(uuid="raw-1", task_name="add", args=[5, 6])
+    await worker.broker.publish(worker.codec.encode(message))
+    with anyio.fail_after(5):
+        await finished.wait()
+    final = await worker.wait("raw-1", 5)
+    assert final.returning == 11
+
+
+async def test_dead_letters_can_be_requeued(apps: tuple[AsyncQueueTasks, AsyncQueueTasks]) -> None:
+    producer, worker = apps
+    task = await producer.add_task("missing_for_now")
+    await dead_letter(worker, task.uuid)
+
+    @worker.task
+    async def missing_for_now() -> str:
+        return "deployed"
+
+    # An operator deploys the task, then requeues the dead letter.
+    assert await worker.requeue_dead_letters([task.uuid]) == 1
+    assert await worker.dead_letters() == []
+    assert (await task.wait_result(5)).returning == "deployed"

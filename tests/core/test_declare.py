@@ -1,0 +1,130 @@
+"""Declaring tasks: options are checked at declaration time; the decorated object stays callable."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueTasks, TaskDeclarationError
+from qtasks.errors import QTasksError
+from qtasks.task import TaskKind
+
+
+def test_bare_decorator_keeps_function_callable() -> None:
+    app = AsyncQueueTasks()
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    assert add(2, 3) == 5
+    assert app.tasks["add"] is add
+    assert add.kind is TaskKind.SYNC
+
+
+def test_named_task_and_kinds() -> None:
+    app = AsyncQueueTasks()
+
+    @app.task("custom", priority=3, tags=["a"], description="d", extra_flag=True)
+    async def coro() -> None: ...
+
+    @app.task
+    def gen():  # type: ignore[no-untyped-def]
+        yield 1
+
+    @app.task
+    async def agen():  # type: ignore[no-untyped-def]
+        yield 1
+
+    assert app.tasks["custom"].options.priority == 3
+    assert app.tasks["custom"].options.tags == ("a",)
+    assert app.tasks["custom"].options.extra == {"extra_flag": True}
+    assert coro.kind is TaskKind.ASYNC
+    assert gen.kind is TaskKind.SYNC_GEN
+    assert agen.kind is TaskKind.ASYNC_GEN
+
+
+def test_duplicate_name_is_an_error() -> None:
+    app = AsyncQueueTasks()
+
+    @app.task
+    def job() -> None: ...
+
+    with pytest.raises(TaskDeclarationError, match="already registered"):
+
+        @app.task(name="job")
+        def other() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("priority", "high"),
+        ("echo", 1),
+        ("max_time", -1),
+        ("retry", "3"),
+        ("retry_on_exc", ["ValueError"]),
+        ("decode", 42),
+        ("generate_handler", "x"),
+        ("tags", [1]),
+        ("retry_backoff", "fast"),
+    ],
+)
+def test_wrong_option_type_is_an_error(option: str, value: object) -> None:
+    app = QueueTasks()
+    with pytest.raises(TaskDeclarationError, match=option) as info:
+
+        @app.task(**{option: value})
+        def job() -> None: ...
+
+    assert isinstance(info.value, QTasksError)
+    assert "job" not in app.tasks
+
+
+def test_echo_needs_a_parameter() -> None:
+    app = AsyncQueueTasks()
+    with pytest.raises(TaskDeclarationError, match="echo"):
+
+        @app.task(echo=True)
+        def job() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "ok"),
+    [
+        ((1, 2), {}, True),
+        ((1,), {"b": 2}, True),
+        ((), {"a": 1, "b": 2}, True),
+        ((1,), {}, False),
+        ((1, 2, 3), {}, False),
+        ((1,), {"a": 2}, False),
+        ((), {"a": 1, "c": 2}, False),
+    ],
+)
+def test_argument_check(args: tuple[int, ...], kwargs: dict[str, int], ok: bool) -> None:
+    from qtasks.errors import TaskArgumentsError
+
+    app = AsyncQueueTasks()
+
+    @app.task
+    def plain(a: int, b: int) -> None: ...
+
+    @app.task
+    def with_default(a: int, b: int = 0, *rest: int) -> None: ...
+
+    def fits(task: object) -> bool:
+        try:
+            task.check_arguments(args, kwargs)  # type: ignore[attr-defined]
+        except TaskArgumentsError:
+            return False
+        return True
+
+    assert fits(plain) is ok
+    # the general path agrees with inspect's own binding
+    try:
+        inspect.signature(with_default).bind(*args, **kwargs)
+        expected = True
+    except TypeError:
+        expected = False
+    assert fits(with_default) is expected

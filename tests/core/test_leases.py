@@ -1,0 +1,70 @@
+"""Leases are renewed while a task runs: a task longer than the lease runs exactly once."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_task_three_times_longer_than_lease_runs_once() -> None:
+    broker, storage = MemoryBroker(), MemoryStorage()
+    config = QueueConfig(lease=0.3, max_tasks_process=1, prefetch=1)
+    runs: list[str] = []
+    apps = [
+        AsyncQueueTasks(f"w{i}", broker=broker, storage=storage, config=config) for i in range(2)
+    ]
+    for app in apps:
+
+        @app.task(name="long")
+        async def long(app_name: str = app.name) -> None:
+            runs.append(app_name)
+            await anyio.sleep(0.9)  # the task's own work: three leases long
+
+        @app.task(name="short")
+        async def short() -> None: ...
+
+    async with apps[0], apps[1]:
+        first = await apps[0].add_task("long")
+        queued = [await apps[0].add_task("long") for _ in range(2)]
+        final = await first.wait_result(10)
+        for task in queued:
+            assert (await task.wait_result(10)).status is TaskStatus.SUCCESS
+    assert final.status is TaskStatus.SUCCESS
+    assert final.attempt == 1
+    assert len(runs) == 3  # three tasks, each exactly once, none re-delivered
+    for app in apps:
+        await app.aclose()
+
+
+async def test_lost_lease_result_is_refused() -> None:
+    """A worker that lost its lease cannot overwrite the newer attempt's record."""
+    broker, storage = MemoryBroker(lease=0.2), MemoryStorage()
+    config = QueueConfig()
+    app = AsyncQueueTasks(broker=broker, storage=storage, config=config)
+    await app.start()
+    task = await app.add_task("anything")
+    async with broker.consume(prefetch=1) as deliveries:
+        iterator = deliveries.__aiter__()
+        old = await iterator.__anext__()
+        record = await storage.get(task.uuid)
+        assert record is not None
+        record.token = old.token
+        await storage.save(record)
+        # no extend(): the lease runs out and the message is delivered again
+        with anyio.fail_after(5):
+            new = await iterator.__anext__()
+        assert new.attempt == 2
+        assert new.token != old.token
+        record.token = new.token
+        await storage.save(record)  # the new attempt claims the record
+        stale = await storage.get(task.uuid)
+        assert stale is not None
+        stale.status, stale.returning = TaskStatus.SUCCESS, "stale"
+        assert await storage.save(stale, fence=old.token) is False
+        assert await old.ack() is False
+        assert await new.ack() is True
+    await app.aclose()
