@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -140,8 +141,8 @@ def _wait_counter(client: Any, key: str, n: int, deadline_s: float) -> float:
 
 
 def _pct(sorted_ms: list[float], q: float) -> float:
-    # Nearest-rank percentile: the value at or below which q of the samples fall.
-    index = max(0, min(len(sorted_ms) - 1, int(round(q * len(sorted_ms) + 0.5)) - 1))
+    # Nearest-rank percentile: the smallest sample with at least q of the samples at or below it.
+    index = max(0, min(len(sorted_ms) - 1, math.ceil(q * len(sorted_ms)) - 1))
     return round(sorted_ms[index], 3)
 
 

@@ -44,7 +44,8 @@ class Ops:
 
 def worker() -> None:
     # The Redis consumer polls with backoff up to worker_timeout (default 1000 ms).
-    os.environ["dramatiq_worker_timeout"] = str(int(c.POLL * 1000))
+    # dramatiq reads this exact lower-case name.
+    os.environ["dramatiq_worker_timeout"] = str(int(c.POLL * 1000))  # noqa: SIM112
     c.exec_cli(
         "dramatiq",
         "peer_dramatiq",

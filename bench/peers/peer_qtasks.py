@@ -15,20 +15,20 @@ try:
     from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
     if BROKER == "amqp":
-        from qtasks_rabbitmq import RabbitMQBroker
+        from qtasks_rabbitmq import RabbitMQBroker, Topology
 except ImportError as exc:
     c.skip(f"qtasks {BROKER} backend not importable yet ({exc})")
 
 
 def build_app() -> Any:
     if BROKER == "amqp":
-        broker: Any = RabbitMQBroker(url=c.AMQP_URL, name=c.QUEUE)
+        broker: Any = RabbitMQBroker(c.AMQP_URL, queue=c.QUEUE)
     else:
-        broker = RedisBroker(url=c.REDIS_URL, name=c.QUEUE)
+        broker = RedisBroker(c.REDIS_URL, queue=c.QUEUE)
     return AsyncQueueTasks(
         broker=broker,
-        storage=RedisStorage(url=c.REDIS_URL, name=c.QUEUE),
-        global_config=RedisGlobalConfig(url=c.REDIS_URL, name=c.QUEUE),
+        storage=RedisStorage(c.REDIS_URL),
+        global_config=RedisGlobalConfig(c.REDIS_URL),
         config=QueueConfig(max_tasks_process=c.CONCURRENCY),
     )
 
@@ -67,6 +67,27 @@ class Ops:
     async def roundtrip(self, i: int) -> int:
         task = await app.add_task("echo", i, timeout=5)
         return int(task.returning)
+
+    async def cleanup(self) -> None:
+        if BROKER != "amqp":
+            return
+        import aio_pika
+
+        topology = Topology(queue=c.QUEUE)
+        connection = await aio_pika.connect(c.AMQP_URL)
+        async with connection:
+            for name in topology.all_queues():
+                channel = await connection.channel()
+                try:
+                    await channel.queue_delete(name)
+                except Exception:  # never declared or already gone
+                    pass
+            for name in topology.all_exchanges():
+                channel = await connection.channel()
+                try:
+                    await channel.exchange_delete(name)
+                except Exception:
+                    pass
 
 
 def worker() -> None:

@@ -94,6 +94,9 @@ class Peer:
     env: str
     broker: str  # "redis" or "amqp": which family its figures are compared within
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Seconds between SIGTERM and SIGKILL. taskiq 0.13 workers keep fetching after SIGTERM when
+    # idle and never exit by themselves, so they get a short one to keep the suite short.
+    stop_grace: float = 10.0
 
     @property
     def is_qtasks(self) -> bool:
@@ -101,14 +104,14 @@ class Peer:
 
 
 PEERS: list[Peer] = [
-    Peer("taskiq-redis", "peer_taskiq_redis", "taskiq-redis", "redis"),
+    Peer("taskiq-redis", "peer_taskiq_redis", "taskiq-redis", "redis", stop_grace=3.0),
     Peer("arq", "peer_arq", "arq", "redis"),
     Peer("streaq", "peer_streaq", "streaq", "redis"),
     Peer("saq", "peer_saq", "saq", "redis"),
     Peer("dramatiq", "peer_dramatiq", "dramatiq", "redis"),
     Peer("celery-redis", "peer_celery", "celery", "redis", {"BENCH_BROKER": "redis"}),
     Peer("qtasks-redis", "peer_qtasks", "qtasks", "redis", {"BENCH_BROKER": "redis"}),
-    Peer("taskiq-aio-pika", "peer_taskiq_aio_pika", "taskiq-aio-pika", "amqp"),
+    Peer("taskiq-aio-pika", "peer_taskiq_aio_pika", "taskiq-aio-pika", "amqp", stop_grace=3.0),
     Peer("celery-amqp", "peer_celery", "celery", "amqp", {"BENCH_BROKER": "amqp"}),
     Peer("qtasks-rabbitmq", "peer_qtasks", "qtasks", "amqp", {"BENCH_BROKER": "amqp"}),
 ]
@@ -234,7 +237,10 @@ def _group_pids(pgid: int) -> list[int]:
 class Worker:
     """A worker subprocess in its own session, so its whole process tree is one group."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str], log: Path, grace: float = 10.0
+    ) -> None:
+        self.grace = grace
         self.argv = list(argv)
         self.env = env
         self.log = log
@@ -279,13 +285,22 @@ class Worker:
             self.hwm_kib = max(self.hwm_kib, hwm)
         return round(max(self.hwm_kib, self.peak_rss_kib) / 1024, 1)
 
-    def stop(self, grace: float = 15.0) -> None:
+    def stop(self) -> None:
+        started = time.monotonic()
+        try:
+            self._stop_group(self.grace)
+        finally:
+            with open(self.log, "a") as fh:
+                fh.write(f"# worker stopped in {time.monotonic() - started:.1f} s\n")
+
+    def _stop_group(self, grace: float) -> None:
         self._stop.set()
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
+        # SIGTERM to the main process only, as a service manager does; it stops its children.
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         try:
@@ -297,6 +312,8 @@ class Worker:
         while _group_pids(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _group_pids(proc.pid):
+            with open(self.log, "a") as fh:
+                fh.write(f"# worker group still alive {grace:.0f} s after SIGTERM: SIGKILL\n")
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -321,14 +338,22 @@ def produce(
 ) -> dict[str, Any]:
     """Run ``<peer>.py <args>`` in the peer's venv; return its JSON line."""
     cmd = [str(venv_python(peer.env)), str(HERE / f"{peer.module}.py"), *args]
+    started = time.monotonic()
     try:
         done = subprocess.run(
             cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired as exc:
+        with open(log, "a") as fh:
+            partial = "".join(
+                out if isinstance(out, str) else (out or b"").decode()
+                for out in (exc.stdout, exc.stderr)
+            )
+            fh.write(f"$ {' '.join(args)}  (timed out after {timeout:.0f} s)\n{partial}\n")
         raise PhaseError(f"{' '.join(args)}: producer timed out after {timeout:.0f} s") from exc
     with open(log, "a") as fh:
-        fh.write(f"$ {' '.join(args)}\n{done.stdout}{done.stderr}\n")
+        took = time.monotonic() - started
+        fh.write(f"$ {' '.join(args)}  ({took:.1f} s)\n{done.stdout}{done.stderr}\n")
     if done.returncode == SKIPPED:
         raise Skip(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "skipped")
     if done.returncode != 0:
@@ -374,7 +399,7 @@ def run_peer(peer: Peer, sizes: dict[str, int], db: int, run_id: str) -> dict[st
     redis_command(db, "FLUSHDB")
     try:
         # W1 then W2 on one worker with concurrency 10.
-        worker = Worker(worker_argv, {**env, "BENCH_CONCURRENCY": "10"}, log)
+        worker = Worker(worker_argv, {**env, "BENCH_CONCURRENCY": "10"}, log, peer.stop_grace)
         worker.start()
         try:
             w1_timeout = 90 + sizes["w1"] / 50
@@ -396,14 +421,14 @@ def run_peer(peer: Peer, sizes: dict[str, int], db: int, run_id: str) -> dict[st
         c100 = {**env, "BENCH_CONCURRENCY": "100"}
 
         def w3() -> dict[str, Any]:
-            first = Worker(worker_argv, c100, log)
+            first = Worker(worker_argv, c100, log, peer.stop_grace)
             first.start()  # declares queues / consumer groups so queued tasks are not skipped
             try:
                 produce(peer, c100, ["warm"], 90, log)
             finally:
                 first.stop()
             produce(peer, c100, ["W3-enqueue", str(sizes["w3"])], 120, log)
-            second = Worker(worker_argv, c100, log)
+            second = Worker(worker_argv, c100, log, peer.stop_grace)
             second.start()
             try:
                 result = produce(peer, c100, ["W3-wait", str(sizes["w3"])], 120, log)
