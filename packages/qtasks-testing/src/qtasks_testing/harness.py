@@ -137,6 +137,7 @@ class Harness:
         self.timeout = timeout
         """Seconds the harness waits for a delivery or a result before failing the test."""
         self._enqueued: list[EnqueuedTask] = []
+        self._handed_out: set[str] = set()
         self._saved: dict[str, Any] | None = None
         self._plugin = _InlinePlugin(self)
         self._worker = QueueWorker()
@@ -282,6 +283,8 @@ class Harness:
         return record.eta is not None and record.eta > self.clock.time()
 
     async def _checked(self, record: TaskRecord) -> AsyncTask:
+        """Hand out a final record: raise for an error (if asked to), else bind it."""
+        self._handed_out.add(record.uuid)
         if record.status is TaskStatus.ERROR and self.raise_task_errors:
             raise TaskFailedError(record, failure_message(record))
         bound = await self.app.get(record.uuid)
@@ -327,9 +330,9 @@ class Harness:
         """Run every task that is due (in worker mode: wait for the worker to finish them).
 
         With ``include_delayed`` the clock is moved forward to each delayed task in turn, so
-        everything enqueued runs. Returns the records of the tasks enqueued through the harness
-        that became final during the call, in enqueue order."""
-        before = {r.uuid for r in await self._records() if r.status.final}
+        everything enqueued runs. Returns, in enqueue order, the final records of tasks enqueued
+        through the harness that it has not handed out yet (by ``add_task`` in inline mode,
+        :meth:`wait`, or an earlier call)."""
         if self.mode == "inline":
             await self._drain(include_delayed)
         else:
@@ -337,7 +340,7 @@ class Harness:
         return [
             await self._checked(r)
             for r in await self._records()
-            if r.status.final and r.uuid not in before
+            if r.status.final and r.uuid not in self._handed_out
         ]
 
     async def _records(self) -> list[TaskRecord]:
@@ -359,7 +362,7 @@ class Harness:
                     eta = await self._next_eta()
                     if eta is None or eta <= self.clock.time():
                         return  # nothing left that moving the clock would make due
-                    await self.advance_to(eta, run=False)
+                    await self.advance_to(eta)
                     continue
                 delivery = await self._next_delivery(iterator, "a due task")
                 await self._worker.process(app, delivery)
@@ -404,22 +407,22 @@ class Harness:
     def unfreeze_time(self) -> None:
         self.clock.unfreeze()
 
-    async def advance_time(self, seconds: float) -> None:
-        """Move the clock forward; tasks that became due run (inline) or are woken (worker)."""
+    async def advance_time(self, seconds: float) -> list[AsyncTask]:
+        """Move the clock forward, then :meth:`run_pending`: tasks that became due run (inline)
+        or are woken and waited for (worker). Returns what :meth:`run_pending` returns."""
         self.clock.advance(seconds)
-        await self._after_clock_moved(run=True)
+        self._clock_moved()
+        return await self.run_pending()
 
-    async def advance_to(self, when: float, *, run: bool = True) -> None:
-        """Move the clock forward to unix time ``when``."""
+    async def advance_to(self, when: float) -> None:
+        """Move the clock forward to unix time ``when`` (nothing is run)."""
         self.clock.advance_to(when)
-        await self._after_clock_moved(run=run)
+        self._clock_moved()
 
-    async def _after_clock_moved(self, *, run: bool) -> None:
+    def _clock_moved(self) -> None:
         broker = self.app.broker
         if isinstance(broker, MemoryBroker):
             broker.wake()
-        if run and self.mode == "inline":
-            await self._drain(include_delayed=False)
 
     # --- what was enqueued ----------------------------------------------------------------
 
@@ -564,9 +567,9 @@ class SyncHarness:
     def unfreeze_time(self) -> None:
         self.harness.unfreeze_time()
 
-    def advance_time(self, seconds: float) -> None:
+    def advance_time(self, seconds: float) -> list[Any]:
         """See :meth:`Harness.advance_time`."""
-        self.call(self.harness.advance_time, seconds)
+        return [self._bind(r) for r in self.call(self.harness.advance_time, seconds)]
 
     def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
         return self.harness.enqueued(task)
