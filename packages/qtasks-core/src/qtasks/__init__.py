@@ -6,6 +6,7 @@
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.config import QueueConfig
+from qtasks.depends import Depends
 from qtasks.errors import (
     QTasksError,
     TaskCancelledError,
@@ -18,6 +19,7 @@ from qtasks.executor import TaskRun
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.state import AsyncState, SyncState
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask, Task, TaskDef
 
@@ -25,13 +27,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncQueueTasks",
+    "AsyncState",
     "AsyncTask",
+    "Depends",
     "MemoryBroker",
     "MemoryGlobalConfig",
     "MemoryStorage",
     "QTasksError",
     "QueueConfig",
     "QueueTasks",
+    "SyncState",
     "Task",
     "TaskCancelledError",
     "TaskDeclarationError",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -11,9 +10,11 @@ from contextlib import AsyncExitStack
 from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
+from anyio.abc import TaskGroup
 
-from qtasks.components import Broker, DeadLetter, GlobalConfig, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig
+from qtasks.depends import InjectPlugin
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
@@ -21,6 +22,7 @@ from qtasks.messages import Codec, Message, Serializer
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 
@@ -59,11 +61,13 @@ class AsyncQueueTasks:
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
+        self.hooks.register(InjectPlugin())
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
+        self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
         self._pending_hooks: list[Any] = []
 
@@ -196,6 +200,12 @@ class AsyncQueueTasks:
         try:
             tg = await serving.enter_async_context(anyio.create_task_group())
             serving.callback(self.worker.stop)
+            # Plugins' long-lived tasks (timers): cancelled first on shutdown, before the
+            # worker drains, and available to hooks fired while the worker starts.
+            background = await serving.enter_async_context(anyio.create_task_group())
+            serving.callback(background.cancel_scope.cancel)
+            serving.callback(setattr, self, "_task_group", None)
+            self._task_group = background
             await tg.start(self.worker.run, self)
         except BaseException:
             await serving.aclose()
@@ -203,21 +213,29 @@ class AsyncQueueTasks:
         self._serving = serving
         return self
 
+    @property
+    def task_group(self) -> TaskGroup:
+        """While the app serves (``async with app:``): the task group in which plugins run
+        long-lived tasks, e.g. ``await app.task_group.start(loop)`` from
+        ``qtasks_component_started``. Its tasks are cancelled when shutdown begins, before the
+        worker stops; they must not raise (an exception there cancels the serving code).
+
+        Raises :class:`~qtasks.errors.ComponentNotStartedError` when the app is not serving."""
+        if self._task_group is None:
+            raise ComponentNotStartedError(f"app {self.name!r} is not serving")
+        return self._task_group
+
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM, then stop gracefully."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with self:
-                log.info("qtasks app %r serving (worker %s)", self.name, self.worker.id)
-                async for signum in signals:
-                    log.info("received %s, stopping", signal.Signals(signum).name)
-                    break
+        """Serve in the running loop until SIGINT/SIGTERM, then stop gracefully."""
+        await SignalStarter().serve(self)
 
-    def run_forever(self) -> None:
-        """Block serving tasks until SIGINT/SIGTERM."""
-        anyio.run(self.serve)
+    def run_forever(self, starter: Starter | None = None) -> None:
+        """Block serving tasks until SIGINT/SIGTERM (through ``starter``, by default a
+        :class:`~qtasks.starter.SignalStarter`)."""
+        (starter or SignalStarter()).run(self)
 
     # --- producing ------------------------------------------------------------------------
 

@@ -1,60 +1,124 @@
-"""The ``self`` handle an ``echo=True`` task receives, and its ``ctx``."""
+"""The ``self`` handle an ``echo=True`` task receives, and its ``ctx``.
+
+An async task (coroutine or async generator) gets an :class:`AsyncTaskHandle`, whose calls are
+coroutines; a sync task (plain function or generator, run in a worker thread) gets a
+:class:`SyncTaskHandle`, whose calls block that thread. Both reach the app that runs the task;
+nothing is looked up globally.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 
 from qtasks.errors import TaskCancelledError
+from qtasks.record import TaskRecord
+from qtasks.task import AsyncTask, Task
 
 if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.config import QueueConfig
     from qtasks.executor import TaskRun
+
+COMPONENTS = ("broker", "storage", "global_config", "worker")
+_ENDED = "qtasks.context.ended"
+_SHUTDOWN = "__shutdown__"  # the worker's reason for "hand the task back"
+
+
+def run_ended(run: TaskRun) -> anyio.Event:
+    """Set by the executor when the task's call ends (returns, raises, or is cancelled)."""
+    event = run.state.get(_ENDED)
+    if event is None:
+        event = run.state[_ENDED] = anyio.Event()
+    return event
 
 
 class TaskContext:
-    """What a running task may know and do about itself (async methods)."""
+    """What a running async task may know and do about itself."""
 
     def __init__(self, run: TaskRun) -> None:
         self._run = run
-        self.task_uuid = run.record.uuid
-        self.task_name = run.task.name
-        self.attempt = run.record.attempt
+        self._ended = run_ended(run)
+        self.task_uuid: str = run.record.uuid
+        self.task_name: str = run.task.name
+        self.attempt: int = run.record.attempt
+        """1 for the first execution, 2 for the first retry..."""
         self.generate_handler = run.task.options.generate_handler
 
+    @property
+    def app(self) -> AsyncQueueTasks:
+        """The app running this task."""
+        return self._run.app
+
     def get_logger(self, name: str | None = None) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry ``task_name`` and ``task_uuid``."""
+        """A logger (``qtasks.task.<task name>`` by default) whose records carry ``task_name``
+        and ``task_uuid`` attributes."""
         logger = logging.getLogger(name or f"qtasks.task.{self.task_name}")
         return logging.LoggerAdapter(
             logger, {"task_name": self.task_name, "task_uuid": self.task_uuid}
         )
 
-    def get_config(self) -> Any:
+    def get_config(self) -> QueueConfig:
+        """The app's :class:`~qtasks.config.QueueConfig`."""
         return self._run.app.config
 
     def get_component(self, name: str) -> Any:
-        """``broker``, ``storage``, ``global_config`` or ``worker`` of the app."""
-        if name not in ("broker", "storage", "global_config", "worker"):
-            raise ValueError(f"unknown component {name!r}")
+        """The app's ``broker``, ``storage``, ``global_config`` or ``worker``."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
         return getattr(self._run.app, name)
 
-    async def get_metadata(self) -> Any:
-        """This task's stored record."""
-        return await self._run.app.get(self.task_uuid)
+    async def get_metadata(self) -> AsyncTask:
+        """This task's stored record (status ``process`` while it runs)."""
+        record = await self._run.app.get(self.task_uuid)
+        assert record is not None, "a running task has a record"
+        return record
 
-    async def get_task(self, uuid: str) -> Any:
+    async def get_task(self, uuid: str) -> AsyncTask | None:
+        """Another task's stored record, or ``None``."""
         return await self._run.app.get(uuid)
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep; ends early (raising cancellation) if the task is cancelled or the worker
-        stops."""
-        await anyio.sleep(seconds)
+        """Sleep ``seconds``. Ends early, raising cancellation, when the task is cancelled or the
+        worker begins to stop (then the task is handed back to the queue at once instead of
+        holding up the shutdown)."""
+        if await self._wait(seconds) == "stop":
+            self._hand_back()
+            await anyio.lowlevel.checkpoint()  # delivers the cancellation just requested
 
-    def cancel(self, reason: str = "") -> None:
+    def cancel(self, reason: str = "") -> NoReturn:
         """End the task now; its record says ``cancel`` with ``reason``."""
         raise TaskCancelledError(reason)
+
+    async def _wait(self, seconds: float) -> str | None:
+        """Wait ``seconds``; return ``"stop"`` or ``"ended"`` if woken early by that."""
+        stopping: anyio.Event | None = getattr(self._run.app.worker, "stopping", None)
+        woke: str | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def watch(event: anyio.Event, label: str) -> None:
+                nonlocal woke
+                await event.wait()
+                woke = label
+                tg.cancel_scope.cancel()
+
+            if stopping is not None:
+                tg.start_soon(watch, stopping, "stop")
+            tg.start_soon(watch, self._ended, "ended")
+            await anyio.sleep(seconds)
+            tg.cancel_scope.cancel()
+        return woke
+
+    def _hand_back(self) -> None:
+        run = self._run
+        if run.cancel_reason is None:
+            run.cancel_reason = _SHUTDOWN
+        run.cancel_scope.cancel()
 
 
 class AsyncTaskHandle:
@@ -65,34 +129,103 @@ class AsyncTaskHandle:
         self.ctx = TaskContext(run)
         self.task_name = run.task.name
 
-    async def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Any:
-        """Enqueue a child task through the same app; the child records this task as parent."""
+    async def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> AsyncTask:
+        """Enqueue a child task through the same app; the child records this task as parent.
+        Takes the options of :meth:`AsyncQueueTasks.add_task <qtasks.app.AsyncQueueTasks.add_task>`
+        (``priority``, ``timeout``, ``delay``, ``eta``)."""
         return await self._run.app.add_task(
             task_name, *args, _parent_uuid=self._run.record.uuid, **kwargs
         )
 
 
+class _ThreadClient:
+    """Lets a :class:`~qtasks.task.Task` record handed to a sync task call back into the app
+    from the task's worker thread (``wait_result``, ``refresh``, ``stream``)."""
+
+    def __init__(self, app: AsyncQueueTasks) -> None:
+        self._app = app
+
+    def bind(self, record: TaskRecord) -> Task:
+        data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
+        return Task(**data, _client=self)
+
+    def get(self, uuid: str) -> Task | None:
+        record = anyio.from_thread.run(self._app.get, uuid)
+        return None if record is None else self.bind(record)
+
+    def wait(self, uuid: str, timeout: float | None) -> Task:
+        return self.bind(anyio.from_thread.run(self._app.wait, uuid, timeout))
+
+    def stream(self, uuid: str, timeout: float | None = None) -> Iterator[Any]:
+        index = 0
+        while True:
+            found, value = anyio.from_thread.run(self._step, uuid, index, timeout)
+            if not found:
+                return
+            yield value
+            index += 1
+
+    async def _step(self, uuid: str, index: int, timeout: float | None) -> tuple[bool, Any]:
+        steps = self._app.storage.steps(uuid, index)
+        try:
+            with anyio.fail_after(timeout):
+                return True, await anext(steps)
+        except StopAsyncIteration:
+            return False, None
+        finally:
+            aclose = getattr(steps, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 class SyncContext:
     """The sync view of :class:`TaskContext`, for tasks running in worker threads."""
 
-    def __init__(self, inner: TaskContext) -> None:
+    def __init__(self, inner: TaskContext, client: _ThreadClient) -> None:
         self._inner = inner
+        self._client = client
         self.task_uuid = inner.task_uuid
         self.task_name = inner.task_name
         self.attempt = inner.attempt
+        self.generate_handler = inner.generate_handler
         self.get_logger = inner.get_logger
         self.get_config = inner.get_config
         self.get_component = inner.get_component
         self.cancel = inner.cancel
 
-    def get_metadata(self) -> Any:
-        return anyio.from_thread.run(self._inner.get_metadata)
+    @property
+    def app(self) -> AsyncQueueTasks:
+        return self._inner.app
 
-    def get_task(self, uuid: str) -> Any:
-        return anyio.from_thread.run(self._inner.get_task, uuid)
+    def get_metadata(self) -> Task:
+        """This task's stored record."""
+        record = self._client.get(self.task_uuid)
+        assert record is not None, "a running task has a record"
+        return record
+
+    def get_task(self, uuid: str) -> Task | None:
+        """Another task's stored record, or ``None``."""
+        return self._client.get(uuid)
 
     def sleep(self, seconds: float) -> None:
-        anyio.from_thread.run(self._inner.sleep, seconds)
+        """Sleep ``seconds``; raises :class:`~qtasks.errors.TaskCancelledError` early when the
+        task is cancelled (or times out) or the worker begins to stop. Unlike ``time.sleep``
+        this wakes at once, so an abandoned worker thread does not linger."""
+        try:
+            woke = anyio.from_thread.run(self._inner._wait, seconds)
+        except Exception:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            # The task's cancel scope was cancelled while waiting (anyio delivers it into the
+            # thread as the backend's cancellation exception): say it in qtasks terms.
+            raise TaskCancelledError(self._inner._run.cancel_reason or "cancelled") from exc
+        if woke == "stop":
+            anyio.from_thread.run_sync(self._inner._hand_back)
+            raise TaskCancelledError("worker stopping")
+        if woke == "ended":
+            raise TaskCancelledError(self._inner._run.cancel_reason or "cancelled")
 
 
 class SyncTaskHandle:
@@ -100,11 +233,18 @@ class SyncTaskHandle:
 
     def __init__(self, run: TaskRun) -> None:
         self._async = AsyncTaskHandle(run)
-        self.ctx = SyncContext(self._async.ctx)
+        self._client = _ThreadClient(run.app)
+        self.ctx = SyncContext(self._async.ctx, self._client)
         self.task_name = run.task.name
 
-    def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Any:
-        return anyio.from_thread.run(lambda: self._async.add_task(task_name, *args, **kwargs))
+    def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Task:
+        """Enqueue a child task through the same app (blocking this thread until it is
+        stored); the child records this task as parent."""
+
+        async def add() -> AsyncTask:
+            return await self._async.add_task(task_name, *args, **kwargs)
+
+        return self._client.bind(anyio.from_thread.run(add))
 
 
 def make_handle(run: TaskRun) -> AsyncTaskHandle | SyncTaskHandle:

@@ -112,3 +112,7 @@ class PluginError(QTasksError):
 
 class DependencyError(QTasksError):
     """A ``Depends`` dependency could not be resolved or torn down."""
+
+
+class StateError(QTasksError):
+    """A State subclass is declared or used wrongly (bad ``scope``, wrong colour for the task)."""

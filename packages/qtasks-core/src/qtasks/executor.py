@@ -19,6 +19,9 @@ from qtasks.task import TaskDef, TaskKind
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
+INJECT_PLUGIN = "qtasks.inject"  # the built-in Depends/State plugin (qtasks.depends)
+_ENDED = "qtasks.context.ended"  # run.state key of the event ctx.sleep waits on
+
 CallNext = Callable[[], Awaitable[Any]]
 Middleware = Callable[["TaskRun", CallNext], Awaitable[Any]]
 """A task middleware: ``async def mw(run, call_next) -> result``. It may run code around
@@ -95,12 +98,17 @@ class TaskExecutor:
                     "record": run.record,
                     "args": args,
                     "kwargs": kwargs,
+                    "run": run,
                 }
                 try:
                     result = func(**{a: values[a] for a in argnames})
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception as exc:
+                    if plugin == INJECT_PLUGIN:
+                        # A dependency function failed: the task's own code, not a plugin bug;
+                        # raise it as is so retry_on_exc sees the real exception.
+                        raise
                     raise PluginError(plugin, f"hook {hook} raised {exc!r}") from exc
                 if result is not None:
                     args, kwargs = list(result[0]), dict(result[1])
@@ -111,6 +119,15 @@ class TaskExecutor:
         return args, kwargs
 
     async def run_function(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        try:
+            return await self._run_function(run, args, kwargs)
+        finally:
+            # Wakes a sync task's ctx.sleep in its (possibly abandoned) worker thread.
+            ended = run.state.get(_ENDED)
+            if ended is not None:
+                ended.set()
+
+    async def _run_function(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
         task = run.task
         func = task.func
         kind = task.kind
@@ -133,7 +150,9 @@ class TaskExecutor:
             if inspect.isawaitable(value):
                 value = await value
         app = run.app
-        await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        index = await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        # The worker saves run.record whole at the end: keep its step count current.
+        run.record.steps = index + 1
         await app.hooks.notify("qtasks_executor_yielded", app=app, record=run.record, value=value)
         return value
 
@@ -152,7 +171,10 @@ class TaskExecutor:
                 results.append(handled)
                 sent = handled if has_handler else None
         finally:
-            await gen.aclose()
+            # The generator's own cleanup runs even when the task was cancelled (bounded, so a
+            # stuck finally cannot hold the worker forever).
+            with anyio.move_on_after(run.app.config.shutdown_grace, shield=True):
+                await gen.aclose()
 
     async def _sync_gen(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
         limiter = run.app.thread_limiter
@@ -170,18 +192,26 @@ class TaskExecutor:
             except StopIteration as exc:
                 return (stop, exc.value)
 
+        in_step = False
         try:
             while True:
+                in_step = True
                 value = await anyio.to_thread.run_sync(
                     step, sent, abandon_on_cancel=True, limiter=limiter
                 )
+                in_step = False
                 if isinstance(value, tuple) and len(value) == 2 and value[0] is stop:
                     return results if value[1] is None else value[1]
                 handled = await self._handle_step(run, value)
                 results.append(handled)
                 sent = handled if has_handler else None
         finally:
-            gen.close()
+            # A step abandoned by cancellation still runs in its thread and owns the generator
+            # (closing it now would raise "generator already executing"); otherwise close it in
+            # a thread, since its cleanup code may block.
+            if not in_step:
+                with anyio.move_on_after(run.app.config.shutdown_grace, shield=True):
+                    await anyio.to_thread.run_sync(gen.close, abandon_on_cancel=True)
 
     def encode(self, run: TaskRun, result: Any) -> Any:
         """Apply the task's ``decode`` encoder; check the value can be stored."""

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.components import Delivery
     from qtasks.config import QueueConfig
+    from qtasks.executor import TaskRun
     from qtasks.messages import Message
     from qtasks.record import TaskRecord
     from qtasks.task import TaskDef
@@ -210,9 +211,11 @@ def qtasks_executor_args(
     record: TaskRecord,
     args: list[Any],
     kwargs: dict[str, Any],
+    run: TaskRun,
 ) -> tuple[list[Any], dict[str, Any]] | None:
     """Transform: return ``(args, kwargs)`` to call the task with, or ``None`` (unchanged).
-    Used by the built-in State and Depends plugins to inject values."""
+    ``run`` is this execution (``run.state`` is per-run space for plugins). Used by the built-in
+    State and Depends plugin to inject values."""
 
 
 @hookspec
@@ -241,8 +244,10 @@ def qtasks_executor_error(app: AsyncQueueTasks, record: TaskRecord, exc: BaseExc
 
 
 @hookspec
-def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: the call ended (success, error, cancel or timeout); always fired once."""
+def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord, run: TaskRun) -> None:
+    """Notification: the call ended (success, error, cancel, timeout, lost lease or shutdown);
+    always fired exactly once per run, before the final record is stored. ``run`` is the
+    execution (task-scoped Depends are closed here from ``run.state``)."""
 
 
 # --- results, errors, retries, cancel, timeout ----------------------------------------------

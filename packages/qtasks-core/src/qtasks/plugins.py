@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import pluggy
@@ -95,11 +95,17 @@ class Hooks:
         """Whether any plugin implements ``hook``."""
         return hook in self._impls
 
-    async def notify(self, hook: str, **kwargs: Any) -> None:
-        """Call a notification hook: every implementation, errors logged and swallowed."""
+    def notify(self, hook: str, **kwargs: Any) -> Awaitable[None]:
+        """Call a notification hook: every implementation, errors logged and swallowed.
+
+        Returns an awaitable; with no implementation it is a ready one (no coroutine is made),
+        which keeps an unused hook nearly free on the hot path."""
         impls = self._impls.get(hook)
         if not impls:
-            return
+            return _DONE
+        return self._notify(hook, impls, kwargs)
+
+    async def _notify(self, hook: str, impls: list[_Impl], kwargs: dict[str, Any]) -> None:
         for plugin, func, argnames in impls:
             try:
                 result = func(**{a: kwargs[a] for a in argnames})
@@ -120,14 +126,19 @@ class Hooks:
                 log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
         return pending
 
-    async def transform(self, hook: str, field: str, /, **kwargs: Any) -> Any:
+    def transform(self, hook: str, field: str, /, **kwargs: Any) -> Awaitable[Any]:
         """Call a transform hook chaining ``kwargs[field]`` through every implementation.
 
-        Returns the final value. An implementation's exception is raised as
+        Awaiting it gives the final value. An implementation's exception is raised as
         :class:`PluginError` naming the plugin."""
         impls = self._impls.get(hook)
         if not impls:
-            return kwargs[field]
+            return _Ready(kwargs[field])
+        return self._transform(hook, impls, field, kwargs)
+
+    async def _transform(
+        self, hook: str, impls: list[_Impl], field: str, kwargs: dict[str, Any]
+    ) -> Any:
         for plugin, func, argnames in impls:
             try:
                 result = func(**{a: kwargs[a] for a in argnames})
@@ -149,6 +160,22 @@ class Hooks:
             raise PluginError(_culprit(self, hook), f"hook {hook} raised {exc!r}") from exc
 
 
+class _Ready:
+    """An awaitable that is already done (no coroutine object, no loop round trip)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.value
+        yield  # pragma: no cover - makes this a generator
+
+
+_DONE = _Ready(None)
+
+
 def _label(plugin: object) -> str:
     cls = plugin if isinstance(plugin, type) else type(plugin)
     module = getattr(plugin, "__name__", None) if inspect.ismodule(plugin) else None
@@ -158,3 +185,8 @@ def _label(plugin: object) -> str:
 def _culprit(hooks: Hooks, hook: str) -> str:
     names = [plugin for plugin, _, _ in hooks._impls.get(hook, ())]
     return ",".join(names) or "?"
+
+
+# Re-exported: ``from qtasks.plugins import AsyncState, SyncState``.
+from qtasks.state import AsyncState as AsyncState  # noqa: E402
+from qtasks.state import SyncState as SyncState  # noqa: E402

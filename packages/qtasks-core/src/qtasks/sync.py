@@ -16,7 +16,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.components import Broker, GlobalConfig, Storage
+from qtasks.components import Broker, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
@@ -189,9 +189,9 @@ class QueueTasks:
             if self._portal_stop is not None:
                 self._portal_stop.join(timeout=10)
 
-    def run_forever(self) -> None:
+    def run_forever(self, starter: Starter | None = None) -> None:
         """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread)."""
-        self.aio.run_forever()
+        self.aio.run_forever(starter)
 
 
 def _start_portal() -> tuple[BlockingPortal, threading.Thread]:

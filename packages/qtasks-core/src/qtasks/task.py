@@ -127,6 +127,26 @@ def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
+    """``func``'s signature with string annotations (``from __future__ import annotations``)
+    evaluated in the function's module where possible, so injected parameters are recognised.
+    One annotation that does not resolve (e.g. a class local to a function) stays a string."""
+    signature = inspect.signature(func)
+    namespace = getattr(inspect.unwrap(func), "__globals__", None)
+    if namespace is None:
+        return signature
+    params = []
+    for param in signature.parameters.values():
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # what inspect's eval_str does
+            except Exception:
+                pass
+        params.append(param.replace(annotation=annotation))
+    return signature.replace(parameters=params)
+
+
 def is_injected(annotation: Any, default: Any) -> bool:
     """Whether a parameter is filled by qtasks (Depends, State...), not by the caller."""
     if getattr(default, "__qtasks_injected__", False):
@@ -150,7 +170,7 @@ class TaskDef(Generic[P, R]):
         self.options = options
         self.name = options.name
         self.kind = task_kind(func)
-        self.signature = inspect.signature(func)
+        self.signature = resolved_signature(func)
         params = list(self.signature.parameters.values())
         if options.echo:
             if not params:
@@ -180,6 +200,9 @@ class TaskDef(Generic[P, R]):
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise :class:`TaskArgumentsError` if the call does not fit the signature."""
+        if self.injected:
+            # An injected parameter may still be passed explicitly, by keyword.
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.injected}
         names = self._plain_names
         if (
             names is not None

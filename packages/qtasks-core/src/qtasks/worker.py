@@ -76,6 +76,11 @@ class QueueWorker:
         run.cancel_scope.cancel()
         return True
 
+    @property
+    def stopping(self) -> anyio.Event:
+        """Set once the worker was asked to stop (``ctx.sleep`` wakes on it)."""
+        return self._stopping
+
     def stop(self) -> None:
         """Ask the worker to stop: no new messages; running tasks get the grace period."""
         self._stopping.set()
@@ -304,6 +309,9 @@ class QueueWorker:
                 result = await task_executor(run).execute(run)
             except Exception as exc:
                 outcome = exc
+        # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
+        # (Depends) are torn down here, so it must never be skipped.
+        await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
         if run.lease_lost:
             log.warning(
                 "lease of task %s was lost; another worker owns it now, result dropped",
@@ -323,9 +331,9 @@ class QueueWorker:
                     )
                 return
             outcome = TaskCancelledError(reason)
-        await hooks.notify("qtasks_executor_closed", app=app, record=record)
-        with anyio.CancelScope(shield=True):
-            await self._finish(app, run, delivery, result, outcome)
+        # Not shielded: if the worker is torn down here, the message is simply not acked and
+        # comes back after its lease (at-least-once), so no extra cancel scope per task.
+        await self._finish(app, run, delivery, result, outcome)
 
     async def _keep_leases(self, app: AsyncQueueTasks) -> None:
         """Renew the lease of every running task, and notice cancels made elsewhere.

@@ -1,0 +1,307 @@
+"""The Redis broker: leases with fencing tokens, priorities, delays and dead letters.
+
+Each state transition is one Lua script (see :mod:`qtasks_redis.broker_lua`), so a message is
+always in exactly one place: ready, delayed, in flight, dead, or gone. Idle consumers block on
+``BLPOP`` of the queue's notify list, with a timeout bounded by the next delay or lease deadline,
+so there is no poll interval on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Self
+
+import anyio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from qtasks.components import BrokerStats, DeadLetter
+from qtasks.config import QueueConfig
+from qtasks.errors import BrokerConnectionError
+from qtasks.messages import Envelope
+from qtasks_redis import broker_lua as lua
+from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+
+log = logging.getLogger("qtasks.redis")
+
+_IDLE_WAKE = 5.0
+"""Longest a consumer blocks without re-checking (a safety net, not a poll interval)."""
+_BACKOFF_CAP = 5.0
+
+
+class RedisDelivery:
+    """One delivery from :class:`RedisBroker`; settle it with ack, nack, requeue or extend."""
+
+    __slots__ = (
+        "_attempt",
+        "_body",
+        "_broker",
+        "_id",
+        "_lease_until",
+        "_owner",
+        "_priority",
+        "_token",
+    )
+
+    def __init__(
+        self,
+        broker: RedisBroker,
+        owner: dict[str, str],
+        id: str,
+        body: bytes,
+        priority: int,
+        attempt: int,
+        token: str,
+    ) -> None:
+        self._broker = broker
+        self._owner = owner
+        self._id = id
+        self._body = body
+        self._priority = priority
+        self._attempt = attempt
+        self._token = token
+        self._lease_until = time.monotonic() + broker._lease_ms / 1000
+
+    def __repr__(self) -> str:
+        return f"RedisDelivery(id={self._id!r}, attempt={self._attempt})"
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @property
+    def priority(self) -> int:
+        return self._priority
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    async def _settle(self, script: Script, *args: Any) -> bool:
+        # While the lease may still be ours, ride out a Redis outage rather than give up: an
+        # ack lost here means the task runs again elsewhere.
+        failures = 0
+        while True:
+            try:
+                done = bool(await self._broker._run(script, self._id, self._token, *args))
+                break
+            except BrokerConnectionError:
+                failures += 1
+                if time.monotonic() >= self._lease_until:
+                    raise
+                await anyio.sleep(min(_BACKOFF_CAP, 0.1 * 2**failures) * random.random())
+        self._owner.pop(self._token, None)
+        return done
+
+    async def ack(self) -> bool:
+        return await self._settle(lua.ACK)
+
+    async def nack(self, reason: str) -> bool:
+        return await self._settle(lua.NACK, reason)
+
+    async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
+        delay_ms = "" if not delay else str(max(int(delay * 1000), 1))
+        if body is None:
+            return await self._settle(lua.REQUEUE, delay_ms, "0", b"")
+        return await self._settle(lua.REQUEUE, delay_ms, "1", body)
+
+    async def extend(self) -> bool:
+        deadline = time.monotonic() + self._broker._lease_ms / 1000
+        done = bool(
+            await self._broker._run(lua.EXTEND, self._id, self._token, self._broker._lease_ms)
+        )
+        if done:
+            self._lease_until = deadline
+        return done
+
+
+class RedisBroker:
+    """A Redis-backed :class:`~qtasks.components.Broker` for one named queue.
+
+    ``url`` is ``redis://[user:password@]host:port/db``, ``rediss://`` for TLS,
+    ``unix:///path/to/socket?db=0`` or ``redis+cluster://host:port`` for Redis Cluster. Every key
+    is ``{<prefix>:<queue>}:<part>``: one hash tag, so the queue lives in one cluster slot.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        queue: str = "default",
+        prefix: str = "qtasks",
+        lease: float | None = None,
+        max_deliveries: int | None = None,
+        cluster: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.target = RedisTarget.parse(url, cluster=cluster)
+        self.queue = queue
+        self.prefix = prefix
+        self._lease_opt = lease
+        self._max_opt = max_deliveries
+        self._options = dict(options or {})
+        tag = f"{{{prefix}:{queue}}}"
+        self.keys: tuple[str, ...] = tuple(f"{tag}:{name}" for name in lua.KEY_NAMES)
+        self._notify_key = self.keys[lua.KEY_NAMES.index("notify")]
+        self._lease_ms = 30_000
+        self._max_deliveries = 5
+        self._shared = SharedClient(self.target, "RedisBroker")
+
+    @classmethod
+    def from_config(cls, config: QueueConfig) -> Self:
+        """Built from ``config.broker_url`` and ``config.extra`` (``redis_queue``,
+        ``redis_prefix``, ``redis_cluster`` and client options ``redis_*``)."""
+        extra = config.extra
+        return cls(
+            config.broker_url,
+            queue=str(extra.get("redis_queue", "default")),
+            prefix=str(extra.get("redis_prefix", "qtasks")),
+            cluster=bool(extra.get("redis_cluster", False)),
+            options=extra,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({self.target.where}, queue={self.queue!r})"
+
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        lease = self._lease_opt if self._lease_opt is not None else config.lease
+        self._lease_ms = max(int(lease * 1000), 1)
+        self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
+        options = {**config.extra, **self._options}
+        await self._shared.acquire(stack, options)
+
+    def _require(self) -> Client:
+        return self._shared.get()
+
+    async def _run(self, script: Script, *args: Any) -> Any:
+        client = self._require()
+        return await guarded(self.target, script(client, self.keys, args))
+
+    async def publish(self, envelope: Envelope) -> None:
+        eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
+        await self._run(lua.PUBLISH, envelope.id, envelope.body, envelope.priority, eta)
+
+    @asynccontextmanager
+    async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
+        client = self._require()
+        held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
+        count = max(prefetch, 1)
+
+        async def claim() -> list[RedisDelivery] | float:
+            """Claim up to ``count``; or return seconds until the next deadline."""
+            nonce = os.urandom(6).hex()
+            # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
+            # that they are handed back at exit, not left to their lease.
+            with anyio.CancelScope(shield=True):
+                reply = await lua.CLAIM(
+                    client, self.keys, (self._lease_ms, self._max_deliveries, count, nonce)
+                )
+            out: list[RedisDelivery] = []
+            for i in range(1, len(reply), 5):
+                id, body, prio, attempt, token = reply[i : i + 5]
+                token_s = token.decode()
+                id_s = id.decode()
+                held[token_s] = id_s
+                out.append(RedisDelivery(self, held, id_s, body, int(prio), int(attempt), token_s))
+            if out:
+                return out
+            wait_ms = int(reply[0])
+            return _IDLE_WAKE if wait_ms < 0 else min(wait_ms / 1000, _IDLE_WAKE)
+
+        async def deliveries() -> AsyncIterator[RedisDelivery]:
+            buffer: deque[RedisDelivery] = deque()
+            failures = 0
+            while True:
+                if buffer:
+                    yield buffer.popleft()
+                    continue
+                try:
+                    got = await claim()
+                    if isinstance(got, list):
+                        buffer.extend(got)
+                    else:
+                        await client.blpop([self._notify_key], timeout=max(got, 0.001))
+                    if failures:
+                        log.warning("Redis at %s is back; consuming again", self.target.where)
+                    failures = 0
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    failures += 1
+                    pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
+                    log.warning(
+                        "Redis at %s unreachable (%s); retrying in %.1f s",
+                        self.target.where,
+                        type(exc).__name__,
+                        pause,
+                    )
+                    await anyio.sleep(pause)
+
+        try:
+            yield deliveries()
+        finally:
+            if held:
+                args: list[str] = []
+                for token, id in held.items():
+                    args += [id, token]
+                held.clear()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    try:
+                        await lua.RELEASE(client, self.keys, args)
+                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                        log.warning(
+                            "could not hand back %d deliveries to Redis at %s; they return "
+                            "when their lease ends",
+                            len(args) // 2,
+                            self.target.where,
+                        )
+
+    async def cancel(self, id: str) -> bool:
+        return bool(await self._run(lua.CANCEL, id))
+
+    async def stats(self) -> BrokerStats:
+        reply = await self._run(lua.STATS)
+        by_priority = {int(reply[i]): int(reply[i + 1]) for i in range(3, len(reply), 2)}
+        return BrokerStats(by_priority, int(reply[0]), int(reply[1]), int(reply[2]))
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        reply = await self._run(lua.DEAD_LETTERS, limit)
+        out = []
+        for i in range(0, len(reply), 3):
+            meta = json.loads(reply[i + 2])
+            out.append(
+                DeadLetter(
+                    id=reply[i].decode(),
+                    body=reply[i + 1],
+                    reason=str(meta.get("reason", "")),
+                    priority=int(meta.get("priority", 0)),
+                    deliveries=int(meta.get("deliveries", 0)),
+                    dead_at=float(meta.get("dead_at", 0.0)),
+                )
+            )
+        return out
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        if ids is not None:
+            return int(await self._run(lua.REQUEUE_DEAD, "ids", *ids)) if ids else 0
+        total = 0
+        while True:
+            moved = int(await self._run(lua.REQUEUE_DEAD, "all"))
+            total += moved
+            if moved < 1000:
+                return total

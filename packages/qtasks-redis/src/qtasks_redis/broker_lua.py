@@ -1,0 +1,340 @@
+"""The broker's Lua scripts: one atomic script per state transition of a message.
+
+Every script gets the same twelve keys of one queue (all under the queue's hash tag, so a
+script touches one Redis Cluster slot and declares every key it uses):
+
+1. ``ready``     ZSET id -> priority * 1e13 + sequence (lowest first: priority, then FIFO)
+2. ``delayed``   ZSET id -> due time (ms since the epoch, Redis clock)
+3. ``inflight``  ZSET id -> lease deadline (ms)
+4. ``body``      HASH id -> message bytes
+5. ``meta``      HASH id -> priority
+6. ``att``       HASH id -> deliveries since publish or requeue
+7. ``tok``       HASH id -> token of the current delivery (fences stale holders)
+8. ``seq``       STRING counter for FIFO order
+9. ``notify``    LIST of wake-up tokens, BLPOPed by idle consumers
+10. ``dlbody``   HASH id -> dead letter bytes
+11. ``dlmeta``   HASH id -> JSON {reason, priority, deliveries, dead_at}
+12. ``dlq``      ZSET id -> sequence number, oldest first
+
+Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
+"""
+
+from __future__ import annotations
+
+from qtasks_redis.connection import Script
+
+KEY_NAMES = (
+    "ready",
+    "delayed",
+    "inflight",
+    "body",
+    "meta",
+    "att",
+    "tok",
+    "seq",
+    "notify",
+    "dlbody",
+    "dlmeta",
+    "dlq",
+)
+
+PRELUDE = r"""
+local K_READY, K_DELAYED, K_INFLIGHT, K_BODY, K_META, K_ATT, K_TOK, K_SEQ, K_NOTIFY,
+      K_DLBODY, K_DLMETA, K_DLQ =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
+  KEYS[10], KEYS[11], KEYS[12]
+local SPAN = 10000000000000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function ready_score(prio)
+  -- Priorities are clamped to +-899 so the score stays an exact integer in a double.
+  local p = tonumber(prio) or 0
+  if p > 899 then p = 899 elseif p < -899 then p = -899 end
+  return p * SPAN + redis.call('INCR', K_SEQ)
+end
+
+local function notify()
+  if redis.call('LLEN', K_NOTIFY) < 64 then redis.call('RPUSH', K_NOTIFY, '1') end
+end
+
+local function schedule(id, prio, eta, now)
+  if eta and eta > now then
+    redis.call('ZADD', K_DELAYED, eta, id)
+  else
+    redis.call('ZADD', K_READY, ready_score(prio), id)
+  end
+end
+
+local function forget(id)
+  redis.call('ZREM', K_INFLIGHT, id)
+  redis.call('HDEL', K_BODY, id)
+  redis.call('HDEL', K_META, id)
+  redis.call('HDEL', K_ATT, id)
+  redis.call('HDEL', K_TOK, id)
+end
+
+local function dead(id, body, reason, prio, deliveries, now)
+  redis.call('HSET', K_DLBODY, id, body)
+  redis.call('HSET', K_DLMETA, id, cjson.encode({
+    reason = reason, priority = tonumber(prio) or 0,
+    deliveries = tonumber(deliveries) or 0, dead_at = now / 1000}))
+  -- Ordered by the queue's sequence, not the clock: several can die in one millisecond.
+  redis.call('ZADD', K_DLQ, redis.call('INCR', K_SEQ), id)
+  forget(id)
+end
+
+local function back_to_ready(id)
+  redis.call('ZREM', K_INFLIGHT, id)
+  redis.call('HDEL', K_TOK, id)
+  local prio = redis.call('HGET', K_META, id)
+  if prio then redis.call('ZADD', K_READY, ready_score(prio), id) end
+end
+
+-- Move due delayed messages and expired leases to ready; return how many moved.
+local function promote(now)
+  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, 1000)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', K_DELAYED, id)
+    local prio = redis.call('HGET', K_META, id)
+    if prio then redis.call('ZADD', K_READY, ready_score(prio), id) end
+  end
+  local expired = redis.call('ZRANGEBYSCORE', K_INFLIGHT, '-inf', now, 'LIMIT', 0, 1000)
+  for _, id in ipairs(expired) do back_to_ready(id) end
+  return #due + #expired
+end
+
+local function valid(id, token)
+  return redis.call('HGET', K_TOK, id) == token
+end
+"""
+
+PUBLISH = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id, body, priority, eta_ms ('' for now)
+local id, prio = ARGV[1], ARGV[3]
+if redis.call('HEXISTS', K_BODY, id) == 1 then
+  -- The same id published again replaces the old message, even a delivered one.
+  redis.call('ZREM', K_INFLIGHT, id)
+  redis.call('ZREM', K_READY, id)
+  redis.call('ZREM', K_DELAYED, id)
+  redis.call('HDEL', K_TOK, id)
+  redis.call('HDEL', K_ATT, id)
+end
+redis.call('HSET', K_BODY, id, ARGV[2])
+redis.call('HSET', K_META, id, prio)
+schedule(id, prio, tonumber(ARGV[4]), now_ms())
+notify()
+return 1
+"""
+)
+
+CLAIM = Script(
+    PRELUDE
+    + r"""
+-- ARGV: lease_ms, max_deliveries, count, nonce
+-- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, ...}
+local lease, maxd, count, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local now = now_ms()
+local moved = promote(now)
+local out = {'-1'}
+local n = 0
+while n < count do
+  local popped = redis.call('ZPOPMIN', K_READY)
+  local id = popped[1]
+  if not id then break end
+  local body = redis.call('HGET', K_BODY, id)
+  if body then
+    local prio = redis.call('HGET', K_META, id)
+    local attempt = redis.call('HINCRBY', K_ATT, id, 1)
+    if attempt > maxd then
+      dead(id, body, 'delivery limit reached: delivered ' .. (attempt - 1) ..
+        ' times without being settled (max_deliveries=' .. maxd .. ')', prio, attempt, now)
+    else
+      n = n + 1
+      local token = nonce .. '.' .. n
+      redis.call('HSET', K_TOK, id, token)
+      redis.call('ZADD', K_INFLIGHT, now + lease, id)
+      out[#out + 1] = id
+      out[#out + 1] = body
+      out[#out + 1] = prio
+      out[#out + 1] = tostring(attempt)
+      out[#out + 1] = token
+    end
+  end
+end
+if redis.call('ZCARD', K_READY) == 0 then
+  -- Nothing left: stale wake-ups would only cause empty claims.
+  redis.call('DEL', K_NOTIFY)
+elseif moved > 0 then
+  notify()  -- this consumer took what it could; wake another for the rest
+end
+local next_at = false
+local d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+local l = redis.call('ZRANGE', K_INFLIGHT, 0, 0, 'WITHSCORES')
+if d[2] then next_at = tonumber(d[2]) end
+if l[2] and (not next_at or tonumber(l[2]) < next_at) then next_at = tonumber(l[2]) end
+if next_at then out[1] = tostring(math.max(next_at - now, 0)) end
+return out
+"""
+)
+
+ACK = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id, token
+if not valid(ARGV[1], ARGV[2]) then return 0 end
+forget(ARGV[1])
+return 1
+"""
+)
+
+NACK = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id, token, reason
+local id = ARGV[1]
+if not valid(id, ARGV[2]) then return 0 end
+local body = redis.call('HGET', K_BODY, id)
+local prio = redis.call('HGET', K_META, id)
+local att = redis.call('HGET', K_ATT, id)
+dead(id, body, ARGV[3], prio, att, now_ms())
+return 1
+"""
+)
+
+REQUEUE = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id, token, delay_ms ('' for none), replace_body ('1'/'0'), body
+local id = ARGV[1]
+if not valid(id, ARGV[2]) then return 0 end
+local now = now_ms()
+redis.call('ZREM', K_INFLIGHT, id)
+redis.call('HDEL', K_TOK, id)
+redis.call('HSET', K_ATT, id, 0)
+if ARGV[4] == '1' then redis.call('HSET', K_BODY, id, ARGV[5]) end
+local delay = tonumber(ARGV[3])
+local eta = false
+if delay and delay > 0 then eta = now + delay end
+schedule(id, redis.call('HGET', K_META, id), eta, now)
+notify()
+return 1
+"""
+)
+
+EXTEND = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id, token, lease_ms
+if not valid(ARGV[1], ARGV[2]) then return 0 end
+redis.call('ZADD', K_INFLIGHT, 'XX', now_ms() + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+)
+
+RELEASE = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id1, token1, id2, token2, ...: hand unsettled deliveries back at once.
+local n = 0
+for i = 1, #ARGV, 2 do
+  if valid(ARGV[i], ARGV[i + 1]) then
+    back_to_ready(ARGV[i])
+    n = n + 1
+  end
+end
+if n > 0 then notify() end
+return n
+"""
+)
+
+CANCEL = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id. Only a message that is waiting (ready or delayed) can be cancelled.
+local id = ARGV[1]
+if redis.call('HEXISTS', K_TOK, id) == 1 then return 0 end
+local removed = redis.call('ZREM', K_READY, id) + redis.call('ZREM', K_DELAYED, id)
+if removed == 0 then return 0 end
+forget(id)
+return 1
+"""
+)
+
+STATS = Script(
+    PRELUDE
+    + r"""
+-- Returns {delayed, in_flight, dead, priority1, count1, priority2, count2, ...}
+promote(now_ms())
+local out = {redis.call('ZCARD', K_DELAYED), redis.call('ZCARD', K_INFLIGHT),
+             redis.call('HLEN', K_DLBODY)}
+local lo = '-inf'
+while true do
+  local first = redis.call('ZRANGEBYSCORE', K_READY, lo, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if not first[1] then break end
+  local p = math.floor(tonumber(first[2]) / SPAN)
+  local hi = string.format('%.0f', (p + 1) * SPAN)
+  out[#out + 1] = p
+  out[#out + 1] = redis.call('ZCOUNT', K_READY, string.format('%.0f', p * SPAN), '(' .. hi)
+  lo = hi
+end
+return out
+"""
+)
+
+DEAD_LETTERS = Script(
+    PRELUDE
+    + r"""
+-- ARGV: limit. Returns {id, body, meta_json, ...}, oldest first.
+local ids = redis.call('ZRANGE', K_DLQ, 0, tonumber(ARGV[1]) - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', K_DLBODY, id) or ''
+  out[#out + 1] = redis.call('HGET', K_DLMETA, id) or '{}'
+end
+return out
+"""
+)
+
+REQUEUE_DEAD = Script(
+    PRELUDE
+    + r"""
+-- ARGV: mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call.
+local ids
+if ARGV[1] == 'all' then
+  ids = redis.call('ZRANGE', K_DLQ, 0, 999)
+else
+  ids = {}
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local now = now_ms()
+local n = 0
+for _, id in ipairs(ids) do
+  local body = redis.call('HGET', K_DLBODY, id)
+  if body then
+    local meta = cjson.decode(redis.call('HGET', K_DLMETA, id) or '{}')
+    local prio = tostring(meta.priority or 0)
+    redis.call('HDEL', K_DLBODY, id)
+    redis.call('HDEL', K_DLMETA, id)
+    redis.call('ZREM', K_DLQ, id)
+    redis.call('ZREM', K_READY, id)
+    redis.call('ZREM', K_DELAYED, id)
+    redis.call('ZREM', K_INFLIGHT, id)
+    redis.call('HDEL', K_TOK, id)
+    redis.call('HDEL', K_ATT, id)
+    redis.call('HSET', K_BODY, id, body)
+    redis.call('HSET', K_META, id, prio)
+    schedule(id, prio, false, now)
+    n = n + 1
+  end
+end
+if n > 0 then notify() end
+return n
+"""
+)

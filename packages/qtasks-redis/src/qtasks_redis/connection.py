@@ -1,0 +1,209 @@
+"""Connecting to Redis: URL parsing, client construction, error wrapping, Lua scripts.
+
+Every component builds its client here, so they share one policy: bounded command retries with
+jittered exponential backoff, errors re-raised as :mod:`qtasks.errors` with the host and port but
+never the password, and scripts run by SHA with a fallback to ``EVAL`` (which also works on a
+cluster node or a restarted server that has not cached the script yet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from qtasks.errors import BrokerConnectionError, ComponentError, ComponentNotStartedError
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+Client = aioredis.Redis | RedisCluster
+T = TypeVar("T")
+
+
+@dataclass(slots=True, frozen=True)
+class RedisTarget:
+    """Where a URL points, safe to print: no user name or password in any field."""
+
+    url: str
+    cluster: bool
+    host: str
+    port: int | None
+    db: int
+    socket: str | None
+
+    @property
+    def where(self) -> str:
+        """``host:port`` (or the socket path), for messages."""
+        if self.socket is not None:
+            return f"unix socket {self.socket}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, url: str | None, *, cluster: bool = False) -> RedisTarget:
+        """Split ``url``; ``redis+cluster://`` (or ``cluster=True``) selects Redis Cluster."""
+        url = url or DEFAULT_URL
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        if scheme in CLUSTER_SCHEMES:
+            cluster = True
+            url = CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
+            scheme = CLUSTER_SCHEMES[scheme]
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ComponentError(
+                f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss://, unix:// "
+                "or redis+cluster://"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ComponentError(f"bad port in Redis URL for host {parts.hostname!r}") from None
+        if scheme == "unix":
+            return cls(url, False, "localhost", None, 0, parts.path)
+        db = 0
+        path = parts.path.strip("/")
+        if path:
+            if not path.isdigit():
+                raise ComponentError(f"bad database number {path!r} in Redis URL")
+            db = int(path)
+        return cls(url, cluster, parts.hostname or "127.0.0.1", port or 6379, db, None)
+
+
+def make_client(target: RedisTarget, extra: dict[str, Any]) -> Client:
+    """A client with qtasks' retry policy; options in ``extra`` prefixed ``redis_`` tune it."""
+    retry = Retry(
+        ExponentialWithJitterBackoff(cap=float(extra.get("redis_retry_cap", 1.0)), base=0.05),
+        int(extra.get("redis_retries", 8)),
+    )
+    options: dict[str, Any] = {
+        "retry": retry,
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "socket_timeout": float(extra.get("redis_socket_timeout", 30.0)),
+        "socket_connect_timeout": float(extra.get("redis_connect_timeout", 5.0)),
+        "health_check_interval": int(extra.get("redis_health_check_interval", 15)),
+        "decode_responses": False,
+    }
+    if target.cluster:
+        options.pop("retry_on_error")
+        options.pop("health_check_interval")
+        return RedisCluster.from_url(target.url, **options)
+    return aioredis.Redis.from_url(target.url, **options)
+
+
+def connection_error(target: RedisTarget, exc: BaseException) -> BrokerConnectionError:
+    """A :class:`BrokerConnectionError` naming where, with the cause's class and errno only.
+
+    redis-py's messages do not contain passwords, but the cause may quote a URL in some
+    versions, so only the error class (and OS errno text) is kept.
+    """
+    reason = type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        reason = f"{reason}: {cause.strerror}"
+    elif isinstance(exc, RedisError):
+        text = str(exc).split(". ")[-1].strip(". ")
+        if text and "@" not in text and "://" not in text:
+            reason = f"{reason}: {text}"
+    db = "" if target.socket else f" (db {target.db})"
+    return BrokerConnectionError(f"cannot reach Redis at {target.where}{db}: {reason}")
+
+
+async def connect(stack: AsyncExitStack, target: RedisTarget, extra: dict[str, Any]) -> Client:
+    """Open a client, check it with PING, and close it when ``stack`` unwinds."""
+    client = make_client(target, extra)
+    stack.push_async_callback(_close, client)
+    try:
+        # A first PING without the long retry budget: an unreachable URL fails fast.
+        await _ping(client)
+    except (RedisError, OSError) as exc:
+        raise connection_error(target, exc) from None
+    return client
+
+
+async def _ping(client: Client) -> None:
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    await client.ping()
+
+
+async def _close(client: Client) -> None:
+    try:
+        await client.aclose()
+    except (RedisError, OSError):  # pragma: no cover - closing a dead connection
+        pass
+
+
+async def guarded(target: RedisTarget, call: Awaitable[T]) -> T:
+    """Await ``call``; turn connection failures (after redis-py's retries) into ours."""
+    try:
+        return await call
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise connection_error(target, exc) from exc
+
+
+class Script:
+    """A Lua script run with EVALSHA, loaded by EVAL when the server does not know it."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+class SharedClient:
+    """The client of one component, reference-counted across ``start`` calls.
+
+    Several apps in one process may share a component; it connects on the first ``start`` and
+    disconnects when the last stack that started it unwinds.
+    """
+
+    __slots__ = ("_client", "_owner", "_stack", "_users", "target")
+
+    def __init__(self, target: RedisTarget, owner: str) -> None:
+        self.target = target
+        self._owner = owner
+        self._client: Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._users = 0
+
+    async def acquire(self, stack: AsyncExitStack, options: dict[str, Any]) -> Client:
+        if self._client is None:
+            inner = AsyncExitStack()
+            try:
+                self._client = await connect(inner, self.target, options)
+            except BaseException:
+                await inner.aclose()
+                raise
+            self._stack = inner
+        self._users += 1
+        stack.push_async_callback(self._release)
+        return self._client
+
+    async def _release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._stack is not None:
+            inner, self._stack, self._client = self._stack, None, None
+            await inner.aclose()
+
+    def get(self) -> Client:
+        if self._client is None:
+            raise ComponentNotStartedError(f"{self._owner} used before start() or after stop")
+        return self._client

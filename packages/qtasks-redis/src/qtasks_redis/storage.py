@@ -1,0 +1,192 @@
+"""The Redis storage: task records with fenced writes, woken waiters and live steps."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import fields
+from typing import Any, Self
+
+from qtasks.config import QueueConfig
+from qtasks.errors import SerializationError, TaskTimeoutError
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks_redis import storage_lua as lua
+from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+
+_FIELDS = tuple(f.name for f in fields(TaskRecord))
+_BLOCK_CAP = 10.0
+"""Longest single block before the record is read again (a safety net, not a poll)."""
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"cannot store as JSON: {exc}") from exc
+
+
+class RedisStorage:
+    """A Redis-backed :class:`~qtasks.components.Storage`.
+
+    Keys are ``{<prefix>:rec}:<kind>:<uuid>``: one hash tag for all of them, so the fenced save
+    can update the per-status index in the same atomic script (on a cluster, records live in one
+    slot). Final records, their steps and wake-up lists expire after ``result_ttl``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str = "qtasks",
+        cluster: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.target = RedisTarget.parse(url, cluster=cluster)
+        self.prefix = prefix
+        self._tag = f"{{{prefix}:rec}}"
+        self._options = dict(options or {})
+        self._index_keys = tuple(f"{self._tag}:i:{status}" for status in lua.STATUSES)
+        self._ttl_ms: str = ""
+        self._shared = SharedClient(self.target, "RedisStorage")
+
+    @classmethod
+    def from_config(cls, config: QueueConfig) -> Self:
+        """Built from ``config.storage_url`` and ``config.extra`` (``redis_prefix``,
+        ``redis_cluster`` and client options ``redis_*``)."""
+        extra = config.extra
+        return cls(
+            config.storage_url,
+            prefix=str(extra.get("redis_prefix", "qtasks")),
+            cluster=bool(extra.get("redis_cluster", False)),
+            options=extra,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({self.target.where}, prefix={self.prefix!r})"
+
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        ttl = config.result_ttl
+        self._ttl_ms = "" if ttl is None else str(max(int(ttl * 1000), 1))
+        await self._shared.acquire(stack, {**config.extra, **self._options})
+
+    def _require(self) -> Client:
+        return self._shared.get()
+
+    def _keys(self, uuid: str) -> tuple[str, ...]:
+        tag = self._tag
+        return (f"{tag}:r:{uuid}", f"{tag}:w:{uuid}", f"{tag}:s:{uuid}", *self._index_keys)
+
+    async def _run(self, script: Script, uuid: str, *args: Any) -> Any:
+        client = self._require()
+        keys = self._keys(uuid)
+        return await guarded(self.target, script(client, keys, args))
+
+    @staticmethod
+    def _record(fields: list[bytes | None]) -> TaskRecord | None:
+        """Rebuild from ``[d, s, t, cr, u, n]``, applying the fields that override ``d``."""
+        data, status, _, reason, updated, steps = fields
+        if data is None:
+            return None
+        try:
+            record = TaskRecord.from_dict(json.loads(data))
+            if status is not None:
+                record.status = TaskStatus(status.decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SerializationError(f"stored task record is not valid: {exc}") from exc
+        if reason is not None:
+            record.cancel_reason = reason.decode()
+        if updated is not None:
+            record.updated_at = float(updated)
+        if steps is not None:
+            record.steps = int(steps)
+        return record
+
+    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
+        # A shallow dict, not ``to_dict()``: dataclasses.asdict deep-copies every value, which
+        # costs more than the Redis round trip on small records.
+        data = {name: getattr(record, name) for name in _FIELDS}
+        data["status"] = record.status.value
+        payload = _dumps(data)
+        args = (
+            payload,
+            record.status.value,
+            record.token or "",
+            "0" if fence is None else "1",
+            fence or "",
+            "1" if force else "0",
+            self._ttl_ms,
+        )
+        return bool(await self._run(lua.SAVE, record.uuid, record.uuid, *args))
+
+    async def add(self, record: TaskRecord) -> None:
+        await self._save(record, None, True)
+
+    async def get(self, uuid: str) -> TaskRecord | None:
+        client = self._require()
+        key = self._keys(uuid)[0]
+        fields: Any = await guarded(self.target, client.hmget(key, ["d", "s", "t", "cr", "u", "n"]))
+        return self._record(fields)
+
+    async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        return await self._save(record, fence, False)
+
+    async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
+        fields = await self._run(lua.CANCEL, uuid, uuid, reason, self._ttl_ms)
+        return None if fields is None else self._record(fields)
+
+    async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
+        client = self._require()
+        wake = self._keys(uuid)[1]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = await self.get(uuid)
+            if record is not None and record.status.final:
+                return record
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TaskTimeoutError(uuid, timeout)
+            block = _BLOCK_CAP if left is None else min(left, _BLOCK_CAP)
+            # The token is moved back onto the same list: every waiter wakes, none consumes it.
+            # redis-py types the timeout as int; Redis takes fractional seconds.
+            seconds: Any = max(block, 0.001)
+            await guarded(self.target, client.blmove(wake, wake, seconds, "RIGHT", "LEFT"))
+
+    async def add_step(self, uuid: str, value: Any) -> int:
+        return int(await self._run(lua.ADD_STEP, uuid, _dumps(value)))
+
+    async def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
+        client = self._require()
+        stream = self._keys(uuid)[2]
+        last = "0-0"
+        index = 0
+        while True:
+            reply = await self._run(lua.FOLLOW, uuid, last)
+            final = bool(reply[0])
+            entries = [(reply[i], reply[i + 1], reply[i + 2]) for i in range(1, len(reply), 3)]
+            while True:
+                for entry_id, kind, value in entries:
+                    last = entry_id.decode()
+                    if kind == b"e":
+                        return
+                    if kind == b"s":
+                        if index >= start:
+                            yield json.loads(value)
+                        index += 1
+                if final:
+                    return
+                read: Any = await guarded(
+                    self.target,
+                    client.xread({stream: last}, count=100, block=int(_BLOCK_CAP * 1000)),
+                )
+                if not read:
+                    break  # block cap reached: read the record's status again
+                entries = [
+                    (entry_id, fields.get(b"k", b""), fields.get(b"v", b""))
+                    for entry_id, fields in read[0][1]
+                ]
+
+    async def stats(self) -> dict[str, int]:
+        reply = await self._run(lua.STATS, "", self._ttl_ms)
+        return {status: int(n) for status, n in zip(lua.STATUSES, reply, strict=True) if int(n)}

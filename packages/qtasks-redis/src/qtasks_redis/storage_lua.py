@@ -1,0 +1,142 @@
+"""The storage's Lua scripts. Keys of one task (all under the storage's hash tag):
+
+1. ``rec``    HASH: ``d`` record JSON, ``s`` status, ``t`` token, and overrides written by
+              :meth:`cancel` (``cr`` reason, ``u`` updated_at) and :meth:`add_step` (``n``)
+2. ``wake``   LIST: one token pushed when the record turns final; waiters ``BLMOVE`` it onto
+              itself, so every waiter wakes and the token stays for late comers (short TTL)
+3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
+              ``e`` (the record is final) markers
+4-9.          ZSET per status (new, process, success, error, cancel, retry): uuid -> ms,
+              for :meth:`stats` without scanning the keyspace
+"""
+
+from __future__ import annotations
+
+from qtasks_redis.connection import Script
+
+STATUSES = ("new", "process", "success", "error", "cancel", "retry")
+
+PRELUDE = r"""
+local K_REC, K_WAKE, K_STEPS = KEYS[1], KEYS[2], KEYS[3]
+local IDX = {new = KEYS[4], process = KEYS[5], success = KEYS[6], error = KEYS[7],
+             cancel = KEYS[8], retry = KEYS[9]}
+local FINAL = {success = true, error = true, cancel = true}
+local WAKE_TTL = 120000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function index(uuid, old, new, now)
+  if old and IDX[old] then redis.call('ZREM', IDX[old], uuid) end
+  if IDX[new] then redis.call('ZADD', IDX[new], now, uuid) end
+end
+
+-- The record just turned final: expire it, wake waiters, end step followers.
+local function finished(ttl)
+  if ttl then redis.call('PEXPIRE', K_REC, ttl) end
+  redis.call('RPUSH', K_WAKE, '1')
+  redis.call('PEXPIRE', K_WAKE, WAKE_TTL)
+  if redis.call('EXISTS', K_STEPS) == 1 then
+    redis.call('XADD', K_STEPS, '*', 'k', 'e')
+    if ttl then redis.call('PEXPIRE', K_STEPS, ttl) end
+  end
+end
+"""
+
+SAVE = Script(
+    PRELUDE
+    + r"""
+-- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none)
+local uuid, status, token = ARGV[1], ARGV[3], ARGV[4]
+local cur = redis.call('HMGET', K_REC, 'd', 's', 't')
+if ARGV[7] ~= '1' and cur[1] then
+  if ARGV[5] == '1' and cur[3] ~= '' and cur[3] ~= ARGV[6] then return 0 end
+  if FINAL[cur[2]] and not FINAL[status] then return 0 end
+end
+local old = false
+if cur[1] then old = cur[2] end
+redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
+redis.call('HDEL', K_REC, 'cr', 'u')
+index(uuid, old, status, now_ms())
+if FINAL[status] then
+  finished(tonumber(ARGV[8]))
+else
+  redis.call('PERSIST', K_REC)
+  redis.call('DEL', K_WAKE)  -- a re-added uuid must not see an old wake-up
+end
+return 1
+"""
+)
+
+CANCEL = Script(
+    PRELUDE
+    + r"""
+-- ARGV: uuid, reason, ttl_ms. Returns {d, s, t, cr, u, n} or nil when unknown.
+local cur = redis.call('HMGET', K_REC, 'd', 's')
+if not cur[1] then return false end
+if not FINAL[cur[2]] then
+  local now = now_ms()
+  local t = redis.call('TIME')
+  local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', updated)
+  index(ARGV[1], cur[2], 'cancel', now)
+  finished(tonumber(ARGV[3]))
+end
+return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n')
+"""
+)
+
+ADD_STEP = Script(
+    PRELUDE
+    + r"""
+-- ARGV: value_json. Returns the step's index.
+redis.call('XADD', K_STEPS, '*', 'k', 's', 'v', ARGV[1])
+return redis.call('HINCRBY', K_REC, 'n', 1) - 1
+"""
+)
+
+FOLLOW = Script(
+    PRELUDE
+    + r"""
+-- ARGV: last_id. Returns {final (0/1), id1, kind1, value1, ...} of entries after last_id.
+-- A follower of an unfinished task makes sure the stream exists, so that the final save
+-- appends the end marker that wakes it.
+local status = redis.call('HGET', K_REC, 's')
+local final = (status and FINAL[status]) or (redis.call('HEXISTS', K_REC, 'd') == 0)
+if not final and redis.call('EXISTS', K_STEPS) == 0 then
+  redis.call('XADD', K_STEPS, '*', 'k', 'o')
+  redis.call('PEXPIRE', K_STEPS, 86400000)
+end
+local out = {final and 1 or 0}
+for _, entry in ipairs(redis.call('XRANGE', K_STEPS, '(' .. ARGV[1], '+')) do
+  local f = entry[2]
+  local kind, value = '', ''
+  for i = 1, #f, 2 do
+    if f[i] == 'k' then kind = f[i + 1] elseif f[i] == 'v' then value = f[i + 1] end
+  end
+  out[#out + 1] = entry[1]
+  out[#out + 1] = kind
+  out[#out + 1] = value
+end
+return out
+"""
+)
+
+STATS = Script(
+    PRELUDE
+    + r"""
+-- ARGV: ttl_ms ('' for none). Returns {count_new, count_process, ...} in STATUSES order.
+local ttl = tonumber(ARGV[1])
+local now = now_ms()
+local out = {}
+for _, name in ipairs({'new', 'process', 'success', 'error', 'cancel', 'retry'}) do
+  if ttl and FINAL[name] then
+    redis.call('ZREMRANGEBYSCORE', IDX[name], '-inf', '(' .. (now - ttl))
+  end
+  out[#out + 1] = redis.call('ZCARD', IDX[name])
+end
+return out
+"""
+)

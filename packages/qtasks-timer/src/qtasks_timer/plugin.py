@@ -1,0 +1,79 @@
+"""The qtasks plugin that starts an app's timers with its worker and reports them to
+``qtasks inspect``.
+
+It is registered by ``AsyncTimer(app)``, or loaded through the ``qtasks.plugins`` entry point
+(``timer``) as ``TimerPlugin()``: an unbound plugin creates the app's timer itself when the
+configuration declares ``timers``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qtasks import hookimpl
+from qtasks_timer.errors import TimerError
+from qtasks_timer.timer import FIRING, HEADER, AsyncTimer
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.messages import Message
+
+
+class TimerPlugin:
+    """Hook implementations of qtasks-timer for one app."""
+
+    name = "qtasks-timer"
+
+    def __init__(self, timer: AsyncTimer | None = None) -> None:
+        self.timer = timer
+
+    @classmethod
+    def bind(cls, app: AsyncQueueTasks, timer: AsyncTimer) -> TimerPlugin:
+        """Attach ``timer`` to the app's plugin (registering one if there is none)."""
+        for plugin in app.hooks.pm.get_plugins():
+            if isinstance(plugin, cls):
+                if plugin.timer is not None and plugin.timer is not timer:
+                    raise TimerError(
+                        f"app {app.name!r} already has a timer; add every timer to that one"
+                    )
+                plugin.timer = timer
+                return plugin
+        plugin = cls(timer)
+        app.add_plugin(plugin)
+        return plugin
+
+    def _timer(self, app: AsyncQueueTasks) -> AsyncTimer | None:
+        if self.timer is None and app.config.timers:
+            AsyncTimer(app)  # binds itself to this plugin
+        return self.timer
+
+    @hookimpl
+    async def qtasks_component_started(
+        self, app: AsyncQueueTasks, kind: str, component: Any
+    ) -> None:
+        """When the worker starts, start the timers in the app's task group (they are
+        cancelled there when the app stops)."""
+        if kind != "worker":
+            return
+        timer = self._timer(app)
+        if timer is not None:
+            await app.task_group.start(timer.run, name="qtasks timer")
+
+    @hookimpl
+    def qtasks_task_enqueue(self, message: Message) -> Message | None:
+        """Mark messages enqueued by a timer tick with the ``qtasks_timer`` header."""
+        firing = FIRING.get()
+        if firing is None:
+            return None
+        message.headers[HEADER] = dict(firing)
+        return message
+
+    @hookimpl
+    async def qtasks_inspect(
+        self, app: AsyncQueueTasks, report: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Add ``"timers"``: one row per timer with its next run time."""
+        timer = self._timer(app)
+        if timer is None:
+            return None
+        return {**report, "timers": await timer.describe()}

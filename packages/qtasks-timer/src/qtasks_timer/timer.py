@@ -1,0 +1,496 @@
+"""The async timer: scheduled enqueues that run inside the app, once per tick across replicas.
+
+One anyio task computes each timer's next tick from its trigger and sleeps until the earliest
+one. At a tick it claims ``timers/<timer id>:<tick>`` in the app's GlobalConfig with
+``set_if_absent``; only the replica whose claim succeeds enqueues. The tick is the scheduled
+time, not the time the replica woke up, so every replica (and every restart) competes for the
+same key.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.abc import TaskStatus as AnyioTaskStatus
+
+from qtasks_timer.errors import ScheduleError, TimerError
+from qtasks_timer.triggers import (
+    Schedule,
+    Trigger,
+    derive_id,
+    first_tick,
+    is_calendar,
+    next_fire,
+    plan,
+    tick_key,
+    to_trigger,
+    trigger_text,
+)
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+log = logging.getLogger("qtasks.timer")
+
+CLAIMS = "timers"
+"""GlobalConfig namespace of tick claims (``<timer id>:<tick>`` → id of the claiming worker)."""
+PAUSED = "timers_paused"
+"""GlobalConfig namespace of paused timers (``<timer id>`` → ``True``)."""
+
+HEADER = "qtasks_timer"
+"""Message header of timer-enqueued tasks: ``{"id": timer id, "tick": tick key, "late": number
+of earlier ticks coalesced into this run}``."""
+
+FIRING: ContextVar[dict[str, Any] | None] = ContextVar("qtasks_timer_firing", default=None)
+"""Set while the timer enqueues a tick; the plugin copies it into the message headers."""
+
+_MAX_SLEEP = 1.0  # re-read the wall clock at least this often: it may jump
+_SKEW_ALLOWANCE = 600.0  # seconds replicas' clocks may disagree by, kept in claim TTLs
+_DST_ALLOWANCE = 7200.0  # a repeated local hour must still find the first run's claim
+_ENQUEUE_TIMEOUT = 30.0
+
+_CONFIG_KEYS = {"task", "schedule", "interval", "args", "kwargs", "id", "timezone",
+                "misfire_grace", "priority"}  # fmt: skip
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    id: str
+    task_name: str
+    trigger: Trigger
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    priority: int | None
+    grace: float
+    next_fire: datetime | None = None
+    last_key: str | None = None
+    armed: bool = False
+    fired: int = 0
+    source: str = "code"
+    handles: list[TimerHandle] = field(default_factory=list)
+
+    @property
+    def claim_ttl(self) -> float:
+        extra = _DST_ALLOWANCE if is_calendar(self.trigger) else 0.0
+        return self.grace + _SKEW_ALLOWANCE + extra
+
+
+class TimerHandle:
+    """One scheduled timer. ``pause``/``resume`` act on every replica (the flag lives in the
+    GlobalConfig); ``remove`` stops scheduling it in this process only."""
+
+    def __init__(self, timer: AsyncTimer, entry: _Entry) -> None:
+        self._timer = timer
+        self._entry = entry
+
+    @property
+    def id(self) -> str:
+        """Stable across processes: explicit, or derived from task, trigger and arguments."""
+        return self._entry.id
+
+    @property
+    def task_name(self) -> str:
+        return self._entry.task_name
+
+    @property
+    def trigger(self) -> Trigger:
+        return self._entry.trigger
+
+    @property
+    def next_run_time(self) -> datetime | None:
+        """The next tick this process will consider (computed from now when not running)."""
+        return self._timer._next_run(self._entry)
+
+    async def pause(self) -> None:
+        """Stop enqueueing this timer's ticks, on every replica, until :meth:`resume`."""
+        await self._timer._set_paused(self._entry.id, True)
+
+    async def resume(self) -> None:
+        """Enqueue ticks again from the next one (paused ticks are not caught up)."""
+        await self._timer._set_paused(self._entry.id, False)
+
+    async def is_paused(self) -> bool:
+        return await self._timer._is_paused(self._entry.id)
+
+    async def remove(self) -> None:
+        """Stop scheduling this timer in this process."""
+        self._timer.remove(self._entry.id)
+
+    def __repr__(self) -> str:
+        return f"<TimerHandle {self.id} {trigger_text(self.trigger)}>"
+
+
+class AsyncTimer:
+    """Periodic and cron tasks for an :class:`~qtasks.AsyncQueueTasks` app.
+
+    Timers run while the app serves (``async with app:``, ``app.run_forever()``, the worker
+    CLI): no separate process. ``run_forever()`` (or ``async with timer:``) runs them without
+    a worker. One timer per app; timers declared in ``config.timers`` are added at start.
+    ``misfire_grace`` (seconds) is the default catch-up window, see :meth:`add_task`.
+    """
+
+    def __init__(
+        self,
+        app: AsyncQueueTasks,
+        *,
+        misfire_grace: float = 60.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        from qtasks_timer.plugin import TimerPlugin  # the plugin module imports this one
+
+        if misfire_grace < 0:
+            raise ScheduleError(f"misfire_grace must be >= 0, got {misfire_grace!r}")
+        self.app = app
+        self.misfire_grace = misfire_grace
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._wake: anyio.Event | None = None
+        self._running = False
+        self._task_group: TaskGroup | None = None
+        self._started_app = False
+        self.load_config()
+        TimerPlugin.bind(app, self)
+
+    # --- declaring ------------------------------------------------------------------------
+
+    def add_task(
+        self,
+        task_name: str,
+        *args: Any,
+        trigger: Schedule,
+        timezone: str | tzinfo | None = None,
+        timer_id: str | None = None,
+        misfire_grace: float | None = None,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> TimerHandle:
+        """Enqueue ``task_name(*args, **kwargs)`` at every tick of ``trigger``.
+
+        ``trigger``: an APScheduler trigger (``CronTrigger``, ``IntervalTrigger``,
+        ``DateTrigger``, combinations), a crontab string (``"*/5 * * * *"``; six fields for
+        seconds; ``@daily``...) evaluated in ``timezone`` (default UTC), or an interval
+        (``timedelta`` or seconds, aligned to the epoch). ``timer_id`` defaults to one derived
+        from task, trigger and arguments. A tick found late by less than ``misfire_grace``
+        seconds still fires (several such ticks coalesce into one run); older ones are skipped.
+        Tasks whose own parameters use these names are scheduled with :meth:`schedule`."""
+        return self.schedule(
+            task_name,
+            trigger,
+            args,
+            kwargs,
+            timezone=timezone,
+            timer_id=timer_id,
+            misfire_grace=misfire_grace,
+            priority=priority,
+        )
+
+    def schedule(
+        self,
+        task_name: str,
+        trigger: Schedule,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timezone: str | tzinfo | None = None,
+        timer_id: str | None = None,
+        misfire_grace: float | None = None,
+        priority: int | None = None,
+    ) -> TimerHandle:
+        """:meth:`add_task` with explicit ``args``/``kwargs`` (every keyword stays free)."""
+        return self._add(
+            task_name, trigger, args, kwargs, timezone, timer_id, misfire_grace, priority, "code"
+        )
+
+    def _add(
+        self,
+        task_name: str,
+        schedule: Schedule,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        timezone: str | tzinfo | None,
+        timer_id: str | None,
+        misfire_grace: float | None,
+        priority: int | None,
+        source: str,
+    ) -> TimerHandle:
+        trigger = to_trigger(schedule, timezone)
+        args_t, kwargs_d = tuple(args), dict(kwargs or {})
+        task = self.app.tasks.get(task_name)
+        if task is not None:
+            task.check_arguments(args_t, kwargs_d)
+        grace = self.misfire_grace if misfire_grace is None else misfire_grace
+        if grace < 0:
+            raise ScheduleError(f"misfire_grace must be >= 0, got {grace!r}")
+        ident = timer_id or derive_id(task_name, trigger, list(args_t), kwargs_d)
+        existing = self._entries.get(ident)
+        if existing is not None:
+            if (
+                trigger_text(existing.trigger) != trigger_text(trigger)
+                or existing.task_name != task_name
+            ):
+                raise TimerError(f"timer id {ident!r} is already used by another timer")
+            return TimerHandle(self, existing)
+        entry = _Entry(ident, task_name, trigger, args_t, kwargs_d, priority, grace, source=source)
+        self._entries[ident] = entry
+        if self._running:
+            self._arm(entry, self._clock())
+            self._poke()
+        return TimerHandle(self, entry)
+
+    def remove(self, timer_id: str) -> None:
+        """Stop scheduling ``timer_id`` in this process."""
+        if self._entries.pop(timer_id, None) is None:
+            raise TimerError(f"no timer with id {timer_id!r}")
+        self._poke()
+
+    def get(self, timer_id: str) -> TimerHandle:
+        """The handle of ``timer_id``."""
+        entry = self._entries.get(timer_id)
+        if entry is None:
+            raise TimerError(f"no timer with id {timer_id!r}")
+        return TimerHandle(self, entry)
+
+    @property
+    def timers(self) -> list[TimerHandle]:
+        """Handles of every timer of this process."""
+        return [TimerHandle(self, entry) for entry in self._entries.values()]
+
+    def load_config(self) -> list[TimerHandle]:
+        """Add the timers of ``app.config.timers`` (done when the timer is created).
+
+        Each entry is a table with ``task`` and either ``schedule`` (crontab string) or
+        ``interval`` (seconds), and optional ``args``, ``kwargs``, ``id``, ``timezone``,
+        ``misfire_grace``, ``priority``."""
+        handles = []
+        for index, item in enumerate(self.app.config.timers):
+            where = f"timers[{index}]"
+            if not isinstance(item, dict):
+                raise ScheduleError(f"{where}: expected a table, got {item!r}")
+            unknown = set(item) - _CONFIG_KEYS
+            if unknown:
+                raise ScheduleError(f"{where}: unknown keys {sorted(unknown)}")
+            if not isinstance(item.get("task"), str):
+                raise ScheduleError(f"{where}: 'task' (a task name) is required")
+            if ("schedule" in item) == ("interval" in item):
+                raise ScheduleError(f"{where}: give exactly one of 'schedule' and 'interval'")
+            schedule = item["schedule"] if "schedule" in item else item["interval"]
+            if "schedule" in item and not isinstance(schedule, str):
+                raise ScheduleError(f"{where}: 'schedule' must be a crontab string")
+            args, kwargs = item.get("args", []), item.get("kwargs", {})
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise ScheduleError(f"{where}: 'args' must be a list and 'kwargs' a table")
+            handles.append(
+                self._add(
+                    item["task"],
+                    schedule,
+                    args,
+                    kwargs,
+                    item.get("timezone"),
+                    item.get("id"),
+                    item.get("misfire_grace"),
+                    item.get("priority"),
+                    "config",
+                )
+            )
+        return handles
+
+    # --- running --------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Schedule until cancelled (the app's components must be started). Reports readiness
+        through ``task_status`` once every timer has its first tick. Started by the plugin when
+        the app serves; a second concurrent ``run`` returns at once."""
+        if self._running:
+            task_status.started()
+            return
+        self._running = True
+        self._wake = anyio.Event()
+        try:
+            now = self._clock()
+            for entry in self._entries.values():
+                self._arm(entry, now)
+            log.info("timer started with %d timer(s)", len(self._entries))
+            task_status.started()
+            await self._loop()
+        finally:
+            self._running = False
+            self._wake = None
+            for entry in self._entries.values():
+                entry.armed = False
+
+    async def _loop(self) -> None:
+        while True:
+            now = self._clock()
+            due = [e for e in self._entries.values() if e.next_fire and e.next_fire <= now]
+            if due:
+                async with anyio.create_task_group() as tg:
+                    for entry in due:
+                        tg.start_soon(self._tick, entry, now, name=f"timer tick {entry.id}")
+                continue
+            soonest = min(
+                (e.next_fire for e in self._entries.values() if e.next_fire), default=None
+            )
+            delay = _MAX_SLEEP
+            if soonest is not None:
+                delay = min(delay, (soonest - now).total_seconds())
+            assert self._wake is not None
+            with anyio.move_on_after(max(delay, 0.0)):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = anyio.Event()
+
+    def _arm(self, entry: _Entry, now: datetime) -> None:
+        entry.next_fire = first_tick(entry.trigger, now, entry.grace)
+        entry.armed = True
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _tick(self, entry: _Entry, now: datetime) -> None:
+        assert entry.next_fire is not None
+        decision = plan(entry.trigger, entry.next_fire, now, entry.grace)
+        entry.next_fire = decision.next
+        if decision.skipped:
+            log.warning(
+                "timer %s: ticks older than misfire_grace=%ss were skipped", entry.id, entry.grace
+            )
+        if decision.fire is None:
+            return
+        key = tick_key(entry.trigger, decision.fire)
+        if entry.last_key is not None and key <= entry.last_key:
+            # The wall clock went back, or a local hour repeats (DST): this tick was handled.
+            entry.next_fire = next_fire(entry.trigger, decision.fire, max(now, decision.fire))
+            return
+        if entry.id not in self._entries:
+            return
+        entry.last_key = key
+        try:
+            await self._fire(entry, key, decision.coalesced)
+        except Exception:
+            log.exception("timer %s: tick %s failed", entry.id, key)
+
+    async def _fire(self, entry: _Entry, key: str, coalesced: int) -> None:
+        app = self.app
+        # Claim and enqueue as one step that shutdown cannot split: a won claim whose
+        # enqueue never happened would lose the tick on every replica.
+        with anyio.CancelScope(shield=True), anyio.fail_after(_ENQUEUE_TIMEOUT):
+            if await self._is_paused(entry.id):
+                return
+            claimed = await app.global_config.set_if_absent(
+                CLAIMS, f"{entry.id}:{key}", app.worker.id, ttl=entry.claim_ttl
+            )
+            if not claimed:
+                log.debug("timer %s: tick %s claimed by another replica", entry.id, key)
+                return
+            token = FIRING.set({"id": entry.id, "tick": key, "late": coalesced})
+            try:
+                await app.enqueue(
+                    entry.task_name, entry.args, entry.kwargs, priority=entry.priority
+                )
+            except Exception:
+                # Let another replica (or a later attempt) have the tick.
+                await app.global_config.delete(CLAIMS, f"{entry.id}:{key}")
+                raise
+            finally:
+                FIRING.reset(token)
+        entry.fired += 1
+        if coalesced:
+            log.info("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
+        log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
+
+    def _next_run(self, entry: _Entry) -> datetime | None:
+        if entry.armed:
+            return entry.next_fire
+        return next_fire(entry.trigger, None, self._clock())
+
+    async def _ensure_started(self) -> None:
+        if not self.app.started:
+            await self.app.start()
+
+    async def _set_paused(self, timer_id: str, paused: bool) -> None:
+        await self._ensure_started()
+        if paused:
+            await self.app.global_config.set(PAUSED, timer_id, True)
+        else:
+            await self.app.global_config.delete(PAUSED, timer_id)
+
+    async def _is_paused(self, timer_id: str) -> bool:
+        await self._ensure_started()
+        return bool(await self.app.global_config.get(PAUSED, timer_id, False))
+
+    async def describe(self) -> list[dict[str, Any]]:
+        """One dict per timer (id, task, trigger, args, kwargs, next_run ISO or ``None``,
+        paused, source), as ``qtasks inspect`` shows them."""
+        rows = []
+        for entry in self._entries.values():
+            next_run = self._next_run(entry)
+            rows.append(
+                {
+                    "id": entry.id,
+                    "task": entry.task_name,
+                    "trigger": trigger_text(entry.trigger),
+                    "args": list(entry.args),
+                    "kwargs": dict(entry.kwargs),
+                    "next_run": None if next_run is None else next_run.isoformat(),
+                    "paused": await self._is_paused(entry.id) if self.app.started else None,
+                    "source": entry.source,
+                }
+            )
+        return rows
+
+    # --- standalone -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncTimer:
+        """Run the timers in this event loop without a worker (starts the app's components)."""
+        if not self.app.started:
+            await self.app.start()
+            self._started_app = True
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await tg.start(self.run, name="qtasks timer")
+        except BaseException:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
+        self._task_group = tg
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        tg, self._task_group = self._task_group, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+        if self._started_app:
+            self._started_app = False
+            await self.app.aclose()
+
+    async def serve(self) -> None:
+        """Run the timers (no worker) until SIGINT/SIGTERM."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with self:
+                log.info("qtasks timer for app %r running", self.app.name)
+                async for signum in signals:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    break
+
+    def run_forever(self) -> None:
+        """Block running the timers as a scheduler process (no worker) until SIGINT/SIGTERM."""
+        anyio.run(self.serve)

@@ -1,0 +1,268 @@
+"""Schedules: turn what the user wrote into an APScheduler trigger that every replica computes
+identically, and decide what a due timer fires (the misfire policy).
+
+Everything here is pure (no I/O, no clock of its own), so the policy is tested directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger  # type: ignore[import-untyped]  # no stubs in 3.x
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
+
+from qtasks_timer.errors import ScheduleError
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_GRACE = 1.0
+"""Seconds of lateness that always count as on time (waking up takes a moment)."""
+
+_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+# Crontab numbers days 0-7 from Sunday; APScheduler 3 numbers them from Monday (its issue
+# #286), so numeric day-of-week fields are rewritten with names.
+_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+class Trigger(Protocol):
+    """What qtasks-timer needs from a trigger (every APScheduler 3 trigger fits)."""
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None: ...
+
+
+Schedule = str | timedelta | int | float | Trigger
+"""A crontab string (5 fields, or 6 with seconds first, or ``@daily`` and the like), an interval
+(``timedelta`` or seconds), or an APScheduler trigger."""
+
+
+def to_zone(timezone: str | tzinfo | None) -> tzinfo:
+    """``None`` is UTC (the same on every replica, unlike the machine's local zone)."""
+    if timezone is None:
+        return UTC
+    if isinstance(timezone, str):
+        try:
+            return ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ScheduleError(f"unknown time zone {timezone!r}") from exc
+    return timezone
+
+
+def _dow_value(token: str) -> int:
+    token = token.strip().lower()
+    if token.isdigit():
+        number = int(token)
+        if not 0 <= number <= 7:
+            raise ScheduleError(f"day of week {token!r} is out of range 0-7")
+        return number % 7
+    if token[:3] in _DOW_NAMES:
+        return _DOW_NAMES.index(token[:3])
+    raise ScheduleError(f"bad day of week {token!r}")
+
+
+def _crontab_dow(field: str) -> str:
+    """Rewrite a crontab day-of-week field (0 = Sunday) as names for APScheduler 3."""
+    if field in ("*", "?"):
+        return "*"
+    days: set[int] = set()
+    for part in field.split(","):
+        base, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if step < 1:
+            raise ScheduleError(f"bad step in day of week {part!r}")
+        if base in ("*", "?"):
+            first, last = 0, 6
+        elif "-" in base:
+            low, high = base.split("-", 1)
+            first, last = _dow_value(low), _dow_value(high)
+            if high.strip() == "7":
+                last = 7
+        else:
+            first = _dow_value(base)
+            last = 6 if step_text else first
+        if last < first:
+            raise ScheduleError(f"bad day-of-week range {part!r}")
+        days.update(day % 7 for day in range(first, last + 1, step))
+    return ",".join(_DOW_NAMES[day] for day in sorted(days))
+
+
+def parse_crontab(expr: str, timezone: str | tzinfo | None = None) -> Trigger:
+    """A :class:`CronTrigger` from a crontab string with standard crontab semantics.
+
+    Five fields (minute hour day month day-of-week), or six with a seconds field first; the
+    macros ``@hourly``, ``@daily``/``@midnight``, ``@weekly``, ``@monthly``,
+    ``@yearly``/``@annually``. Day of week 0 and 7 are Sunday."""
+    text = _MACROS.get(expr.strip().lower(), expr)
+    fields = text.split()
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    if len(fields) != 6:
+        raise ScheduleError(
+            f"crontab {expr!r} has {len(fields)} fields; expected 5 (or 6 with seconds first)"
+        )
+    second, minute, hour, day, month, dow = fields
+    try:
+        return CronTrigger(  # type: ignore[no-any-return]
+            second=second,
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=_crontab_dow(dow),
+            timezone=to_zone(timezone),
+        )
+    except ValueError as exc:
+        raise ScheduleError(f"bad crontab {expr!r}: {exc}") from exc
+
+
+def every(interval: timedelta | float, timezone: str | tzinfo | None = None) -> Trigger:
+    """An interval trigger aligned to the Unix epoch, so every replica computes the same ticks
+    (every 5 minutes fires at :00, :05, ...)."""
+    seconds = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
+    if seconds <= 0:
+        raise ScheduleError(f"interval must be positive, got {interval!r}")
+    zone = to_zone(timezone)
+    return IntervalTrigger(  # type: ignore[no-any-return]
+        seconds=seconds, start_date=EPOCH.astimezone(zone), timezone=zone
+    )
+
+
+def to_trigger(schedule: Schedule, timezone: str | tzinfo | None = None) -> Trigger:
+    """Normalize ``schedule`` into a trigger whose ticks are the same on every replica.
+
+    An :class:`IntervalTrigger` created without ``start_date`` (APScheduler then starts it at
+    "now + interval", which differs per process) is re-aligned to the epoch. Triggers with
+    ``jitter`` are refused: each replica would draw other tick times."""
+    if isinstance(schedule, bool):
+        raise ScheduleError(f"not a schedule: {schedule!r}")
+    if isinstance(schedule, str):
+        return parse_crontab(schedule, timezone)
+    if isinstance(schedule, timedelta | int | float):
+        return every(schedule, timezone)
+    if not callable(getattr(schedule, "get_next_fire_time", None)):
+        raise ScheduleError(f"not a schedule: {schedule!r}")
+    if timezone is not None:
+        raise ScheduleError(
+            "timezone= applies to crontab strings and intervals; set it on the trigger itself"
+        )
+    _refuse_jitter(schedule)
+    if isinstance(schedule, IntervalTrigger) and _implicit_start(schedule):
+        return IntervalTrigger(  # type: ignore[no-any-return]
+            seconds=schedule.interval_length,
+            start_date=EPOCH.astimezone(schedule.timezone),
+            end_date=schedule.end_date,
+            timezone=schedule.timezone,
+        )
+    return schedule
+
+
+def _refuse_jitter(trigger: object) -> None:
+    if getattr(trigger, "jitter", None):
+        raise ScheduleError(
+            "triggers with jitter are not supported: every replica must compute the same ticks"
+        )
+    for child in getattr(trigger, "triggers", ()) or ():
+        _refuse_jitter(child)
+
+
+def _implicit_start(trigger: Any) -> bool:
+    # APScheduler sets start_date = now + interval when none is given; nothing else marks it.
+    expected = time.time() + float(trigger.interval_length)
+    return abs(float(trigger.start_date.timestamp()) - expected) < 2.0
+
+
+def next_fire(trigger: Trigger, previous: datetime | None, now: datetime) -> datetime | None:
+    """The trigger's next fire time, in UTC. Times are kept in UTC because Python compares
+    two times of one zone by wall clock, ignoring ``fold``: the two 02:30 of a DST fall-back
+    would be "equal"."""
+    fire = trigger.get_next_fire_time(previous, now)
+    return None if fire is None else fire.astimezone(UTC)
+
+
+def is_calendar(trigger: Trigger) -> bool:
+    """Calendar triggers (cron) are keyed by local wall time, the rest by the UTC instant."""
+    return isinstance(trigger, CronTrigger)
+
+
+def tick_key(trigger: Trigger, fire_time: datetime) -> str:
+    """The per-tick dedupe key. Cron ticks use the local wall time without offset, so the
+    hour that repeats when daylight saving ends cannot fire a 02:30 job twice; other ticks use
+    the UTC instant. Fixed width, so keys of one timer sort in time order."""
+    if is_calendar(trigger):
+        local = fire_time.astimezone(trigger.timezone)  # type: ignore[attr-defined]
+        return f"{local:%Y-%m-%dT%H:%M:%S.%f}"
+    return f"{fire_time.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
+
+
+def trigger_text(trigger: Trigger) -> str:
+    """A stable text for the trigger (part of the derived timer id)."""
+    if isinstance(trigger, BaseTrigger):
+        return repr(trigger)
+    return f"{type(trigger).__module__}.{type(trigger).__qualname__}:{trigger!r}"
+
+
+def derive_id(task_name: str, trigger: Trigger, args: Any, kwargs: Any) -> str:
+    """A timer id that is the same in every process declaring the same timer."""
+    text = json.dumps(
+        [task_name, trigger_text(trigger), args, kwargs], sort_keys=True, default=repr
+    )
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{task_name}@{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do with a due timer: fire ``fire`` (``None``: nothing), having coalesced
+    ``coalesced`` earlier ticks into it; its next tick is ``next``. ``skipped`` tells that
+    ticks older than the grace time were dropped."""
+
+    fire: datetime | None
+    next: datetime | None
+    coalesced: int = 0
+    skipped: bool = False
+
+
+def first_tick(trigger: Trigger, now: datetime, grace: float) -> datetime | None:
+    """The first tick a starting timer considers: the earliest one not older than ``grace``
+    (a tick missed while every replica was down is caught up if it is that recent)."""
+    return next_fire(trigger, None, now - timedelta(seconds=grace))
+
+
+def plan(trigger: Trigger, due: datetime, now: datetime, grace: float) -> Plan:
+    """The misfire policy for a timer whose tick ``due`` is at or before ``now``.
+
+    Ticks older than ``grace`` seconds (at least :data:`MIN_GRACE`) are skipped. The
+    remaining due ticks coalesce into one run of the latest of them, so a process that was
+    busy or asleep catches up once, not once per missed tick."""
+    skipped = False
+    window = now - timedelta(seconds=max(grace, MIN_GRACE))
+    if due < window:
+        skipped = True
+        candidate = next_fire(trigger, None, window)
+        # DateTrigger ignores ``now`` and returns its run date whatever it is.
+        if candidate is not None and candidate < window:
+            candidate = None
+        if candidate is None or candidate > now:
+            return Plan(None, candidate, 0, skipped)
+        due = candidate
+    fire, coalesced = due, 0
+    while True:
+        following = next_fire(trigger, fire, max(now, fire))
+        if following is None or following > now:
+            return Plan(fire, following, coalesced, skipped)
+        fire, coalesced = following, coalesced + 1

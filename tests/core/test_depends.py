@@ -1,0 +1,388 @@
+"""Depends: sharing per scope, teardown exactly once per scope (success, error, cancel, timeout,
+shutdown), every supported dependency form, nested dependencies, explicit values."""
+
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from typing import Annotated, Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, Depends, QueueConfig, QueueTasks, TaskStatus
+
+pytestmark = pytest.mark.anyio
+WAIT = 20
+
+
+class Resource:
+    """Something a dependency opens and closes; counts both per scope."""
+
+    def __init__(self, scope: str, log: Counter[str]) -> None:
+        self.scope = scope
+        self.log = log
+        self.closed = False
+        log[f"{scope}.created"] += 1
+
+    def close(self) -> None:
+        assert not self.closed, "closed twice"
+        self.closed = True
+        self.log[f"{self.scope}.closed"] += 1
+
+
+def counting_app(log: Counter[str], **config: Any) -> tuple[AsyncQueueTasks, dict[str, Any]]:
+    """An app whose tasks use one dependency of each scope, each in a different form."""
+    app = AsyncQueueTasks(config=QueueConfig(**config))
+
+    async def task_dep() -> AsyncIterator[Resource]:  # async generator
+        res = Resource("task", log)
+        try:
+            yield res
+        finally:
+            await anyio.lowlevel.checkpoint()
+            res.close()
+
+    @asynccontextmanager
+    async def worker_dep() -> AsyncIterator[Resource]:  # async context manager factory
+        res = Resource("worker", log)
+        try:
+            yield res
+        finally:
+            res.close()
+
+    def broker_dep() -> Iterator[Resource]:  # sync generator
+        res = Resource("broker", log)
+        yield res
+        res.close()
+
+    @contextmanager
+    def storage_dep() -> Iterator[Resource]:  # sync context manager factory
+        res = Resource("storage", log)
+        yield res
+        res.close()
+
+    class GlobalDep:  # a class whose instances are async context managers
+        def __init__(self) -> None:
+            self.res = Resource("global_config", log)
+
+        async def __aenter__(self) -> Resource:
+            return self.res
+
+        async def __aexit__(self, *exc: object) -> None:
+            self.res.close()
+
+    deps = {
+        "task": task_dep,
+        "worker": worker_dep,
+        "broker": broker_dep,
+        "storage": storage_dep,
+        "global_config": GlobalDep,
+    }
+    return app, deps
+
+
+async def test_scopes_share_and_tear_down_once_across_concurrent_tasks() -> None:
+    log: Counter[str] = Counter()
+    app, deps = counting_app(log, max_tasks_process=40)
+    seen: dict[str, set[int]] = {scope: set() for scope in deps}
+    running = 0
+    all_running = anyio.Event()
+    release = anyio.Event()
+    total = 40
+
+    @app.task(max_time=0.3)  # the "timeout" tasks never finish on their own
+    async def work(
+        mode: str,
+        t: Annotated[Resource, Depends(deps["task"])],
+        w: Resource = Depends(deps["worker"], scope="worker"),
+        b: Resource = Depends(deps["broker"], scope="broker"),
+        s: Resource = Depends(deps["storage"], scope="storage"),
+        g: Annotated[Resource, Depends(deps["global_config"], scope="global_config")] = None,  # type: ignore[assignment]
+    ) -> str:
+        nonlocal running
+        assert g is not None
+        for scope, res in zip(deps, (t, w, b, s, g), strict=True):
+            assert not res.closed
+            seen[scope].add(id(res))
+        running += 1
+        if running == total:
+            all_running.set()
+        await release.wait()
+        if mode == "fail":
+            raise RuntimeError("task failed")
+        if mode in ("cancel", "timeout"):
+            await anyio.sleep_forever()
+        return mode
+
+    modes = ["ok", "fail", "cancel", "timeout"] * (total // 4)
+    with anyio.fail_after(WAIT):
+        async with app:
+            records = [await app.add_task("work", mode) for mode in modes]
+            await all_running.wait()  # every task holds its resources at the same time
+            release.set()
+            for record, mode in zip(records, modes, strict=True):
+                if mode == "cancel":
+                    await app.cancel(record.uuid, "test cancel")
+            finals = [await r.wait_result(timeout=WAIT) for r in records]
+            during = dict(log)
+        after = dict(log)
+
+    statuses = Counter(f.status.value for f in finals)
+    assert statuses == {"success": 10, "error": 20, "cancel": 10}
+    # One task-scoped resource per execution, each torn down when its call ended, whatever
+    # the ending; long scopes: one instance shared by every task, open until shutdown.
+    assert len(seen["task"]) == total
+    for scope in ("worker", "broker", "storage", "global_config"):
+        assert len(seen[scope]) == 1, scope
+    assert during == {
+        "task.created": total,
+        "task.closed": total,
+        "worker.created": 1,
+        "broker.created": 1,
+        "storage.created": 1,
+        "global_config.created": 1,
+    }
+    assert after == {**during, **{f"{s}.closed": 1 for s in deps if s != "task"}}
+
+
+async def test_one_tasks_teardown_never_closes_anothers_resource() -> None:
+    log: Counter[str] = Counter()
+    app, deps = counting_app(log)
+    long_started = anyio.Event()
+    let_long_finish = anyio.Event()
+
+    @app.task
+    async def long(res: Resource = Depends(deps["task"])) -> bool:
+        long_started.set()
+        await let_long_finish.wait()
+        return res.closed  # must still be open
+
+    @app.task
+    async def short(res: Resource = Depends(deps["task"])) -> bool:
+        return res.closed
+
+    @app.task
+    async def failing(res: Resource = Depends(deps["task"])) -> None:
+        raise ValueError("boom")
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            long_task = await app.add_task("long")
+            await long_started.wait()
+            assert (await app.add_task("short", timeout=WAIT)).returning is False
+            assert (await app.add_task("failing", timeout=WAIT)).status is TaskStatus.ERROR
+            assert log["task.closed"] == 2  # the short and failing tasks' own resources
+            let_long_finish.set()
+            assert (await long_task.wait_result(timeout=WAIT)).returning is False
+    assert log["task.created"] == log["task.closed"] == 3
+
+
+async def test_nested_dependencies_resolved_and_cached_within_scope() -> None:
+    calls: Counter[str] = Counter()
+    app = AsyncQueueTasks()
+
+    class Settings:
+        pass
+
+    def settings() -> Settings:
+        calls["settings"] += 1
+        return Settings()
+
+    async def pool(cfg: Settings = Depends(settings, scope="worker")) -> dict[str, Any]:
+        calls["pool"] += 1
+        return {"cfg": cfg}
+
+    def session(
+        p: Annotated[dict[str, Any], Depends(pool, scope="worker")],
+        cfg: Settings = Depends(settings, scope="worker"),
+        label: str = "default",
+    ) -> dict[str, Any]:
+        calls["session"] += 1
+        return {"pool": p, "cfg": cfg, "label": label}
+
+    @app.task
+    async def use(
+        s: dict[str, Any] = Depends(session),
+        again: dict[str, Any] = Depends(session),
+        cfg: Settings = Depends(settings, scope="worker"),
+    ) -> list[bool]:
+        return [s is again, s["cfg"] is cfg, s["pool"]["cfg"] is cfg, s["label"] == "default"]
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            first = await app.add_task("use", timeout=WAIT)
+            second = await app.add_task("use", timeout=WAIT)
+    assert first.returning == second.returning == [True, True, True, True]
+    # session is task-scoped (once per execution, shared by both parameters); the worker-scoped
+    # ones are created once for both executions.
+    assert calls == {"settings": 1, "pool": 1, "session": 2}
+
+
+async def test_explicit_value_is_never_overwritten() -> None:
+    calls: list[str] = []
+    app = AsyncQueueTasks()
+
+    def make() -> str:
+        calls.append("made")
+        return "injected"
+
+    @app.task
+    async def use(x: int, value: str = Depends(make)) -> str:
+        return f"{x}:{value}"
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            explicit = await app.add_task("use", 1, value="explicit", timeout=WAIT)
+            assert calls == []
+            injected = await app.add_task("use", 2, timeout=WAIT)
+    assert explicit.returning == "1:explicit"
+    assert injected.returning == "2:injected"
+    assert calls == ["made"]
+
+
+async def test_plain_and_coroutine_functions_and_positional_args() -> None:
+    app = AsyncQueueTasks()
+
+    def plain() -> int:
+        return 1
+
+    async def coro() -> int:
+        return 2
+
+    @app.task
+    async def use(a: Annotated[int, Depends(plain)], b: int, c: int = Depends(coro)) -> list[int]:
+        return [a, b, c]
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            task = await app.add_task("use", 10, timeout=WAIT)
+    assert task.returning == [1, 10, 2]
+
+
+async def test_bad_dependencies_fail_the_task_with_a_clear_error() -> None:
+    app = AsyncQueueTasks()
+
+    def per_task() -> int:
+        return 1
+
+    def longer(x: int = Depends(per_task)) -> int:
+        return x
+
+    def needs_arg(x: int) -> int:
+        return x
+
+    @app.task
+    async def scope_mismatch(v: int = Depends(longer, scope="worker")) -> int:
+        return v
+
+    @app.task
+    async def no_default(v: int = Depends(needs_arg)) -> int:
+        return v
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            mismatch = await app.add_task("scope_mismatch", timeout=WAIT)
+            missing = await app.add_task("no_default", timeout=WAIT)
+    assert mismatch.status is TaskStatus.ERROR
+    assert "DependencyError" in (mismatch.error or "")
+    assert "outlive" in (mismatch.error or "")
+    assert "DependencyError" in (missing.error or "")
+    assert "no default" in (missing.error or "")
+    with pytest.raises(Exception, match="unknown Depends scope"):
+        Depends(per_task, scope="cluster")  # type: ignore[arg-type]
+
+
+async def test_failing_dependency_is_retried_like_the_task() -> None:
+    app = AsyncQueueTasks()
+    attempts: list[int] = []
+    closed: list[int] = []
+
+    def ok_dep() -> Iterator[int]:
+        yield len(attempts)
+        closed.append(len(attempts))
+
+    def flaky() -> int:
+        attempts.append(1)
+        if len(attempts) < 2:
+            raise ConnectionError("database not up yet")
+        return len(attempts)
+
+    @app.task(retry=1, retry_backoff=0, retry_on_exc=ConnectionError)
+    async def use(first: int = Depends(ok_dep), conn: int = Depends(flaky)) -> int:
+        return conn
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            task = await app.add_task("use", timeout=WAIT)
+    assert task.status is TaskStatus.SUCCESS, task.error
+    assert task.returning == 2
+    # The dependency created before the failure was torn down on the failed attempt too.
+    assert closed == [1, 2]
+
+
+async def test_task_scope_torn_down_when_shutdown_hands_the_task_back() -> None:
+    log: Counter[str] = Counter()
+    app, deps = counting_app(log, shutdown_grace=0.05)
+    started = anyio.Event()
+
+    @app.task
+    async def stuck(res: Resource = Depends(deps["task"])) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    storage = app.storage
+    async with AsyncExitStack() as hold:
+        await storage.start(hold, app.config)  # keeps the storage readable after the app stops
+        with anyio.fail_after(WAIT):
+            async with app:
+                task = await app.add_task("stuck")
+                await started.wait()
+        record = await storage.get(task.uuid)
+    assert record is not None
+    assert record.status is TaskStatus.NEW  # handed back
+    assert log == {"task.created": 1, "task.closed": 1}
+
+
+def test_sync_tasks_share_worker_scope_and_close_task_scope() -> None:
+    log: Counter[str] = Counter()
+    app = QueueTasks(config=QueueConfig(max_tasks_process=8))
+    threads: set[int] = set()
+    lock = threading.Lock()
+
+    def per_task() -> Iterator[Resource]:
+        res = Resource("task", log)
+        yield res
+        res.close()
+
+    def per_worker() -> Iterator[Resource]:
+        res = Resource("worker", log)
+        yield res
+        res.close()
+
+    @app.task
+    def use(
+        i: int,
+        t: Resource = Depends(per_task),
+        w: Resource = Depends(per_worker, scope="worker"),
+    ) -> int:
+        with lock:
+            threads.add(threading.get_ident())
+        assert not t.closed
+        assert not w.closed
+        if i % 3 == 0:
+            raise RuntimeError("odd one out")
+        return id(w)
+
+    try:
+        with app:
+            records = [app.add_task("use", i) for i in range(30)]
+            finals = [r.wait_result(timeout=WAIT) for r in records]
+            during = dict(log)
+        after = dict(log)
+    finally:
+        app.close()
+    assert Counter(f.status.value for f in finals) == {"success": 20, "error": 10}
+    assert len({f.returning for f in finals if f.status is TaskStatus.SUCCESS}) == 1
+    assert during == {"task.created": 30, "task.closed": 30, "worker.created": 1}
+    assert after == {**during, "worker.closed": 1}

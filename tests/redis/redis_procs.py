@@ -1,0 +1,149 @@
+"""Real processes for the reliability tests: worker subprocesses and a test-owned redis-server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+
+HERE = Path(__file__).parent
+APP = HERE / "redis_worker_app.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Worker:
+    """``redis_worker_app.py`` serving in its own process group; output goes to a log file."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        tmp: Path,
+        *,
+        lease: float = 30.0,
+        concurrency: int = 10,
+        name: str = "w",
+    ) -> None:
+        self.log = tmp / f"{name}.log"
+        self.ledger = tmp / "ledger.txt"
+        env = {
+            **os.environ,
+            "QT_URL": url,
+            "QT_PREFIX": prefix,
+            "QT_LEASE": str(lease),
+            "QT_CONCURRENCY": str(concurrency),
+            "QT_LEDGER": str(self.ledger),
+            "PYTHONPATH": str(HERE),
+        }
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(APP)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind runs in the worker."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def ledger(path: Path) -> list[tuple[str, int, int]]:
+    """``(event, task number, pid)`` lines of the ledger."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        event, number, pid = line.split()
+        out.append((event, int(number), int(pid)))
+    return out
+
+
+def counts(path: Path, event: str) -> Counter[int]:
+    return Counter(number for ev, number, _ in ledger(path) if ev == event)
+
+
+class RedisServer:
+    """A redis-server owned by the test, with the AOF on, on a free loopback port."""
+
+    def __init__(self, tmp: Path, *, fsync: str = "always", extra: list[str] | None = None):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed")
+        self.binary = binary
+        self.dir = tmp
+        self.port = free_port()
+        self.args = [
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(tmp),
+            "--appendonly", "yes", "--appendfsync", fsync, "--save", "",
+            "--maxmemory-policy", "noeviction", "--daemonize", "no",
+            *(extra or []),
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> None:
+        log = (self.dir / "redis.log").open("a")
+        self.proc = subprocess.Popen(
+            [self.binary, *self.args], stdout=log, stderr=subprocess.STDOUT
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        raise
+                    time.sleep(0.05)  # the server process is starting up
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

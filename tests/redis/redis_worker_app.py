@@ -1,0 +1,97 @@
+"""A qtasks app on Redis for the end-to-end tests, in process or as a worker subprocess.
+
+Run as ``python redis_worker_app.py`` to serve until SIGTERM; settings come from environment
+variables (``QT_URL``, ``QT_PREFIX``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER``). Every
+execution appends ``start``/``end`` lines to the ledger file, opened with ``O_APPEND`` so the lines
+survive a SIGKILL of the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+
+def build(
+    url: str,
+    prefix: str,
+    *,
+    lease: float = 30.0,
+    concurrency: int = 10,
+    prefetch: int | None = None,
+    ledger: str | None = None,
+    **config: Any,
+) -> AsyncQueueTasks:
+    """An app whose three components are on Redis under ``prefix``."""
+    settings = QueueConfig(
+        lease=lease,
+        max_tasks_process=concurrency,
+        prefetch=concurrency if prefetch is None else prefetch,
+        heartbeat_interval=0.5,
+        shutdown_grace=1.0,
+    ).merged(**config)
+    app = AsyncQueueTasks(
+        "redis-tests",
+        broker=RedisBroker(url, prefix=prefix, queue="e2e"),
+        storage=RedisStorage(url, prefix=prefix),
+        global_config=RedisGlobalConfig(url, prefix=prefix),
+        config=settings,
+    )
+
+    def note(line: str) -> None:
+        if ledger:
+            fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{line} {os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
+
+    @app.task
+    async def noop(i: int) -> int:
+        note(f"end {i}")
+        return i * 2
+
+    @app.task
+    async def slow(i: int, seconds: float) -> int:
+        note(f"start {i}")
+        await anyio.sleep(seconds)
+        note(f"end {i}")
+        return i
+
+    @app.task
+    def blocking_slow(i: int, seconds: float) -> int:
+        note(f"start {i}")
+        time.sleep(seconds)  # a sync task runs in a worker thread
+        note(f"end {i}")
+        return i
+
+    @app.task
+    async def steps(n: int) -> Any:
+        for i in range(n):
+            yield {"step": i}
+
+    return app
+
+
+def main() -> None:
+    app = build(
+        os.environ["QT_URL"],
+        os.environ["QT_PREFIX"],
+        lease=float(os.environ.get("QT_LEASE", "30")),
+        concurrency=int(os.environ.get("QT_CONCURRENCY", "10")),
+        ledger=os.environ.get("QT_LEDGER"),
+    )
+    print("serving", flush=True)
+    app.run_forever()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

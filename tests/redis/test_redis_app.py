@@ -1,0 +1,113 @@
+"""The qtasks app end to end on Redis, with the worker in this process."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import anyio
+import pytest
+from redis_worker_app import build
+
+from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks.errors import BrokerConnectionError
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_add_task_waits_for_result(redis_url: str, prefix: str) -> None:
+    app = build(redis_url, prefix)
+    async with app:
+        task = await app.add_task("noop", 21, timeout=5)
+        assert (task.status, task.returning) == (TaskStatus.SUCCESS, 42)
+        tasks = [await app.add_task("noop", i) for i in range(20)]
+        done = [await app.wait(t.uuid, timeout=5) for t in tasks]
+        assert [t.returning for t in done] == [i * 2 for i in range(20)]
+        stats = await app.broker.stats()
+        assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
+        workers = await app.global_config.workers()
+        assert app.worker.id in workers
+
+
+async def test_generator_steps_stream(redis_url: str, prefix: str) -> None:
+    app = build(redis_url, prefix)
+    async with app:
+        task = await app.add_task("steps", 4)
+        seen = [step async for step in app.stream(task.uuid, timeout=5)]
+        assert seen == [{"step": i} for i in range(4)]
+        final = await app.wait(task.uuid, timeout=5)
+        assert final.status is TaskStatus.SUCCESS
+
+
+async def test_delay_and_priority(redis_url: str, prefix: str) -> None:
+    app = build(redis_url, prefix)
+    async with app:
+        start = time.time()
+        task = await app.add_task("noop", 1, delay=0.3, timeout=5)
+        assert task.status is TaskStatus.SUCCESS
+        assert time.time() - start >= 0.3
+
+
+async def test_cancel_queued_task(redis_url: str, prefix: str) -> None:
+    app = build(redis_url, prefix)
+    await app.start()
+    try:
+        task = await app.add_task("noop", 1, delay=30)
+        cancelled = await app.cancel(task.uuid, "not needed")
+        assert cancelled is not None
+        assert cancelled.status is TaskStatus.CANCEL
+        assert (await app.broker.stats()).delayed == 0
+    finally:
+        await app.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_unreachable_url_at_startup_names_host_and_port() -> None:
+    port = _free_port()
+    url = f"redis://user:hunter2@127.0.0.1:{port}/0"
+    app = AsyncQueueTasks(
+        broker=RedisBroker(url),
+        storage=RedisStorage(url),
+        global_config=RedisGlobalConfig(url),
+        config=QueueConfig(extra={"redis_retries": 1}),
+    )
+    with anyio.fail_after(10), pytest.raises(BrokerConnectionError) as info:
+        await app.start()
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_found_by_entry_point_name(redis_url: str, prefix: str) -> None:
+    from importlib.metadata import entry_points
+
+    for group, cls in [
+        ("qtasks.brokers", RedisBroker),
+        ("qtasks.storages", RedisStorage),
+        ("qtasks.global_configs", RedisGlobalConfig),
+    ]:
+        [ep] = [ep for ep in entry_points(group=group) if ep.name == "redis"]
+        assert ep.load() is cls
+
+
+async def test_docs_example_runs(redis_url: str, prefix: str) -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "redis.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(code, namespace)
+    app = namespace["app"]
+    assert isinstance(app, AsyncQueueTasks)
+    await app.start()
+    try:
+        assert isinstance(app.broker, RedisBroker)
+        assert (await app.broker.stats()).in_flight >= 0
+    finally:
+        await app.aclose()

@@ -1,0 +1,298 @@
+"""RedisBroker against the real Redis: every guarantee of the Broker contract, called directly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+
+from qtasks.components import Broker
+from qtasks.config import QueueConfig
+from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
+from qtasks.messages import Envelope
+from qtasks_redis import RedisBroker, RedisDelivery
+
+pytestmark = pytest.mark.anyio
+
+
+async def make(stack: AsyncExitStack, url: str, prefix: str, **config: object) -> RedisBroker:
+    broker = RedisBroker(url, prefix=prefix, queue="q")
+    await broker.start(stack, QueueConfig().merged(**config))
+    return broker
+
+
+async def take(it: AsyncIterator[RedisDelivery], timeout: float = 3.0) -> RedisDelivery:
+    with anyio.fail_after(timeout):
+        return await it.__anext__()
+
+
+async def test_is_a_broker(redis_url: str, prefix: str, stack: AsyncExitStack) -> None:
+    broker = await make(stack, redis_url, prefix)
+    assert isinstance(broker, Broker)
+
+
+async def test_publish_consume_ack(redis_url: str, prefix: str, stack: AsyncExitStack) -> None:
+    broker = await make(stack, redis_url, prefix)
+    await broker.publish(Envelope("a", b"\x00body\xff", priority=3))
+    async with broker.consume(prefetch=5) as it:
+        d = await take(it)
+        assert (d.id, d.body, d.priority, d.attempt) == ("a", b"\x00body\xff", 3, 1)
+        assert d.token
+        assert (await broker.stats()).in_flight == 1
+        assert await d.ack()
+        assert not await d.ack()
+    stats = await broker.stats()
+    assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
+
+
+async def test_priorities_across_queue_fifo_within(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix)
+    for id, prio in [("p5", 5), ("a0", 0), ("b0", 0), ("m1", -1), ("c0", 0), ("big", 2000)]:
+        await broker.publish(Envelope(id, b"x", priority=prio))
+    stats = await broker.stats()
+    assert stats.ready_by_priority == {-1: 1, 0: 3, 5: 1, 899: 1}
+    order = []
+    async with broker.consume(prefetch=1) as it:
+        for _ in range(6):
+            d = await take(it)
+            order.append(d.id)
+            await d.ack()
+    assert order == ["m1", "a0", "b0", "c0", "p5", "big"]
+
+
+async def test_delayed_message_is_woken_when_due(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix)
+    start = time.time()
+    await broker.publish(Envelope("late", b"x", eta=start + 0.4))
+    await broker.publish(Envelope("now", b"y"))
+    assert (await broker.stats()).delayed == 1
+    async with broker.consume(prefetch=5) as it:
+        first = await take(it)
+        assert first.id == "now"
+        late = await take(it)
+        elapsed = time.time() - start
+    assert late.id == "late"
+    assert 0.35 <= elapsed < 0.6, elapsed
+
+
+async def test_idle_consumer_is_woken_by_publish(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix)
+    async with broker.consume(prefetch=5) as it:
+        got: list[float] = []
+
+        async def consumer() -> None:
+            d = await take(it, 5)
+            got.append(time.monotonic())
+            await d.ack()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consumer)
+            await anyio.sleep(0.3)  # let the consumer block in BLPOP (idle cap is 5 s)
+            sent = time.monotonic()
+            await broker.publish(Envelope("x", b"x"))
+    assert got[0] - sent < 0.1
+
+
+async def test_lease_expiry_redelivers_and_fences_old_token(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix, lease=0.3)
+    await broker.publish(Envelope("a", b"x"))
+    async with broker.consume(prefetch=1) as it:
+        first = await take(it)
+        second = await take(it, 2)  # the lease of ``first`` ran out
+        assert second.id == "a"
+        assert (first.attempt, second.attempt) == (1, 2)
+        assert first.token != second.token
+        assert not await first.extend()
+        assert not await first.ack()
+        assert not await first.nack("late")
+        assert not await first.requeue()
+        assert await second.ack()
+    assert await broker.dead_letters() == []
+
+
+async def test_extend_keeps_the_lease(redis_url: str, prefix: str, stack: AsyncExitStack) -> None:
+    broker = await make(stack, redis_url, prefix, lease=0.4)
+    await broker.publish(Envelope("a", b"x"))
+    async with broker.consume(prefetch=1) as it:
+        d = await take(it)
+        other = RedisBroker(redis_url, prefix=prefix, queue="q")
+        await other.start(stack, QueueConfig(lease=0.4))
+        async with other.consume(prefetch=1) as it2:
+            with anyio.move_on_after(1.2):
+                async with anyio.create_task_group() as tg:
+
+                    async def renew() -> None:
+                        while True:
+                            assert await d.extend()
+                            await anyio.sleep(0.1)
+
+                    tg.start_soon(renew)
+                    stolen = await it2.__anext__()
+                    pytest.fail(f"delivered twice while renewed: {stolen}")
+        assert await d.ack()
+
+
+async def test_delivery_limit_dead_letters_with_reason(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix, lease=0.2, max_deliveries=2)
+    await broker.publish(Envelope("poison", b"body", priority=4))
+    async with broker.consume(prefetch=1) as it:
+        assert (await take(it)).attempt == 1
+        assert (await take(it)).attempt == 2
+        with anyio.move_on_after(0.8):
+            extra = await it.__anext__()
+            pytest.fail(f"delivered past the limit: {extra}")
+    [letter] = await broker.dead_letters()
+    assert (letter.id, letter.body, letter.priority) == ("poison", b"body", 4)
+    assert "delivery limit" in letter.reason
+    assert "max_deliveries=2" in letter.reason
+    assert (await broker.stats()).dead_letters == 1
+    assert await broker.requeue_dead_letters() == 1
+    async with broker.consume(prefetch=1) as it:
+        again = await take(it)
+        assert (again.id, again.attempt) == ("poison", 1)
+        assert await again.ack()
+    assert await broker.dead_letters() == []
+
+
+async def test_nack_and_requeue_dead_letters_by_id(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix)
+    await broker.publish(Envelope("a", b"A"))
+    await broker.publish(Envelope("b", b"B"))
+    async with broker.consume(prefetch=2) as it:
+        for _ in range(2):
+            assert await (await take(it)).nack("unknown task 'nope'")
+    letters = await broker.dead_letters()
+    assert [(x.id, x.body, x.reason) for x in letters] == [
+        ("a", b"A", "unknown task 'nope'"),
+        ("b", b"B", "unknown task 'nope'"),
+    ]
+    assert letters[0].dead_at <= letters[1].dead_at
+    assert [x.id for x in await broker.dead_letters(limit=1)] == ["a"]
+    assert await broker.requeue_dead_letters(["b", "missing"]) == 1
+    assert [x.id for x in await broker.dead_letters()] == ["a"]
+    async with broker.consume(prefetch=2) as it:
+        assert (await take(it)).id == "b"
+
+
+async def test_requeue_resets_attempt_replaces_body_and_delays(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix, lease=0.2)
+    await broker.publish(Envelope("a", b"v1"))
+    async with broker.consume(prefetch=1) as it:
+        await take(it)  # lease runs out
+        second = await take(it)
+        assert second.attempt == 2
+        start = time.monotonic()
+        assert await second.requeue(delay=0.3, body=b"v2")
+        assert not await second.ack()
+        third = await take(it)
+        assert time.monotonic() - start >= 0.28
+        assert (third.attempt, third.body) == (1, b"v2")
+        assert await third.requeue()
+        fourth = await take(it)
+        assert (fourth.attempt, fourth.body) == (1, b"v2")
+        assert await fourth.ack()
+
+
+async def test_cancel_only_waiting_messages(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix)
+    await broker.publish(Envelope("queued", b"x"))
+    await broker.publish(Envelope("delayed", b"x", eta=time.time() + 60))
+    await broker.publish(Envelope("taken", b"x", priority=-5))
+    async with broker.consume(prefetch=1) as it:
+        taken = await take(it)
+        assert taken.id == "taken"
+        assert not await broker.cancel("taken")
+        assert await broker.cancel("queued")
+        assert await broker.cancel("delayed")
+        assert not await broker.cancel("queued")
+        assert not await broker.cancel("never")
+        assert await taken.ack()
+    stats = await broker.stats()
+    assert (stats.ready_by_priority, stats.delayed, stats.in_flight) == ({}, 0, 0)
+
+
+async def test_consumer_exit_hands_back_unsettled_at_once(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix, lease=60)
+    for i in range(4):
+        await broker.publish(Envelope(f"m{i}", b"x"))
+    async with broker.consume(prefetch=4) as it:
+        first = await take(it)  # claims all four into the consumer's buffer
+        assert await first.ack()
+        assert (await broker.stats()).in_flight == 3
+    stats = await broker.stats()
+    assert (stats.in_flight, stats.ready_by_priority) == (0, {0: 3})
+    async with broker.consume(prefetch=4) as it:
+        again = [await take(it, 1) for _ in range(3)]
+    assert sorted(d.id for d in again) == ["m1", "m2", "m3"]
+    assert [d.attempt for d in again] == [2, 2, 2]
+
+
+async def test_prefetch_is_bounded(redis_url: str, prefix: str, stack: AsyncExitStack) -> None:
+    broker = await make(stack, redis_url, prefix)
+    for i in range(20):
+        await broker.publish(Envelope(f"m{i}", b"x"))
+    async with broker.consume(prefetch=3) as it:
+        d = await take(it)
+        stats = await broker.stats()
+        assert stats.in_flight == 3
+        assert stats.ready_by_priority == {0: 17}
+        await d.ack()
+
+
+async def test_republish_same_id_replaces(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix)
+    await broker.publish(Envelope("a", b"old"))
+    await broker.publish(Envelope("a", b"new", priority=1))
+    async with broker.consume(prefetch=5) as it:
+        d = await take(it)
+        assert (d.body, d.priority) == (b"new", 1)
+        assert await d.ack()
+    assert (await broker.stats()).ready_by_priority == {}
+
+
+async def test_used_before_start() -> None:
+    broker = RedisBroker()
+    with pytest.raises(ComponentNotStartedError):
+        await broker.publish(Envelope("a", b"x"))
+
+
+async def test_unreachable_url_names_host_and_port_not_password(stack: AsyncExitStack) -> None:
+    broker = RedisBroker("redis://alice:s3cret-pw@127.0.0.1:1/0")
+    with pytest.raises(BrokerConnectionError) as info:
+        await broker.start(stack, QueueConfig(extra={"redis_retries": 0}))
+    text = str(info.value)
+    assert "127.0.0.1:1" in text
+    assert "s3cret" not in text
+    assert "s3cret" not in repr(broker)
+
+
+def test_from_config_reads_url_and_extra() -> None:
+    config = QueueConfig(
+        broker_url="redis://h:7000/3", extra={"redis_queue": "mail", "redis_prefix": "app"}
+    )
+    broker = RedisBroker.from_config(config)
+    assert (broker.target.host, broker.target.port, broker.target.db) == ("h", 7000, 3)
+    assert broker.keys[0] == "{app:mail}:ready"

@@ -1,0 +1,40 @@
+"""Fixtures of the timer tests (``anyio_backend`` and ``redis_url`` come from tests/conftest.py)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import pytest
+
+
+class FakeClock:
+    """A wall clock that advances with real time from ``start`` and can be moved by hand."""
+
+    def __init__(self, start: datetime) -> None:
+        import time
+
+        self._time = time.monotonic
+        self._base = start
+        self._at = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self._base + timedelta(seconds=self._time() - self._at)
+
+    def set(self, moment: datetime) -> None:
+        self._base = moment
+        self._at = self._time()
+
+    def shift(self, seconds: float) -> None:
+        self.set(self() + timedelta(seconds=seconds))
+
+
+@pytest.fixture
+def fake_clock() -> Callable[[datetime], FakeClock]:
+    return FakeClock
+
+
+@pytest.fixture
+def unique_name() -> str:
+    return f"qtasks-timer-test-{uuid.uuid4().hex[:10]}"

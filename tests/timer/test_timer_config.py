@@ -1,0 +1,106 @@
+"""Timers declared in configuration, the entry-point plugin, and ``qtasks inspect``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from timer_helpers import Recorder, wait_until
+
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.errors import TaskArgumentsError
+from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin
+
+pytestmark = pytest.mark.anyio
+
+TIMERS: list[dict[str, Any]] = [
+    {"task": "tick", "schedule": "* * * * * *", "id": "every-second"},
+    {"task": "tick", "interval": 0.3, "args": [1], "kwargs": {"source": "config"}},
+]
+
+
+def make_app(timers: list[dict[str, Any]]) -> tuple[AsyncQueueTasks, Recorder]:
+    app = AsyncQueueTasks(config=QueueConfig(timers=timers))
+
+    @app.task
+    async def tick(*args: Any, source: str = "") -> None:
+        return None
+
+    recorder = Recorder()
+    app.add_plugin(recorder)
+    return app, recorder
+
+
+async def test_config_timers_run_through_the_entry_point_plugin() -> None:
+    app, rec = make_app(TIMERS)
+    plugin = TimerPlugin()  # what the qtasks.plugins entry point "timer" provides
+    app.add_plugin(plugin)
+    async with app:
+        await wait_until(lambda: rec.count("every-second") >= 1, 3, "the cron timer")
+        await wait_until(lambda: rec.count() - rec.count("every-second") >= 2, 3, "interval")
+    assert plugin.timer is not None
+    assert {h.id for h in plugin.timer.timers} >= {"every-second"}
+    interval = next(h for h in plugin.timer.timers if h.id != "every-second")
+    assert interval.id.startswith("tick@")
+
+
+async def test_timer_created_in_code_also_loads_config_timers() -> None:
+    app, _ = make_app(TIMERS)
+    app.add_plugin(TimerPlugin())  # the entry-point plugin binds to the code's timer
+    timer = AsyncTimer(app)
+    extra = timer.add_task("tick", trigger="@hourly")
+    ids = [h.id for h in timer.timers]
+    assert ids[0] == "every-second"
+    assert extra.id in ids
+    assert len(ids) == 3
+
+
+async def test_inspect_lists_timers_with_next_run() -> None:
+    app, _ = make_app(TIMERS)
+    app.add_plugin(TimerPlugin())
+    await app.start()
+    try:
+        report = await app.hooks.transform(
+            "qtasks_inspect", "report", app=app, report={"app": app.name}
+        )
+    finally:
+        await app.aclose()
+    assert report["app"] == app.name
+    rows = {row["id"]: row for row in report["timers"]}
+    row = rows["every-second"]
+    assert row["task"] == "tick"
+    assert row["source"] == "config"
+    assert row["paused"] is False
+    assert "CronTrigger" in row["trigger"]
+    next_run = datetime.fromisoformat(row["next_run"])
+    assert 0 <= (next_run - datetime.now(UTC)).total_seconds() <= 1.01
+    assert len(rows) == 2
+
+
+async def test_no_timers_no_report() -> None:
+    app, _ = make_app([])
+    app.add_plugin(TimerPlugin())
+    report = await app.hooks.transform("qtasks_inspect", "report", app=app, report={})
+    assert "timers" not in report
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"schedule": "* * * * *"}, "'task'"),
+        ({"task": "tick"}, "exactly one"),
+        ({"task": "tick", "schedule": "* * * * *", "interval": 5}, "exactly one"),
+        ({"task": "tick", "schedule": "not cron"}, "crontab"),
+        ({"task": "tick", "schedule": "* * * * *", "every": 5}, "unknown keys"),
+        ({"task": "tick", "interval": 5, "args": "x"}, "'args'"),
+        ({"task": "tick", "interval": -1}, "positive"),
+        ({"task": "tick", "interval": 5, "timezone": "Nowhere/Else"}, "time zone"),
+        ({"task": "tick", "interval": 5, "kwargs": {"nope": 1}}, "nope"),
+    ],
+)
+async def test_bad_config_timers_are_refused(entry: dict[str, Any], message: str) -> None:
+    app, _ = make_app([entry])
+    expected = TaskArgumentsError if "nope" in message else ScheduleError
+    with pytest.raises(expected, match=message):
+        AsyncTimer(app)

@@ -1,0 +1,139 @@
+"""Three worker processes against the real Redis run the same app with one every-second
+timer: each tick is enqueued exactly once, also after one of them is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+try:
+    from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage  # noqa: F401
+
+    HAVE_REDIS_BACKEND = True
+except ImportError:
+    HAVE_REDIS_BACKEND = False
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not HAVE_REDIS_BACKEND,
+        reason="waits for qtasks_redis (RedisBroker, RedisStorage, RedisGlobalConfig) on main",
+    ),
+]
+
+REPLICA = Path(__file__).with_name("redis_replica.py")
+RUN_FOR = 10.0
+
+
+class Replica:
+    def __init__(self, url: str, prefix: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPLICA), url, prefix],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.ready = threading.Event()
+        self.ticks: list[dict[str, Any]] = []
+        self.other: list[str] = []
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            line = line.strip()
+            if line == "ready":
+                self.ready.set()
+            elif line.startswith("{"):
+                self.ticks.append(json.loads(line))
+            else:
+                self.other.append(line)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(timeout=5)
+        return code
+
+
+def tick_time(key: str) -> datetime:
+    return datetime.strptime(key, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def cleanup(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def test_three_replicas_enqueue_each_tick_once_even_after_a_kill(
+    redis_url: str, unique_name: str
+) -> None:
+    replicas = [Replica(redis_url, unique_name) for _ in range(3)]
+    killed: Replica | None = None
+    try:
+        for replica in replicas:
+            assert replica.ready.wait(20), replica.other
+        started = time.monotonic()
+        # Kill (SIGKILL) a replica that has won ticks, halfway between two ticks.
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline and killed is None:
+            time.sleep(0.05)
+            if time.monotonic() - started < 4:
+                continue
+            winners = [r for r in replicas if r.ticks]
+            if winners and 0.4 < time.time() % 1 < 0.6:
+                killed = max(winners, key=lambda r: r.ticks[-1]["tick"])
+                killed.proc.send_signal(signal.SIGKILL)
+        assert killed is not None, "no replica won a tick"
+        killed_at = datetime.now(UTC)
+        time.sleep(max(0.0, RUN_FOR - (time.monotonic() - started)))
+    finally:
+        codes = [replica.stop() for replica in replicas]
+        cleanup(redis_url, unique_name)
+    survivors = [
+        code for replica, code in zip(replicas, codes, strict=True) if replica is not killed
+    ]
+    assert survivors == [0, 0]
+    keys = [tick["tick"] for replica in replicas for tick in replica.ticks]
+    assert len(keys) == len(set(keys)), "a tick was enqueued twice"
+    ticks = sorted(tick_time(key) for key in keys)
+    assert len(ticks) >= RUN_FOR - 1
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert all(gap == timedelta(seconds=1) for gap in gaps), "a tick was missed"
+    assert ticks[-1] > killed_at + timedelta(seconds=2), "ticks went on after the kill"
+    after_kill = [
+        tick
+        for r in replicas
+        if r is not killed
+        for tick in r.ticks
+        if tick_time(tick["tick"]) > killed_at
+    ]
+    assert after_kill
+    per_replica = [len(r.ticks) for r in replicas]
+    print(f"{len(ticks)} ticks, {len(set(keys))} distinct; won per replica {per_replica}")

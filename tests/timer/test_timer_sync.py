@@ -1,0 +1,110 @@
+"""The sync facade, the standalone scheduler (no worker) and ``run_forever``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from timer_helpers import Recorder, wait_until
+
+from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
+from qtasks_timer import AsyncTimer, SyncTimer
+
+
+def test_sync_timer_runs_inside_the_sync_app() -> None:
+    app = QueueTasks()
+    ran = threading.Event()
+    second = threading.Event()
+
+    @app.task
+    def tick() -> None:
+        ran.set()
+
+    @app.task
+    def later() -> None:
+        second.set()
+
+    timer = SyncTimer(app)
+    handle = timer.add_task("tick", trigger=timedelta(seconds=0.1))
+    try:
+        with app:
+            assert ran.wait(5)
+            handle.pause()
+            assert handle.is_paused()
+            handle.resume()
+            assert not handle.is_paused()
+            # Added while running: goes to the portal's loop where the timers live.
+            timer.add_task("later", trigger=timedelta(seconds=0.1))
+            assert second.wait(5)
+            assert len(timer.describe()) == 2
+            handle.remove()
+            assert [h.task_name for h in timer.timers] == ["later"]
+    finally:
+        app.close()
+
+
+@pytest.mark.anyio
+async def test_standalone_timer_enqueues_without_a_worker() -> None:
+    app = AsyncQueueTasks()
+    recorder = Recorder()
+    app.add_plugin(recorder)
+    timer = AsyncTimer(app)
+    timer.add_task("tick", trigger=timedelta(seconds=0.1))  # no such task here: fine
+    async with timer:
+        assert timer.running
+        await wait_until(lambda: recorder.count() >= 2, 5)
+        record = await app.get(recorder.enqueued[0][2])
+        assert record is not None
+        assert record.status is TaskStatus.NEW  # nobody serves it in this process
+    assert not timer.running
+    assert not app.started  # the timer started the app's components, and stopped them
+
+
+SCRIPT = textwrap.dedent(
+    """
+    from datetime import timedelta
+
+    from qtasks import AsyncQueueTasks, hookimpl
+    from qtasks_timer import AsyncTimer
+
+
+    class Announce:
+        @hookimpl
+        def qtasks_task_enqueued(self, record):
+            print("enqueued", record.task_name, flush=True)
+
+
+    app = AsyncQueueTasks()
+    app.add_plugin(Announce())
+    timer = AsyncTimer(app)
+    timer.add_task("tick", trigger=timedelta(seconds=0.1))
+    timer.run_forever()  # a scheduler process: no worker
+    """
+)
+
+
+def test_run_forever_stops_on_sigint(tmp_path: Path) -> None:
+    script = tmp_path / "scheduler.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "enqueued tick"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,200 @@
+"""Schedules, timer ids, tick keys and the misfire policy (pure functions)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
+
+from qtasks_timer import ScheduleError, every, parse_crontab
+from qtasks_timer.triggers import derive_id, first_tick, plan, tick_key, to_trigger
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def fires(trigger: object, start: datetime, count: int) -> list[datetime]:
+    out: list[datetime] = []
+    prev = None
+    now = start
+    for _ in range(count):
+        nxt = trigger.get_next_fire_time(prev, now)  # type: ignore[attr-defined]
+        assert nxt is not None
+        out.append(nxt)
+        prev = now = nxt
+    return out
+
+
+def test_crontab_day_of_week_uses_crontab_numbering() -> None:
+    # 2026-06-01 is a Monday. Crontab: 0 and 7 are Sunday, 1 is Monday.
+    monday = datetime(2026, 6, 1, tzinfo=UTC)
+    assert fires(parse_crontab("0 9 * * 1"), monday, 1)[0].weekday() == 0
+    assert fires(parse_crontab("0 9 * * 0"), monday, 1)[0].weekday() == 6
+    assert fires(parse_crontab("0 9 * * 7"), monday, 1)[0].weekday() == 6
+    weekdays = {d.weekday() for d in fires(parse_crontab("0 9 * * 1-5"), monday, 10)}
+    assert weekdays == {0, 1, 2, 3, 4}
+    # */2 over Sunday..Saturday is Sun, Tue, Thu, Sat.
+    assert {d.weekday() for d in fires(parse_crontab("0 9 * * */2"), monday, 8)} == {6, 1, 3, 5}
+    assert {d.weekday() for d in fires(parse_crontab("0 9 * * sat,sun"), monday, 4)} == {5, 6}
+
+
+def test_crontab_fields_macros_and_seconds() -> None:
+    start = datetime(2026, 6, 1, 10, 2, 30, tzinfo=UTC)
+    assert fires(parse_crontab("*/5 * * * *"), start, 2) == [
+        datetime(2026, 6, 1, 10, 5, tzinfo=UTC),
+        datetime(2026, 6, 1, 10, 10, tzinfo=UTC),
+    ]
+    assert fires(parse_crontab("*/10 * * * * *"), start, 2) == [
+        datetime(2026, 6, 1, 10, 2, 30, tzinfo=UTC),
+        datetime(2026, 6, 1, 10, 2, 40, tzinfo=UTC),
+    ]
+    assert fires(parse_crontab("@hourly"), start, 1) == [datetime(2026, 6, 1, 11, tzinfo=UTC)]
+    assert fires(parse_crontab("@daily"), start, 1) == [datetime(2026, 6, 2, tzinfo=UTC)]
+
+
+def test_crontab_timezone() -> None:
+    trigger = parse_crontab("0 9 * * *", "Europe/Berlin")
+    first = fires(trigger, datetime(2026, 6, 1, tzinfo=UTC), 1)[0]
+    assert first == datetime(2026, 6, 1, 7, tzinfo=UTC)  # 09:00 CEST
+
+
+@pytest.mark.parametrize(
+    "expr", ["* * *", "61 * * * *", "* * * * 8", "* * * * mon-xyz", "1 2 3 4 5 6 7"]
+)
+def test_bad_crontab_is_refused(expr: str) -> None:
+    with pytest.raises(ScheduleError):
+        parse_crontab(expr)
+
+
+def test_bad_schedules_are_refused() -> None:
+    with pytest.raises(ScheduleError):
+        to_trigger(0)
+    with pytest.raises(ScheduleError):
+        to_trigger(True)
+    with pytest.raises(ScheduleError):
+        to_trigger(object())  # type: ignore[arg-type]
+    with pytest.raises(ScheduleError, match="jitter"):
+        to_trigger(CronTrigger(minute="*", jitter=5))
+    with pytest.raises(ScheduleError, match="time zone"):
+        to_trigger("* * * * *", "Mars/Olympus")
+
+
+def test_intervals_are_aligned_to_the_epoch() -> None:
+    trigger = every(timedelta(minutes=5))
+    start = datetime(2026, 6, 1, 10, 2, 30, tzinfo=UTC)
+    assert fires(trigger, start, 2) == [
+        datetime(2026, 6, 1, 10, 5, tzinfo=UTC),
+        datetime(2026, 6, 1, 10, 10, tzinfo=UTC),
+    ]
+    # An IntervalTrigger without start_date starts "now + interval" in APScheduler; two
+    # processes would disagree, so it is re-aligned. An explicit start_date is kept.
+    implicit = to_trigger(IntervalTrigger(seconds=30, timezone=UTC))
+    assert implicit.start_date == datetime(1970, 1, 1, tzinfo=UTC)  # type: ignore[attr-defined]
+    anchor = datetime(2026, 1, 1, 0, 0, 7, tzinfo=UTC)
+    explicit = to_trigger(IntervalTrigger(seconds=30, start_date=anchor))
+    assert explicit.start_date == anchor  # type: ignore[attr-defined]
+
+
+def test_timer_ids_are_stable_and_distinct() -> None:
+    # Two "processes" building the same timer independently get the same id.
+    one = derive_id("report", to_trigger("*/5 * * * *"), [1], {"to": "ops"})
+    two = derive_id("report", to_trigger("*/5 * * * *"), [1], {"to": "ops"})
+    assert one == two
+    assert one.startswith("report@")
+    assert derive_id("report", to_trigger(IntervalTrigger(seconds=30)), [], {}) == derive_id(
+        "report", to_trigger(IntervalTrigger(seconds=30)), [], {}
+    )
+    others = {
+        derive_id("report", to_trigger("*/5 * * * *"), [2], {"to": "ops"}),
+        derive_id("report", to_trigger("*/5 * * * *", "Europe/Berlin"), [1], {"to": "ops"}),
+        derive_id("report", to_trigger("*/10 * * * *"), [1], {"to": "ops"}),
+        derive_id("other", to_trigger("*/5 * * * *"), [1], {"to": "ops"}),
+    }
+    assert one not in others
+    assert len(others) == 4
+
+
+def test_plan_on_time_tick_fires_it() -> None:
+    trigger = every(10)
+    due = datetime(2026, 6, 1, 10, 0, 10, tzinfo=UTC)
+    result = plan(trigger, due, due + timedelta(seconds=0.01), grace=60)
+    assert result.fire == due
+    assert result.next == due + timedelta(seconds=10)
+    assert (result.coalesced, result.skipped) == (0, False)
+
+
+def test_plan_coalesces_late_ticks_within_grace_into_one_run() -> None:
+    trigger = every(10)
+    due = datetime(2026, 6, 1, 10, 0, 10, tzinfo=UTC)
+    now = due + timedelta(seconds=35)  # ticks :10 :20 :30 :40 missed
+    result = plan(trigger, due, now, grace=60)
+    assert result.fire == datetime(2026, 6, 1, 10, 0, 40, tzinfo=UTC)
+    assert result.coalesced == 3
+    assert result.next == datetime(2026, 6, 1, 10, 0, 50, tzinfo=UTC)
+
+
+def test_plan_skips_ticks_older_than_grace() -> None:
+    trigger = every(10)
+    due = datetime(2026, 6, 1, 10, 0, 10, tzinfo=UTC)
+    now = due + timedelta(hours=1, seconds=5)  # e.g. the wall clock jumped forward 1 h
+    result = plan(trigger, due, now, grace=8)
+    # Only the tick 5 s ago is within grace: one catch-up run, the rest skipped.
+    assert result.fire == due + timedelta(hours=1)
+    assert result.skipped
+    assert result.coalesced == 0
+    # With grace 0 nothing late fires; the next tick is in the future.
+    zero = plan(trigger, due, now, grace=0)
+    assert zero.fire is None
+    assert zero.next == due + timedelta(hours=1, seconds=10)
+
+
+def test_plan_date_trigger_missed_beyond_grace_never_fires() -> None:
+    run_date = datetime(2026, 6, 1, 10, tzinfo=UTC)
+    trigger = DateTrigger(run_date=run_date)
+    assert first_tick(trigger, run_date + timedelta(days=1), grace=60) == run_date
+    late = plan(trigger, run_date, run_date + timedelta(days=1), grace=60)
+    assert late.fire is None
+    assert late.next is None
+    recent = plan(trigger, run_date, run_date + timedelta(seconds=30), grace=60)
+    assert recent.fire == run_date
+    assert recent.next is None
+
+
+def test_dst_fall_back_repeated_local_time_has_one_key() -> None:
+    # 2026-10-25: Europe/Berlin goes from 03:00 CEST back to 02:00 CET; 02:30 happens twice.
+    trigger = parse_crontab("30 2 * * *", "Europe/Berlin")
+    ticks = fires(trigger, datetime(2026, 10, 23, 12, tzinfo=UTC), 3)
+    keys = [tick_key(trigger, t) for t in ticks]
+    # APScheduler yields both 02:30 (00:30Z and 01:30Z); their keys coincide, so the second
+    # is recognised as the same tick (the claim already exists / the guard skips it).
+    assert ticks[1].astimezone(UTC) == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+    assert ticks[2].astimezone(UTC) == datetime(2026, 10, 25, 1, 30, tzinfo=UTC)
+    assert keys[1] == keys[2] == "2026-10-25T02:30:00.000000"
+    assert keys[0] < keys[1]
+
+
+def test_dst_spring_forward_missing_local_time_fires_once() -> None:
+    # 2026-03-29: 02:00 CET jumps to 03:00 CEST; 02:30 does not exist that day.
+    trigger = parse_crontab("30 2 * * *", "Europe/Berlin")
+    ticks = fires(trigger, datetime(2026, 3, 28, 12, tzinfo=UTC), 3)
+    utc_ticks = [t.astimezone(UTC) for t in ticks]
+    assert utc_ticks == [
+        datetime(2026, 3, 29, 1, 30, tzinfo=UTC),  # 03:30 CEST: once, an hour "late"
+        datetime(2026, 3, 30, 0, 30, tzinfo=UTC),
+        datetime(2026, 3, 31, 0, 30, tzinfo=UTC),
+    ]
+    keys = [tick_key(trigger, t) for t in ticks]
+    assert len(set(keys)) == 3
+
+
+def test_interval_keys_are_utc_instants() -> None:
+    # Intervals count real seconds: the repeated hour's ticks are distinct ticks.
+    trigger = every(timedelta(minutes=30), "Europe/Berlin")
+    ticks = fires(trigger, datetime(2026, 10, 24, 23, 50, tzinfo=UTC), 4)
+    keys = [tick_key(trigger, t) for t in ticks]
+    assert len(set(keys)) == 4
+    assert keys == sorted(keys)
+    assert keys[0] == "2026-10-25T00:00:00.000000Z"
