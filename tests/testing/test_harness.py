@@ -1,13 +1,14 @@
 """The harness: inline and worker modes, recording, time, restoring the app."""
 
-from __future__ import annotations
-
+import math
 from typing import Any
 
+import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryBroker, QueueTasks, TaskStatus
+from qtasks import AsyncQueueTasks, AsyncState, Depends, MemoryBroker, QueueTasks, TaskStatus
 from qtasks.errors import TaskFailedError
+from qtasks_testing import FakeClock
 from qtasks_testing.harness import Harness, HarnessError, SyncHarness
 
 
@@ -168,3 +169,54 @@ def test_sync_harness_with_a_sync_app() -> None:
     with SyncHarness(app, mode="worker") as qt:
         task = mul.add_task(5, 5)
         assert qt.wait(task).returning == 25
+
+
+@pytest.mark.anyio
+async def test_inline_runs_depends_and_state() -> None:
+    app = AsyncQueueTasks()
+    events: list[str] = []
+
+    async def resource() -> Any:
+        events.append("open")
+        yield "conn"
+        events.append("close")
+
+    class Counter(AsyncState):
+        pass
+
+    @app.task
+    async def uses(state: Counter, n: int, conn: str = Depends(resource)) -> Any:
+        count = await state.increment("runs")
+        return [conn, n, count]
+
+    async with Harness(app):
+        assert (await app.add_task("uses", 1)).returning == ["conn", 1, 1]
+        assert (await app.add_task("uses", 2)).returning == ["conn", 2, 2]
+    assert events == ["open", "close", "open", "close"]
+
+
+@pytest.mark.anyio
+async def test_worker_mode_timer_follows_the_fake_clock() -> None:
+    from qtasks_timer import AsyncTimer
+
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def tick() -> str:
+        return "tock"
+
+    clock = FakeClock()
+    clock.freeze()
+    timer = AsyncTimer(app, clock=clock.now)  # before the app serves: it starts with the app
+    timer.add_task("tick", trigger=3600)
+    async with Harness(app, mode="worker", clock=clock) as qt:
+        assert qt.enqueued() == []
+        # Hourly ticks are aligned to the epoch: move to the next one (a tick found later than
+        # misfire_grace would be skipped, as in production).
+        await qt.advance_to(math.ceil(clock.time() / 3600) * 3600)
+        # The timer re-reads its clock at least once a second; nothing tells us when it did.
+        with anyio.fail_after(5):
+            while not qt.enqueued("tick"):  # noqa: ASYNC110 - no event to wait on
+                await anyio.sleep(0.05)
+        (call,) = qt.enqueued("tick")
+        assert (await qt.wait(call.uuid)).returning == "tock"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 
 class FakeClock:
@@ -25,6 +26,11 @@ class FakeClock:
         return time.time() + self._offset
 
     __call__ = time
+
+    def now(self) -> datetime:
+        """The current (fake) time as an aware UTC datetime, e.g. for
+        ``AsyncTimer(app, clock=clock.now)``."""
+        return datetime.fromtimestamp(self.time(), UTC)
 
     @property
     def frozen(self) -> bool:

@@ -571,7 +571,12 @@ class SyncHarness:
         """See :meth:`Harness.advance_time`."""
         return [self._bind(r) for r in self.call(self.harness.advance_time, seconds)]
 
+    def advance_to(self, when: float) -> None:
+        """See :meth:`Harness.advance_to`."""
+        self.call(self.harness.advance_to, when)
+
     def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
+        """See :meth:`Harness.enqueued`."""
         return self.harness.enqueued(task)
 
     def assert_enqueued(
