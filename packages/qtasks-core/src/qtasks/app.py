@@ -7,18 +7,21 @@ import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import Any, ParamSpec, TypeVar, overload
+from os import PathLike
+from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import anyio
 from anyio.abc import TaskGroup
 
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
-from qtasks.config import QueueConfig
+from qtasks.config import QueueConfig, load_config
 from qtasks.depends import InjectPlugin
+from qtasks.discovery import build_components, load_plugins
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Message, Serializer
+from qtasks.middleware import MiddlewarePlugin
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
@@ -62,6 +65,11 @@ class AsyncQueueTasks:
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
         self.hooks.register(InjectPlugin())
+        self.hooks.register(MiddlewarePlugin())
+        # Installed plugins (entry points) load with the app, so a broken one fails here.
+        load_plugins(self.hooks, self.config)
+        self.config_sources: dict[str, str] = {}
+        """Where each config value came from (filled by :meth:`from_config`)."""
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
@@ -70,6 +78,28 @@ class AsyncQueueTasks:
         self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
         self._pending_hooks: list[Any] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | PathLike[str] | None = None,
+        *,
+        name: str = "QueueTasks",
+        cli: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """Build an app from configuration alone.
+
+        Reads ``path`` (default: ``$QTASKS_CONFIG``, else ``qtasks.toml`` or ``[tool.qtasks]``
+        of ``pyproject.toml`` in the working directory), then ``QTASKS_*`` variables, then
+        ``cli`` flags, then ``overrides`` (keyword arguments win over everything). The broker,
+        storage and global config are found by name among the installed entry points and built
+        with ``from_config(config)``. ``app.config_sources`` tells where each value came from.
+        """
+        loaded = load_config(path, cli=cli, overrides=overrides)
+        app = cls(name, config=loaded.config, **build_components(loaded.config))
+        app.config_sources = loaded.sources
+        return app
 
     # --- declaration ----------------------------------------------------------------------
 
@@ -410,6 +440,65 @@ class AsyncQueueTasks:
             "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value
         )
 
+    async def inspect(self) -> dict[str, Any]:
+        """What ``qtasks inspect`` shows: registered tasks with their options, queue depth per
+        priority, delayed, in-flight and dead-lettered counts (``broker.stats()``), workers alive
+        (``global_config.workers()``), records by status (``storage.stats()``) and the plugins;
+        then the ``qtasks_inspect`` hook may add keys. JSON-ready."""
+        if self._stack is None:
+            await self.start()
+        stats = await self.broker.stats()
+        report: dict[str, Any] = {
+            "app": self.name,
+            "components": {
+                kind: type(getattr(self, kind)).__name__
+                for kind in ("broker", "storage", "global_config", "worker")
+            },
+            "tasks": {name: task_summary(task) for name, task in sorted(self.tasks.items())},
+            "queue": {
+                "ready_by_priority": {
+                    str(p): n for p, n in sorted(stats.ready_by_priority.items())
+                },
+                "delayed": stats.delayed,
+                "in_flight": stats.in_flight,
+                "dead_letters": stats.dead_letters,
+            },
+            "workers": await self.global_config.workers(),
+            "records_by_status": dict(sorted((await self.storage.stats()).items())),
+            "plugins": sorted(str(name) for name, _ in self.hooks.pm.list_name_plugin()),
+        }
+        result: dict[str, Any] = await self.hooks.transform(
+            "qtasks_inspect", "report", app=self, report=report
+        )
+        return result
+
     def require_started(self) -> None:
         if self._stack is None:
             raise ComponentNotStartedError(f"app {self.name!r} is not started")
+
+
+def task_summary(task: TaskDef[..., Any]) -> dict[str, Any]:
+    """A registered task's options, JSON-ready (callables shown by name)."""
+    opts = task.options
+
+    def label(value: Any) -> Any:
+        if value is None or isinstance(value, int | float | str):
+            return value
+        return getattr(value, "__qualname__", None) or repr(value)
+
+    summary: dict[str, Any] = {
+        "kind": task.kind.value,
+        "priority": opts.priority,
+        "retry": opts.retry,
+        "retry_on_exc": [label(e) for e in opts.retry_on_exc or ()],
+        "retry_backoff": label(opts.retry_backoff),
+        "max_time": opts.max_time,
+        "echo": opts.echo,
+        "tags": list(opts.tags),
+        "description": opts.description or (task.__doc__ or "").strip().split("\n")[0] or None,
+        "middlewares": [label(m) for m in (*opts.middlewares_before, *opts.middlewares_after)],
+        "signature": str(task.caller_signature),
+    }
+    if opts.extra:
+        summary["extra"] = {k: label(v) for k, v in opts.extra.items()}
+    return summary

@@ -1,12 +1,20 @@
-"""The settings object: one dataclass with every option the app and its components read.
+"""The settings object and where its values come from.
 
-Values come, lowest precedence first, from defaults, ``[tool.qtasks]`` in ``pyproject.toml`` or
-``qtasks.toml``, ``QTASKS_*`` environment variables, CLI flags, and keyword arguments in code.
+:class:`QueueConfig` is one dataclass with every option the app and its components read.
+:func:`load_config` fills it from, lowest precedence first: defaults, a file (``qtasks.toml``,
+or ``[tool.qtasks]`` in ``pyproject.toml``), ``QTASKS_*`` environment variables, CLI flags and
+keyword arguments in code. Every value is type-checked; an error names the file (or variable,
+or flag), the key and the expected type, and an unknown key is an error.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from qtasks.errors import ConfigError
@@ -87,7 +95,8 @@ def check_value(key: str, value: Any, source: str) -> Any:
     elif base == "str":
         ok = isinstance(value, str)
     elif base.startswith("list"):
-        ok = isinstance(value, list)
+        item = str if base == "list[str]" else dict
+        ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
     elif base.startswith("dict"):
         ok = isinstance(value, dict)
     else:  # pragma: no cover - every field type is listed above
@@ -95,3 +104,158 @@ def check_value(key: str, value: Any, source: str) -> Any:
     if not ok:
         raise ConfigError(f"{source}: {key!r} expects {kind}, got {type(value).__name__} {value!r}")
     return value
+
+
+CLI_FLAGS = {"max_tasks_process": "--concurrency", "app": "--app"}
+"""CLI flags whose name differs from the key they set (for source labels)."""
+
+ENV_PREFIX = "QTASKS_"
+CONFIG_ENV = "QTASKS_CONFIG"
+"""Environment variable naming the configuration file to read (instead of searching)."""
+
+
+@dataclass(slots=True)
+class LoadedConfig:
+    """The effective configuration and, per key, where its value came from."""
+
+    config: QueueConfig
+    sources: dict[str, str]
+    """``default``, ``<file> [tool.qtasks]``, ``env QTASKS_X``, ``cli --flag`` or ``code``."""
+    path: Path | None = None
+    """The file that was read, if any."""
+
+
+def find_config_file(directory: Path | None = None) -> tuple[Path, bool] | None:
+    """The configuration file for ``directory`` (default: the working directory).
+
+    ``qtasks.toml`` wins over ``pyproject.toml``; a ``pyproject.toml`` counts only when it has
+    a ``[tool.qtasks]`` table. Returns ``(path, is_pyproject)`` or ``None``."""
+    base = directory or Path.cwd()
+    own = base / "qtasks.toml"
+    if own.is_file():
+        return own, False
+    pyproject = base / "pyproject.toml"
+    if pyproject.is_file() and "qtasks" in _read_toml(pyproject).get("tool", {}):
+        return pyproject, True
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from exc
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
+    """The checked values of a configuration file and its source label.
+
+    ``pyproject.toml`` (any file of that name) is read from its ``[tool.qtasks]`` table; any
+    other file from its top level."""
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        table = data.get("tool", {}).get("qtasks", {})
+        source = f"{path} [tool.qtasks]"
+    else:
+        table = data
+        source = str(path)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: expected a table of settings")
+    return {k: check_value(k, v, source) for k, v in table.items()}, source
+
+
+def parse_env_value(key: str, raw: str, source: str) -> Any:
+    """Convert an environment string to ``key``'s type, then check it.
+
+    Numbers are parsed; an empty string or ``none`` is ``None`` for optional keys; lists take
+    JSON or comma-separated words; ``extra`` and ``timers`` take JSON."""
+    if key not in _FIELD_TYPES:
+        return check_value(key, raw, source)  # raises the unknown-key error
+    kind = _FIELD_TYPES[key]
+    base = kind.split(" |")[0]
+    text = raw.strip()
+    value: Any = raw
+    if "None" in kind and text.lower() in ("", "none", "null"):
+        value = None
+    elif base == "int":
+        try:
+            value = int(text)
+        except ValueError:
+            pass
+    elif base == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            pass
+    elif base == "list[str]" and not text.startswith("["):
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    elif base.startswith(("list", "dict")):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: {key!r} expects JSON ({kind}): {exc}") from exc
+    return check_value(key, value, source)
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """Checked values of every ``QTASKS_<KEY>`` variable (an unknown one is an error)."""
+    values: dict[str, tuple[Any, str]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        source = f"env {name}"
+        values[key] = (parse_env_value(key, raw, source), source)
+    return values
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    directory: Path | None = None,
+) -> LoadedConfig:
+    """Build the effective configuration from every source, each checked.
+
+    ``path`` names the file; without it ``$QTASKS_CONFIG``, then :func:`find_config_file` in
+    ``directory`` decide (no file is fine). ``env`` defaults to ``os.environ``. ``cli`` holds
+    the flags given on the command line (``None`` values are skipped), ``overrides`` the
+    keyword arguments given in code."""
+    environ = os.environ if env is None else env
+    config = QueueConfig()
+    sources = dict.fromkeys(_FIELD_TYPES, "default")
+    values: dict[str, Any] = {}
+
+    file: Path | None = None
+    if path is not None:
+        file = Path(path)
+    elif environ.get(CONFIG_ENV):
+        file = Path(environ[CONFIG_ENV])
+    else:
+        found = find_config_file(directory)
+        file = found[0] if found else None
+    if file is not None:
+        if not file.is_file():
+            raise ConfigError(f"{file}: configuration file not found")
+        from_file, source = read_config_file(file)
+        for key, value in from_file.items():
+            values[key] = value
+            sources[key] = source
+    for key, (value, source) in read_env(environ).items():
+        values[key] = value
+        sources[key] = source
+    for key, value in (cli or {}).items():
+        if value is None:
+            continue
+        flag = CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
+        values[key] = check_value(key, value, f"cli {flag}")
+        sources[key] = f"cli {flag}"
+    for key, value in (overrides or {}).items():
+        values[key] = check_value(key, value, "keyword argument")
+        sources[key] = "code"
+    return LoadedConfig(replace(config, **values), sources, file)

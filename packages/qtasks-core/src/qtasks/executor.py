@@ -51,11 +51,14 @@ class TaskExecutor:
 
     async def execute(self, run: TaskRun) -> Any:
         app, task = run.app, run.task
-        chain: list[Middleware] = [
-            *app.middlewares,
-            *task.options.middlewares_before,
-            *task.options.middlewares_after,
-        ]
+        chain: list[Middleware] = await app.hooks.transform(
+            "qtasks_executor_middlewares",
+            "middlewares",
+            app=app,
+            task=task,
+            record=run.record,
+            middlewares=[],
+        )
 
         async def innermost() -> Any:
             return await self.call(run)
@@ -66,6 +69,9 @@ class TaskExecutor:
         result = await call_next()
         result = await app.hooks.transform(
             "qtasks_executor_result", "result", app=app, record=run.record, result=result
+        )
+        await app.hooks.notify(
+            "qtasks_executor_execute_after", app=app, record=run.record, result=result
         )
         return self.encode(run, result)
 

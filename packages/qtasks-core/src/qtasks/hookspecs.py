@@ -10,28 +10,73 @@ Kinds of hooks (each docstring says which):
 * **notification** (past tense, return value ignored). An exception is logged with the
   plugin's name and does not affect the task or the worker.
 * **transform** (return a new value, or ``None`` for "unchanged"). Implementations are chained
-  in call order: each receives the value the previous one returned. An exception fails the task
-  (or the ``add_task`` call) with :class:`~qtasks.errors.PluginError` naming the plugin.
-* **decide** (``firstresult``): the first non-``None`` return wins; sync only.
+  in call order: each receives the value the previous one returned. An exception in a worker-side
+  transform fails the task with :class:`~qtasks.errors.PluginError` naming the plugin (stored as
+  the record's error; not retried); in a caller-side one (``qtasks_task_enqueue``,
+  ``qtasks_storage_got``, ``qtasks_global_config_got``, ``qtasks_inspect``) the call raises it.
+* **decide** (``firstresult``): the first non-``None`` return wins; sync only. An exception in
+  ``qtasks_task_retry_delay`` is logged and the task fails without a retry.
 
-Order of hooks for one task
----------------------------
-Producer: ``qtasks_task_enqueue`` (transform of the message) → broker publish →
-``qtasks_task_enqueued``.
+Order of hooks
+--------------
+(Checked by ``tests/core/test_plugins_order.py``.)
 
-Worker, success path: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received`` →
-``qtasks_worker_execute_before`` → ``qtasks_executor_args`` (transform) →
-``qtasks_executor_execute_before`` → the task runs (for generators ``qtasks_executor_yielded``
-per step) → ``qtasks_executor_result`` (transform) → ``qtasks_executor_execute_after`` →
-``qtasks_executor_closed`` → ``qtasks_storage_saved`` (the final record) →
-``qtasks_broker_acked`` → ``qtasks_task_succeeded`` → ``qtasks_worker_execute_after``.
+App: ``qtasks_app_configured`` → ``qtasks_component_started`` for storage, global_config,
+broker → ``qtasks_app_started`` → (serving) ``qtasks_broker_listening`` →
+``qtasks_component_started`` (worker) … ``qtasks_component_stopped`` (worker) →
+``qtasks_app_stopping`` → ``qtasks_component_stopped`` for broker, global_config, storage →
+``qtasks_app_stopped``.
 
-Error path: … the task raises → ``qtasks_executor_error`` → ``qtasks_executor_closed`` →
-``qtasks_task_retry_delay`` (decide) → either ``qtasks_worker_task_retry`` (record ``retry``,
-message requeued with the delay) or ``qtasks_task_failed`` (record ``error``) →
-``qtasks_worker_execute_after``. Cancel: ``qtasks_task_cancelled``. ``max_time`` exceeded:
-``qtasks_task_timed_out`` then the error path. A message that cannot run at all (undecodable,
-unknown task, bad arguments): ``qtasks_broker_nacked`` → ``qtasks_task_rejected``.
+Producer: ``qtasks_task_enqueue`` (transform of the message) → ``qtasks_storage_added`` →
+broker publish → ``qtasks_task_enqueued``.
+
+Worker, every path starts: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received``
+→ ``qtasks_storage_saved`` (status ``process``) → ``qtasks_worker_execute_before`` →
+``qtasks_executor_middlewares`` (transform) → ``qtasks_executor_args`` (transform) →
+``qtasks_executor_execute_before`` → the task runs (a generator: ``qtasks_executor_yielded`` per
+step). Then:
+
+* success: ``qtasks_executor_result`` (transform) → ``qtasks_executor_execute_after`` →
+  ``qtasks_executor_closed`` → ``qtasks_storage_saved`` (final) → ``qtasks_broker_acked`` →
+  ``qtasks_task_succeeded`` → ``qtasks_worker_execute_after``.
+* error: ``qtasks_executor_closed`` → ``qtasks_executor_error`` → ``qtasks_task_retry_delay``
+  (decide) → ``qtasks_storage_saved`` (final) → ``qtasks_broker_acked`` → ``qtasks_task_failed``
+  → ``qtasks_worker_execute_after``.
+* retry: ``qtasks_executor_closed`` → ``qtasks_executor_error`` → ``qtasks_task_retry_delay``
+  (returns a delay; the ``retry`` record is stored) → ``qtasks_worker_task_retry`` →
+  ``qtasks_broker_requeued`` → ``qtasks_worker_execute_after``; the next delivery starts over.
+* cancel: ``qtasks_executor_closed`` → ``qtasks_storage_saved`` → ``qtasks_broker_acked`` →
+  ``qtasks_task_cancelled`` → ``qtasks_worker_execute_after``.
+* ``max_time`` exceeded: ``qtasks_task_timed_out`` → the error path (the error is
+  :class:`~qtasks.errors.TaskMaxTimeError`).
+* a message that cannot run (undecodable, unknown task, bad arguments):
+  ``qtasks_broker_nacked`` → ``qtasks_task_rejected`` (nothing of the above after
+  ``qtasks_broker_message_received``).
+
+Reading: ``app.get`` → ``qtasks_storage_got``; ``app.config_get`` → ``qtasks_global_config_got``;
+``app.config_set`` → ``qtasks_global_config_set``; ``app.inspect`` → ``qtasks_inspect``.
+
+Coming from QTasks 1.7
+----------------------
+Its triggers map to: ``qtasks_add_task_before_broker``/``_after_broker`` → ``qtasks_task_enqueue``
+/ ``qtasks_task_enqueued``; ``broker_start``/``broker_stop``, ``storage_start``/``storage_stop``,
+``global_config_start``/``_stop``, ``worker_start``/``worker_stop`` → ``qtasks_component_started``
+/ ``qtasks_component_stopped`` with ``kind``; ``broker_listen_start`` → ``qtasks_broker_listening``;
+``broker_add_worker`` → ``qtasks_broker_message_received``; ``broker_update``/``storage_update``/
+``storage_add_process`` → ``qtasks_storage_saved``; ``broker_remove_finished_task``/
+``storage_remove_finished_task``/``worker_remove_finished_task`` → ``qtasks_broker_acked`` (after
+the final ``qtasks_storage_saved``); ``storage_add`` → ``qtasks_storage_added``; ``storage_get``/
+``broker_get``/``qtasks_get`` → ``qtasks_storage_got``; ``global_config_get``/``_set``/
+``_set_status`` → ``qtasks_global_config_got``/``_set``/``_status``; ``worker_add`` →
+``qtasks_worker_task_received``; ``worker_execute_before``/``_after`` → ``qtasks_worker_execute_*``;
+``worker_task_error_retry`` → ``qtasks_task_retry_delay`` + ``qtasks_worker_task_retry``;
+``task_executor_args_replace`` → ``qtasks_executor_args``; ``task_executor_before_execute``/
+``after_execute`` → ``qtasks_executor_execute_*``; ``task_executor_middlewares_execute`` →
+``qtasks_executor_middlewares``; ``task_executor_run_task_gen`` → ``qtasks_executor_yielded``;
+``task_executor_after_execute_result_replace``/``run_task``/``decode`` →
+``qtasks_executor_result``; ``task_executor_run_task_trigger_error`` → ``qtasks_executor_error``;
+``task_executor_task_close`` → ``qtasks_executor_closed``; ``starter_start``/``starter_stop`` →
+``qtasks_app_started``/``qtasks_app_stopping``; ``stats_inspect`` → ``qtasks_inspect``.
 """
 
 from __future__ import annotations
@@ -44,7 +89,7 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.components import Delivery
     from qtasks.config import QueueConfig
-    from qtasks.executor import TaskRun
+    from qtasks.executor import Middleware, TaskRun
     from qtasks.messages import Message
     from qtasks.record import TaskRecord
     from qtasks.task import TaskDef
@@ -152,7 +197,9 @@ def qtasks_storage_got(app: AsyncQueueTasks, record: TaskRecord) -> TaskRecord |
 
 @hookspec
 def qtasks_storage_saved(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: the worker wrote ``record`` (status ``process``, ``retry`` or final)."""
+    """Notification: the worker wrote ``record``: status ``process`` when it starts the task,
+    then the final record (before the ack). The ``retry`` record is announced by
+    ``qtasks_worker_task_retry`` instead."""
 
 
 # --- global config --------------------------------------------------------------------------
@@ -219,6 +266,20 @@ def qtasks_executor_args(
 
 
 @hookspec
+def qtasks_executor_middlewares(
+    app: AsyncQueueTasks,
+    task: TaskDef[..., Any],
+    record: TaskRecord,
+    middlewares: list[Middleware],
+) -> list[Middleware] | None:
+    """Transform, first thing the executor does: return the middlewares that wrap this call,
+    outermost first (``middlewares`` is the list so far), or ``None`` (unchanged). The built-in
+    :class:`~qtasks.middleware.MiddlewarePlugin` (``tryfirst``) supplies ``app.middlewares`` and
+    the task's ``middlewares_before``/``middlewares_after``; ``qtasks_executor_args`` and the call
+    run inside the innermost one."""
+
+
+@hookspec
 def qtasks_executor_execute_before(app: AsyncQueueTasks, record: TaskRecord) -> None:
     """Notification: arguments are final; the task function is called right after."""
 
@@ -240,7 +301,8 @@ def qtasks_executor_execute_after(app: AsyncQueueTasks, record: TaskRecord, resu
 
 @hookspec
 def qtasks_executor_error(app: AsyncQueueTasks, record: TaskRecord, exc: BaseException) -> None:
-    """Notification: the task raised ``exc`` (not fired for cancellation)."""
+    """Notification: the task raised ``exc``; fired by the worker right after
+    ``qtasks_executor_closed``, before the retry decision (not for cancellation)."""
 
 
 @hookspec

@@ -10,14 +10,16 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
-from typing import Any, ParamSpec, TypeVar
+from os import PathLike
+from typing import Any, ParamSpec, Self, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.components import Broker, GlobalConfig, Starter, Storage
-from qtasks.config import QueueConfig
+from qtasks.config import QueueConfig, load_config
+from qtasks.discovery import build_components
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
@@ -54,6 +56,21 @@ class QueueTasks:
         self._portal_stop: threading.Thread | None = None
         self._serving: AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | PathLike[str] | None = None,
+        *,
+        name: str = "QueueTasks",
+        cli: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """Build an app from configuration alone; see :meth:`AsyncQueueTasks.from_config`."""
+        loaded = load_config(path, cli=cli, overrides=overrides)
+        app = cls(name, config=loaded.config, **build_components(loaded.config))
+        app.aio.config_sources = loaded.sources
+        return app
 
     def __getattr__(self, name: str) -> Any:
         # Plain attributes (name, config, tasks, broker, hooks...) come from the async app.

@@ -1,0 +1,217 @@
+"""Entry-point discovery: components, plugins and CLI commands from installed distributions.
+
+Discovery never depends on import names. A distribution declares what it provides in one of
+the groups below, and qtasks finds it by name (``broker="redis"``)::
+
+    [project.entry-points."qtasks.brokers"]
+    redis = "qtasks_redis:RedisBroker"
+
+``qtasks.brokers``, ``qtasks.storages`` and ``qtasks.global_configs`` name a class with a
+``from_config(config)`` classmethod (or any callable taking the config). ``qtasks.plugins`` names
+a plugin class (built with ``from_config(config)`` if it has one, else with no arguments), a
+plugin instance or a module; every one of them is registered when an app starts, unless its name
+is in ``config.plugins_disabled``. ``qtasks.cli`` names a ``typer.Typer`` (added as a command
+group) or a function (added as a command) of the ``qtasks`` CLI.
+
+The core registers its in-memory components in the same groups under the name ``memory``, so
+this path runs in every app built from configuration.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any, Literal
+
+from qtasks.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from qtasks.config import QueueConfig
+    from qtasks.plugins import Hooks
+
+log = logging.getLogger("qtasks.discovery")
+
+Kind = Literal["broker", "storage", "global_config", "plugin", "cli"]
+
+GROUPS: dict[Kind, str] = {
+    "broker": "qtasks.brokers",
+    "storage": "qtasks.storages",
+    "global_config": "qtasks.global_configs",
+    "plugin": "qtasks.plugins",
+    "cli": "qtasks.cli",
+}
+"""The entry-point group of each kind of extension."""
+
+KNOWN_DISTRIBUTIONS: dict[str, str] = {"redis": "qtasks-redis", "rabbitmq": "qtasks-rabbitmq"}
+"""Component names shipped by qtasks' own distributions, for the "install ..." hint."""
+
+
+@dataclass(slots=True, frozen=True)
+class Discovered:
+    """One entry point of a qtasks group, with the distribution that declares it."""
+
+    kind: Kind
+    name: str
+    value: str
+    """``module:attribute`` as declared."""
+    distribution: str | None
+    version: str | None
+
+    @property
+    def group(self) -> str:
+        return GROUPS[self.kind]
+
+
+def _entry_points(kind: Kind) -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in sorted(entry_points(group=GROUPS[kind]), key=lambda e: e.name):
+        # Two distributions declaring one name is a packaging error the user must see.
+        if ep.name in found and found[ep.name].value != ep.value:
+            raise ConfigError(
+                f"entry point {ep.name!r} of group {GROUPS[kind]} is declared twice: "
+                f"{_dist_label(found[ep.name])} and {_dist_label(ep)}"
+            )
+        found[ep.name] = ep
+    return found
+
+
+def _dist_label(ep: EntryPoint) -> str:
+    dist = ep.dist
+    return f"{dist.name} {dist.version}" if dist is not None else ep.value
+
+
+def discover(kind: Kind) -> list[Discovered]:
+    """Every installed entry point of ``kind``, sorted by name."""
+    result: list[Discovered] = []
+    for ep in _entry_points(kind).values():
+        dist = ep.dist
+        result.append(
+            Discovered(
+                kind=kind,
+                name=ep.name,
+                value=ep.value,
+                distribution=dist.name if dist is not None else None,
+                version=dist.version if dist is not None else None,
+            )
+        )
+    return result
+
+
+def discover_all() -> list[Discovered]:
+    """Every installed component, plugin and CLI extension (``qtasks plugins``)."""
+    return [item for kind in GROUPS for item in discover(kind)]
+
+
+def load(kind: Kind, name: str) -> Any:
+    """Import the object the entry point ``name`` of ``kind`` names.
+
+    A missing name raises :class:`ConfigError` listing the installed names and, for names
+    qtasks ships, the distribution to install."""
+    eps = _entry_points(kind)
+    ep = eps.get(name)
+    if ep is None:
+        installed = ", ".join(sorted(eps)) or "none"
+        label = kind.replace("_", " ")
+        hint = ""
+        if name in KNOWN_DISTRIBUTIONS:
+            hint = f"; install it with: pip install {KNOWN_DISTRIBUTIONS[name]}"
+        else:
+            hint = (
+                f"; install a distribution that declares {name!r} in the entry-point group "
+                f"{GROUPS[kind]}"
+            )
+        raise ConfigError(f"no {label} named {name!r} is installed (installed: {installed}){hint}")
+    try:
+        return ep.load()
+    except Exception as exc:
+        raise ConfigError(
+            f"{kind.replace('_', ' ')} {name!r} ({ep.value}, from {_dist_label(ep)}) "
+            f"failed to import: {exc!r}"
+        ) from exc
+
+
+def build_component(kind: Kind, name: str, config: QueueConfig) -> Any:
+    """Find component ``name`` of ``kind`` and build it from ``config``."""
+    factory = load(kind, name)
+    from_config = getattr(factory, "from_config", None)
+    if callable(from_config):
+        return from_config(config)
+    if callable(factory):
+        return factory(config)
+    raise ConfigError(f"{kind} {name!r} names {factory!r}, which is neither a class nor callable")
+
+
+def build_components(config: QueueConfig) -> dict[str, Any]:
+    """The broker, storage and global config ``config`` names, built from it."""
+    return {
+        "broker": build_component("broker", config.broker, config),
+        "storage": build_component("storage", config.storage, config),
+        "global_config": build_component("global_config", config.global_config, config),
+    }
+
+
+def instantiate_plugin(obj: Any, config: QueueConfig) -> Any:
+    """A plugin object from what an entry point names: a class is built (``from_config`` if it
+    has one, else with no arguments); modules and instances are used as they are."""
+    if not inspect.isclass(obj):
+        return obj
+    from_config = getattr(obj, "from_config", None)
+    if callable(from_config):
+        return from_config(config)
+    return obj()
+
+
+def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
+    """Register every ``qtasks.plugins`` entry point not in ``config.plugins_disabled``.
+
+    Each is registered under its entry-point name, one object per app (no global state).
+    ``"*"`` in ``plugins_disabled`` disables them all.
+
+    A plugin whose module cannot be imported (a half-installed distribution) is logged as an
+    error naming it, its distribution and the way to disable it, and skipped, so an optional
+    extension cannot make every app of the process unusable. A plugin that imports but is
+    broken (its constructor raises, it names an unknown hook, an async ``firstresult`` hook)
+    raises :class:`PluginError`."""
+    disabled = set(config.plugins_disabled)
+    loaded: list[str] = []
+    for name, ep in _entry_points("plugin").items():
+        if name in disabled or "*" in disabled:
+            log.debug("plugin %r is disabled in the configuration", name)
+            continue
+        if hooks.pm.has_plugin(name):
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            log.error(
+                "plugin %r (%s, from %s) failed to import and is not loaded: %r; "
+                "add it to plugins_disabled to silence this",
+                name,
+                ep.value,
+                _dist_label(ep),
+                exc,
+            )
+            continue
+        try:
+            plugin = instantiate_plugin(obj, config)
+        except Exception as exc:
+            raise PluginError(name, f"could not be built from the configuration: {exc!r}") from exc
+        hooks.register(plugin, name)
+        loaded.append(name)
+    return loaded
+
+
+def load_cli_extensions() -> list[tuple[str, Any]]:
+    """``(name, object)`` of every ``qtasks.cli`` entry point; broken ones are logged and
+    skipped so one bad distribution does not take the whole CLI down."""
+    found: list[tuple[str, Any]] = []
+    for name, ep in _entry_points("cli").items():
+        try:
+            found.append((name, ep.load()))
+        except Exception:
+            log.warning(
+                "qtasks CLI extension %r (%s) failed to load", name, ep.value, exc_info=True
+            )
+    return found

@@ -1,0 +1,298 @@
+"""One supervised AMQP connection: connect, declare, publish with confirms, reconnect.
+
+aio-pika's ``connect_robust`` restores channels and consumers by itself, but it hides *when* a
+channel was replaced, and a delivery tag acked on the new channel would settle some other
+message. This link owns the reconnect loop instead: every (re)connection gets a new
+``generation``, consumers re-open their channel under it, and deliveries from an older generation
+are refused (their ``ack`` returns ``False``). A watchdog checks every few seconds that the
+connection and each consumer are still alive, so a silently cancelled consumer (queue deleted,
+server-side cancel) is restarted instead of leaving the worker idle forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from yarl import URL
+
+from qtasks.errors import BrokerConnectionError
+from qtasks_rabbitmq.errors import PublishRejectedError, TopologyError
+from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
+
+log = logging.getLogger("qtasks_rabbitmq")
+
+Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
+
+
+def safe_url(url: str) -> str:
+    """``url`` with the password replaced, for logs and error messages."""
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        return "<unparseable url>"
+    return str(parsed.with_password("******")) if parsed.password else str(parsed)
+
+
+def describe(exc: BaseException, secret: str | None) -> str:
+    """A one-line description of ``exc`` that never contains ``secret``."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if secret:
+        text = text.replace(secret, "******")
+    return text
+
+
+class Link:
+    """A connection that comes back by itself, with a publisher-confirm channel."""
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        *,
+        heartbeat: int = 30,
+        connect_timeout: float = 10.0,
+        publish_timeout: float = 30.0,
+        watchdog_interval: float = 5.0,
+    ) -> None:
+        parsed = URL(url)
+        if parsed.scheme not in ("amqp", "amqps"):
+            raise BrokerConnectionError(
+                f"RabbitMQ URL must start with amqp:// or amqps://, got {safe_url(url)}"
+            )
+        if "heartbeat" not in parsed.query:
+            parsed = parsed.update_query(heartbeat=heartbeat)
+        self._url = str(parsed)
+        self._secret = parsed.password or None
+        self.safe_url = safe_url(self._url)
+        self.topology = topology
+        self._connect_timeout = connect_timeout
+        self._publish_timeout = publish_timeout
+        self._watchdog_interval = watchdog_interval
+        self.generation = 0
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._ready = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closed = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._reopeners: dict[int, tuple[Reopen, Callable[[], bool]]] = {}
+        self.reconnects = 0
+
+    # lifecycle
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        """Connect and declare once (errors are raised here), then keep the link up."""
+        try:
+            await self._connect()
+        except TopologyError:
+            await self._drop_connection()
+            raise
+        except Exception as exc:
+            await self._drop_connection()
+            raise BrokerConnectionError(
+                f"cannot connect to RabbitMQ at {self.safe_url}: {describe(exc, self._secret)}"
+            ) from None
+        self._supervisor = asyncio.create_task(self._supervise(), name="qtasks-rabbitmq-link")
+        stack.push_async_callback(self.close)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._ready.clear()
+        self._lost.set()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._drop_connection()
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    def register(self, key: int, reopen: Reopen, alive: Callable[[], bool]) -> None:
+        """Have ``reopen(connection, generation)`` called after every reconnect; ``alive()`` is
+        polled by the watchdog."""
+        self._reopeners[key] = (reopen, alive)
+
+    def unregister(self, key: int) -> None:
+        self._reopeners.pop(key, None)
+
+    def lost(self, why: str) -> None:
+        """Report that something on this connection died: reconnect everything."""
+        if self._closed or not self._ready.is_set():
+            return
+        log.warning("RabbitMQ link to %s lost (%s); reconnecting", self.safe_url, why)
+        self._ready.clear()
+        self._lost.set()
+
+    async def connection(self, timeout: float | None = None) -> tuple[AbstractConnection, int]:
+        """The live connection and its generation, waiting up to ``timeout`` for one."""
+        await self._wait_ready(timeout if timeout is not None else self._publish_timeout)
+        assert self._connection is not None
+        return self._connection, self.generation
+
+    # publishing
+
+    async def publish(
+        self, message: aio_pika.Message, exchange: str, routing_key: str, *, what: str
+    ) -> None:
+        """Publish and wait for the broker's confirm; retried across reconnects until
+        ``publish_timeout``. A return (unroutable) or a nack raises
+        :class:`PublishRejectedError` at once."""
+        deadline = time.monotonic() + self._publish_timeout
+        while True:
+            await self._wait_ready(deadline - time.monotonic())
+            channel = self._channel
+            assert channel is not None
+            target = self._exchanges.get(exchange)
+            if target is None:
+                target = await channel.get_exchange(exchange, ensure=False)
+                self._exchanges[exchange] = target
+            try:
+                await target.publish(message, routing_key, mandatory=True)
+                return
+            except aio_pika.exceptions.PublishError:
+                raise PublishRejectedError(what, "unroutable: no queue bound for it") from None
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise PublishRejectedError(what, f"the broker nacked it ({exc})") from None
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                # Connection trouble: the confirm never came, so publish again (at least once).
+                self.lost(f"publish failed: {describe(exc, self._secret)}")
+                if time.monotonic() >= deadline:
+                    raise BrokerConnectionError(
+                        f"cannot publish {what} to RabbitMQ at {self.safe_url}: "
+                        f"{describe(exc, self._secret)}"
+                    ) from None
+
+    # internals
+
+    async def _wait_ready(self, timeout: float) -> None:
+        if self._ready.is_set():
+            return
+        if self._closed:
+            raise BrokerConnectionError(f"the RabbitMQ link to {self.safe_url} is closed")
+        try:
+            async with asyncio.timeout(max(timeout, 0)):
+                await self._ready.wait()
+        except TimeoutError:
+            raise BrokerConnectionError(
+                f"RabbitMQ at {self.safe_url} unreachable for {self._publish_timeout:g} s"
+            ) from None
+
+    async def _connect(self) -> None:
+        connection = await aio_pika.connect(
+            self._url,
+            timeout=self._connect_timeout,
+            client_properties={
+                "connection_name": f"qtasks {self.topology.queue} pid={os.getpid()}"
+            },
+        )
+        self._connection = connection
+        generation = self.generation + 1
+        connection.close_callbacks.add(
+            lambda _sender, exc: self._on_close(generation, "connection closed", exc)
+        )
+        await declare(connection, self.topology)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel.close_callbacks.add(
+            lambda _sender, exc: self._on_close(generation, "publish channel closed", exc)
+        )
+        self._channel = channel
+        self._exchanges = {}
+        self.generation = generation
+        for reopen, _ in list(self._reopeners.values()):
+            await reopen(connection, generation)
+        self._lost.clear()
+        self._ready.set()
+
+    def _on_close(self, generation: int, what: str, exc: BaseException | None) -> None:
+        if generation == self.generation and not self._closed:
+            self.lost(what if exc is None else f"{what}: {describe(exc, self._secret)}")
+
+    async def _drop_connection(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+
+    def _healthy(self) -> bool:
+        if self._connection is None or self._connection.is_closed:
+            return False
+        if self._channel is None or self._channel.is_closed:
+            return False
+        return all(alive() for _, alive in self._reopeners.values())
+
+    async def _supervise(self) -> None:
+        while not self._closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._watchdog_interval):
+                    await self._lost.wait()
+            if self._closed:
+                return
+            if self._ready.is_set() and self._healthy():
+                continue
+            self.lost("watchdog found a closed channel or a cancelled consumer")
+            self._ready.clear()
+            await self._drop_connection()
+            pause = 0.1
+            while not self._closed:
+                try:
+                    await self._connect()
+                    self.reconnects += 1
+                    log.warning("RabbitMQ link to %s restored", self.safe_url)
+                    break
+                except Exception as exc:
+                    log.warning(
+                        "RabbitMQ at %s: reconnect failed (%s); retrying in %.1f s",
+                        self.safe_url,
+                        describe(exc, self._secret),
+                        pause,
+                    )
+                    await self._drop_connection()
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+
+
+async def declare(connection: AbstractConnection, topology: Topology) -> None:
+    """Declare every queue, exchange and binding of ``topology`` (idempotent)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        work = await _declare_queue(channel, topology.queue, topology.work_arguments())
+        await _declare_queue(channel, topology.dead, topology.dead_arguments())
+        out = await channel.declare_exchange(topology.delay_out, "fanout", durable=True)
+        await work.bind(out)
+        exchanges = {
+            bit: await channel.declare_exchange(topology.level(bit), "topic", durable=True)
+            for bit in range(LEVELS)
+        }
+        for bit in range(LEVELS):
+            queue = await _declare_queue(
+                channel, topology.level(bit), topology.level_arguments(bit)
+            )
+            await queue.bind(exchanges[bit], level_pattern(bit, "1"))
+            below = exchanges[bit - 1] if bit else out
+            await below.bind(exchanges[bit], level_pattern(bit, "0"))
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _declare_queue(channel: AbstractChannel, name: str, arguments: dict[str, Any]) -> Any:
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyError(name, str(exc)) from None

@@ -1,0 +1,153 @@
+"""``qtasks run`` as a real subprocess: it serves tasks and stops cleanly on SIGTERM.
+
+With the in-memory components the worker process produces its own tasks: the app module has
+a plugin that enqueues them once the worker listens. Each task appends to a file the test
+watches. The third-party ``audit`` plugin, found through its entry point in that process,
+logs every success.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+APP_SOURCE = """
+import os
+import pathlib
+
+import anyio
+
+from qtasks import QueueTasks, hookimpl
+
+app = QueueTasks("subprocess-app")
+OUT = pathlib.Path(os.environ["OUT_FILE"])
+
+
+@app.task
+def record(n: int) -> int:
+    with OUT.open("a") as f:
+        f.write(f"{n}\\n")
+    return n * 2
+
+
+@app.task
+async def linger() -> str:
+    with OUT.open("a") as f:
+        f.write("linger started\\n")
+    await anyio.sleep(0.5)
+    with OUT.open("a") as f:
+        f.write("linger finished\\n")
+    return "done"
+
+
+class Producer:
+    @hookimpl
+    async def qtasks_broker_listening(self, app):
+        if os.environ.get("LINGER"):
+            await app.add_task("linger")
+            return
+        for n in range(5):
+            await app.add_task("record", n)
+
+
+app.add_plugin(Producer())
+"""
+
+
+def wait_for(path: Path, predicate: object, proc: subprocess.Popen[str], timeout: float) -> str:
+    """Poll ``path`` until ``predicate(text)`` holds, failing early if the process died."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if predicate(text):  # type: ignore[operator]
+            return text
+        if proc.poll() is not None:
+            _out, err = proc.communicate()
+            pytest.fail(f"qtasks run exited early ({proc.returncode}):\n{err}")
+        time.sleep(0.02)
+    proc.kill()
+    _, err = proc.communicate()
+    pytest.fail(f"condition not met within {timeout}s; file: {text!r}\nstderr:\n{err}")
+
+
+@pytest.mark.timeout(60)
+def test_run_serves_tasks_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "worker_app.py").write_text(APP_SOURCE)
+    out_file = tmp_path / "out.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    env["OUT_FILE"] = str(out_file)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qtasks",
+            "run",
+            "-A",
+            "worker_app:app",
+            "--concurrency",
+            "2",
+            "--log-level",
+            "INFO",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        text = wait_for(out_file, lambda t: len(t.splitlines()) >= 5, proc, 30)
+        assert sorted(int(n) for n in text.split()) == [0, 1, 2, 3, 4]
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, err
+    assert "serving 'subprocess-app': 2 tasks, broker MemoryBroker" in err
+    assert "received SIGTERM, stopping" in err
+    assert err.count("audit: task record") == 5  # the entry-point plugin's hook, in the worker
+    assert "Traceback" not in err
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_lets_a_running_task_finish(tmp_path: Path) -> None:
+    source = APP_SOURCE.replace(
+        'await app.add_task("record", n)',
+        'await app.add_task("record", n)\n        await app.add_task("linger")',
+    ).replace("for n in range(5):", "for n in range(1):")
+    (tmp_path / "worker_app.py").write_text(source)
+    out_file = tmp_path / "out.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    env["OUT_FILE"] = str(out_file)
+    env["LINGER"] = "1"
+    script = Path(sys.executable).parent / "qtasks"  # the console script of the distribution
+    proc = subprocess.Popen(
+        [str(script), "run", "-A", "worker_app:app"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(out_file, lambda t: "linger started" in t, proc, 30)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, err
+    assert "linger finished" in out_file.read_text()  # within shutdown_grace
+    assert "audit: task linger" in err

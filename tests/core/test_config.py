@@ -1,0 +1,196 @@
+"""Configuration: files, environment, CLI flags and code, their precedence and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus
+from qtasks.config import find_config_file, load_config
+from qtasks.errors import ConfigError
+
+pytestmark = pytest.mark.anyio
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_precedence_file_then_env_then_cli_then_code(tmp_path: Path) -> None:
+    file = write(
+        tmp_path / "qtasks.toml",
+        'prefetch = 3\nlease = 12\nlog_level = "DEBUG"\nbroker_url = "redis://file"\n'
+        "max_tasks_process = 2\n",
+    )
+    env = {"QTASKS_LEASE": "20", "QTASKS_BROKER_URL": "redis://env", "QTASKS_PREFETCH": "4"}
+    loaded = load_config(
+        file,
+        env=env,
+        cli={"broker_url": "redis://cli", "prefetch": 5, "log_level": None},
+        overrides={"prefetch": 6},
+    )
+    config = loaded.config
+    assert (config.max_tasks_process, config.lease, config.broker_url, config.prefetch) == (
+        2,
+        20.0,
+        "redis://cli",
+        6,
+    )
+    assert config.log_level == "DEBUG"  # a flag that was not given does not count
+    assert loaded.sources["max_tasks_process"] == str(file)
+    assert loaded.sources["lease"] == "env QTASKS_LEASE"
+    assert loaded.sources["broker_url"] == "cli --broker-url"
+    assert loaded.sources["prefetch"] == "code"
+    assert loaded.sources["retry"] == "default"
+    assert loaded.path == file
+
+
+def test_pyproject_tool_table_and_qtasks_toml_wins(tmp_path: Path) -> None:
+    write(tmp_path / "pyproject.toml", '[project]\nname = "x"\n\n[tool.qtasks]\nretry = 2\n')
+    found = find_config_file(tmp_path)
+    assert found == (tmp_path / "pyproject.toml", True)
+    loaded = load_config(directory=tmp_path, env={})
+    assert loaded.config.retry == 2
+    assert loaded.sources["retry"] == f"{tmp_path / 'pyproject.toml'} [tool.qtasks]"
+    write(tmp_path / "qtasks.toml", "retry = 4\n")
+    assert load_config(directory=tmp_path, env={}).config.retry == 4
+
+
+def test_pyproject_without_tool_qtasks_is_not_a_config(tmp_path: Path) -> None:
+    write(tmp_path / "pyproject.toml", '[project]\nname = "x"\n')
+    assert find_config_file(tmp_path) is None
+    assert load_config(directory=tmp_path, env={}).config == QueueConfig()
+
+
+def test_qtasks_config_env_names_the_file(tmp_path: Path) -> None:
+    file = write(tmp_path / "prod.toml", 'broker = "memory"\nshutdown_grace = 2.5\n')
+    loaded = load_config(env={"QTASKS_CONFIG": str(file)}, directory=tmp_path / "nowhere")
+    assert loaded.config.shutdown_grace == 2.5
+
+
+def test_nested_tables_and_lists(tmp_path: Path) -> None:
+    file = write(
+        tmp_path / "qtasks.toml",
+        'plugins_disabled = ["audit"]\n\n[extra.redis]\nsocket_timeout = 5\n\n'
+        '[[timers]]\ntask = "report"\ncron = "0 * * * *"\n',
+    )
+    config = load_config(file, env={}).config
+    assert config.plugins_disabled == ["audit"]
+    assert config.extra == {"redis": {"socket_timeout": 5}}
+    assert config.timers == [{"task": "report", "cron": "0 * * * *"}]
+
+
+def test_unknown_key_in_a_file_is_an_error_naming_file_and_key(tmp_path: Path) -> None:
+    file = write(tmp_path / "pyproject.toml", "[tool.qtasks]\nconcurency = 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(file, env={})
+    message = str(info.value)
+    assert str(file) in message
+    assert "[tool.qtasks]" in message
+    assert "unknown key 'concurency'" in message
+    assert "max_tasks_process" in message  # the known keys are listed
+
+
+def test_wrong_type_names_file_key_and_expected_type(tmp_path: Path) -> None:
+    file = write(tmp_path / "qtasks.toml", 'prefetch = "10"\n')
+    with pytest.raises(ConfigError, match=r"qtasks\.toml: 'prefetch' expects int, got str"):
+        load_config(file, env={})
+    write(file, "lease = true\n")
+    with pytest.raises(ConfigError, match="'lease' expects float, got bool"):
+        load_config(file, env={})
+    write(file, "plugins_disabled = [1]\n")
+    with pytest.raises(ConfigError, match=r"'plugins_disabled' expects list\[str\]"):
+        load_config(file, env={})
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    file = write(tmp_path / "qtasks.toml", "prefetch = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as info:
+        load_config(file, env={})
+    assert str(file) in str(info.value)
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_config(tmp_path / "absent.toml", env={})
+
+
+def test_env_values_are_parsed_and_checked(tmp_path: Path) -> None:
+    env = {
+        "QTASKS_RESULT_TTL": "none",
+        "QTASKS_PLUGINS_DISABLED": "audit, timer",
+        "QTASKS_EXTRA": '{"a": 1}',
+        "QTASKS_MAX_TASKS_PROCESS": "7",
+        "OTHER": "ignored",
+    }
+    config = load_config(env=env, directory=tmp_path).config
+    assert config.result_ttl is None
+    assert config.plugins_disabled == ["audit", "timer"]
+    assert config.extra == {"a": 1}
+    assert config.max_tasks_process == 7
+    with pytest.raises(ConfigError, match="env QTASKS_PREFETCH: 'prefetch' expects int"):
+        load_config(env={"QTASKS_PREFETCH": "many"}, directory=tmp_path)
+    with pytest.raises(ConfigError, match="env QTASKS_EXTRA: 'extra' expects JSON"):
+        load_config(env={"QTASKS_EXTRA": "{nope"}, directory=tmp_path)
+
+
+def test_unknown_env_variable_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="env QTASKS_CONCURENCY: unknown key 'concurency'"):
+        load_config(env={"QTASKS_CONCURENCY": "4"}, directory=tmp_path)
+
+
+def test_cli_and_code_values_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cli --concurrency: 'max_tasks_process' expects int"):
+        load_config(env={}, directory=tmp_path, cli={"max_tasks_process": "x"})
+    with pytest.raises(ConfigError, match="keyword argument: unknown key 'brokr'"):
+        load_config(env={}, directory=tmp_path, overrides={"brokr": "redis"})
+
+
+async def test_async_app_from_config_builds_components_by_name_and_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(
+        tmp_path / "qtasks.toml",
+        'broker = "memory"\nstorage = "memory"\nprefetch = 2\nlease = 5\n',
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QTASKS_PREFETCH", "3")
+    app = AsyncQueueTasks.from_config(name="cfg", max_tasks_process=2)
+    assert (app.name, app.config.prefetch, app.config.max_tasks_process) == ("cfg", 3, 2)
+    assert app.config_sources["max_tasks_process"] == "code"
+    assert type(app.broker).__name__ == "MemoryBroker"
+    assert app.hooks.pm.has_plugin("audit")  # installed plugins load with the app
+
+    @app.task
+    async def square(x: int) -> int:
+        return x * x
+
+    try:
+        async with app:
+            task = await square.add_task(7, timeout=5)
+    finally:
+        await app.aclose()
+    assert (task.status, task.returning) == (TaskStatus.SUCCESS, 49)
+
+
+def test_sync_app_from_config_with_a_path(tmp_path: Path) -> None:
+    file = write(tmp_path / "pyproject.toml", '[tool.qtasks]\nplugins_disabled = ["audit"]\n')
+    app = QueueTasks.from_config(file)
+    assert not app.hooks.pm.has_plugin("audit")
+    assert app.aio.config_sources["plugins_disabled"].endswith("[tool.qtasks]")
+
+    @app.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    try:
+        with app:
+            assert app.add_task("inc", 1, timeout=5).returning == 2
+    finally:
+        app.close()
+
+
+def test_from_config_with_a_missing_component_fails_clearly(tmp_path: Path) -> None:
+    file = write(tmp_path / "qtasks.toml", 'broker = "kafka"\n')
+    with pytest.raises(ConfigError, match="no broker named 'kafka' is installed") as info:
+        QueueTasks.from_config(file)
+    assert "memory" in str(info.value)

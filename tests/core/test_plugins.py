@@ -1,0 +1,466 @@
+"""Plugins: transform hooks, the exception policy, registration checks, middlewares and
+entry-point discovery (the separately installed ``qtasks-audit-example`` distribution)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.metadata import EntryPoint
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qtasks import (
+    AsyncQueueTasks,
+    QueueConfig,
+    TaskRecord,
+    TaskRun,
+    TaskStatus,
+    discovery,
+    hookimpl,
+)
+from qtasks.errors import ConfigError, PluginError
+from qtasks.messages import Message
+
+pytestmark = pytest.mark.anyio
+
+CallNext = Callable[[], Awaitable[Any]]
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[AsyncQueueTasks]:
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    yield app
+    await app.aclose()
+
+
+# --- transform hooks change what runs and what is stored ------------------------------------
+
+
+async def test_args_and_result_transforms_change_the_call_and_the_stored_result(
+    app: AsyncQueueTasks,
+) -> None:
+    seen: list[tuple[int, int]] = []
+
+    class Rewrite:
+        @hookimpl
+        async def qtasks_executor_args(
+            self, args: list[Any], kwargs: dict[str, Any]
+        ) -> tuple[list[Any], dict[str, Any]]:
+            return [a * 10 for a in args], kwargs
+
+        @hookimpl
+        def qtasks_executor_result(self, result: Any) -> Any:
+            return {"wrapped": result}
+
+    class Untouched:
+        @hookimpl
+        def qtasks_executor_result(self, result: Any) -> None:
+            return None  # "unchanged": must not wipe the value
+
+    app.add_plugin(Rewrite())
+    app.add_plugin(Untouched())
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        seen.append((a, b))
+        return a + b
+
+    async with app:
+        task = await add.add_task(1, 2, timeout=5)
+    assert seen == [(10, 20)]
+    assert task.returning == {"wrapped": 30}
+    stored = await app.get(task.uuid)
+    assert stored is not None
+    assert stored.returning == {"wrapped": 30}
+
+
+async def test_enqueue_transform_replaces_the_message_and_get_transform_the_record(
+    app: AsyncQueueTasks,
+) -> None:
+    class Tagger:
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Message) -> Message:
+            message.kwargs = {**message.kwargs, "who": "plugin"}
+            message.priority = 7
+            return message
+
+        @hookimpl
+        def qtasks_storage_got(self, record: TaskRecord) -> TaskRecord:
+            record.kwargs = {**record.kwargs, "seen_by_get": True}
+            return record
+
+    app.add_plugin(Tagger())
+
+    @app.task
+    async def greet(who: str = "nobody") -> str:
+        return f"hi {who}"
+
+    async with app:
+        task = await greet.add_task(timeout=5)
+    assert (task.returning, task.priority) == ("hi plugin", 7)
+    got = await app.get(task.uuid)
+    assert got is not None
+    assert got.kwargs == {"who": "plugin", "seen_by_get": True}
+
+
+# --- the exception policy ---------------------------------------------------------------------
+
+
+async def test_notification_hook_exception_is_logged_with_the_plugin_name_and_ignored(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Noisy:
+        @hookimpl
+        async def qtasks_worker_execute_before(self) -> None:
+            raise RuntimeError("notification broke")
+
+        @hookimpl
+        def qtasks_task_enqueued(self) -> None:
+            raise RuntimeError("enqueued broke")
+
+    app.add_plugin(Noisy(), name="noisy")
+
+    @app.task
+    async def ok() -> str:
+        return "fine"
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.plugins"):
+        async with app:
+            task = await ok.add_task(timeout=5)
+    assert (task.status, task.returning) == (TaskStatus.SUCCESS, "fine")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("'noisy'" in m and "qtasks_worker_execute_before" in m for m in messages)
+    assert any("'noisy'" in m and "qtasks_task_enqueued" in m for m in messages)
+
+
+async def test_transform_hook_exception_fails_the_task_with_plugin_error_and_no_retry(
+    app: AsyncQueueTasks,
+) -> None:
+    class Broken:
+        @hookimpl
+        def qtasks_executor_args(self) -> None:
+            raise KeyError("missing thing")
+
+    app.add_plugin(Broken(), name="broken-args")
+    ran: list[int] = []
+
+    @app.task(retry=3, retry_backoff=0)
+    async def victim() -> None:
+        ran.append(1)
+
+    async with app:
+        task = await victim.add_task(timeout=5)
+    assert task.status is TaskStatus.ERROR
+    assert task.error is not None
+    assert task.error.startswith("PluginError: plugin 'broken-args'")
+    assert "qtasks_executor_args" in task.error
+    assert "missing thing" in task.error
+    assert ran == []
+    assert task.attempt == 1  # a broken plugin is not retried
+
+
+async def test_result_transform_exception_fails_the_task(app: AsyncQueueTasks) -> None:
+    class Broken:
+        @hookimpl
+        async def qtasks_executor_result(self) -> None:
+            raise ValueError("cannot wrap")
+
+    app.add_plugin(Broken(), name="broken-result")
+
+    @app.task
+    async def ok() -> int:
+        return 1
+
+    async with app:
+        task = await ok.add_task(timeout=5)
+    assert task.status is TaskStatus.ERROR
+    assert "plugin 'broken-result'" in (task.error or "")
+
+
+async def test_enqueue_transform_exception_aborts_add_task(app: AsyncQueueTasks) -> None:
+    class Refuse:
+        @hookimpl
+        def qtasks_task_enqueue(self) -> None:
+            raise PermissionError("not allowed")
+
+    app.add_plugin(Refuse(), name="gate")
+    with pytest.raises(PluginError) as info:
+        await app.add_task("anything")
+    assert info.value.plugin == "gate"
+    assert sum((await app.storage.stats()).values()) == 0  # nothing stored either
+
+
+# --- registration checks ----------------------------------------------------------------------
+
+
+def test_unknown_hook_name_fails_at_registration() -> None:
+    class Typo:
+        @hookimpl
+        def qtasks_task_suceeded(self) -> None: ...
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    with pytest.raises(PluginError, match="qtasks_task_suceeded") as info:
+        app.add_plugin(Typo(), name="typo")
+    assert info.value.plugin == "typo"
+    assert not app.hooks.pm.has_plugin("typo")
+
+
+def test_async_firstresult_hook_is_rejected() -> None:
+    class AsyncDecide:
+        @hookimpl
+        async def qtasks_task_retry_delay(self) -> float:
+            return 1.0
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    with pytest.raises(PluginError, match="plain function"):
+        app.add_plugin(AsyncDecide())
+
+
+def test_two_plugins_with_one_name_are_refused() -> None:
+    class A:
+        @hookimpl
+        def qtasks_app_started(self) -> None: ...
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    app.add_plugin(A(), name="same")
+    with pytest.raises(PluginError, match="already registered"):
+        app.add_plugin(A(), name="same")
+
+
+# --- middlewares --------------------------------------------------------------------------------
+
+
+async def test_middlewares_form_an_onion_see_errors_and_can_short_circuit(
+    app: AsyncQueueTasks,
+) -> None:
+    trail: list[str] = []
+
+    def layer(label: str) -> Callable[[TaskRun, CallNext], Awaitable[Any]]:
+        async def mw(run: TaskRun, call_next: CallNext) -> Any:
+            trail.append(f"{label}>")
+            try:
+                result = await call_next()
+            except ValueError as exc:
+                trail.append(f"{label} saw {exc}")
+                raise
+            trail.append(f"<{label}")
+            return result
+
+        return mw
+
+    async def short_circuit(run: TaskRun, call_next: CallNext) -> Any:
+        if run.message.kwargs.get("cached"):
+            return "from cache"
+        return await call_next()
+
+    app.add_middleware(layer("app"))
+
+    @app.task(middlewares_before=[layer("before")], middlewares_after=[short_circuit])
+    async def work(fail: bool = False, cached: bool = False) -> str:
+        trail.append("task")
+        if fail:
+            raise ValueError("bad")
+        return "computed"
+
+    async with app:
+        ok = await work.add_task(timeout=5)
+        assert trail == ["app>", "before>", "task", "<before", "<app"]
+        trail.clear()
+        failed = await work.add_task(fail=True, timeout=5)
+        assert trail == ["app>", "before>", "task", "before saw bad", "app saw bad"]
+        trail.clear()
+        cached = await work.add_task(cached=True, timeout=5)
+    assert (ok.returning, failed.status, cached.returning) == (
+        "computed",
+        TaskStatus.ERROR,
+        "from cache",
+    )
+    assert trail == ["app>", "before>", "<before", "<app"]  # the task never ran
+
+
+async def test_a_plugin_adds_a_middleware_through_the_hook(app: AsyncQueueTasks) -> None:
+    class Timing:
+        def __init__(self) -> None:
+            self.wrapped: list[str] = []
+
+        @hookimpl
+        def qtasks_executor_middlewares(self, middlewares: list[Any]) -> list[Any]:
+            async def around(run: TaskRun, call_next: CallNext) -> Any:
+                self.wrapped.append(run.task.name)
+                return await call_next()
+
+            return [around, *middlewares]
+
+    timing = Timing()
+    app.add_plugin(timing)
+
+    @app.task
+    async def ok() -> int:
+        return 2
+
+    async with app:
+        task = await ok.add_task(timeout=5)
+    assert (task.returning, timing.wrapped) == (2, ["ok"])
+
+
+# --- entry-point discovery ----------------------------------------------------------------------
+
+
+def test_third_party_plugin_is_discovered_with_its_distribution() -> None:
+    found = {(d.kind, d.name): d for d in discovery.discover_all()}
+    audit = found[("plugin", "audit")]
+    assert (audit.distribution, audit.version) == ("qtasks-audit-example", "0.3.1")
+    assert audit.value == "qtasks_audit_example:AuditPlugin"
+    assert found[("cli", "audit")].distribution == "qtasks-audit-example"
+    assert found[("broker", "memory")].distribution == "qtasks-core"
+
+
+async def test_third_party_plugin_hooks_fire_in_a_real_worker() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(extra={"audit": {"prefix": "checked"}}))
+    audit = app.hooks.pm.get_plugin("audit")
+    assert type(audit).__module__ == "qtasks_audit_example"
+    assert audit.prefix == "checked"  # built with from_config(config)
+
+    @app.task
+    async def ok() -> int:
+        return 1
+
+    @app.task
+    async def bad() -> None:
+        raise ValueError("x")
+
+    try:
+        async with app:
+            await ok.add_task(timeout=5)
+            await bad.add_task(timeout=5)
+        report = await app.inspect()
+    finally:
+        await app.aclose()
+    assert ("app_started", app.name) in audit.events
+    assert ("succeeded", "ok") in audit.events  # an async hook implementation, awaited
+    assert ("failed", "bad") in audit.events
+    assert report["audit"]["succeeded"] == 1  # its qtasks_inspect transform
+
+
+def test_disabled_plugin_is_not_loaded() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["audit"]))
+    assert not app.hooks.pm.has_plugin("audit")
+    assert AsyncQueueTasks().hooks.pm.has_plugin("audit")
+
+
+def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, group: str, eps: list[EntryPoint]) -> None:
+    real = discovery.entry_points
+
+    def fake(*, group: str) -> Any:
+        return eps if group == wanted else real(group=group)
+
+    wanted = group
+    monkeypatch.setattr(discovery, "entry_points", fake)
+
+
+def test_entry_point_plugin_naming_an_unknown_hook_fails_app_startup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "typo_plugin_mod.py").write_text(
+        "from qtasks import hookimpl\n"
+        "class TypoPlugin:\n"
+        "    @hookimpl\n"
+        "    def qtasks_worker_started(self): ...\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = EntryPoint("typo", "typo_plugin_mod:TypoPlugin", "qtasks.plugins")
+    _fake_entry_points(monkeypatch, "qtasks.plugins", [ep])
+    with pytest.raises(PluginError, match="unknown hook 'qtasks_worker_started'") as info:
+        AsyncQueueTasks()
+    assert info.value.plugin == "typo"
+    # ...and configuration can switch it off.
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["typo"]))
+    assert not app.hooks.pm.has_plugin("typo")
+    sys.modules.pop("typo_plugin_mod", None)
+
+
+def test_entry_point_plugin_that_cannot_import_is_logged_and_skipped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ep = EntryPoint("ghost", "no_such_module_here:Plugin", "qtasks.plugins")
+    _fake_entry_points(monkeypatch, "qtasks.plugins", [ep])
+    with caplog.at_level(logging.ERROR, logger="qtasks.discovery"):
+        app = AsyncQueueTasks()
+    assert not app.hooks.pm.has_plugin("ghost")
+    assert any(
+        "'ghost'" in r.getMessage() and "plugins_disabled" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_missing_component_name_lists_installed_and_the_distribution_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    memory = EntryPoint("memory", "qtasks.memory:MemoryBroker", "qtasks.brokers")
+    _fake_entry_points(monkeypatch, "qtasks.brokers", [memory])
+    with pytest.raises(ConfigError) as info:
+        discovery.load("broker", "redis")
+    message = str(info.value)
+    assert "no broker named 'redis'" in message
+    assert "installed: memory" in message
+    assert "pip install qtasks-redis" in message
+    with pytest.raises(ConfigError, match=r"entry-point group qtasks\.brokers"):
+        discovery.load("broker", "kafka")
+
+
+def test_components_are_built_by_name_from_the_config() -> None:
+    config = QueueConfig(lease=3.0)
+    built = discovery.build_components(config)
+    assert {k: type(v).__name__ for k, v in built.items()} == {
+        "broker": "MemoryBroker",
+        "storage": "MemoryStorage",
+        "global_config": "MemoryGlobalConfig",
+    }
+
+
+def test_sync_app_hooks_fire_in_its_worker_thread() -> None:
+    from qtasks import QueueTasks
+
+    seen: list[str] = []
+
+    class Seen:
+        @hookimpl
+        async def qtasks_task_succeeded(self, record: TaskRecord) -> None:
+            seen.append(record.task_name)
+
+    app = QueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    app.add_plugin(Seen())
+
+    @app.task
+    def double(x: int) -> int:
+        return x * 2
+
+    try:
+        with app:
+            task = app.add_task("double", 4, timeout=5)
+    finally:
+        app.close()
+    assert (task.returning, seen) == (8, ["double"])
+
+
+async def test_decide_hook_exception_is_logged_and_the_task_fails_without_retry(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BadPolicy:
+        @hookimpl(tryfirst=True)
+        def qtasks_task_retry_delay(self) -> float:
+            raise ZeroDivisionError("policy bug")
+
+    app.add_plugin(BadPolicy(), name="bad-policy")
+
+    @app.task(retry=5, retry_backoff=0)
+    async def boom() -> None:
+        raise ValueError("x")
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with app:
+            task = await boom.add_task(timeout=5)
+    assert (task.status, task.attempt) == (TaskStatus.ERROR, 1)
+    assert any("bad-policy" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,117 @@
+"""Fixtures for tests against the real RabbitMQ at 127.0.0.1:5672 (guest/guest).
+
+Each test gets its own queue name, and every queue and exchange of that name is deleted after the
+test. Tests skip when RabbitMQ is not reachable, but fail when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import aio_pika
+import anyio
+import pytest
+
+from qtasks.config import QueueConfig
+from qtasks_rabbitmq import RabbitMQBroker, Topology
+
+T = TypeVar("T")
+
+URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture(autouse=True)
+def _needs_rabbitmq(rabbitmq_url: str) -> None:
+    """Every test here needs the server: skip locally, fail under CI (root conftest)."""
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """Run ``rabbitmqctl`` (skip the test when it is not available here)."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed")
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+async def delete_topology(topology: Topology) -> None:
+    connection = await aio_pika.connect(URL)
+    try:
+        for name in topology.all_queues():
+            channel = await connection.channel()
+            await channel.queue_delete(name)
+            await channel.close()
+        for name in topology.all_exchanges():
+            channel = await connection.channel()
+            await channel.exchange_delete(name)
+            await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"qtasks-test-{uuid.uuid4().hex[:10]}"
+
+
+BrokerFactory = Callable[..., Awaitable[RabbitMQBroker]]
+
+
+@pytest.fixture
+async def make_broker(queue_name: str) -> AsyncIterator[BrokerFactory]:
+    """``await make_broker(max_deliveries=3, queue_type="quorum")``: a started broker on this
+    test's queue; every broker made is stopped and the queues deleted afterwards."""
+    topologies: list[Topology] = []
+    async with AsyncExitStack() as stack:
+
+        async def make(**options: Any) -> RabbitMQBroker:
+            config_keys = {"max_deliveries", "prefetch", "lease"}
+            config = QueueConfig(
+                broker="rabbitmq",
+                broker_url=URL,
+                **{k: v for k, v in options.items() if k in config_keys},
+            )
+            kwargs = {k: v for k, v in options.items() if k not in config_keys}
+            kwargs.setdefault("queue", queue_name)
+            broker = RabbitMQBroker(config.broker_url or URL, **kwargs)
+            await broker.start(stack, config)
+            topologies.append(broker.topology)
+            return broker
+
+        try:
+            yield make
+        finally:
+            await stack.aclose()
+            for topology in {t.queue: t for t in topologies}.values():
+                await asyncio.wait_for(delete_topology(topology), 30)
+
+
+def close_connections(queue: str, why: str = "closed by a qtasks test") -> int:
+    """Close, from the server side, every connection a broker on ``queue`` opened."""
+    closed = 0
+    for line in rabbitmqctl("list_connections", "-q", "pid", "client_properties").splitlines():
+        if f"qtasks {queue} " in line:
+            rabbitmqctl("close_connection", line.split()[0], why)
+            closed += 1
+    return closed
+
+
+async def poll(check: Callable[[], Awaitable[T | None]], timeout: float, every: float = 0.05) -> T:
+    """Call ``check`` until it returns something other than ``None``/``False``; for state that
+    offers nothing to wait on (another process's files, server-side queue counts)."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = await check()
+            if value is not None and value is not False:
+                return value
+            await anyio.sleep(every)

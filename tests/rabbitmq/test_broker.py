@@ -1,0 +1,343 @@
+"""The RabbitMQ broker called directly, against the real server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import anyio
+import pytest
+
+from qtasks.components import BrokerStats
+from qtasks.errors import BrokerConnectionError, ConfigError
+from qtasks.messages import Envelope
+from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker, RabbitMQDelivery, TopologyError
+
+from .conftest import URL, BrokerFactory
+
+pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
+
+
+def envelope(body: bytes = b"{}", *, priority: int = 0, eta: float | None = None) -> Envelope:
+    return Envelope(id=uuid.uuid4().hex, body=body, priority=priority, eta=eta)
+
+
+async def take(deliveries: AsyncIterator[RabbitMQDelivery], timeout: float = 5) -> RabbitMQDelivery:
+    with anyio.fail_after(timeout):
+        return await anext(deliveries)
+
+
+async def eventually(
+    broker: RabbitMQBroker, check: Callable[[BrokerStats], bool], timeout: float = 5
+) -> None:
+    """Poll ``stats()`` until ``check`` holds: the server offers no event for queue counts."""
+    with anyio.fail_after(timeout):
+        while True:
+            if check(await broker.stats()):
+                return
+            await anyio.sleep(0.05)
+
+
+async def nothing_within(deliveries: AsyncIterator[RabbitMQDelivery], seconds: float) -> bool:
+    with anyio.move_on_after(seconds):
+        await anext(deliveries)
+        return False
+    return True
+
+
+async def test_publish_consume_ack(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    sent = envelope(b'{"hello": 1}', priority=3)
+    await broker.publish(sent)
+    async with broker.consume(prefetch=5) as deliveries:
+        got = await take(deliveries)
+        assert (got.id, got.body, got.priority, got.attempt) == (sent.id, sent.body, 3, 1)
+        assert await got.extend()
+        assert await got.ack()
+        assert not await got.ack(), "a settled delivery must not settle twice"
+        assert not await got.extend()
+        assert await nothing_within(deliveries, 0.3)
+    stats = await broker.stats()
+    assert stats.ready_by_priority == {}
+    assert stats.dead_letters == 0
+
+
+async def test_priorities_lower_number_first(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    order = [5, 0, 9, -3, 1, 0]
+    sent = [envelope(str(p).encode(), priority=p) for p in order]
+    for env in sent:
+        await broker.publish(env)
+    async with broker.consume(prefetch=1) as deliveries:
+        got = []
+        for _ in order:
+            delivery = await take(deliveries)
+            got.append(delivery.priority)
+            await delivery.ack()
+    assert got == sorted(order)
+
+
+async def test_delay_not_early_and_prompt(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    eta = time.time() + 0.7
+    await broker.publish(envelope(b"late", eta=eta))
+    await broker.publish(envelope(b"now"))
+    assert (await broker.stats()).delayed == 1
+    async with broker.consume(prefetch=5) as deliveries:
+        first = await take(deliveries)
+        assert first.body == b"now"
+        await first.ack()
+        second = await take(deliveries, timeout=5)
+        arrived = time.time()
+        assert second.body == b"late"
+        assert second.attempt == 1
+        assert arrived >= eta, "delivered before its eta"
+        assert arrived - eta < 0.3, f"delivered {arrived - eta:.3f} s after its eta"
+        await second.ack()
+
+
+async def test_delays_come_out_in_eta_order(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    now = time.time()
+    offsets = [0.9, 0.1, 0.5, 0.3, 0.7]
+    for offset in offsets:
+        await broker.publish(envelope(str(offset).encode(), eta=now + offset))
+    async with broker.consume(prefetch=10) as deliveries:
+        got = []
+        for _ in offsets:
+            delivery = await take(deliveries)
+            assert time.time() >= now + float(delivery.body)
+            got.append(float(delivery.body))
+            await delivery.ack()
+    assert got == sorted(offsets)
+
+
+async def test_requeue_resets_attempt_with_delay_and_body(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    await broker.publish(envelope(b"v1"))
+    async with broker.consume(prefetch=5) as deliveries:
+        first = await take(deliveries)
+        token = first.token
+        started = time.time()
+        assert await first.requeue(delay=0.4, body=b"v2")
+        assert not await first.ack(), "the old delivery is settled"
+        second = await take(deliveries)
+        assert time.time() - started >= 0.4
+        assert (second.id, second.body, second.attempt) == (first.id, b"v2", 1)
+        assert second.token != token
+        await second.ack()
+
+
+async def test_nack_dead_letters_with_reason_and_requeue_back(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    keep, poison = envelope(b"keep"), envelope(b"poison", priority=-2)
+    await broker.publish(poison)
+    await broker.publish(keep)
+    async with broker.consume(prefetch=5) as deliveries:
+        got = await take(deliveries)
+        assert got.id == poison.id
+        assert await got.nack("unknown task 'nope'")
+        letters = await broker.dead_letters()
+        assert [(d.id, d.body, d.reason, d.priority) for d in letters] == [
+            (poison.id, b"poison", "unknown task 'nope'", -2)
+        ]
+        assert letters[0].dead_at > 0
+        assert (await broker.stats()).dead_letters == 1, "listing must not remove dead letters"
+        other = await take(deliveries)
+        assert other.id == keep.id
+        await other.ack()
+        assert await broker.requeue_dead_letters([poison.id]) == 1
+        back = await take(deliveries)
+        assert (back.id, back.body, back.attempt) == (poison.id, b"poison", 1)
+        await back.ack()
+    assert await broker.dead_letters() == []
+
+
+async def test_requeue_dead_letters_by_id_leaves_others(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    sent = [envelope(str(i).encode()) for i in range(3)]
+    for env in sent:
+        await broker.publish(env)
+    async with broker.consume(prefetch=5) as deliveries:
+        for _ in sent:
+            assert await (await take(deliveries)).nack("bad")
+    assert [d.id for d in await broker.dead_letters()] == [e.id for e in sent]
+    assert [d.id for d in await broker.dead_letters(limit=2)] == [e.id for e in sent[:2]]
+    assert await broker.requeue_dead_letters([sent[1].id, "no-such-id"]) == 1
+    assert [d.id for d in await broker.dead_letters()] == [sent[0].id, sent[2].id]
+    assert await broker.requeue_dead_letters() == 2
+    assert await broker.dead_letters() == []
+    assert (await broker.stats()).ready_by_priority == {0: 3}
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_unsettled_deliveries_count_until_dead_lettered(
+    make_broker: BrokerFactory, queue_type: str
+) -> None:
+    """A consumer that goes away holding a delivery counts as a delivery (a crash would too);
+    after max_deliveries the message is dead-lettered with a reason."""
+    broker = await make_broker(max_deliveries=3, queue_type=queue_type)
+    sent = envelope(b"crashy")
+    await broker.publish(sent)
+    attempts = []
+    for _ in range(3):
+        async with broker.consume(prefetch=1) as deliveries:
+            delivery = await take(deliveries)
+            attempts.append(delivery.attempt)
+    assert attempts == [1, 2, 3]
+    with anyio.fail_after(5):
+        while not await broker.dead_letters():
+            async with broker.consume(prefetch=1) as deliveries:
+                assert await nothing_within(deliveries, 0.2)
+    [letter] = await broker.dead_letters()
+    assert letter.id == sent.id
+    assert letter.body == b"crashy"
+    assert "delivery limit" in letter.reason
+    assert "3" in letter.reason
+
+
+async def test_prefetch_bounds_messages_not_yet_handed_out(make_broker: BrokerFactory) -> None:
+    """prefetch counts what the consumer holds beyond the deliveries the worker took: taking
+    two and holding them unsettled still lets the consumer receive two more, never a fifth
+    before one is settled."""
+    broker = await make_broker()
+    for i in range(8):
+        await broker.publish(envelope(str(i).encode()))
+    async with broker.consume(prefetch=2) as deliveries:
+        taken = [await take(deliveries) for _ in range(4)]
+        assert [d.body for d in taken] == [b"0", b"1", b"2", b"3"]
+        await eventually(broker, lambda stats: stats.in_flight == 6)
+        stats = await broker.stats()
+        assert stats.ready_by_priority == {0: 2}, "more than prefetch held beyond the taken"
+        assert stats.in_flight == 6
+        await taken[0].ack()  # held 3 + buffered 2: still at the limit, nothing more comes
+        assert (await take(deliveries)).body == b"4"
+        await eventually(broker, lambda stats: stats.ready_by_priority == {0: 1})
+        assert (await broker.stats()).in_flight == 6
+
+
+async def test_second_consumer_gets_what_first_does_not_hold(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    for i in range(2):
+        await broker.publish(envelope(str(i).encode()))
+    async with broker.consume(prefetch=1) as one, broker.consume(prefetch=1) as two:
+        a, b = await take(one), await take(two)
+        assert {a.body, b.body} == {b"0", b"1"}
+        assert a.token != b.token
+
+
+async def test_cancel_queued_message(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    dropped, kept = envelope(b"dropped"), envelope(b"kept")
+    await broker.publish(dropped)
+    await broker.publish(kept)
+    assert await broker.cancel(dropped.id)
+    assert not await broker.cancel(dropped.id)
+    assert not await broker.cancel("never-published")
+    async with broker.consume(prefetch=5) as deliveries:
+        got = await take(deliveries)
+        assert got.id == kept.id
+        await got.ack()
+        assert not await broker.cancel(kept.id), "already delivered"
+        assert await nothing_within(deliveries, 0.3)
+
+
+async def test_poison_published_straight_to_the_queue(make_broker: BrokerFactory) -> None:
+    """Bytes without any qtasks header are delivered like any message; nack dead-letters them."""
+    broker = await make_broker()
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"\xff\x00 not json", message_id="outsider"), broker.topology.queue
+        )
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"no id", headers={"x-qtasks-deliveries": "garbage"}),
+            broker.topology.queue,
+        )
+    async with broker.consume(prefetch=5) as deliveries:
+        first, second = await take(deliveries), await take(deliveries)
+        assert (first.id, first.body, first.attempt) == ("outsider", b"\xff\x00 not json", 1)
+        assert second.body == b"no id"
+        assert second.id
+        assert second.attempt == 1
+        assert await first.nack("undecodable message")
+        assert await second.nack("missing field 'uuid'")
+    reasons = {d.body: d.reason for d in await broker.dead_letters()}
+    assert reasons == {
+        b"\xff\x00 not json": "undecodable message",
+        b"no id": "missing field 'uuid'",
+    }
+
+
+async def test_unroutable_publish_raises(make_broker: BrokerFactory) -> None:
+    broker = await make_broker()
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(broker.topology.queue)
+    with pytest.raises(PublishRejectedError, match="unroutable"):
+        await broker.publish(envelope())
+
+
+async def test_quorum_queue_round_trip(make_broker: BrokerFactory) -> None:
+    broker = await make_broker(queue_type="quorum")
+    await broker.publish(envelope(b"q"))
+    await broker.publish(envelope(b"later", eta=time.time() + 0.2))
+    async with broker.consume(prefetch=5) as deliveries:
+        for body in (b"q", b"later"):
+            got = await take(deliveries)
+            assert got.body == body
+            assert got.attempt == 1
+            await got.ack()
+
+
+async def test_queue_type_mismatch_is_a_clear_error(
+    make_broker: BrokerFactory, queue_name: str
+) -> None:
+    await make_broker()
+    with pytest.raises(TopologyError, match=queue_name):
+        await make_broker(queue_type="quorum")
+
+
+async def test_connection_errors_never_show_the_password() -> None:
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    from contextlib import AsyncExitStack
+
+    from qtasks.config import QueueConfig
+
+    for url in (
+        f"amqp://guest:{secret}@127.0.0.1:5672/",  # refused login
+        f"amqp://guest:{secret}@127.0.0.1:1/",  # nothing listening
+    ):
+        broker = RabbitMQBroker(url, connect_timeout=3)
+        async with AsyncExitStack() as stack:
+            with pytest.raises(BrokerConnectionError) as caught:
+                await broker.start(stack, QueueConfig())
+        text = str(caught.value) + repr(caught.value)
+        assert secret not in text
+        assert "******" in text
+
+
+def test_from_config_reads_url_and_extra() -> None:
+    from qtasks.config import QueueConfig
+
+    config = QueueConfig(
+        broker_url="amqps://u:p@example.invalid:5671/vh",
+        extra={"rabbitmq_queue": "jobs", "rabbitmq_queue_type": "quorum", "other": 1},
+    )
+    broker = RabbitMQBroker.from_config(config)
+    assert broker.topology.queue == "jobs"
+    assert broker.topology.queue_type == "quorum"
+    assert not broker.topology.priorities
+    with pytest.raises(ConfigError, match="rabbitmq_qeue"):
+        RabbitMQBroker.from_config(QueueConfig(extra={"rabbitmq_qeue": "x"}))
+    with pytest.raises(ConfigError, match="classic"):
+        RabbitMQBroker.from_config(QueueConfig(extra={"rabbitmq_queue_type": "stream"}))
+    from qtasks_rabbitmq.link import Link
+
+    with pytest.raises(BrokerConnectionError, match="amqp") as caught:
+        Link("redis://x:secret@h/", broker.topology)
+    assert "secret" not in str(caught.value)

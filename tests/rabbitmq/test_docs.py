@@ -1,0 +1,32 @@
+"""The example in docs/rabbitmq.md runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import URL, delete_topology
+
+DOC = Path(__file__).parents[2] / "docs" / "rabbitmq.md"
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def test_docs_example_runs(rabbitmq_url: str) -> None:
+    [code] = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        import asyncio
+
+        from qtasks_rabbitmq import Topology
+
+        assert URL
+        asyncio.run(delete_topology(Topology("docs-example")))

@@ -1,0 +1,223 @@
+"""qtasks apps on the RabbitMQ broker, with real worker processes where crashes are involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.components import DeadLetter
+from qtasks.record import TaskStatus
+from qtasks_rabbitmq import RabbitMQBroker
+
+from .conftest import URL, BrokerFactory, close_connections, poll
+
+pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq, pytest.mark.slow]
+
+WORKER = Path(__file__).with_name("worker_app.py")
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def wait_for_lines(path: Path, count: int, timeout: float) -> list[str]:
+    """Poll a file another process appends to (no cross-process event to wait on)."""
+
+    async def enough() -> list[str] | None:
+        found = lines(path)
+        return found if len(found) >= count else None
+
+    return await poll(enough, timeout)
+
+
+class Workers:
+    """Worker subprocesses on one queue; all are killed at the end of the test."""
+
+    def __init__(self, queue: str, out: Path) -> None:
+        self.queue, self.out = queue, out
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        root = Path(__file__).parents[2]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), self.queue, str(self.out)], env=env, cwd=root
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def workers(queue_name: str, tmp_path: Path, make_broker: BrokerFactory) -> Iterator[Workers]:
+    # make_broker is requested so that the queue's topology is deleted after the test.
+    group = Workers(queue_name, tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+def producer(queue: str) -> AsyncQueueTasks:
+    """An app that only enqueues (no worker), on the test's queue."""
+    return AsyncQueueTasks(broker=RabbitMQBroker(URL, queue=queue))
+
+
+async def test_kill_9_mid_task_is_redelivered_to_another_worker(
+    workers: Workers, queue_name: str, tmp_path: Path, make_broker: BrokerFactory
+) -> None:
+    broker = await make_broker()  # declares the queue; the fixture deletes it afterwards
+    first = workers.start()
+    app = producer(queue_name)
+    try:
+        await app.add_task("slow", "k", 2.0)
+        [started] = await wait_for_lines(tmp_path / "started", 1, 30)
+        assert started == f"k {first.pid}"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = workers.start()
+        [done] = await wait_for_lines(tmp_path / "done", 1, 60)
+        assert done == f"k {second.pid}"
+        assert lines(tmp_path / "started") == [f"k {first.pid}", f"k {second.pid}"]
+    finally:
+        await app.aclose()
+    stats = await broker.stats()
+    assert stats.ready_by_priority == {}
+    assert stats.dead_letters == 0
+
+
+async def test_connection_closed_under_load_every_confirmed_enqueue_runs(
+    workers: Workers, queue_name: str, tmp_path: Path, make_broker: BrokerFactory
+) -> None:
+    await make_broker()
+    workers.start()
+    app = producer(queue_name)
+    n = 300
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def chaos() -> None:
+                await wait_for_lines(tmp_path / "done", 20, 30)
+                for _ in range(2):
+                    await anyio.to_thread.run_sync(close_connections, queue_name)
+                    await anyio.sleep(0.5)
+
+            tg.start_soon(chaos)
+            for i in range(n):
+                await app.add_task("record", i)  # returns only once RabbitMQ confirmed it
+        done = await wait_for_lines(tmp_path / "done", n, 90)
+        assert set(map(int, done)) == set(range(n)), "a confirmed enqueue never ran"
+    finally:
+        await app.aclose()
+
+
+async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(
+    make_broker: BrokerFactory, queue_name: str
+) -> None:
+    broker = await make_broker()
+    app_broker = RabbitMQBroker(URL, queue=queue_name)
+    app = AsyncQueueTasks(broker=app_broker, config=QueueConfig(max_tasks_process=2))
+    seen: list[int] = []
+
+    @app.task
+    async def fine(i: int) -> int:
+        seen.append(i)
+        return i
+
+    poison = {
+        "bad-body": b"\x00\xff definitely not json",
+        "unknown-task": json.dumps(
+            {"uuid": "u1", "task": "no_such_task", "args": [], "kwargs": {}}
+        ).encode(),
+        "missing-fields": json.dumps({"task": "fine"}).encode(),
+    }
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        for name, body in poison.items():
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, message_id=name), broker.topology.queue
+            )
+    async with app:
+        task = await app.add_task("fine", 7, timeout=20)
+        assert task.status == TaskStatus.SUCCESS
+        assert task.returning == 7
+
+        async def all_dead() -> list[DeadLetter] | None:
+            letters = await app_broker.dead_letters()
+            return letters if len(letters) >= len(poison) else None
+
+        letters = await poll(all_dead, 20)
+    reasons = {letter.id: letter.reason for letter in letters}
+    assert set(reasons) == set(poison)
+    assert reasons["bad-body"].startswith("undecodable message")
+    assert "no_such_task" in reasons["unknown-task"]
+    assert "uuid" in reasons["missing-fields"]
+    assert seen == [7]
+
+
+async def test_priorities_delays_and_retry_backoff(
+    make_broker: BrokerFactory, queue_name: str
+) -> None:
+    await make_broker()
+    order: list[int] = []
+    tries: list[float] = []
+
+    app = AsyncQueueTasks(
+        broker=RabbitMQBroker(URL, queue=queue_name),
+        config=QueueConfig(max_tasks_process=1, prefetch=1),
+    )
+
+    @app.task
+    async def ordered(i: int) -> None:
+        order.append(i)
+
+    @app.task(retry=2, retry_backoff=0.4)
+    async def flaky() -> str:
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise RuntimeError(f"failure {len(tries)}")
+        return "ok"
+
+    try:
+        # Enqueued before the worker starts, so the broker orders them.
+        for priority in (5, 1, 9, 0, 3):
+            await app.add_task("ordered", priority, priority=priority)
+        async with app:
+
+            async def all_ran() -> bool:
+                return len(order) == 5
+
+            await poll(all_ran, 20)
+            assert order == [0, 1, 3, 5, 9]
+
+            start = time.time()
+            delayed = await app.add_task("ordered", 42, delay=0.6)
+            result = await delayed.wait_result(timeout=20)
+            assert result.status == TaskStatus.SUCCESS
+            assert result.updated_at - start >= 0.6
+
+            task = await app.add_task("flaky", timeout=30)
+            assert task.status == TaskStatus.SUCCESS, task.error
+            assert len(tries) == 3
+            # equal jitter: retry k waits at least half of 0.4 * 2**(k-1)
+            assert tries[1] - tries[0] >= 0.2
+            assert tries[2] - tries[1] >= 0.4
+    finally:
+        await app.aclose()

@@ -1,0 +1,82 @@
+"""The link comes back by itself: server-side connection close, consumer cancel."""
+
+from __future__ import annotations
+
+import uuid
+
+import aio_pika
+import anyio
+import pytest
+
+from qtasks.messages import Envelope
+
+from .conftest import URL, BrokerFactory, close_connections
+from .test_broker import take
+
+pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
+
+
+def envelope(body: bytes) -> Envelope:
+    return Envelope(id=uuid.uuid4().hex, body=body)
+
+
+async def test_server_closes_connection_consumer_resumes_and_stale_acks_are_fenced(
+    make_broker: BrokerFactory, queue_name: str
+) -> None:
+    broker = await make_broker()
+    await broker.publish(envelope(b"held"))
+    async with broker.consume(prefetch=5) as deliveries:
+        old = await take(deliveries)
+        assert old.attempt == 1
+        assert await anyio.to_thread.run_sync(close_connections, queue_name) == 1
+        # The message held across the drop comes back, counted, with a new token.
+        again = await take(deliveries, timeout=20)
+        assert again.id == old.id
+        assert again.attempt == 2
+        assert again.token != old.token
+        assert not await old.ack(), "an ack through the dead channel must be refused"
+        assert not await old.extend()
+        assert await again.ack()
+        # Publishing and consuming go on over the new connection.
+        await broker.publish(envelope(b"after"))
+        assert (await take(deliveries)).body == b"after"
+    assert broker.reconnects >= 1
+
+
+async def test_publish_waits_for_the_link_to_come_back(
+    make_broker: BrokerFactory, queue_name: str
+) -> None:
+    broker = await make_broker()
+    async with broker.consume(prefetch=5) as deliveries:
+        await anyio.to_thread.run_sync(close_connections, queue_name)
+        sent = [envelope(str(i).encode()) for i in range(20)]
+        for env in sent:
+            await broker.publish(env)  # confirmed, whatever the link was doing
+        got: set[str] = set()
+        with anyio.fail_after(20):
+            while len(got) < len(sent):
+                delivery = await anext(deliveries)
+                got.add(delivery.id)
+                await delivery.ack()
+        assert got == {e.id for e in sent}
+
+
+async def test_deleted_queue_is_declared_again_and_consuming_resumes(
+    make_broker: BrokerFactory,
+) -> None:
+    """A server-side consumer cancel (here: the queue is deleted) must not leave the consumer
+    silently idle: the link re-declares the topology and consumes again."""
+    broker = await make_broker()
+    async with broker.consume(prefetch=5) as deliveries:
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(broker.topology.queue)
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    await broker.publish(envelope(b"back"))
+                    break
+                except Exception:
+                    await anyio.sleep(0.1)  # unroutable until the queue is declared again
+        assert (await take(deliveries, timeout=20)).body == b"back"
