@@ -34,8 +34,9 @@ def make_app(timers: list[dict[str, Any]]) -> tuple[AsyncQueueTasks, Recorder]:
 
 async def test_config_timers_run_through_the_entry_point_plugin() -> None:
     app, rec = make_app(TIMERS)
-    plugin = TimerPlugin()  # what the qtasks.plugins entry point "timer" provides
-    app.add_plugin(plugin)
+    # The qtasks.plugins entry point "timer" was discovered and registered with the app.
+    plugin = app.hooks.pm.get_plugin("timer")
+    assert isinstance(plugin, TimerPlugin)
     async with app:
         await wait_until(lambda: rec.count("every-second") >= 1, 3, "the cron timer")
         await wait_until(lambda: rec.count() - rec.count("every-second") >= 2, 3, "interval")

@@ -189,6 +189,18 @@ class Storage(Protocol):
 
     async def get(self, uuid: str) -> TaskRecord | None: ...
 
+    async def begin(self, record: TaskRecord) -> TaskRecord:
+        """Atomically mark a task started by one delivery; return the stored record.
+
+        ``record`` holds the message's fields and the new attempt's ``status`` (``process``),
+        ``attempt``, ``token`` and ``worker``. If the stored record is final (cancelled while
+        queued, or finished by an attempt whose ack was lost), return it unchanged and write
+        nothing. Otherwise write the new attempt's status, attempt, token, worker and a fresh
+        ``updated_at`` over the stored record (keeping its other fields), or store ``record``
+        when there is none, and return what is stored. One round trip for remote backends.
+        """
+        ...
+
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         """Write ``record`` whole. See the class docstring for fencing; wakes waiters when the
         status is final."""

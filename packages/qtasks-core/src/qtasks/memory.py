@@ -395,6 +395,23 @@ class MemoryStorage(_Lifecycle):
         record = self._records.get(uuid)
         return record.copy() if record is not None else None
 
+    async def begin(self, record: TaskRecord) -> TaskRecord:
+        self._check()
+        stored = self._records.get(record.uuid)
+        if stored is None:
+            stored = record.copy()
+            stored.updated_at = time.time()
+            self._records[record.uuid] = stored
+            return stored.copy()
+        if stored.status.final:
+            return stored.copy()
+        stored.status = record.status
+        stored.attempt = record.attempt
+        stored.token = record.token
+        stored.worker = record.worker
+        stored.updated_at = time.time()
+        return stored.copy()
+
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         self._check()
         stored = self._records.get(record.uuid)

@@ -254,37 +254,33 @@ class QueueWorker:
             stored = await app.storage.get(delivery.id)
             await self._reject(app, delivery, f"undecodable message: {exc}", stored)
             return
-        record = await app.storage.get(message.uuid)
-        if record is None:
-            record = TaskRecord(
-                uuid=message.uuid,
-                task_name=message.task_name,
-                priority=message.priority,
-                args=message.args,
-                kwargs=message.kwargs,
-                created_at=message.created_at,
-            )
-        if record.status in (TaskStatus.CANCEL, TaskStatus.SUCCESS, TaskStatus.ERROR):
+        task = app.tasks.get(message.task_name)
+        problem: str | None = None
+        if task is None:
+            problem = str(UnknownTaskError(message.task_name))
+        else:
+            try:
+                task.check_arguments(message.args, message.kwargs)
+            except TaskArgumentsError as exc:
+                problem = f"wrong arguments: {exc}"
+        if problem is not None or task is None:
+            stored = await app.storage.get(message.uuid)
+            if stored is not None and stored.status.final:
+                await delivery.ack()  # cancelled while queued, or already finished
+                return
+            await self._reject(app, delivery, problem or "", stored or _record_of(message))
+            return
+        await hooks.notify("qtasks_worker_task_received", app=app, message=message)
+        claim = _record_of(message)
+        claim.status = TaskStatus.PROCESS
+        claim.attempt = message.attempt + 1
+        claim.token = delivery.token
+        claim.worker = self.id
+        record = await app.storage.begin(claim)
+        if record.status.final:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             await delivery.ack()
             return
-        task = app.tasks.get(message.task_name)
-        if task is None:
-            await self._reject(app, delivery, str(UnknownTaskError(message.task_name)), record)
-            return
-        try:
-            task.check_arguments(message.args, message.kwargs)
-        except TaskArgumentsError as exc:
-            await self._reject(app, delivery, f"wrong arguments: {exc}", record)
-            return
-        await hooks.notify("qtasks_worker_task_received", app=app, message=message)
-
-        record.status = TaskStatus.PROCESS
-        record.attempt = message.attempt + 1
-        record.token = delivery.token
-        record.worker = self.id
-        record.updated_at = time.time()
-        await app.storage.save(record)
         await hooks.notify("qtasks_storage_saved", app=app, record=record)
         run = TaskRun(app=app, task=task, message=message, record=record, delivery=delivery)
         self._running[record.uuid] = run
@@ -446,3 +442,16 @@ def task_executor(run: TaskRun) -> TaskExecutor:
     worker = run.app.worker
     executor: TaskExecutor = getattr(worker, "executor", None) or TaskExecutor()
     return executor
+
+
+def _record_of(message: Message) -> TaskRecord:
+    """A record built from the message alone (when the producer stored none)."""
+    return TaskRecord(
+        uuid=message.uuid,
+        task_name=message.task_name,
+        priority=message.priority,
+        args=message.args,
+        kwargs=message.kwargs,
+        created_at=message.created_at,
+        parent_uuid=message.headers.get("parent_uuid"),
+    )

@@ -85,8 +85,9 @@ class RedisStorage:
 
     @staticmethod
     def _record(fields: list[bytes | None]) -> TaskRecord | None:
-        """Rebuild from ``[d, s, t, cr, u, n]``, applying the fields that override ``d``."""
-        data, status, _, reason, updated, steps = fields
+        """Rebuild from ``[d, s, t, cr, u, n, a, w]``, applying the fields that override
+        ``d``."""
+        data, status, token, reason, updated, steps, attempt, worker = fields
         if data is None:
             return None
         try:
@@ -101,14 +102,23 @@ class RedisStorage:
             record.updated_at = float(updated)
         if steps is not None:
             record.steps = int(steps)
+        if attempt is not None:
+            record.attempt = int(attempt)
+        if worker is not None:
+            record.worker = worker.decode()
+        record.token = token.decode() if token else None
         return record
 
-    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
+    @staticmethod
+    def _shallow(record: TaskRecord) -> dict[str, Any]:
         # A shallow dict, not ``to_dict()``: dataclasses.asdict deep-copies every value, which
         # costs more than the Redis round trip on small records.
         data = {name: getattr(record, name) for name in _FIELDS}
         data["status"] = record.status.value
-        payload = _dumps(data)
+        return data
+
+    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
+        payload = _dumps(self._shallow(record))
         args = (
             payload,
             record.status.value,
@@ -126,8 +136,25 @@ class RedisStorage:
     async def get(self, uuid: str) -> TaskRecord | None:
         client = self._require()
         key = self._keys(uuid)[0]
-        fields: Any = await guarded(self.target, client.hmget(key, ["d", "s", "t", "cr", "u", "n"]))
+        fields: Any = await guarded(
+            self.target, client.hmget(key, ["d", "s", "t", "cr", "u", "n", "a", "w"])
+        )
         return self._record(fields)
+
+    async def begin(self, record: TaskRecord) -> TaskRecord:
+        fields = await self._run(
+            lua.BEGIN,
+            record.uuid,
+            record.uuid,
+            _dumps(self._shallow(record)),
+            record.token or "",
+            record.attempt,
+            record.worker or "",
+        )
+        begun = self._record(fields)
+        if begun is None:  # pragma: no cover - the script always leaves a record
+            raise SerializationError(f"task record {record.uuid} vanished while starting")
+        return begun
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         return await self._save(record, fence, False)

@@ -1,7 +1,8 @@
 """The storage's Lua scripts. Keys of one task (all under the storage's hash tag):
 
 1. ``rec``    HASH: ``d`` record JSON, ``s`` status, ``t`` token, and overrides written by
-              :meth:`cancel` (``cr`` reason, ``u`` updated_at) and :meth:`add_step` (``n``)
+              :meth:`cancel` (``cr`` reason, ``u`` updated_at), :meth:`begin` (``u``, ``a``
+              attempt, ``w`` worker) and :meth:`add_step` (``n``)
 2. ``wake``   LIST: one token pushed when the record turns final; waiters ``BLMOVE`` it onto
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
@@ -58,7 +59,7 @@ end
 local old = false
 if cur[1] then old = cur[2] end
 redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
-redis.call('HDEL', K_REC, 'cr', 'u')
+redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w')
 index(uuid, old, status, now_ms())
 if FINAL[status] then
   finished(tonumber(ARGV[8]))
@@ -84,7 +85,27 @@ if not FINAL[cur[2]] then
   index(ARGV[1], cur[2], 'cancel', now)
   finished(tonumber(ARGV[3]))
 end
-return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n')
+return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+"""
+)
+
+BEGIN = Script(
+    PRELUDE
+    + r"""
+-- ARGV: uuid, json (the record as a new 'process' attempt), token, attempt, worker.
+-- Returns {d, s, t, cr, u, n, a, w}: unchanged when final, else after marking the attempt.
+local cur = redis.call('HMGET', K_REC, 'd', 's')
+local t = redis.call('TIME')
+local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+if not cur[1] then
+  redis.call('HSET', K_REC, 'd', ARGV[2], 's', 'process', 't', ARGV[3], 'u', updated)
+  index(ARGV[1], false, 'process', now_ms())
+elseif not FINAL[cur[2]] then
+  redis.call('HSET', K_REC, 's', 'process', 't', ARGV[3], 'a', ARGV[4], 'w', ARGV[5],
+             'u', updated)
+  index(ARGV[1], cur[2], 'process', now_ms())
+end
+return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
 """
 )
 

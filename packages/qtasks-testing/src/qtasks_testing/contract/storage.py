@@ -158,6 +158,50 @@ class StorageContract(ContractSuite):
     # --- cancel ---------------------------------------------------------------------------
 
     @pytest.mark.anyio
+    async def test_begin_marks_the_attempt_and_keeps_other_fields(self, storage: Storage) -> None:
+        rec = record(parent_uuid="parent-1")
+        await storage.add(rec)
+        claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=2, token="tok-2")
+        claim.worker = "worker-a"
+        begun = await storage.begin(claim)
+        assert begun.status is TaskStatus.PROCESS
+        assert (begun.attempt, begun.token, begun.worker) == (2, "tok-2", "worker-a")
+        assert begun.parent_uuid == "parent-1"  # kept from the stored record
+        assert begun.args == rec.args
+        assert begun.updated_at >= rec.updated_at
+        stored = await storage.get(rec.uuid)
+        assert stored is not None
+        assert (stored.status, stored.attempt, stored.token) == (TaskStatus.PROCESS, 2, "tok-2")
+        # the begun attempt's token fences writes from then on
+        stale = finished(stored, token="tok-1")
+        assert await storage.save(stale, fence="tok-1") is False
+        assert await storage.save(finished(stored), fence="tok-2") is True
+
+    @pytest.mark.anyio
+    async def test_begin_without_a_stored_record_stores_it(self, storage: Storage) -> None:
+        claim = record(status=TaskStatus.PROCESS, attempt=1, token="t1")
+        begun = await storage.begin(claim)
+        assert (begun.uuid, begun.status, begun.attempt) == (claim.uuid, TaskStatus.PROCESS, 1)
+        stored = await storage.get(claim.uuid)
+        assert stored is not None
+        assert stored.args == claim.args
+
+    @pytest.mark.anyio
+    async def test_begin_leaves_a_final_record_alone(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        cancelled = await storage.cancel(rec.uuid, "not wanted")
+        assert cancelled is not None
+        claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="late")
+        begun = await storage.begin(claim)
+        assert begun.status is TaskStatus.CANCEL
+        assert begun.cancel_reason == "not wanted"
+        stored = await storage.get(rec.uuid)
+        assert stored is not None
+        assert stored.status is TaskStatus.CANCEL
+        assert stored.token != "late"
+
+    @pytest.mark.anyio
     async def test_cancel_marks_a_pending_record(self, storage: Storage) -> None:
         rec = record()
         await storage.add(rec)
