@@ -400,7 +400,7 @@ class MemoryStorage(_Lifecycle):
         stored = self._records.get(record.uuid)
         if stored is None:
             stored = record.copy()
-            stored.updated_at = time.time()
+            stored.updated_at = self._clock()
             self._records[record.uuid] = stored
             return stored.copy()
         if stored.status.final:
@@ -409,7 +409,7 @@ class MemoryStorage(_Lifecycle):
         stored.attempt = record.attempt
         stored.token = record.token
         stored.worker = record.worker
-        stored.updated_at = time.time()
+        stored.updated_at = self._clock()
         return stored.copy()
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
