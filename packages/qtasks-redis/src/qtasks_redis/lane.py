@@ -19,6 +19,7 @@ connection with ``TimeoutError``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
@@ -487,8 +488,10 @@ class Lane:
         conn = await self._blocking_conn()
         first, second = conn.send(packed, 2, block)
         try:
-            # Shielded waits: cancelling the caller must not cancel (and drop) a reply.
-            await asyncio.shield(first)
+            # Shielded waits: cancelling the caller must not cancel (and drop) a reply. An
+            # error reply to the blocking command does not matter; the script's does.
+            with contextlib.suppress(ResponseError):
+                await asyncio.shield(first)
             reply = await asyncio.shield(second)
         except NoScriptError:
             self._keep(conn)
