@@ -44,7 +44,7 @@ SLEEP = 0.010
 # The task bodies are those of bench/peers/_common.py: one async redis-py client per worker,
 # W3 stamps kept in the worker and written once by the N-th task.
 WORKER = """
-import sys, time, anyio, redis.asyncio
+import asyncio, sys, time, redis.asyncio
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 url, prefix, concurrency, w3_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -69,7 +69,7 @@ async def echo(x: int) -> int:
 @app.task(name="sleep_incr")
 async def sleep_incr(done: str, first: str, last: str) -> None:
     start = time.time()
-    await anyio.sleep(SLEEP)
+    await asyncio.sleep(SLEEP)
     end = time.time()
     w3["n"] += 1
     w3["first"] = min(w3["first"], start)
@@ -194,6 +194,7 @@ async def w3(prefix: str, tmp: Path, n: int, out: dict[str, str]) -> None:
         first = Worker(prefix, 100, tmp)
         try:
             await warm(app, counter, f"{prefix}:warm3")
+            startup = cpu_seconds(first.proc.pid)  # imports, start-up and 20 tasks
         finally:
             first.stop()
         keys = (f"{prefix}:w3", f"{prefix}:w3:first", f"{prefix}:w3:last")
@@ -203,11 +204,13 @@ async def w3(prefix: str, tmp: Path, n: int, out: dict[str, str]) -> None:
         try:
             wait_counter(counter, keys[0], n, 60 + n * SLEEP)
             wall = float(counter.get(keys[2]) or 0) - float(counter.get(keys[1]) or 0)
+            cpu = (cpu_seconds(second.proc.pid) - startup) / n * 1e6
         finally:
             out["RSS c=100"] = f"{second.stop():.1f} MiB"
         ideal = n * SLEEP / 100
         out["W3"] = (
-            f"{wall:.3f} s for {n} x 10 ms at 100 (ideal {ideal:.3f} s, {wall / ideal:.2f}x)"
+            f"{wall:.3f} s for {n} x 10 ms at 100 (ideal {ideal:.3f} s, {wall / ideal:.2f}x; "
+            f"worker CPU ~{cpu:.0f} us per task beyond start-up)"
         )
     finally:
         await app.aclose()
