@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
@@ -239,17 +239,29 @@ class InjectPlugin:
     # --- hooks ----------------------------------------------------------------------------
 
     @hookimpl
-    async def qtasks_executor_args(
+    def qtasks_executor_args(
         self,
         app: AsyncQueueTasks,
         task: TaskDef[..., Any],
         args: list[Any],
         kwargs: dict[str, Any],
         run: TaskRun,
-    ) -> tuple[list[Any], dict[str, Any]] | None:
+    ) -> Awaitable[tuple[list[Any], dict[str, Any]]] | None:
+        # A plain function that returns None for tasks with nothing to inject, so most tasks
+        # cost no coroutine here; the core awaits what it returns otherwise.
         plan = self.plan(task)
         if not plan.items:
             return None
+        return self._inject(plan, app, args, kwargs, run)
+
+    async def _inject(
+        self,
+        plan: _Plan,
+        app: AsyncQueueTasks,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        run: TaskRun,
+    ) -> tuple[list[Any], dict[str, Any]]:
         kwargs = dict(kwargs)
         if not plan.keep_positional:
             # Injected parameters are passed by keyword, so caller positionals must be too.
@@ -265,10 +277,9 @@ class InjectPlugin:
         return list(args), kwargs
 
     @hookimpl
-    async def qtasks_executor_closed(self, run: TaskRun) -> None:
+    def qtasks_executor_closed(self, run: TaskRun) -> Awaitable[None] | None:
         cache = run.state.pop(_RUN_SCOPE, None)
-        if cache is not None:
-            await cache.aclose()
+        return None if cache is None else cache.aclose()
 
     @hookimpl
     async def qtasks_component_stopped(self, kind: str) -> None:

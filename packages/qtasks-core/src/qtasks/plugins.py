@@ -98,15 +98,36 @@ class Hooks:
     def notify(self, hook: str, **kwargs: Any) -> Awaitable[None]:
         """Call a notification hook: every implementation, errors logged and swallowed.
 
-        Returns an awaitable; with no implementation it is a ready one (no coroutine is made),
-        which keeps an unused hook nearly free on the hot path."""
+        Returns an awaitable. Plain-function implementations run right here, so when no
+        implementation returns an awaitable the result is a ready one and no coroutine is
+        made: an unused hook, or one with only sync implementations, stays nearly free."""
         impls = self._impls.get(hook)
         if not impls:
             return _DONE
-        return self._notify(hook, impls, kwargs)
+        for index, (plugin, func, argnames) in enumerate(impls):
+            try:
+                result = func(**{a: kwargs[a] for a in argnames})
+            except Exception:
+                log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                return self._notify_rest(hook, impls, index, result, kwargs)
+        return _DONE
 
-    async def _notify(self, hook: str, impls: list[_Impl], kwargs: dict[str, Any]) -> None:
-        for plugin, func, argnames in impls:
+    async def _notify_rest(
+        self,
+        hook: str,
+        impls: list[_Impl],
+        index: int,
+        pending: Awaitable[Any],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Await implementation ``index``'s result, then call the rest in order."""
+        try:
+            await pending
+        except Exception:
+            log.exception("plugin %r failed in hook %s (ignored)", impls[index][0], hook)
+        for plugin, func, argnames in impls[index + 1 :]:
             try:
                 result = func(**{a: kwargs[a] for a in argnames})
                 if inspect.isawaitable(result):
@@ -130,16 +151,40 @@ class Hooks:
         """Call a transform hook chaining ``kwargs[field]`` through every implementation.
 
         Awaiting it gives the final value. An implementation's exception is raised as
-        :class:`PluginError` naming the plugin."""
+        :class:`PluginError` naming the plugin. As in :meth:`notify`, plain-function
+        implementations run right here and need no coroutine."""
         impls = self._impls.get(hook)
         if not impls:
             return _Ready(kwargs[field])
-        return self._transform(hook, impls, field, kwargs)
+        for index, (plugin, func, argnames) in enumerate(impls):
+            try:
+                result = func(**{a: kwargs[a] for a in argnames})
+            except Exception as exc:
+                return _Failed(PluginError(plugin, f"hook {hook} raised {exc!r}"), exc)
+            if result is None:
+                continue
+            if inspect.isawaitable(result):
+                return self._transform_rest(hook, impls, index, result, field, kwargs)
+            kwargs[field] = result
+        return _Ready(kwargs[field])
 
-    async def _transform(
-        self, hook: str, impls: list[_Impl], field: str, kwargs: dict[str, Any]
+    async def _transform_rest(
+        self,
+        hook: str,
+        impls: list[_Impl],
+        index: int,
+        pending: Awaitable[Any],
+        field: str,
+        kwargs: dict[str, Any],
     ) -> Any:
-        for plugin, func, argnames in impls:
+        """Await implementation ``index``'s result, then chain the rest in order."""
+        try:
+            result = await pending
+        except Exception as exc:
+            raise PluginError(impls[index][0], f"hook {hook} raised {exc!r}") from exc
+        if result is not None:
+            kwargs[field] = result
+        for plugin, func, argnames in impls[index + 1 :]:
             try:
                 result = func(**{a: kwargs[a] for a in argnames})
                 if inspect.isawaitable(result):
@@ -174,6 +219,20 @@ class _Ready:
 
 
 _DONE = _Ready(None)
+
+
+class _Failed:
+    """An awaitable that raises ``error`` (chained from ``cause``) when awaited."""
+
+    __slots__ = ("cause", "error")
+
+    def __init__(self, error: BaseException, cause: BaseException) -> None:
+        self.error = error
+        self.cause = cause
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise self.error from self.cause
+        yield  # pragma: no cover - makes this a generator
 
 
 def _label(plugin: object) -> str:
