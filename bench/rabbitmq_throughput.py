@@ -97,7 +97,7 @@ def wait_counter(client: Any, key: str, n: int, deadline_s: float) -> float:
 
 
 def pct(ordered: list[float], q: float) -> float:
-    index = max(0, min(len(ordered) - 1, int(round(q * len(ordered) + 0.5)) - 1))
+    index = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
     return round(ordered[index], 3)
 
 
