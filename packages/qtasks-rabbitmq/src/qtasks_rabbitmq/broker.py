@@ -57,9 +57,11 @@ PERSISTENT = 2
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 H_ID = "x-qtasks-id"
+"""The message id when it does not fit AMQP's ``message-id`` property (else that is used)."""
 H_PRIORITY = "x-qtasks-priority"
+"""The qtasks priority (absent: 0)."""
 H_DELIVERIES = "x-qtasks-deliveries"
-"""Deliveries already made of this message (0 when published or requeued)."""
+"""Deliveries already made of this message (absent: 0, when published or requeued)."""
 H_ETA = "x-qtasks-eta-ms"
 H_REASON = "x-qtasks-reason"
 H_DEAD_AT = "x-qtasks-dead-at-ms"
@@ -73,6 +75,9 @@ _EXTRA_KEYS = {
     "rabbitmq_connect_timeout": float,
     "rabbitmq_publish_timeout": float,
 }
+
+_MAX_MESSAGE_ID = 255
+"""Longest AMQP ``message-id`` (a short string)."""
 
 _TRACKED_IDS = 100_000
 """How many ids published by this process :meth:`RabbitMQBroker.cancel` remembers."""
@@ -515,14 +520,23 @@ class RabbitMQBroker:
     def _message(
         self, id: str, priority: int, deliveries: int, extra: dict[str, Any] | None = None
     ) -> Basic.Properties:
-        headers: dict[str, Any] = {H_ID: id, H_PRIORITY: priority, H_DELIVERIES: deliveries}
-        if extra:
-            headers.update(extra)
+        # Only what differs from the defaults travels in headers: encoding an AMQP table is a
+        # good part of a publish's cost. The id is the message id (a short string); an id too
+        # long for that goes in a header instead.
+        headers: dict[str, Any] = dict(extra) if extra else {}
+        if priority:
+            headers[H_PRIORITY] = priority
+        if deliveries:
+            headers[H_DELIVERIES] = deliveries
+        message_id: str | None = id
+        if len(id) > _MAX_MESSAGE_ID or not id.isascii():
+            headers[H_ID] = id
+            message_id = None
         return Basic.Properties(
-            headers=headers,
+            headers=headers or None,
             priority=self._topology.amqp_priority(priority),
             delivery_mode=PERSISTENT,
-            message_id=id,
+            message_id=message_id,
         )
 
     async def _send(
