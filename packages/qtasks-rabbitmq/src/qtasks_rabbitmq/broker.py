@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -71,6 +72,7 @@ _EXTRA_KEYS = {
     "rabbitmq_queue": str,
     "rabbitmq_queue_type": str,
     "rabbitmq_max_priority": int,
+    "rabbitmq_queue_version": int,
     "rabbitmq_heartbeat": int,
     "rabbitmq_connect_timeout": float,
     "rabbitmq_publish_timeout": float,
@@ -417,9 +419,10 @@ class RabbitMQBroker:
 
     ``queue`` names the work queue (other objects are named after it); ``queue_type`` is
     ``"classic"`` (priorities through ``x-max-priority``) or ``"quorum"`` (replicated, counts
-    deliveries itself; no priorities before RabbitMQ 4). ``heartbeat`` is the AMQP heartbeat in
-    seconds (unless the URL sets one). ``publish_timeout`` bounds how long a publish waits for a
-    lost connection to come back before raising.
+    deliveries itself; no priorities before RabbitMQ 4). ``queue_version`` is the classic
+    queues' ``x-queue-version`` (2; 0 leaves it to the server). ``heartbeat`` is the AMQP
+    heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds how long a
+    publish waits for a lost connection to come back before raising.
     """
 
     def __init__(
@@ -429,6 +432,7 @@ class RabbitMQBroker:
         queue: str = "qtasks",
         queue_type: QueueType = "classic",
         max_priority: int = 20,
+        queue_version: int = 2,
         heartbeat: int = 30,
         connect_timeout: float = 10.0,
         publish_timeout: float = 30.0,
@@ -439,13 +443,15 @@ class RabbitMQBroker:
             )
         if not 0 <= max_priority <= 255:
             raise ConfigError(f"rabbitmq_max_priority must be 0..255, not {max_priority}")
+        if queue_version not in (0, 1, 2):
+            raise ConfigError(f"rabbitmq_queue_version must be 0, 1 or 2, not {queue_version!r}")
         self._url = url
         self._options = {
             "heartbeat": heartbeat,
             "connect_timeout": connect_timeout,
             "publish_timeout": publish_timeout,
         }
-        self._topology = Topology(queue, queue_type, max_priority)
+        self._topology = Topology(queue, queue_type, max_priority, version=queue_version)
         self._max_deliveries = 5
         self._max_running = 10
         self._lease = 30.0
@@ -499,9 +505,7 @@ class RabbitMQBroker:
         self._max_deliveries = config.max_deliveries
         self._max_running = config.max_tasks_process
         topology = self._topology
-        self._topology = Topology(
-            topology.queue, topology.queue_type, topology.max_priority, config.max_deliveries
-        )
+        self._topology = dataclasses.replace(topology, delivery_limit=config.max_deliveries)
         self._lease = config.lease
         link = Link(self._url, self._topology, **self._options)  # type: ignore[arg-type]
         await link.start(AsyncExitStack())  # closed by _release, when the last user goes
