@@ -49,3 +49,9 @@ def bench(session: nox.Session) -> None:
     """In-memory throughput and latency figures."""
     _sync(session)
     session.run("python", "bench/inmemory.py", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def bench_peers(session: nox.Session) -> None:
+    """qtasks side by side with its peers; bench/peers/run.py builds one venv per framework."""
+    session.run("python3", "bench/peers/run.py", *session.posargs, external=True)

@@ -74,6 +74,33 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+BrokerOpt = Annotated[
+    str | None, typer.Option(help="Broker by entry-point name (memory, redis, ...).")
+]
+BrokerUrlOpt = Annotated[str | None, typer.Option(help="Broker URL.")]
+StorageOpt = Annotated[str | None, typer.Option(help="Storage by entry-point name.")]
+StorageUrlOpt = Annotated[str | None, typer.Option(help="Storage URL.")]
+GlobalConfigOpt = Annotated[str | None, typer.Option(help="Global config by entry-point name.")]
+GlobalConfigUrlOpt = Annotated[str | None, typer.Option(help="Global config URL.")]
+
+
+def component_flags(
+    broker: str | None,
+    broker_url: str | None,
+    storage: str | None,
+    storage_url: str | None,
+    global_config: str | None,
+    global_config_url: str | None,
+) -> dict[str, Any]:
+    """The component flags every command accepts, as config keys (``None``: not given)."""
+    return {
+        "broker": broker,
+        "broker_url": broker_url,
+        "storage": storage,
+        "storage_url": storage_url,
+        "global_config": global_config,
+        "global_config_url": global_config_url,
+    }
 
 
 def _handle_errors(func: Callable[P, T]) -> Callable[P, T]:
@@ -250,16 +277,12 @@ def _parse_arg(raw: str) -> Any:
 def run(
     app: AppOpt = None,
     config: ConfigOpt = None,
-    broker: Annotated[
-        str | None, typer.Option(help="Broker by entry-point name (memory, redis, ...).")
-    ] = None,
-    broker_url: Annotated[str | None, typer.Option(help="Broker URL.")] = None,
-    storage: Annotated[str | None, typer.Option(help="Storage by entry-point name.")] = None,
-    storage_url: Annotated[str | None, typer.Option(help="Storage URL.")] = None,
-    global_config: Annotated[
-        str | None, typer.Option(help="Global config by entry-point name.")
-    ] = None,
-    global_config_url: Annotated[str | None, typer.Option(help="Global config URL.")] = None,
+    broker: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
+    storage: StorageOpt = None,
+    storage_url: StorageUrlOpt = None,
+    global_config: GlobalConfigOpt = None,
+    global_config_url: GlobalConfigUrlOpt = None,
     concurrency: Annotated[
         int | None, typer.Option(min=1, help="Tasks run at once (max_tasks_process).")
     ] = None,
@@ -273,12 +296,9 @@ def run(
     and gives running tasks shutdown_grace seconds before cancelling and requeueing them.
     """
     flags = {
-        "broker": broker,
-        "broker_url": broker_url,
-        "storage": storage,
-        "storage_url": storage_url,
-        "global_config": global_config,
-        "global_config_url": global_config_url,
+        **component_flags(
+            broker, broker_url, storage, storage_url, global_config, global_config_url
+        ),
         "max_tasks_process": concurrency,
         "log_level": log_level,
     }
@@ -320,6 +340,12 @@ def add(
     ] = None,
     app: AppOpt = None,
     config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
+    storage: StorageOpt = None,
+    storage_url: StorageUrlOpt = None,
+    global_config: GlobalConfigOpt = None,
+    global_config_url: GlobalConfigUrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Enqueue a task and print its uuid.
@@ -336,7 +362,12 @@ def add(
         if not isinstance(parsed_kwargs, dict):
             raise ConfigError("--kwargs: expected a JSON object")
     positional = [_parse_arg(a) for a in args or []]
-    the_app = resolve_app(app, config, {}, need_tasks=False)
+    the_app = resolve_app(
+        app,
+        config,
+        component_flags(broker, broker_url, storage, storage_url, global_config, global_config_url),
+        need_tasks=False,
+    )
 
     async def go(aio: AsyncQueueTasks) -> TaskRecord:
         record = await aio.enqueue(task, positional, parsed_kwargs, priority=priority, delay=delay)
@@ -363,10 +394,21 @@ def get(
     uuid: Annotated[str, typer.Argument(help="Task uuid.")],
     app: AppOpt = None,
     config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
+    storage: StorageOpt = None,
+    storage_url: StorageUrlOpt = None,
+    global_config: GlobalConfigOpt = None,
+    global_config_url: GlobalConfigUrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the stored record of a task (exit code 1 if there is none)."""
-    the_app = resolve_app(app, config, {}, need_tasks=False)
+    the_app = resolve_app(
+        app,
+        config,
+        component_flags(broker, broker_url, storage, storage_url, global_config, global_config_url),
+        need_tasks=False,
+    )
 
     async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
         return await aio.get(uuid)
@@ -385,12 +427,23 @@ def cancel(
     reason: Annotated[str, typer.Option(help="Stored as cancel_reason.")] = "cancelled",
     app: AppOpt = None,
     config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
+    storage: StorageOpt = None,
+    storage_url: StorageUrlOpt = None,
+    global_config: GlobalConfigOpt = None,
+    global_config_url: GlobalConfigUrlOpt = None,
 ) -> None:
     """Cancel a task and print its resulting status.
 
     A queued task never runs, a running one is stopped; a finished task keeps its status.
     """
-    the_app = resolve_app(app, config, {}, need_tasks=False)
+    the_app = resolve_app(
+        app,
+        config,
+        component_flags(broker, broker_url, storage, storage_url, global_config, global_config_url),
+        need_tasks=False,
+    )
 
     async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
         return await aio.cancel(uuid, reason)
@@ -404,14 +457,29 @@ def cancel(
 
 @cli.command()
 @_handle_errors
-def inspect(app: AppOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def inspect(
+    app: AppOpt = None,
+    config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
+    storage: StorageOpt = None,
+    storage_url: StorageUrlOpt = None,
+    global_config: GlobalConfigOpt = None,
+    global_config_url: GlobalConfigUrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Show tasks, queue depth, dead letters, workers and records by status.
 
     Registered tasks with their options; queue depth per priority, delayed, in-flight and
     dead-lettered counts (broker); workers alive (global config heartbeats); records by status
     (storage); plus what plugins add through the qtasks_inspect hook.
     """
-    the_app = resolve_app(app, config, {}, need_tasks=False)
+    the_app = resolve_app(
+        app,
+        config,
+        component_flags(broker, broker_url, storage, storage_url, global_config, global_config_url),
+        need_tasks=False,
+    )
     report = run_on(the_app, AsyncQueueTasks.inspect)
     if as_json:
         typer.echo(_json(report))
@@ -453,10 +521,21 @@ def dlq_list(
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
     app: AppOpt = None,
     config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
+    storage: StorageOpt = None,
+    storage_url: StorageUrlOpt = None,
+    global_config: GlobalConfigOpt = None,
+    global_config_url: GlobalConfigUrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the oldest dead letters: id, priority, deliveries and reason."""
-    the_app = resolve_app(app, config, {}, need_tasks=False)
+    the_app = resolve_app(
+        app,
+        config,
+        component_flags(broker, broker_url, storage, storage_url, global_config, global_config_url),
+        need_tasks=False,
+    )
 
     async def go(aio: AsyncQueueTasks) -> list[Any]:
         return list(await aio.dead_letters(limit))
@@ -489,12 +568,23 @@ def dlq_requeue(
     ] = None,
     app: AppOpt = None,
     config: ConfigOpt = None,
+    broker: BrokerOpt = None,
+    broker_url: BrokerUrlOpt = None,
+    storage: StorageOpt = None,
+    storage_url: StorageUrlOpt = None,
+    global_config: GlobalConfigOpt = None,
+    global_config_url: GlobalConfigUrlOpt = None,
 ) -> None:
     """Publish dead letters again (all, or the given IDS) and print how many.
 
     Their records are reset to status new, so a worker runs them again.
     """
-    the_app = resolve_app(app, config, {}, need_tasks=False)
+    the_app = resolve_app(
+        app,
+        config,
+        component_flags(broker, broker_url, storage, storage_url, global_config, global_config_url),
+        need_tasks=False,
+    )
 
     async def go(aio: AsyncQueueTasks) -> int:
         return await aio.requeue_dead_letters(list(ids) if ids else None)

@@ -13,7 +13,7 @@ import itertools
 import math
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Self
@@ -134,7 +134,7 @@ class MemoryDelivery:
         entry.attempt = 0
         if body is not None:
             entry.body = body
-        self._broker._schedule(entry, time.time() + delay if delay else None)
+        self._broker._schedule(entry, self._broker._clock() + delay if delay else None)
         return True
 
     async def extend(self) -> bool:
@@ -149,7 +149,17 @@ class MemoryDelivery:
 class MemoryBroker(_Lifecycle):
     """A priority queue with delays, leases and a dead-letter list, in process memory."""
 
-    def __init__(self, *, lease: float | None = None, max_deliveries: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        lease: float | None = None,
+        max_deliveries: int | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock`` returns the unix time that delays are measured against (default
+        :func:`time.time`); tests pass a controllable one and call :meth:`wake` after moving it.
+        Leases always run on the real monotonic clock."""
+        self._clock: Callable[[], float] = clock or time.time
         self._lease_opt = lease
         self._max_opt = max_deliveries
         self._lease = lease if lease is not None else 30.0
@@ -180,9 +190,13 @@ class MemoryBroker(_Lifecycle):
         if self._signal is not None:
             self._signal.fire()
 
+    def wake(self) -> None:
+        """Make waiting consumers re-check what is due now (after an injected clock moved)."""
+        self._wake()
+
     def _schedule(self, entry: _Entry, eta: float | None) -> None:
         self._known[entry.id] = entry
-        if eta is not None and eta > time.time():
+        if eta is not None and eta > self._clock():
             heapq.heappush(self._delayed, (eta, next(self._seq), entry))
         else:
             heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
@@ -203,12 +217,12 @@ class MemoryBroker(_Lifecycle):
             reason=reason,
             priority=entry.priority,
             deliveries=entry.attempt,
-            dead_at=time.time(),
+            dead_at=self._clock(),
         )
 
     def _promote(self) -> float | None:
         """Move due delayed messages and expired leases to ready; return the next deadline."""
-        now = time.time()
+        now = self._clock()
         while self._delayed and self._delayed[0][0] <= now:
             _, _, entry = heapq.heappop(self._delayed)
             if self._known.get(entry.id) is entry:
@@ -322,7 +336,10 @@ class MemoryBroker(_Lifecycle):
 class MemoryStorage(_Lifecycle):
     """Task records in a dict, with woken waiters and live generator steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+        """``clock`` returns the unix time that ``result_ttl`` is measured against (default
+        :func:`time.time`), so tests can move time forward."""
+        self._clock: Callable[[], float] = clock or time.time
         self._records: dict[str, TaskRecord] = {}
         self._steps: dict[str, list[Any]] = {}
         self._signals: dict[str, _Signal] = {}
@@ -339,7 +356,7 @@ class MemoryStorage(_Lifecycle):
         self._ttl = config.result_ttl
 
     def _expire(self) -> None:
-        now = time.time()
+        now = self._clock()
         while self._expiry and self._expiry[0][0] <= now:
             _, uuid = heapq.heappop(self._expiry)
             record = self._records.get(uuid)
@@ -383,7 +400,7 @@ class MemoryStorage(_Lifecycle):
         stored = self._records.get(record.uuid)
         if stored is None:
             stored = record.copy()
-            stored.updated_at = time.time()
+            stored.updated_at = self._clock()
             self._records[record.uuid] = stored
             return stored.copy()
         if stored.status.final:
@@ -392,7 +409,7 @@ class MemoryStorage(_Lifecycle):
         stored.attempt = record.attempt
         stored.token = record.token
         stored.worker = record.worker
-        stored.updated_at = time.time()
+        stored.updated_at = self._clock()
         return stored.copy()
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
@@ -418,7 +435,7 @@ class MemoryStorage(_Lifecycle):
         if not stored.status.final:
             stored.status = TaskStatus.CANCEL
             stored.cancel_reason = reason
-            stored.updated_at = time.time()
+            stored.updated_at = self._clock()
             self._fire(uuid)
         return stored.copy()
 

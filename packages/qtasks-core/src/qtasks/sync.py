@@ -7,11 +7,11 @@ import atexit
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from os import PathLike
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -87,6 +87,30 @@ class QueueTasks:
                 self._portal, self._portal_stop = _start_portal()
                 atexit.register(_close_at_exit, weakref.ref(self))
             return self._portal
+
+    @overload
+    def task(self, func: Callable[P, R], /) -> SyncTaskDef[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        priority: int | None = None,
+        echo: bool = False,
+        max_time: float | None = None,
+        retry: int | None = None,
+        retry_on_exc: Sequence[type[BaseException]] | type[BaseException] | None = None,
+        retry_backoff: float | Callable[[int], float] | None = None,
+        decode: Callable[[Any], Any] | None = None,
+        tags: Sequence[str] | None = None,
+        description: str | None = None,
+        generate_handler: Callable[[Any], Any] | None = None,
+        executor: Any = None,
+        middlewares_before: Sequence[Any] | None = None,
+        middlewares_after: Sequence[Any] | None = None,
+        **extra: Any,
+    ) -> Callable[[Callable[P, R]], SyncTaskDef[P, R]]: ...
 
     def task(self, *args: Any, **kwargs: Any) -> Any:
         """Register a task; see :meth:`AsyncQueueTasks.task`. ``add_task`` on it blocks."""

@@ -224,6 +224,15 @@ class QueueWorker:
         await app.hooks.notify("qtasks_broker_nacked", app=app, delivery=delivery, reason=reason)
         await app.hooks.notify("qtasks_task_rejected", app=app, delivery=delivery, reason=reason)
 
+    async def process(self, app: AsyncQueueTasks, delivery: Delivery) -> None:
+        """Handle one delivery to the end exactly as the serving loop does (decode, run, store
+        the final record, settle), renewing its lease meanwhile. For runners that take
+        deliveries themselves, such as the inline runner of ``qtasks_testing``."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_leases, app)
+            await self._process(app, delivery)
+            tg.cancel_scope.cancel()
+
     async def _process(self, app: AsyncQueueTasks, delivery: Delivery) -> None:
         try:
             await self._process_inner(app, delivery)

@@ -43,8 +43,14 @@ class TimerPlugin:
         return plugin
 
     def _timer(self, app: AsyncQueueTasks) -> AsyncTimer | None:
-        if self.timer is None and app.config.timers:
-            AsyncTimer(app)  # binds itself to this plugin
+        """This plugin's timer; ``None`` when there is none or another TimerPlugin of the app
+        (say, the entry-point one besides one added in code) owns it, so timers run once."""
+        if self.timer is None:
+            for plugin in app.hooks.pm.get_plugins():
+                if isinstance(plugin, TimerPlugin) and plugin.timer is not None:
+                    return None
+            if app.config.timers:
+                AsyncTimer(app)  # binds itself to one TimerPlugin of the app
         return self.timer
 
     @hookimpl

@@ -1,0 +1,256 @@
+"""The part of the benchmark every peer script shares: settings, task bodies, workloads, output.
+
+It runs inside each peer's own virtual environment, so it uses only the standard library and
+redis-py (every peer venv has redis-py; it is the harness's counter client, not the peer's).
+
+A peer script defines the three tasks with its framework and hands :func:`main` an ``Ops``
+object for the producer side:
+
+* ``incr(key)``: enqueue the W1 task, which runs :func:`incr_sync` / :func:`incr_async`;
+* ``sleep_incr()``: enqueue the W3 task, which runs :func:`sleep_incr_sync` /
+  :func:`sleep_incr_async`;
+* ``roundtrip(i)``: enqueue ``echo(i)`` and return its result through the framework's result API;
+* optional ``setup()``, ``teardown()``, ``cleanup()`` (remove broker-side queues).
+
+Each of these may be sync or async. Settings come from the environment that ``run.py`` sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+QUEUE = os.environ.get("BENCH_QUEUE", "bench")
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "10"))
+VENV_BIN = os.environ.get("BENCH_VENV_BIN", os.path.dirname(sys.executable))
+
+# Frameworks whose result wait or queue fetch is a poll get this interval (seconds), so that a
+# default of 0.2-1 s does not decide W2 for them.
+POLL = 0.01
+
+WARM_KEY = "bench:warm"
+W1_KEY = "bench:w1"
+W3_DONE, W3_FIRST, W3_LAST = "bench:w3", "bench:w3:first", "bench:w3:last"
+SLEEP = 0.010
+SKIPPED = 3  # exit code: this peer cannot run here (reason on stderr)
+
+# W3 tasks count themselves inside the worker process (every peer runs one worker process), so
+# the harness adds no Redis round trip per task; the N-th task writes the totals once.
+W3_N = int(os.environ.get("BENCH_W3_N", "0"))
+
+
+def skip(reason: str) -> None:
+    """Exit with the 'skipped' code; ``run.py`` shows the reason."""
+    print(reason, file=sys.stderr)
+    sys.exit(SKIPPED)
+
+
+# --- task bodies (run in the worker) ----------------------------------------------------------
+
+_sync_client: Any = None
+_async_clients: dict[int, Any] = {}
+_w3_lock = threading.Lock()
+_w3 = {"n": 0, "first": float("inf"), "last": 0.0}
+
+
+def _sync() -> Any:
+    global _sync_client
+    if _sync_client is None:
+        import redis
+
+        _sync_client = redis.Redis.from_url(REDIS_URL)
+    return _sync_client
+
+
+def _async() -> Any:
+    # One client per event loop: a worker may run its tasks on a loop of its own.
+    loop_id = id(asyncio.get_running_loop())
+    client = _async_clients.get(loop_id)
+    if client is None:
+        import redis.asyncio
+
+        client = _async_clients[loop_id] = redis.asyncio.Redis.from_url(REDIS_URL)
+    return client
+
+
+def _w3_done(start: float, end: float) -> dict[str, str] | None:
+    """Record one W3 task; return the totals to write when it is the N-th."""
+    with _w3_lock:
+        _w3["n"] += 1
+        _w3["first"] = min(_w3["first"], start)
+        _w3["last"] = max(_w3["last"], end)
+        if _w3["n"] != W3_N:
+            return None
+        return {W3_FIRST: repr(_w3["first"]), W3_LAST: repr(_w3["last"]), W3_DONE: str(W3_N)}
+
+
+def incr_sync(key: str) -> None:
+    _sync().incr(key)
+
+
+async def incr_async(key: str) -> None:
+    await _async().incr(key)
+
+
+def sleep_incr_sync() -> None:
+    start = time.time()
+    time.sleep(SLEEP)
+    totals = _w3_done(start, time.time())
+    if totals is not None:
+        _sync().mset(totals)
+
+
+async def sleep_incr_async() -> None:
+    start = time.time()
+    await asyncio.sleep(SLEEP)
+    totals = _w3_done(start, time.time())
+    if totals is not None:
+        await _async().mset(totals)
+
+
+# --- producer side ----------------------------------------------------------------------------
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _wait_counter(client: Any, key: str, n: int, deadline_s: float) -> float:
+    """Poll ``key`` every 2 ms until it reaches ``n``; return perf_counter() at that moment."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = client.get(key)
+        if value is not None and int(value) >= n:
+            return time.perf_counter()
+        time.sleep(0.002)
+    value = client.get(key)
+    raise TimeoutError(f"{key} reached {int(value or 0)} of {n} in {deadline_s:.0f} s")
+
+
+def _pct(sorted_ms: list[float], q: float) -> float:
+    # Nearest-rank percentile: the smallest sample with at least q of the samples at or below it.
+    index = max(0, min(len(sorted_ms) - 1, math.ceil(q * len(sorted_ms)) - 1))
+    return round(sorted_ms[index], 3)
+
+
+async def produce(ops: Any, workload: str, n: int) -> dict[str, Any]:
+    import redis
+
+    counter = redis.Redis.from_url(REDIS_URL)
+    if hasattr(ops, "setup"):
+        await _call(ops.setup)
+    try:
+        if workload == "warm":
+            # Enough tasks to prove the worker is consuming; also creates queues/groups.
+            for _ in range(20):
+                await _call(ops.incr, WARM_KEY)
+            _wait_counter(counter, WARM_KEY, 20, 90)
+            return {"warm": 20}
+
+        if workload == "W1":
+            for _ in range(20):
+                await _call(ops.incr, WARM_KEY)
+            _wait_counter(counter, WARM_KEY, 20, 90)
+            counter.delete(W1_KEY)
+            start = time.perf_counter()
+            for _ in range(n):
+                await _call(ops.incr, W1_KEY)
+            enqueued = time.perf_counter()
+            done = _wait_counter(counter, W1_KEY, n, 60 + n / 20)
+            total = done - start
+            return {
+                "n": n,
+                "seconds": round(total, 4),
+                "rate": round(n / total, 1),
+                "enqueue_seconds": round(enqueued - start, 4),
+                "enqueue_rate": round(n / (enqueued - start), 1),
+            }
+
+        if workload == "W2":
+            for i in range(10):  # warm-up round trips, not counted
+                await _call(ops.roundtrip, i)
+            latencies = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                value = await _call(ops.roundtrip, i)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if value != i:
+                    raise AssertionError(f"round trip {i} returned {value!r}")
+            latencies.sort()
+            return {
+                "n": n,
+                "p50_ms": _pct(latencies, 0.50),
+                "p95_ms": _pct(latencies, 0.95),
+                "p99_ms": _pct(latencies, 0.99),
+                "mean_ms": round(statistics.fmean(latencies), 3),
+                "max_ms": round(latencies[-1], 3),
+            }
+
+        if workload == "W3-enqueue":
+            counter.delete(W3_DONE, W3_FIRST, W3_LAST)
+            start = time.perf_counter()
+            for _ in range(n):
+                await _call(ops.sleep_incr)
+            return {"n": n, "enqueue_seconds": round(time.perf_counter() - start, 4)}
+
+        if workload == "W3-wait":
+            _wait_counter(counter, W3_DONE, n, 60 + n * SLEEP)
+            first = float(counter.get(W3_FIRST) or 0)
+            last = float(counter.get(W3_LAST) or 0)
+            ideal = n * SLEEP / CONCURRENCY
+            wall = last - first
+            return {
+                "n": n,
+                "concurrency": CONCURRENCY,
+                "wall_s": round(wall, 4),
+                "ideal_s": round(ideal, 4),
+                "over_ideal": round(wall / ideal, 3),
+            }
+
+        raise SystemExit(f"unknown workload {workload!r}")
+    finally:
+        if hasattr(ops, "teardown"):
+            await _call(ops.teardown)
+        counter.close()
+
+
+def main(ops_factory: Any, worker: Any) -> None:
+    """Entry point of a peer script: ``worker``, ``produce <workload> [n]`` or ``cleanup``."""
+    if len(sys.argv) < 2:
+        raise SystemExit(f"usage: {sys.argv[0]} worker | <workload> [n] | cleanup")
+    command = sys.argv[1]
+    if command == "worker":
+        worker()
+        return
+    ops = ops_factory()
+    if command == "cleanup":
+        if hasattr(ops, "cleanup"):
+            asyncio.run(_call_async(ops.cleanup))
+        print(json.dumps({"cleanup": True}))
+        return
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    result = asyncio.run(produce(ops, command, n))
+    print(json.dumps(result))
+
+
+async def _call_async(fn: Any) -> Any:
+    return await _call(fn)
+
+
+def exec_cli(name: str, *args: str) -> None:
+    """Replace this process with the peer's own CLI from its venv (same pid, same group)."""
+    path = os.path.join(VENV_BIN, name)
+    os.execv(path, [path, *args])

@@ -1,0 +1,78 @@
+"""celery: Redis or AMQP broker (BENCH_BROKER), Redis result backend, thread pool worker."""
+
+from __future__ import annotations
+
+import os
+
+import _common as c
+from celery import Celery
+
+BROKER = os.environ.get("BENCH_BROKER", "redis")
+
+app = Celery("peer_celery", broker=c.AMQP_URL if BROKER == "amqp" else c.REDIS_URL)
+app.conf.update(
+    result_backend=c.REDIS_URL,
+    result_expires=600,
+    task_default_queue=c.QUEUE,
+    broker_connection_retry_on_startup=True,
+    worker_enable_remote_control=False,
+    worker_send_task_events=False,
+)
+
+
+@app.task(name="incr", ignore_result=True)
+def incr(key: str) -> None:
+    c.incr_sync(key)
+
+
+@app.task(name="sleep_incr", ignore_result=True)
+def sleep_incr() -> None:
+    c.sleep_incr_sync()
+
+
+@app.task(name="echo")
+def echo(x: int) -> int:
+    return x
+
+
+class Ops:
+    def incr(self, key: str) -> None:
+        incr.delay(key)
+
+    def sleep_incr(self) -> None:
+        sleep_incr.delay()
+
+    def roundtrip(self, i: int) -> int:
+        return int(echo.delay(i).get(timeout=5))
+
+    def cleanup(self) -> None:
+        if BROKER == "amqp":
+            with app.connection_for_write() as conn:
+                try:
+                    conn.default_channel.queue_delete(c.QUEUE)
+                except Exception:  # already gone
+                    pass
+
+
+def worker() -> None:
+    c.exec_cli(
+        "celery",
+        "-A",
+        "peer_celery",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(c.CONCURRENCY),
+        "--queues",
+        c.QUEUE,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--loglevel",
+        "WARNING",
+    )
+
+
+if __name__ == "__main__":
+    c.main(Ops, worker)

@@ -1,0 +1,62 @@
+"""dramatiq: RedisBroker + Results middleware with the Redis backend; threads for concurrency."""
+
+from __future__ import annotations
+
+import os
+
+import _common as c
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.results import Results
+from dramatiq.results.backends.redis import RedisBackend
+
+broker = RedisBroker(url=c.REDIS_URL)
+broker.add_middleware(Results(backend=RedisBackend(url=c.REDIS_URL)))
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(actor_name="incr", queue_name=c.QUEUE, max_retries=0)
+def incr(key: str) -> None:
+    c.incr_sync(key)
+
+
+@dramatiq.actor(actor_name="sleep_incr", queue_name=c.QUEUE, max_retries=0)
+def sleep_incr() -> None:
+    c.sleep_incr_sync()
+
+
+@dramatiq.actor(actor_name="echo", queue_name=c.QUEUE, max_retries=0, store_results=True)
+def echo(x: int) -> int:
+    return x
+
+
+class Ops:
+    def incr(self, key: str) -> None:
+        incr.send(key)
+
+    def sleep_incr(self) -> None:
+        sleep_incr.send()
+
+    def roundtrip(self, i: int) -> int:
+        message = echo.send(i)
+        return int(message.get_result(block=True, timeout=5000))
+
+
+def worker() -> None:
+    # The Redis consumer polls with backoff up to worker_timeout (default 1000 ms).
+    # dramatiq reads this exact lower-case name.
+    os.environ["dramatiq_worker_timeout"] = str(int(c.POLL * 1000))  # noqa: SIM112
+    c.exec_cli(
+        "dramatiq",
+        "peer_dramatiq",
+        "--processes",
+        "1",
+        "--threads",
+        str(c.CONCURRENCY),
+        "--queues",
+        c.QUEUE,
+    )
+
+
+if __name__ == "__main__":
+    c.main(Ops, worker)

@@ -1,0 +1,647 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of qtasks and its peers (issues 6 and 7).
+
+Each framework gets its own virtual environment under ``bench/.venvs/<env>`` (made with
+``uv venv`` and filled with ``uv pip install`` from the pins below), its worker runs as a
+subprocess through its own CLI or entry point, and a producer subprocess in the same venv drives
+the workloads and prints one JSON line. This driver needs only the standard library.
+
+    python bench/peers/run.py                # every peer, full size (W1 10,000, W2 200, W3 2,000)
+    python bench/peers/run.py --quick        # smaller N, for a smoke run
+    python bench/peers/run.py arq saq        # only these peers
+    python bench/peers/run.py --list
+
+Workloads (same code for every peer, in ``_common.py``):
+
+* W1 throughput: 10,000 no-op tasks (each INCRs a Redis counter) enqueued one call at a time into
+  an already running worker with concurrency 10; rate = N / (first enqueue -> counter reaches N),
+  measured by the producer.
+* W2 latency: 200 sequential round trips (enqueue ``echo(i)``, wait through the framework's own
+  result API); p50/p95/p99 in ms.
+* W3 concurrency: 2,000 tasks that sleep 10 ms, worker concurrency 100. The tasks are queued while
+  the worker is stopped, then the worker starts; wall = last task end - first task start, as
+  stamped by the tasks themselves (ideal 2,000 x 10 ms / 100 = 0.2 s).
+* Peak worker RSS: the sum of VmHWM over the worker's process group (``/proc``), read just before
+  the worker is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+VENVS = ROOT / "bench" / ".venvs"
+LOGS = VENVS / "_logs"
+FREEZE = HERE / "freeze"
+RESULTS = HERE / "results"
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+AMQP_HOST = "127.0.0.1"
+AMQP_PORT = 5672
+
+HIREDIS = "hiredis==3.5.0"
+
+# Top-level pins per virtual environment; the full resolved set is written to freeze/<env>.txt.
+ENVS: dict[str, list[str]] = {
+    "taskiq-redis": ["taskiq==0.13.0", "taskiq-redis==1.2.4", HIREDIS],
+    "arq": ["arq==0.28.0", HIREDIS],
+    "streaq": ["streaq==7.2.0", "redis==8.1.0", HIREDIS],  # redis-py: the harness only
+    # saq 0.26.4 imports typing_extensions without declaring it.
+    "saq": ["saq[redis,hiredis]==0.26.4", "typing-extensions==4.16.0"],
+    "dramatiq": ["dramatiq[redis]==2.2.1", HIREDIS],
+    "celery": ["celery[redis]==5.7.0", HIREDIS],
+    "taskiq-aio-pika": [
+        "taskiq==0.13.0",
+        "taskiq-aio-pika==0.6.1",
+        "taskiq-redis==1.2.4",
+        HIREDIS,
+    ],
+    # qtasks from this workspace, editable so the figures follow the working tree.
+    "qtasks": [
+        "-e",
+        str(ROOT / "packages" / "qtasks-core"),
+        "-e",
+        str(ROOT / "packages" / "qtasks-redis"),
+        "-e",
+        str(ROOT / "packages" / "qtasks-rabbitmq"),
+        HIREDIS,
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    module: str
+    env: str
+    broker: str  # "redis" or "amqp": which family its figures are compared within
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # Seconds between SIGTERM and SIGKILL. taskiq 0.13 workers keep fetching after SIGTERM when
+    # idle and never exit by themselves, so they get a short one to keep the suite short.
+    stop_grace: float = 10.0
+
+    @property
+    def is_qtasks(self) -> bool:
+        return self.env == "qtasks"
+
+
+PEERS: list[Peer] = [
+    Peer("taskiq-redis", "peer_taskiq_redis", "taskiq-redis", "redis", stop_grace=3.0),
+    Peer("arq", "peer_arq", "arq", "redis"),
+    Peer("streaq", "peer_streaq", "streaq", "redis"),
+    Peer("saq", "peer_saq", "saq", "redis"),
+    Peer("dramatiq", "peer_dramatiq", "dramatiq", "redis"),
+    Peer("celery-redis", "peer_celery", "celery", "redis", {"BENCH_BROKER": "redis"}),
+    Peer("qtasks-redis", "peer_qtasks", "qtasks", "redis", {"BENCH_BROKER": "redis"}),
+    Peer("taskiq-aio-pika", "peer_taskiq_aio_pika", "taskiq-aio-pika", "amqp", stop_grace=3.0),
+    Peer("celery-amqp", "peer_celery", "celery", "amqp", {"BENCH_BROKER": "amqp"}),
+    Peer("qtasks-rabbitmq", "peer_qtasks", "qtasks", "amqp", {"BENCH_BROKER": "amqp"}),
+]
+
+FULL = {"w1": 10_000, "w2": 200, "w3": 2_000}
+QUICK = {"w1": 2_000, "w2": 50, "w3": 500}
+SKIPPED = 3  # exit code of a producer that cannot run (e.g. qtasks backend not importable yet)
+
+
+# --- tiny RESP client (FLUSHDB and PING only) -------------------------------------------------
+
+
+def _resp(*args: str | int) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def redis_command(db: int, *args: str | int) -> bytes:
+    """Run one command on ``db`` and return its raw first line (``+OK`` etc.)."""
+    with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=10) as sock:
+        sock.sendall(_resp("SELECT", db) + _resp(*args))
+        buf = b""
+        deadline = time.monotonic() + 10
+        while buf.count(b"\r\n") < 2 and time.monotonic() < deadline:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        lines = buf.split(b"\r\n")
+        if len(lines) < 2 or lines[0].startswith(b"-") or lines[1].startswith(b"-"):
+            raise RuntimeError(f"redis {args[0]} failed: {buf[:200]!r}")
+        return lines[1]
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+# --- virtual environments ---------------------------------------------------------------------
+
+
+def venv_python(env: str) -> Path:
+    return VENVS / env / "bin" / "python"
+
+
+def ensure_env(env: str, python: str, force: bool) -> dict[str, str]:
+    """Create/refresh ``bench/.venvs/<env>``; return {distribution: version} as installed."""
+    uv = shutil.which("uv")
+    if uv is None:
+        raise SystemExit("uv is required (https://docs.astral.sh/uv/)")
+    path = VENVS / env
+    marker = path / ".bench-requirements.json"
+    wanted = json.dumps({"python": python, "requires": ENVS[env]})
+    fresh = not marker.exists() or marker.read_text() != wanted or force
+    if fresh or env == "qtasks":
+        if fresh and path.exists():
+            shutil.rmtree(path)
+        if not path.exists():
+            subprocess.run([uv, "venv", "-q", "--python", python, str(path)], check=True)
+        subprocess.run(
+            [uv, "pip", "install", "-q", "--python", str(venv_python(env)), *ENVS[env]],
+            check=True,
+        )
+        marker.write_text(wanted)
+    frozen = subprocess.run(
+        [uv, "pip", "freeze", "--python", str(venv_python(env))],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    FREEZE.mkdir(exist_ok=True)
+    if env != "qtasks":  # editable paths are machine-specific; the workspace lock covers qtasks
+        (FREEZE / f"{env}.txt").write_text(frozen)
+    versions: dict[str, str] = {}
+    for line in frozen.splitlines():
+        if "==" in line:
+            name, version = line.split("==", 1)
+            versions[name.lower()] = version
+        elif line.startswith("-e "):
+            name = line.rsplit("/", 1)[-1]
+            versions[name.lower()] = "workspace"
+    return versions
+
+
+# --- worker processes -------------------------------------------------------------------------
+
+
+def _status_kib(pid: int, field_name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # Fields after the command name, which may itself contain spaces and parentheses.
+        rest = stat.rsplit(")", 1)[-1].split()
+        if len(rest) > 2 and int(rest[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+class Worker:
+    """A worker subprocess in its own session, so its whole process tree is one group."""
+
+    def __init__(
+        self, argv: Sequence[str], env: dict[str, str], log: Path, grace: float = 10.0
+    ) -> None:
+        self.grace = grace
+        self.argv = list(argv)
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.peak_rss_kib = 0
+        self.hwm_kib = 0
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=HERE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        assert self.proc is not None
+        while not self._stop.wait(0.1):
+            pids = _group_pids(self.proc.pid)
+            rss = sum(_status_kib(pid, "VmRSS") for pid in pids)
+            self.peak_rss_kib = max(self.peak_rss_kib, rss)
+            hwm = sum(_status_kib(pid, "VmHWM") for pid in pids)
+            self.hwm_kib = max(self.hwm_kib, hwm)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def peak_mib(self) -> float:
+        """Peak of the summed VmHWM (each process's own peak) over the process group."""
+        if self.proc is not None:
+            pids = _group_pids(self.proc.pid)
+            hwm = sum(_status_kib(pid, "VmHWM") for pid in pids)
+            self.hwm_kib = max(self.hwm_kib, hwm)
+        return round(max(self.hwm_kib, self.peak_rss_kib) / 1024, 1)
+
+    def stop(self) -> None:
+        started = time.monotonic()
+        try:
+            self._stop_group(self.grace)
+        finally:
+            with open(self.log, "a") as fh:
+                fh.write(f"# worker stopped in {time.monotonic() - started:.1f} s\n")
+
+    def _stop_group(self, grace: float) -> None:
+        self._stop.set()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        # SIGTERM to the main process only, as a service manager does; it stops its children.
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        # Children may outlive a parent that exited on SIGTERM; the group id is still ours.
+        deadline = time.monotonic() + grace
+        while _group_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_pids(proc.pid):
+            with open(self.log, "a") as fh:
+                fh.write(f"# worker group still alive {grace:.0f} s after SIGTERM: SIGKILL\n")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait(5)
+
+
+# --- one peer ---------------------------------------------------------------------------------
+
+
+class PhaseError(Exception):
+    pass
+
+
+class Skip(Exception):
+    pass
+
+
+def produce(
+    peer: Peer, env: dict[str, str], args: Sequence[str], timeout: float, log: Path
+) -> dict[str, Any]:
+    """Run ``<peer>.py <args>`` in the peer's venv; return its JSON line."""
+    cmd = [str(venv_python(peer.env)), str(HERE / f"{peer.module}.py"), *args]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        with open(log, "a") as fh:
+            partial = "".join(
+                out if isinstance(out, str) else (out or b"").decode()
+                for out in (exc.stdout, exc.stderr)
+            )
+            fh.write(f"$ {' '.join(args)}  (timed out after {timeout:.0f} s)\n{partial}\n")
+        raise PhaseError(f"{' '.join(args)}: producer timed out after {timeout:.0f} s") from exc
+    with open(log, "a") as fh:
+        took = time.monotonic() - started
+        fh.write(f"$ {' '.join(args)}  ({took:.1f} s)\n{done.stdout}{done.stderr}\n")
+    if done.returncode == SKIPPED:
+        raise Skip(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "skipped")
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise PhaseError(f"{' '.join(args)}: exit {done.returncode}: {' | '.join(tail)}")
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise PhaseError(f"{' '.join(args)}: no JSON result on stdout")
+
+
+def run_peer(peer: Peer, sizes: dict[str, int], db: int, run_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"peer": peer.name, "broker": peer.broker, "errors": []}
+    queue = f"bench-{peer.name}-{run_id}"
+    log = LOGS / f"{run_id}-{peer.name}.log"
+    LOGS.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(
+        {
+            "PYTHONPATH": str(HERE),
+            "PYTHONUNBUFFERED": "1",
+            "BENCH_REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}",
+            "BENCH_AMQP_URL": f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/",
+            "BENCH_QUEUE": queue,
+            "BENCH_VENV_BIN": str(VENVS / peer.env / "bin"),
+            "BENCH_W3_N": str(sizes["w3"]),
+            **peer.extra_env,
+        }
+    )
+    worker_argv = [str(venv_python(peer.env)), str(HERE / f"{peer.module}.py"), "worker"]
+
+    def phase(name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Skip:
+            raise
+        except Exception as exc:  # one failed phase must not hide the others' figures
+            out["errors"].append(f"{name}: {exc}")
+            print(f"  {peer.name} {name} failed: {exc}", flush=True)
+            return None
+
+    redis_command(db, "FLUSHDB")
+    try:
+        # W1 then W2 on one worker with concurrency 10.
+        worker = Worker(worker_argv, {**env, "BENCH_CONCURRENCY": "10"}, log, peer.stop_grace)
+        worker.start()
+        try:
+            w1_timeout = 90 + sizes["w1"] / 50
+            out["W1"] = phase(
+                "W1", lambda: produce(peer, env, ["W1", str(sizes["w1"])], w1_timeout, log)
+            )
+            if out["W1"] is not None or not out["errors"]:
+                out["W2"] = phase(
+                    "W2", lambda: produce(peer, env, ["W2", str(sizes["w2"])], 120, log)
+                )
+            if not worker.alive():
+                out["errors"].append("worker (c=10) exited early; see " + str(log))
+            out["rss_c10_mib"] = worker.peak_mib()
+        finally:
+            worker.stop()
+
+        # W3: queue the tasks while no worker runs, then start one with concurrency 100.
+        redis_command(db, "FLUSHDB")
+        c100 = {**env, "BENCH_CONCURRENCY": "100"}
+
+        def w3() -> dict[str, Any]:
+            first = Worker(worker_argv, c100, log, peer.stop_grace)
+            first.start()  # declares queues / consumer groups so queued tasks are not skipped
+            try:
+                produce(peer, c100, ["warm"], 90, log)
+            finally:
+                first.stop()
+            produce(peer, c100, ["W3-enqueue", str(sizes["w3"])], 120, log)
+            second = Worker(worker_argv, c100, log, peer.stop_grace)
+            second.start()
+            try:
+                result = produce(peer, c100, ["W3-wait", str(sizes["w3"])], 120, log)
+                result["rss_c100_mib"] = second.peak_mib()
+                return result
+            finally:
+                second.stop()
+
+        out["W3"] = phase("W3", w3)
+    except Skip as exc:
+        out = {"peer": peer.name, "broker": peer.broker, "skipped": str(exc), "errors": []}
+        print(f"  {peer.name} skipped: {exc}", flush=True)
+    finally:
+        try:
+            produce(peer, env, ["cleanup"], 60, log)
+        except (PhaseError, Skip):
+            pass
+        redis_command(db, "FLUSHDB")
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def figures(result: dict[str, Any]) -> dict[str, float | None]:
+    w1 = result.get("W1") or {}
+    w2 = result.get("W2") or {}
+    w3 = result.get("W3") or {}
+    return {
+        "w1_rate": w1.get("rate"),
+        "w1_enqueue_rate": w1.get("enqueue_rate"),
+        "w2_p50": w2.get("p50_ms"),
+        "w2_p95": w2.get("p95_ms"),
+        "w2_p99": w2.get("p99_ms"),
+        "w3_wall": w3.get("wall_s"),
+        "rss_c10": result.get("rss_c10_mib"),
+        "rss_c100": w3.get("rss_c100_mib"),
+    }
+
+
+# Which direction is better for each figure.
+HIGHER_IS_BETTER = {"w1_rate": True, "w2_p50": False, "w2_p95": False, "w3_wall": False}
+
+
+def best_peers(results: list[dict[str, Any]], broker: str) -> dict[str, tuple[str, float]]:
+    best: dict[str, tuple[str, float]] = {}
+    for result in results:
+        if result["broker"] != broker or result["peer"].startswith("qtasks"):
+            continue
+        figs = figures(result)
+        for key, higher in HIGHER_IS_BETTER.items():
+            value = figs[key]
+            if value is None:
+                continue
+            current = best.get(key)
+            if current is None or (value > current[1] if higher else value < current[1]):
+                best[key] = (result["peer"], value)
+    return best
+
+
+def table(results: list[dict[str, Any]], broker: str, sizes: dict[str, int]) -> str:
+    ideal = sizes["w3"] * 0.010 / 100
+    rows = [
+        "| framework | W1 tasks/s | W1 enqueue/s | W2 p50 ms | W2 p95 ms | W2 p99 ms "
+        f"| W3 wall s (ideal {ideal:.2f}) | RSS c=10 MiB | RSS c=100 MiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for result in results:
+        if result["broker"] != broker:
+            continue
+        if "skipped" in result:
+            rows.append(f"| {result['peer']} | skipped: {result['skipped']} |||||||| ")
+            continue
+        f = figures(result)
+        w3 = "-" if f["w3_wall"] is None else f"{f['w3_wall']:.3f} ({f['w3_wall'] / ideal:.2f}x)"
+        rows.append(
+            f"| {result['peer']} | {_fmt(f['w1_rate'])} | {_fmt(f['w1_enqueue_rate'])} "
+            f"| {_fmt(f['w2_p50'], 2)} | {_fmt(f['w2_p95'], 2)} | {_fmt(f['w2_p99'], 2)} "
+            f"| {w3} | {_fmt(f['rss_c10'], 0)} | {_fmt(f['rss_c100'], 0)} |"
+        )
+    best = best_peers(results, broker)
+    if best:
+        rows.append("")
+        names = {"w1_rate": "W1", "w2_p50": "W2 p50", "w2_p95": "W2 p95", "w3_wall": "W3"}
+        for key, (name, value) in best.items():
+            rows.append(f"- best peer {names[key]}: {name} ({value:,.2f})")
+        for result in results:
+            if result["broker"] != broker or not result["peer"].startswith("qtasks"):
+                continue
+            f = figures(result)
+            ratios = []
+            for key, (_, value) in best.items():
+                mine = f[key]
+                if mine:
+                    ratio = mine / value if HIGHER_IS_BETTER[key] else value / mine
+                    ratios.append(f"{names[key]} {ratio:.2f}x")
+            if ratios:
+                rows.append(f"- {result['peer']} vs best peer (>1 is better): {', '.join(ratios)}")
+    errors = [f"- {r['peer']}: {e}" for r in results if r["broker"] == broker for e in r["errors"]]
+    if errors:
+        rows += ["", "Errors:", *errors]
+    return "\n".join(rows)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    redis_version = "unknown"
+    try:
+        info = subprocess.run(
+            ["redis-cli", "-h", REDIS_HOST, "-p", str(REDIS_PORT), "info", "server"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        for line in info.splitlines():
+            if line.startswith("redis_version:"):
+                redis_version = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "redis": redis_version,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("peers", nargs="*", help="peer names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller N (smoke run)")
+    parser.add_argument("--w1", type=int, help="W1 task count (default 10,000)")
+    parser.add_argument("--w2", type=int, help="W2 round trips (default 200)")
+    parser.add_argument("--w3", type=int, help="W3 task count (default 2,000)")
+    parser.add_argument("--db", type=int, default=13, help="Redis db number to use and flush")
+    parser.add_argument("--python", default=f"{sys.version_info[0]}.{sys.version_info[1]}")
+    parser.add_argument("--reinstall", action="store_true", help="recreate the venvs")
+    parser.add_argument("--list", action="store_true", help="list the peers and exit")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    opts = parser.parse_args(argv)
+
+    if opts.list:
+        for peer in PEERS:
+            print(f"{peer.name:16} {peer.broker:5} {' '.join(ENVS[peer.env])}")
+        return 0
+    known = {p.name for p in PEERS}
+    unknown = [name for name in opts.peers if name not in known]
+    if unknown:
+        parser.error(f"unknown peer(s) {unknown}; known: {sorted(known)}")
+    selected = [p for p in PEERS if not opts.peers or p.name in opts.peers]
+    sizes = dict(QUICK if opts.quick else FULL)
+    for key in sizes:
+        if getattr(opts, key) is not None:
+            sizes[key] = getattr(opts, key)
+
+    if not reachable(REDIS_HOST, REDIS_PORT):
+        print(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT}", file=sys.stderr)
+        return 2
+    if any(p.broker == "amqp" for p in selected) and not reachable(AMQP_HOST, AMQP_PORT):
+        print(f"RabbitMQ not reachable at {AMQP_HOST}:{AMQP_PORT}; skipping its peers")
+        selected = [p for p in selected if p.broker != "amqp"]
+
+    run_id = uuid.uuid4().hex[:8]
+    started = dt.datetime.now(dt.UTC)
+    versions: dict[str, dict[str, str]] = {}
+    results: list[dict[str, Any]] = []
+    for peer in selected:
+        if peer.env not in versions:
+            print(f"[{peer.env}] preparing venv", flush=True)
+            versions[peer.env] = ensure_env(peer.env, opts.python, opts.reinstall)
+        print(f"[{peer.name}] running (sizes {sizes})", flush=True)
+        t0 = time.monotonic()
+        load_before = os.getloadavg()[0]
+        result = run_peer(peer, sizes, opts.db, run_id)
+        result["load1_before"] = round(load_before, 2)
+        result["seconds"] = round(time.monotonic() - t0, 1)
+        results.append(result)
+        print(f"[{peer.name}] done in {result['seconds']} s: {figures(result)}", flush=True)
+
+    report = {
+        "started": started.isoformat(timespec="seconds"),
+        "sizes": sizes,
+        "machine": machine(),
+        "versions": versions,
+        "results": results,
+    }
+    for broker, title in (("redis", "Redis"), ("amqp", "RabbitMQ")):
+        if any(r["broker"] == broker for r in results):
+            print(f"\n### {title}\n\n{table(results, broker, sizes)}")
+    target = opts.json
+    if target is None:
+        RESULTS.mkdir(exist_ok=True)
+        full = sizes == FULL and not opts.peers
+        target = RESULTS / f"{started:%Y-%m-%d}-{'full' if full else 'partial'}.json"
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults written to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,590 @@
+"""The test harness: swap an app's components for in-memory ones, run tasks inline or with an
+in-process worker, record what was enqueued, control time, and restore everything afterwards.
+
+:class:`Harness` is the async API (for an :class:`~qtasks.AsyncQueueTasks` used from async
+tests); :class:`SyncHarness` is the blocking facade (for a :class:`~qtasks.QueueTasks`, or an
+async app driven from sync tests). The unittest cases and the pytest fixtures are thin layers over
+these two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from qtasks.app import AsyncQueueTasks
+from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError
+from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
+from qtasks.plugins import hookimpl
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks.sync import QueueTasks
+from qtasks.task import AsyncTask, TaskDef
+from qtasks.worker import QueueWorker
+from qtasks_testing.clock import FakeClock
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Generator
+
+Mode = Literal["inline", "worker"]
+COMPONENTS = ("broker", "storage", "global_config")
+T = TypeVar("T")
+
+
+class HarnessError(QTasksError):
+    """The harness was used wrongly (app already started, unknown component, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueuedTask:
+    """One ``add_task``/``enqueue`` call seen by the harness (after enqueue hooks ran)."""
+
+    uuid: str
+    task_name: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    eta: float | None = None
+
+    def matches(self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        return (self.task_name, self.args, self.kwargs) == (task_name, list(args), kwargs)
+
+    def describe(self) -> str:
+        call = ", ".join([*map(repr, self.args), *(f"{k}={v!r}" for k, v in self.kwargs.items())])
+        return f"{self.task_name}({call})"
+
+
+def task_name_of(task: str | TaskDef[..., Any]) -> str:
+    """The registered name of ``task`` (a name or a ``@app.task`` function)."""
+    return task if isinstance(task, str) else task.name
+
+
+def failure_message(record: TaskRecord) -> str:
+    """A message naming the failed task, its call and its traceback."""
+    call = EnqueuedTask(record.uuid, record.task_name, list(record.args), dict(record.kwargs))
+    text = f"task {call.describe()} [{record.uuid}] failed: {record.error}"
+    if record.traceback:
+        text += "\n\nTask traceback:\n" + record.traceback.rstrip()
+    return text
+
+
+class _InlinePlugin:
+    """Zeroes retry delays in inline mode: the retry decision is the task's own, the backoff is
+    skipped so that a test does not sleep through it."""
+
+    name = "qtasks_testing.inline"
+
+    def __init__(self, harness: Harness) -> None:
+        self._harness = harness
+
+    @hookimpl(wrapper=True)
+    def qtasks_task_retry_delay(self) -> Generator[None, float | None, float | None]:
+        delay = yield
+        if delay is not None and self._harness.mode == "inline":
+            return 0.0
+        return delay
+
+
+class Harness:
+    """Test an :class:`~qtasks.AsyncQueueTasks` without servers or a separate worker.
+
+    ``await harness.start()`` replaces the app's broker, storage and global config with fresh
+    in-memory ones (except those named in ``keep``), starts the app and, in ``worker`` mode, a
+    worker in this event loop; ``await harness.close()`` stops them and puts the original
+    components back. The app object is the same one the code under test imports.
+
+    Modes: ``inline`` runs each task the moment it is added, through the real worker code
+    (plugins, ``Depends``, ``State``, echo/ctx, retries without backoff, generators), so
+    ``add_task`` returns the final record; delayed tasks wait for :meth:`advance_time` or
+    :meth:`run_pending`. ``worker`` runs a real worker concurrently, for code that depends on
+    concurrency; use :meth:`wait` or :meth:`run_pending` to let it catch up.
+
+    With ``raise_task_errors`` (the default) a task that ends in ``error`` raises
+    :class:`~qtasks.errors.TaskFailedError` with the task's traceback where the harness hands out
+    its record (``add_task`` in inline mode, :meth:`wait`, :meth:`run_pending`).
+    """
+
+    def __init__(
+        self,
+        app: AsyncQueueTasks,
+        *,
+        mode: Mode = "inline",
+        keep: Collection[str] = (),
+        raise_task_errors: bool = True,
+        clock: FakeClock | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        if isinstance(app, QueueTasks):
+            raise HarnessError(
+                "Harness drives an AsyncQueueTasks; for a QueueTasks app use SyncHarness "
+                "(SyncTestCase, or the `qtasks` pytest fixture)"
+            )
+        if mode not in ("inline", "worker"):
+            raise HarnessError(f"mode must be 'inline' or 'worker', not {mode!r}")
+        unknown = set(keep) - set(COMPONENTS)
+        if unknown:
+            raise HarnessError(f"keep names unknown components {sorted(unknown)}: {COMPONENTS}")
+        self.app = app
+        self.mode: Mode = mode
+        self.keep = frozenset(keep)
+        self.raise_task_errors = raise_task_errors
+        self.clock = clock or FakeClock()
+        self.timeout = timeout
+        """Seconds the harness waits for a delivery or a result before failing the test."""
+        self._enqueued: list[EnqueuedTask] = []
+        self._handed_out: set[str] = set()
+        self._saved: dict[str, Any] | None = None
+        self._plugin = _InlinePlugin(self)
+        self._worker = QueueWorker()
+        self._stop_serving: anyio.Event | None = None
+        self._serving: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Swap the components and wrap ``app.enqueue`` (no event loop needed)."""
+        app = self.app
+        if self._saved is not None:
+            raise HarnessError("the harness is already installed")
+        if app.started:
+            raise HarnessError(
+                f"app {app.name!r} is already started: the harness must swap its components "
+                "before first use (something enqueued at import time, or a previous test did not "
+                "close its harness)"
+            )
+        self._saved = {kind: getattr(app, kind) for kind in COMPONENTS}
+        replacements: dict[str, Any] = {
+            "broker": MemoryBroker(clock=self.clock),
+            "storage": MemoryStorage(clock=self.clock),
+            "global_config": MemoryGlobalConfig(),
+        }
+        for kind in COMPONENTS:
+            if kind not in self.keep:
+                setattr(app, kind, replacements[kind])
+        if isinstance(app.worker, QueueWorker):
+            self._worker = app.worker
+        app.add_plugin(self._plugin)
+        app.enqueue = self._enqueue  # type: ignore[method-assign]  # restored in uninstall()
+
+    def uninstall(self) -> None:
+        """Put the original components and ``app.enqueue`` back."""
+        if self._saved is None:
+            return
+        app = self.app
+        vars(app).pop("enqueue", None)
+        app.hooks.unregister(self._plugin)
+        for kind, component in self._saved.items():
+            setattr(app, kind, component)
+        self._saved = None
+
+    async def start(self) -> None:
+        """Install, start the components and, in worker mode, a worker."""
+        self.install()
+        try:
+            await self.app.start()
+            if self.mode == "worker":
+                await self._start_serving()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop the worker and the components, then restore the app."""
+        try:
+            await self._stop_serving_task()
+            await self.app.aclose()
+        finally:
+            self.uninstall()
+
+    async def __aenter__(self) -> Harness:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _start_serving(self) -> None:
+        # A worker is a task group, which must be exited by the task that entered it; test
+        # frameworks run set-up and tear-down in different tasks, so a host task owns it.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise HarnessError(
+                "worker mode needs asyncio here; on other loops use `async with harness.serving()`"
+            ) from None
+        started: asyncio.Future[None] = loop.create_future()
+        self._stop_serving = anyio.Event()
+
+        async def host() -> None:
+            try:
+                async with self.serving():
+                    started.set_result(None)
+                    assert self._stop_serving is not None
+                    await self._stop_serving.wait()
+            except BaseException as exc:
+                if not started.done():
+                    started.set_exception(exc)
+                raise
+
+        self._serving = loop.create_task(host(), name="qtasks_testing worker")
+        await started
+
+    async def _stop_serving_task(self) -> None:
+        if self._serving is None:
+            return
+        serving, self._serving = self._serving, None
+        assert self._stop_serving is not None
+        self._stop_serving.set()
+        await serving
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Harness]:
+        """Run a worker for the block (in the current task)."""
+        async with self.app:
+            yield self
+
+    # --- enqueue --------------------------------------------------------------------------
+
+    async def _enqueue(
+        self,
+        task_name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> AsyncTask:
+        # Stands in for app.enqueue (add_task and TaskDef.add_task go through it): enqueue for
+        # real, note the call, then run it (inline) or honour ``timeout`` ourselves, since the
+        # app's own wait would wait for a worker that inline mode does not have.
+        task = await type(self.app).enqueue(self.app, task_name, args, kwargs, **options)
+        self._enqueued.append(
+            EnqueuedTask(
+                task.uuid,
+                task.task_name,
+                list(task.args),
+                dict(task.kwargs),
+                task.priority,
+                task.eta,
+            )
+        )
+        if self.mode == "inline" and not self._delayed(task):
+            return await self._checked(await self._run_until_final(task.uuid))
+        if timeout is not None:
+            return await self.app.wait(task.uuid, timeout)
+        return task
+
+    def _delayed(self, record: TaskRecord) -> bool:
+        return record.eta is not None and record.eta > self.clock.time()
+
+    async def _checked(self, record: TaskRecord) -> AsyncTask:
+        """Hand out a final record: raise for an error (if asked to), else bind it."""
+        self._handed_out.add(record.uuid)
+        if record.status is TaskStatus.ERROR and self.raise_task_errors:
+            raise TaskFailedError(record, failure_message(record))
+        bound = await self.app.get(record.uuid)
+        if bound is None:  # expired between the two reads: hand out what we have
+            data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
+            return AsyncTask(**data, _client=self.app)
+        return bound
+
+    # --- running --------------------------------------------------------------------------
+
+    async def _next_delivery(self, iterator: Any, what: str) -> Any:
+        try:
+            with anyio.fail_after(self.timeout):
+                return await iterator.__anext__()
+        except TimeoutError:
+            raise HarnessError(
+                f"no message came from the broker within {self.timeout} s while waiting for {what}"
+            ) from None
+
+    async def _run_until_final(self, uuid: str) -> TaskRecord:
+        """Process due deliveries through the worker until ``uuid`` is final."""
+        app = self.app
+        async with app.broker.consume(prefetch=1) as deliveries:
+            iterator = deliveries.__aiter__()
+            while True:
+                record = await app.storage.get(uuid)
+                if record is None:
+                    raise TaskNotFoundError(uuid)
+                if record.status.final:
+                    return record
+                delivery = await self._next_delivery(iterator, f"task {uuid}")
+                await self._worker.process(app, delivery)
+
+    async def _ready(self) -> int:
+        stats = await self.app.broker.stats()
+        return sum(stats.ready_by_priority.values())
+
+    async def _next_eta(self) -> float | None:
+        etas = [r.eta for r in await self._records() if not r.status.final and r.eta is not None]
+        return min(etas) if etas else None
+
+    async def run_pending(self, *, include_delayed: bool = False) -> list[AsyncTask]:
+        """Run every task that is due (in worker mode: wait for the worker to finish them).
+
+        With ``include_delayed`` the clock is moved forward to each delayed task in turn, so
+        everything enqueued runs. Returns, in enqueue order, the final records of tasks enqueued
+        through the harness that it has not handed out yet (by ``add_task`` in inline mode,
+        :meth:`wait`, or an earlier call)."""
+        if self.mode == "inline":
+            await self._drain(include_delayed)
+        else:
+            await self._wait_due(include_delayed)
+        return [
+            await self._checked(r)
+            for r in await self._records()
+            if r.status.final and r.uuid not in self._handed_out
+        ]
+
+    async def _records(self) -> list[TaskRecord]:
+        records = []
+        for item in self._enqueued:
+            record = await self.app.storage.get(item.uuid)
+            if record is not None:
+                records.append(record)
+        return records
+
+    async def _drain(self, include_delayed: bool) -> None:
+        app = self.app
+        async with app.broker.consume(prefetch=1) as deliveries:
+            iterator = deliveries.__aiter__()
+            while True:
+                if not await self._ready():
+                    if not include_delayed:
+                        return
+                    eta = await self._next_eta()
+                    if eta is None or eta <= self.clock.time():
+                        return  # nothing left that moving the clock would make due
+                    await self.advance_to(eta)
+                    continue
+                delivery = await self._next_delivery(iterator, "a due task")
+                await self._worker.process(app, delivery)
+
+    async def _wait_due(self, include_delayed: bool) -> None:
+        while True:
+            pending = [r for r in await self._records() if not r.status.final]
+            due = [r for r in pending if not self._delayed(r)]
+            if not due:
+                eta = await self._next_eta()
+                if not include_delayed or eta is None:
+                    return
+                await self.advance_to(eta)
+                continue
+            for record in due:
+                await self.app.wait(record.uuid, self.timeout)
+
+    async def wait(self, task: str | TaskRecord, timeout: float | None = None) -> AsyncTask:
+        """The final record of ``task`` (a uuid or a record); runs it first in inline mode."""
+        uuid = task if isinstance(task, str) else task.uuid
+        record = await self.app.storage.get(uuid)
+        if record is None:
+            raise TaskNotFoundError(uuid)
+        if self.mode == "inline" and not record.status.final:
+            if self._delayed(record):
+                raise HarnessError(
+                    f"task {uuid} is delayed; call advance_time() or run_pending("
+                    "include_delayed=True) to let it run"
+                )
+            record = await self._run_until_final(uuid)
+        else:
+            record = await self.app.wait(uuid, timeout if timeout is not None else self.timeout)
+        return await self._checked(record)
+
+    # --- time -----------------------------------------------------------------------------
+
+    def freeze_time(self) -> None:
+        """Stop the clock of the in-memory broker and storage: delayed tasks wait until
+        :meth:`advance_time`."""
+        self.clock.freeze()
+
+    def unfreeze_time(self) -> None:
+        self.clock.unfreeze()
+
+    async def advance_time(self, seconds: float) -> list[AsyncTask]:
+        """Move the clock forward, then :meth:`run_pending`: tasks that became due run (inline)
+        or are woken and waited for (worker). Returns what :meth:`run_pending` returns."""
+        self.clock.advance(seconds)
+        self._clock_moved()
+        return await self.run_pending()
+
+    async def advance_to(self, when: float) -> None:
+        """Move the clock forward to unix time ``when`` (nothing is run)."""
+        self.clock.advance_to(when)
+        self._clock_moved()
+
+    def _clock_moved(self) -> None:
+        broker = self.app.broker
+        if isinstance(broker, MemoryBroker):
+            broker.wake()
+
+    # --- what was enqueued ----------------------------------------------------------------
+
+    def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
+        """Every call enqueued through the app since the harness started (of ``task`` only, if
+        given), in order."""
+        if task is None:
+            return list(self._enqueued)
+        name = task_name_of(task)
+        return [item for item in self._enqueued if item.task_name == name]
+
+    def assert_enqueued(
+        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
+    ) -> EnqueuedTask:
+        """Assert ``task`` was enqueued (with exactly these arguments, if any are given)."""
+        name = task_name_of(task)
+        calls = self.enqueued(name)
+        if args or kwargs:
+            calls = [c for c in calls if c.matches(name, args, kwargs)]
+        if not calls:
+            wanted = name
+            if args or kwargs:
+                wanted = EnqueuedTask("", name, list(args), kwargs).describe()
+            raise AssertionError(f"{wanted} was not enqueued; enqueued: {self._summary()}")
+        return calls[-1]
+
+    def assert_not_enqueued(
+        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
+    ) -> None:
+        """Assert ``task`` was not enqueued (with these arguments, if any are given)."""
+        name = task_name_of(task)
+        calls = self.enqueued(name)
+        if args or kwargs:
+            calls = [c for c in calls if c.matches(name, args, kwargs)]
+        if calls:
+            raise AssertionError(
+                f"{calls[0].describe()} was enqueued {len(calls)} time(s); "
+                f"enqueued: {self._summary()}"
+            )
+
+    def _summary(self) -> str:
+        return ", ".join(item.describe() for item in self._enqueued) or "nothing"
+
+
+class SyncHarness:
+    """The blocking facade of :class:`Harness`, for sync tests.
+
+    For a :class:`~qtasks.QueueTasks` it works through the app's own portal, so the code under
+    test and the harness share the event loop that holds the in-memory components. For an
+    :class:`~qtasks.AsyncQueueTasks` it runs a portal of its own; call async code of the app
+    with :meth:`call`.
+    """
+
+    def __init__(
+        self,
+        app: QueueTasks | AsyncQueueTasks,
+        *,
+        mode: Mode = "inline",
+        keep: Collection[str] = (),
+        raise_task_errors: bool = True,
+        clock: FakeClock | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.app = app
+        self._facade = app if isinstance(app, QueueTasks) else None
+        aio = app.aio if isinstance(app, QueueTasks) else app
+        self.harness = Harness(
+            aio,
+            mode=mode,
+            keep=keep,
+            raise_task_errors=raise_task_errors,
+            clock=clock,
+            timeout=timeout,
+        )
+        self._own_portal: AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+
+    @property
+    def clock(self) -> FakeClock:
+        return self.harness.clock
+
+    @property
+    def mode(self) -> Mode:
+        return self.harness.mode
+
+    @property
+    def portal(self) -> BlockingPortal:
+        """The portal running the app's event loop."""
+        if self._portal is None:
+            if self._facade is not None:
+                self._portal = self._facade.portal
+            else:
+                self._own_portal = start_blocking_portal()
+                self._portal = self._own_portal.__enter__()
+        return self._portal
+
+    def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await func(*args)`` in the app's event loop and return the result."""
+        return self.portal.call(func, *args)
+
+    def start(self) -> None:
+        self.call(self.harness.start)
+
+    def close(self) -> None:
+        """Stop everything and restore the app (also stops a portal the harness started)."""
+        try:
+            if self._portal is not None:
+                self.call(self.harness.close)
+        finally:
+            self.harness.uninstall()
+            if self._facade is not None:
+                self._facade.close()
+            elif self._own_portal is not None:
+                self._own_portal.__exit__(None, None, None)
+            self._own_portal = self._portal = None
+
+    def __enter__(self) -> SyncHarness:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _bind(self, record: AsyncTask) -> Any:
+        """The record as the app hands out records: a ``Task`` for the sync app."""
+        if self._facade is None:
+            return record
+        return self._facade.get(record.uuid) or record
+
+    def run_pending(self, *, include_delayed: bool = False) -> list[Any]:
+        """See :meth:`Harness.run_pending`."""
+        records = self.call(lambda: self.harness.run_pending(include_delayed=include_delayed))
+        return [self._bind(r) for r in records]
+
+    def wait(self, task: str | TaskRecord, timeout: float | None = None) -> Any:
+        """See :meth:`Harness.wait`."""
+        return self._bind(self.call(self.harness.wait, task, timeout))
+
+    def freeze_time(self) -> None:
+        self.harness.freeze_time()
+
+    def unfreeze_time(self) -> None:
+        self.harness.unfreeze_time()
+
+    def advance_time(self, seconds: float) -> list[Any]:
+        """See :meth:`Harness.advance_time`."""
+        return [self._bind(r) for r in self.call(self.harness.advance_time, seconds)]
+
+    def advance_to(self, when: float) -> None:
+        """See :meth:`Harness.advance_to`."""
+        self.call(self.harness.advance_to, when)
+
+    def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
+        """See :meth:`Harness.enqueued`."""
+        return self.harness.enqueued(task)
+
+    def assert_enqueued(
+        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
+    ) -> EnqueuedTask:
+        return self.harness.assert_enqueued(task, *args, **kwargs)
+
+    def assert_not_enqueued(
+        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
+    ) -> None:
+        self.harness.assert_not_enqueued(task, *args, **kwargs)

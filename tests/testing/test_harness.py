@@ -1,0 +1,222 @@
+"""The harness: inline and worker modes, recording, time, restoring the app."""
+
+import math
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, AsyncState, Depends, MemoryBroker, QueueTasks, TaskStatus
+from qtasks.errors import TaskFailedError
+from qtasks_testing import FakeClock
+from qtasks_testing.harness import Harness, HarnessError, SyncHarness
+
+
+def make_async_app() -> tuple[AsyncQueueTasks, dict[str, Any]]:
+    app = AsyncQueueTasks()
+    seen: dict[str, Any] = {"flaky": 0}
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task(retry=2, retry_backoff=30)
+    async def flaky() -> str:
+        seen["flaky"] += 1
+        if seen["flaky"] < 3:
+            raise ConnectionError(f"attempt {seen['flaky']}")
+        return "ok"
+
+    @app.task
+    async def divide(a: int, b: int) -> float:
+        return a / b
+
+    @app.task
+    async def countdown(n: int) -> Any:
+        while n:
+            yield n
+            n -= 1
+
+    @app.task(echo=True)
+    async def parent(self: Any, n: int) -> int:
+        child = await self.add_task("add", n, 1)
+        return int(child.returning) * 10
+
+    @app.task
+    def sync_add(a: int, b: int) -> int:
+        return a + b
+
+    return app, seen
+
+
+@pytest.mark.anyio
+async def test_inline_add_task_returns_the_final_record() -> None:
+    app, _ = make_async_app()
+    async with Harness(app) as qt:
+        task = await app.add_task("add", 2, 3)
+        assert (task.status, task.returning) == (TaskStatus.SUCCESS, 5)
+        assert (await app.add_task("sync_add", 1, 1)).returning == 2
+        qt.assert_enqueued("add", 2, 3)
+        qt.assert_not_enqueued("add", 3, 2)
+
+
+@pytest.mark.anyio
+async def test_inline_retries_skip_the_backoff() -> None:
+    app, seen = make_async_app()
+    async with Harness(app):
+        task = await app.add_task("flaky")
+        assert (task.status, task.returning, task.attempt) == (TaskStatus.SUCCESS, "ok", 3)
+        assert seen["flaky"] == 3
+
+
+@pytest.mark.anyio
+async def test_inline_generator_and_child_tasks() -> None:
+    app, _ = make_async_app()
+    async with Harness(app) as qt:
+        task = await app.add_task("countdown", 3)
+        assert task.returning == [3, 2, 1]
+        assert [s async for s in task.stream()] == [3, 2, 1]
+        parent = await app.add_task("parent", 4)
+        assert parent.returning == 50
+        child = qt.assert_enqueued("add", 4, 1)
+        assert (await app.get(child.uuid)).parent_uuid == parent.uuid  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_failing_task_raises_with_its_traceback() -> None:
+    app, _ = make_async_app()
+    async with Harness(app) as qt:
+        with pytest.raises(TaskFailedError) as caught:
+            await app.add_task("divide", 1, 0)
+        text = str(caught.value)
+        assert "divide(1, 0)" in text
+        assert "ZeroDivisionError: division by zero" in text
+        assert "return a / b" in text  # the task's own line, from its traceback
+        qt.raise_task_errors = False
+        record = await app.add_task("divide", 1, 0)
+        assert record.status is TaskStatus.ERROR
+
+
+@pytest.mark.anyio
+async def test_delayed_tasks_wait_for_the_clock() -> None:
+    app, _ = make_async_app()
+    async with Harness(app) as qt:
+        qt.freeze_time()
+        task = await app.add_task("add", 1, 1, delay=60)
+        assert task.status is TaskStatus.NEW
+        assert await qt.run_pending() == []
+        await qt.advance_time(59)
+        assert (await app.get(task.uuid)).status is TaskStatus.NEW  # type: ignore[union-attr]
+        await qt.advance_time(1)
+        assert (await app.get(task.uuid)).returning == 2  # type: ignore[union-attr]
+        later = await app.add_task("add", 2, 2, delay=3600)
+        done = await qt.run_pending(include_delayed=True)
+        assert [r.uuid for r in done] == [later.uuid]
+
+
+@pytest.mark.anyio
+async def test_worker_mode_runs_tasks_concurrently() -> None:
+    app, _ = make_async_app()
+    async with Harness(app, mode="worker") as qt:
+        tasks = [await app.add_task("add", i, i) for i in range(5)]
+        assert all(t.status is TaskStatus.NEW for t in tasks)
+        done = await qt.run_pending()
+        assert sorted(r.returning for r in done) == [0, 2, 4, 6, 8]
+        assert (await qt.wait(tasks[1])).returning == 2
+        assert (await app.add_task("add", 1, 2, timeout=5)).returning == 3
+
+
+@pytest.mark.anyio
+async def test_components_are_restored() -> None:
+    broker = MemoryBroker()
+    app = AsyncQueueTasks(broker=broker)
+    storage = app.storage
+    async with Harness(app, keep=["storage"]):
+        assert app.broker is not broker
+        assert app.storage is storage
+        assert "enqueue" in vars(app)
+    assert app.broker is broker
+    assert "enqueue" not in vars(app)
+    assert not app.started
+
+
+@pytest.mark.anyio
+async def test_refuses_a_started_app() -> None:
+    app = AsyncQueueTasks()
+    await app.start()
+    try:
+        with pytest.raises(HarnessError, match="already started"):
+            await Harness(app).start()
+    finally:
+        await app.aclose()
+
+
+def test_sync_harness_with_a_sync_app() -> None:
+    app = QueueTasks()
+
+    @app.task
+    def mul(a: int, b: int) -> int:
+        return a * b
+
+    with SyncHarness(app) as qt:
+        assert mul.add_task(3, 4).returning == 12
+        qt.assert_enqueued(mul, 3, 4)
+        qt.freeze_time()
+        task = mul.add_task(2, 2, delay=10)
+        assert task.status is TaskStatus.NEW
+        qt.advance_time(10)
+        assert app.get(task.uuid).returning == 4  # type: ignore[union-attr]
+    with SyncHarness(app, mode="worker") as qt:
+        task = mul.add_task(5, 5)
+        assert qt.wait(task).returning == 25
+
+
+@pytest.mark.anyio
+async def test_inline_runs_depends_and_state() -> None:
+    app = AsyncQueueTasks()
+    events: list[str] = []
+
+    async def resource() -> Any:
+        events.append("open")
+        yield "conn"
+        events.append("close")
+
+    class Counter(AsyncState):
+        pass
+
+    @app.task
+    async def uses(state: Counter, n: int, conn: str = Depends(resource)) -> Any:
+        count = await state.increment("runs")
+        return [conn, n, count]
+
+    async with Harness(app):
+        assert (await app.add_task("uses", 1)).returning == ["conn", 1, 1]
+        assert (await app.add_task("uses", 2)).returning == ["conn", 2, 2]
+    assert events == ["open", "close", "open", "close"]
+
+
+@pytest.mark.anyio
+async def test_worker_mode_timer_follows_the_fake_clock() -> None:
+    from qtasks_timer import AsyncTimer
+
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def tick() -> str:
+        return "tock"
+
+    clock = FakeClock()
+    clock.freeze()
+    timer = AsyncTimer(app, clock=clock.now)  # before the app serves: it starts with the app
+    timer.add_task("tick", trigger=3600)
+    async with Harness(app, mode="worker", clock=clock) as qt:
+        assert qt.enqueued() == []
+        # Hourly ticks are aligned to the epoch: move to the next one (a tick found later than
+        # misfire_grace would be skipped, as in production).
+        await qt.advance_to(math.ceil(clock.time() / 3600) * 3600)
+        # The timer re-reads its clock at least once a second; nothing tells us when it did.
+        with anyio.fail_after(5):
+            while not qt.enqueued("tick"):  # noqa: ASYNC110 - no event to wait on
+                await anyio.sleep(0.05)
+        (call,) = qt.enqueued("tick")
+        assert (await qt.wait(call.uuid)).returning == "tock"
