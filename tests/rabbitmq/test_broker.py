@@ -302,25 +302,20 @@ async def test_queue_type_mismatch_is_a_clear_error(
         await make_broker(queue_type="quorum")
 
 
-async def test_classic_queues_are_version_2_unless_told(
+async def test_queue_version_is_declared_when_asked(
     make_broker: BrokerFactory, queue_name: str
 ) -> None:
-    """CQv2 by default (faster persistent confirms); ``queue_version=0`` leaves the server's
-    default, and re-declaring an existing queue with another version is a clear error."""
-    broker = await make_broker()
+    """``queue_version=2`` declares every classic queue as CQv2; the default sends nothing (the
+    server decides); re-declaring an existing queue with another version is a clear error."""
+    broker = await make_broker(queue_version=2)
     assert broker.topology.work_arguments()["x-queue-version"] == 2
+    assert broker.topology.dead_arguments()["x-queue-version"] == 2
     assert broker.topology.level_arguments(3)["x-queue-version"] == 2
     # The server holds version 2: declaring the same queue without it is refused.
     with pytest.raises(TopologyError, match=queue_name):
-        await make_broker(queue_version=0)
-    assert (
-        "x-queue-version"
-        not in RabbitMQBroker(queue="q", queue_version=0).topology.work_arguments()
-    )
-    assert (
-        "x-queue-version"
-        not in RabbitMQBroker(queue="q", queue_type="quorum").topology.work_arguments()
-    )
+        await make_broker()
+    for plain in (RabbitMQBroker(queue="q"), RabbitMQBroker(queue="q", queue_type="quorum")):
+        assert "x-queue-version" not in plain.topology.work_arguments()
     with pytest.raises(ConfigError, match="queue_version"):
         RabbitMQBroker(queue_version=3)
 

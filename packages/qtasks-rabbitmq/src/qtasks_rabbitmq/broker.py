@@ -420,7 +420,7 @@ class RabbitMQBroker:
     ``queue`` names the work queue (other objects are named after it); ``queue_type`` is
     ``"classic"`` (priorities through ``x-max-priority``) or ``"quorum"`` (replicated, counts
     deliveries itself; no priorities before RabbitMQ 4). ``queue_version`` is the classic
-    queues' ``x-queue-version`` (2; 0 leaves it to the server). ``heartbeat`` is the AMQP
+    queues' ``x-queue-version`` (0, the default, leaves it to the server). ``heartbeat`` is the AMQP
     heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds how long a
     publish waits for a lost connection to come back before raising.
     """
@@ -432,7 +432,7 @@ class RabbitMQBroker:
         queue: str = "qtasks",
         queue_type: QueueType = "classic",
         max_priority: int = 20,
-        queue_version: int = 2,
+        queue_version: int = 0,
         heartbeat: int = 30,
         connect_timeout: float = 10.0,
         publish_timeout: float = 30.0,

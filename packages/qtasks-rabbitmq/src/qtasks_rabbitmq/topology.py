@@ -42,10 +42,9 @@ class Topology:
     """``x-max-priority`` of a classic work queue (0 turns priorities off)."""
     delivery_limit: int = 5
     """``x-delivery-limit`` of a quorum work queue."""
-    version: int = 2
-    """``x-queue-version`` of the classic queues (0: the server's default). Version 2 stores
-    the same messages with the same guarantees, and confirms a persistent publish in about
-    two thirds of version 1's time (RabbitMQ 3.10+; the only version from 4.0)."""
+    version: int = 0
+    """``x-queue-version`` of the classic queues (0: not sent, the server's default). See
+    ``docs/rabbitmq.md`` for what version 2 changes in speed (same features and guarantees)."""
 
     @property
     def dead(self) -> str:
