@@ -1,22 +1,30 @@
-"""qtasks on Redis: throughput, latency and concurrency (the W1/W2/W3 workloads of bench/peers).
+"""qtasks on Redis: W1 throughput, W2 latency, W3 concurrency, measured as bench/peers does.
 
-The worker runs in a subprocess (as in production), the producer in this process, both on the
-local Redis (``QTASKS_BENCH_REDIS``, default ``redis://127.0.0.1:6379/0``) under a fresh key
-prefix that is deleted afterwards.
+The workloads and their timing follow ``bench/peers/_common.py`` and ``bench/peers/run.py``
+(branch ``bench``) exactly, so these figures compare with the peers' table:
 
-- W1: 10,000 no-op tasks enqueued one call at a time into a running worker (concurrency 10);
-  tasks/s from the first enqueue until every record is final.
-- W2: 200 sequential ``add_task(timeout=...)`` round trips; p50/p95/p99 in ms.
-- W3: 2,000 tasks sleeping 10 ms at concurrency 100; wall time vs the ideal 0.2 s.
-- Peak RSS of the worker process (from /proc, VmHWM).
+- W1: 20 warm-up tasks, then 10,000 tasks enqueued one ``add_task`` call at a time into a
+  running worker (concurrency 10); each task INCRs a Redis counter; rate = N / (first enqueue ->
+  the counter reaches N, polled every 2 ms by the producer).
+- W2: 10 warm-up round trips, then 200 sequential ``add_task("echo", i, timeout=5)``; each
+  result is checked; nearest-rank p50/p95/p99 in ms.
+- W3: a worker is started and stopped (warm-up), 2,000 tasks sleeping 10 ms are queued while no
+  worker runs, then a worker with concurrency 100 starts; wall = last task end - first task
+  start, as stamped by the tasks themselves (ideal 2,000 x 10 ms / 100 = 0.2 s).
+- Peak RSS of each worker process (VmHWM from /proc).
 
-Run: ``uv run python bench/redis_throughput.py [W1 count]``.
+The worker runs in a subprocess with the same configuration as the peers' qtasks script
+(``QueueConfig(max_tasks_process=C)``, defaults otherwise), the producer in this process, both on
+``QTASKS_BENCH_REDIS`` (default ``redis://127.0.0.1:6379/0``) under a fresh key prefix that is
+deleted afterwards.
+
+Run: ``uv run python bench/redis_throughput.py [--w1 N] [--w2 N] [--w3 N] [--only W1,W2,W3]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,26 +39,43 @@ from qtasks import AsyncQueueTasks
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 URL = os.environ.get("QTASKS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+SLEEP = 0.010
 
+# The task bodies are those of bench/peers/_common.py: one async redis-py client per worker,
+# W3 stamps kept in the worker and written once by the N-th task.
 WORKER = """
-import sys, anyio
+import asyncio, sys, time, redis.asyncio
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
-url, prefix, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url, prefix, concurrency, w3_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 app = AsyncQueueTasks(
     broker=RedisBroker(url, prefix=prefix, queue="bench"),
     storage=RedisStorage(url, prefix=prefix),
     global_config=RedisGlobalConfig(url, prefix=prefix),
-    config=QueueConfig(max_tasks_process=concurrency, prefetch=concurrency, log_level="WARNING"),
+    config=QueueConfig(max_tasks_process=concurrency, log_level="WARNING"),
 )
+client = redis.asyncio.Redis.from_url(url)
+SLEEP = 0.010
+w3 = {"n": 0, "first": float("inf"), "last": 0.0}
 
-@app.task
-async def noop() -> None:
-    return None
+@app.task(name="incr")
+async def incr(key: str) -> None:
+    await client.incr(key)
 
-@app.task
-async def sleep10() -> None:
-    await anyio.sleep(0.01)
+@app.task(name="echo")
+async def echo(x: int) -> int:
+    return x
+
+@app.task(name="sleep_incr")
+async def sleep_incr(done: str, first: str, last: str) -> None:
+    start = time.time()
+    await asyncio.sleep(SLEEP)
+    end = time.time()
+    w3["n"] += 1
+    w3["first"] = min(w3["first"], start)
+    w3["last"] = max(w3["last"], end)
+    if w3["n"] == w3_n:
+        await client.mset({first: repr(w3["first"]), last: repr(w3["last"]), done: str(w3_n)})
 
 app.run_forever()
 """
@@ -64,9 +89,10 @@ def producer(prefix: str) -> AsyncQueueTasks:
     )
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def pct(sorted_ms: list[float], q: float) -> float:
+    """Nearest rank, as bench/peers/_common.py."""
+    index = max(0, min(len(sorted_ms) - 1, round(q * len(sorted_ms) + 0.5) - 1))
+    return sorted_ms[index]
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -76,27 +102,29 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def wait_workers(app: AsyncQueueTasks, n: int) -> None:
-    with anyio.fail_after(30):
-        while len(await app.global_config.workers()) < n:  # noqa: ASYNC110 - heartbeats
-            await anyio.sleep(0.05)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def wait_all_final(app: AsyncQueueTasks, n: int) -> None:
-    """Until ``n`` records are final; stats are read from Redis, ~every 5 ms."""
-    while True:  # the bench asks Redis; there is no event to wait on across processes
-        stats = await app.storage.stats()
-        if stats.get("success", 0) + stats.get("error", 0) >= n:
-            return
-        await anyio.sleep(0.005)
+def wait_counter(client: redis.Redis, key: str, n: int, deadline_s: float) -> float:
+    """Poll ``key`` every 2 ms until it reaches ``n`` (as the peers' harness does)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = client.get(key)
+        if value is not None and int(value) >= n:
+            return time.perf_counter()
+        time.sleep(0.002)
+    raise TimeoutError(f"{key} did not reach {n} in {deadline_s:.0f} s")
 
 
 class Worker:
-    def __init__(self, prefix: str, concurrency: int, tmp: Path) -> None:
+    def __init__(self, prefix: str, concurrency: int, tmp: Path, w3_n: int = 0) -> None:
         script = tmp / "worker.py"
         script.write_text(WORKER)
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), URL, prefix, str(concurrency)],
+            [sys.executable, str(script), URL, prefix, str(concurrency), str(w3_n)],
             stdout=subprocess.DEVNULL,
         )
 
@@ -107,58 +135,120 @@ class Worker:
         return rss
 
 
-async def run(n: int) -> None:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            # W1 and W2: one worker, concurrency 10.
-            app = producer(prefix)
-            await app.start()
-            worker = Worker(prefix, 10, Path(tmp))
-            await wait_workers(app, 1)
-            start = time.perf_counter()
-            for _ in range(n):
-                await app.add_task("noop")
-            await wait_all_final(app, n)
-            w1 = n / (time.perf_counter() - start)
-            latencies = []
-            for _ in range(200):
-                t0 = time.perf_counter()
-                await app.add_task("noop", timeout=10)
-                latencies.append((time.perf_counter() - t0) * 1000)
-            rss_10 = worker.stop()
-            await app.aclose()
-            clean(prefix)
+async def warm(app: AsyncQueueTasks, counter: redis.Redis, key: str) -> None:
+    for _ in range(20):
+        await app.add_task("incr", key)
+    wait_counter(counter, key, 20, 90)
 
-            # W3: one worker, concurrency 100, 2,000 tasks of 10 ms.
-            app = producer(prefix)
-            await app.start()
-            worker = Worker(prefix, 100, Path(tmp))
-            await wait_workers(app, 1)
+
+async def w1_w2(prefix: str, tmp: Path, n1: int, n2: int, out: dict[str, str]) -> None:
+    counter = redis.Redis.from_url(URL)
+    app = producer(prefix)
+    await app.start()
+    worker = Worker(prefix, 10, tmp)
+    try:
+        await warm(app, counter, f"{prefix}:warm")
+        if n1:
+            key = f"{prefix}:w1"
+            cpu = (time.process_time(), cpu_seconds(worker.proc.pid))
             start = time.perf_counter()
-            for _ in range(2000):
-                await app.add_task("sleep10")
-            await wait_all_final(app, 2000)
-            w3 = time.perf_counter() - start
-            rss_100 = worker.stop()
-            await app.aclose()
+            for _ in range(n1):
+                await app.add_task("incr", key)
+            enqueued = time.perf_counter()
+            done = wait_counter(counter, key, n1, 60 + n1 / 20)
+            mine = (time.process_time() - cpu[0]) / n1 * 1e6
+            theirs = (cpu_seconds(worker.proc.pid) - cpu[1]) / n1 * 1e6
+            out["W1"] = (
+                f"{n1 / (done - start):,.0f} tasks/s ({n1} tasks, concurrency 10; "
+                f"enqueue alone {n1 / (enqueued - start):,.0f}/s; CPU per task: "
+                f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us)"
+            )
+        if n2:
+            for i in range(10):
+                await app.add_task("echo", i, timeout=5)
+            latencies = []
+            for i in range(n2):
+                t0 = time.perf_counter()
+                task = await app.add_task("echo", i, timeout=5)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if task.returning != i:
+                    raise AssertionError(f"round trip {i} returned {task.returning!r}")
+            latencies.sort()
+            p50, p95, p99 = (pct(latencies, q) for q in (0.5, 0.95, 0.99))
+            mean = sum(latencies) / len(latencies)
+            out["W2"] = (
+                f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms "
+                f"(mean {mean:.2f}, max {latencies[-1]:.2f}; {n2} round trips)"
+            )
+    finally:
+        out["RSS c=10"] = f"{worker.stop():.1f} MiB"
+        await app.aclose()
+        counter.close()
+
+
+async def w3(prefix: str, tmp: Path, n: int, out: dict[str, str]) -> None:
+    counter = redis.Redis.from_url(URL)
+    app = producer(prefix)
+    await app.start()
+    try:
+        first = Worker(prefix, 100, tmp)
+        try:
+            await warm(app, counter, f"{prefix}:warm3")
+            startup = cpu_seconds(first.proc.pid)  # imports, start-up and 20 tasks
         finally:
-            clean(prefix)
-    print(f"W1 throughput: {w1:,.0f} tasks/s ({n} no-op tasks, concurrency 10)")
-    p50, p95, p99 = (percentile(latencies, q) for q in (0.5, 0.95, 0.99))
-    mean = statistics.fmean(latencies)
-    print(f"W2 latency: p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms (mean {mean:.2f})")
-    print(f"W3 concurrency: {w3:.3f} s for 2,000 x 10 ms at 100 (ideal 0.200 s)")
-    print(f"worker peak RSS: {rss_10:.1f} MiB (concurrency 10), {rss_100:.1f} MiB (100)")
+            first.stop()
+        keys = (f"{prefix}:w3", f"{prefix}:w3:first", f"{prefix}:w3:last")
+        for _ in range(n):
+            await app.add_task("sleep_incr", *keys)
+        second = Worker(prefix, 100, tmp, n)
+        try:
+            wait_counter(counter, keys[0], n, 60 + n * SLEEP)
+            wall = float(counter.get(keys[2]) or 0) - float(counter.get(keys[1]) or 0)
+            cpu = (cpu_seconds(second.proc.pid) - startup) / n * 1e6
+        finally:
+            out["RSS c=100"] = f"{second.stop():.1f} MiB"
+        ideal = n * SLEEP / 100
+        out["W3"] = (
+            f"{wall:.3f} s for {n} x 10 ms at 100 (ideal {ideal:.3f} s, {wall / ideal:.2f}x; "
+            f"worker CPU ~{cpu:.0f} us per task beyond start-up)"
+        )
+    finally:
+        await app.aclose()
+        counter.close()
 
 
 def clean(prefix: str) -> None:
     client = redis.Redis.from_url(URL)
     keys = list(client.scan_iter(match=f"{{{prefix}:*", count=1000))
+    keys += list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()
 
 
+async def run(opts: argparse.Namespace) -> None:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    only = {w.strip().upper() for w in opts.only.split(",")}
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if only & {"W1", "W2"}:
+                n1 = opts.w1 if "W1" in only else 0
+                n2 = opts.w2 if "W2" in only else 0
+                await w1_w2(prefix, Path(tmp), n1, n2, out)
+                clean(prefix)
+            if "W3" in only:
+                await w3(prefix, Path(tmp), opts.w3, out)
+        finally:
+            clean(prefix)
+    for name, text in out.items():
+        print(f"{name}: {text}")
+
+
 if __name__ == "__main__":
-    anyio.run(run, int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--w1", type=int, default=10_000)
+    parser.add_argument("--w2", type=int, default=200)
+    parser.add_argument("--w3", type=int, default=2_000)
+    parser.add_argument("--only", default="W1,W2,W3")
+    anyio.run(run, parser.parse_args())

@@ -109,6 +109,8 @@ async def test_enqueue_run_result_ack_on_cluster(cluster_url: str) -> None:
             yield i
 
     async with app:
+        # Record and queue live in different slots: the plain (two-call) path is used.
+        assert app.shared_server is None
         done = await app.add_task("add", 2, 3, timeout=10)
         assert (done.status, done.returning) == (TaskStatus.SUCCESS, 5)
         tasks = [await app.add_task("add", i, i, priority=i % 3) for i in range(50)]

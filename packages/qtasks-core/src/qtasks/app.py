@@ -373,7 +373,8 @@ class AsyncQueueTasks:
             await self.broker.publish(envelope)
         await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
         if timeout is not None:
-            return await self.wait(record.uuid, timeout)
+            # Just stored: no need for wait()'s existence check (one round trip less).
+            return self._bind(await self.storage.wait(record.uuid, timeout))
         return self._bind(record)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:

@@ -228,6 +228,9 @@ class TaskExecutor:
 
     def storable(self, run: TaskRun, result: Any) -> Any:
         """Return ``result`` if the app's serializer can store it, else raise."""
+        kind = type(result)
+        if result is None or kind is str or kind is bool or kind is int:
+            return result  # every serializer stores these: skip a trial encoding
         try:
             run.app.codec.serializer.dumps(result)
         except SerializationError as exc:

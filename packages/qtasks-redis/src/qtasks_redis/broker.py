@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Self
 
@@ -22,12 +22,16 @@ import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from qtasks.components import BrokerStats, DeadLetter
+from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
 from qtasks.config import QueueConfig
-from qtasks.errors import BrokerConnectionError
+from qtasks.errors import BrokerConnectionError, ComponentError
 from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
 from qtasks_redis import broker_lua as lua
+from qtasks_redis import shared_lua
 from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.lane import Lane
+from qtasks_redis.storage import RECORD_KEYS, RedisStorage
 
 log = logging.getLogger("qtasks.redis")
 
@@ -93,12 +97,17 @@ class RedisDelivery:
         return self._token
 
     async def _settle(self, script: Script, *args: Any) -> bool:
+        return await self._settle_call(script, self._broker.keys, (self._id, self._token, *args))
+
+    async def _settle_call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
+    ) -> bool:
         # While the lease may still be ours, ride out a Redis outage rather than give up: an
         # ack lost here means the task runs again elsewhere.
         failures = 0
         while True:
             try:
-                done = bool(await self._broker._run(script, self._id, self._token, *args))
+                done = bool(await self._broker._run_call(script, keys, args, dynamic))
                 break
             except BrokerConnectionError:
                 failures += 1
@@ -185,16 +194,59 @@ class RedisBroker:
         options = {**config.extra, **self._options}
         await self._shared.acquire(stack, options)
 
-    def _require(self) -> Client:
-        return self._shared.get()
+    def _require(self) -> Client | Lane:
+        return self._shared.fast()
 
     async def _run(self, script: Script, *args: Any) -> Any:
-        client = self._require()
-        return await guarded(self.target, script(client, self.keys, args))
+        return await guarded(self.target, script(self._shared.fast(), self.keys, args))
+
+    async def _run_call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
+    ) -> Any:
+        return await guarded(self.target, script(self._shared.fast(), keys, args, dynamic))
+
+    @staticmethod
+    def _publish_args(envelope: Envelope) -> tuple[Any, ...]:
+        eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
+        return (envelope.id, envelope.body, envelope.priority, eta)
 
     async def publish(self, envelope: Envelope) -> None:
-        eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
-        await self._run(lua.PUBLISH, envelope.id, envelope.body, envelope.priority, eta)
+        await self._run(lua.PUBLISH, *self._publish_args(envelope))
+
+    # --- SharedServer: folded storage writes -----------------------------------------------
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        """True for a :class:`~qtasks_redis.RedisStorage` on the same server, database and
+        credentials, outside Redis Cluster (there a record and its queue live in different
+        slots, so they go through the plain protocols)."""
+        return (
+            isinstance(storage, RedisStorage)
+            and not self.target.cluster
+            and storage.target.server == self.target.server
+        )
+
+    async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
+        """Store ``record`` and publish ``envelope`` in one atomic script."""
+        keys, args = _redis_storage(storage)._save_call(record, None, True)
+        await self._run_call(
+            shared_lua.PUBLISH_NEW,
+            (*keys, *self.keys),
+            (*args, *self._publish_args(envelope)),
+            RECORD_KEYS,
+        )
+
+    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+        """Save the final ``record`` fenced by the delivery's token and, when accepted, ack the
+        delivery, in one atomic script. Returns whether the save was accepted."""
+        if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
+            raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
+        keys, args = _redis_storage(storage)._save_call(record, delivery.token, False)
+        return await delivery._settle_call(
+            shared_lua.ACK_FINAL,
+            (*keys, *self.keys),
+            (*args, delivery.id, delivery.token),
+            RECORD_KEYS,
+        )
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
@@ -202,15 +254,29 @@ class RedisBroker:
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
         count = max(prefetch, 1)
 
-        async def claim() -> list[RedisDelivery] | float:
-            """Claim up to ``count``; or return seconds until the next deadline."""
-            nonce = os.urandom(6).hex()
+        lane = client if isinstance(client, Lane) else None
+
+        async def claim(block: float | None) -> list[RedisDelivery] | float:
+            """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up);
+            or return seconds until the next deadline."""
+            args = (self._lease_ms, self._max_deliveries, count, os.urandom(6).hex())
+            if block is not None and lane is not None:
+                # Idle: block and claim in one round trip (the claim runs as soon as the
+                # BLPOP returns); a claim made while we are cancelled is still recorded.
+                wake = ("BLPOP", self._notify_key, block)
+                reply = await lane.block_then_script(
+                    block, wake, lua.CLAIM, self.keys, args, orphan=parse
+                )
+                return parse(reply)
+            if block is not None:
+                await self._block(client, block)
             # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
             # that they are handed back at exit, not left to their lease.
             with anyio.CancelScope(shield=True):
-                reply = await lua.CLAIM(
-                    client, self.keys, (self._lease_ms, self._max_deliveries, count, nonce)
-                )
+                reply = await lua.CLAIM(client, self.keys, args)
+            return parse(reply)
+
+        def parse(reply: Any) -> list[RedisDelivery] | float:
             out: list[RedisDelivery] = []
             for i in range(1, len(reply), 5):
                 id, body, prio, attempt, token = reply[i : i + 5]
@@ -226,20 +292,23 @@ class RedisBroker:
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             buffer: deque[RedisDelivery] = deque()
             failures = 0
+            block: float | None = None
             while True:
                 if buffer:
                     yield buffer.popleft()
                     continue
                 try:
-                    got = await claim()
+                    got = await claim(block)
                     if isinstance(got, list):
                         buffer.extend(got)
+                        block = None
                     else:
-                        await client.blpop([self._notify_key], timeout=max(got, 0.001))
+                        block = max(got, 0.001)
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
                     failures = 0
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    block = None
                     failures += 1
                     pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
                     log.warning(
@@ -268,6 +337,13 @@ class RedisBroker:
                             len(args) // 2,
                             self.target.where,
                         )
+
+    async def _block(self, client: Client | Lane, seconds: float) -> None:
+        """Until the queue is notified or ``seconds`` pass."""
+        if isinstance(client, Lane):
+            await client.blocking(seconds, ("BLPOP", self._notify_key, seconds))
+        else:
+            await client.blpop([self._notify_key], timeout=seconds)
 
     async def cancel(self, id: str) -> bool:
         return bool(await self._run(lua.CANCEL, id))
@@ -305,3 +381,9 @@ class RedisBroker:
             total += moved
             if moved < 1000:
                 return total
+
+
+def _redis_storage(storage: Storage) -> RedisStorage:
+    if not isinstance(storage, RedisStorage):
+        raise ComponentError(f"{storage!r} does not share a server with a RedisBroker")
+    return storage

@@ -117,7 +117,7 @@ PUBLISH = Script(
     + r"""
 -- ARGV: id, body, priority, eta_ms ('' for now)
 local id, prio = ARGV[1], ARGV[3]
-if redis.call('HEXISTS', K_BODY, id) == 1 then
+if redis.call('HSET', K_BODY, id, ARGV[2]) == 0 then
   -- The same id published again replaces the old message, even a delivered one.
   redis.call('ZREM', K_INFLIGHT, id)
   redis.call('ZREM', K_READY, id)
@@ -125,7 +125,6 @@ if redis.call('HEXISTS', K_BODY, id) == 1 then
   redis.call('HDEL', K_TOK, id)
   redis.call('HDEL', K_ATT, id)
 end
-redis.call('HSET', K_BODY, id, ARGV[2])
 redis.call('HSET', K_META, id, prio)
 schedule(id, prio, tonumber(ARGV[4]), now_ms())
 notify()
@@ -137,19 +136,38 @@ CLAIM = Script(
     PRELUDE
     + r"""
 -- ARGV: lease_ms, max_deliveries, count, nonce
--- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, ...}
+-- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, ...}; the
+-- wait is only computed when nothing was claimed (only an idle consumer needs it).
 local lease, maxd, count, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
-local moved = promote(now)
+-- Earliest delayed and lease deadlines: promote only when one is due.
+local d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+local l = redis.call('ZRANGE', K_INFLIGHT, 0, 0, 'WITHSCORES')
+local moved = 0
+if (d[2] and tonumber(d[2]) <= now) or (l[2] and tonumber(l[2]) <= now) then
+  moved = promote(now)
+  d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  l = redis.call('ZRANGE', K_INFLIGHT, 0, 0, 'WITHSCORES')
+end
 local out = {'-1'}
 local n = 0
+local empty = false
 while n < count do
   local popped = redis.call('ZPOPMIN', K_READY)
   local id = popped[1]
-  if not id then break end
+  if not id then
+    empty = true
+    break
+  end
   local body = redis.call('HGET', K_BODY, id)
   if body then
-    local prio = redis.call('HGET', K_META, id)
+    -- The priority is in the ready score, except where ready_score clamped it.
+    local prio = math.floor(tonumber(popped[2]) / SPAN)
+    if prio >= 899 or prio <= -899 then
+      prio = redis.call('HGET', K_META, id)
+    else
+      prio = tostring(prio)
+    end
     local attempt = redis.call('HINCRBY', K_ATT, id, 1)
     if attempt > maxd then
       dead(id, body, 'delivery limit reached: delivered ' .. (attempt - 1) ..
@@ -167,18 +185,19 @@ while n < count do
     end
   end
 end
-if redis.call('ZCARD', K_READY) == 0 then
+if empty then
   -- Nothing left: stale wake-ups would only cause empty claims.
   redis.call('DEL', K_NOTIFY)
 elseif moved > 0 then
   notify()  -- this consumer took what it could; wake another for the rest
 end
-local next_at = false
-local d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-local l = redis.call('ZRANGE', K_INFLIGHT, 0, 0, 'WITHSCORES')
-if d[2] then next_at = tonumber(d[2]) end
-if l[2] and (not next_at or tonumber(l[2]) < next_at) then next_at = tonumber(l[2]) end
-if next_at then out[1] = tostring(math.max(next_at - now, 0)) end
+if n == 0 then
+  -- Nothing was leased, so d and l still hold the earliest deadlines.
+  local next_at = false
+  if d[2] then next_at = tonumber(d[2]) end
+  if l[2] and (not next_at or tonumber(l[2]) < next_at) then next_at = tonumber(l[2]) end
+  if next_at then out[1] = tostring(math.max(next_at - now, 0)) end
+end
 return out
 """
 )

@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.errors import BrokerConnectionError, ComponentError, ComponentNotStartedError
+from qtasks_redis.lane import Lane, lane_for
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -42,6 +43,23 @@ class RedisTarget:
     port: int | None
     db: int
     socket: str | None
+
+    @property
+    def server(self) -> tuple[object, ...]:
+        """Server, database, scheme, credentials and options: equal for two targets that one
+        connection can serve (the password is compared, never shown)."""
+        parts = urlsplit(self.url)
+        return (
+            parts.scheme,
+            parts.username,
+            parts.password,
+            self.host,
+            self.port,
+            self.db,
+            self.socket,
+            parts.query,
+            self.cluster,
+        )
 
     @property
     def where(self) -> str:
@@ -161,7 +179,13 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(
+        self, client: Client | Lane, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
+    ) -> Any:
+        """Run with ``keys`` and ``args``; ``keys[:dynamic]`` change from call to call (see
+        :meth:`Lane.script`)."""
+        if isinstance(client, Lane):
+            return await client.script(self, keys, args, dynamic=dynamic)
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -175,12 +199,14 @@ class SharedClient:
     disconnects when the last stack that started it unwinds.
     """
 
-    __slots__ = ("_client", "_owner", "_stack", "_users", "target")
+    __slots__ = ("_client", "_lane", "_owner", "_stack", "_users", "_wants_lane", "target")
 
-    def __init__(self, target: RedisTarget, owner: str) -> None:
+    def __init__(self, target: RedisTarget, owner: str, *, lane: bool = True) -> None:
         self.target = target
         self._owner = owner
+        self._wants_lane = lane
         self._client: Client | None = None
+        self._lane: Lane | None = None
         self._stack: AsyncExitStack | None = None
         self._users = 0
 
@@ -188,11 +214,18 @@ class SharedClient:
         if self._client is None:
             inner = AsyncExitStack()
             try:
-                self._client = await connect(inner, self.target, options)
+                client = await connect(inner, self.target, options)
+                lane = lane_for(self.target, options) if self._wants_lane else None
+                if lane is not None:
+                    inner.callback(lane.close)
+                    try:
+                        await lane.check()
+                    except (RedisError, OSError) as exc:
+                        raise connection_error(self.target, exc) from None
             except BaseException:
                 await inner.aclose()
                 raise
-            self._stack = inner
+            self._client, self._lane, self._stack = client, lane, inner
         self._users += 1
         stack.push_async_callback(self._release)
         return self._client
@@ -200,10 +233,21 @@ class SharedClient:
     async def _release(self) -> None:
         self._users -= 1
         if self._users == 0 and self._stack is not None:
-            inner, self._stack, self._client = self._stack, None, None
+            inner, self._stack, self._client, self._lane = self._stack, None, None, None
             await inner.aclose()
 
     def get(self) -> Client:
         if self._client is None:
             raise ComponentNotStartedError(f"{self._owner} used before start() or after stop")
         return self._client
+
+    def fast(self) -> Client | Lane:
+        """The lane when the target has one (the hot path), else the redis-py client."""
+        if self._lane is not None:
+            return self._lane
+        return self.get()
+
+    @property
+    def lane(self) -> Lane | None:
+        """The lane, or ``None`` (TLS, cluster, or not started)."""
+        return self._lane

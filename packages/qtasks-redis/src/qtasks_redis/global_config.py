@@ -120,7 +120,7 @@ class RedisGlobalConfig:
         self.target = RedisTarget.parse(url, cluster=cluster)
         self.prefix = prefix
         self._options = dict(options or {})
-        self._shared = SharedClient(self.target, "RedisGlobalConfig")
+        self._shared = SharedClient(self.target, "RedisGlobalConfig", lane=False)
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:

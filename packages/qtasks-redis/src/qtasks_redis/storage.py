@@ -14,15 +14,26 @@ from qtasks.errors import SerializationError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
 from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
+_FIELD_SET = frozenset(_FIELDS)
+RECORD_KEYS = 3
+"""Keys of one record (rec, wake, steps) at the head of every script's keys; the status
+indexes after them are the same for every record."""
+_RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w")
+"""Hash fields read back into a record, in :meth:`RedisStorage._record`'s order."""
 _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_loads = json.JSONDecoder().decode
+
+
 def _dumps(value: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"cannot store as JSON: {exc}") from exc
 
@@ -72,6 +83,7 @@ class RedisStorage:
         await self._shared.acquire(stack, {**config.extra, **self._options})
 
     def _require(self) -> Client:
+        """The redis-py client (blocking reads of steps; every path when there is no lane)."""
         return self._shared.get()
 
     def _keys(self, uuid: str) -> tuple[str, ...]:
@@ -79,9 +91,8 @@ class RedisStorage:
         return (f"{tag}:r:{uuid}", f"{tag}:w:{uuid}", f"{tag}:s:{uuid}", *self._index_keys)
 
     async def _run(self, script: Script, uuid: str, *args: Any) -> Any:
-        client = self._require()
         keys = self._keys(uuid)
-        return await guarded(self.target, script(client, keys, args))
+        return await guarded(self.target, script(self._shared.fast(), keys, args, RECORD_KEYS))
 
     @staticmethod
     def _record(fields: list[bytes | None]) -> TaskRecord | None:
@@ -91,10 +102,14 @@ class RedisStorage:
         if data is None:
             return None
         try:
-            record = TaskRecord.from_dict(json.loads(data))
-            if status is not None:
-                record.status = TaskStatus(status.decode())
-        except (ValueError, UnicodeDecodeError) as exc:
+            # TaskRecord.from_dict, without recomputing the field names on every read.
+            stored = _loads(data.decode())
+            values = {k: v for k, v in stored.items() if k in _FIELD_SET}
+            values["status"] = TaskStatus(
+                status.decode() if status is not None else values.get("status", "new")
+            )
+            record = TaskRecord(**values)
+        except (TypeError, ValueError, AttributeError) as exc:
             raise SerializationError(f"stored task record is not valid: {exc}") from exc
         if reason is not None:
             record.cancel_reason = reason.decode()
@@ -117,10 +132,14 @@ class RedisStorage:
         data["status"] = record.status.value
         return data
 
-    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
-        payload = _dumps(self._shallow(record))
+    def _save_call(
+        self, record: TaskRecord, fence: str | None, force: bool
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Keys and arguments of the SAVE script for ``record`` (also run folded into a broker
+        script, see :mod:`qtasks_redis.shared_lua`)."""
         args = (
-            payload,
+            record.uuid,
+            _dumps(self._shallow(record)),
             record.status.value,
             record.token or "",
             "0" if fence is None else "1",
@@ -128,29 +147,35 @@ class RedisStorage:
             "1" if force else "0",
             self._ttl_ms,
         )
-        return bool(await self._run(lua.SAVE, record.uuid, record.uuid, *args))
+        return self._keys(record.uuid), args
+
+    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
+        keys, args = self._save_call(record, fence, force)
+        return bool(
+            await guarded(self.target, lua.SAVE(self._shared.fast(), keys, args, RECORD_KEYS))
+        )
 
     async def add(self, record: TaskRecord) -> None:
         await self._save(record, None, True)
 
     async def get(self, uuid: str) -> TaskRecord | None:
-        client = self._require()
-        key = self._keys(uuid)[0]
-        fields: Any = await guarded(
-            self.target, client.hmget(key, ["d", "s", "t", "cr", "u", "n", "a", "w"])
+        key = f"{self._tag}:r:{uuid}"
+        client = self._shared.fast()
+        call = (
+            client.command("HMGET", key, *_RECORD_FIELDS)
+            if isinstance(client, Lane)
+            else client.hmget(key, _RECORD_FIELDS)
         )
+        fields: Any = await guarded(self.target, call)
         return self._record(fields)
 
     async def begin(self, record: TaskRecord) -> TaskRecord:
-        fields = await self._run(
-            lua.BEGIN,
-            record.uuid,
-            record.uuid,
-            _dumps(self._shallow(record)),
-            record.token or "",
-            record.attempt,
-            record.worker or "",
-        )
+        # The record's JSON is sent only when none is stored (rare: the producer stores one).
+        args = [record.uuid, "", record.token or "", record.attempt, record.worker or ""]
+        fields = await self._run(lua.BEGIN, record.uuid, *args)
+        if fields is None:
+            args[1] = _dumps(self._shallow(record))
+            fields = await self._run(lua.BEGIN, record.uuid, *args)
         begun = self._record(fields)
         if begun is None:  # pragma: no cover - the script always leaves a record
             raise SerializationError(f"task record {record.uuid} vanished while starting")
@@ -165,10 +190,11 @@ class RedisStorage:
 
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
         client = self._require()
-        wake = self._keys(uuid)[1]
+        lane = self._shared.lane
+        rec, wake = self._keys(uuid)[:2]
         deadline = None if timeout is None else time.monotonic() + timeout
+        record = await self.get(uuid)
         while True:
-            record = await self.get(uuid)
             if record is not None and record.status.final:
                 return record
             left = None if deadline is None else deadline - time.monotonic()
@@ -178,7 +204,21 @@ class RedisStorage:
             # The token is moved back onto the same list: every waiter wakes, none consumes it.
             # redis-py types the timeout as int; Redis takes fractional seconds.
             seconds: Any = max(block, 0.001)
-            await guarded(self.target, client.blmove(wake, wake, seconds, "RIGHT", "LEFT"))
+            if lane is None:
+                await guarded(self.target, client.blmove(wake, wake, seconds, "RIGHT", "LEFT"))
+                record = await self.get(uuid)
+                continue
+            # Block and read the record in one round trip: the HMGET runs as soon as the
+            # BLMOVE returns (Redis answers a connection's commands in order).
+            _, fields = await guarded(
+                self.target,
+                lane.blocking(
+                    seconds,
+                    ("BLMOVE", wake, wake, "RIGHT", "LEFT", seconds),
+                    ("HMGET", rec, *_RECORD_FIELDS),
+                ),
+            )
+            record = self._record(fields)
 
     async def add_step(self, uuid: str, value: Any) -> int:
         return int(await self._run(lua.ADD_STEP, uuid, _dumps(value)))

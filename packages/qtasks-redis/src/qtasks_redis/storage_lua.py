@@ -34,11 +34,12 @@ local function index(uuid, old, new, now)
   if IDX[new] then redis.call('ZADD', IDX[new], now, uuid) end
 end
 
--- The record just turned final: expire it, wake waiters, end step followers.
+-- The record just turned final: expire it, wake waiters, end step followers. The wake list
+-- never outlives the record, so a record that does not exist has no stale wake-up.
 local function finished(ttl)
   if ttl then redis.call('PEXPIRE', K_REC, ttl) end
   redis.call('RPUSH', K_WAKE, '1')
-  redis.call('PEXPIRE', K_WAKE, WAKE_TTL)
+  redis.call('PEXPIRE', K_WAKE, (ttl and ttl < WAKE_TTL) and ttl or WAKE_TTL)
   if redis.call('EXISTS', K_STEPS) == 1 then
     redis.call('XADD', K_STEPS, '*', 'k', 'e')
     if ttl then redis.call('PEXPIRE', K_STEPS, ttl) end
@@ -59,13 +60,13 @@ end
 local old = false
 if cur[1] then old = cur[2] end
 redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
-redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w')
+if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w') end
 index(uuid, old, status, now_ms())
 if FINAL[status] then
   finished(tonumber(ARGV[8]))
-else
+elseif old then
   redis.call('PERSIST', K_REC)
-  redis.call('DEL', K_WAKE)  -- a re-added uuid must not see an old wake-up
+  redis.call('DEL', K_WAKE)  -- a reset record must not see an old wake-up
 end
 return 1
 """
@@ -92,20 +93,25 @@ return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
 BEGIN = Script(
     PRELUDE
     + r"""
--- ARGV: uuid, json (the record as a new 'process' attempt), token, attempt, worker.
+-- ARGV: uuid, json (the record as a new 'process' attempt, or '' to get nil back when there
+-- is no record: the caller then sends it), token, attempt, worker.
 -- Returns {d, s, t, cr, u, n, a, w}: unchanged when final, else after marking the attempt.
-local cur = redis.call('HMGET', K_REC, 'd', 's')
+local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+if cur[1] and FINAL[cur[2]] then return cur end
+if not cur[1] and ARGV[2] == '' then return false end
 local t = redis.call('TIME')
 local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if not cur[1] then
   redis.call('HSET', K_REC, 'd', ARGV[2], 's', 'process', 't', ARGV[3], 'u', updated)
-  index(ARGV[1], false, 'process', now_ms())
-elseif not FINAL[cur[2]] then
-  redis.call('HSET', K_REC, 's', 'process', 't', ARGV[3], 'a', ARGV[4], 'w', ARGV[5],
-             'u', updated)
-  index(ARGV[1], cur[2], 'process', now_ms())
+  index(ARGV[1], false, 'process', now)
+  return {ARGV[2], 'process', ARGV[3], false, updated, false, false, false}
 end
-return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+redis.call('HSET', K_REC, 's', 'process', 't', ARGV[3], 'a', ARGV[4], 'w', ARGV[5],
+           'u', updated)
+index(ARGV[1], cur[2], 'process', now)
+cur[2], cur[3], cur[5], cur[7], cur[8] = 'process', ARGV[3], updated, ARGV[4], ARGV[5]
+return cur
 """
 )
 

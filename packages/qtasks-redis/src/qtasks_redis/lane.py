@@ -1,0 +1,557 @@
+"""The fast lane: a small pipelined RESP2 client for the hot path (scripts, HMGET, BLPOP).
+
+redis-py spends most of a loopback round trip in Python (a connection checked out of a pool per
+command, ``asyncio.wait_for`` per write, timeouts, events), and with many concurrent callers
+opens one socket each. The lane instead multiplexes every concurrent command of a component on
+one connection: requests written in the same event-loop tick leave in one ``send``, replies are
+matched to callers in order (Redis answers a connection's commands in the order sent). Blocking
+commands (``BLPOP``, ``BLMOVE``) get connections of their own from a small free list, since they
+would hold up everything queued behind them.
+
+It serves ``redis://`` and ``unix://`` targets whose URL carries no options other than ``db``;
+TLS and Redis Cluster go through redis-py (see :func:`lane_for`). Errors are redis-py's
+exception classes, so callers handle both paths alike: a lost connection fails every pending
+command with ``ConnectionError`` (retried, like redis-py's own retry policy, with jittered
+exponential backoff), a command that gets no reply within ``socket_timeout`` aborts the
+connection with ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import anyio
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoPermissionError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if TYPE_CHECKING:
+    from qtasks_redis.connection import RedisTarget, Script
+
+try:
+    import hiredis
+
+    HIREDIS = True
+except ImportError:  # pragma: no cover - exercised by the pure-Python parser test
+    HIREDIS = False
+
+_IDLE_BLOCKING = 8
+"""Blocking connections kept open for reuse (more are opened while needed)."""
+
+
+class _ReplyError(Exception):
+    """An error reply as parsed; turned into redis-py's exception class by :func:`_error`."""
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    "NOSCRIPT": NoScriptError,
+    "WRONGPASS": AuthenticationError,
+    "NOAUTH": AuthenticationError,
+    "NOPERM": NoPermissionError,
+    "LOADING": BusyLoadingError,
+    "READONLY": ReadOnlyError,
+}
+
+
+def _error(reply: _ReplyError) -> Exception:
+    text = str(reply)
+    return _ERRORS.get(text.split(" ", 1)[0], ResponseError)(text)
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class PyReader:
+    """A RESP2 reply parser in Python, used when hiredis is not installed (same interface as
+    ``hiredis.Reader``: ``feed`` bytes, ``gets`` a reply or ``False``)."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def gets(self) -> Any:
+        try:
+            value, pos = self._parse(self._pos)
+        except _Incomplete:
+            return False
+        if pos == len(self._buf):
+            self._buf.clear()
+            pos = 0
+        elif pos > 65536:
+            del self._buf[:pos]
+            pos = 0
+        self._pos = pos
+        return value
+
+    def _parse(self, pos: int) -> tuple[Any, int]:
+        buf = self._buf
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            raise _Incomplete
+        kind, line, pos = buf[pos], bytes(buf[pos + 1 : end]), end + 2
+        if kind == 36:  # $ bulk string
+            size = int(line)
+            if size < 0:
+                return None, pos
+            if len(buf) < pos + size + 2:
+                raise _Incomplete
+            return bytes(buf[pos : pos + size]), pos + size + 2
+        if kind == 58:  # : integer
+            return int(line), pos
+        if kind == 42:  # * array
+            count = int(line)
+            if count < 0:
+                return None, pos
+            items = []
+            for _ in range(count):
+                item, pos = self._parse(pos)
+                items.append(item)
+            return items, pos
+        if kind == 43:  # + status
+            return line, pos
+        if kind == 45:  # - error
+            return _ReplyError(line.decode("utf-8", "replace")), pos
+        raise RedisConnectionError(f"protocol error: unexpected reply type {chr(kind)!r}")
+
+
+def _reader() -> Any:
+    if HIREDIS:
+        return hiredis.Reader(replyError=_ReplyError)
+    return PyReader()  # pragma: no cover - see the parser test
+
+
+def _bulk(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, str):
+        data = value.encode()
+        return b"$%d\r\n%s\r\n" % (len(data), data)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        data = repr(value).encode()
+        return b"$%d\r\n%s\r\n" % (len(data), data)
+    raise TypeError(f"cannot send {type(value).__name__} to Redis")
+
+
+def pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP: ``*<n>`` then each argument as a bulk string."""
+    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
+
+
+class _Conn(asyncio.Protocol):
+    """One connection: requests go out in order, replies resolve their futures in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._reader = _reader()
+        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._transport: asyncio.Transport | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.lost: Exception | None = None
+        self.client_id: int | None = None
+        """The server's id of this connection (for ``CLIENT UNBLOCK``), on blocking ones."""
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self._timeout is not None:
+            self._watchdog = self._loop.call_later(1.0, self._watch)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        pending = self._pending
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except Exception as exc:  # hiredis.ProtocolError: the stream is unusable
+                self._abort(RedisConnectionError(f"protocol error from Redis: {exc}"))
+                return
+            if reply is False:
+                return
+            if not pending:  # pragma: no cover - a reply nobody asked for
+                self._abort(RedisConnectionError("unexpected reply from Redis"))
+                return
+            future, _ = pending.popleft()
+            if not future.done():  # a cancelled caller's reply is dropped, order is kept
+                if isinstance(reply, _ReplyError):
+                    future.set_exception(_error(reply))
+                else:
+                    future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            reason = f": {exc.strerror or exc}" if isinstance(exc, OSError) else ""
+            self.lost = RedisConnectionError(f"connection to Redis lost{reason}")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        while self._pending:
+            future, _ = self._pending.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # --- requests ---
+
+    def _watch(self) -> None:
+        if self._pending and self._pending[0][1] < time.monotonic():
+            self._abort(RedisTimeoutError("Redis did not answer in time"))
+            return
+        self._watchdog = self._loop.call_later(1.0, self._watch)
+
+    def _abort(self, exc: Exception) -> None:
+        self.lost = exc
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost fails what is pending
+
+    def close(self) -> None:
+        if self._transport is not None and self.lost is None:
+            self.lost = RedisConnectionError("connection closed")
+            self._transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and self.lost is None
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None and self.lost is None:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._transport.write(data)
+
+    def send(self, packed: bytes, count: int = 1, block: float = 0.0) -> list[asyncio.Future[Any]]:
+        """Queue ``count`` commands already packed into ``packed``; their reply futures."""
+        if self.lost is not None:
+            raise self.lost
+        deadline = (
+            float("inf") if self._timeout is None else time.monotonic() + block + self._timeout
+        )
+        futures = [self._loop.create_future() for _ in range(count)]
+        self._pending.extend((f, deadline) for f in futures)
+        self._out.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return futures
+
+    def send_one(self, packed: bytes) -> asyncio.Future[Any]:
+        """:meth:`send` of one command."""
+        if self.lost is not None:
+            raise self.lost
+        deadline = float("inf") if self._timeout is None else time.monotonic() + self._timeout
+        future = self._loop.create_future()
+        self._pending.append((future, deadline))
+        self._out.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    @property
+    def paused(self) -> bool:
+        """Whether the transport asked us to stop writing for now."""
+        return self._writable is not None
+
+    async def drained(self) -> None:
+        if self._writable is not None:
+            await self._writable
+
+
+class Lane:
+    """Pipelined access to one Redis server for one component (see the module docstring)."""
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        *,
+        password: str | None,
+        username: str | None,
+        db: int,
+        options: dict[str, Any],
+    ) -> None:
+        self.target = target
+        self._password = password
+        self._username = username
+        self._db = db
+        self._connect_timeout = float(options.get("redis_connect_timeout", 5.0))
+        socket_timeout = options.get("redis_socket_timeout", 30.0)
+        self._timeout = None if socket_timeout is None else float(socket_timeout)
+        self._retries = int(options.get("redis_retries", 8))
+        self._retry_cap = float(options.get("redis_retry_cap", 1.0))
+        self._main: _Conn | None = None
+        self._opening: asyncio.Future[_Conn] | None = None
+        self._idle: list[_Conn] = []
+        self._heads: dict[tuple[str, int], bytes] = {}
+        self._tails: dict[tuple[str, ...], bytes] = {}
+        self._closed = False
+
+    async def _open(self, *, blocking: bool = False) -> _Conn:
+        if self._closed:
+            raise RedisConnectionError("the lane is closed")
+        loop = asyncio.get_running_loop()
+        conn = _Conn(loop, self._timeout)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self.target.socket is not None:
+                    await loop.create_unix_connection(lambda: conn, self.target.socket)
+                else:
+                    port = self.target.port or 6379
+                    await loop.create_connection(lambda: conn, self.target.host, port)
+                setup: list[list[Any]] = []
+                if self._password is not None:
+                    auth: list[Any] = ["AUTH", self._password]
+                    if self._username:
+                        auth.insert(1, self._username)
+                    setup.append(auth)
+                if self._db:
+                    setup.append(["SELECT", self._db])
+                if blocking:
+                    setup.append(["CLIENT", "ID"])
+                if setup:
+                    futures = conn.send(b"".join(pack(cmd) for cmd in setup), len(setup))
+                    for future in futures:
+                        reply = await future
+                    if blocking:
+                        conn.client_id = int(reply)
+        except TimeoutError:
+            conn.close()
+            raise RedisTimeoutError("timed out connecting to Redis") from None
+        except OSError as exc:
+            conn.close()
+            raise RedisConnectionError(f"cannot connect to Redis: {exc.strerror or exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _connection(self) -> _Conn:
+        conn = self._main
+        if conn is not None and conn.lost is None:
+            return conn
+        # One opener at a time; concurrent callers wait for the same connection.
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        opening = self._opening
+        try:
+            conn = await asyncio.shield(opening)
+        finally:
+            if opening.done():
+                self._opening = None
+        self._main = conn
+        return conn
+
+    async def _retrying(self, packed: bytes, count: int) -> list[Any]:
+        failures = 0
+        while True:
+            try:
+                conn = await self._connection()
+                futures = conn.send(packed, count)
+                await conn.drained()
+                return [await future for future in futures]
+            except (RedisConnectionError, RedisTimeoutError):
+                failures += 1
+                if failures > self._retries or self._closed:
+                    raise
+                backoff = min(self._retry_cap, 0.05 * 2**failures)
+                await asyncio.sleep(random.uniform(0, backoff))
+
+    async def _one(self, packed: bytes) -> Any:
+        conn = self._main
+        if conn is None or conn.lost is not None or conn.paused:
+            return (await self._retrying(packed, 1))[0]
+        # The common case in one frame: connected and writable.
+        try:
+            return await conn.send_one(packed)
+        except (RedisConnectionError, RedisTimeoutError):
+            if self._closed:
+                raise
+            return (await self._retrying(packed, 1))[0]
+
+    async def command(self, *args: Any) -> Any:
+        """Run one command on the shared connection."""
+        return await self._one(pack(args))
+
+    async def script(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], *, dynamic: int = 0
+    ) -> Any:
+        """``EVALSHA`` (``EVAL`` when the server lacks the script) with ``keys`` and ``args``.
+
+        ``keys[dynamic:]`` repeat from call to call (a queue's keys, a storage's indexes):
+        they are packed once and kept; only the first ``dynamic`` keys and the arguments are
+        packed per call."""
+        nkeys = len(keys)
+        head = self._heads.get((script.sha, nkeys))
+        if head is None:
+            head = b"".join(map(_bulk, ("EVALSHA", script.sha, nkeys)))
+            if len(self._heads) < 256:
+                self._heads[(script.sha, nkeys)] = head
+        fixed = tuple(keys[dynamic:])
+        tail = self._tails.get(fixed)
+        if tail is None:
+            tail = b"".join(map(_bulk, fixed))
+            if len(self._tails) < 64:
+                self._tails[fixed] = tail
+        packed = b"*%d\r\n%s%s%s%s" % (
+            3 + nkeys + len(args),
+            head,
+            b"".join(map(_bulk, keys[:dynamic])),
+            tail,
+            b"".join(map(_bulk, args)),
+        )
+        try:
+            return await self._one(packed)
+        except NoScriptError:
+            return await self.command("EVAL", script.source, len(keys), *keys, *args)
+
+    async def blocking(self, block: float, *commands: Sequence[Any]) -> list[Any]:
+        """Run ``commands`` in order on a connection of their own (the first may block up to
+        ``block`` seconds); return their replies. Raises the first error reply."""
+        packed = b"".join(pack(cmd) for cmd in commands)
+        conn = await self._blocking_conn()
+        done = False
+        try:
+            futures = conn.send(packed, len(commands), block)
+            replies = [await future for future in futures]
+            done = True
+            return replies
+        finally:
+            # A connection is reused only when every reply came back; otherwise (cancelled
+            # while blocked, lost) a late reply could reach the next user: drop it.
+            if done and conn.idle and len(self._idle) < _IDLE_BLOCKING and not self._closed:
+                self._idle.append(conn)
+            else:
+                conn.close()
+
+    async def _blocking_conn(self) -> _Conn:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.lost is None:
+                return conn
+        return await self._open(blocking=True)
+
+    async def block_then_script(
+        self,
+        block: float,
+        blocking: Sequence[Any],
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        orphan: Callable[[Any], object],
+    ) -> Any:
+        """Run the blocking command ``blocking`` then ``script`` right after it, in one round
+        trip on a connection of their own; return the script's reply.
+
+        A script that changes state must not have its reply lost: if the caller is cancelled
+        while waiting, the blocking command is cut short (``CLIENT UNBLOCK``), the script's
+        reply is still awaited (bounded, shielded) and handed to ``orphan``."""
+        packed = pack(blocking) + pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        conn = await self._blocking_conn()
+        first, second = conn.send(packed, 2, block)
+        try:
+            # Shielded waits: cancelling the caller must not cancel (and drop) a reply. An
+            # error reply to the blocking command does not matter; the script's does.
+            with contextlib.suppress(ResponseError):
+                await asyncio.shield(first)
+            reply = await asyncio.shield(second)
+        except NoScriptError:
+            self._keep(conn)
+            with anyio.CancelScope(shield=True):
+                return await self.script(script, keys, args)
+        except BaseException:
+            if conn.lost is None and not second.done():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    if not first.done() and conn.client_id is not None:
+                        await self.command("CLIENT", "UNBLOCK", conn.client_id)
+                    try:
+                        orphan(await second)
+                    except Exception:  # lost anyway: its lease brings it back
+                        pass
+            conn.close()
+            raise
+        self._keep(conn)
+        return reply
+
+    def _keep(self, conn: _Conn) -> None:
+        if conn.idle and len(self._idle) < _IDLE_BLOCKING and not self._closed:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def check(self) -> None:
+        """Connect now (and fail now on a bad address or password)."""
+        await self._connection()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._main is not None:
+            self._main.close()
+            self._main = None
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+def lane_for(target: RedisTarget, options: dict[str, Any]) -> Lane | None:
+    """A lane for ``target``, or ``None`` when redis-py must serve it (TLS, cluster, URL
+    options other than ``db``, or ``redis_fast_lane=False`` in the options)."""
+    if target.cluster or not options.get("redis_fast_lane", True):
+        return None
+    parts = urlsplit(target.url)
+    if parts.scheme not in ("redis", "unix"):
+        return None
+    query = parse_qs(parts.query)
+    if set(query) - {"db"}:
+        return None
+    db = target.db
+    if "db" in query:
+        try:
+            db = int(query["db"][-1])
+        except ValueError:
+            return None
+    return Lane(
+        target,
+        password=None if parts.password is None else unquote(parts.password),
+        username=None if parts.username is None else unquote(parts.username),
+        db=db,
+        options=options,
+    )

@@ -1,0 +1,65 @@
+"""Scripts that run a storage script and a broker script as one, for a broker and a storage on
+the same (non-cluster) Redis server: one round trip instead of two, and atomic, so a crash can no
+longer leave a record without its message or a final record without its ack.
+
+Each part is the unchanged body of the storage or broker script after both preludes; the
+storage part's keys and arguments come first, their counts are fixed.
+"""
+
+from __future__ import annotations
+
+import re
+
+from qtasks_redis import broker_lua, storage_lua
+from qtasks_redis.connection import Script
+
+STORAGE_KEYS = 9
+"""Keys of one task record: rec, wake, steps and the six status indexes."""
+BROKER_KEYS = len(broker_lua.KEY_NAMES)
+SAVE_ARGS = 8
+"""Arguments of the storage's SAVE: uuid, json, status, token, has_fence, fence, force, ttl."""
+
+
+def _keys_from(prelude: str, base: int) -> str:
+    """``prelude`` reading its keys ``base`` places further along ``KEYS``."""
+    return re.sub(r"KEYS\[(\d+)\]", lambda m: f"KEYS[{int(m.group(1)) + base}]", prelude)
+
+
+def _body(script: Script, prelude: str) -> str:
+    assert script.source.startswith(prelude)
+    return script.source[len(prelude) :]
+
+
+def _combine(storage: Script, broker: Script, broker_args: int, *, gate: bool) -> Script:
+    """``storage`` then ``broker``; with ``gate``, the broker part runs only when the storage
+    part returned 1. Returns the storage part's reply.
+
+    Both preludes are defined once at the top (the broker's reading its keys after the
+    storage's); each body becomes a local function whose ``ARGV`` parameter shadows the
+    global, so its early ``return`` statements keep their meaning."""
+    run_broker = "if saved == 1 then broker(ba) end" if gate else "broker(ba)"
+    return Script(
+        storage_lua.PRELUDE
+        + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
+        + f"""
+local function storage(ARGV)
+{_body(storage, storage_lua.PRELUDE)}
+end
+local function broker(ARGV)
+{_body(broker, broker_lua.PRELUDE)}
+end
+local sa, ba = {{}}, {{}}
+for i = 1, {SAVE_ARGS} do sa[i] = ARGV[i] end
+for i = 1, {broker_args} do ba[i] = ARGV[{SAVE_ARGS} + i] end
+local saved = storage(sa)
+{run_broker}
+return saved
+"""
+    )
+
+
+PUBLISH_NEW = _combine(storage_lua.SAVE, broker_lua.PUBLISH, 4, gate=False)
+"""Storage SAVE (forced: a new record) then broker PUBLISH (id, body, priority, eta_ms)."""
+
+ACK_FINAL = _combine(storage_lua.SAVE, broker_lua.ACK, 2, gate=True)
+"""Storage SAVE fenced by the delivery's token, then, when accepted, broker ACK (id, token)."""

@@ -1,0 +1,212 @@
+"""The fast lane (qtasks_redis.lane): pipelined commands, blocking calls, salvaged replies,
+timeouts, and the pure-Python reply parser."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from qtasks.config import QueueConfig
+from qtasks.messages import Envelope
+from qtasks_redis import RedisBroker, RedisTarget
+from qtasks_redis.connection import Script
+from qtasks_redis.lane import Lane, PyReader, lane_for, pack
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def lane(redis_url: str) -> AsyncIterator[Lane]:
+    made = lane_for(RedisTarget.parse(redis_url), {})
+    assert made is not None
+    await made.check()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def key(redis_url: str) -> str:
+    return f"qt-test-lane-{uuid.uuid4().hex[:10]}"
+
+
+def test_lane_only_for_plain_targets() -> None:
+    assert lane_for(RedisTarget.parse("redis://127.0.0.1:6379/3"), {}) is not None
+    assert lane_for(RedisTarget.parse("unix:///tmp/redis.sock?db=2"), {}) is not None
+    assert lane_for(RedisTarget.parse("rediss://127.0.0.1:6379/0"), {}) is None
+    assert lane_for(RedisTarget.parse("redis+cluster://127.0.0.1:7000"), {}) is None
+    assert lane_for(RedisTarget.parse("redis://h:6379/0?ssl_cert_reqs=none"), {}) is None
+    assert lane_for(RedisTarget.parse("redis://h:6379/0"), {"redis_fast_lane": False}) is None
+
+
+async def test_concurrent_commands_share_one_connection(lane: Lane, key: str) -> None:
+    try:
+        replies: list[Any] = [None] * 200
+
+        async def incr(i: int) -> None:
+            replies[i] = await lane.command("INCR", key)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(incr, i)
+        # Each caller got its own reply (matched in order), and all 200 ran.
+        assert sorted(replies) == list(range(1, 201))
+        assert await lane.command("GET", key) == b"200"
+        clients = await lane.command("CLIENT", "LIST")
+        assert isinstance(clients, bytes)
+    finally:
+        await lane.command("DEL", key)
+
+
+async def test_errors_are_redis_py_classes(lane: Lane, key: str) -> None:
+    await lane.command("SET", key, "text")
+    try:
+        with pytest.raises(ResponseError):
+            await lane.command("INCR", key)
+        with pytest.raises(NoScriptError):
+            await lane.command("EVALSHA", "0" * 40, 0)
+        # The connection is still in step after error replies.
+        assert await lane.command("GET", key) == b"text"
+        # A script unknown to the server is loaded by EVAL.
+        script = Script(f"return '{uuid.uuid4().hex}' .. KEYS[1]")
+        assert (await lane.script(script, ["k"], [])).endswith(b"k")
+    finally:
+        await lane.command("DEL", key)
+
+
+async def test_cancelled_blocking_call_salvages_the_script_reply(lane: Lane, key: str) -> None:
+    """The caller is cancelled while BLPOP blocks: the BLPOP is cut short, the script that
+    was queued behind it still runs, and its reply reaches ``orphan``."""
+    # A script the server does not know yet: the first (woken) call falls back to EVAL.
+    script = Script(f"-- {uuid.uuid4().hex}\nreturn redis.call('INCR', KEYS[1])")
+    salvaged: list[Any] = []
+    counter = f"{key}:n"
+    try:
+        await lane.command("RPUSH", key, "x")
+        with anyio.fail_after(5):
+            reply = await lane.block_then_script(
+                30, ("BLPOP", key, 30), script, [counter], [], orphan=salvaged.append
+            )
+        assert reply == 1
+        await lane.command("DEL", counter)
+        with anyio.fail_after(5):
+            with anyio.move_on_after(0.3) as scope:
+                await lane.block_then_script(
+                    30, ("BLPOP", key, 30), script, [counter], [], orphan=salvaged.append
+                )
+        assert scope.cancelled_caught
+        assert salvaged == [1]
+        assert await lane.command("GET", counter) == b"1"
+        # Woken normally, the script's reply is returned.
+        await lane.command("RPUSH", key, "x")
+        with anyio.fail_after(5):
+            reply = await lane.block_then_script(
+                30, ("BLPOP", key, 30), script, [counter], [], orphan=salvaged.append
+            )
+        assert reply == 2
+        assert salvaged == [1]
+    finally:
+        await lane.command("DEL", key, counter)
+
+
+async def test_idle_consumer_wakes_and_stops_promptly(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q")
+    await broker.start(stack, QueueConfig())
+
+    async def publish_later() -> None:
+        await anyio.sleep(0.3)  # the consumer is blocked by now
+        await broker.publish(Envelope("a", b"x"))
+
+    with anyio.fail_after(3):
+        async with broker.consume(prefetch=1) as it, anyio.create_task_group() as tg:
+            tg.start_soon(publish_later)
+            delivery = await it.__anext__()
+            assert delivery.id == "a"
+            assert await delivery.ack()
+    # Leaving while blocked (the idle wait is up to 5 s) is not held up by the BLPOP, and
+    # leaves nothing in flight.
+    with anyio.fail_after(2):
+        async with broker.consume(prefetch=1) as it:
+            with anyio.move_on_after(0.3):
+                await it.__anext__()
+    stats = await broker.stats()
+    assert (stats.in_flight, stats.ready_by_priority) == (0, {})
+
+
+async def test_unanswered_command_times_out() -> None:
+    """A server that accepts but never answers: the watchdog aborts within the timeout."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        mute = lane_for(
+            RedisTarget.parse(f"redis://127.0.0.1:{port}/0"),
+            {"redis_socket_timeout": 0.5, "redis_retries": 0},
+        )
+        assert mute is not None
+        with anyio.fail_after(5), pytest.raises(RedisTimeoutError):
+            await mute.command("PING")
+        mute.close()
+    finally:
+        server.close()
+
+
+REPLIES = [
+    b"+OK\r\n",
+    b"-ERR wrong\r\n",
+    b":-42\r\n",
+    b"$5\r\nhe\r\nl\r\n",
+    b"$-1\r\n",
+    b"*-1\r\n",
+    b"*0\r\n",
+    b"*3\r\n$1\r\na\r\n*2\r\n:1\r\n$0\r\n\r\n$-1\r\n",
+]
+
+
+def test_python_parser_matches_hiredis() -> None:
+    hiredis = pytest.importorskip("hiredis")
+    stream = b"".join(REPLIES)
+    ours, theirs = PyReader(), hiredis.Reader()
+    got_ours: list[Any] = []
+    got_theirs: list[Any] = []
+    # Fed a byte at a time: every partial reply must wait for the rest.
+    for byte in stream:
+        ours.feed(bytes([byte]))
+        theirs.feed(bytes([byte]))
+        while (reply := ours.gets()) is not False:
+            got_ours.append(reply)
+        while (reply := theirs.gets()) is not False:
+            got_theirs.append(reply)
+    assert len(got_ours) == len(got_theirs) == len(REPLIES)
+    for mine, reference in zip(got_ours, got_theirs, strict=True):
+        if isinstance(reference, Exception):
+            assert str(mine) == str(reference)
+        else:
+            assert mine == reference
+
+
+def test_pack() -> None:
+    assert pack(("SET", b"k\r\n", 5, 1.5)) == (
+        b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n5\r\n$3\r\n1.5\r\n"
+    )
+    with pytest.raises(TypeError):
+        pack((None,))
+
+
+async def test_lane_keeps_order_under_asyncio_gather(lane: Lane, key: str) -> None:
+    try:
+        results = await asyncio.gather(*(lane.command("RPUSH", key, i) for i in range(50)))
+        assert results == list(range(1, 51))
+    finally:
+        await lane.command("DEL", key)

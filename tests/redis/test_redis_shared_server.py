@@ -1,0 +1,175 @@
+"""RedisBroker as a SharedServer: enqueue and the final save + ack folded into one script each
+when the storage is on the same server, with the same fencing as the plain path."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+from redis_worker_app import build
+
+from qtasks import MemoryStorage, TaskStatus
+from qtasks.components import SharedServer
+from qtasks.config import QueueConfig
+from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
+from qtasks_redis import RedisBroker, RedisDelivery, RedisStorage
+
+pytestmark = pytest.mark.anyio
+
+
+def test_shares_server_only_with_a_redis_storage_on_the_same_server() -> None:
+    url = "redis://user:secret@127.0.0.1:6379/2"
+    broker = RedisBroker(url)
+    assert isinstance(broker, SharedServer)
+    assert broker.shares_server_with(RedisStorage(url, prefix="other"))
+    assert not broker.shares_server_with(RedisStorage("redis://user:secret@127.0.0.1:6379/3"))
+    assert not broker.shares_server_with(RedisStorage("redis://user:other@127.0.0.1:6379/2"))
+    assert not broker.shares_server_with(RedisStorage("redis://user:secret@127.0.0.1:6380/2"))
+    assert not broker.shares_server_with(RedisStorage("rediss://user:secret@127.0.0.1:6379/2"))
+    assert not broker.shares_server_with(MemoryStorage())
+    cluster = "redis+cluster://127.0.0.1:7000"
+    assert not RedisBroker(cluster).shares_server_with(RedisStorage(cluster))
+
+
+async def parts(
+    stack: AsyncExitStack, url: str, prefix: str, **config: object
+) -> tuple[RedisBroker, RedisStorage]:
+    settings = QueueConfig().merged(**config)
+    storage = RedisStorage(url, prefix=prefix)
+    broker = RedisBroker(url, prefix=prefix, queue="q")
+    await storage.start(stack, settings)
+    await broker.start(stack, settings)
+    assert broker.shares_server_with(storage)
+    return broker, storage
+
+
+def new_record(uuid: str) -> TaskRecord:
+    return TaskRecord(uuid=uuid, task_name="t", args=[1], kwargs={"k": "ü"})
+
+
+async def take(it: AsyncIterator[RedisDelivery]) -> RedisDelivery:
+    with anyio.fail_after(3):
+        return await it.__anext__()
+
+
+async def begun(storage: RedisStorage, delivery: RedisDelivery) -> TaskRecord:
+    claim = new_record(delivery.id)
+    claim.status, claim.token, claim.attempt = TaskStatus.PROCESS, delivery.token, 1
+    return await storage.begin(claim)
+
+
+async def test_publish_new_stores_record_and_message(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, storage = await parts(stack, redis_url, prefix)
+    await broker.publish_new(Envelope("a", b"body", priority=2), storage, new_record("a"))
+    stored = await storage.get("a")
+    assert stored is not None
+    assert (stored.status, stored.args, stored.kwargs) == (TaskStatus.NEW, [1], {"k": "ü"})
+    assert (await broker.stats()).ready_by_priority == {2: 1}
+    assert await storage.stats() == {"new": 1}
+    # A delayed one is scheduled as publish() would.
+    await broker.publish_new(Envelope("b", b"x", eta=4e9), storage, new_record("b"))
+    assert (await broker.stats()).delayed == 1
+
+
+async def test_ack_final_saves_then_acks(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, storage = await parts(stack, redis_url, prefix)
+    await broker.publish_new(Envelope("a", b"body"), storage, new_record("a"))
+    async with broker.consume(prefetch=1) as it:
+        delivery = await take(it)
+        record = await begun(storage, delivery)
+        record.status, record.returning = TaskStatus.SUCCESS, 42
+        assert await broker.ack_final(delivery, storage, record)
+    stored = await storage.get("a")
+    assert stored is not None
+    assert (stored.status, stored.returning) == (TaskStatus.SUCCESS, 42)
+    stats = await broker.stats()
+    assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
+    # The waiter is woken as by a plain save.
+    with anyio.fail_after(3):
+        assert (await storage.wait("a", 2)).returning == 42
+
+
+async def test_ack_final_of_a_lost_lease_is_refused(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, storage = await parts(stack, redis_url, prefix, lease=0.2)
+    await broker.publish_new(Envelope("a", b"body"), storage, new_record("a"))
+    async with broker.consume(prefetch=1) as it:
+        stale = await take(it)
+        await begun(storage, stale)
+        # The lease runs out (not extended); the message is delivered again and begun.
+        fresh = await take(it)
+        assert (fresh.id, fresh.attempt) == ("a", 2)
+        await begun(storage, fresh)
+        late = new_record("a")
+        late.status, late.token, late.returning = TaskStatus.SUCCESS, stale.token, "stale"
+        assert not await broker.ack_final(stale, storage, late)
+        stored = await storage.get("a")
+        assert stored is not None
+        assert (stored.status, stored.token) == (TaskStatus.PROCESS, fresh.token)
+        assert (await broker.stats()).in_flight == 1  # the fresh delivery still holds it
+        good = new_record("a")
+        good.status, good.token, good.returning = TaskStatus.SUCCESS, fresh.token, "fresh"
+        assert await broker.ack_final(fresh, storage, good)
+    stored = await storage.get("a")
+    assert stored is not None
+    assert (stored.status, stored.returning) == (TaskStatus.SUCCESS, "fresh")
+    assert (await broker.stats()).in_flight == 0
+
+
+async def test_ack_final_refused_save_leaves_message_unacked(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, storage = await parts(stack, redis_url, prefix)
+    await broker.publish_new(Envelope("a", b"body"), storage, new_record("a"))
+    async with broker.consume(prefetch=1) as it:
+        delivery = await take(it)
+        await begun(storage, delivery)
+        # Another attempt took the record over (e.g. a requeue elsewhere).
+        other = new_record("a")
+        other.status, other.token = TaskStatus.PROCESS, "someone-else"
+        assert await storage.save(other)
+        mine = new_record("a")
+        mine.status, mine.token = TaskStatus.SUCCESS, delivery.token
+        assert not await broker.ack_final(delivery, storage, mine)
+        assert (await broker.stats()).in_flight == 1
+        assert await delivery.ack()
+
+
+async def test_app_folds_enqueue_and_settle(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = build(redis_url, prefix)
+    broker, storage = app.broker, app.storage
+    assert isinstance(broker, RedisBroker)
+    assert isinstance(storage, RedisStorage)
+    calls: list[str] = []
+
+    def spy(owner: object, name: str) -> None:
+        original = getattr(owner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return await original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+    for name in ("publish_new", "ack_final", "publish"):
+        spy(broker, name)
+    for name in ("add", "save"):
+        spy(storage, name)
+    async with app:
+        assert app.shared_server is broker
+        task = await app.add_task("noop", 21, timeout=5)
+        assert (task.status, task.returning) == (TaskStatus.SUCCESS, 42)
+        stats = await broker.stats()
+        assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
+    assert calls == ["publish_new", "ack_final"]
