@@ -1,44 +1,169 @@
-"""qtasks on RabbitMQ (127.0.0.1:5672): W1, W2 and W3.
+"""qtasks on RabbitMQ (127.0.0.1:5672) with Redis storage (127.0.0.1:6379): W1, W2 and W3.
 
-W1: 10,000 no-op tasks enqueued one call at a time into a running worker (concurrency 10), tasks/s.
-W2: 200 sequential ``add_task(timeout=...)`` round trips, p50/p95/p99 in ms.
-W3: 2,000 tasks sleeping 10 ms at concurrency 100, wall time against the ideal 0.2 s.
-One process; results in the in-memory storage. Each run uses a fresh queue and deletes it.
-Run: ``uv run python bench/rabbitmq_throughput.py [W1_COUNT]``.
+Measured the way ``bench/peers`` measures taskiq-aio-pika and celery (amqp): the worker runs in
+its own subprocess (``AsyncQueueTasks.run_forever``), a producer subprocess drives the workload,
+and results travel through :class:`~qtasks_redis.RedisStorage`, so W2 goes through the
+framework's result API (``add_task(timeout=...)``) across processes.
+
+* W1: 10,000 tasks (each INCRs a Redis counter) enqueued one ``add_task`` at a time into a running
+  worker with concurrency 10; rate = N / (first enqueue -> counter reaches N).
+* W2: 200 sequential ``add_task("echo", i, timeout=5)`` round trips; p50/p95/p99 in ms.
+* W3: 2,000 tasks sleeping 10 ms queued while no worker runs, then a worker with concurrency 100
+  starts; wall = last task end - first task start as stamped by the tasks (ideal 0.2 s).
+
+Run: ``uv run python bench/rabbitmq_throughput.py [--w1 N] [--w2 N] [--w3 N] [--repeat R]``.
+Each run uses a fresh queue (deleted afterwards) and Redis db 14 (flushed).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
-import aio_pika
-import anyio
-
-from qtasks import AsyncQueueTasks, QueueConfig
-from qtasks_rabbitmq import RabbitMQBroker, Topology
-
-URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+QUEUE = os.environ.get("BENCH_QUEUE", "qtasks-bench")
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "10"))
+W3_N = int(os.environ.get("BENCH_W3_N", "0"))
+SLEEP = 0.010
+WARM_KEY, W1_KEY = "bench:warm", "bench:w1"
+W3_DONE, W3_FIRST, W3_LAST = "bench:w3", "bench:w3:first", "bench:w3:last"
 
 
-def make_app(concurrency: int) -> AsyncQueueTasks:
-    broker = RabbitMQBroker(URL, queue=f"qtasks-bench-{uuid.uuid4().hex[:8]}")
-    return AsyncQueueTasks(
-        broker=broker, config=QueueConfig(max_tasks_process=concurrency, prefetch=concurrency)
+# --- the app (worker and producer processes) --------------------------------------------------
+
+
+def build_app() -> Any:
+    from qtasks import AsyncQueueTasks, QueueConfig
+    from qtasks_rabbitmq import RabbitMQBroker
+    from qtasks_redis import RedisGlobalConfig, RedisStorage
+
+    app = AsyncQueueTasks(
+        broker=RabbitMQBroker(AMQP_URL, queue=QUEUE),
+        storage=RedisStorage(REDIS_URL, prefix=QUEUE),
+        global_config=RedisGlobalConfig(REDIS_URL, prefix=QUEUE),
+        config=QueueConfig(max_tasks_process=CONCURRENCY),
     )
+    redis_clients: dict[int, Any] = {}
+    w3 = {"n": 0, "first": float("inf"), "last": 0.0}
+
+    def redis() -> Any:
+        import redis.asyncio
+
+        loop = id(asyncio.get_running_loop())
+        if loop not in redis_clients:
+            redis_clients[loop] = redis.asyncio.Redis.from_url(REDIS_URL)
+        return redis_clients[loop]
+
+    @app.task(name="incr")
+    async def incr(key: str) -> None:
+        await redis().incr(key)
+
+    @app.task(name="sleep_incr")
+    async def sleep_incr() -> None:
+        start = time.time()
+        await asyncio.sleep(SLEEP)
+        w3["n"] += 1
+        w3["first"] = min(w3["first"], start)
+        w3["last"] = max(w3["last"], time.time())
+        if w3["n"] == W3_N:
+            await redis().mset(
+                {W3_FIRST: repr(w3["first"]), W3_LAST: repr(w3["last"]), W3_DONE: str(W3_N)}
+            )
+
+    @app.task(name="echo")
+    async def echo(x: int) -> int:
+        return x
+
+    return app
 
 
-async def drop(app: AsyncQueueTasks) -> None:
-    assert isinstance(app.broker, RabbitMQBroker)
-    topology: Topology = app.broker.topology
-    connection = await aio_pika.connect(URL)
+def wait_counter(client: Any, key: str, n: int, deadline_s: float) -> float:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = client.get(key)
+        if value is not None and int(value) >= n:
+            return time.perf_counter()
+        time.sleep(0.002)
+    raise TimeoutError(f"{key} reached {int(client.get(key) or 0)} of {n}")
+
+
+def pct(ordered: list[float], q: float) -> float:
+    index = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
+    return round(ordered[index], 3)
+
+
+async def produce(workload: str, n: int) -> dict[str, Any]:
+    import redis
+
+    app = build_app()
+    counter = redis.Redis.from_url(REDIS_URL)
+    try:
+        if workload == "warm":
+            for _ in range(20):
+                await app.add_task("incr", WARM_KEY)
+            wait_counter(counter, WARM_KEY, 20, 90)
+            return {"warm": 20}
+        if workload == "W1":
+            for _ in range(20):
+                await app.add_task("incr", WARM_KEY)
+            wait_counter(counter, WARM_KEY, 20, 90)
+            counter.delete(W1_KEY)
+            start = time.perf_counter()
+            for _ in range(n):
+                await app.add_task("incr", W1_KEY)
+            enqueued = time.perf_counter()
+            done = wait_counter(counter, W1_KEY, n, 60 + n / 20)
+            return {
+                "rate": round(n / (done - start), 1),
+                "enqueue_rate": round(n / (enqueued - start), 1),
+            }
+        if workload == "W2":
+            for i in range(10):
+                await app.add_task("echo", i, timeout=5)
+            samples = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                task = await app.add_task("echo", i, timeout=5)
+                samples.append((time.perf_counter() - t0) * 1000)
+                assert task.returning == i, task
+            samples.sort()
+            return {
+                "p50_ms": pct(samples, 0.5),
+                "p95_ms": pct(samples, 0.95),
+                "p99_ms": pct(samples, 0.99),
+                "mean_ms": round(statistics.fmean(samples), 3),
+            }
+        if workload == "W3-enqueue":
+            counter.delete(W3_DONE, W3_FIRST, W3_LAST)
+            for _ in range(n):
+                await app.add_task("sleep_incr")
+            return {"n": n}
+        if workload == "W3-wait":
+            wait_counter(counter, W3_DONE, n, 60 + n * SLEEP)
+            wall = float(counter.get(W3_LAST) or 0) - float(counter.get(W3_FIRST) or 0)
+            return {"wall_s": round(wall, 4), "ideal_s": round(n * SLEEP / CONCURRENCY, 4)}
+        raise SystemExit(f"unknown workload {workload!r}")
+    finally:
+        await app.aclose()
+        counter.close()
+
+
+async def cleanup() -> None:
+    import aio_pika
+
+    from qtasks_rabbitmq import Topology
+
+    topology = Topology(QUEUE)
+    connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
         for name in topology.all_queues():
@@ -47,84 +172,106 @@ async def drop(app: AsyncQueueTasks) -> None:
             await channel.exchange_delete(name)
 
 
-async def w1(n: int) -> float:
-    app = make_app(10)
-    done = anyio.Event()
-    count = 0
-
-    @app.task
-    async def noop() -> None:
-        nonlocal count
-        count += 1
-        if count == n:
-            done.set()
-
-    async with app:
-        start = time.perf_counter()
-        for _ in range(n):
-            await app.add_task("noop")
-        with anyio.fail_after(300):
-            await done.wait()
-        elapsed = time.perf_counter() - start
-    await drop(app)
-    return n / elapsed
+# --- the driver -------------------------------------------------------------------------------
 
 
-async def w2(n: int) -> list[float]:
-    app = make_app(10)
+class Run:
+    def __init__(self, queue: str) -> None:
+        self.env = {**os.environ, "BENCH_QUEUE": queue, "PYTHONUNBUFFERED": "1"}
 
-    @app.task
-    async def noop() -> None:
-        return None
+    def call(self, *args: str, **env: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, __file__, *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{args}: exit {done.returncode}\n{done.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
 
-    samples = []
-    async with app:
-        for _ in range(20):
-            await app.add_task("noop", timeout=10)
-        for _ in range(n):
-            start = time.perf_counter()
-            await app.add_task("noop", timeout=10)
-            samples.append((time.perf_counter() - start) * 1000)
-    await drop(app)
-    return samples
-
-
-async def w3(n: int) -> float:
-    app = make_app(100)
-    done = anyio.Event()
-    count = 0
-
-    @app.task
-    async def nap() -> None:
-        nonlocal count
-        await anyio.sleep(0.01)
-        count += 1
-        if count == n:
-            done.set()
-
-    async with app:
-        start = time.perf_counter()
-        for _ in range(n):
-            await app.add_task("nap")
-        with anyio.fail_after(300):
-            await done.wait()
-        elapsed = time.perf_counter() - start
-    await drop(app)
-    return elapsed
+    def worker(self, **env: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, __file__, "worker"],
+            env={**self.env, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=None,
+        )
 
 
-async def main(n: int) -> None:
-    rate = await w1(n)
-    print(f"W1 {n} no-op tasks, concurrency 10: {rate:8.0f} tasks/s")
-    samples = await w2(200)
-    print(
-        f"W2 200 round trips: p50 {percentile(samples, 0.5):.2f} ms, "
-        f"p95 {percentile(samples, 0.95):.2f} ms, p99 {percentile(samples, 0.99):.2f} ms "
-        f"(mean {statistics.mean(samples):.2f} ms)"
-    )
-    elapsed = await w3(2000)
-    print(f"W3 2000 x 10 ms sleeps, concurrency 100: {elapsed:.2f} s (ideal 0.20 s)")
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def one_run(w1: int, w2: int, w3: int) -> dict[str, Any]:
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    run = Run(f"qtasks-bench-{uuid.uuid4().hex[:8]}")
+    out: dict[str, Any] = {}
+    try:
+        worker = run.worker(BENCH_CONCURRENCY="10")
+        try:
+            out["W1"] = run.call("W1", str(w1))
+            out["W2"] = run.call("W2", str(w2))
+        finally:
+            stop(worker)
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        c100 = {"BENCH_CONCURRENCY": "100", "BENCH_W3_N": str(w3)}
+        first = run.worker(**c100)
+        try:
+            run.call("warm", **c100)
+        finally:
+            stop(first)
+        run.call("W3-enqueue", str(w3), **c100)
+        worker = run.worker(**c100)
+        try:
+            out["W3"] = run.call("W3-wait", str(w3), **c100)
+        finally:
+            stop(worker)
+    finally:
+        run.call("cleanup")
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("worker", "W1", "W2", "W3-enqueue", "W3-wait", "warm"):
+        if sys.argv[1] == "worker":
+            build_app().run_forever()
+            return
+        n = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+        print(json.dumps(asyncio.run(produce(sys.argv[1], n))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "cleanup":
+        asyncio.run(cleanup())
+        print(json.dumps({"cleanup": True}))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--w1", type=int, default=10_000)
+    parser.add_argument("--w2", type=int, default=200)
+    parser.add_argument("--w3", type=int, default=2_000)
+    parser.add_argument("--repeat", type=int, default=1)
+    opts = parser.parse_args()
+    for _ in range(opts.repeat):
+        result = one_run(opts.w1, opts.w2, opts.w3)
+        w1, w2, w3 = result["W1"], result["W2"], result["W3"]
+        print(
+            f"W1 {w1['rate']:,.0f} tasks/s (enqueue {w1['enqueue_rate']:,.0f}/s) | "
+            f"W2 p50 {w2['p50_ms']:.2f} ms p95 {w2['p95_ms']:.2f} ms p99 {w2['p99_ms']:.2f} ms | "
+            f"W3 {w3['wall_s']:.2f} s (ideal {w3['ideal_s']:.2f} s) | "
+            f"load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
-    anyio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
+    main()

@@ -302,6 +302,59 @@ async def test_queue_type_mismatch_is_a_clear_error(
         await make_broker(queue_type="quorum")
 
 
+async def test_queue_version_is_declared_when_asked(
+    make_broker: BrokerFactory, queue_name: str
+) -> None:
+    """``queue_version=2`` declares every classic queue as CQv2; the default sends nothing (the
+    server decides); re-declaring an existing queue with another version is a clear error."""
+    broker = await make_broker(queue_version=2)
+    assert broker.topology.work_arguments()["x-queue-version"] == 2
+    assert broker.topology.dead_arguments()["x-queue-version"] == 2
+    assert broker.topology.level_arguments(3)["x-queue-version"] == 2
+    # The server holds version 2: declaring the same queue without it is refused.
+    with pytest.raises(TopologyError, match=queue_name):
+        await make_broker()
+    for plain in (RabbitMQBroker(queue="q"), RabbitMQBroker(queue="q", queue_type="quorum")):
+        assert "x-queue-version" not in plain.topology.work_arguments()
+    with pytest.raises(ConfigError, match="queue_version"):
+        RabbitMQBroker(queue_version=3)
+
+
+async def test_wire_format_id_in_message_id_and_only_non_default_headers(
+    make_broker: BrokerFactory,
+) -> None:
+    """A plain message carries its id as the AMQP message-id and no header table at all; a
+    priority travels as a header; an id too long for message-id travels as a header."""
+    broker = await make_broker()
+    plain, urgent = envelope(b"plain"), envelope(b"urgent", priority=-3)
+    long_id = Envelope(id="x" * 300, body=b"long", priority=0)
+    for item in (plain, urgent, long_id):
+        await broker.publish(item)
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(broker.topology.queue, ensure=False)
+        seen: dict[bytes, aio_pika.abc.AbstractIncomingMessage] = {}
+        with anyio.fail_after(5):
+            while len(seen) < 3:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    await anyio.sleep(0.02)
+                    continue
+                seen[message.body] = message
+        assert seen[b"plain"].message_id == plain.id
+        assert not seen[b"plain"].headers
+        assert seen[b"plain"].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert seen[b"urgent"].headers == {"x-qtasks-priority": -3}
+        assert seen[b"long"].headers == {"x-qtasks-id": "x" * 300}
+    # The channel closed without acks: all three are back, and read with their ids.
+    async with broker.consume(prefetch=5) as deliveries:
+        got = {d.body: d for d in [await take(deliveries) for _ in range(3)]}
+        assert got[b"plain"].id == plain.id
+        assert (got[b"urgent"].id, got[b"urgent"].priority) == (urgent.id, -3)
+        assert got[b"long"].id == "x" * 300
+
+
 async def test_connection_errors_never_show_the_password() -> None:
     secret = "s3cr3t-" + uuid.uuid4().hex
     from contextlib import AsyncExitStack

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -31,9 +32,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any, Self, cast, get_args
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from qtasks.components import BrokerStats, DeadLetter
 from qtasks.config import QueueConfig
@@ -50,12 +52,17 @@ from qtasks_rabbitmq.topology import (
 
 log = logging.getLogger("qtasks_rabbitmq")
 
+PERSISTENT = 2
+"""AMQP ``delivery_mode`` of a message written to disk by a durable queue."""
+
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 H_ID = "x-qtasks-id"
+"""The message id when it does not fit AMQP's ``message-id`` property (else that is used)."""
 H_PRIORITY = "x-qtasks-priority"
+"""The qtasks priority (absent: 0)."""
 H_DELIVERIES = "x-qtasks-deliveries"
-"""Deliveries already made of this message (0 when published or requeued)."""
+"""Deliveries already made of this message (absent: 0, when published or requeued)."""
 H_ETA = "x-qtasks-eta-ms"
 H_REASON = "x-qtasks-reason"
 H_DEAD_AT = "x-qtasks-dead-at-ms"
@@ -65,10 +72,14 @@ _EXTRA_KEYS = {
     "rabbitmq_queue": str,
     "rabbitmq_queue_type": str,
     "rabbitmq_max_priority": int,
+    "rabbitmq_queue_version": int,
     "rabbitmq_heartbeat": int,
     "rabbitmq_connect_timeout": float,
     "rabbitmq_publish_timeout": float,
 }
+
+_MAX_MESSAGE_ID = 255
+"""Longest AMQP ``message-id`` (a short string)."""
 
 _TRACKED_IDS = 100_000
 """How many ids published by this process :meth:`RabbitMQBroker.cancel` remembers."""
@@ -100,13 +111,14 @@ class RabbitMQDelivery:
         "_priority",
         "_settled",
         "lease_until",
+        "token",
     )
 
     def __init__(
         self,
         consumer: _Consumer,
         generation: int,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         id: str,
         priority: int,
         attempt: int,
@@ -119,6 +131,7 @@ class RabbitMQDelivery:
         self._attempt = attempt
         self._settled = False
         self.lease_until = 0.0
+        self.token = f"{consumer.uid}.{generation}.{message.delivery_tag}"
 
     @property
     def id(self) -> str:
@@ -137,10 +150,6 @@ class RabbitMQDelivery:
         return self._attempt
 
     @property
-    def token(self) -> str:
-        return f"{self._consumer.uid}.{self._generation}.{self._message.delivery_tag}"
-
-    @property
     def generation(self) -> int:
         return self._generation
 
@@ -151,7 +160,7 @@ class RabbitMQDelivery:
         """Ack on the original channel; ``False`` if that channel is gone."""
         self._consumer.release(self.token)
         try:
-            await self._message.ack()
+            await _settle(self._message, ack=True)
         except Exception:
             return False
         return True
@@ -198,7 +207,7 @@ class RabbitMQDelivery:
     async def hand_back(self) -> None:
         """Return an unstarted delivery without counting it: publish a copy, ack this one."""
         broker = self._consumer.broker
-        headers = self._message.headers or {}
+        headers = self._message.header.properties.headers or {}
         deliveries = _as_int(headers.get(H_DELIVERIES), 0)
         with contextlib.suppress(Exception):
             await self._then_finish(
@@ -259,7 +268,7 @@ class _Consumer:
                 delivery._settled = True
                 self.release(delivery.token)
                 with contextlib.suppress(Exception):
-                    await delivery._message.nack(requeue=True)
+                    await _settle(delivery._message, ack=False)
 
     def release(self, token: str) -> None:
         if self.held.pop(token, None) is not None:
@@ -320,16 +329,18 @@ class _Consumer:
             self.generation = generation
             self.channel = channel
             self.underlay = cast(aiormq.Channel, underlay)
-            queue = await channel.get_queue(link.topology.queue, ensure=False)
-            self.tag = await queue.consume(
-                functools.partial(self._on_message, generation), no_ack=False
+            # Straight on aiormq: aio-pika would wrap every message in an IncomingMessage and
+            # a second task; the worker needs the raw frame only.
+            ok = await underlay.basic_consume(
+                link.topology.queue, functools.partial(self._on_message, generation)
             )
+            self.tag = ok.consumer_tag
 
     def _closed(self, generation: int, what: str, exc: BaseException | None) -> None:
         if generation == self.generation and not self.closing and self.broker._link is not None:
             self.broker._link.lost(what if exc is None else f"{what}: {type(exc).__name__}")
 
-    async def _on_message(self, generation: int, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, generation: int, message: DeliveredMessage) -> None:
         if generation != self.generation:
             return  # from a channel already replaced; RabbitMQ redelivers it
         self.pending += 1
@@ -345,7 +356,7 @@ class _Consumer:
         except Exception:
             log.exception("qtasks_rabbitmq: handling a received message failed; requeued")
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await _settle(message, ack=False)
         finally:
             self.pending -= 1
             if not self.pending:
@@ -381,9 +392,8 @@ class _Consumer:
         if channel is None or channel.is_closed:
             return
         try:
-            if self.tag is not None:
-                queue = await channel.get_queue(self.broker._topology.queue, ensure=False)
-                await queue.cancel(self.tag)
+            if self.tag is not None and self.underlay is not None:
+                await self.underlay.basic_cancel(self.tag)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await self.idle.wait()
@@ -397,7 +407,7 @@ class _Consumer:
                 if delivery._live():
                     delivery._settled = True
                     with contextlib.suppress(Exception):
-                        await delivery._message.nack(requeue=True)
+                        await _settle(delivery._message, ack=False)
             self.held.clear()
         finally:
             with contextlib.suppress(Exception):
@@ -409,9 +419,10 @@ class RabbitMQBroker:
 
     ``queue`` names the work queue (other objects are named after it); ``queue_type`` is
     ``"classic"`` (priorities through ``x-max-priority``) or ``"quorum"`` (replicated, counts
-    deliveries itself; no priorities before RabbitMQ 4). ``heartbeat`` is the AMQP heartbeat in
-    seconds (unless the URL sets one). ``publish_timeout`` bounds how long a publish waits for a
-    lost connection to come back before raising.
+    deliveries itself; no priorities before RabbitMQ 4). ``queue_version`` is the classic
+    queues' ``x-queue-version`` (0, the default, leaves it to the server). ``heartbeat`` is the AMQP
+    heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds how long a
+    publish waits for a lost connection to come back before raising.
     """
 
     def __init__(
@@ -421,6 +432,7 @@ class RabbitMQBroker:
         queue: str = "qtasks",
         queue_type: QueueType = "classic",
         max_priority: int = 20,
+        queue_version: int = 0,
         heartbeat: int = 30,
         connect_timeout: float = 10.0,
         publish_timeout: float = 30.0,
@@ -431,13 +443,15 @@ class RabbitMQBroker:
             )
         if not 0 <= max_priority <= 255:
             raise ConfigError(f"rabbitmq_max_priority must be 0..255, not {max_priority}")
+        if queue_version not in (0, 1, 2):
+            raise ConfigError(f"rabbitmq_queue_version must be 0, 1 or 2, not {queue_version!r}")
         self._url = url
         self._options = {
             "heartbeat": heartbeat,
             "connect_timeout": connect_timeout,
             "publish_timeout": publish_timeout,
         }
-        self._topology = Topology(queue, queue_type, max_priority)
+        self._topology = Topology(queue, queue_type, max_priority, version=queue_version)
         self._max_deliveries = 5
         self._max_running = 10
         self._lease = 30.0
@@ -491,9 +505,7 @@ class RabbitMQBroker:
         self._max_deliveries = config.max_deliveries
         self._max_running = config.max_tasks_process
         topology = self._topology
-        self._topology = Topology(
-            topology.queue, topology.queue_type, topology.max_priority, config.max_deliveries
-        )
+        self._topology = dataclasses.replace(topology, delivery_limit=config.max_deliveries)
         self._lease = config.lease
         link = Link(self._url, self._topology, **self._options)  # type: ignore[arg-type]
         await link.start(AsyncExitStack())  # closed by _release, when the last user goes
@@ -510,15 +522,25 @@ class RabbitMQBroker:
     # publishing
 
     def _message(
-        self, id: str, body: bytes, priority: int, deliveries: int, extra: dict[str, Any]
-    ) -> aio_pika.Message:
-        headers: dict[str, Any] = {H_ID: id, H_PRIORITY: priority, H_DELIVERIES: deliveries}
-        headers.update(extra)
-        return aio_pika.Message(
-            body,
-            headers=headers,
+        self, id: str, priority: int, deliveries: int, extra: dict[str, Any] | None = None
+    ) -> Basic.Properties:
+        # Only what differs from the defaults travels in headers: encoding an AMQP table is a
+        # good part of a publish's cost. The id is the message id (a short string); an id too
+        # long for that goes in a header instead.
+        headers: dict[str, Any] = dict(extra) if extra else {}
+        if priority:
+            headers[H_PRIORITY] = priority
+        if deliveries:
+            headers[H_DELIVERIES] = deliveries
+        message_id: str | None = id
+        if len(id) > _MAX_MESSAGE_ID or not id.isascii():
+            headers[H_ID] = id
+            message_id = None
+        return Basic.Properties(
+            headers=headers or None,
             priority=self._topology.amqp_priority(priority),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
+            message_id=message_id,
         )
 
     async def _send(
@@ -528,24 +550,21 @@ class RabbitMQBroker:
         wait = delay_ms(eta - time.time()) if eta is not None else 0
         if wait > 0:
             assert eta is not None
-            message = self._message(id, body, priority, deliveries, {H_ETA: _ms(eta)})
+            properties = self._message(id, priority, deliveries, {H_ETA: _ms(eta)})
             await link.publish(
-                message,
-                self._topology.entry_exchange,
-                delay_routing_key(wait),
-                what=f"message {id}",
+                body, properties, self._topology.entry_exchange, delay_routing_key(wait), id
             )
         else:
-            message = self._message(id, body, priority, deliveries, {})
-            await link.publish(message, "", self._topology.queue, what=f"message {id}")
+            properties = self._message(id, priority, deliveries)
+            await link.publish(body, properties, "", self._topology.queue, id)
 
     async def _bury(
         self, id: str, body: bytes, priority: int, deliveries: int, reason: str
     ) -> None:
         extra = {H_REASON: reason[:4000], H_DEAD_AT: _ms(time.time())}
-        message = self._message(id, body, priority, deliveries, extra)
+        properties = self._message(id, priority, deliveries, extra)
         await self._require_link().publish(
-            message, "", self._topology.dead, what=f"dead letter {id}"
+            body, properties, "", self._topology.dead, id, what="dead letter"
         )
 
     async def publish(self, envelope: Envelope) -> None:
@@ -557,49 +576,53 @@ class RabbitMQBroker:
     # consuming
 
     async def _receive(
-        self, consumer: _Consumer, generation: int, message: AbstractIncomingMessage
+        self, consumer: _Consumer, generation: int, message: DeliveredMessage
     ) -> RabbitMQDelivery | None:
         """Turn a raw message into a delivery, or deal with it here and return ``None``.
 
         Normal messages take no ``await`` on the way, so they reach the worker in order."""
-        headers = message.headers or {}
-        id = _as_str(headers.get(H_ID)) or message.message_id or f"unknown-{uuid_mod.uuid4().hex}"
+        properties = message.header.properties
+        headers = properties.headers or {}
+        id = (
+            _as_str(headers.get(H_ID)) or properties.message_id or f"unknown-{uuid_mod.uuid4().hex}"
+        )
         priority = _as_int(headers.get(H_PRIORITY), 0)
         deliveries = max(_as_int(headers.get(H_DELIVERIES), 0), 0)
         eta_ms = _as_int(headers.get(H_ETA), 0)
         eta = eta_ms / 1000 if eta_ms else None
+        body = message.body
         if eta is not None and eta - time.time() > 0.001:
             # Longer than one pass through the delay chain (or a clock ahead): wait again.
-            await self._settle_with(
-                message, self._send(id, message.body, priority, deliveries, eta)
-            )
+            await self._settle_with(message, self._send(id, body, priority, deliveries, eta))
             return None
-        self._published.pop(id, None)
-        if id in self._cancelled:
+        if self._published:
+            self._published.pop(id, None)
+        if self._cancelled and id in self._cancelled:
             self._cancelled.discard(id)
-            await message.ack()
+            await _settle(message, ack=True)
             return None
+        redelivered = bool(message.redelivered)
         if self._topology.queue_type == "quorum":
             done = deliveries + max(_as_int(headers.get("x-delivery-count"), 0), 0)
         else:
-            done = deliveries + (1 if message.redelivered else 0)
+            done = deliveries + (1 if redelivered else 0)
         if done >= self._max_deliveries:
             reason = (
                 f"delivery limit reached: delivered {done} times without being settled "
                 f"(max_deliveries={self._max_deliveries})"
             )
-            await self._settle_with(message, self._bury(id, message.body, priority, done, reason))
+            await self._settle_with(message, self._bury(id, body, priority, done, reason))
             return None
-        if message.redelivered and self._topology.queue_type == "classic":
+        if redelivered and self._topology.queue_type == "classic":
             # A classic queue does not count deliveries: count this one in the header.
-            await self._settle_with(message, self._send(id, message.body, priority, done, None))
+            await self._settle_with(message, self._send(id, body, priority, done, None))
             return None
         return RabbitMQDelivery(consumer, generation, message, id, priority, done + 1)
 
     @staticmethod
-    async def _settle_with(message: AbstractIncomingMessage, publish: Any) -> None:
+    async def _settle_with(message: DeliveredMessage, publish: Awaitable[None]) -> None:
         await publish
-        await message.ack()
+        await _settle(message, ack=True)
 
     @asynccontextmanager
     async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[RabbitMQDelivery]]:
@@ -699,6 +722,19 @@ class RabbitMQBroker:
         finally:
             await channel.close()
         return moved
+
+
+async def _settle(message: DeliveredMessage, *, ack: bool) -> None:
+    """Ack, or nack with requeue, on the channel the message came from.
+
+    The frame is queued for the socket without waiting for the write buffer to drain: an ack
+    is one-way in AMQP, so draining would tell nothing more, and the wait costs a loop turn."""
+    tag = message.delivery_tag
+    assert tag is not None, "a consumed message always has a delivery tag"
+    if ack:
+        await message.channel.basic_ack(tag, wait=False)
+    else:
+        await message.channel.basic_nack(tag, requeue=True, wait=False)
 
 
 def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:

@@ -22,7 +22,8 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
@@ -81,7 +82,7 @@ class Link:
         self.generation = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._publisher: aiormq.abc.AbstractChannel | None = None
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._closed = False
@@ -146,27 +147,43 @@ class Link:
     # publishing
 
     async def publish(
-        self, message: aio_pika.Message, exchange: str, routing_key: str, *, what: str
+        self,
+        body: bytes,
+        properties: Basic.Properties,
+        exchange: str,
+        routing_key: str,
+        id: str,
+        *,
+        what: str = "message",
     ) -> None:
         """Publish and wait for the broker's confirm; retried across reconnects until
         ``publish_timeout``. A return (unroutable) or a nack raises
-        :class:`PublishRejectedError` at once."""
+        :class:`PublishRejectedError` at once (``what`` and ``id`` name the message there)."""
         deadline = time.monotonic() + self._publish_timeout
         while True:
-            await self._wait_ready(deadline - time.monotonic())
-            channel = self._channel
-            assert channel is not None
-            target = self._exchanges.get(exchange)
-            if target is None:
-                target = await channel.get_exchange(exchange, ensure=False)
-                self._exchanges[exchange] = target
+            channel = self._publisher
+            if channel is None or not self._ready.is_set():
+                await self._wait_ready(deadline - time.monotonic())
+                channel = self._publisher
+                assert channel is not None
             try:
-                await target.publish(message, routing_key, mandatory=True)
+                # aiormq directly: aio-pika's Message and Exchange layers only copy fields.
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
                 return
             except aio_pika.exceptions.PublishError:
-                raise PublishRejectedError(what, "unroutable: no queue bound for it") from None
+                raise PublishRejectedError(
+                    f"{what} {id}", "unroutable: no queue bound for it"
+                ) from None
             except aio_pika.exceptions.DeliveryError as exc:
-                raise PublishRejectedError(what, f"the broker nacked it ({exc})") from None
+                raise PublishRejectedError(
+                    f"{what} {id}", f"the broker nacked it ({exc})"
+                ) from None
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as exc:
@@ -174,7 +191,7 @@ class Link:
                 self.lost(f"publish failed: {describe(exc, self._secret)}")
                 if time.monotonic() >= deadline:
                     raise BrokerConnectionError(
-                        f"cannot publish {what} to RabbitMQ at {self.safe_url}: "
+                        f"cannot publish {what} {id} to RabbitMQ at {self.safe_url}: "
                         f"{describe(exc, self._secret)}"
                     ) from None
 
@@ -212,7 +229,7 @@ class Link:
             lambda _sender, exc: self._on_close(generation, "publish channel closed", exc)
         )
         self._channel = channel
-        self._exchanges = {}
+        self._publisher = await channel.get_underlay_channel()
         self.generation = generation
         for reopen, _ in list(self._reopeners.values()):
             await reopen(connection, generation)
@@ -225,6 +242,7 @@ class Link:
 
     async def _drop_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._publisher = None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 5)
