@@ -12,6 +12,7 @@ import socket
 import time
 import traceback
 import uuid as uuid_mod
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -97,7 +98,7 @@ class QueueWorker:
         capacity = concurrency + prefetch
         self._held = 0
         slot_freed = _Signal()
-        item_ready = _Signal()
+        item_ready = _WakeOne()
         self._stopping = anyio.Event()
         async with (
             app.broker.consume(prefetch=prefetch) as deliveries,
@@ -111,7 +112,7 @@ class QueueWorker:
                 with scope:
                     while True:
                         while not self._local and not self._stopping.is_set():
-                            await item_ready.wait(None)
+                            await item_ready.wait()
                         if self._stopping.is_set():
                             return  # stopping: what waits locally is handed back
                         _, _, delivery = heapq.heappop(self._local)
@@ -137,7 +138,7 @@ class QueueWorker:
                     delivery = await iterator.__anext__()
                     self._held += 1
                     heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
-                    item_ready.fire()
+                    item_ready.wake_one()
 
             for _ in range(concurrency):
                 serving.start_soon(runner)
@@ -160,7 +161,7 @@ class QueueWorker:
             finally:
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
-                    item_ready.fire()
+                    item_ready.wake_all()
                     await self._hand_back(app)
                     with anyio.move_on_after(config.shutdown_grace):
                         while self._running:
@@ -461,3 +462,30 @@ def _record_of(message: Message) -> TaskRecord:
         created_at=message.created_at,
         parent_uuid=message.headers.get("parent_uuid"),
     )
+
+
+class _WakeOne:
+    """Idle runners wait here; each new item wakes one of them, not all (a herd of 100 idle
+    runners per message costs more than the message)."""
+
+    __slots__ = ("_waiting",)
+
+    def __init__(self) -> None:
+        self._waiting: deque[anyio.Event] = deque()
+
+    async def wait(self) -> None:
+        event = anyio.Event()
+        self._waiting.append(event)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():
+                self._waiting.remove(event)
+
+    def wake_one(self) -> None:
+        if self._waiting:
+            self._waiting.popleft().set()
+
+    def wake_all(self) -> None:
+        while self._waiting:
+            self._waiting.popleft().set()
