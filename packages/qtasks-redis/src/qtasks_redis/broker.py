@@ -29,7 +29,14 @@ from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 from qtasks_redis import broker_lua as lua
 from qtasks_redis import shared_lua
-from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.connection import (
+    Client,
+    RedisTarget,
+    Script,
+    SharedClient,
+    common_options,
+    guarded,
+)
 from qtasks_redis.lane import Lane
 from qtasks_redis.storage import RECORD_KEYS, RedisStorage
 
@@ -179,9 +186,7 @@ class RedisBroker:
         return cls(
             config.broker_url,
             queue=str(extra.get("redis_queue", "default")),
-            prefix=str(extra.get("redis_prefix", "qtasks")),
-            cluster=bool(extra.get("redis_cluster", False)),
-            options=extra,
+            **common_options(extra),
         )
 
     def __repr__(self) -> str:

@@ -251,3 +251,13 @@ class SharedClient:
     def lane(self) -> Lane | None:
         """The lane, or ``None`` (TLS, cluster, or not started)."""
         return self._lane
+
+
+def common_options(extra: dict[str, Any]) -> dict[str, Any]:
+    """The constructor keywords every Redis component reads from ``config.extra``:
+    ``prefix`` (``redis_prefix``), ``cluster`` (``redis_cluster``) and the client options."""
+    return {
+        "prefix": str(extra.get("redis_prefix", "qtasks")),
+        "cluster": bool(extra.get("redis_cluster", False)),
+        "options": extra,
+    }

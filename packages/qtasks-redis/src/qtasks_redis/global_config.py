@@ -15,7 +15,14 @@ from redis.exceptions import ResponseError
 
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError, SerializationError
-from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.connection import (
+    Client,
+    RedisTarget,
+    Script,
+    SharedClient,
+    common_options,
+    guarded,
+)
 
 _PRELUDE = r"""
 local function now_ms()
@@ -126,13 +133,7 @@ class RedisGlobalConfig:
     def from_config(cls, config: QueueConfig) -> Self:
         """Built from ``config.global_config_url`` and ``config.extra`` (``redis_prefix``,
         ``redis_cluster`` and client options ``redis_*``)."""
-        extra = config.extra
-        return cls(
-            config.global_config_url,
-            prefix=str(extra.get("redis_prefix", "qtasks")),
-            cluster=bool(extra.get("redis_cluster", False)),
-            options=extra,
-        )
+        return cls(config.global_config_url, **common_options(config.extra))
 
     def __repr__(self) -> str:
         return f"RedisGlobalConfig({self.target.where}, prefix={self.prefix!r})"

@@ -13,7 +13,14 @@ from qtasks.config import QueueConfig
 from qtasks.errors import SerializationError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
-from qtasks_redis.connection import Client, RedisTarget, Script, SharedClient, guarded
+from qtasks_redis.connection import (
+    Client,
+    RedisTarget,
+    Script,
+    SharedClient,
+    common_options,
+    guarded,
+)
 from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
@@ -66,13 +73,7 @@ class RedisStorage:
     def from_config(cls, config: QueueConfig) -> Self:
         """Built from ``config.storage_url`` and ``config.extra`` (``redis_prefix``,
         ``redis_cluster`` and client options ``redis_*``)."""
-        extra = config.extra
-        return cls(
-            config.storage_url,
-            prefix=str(extra.get("redis_prefix", "qtasks")),
-            cluster=bool(extra.get("redis_cluster", False)),
-            options=extra,
-        )
+        return cls(config.storage_url, **common_options(config.extra))
 
     def __repr__(self) -> str:
         return f"RedisStorage({self.target.where}, prefix={self.prefix!r})"
