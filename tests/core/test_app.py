@@ -140,13 +140,14 @@ async def test_task_default_priority_applies() -> None:
     async def high() -> None:
         order.append("high")
 
-    await app.add_task("low")
-    last = await app.add_task("high")
+    first = await app.add_task("low")
+    second = await app.add_task("high")
+    assert (first.priority, second.priority) == (9, 0)
     async with app:
-        await last.wait_result(5)
-        await anyio.wait_all_tasks_blocked() if hasattr(anyio, "wait_all_tasks_blocked") else None
+        await first.wait_result(5)
+        await second.wait_result(5)
     await app.aclose()
-    assert order[0] == "high"
+    assert order == ["high", "low"]  # enqueued second, ran first
 
 
 async def test_delayed_task_waits_for_its_eta(app: AsyncQueueTasks) -> None:
