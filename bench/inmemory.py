@@ -22,7 +22,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def throughput(kind: str, n: int) -> float:
-    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=10))
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=10, plugins_disabled=["*"]))
     done = anyio.Event()
     count = 0
 
@@ -55,7 +55,7 @@ async def throughput(kind: str, n: int) -> float:
 
 
 async def latency(n: int) -> list[float]:
-    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=10))
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=10, plugins_disabled=["*"]))
 
     @app.task
     async def noop() -> None:

@@ -212,6 +212,77 @@ async def test_cancel_running_async_task(app: AsyncQueueTasks) -> None:
     assert final.cancel_reason == "stop it"
 
 
+async def test_runner_serves_normally_after_a_cancel() -> None:
+    # One runner: the tasks after a cancelled one run in a fresh cancel scope, so their awaits
+    # are not cancelled too, also after a task that swallowed its cancellation.
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=1, lease=2.0))
+    started = anyio.Event()
+    stubborn_started = anyio.Event()
+    swallowed = anyio.Event()
+
+    @app.task
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    @app.task
+    async def stubborn() -> str:
+        stubborn_started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            swallowed.set()  # swallows the cancellation and returns
+        return "ignored the cancel"
+
+    @app.task
+    async def sleeper(n: int) -> int:
+        await anyio.sleep(0.001)
+        await anyio.lowlevel.checkpoint()
+        return n
+
+    async with app:
+        first = await app.add_task("forever")
+        with anyio.fail_after(5):
+            await started.wait()
+        await app.cancel(first.uuid, "stop it")
+        assert (await first.wait_result(5)).status is TaskStatus.CANCEL
+        after = [await app.add_task("sleeper", i) for i in range(3)]
+        for i, task in enumerate(after):
+            final = await task.wait_result(5)
+            assert (final.status, final.returning) == (TaskStatus.SUCCESS, i)
+        second = await app.add_task("stubborn")
+        with anyio.fail_after(5):
+            await stubborn_started.wait()
+        await app.cancel(second.uuid, "please")
+        with anyio.fail_after(5):
+            await swallowed.wait()
+        last = await app.add_task("sleeper", 7, timeout=5)
+        assert (last.status, last.returning) == (TaskStatus.SUCCESS, 7)
+    await app.aclose()
+
+
+async def test_cancel_between_begin_and_start_never_runs_the_code() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=1, plugins_disabled=["*"]))
+    ran: list[str] = []
+
+    class CancelOnBefore:
+        @hookimpl
+        def qtasks_worker_execute_before(self, app: Any, record: Any) -> None:
+            assert app.worker.cancel_local(record.uuid, "changed my mind")
+
+    app.hooks.register(CancelOnBefore())
+
+    @app.task
+    async def job() -> None:
+        ran.append("job")
+
+    async with app:
+        final = await app.add_task("job", timeout=5)
+    assert (final.status, final.cancel_reason) == (TaskStatus.CANCEL, "changed my mind")
+    assert ran == []
+    await app.aclose()
+
+
 async def test_max_time_async_task(app: AsyncQueueTasks) -> None:
     cancelled = anyio.Event()
 

@@ -116,9 +116,7 @@ class TaskContext:
 
     def _hand_back(self) -> None:
         run = self._run
-        if run.cancel_reason is None:
-            run.cancel_reason = _SHUTDOWN
-        run.cancel_scope.cancel()
+        run.cancel(run.cancel_reason or _SHUTDOWN)
 
 
 class AsyncTaskHandle:

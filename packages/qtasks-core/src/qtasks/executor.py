@@ -37,13 +37,28 @@ class TaskRun:
     task: TaskDef[..., Any]
     message: Message
     record: TaskRecord
-    cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    cancel_scope: anyio.CancelScope | None = None
+    """The scope the task's code runs in. The worker shares one scope between the tasks a
+    runner runs in turn (a scope per task costs more than a no-op task), so never cancel it
+    directly: call :meth:`cancel`, which touches it only while this run is executing."""
     cancel_reason: str | None = None
     delivery: Any = None
     """The broker delivery being executed (``None`` when run inline)."""
     lease_lost: bool = False
     state: dict[str, Any] = field(default_factory=dict)
     """Free space for plugins (e.g. the Depends exit stack of this run)."""
+    executing: bool = False
+    """True while the executor runs the task (a cancel is delivered at once)."""
+    cancel_requested: bool = False
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Cancel this run: its code gets the cancellation at its next ``await``, or as soon as
+        it starts when it has not started yet. ``reason`` is kept as ``cancel_reason``."""
+        if reason is not None:
+            self.cancel_reason = reason
+        self.cancel_requested = True
+        if self.executing and self.cancel_scope is not None:
+            self.cancel_scope.cancel()
 
 
 class TaskExecutor:

@@ -73,8 +73,7 @@ class QueueWorker:
         run = self._running.get(uuid)
         if run is None:
             return False
-        run.cancel_reason = reason
-        run.cancel_scope.cancel()
+        run.cancel(reason)
         return True
 
     @property
@@ -104,31 +103,35 @@ class QueueWorker:
             app.broker.consume(prefetch=prefetch) as deliveries,
             anyio.create_task_group() as serving,
         ):
-            runners: list[anyio.CancelScope] = []
+            runners: set[anyio.CancelScope] = set()
 
             async def runner() -> None:
-                scope = anyio.CancelScope()
-                runners.append(scope)
-                with scope:
-                    while True:
-                        while not self._local and not self._stopping.is_set():
-                            await item_ready.wait()
-                        if self._stopping.is_set():
-                            return  # stopping: what waits locally is handed back
-                        _, _, delivery = heapq.heappop(self._local)
-                        try:
-                            if delivery.token in self._lost:
-                                self._lost.discard(delivery.token)
-                                log.warning(
-                                    "lease of waiting message %s was lost; another worker "
-                                    "owns it now",
-                                    delivery.id,
-                                )
-                                continue
-                            await self._process(app, delivery)
-                        finally:
-                            self._held -= 1
-                            slot_freed.fire()
+                # One cancel scope serves the tasks this runner runs in turn, until one of
+                # them is cancelled; then the runner takes a fresh scope.
+                while not self._stopping.is_set():
+                    scope = anyio.CancelScope()
+                    runners.add(scope)
+                    with scope:
+                        while not scope.cancel_called:
+                            while not self._local and not self._stopping.is_set():
+                                await item_ready.wait()
+                            if self._stopping.is_set():
+                                return  # stopping: what waits locally is handed back
+                            _, _, delivery = heapq.heappop(self._local)
+                            try:
+                                if delivery.token in self._lost:
+                                    self._lost.discard(delivery.token)
+                                    log.warning(
+                                        "lease of waiting message %s was lost; another "
+                                        "worker owns it now",
+                                        delivery.id,
+                                    )
+                                    continue
+                                await self._process(app, delivery, scope)
+                            finally:
+                                self._held -= 1
+                                slot_freed.fire()
+                    runners.discard(scope)
 
             async def receive() -> None:
                 iterator = deliveries.__aiter__()
@@ -167,8 +170,7 @@ class QueueWorker:
                         while self._running:
                             await self._wait_idle()
                     for run in list(self._running.values()):
-                        run.cancel_reason = "__shutdown__"
-                        run.cancel_scope.cancel()
+                        run.cancel("__shutdown__")
                     while self._running:
                         await self._wait_idle()
                     for scope in runners:
@@ -231,12 +233,17 @@ class QueueWorker:
         deliveries themselves, such as the inline runner of ``qtasks_testing``."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_leases, app)
-            await self._process(app, delivery)
+            with anyio.CancelScope() as scope:
+                await self._process(app, delivery, scope)
             tg.cancel_scope.cancel()
 
-    async def _process(self, app: AsyncQueueTasks, delivery: Delivery) -> None:
+    async def _process(
+        self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
+    ) -> None:
+        """Handle ``delivery`` inside ``scope``, the runner's cancel scope (cancelled only
+        through :meth:`TaskRun.cancel`, and only while that run executes)."""
         try:
-            await self._process_inner(app, delivery)
+            await self._process_inner(app, delivery, scope)
         except Exception:
             # A bug in a component or plugin must not kill the worker: log, hand back.
             log.exception("worker failed while handling message %s", delivery.id)
@@ -246,7 +253,9 @@ class QueueWorker:
                 except Exception:
                     log.exception("could not hand message %s back", delivery.id)
 
-    async def _process_inner(self, app: AsyncQueueTasks, delivery: Delivery) -> None:
+    async def _process_inner(
+        self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
+    ) -> None:
         hooks = app.hooks
         await hooks.notify("qtasks_broker_message_received", app=app, delivery=delivery)
         try:
@@ -283,12 +292,18 @@ class QueueWorker:
             await delivery.ack()
             return
         await hooks.notify("qtasks_storage_saved", app=app, record=record)
-        run = TaskRun(app=app, task=task, message=message, record=record, delivery=delivery)
+        run = TaskRun(
+            app=app,
+            task=task,
+            message=message,
+            record=record,
+            delivery=delivery,
+            cancel_scope=scope,
+        )
         self._running[record.uuid] = run
         try:
             await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
             await self._execute(app, run, delivery)
-            await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
         finally:
             del self._running[record.uuid]
             self.processed += 1
@@ -297,15 +312,48 @@ class QueueWorker:
                 idle.set()
 
     async def _execute(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> None:
-        record = run.record
-        hooks = app.hooks
         outcome: BaseException | None = None
         result: Any = None
-        with run.cancel_scope:
-            try:
-                result = await task_executor(run).execute(run)
-            except Exception as exc:
-                outcome = exc
+        if run.cancel_requested:  # cancelled between begin and now: never start it
+            await self._settle(app, run, delivery, None, None, cancelled=True)
+            return
+        run.executing = True
+        try:
+            result = await task_executor(run).execute(run)
+        except Exception as exc:
+            outcome = exc
+        except BaseException as exc:
+            if not (run.cancel_requested and isinstance(exc, anyio.get_cancelled_exc_class())):
+                raise  # the worker itself is torn down: not acked, comes back after its lease
+            run.executing = False
+            # The runner's scope is cancelled: settle shielded, then let the cancellation end
+            # the scope (the runner takes a fresh one for the next task).
+            with anyio.CancelScope(shield=True):
+                await self._settle(app, run, delivery, None, None, cancelled=True)
+            raise
+        finally:
+            run.executing = False
+        if run.cancel_requested:
+            # Cancelled as it finished (or the task swallowed the cancellation): the scope is
+            # cancelled, so only shielded awaits can still run in it.
+            with anyio.CancelScope(shield=True):
+                await self._settle(app, run, delivery, result, outcome, cancelled=False)
+            return
+        await self._settle(app, run, delivery, result, outcome, cancelled=False)
+
+    async def _settle(
+        self,
+        app: AsyncQueueTasks,
+        run: TaskRun,
+        delivery: Delivery,
+        result: Any,
+        outcome: BaseException | None,
+        *,
+        cancelled: bool,
+    ) -> None:
+        """Everything after the task's code: teardown hook, final record, ack, after-hook."""
+        record = run.record
+        hooks = app.hooks
         # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
         # (Depends) are torn down here, so it must never be skipped.
         await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
@@ -314,23 +362,28 @@ class QueueWorker:
                 "lease of task %s was lost; another worker owns it now, result dropped",
                 record.uuid,
             )
+        elif cancelled:
+            await self._settle_cancelled(app, run, delivery)
+        else:
+            # Not shielded: if the worker is torn down here, the message is simply not acked
+            # and comes back after its lease (at-least-once), so no extra cancel scope per task.
+            await self._finish(app, run, delivery, result, outcome)
+        await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
+
+    async def _settle_cancelled(
+        self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery
+    ) -> None:
+        """The task's code was cancelled: hand it back (worker stopping) or store ``cancel``."""
+        reason = run.cancel_reason or "cancelled"
+        if reason != "__shutdown__":
+            await self._finish(app, run, delivery, None, TaskCancelledError(reason))
             return
-        if run.cancel_scope.cancelled_caught and outcome is None:
-            reason = run.cancel_reason or "cancelled"
-            if reason == "__shutdown__":
-                with anyio.CancelScope(shield=True):
-                    record.status = TaskStatus.NEW
-                    record.token = None
-                    await app.storage.save(record, fence=delivery.token)
-                    await delivery.requeue()
-                    await hooks.notify(
-                        "qtasks_broker_requeued", app=app, delivery=delivery, delay=None
-                    )
-                return
-            outcome = TaskCancelledError(reason)
-        # Not shielded: if the worker is torn down here, the message is simply not acked and
-        # comes back after its lease (at-least-once), so no extra cancel scope per task.
-        await self._finish(app, run, delivery, result, outcome)
+        record = run.record
+        record.status = TaskStatus.NEW
+        record.token = None
+        await app.storage.save(record, fence=delivery.token)
+        await delivery.requeue()
+        await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
     async def _keep_leases(self, app: AsyncQueueTasks) -> None:
         """Renew the lease of every running task, and notice cancels made elsewhere.
@@ -351,15 +404,14 @@ class QueueWorker:
                 try:
                     if not await run.delivery.extend():
                         run.lease_lost = True
-                        run.cancel_scope.cancel()
+                        run.cancel()
                         continue
                     stored = await app.storage.get(run.record.uuid)
                 except Exception:
                     log.warning("lease renewal of %s failed", run.record.uuid, exc_info=True)
                     continue
                 if stored is not None and stored.status is TaskStatus.CANCEL:
-                    run.cancel_reason = stored.cancel_reason or "cancelled"
-                    run.cancel_scope.cancel()
+                    run.cancel(stored.cancel_reason or "cancelled")
 
     async def _finish(
         self,
