@@ -349,9 +349,10 @@ class AsyncQueueTasks:
         )
         if _parent_uuid is not None:
             message.headers["parent_uuid"] = _parent_uuid
-        message = await self.hooks.transform(
-            "qtasks_task_enqueue", "message", app=self, message=message
-        )
+        if "qtasks_task_enqueue" in self.hooks.active:
+            message = await self.hooks.transform(
+                "qtasks_task_enqueue", "message", app=self, message=message
+            )
         envelope = self.codec.encode(message, eta)
         record = TaskRecord(
             uuid=message.uuid,
@@ -366,12 +367,15 @@ class AsyncQueueTasks:
         )
         if self.shared_server is not None:
             await self.shared_server.publish_new(envelope, self.storage, record)
-            await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+            if "qtasks_storage_added" in self.hooks.active:
+                await self.hooks.notify("qtasks_storage_added", app=self, record=record)
         else:
             await self.storage.add(record)
-            await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+            if "qtasks_storage_added" in self.hooks.active:
+                await self.hooks.notify("qtasks_storage_added", app=self, record=record)
             await self.broker.publish(envelope)
-        await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
+        if "qtasks_task_enqueued" in self.hooks.active:
+            await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
         if timeout is not None:
             # Just stored: no need for wait()'s existence check (one round trip less).
             return self._bind(await self.storage.wait(record.uuid, timeout))

@@ -75,26 +75,33 @@ class TaskExecutor:
             middlewares=[],
         )
 
-        async def innermost() -> Any:
-            return await self.call(run)
+        if chain:
 
-        call_next: CallNext = innermost
-        for middleware in reversed(chain):
-            call_next = partial(middleware, run, call_next)
-        result = await call_next()
-        result = await app.hooks.transform(
-            "qtasks_executor_result", "result", app=app, record=run.record, result=result
-        )
-        await app.hooks.notify(
-            "qtasks_executor_execute_after", app=app, record=run.record, result=result
-        )
+            async def innermost() -> Any:
+                return await self.call(run)
+
+            call_next: CallNext = innermost
+            for middleware in reversed(chain):
+                call_next = partial(middleware, run, call_next)
+            result = await call_next()
+        else:
+            result = await self.call(run)
+        if "qtasks_executor_result" in app.hooks.active:
+            result = await app.hooks.transform(
+                "qtasks_executor_result", "result", app=app, record=run.record, result=result
+            )
+        if "qtasks_executor_execute_after" in app.hooks.active:
+            await app.hooks.notify(
+                "qtasks_executor_execute_after", app=app, record=run.record, result=result
+            )
         return self.encode(run, result)
 
     async def call(self, run: TaskRun) -> Any:
         """Build the arguments and run the function (with ``max_time``)."""
         app, task, record = run.app, run.task, run.record
         args, kwargs = await self.arguments(run)
-        await app.hooks.notify("qtasks_executor_execute_before", app=app, record=record)
+        if "qtasks_executor_execute_before" in app.hooks.active:
+            await app.hooks.notify("qtasks_executor_execute_before", app=app, record=record)
         max_time = task.options.max_time
         if max_time is None:
             return await self.run_function(run, args, kwargs)

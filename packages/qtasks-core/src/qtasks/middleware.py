@@ -32,7 +32,10 @@ class MiddlewarePlugin:
     @hookimpl(tryfirst=True)
     def qtasks_executor_middlewares(
         self, app: AsyncQueueTasks, task: TaskDef[..., Any], middlewares: list[Middleware]
-    ) -> list[Middleware]:
+    ) -> list[Middleware] | None:
+        options = task.options
+        if not (app.middlewares or options.middlewares_before or options.middlewares_after):
+            return None  # nothing to add: the chain is left as it is
         return [
             *app.middlewares,
             *task.options.middlewares_before,

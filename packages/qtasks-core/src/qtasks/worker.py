@@ -257,7 +257,8 @@ class QueueWorker:
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
     ) -> None:
         hooks = app.hooks
-        await hooks.notify("qtasks_broker_message_received", app=app, delivery=delivery)
+        if "qtasks_broker_message_received" in hooks.active:
+            await hooks.notify("qtasks_broker_message_received", app=app, delivery=delivery)
         try:
             message = app.codec.decode(delivery.body)
         except SerializationError as exc:
@@ -280,7 +281,8 @@ class QueueWorker:
                 return
             await self._reject(app, delivery, problem or "", stored or _record_of(message))
             return
-        await hooks.notify("qtasks_worker_task_received", app=app, message=message)
+        if "qtasks_worker_task_received" in hooks.active:
+            await hooks.notify("qtasks_worker_task_received", app=app, message=message)
         claim = _record_of(message)
         claim.status = TaskStatus.PROCESS
         claim.attempt = message.attempt + 1
@@ -291,7 +293,8 @@ class QueueWorker:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             await delivery.ack()
             return
-        await hooks.notify("qtasks_storage_saved", app=app, record=record)
+        if "qtasks_storage_saved" in hooks.active:
+            await hooks.notify("qtasks_storage_saved", app=app, record=record)
         run = TaskRun(
             app=app,
             task=task,
@@ -302,7 +305,8 @@ class QueueWorker:
         )
         self._running[record.uuid] = run
         try:
-            await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
+            if "qtasks_worker_execute_before" in hooks.active:
+                await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
             await self._execute(app, run, delivery)
         finally:
             del self._running[record.uuid]
@@ -356,7 +360,8 @@ class QueueWorker:
         hooks = app.hooks
         # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
         # (Depends) are torn down here, so it must never be skipped.
-        await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
+        if "qtasks_executor_closed" in hooks.active:
+            await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
         if run.lease_lost:
             log.warning(
                 "lease of task %s was lost; another worker owns it now, result dropped",
@@ -368,7 +373,8 @@ class QueueWorker:
             # Not shielded: if the worker is torn down here, the message is simply not acked
             # and comes back after its lease (at-least-once), so no extra cancel scope per task.
             await self._finish(app, run, delivery, result, outcome)
-        await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
+        if "qtasks_worker_execute_after" in hooks.active:
+            await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
 
     async def _settle_cancelled(
         self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery
@@ -427,7 +433,8 @@ class QueueWorker:
             record.status = TaskStatus.SUCCESS
             record.returning = result
             record.error = None
-            if await self._save_final(app, record, delivery):
+            saved = await self._save_final(app, record, delivery)
+            if saved and "qtasks_task_succeeded" in hooks.active:
                 await hooks.notify("qtasks_task_succeeded", app=app, record=record)
             return
         if isinstance(outcome, TaskCancelledError):
@@ -486,10 +493,12 @@ class QueueWorker:
         if not saved:
             log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
             return False
-        await app.hooks.notify("qtasks_storage_saved", app=app, record=record)
+        if "qtasks_storage_saved" in app.hooks.active:
+            await app.hooks.notify("qtasks_storage_saved", app=app, record=record)
         if shared is None:
             await delivery.ack()
-        await app.hooks.notify("qtasks_broker_acked", app=app, record=record)
+        if "qtasks_broker_acked" in app.hooks.active:
+            await app.hooks.notify("qtasks_broker_acked", app=app, record=record)
         return True
 
 
