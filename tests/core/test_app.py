@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, TaskTimeoutError, hookimpl
+from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus, TaskTimeoutError, hookimpl
 from qtasks.errors import (
     MessageTooLargeError,
     QTasksError,
@@ -46,6 +47,24 @@ async def test_add_task_returns_new_record_then_result(app: AsyncQueueTasks) -> 
     assert done.returning == 5
     assert done.attempt == 1
     assert done.updated_at >= done.created_at
+
+
+async def test_task_ids_are_uuid4_hex_and_records_serialize_without_the_client(
+    app: AsyncQueueTasks,
+) -> None:
+    @app.task
+    async def job() -> None:
+        return None
+
+    tasks = [await job.add_task() for _ in range(200)]
+    ids = {task.uuid for task in tasks}
+    assert len(ids) == 200
+    for task_id in ids:
+        parsed = uuid.UUID(hex=task_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (task_id, 4, uuid.RFC_4122)
+    data = tasks[0].to_dict()  # a bound task: its client is not a field of the record
+    assert "_client" not in data and data["status"] == "new"
+    assert TaskRecord.from_dict(data).uuid == tasks[0].uuid
 
 
 async def test_timeout_raises_and_never_returns_none(app: AsyncQueueTasks) -> None:

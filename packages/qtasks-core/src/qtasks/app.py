@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from os import PathLike
@@ -27,7 +26,7 @@ from qtasks.discovery import build_components, load_plugins
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
-from qtasks.messages import Codec, Message, Serializer
+from qtasks.messages import Codec, Message, Serializer, new_uuid
 from qtasks.middleware import MiddlewarePlugin
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
@@ -340,7 +339,7 @@ class AsyncQueueTasks:
             eta = time.time() + delay
         now = time.time()
         message = Message(
-            uuid=uuid_mod.uuid4().hex,
+            uuid=new_uuid(),
             task_name=task_name,
             args=list(args),
             kwargs=kwargs,
@@ -354,7 +353,7 @@ class AsyncQueueTasks:
                 "qtasks_task_enqueue", "message", app=self, message=message
             )
         envelope = self.codec.encode(message, eta)
-        record = TaskRecord(
+        record = AsyncTask(
             uuid=message.uuid,
             task_name=message.task_name,
             priority=message.priority,
@@ -364,6 +363,7 @@ class AsyncQueueTasks:
             updated_at=now,
             eta=eta,
             parent_uuid=_parent_uuid,
+            _client=self,
         )
         if self.shared_server is not None:
             await self.shared_server.publish_new(envelope, self.storage, record)
@@ -379,7 +379,7 @@ class AsyncQueueTasks:
         if timeout is not None:
             # Just stored: no need for wait()'s existence check (one round trip less).
             return self._bind(await self.storage.wait(record.uuid, timeout))
-        return self._bind(record)
+        return record
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())

@@ -27,16 +27,36 @@ from qtasks.messages import Envelope
 from qtasks.record import TaskRecord, TaskStatus
 
 
+class EventFactory:
+    """Makes ``anyio.Event`` objects for hot paths: ``anyio.Event()`` looks up the running
+    async library on every call (about as long as the rest of a wake-up); this looks it up
+    once, on the first event, and then builds the backend's event class directly."""
+
+    __slots__ = ("_cls",)
+
+    def __init__(self) -> None:
+        self._cls: type[anyio.Event] | None = None
+
+    def __call__(self) -> anyio.Event:
+        cls = self._cls
+        if cls is None:
+            event = anyio.Event()
+            self._cls = type(event)
+            return event
+        return cls()
+
+
 class _Signal:
     """A re-armable wake-up: waiters sleep until :meth:`fire` or a deadline.
 
     The event is only created when somebody waits, so firing with no waiter costs nothing.
     """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_new_event")
 
     def __init__(self) -> None:
         self._event: anyio.Event | None = None
+        self._new_event = EventFactory()
 
     def fire(self) -> None:
         event = self._event
@@ -46,7 +66,7 @@ class _Signal:
 
     async def wait(self, timeout: float | None) -> None:
         if self._event is None:
-            self._event = anyio.Event()
+            self._event = self._new_event()
         event = self._event
         if timeout is None:
             await event.wait()

@@ -8,6 +8,7 @@ Pickle is never used unless a user passes a serializer that does it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -52,6 +53,15 @@ class JSONSerializer:
             return self._decoder.decode(data.decode())
         except (UnicodeDecodeError, ValueError) as exc:
             raise SerializationError(f"cannot decode JSON message: {exc}") from exc
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` gives, without
+    building a ``UUID`` object (a third of the cost: it is made for every task)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return raw.hex()
 
 
 @dataclass(slots=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -61,8 +62,9 @@ class TaskRecord:
     """How many generator steps have been stored for this task."""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-like dict of every field (status as its string)."""
-        data = asdict(self)
+        """A JSON-like dict of every record field (status as its string); a bound task's
+        client is not part of it."""
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in _RECORD_FIELDS}
         data["status"] = self.status.value
         return data
 
@@ -104,3 +106,6 @@ class TaskRecord:
             self.token,
             self.steps,
         )
+
+
+_RECORD_FIELDS = fields(TaskRecord)

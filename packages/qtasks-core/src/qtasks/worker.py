@@ -27,7 +27,7 @@ from qtasks.errors import (
     UnknownTaskError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
-from qtasks.memory import _Signal
+from qtasks.memory import EventFactory, _Signal
 from qtasks.messages import Message
 from qtasks.record import TaskRecord, TaskStatus
 
@@ -529,13 +529,14 @@ class _WakeOne:
     """Idle runners wait here; each new item wakes one of them, not all (a herd of 100 idle
     runners per message costs more than the message)."""
 
-    __slots__ = ("_waiting",)
+    __slots__ = ("_new_event", "_waiting")
 
     def __init__(self) -> None:
         self._waiting: deque[anyio.Event] = deque()
+        self._new_event = EventFactory()
 
     async def wait(self) -> None:
-        event = anyio.Event()
+        event = self._new_event()
         self._waiting.append(event)
         try:
             await event.wait()
