@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import AsyncExitStack
+from dataclasses import fields
 
 import anyio
 import pytest
@@ -11,7 +13,7 @@ import redis.asyncio as aioredis
 
 from qtasks.components import GlobalConfig, Storage
 from qtasks.config import QueueConfig
-from qtasks.errors import ComponentError, TaskTimeoutError
+from qtasks.errors import ComponentError, SerializationError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import RedisGlobalConfig, RedisStorage
 
@@ -40,6 +42,39 @@ async def test_roundtrip(redis_url: str, prefix: str, stack: AsyncExitStack) -> 
     await storage.add(original)
     assert await storage.get("t1") == original
     assert await storage.get("missing") is None
+
+
+async def test_stored_format_is_positional_and_the_earlier_object_format_still_reads(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix)
+    original = record(created_at=1712345678.5, returning={"a": [1, 2.5]}, eta=1712345999.0)
+    await storage.add(original)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        key = f"{{{prefix}:rec}}:r:t1"
+        stored = json.loads(await client.hget(key, "d"))
+        assert stored[0] == 1 and len(stored) == 1 + len(fields(TaskRecord))
+        assert stored[1:4] == ["t1", "add", "new"]
+        # A record written by an earlier version (a JSON object) is still read.
+        old = {f.name: getattr(original, f.name) for f in fields(TaskRecord)}
+        old["status"] = "retry"
+        old["unknown_later_field"] = "ignored"
+        await client.hset(f"{{{prefix}:rec}}:r:old", mapping={"d": json.dumps(old), "s": "retry"})
+        earlier = await storage.get("old")
+        assert earlier is not None
+        assert (earlier.uuid, earlier.status, earlier.returning, earlier.eta) == (
+            "t1",
+            TaskStatus.RETRY,
+            {"a": [1, 2.5]},
+            1712345999.0,
+        )
+        await client.hset(f"{{{prefix}:rec}}:r:bad", mapping={"d": '[1, "x"]', "s": "new"})
+        with pytest.raises(SerializationError):
+            await storage.get("bad")
+    finally:
+        await client.aclose()
+    assert await storage.get("t1") == original
 
 
 async def test_fenced_save(redis_url: str, prefix: str, stack: AsyncExitStack) -> None:

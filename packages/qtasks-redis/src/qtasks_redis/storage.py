@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -25,6 +26,34 @@ from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
 _FIELD_SET = frozenset(_FIELDS)
+_V1 = (
+    "uuid",
+    "task_name",
+    "status",
+    "priority",
+    "args",
+    "kwargs",
+    "returning",
+    "traceback",
+    "error",
+    "created_at",
+    "updated_at",
+    "attempt",
+    "retries",
+    "eta",
+    "parent_uuid",
+    "cancel_reason",
+    "worker",
+    "token",
+    "steps",
+)
+"""Fields of a stored record (``d``), format 1: the JSON array ``[1, <these values>]``.
+Positional, so encoding and decoding skip the names (about half the cost of a JSON object);
+the order is fixed here, not taken from :class:`TaskRecord`, so the stored format changes only
+on purpose (a new format gets a new number; objects, the earlier format, are still read)."""
+_V1_GET = operator.attrgetter(*_V1)
+_V1_STATUS = _V1.index("status")
+_V1_POSITIONAL = _V1 == _FIELDS
 RECORD_KEYS = 3
 """Keys of one record (rec, wake, steps) at the head of every script's keys; the status
 indexes after them are the same for every record."""
@@ -103,14 +132,24 @@ class RedisStorage:
         if data is None:
             return None
         try:
-            # TaskRecord.from_dict, without recomputing the field names on every read.
             stored = _loads(data.decode())
-            values = {k: v for k, v in stored.items() if k in _FIELD_SET}
-            values["status"] = TaskStatus(
-                status.decode() if status is not None else values.get("status", "new")
-            )
-            record = TaskRecord(**values)
-        except (TypeError, ValueError, AttributeError) as exc:
+            if type(stored) is list and stored and stored[0] == 1:
+                values = stored[1:]
+                values[_V1_STATUS] = TaskStatus(
+                    status.decode() if status is not None else values[_V1_STATUS]
+                )
+                record = (
+                    TaskRecord(*values)
+                    if _V1_POSITIONAL and len(values) == len(_V1)
+                    else TaskRecord(**dict(zip(_V1, values, strict=True)))
+                )
+            else:  # the earlier format: a JSON object of the fields
+                named = {k: v for k, v in stored.items() if k in _FIELD_SET}
+                named["status"] = TaskStatus(
+                    status.decode() if status is not None else named.get("status", "new")
+                )
+                record = TaskRecord(**named)
+        except (TypeError, ValueError, AttributeError, IndexError) as exc:
             raise SerializationError(f"stored task record is not valid: {exc}") from exc
         if reason is not None:
             record.cancel_reason = reason.decode()
@@ -126,12 +165,12 @@ class RedisStorage:
         return record
 
     @staticmethod
-    def _shallow(record: TaskRecord) -> dict[str, Any]:
-        # A shallow dict, not ``to_dict()``: dataclasses.asdict deep-copies every value, which
-        # costs more than the Redis round trip on small records.
-        data = {name: getattr(record, name) for name in _FIELDS}
-        data["status"] = record.status.value
-        return data
+    def _encode(record: TaskRecord) -> str:
+        """``d`` of ``record``: format 1 (see ``_V1``), not ``to_dict()``, which deep-copies
+        every value and names every field."""
+        values: list[Any] = [1, *_V1_GET(record)]
+        values[_V1_STATUS + 1] = record.status.value
+        return _dumps(values)
 
     def _save_call(
         self, record: TaskRecord, fence: str | None, force: bool
@@ -140,7 +179,7 @@ class RedisStorage:
         script, see :mod:`qtasks_redis.shared_lua`)."""
         args = (
             record.uuid,
-            _dumps(self._shallow(record)),
+            self._encode(record),
             record.status.value,
             record.token or "",
             "0" if fence is None else "1",
@@ -175,7 +214,7 @@ class RedisStorage:
         args = [record.uuid, "", record.token or "", record.attempt, record.worker or ""]
         fields = await self._run(lua.BEGIN, record.uuid, *args)
         if fields is None:
-            args[1] = _dumps(self._shallow(record))
+            args[1] = self._encode(record)
             fields = await self._run(lua.BEGIN, record.uuid, *args)
         begun = self._record(fields)
         if begun is None:  # pragma: no cover - the script always leaves a record
