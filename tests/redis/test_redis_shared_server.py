@@ -3,6 +3,7 @@ when the storage is on the same server, with the same fencing as the plain path.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -11,10 +12,12 @@ import anyio
 import pytest
 from redis_worker_app import build
 
+import qtasks.worker
 from qtasks import MemoryStorage, TaskStatus
-from qtasks.components import SharedServer
+from qtasks.components import BeginOnClaim, SharedServer
 from qtasks.config import QueueConfig
-from qtasks.messages import Envelope
+from qtasks.errors import ComponentError
+from qtasks.messages import Codec, Envelope, Message
 from qtasks.record import TaskRecord
 from qtasks_redis import RedisBroker, RedisDelivery, RedisStorage
 
@@ -173,3 +176,107 @@ async def test_app_folds_enqueue_and_settle(
         stats = await broker.stats()
         assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
     assert calls == ["publish_new", "ack_final"]
+
+
+async def test_consume_begun_begins_records_in_the_claim(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, storage = await parts(stack, redis_url, prefix)
+    assert isinstance(broker, BeginOnClaim)
+    codec = Codec()
+    for uuid, attempt in (("a", 0), ("b", 2)):
+        message = Message(uuid=uuid, task_name="t", args=[1], attempt=attempt)
+        await broker.publish_new(codec.encode(message), storage, new_record(uuid))
+    await broker.publish(Envelope(id="nobody", body=b"no record stored"))
+    await broker.publish_new(
+        Envelope(id="gone", body=b"\xff not json"), storage, new_record("gone")
+    )
+    await storage.cancel("gone", "cancelled while queued")
+    async with broker.consume_begun(prefetch=10, storage=storage, worker="w-1") as it:
+        got = {d.id: d for d in [await take(it) for _ in range(4)]}
+    first, retried = got["a"].begun, got["b"].begun
+    assert first is not None and retried is not None
+    for delivery, record, attempt in ((got["a"], first, 1), (got["b"], retried, 3)):
+        assert (record.status, record.token, record.worker, record.attempt) == (
+            TaskStatus.PROCESS,
+            delivery.token,
+            "w-1",
+            attempt,
+        )
+        assert await storage.get(delivery.id) == record  # what is stored, not a guess
+        assert time.monotonic() - delivery.begun_at < 5
+    assert got["nobody"].begun is None  # no record: the worker begins it itself
+    cancelled = got["gone"].begun
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCEL  # final: unchanged
+    assert (await storage.stats())["process"] == 2
+
+
+async def test_consume_begun_refuses_a_storage_elsewhere(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, _ = await parts(stack, redis_url, prefix)
+    with pytest.raises(ComponentError):
+        broker.consume_begun(prefetch=1, storage=MemoryStorage(), worker="w")
+
+
+async def test_the_worker_uses_the_claim_time_record_instead_of_a_begin_call(
+    redis_url: str, prefix: str
+) -> None:
+    app = build(redis_url, prefix)
+    calls: list[str] = []
+    assert isinstance(app.storage, RedisStorage)
+    plain_begin = app.storage.begin
+
+    async def counted_begin(record: TaskRecord) -> TaskRecord:
+        calls.append(record.uuid)
+        return await plain_begin(record)
+
+    app.storage.begin = counted_begin  # type: ignore[method-assign]
+    async with app:
+        done = [await app.add_task("noop", i, timeout=5) for i in range(5)]
+    assert [(t.status, t.returning, t.attempt) for t in done] == [
+        (TaskStatus.SUCCESS, 2 * i, 1) for i in range(5)
+    ]
+    assert calls == []  # each was begun by the claim that took it
+    await app.aclose()
+
+
+async def test_a_delivery_that_waited_is_begun_again_so_a_cancel_meanwhile_holds(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One runner, the next messages claimed (and begun) while it is busy. Whatever waited
+    # longer than BEGUN_FRESH is begun again when it starts (set to 0 here, so that is every
+    # waiting delivery, without a wait in the test), and the cancel made meanwhile holds.
+    monkeypatch.setattr(qtasks.worker, "BEGUN_FRESH", 0.0)
+    app = build(redis_url, prefix, concurrency=1, prefetch=3)
+    release = anyio.Event()
+    started = anyio.Event()
+    ran: list[str] = []
+
+    @app.task
+    async def blocker() -> None:
+        started.set()
+        await release.wait()
+
+    @app.task
+    async def job(name: str) -> str:
+        ran.append(name)
+        return name
+
+    async with app:
+        first = await app.add_task("blocker")
+        with anyio.fail_after(5):
+            await started.wait()
+        doomed = await app.add_task("job", "doomed")
+        kept = await app.add_task("job", "kept")
+        with anyio.fail_after(5):  # both claimed by the worker and waiting in its queue
+            while (await app.storage.stats())["process"] < 3:  # noqa: ASYNC110 - no event
+                await anyio.sleep(0.01)
+        await app.storage.cancel(doomed.uuid, "changed my mind")
+        release.set()
+        assert (await kept.wait_result(5)).returning == "kept"
+        assert (await first.wait_result(5)).status is TaskStatus.SUCCESS
+    assert ran == ["kept"]
+    final = await app.get(doomed.uuid)
+    assert final is not None and final.status is TaskStatus.CANCEL
+    await app.aclose()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
-from qtasks.components import Delivery
+from qtasks.components import BeginOnClaim, Delivery
 from qtasks.errors import (
     PluginError,
     SerializationError,
@@ -35,6 +35,11 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
 log = logging.getLogger("qtasks.worker")
+
+BEGUN_FRESH = 0.005
+"""Seconds for which a record begun at claim time (see
+:class:`~qtasks.components.BeginOnClaim`) is trusted; a delivery that waited longer in the
+local queue is begun again when it starts, so a cancel made meanwhile is seen."""
 
 
 class QueueWorker:
@@ -99,8 +104,14 @@ class QueueWorker:
         slot_freed = _Signal()
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
+        broker = app.broker
+        consumer = (
+            broker.consume_begun(prefetch=prefetch, storage=app.storage, worker=self.id)
+            if app.shared_server is not None and isinstance(broker, BeginOnClaim)
+            else broker.consume(prefetch=prefetch)
+        )
         async with (
-            app.broker.consume(prefetch=prefetch) as deliveries,
+            consumer as deliveries,
             anyio.create_task_group() as serving,
         ):
             runners: set[anyio.CancelScope] = set()
@@ -283,12 +294,18 @@ class QueueWorker:
             return
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
-        claim = _record_of(message)
-        claim.status = TaskStatus.PROCESS
-        claim.attempt = message.attempt + 1
-        claim.token = delivery.token
-        claim.worker = self.id
-        record = await app.storage.begin(claim)
+        begun: TaskRecord | None = getattr(delivery, "begun", None)
+        if begun is not None and time.monotonic() - delivery.begun_at <= BEGUN_FRESH:  # type: ignore[attr-defined]
+            # Begun by the broker when it claimed the message, a moment ago (BeginOnClaim).
+            record = begun
+            record.attempt = message.attempt + 1
+        else:
+            claim = _record_of(message)
+            claim.status = TaskStatus.PROCESS
+            claim.attempt = message.attempt + 1
+            claim.token = delivery.token
+            claim.worker = self.id
+            record = await app.storage.begin(claim)
         if record.status.final:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             await delivery.ack()

@@ -15,7 +15,7 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, Self
 
 import anyio
@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
 from qtasks.config import QueueConfig
-from qtasks.errors import BrokerConnectionError, ComponentError
+from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 from qtasks_redis import broker_lua as lua
@@ -59,6 +59,8 @@ class RedisDelivery:
         "_owner",
         "_priority",
         "_token",
+        "begun",
+        "begun_at",
     )
 
     def __init__(
@@ -78,7 +80,11 @@ class RedisDelivery:
         self._priority = priority
         self._attempt = attempt
         self._token = token
-        self._lease_until = time.monotonic() + broker._lease_ms / 1000
+        now = time.monotonic()
+        self._lease_until = now + broker._lease_ms / 1000
+        self.begun: TaskRecord | None = None
+        """The record as begun with the claim (:meth:`RedisBroker.consume_begun`)."""
+        self.begun_at = now
 
     def __repr__(self) -> str:
         return f"RedisDelivery(id={self._id!r}, attempt={self._attempt})"
@@ -253,42 +259,72 @@ class RedisBroker:
             RECORD_KEYS,
         )
 
+    def consume(
+        self, *, prefetch: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
+        return self._consume(prefetch, lua.CLAIM, self.keys, (), None)
+
+    def consume_begun(
+        self, *, prefetch: int, storage: Storage, worker: str
+    ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
+        """:meth:`consume`, beginning each claimed message's record in ``storage`` in the
+        same script (:class:`~qtasks.components.BeginOnClaim`); only for a storage this broker
+        :meth:`shares_server_with`."""
+        if not self.shares_server_with(storage):
+            raise ComponentError(f"{storage!r} does not share a server with {self!r}")
+        redis_storage = _redis_storage(storage)
+        keys = (*self.keys, *redis_storage.index_keys)
+        extra = (redis_storage.record_key(""), worker)
+        return self._consume(prefetch, shared_lua.CLAIM_BEGIN, keys, extra, redis_storage)
+
     @asynccontextmanager
-    async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
+    async def _consume(
+        self,
+        prefetch: int,
+        script: Script,
+        keys: tuple[str, ...],
+        extra: tuple[str, ...],
+        storage: RedisStorage | None,
+    ) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
         client = self._require()
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
         count = max(prefetch, 1)
+        stride = 5 if storage is None else 13  # CLAIM_BEGIN appends the record's 8 fields
 
         lane = client if isinstance(client, Lane) else None
 
         async def claim(block: float | None) -> list[RedisDelivery] | float:
             """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up);
             or return seconds until the next deadline."""
-            args = (self._lease_ms, self._max_deliveries, count, os.urandom(6).hex())
+            args = (self._lease_ms, self._max_deliveries, count, os.urandom(6).hex(), *extra)
             if block is not None and lane is not None:
                 # Idle: block and claim in one round trip (the claim runs as soon as the
                 # BLPOP returns); a claim made while we are cancelled is still recorded.
                 wake = ("BLPOP", self._notify_key, block)
-                reply = await lane.block_then_script(
-                    block, wake, lua.CLAIM, self.keys, args, orphan=parse
-                )
+                reply = await lane.block_then_script(block, wake, script, keys, args, orphan=parse)
                 return parse(reply)
             if block is not None:
                 await self._block(client, block)
             # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
             # that they are handed back at exit, not left to their lease.
             with anyio.CancelScope(shield=True):
-                reply = await lua.CLAIM(client, self.keys, args)
+                reply = await script(client, keys, args)
             return parse(reply)
 
         def parse(reply: Any) -> list[RedisDelivery] | float:
             out: list[RedisDelivery] = []
-            for i in range(1, len(reply), 5):
+            for i in range(1, len(reply), stride):
                 id, body, prio, attempt, token = reply[i : i + 5]
                 token_s = token.decode()
                 id_s = id.decode()
                 held[token_s] = id_s
-                out.append(RedisDelivery(self, held, id_s, body, int(prio), int(attempt), token_s))
+                delivery = RedisDelivery(self, held, id_s, body, int(prio), int(attempt), token_s)
+                if storage is not None:
+                    try:
+                        delivery.begun = storage.decode_record(reply[i + 5 : i + stride])
+                    except SerializationError:
+                        delivery.begun = None  # the worker begins it (and sees the error)
+                out.append(delivery)
             if out:
                 return out
             wait_ms = int(reply[0])

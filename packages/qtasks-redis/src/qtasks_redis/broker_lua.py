@@ -132,12 +132,11 @@ return 1
 """
 )
 
-CLAIM = Script(
-    PRELUDE
-    + r"""
--- ARGV: lease_ms, max_deliveries, count, nonce
--- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, ...}; the
--- wait is only computed when nothing was claimed (only an idle consumer needs it).
+CLAIM_BODY = r"""
+-- ARGV: lease_ms, max_deliveries, count, nonce (then what on_claim reads)
+-- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
+-- on_claim appends>, ...}; the wait is only computed when nothing was claimed (only an idle
+-- consumer needs it).
 local lease, maxd, count, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
 -- Earliest delayed and lease deadlines: promote only when one is due.
@@ -182,6 +181,7 @@ while n < count do
       out[#out + 1] = prio
       out[#out + 1] = tostring(attempt)
       out[#out + 1] = token
+      on_claim(id, body, token, out)
     end
   end
 end
@@ -200,7 +200,10 @@ if n == 0 then
 end
 return out
 """
-)
+"""The claim loop, after a prelude that defines ``on_claim(id, body, token, out)``: called for
+every claimed message, it may append fields of its own to ``out``."""
+
+CLAIM = Script(PRELUDE + "local function on_claim(id, body, token, out) end\n" + CLAIM_BODY)
 
 ACK = Script(
     PRELUDE

@@ -116,6 +116,20 @@ class RedisStorage:
         """The redis-py client (blocking reads of steps; every path when there is no lane)."""
         return self._shared.get()
 
+    @property
+    def index_keys(self) -> tuple[str, ...]:
+        """Keys of the per-status indexes (new, process, success, error, cancel, retry)."""
+        return self._index_keys
+
+    def record_key(self, uuid: str) -> str:
+        """Key of the hash that holds the record of ``uuid``."""
+        return f"{self._tag}:r:{uuid}"
+
+    def decode_record(self, fields: list[bytes | None]) -> TaskRecord | None:
+        """A record from its hash fields ``[d, s, t, cr, u, n, a, w]`` as the scripts return
+        them; ``None`` when there is none. Raises :class:`SerializationError` when invalid."""
+        return self._record(fields)
+
     def _keys(self, uuid: str) -> tuple[str, ...]:
         tag = self._tag
         return (f"{tag}:r:{uuid}", f"{tag}:w:{uuid}", f"{tag}:s:{uuid}", *self._index_keys)
