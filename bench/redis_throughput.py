@@ -52,7 +52,9 @@ app = AsyncQueueTasks(
     broker=RedisBroker(url, prefix=prefix, queue="bench"),
     storage=RedisStorage(url, prefix=prefix),
     global_config=RedisGlobalConfig(url, prefix=prefix),
-    config=QueueConfig(max_tasks_process=concurrency, log_level="WARNING"),
+    # Entry-point plugins off: the dev environment installs a test plugin ("audit") that the
+    # peers' venv (and a user's install) does not have.
+    config=QueueConfig(max_tasks_process=concurrency, log_level="WARNING", plugins_disabled=["*"]),
 )
 client = redis.asyncio.Redis.from_url(url)
 SLEEP = 0.010
@@ -86,6 +88,7 @@ def producer(prefix: str) -> AsyncQueueTasks:
         broker=RedisBroker(URL, prefix=prefix, queue="bench"),
         storage=RedisStorage(URL, prefix=prefix),
         global_config=RedisGlobalConfig(URL, prefix=prefix),
+        config=QueueConfig(plugins_disabled=["*"]),
     )
 
 
