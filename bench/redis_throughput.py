@@ -35,7 +35,7 @@ from pathlib import Path
 import anyio
 import redis
 
-from qtasks import AsyncQueueTasks
+from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 URL = os.environ.get("QTASKS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
