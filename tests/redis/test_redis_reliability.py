@@ -206,6 +206,18 @@ async def test_poison_written_into_redis_is_dead_lettered(redis_url: str, prefix
                 await raw.hset(keys["meta"], id, "0")
                 await raw.zadd(keys["ready"], {id: n + 1})
                 await raw.rpush(keys["notify"], "1")
+            # A good message whose stored record is garbage (written by something else).
+            unreadable = json.dumps(
+                {"uuid": "unreadable-record", "task": "noop", "args": [1], "kwargs": {}}
+            ).encode()
+            await raw.hset(
+                f"{{{prefix}:rec}}:r:unreadable-record", mapping={"d": "{not json", "s": "new"}
+            )
+            await raw.hset(keys["body"], "unreadable-record", unreadable)
+            await raw.hset(keys["meta"], "unreadable-record", "0")
+            await raw.zadd(keys["ready"], {"unreadable-record": len(poison) + 1})
+            await raw.rpush(keys["notify"], "1")
+            poison["unreadable-record"] = unreadable
             good = await app.add_task("noop", 5, timeout=5)
             assert good.returning == 10
             with anyio.fail_after(5):
@@ -218,6 +230,7 @@ async def test_poison_written_into_redis_is_dead_lettered(redis_url: str, prefix
             assert "nope" in letters["unknown-task"].reason
             assert "missing" in letters["missing-fields"].reason
             assert "argument" in letters["wrong-args"].reason
+            assert "record unreadable" in letters["unreadable-record"].reason
             again = await app.add_task("noop", 6, timeout=5)
             assert again.returning == 12
     finally:

@@ -305,7 +305,12 @@ class QueueWorker:
             claim.attempt = message.attempt + 1
             claim.token = delivery.token
             claim.worker = self.id
-            record = await app.storage.begin(claim)
+            try:
+                record = await app.storage.begin(claim)
+            except SerializationError as exc:
+                # The stored record cannot be read (written by something else): poison too.
+                await self._reject(app, delivery, f"stored task record unreadable: {exc}", None)
+                return
         if record.status.final:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             await delivery.ack()
