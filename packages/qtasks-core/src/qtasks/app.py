@@ -27,7 +27,7 @@ from qtasks.discovery import build_components, load_plugins
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
-from qtasks.messages import Codec, Message, Serializer
+from qtasks.messages import Codec, Envelope, Message, Serializer
 from qtasks.middleware import MiddlewarePlugin
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
@@ -83,6 +83,9 @@ class AsyncQueueTasks:
         self.shared_server: SharedServer | None = None
         """The broker, when it folds storage writes into its round trips (see
         :class:`~qtasks.components.SharedServer`); set at start."""
+        self._overlap = False
+        """Whether enqueue overlaps the record's add with the publish (remote components
+        without a shared server); set at start."""
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
@@ -215,6 +218,9 @@ class AsyncQueueTasks:
                     broker
                     if isinstance(broker, SharedServer) and broker.shares_server_with(self.storage)
                     else None
+                )
+                self._overlap = self.shared_server is None and not (
+                    getattr(broker, "local", False) or getattr(self.storage, "local", False)
                 )
                 await self.hooks.notify("qtasks_app_started", app=self)
             except BaseException:
@@ -369,6 +375,10 @@ class AsyncQueueTasks:
             await self.shared_server.publish_new(envelope, self.storage, record)
             if "qtasks_storage_added" in self.hooks.active:
                 await self.hooks.notify("qtasks_storage_added", app=self, record=record)
+        elif self._overlap:
+            await self._add_while_publishing(record, envelope)
+            if "qtasks_storage_added" in self.hooks.active:
+                await self.hooks.notify("qtasks_storage_added", app=self, record=record)
         else:
             await self.storage.add(record)
             if "qtasks_storage_added" in self.hooks.active:
@@ -380,6 +390,29 @@ class AsyncQueueTasks:
             # Just stored: no need for wait()'s existence check (one round trip less).
             return self._bind(await self.storage.wait(record.uuid, timeout))
         return self._bind(record)
+
+    async def _add_while_publishing(self, record: TaskRecord, envelope: Envelope) -> None:
+        """Store the new ``record`` and publish ``envelope`` concurrently: one round trip's
+        wait instead of two. A worker may receive the message before the record lands (its
+        ``begin`` then creates the record), hence ``replace=False``. Raises the publish's error
+        if it failed (the record may be stored, as when a sequential publish fails), else the
+        add's: the message is then queued and runs anyway, its record created by ``begin``."""
+        errors: list[Exception] = []
+
+        async def add() -> None:
+            try:
+                await self.storage.add(record, replace=False)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(add)
+            try:
+                await self.broker.publish(envelope)
+            except Exception as exc:
+                errors.insert(0, exc)
+        if errors:
+            raise errors[0]
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())
