@@ -32,6 +32,7 @@ AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 QUEUE = os.environ.get("BENCH_QUEUE", "qtasks-bench")
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "10"))
+QUEUE_VERSION = int(os.environ.get("BENCH_QUEUE_VERSION", "0"))
 W3_N = int(os.environ.get("BENCH_W3_N", "0"))
 SLEEP = 0.010
 WARM_KEY, W1_KEY = "bench:warm", "bench:w1"
@@ -47,7 +48,7 @@ def build_app() -> Any:
     from qtasks_redis import RedisGlobalConfig, RedisStorage
 
     app = AsyncQueueTasks(
-        broker=RabbitMQBroker(AMQP_URL, queue=QUEUE),
+        broker=RabbitMQBroker(AMQP_URL, queue=QUEUE, queue_version=QUEUE_VERSION),
         storage=RedisStorage(REDIS_URL, prefix=QUEUE),
         global_config=RedisGlobalConfig(REDIS_URL, prefix=QUEUE),
         config=QueueConfig(max_tasks_process=CONCURRENCY),

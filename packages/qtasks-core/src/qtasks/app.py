@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid as uuid_mod
@@ -397,22 +398,42 @@ class AsyncQueueTasks:
         ``begin`` then creates the record), hence ``replace=False``. Raises the publish's error
         if it failed (the record may be stored, as when a sequential publish fails), else the
         add's: the message is then queued and runs anyway, its record created by ``begin``."""
-        errors: list[Exception] = []
+        add = self.storage.add(record, replace=False)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on asyncio (trio): a task group
+            loop = None
+        if loop is None:
+            errors: list[Exception] = []
 
-        async def add() -> None:
-            try:
-                await self.storage.add(record, replace=False)
-            except Exception as exc:
-                errors.append(exc)
+            async def adding() -> None:
+                try:
+                    await add
+                except Exception as exc:
+                    errors.append(exc)
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(add)
-            try:
-                await self.broker.publish(envelope)
-            except Exception as exc:
-                errors.insert(0, exc)
-        if errors:
-            raise errors[0]
+            async with anyio.create_task_group() as group:
+                group.start_soon(adding)
+                try:
+                    await self.broker.publish(envelope)
+                except Exception as exc:
+                    errors.insert(0, exc)
+            if errors:
+                raise errors[0]
+            return
+        # On asyncio a bare task: an anyio task group costs ~30 µs more per enqueue.
+        added = loop.create_task(add)
+        try:
+            await self.broker.publish(envelope)
+        except Exception:
+            await asyncio.wait((added,))  # the add runs to its end; the publish error wins
+            if not added.cancelled():
+                added.exception()  # retrieved: no "never retrieved" warning
+            raise
+        except BaseException:
+            added.cancel()
+            raise
+        await added
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())

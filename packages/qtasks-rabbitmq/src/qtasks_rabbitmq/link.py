@@ -168,12 +168,16 @@ class Link:
                 assert channel is not None
             try:
                 # aiormq directly: aio-pika's Message and Exchange layers only copy fields.
+                # wait=False skips waiting for the socket write to drain (a wake-up of this
+                # task and a drain() in aiormq's writer per publish): the confirm awaited
+                # below can only come after the frames were written.
                 await channel.basic_publish(
                     body,
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=properties,
                     mandatory=True,
+                    wait=False,
                 )
                 return
             except aio_pika.exceptions.PublishError:
