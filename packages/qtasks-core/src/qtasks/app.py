@@ -44,6 +44,15 @@ log = logging.getLogger("qtasks")
 _RESERVED = ("priority", "timeout", "delay", "eta")
 
 
+def _on_asyncio() -> bool:
+    """Whether this runs on an asyncio event loop (not trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class AsyncQueueTasks:
     """A qtasks app for async code. With no arguments every component is in-memory.
 
@@ -86,7 +95,7 @@ class AsyncQueueTasks:
         :class:`~qtasks.components.SharedServer`); set at start."""
         self._overlap = False
         """Whether enqueue overlaps the record's add with the publish (remote components
-        without a shared server); set at start."""
+        without a shared server, on asyncio); set at start."""
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
@@ -220,9 +229,8 @@ class AsyncQueueTasks:
                     if isinstance(broker, SharedServer) and broker.shares_server_with(self.storage)
                     else None
                 )
-                self._overlap = self.shared_server is None and not (
-                    getattr(broker, "local", False) or getattr(self.storage, "local", False)
-                )
+                local = getattr(broker, "local", False) or getattr(self.storage, "local", False)
+                self._overlap = self.shared_server is None and not local and _on_asyncio()
                 await self.hooks.notify("qtasks_app_started", app=self)
             except BaseException:
                 await stack.aclose()
@@ -399,30 +407,9 @@ class AsyncQueueTasks:
         if it failed (the record may be stored, as when a sequential publish fails), else the
         add's: the message is then queued and runs anyway, its record created by ``begin``."""
         add = self.storage.add(record, replace=False)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on asyncio (trio): a task group
-            loop = None
-        if loop is None:
-            errors: list[Exception] = []
-
-            async def adding() -> None:
-                try:
-                    await add
-                except Exception as exc:
-                    errors.append(exc)
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(adding)
-                try:
-                    await self.broker.publish(envelope)
-                except Exception as exc:
-                    errors.insert(0, exc)
-            if errors:
-                raise errors[0]
-            return
-        # On asyncio a bare task: an anyio task group costs ~30 µs more per enqueue.
-        added = loop.create_task(add)
+        # A bare asyncio task (only asyncio apps overlap): an anyio task group costs ~30 µs
+        # more per enqueue.
+        added = asyncio.get_running_loop().create_task(add)
         try:
             await self.broker.publish(envelope)
         except Exception:

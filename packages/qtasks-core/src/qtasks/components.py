@@ -15,8 +15,10 @@ its last stop raises :class:`~qtasks.errors.ComponentNotStartedError`.
 
 Local components. A broker or storage whose calls complete without I/O (the in-memory ones) sets
 the class attribute ``local = True``. The app then keeps the producer's path strictly sequential
-(the record is added, then the message published); with remote components it overlaps the two
-round trips instead (see :meth:`Storage.add`). Components without the attribute count as remote.
+(the record is added, then the message published); with remote components (on asyncio) it
+overlaps the two round trips instead (see :meth:`Storage.add`): if the add fails after the
+publish succeeded, ``add_task`` raises, yet the task runs (the worker's :meth:`Storage.begin`
+creates the missing record). Components without the attribute count as remote.
 
 Construction from configuration. Components found by name (``broker="redis"``) are built with
 ``Cls.from_config(config)``, a classmethod that reads the ``*_url`` and other settings of
