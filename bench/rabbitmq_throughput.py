@@ -11,8 +11,10 @@ framework's result API (``add_task(timeout=...)``) across processes.
 * W3: 2,000 tasks sleeping 10 ms queued while no worker runs, then a worker with concurrency 100
   starts; wall = last task end - first task start as stamped by the tasks (ideal 0.2 s).
 
-Run: ``uv run python bench/rabbitmq_throughput.py [--w1 N] [--w2 N] [--w3 N] [--repeat R]``.
-Each run uses a fresh queue (deleted afterwards) and Redis db 14 (flushed).
+Run: ``uv run python bench/rabbitmq_throughput.py [--w1 N] [--w2 N] [--w3 N] [--repeat R]``;
+``--split N`` runs only W1 (N tasks) with the producer's time split (publish, record add, CPU
+per task of producer and worker).
+Each run uses a fresh queue (deleted afterwards) and Redis db 14 (flushed; ``BENCH_REDIS_URL``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 QUEUE = os.environ.get("BENCH_QUEUE", "qtasks-bench")
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "10"))
+QUEUE_VERSION = int(os.environ.get("BENCH_QUEUE_VERSION", "0"))
 W3_N = int(os.environ.get("BENCH_W3_N", "0"))
 SLEEP = 0.010
 WARM_KEY, W1_KEY = "bench:warm", "bench:w1"
@@ -47,7 +50,7 @@ def build_app() -> Any:
     from qtasks_redis import RedisGlobalConfig, RedisStorage
 
     app = AsyncQueueTasks(
-        broker=RabbitMQBroker(AMQP_URL, queue=QUEUE),
+        broker=RabbitMQBroker(AMQP_URL, queue=QUEUE, queue_version=QUEUE_VERSION),
         storage=RedisStorage(REDIS_URL, prefix=QUEUE),
         global_config=RedisGlobalConfig(REDIS_URL, prefix=QUEUE),
         config=QueueConfig(max_tasks_process=CONCURRENCY),
@@ -126,6 +129,8 @@ async def produce(workload: str, n: int) -> dict[str, Any]:
                 "rate": round(n / (done - start), 1),
                 "enqueue_rate": round(n / (enqueued - start), 1),
             }
+        if workload == "W1-split":
+            return await split_w1(app, counter, n)
         if workload == "W2":
             for i in range(10):
                 await app.add_task("echo", i, timeout=5)
@@ -155,6 +160,57 @@ async def produce(workload: str, n: int) -> dict[str, Any]:
     finally:
         await app.aclose()
         counter.close()
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU of a process, from ``/proc`` (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def split_w1(app: Any, counter: Any, n: int) -> dict[str, Any]:
+    """W1 with the producer's time split: each confirmed publish and each record add timed
+    (they overlap), and the CPU per task of this process and of the worker
+    (``BENCH_WORKER_PID``)."""
+    await app.start()
+    publishes: list[float] = []
+    adds: list[float] = []
+    publish, add = app.broker.publish, app.storage.add
+
+    async def timed_publish(envelope: Any) -> None:
+        start = time.perf_counter()
+        await publish(envelope)
+        publishes.append(time.perf_counter() - start)
+
+    async def timed_add(record: Any, **options: Any) -> None:
+        start = time.perf_counter()
+        await add(record, **options)
+        adds.append(time.perf_counter() - start)
+
+    app.broker.publish, app.storage.add = timed_publish, timed_add
+    for _ in range(20):
+        await app.add_task("incr", WARM_KEY)
+    wait_counter(counter, WARM_KEY, 20, 90)
+    publishes.clear()
+    adds.clear()
+    counter.delete(W1_KEY)
+    worker = os.environ.get("BENCH_WORKER_PID", "")
+    worker_cpu = cpu_seconds(worker) if worker else 0.0
+    cpu, start = cpu_seconds(), time.perf_counter()
+    for _ in range(n):
+        await app.add_task("incr", W1_KEY)
+    enqueued, cpu = time.perf_counter(), cpu_seconds() - cpu
+    done = wait_counter(counter, W1_KEY, n, 60 + n / 20)
+    ms = 1000 / n
+    return {
+        "rate": round(n / (done - start), 1),
+        "add_task_ms": round((enqueued - start) * ms, 3),
+        "publish_p50_ms": round(statistics.median(publishes) * 1000, 3),
+        "add_p50_ms": round(statistics.median(adds) * 1000, 3),
+        "producer_cpu_ms": round(cpu * ms, 3),
+        "worker_cpu_ms": round((cpu_seconds(worker) - worker_cpu) * ms, 3) if worker else None,
+    }
 
 
 async def cleanup() -> None:
@@ -243,8 +299,24 @@ def one_run(w1: int, w2: int, w3: int) -> dict[str, Any]:
     return out
 
 
+def split_run(n: int) -> dict[str, Any]:
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    run = Run(f"qtasks-bench-{uuid.uuid4().hex[:8]}")
+    try:
+        worker = run.worker(BENCH_CONCURRENCY="10")
+        try:
+            return run.call("W1-split", str(n), BENCH_WORKER_PID=str(worker.pid))
+        finally:
+            stop(worker)
+    finally:
+        run.call("cleanup")
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("worker", "W1", "W2", "W3-enqueue", "W3-wait", "warm"):
+    workloads = ("worker", "W1", "W1-split", "W2", "W3-enqueue", "W3-wait", "warm")
+    if len(sys.argv) > 1 and sys.argv[1] in workloads:
         if sys.argv[1] == "worker":
             build_app().run_forever()
             return
@@ -260,7 +332,14 @@ def main() -> None:
     parser.add_argument("--w2", type=int, default=200)
     parser.add_argument("--w3", type=int, default=2_000)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--split", type=int, metavar="N", help="only W1 of N tasks, the producer's time split"
+    )
     opts = parser.parse_args()
+    if opts.split:
+        for _ in range(opts.repeat):
+            print(json.dumps({**split_run(opts.split), "load": os.getloadavg()[0]}), flush=True)
+        return
     for _ in range(opts.repeat):
         result = one_run(opts.w1, opts.w2, opts.w3)
         w1, w2, w3 = result["W1"], result["W2"], result["W3"]

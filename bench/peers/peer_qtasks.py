@@ -22,7 +22,9 @@ except ImportError as exc:
 
 def build_app() -> Any:
     if BROKER == "amqp":
-        broker: Any = RabbitMQBroker(c.AMQP_URL, queue=c.QUEUE)
+        # BENCH_QUEUE_VERSION: try another classic queue version (0: the broker's default).
+        version = int(os.environ.get("BENCH_QUEUE_VERSION", "0"))
+        broker: Any = RabbitMQBroker(c.AMQP_URL, queue=c.QUEUE, queue_version=version)
     else:
         broker = RedisBroker(c.REDIS_URL, queue=c.QUEUE)
     return AsyncQueueTasks(

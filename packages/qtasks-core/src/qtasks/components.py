@@ -13,6 +13,13 @@ order and unwinds in reverse. Several apps in one process may share one componen
 when the last stack that started it unwinds. A component used before its first start or after
 its last stop raises :class:`~qtasks.errors.ComponentNotStartedError`.
 
+Local components. A broker or storage whose calls complete without I/O (the in-memory ones) sets
+the class attribute ``local = True``. The app then keeps the producer's path strictly sequential
+(the record is added, then the message published); with remote components (on asyncio) it
+overlaps the two round trips instead (see :meth:`Storage.add`): if the add fails after the
+publish succeeded, ``add_task`` raises, yet the task runs (the worker's :meth:`Storage.begin`
+creates the missing record). Components without the attribute count as remote.
+
 Construction from configuration. Components found by name (``broker="redis"``) are built with
 ``Cls.from_config(config)``, a classmethod that reads the ``*_url`` and other settings of
 :class:`~qtasks.config.QueueConfig` (including ``config.extra``).
@@ -226,9 +233,12 @@ class Storage(Protocol):
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None: ...
 
-    async def add(self, record: TaskRecord) -> None:
-        """Store ``record`` unconditionally, replacing any stored one: used for new records
-        and for deliberate resets (requeueing a dead letter)."""
+    async def add(self, record: TaskRecord, *, replace: bool = True) -> None:
+        """Store ``record``. With ``replace`` (the default), unconditionally, replacing any
+        stored one: deliberate resets (requeueing a dead letter). With ``replace=False``, only
+        when no record of that uuid is stored, atomically (a stored record, and its expiry, stay
+        as they are): a new task's record, written while its message is already published, so a
+        worker that got there first (:meth:`begin` creates the record) is never set back."""
         ...
 
     async def get(self, uuid: str) -> TaskRecord | None: ...

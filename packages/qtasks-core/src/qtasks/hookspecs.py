@@ -28,7 +28,9 @@ broker → ``qtasks_app_started`` → (serving) ``qtasks_broker_listening`` →
 ``qtasks_app_stopped``.
 
 Producer: ``qtasks_task_enqueue`` (transform of the message) → ``qtasks_storage_added`` →
-broker publish → ``qtasks_task_enqueued``.
+broker publish → ``qtasks_task_enqueued`` with in-memory components. With remote ones the record
+is stored while the message is published (one shared round trip, or two overlapped ones), and
+``qtasks_storage_added`` fires once both are done, still before ``qtasks_task_enqueued``.
 
 Worker, every path starts: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received``
 → ``qtasks_storage_saved`` (status ``process``) → ``qtasks_worker_execute_before`` →
@@ -187,7 +189,8 @@ def qtasks_broker_requeued(app: AsyncQueueTasks, delivery: Delivery, delay: floa
 
 @hookspec
 def qtasks_storage_added(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: a new record was stored by ``add_task``."""
+    """Notification: a new record was stored by ``add_task`` (with remote components, the
+    message is already published too: a worker may have started the task)."""
 
 
 @hookspec

@@ -169,6 +169,9 @@ class MemoryDelivery:
 class MemoryBroker(_Lifecycle):
     """A priority queue with delays, leases and a dead-letter list, in process memory."""
 
+    local = True
+    """Calls complete without I/O (see :mod:`qtasks.components`)."""
+
     def __init__(
         self,
         *,
@@ -356,6 +359,9 @@ class MemoryBroker(_Lifecycle):
 class MemoryStorage(_Lifecycle):
     """Task records in a dict, with woken waiters and live generator steps."""
 
+    local = True
+    """Calls complete without I/O (see :mod:`qtasks.components`)."""
+
     def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
         """``clock`` returns the unix time that ``result_ttl`` is measured against (default
         :func:`time.time`), so tests can move time forward."""
@@ -404,10 +410,11 @@ class MemoryStorage(_Lifecycle):
         if signal is not None:
             signal.fire()
 
-    async def add(self, record: TaskRecord) -> None:
+    async def add(self, record: TaskRecord, *, replace: bool = True) -> None:
         self._check()
         self._expire()
-        self._records[record.uuid] = record.copy()
+        if replace or record.uuid not in self._records:
+            self._records[record.uuid] = record.copy()
 
     async def get(self, uuid: str) -> TaskRecord | None:
         self._check()

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -82,7 +82,7 @@ class Link:
         self.generation = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._publisher: aiormq.abc.AbstractChannel | None = None
+        self._publisher: aiormq.Channel | None = None
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._closed = False
@@ -168,12 +168,16 @@ class Link:
                 assert channel is not None
             try:
                 # aiormq directly: aio-pika's Message and Exchange layers only copy fields.
+                # wait=False skips waiting for the socket write to drain (a wake-up of this
+                # task and a drain() in aiormq's writer per publish): the confirm awaited
+                # below can only come after the frames were written.
                 await channel.basic_publish(
                     body,
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=properties,
                     mandatory=True,
+                    wait=False,
                 )
                 return
             except aio_pika.exceptions.PublishError:
@@ -229,7 +233,8 @@ class Link:
             lambda _sender, exc: self._on_close(generation, "publish channel closed", exc)
         )
         self._channel = channel
-        self._publisher = await channel.get_underlay_channel()
+        # The concrete aiormq channel: its basic_publish takes ``wait`` (the abstract one not).
+        self._publisher = cast(aiormq.Channel, await channel.get_underlay_channel())
         self.generation = generation
         for reopen, _ in list(self._reopeners.values()):
             await reopen(connection, generation)

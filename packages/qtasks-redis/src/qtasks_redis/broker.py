@@ -238,7 +238,7 @@ class RedisBroker:
 
     async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
         """Store ``record`` and publish ``envelope`` in one atomic script."""
-        keys, args = _redis_storage(storage)._save_call(record, None, True)
+        keys, args = _redis_storage(storage)._save_call(record, None, "1")
         await self._run_call(
             shared_lua.PUBLISH_NEW,
             (*keys, *self.keys),
@@ -251,7 +251,7 @@ class RedisBroker:
         delivery, in one atomic script. Returns whether the save was accepted."""
         if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
             raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
-        keys, args = _redis_storage(storage)._save_call(record, delivery.token, False)
+        keys, args = _redis_storage(storage)._save_call(record, delivery.token, "0")
         return await delivery._settle_call(
             shared_lua.ACK_FINAL,
             (*keys, *self.keys),

@@ -187,10 +187,11 @@ class RedisStorage:
         return _dumps(values)
 
     def _save_call(
-        self, record: TaskRecord, fence: str | None, force: bool
+        self, record: TaskRecord, fence: str | None, force: str
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Keys and arguments of the SAVE script for ``record`` (also run folded into a broker
-        script, see :mod:`qtasks_redis.shared_lua`)."""
+        script, see :mod:`qtasks_redis.shared_lua`). ``force``: ``"1"`` replace, ``"0"``
+        fenced/final checks, ``"n"`` only when no record is stored."""
         args = (
             record.uuid,
             self._encode(record),
@@ -198,19 +199,19 @@ class RedisStorage:
             record.token or "",
             "0" if fence is None else "1",
             fence or "",
-            "1" if force else "0",
+            force,
             self._ttl_ms,
         )
         return self._keys(record.uuid), args
 
-    async def _save(self, record: TaskRecord, fence: str | None, force: bool) -> bool:
+    async def _save(self, record: TaskRecord, fence: str | None, force: str) -> bool:
         keys, args = self._save_call(record, fence, force)
         return bool(
             await guarded(self.target, lua.SAVE(self._shared.fast(), keys, args, RECORD_KEYS))
         )
 
-    async def add(self, record: TaskRecord) -> None:
-        await self._save(record, None, True)
+    async def add(self, record: TaskRecord, *, replace: bool = True) -> None:
+        await self._save(record, None, "1" if replace else "n")
 
     async def get(self, uuid: str) -> TaskRecord | None:
         key = f"{self._tag}:r:{uuid}"
@@ -236,7 +237,7 @@ class RedisStorage:
         return begun
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
-        return await self._save(record, fence, False)
+        return await self._save(record, fence, "0")
 
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
         fields = await self._run(lua.CANCEL, uuid, uuid, reason, self._ttl_ms)

@@ -51,8 +51,11 @@ SAVE = Script(
     PRELUDE
     + r"""
 -- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none)
+-- force: '1' replaces any stored record, '0' checks fence and finality, 'n' writes only
+-- when no record is stored (a new task's record racing its first delivery).
 local uuid, status, token = ARGV[1], ARGV[3], ARGV[4]
 local cur = redis.call('HMGET', K_REC, 'd', 's', 't')
+if ARGV[7] == 'n' and cur[1] then return 0 end
 if ARGV[7] ~= '1' and cur[1] then
   if ARGV[5] == '1' and cur[3] ~= '' and cur[3] ~= ARGV[6] then return 0 end
   if FINAL[cur[2]] and not FINAL[status] then return 0 end

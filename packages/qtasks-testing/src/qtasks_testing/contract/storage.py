@@ -202,6 +202,52 @@ class StorageContract(ContractSuite):
         assert stored.token != "late"
 
     @pytest.mark.anyio
+    async def test_add_replaces_a_stored_record_by_default(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        await storage.save(finished(rec))
+        reset = record(uuid=rec.uuid, priority=4)
+        await storage.add(reset)
+        assert await storage.get(rec.uuid) == reset
+
+    @pytest.mark.anyio
+    async def test_add_without_replace_stores_a_new_record(self, storage: Storage) -> None:
+        rec = record(parent_uuid="p" * 32)
+        await storage.add(rec, replace=False)
+        assert await storage.get(rec.uuid) == rec
+        assert _nonzero(await storage.stats()) == {"new": 1}
+
+    @pytest.mark.anyio
+    async def test_add_without_replace_never_sets_a_begun_record_back(
+        self, storage: Storage
+    ) -> None:
+        """The producer's add may land after the worker's begin (the message was published
+        concurrently): the begun attempt stays, and so does its fence."""
+        rec = record()
+        claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+        await storage.begin(claim)
+        await storage.add(rec, replace=False)
+        stored = await storage.get(rec.uuid)
+        assert stored is not None
+        assert (stored.status, stored.token, stored.attempt) == (TaskStatus.PROCESS, "t1", 1)
+        assert _nonzero(await storage.stats()) == {"process": 1}
+        assert await storage.save(finished(stored), fence="t1") is True
+
+    @pytest.mark.anyio
+    async def test_add_without_replace_never_sets_a_final_record_back(
+        self, storage: Storage
+    ) -> None:
+        rec = record()
+        claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+        begun = await storage.begin(claim)
+        done = finished(begun, returning=42)
+        assert await storage.save(done, fence="t1") is True
+        await storage.add(rec, replace=False)
+        assert await storage.get(rec.uuid) == done
+        with anyio.fail_after(5):  # still final: a waiter returns at once
+            assert (await storage.wait(rec.uuid, 5)).status is TaskStatus.SUCCESS
+
+    @pytest.mark.anyio
     async def test_cancel_marks_a_pending_record(self, storage: Storage) -> None:
         rec = record()
         await storage.add(rec)
@@ -376,6 +422,7 @@ class StorageContract(ContractSuite):
             await storage.add(pending)
             await storage.add(done)
             await storage.save(finished(done))
+            await storage.add(done, replace=False)  # a late producer add keeps the expiry
             assert await storage.get(done.uuid) is not None
 
             async def gone() -> bool:
