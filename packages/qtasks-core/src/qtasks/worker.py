@@ -294,8 +294,10 @@ class QueueWorker:
             return
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
+        # Deliveries of a BeginOnClaim broker carry the record begun with their claim.
         begun: TaskRecord | None = getattr(delivery, "begun", None)
-        if begun is not None and time.monotonic() - delivery.begun_at <= BEGUN_FRESH:  # type: ignore[attr-defined]
+        begun_at: float = getattr(delivery, "begun_at", 0.0)
+        if begun is not None and time.monotonic() - begun_at <= BEGUN_FRESH:
             # Begun by the broker when it claimed the message, a moment ago (BeginOnClaim).
             record = begun
             record.attempt = message.attempt + 1
