@@ -302,6 +302,36 @@ async def test_cancel_between_begin_and_start_never_runs_the_code() -> None:
     await app.aclose()
 
 
+async def test_hooks_of_a_plugin_added_while_serving_fire_from_then_on() -> None:
+    # Unimplemented hooks are skipped before their arguments are built (Hooks.active): adding
+    # a plugin later must switch its hooks on. (Entry-point plugins off: the dev environment's
+    # test plugin implements qtasks_task_succeeded.)
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    seen: list[str] = []
+
+    class Late:
+        @hookimpl
+        def qtasks_task_succeeded(self, record: Any) -> None:
+            seen.append(f"succeeded {record.returning}")
+
+        @hookimpl
+        def qtasks_executor_result(self, result: Any) -> Any:
+            return result + 100
+
+    @app.task
+    async def one(n: int) -> int:
+        return n
+
+    async with app:
+        assert (await one.add_task(1, timeout=5)).returning == 1
+        assert "qtasks_task_succeeded" not in app.hooks.active
+        app.add_plugin(Late())
+        assert {"qtasks_task_succeeded", "qtasks_executor_result"} <= app.hooks.active
+        assert (await one.add_task(2, timeout=5)).returning == 102
+    assert seen == ["succeeded 102"]
+    await app.aclose()
+
+
 async def test_max_time_async_task(app: AsyncQueueTasks) -> None:
     cancelled = anyio.Event()
 

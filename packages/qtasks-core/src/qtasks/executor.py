@@ -50,6 +50,7 @@ class TaskRun:
     executing: bool = False
     """True while the executor runs the task (a cancel is delivered at once)."""
     cancel_requested: bool = False
+    """Set by :meth:`cancel`, also before the run started (it then never starts)."""
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel this run: its code gets the cancellation at its next ``await``, or as soon as
