@@ -119,8 +119,9 @@ class TaskExecutor:
         app, task = run.app, run.task
         args, kwargs = list(run.message.args), dict(run.message.kwargs)
         hook = "qtasks_executor_args"
-        if app.hooks.implemented(hook):
-            for plugin, func, argnames in app.hooks._impls[hook]:
+        impls = app.hooks._impls.get(hook)
+        if impls:
+            for plugin, func, pick in impls:
                 values = {
                     "app": app,
                     "task": task,
@@ -130,8 +131,8 @@ class TaskExecutor:
                     "run": run,
                 }
                 try:
-                    result = func(**{a: values[a] for a in argnames})
-                    if inspect.isawaitable(result):
+                    result = func(*pick(values))
+                    if result is not None and inspect.isawaitable(result):
                         result = await result
                 except Exception as exc:
                     if plugin == INJECT_PLUGIN:

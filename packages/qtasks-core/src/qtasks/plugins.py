@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
@@ -24,7 +25,20 @@ hookimpl = pluggy.HookimplMarker("qtasks")
 
 log = logging.getLogger("qtasks.plugins")
 
-_Impl = tuple[str, Callable[..., Any], tuple[str, ...]]
+_Picker = Callable[[dict[str, Any]], tuple[Any, ...]]
+_Impl = tuple[str, Callable[..., Any], _Picker]
+"""Plugin name, function, and what picks its arguments, in order, out of the call's keywords."""
+
+
+def _picker(argnames: tuple[str, ...]) -> _Picker:
+    """The positional arguments of an implementation taking ``argnames`` (pluggy passes
+    exactly these, in this order), without building a keyword dict per call."""
+    if len(argnames) > 1:
+        return operator.itemgetter(*argnames)
+    if argnames:
+        (name,) = argnames
+        return lambda kwargs: (kwargs[name],)
+    return lambda kwargs: ()
 
 
 class Hooks:
@@ -95,7 +109,7 @@ class Hooks:
             if impls:
                 # pluggy calls the last registered (and tryfirst) first.
                 self._impls[hook_name] = [
-                    (i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(impls)
+                    (i.plugin_name, i.function, _picker(tuple(i.argnames))) for i in reversed(impls)
                 ]
         self.active = frozenset(active)
 
@@ -112,9 +126,9 @@ class Hooks:
         impls = self._impls.get(hook)
         if not impls:
             return _DONE
-        for index, (plugin, func, argnames) in enumerate(impls):
+        for index, (plugin, func, pick) in enumerate(impls):
             try:
-                result = func(**{a: kwargs[a] for a in argnames})
+                result = func(*pick(kwargs))
             except Exception:
                 log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
                 continue
@@ -135,9 +149,9 @@ class Hooks:
             await pending
         except Exception:
             log.exception("plugin %r failed in hook %s (ignored)", impls[index][0], hook)
-        for plugin, func, argnames in impls[index + 1 :]:
+        for plugin, func, pick in impls[index + 1 :]:
             try:
-                result = func(**{a: kwargs[a] for a in argnames})
+                result = func(*pick(kwargs))
                 if inspect.isawaitable(result):
                     await result
             except Exception:
@@ -146,9 +160,9 @@ class Hooks:
     def notify_sync(self, hook: str, **kwargs: Any) -> list[Any]:
         """Call a notification hook from sync code; returns awaitables to run later."""
         pending: list[Any] = []
-        for plugin, func, argnames in self._impls.get(hook, ()):
+        for plugin, func, pick in self._impls.get(hook, ()):
             try:
-                result = func(**{a: kwargs[a] for a in argnames})
+                result = func(*pick(kwargs))
                 if inspect.isawaitable(result):
                     pending.append(result)
             except Exception:
@@ -164,9 +178,9 @@ class Hooks:
         impls = self._impls.get(hook)
         if not impls:
             return _Ready(kwargs[field])
-        for index, (plugin, func, argnames) in enumerate(impls):
+        for index, (plugin, func, pick) in enumerate(impls):
             try:
-                result = func(**{a: kwargs[a] for a in argnames})
+                result = func(*pick(kwargs))
             except Exception as exc:
                 return _Failed(PluginError(plugin, f"hook {hook} raised {exc!r}"), exc)
             if result is None:
@@ -192,9 +206,9 @@ class Hooks:
             raise PluginError(impls[index][0], f"hook {hook} raised {exc!r}") from exc
         if result is not None:
             kwargs[field] = result
-        for plugin, func, argnames in impls[index + 1 :]:
+        for plugin, func, pick in impls[index + 1 :]:
             try:
-                result = func(**{a: kwargs[a] for a in argnames})
+                result = func(*pick(kwargs))
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as exc:
