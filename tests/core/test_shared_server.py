@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, TaskStatus
+from qtasks import (
+    AsyncQueueTasks,
+    MemoryBroker,
+    MemoryStorage,
+    QueueConfig,
+    TaskStatus,
+    hookimpl,
+)
 from qtasks.components import Delivery, SharedServer, Storage
+from qtasks.errors import BrokerConnectionError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 
@@ -35,6 +47,12 @@ class FoldingBroker(MemoryBroker):
         await delivery.ack()
         return True
 
+    async def ack_finals(
+        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+    ) -> list[bool]:
+        self.calls.append("ack_finals")
+        return [await self.ack_final(delivery, storage, record) for delivery, record in finals]
+
 
 async def test_folding_broker_is_used_for_enqueue_and_settle() -> None:
     storage = MemoryStorage()
@@ -50,7 +68,8 @@ async def test_folding_broker_is_used_for_enqueue_and_settle() -> None:
         assert app.shared_server is broker
         done = await app.add_task("double", 4, timeout=5)
     assert (done.status, done.returning) == (TaskStatus.SUCCESS, 8)
-    assert broker.calls == ["publish_new", "ack_final"]
+    # The worker settles through the batched call (one task here).
+    assert broker.calls == ["publish_new", "ack_finals", "ack_final"]
     await app.aclose()
 
 
@@ -66,3 +85,169 @@ async def test_not_used_with_another_storage() -> None:
         assert app.shared_server is None
         assert (await app.add_task("one", timeout=5)).returning == 1
     assert broker.calls == []
+
+
+class BatchingBroker(FoldingBroker):
+    """A FoldingBroker whose batched settle can be held at a gate, recording batch sizes."""
+
+    def __init__(self, partner: Storage) -> None:
+        super().__init__(partner)
+        self.batches: list[list[str]] = []
+        self.gate: anyio.Event | None = None
+        self.entered = anyio.Event()
+        self.fail = False
+        self.settled: dict[str, bool] = {}
+
+    async def ack_finals(
+        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+    ) -> list[bool]:
+        self.batches.append([record.uuid for _, record in finals])
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise BrokerConnectionError("the server went away")
+        saved = [await self.ack_final(delivery, storage, record) for delivery, record in finals]
+        self.settled.update(
+            (record.uuid, ok) for (_, record), ok in zip(finals, saved, strict=True)
+        )
+        return saved
+
+
+def batching_app(concurrency: int = 4, **config: Any) -> tuple[AsyncQueueTasks, BatchingBroker]:
+    storage = MemoryStorage()
+    broker = BatchingBroker(storage)
+    app = AsyncQueueTasks(
+        broker=broker,
+        storage=storage,
+        config=QueueConfig(max_tasks_process=concurrency, plugins_disabled=["*"], **config),
+    )
+    return app, broker
+
+
+class ClosedCounter:
+    """Sets ``all_closed`` once ``expected`` tasks reached ``qtasks_executor_closed``, the
+    last hook before the runner hands the task to the settler (without yielding)."""
+
+    name = "closed-counter"
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.all_closed = anyio.Event()
+
+    @hookimpl
+    def qtasks_executor_closed(self) -> None:
+        self.expected -= 1
+        if self.expected == 0:
+            self.all_closed.set()
+
+
+async def test_tasks_finishing_during_a_settle_go_in_the_next_call_together() -> None:
+    app, broker = batching_app(concurrency=3)
+    broker.gate = anyio.Event()
+    closed = ClosedCounter(4)
+    app.add_plugin(closed)
+    release, all_started = anyio.Event(), anyio.Event()
+    started: list[int] = []
+
+    @app.task
+    async def first() -> str:
+        return "first"
+
+    @app.task
+    async def later(i: int) -> int:
+        started.append(i)
+        if len(started) == 3:
+            all_started.set()
+        await release.wait()
+        return i
+
+    async with app:
+        one = await app.add_task("first")
+        with anyio.fail_after(5):
+            await broker.entered.wait()  # first's settle is in flight, held at the gate
+        others = [await app.add_task("later", i) for i in range(3)]
+        # Its runner did not wait for the settle: all three others run at once.
+        with anyio.fail_after(5):
+            await all_started.wait()
+        release.set()
+        with anyio.fail_after(5):
+            await closed.all_closed.wait()
+        broker.gate.set()
+        done = [await app.wait(t.uuid, timeout=5) for t in (one, *others)]
+        assert (await broker.stats()).in_flight == 0
+    assert [t.returning for t in done] == ["first", 0, 1, 2]
+    assert broker.batches == [[one.uuid], [t.uuid for t in others]]
+    await app.aclose()
+
+
+async def test_hooks_of_a_batched_settle_keep_their_order() -> None:
+    from test_plugins_order import ENQUEUE, RECEIVE_AND_START, SUCCESS_END, Recorder
+
+    app, broker = batching_app()
+    recorder = Recorder()
+    app.add_plugin(recorder)
+
+    @app.task
+    async def ok() -> int:
+        return 1
+
+    async with app:
+        await ok.add_task()
+        await recorder.wait_finished(1)
+    assert recorder.calls == [*ENQUEUE, *RECEIVE_AND_START, *SUCCESS_END]
+    assert len(broker.batches) == 1
+    await app.aclose()
+
+
+async def test_stopping_waits_for_settles_in_flight() -> None:
+    app, broker = batching_app(shutdown_grace=5.0)
+    broker.gate = anyio.Event()
+    stopping, stopped = anyio.Event(), anyio.Event()
+    uuids: list[str] = []
+
+    @app.task
+    async def ok() -> int:
+        return 7
+
+    async def serve() -> None:
+        async with app:
+            uuids.append((await app.add_task("ok")).uuid)
+            await broker.entered.wait()
+            stopping.set()  # leaving the block stops the worker, its settle still held
+        stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        with anyio.fail_after(5):
+            await stopping.wait()
+        with anyio.move_on_after(0.2):
+            await stopped.wait()
+        assert not stopped.is_set()  # the stop waits for the settle in flight
+        broker.gate.set()
+        with anyio.fail_after(5):
+            await stopped.wait()
+    assert broker.settled == {uuids[0]: True}  # stored and acked, not handed back
+
+
+async def test_a_failed_settle_leaves_the_messages_to_their_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, broker = batching_app(lease=0.3)
+    broker.fail = True
+    runs: list[int] = []
+
+    @app.task
+    async def counted(i: int) -> int:
+        runs.append(i)
+        if len(runs) == 2:
+            broker.fail = False  # the server is back for the redelivery
+        return i
+
+    async with app:
+        task = await app.add_task("counted", 5)
+        done = await app.wait(task.uuid, timeout=10)
+    assert done.returning == 5
+    assert runs == [5, 5]  # not acked the first time: delivered again after its lease
+    assert "could not store the results of 1 finished tasks" in caplog.text
+    await app.aclose()

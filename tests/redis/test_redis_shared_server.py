@@ -165,7 +165,7 @@ async def test_app_folds_enqueue_and_settle(
 
         monkeypatch.setattr(owner, name, counted)
 
-    for name in ("publish_new", "ack_final", "publish"):
+    for name in ("publish_new", "ack_final", "ack_finals", "publish"):
         spy(broker, name)
     for name in ("add", "save"):
         spy(storage, name)
@@ -175,7 +175,56 @@ async def test_app_folds_enqueue_and_settle(
         assert (task.status, task.returning) == (TaskStatus.SUCCESS, 42)
         stats = await broker.stats()
         assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
-    assert calls == ["publish_new", "ack_final"]
+    assert calls == ["publish_new", "ack_finals"]
+
+
+async def test_ack_finals_settles_each_pair_on_its_own(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, storage = await parts(stack, redis_url, prefix)
+    for uuid in "abc":
+        await broker.publish_new(Envelope(uuid, b"body"), storage, new_record(uuid))
+    async with broker.consume(prefetch=3) as it:
+        got = {d.id: d for d in [await take(it) for _ in range(3)]}
+        finals = []
+        for uuid in "abc":
+            record = await begun(storage, got[uuid])
+            record.status, record.returning = TaskStatus.SUCCESS, uuid * 2
+            finals.append((got[uuid], record))
+        # Another attempt took b's record over: its save is refused, its message stays.
+        other = new_record("b")
+        other.status, other.token = TaskStatus.PROCESS, "someone-else"
+        assert await storage.save(other)
+        assert await broker.ack_finals(storage, finals) == [True, False, True]
+        assert await broker.ack_finals(storage, []) == []
+        stats = await broker.stats()
+        assert (stats.in_flight, stats.ready_by_priority) == (1, {})
+        assert await got["b"].ack()
+    for uuid, status, returning in (
+        ("a", TaskStatus.SUCCESS, "aa"),
+        ("b", TaskStatus.PROCESS, None),
+        ("c", TaskStatus.SUCCESS, "cc"),
+    ):
+        stored = await storage.get(uuid)
+        assert stored is not None
+        assert (stored.status, stored.returning) == (status, returning)
+    # Waiters of each accepted record are woken as by a plain save.
+    with anyio.fail_after(3):
+        assert (await storage.wait("c", 2)).returning == "cc"
+
+
+async def test_ack_finals_refuses_a_foreign_delivery(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker, storage = await parts(stack, redis_url, prefix)
+    other = RedisBroker(redis_url, prefix=prefix, queue="another")
+    await other.start(stack, QueueConfig())
+    await other.publish_new(Envelope("x", b"body"), storage, new_record("x"))
+    async with other.consume(prefetch=1) as it:
+        delivery = await take(it)
+        with pytest.raises(ComponentError):
+            await broker.ack_finals(storage, [(delivery, new_record("x"))])
+        assert await delivery.ack()
 
 
 async def test_consume_begun_begins_records_in_the_claim(

@@ -27,7 +27,7 @@ Construction from configuration. Components found by name (``broker="redis"``) a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
@@ -191,6 +191,15 @@ class SharedServer(Protocol):
         """Exactly ``await storage.save(record, fence=delivery.token)`` followed, when that
         was accepted, by ``await delivery.ack()``, in one round trip. Returns whether the save
         was accepted."""
+        ...
+
+    async def ack_finals(
+        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+    ) -> list[bool]:
+        """:meth:`ack_final` of every ``(delivery, record)`` pair, in order, in one round trip
+        (each pair atomic on its own); the i-th result says whether the i-th save was
+        accepted. The worker settles the tasks that finish while a call is in flight with the
+        next call, so a busy worker makes one call per batch instead of one per task."""
         ...
 
 

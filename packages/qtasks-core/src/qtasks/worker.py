@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
-from qtasks.components import BeginOnClaim, Delivery
+from qtasks.components import BeginOnClaim, Delivery, SharedServer
 from qtasks.errors import (
     PluginError,
     SerializationError,
@@ -65,6 +65,7 @@ class QueueWorker:
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
+        self._settler: _Settler | None = None
 
     @property
     def running(self) -> int:
@@ -105,10 +106,14 @@ class QueueWorker:
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
         broker = app.broker
+        shared = app.shared_server
         consumer = (
             broker.consume_begun(prefetch=prefetch, storage=app.storage, worker=self.id)
-            if app.shared_server is not None and isinstance(broker, BeginOnClaim)
+            if shared is not None and isinstance(broker, BeginOnClaim)
             else broker.consume(prefetch=prefetch)
+        )
+        settler = self._settler = (
+            None if shared is None else _Settler(self, app, shared, 2 * concurrency)
         )
         async with (
             consumer as deliveries,
@@ -163,6 +168,8 @@ class QueueWorker:
                     await receive()
 
             serving.start_soon(receive_until_stopped)
+            if settler is not None:
+                serving.start_soon(settler.serve)
             serving.start_soon(self._heartbeat, app, concurrency)
             serving.start_soon(self._keep_leases, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
@@ -184,6 +191,10 @@ class QueueWorker:
                         run.cancel("__shutdown__")
                     while self._running:
                         await self._wait_idle()
+                    if settler is not None:
+                        # Before the consumer closes: it hands back what is not settled.
+                        await settler.drained()
+                    self._settler = None
                     for scope in runners:
                         scope.cancel()
                     serving.cancel_scope.cancel()
@@ -393,6 +404,12 @@ class QueueWorker:
             )
         elif cancelled:
             await self._settle_cancelled(app, run, delivery)
+        elif outcome is None and self._settler is not None:
+            # Succeeded: the settler stores the result and acks with other tasks' in one call
+            # and fires the remaining hooks; the runner's slot is free for the next task now.
+            _succeeded(record, result)
+            await self._settler.put(run, delivery)
+            return
         else:
             # Not shielded: if the worker is torn down here, the message is simply not acked
             # and comes back after its lease (at-least-once), so no extra cancel scope per task.
@@ -452,15 +469,13 @@ class QueueWorker:
         outcome: BaseException | None,
     ) -> None:
         record, hooks, task = run.record, app.hooks, run.task
-        record.updated_at = time.time()
         if outcome is None:
-            record.status = TaskStatus.SUCCESS
-            record.returning = result
-            record.error = None
+            _succeeded(record, result)
             saved = await self._save_final(app, record, delivery)
             if saved and "qtasks_task_succeeded" in hooks.active:
                 await hooks.notify("qtasks_task_succeeded", app=app, record=record)
             return
+        record.updated_at = time.time()
         if isinstance(outcome, TaskCancelledError):
             record.status = TaskStatus.CANCEL
             record.cancel_reason = outcome.reason
@@ -512,18 +527,100 @@ class QueueWorker:
         shared = app.shared_server
         if shared is not None:
             saved = await shared.ack_final(delivery, app.storage, record)
-        else:
-            saved = await app.storage.save(record, fence=delivery.token)
-        if not saved:
-            log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
-            return False
-        if "qtasks_storage_saved" in app.hooks.active:
-            await app.hooks.notify("qtasks_storage_saved", app=app, record=record)
-        if shared is None:
-            await delivery.ack()
-        if "qtasks_broker_acked" in app.hooks.active:
-            await app.hooks.notify("qtasks_broker_acked", app=app, record=record)
-        return True
+            return await _stored_final(app, record, saved, None)
+        saved = await app.storage.save(record, fence=delivery.token)
+        return await _stored_final(app, record, saved, delivery)
+
+
+async def _stored_final(
+    app: AsyncQueueTasks, record: TaskRecord, saved: bool, ack: Delivery | None
+) -> bool:
+    """After the final save of ``record``: its hooks, and the ack of ``ack`` (``None`` when
+    the save already acked). Returns ``saved``."""
+    if not saved:
+        log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
+        return False
+    hooks = app.hooks
+    if "qtasks_storage_saved" in hooks.active:
+        await hooks.notify("qtasks_storage_saved", app=app, record=record)
+    if ack is not None:
+        await ack.ack()
+    if "qtasks_broker_acked" in hooks.active:
+        await hooks.notify("qtasks_broker_acked", app=app, record=record)
+    return True
+
+
+def _succeeded(record: TaskRecord, result: Any) -> None:
+    record.updated_at = time.time()
+    record.status = TaskStatus.SUCCESS
+    record.returning = result
+    record.error = None
+
+
+class _Settler:
+    """Stores the results of succeeded tasks and acks their messages, many per round trip
+    (:meth:`SharedServer.ack_finals`): tasks that finish while one call is in flight go
+    together in the next. At most ``limit`` tasks (twice the concurrency: one call in flight,
+    the next one filling) wait here; a runner that finds it full waits before its next task."""
+
+    __slots__ = ("_app", "_busy", "_done", "_limit", "_queue", "_ready", "_shared", "_worker")
+
+    def __init__(
+        self, worker: QueueWorker, app: AsyncQueueTasks, shared: SharedServer, limit: int
+    ) -> None:
+        self._worker = worker
+        self._app = app
+        self._shared = shared
+        self._limit = max(limit, 1)
+        self._queue: list[tuple[TaskRun, Delivery]] = []
+        self._busy = 0
+        """Tasks queued or in the call in flight."""
+        self._ready = _Signal()
+        self._done = _Signal()
+
+    async def put(self, run: TaskRun, delivery: Delivery) -> None:
+        while self._busy >= self._limit:
+            await self._done.wait(None)
+        self._queue.append((run, delivery))
+        self._busy += 1
+        self._ready.fire()
+
+    async def drained(self) -> None:
+        """Until every task handed over is settled."""
+        while self._busy:
+            await self._done.wait(None)
+
+    async def serve(self) -> None:
+        while True:
+            while not self._queue:
+                await self._ready.wait(None)
+            batch, self._queue = self._queue, []
+            try:
+                await self._settle(batch)
+            finally:
+                self._busy -= len(batch)
+                self._done.fire()
+
+    async def _settle(self, batch: list[tuple[TaskRun, Delivery]]) -> None:
+        app = self._app
+        try:
+            saved = await self._shared.ack_finals(
+                app.storage, [(delivery, run.record) for run, delivery in batch]
+            )
+        except Exception:
+            # Not acked: each message comes back after its lease (at-least-once).
+            log.exception("could not store the results of %d finished tasks", len(batch))
+            return
+        hooks = app.hooks
+        for (run, _), ok in zip(batch, saved, strict=True):
+            record = run.record
+            if (
+                await _stored_final(app, record, ok, None)
+                and "qtasks_task_succeeded" in hooks.active
+            ):
+                await hooks.notify("qtasks_task_succeeded", app=app, record=record)
+            if "qtasks_worker_execute_after" in hooks.active:
+                await hooks.notify("qtasks_worker_execute_after", app=app, record=record)
 
 
 def task_executor(run: TaskRun) -> TaskExecutor:

@@ -115,18 +115,7 @@ class RedisDelivery:
     async def _settle_call(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
     ) -> bool:
-        # While the lease may still be ours, ride out a Redis outage rather than give up: an
-        # ack lost here means the task runs again elsewhere.
-        failures = 0
-        while True:
-            try:
-                done = bool(await self._broker._run_call(script, keys, args, dynamic))
-                break
-            except BrokerConnectionError:
-                failures += 1
-                if time.monotonic() >= self._lease_until:
-                    raise
-                await anyio.sleep(min(_BACKOFF_CAP, 0.1 * 2**failures) * random.random())
+        done = bool(await self._broker._while_leased((self,), script, keys, args, dynamic))
         self._owner.pop(self._token, None)
         return done
 
@@ -216,6 +205,27 @@ class RedisBroker:
     ) -> Any:
         return await guarded(self.target, script(self._shared.fast(), keys, args, dynamic))
 
+    async def _while_leased(
+        self,
+        deliveries: Sequence[RedisDelivery],
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        dynamic: int,
+    ) -> Any:
+        """Run a script that settles ``deliveries``. While a lease may still be ours, ride out
+        a Redis outage rather than give up: an ack lost here means the task runs again
+        elsewhere."""
+        failures = 0
+        while True:
+            try:
+                return await self._run_call(script, keys, args, dynamic)
+            except BrokerConnectionError:
+                failures += 1
+                if time.monotonic() >= max(d._lease_until for d in deliveries):
+                    raise
+                await anyio.sleep(min(_BACKOFF_CAP, 0.1 * 2**failures) * random.random())
+
     @staticmethod
     def _publish_args(envelope: Envelope) -> tuple[Any, ...]:
         eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
@@ -258,6 +268,32 @@ class RedisBroker:
             (*args, delivery.id, delivery.token),
             RECORD_KEYS,
         )
+
+    async def ack_finals(
+        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+    ) -> list[bool]:
+        """:meth:`ack_final` of every pair in one script call (each pair atomic on its own)."""
+        if not finals:
+            return []
+        redis_storage = _redis_storage(storage)
+        deliveries: list[RedisDelivery] = []
+        args: list[Any] = [redis_storage.key_tag]
+        keys: tuple[str, ...] = ()
+        for delivery, record in finals:
+            if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
+                raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
+            record_keys, save_args = redis_storage._save_call(record, delivery.token, "0")
+            if not keys:
+                keys = (*record_keys, *self.keys)
+            args += save_args
+            args += (delivery.id, delivery.token)
+            deliveries.append(delivery)
+        reply = await self._while_leased(
+            deliveries, shared_lua.ACK_FINALS, keys, args, RECORD_KEYS
+        )
+        for delivery in deliveries:
+            delivery._owner.pop(delivery._token, None)
+        return [bool(saved) for saved in reply]
 
     def consume(
         self, *, prefetch: int

@@ -64,6 +64,36 @@ PUBLISH_NEW = _combine(storage_lua.SAVE, broker_lua.PUBLISH, 4, gate=False)
 ACK_FINAL = _combine(storage_lua.SAVE, broker_lua.ACK, 2, gate=True)
 """Storage SAVE fenced by the delivery's token, then, when accepted, broker ACK (id, token)."""
 
+ACK_FINALS = Script(
+    storage_lua.PRELUDE
+    + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
+    + f"""
+-- ACK_FINAL for several tasks: KEYS are ACK_FINAL's for the first task (its record keys are
+-- rebuilt here for every task from the storage's key tag, so this runs only outside Redis
+-- Cluster); ARGV: the tag, then per task SAVE's {SAVE_ARGS} arguments and ACK's (id, token).
+-- Returns each task's SAVE reply.
+local function storage(ARGV)
+{_body(storage_lua.SAVE, storage_lua.PRELUDE)}
+end
+local function broker(ARGV)
+{_body(broker_lua.ACK, broker_lua.PRELUDE)}
+end
+local TAG, out, base = ARGV[1], {{}}, 1
+while base < #ARGV do
+  local sa = {{}}
+  for i = 1, {SAVE_ARGS} do sa[i] = ARGV[base + i] end
+  local uuid = sa[1]
+  K_REC, K_WAKE, K_STEPS = TAG .. ':r:' .. uuid, TAG .. ':w:' .. uuid, TAG .. ':s:' .. uuid
+  local saved = storage(sa)
+  if saved == 1 then broker({{ARGV[base + {SAVE_ARGS} + 1], ARGV[base + {SAVE_ARGS} + 2]}}) end
+  out[#out + 1] = saved
+  base = base + {SAVE_ARGS} + 2
+end
+return out
+"""
+)
+"""ACK_FINAL of many tasks in one call (see :meth:`RedisBroker.ack_finals`)."""
+
 
 CLAIM_BEGIN = Script(
     broker_lua.PRELUDE

@@ -121,6 +121,12 @@ class RedisStorage:
         """Keys of the per-status indexes (new, process, success, error, cancel, retry)."""
         return self._index_keys
 
+    @property
+    def key_tag(self) -> str:
+        """The hash tag of every key: a task's keys are ``<tag>:r:<uuid>`` (record),
+        ``<tag>:w:<uuid>`` (wake-ups) and ``<tag>:s:<uuid>`` (steps)."""
+        return self._tag
+
     def record_key(self, uuid: str) -> str:
         """Key of the hash that holds the record of ``uuid``."""
         return f"{self._tag}:r:{uuid}"
