@@ -592,3 +592,27 @@ async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> No
         record = await broker_app.storage.get(task.uuid)
         assert record is not None and record.status is TaskStatus.NEW
     await inspect_stack.aclose()
+
+
+async def test_unset_prefetch_is_a_fifth_of_the_concurrency() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=60, plugins_disabled=["*"]))
+    release, all_started = anyio.Event(), anyio.Event()
+    started: list[int] = []
+
+    @app.task
+    async def hold(i: int) -> None:
+        started.append(i)
+        if len(started) == 60:
+            all_started.set()
+        await release.wait()
+
+    for i in range(100):
+        await app.add_task("hold", i)
+    async with app:
+        with anyio.fail_after(5):
+            await all_started.wait()
+        # 60 running and 12 (60 // 5) waiting; the other 28 stay with the broker.
+        assert (app.worker.running, app.worker.waiting) == (60, 12)  # type: ignore[attr-defined]
+        stats = await app.broker.stats()
+        assert (stats.in_flight, sum(stats.ready_by_priority.values())) == (72, 28)
+        release.set()

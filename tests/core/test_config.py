@@ -94,8 +94,10 @@ def test_unknown_key_in_a_file_is_an_error_naming_file_and_key(tmp_path: Path) -
 
 
 def test_wrong_type_names_file_key_and_expected_type(tmp_path: Path) -> None:
-    file = write(tmp_path / "qtasks.toml", 'prefetch = "10"\n')
-    with pytest.raises(ConfigError, match=r"qtasks\.toml: 'prefetch' expects int, got str"):
+    file = write(tmp_path / "qtasks.toml", 'max_tasks_process = "10"\n')
+    with pytest.raises(
+        ConfigError, match=r"qtasks\.toml: 'max_tasks_process' expects int, got str"
+    ):
         load_config(file, env={})
     write(file, "lease = true\n")
     with pytest.raises(ConfigError, match="'lease' expects float, got bool"):
@@ -194,3 +196,11 @@ def test_from_config_with_a_missing_component_fails_clearly(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="no broker named 'kafka' is installed") as info:
         QueueTasks.from_config(file)
     assert "memory" in str(info.value)
+
+
+def test_prefetch_defaults_to_a_fifth_of_the_concurrency() -> None:
+    assert QueueConfig().prefetch is None
+    assert QueueConfig().prefetch_for(4) == 10  # at least 10
+    assert QueueConfig().prefetch_for(100) == 20
+    assert QueueConfig(prefetch=3).prefetch_for(100) == 3  # a set value is kept, even 0
+    assert QueueConfig(prefetch=0).prefetch_for(100) == 0

@@ -26,8 +26,10 @@ class QueueConfig:
 
     max_tasks_process: int = 10
     """Tasks one worker runs at once."""
-    prefetch: int = 10
-    """Messages a worker holds beyond those running (bounded, so others are not starved)."""
+    prefetch: int | None = None
+    """Messages a worker holds beyond those running (bounded, so others are not starved).
+    ``None``: one fifth of the worker's concurrency, at least 10 (see
+    :meth:`prefetch_for`)."""
     default_priority: int = 0
     """Priority of tasks that set none; a lower number runs first."""
     result_ttl: float | None = 86400.0
@@ -64,6 +66,14 @@ class QueueConfig:
     """Timers declared in configuration, read by ``qtasks-timer``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Component-specific options (``[tool.qtasks.extra]``), passed on to components."""
+
+    def prefetch_for(self, concurrency: int) -> int:
+        """The prefetch of a worker running ``concurrency`` tasks at once: ``prefetch``, or
+        when unset ``max(10, concurrency // 5)``, so that a busy worker with many slots has
+        its next messages at hand while it claims more."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return max(10, concurrency // 5)
 
     def merged(self, **values: Any) -> QueueConfig:
         """A copy with ``values`` applied, checked like any other source."""

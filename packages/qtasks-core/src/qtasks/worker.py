@@ -99,7 +99,9 @@ class QueueWorker:
     ) -> None:
         config = app.config
         concurrency = self._max_tasks or config.max_tasks_process
-        prefetch = self._prefetch if self._prefetch is not None else config.prefetch
+        prefetch = (
+            self._prefetch if self._prefetch is not None else config.prefetch_for(concurrency)
+        )
         capacity = concurrency + prefetch
         self._held = 0
         slot_freed = _Signal()

@@ -288,9 +288,7 @@ class RedisBroker:
             args += save_args
             args += (delivery.id, delivery.token)
             deliveries.append(delivery)
-        reply = await self._while_leased(
-            deliveries, shared_lua.ACK_FINALS, keys, args, RECORD_KEYS
-        )
+        reply = await self._while_leased(deliveries, shared_lua.ACK_FINALS, keys, args, RECORD_KEYS)
         for delivery in deliveries:
             delivery._owner.pop(delivery._token, None)
         return [bool(saved) for saved in reply]
