@@ -167,6 +167,26 @@ async def test_delivery_limit_dead_letters_with_reason(
     assert await broker.dead_letters() == []
 
 
+async def test_a_claim_dead_letters_one_past_its_limit_and_hands_out_the_rest(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    # A claim pops several messages at once: the one past its delivery limit is
+    # dead-lettered, the others are handed out in order, as many as were asked for.
+    broker = await make(stack, redis_url, prefix, lease=0.2, max_deliveries=1)
+    await broker.publish(Envelope("poison", b"p", priority=0))
+    async with broker.consume(prefetch=1) as it:
+        assert (await take(it)).id == "poison"  # not settled: handed back at exit, counted
+    for id in ("a", "b", "c"):
+        await broker.publish(Envelope(id, id.encode(), priority=1))
+    async with broker.consume(prefetch=3) as it:
+        got = [await take(it) for _ in range(3)]
+        assert [d.id for d in got] == ["a", "b", "c"]
+        for delivery in got:
+            assert await delivery.ack()
+    [letter] = await broker.dead_letters()
+    assert letter.id == "poison" and "max_deliveries=1" in letter.reason
+
+
 async def test_nack_and_requeue_dead_letters_by_id(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:

@@ -151,37 +151,37 @@ end
 local out = {'-1'}
 local n = 0
 local empty = false
-while n < count do
-  local popped = redis.call('ZPOPMIN', K_READY)
-  local id = popped[1]
-  if not id then
-    empty = true
-    break
-  end
-  local body = redis.call('HGET', K_BODY, id)
-  if body then
-    -- The priority is in the ready score, except where ready_score clamped it.
-    local prio = math.floor(tonumber(popped[2]) / SPAN)
-    if prio >= 899 or prio <= -899 then
-      prio = redis.call('HGET', K_META, id)
-    else
-      prio = tostring(prio)
-    end
-    local attempt = redis.call('HINCRBY', K_ATT, id, 1)
-    if attempt > maxd then
-      dead(id, body, 'delivery limit reached: delivered ' .. (attempt - 1) ..
-        ' times without being settled (max_deliveries=' .. maxd .. ')', prio, attempt, now)
-    else
-      n = n + 1
-      local token = nonce .. '.' .. n
-      redis.call('HSET', K_TOK, id, token)
-      redis.call('ZADD', K_INFLIGHT, now + lease, id)
-      out[#out + 1] = id
-      out[#out + 1] = body
-      out[#out + 1] = prio
-      out[#out + 1] = tostring(attempt)
-      out[#out + 1] = token
-      on_claim(id, body, token, out)
+while n < count and not empty do
+  -- Pop what is still wanted in one call; dead-lettered ones are made up for by the next.
+  local popped = redis.call('ZPOPMIN', K_READY, count - n)
+  if #popped < 2 * (count - n) then empty = true end
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local body = redis.call('HGET', K_BODY, id)
+    if body then
+      -- The priority is in the ready score, except where ready_score clamped it.
+      local prio = math.floor(tonumber(popped[i + 1]) / SPAN)
+      if prio >= 899 or prio <= -899 then
+        prio = redis.call('HGET', K_META, id)
+      else
+        prio = tostring(prio)
+      end
+      local attempt = redis.call('HINCRBY', K_ATT, id, 1)
+      if attempt > maxd then
+        dead(id, body, 'delivery limit reached: delivered ' .. (attempt - 1) ..
+          ' times without being settled (max_deliveries=' .. maxd .. ')', prio, attempt, now)
+      else
+        n = n + 1
+        local token = nonce .. '.' .. n
+        redis.call('HSET', K_TOK, id, token)
+        redis.call('ZADD', K_INFLIGHT, now + lease, id)
+        out[#out + 1] = id
+        out[#out + 1] = body
+        out[#out + 1] = prio
+        out[#out + 1] = tostring(attempt)
+        out[#out + 1] = token
+        on_claim(id, body, token, out)
+      end
     end
   end
 end

@@ -72,6 +72,14 @@ ACK_FINALS = Script(
 -- rebuilt here for every task from the storage's key tag, so this runs only outside Redis
 -- Cluster); ARGV: the tag, then per task SAVE's {SAVE_ARGS} arguments and ACK's (id, token).
 -- Returns each task's SAVE reply.
+local now_cached = false
+local function now_ms()  -- the server time, read once for the whole batch
+  if not now_cached then
+    local t = redis.call('TIME')
+    now_cached = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now_cached
+end
 local function storage(ARGV)
 {_body(storage_lua.SAVE, storage_lua.PRELUDE)}
 end
@@ -107,24 +115,29 @@ local IDX = {new = KEYS[13], process = KEYS[14], success = KEYS[15], error = KEY
              cancel = KEYS[17], retry = KEYS[18]}
 local FINAL = {success = true, error = true, cancel = true}
 local REC_PREFIX, WORKER = ARGV[5], ARGV[6]
+local begun_at, begun_ms = false, 0  -- the server time, read once per claim
 -- Appends the record's {d, s, t, cr, u, n, a, w} (as BEGIN returns them), all false when
 -- there is no record.
 local function on_claim(id, body, token, out)
   local rec = REC_PREFIX .. id
   local cur = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
   if cur[1] and not FINAL[cur[2]] then
-    local t = redis.call('TIME')
-    local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    redis.call('HSET', rec, 's', 'process', 't', token, 'w', WORKER, 'u', updated)
+    if not begun_at then
+      local t = redis.call('TIME')
+      begun_at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+      begun_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
     local ok, message = pcall(cjson.decode, body)
     if ok and type(message) == 'table' and tonumber(message.attempt) then
       cur[7] = tostring(tonumber(message.attempt) + 1)
-      redis.call('HSET', rec, 'a', cur[7])
+      redis.call('HSET', rec, 's', 'process', 't', token, 'w', WORKER, 'u', begun_at,
+                 'a', cur[7])
+    else
+      redis.call('HSET', rec, 's', 'process', 't', token, 'w', WORKER, 'u', begun_at)
     end
     if IDX[cur[2]] then redis.call('ZREM', IDX[cur[2]], id) end
-    redis.call('ZADD', IDX['process'], now, id)
-    cur[2], cur[3], cur[5], cur[8] = 'process', token, updated, WORKER
+    redis.call('ZADD', IDX['process'], begun_ms, id)
+    cur[2], cur[3], cur[5], cur[8] = 'process', token, begun_at, WORKER
   end
   for i = 1, 8 do out[#out + 1] = cur[i] end
 end
