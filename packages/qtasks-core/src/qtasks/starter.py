@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+
+from qtasks.loop import loop_options
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -23,11 +27,20 @@ class SignalStarter:
     stop at once; the broker redelivers after the lease).
     """
 
-    def __init__(self, backend: str = "asyncio") -> None:
+    def __init__(
+        self,
+        backend: str = "asyncio",
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    ) -> None:
+        """``loop_factory`` (asyncio only) makes the event loop; by default
+        :func:`qtasks.loop.new_event_loop` (asyncio's, with timers that fire on time), unless
+        an event-loop policy other than asyncio's default is installed."""
         self.backend = backend
+        self.loop_factory = loop_factory
 
     def run(self, app: AsyncQueueTasks) -> None:
-        anyio.run(self.serve, app, backend=self.backend)
+        options = loop_options(self.backend, self.loop_factory)
+        anyio.run(self.serve, app, backend=self.backend, backend_options=options)
 
     async def serve(self, app: AsyncQueueTasks) -> None:
         """Serve in the running loop until a signal arrives."""

@@ -20,6 +20,7 @@ from qtasks.app import AsyncQueueTasks
 from qtasks.components import Broker, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, load_config
 from qtasks.discovery import build_components
+from qtasks.loop import loop_options
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
@@ -246,7 +247,13 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
             ready.set()
             await portal.sleep_until_stopped()
 
-    thread = threading.Thread(target=anyio.run, args=(main,), name="qtasks-portal", daemon=True)
+    thread = threading.Thread(
+        target=anyio.run,
+        args=(main,),
+        kwargs={"backend_options": loop_options("asyncio")},
+        name="qtasks-portal",
+        daemon=True,
+    )
     thread.start()
     ready.wait()
     return holder[0], thread
