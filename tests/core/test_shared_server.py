@@ -251,3 +251,32 @@ async def test_a_failed_settle_leaves_the_messages_to_their_lease(
     assert runs == [5, 5]  # not acked the first time: delivered again after its lease
     assert "could not store the results of 1 finished tasks" in caplog.text
     await app.aclose()
+
+
+async def test_a_broken_settle_call_does_not_kill_the_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, broker = batching_app(lease=0.3)
+    calls = 0
+    plain = broker.ack_finals
+
+    async def wrong_length(
+        storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+    ) -> list[bool]:
+        nonlocal calls
+        calls += 1
+        saved = await plain(storage, finals)
+        return [*saved, True] if calls == 1 else saved  # a broker bug: one result too many
+
+    broker.ack_finals = wrong_length  # type: ignore[method-assign]
+
+    @app.task
+    async def one(i: int) -> int:
+        return i
+
+    async with app:
+        first = await app.add_task("one", 1, timeout=5)
+        second = await app.add_task("one", 2, timeout=5)  # the worker still serves
+    assert (first.returning, second.returning) == (1, 2)
+    assert "worker failed while settling 1 finished tasks" in caplog.text
+    await app.aclose()

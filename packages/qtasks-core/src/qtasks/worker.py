@@ -114,9 +114,7 @@ class QueueWorker:
             if shared is not None and isinstance(broker, BeginOnClaim)
             else broker.consume(prefetch=prefetch)
         )
-        settler = self._settler = (
-            None if shared is None else _Settler(self, app, shared, 2 * concurrency)
-        )
+        settler = self._settler = None if shared is None else _Settler(app, shared, 2 * concurrency)
         async with (
             consumer as deliveries,
             anyio.create_task_group() as serving,
@@ -565,12 +563,9 @@ class _Settler:
     together in the next. At most ``limit`` tasks (twice the concurrency: one call in flight,
     the next one filling) wait here; a runner that finds it full waits before its next task."""
 
-    __slots__ = ("_app", "_busy", "_done", "_limit", "_queue", "_ready", "_shared", "_worker")
+    __slots__ = ("_app", "_busy", "_done", "_limit", "_queue", "_ready", "_shared")
 
-    def __init__(
-        self, worker: QueueWorker, app: AsyncQueueTasks, shared: SharedServer, limit: int
-    ) -> None:
-        self._worker = worker
+    def __init__(self, app: AsyncQueueTasks, shared: SharedServer, limit: int) -> None:
         self._app = app
         self._shared = shared
         self._limit = max(limit, 1)
@@ -599,6 +594,9 @@ class _Settler:
             batch, self._queue = self._queue, []
             try:
                 await self._settle(batch)
+            except Exception:
+                # A bug in a component or plugin must not kill the worker (see _process).
+                log.exception("worker failed while settling %d finished tasks", len(batch))
             finally:
                 self._busy -= len(batch)
                 self._done.fire()
