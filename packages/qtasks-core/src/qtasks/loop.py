@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import select
 import selectors
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +61,9 @@ def loop_options(
         return {}
     if loop_factory is not None:
         return {"loop_factory": loop_factory}
-    default = type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
+    with warnings.catch_warnings():  # policies are deprecated from Python 3.14 on
+        warnings.simplefilter("ignore", DeprecationWarning)
+        default = type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy
     if default and hasattr(selectors, "EpollSelector"):
         return {"loop_factory": new_event_loop}
     return {}
