@@ -329,3 +329,41 @@ async def test_a_delivery_that_waited_is_begun_again_so_a_cancel_meanwhile_holds
     final = await app.get(doomed.uuid)
     assert final is not None and final.status is TaskStatus.CANCEL
     await app.aclose()
+
+
+async def test_tasks_finishing_together_are_settled_in_shared_calls(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = build(redis_url, prefix, concurrency=20)
+    broker = app.broker
+    assert isinstance(broker, RedisBroker)
+    batches: list[int] = []
+    plain = broker.ack_finals
+
+    async def counted(storage: Any, finals: Any) -> list[bool]:
+        batches.append(len(finals))
+        return await plain(storage, finals)
+
+    monkeypatch.setattr(broker, "ack_finals", counted)
+    gate, all_running = anyio.Event(), anyio.Event()
+    running: list[int] = []
+
+    @app.task
+    async def together(i: int) -> int:
+        running.append(i)
+        if len(running) == 20:
+            all_running.set()
+        await gate.wait()  # all 20 end in the same moment
+        return i
+
+    tasks = [await app.add_task("together", i) for i in range(20)]
+    async with app:
+        with anyio.fail_after(5):
+            await all_running.wait()
+        gate.set()
+        done = [await app.wait(t.uuid, timeout=5) for t in tasks]
+        stats = await broker.stats()
+    assert [(t.status, t.returning) for t in done] == [(TaskStatus.SUCCESS, i) for i in range(20)]
+    assert (stats.in_flight, stats.ready_by_priority) == (0, {})
+    assert sum(batches) == 20
+    assert len(batches) < 20  # settled together, not one call per task
