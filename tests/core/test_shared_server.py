@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
+import qtasks.worker
 from qtasks import (
     AsyncQueueTasks,
     MemoryBroker,
@@ -279,4 +280,28 @@ async def test_a_broken_settle_call_does_not_kill_the_worker(
         second = await app.add_task("one", 2, timeout=5)  # the worker still serves
     assert (first.returning, second.returning) == (1, 2)
     assert "worker failed while settling 1 finished tasks" in caplog.text
+    await app.aclose()
+
+
+async def test_settle_calls_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qtasks.worker, "SETTLE_BATCH", 2)
+    app, broker = batching_app(concurrency=5)
+    broker.gate = anyio.Event()
+    closed = ClosedCounter(6)
+    app.add_plugin(closed)
+
+    @app.task
+    async def quick(i: int) -> int:
+        return i
+
+    async with app:
+        tasks = [await app.add_task("quick", i) for i in range(6)]
+        with anyio.fail_after(5):
+            await closed.all_closed.wait()  # the first call is held; the rest wait behind it
+        broker.gate.set()
+        done = [await app.wait(t.uuid, timeout=5) for t in tasks]
+    assert [t.returning for t in done] == list(range(6))
+    sizes = [len(batch) for batch in broker.batches]
+    assert sum(sizes) == 6
+    assert max(sizes) == 2  # without the cap, those held back would go in one call
     await app.aclose()

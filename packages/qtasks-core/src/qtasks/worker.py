@@ -42,6 +42,11 @@ BEGUN_FRESH = 0.005
 local queue is begun again when it starts, so a cancel made meanwhile is seen."""
 
 
+SETTLE_BATCH = 256
+"""Most tasks settled in one :meth:`SharedServer.ack_finals` call, so that one call never
+holds the server (a Redis script runs alone) for long."""
+
+
 class QueueWorker:
     """Serves tasks from the app's broker. See :class:`qtasks.components.Worker`."""
 
@@ -591,7 +596,8 @@ class _Settler:
         while True:
             while not self._queue:
                 await self._ready.wait(None)
-            batch, self._queue = self._queue, []
+            batch = self._queue[:SETTLE_BATCH]
+            del self._queue[:SETTLE_BATCH]
             try:
                 await self._settle(batch)
             except Exception:
