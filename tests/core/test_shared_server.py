@@ -43,10 +43,13 @@ class FoldingBroker(MemoryBroker):
 
     async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
         self.calls.append("ack_final")
-        if not await storage.save(record, fence=delivery.token):
-            return False
-        await delivery.ack()
-        return True
+        if await storage.save(record, fence=delivery.token):
+            await delivery.ack()
+            return True
+        stored = await storage.get(record.uuid)
+        if stored is not None and stored.status.final and stored.token == delivery.token:
+            await delivery.ack()  # refused only because the task is over (e.g. cancelled)
+        return False
 
     async def ack_finals(
         self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]

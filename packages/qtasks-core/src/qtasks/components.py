@@ -189,8 +189,9 @@ class SharedServer(Protocol):
 
     async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
         """Exactly ``await storage.save(record, fence=delivery.token)`` followed, when that
-        was accepted, by ``await delivery.ack()``, in one round trip. Returns whether the save
-        was accepted."""
+        was accepted or refused only because the stored record is final (the task is over,
+        e.g. cancelled while it ran), by ``await delivery.ack()``, in one round trip. Returns
+        whether the save was accepted."""
         ...
 
     async def ack_finals(
@@ -231,8 +232,11 @@ class Storage(Protocol):
 
     * :meth:`save` with ``fence`` writes only while the stored record's ``token`` equals the
       fence (or the stored record has no token), so a worker that lost its lease cannot
-      overwrite a newer attempt's result; it returns ``False`` when refused. A record whose
-      stored status is final is never overwritten by a non-final one.
+      overwrite a newer attempt's result; it returns ``False`` when refused.
+    * Final is final: a record whose stored status is final (``success``, ``error``,
+      ``cancel``) is never overwritten by :meth:`save` with another status, fenced or not
+      (``False``). A cancel made while the task ran therefore stays a cancel when the task's
+      result comes in; only :meth:`add` (a deliberate reset) replaces a final record.
     * :meth:`wait` returns as soon as a final record is saved (woken, not polled) and raises
       :class:`~qtasks.errors.TaskTimeoutError` at the deadline.
     * Generator steps appended with :meth:`add_step` are readable in order by :meth:`steps`
@@ -270,8 +274,10 @@ class Storage(Protocol):
         ...
 
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
-        """Atomically mark a not-yet-final record ``cancel``; return the stored record (final
-        records are returned unchanged), ``None`` when unknown."""
+        """Atomically mark a not-yet-final record ``cancel`` (whatever its status: ``new``,
+        ``process`` or ``retry``) and wake its waiters; return the stored record (final
+        records are returned unchanged), ``None`` when unknown. A storage that is also a
+        :class:`CancelFeed` tells the workers when the record was ``process``."""
         ...
 
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
@@ -289,6 +295,24 @@ class Storage(Protocol):
 
     async def stats(self) -> dict[str, int]:
         """Number of stored records by status."""
+        ...
+
+
+@runtime_checkable
+class CancelFeed(Protocol):
+    """Optional storage capability: tell workers, in every process, of the cancels made
+    through :meth:`Storage.cancel`, so a running task is cancelled at once instead of at its
+    worker's next lease renewal (``lease / 3``), which stays the safety net for a cancel the
+    feed missed (e.g. made while its connection was down). Best effort, at most once.
+    """
+
+    async def follow_cancels(
+        self, on_cancel: Callable[[str, str], None], *, task_status: Any = ...
+    ) -> None:
+        """Call ``on_cancel(uuid, reason)`` for each cancel of a ``process`` record made from
+        now on, by any process, until cancelled. Started with ``task_group.start``: reports
+        started once it listens (or, when the backend is unreachable, once it tried; it keeps
+        retrying in the background). Never raises for a lost connection."""
         ...
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 import anyio
+import anyio.abc
 
 from qtasks.components import BrokerStats, DeadLetter
 from qtasks.config import QueueConfig
@@ -372,6 +373,7 @@ class MemoryStorage(_Lifecycle):
         self._watchers: dict[str, int] = {}
         self._expiry: list[tuple[float, str]] = []
         self._ttl: float | None = None
+        self._cancel_followers: list[Callable[[str, str], None]] = []
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -445,8 +447,8 @@ class MemoryStorage(_Lifecycle):
         if stored is not None:
             if fence is not None and stored.token not in (None, fence):
                 return False
-            if stored.status.final and not record.status.final:
-                return False
+            if stored.status.final and stored.status is not record.status:
+                return False  # final is final: a cancel made while the task ran stays
         self._records[record.uuid] = record.copy()
         if record.status.final:
             if self._ttl is not None:
@@ -460,11 +462,31 @@ class MemoryStorage(_Lifecycle):
         if stored is None:
             return None
         if not stored.status.final:
+            running = stored.status is TaskStatus.PROCESS
             stored.status = TaskStatus.CANCEL
             stored.cancel_reason = reason
             stored.updated_at = self._clock()
             self._fire(uuid)
+            if running:
+                for follower in list(self._cancel_followers):
+                    follower(uuid, reason)
         return stored.copy()
+
+    async def follow_cancels(
+        self,
+        on_cancel: Callable[[str, str], None],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """See :class:`qtasks.components.CancelFeed`: every app sharing this storage hears
+        the cancels of the others at once."""
+        self._check()
+        self._cancel_followers.append(on_cancel)
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            self._cancel_followers.remove(on_cancel)
 
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
         self._check()

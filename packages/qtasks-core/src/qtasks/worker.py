@@ -13,12 +13,13 @@ import time
 import traceback
 import uuid as uuid_mod
 from collections import deque
+from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
-from qtasks.components import BeginOnClaim, Delivery, SharedServer
+from qtasks.components import BeginOnClaim, CancelFeed, Delivery, SharedServer
 from qtasks.errors import (
     PluginError,
     SerializationError,
@@ -41,6 +42,10 @@ BEGUN_FRESH = 0.005
 :class:`~qtasks.components.BeginOnClaim`) is trusted; a delivery that waited longer in the
 local queue is begun again when it starts, so a cancel made meanwhile is seen."""
 
+
+RECENT_CANCELS = 1024
+"""Uuids of the latest cancels a worker heard of (see :class:`CancelFeed`): a delivery of one
+of them is never trusted as begun at claim time, it is begun again (and found final)."""
 
 SETTLE_BATCH = 256
 """Most tasks settled in one :meth:`SharedServer.ack_finals` call, so that one call never
@@ -67,6 +72,7 @@ class QueueWorker:
         self._local: list[tuple[int, int, Delivery]] = []
         self._lost: set[str] = set()
         """Tokens of waiting deliveries whose lease could not be renewed."""
+        self._recent_cancels: dict[str, None] = {}
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -81,11 +87,19 @@ class QueueWorker:
         return len(self._local)
 
     def cancel_local(self, uuid: str, reason: str) -> bool:
+        """Cancel the run of ``uuid`` on this worker, if it runs here; ``True`` if it did."""
+        recent = self._recent_cancels
+        recent[uuid] = None
+        if len(recent) > RECENT_CANCELS:
+            del recent[next(iter(recent))]
         run = self._running.get(uuid)
         if run is None:
             return False
         run.cancel(reason)
         return True
+
+    def _cancelled_elsewhere(self, uuid: str, reason: str) -> None:
+        self.cancel_local(uuid, reason)
 
     @property
     def stopping(self) -> anyio.Event:
@@ -175,6 +189,10 @@ class QueueWorker:
             serving.start_soon(receive_until_stopped)
             if settler is not None:
                 serving.start_soon(settler.serve)
+            storage = app.storage
+            if isinstance(storage, CancelFeed):
+                # Cancels made by other processes reach running tasks at once.
+                await serving.start(storage.follow_cancels, self._cancelled_elsewhere)
             serving.start_soon(self._heartbeat, app, concurrency)
             serving.start_soon(self._keep_leases, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
@@ -313,7 +331,11 @@ class QueueWorker:
         # Deliveries of a BeginOnClaim broker carry the record begun with their claim.
         begun: TaskRecord | None = getattr(delivery, "begun", None)
         begun_at: float = getattr(delivery, "begun_at", 0.0)
-        if begun is not None and time.monotonic() - begun_at <= BEGUN_FRESH:
+        if (
+            begun is not None
+            and time.monotonic() - begun_at <= BEGUN_FRESH
+            and delivery.id not in self._recent_cancels
+        ):
             # Begun by the broker when it claimed the message, a moment ago (BeginOnClaim).
             record = begun
             record.attempt = message.attempt + 1
@@ -433,7 +455,9 @@ class QueueWorker:
         record = run.record
         record.status = TaskStatus.NEW
         record.token = None
-        await app.storage.save(record, fence=delivery.token)
+        if not await app.storage.save(record, fence=delivery.token):
+            await _refused(app, record, delivery, delivery)
+            return
         await delivery.requeue()
         await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
@@ -504,6 +528,7 @@ class QueueWorker:
             record.status = TaskStatus.RETRY
             record.eta = time.time() + delay
             if not await app.storage.save(record, fence=delivery.token):
+                await _refused(app, record, delivery, delivery)
                 return
             next_message = Message(
                 uuid=run.message.uuid,
@@ -532,18 +557,55 @@ class QueueWorker:
         shared = app.shared_server
         if shared is not None:
             saved = await shared.ack_final(delivery, app.storage, record)
-            return await _stored_final(app, record, saved, None)
+            return await _stored_final(app, record, saved, delivery, None)
         saved = await app.storage.save(record, fence=delivery.token)
-        return await _stored_final(app, record, saved, delivery)
+        return await _stored_final(app, record, saved, delivery, delivery)
+
+
+async def _refused(
+    app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery, ack: Delivery | None
+) -> None:
+    """A write of ``record`` by ``delivery``'s run was refused: either a newer attempt owns
+    the task (nothing to do), or the stored record is already final, e.g. cancelled from
+    another process while the task ran. Then the task is over: ``record`` takes the stored
+    state, ``ack`` (``None`` when the refusing call acked already) is acked, and a cancel
+    fires ``qtasks_task_cancelled`` once, here."""
+    stored = await app.storage.get(record.uuid)
+    if stored is None or not stored.status.final or stored.token != delivery.token:
+        log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
+        return
+    if ack is not None:
+        await ack.ack()
+    for name in _RECORD_FIELDS:
+        setattr(record, name, getattr(stored, name))
+    if stored.status is TaskStatus.CANCEL:
+        reason = stored.cancel_reason or "cancelled"
+        log.info(
+            "task %s was cancelled while it ran (%s): its result is dropped", record.uuid, reason
+        )
+        await app.hooks.notify("qtasks_task_cancelled", app=app, record=record, reason=reason)
+    else:
+        log.warning(
+            "result of %s dropped: the task had already ended (%s)",
+            record.uuid,
+            stored.status.value,
+        )
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclass_fields(TaskRecord))
 
 
 async def _stored_final(
-    app: AsyncQueueTasks, record: TaskRecord, saved: bool, ack: Delivery | None
+    app: AsyncQueueTasks,
+    record: TaskRecord,
+    saved: bool,
+    delivery: Delivery,
+    ack: Delivery | None,
 ) -> bool:
-    """After the final save of ``record``: its hooks, and the ack of ``ack`` (``None`` when
-    the save already acked). Returns ``saved``."""
+    """After the final save of ``record`` by ``delivery``'s run: its hooks, and the ack of
+    ``ack`` (``None`` when the save already acked). Returns ``saved``."""
     if not saved:
-        log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
+        await _refused(app, record, delivery, ack)
         return False
     hooks = app.hooks
     if "qtasks_storage_saved" in hooks.active:
@@ -621,7 +683,7 @@ class _Settler:
         for (run, _), ok in zip(batch, saved, strict=True):
             record = run.record
             if (
-                await _stored_final(app, record, ok, None)
+                await _stored_final(app, record, ok, run.delivery, None)
                 and "qtasks_task_succeeded" in hooks.active
             ):
                 await hooks.notify("qtasks_task_succeeded", app=app, record=record)

@@ -109,15 +109,17 @@ class RedisDelivery:
     def token(self) -> str:
         return self._token
 
-    async def _settle(self, script: Script, *args: Any) -> bool:
-        return await self._settle_call(script, self._broker.keys, (self._id, self._token, *args))
-
     async def _settle_call(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
-    ) -> bool:
-        done = bool(await self._broker._while_leased((self,), script, keys, args, dynamic))
+    ) -> Any:
+        reply = await self._broker._while_leased((self,), script, keys, args, dynamic)
         self._owner.pop(self._token, None)
-        return done
+        return reply
+
+    async def _settle(self, script: Script, *args: Any) -> bool:
+        return bool(
+            await self._settle_call(script, self._broker.keys, (self._id, self._token, *args))
+        )
 
     async def ack(self) -> bool:
         return await self._settle(lua.ACK)
@@ -257,17 +259,19 @@ class RedisBroker:
         )
 
     async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
-        """Save the final ``record`` fenced by the delivery's token and, when accepted, ack the
-        delivery, in one atomic script. Returns whether the save was accepted."""
+        """Save the final ``record`` fenced by the delivery's token and, when accepted or when
+        the stored record is already final, ack the delivery, in one atomic script. Returns
+        whether the save was accepted."""
         if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
             raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
         keys, args = _redis_storage(storage)._save_call(record, delivery.token, "0")
-        return await delivery._settle_call(
+        reply = await delivery._settle_call(
             shared_lua.ACK_FINAL,
             (*keys, *self.keys),
             (*args, delivery.id, delivery.token),
             RECORD_KEYS,
         )
+        return bool(reply == 1)
 
     async def ack_finals(
         self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
@@ -291,7 +295,7 @@ class RedisBroker:
         reply = await self._while_leased(deliveries, shared_lua.ACK_FINALS, keys, args, RECORD_KEYS)
         for delivery in deliveries:
             delivery._owner.pop(delivery._token, None)
-        return [bool(saved) for saved in reply]
+        return [saved == 1 for saved in reply]
 
     def consume(
         self, *, prefetch: int

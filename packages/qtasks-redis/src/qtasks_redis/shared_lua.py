@@ -32,12 +32,13 @@ def _body(script: Script, prelude: str) -> str:
 
 def _combine(storage: Script, broker: Script, broker_args: int, *, gate: bool) -> Script:
     """``storage`` then ``broker``; with ``gate``, the broker part runs only when the storage
-    part returned 1. Returns the storage part's reply.
+    part did not return 0 (1: saved; 2: the record was already final, the task is over).
+    Returns the storage part's reply.
 
     Both preludes are defined once at the top (the broker's reading its keys after the
     storage's); each body becomes a local function whose ``ARGV`` parameter shadows the
     global, so its early ``return`` statements keep their meaning."""
-    run_broker = "if saved == 1 then broker(ba) end" if gate else "broker(ba)"
+    run_broker = "if saved ~= 0 then broker(ba) end" if gate else "broker(ba)"
     return Script(
         storage_lua.PRELUDE
         + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
@@ -62,7 +63,8 @@ PUBLISH_NEW = _combine(storage_lua.SAVE, broker_lua.PUBLISH, 4, gate=False)
 """Storage SAVE (forced: a new record) then broker PUBLISH (id, body, priority, eta_ms)."""
 
 ACK_FINAL = _combine(storage_lua.SAVE, broker_lua.ACK, 2, gate=True)
-"""Storage SAVE fenced by the delivery's token, then, when accepted, broker ACK (id, token)."""
+"""Storage SAVE fenced by the delivery's token, then, unless the fence refused it, broker ACK
+(id, token). Returns SAVE's reply (0, 1 or 2)."""
 
 ACK_FINALS = Script(
     storage_lua.PRELUDE
@@ -93,7 +95,7 @@ while base < #ARGV do
   local uuid = sa[1]
   K_REC, K_WAKE, K_STEPS = TAG .. ':r:' .. uuid, TAG .. ':w:' .. uuid, TAG .. ':s:' .. uuid
   local saved = storage(sa)
-  if saved == 1 then broker({{ARGV[base + {SAVE_ARGS} + 1], ARGV[base + {SAVE_ARGS} + 2]}}) end
+  if saved ~= 0 then broker({{ARGV[base + {SAVE_ARGS} + 1], ARGV[base + {SAVE_ARGS} + 2]}}) end
   out[#out + 1] = saved
   base = base + {SAVE_ARGS} + 2
 end

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import fields
 from typing import Any, Self
+
+import anyio
+import anyio.abc
+from redis.exceptions import RedisError
 
 from qtasks.config import QueueConfig
 from qtasks.errors import SerializationError, TaskTimeoutError
@@ -63,6 +68,11 @@ _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
 
+_FEED_IDLE = 5.0
+"""Seconds the cancel feed waits for a message before it looks again (no round trip)."""
+
+log = logging.getLogger("qtasks_redis.storage")
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _loads = json.JSONDecoder().decode
 
@@ -95,6 +105,7 @@ class RedisStorage:
         self._tag = f"{{{prefix}:rec}}"
         self._options = dict(options or {})
         self._index_keys = tuple(f"{self._tag}:i:{status}" for status in lua.STATUSES)
+        self._channel = f"{self._tag}:cancels"
         self._ttl_ms: str = ""
         self._shared = SharedClient(self.target, "RedisStorage")
 
@@ -212,9 +223,8 @@ class RedisStorage:
 
     async def _save(self, record: TaskRecord, fence: str | None, force: str) -> bool:
         keys, args = self._save_call(record, fence, force)
-        return bool(
-            await guarded(self.target, lua.SAVE(self._shared.fast(), keys, args, RECORD_KEYS))
-        )
+        reply = await guarded(self.target, lua.SAVE(self._shared.fast(), keys, args, RECORD_KEYS))
+        return bool(reply == 1)
 
     async def add(self, record: TaskRecord, *, replace: bool = True) -> None:
         await self._save(record, None, "1" if replace else "n")
@@ -246,8 +256,70 @@ class RedisStorage:
         return await self._save(record, fence, "0")
 
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
-        fields = await self._run(lua.CANCEL, uuid, uuid, reason, self._ttl_ms)
+        fields = await self._run(lua.CANCEL, uuid, uuid, reason, self._ttl_ms, self._channel)
         return None if fields is None else self._record(fields)
+
+    async def follow_cancels(
+        self,
+        on_cancel: Callable[[str, str], None],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """See :class:`qtasks.components.CancelFeed`: Redis pub/sub on ``<tag>:cancels``,
+        published by the cancel script itself. Resubscribes after a lost connection (one
+        warning per outage). On Redis Cluster there is no feed: cancels reach running tasks
+        at their lease renewal."""
+        client = self._require()
+        if self.target.cluster:
+            task_status.started()
+            await anyio.sleep_forever()
+        started = lost = False
+        failures = 0
+        while True:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                if lost:
+                    log.warning("cancel feed from Redis at %s is back", self.target.where)
+                    lost, failures = False, 0
+                if not started:
+                    started = True
+                    task_status.started()
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=_FEED_IDLE
+                    )
+                    if message is not None and message.get("type") == "message":
+                        self._feed(message["data"], on_cancel)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if not lost:
+                    lost = True
+                    log.warning(
+                        "cancel feed from Redis at %s lost (%s); running tasks learn of "
+                        "cancels at their lease renewal until it is back",
+                        self.target.where,
+                        type(exc).__name__,
+                    )
+            finally:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                    except (RedisError, OSError):  # pragma: no cover - a dead connection
+                        pass
+            if not started:
+                started = True
+                task_status.started()
+            await anyio.sleep(min(5.0, 0.1 * 2**failures))
+
+    @staticmethod
+    def _feed(data: bytes, on_cancel: Callable[[str, str], None]) -> None:
+        try:
+            uuid, reason = _loads(data.decode())
+        except (ValueError, TypeError, UnicodeDecodeError):
+            log.warning("ignored a cancel notice that is not [uuid, reason]: %.80r", data)
+            return
+        on_cancel(str(uuid), str(reason))
 
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
         client = self._require()

@@ -53,12 +53,15 @@ SAVE = Script(
 -- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none)
 -- force: '1' replaces any stored record, '0' checks fence and finality, 'n' writes only
 -- when no record is stored (a new task's record racing its first delivery).
+-- Returns 1 when written, 0 when refused by the fence (another attempt owns the task), 2 when
+-- refused because the stored record is final with another status (the task is over: a
+-- cancel made while it ran stays a cancel; its holder may ack).
 local uuid, status, token = ARGV[1], ARGV[3], ARGV[4]
 local cur = redis.call('HMGET', K_REC, 'd', 's', 't')
 if ARGV[7] == 'n' and cur[1] then return 0 end
 if ARGV[7] ~= '1' and cur[1] then
   if ARGV[5] == '1' and cur[3] ~= '' and cur[3] ~= ARGV[6] then return 0 end
-  if FINAL[cur[2]] and not FINAL[status] then return 0 end
+  if FINAL[cur[2]] and cur[2] ~= status then return 2 end
 end
 local old = false
 if cur[1] then old = cur[2] end
@@ -78,16 +81,21 @@ return 1
 CANCEL = Script(
     PRELUDE
     + r"""
--- ARGV: uuid, reason, ttl_ms. Returns {d, s, t, cr, u, n} or nil when unknown.
+-- ARGV: uuid, reason, ttl_ms, channel. Returns {d, s, t, cr, u, n, a, w} or nil when
+-- unknown. A cancel of a record in 'process' is published on channel (the workers' cancel
+-- feed), as a JSON array [uuid, reason].
 local cur = redis.call('HMGET', K_REC, 'd', 's')
 if not cur[1] then return false end
 if not FINAL[cur[2]] then
-  local now = now_ms()
   local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
   redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', updated)
   index(ARGV[1], cur[2], 'cancel', now)
   finished(tonumber(ARGV[3]))
+  if cur[2] == 'process' and ARGV[4] ~= '' then
+    redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], ARGV[2]}))
+  end
 end
 return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
 """
