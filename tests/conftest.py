@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
+from collections.abc import Iterator
 
 import pytest
+import redis
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
@@ -55,3 +58,17 @@ def rabbitmq_url() -> str:
     """URL of the real RabbitMQ server; the test skips/fails if it is down."""
     require_service("RabbitMQ", RABBITMQ_HOST, RABBITMQ_PORT)
     return f"amqp://guest:guest@{RABBITMQ_HOST}:{RABBITMQ_PORT}/"
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix unique to this test; its keys are deleted afterwards."""
+    name = f"qt-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{{{name}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

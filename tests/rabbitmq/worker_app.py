@@ -1,7 +1,9 @@
-"""A worker process for the end-to-end tests: ``python worker_app.py QUEUE OUTDIR``.
+"""A worker process for the end-to-end tests: ``python worker_app.py QUEUE OUTDIR [REDIS_URL
+PREFIX]``.
 
 Tasks write what they did into files under OUTDIR (results cannot be shared through an in-memory
-storage across processes). It serves until SIGTERM, or until it is killed.
+storage across processes); with REDIS_URL and PREFIX the storage is Redis, shared with the test.
+It serves until SIGTERM, or until it is killed.
 """
 
 from __future__ import annotations
@@ -11,16 +13,26 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
+
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks_rabbitmq import RabbitMQBroker
+from qtasks_redis import RedisStorage
 
 URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-def build(queue: str, out: Path) -> AsyncQueueTasks:
+def build(
+    queue: str, out: Path, redis_url: str | None = None, prefix: str = "qtasks"
+) -> AsyncQueueTasks:
     app = AsyncQueueTasks(
         broker=RabbitMQBroker(URL, queue=queue),
-        config=QueueConfig(max_tasks_process=4, prefetch=4, shutdown_grace=5),
+        storage=None if redis_url is None else RedisStorage(redis_url, prefix=prefix),
+        # With a Redis storage (the cancel tests) the lease is long: its renewal (lease / 3)
+        # must not be what tells a worker of a cancel.
+        config=QueueConfig(
+            max_tasks_process=4, prefetch=4, shutdown_grace=5, lease=30 if redis_url is None else 60
+        ),
     )
 
     def note(name: str, line: str) -> None:
@@ -35,6 +47,17 @@ def build(queue: str, out: Path) -> AsyncQueueTasks:
         return tag
 
     @app.task
+    async def cancellable(tag: str, seconds: float) -> str:
+        note("started", f"{tag} {os.getpid()}")
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            note("cancelled", f"{tag} {os.getpid()}")
+            raise
+        note("done", f"{tag} {os.getpid()}")
+        return tag
+
+    @app.task
     async def record(i: int) -> int:
         note("done", str(i))
         return i
@@ -43,4 +66,4 @@ def build(queue: str, out: Path) -> AsyncQueueTasks:
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], Path(sys.argv[2])).run_forever()
+    build(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:]).run_forever()

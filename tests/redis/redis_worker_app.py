@@ -73,6 +73,26 @@ def build(
         return i
 
     @app.task
+    async def cancellable(i: int, seconds: float) -> int:
+        note(f"start {i}")
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            note(f"cancelled {i}")
+            raise
+        note(f"end {i}")
+        return i
+
+    @app.task
+    async def stubborn(i: int, seconds: float) -> int:
+        """Ignores cancellation: its result comes in after any cancel."""
+        note(f"start {i}")
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(seconds)
+        note(f"end {i}")
+        return i
+
+    @app.task
     async def steps(n: int) -> Any:
         for i in range(n):
             yield {"step": i}
