@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -68,3 +70,53 @@ async def test_lost_lease_result_is_refused() -> None:
         assert await old.ack() is False
         assert await new.ack() is True
     await app.aclose()
+
+
+async def test_a_renewal_pass_is_one_batched_call_whatever_the_number_of_tasks() -> None:
+    """Issue 14, item 1: a pass renews every held delivery in one ``extend_many`` and checks
+    every running task in one ``cancelled`` call (the in-memory components have both)."""
+    broker, storage = MemoryBroker(), MemoryStorage()
+    app = AsyncQueueTasks(
+        broker=broker,
+        storage=storage,
+        config=QueueConfig(lease=0.15, max_tasks_process=20, prefetch=10),
+    )
+    renewals: list[int] = []
+    checks: list[int] = []
+    extend_many, cancelled = broker.extend_many, storage.cancelled
+
+    all_held = anyio.Event()
+
+    async def counted_extend(deliveries: Any) -> list[bool]:
+        renewals.append(len(deliveries))
+        if len(deliveries) == 30:
+            all_held.set()
+        return await extend_many(deliveries)
+
+    async def counted_check(uuids: Any) -> dict[str, str]:
+        checks.append(len(uuids))
+        return await cancelled(uuids)
+
+    broker.extend_many = counted_extend  # type: ignore[method-assign]
+    storage.cancelled = counted_check  # type: ignore[method-assign]
+    gate = anyio.Event()
+    started: list[int] = []
+
+    @app.task
+    async def held(i: int) -> int:
+        started.append(i)
+        await gate.wait()
+        return i
+
+    async with app:
+        tasks = [await app.add_task("held", i) for i in range(30)]
+        with anyio.fail_after(5):
+            await all_held.wait()
+        gate.set()
+        for i, task in enumerate(tasks):
+            done = await task.wait_result(10)
+            assert (done.status, done.returning, done.attempt) == (TaskStatus.SUCCESS, i, 1)
+    # While 20 ran and 10 waited, each pass renewed all 30 in one call and checked the 20
+    # running ones in one call.
+    assert 30 in renewals and 20 in checks
+    assert max(renewals) == 30 and max(checks) == 20

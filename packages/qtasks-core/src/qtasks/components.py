@@ -205,6 +205,28 @@ class SharedServer(Protocol):
 
 
 @runtime_checkable
+class LeaseBatch(Protocol):
+    """Optional broker capability: renew the leases of many deliveries in one round trip, so a
+    worker's renewal pass costs the same with 1 or 500 tasks held (a worker without it renews
+    its deliveries concurrently, one call each)."""
+
+    async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """:meth:`Delivery.extend` of every delivery (all received from this broker), in one
+        round trip; the i-th result says whether the i-th lease was renewed."""
+        ...
+
+
+@runtime_checkable
+class CancelCheck(Protocol):
+    """Optional storage capability: find which of many records are cancelled in one round
+    trip (the worker's safety net for cancels its :class:`CancelFeed` missed)."""
+
+    async def cancelled(self, uuids: Sequence[str]) -> dict[str, str]:
+        """The reason of each of ``uuids`` whose stored status is ``cancel``, by uuid."""
+        ...
+
+
+@runtime_checkable
 class BeginOnClaim(Protocol):
     """Optional capability of a :class:`SharedServer` broker: begin the records of the
     messages it hands out in the same round trip that claims them, so a worker makes one call

@@ -13,7 +13,7 @@ import itertools
 import math
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Self
@@ -21,7 +21,7 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
-from qtasks.components import BrokerStats, DeadLetter
+from qtasks.components import BrokerStats, DeadLetter, Delivery
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, TaskTimeoutError
 from qtasks.messages import Envelope
@@ -159,7 +159,13 @@ class MemoryDelivery:
         return True
 
     async def extend(self) -> bool:
-        entry = self._broker._inflight.get(self._token)
+        broker = self._broker
+        entry = broker._inflight.get(self._token)
+        if entry is not None and entry.lease_until <= time.monotonic():
+            # Expired: lost, even if no consumer looked yet (its loop may have been blocked).
+            broker._promote()
+            broker._wake()
+            return False
         if entry is None:
             return False
         entry.lease_until = time.monotonic() + self._broker._lease
@@ -323,6 +329,11 @@ class MemoryBroker(_Lifecycle):
             if mine:
                 self._wake()
 
+    async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """See :class:`qtasks.components.LeaseBatch`."""
+        self._check()
+        return [await delivery.extend() for delivery in deliveries]
+
     async def cancel(self, id: str) -> bool:
         self._check()
         entry = self._known.get(id)
@@ -471,6 +482,16 @@ class MemoryStorage(_Lifecycle):
                 for follower in list(self._cancel_followers):
                     follower(uuid, reason)
         return stored.copy()
+
+    async def cancelled(self, uuids: Sequence[str]) -> dict[str, str]:
+        """See :class:`qtasks.components.CancelCheck`."""
+        self._check()
+        out: dict[str, str] = {}
+        for uuid in uuids:
+            stored = self._records.get(uuid)
+            if stored is not None and stored.status is TaskStatus.CANCEL:
+                out[uuid] = stored.cancel_reason or "cancelled"
+        return out
 
     async def follow_cancels(
         self,

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
-from qtasks.components import BeginOnClaim, CancelFeed, Delivery, SharedServer
+from qtasks.components import (
+    BeginOnClaim,
+    CancelCheck,
+    CancelFeed,
+    Delivery,
+    LeaseBatch,
+    SharedServer,
+)
 from qtasks.errors import (
     PluginError,
     SerializationError,
@@ -69,6 +76,8 @@ class QueueWorker:
         self.started_at = time.time()
         self.processed = 0
         self._running: dict[str, TaskRun] = {}
+        """Runs by delivery token: a message whose lease was lost can be delivered here again
+        while its old run is still winding down, so the uuid alone is not unique."""
         self._local: list[tuple[int, int, Delivery]] = []
         self._lost: set[str] = set()
         """Tokens of waiting deliveries whose lease could not be renewed."""
@@ -92,11 +101,12 @@ class QueueWorker:
         recent[uuid] = None
         if len(recent) > RECENT_CANCELS:
             del recent[next(iter(recent))]
-        run = self._running.get(uuid)
-        if run is None:
-            return False
-        run.cancel(reason)
-        return True
+        found = False
+        for run in list(self._running.values()):
+            if run.record.uuid == uuid:
+                run.cancel(reason)
+                found = True
+        return found
 
     def _cancelled_elsewhere(self, uuid: str, reason: str) -> None:
         self.cancel_local(uuid, reason)
@@ -365,13 +375,13 @@ class QueueWorker:
             delivery=delivery,
             cancel_scope=scope,
         )
-        self._running[record.uuid] = run
+        self._running[delivery.token] = run
         try:
             if "qtasks_worker_execute_before" in hooks.active:
                 await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
             await self._execute(app, run, delivery)
         finally:
-            del self._running[record.uuid]
+            del self._running[delivery.token]
             self.processed += 1
             idle = getattr(self, "_idle", None)
             if idle is not None:
@@ -462,32 +472,81 @@ class QueueWorker:
         await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
     async def _keep_leases(self, app: AsyncQueueTasks) -> None:
-        """Renew the lease of every running task, and notice cancels made elsewhere.
+        """Renew the lease of every delivery this worker holds, and notice cancels made
+        elsewhere that the storage's cancel feed did not bring.
 
         Prefetched deliveries waiting for a free slot are renewed too: otherwise a long task
         ahead of them lets their lease run out and another worker runs them while this one
-        still holds them (a duplicate run)."""
+        still holds them (a duplicate run). A pass is one batched renewal and one batched
+        cancel check, made concurrently (with :class:`LeaseBatch` and :class:`CancelCheck`
+        components: two calls whatever the number of tasks), and passes start every
+        ``lease / 3`` seconds however long the previous one took."""
         interval = max(app.config.lease / 3, 0.05)
+        next_pass = anyio.current_time() + interval
         while True:
-            await anyio.sleep(interval)
-            for _, _, waiting in list(self._local):
-                try:
-                    if not await waiting.extend():
-                        self._lost.add(waiting.token)
-                except Exception:
-                    log.warning("lease renewal of %s failed", waiting.id, exc_info=True)
-            for run in list(self._running.values()):
-                try:
-                    if not await run.delivery.extend():
-                        run.lease_lost = True
-                        run.cancel()
-                        continue
-                    stored = await app.storage.get(run.record.uuid)
-                except Exception:
-                    log.warning("lease renewal of %s failed", run.record.uuid, exc_info=True)
-                    continue
-                if stored is not None and stored.status is TaskStatus.CANCEL:
-                    run.cancel(stored.cancel_reason or "cancelled")
+            await anyio.sleep(max(next_pass - anyio.current_time(), 0))
+            next_pass = max(next_pass + interval, anyio.current_time())
+            waiting = [delivery for _, _, delivery in self._local]
+            runs = list(self._running.values())
+            # A pass stuck on a dead link gives up at the lease: by then its answer is moot.
+            with anyio.move_on_after(app.config.lease) as stuck:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._renew, app, waiting, runs)
+                    if runs:
+                        tg.start_soon(self._check_cancels, app, runs)
+            if stuck.cancelled_caught:
+                log.warning("lease renewal got no answer within the lease (%ss)", app.config.lease)
+
+    async def _renew(
+        self, app: AsyncQueueTasks, waiting: list[Delivery], runs: list[TaskRun]
+    ) -> None:
+        deliveries = [*waiting, *(run.delivery for run in runs)]
+        if not deliveries:
+            return
+        broker = app.broker
+        try:
+            if isinstance(broker, LeaseBatch):
+                renewed = await broker.extend_many(deliveries)
+            else:
+                renewed = [False] * len(deliveries)
+
+                async def extend(i: int, delivery: Delivery) -> None:
+                    renewed[i] = await delivery.extend()
+
+                async with anyio.create_task_group() as tg:
+                    for i, delivery in enumerate(deliveries):
+                        tg.start_soon(extend, i, delivery)
+        except Exception as exc:
+            # Not lost yet: the next pass tries again well before the lease runs out.
+            log.warning("lease renewal of %d deliveries failed: %s", len(deliveries), exc)
+            return
+        for delivery, ok in zip(waiting, renewed, strict=False):
+            if not ok:
+                self._lost.add(delivery.token)
+        for run, ok in zip(runs, renewed[len(waiting) :], strict=True):
+            if not ok:
+                run.lease_lost = True
+                run.cancel()
+
+    async def _check_cancels(self, app: AsyncQueueTasks, runs: list[TaskRun]) -> None:
+        storage = app.storage
+        uuids = [run.record.uuid for run in runs]
+        try:
+            if isinstance(storage, CancelCheck):
+                cancelled = await storage.cancelled(uuids)
+            else:
+                cancelled = {}
+                for uuid in uuids:
+                    stored = await storage.get(uuid)
+                    if stored is not None and stored.status is TaskStatus.CANCEL:
+                        cancelled[uuid] = stored.cancel_reason or "cancelled"
+        except Exception as exc:
+            log.warning("cancel check of %d running tasks failed: %s", len(uuids), exc)
+            return
+        for run in runs:
+            reason = cancelled.get(run.record.uuid)
+            if reason is not None:
+                run.cancel(reason)
 
     async def _finish(
         self,

@@ -45,6 +45,8 @@ log = logging.getLogger("qtasks.redis")
 _IDLE_WAKE = 5.0
 """Longest a consumer blocks without re-checking (a safety net, not a poll interval)."""
 _BACKOFF_CAP = 5.0
+_EXTEND_BATCH = 1000
+"""Most deliveries renewed in one script call."""
 
 
 class RedisDelivery:
@@ -272,6 +274,28 @@ class RedisBroker:
             RECORD_KEYS,
         )
         return bool(reply == 1)
+
+    async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """Renew every delivery's lease in one script call per 1,000 (see
+        :class:`qtasks.components.LeaseBatch`)."""
+        held: list[RedisDelivery] = []
+        for delivery in deliveries:
+            if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
+                raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
+            held.append(delivery)
+        out: list[bool] = []
+        for start in range(0, len(held), _EXTEND_BATCH):
+            chunk = held[start : start + _EXTEND_BATCH]
+            args: list[Any] = [self._lease_ms]
+            for delivery in chunk:
+                args += (delivery.id, delivery.token)
+            deadline = time.monotonic() + self._lease_ms / 1000
+            reply = await self._run(lua.EXTEND_MANY, *args)
+            for delivery, renewed in zip(chunk, reply, strict=True):
+                if renewed:
+                    delivery._lease_until = deadline
+                out.append(bool(renewed))
+        return out
 
     async def ack_finals(
         self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]

@@ -259,6 +259,25 @@ return 1
 """
 )
 
+EXTEND_MANY = Script(
+    PRELUDE
+    + r"""
+-- ARGV: lease_ms, id1, token1, id2, token2, ... Returns {1 or 0 per delivery}: one
+-- renewal pass of a worker in one call, whatever the number of deliveries it holds.
+local deadline = now_ms() + tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV, 2 do
+  if valid(ARGV[i], ARGV[i + 1]) then
+    redis.call('ZADD', K_INFLIGHT, 'XX', deadline, ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+)
+
 RELEASE = Script(
     PRELUDE
     + r"""

@@ -6,7 +6,7 @@ import json
 import logging
 import operator
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import fields
 from typing import Any, Self
@@ -68,6 +68,8 @@ _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
 
+_BATCH = 1000
+"""Most records or deliveries in one batched script call."""
 _FEED_IDLE = 5.0
 """Seconds the cancel feed waits for a message before it looks again (no round trip)."""
 
@@ -258,6 +260,19 @@ class RedisStorage:
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
         fields = await self._run(lua.CANCEL, uuid, uuid, reason, self._ttl_ms, self._channel)
         return None if fields is None else self._record(fields)
+
+    async def cancelled(self, uuids: Sequence[str]) -> dict[str, str]:
+        """See :class:`qtasks.components.CancelCheck`: one script per 1,000 records."""
+        out: dict[str, str] = {}
+        for start in range(0, len(uuids), _BATCH):
+            chunk = uuids[start : start + _BATCH]
+            keys = [f"{self._tag}:r:{uuid}" for uuid in chunk]
+            call = lua.CANCELLED(self._shared.fast(), keys, (), len(keys))
+            reply = await guarded(self.target, call)
+            for i in range(0, len(reply), 2):
+                reason = reply[i + 1].decode() if reply[i + 1] else "cancelled"
+                out[chunk[int(reply[i]) - 1]] = reason
+        return out
 
     async def follow_cancels(
         self,

@@ -178,3 +178,19 @@ end
 return out
 """
 )
+
+CANCELLED = Script(
+    r"""
+-- KEYS: record keys. Returns {i, reason, ...} for each record whose status is 'cancel'.
+local out = {}
+for i = 1, #KEYS do
+  local f = redis.call('HMGET', KEYS[i], 's', 'cr')
+  if f[1] == 'cancel' then
+    out[#out + 1] = i
+    out[#out + 1] = f[2] or ''
+  end
+end
+return out
+"""
+)
+"""Which of many records are cancelled (the worker's cancel check, one call per pass)."""
