@@ -7,12 +7,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import socket
 import time
 import traceback
 import uuid as uuid_mod
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ from qtasks.errors import (
 from qtasks.executor import TaskExecutor, TaskRun
 from qtasks.memory import EventFactory, _Signal
 from qtasks.messages import Message
+from qtasks.outage import Outage, retrying
 from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -82,6 +85,9 @@ class QueueWorker:
         self._lost: set[str] = set()
         """Tokens of waiting deliveries whose lease could not be renewed."""
         self._recent_cancels: dict[str, None] = {}
+        self._outage = Outage(log, "task storage")
+        self._give_up_at = math.inf
+        """When a stopping worker stops retrying final saves through an outage."""
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -133,6 +139,7 @@ class QueueWorker:
         )
         capacity = concurrency + prefetch
         self._held = 0
+        self._give_up_at = math.inf
         slot_freed = _Signal()
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
@@ -143,7 +150,9 @@ class QueueWorker:
             if shared is not None and isinstance(broker, BeginOnClaim)
             else broker.consume(prefetch=prefetch)
         )
-        settler = self._settler = None if shared is None else _Settler(app, shared, 2 * concurrency)
+        settler = self._settler = (
+            None if shared is None else _Settler(app, shared, 2 * concurrency, self._outage)
+        )
         async with (
             consumer as deliveries,
             anyio.create_task_group() as serving,
@@ -213,6 +222,7 @@ class QueueWorker:
             try:
                 await self._stopping.wait()
             finally:
+                self._give_up_at = time.monotonic() + config.shutdown_grace
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
                     item_ready.wake_all()
@@ -299,6 +309,15 @@ class QueueWorker:
         through :meth:`TaskRun.cancel`, and only while that run executes)."""
         try:
             await self._process_inner(app, delivery, scope)
+        except ConnectionError as exc:
+            # An outage: one warning for all of it (not a traceback per task); the message
+            # comes back after a second, or after its lease if the hand-back fails too.
+            self._outage.failed(exc)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await delivery.requeue(delay=1.0)
+                except Exception:  # its lease brings it back
+                    pass
         except Exception:
             # A bug in a component or plugin must not kill the worker: log, hand back.
             log.exception("worker failed while handling message %s", delivery.id)
@@ -559,7 +578,7 @@ class QueueWorker:
         record, hooks, task = run.record, app.hooks, run.task
         if outcome is None:
             _succeeded(record, result)
-            saved = await self._save_final(app, record, delivery)
+            saved = await self._save_final(app, run, delivery)
             if saved and "qtasks_task_succeeded" in hooks.active:
                 await hooks.notify("qtasks_task_succeeded", app=app, record=record)
             return
@@ -567,7 +586,7 @@ class QueueWorker:
         if isinstance(outcome, TaskCancelledError):
             record.status = TaskStatus.CANCEL
             record.cancel_reason = outcome.reason
-            if await self._save_final(app, record, delivery):
+            if await self._save_final(app, run, delivery):
                 await hooks.notify(
                     "qtasks_task_cancelled", app=app, record=record, reason=outcome.reason
                 )
@@ -586,7 +605,7 @@ class QueueWorker:
         if delay is not None:
             record.status = TaskStatus.RETRY
             record.eta = time.time() + delay
-            if not await app.storage.save(record, fence=delivery.token):
+            if not await self._durable(run, lambda: app.storage.save(record, fence=delivery.token)):
                 await _refused(app, record, delivery, delivery)
                 return
             next_message = Message(
@@ -607,18 +626,24 @@ class QueueWorker:
             await hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=delay)
             return
         record.status = TaskStatus.ERROR
-        if await self._save_final(app, record, delivery):
+        if await self._save_final(app, run, delivery):
             await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)
 
-    async def _save_final(
-        self, app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery
-    ) -> bool:
-        shared = app.shared_server
+    async def _save_final(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> bool:
+        record, storage, shared = run.record, app.storage, app.shared_server
         if shared is not None:
-            saved = await shared.ack_final(delivery, app.storage, record)
+            saved = await self._durable(run, lambda: shared.ack_final(delivery, storage, record))
             return await _stored_final(app, record, saved, delivery, None)
-        saved = await app.storage.save(record, fence=delivery.token)
+        saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
         return await _stored_final(app, record, saved, delivery, delivery)
+
+    async def _durable(self, run: TaskRun, call: Callable[[], Awaitable[bool]]) -> bool:
+        """A final write of ``run``, retried through a storage outage while its lease holds
+        (the renewal pass marks it lost) and, once the worker stops, within the shutdown
+        grace: a result already computed is not thrown away for a few seconds of outage."""
+        return await retrying(
+            call, self._outage, lambda: run.lease_lost or time.monotonic() > self._give_up_at
+        )
 
 
 async def _refused(
@@ -689,10 +714,13 @@ class _Settler:
     together in the next. At most ``limit`` tasks (twice the concurrency: one call in flight,
     the next one filling) wait here; a runner that finds it full waits before its next task."""
 
-    __slots__ = ("_app", "_busy", "_done", "_limit", "_queue", "_ready", "_shared")
+    __slots__ = ("_app", "_busy", "_done", "_limit", "_outage", "_queue", "_ready", "_shared")
 
-    def __init__(self, app: AsyncQueueTasks, shared: SharedServer, limit: int) -> None:
+    def __init__(
+        self, app: AsyncQueueTasks, shared: SharedServer, limit: int, outage: Outage
+    ) -> None:
         self._app = app
+        self._outage = outage
         self._shared = shared
         self._limit = max(limit, 1)
         self._queue: list[tuple[TaskRun, Delivery]] = []
@@ -734,6 +762,11 @@ class _Settler:
             saved = await self._shared.ack_finals(
                 app.storage, [(delivery, run.record) for run, delivery in batch]
             )
+        except ConnectionError as exc:
+            # The broker retried while the leases held: each message comes back after its
+            # lease and runs again (at-least-once). One warning per outage.
+            self._outage.failed(exc)
+            return
         except Exception:
             # Not acked: each message comes back after its lease (at-least-once).
             log.exception("could not store the results of %d finished tasks", len(batch))

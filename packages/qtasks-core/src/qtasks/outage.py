@@ -1,0 +1,63 @@
+"""Riding out a backend outage: retry with back-off, one warning per outage, not one per call."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+RETRY_CAP = 2.0
+"""Longest pause, in seconds, between two tries of a call made during an outage."""
+
+
+class Outage:
+    """The state of one backend link as one worker sees it: the first failure of an outage
+    logs a warning, the first success after it logs that the link is back, and the calls in
+    between log nothing (an outage of seconds used to log a traceback per task)."""
+
+    __slots__ = ("_down", "_log", "_what")
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self._log = log
+        self._what = what
+        self._down = False
+
+    @property
+    def down(self) -> bool:
+        """Whether the last call failed for want of a connection."""
+        return self._down
+
+    def failed(self, exc: BaseException) -> None:
+        if not self._down:
+            self._down = True
+            self._log.warning("%s unreachable (%s); retrying", self._what, exc)
+
+    def ok(self) -> None:
+        if self._down:
+            self._down = False
+            self._log.warning("%s reachable again", self._what)
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]], outage: Outage, give_up: Callable[[], bool]
+) -> T:
+    """``await call()``, tried again with jittered exponential back-off for as long as it fails
+    with a :class:`ConnectionError` and ``give_up()`` is false; then the error is raised."""
+    failures = 0
+    while True:
+        try:
+            result = await call()
+        except ConnectionError as exc:
+            outage.failed(exc)
+            if give_up():
+                raise
+            failures += 1
+            await anyio.sleep(min(RETRY_CAP, 0.05 * 2**failures) * (0.5 + random.random() / 2))
+            continue
+        outage.ok()
+        return result
