@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, TaskTimeoutError
+from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, TaskTimeoutError, hookimpl
 from qtasks.task import SyncTaskDef
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,3 +124,83 @@ def test_run_forever_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     # the running task finished within the grace period before the process stopped
     assert "result finished" in lines
     assert lines[-1] == "stopped cleanly"
+
+
+def _public_async_methods() -> list[str]:
+    return sorted(
+        name
+        for name, value in vars(AsyncQueueTasks).items()
+        if not name.startswith("_")
+        and (inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value))
+    )
+
+
+@pytest.mark.parametrize("name", _public_async_methods())
+def test_no_async_method_leaks_through_the_sync_app(name: str) -> None:
+    """Each coroutine method of the async app has a blocking twin on the sync app, or is
+    refused with a pointer to what to use: never an un-awaited coroutine."""
+    app = QueueTasks()
+    try:
+        if name in vars(QueueTasks):
+            method = getattr(app, name)
+            assert not inspect.iscoroutinefunction(method)
+            assert not inspect.isasyncgenfunction(method)
+            assert method.__doc__, f"QueueTasks.{name} has no docstring"
+        else:
+            with pytest.raises(AttributeError, match=rf"AsyncQueueTasks\.{name} is async"):
+                getattr(app, name)
+    finally:
+        app.close()
+
+
+def test_sync_admin_methods_block_and_start_the_app() -> None:
+    """inspect, dead_letters, requeue_dead_letters, config_get/config_set return values (not
+    coroutines) and start the components on first use, as add_task does."""
+    app = QueueTasks()
+    rejected = threading.Event()
+
+    class Rejections:
+        @hookimpl
+        def qtasks_task_rejected(self) -> None:
+            rejected.set()
+
+    app.add_plugin(Rejections())
+    try:
+        assert not app.started
+        assert app.config_get("ns", "missing", 7) == 7  # no ComponentNotStartedError
+        app.config_set("ns", "key", {"a": 1})
+        assert app.config_get("ns", "key") == {"a": 1}
+        report = app.inspect()
+        assert report["app"] == "QueueTasks"
+        assert report["queue"]["dead_letters"] == 0
+        with app:
+            task = app.add_task("no_such_task", timeout=5)
+            assert task.status is TaskStatus.ERROR
+            assert rejected.wait(5)
+            letters = app.dead_letters()
+            assert [letter.id for letter in letters] == [task.uuid]
+            assert "unknown task" in letters[0].reason
+            assert app.requeue_dead_letters([task.uuid]) == 1
+    finally:
+        app.close()
+
+
+def test_sync_app_start_is_blocking() -> None:
+    app = QueueTasks()
+    try:
+        assert app.start() is None
+        assert app.started
+    finally:
+        app.close()
+
+
+@pytest.mark.anyio
+async def test_async_config_get_and_set_start_the_app() -> None:
+    app = AsyncQueueTasks()
+    try:
+        assert await app.config_get("ns", "missing", "d") == "d"
+        await app.config_set("ns", "k", 3)
+        assert await app.config_get("ns", "k") == 3
+        assert app.started
+    finally:
+        await app.aclose()

@@ -488,7 +488,9 @@ class AsyncQueueTasks:
         return await self.broker.requeue_dead_letters([d.id for d in chosen])
 
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
-        """Read a cluster-wide value from the GlobalConfig."""
+        """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""
+        if self._stack is None:
+            await self.start()
         value = await self.global_config.get(namespace, key, default)
         return await self.hooks.transform(
             "qtasks_global_config_got",
@@ -501,6 +503,8 @@ class AsyncQueueTasks:
 
     async def config_set(self, namespace: str, key: str, value: Any) -> None:
         """Write a cluster-wide value to the GlobalConfig."""
+        if self._stack is None:
+            await self.start()
         await self.global_config.set(namespace, key, value)
         await self.hooks.notify(
             "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value

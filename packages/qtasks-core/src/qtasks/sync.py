@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import queue
 import threading
 import weakref
@@ -17,7 +18,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.components import Broker, GlobalConfig, Starter, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, load_config
 from qtasks.discovery import build_components
 from qtasks.loop import loop_options
@@ -75,7 +76,17 @@ class QueueTasks:
 
     def __getattr__(self, name: str) -> Any:
         # Plain attributes (name, config, tasks, broker, hooks...) come from the async app.
-        return getattr(self.aio, name)
+        # Its coroutine methods never do: each has a blocking method here, and handing one
+        # back would give the caller an un-awaited coroutine.
+        value = getattr(self.aio, name)
+        if _is_async_callable(value):
+            instead = _ASYNC_ONLY.get(name)
+            hint = f"use {instead}" if instead else f"call app.portal.call(app.aio.{name}, ...)"
+            raise AttributeError(
+                f"{type(self).__name__}.{name}: {type(self.aio).__name__}.{name} is async and "
+                f"has no blocking form on the sync app; {hint}"
+            )
+        return value
 
     @property
     def portal(self) -> BlockingPortal:
@@ -126,6 +137,7 @@ class QueueTasks:
         return wrapped
 
     def add_plugin(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object (its ``@hookimpl`` methods); return its name."""
         return self.aio.add_plugin(plugin, name)
 
     def _bind(self, record: TaskRecord) -> Task:
@@ -159,6 +171,7 @@ class QueueTasks:
         delay: float | None = None,
         eta: float | None = None,
     ) -> Task:
+        """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
         call = partial(
             self.aio.enqueue,
             task_name,
@@ -173,10 +186,12 @@ class QueueTasks:
         return self._bind(record)
 
     def get(self, uuid: str) -> Task | None:
+        """The stored record of ``uuid``, or ``None``."""
         record = self.portal.call(self.aio.get, uuid)
         return None if record is None else self._bind(record)
 
     def wait(self, uuid: str, timeout: float | None) -> Task:
+        """Block until ``uuid`` is final and return its record (see :meth:`Task.wait_result`)."""
         return self._bind(self.portal.call(self.aio.wait, uuid, timeout))
 
     def stream(self, uuid: str, timeout: float | None = None) -> Iterator[Any]:
@@ -206,8 +221,34 @@ class QueueTasks:
             future.cancel()
 
     def cancel(self, uuid: str, reason: str = "cancelled") -> Task | None:
+        """Cancel a task; see :meth:`AsyncQueueTasks.cancel`. Returns the record."""
         record = self.portal.call(self.aio.cancel, uuid, reason)
         return None if record is None else self._bind(record)
+
+    def start(self) -> None:
+        """Start the components (not the worker); idempotent. Other calls start them anyway."""
+        self.portal.call(self.aio.start)
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The broker's dead letters (oldest first), each with the reason it was given up."""
+        return self.portal.call(self.aio.dead_letters, limit)
+
+    def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Put dead letters back in the queue (all when ``ids`` is None) and reset their
+        records to ``new``; see :meth:`AsyncQueueTasks.requeue_dead_letters`. Returns how many."""
+        return self.portal.call(self.aio.requeue_dead_letters, ids)
+
+    def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
+        """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""
+        return self.portal.call(self.aio.config_get, namespace, key, default)
+
+    def config_set(self, namespace: str, key: str, value: Any) -> None:
+        """Write a cluster-wide value to the GlobalConfig."""
+        self.portal.call(self.aio.config_set, namespace, key, value)
+
+    def inspect(self) -> dict[str, Any]:
+        """What ``qtasks inspect`` shows (JSON-ready); see :meth:`AsyncQueueTasks.inspect`."""
+        return self.portal.call(self.aio.inspect)
 
     def __enter__(self) -> QueueTasks:
         """Serve tasks in the background thread until ``__exit__``."""
@@ -234,6 +275,15 @@ class QueueTasks:
     def run_forever(self, starter: Starter | None = None) -> None:
         """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread)."""
         self.aio.run_forever(starter)
+
+
+_ASYNC_ONLY = {"aclose": "close()", "serve": "run_forever()"}
+"""Coroutine methods of the async app whose sync counterpart has another name."""
+
+
+def _is_async_callable(value: Any) -> bool:
+    """Whether calling ``value`` gives a coroutine or an async iterator to be awaited."""
+    return inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value)
 
 
 def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
