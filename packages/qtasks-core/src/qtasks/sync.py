@@ -24,6 +24,7 @@ from qtasks.discovery import build_components
 from qtasks.loop import loop_options
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
+from qtasks.starter import stop_on_signals
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks.worker import QueueWorker
 
@@ -58,6 +59,9 @@ class QueueTasks:
         self._portal_stop: threading.Thread | None = None
         self._serving: AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
+        self._forever = 0
+        """How many :meth:`run_forever` calls are serving (for :meth:`close`)."""
+        self._forever_done = threading.Condition()
 
     @classmethod
     def from_config(
@@ -263,7 +267,16 @@ class QueueTasks:
             serving.__exit__(None, None, None)
 
     def close(self) -> None:
-        """Stop serving, stop every component and the portal's thread."""
+        """Stop serving (ending a :meth:`run_forever` in another thread gracefully), stop
+        every component and the portal's thread."""
+        with self._forever_done:
+            if self._forever:
+                self.stop()
+                # Its serving task must unwind itself (anyio scopes end in the task that
+                # entered them); that takes at most the grace period.
+                self._forever_done.wait_for(
+                    lambda: not self._forever, self.aio.config.shutdown_grace + 30
+                )
         self.__exit__()
         if self._portal is not None:
             portal, self._portal = self._portal, None
@@ -273,11 +286,37 @@ class QueueTasks:
                 self._portal_stop.join(timeout=10)
 
     def run_forever(self, starter: Starter | None = None) -> None:
-        """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread)."""
-        self.aio.run_forever(starter)
+        """Block serving tasks until :meth:`stop` or SIGINT/SIGTERM, then stop gracefully.
+
+        The worker runs in the app's background loop (the portal's), the one every other
+        method uses, so ``add_task(..., timeout=...)`` from other threads meanwhile is served.
+        It may run in any thread, e.g. ``threading.Thread(target=app.run_forever)``; signals
+        are caught only when it runs on the main thread. With a ``starter``, that starter runs
+        the async app in a loop of its own in this thread instead."""
+        if starter is not None:
+            self.aio.run_forever(starter)
+            return
+        with stop_on_signals(self.stop):
+            with self._forever_done:
+                self._forever += 1
+            try:
+                self.portal.call(self.aio.serve)
+            finally:
+                with self._forever_done:
+                    self._forever -= 1
+                    self._forever_done.notify_all()
+
+    def stop(self) -> None:
+        """Ask :meth:`run_forever` to end gracefully, as SIGTERM does; see
+        :meth:`AsyncQueueTasks.stop`. From any thread or a signal handler; it does not wait."""
+        self.aio.stop()
 
 
-_ASYNC_ONLY = {"aclose": "close()", "serve": "run_forever()"}
+_ASYNC_ONLY = {
+    "aclose": "close()",
+    "serve": "run_forever()",
+    "wait_for_stop": "run_forever(), which returns when stopped",
+}
 """Coroutine methods of the async app whose sync counterpart has another name."""
 
 
