@@ -226,6 +226,9 @@ class AsyncQueueTasks:
         async with self._start_lock:
             if self._stack is not None:
                 return
+            # Names a task's annotations use may be defined after it in its module.
+            for task in self.tasks.values():
+                task.resolve_annotations()
             stack = AsyncExitStack()
             await stack.__aenter__()
             try:
