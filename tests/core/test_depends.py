@@ -386,3 +386,66 @@ def test_sync_tasks_share_worker_scope_and_close_task_scope() -> None:
     assert len({f.returning for f in finals if f.status is TaskStatus.SUCCESS}) == 1
     assert during == {"task.created": 30, "task.closed": 30, "worker.created": 1}
     assert after == {**during, "worker.closed": 1}
+
+
+# --- string annotations (as under ``from __future__ import annotations``) ------------------
+
+
+def open_conn() -> dict[str, str]:
+    return {"conn": "open"}
+
+
+async def test_annotated_depends_with_a_type_only_known_to_type_checkers_injects() -> None:
+    """``Conn`` is not defined at run time (a ``TYPE_CHECKING`` import): the ``Depends`` in
+    the annotation still resolves, so the parameter is injected, not asked of the caller."""
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def use(n: int, db: "Annotated[Conn, Depends(open_conn)]") -> str:  # type: ignore[name-defined]  # noqa: F821
+        return f"{n} {db['conn']}"
+
+    assert app.tasks["use"].injected == {"db"}
+    with anyio.fail_after(WAIT):
+        async with app:
+            task = await app.add_task("use", 1, timeout=WAIT)
+    assert task.status is TaskStatus.SUCCESS, task.error
+    assert task.returning == "1 open"
+
+
+async def test_local_depends_in_a_string_annotation_fails_at_declaration() -> None:
+    from qtasks.errors import UnresolvedAnnotationError
+
+    app = AsyncQueueTasks()
+
+    def local_conn() -> str:
+        return "conn"
+
+    with pytest.raises(UnresolvedAnnotationError, match="'db'"):
+
+        @app.task
+        async def use(db: "Annotated[str, Depends(local_conn)]") -> str:
+            return db
+
+
+async def test_dependency_parameter_with_an_unresolved_annotation_says_so() -> None:
+    """A dependency's own parameter annotated with a class qtasks cannot resolve: the error
+    names the annotation and the fix."""
+    from qtasks import AsyncState
+
+    app = AsyncQueueTasks()
+
+    class Hidden(AsyncState):
+        pass
+
+    def needs_state(state: "Hidden") -> str:
+        return "never"
+
+    @app.task
+    async def use(value: str = Depends(needs_state)) -> str:
+        return value
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            task = await app.add_task("use", timeout=WAIT)
+    assert task.status is TaskStatus.ERROR
+    assert "'Hidden' could not be resolved" in (task.error or "")

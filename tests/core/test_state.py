@@ -3,7 +3,9 @@ worker vs global_config scopes."""
 
 from __future__ import annotations
 
+import importlib
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -18,7 +20,12 @@ from qtasks import (
     QueueTasks,
     TaskStatus,
 )
-from qtasks.errors import StateError
+from qtasks.errors import (
+    StateError,
+    TaskArgumentsError,
+    TaskDeclarationError,
+    UnresolvedAnnotationError,
+)
 from qtasks.plugins import AsyncState, SyncState
 
 pytestmark = pytest.mark.anyio
@@ -248,3 +255,127 @@ def test_bad_scope_is_refused_at_declaration() -> None:
 
         class Bad(AsyncState):
             scope = "cluster"  # type: ignore[assignment]
+
+
+# --- annotations that do not resolve (this module has ``from __future__ import annotations``)
+
+
+async def test_state_class_local_to_a_function_fails_at_declaration() -> None:
+    """The annotation is the string "LocalCounter", which the module cannot resolve: refused
+    when declared, naming task, parameter, annotation and the fix (not at every enqueue as
+    "missing a required argument")."""
+    app = AsyncQueueTasks()
+
+    class LocalCounter(AsyncState):
+        pass
+
+    with pytest.raises(UnresolvedAnnotationError) as info:
+
+        @app.task
+        async def bump(state: LocalCounter) -> float:
+            return await state.increment("n")
+
+    error = info.value
+    assert (error.task_name, error.parameter, error.annotation) == ("bump", "state", "LocalCounter")
+    message = str(error)
+    assert "'bump'" in message and "'state'" in message and "'LocalCounter'" in message
+    assert "module level" in message and "from __future__ import annotations" in message
+    assert isinstance(error, TaskDeclarationError)
+    assert "bump" not in app.tasks
+
+
+def test_sync_state_local_to_a_function_fails_at_declaration_on_the_sync_app() -> None:
+    app = QueueTasks()
+
+    class LocalSync(SyncState):
+        pass
+
+    try:
+        with pytest.raises(UnresolvedAnnotationError, match="'LocalSync'"):
+
+            @app.task
+            def bump(n: int, state: LocalSync) -> float:
+                return state.increment("n", n)
+
+    finally:
+        app.close()
+
+
+async def test_unresolvable_annotations_of_ordinary_parameters_are_fine() -> None:
+    """A name known only to type checkers (a ``TYPE_CHECKING`` import) or a local class that is
+    not a State: the caller passes that argument, so nothing is refused."""
+    app = AsyncQueueTasks()
+
+    class Point:
+        pass
+
+    @app.task
+    async def describe(item: OnlyKnownToTypeCheckers, where: Point | None = None) -> str:  # type: ignore[name-defined]  # noqa: F821
+        return f"{item}@{where}"
+
+    assert app.tasks["describe"].unresolved == {
+        "item": "OnlyKnownToTypeCheckers",
+        "where": "Point | None",
+    }
+    with anyio.fail_after(WAIT):
+        async with app:
+            task = await app.add_task("describe", "x", timeout=WAIT)
+    assert task.status is TaskStatus.SUCCESS, task.error
+    assert task.returning == "x@None"
+
+
+async def test_missing_argument_with_an_unresolved_annotation_hints_at_the_cause() -> None:
+    """Declared through a helper, qtasks cannot see the local class; the enqueue error then
+    says the annotation did not resolve and how to fix it."""
+    app = AsyncQueueTasks()
+
+    class Hidden(AsyncState):
+        pass
+
+    async def bump(state: Hidden) -> float:
+        return await state.increment("n")
+
+    def register(func: Any) -> Any:  # the declaring frame: ``Hidden`` is not among its names
+        return app.task(func)
+
+    register(bump)
+    with pytest.raises(TaskArgumentsError) as info:
+        await app.add_task("bump")
+    message = str(info.value)
+    assert "missing a required argument: 'state'" in message
+    assert "'Hidden' could not be resolved" in message and "module level" in message
+    await app.aclose()
+
+
+FORWARD = """
+from __future__ import annotations
+
+from qtasks import AsyncQueueTasks, AsyncState
+
+app = AsyncQueueTasks()
+
+
+@app.task
+async def bump(state: DefinedBelow) -> float:
+    return await state.increment("n")
+
+
+class DefinedBelow(AsyncState):
+    pass
+"""
+
+
+async def test_state_defined_further_down_the_module_is_injected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not resolvable when the task is declared, resolvable when the app starts: injected."""
+    (tmp_path / "forward_state_tasks.py").write_text(FORWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("forward_state_tasks")
+    app: AsyncQueueTasks = module.app
+    with anyio.fail_after(WAIT):
+        async with app:
+            first = await app.add_task("bump", timeout=WAIT)
+            second = await app.add_task("bump", timeout=WAIT)
+    assert (first.status, second.status) == (TaskStatus.SUCCESS, TaskStatus.SUCCESS), first.error
+    assert (first.returning, second.returning) == (1, 2)

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, TaskTimeoutError
+from qtasks import (
+    AsyncQueueTasks,
+    QueueConfig,
+    QueueTasks,
+    Task,
+    TaskStatus,
+    TaskTimeoutError,
+    hookimpl,
+)
 from qtasks.task import SyncTaskDef
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,9 +80,9 @@ def test_quickstart_example_runs() -> None:
 SERVER = textwrap.dedent(
     """
     import sys, anyio
-    from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+    from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, hookimpl
 
-    app = AsyncQueueTasks(config=QueueConfig(shutdown_grace=10))
+    app = {app_class}(config=QueueConfig(shutdown_grace=10))
     release = anyio.Event()
 
     @app.task
@@ -100,9 +114,10 @@ SERVER = textwrap.dedent(
 )
 
 
-def test_run_forever_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app_class", ["AsyncQueueTasks", "QueueTasks"])
+def test_run_forever_stops_gracefully_on_sigterm(app_class: str, tmp_path: Path) -> None:
     script = tmp_path / "server.py"
-    script.write_text(SERVER)
+    script.write_text(SERVER.replace("{app_class}", app_class))
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -122,3 +137,271 @@ def test_run_forever_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     # the running task finished within the grace period before the process stopped
     assert "result finished" in lines
     assert lines[-1] == "stopped cleanly"
+
+
+def _public_async_methods() -> list[str]:
+    return sorted(
+        name
+        for name, value in vars(AsyncQueueTasks).items()
+        if not name.startswith("_")
+        and (inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value))
+    )
+
+
+@pytest.mark.parametrize("name", _public_async_methods())
+def test_no_async_method_leaks_through_the_sync_app(name: str) -> None:
+    """Each coroutine method of the async app has a blocking twin on the sync app, or is
+    refused with a pointer to what to use: never an un-awaited coroutine."""
+    app = QueueTasks()
+    try:
+        if name in vars(QueueTasks):
+            method = getattr(app, name)
+            assert not inspect.iscoroutinefunction(method)
+            assert not inspect.isasyncgenfunction(method)
+            assert method.__doc__, f"QueueTasks.{name} has no docstring"
+        else:
+            with pytest.raises(AttributeError, match=rf"AsyncQueueTasks\.{name} is async"):
+                getattr(app, name)
+    finally:
+        app.close()
+
+
+def test_sync_admin_methods_block_and_start_the_app() -> None:
+    """inspect, dead_letters, requeue_dead_letters, config_get/config_set return values (not
+    coroutines) and start the components on first use, as add_task does."""
+    app = QueueTasks()
+    rejected = threading.Event()
+
+    class Rejections:
+        @hookimpl
+        def qtasks_task_rejected(self) -> None:
+            rejected.set()
+
+    app.add_plugin(Rejections())
+    try:
+        assert not app.started
+        assert app.config_get("ns", "missing", 7) == 7  # no ComponentNotStartedError
+        app.config_set("ns", "key", {"a": 1})
+        assert app.config_get("ns", "key") == {"a": 1}
+        report = app.inspect()
+        assert report["app"] == "QueueTasks"
+        assert report["queue"]["dead_letters"] == 0
+        with app:
+            task = app.add_task("no_such_task", timeout=5)
+            assert task.status is TaskStatus.ERROR
+            assert rejected.wait(5)
+            letters = app.dead_letters()
+            assert [letter.id for letter in letters] == [task.uuid]
+            assert "unknown task" in letters[0].reason
+            assert app.requeue_dead_letters([task.uuid]) == 1
+    finally:
+        app.close()
+
+
+def test_sync_app_start_is_blocking() -> None:
+    app = QueueTasks()
+    try:
+        assert app.start() is None
+        assert app.started
+    finally:
+        app.close()
+
+
+@pytest.mark.anyio
+async def test_async_config_get_and_set_start_the_app() -> None:
+    app = AsyncQueueTasks()
+    try:
+        assert await app.config_get("ns", "missing", "d") == "d"
+        await app.config_set("ns", "k", 3)
+        assert await app.config_get("ns", "k") == 3
+        assert app.started
+    finally:
+        await app.aclose()
+
+
+# --- serving from a thread, stop() -------------------------------------------------------
+
+
+class ServerThread(threading.Thread):
+    """Runs ``app.run_forever()`` and keeps what it raised."""
+
+    def __init__(self, app: QueueTasks | AsyncQueueTasks) -> None:
+        super().__init__(name="test-server", daemon=True)
+        self.app = app
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.app.run_forever()
+        except BaseException as exc:
+            self.error = exc
+
+    def stopped(self, timeout: float = 20) -> bool:
+        self.join(timeout)
+        return not self.is_alive()
+
+
+def graceful_app(app: QueueTasks | AsyncQueueTasks, started: threading.Event) -> None:
+    """Register ``slow``: it runs until the worker is asked to stop, then returns, so it
+    succeeds only if stopping gives running tasks their grace period."""
+
+    @app.task
+    async def slow() -> str:
+        started.set()
+        with anyio.fail_after(10):
+            await app.worker.stopping.wait()
+        return "finished"
+
+
+def test_sync_app_serves_from_a_thread_and_stop_ends_it_gracefully() -> None:
+    app = QueueTasks(config=QueueConfig(shutdown_grace=10))
+    started = threading.Event()
+    graceful_app(app, started)
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    server = ServerThread(app)
+    server.start()
+    try:
+        assert app.add_task("add", 1, 2, timeout=10).returning == 3  # served meanwhile
+        results: list[Task] = []
+        producer = threading.Thread(target=lambda: results.append(app.add_task("slow", timeout=15)))
+        producer.start()
+        assert started.wait(10)
+        app.stop()
+        app.stop()  # twice: changes nothing, the grace period is not cut short
+        assert server.stopped(), "run_forever did not return after stop()"
+        assert server.error is None, repr(server.error)
+        producer.join(10)
+        assert [(r.status, r.returning) for r in results] == [(TaskStatus.SUCCESS, "finished")]
+    finally:
+        app.stop()
+        server.join(20)
+        app.close()
+
+
+def test_async_app_serves_from_a_thread_and_stop_ends_it_gracefully() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(shutdown_grace=10))
+    started = threading.Event()
+    graceful_app(app, started)
+    results: list[Any] = []
+
+    class Producer:
+        @hookimpl
+        async def qtasks_broker_listening(self, app: AsyncQueueTasks) -> None:
+            await app.add_task("slow")
+
+        @hookimpl
+        def qtasks_task_succeeded(self, record: Any) -> None:
+            results.append(record.returning)
+
+    app.add_plugin(Producer())
+    server = ServerThread(app)
+    server.start()
+    try:
+        assert started.wait(10), repr(server.error)
+        app.stop()  # from the main thread, while the loop runs in the server thread
+        assert server.stopped(), "run_forever did not return after stop()"
+        assert server.error is None, repr(server.error)
+        assert results == ["finished"]
+    finally:
+        app.stop()
+        server.join(20)
+
+
+@pytest.mark.parametrize("app_class", [AsyncQueueTasks, QueueTasks])
+def test_stop_before_run_forever_makes_it_return(app_class: Any) -> None:
+    """A stop() racing with a server thread's start is not lost."""
+    app = app_class()
+    try:
+        app.stop()
+        app.run_forever()  # returns (after starting and stopping): no hang
+    finally:
+        if isinstance(app, QueueTasks):
+            app.close()
+
+
+def test_run_forever_consumes_the_stop_request() -> None:
+    """After a stopped run_forever, the next one serves until the next stop()."""
+    app = QueueTasks()
+    started = threading.Event()
+    graceful_app(app, started)
+    try:
+        app.stop()
+        app.run_forever()
+        later = ServerThread(app)
+        later.start()
+        app.add_task("slow")
+        assert started.wait(10)  # served: the first request did not stop this run
+        app.stop()
+        assert later.stopped()
+        assert later.error is None, repr(later.error)
+    finally:
+        app.close()
+
+
+@pytest.mark.anyio
+async def test_wait_for_stop_consumes_one_request() -> None:
+    """What a Starter awaits: returns for a stop() made before or while it waits, once."""
+    app = AsyncQueueTasks()
+    app.stop()
+    app.stop()
+    with anyio.fail_after(5):
+        await app.wait_for_stop()  # made before: returns at once
+    with anyio.move_on_after(0.05) as idle:
+        await app.wait_for_stop()
+    assert idle.cancelled_caught  # the two calls above were one request, consumed
+    stopper = threading.Thread(target=app.stop)  # from another thread, while it waits
+    with anyio.fail_after(5):
+        stopper.start()
+        await app.wait_for_stop()
+    stopper.join()
+
+
+def test_stop_from_a_signal_handler_on_the_main_thread() -> None:
+    """The sync app serving on the main thread: a handler of the user's own calls stop(); the
+    SIGINT/SIGTERM handlers run_forever installed are put back when it returns."""
+    app = QueueTasks(config=QueueConfig(shutdown_grace=10))
+    started = threading.Event()
+    graceful_app(app, started)
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: app.stop())
+    results: list[Task] = []
+
+    def produce() -> None:
+        results.append(app.add_task("slow", timeout=15))
+
+    def kick() -> None:
+        if started.wait(10):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    kicker = threading.Thread(target=kick, daemon=True)
+    try:
+        producer.start()
+        kicker.start()
+        app.run_forever()  # on the main thread; returns once the handler called stop()
+        producer.join(10)
+        assert [(r.status, r.returning) for r in results] == [(TaskStatus.SUCCESS, "finished")]
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        app.close()
+
+
+def test_close_ends_run_forever_in_another_thread() -> None:
+    """What the atexit handler does for a script that forgot stop(): no hang."""
+    app = QueueTasks()
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    server = ServerThread(app)
+    server.start()
+    assert app.add_task("add", 2, 2, timeout=10).returning == 4
+    app.close()
+    assert server.stopped()
+    assert server.error is None, repr(server.error)

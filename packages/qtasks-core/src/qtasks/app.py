@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from os import PathLike
 from typing import Any, ParamSpec, Self, TypeVar, overload
 
@@ -50,6 +51,18 @@ def _on_asyncio() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _threadsafe(callback: Callable[[], object]) -> Callable[[], object]:
+    """``callback`` made safe to call from any thread or a signal handler: it is scheduled to
+    run soon in the current event loop (without waiting for it)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio: its token does the same
+        import trio  # type: ignore[import-not-found]  # only there when the app runs on it
+
+        return partial(trio.lowlevel.current_trio_token().run_sync_soon, callback)
+    return partial(loop.call_soon_threadsafe, callback)
 
 
 class AsyncQueueTasks:
@@ -100,6 +113,11 @@ class AsyncQueueTasks:
         self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
         self._pending_hooks: list[Any] = []
+        # stop() may run in any thread or in a signal handler, so no lock: it sets the flag,
+        # then calls the waker; wait_for_stop() publishes the waker, then reads the flag.
+        # Either order of the two leaves the waiter woken.
+        self._stop_requested = False
+        self._wake_stop: Callable[[], object] | None = None
 
     @classmethod
     def from_config(
@@ -208,6 +226,9 @@ class AsyncQueueTasks:
         async with self._start_lock:
             if self._stack is not None:
                 return
+            # Names a task's annotations use may be defined after it in its module.
+            for task in self.tasks.values():
+                task.resolve_annotations()
             stack = AsyncExitStack()
             await stack.__aenter__()
             try:
@@ -289,13 +310,45 @@ class AsyncQueueTasks:
         await self.aclose()
 
     async def serve(self) -> None:
-        """Serve in the running loop until SIGINT/SIGTERM, then stop gracefully."""
+        """Serve in the running loop until :meth:`stop` or SIGINT/SIGTERM (watched only when
+        this loop runs on the main thread), then stop gracefully."""
         await SignalStarter().serve(self)
 
     def run_forever(self, starter: Starter | None = None) -> None:
-        """Block serving tasks until SIGINT/SIGTERM (through ``starter``, by default a
-        :class:`~qtasks.starter.SignalStarter`)."""
+        """Block serving tasks in a new event loop until :meth:`stop` or SIGINT/SIGTERM
+        (through ``starter``, by default a :class:`~qtasks.starter.SignalStarter`). It may run
+        in any thread; signals are watched only when it runs on the main thread."""
         (starter or SignalStarter()).run(self)
+
+    def stop(self) -> None:
+        """Ask :meth:`run_forever` (or :meth:`serve`) to end gracefully, as SIGTERM does: no new
+        messages, running tasks get ``shutdown_grace`` seconds, then it returns.
+
+        Callable from any thread, from a task, or from a signal handler; it does not wait (join
+        the thread that runs ``run_forever`` for that). Calling it again changes nothing: the
+        grace period is never cut short. Called while nothing serves, the request is kept, and
+        the next ``run_forever`` starts and stops at once, so stopping a server thread that has
+        not got going yet is never lost; each ``run_forever`` consumes the request when it
+        returns. It does not end ``async with app:`` blocks: leave those."""
+        self._stop_requested = True
+        wake = self._wake_stop
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # its loop just closed: that run has ended anyway
+                pass
+
+    async def wait_for_stop(self) -> None:
+        """Return once :meth:`stop` has been called (before this call or while it waits) and
+        consume the request. What a :class:`~qtasks.components.Starter` awaits while serving."""
+        event = anyio.Event()
+        self._wake_stop = _threadsafe(event.set)
+        try:
+            if not self._stop_requested:
+                await event.wait()
+        finally:
+            self._wake_stop = None
+            self._stop_requested = False
 
     # --- producing ------------------------------------------------------------------------
 
@@ -488,7 +541,9 @@ class AsyncQueueTasks:
         return await self.broker.requeue_dead_letters([d.id for d in chosen])
 
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
-        """Read a cluster-wide value from the GlobalConfig."""
+        """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""
+        if self._stack is None:
+            await self.start()
         value = await self.global_config.get(namespace, key, default)
         return await self.hooks.transform(
             "qtasks_global_config_got",
@@ -501,6 +556,8 @@ class AsyncQueueTasks:
 
     async def config_set(self, namespace: str, key: str, value: Any) -> None:
         """Write a cluster-wide value to the GlobalConfig."""
+        if self._stack is None:
+            await self.start()
         await self.global_config.set(namespace, key, value)
         await self.hooks.notify(
             "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value

@@ -418,7 +418,8 @@ class Starter(Protocol):
     """Owns the process lifecycle for ``run_forever``: signals, the event loop, shutdown."""
 
     def run(self, app: AsyncQueueTasks) -> None:
-        """Block serving ``app`` until SIGINT/SIGTERM, then stop gracefully."""
+        """Block serving ``app`` until ``app.stop()`` (``await app.wait_for_stop()`` returns
+        then) or SIGINT/SIGTERM, then stop gracefully. May be called from any thread."""
         ...
 
 

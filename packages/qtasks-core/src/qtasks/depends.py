@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, g
 
 import anyio
 
-from qtasks.errors import DependencyError, StateError
+from qtasks.errors import DependencyError, StateError, UnresolvedAnnotationError
 from qtasks.plugins import hookimpl
 from qtasks.state import AsyncState, StateRegistry, SyncState, state_class
 from qtasks.task import TaskDef, resolved_signature
@@ -230,9 +230,16 @@ class InjectPlugin:
             elif state is not None:
                 kwargs[p.name] = self._state(state, run.app)
             elif p.default is inspect.Parameter.empty:
+                unresolved = (
+                    f" (its annotation {p.annotation!r} could not be resolved in the module of "
+                    f"{_name(dep.func)}; if it names a State or a Depends, "
+                    f"{UnresolvedAnnotationError.FIX})"
+                    if isinstance(p.annotation, str)
+                    else ""
+                )
                 raise DependencyError(
                     f"parameter {p.name!r} of dependency {_name(dep.func)} has no default and "
-                    "is neither Depends nor State"
+                    f"is neither Depends nor State{unresolved}"
                 )
         return kwargs
 

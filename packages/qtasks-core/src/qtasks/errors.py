@@ -19,6 +19,24 @@ class TaskDeclarationError(QTasksError, TypeError):
     """A task was declared with a duplicate name or an option of the wrong type."""
 
 
+class UnresolvedAnnotationError(TaskDeclarationError):
+    """A task parameter's annotation is a string qtasks cannot resolve in the task's module,
+    and it names a State or a ``Depends`` (typically a class defined inside a function, with
+    ``from __future__ import annotations``): injected it would not be."""
+
+    FIX = "define it at module level, or drop `from __future__ import annotations` from that module"
+
+    def __init__(self, task_name: str, parameter: str, annotation: str) -> None:
+        self.task_name = task_name
+        self.parameter = parameter
+        self.annotation = annotation
+        super().__init__(
+            f"task {task_name!r}: the annotation {annotation!r} of parameter {parameter!r} "
+            "cannot be resolved in the task's module, so what it names (a State or Depends "
+            f"defined inside a function) would not be injected; {self.FIX}"
+        )
+
+
 class UnknownTaskError(QTasksError, LookupError):
     """A task name that is not in the app's registry."""
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import queue
 import threading
 import weakref
@@ -17,12 +18,13 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.components import Broker, GlobalConfig, Starter, Storage
+from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, load_config
 from qtasks.discovery import build_components
 from qtasks.loop import loop_options
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
+from qtasks.starter import stop_on_signals
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks.worker import QueueWorker
 
@@ -57,6 +59,9 @@ class QueueTasks:
         self._portal_stop: threading.Thread | None = None
         self._serving: AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
+        self._forever = 0
+        """How many :meth:`run_forever` calls are serving (for :meth:`close`)."""
+        self._forever_done = threading.Condition()
 
     @classmethod
     def from_config(
@@ -75,7 +80,17 @@ class QueueTasks:
 
     def __getattr__(self, name: str) -> Any:
         # Plain attributes (name, config, tasks, broker, hooks...) come from the async app.
-        return getattr(self.aio, name)
+        # Its coroutine methods never do: each has a blocking method here, and handing one
+        # back would give the caller an un-awaited coroutine.
+        value = getattr(self.aio, name)
+        if _is_async_callable(value):
+            instead = _ASYNC_ONLY.get(name)
+            hint = f"use {instead}" if instead else f"call app.portal.call(app.aio.{name}, ...)"
+            raise AttributeError(
+                f"{type(self).__name__}.{name}: {type(self.aio).__name__}.{name} is async and "
+                f"has no blocking form on the sync app; {hint}"
+            )
+        return value
 
     @property
     def portal(self) -> BlockingPortal:
@@ -126,6 +141,7 @@ class QueueTasks:
         return wrapped
 
     def add_plugin(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object (its ``@hookimpl`` methods); return its name."""
         return self.aio.add_plugin(plugin, name)
 
     def _bind(self, record: TaskRecord) -> Task:
@@ -159,6 +175,7 @@ class QueueTasks:
         delay: float | None = None,
         eta: float | None = None,
     ) -> Task:
+        """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
         call = partial(
             self.aio.enqueue,
             task_name,
@@ -173,10 +190,12 @@ class QueueTasks:
         return self._bind(record)
 
     def get(self, uuid: str) -> Task | None:
+        """The stored record of ``uuid``, or ``None``."""
         record = self.portal.call(self.aio.get, uuid)
         return None if record is None else self._bind(record)
 
     def wait(self, uuid: str, timeout: float | None) -> Task:
+        """Block until ``uuid`` is final and return its record (see :meth:`Task.wait_result`)."""
         return self._bind(self.portal.call(self.aio.wait, uuid, timeout))
 
     def stream(self, uuid: str, timeout: float | None = None) -> Iterator[Any]:
@@ -206,8 +225,34 @@ class QueueTasks:
             future.cancel()
 
     def cancel(self, uuid: str, reason: str = "cancelled") -> Task | None:
+        """Cancel a task; see :meth:`AsyncQueueTasks.cancel`. Returns the record."""
         record = self.portal.call(self.aio.cancel, uuid, reason)
         return None if record is None else self._bind(record)
+
+    def start(self) -> None:
+        """Start the components (not the worker); idempotent. Other calls start them anyway."""
+        self.portal.call(self.aio.start)
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The broker's dead letters (oldest first), each with the reason it was given up."""
+        return self.portal.call(self.aio.dead_letters, limit)
+
+    def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Put dead letters back in the queue (all when ``ids`` is None) and reset their
+        records to ``new``; see :meth:`AsyncQueueTasks.requeue_dead_letters`. Returns how many."""
+        return self.portal.call(self.aio.requeue_dead_letters, ids)
+
+    def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
+        """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""
+        return self.portal.call(self.aio.config_get, namespace, key, default)
+
+    def config_set(self, namespace: str, key: str, value: Any) -> None:
+        """Write a cluster-wide value to the GlobalConfig."""
+        self.portal.call(self.aio.config_set, namespace, key, value)
+
+    def inspect(self) -> dict[str, Any]:
+        """What ``qtasks inspect`` shows (JSON-ready); see :meth:`AsyncQueueTasks.inspect`."""
+        return self.portal.call(self.aio.inspect)
 
     def __enter__(self) -> QueueTasks:
         """Serve tasks in the background thread until ``__exit__``."""
@@ -222,7 +267,16 @@ class QueueTasks:
             serving.__exit__(None, None, None)
 
     def close(self) -> None:
-        """Stop serving, stop every component and the portal's thread."""
+        """Stop serving (ending a :meth:`run_forever` in another thread gracefully), stop
+        every component and the portal's thread."""
+        with self._forever_done:
+            if self._forever:
+                self.stop()
+                # Its serving task must unwind itself (anyio scopes end in the task that
+                # entered them); that takes at most the grace period.
+                self._forever_done.wait_for(
+                    lambda: not self._forever, self.aio.config.shutdown_grace + 30
+                )
         self.__exit__()
         if self._portal is not None:
             portal, self._portal = self._portal, None
@@ -232,8 +286,43 @@ class QueueTasks:
                 self._portal_stop.join(timeout=10)
 
     def run_forever(self, starter: Starter | None = None) -> None:
-        """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread)."""
-        self.aio.run_forever(starter)
+        """Block serving tasks until :meth:`stop` or SIGINT/SIGTERM, then stop gracefully.
+
+        The worker runs in the app's background loop (the portal's), the one every other
+        method uses, so ``add_task(..., timeout=...)`` from other threads meanwhile is served.
+        It may run in any thread, e.g. ``threading.Thread(target=app.run_forever)``; signals
+        are caught only when it runs on the main thread. With a ``starter``, that starter runs
+        the async app in a loop of its own in this thread instead."""
+        if starter is not None:
+            self.aio.run_forever(starter)
+            return
+        with stop_on_signals(self.stop):
+            with self._forever_done:
+                self._forever += 1
+            try:
+                self.portal.call(self.aio.serve)
+            finally:
+                with self._forever_done:
+                    self._forever -= 1
+                    self._forever_done.notify_all()
+
+    def stop(self) -> None:
+        """Ask :meth:`run_forever` to end gracefully, as SIGTERM does; see
+        :meth:`AsyncQueueTasks.stop`. From any thread or a signal handler; it does not wait."""
+        self.aio.stop()
+
+
+_ASYNC_ONLY = {
+    "aclose": "close()",
+    "serve": "run_forever()",
+    "wait_for_stop": "run_forever(), which returns when stopped",
+}
+"""Coroutine methods of the async app whose sync counterpart has another name."""
+
+
+def _is_async_callable(value: Any) -> bool:
+    """Whether calling ``value`` gives a coroutine or an async iterator to be awaited."""
+    return inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value)
 
 
 def _start_portal() -> tuple[BlockingPortal, threading.Thread]:

@@ -3,13 +3,26 @@
 
 from __future__ import annotations
 
+import builtins
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, get_args, get_origin
+from types import FrameType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ForwardRef,
+    Generic,
+    ParamSpec,
+    TypeVar,
+    get_args,
+    get_origin,
+)
 
-from qtasks.errors import TaskArgumentsError, TaskDeclarationError
+from qtasks.errors import TaskArgumentsError, TaskDeclarationError, UnresolvedAnnotationError
 from qtasks.record import TaskRecord
 
 if TYPE_CHECKING:
@@ -127,10 +140,16 @@ def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
     return tuple(value)
 
 
-def resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
+def resolved_signature(
+    func: Callable[..., Any], localns: Mapping[str, Any] | None = None
+) -> inspect.Signature:
     """``func``'s signature with string annotations (``from __future__ import annotations``)
-    evaluated in the function's module where possible, so injected parameters are recognised.
-    One annotation that does not resolve (e.g. a class local to a function) stays a string."""
+    evaluated in the function's module (and ``localns``), so injected parameters are recognised.
+
+    A name found in neither is a forward reference (say, a type imported only under
+    ``TYPE_CHECKING``): the annotation stays a string, unless evaluating it with such names as
+    ``ForwardRef`` placeholders gives an injection (``Annotated[Conn, Depends(connect)]``
+    still injects ``connect`` when ``Conn`` is unknown at run time)."""
     signature = inspect.signature(func)
     namespace = getattr(inspect.unwrap(func), "__globals__", None)
     if namespace is None:
@@ -139,12 +158,52 @@ def resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
     for param in signature.parameters.values():
         annotation = param.annotation
         if isinstance(annotation, str):
-            try:
-                annotation = eval(annotation, namespace)  # what inspect's eval_str does
-            except Exception:
-                pass
+            annotation = _evaluate(annotation, namespace, localns or {})
         params.append(param.replace(annotation=annotation))
     return signature.replace(parameters=params)
+
+
+def _evaluate(text: str, globalns: dict[str, Any], localns: Mapping[str, Any]) -> Any:
+    """``text`` evaluated as ``typing.get_type_hints`` would (what inspect's ``eval_str``
+    does), else with unknown names as placeholders if that makes it an injection, else
+    ``text`` itself."""
+    try:
+        return eval(text, globalns, dict(localns))
+    except Exception:
+        pass
+    try:
+        value = eval(text, globalns, _Placeholders(globalns, localns))
+    except Exception:
+        return text
+    return value if is_injected(value, inspect.Parameter.empty) else text
+
+
+class _Placeholders(dict[str, Any]):
+    """Names for ``eval``: ``localns``, then the module and builtins as usual, and a
+    ``ForwardRef`` for a name found nowhere."""
+
+    def __init__(self, globalns: dict[str, Any], localns: Mapping[str, Any]) -> None:
+        super().__init__(localns)
+        self.globalns = globalns
+
+    def __missing__(self, name: str) -> Any:
+        if name in self.globalns:
+            return self.globalns[name]
+        if hasattr(builtins, name):
+            return getattr(builtins, name)
+        return ForwardRef(name)
+
+
+def _declaring_scope() -> Mapping[str, Any] | None:
+    """The local names of the code applying ``@app.task`` (the first frame outside qtasks),
+    when that is a function: where a class local to it is visible. ``None`` at module level."""
+    frame: FrameType | None = sys._getframe()
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module != "qtasks" and not module.startswith("qtasks."):
+            return None if frame.f_locals is frame.f_globals else frame.f_locals
+        frame = frame.f_back
+    return None
 
 
 def is_injected(annotation: Any, default: Any) -> bool:
@@ -170,14 +229,30 @@ class TaskDef(Generic[P, R]):
         self.options = options
         self.name = options.name
         self.kind = task_kind(func)
-        self.signature = resolved_signature(func)
-        params = list(self.signature.parameters.values())
-        if options.echo:
-            if not params:
-                raise TaskDeclarationError(f"task {self.name!r}: echo=True needs a first parameter")
+        if options.echo and not inspect.signature(func).parameters:
+            raise TaskDeclarationError(f"task {self.name!r}: echo=True needs a first parameter")
+        self._use(resolved_signature(func))
+        scope = _declaring_scope() if self.unresolved else None
+        if scope is not None:
+            self._refuse_local_injections(scope)
+        self.__doc__ = func.__doc__
+        self.__name__ = getattr(func, "__name__", self.name)
+        self.__wrapped__ = func
+
+    def _use(self, signature: inspect.Signature) -> None:
+        """Derive what enqueue and injection need from ``signature``."""
+        self.signature = signature
+        params = list(signature.parameters.values())
+        if self.options.echo:
             params = params[1:]
         self.injected = frozenset(p.name for p in params if is_injected(p.annotation, p.default))
-        self.caller_signature = self.signature.replace(
+        self.unresolved = {
+            p.name: p.annotation
+            for p in params
+            if isinstance(p.annotation, str) and p.name not in self.injected
+        }
+        """Parameters whose string annotation could not be resolved (name -> annotation)."""
+        self.caller_signature = signature.replace(
             parameters=[p for p in params if p.name not in self.injected]
         )
         simple = all(
@@ -188,9 +263,24 @@ class TaskDef(Generic[P, R]):
         self._plain_names: tuple[str, ...] | None = (
             tuple(self.caller_signature.parameters) if simple else None
         )
-        self.__doc__ = func.__doc__
-        self.__name__ = getattr(func, "__name__", self.name)
-        self.__wrapped__ = func
+
+    def _refuse_local_injections(self, scope: Mapping[str, Any]) -> None:
+        """Raise if an unresolved annotation names, in the function declaring the task, a State
+        or a ``Depends``: qtasks resolves annotations in the module only, so it would silently
+        become an argument the caller must pass."""
+        seen = resolved_signature(self.func, scope).parameters
+        for name, text in self.unresolved.items():
+            param = seen[name]
+            if not isinstance(param.annotation, str) and is_injected(
+                param.annotation, param.default
+            ):
+                raise UnresolvedAnnotationError(self.name, name, text)
+
+    def resolve_annotations(self) -> None:
+        """Evaluate again the annotations that did not resolve at declaration (a class defined
+        further down the module exists by now). The app calls it when it starts."""
+        if self.unresolved:
+            self._use(resolved_signature(self.func))
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)
@@ -213,7 +303,19 @@ class TaskDef(Generic[P, R]):
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TaskArgumentsError(f"task {self.name!r}: {exc}") from None
+            raise TaskArgumentsError(f"task {self.name!r}: {exc}{self._hint(exc)}") from None
+
+    def _hint(self, exc: TypeError) -> str:
+        """For a missing argument whose annotation did not resolve: it may be a lost State."""
+        missing = re.findall(r"missing a required argument: '(\w+)'", str(exc))
+        for name in missing:
+            if name in self.unresolved:
+                return (
+                    f" (its annotation {self.unresolved[name]!r} could not be resolved in "
+                    f"the module of the task; if it names a State or a Depends, "
+                    f"{UnresolvedAnnotationError.FIX})"
+                )
+        return ""
 
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are

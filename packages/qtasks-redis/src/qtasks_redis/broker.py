@@ -34,6 +34,7 @@ from qtasks_redis.connection import (
     RedisTarget,
     Script,
     SharedClient,
+    check_options,
     common_options,
     guarded,
 )
@@ -169,7 +170,7 @@ class RedisBroker:
         self.prefix = prefix
         self._lease_opt = lease
         self._max_opt = max_deliveries
-        self._options = dict(options or {})
+        self._options = check_options(dict(options or {}))
         tag = f"{{{prefix}:{queue}}}"
         self.keys: tuple[str, ...] = tuple(f"{tag}:{name}" for name in lua.KEY_NAMES)
         self._notify_key = self.keys[lua.KEY_NAMES.index("notify")]

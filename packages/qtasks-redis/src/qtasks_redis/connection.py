@@ -23,7 +23,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from qtasks.errors import BrokerConnectionError, ComponentError, ComponentNotStartedError
+from qtasks.errors import (
+    BrokerConnectionError,
+    ComponentError,
+    ComponentNotStartedError,
+    ConfigError,
+)
 from qtasks_redis.lane import Lane, lane_for
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -31,6 +36,37 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 Client = aioredis.Redis | RedisCluster
 T = TypeVar("T")
+
+OPTIONS: dict[str, type] = {
+    "redis_queue": str,
+    "redis_prefix": str,
+    "redis_cluster": bool,
+    "redis_retries": int,
+    "redis_retry_cap": float,
+    "redis_socket_timeout": float,
+    "redis_connect_timeout": float,
+    "redis_health_check_interval": int,
+    "redis_fast_lane": bool,
+}
+"""Every ``redis_*`` key the Redis components read from ``config.extra``, with its type."""
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Return ``options`` once every ``redis_*`` key in it is known and of the right type.
+
+    Keys without the ``redis_`` prefix belong to other components or plugins and are left
+    alone; an unknown ``redis_*`` key (a typo such as ``redis_socket_timout``) raises
+    :class:`~qtasks.errors.ConfigError` listing the valid ones, rather than being ignored."""
+    for key, value in options.items():
+        if not key.startswith("redis_"):
+            continue
+        kind = OPTIONS.get(key)
+        if kind is None:
+            raise ConfigError(f"unknown option extra.{key} (known: {', '.join(sorted(OPTIONS))})")
+        accepted = (int, float) if kind is float else (kind,)  # 5 is a fine float
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+            raise ConfigError(f"extra.{key} expects {kind.__name__}, got {value!r}")
+    return options
 
 
 @dataclass(slots=True, frozen=True)
@@ -211,6 +247,7 @@ class SharedClient:
         self._users = 0
 
     async def acquire(self, stack: AsyncExitStack, options: dict[str, Any]) -> Client:
+        check_options(options)
         if self._client is None:
             inner = AsyncExitStack()
             try:
@@ -255,7 +292,9 @@ class SharedClient:
 
 def common_options(extra: dict[str, Any]) -> dict[str, Any]:
     """The constructor keywords every Redis component reads from ``config.extra``:
-    ``prefix`` (``redis_prefix``), ``cluster`` (``redis_cluster``) and the client options."""
+    ``prefix`` (``redis_prefix``), ``cluster`` (``redis_cluster``) and the client options.
+    Raises :class:`~qtasks.errors.ConfigError` for an unknown or ill-typed ``redis_*`` key."""
+    check_options(extra)
     return {
         "prefix": str(extra.get("redis_prefix", "qtasks")),
         "cluster": bool(extra.get("redis_cluster", False)),

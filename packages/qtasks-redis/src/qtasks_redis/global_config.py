@@ -20,6 +20,7 @@ from qtasks_redis.connection import (
     RedisTarget,
     Script,
     SharedClient,
+    check_options,
     common_options,
     guarded,
 )
@@ -126,7 +127,7 @@ class RedisGlobalConfig:
     ) -> None:
         self.target = RedisTarget.parse(url, cluster=cluster)
         self.prefix = prefix
-        self._options = dict(options or {})
+        self._options = check_options(dict(options or {}))
         self._shared = SharedClient(self.target, "RedisGlobalConfig", lane=False)
 
     @classmethod

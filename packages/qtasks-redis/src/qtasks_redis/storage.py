@@ -24,6 +24,7 @@ from qtasks_redis.connection import (
     RedisTarget,
     Script,
     SharedClient,
+    check_options,
     common_options,
     guarded,
 )
@@ -105,7 +106,7 @@ class RedisStorage:
         self.target = RedisTarget.parse(url, cluster=cluster)
         self.prefix = prefix
         self._tag = f"{{{prefix}:rec}}"
-        self._options = dict(options or {})
+        self._options = check_options(dict(options or {}))
         self._index_keys = tuple(f"{self._tag}:i:{status}" for status in lua.STATUSES)
         self._channel = f"{self._tag}:cancels"
         self._ttl_ms: str = ""

@@ -1,0 +1,92 @@
+"""Options under ``extra`` for the Redis components: a misspelt or ill-typed ``redis_*`` key is
+refused with the valid ones listed, never silently ignored (as RabbitMQ's ``rabbitmq_*`` are)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.errors import ConfigError
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+from qtasks_redis.connection import OPTIONS
+
+COMPONENTS = [RedisBroker, RedisStorage, RedisGlobalConfig]
+# Nothing listens here: every refusal below happens before any connection is tried.
+NOWHERE = "redis://127.0.0.1:1/0"
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_from_config_refuses_a_misspelt_option(component: Any) -> None:
+    config = QueueConfig(
+        broker_url=NOWHERE,
+        storage_url=NOWHERE,
+        global_config_url=NOWHERE,
+        extra={"redis_socket_timout": 5},
+    )
+    with pytest.raises(ConfigError) as info:
+        component.from_config(config)
+    message = str(info.value)
+    assert "extra.redis_socket_timout" in message
+    for key in OPTIONS:
+        assert key in message  # the valid ones are listed
+
+
+def test_the_app_from_config_refuses_it() -> None:
+    with pytest.raises(ConfigError, match="redis_socket_timout"):
+        AsyncQueueTasks.from_config(
+            broker="redis",
+            broker_url=NOWHERE,
+            extra={"redis_socket_timout": 5},
+        )
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_constructor_options_are_checked(component: Any) -> None:
+    with pytest.raises(ConfigError, match="redis_retrys"):
+        component(NOWHERE, options={"redis_retrys": 2})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("component", COMPONENTS)
+async def test_start_checks_the_app_config_extra(component: Any) -> None:
+    """A component built directly still reads ``config.extra`` at start: checked there."""
+    kind = {RedisBroker: "broker", RedisStorage: "storage", RedisGlobalConfig: "global_config"}
+    app = AsyncQueueTasks(
+        **{kind[component]: component(NOWHERE)},
+        config=QueueConfig(extra={"redis_fast_lan": False}),
+    )
+    with anyio.fail_after(10), pytest.raises(ConfigError, match="redis_fast_lan"):
+        await app.start()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("redis_socket_timeout", "5"),
+        ("redis_retries", 1.5),
+        ("redis_retries", True),
+        ("redis_cluster", "yes"),
+        ("redis_prefix", 3),
+    ],
+)
+def test_ill_typed_options_are_refused(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"extra\.{key} expects"):
+        RedisBroker.from_config(QueueConfig(extra={key: value}))
+
+
+def test_valid_and_foreign_options_are_accepted() -> None:
+    extra = {
+        "redis_queue": "mail",
+        "redis_prefix": "app",
+        "redis_retries": 2,
+        "redis_retry_cap": 2,  # an int is a fine float
+        "redis_socket_timeout": 1.5,
+        "redis_fast_lane": False,
+        "rabbitmq_queue": "other",  # another component's key: not Redis' business
+        "audit": {"level": 1},
+    }
+    broker = RedisBroker.from_config(QueueConfig(broker_url=NOWHERE, extra=extra))
+    assert (broker.queue, broker.prefix) == ("mail", "app")
