@@ -75,7 +75,9 @@ def failure_message(record: TaskRecord) -> str:
 
 class _InlinePlugin:
     """Zeroes retry delays in inline mode: the retry decision is the task's own, the backoff is
-    skipped so that a test does not sleep through it."""
+    skipped so that a test does not sleep through it. In worker mode the backoff is real, and
+    the plugin tells the harness when a task starts one, so that :meth:`Harness.run_pending` can
+    move the clock through it."""
 
     name = "qtasks_testing.inline"
 
@@ -88,6 +90,14 @@ class _InlinePlugin:
         if delay is not None and self._harness.mode == "inline":
             return 0.0
         return delay
+
+    @hookimpl
+    def qtasks_worker_task_retry(self, record: TaskRecord, delay: float) -> None:
+        # Fired once the retry record is saved and the message requeued with its delay, which
+        # the broker measured on the harness's clock (the record's eta is wall-clock time).
+        harness = self._harness
+        harness._backing_off[record.uuid] = (record.attempt, harness.clock.time() + delay)
+        harness._progress.set()
 
 
 class Harness:
@@ -143,6 +153,11 @@ class Harness:
         self._worker = QueueWorker()
         self._stop_serving: anyio.Event | None = None
         self._serving: asyncio.Task[None] | None = None
+        self._backing_off: dict[str, tuple[int, float]] = {}
+        """uuid -> (attempt, due time on the clock) of tasks the worker requeued with a retry
+        delay (worker mode)."""
+        self._progress = anyio.Event()
+        """Set when a task starts a retry backoff (a final save wakes storage waiters)."""
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -244,9 +259,18 @@ class Harness:
 
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[Harness]:
-        """Run a worker for the block (in the current task)."""
-        async with self.app:
-            yield self
+        """Run a worker for the block (in the current task).
+
+        Leaving the block cancels tasks still running at once (``shutdown_grace`` is 0 while
+        the harness serves): a test that ends must not wait for them."""
+        app = self.app
+        config = app.config
+        app.config = config.merged(shutdown_grace=0.0)
+        try:
+            async with app:
+                yield self
+        finally:
+            app.config = config
 
     # --- enqueue --------------------------------------------------------------------------
 
@@ -367,18 +391,66 @@ class Harness:
                 delivery = await self._next_delivery(iterator, "a due task")
                 await self._worker.process(app, delivery)
 
+    def _backoff_until(self, record: TaskRecord) -> float | None:
+        """When the retry of ``record`` is due, if it waits in a retry backoff."""
+        attempt, due = self._backing_off.get(record.uuid, (None, 0.0))
+        if record.status is TaskStatus.RETRY and attempt == record.attempt:
+            return due
+        return None
+
     async def _wait_due(self, include_delayed: bool) -> None:
+        """Worker mode: wait until every task that is due is final. A task the worker requeued
+        with a retry delay is still due (as in inline mode, where retries skip their backoff):
+        the clock is moved to its retry time. Tasks delayed at enqueue wait for
+        ``include_delayed``."""
         while True:
+            # Armed before reading the records, so a backoff that starts after the read is seen.
+            self._progress = anyio.Event()
             pending = [r for r in await self._records() if not r.status.final]
-            due = [r for r in pending if not self._delayed(r)]
-            if not due:
-                eta = await self._next_eta()
-                if not include_delayed or eta is None:
-                    return
-                await self.advance_to(eta)
+            backoff = {r.uuid: due for r in pending if (due := self._backoff_until(r)) is not None}
+            busy = [
+                r
+                for r in pending
+                if r.uuid not in backoff
+                and (r.status is not TaskStatus.NEW or not self._delayed(r))
+            ]
+            if busy:
+                await self._wait_for_progress(busy)
                 continue
-            for record in due:
-                await self.app.wait(record.uuid, self.timeout)
+            etas = list(backoff.values())
+            if not etas and include_delayed:
+                etas = [r.eta for r in pending if r.eta is not None]
+            if not etas:
+                return
+            await self.advance_to(min(etas))
+            # A retry now due is busy again until the worker finishes or retries it: the next
+            # round waits for that instead of reading the same records in a loop.
+            for uuid, due in backoff.items():
+                if due <= self.clock.time():
+                    del self._backing_off[uuid]
+
+    async def _wait_for_progress(self, busy: list[TaskRecord]) -> None:
+        """Until one of ``busy`` is final or some task starts a retry backoff."""
+        names = ", ".join(f"{r.task_name} [{r.uuid}] ({r.status.value})" for r in busy)
+        try:
+            with anyio.fail_after(self.timeout):
+                async with anyio.create_task_group() as tg:
+
+                    async def final(uuid: str) -> None:
+                        await self.app.storage.wait(uuid, None)
+                        tg.cancel_scope.cancel()
+
+                    async def backoff() -> None:
+                        await self._progress.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(backoff)
+                    for record in busy:
+                        tg.start_soon(final, record.uuid)
+        except TimeoutError:
+            raise HarnessError(
+                f"the worker did not finish within {self.timeout} s: {names}"
+            ) from None
 
     async def wait(self, task: str | TaskRecord, timeout: float | None = None) -> AsyncTask:
         """The final record of ``task`` (a uuid or a record); runs it first in inline mode."""
