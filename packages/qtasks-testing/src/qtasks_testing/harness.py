@@ -112,7 +112,9 @@ class Harness:
     (plugins, ``Depends``, ``State``, echo/ctx, retries without backoff, generators), so
     ``add_task`` returns the final record; delayed tasks wait for :meth:`advance_time` or
     :meth:`run_pending`. ``worker`` runs a real worker concurrently, for code that depends on
-    concurrency; use :meth:`wait` or :meth:`run_pending` to let it catch up.
+    concurrency; use :meth:`wait` or :meth:`run_pending` to let it catch up (retries keep their
+    backoff, which :meth:`run_pending` moves the clock through). Closing the harness cancels
+    tasks still running at once.
 
     With ``raise_task_errors`` (the default) a task that ends in ``error`` raises
     :class:`~qtasks.errors.TaskFailedError` with the task's traceback where the harness hands out
@@ -351,7 +353,8 @@ class Harness:
         return min(etas) if etas else None
 
     async def run_pending(self, *, include_delayed: bool = False) -> list[AsyncTask]:
-        """Run every task that is due (in worker mode: wait for the worker to finish them).
+        """Run every task that is due (in worker mode: wait for the worker to finish them,
+        moving the clock through retry backoffs).
 
         With ``include_delayed`` the clock is moved forward to each delayed task in turn, so
         everything enqueued runs. Returns, in enqueue order, the final records of tasks enqueued
