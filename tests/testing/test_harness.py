@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from qtasks import AsyncQueueTasks, AsyncState, Depends, MemoryBroker, QueueTasks, TaskStatus
-from qtasks.errors import TaskFailedError
+from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks_testing import FakeClock
 from qtasks_testing.harness import Harness, HarnessError, SyncHarness
 
@@ -257,6 +257,20 @@ async def test_worker_run_pending_moves_the_clock_through_retry_backoff() -> Non
         with anyio.fail_after(2):
             (ok,) = await qt.run_pending()
         assert (ok.uuid, ok.returning, ok.attempt) == (later.uuid, "ok", 3)
+
+
+@pytest.mark.anyio
+async def test_worker_wait_moves_the_clock_through_retry_backoff() -> None:
+    app, seen = make_async_app()  # flaky: fails twice, retry=2 with a 30 s backoff
+    async with Harness(app, mode="worker", timeout=3) as qt:
+        qt.freeze_time()
+        task = await app.add_task("flaky")
+        with anyio.fail_after(2):
+            done = await qt.wait(task)
+        assert (done.returning, done.attempt, seen["flaky"]) == ("ok", 3, 3)
+        slow = await app.add_task("add", 1, 1, delay=3600)
+        with pytest.raises(TaskTimeoutError):  # delayed at enqueue: the clock stays
+            await qt.wait(slow, timeout=0.2)
 
 
 @pytest.mark.anyio

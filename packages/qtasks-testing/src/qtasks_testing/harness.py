@@ -19,7 +19,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError
+from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskTimeoutError
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
@@ -97,7 +97,8 @@ class _InlinePlugin:
         # the broker measured on the harness's clock (the record's eta is wall-clock time).
         harness = self._harness
         harness._backing_off[record.uuid] = (record.attempt, harness.clock.time() + delay)
-        harness._progress.set()
+        for progress in harness._progress:
+            progress.set()
 
 
 class Harness:
@@ -158,8 +159,9 @@ class Harness:
         self._backing_off: dict[str, tuple[int, float]] = {}
         """uuid -> (attempt, due time on the clock) of tasks the worker requeued with a retry
         delay (worker mode)."""
-        self._progress = anyio.Event()
-        """Set when a task starts a retry backoff (a final save wakes storage waiters)."""
+        self._progress: set[anyio.Event] = set()
+        """Events of waiters in :meth:`_catch_up`, set when a task starts a retry backoff (a
+        final save wakes them through the storage)."""
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -402,61 +404,85 @@ class Harness:
         return None
 
     async def _wait_due(self, include_delayed: bool) -> None:
-        """Worker mode: wait until every task that is due is final. A task the worker requeued
-        with a retry delay is still due (as in inline mode, where retries skip their backoff):
-        the clock is moved to its retry time. Tasks delayed at enqueue wait for
-        ``include_delayed``."""
+        stuck = await self._catch_up(None, include_delayed, self.timeout)
+        if stuck:
+            names = ", ".join(f"{r.task_name} [{r.uuid}] ({r.status.value})" for r in stuck)
+            raise HarnessError(f"the worker did not finish within {self.timeout} s: {names}")
+
+    async def _catch_up(
+        self, uuid: str | None, include_delayed: bool, timeout: float
+    ) -> list[TaskRecord]:
+        """Worker mode: wait until every task enqueued through the harness (or only ``uuid``)
+        that is due is final. A task the worker requeued with a retry delay is still due (as in
+        inline mode, where retries skip their backoff): the clock is moved to its retry time.
+        Tasks delayed at enqueue are moved to with ``include_delayed`` only.
+
+        Returns ``[]``, or the tasks still running when ``timeout`` seconds passed without one
+        of them ending or starting a backoff."""
         while True:
-            # Armed before reading the records, so a backoff that starts after the read is seen.
-            self._progress = anyio.Event()
-            pending = [r for r in await self._records() if not r.status.final]
-            backoff = {r.uuid: due for r in pending if (due := self._backoff_until(r)) is not None}
-            busy = [
-                r
-                for r in pending
-                if r.uuid not in backoff
-                and (r.status is not TaskStatus.NEW or not self._delayed(r))
-            ]
-            if busy:
-                await self._wait_for_progress(busy)
-                continue
+            # Registered before reading the records, so a backoff that starts after the read
+            # is seen.
+            progress = anyio.Event()
+            self._progress.add(progress)
+            try:
+                if uuid is None:
+                    records = await self._records()
+                else:
+                    one = await self.app.storage.get(uuid)
+                    records = [] if one is None else [one]
+                pending = [r for r in records if not r.status.final]
+                backoff = {
+                    r.uuid: due for r in pending if (due := self._backoff_until(r)) is not None
+                }
+                busy = [
+                    r
+                    for r in pending
+                    if r.uuid not in backoff
+                    and (r.status is not TaskStatus.NEW or not self._delayed(r))
+                ]
+                if busy:
+                    if not await self._wait_for_progress(busy, progress, timeout):
+                        return busy
+                    continue
+            finally:
+                self._progress.discard(progress)
             etas = list(backoff.values())
             if not etas and include_delayed:
                 etas = [r.eta for r in pending if r.eta is not None]
             if not etas:
-                return
+                return []
             await self.advance_to(min(etas))
             # A retry now due is busy again until the worker finishes or retries it: the next
             # round waits for that instead of reading the same records in a loop.
-            for uuid, due in backoff.items():
+            for done, due in backoff.items():
                 if due <= self.clock.time():
-                    del self._backing_off[uuid]
+                    self._backing_off.pop(done, None)
 
-    async def _wait_for_progress(self, busy: list[TaskRecord]) -> None:
-        """Until one of ``busy`` is final or some task starts a retry backoff."""
-        names = ", ".join(f"{r.task_name} [{r.uuid}] ({r.status.value})" for r in busy)
-        try:
-            with anyio.fail_after(self.timeout):
-                async with anyio.create_task_group() as tg:
+    async def _wait_for_progress(
+        self, busy: list[TaskRecord], progress: anyio.Event, timeout: float
+    ) -> bool:
+        """Until one of ``busy`` is final or a task starts a retry backoff (``progress``);
+        ``False`` if neither happened within ``timeout`` seconds."""
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
 
-                    async def final(uuid: str) -> None:
-                        await self.app.storage.wait(uuid, None)
-                        tg.cancel_scope.cancel()
+                async def final(uuid: str) -> None:
+                    await self.app.storage.wait(uuid, None)
+                    tg.cancel_scope.cancel()
 
-                    async def backoff() -> None:
-                        await self._progress.wait()
-                        tg.cancel_scope.cancel()
+                async def backoff() -> None:
+                    await progress.wait()
+                    tg.cancel_scope.cancel()
 
-                    tg.start_soon(backoff)
-                    for record in busy:
-                        tg.start_soon(final, record.uuid)
-        except TimeoutError:
-            raise HarnessError(
-                f"the worker did not finish within {self.timeout} s: {names}"
-            ) from None
+                tg.start_soon(backoff)
+                for record in busy:
+                    tg.start_soon(final, record.uuid)
+            return True
+        return False
 
     async def wait(self, task: str | TaskRecord, timeout: float | None = None) -> AsyncTask:
-        """The final record of ``task`` (a uuid or a record); runs it first in inline mode."""
+        """The final record of ``task`` (a uuid or a record); runs it first in inline mode. In
+        worker mode the clock is moved through the task's retry backoffs."""
         uuid = task if isinstance(task, str) else task.uuid
         record = await self.app.storage.get(uuid)
         if record is None:
@@ -469,7 +495,11 @@ class Harness:
                 )
             record = await self._run_until_final(uuid)
         else:
-            record = await self.app.wait(uuid, timeout if timeout is not None else self.timeout)
+            limit = timeout if timeout is not None else self.timeout
+            if self.mode == "worker" and await self._catch_up(uuid, False, limit):
+                raise TaskTimeoutError(uuid, limit)
+            # Final by now, or delayed at enqueue: wait for it as the app would.
+            record = await self.app.wait(uuid, limit)
         return await self._checked(record)
 
     # --- time -----------------------------------------------------------------------------
