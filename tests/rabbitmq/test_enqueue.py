@@ -6,14 +6,11 @@ Real RabbitMQ and Redis. The storages below are real :class:`RedisStorage` insta
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import anyio
 import pytest
-import redis.asyncio
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
 from qtasks.memory import MemoryStorage
@@ -27,17 +24,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
 
 @pytest.fixture
-async def prefix(redis_url: str) -> AsyncIterator[str]:
+def prefix(redis_prefix: str) -> str:
     """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    name = f"qtasks-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{{{name}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    return redis_prefix
 
 
 class LateAddStorage(RedisStorage):

@@ -8,15 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import redis
 
 TASKS = """
-from qtasks import QueueTasks
+from qtasks import QueueConfig, QueueTasks
 
-app = QueueTasks()  # in-memory by default: the command line picks Redis
+# In-memory by default: the command line picks Redis. The prefix keeps this test's keys apart
+# from a developer's own (the app is built in code, so it does not read a qtasks.toml).
+app = QueueTasks(config=QueueConfig(extra={"redis_prefix": PREFIX}))
 
 
 @app.task
@@ -25,10 +26,10 @@ def add(a: int, b: int) -> int:
 """
 
 
-def test_qtasks_run_with_redis_flags_serves_qtasks_add(redis_url: str, tmp_path: Path) -> None:
-    prefix = f"qt-cli-{uuid.uuid4().hex[:8]}"
-    (tmp_path / "tasks.py").write_text(TASKS)
-    (tmp_path / "qtasks.toml").write_text(f'[extra]\nredis_prefix = "{prefix}"\n')
+def test_qtasks_run_with_redis_flags_serves_qtasks_add(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    (tmp_path / "tasks.py").write_text(TASKS.replace("PREFIX", repr(redis_prefix)))
     flags = [
         "-A", "tasks:app",
         "--broker", "redis", "--broker-url", redis_url,
@@ -57,6 +58,11 @@ def test_qtasks_run_with_redis_flags_serves_qtasks_add(redis_url: str, tmp_path:
         assert added.returncode == 0, added.stdout + added.stderr
         record = json.loads(added.stdout)
         assert (record["status"], record["returning"]) == ("success", 5)
+        client = redis.Redis.from_url(redis_url)
+        try:  # under the test's own prefix, not the default one of a developer's Redis
+            assert client.exists(f"{{{redis_prefix}:rec}}:r:{record['uuid']}")
+        finally:
+            client.close()
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=30)
         assert server.returncode == 0, out
@@ -64,7 +70,4 @@ def test_qtasks_run_with_redis_flags_serves_qtasks_add(redis_url: str, tmp_path:
     finally:
         if server.poll() is None:
             server.kill()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"*{prefix}*"))
-        if keys:
-            client.delete(*keys)
+            server.wait()

@@ -1,13 +1,15 @@
 """The harness: inline and worker modes, recording, time, restoring the app."""
 
 import math
+import threading
+import time
 from typing import Any
 
 import anyio
 import pytest
 
 from qtasks import AsyncQueueTasks, AsyncState, Depends, MemoryBroker, QueueTasks, TaskStatus
-from qtasks.errors import TaskFailedError
+from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks_testing import FakeClock
 from qtasks_testing.harness import Harness, HarnessError, SyncHarness
 
@@ -223,3 +225,104 @@ async def test_worker_mode_timer_follows_the_fake_clock() -> None:
                 await anyio.sleep(0.05)
         (call,) = qt.enqueued("tick")
         assert (await qt.wait(call.uuid)).returning == "tock"
+
+
+@pytest.mark.anyio
+async def test_worker_run_pending_moves_the_clock_through_retry_backoff() -> None:
+    """A retry's back-off is real in worker mode; run_pending moves the (frozen) clock through
+    it instead of waiting for the timeout."""
+    app = AsyncQueueTasks()
+    attempts: list[int] = []
+
+    @app.task(retry=1, retry_backoff=60)
+    async def fails() -> None:
+        attempts.append(len(attempts) + 1)
+        raise ConnectionError(f"attempt {len(attempts)}")
+
+    @app.task(retry=2, retry_backoff=30)
+    async def flaky() -> str:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) < 5:
+            raise ConnectionError("not yet")
+        return "ok"
+
+    async with Harness(app, mode="worker", timeout=3, raise_task_errors=False) as qt:
+        qt.freeze_time()
+        task = await app.add_task("fails")
+        with anyio.fail_after(2):
+            (done,) = await qt.run_pending()
+        assert (done.uuid, done.status, done.attempt) == (task.uuid, TaskStatus.ERROR, 2)
+        assert attempts == [1, 2]
+        later = await app.add_task("flaky")
+        with anyio.fail_after(2):
+            (ok,) = await qt.run_pending()
+        assert (ok.uuid, ok.returning, ok.attempt) == (later.uuid, "ok", 3)
+
+
+@pytest.mark.anyio
+async def test_worker_wait_moves_the_clock_through_retry_backoff() -> None:
+    app, seen = make_async_app()  # flaky: fails twice, retry=2 with a 30 s backoff
+    async with Harness(app, mode="worker", timeout=3) as qt:
+        qt.freeze_time()
+        task = await app.add_task("flaky")
+        with anyio.fail_after(2):
+            done = await qt.wait(task)
+        assert (done.returning, done.attempt, seen["flaky"]) == ("ok", 3, 3)
+        slow = await app.add_task("add", 1, 1, delay=3600)
+        with pytest.raises(TaskTimeoutError):  # delayed at enqueue: the clock stays
+            await qt.wait(slow, timeout=0.2)
+
+
+@pytest.mark.anyio
+async def test_worker_run_pending_leaves_delayed_tasks_unless_asked() -> None:
+    app, _ = make_async_app()
+    async with Harness(app, mode="worker", timeout=3) as qt:
+        qt.freeze_time()
+        delayed = await app.add_task("add", 1, 1, delay=3600)
+        now = await app.add_task("add", 2, 2)
+        with anyio.fail_after(2):
+            assert [r.uuid for r in await qt.run_pending()] == [now.uuid]
+        assert (await app.get(delayed.uuid)).status is TaskStatus.NEW  # type: ignore[union-attr]
+        with anyio.fail_after(2):
+            assert [r.returning for r in await qt.run_pending(include_delayed=True)] == [2]
+
+
+@pytest.mark.anyio
+async def test_worker_harness_close_cancels_a_running_task_at_once() -> None:
+    app = AsyncQueueTasks()
+    running = anyio.Event()
+
+    @app.task
+    async def forever() -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    qt = Harness(app, mode="worker")
+    await qt.start()
+    try:
+        await app.add_task("forever")
+        with anyio.fail_after(2):
+            await running.wait()
+    finally:
+        with anyio.fail_after(2):  # shutdown_grace is 30 s: a harness must not wait for it
+            await qt.close()
+
+
+def test_sync_worker_harness_close_cancels_a_running_task_at_once() -> None:
+    app = QueueTasks()
+    running = threading.Event()
+
+    @app.task
+    async def forever_async() -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    qt = SyncHarness(app, mode="worker")
+    qt.start()
+    started = time.monotonic()
+    try:
+        forever_async.add_task()
+        assert running.wait(2)
+    finally:
+        qt.close()
+    assert time.monotonic() - started < 2

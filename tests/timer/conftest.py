@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import pytest
+from redis_keys import new_redis_prefix
 
 
 class FakeClock:
@@ -37,4 +37,6 @@ def fake_clock() -> Callable[[datetime], FakeClock]:
 
 @pytest.fixture
 def unique_name() -> str:
-    return f"qtasks-timer-test-{uuid.uuid4().hex[:10]}"
+    """A name of this test's own; as a Redis key prefix it carries the session's tag, so the
+    session guard of tests/conftest.py sees keys left under it."""
+    return new_redis_prefix()

@@ -19,7 +19,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError
+from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskTimeoutError
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
@@ -75,7 +75,9 @@ def failure_message(record: TaskRecord) -> str:
 
 class _InlinePlugin:
     """Zeroes retry delays in inline mode: the retry decision is the task's own, the backoff is
-    skipped so that a test does not sleep through it."""
+    skipped so that a test does not sleep through it. In worker mode the backoff is real, and
+    the plugin tells the harness when a task starts one, so that :meth:`Harness.run_pending` can
+    move the clock through it."""
 
     name = "qtasks_testing.inline"
 
@@ -88,6 +90,15 @@ class _InlinePlugin:
         if delay is not None and self._harness.mode == "inline":
             return 0.0
         return delay
+
+    @hookimpl
+    def qtasks_worker_task_retry(self, record: TaskRecord, delay: float) -> None:
+        # Fired once the retry record is saved and the message requeued with its delay, which
+        # the broker measured on the harness's clock (the record's eta is wall-clock time).
+        harness = self._harness
+        harness._backing_off[record.uuid] = (record.attempt, harness.clock.time() + delay)
+        for progress in harness._progress:
+            progress.set()
 
 
 class Harness:
@@ -102,7 +113,9 @@ class Harness:
     (plugins, ``Depends``, ``State``, echo/ctx, retries without backoff, generators), so
     ``add_task`` returns the final record; delayed tasks wait for :meth:`advance_time` or
     :meth:`run_pending`. ``worker`` runs a real worker concurrently, for code that depends on
-    concurrency; use :meth:`wait` or :meth:`run_pending` to let it catch up.
+    concurrency; use :meth:`wait` or :meth:`run_pending` to let it catch up (retries keep their
+    backoff, which :meth:`run_pending` moves the clock through). Closing the harness cancels
+    tasks still running at once.
 
     With ``raise_task_errors`` (the default) a task that ends in ``error`` raises
     :class:`~qtasks.errors.TaskFailedError` with the task's traceback where the harness hands out
@@ -143,6 +156,12 @@ class Harness:
         self._worker = QueueWorker()
         self._stop_serving: anyio.Event | None = None
         self._serving: asyncio.Task[None] | None = None
+        self._backing_off: dict[str, tuple[int, float]] = {}
+        """uuid -> (attempt, due time on the clock) of tasks the worker requeued with a retry
+        delay (worker mode)."""
+        self._progress: set[anyio.Event] = set()
+        """Events of waiters in :meth:`_catch_up`, set when a task starts a retry backoff (a
+        final save wakes them through the storage)."""
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -244,9 +263,18 @@ class Harness:
 
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[Harness]:
-        """Run a worker for the block (in the current task)."""
-        async with self.app:
-            yield self
+        """Run a worker for the block (in the current task).
+
+        Leaving the block cancels tasks still running at once (``shutdown_grace`` is 0 while
+        the harness serves): a test that ends must not wait for them."""
+        app = self.app
+        config = app.config
+        app.config = config.merged(shutdown_grace=0.0)
+        try:
+            async with app:
+                yield self
+        finally:
+            app.config = config
 
     # --- enqueue --------------------------------------------------------------------------
 
@@ -327,7 +355,8 @@ class Harness:
         return min(etas) if etas else None
 
     async def run_pending(self, *, include_delayed: bool = False) -> list[AsyncTask]:
-        """Run every task that is due (in worker mode: wait for the worker to finish them).
+        """Run every task that is due (in worker mode: wait for the worker to finish them,
+        moving the clock through retry backoffs).
 
         With ``include_delayed`` the clock is moved forward to each delayed task in turn, so
         everything enqueued runs. Returns, in enqueue order, the final records of tasks enqueued
@@ -367,21 +396,93 @@ class Harness:
                 delivery = await self._next_delivery(iterator, "a due task")
                 await self._worker.process(app, delivery)
 
+    def _backoff_until(self, record: TaskRecord) -> float | None:
+        """When the retry of ``record`` is due, if it waits in a retry backoff."""
+        attempt, due = self._backing_off.get(record.uuid, (None, 0.0))
+        if record.status is TaskStatus.RETRY and attempt == record.attempt:
+            return due
+        return None
+
     async def _wait_due(self, include_delayed: bool) -> None:
+        stuck = await self._catch_up(None, include_delayed, self.timeout)
+        if stuck:
+            names = ", ".join(f"{r.task_name} [{r.uuid}] ({r.status.value})" for r in stuck)
+            raise HarnessError(f"the worker did not finish within {self.timeout} s: {names}")
+
+    async def _catch_up(
+        self, uuid: str | None, include_delayed: bool, timeout: float
+    ) -> list[TaskRecord]:
+        """Worker mode: wait until every task enqueued through the harness (or only ``uuid``)
+        that is due is final. A task the worker requeued with a retry delay is still due (as in
+        inline mode, where retries skip their backoff): the clock is moved to its retry time.
+        Tasks delayed at enqueue are moved to with ``include_delayed`` only.
+
+        Returns ``[]``, or the tasks still running when ``timeout`` seconds passed without one
+        of them ending or starting a backoff."""
         while True:
-            pending = [r for r in await self._records() if not r.status.final]
-            due = [r for r in pending if not self._delayed(r)]
-            if not due:
-                eta = await self._next_eta()
-                if not include_delayed or eta is None:
-                    return
-                await self.advance_to(eta)
-                continue
-            for record in due:
-                await self.app.wait(record.uuid, self.timeout)
+            # Registered before reading the records, so a backoff that starts after the read
+            # is seen.
+            progress = anyio.Event()
+            self._progress.add(progress)
+            try:
+                if uuid is None:
+                    records = await self._records()
+                else:
+                    one = await self.app.storage.get(uuid)
+                    records = [] if one is None else [one]
+                pending = [r for r in records if not r.status.final]
+                backoff = {
+                    r.uuid: due for r in pending if (due := self._backoff_until(r)) is not None
+                }
+                busy = [
+                    r
+                    for r in pending
+                    if r.uuid not in backoff
+                    and (r.status is not TaskStatus.NEW or not self._delayed(r))
+                ]
+                if busy:
+                    if not await self._wait_for_progress(busy, progress, timeout):
+                        return busy
+                    continue
+            finally:
+                self._progress.discard(progress)
+            etas = list(backoff.values())
+            if not etas and include_delayed:
+                etas = [r.eta for r in pending if r.eta is not None]
+            if not etas:
+                return []
+            await self.advance_to(min(etas))
+            # A retry now due is busy again until the worker finishes or retries it: the next
+            # round waits for that instead of reading the same records in a loop.
+            for done, due in backoff.items():
+                if due <= self.clock.time():
+                    self._backing_off.pop(done, None)
+
+    async def _wait_for_progress(
+        self, busy: list[TaskRecord], progress: anyio.Event, timeout: float
+    ) -> bool:
+        """Until one of ``busy`` is final or a task starts a retry backoff (``progress``);
+        ``False`` if neither happened within ``timeout`` seconds."""
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
+
+                async def final(uuid: str) -> None:
+                    await self.app.storage.wait(uuid, None)
+                    tg.cancel_scope.cancel()
+
+                async def backoff() -> None:
+                    await progress.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(backoff)
+                for record in busy:
+                    tg.start_soon(final, record.uuid)
+            return True
+        return False
 
     async def wait(self, task: str | TaskRecord, timeout: float | None = None) -> AsyncTask:
-        """The final record of ``task`` (a uuid or a record); runs it first in inline mode."""
+        """The final record of ``task`` (a uuid or a record); runs it first in inline mode. In
+        worker mode the clock is moved through the task's retry backoffs."""
         uuid = task if isinstance(task, str) else task.uuid
         record = await self.app.storage.get(uuid)
         if record is None:
@@ -394,7 +495,11 @@ class Harness:
                 )
             record = await self._run_until_final(uuid)
         else:
-            record = await self.app.wait(uuid, timeout if timeout is not None else self.timeout)
+            limit = timeout if timeout is not None else self.timeout
+            if self.mode == "worker" and await self._catch_up(uuid, False, limit):
+                raise TaskTimeoutError(uuid, limit)
+            # Final by now, or delayed at enqueue: wait for it as the app would.
+            record = await self.app.wait(uuid, limit)
         return await self._checked(record)
 
     # --- time -----------------------------------------------------------------------------

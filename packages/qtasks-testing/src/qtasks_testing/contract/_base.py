@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import anyio
@@ -37,6 +39,12 @@ class ContractSuite:
     config_overrides: ClassVar[Mapping[str, Any]] = {}
     not_applicable: ClassVar[Mapping[str, str]] = {}
     timing_slack: ClassVar[float] = 0.5
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if name.startswith("test_") and inspect.iscoroutinefunction(value):
+                setattr(cls, name, plain_failures(value))
 
     @pytest.fixture
     def anyio_backend(self) -> str:
@@ -79,3 +87,46 @@ async def wait_until(check: Callable[[], Awaitable[T]], *, timeout: float, what:
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         await anyio.sleep(0.02)
+
+
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``, through nested exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
+
+
+def single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception a task group wrapped (a failed assertion in the test's own code while
+    the helper tasks were cancelled), or ``None`` if several failed."""
+    found = list(leaves(group))
+    return found[0] if len(found) == 1 else None
+
+
+def plain_failures(test: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Re-raise a failure that a task group wrapped as that failure.
+
+    anyio wraps what fails inside a task group in a ``BaseExceptionGroup``. Around a
+    ``pytest.fail`` that group is neither an ``Exception`` nor a pytest outcome, so anyio's pytest
+    runner stops for good: the test's fixtures are not torn down (components stay open) and the
+    report shows "Task exception was never retrieved". Every ``test_*`` coroutine of a suite is
+    wrapped in this."""
+
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await test(*args, **kwargs)
+        except BaseExceptionGroup as group:
+            failure = single_failure(group)
+            if failure is None:
+                if isinstance(group, Exception):
+                    raise
+                summary = "; ".join(f"{type(e).__name__}: {e}" for e in leaves(group))
+                failure = AssertionError(f"several failures in one test: {summary}")
+                failure.__cause__ = group
+        # Raised outside the handler, so the failure does not get the group as its context.
+        raise failure
+
+    return run

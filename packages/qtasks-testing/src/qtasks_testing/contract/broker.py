@@ -17,7 +17,7 @@ from qtasks.components import Broker, DeadLetter, Delivery
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError
 from qtasks.messages import Envelope
-from qtasks_testing.contract._base import ContractSuite, wait_until
+from qtasks_testing.contract._base import ContractSuite, single_failure, wait_until
 
 BrokerFactory = Callable[[QueueConfig], Broker]
 
@@ -44,11 +44,9 @@ class Consumer:
 
     async def next(self, *, timeout: float, what: str = "a delivery") -> Delivery:
         """The next delivery; fail the test if none comes within ``timeout`` seconds."""
-        try:
-            with anyio.fail_after(timeout):
-                return await self._receive.receive()
-        except TimeoutError:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        with anyio.move_on_after(timeout):
+            return await self._receive.receive()
+        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
     async def none_within(self, seconds: float) -> Delivery | None:
         """``None`` when nothing is delivered for ``seconds`` (waiting is the assertion)."""
@@ -66,14 +64,24 @@ async def consuming(broker: Broker, *, prefetch: int = 10) -> AsyncIterator[Cons
             async for delivery in deliveries:
                 await send.send(delivery)
 
+    failure: BaseException | None = None
     async with broker.consume(prefetch=prefetch) as deliveries:
         send, receive = anyio.create_memory_object_stream[Delivery](0)
-        async with receive, anyio.create_task_group() as tg:
-            tg.start_soon(pump, deliveries, send)
-            try:
-                yield Consumer(receive)
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with receive, anyio.create_task_group() as tg:
+                tg.start_soon(pump, deliveries, send)
+                try:
+                    yield Consumer(receive)
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The block failed (the pump was only cancelled): raise that failure itself, not
+            # the task group's wrapper, and only once the broker's consumer is closed.
+            failure = single_failure(group)
+            if failure is None:
+                raise
+    if failure is not None:
+        raise failure
 
 
 class BrokerContract(ContractSuite):
@@ -305,6 +313,31 @@ class BrokerContract(ContractSuite):
         async with consuming(broker) as consumer:
             ids = {(await consumer.next(timeout=2)).id for _ in range(2)}
         assert ids == {sent[0].id, sent[2].id}
+
+    @pytest.mark.anyio
+    async def test_requeued_dead_letters_keep_their_priority(self, broker: Broker) -> None:
+        urgent, usual = envelope(priority=-2), envelope(priority=3)
+        for item in (urgent, usual):
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            for _ in range(2):
+                await (await consumer.next(timeout=2)).nack("no")
+        assert {d.id: d.priority for d in await broker.dead_letters()} == {
+            urgent.id: -2,
+            usual.id: 3,
+        }
+        assert await broker.requeue_dead_letters() == 2
+        # Between the two requeued messages in priority order: a requeue at priority 0 (or
+        # any other than the message's own) puts them in the wrong place.
+        middle = envelope(priority=1)
+        await broker.publish(middle)
+        async with consuming(broker) as consumer:
+            got = []
+            for _ in range(3):
+                delivery = await consumer.next(timeout=2)
+                got.append((delivery.id, delivery.priority))
+                await delivery.ack()
+        assert got == [(urgent.id, -2), (middle.id, 1), (usual.id, 3)]
 
     @pytest.mark.anyio
     async def test_dead_letters_lists_oldest_first_up_to_limit(self, broker: Broker) -> None:

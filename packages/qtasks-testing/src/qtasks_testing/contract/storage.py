@@ -146,6 +146,25 @@ class StorageContract(ContractSuite):
         assert await storage.get(rec.uuid) == ok
 
     @pytest.mark.anyio
+    async def test_falsy_results_are_kept_as_they_are(self, storage: Storage) -> None:
+        """``0``, ``""``, ``[]``, ``{}`` and ``False`` are results, not "no result"."""
+        values: list[Any] = [0, 0.0, "", [], {}, False, None]
+        records = [record() for _ in values]
+        for rec, value in zip(records, values, strict=True):
+            await storage.add(rec)
+            claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+            begun = await storage.begin(claim)
+            assert await storage.save(finished(begun, returning=value), fence="t1") is True
+        for rec, value in zip(records, values, strict=True):
+            stored = await storage.get(rec.uuid)
+            assert stored is not None
+            got = stored.returning
+            assert (type(got), got) == (type(value), value), f"stored {value!r}, read {got!r}"
+            with anyio.fail_after(2):
+                waited = (await storage.wait(rec.uuid, 2)).returning
+            assert (type(waited), waited) == (type(value), value)
+
+    @pytest.mark.anyio
     async def test_final_record_not_overwritten_by_non_final(self, storage: Storage) -> None:
         rec = record()
         await storage.add(rec)
@@ -258,6 +277,30 @@ class StorageContract(ContractSuite):
         assert stored is not None
         assert (stored.status, stored.cancel_reason) == (TaskStatus.CANCEL, "user asked")
         assert (stored.args, stored.kwargs) == (rec.args, rec.kwargs)
+
+    @pytest.mark.anyio
+    async def test_cancel_marks_a_running_record(self, storage: Storage) -> None:
+        """A task can be cancelled while it runs (``begin`` made it ``process``) and while it
+        waits for a retry: both are pending, and the cancel is what ``get`` and waiters see.
+        (What the worker does with the running task's own final save is the worker's rule,
+        not tested here.)"""
+        running, retrying = record(), record()
+        for rec in (running, retrying):
+            await storage.add(rec)
+        claim = record(uuid=running.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+        await storage.begin(claim)
+        await storage.save(finished(retrying, TaskStatus.RETRY, attempt=1, eta=time.time() + 60))
+        for rec in (running, retrying):
+            cancelled = await storage.cancel(rec.uuid, "user asked")
+            assert cancelled is not None
+            assert (cancelled.status, cancelled.cancel_reason) == (TaskStatus.CANCEL, "user asked")
+            stored = await storage.get(rec.uuid)
+            assert stored is not None
+            assert (stored.status, stored.cancel_reason) == (TaskStatus.CANCEL, "user asked")
+            assert (stored.args, stored.kwargs) == (rec.args, rec.kwargs)
+            with anyio.fail_after(2):  # final now: a waiter returns at once
+                assert (await storage.wait(rec.uuid, 2)).status is TaskStatus.CANCEL
+        assert _nonzero(await storage.stats()) == {"cancel": 2}
 
     @pytest.mark.anyio
     async def test_cancel_leaves_final_records_and_unknown_is_none(self, storage: Storage) -> None:
