@@ -27,7 +27,7 @@ async def test_redelivery_while_the_old_run_winds_down(caplog: pytest.LogCapture
     async def hog() -> int:
         runs.append(len(runs) + 1)
         if len(runs) == 1:
-            time.sleep(lease * 2)  # blocks the loop: no renewal, the lease runs out
+            time.sleep(lease * 2)  # noqa: ASYNC251 - blocks the loop: the lease runs out
             with anyio.CancelScope(shield=True), anyio.fail_after(5):
                 await second.wait()  # still registered while the next delivery runs
             return 1

@@ -23,12 +23,6 @@ from .conftest import URL, BrokerFactory
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
 
-@pytest.fixture
-def prefix(redis_prefix: str) -> str:
-    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    return redis_prefix
-
-
 class LateAddStorage(RedisStorage):
     """Holds a new record's add until the task's final record is saved: the producer's write
     then lands after the worker began and finished the task."""
