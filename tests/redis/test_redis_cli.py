@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -246,3 +248,33 @@ def test_config_command_shows_what_follows_the_broker(
     data = json.loads(result.output[result.output.index("{") :])
     assert data["storage"] == {"value": "redis", "source": "follows broker"}
     assert data["global_config"] == {"value": "redis", "source": "follows broker"}
+
+
+def test_cli_docs_redis_examples_run(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """The console blocks of docs/cli.md marked ``# with Redis``, as real processes, under
+    this test's key prefix (the page's tasks.py reads it from ``QTASKS_EXTRA``)."""
+    page = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", page, flags=re.MULTILINE | re.DOTALL)
+    env = _clean_env(QTASKS_EXTRA=json.dumps({"redis_prefix": prefix}))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    ran = 0
+    for _lang, code in blocks:
+        first = code.splitlines()[0]
+        if first.startswith("# file: "):
+            (tmp_path / first.removeprefix("# file: ").strip()).write_text(code)
+        if not first.startswith("# with Redis"):
+            continue
+        commands: list[tuple[str, list[str]]] = []
+        for line in code.splitlines()[1:]:
+            if line.startswith("$ "):
+                commands.append((line[2:], []))
+            elif commands and line.strip():
+                commands[-1][1].append(line.strip())
+        for command, expected in commands:
+            argv = shlex.split(command.replace("redis://127.0.0.1:6379/0", redis_url))
+            proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0, f"$ {command}\n{output}"
+            assert all(text in output for text in expected), f"$ {command}\n{output}"
+            ran += 1
+    assert ran >= 2
