@@ -172,7 +172,9 @@ def test_storage_and_global_config_follow_a_redis_broker_from_a_file(
     )
     with caplog.at_level(logging.INFO, logger="qtasks.config"):
         app = AsyncQueueTasks.from_config(file)
+        sync_app = QueueTasks.from_config(file)  # the README's form
     assert (type(app.storage), type(app.global_config)) == (RedisStorage, RedisGlobalConfig)
+    assert (type(sync_app.storage), sync_app.config.storage_url) == (RedisStorage, url)
     assert (app.config.storage_url, app.config.global_config_url) == (url, url)
     assert app.config_sources["storage"] == "follows broker"
     assert app.config_sources["global_config_url"] == "follows broker_url"
@@ -232,6 +234,30 @@ def test_cli_flags_on_an_app_built_in_code_follow_the_broker(
     kept = app.aio.global_config  # the object the code built stays
     assert isinstance(kept, RedisGlobalConfig) and kept.target.url.endswith("/9")
     sys.modules.pop("follow_tasks", None)
+
+
+def test_a_broker_url_flag_carries_over_to_what_followed_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qtasks.cli import resolve_app
+
+    (tmp_path / "refollow_tasks.py").write_text(
+        "from qtasks import QueueTasks\napp = QueueTasks.from_config()\n"
+    )
+    _write(
+        tmp_path / "qtasks.toml",
+        'broker = "redis"\nbroker_url = "redis://127.0.0.1:6379/1"\nplugins_disabled = ["*"]\n',
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = "redis://127.0.0.1:6379/6"
+    app = resolve_app("refollow_tasks:app", None, {"broker_url": url}, need_tasks=True)
+    assert isinstance(app, QueueTasks)
+    config = app.aio.config
+    assert (config.broker_url, config.storage_url, config.global_config_url) == (url, url, url)
+    assert isinstance(app.aio.storage, RedisStorage) and app.aio.storage.target.url == url
+    assert app.aio.config_sources["storage_url"] == "follows broker_url"
+    sys.modules.pop("refollow_tasks", None)
 
 
 def test_config_command_shows_what_follows_the_broker(

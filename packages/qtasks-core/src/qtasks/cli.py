@@ -291,9 +291,12 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
             sources.setdefault(kind, "app (constructor)")  # built in code: it stays
     followed = follow_broker(LoadedConfig(replace(old, **given), sources))
     aio.config = followed.config
-    aio.config_sources.update(
-        {k: v for k, v in followed.sources.items() if v.startswith("follows ")}
-    )
+    for key in ("storage", "storage_url", "global_config", "global_config_url"):
+        source = followed.sources.get(key, "default")
+        if source.startswith("follows "):
+            aio.config_sources[key] = source
+        elif source == "default":
+            aio.config_sources.pop(key, None)
     kinds: tuple[Kind, ...] = ("broker", "storage", "global_config")
     for kind in kinds:
         url = f"{kind}_url"
@@ -432,13 +435,6 @@ def _parse_arg(raw: str) -> Any:
 # --- commands -------------------------------------------------------------------------------
 
 
-_LEVELS = {
-    None,
-    *(name.lower() for name in logging.getLevelNamesMapping()),
-    *logging.getLevelNamesMapping(),
-}
-
-
 class _ServingLog:
     """Logs "serving ..." once the worker listens, so a component that cannot start (Redis
     unreachable) is never preceded by a claim that the app serves."""
@@ -497,8 +493,9 @@ def run(
     }
     # Logging first, so that what configuration decides (a storage following the broker, a
     # default address) is shown; the configured level applies once the app is known.
+    early = (log_level or "INFO").upper()
     logging.basicConfig(
-        level=(log_level or "INFO").upper() if log_level in _LEVELS else "INFO",
+        level=early if early in logging.getLevelNamesMapping() else "INFO",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -305,11 +305,17 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
     A component set explicitly to the broker's (or storage's) backend without a URL takes
     that URL too. Each decision is logged on ``qtasks.config``; a remote storage or global
     config left with no URL at all logs a warning naming the default address it uses.
-    Passwords are masked in every message."""
+    Passwords are masked in every message. Values an earlier call derived (source
+    ``follows ...``) are derived again, so a changed broker URL carries over."""
     from qtasks.discovery import installed_names, load
 
     config, sources = loaded.config, dict(loaded.sources)
     values: dict[str, Any] = {}
+    defaults = QueueConfig()
+    for key, source in loaded.sources.items():
+        if source.startswith("follows "):  # derived earlier: derive again from the leaders
+            values[key] = getattr(defaults, key)
+            sources[key] = "default"
 
     def current(key: str) -> Any:
         return values[key] if key in values else getattr(config, key)
