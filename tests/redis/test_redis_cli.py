@@ -206,6 +206,7 @@ def test_a_redis_storage_with_no_url_anywhere_says_which_address_it_uses(
     with caplog.at_level(logging.INFO, logger="qtasks.config"):
         app = AsyncQueueTasks.from_config(file)
     assert type(app.storage) is RedisStorage
+    assert type(app.global_config) is MemoryGlobalConfig  # the broker is local: nothing follows
     assert "storage 'redis' has no storage_url: it connects to redis://127.0.0.1:6379/0" in (
         caplog.text
     )

@@ -323,7 +323,8 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
     remote = {"broker": not getattr(load("broker", config.broker), "local", False)}
     for kind in ("storage", "global_config"):
         url_key = f"{kind}_url"
-        leaders = [lead for lead in _LEADERS[kind] if remote.get(lead)]
+        # Behind a local broker everything may stay in one process: nothing follows.
+        leaders = [lead for lead in _LEADERS[kind] if remote["broker"] and remote.get(lead)]
         if sources.get(kind, "default") == "default" and leaders:
             names = installed_names(kind)
             leader = next((lead for lead in leaders if current(lead) in names), None)
