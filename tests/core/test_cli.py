@@ -15,18 +15,23 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from qtasks import QueueTasks
+from qtasks import AsyncQueueTasks, QueueTasks
 from qtasks.cli import cli
 
 APP_SOURCE = """
 import threading
 from qtasks import QueueConfig, QueueTasks
 
-app = QueueTasks("cli-test", config=QueueConfig(plugins_disabled=["timer"], shutdown_grace=1.0))
+# A long heartbeat interval: what inspect shows must not wait for the next periodic beat.
+app = QueueTasks(
+    "cli-test",
+    config=QueueConfig(plugins_disabled=["timer"], shutdown_grace=1.0, heartbeat_interval=60.0),
+)
 release = threading.Event()
 
 @app.task(retry=2, tags=["math"], description="Add two numbers.")
@@ -85,6 +90,80 @@ def test_help_everywhere() -> None:
         code, out = invoke(*command, "--help")
         assert code == 0
         assert "Usage: qtasks" in out
+
+
+def test_help_shows_flags_without_a_value_type() -> None:
+    # Typer printed `--help <bool>` / `--json <bool>`: a flag takes no value.
+    screens = [[], ["run"], ["add"], ["get"], ["cancel"], ["inspect"], ["plugins"], ["config"]]
+    screens += [["dlq"], ["dlq", "list"], ["dlq", "requeue"], ["audit"], ["audit", "hello"]]
+    for screen in screens:
+        code, out = invoke(*screen, "--help")
+        assert code == 0, (screen, out)
+        assert "--help" in out
+        assert "<bool>" not in out, (screen, out)
+
+
+def test_version_prints_the_distribution_and_its_version() -> None:
+    from importlib.metadata import version
+
+    code, out = invoke("--version")
+    assert (code, out.strip()) == (0, f"qtasks-core {version('qtasks-core')}")
+
+
+def test_app_and_config_go_before_the_command_too(served: str, tmp_path: Path) -> None:
+    code, out = invoke("--help")
+    assert "--app" in out and "-A" in out and "--config" in out and "-c" in out
+    code, out = invoke("-A", served, "add", "add", "2", "3", "--wait", "5")
+    assert code == 0, out
+    assert "returning: 5" in out
+    code, out = invoke("--app", served, "inspect", "--json")
+    assert (code, json.loads(out)["app"]) == (0, "cli-test")
+    (tmp_path / "other.toml").write_text("prefetch = 4\n")
+    code, out = invoke("-c", str(tmp_path / "other.toml"), "config", "--json")
+    assert (code, json.loads(out)["prefetch"]["value"]) == (0, 4)
+    code, out = invoke("--config", str(tmp_path / "other.toml"), "plugins", "--json")
+    assert code == 0, out
+    # The same value in both places is fine; two different ones are an error, not a pick.
+    code, out = invoke("-A", served, "inspect", "-A", served, "--json")
+    assert code == 0, out
+    code, out = invoke("-A", served, "inspect", "-A", "elsewhere:app")
+    assert code == 1
+    assert "-A/--app given twice with different values" in out
+
+
+def test_record_times_are_iso_8601_local_and_numbers_in_json(
+    served: str, app_module: ModuleType
+) -> None:
+    from datetime import datetime
+
+    task = app_module.app.add_task("add", 1, 2, timeout=5)
+    code, out = invoke("get", task.uuid, "-A", served)
+    assert code == 0, out
+    lines = dict(line.split(": ", 1) for line in out.splitlines())
+    for key in ("created_at", "updated_at"):
+        shown = datetime.fromisoformat(lines[key])
+        assert shown.utcoffset() is not None  # local time, with its offset
+        assert abs(shown.timestamp() - getattr(task, key)) < 0.001
+    code, out = invoke("get", task.uuid, "-A", served, "--json")
+    assert json.loads(out)["created_at"] == task.created_at
+
+
+def test_inspect_shows_what_the_worker_just_did(served: str, app_module: ModuleType) -> None:
+    import time
+
+    app: QueueTasks = app_module.app
+    for n in range(3):
+        app.add_task("add", n, timeout=5)
+    deadline = time.monotonic() + 10  # far below the app's 60 s heartbeat interval
+    processed = None
+    while time.monotonic() < deadline:
+        _, out = invoke("inspect", "-A", served, "--json")
+        (worker,) = json.loads(out)["workers"].values()
+        processed = worker["processed"]
+        if processed == 3:
+            break
+        threading.Event().wait(0.05)
+    assert processed == 3
 
 
 def test_add_wait_get_and_failure_exit_code(served: str) -> None:
@@ -216,6 +295,51 @@ def test_plugins_lists_distributions_and_disabled_state(
     assert line.rstrip().endswith("disabled")
 
 
+def test_plugins_shows_a_broken_plugin_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    from qtasks import discovery
+
+    (tmp_path / "typo_cli_plugin.py").write_text(
+        "from qtasks import hookimpl\n"
+        "class TypoPlugin:\n"
+        "    @hookimpl\n"
+        "    def qtasks_worker_started(self): ...\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    typo = EntryPoint("typo", "typo_cli_plugin:TypoPlugin", "qtasks.plugins")
+    ghost = EntryPoint("ghost", "no_such_module_here:Plugin", "qtasks.plugins")
+    real = discovery.entry_points
+
+    def fake(*, group: str) -> Any:
+        return [typo, ghost] if group == "qtasks.plugins" else real(group=group)
+
+    monkeypatch.setattr(discovery, "entry_points", fake)
+    # Every other command fails on it...
+    code, out = invoke("add", "x", "--broker", "memory", "--storage", "memory")
+    assert (code, "unknown hook 'qtasks_worker_started'" in out) == (1, True)
+    # ...so plugins must not call it enabled.
+    code, out = invoke("plugins")
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.startswith("plugin") and " typo " in x)
+    assert line.rstrip().endswith("failed")
+    assert "error: plugin 'typo': " in out and "unknown hook 'qtasks_worker_started'" in out
+    assert "add 'typo' to plugins_disabled" in out
+    code, out = invoke("plugins", "--json")
+    rows = {r["name"]: r for r in json.loads(out) if r["kind"] == "plugin"}
+    assert (rows["typo"]["state"], rows["ghost"]["state"]) == ("failed", "failed")
+    assert "No module named 'no_such_module_here'" in rows["ghost"]["error"]
+    (tmp_path / "qtasks.toml").write_text('plugins_disabled = ["typo", "ghost"]\n')
+    code, out = invoke("plugins", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out) if r["kind"] == "plugin"}
+    assert rows["typo"]["state"] == "disabled"
+    sys.modules.pop("typo_cli_plugin", None)
+
+
 def test_config_shows_values_and_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "qtasks.toml").write_text("prefetch = 3\nlease = 9\n")
     monkeypatch.chdir(tmp_path)
@@ -305,29 +429,55 @@ def test_extension_command_from_an_installed_distribution() -> None:
     assert (code, out.strip()) == (0, "audit says hello to qtasks")
 
 
-def test_app_named_in_configuration_is_used(
-    app_module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "qtasks.toml").write_text(f'app = "{app_module.__name__}:app"\n')
+def test_app_named_in_configuration_is_used(served: str, tmp_path: Path) -> None:
+    (tmp_path / "qtasks.toml").write_text(f'app = "{served}"\n')
     code, out = invoke("inspect", "--json")
     assert code == 0, out
     assert json.loads(out)["app"] == "cli-test"
 
 
-def test_component_commands_work_without_an_app(
+def test_component_commands_build_an_app_from_configuration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "qtasks.toml").write_text('plugins_disabled = ["*"]\n')
-    code, out = invoke("inspect", "--json")
-    assert code == 0, out
-    report = json.loads(out)
-    assert report["tasks"] == {}
-    assert "audit" not in report["plugins"]  # disabled by the file the CLI found
-    assert {"qtasks.middlewares", "qtasks.retry"} <= set(report["plugins"])
-    code, out = invoke("get", "f" * 32)
+    (tmp_path / "qtasks.toml").write_text('plugins_disabled = ["*"]\nlease = 7\n')
+    from qtasks.cli import resolve_app
+
+    app = resolve_app(None, None, {"storage": "memory"}, need_tasks=False)
+    assert isinstance(app, AsyncQueueTasks)
+    assert app.tasks == {}
+    assert app.config.lease == 7.0  # read from the file the CLI found
+    assert app.config_sources["storage"] == "cli --storage"
+    assert "audit" not in [name for name, _ in app.hooks.pm.list_name_plugin()]
+
+
+@pytest.mark.parametrize(
+    ("command", "names"),
+    [
+        (["add", "anything", "1", "two", "[3]"], "broker (MemoryBroker) and storage"),
+        (["get", "f" * 32], "storage (MemoryStorage)"),
+        (["cancel", "f" * 32], "broker (MemoryBroker) and storage"),
+        (["inspect"], "broker (MemoryBroker), storage (MemoryStorage) and global config"),
+        (["dlq", "list"], "broker (MemoryBroker)"),
+        (["dlq", "requeue"], "broker (MemoryBroker) and storage"),
+    ],
+)
+def test_component_commands_refuse_in_memory_components(
+    command: list[str], names: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A uuid printed with exit code 0 for a task that dies with the process was the bug.
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke(*command)
+    assert code == 1, out
+    assert out.startswith(f"error: qtasks {' '.join(command[: 2 if command[0] == 'dlq' else 1])}")
+    assert f"cannot work with the {names}" in out
+    assert "--broker redis --broker-url" in out
+    assert "Traceback" not in out
+
+
+def test_component_commands_refuse_memory_for_an_app_that_is_not_served(
+    app_module: ModuleType,
+) -> None:
+    code, out = invoke("add", "add", "1", "2", "-A", f"{app_module.__name__}:app")
     assert code == 1
-    assert "no task record" in out
-    code, out = invoke("add", "anything", "1", "two", "[3]")
-    assert code == 0
-    assert len(out.strip()) == 32  # the uuid; nothing serves it in this process
+    assert "in-memory components live only in this command's process" in out

@@ -113,7 +113,10 @@ def test_run_serves_tasks_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert code == 0, err
-    assert "serving 'subprocess-app': 2 tasks, broker MemoryBroker" in err
+    assert (
+        "serving 'subprocess-app': 2 tasks, concurrency 2; broker MemoryBroker, storage "
+        "MemoryStorage, global config MemoryGlobalConfig"
+    ) in err
     assert "received SIGTERM, stopping" in err
     assert err.count("audit: task record") == 5  # the entry-point plugin's hook, in the worker
     assert "Traceback" not in err

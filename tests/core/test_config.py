@@ -204,3 +204,13 @@ def test_prefetch_defaults_to_a_fifth_of_the_concurrency() -> None:
     assert QueueConfig().prefetch_for(100) == 20
     assert QueueConfig(prefetch=3).prefetch_for(100) == 3  # a set value is kept, even 0
     assert QueueConfig(prefetch=0).prefetch_for(100) == 0
+
+
+def test_mask_url_hides_passwords_only() -> None:
+    from qtasks.config import mask_url
+
+    assert mask_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert mask_url("amqp://guest:guest@127.0.0.1:5672/") == "amqp://guest:***@127.0.0.1:5672/"
+    assert mask_url("redis://user@h/0") == "redis://user@h/0"
+    assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert mask_url(None) is None

@@ -4,7 +4,8 @@
 a block (``python`` or ``toml``) whose first line is ``# file: NAME`` is written to that file
 instead. In ``console`` blocks each ``$ command`` runs as a real process; the lines after it
 must appear in its output, and it must exit 0 (1 when the expected output starts with
-``error:``). ``qtasks run`` blocks serve forever and are covered by ``test_cli_run.py``.
+``error:``). ``qtasks run`` blocks serve forever and are covered by ``test_cli_run.py``; blocks
+whose first line is ``# with Redis`` run in ``tests/redis/test_redis_cli.py``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def run_page(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
         if lang == "python":
             exec(compile(code, f"{page}:block{ran}", "exec"), namespace)
             ran += 1
-        elif lang == "console":
+        elif lang == "console" and not first.startswith("# with Redis"):
             ran += run_console(code, tmp_path, env)
     return ran
 
@@ -59,7 +60,7 @@ def run_console(code: str, cwd: Path, env: dict[str, str]) -> int:
     ran = 0
     for command, expected in commands:
         argv = shlex.split(command)
-        if argv[:2] == ["qtasks", "run"]:
+        if argv[0] == "qtasks" and _command_of(argv[1:]) == "run":
             continue
         if argv[0] == "python":
             argv[0] = sys.executable
@@ -73,6 +74,14 @@ def run_console(code: str, cwd: Path, env: dict[str, str]) -> int:
             assert text in output, f"$ {command}: {text!r} not in\n{output}"
         ran += 1
     return ran
+
+
+def _command_of(args: list[str]) -> str | None:
+    """The command of ``qtasks`` arguments, past the options that may precede it."""
+    rest = list(args)
+    while rest and rest[0] in ("-A", "--app", "-c", "--config"):
+        del rest[:2]
+    return rest[0] if rest else None
 
 
 @pytest.mark.parametrize("page", ["plugins.md", "configuration.md", "cli.md"])

@@ -4,13 +4,22 @@ a real ``qtasks run`` process serves what ``qtasks add`` (another process) enque
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
+
+from qtasks import AsyncQueueTasks, QueueTasks
+from qtasks.memory import MemoryGlobalConfig
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 TASKS = """
 from qtasks import QueueConfig, QueueTasks
@@ -71,3 +80,232 @@ def test_qtasks_run_with_redis_flags_serves_qtasks_add(
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    return {**env, **extra}
+
+
+@pytest.mark.timeout(90)
+def test_broker_flags_alone_keep_results_where_other_processes_see_them(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    # `qtasks run --broker redis --broker-url X` used to keep results in the worker's memory,
+    # so `qtasks add --wait` from another shell timed out although the task ran.
+    # from_config(): the app reads qtasks.toml, so both processes use this test's prefix.
+    app_line = 'QueueTasks(config=QueueConfig(extra={"redis_prefix": PREFIX}))'
+    (tmp_path / "tasks.py").write_text(TASKS.replace(app_line, "QueueTasks.from_config()"))
+    (tmp_path / "qtasks.toml").write_text(f'[extra]\nredis_prefix = "{prefix}"\n')
+    flags = ["--broker", "redis", "--broker-url", redis_url]
+    env = _clean_env(PYTHONPATH=str(tmp_path))
+    qtasks = [sys.executable, "-m", "qtasks"]
+    server = subprocess.Popen(
+        [*qtasks, "-A", "tasks:app", "run", *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        added = subprocess.run(
+            [*qtasks, "add", "add", "2", "3", "--wait", "30", "--json", *flags],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert added.returncode == 0, added.stdout + added.stderr
+        record = json.loads(added.stdout)
+        assert (record["status"], record["returning"]) == ("success", 5)
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=30)
+        assert server.returncode == 0, out
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert "storage 'redis' follows the broker" in out
+    assert f"global_config_url {redis_url} follows broker_url" in out
+    assert f"storage RedisStorage at {redis_url}, global config RedisGlobalConfig at" in out
+
+
+@pytest.mark.timeout(60)
+def test_run_logs_serving_only_once_the_components_started(tmp_path: Path) -> None:
+    (tmp_path / "tasks.py").write_text(TASKS.replace("PREFIX", "'unused'"))
+    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    command = ["run", "-A", "tasks:app", "--broker", "redis", "--broker-url", url]
+    done = subprocess.run(
+        [sys.executable, "-m", "qtasks", *command],
+        cwd=tmp_path,
+        env=_clean_env(PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "error: cannot reach Redis" in done.stderr
+    assert "serving" not in done.stderr
+
+
+# --- which storage and global config a configuration gets ----------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_storage_and_global_config_follow_a_redis_broker_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("QTASKS_STORAGE", raising=False)
+    monkeypatch.delenv("QTASKS_GLOBAL_CONFIG", raising=False)
+    url = "redis://:s3cret@127.0.0.1:6379/3"
+    file = _write(
+        tmp_path / "qtasks.toml",
+        f'broker = "redis"\nbroker_url = "{url}"\nplugins_disabled = ["*"]\n',
+    )
+    with caplog.at_level(logging.INFO, logger="qtasks.config"):
+        app = AsyncQueueTasks.from_config(file)
+        sync_app = QueueTasks.from_config(file)  # the README's form
+    assert (type(app.storage), type(app.global_config)) == (RedisStorage, RedisGlobalConfig)
+    assert (type(sync_app.storage), sync_app.config.storage_url) == (RedisStorage, url)
+    assert (app.config.storage_url, app.config.global_config_url) == (url, url)
+    assert app.config_sources["storage"] == "follows broker"
+    assert app.config_sources["global_config_url"] == "follows broker_url"
+    logged = caplog.text
+    assert "storage_url redis://:***@127.0.0.1:6379/3 follows broker_url" in logged
+    assert "s3cret" not in logged
+
+
+def test_explicit_components_are_kept_and_a_storage_without_url_follows_the_broker_url(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "redis://127.0.0.1:6379/5"
+    file = _write(
+        tmp_path / "qtasks.toml",
+        f'broker = "redis"\nbroker_url = "{url}"\nstorage = "redis"\n'
+        'global_config = "memory"\nplugins_disabled = ["*"]\n',
+    )
+    app = AsyncQueueTasks.from_config(file)
+    assert type(app.storage) is RedisStorage
+    assert app.config.storage_url == url  # `storage = "redis"` alone takes the broker's URL
+    assert app.config_sources["storage_url"] == "follows broker_url"
+    assert type(app.global_config) is MemoryGlobalConfig  # named explicitly: kept
+
+
+def test_a_redis_storage_with_no_url_anywhere_says_which_address_it_uses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    file = _write(tmp_path / "qtasks.toml", 'storage = "redis"\nplugins_disabled = ["*"]\n')
+    with caplog.at_level(logging.INFO, logger="qtasks.config"):
+        app = AsyncQueueTasks.from_config(file)
+    assert type(app.storage) is RedisStorage
+    assert type(app.global_config) is MemoryGlobalConfig  # the broker is local: nothing follows
+    assert "storage 'redis' has no storage_url: it connects to redis://127.0.0.1:6379/0" in (
+        caplog.text
+    )
+
+
+def test_cli_flags_on_an_app_built_in_code_follow_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qtasks.cli import resolve_app
+
+    (tmp_path / "follow_tasks.py").write_text(
+        "from qtasks import QueueConfig, QueueTasks\n"
+        "from qtasks_redis import RedisGlobalConfig\n"
+        "app = QueueTasks(config=QueueConfig(plugins_disabled=['*']),\n"
+        "                 global_config=RedisGlobalConfig('redis://127.0.0.1:6379/9'))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = "redis://127.0.0.1:6379/4"
+    app = resolve_app(
+        "follow_tasks:app", None, {"broker": "redis", "broker_url": url}, need_tasks=True
+    )
+    assert isinstance(app, QueueTasks)
+    assert (type(app.aio.broker), type(app.aio.storage)) == (RedisBroker, RedisStorage)
+    assert app.aio.config.storage_url == url
+    kept = app.aio.global_config  # the object the code built stays
+    assert isinstance(kept, RedisGlobalConfig) and kept.target.url.endswith("/9")
+    sys.modules.pop("follow_tasks", None)
+
+
+def test_a_broker_url_flag_carries_over_to_what_followed_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qtasks.cli import resolve_app
+
+    (tmp_path / "refollow_tasks.py").write_text(
+        "from qtasks import QueueTasks\napp = QueueTasks.from_config()\n"
+    )
+    _write(
+        tmp_path / "qtasks.toml",
+        'broker = "redis"\nbroker_url = "redis://127.0.0.1:6379/1"\nplugins_disabled = ["*"]\n',
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = "redis://127.0.0.1:6379/6"
+    app = resolve_app("refollow_tasks:app", None, {"broker_url": url}, need_tasks=True)
+    assert isinstance(app, QueueTasks)
+    config = app.aio.config
+    assert (config.broker_url, config.storage_url, config.global_config_url) == (url, url, url)
+    assert isinstance(app.aio.storage, RedisStorage) and app.aio.storage.target.url == url
+    assert app.aio.config_sources["storage_url"] == "follows broker_url"
+    sys.modules.pop("refollow_tasks", None)
+
+
+def test_config_command_shows_what_follows_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from qtasks.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "qtasks.toml", 'broker = "redis"\n')
+    result = CliRunner().invoke(cli, ["config", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{") :])
+    assert data["storage"] == {"value": "redis", "source": "follows broker"}
+    assert data["global_config"] == {"value": "redis", "source": "follows broker"}
+
+
+def test_cli_docs_redis_examples_run(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """The console blocks of docs/cli.md marked ``# with Redis``, as real processes, under
+    this test's key prefix (the page's tasks.py reads it from ``QTASKS_EXTRA``)."""
+    page = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", page, flags=re.MULTILINE | re.DOTALL)
+    env = _clean_env(QTASKS_EXTRA=json.dumps({"redis_prefix": prefix}))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    ran = 0
+    for _lang, code in blocks:
+        first = code.splitlines()[0]
+        if first.startswith("# file: "):
+            (tmp_path / first.removeprefix("# file: ").strip()).write_text(code)
+        if not first.startswith("# with Redis"):
+            continue
+        commands: list[tuple[str, list[str]]] = []
+        for line in code.splitlines()[1:]:
+            if line.startswith("$ "):
+                commands.append((line[2:], []))
+            elif commands and line.strip():
+                commands[-1][1].append(line.strip())
+        for command, expected in commands:
+            argv = shlex.split(command.replace("redis://127.0.0.1:6379/0", redis_url))
+            proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0, f"$ {command}\n{output}"
+            assert all(text in output for text in expected), f"$ {command}\n{output}"
+            ran += 1
+    assert ran >= 2

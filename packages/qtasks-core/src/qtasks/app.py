@@ -22,7 +22,7 @@ from qtasks.components import (
     Starter,
     Storage,
 )
-from qtasks.config import QueueConfig, load_config
+from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, load_plugins
 from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
@@ -134,9 +134,11 @@ class AsyncQueueTasks:
         of ``pyproject.toml`` in the working directory), then ``QTASKS_*`` variables, then
         ``cli`` flags, then ``overrides`` (keyword arguments win over everything). The broker,
         storage and global config are found by name among the installed entry points and built
-        with ``from_config(config)``. ``app.config_sources`` tells where each value came from.
+        with ``from_config(config)``; a storage and global config left unset follow a remote
+        broker (see :func:`~qtasks.config.follow_broker`). ``app.config_sources`` tells where
+        each value came from.
         """
-        loaded = load_config(path, cli=cli, overrides=overrides)
+        loaded = follow_broker(load_config(path, cli=cli, overrides=overrides))
         app = cls(name, config=loaded.config, **build_components(loaded.config))
         app.config_sources = loaded.sources
         return app

@@ -4,7 +4,9 @@ Every command finds the app the same way: ``-A/--app module:attribute`` (the att
 an app or a factory returning one; ``module`` alone means ``module:app``), else the ``app`` key
 of the configuration, else, for commands that only talk to the components (``add``, ``get``,
 ``cancel``, ``inspect``, ``dlq``), an app built from configuration alone. The working directory
-is put on ``sys.path`` first, so ``-A tasks:app`` finds ``./tasks.py``.
+is put on ``sys.path`` first, so ``-A tasks:app`` finds ``./tasks.py``. ``-A`` and
+``-c/--config`` go before the command (``qtasks -A tasks:app run``, as with QTasks and Celery)
+or after it.
 
 Flags given on the command line override the app's configuration (files and ``QTASKS_*``
 variables), except values the code set as keyword arguments of ``from_config``.
@@ -16,21 +18,39 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import anyio
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.config import CLI_FLAGS, QueueConfig, check_value, load_config
-from qtasks.discovery import build_component, discover_all, load_cli_extensions
+from qtasks.config import (
+    CLI_FLAGS,
+    LoadedConfig,
+    QueueConfig,
+    check_value,
+    follow_broker,
+    load_config,
+    mask_url,
+)
+from qtasks.discovery import (
+    Kind,
+    build_component,
+    check_plugins,
+    discover_all,
+    load_cli_extensions,
+)
 from qtasks.errors import ConfigError, QTasksError, TaskTimeoutError
+from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.sync import QueueTasks
 
@@ -39,8 +59,43 @@ T = TypeVar("T")
 
 AnyApp = AsyncQueueTasks | QueueTasks
 
+
+def _plain_flags(params: Sequence[Any]) -> None:
+    """Typer prints a flag's Python type in help (``--json <bool>``) though a flag takes no
+    value; an empty metavar leaves that column blank."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+
+
+class _Command(TyperCommand):
+    """A command whose help shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)
+        _plain_flags(params)
+        return params
+
+
+class _Group(TyperGroup):
+    """A command group whose help, and that of every command it resolves (extensions
+    included), shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)
+        _plain_flags(params)
+        return params
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command.get_params(ctx))
+        return command
+
+
 cli = typer.Typer(
     name="qtasks",
+    cls=_Group,
     help="qtasks: run workers, enqueue and inspect tasks, list plugins and configuration.",
     no_args_is_help=True,
     add_completion=False,
@@ -48,6 +103,7 @@ cli = typer.Typer(
     rich_markup_mode="markdown",
 )
 dlq = typer.Typer(
+    cls=_Group,
     help="List and requeue dead-lettered messages.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -59,9 +115,8 @@ AppOpt = Annotated[
     typer.Option(
         "--app",
         "-A",
-        help="The app as module:attribute (an app or a factory). Default: `app` in config.",
-        envvar="QTASKS_APP",
-        show_envvar=False,
+        help="The app as module:attribute (an app or a factory). Default: `app` in config. "
+        "Also accepted before the command.",
     ),
 ]
 ConfigOpt = Annotated[
@@ -70,7 +125,8 @@ ConfigOpt = Annotated[
         "--config",
         "-c",
         help="Configuration file (qtasks.toml or pyproject.toml). Default: $QTASKS_CONFIG, "
-        "else ./qtasks.toml, else [tool.qtasks] of ./pyproject.toml.",
+        "else ./qtasks.toml, else [tool.qtasks] of ./pyproject.toml. Also accepted before "
+        "the command.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -117,6 +173,58 @@ def _handle_errors(func: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
+@dataclass(slots=True, frozen=True)
+class Before:
+    """``-A`` and ``-c`` given before the command (``qtasks -A tasks:app run``)."""
+
+    app: str | None = None
+    config: str | None = None
+
+
+def _version(value: bool) -> None:
+    if value:
+        name = "qtasks-core"
+        typer.echo(f"{name} {importlib.metadata.version(name)}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def main_options(
+    ctx: typer.Context,
+    app: AppOpt = None,
+    config: ConfigOpt = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """qtasks: run workers, enqueue and inspect tasks, list plugins and configuration."""
+    ctx.obj = Before(app, config)
+
+
+def _targets(
+    ctx: typer.Context, app: str | None, config: str | None
+) -> tuple[str | None, str | None]:
+    """The app and configuration file of a command, given before or after it.
+
+    Both places with different values is an error rather than a silent pick."""
+    before = ctx.obj if isinstance(ctx.obj, Before) else Before()
+    chosen = []
+    for flag, early, late in (
+        ("-A/--app", before.app, app),
+        ("-c/--config", before.config, config),
+    ):
+        if early is not None and late is not None and early != late:
+            raise ConfigError(
+                f"{flag} given twice with different values: {early!r} before the command and "
+                f"{late!r} after it"
+            )
+        chosen.append(late if late is not None else early)
+    return chosen[0], chosen[1]
+
+
 # --- finding and configuring the app --------------------------------------------------------
 
 
@@ -154,7 +262,11 @@ def _aio(app: AnyApp) -> AsyncQueueTasks:
 def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
     """Apply command-line ``flags`` (config keys; ``None`` = not given) to an app that has
     not started: the config is replaced, and components whose name or URL changed are rebuilt
-    through discovery. Keys the code set through ``from_config`` keyword arguments win."""
+    through discovery. Keys the code set through ``from_config`` keyword arguments win.
+
+    A storage or global config that neither the flags nor the app's configuration set, and
+    that the app holds in memory, follows a remote broker (:func:`~qtasks.config.follow_broker`);
+    a component object the app's code built stays."""
     aio = _aio(app)
     given: dict[str, Any] = {}
     for key, value in flags.items():
@@ -172,9 +284,27 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
         return
     if aio.started:
         raise ConfigError("command-line flags cannot change an app that already started")
-    aio.config = replace(aio.config, **given)
-    for kind in ("broker", "storage", "global_config"):
-        if kind in given or f"{kind}_url" in given:
+    old = aio.config
+    sources = dict(aio.config_sources)
+    for kind in ("storage", "global_config"):
+        if not getattr(getattr(aio, kind), "local", False):
+            sources.setdefault(kind, "app (constructor)")  # built in code: it stays
+    followed = follow_broker(LoadedConfig(replace(old, **given), sources))
+    aio.config = followed.config
+    for key in ("storage", "storage_url", "global_config", "global_config_url"):
+        source = followed.sources.get(key, "default")
+        if source.startswith("follows "):
+            aio.config_sources[key] = source
+        elif source == "default":
+            aio.config_sources.pop(key, None)
+    kinds: tuple[Kind, ...] = ("broker", "storage", "global_config")
+    for kind in kinds:
+        url = f"{kind}_url"
+        changed = (getattr(aio.config, kind), getattr(aio.config, url)) != (
+            getattr(old, kind),
+            getattr(old, url),
+        )
+        if kind in given or url in given or changed:
             setattr(aio, kind, build_component(kind, getattr(aio.config, kind), aio.config))
     if "max_tasks_process" in given:
         aio.thread_limiter.total_tokens = aio.config.max_tasks_process
@@ -201,13 +331,35 @@ def resolve_app(
     return app
 
 
-def run_on(app: AnyApp, func: Callable[[AsyncQueueTasks], Awaitable[T]]) -> T:
+_KIND_LABEL = {"broker": "broker", "storage": "storage", "global_config": "global config"}
+
+
+def run_on(
+    app: AnyApp,
+    func: Callable[[AsyncQueueTasks], Awaitable[T]],
+    *,
+    command: str = "",
+    uses: Sequence[str] = (),
+) -> T:
     """Run ``func(async_app)`` in the app's loop; an app this call started is closed after.
 
     A sync app runs it through its own portal, so the CLI also works on an app that a
-    surrounding program (or a test) is serving in the same process."""
+    surrounding program (or a test) is serving in the same process. An app that is not
+    running yet and holds one of the components ``uses`` in process memory is refused with a
+    :class:`ConfigError`: ``command`` would work on a queue or records that exist only for
+    the lifetime of this command."""
     aio = _aio(app)
     was_started = aio.started
+    local = [kind for kind in uses if getattr(getattr(aio, kind), "local", False)]
+    if local and not was_started:
+        labels = [f"{_KIND_LABEL[k]} ({type(getattr(aio, k)).__name__})" for k in local]
+        names = " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
+        raise ConfigError(
+            f"qtasks {command} cannot work with the {names}: in-memory components live only "
+            f"in this command's process, so what it sees or writes disappears when it exits "
+            f"and no worker shares it. Name a shared backend, e.g. --broker redis --broker-url "
+            f"redis://HOST:6379/0 (or broker and broker_url in the configuration)"
+        )
     if isinstance(app, QueueTasks):
         try:
             return app.portal.call(func, aio)
@@ -249,7 +401,13 @@ def _record_dict(record: TaskRecord) -> dict[str, Any]:
     return data
 
 
+def _local_time(timestamp: float) -> str:
+    """A unix timestamp as ISO 8601 in local time, with its UTC offset."""
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
+
+
 def _print_record(record: TaskRecord, as_json: bool) -> None:
+    """``key: value`` lines (times in local ISO 8601), or JSON (times as unix seconds)."""
     data = _record_dict(record)
     if as_json:
         typer.echo(_json(data))
@@ -257,7 +415,12 @@ def _print_record(record: TaskRecord, as_json: bool) -> None:
     for key, value in data.items():
         if value in (None, [], {}) and key not in ("returning",):
             continue
-        shown = json.dumps(value, default=str) if isinstance(value, list | dict) else value
+        if key.endswith("_at") and isinstance(value, int | float):
+            shown: Any = _local_time(value)
+        elif isinstance(value, list | dict):
+            shown = json.dumps(value, default=str)
+        else:
+            shown = value
         typer.echo(f"{key}: {shown}")
 
 
@@ -272,9 +435,34 @@ def _parse_arg(raw: str) -> Any:
 # --- commands -------------------------------------------------------------------------------
 
 
-@cli.command()
+class _ServingLog:
+    """Logs "serving ..." once the worker listens, so a component that cannot start (Redis
+    unreachable) is never preceded by a claim that the app serves."""
+
+    @hookimpl
+    def qtasks_broker_listening(self, app: AsyncQueueTasks) -> None:
+        logging.getLogger("qtasks.cli").info(
+            "serving %r: %d tasks, concurrency %d; broker %s%s, storage %s%s, global config %s%s",
+            app.name,
+            len(app.tasks),
+            app.config.max_tasks_process,
+            *_where(app, "broker"),
+            *_where(app, "storage"),
+            *_where(app, "global_config"),
+        )
+
+
+def _where(app: AsyncQueueTasks, kind: str) -> tuple[str, str]:
+    """A component's class and, when remote and configured, its URL (password masked)."""
+    component = getattr(app, kind)
+    url = None if getattr(component, "local", False) else getattr(app.config, f"{kind}_url")
+    return type(component).__name__, f" at {mask_url(url)}" if url else ""
+
+
+@cli.command(cls=_Command)
 @_handle_errors
 def run(
+    ctx: typer.Context,
     app: AppOpt = None,
     config: ConfigOpt = None,
     broker: BrokerOpt = None,
@@ -295,6 +483,7 @@ def run(
     On SIGINT/SIGTERM the worker takes no new messages, hands waiting ones back to the broker
     and gives running tasks shutdown_grace seconds before cancelling and requeueing them.
     """
+    app, config = _targets(ctx, app, config)
     flags = {
         **component_flags(
             broker, broker_url, storage, storage_url, global_config, global_config_url
@@ -302,29 +491,29 @@ def run(
         "max_tasks_process": concurrency,
         "log_level": log_level,
     }
+    # Logging first, so that what configuration decides (a storage following the broker, a
+    # default address) is shown; the configured level applies once the app is known.
+    early = (log_level or "INFO").upper()
+    logging.basicConfig(
+        level=early if early in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     the_app = resolve_app(app, config, flags, need_tasks=True)
     aio = _aio(the_app)
     level = aio.config.log_level.upper()
     if level not in logging.getLevelNamesMapping():
         raise ConfigError(f"log_level: unknown level {aio.config.log_level!r}")
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("qtasks.cli").info(
-        "serving %r: %d tasks, broker %s, storage %s, concurrency %d",
-        aio.name,
-        len(aio.tasks),
-        type(aio.broker).__name__,
-        type(aio.storage).__name__,
-        aio.config.max_tasks_process,
-    )
+    logging.getLogger().setLevel(level)
+    aio.add_plugin(_ServingLog(), "qtasks.cli")
     aio.run_forever()
     logging.getLogger("qtasks.cli").info("stopped")
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_handle_errors
 def add(
+    ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="Task name.")],
     args: Annotated[
         list[str] | None,
@@ -353,6 +542,7 @@ def add(
     With --wait, print its final record instead; the exit code is 1 if the task ended in
     error or was cancelled, or did not finish in time.
     """
+    app, config = _targets(ctx, app, config)
     parsed_kwargs: dict[str, Any] = {}
     if kwargs is not None:
         try:
@@ -379,7 +569,7 @@ def add(
             typer.echo(record.uuid)
             raise
 
-    record = run_on(the_app, go)
+    record = run_on(the_app, go, command="add", uses=("broker", "storage"))
     if wait is None:
         typer.echo(_json(_record_dict(record)) if as_json else record.uuid)
         return
@@ -388,9 +578,10 @@ def add(
         raise typer.Exit(1)
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_handle_errors
 def get(
+    ctx: typer.Context,
     uuid: Annotated[str, typer.Argument(help="Task uuid.")],
     app: AppOpt = None,
     config: ConfigOpt = None,
@@ -403,6 +594,7 @@ def get(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the stored record of a task (exit code 1 if there is none)."""
+    app, config = _targets(ctx, app, config)
     the_app = resolve_app(
         app,
         config,
@@ -413,16 +605,17 @@ def get(
     async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
         return await aio.get(uuid)
 
-    record = run_on(the_app, go)
+    record = run_on(the_app, go, command="get", uses=("storage",))
     if record is None:
         typer.echo(f"error: no task record for uuid {uuid!r}", err=True)
         raise typer.Exit(1)
     _print_record(record, as_json)
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_handle_errors
 def cancel(
+    ctx: typer.Context,
     uuid: Annotated[str, typer.Argument(help="Task uuid.")],
     reason: Annotated[str, typer.Option(help="Stored as cancel_reason.")] = "cancelled",
     app: AppOpt = None,
@@ -438,6 +631,7 @@ def cancel(
 
     A queued task never runs, a running one is stopped; a finished task keeps its status.
     """
+    app, config = _targets(ctx, app, config)
     the_app = resolve_app(
         app,
         config,
@@ -448,16 +642,17 @@ def cancel(
     async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
         return await aio.cancel(uuid, reason)
 
-    record = run_on(the_app, go)
+    record = run_on(the_app, go, command="cancel", uses=("broker", "storage"))
     if record is None:
         typer.echo(f"error: no task record for uuid {uuid!r}", err=True)
         raise typer.Exit(1)
     typer.echo(f"{record.uuid}: {record.status.value}")
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_handle_errors
 def inspect(
+    ctx: typer.Context,
     app: AppOpt = None,
     config: ConfigOpt = None,
     broker: BrokerOpt = None,
@@ -474,13 +669,19 @@ def inspect(
     dead-lettered counts (broker); workers alive (global config heartbeats); records by status
     (storage); plus what plugins add through the qtasks_inspect hook.
     """
+    app, config = _targets(ctx, app, config)
     the_app = resolve_app(
         app,
         config,
         component_flags(broker, broker_url, storage, storage_url, global_config, global_config_url),
         need_tasks=False,
     )
-    report = run_on(the_app, AsyncQueueTasks.inspect)
+    report = run_on(
+        the_app,
+        AsyncQueueTasks.inspect,
+        command="inspect",
+        uses=("broker", "storage", "global_config"),
+    )
     if as_json:
         typer.echo(_json(report))
         return
@@ -515,9 +716,10 @@ def inspect(
         typer.echo(f"{key}: {json.dumps(report[key], default=str, sort_keys=True)}")
 
 
-@dlq.command("list")
+@dlq.command("list", cls=_Command)
 @_handle_errors
 def dlq_list(
+    ctx: typer.Context,
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
     app: AppOpt = None,
     config: ConfigOpt = None,
@@ -530,6 +732,7 @@ def dlq_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List the oldest dead letters: id, priority, deliveries and reason."""
+    app, config = _targets(ctx, app, config)
     the_app = resolve_app(
         app,
         config,
@@ -540,7 +743,7 @@ def dlq_list(
     async def go(aio: AsyncQueueTasks) -> list[Any]:
         return list(await aio.dead_letters(limit))
 
-    letters = run_on(the_app, go)
+    letters = run_on(the_app, go, command="dlq list", uses=("broker",))
     if as_json:
         rows = []
         for letter in letters:
@@ -560,9 +763,10 @@ def dlq_list(
     )
 
 
-@dlq.command("requeue")
+@dlq.command("requeue", cls=_Command)
 @_handle_errors
 def dlq_requeue(
+    ctx: typer.Context,
     ids: Annotated[
         list[str] | None, typer.Argument(help="Dead-letter ids (default: all of them).")
     ] = None,
@@ -579,6 +783,7 @@ def dlq_requeue(
 
     Their records are reset to status new, so a worker runs them again.
     """
+    app, config = _targets(ctx, app, config)
     the_app = resolve_app(
         app,
         config,
@@ -589,55 +794,73 @@ def dlq_requeue(
     async def go(aio: AsyncQueueTasks) -> int:
         return await aio.requeue_dead_letters(list(ids) if ids else None)
 
-    typer.echo(f"requeued {run_on(the_app, go)}")
+    requeued = run_on(the_app, go, command="dlq requeue", uses=("broker", "storage"))
+    typer.echo(f"requeued {requeued}")
 
 
-@cli.command()
+@cli.command(cls=_Command)
 @_handle_errors
-def plugins(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List installed components, plugins and CLI extensions.
 
-    Each entry point of the qtasks.* groups with its distribution and version; plugins
-    disabled in the configuration (plugins_disabled) are marked.
+    Each entry point of the qtasks.* groups with its distribution and version. A plugin's
+    state is enabled, disabled (plugins_disabled of the configuration file) or failed: it
+    does not import, cannot be built, or names an unknown hook; the reasons follow the table
+    and the exit code is 1. (-A is accepted but not needed: plugins load by entry point.)
     """
-    disabled = set(load_config(config).config.plugins_disabled)
-    found = discover_all()
+    _, config = _targets(ctx, None, config)
+    loaded = load_config(config).config
+    disabled = set(loaded.plugins_disabled)
+    problems = check_plugins(loaded)
     rows = []
-    for item in found:
+    for item in discover_all():
         state = ""
         if item.kind == "plugin":
             state = "disabled" if item.name in disabled or "*" in disabled else "enabled"
-        rows.append(
-            {
-                "kind": item.kind,
-                "name": item.name,
-                "distribution": item.distribution,
-                "version": item.version,
-                "object": item.value,
-                "state": state,
-            }
-        )
+            state = "failed" if item.name in problems else state
+        row = {
+            "kind": item.kind,
+            "name": item.name,
+            "distribution": item.distribution,
+            "version": item.version,
+            "object": item.value,
+            "state": state,
+        }
+        if item.kind == "plugin" and item.name in problems:
+            row["error"] = problems[item.name]
+        rows.append(row)
     if as_json:
         typer.echo(_json(rows))
-        return
-    headers = ["kind", "name", "distribution", "version", "object", "state"]
-    typer.echo(_table(headers, [[r[h] for h in headers] for r in rows]))
+    else:
+        headers = ["kind", "name", "distribution", "version", "object", "state"]
+        typer.echo(_table(headers, [[r[h] for h in headers] for r in rows]))
+        for name, problem in sorted(problems.items()):
+            typer.echo(
+                f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",
+                err=True,
+            )
+    if problems:
+        raise typer.Exit(1)
 
 
-@cli.command("config")
+@cli.command("config", cls=_Command)
 @_handle_errors
-def show_config(app: AppOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def show_config(
+    ctx: typer.Context, app: AppOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False
+) -> None:
     """Show the effective configuration and where each value came from.
 
-    Sources: default, the file, an environment variable, a cli flag, or code. With -A, the
+    Sources: default, the file, an environment variable, a cli flag, code, or "follows broker"
+    (a storage or global config left unset follows a remote broker). With -A, the
     configuration of that app.
     """
+    app, config = _targets(ctx, app, config)
     if app is not None:
         aio = _aio(import_app(app))
         values = {f.name: getattr(aio.config, f.name) for f in fields(QueueConfig)}
         sources = {k: aio.config_sources.get(k, "app (constructor)") for k in values}
     else:
-        loaded = load_config(config)
+        loaded = follow_broker(load_config(config))
         values = {f.name: getattr(loaded.config, f.name) for f in fields(QueueConfig)}
         sources = loaded.sources
     if as_json:
@@ -657,9 +880,9 @@ def _add_extensions(target: typer.Typer) -> None:
                 "CLI extension %r skipped: it would replace a built-in command", name
             )
         elif isinstance(obj, typer.Typer):
-            target.add_typer(obj, name=name)
+            target.add_typer(obj, name=name, cls=_Group)
         elif callable(obj):
-            target.command(name=name)(obj)
+            target.command(name=name, cls=_Command)(obj)
 
 
 _add_extensions(cli)

@@ -13,12 +13,14 @@ order and unwinds in reverse. Several apps in one process may share one componen
 when the last stack that started it unwinds. A component used before its first start or after
 its last stop raises :class:`~qtasks.errors.ComponentNotStartedError`.
 
-Local components. A broker or storage whose calls complete without I/O (the in-memory ones) sets
-the class attribute ``local = True``. The app then keeps the producer's path strictly sequential
-(the record is added, then the message published); with remote components (on asyncio) it
-overlaps the two round trips instead (see :meth:`Storage.add`): if the add fails after the
-publish succeeded, ``add_task`` raises, yet the task runs (the worker's :meth:`Storage.begin`
-creates the missing record). Components without the attribute count as remote.
+Local components. A broker, storage or global config whose calls complete without I/O (the
+in-memory ones) sets the class attribute ``local = True``; configuration and the CLI use it to
+tell process-local components from shared ones (see :func:`~qtasks.config.follow_broker`). With a
+local broker or storage the app keeps the producer's path strictly sequential (the record is
+added, then the message published); with remote components (on asyncio) it overlaps the two
+round trips instead (see :meth:`Storage.add`): if the add fails after the publish succeeded,
+``add_task`` raises, yet the task runs (the worker's :meth:`Storage.begin` creates the missing
+record). Components without the attribute count as remote.
 
 Construction from configuration. Components found by name (``broker="redis"``) are built with
 ``Cls.from_config(config)``, a classmethod that reads the ``*_url`` and other settings of

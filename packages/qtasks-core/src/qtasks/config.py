@@ -10,7 +10,9 @@ or flag), the key and the expected type, and an unknown key is an error.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -269,3 +271,96 @@ def load_config(
         values[key] = check_value(key, value, "keyword argument")
         sources[key] = "code"
     return LoadedConfig(replace(config, **values), sources, file)
+
+
+log = logging.getLogger("qtasks.config")
+
+_LEADERS: dict[str, tuple[str, ...]] = {
+    "storage": ("broker",),
+    "global_config": ("broker", "storage"),
+}
+"""Whom an unset storage or global config follows, first match wins: the broker's backend
+when it provides one of that kind; a global config otherwise follows the storage."""
+
+
+def mask_url(url: str | None) -> str | None:
+    """``url`` with its password replaced by ``***`` (for logs and messages)."""
+    if url is None:
+        return None
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
+    """Make the storage and global config follow a remote broker when they are not set.
+
+    A process-local storage behind a broker other processes share is almost never meant:
+    results would stay in the worker's memory. So when the broker is remote (its class does
+    not set ``local = True``) and ``storage`` was set by no source, the storage becomes the
+    broker's backend if that backend provides a storage (``broker = "redis"`` gives
+    ``storage = "redis"``), and its URL the broker's URL unless ``storage_url`` is set. The
+    global config does the same, following the broker, else the storage. A backend without a
+    component of that kind (RabbitMQ has no storage) raises :class:`ConfigError` naming the
+    options to set; naming ``memory`` explicitly keeps the in-memory component.
+
+    A component set explicitly to the broker's (or storage's) backend without a URL takes
+    that URL too. Each decision is logged on ``qtasks.config``; a remote storage or global
+    config left with no URL at all logs a warning naming the default address it uses.
+    Passwords are masked in every message. Values an earlier call derived (source
+    ``follows ...``) are derived again, so a changed broker URL carries over."""
+    from qtasks.discovery import installed_names, load
+
+    config, sources = loaded.config, dict(loaded.sources)
+    values: dict[str, Any] = {}
+    defaults = QueueConfig()
+    for key, source in loaded.sources.items():
+        if source.startswith("follows "):  # derived earlier: derive again from the leaders
+            values[key] = getattr(defaults, key)
+            sources[key] = "default"
+
+    def current(key: str) -> Any:
+        return values[key] if key in values else getattr(config, key)
+
+    remote = {"broker": not getattr(load("broker", config.broker), "local", False)}
+    for kind in ("storage", "global_config"):
+        url_key = f"{kind}_url"
+        # Behind a local broker everything may stay in one process: nothing follows.
+        leaders = [lead for lead in _LEADERS[kind] if remote["broker"] and remote.get(lead)]
+        if sources.get(kind, "default") == "default" and leaders:
+            names = installed_names(kind)
+            leader = next((lead for lead in leaders if current(lead) in names), None)
+            if leader is None:
+                raise ConfigError(_no_follower(kind, config.broker, names))
+            values[kind] = current(leader)
+            sources[kind] = f"follows {leader}"
+            log.info("%s %r follows the %s", kind.replace("_", " "), values[kind], leader)
+        name, url = current(kind), current(url_key)
+        for leader in leaders:
+            lead_url = current(f"{leader}_url")
+            if url is None and name == current(leader) and lead_url is not None:
+                url = values[url_key] = lead_url
+                sources[url_key] = f"follows {leader}_url"
+                log.info("%s %s follows %s_url", url_key, mask_url(url), leader)
+        cls = load(kind, name)
+        remote[kind] = not getattr(cls, "local", False)
+        if remote[kind] and url is None:
+            default = getattr(cls, "default_url", None)
+            log.warning(
+                "%s %r has no %s: it connects to %s",
+                kind.replace("_", " "),
+                name,
+                url_key,
+                mask_url(default) if isinstance(default, str) else "its default address",
+            )
+    return LoadedConfig(replace(config, **values), sources, loaded.path)
+
+
+def _no_follower(kind: str, broker: str, installed: set[str]) -> str:
+    flag = "--" + kind.replace("_", "-")
+    keeps = "results" if kind == "storage" else "worker heartbeats and shared settings"
+    return (
+        f"broker {broker!r} provides no {kind.replace('_', ' ')} and none is set: an in-memory "
+        f"one would keep {keeps} inside one process. Set {flag} NAME and {flag}-url URL (or "
+        f"{kind} and {kind}_url in the configuration), e.g. {flag} redis {flag}-url "
+        f"redis://HOST:6379/0, or {flag} memory to keep it in memory on purpose "
+        f"(installed: {', '.join(sorted(installed))})"
+    )

@@ -99,6 +99,11 @@ def discover(kind: Kind) -> list[Discovered]:
     return result
 
 
+def installed_names(kind: Kind) -> set[str]:
+    """The names of every installed entry point of ``kind``."""
+    return set(_entry_points(kind))
+
+
 def discover_all() -> list[Discovered]:
     """Every installed component, plugin and CLI extension (``qtasks plugins``)."""
     return [item for kind in GROUPS for item in discover(kind)]
@@ -201,6 +206,34 @@ def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
         hooks.register(plugin, name)
         loaded.append(name)
     return loaded
+
+
+def check_plugins(config: QueueConfig) -> dict[str, str]:
+    """Why each enabled ``qtasks.plugins`` entry point is broken, by name (``qtasks plugins``).
+
+    A plugin is broken when its module does not import (apps log and skip it), when it
+    cannot be built from ``config``, or when registration refuses it (an unknown hook, an
+    async ``firstresult`` hook; apps fail to build). Each is checked on a fresh plugin
+    manager; a plugin absent from the result loads."""
+    from qtasks.plugins import Hooks
+
+    disabled = set(config.plugins_disabled)
+    problems: dict[str, str] = {}
+    for name, ep in _entry_points("plugin").items():
+        if name in disabled or "*" in disabled:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            problems[name] = f"failed to import: {exc!r}"
+            continue
+        try:
+            Hooks().register(instantiate_plugin(obj, config), name)
+        except PluginError as exc:
+            problems[name] = str(exc)
+        except Exception as exc:
+            problems[name] = f"could not be built from the configuration: {exc!r}"
+    return problems
 
 
 def load_cli_extensions() -> list[tuple[str, Any]]:

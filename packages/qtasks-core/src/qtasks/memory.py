@@ -566,6 +566,8 @@ class MemoryStorage(_Lifecycle):
 class MemoryGlobalConfig(_Lifecycle):
     """Namespaced keys with TTLs and heartbeats, in process memory."""
 
+    local = True
+
     def __init__(self) -> None:
         self._data: dict[str, dict[str, tuple[Any, float | None]]] = {}
         self._lock = anyio.Lock()

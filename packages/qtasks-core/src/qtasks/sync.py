@@ -19,7 +19,7 @@ from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
-from qtasks.config import QueueConfig, load_config
+from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.discovery import build_components
 from qtasks.loop import loop_options
 from qtasks.messages import Serializer
@@ -73,7 +73,7 @@ class QueueTasks:
         **overrides: Any,
     ) -> Self:
         """Build an app from configuration alone; see :meth:`AsyncQueueTasks.from_config`."""
-        loaded = load_config(path, cli=cli, overrides=overrides)
+        loaded = follow_broker(load_config(path, cli=cli, overrides=overrides))
         app = cls(name, config=loaded.config, **build_components(loaded.config))
         app.aio.config_sources = loaded.sources
         return app

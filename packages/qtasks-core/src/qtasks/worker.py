@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qtasks.worker")
 
+HEARTBEAT_FRESH = 0.5
+"""Seconds within which a change of a worker's figures (running, waiting, processed) reaches
+the global config, however long ``heartbeat_interval`` is."""
+
 BEGUN_FRESH = 0.005
 """Seconds for which a record begun at claim time (see
 :class:`~qtasks.components.BeginOnClaim`) is trusted; a delivery that waited longer in the
@@ -256,26 +260,40 @@ class QueueWorker:
             await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
     async def _heartbeat(self, app: AsyncQueueTasks, concurrency: int) -> None:
+        # Every heartbeat_interval, and within HEARTBEAT_FRESH of a change of the figures, so
+        # that `qtasks inspect` shows what the worker just did; a last beat when it stops.
         interval = app.config.heartbeat_interval
-        while True:
-            info = {
-                "id": self.id,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started_at": self.started_at,
-                "running": self.running,
-                "waiting": self.waiting,
-                "processed": self.processed,
-                "concurrency": concurrency,
-            }
-            try:
-                await app.global_config.heartbeat(self.id, info, ttl=interval * 3)
-                await app.hooks.notify(
-                    "qtasks_global_config_status", app=app, worker_id=self.id, info=info
-                )
-            except Exception:
-                log.warning("heartbeat to the global config failed", exc_info=True)
-            await anyio.sleep(interval)
+        sent: tuple[int, int, int] | None = None
+        last = -interval
+        try:
+            while True:
+                figures = (self.running, self.waiting, self.processed)
+                if figures != sent or anyio.current_time() - last >= interval:
+                    sent, last = figures, anyio.current_time()
+                    await self._beat(app, concurrency, interval)
+                await anyio.sleep(min(interval, HEARTBEAT_FRESH))
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(HEARTBEAT_FRESH):
+                await self._beat(app, concurrency, interval)
+
+    async def _beat(self, app: AsyncQueueTasks, concurrency: int, interval: float) -> None:
+        info = {
+            "id": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "running": self.running,
+            "waiting": self.waiting,
+            "processed": self.processed,
+            "concurrency": concurrency,
+        }
+        try:
+            await app.global_config.heartbeat(self.id, info, ttl=interval * 3)
+            await app.hooks.notify(
+                "qtasks_global_config_status", app=app, worker_id=self.id, info=info
+            )
+        except Exception:
+            log.warning("heartbeat to the global config failed", exc_info=True)
 
     # --- one delivery ---------------------------------------------------------------------
 

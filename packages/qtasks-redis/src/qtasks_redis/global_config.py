@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError, SerializationError
 from qtasks_redis.connection import (
+    DEFAULT_URL,
     Client,
     RedisTarget,
     Script,
@@ -116,6 +117,9 @@ class RedisGlobalConfig:
 
     ``get_all`` and ``clear`` are atomic per namespace; a namespace lives in one cluster slot.
     """
+
+    default_url = DEFAULT_URL
+    """The address used when no URL is given (logged by the configuration)."""
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from qtasks.errors import SerializationError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
 from qtasks_redis.connection import (
+    DEFAULT_URL,
     Client,
     RedisTarget,
     Script,
@@ -94,6 +95,9 @@ class RedisStorage:
     can update the per-status index in the same atomic script (on a cluster, records live in one
     slot). Final records, their steps and wake-up lists expire after ``result_ttl``.
     """
+
+    default_url = DEFAULT_URL
+    """The address used when no URL is given (logged by the configuration)."""
 
     def __init__(
         self,

@@ -1,0 +1,54 @@
+"""Which storage and global config a RabbitMQ broker gets from configuration: RabbitMQ has
+neither, so an unset one is an error naming the options, never a silent in-memory one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qtasks import AsyncQueueTasks
+from qtasks.cli import cli
+from qtasks.errors import ConfigError
+
+
+def test_a_rabbitmq_broker_alone_is_refused_naming_the_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rabbitmq_url: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qtasks.toml").write_text(
+        f'broker = "rabbitmq"\nbroker_url = "{rabbitmq_url}"\nplugins_disabled = ["*"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        AsyncQueueTasks.from_config()
+    message = str(info.value)
+    assert "broker 'rabbitmq' provides no storage and none is set" in message
+    assert "--storage NAME and --storage-url URL" in message
+    assert "storage and storage_url in the configuration" in message
+    assert "guest:guest" not in message
+    # The command line says the same, as one line.
+    result = CliRunner().invoke(cli, ["add", "anything"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: broker 'rabbitmq' provides no storage")
+
+
+def test_rabbitmq_with_a_redis_storage_gives_the_global_config_to_redis_too(
+    tmp_path: Path, rabbitmq_url: str
+) -> None:
+    file = tmp_path / "qtasks.toml"
+    file.write_text(
+        f'broker = "rabbitmq"\nbroker_url = "{rabbitmq_url}"\nstorage = "redis"\n'
+        'storage_url = "redis://127.0.0.1:6379/2"\nplugins_disabled = ["*"]\n'
+    )
+    app = AsyncQueueTasks.from_config(file)
+    assert type(app.global_config).__name__ == "RedisGlobalConfig"
+    assert app.config.global_config_url == "redis://127.0.0.1:6379/2"
+    assert app.config_sources["global_config"] == "follows storage"
+    # In memory on purpose is allowed when named.
+    file.write_text(
+        f'broker = "rabbitmq"\nbroker_url = "{rabbitmq_url}"\nstorage = "memory"\n'
+        'global_config = "memory"\nplugins_disabled = ["*"]\n'
+    )
+    app = AsyncQueueTasks.from_config(file)
+    assert type(app.storage).__name__ == "MemoryStorage"
