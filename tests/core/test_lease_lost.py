@@ -47,3 +47,27 @@ async def test_redelivery_while_the_old_run_winds_down(caplog: pytest.LogCapture
     failures = [r for r in caplog.records if "worker failed" in r.getMessage()]
     assert failures == []
     assert any("lease of task" in r.getMessage() for r in caplog.records)
+
+
+async def test_last_allowed_delivery_that_lost_its_lease_ends_dead_lettered() -> None:
+    """Issue 14, item 4 without a shared server: the result of the last allowed delivery,
+    whose lease ran out while the loop was blocked, is not stored over the dead letter."""
+    lease = 0.3
+    broker = MemoryBroker(lease=lease)
+    app = AsyncQueueTasks(
+        broker=broker, config=QueueConfig(max_tasks_process=1, lease=lease, max_deliveries=1)
+    )
+
+    @app.task
+    async def hog() -> str:
+        time.sleep(lease * 2)  # noqa: ASYNC251 - blocks the loop: the lease runs out
+        return "late"
+
+    async with app:
+        task = await app.add_task("hog")
+        done = await app.wait(task.uuid, timeout=10)
+        assert (done.status, done.returning) == (TaskStatus.ERROR, None)
+        assert done.error is not None and done.error.startswith("dead-lettered: delivery limit")
+        with anyio.fail_after(5):
+            while task.uuid not in {d.id for d in await broker.dead_letters()}:  # noqa: ASYNC110
+                await anyio.sleep(0.01)

@@ -41,6 +41,7 @@ class Worker:
         lease: float = 30.0,
         concurrency: int = 10,
         name: str = "w",
+        max_deliveries: int = 5,
     ) -> None:
         self.log = tmp / f"{name}.log"
         self.ledger = tmp / "ledger.txt"
@@ -51,6 +52,7 @@ class Worker:
             "QT_LEASE": str(lease),
             "QT_CONCURRENCY": str(concurrency),
             "QT_LEDGER": str(self.ledger),
+            "QT_MAX_DELIVERIES": str(max_deliveries),
             "PYTHONPATH": str(HERE),
         }
         with self.log.open("w") as out:

@@ -1,7 +1,8 @@
 """A qtasks app on Redis for the end-to-end tests, in process or as a worker subprocess.
 
 Run as ``python redis_worker_app.py`` to serve until SIGTERM; settings come from environment
-variables (``QT_URL``, ``QT_PREFIX``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER``). Every
+variables (``QT_URL``, ``QT_PREFIX``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER``,
+``QT_MAX_DELIVERIES``). Every
 execution appends ``start``/``end`` lines to the ledger file, opened with ``O_APPEND`` so the lines
 survive a SIGKILL of the worker.
 """
@@ -84,6 +85,14 @@ def build(
         return i
 
     @app.task
+    async def loop_hog(i: int, seconds: float) -> int:
+        """Blocks its worker's event loop (a sync call inside ``async def``)."""
+        note(f"start {i}")
+        time.sleep(seconds)  # noqa: ASYNC251 - on purpose: the loop stalls, renewals stop
+        note(f"end {i}")
+        return i
+
+    @app.task
     async def stubborn(i: int, seconds: float) -> int:
         """Ignores cancellation: its result comes in after any cancel."""
         note(f"start {i}")
@@ -107,6 +116,7 @@ def main() -> None:
         lease=float(os.environ.get("QT_LEASE", "30")),
         concurrency=int(os.environ.get("QT_CONCURRENCY", "10")),
         ledger=os.environ.get("QT_LEDGER"),
+        max_deliveries=int(os.environ.get("QT_MAX_DELIVERIES", "5")),
     )
     print("serving", flush=True)
     app.run_forever()

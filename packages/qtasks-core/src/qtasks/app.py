@@ -527,20 +527,39 @@ class AsyncQueueTasks:
             await self.start()
         return await self.broker.dead_letters(limit)
 
-    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+    async def requeue_dead_letters(
+        self, ids: list[str] | None = None, *, force: bool = False
+    ) -> int:
         """Put dead letters back in the queue (all when ``ids`` is None) and reset their
-        records to ``new`` so that a worker runs them again. Returns how many."""
+        records to ``new`` so that a worker runs them again. Returns how many.
+
+        A dead letter whose task record says ``success`` (a late result came in, or the task
+        was run and settled by other means) is left in place with a warning, so a stored
+        result is never reset and its task run again by accident; ``force=True`` requeues it
+        all the same."""
         if self._stack is None:
             await self.start()
         letters = await self.broker.dead_letters(limit=1_000_000)
         chosen = [d for d in letters if ids is None or d.id in ids]
+        requeue: list[str] = []
         for letter in chosen:
             record = await self.storage.get(letter.id)
+            if record is not None and record.status is TaskStatus.SUCCESS and not force:
+                log.warning(
+                    "dead letter %s not requeued: its task already succeeded (force=True "
+                    "runs it again)",
+                    letter.id,
+                )
+                continue
             if record is not None and record.status.final:
                 record.status, record.error, record.token = TaskStatus.NEW, None, None
+                record.returning = None
                 record.updated_at = time.time()
                 await self.storage.add(record)  # add() replaces: a deliberate reset
-        return await self.broker.requeue_dead_letters([d.id for d in chosen])
+            requeue.append(letter.id)
+        if not requeue:
+            return 0
+        return await self.broker.requeue_dead_letters(requeue)
 
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""

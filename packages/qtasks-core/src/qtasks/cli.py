@@ -778,10 +778,15 @@ def dlq_requeue(
     storage_url: StorageUrlOpt = None,
     global_config: GlobalConfigOpt = None,
     global_config_url: GlobalConfigUrlOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Also requeue dead letters whose task already succeeded."),
+    ] = False,
 ) -> None:
     """Publish dead letters again (all, or the given IDS) and print how many.
 
-    Their records are reset to status new, so a worker runs them again.
+    Their records are reset to status new, so a worker runs them again. A dead letter whose
+    task record says success is left where it is unless --force is given.
     """
     app, config = _targets(ctx, app, config)
     the_app = resolve_app(
@@ -791,11 +796,20 @@ def dlq_requeue(
         need_tasks=False,
     )
 
-    async def go(aio: AsyncQueueTasks) -> int:
-        return await aio.requeue_dead_letters(list(ids) if ids else None)
+    async def go(aio: AsyncQueueTasks) -> tuple[int, int]:
+        chosen = list(ids) if ids else None
+        letters = await aio.dead_letters(limit=1_000_000)
+        wanted = sum(1 for d in letters if chosen is None or d.id in chosen)
+        requeued = await aio.requeue_dead_letters(chosen, force=force)
+        return requeued, max(wanted - requeued, 0)
 
-    requeued = run_on(the_app, go, command="dlq requeue", uses=("broker", "storage"))
+    requeued, kept = run_on(the_app, go, command="dlq requeue", uses=("broker", "storage"))
     typer.echo(f"requeued {requeued}")
+    if kept:
+        typer.echo(
+            f"kept {kept}: unknown ids, or tasks that already succeeded (--force runs those again)",
+            err=True,
+        )
 
 
 @cli.command(cls=_Command)

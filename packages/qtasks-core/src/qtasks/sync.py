@@ -237,10 +237,10 @@ class QueueTasks:
         """The broker's dead letters (oldest first), each with the reason it was given up."""
         return self.portal.call(self.aio.dead_letters, limit)
 
-    def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+    def requeue_dead_letters(self, ids: list[str] | None = None, *, force: bool = False) -> int:
         """Put dead letters back in the queue (all when ``ids`` is None) and reset their
         records to ``new``; see :meth:`AsyncQueueTasks.requeue_dead_letters`. Returns how many."""
-        return self.portal.call(self.aio.requeue_dead_letters, ids)
+        return self.portal.call(partial(self.aio.requeue_dead_letters, ids, force=force))
 
     def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""

@@ -652,6 +652,25 @@ class QueueWorker:
         if shared is not None:
             saved = await self._durable(run, lambda: shared.ack_final(delivery, storage, record))
             return await _stored_final(app, record, saved, delivery, None)
+        if delivery.attempt >= app.config.max_deliveries and not await self._durable(
+            run, delivery.extend
+        ):
+            # The last delivery allowed, and its lease is gone: the broker dead-letters the
+            # message at its next claim. Say so in the record (a shared-server broker does
+            # this in its claim script) rather than store a result that contradicts it.
+            log.warning(
+                "lease of task %s was lost on its last allowed delivery: it is dead-lettered "
+                "and its result dropped",
+                record.uuid,
+            )
+            record.status, record.returning, record.token = TaskStatus.ERROR, None, "dead-letter"
+            record.error = (
+                "dead-lettered: delivery limit reached: the lease of its last allowed delivery "
+                f"ran out (max_deliveries={app.config.max_deliveries})"
+            )
+            record.updated_at = time.time()
+            await self._durable(run, lambda: storage.save(record, fence=delivery.token))
+            return False
         saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
         return await _stored_final(app, record, saved, delivery, delivery)
 

@@ -337,7 +337,7 @@ class RedisBroker:
             raise ComponentError(f"{storage!r} does not share a server with {self!r}")
         redis_storage = _redis_storage(storage)
         keys = (*self.keys, *redis_storage.index_keys)
-        extra = (redis_storage.record_key(""), worker)
+        extra = (redis_storage.key_tag, worker, redis_storage.ttl_ms)
         return self._consume(prefetch, shared_lua.CLAIM_BEGIN, keys, extra, redis_storage)
 
     @asynccontextmanager

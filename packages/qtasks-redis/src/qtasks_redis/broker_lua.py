@@ -168,8 +168,10 @@ while n < count and not empty do
       end
       local attempt = redis.call('HINCRBY', K_ATT, id, 1)
       if attempt > maxd then
-        dead(id, body, 'delivery limit reached: delivered ' .. (attempt - 1) ..
-          ' times without being settled (max_deliveries=' .. maxd .. ')', prio, attempt, now)
+        local reason = 'delivery limit reached: delivered ' .. (attempt - 1) ..
+          ' times without being settled (max_deliveries=' .. maxd .. ')'
+        dead(id, body, reason, prio, attempt, now)
+        on_dead(id, reason)
       else
         n = n + 1
         local token = nonce .. '.' .. n
@@ -201,9 +203,15 @@ end
 return out
 """
 """The claim loop, after a prelude that defines ``on_claim(id, body, token, out)``: called for
-every claimed message, it may append fields of its own to ``out``."""
+every claimed message, it may append fields of its own to ``out``; and ``on_dead(id,
+reason)``: called for every message it dead-letters."""
 
-CLAIM = Script(PRELUDE + "local function on_claim(id, body, token, out) end\n" + CLAIM_BODY)
+CLAIM = Script(
+    PRELUDE
+    + "local function on_claim(id, body, token, out) end\n"
+    + "local function on_dead(id, reason) end\n"
+    + CLAIM_BODY
+)
 
 ACK = Script(
     PRELUDE

@@ -111,12 +111,15 @@ CLAIM_BEGIN = Script(
 -- The broker's CLAIM that also begins each claimed message's record (storage BEGIN), for a
 -- worker: one round trip instead of one more per message.
 -- KEYS: the queue's keys, then the storage's status indexes (new, process, success, error,
--- cancel, retry). ARGV: CLAIM's, then the storage's record key prefix and the worker id.
--- Record keys are built here from the prefix, so this runs only outside Redis Cluster.
+-- cancel, retry). ARGV: CLAIM's, then the storage's key tag, the worker id and the result
+-- TTL in ms ('' for none). Record keys are built here from the tag, so this runs only
+-- outside Redis Cluster.
 local IDX = {new = KEYS[13], process = KEYS[14], success = KEYS[15], error = KEYS[16],
              cancel = KEYS[17], retry = KEYS[18]}
 local FINAL = {success = true, error = true, cancel = true}
-local REC_PREFIX, WORKER = ARGV[5], ARGV[6]
+local TAG, WORKER, TTL = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local REC_PREFIX = TAG .. ':r:'
+local WAKE_TTL = 120000
 local begun_at, begun_ms = false, 0  -- the server time, read once per claim
 -- Appends the record's {d, s, t, cr, u, n, a, w} (as BEGIN returns them), all false when
 -- there is no record.
@@ -142,6 +145,27 @@ local function on_claim(id, body, token, out)
     cur[2], cur[3], cur[5], cur[8] = 'process', token, begun_at, WORKER
   end
   for i = 1, 8 do out[#out + 1] = cur[i] end
+end
+-- A message dead-lettered by its delivery limit: its record turns final ('error', with why)
+-- under a token no delivery holds, so a late result of its last holder is refused.
+local function on_dead(id, reason)
+  local rec = REC_PREFIX .. id
+  local status = redis.call('HGET', rec, 's')
+  if not status or FINAL[status] then return end
+  local t = redis.call('TIME')
+  local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', rec, 's', 'error', 't', 'dead-letter', 'e', 'dead-lettered: ' .. reason,
+             'u', updated)
+  if IDX[status] then redis.call('ZREM', IDX[status], id) end
+  redis.call('ZADD', IDX['error'], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), id)
+  local wake, steps = TAG .. ':w:' .. id, TAG .. ':s:' .. id
+  if TTL then redis.call('PEXPIRE', rec, TTL) end
+  redis.call('RPUSH', wake, '1')
+  redis.call('PEXPIRE', wake, (TTL and TTL < WAKE_TTL) and TTL or WAKE_TTL)
+  if redis.call('EXISTS', steps) == 1 then
+    redis.call('XADD', steps, '*', 'k', 'e')
+    if TTL then redis.call('PEXPIRE', steps, TTL) end
+  end
 end
 """
     + broker_lua.CLAIM_BODY

@@ -64,8 +64,10 @@ _V1_POSITIONAL = _V1 == _FIELDS
 RECORD_KEYS = 3
 """Keys of one record (rec, wake, steps) at the head of every script's keys; the status
 indexes after them are the same for every record."""
-_RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w")
-"""Hash fields read back into a record, in :meth:`RedisStorage._record`'s order."""
+_RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w", "e")
+"""Hash fields read back into a record, in :meth:`RedisStorage._record`'s order (scripts
+return the first eight; ``e``, the error written when a message is dead-lettered, is read by
+:meth:`RedisStorage.get` and waiters)."""
 _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
@@ -145,6 +147,12 @@ class RedisStorage:
         ``<tag>:w:<uuid>`` (wake-ups) and ``<tag>:s:<uuid>`` (steps)."""
         return self._tag
 
+    @property
+    def ttl_ms(self) -> str:
+        """``result_ttl`` in milliseconds as the scripts take it (``""`` for none); set at
+        start."""
+        return self._ttl_ms
+
     def record_key(self, uuid: str) -> str:
         """Key of the hash that holds the record of ``uuid``."""
         return f"{self._tag}:r:{uuid}"
@@ -164,9 +172,9 @@ class RedisStorage:
 
     @staticmethod
     def _record(fields: list[bytes | None]) -> TaskRecord | None:
-        """Rebuild from ``[d, s, t, cr, u, n, a, w]``, applying the fields that override
-        ``d``."""
-        data, status, token, reason, updated, steps, attempt, worker = fields
+        """Rebuild from ``[d, s, t, cr, u, n, a, w]`` (and ``e`` when given), applying the
+        fields that override ``d``."""
+        data, status, token, reason, updated, steps, attempt, worker = fields[:8]
         if data is None:
             return None
         try:
@@ -197,6 +205,8 @@ class RedisStorage:
             record.steps = int(steps)
         if attempt is not None:
             record.attempt = int(attempt)
+        if len(fields) > 8 and fields[8] is not None:
+            record.error = fields[8].decode()
         if worker is not None:
             record.worker = worker.decode()
         record.token = token.decode() if token else None

@@ -2,7 +2,8 @@
 
 1. ``rec``    HASH: ``d`` record JSON, ``s`` status, ``t`` token, and overrides written by
               :meth:`cancel` (``cr`` reason, ``u`` updated_at), :meth:`begin` (``u``, ``a``
-              attempt, ``w`` worker) and :meth:`add_step` (``n``)
+              attempt, ``w`` worker), :meth:`add_step` (``n``) and the broker's claim when
+              it dead-letters the message (``e`` error, ``u``, ``s``, ``t``)
 2. ``wake``   LIST: one token pushed when the record turns final; waiters ``BLMOVE`` it onto
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
@@ -66,7 +67,7 @@ end
 local old = false
 if cur[1] then old = cur[2] end
 redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
-if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w') end
+if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
 index(uuid, old, status, now_ms())
 if FINAL[status] then
   finished(tonumber(ARGV[8]))

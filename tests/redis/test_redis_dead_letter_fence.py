@@ -1,0 +1,125 @@
+"""Dead-lettering by the delivery limit fences the task's record (issue 14, item 4): its last
+holder's late result is refused, the record says why it ended, and requeueing the dead letter
+does not reset a stored success by accident."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import pytest
+from redis_procs import Worker, counts
+from redis_worker_app import build
+
+from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks.record import TaskRecord
+from qtasks_redis import RedisBroker, RedisStorage
+
+pytestmark = pytest.mark.anyio
+
+
+async def dead_lettered(app: AsyncQueueTasks, uuid: str, seconds: float) -> None:
+    with anyio.fail_after(seconds):
+        while uuid not in {d.id for d in await app.dead_letters()}:  # noqa: ASYNC110 - remote
+            await anyio.sleep(0.05)
+
+
+async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    app = AsyncQueueTasks(
+        broker=RedisBroker(redis_url, prefix=prefix, queue="q"),
+        storage=RedisStorage(redis_url, prefix=prefix),
+        config=QueueConfig(lease=0.2, max_deliveries=1),
+    )
+    await app.start()
+    stack.push_async_callback(app.aclose)
+    broker, storage = app.broker, app.storage
+    assert isinstance(broker, RedisBroker) and isinstance(storage, RedisStorage)
+    task = await app.add_task("job", 1)
+    async with broker.consume_begun(prefetch=1, storage=storage, worker="w1") as first:
+        with anyio.fail_after(3):
+            held = await first.__anext__()
+        assert held.begun is not None and held.begun.status is TaskStatus.PROCESS
+        await anyio.sleep(0.3)  # the lease (0.2 s) runs out while the holder is stalled
+        # Another worker's claim finds the message past its delivery limit: dead letter.
+        async with (
+            broker.consume_begun(prefetch=1, storage=storage, worker="w2") as second,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(second.__anext__)  # claims, and blocks: nothing is deliverable
+            await dead_lettered(app, task.uuid, 5)
+            tg.cancel_scope.cancel()
+        stored = await app.get(task.uuid)
+        assert stored is not None and stored.status is TaskStatus.ERROR
+        assert stored.error is not None and stored.error.startswith("dead-lettered: delivery limit")
+        waited = await app.wait(task.uuid, timeout=1)  # final: waiters are woken
+        assert waited.status is TaskStatus.ERROR
+        # The stalled holder comes back with its result: refused, the record stays as it is.
+        late = TaskRecord(**{**stored.to_dict(), "status": TaskStatus.SUCCESS, "returning": 1})
+        late.error, late.token = None, held.token
+        assert not await broker.ack_final(held, storage, late)
+    stored = await app.get(task.uuid)
+    assert stored is not None and (stored.status, stored.returning) == (TaskStatus.ERROR, None)
+    # Requeueing resets the record (it holds no result) and the task runs again.
+    assert await app.requeue_dead_letters([task.uuid]) == 1
+    again = await app.get(task.uuid)
+    assert again is not None and (again.status, again.error) == (TaskStatus.NEW, None)
+
+
+async def test_requeue_keeps_a_dead_letter_whose_task_succeeded(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    app = AsyncQueueTasks(
+        broker=RedisBroker(redis_url, prefix=prefix, queue="q"),
+        storage=RedisStorage(redis_url, prefix=prefix),
+    )
+    await app.start()
+    stack.push_async_callback(app.aclose)
+    task = await app.add_task("job", 1)
+    async with app.broker.consume(prefetch=1) as deliveries:
+        with anyio.fail_after(3):
+            delivery = await deliveries.__anext__()
+        assert await delivery.nack("given up")
+    record = await app.storage.get(task.uuid)
+    assert record is not None
+    record.status, record.returning = TaskStatus.SUCCESS, "done"
+    await app.storage.add(record)  # the result came in by other means
+    assert await app.requeue_dead_letters() == 0
+    kept = await app.get(task.uuid)
+    assert kept is not None and (kept.status, kept.returning) == (TaskStatus.SUCCESS, "done")
+    assert [d.id for d in await app.dead_letters()] == [task.uuid]
+    assert await app.requeue_dead_letters(force=True) == 1
+    reset = await app.get(task.uuid)
+    assert reset is not None and (reset.status, reset.returning) == (TaskStatus.NEW, None)
+
+
+@pytest.mark.slow
+async def test_two_workers_a_loop_blocking_task_ends_dead_lettered_not_successful(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The issue's reproduction on real processes, scaled down: lease 1 s, two deliveries
+    allowed, a task that blocks its worker's loop for 2.5 s."""
+    app = build(redis_url, prefix)
+    await app.start()
+    workers = [
+        Worker(redis_url, prefix, tmp_path, lease=1.0, concurrency=2, name=n, max_deliveries=2)
+        for n in ("a", "b")
+    ]
+    try:
+        task = await app.add_task("loop_hog", 1, 2.5)
+        done = await app.wait(task.uuid, timeout=30)
+        assert done.status is TaskStatus.ERROR, done
+        assert done.error is not None and "dead-lettered: delivery limit" in done.error
+        await dead_lettered(app, task.uuid, 5)
+        # Both blocked runs end; neither result replaces the dead-lettered record.
+        with anyio.fail_after(15):
+            while counts(workers[0].ledger, "end")[1] < 2:  # noqa: ASYNC110 - a file
+                await anyio.sleep(0.05)
+        final = await app.get(task.uuid)
+        assert final is not None and (final.status, final.returning) == (TaskStatus.ERROR, None)
+    finally:
+        for worker in workers:
+            assert worker.stop() == 0, worker.output()
+        await app.aclose()
