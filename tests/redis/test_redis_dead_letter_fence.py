@@ -119,6 +119,9 @@ async def test_two_workers_a_loop_blocking_task_ends_dead_lettered_not_successfu
                 await anyio.sleep(0.05)
         final = await app.get(task.uuid)
         assert final is not None and (final.status, final.returning) == (TaskStatus.ERROR, None)
+        # The watchdog named the culprit in the log of the worker whose loop it blocked.
+        logs = "".join(worker.output() for worker in workers)
+        assert "event loop blocked" in logs and "by task 'loop_hog'" in logs
     finally:
         for worker in workers:
             assert worker.stop() == 0, worker.output()

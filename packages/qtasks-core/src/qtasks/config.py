@@ -51,6 +51,9 @@ class QueueConfig:
     """Seconds running tasks get to finish on shutdown before they are handed back."""
     heartbeat_interval: float = 5.0
     """Seconds between worker heartbeats in the GlobalConfig."""
+    loop_stall_warning: float | None = 1.0
+    """Seconds a worker's event loop may be blocked (a blocking call inside ``async def``)
+    before a watchdog thread logs which task blocks it and where; ``None`` turns it off."""
     max_message_size: int = 1 << 20
     """Largest encoded message in bytes; larger ones are refused at ``add_task``."""
     log_level: str = "INFO"

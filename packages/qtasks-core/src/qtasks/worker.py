@@ -16,6 +16,7 @@ import uuid as uuid_mod
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import fields as dataclass_fields
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -41,6 +42,7 @@ from qtasks.memory import EventFactory, _Signal
 from qtasks.messages import Message
 from qtasks.outage import Outage, retrying
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -117,6 +119,15 @@ class QueueWorker:
                 run.cancel(reason)
                 found = True
         return found
+
+    def _suspects(self) -> list[tuple[str, CodeType]]:
+        """``(task name, code)`` of the running tasks (read by the loop watchdog's thread)."""
+        out = []
+        for run in list(self._running.values()):
+            code = getattr(run.task.func, "__code__", None)
+            if isinstance(code, CodeType):
+                out.append((run.task.name, code))
+        return out
 
     def _cancelled_elsewhere(self, uuid: str, reason: str) -> None:
         self.cancel_local(uuid, reason)
@@ -216,6 +227,9 @@ class QueueWorker:
             if isinstance(storage, CancelFeed):
                 # Cancels made by other processes reach running tasks at once.
                 await serving.start(storage.follow_cancels, self._cancelled_elsewhere)
+            if config.loop_stall_warning is not None:
+                watchdog = LoopWatchdog(config.loop_stall_warning, self._suspects)
+                await serving.start(watchdog.run)
             serving.start_soon(self._heartbeat, app, concurrency)
             serving.start_soon(self._keep_leases, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
