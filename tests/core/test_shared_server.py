@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-import qtasks.worker
+import qtasks.settle
 from qtasks import (
     AsyncQueueTasks,
     MemoryBroker,
@@ -287,7 +287,7 @@ async def test_a_broken_settle_call_does_not_kill_the_worker(
 
 
 async def test_settle_calls_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qtasks.worker, "SETTLE_BATCH", 2)
+    monkeypatch.setattr(qtasks.settle, "SETTLE_BATCH", 2)
     app, broker = batching_app(concurrency=5)
     broker.gate = anyio.Event()
     closed = ClosedCounter(6)

@@ -7,15 +7,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 import os
 import socket
 import time
-import traceback
 import uuid as uuid_mod
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import fields as dataclass_fields
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -24,24 +20,21 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from qtasks.components import (
     BeginOnClaim,
-    CancelCheck,
     CancelFeed,
     Delivery,
-    LeaseBatch,
-    SharedServer,
 )
 from qtasks.errors import (
-    PluginError,
     SerializationError,
     TaskArgumentsError,
-    TaskCancelledError,
     UnknownTaskError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
+from qtasks.leases import LeaseKeeper
 from qtasks.memory import EventFactory, _Signal
 from qtasks.messages import Message
-from qtasks.outage import Outage, retrying
+from qtasks.outage import Outage
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.settle import Settlement
 from qtasks.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
@@ -62,10 +55,6 @@ local queue is begun again when it starts, so a cancel made meanwhile is seen.""
 RECENT_CANCELS = 1024
 """Uuids of the latest cancels a worker heard of (see :class:`CancelFeed`): a delivery of one
 of them is never trusted as begun at claim time, it is begun again (and found final)."""
-
-SETTLE_BATCH = 256
-"""Most tasks settled in one :meth:`SharedServer.ack_finals` call, so that one call never
-holds the server (a Redis script runs alone) for long."""
 
 
 class QueueWorker:
@@ -92,12 +81,11 @@ class QueueWorker:
         """Tokens of waiting deliveries whose lease could not be renewed."""
         self._recent_cancels: dict[str, None] = {}
         self._outage = Outage(log, "task storage")
-        self._give_up_at = math.inf
-        """When a stopping worker stops retrying final saves through an outage."""
+        self._settlement = Settlement(self._outage)
+        self._leases = LeaseKeeper(self._held_now, self._lost)
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
-        self._settler: _Settler | None = None
 
     @property
     def running(self) -> int:
@@ -119,6 +107,10 @@ class QueueWorker:
                 run.cancel(reason)
                 found = True
         return found
+
+    def _held_now(self) -> tuple[list[Delivery], list[TaskRun]]:
+        """The deliveries waiting in the local queue and the running tasks (for renewal)."""
+        return [delivery for _, _, delivery in self._local], list(self._running.values())
 
     def _suspects(self) -> list[tuple[str, CodeType]]:
         """``(task name, code)`` of the running tasks (read by the loop watchdog's thread)."""
@@ -154,7 +146,6 @@ class QueueWorker:
         )
         capacity = concurrency + prefetch
         self._held = 0
-        self._give_up_at = math.inf
         slot_freed = _Signal()
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
@@ -165,9 +156,7 @@ class QueueWorker:
             if shared is not None and isinstance(broker, BeginOnClaim)
             else broker.consume(prefetch=prefetch)
         )
-        settler = self._settler = (
-            None if shared is None else _Settler(app, shared, 2 * concurrency, self._outage)
-        )
+        settler = self._settlement.open_batch(app, concurrency)
         async with (
             consumer as deliveries,
             anyio.create_task_group() as serving,
@@ -231,7 +220,7 @@ class QueueWorker:
                 watchdog = LoopWatchdog(config.loop_stall_warning, self._suspects)
                 await serving.start(watchdog.run)
             serving.start_soon(self._heartbeat, app, concurrency)
-            serving.start_soon(self._keep_leases, app)
+            serving.start_soon(self._leases.keep, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
             await app.hooks.notify(
                 "qtasks_component_started", app=app, kind="worker", component=self
@@ -240,7 +229,7 @@ class QueueWorker:
             try:
                 await self._stopping.wait()
             finally:
-                self._give_up_at = time.monotonic() + config.shutdown_grace
+                self._settlement.give_up_at = time.monotonic() + config.shutdown_grace
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
                     item_ready.wake_all()
@@ -255,7 +244,7 @@ class QueueWorker:
                     if settler is not None:
                         # Before the consumer closes: it hands back what is not settled.
                         await settler.drained()
-                    self._settler = None
+                    self._settlement.close_batch()
                     for scope in runners:
                         scope.cancel()
                     serving.cancel_scope.cancel()
@@ -329,7 +318,7 @@ class QueueWorker:
         the final record, settle), renewing its lease meanwhile. For runners that take
         deliveries themselves, such as the inline runner of ``qtasks_testing``."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_leases, app)
+            tg.start_soon(self._leases.keep, app)
             with anyio.CancelScope() as scope:
                 await self._process(app, delivery, scope)
             tg.cancel_scope.cancel()
@@ -442,7 +431,7 @@ class QueueWorker:
         outcome: BaseException | None = None
         result: Any = None
         if run.cancel_requested:  # cancelled between begin and now: never start it
-            await self._settle(app, run, delivery, None, None, cancelled=True)
+            await self._settlement.settle(app, run, delivery, None, None, cancelled=True)
             return
         run.executing = True
         try:
@@ -456,7 +445,7 @@ class QueueWorker:
             # The runner's scope is cancelled: settle shielded, then let the cancellation end
             # the scope (the runner takes a fresh one for the next task).
             with anyio.CancelScope(shield=True):
-                await self._settle(app, run, delivery, None, None, cancelled=True)
+                await self._settlement.settle(app, run, delivery, None, None, cancelled=True)
             raise
         finally:
             run.executing = False
@@ -464,374 +453,9 @@ class QueueWorker:
             # Cancelled as it finished (or the task swallowed the cancellation): the scope is
             # cancelled, so only shielded awaits can still run in it.
             with anyio.CancelScope(shield=True):
-                await self._settle(app, run, delivery, result, outcome, cancelled=False)
+                await self._settlement.settle(app, run, delivery, result, outcome, cancelled=False)
             return
-        await self._settle(app, run, delivery, result, outcome, cancelled=False)
-
-    async def _settle(
-        self,
-        app: AsyncQueueTasks,
-        run: TaskRun,
-        delivery: Delivery,
-        result: Any,
-        outcome: BaseException | None,
-        *,
-        cancelled: bool,
-    ) -> None:
-        """Everything after the task's code: teardown hook, final record, ack, after-hook."""
-        record = run.record
-        hooks = app.hooks
-        # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
-        # (Depends) are torn down here, so it must never be skipped.
-        if "qtasks_executor_closed" in hooks.active:
-            await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
-        if run.lease_lost:
-            log.warning(
-                "lease of task %s was lost; another worker owns it now, result dropped",
-                record.uuid,
-            )
-        elif cancelled:
-            await self._settle_cancelled(app, run, delivery)
-        elif outcome is None and self._settler is not None:
-            # Succeeded: the settler stores the result and acks with other tasks' in one call
-            # and fires the remaining hooks; the runner's slot is free for the next task now.
-            _succeeded(record, result)
-            await self._settler.put(run, delivery)
-            return
-        else:
-            # Not shielded: if the worker is torn down here, the message is simply not acked
-            # and comes back after its lease (at-least-once), so no extra cancel scope per task.
-            await self._finish(app, run, delivery, result, outcome)
-        if "qtasks_worker_execute_after" in hooks.active:
-            await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
-
-    async def _settle_cancelled(
-        self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery
-    ) -> None:
-        """The task's code was cancelled: hand it back (worker stopping) or store ``cancel``."""
-        reason = run.cancel_reason or "cancelled"
-        if reason != "__shutdown__":
-            await self._finish(app, run, delivery, None, TaskCancelledError(reason))
-            return
-        record = run.record
-        record.status = TaskStatus.NEW
-        record.token = None
-        if not await app.storage.save(record, fence=delivery.token):
-            await _refused(app, record, delivery, delivery)
-            return
-        await delivery.requeue()
-        await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
-
-    async def _keep_leases(self, app: AsyncQueueTasks) -> None:
-        """Renew the lease of every delivery this worker holds, and notice cancels made
-        elsewhere that the storage's cancel feed did not bring.
-
-        Prefetched deliveries waiting for a free slot are renewed too: otherwise a long task
-        ahead of them lets their lease run out and another worker runs them while this one
-        still holds them (a duplicate run). A pass is one batched renewal and one batched
-        cancel check, made concurrently (with :class:`LeaseBatch` and :class:`CancelCheck`
-        components: two calls whatever the number of tasks), and passes start every
-        ``lease / 3`` seconds however long the previous one took."""
-        interval = max(app.config.lease / 3, 0.05)
-        next_pass = anyio.current_time() + interval
-        while True:
-            await anyio.sleep(max(next_pass - anyio.current_time(), 0))
-            next_pass = max(next_pass + interval, anyio.current_time())
-            waiting = [delivery for _, _, delivery in self._local]
-            runs = list(self._running.values())
-            # A pass stuck on a dead link gives up at the lease: by then its answer is moot.
-            with anyio.move_on_after(app.config.lease) as stuck:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._renew, app, waiting, runs)
-                    if runs:
-                        tg.start_soon(self._check_cancels, app, runs)
-            if stuck.cancelled_caught:
-                log.warning("lease renewal got no answer within the lease (%ss)", app.config.lease)
-
-    async def _renew(
-        self, app: AsyncQueueTasks, waiting: list[Delivery], runs: list[TaskRun]
-    ) -> None:
-        deliveries = [*waiting, *(run.delivery for run in runs)]
-        if not deliveries:
-            return
-        broker = app.broker
-        try:
-            if isinstance(broker, LeaseBatch):
-                renewed = await broker.extend_many(deliveries)
-            else:
-                renewed = [False] * len(deliveries)
-
-                async def extend(i: int, delivery: Delivery) -> None:
-                    renewed[i] = await delivery.extend()
-
-                async with anyio.create_task_group() as tg:
-                    for i, delivery in enumerate(deliveries):
-                        tg.start_soon(extend, i, delivery)
-        except Exception as exc:
-            # Not lost yet: the next pass tries again well before the lease runs out.
-            log.warning("lease renewal of %d deliveries failed: %s", len(deliveries), exc)
-            return
-        for delivery, ok in zip(waiting, renewed, strict=False):
-            if not ok:
-                self._lost.add(delivery.token)
-        for run, ok in zip(runs, renewed[len(waiting) :], strict=True):
-            if not ok:
-                run.lease_lost = True
-                run.cancel()
-
-    async def _check_cancels(self, app: AsyncQueueTasks, runs: list[TaskRun]) -> None:
-        storage = app.storage
-        uuids = [run.record.uuid for run in runs]
-        try:
-            if isinstance(storage, CancelCheck):
-                cancelled = await storage.cancelled(uuids)
-            else:
-                cancelled = {}
-                for uuid in uuids:
-                    stored = await storage.get(uuid)
-                    if stored is not None and stored.status is TaskStatus.CANCEL:
-                        cancelled[uuid] = stored.cancel_reason or "cancelled"
-        except Exception as exc:
-            log.warning("cancel check of %d running tasks failed: %s", len(uuids), exc)
-            return
-        for run in runs:
-            reason = cancelled.get(run.record.uuid)
-            if reason is not None:
-                run.cancel(reason)
-
-    async def _finish(
-        self,
-        app: AsyncQueueTasks,
-        run: TaskRun,
-        delivery: Delivery,
-        result: Any,
-        outcome: BaseException | None,
-    ) -> None:
-        record, hooks, task = run.record, app.hooks, run.task
-        if outcome is None:
-            _succeeded(record, result)
-            saved = await self._save_final(app, run, delivery)
-            if saved and "qtasks_task_succeeded" in hooks.active:
-                await hooks.notify("qtasks_task_succeeded", app=app, record=record)
-            return
-        record.updated_at = time.time()
-        if isinstance(outcome, TaskCancelledError):
-            record.status = TaskStatus.CANCEL
-            record.cancel_reason = outcome.reason
-            if await self._save_final(app, run, delivery):
-                await hooks.notify(
-                    "qtasks_task_cancelled", app=app, record=record, reason=outcome.reason
-                )
-            return
-        record.traceback = "".join(traceback.format_exception(outcome))
-        record.error = f"{type(outcome).__name__}: {outcome}"
-        await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
-        delay: float | None = None
-        if not isinstance(outcome, PluginError | SerializationError):
-            try:
-                delay = hooks.decide(
-                    "qtasks_task_retry_delay", app=app, task=task, record=record, exc=outcome
-                )
-            except PluginError as exc:
-                log.error("%s", exc)
-        if delay is not None:
-            record.status = TaskStatus.RETRY
-            record.eta = time.time() + delay
-            if not await self._durable(run, lambda: app.storage.save(record, fence=delivery.token)):
-                await _refused(app, record, delivery, delivery)
-                return
-            next_message = Message(
-                uuid=run.message.uuid,
-                task_name=run.message.task_name,
-                args=run.message.args,
-                kwargs=run.message.kwargs,
-                priority=run.message.priority,
-                created_at=run.message.created_at,
-                attempt=record.attempt,
-                headers=run.message.headers,
-            )
-            body = app.codec.encode(next_message).body
-            await delivery.requeue(delay=delay, body=body)
-            await hooks.notify(
-                "qtasks_worker_task_retry", app=app, record=record, exc=outcome, delay=delay
-            )
-            await hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=delay)
-            return
-        record.status = TaskStatus.ERROR
-        if await self._save_final(app, run, delivery):
-            await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)
-
-    async def _save_final(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> bool:
-        record, storage, shared = run.record, app.storage, app.shared_server
-        if shared is not None:
-            saved = await self._durable(run, lambda: shared.ack_final(delivery, storage, record))
-            return await _stored_final(app, record, saved, delivery, None)
-        if delivery.attempt >= app.config.max_deliveries and not await self._durable(
-            run, delivery.extend
-        ):
-            # The last delivery allowed, and its lease is gone: the broker dead-letters the
-            # message at its next claim. Say so in the record (a shared-server broker does
-            # this in its claim script) rather than store a result that contradicts it.
-            log.warning(
-                "lease of task %s was lost on its last allowed delivery: it is dead-lettered "
-                "and its result dropped",
-                record.uuid,
-            )
-            record.status, record.returning, record.token = TaskStatus.ERROR, None, "dead-letter"
-            record.error = (
-                "dead-lettered: delivery limit reached: the lease of its last allowed delivery "
-                f"ran out (max_deliveries={app.config.max_deliveries})"
-            )
-            record.updated_at = time.time()
-            await self._durable(run, lambda: storage.save(record, fence=delivery.token))
-            return False
-        saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
-        return await _stored_final(app, record, saved, delivery, delivery)
-
-    async def _durable(self, run: TaskRun, call: Callable[[], Awaitable[bool]]) -> bool:
-        """A final write of ``run``, retried through a storage outage while its lease holds
-        (the renewal pass marks it lost) and, once the worker stops, within the shutdown
-        grace: a result already computed is not thrown away for a few seconds of outage."""
-        return await retrying(
-            call, self._outage, lambda: run.lease_lost or time.monotonic() > self._give_up_at
-        )
-
-
-async def _refused(
-    app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery, ack: Delivery | None
-) -> None:
-    """A write of ``record`` by ``delivery``'s run was refused: either a newer attempt owns
-    the task (nothing to do), or the stored record is already final, e.g. cancelled from
-    another process while the task ran. Then the task is over: ``record`` takes the stored
-    state, ``ack`` (``None`` when the refusing call acked already) is acked, and a cancel
-    fires ``qtasks_task_cancelled`` once, here."""
-    stored = await app.storage.get(record.uuid)
-    if stored is None or not stored.status.final or stored.token != delivery.token:
-        log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
-        return
-    if ack is not None:
-        await ack.ack()
-    for name in _RECORD_FIELDS:
-        setattr(record, name, getattr(stored, name))
-    if stored.status is TaskStatus.CANCEL:
-        reason = stored.cancel_reason or "cancelled"
-        log.info(
-            "task %s was cancelled while it ran (%s): its result is dropped", record.uuid, reason
-        )
-        await app.hooks.notify("qtasks_task_cancelled", app=app, record=record, reason=reason)
-    else:
-        log.warning(
-            "result of %s dropped: the task had already ended (%s)",
-            record.uuid,
-            stored.status.value,
-        )
-
-
-_RECORD_FIELDS = tuple(f.name for f in dataclass_fields(TaskRecord))
-
-
-async def _stored_final(
-    app: AsyncQueueTasks,
-    record: TaskRecord,
-    saved: bool,
-    delivery: Delivery,
-    ack: Delivery | None,
-) -> bool:
-    """After the final save of ``record`` by ``delivery``'s run: its hooks, and the ack of
-    ``ack`` (``None`` when the save already acked). Returns ``saved``."""
-    if not saved:
-        await _refused(app, record, delivery, ack)
-        return False
-    hooks = app.hooks
-    if "qtasks_storage_saved" in hooks.active:
-        await hooks.notify("qtasks_storage_saved", app=app, record=record)
-    if ack is not None:
-        await ack.ack()
-    if "qtasks_broker_acked" in hooks.active:
-        await hooks.notify("qtasks_broker_acked", app=app, record=record)
-    return True
-
-
-def _succeeded(record: TaskRecord, result: Any) -> None:
-    record.updated_at = time.time()
-    record.status = TaskStatus.SUCCESS
-    record.returning = result
-    record.error = None
-
-
-class _Settler:
-    """Stores the results of succeeded tasks and acks their messages, many per round trip
-    (:meth:`SharedServer.ack_finals`): tasks that finish while one call is in flight go
-    together in the next. At most ``limit`` tasks (twice the concurrency: one call in flight,
-    the next one filling) wait here; a runner that finds it full waits before its next task."""
-
-    __slots__ = ("_app", "_busy", "_done", "_limit", "_outage", "_queue", "_ready", "_shared")
-
-    def __init__(
-        self, app: AsyncQueueTasks, shared: SharedServer, limit: int, outage: Outage
-    ) -> None:
-        self._app = app
-        self._outage = outage
-        self._shared = shared
-        self._limit = max(limit, 1)
-        self._queue: list[tuple[TaskRun, Delivery]] = []
-        self._busy = 0
-        """Tasks queued or in the call in flight."""
-        self._ready = _Signal()
-        self._done = _Signal()
-
-    async def put(self, run: TaskRun, delivery: Delivery) -> None:
-        while self._busy >= self._limit:
-            await self._done.wait(None)
-        self._queue.append((run, delivery))
-        self._busy += 1
-        self._ready.fire()
-
-    async def drained(self) -> None:
-        """Until every task handed over is settled."""
-        while self._busy:
-            await self._done.wait(None)
-
-    async def serve(self) -> None:
-        while True:
-            while not self._queue:
-                await self._ready.wait(None)
-            batch = self._queue[:SETTLE_BATCH]
-            del self._queue[:SETTLE_BATCH]
-            try:
-                await self._settle(batch)
-            except Exception:
-                # A bug in a component or plugin must not kill the worker (see _process).
-                log.exception("worker failed while settling %d finished tasks", len(batch))
-            finally:
-                self._busy -= len(batch)
-                self._done.fire()
-
-    async def _settle(self, batch: list[tuple[TaskRun, Delivery]]) -> None:
-        app = self._app
-        try:
-            saved = await self._shared.ack_finals(
-                app.storage, [(delivery, run.record) for run, delivery in batch]
-            )
-        except ConnectionError as exc:
-            # The broker retried while the leases held: each message comes back after its
-            # lease and runs again (at-least-once). One warning per outage.
-            self._outage.failed(exc)
-            return
-        except Exception:
-            # Not acked: each message comes back after its lease (at-least-once).
-            log.exception("could not store the results of %d finished tasks", len(batch))
-            return
-        hooks = app.hooks
-        for (run, _), ok in zip(batch, saved, strict=True):
-            record = run.record
-            if (
-                await _stored_final(app, record, ok, run.delivery, None)
-                and "qtasks_task_succeeded" in hooks.active
-            ):
-                await hooks.notify("qtasks_task_succeeded", app=app, record=record)
-            if "qtasks_worker_execute_after" in hooks.active:
-                await hooks.notify("qtasks_worker_execute_after", app=app, record=record)
+        await self._settlement.settle(app, run, delivery, result, outcome, cancelled=False)
 
 
 def task_executor(run: TaskRun) -> TaskExecutor:

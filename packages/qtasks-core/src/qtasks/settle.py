@@ -1,0 +1,345 @@
+"""The settle step: everything after a task's code ran. The final record is stored (fenced by
+the delivery's token, retried through a storage outage while the lease holds), the message is
+acked, requeued for a retry or handed back, and the hooks after the run fire.
+
+Succeeded tasks of a :class:`~qtasks.components.SharedServer` broker are settled in batches
+(:meth:`SharedServer.ack_finals`, one round trip for every task that finished while the
+previous call was in flight); every other outcome is settled by the runner itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import fields as dataclass_fields
+from typing import TYPE_CHECKING, Any
+
+from qtasks.components import Delivery, SharedServer
+from qtasks.errors import PluginError, SerializationError, TaskCancelledError
+from qtasks.executor import TaskRun
+from qtasks.memory import _Signal
+from qtasks.messages import Message
+from qtasks.outage import Outage, retrying
+from qtasks.record import TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+log = logging.getLogger("qtasks.worker")
+
+SETTLE_BATCH = 256
+"""Most tasks settled in one :meth:`SharedServer.ack_finals` call, so that one call never
+holds the server (a Redis script runs alone) for long."""
+
+
+class Settlement:
+    """Settles the runs of one worker (see the module docstring)."""
+
+    def __init__(self, outage: Outage) -> None:
+        self._outage = outage
+        self.give_up_at = math.inf
+        """When a stopping worker stops retrying final saves through an outage."""
+        self._batch: _Batch | None = None
+
+    def open_batch(self, app: AsyncQueueTasks, concurrency: int) -> _Batch | None:
+        """The batch settler of a worker serving ``concurrency`` tasks at once, when the app
+        has a shared server (``None`` otherwise); its ``serve`` must run while the worker
+        serves."""
+        shared = app.shared_server
+        self._batch = None if shared is None else _Batch(app, shared, 2 * concurrency, self._outage)
+        self.give_up_at = math.inf
+        return self._batch
+
+    def close_batch(self) -> None:
+        self._batch = None
+
+    async def settle(
+        self,
+        app: AsyncQueueTasks,
+        run: TaskRun,
+        delivery: Delivery,
+        result: Any,
+        outcome: BaseException | None,
+        *,
+        cancelled: bool,
+    ) -> None:
+        """Everything after the task's code: teardown hook, final record, ack, after-hook."""
+        record = run.record
+        hooks = app.hooks
+        # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
+        # (Depends) are torn down here, so it must never be skipped.
+        if "qtasks_executor_closed" in hooks.active:
+            await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
+        if run.lease_lost:
+            log.warning(
+                "lease of task %s was lost; another worker owns it now, result dropped",
+                record.uuid,
+            )
+        elif cancelled:
+            await self._settle_cancelled(app, run, delivery)
+        elif outcome is None and self._batch is not None:
+            # Succeeded: the settler stores the result and acks with other tasks' in one call
+            # and fires the remaining hooks; the runner's slot is free for the next task now.
+            _succeeded(record, result)
+            await self._batch.put(run, delivery)
+            return
+        else:
+            # Not shielded: if the worker is torn down here, the message is simply not acked
+            # and comes back after its lease (at-least-once), so no extra cancel scope per task.
+            await self._finish(app, run, delivery, result, outcome)
+        if "qtasks_worker_execute_after" in hooks.active:
+            await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
+
+    async def _settle_cancelled(
+        self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery
+    ) -> None:
+        """The task's code was cancelled: hand it back (worker stopping) or store ``cancel``."""
+        reason = run.cancel_reason or "cancelled"
+        if reason != "__shutdown__":
+            await self._finish(app, run, delivery, None, TaskCancelledError(reason))
+            return
+        record = run.record
+        record.status = TaskStatus.NEW
+        record.token = None
+        if not await app.storage.save(record, fence=delivery.token):
+            await _refused(app, record, delivery, delivery)
+            return
+        await delivery.requeue()
+        await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
+
+    async def _finish(
+        self,
+        app: AsyncQueueTasks,
+        run: TaskRun,
+        delivery: Delivery,
+        result: Any,
+        outcome: BaseException | None,
+    ) -> None:
+        record, hooks, task = run.record, app.hooks, run.task
+        if outcome is None:
+            _succeeded(record, result)
+            saved = await self._save_final(app, run, delivery)
+            if saved and "qtasks_task_succeeded" in hooks.active:
+                await hooks.notify("qtasks_task_succeeded", app=app, record=record)
+            return
+        record.updated_at = time.time()
+        if isinstance(outcome, TaskCancelledError):
+            record.status = TaskStatus.CANCEL
+            record.cancel_reason = outcome.reason
+            if await self._save_final(app, run, delivery):
+                await hooks.notify(
+                    "qtasks_task_cancelled", app=app, record=record, reason=outcome.reason
+                )
+            return
+        record.traceback = "".join(traceback.format_exception(outcome))
+        record.error = f"{type(outcome).__name__}: {outcome}"
+        await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
+        delay: float | None = None
+        if not isinstance(outcome, PluginError | SerializationError):
+            try:
+                delay = hooks.decide(
+                    "qtasks_task_retry_delay", app=app, task=task, record=record, exc=outcome
+                )
+            except PluginError as exc:
+                log.error("%s", exc)
+        if delay is not None:
+            record.status = TaskStatus.RETRY
+            record.eta = time.time() + delay
+            if not await self._durable(run, lambda: app.storage.save(record, fence=delivery.token)):
+                await _refused(app, record, delivery, delivery)
+                return
+            next_message = Message(
+                uuid=run.message.uuid,
+                task_name=run.message.task_name,
+                args=run.message.args,
+                kwargs=run.message.kwargs,
+                priority=run.message.priority,
+                created_at=run.message.created_at,
+                attempt=record.attempt,
+                headers=run.message.headers,
+            )
+            body = app.codec.encode(next_message).body
+            await delivery.requeue(delay=delay, body=body)
+            await hooks.notify(
+                "qtasks_worker_task_retry", app=app, record=record, exc=outcome, delay=delay
+            )
+            await hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=delay)
+            return
+        record.status = TaskStatus.ERROR
+        if await self._save_final(app, run, delivery):
+            await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)
+
+    async def _save_final(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> bool:
+        record, storage, shared = run.record, app.storage, app.shared_server
+        if shared is not None:
+            saved = await self._durable(run, lambda: shared.ack_final(delivery, storage, record))
+            return await _stored_final(app, record, saved, delivery, None)
+        if delivery.attempt >= app.config.max_deliveries and not await self._durable(
+            run, delivery.extend
+        ):
+            # The last delivery allowed, and its lease is gone: the broker dead-letters the
+            # message at its next claim. Say so in the record (a shared-server broker does
+            # this in its claim script) rather than store a result that contradicts it.
+            log.warning(
+                "lease of task %s was lost on its last allowed delivery: it is dead-lettered "
+                "and its result dropped",
+                record.uuid,
+            )
+            record.status, record.returning, record.token = TaskStatus.ERROR, None, "dead-letter"
+            record.error = (
+                "dead-lettered: delivery limit reached: the lease of its last allowed delivery "
+                f"ran out (max_deliveries={app.config.max_deliveries})"
+            )
+            record.updated_at = time.time()
+            await self._durable(run, lambda: storage.save(record, fence=delivery.token))
+            return False
+        saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
+        return await _stored_final(app, record, saved, delivery, delivery)
+
+    async def _durable(self, run: TaskRun, call: Callable[[], Awaitable[bool]]) -> bool:
+        """A final write of ``run``, retried through a storage outage while its lease holds
+        (the renewal pass marks it lost) and, once the worker stops, within the shutdown
+        grace: a result already computed is not thrown away for a few seconds of outage."""
+        return await retrying(
+            call, self._outage, lambda: run.lease_lost or time.monotonic() > self.give_up_at
+        )
+
+
+async def _refused(
+    app: AsyncQueueTasks, record: TaskRecord, delivery: Delivery, ack: Delivery | None
+) -> None:
+    """A write of ``record`` by ``delivery``'s run was refused: either a newer attempt owns
+    the task (nothing to do), or the stored record is already final, e.g. cancelled from
+    another process while the task ran. Then the task is over: ``record`` takes the stored
+    state, ``ack`` (``None`` when the refusing call acked already) is acked, and a cancel
+    fires ``qtasks_task_cancelled`` once, here."""
+    stored = await app.storage.get(record.uuid)
+    if stored is None or not stored.status.final or stored.token != delivery.token:
+        log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
+        return
+    if ack is not None:
+        await ack.ack()
+    for name in _RECORD_FIELDS:
+        setattr(record, name, getattr(stored, name))
+    if stored.status is TaskStatus.CANCEL:
+        reason = stored.cancel_reason or "cancelled"
+        log.info(
+            "task %s was cancelled while it ran (%s): its result is dropped", record.uuid, reason
+        )
+        await app.hooks.notify("qtasks_task_cancelled", app=app, record=record, reason=reason)
+    else:
+        log.warning(
+            "result of %s dropped: the task had already ended (%s)",
+            record.uuid,
+            stored.status.value,
+        )
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclass_fields(TaskRecord))
+
+
+async def _stored_final(
+    app: AsyncQueueTasks,
+    record: TaskRecord,
+    saved: bool,
+    delivery: Delivery,
+    ack: Delivery | None,
+) -> bool:
+    """After the final save of ``record`` by ``delivery``'s run: its hooks, and the ack of
+    ``ack`` (``None`` when the save already acked). Returns ``saved``."""
+    if not saved:
+        await _refused(app, record, delivery, ack)
+        return False
+    hooks = app.hooks
+    if "qtasks_storage_saved" in hooks.active:
+        await hooks.notify("qtasks_storage_saved", app=app, record=record)
+    if ack is not None:
+        await ack.ack()
+    if "qtasks_broker_acked" in hooks.active:
+        await hooks.notify("qtasks_broker_acked", app=app, record=record)
+    return True
+
+
+def _succeeded(record: TaskRecord, result: Any) -> None:
+    record.updated_at = time.time()
+    record.status = TaskStatus.SUCCESS
+    record.returning = result
+    record.error = None
+
+
+class _Batch:
+    """Stores the results of succeeded tasks and acks their messages, many per round trip
+    (:meth:`SharedServer.ack_finals`): tasks that finish while one call is in flight go
+    together in the next. At most ``limit`` tasks (twice the concurrency: one call in flight,
+    the next one filling) wait here; a runner that finds it full waits before its next task."""
+
+    __slots__ = ("_app", "_busy", "_done", "_limit", "_outage", "_queue", "_ready", "_shared")
+
+    def __init__(
+        self, app: AsyncQueueTasks, shared: SharedServer, limit: int, outage: Outage
+    ) -> None:
+        self._app = app
+        self._outage = outage
+        self._shared = shared
+        self._limit = max(limit, 1)
+        self._queue: list[tuple[TaskRun, Delivery]] = []
+        self._busy = 0
+        """Tasks queued or in the call in flight."""
+        self._ready = _Signal()
+        self._done = _Signal()
+
+    async def put(self, run: TaskRun, delivery: Delivery) -> None:
+        while self._busy >= self._limit:
+            await self._done.wait(None)
+        self._queue.append((run, delivery))
+        self._busy += 1
+        self._ready.fire()
+
+    async def drained(self) -> None:
+        """Until every task handed over is settled."""
+        while self._busy:
+            await self._done.wait(None)
+
+    async def serve(self) -> None:
+        while True:
+            while not self._queue:
+                await self._ready.wait(None)
+            batch = self._queue[:SETTLE_BATCH]
+            del self._queue[:SETTLE_BATCH]
+            try:
+                await self._settle(batch)
+            except Exception:
+                # A bug in a component or plugin must not kill the worker (see _process).
+                log.exception("worker failed while settling %d finished tasks", len(batch))
+            finally:
+                self._busy -= len(batch)
+                self._done.fire()
+
+    async def _settle(self, batch: list[tuple[TaskRun, Delivery]]) -> None:
+        app = self._app
+        try:
+            saved = await self._shared.ack_finals(
+                app.storage, [(delivery, run.record) for run, delivery in batch]
+            )
+        except ConnectionError as exc:
+            # The broker retried while the leases held: each message comes back after its
+            # lease and runs again (at-least-once). One warning per outage.
+            self._outage.failed(exc)
+            return
+        except Exception:
+            # Not acked: each message comes back after its lease (at-least-once).
+            log.exception("could not store the results of %d finished tasks", len(batch))
+            return
+        hooks = app.hooks
+        for (run, _), ok in zip(batch, saved, strict=True):
+            record = run.record
+            if (
+                await _stored_final(app, record, ok, run.delivery, None)
+                and "qtasks_task_succeeded" in hooks.active
+            ):
+                await hooks.notify("qtasks_task_succeeded", app=app, record=record)
+            if "qtasks_worker_execute_after" in hooks.active:
+                await hooks.notify("qtasks_worker_execute_after", app=app, record=record)
