@@ -12,6 +12,8 @@ The ``rig`` fixture (tests/redis/conftest.py) hands a test a :class:`FaultRig`::
             task = await app.add_task("slow", 1, 4.0)   # tasks: see redis_worker_app.py
             await wait_until(lambda: rig.runs("end")[1] >= 1, timeout=20, what="task 1 ran",
                              workers=[worker])
+            [record] = await outcome(app, [task.uuid], 20)  # once final (or dead-lettered)
+        assert record.status is TaskStatus.SUCCESS
         assert rig.runs("start") == {1: 1}              # runs per task number, from the ledger
         assert not worker.problems()                    # no traceback, no unretrieved exception
 """
@@ -65,6 +67,23 @@ async def wait_until(
         await anyio.sleep(every)
 
 
+async def outcome(app: AsyncQueueTasks, uuids: list[str], seconds: float) -> list[Any]:
+    """The tasks' records once each is final or dead-lettered (a dead-lettered task's record
+    may never become final), or as they are after ``seconds``."""
+    records: list[Any] = []
+    with anyio.move_on_after(seconds):
+        while True:
+            records = [await app.storage.get(uuid) for uuid in uuids]
+            dead = {letter.id for letter in await app.broker.dead_letters()}
+            if all(
+                (r is not None and r.status.final) or uuid in dead
+                for r, uuid in zip(records, uuids, strict=True)
+            ):
+                break
+            await anyio.sleep(0.1)
+    return records
+
+
 class FaultRig:
     """A private redis-server with a :class:`FaultProxy` in front, and what a test starts on
     them (closed by the fixture, in reverse)."""
@@ -72,7 +91,9 @@ class FaultRig:
     def __init__(self, tmp: Path, prefix: str) -> None:
         self.tmp = tmp
         self.prefix = prefix
-        self.server = RedisServer(tmp)
+        # AOF on (a test may kill and restart it), fsync once a second: an fsync per write
+        # would add its own latency to what the proxy injects.
+        self.server = RedisServer(tmp, fsync="everysec")
         self.proxy = FaultProxy(("127.0.0.1", self.server.port)).start()
         self.workers: list[Worker] = []
 

@@ -3,6 +3,7 @@ what the reliability tests rely on."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,27 @@ def test_latency_delays_each_way_without_serializing(rig: FaultRig) -> None:
         assert round_trip(conn) < 0.1
     finally:
         conn.close()
+
+
+def test_latency_keeps_throughput_with_many_chunks_in_flight(rig: FaultRig) -> None:
+    """Twenty commands sent 10 ms apart (separate chunks) through 0.1 s each way: all replies
+    are back about one delayed round trip after the last was sent, not 20 round trips."""
+    rig.proxy.latency(0.1)
+    with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.monotonic()
+        for i in range(20):
+            time.sleep(0.01)  # pacing, so that the commands leave as separate chunks
+            sock.sendall(b"ECHO %d\r\n" % i)
+        last_sent = time.monotonic()
+        expected = b"".join(b"$%d\r\n%d\r\n" % (len(str(i)), i) for i in range(20))
+        received = b""
+        while len(received) < len(expected):
+            received += sock.recv(65536)
+        done = time.monotonic()
+    assert received == expected  # in order, nothing lost
+    assert done - last_sent >= 0.2  # the last command's round trip was delayed both ways
+    assert done - start < 1.0, done - start  # a delay paid per chunk would take 20 x 0.2 s
 
 
 def test_blackhole_times_out_and_pass_restores(rig: FaultRig) -> None:

@@ -6,14 +6,12 @@ reliability``, also run by .ci/run), not in the default ``pytest``."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from fault_fixtures import FaultRig, wait_until
+from fault_fixtures import FaultRig, outcome, wait_until
 
-from qtasks import AsyncQueueTasks, TaskStatus
+from qtasks import TaskStatus
 from qtasks_redis import RedisBroker
 from qtasks_redis.broker_lua import KEY_NAMES
 
@@ -53,23 +51,6 @@ async def test_idle_worker_survives_a_reset_without_unretrieved_errors(rig: Faul
         assert (done.status, done.returning) == (TaskStatus.SUCCESS, 14)
     assert worker.stop() == 0, worker.output()
     assert not worker.problems(), worker.output()
-
-
-async def outcome(app: AsyncQueueTasks, uuids: list[str], seconds: float) -> list[Any]:
-    """The tasks' records once each is final or dead-lettered (a dead-lettered task's record
-    may never become final), or as they are after ``seconds``."""
-    records: list[Any] = []
-    with anyio.move_on_after(seconds):
-        while True:
-            records = [await app.storage.get(uuid) for uuid in uuids]
-            dead = {letter.id for letter in await app.broker.dead_letters()}
-            if all(
-                (r is not None and r.status.final) or uuid in dead
-                for r, uuid in zip(records, uuids, strict=True)
-            ):
-                break
-            await anyio.sleep(0.1)
-    return records
 
 
 @pytest.mark.reliability
