@@ -273,6 +273,11 @@ class FaultProxy:
 
     # --- inside the proxy's loop ---
 
+    @property
+    def resetting(self) -> bool:
+        """In ``reset`` mode (read afresh each time: another thread switches it)."""
+        return self.mode == "reset"
+
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -302,7 +307,7 @@ class FaultProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
-        if self.mode == "reset":
+        if self.resetting:
             self.stats.resets += 1
             _rst(writer)
             return
@@ -311,7 +316,7 @@ class FaultProxy:
         except OSError:
             _rst(writer)  # the server is down: the client sees its connection reset
             return
-        if self.mode == "reset":  # switched while we connected
+        if self.resetting:  # switched while we connected
             self.stats.resets += 1
             _rst(writer)
             _rst(upstream[1])
