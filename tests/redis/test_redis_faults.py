@@ -54,14 +54,31 @@ async def test_idle_worker_survives_a_reset_without_unretrieved_errors(rig: Faul
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("fault", ["reset", "blackhole"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "reset",
+        pytest.param(
+            "blackhole",
+            marks=pytest.mark.xfail(
+                strict=False,  # about one run in two today; make it pass with item 2's fix
+                raises=AssertionError,
+                reason="issue 14 item 2: after the partition the worker claims its own expired "
+                "deliveries while their old runs are registered; the KeyError requeues them "
+                "(resetting the delivery count), so tasks run 5-8 times and records stay in "
+                "process",
+            ),
+        ),
+    ],
+)
 async def test_busy_worker_recovers_from_a_6s_outage(rig: FaultRig, fault: str) -> None:
     """Twelve 1 s tasks on a worker (concurrency 4, lease 2 s) whose network is reset or
     partitioned for 6 s (three leases) mid-run: every task ends ``success`` and nothing goes
     unretrieved. After a partition (commands time out and are retried within their budget) the
-    log holds no traceback at all. After 6 s of resets the retry budget runs out, and the worker
-    logs errors with tracebacks ('worker failed while handling message', 'could not store the
-    results'); issue 14 item 6 is about those, so here only unhandled ones are refused."""
+    log must hold no traceback at all; today it often holds item 2's KeyError (see the mark).
+    After 6 s of resets the retry budget runs out, and the worker logs errors with tracebacks
+    ('worker failed while handling message', 'could not store the results'); issue 14 item 6 is
+    about those, so there only unhandled ones are refused."""
     worker = rig.worker(concurrency=4, lease=2.0, extra={"redis_socket_timeout": 2.0})
     async with rig.producer() as app:
         await rig.wait_serving(app, worker)
@@ -73,7 +90,10 @@ async def test_busy_worker_recovers_from_a_6s_outage(rig: FaultRig, fault: str) 
         await anyio.sleep(6)  # the outage itself
         rig.proxy.passthrough()
         records = await outcome(app, uuids, 30)
-        assert [r.status if r else None for r in records] == [TaskStatus.SUCCESS] * 12
+        assert [r.status if r else None for r in records] == [TaskStatus.SUCCESS] * 12, (
+            rig.runs("start"),
+            worker.output(),
+        )
     assert set(rig.runs("end")) == set(range(12))
     assert worker.stop() == 0, worker.output()
     allowed = ("Traceback",) if fault == "reset" else ()
@@ -83,6 +103,7 @@ async def test_busy_worker_recovers_from_a_6s_outage(rig: FaultRig, fault: str) 
 @pytest.mark.reliability
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,  # the bug's symptom; a timeout of the set-up is a real failure
     reason="issue 14 item 1: lease renewal costs a round trip per task; at 100 ms each way "
     "leases of 2 s run out under 10 running tasks",
 )
@@ -104,6 +125,7 @@ async def test_lease_renewal_holds_under_latency(rig: FaultRig) -> None:
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,  # the bug's symptom; a timeout of the set-up is a real failure
     reason="issue 14 item 2: a delivery whose lease was lost comes back to the same worker "
     "while its old run is registered; the cleanup's del self._running[uuid] raises KeyError",
 )
