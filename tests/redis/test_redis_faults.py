@@ -24,6 +24,16 @@ async def test_idle_worker_survives_a_reset_without_unretrieved_errors(rig: Faul
     worker = rig.worker(concurrency=2, lease=2.0)
     async with rig.producer() as app:
         await rig.wait_serving(app, worker)
+        direct = aioredis.Redis.from_url(rig.direct_url)
+        try:
+
+            async def blocked() -> bool:
+                return bool((await direct.info("clients"))["blocked_clients"])
+
+            # The reset must find the idle claim blocked (BLPOP with the claim queued behind).
+            await wait_until(blocked, timeout=10, what="the idle claim to block", workers=[worker])
+        finally:
+            await direct.aclose()
         before = rig.proxy.stats.connections
         rig.proxy.reset()
         await wait_until(
