@@ -34,7 +34,7 @@ from faultproxy import FaultProxy
 from redis_procs import RedisServer, Worker, counts
 from redis_worker_app import build
 
-from qtasks import AsyncQueueTasks
+from qtasks import AsyncQueueTasks, TaskRecord
 
 
 async def wait_until(
@@ -67,10 +67,12 @@ async def wait_until(
         await anyio.sleep(every)
 
 
-async def outcome(app: AsyncQueueTasks, uuids: list[str], seconds: float) -> list[Any]:
+async def outcome(
+    app: AsyncQueueTasks, uuids: list[str], seconds: float
+) -> list[TaskRecord | None]:
     """The tasks' records once each is final or dead-lettered (a dead-lettered task's record
     may never become final), or as they are after ``seconds``."""
-    records: list[Any] = []
+    records: list[TaskRecord | None] = []
     with anyio.move_on_after(seconds):
         while True:
             records = [await app.storage.get(uuid) for uuid in uuids]
@@ -94,7 +96,11 @@ class FaultRig:
         # AOF on (a test may kill and restart it), fsync once a second: an fsync per write
         # would add its own latency to what the proxy injects.
         self.server = RedisServer(tmp, fsync="everysec")
-        self.proxy = FaultProxy(("127.0.0.1", self.server.port)).start()
+        try:
+            self.proxy = FaultProxy(("127.0.0.1", self.server.port)).start()
+        except BaseException:
+            self.server.close()
+            raise
         self.workers: list[Worker] = []
 
     @property
