@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s bench``.
+"""Developer sessions: ``nox -s tests``, ``nox -s reliability``, ``nox -s lint``,
+``nox -s typecheck``, ``nox -s bench``.
 
 Each session installs the whole uv workspace from ``uv.lock`` into its own environment.
 """
@@ -24,9 +25,18 @@ def _sync(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite (needs Redis and RabbitMQ on 127.0.0.1, see README)."""
+    """The test suite but the tests marked ``reliability`` (needs Redis and RabbitMQ on
+    127.0.0.1, see README)."""
     _sync(session)
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def reliability(session: nox.Session) -> None:
+    """The long fault-injection tests (marked ``reliability``): worker subprocesses behind a
+    fault proxy in front of a private redis-server (needs ``redis-server`` on the PATH)."""
+    _sync(session)
+    session.run("pytest", "-m", "reliability", *session.posargs)
 
 
 @nox.session

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,9 @@ from qtasks.components import BrokerStats
 
 HERE = Path(__file__).parent
 APP = HERE / "redis_worker_app.py"
+
+PROBLEMS = ("Traceback", "never retrieved", "was destroyed but it is pending", "CRITICAL")
+"""What must never be in a worker's log: an unhandled exception in any form."""
 
 
 def free_port() -> int:
@@ -41,8 +45,10 @@ class Worker:
         lease: float = 30.0,
         concurrency: int = 10,
         name: str = "w",
-        max_deliveries: int = 5,
+        config: dict[str, Any] | None = None,
     ) -> None:
+        """``config``: further QueueConfig fields for the worker's app (``QT_CONFIG``)."""
+        self.name = name
         self.log = tmp / f"{name}.log"
         self.ledger = tmp / "ledger.txt"
         env = {
@@ -52,7 +58,7 @@ class Worker:
             "QT_LEASE": str(lease),
             "QT_CONCURRENCY": str(concurrency),
             "QT_LEDGER": str(self.ledger),
-            "QT_MAX_DELIVERIES": str(max_deliveries),
+            "QT_CONFIG": json.dumps(config or {}),
             "PYTHONPATH": str(HERE),
         }
         with self.log.open("w") as out:
@@ -85,6 +91,15 @@ class Worker:
 
     def output(self) -> str:
         return self.log.read_text()
+
+    def problems(self, allowed: tuple[str, ...] = ()) -> list[str]:
+        """Lines of the log that show an unhandled exception (:data:`PROBLEMS`), except lines
+        containing one of ``allowed``."""
+        return [
+            line
+            for line in self.output().splitlines()
+            if any(p in line for p in PROBLEMS) and not any(a in line for a in allowed)
+        ]
 
 
 def ledger(path: Path) -> list[tuple[str, int, int]]:

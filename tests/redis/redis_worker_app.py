@@ -1,14 +1,16 @@
 """A qtasks app on Redis for the end-to-end tests, in process or as a worker subprocess.
 
 Run as ``python redis_worker_app.py`` to serve until SIGTERM; settings come from environment
-variables (``QT_URL``, ``QT_PREFIX``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER``,
-``QT_MAX_DELIVERIES``). Every
+variables (``QT_URL``, ``QT_PREFIX``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER``, and
+``QT_CONFIG``: further QueueConfig fields as JSON); warnings and errors are logged to stderr. Every
 execution appends ``start``/``end`` lines to the ledger file, opened with ``O_APPEND`` so the lines
 survive a SIGKILL of the worker.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 import time
@@ -110,13 +112,14 @@ def build(
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app = build(
         os.environ["QT_URL"],
         os.environ["QT_PREFIX"],
         lease=float(os.environ.get("QT_LEASE", "30")),
         concurrency=int(os.environ.get("QT_CONCURRENCY", "10")),
         ledger=os.environ.get("QT_LEDGER"),
-        max_deliveries=int(os.environ.get("QT_MAX_DELIVERIES", "5")),
+        **json.loads(os.environ.get("QT_CONFIG") or "{}"),
     )
     print("serving", flush=True)
     app.run_forever()

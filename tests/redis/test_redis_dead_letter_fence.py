@@ -104,7 +104,15 @@ async def test_two_workers_a_loop_blocking_task_ends_dead_lettered_not_successfu
     app = build(redis_url, prefix)
     await app.start()
     workers = [
-        Worker(redis_url, prefix, tmp_path, lease=1.0, concurrency=2, name=n, max_deliveries=2)
+        Worker(
+            redis_url,
+            prefix,
+            tmp_path,
+            lease=1.0,
+            concurrency=2,
+            name=n,
+            config={"max_deliveries": 2},
+        )
         for n in ("a", "b")
     ]
     try:

@@ -4,16 +4,24 @@ timeouts, and the pure-Python reply parser."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from redis.exceptions import NoScriptError, ResponseError
+import redis
+import redis.asyncio
+from fault_fixtures import FaultRig
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis_procs import RedisServer
 
 from qtasks.config import QueueConfig
 from qtasks.messages import Envelope
@@ -210,3 +218,80 @@ async def test_lane_keeps_order_under_asyncio_gather(lane: Lane, key: str) -> No
         assert results == list(range(1, 51))
     finally:
         await lane.command("DEL", key)
+
+
+async def unretrieved(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """asyncio's reports of exceptions nobody retrieved (made when a future is collected)."""
+    for _ in range(3):  # let the loop drop its last references (closed transports' callbacks)
+        await asyncio.sleep(0)
+    gc.collect()
+    return [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_reset_while_blocked_leaves_no_unretrieved_error(
+    rig: FaultRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14 item 3: the connection of a block-then-script is reset; the caller gets the
+    ConnectionError and the script's reply future, failed by the same reset, is not left for
+    asyncio to report."""
+    proxied = lane_for(RedisTarget.parse(rig.proxied_url), {})
+    assert proxied is not None
+    script = Script("return 1")
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    try:
+
+        async def reset_once_blocked() -> None:
+            # Once the BLPOP blocks in Redis (the connection is set up, the script queued).
+            direct = redis.asyncio.Redis(port=rig.server.port)
+            try:
+                with anyio.fail_after(5):
+                    while not (await direct.info("clients"))["blocked_clients"]:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+            finally:
+                await direct.aclose()
+            rig.proxy.reset()
+
+        for commands in ("block_then_script", "blocking"):
+            rig.proxy.passthrough()
+            await proxied.command("PING")  # reconnected after the last reset
+            failed = False
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reset_once_blocked)
+                try:
+                    with anyio.fail_after(5):
+                        if commands == "blocking":
+                            await proxied.blocking(30, ("BLPOP", "k", 30), ("PING",))
+                        else:
+                            await proxied.block_then_script(
+                                30, ("BLPOP", "k", 30), script, ["x"], [], orphan=print
+                            )
+                except RedisConnectionError:
+                    failed = True
+            assert failed, commands
+            assert await unretrieved(caplog) == [], commands
+    finally:
+        proxied.close()
+
+
+async def test_failed_auth_leaves_no_unretrieved_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong password fails AUTH, and SELECT after it (NOAUTH): one error is raised, the
+    other is not left for asyncio to report."""
+    try:
+        server = RedisServer(tmp_path)
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(f"cannot start a redis-server: {exc}")
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    try:
+        admin = redis.Redis(port=server.port)
+        admin.config_set("requirepass", "secret")
+        admin.close()
+        wrong = lane_for(RedisTarget.parse(f"redis://:nope@127.0.0.1:{server.port}/1"), {})
+        assert wrong is not None
+        with pytest.raises(AuthenticationError):
+            await wrong.check()
+        wrong.close()
+        assert await unretrieved(caplog) == []
+    finally:
+        server.close()

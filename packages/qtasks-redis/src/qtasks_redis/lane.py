@@ -153,6 +153,31 @@ def _bulk(value: Any) -> bytes:
     raise TypeError(f"cannot send {type(value).__name__} to Redis")
 
 
+def _observed(future: asyncio.Future[Any]) -> None:
+    """Mark ``future``'s error as retrieved, now or when it is set.
+
+    For reply futures nobody will await any more: the replies after one that failed (a lost
+    connection fails them all with the error already raised to the caller; after a failed
+    ``AUTH`` the rest are its follow-ups), or those of a caller that left. Their errors were
+    handled with the first one; unmarked, asyncio would log each as "Future exception was never
+    retrieved" when it is collected."""
+    if not future.done():
+        future.add_done_callback(_observed)
+    elif not future.cancelled():
+        future.exception()
+
+
+async def _replies(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
+    """Await ``futures`` in order; if one fails (or the caller is cancelled), the others are
+    :func:`_observed` before the error propagates."""
+    try:
+        return [await future for future in futures]
+    except BaseException:
+        for future in futures:
+            _observed(future)
+        raise
+
+
 def pack(args: Sequence[Any]) -> bytes:
     """One command in RESP: ``*<n>`` then each argument as a bulk string."""
     return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
@@ -349,10 +374,9 @@ class Lane:
                     setup.append(["CLIENT", "ID"])
                 if setup:
                     futures = conn.send(b"".join(pack(cmd) for cmd in setup), len(setup))
-                    for future in futures:
-                        reply = await future
+                    replies = await _replies(futures)
                     if blocking:
-                        conn.client_id = int(reply)
+                        conn.client_id = int(replies[-1])
         except TimeoutError:
             conn.close()
             raise RedisTimeoutError("timed out connecting to Redis") from None
@@ -371,6 +395,9 @@ class Lane:
         # One opener at a time; concurrent callers wait for the same connection.
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._open())
+            # Its callers take its error through a shield each; if all of them were cancelled
+            # first, nobody is left to (and nobody needs to) see it.
+            _observed(self._opening)
         opening = self._opening
         try:
             conn = await asyncio.shield(opening)
@@ -386,8 +413,13 @@ class Lane:
             try:
                 conn = await self._connection()
                 futures = conn.send(packed, count)
-                await conn.drained()
-                return [await future for future in futures]
+                try:
+                    await conn.drained()
+                except BaseException:
+                    for future in futures:
+                        _observed(future)
+                    raise
+                return await _replies(futures)
             except (RedisConnectionError, RedisTimeoutError):
                 failures += 1
                 if failures > self._retries or self._closed:
@@ -451,7 +483,7 @@ class Lane:
         done = False
         try:
             futures = conn.send(packed, len(commands), block)
-            replies = [await future for future in futures]
+            replies = await _replies(futures)
             done = True
             return replies
         finally:
@@ -487,6 +519,12 @@ class Lane:
         packed = pack(blocking) + pack(("EVALSHA", script.sha, len(keys), *keys, *args))
         conn = await self._blocking_conn()
         first, second = conn.send(packed, 2, block)
+        # Every path below either awaits a reply or gives it up on purpose (the first's error
+        # reply; both, when the connection is lost and the first already raised its error; a
+        # reply still pending as the caller leaves). A cancelled shield no longer watches its
+        # future, so mark both as observed here rather than on each path.
+        _observed(first)
+        _observed(second)
         try:
             # Shielded waits: cancelling the caller must not cancel (and drop) a reply. An
             # error reply to the blocking command does not matter; the script's does.
@@ -501,7 +539,10 @@ class Lane:
             if conn.lost is None and not second.done():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     if not first.done() and conn.client_id is not None:
-                        await self.command("CLIENT", "UNBLOCK", conn.client_id)
+                        try:
+                            await self.command("CLIENT", "UNBLOCK", conn.client_id)
+                        except Exception:  # the block then ends by itself (or times out)
+                            pass
                     try:
                         orphan(await second)
                     except Exception:  # lost anyway: its lease brings it back

@@ -1,0 +1,171 @@
+"""The fault proxy itself (tests/faultproxy.py), against a private redis-server: each mode does
+what the reliability tests rely on."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from fault_fixtures import FaultRig
+from faultproxy import FaultProxy
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+def client(port: int, timeout: float = 2.0) -> redis.Redis:
+    """A client that does not retry: each command shows what the proxy did to it."""
+    return redis.Redis(
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def round_trip(conn: redis.Redis) -> float:
+    start = time.monotonic()
+    assert conn.ping()
+    return time.monotonic() - start
+
+
+def test_pass_forwards_and_counts(rig: FaultRig) -> None:
+    conn = client(rig.proxy.port)
+    try:
+        conn.set("k", b"x" * 100_000)
+        assert conn.get("k") == b"x" * 100_000
+        stats = rig.proxy.stats
+        assert (stats.connections, stats.active) == (1, 1)
+        assert stats.bytes_up > 100_000 and stats.bytes_down > 100_000
+        assert stats.dropped == 0
+    finally:
+        conn.close()
+
+
+def test_latency_delays_each_way_without_serializing(rig: FaultRig) -> None:
+    conn = client(rig.proxy.port)
+    try:
+        base = min(round_trip(conn) for _ in range(3))
+        rig.proxy.latency(0.1)
+        slow = [round_trip(conn) for _ in range(3)]
+        # 0.1 s each way: every round trip costs at least 2x the set value.
+        assert min(slow) >= 0.2, slow
+        assert max(slow) < 0.2 + base + 0.3, slow
+        # 50 commands in one pipeline (many chunks in flight) still cost one delayed round trip,
+        # and come back in order.
+        pipe = conn.pipeline(transaction=False)
+        for i in range(50):
+            pipe.echo(str(i))
+        start = time.monotonic()
+        assert pipe.execute() == [str(i).encode() for i in range(50)]
+        assert time.monotonic() - start < 0.6
+        rig.proxy.passthrough()
+        assert round_trip(conn) < 0.1
+    finally:
+        conn.close()
+
+
+def test_latency_keeps_throughput_with_many_chunks_in_flight(rig: FaultRig) -> None:
+    """Twenty commands sent 10 ms apart (separate chunks) through 0.1 s each way: all replies
+    are back about one delayed round trip after the last was sent, not 20 round trips."""
+    rig.proxy.latency(0.1)
+    with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.monotonic()
+        for i in range(20):
+            time.sleep(0.01)  # pacing, so that the commands leave as separate chunks
+            sock.sendall(b"ECHO %d\r\n" % i)
+        last_sent = time.monotonic()
+        expected = b"".join(b"$%d\r\n%d\r\n" % (len(str(i)), i) for i in range(20))
+        received = b""
+        while len(received) < len(expected):
+            received += sock.recv(65536)
+        done = time.monotonic()
+    assert received == expected  # in order, nothing lost
+    assert done - last_sent >= 0.2  # the last command's round trip was delayed both ways
+    assert done - start < 1.0, done - start  # a delay paid per chunk would take 20 x 0.2 s
+
+
+def test_blackhole_times_out_and_pass_restores(rig: FaultRig) -> None:
+    conn = client(rig.proxy.port, timeout=0.5)
+    try:
+        assert conn.ping()
+        rig.proxy.blackhole()
+        with pytest.raises(redis.TimeoutError):
+            conn.ping()
+        assert rig.proxy.stats.dropped > 0
+        # A new connection is accepted but gets nothing either.
+        fresh = client(rig.proxy.port, timeout=0.5)
+        with pytest.raises(redis.TimeoutError):
+            fresh.ping()
+        fresh.close()
+        rig.proxy.passthrough()
+        # redis-py drops a connection that timed out and reconnects for the next command.
+        assert conn.ping()
+    finally:
+        conn.close()
+
+
+def test_reset_breaks_open_and_new_connections(rig: FaultRig) -> None:
+    conn = client(rig.proxy.port)
+    try:
+        assert conn.ping()
+        rig.proxy.reset()
+        assert rig.proxy.stats.resets == 1
+        with pytest.raises(redis.ConnectionError):
+            conn.ping()
+        fresh = client(rig.proxy.port)
+        with pytest.raises(redis.ConnectionError):
+            fresh.ping()
+        fresh.close()
+        assert rig.proxy.stats.active == 0
+        rig.proxy.passthrough()
+        assert conn.ping()
+    finally:
+        conn.close()
+
+
+def test_upstream_down_resets_the_client(tmp_path: Path) -> None:
+    # Nothing listens on the upstream port: the client's connection is reset, the proxy lives.
+    with FaultProxy(("127.0.0.1", 1)) as proxy:
+        conn = client(proxy.port)
+        with pytest.raises(redis.ConnectionError):
+            conn.ping()
+        conn.close()
+        assert proxy.stats.connections == 1
+
+
+def test_runs_as_a_program(rig: FaultRig) -> None:
+    here = Path(__file__).parent.parent / "faultproxy.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(here), "--listen", "127.0.0.1:0",
+         "--upstream", f"127.0.0.1:{rig.server.port}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        port = int(proc.stdout.readline())
+        conn = client(port, timeout=0.5)
+        assert conn.ping()
+
+        def command(line: str) -> str:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+            return proc.stdout.readline().strip()
+
+        assert command("blackhole") == "ok"
+        with pytest.raises(redis.TimeoutError):
+            conn.ping()
+        assert command("latency 0.05") == "ok"
+        assert round_trip(conn) >= 0.1
+        assert command("nonsense").startswith("error")
+        assert '"connections": 2' in command("stats")
+        conn.close()
+    finally:
+        proc.stdin.close()  # end of input ends the program
+        assert proc.wait(10) == 0
