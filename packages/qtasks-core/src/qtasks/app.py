@@ -57,7 +57,9 @@ class AsyncQueueTasks:
 
     Use ``async with app:`` to serve tasks inside a running event loop (e.g. a FastAPI lifespan),
     ``app.run_forever()`` to serve until SIGINT/SIGTERM, or just ``await app.add_task(...)`` to
-    produce (components start on first use; close them with ``await app.aclose()``).
+    produce (components start on first use; close them with ``await app.aclose()``, or let the
+    event loop end: they are closed then, and started again in the next loop that uses the app,
+    see :meth:`start`).
     """
 
     def __init__(
@@ -99,6 +101,10 @@ class AsyncQueueTasks:
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The asyncio loop the components were started in (``None`` under trio)."""
+        self._guard: asyncio.Task[None] | None = None
+        self._closing = False
         self._pending_hooks: list[Any] = []
 
     @classmethod
@@ -202,7 +208,13 @@ class AsyncQueueTasks:
         return self._stack is not None
 
     async def start(self) -> None:
-        """Start the components (not the worker). Idempotent."""
+        """Start the components (not the worker). Idempotent.
+
+        On asyncio the components belong to the running loop. When that loop ends with its
+        tasks cancelled, as ``asyncio.run``, ``anyio.run`` and pytest-asyncio end theirs, the
+        app closes them there, in order (as :meth:`aclose`), and the next loop that uses the
+        app starts them again: an app can be used from one ``asyncio.run`` to the next, and
+        from test to test with a loop per test."""
         if self._start_lock is None:
             self._start_lock = anyio.Lock()
         async with self._start_lock:
@@ -235,6 +247,28 @@ class AsyncQueueTasks:
                 await stack.aclose()
                 raise
             self._stack = stack
+            self._loop = asyncio._get_running_loop()
+            if self._loop is not None:
+                guard = self._loop.create_task(
+                    self._close_with_loop(), name=f"qtasks app {self.name!r}: close with the loop"
+                )
+                # It holds nothing: a loop closed without cancelling it need not log it.
+                guard._log_destroy_pending = False  # type: ignore[attr-defined]
+                self._guard = guard
+
+    async def _close_with_loop(self) -> None:
+        """Wait for the loop's end: the loop's runner cancels every task left before closing
+        the loop, this one too, and waits for them. Close the components then, while the
+        loop still runs, unless the app is serving (the serving task, cancelled as well,
+        unwinds ``async with app`` itself) or already closing."""
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            if self._guard is asyncio.current_task():
+                self._guard = None
+                if self._serving is None and not self._closing:
+                    await self.aclose()
+            raise
 
     async def _stopped_hook(self, kind: str, component: Any) -> None:
         await self.hooks.notify(
@@ -243,14 +277,21 @@ class AsyncQueueTasks:
 
     async def aclose(self) -> None:
         """Stop the worker (if serving) and every component."""
-        if self._serving is not None:
-            serving, self._serving = self._serving, None
-            await serving.aclose()
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            await self.hooks.notify("qtasks_app_stopping", app=self)
-            await stack.aclose()
-            await self.hooks.notify("qtasks_app_stopped", app=self)
+        guard, self._guard = self._guard, None
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
+        self._closing = True
+        try:
+            if self._serving is not None:
+                serving, self._serving = self._serving, None
+                await serving.aclose()
+            if self._stack is not None:
+                stack, self._stack = self._stack, None
+                await self.hooks.notify("qtasks_app_stopping", app=self)
+                await stack.aclose()
+                await self.hooks.notify("qtasks_app_stopped", app=self)
+        finally:
+            self._closing = False
 
     async def __aenter__(self) -> AsyncQueueTasks:
         """Start components and a worker in the current event loop."""

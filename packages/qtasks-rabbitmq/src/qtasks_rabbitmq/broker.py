@@ -389,7 +389,13 @@ class _Consumer:
         if link is not None:
             link.unregister(self.key)
         channel = self.channel
-        if channel is None or channel.is_closed:
+        if channel is None:
+            return
+        if channel.is_closed:
+            # Closed already (server, lost connection, the loop's end): still closed through
+            # aio-pika, which waits for its close callbacks' tasks.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)
             return
         try:
             if self.tag is not None and self.underlay is not None:
