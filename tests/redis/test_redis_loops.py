@@ -15,6 +15,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ import pytest
 import redis
 
 from qtasks import AsyncQueueTasks, TaskStatus
+from qtasks.errors import ComponentError
 from qtasks.task import TaskDef
 from qtasks_rabbitmq import RabbitMQBroker, Topology
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
@@ -164,6 +166,45 @@ def test_anyio_run_twice(backend: Backend, caplog: pytest.LogCaptureFixture) -> 
         anyio.run(scenario.serve, queued)
 
     quietly(steps, caplog)
+
+
+# The dead loop's aiormq tasks are destroyed pending: aio-pika's complaint, not qtasks'.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_loop_closed_without_cancelling_its_tasks(backend: Backend) -> None:
+    """``run_until_complete`` then ``loop.close()`` leaves the app no chance to close its
+    components in that loop: the next loop drops them without touching the dead one and
+    connects again. (Sockets of the dead loop are left to the garbage collector, and aio-pika
+    may complain about its own tasks: not checked here.)"""
+    scenario = Scenario(backend.app())
+    loop = asyncio.new_event_loop()
+    try:
+        queued = loop.run_until_complete(scenario.produce())
+    finally:
+        loop.close()
+    asyncio.run(scenario.serve(queued))
+
+
+def test_an_app_in_a_loop_still_running_elsewhere_is_refused(backend: Backend) -> None:
+    """Two loops at once (threads) cannot share the components: a clear error, not a hang."""
+    scenario = Scenario(backend.app())
+    ready, stop = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        await scenario.produce()
+        ready.set()
+        await anyio.to_thread.run_sync(stop.wait)
+        await scenario.app.aclose()
+
+    thread = threading.Thread(target=anyio.run, args=(hold,))
+    thread.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(ComponentError, match="still running in another thread"):
+            asyncio.run(scenario.produce())
+    finally:
+        stop.set()
+        thread.join(30)
 
 
 SUITE = """

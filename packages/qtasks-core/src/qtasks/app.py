@@ -24,7 +24,12 @@ from qtasks.components import (
 from qtasks.config import QueueConfig, load_config
 from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, load_plugins
-from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
+from qtasks.errors import (
+    ComponentError,
+    ComponentNotStartedError,
+    TaskDeclarationError,
+    TaskNotFoundError,
+)
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Envelope, Message, Serializer, new_uuid
@@ -41,6 +46,12 @@ R = TypeVar("R")
 log = logging.getLogger("qtasks")
 
 _RESERVED = ("priority", "timeout", "delay", "eta")
+
+
+_running_loop = asyncio._get_running_loop
+"""The running asyncio loop or ``None`` (under trio, or outside a loop): the C function behind
+``asyncio.get_running_loop``, without an exception when there is none. Comparing it with the
+loop the components were started in costs well under a microsecond per call."""
 
 
 def _on_asyncio() -> bool:
@@ -214,7 +225,11 @@ class AsyncQueueTasks:
         tasks cancelled, as ``asyncio.run``, ``anyio.run`` and pytest-asyncio end theirs, the
         app closes them there, in order (as :meth:`aclose`), and the next loop that uses the
         app starts them again: an app can be used from one ``asyncio.run`` to the next, and
-        from test to test with a loop per test."""
+        from test to test with a loop per test. Components left behind by a loop closed
+        without that (``loop.close()`` after ``run_until_complete``) are dropped without
+        touching the dead loop, and started anew."""
+        if self._stack is not None and self._loop is not _running_loop():
+            self._leave_old_loop()
         if self._start_lock is None:
             self._start_lock = anyio.Lock()
         async with self._start_lock:
@@ -247,7 +262,7 @@ class AsyncQueueTasks:
                 await stack.aclose()
                 raise
             self._stack = stack
-            self._loop = asyncio._get_running_loop()
+            self._loop = _running_loop()
             if self._loop is not None:
                 guard = self._loop.create_task(
                     self._close_with_loop(), name=f"qtasks app {self.name!r}: close with the loop"
@@ -270,6 +285,20 @@ class AsyncQueueTasks:
                     await self.aclose()
             raise
 
+    def _leave_old_loop(self) -> None:
+        """Drop the components' state from an event loop that is no longer in use, without
+        awaiting anything on it (it may be closed); the components, started again, notice
+        that their connections belong to another loop and open new ones."""
+        old = self._loop
+        if old is not None and old.is_running():
+            raise ComponentError(
+                f"app {self.name!r} was started in an event loop that is still running in "
+                "another thread; an app serves one event loop at a time"
+            )
+        log.debug("app %r: its event loop is gone; starting again in this one", self.name)
+        self._stack = self._serving = self._task_group = None
+        self._guard = self._loop = self._start_lock = None
+
     async def _stopped_hook(self, kind: str, component: Any) -> None:
         await self.hooks.notify(
             "qtasks_component_stopped", app=self, kind=kind, component=component
@@ -277,6 +306,9 @@ class AsyncQueueTasks:
 
     async def aclose(self) -> None:
         """Stop the worker (if serving) and every component."""
+        if self._stack is not None and self._loop is not _running_loop():
+            self._leave_old_loop()  # nothing can be closed on a loop that is gone
+            return
         guard, self._guard = self._guard, None
         if guard is not None and guard is not asyncio.current_task():
             guard.cancel()
@@ -381,7 +413,7 @@ class AsyncQueueTasks:
         _parent_uuid: str | None = None,
     ) -> AsyncTask:
         """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         kwargs = dict(kwargs or {})
         task = self.tasks.get(task_name)
@@ -470,7 +502,7 @@ class AsyncQueueTasks:
 
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record = await self.storage.get(uuid)
         if record is None:
@@ -480,7 +512,7 @@ class AsyncQueueTasks:
 
     async def wait(self, uuid: str, timeout: float | None) -> AsyncTask:
         """Wait for the final record of ``uuid`` (woken when it is written)."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         if await self.storage.get(uuid) is None:
             raise TaskNotFoundError(uuid)
@@ -488,7 +520,7 @@ class AsyncQueueTasks:
 
     async def stream(self, uuid: str, timeout: float | None = None) -> AsyncIterator[Any]:
         """Yield the stored steps of a generator task as they come, until it is final."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         with anyio.fail_after(timeout):
             async for step in self.storage.steps(uuid):
@@ -497,7 +529,7 @@ class AsyncQueueTasks:
     async def cancel(self, uuid: str, reason: str = "cancelled") -> AsyncTask | None:
         """Cancel a task: a queued one never runs, a running one on this worker is cancelled
         now (on another worker, at its next lease renewal). Returns the record."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record = await self.storage.cancel(uuid, reason)
         if record is None:
@@ -509,14 +541,14 @@ class AsyncQueueTasks:
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The broker's dead letters (oldest first), each with the reason it was given up."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         return await self.broker.dead_letters(limit)
 
     async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
         """Put dead letters back in the queue (all when ``ids`` is None) and reset their
         records to ``new`` so that a worker runs them again. Returns how many."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         letters = await self.broker.dead_letters(limit=1_000_000)
         chosen = [d for d in letters if ids is None or d.id in ids]
@@ -552,7 +584,7 @@ class AsyncQueueTasks:
         priority, delayed, in-flight and dead-lettered counts (``broker.stats()``), workers alive
         (``global_config.workers()``), records by status (``storage.stats()``) and the plugins;
         then the ``qtasks_inspect`` hook may add keys. JSON-ready."""
-        if self._stack is None:
+        if self._stack is None or self._loop is not _running_loop():
             await self.start()
         stats = await self.broker.stats()
         report: dict[str, Any] = {

@@ -503,7 +503,13 @@ class RabbitMQBroker:
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         """Connect and declare. Started again (apps sharing this broker), it only counts: the
-        connection closes when the last of the stacks closes."""
+        connection closes when the last of the stacks closes. Started from another event loop
+        while the link's loop is gone without having closed it, it forgets that link and
+        connects again."""
+        if self._link is not None and self._link.loop is not asyncio.get_running_loop():
+            self._link.abandon()
+            self._link, self._starts = None, 0
+            self._consumers.clear()
         if self._link is not None:
             self._starts += 1
             stack.push_async_callback(self._release)
@@ -520,6 +526,8 @@ class RabbitMQBroker:
         stack.push_async_callback(self._release)
 
     async def _release(self) -> None:
+        if self._link is None or self._link.loop is not asyncio.get_running_loop():
+            return  # a stack of a loop already left (see start)
         self._starts -= 1
         if self._starts == 0 and self._link is not None:
             link, self._link = self._link, None

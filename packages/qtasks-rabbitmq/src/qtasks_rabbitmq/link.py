@@ -91,6 +91,8 @@ class Link:
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the link was started in."""
         self._supervisor: asyncio.Task[None] | None = None
         self._reopeners: dict[int, tuple[Reopen, Callable[[], bool]]] = {}
         self.reconnects = 0
@@ -99,6 +101,7 @@ class Link:
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Connect and declare once (errors are raised here), then keep the link up."""
+        self.loop = asyncio.get_running_loop()
         try:
             await self._connect()
         except TopologyError:
@@ -127,6 +130,14 @@ class Link:
                 await supervisor
             self._supervisor = None
         await self._drop_connection()
+
+    def abandon(self) -> None:
+        """Forget a link whose event loop is gone (closed without cancelling its tasks), without
+        touching that loop: nothing can run there any more. Its sockets go with the loop."""
+        self._closed = True
+        self._supervisor = None
+        self._connection, self._channel, self._publisher = None, None, None
+        self._reopeners.clear()
 
     @property
     def ending(self) -> bool:
