@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -267,8 +268,10 @@ class AsyncQueueTasks:
                 guard = self._loop.create_task(
                     self._close_with_loop(), name=f"qtasks app {self.name!r}: close with the loop"
                 )
-                # It holds nothing: a loop closed without cancelling it need not log it.
-                guard._log_destroy_pending = False  # type: ignore[attr-defined]
+                # It holds nothing: a loop closed without cancelling it need not log it. (An
+                # asyncio Task's flag; a custom task factory's tasks may not have it.)
+                with contextlib.suppress(AttributeError):
+                    guard._log_destroy_pending = False  # type: ignore[attr-defined]
                 self._guard = guard
 
     async def _close_with_loop(self) -> None:
