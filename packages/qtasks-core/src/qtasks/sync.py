@@ -232,7 +232,11 @@ class QueueTasks:
                 self._portal_stop.join(timeout=10)
 
     def run_forever(self, starter: Starter | None = None) -> None:
-        """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread)."""
+        """Block serving tasks until SIGINT/SIGTERM (runs the async app in this thread).
+
+        The components belong to one event loop: if earlier calls started them in the
+        background thread's loop, that one is closed first and they start again here."""
+        self.close()
         self.aio.run_forever(starter)
 
 
