@@ -294,6 +294,9 @@ class QueueTasks:
         are caught only when it runs on the main thread. With a ``starter``, that starter runs
         the async app in a loop of its own in this thread instead."""
         if starter is not None:
+            # The components belong to one event loop: those started in the background
+            # thread's loop by earlier calls are closed first, and start again in this one.
+            self.close()
             self.aio.run_forever(starter)
             return
         with stop_on_signals(self.stop):

@@ -389,7 +389,13 @@ class _Consumer:
         if link is not None:
             link.unregister(self.key)
         channel = self.channel
-        if channel is None or channel.is_closed:
+        if channel is None:
+            return
+        if channel.is_closed:
+            # Closed already (server, lost connection, the loop's end): still closed through
+            # aio-pika, which waits for its close callbacks' tasks.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)
             return
         try:
             if self.tag is not None and self.underlay is not None:
@@ -497,7 +503,13 @@ class RabbitMQBroker:
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         """Connect and declare. Started again (apps sharing this broker), it only counts: the
-        connection closes when the last of the stacks closes."""
+        connection closes when the last of the stacks closes. Started from another event loop
+        while the link's loop is gone without having closed it, it forgets that link and
+        connects again."""
+        if self._link is not None and self._link.loop is not asyncio.get_running_loop():
+            self._link.abandon()
+            self._link, self._starts = None, 0
+            self._consumers.clear()
         if self._link is not None:
             self._starts += 1
             stack.push_async_callback(self._release)
@@ -514,6 +526,8 @@ class RabbitMQBroker:
         stack.push_async_callback(self._release)
 
     async def _release(self) -> None:
+        if self._link is None or self._link.loop is not asyncio.get_running_loop():
+            return  # a stack of a loop already left (see start)
         self._starts -= 1
         if self._starts == 0 and self._link is not None:
             link, self._link = self._link, None

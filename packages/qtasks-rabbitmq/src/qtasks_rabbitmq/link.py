@@ -7,6 +7,11 @@ message. This link owns the reconnect loop instead: every (re)connection gets a 
 are refused (their ``ack`` returns ``False``). A watchdog checks every few seconds that the
 connection and each consumer are still alive, so a silently cancelled consumer (queue deleted,
 server-side cancel) is restarted instead of leaving the worker idle forever.
+
+A link belongs to the event loop it was started in. When that loop ends (``asyncio.run``,
+``anyio.run`` and pytest-asyncio cancel every task left before closing it), the supervisor's
+cancellation is the signal: the link closes quietly, publish channel then connection, while the
+loop still runs, instead of reporting the aiormq tasks' cancellation as a lost connection.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ class Link:
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the link was started in."""
         self._supervisor: asyncio.Task[None] | None = None
         self._reopeners: dict[int, tuple[Reopen, Callable[[], bool]]] = {}
         self.reconnects = 0
@@ -94,6 +101,7 @@ class Link:
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Connect and declare once (errors are raised here), then keep the link up."""
+        self.loop = asyncio.get_running_loop()
         try:
             await self._connect()
         except TopologyError:
@@ -111,12 +119,32 @@ class Link:
         self._closed = True
         self._ready.clear()
         self._lost.set()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        supervisor = self._supervisor
+        if supervisor is not None:
+            # Cancelled already, the loop is ending and the supervisor is closing the link:
+            # cancelling it again would cut that close short (and leave aio-pika's callbacks
+            # pending). Wait for it instead.
+            if not supervisor.cancelling():
+                supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+                await supervisor
             self._supervisor = None
         await self._drop_connection()
+
+    def abandon(self) -> None:
+        """Forget a link whose event loop is gone (closed without cancelling its tasks), without
+        touching that loop: nothing can run there any more. Its sockets go with the loop."""
+        self._closed = True
+        self._supervisor = None
+        self._connection, self._channel, self._publisher = None, None, None
+        self._reopeners.clear()
+
+    @property
+    def ending(self) -> bool:
+        """Whether the link is closed or closing: by :meth:`close`, or because its event loop
+        ends (the loop's runner cancelled the supervisor; nothing else does)."""
+        supervisor = self._supervisor
+        return self._closed or (supervisor is not None and supervisor.cancelling() > 0)
 
     @property
     def connected(self) -> bool:
@@ -132,7 +160,7 @@ class Link:
 
     def lost(self, why: str) -> None:
         """Report that something on this connection died: reconnect everything."""
-        if self._closed or not self._ready.is_set():
+        if self.ending or not self._ready.is_set():
             return
         log.warning("RabbitMQ link to %s lost (%s); reconnecting", self.safe_url, why)
         self._ready.clear()
@@ -242,15 +270,20 @@ class Link:
         self._ready.set()
 
     def _on_close(self, generation: int, what: str, exc: BaseException | None) -> None:
-        if generation == self.generation and not self._closed:
+        if generation == self.generation and not self.ending:
             self.lost(what if exc is None else f"{what}: {describe(exc, self._secret)}")
 
     async def _drop_connection(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        self._publisher = None
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5)
+        """Close the publish channel, then the connection. Through aio-pika even when they are
+        closed already (by the server, or by aiormq's tasks being cancelled at the loop's
+        end): its ``close`` waits for the close callbacks it runs in tasks of their own, so
+        none is left pending when the loop closes."""
+        connection, self._connection = self._connection, None
+        channel, self._channel, self._publisher = self._channel, None, None
+        if channel is not None:
+            await _close_quietly(channel)
+        if connection is not None:
+            await _close_quietly(connection)
 
     def _healthy(self) -> bool:
         if self._connection is None or self._connection.is_closed:
@@ -260,6 +293,18 @@ class Link:
         return all(alive() for _, alive in self._reopeners.values())
 
     async def _supervise(self) -> None:
+        try:
+            await self._keep_up()
+        except asyncio.CancelledError:
+            if not self._closed:
+                # Cancelled from outside close(): the event loop is ending. Close in order
+                # while it still runs; this task is awaited by the loop's runner.
+                self._closed = True
+                self._ready.clear()
+                await self._drop_connection()
+            raise
+
+    async def _keep_up(self) -> None:
         while not self._closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._watchdog_interval):
@@ -288,6 +333,13 @@ class Link:
                     await self._drop_connection()
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 5.0)
+
+
+async def _close_quietly(closable: AbstractChannel | AbstractConnection) -> None:
+    """Close a channel or connection, closed or not, within 5 s, whatever it raises."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(5):
+            await closable.close()
 
 
 async def declare(connection: AbstractConnection, topology: Topology) -> None:

@@ -8,6 +8,7 @@ cluster node or a restarted server that has not cached the script yet).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Sequence
 from contextlib import AsyncExitStack
@@ -232,10 +233,22 @@ class SharedClient:
     """The client of one component, reference-counted across ``start`` calls.
 
     Several apps in one process may share a component; it connects on the first ``start`` and
-    disconnects when the last stack that started it unwinds.
+    disconnects when the last stack that started it unwinds. Connections belong to the event
+    loop they were opened in: started from another loop while the old one is gone without
+    having closed them (closed without cancelling its tasks), it forgets them and connects
+    again.
     """
 
-    __slots__ = ("_client", "_lane", "_owner", "_stack", "_users", "_wants_lane", "target")
+    __slots__ = (
+        "_client",
+        "_lane",
+        "_loop",
+        "_owner",
+        "_stack",
+        "_users",
+        "_wants_lane",
+        "target",
+    )
 
     def __init__(self, target: RedisTarget, owner: str, *, lane: bool = True) -> None:
         self.target = target
@@ -244,10 +257,14 @@ class SharedClient:
         self._client: Client | None = None
         self._lane: Lane | None = None
         self._stack: AsyncExitStack | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._users = 0
 
     async def acquire(self, stack: AsyncExitStack, options: dict[str, Any]) -> Client:
         check_options(options)
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is not loop:
+            self._abandon()
         if self._client is None:
             inner = AsyncExitStack()
             try:
@@ -263,11 +280,22 @@ class SharedClient:
                 await inner.aclose()
                 raise
             self._client, self._lane, self._stack = client, lane, inner
+            self._loop = loop
         self._users += 1
         stack.push_async_callback(self._release)
         return self._client
 
+    def _abandon(self) -> None:
+        """Forget the connections of a loop that is gone, without touching it (nothing runs
+        there any more; its sockets go with it). The old stacks' releases become no-ops."""
+        if self._lane is not None:
+            self._lane.abandon()
+        self._client = self._lane = self._stack = self._loop = None
+        self._users = 0
+
     async def _release(self) -> None:
+        if self._loop is not asyncio.get_running_loop():
+            return  # a stack of a loop already left (see _abandon)
         self._users -= 1
         if self._users == 0 and self._stack is not None:
             inner, self._stack, self._client, self._lane = self._stack, None, None, None

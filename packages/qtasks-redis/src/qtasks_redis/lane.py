@@ -562,6 +562,13 @@ class Lane:
         """Connect now (and fail now on a bad address or password)."""
         await self._connection()
 
+    def abandon(self) -> None:
+        """Stop using the connections of an event loop that is gone, without calling into it
+        (closing a transport schedules a callback on its loop)."""
+        self._closed = True
+        self._main, self._opening = None, None
+        self._idle.clear()
+
     def close(self) -> None:
         self._closed = True
         if self._main is not None:
