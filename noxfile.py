@@ -25,16 +25,16 @@ def _sync(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite but the tests marked ``reliability`` (needs Redis and RabbitMQ on
-    127.0.0.1, see README)."""
+    """The whole test suite (needs Redis and RabbitMQ on 127.0.0.1, see README)."""
     _sync(session)
     session.run("pytest", *session.posargs)
 
 
 @nox.session
 def reliability(session: nox.Session) -> None:
-    """The long fault-injection tests (marked ``reliability``): worker subprocesses behind a
-    fault proxy in front of a private redis-server (needs ``redis-server`` on the PATH)."""
+    """Only the long fault-injection tests (marked ``reliability``, also part of ``tests``):
+    worker subprocesses behind a fault proxy in front of a private redis-server (needs
+    ``redis-server`` on the PATH)."""
     _sync(session)
     session.run("pytest", "-m", "reliability", *session.posargs)
 

@@ -81,6 +81,7 @@ class QueueWorker:
         """Tokens of waiting deliveries whose lease could not be renewed."""
         self._recent_cancels: dict[str, None] = {}
         self._outage = Outage(log, "task storage")
+        self._gc_outage = Outage(log, "global config (worker heartbeats)")
         self._settlement = Settlement(self._outage)
         self._leases = LeaseKeeper(self._held_now, self._lost)
         self._seq = itertools.count()
@@ -292,11 +293,19 @@ class QueueWorker:
         }
         try:
             await app.global_config.heartbeat(self.id, info, ttl=interval * 3)
+        except ConnectionError as exc:
+            self._gc_outage.failed(exc)  # one warning per outage, then the next beat tries
+            return
+        except Exception:
+            log.warning("heartbeat to the global config failed", exc_info=True)
+            return
+        self._gc_outage.ok()
+        try:
             await app.hooks.notify(
                 "qtasks_global_config_status", app=app, worker_id=self.id, info=info
             )
         except Exception:
-            log.warning("heartbeat to the global config failed", exc_info=True)
+            log.warning("a qtasks_global_config_status hook failed", exc_info=True)
 
     # --- one delivery ---------------------------------------------------------------------
 
