@@ -243,8 +243,13 @@ class BeginOnClaim(Protocol):
         attributes: ``begun``, the stored record as :meth:`Storage.begin` would return it for
         this delivery (status ``process``, the delivery's ``token``, ``worker``; unchanged if
         final), or ``None`` when the storage holds no record of the message (the worker then
-        calls ``begin`` itself); and ``begun_at``, the ``time.monotonic()`` of the claim. The
-        stored ``attempt`` is the body's ``attempt`` + 1 when the body is JSON, else left."""
+        calls ``begin`` itself). The stored ``attempt`` is the body's ``attempt`` + 1 when the
+        body is JSON, else left.
+
+        The worker trusts ``begun`` when the task starts only if the storage's
+        :class:`CancelFeed` was live from the claim to the start and brought no cancel of that
+        task; otherwise it begins the record again (one round trip), so a cancel made while the
+        delivery waited is always seen."""
         ...
 
 
@@ -331,12 +336,18 @@ class CancelFeed(Protocol):
     """
 
     async def follow_cancels(
-        self, on_cancel: Callable[[str, str], None], *, task_status: Any = ...
+        self,
+        on_cancel: Callable[[str, str], None],
+        *,
+        on_live: Callable[[bool], None] | None = None,
+        task_status: Any = ...,
     ) -> None:
         """Call ``on_cancel(uuid, reason)`` for each cancel of a ``process`` record made from
-        now on, by any process, until cancelled. Started with ``task_group.start``: reports
-        started once it listens (or, when the backend is unreachable, once it tried; it keeps
-        retrying in the background). Never raises for a lost connection."""
+        now on, by any process, until cancelled; ``on_live(True)`` each time it starts
+        listening, ``on_live(False)`` each time it stops (a lost connection): while it is live,
+        no cancel escapes it. Started with ``task_group.start``: reports started once it
+        listens (or, when the backend is unreachable, once it tried; it keeps retrying in the
+        background). Never raises for a lost connection."""
         ...
 
 

@@ -497,13 +497,16 @@ class MemoryStorage(_Lifecycle):
         self,
         on_cancel: Callable[[str, str], None],
         *,
+        on_live: Callable[[bool], None] | None = None,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """See :class:`qtasks.components.CancelFeed`: every app sharing this storage hears
-        the cancels of the others at once."""
+        the cancels of the others at once (it is always live)."""
         self._check()
         self._cancel_followers.append(on_cancel)
         try:
+            if on_live is not None:
+                on_live(True)
             task_status.started()
             await anyio.sleep_forever()
         finally:

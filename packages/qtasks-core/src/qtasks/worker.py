@@ -12,6 +12,7 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import deque
+from functools import partial
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -46,15 +47,11 @@ HEARTBEAT_FRESH = 0.5
 """Seconds within which a change of a worker's figures (running, waiting, processed) reaches
 the global config, however long ``heartbeat_interval`` is."""
 
-BEGUN_FRESH = 0.005
-"""Seconds for which a record begun at claim time (see
-:class:`~qtasks.components.BeginOnClaim`) is trusted; a delivery that waited longer in the
-local queue is begun again when it starts, so a cancel made meanwhile is seen."""
-
-
 RECENT_CANCELS = 1024
 """Uuids of the latest cancels a worker heard of (see :class:`CancelFeed`): a delivery of one
-of them is never trusted as begun at claim time, it is begun again (and found final)."""
+of them is not trusted as begun at claim time, it is begun again (and found final). It covers
+a notice that overtakes the claim reply carrying the delivery; a delivery already waiting in
+the local queue is marked when the notice comes."""
 
 
 class QueueWorker:
@@ -80,6 +77,10 @@ class QueueWorker:
         self._lost: set[str] = set()
         """Tokens of waiting deliveries whose lease could not be renewed."""
         self._recent_cancels: dict[str, None] = {}
+        self._feed_epoch = 0
+        """Bumped each time the storage's cancel feed starts listening; 0 while it is not."""
+        self._claimed_in: dict[str, int] = {}
+        """Feed epoch at the receipt of each waiting delivery, by token (0: not trusted)."""
         self._outage = Outage(log, "task storage")
         self._gc_outage = Outage(log, "global config (worker heartbeats)")
         self._settlement = Settlement(self._outage)
@@ -102,6 +103,9 @@ class QueueWorker:
         recent[uuid] = None
         if len(recent) > RECENT_CANCELS:
             del recent[next(iter(recent))]
+        for _, _, waiting in self._local:
+            if waiting.id == uuid:
+                self._claimed_in[waiting.token] = 0  # its claim-time begin is out of date
         found = False
         for run in list(self._running.values()):
             if run.record.uuid == uuid:
@@ -124,6 +128,10 @@ class QueueWorker:
 
     def _cancelled_elsewhere(self, uuid: str, reason: str) -> None:
         self.cancel_local(uuid, reason)
+
+    def _feed_live(self, live: bool) -> None:
+        """The cancel feed started (a new epoch) or stopped (0: trust nothing begun before)."""
+        self._feed_epoch = (abs(self._feed_epoch) + 1) if live else -abs(self._feed_epoch)
 
     @property
     def stopping(self) -> anyio.Event:
@@ -180,6 +188,7 @@ class QueueWorker:
                             try:
                                 if delivery.token in self._lost:
                                     self._lost.discard(delivery.token)
+                                    self._claimed_in.pop(delivery.token, None)
                                     log.warning(
                                         "lease of waiting message %s was lost; another "
                                         "worker owns it now",
@@ -199,6 +208,8 @@ class QueueWorker:
                         await slot_freed.wait(None)
                     delivery = await iterator.__anext__()
                     self._held += 1
+                    if self._feed_epoch > 0:
+                        self._claimed_in[delivery.token] = self._feed_epoch
                     heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
                     item_ready.wake_one()
 
@@ -216,7 +227,11 @@ class QueueWorker:
             storage = app.storage
             if isinstance(storage, CancelFeed):
                 # Cancels made by other processes reach running tasks at once.
-                await serving.start(storage.follow_cancels, self._cancelled_elsewhere)
+                await serving.start(
+                    partial(
+                        storage.follow_cancels, self._cancelled_elsewhere, on_live=self._feed_live
+                    )
+                )
             if config.loop_stall_warning is not None:
                 watchdog = LoopWatchdog(config.loop_stall_warning, self._suspects)
                 await serving.start(watchdog.run)
@@ -260,6 +275,7 @@ class QueueWorker:
     async def _hand_back(self, app: AsyncQueueTasks) -> None:
         while self._local:
             _, _, delivery = heapq.heappop(self._local)
+            self._claimed_in.pop(delivery.token, None)
             await delivery.requeue()
             await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
@@ -360,6 +376,7 @@ class QueueWorker:
     async def _process_inner(
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
     ) -> None:
+        claimed_in = self._claimed_in.pop(delivery.token, 0)
         hooks = app.hooks
         if "qtasks_broker_message_received" in hooks.active:
             await hooks.notify("qtasks_broker_message_received", app=app, delivery=delivery)
@@ -388,14 +405,15 @@ class QueueWorker:
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
         # Deliveries of a BeginOnClaim broker carry the record begun with their claim.
+        # It is trusted when the cancel feed was live, without a break, from the claim to now
+        # and brought no cancel of this task: then the record is as the claim left it.
         begun: TaskRecord | None = getattr(delivery, "begun", None)
-        begun_at: float = getattr(delivery, "begun_at", 0.0)
         if (
             begun is not None
-            and time.monotonic() - begun_at <= BEGUN_FRESH
+            and claimed_in > 0
+            and claimed_in == self._feed_epoch
             and delivery.id not in self._recent_cancels
         ):
-            # Begun by the broker when it claimed the message, a moment ago (BeginOnClaim).
             record = begun
             record.attempt = message.attempt + 1
         else:

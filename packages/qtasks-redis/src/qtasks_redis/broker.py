@@ -63,7 +63,6 @@ class RedisDelivery:
         "_priority",
         "_token",
         "begun",
-        "begun_at",
     )
 
     def __init__(
@@ -83,11 +82,9 @@ class RedisDelivery:
         self._priority = priority
         self._attempt = attempt
         self._token = token
-        now = time.monotonic()
-        self._lease_until = now + broker._lease_ms / 1000
+        self._lease_until = time.monotonic() + broker._lease_ms / 1000
         self.begun: TaskRecord | None = None
         """The record as begun with the claim (:meth:`RedisBroker.consume_begun`)."""
-        self.begun_at = now
 
     def __repr__(self) -> str:
         return f"RedisDelivery(id={self._id!r}, attempt={self._attempt})"

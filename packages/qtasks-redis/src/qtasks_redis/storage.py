@@ -293,6 +293,7 @@ class RedisStorage:
         self,
         on_cancel: Callable[[str, str], None],
         *,
+        on_live: Callable[[bool], None] | None = None,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """See :class:`qtasks.components.CancelFeed`: Redis pub/sub on ``<tag>:cancels``,
@@ -309,6 +310,8 @@ class RedisStorage:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
+                if on_live is not None:
+                    on_live(True)
                 if lost:
                     log.warning("cancel feed from Redis at %s is back", self.target.where)
                     lost, failures = False, 0
@@ -322,6 +325,8 @@ class RedisStorage:
                     if message is not None and message.get("type") == "message":
                         self._feed(message["data"], on_cancel)
             except (RedisError, OSError) as exc:
+                if on_live is not None:
+                    on_live(False)
                 failures += 1
                 if not lost:
                     lost = True
