@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import anyio
@@ -57,8 +58,11 @@ async def test_a_busy_but_healthy_loop_reports_nothing(caplog: pytest.LogCapture
 
 
 async def test_the_watchdog_can_be_turned_off() -> None:
-    app = AsyncQueueTasks(config=QueueConfig(loop_stall_warning=None))
-    async with app:
-        import threading
+    def watchdogs() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "qtasks-loop-watchdog"}
 
-        assert "qtasks-loop-watchdog" not in {t.name for t in threading.enumerate()}
+    before = watchdogs()
+    async with AsyncQueueTasks(config=QueueConfig(loop_stall_warning=None)):
+        assert watchdogs() <= before  # this app started none
+    async with AsyncQueueTasks(config=QueueConfig(loop_stall_warning=0.2)):
+        assert watchdogs() - before  # while the default one does

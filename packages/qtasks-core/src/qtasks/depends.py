@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, g
 
 import anyio
 
-from qtasks.errors import DependencyError, StateError, UnresolvedAnnotationError
+from qtasks.errors import (
+    DependencyError,
+    StateError,
+    TaskCodeError,
+    UnresolvedAnnotationError,
+)
 from qtasks.plugins import hookimpl
 from qtasks.state import AsyncState, StateRegistry, SyncState, state_class
 from qtasks.task import TaskDef, resolved_signature
@@ -256,7 +261,10 @@ class InjectPlugin:
     ) -> Awaitable[tuple[list[Any], dict[str, Any]]] | None:
         # A plain function that returns None for tasks with nothing to inject, so most tasks
         # cost no coroutine here; the core awaits what it returns otherwise.
-        plan = self.plan(task)
+        try:
+            plan = self.plan(task)
+        except Exception as exc:
+            raise TaskCodeError(f"planning the injection into {task.name!r} failed") from exc
         if not plan.items:
             return None
         return self._inject(plan, app, args, kwargs, run)
@@ -274,13 +282,18 @@ class InjectPlugin:
             # Injected parameters are passed by keyword, so caller positionals must be too.
             kwargs.update(zip(plan.positional, args, strict=False))
             args = []
-        for name, spec in plan.items:
-            if name in kwargs:
-                continue  # passed explicitly by the caller: never overwritten
-            if isinstance(spec, Dependency):
-                kwargs[name] = await self.resolve(spec, run)
-            else:
-                kwargs[name] = self._state(spec, app)
+        try:
+            for name, spec in plan.items:
+                if name in kwargs:
+                    continue  # passed explicitly by the caller: never overwritten
+                if isinstance(spec, Dependency):
+                    kwargs[name] = await self.resolve(spec, run)
+                else:
+                    kwargs[name] = self._state(spec, app)
+        except Exception as exc:
+            # A dependency function failed: the task's own code, not a plugin bug, so the
+            # core raises it as it is (retry_on_exc sees the real exception).
+            raise TaskCodeError(f"injecting into task {run.task.name!r} failed") from exc
         return list(args), kwargs
 
     @hookimpl

@@ -70,6 +70,12 @@ class TaskArgumentsError(QTasksError, TypeError):
     """The arguments do not fit the task's signature."""
 
 
+class TaskCodeError(QTasksError):
+    """Raised by a hook implementation, chained from an exception of the task's own code (a
+    dependency function run for it, say): the core re-raises that exception as it is, for
+    retries and the record, instead of blaming the plugin with a :class:`PluginError`."""
+
+
 class TaskTimeoutError(QTasksError, TimeoutError):
     """Waiting for a task's final record took longer than the timeout."""
 

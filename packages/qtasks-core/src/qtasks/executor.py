@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from qtasks.errors import PluginError, SerializationError, TaskMaxTimeError
+from qtasks.errors import SerializationError, TaskMaxTimeError
 from qtasks.messages import Message
 from qtasks.record import TaskRecord
 from qtasks.task import TaskDef, TaskKind
@@ -19,7 +19,6 @@ from qtasks.task import TaskDef, TaskKind
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
-INJECT_PLUGIN = "qtasks.inject"  # the built-in Depends/State plugin (qtasks.depends)
 _ENDED = "qtasks.context.ended"  # run.state key of the event ctx.sleep waits on
 
 CallNext = Callable[[], Awaitable[Any]]
@@ -118,30 +117,19 @@ class TaskExecutor:
     async def arguments(self, run: TaskRun) -> tuple[list[Any], dict[str, Any]]:
         app, task = run.app, run.task
         args, kwargs = list(run.message.args), dict(run.message.kwargs)
-        hook = "qtasks_executor_args"
-        impls = app.hooks._impls.get(hook)
-        if impls:
-            for plugin, func, pick in impls:
-                values = {
-                    "app": app,
-                    "task": task,
-                    "record": run.record,
-                    "args": args,
-                    "kwargs": kwargs,
-                    "run": run,
-                }
-                try:
-                    result = func(*pick(values))
-                    if result is not None and inspect.isawaitable(result):
-                        result = await result
-                except Exception as exc:
-                    if plugin == INJECT_PLUGIN:
-                        # A dependency function failed: the task's own code, not a plugin bug;
-                        # raise it as is so retry_on_exc sees the real exception.
-                        raise
-                    raise PluginError(plugin, f"hook {hook} raised {exc!r}") from exc
-                if result is not None:
-                    args, kwargs = list(result[0]), dict(result[1])
+        hooks = app.hooks
+        if "qtasks_executor_args" in hooks.active:
+            args, kwargs = await hooks.transform(
+                "qtasks_executor_args",
+                ("args", "kwargs"),
+                app=app,
+                task=task,
+                record=run.record,
+                args=args,
+                kwargs=kwargs,
+                run=run,
+            )
+            args, kwargs = list(args), dict(kwargs)
         if task.options.echo:
             from qtasks.context import make_handle
 

@@ -13,12 +13,12 @@ import inspect
 import logging
 import operator
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any
+from typing import Any, NoReturn
 
 import pluggy
 
 from qtasks import hookspecs
-from qtasks.errors import PluginError
+from qtasks.errors import PluginError, TaskCodeError
 
 hookimpl = pluggy.HookimplMarker("qtasks")
 """Marker for hook implementations: ``@hookimpl`` (``tryfirst``/``trylast`` supported)."""
@@ -169,26 +169,31 @@ class Hooks:
                 log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
         return pending
 
-    def transform(self, hook: str, field: str, /, **kwargs: Any) -> Awaitable[Any]:
+    def transform(
+        self, hook: str, field: str | tuple[str, ...], /, **kwargs: Any
+    ) -> Awaitable[Any]:
         """Call a transform hook chaining ``kwargs[field]`` through every implementation.
 
-        Awaiting it gives the final value. An implementation's exception is raised as
-        :class:`PluginError` naming the plugin. As in :meth:`notify`, plain-function
-        implementations run right here and need no coroutine."""
+        Awaiting it gives the final value. ``field`` may name several arguments (the hook then
+        returns a tuple of their new values, and so does this). An implementation's exception
+        is raised as :class:`PluginError` naming the plugin, except a
+        :class:`~qtasks.errors.TaskCodeError`, whose cause is raised as it is. As in
+        :meth:`notify`, plain-function implementations run right here and need no
+        coroutine."""
         impls = self._impls.get(hook)
         if not impls:
-            return _Ready(kwargs[field])
+            return _Ready(_value(kwargs, field))
         for index, (plugin, func, pick) in enumerate(impls):
             try:
                 result = func(*pick(kwargs))
             except Exception as exc:
-                return _Failed(PluginError(plugin, f"hook {hook} raised {exc!r}"), exc)
+                return _Failed(*_blame(plugin, hook, exc))
             if result is None:
                 continue
             if inspect.isawaitable(result):
                 return self._transform_rest(hook, impls, index, result, field, kwargs)
-            kwargs[field] = result
-        return _Ready(kwargs[field])
+            _assign(kwargs, field, result)
+        return _Ready(_value(kwargs, field))
 
     async def _transform_rest(
         self,
@@ -196,26 +201,26 @@ class Hooks:
         impls: list[_Impl],
         index: int,
         pending: Awaitable[Any],
-        field: str,
+        field: str | tuple[str, ...],
         kwargs: dict[str, Any],
     ) -> Any:
         """Await implementation ``index``'s result, then chain the rest in order."""
         try:
             result = await pending
         except Exception as exc:
-            raise PluginError(impls[index][0], f"hook {hook} raised {exc!r}") from exc
+            _Failed(*_blame(impls[index][0], hook, exc)).throw()
         if result is not None:
-            kwargs[field] = result
+            _assign(kwargs, field, result)
         for plugin, func, pick in impls[index + 1 :]:
             try:
                 result = func(*pick(kwargs))
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as exc:
-                raise PluginError(plugin, f"hook {hook} raised {exc!r}") from exc
+                _Failed(*_blame(plugin, hook, exc)).throw()
             if result is not None:
-                kwargs[field] = result
-        return kwargs[field]
+                _assign(kwargs, field, result)
+        return _value(kwargs, field)
 
     def decide(self, hook: str, **kwargs: Any) -> Any:
         """Call a ``firstresult`` hook through pluggy (wrappers included)."""
@@ -225,6 +230,28 @@ class Hooks:
             return getattr(self.pm.hook, hook)(**kwargs)
         except Exception as exc:
             raise PluginError(_culprit(self, hook), f"hook {hook} raised {exc!r}") from exc
+
+
+def _value(kwargs: dict[str, Any], field: str | tuple[str, ...]) -> Any:
+    if isinstance(field, str):
+        return kwargs[field]
+    return tuple(kwargs[name] for name in field)
+
+
+def _assign(kwargs: dict[str, Any], field: str | tuple[str, ...], result: Any) -> None:
+    if isinstance(field, str):
+        kwargs[field] = result
+    else:
+        for name, value in zip(field, result, strict=True):
+            kwargs[name] = value
+
+
+def _blame(plugin: str, hook: str, exc: Exception) -> tuple[BaseException, BaseException | None]:
+    """The error to raise for ``exc`` from ``plugin``'s implementation of ``hook``, and its
+    cause: the task's own exception itself when the plugin marked it so."""
+    if isinstance(exc, TaskCodeError) and exc.__cause__ is not None:
+        return exc.__cause__, None  # raised as it is, its own cause kept
+    return PluginError(plugin, f"hook {hook} raised {exc!r}"), exc
 
 
 class _Ready:
@@ -248,12 +275,17 @@ class _Failed:
 
     __slots__ = ("cause", "error")
 
-    def __init__(self, error: BaseException, cause: BaseException) -> None:
+    def __init__(self, error: BaseException, cause: BaseException | None) -> None:
         self.error = error
         self.cause = cause
 
-    def __await__(self) -> Generator[Any, None, Any]:
+    def throw(self) -> NoReturn:
+        if self.cause is None:
+            raise self.error  # the task's own exception, as it was raised
         raise self.error from self.cause
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        self.throw()
         yield  # pragma: no cover - makes this a generator
 
 

@@ -68,6 +68,8 @@ class LoopWatchdog:
     def _watch(self, loop_thread: int, tick: float) -> None:
         stalled_since: float | None = None
         while not self._stop.wait(tick):
+            if loop_thread not in sys._current_frames():
+                return  # the loop's thread is gone (its loop ended without stopping us)
             beat = self._beat
             lag = time.monotonic() - beat
             if lag > self.threshold and stalled_since is None:
