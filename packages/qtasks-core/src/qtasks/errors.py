@@ -122,6 +122,15 @@ class BrokerConnectionError(ComponentError, ConnectionError):
     """The broker or storage server cannot be reached. The message never contains a password."""
 
 
+class StorageError(ComponentError):
+    """The storage could not read or write a task record."""
+
+
+class StorageConnectionError(StorageError, BrokerConnectionError):
+    """The storage's server cannot be reached. Also a :class:`BrokerConnectionError` (and a
+    :class:`ConnectionError`), which code written before it existed catches."""
+
+
 class LeaseLostError(ComponentError):
     """A worker presented a stale delivery token: another attempt owns this message now."""
 

@@ -156,7 +156,11 @@ def make_client(target: RedisTarget, extra: dict[str, Any]) -> Client:
     return aioredis.Redis.from_url(target.url, **options)
 
 
-def connection_error(target: RedisTarget, exc: BaseException) -> BrokerConnectionError:
+def connection_error(
+    target: RedisTarget,
+    exc: BaseException,
+    kind: type[BrokerConnectionError] = BrokerConnectionError,
+) -> BrokerConnectionError:
     """A :class:`BrokerConnectionError` naming where, with the cause's class and errno only.
 
     redis-py's messages do not contain passwords, but the cause may quote a URL in some
@@ -171,7 +175,7 @@ def connection_error(target: RedisTarget, exc: BaseException) -> BrokerConnectio
         if text and "@" not in text and "://" not in text:
             reason = f"{reason}: {text}"
     db = "" if target.socket else f" (db {target.db})"
-    return BrokerConnectionError(f"cannot reach Redis at {target.where}{db}: {reason}")
+    return kind(f"cannot reach Redis at {target.where}{db}: {reason}")
 
 
 async def connect(stack: AsyncExitStack, target: RedisTarget, extra: dict[str, Any]) -> Client:
@@ -199,12 +203,17 @@ async def _close(client: Client) -> None:
         pass
 
 
-async def guarded(target: RedisTarget, call: Awaitable[T]) -> T:
-    """Await ``call``; turn connection failures (after redis-py's retries) into ours."""
+async def guarded(
+    target: RedisTarget,
+    call: Awaitable[T],
+    kind: type[BrokerConnectionError] = BrokerConnectionError,
+) -> T:
+    """Await ``call``; turn connection failures (after redis-py's retries) into ours
+    (``kind``: :class:`~qtasks.errors.StorageConnectionError` for the storage)."""
     try:
         return await call
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise connection_error(target, exc) from exc
+        raise connection_error(target, exc, kind) from exc
 
 
 class Script:

@@ -6,17 +6,17 @@ import json
 import logging
 import operator
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import fields
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
 from redis.exceptions import RedisError
 
 from qtasks.config import QueueConfig
-from qtasks.errors import SerializationError, TaskTimeoutError
+from qtasks.errors import SerializationError, StorageConnectionError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
 from qtasks_redis.connection import (
@@ -27,8 +27,8 @@ from qtasks_redis.connection import (
     SharedClient,
     check_options,
     common_options,
-    guarded,
 )
+from qtasks_redis.connection import guarded as _guarded
 from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
@@ -70,6 +70,14 @@ return the first eight; ``e``, the error written when a message is dead-lettered
 :meth:`RedisStorage.get` and waiters)."""
 _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
+
+
+T = TypeVar("T")
+
+
+async def guarded(target: RedisTarget, call: Awaitable[T]) -> T:
+    """:func:`qtasks_redis.connection.guarded`, raising :class:`StorageConnectionError`."""
+    return await _guarded(target, call, StorageConnectionError)
 
 
 _BATCH = 1000
