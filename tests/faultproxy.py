@@ -11,9 +11,12 @@ Modes (:attr:`FaultProxy.mode`):
     per chunk, so throughput is unchanged and a round trip costs ``2 * delay`` more.
 ``blackhole``
     A network partition: connections are accepted and kept, but nothing is forwarded in either
-    direction; what arrives meanwhile (and what was still delayed) is dropped, not held. A
-    client only notices through its own timeouts. (A real partition that heals before TCP gives
-    up delivers the held bytes late; ``latency`` with a large delay models that.)
+    direction; what arrives meanwhile (and what was still delayed) is held, in order, and
+    delivered when the mode changes back, as TCP does when a partition heals before it gives
+    up. Never dropped: a live TCP stream never loses bytes in its middle, and a proxy that did
+    would desynchronise the protocol on both ends (a fault no real network makes). A client
+    only notices through its own timeouts, and a connection it closed meanwhile delivers what
+    it had sent and then ends.
 ``reset``
     Every open connection is closed with a TCP RST (``SO_LINGER`` 0) on both sides, and every
     new one is reset as soon as it is accepted, until the mode changes.
@@ -48,6 +51,9 @@ from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
 
+_HOLD_POLL = 0.01
+"""Seconds between two looks at the mode while a partition holds a chunk back."""
+
 Mode = Literal["pass", "latency", "blackhole", "reset"]
 T = TypeVar("T")
 
@@ -68,8 +74,8 @@ class ProxyStats:
     """Bytes forwarded client -> server."""
     bytes_down: int = 0
     """Bytes forwarded server -> client."""
-    dropped: int = 0
-    """Bytes dropped by the ``blackhole`` mode (both directions)."""
+    held: int = 0
+    """Bytes held back by the ``blackhole`` mode (both directions), delivered when it ends."""
 
 
 def _rst(writer: asyncio.StreamWriter) -> None:
@@ -113,8 +119,7 @@ class _Link:
             while data := await reader.read(_CHUNK):
                 mode = proxy.mode
                 if mode == "blackhole":
-                    proxy.stats.dropped += len(data)
-                    continue
+                    proxy.stats.held += len(data)
                 delay = proxy.delay if mode == "latency" else 0.0
                 queue.put_nowait((time.monotonic() + delay, data))
         except OSError:
@@ -134,9 +139,8 @@ class _Link:
                 wait = release - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                if proxy.mode == "blackhole":  # partitioned while it was delayed
-                    proxy.stats.dropped += len(data)
-                    continue
+                while proxy.mode == "blackhole":  # noqa: ASYNC110 - set from another thread
+                    await asyncio.sleep(_HOLD_POLL)
                 writer.write(data)
                 await writer.drain()
                 if up:
