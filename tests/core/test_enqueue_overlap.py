@@ -26,6 +26,9 @@ class RemoteBroker(MemoryBroker):
         self.published = anyio.Event()
         self.fail: Exception | None = None
 
+    def shares_server_with(self, storage: object) -> bool:
+        return False  # a remote pair on two servers: no folded calls
+
     async def publish(self, envelope: Envelope) -> None:
         if self.fail is not None:
             raise self.fail

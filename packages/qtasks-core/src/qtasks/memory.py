@@ -21,7 +21,7 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
-from qtasks.components import BrokerStats, DeadLetter, Delivery
+from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, TaskTimeoutError
 from qtasks.messages import Envelope
@@ -328,6 +328,35 @@ class MemoryBroker(_Lifecycle):
                     heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
             if mine:
                 self._wake()
+
+    # --- SharedServer: the in-memory broker and storage share one "server", the process ----
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        """Every :class:`MemoryStorage` lives in this process, as this broker does."""
+        return isinstance(storage, MemoryStorage)
+
+    async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
+        """See :class:`qtasks.components.SharedServer`: add, then publish."""
+        await storage.add(record)
+        await self.publish(envelope)
+
+    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+        """See :class:`qtasks.components.SharedServer`: save fenced by the delivery's token;
+        ack when saved, or when refused only because the task already ended."""
+        self._check()
+        if await storage.save(record, fence=delivery.token):
+            await delivery.ack()
+            return True
+        stored = await storage.get(record.uuid)
+        if stored is not None and stored.status.final and stored.token == delivery.token:
+            await delivery.ack()
+        return False
+
+    async def ack_finals(
+        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+    ) -> list[bool]:
+        """See :class:`qtasks.components.SharedServer`."""
+        return [await self.ack_final(delivery, storage, record) for delivery, record in finals]
 
     async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
         """See :class:`qtasks.components.LeaseBatch`."""

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from qtasks.components import Delivery, SharedServer
 from qtasks.errors import PluginError, SerializationError, TaskCancelledError
 from qtasks.executor import TaskRun
 from qtasks.memory import _Signal
 from qtasks.messages import Message
-from qtasks.outage import Outage, retrying
+from qtasks.outage import RETRY_CAP, Outage, retrying
 from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -49,12 +52,26 @@ class Settlement:
         has a shared server (``None`` otherwise); its ``serve`` must run while the worker
         serves."""
         shared = app.shared_server
-        self._batch = None if shared is None else _Batch(app, shared, 2 * concurrency, self._outage)
+        self._batch = (
+            None
+            if shared is None
+            else _Batch(
+                app,
+                shared,
+                2 * concurrency,
+                self._outage,
+                lambda: time.monotonic() > self.give_up_at,
+            )
+        )
         self.give_up_at = math.inf
         return self._batch
 
     def close_batch(self) -> None:
         self._batch = None
+
+    def held(self) -> list[TaskRun]:
+        """Runs whose code ended and whose settling waits in the batch (leases to renew)."""
+        return [] if self._batch is None else self._batch.held()
 
     async def settle(
         self,
@@ -81,11 +98,12 @@ class Settlement:
         elif cancelled:
             await self._settle_cancelled(app, run, delivery)
         elif outcome is None and self._batch is not None:
-            # Succeeded: the settler stores the result and acks with other tasks' in one call
-            # and fires the remaining hooks; the runner's slot is free for the next task now.
-            _succeeded(record, result)
-            await self._batch.put(run, delivery)
-            return
+            if not await self._dead_lettered(app, run, delivery):
+                # Succeeded: the batch stores the result and acks with other tasks' in one
+                # call and fires the remaining hooks; the runner's slot is free meanwhile.
+                _succeeded(record, result)
+                await self._batch.put(run, delivery)
+                return
         else:
             # Not shielded: if the worker is torn down here, the message is simply not acked
             # and comes back after its lease (at-least-once), so no extra cancel scope per task.
@@ -174,30 +192,36 @@ class Settlement:
 
     async def _save_final(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> bool:
         record, storage, shared = run.record, app.storage, app.shared_server
+        if await self._dead_lettered(app, run, delivery):
+            return False
         if shared is not None:
             saved = await self._durable(run, lambda: shared.ack_final(delivery, storage, record))
             return await _stored_final(app, record, saved, delivery, None)
-        if delivery.attempt >= app.config.max_deliveries and not await self._durable(
-            run, delivery.extend
-        ):
-            # The last delivery allowed, and its lease is gone: the broker dead-letters the
-            # message at its next claim. Say so in the record (a shared-server broker does
-            # this in its claim script) rather than store a result that contradicts it.
-            log.warning(
-                "lease of task %s was lost on its last allowed delivery: it is dead-lettered "
-                "and its result dropped",
-                record.uuid,
-            )
-            record.status, record.returning, record.token = TaskStatus.ERROR, None, "dead-letter"
-            record.error = (
-                "dead-lettered: delivery limit reached: the lease of its last allowed delivery "
-                f"ran out (max_deliveries={app.config.max_deliveries})"
-            )
-            record.updated_at = time.time()
-            await self._durable(run, lambda: storage.save(record, fence=delivery.token))
-            return False
         saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
         return await _stored_final(app, record, saved, delivery, delivery)
+
+    async def _dead_lettered(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> bool:
+        """Whether ``delivery`` was the message's last allowed one and its lease is gone: the
+        broker dead-letters the message at its next claim, so the record says so (fenced by
+        the delivery's token) instead of taking a result that contradicts it. Costs a lease
+        renewal, on the last allowed delivery only."""
+        limit = app.config.max_deliveries
+        if delivery.attempt < limit or await self._durable(run, delivery.extend):
+            return False
+        record = run.record
+        log.warning(
+            "lease of task %s was lost on its last allowed delivery: it is dead-lettered and "
+            "its result dropped",
+            record.uuid,
+        )
+        record.status, record.returning, record.token = TaskStatus.ERROR, None, "dead-letter"
+        record.error = (
+            "dead-lettered: delivery limit reached: the lease of its last allowed delivery ran "
+            f"out (max_deliveries={limit})"
+        )
+        record.updated_at = time.time()
+        await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+        return True
 
     async def _durable(self, run: TaskRun, call: Callable[[], Awaitable[bool]]) -> bool:
         """A final write of ``run``, retried through a storage outage while its lease holds
@@ -276,13 +300,31 @@ class _Batch:
     together in the next. At most ``limit`` tasks (twice the concurrency: one call in flight,
     the next one filling) wait here; a runner that finds it full waits before its next task."""
 
-    __slots__ = ("_app", "_busy", "_done", "_limit", "_outage", "_queue", "_ready", "_shared")
+    __slots__ = (
+        "_app",
+        "_busy",
+        "_done",
+        "_give_up",
+        "_inflight",
+        "_limit",
+        "_outage",
+        "_queue",
+        "_ready",
+        "_shared",
+    )
 
     def __init__(
-        self, app: AsyncQueueTasks, shared: SharedServer, limit: int, outage: Outage
+        self,
+        app: AsyncQueueTasks,
+        shared: SharedServer,
+        limit: int,
+        outage: Outage,
+        give_up: Callable[[], bool],
     ) -> None:
         self._app = app
         self._outage = outage
+        self._give_up = give_up
+        self._inflight: list[tuple[TaskRun, Delivery]] = []
         self._shared = shared
         self._limit = max(limit, 1)
         self._queue: list[tuple[TaskRun, Delivery]] = []
@@ -298,6 +340,10 @@ class _Batch:
         self._busy += 1
         self._ready.fire()
 
+    def held(self) -> list[TaskRun]:
+        """The runs handed over and not settled yet: their leases are still renewed."""
+        return [run for run, _ in self._queue] + [run for run, _ in self._inflight]
+
     async def drained(self) -> None:
         """Until every task handed over is settled."""
         while self._busy:
@@ -307,7 +353,7 @@ class _Batch:
         while True:
             while not self._queue:
                 await self._ready.wait(None)
-            batch = self._queue[:SETTLE_BATCH]
+            batch = self._inflight = self._queue[:SETTLE_BATCH]
             del self._queue[:SETTLE_BATCH]
             try:
                 await self._settle(batch)
@@ -315,24 +361,36 @@ class _Batch:
                 # A bug in a component or plugin must not kill the worker (see _process).
                 log.exception("worker failed while settling %d finished tasks", len(batch))
             finally:
+                self._inflight = []
                 self._busy -= len(batch)
                 self._done.fire()
 
     async def _settle(self, batch: list[tuple[TaskRun, Delivery]]) -> None:
         app = self._app
-        try:
-            saved = await self._shared.ack_finals(
-                app.storage, [(delivery, run.record) for run, delivery in batch]
-            )
-        except ConnectionError as exc:
-            # The broker retried while the leases held: each message comes back after its
-            # lease and runs again (at-least-once). One warning per outage.
-            self._outage.failed(exc)
-            return
-        except Exception:
-            # Not acked: each message comes back after its lease (at-least-once).
-            log.exception("could not store the results of %d finished tasks", len(batch))
-            return
+        failures = 0
+        while True:
+            # Through an outage, retried while the leases hold (the renewal pass keeps them,
+            # or marks them lost: those are another worker's now) and the worker is not past
+            # its shutdown grace; one warning for the whole outage.
+            batch = [(run, delivery) for run, delivery in batch if not run.lease_lost]
+            if not batch:
+                return
+            try:
+                saved = await self._shared.ack_finals(
+                    app.storage, [(delivery, run.record) for run, delivery in batch]
+                )
+                break
+            except ConnectionError as exc:
+                self._outage.failed(exc)
+                if self._give_up():
+                    return  # not acked: each comes back after its lease (at-least-once)
+                failures += 1
+                await anyio.sleep(min(RETRY_CAP, 0.05 * 2**failures) * (0.5 + random.random() / 2))
+            except Exception:
+                # Not acked: each message comes back after its lease (at-least-once).
+                log.exception("could not store the results of %d finished tasks", len(batch))
+                return
+        self._outage.ok()
         hooks = app.hooks
         for (run, _), ok in zip(batch, saved, strict=True):
             record = run.record

@@ -115,7 +115,8 @@ class QueueWorker:
 
     def _held_now(self) -> tuple[list[Delivery], list[TaskRun]]:
         """The deliveries waiting in the local queue and the running tasks (for renewal)."""
-        return [delivery for _, _, delivery in self._local], list(self._running.values())
+        running = [*self._running.values(), *self._settlement.held()]
+        return [delivery for _, _, delivery in self._local], running
 
     def _suspects(self) -> list[tuple[str, CodeType]]:
         """``(task name, code)`` of the running tasks (read by the loop watchdog's thread)."""
