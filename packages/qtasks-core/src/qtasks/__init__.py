@@ -4,6 +4,8 @@
 ``qtasks.asyncio.QueueTasks``). With no arguments every component is in-memory.
 """
 
+from importlib.metadata import version as _version
+
 from qtasks.app import AsyncQueueTasks
 from qtasks.config import QueueConfig
 from qtasks.depends import Depends
@@ -23,7 +25,7 @@ from qtasks.state import AsyncState, SyncState
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask, Task, TaskDef
 
-__version__ = "0.1.0"
+__version__ = _version("qtasks-core")
 
 __all__ = [
     "AsyncQueueTasks",
