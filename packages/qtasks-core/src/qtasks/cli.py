@@ -188,6 +188,24 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def name_clash() -> str | None:
+    """A warning when the unrelated ``qtasks`` distribution is installed here too, else None.
+
+    That distribution (the QTasks 1.7 project) ships the same ``qtasks`` import package and
+    console script as ``qtasks-core``: whichever was installed last overwrote the other's files.
+    """
+    try:
+        other = importlib.metadata.distribution("qtasks")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (
+        f"warning: the distribution 'qtasks' {other.version} (the unrelated QTasks project) is "
+        "installed in this environment next to qtasks-core; both ship the 'qtasks' package and "
+        "command, so one overwrote the other's files. Keep one: pip uninstall -y qtasks "
+        "qtasks-core && pip install qtasks-core"
+    )
+
+
 @cli.callback()
 def main_options(
     ctx: typer.Context,
@@ -821,6 +839,7 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
     state is enabled, disabled (plugins_disabled of the configuration file) or failed: it
     does not import, cannot be built, or names an unknown hook; the reasons follow the table
     and the exit code is 1. (-A is accepted but not needed: plugins load by entry point.)
+    A warning names the unrelated 'qtasks' distribution when it is installed here too.
     """
     _, config = _targets(ctx, None, config)
     loaded = load_config(config).config
@@ -853,6 +872,9 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
                 f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",
                 err=True,
             )
+    clash = name_clash()
+    if clash:
+        typer.echo(clash, err=True)
     if problems:
         raise typer.Exit(1)
 
