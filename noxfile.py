@@ -14,7 +14,7 @@ import nox
 ROOT = Path(__file__).parent
 
 nox.options.default_venv_backend = "uv"
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
 
 
 def _sync(session: nox.Session) -> None:
@@ -81,6 +81,14 @@ def typecheck(session: nox.Session) -> None:
     """mypy strict on packages/*/src."""
     _sync(session)
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (mkdocs.yml) with --strict: a broken link, a missing page in
+    the nav or an API reference that does not resolve fails the build. Output: site/."""
+    _sync(session)
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session
