@@ -121,3 +121,13 @@ def run_readme_example(name: str, tmp_path: Path, extra: dict[str, str] | None =
 def test_readme_example_runs(name: str, tmp_path: Path) -> None:
     """The in-memory examples; Redis's and RabbitMQ's run in tests/redis and tests/rabbitmq."""
     run_readme_example(name, tmp_path)
+
+
+def test_the_install_page_lists_the_declared_bounds() -> None:
+    text = (ROOT / "docs" / "install.md").read_text()
+    for package in PACKAGES:
+        [row] = [line for line in text.splitlines() if line.startswith(f"| `{package.name}` |")]
+        for requirement in project(package)["dependencies"]:
+            name, *versions = (part for part in re.split(r"[<>=!~,]+", requirement) if part)
+            if name != "qtasks-core":
+                assert name in row and all(v in row for v in versions), (requirement, row)
