@@ -64,7 +64,9 @@ def lowest(session: nox.Session) -> None:
         env={"VIRTUAL_ENV": session.virtualenv.location},
         external=True,
     )
-    session.run("uv", "pip", "list", env={"VIRTUAL_ENV": session.virtualenv.location})
+    session.run(
+        "uv", "pip", "list", env={"VIRTUAL_ENV": session.virtualenv.location}, external=True
+    )
     session.run("pytest", *session.posargs)
 
 

@@ -180,5 +180,5 @@ def test_the_cli_reference_has_every_builtin_command() -> None:
         "qtasks dlq requeue",
     }  # and not `qtasks audit`: the test plugin installed here is no user's
     text = mkdocs_hooks.cli_reference()
-    assert "`--concurrency <int range>`" in text
+    assert "| `--concurrency" in text  # the metavar after it differs between typer versions
     assert mkdocs_hooks.CLI_MARKER in (ROOT / "docs" / "reference" / "cli.md").read_text()
