@@ -33,6 +33,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.clash import other_qtasks
 from qtasks.config import (
     CLI_FLAGS,
     LoadedConfig,
@@ -186,24 +187,6 @@ def _version(value: bool) -> None:
         name = "qtasks-core"
         typer.echo(f"{name} {importlib.metadata.version(name)}")
         raise typer.Exit()
-
-
-def name_clash() -> str | None:
-    """A warning when the unrelated ``qtasks`` distribution is installed here too, else None.
-
-    That distribution (the QTasks 1.7 project) ships the same ``qtasks`` import package and
-    console script as ``qtasks-core``: whichever was installed last overwrote the other's files.
-    """
-    try:
-        other = importlib.metadata.distribution("qtasks")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return (
-        f"warning: the distribution 'qtasks' {other.version} (the unrelated QTasks project) is "
-        "installed in this environment next to qtasks-core; both ship the 'qtasks' package and "
-        "command, so one overwrote the other's files. Keep one: pip uninstall -y qtasks "
-        "qtasks-core && pip install qtasks-core"
-    )
 
 
 @cli.callback()
@@ -872,9 +855,9 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
                 f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",
                 err=True,
             )
-    clash = name_clash()
+    clash = other_qtasks()
     if clash:
-        typer.echo(clash, err=True)
+        typer.echo(f"warning: {clash}", err=True)
     if problems:
         raise typer.Exit(1)
 
