@@ -295,6 +295,27 @@ def test_plugins_lists_distributions_and_disabled_state(
     assert line.rstrip().endswith("disabled")
 
 
+def test_plugins_warns_when_the_unrelated_qtasks_distribution_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("plugins")
+    assert code == 0
+    assert "unrelated QTasks project" not in out
+    # What `pip install qtasks` leaves next to qtasks-core: a dist-info named qtasks.
+    site = tmp_path / "site"
+    info = site / "qtasks-1.7.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qtasks\nVersion: 1.7.0\n")
+    monkeypatch.syspath_prepend(str(site))
+    code, out = invoke("plugins")
+    assert code == 0  # a warning, not a failure
+    assert "warning: the distribution 'qtasks' 1.7.0 (the unrelated QTasks project)" in out
+    assert "pip uninstall -y qtasks qtasks-core && pip install qtasks-core" in out
+    code, out = invoke("--version")
+    assert out.strip().startswith("qtasks-core ")  # names the distribution that provides it
+
+
 def test_plugins_shows_a_broken_plugin_as_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -214,3 +214,25 @@ def test_mask_url_hides_passwords_only() -> None:
     assert mask_url("redis://user@h/0") == "redis://user@h/0"
     assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
     assert mask_url(None) is None
+
+
+def test_a_setting_written_after_an_extra_table_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TOML pitfall: keys below ``[tool.qtasks.extra.x]`` belong to that table."""
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.qtasks]\nbroker = 'memory'\n\n"
+        "[tool.qtasks.extra]\nredis_queue = 'q'\nlease = 5\n\n"
+        "[tool.qtasks.extra.audit]\nprefix = 'p'\nretry = 2\n"
+    )
+    with caplog.at_level("WARNING", logger="qtasks.config"):
+        loaded = load_config(tmp_path / "pyproject.toml")
+    assert (loaded.config.lease, loaded.config.retry) == (30, 0)  # not settings
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("'lease' is inside [tool.qtasks.extra], not a setting" in m for m in warned)
+    assert any("'retry' is inside [tool.qtasks.extra.audit], not a setting" in m for m in warned)
+    caplog.clear()
+    (tmp_path / "qtasks.toml").write_text("retry = 2\n[extra.audit]\nprefix = 'p'\n")
+    with caplog.at_level("WARNING", logger="qtasks.config"):
+        assert load_config(tmp_path / "qtasks.toml").config.retry == 2
+    assert not caplog.records

@@ -5,7 +5,8 @@ a block (``python`` or ``toml``) whose first line is ``# file: NAME`` is written
 instead. In ``console`` blocks each ``$ command`` runs as a real process; the lines after it
 must appear in its output, and it must exit 0 (1 when the expected output starts with
 ``error:``). ``qtasks run`` blocks serve forever and are covered by ``test_cli_run.py``; blocks
-whose first line is ``# with Redis`` run in ``tests/redis/test_redis_cli.py``.
+whose first line is ``# with Redis`` run in ``tests/redis/test_redis_cli.py``. Blocks marked
+``<!-- fragment -->`` do not run (tests/test_docs_site.py).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import pytest
 from qtasks import QueueConfig
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+BLOCK = re.compile(r"^(<!-- fragment[^\n]*-->\n)?```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def blocks(page: str) -> list[tuple[str, str]]:
-    return [(m.group(1), m.group(2)) for m in BLOCK.finditer((DOCS / page).read_text())]
+    """The blocks of ``page`` that run: all but those marked ``<!-- fragment -->``."""
+    found = BLOCK.finditer((DOCS / page).read_text())
+    return [(m.group(2), m.group(3)) for m in found if not m.group(1)]
 
 
 def run_page(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:

@@ -30,3 +30,19 @@ def test_docs_example_runs(rabbitmq_url: str) -> None:
 
         assert URL
         asyncio.run(delete_topology(Topology("docs-example")))
+
+
+def test_readme_example_runs(rabbitmq_url: str, tmp_path: Path) -> None:
+    """The example of packages/qtasks-rabbitmq/README.md, on a queue of its own."""
+    import asyncio
+    import uuid
+
+    from test_release import run_readme_example
+
+    from qtasks_rabbitmq import Topology
+
+    queue = f"readme-{uuid.uuid4().hex[:8]}"
+    try:
+        run_readme_example("qtasks-rabbitmq", tmp_path, {"rabbitmq_queue": queue})
+    finally:
+        asyncio.run(delete_topology(Topology(queue)))

@@ -4,26 +4,36 @@
 ``qtasks.asyncio.QueueTasks``). With no arguments every component is in-memory.
 """
 
-from qtasks.app import AsyncQueueTasks
-from qtasks.config import QueueConfig
-from qtasks.depends import Depends
-from qtasks.errors import (
-    QTasksError,
-    TaskCancelledError,
-    TaskDeclarationError,
-    TaskMaxTimeError,
-    TaskTimeoutError,
-    UnknownTaskError,
-)
-from qtasks.executor import TaskRun
-from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
-from qtasks.plugins import hookimpl
-from qtasks.record import TaskRecord, TaskStatus
-from qtasks.state import AsyncState, SyncState
-from qtasks.sync import QueueTasks
-from qtasks.task import AsyncTask, Task, TaskDef
+from importlib.metadata import version as _version
 
-__version__ = "0.1.0"
+try:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.config import QueueConfig
+    from qtasks.depends import Depends
+    from qtasks.errors import (
+        QTasksError,
+        TaskCancelledError,
+        TaskDeclarationError,
+        TaskMaxTimeError,
+        TaskTimeoutError,
+        UnknownTaskError,
+    )
+    from qtasks.executor import TaskRun
+    from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
+    from qtasks.plugins import hookimpl
+    from qtasks.record import TaskRecord, TaskStatus
+    from qtasks.state import AsyncState, SyncState
+    from qtasks.sync import QueueTasks
+    from qtasks.task import AsyncTask, Task, TaskDef
+except Exception as exc:  # re-raised; named as the clash when the other `qtasks` is here
+    from qtasks.clash import other_qtasks
+
+    _clash = other_qtasks()
+    if _clash is None:
+        raise
+    raise ImportError(f"qtasks-core cannot be imported: {_clash}") from exc
+
+__version__ = _version("qtasks-core")
 
 __all__ = [
     "AsyncQueueTasks",

@@ -237,6 +237,7 @@ class AsyncQueueTasks:
 
     @property
     def started(self) -> bool:
+        """Whether the components are started (``start()`` ran and ``aclose()`` did not)."""
         return self._stack is not None
 
     async def start(self) -> None:
@@ -693,6 +694,7 @@ class AsyncQueueTasks:
         return result
 
     def require_started(self) -> None:
+        """Raise :class:`~qtasks.errors.ComponentNotStartedError` unless the app is started."""
         if self._stack is None:
             raise ComponentNotStartedError(f"app {self.name!r} is not started")
 

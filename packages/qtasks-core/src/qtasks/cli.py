@@ -33,6 +33,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.clash import other_qtasks
 from qtasks.config import (
     CLI_FLAGS,
     LoadedConfig,
@@ -821,6 +822,7 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
     state is enabled, disabled (plugins_disabled of the configuration file) or failed: it
     does not import, cannot be built, or names an unknown hook; the reasons follow the table
     and the exit code is 1. (-A is accepted but not needed: plugins load by entry point.)
+    A warning names the unrelated 'qtasks' distribution when it is installed here too.
     """
     _, config = _targets(ctx, None, config)
     loaded = load_config(config).config
@@ -853,6 +855,9 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
                 f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",
                 err=True,
             )
+    clash = other_qtasks()
+    if clash:
+        typer.echo(f"warning: {clash}", err=True)
     if problems:
         raise typer.Exit(1)
 

@@ -169,17 +169,40 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
     """The checked values of a configuration file and its source label.
 
     ``pyproject.toml`` (any file of that name) is read from its ``[tool.qtasks]`` table; any
-    other file from its top level."""
+    other file from its top level. A setting's name found in ``[extra]`` or ``[extra.NAME]``
+    logs a warning (the TOML pitfall of keys written after a sub-table)."""
     data = _read_toml(path)
     if path.name == "pyproject.toml":
         table = data.get("tool", {}).get("qtasks", {})
-        source = f"{path} [tool.qtasks]"
+        source, prefix = f"{path} [tool.qtasks]", "tool.qtasks."
     else:
         table = data
-        source = str(path)
+        source, prefix = str(path), ""
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: expected a table of settings")
-    return {k: check_value(k, v, source) for k, v in table.items()}, source
+    values = {k: check_value(k, v, source) for k, v in table.items()}
+    _warn_settings_in_extra(values.get("extra", {}), path, prefix)
+    return values, source
+
+
+def _warn_settings_in_extra(extra: dict[str, Any], path: Path, prefix: str) -> None:
+    """Warn about a setting's name inside ``[extra]`` or ``[extra.NAME]``: in TOML every key
+    after a ``[table]`` header belongs to that table, so a setting written below one is
+    silently not a setting. (A warning, not an error: a plugin may use the same name.)"""
+    tables = [("extra", extra)]
+    tables += [(f"extra.{name}", sub) for name, sub in extra.items() if isinstance(sub, dict)]
+    for table_name, table in tables:
+        for key in table:
+            if key in _FIELD_TYPES:
+                log.warning(
+                    "%s: %r is inside [%s%s], not a setting: in TOML every key after a [table] "
+                    "header belongs to that table; move it above the first [table] if it is "
+                    "meant as the setting",
+                    path,
+                    key,
+                    prefix,
+                    table_name,
+                )
 
 
 def parse_env_value(key: str, raw: str, source: str) -> Any:

@@ -405,5 +405,6 @@ class AsyncTask(TaskRecord):
         return iterator
 
     async def refresh(self) -> AsyncTask:
+        """The record as stored now."""
         record: AsyncTask = await self._client.get(self.uuid)
         return record
