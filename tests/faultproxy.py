@@ -141,12 +141,14 @@ class _Link:
                     await asyncio.sleep(wait)
                 while proxy.mode == "blackhole":  # noqa: ASYNC110 - set from another thread
                     await asyncio.sleep(_HOLD_POLL)
-                writer.write(data)
-                await writer.drain()
+                # Counted before the write: the reader may act on the bytes before drain()
+                # returns here, and must find them counted.
                 if up:
                     proxy.stats.bytes_up += len(data)
                 else:
                     proxy.stats.bytes_down += len(data)
+                writer.write(data)
+                await writer.drain()
             # One side closed: pass the FIN on (half-close), the other direction goes on.
             if writer.can_write_eof():
                 writer.write_eof()
