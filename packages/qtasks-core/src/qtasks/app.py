@@ -83,7 +83,18 @@ class AsyncQueueTasks:
         worker: QueueWorker | None = None,
         config: QueueConfig | None = None,
         serializer: Serializer | None = None,
+        broker_url: str | None = None,
     ) -> None:
+        if broker_url is not None:  # QTasks' form: the Redis components from one URL
+            from qtasks.compat.url import components_from_url
+
+            given = {"broker": broker, "storage": storage, "global_config": global_config}
+            config, built = components_from_url(broker_url, config, given)
+            broker, storage, global_config = (
+                built["broker"],
+                built["storage"],
+                built["global_config"],
+            )
         self.name = name
         self.config = config or QueueConfig()
         self.broker: Broker = broker or MemoryBroker()

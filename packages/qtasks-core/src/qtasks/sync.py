@@ -45,6 +45,7 @@ class QueueTasks:
         worker: QueueWorker | None = None,
         config: QueueConfig | None = None,
         serializer: Serializer | None = None,
+        broker_url: str | None = None,
     ) -> None:
         self.aio = AsyncQueueTasks(
             name,
@@ -54,6 +55,7 @@ class QueueTasks:
             worker=worker,
             config=config,
             serializer=serializer,
+            broker_url=broker_url,
         )
         self._portal: BlockingPortal | None = None
         self._portal_stop: threading.Thread | None = None
