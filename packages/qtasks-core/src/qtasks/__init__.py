@@ -19,6 +19,7 @@ from qtasks.executor import TaskRun
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.routers import AsyncRouter, SyncRouter, shared_task
 from qtasks.state import AsyncState, SyncState
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask, Task, TaskDef
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncQueueTasks",
+    "AsyncRouter",
     "AsyncState",
     "AsyncTask",
     "Depends",
@@ -36,6 +38,7 @@ __all__ = [
     "QTasksError",
     "QueueConfig",
     "QueueTasks",
+    "SyncRouter",
     "SyncState",
     "Task",
     "TaskCancelledError",
@@ -48,4 +51,5 @@ __all__ = [
     "TaskTimeoutError",
     "UnknownTaskError",
     "hookimpl",
+    "shared_task",
 ]

@@ -14,6 +14,7 @@ from typing import Any, ParamSpec, Self, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
+from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.components import (
     Broker,
     DeadLetter,
@@ -25,7 +26,13 @@ from qtasks.components import (
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, load_plugins
-from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
+from qtasks.errors import (
+    ComponentError,
+    ComponentNotStartedError,
+    QTasksError,
+    TaskDeclarationError,
+    TaskNotFoundError,
+)
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Envelope, Message, Serializer, new_uuid
@@ -33,6 +40,7 @@ from qtasks.middleware import MiddlewarePlugin
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.routers import Router, shared_tasks
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
@@ -129,6 +137,7 @@ class AsyncQueueTasks:
         # Either order of the two leaves the waiter woken.
         self._stop_requested = False
         self._wake_stop: Callable[[], object] | None = None
+        shared_tasks.adopt(self)
 
     @classmethod
     def from_config(
@@ -218,6 +227,10 @@ class AsyncQueueTasks:
         )
         return task
 
+    def include_router(self, router: Router) -> None:
+        """Register every task declared on ``router`` (see :mod:`qtasks.routers`)."""
+        router.bind(self)
+
     def add_plugin(self, plugin: object, name: str | None = None) -> str:
         """Register a plugin object (its ``@hookimpl`` methods); return its name."""
         return self.hooks.register(plugin, name)
@@ -239,6 +252,7 @@ class AsyncQueueTasks:
         async with self._start_lock:
             if self._stack is not None:
                 return
+            shared_tasks.adopt(self)  # modules of shared tasks imported since __init__
             # Names a task's annotations use may be defined after it in its module.
             for task in self.tasks.values():
                 task.resolve_annotations()
@@ -367,7 +381,8 @@ class AsyncQueueTasks:
 
     async def add_task(
         self,
-        task_name: str,
+        task_name: str = UNSET,
+        /,
         *args: Any,
         priority: int | None = None,
         timeout: float | None = None,
@@ -381,7 +396,10 @@ class AsyncQueueTasks:
         ``priority`` (lower runs first), ``delay`` (seconds) or ``eta`` (unix time) schedule
         it; with ``timeout`` the call waits for the final record and raises
         :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. Tasks whose own
-        parameters use these names are enqueued with :meth:`enqueue`."""
+        parameters use these names are enqueued with :meth:`enqueue`. QTasks' keyword form
+        ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
+        if task_name is UNSET:
+            task_name, args = split_task_name(task_name, args, kwargs)
         return await self.enqueue(
             task_name,
             args,
@@ -626,6 +644,47 @@ class AsyncQueueTasks:
             "qtasks_inspect", "report", app=self, report=report
         )
         return result
+
+    async def ping(self, server: bool = True) -> bool:
+        """QTasks' health check. ``server=True``: whether a worker of this app is alive (its
+        heartbeat is in the GlobalConfig). ``server=False``: whether the components answer.
+        A component that cannot be reached gives ``False``, not an error."""
+        try:
+            if self._stack is None:
+                await self.start()
+            workers = await self.global_config.workers()
+            await self.broker.stats()
+        except (QTasksError, OSError) as exc:
+            log.warning("ping of app %r failed: %s", self.name, exc)
+            alive = False
+        else:
+            alive = bool(workers) or not server
+        await self.hooks.notify("qtasks_app_pinged", app=self, alive=alive)
+        return alive
+
+    async def flush_all(self) -> dict[str, int]:
+        """Delete everything this app's components hold: queued messages, dead letters,
+        records, GlobalConfig values (only this app's queue and prefix on a shared server).
+        Returns how many items (keys) each lost.
+
+        Guarded: nothing in qtasks calls it (no setting or start-up path does); it refuses
+        while this app serves tasks, and raises :class:`~qtasks.errors.ComponentError` before
+        deleting anything when a component cannot flush (it then names it)."""
+        if self._serving is not None:
+            raise ComponentError(
+                f"app {self.name!r} is serving tasks: flush_all would delete the messages and "
+                "records of running tasks; stop the worker first"
+            )
+        if self._stack is None:
+            await self.start()
+        kinds = ("broker", "storage", "global_config")
+        missing = [k for k in kinds if not callable(getattr(getattr(self, k), "flush", None))]
+        if missing:
+            names = ", ".join(f"{k} {type(getattr(self, k)).__name__}" for k in missing)
+            raise ComponentError(f"flush_all: cannot flush {names} (it has no flush method)")
+        counts = {kind: int(await getattr(self, kind).flush()) for kind in kinds}
+        await self.hooks.notify("qtasks_app_flushed", app=self, counts=counts)
+        return counts
 
     def require_started(self) -> None:
         if self._stack is None:

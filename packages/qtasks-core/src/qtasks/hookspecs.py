@@ -131,6 +131,16 @@ def qtasks_app_stopped(app: AsyncQueueTasks) -> None:
 
 
 @hookspec
+def qtasks_app_pinged(app: AsyncQueueTasks, alive: bool) -> None:
+    """Notification: ``app.ping()`` ran; ``alive`` is what it returns."""
+
+
+@hookspec
+def qtasks_app_flushed(app: AsyncQueueTasks, counts: dict[str, int]) -> None:
+    """Notification: ``app.flush_all()`` deleted everything; ``counts`` per component kind."""
+
+
+@hookspec
 def qtasks_component_started(app: AsyncQueueTasks, kind: str, component: Any) -> None:
     """Notification: a component started; ``kind`` is ``broker``, ``storage``,
     ``global_config`` or ``worker``. Fired in start order: storage, global_config, broker,

@@ -18,12 +18,15 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.discovery import build_components
+from qtasks.errors import ComponentError
 from qtasks.loop import loop_options
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
+from qtasks.routers import Router, shared_tasks
 from qtasks.starter import stop_on_signals
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks.worker import QueueWorker
@@ -64,6 +67,7 @@ class QueueTasks:
         self._forever = 0
         """How many :meth:`run_forever` calls are serving (for :meth:`close`)."""
         self._forever_done = threading.Condition()
+        shared_tasks.adopt(self)
 
     @classmethod
     def from_config(
@@ -102,6 +106,9 @@ class QueueTasks:
         forgets :meth:`close` still stops gracefully and exits."""
         with self._lock:
             if self._portal is None:
+                # Before the async app starts (and adopts them unwrapped): shared tasks
+                # imported since __init__ get this app's blocking add_task.
+                shared_tasks.adopt(self)
                 self._portal, self._portal_stop = _start_portal()
                 atexit.register(_close_at_exit, weakref.ref(self))
             return self._portal
@@ -142,6 +149,10 @@ class QueueTasks:
         self.aio.tasks[inner.name] = wrapped
         return wrapped
 
+    def include_router(self, router: Router) -> None:
+        """Register every task declared on ``router``; their ``add_task`` blocks."""
+        router.bind(self)
+
     def add_plugin(self, plugin: object, name: str | None = None) -> str:
         """Register a plugin object (its ``@hookimpl`` methods); return its name."""
         return self.aio.add_plugin(plugin, name)
@@ -153,7 +164,8 @@ class QueueTasks:
 
     def add_task(
         self,
-        task_name: str,
+        task_name: str = UNSET,
+        /,
         *args: Any,
         priority: int | None = None,
         timeout: float | None = None,
@@ -161,7 +173,10 @@ class QueueTasks:
         eta: float | None = None,
         **kwargs: Any,
     ) -> Task:
-        """Enqueue and return the record; with ``timeout``, block for the final one."""
+        """Enqueue and return the record; with ``timeout``, block for the final one. QTasks'
+        keyword form ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
+        if task_name is UNSET:
+            task_name, args = split_task_name(task_name, args, kwargs)
         return self.enqueue(
             task_name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
         )
@@ -251,6 +266,19 @@ class QueueTasks:
     def config_set(self, namespace: str, key: str, value: Any) -> None:
         """Write a cluster-wide value to the GlobalConfig."""
         self.portal.call(self.aio.config_set, namespace, key, value)
+
+    def ping(self, server: bool = True) -> bool:
+        """QTasks' health check; see :meth:`AsyncQueueTasks.ping`."""
+        return self.portal.call(self.aio.ping, server)
+
+    def flush_all(self) -> dict[str, int]:
+        """Delete everything the components hold; see :meth:`AsyncQueueTasks.flush_all`
+        (refused while this app serves)."""
+        if self._serving is not None or self._forever:
+            raise ComponentError(
+                f"app {self.aio.name!r} is serving tasks: stop it before flush_all"
+            )
+        return self.portal.call(self.aio.flush_all)
 
     def inspect(self) -> dict[str, Any]:
         """What ``qtasks inspect`` shows (JSON-ready); see :meth:`AsyncQueueTasks.inspect`."""

@@ -319,9 +319,11 @@ class TaskDef(Generic[P, R]):
 
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
-        options of the call; use :meth:`enqueue` when the task itself takes such parameters."""
+        options of the call; use :meth:`enqueue` when the task itself takes such parameters.
+        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead."""
         extra: dict[str, Any] = dict(kwargs)
-        return self.app.add_task(self.name, *args, **extra)
+        name = extra.pop("task_name", self.name)
+        return self.app.add_task(name, *args, **extra)
 
     def enqueue(
         self,
@@ -348,7 +350,8 @@ class SyncTaskDef(TaskDef[P, R]):
 
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Task:
         extra: dict[str, Any] = dict(kwargs)
-        return self.facade.add_task(self.name, *args, **extra)
+        name = extra.pop("task_name", self.name)
+        return self.facade.add_task(name, *args, **extra)
 
     def enqueue(
         self,
