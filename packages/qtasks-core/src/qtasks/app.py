@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from os import PathLike
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 import anyio
 from anyio.abc import TaskGroup
@@ -44,6 +44,9 @@ from qtasks.routers import Router, shared_tasks
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
+
+if TYPE_CHECKING:
+    from qtasks.compat.events import Events
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -231,9 +234,41 @@ class AsyncQueueTasks:
         """Register every task declared on ``router`` (see :mod:`qtasks.routers`)."""
         router.bind(self)
 
-    def add_plugin(self, plugin: object, name: str | None = None) -> str:
-        """Register a plugin object (its ``@hookimpl`` methods); return its name."""
+    def add_plugin(
+        self,
+        plugin: object,
+        name: str | Sequence[str] | None = None,
+        trigger_names: Sequence[str] | None = None,
+        component: str | None = None,
+    ) -> str:
+        """Register a plugin object (its ``@hookimpl`` methods); return its name.
+
+        A plugin written for QTasks (a ``trigger(name, **kwargs)`` method, e.g. a
+        ``qtasks.plugins.base.BasePlugin``) is run through :mod:`qtasks.compat.plugins`, with
+        QTasks' ``trigger_names`` and ``component`` (``trigger_names`` may come second, as in
+        QTasks)."""
+        from qtasks.compat.plugins import adapt, is_qtasks_plugin
+
+        if name is not None and not isinstance(name, str):
+            name, trigger_names = None, name
+        if trigger_names is not None or component is not None or is_qtasks_plugin(plugin):
+            adapter = adapt(plugin, trigger_names, component)
+            label = name or str(getattr(adapter, "name", ""))
+            if self.hooks.pm.has_plugin(label):  # one plugin added for several components
+                label = f"{label}#{len(self.hooks.pm.get_plugins())}"
+            return self.hooks.register(adapter, label)
         return self.hooks.register(plugin, name)
+
+    @property
+    def events(self) -> Events:
+        """QTasks' event handlers: ``@app.events.on.task_success()`` (see
+        :mod:`qtasks.compat.events`); created, and its plugin registered, on first use."""
+        events: Events | None = self.__dict__.get("_events")
+        if events is None:
+            from qtasks.compat.events import Events
+
+            events = self.__dict__["_events"] = Events(self)
+        return events
 
     def add_middleware(self, middleware: Middleware) -> None:
         """Wrap every task's execution in ``middleware`` (outermost first)."""

@@ -153,9 +153,16 @@ class QueueTasks:
         """Register every task declared on ``router``; their ``add_task`` blocks."""
         router.bind(self)
 
-    def add_plugin(self, plugin: object, name: str | None = None) -> str:
-        """Register a plugin object (its ``@hookimpl`` methods); return its name."""
-        return self.aio.add_plugin(plugin, name)
+    def add_plugin(
+        self,
+        plugin: object,
+        name: str | Sequence[str] | None = None,
+        trigger_names: Sequence[str] | None = None,
+        component: str | None = None,
+    ) -> str:
+        """Register a plugin object; see :meth:`AsyncQueueTasks.add_plugin` (QTasks plugins
+        with ``trigger_names``/``component`` included)."""
+        return self.aio.add_plugin(plugin, name, trigger_names, component)
 
     def _bind(self, record: TaskRecord) -> Task:
         bound = Task(*record.values())
