@@ -37,6 +37,7 @@ from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Envelope, Message, Serializer, new_uuid
 from qtasks.middleware import MiddlewarePlugin
+from qtasks.models import typed_result
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
@@ -544,6 +545,9 @@ class AsyncQueueTasks:
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())
         bound._client = self
+        task = self.tasks.get(bound.task_name)
+        if task is not None and task.result_model is not None:
+            typed_result(task, bound)  # a pydantic result, as the task's annotation says
         return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:

@@ -263,6 +263,13 @@ class TaskDef(Generic[P, R]):
         self._plain_names: tuple[str, ...] | None = (
             tuple(self.caller_signature.parameters) if simple else None
         )
+        from qtasks import models
+
+        self.models = models.model_params(self.caller_signature)
+        """Parameters annotated with a pydantic model (see :mod:`qtasks.models`)."""
+        self.result_model = models.result_model(self.func)
+        if self.models or self.result_model is not None:
+            models.register(self.app)
 
     def _refuse_local_injections(self, scope: Mapping[str, Any]) -> None:
         """Raise if an unresolved annotation names, in the function declaring the task, a State
@@ -290,6 +297,11 @@ class TaskDef(Generic[P, R]):
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise :class:`TaskArgumentsError` if the call does not fit the signature."""
+        if self.models:  # pydantic parameters: their forms and validation (qtasks.models)
+            from qtasks.models import build
+
+            build(self, args, kwargs)
+            return
         if self.injected:
             # An injected parameter may still be passed explicitly, by keyword.
             kwargs = {k: v for k, v in kwargs.items() if k not in self.injected}
