@@ -82,6 +82,16 @@ class TaskOptions:
 
     def __post_init__(self) -> None:
         self._check()
+        if self.middlewares_before or self.middlewares_after:
+            from qtasks.compat.middleware import adapt_middleware
+
+            # QTasks' TaskMiddleware classes become wrapping middlewares.
+            self.middlewares_before = tuple(
+                adapt_middleware(m, after=False) for m in self.middlewares_before
+            )
+            self.middlewares_after = tuple(
+                adapt_middleware(m, after=True) for m in self.middlewares_after
+            )
 
     def _check(self) -> None:
         def bad(option: str, expected: str, value: Any) -> TaskDeclarationError:
