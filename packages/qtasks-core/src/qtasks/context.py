@@ -192,6 +192,11 @@ class TaskOptionsView:
         return list(self._run.task.options.middlewares_after)
 
     @property
+    def middlewares(self) -> list[Any]:
+        """``middlewares_before`` then ``middlewares_after`` (QTasks' docs show this name)."""
+        return [*self.middlewares_before, *self.middlewares_after]
+
+    @property
     def extra(self) -> dict[str, Any]:
         """Options the task was declared with that qtasks does not know (``test=True``)."""
         return dict(self._run.task.options.extra)
