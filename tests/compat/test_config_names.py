@@ -94,3 +94,15 @@ def test_broker_url_builds_the_redis_components(redis_url: str, prefix: str) -> 
             assert app.add_task("test", 5, timeout=10).returning == "user 5 saved"
     finally:
         app.close()
+
+
+def test_run_forever_accepts_qtasks_options_with_a_warning() -> None:
+    app = QueueTasks()
+    app.stop()  # kept: the next run_forever starts and stops at once
+    try:
+        with pytest.warns(QTasksCompatWarning, match="max_tasks_process"):
+            app.run_forever(num_workers=10)
+        with pytest.raises(TypeError, match="num_wrokers"):
+            app.run_forever(num_wrokers=10)
+    finally:
+        app.close()

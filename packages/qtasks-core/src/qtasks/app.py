@@ -15,6 +15,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from qtasks.compat.calls import UNSET, split_task_name
+from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
     Broker,
     DeadLetter,
@@ -377,10 +378,12 @@ class AsyncQueueTasks:
         this loop runs on the main thread), then stop gracefully."""
         await SignalStarter().serve(self)
 
-    def run_forever(self, starter: Starter | None = None) -> None:
+    def run_forever(self, starter: Starter | None = None, **qtasks17: Any) -> None:
         """Block serving tasks in a new event loop until :meth:`stop` or SIGINT/SIGTERM
         (through ``starter``, by default a :class:`~qtasks.starter.SignalStarter`). It may run
         in any thread; signals are watched only when it runs on the main thread."""
+        if qtasks17:  # QTasks' num_workers=, reset_config=, loop=: accepted, warned
+            warn_run_forever_options(qtasks17)
         (starter or SignalStarter()).run(self)
 
     def stop(self) -> None:

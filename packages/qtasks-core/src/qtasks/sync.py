@@ -19,6 +19,7 @@ from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.compat.calls import UNSET, split_task_name
+from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.discovery import build_components
@@ -322,7 +323,7 @@ class QueueTasks:
             if self._portal_stop is not None:
                 self._portal_stop.join(timeout=10)
 
-    def run_forever(self, starter: Starter | None = None) -> None:
+    def run_forever(self, starter: Starter | None = None, **qtasks17: Any) -> None:
         """Block serving tasks until :meth:`stop` or SIGINT/SIGTERM, then stop gracefully.
 
         The worker runs in the app's background loop (the portal's), the one every other
@@ -330,6 +331,8 @@ class QueueTasks:
         It may run in any thread, e.g. ``threading.Thread(target=app.run_forever)``; signals
         are caught only when it runs on the main thread. With a ``starter``, that starter runs
         the async app in a loop of its own in this thread instead."""
+        if qtasks17:  # QTasks' num_workers=, reset_config=, loop=: accepted, warned
+            warn_run_forever_options(qtasks17)
         if starter is not None:
             self.aio.run_forever(starter)
             return

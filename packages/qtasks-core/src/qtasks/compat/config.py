@@ -121,3 +121,26 @@ class QTasksConfigNames:
             values = {}
             object.__setattr__(self, "_qtasks17", values)
         return values
+
+
+RUN_FOREVER_OPTIONS: dict[str, str] = {
+    "num_workers": "concurrency is max_tasks_process (QTasks' num_workers only moved tasks from "
+    "its in-process heap to the semaphore)",
+    "reset_config": "components read the app's config when they start",
+    "loop": "the app runs its own event loop; use `async with app:` or `await app.serve()` to "
+    "serve in an existing one",
+}
+"""QTasks' ``run_forever`` options, accepted and ignored (warned), with the reason."""
+
+
+def warn_run_forever_options(options: dict[str, Any]) -> None:
+    """Warn about QTasks' ``run_forever`` options; raise ``TypeError`` for unknown ones."""
+    for name in options:
+        if name not in RUN_FOREVER_OPTIONS:
+            raise TypeError(f"run_forever() got an unexpected keyword argument {name!r}")
+        warnings.warn(
+            f"run_forever({name}=...) is QTasks' and ignored by qtasks: "
+            f"{RUN_FOREVER_OPTIONS[name]}",
+            QTasksCompatWarning,
+            stacklevel=3,
+        )
