@@ -70,3 +70,37 @@ def test_seed_snippet_runs_as_printed(tmp_path: Path, index: int) -> None:
 def test_the_seed_command_names_the_cli_form() -> None:
     # ``qtasks -A app:app run`` is covered by tests/core/test_cli_run.py; the seed prints it so.
     assert "qtasks -A app:app run" in SEED.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "command", [["qtasks", "-A", "app:app", "run"], ["python", "main.py"]], ids=["cli", "script"]
+)
+def test_seed_commands_serve_until_sigterm(tmp_path: Path, command: list[str]) -> None:
+    """``python main.py`` and ``qtasks -A app:app run``, as the seed prints them."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    source = (
+        "from qtasks import QueueTasks\n\napp = QueueTasks()\n\n\n@app.task\n"
+        "def hello():\n    return 'hi'\n\n\nif __name__ == '__main__':\n    app.run_forever()\n"
+    )
+    (tmp_path / "app.py").write_text(source)
+    (tmp_path / "main.py").write_text(source)
+    bin_dir = Path(sys.executable).parent
+    program = shutil.which(command[0], path=str(bin_dir)) or command[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    proc = subprocess.Popen(
+        [program, *command[1:]],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
