@@ -158,7 +158,9 @@ def test_every_trigger_is_in_the_hookspecs_table() -> None:
 def test_app_and_global_config_triggers_on_a_sync_app() -> None:
     app = QueueTasks()
     app_plugin = Recorder({"qtasks_get": lambda task, **_: {"task": task}})
-    config_plugin = Recorder({"global_config_get": {"get": "replaced"}})
+    config_plugin = Recorder(
+        {"global_config_get": {"get": "replaced"}, "global_config_set": {"value": 2}}
+    )
     app.add_plugin(app_plugin)
     app.add_plugin(config_plugin, component="global_config")
 
@@ -171,6 +173,7 @@ def test_app_and_global_config_triggers_on_a_sync_app() -> None:
         assert app.get(record.uuid) is not None
         app.config_set("ns", "k", 1)
         assert app.config_get("ns", "k") == "replaced"
+        assert app.portal.call(app.aio.global_config.get, "ns", "k") == 2  # written replaced
         app.ping(server=False)
     finally:
         app.close()

@@ -647,9 +647,19 @@ class AsyncQueueTasks:
         )
 
     async def config_set(self, namespace: str, key: str, value: Any) -> None:
-        """Write a cluster-wide value to the GlobalConfig."""
+        """Write a cluster-wide value to the GlobalConfig (``qtasks_global_config_write`` may
+        replace the value first)."""
         if self._stack is None:
             await self.start()
+        if "qtasks_global_config_write" in self.hooks.active:
+            value = await self.hooks.transform(
+                "qtasks_global_config_write",
+                "value",
+                app=self,
+                namespace=namespace,
+                key=key,
+                value=value,
+            )
         await self.global_config.set(namespace, key, value)
         await self.hooks.notify(
             "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value

@@ -56,7 +56,8 @@ step). Then:
   ``qtasks_broker_message_received``).
 
 Reading: ``app.get`` → ``qtasks_storage_got``; ``app.config_get`` → ``qtasks_global_config_got``;
-``app.config_set`` → ``qtasks_global_config_set``; ``app.inspect`` → ``qtasks_inspect``.
+``app.config_set`` → ``qtasks_global_config_write`` (transform) → the write →
+``qtasks_global_config_set``; ``app.inspect`` → ``qtasks_inspect``.
 
 Coming from QTasks 1.7
 ----------------------
@@ -117,8 +118,9 @@ Storage:
 
 GlobalConfig:
 
-* ``global_config_set`` → ``qtasks_global_config_set``: notified, after the write (the value
-  a task reads back can be changed at ``qtasks_global_config_got``)
+* ``global_config_set`` → ``qtasks_global_config_write``: applied (value), before
+  ``app.config_set`` writes (a returned ``name``/``key`` is not: another key would be written
+  than the caller named)
 * ``global_config_get`` → ``qtasks_global_config_got``: applied (get)
 * ``global_config_start`` → ``qtasks_component_started``: notified
 * ``global_config_stop`` → ``qtasks_component_stopped``: notified
@@ -293,6 +295,15 @@ def qtasks_storage_saved(app: AsyncQueueTasks, record: TaskRecord) -> None:
 
 
 # --- global config --------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_global_config_write(
+    app: AsyncQueueTasks, namespace: str, key: str, value: Any
+) -> Any | None:
+    """Transform, before ``app.config_set`` writes: return the value to write instead, or
+    ``None`` (unchanged). Raising aborts the call. (State and heartbeat writes do not pass
+    here.)"""
 
 
 @hookspec

@@ -72,7 +72,7 @@ TRIGGERS: dict[str, tuple[str, str]] = {
     "storage_start": ("storage", "qtasks_component_started"),
     "storage_stop": ("storage", "qtasks_component_stopped"),
     "storage_flush_all": ("storage", "qtasks_app_flushed"),
-    "global_config_set": ("global_config", "qtasks_global_config_set"),
+    "global_config_set": ("global_config", "qtasks_global_config_write"),
     "global_config_get": ("global_config", "qtasks_global_config_got"),
     "global_config_start": ("global_config", "qtasks_component_started"),
     "global_config_stop": ("global_config", "qtasks_component_stopped"),
@@ -119,6 +119,7 @@ TRANSFORMS: dict[str, tuple[str, ...]] = {
     "broker_get": ("task",),
     "storage_get": ("result",),
     "global_config_get": ("get",),
+    "global_config_set": ("value",),
     "task_executor_args_replace": ("args", "kw"),
     "task_executor_run_task": ("result",),
     "task_executor_run_task_gen": ("results",),
@@ -329,16 +330,17 @@ class _Adapter:
     # --- global config --------------------------------------------------------------------
 
     @hookimpl
-    async def qtasks_global_config_set(
+    async def qtasks_global_config_write(
         self, app: AsyncQueueTasks, namespace: str, key: str, value: Any
-    ) -> None:
-        await self.fire(
+    ) -> Any:
+        got = await self.fire(
             "global_config_set",
             global_config=app.global_config,
             name_=namespace,
             key=key,
             value=value,
         )
+        return got.get("value") if got else None
 
     @hookimpl
     async def qtasks_global_config_got(self, app: AsyncQueueTasks, value: Any) -> Any:
