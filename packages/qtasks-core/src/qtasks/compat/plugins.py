@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -524,10 +524,8 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-_HOOK_OF: dict[str, str] = {}
-for _trigger, (_component, _hook) in TRIGGERS.items():
-    _HOOK_OF[_trigger] = _hook
 _LIFECYCLE = ("qtasks_app_started", "qtasks_app_stopped")
+"""Hooks every adapter implements: the plugin's ``start()`` and ``stop()``."""
 
 
 def adapt(
@@ -544,15 +542,10 @@ def adapt(
             "a QTasks plugin needs a trigger(name, **kwargs) method",
         )
     triggers = _subscribed(trigger_names, component)
-    hooks = {_HOOK_OF[t] for t in triggers} | set(_LIFECYCLE)
-    if "task_executor_run_task_trigger_error" in triggers:
-        hooks.add("qtasks_executor_middlewares")
-    methods: dict[str, Callable[..., Awaitable[Any]]] = {
-        name: getattr(_Adapter, name) for name in hooks
-    }
+    needed = {TRIGGERS[t][1] for t in triggers} | set(_LIFECYCLE)
     cls = type("QTasksPluginAdapter", (_Adapter,), {})
     # Hide the hooks it does not need: pluggy registers what it finds on the object.
     for name in dir(_Adapter):
-        if name.startswith("qtasks_") and name not in methods:
+        if name.startswith("qtasks_") and name not in needed:
             setattr(cls, name, None)
     return cls(plugin, triggers, component)
