@@ -27,13 +27,7 @@ from qtasks.components import (
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, load_plugins
-from qtasks.errors import (
-    ComponentError,
-    ComponentNotStartedError,
-    QTasksError,
-    TaskDeclarationError,
-    TaskNotFoundError,
-)
+from qtasks.errors import ComponentNotStartedError, TaskDeclarationError, TaskNotFoundError
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Envelope, Message, Serializer, new_uuid
@@ -101,12 +95,8 @@ class AsyncQueueTasks:
         if broker_url is not None:  # QTasks' form: the Redis components from one URL
             from qtasks.compat.url import components_from_url
 
-            given = {"broker": broker, "storage": storage, "global_config": global_config}
-            config, built = components_from_url(broker_url, config, given)
-            broker, storage, global_config = (
-                built["broker"],
-                built["storage"],
-                built["global_config"],
+            config, broker, storage, global_config = components_from_url(
+                broker_url, config, broker, storage, global_config
             )
         self.name = name
         self.config = config or QueueConfig()
@@ -249,17 +239,10 @@ class AsyncQueueTasks:
         ``qtasks.plugins.base.BasePlugin``) is run through :mod:`qtasks.compat.plugins`, with
         QTasks' ``trigger_names`` and ``component`` (``trigger_names`` may come second, as in
         QTasks)."""
-        from qtasks.compat.plugins import adapt, is_qtasks_plugin
+        from qtasks.compat.plugins import adapt_for
 
-        if name is not None and not isinstance(name, str):
-            name, trigger_names = None, name
-        if trigger_names is not None or component is not None or is_qtasks_plugin(plugin):
-            adapter = adapt(plugin, trigger_names, component)
-            label = name or str(getattr(adapter, "name", ""))
-            if self.hooks.pm.has_plugin(label):  # one plugin added for several components
-                label = f"{label}#{len(self.hooks.pm.get_plugins())}"
-            return self.hooks.register(adapter, label)
-        return self.hooks.register(plugin, name)
+        adapter, label = adapt_for(self.hooks, plugin, name, trigger_names, component)
+        return self.hooks.register(adapter, label)
 
     @property
     def events(self) -> Events:
@@ -698,45 +681,17 @@ class AsyncQueueTasks:
         return result
 
     async def ping(self, server: bool = True) -> bool:
-        """QTasks' health check. ``server=True``: whether a worker of this app is alive (its
-        heartbeat is in the GlobalConfig). ``server=False``: whether the components answer.
-        A component that cannot be reached gives ``False``, not an error."""
-        try:
-            if self._stack is None:
-                await self.start()
-            workers = await self.global_config.workers()
-            await self.broker.stats()
-        except (QTasksError, OSError) as exc:
-            log.warning("ping of app %r failed: %s", self.name, exc)
-            alive = False
-        else:
-            alive = bool(workers) or not server
-        await self.hooks.notify("qtasks_app_pinged", app=self, alive=alive)
-        return alive
+        """QTasks' health check; see :func:`qtasks.compat.admin.ping`."""
+        from qtasks.compat.admin import ping
+
+        return await ping(self, server)
 
     async def flush_all(self) -> dict[str, int]:
-        """Delete everything this app's components hold: queued messages, dead letters,
-        records, GlobalConfig values (only this app's queue and prefix on a shared server).
-        Returns how many items (keys) each lost.
+        """Delete everything this app's components hold (guarded); see
+        :func:`qtasks.compat.admin.flush_all`."""
+        from qtasks.compat.admin import flush_all
 
-        Guarded: nothing in qtasks calls it (no setting or start-up path does); it refuses
-        while this app serves tasks, and raises :class:`~qtasks.errors.ComponentError` before
-        deleting anything when a component cannot flush (it then names it)."""
-        if self._serving is not None:
-            raise ComponentError(
-                f"app {self.name!r} is serving tasks: flush_all would delete the messages and "
-                "records of running tasks; stop the worker first"
-            )
-        if self._stack is None:
-            await self.start()
-        kinds = ("broker", "storage", "global_config")
-        missing = [k for k in kinds if not callable(getattr(getattr(self, k), "flush", None))]
-        if missing:
-            names = ", ".join(f"{k} {type(getattr(self, k)).__name__}" for k in missing)
-            raise ComponentError(f"flush_all: cannot flush {names} (it has no flush method)")
-        counts = {kind: int(await getattr(self, kind).flush()) for kind in kinds}
-        await self.hooks.notify("qtasks_app_flushed", app=self, counts=counts)
-        return counts
+        return await flush_all(self)
 
     def require_started(self) -> None:
         if self._stack is None:

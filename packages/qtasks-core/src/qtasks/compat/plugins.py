@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.executor import CallNext, Middleware, TaskRun
     from qtasks.messages import Message
+    from qtasks.plugins import Hooks
     from qtasks.record import TaskRecord
     from qtasks.task import TaskDef
 
@@ -526,6 +527,27 @@ async def _maybe_await(value: Any) -> Any:
 
 _LIFECYCLE = ("qtasks_app_started", "qtasks_app_stopped")
 """Hooks every adapter implements: the plugin's ``start()`` and ``stop()``."""
+
+
+def adapt_for(
+    hooks: Hooks,
+    plugin: object,
+    name: str | Sequence[str] | None,
+    trigger_names: Sequence[str] | None,
+    component: str | None,
+) -> tuple[object, str | None]:
+    """What ``app.add_plugin`` registers, and under which name: ``plugin`` itself, or for a
+    QTasks plugin (a ``trigger`` method, or ``trigger_names``/``component`` given) its adapter.
+    ``name`` may be QTasks' ``trigger_names`` (its second positional parameter)."""
+    if name is not None and not isinstance(name, str):
+        name, trigger_names = None, name
+    if trigger_names is None and component is None and not is_qtasks_plugin(plugin):
+        return plugin, name
+    adapter = adapt(plugin, trigger_names, component)
+    label = name or str(getattr(adapter, "name", ""))
+    if hooks.pm.has_plugin(label):  # one plugin added for several components
+        label = f"{label}#{len(hooks.pm.get_plugins())}"
+    return adapter, label
 
 
 def adapt(

@@ -15,14 +15,20 @@ _SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis"}
 
 
 def components_from_url(
-    url: str, config: QueueConfig | None, given: dict[str, Any]
-) -> tuple[QueueConfig, dict[str, Any]]:
-    """The config and components of an app built from ``broker_url``: the Redis broker, and the
-    storage and global config that follow it (see :func:`~qtasks.config.follow_broker`), all
-    on ``url``. A component passed explicitly in ``given`` is kept and wins.
+    url: str,
+    config: QueueConfig | None,
+    broker: Any = None,
+    storage: Any = None,
+    global_config: Any = None,
+) -> tuple[QueueConfig, Any, Any, Any]:
+    """``(config, broker, storage, global_config)`` of an app built from ``broker_url``: the
+    Redis broker, and the storage and global config that follow it (see
+    :func:`~qtasks.config.follow_broker`), all on ``url``. A storage or global config passed
+    explicitly is kept.
 
     Raises :class:`~qtasks.errors.ConfigError` for a scheme qtasks cannot serve this way, and
     (from discovery) naming the distribution to install when ``qtasks-redis`` is missing."""
+    given = {"broker": broker, "storage": storage, "global_config": global_config}
     scheme = urlsplit(url).scheme.lower()
     broker = _SCHEMES.get(scheme)
     if broker is None:
@@ -42,4 +48,5 @@ def components_from_url(
             sources[kind] = "code"  # set on purpose: do not follow the broker
     loaded = follow_broker(LoadedConfig(values, sources))
     built = build_components(loaded.config)
-    return loaded.config, {k: given.get(k) or v for k, v in built.items()}
+    chosen = {k: given.get(k) or v for k, v in built.items()}
+    return loaded.config, chosen["broker"], chosen["storage"], chosen["global_config"]
