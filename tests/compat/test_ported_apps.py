@@ -231,22 +231,47 @@ def test_qtasks_sync_example_app_on_redis_with_a_worker_process(
         module.app.close()
 
 
+async def check_async_example(module: ModuleType) -> None:
+    app = module.app
+    assert (await app.add_task("test", timeout=WAIT)).returning == "It's a test task!"
+    echo = await app.add_task("test_echo", timeout=WAIT)
+    assert echo.returning == "Task test_num, result: 5"
+    assert (await app.add_task("test_yield", n=2, timeout=WAIT)).returning == [5, 6]
+    retried = await app.add_task("test_retry", timeout=WAIT)
+    assert retried.status == TaskStatusEnum.ERROR.value and retried.attempt == 3
+    record = await module.example_pydantic.add_task("Test", 42, timeout=WAIT)
+    assert record.returning == '"Hello, Test!"'
+    ctx = await app.add_task("test_echo_ctx", timeout=WAIT)
+    assert ctx.status == TaskStatusEnum.CANCEL.value
+    assert ctx.cancel_reason == "Test task cancelled"
+    late = await app.add_task("example_error_timeout", timeout=WAIT)
+    assert late.status == TaskStatusEnum.ERROR.value
+
+
 @pytest.mark.anyio
 async def test_qtasks_async_example_app_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     module = load("example_async", monkeypatch)
-    app = module.app
     with anyio.fail_after(WAIT):
-        async with app:
-            assert (await app.add_task("test", timeout=WAIT)).returning == "It's a test task!"
-            echo = await app.add_task("test_echo", timeout=WAIT)
-            assert echo.returning == "Task test_num, result: 5"
-            assert (await app.add_task("test_yield", n=2, timeout=WAIT)).returning == [5, 6]
-            retried = await app.add_task("test_retry", timeout=WAIT)
-            assert retried.status == TaskStatusEnum.ERROR.value and retried.attempt == 3
-            record = await module.example_pydantic.add_task("Test", 42, timeout=WAIT)
-            assert record.returning == '"Hello, Test!"'
-            ctx = await app.add_task("test_echo_ctx", timeout=WAIT)
-            assert ctx.status == TaskStatusEnum.CANCEL.value
-            assert ctx.cancel_reason == "Test task cancelled"
-            late = await app.add_task("example_error_timeout", timeout=WAIT)
-            assert late.status == TaskStatusEnum.ERROR.value
+        async with module.app:
+            await check_async_example(module)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_qtasks_async_example_app_on_redis_with_a_worker_process(
+    redis_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = load("example_async", monkeypatch)
+    proc = serve("example_async", redis_env)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not await module.app.ping():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the worker did not start"
+            await anyio.sleep(0.1)
+        with anyio.fail_after(2 * WAIT):
+            await check_async_example(module)
+    finally:
+        stop(proc)
+        await module.app.aclose()
