@@ -13,7 +13,8 @@ Kinds of hooks (each docstring says which):
   in call order: each receives the value the previous one returned. An exception in a worker-side
   transform fails the task with :class:`~qtasks.errors.PluginError` naming the plugin (stored as
   the record's error; not retried); in a caller-side one (``qtasks_task_enqueue``,
-  ``qtasks_storage_got``, ``qtasks_global_config_got``, ``qtasks_inspect``) the call raises it.
+  ``qtasks_storage_got``, ``qtasks_global_config_got``, ``qtasks_global_config_write``,
+  ``qtasks_inspect``) the call raises it.
 * **decide** (``firstresult``): the first non-``None`` return wins; sync only. An exception in
   ``qtasks_task_retry_delay`` is logged and the task fails without a retry.
 

@@ -156,6 +156,8 @@ def is_qtasks_plugin(plugin: object) -> bool:
     """Whether ``plugin`` is written for QTasks (a ``trigger`` method, no qtasks hooks)."""
     if isinstance(plugin, BasePlugin):
         return True
+    if inspect.isclass(plugin) or inspect.ismodule(plugin):
+        return False
     if not callable(getattr(plugin, "trigger", None)):
         return False
     return not any(
