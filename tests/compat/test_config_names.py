@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -106,3 +107,18 @@ def test_run_forever_accepts_qtasks_options_with_a_warning() -> None:
             app.run_forever(num_wrokers=10)
     finally:
         app.close()
+
+
+def test_broker_url_without_qtasks_redis_names_the_distribution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qtasks import discovery
+
+    real = discovery._entry_points
+
+    def without_redis(kind: Any) -> Any:
+        return {name: ep for name, ep in real(kind).items() if name != "redis"}
+
+    monkeypatch.setattr(discovery, "_entry_points", without_redis)
+    with pytest.raises(ConfigError, match="pip install qtasks-redis"):
+        QueueTasks(broker_url="redis://localhost:6379/0")
