@@ -29,7 +29,10 @@ PAGES = sorted([*ROOT.glob("docs/**/*.md"), ROOT / "README.md", *ROOT.glob("pack
 RUNNERS: dict[tuple[str, str], tuple[str, str]] = {
     ("README.md", "python"): ("tests/core/test_readme.py", "all"),
     ("docs/index.md", "python"): ("tests/test_docs_site.py", "all"),
-    ("docs/from-qtasks.md", "python"): ("tests/test_docs_site.py", "all"),
+    ("docs/coming-from-qtasks.md", "python"): (
+        "tests/compat/test_coming_from_qtasks_doc.py",
+        "all",
+    ),
     ("docs/from-celery.md", "python"): ("tests/test_docs_site.py", "all"),
     ("docs/tasks.md", "python"): ("tests/core/test_docs_tasks.py", "all"),
     ("docs/context.md", "python"): ("tests/core/test_context_docs.py", "all"),

@@ -22,6 +22,7 @@ try:
     from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
     from qtasks.plugins import hookimpl
     from qtasks.record import TaskRecord, TaskStatus
+    from qtasks.routers import AsyncRouter, SyncRouter, shared_task
     from qtasks.state import AsyncState, SyncState
     from qtasks.sync import QueueTasks
     from qtasks.task import AsyncTask, Task, TaskDef
@@ -37,6 +38,7 @@ __version__ = _version("qtasks-core")
 
 __all__ = [
     "AsyncQueueTasks",
+    "AsyncRouter",
     "AsyncState",
     "AsyncTask",
     "Depends",
@@ -46,6 +48,7 @@ __all__ = [
     "QTasksError",
     "QueueConfig",
     "QueueTasks",
+    "SyncRouter",
     "SyncState",
     "Task",
     "TaskCancelledError",
@@ -58,4 +61,5 @@ __all__ = [
     "TaskTimeoutError",
     "UnknownTaskError",
     "hookimpl",
+    "shared_task",
 ]

@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from os import PathLike
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 import anyio
 from anyio.abc import TaskGroup
 
+from qtasks.compat.calls import UNSET, split_task_name
+from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
     Broker,
     DeadLetter,
@@ -36,12 +38,17 @@ from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Envelope, Message, Serializer, new_uuid
 from qtasks.middleware import MiddlewarePlugin
+from qtasks.models import typed_result
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
+from qtasks.routers import Router, shared_tasks
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
+
+if TYPE_CHECKING:
+    from qtasks.compat.events import Events
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,7 +104,14 @@ class AsyncQueueTasks:
         worker: QueueWorker | None = None,
         config: QueueConfig | None = None,
         serializer: Serializer | None = None,
+        broker_url: str | None = None,
     ) -> None:
+        if broker_url is not None:  # QTasks' form: the Redis components from one URL
+            from qtasks.compat.url import components_from_url
+
+            config, broker, storage, global_config = components_from_url(
+                broker_url, config, broker, storage, global_config
+            )
         self.name = name
         self.config = config or QueueConfig()
         self.broker: Broker = broker or MemoryBroker()
@@ -136,6 +150,7 @@ class AsyncQueueTasks:
         # Either order of the two leaves the waiter woken.
         self._stop_requested = False
         self._wake_stop: Callable[[], object] | None = None
+        shared_tasks.adopt(self)
 
     @classmethod
     def from_config(
@@ -225,9 +240,38 @@ class AsyncQueueTasks:
         )
         return task
 
-    def add_plugin(self, plugin: object, name: str | None = None) -> str:
-        """Register a plugin object (its ``@hookimpl`` methods); return its name."""
-        return self.hooks.register(plugin, name)
+    def include_router(self, router: Router) -> None:
+        """Register every task declared on ``router`` (see :mod:`qtasks.routers`)."""
+        router.bind(self)
+
+    def add_plugin(
+        self,
+        plugin: object,
+        name: str | Sequence[str] | None = None,
+        trigger_names: Sequence[str] | None = None,
+        component: str | None = None,
+    ) -> str:
+        """Register a plugin object (its ``@hookimpl`` methods); return its name.
+
+        A plugin written for QTasks (a ``trigger(name, **kwargs)`` method, e.g. a
+        ``qtasks.plugins.base.BasePlugin``) is run through :mod:`qtasks.compat.plugins`, with
+        QTasks' ``trigger_names`` and ``component`` (``trigger_names`` may come second, as in
+        QTasks)."""
+        from qtasks.compat.plugins import adapt_for
+
+        adapter, label = adapt_for(self.hooks, plugin, name, trigger_names, component)
+        return self.hooks.register(adapter, label)
+
+    @property
+    def events(self) -> Events:
+        """QTasks' event handlers: ``@app.events.on.task_success()`` (see
+        :mod:`qtasks.compat.events`); created, and its plugin registered, on first use."""
+        events: Events | None = self.__dict__.get("_events")
+        if events is None:
+            from qtasks.compat.events import Events
+
+            events = self.__dict__["_events"] = Events(self)
+        return events
 
     def add_middleware(self, middleware: Middleware) -> None:
         """Wrap every task's execution in ``middleware`` (outermost first)."""
@@ -257,6 +301,7 @@ class AsyncQueueTasks:
         async with self._start_lock:
             if self._stack is not None:
                 return
+            shared_tasks.adopt(self)  # modules of shared tasks imported since __init__
             # Names a task's annotations use may be defined after it in its module.
             for task in self.tasks.values():
                 task.resolve_annotations()
@@ -393,10 +438,12 @@ class AsyncQueueTasks:
         this loop runs on the main thread), then stop gracefully."""
         await SignalStarter().serve(self)
 
-    def run_forever(self, starter: Starter | None = None) -> None:
+    def run_forever(self, starter: Starter | None = None, **qtasks17: Any) -> None:
         """Block serving tasks in a new event loop until :meth:`stop` or SIGINT/SIGTERM
         (through ``starter``, by default a :class:`~qtasks.starter.SignalStarter`). It may run
         in any thread; signals are watched only when it runs on the main thread."""
+        if qtasks17:  # QTasks' num_workers=, reset_config=, loop=: accepted, warned
+            warn_run_forever_options(qtasks17)
         (starter or SignalStarter()).run(self)
 
     def stop(self) -> None:
@@ -433,7 +480,8 @@ class AsyncQueueTasks:
 
     async def add_task(
         self,
-        task_name: str,
+        task_name: str = UNSET,
+        /,
         *args: Any,
         priority: int | None = None,
         timeout: float | None = None,
@@ -447,7 +495,10 @@ class AsyncQueueTasks:
         ``priority`` (lower runs first), ``delay`` (seconds) or ``eta`` (unix time) schedule
         it; with ``timeout`` the call waits for the final record and raises
         :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. Tasks whose own
-        parameters use these names are enqueued with :meth:`enqueue`."""
+        parameters use these names are enqueued with :meth:`enqueue`. QTasks' keyword form
+        ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
+        if task_name is UNSET:
+            task_name, args = split_task_name(task_name, args, kwargs)
         return await self.enqueue(
             task_name,
             args,
@@ -557,6 +608,9 @@ class AsyncQueueTasks:
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())
         bound._client = self
+        task = self.tasks.get(bound.task_name)
+        if task is not None and task.result_model is not None:
+            typed_result(task, bound)  # a pydantic result, as the task's annotation says
         return bound
 
     async def get(self, uuid: str) -> AsyncTask | None:
@@ -653,9 +707,19 @@ class AsyncQueueTasks:
         )
 
     async def config_set(self, namespace: str, key: str, value: Any) -> None:
-        """Write a cluster-wide value to the GlobalConfig."""
+        """Write a cluster-wide value to the GlobalConfig (``qtasks_global_config_write`` may
+        replace the value first)."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
+        if "qtasks_global_config_write" in self.hooks.active:
+            value = await self.hooks.transform(
+                "qtasks_global_config_write",
+                "value",
+                app=self,
+                namespace=namespace,
+                key=key,
+                value=value,
+            )
         await self.global_config.set(namespace, key, value)
         await self.hooks.notify(
             "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value
@@ -692,6 +756,19 @@ class AsyncQueueTasks:
             "qtasks_inspect", "report", app=self, report=report
         )
         return result
+
+    async def ping(self, server: bool = True) -> bool:
+        """QTasks' health check; see :func:`qtasks.compat.admin.ping`."""
+        from qtasks.compat.admin import ping
+
+        return await ping(self, server)
+
+    async def flush_all(self) -> dict[str, int]:
+        """Delete everything this app's components hold (guarded); see
+        :func:`qtasks.compat.admin.flush_all`."""
+        from qtasks.compat.admin import flush_all
+
+        return await flush_all(self)
 
     def require_started(self) -> None:
         """Raise :class:`~qtasks.errors.ComponentNotStartedError` unless the app is started."""

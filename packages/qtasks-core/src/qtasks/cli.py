@@ -717,6 +717,50 @@ def inspect(
         typer.echo(f"{key}: {json.dumps(report[key], default=str, sort_keys=True)}")
 
 
+stats = typer.Typer(
+    cls=_Group,
+    help="QTasks' `stats` group: `qtasks stats inspect` is `qtasks inspect`.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+cli.add_typer(stats, name="stats")
+
+
+@stats.command("inspect", cls=_Command)
+@_handle_errors
+def stats_inspect(
+    ctx: typer.Context,
+    what: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="QTasks' words (`app`, `tasks`, `task NAME`, `json=true`): the whole report "
+            "is shown either way; `json=true` is `--json`."
+        ),
+    ] = None,
+    app: AppOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Alias of `qtasks inspect`, as QTasks 1.7 spelled it (`stats inspect app|tasks|task`)."""
+    words = [w.lower() for w in what or []]
+    json_words = {"json=true", "json=1", "json=yes"}
+    unknown = [w for w in words if w not in {"app", "tasks", "task", *json_words}]
+    if unknown and "task" not in words:
+        raise ConfigError(f"stats inspect: unknown word(s) {unknown} (app, tasks, task NAME)")
+    inspect(
+        ctx,
+        app=app,
+        config=config,
+        broker=None,
+        broker_url=None,
+        storage=None,
+        storage_url=None,
+        global_config=None,
+        global_config_url=None,
+        as_json=as_json or bool(json_words & set(words)),
+    )
+
+
 @dlq.command("list", cls=_Command)
 @_handle_errors
 def dlq_list(

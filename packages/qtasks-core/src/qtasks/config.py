@@ -19,12 +19,16 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from qtasks.compat.config import BUILT_IN, RENAMED, QTasksConfigNames, warn_ignored
 from qtasks.errors import ConfigError
 
 
 @dataclass(slots=True)
-class QueueConfig:
-    """Every setting of a qtasks app. Unknown keys are an error."""
+class QueueConfig(QTasksConfigNames):
+    """Every setting of a qtasks app. Unknown keys are an error.
+
+    QTasks 1.7's field names are accepted as attributes too (``task_default_priority`` is
+    ``default_priority``; see :mod:`qtasks.compat.config`)."""
 
     max_tasks_process: int = 10
     """Tasks one worker runs at once."""
@@ -246,6 +250,15 @@ def read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         source = f"env {name}"
+        if key in BUILT_IN:  # a QTasks 1.7 variable whose behaviour is built in
+            warn_ignored(key, source)
+            continue
+        if key in RENAMED:  # a QTasks 1.7 name for a qtasks key
+            key, convert = RENAMED[key]
+            try:
+                raw = str(convert(raw.strip()))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
         values[key] = (parse_env_value(key, raw, source), source)
     return values
 

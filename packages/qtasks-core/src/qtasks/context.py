@@ -16,6 +16,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
+from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.errors import TaskCancelledError
 from qtasks.record import TaskRecord
 from qtasks.task import AsyncTask, Task
@@ -49,6 +50,7 @@ class TaskContext:
         self.attempt: int = run.record.attempt
         """1 for the first execution, 2 for the first retry..."""
         self.generate_handler = run.task.options.generate_handler
+        self._metadata: AsyncTask | None = None
 
     @property
     def app(self) -> AsyncQueueTasks:
@@ -73,10 +75,14 @@ class TaskContext:
             raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
         return getattr(self._run.app, name)
 
-    async def get_metadata(self) -> AsyncTask:
-        """This task's stored record (status ``process`` while it runs)."""
+    async def get_metadata(self, cache: bool = False) -> AsyncTask:
+        """This task's stored record (status ``process`` while it runs). With ``cache=True``
+        (QTasks' form) a record read earlier by this task is returned without a round trip."""
+        if cache and self._metadata is not None:
+            return self._metadata
         record = await self._run.app.get(self.task_uuid)
         assert record is not None, "a running task has a record"
+        self._metadata = record
         return record
 
     async def get_task(self, uuid: str) -> AsyncTask | None:
@@ -94,6 +100,15 @@ class TaskContext:
     def cancel(self, reason: str = "") -> NoReturn:
         """End the task now; its record says ``cancel`` with ``reason``."""
         raise TaskCancelledError(reason)
+
+    def plugin_error(self, **kwargs: Any) -> NoReturn:
+        """QTasks' way to hand the task to plugins: raise
+        :class:`~qtasks.exc.TaskPluginTriggerError` with ``kwargs``; a QTasks plugin on
+        ``task_executor_run_task_trigger_error`` may turn it into the result (see
+        :mod:`qtasks.compat.plugins`), else the task fails with it."""
+        from qtasks.exc import TaskPluginTriggerError
+
+        raise TaskPluginTriggerError(**kwargs)
 
     async def _wait(self, seconds: float) -> str | None:
         """Wait ``seconds``; return ``"stop"`` or ``"ended"`` if woken early by that."""
@@ -119,7 +134,75 @@ class TaskContext:
         run.cancel(run.cancel_reason or _SHUTDOWN)
 
 
-class AsyncTaskHandle:
+class TaskOptionsView:
+    """The task's declared options on an echo task's ``self``, as QTasks exposes them
+    (``self.priority``, ``self.tags``, ``self.extra``...)."""
+
+    _run: TaskRun
+
+    @property
+    def priority(self) -> int:
+        """The task's priority (the app's ``default_priority`` when it declares none)."""
+        declared = self._run.task.options.priority
+        return self._run.app.config.default_priority if declared is None else declared
+
+    @property
+    def echo(self) -> bool:
+        return self._run.task.options.echo
+
+    @property
+    def max_time(self) -> float | None:
+        return self._run.task.options.max_time
+
+    @property
+    def retry(self) -> int | None:
+        return self._run.task.options.retry
+
+    @property
+    def retry_on_exc(self) -> list[type[BaseException]] | None:
+        exc = self._run.task.options.retry_on_exc
+        return None if exc is None else list(exc)
+
+    @property
+    def decode(self) -> Any:
+        return self._run.task.options.decode
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self._run.task.options.tags)
+
+    @property
+    def description(self) -> str | None:
+        return self._run.task.options.description
+
+    @property
+    def generate_handler(self) -> Any:
+        return self._run.task.options.generate_handler
+
+    @property
+    def executor(self) -> Any:
+        return self._run.task.options.executor
+
+    @property
+    def middlewares_before(self) -> list[Any]:
+        return list(self._run.task.options.middlewares_before)
+
+    @property
+    def middlewares_after(self) -> list[Any]:
+        return list(self._run.task.options.middlewares_after)
+
+    @property
+    def middlewares(self) -> list[Any]:
+        """``middlewares_before`` then ``middlewares_after`` (QTasks' docs show this name)."""
+        return [*self.middlewares_before, *self.middlewares_after]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Options the task was declared with that qtasks does not know (``test=True``)."""
+        return dict(self._run.task.options.extra)
+
+
+class AsyncTaskHandle(TaskOptionsView):
     """``self`` of an async echo task."""
 
     def __init__(self, run: TaskRun) -> None:
@@ -127,10 +210,12 @@ class AsyncTaskHandle:
         self.ctx = TaskContext(run)
         self.task_name = run.task.name
 
-    async def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> AsyncTask:
+    async def add_task(self, task_name: str = UNSET, /, *args: Any, **kwargs: Any) -> AsyncTask:
         """Enqueue a child task through the same app; the child records this task as parent.
         Takes the options of :meth:`AsyncQueueTasks.add_task <qtasks.app.AsyncQueueTasks.add_task>`
-        (``priority``, ``timeout``, ``delay``, ``eta``)."""
+        (``priority``, ``timeout``, ``delay``, ``eta``). QTasks' form, every positional an
+        argument and the name by keyword (``add_task(5, task_name="x")``), works too."""
+        task_name, args = split_task_name(task_name, args, kwargs)
         return await self._run.app.add_task(
             task_name, *args, _parent_uuid=self._run.record.uuid, **kwargs
         )
@@ -186,19 +271,24 @@ class SyncContext:
         self.task_name = inner.task_name
         self.attempt = inner.attempt
         self.generate_handler = inner.generate_handler
+        self._metadata: Task | None = None
         self.get_logger = inner.get_logger
         self.get_config = inner.get_config
         self.get_component = inner.get_component
         self.cancel = inner.cancel
+        self.plugin_error = inner.plugin_error
 
     @property
     def app(self) -> AsyncQueueTasks:
         return self._inner.app
 
-    def get_metadata(self) -> Task:
-        """This task's stored record."""
+    def get_metadata(self, cache: bool = False) -> Task:
+        """This task's stored record (with ``cache=True``, the one read earlier, if any)."""
+        if cache and self._metadata is not None:
+            return self._metadata
         record = self._client.get(self.task_uuid)
         assert record is not None, "a running task has a record"
+        self._metadata = record
         return record
 
     def get_task(self, uuid: str) -> Task | None:
@@ -226,18 +316,21 @@ class SyncContext:
             raise TaskCancelledError(self._inner._run.cancel_reason or "cancelled")
 
 
-class SyncTaskHandle:
+class SyncTaskHandle(TaskOptionsView):
     """``self`` of a sync echo task (runs in a worker thread)."""
 
     def __init__(self, run: TaskRun) -> None:
+        self._run = run
         self._async = AsyncTaskHandle(run)
         self._client = _ThreadClient(run.app)
         self.ctx = SyncContext(self._async.ctx, self._client)
         self.task_name = run.task.name
 
-    def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Task:
+    def add_task(self, task_name: str = UNSET, /, *args: Any, **kwargs: Any) -> Task:
         """Enqueue a child task through the same app (blocking this thread until it is
-        stored); the child records this task as parent."""
+        stored); the child records this task as parent. QTasks' form
+        ``add_task(5, task_name="x")`` works too."""
+        task_name, args = split_task_name(task_name, args, kwargs)
 
         async def add() -> AsyncTask:
             return await self._async.add_task(task_name, *args, **kwargs)

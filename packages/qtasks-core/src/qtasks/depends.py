@@ -32,7 +32,7 @@ from qtasks.errors import (
     UnresolvedAnnotationError,
 )
 from qtasks.plugins import hookimpl
-from qtasks.state import AsyncState, StateRegistry, SyncState, state_class
+from qtasks.state import AsyncState, StateRegistry, SyncState, blocking_view, state_class
 from qtasks.task import TaskDef, resolved_signature
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class InjectPlugin:
         self.states = StateRegistry()
         self._plans: dict[TaskDef[..., Any], _Plan] = {}
         self._scopes: dict[str, ScopeCache] = {}
+        self._blocking_views: dict[type[Any], type[Any]] = {}
 
     # --- planning -------------------------------------------------------------------------
 
@@ -158,6 +159,10 @@ class InjectPlugin:
                 items.append((p.name, dep))
             elif state is not None:
                 _check_colour(task, state)
+                if not task.kind.is_async and issubclass(state, AsyncState):
+                    state = self._blocking_views.get(state) or self._blocking_views.setdefault(
+                        state, blocking_view(state)
+                    )
                 items.append((p.name, state))
         kinds = {p.kind for p in params}
         injected_positional = any(
@@ -315,11 +320,8 @@ class InjectPlugin:
 
 
 def _check_colour(task: TaskDef[..., Any], state: type[Any]) -> None:
-    if not task.kind.is_async and issubclass(state, AsyncState):
-        raise StateError(
-            f"task {task.name!r} is sync: annotate it with a SyncState, not "
-            f"{state.__qualname__} (an AsyncState, whose methods are coroutines)"
-        )
+    # An AsyncState in a sync task is served through a blocking view (blocking_view), as
+    # QTasks users write it; only the other way round would block the event loop.
     if task.kind.is_async and issubclass(state, SyncState) and state.scope == "global_config":
         raise StateError(
             f"task {task.name!r} is async: a global_config SyncState ({state.__qualname__}) "

@@ -13,7 +13,8 @@ Kinds of hooks (each docstring says which):
   in call order: each receives the value the previous one returned. An exception in a worker-side
   transform fails the task with :class:`~qtasks.errors.PluginError` naming the plugin (stored as
   the record's error; not retried); in a caller-side one (``qtasks_task_enqueue``,
-  ``qtasks_storage_got``, ``qtasks_global_config_got``, ``qtasks_inspect``) the call raises it.
+  ``qtasks_storage_got``, ``qtasks_global_config_got``, ``qtasks_global_config_write``,
+  ``qtasks_inspect``) the call raises it.
 * **decide** (``firstresult``): the first non-``None`` return wins; sync only. An exception in
   ``qtasks_task_retry_delay`` is logged and the task fails without a retry.
 
@@ -56,29 +57,108 @@ step). Then:
   ``qtasks_broker_message_received``).
 
 Reading: ``app.get`` → ``qtasks_storage_got``; ``app.config_get`` → ``qtasks_global_config_got``;
-``app.config_set`` → ``qtasks_global_config_set``; ``app.inspect`` → ``qtasks_inspect``.
+``app.config_set`` → ``qtasks_global_config_write`` (transform) → the write →
+``qtasks_global_config_set``; ``app.inspect`` → ``qtasks_inspect``.
 
 Coming from QTasks 1.7
 ----------------------
-Its triggers map to: ``qtasks_add_task_before_broker``/``_after_broker`` → ``qtasks_task_enqueue``
-/ ``qtasks_task_enqueued``; ``broker_start``/``broker_stop``, ``storage_start``/``storage_stop``,
-``global_config_start``/``_stop``, ``worker_start``/``worker_stop`` → ``qtasks_component_started``
-/ ``qtasks_component_stopped`` with ``kind``; ``broker_listen_start`` → ``qtasks_broker_listening``;
-``broker_add_worker`` → ``qtasks_broker_message_received``; ``broker_update``/``storage_update``/
-``storage_add_process`` → ``qtasks_storage_saved``; ``broker_remove_finished_task``/
-``storage_remove_finished_task``/``worker_remove_finished_task`` → ``qtasks_broker_acked`` (after
-the final ``qtasks_storage_saved``); ``storage_add`` → ``qtasks_storage_added``; ``storage_get``/
-``broker_get``/``qtasks_get`` → ``qtasks_storage_got``; ``global_config_get``/``_set``/
-``_set_status`` → ``qtasks_global_config_got``/``_set``/``_status``; ``worker_add`` →
-``qtasks_worker_task_received``; ``worker_execute_before``/``_after`` → ``qtasks_worker_execute_*``;
-``worker_task_error_retry`` → ``qtasks_task_retry_delay`` + ``qtasks_worker_task_retry``;
-``task_executor_args_replace`` → ``qtasks_executor_args``; ``task_executor_before_execute``/
-``after_execute`` → ``qtasks_executor_execute_*``; ``task_executor_middlewares_execute`` →
-``qtasks_executor_middlewares``; ``task_executor_run_task_gen`` → ``qtasks_executor_yielded``;
-``task_executor_after_execute_result_replace``/``run_task``/``decode`` →
-``qtasks_executor_result``; ``task_executor_run_task_trigger_error`` → ``qtasks_executor_error``;
-``task_executor_task_close`` → ``qtasks_executor_closed``; ``starter_start``/``starter_stop`` →
-``qtasks_app_started``/``qtasks_app_stopping``; ``stats_inspect`` → ``qtasks_inspect``.
+A plugin written for QTasks (``trigger(name, **kwargs)``, registered with
+``app.add_plugin(p, trigger_names=[...], component=...)``) runs through
+:mod:`qtasks.compat.plugins`, which calls it at these hooks (``qtasks.compat.plugins.TRIGGERS``;
+``tests/compat/test_qtasks_plugins.py`` checks that this table matches it). "applied": the keys a
+plugin returns change the data, as in QTasks; "notified": qtasks only notifies there and a
+returned dict is ignored (logged once), for the reason given.
+
+App (``component=None``):
+
+* ``qtasks_add_task_before_broker`` → ``qtasks_task_enqueue``: applied (task_name, priority,
+  args, kw)
+* ``qtasks_add_task_after_broker`` → ``qtasks_task_enqueued``: notified
+* ``qtasks_get`` → ``qtasks_storage_got``: applied (task)
+* ``qtasks_stop`` → ``qtasks_app_stopping``: notified
+* ``qtasks_ping`` → ``qtasks_app_pinged``: notified
+* ``qtasks_flush_all`` → ``qtasks_app_flushed``: notified
+* ``starter_start`` → ``qtasks_app_started`` (any component): notified
+* ``starter_stop`` → ``qtasks_app_stopping`` (any component): notified
+
+Broker:
+
+* ``broker_listen_start`` → ``qtasks_broker_listening``: notified
+* ``broker_add_before`` → ``qtasks_storage_added``: notified (change a new task at
+  ``qtasks_task_enqueue``)
+* ``broker_add_after`` → ``qtasks_task_enqueued``: notified
+* ``broker_add_worker`` → ``qtasks_worker_task_received``: notified. Renaming or re-prioritising
+  a delivered task would run something other than what its record and producer say; change
+  the message at ``qtasks_task_enqueue`` instead.
+* ``broker_get`` → ``qtasks_storage_got``: applied (task)
+* ``broker_update`` → ``qtasks_storage_saved``: notified. Status writes are fenced by the
+  delivery's lease token, so a plugin cannot rewrite them without breaking recovery.
+* ``broker_start`` → ``qtasks_component_started``: notified
+* ``broker_stop`` → ``qtasks_component_stopped``: notified
+* ``broker_remove_finished_task`` → ``qtasks_broker_acked``: notified (the final record is
+  written before the ack; its result is changed at ``qtasks_executor_result``)
+* ``broker_flush_all`` → ``qtasks_app_flushed``: notified
+* ``broker_running_older_tasks``: none. No start-up recovery runs: an expired lease is
+  redelivered by the broker (``qtasks_broker_message_received``, attempt > 1).
+
+Storage:
+
+* ``storage_add`` → ``qtasks_storage_added``: notified
+* ``storage_get`` → ``qtasks_storage_got``: applied (result)
+* ``storage_update`` → ``qtasks_storage_saved``: notified (fenced writes, as ``broker_update``)
+* ``storage_add_process`` → ``qtasks_storage_saved`` (status ``process``): notified
+* ``storage_remove_finished_task`` → ``qtasks_broker_acked``: notified
+* ``storage_start`` → ``qtasks_component_started``: notified
+* ``storage_stop`` → ``qtasks_component_stopped``: notified
+* ``storage_flush_all`` → ``qtasks_app_flushed``: notified
+* ``storage_running_older_tasks``: none (as ``broker_running_older_tasks``)
+* ``storage_delete_finished_tasks``: none. Finished records expire by TTL inside the storage;
+  no process deletes them.
+* ``storage_get_all``: none. qtasks has no call that reads every record (records are read by
+  uuid; ``qtasks inspect`` shows counts).
+
+GlobalConfig:
+
+* ``global_config_set`` → ``qtasks_global_config_write``: applied (value), before
+  ``app.config_set`` writes (a returned ``name``/``key`` is not: another key would be written
+  than the caller named)
+* ``global_config_get`` → ``qtasks_global_config_got``: applied (get)
+* ``global_config_start`` → ``qtasks_component_started``: notified
+* ``global_config_stop`` → ``qtasks_component_stopped``: notified
+* ``global_config_set_status`` → ``qtasks_global_config_status``: notified
+* ``global_config_get_all``, ``global_config_get_match``: none. No app call reads a whole
+  namespace through plugins; ``qtasks_global_config_got`` sees each value ``app.config_get``
+  reads.
+
+Worker and executor (``component="worker"``):
+
+* ``worker_add`` → ``qtasks_worker_task_received``: notified (as ``broker_add_worker``)
+* ``worker_start`` → ``qtasks_component_started``: notified
+* ``worker_stop`` → ``qtasks_component_stopped``: notified
+* ``worker_execute_before`` → ``qtasks_worker_execute_before``: notified (the record is stored
+  as ``process`` already)
+* ``worker_run_task_before`` → ``qtasks_worker_execute_before``: notified
+* ``worker_execute_after`` → ``qtasks_worker_execute_after``: notified
+* ``worker_task_error_retry`` → ``qtasks_worker_task_retry``: notified (the retry decision is
+  ``qtasks_task_retry_delay``)
+* ``worker_remove_finished_task`` → ``qtasks_broker_acked``: notified
+* ``task_executor_middlewares_execute`` → ``qtasks_executor_middlewares``: notified
+* ``task_executor_args_replace`` → ``qtasks_executor_args``: applied (args, kw)
+* ``task_executor_before_execute`` → ``qtasks_executor_execute_before``: notified
+* ``task_executor_run_task`` → ``qtasks_executor_result``: applied (result)
+* ``task_executor_run_task_gen`` → ``qtasks_executor_result``: applied (results; generator
+  tasks; each step is also ``qtasks_executor_yielded``)
+* ``task_executor_after_execute`` → ``qtasks_executor_execute_after``: notified
+* ``task_executor_after_execute_result_replace`` → ``qtasks_executor_result``: applied (result)
+* ``task_executor_decode`` → ``qtasks_executor_result``: applied (result). It runs before the
+  result is encoded, not after: the stored form is the serializer's (``serializer=``) and the
+  task's ``decode=``.
+* ``task_executor_run_task_trigger_error`` → ``qtasks_executor_middlewares``: applied (result);
+  the adapter adds a middleware around the call that asks the plugin when the task raises
+* ``task_executor_task_close`` → ``qtasks_executor_closed``: notified (on every path, not only
+  success)
+
+Stats: ``stats_inspect``: none; ``qtasks_inspect`` (a plain hook) adds keys to the report.
 """
 
 from __future__ import annotations
@@ -128,6 +208,16 @@ def qtasks_app_stopping(app: AsyncQueueTasks) -> None:
 @hookspec
 def qtasks_app_stopped(app: AsyncQueueTasks) -> None:
     """Notification: every component was stopped (last hook of an app's life)."""
+
+
+@hookspec
+def qtasks_app_pinged(app: AsyncQueueTasks, alive: bool) -> None:
+    """Notification: ``app.ping()`` ran; ``alive`` is what it returns."""
+
+
+@hookspec
+def qtasks_app_flushed(app: AsyncQueueTasks, counts: dict[str, int]) -> None:
+    """Notification: ``app.flush_all()`` deleted everything; ``counts`` per component kind."""
 
 
 @hookspec
@@ -206,6 +296,15 @@ def qtasks_storage_saved(app: AsyncQueueTasks, record: TaskRecord) -> None:
 
 
 # --- global config --------------------------------------------------------------------------
+
+
+@hookspec
+def qtasks_global_config_write(
+    app: AsyncQueueTasks, namespace: str, key: str, value: Any
+) -> Any | None:
+    """Transform, before ``app.config_set`` writes: return the value to write instead, or
+    ``None`` (unchanged). Raising aborts the call. (State and heartbeat writes do not pass
+    here.)"""
 
 
 @hookspec

@@ -385,6 +385,18 @@ class MemoryBroker(_Lifecycle):
         self._check()
         return sorted(self._dead_letters.values(), key=lambda d: d.dead_at)[:limit]
 
+    async def flush(self) -> int:
+        """Drop every message (ready, delayed, in flight) and dead letter; return how many.
+        Only for ``app.flush_all``, which refuses while a worker serves."""
+        self._check()
+        count = len(self._known) + len(self._dead_letters)
+        for pending in (self._ready, self._delayed, self._leases):
+            pending.clear()
+        self._inflight.clear()
+        self._known.clear()
+        self._dead_letters.clear()
+        return count
+
     async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
         self._check()
         chosen = list(self._dead_letters) if ids is None else ids
@@ -594,6 +606,14 @@ class MemoryStorage(_Lifecycle):
             counts[record.status.value] = counts.get(record.status.value, 0) + 1
         return counts
 
+    async def flush(self) -> int:
+        """Drop every record and step; return how many records (for ``app.flush_all``)."""
+        count = len(self._records)
+        self._records.clear()
+        self._steps.clear()
+        self._expiry.clear()
+        return count
+
 
 class MemoryGlobalConfig(_Lifecycle):
     """Namespaced keys with TTLs and heartbeats, in process memory."""
@@ -607,6 +627,13 @@ class MemoryGlobalConfig(_Lifecycle):
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
         return cls()
+
+    async def flush(self) -> int:
+        """Drop every namespace; return how many keys (for ``app.flush_all``)."""
+        async with self._lock:
+            count = sum(len(values) for values in self._data.values())
+            self._data.clear()
+        return count
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         self._begin(stack)

@@ -16,9 +16,11 @@ Two subclasses with the same ``name`` share their values, so an :class:`AsyncSta
 
 from __future__ import annotations
 
+import inspect
 import threading
 import uuid as uuid_mod
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import anyio
@@ -173,7 +175,11 @@ class AsyncState(_StateBase):
             result = await result
         return result
 
-    async def get(self, key: str, default: Any = None) -> Any:
+    async def get(self, key: str | None = None, default: Any = None) -> Any:
+        """The value of ``key`` (``default`` if missing); with no key, every value (as
+        :meth:`get_all`, QTasks' form)."""
+        if key is None:
+            return await self.get_all()
         return await self._call("get", key, default)
 
     async def set(self, key: str, value: Any) -> None:
@@ -220,7 +226,10 @@ class SyncState(_StateBase):
             return anyio.from_thread.run(coro, *args)
         return method(*args)
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str | None = None, default: Any = None) -> Any:
+        """The value of ``key`` (``default`` if missing); with no key, every value."""
+        if key is None:
+            return self.get_all()
         return self._call("get", key, default)
 
     def set(self, key: str, value: Any) -> None:
@@ -251,6 +260,43 @@ class SyncState(_StateBase):
         """Atomically replace ``key``'s value ``v`` (``default`` if missing) with ``fn(v)``;
         return the new value."""
         return self._call("update_with", key, fn, default)
+
+
+class _BlockingView:
+    """Mixed in before an :class:`AsyncState` subclass injected into a *sync* task: its
+    coroutine methods (the built-in ones and the subclass's own) block the task's worker thread
+    and run on the event loop through anyio's portal, so a QTasks-style ``class S(AsyncState)``
+    works in a plain ``def`` task. Called from the event loop itself they stay coroutines."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(value) or _in_event_loop():
+            return value
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            return anyio.from_thread.run(partial(value, *args, **kwargs))
+
+        return blocking
+
+
+def _in_event_loop() -> bool:
+    try:
+        anyio.get_current_task()
+    except RuntimeError:  # NoEventLoopError: a worker thread
+        return False
+    return True
+
+
+def blocking_view(cls: type[_StateBase]) -> type[_StateBase]:
+    """``cls`` (an :class:`AsyncState` subclass) with blocking methods for a sync task; the
+    same ``name``, so it shares the values of ``cls``, and still an instance of ``cls``."""
+    namespace = {
+        "name": cls.state_name(),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+    }
+    return type(cls.__name__, (_BlockingView, cls), namespace)
 
 
 def state_class(annotation: Any) -> type[_StateBase] | None:

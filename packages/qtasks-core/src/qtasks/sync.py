@@ -18,12 +18,16 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.compat.calls import UNSET, split_task_name
+from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.discovery import build_components
+from qtasks.errors import ComponentError
 from qtasks.loop import loop_options
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
+from qtasks.routers import Router, shared_tasks
 from qtasks.starter import stop_on_signals
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks.worker import QueueWorker
@@ -45,6 +49,7 @@ class QueueTasks:
         worker: QueueWorker | None = None,
         config: QueueConfig | None = None,
         serializer: Serializer | None = None,
+        broker_url: str | None = None,
     ) -> None:
         self.aio = AsyncQueueTasks(
             name,
@@ -54,6 +59,7 @@ class QueueTasks:
             worker=worker,
             config=config,
             serializer=serializer,
+            broker_url=broker_url,
         )
         self._portal: BlockingPortal | None = None
         self._portal_stop: threading.Thread | None = None
@@ -62,6 +68,7 @@ class QueueTasks:
         self._forever = 0
         """How many :meth:`run_forever` calls are serving (for :meth:`close`)."""
         self._forever_done = threading.Condition()
+        shared_tasks.adopt(self)
 
     @classmethod
     def from_config(
@@ -100,6 +107,9 @@ class QueueTasks:
         forgets :meth:`close` still stops gracefully and exits."""
         with self._lock:
             if self._portal is None:
+                # Before the async app starts (and adopts them unwrapped): shared tasks
+                # imported since __init__ get this app's blocking add_task.
+                shared_tasks.adopt(self)
                 self._portal, self._portal_stop = _start_portal()
                 atexit.register(_close_at_exit, weakref.ref(self))
             return self._portal
@@ -140,9 +150,20 @@ class QueueTasks:
         self.aio.tasks[inner.name] = wrapped
         return wrapped
 
-    def add_plugin(self, plugin: object, name: str | None = None) -> str:
-        """Register a plugin object (its ``@hookimpl`` methods); return its name."""
-        return self.aio.add_plugin(plugin, name)
+    def include_router(self, router: Router) -> None:
+        """Register every task declared on ``router``; their ``add_task`` blocks."""
+        router.bind(self)
+
+    def add_plugin(
+        self,
+        plugin: object,
+        name: str | Sequence[str] | None = None,
+        trigger_names: Sequence[str] | None = None,
+        component: str | None = None,
+    ) -> str:
+        """Register a plugin object; see :meth:`AsyncQueueTasks.add_plugin` (QTasks plugins
+        with ``trigger_names``/``component`` included)."""
+        return self.aio.add_plugin(plugin, name, trigger_names, component)
 
     def _bind(self, record: TaskRecord) -> Task:
         bound = Task(*record.values())
@@ -151,7 +172,8 @@ class QueueTasks:
 
     def add_task(
         self,
-        task_name: str,
+        task_name: str = UNSET,
+        /,
         *args: Any,
         priority: int | None = None,
         timeout: float | None = None,
@@ -159,7 +181,10 @@ class QueueTasks:
         eta: float | None = None,
         **kwargs: Any,
     ) -> Task:
-        """Enqueue and return the record; with ``timeout``, block for the final one."""
+        """Enqueue and return the record; with ``timeout``, block for the final one. QTasks'
+        keyword form ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
+        if task_name is UNSET:
+            task_name, args = split_task_name(task_name, args, kwargs)
         return self.enqueue(
             task_name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
         )
@@ -250,6 +275,19 @@ class QueueTasks:
         """Write a cluster-wide value to the GlobalConfig."""
         self.portal.call(self.aio.config_set, namespace, key, value)
 
+    def ping(self, server: bool = True) -> bool:
+        """QTasks' health check; see :meth:`AsyncQueueTasks.ping`."""
+        return self.portal.call(self.aio.ping, server)
+
+    def flush_all(self) -> dict[str, int]:
+        """Delete everything the components hold; see :meth:`AsyncQueueTasks.flush_all`
+        (refused while this app serves)."""
+        if self._serving is not None or self._forever:
+            raise ComponentError(
+                f"app {self.aio.name!r} is serving tasks: stop it before flush_all"
+            )
+        return self.portal.call(self.aio.flush_all)
+
     def inspect(self) -> dict[str, Any]:
         """What ``qtasks inspect`` shows (JSON-ready); see :meth:`AsyncQueueTasks.inspect`."""
         return self.portal.call(self.aio.inspect)
@@ -285,7 +323,7 @@ class QueueTasks:
             if self._portal_stop is not None:
                 self._portal_stop.join(timeout=10)
 
-    def run_forever(self, starter: Starter | None = None) -> None:
+    def run_forever(self, starter: Starter | None = None, **qtasks17: Any) -> None:
         """Block serving tasks until :meth:`stop` or SIGINT/SIGTERM, then stop gracefully.
 
         The worker runs in the app's background loop (the portal's), the one every other
@@ -293,6 +331,8 @@ class QueueTasks:
         It may run in any thread, e.g. ``threading.Thread(target=app.run_forever)``; signals
         are caught only when it runs on the main thread. With a ``starter``, that starter runs
         the async app in a loop of its own in this thread instead."""
+        if qtasks17:  # QTasks' num_workers=, reset_config=, loop=: accepted, warned
+            warn_run_forever_options(qtasks17)
         if starter is not None:
             # The components belong to one event loop: those started in the background
             # thread's loop by earlier calls are closed first, and start again in this one.

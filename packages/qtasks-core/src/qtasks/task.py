@@ -82,6 +82,16 @@ class TaskOptions:
 
     def __post_init__(self) -> None:
         self._check()
+        if self.middlewares_before or self.middlewares_after:
+            from qtasks.compat.middleware import adapt_middleware
+
+            # QTasks' TaskMiddleware classes become wrapping middlewares.
+            self.middlewares_before = tuple(
+                adapt_middleware(m, after=False) for m in self.middlewares_before
+            )
+            self.middlewares_after = tuple(
+                adapt_middleware(m, after=True) for m in self.middlewares_after
+            )
 
     def _check(self) -> None:
         def bad(option: str, expected: str, value: Any) -> TaskDeclarationError:
@@ -263,6 +273,13 @@ class TaskDef(Generic[P, R]):
         self._plain_names: tuple[str, ...] | None = (
             tuple(self.caller_signature.parameters) if simple else None
         )
+        from qtasks import models
+
+        self.models = models.model_params(self.caller_signature)
+        """Parameters annotated with a pydantic model (see :mod:`qtasks.models`)."""
+        self.result_model = models.result_model(self.func)
+        if self.models or self.result_model is not None:
+            models.register(self.app)
 
     def _refuse_local_injections(self, scope: Mapping[str, Any]) -> None:
         """Raise if an unresolved annotation names, in the function declaring the task, a State
@@ -290,6 +307,11 @@ class TaskDef(Generic[P, R]):
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """Raise :class:`TaskArgumentsError` if the call does not fit the signature."""
+        if self.models:  # pydantic parameters: their forms and validation (qtasks.models)
+            from qtasks.models import build
+
+            build(self, args, kwargs)
+            return
         if self.injected:
             # An injected parameter may still be passed explicitly, by keyword.
             kwargs = {k: v for k, v in kwargs.items() if k not in self.injected}
@@ -319,9 +341,11 @@ class TaskDef(Generic[P, R]):
 
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
-        options of the call; use :meth:`enqueue` when the task itself takes such parameters."""
+        options of the call; use :meth:`enqueue` when the task itself takes such parameters.
+        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead."""
         extra: dict[str, Any] = dict(kwargs)
-        return self.app.add_task(self.name, *args, **extra)
+        name = extra.pop("task_name", self.name)
+        return self.app.add_task(name, *args, **extra)
 
     def enqueue(
         self,
@@ -348,7 +372,8 @@ class SyncTaskDef(TaskDef[P, R]):
 
     def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Task:
         extra: dict[str, Any] = dict(kwargs)
-        return self.facade.add_task(self.name, *args, **extra)
+        name = extra.pop("task_name", self.name)
+        return self.facade.add_task(name, *args, **extra)
 
     def enqueue(
         self,

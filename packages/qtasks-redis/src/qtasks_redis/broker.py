@@ -36,6 +36,8 @@ from qtasks_redis.connection import (
     SharedClient,
     check_options,
     common_options,
+    delete_matching,
+    glob_escape,
     guarded,
 )
 from qtasks_redis.lane import Lane
@@ -453,6 +455,12 @@ class RedisBroker:
         reply = await self._run(lua.STATS)
         by_priority = {int(reply[i]): int(reply[i + 1]) for i in range(3, len(reply), 2)}
         return BrokerStats(by_priority, int(reply[0]), int(reply[1]), int(reply[2]))
+
+    async def flush(self) -> int:
+        """Delete every key of this queue (messages, in-flight, delayed, dead letters); return
+        how many keys. Only for ``app.flush_all``, which refuses while a worker serves."""
+        tag = glob_escape(f"{{{self.prefix}:{self.queue}}}")
+        return await delete_matching(self.target, self._shared.get(), tag + ":*")
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         if limit <= 0:

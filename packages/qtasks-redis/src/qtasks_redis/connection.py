@@ -216,6 +216,30 @@ async def guarded(
         raise connection_error(target, exc, kind) from exc
 
 
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN ``MATCH`` pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+async def delete_matching(target: RedisTarget, client: Any, pattern: str) -> int:
+    """UNLINK every key matching ``pattern`` (SCAN, on every node of a cluster); return how
+    many. Used by ``flush`` (``app.flush_all``), never on a hot path."""
+
+    async def run() -> int:
+        count = 0
+        batch: list[Any] = []
+        async for key in client.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                count += sum([await client.unlink(k) for k in batch])
+                batch = []
+        if batch:
+            count += sum([await client.unlink(k) for k in batch])
+        return count
+
+    return await guarded(target, run())
+
+
 class Script:
     """A Lua script run with EVALSHA, loaded by EVAL when the server does not know it."""
 

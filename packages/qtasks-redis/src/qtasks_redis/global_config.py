@@ -23,6 +23,8 @@ from qtasks_redis.connection import (
     SharedClient,
     check_options,
     common_options,
+    delete_matching,
+    glob_escape,
     guarded,
 )
 
@@ -148,6 +150,12 @@ class RedisGlobalConfig:
 
     def _require(self) -> Client:
         return self._shared.get()
+
+    async def flush(self) -> int:
+        """Delete every namespace of this prefix; return how many keys (for
+        ``app.flush_all``)."""
+        pattern = glob_escape(f"{{{self.prefix}:gc:") + "*"
+        return await delete_matching(self.target, self._require(), pattern)
 
     def _names(self, namespace: str) -> tuple[str, str]:
         """The namespace's index key and the prefix of its value keys."""

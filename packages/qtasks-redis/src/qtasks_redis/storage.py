@@ -27,6 +27,8 @@ from qtasks_redis.connection import (
     SharedClient,
     check_options,
     common_options,
+    delete_matching,
+    glob_escape,
 )
 from qtasks_redis.connection import guarded as _guarded
 from qtasks_redis.lane import Lane
@@ -143,6 +145,11 @@ class RedisStorage:
     def _require(self) -> Client:
         """The redis-py client (blocking reads of steps; every path when there is no lane)."""
         return self._shared.get()
+
+    async def flush(self) -> int:
+        """Delete every record, step and index of this prefix; return how many keys (for
+        ``app.flush_all``)."""
+        return await delete_matching(self.target, self._require(), glob_escape(self._tag) + ":*")
 
     @property
     def index_keys(self) -> tuple[str, ...]:

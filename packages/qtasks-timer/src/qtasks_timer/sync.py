@@ -8,6 +8,7 @@ from datetime import datetime, tzinfo
 from functools import partial
 from typing import Any
 
+from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.sync import QueueTasks
 from qtasks_timer.timer import AsyncTimer, TimerHandle, _utcnow
 from qtasks_timer.triggers import Schedule, Trigger
@@ -78,7 +79,8 @@ class SyncTimer:
 
     def add_task(
         self,
-        task_name: str,
+        task_name: str = UNSET,
+        /,
         *args: Any,
         trigger: Schedule,
         timezone: str | tzinfo | None = None,
@@ -88,6 +90,7 @@ class SyncTimer:
         **kwargs: Any,
     ) -> SyncTimerHandle:
         """Schedule ``task_name(*args, **kwargs)``; see :meth:`AsyncTimer.add_task`."""
+        task_name, args = split_task_name(task_name, args, kwargs)
         return self.schedule(
             task_name,
             trigger,

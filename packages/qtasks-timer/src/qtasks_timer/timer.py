@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
+from qtasks.compat.calls import UNSET, split_task_name
 from qtasks_timer.errors import ScheduleError, TimerError
 from qtasks_timer.triggers import (
     Schedule,
@@ -167,7 +168,8 @@ class AsyncTimer:
 
     def add_task(
         self,
-        task_name: str,
+        task_name: str = UNSET,
+        /,
         *args: Any,
         trigger: Schedule,
         timezone: str | tzinfo | None = None,
@@ -184,7 +186,9 @@ class AsyncTimer:
         (``timedelta`` or seconds, aligned to the epoch). ``timer_id`` defaults to one derived
         from task, trigger and arguments. A tick found late by less than ``misfire_grace``
         seconds still fires (several such ticks coalesce into one run); older ones are skipped.
-        Tasks whose own parameters use these names are scheduled with :meth:`schedule`."""
+        Tasks whose own parameters use these names are scheduled with :meth:`schedule`.
+        QTasks' form, ``add_task(5, task_name="x", trigger=...)``, works too."""
+        task_name, args = split_task_name(task_name, args, kwargs)
         return self.schedule(
             task_name,
             trigger,

@@ -1,5 +1,8 @@
 """Plugin registration and the one helper through which the core calls every hook.
 
+(A package so that QTasks' import paths work beneath it: ``qtasks.plugins.states``,
+``qtasks.plugins.depends`` and ``qtasks.plugins.base``; see :mod:`qtasks.compat`.)
+
 ``hookimpl`` marks implementations. :class:`Hooks` wraps a pluggy ``PluginManager``: it checks
 plugins at registration (unknown hook names, async ``firstresult``/wrapper implementations), and
 calls hooks with the documented exception policy. A hook that no plugin implements costs one

@@ -1,0 +1,52 @@
+"""``QueueTasks(broker_url="redis://...")``: QTasks' default app is Redis, built from one URL."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from qtasks.config import LoadedConfig, QueueConfig, follow_broker
+from qtasks.discovery import build_components
+from qtasks.errors import ConfigError
+
+_SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis"}
+"""URL scheme -> broker name. QTasks gave ``broker_url`` to its Redis broker only."""
+
+
+def components_from_url(
+    url: str,
+    config: QueueConfig | None,
+    broker: Any = None,
+    storage: Any = None,
+    global_config: Any = None,
+) -> tuple[QueueConfig, Any, Any, Any]:
+    """``(config, broker, storage, global_config)`` of an app built from ``broker_url``: the
+    Redis broker, and the storage and global config that follow it (see
+    :func:`~qtasks.config.follow_broker`), all on ``url``. A storage or global config passed
+    explicitly is kept.
+
+    Raises :class:`~qtasks.errors.ConfigError` for a scheme qtasks cannot serve this way, and
+    (from discovery) naming the distribution to install when ``qtasks-redis`` is missing."""
+    given = {"broker": broker, "storage": storage, "global_config": global_config}
+    scheme = urlsplit(url).scheme.lower()
+    broker = _SCHEMES.get(scheme)
+    if broker is None:
+        raise ConfigError(
+            f"broker_url {url.split('@')[-1]!r}: QueueTasks(broker_url=...) builds the Redis "
+            "components from a redis://, rediss:// or unix:// URL; for other brokers pass "
+            "broker=... (e.g. qtasks_rabbitmq.RabbitMQBroker) or use QueueTasks.from_config"
+        )
+    if given.get("broker") is not None:
+        raise ConfigError("pass either broker= or broker_url=, not both")
+    base = config or QueueConfig()
+    values = base.merged(broker=broker, broker_url=url)
+    sources = {f.name: "default" for f in fields(QueueConfig)}
+    sources.update(broker="code", broker_url="code")
+    for kind in ("storage", "global_config"):
+        if getattr(base, kind) != "memory" or given.get(kind) is not None:
+            sources[kind] = "code"  # set on purpose: do not follow the broker
+    loaded = follow_broker(LoadedConfig(values, sources))
+    built = build_components(loaded.config)
+    chosen = {k: given.get(k) or v for k, v in built.items()}
+    return loaded.config, chosen["broker"], chosen["storage"], chosen["global_config"]

@@ -1,0 +1,198 @@
+"""QTasks' call shapes and import paths, next to the qtasks forms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from typer.testing import CliRunner
+
+from qtasks import AsyncQueueTasks, QueueTasks
+from qtasks.errors import ComponentError
+from qtasks.record import TaskStatus
+
+WAIT = 10
+pytestmark = pytest.mark.anyio
+
+
+def test_import_paths_of_qtasks_apps() -> None:
+    from qtasks import AsyncRouter, SyncRouter, shared_task
+    from qtasks.asyncio import QueueTasks as AsyncApp
+    from qtasks.asyncio.qtasks import QueueTasks as AsyncApp2
+    from qtasks.enums import TaskStatusEnum
+    from qtasks.enums.task_status import TaskStatusEnum as TaskStatusEnum2
+    from qtasks.exc import TaskCancelError, TaskPluginTriggerError
+    from qtasks.plugins import AsyncState, SyncState
+    from qtasks.plugins.depends import Depends, ScopeEnum
+    from qtasks.plugins.states import AsyncState as AsyncState2
+    from qtasks.registries import AsyncTask, SyncTask
+    from qtasks.registries.async_task_decorator import AsyncTask as AsyncTask2
+    from qtasks.registries.sync_task_decorator import SyncTask as SyncTask2
+    from qtasks.timers import AsyncTimer, SyncTimer
+
+    assert AsyncApp is AsyncApp2 is AsyncQueueTasks
+    assert TaskStatusEnum is TaskStatusEnum2 is TaskStatus
+    assert TaskStatusEnum.SUCCESS.value == TaskStatus.SUCCESS
+    assert AsyncState is AsyncState2 and SyncState is not None
+    assert AsyncTask is AsyncTask2 and SyncTask is SyncTask2
+    assert ScopeEnum.WORKER == "worker" and callable(Depends)
+    assert issubclass(TaskCancelError, Exception) and issubclass(TaskPluginTriggerError, Exception)
+    assert AsyncTimer is not None and SyncTimer is not None
+    assert AsyncRouter is not None and SyncRouter is not None and callable(shared_task)
+
+
+def test_task_name_by_keyword_everywhere() -> None:
+    app = QueueTasks()
+
+    @app.task(name="test_num")
+    def test_num(number: int) -> int:
+        return number
+
+    @app.task(name="test_echo", echo=True)
+    def test_echo(self: Any) -> Any:
+        child = self.add_task(5, task_name="test_num", timeout=WAIT)
+        return child.returning
+
+    @app.task
+    def other() -> str:
+        return "other"
+
+    try:
+        with app:
+            assert app.add_task(task_name="test_num", number=3, timeout=WAIT).returning == 3
+            assert app.add_task("test_echo", timeout=WAIT).returning == 5
+            assert test_num.add_task(task_name="other", timeout=WAIT).returning == "other"
+            assert test_num.add_task(4, timeout=WAIT).returning == 4
+    finally:
+        app.close()
+
+
+async def test_echo_self_has_the_task_options_and_cached_metadata() -> None:
+    app = AsyncQueueTasks()
+
+    @app.task(echo=True, tags=["test"], priority=1, retry=3, retry_on_exc=[KeyError], test="x")
+    async def test_echo_ctx(self: Any) -> dict[str, Any]:
+        first = await self.ctx.get_metadata(cache=True)
+        again = await self.ctx.get_metadata(cache=True)
+        assert first is again
+        return {
+            "name": self.task_name,
+            "tags": self.tags,
+            "priority": self.priority,
+            "extra": self.extra,
+            "retry": self.retry,
+            "retry_on_exc": [e.__name__ for e in self.retry_on_exc],
+            "echo": self.echo,
+            "decode": self.decode,
+            "executor": self.executor,
+            "middlewares": [self.middlewares_before, self.middlewares_after],
+            "status": first.status.value,
+        }
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            record = await app.add_task("test_echo_ctx", timeout=WAIT)
+    assert record.returning == {
+        "name": "test_echo_ctx",
+        "tags": ["test"],
+        "priority": 1,
+        "extra": {"test": "x"},
+        "retry": 3,
+        "retry_on_exc": ["KeyError"],
+        "echo": True,
+        "decode": None,
+        "executor": None,
+        "middlewares": [[], []],
+        "status": "process",
+    }
+
+
+def test_sync_echo_self_cancel_and_plugin_error() -> None:
+    app = QueueTasks()
+
+    @app.task(echo=True)
+    def cancelled(self: Any) -> None:
+        assert self.ctx.get_metadata(cache=True) is self.ctx.get_metadata(cache=True)
+        self.ctx.cancel("Test task cancelled")
+
+    @app.task(echo=True)
+    def plugin_error(self: Any) -> None:
+        self.ctx.plugin_error(reason="x")
+
+    try:
+        with app:
+            record = app.add_task("cancelled", timeout=WAIT)
+            assert record.status is TaskStatus.CANCEL
+            assert record.cancel_reason == "Test task cancelled"
+            record = app.add_task("plugin_error", timeout=WAIT)
+            assert record.status is TaskStatus.ERROR
+            assert "TaskPluginTriggerError" in (record.error or "")
+    finally:
+        app.close()
+
+
+def test_ping_and_a_guarded_flush_all() -> None:
+    app = QueueTasks()
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    try:
+        assert app.ping(server=False) is True
+        assert app.ping() is False  # no worker of this app is alive
+        app.add_task("noop")
+        with app:
+            assert app.ping() is True
+            with pytest.raises(ComponentError, match="serving"):
+                app.flush_all()
+            app.add_task("noop", timeout=WAIT)
+        counts = app.flush_all()
+        assert counts["storage"] == 2
+        assert app.inspect()["records_by_status"] == {}
+    finally:
+        app.close()
+
+
+def test_qtasks_stats_inspect_is_an_alias(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qtasks.cli import cli
+
+    (tmp_path / "stats_app.py").write_text(
+        "from qtasks import QueueTasks\napp = QueueTasks()\n"
+        "@app.task(tags=['x'])\ndef hello(n: int) -> int:\n    return n\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    alias = runner.invoke(cli, ["-A", "stats_app:app", "stats", "inspect", "tasks", "json=true"])
+    plain = runner.invoke(cli, ["-A", "stats_app:app", "inspect", "--json"])
+    assert alias.output == plain.output
+    assert alias.exit_code == plain.exit_code
+
+
+@pytest.mark.redis
+def test_flush_all_on_redis_deletes_only_this_apps_keys(redis_url: str, prefix: str) -> None:
+    import redis
+
+    from qtasks import QueueConfig
+
+    other = f"{prefix}-other"
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{{{other}:rec}}:keep", "1")
+    app = QueueTasks(broker_url=redis_url, config=QueueConfig(extra={"redis_prefix": prefix}))
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    try:
+        app.add_task("noop")  # queued, no worker: a message and a record
+        app.config_set("ns", "k", 1)
+        counts = app.flush_all()
+        assert counts["broker"] >= 1 and counts["storage"] >= 1 and counts["global_config"] >= 1
+        assert not list(client.scan_iter(match=f"{{{prefix}:*"))
+        assert client.get(f"{{{other}:rec}}:keep") == b"1"
+    finally:
+        app.close()
+        client.delete(f"{{{other}:rec}}:keep")

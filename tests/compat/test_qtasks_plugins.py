@@ -1,0 +1,260 @@
+"""Plugins written for QTasks (``BasePlugin`` + ``trigger``) and ``app.events.on.<event>()``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueTasks
+from qtasks.compat.plugins import TRIGGERS, UNMAPPED
+from qtasks.errors import PluginError
+from qtasks.plugins.base import BasePlugin
+from qtasks.record import TaskStatus
+
+WAIT = 10
+pytestmark = pytest.mark.anyio
+
+
+class Recorder(BasePlugin):
+    """Remembers every trigger it sees; optionally answers some."""
+
+    def __init__(self, answers: dict[str, Any] | None = None) -> None:
+        super().__init__("recorder")
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.answers = answers or {}
+        self.started = self.stopped = 0
+
+    async def start(self, *args: Any, **kwargs: Any) -> None:
+        self.started += 1
+
+    def stop(self, *args: Any, **kwargs: Any) -> None:
+        self.stopped += 1
+
+    async def trigger(self, name: str, **kwargs: Any) -> dict[str, Any] | None:
+        self.seen.append((name, kwargs))
+        answer = self.answers.get(name)
+        return answer(**kwargs) if callable(answer) else answer
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.seen]
+
+
+async def test_a_worker_plugin_sees_the_triggers_of_a_task_in_order() -> None:
+    app = AsyncQueueTasks()
+    plugin = Recorder()
+    app.add_plugin(plugin, component="worker")
+
+    @app.task
+    async def double(n: int) -> int:
+        return n * 2
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            record = await app.add_task("double", 21, timeout=WAIT)
+    assert record.returning == 42
+    names = plugin.names()
+    order = [
+        "worker_start",
+        "worker_add",
+        "worker_execute_before",
+        "worker_run_task_before",
+        "task_executor_args_replace",
+        "task_executor_before_execute",
+        "task_executor_run_task",
+        "task_executor_after_execute",
+        "task_executor_task_close",
+        "worker_remove_finished_task",
+        "worker_execute_after",
+        "worker_stop",
+    ]
+    assert [n for n in names if n in order] == order
+    assert plugin.started == 1 and plugin.stopped == 1
+    before = dict(plugin.seen)["worker_execute_before"]
+    assert before["task_func"].name == "double" and before["model"].uuid == record.uuid
+
+
+async def test_returned_values_change_data_only_where_qtasks_transforms() -> None:
+    app = AsyncQueueTasks()
+    app.add_plugin(
+        Recorder(
+            {
+                # Only the returned key changes (QTasks 1.7 also reset args/kw here).
+                "qtasks_add_task_before_broker": {"priority": 5},
+                "task_executor_args_replace": lambda args, kw, **_: {"args": [a + 1 for a in args]},
+                "task_executor_decode": lambda result, **_: {"result": f"<{result}>"},
+            }
+        ),
+        trigger_names=["qtasks_add_task_before_broker"],
+    )
+    worker_side = Recorder(
+        {
+            "task_executor_args_replace": lambda args, kw, **_: {"args": [a + 1 for a in args]},
+            "task_executor_decode": lambda result, **_: {"result": f"<{result}>"},
+            "worker_add": {"task_name": "renamed"},  # notification only: ignored, logged
+        }
+    )
+    app.add_plugin(
+        worker_side,
+        ["task_executor_args_replace", "task_executor_decode", "worker_add"],
+        component="worker",
+    )
+
+    @app.task
+    def echo(n: int) -> int:
+        return n
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            record = await app.add_task("echo", 1, timeout=WAIT)
+    assert record.priority == 5
+    assert record.args == [1]
+    assert record.returning == "<2>"
+
+
+async def test_trigger_error_can_turn_a_failure_into_a_result() -> None:
+    app = AsyncQueueTasks()
+
+    class TestPlugin(BasePlugin):
+        async def trigger(self, name: str, **kwargs: Any) -> dict[str, Any] | None:
+            if name == "task_executor_run_task_trigger_error":
+                return {"result": f"handled {type(kwargs['e']).__name__}"}
+            return None
+
+    app.add_plugin(
+        TestPlugin(), trigger_names=["task_executor_run_task_trigger_error"], component="worker"
+    )
+
+    @app.task(echo=True)
+    async def test_task(self: Any) -> None:
+        self.ctx.plugin_error()
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            record = await app.add_task("test_task", timeout=WAIT)
+    assert record.status is TaskStatus.SUCCESS
+    assert record.returning == "handled TaskPluginTriggerError"
+
+
+def test_registration_errors_name_the_reason() -> None:
+    app = QueueTasks()
+    with pytest.raises(PluginError, match="no qtasks moment"):
+        app.add_plugin(Recorder(), trigger_names=["storage_get_all"], component="storage")
+    with pytest.raises(PluginError, match="component='worker'"):
+        app.add_plugin(Recorder(), trigger_names=["worker_add"])
+    with pytest.raises(PluginError, match="unknown QTasks trigger"):
+        app.add_plugin(Recorder(), trigger_names=["worker_add_typo"], component="worker")
+
+
+def test_every_trigger_is_in_the_hookspecs_table() -> None:
+    import qtasks.hookspecs
+
+    table = qtasks.hookspecs.__doc__ or ""
+    for trigger in (*TRIGGERS, *UNMAPPED):
+        assert f"``{trigger}``" in table, trigger
+
+
+def test_app_and_global_config_triggers_on_a_sync_app() -> None:
+    app = QueueTasks()
+    app_plugin = Recorder({"qtasks_get": lambda task, **_: {"task": task}})
+    config_plugin = Recorder(
+        {"global_config_get": {"get": "replaced"}, "global_config_set": {"value": 2}}
+    )
+    app.add_plugin(app_plugin)
+    app.add_plugin(config_plugin, component="global_config")
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    try:
+        record = app.add_task("noop")
+        assert app.get(record.uuid) is not None
+        app.config_set("ns", "k", 1)
+        assert app.config_get("ns", "k") == "replaced"
+        assert app.portal.call(app.aio.global_config.get, "ns", "k") == 2  # written replaced
+        app.ping(server=False)
+    finally:
+        app.close()
+    assert {
+        "qtasks_add_task_before_broker",
+        "qtasks_add_task_after_broker",
+        "qtasks_get",
+        "qtasks_ping",
+        "qtasks_stop",
+        "starter_start",
+    } <= set(app_plugin.names())
+    assert {"global_config_set", "global_config_get", "global_config_start"} <= set(
+        config_plugin.names()
+    )
+
+
+async def test_events_on_fire_every_qtasks_event() -> None:
+    app = AsyncQueueTasks()
+    fired: list[str] = []
+
+    @app.events.on.starting()
+    def starting(worker: Any, broker: Any) -> None:
+        fired.append("starting")
+
+    @app.events.on.task_running
+    async def running(task_func: Any, task_broker: Any) -> None:
+        fired.append(f"running {task_func.name}")
+
+    for event in ("task_success", "task_error", "task_cancel", "task_stopping", "stopping"):
+
+        @app.events.on.__getattr__(event)()
+        def handler(event: str = event, **kwargs: Any) -> None:
+            fired.append(event)
+
+    @app.events.on.worker_running()
+    def worker_running(worker: Any, number: int) -> None:
+        fired.append("worker_running")
+
+    @app.task
+    def ok() -> int:
+        return 1
+
+    @app.task
+    def boom() -> None:
+        raise ValueError("boom")
+
+    @app.task(echo=True)
+    def stop(self: Any) -> None:
+        self.ctx.cancel("no")
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            for name in ("ok", "boom", "stop"):
+                await app.add_task(name, timeout=WAIT)
+    for event in (
+        "starting",
+        "worker_running",
+        "running ok",
+        "task_success",
+        "task_error",
+        "task_cancel",
+        "task_stopping",
+        "stopping",
+    ):
+        assert event in fired, (event, fired)
+    with pytest.raises(AttributeError, match="unknown event"):
+        app.events.on.task_exploded  # noqa: B018
+
+
+def test_the_hookspecs_table_says_what_the_adapter_does() -> None:
+    import re
+
+    import qtasks.hookspecs
+    from qtasks.compat.plugins import TRANSFORMS
+
+    table = (qtasks.hookspecs.__doc__ or "").split("Coming from QTasks 1.7")[1]
+    table = re.sub(r"\n +", " ", table)
+    for trigger, (_, hook) in TRIGGERS.items():
+        rows = re.findall(rf"\* ``{trigger}`` → ``(\w+)``[^:]*: (applied|notified)", table)
+        assert len(rows) == 1, (trigger, rows)
+        assert rows[0][0] == hook, (trigger, rows[0][0], hook)
+        assert (rows[0][1] == "applied") == (trigger in TRANSFORMS), trigger
+    for trigger in UNMAPPED:
+        assert re.search(rf"``{trigger}``[^→]*?: none", table), trigger
