@@ -181,6 +181,8 @@ def test_the_cli_reference_has_every_builtin_command() -> None:
         "qtasks dlq",
         "qtasks dlq list",
         "qtasks dlq requeue",
+        "qtasks stats",  # QTasks' `qtasks stats inspect` (docs/coming-from-qtasks.md)
+        "qtasks stats inspect",
     }  # and not `qtasks audit`: the test plugin installed here is no user's
     text = mkdocs_hooks.cli_reference()
     assert "| `--concurrency" in text  # the metavar after it differs between typer versions

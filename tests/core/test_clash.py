@@ -1,8 +1,8 @@
 """The unrelated ``qtasks`` distribution (QTasks 1.7) in the same environment as qtasks-core.
 
-What pip leaves after installing qtasks-core over it, reproduced in a temporary directory put
-first on ``PYTHONPATH``: qtasks-core's files, a ``qtasks/plugins/`` package left by QTasks that
-shadows ``qtasks/plugins.py``, and QTasks' ``qtasks-1.7.3.dist-info``.
+What pip leaves when both are installed, reproduced in a temporary directory put first on
+``PYTHONPATH``: qtasks-core's files, QTasks' own ``qtasks/plugins/__init__.py`` written over
+qtasks-core's (both ship that package), and QTasks' ``qtasks-1.7.3.dist-info``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def mixed_site(tmp_path: Path, *, leftovers: bool) -> dict[str, str]:
         Path(qtasks.__file__).parent, site / "qtasks", ignore=shutil.ignore_patterns("__pycache__")
     )
     if leftovers:
-        (site / "qtasks" / "plugins").mkdir()
+        (site / "qtasks" / "plugins").mkdir(exist_ok=True)
         (site / "qtasks" / "plugins" / "__init__.py").write_text("import redis  # noqa\n")
     info = site / "qtasks-1.7.3.dist-info"
     info.mkdir()
