@@ -14,7 +14,9 @@ import logging
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,22 @@ CLI_FLAGS = {"max_tasks_process": "--concurrency", "app": "--app"}
 ENV_PREFIX = "QTASKS_"
 CONFIG_ENV = "QTASKS_CONFIG"
 """Environment variable naming the configuration file to read (instead of searching)."""
+
+_chosen_file: ContextVar[Path | None] = ContextVar("qtasks_config_file", default=None)
+
+
+@contextmanager
+def config_file(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Within the block, :func:`load_config` without a ``path`` reads ``path`` (before
+    ``$QTASKS_CONFIG``); ``None`` changes nothing.
+
+    How ``qtasks -c FILE`` reaches an app module that calls ``from_config()`` while the CLI
+    imports it, without writing ``os.environ`` for the rest of the process."""
+    token = _chosen_file.set(Path(path) if path is not None else _chosen_file.get())
+    try:
+        yield
+    finally:
+        _chosen_file.reset(token)
 
 
 @dataclass(slots=True)
@@ -273,7 +291,8 @@ def load_config(
 ) -> LoadedConfig:
     """Build the effective configuration from every source, each checked.
 
-    ``path`` names the file; without it ``$QTASKS_CONFIG``, then :func:`find_config_file` in
+    ``path`` names the file; without it the file of an enclosing :func:`config_file` block,
+    then ``$QTASKS_CONFIG``, then :func:`find_config_file` in
     ``directory`` decide (no file is fine). ``env`` defaults to ``os.environ``. ``cli`` holds
     the flags given on the command line (``None`` values are skipped), ``overrides`` the
     keyword arguments given in code."""
@@ -283,8 +302,11 @@ def load_config(
     values: dict[str, Any] = {}
 
     file: Path | None = None
+    chosen = _chosen_file.get()
     if path is not None:
         file = Path(path)
+    elif chosen is not None:
+        file = chosen
     elif environ.get(CONFIG_ENV):
         file = Path(environ[CONFIG_ENV])
     else:

@@ -1,0 +1,173 @@
+"""The ``qtasks`` typer app itself: its command classes, the options it takes before a command
+(``-A``, ``-c``, ``--version``), how a command is registered, and the commands installed
+distributions contribute (entry-point group ``qtasks.cli``), loaded when a command line is
+parsed rather than when :mod:`qtasks.cli` is imported."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, TypeVar
+
+import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
+
+from qtasks.cli.options import AppOpt, Before, ConfigOpt, spread_options
+from qtasks.discovery import load_cli_extensions
+from qtasks.errors import QTasksError
+
+log = logging.getLogger("qtasks.cli")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _plain_flags(params: Sequence[Any]) -> None:
+    """Typer prints a flag's Python type in help (``--json <bool>``) though a flag takes no
+    value; an empty metavar leaves that column blank."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+
+
+class _Command(TyperCommand):
+    """A command whose help shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)
+        _plain_flags(params)
+        return params
+
+
+class _Group(TyperGroup):
+    """A command group whose help, and that of every command it resolves (extensions
+    included), shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)
+        _plain_flags(params)
+        return params
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command.get_params(ctx))
+        return command
+
+
+def _extension_commands(builtin: set[str]) -> dict[str, Any]:
+    """The commands of the ``qtasks.cli`` entry points, by entry-point name: a ``typer.Typer``
+    becomes a group, a function a command. A name that a built-in command has is skipped."""
+    holder = typer.Typer(
+        add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown"
+    )
+    names = []
+    for name, obj in load_cli_extensions():
+        if name in builtin:
+            log.warning("CLI extension %r skipped: it would replace a built-in command", name)
+        elif isinstance(obj, typer.Typer):
+            holder.add_typer(obj, name=name, cls=_Group)
+            names.append(name)
+        elif callable(obj):
+            holder.command(name=name, cls=_Command)(obj)
+            names.append(name)
+    if not names:
+        return {}
+    commands = typer.main.get_group(holder).commands
+    return {name: commands[name] for name in names}
+
+
+class _Root(_Group):
+    """The ``qtasks`` group. The commands of installed distributions are loaded the first time
+    it lists or resolves commands (``qtasks --help``, ``qtasks audit ...``), once per group:
+    importing :mod:`qtasks.cli` imports no extension."""
+
+    _extensions: dict[str, Any] | None = None
+
+    def extensions(self) -> dict[str, Any]:
+        if self._extensions is None:
+            self._extensions = _extension_commands(set(self.commands))
+        return self._extensions
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *self.extensions()]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in self.extensions():
+            command = self.extensions()[cmd_name]
+            _plain_flags(command.get_params(ctx))
+        return command
+
+
+cli = typer.Typer(
+    name="qtasks",
+    cls=_Root,
+    help="qtasks: run workers, enqueue and inspect tasks, list plugins and configuration.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+dlq = typer.Typer(
+    cls=_Group,
+    help="List and requeue dead-lettered messages.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+cli.add_typer(dlq, name="dlq")
+stats = typer.Typer(
+    cls=_Group,
+    help="QTasks' `stats` group: `qtasks stats inspect` is `qtasks inspect`.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+cli.add_typer(stats, name="stats")
+
+
+def _version(value: bool) -> None:
+    if value:
+        name = "qtasks-core"
+        typer.echo(f"{name} {importlib.metadata.version(name)}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def main_options(
+    ctx: typer.Context,
+    app: AppOpt = None,
+    config: ConfigOpt = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """qtasks: run workers, enqueue and inspect tasks, list plugins and configuration."""
+    ctx.obj = Before(app, config)
+
+
+def _handle_errors(func: F) -> F:
+    """Print qtasks errors as one line on stderr and exit 1, instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except QTasksError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def command(group: typer.Typer, name: str | None = None) -> Callable[[F], F]:
+    """Register a command of ``group``: shared options spread
+    (:func:`~qtasks.cli.options.spread_options`), errors as one line, flags shown plainly."""
+
+    def register(func: F) -> F:
+        group.command(name, cls=_Command)(_handle_errors(spread_options(func)))
+        return func
+
+    return register

@@ -1,0 +1,87 @@
+"""``qtasks plugins`` and ``qtasks config``: what is installed and what is configured."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import typer
+
+from qtasks.clash import other_qtasks
+from qtasks.cli.group import cli, command
+from qtasks.cli.options import ConfigOpt, JsonOpt, Place, chosen
+from qtasks.cli.output import table, to_json
+from qtasks.cli.resolve import aio_of, import_app
+from qtasks.config import QueueConfig, follow_broker, load_config
+from qtasks.discovery import check_plugins, discover_all
+
+
+@command(cli)
+def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List installed components, plugins and CLI extensions.
+
+    Each entry point of the qtasks.* groups with its distribution and version. A plugin's
+    state is enabled, disabled (plugins_disabled of the configuration file) or failed: it
+    does not import, cannot be built, or names an unknown hook; the reasons follow the table
+    and the exit code is 1. (-A is accepted but not needed: plugins load by entry point.)
+    A warning names the unrelated 'qtasks' distribution when it is installed here too.
+    """
+    _, config = chosen(ctx, None, config)
+    loaded = load_config(config).config
+    disabled = set(loaded.plugins_disabled)
+    problems = check_plugins(loaded)
+    rows = []
+    for item in discover_all():
+        state = ""
+        if item.kind == "plugin":
+            state = "disabled" if item.name in disabled or "*" in disabled else "enabled"
+            state = "failed" if item.name in problems else state
+        row = {
+            "kind": item.kind,
+            "name": item.name,
+            "distribution": item.distribution,
+            "version": item.version,
+            "object": item.value,
+            "state": state,
+        }
+        if item.kind == "plugin" and item.name in problems:
+            row["error"] = problems[item.name]
+        rows.append(row)
+    if as_json:
+        typer.echo(to_json(rows))
+    else:
+        headers = ["kind", "name", "distribution", "version", "object", "state"]
+        typer.echo(table(headers, [[r[h] for h in headers] for r in rows]))
+        for name, problem in sorted(problems.items()):
+            typer.echo(
+                f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",
+                err=True,
+            )
+    clash = other_qtasks()
+    if clash:
+        typer.echo(f"warning: {clash}", err=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+@command(cli, "config")
+def show_config(*, where: Place, as_json: JsonOpt = False) -> None:
+    """Show the effective configuration and where each value came from.
+
+    Sources: default, the file, an environment variable, a cli flag, code, or "follows broker"
+    (a storage or global config left unset follows a remote broker). With -A, the
+    configuration of that app.
+    """
+    if where.app is not None:
+        aio = aio_of(import_app(where.app))
+        values = {f.name: getattr(aio.config, f.name) for f in fields(QueueConfig)}
+        sources = {k: aio.config_sources.get(k, "app (constructor)") for k in values}
+    else:
+        loaded = follow_broker(load_config(where.config))
+        values = {f.name: getattr(loaded.config, f.name) for f in fields(QueueConfig)}
+        sources = loaded.sources
+    if as_json:
+        typer.echo(to_json({k: {"value": v, "source": sources[k]} for k, v in values.items()}))
+        return
+    rows = [[k, json.dumps(v, default=str), sources[k]] for k, v in values.items()]
+    typer.echo(table(["key", "value", "source"], rows))

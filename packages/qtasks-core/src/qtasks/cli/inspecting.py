@@ -1,0 +1,159 @@
+"""``qtasks inspect`` (and QTasks' ``qtasks stats inspect``) and ``qtasks dlq``: what the
+components hold, and dead letters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+
+from qtasks.app import AsyncQueueTasks
+from qtasks.cli.group import cli, command, dlq, stats
+from qtasks.cli.options import Components, JsonOpt, Place
+from qtasks.cli.output import table, to_json
+from qtasks.cli.resolve import resolve_app, run_on
+from qtasks.errors import ConfigError
+
+
+@command(cli)
+def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
+    """Show tasks, queue depth, dead letters, workers and records by status.
+
+    Registered tasks with their options; queue depth per priority, delayed, in-flight and
+    dead-lettered counts (broker); workers alive (global config heartbeats); records by status
+    (storage); plus what plugins add through the qtasks_inspect hook.
+    """
+    the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+    report = run_on(
+        the_app,
+        AsyncQueueTasks.inspect,
+        command="inspect",
+        uses=("broker", "storage", "global_config"),
+    )
+    if as_json:
+        typer.echo(to_json(report))
+        return
+    typer.echo(f"app: {report['app']}")
+    typer.echo("components: " + ", ".join(f"{k}={v}" for k, v in report["components"].items()))
+    typer.echo(f"\ntasks ({len(report['tasks'])}):")
+    if report["tasks"]:
+        rows = [
+            [name, t["kind"], t["priority"], t["retry"], t["max_time"], ",".join(t["tags"])]
+            for name, t in report["tasks"].items()
+        ]
+        typer.echo(table(["name", "kind", "priority", "retry", "max_time", "tags"], rows))
+    queue = report["queue"]
+    ready = ", ".join(f"p{p}={n}" for p, n in queue["ready_by_priority"].items()) or "empty"
+    typer.echo(
+        f"\nqueue: ready {ready}; delayed {queue['delayed']}; in flight "
+        f"{queue['in_flight']}; dead letters {queue['dead_letters']}"
+    )
+    by_status = ", ".join(f"{s}={n}" for s, n in report["records_by_status"].items()) or "none"
+    typer.echo(f"records: {by_status}")
+    workers = report["workers"]
+    typer.echo(f"\nworkers alive ({len(workers)}):")
+    if workers:
+        rows = [
+            [wid, w.get("running"), w.get("waiting"), w.get("processed"), w.get("concurrency")]
+            for wid, w in sorted(workers.items())
+        ]
+        typer.echo(table(["id", "running", "waiting", "processed", "concurrency"], rows))
+    typer.echo(f"\nplugins: {', '.join(report['plugins'])}")
+    known = {"app", "components", "tasks", "queue", "workers", "records_by_status", "plugins"}
+    for key in sorted(set(report) - known):
+        typer.echo(f"{key}: {json.dumps(report[key], default=str, sort_keys=True)}")
+
+
+@command(stats, "inspect")
+def stats_inspect(
+    what: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="QTasks' words (`app`, `tasks`, `task NAME`, `json=true`): the whole report "
+            "is shown either way; `json=true` is `--json`."
+        ),
+    ] = None,
+    *,
+    where: Place,
+    as_json: JsonOpt = False,
+) -> None:
+    """Alias of `qtasks inspect`, as QTasks 1.7 spelled it (`stats inspect app|tasks|task`)."""
+    words = [w.lower() for w in what or []]
+    json_words = {"json=true", "json=1", "json=yes"}
+    unknown = [w for w in words if w not in {"app", "tasks", "task", *json_words}]
+    if unknown and "task" not in words:
+        raise ConfigError(f"stats inspect: unknown word(s) {unknown} (app, tasks, task NAME)")
+    inspect(
+        where=Components(app=where.app, config=where.config),
+        as_json=as_json or bool(json_words & set(words)),
+    )
+
+
+@command(dlq, "list")
+def dlq_list(
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
+    *,
+    where: Components,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the oldest dead letters: id, priority, deliveries and reason."""
+    the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+
+    async def go(aio: AsyncQueueTasks) -> list[Any]:
+        return list(await aio.dead_letters(limit))
+
+    letters = run_on(the_app, go, command="dlq list", uses=("broker",))
+    if as_json:
+        rows = []
+        for letter in letters:
+            data = asdict(letter)
+            data["body"] = letter.body.decode("utf-8", "replace")
+            rows.append(data)
+        typer.echo(to_json(rows))
+        return
+    if not letters:
+        typer.echo("no dead letters")
+        return
+    typer.echo(
+        table(
+            ["id", "priority", "deliveries", "reason"],
+            [[d.id, d.priority, d.deliveries, d.reason] for d in letters],
+        )
+    )
+
+
+@command(dlq, "requeue")
+def dlq_requeue(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="Dead-letter ids (default: all of them).")
+    ] = None,
+    *,
+    where: Components,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Also requeue dead letters whose task already succeeded."),
+    ] = False,
+) -> None:
+    """Publish dead letters again (all, or the given IDS) and print how many.
+
+    Their records are reset to status new, so a worker runs them again. A dead letter whose
+    task record says success is left where it is unless --force is given.
+    """
+    the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+
+    async def go(aio: AsyncQueueTasks) -> tuple[int, int]:
+        chosen = list(ids) if ids else None
+        letters = await aio.dead_letters(limit=1_000_000)
+        wanted = sum(1 for d in letters if chosen is None or d.id in chosen)
+        requeued = await aio.requeue_dead_letters(chosen, force=force)
+        return requeued, max(wanted - requeued, 0)
+
+    requeued, kept = run_on(the_app, go, command="dlq requeue", uses=("broker", "storage"))
+    typer.echo(f"requeued {requeued}")
+    if kept:
+        typer.echo(
+            f"kept {kept}: unknown ids, or tasks that already succeeded (--force runs those again)",
+            err=True,
+        )

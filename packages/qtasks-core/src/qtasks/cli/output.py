@@ -1,0 +1,66 @@
+"""How the commands print: JSON, plain tables and task records; and how a positional
+argument given on the command line is read."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import fields
+from datetime import datetime
+from typing import Any
+
+import typer
+
+from qtasks.record import TaskRecord
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def record_dict(record: TaskRecord) -> dict[str, Any]:
+    data = {f.name: getattr(record, f.name) for f in fields(TaskRecord)}
+    data["status"] = record.status.value
+    data.pop("token", None)
+    return data
+
+
+def _local_time(timestamp: float) -> str:
+    """A unix timestamp as ISO 8601 in local time, with its UTC offset."""
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
+
+
+def print_record(record: TaskRecord, as_json: bool) -> None:
+    """``key: value`` lines (times in local ISO 8601), or JSON (times as unix seconds)."""
+    data = record_dict(record)
+    if as_json:
+        typer.echo(to_json(data))
+        return
+    for key, value in data.items():
+        if value in (None, [], {}) and key not in ("returning",):
+            continue
+        if key.endswith("_at") and isinstance(value, int | float):
+            shown: Any = _local_time(value)
+        elif isinstance(value, list | dict):
+            shown = json.dumps(value, default=str)
+        else:
+            shown = value
+        typer.echo(f"{key}: {shown}")
+
+
+def parse_arg(raw: str) -> Any:
+    """A positional CLI argument: JSON when it parses (``5``, ``"x"``, ``[1,2]``), else text."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw

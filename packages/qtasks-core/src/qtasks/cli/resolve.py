@@ -1,0 +1,188 @@
+"""Finding the app a command works on, applying the command-line flags to it, and running a
+coroutine against it.
+
+The app comes from ``-A/--app module:attribute`` (the attribute may be an app or a factory
+returning one; ``module`` alone means ``module:app``), else the ``app`` key of the
+configuration, else, for commands that only talk to the components (``add``, ``get``,
+``cancel``, ``inspect``, ``dlq``), an app built from configuration alone. The working
+directory is put on ``sys.path`` first, so ``-A tasks:app`` finds ``./tasks.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import anyio
+
+from qtasks.app import AsyncQueueTasks
+from qtasks.config import (
+    CLI_FLAGS,
+    LoadedConfig,
+    check_value,
+    config_file,
+    follow_broker,
+    load_config,
+)
+from qtasks.discovery import Kind, build_component
+from qtasks.errors import ConfigError
+from qtasks.sync import QueueTasks
+
+T = TypeVar("T")
+
+AnyApp = AsyncQueueTasks | QueueTasks
+
+
+def import_app(target: str) -> AnyApp:
+    """Import ``module:attribute`` (``module`` means ``module:app``); call it if it is a
+    factory. The working directory is importable."""
+    module_name, _, attr = target.partition(":")
+    attr = attr or "app"
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--app {target}: cannot import module {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"--app {target}: module {module_name!r} has no {attr!r}") from None
+    if not isinstance(obj, AsyncQueueTasks | QueueTasks) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, AsyncQueueTasks | QueueTasks):
+        raise ConfigError(
+            f"--app {target}: expected a QueueTasks or AsyncQueueTasks app (or a factory "
+            f"returning one), got {type(obj).__name__}"
+        )
+    return obj
+
+
+def aio_of(app: AnyApp) -> AsyncQueueTasks:
+    return app.aio if isinstance(app, QueueTasks) else app
+
+
+def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
+    """Apply command-line ``flags`` (config keys; ``None`` = not given) to an app that has
+    not started: the config is replaced, and components whose name or URL changed are rebuilt
+    through discovery. Keys the code set through ``from_config`` keyword arguments win.
+
+    A storage or global config that neither the flags nor the app's configuration set, and
+    that the app holds in memory, follows a remote broker (:func:`~qtasks.config.follow_broker`);
+    a component object the app's code built stays."""
+    aio = aio_of(app)
+    given: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        flag = CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
+        if aio.config_sources.get(key) == "code":
+            logging.getLogger("qtasks.cli").warning(
+                "%s ignored: the app sets %s in code, which takes precedence", flag, key
+            )
+            continue
+        given[key] = check_value(key, value, f"cli {flag}")
+        aio.config_sources[key] = f"cli {flag}"
+    if not given:
+        return
+    if aio.started:
+        raise ConfigError("command-line flags cannot change an app that already started")
+    old = aio.config
+    sources = dict(aio.config_sources)
+    for kind in ("storage", "global_config"):
+        if not getattr(getattr(aio, kind), "local", False):
+            sources.setdefault(kind, "app (constructor)")  # built in code: it stays
+    followed = follow_broker(LoadedConfig(replace(old, **given), sources))
+    aio.config = followed.config
+    for key in ("storage", "storage_url", "global_config", "global_config_url"):
+        source = followed.sources.get(key, "default")
+        if source.startswith("follows "):
+            aio.config_sources[key] = source
+        elif source == "default":
+            aio.config_sources.pop(key, None)
+    kinds: tuple[Kind, ...] = ("broker", "storage", "global_config")
+    for kind in kinds:
+        url = f"{kind}_url"
+        changed = (getattr(aio.config, kind), getattr(aio.config, url)) != (
+            getattr(old, kind),
+            getattr(old, url),
+        )
+        if kind in given or url in given or changed:
+            setattr(aio, kind, build_component(kind, getattr(aio.config, kind), aio.config))
+    if "max_tasks_process" in given:
+        aio.thread_limiter.total_tokens = aio.config.max_tasks_process
+
+
+def resolve_app(
+    target: str | None, config_path: str | None, flags: dict[str, Any], *, need_tasks: bool
+) -> AnyApp:
+    """The app a command works on (see the module docstring).
+
+    ``config_path`` is the file read for the ``app`` key and, while the app module is
+    imported, by its ``from_config()`` (:func:`~qtasks.config.config_file`)."""
+    with config_file(config_path):
+        if target is None:
+            target = load_config(config_path).config.app
+        if target is None:
+            if need_tasks:
+                raise ConfigError(
+                    'no app given: pass -A module:app or set `app = "module:app"` in the '
+                    "configuration ([tool.qtasks] or qtasks.toml)"
+                )
+            return AsyncQueueTasks.from_config(config_path, cli=flags)
+        app = import_app(target)
+    apply_flags(app, flags)
+    return app
+
+
+_KIND_LABEL = {"broker": "broker", "storage": "storage", "global_config": "global config"}
+
+
+def run_on(
+    app: AnyApp,
+    func: Callable[[AsyncQueueTasks], Awaitable[T]],
+    *,
+    command: str = "",
+    uses: Sequence[str] = (),
+) -> T:
+    """Run ``func(async_app)`` in the app's loop; an app this call started is closed after.
+
+    A sync app runs it through its own portal, so the CLI also works on an app that a
+    surrounding program (or a test) is serving in the same process. An app that is not
+    running yet and holds one of the components ``uses`` in process memory is refused with a
+    :class:`ConfigError`: ``command`` would work on a queue or records that exist only for
+    the lifetime of this command."""
+    aio = aio_of(app)
+    was_started = aio.started
+    local = [kind for kind in uses if getattr(getattr(aio, kind), "local", False)]
+    if local and not was_started:
+        labels = [f"{_KIND_LABEL[k]} ({type(getattr(aio, k)).__name__})" for k in local]
+        names = " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
+        raise ConfigError(
+            f"qtasks {command} cannot work with the {names}: in-memory components live only "
+            f"in this command's process, so what it sees or writes disappears when it exits "
+            f"and no worker shares it. Name a shared backend, e.g. --broker redis --broker-url "
+            f"redis://HOST:6379/0 (or broker and broker_url in the configuration)"
+        )
+    if isinstance(app, QueueTasks):
+        try:
+            return app.portal.call(func, aio)
+        finally:
+            if not was_started:
+                app.close()
+
+    async def main() -> T:
+        try:
+            return await func(aio)
+        finally:
+            if not was_started:
+                await aio.aclose()
+
+    return anyio.run(main)

@@ -1,0 +1,77 @@
+"""``qtasks run``: serve the app's tasks until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from qtasks.app import AsyncQueueTasks
+from qtasks.cli.group import cli, command
+from qtasks.cli.options import Components
+from qtasks.cli.resolve import aio_of, resolve_app
+from qtasks.config import mask_url
+from qtasks.errors import ConfigError
+from qtasks.plugins import hookimpl
+
+
+class _ServingLog:
+    """Logs "serving ..." once the worker listens, so a component that cannot start (Redis
+    unreachable) is never preceded by a claim that the app serves."""
+
+    @hookimpl
+    def qtasks_broker_listening(self, app: AsyncQueueTasks) -> None:
+        logging.getLogger("qtasks.cli").info(
+            "serving %r: %d tasks, concurrency %d; broker %s%s, storage %s%s, global config %s%s",
+            app.name,
+            len(app.tasks),
+            app.config.max_tasks_process,
+            *_where(app, "broker"),
+            *_where(app, "storage"),
+            *_where(app, "global_config"),
+        )
+
+
+def _where(app: AsyncQueueTasks, kind: str) -> tuple[str, str]:
+    """A component's class and, when remote and configured, its URL (password masked)."""
+    component = getattr(app, kind)
+    url = None if getattr(component, "local", False) else getattr(app.config, f"{kind}_url")
+    return type(component).__name__, f" at {mask_url(url)}" if url else ""
+
+
+@command(cli)
+def run(
+    *,
+    where: Components,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Tasks run at once (max_tasks_process).")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: config).")
+    ] = None,
+) -> None:
+    """Serve tasks until SIGINT/SIGTERM, then stop gracefully.
+
+    On SIGINT/SIGTERM the worker takes no new messages, hands waiting ones back to the broker
+    and gives running tasks shutdown_grace seconds before cancelling and requeueing them.
+    """
+    flags = {**where.flags(), "max_tasks_process": concurrency, "log_level": log_level}
+    # Logging first, so that what configuration decides (a storage following the broker, a
+    # default address) is shown; the configured level applies once the app is known.
+    early = (log_level or "INFO").upper()
+    logging.basicConfig(
+        level=early if early in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    the_app = resolve_app(where.app, where.config, flags, need_tasks=True)
+    aio = aio_of(the_app)
+    level = aio.config.log_level.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"log_level: unknown level {aio.config.log_level!r}")
+    logging.getLogger().setLevel(level)
+    aio.add_plugin(_ServingLog(), "qtasks.cli")
+    aio.run_forever()
+    logging.getLogger("qtasks.cli").info("stopped")

@@ -1,0 +1,116 @@
+"""``qtasks add``, ``get`` and ``cancel``: one task at a time, through the components."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from qtasks.app import AsyncQueueTasks
+from qtasks.cli.group import cli, command
+from qtasks.cli.options import Components, JsonOpt
+from qtasks.cli.output import parse_arg, print_record, record_dict, to_json
+from qtasks.cli.resolve import resolve_app, run_on
+from qtasks.errors import ConfigError, TaskTimeoutError
+from qtasks.record import TaskRecord, TaskStatus
+
+
+def _no_record(uuid: str) -> typer.Exit:
+    typer.echo(f"error: no task record for uuid {uuid!r}", err=True)
+    return typer.Exit(1)
+
+
+@command(cli)
+def add(
+    task: Annotated[str, typer.Argument(help="Task name.")],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="Positional arguments; each is JSON if it parses, else text."),
+    ] = None,
+    kwargs: Annotated[
+        str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="Lower runs first.")] = None,
+    delay: Annotated[float | None, typer.Option(help="Run after this many seconds.")] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="Wait up to SECONDS for the result and print it.")
+    ] = None,
+    *,
+    where: Components,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enqueue a task and print its uuid.
+
+    With --wait, print its final record instead; the exit code is 1 if the task ended in
+    error or was cancelled, or did not finish in time.
+    """
+    parsed_kwargs: dict[str, Any] = {}
+    if kwargs is not None:
+        try:
+            parsed_kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--kwargs: not valid JSON: {exc}") from exc
+        if not isinstance(parsed_kwargs, dict):
+            raise ConfigError("--kwargs: expected a JSON object")
+    positional = [parse_arg(a) for a in args or []]
+    the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+
+    async def go(aio: AsyncQueueTasks) -> TaskRecord:
+        record = await aio.enqueue(task, positional, parsed_kwargs, priority=priority, delay=delay)
+        if wait is None:
+            return record
+        try:
+            return await aio.wait(record.uuid, wait)
+        except TaskTimeoutError:
+            typer.echo(record.uuid)
+            raise
+
+    record = run_on(the_app, go, command="add", uses=("broker", "storage"))
+    if wait is None:
+        typer.echo(to_json(record_dict(record)) if as_json else record.uuid)
+        return
+    print_record(record, as_json)
+    if record.status is not TaskStatus.SUCCESS:
+        raise typer.Exit(1)
+
+
+@command(cli)
+def get(
+    uuid: Annotated[str, typer.Argument(help="Task uuid.")],
+    *,
+    where: Components,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the stored record of a task (exit code 1 if there is none)."""
+    the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+
+    async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
+        return await aio.get(uuid)
+
+    record = run_on(the_app, go, command="get", uses=("storage",))
+    if record is None:
+        raise _no_record(uuid)
+    print_record(record, as_json)
+
+
+@command(cli)
+def cancel(
+    uuid: Annotated[str, typer.Argument(help="Task uuid.")],
+    reason: Annotated[str, typer.Option(help="Stored as cancel_reason.")] = "cancelled",
+    *,
+    where: Components,
+) -> None:
+    """Cancel a task and print its resulting status.
+
+    A queued task never runs, a running one is stopped; a finished task keeps its status.
+    """
+    the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+
+    async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
+        return await aio.cancel(uuid, reason)
+
+    record = run_on(the_app, go, command="cancel", uses=("broker", "storage"))
+    if record is None:
+        raise _no_record(uuid)
+    typer.echo(f"{record.uuid}: {record.status.value}")
