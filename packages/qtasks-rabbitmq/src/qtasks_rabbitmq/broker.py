@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
-from typing import Any, Self, cast, get_args
+from typing import Any, Self, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
@@ -39,9 +39,10 @@ from pamqp.commands import Basic
 
 from qtasks.components import BrokerStats, DeadLetter
 from qtasks.config import QueueConfig
-from qtasks.errors import ComponentNotStartedError, ConfigError
+from qtasks.errors import ComponentNotStartedError
 from qtasks.messages import Envelope
 from qtasks_rabbitmq.link import Link
+from qtasks_rabbitmq.settings import DEFAULT_URL, RabbitMQSettings, check_options
 from qtasks_rabbitmq.topology import (
     LEVELS,
     QueueType,
@@ -50,12 +51,12 @@ from qtasks_rabbitmq.topology import (
     delay_routing_key,
 )
 
+__all__ = ["DEFAULT_URL", "RabbitMQBroker", "RabbitMQDelivery"]
+
 log = logging.getLogger("qtasks_rabbitmq")
 
 PERSISTENT = 2
 """AMQP ``delivery_mode`` of a message written to disk by a durable queue."""
-
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 H_ID = "x-qtasks-id"
 """The message id when it does not fit AMQP's ``message-id`` property (else that is used)."""
@@ -67,16 +68,6 @@ H_ETA = "x-qtasks-eta-ms"
 H_REASON = "x-qtasks-reason"
 H_DEAD_AT = "x-qtasks-dead-at-ms"
 # Times travel as integer milliseconds: AMQP tables carry Python floats as 32-bit floats.
-
-_EXTRA_KEYS = {
-    "rabbitmq_queue": str,
-    "rabbitmq_queue_type": str,
-    "rabbitmq_max_priority": int,
-    "rabbitmq_queue_version": int,
-    "rabbitmq_heartbeat": int,
-    "rabbitmq_connect_timeout": float,
-    "rabbitmq_publish_timeout": float,
-}
 
 _MAX_MESSAGE_ID = 255
 """Longest AMQP ``message-id`` (a short string)."""
@@ -428,7 +419,9 @@ class RabbitMQBroker:
     deliveries itself; no priorities before RabbitMQ 4). ``queue_version`` is the classic
     queues' ``x-queue-version`` (0, the default, leaves it to the server). ``heartbeat`` is the AMQP
     heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds how long a
-    publish waits for a lost connection to come back before raising.
+    publish waits for a lost connection to come back before raising. They are checked as
+    :class:`~qtasks_rabbitmq.settings.RabbitMQSettings` (a bad value raises
+    :class:`~qtasks.errors.ConfigError`).
     """
 
     def __init__(
@@ -443,21 +436,23 @@ class RabbitMQBroker:
         connect_timeout: float = 10.0,
         publish_timeout: float = 30.0,
     ) -> None:
-        if queue_type not in get_args(QueueType):
-            raise ConfigError(
-                f"rabbitmq_queue_type must be 'classic' or 'quorum', not {queue_type!r}"
-            )
-        if not 0 <= max_priority <= 255:
-            raise ConfigError(f"rabbitmq_max_priority must be 0..255, not {max_priority}")
-        if queue_version not in (0, 1, 2):
-            raise ConfigError(f"rabbitmq_queue_version must be 0, 1 or 2, not {queue_version!r}")
+        settings = RabbitMQSettings(
+            queue=queue,
+            queue_type=queue_type,
+            max_priority=max_priority,
+            queue_version=queue_version,
+            heartbeat=heartbeat,
+            connect_timeout=connect_timeout,
+            publish_timeout=publish_timeout,
+        )
         self._url = url
-        self._options = {
-            "heartbeat": heartbeat,
-            "connect_timeout": connect_timeout,
-            "publish_timeout": publish_timeout,
-        }
-        self._topology = Topology(queue, queue_type, max_priority, version=queue_version)
+        self._settings = settings
+        self._topology = Topology(
+            settings.queue,
+            settings.queue_type,
+            settings.max_priority,
+            version=settings.queue_version,
+        )
         self._max_deliveries = 5
         self._max_running = 10
         self._lease = 30.0
@@ -470,21 +465,13 @@ class RabbitMQBroker:
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
         """Build from ``config.broker_url`` and the ``rabbitmq_*`` keys of ``config.extra``."""
-        options: dict[str, Any] = {}
-        for key, value in config.extra.items():
-            if not key.startswith("rabbitmq_"):
-                continue
-            kind = _EXTRA_KEYS.get(key)
-            if kind is None:
-                raise ConfigError(
-                    f"unknown option extra.{key} (known: {', '.join(sorted(_EXTRA_KEYS))})"
-                )
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise ConfigError(f"extra.{key} expects {kind.__name__}, got {value!r}")
-            options[key.removeprefix("rabbitmq_")] = value
-        return cls(config.broker_url or DEFAULT_URL, **options)
+        settings = RabbitMQSettings.from_extra(config.extra)
+        return cls(config.broker_url or DEFAULT_URL, **dataclasses.asdict(settings))
+
+    @property
+    def settings(self) -> RabbitMQSettings:
+        """The checked settings this broker was built with."""
+        return self._settings
 
     @property
     def topology(self) -> Topology:
@@ -505,7 +492,9 @@ class RabbitMQBroker:
         """Connect and declare. Started again (apps sharing this broker), it only counts: the
         connection closes when the last of the stacks closes. Started from another event loop
         while the link's loop is gone without having closed it, it forgets that link and
-        connects again."""
+        connects again. An unknown or ill-typed ``rabbitmq_*`` key in ``config.extra`` raises
+        :class:`~qtasks.errors.ConfigError` (the keys are read by :meth:`from_config`)."""
+        check_options(config.extra)
         if self._link is not None and self._link.loop is not asyncio.get_running_loop():
             self._link.abandon()
             self._link, self._starts = None, 0
@@ -519,7 +508,14 @@ class RabbitMQBroker:
         topology = self._topology
         self._topology = dataclasses.replace(topology, delivery_limit=config.max_deliveries)
         self._lease = config.lease
-        link = Link(self._url, self._topology, **self._options)  # type: ignore[arg-type]
+        settings = self._settings
+        link = Link(
+            self._url,
+            self._topology,
+            heartbeat=settings.heartbeat,
+            connect_timeout=settings.connect_timeout,
+            publish_timeout=settings.publish_timeout,
+        )
         await link.start(AsyncExitStack())  # closed by _release, when the last user goes
         self._link = link
         self._starts = 1
