@@ -6,6 +6,7 @@
 
 from qtasks_rabbitmq.broker import DEFAULT_URL, RabbitMQBroker, RabbitMQDelivery
 from qtasks_rabbitmq.errors import PublishRejectedError, TopologyError
+from qtasks_rabbitmq.settings import RabbitMQSettings
 from qtasks_rabbitmq.topology import Topology
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "PublishRejectedError",
     "RabbitMQBroker",
     "RabbitMQDelivery",
+    "RabbitMQSettings",
     "Topology",
     "TopologyError",
 ]

@@ -1,0 +1,122 @@
+"""Publishing: every message the broker writes, each confirmed by RabbitMQ before it returns.
+
+Task messages, delayed ones (into the wait-queue chain of :mod:`qtasks_rabbitmq.topology`),
+copies with a new delivery count, requeued and dead letters all go through
+:meth:`Publisher.send` or :meth:`Publisher.bury`, then :meth:`Link.publish
+<qtasks_rabbitmq.link.Link.publish>` (publisher confirms, retried across reconnects).
+:class:`Published` remembers the ids this process published, for ``cancel``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+from pamqp.commands import Basic
+
+from qtasks_rabbitmq.link import Link
+from qtasks_rabbitmq.topology import Topology, delay_ms, delay_routing_key
+from qtasks_rabbitmq.wire import (
+    H_DEAD_AT,
+    H_DELIVERIES,
+    H_ETA,
+    H_ID,
+    H_PRIORITY,
+    H_REASON,
+    MAX_MESSAGE_ID,
+    PERSISTENT,
+    ms,
+)
+
+TRACKED_IDS = 100_000
+"""How many ids published by this process :meth:`Published.cancel` remembers."""
+
+
+class Publisher:
+    """Writes messages on one started :class:`~qtasks_rabbitmq.link.Link`."""
+
+    __slots__ = ("link", "topology")
+
+    def __init__(self, link: Link, topology: Topology) -> None:
+        self.link = link
+        self.topology = topology
+
+    def properties(
+        self, id: str, priority: int, deliveries: int, extra: dict[str, Any] | None = None
+    ) -> Basic.Properties:
+        # Only what differs from the defaults travels in headers: encoding an AMQP table is a
+        # good part of a publish's cost. The id is the message id (a short string); an id too
+        # long for that goes in a header instead.
+        headers: dict[str, Any] = dict(extra) if extra else {}
+        if priority:
+            headers[H_PRIORITY] = priority
+        if deliveries:
+            headers[H_DELIVERIES] = deliveries
+        message_id: str | None = id
+        if len(id) > MAX_MESSAGE_ID or not id.isascii():
+            headers[H_ID] = id
+            message_id = None
+        return Basic.Properties(
+            headers=headers or None,
+            priority=self.topology.amqp_priority(priority),
+            delivery_mode=PERSISTENT,
+            message_id=message_id,
+        )
+
+    async def send(
+        self, id: str, body: bytes, priority: int, deliveries: int, eta: float | None
+    ) -> None:
+        """Publish to the work queue, or into the delay chain when ``eta`` is ahead."""
+        wait = delay_ms(eta - time.time()) if eta is not None else 0
+        if wait > 0:
+            assert eta is not None
+            properties = self.properties(id, priority, deliveries, {H_ETA: ms(eta)})
+            await self.link.publish(
+                body, properties, self.topology.entry_exchange, delay_routing_key(wait), id
+            )
+        else:
+            properties = self.properties(id, priority, deliveries)
+            await self.link.publish(body, properties, "", self.topology.queue, id)
+
+    async def bury(self, id: str, body: bytes, priority: int, deliveries: int, reason: str) -> None:
+        """Publish to the dead-letter queue with ``reason`` and the time."""
+        extra = {H_REASON: reason[:4000], H_DEAD_AT: ms(time.time())}
+        properties = self.properties(id, priority, deliveries, extra)
+        await self.link.publish(body, properties, "", self.topology.dead, id, what="dead letter")
+
+
+class Published:
+    """Ids published by this process and not received here yet (the newest
+    :data:`TRACKED_IDS`), and those of them cancelled: RabbitMQ cannot remove a message from
+    the middle of a queue, so a cancelled one is skipped when it is received."""
+
+    __slots__ = ("cancelled", "ids")
+
+    def __init__(self) -> None:
+        self.ids: OrderedDict[str, None] = OrderedDict()
+        self.cancelled: set[str] = set()
+
+    def remember(self, id: str) -> None:
+        ids = self.ids
+        ids[id] = None
+        if len(ids) > TRACKED_IDS:
+            ids.popitem(last=False)
+
+    def cancel(self, id: str) -> bool:
+        """Mark ``id`` to be skipped on receipt; ``False`` if it is not one of ours (or was
+        received already)."""
+        if id in self.ids:
+            del self.ids[id]
+            self.cancelled.add(id)
+            return True
+        return False
+
+    def skip(self, id: str) -> bool:
+        """On receipt of ``id``: forget it, and say whether it was cancelled."""
+        if self.ids:
+            self.ids.pop(id, None)
+        if self.cancelled and id in self.cancelled:
+            self.cancelled.discard(id)
+            return True
+        return False

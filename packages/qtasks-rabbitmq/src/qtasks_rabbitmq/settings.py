@@ -1,0 +1,112 @@
+"""The RabbitMQ broker's settings: the ``rabbitmq_*`` keys of ``config.extra``, typed and checked.
+
+One place validates them, whichever way they come in: :meth:`RabbitMQSettings.from_extra` (what
+:meth:`~qtasks_rabbitmq.RabbitMQBroker.from_config` uses), the broker's keyword arguments, and
+the app's ``config.extra`` when the broker starts. An unknown ``rabbitmq_*`` key, a value of the
+wrong type or out of range raises :class:`~qtasks.errors.ConfigError` naming the key (and, for an
+unknown key, every valid one). Keys without the prefix belong to other components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Self, get_args
+
+from qtasks.errors import ConfigError
+from qtasks_rabbitmq.topology import QueueType
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+PREFIX = "rabbitmq_"
+
+OPTIONS: dict[str, type] = {
+    "rabbitmq_queue": str,
+    "rabbitmq_queue_type": str,
+    "rabbitmq_max_priority": int,
+    "rabbitmq_queue_version": int,
+    "rabbitmq_heartbeat": int,
+    "rabbitmq_connect_timeout": float,
+    "rabbitmq_publish_timeout": float,
+}
+"""Every ``rabbitmq_*`` key the broker reads from ``config.extra``, with its type."""
+
+
+def _type_error(key: str, value: Any) -> str | None:
+    """Why ``value`` is not of the type of ``key`` (``None``: it is); an int is a fine float,
+    a bool is no number."""
+    kind = OPTIONS[key]
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return None
+    return f"expects {kind.__name__}, got {value!r}"
+
+
+def check_options(options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Return ``options`` once every ``rabbitmq_*`` key in it is known and of the right type.
+
+    Other keys are left alone; an unknown ``rabbitmq_*`` key (a typo such as
+    ``rabbitmq_qeue``) raises :class:`~qtasks.errors.ConfigError` listing the valid ones."""
+    for key, value in options.items():
+        if not key.startswith(PREFIX):
+            continue
+        if key not in OPTIONS:
+            raise ConfigError(f"unknown option extra.{key} (known: {', '.join(sorted(OPTIONS))})")
+        problem = _type_error(key, value)
+        if problem is not None:
+            raise ConfigError(f"extra.{key} {problem}")
+    return options
+
+
+@dataclass(frozen=True, slots=True)
+class RabbitMQSettings:
+    """What :class:`~qtasks_rabbitmq.RabbitMQBroker` takes besides the URL (see its docstring
+    and ``docs/rabbitmq.md``); checked when built."""
+
+    queue: str = "qtasks"
+    queue_type: QueueType = "classic"
+    max_priority: int = 20
+    queue_version: int = 0
+    heartbeat: int = 30
+    connect_timeout: float = 10.0
+    publish_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for key in OPTIONS:
+            problem = _type_error(key, getattr(self, key.removeprefix(PREFIX)))
+            if problem is not None:
+                raise ConfigError(f"{key} {problem}")
+        if not self.queue:
+            raise ConfigError("rabbitmq_queue must not be empty")
+        if self.queue_type not in get_args(QueueType):
+            raise ConfigError(
+                f"rabbitmq_queue_type must be 'classic' or 'quorum', not {self.queue_type!r}"
+            )
+        if not 0 <= self.max_priority <= 255:
+            raise ConfigError(f"rabbitmq_max_priority must be 0..255, not {self.max_priority}")
+        if self.queue_version not in (0, 1, 2):
+            raise ConfigError(
+                f"rabbitmq_queue_version must be 0, 1 or 2, not {self.queue_version!r}"
+            )
+        if self.heartbeat < 0:
+            raise ConfigError(f"rabbitmq_heartbeat must be 0 or more, not {self.heartbeat}")
+        if self.connect_timeout <= 0:
+            raise ConfigError(
+                f"rabbitmq_connect_timeout must be more than 0, not {self.connect_timeout}"
+            )
+        if self.publish_timeout < 0:
+            raise ConfigError(
+                f"rabbitmq_publish_timeout must be 0 or more, not {self.publish_timeout}"
+            )
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> Self:
+        """Settings from the ``rabbitmq_*`` keys of ``extra`` (others are ignored), defaults for
+        the keys left out."""
+        check_options(extra)
+        values: dict[str, Any] = {}
+        for key, value in extra.items():
+            if key.startswith(PREFIX):
+                # An int given for a float setting is stored as the float it stands for.
+                values[key.removeprefix(PREFIX)] = float(value) if OPTIONS[key] is float else value
+        return cls(**values)
