@@ -114,4 +114,4 @@ async def test_local_components_stay_sequential() -> None:
         with anyio.fail_after(10):
             task = await app.add_task("echo", 2, timeout=5)
     assert task.status is TaskStatus.SUCCESS
-    assert app._overlap is False
+    assert app.enqueue_path == "shared"  # one process is one server: never overlapped

@@ -186,6 +186,6 @@ async def test_in_memory_storage_keeps_the_sequential_path(
             with anyio.fail_after(20):
                 task = await app.add_task("echo", 3, timeout=15)
         assert (task.status, task.returning) == (TaskStatus.SUCCESS, 3)
-        assert app._overlap is False
+        assert app.enqueue_path == "sequential"  # a local storage: never overlapped
     finally:
         await app.aclose()

@@ -1,4 +1,9 @@
-"""The async app: task registry, components, enqueue, results and the serving lifecycle."""
+"""The async app: task registry, components, results and the serving lifecycle.
+
+Over ~500 lines on purpose: it is the public API of the async app, every method a short
+delegate to the step that does the work (:mod:`qtasks.enqueue`, :mod:`qtasks.worker`,
+:mod:`qtasks.settle`, :mod:`qtasks.report`), plus the component lifecycle across event loops.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
+from qtasks import enqueue as enqueue_step
+from qtasks import report
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
@@ -61,6 +68,10 @@ _running_loop = asyncio._get_running_loop
 """The running asyncio loop or ``None`` (under trio, or outside a loop): the C function behind
 ``asyncio.get_running_loop``, without an exception when there is none. Comparing it with the
 loop the components were started in costs well under a microsecond per call."""
+
+
+async def _not_started(record: TaskRecord, envelope: Envelope) -> None:
+    raise ComponentNotStartedError("enqueue before the app started")
 
 
 def _on_asyncio() -> bool:
@@ -133,9 +144,10 @@ class AsyncQueueTasks:
         self.shared_server: SharedServer | None = None
         """The broker, when it folds storage writes into its round trips (see
         :class:`~qtasks.components.SharedServer`); set at start."""
-        self._overlap = False
-        """Whether enqueue overlaps the record's add with the publish (remote components
-        without a shared server, on asyncio); set at start."""
+        self.enqueue_path = ""
+        """How enqueue reaches the backends, chosen at start by :func:`qtasks.enqueue.choose`:
+        ``"shared"``, ``"overlapped"`` or ``"sequential"``."""
+        self._store_and_publish: enqueue_step.StoreAndPublish = _not_started
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
@@ -319,14 +331,9 @@ class AsyncQueueTasks:
                     await self.hooks.notify(
                         "qtasks_component_started", app=self, kind=kind, component=component
                     )
-                broker = self.broker
-                self.shared_server = (
-                    broker
-                    if isinstance(broker, SharedServer) and broker.shares_server_with(self.storage)
-                    else None
+                self.enqueue_path, self._store_and_publish = enqueue_step.choose(
+                    self, _on_asyncio()
                 )
-                local = getattr(broker, "local", False) or getattr(self.storage, "local", False)
-                self._overlap = self.shared_server is None and not local and _on_asyncio()
                 await self.hooks.notify("qtasks_app_started", app=self)
             except BaseException:
                 await stack.aclose()
@@ -563,47 +570,15 @@ class AsyncQueueTasks:
             parent_uuid=_parent_uuid,
             _client=self,
         )
-        if self.shared_server is not None:
-            await self.shared_server.publish_new(envelope, self.storage, record)
-            if "qtasks_storage_added" in self.hooks.active:
-                await self.hooks.notify("qtasks_storage_added", app=self, record=record)
-        elif self._overlap:
-            await self._add_while_publishing(record, envelope)
-            if "qtasks_storage_added" in self.hooks.active:
-                await self.hooks.notify("qtasks_storage_added", app=self, record=record)
-        else:
-            await self.storage.add(record)
-            if "qtasks_storage_added" in self.hooks.active:
-                await self.hooks.notify("qtasks_storage_added", app=self, record=record)
-            await self.broker.publish(envelope)
+        await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
+        if "qtasks_storage_added" in self.hooks.active:
+            await self.hooks.notify("qtasks_storage_added", app=self, record=record)
         if "qtasks_task_enqueued" in self.hooks.active:
             await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
         if timeout is not None:
             # Just stored: no need for wait()'s existence check (one round trip less).
             return self._bind(await self.storage.wait(record.uuid, timeout))
         return record
-
-    async def _add_while_publishing(self, record: TaskRecord, envelope: Envelope) -> None:
-        """Store the new ``record`` and publish ``envelope`` concurrently: one round trip's
-        wait instead of two. A worker may receive the message before the record lands (its
-        ``begin`` then creates the record), hence ``replace=False``. Raises the publish's error
-        if it failed (the record may be stored, as when a sequential publish fails), else the
-        add's: the message is then queued and runs anyway, its record created by ``begin``."""
-        add = self.storage.add(record, replace=False)
-        # A bare asyncio task (only asyncio apps overlap): an anyio task group costs ~30 µs
-        # more per enqueue.
-        added = asyncio.get_running_loop().create_task(add)
-        try:
-            await self.broker.publish(envelope)
-        except Exception:
-            await asyncio.wait((added,))  # the add runs to its end; the publish error wins
-            if not added.cancelled():
-                added.exception()  # retrieved: no "never retrieved" warning
-            raise
-        except BaseException:
-            added.cancel()
-            raise
-        await added
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())
@@ -726,36 +701,10 @@ class AsyncQueueTasks:
         )
 
     async def inspect(self) -> dict[str, Any]:
-        """What ``qtasks inspect`` shows: registered tasks with their options, queue depth per
-        priority, delayed, in-flight and dead-lettered counts (``broker.stats()``), workers alive
-        (``global_config.workers()``), records by status (``storage.stats()``) and the plugins;
-        then the ``qtasks_inspect`` hook may add keys. JSON-ready."""
+        """What ``qtasks inspect`` shows (JSON-ready); see :func:`qtasks.report.inspect`."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
-        stats = await self.broker.stats()
-        report: dict[str, Any] = {
-            "app": self.name,
-            "components": {
-                kind: type(getattr(self, kind)).__name__
-                for kind in ("broker", "storage", "global_config", "worker")
-            },
-            "tasks": {name: task_summary(task) for name, task in sorted(self.tasks.items())},
-            "queue": {
-                "ready_by_priority": {
-                    str(p): n for p, n in sorted(stats.ready_by_priority.items())
-                },
-                "delayed": stats.delayed,
-                "in_flight": stats.in_flight,
-                "dead_letters": stats.dead_letters,
-            },
-            "workers": await self.global_config.workers(),
-            "records_by_status": dict(sorted((await self.storage.stats()).items())),
-            "plugins": sorted(str(name) for name, _ in self.hooks.pm.list_name_plugin()),
-        }
-        result: dict[str, Any] = await self.hooks.transform(
-            "qtasks_inspect", "report", app=self, report=report
-        )
-        return result
+        return await report.inspect(self)
 
     async def ping(self, server: bool = True) -> bool:
         """QTasks' health check; see :func:`qtasks.compat.admin.ping`."""
@@ -774,30 +723,3 @@ class AsyncQueueTasks:
         """Raise :class:`~qtasks.errors.ComponentNotStartedError` unless the app is started."""
         if self._stack is None:
             raise ComponentNotStartedError(f"app {self.name!r} is not started")
-
-
-def task_summary(task: TaskDef[..., Any]) -> dict[str, Any]:
-    """A registered task's options, JSON-ready (callables shown by name)."""
-    opts = task.options
-
-    def label(value: Any) -> Any:
-        if value is None or isinstance(value, int | float | str):
-            return value
-        return getattr(value, "__qualname__", None) or repr(value)
-
-    summary: dict[str, Any] = {
-        "kind": task.kind.value,
-        "priority": opts.priority,
-        "retry": opts.retry,
-        "retry_on_exc": [label(e) for e in opts.retry_on_exc or ()],
-        "retry_backoff": label(opts.retry_backoff),
-        "max_time": opts.max_time,
-        "echo": opts.echo,
-        "tags": list(opts.tags),
-        "description": opts.description or (task.__doc__ or "").strip().split("\n")[0] or None,
-        "middlewares": [label(m) for m in (*opts.middlewares_before, *opts.middlewares_after)],
-        "signature": str(task.caller_signature),
-    }
-    if opts.extra:
-        summary["extra"] = {k: label(v) for k, v in opts.extra.items()}
-    return summary

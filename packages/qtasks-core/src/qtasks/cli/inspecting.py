@@ -37,6 +37,7 @@ def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
         return
     typer.echo(f"app: {report['app']}")
     typer.echo("components: " + ", ".join(f"{k}={v}" for k, v in report["components"].items()))
+    typer.echo(f"enqueue: {report['enqueue']} (record and message: see docs/architecture.md)")
     typer.echo(f"\ntasks ({len(report['tasks'])}):")
     if report["tasks"]:
         rows = [
@@ -61,7 +62,16 @@ def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
         ]
         typer.echo(table(["id", "running", "waiting", "processed", "concurrency"], rows))
     typer.echo(f"\nplugins: {', '.join(report['plugins'])}")
-    known = {"app", "components", "tasks", "queue", "workers", "records_by_status", "plugins"}
+    known = {
+        "app",
+        "components",
+        "enqueue",
+        "tasks",
+        "queue",
+        "workers",
+        "records_by_status",
+        "plugins",
+    }
     for key in sorted(set(report) - known):
         typer.echo(f"{key}: {json.dumps(report[key], default=str, sort_keys=True)}")
 

@@ -1,0 +1,82 @@
+"""The enqueue step: a new task's record is stored and its message published.
+
+There is one step and one way to call it, :func:`store_and_publish`; how it reaches the backends
+is chosen once, when the app starts (:func:`choose`), from what the components can do:
+
+- a :class:`~qtasks.components.SharedServer` broker folds both writes into one round trip
+  (``publish_new``: the record, then the message, atomically on Redis);
+- remote components on asyncio overlap the two round trips: the record is added with
+  ``replace=False`` while the message is published, so a worker that got the message first
+  (its ``begin`` creates the record) is never set back;
+- otherwise (local components, or trio) the record is added, then the message published.
+
+A publish that fails raises its own error; the record may then be stored, as when a sequential
+publish fails. An add that fails after a confirmed publish raises too, yet the task runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from qtasks.components import Broker, SharedServer, Storage
+from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+StoreAndPublish = Callable[[TaskRecord, Envelope], Awaitable[None]]
+"""Stores a new task's record and publishes its message (see :func:`choose`)."""
+
+
+def choose(app: AsyncQueueTasks, on_asyncio: bool) -> tuple[str, StoreAndPublish]:
+    """How the started ``app`` enqueues: ``("shared" | "overlapped" | "sequential", step)``
+    (see the module docstring); also sets ``app.shared_server``, which the worker's settle
+    step uses too."""
+    broker, storage = app.broker, app.storage
+    shared = (
+        broker if isinstance(broker, SharedServer) and broker.shares_server_with(storage) else None
+    )
+    app.shared_server = shared
+    if shared is not None:
+
+        async def folded(record: TaskRecord, envelope: Envelope) -> None:
+            await shared.publish_new(envelope, storage, record)
+
+        return "shared", folded
+    local = getattr(broker, "local", False) or getattr(storage, "local", False)
+    if not local and on_asyncio:
+        return "overlapped", lambda record, env: _overlapped(storage, broker, record, env)
+    return "sequential", lambda record, env: _sequential(storage, broker, record, env)
+
+
+async def _sequential(
+    storage: Storage, broker: Broker, record: TaskRecord, envelope: Envelope
+) -> None:
+    await storage.add(record)
+    await broker.publish(envelope)
+
+
+async def _overlapped(
+    storage: Storage, broker: Broker, record: TaskRecord, envelope: Envelope
+) -> None:
+    """Add ``record`` and publish ``envelope`` concurrently: one round trip's wait instead of
+    two. Raises the publish's error if it failed (the record may be stored), else the add's
+    (the message is queued and runs anyway, its record created by ``begin``)."""
+    add = storage.add(record, replace=False)
+    # A bare asyncio task (only asyncio apps overlap): an anyio task group costs ~30 µs more
+    # per enqueue.
+    added = asyncio.get_running_loop().create_task(add)
+    try:
+        await broker.publish(envelope)
+    except Exception:
+        await asyncio.wait((added,))  # the add runs to its end; the publish error wins
+        if not added.cancelled():
+            added.exception()  # retrieved: no "never retrieved" warning
+        raise
+    except BaseException:
+        added.cancel()
+        raise
+    await added

@@ -1,0 +1,67 @@
+"""``qtasks inspect``: what an app's components hold, as one JSON-ready report."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qtasks.task import TaskDef
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+
+async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
+    """Registered tasks with their options, queue depth per priority, delayed, in-flight and
+    dead-lettered counts (``broker.stats()``), workers alive (``global_config.workers()``),
+    records by status (``storage.stats()``), the plugins, and how enqueue reaches the
+    backends; then the ``qtasks_inspect`` hook may add keys. ``app`` is started."""
+    stats = await app.broker.stats()
+    report: dict[str, Any] = {
+        "app": app.name,
+        "components": {
+            kind: type(getattr(app, kind)).__name__
+            for kind in ("broker", "storage", "global_config", "worker")
+        },
+        "enqueue": app.enqueue_path,
+        "tasks": {name: task_summary(task) for name, task in sorted(app.tasks.items())},
+        "queue": {
+            "ready_by_priority": {str(p): n for p, n in sorted(stats.ready_by_priority.items())},
+            "delayed": stats.delayed,
+            "in_flight": stats.in_flight,
+            "dead_letters": stats.dead_letters,
+        },
+        "workers": await app.global_config.workers(),
+        "records_by_status": dict(sorted((await app.storage.stats()).items())),
+        "plugins": sorted(str(name) for name, _ in app.hooks.pm.list_name_plugin()),
+    }
+    result: dict[str, Any] = await app.hooks.transform(
+        "qtasks_inspect", "report", app=app, report=report
+    )
+    return result
+
+
+def task_summary(task: TaskDef[..., Any]) -> dict[str, Any]:
+    """A registered task's options, JSON-ready (callables shown by name)."""
+    opts = task.options
+
+    def label(value: Any) -> Any:
+        if value is None or isinstance(value, int | float | str):
+            return value
+        return getattr(value, "__qualname__", None) or repr(value)
+
+    summary: dict[str, Any] = {
+        "kind": task.kind.value,
+        "priority": opts.priority,
+        "retry": opts.retry,
+        "retry_on_exc": [label(e) for e in opts.retry_on_exc or ()],
+        "retry_backoff": label(opts.retry_backoff),
+        "max_time": opts.max_time,
+        "echo": opts.echo,
+        "tags": list(opts.tags),
+        "description": opts.description or (task.__doc__ or "").strip().split("\n")[0] or None,
+        "middlewares": [label(m) for m in (*opts.middlewares_before, *opts.middlewares_after)],
+        "signature": str(task.caller_signature),
+    }
+    if opts.extra:
+        summary["extra"] = {k: label(v) for k, v in opts.extra.items()}
+    return summary
