@@ -1,5 +1,8 @@
 """The default worker: bounded prefetch, a local priority queue, a concurrency limit, leases
 renewed while tasks run, fenced result writes, and acks only after the final record is stored.
+
+Settling lives in :mod:`qtasks.settle`, leases in :mod:`qtasks.leases`. A little over 500 lines:
+the serving loop and the begin step (decode, check, begin or trust the claim) stay together.
 """
 
 from __future__ import annotations

@@ -1,0 +1,331 @@
+"""The in-memory broker: priorities, delays, leases, redelivery and dead letters."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+import uuid as uuid_mod
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Self
+
+from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
+from qtasks.config import QueueConfig
+from qtasks.memory.signals import _Lifecycle, _Signal
+from qtasks.memory.storage import MemoryStorage
+from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
+
+
+@dataclass(slots=True)
+class _Entry:
+    id: str
+    body: bytes
+    priority: int
+    attempt: int = 0
+    token: str = ""
+    lease_until: float = 0.0
+
+
+class MemoryDelivery:
+    """A delivery from :class:`MemoryBroker`."""
+
+    __slots__ = ("_attempt", "_broker", "_entry", "_token")
+
+    def __init__(self, broker: MemoryBroker, entry: _Entry) -> None:
+        self._broker = broker
+        self._entry = entry
+        self._token = entry.token
+        self._attempt = entry.attempt
+
+    @property
+    def id(self) -> str:
+        return self._entry.id
+
+    @property
+    def body(self) -> bytes:
+        return self._entry.body
+
+    @property
+    def priority(self) -> int:
+        return self._entry.priority
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    async def ack(self) -> bool:
+        return self._broker._settle(self._token) is not None
+
+    async def nack(self, reason: str) -> bool:
+        entry = self._broker._settle(self._token)
+        if entry is None:
+            return False
+        self._broker._dead(entry, reason)
+        return True
+
+    async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
+        entry = self._broker._settle(self._token)
+        if entry is None:
+            return False
+        entry.attempt = 0
+        if body is not None:
+            entry.body = body
+        self._broker._schedule(entry, self._broker._clock() + delay if delay else None)
+        return True
+
+    async def extend(self) -> bool:
+        broker = self._broker
+        entry = broker._inflight.get(self._token)
+        if entry is not None and entry.lease_until <= time.monotonic():
+            # Expired: lost, even if no consumer looked yet (its loop may have been blocked).
+            broker._promote()
+            broker._wake()
+            return False
+        if entry is None:
+            return False
+        entry.lease_until = time.monotonic() + self._broker._lease
+        heapq.heappush(self._broker._leases, (entry.lease_until, self._token))
+        return True
+
+
+class MemoryBroker(_Lifecycle):
+    """A priority queue with delays, leases and a dead-letter list, in process memory."""
+
+    local = True
+    """Calls complete without I/O (see :mod:`qtasks.components`)."""
+
+    def __init__(
+        self,
+        *,
+        lease: float | None = None,
+        max_deliveries: int | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock`` returns the unix time that delays are measured against (default
+        :func:`time.time`); tests pass a controllable one and call :meth:`wake` after moving it.
+        Leases always run on the real monotonic clock."""
+        self._clock: Callable[[], float] = clock or time.time
+        self._lease_opt = lease
+        self._max_opt = max_deliveries
+        self._lease = lease if lease is not None else 30.0
+        self._max_deliveries = max_deliveries if max_deliveries is not None else 5
+        self._ready: list[tuple[int, int, _Entry]] = []
+        self._delayed: list[tuple[float, int, _Entry]] = []
+        self._leases: list[tuple[float, str]] = []
+        self._inflight: dict[str, _Entry] = {}
+        self._known: dict[str, _Entry] = {}
+        self._dead_letters: dict[str, DeadLetter] = {}
+        self._seq = itertools.count()
+        self._tokens = itertools.count(1)
+        self._token_prefix = uuid_mod.uuid4().hex[:12] + "-"
+        self._signal: _Signal | None = None
+
+    @classmethod
+    def from_config(cls, config: QueueConfig) -> Self:
+        return cls()
+
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        self._begin(stack)
+        self._lease = self._lease_opt if self._lease_opt is not None else config.lease
+        self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
+        if self._signal is None:
+            self._signal = _Signal()
+
+    def _wake(self) -> None:
+        if self._signal is not None:
+            self._signal.fire()
+
+    def wake(self) -> None:
+        """Make waiting consumers re-check what is due now (after an injected clock moved)."""
+        self._wake()
+
+    def _schedule(self, entry: _Entry, eta: float | None) -> None:
+        self._known[entry.id] = entry
+        if eta is not None and eta > self._clock():
+            heapq.heappush(self._delayed, (eta, next(self._seq), entry))
+        else:
+            heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+        self._wake()
+
+    def _settle(self, token: str) -> _Entry | None:
+        entry = self._inflight.pop(token, None)
+        if entry is not None:
+            self._known.pop(entry.id, None)
+            entry.token = ""
+        return entry
+
+    def _dead(self, entry: _Entry, reason: str) -> None:
+        self._known.pop(entry.id, None)
+        self._dead_letters[entry.id] = DeadLetter(
+            id=entry.id,
+            body=entry.body,
+            reason=reason,
+            priority=entry.priority,
+            deliveries=entry.attempt,
+            dead_at=self._clock(),
+        )
+
+    def _promote(self) -> float | None:
+        """Move due delayed messages and expired leases to ready; return the next deadline."""
+        now = self._clock()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, entry = heapq.heappop(self._delayed)
+            if self._known.get(entry.id) is entry:
+                heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+        mono = time.monotonic()
+        while self._leases and self._leases[0][0] <= mono:
+            _, token = heapq.heappop(self._leases)
+            held = self._inflight.get(token)
+            if held is not None and held.lease_until <= mono:
+                del self._inflight[token]
+                held.token = ""
+                heapq.heappush(self._ready, (held.priority, next(self._seq), held))
+        waits = []
+        if self._delayed:
+            waits.append(self._delayed[0][0] - now)
+        if self._leases:
+            waits.append(self._leases[0][0] - mono)
+        return min(waits) if waits else None
+
+    def _take(self) -> _Entry | None:
+        while self._ready:
+            _, _, entry = heapq.heappop(self._ready)
+            if self._known.get(entry.id) is not entry or entry.token:
+                continue  # cancelled, or a stale heap entry
+            entry.attempt += 1
+            if entry.attempt > self._max_deliveries:
+                self._dead(
+                    entry,
+                    f"delivery limit reached: delivered {entry.attempt - 1} times "
+                    f"without being settled (max_deliveries={self._max_deliveries})",
+                )
+                continue
+            entry.token = f"{self._token_prefix}{next(self._tokens)}"
+            entry.lease_until = time.monotonic() + self._lease
+            self._inflight[entry.token] = entry
+            heapq.heappush(self._leases, (entry.lease_until, entry.token))
+            return entry
+        return None
+
+    async def publish(self, envelope: Envelope) -> None:
+        self._check()
+        entry = _Entry(envelope.id, envelope.body, envelope.priority)
+        old = self._known.get(entry.id)
+        if old is not None and old.token:
+            # Same id republished while delivered: keep both semantics simple, the new one wins.
+            self._inflight.pop(old.token, None)
+        self._schedule(entry, envelope.eta)
+
+    @asynccontextmanager
+    async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[MemoryDelivery]]:
+        self._check()
+        mine: set[str] = set()
+
+        async def deliveries() -> AsyncIterator[MemoryDelivery]:
+            signal = self._signal
+            assert signal is not None
+            while True:
+                next_due = self._promote()
+                entry = self._take()
+                if entry is None:
+                    await signal.wait(next_due)
+                    continue
+                mine.add(entry.token)
+                yield MemoryDelivery(self, entry)
+
+        try:
+            yield deliveries()
+        finally:
+            for token in mine:
+                entry = self._inflight.pop(token, None)
+                if entry is not None:
+                    entry.token = ""
+                    heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+            if mine:
+                self._wake()
+
+    # --- SharedServer: the in-memory broker and storage share one "server", the process ----
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        """Every :class:`MemoryStorage` lives in this process, as this broker does."""
+        return isinstance(storage, MemoryStorage)
+
+    async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
+        """See :class:`qtasks.components.SharedServer`: add, then publish."""
+        await storage.add(record)
+        await self.publish(envelope)
+
+    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+        """See :class:`qtasks.components.SharedServer`: save fenced by the delivery's token;
+        ack when saved, or when refused only because the task already ended."""
+        self._check()
+        if await storage.save(record, fence=delivery.token):
+            await delivery.ack()
+            return True
+        stored = await storage.get(record.uuid)
+        if stored is not None and stored.status.final and stored.token == delivery.token:
+            await delivery.ack()
+        return False
+
+    async def ack_finals(
+        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+    ) -> list[bool]:
+        """See :class:`qtasks.components.SharedServer`."""
+        return [await self.ack_final(delivery, storage, record) for delivery, record in finals]
+
+    async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        """See :class:`qtasks.components.LeaseBatch`."""
+        self._check()
+        return [await delivery.extend() for delivery in deliveries]
+
+    async def cancel(self, id: str) -> bool:
+        self._check()
+        entry = self._known.get(id)
+        if entry is None or entry.token:
+            return False
+        del self._known[id]
+        return True
+
+    async def stats(self) -> BrokerStats:
+        self._check()
+        self._promote()
+        by_priority: dict[int, int] = {}
+        for _, _, entry in self._ready:
+            if self._known.get(entry.id) is entry and not entry.token:
+                by_priority[entry.priority] = by_priority.get(entry.priority, 0) + 1
+        delayed = sum(1 for _, _, e in self._delayed if self._known.get(e.id) is e)
+        return BrokerStats(by_priority, delayed, len(self._inflight), len(self._dead_letters))
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        self._check()
+        return sorted(self._dead_letters.values(), key=lambda d: d.dead_at)[:limit]
+
+    async def flush(self) -> int:
+        """Drop every message (ready, delayed, in flight) and dead letter; return how many.
+        Only for ``app.flush_all``, which refuses while a worker serves."""
+        self._check()
+        count = len(self._known) + len(self._dead_letters)
+        for pending in (self._ready, self._delayed, self._leases):
+            pending.clear()
+        self._inflight.clear()
+        self._known.clear()
+        self._dead_letters.clear()
+        return count
+
+    async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        self._check()
+        chosen = list(self._dead_letters) if ids is None else ids
+        count = 0
+        for id in chosen:
+            letter = self._dead_letters.pop(id, None)
+            if letter is not None:
+                self._schedule(_Entry(letter.id, letter.body, letter.priority), None)
+                count += 1
+        return count
