@@ -11,7 +11,7 @@ import anyio
 import pytest
 from redis_worker_app import build
 
-from qtasks import MemoryStorage, TaskStatus
+from qtasks import AsyncQueueTasks, MemoryStorage, TaskStatus
 from qtasks.components import BeginOnClaim, SharedServer
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError
@@ -266,19 +266,26 @@ async def test_consume_begun_refuses_a_storage_elsewhere(
         broker.consume_begun(prefetch=1, storage=MemoryStorage(), worker="w")
 
 
-async def test_the_worker_uses_the_claim_time_record_instead_of_a_begin_call(
-    redis_url: str, prefix: str
-) -> None:
-    app = build(redis_url, prefix)
+def count_begins(app: AsyncQueueTasks) -> list[str]:
+    """The uuids of the records the app's storage is asked to ``begin``, as they come."""
+    storage = app.storage
+    assert isinstance(storage, RedisStorage)
     calls: list[str] = []
-    assert isinstance(app.storage, RedisStorage)
-    plain_begin = app.storage.begin
+    plain_begin = storage.begin
 
     async def counted_begin(record: TaskRecord) -> TaskRecord:
         calls.append(record.uuid)
         return await plain_begin(record)
 
-    app.storage.begin = counted_begin  # type: ignore[method-assign]
+    storage.begin = counted_begin  # type: ignore[method-assign]
+    return calls
+
+
+async def test_the_worker_uses_the_claim_time_record_instead_of_a_begin_call(
+    redis_url: str, prefix: str
+) -> None:
+    app = build(redis_url, prefix)
+    calls = count_begins(app)
     async with app:
         done = [await app.add_task("noop", i, timeout=5) for i in range(5)]
     assert [(t.status, t.returning, t.attempt) for t in done] == [
@@ -294,15 +301,7 @@ async def test_without_a_live_cancel_feed_the_claim_time_record_is_not_trusted(
     """A cancel made while the feed is down could go unheard: every delivery claimed then is
     begun again when it starts (and one cancelled meanwhile would be found final)."""
     app = build(redis_url, prefix)
-    calls: list[str] = []
-    assert isinstance(app.storage, RedisStorage)
-    plain_begin = app.storage.begin
-
-    async def counted_begin(record: TaskRecord) -> TaskRecord:
-        calls.append(record.uuid)
-        return await plain_begin(record)
-
-    app.storage.begin = counted_begin  # type: ignore[method-assign]
+    calls = count_begins(app)
     async with app:
         worker = app.worker
         assert isinstance(worker, QueueWorker)
