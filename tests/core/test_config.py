@@ -236,3 +236,28 @@ def test_a_setting_written_after_an_extra_table_is_warned_about(
     with caplog.at_level("WARNING", logger="qtasks.config"):
         assert load_config(tmp_path / "qtasks.toml").config.retry == 2
     assert not caplog.records
+
+
+def test_types_are_checked_from_the_annotations_not_their_text() -> None:
+    from dataclasses import fields
+
+    from qtasks.config import _FIELD_TYPES, check_value, type_name
+
+    # Messages name each type as its annotation is written.
+    assert {f.name: type_name(_FIELD_TYPES[f.name]) for f in fields(QueueConfig)} == {
+        f.name: f.type for f in fields(QueueConfig)
+    }
+    assert check_value("prefetch", None, "code") is None  # int | None
+    assert check_value("lease", 3, "code") == 3.0 and isinstance(
+        check_value("lease", 3, "code"), float
+    )
+    assert check_value("result_ttl", 5, "code") == 5.0  # float | None widens too
+    with pytest.raises(ConfigError, match=r"'prefetch' expects int \| None, got bool True"):
+        check_value("prefetch", True, "code")
+    with pytest.raises(ConfigError, match=r"'lease' must not be empty \(expected float\)"):
+        check_value("lease", None, "code")
+    with pytest.raises(ConfigError, match=r"'timers' expects list\[dict\[str, Any\]\]"):
+        check_value("timers", [{"task": "t"}, "x"], "code")
+    with pytest.raises(ConfigError, match=r"'extra' expects dict\[str, Any\], got dict"):
+        check_value("extra", {1: "a"}, "code")  # keys are names
+    assert check_value("extra", {"a": [1, None]}, "code") == {"a": [1, None]}

@@ -464,3 +464,25 @@ async def test_decide_hook_exception_is_logged_and_the_task_fails_without_retry(
             task = await boom.add_task(timeout=5)
     assert (task.status, task.attempt) == (TaskStatus.ERROR, 1)
     assert any("bad-policy" in r.getMessage() for r in caplog.records)
+
+
+def test_entry_points_are_scanned_once_per_process_and_plugins_built_per_app(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = discovery.entry_points
+    scans: list[str] = []
+
+    def counting(*, group: str) -> Any:
+        scans.append(group)
+        return real(group=group)
+
+    monkeypatch.setattr(discovery, "entry_points", counting)
+    first, second = AsyncQueueTasks(), AsyncQueueTasks()
+    AsyncQueueTasks.from_config()
+    assert scans.count("qtasks.plugins") == 1
+    assert scans.count("qtasks.brokers") == 1
+    # Each app still has its own plugin objects.
+    assert first.hooks.pm.get_plugin("audit") is not second.hooks.pm.get_plugin("audit")
+    discovery.rescan()  # e.g. after installing a distribution into the running process
+    AsyncQueueTasks()
+    assert scans.count("qtasks.plugins") == 2

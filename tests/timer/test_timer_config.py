@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from timer_helpers import Recorder, wait_until
 
 from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.config import load_config
 from qtasks.errors import TaskArgumentsError
-from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin
+from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin, TimerSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -108,3 +111,69 @@ async def test_bad_config_timers_are_refused(entry: dict[str, Any], message: str
     expected = TaskArgumentsError if "nope" in message else ScheduleError
     with pytest.raises(expected, match=message):
         AsyncTimer(app)
+
+
+# --- extra.timers: qtasks-timer's own place in the configuration -----------------------------
+
+
+async def test_extra_timers_from_a_file_run_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    file = tmp_path / "qtasks.toml"
+    file.write_text(
+        'broker = "memory"\n\n'
+        '[[extra.timers]]\ntask = "tick"\nschedule = "* * * * * *"\nid = "every-second"\n\n'
+        '[[extra.timers]]\ntask = "tick"\ninterval = 0.3\nargs = [1]\n'
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation: this is the place
+        with caplog.at_level("WARNING", logger="qtasks.config"):
+            config = load_config(file, env={}).config
+        assert not caplog.records  # [extra.timers] is not the "setting inside extra" pitfall
+        assert config.timers == []
+        app = AsyncQueueTasks(config=config)
+
+        @app.task
+        async def tick(*args: Any) -> None:
+            return None
+
+        rec = Recorder()
+        app.add_plugin(rec)
+        async with app:
+            await wait_until(lambda: rec.count("every-second") >= 1, 3, "the cron timer")
+            await wait_until(lambda: rec.count() - rec.count("every-second") >= 1, 3, "interval")
+    plugin = app.hooks.pm.get_plugin("timer")
+    assert plugin.timer.timers[0].id == "every-second"
+    assert len(plugin.timer.timers) == 2
+
+
+async def test_the_old_timers_key_still_works_and_warns_where_to_move() -> None:
+    app = AsyncQueueTasks(
+        config=QueueConfig(
+            extra={"timers": [{"task": "tick", "interval": 5, "id": "new"}]},
+            timers=[{"task": "tick", "interval": 7, "id": "old"}],
+        )
+    )
+    with pytest.warns(FutureWarning, match=r"deprecated.*\[\[extra\.timers\]\]"):
+        timer = AsyncTimer(app)
+    assert [h.id for h in timer.timers] == ["new", "old"]  # extra.timers first
+    one = QueueConfig(extra={"timers": [{"task": "t", "interval": 1}]})
+    settings = TimerSettings.from_config(one)
+    assert [(s.where, s.task, s.schedule) for s in settings.timers] == [("extra.timers[0]", "t", 1)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"timers": {"task": "tick", "interval": 5}}, r"extra\.timers: expected a list"),
+        ({"timers": ["x"]}, r"extra\.timers\[0\]: expected a table"),
+        ({"timers": [{"task": "tick", "every": 5}]}, r"extra\.timers\[0\]: unknown keys"),
+        ({"timers": [{"task": "tick", "interval": "5"}]}, "'interval' must be a number"),
+        ({"timers": [{"task": "tick", "interval": 5, "priority": "high"}]}, "'priority'"),
+        ({"timers": [{"task": "tick", "interval": 5, "misfire_grace": "1"}]}, "misfire_grace"),
+        ({"timers": [{"task": "tick", "interval": 5, "id": 3}]}, "'id' must be a string"),
+    ],
+)
+def test_bad_extra_timers_are_refused(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ScheduleError, match=message):
+        TimerSettings.from_config(QueueConfig(extra=extra))

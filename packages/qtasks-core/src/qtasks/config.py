@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from qtasks.compat.config import BUILT_IN, RENAMED, QTasksConfigNames, warn_ignored
 from qtasks.errors import ConfigError
@@ -73,8 +74,12 @@ class QueueConfig(QTasksConfigNames):
     """``module:attribute`` of the app (or a factory) for the CLI."""
     plugins_disabled: list[str] = field(default_factory=list)
     """Names of entry-point plugins not to load."""
-    timers: list[dict[str, Any]] = field(default_factory=list)
-    """Timers declared in configuration, read by ``qtasks-timer``."""
+    timers: list[dict[str, Any]] = field(
+        default_factory=list, metadata={"moved_to": "extra.timers"}
+    )
+    """Deprecated: qtasks-timer's timers, which it now reads from ``extra["timers"]``
+    (``[[extra.timers]]``; see :mod:`qtasks_timer.settings`). Still accepted and read, with a
+    warning, so existing configurations keep working; the core does not read it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Component-specific options (``[tool.qtasks.extra]``), passed on to components."""
 
@@ -92,7 +97,60 @@ class QueueConfig(QTasksConfigNames):
         return replace(self, **checked)
 
 
-_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(QueueConfig)}
+_HINTS = get_type_hints(QueueConfig)
+_FIELD_TYPES: dict[str, Any] = {f.name: _HINTS[f.name] for f in fields(QueueConfig)}
+"""Each setting's type, evaluated from its annotation (``int | None`` is a real union)."""
+
+_MOVED_TO: dict[str, str] = {
+    f.name: f.metadata["moved_to"] for f in fields(QueueConfig) if "moved_to" in f.metadata
+}
+"""Deprecated settings and the place in ``extra`` of the component that now owns them (a key
+at that place is not the TOML pitfall :func:`_warn_settings_in_extra` looks for)."""
+
+
+def type_name(kind: Any) -> str:
+    """``kind`` as written in an annotation (``int | None``, ``dict[str, Any]``), for messages."""
+    if kind is type(None):
+        return "None"
+    if kind is Any:
+        return "Any"
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, UnionType):
+        return " | ".join(type_name(arm) for arm in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_name(arg) for arg in args)}]"
+    return str(kind.__name__)
+
+
+def _non_none(kind: Any) -> tuple[Any, bool]:
+    """``(the type without None, whether None is allowed)``; settings are ``T`` or ``T | None``."""
+    if get_origin(kind) in (Union, UnionType):
+        arms = [arm for arm in get_args(kind) if arm is not type(None)]
+        if len(arms) == 1:
+            return arms[0], len(arms) < len(get_args(kind))
+    return kind, False
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of type ``kind`` (ints count as floats, bools as neither)."""
+    if kind is Any:
+        return True
+    if kind is type(None):
+        return value is None
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, UnionType):
+        return any(_fits(value, arm) for arm in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items()
+        )
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def check_value(key: str, value: Any, source: str) -> Any:
@@ -101,30 +159,16 @@ def check_value(key: str, value: Any, source: str) -> Any:
         known = ", ".join(sorted(_FIELD_TYPES))
         raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
     kind = _FIELD_TYPES[key]
-    optional = "None" in kind
+    base, optional = _non_none(kind)
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{source}: {key!r} must not be empty (expected {kind})")
-    base = kind.split(" |")[0]
-    ok: bool
-    if base == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base == "float":
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif base == "str":
-        ok = isinstance(value, str)
-    elif base.startswith("list"):
-        item = str if base == "list[str]" else dict
-        ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
-    elif base.startswith("dict"):
-        ok = isinstance(value, dict)
-    else:  # pragma: no cover - every field type is listed above
-        ok = True
-    if not ok:
-        raise ConfigError(f"{source}: {key!r} expects {kind}, got {type(value).__name__} {value!r}")
-    return value
+        raise ConfigError(f"{source}: {key!r} must not be empty (expected {type_name(kind)})")
+    if not _fits(value, base):
+        raise ConfigError(
+            f"{source}: {key!r} expects {type_name(kind)}, got {type(value).__name__} {value!r}"
+        )
+    return float(value) if base is float else value
 
 
 CLI_FLAGS = {"max_tasks_process": "--concurrency", "app": "--app"}
@@ -215,7 +259,7 @@ def _warn_settings_in_extra(extra: dict[str, Any], path: Path, prefix: str) -> N
     tables += [(f"extra.{name}", sub) for name, sub in extra.items() if isinstance(sub, dict)]
     for table_name, table in tables:
         for key in table:
-            if key in _FIELD_TYPES:
+            if key in _FIELD_TYPES and _MOVED_TO.get(key) != f"{table_name}.{key}":
                 log.warning(
                     "%s: %r is inside [%s%s], not a setting: in TOML every key after a [table] "
                     "header belongs to that table; move it above the first [table] if it is "
@@ -231,32 +275,32 @@ def parse_env_value(key: str, raw: str, source: str) -> Any:
     """Convert an environment string to ``key``'s type, then check it.
 
     Numbers are parsed; an empty string or ``none`` is ``None`` for optional keys; lists take
-    JSON or comma-separated words; ``extra`` and ``timers`` take JSON."""
+    JSON or comma-separated words; ``extra`` (and the deprecated ``timers``) take JSON."""
     if key not in _FIELD_TYPES:
         return check_value(key, raw, source)  # raises the unknown-key error
     kind = _FIELD_TYPES[key]
-    base = kind.split(" |")[0]
+    base, optional = _non_none(kind)
     text = raw.strip()
     value: Any = raw
-    if "None" in kind and text.lower() in ("", "none", "null"):
+    if optional and text.lower() in ("", "none", "null"):
         value = None
-    elif base == "int":
+    elif base is int:
         try:
             value = int(text)
         except ValueError:
             pass
-    elif base == "float":
+    elif base is float:
         try:
             value = float(text)
         except ValueError:
             pass
-    elif base == "list[str]" and not text.startswith("["):
+    elif base == list[str] and not text.startswith("["):
         value = [part.strip() for part in text.split(",") if part.strip()]
-    elif base.startswith(("list", "dict")):
+    elif get_origin(base) in (list, dict):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source}: {key!r} expects JSON ({kind}): {exc}") from exc
+            raise ConfigError(f"{source}: {key!r} expects JSON ({type_name(kind)}): {exc}") from exc
     return check_value(key, value, source)
 
 

@@ -15,14 +15,20 @@ group) or a function (added as a command) of the ``qtasks`` CLI.
 
 The core registers its in-memory components in the same groups under the name ``memory``, so
 this path runs in every app built from configuration.
+
+The installed entry points are read once per process (:func:`rescan` reads them again); what
+they name is imported, built and registered per app, so apps share no plugin object.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from qtasks.errors import ConfigError, PluginError
@@ -64,17 +70,39 @@ class Discovered:
         return GROUPS[self.kind]
 
 
-def _entry_points(kind: Kind) -> dict[str, EntryPoint]:
+def _entry_points(kind: Kind) -> Mapping[str, EntryPoint]:
+    """The installed entry points of ``kind`` by name, sorted (scanned once per process)."""
+    return _scan(entry_points, GROUPS[kind])
+
+
+@functools.cache
+def _scan(
+    source: Callable[..., Iterable[EntryPoint]], group: str
+) -> MappingProxyType[str, EntryPoint]:
+    """The entry points ``source`` (``importlib.metadata.entry_points``) lists in ``group``.
+
+    Reading every installed distribution's metadata is most of what building an app cost
+    (about 3 ms per group), so it is done once per process and group. Only this immutable scan
+    is kept: each app still imports, builds and registers its own plugin objects. The key
+    includes ``source``, so a test that substitutes ``discovery.entry_points`` gets its own
+    scan and never sees (or leaves) a stale one. A distribution installed while the process
+    runs is found after :func:`rescan`. A name declared twice raises, and is not cached."""
     found: dict[str, EntryPoint] = {}
-    for ep in sorted(entry_points(group=GROUPS[kind]), key=lambda e: e.name):
+    for ep in sorted(source(group=group), key=lambda e: e.name):
         # Two distributions declaring one name is a packaging error the user must see.
         if ep.name in found and found[ep.name].value != ep.value:
             raise ConfigError(
-                f"entry point {ep.name!r} of group {GROUPS[kind]} is declared twice: "
+                f"entry point {ep.name!r} of group {group} is declared twice: "
                 f"{_dist_label(found[ep.name])} and {_dist_label(ep)}"
             )
         found[ep.name] = ep
-    return found
+    return MappingProxyType(found)
+
+
+def rescan() -> None:
+    """Forget the entry points found so far: the next lookup reads the installed
+    distributions again (after installing one into the running process)."""
+    _scan.cache_clear()
 
 
 def _dist_label(ep: EntryPoint) -> str:

@@ -6,6 +6,7 @@ each tick is enqueued once across every replica of the app (claimed in its Globa
 
 from qtasks_timer.errors import ScheduleError, TimerError
 from qtasks_timer.plugin import TimerPlugin
+from qtasks_timer.settings import TimerSettings, TimerSpec
 from qtasks_timer.sync import SyncTimer, SyncTimerHandle
 from qtasks_timer.timer import AsyncTimer, TimerHandle
 from qtasks_timer.triggers import Schedule, Trigger, every, parse_crontab
@@ -19,6 +20,8 @@ __all__ = [
     "TimerError",
     "TimerHandle",
     "TimerPlugin",
+    "TimerSettings",
+    "TimerSpec",
     "Trigger",
     "every",
     "parse_crontab",

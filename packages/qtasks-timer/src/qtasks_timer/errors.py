@@ -11,4 +11,4 @@ class TimerError(QTasksError):
 
 class ScheduleError(TimerError, ConfigError, ValueError):
     """A schedule or trigger that cannot be used: a bad crontab string, a jittered trigger, a
-    malformed ``timers`` entry in the configuration."""
+    malformed timer in the configuration (``[[extra.timers]]``)."""

@@ -3,7 +3,7 @@
 
 It is registered by ``AsyncTimer(app)``, or loaded through the ``qtasks.plugins`` entry point
 (``timer``) as ``TimerPlugin()``: an unbound plugin creates the app's timer itself when the
-configuration declares ``timers``.
+configuration declares timers (``[[extra.timers]]``, see :mod:`qtasks_timer.settings`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks import hookimpl
 from qtasks_timer.errors import TimerError
+from qtasks_timer.settings import TimerSettings
 from qtasks_timer.timer import FIRING, HEADER, AsyncTimer
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class TimerPlugin:
             for plugin in app.hooks.pm.get_plugins():
                 if isinstance(plugin, TimerPlugin) and plugin.timer is not None:
                     return None
-            if app.config.timers:
+            if TimerSettings.declared(app.config):
                 AsyncTimer(app)  # binds itself to one TimerPlugin of the app
         return self.timer
 

@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks_timer.errors import ScheduleError, TimerError
+from qtasks_timer.settings import TimerSettings
 from qtasks_timer.triggers import (
     Schedule,
     Trigger,
@@ -57,9 +58,6 @@ _MAX_SLEEP = 1.0  # re-read the wall clock at least this often: it may jump
 _SKEW_ALLOWANCE = 600.0  # seconds replicas' clocks may disagree by, kept in claim TTLs
 _DST_ALLOWANCE = 7200.0  # a repeated local hour must still find the first run's claim
 _ENQUEUE_TIMEOUT = 30.0
-
-_CONFIG_KEYS = {"task", "schedule", "interval", "args", "kwargs", "id", "timezone",
-                "misfire_grace", "priority"}  # fmt: skip
 
 
 def _utcnow() -> datetime:
@@ -138,7 +136,8 @@ class AsyncTimer:
 
     Timers run while the app serves (``async with app:``, ``app.run_forever()``, the worker
     CLI): no separate process. ``run_forever()`` (or ``async with timer:``) runs them without
-    a worker. One timer per app; timers declared in ``config.timers`` are added at start.
+    a worker. One timer per app; timers declared in configuration (``[[extra.timers]]``, see
+    :mod:`qtasks_timer.settings`) are added when it is created.
     ``misfire_grace`` (seconds) is the default catch-up window, see :meth:`add_task`.
     """
 
@@ -272,43 +271,28 @@ class AsyncTimer:
         return [TimerHandle(self, entry) for entry in self._entries.values()]
 
     def load_config(self) -> list[TimerHandle]:
-        """Add the timers of ``app.config.timers`` (done when the timer is created).
+        """Add the timers declared in the app's configuration (done when the timer is
+        created): ``config.extra["timers"]`` (``[[extra.timers]]``), then the deprecated
+        top-level ``timers``; see :mod:`qtasks_timer.settings`.
 
         Each entry is a table with ``task`` and either ``schedule`` (crontab string) or
         ``interval`` (seconds), and optional ``args``, ``kwargs``, ``id``, ``timezone``,
         ``misfire_grace``, ``priority``."""
-        handles = []
-        for index, item in enumerate(self.app.config.timers):
-            where = f"timers[{index}]"
-            if not isinstance(item, dict):
-                raise ScheduleError(f"{where}: expected a table, got {item!r}")
-            unknown = set(item) - _CONFIG_KEYS
-            if unknown:
-                raise ScheduleError(f"{where}: unknown keys {sorted(unknown)}")
-            if not isinstance(item.get("task"), str):
-                raise ScheduleError(f"{where}: 'task' (a task name) is required")
-            if ("schedule" in item) == ("interval" in item):
-                raise ScheduleError(f"{where}: give exactly one of 'schedule' and 'interval'")
-            schedule = item["schedule"] if "schedule" in item else item["interval"]
-            if "schedule" in item and not isinstance(schedule, str):
-                raise ScheduleError(f"{where}: 'schedule' must be a crontab string")
-            args, kwargs = item.get("args", []), item.get("kwargs", {})
-            if not isinstance(args, list) or not isinstance(kwargs, dict):
-                raise ScheduleError(f"{where}: 'args' must be a list and 'kwargs' a table")
-            handles.append(
-                self._add(
-                    item["task"],
-                    schedule,
-                    args,
-                    kwargs,
-                    item.get("timezone"),
-                    item.get("id"),
-                    item.get("misfire_grace"),
-                    item.get("priority"),
-                    "config",
-                )
+        settings = TimerSettings.from_config(self.app.config)
+        return [
+            self._add(
+                spec.task,
+                spec.schedule,
+                spec.args,
+                spec.kwargs,
+                spec.timezone,
+                spec.id,
+                spec.misfire_grace,
+                spec.priority,
+                "config",
             )
-        return handles
+            for spec in settings.timers
+        ]
 
     # --- running --------------------------------------------------------------------------
 
