@@ -339,13 +339,30 @@ class TaskDef(Generic[P, R]):
                 )
         return ""
 
-    def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def add_task(
+        self,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
         options of the call; use :meth:`enqueue` when the task itself takes such parameters.
-        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead."""
+        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead.
+
+        Typing: the options are checked, the task's own arguments are not (``*args: Any``).
+        A ``ParamSpec`` signature cannot take extra keywords, and it cannot leave out the
+        parameters qtasks injects (``State``, ``Depends``), which callers must not pass; so
+        the arguments are checked when the task is enqueued instead (a call that does not fit
+        the task raises :class:`~qtasks.errors.TaskArgumentsError`). Calling the task directly,
+        ``task(...)``, keeps the function's checked signature."""
         extra: dict[str, Any] = dict(kwargs)
         name = extra.pop("task_name", self.name)
-        return self.app.add_task(name, *args, **extra)
+        return self.app.add_task(
+            name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
+        )
 
     def enqueue(
         self,
@@ -370,10 +387,21 @@ class SyncTaskDef(TaskDef[P, R]):
         super().__init__(inner.app, inner.func, inner.options)
         self.facade = facade
 
-    def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Task:
+    def add_task(
+        self,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        **kwargs: Any,
+    ) -> Task:
+        """Enqueue this task and return its record (typed as :meth:`TaskDef.add_task`)."""
         extra: dict[str, Any] = dict(kwargs)
         name = extra.pop("task_name", self.name)
-        return self.facade.add_task(name, *args, **extra)
+        return self.facade.add_task(
+            name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
+        )
 
     def enqueue(
         self,
