@@ -1,6 +1,7 @@
 """Typed for users: mypy (strict) accepts ``task.add_task(..., timeout=, delay=, priority=,
 eta=)`` and a call that leaves out injected parameters (State, Depends), and still flags a
-mistyped option, a mistyped ``enqueue`` and a mistyped direct call of the task."""
+mistyped option, a mistyped ``enqueue``, a wrong record type and a mistyped direct call of the
+task."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from mypy import api
 SNIPPET = """
 from typing import Annotated
 
-from qtasks import AsyncQueueTasks, Depends, QueueTasks, Task
+from qtasks import AsyncQueueTasks, AsyncTask, Depends, QueueTasks, Task
 from qtasks.plugins import AsyncState, SyncState
 
 
@@ -54,7 +55,8 @@ def sync_with_state(x: int, state: SyncCounter) -> int:
 
 
 async def produce() -> None:
-    await plain.add_task(1, timeout=5)
+    queued: AsyncTask = await plain.add_task(1, timeout=5)
+    print(queued.uuid)
     await plain.add_task(1, y="b", priority=2, delay=0.5)
     await plain.add_task(1, eta=1700000000.0)
     await with_state.add_task(1)
@@ -69,6 +71,7 @@ async def produce() -> None:
 async def wrong() -> None:
     await plain.add_task(1, timeout="soon")  # E: option
     await plain.enqueue((1,), priority="high")  # E: enqueue option
+    sync_record: Task = await plain.add_task(1)  # E: the async app's record
     await plain("one")  # E: direct call
 """
 
@@ -97,4 +100,4 @@ def test_user_code_type_checks(tmp_path: Path) -> None:
     flagged = {int(line.split(":")[1]) for line in output.splitlines() if ": error:" in line}
     expected = {i for i, line in enumerate(lines, start=1) if "# E:" in line}
     assert flagged == expected, output
-    assert output.count("[arg-type]") == len(expected), output
+    assert output.count("[arg-type]") + output.count("[assignment]") == len(expected), output

@@ -7,7 +7,7 @@ import builtins
 import inspect
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import FrameType
@@ -347,7 +347,7 @@ class TaskDef(Generic[P, R]):
         delay: float | None = None,
         eta: float | None = None,
         **kwargs: Any,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, AsyncTask]:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
         options of the call; use :meth:`enqueue` when the task itself takes such parameters.
         QTasks' ``task_name=`` keyword enqueues another task with these arguments instead.
@@ -373,7 +373,7 @@ class TaskDef(Generic[P, R]):
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, AsyncTask]:
         """Enqueue with explicit ``args``/``kwargs``, leaving every name free for the task."""
         return self.app.enqueue(
             self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
@@ -387,7 +387,8 @@ class SyncTaskDef(TaskDef[P, R]):
         super().__init__(inner.app, inner.func, inner.options)
         self.facade = facade
 
-    def add_task(
+    # The sync app's add_task and enqueue block and return a Task, not a coroutine.
+    def add_task(  # type: ignore[override]
         self,
         *args: Any,
         priority: int | None = None,
@@ -403,7 +404,7 @@ class SyncTaskDef(TaskDef[P, R]):
             name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
         )
 
-    def enqueue(
+    def enqueue(  # type: ignore[override]
         self,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
