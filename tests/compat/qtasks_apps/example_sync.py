@@ -27,8 +27,8 @@ class MarkTests(BasePlugin):
 
     def trigger(self, name, **kwargs):
         task_func = kwargs.get("task_func")
-        if name == "worker_execute_before" and task_func.options.extra.get("test"):  # type: ignore[union-attr]
-            self.seen.append(task_func.name)  # type: ignore[union-attr]
+        if name == "worker_execute_before" and task_func.options.extra.get("test"):  # type: ignore[union-attr]  # QTasks' code: no None check
+            self.seen.append(task_func.name)  # type: ignore[union-attr]  # as above
         return None
 
 
@@ -52,7 +52,7 @@ def test_num(number: int):
 
 @app.task(name="test_echo", echo=True)
 def test_echo(self: SyncTask):
-    task = self.add_task(5, task_name="test_num", timeout=50)  # type: ignore[arg-type]
+    task = self.add_task(5, task_name="test_num", timeout=50)  # type: ignore[arg-type]  # QTasks' form add_task(5, task_name=...) is not in the typed signature
     if task:
         return f"Task {task.task_name}, Result: {task.returning}"
 
