@@ -98,7 +98,7 @@ def prefix(redis_prefix: str) -> str:
 def _scan(patterns: tuple[str, ...]) -> dict[str, int] | None:
     if not reachable(REDIS_HOST, REDIS_PORT, timeout=0.2):
         return None
-    return scan_keys(REDIS_URL, patterns)  # type: ignore[no-any-return]  # untyped helper import (pyproject)
+    return scan_keys(REDIS_URL, patterns)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -106,7 +106,7 @@ class FaultRig:
     @property
     def direct_url(self) -> str:
         """The redis-server itself (for producers and checks)."""
-        return self.server.url  # type: ignore[no-any-return]  # untyped helper import (pyproject)
+        return self.server.url
 
     @property
     def proxied_url(self) -> str:
@@ -167,7 +167,7 @@ class FaultRig:
 
     def runs(self, event: str = "start") -> Counter[int]:
         """How many times each task number logged ``event`` (``start`` or ``end``)."""
-        return counts(self.ledger, event)  # type: ignore[no-any-return]  # untyped helper import (pyproject)
+        return counts(self.ledger, event)
 
     def close(self) -> None:
         for worker in reversed(self.workers):

@@ -11,7 +11,7 @@ import anyio
 import pytest
 from redis_worker_app import build
 
-from qtasks import AsyncQueueTasks, MemoryStorage, TaskStatus
+from qtasks import MemoryStorage, TaskStatus
 from qtasks.components import BeginOnClaim, SharedServer
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError
@@ -321,7 +321,7 @@ async def test_a_delivery_that_waited_is_begun_again_so_a_cancel_meanwhile_holds
     # One runner, the next messages claimed (and begun) while it is busy. The cancel of a
     # waiting one reaches the worker through the storage's cancel feed, so that delivery is
     # begun again when it starts (its claim-time record is out of date), and the cancel holds.
-    app: AsyncQueueTasks = build(redis_url, prefix, concurrency=1, prefetch=3)
+    app = build(redis_url, prefix, concurrency=1, prefetch=3)
     release = anyio.Event()
     started = anyio.Event()
     ran: list[str] = []
@@ -358,7 +358,7 @@ async def test_a_delivery_that_waited_is_begun_again_so_a_cancel_meanwhile_holds
 async def test_tasks_finishing_together_are_settled_in_shared_calls(
     redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app: AsyncQueueTasks = build(redis_url, prefix, concurrency=20)
+    app = build(redis_url, prefix, concurrency=20)
     broker = app.broker
     assert isinstance(broker, RedisBroker)
     batches: list[int] = []

@@ -39,4 +39,4 @@ def fake_clock() -> Callable[[datetime], FakeClock]:
 def unique_name() -> str:
     """A name of this test's own; as a Redis key prefix it carries the session's tag, so the
     session guard of tests/conftest.py sees keys left under it."""
-    return new_redis_prefix()  # type: ignore[no-any-return]  # untyped helper import (pyproject)
+    return new_redis_prefix()

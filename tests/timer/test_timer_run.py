@@ -110,7 +110,7 @@ async def test_pause_resume_remove() -> None:
     ref = timer.add_task("other", trigger=every)  # a reference clock that keeps ticking
 
     def total() -> int:
-        return rec.count(handle.id) + rec2.count(handle.id)  # type: ignore[no-any-return]  # untyped helper import (pyproject)
+        return rec.count(handle.id) + rec2.count(handle.id)
 
     async def ref_ticks(n: int) -> None:
         target = rec.count(ref.id) + n
