@@ -1,7 +1,7 @@
 """Typed for users: mypy (strict) accepts ``task.add_task(..., timeout=, delay=, priority=,
 eta=)`` and a call that leaves out injected parameters (State, Depends), and still flags a
 mistyped option, a mistyped ``enqueue``, a wrong record type and a mistyped direct call of the
-task."""
+task. An echo task's ``self.add_task`` takes QTasks' form too (``add_task(5, task_name="x")``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SNIPPET = """
 from typing import Annotated
 
 from qtasks import AsyncQueueTasks, AsyncTask, Depends, QueueTasks, Task
+from qtasks.context import AsyncTaskHandle, SyncTaskHandle
 from qtasks.plugins import AsyncState, SyncState
 
 
@@ -52,6 +53,18 @@ async def with_depends(x: int, conn: Annotated[str, Depends(connect)]) -> int:
 @sync_app.task
 def sync_with_state(x: int, state: SyncCounter) -> int:
     return x
+
+
+@app.task(echo=True)
+async def parent(self: AsyncTaskHandle) -> None:
+    child: AsyncTask = await self.add_task("plain", 1, timeout=5)
+    await self.add_task(1, task_name="plain", priority=1)  # QTasks' form
+    await self.add_task(1)  # E: no task name
+
+
+@sync_app.task(echo=True)
+def sync_parent(self: SyncTaskHandle) -> None:
+    child: Task = self.add_task(1, task_name="sync_with_state", timeout=5)
 
 
 async def produce() -> None:
@@ -100,4 +113,5 @@ def test_user_code_type_checks(tmp_path: Path) -> None:
     flagged = {int(line.split(":")[1]) for line in output.splitlines() if ": error:" in line}
     expected = {i for i, line in enumerate(lines, start=1) if "# E:" in line}
     assert flagged == expected, output
-    assert output.count("[arg-type]") + output.count("[assignment]") == len(expected), output
+    codes = ("[arg-type]", "[assignment]", "[call-overload]")
+    assert sum(output.count(code) for code in codes) == len(expected), output

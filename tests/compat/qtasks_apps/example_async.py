@@ -27,7 +27,7 @@ def test_num(number: int):
 
 @app.task(name="test_echo", description="Test task with console output", echo=True)
 async def test_echo(self: AsyncTask):
-    task = await self.add_task(5, task_name="test_num", timeout=50)  # type: ignore[arg-type]  # QTasks' form add_task(5, task_name=...) is not in the typed signature
+    task = await self.add_task(5, task_name="test_num", timeout=50)
     if task:
         return f"Task {task.task_name}, result: {task.returning}"
 

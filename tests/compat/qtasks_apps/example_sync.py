@@ -52,7 +52,7 @@ def test_num(number: int):
 
 @app.task(name="test_echo", echo=True)
 def test_echo(self: SyncTask):
-    task = self.add_task(5, task_name="test_num", timeout=50)  # type: ignore[arg-type]  # QTasks' form add_task(5, task_name=...) is not in the typed signature
+    task = self.add_task(5, task_name="test_num", timeout=50)
     if task:
         return f"Task {task.task_name}, Result: {task.returning}"
 
