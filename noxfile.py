@@ -90,7 +90,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy strict on packages/*/src."""
+    """mypy strict on packages/*/src and tests/ (the files of pyproject.toml [tool.mypy])."""
     _sync(session)
     session.run("mypy")
 

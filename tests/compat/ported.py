@@ -22,8 +22,8 @@ WAIT = 20
 def load(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """Import ``qtasks_apps/<name>.py`` afresh (its shared tasks declared again)."""
     monkeypatch.syspath_prepend(str(APPS))
-    for module in (*LOCAL, name):
-        sys.modules.pop(module, None)
+    for module_name in (*LOCAL, name):
+        sys.modules.pop(module_name, None)
     with warnings.catch_warnings():
         # The apps set QTasks' built-in behaviours (running_older_tasks...): warned, ignored.
         warnings.simplefilter("ignore")

@@ -33,10 +33,10 @@ def test_import_paths_of_qtasks_apps() -> None:
 
     assert AsyncApp is AsyncApp2 is AsyncQueueTasks
     assert TaskStatusEnum is TaskStatusEnum2 is TaskStatus
-    assert TaskStatusEnum.SUCCESS.value == TaskStatus.SUCCESS
+    assert TaskStatusEnum.SUCCESS.value == TaskStatus.SUCCESS  # type: ignore[comparison-overlap]  # StrEnum == str
     assert AsyncState is AsyncState2 and SyncState is not None
     assert AsyncTask is AsyncTask2 and SyncTask is SyncTask2
-    assert ScopeEnum.WORKER == "worker" and callable(Depends)
+    assert ScopeEnum.WORKER == "worker" and callable(Depends)  # type: ignore[comparison-overlap]  # StrEnum == str
     assert issubclass(TaskCancelError, Exception) and issubclass(TaskPluginTriggerError, Exception)
     assert AsyncTimer is not None and SyncTimer is not None
     assert AsyncRouter is not None and SyncRouter is not None and callable(shared_task)

@@ -42,9 +42,9 @@ def test_builtin_behaviours_are_accepted_with_a_warning() -> None:
 def test_an_unknown_name_is_still_an_error() -> None:
     config = QueueConfig()
     with pytest.raises(AttributeError, match="task_default_prio"):
-        config.task_default_prio = 1  # type: ignore[attr-defined]
+        config.task_default_prio = 1
     with pytest.raises(AttributeError):
-        _ = config.nonsense  # type: ignore[attr-defined]
+        _ = config.nonsense
 
 
 def test_qtasks_variables_map_or_warn() -> None:

@@ -160,7 +160,7 @@ def test_env_example(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_timer_example() -> None:
-    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]  # no stubs
 
     from qtasks import QueueTasks
 
@@ -173,7 +173,7 @@ def test_timer_example() -> None:
         ran.append(num)
 
     timer = SyncTimer(app=app)
-    timer.add_task(5, task_name="test", trigger=CronTrigger(second="*"))
+    timer.add_task(5, task_name="test", trigger=CronTrigger(second="*"))  # type: ignore[arg-type]  # QTasks' form add_task(5, task_name=...) is not in the typed signature
     try:
         with app:  # the timer runs inside the serving app (QTasks: timer.run_forever())
             deadline = time.monotonic() + 5

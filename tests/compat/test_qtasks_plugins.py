@@ -194,7 +194,7 @@ async def test_events_on_fire_every_qtasks_event() -> None:
     app = AsyncQueueTasks()
     fired: list[str] = []
 
-    @app.events.on.starting()
+    @app.events.on.starting()  # type: ignore[untyped-decorator]  # QTasks' events: dynamic
     def starting(worker: Any, broker: Any) -> None:
         fired.append("starting")
 
@@ -204,11 +204,11 @@ async def test_events_on_fire_every_qtasks_event() -> None:
 
     for event in ("task_success", "task_error", "task_cancel", "task_stopping", "stopping"):
 
-        @app.events.on.__getattr__(event)()
+        @app.events.on.__getattr__(event)()  # type: ignore[untyped-decorator]  # as above
         def handler(event: str = event, **kwargs: Any) -> None:
             fired.append(event)
 
-    @app.events.on.worker_running()
+    @app.events.on.worker_running()  # type: ignore[untyped-decorator]  # as above
     def worker_running(worker: Any, number: int) -> None:
         fired.append("worker_running")
 

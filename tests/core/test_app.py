@@ -426,7 +426,9 @@ async def test_retry_backoff_goes_through_delayed_delivery(app: AsyncQueueTasks)
 
     class SeeRetry:
         @hookimpl
-        async def qtasks_worker_task_retry(self, app: AsyncQueueTasks, record: Any, delay: float):
+        async def qtasks_worker_task_retry(
+            self, app: AsyncQueueTasks, record: Any, delay: float
+        ) -> None:
             stored = await app.get(record.uuid)
             retried.append((stored.status.value if stored else "?", delay))
 
@@ -612,7 +614,7 @@ async def test_unset_prefetch_is_a_fifth_of_the_concurrency() -> None:
         with anyio.fail_after(5):
             await all_started.wait()
         # 60 running and 12 (60 // 5) waiting; the other 28 stay with the broker.
-        assert (app.worker.running, app.worker.waiting) == (60, 12)  # type: ignore[attr-defined]
+        assert (app.worker.running, app.worker.waiting) == (60, 12)
         stats = await app.broker.stats()
         assert (stats.in_flight, sum(stats.ready_by_priority.values())) == (72, 28)
         release.set()

@@ -50,7 +50,7 @@ class Rejections:
 
 async def dead_letter(app: AsyncQueueTasks, id: str) -> DeadLetter:
     """Wait until the worker rejected message ``id``; return its dead letter."""
-    plugin = app.hooks.pm.get_plugin("rejections")
+    plugin: Any = app.hooks.pm.get_plugin("rejections")
     with anyio.fail_after(5):
         await plugin.event(id).wait()
     letters = {letter.id: letter for letter in await app.broker.dead_letters()}

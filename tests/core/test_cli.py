@@ -86,8 +86,8 @@ def test_help_everywhere() -> None:
     assert code == 0
     for command in ("run", "add", "get", "cancel", "inspect", "dlq", "plugins", "config"):
         assert command in out
-    for command in (["run"], ["add"], ["inspect"], ["dlq", "list"], ["dlq", "requeue"]):
-        code, out = invoke(*command, "--help")
+    for argv in (["run"], ["add"], ["inspect"], ["dlq", "list"], ["dlq", "requeue"]):
+        code, out = invoke(*argv, "--help")
         assert code == 0
         assert "Usage: qtasks" in out
 
@@ -333,7 +333,7 @@ def test_plugins_shows_a_broken_plugin_as_failed(
     monkeypatch.syspath_prepend(str(tmp_path))
     typo = EntryPoint("typo", "typo_cli_plugin:TypoPlugin", "qtasks.plugins")
     ghost = EntryPoint("ghost", "no_such_module_here:Plugin", "qtasks.plugins")
-    real = discovery.entry_points
+    real = discovery.entry_points  # type: ignore[attr-defined]  # the name discovery imports
 
     def fake(*, group: str) -> Any:
         return [typo, ghost] if group == "qtasks.plugins" else real(group=group)

@@ -75,7 +75,7 @@ def test_wrong_option_type_is_an_error(option: str, value: object) -> None:
     app = QueueTasks()
     with pytest.raises(TaskDeclarationError, match=option) as info:
 
-        @app.task(**{option: value})
+        @app.task(**{option: value})  # type: ignore[call-overload, untyped-decorator]  # bad on purpose
         def job() -> None: ...
 
     assert isinstance(info.value, QTasksError)

@@ -3,7 +3,7 @@ continues; the result is the ``return`` value or the list of handled steps."""
 
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 import anyio
@@ -52,7 +52,7 @@ def test_sync_generator_steps_are_seen_before_it_continues() -> None:
     yielded_at: list[float] = []
 
     @app.task
-    def produce() -> Iterator[int]:
+    def produce() -> Generator[int, None, str]:
         for i in range(5):
             yielded_at.append(time.perf_counter())
             yield i
@@ -92,8 +92,8 @@ async def test_handler_result_is_sent_back_and_collected() -> None:
             received.append(step)
 
     @app.task(generate_handler=lambda v: f"<{v}>")
-    def sgen() -> Iterator[int]:
-        got = []
+    def sgen() -> Generator[int, Any, list[Any]]:
+        got: list[Any] = []
         for i in range(2):
             got.append((yield i))
         return got

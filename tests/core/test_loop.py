@@ -32,7 +32,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         seen.append(timeout)
         return real(r, w, x, timeout)
 
-    monkeypatch.setattr(qtasks.loop.select, "select", spy)
+    monkeypatch.setattr(qtasks.loop.select, "select", spy)  # type: ignore[attr-defined]  # the module qtasks.loop imports
     return seen
 
 

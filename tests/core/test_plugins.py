@@ -320,7 +320,7 @@ def test_third_party_plugin_is_discovered_with_its_distribution() -> None:
 
 async def test_third_party_plugin_hooks_fire_in_a_real_worker() -> None:
     app = AsyncQueueTasks(config=QueueConfig(extra={"audit": {"prefix": "checked"}}))
-    audit = app.hooks.pm.get_plugin("audit")
+    audit: Any = app.hooks.pm.get_plugin("audit")
     assert type(audit).__module__ == "qtasks_audit_example"
     assert audit.prefix == "checked"  # built with from_config(config)
 
@@ -352,7 +352,7 @@ def test_disabled_plugin_is_not_loaded() -> None:
 
 
 def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, group: str, eps: list[EntryPoint]) -> None:
-    real = discovery.entry_points
+    real = discovery.entry_points  # type: ignore[attr-defined]  # the name discovery imports
 
     def fake(*, group: str) -> Any:
         return eps if group == wanted else real(group=group)

@@ -241,7 +241,7 @@ async def test_async_state_in_sync_task_blocks_through_the_portal() -> None:
 
     @app.task
     def bump(state: Counter) -> Any:
-        state.update_with("n", lambda n: n + 1, 0)
+        state.update_with("n", lambda n: n + 1, 0)  # type: ignore[unused-coroutine]  # sync view
         assert isinstance(state, Counter)
         return state.get()
 

@@ -201,7 +201,7 @@ def test_sync_admin_methods_block_and_start_the_app() -> None:
 def test_sync_app_start_is_blocking() -> None:
     app = QueueTasks()
     try:
-        assert app.start() is None
+        assert app.start() is None  # type: ignore[func-returns-value]  # it blocks, returns None
         assert app.started
     finally:
         app.close()
@@ -245,7 +245,7 @@ def graceful_app(app: QueueTasks | AsyncQueueTasks, started: threading.Event) ->
     """Register ``slow``: it runs until the worker is asked to stop, then returns, so it
     succeeds only if stopping gives running tasks their grace period."""
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]  # mypy cannot pick an overload of a union's method
     async def slow() -> str:
         started.set()
         with anyio.fail_after(10):

@@ -18,8 +18,9 @@ import textwrap
 import threading
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import anyio
@@ -112,7 +113,7 @@ class Scenario:
         async def add(a: int, b: int) -> int:
             return a + b
 
-        self.add: TaskDef[[int, int], int] = app.task(add)
+        self.add: TaskDef[[int, int], Coroutine[Any, Any, int]] = app.task(add)
 
     async def produce(self) -> str:
         """Enqueue (no worker) and read the record back."""

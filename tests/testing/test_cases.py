@@ -20,7 +20,7 @@ ORIGINAL_BROKER = app.aio.broker
 sent: list[str] = []
 
 
-@app.task(retry=2, retry_backoff=60)  # type: ignore[untyped-decorator]  # QueueTasks.task: Any
+@app.task(retry=2, retry_backoff=60)
 def send_email(to: str, subject: str = "hi") -> str:
     sent.append(to)
     if to.startswith("flaky") and sent.count(to) < 2:
@@ -33,7 +33,7 @@ def divide(a: int, b: int) -> float:
     return a / b
 
 
-@app.task(echo=True)  # type: ignore[untyped-decorator]  # QueueTasks.task is typed Any
+@app.task(echo=True)
 def signup_flow(self: Any, user: str) -> str:
     self.add_task("send_email", user, subject="welcome")
     return "signed up"

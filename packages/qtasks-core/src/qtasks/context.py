@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, overload
 
 import anyio
 import anyio.from_thread
@@ -210,7 +210,15 @@ class AsyncTaskHandle(TaskOptionsView):
         self.ctx = TaskContext(run)
         self.task_name = run.task.name
 
-    async def add_task(self, task_name: str = UNSET, /, *args: Any, **kwargs: Any) -> AsyncTask:
+    @overload
+    async def add_task(self, task_name: str, /, *args: Any, **kwargs: Any) -> AsyncTask: ...
+
+    @overload  # QTasks' form: every positional an argument, the name by keyword
+    async def add_task(self, *args: Any, task_name: str, **kwargs: Any) -> AsyncTask: ...
+
+    # ignore[misc]: mypy misses that a keyword task_name goes into **kwargs (the name of a
+    # positional-only parameter is free for keywords).
+    async def add_task(self, task_name: str = UNSET, /, *args: Any, **kwargs: Any) -> AsyncTask:  # type: ignore[misc]
         """Enqueue a child task through the same app; the child records this task as parent.
         Takes the options of :meth:`AsyncQueueTasks.add_task <qtasks.app.AsyncQueueTasks.add_task>`
         (``priority``, ``timeout``, ``delay``, ``eta``). QTasks' form, every positional an
@@ -326,7 +334,15 @@ class SyncTaskHandle(TaskOptionsView):
         self.ctx = SyncContext(self._async.ctx, self._client)
         self.task_name = run.task.name
 
-    def add_task(self, task_name: str = UNSET, /, *args: Any, **kwargs: Any) -> Task:
+    @overload
+    def add_task(self, task_name: str, /, *args: Any, **kwargs: Any) -> Task: ...
+
+    @overload  # QTasks' form: every positional an argument, the name by keyword
+    def add_task(self, *args: Any, task_name: str, **kwargs: Any) -> Task: ...
+
+    # ignore[misc]: mypy misses that a keyword task_name goes into **kwargs (the name of a
+    # positional-only parameter is free for keywords).
+    def add_task(self, task_name: str = UNSET, /, *args: Any, **kwargs: Any) -> Task:  # type: ignore[misc]
         """Enqueue a child task through the same app (blocking this thread until it is
         stored); the child records this task as parent. QTasks' form
         ``add_task(5, task_name="x")`` works too."""

@@ -7,7 +7,7 @@ import builtins
 import inspect
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import FrameType
@@ -339,13 +339,30 @@ class TaskDef(Generic[P, R]):
                 )
         return ""
 
-    def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def add_task(
+        self,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        **kwargs: Any,
+    ) -> Coroutine[Any, Any, AsyncTask]:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
         options of the call; use :meth:`enqueue` when the task itself takes such parameters.
-        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead."""
+        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead.
+
+        Typing: the options are checked, the task's own arguments are not (``*args: Any``).
+        A ``ParamSpec`` signature cannot take extra keywords, and it cannot leave out the
+        parameters qtasks injects (``State``, ``Depends``), which callers must not pass; so
+        the arguments are checked when the task is enqueued instead (a call that does not fit
+        the task raises :class:`~qtasks.errors.TaskArgumentsError`). Calling the task directly,
+        ``task(...)``, keeps the function's checked signature."""
         extra: dict[str, Any] = dict(kwargs)
         name = extra.pop("task_name", self.name)
-        return self.app.add_task(name, *args, **extra)
+        return self.app.add_task(
+            name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
+        )
 
     def enqueue(
         self,
@@ -356,7 +373,7 @@ class TaskDef(Generic[P, R]):
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, AsyncTask]:
         """Enqueue with explicit ``args``/``kwargs``, leaving every name free for the task."""
         return self.app.enqueue(
             self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
@@ -370,12 +387,24 @@ class SyncTaskDef(TaskDef[P, R]):
         super().__init__(inner.app, inner.func, inner.options)
         self.facade = facade
 
-    def add_task(self, *args: P.args, **kwargs: P.kwargs) -> Task:
+    # The sync app's add_task and enqueue block and return a Task, not a coroutine.
+    def add_task(  # type: ignore[override]
+        self,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        **kwargs: Any,
+    ) -> Task:
+        """Enqueue this task and return its record (typed as :meth:`TaskDef.add_task`)."""
         extra: dict[str, Any] = dict(kwargs)
         name = extra.pop("task_name", self.name)
-        return self.facade.add_task(name, *args, **extra)
+        return self.facade.add_task(
+            name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
+        )
 
-    def enqueue(
+    def enqueue(  # type: ignore[override]
         self,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,

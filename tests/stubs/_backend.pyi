@@ -1,0 +1,1 @@
+from tests.compat.qtasks_apps._backend import *  # noqa: F403

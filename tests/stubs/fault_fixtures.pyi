@@ -1,0 +1,1 @@
+from tests.redis.fault_fixtures import *  # noqa: F403

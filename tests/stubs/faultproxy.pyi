@@ -1,0 +1,1 @@
+from tests.faultproxy import *  # noqa: F403

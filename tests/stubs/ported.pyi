@@ -1,0 +1,1 @@
+from tests.compat.ported import *  # noqa: F403

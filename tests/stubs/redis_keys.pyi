@@ -1,0 +1,1 @@
+from tests.redis_keys import *  # noqa: F403

@@ -1,0 +1,1 @@
+from tests.redis.redis_procs import *  # noqa: F403

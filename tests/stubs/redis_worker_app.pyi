@@ -1,0 +1,1 @@
+from tests.redis.redis_worker_app import *  # noqa: F403

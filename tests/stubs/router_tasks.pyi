@@ -1,0 +1,1 @@
+from tests.compat.qtasks_apps.router_tasks import *  # noqa: F403

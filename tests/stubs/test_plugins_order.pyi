@@ -1,0 +1,1 @@
+from tests.core.test_plugins_order import *  # noqa: F403

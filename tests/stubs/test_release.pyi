@@ -1,0 +1,1 @@
+from tests.test_release import *  # noqa: F403

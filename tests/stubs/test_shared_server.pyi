@@ -1,0 +1,1 @@
+from tests.core.test_shared_server import *  # noqa: F403

@@ -1,0 +1,1 @@
+from tests.timer.timer_helpers import *  # noqa: F403
