@@ -469,7 +469,7 @@ async def test_decide_hook_exception_is_logged_and_the_task_fails_without_retry(
 def test_entry_points_are_scanned_once_per_process_and_plugins_built_per_app(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = discovery.entry_points
+    real = discovery.entry_points  # type: ignore[attr-defined]  # imported there, not exported
     scans: list[str] = []
 
     def counting(*, group: str) -> Any:

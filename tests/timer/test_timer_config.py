@@ -143,6 +143,7 @@ async def test_extra_timers_from_a_file_run_without_a_warning(
             await wait_until(lambda: rec.count("every-second") >= 1, 3, "the cron timer")
             await wait_until(lambda: rec.count() - rec.count("every-second") >= 1, 3, "interval")
     plugin = app.hooks.pm.get_plugin("timer")
+    assert plugin is not None
     assert plugin.timer.timers[0].id == "every-second"
     assert len(plugin.timer.timers) == 2
 
