@@ -48,8 +48,11 @@ async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
             broker.consume_begun(prefetch=1, storage=storage, worker="w2") as second,
             anyio.create_task_group() as tg,
         ):
-            # __anext__ returns a coroutine, typed Awaitable
-            tg.start_soon(second.__anext__)  # type: ignore[arg-type]  # claims, and blocks: nothing is deliverable
+
+            async def claim() -> None:
+                await second.__anext__()  # claims, and blocks: nothing is deliverable
+
+            tg.start_soon(claim)  # (anyio 4.7 wants a coroutine, not an async generator's asend)
             await dead_lettered(app, task.uuid, 5)
             tg.cancel_scope.cancel()
         stored = await app.get(task.uuid)
