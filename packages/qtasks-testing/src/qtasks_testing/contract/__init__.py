@@ -1,5 +1,8 @@
 """Contract suites for qtasks components: subclass one and provide a factory fixture.
 
+The optional capabilities have suites of their own (:mod:`qtasks_testing.contract.capabilities`),
+which skip, with the reason shown, every test for a component without the capability.
+
 Every backend in the qtasks repository (in-memory, Redis, RabbitMQ) runs these same suites; they
 are the executable form of the docstrings in :mod:`qtasks.components`. See ``docs/testing.md``.
 """
@@ -12,16 +15,26 @@ from qtasks_testing.contract.broker import (
     consuming,
     envelope,
 )
+from qtasks_testing.contract.capabilities import (
+    CancelCheckContract,
+    CancelFeedContract,
+    LeaseBatchContract,
+    SharedServerContract,
+)
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
     "BrokerContract",
     "BrokerFactory",
+    "CancelCheckContract",
+    "CancelFeedContract",
     "Consumer",
     "ContractSuite",
     "GlobalConfigContract",
     "GlobalConfigFactory",
+    "LeaseBatchContract",
+    "SharedServerContract",
     "StorageContract",
     "StorageFactory",
     "consuming",
