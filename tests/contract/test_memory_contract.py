@@ -6,6 +6,7 @@ import pytest
 
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks_testing.contract import (
+    BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
     CancelCheckContract,
@@ -62,6 +63,19 @@ class TestMemoryCancelCheck(CancelCheckContract):
 
 
 class TestMemoryCancelFeed(CancelFeedContract):
+    @pytest.fixture
+    def storage_factory(self) -> StorageFactory:
+        return MemoryStorage.from_config
+
+
+class TestMemoryBeginOnClaim(BeginOnClaimContract):
+    """Skipped, with the reason shown: the in-memory broker does not begin records on claim
+    (the worker calls ``Storage.begin``)."""
+
+    @pytest.fixture
+    def broker_factory(self) -> BrokerFactory:
+        return MemoryBroker.from_config
+
     @pytest.fixture
     def storage_factory(self) -> StorageFactory:
         return MemoryStorage.from_config

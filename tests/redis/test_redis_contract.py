@@ -7,6 +7,7 @@ import pytest
 from qtasks.config import QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 from qtasks_testing.contract import (
+    BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
     CancelCheckContract,
@@ -76,6 +77,16 @@ class TestRedisCancelCheck(CancelCheckContract):
 
 
 class TestRedisCancelFeed(CancelFeedContract):
+    @pytest.fixture
+    def storage_factory(self, redis_storage_factory: StorageFactory) -> StorageFactory:
+        return redis_storage_factory
+
+
+class TestRedisBeginOnClaim(BeginOnClaimContract):
+    @pytest.fixture
+    def broker_factory(self, redis_broker_factory: BrokerFactory) -> BrokerFactory:
+        return redis_broker_factory
+
     @pytest.fixture
     def storage_factory(self, redis_storage_factory: StorageFactory) -> StorageFactory:
         return redis_storage_factory

@@ -13,9 +13,11 @@ from qtasks_testing.contract.broker import (
     BrokerFactory,
     Consumer,
     consuming,
+    consuming_from,
     envelope,
 )
 from qtasks_testing.contract.capabilities import (
+    BeginOnClaimContract,
     CancelCheckContract,
     CancelFeedContract,
     LeaseBatchContract,
@@ -25,6 +27,7 @@ from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalCo
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
+    "BeginOnClaimContract",
     "BrokerContract",
     "BrokerFactory",
     "CancelCheckContract",
@@ -38,6 +41,7 @@ __all__ = [
     "StorageContract",
     "StorageFactory",
     "consuming",
+    "consuming_from",
     "envelope",
     "finished",
     "record",

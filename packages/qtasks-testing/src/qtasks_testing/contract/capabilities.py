@@ -1,7 +1,8 @@
 """Contract suites of the optional capabilities of :mod:`qtasks.components`.
 
-:class:`SharedServerContract`, :class:`LeaseBatchContract`, :class:`CancelCheckContract` and
-:class:`CancelFeedContract` check :class:`~qtasks.components.SharedServer`,
+:class:`SharedServerContract`, :class:`BeginOnClaimContract`, :class:`LeaseBatchContract`,
+:class:`CancelCheckContract` and :class:`CancelFeedContract` check
+:class:`~qtasks.components.SharedServer`, :class:`~qtasks.components.BeginOnClaim`,
 :class:`~qtasks.components.LeaseBatch`, :class:`~qtasks.components.CancelCheck` and
 :class:`~qtasks.components.CancelFeed`. Each is wired like the basic suites (a
 ``broker_factory`` and/or ``storage_factory`` fixture). A component without the capability
@@ -11,10 +12,11 @@ capability that is missing, or lost in a refactoring, shows in the report instea
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -23,6 +25,7 @@ import anyio
 import pytest
 
 from qtasks.components import (
+    BeginOnClaim,
     Broker,
     CancelCheck,
     CancelFeed,
@@ -35,7 +38,13 @@ from qtasks.config import QueueConfig
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_testing.contract._base import ContractSuite, wait_until
-from qtasks_testing.contract.broker import BrokerFactory, Consumer, consuming, envelope
+from qtasks_testing.contract.broker import (
+    BrokerFactory,
+    Consumer,
+    consuming,
+    consuming_from,
+    envelope,
+)
 from qtasks_testing.contract.storage import StorageFactory, finished, record
 
 
@@ -73,16 +82,8 @@ class Shared:
         return await self.storage.begin(claim)
 
 
-class SharedServerContract(ContractSuite):
-    """The guarantees of :class:`qtasks.components.SharedServer`, as tests.
-
-    Provide a ``broker_factory`` (as for :class:`~qtasks_testing.contract.BrokerContract`) and a
-    ``storage_factory`` (as for :class:`~qtasks_testing.contract.StorageContract`) whose storage
-    the broker :meth:`~qtasks.components.SharedServer.shares_server_with` (for a server-backed
-    pair: the same server, e.g. the same key prefix on one Redis). Every test is skipped when
-    the broker is not a ``SharedServer``; a storage the broker does not share a server with is
-    an error of the wiring.
-    """
+class _SharedFixtures(ContractSuite):
+    capabilities: tuple[type, ...] = (SharedServer,)
 
     @pytest.fixture
     async def shared(
@@ -92,8 +93,10 @@ class SharedServerContract(ContractSuite):
         contract_config: QueueConfig,
     ) -> AsyncIterator[Shared]:
         broker = broker_factory(contract_config)
-        if not isinstance(broker, SharedServer):
-            pytest.skip(lacks(broker, SharedServer))
+        for capability in self.capabilities:
+            if not isinstance(broker, capability):
+                pytest.skip(lacks(broker, capability))
+        assert isinstance(broker, SharedServer)
         async with AsyncExitStack() as stack:
             storage = storage_factory(contract_config)
             await storage.start(stack, contract_config)
@@ -105,6 +108,18 @@ class SharedServerContract(ContractSuite):
                     "broker shares a server with"
                 )
             yield Shared(broker, broker, storage)
+
+
+class SharedServerContract(_SharedFixtures):
+    """The guarantees of :class:`qtasks.components.SharedServer`, as tests.
+
+    Provide a ``broker_factory`` (as for :class:`~qtasks_testing.contract.BrokerContract`) and a
+    ``storage_factory`` (as for :class:`~qtasks_testing.contract.StorageContract`) whose storage
+    the broker :meth:`~qtasks.components.SharedServer.shares_server_with` (for a server-backed
+    pair: the same server, e.g. the same key prefix on one Redis). Every test is skipped when
+    the broker is not a ``SharedServer``; a storage the broker does not share a server with is
+    an error of the wiring.
+    """
 
     @staticmethod
     async def deliveries(consumer: Consumer, count: int) -> dict[str, Delivery]:
@@ -233,6 +248,95 @@ class SharedServerContract(ContractSuite):
             assert await held[ended.uuid].ack() is False, "the ended one was not acked"
             assert await held[fenced.uuid].ack() is True, "the fenced-off one was acked"
             assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+
+class BeginOnClaimContract(_SharedFixtures):
+    """The guarantees of :class:`qtasks.components.BeginOnClaim`, as tests.
+
+    Wired as :class:`SharedServerContract` (the capability is used only with a storage the
+    broker shares a server with). Every test is skipped when the broker is not both a
+    ``SharedServer`` and a ``BeginOnClaim``."""
+
+    capabilities = (SharedServer, BeginOnClaim)
+    worker = "contract-worker"
+
+    def consuming_begun(self, shared: Shared) -> AbstractAsyncContextManager[Consumer]:
+        return consuming_from(
+            cast(BeginOnClaim, shared.broker).consume_begun(
+                prefetch=10, storage=shared.storage, worker=self.worker
+            )
+        )
+
+    @pytest.mark.anyio
+    async def test_consume_begun_begins_the_record_of_each_delivery(self, shared: Shared) -> None:
+        rec = record(attempt=5)
+        sent = Envelope(id=rec.uuid, body=json.dumps({"attempt": 2, "x": "ü"}).encode())
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun: object = getattr(delivery, "begun", "missing")
+            assert isinstance(begun, TaskRecord), f"delivery.begun is {begun!r}"
+            assert (begun.status, begun.token, begun.worker) == (
+                TaskStatus.PROCESS,
+                delivery.token,
+                self.worker,
+            )
+            assert begun.attempt == 3, "the body's attempt + 1"
+            assert (begun.args, begun.kwargs, begun.task_name) == (
+                rec.args,
+                rec.kwargs,
+                rec.task_name,
+            )
+            assert await shared.storage.get(rec.uuid) == begun, "begun is what is stored"
+            # The claim's token fences the record from then on, as begin's does.
+            stale = finished(begun, token="stale")
+            assert await shared.storage.save(stale, fence="stale") is False
+            done = finished(begun, returning=1)
+            assert await shared.server.ack_final(delivery, shared.storage, done) is True
+
+    @pytest.mark.anyio
+    async def test_consume_begun_keeps_the_attempt_of_a_body_that_is_not_json(
+        self, shared: Shared
+    ) -> None:
+        rec = record(attempt=4)
+        sent = Envelope(id=rec.uuid, body=b"\x00not json\xff")
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun = getattr(delivery, "begun", None)
+            assert begun is not None
+            assert (begun.status, begun.token, begun.attempt) == (
+                TaskStatus.PROCESS,
+                delivery.token,
+                4,
+            )
+            assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_consume_begun_leaves_a_final_record_alone(self, shared: Shared) -> None:
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        cancelled = await shared.storage.cancel(rec.uuid, "not wanted")
+        assert cancelled is not None
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun = getattr(delivery, "begun", None)
+            assert begun is not None
+            assert (begun.status, begun.cancel_reason) == (TaskStatus.CANCEL, "not wanted")
+            assert begun.token != delivery.token
+            assert await shared.storage.get(rec.uuid) == cancelled, "a final record was written"
+            assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_consume_begun_without_a_record_gives_none(self, shared: Shared) -> None:
+        sent = envelope()
+        await shared.broker.publish(sent)
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            assert delivery.id == sent.id
+            assert getattr(delivery, "begun", "missing") is None
+            assert await shared.storage.get(sent.id) is None, "a record was made up"
+            assert await delivery.ack() is True
 
 
 class _ForeignStorage:
@@ -451,6 +555,7 @@ class CancelFeedContract(_StorageCapability):
 
 
 __all__ = [
+    "BeginOnClaimContract",
     "CancelCheckContract",
     "CancelFeedContract",
     "LeaseBatchContract",
