@@ -320,6 +320,7 @@ def test_the_capability_suites_catch_broken_components(pytester: pytest.Pytester
         "TestAcksThroughTheFence::test_ack_final_refused_by_the_fence_acks_nothing",
         "TestAcksThroughTheFence::test_ack_finals_is_ack_final_per_pair_in_order",
         "TestLeavesEndedTasksUnacked::test_ack_final_refused_because_final_acks",
+        "TestLeavesEndedTasksUnacked::test_ack_final_over_a_final_record_without_a_token_acks",
         "TestLeavesEndedTasksUnacked::test_ack_finals_is_ack_final_per_pair_in_order",
         "TestRenewsEveryLease::test_extend_many_is_false_for_settled_and_stale_in_order",
         "TestEveryFinalIsCancelled::test_cancelled_returns_the_reasons_of_cancelled_records_only",

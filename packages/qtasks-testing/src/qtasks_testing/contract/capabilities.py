@@ -215,6 +215,25 @@ class SharedServerContract(_SharedFixtures):
             assert await consumer.none_within(contract_config.lease + 0.3) is None
 
     @pytest.mark.anyio
+    async def test_ack_final_over_a_final_record_without_a_token_acks(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        """A stored record without a token accepts any fence, so a refusal there is only
+        because it is final (e.g. reset by ``add`` and then cancelled): the task is over."""
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as consumer:
+            delivery = await consumer.next(timeout=2)
+            assert await shared.storage.cancel(rec.uuid, "before it began") is not None
+            done = finished(rec, returning="late", token=delivery.token)
+            assert await shared.server.ack_final(delivery, shared.storage, done) is False
+            stored = await shared.storage.get(rec.uuid)
+            assert stored is not None
+            assert stored.status is TaskStatus.CANCEL
+            assert await delivery.ack() is False, "the message of an ended task was not acked"
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+    @pytest.mark.anyio
     async def test_ack_finals_is_ack_final_per_pair_in_order(
         self, shared: Shared, contract_config: QueueConfig
     ) -> None:
