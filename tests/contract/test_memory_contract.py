@@ -6,10 +6,15 @@ import pytest
 
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks_testing.contract import (
+    BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
+    CancelCheckContract,
+    CancelFeedContract,
     GlobalConfigContract,
     GlobalConfigFactory,
+    LeaseBatchContract,
+    SharedServerContract,
     StorageContract,
     StorageFactory,
 )
@@ -31,3 +36,46 @@ class TestMemoryGlobalConfig(GlobalConfigContract):
     @pytest.fixture
     def global_config_factory(self) -> GlobalConfigFactory:
         return MemoryGlobalConfig.from_config
+
+
+class TestMemorySharedServer(SharedServerContract):
+    """The in-memory broker shares its "server", the process, with every MemoryStorage."""
+
+    @pytest.fixture
+    def broker_factory(self) -> BrokerFactory:
+        return MemoryBroker.from_config
+
+    @pytest.fixture
+    def storage_factory(self) -> StorageFactory:
+        return MemoryStorage.from_config
+
+
+class TestMemoryLeaseBatch(LeaseBatchContract):
+    @pytest.fixture
+    def broker_factory(self) -> BrokerFactory:
+        return MemoryBroker.from_config
+
+
+class TestMemoryCancelCheck(CancelCheckContract):
+    @pytest.fixture
+    def storage_factory(self) -> StorageFactory:
+        return MemoryStorage.from_config
+
+
+class TestMemoryCancelFeed(CancelFeedContract):
+    @pytest.fixture
+    def storage_factory(self) -> StorageFactory:
+        return MemoryStorage.from_config
+
+
+class TestMemoryBeginOnClaim(BeginOnClaimContract):
+    """Skipped, with the reason shown: the in-memory broker does not begin records on claim
+    (the worker calls ``Storage.begin``)."""
+
+    @pytest.fixture
+    def broker_factory(self) -> BrokerFactory:
+        return MemoryBroker.from_config
+
+    @pytest.fixture
+    def storage_factory(self) -> StorageFactory:
+        return MemoryStorage.from_config

@@ -11,6 +11,8 @@ import re
 
 import pytest
 
+from qtasks_testing.contract import SharedServerContract
+
 pytest_plugins = ["pytester"]
 
 BROKEN = '''
@@ -156,3 +158,182 @@ def test_a_failure_inside_consuming_closes_the_broker_and_is_reported_plainly(
             "*AssertionError: arithmetic is broken",
         ]
     )
+
+
+BROKEN_CAPABILITIES = '''
+import pytest
+
+from qtasks.memory import MemoryBroker, MemoryStorage
+from qtasks.record import TaskStatus
+from qtasks_testing.contract import (
+    CancelCheckContract,
+    CancelFeedContract,
+    LeaseBatchContract,
+    SharedServerContract,
+    StorageContract,
+)
+
+
+class SuccessReplacesCancel(MemoryStorage):
+    """save() lets a final status replace another final one: a late success over a cancel."""
+
+    async def save(self, record, *, fence=None):
+        stored = self._records.get(record.uuid)
+        if (
+            stored is not None
+            and stored.status.final
+            and record.status.final
+            and (fence is None or stored.token in (None, fence))
+        ):
+            self._records[record.uuid] = record.copy()
+            self._fire(record.uuid)
+            return True
+        return await super().save(record, fence=fence)
+
+
+class AcksThroughTheFence(MemoryBroker):
+    """ack_final acks even when the fence refused the save (another attempt owns the task)."""
+
+    async def ack_final(self, delivery, storage, record):
+        saved = await storage.save(record, fence=delivery.token)
+        await delivery.ack()
+        return saved
+
+
+class LeavesEndedTasksUnacked(MemoryBroker):
+    """ack_final acks only an accepted save: a task cancelled while it ran is redelivered."""
+
+    async def ack_final(self, delivery, storage, record):
+        saved = await storage.save(record, fence=delivery.token)
+        if saved:
+            await delivery.ack()
+        return saved
+
+
+class RenewsEveryLease(MemoryBroker):
+    """extend_many says True for every delivery, settled or stale ones too."""
+
+    async def extend_many(self, deliveries):
+        await super().extend_many(deliveries)
+        return [True] * len(deliveries)
+
+
+class EveryFinalIsCancelled(MemoryStorage):
+    """cancelled() reports every final record, not only the cancelled ones."""
+
+    async def cancelled(self, uuids):
+        found = {}
+        for uuid in uuids:
+            stored = self._records.get(uuid)
+            if stored is not None and stored.status.final:
+                found[uuid] = stored.cancel_reason or "cancelled"
+        return found
+
+
+class FeedsQueuedCancels(MemoryStorage):
+    """The cancel feed also tells of cancels of queued (new) records."""
+
+    async def cancel(self, uuid, reason):
+        stored = self._records.get(uuid)
+        queued = stored is not None and stored.status is TaskStatus.NEW
+        cancelled = await super().cancel(uuid, reason)
+        if queued:
+            for follower in list(self._cancel_followers):
+                follower(uuid, reason)
+        return cancelled
+
+
+class NotASharedServer(MemoryBroker):
+    """Without the capability: its suite must be skipped, with the reason, not passed."""
+
+    shares_server_with = None
+
+
+class SharesNothing(MemoryBroker):
+    """A SharedServer wired with a storage it does not share a server with: an error."""
+
+    def shares_server_with(self, storage):
+        return False
+
+
+class TestSuccessReplacesCancel(StorageContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return SuccessReplacesCancel.from_config
+
+
+class Shared(SharedServerContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return MemoryStorage.from_config
+
+
+class TestAcksThroughTheFence(Shared):
+    @pytest.fixture
+    def broker_factory(self):
+        return AcksThroughTheFence.from_config
+
+
+class TestLeavesEndedTasksUnacked(Shared):
+    @pytest.fixture
+    def broker_factory(self):
+        return LeavesEndedTasksUnacked.from_config
+
+
+class TestNotASharedServer(Shared):
+    @pytest.fixture
+    def broker_factory(self):
+        return NotASharedServer.from_config
+
+
+class TestSharesNothing(Shared):
+    @pytest.fixture
+    def broker_factory(self):
+        return SharesNothing.from_config
+
+
+class TestRenewsEveryLease(LeaseBatchContract):
+    @pytest.fixture
+    def broker_factory(self):
+        return RenewsEveryLease.from_config
+
+
+class TestEveryFinalIsCancelled(CancelCheckContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return EveryFinalIsCancelled.from_config
+
+
+class TestFeedsQueuedCancels(CancelFeedContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return FeedsQueuedCancels.from_config
+'''
+
+
+def test_the_capability_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_broken_capabilities=BROKEN_CAPABILITIES)
+    result = pytester.runpytest_subprocess(*OPTIONS, "-rfEs")
+    output = result.stdout.str()
+    assert failed_tests(result) == {
+        "TestSuccessReplacesCancel::test_final_record_not_overwritten_by_another_final",
+        "TestAcksThroughTheFence::test_ack_final_refused_by_the_fence_acks_nothing",
+        "TestAcksThroughTheFence::test_ack_finals_is_ack_final_per_pair_in_order",
+        "TestLeavesEndedTasksUnacked::test_ack_final_refused_because_final_acks",
+        "TestLeavesEndedTasksUnacked::test_ack_final_over_a_final_record_without_a_token_acks",
+        "TestLeavesEndedTasksUnacked::test_ack_finals_is_ack_final_per_pair_in_order",
+        "TestRenewsEveryLease::test_extend_many_is_false_for_settled_and_stale_in_order",
+        "TestEveryFinalIsCancelled::test_cancelled_returns_the_reasons_of_cancelled_records_only",
+        "TestFeedsQueuedCancels::test_follow_cancels_reports_cancels_of_running_records",
+    }, output
+    shared_tests = {name for name in dir(SharedServerContract) if name.startswith("test_")}
+    errors = set(re.findall(r"^ERROR \S+::(\w+::\w+)", output, flags=re.M))
+    assert errors == {f"TestSharesNothing::{name}" for name in shared_tests}, output
+    result.stdout.fnmatch_lines(["*shares_server_with() is False for the suite's MemoryStorage*"])
+    # A component without the capability: every test of the suite skipped, with the reason.
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("skipped") == len(shared_tests), outcomes
+    result.stdout.fnmatch_lines(
+        ["SKIPPED *NotASharedServer does not implement the optional capability SharedServer*"]
+    )
+    assert outcomes["passed"] >= 30 + 3 * 3, outcomes  # what the broken parts do not touch

@@ -24,7 +24,19 @@ record). Components without the attribute count as remote.
 
 Construction from configuration. Components found by name (``broker="redis"``) are built with
 ``Cls.from_config(config)``, a classmethod that reads the ``*_url`` and other settings of
-:class:`~qtasks.config.QueueConfig` (including ``config.extra``).
+:class:`~qtasks.config.QueueConfig` (including ``config.extra``). A remote storage or global
+config class may set the class attribute ``default_url`` (a string): the address it connects
+to without a URL, named in the warning :func:`~qtasks.config.follow_broker` logs then.
+
+Optional members the core reads without a protocol (each read with a default, so a component
+without it loses only what is said here): the class attributes ``local`` and ``default_url``
+above; ``flush() -> int`` on a broker, storage or global config (delete everything it holds,
+return how many items; ``flush_all`` of :mod:`qtasks.compat.admin` refuses a component without
+it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
+:meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
+:class:`SharedServer`, :class:`BeginOnClaim`, :class:`LeaseBatch`, :class:`CancelCheck` and
+:class:`CancelFeed`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``
+holds their suites.
 """
 
 from __future__ import annotations
@@ -239,8 +251,8 @@ class BeginOnClaim(Protocol):
     def consume_begun(
         self, *, prefetch: int, storage: Storage, worker: str
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
-        """Exactly :meth:`Broker.consume`, except that every delivery has two more
-        attributes: ``begun``, the stored record as :meth:`Storage.begin` would return it for
+        """Exactly :meth:`Broker.consume`, except that every delivery has one more
+        attribute, ``begun``: the stored record as :meth:`Storage.begin` would return it for
         this delivery (status ``process``, the delivery's ``token``, ``worker``; unchanged if
         final), or ``None`` when the storage holds no record of the message (the worker then
         calls ``begin`` itself). The stored ``attempt`` is the body's ``attempt`` + 1 when the
@@ -319,7 +331,8 @@ class Storage(Protocol):
 
     def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
         """Yield stored steps from ``start`` on, waiting for new ones until the record is
-        final (then the iterator ends)."""
+        final (then the iterator ends). Best an async generator: a reader that stops early
+        calls its ``aclose()`` when it has one, so a live follow is released at once."""
         ...
 
     async def stats(self) -> dict[str, int]:
@@ -401,6 +414,13 @@ class Worker(Protocol):
     final record (fenced with the delivery token) *before* acking; nack undecodable or unknown
     messages with a reason; never die of one task's failure; on stop, requeue waiting deliveries
     at once, give running tasks ``shutdown_grace`` seconds, then cancel and requeue them.
+
+    The app serves with a :class:`~qtasks.worker.QueueWorker` (``AsyncQueueTasks.worker`` is
+    typed so) and reads more than this protocol declares: ``id`` (a unique name, logged and
+    stored on records), ``stop()`` (begin a graceful stop), and, each read with a default,
+    ``stopping`` (an ``anyio.Event`` set when it begins to stop: a task's
+    ``TaskContext.sleep`` wakes on it) and ``executor`` (the :class:`TaskExecutor` of tasks
+    without their own; a plain one otherwise).
     """
 
     async def run(self, app: AsyncQueueTasks, *, task_status: Any = ...) -> None:

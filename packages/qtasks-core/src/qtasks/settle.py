@@ -241,7 +241,7 @@ async def _refused(
     state, ``ack`` (``None`` when the refusing call acked already) is acked, and a cancel
     fires ``qtasks_task_cancelled`` once, here."""
     stored = await app.storage.get(record.uuid)
-    if stored is None or not stored.status.final or stored.token != delivery.token:
+    if stored is None or not stored.status.final or stored.token not in (None, delivery.token):
         log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
         return
     if ack is not None:

@@ -300,8 +300,15 @@ class RedisStorage:
             call = lua.CANCELLED(self._shared.fast(), keys, (), len(keys))
             reply = await guarded(self.target, call)
             for i in range(0, len(reply), 2):
-                reason = reply[i + 1].decode() if reply[i + 1] else "cancelled"
-                out[chunk[int(reply[i]) - 1]] = reason
+                uuid = chunk[int(reply[i]) - 1]
+                if reply[i + 1]:
+                    out[uuid] = reply[i + 1].decode()
+                    continue
+                # No ``cr``: the cancel was stored by save() (the worker's own cancel), so
+                # its reason is in the record itself; rare, so one more read each.
+                stored = await self.get(uuid)
+                if stored is not None and stored.status is TaskStatus.CANCEL:
+                    out[uuid] = stored.cancel_reason or "cancelled"
         return out
 
     async def follow_cancels(

@@ -182,7 +182,8 @@ return out
 
 CANCELLED = Script(
     r"""
--- KEYS: record keys. Returns {i, reason, ...} for each record whose status is 'cancel'.
+-- KEYS: record keys. Returns {i, reason, ...} for each record whose status is 'cancel'; the
+-- reason is '' for a cancel stored by SAVE (its reason is in the record JSON, 'd').
 local out = {}
 for i = 1, #KEYS do
   local f = redis.call('HMGET', KEYS[i], 's', 'cr')

@@ -270,7 +270,7 @@ class MemoryBroker(_Lifecycle):
             await delivery.ack()
             return True
         stored = await storage.get(record.uuid)
-        if stored is not None and stored.status.final and stored.token == delivery.token:
+        if stored is not None and stored.status.final and stored.token in (None, delivery.token):
             await delivery.ack()
         return False
 

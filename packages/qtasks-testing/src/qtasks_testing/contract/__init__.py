@@ -1,5 +1,8 @@
 """Contract suites for qtasks components: subclass one and provide a factory fixture.
 
+The optional capabilities have suites of their own (:mod:`qtasks_testing.contract.capabilities`),
+which skip, with the reason shown, every test for a component without the capability.
+
 Every backend in the qtasks repository (in-memory, Redis, RabbitMQ) runs these same suites; they
 are the executable form of the docstrings in :mod:`qtasks.components`. See ``docs/testing.md``.
 """
@@ -10,21 +13,35 @@ from qtasks_testing.contract.broker import (
     BrokerFactory,
     Consumer,
     consuming,
+    consuming_from,
     envelope,
+)
+from qtasks_testing.contract.capabilities import (
+    BeginOnClaimContract,
+    CancelCheckContract,
+    CancelFeedContract,
+    LeaseBatchContract,
+    SharedServerContract,
 )
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
+    "BeginOnClaimContract",
     "BrokerContract",
     "BrokerFactory",
+    "CancelCheckContract",
+    "CancelFeedContract",
     "Consumer",
     "ContractSuite",
     "GlobalConfigContract",
     "GlobalConfigFactory",
+    "LeaseBatchContract",
+    "SharedServerContract",
     "StorageContract",
     "StorageFactory",
     "consuming",
+    "consuming_from",
     "envelope",
     "finished",
     "record",

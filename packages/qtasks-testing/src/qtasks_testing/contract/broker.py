@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import ClassVar
 
 import anyio
@@ -55,9 +55,16 @@ class Consumer:
         return None
 
 
-@asynccontextmanager
-async def consuming(broker: Broker, *, prefetch: int = 10) -> AsyncIterator[Consumer]:
+def consuming(broker: Broker, *, prefetch: int = 10) -> AbstractAsyncContextManager[Consumer]:
     """Open ``broker.consume(prefetch=...)`` for the duration of the block."""
+    return consuming_from(broker.consume(prefetch=prefetch))
+
+
+@asynccontextmanager
+async def consuming_from(
+    opened: AbstractAsyncContextManager[AsyncIterator[Delivery]],
+) -> AsyncIterator[Consumer]:
+    """:func:`consuming` of a consumer already made (e.g. by ``consume_begun``)."""
 
     async def pump(deliveries: AsyncIterator[Delivery], send: ObjectSendStream[Delivery]) -> None:
         async with send:
@@ -65,7 +72,7 @@ async def consuming(broker: Broker, *, prefetch: int = 10) -> AsyncIterator[Cons
                 await send.send(delivery)
 
     failure: BaseException | None = None
-    async with broker.consume(prefetch=prefetch) as deliveries:
+    async with opened as deliveries:
         send, receive = anyio.create_memory_object_stream[Delivery](0)
         try:
             async with receive, anyio.create_task_group() as tg:

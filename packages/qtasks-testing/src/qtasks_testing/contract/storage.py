@@ -174,6 +174,48 @@ class StorageContract(ContractSuite):
             assert await storage.save(finished(rec, status)) is False
         assert await storage.get(rec.uuid) == done
 
+    @pytest.mark.anyio
+    async def test_final_record_not_overwritten_by_another_final(self, storage: Storage) -> None:
+        """Final is final between final statuses too, fenced or not: a success that comes in
+        after a cancel (made while the task ran) leaves the cancel. The same final status is
+        accepted (a repeated final save), and :meth:`add` (a deliberate reset) replaces."""
+        finals = (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL)
+        for status in finals:
+            rec = record()
+            await storage.add(rec)
+            claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+            begun = await storage.begin(claim)
+            stored = finished(begun, status, returning="first", cancel_reason="first")
+            assert await storage.save(stored, fence="t1") is True
+            for other in finals:
+                if other is status:
+                    continue
+                late = finished(begun, other, returning="late", cancel_reason="late")
+                assert await storage.save(late, fence="t1") is False, f"{other} over {status}"
+                assert await storage.save(late) is False, f"unfenced {other} over {status}"
+                assert await storage.get(rec.uuid) == stored, f"{other} replaced {status}"
+            again = finished(stored, status, returning="again", cancel_reason="again")
+            assert await storage.save(again, fence="t1") is True, f"{status} again refused"
+            assert await storage.get(rec.uuid) == again
+            reset = record(uuid=rec.uuid, priority=2)
+            await storage.add(reset)
+            assert await storage.get(rec.uuid) == reset
+            another = next(final for final in finals if final is not status)
+            assert await storage.save(finished(reset, another, returning="new")) is True
+        # A cancel through cancel() is final in the same way.
+        rec = record()
+        await storage.add(rec)
+        cancelled = await storage.cancel(rec.uuid, "not wanted")
+        assert cancelled is not None
+        assert await storage.save(finished(rec, returning="late")) is False
+        assert await storage.save(finished(rec, TaskStatus.ERROR, error="late")) is False
+        stored_cancel = await storage.get(rec.uuid)
+        assert stored_cancel is not None
+        assert (stored_cancel.status, stored_cancel.cancel_reason) == (
+            TaskStatus.CANCEL,
+            "not wanted",
+        )
+
     # --- cancel ---------------------------------------------------------------------------
 
     @pytest.mark.anyio

@@ -1,0 +1,582 @@
+"""Contract suites of the optional capabilities of :mod:`qtasks.components`.
+
+:class:`SharedServerContract`, :class:`BeginOnClaimContract`, :class:`LeaseBatchContract`,
+:class:`CancelCheckContract` and :class:`CancelFeedContract` check
+:class:`~qtasks.components.SharedServer`, :class:`~qtasks.components.BeginOnClaim`,
+:class:`~qtasks.components.LeaseBatch`, :class:`~qtasks.components.CancelCheck` and
+:class:`~qtasks.components.CancelFeed`. Each is wired like the basic suites (a
+``broker_factory`` and/or ``storage_factory`` fixture). A component without the capability
+(``isinstance`` says no) has every test of the suite *skipped* with a reason naming it, so a
+capability that is missing, or lost in a refactoring, shows in the report instead of passing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
+
+import anyio
+import pytest
+
+from qtasks.components import (
+    BeginOnClaim,
+    Broker,
+    CancelCheck,
+    CancelFeed,
+    Delivery,
+    LeaseBatch,
+    SharedServer,
+    Storage,
+)
+from qtasks.config import QueueConfig
+from qtasks.messages import Envelope
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks_testing.contract._base import ContractSuite, wait_until
+from qtasks_testing.contract.broker import (
+    BrokerFactory,
+    Consumer,
+    consuming,
+    consuming_from,
+    envelope,
+)
+from qtasks_testing.contract.storage import StorageFactory, finished, record
+
+
+def lacks(component: object, capability: type) -> str:
+    """The skip reason of a suite whose component does not implement ``capability``."""
+    return (
+        f"{type(component).__name__} does not implement the optional capability "
+        f"{capability.__name__} (isinstance check), so its contract suite does not apply"
+    )
+
+
+@dataclass(slots=True)
+class Shared:
+    """What :class:`SharedServerContract`'s tests get: the started broker (twice, typed as
+    each protocol) and the started storage it shares a server with."""
+
+    broker: Broker
+    server: SharedServer
+    storage: Storage
+
+    def new(self, **fields: Any) -> tuple[Envelope, TaskRecord]:
+        """A new task's envelope and record (same uuid)."""
+        rec = record(**fields)
+        return Envelope(id=rec.uuid, body=f"body-{rec.uuid}".encode()), rec
+
+    async def begun(self, rec: TaskRecord, token: str) -> TaskRecord:
+        """``rec`` begun by the delivery holding ``token``, as the worker would."""
+        claim = rec.copy()
+        claim.status, claim.attempt, claim.token, claim.worker = (
+            TaskStatus.PROCESS,
+            1,
+            token,
+            "contract-worker",
+        )
+        return await self.storage.begin(claim)
+
+
+class _SharedFixtures(ContractSuite):
+    capabilities: tuple[type, ...] = (SharedServer,)
+
+    @pytest.fixture
+    async def shared(
+        self,
+        broker_factory: BrokerFactory,
+        storage_factory: StorageFactory,
+        contract_config: QueueConfig,
+    ) -> AsyncIterator[Shared]:
+        broker = broker_factory(contract_config)
+        for capability in self.capabilities:
+            if not isinstance(broker, capability):
+                pytest.skip(lacks(broker, capability))
+        assert isinstance(broker, SharedServer)
+        async with AsyncExitStack() as stack:
+            storage = storage_factory(contract_config)
+            await storage.start(stack, contract_config)
+            await broker.start(stack, contract_config)
+            if not broker.shares_server_with(storage):
+                pytest.fail(
+                    f"{type(broker).__name__}.shares_server_with() is False for the suite's "
+                    f"{type(storage).__name__}: storage_factory must build a storage this "
+                    "broker shares a server with"
+                )
+            yield Shared(broker, broker, storage)
+
+
+class SharedServerContract(_SharedFixtures):
+    """The guarantees of :class:`qtasks.components.SharedServer`, as tests.
+
+    Provide a ``broker_factory`` (as for :class:`~qtasks_testing.contract.BrokerContract`) and a
+    ``storage_factory`` (as for :class:`~qtasks_testing.contract.StorageContract`) whose storage
+    the broker :meth:`~qtasks.components.SharedServer.shares_server_with` (for a server-backed
+    pair: the same server, e.g. the same key prefix on one Redis). Every test is skipped when
+    the broker is not a ``SharedServer``; a storage the broker does not share a server with is
+    an error of the wiring.
+    """
+
+    @staticmethod
+    async def deliveries(consumer: Consumer, count: int) -> dict[str, Delivery]:
+        got: dict[str, Delivery] = {}
+        for _ in range(count):
+            delivery = await consumer.next(timeout=2)
+            got[delivery.id] = delivery
+        return got
+
+    @pytest.mark.anyio
+    async def test_shares_no_server_with_a_foreign_storage(self, shared: Shared) -> None:
+        assert shared.server.shares_server_with(cast(Storage, _ForeignStorage())) is False
+
+    @pytest.mark.anyio
+    async def test_publish_new_stores_the_record_then_publishes(self, shared: Shared) -> None:
+        sent, rec = shared.new(priority=2)
+        async with consuming(shared.broker) as consumer:
+            await shared.server.publish_new(sent, shared.storage, rec)
+            got = await consumer.next(timeout=2)
+            # The record was added before the message was published: whoever receives the
+            # message finds the record.
+            assert await shared.storage.get(rec.uuid) == rec
+            assert (got.id, got.body) == (sent.id, sent.body)
+            assert await got.ack() is True
+            assert await consumer.none_within(0.2) is None
+
+    @pytest.mark.anyio
+    async def test_publish_new_replaces_a_stored_record(self, shared: Shared) -> None:
+        """``publish_new`` is ``storage.add(record)`` (replace), e.g. a task id reused."""
+        sent, rec = shared.new()
+        await shared.storage.add(rec)
+        assert await shared.storage.save(finished(rec, returning="old")) is True
+        fresh = record(uuid=rec.uuid, priority=1)
+        await shared.server.publish_new(sent, shared.storage, fresh)
+        assert await shared.storage.get(rec.uuid) == fresh
+        async with consuming(shared.broker) as consumer:
+            assert (await consumer.next(timeout=2)).id == rec.uuid
+
+    @pytest.mark.anyio
+    async def test_ack_final_stores_fenced_and_acks(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun = await shared.begun(rec, delivery.token)
+            done = finished(begun, returning={"answer": 42})
+            assert await shared.server.ack_final(delivery, shared.storage, done) is True
+            assert await shared.storage.get(rec.uuid) == done
+            assert await delivery.ack() is False, "ack_final did not ack the delivery"
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+        with anyio.fail_after(2):
+            assert (await shared.storage.wait(rec.uuid, 2)).status is TaskStatus.SUCCESS
+
+    @pytest.mark.anyio
+    async def test_ack_final_refused_by_the_fence_acks_nothing(self, shared: Shared) -> None:
+        """Another attempt owns the record: its result is not written, and the message stays
+        with its holder (acking it would lose the owning attempt's message)."""
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as consumer:
+            delivery = await consumer.next(timeout=2)
+            owner = await shared.begun(rec, "another-attempt")
+            stale = finished(owner, returning="stale", token=delivery.token)
+            assert await shared.server.ack_final(delivery, shared.storage, stale) is False
+            assert await shared.storage.get(rec.uuid) == owner
+            assert await delivery.extend() is True, "ack_final settled a fenced-off delivery"
+            assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_ack_final_refused_because_final_acks(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        """Cancelled while it ran: the cancel stays, and the message is gone (the task is
+        over), yet ``ack_final`` says the save was not accepted."""
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun = await shared.begun(rec, delivery.token)
+            cancelled = await shared.storage.cancel(rec.uuid, "cancelled while running")
+            assert cancelled is not None
+            done = finished(begun, returning="too late")
+            assert await shared.server.ack_final(delivery, shared.storage, done) is False
+            stored = await shared.storage.get(rec.uuid)
+            assert stored is not None
+            assert (stored.status, stored.cancel_reason) == (
+                TaskStatus.CANCEL,
+                "cancelled while running",
+            )
+            assert await delivery.ack() is False, "the message of an ended task was not acked"
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+    @pytest.mark.anyio
+    async def test_ack_final_over_a_final_record_without_a_token_acks(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        """A stored record without a token accepts any fence, so a refusal there is only
+        because it is final (e.g. reset by ``add`` and then cancelled): the task is over."""
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as consumer:
+            delivery = await consumer.next(timeout=2)
+            assert await shared.storage.cancel(rec.uuid, "before it began") is not None
+            done = finished(rec, returning="late", token=delivery.token)
+            assert await shared.server.ack_final(delivery, shared.storage, done) is False
+            stored = await shared.storage.get(rec.uuid)
+            assert stored is not None
+            assert stored.status is TaskStatus.CANCEL
+            assert await delivery.ack() is False, "the message of an ended task was not acked"
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+    @pytest.mark.anyio
+    async def test_ack_finals_is_ack_final_per_pair_in_order(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        news = [shared.new() for _ in range(3)]
+        for sent, rec in news:
+            await shared.server.publish_new(sent, shared.storage, rec)
+        (_, fenced), (_, accepted), (_, ended) = news
+        assert await shared.server.ack_finals(shared.storage, []) == []
+        async with consuming(shared.broker) as consumer:
+            held = await self.deliveries(consumer, 3)
+            owner = await shared.begun(fenced, "another-attempt")
+            accepted_done = finished(await shared.begun(accepted, held[accepted.uuid].token))
+            ended_done = finished(await shared.begun(ended, held[ended.uuid].token))
+            await shared.storage.cancel(ended.uuid, "stop")
+            fenced_done = finished(owner, token=held[fenced.uuid].token)
+            results = await shared.server.ack_finals(
+                shared.storage,
+                [
+                    (held[fenced.uuid], fenced_done),
+                    (held[accepted.uuid], accepted_done),
+                    (held[ended.uuid], ended_done),
+                ],
+            )
+            assert results == [False, True, False]
+            assert await shared.storage.get(fenced.uuid) == owner
+            assert await shared.storage.get(accepted.uuid) == accepted_done
+            stored = await shared.storage.get(ended.uuid)
+            assert stored is not None
+            assert stored.status is TaskStatus.CANCEL
+            assert await held[accepted.uuid].ack() is False, "the accepted one was not acked"
+            assert await held[ended.uuid].ack() is False, "the ended one was not acked"
+            assert await held[fenced.uuid].ack() is True, "the fenced-off one was acked"
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+
+class BeginOnClaimContract(_SharedFixtures):
+    """The guarantees of :class:`qtasks.components.BeginOnClaim`, as tests.
+
+    Wired as :class:`SharedServerContract` (the capability is used only with a storage the
+    broker shares a server with). Every test is skipped when the broker is not both a
+    ``SharedServer`` and a ``BeginOnClaim``."""
+
+    capabilities = (SharedServer, BeginOnClaim)
+    worker = "contract-worker"
+
+    def consuming_begun(self, shared: Shared) -> AbstractAsyncContextManager[Consumer]:
+        return consuming_from(
+            cast(BeginOnClaim, shared.broker).consume_begun(
+                prefetch=10, storage=shared.storage, worker=self.worker
+            )
+        )
+
+    @pytest.mark.anyio
+    async def test_consume_begun_begins_the_record_of_each_delivery(self, shared: Shared) -> None:
+        rec = record(attempt=5)
+        sent = Envelope(id=rec.uuid, body=json.dumps({"attempt": 2, "x": "ü"}).encode())
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun: object = getattr(delivery, "begun", "missing")
+            assert isinstance(begun, TaskRecord), f"delivery.begun is {begun!r}"
+            assert (begun.status, begun.token, begun.worker) == (
+                TaskStatus.PROCESS,
+                delivery.token,
+                self.worker,
+            )
+            assert begun.attempt == 3, "the body's attempt + 1"
+            assert (begun.args, begun.kwargs, begun.task_name) == (
+                rec.args,
+                rec.kwargs,
+                rec.task_name,
+            )
+            assert await shared.storage.get(rec.uuid) == begun, "begun is what is stored"
+            # The claim's token fences the record from then on, as begin's does.
+            stale = finished(begun, token="stale")
+            assert await shared.storage.save(stale, fence="stale") is False
+            done = finished(begun, returning=1)
+            assert await shared.server.ack_final(delivery, shared.storage, done) is True
+
+    @pytest.mark.anyio
+    async def test_consume_begun_keeps_the_attempt_of_a_body_that_is_not_json(
+        self, shared: Shared
+    ) -> None:
+        rec = record(attempt=4)
+        sent = Envelope(id=rec.uuid, body=b"\x00not json\xff")
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun = getattr(delivery, "begun", None)
+            assert begun is not None
+            assert (begun.status, begun.token, begun.attempt) == (
+                TaskStatus.PROCESS,
+                delivery.token,
+                4,
+            )
+            assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_consume_begun_leaves_a_final_record_alone(self, shared: Shared) -> None:
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        cancelled = await shared.storage.cancel(rec.uuid, "not wanted")
+        assert cancelled is not None
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            begun = getattr(delivery, "begun", None)
+            assert begun is not None
+            assert (begun.status, begun.cancel_reason) == (TaskStatus.CANCEL, "not wanted")
+            assert begun.token != delivery.token
+            assert await shared.storage.get(rec.uuid) == cancelled, "a final record was written"
+            assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_consume_begun_without_a_record_gives_none(self, shared: Shared) -> None:
+        sent = envelope()
+        await shared.broker.publish(sent)
+        async with self.consuming_begun(shared) as consumer:
+            delivery = await consumer.next(timeout=2)
+            assert delivery.id == sent.id
+            assert getattr(delivery, "begun", "missing") is None
+            assert await shared.storage.get(sent.id) is None, "a record was made up"
+            assert await delivery.ack() is True
+
+
+class _ForeignStorage:
+    """A storage of no backend: no broker shares a server with it (never started)."""
+
+    def __repr__(self) -> str:
+        return "_ForeignStorage()"
+
+
+class LeaseBatchContract(ContractSuite):
+    """The guarantees of :class:`qtasks.components.LeaseBatch`, as tests.
+
+    Provide a ``broker_factory`` fixture, as for :class:`~qtasks_testing.contract.BrokerContract`.
+    Every test is skipped when the broker is not a ``LeaseBatch``."""
+
+    @pytest.fixture
+    async def broker(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> AsyncIterator[Broker]:
+        broker = broker_factory(contract_config)
+        if not isinstance(broker, LeaseBatch):
+            pytest.skip(lacks(broker, LeaseBatch))
+        async with AsyncExitStack() as stack:
+            await broker.start(stack, contract_config)
+            yield broker
+
+    @pytest.mark.anyio
+    async def test_extend_many_keeps_the_leases(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        """Deliveries renewed past their original lease are not delivered again."""
+        lease = contract_config.lease
+        for _ in range(3):
+            await broker.publish(envelope())
+        async with consuming(broker) as holder:
+            held = [await holder.next(timeout=2) for _ in range(3)]
+            # Opened once the holder has every message: anything it gets is a redelivery.
+            async with consuming(broker) as other:
+                deadline = time.monotonic() + lease * 2.5
+                while time.monotonic() < deadline:
+                    assert await cast(LeaseBatch, broker).extend_many(held) == [True] * 3
+                    assert await other.none_within(lease / 3) is None
+                    assert await holder.none_within(0.01) is None
+                for delivery in held:
+                    assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_extend_many_is_false_for_settled_and_stale_in_order(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        lease = contract_config.lease
+        for _ in range(3):
+            await broker.publish(envelope())
+        async with consuming(broker) as consumer:
+            lost, acked, kept = [await consumer.next(timeout=2) for _ in range(3)]
+            assert await acked.ack() is True
+            async with anyio.create_task_group() as tg:
+
+                async def keep() -> None:
+                    while True:
+                        assert await kept.extend() is True
+                        await anyio.sleep(lease / 4)
+
+                tg.start_soon(keep)
+                # ``lost`` is not renewed: its lease runs out and it is delivered again.
+                again = await consumer.next(timeout=lease * 2 + self.timing_slack)
+                tg.cancel_scope.cancel()
+            assert again.id == lost.id
+            renewed = await cast(LeaseBatch, broker).extend_many([lost, acked, kept, again])
+            assert renewed == [False, False, True, True]
+            assert await kept.ack() is True
+            assert await again.ack() is True
+
+    @pytest.mark.anyio
+    async def test_extend_many_of_nothing(self, broker: Broker) -> None:
+        assert await cast(LeaseBatch, broker).extend_many([]) == []
+
+
+class _StorageCapability(ContractSuite):
+    capability: type
+
+    @pytest.fixture
+    async def storage(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> AsyncIterator[Storage]:
+        storage = storage_factory(contract_config)
+        if not isinstance(storage, self.capability):
+            pytest.skip(lacks(storage, self.capability))
+        async with AsyncExitStack() as stack:
+            await storage.start(stack, contract_config)
+            yield storage
+
+
+async def running(storage: Storage, token: str = "t1") -> TaskRecord:
+    """A stored record begun by a delivery (status ``process``)."""
+    rec = record()
+    await storage.add(rec)
+    claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token=token)
+    return await storage.begin(claim)
+
+
+class CancelCheckContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.CancelCheck`, as tests.
+
+    Provide a ``storage_factory`` fixture, as for
+    :class:`~qtasks_testing.contract.StorageContract`. Every test is skipped when the storage
+    is not a ``CancelCheck``."""
+
+    capability = CancelCheck
+
+    @pytest.mark.anyio
+    async def test_cancelled_returns_the_reasons_of_cancelled_records_only(
+        self, storage: Storage
+    ) -> None:
+        queued, busy, saved = record(), await running(storage), await running(storage, "t2")
+        await storage.add(queued)
+        pending, waiting, done = record(), await running(storage, "t3"), record()
+        await storage.add(pending)
+        await storage.add(done)
+        assert await storage.save(finished(done, returning=1)) is True
+        await storage.cancel(queued.uuid, "not wanted")
+        await storage.cancel(busy.uuid, "stop it")
+        # A cancel the worker stores itself (the task was cancelled where it ran).
+        by_save = finished(saved, TaskStatus.CANCEL, cancel_reason="shutting down")
+        assert await storage.save(by_save, fence="t2") is True
+        uuids = [r.uuid for r in (pending, queued, waiting, busy, done, saved)]
+        found = await cast(CancelCheck, storage).cancelled([*uuids, uuid.uuid4().hex])
+        assert found == {
+            queued.uuid: "not wanted",
+            busy.uuid: "stop it",
+            saved.uuid: "shutting down",
+        }
+        for uid, reason in found.items():  # the same reason the stored record has
+            stored = await storage.get(uid)
+            assert stored is not None
+            assert stored.cancel_reason == reason
+
+    @pytest.mark.anyio
+    async def test_cancelled_of_nothing(self, storage: Storage) -> None:
+        assert await cast(CancelCheck, storage).cancelled([]) == {}
+        assert await cast(CancelCheck, storage).cancelled([uuid.uuid4().hex]) == {}
+
+
+def _hear(ears: list[tuple[str, str]], uuid: str, reason: str) -> None:
+    ears.append((uuid, reason))
+
+
+class CancelFeedContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.CancelFeed`, as tests (in one process).
+
+    Provide a ``storage_factory`` fixture, as for
+    :class:`~qtasks_testing.contract.StorageContract`. Every test is skipped when the storage
+    is not a ``CancelFeed``."""
+
+    capability = CancelFeed
+
+    @pytest.mark.anyio
+    async def test_follow_cancels_reports_cancels_of_running_records(
+        self, storage: Storage
+    ) -> None:
+        heard: list[tuple[str, str]] = []
+        live: list[bool] = []
+        feed = cast(CancelFeed, storage)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(
+                    partial(feed.follow_cancels, partial(_hear, heard), on_live=live.append)
+                )
+                assert live == [True], "on_live(True) was not called by the time it started"
+                queued, done, busy = record(), record(), await running(storage)
+                await storage.add(queued)
+                await storage.add(done)
+                await storage.save(finished(done))
+                await storage.cancel(queued.uuid, "queued one")
+                await storage.cancel(done.uuid, "finished one")
+                await storage.cancel(busy.uuid, "running one")
+
+                async def reported() -> bool:
+                    return bool(heard)
+
+                await wait_until(reported, timeout=self.timing_slack, what="the running cancel")
+                await anyio.sleep(0.1)  # room for a wrong notice to arrive too
+                assert heard == [(busy.uuid, "running one")]
+                tg.cancel_scope.cancel()  # ends the feed
+        # Ended: it reports nothing more.
+        late = await running(storage, "t9")
+        await storage.cancel(late.uuid, "after the end")
+        await anyio.sleep(0.2)
+        assert heard == [(busy.uuid, "running one")]
+
+    @pytest.mark.anyio
+    async def test_every_follower_hears_a_cancel(self, storage: Storage) -> None:
+        feed = cast(CancelFeed, storage)
+        heard: list[list[tuple[str, str]]] = [[], []]
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for ears in heard:
+                    await tg.start(partial(feed.follow_cancels, partial(_hear, ears)))
+                busy = await running(storage)
+                await storage.cancel(busy.uuid, "everyone")
+
+                async def reported() -> bool:
+                    return all(heard)
+
+                await wait_until(reported, timeout=self.timing_slack, what="both followers")
+                tg.cancel_scope.cancel()
+        assert heard == [[(busy.uuid, "everyone")]] * 2
+
+    @pytest.mark.anyio
+    async def test_cancelling_the_follower_ends_it_promptly(self, storage: Storage) -> None:
+        feed = cast(CancelFeed, storage)
+        with anyio.fail_after(2):
+            async with anyio.create_task_group() as tg:
+                await tg.start(partial(feed.follow_cancels, lambda uid, reason: None))
+                tg.cancel_scope.cancel()
+
+
+__all__ = [
+    "BeginOnClaimContract",
+    "CancelCheckContract",
+    "CancelFeedContract",
+    "LeaseBatchContract",
+    "SharedServerContract",
+]
