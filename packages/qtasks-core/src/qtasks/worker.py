@@ -50,6 +50,13 @@ HEARTBEAT_FRESH = 0.5
 """Seconds within which a change of a worker's figures (running, waiting, processed) reaches
 the global config, however long ``heartbeat_interval`` is."""
 
+BEGUN_FRESH = 0.005
+"""Seconds after its claim within which a delivery's claim-time record may be trusted (see
+``_process_inner``). A cancel made after a claim reaches the worker through the storage's
+cancel feed, but a notice still on the wire cannot be seen; past this a delivery is begun
+again (one round trip), which is exact. Within it, the window for a cancel to be missed is the
+feed's latency, not these 5 ms."""
+
 RECENT_CANCELS = 1024
 """Uuids of the latest cancels a worker heard of (see :class:`CancelFeed`): a delivery of one
 of them is not trusted as begun at claim time, it is begun again (and found final). It covers
@@ -82,8 +89,9 @@ class QueueWorker:
         self._recent_cancels: dict[str, None] = {}
         self._feed_epoch = 0
         """Bumped each time the storage's cancel feed starts listening; 0 while it is not."""
-        self._claimed_in: dict[str, int] = {}
-        """Feed epoch at the receipt of each waiting delivery, by token (0: not trusted)."""
+        self._claimed_in: dict[str, tuple[int, float]] = {}
+        """Feed epoch (0: not trusted) and monotonic time at the receipt of each waiting
+        delivery, by token."""
         self._outage = Outage(log, "task storage")
         self._gc_outage = Outage(log, "global config (worker heartbeats)")
         self._settlement = Settlement(self._outage)
@@ -108,7 +116,7 @@ class QueueWorker:
             del recent[next(iter(recent))]
         for _, _, waiting in self._local:
             if waiting.id == uuid:
-                self._claimed_in[waiting.token] = 0  # its claim-time begin is out of date
+                self._claimed_in[waiting.token] = (0, 0.0)  # its claim-time begin is stale
         found = False
         for run in list(self._running.values()):
             if run.record.uuid == uuid:
@@ -213,7 +221,7 @@ class QueueWorker:
                     delivery = await iterator.__anext__()
                     self._held += 1
                     if self._feed_epoch > 0:
-                        self._claimed_in[delivery.token] = self._feed_epoch
+                        self._claimed_in[delivery.token] = (self._feed_epoch, time.monotonic())
                     heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
                     item_ready.wake_one()
 
@@ -380,7 +388,7 @@ class QueueWorker:
     async def _process_inner(
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
     ) -> None:
-        claimed_in = self._claimed_in.pop(delivery.token, 0)
+        claimed_in, claimed_at = self._claimed_in.pop(delivery.token, (0, 0.0))
         hooks = app.hooks
         if "qtasks_broker_message_received" in hooks.active:
             await hooks.notify("qtasks_broker_message_received", app=app, delivery=delivery)
@@ -409,14 +417,16 @@ class QueueWorker:
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
         # Deliveries of a BeginOnClaim broker carry the record begun with their claim.
-        # It is trusted when the cancel feed was live, without a break, from the claim to now
-        # and brought no cancel of this task: then the record is as the claim left it.
+        # It is trusted when the cancel feed was live, without a break, from the claim to now,
+        # brought no cancel of this task, and the claim is fresh (BEGUN_FRESH): then the record
+        # is as the claim left it. Otherwise it is begun again.
         begun: TaskRecord | None = getattr(delivery, "begun", None)
         if (
             begun is not None
             and claimed_in > 0
             and claimed_in == self._feed_epoch
             and delivery.id not in self._recent_cancels
+            and time.monotonic() - claimed_at <= BEGUN_FRESH
         ):
             record = begun
             record.attempt = message.attempt + 1
