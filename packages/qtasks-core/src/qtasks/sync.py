@@ -343,7 +343,17 @@ class QueueTasks:
             with self._forever_done:
                 self._forever += 1
             try:
-                self.portal.call(self.aio.serve)
+                serving = self.portal.start_task_soon(self.aio.serve)
+                # Waited for in slices: a signal meant for this (main) thread may be delivered
+                # to another one, which does not interrupt a wait without a timeout here, so
+                # SIGINT/SIGTERM would never reach their handlers.
+                while True:
+                    try:
+                        serving.result(timeout=_SIGNAL_SLICE)
+                        break
+                    except TimeoutError:
+                        if serving.done():
+                            raise  # serve itself raised a TimeoutError (e.g. TaskTimeoutError)
             finally:
                 with self._forever_done:
                     self._forever -= 1
@@ -366,6 +376,10 @@ _ASYNC_ONLY = {
 def _is_async_callable(value: Any) -> bool:
     """Whether calling ``value`` gives a coroutine or an async iterator to be awaited."""
     return inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value)
+
+
+_SIGNAL_SLICE = 0.2
+"""Seconds the main thread waits at a time while ``run_forever`` serves (see there)."""
 
 
 def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
