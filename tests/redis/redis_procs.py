@@ -12,9 +12,10 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
+import pytest
 import redis
 
 from qtasks.components import BrokerStats
@@ -180,3 +181,19 @@ async def settled(app: Any, seconds: float = 5) -> BrokerStats:
             await anyio.sleep(0.02)
     stats: BrokerStats = await app.broker.stats()
     return stats
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A test-owned redis-server could not start: skip locally, fail under ``CI`` (where
+    redis-server is installed, so not starting is a real failure)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: this test must run)")
+    pytest.skip(reason)
+
+
+def start_server(tmp: Path, **options: Any) -> RedisServer:
+    """A :class:`RedisServer` of the test's own, or :func:`unavailable`."""
+    try:
+        return RedisServer(tmp, **options)
+    except (FileNotFoundError, OSError) as exc:
+        unavailable(f"cannot start a redis-server: {exc}")

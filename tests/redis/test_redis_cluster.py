@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import NoReturn
 
 import pytest
 import redis
+from redis_procs import unavailable
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
-
-
-def cannot_start(reason: str) -> NoReturn:
-    """The test cluster could not start: skip locally (as the Redis issue allows), fail under
-    CI, where redis-server is installed and a failure to start is a real problem."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: the cluster test must run)")
-    pytest.skip(reason)
-
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -33,7 +23,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if server is None or cli is None:
-        cannot_start("redis-server/redis-cli are not installed: cannot start a Redis Cluster")
+        unavailable("redis-server/redis-cli are not installed: cannot start a Redis Cluster")
     tmp = tmp_path_factory.mktemp("cluster")
     ports = [_cluster_port() for _ in range(3)]
     procs: list[subprocess.Popen[bytes]] = []
@@ -58,12 +48,12 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             capture_output=True, timeout=60, check=False,
         )  # fmt: skip
         if created.returncode != 0:
-            cannot_start(f"redis-cli --cluster create failed: {created.stdout[-300:]!r}")
+            unavailable(f"redis-cli --cluster create failed: {created.stdout[-300:]!r}")
         client = redis.Redis(port=ports[0])
         deadline = time.monotonic() + 20
         while client.cluster("info").get("cluster_state") != "ok":
             if time.monotonic() > deadline:
-                cannot_start("the local Redis Cluster did not reach cluster_state:ok")
+                unavailable("the local Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.1)  # the nodes are gossiping their slot assignment
         client.close()
         yield f"redis+cluster://127.0.0.1:{ports[0]}"
@@ -96,7 +86,7 @@ def _wait_ping(port: int) -> None:
                 return
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
-                    cannot_start(f"a cluster node on port {port} did not start")
+                    unavailable(f"a cluster node on port {port} did not start")
                 time.sleep(0.05)  # the server is starting
     finally:
         client.close()

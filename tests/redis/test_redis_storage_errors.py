@@ -7,7 +7,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
-from redis_procs import RedisServer
+from redis_procs import start_server
 
 from qtasks.config import QueueConfig
 from qtasks.errors import (
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_lost_server_raises_a_storage_connection_error(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)
+    server = start_server(tmp_path)
     try:
         storage = RedisStorage(server.url, options={"redis_retries": 0})
         async with AsyncExitStack() as stack:
