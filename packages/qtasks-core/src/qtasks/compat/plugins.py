@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
@@ -131,17 +132,18 @@ TRANSFORMS: dict[str, tuple[str, ...]] = {
 """Triggers whose returned keys qtasks applies (others only notify)."""
 
 
-class BasePlugin:
-    """Base of a QTasks-style plugin: implement :meth:`trigger` (sync or ``async``)."""
+class BasePlugin(ABC):
+    """Base of a QTasks-style plugin: implement :meth:`trigger` (sync or ``async``); a
+    subclass without it cannot be instantiated (``TypeError`` naming the method)."""
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
         self.plugin_cache: dict[str, Any] = {}
 
+    @abstractmethod
     def trigger(self, name: str, **kwargs: Any) -> Any:
         """Called at trigger ``name`` with its keywords; return ``None`` or a dict of values to
         replace (honoured on the triggers in :data:`TRANSFORMS`)."""
-        raise NotImplementedError(f"{type(self).__qualname__}.trigger")
 
     def start(self, *args: Any, **kwargs: Any) -> Any:
         """Called once the app has started (may be ``async``)."""
