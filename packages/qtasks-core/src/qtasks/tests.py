@@ -27,12 +27,12 @@ _STUBS = (
 )
 
 
-class SyncTestCase:
-    """QTasks' sync test case over a :class:`~qtasks.QueueTasks`."""
+class _Settings:
+    """What both test cases share: the app, a name, and QTasks' ``TestConfig`` (full only)."""
 
     __test__ = False
 
-    def __init__(self, app: QueueTasks, name: str | None = None) -> None:
+    def __init__(self, app: Any, name: str | None = None) -> None:
         self.app = app
         self.name = name
         self.test_config = TestConfig.full()
@@ -41,6 +41,12 @@ class SyncTestCase:
         if not test_config.is_full:
             raise ConfigError(_STUBS.format(config=test_config))
         self.test_config = test_config
+
+
+class SyncTestCase(_Settings):
+    """QTasks' sync test case over a :class:`~qtasks.QueueTasks`."""
+
+    app: QueueTasks
 
     def add_task(
         self,
@@ -68,20 +74,10 @@ class SyncTestCase:
         self.app.close()
 
 
-class AsyncTestCase:
+class AsyncTestCase(_Settings):
     """QTasks' async test case over an :class:`~qtasks.AsyncQueueTasks`."""
 
-    __test__ = False
-
-    def __init__(self, app: AsyncQueueTasks, name: str | None = None) -> None:
-        self.app = app
-        self.name = name
-        self.test_config = TestConfig.full()
-
-    def settings(self, test_config: TestConfig) -> None:
-        if not test_config.is_full:
-            raise ConfigError(_STUBS.format(config=test_config))
-        self.test_config = test_config
+    app: AsyncQueueTasks
 
     async def add_task(
         self,
