@@ -59,9 +59,9 @@ feed's latency, not these 5 ms."""
 
 RECENT_CANCELS = 1024
 """Uuids of the latest cancels a worker heard of (see :class:`CancelFeed`): a delivery of one
-of them is not trusted as begun at claim time, it is begun again (and found final). It covers
-a notice that overtakes the claim reply carrying the delivery; a delivery already waiting in
-the local queue is marked when the notice comes."""
+of them is not trusted as begun at claim time, it is begun again (and found final). Only
+deliveries claimed under ``BEGUN_FRESH`` ago are ever trusted, so this needs to hold the
+cancels of 5 ms, not of every delivery waiting in the local queue."""
 
 
 class QueueWorker:
@@ -114,9 +114,6 @@ class QueueWorker:
         recent[uuid] = None
         if len(recent) > RECENT_CANCELS:
             del recent[next(iter(recent))]
-        for _, _, waiting in self._local:
-            if waiting.id == uuid:
-                self._claimed_in[waiting.token] = (0, 0.0)  # its claim-time begin is stale
         found = False
         for run in list(self._running.values()):
             if run.record.uuid == uuid:
