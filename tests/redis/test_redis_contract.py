@@ -22,12 +22,15 @@ from qtasks_testing.contract import (
 
 
 @pytest.fixture
-def redis_broker_factory(redis_url: str, prefix: str) -> BrokerFactory:
+def broker_factory(redis_url: str, prefix: str) -> BrokerFactory:
+    """Every suite here (they declare no factories of their own)."""
     return lambda config: RedisBroker(redis_url, prefix=prefix, queue="contract")
 
 
 @pytest.fixture
-def redis_storage_factory(redis_url: str, prefix: str) -> StorageFactory:
+def storage_factory(redis_url: str, prefix: str) -> StorageFactory:
+    """Every suite here; one URL and prefix, so the broker shares a server with it."""
+
     def make(config: QueueConfig) -> RedisStorage:
         return RedisStorage(redis_url, prefix=prefix)
 
@@ -35,15 +38,11 @@ def redis_storage_factory(redis_url: str, prefix: str) -> StorageFactory:
 
 
 class TestRedisBroker(BrokerContract):
-    @pytest.fixture
-    def broker_factory(self, redis_broker_factory: BrokerFactory) -> BrokerFactory:
-        return redis_broker_factory
+    """Runs with the module's factories."""
 
 
 class TestRedisStorage(StorageContract):
-    @pytest.fixture
-    def storage_factory(self, redis_storage_factory: StorageFactory) -> StorageFactory:
-        return redis_storage_factory
+    """Runs with the module's factories."""
 
 
 class TestRedisGlobalConfig(GlobalConfigContract):
@@ -55,38 +54,18 @@ class TestRedisGlobalConfig(GlobalConfigContract):
 class TestRedisSharedServer(SharedServerContract):
     """A RedisBroker and a RedisStorage on the same server (same URL and prefix)."""
 
-    @pytest.fixture
-    def broker_factory(self, redis_broker_factory: BrokerFactory) -> BrokerFactory:
-        return redis_broker_factory
-
-    @pytest.fixture
-    def storage_factory(self, redis_storage_factory: StorageFactory) -> StorageFactory:
-        return redis_storage_factory
-
 
 class TestRedisLeaseBatch(LeaseBatchContract):
-    @pytest.fixture
-    def broker_factory(self, redis_broker_factory: BrokerFactory) -> BrokerFactory:
-        return redis_broker_factory
+    """Runs with the module's factories."""
 
 
 class TestRedisCancelCheck(CancelCheckContract):
-    @pytest.fixture
-    def storage_factory(self, redis_storage_factory: StorageFactory) -> StorageFactory:
-        return redis_storage_factory
+    """Runs with the module's factories."""
 
 
 class TestRedisCancelFeed(CancelFeedContract):
-    @pytest.fixture
-    def storage_factory(self, redis_storage_factory: StorageFactory) -> StorageFactory:
-        return redis_storage_factory
+    """Runs with the module's factories."""
 
 
 class TestRedisBeginOnClaim(BeginOnClaimContract):
-    @pytest.fixture
-    def broker_factory(self, redis_broker_factory: BrokerFactory) -> BrokerFactory:
-        return redis_broker_factory
-
-    @pytest.fixture
-    def storage_factory(self, redis_storage_factory: StorageFactory) -> StorageFactory:
-        return redis_storage_factory
+    """Runs with the module's factories."""
