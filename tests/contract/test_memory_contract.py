@@ -20,16 +20,24 @@ from qtasks_testing.contract import (
 )
 
 
+@pytest.fixture
+def broker_factory() -> BrokerFactory:
+    """Every suite here (they declare no factories of their own)."""
+    return MemoryBroker.from_config
+
+
+@pytest.fixture
+def storage_factory() -> StorageFactory:
+    """Every suite here."""
+    return MemoryStorage.from_config
+
+
 class TestMemoryBroker(BrokerContract):
-    @pytest.fixture
-    def broker_factory(self) -> BrokerFactory:
-        return MemoryBroker.from_config
+    """Runs with the module's factories."""
 
 
 class TestMemoryStorage(StorageContract):
-    @pytest.fixture
-    def storage_factory(self) -> StorageFactory:
-        return MemoryStorage.from_config
+    """Runs with the module's factories."""
 
 
 class TestMemoryGlobalConfig(GlobalConfigContract):
@@ -41,31 +49,17 @@ class TestMemoryGlobalConfig(GlobalConfigContract):
 class TestMemorySharedServer(SharedServerContract):
     """The in-memory broker shares its "server", the process, with every MemoryStorage."""
 
-    @pytest.fixture
-    def broker_factory(self) -> BrokerFactory:
-        return MemoryBroker.from_config
-
-    @pytest.fixture
-    def storage_factory(self) -> StorageFactory:
-        return MemoryStorage.from_config
-
 
 class TestMemoryLeaseBatch(LeaseBatchContract):
-    @pytest.fixture
-    def broker_factory(self) -> BrokerFactory:
-        return MemoryBroker.from_config
+    """Runs with the module's factories."""
 
 
 class TestMemoryCancelCheck(CancelCheckContract):
-    @pytest.fixture
-    def storage_factory(self) -> StorageFactory:
-        return MemoryStorage.from_config
+    """Runs with the module's factories."""
 
 
 class TestMemoryCancelFeed(CancelFeedContract):
-    @pytest.fixture
-    def storage_factory(self) -> StorageFactory:
-        return MemoryStorage.from_config
+    """Runs with the module's factories."""
 
 
 def test_the_memory_broker_does_not_begin_on_claim() -> None:
