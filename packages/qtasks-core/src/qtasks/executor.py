@@ -119,7 +119,7 @@ class TaskExecutor:
         args, kwargs = list(run.message.args), dict(run.message.kwargs)
         hooks = app.hooks
         if "qtasks_executor_args" in hooks.active:
-            args, kwargs = await hooks.transform(
+            new_args, new_kwargs = await hooks.transform(
                 "qtasks_executor_args",
                 ("args", "kwargs"),
                 app=app,
@@ -129,7 +129,11 @@ class TaskExecutor:
                 kwargs=kwargs,
                 run=run,
             )
-            args, kwargs = list(args), dict(kwargs)
+            # Copied only when a plugin returned its own (most tasks inject nothing).
+            if new_args is not args:
+                args = list(new_args)
+            if new_kwargs is not kwargs:
+                kwargs = dict(new_kwargs)
         if task.options.echo:
             from qtasks.context import make_handle
 
