@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -46,10 +47,24 @@ def test_qtasks_run_with_redis_flags_serves_qtasks_add(
         "--global-config", "redis",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "QTASKS_GLOBAL_CONFIG_URL": redis_url}
+    record, out = serve_and_add(tmp_path, env, ["run", *flags], flags, wait=20)
+    client = redis.Redis.from_url(redis_url)
+    try:  # under the test's own prefix, not the default one of a developer's Redis
+        assert client.exists(f"{{{redis_prefix}:rec}}:r:{record['uuid']}")
+    finally:
+        client.close()
+    assert "redis" in out.lower()
+
+
+def serve_and_add(
+    cwd: Path, env: dict[str, str], run: list[str], add_flags: list[str], *, wait: int
+) -> tuple[dict[str, Any], str]:
+    """``qtasks <run...>`` in a process of its own, ``qtasks add add 2 3 --wait`` from another:
+    the record it printed (a success with 5), and the server's output after SIGTERM (exit 0)."""
     qtasks = [sys.executable, "-m", "qtasks"]
     server = subprocess.Popen(
-        [*qtasks, "run", *flags],
-        cwd=tmp_path,
+        [*qtasks, *run],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -57,29 +72,24 @@ def test_qtasks_run_with_redis_flags_serves_qtasks_add(
     )
     try:
         added = subprocess.run(
-            [*qtasks, "add", "add", "2", "3", "--wait", "20", "--json", *flags],
-            cwd=tmp_path,
+            [*qtasks, "add", "add", "2", "3", "--wait", str(wait), "--json", *add_flags],
+            cwd=cwd,
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert added.returncode == 0, added.stdout + added.stderr
-        record = json.loads(added.stdout)
+        record: dict[str, Any] = json.loads(added.stdout)
         assert (record["status"], record["returning"]) == ("success", 5)
-        client = redis.Redis.from_url(redis_url)
-        try:  # under the test's own prefix, not the default one of a developer's Redis
-            assert client.exists(f"{{{redis_prefix}:rec}}:r:{record['uuid']}")
-        finally:
-            client.close()
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=30)
         assert server.returncode == 0, out
-        assert "redis" in out.lower()
+        return record, out
     finally:
         if server.poll() is None:
             server.kill()
-            server.wait()
+            server.communicate()
 
 
 def _free_port() -> int:
@@ -105,34 +115,7 @@ def test_broker_flags_alone_keep_results_where_other_processes_see_them(
     (tmp_path / "qtasks.toml").write_text(f'[extra]\nredis_prefix = "{prefix}"\n')
     flags = ["--broker", "redis", "--broker-url", redis_url]
     env = _clean_env(PYTHONPATH=str(tmp_path))
-    qtasks = [sys.executable, "-m", "qtasks"]
-    server = subprocess.Popen(
-        [*qtasks, "-A", "tasks:app", "run", *flags],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        added = subprocess.run(
-            [*qtasks, "add", "add", "2", "3", "--wait", "30", "--json", *flags],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert added.returncode == 0, added.stdout + added.stderr
-        record = json.loads(added.stdout)
-        assert (record["status"], record["returning"]) == ("success", 5)
-        server.send_signal(signal.SIGTERM)
-        out, _ = server.communicate(timeout=30)
-        assert server.returncode == 0, out
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
+    _, out = serve_and_add(tmp_path, env, ["-A", "tasks:app", "run", *flags], flags, wait=30)
     assert "storage 'redis' follows the broker" in out
     assert f"global_config_url {redis_url} follows broker_url" in out
     assert f"storage RedisStorage at {redis_url}, global config RedisGlobalConfig at" in out
