@@ -42,6 +42,7 @@ DISTRIBUTIONS = [
     "packages/qtasks-rabbitmq",
     "packages/qtasks-timer",
     "packages/qtasks-testing",
+    "packages/qtasks-web",
     "tests/plugin_pkg",
 ]
 

@@ -33,6 +33,7 @@ def test_the_published_set() -> None:
         "qtasks-redis",
         "qtasks-testing",
         "qtasks-timer",
+        "qtasks-web",
     ]
 
 
