@@ -456,7 +456,7 @@ class QueueWorker:
         self._running[delivery.token] = run
         try:
             if "qtasks_worker_execute_before" in hooks.active:
-                await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
+                await hooks.notify("qtasks_worker_execute_before", app=app, record=record, run=run)
             await self._execute(app, run, delivery)
         finally:
             del self._running[delivery.token]
