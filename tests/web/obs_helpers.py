@@ -1,0 +1,111 @@
+"""Helpers of the metrics and tracing tests: scraping and parsing Prometheus text, and a
+test-only span exporter that a worker process uses to hand its spans to the test."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import redis
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""Every sample of a scrape: ``(name, sorted labels) -> value``."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def parse(text: str) -> Samples:
+    """The samples of a Prometheus text exposition, parsed by prometheus_client's parser."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of one sample, ``None`` when the scrape has no such sample."""
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def get(url: str, method: str = "GET") -> tuple[int, str, str]:
+    """``(status, content type, body)`` of one HTTP request (blocking)."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read().decode()
+            return response.status, response.headers.get("Content-Type", ""), body
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+
+async def scrape(url: str) -> Samples:
+    status, _, body = await anyio.to_thread.run_sync(get, url)
+    assert status == 200, body
+    return parse(body)
+
+
+async def scrape_until(url: str, done: Callable[[Samples], bool], timeout: float = 20) -> Samples:
+    """Scrape ``url`` until ``done(samples)`` (the worker's hooks run after the records a
+    producer waits on are stored), failing at the deadline with the last scrape."""
+    samples: Samples = {}
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    samples = await scrape(url)
+                except OSError:  # the server is not listening yet
+                    samples = {}
+                if done(samples):
+                    return samples
+                await anyio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(
+            f"metrics never satisfied the condition; last scrape: {samples}"
+        ) from None
+
+
+def span_dict(span: ReadableSpan) -> dict[str, Any]:
+    """What the tests check of a span, as JSON-able values (ids as hex)."""
+    context = span.get_span_context()
+    assert context is not None
+    return {
+        "name": span.name,
+        "kind": span.kind.name,
+        "trace_id": f"{context.trace_id:032x}",
+        "span_id": f"{context.span_id:016x}",
+        "parent_id": f"{span.parent.span_id:016x}" if span.parent is not None else None,
+        "attributes": dict(span.attributes or {}),
+        "status": span.status.status_code.name,
+        "description": span.status.description,
+        "events": [{"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events],
+    }
+
+
+class RedisListExporter(SpanExporter):
+    """Test only: appends each finished span, as :func:`span_dict` JSON, to a Redis list, so
+    a test can read the spans of a worker process."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._key = key
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self._client.rpush(self._key, *(json.dumps(span_dict(s)) for s in spans))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self._client.close()
