@@ -4,10 +4,14 @@ test-only span exporter that a worker process uses to hand its spans to the test
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,6 +29,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def spawn(args: Sequence[str], path: Path, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """``python args...`` in a process of its own (output piped) with ``path`` importable and
+    no ``QTASKS_*`` variables of the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def parse(text: str) -> Samples:

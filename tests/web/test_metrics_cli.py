@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from obs_helpers import Samples, free_port, get, scrape_until, value
+from obs_helpers import Samples, free_port, get, scrape_until, spawn, value
 from typer.testing import CliRunner
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, discovery
@@ -71,19 +69,6 @@ def producer(url: str, prefix: str) -> AsyncQueueTasks:
     )
 
 
-def qtasks_run(cwd: Path, *args: str) -> subprocess.Popen[str]:
-    """``qtasks run ...`` in a process of its own (output piped), the app module in ``cwd``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "qtasks", "run", *args],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(cwd)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 @pytest.mark.anyio
 @pytest.mark.timeout(90)
 async def test_qtasks_run_metrics_port_serves_the_workers_metrics(
@@ -91,7 +76,8 @@ async def test_qtasks_run_metrics_port_serves_the_workers_metrics(
 ) -> None:
     (tmp_path / "tasks.py").write_text(TASKS.format(url=redis_url, prefix=prefix))
     port = free_port()
-    server = qtasks_run(tmp_path, "-A", "tasks:app", "--metrics-port", str(port))
+    argv = ["-m", "qtasks", "run", "-A", "tasks:app", "--metrics-port", str(port)]
+    server = spawn(argv, tmp_path, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/metrics"
     app = producer(redis_url, prefix)
     try:
