@@ -18,8 +18,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, hookimpl
 from qtasks.errors import PluginError
+from qtasks.messages import Message
 from qtasks_web.plugins import Off
 from qtasks_web.tracing import TracingPlugin
 
@@ -111,7 +112,7 @@ async def test_run_span_is_a_child_of_the_enqueue_span_with_messaging_attributes
     assert process["attributes"]["qtasks.task.attempt"] == 1
     assert process["attributes"]["qtasks.task.status"] == "success"
     assert process["attributes"]["messaging.consumer.group.name"] == app.worker.id
-    assert process["status"] == "OK"
+    assert process["status"] == "UNSET"  # OK is the application's to set
 
 
 async def test_an_error_is_recorded_on_the_run_span(app: AsyncQueueTasks, traces: Traces) -> None:
@@ -155,7 +156,7 @@ async def test_each_attempt_of_a_retried_task_is_a_child_of_the_one_enqueue(
     assert [e["name"] for e in first["events"]] == ["exception", "qtasks.retry"]
     assert first["events"][1]["attributes"] == {"qtasks.retry.delay": 0, "qtasks.task.attempt": 1}
     assert first["attributes"]["qtasks.task.status"] == "retry"
-    assert (second["attributes"]["qtasks.task.attempt"], second["status"]) == (2, "OK")
+    assert (second["attributes"]["qtasks.task.attempt"], second["status"]) == (2, "UNSET")
 
 
 async def test_a_cancel_is_an_event_of_the_run_span(app: AsyncQueueTasks, traces: Traces) -> None:
@@ -358,6 +359,49 @@ async def test_spans_of_a_worker_process_on_redis_are_children_of_the_producers(
         assert process["attributes"]["messaging.destination.name"] == name
         assert process["attributes"]["messaging.system"] == "qtasks"
     ok_span, bad_span = one(theirs, "process ok"), one(theirs, "process bad")
-    assert (ok_span["status"], ok_span["events"]) == ("OK", [])
+    assert (ok_span["status"], ok_span["events"]) == ("UNSET", [])
     assert (bad_span["status"], bad_span["description"]) == ("ERROR", "KeyError: 'missing'")
     assert bad_span["events"][0]["attributes"]["exception.type"] == "KeyError"
+
+
+# --- opentelemetry-api alone (no SDK) -----------------------------------------------------
+
+
+class Headers:
+    """Records the headers of each message the worker receives."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    @hookimpl
+    def qtasks_worker_task_received(self, message: Message) -> None:
+        self.seen.append(dict(message.headers))
+
+
+async def test_without_an_sdk_nothing_is_written_unless_a_trace_comes_in() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=trace.NoOpTracerProvider()))
+    headers = Headers()
+    app.add_plugin(headers)
+    remote = trace.SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0x00F067AA0BA902B7,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+
+    @app.task
+    async def seen() -> str:
+        return f"{trace.get_current_span().get_span_context().trace_id:032x}"
+
+    async with app:
+        alone = await seen.add_task(timeout=5)
+        # A trace continued by this process without an SDK (say, from a request's headers).
+        with trace.use_span(trace.NonRecordingSpan(remote)):
+            continued = await seen.add_task(timeout=5)
+    assert headers.seen[0] == {}
+    assert alone.returning == f"{0:032x}"
+    assert (
+        headers.seen[1]["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+    )
+    assert continued.returning == "0af7651916cd43dd8448eb211c80319c"

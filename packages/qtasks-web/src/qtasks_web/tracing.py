@@ -60,30 +60,33 @@ class TracingPlugin:
         self._sending: dict[str, Span] = {}
         """Enqueue spans by task uuid, until the broker confirmed."""
         self._running: dict[int, Span] = {}
-        """Run spans by ``id(record)`` (the record object lives as long as the run)."""
+        """Recording run spans by ``id(record)`` (the record object lives as long as the
+        run)."""
+        self._textmap: Any = None
+        self._fields: frozenset[str] = frozenset()
+        """The header names the global propagator reads (cached per propagator)."""
 
     # --- producer -----------------------------------------------------------------------
 
     @hookimpl
-    def qtasks_task_enqueue(self, message: Message) -> Message:
+    def qtasks_task_enqueue(self, message: Message) -> Message | None:
         """Start the enqueue span (a child of the current span) and write its context into
-        the message headers."""
-        span = self._tracer.start_span(
-            f"send {message.task_name}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                **_messaging("send", message.task_name, message.uuid),
-                "qtasks.task.priority": message.priority,
-            },
-        )
-        propagate.inject(message.headers, context=trace.set_span_in_context(span))
+        the message headers. Without an SDK nor a trace to continue there is nothing to
+        write (the span is the API's invalid no-op one)."""
+        span = self._tracer.start_span(f"send {message.task_name}", kind=SpanKind.PRODUCER)
         if span.is_recording():
+            attributes = _messaging("send", message.task_name, message.uuid)
+            attributes["qtasks.task.priority"] = message.priority
+            span.set_attributes(attributes)  # one call: the SDK cleans them under a lock
             sending = self._sending
             if len(sending) >= MAX_UNCONFIRMED:
                 oldest = sending.pop(next(iter(sending)))
                 oldest.add_event("qtasks.unconfirmed")
                 oldest.end()
             sending[message.uuid] = span
+        elif not span.get_span_context().is_valid:
+            return None
+        propagate.inject(message.headers, context=trace.set_span_in_context(span))
         return message
 
     @hookimpl
@@ -97,21 +100,25 @@ class TracingPlugin:
     @hookimpl
     def qtasks_worker_execute_before(self, record: TaskRecord, run: TaskRun) -> None:
         """Start the run span as a child of the producer's, current while the code runs."""
-        parent = propagate.extract(run.message.headers)
-        attributes: dict[str, Any] = {
-            **_messaging("process", record.task_name, record.uuid),
-            "qtasks.task.priority": record.priority,
-            "qtasks.task.attempt": record.attempt,
-        }
-        if record.worker is not None:
-            attributes["messaging.consumer.group.name"] = record.worker
+        headers = run.message.headers
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._textmap, self._fields = textmap, frozenset(textmap.fields)
+        # Headers without a propagated field (most, when nobody traces) cost no extraction.
+        parent = None if self._fields.isdisjoint(headers) else propagate.extract(headers)
         span = self._tracer.start_span(
-            f"process {record.task_name}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
+            f"process {record.task_name}", context=parent, kind=SpanKind.CONSUMER
         )
-        self._running[id(record)] = span
+        if span.is_recording():
+            attributes = _messaging("process", record.task_name, record.uuid)
+            attributes["qtasks.task.priority"] = record.priority
+            attributes["qtasks.task.attempt"] = record.attempt
+            if record.worker is not None:
+                attributes["messaging.consumer.group.name"] = record.worker
+            span.set_attributes(attributes)
+            self._running[id(record)] = span
+        elif not span.get_span_context().is_valid:
+            return  # the API's invalid no-op span: nothing to make current
         run.state[_TOKEN] = context.attach(trace.set_span_in_context(span, parent))
 
     @hookimpl
@@ -150,7 +157,8 @@ class TracingPlugin:
     @hookimpl
     def qtasks_worker_execute_after(self, record: TaskRecord) -> None:
         """End the run span with the task's outcome: ``ERROR`` status for an error (and for
-        a failed attempt that is retried), ``OK`` for a success."""
+        a failed attempt that is retried), else unset (the API's advice to instrumentations:
+        ``OK`` is the application's to set)."""
         span = self._running.pop(id(record), None)
         if span is None:
             return
@@ -158,8 +166,6 @@ class TracingPlugin:
         span.set_attribute("qtasks.task.status", status.value)
         if status is TaskStatus.ERROR or status is TaskStatus.RETRY:
             span.set_status(Status(StatusCode.ERROR, record.error))
-        elif status is TaskStatus.SUCCESS:
-            span.set_status(Status(StatusCode.OK))
         span.end()
 
     @hookimpl
