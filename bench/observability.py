@@ -5,6 +5,7 @@ one ``add_task`` at a time into a running worker, concurrency 10; each INCRs a R
 rate = N / (first enqueue -> the counter reaches N)). Modes:
 
 - ``off``: no plugin (as redis_throughput.py);
+- ``metrics``: :class:`~qtasks_web.metrics.MetricsPlugin` alone, serving on a port;
 - ``api``: :class:`~qtasks_web.metrics.MetricsPlugin` (serving on a port) in the worker and
   :class:`~qtasks_web.tracing.TracingPlugin` in the worker and the producer, with
   opentelemetry-api only (no SDK configured: what runs when tracing is enabled and nobody
@@ -12,11 +13,15 @@ rate = N / (first enqueue -> the counter reaches N)). Modes:
 - ``sdk``: as ``api``, with the SDK's ``TracerProvider`` and a ``BatchSpanProcessor`` whose
   exporter drops the spans (every span recorded, nothing sent over the network).
 
+``--inmemory`` measures instead the CPU the plugins add per task, in one process with the
+in-memory components (producer and worker together, no network: the plugins' own cost,
+without Redis round trips to hide or blur it).
+
 The modes run in turn, the order rotated each round, a fresh worker process per run, so the
 shared machine's noise falls on every mode alike; the medians are printed at the end.
 
 Run: ``uv run --all-packages python bench/observability.py [--n 5000] [--rounds 5]
-[--modes off,api,sdk]``.
+[--modes off,metrics,api,sdk] [--inmemory]``.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ if mode != "off":
     from qtasks_web.metrics import MetricsPlugin
     from qtasks_web.tracing import TracingPlugin
     app.add_plugin(MetricsPlugin(port=port))
-    app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
+    if mode != "metrics":
+        app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
 client = redis.asyncio.Redis.from_url(url)
 
 @app.task(name="incr")
@@ -95,7 +101,7 @@ def producer(prefix: str, mode: str) -> AsyncQueueTasks:
         global_config=RedisGlobalConfig(URL, prefix=prefix),
         config=QueueConfig(plugins_disabled=["*"]),
     )
-    if mode != "off":
+    if mode not in ("off", "metrics"):
         from qtasks_web.tracing import TracingPlugin
 
         app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
@@ -146,6 +152,39 @@ async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
         clean(prefix)
 
 
+async def inmemory(mode: str, n: int) -> tuple[float, float, float]:
+    """``n`` tasks enqueued one at a time into a worker of the same app (in-memory
+    components, concurrency 10): (tasks/s, CPU us per task, 0)."""
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], max_tasks_process=10))
+    if mode != "off":
+        from qtasks_web.metrics import MetricsPlugin
+        from qtasks_web.tracing import TracingPlugin
+
+        app.add_plugin(MetricsPlugin())  # no port: the HTTP server is not the point here
+        if mode != "metrics":
+            app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
+    done = anyio.Event()
+    count = 0
+
+    @app.task(name="incr")
+    async def incr() -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            done.set()
+
+    async with app:
+        for _ in range(20):
+            await app.add_task("incr")
+        count -= 20
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            await app.add_task("incr")
+        await done.wait()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return n / wall, cpu / n * 1e6, 0.0
+
+
 async def run(opts: argparse.Namespace) -> None:
     modes = [m.strip() for m in opts.modes.split(",")]
     figures: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
@@ -153,22 +192,38 @@ async def run(opts: argparse.Namespace) -> None:
         for round_ in range(opts.rounds):
             order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
             for mode in order:
+                if opts.inmemory:
+                    rate, mine, _ = await inmemory(mode, opts.n)
+                    figures[mode].append((rate, mine, 0.0))
+                    print(
+                        f"round {round_ + 1} {mode:>7}: in-memory {rate:,.0f} tasks/s, "
+                        f"CPU {mine:.1f} us per task",
+                        flush=True,
+                    )
+                    continue
                 rate, mine, theirs = await w1(mode, opts.n, Path(tmp))
                 figures[mode].append((rate, mine, theirs))
                 print(
-                    f"round {round_ + 1} {mode:>3}: W1 {rate:,.0f} tasks/s; CPU per task: "
+                    f"round {round_ + 1} {mode:>7}: W1 {rate:,.0f} tasks/s; CPU per task: "
                     f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us",
                     flush=True,
                 )
     base = statistics.median(r for r, _, _ in figures[modes[0]])
+    base_cpu = statistics.median(m + t for _, m, t in figures[modes[0]])
     print(f"medians of {opts.rounds} runs of {opts.n} tasks each:")
     for mode, runs in figures.items():
         rate = statistics.median(r for r, _, _ in runs)
         mine = statistics.median(m for _, m, _ in runs)
         theirs = statistics.median(t for _, _, t in runs)
+        both = statistics.median(m + t for _, m, t in runs)
+        where = (
+            f"CPU {mine:.1f} us per task"
+            if opts.inmemory
+            else f"CPU per task: producer {mine:.0f} us, worker {theirs:.0f} us"
+        )
         print(
-            f"  {mode:>3}: {rate:,.0f} tasks/s ({(rate / base - 1) * 100:+.1f} % vs "
-            f"{modes[0]}); CPU per task: producer {mine:.0f} us, worker {theirs:.0f} us"
+            f"  {mode:>7}: {rate:,.0f} tasks/s ({(rate / base - 1) * 100:+.1f} % vs "
+            f"{modes[0]}); {where} ({(both / base_cpu - 1) * 100:+.1f} % CPU)"
         )
 
 
@@ -176,5 +231,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--modes", default="off,api,sdk")
+    parser.add_argument("--modes", default="off,metrics,api,sdk")
+    parser.add_argument("--inmemory", action="store_true")
     anyio.run(run, parser.parse_args())

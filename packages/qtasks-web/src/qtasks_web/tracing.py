@@ -16,6 +16,7 @@ Only ``opentelemetry-api`` is needed: without an SDK configured every span is a 
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, propagate, trace
@@ -40,6 +41,9 @@ MAX_UNCONFIRMED = 10_000
 """Enqueue spans kept open waiting for the broker's confirmation; past this the oldest is ended
 (an enqueue that raised never confirms)."""
 
+_NO_OP = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
+"""Providers whose spans go nowhere (the proxy is the global one until an SDK is set)."""
+
 _TOKEN = "qtasks_web.tracing.token"
 """``run.state`` key: the token of the context attached while the task's code runs."""
 
@@ -54,6 +58,9 @@ class TracingPlugin:
     name = "qtasks-web.tracing"
 
     def __init__(self, *, tracer_provider: TracerProvider | None = None) -> None:
+        self._provider = tracer_provider
+        self._maybe_idle = True
+        self._idle_until = 0.0
         self._tracer = trace.get_tracer(
             "qtasks_web.tracing", tracer_provider=tracer_provider, schema_url=None
         )
@@ -66,6 +73,24 @@ class TracingPlugin:
         self._fields: frozenset[str] = frozenset()
         """The header names the global propagator reads (cached per propagator)."""
 
+    def _idle(self) -> bool:
+        """Whether spans go nowhere: no SDK configured (the API's no-op or proxy provider).
+
+        Looking the global provider up costs as much as the rest of a hook, so an answer
+        "idle" is kept for a second (a provider set later is used from then on); "not idle"
+        is final, as a global provider is set only once."""
+        if not self._maybe_idle:
+            return False
+        now = time.monotonic()
+        if now < self._idle_until:
+            return True
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if isinstance(provider, _NO_OP):
+            self._idle_until = now + 1.0
+            return True
+        self._maybe_idle = False
+        return False
+
     # --- producer -----------------------------------------------------------------------
 
     @hookimpl
@@ -73,6 +98,8 @@ class TracingPlugin:
         """Start the enqueue span (a child of the current span) and write its context into
         the message headers. Without an SDK nor a trace to continue there is nothing to
         write (the span is the API's invalid no-op one)."""
+        if self._idle() and not trace.get_current_span().get_span_context().is_valid:
+            return None  # the API's no-op tracer and no trace to continue
         span = self._tracer.start_span(f"send {message.task_name}", kind=SpanKind.PRODUCER)
         if span.is_recording():
             attributes = _messaging("send", message.task_name, message.uuid)
@@ -105,7 +132,12 @@ class TracingPlugin:
         if textmap is not self._textmap:
             self._textmap, self._fields = textmap, frozenset(textmap.fields)
         # Headers without a propagated field (most, when nobody traces) cost no extraction.
-        parent = None if self._fields.isdisjoint(headers) else propagate.extract(headers)
+        if self._fields.isdisjoint(headers):
+            if self._idle():
+                return  # the API's no-op tracer and no trace to continue
+            parent = None
+        else:
+            parent = propagate.extract(headers)
         span = self._tracer.start_span(
             f"process {record.task_name}", context=parent, kind=SpanKind.CONSUMER
         )
