@@ -15,7 +15,8 @@ rate = N / (first enqueue -> the counter reaches N)). Modes:
 
 ``--inmemory`` measures instead the CPU the plugins add per task, in one process with the
 in-memory components (producer and worker together, no network: the plugins' own cost,
-without Redis round trips to hide or blur it).
+without Redis round trips to hide or blur it), one app whose plugins are swapped between
+batches of N tasks.
 
 The modes run in turn, the order rotated each round, a fresh worker process per run, so the
 shared machine's noise falls on every mode alike; the medians are printed at the end.
@@ -152,55 +153,74 @@ async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
         clean(prefix)
 
 
-async def inmemory(mode: str, n: int) -> tuple[float, float, float]:
-    """``n`` tasks enqueued one at a time into a worker of the same app (in-memory
-    components, concurrency 10): (tasks/s, CPU us per task, 0)."""
-    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], max_tasks_process=10))
-    if mode != "off":
-        from qtasks_web.metrics import MetricsPlugin
-        from qtasks_web.tracing import TracingPlugin
+async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[float]]:
+    """CPU us per task of each mode: one app (in-memory components, concurrency 10) whose
+    plugins are swapped between batches of ``n`` tasks, each enqueued one at a time, the modes
+    in turn ``rounds`` times (order rotated): a load change on the machine falls on every mode
+    within seconds, not on one whole run."""
+    from qtasks_web.metrics import MetricsPlugin
+    from qtasks_web.tracing import TracingPlugin
 
-        app.add_plugin(MetricsPlugin())  # no port: the HTTP server is not the point here
-        if mode != "metrics":
-            app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], max_tasks_process=10))
+    plugins = {
+        mode: [MetricsPlugin()]
+        + (
+            [TracingPlugin(tracer_provider=tracing_provider(mode))]
+            if mode in ("api", "sdk")
+            else []
+        )
+        for mode in modes
+        if mode != "off"
+    }
     done = anyio.Event()
-    count = 0
+    count, target = 0, 0
 
     @app.task(name="incr")
     async def incr() -> None:
         nonlocal count
         count += 1
-        if count == n:
+        if count == target:
             done.set()
 
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     async with app:
-        for _ in range(20):
-            await app.add_task("incr")
-        count -= 20
-        cpu, start = time.process_time(), time.perf_counter()
-        for _ in range(n):
-            await app.add_task("incr")
-        await done.wait()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return n / wall, cpu / n * 1e6, 0.0
+        for round_ in range(rounds):
+            order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+            for mode in order:
+                for plugin in [p for ps in plugins.values() for p in ps]:
+                    if app.hooks.pm.is_registered(plugin):
+                        app.hooks.unregister(plugin)
+                for plugin in plugins.get(mode, []):
+                    app.hooks.register(plugin)
+                done, target = anyio.Event(), count + n
+                start = time.process_time()
+                for _ in range(n):
+                    await app.add_task("incr")
+                await done.wait()
+                cpu[mode].append((time.process_time() - start) / n * 1e6)
+    return cpu
 
 
 async def run(opts: argparse.Namespace) -> None:
     modes = [m.strip() for m in opts.modes.split(",")]
     figures: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    if opts.inmemory:
+        cpu = await inmemory(modes, opts.n, opts.rounds)
+        for mode, runs in cpu.items():
+            print(f"{mode:>7}: CPU us per task, each batch: {' '.join(f'{c:.1f}' for c in runs)}")
+        base = statistics.median(cpu[modes[0]])
+        print(f"medians of {opts.rounds} batches of {opts.n} tasks (producer and worker together):")
+        for mode, runs in cpu.items():
+            median = statistics.median(runs)
+            print(
+                f"  {mode:>7}: {median:.1f} us per task ({median - base:+.1f} us, "
+                f"{(median / base - 1) * 100:+.1f} % vs {modes[0]})"
+            )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(opts.rounds):
             order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
             for mode in order:
-                if opts.inmemory:
-                    rate, mine, _ = await inmemory(mode, opts.n)
-                    figures[mode].append((rate, mine, 0.0))
-                    print(
-                        f"round {round_ + 1} {mode:>7}: in-memory {rate:,.0f} tasks/s, "
-                        f"CPU {mine:.1f} us per task",
-                        flush=True,
-                    )
-                    continue
                 rate, mine, theirs = await w1(mode, opts.n, Path(tmp))
                 figures[mode].append((rate, mine, theirs))
                 print(
@@ -216,14 +236,10 @@ async def run(opts: argparse.Namespace) -> None:
         mine = statistics.median(m for _, m, _ in runs)
         theirs = statistics.median(t for _, _, t in runs)
         both = statistics.median(m + t for _, m, t in runs)
-        where = (
-            f"CPU {mine:.1f} us per task"
-            if opts.inmemory
-            else f"CPU per task: producer {mine:.0f} us, worker {theirs:.0f} us"
-        )
         print(
             f"  {mode:>7}: {rate:,.0f} tasks/s ({(rate / base - 1) * 100:+.1f} % vs "
-            f"{modes[0]}); {where} ({(both / base_cpu - 1) * 100:+.1f} % CPU)"
+            f"{modes[0]}); CPU per task: producer {mine:.0f} us, worker {theirs:.0f} us "
+            f"({(both / base_cpu - 1) * 100:+.1f} % CPU)"
         )
 
 

@@ -10,16 +10,20 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import redis
+import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client.parser import text_string_to_metric_families
+
+ASGIApp = Any
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 """Every sample of a scrape: ``(name, sorted labels) -> value``."""
@@ -127,3 +131,20 @@ class RedisListExporter(SpanExporter):
 
     def shutdown(self) -> None:
         self._client.close()
+
+
+@asynccontextmanager
+async def serving(asgi: ASGIApp) -> AsyncIterator[str]:
+    """``asgi`` served by uvicorn on a free loopback port; yields its URL."""
+    port = free_port()
+    config = uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                await anyio.sleep(0.01)
+        try:
+            yield f"http://127.0.0.1:{port}/metrics"
+        finally:
+            server.should_exit = True

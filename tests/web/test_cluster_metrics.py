@@ -4,36 +4,15 @@ in-memory components."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import anyio
 import pytest
-import uvicorn
-from obs_helpers import Samples, free_port, get, parse, scrape, scrape_until, value
+from obs_helpers import Samples, get, parse, scrape, scrape_until, serving, value
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryGlobalConfig, MemoryStorage, QueueConfig
 from qtasks.components import BrokerStats
-from qtasks_web.metrics import ASGIApp, cluster_metrics_app
+from qtasks_web.metrics import cluster_metrics_app
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def serving(asgi: ASGIApp) -> AsyncIterator[str]:
-    """``asgi`` served by uvicorn on a free loopback port; yields its URL."""
-    port = free_port()
-    config = uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-                await anyio.sleep(0.01)
-        try:
-            yield f"http://127.0.0.1:{port}/metrics"
-        finally:
-            server.should_exit = True
 
 
 async def test_cluster_gauges_from_the_components() -> None:
