@@ -245,3 +245,18 @@ async def test_a_port_in_use_is_logged_and_the_worker_serves_anyway(
         assert first.address is not None
         assert (await ok.add_task(timeout=5)).returning == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in caplog.text
+
+
+@pytest.mark.timeout(30)  # the hang this guards against fails here
+async def test_reading_the_registry_in_the_event_loop_leaves_the_broker_figures_out() -> None:
+    # The broker is read in the worker's loop: from the loop's own thread that would wait on
+    # itself forever. A scrape from another thread gets them (the tests above).
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    metrics = MetricsPlugin()
+    app.add_plugin(metrics)
+    async with app:
+        text = generate_latest(metrics.registry).decode()
+        from_thread = await anyio.to_thread.run_sync(generate_latest, metrics.registry)
+    assert "qtasks_worker_up 1.0" in text
+    assert "qtasks_dead_letters " not in text
+    assert "qtasks_dead_letters 0.0" in from_thread.decode()

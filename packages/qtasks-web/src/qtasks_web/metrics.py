@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
@@ -100,6 +101,7 @@ class MetricsPlugin:
         self.registry.register(_BrokerCollector(self))
         self._app: AsyncQueueTasks | None = None
         self._token: Any = None
+        self._loop_thread: int | None = None
         self._server: WSGIServer | None = None
 
     @property
@@ -129,8 +131,8 @@ class MetricsPlugin:
     def _broker_stats(self) -> BrokerStats | None:
         """The broker's figures, read in the worker's event loop from the scraping thread."""
         app, token = self._app, self._token
-        if app is None or token is None:
-            return None
+        if app is None or token is None or threading.get_ident() == self._loop_thread:
+            return None  # not serving, or read in the loop's own thread: it cannot wait on itself
         try:
             stats: BrokerStats = anyio.from_thread.run(_timed, app.broker.stats, token=token)
         except Exception as exc:  # an outage or a stopped loop: the scrape goes on without
@@ -146,6 +148,7 @@ class MetricsPlugin:
         if kind != "worker":
             return
         self._app, self._token = app, anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
         self.worker_up = 1
         if self.port is not None and self._server is None:
             self._listen()
