@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -72,8 +73,9 @@ _STARTED = "qtasks_web.metrics.started"
 class MetricsPlugin:
     """Prometheus metrics of one app's worker (see the module docstring).
 
-    ``port``: serve them over HTTP on ``host`` while the worker serves (``None``: only
-    collect them into :attr:`registry`, e.g. to expose them yourself).
+    ``port``: serve them over HTTP on ``host`` while the worker serves (``0``: any free port,
+    see :attr:`address`; ``None``: only collect them into :attr:`registry`, e.g. to expose
+    them yourself).
     """
 
     name = "qtasks-web.metrics"
@@ -120,12 +122,14 @@ class MetricsPlugin:
         except OSError as exc:
             log.error("cannot serve metrics on %s:%s: %s", self.host, self.port, exc)
             return
-        log.info("serving Prometheus metrics on http://%s:%s/metrics", self.host, self.port)
+        port = self._server.server_port  # the one bound, when 0 asked for any free one
+        log.info("serving Prometheus metrics on http://%s:%s/metrics", self.host, port)
 
-    def _close(self) -> None:
+    async def _close(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            server.shutdown()
+            # shutdown() waits for the server's poll loop (up to half a second): not in the loop.
+            await anyio.to_thread.run_sync(server.shutdown)
             server.server_close()
 
     def _broker_stats(self) -> BrokerStats | None:
@@ -154,17 +158,17 @@ class MetricsPlugin:
             self._listen()
 
     @hookimpl
-    def qtasks_component_stopped(self, kind: str) -> None:
+    async def qtasks_component_stopped(self, kind: str) -> None:
         """The worker stopped: ``qtasks_worker_up`` is 0, and the HTTP server stops."""
         if kind != "worker":
             return
         self.worker_up = 0
         self._token = None
-        self._close()
+        await self._close()
 
     @hookimpl
-    def qtasks_app_stopped(self) -> None:
-        self._close()
+    async def qtasks_app_stopped(self) -> None:
+        await self._close()
 
     @hookimpl
     def qtasks_worker_execute_before(self, record: TaskRecord, run: TaskRun) -> None:
