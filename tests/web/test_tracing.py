@@ -405,3 +405,28 @@ async def test_without_an_sdk_nothing_is_written_unless_a_trace_comes_in() -> No
         headers.seen[1]["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
     )
     assert continued.returning == "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_enqueue_spans_never_confirmed_are_bounded(
+    traces: Traces, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qtasks import MemoryBroker
+    from qtasks.messages import Envelope
+    from qtasks_web import tracing
+
+    class Down(MemoryBroker):
+        async def publish(self, envelope: Envelope) -> None:
+            raise ConnectionError("broker down")
+
+    monkeypatch.setattr(tracing, "MAX_UNCONFIRMED", 2)
+    app = AsyncQueueTasks(broker=Down(), config=QueueConfig(plugins_disabled=["*"]))
+    app.add_plugin(TracingPlugin(tracer_provider=traces.provider))
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            await app.enqueue("t")
+    await app.aclose()
+    # The publish raised, so no confirmation: the spans stay open, at most 2 of them; the
+    # oldest was ended to make room, marked unconfirmed.
+    (ended,) = traces.spans()
+    assert ended["name"] == "send t"
+    assert [e["name"] for e in ended["events"]] == ["qtasks.unconfirmed"]
