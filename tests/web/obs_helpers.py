@@ -10,7 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client.parser import text_string_to_metric_families
+
+from qtasks import AsyncQueueTasks
+from qtasks.task import TaskDef
 
 ASGIApp = Any
 
@@ -148,3 +151,31 @@ async def serving(asgi: ASGIApp) -> AsyncIterator[str]:
             yield f"http://127.0.0.1:{port}/metrics"
         finally:
             server.should_exit = True
+
+
+def fails_once(app: AsyncQueueTasks) -> TaskDef[[], Coroutine[Any, Any, str]]:
+    """Declare ``flaky``: raises on its first run, is retried once (at once), returns "ok"."""
+    attempts: list[int] = []
+
+    @app.task(retry=1, retry_backoff=0)
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ValueError("first time")
+        return "ok"
+
+    return flaky
+
+
+def runs_until_cancelled(
+    app: AsyncQueueTasks,
+) -> tuple[TaskDef[[], Coroutine[Any, Any, None]], anyio.Event]:
+    """Declare ``waits`` (runs for 30 s) and the event it sets once it runs."""
+    started = anyio.Event()
+
+    @app.task
+    async def waits() -> None:
+        started.set()
+        await anyio.sleep(30)
+
+    return waits, started

@@ -7,7 +7,15 @@ import time
 
 import anyio
 import pytest
-from obs_helpers import Samples, free_port, scrape, scrape_until, value
+from obs_helpers import (
+    Samples,
+    fails_once,
+    free_port,
+    runs_until_cancelled,
+    scrape,
+    scrape_until,
+    value,
+)
 from prometheus_client import generate_latest
 
 from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, TaskStatus
@@ -31,8 +39,8 @@ async def test_known_workload_counts_every_outcome_and_times_queue_wait_and_run(
         config=QueueConfig(plugins_disabled=["*"], max_tasks_process=1, shutdown_grace=1.0)
     )
     app.add_plugin(MetricsPlugin(port=port))
-    started = anyio.Event()
-    attempts: list[int] = []
+    flaky = fails_once(app)
+    waits, started = runs_until_cancelled(app)
 
     @app.task
     async def ok(x: int) -> int:
@@ -41,18 +49,6 @@ async def test_known_workload_counts_every_outcome_and_times_queue_wait_and_run(
     @app.task
     async def bad() -> None:
         raise ValueError("bad")
-
-    @app.task(retry=1, retry_backoff=0)
-    async def flaky() -> str:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise ValueError("first time")
-        return "ok"
-
-    @app.task
-    async def waits() -> None:
-        started.set()
-        await anyio.sleep(30)
 
     @app.task
     async def hold() -> None:

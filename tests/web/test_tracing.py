@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from obs_helpers import span_dict, spawn
+from obs_helpers import fails_once, runs_until_cancelled, span_dict, spawn
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -136,15 +136,7 @@ async def test_an_error_is_recorded_on_the_run_span(app: AsyncQueueTasks, traces
 async def test_each_attempt_of_a_retried_task_is_a_child_of_the_one_enqueue(
     app: AsyncQueueTasks, traces: Traces
 ) -> None:
-    attempts: list[int] = []
-
-    @app.task(retry=1, retry_backoff=0)
-    async def flaky() -> str:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise ValueError("first time")
-        return "ok"
-
+    flaky = fails_once(app)
     async with app:
         assert (await flaky.add_task(timeout=5)).returning == "ok"
         spans = await traces.until(lambda s: len(named(s, "process flaky")) == 2)
@@ -160,13 +152,7 @@ async def test_each_attempt_of_a_retried_task_is_a_child_of_the_one_enqueue(
 
 
 async def test_a_cancel_is_an_event_of_the_run_span(app: AsyncQueueTasks, traces: Traces) -> None:
-    started = anyio.Event()
-
-    @app.task
-    async def waits() -> None:
-        started.set()
-        await anyio.sleep(30)
-
+    waits, started = runs_until_cancelled(app)
     async with app:
         task = await waits.add_task()
         with anyio.fail_after(5):
