@@ -35,10 +35,10 @@ class _Waiter:
 class BeginBatch:
     """Begins task records for a worker, many per round trip when they start together."""
 
-    __slots__ = ("_busy", "_many", "_queue", "_storage")
+    __slots__ = ("_busy", "_many", "_queue", "storage")
 
     def __init__(self, storage: Storage) -> None:
-        self._storage = storage
+        self.storage = storage
         self._many = storage if isinstance(storage, BeginMany) else None
         self._busy = False
         self._queue: list[_Waiter] = []
@@ -46,11 +46,11 @@ class BeginBatch:
     async def begin(self, claim: TaskRecord) -> TaskRecord:
         """:meth:`Storage.begin` of ``claim``, shared with the tasks starting meanwhile."""
         if self._many is None:
-            return await self._storage.begin(claim)
+            return await self.storage.begin(claim)
         if not self._busy:
             self._busy = True
             try:
-                return await self._storage.begin(claim)
+                return await self.storage.begin(claim)
             finally:
                 self._pass_on()
         waiter = _Waiter(claim)
@@ -104,6 +104,6 @@ class BeginBatch:
 
     async def _one(self, waiter: _Waiter) -> None:
         try:
-            waiter.result = await self._storage.begin(waiter.record)
+            waiter.result = await self.storage.begin(waiter.record)
         except Exception as exc:
             waiter.error = exc

@@ -82,8 +82,8 @@ class QueueWorker:
         """Reasons of the latest cancels heard of, by uuid (at most ``RECENT_CANCELS``)."""
         self._free = 0
         """Runners not processing a delivery (waiting for one, or about to take one)."""
-        self._begins: BeginBatch
-        """The begin step's calls, many per round trip (made for each ``run``)."""
+        self._begins: BeginBatch | None = None
+        """The begin step's calls, many per round trip (for the app's storage)."""
         self._start_at_once: set[str] = set()
         """Tokens of deliveries begun with their claim that went to a free runner, nothing
         waiting before them (see :meth:`_starts`)."""
@@ -162,7 +162,6 @@ class QueueWorker:
         capacity = concurrency + prefetch
         self._held = 0
         self._free = concurrency
-        self._begins = BeginBatch(app.storage)
         slot_freed = _Signal()
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
@@ -432,7 +431,12 @@ class QueueWorker:
             claim.token = delivery.token
             claim.worker = self.id
             try:
-                record = await self._begins.begin(claim)
+                begins = self._begins
+                if begins is None or begins.storage is not app.storage:
+                    # Made on first use: qtasks-testing's harness processes deliveries
+                    # without ``run``.
+                    begins = self._begins = BeginBatch(app.storage)
+                record = await begins.begin(claim)
             except SerializationError as exc:
                 # The stored record cannot be read (written by something else): poison too.
                 await self._reject(app, delivery, f"stored task record unreadable: {exc}", None)
