@@ -17,6 +17,7 @@ from qtasks_testing.contract import (
     SharedServerContract,
     StorageContract,
     StorageFactory,
+    StorageQueryContract,
 )
 
 
@@ -59,6 +60,10 @@ class TestMemoryCancelCheck(CancelCheckContract):
 
 
 class TestMemoryCancelFeed(CancelFeedContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryStorageQuery(StorageQueryContract):
     """Runs with the module's factories."""
 
 

@@ -18,6 +18,7 @@ from qtasks_testing.contract import (
     SharedServerContract,
     StorageContract,
     StorageFactory,
+    StorageQueryContract,
 )
 
 
@@ -64,6 +65,10 @@ class TestRedisCancelCheck(CancelCheckContract):
 
 
 class TestRedisCancelFeed(CancelFeedContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisStorageQuery(StorageQueryContract):
     """Runs with the module's factories."""
 
 

@@ -443,6 +443,7 @@ class QueueWorker:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             await delivery.ack()
             return
+        record.started_at = record.updated_at  # as begun: stored with the final record
         if "qtasks_storage_saved" in hooks.active:
             await hooks.notify("qtasks_storage_saved", app=app, record=record)
         run = TaskRun(

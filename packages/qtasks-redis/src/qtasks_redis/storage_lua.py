@@ -9,7 +9,12 @@
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
               ``e`` (the record is final) markers
 4-9.          ZSET per status (new, process, success, error, cancel, retry): uuid -> ms,
-              for :meth:`stats` without scanning the keyspace
+              for :meth:`stats` and :meth:`query` without scanning the keyspace
+
+and, per task name (keys built from the tag, in the same slot): ``<tag>:nl:<name>`` ZSET of the
+records that are not final (uuid -> ms stored) and ``<tag>:nf:<name>`` of the final ones
+(uuid -> ms final). The indexes of final records are pruned by score whenever one is added to,
+and expire, as the records do, ``result_ttl`` after their newest entry.
 """
 
 from __future__ import annotations
@@ -35,6 +40,38 @@ local function index(uuid, old, new, now)
   if IDX[new] then redis.call('ZADD', IDX[new], now, uuid) end
 end
 
+-- The name of a stored record from its JSON ('d'): formats 1 and 2 are
+-- [format, uuid, task_name, ...].
+local function record_name(d)
+  local ok, v = pcall(cjson.decode, d)
+  if not ok or type(v) ~= 'table' then return nil end
+  if v[1] == 1 or v[1] == 2 then return v[3] end
+  return v.task_name
+end
+
+-- After index(): the task-name indexes, and the pruning of the final indexes, whose entries
+-- older than the TTL belong to records that expired.
+local function named(uuid, name, old, new, now, ttl)
+  if FINAL[new] and ttl then
+    redis.call('ZREMRANGEBYSCORE', IDX[new], '-inf', '(' .. (now - ttl))
+    redis.call('PEXPIRE', IDX[new], ttl)
+  end
+  if type(name) ~= 'string' or name == '' then return end
+  local tag = string.sub(K_REC, 1, #K_REC - #uuid - 3)
+  local live, final = tag .. ':nl:' .. name, tag .. ':nf:' .. name
+  if FINAL[new] then
+    if not (old and FINAL[old]) then redis.call('ZREM', live, uuid) end
+    redis.call('ZADD', final, now, uuid)
+    if ttl then
+      redis.call('ZREMRANGEBYSCORE', final, '-inf', '(' .. (now - ttl))
+      redis.call('PEXPIRE', final, ttl)
+    end
+  else
+    if old and FINAL[old] then redis.call('ZREM', final, uuid) end
+    redis.call('ZADD', live, now, uuid)
+  end
+end
+
 -- The record just turned final: expire it, wake waiters, end step followers. The wake list
 -- never outlives the record, so a record that does not exist has no stale wake-up.
 local function finished(ttl)
@@ -51,7 +88,7 @@ end
 SAVE = Script(
     PRELUDE
     + r"""
--- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none)
+-- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none), task_name
 -- force: '1' replaces any stored record, '0' checks fence and finality, 'n' writes only
 -- when no record is stored (a new task's record racing its first delivery).
 -- Returns 1 when written, 0 when refused by the fence (another attempt owns the task), 2 when
@@ -68,7 +105,9 @@ local old = false
 if cur[1] then old = cur[2] end
 redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
 if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
-index(uuid, old, status, now_ms())
+local now = now_ms()
+index(uuid, old, status, now)
+named(uuid, ARGV[9], old, status, now, tonumber(ARGV[8]))
 if FINAL[status] then
   finished(tonumber(ARGV[8]))
 elseif old then
@@ -93,6 +132,7 @@ if not FINAL[cur[2]] then
   local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
   redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', updated)
   index(ARGV[1], cur[2], 'cancel', now)
+  named(ARGV[1], record_name(cur[1]), cur[2], 'cancel', now, tonumber(ARGV[3]))
   finished(tonumber(ARGV[3]))
   if cur[2] == 'process' and ARGV[4] ~= '' then
     redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], ARGV[2]}))
@@ -106,7 +146,7 @@ BEGIN = Script(
     PRELUDE
     + r"""
 -- ARGV: uuid, json (the record as a new 'process' attempt, or '' to get nil back when there
--- is no record: the caller then sends it), token, attempt, worker.
+-- is no record: the caller then sends it), token, attempt, worker, task_name (with the json).
 -- Returns {d, s, t, cr, u, n, a, w}: unchanged when final, else after marking the attempt.
 local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
 if cur[1] and FINAL[cur[2]] then return cur end
@@ -117,6 +157,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if not cur[1] then
   redis.call('HSET', K_REC, 'd', ARGV[2], 's', 'process', 't', ARGV[3], 'u', updated)
   index(ARGV[1], false, 'process', now)
+  named(ARGV[1], ARGV[6], false, 'process', now, nil)
   return {ARGV[2], 'process', ARGV[3], false, updated, false, false, false}
 end
 redis.call('HSET', K_REC, 's', 'process', 't', ARGV[3], 'a', ARGV[4], 'w', ARGV[5],

@@ -1,0 +1,151 @@
+"""RedisStorage's StorageQuery indexes against the real Redis: what the contract suite cannot
+see from outside (stale entries pruned, index keys expiring with their records)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from test_redis_storage import make_storage
+
+from qtasks.components import RecordQuery
+from qtasks.record import TaskRecord, TaskStatus
+
+pytestmark = pytest.mark.anyio
+
+
+async def client(stack: AsyncExitStack, url: str) -> aioredis.Redis:
+    raw = aioredis.Redis.from_url(url)
+    stack.push_async_callback(raw.aclose)
+    return raw
+
+
+def done(rec: TaskRecord, status: TaskStatus = TaskStatus.SUCCESS) -> TaskRecord:
+    final = rec.copy()
+    final.status = status
+    return final
+
+
+async def test_an_entry_whose_record_is_gone_is_skipped_and_pruned(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix)
+    raw = await client(stack, redis_url)
+    kept, lost = TaskRecord(uuid="kept", task_name="t"), TaskRecord(uuid="lost", task_name="t")
+    await storage.add(kept)
+    await storage.add(lost)
+    await raw.delete(storage.record_key("lost"))  # evicted, or deleted by hand
+    new_index = storage.index_keys[0]
+    name_index = f"{storage.key_tag}:nl:t"
+    assert await raw.zscore(new_index, "lost") is not None
+    for query in (RecordQuery(), RecordQuery(task_name="t")):
+        page = await storage.query(query)
+        assert [r.uuid for r in page.records] == ["kept"]
+    assert await raw.zscore(new_index, "lost") is None
+    assert await raw.zscore(name_index, "lost") is None
+    assert await raw.zscore(name_index, "kept") is not None
+
+
+async def test_indexes_of_final_records_expire_like_the_records(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=30.0)
+    raw = await client(stack, redis_url)
+    rec = TaskRecord(uuid="u1", task_name="job")
+    await storage.add(rec)
+    tag = storage.key_tag
+    assert await raw.pttl(f"{tag}:nl:job") == -1  # not final: never expires
+    await storage.save(done(rec))
+    success_index = storage.index_keys[2]
+    for key in (success_index, f"{tag}:nf:job", storage.record_key("u1")):
+        assert 0 < await raw.pttl(key) <= 30_000, key
+    assert await raw.zscore(f"{tag}:nl:job", "u1") is None
+    assert await raw.zscore(f"{tag}:nf:job", "u1") is not None
+    # A deliberate reset (add) brings it back among the records that are not final.
+    await storage.add(rec)
+    assert await raw.zscore(f"{tag}:nf:job", "u1") is None
+    assert await raw.zscore(f"{tag}:nl:job", "u1") is not None
+
+
+async def test_a_final_write_prunes_the_entries_of_expired_records(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=0.2)
+    raw = await client(stack, redis_url)
+    first, second = TaskRecord(uuid="a", task_name="job"), TaskRecord(uuid="b", task_name="job")
+    await storage.add(first)
+    await storage.save(done(first, TaskStatus.ERROR))
+    with anyio.fail_after(3):
+        while await raw.exists(storage.record_key("a")):  # noqa: ASYNC110 - remote expiry
+            await anyio.sleep(0.02)
+    await anyio.sleep(0.01)  # past the TTL by the server's clock too (ms resolution)
+    await storage.add(second)
+    await storage.save(done(second, TaskStatus.ERROR))
+    # No query ran: the write itself dropped the expired record's entries.
+    error_index = storage.index_keys[3]
+    assert await raw.zrange(error_index, 0, -1) == [b"b"]
+    assert await raw.zrange(f"{storage.key_tag}:nf:job", 0, -1) == [b"b"]
+
+
+async def test_cancel_moves_the_record_between_name_indexes(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix)
+    raw = await client(stack, redis_url)
+    await storage.add(TaskRecord(uuid="c1", task_name="slow", args=[{"deep": [1, 2]}]))
+    await storage.cancel("c1", "no longer needed")
+    tag = storage.key_tag
+    assert await raw.zscore(f"{tag}:nl:slow", "c1") is None
+    assert await raw.zscore(f"{tag}:nf:slow", "c1") is not None
+    page = await storage.query(RecordQuery(task_name="slow", status=TaskStatus.CANCEL))
+    assert [(r.uuid, r.cancel_reason) for r in page.records] == [("c1", "no longer needed")]
+
+
+async def test_a_scan_is_bounded_and_resumes_from_its_cursor(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A filter no index serves (a uuid prefix) looks at a bounded number of entries per
+    call; the cursor carries on from there."""
+    storage = await make_storage(stack, redis_url, prefix)
+    needle = TaskRecord(uuid="ffff-needle", task_name="t")
+    await storage.add(needle)
+    await anyio.sleep(0.005)
+    hay = [TaskRecord(uuid=f"a{i:07d}", task_name="t") for i in range(12_000)]
+    for start in range(0, len(hay), 500):
+        async with anyio.create_task_group() as tg:
+            for rec in hay[start : start + 500]:
+                tg.start_soon(storage.add, rec)
+    first = await storage.query(RecordQuery(uuid_prefix="ffff"))
+    assert first.records == []
+    assert first.cursor is not None
+    second = await storage.query(RecordQuery(uuid_prefix="ffff", cursor=first.cursor))
+    assert [r.uuid for r in second.records] == ["ffff-needle"]
+
+
+async def test_records_of_format_1_are_still_read(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Records stored before ``started_at`` existed (format 1) read back without it; new
+    writes use format 2, which keeps it."""
+    storage = await make_storage(stack, redis_url, prefix)
+    raw = await client(stack, redis_url)
+    old = [1, "old", "job", "new", 0, [1], {"k": "v"}, None, None, None, 1.5, 2.5]
+    old += [0, 0, None, None, None, None, None, 0]
+    await raw.hset(storage.record_key("old"), mapping={"d": json.dumps(old), "s": "new", "t": ""})
+    stored = await storage.get("old")
+    assert stored is not None
+    assert (stored.task_name, stored.args, stored.created_at, stored.started_at) == (
+        "job",
+        [1],
+        1.5,
+        None,
+    )
+    stored.started_at = 7.25
+    await storage.save(stored)
+    again = await storage.get("old")
+    assert again is not None and again.started_at == 7.25
+    written = await raw.hget(storage.record_key("old"), "d")
+    assert written is not None and json.loads(written)[0] == 2
