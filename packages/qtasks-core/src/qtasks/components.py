@@ -32,7 +32,9 @@ Optional members the core reads without a protocol (each read with a default, so
 without it loses only what is said here): the class attributes ``local`` and ``default_url``
 above; ``flush() -> int`` on a broker, storage or global config (delete everything it holds,
 return how many items; ``flush_all`` of :mod:`qtasks.compat.admin` refuses a component without
-it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
+it); ``purge_dead_letters(ids: list[str] | None = None) -> int`` on a broker (delete dead
+letters for good, all when ``ids`` is None; return how many: the dashboard's purge, refused
+for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`LeaseBatch`, :class:`CancelCheck`,
 :class:`CancelFeed` and :class:`StorageQuery`, checked with ``isinstance``;

@@ -315,6 +315,8 @@ class QueueWorker:
             "waiting": self.waiting,
             "processed": self.processed,
             "concurrency": concurrency,
+            "beat_at": time.time(),
+            "ttl": interval * 3,
         }
         try:
             await app.global_config.heartbeat(self.id, info, ttl=interval * 3)

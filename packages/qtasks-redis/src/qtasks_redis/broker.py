@@ -491,6 +491,18 @@ class RedisBroker:
             if moved < 1000:
                 return total
 
+    async def purge_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Delete dead letters for good (all when ``ids`` is None); return how many (the
+        dashboard's purge; see :mod:`qtasks.components`)."""
+        if ids is not None:
+            return int(await self._run(lua.PURGE_DEAD, "ids", *ids)) if ids else 0
+        total = 0
+        while True:
+            deleted = int(await self._run(lua.PURGE_DEAD, "all"))
+            total += deleted
+            if deleted < 1000:
+                return total
+
 
 def _redis_storage(storage: Storage) -> RedisStorage:
     if not isinstance(storage, RedisStorage):

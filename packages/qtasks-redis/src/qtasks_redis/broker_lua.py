@@ -387,3 +387,25 @@ if n > 0 then notify() end
 return n
 """
 )
+
+PURGE_DEAD = Script(
+    PRELUDE
+    + r"""
+-- ARGV: mode ('all' or 'ids'), then ids. 'all' deletes at most 1000 per call. Returns how
+-- many dead letters were deleted.
+local ids
+if ARGV[1] == 'all' then
+  ids = redis.call('ZRANGE', K_DLQ, 0, 999)
+else
+  ids = {}
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local n = 0
+for _, id in ipairs(ids) do
+  if redis.call('ZREM', K_DLQ, id) == 1 then n = n + 1 end
+  redis.call('HDEL', K_DLBODY, id)
+  redis.call('HDEL', K_DLMETA, id)
+end
+return n
+"""
+)
