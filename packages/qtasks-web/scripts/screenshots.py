@@ -16,10 +16,10 @@ from pathlib import Path
 
 import anyio
 from playwright.async_api import async_playwright
-from qtasks_web import create_app
-from qtasks_web.server import running
 
 from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks_web import create_app
+from qtasks_web.server import running
 
 OUT = Path(__file__).resolve().parents[3] / "docs" / "img" / "web"
 CHROMIUM = os.environ.get("QTASKS_CHROMIUM", "/usr/bin/chromium")

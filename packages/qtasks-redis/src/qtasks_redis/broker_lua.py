@@ -351,10 +351,7 @@ return out
 """
 )
 
-REQUEUE_DEAD = Script(
-    PRELUDE
-    + r"""
--- ARGV: mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call.
+DEAD_IDS = r"""
 local ids
 if ARGV[1] == 'all' then
   ids = redis.call('ZRANGE', K_DLQ, 0, 999)
@@ -362,7 +359,15 @@ else
   ids = {}
   for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
-local now = now_ms()
+"""
+"""The dead letters a script acts on: ARGV ``'all'`` (the oldest 1000) or ``'ids'``, ids."""
+
+REQUEUE_DEAD = Script(
+    PRELUDE
+    + r"""
+-- ARGV: mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call."""
+    + DEAD_IDS
+    + r"""local now = now_ms()
 local n = 0
 for _, id in ipairs(ids) do
   local body = redis.call('HGET', K_DLBODY, id)
@@ -392,15 +397,9 @@ PURGE_DEAD = Script(
     PRELUDE
     + r"""
 -- ARGV: mode ('all' or 'ids'), then ids. 'all' deletes at most 1000 per call. Returns how
--- many dead letters were deleted.
-local ids
-if ARGV[1] == 'all' then
-  ids = redis.call('ZRANGE', K_DLQ, 0, 999)
-else
-  ids = {}
-  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-end
-local n = 0
+-- many dead letters were deleted."""
+    + DEAD_IDS
+    + r"""local n = 0
 for _, id in ipairs(ids) do
   if redis.call('ZREM', K_DLQ, id) == 1 then n = n + 1 end
   redis.call('HDEL', K_DLBODY, id)

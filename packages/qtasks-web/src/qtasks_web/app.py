@@ -86,6 +86,8 @@ class Dashboard:
         self.settings = settings
         self.hub = Hub(app, settings.refresh, settings.window)
         self.env = _environment()
+        self.closed = False
+        """Set when the server shuts down: open event streams end (see :func:`close`)."""
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -201,9 +203,9 @@ class Dashboard:
             request,
             "task.html",
             page="tasks",
-            record=found,
             children=kids,
             children_complete=complete,
+            args=data.masked_args(self.app, found.task_name, found.args),
             **_state(found),
         )
 
@@ -232,15 +234,20 @@ class Dashboard:
 
     # --- actions --------------------------------------------------------------------------
 
-    async def cancel(self, request: Request) -> Response:
+    async def task_action(self, request: Request) -> TaskRecord | Response:
+        """The record a POST action on ``/tasks/{uuid}/...`` is about, or the response that
+        refuses the action (read-only, CSRF, unknown uuid)."""
         form = await self.action_form(request)
         if isinstance(form, Response):
             return form
         await self.ready()
-        uuid = request.path_params["uuid"]
-        found = await self.record_or_404(request, uuid)
+        return await self.record_or_404(request, request.path_params["uuid"])
+
+    async def cancel(self, request: Request) -> Response:
+        found = await self.task_action(request)
         if isinstance(found, Response):
             return found
+        uuid = found.uuid
         if found.status.final:
             return self.back(request, f"/tasks/{uuid}", f"not cancelled: it is {found.status}")
         await self.app.cancel(uuid, CANCEL_REASON)
@@ -248,14 +255,10 @@ class Dashboard:
         return self.back(request, f"/tasks/{uuid}", "cancelled")
 
     async def retry(self, request: Request) -> Response:
-        form = await self.action_form(request)
-        if isinstance(form, Response):
-            return form
-        await self.ready()
-        uuid = request.path_params["uuid"]
-        found = await self.record_or_404(request, uuid)
+        found = await self.task_action(request)
         if isinstance(found, Response):
             return found
+        uuid = found.uuid
         if found.status not in (TaskStatus.ERROR, TaskStatus.CANCEL):
             return self.back(
                 request,
@@ -340,7 +343,7 @@ class Dashboard:
                     await emit("overview", as_json(figures))
                 await anyio.sleep(hub.refresh)
 
-        return _stream(produce)
+        return _stream(produce, self)
 
     async def tasks_events(self, request: Request) -> Response:
         await self.ready()
@@ -362,7 +365,7 @@ class Dashboard:
                     await emit("rows", rows.render(records=page.records, root=root))
                 await anyio.sleep(hub.refresh)
 
-        return _stream(produce)
+        return _stream(produce, self)
 
     async def task_events(self, request: Request) -> Response:
         await self.ready()
@@ -402,7 +405,7 @@ class Dashboard:
                 tg.start_soon(steps)
                 tg.start_soon(state)
 
-        return _stream(produce)
+        return _stream(produce, self)
 
 
 def _state(record: TaskRecord) -> dict[str, Any]:
@@ -415,9 +418,9 @@ def _state(record: TaskRecord) -> dict[str, Any]:
     }
 
 
-def _stream(producer: Any) -> Response:
-    """An :class:`EventStream` as a Starlette response."""
-    stream = EventStream(producer)
+def _stream(producer: Any, board: Dashboard) -> Response:
+    """An :class:`EventStream` as a Starlette response, ended when ``board`` closes."""
+    stream = EventStream(producer, lambda: board.closed)
 
     class _Response(Response):
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -483,3 +486,12 @@ def create_app(
     web.add_middleware(AuthMiddleware, auth=chosen.auth)
     web.state.dashboard = board
     return web
+
+
+def close(web: object) -> None:
+    """End the open event streams of a dashboard made by :func:`create_app` (call it when
+    the server begins to shut down, so it need not wait for them); anything else is left
+    alone."""
+    board = getattr(getattr(web, "state", None), "dashboard", None)
+    if isinstance(board, Dashboard):
+        board.closed = True

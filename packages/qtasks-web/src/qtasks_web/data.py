@@ -49,6 +49,24 @@ def masked(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def masked_args(app: AsyncQueueTasks, task_name: str, args: list[Any]) -> list[Any]:
+    """``args`` masked: a positional argument is masked too when the task, registered in
+    ``app``, names its parameter like a secret (``send(user, password)``)."""
+    shown: list[Any] = masked(args)
+    task = app.tasks.get(task_name)
+    if task is None:
+        return shown
+    names = [
+        p.name
+        for p in task.caller_signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return [
+        MASK if i < len(names) and _SECRET.search(names[i]) else value
+        for i, value in enumerate(shown)
+    ]
+
+
 def pretty(value: Any) -> str:
     """JSON of a masked value, indented (for ``<pre>``); ``repr`` when it is not JSON."""
     try:

@@ -29,6 +29,8 @@ Emit = Callable[[str, str], Awaitable[None]]
 
 KEEPALIVE = 15.0
 """Seconds between comment lines on an idle stream (proxies close silent connections)."""
+CHECK = 0.25
+"""Seconds between checks whether the server is shutting down."""
 
 
 class Hub:
@@ -79,8 +81,11 @@ class EventStream:
     """An ASGI response that runs ``producer(emit)`` until the browser goes away (then it is
     cancelled), sending what it emits as Server-Sent Events."""
 
-    def __init__(self, producer: Callable[[Emit], Awaitable[None]]) -> None:
+    def __init__(
+        self, producer: Callable[[Emit], Awaitable[None]], closing: Callable[[], bool]
+    ) -> None:
         self.producer = producer
+        self.closing = closing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
@@ -111,8 +116,10 @@ class EventStream:
                 pass
 
         async def keepalive() -> None:
-            while True:
-                await anyio.sleep(max(0.1, KEEPALIVE - (time.monotonic() - last_sent)))
+            # Also ends the stream when the server shuts down: an open stream would otherwise
+            # hold the server until its graceful-shutdown timeout.
+            while not self.closing():
+                await anyio.sleep(CHECK)
                 if time.monotonic() - last_sent >= KEEPALIVE:
                     await write(b": keepalive\n\n")
 
@@ -128,9 +135,13 @@ class EventStream:
                     await until_gone()
                     tg.cancel_scope.cancel()
 
+                async def until_closing() -> None:
+                    await keepalive()
+                    tg.cancel_scope.cancel()
+
                 tg.start_soon(produce)
                 tg.start_soon(watch)
-                tg.start_soon(keepalive)
+                tg.start_soon(until_closing)
         except OSError:  # the connection went away while writing
             return
         with anyio.move_on_after(1, shield=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import anyio
@@ -62,7 +63,17 @@ def serve(app: AsyncQueueTasks, settings: WebSettings) -> None:
         "authentication on" if settings.auth.enabled else "no authentication: loopback only",
         ", read-only" if settings.read_only else "",
     )
-    uvicorn.Server(_config(web, settings.host, settings.port)).run()
+    _Closing(_config(web, settings.host, settings.port)).run()
+
+
+class _Closing(uvicorn.Server):
+    """Ends the dashboard's event streams when a signal asks the server to stop."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        from qtasks_web.app import close
+
+        close(self.config.app)
+        super().handle_exit(sig, frame)
 
 
 class _Embedded(uvicorn.Server):
@@ -87,4 +98,7 @@ async def running(web: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Async
         try:
             yield f"http://{host}:{bound[1]}"
         finally:
+            from qtasks_web.app import close
+
+            close(web)
             server.should_exit = True

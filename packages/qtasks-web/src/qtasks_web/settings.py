@@ -8,7 +8,7 @@
     token = "env:QTASKS_WEB_TOKEN"   # a bearer token ("env:NAME" reads it from the environment)
     users = { admin = "env:QTASKS_WEB_ADMIN_PASSWORD" }   # basic-auth users and passwords
     read_only = false                # hide and refuse every action
-    refresh = 1.0                    # seconds between the shared reads behind live updates
+    refresh = 0.5                    # seconds between the shared reads behind live updates
     window = 300                     # seconds of history in the overview's charts
 """
 
@@ -64,7 +64,7 @@ class WebSettings:
     port: int = 8000
     auth: Auth = field(default_factory=Auth)
     read_only: bool = False
-    refresh: float = 1.0
+    refresh: float = 0.5
     window: float = 300.0
 
     @classmethod
@@ -96,7 +96,7 @@ class WebSettings:
             port=_typed(table, "port", int, 8000),
             auth=auth,
             read_only=_typed(table, "read_only", bool, False),
-            refresh=float(_typed(table, "refresh", (int, float), 1.0)),
+            refresh=float(_typed(table, "refresh", (int, float), 0.5)),
             window=float(_typed(table, "window", (int, float), 300.0)),
         )
         return settings.checked()
