@@ -9,9 +9,10 @@ import typer
 
 from qtasks.cli.options import AppOpt, ConfigOpt, chosen
 from qtasks.cli.resolve import aio_of, resolve_app
+from qtasks.config import load_config
 from qtasks.errors import QTasksError
 from qtasks_web.server import serve
-from qtasks_web.settings import WebSettings
+from qtasks_web.settings import EXTRA_KEY, WebSettings
 
 
 def web(
@@ -36,7 +37,9 @@ def web(
     try:
         target, config_path = chosen(ctx, app, config)
         the_app = aio_of(resolve_app(target, config_path, {}, need_tasks=False))
-        settings = WebSettings.from_config(the_app.config)
+        # [extra.web] of the configuration file; an app built in code may carry its own.
+        loaded = load_config(config_path).config
+        settings = WebSettings.from_config(loaded if EXTRA_KEY in loaded.extra else the_app.config)
         settings = replace(
             settings,
             host=host if host is not None else settings.host,

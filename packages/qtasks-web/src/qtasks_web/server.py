@@ -5,6 +5,8 @@ screenshot script)."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from types import FrameType
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
 log = logging.getLogger("qtasks_web")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def check_bind(settings: WebSettings) -> None:
@@ -67,7 +70,20 @@ def serve(app: AsyncQueueTasks, settings: WebSettings) -> None:
 
 
 class _Closing(uvicorn.Server):
-    """Ends the dashboard's event streams when a signal asks the server to stop."""
+    """Ends the dashboard's event streams when a signal asks the server to stop, and exits
+    normally afterwards (uvicorn raises the signal again once stopped: exit code -15)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         from qtasks_web.app import close
