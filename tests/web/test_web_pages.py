@@ -255,3 +255,25 @@ async def test_timers_page_with_and_without_timers(app: AsyncQueueTasks, client:
         listed = await Client(create_app(other)).get("/timers")
     row = listed.text.split("<tbody>", 1)[1]
     assert "every-five" in row and "add" in row, row
+
+
+async def test_unreachable_components_give_a_page_that_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+    nowhere = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    app = AsyncQueueTasks(
+        broker=RedisBroker(nowhere),
+        storage=RedisStorage(nowhere),
+        global_config=RedisGlobalConfig(nowhere),
+        config=QueueConfig(plugins_disabled=["*"]),
+    )
+    client = Client(create_app(app))
+    with anyio.fail_after(30):
+        page = await client.get("/")
+        tasks = await client.get("/tasks")
+    for reply in (page, tasks):
+        assert reply.status == 503
+        assert "did not answer" in reply.text
+    await app.aclose()

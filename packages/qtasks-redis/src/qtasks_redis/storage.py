@@ -526,32 +526,43 @@ class RedisStorage:
         after = None if query.cursor is None else _parse_cursor(query.cursor)
         keys = self._query_keys(query)
         prefix = query.uuid_prefix or ""
-        batch = min(max(2 * query.limit, 100), 1000)
+        # The index answers for status, name and time; a uuid prefix is matched on the index
+        # entries before any record is read, so a scan reads index entries only.
+        if prefix:
+            batch = 1000
+        elif query.task_name is not None and query.status is not None:
+            batch = min(2 * query.limit, 1000)  # the name index holds other statuses too
+        else:
+            batch = query.limit
         found: list[TaskRecord] = []
         scanned = 0
         while keys:
             entries, more = await self._candidates(keys, query, after, batch)
             if not entries:
                 break
-            pipe = self._require().pipeline(transaction=False)
-            for _, uuid, _ in entries:
-                pipe.hmget(f"{self._tag}:r:{uuid}", _RECORD_FIELDS)
-            stored: list[Any] = await guarded(self.target, pipe.execute())
+            wanted = [uuid for _, uuid, _ in entries if uuid.startswith(prefix)]
+            stored: dict[str, Any] = {}
+            if wanted:
+                pipe = self._require().pipeline(transaction=False)
+                for uuid in wanted:
+                    pipe.hmget(f"{self._tag}:r:{uuid}", _RECORD_FIELDS)
+                replies = await guarded(self.target, pipe.execute())
+                stored = dict(zip(wanted, replies, strict=True))
             stale: dict[str, list[str]] = {}
-            for (score, uuid, key), hash_fields in zip(entries, stored, strict=True):
+            for score, uuid, key in entries:
                 scanned += 1
                 after = (score, uuid)
+                if uuid not in stored:
+                    continue
                 try:
-                    record = self._record(hash_fields)
+                    record = self._record(stored[uuid])
                 except SerializationError:
                     log.warning("query skipped the record %s: it is not valid", uuid)
                     continue
                 if record is None:
                     stale.setdefault(key, []).append(uuid)
-                elif (
-                    (query.status is None or record.status is query.status)
-                    and (query.task_name is None or record.task_name == query.task_name)
-                    and uuid.startswith(prefix)
+                elif (query.status is None or record.status is query.status) and (
+                    query.task_name is None or record.task_name == query.task_name
                 ):
                     found.append(record)
                     if len(found) == query.limit:

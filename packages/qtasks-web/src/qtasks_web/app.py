@@ -134,12 +134,11 @@ class Dashboard:
             return self.render(
                 request, "error.html", 403, title="Read-only", problem="this dashboard is read-only"
             )
-        body = await request.body()
-        if len(body) > _FORM_MAX:
+        form = await _read_form(request)
+        if form is None:
             return self.render(
                 request, "error.html", 413, title="Too large", problem="form too large"
             )
-        form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         problem = csrf_problem(request, form)
         if problem is not None:
             log.warning("refused %s %s: %s", request.method, request.url.path, problem)
@@ -157,6 +156,18 @@ class Dashboard:
                 problem=f"no task record for uuid {uuid[:200]!r} (never stored, or expired)",
             )
         return record
+
+    async def failed(self, request: Request, exc: Exception) -> Response:
+        """A component failed (unreachable server, bad stored data): a page that says so,
+        instead of a bare 500."""
+        log.warning("dashboard page %s failed: %s", request.url.path, exc)
+        return self.render(
+            request,
+            "error.html",
+            503,
+            title="Unavailable",
+            problem=f"the app's components did not answer: {exc}",
+        )
 
     # --- pages ----------------------------------------------------------------------------
 
@@ -309,8 +320,7 @@ class Dashboard:
         return self.render(request, "login.html", page="login", failed=False)
 
     async def login(self, request: Request) -> Response:
-        body = await request.body()
-        form = {k: v[-1] for k, v in parse_qs(body[:_FORM_MAX].decode("utf-8", "replace")).items()}
+        form = await _read_form(request) or {}
         problem = csrf_problem(request, form)
         token = self.settings.auth.token
         if problem is not None or not token or not _same(form.get("token", ""), token):
@@ -408,6 +418,17 @@ class Dashboard:
         return _stream(produce, self)
 
 
+async def _read_form(request: Request) -> dict[str, str] | None:
+    """A urlencoded form body (the last value of each field), or ``None`` past
+    ``_FORM_MAX`` bytes (read no further)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _FORM_MAX:
+            return None
+    return {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+
+
 def _state(record: TaskRecord) -> dict[str, Any]:
     """What ``_task_state.html`` shows of ``record``."""
     return {
@@ -482,7 +503,7 @@ def create_app(
         Route("/events/tasks/{uuid}", board.task_events),
         Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
     ]
-    web = Starlette(routes=routes)
+    web = Starlette(routes=routes, exception_handlers={QTasksError: board.failed})
     web.add_middleware(AuthMiddleware, auth=chosen.auth)
     web.state.dashboard = board
     return web

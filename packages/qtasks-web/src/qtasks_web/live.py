@@ -11,6 +11,7 @@ which the storage wakes (no poll).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -19,11 +20,13 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from qtasks.components import RecordQuery
+from qtasks.errors import QTasksError
 from qtasks_web.data import Charts, overview, queryable
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
+log = logging.getLogger("qtasks_web")
 Emit = Callable[[str, str], Awaitable[None]]
 """``await emit(event, data)`` sends one event to the browser."""
 
@@ -127,8 +130,12 @@ class EventStream:
             async with anyio.create_task_group() as tg:
 
                 async def produce() -> None:
-                    await self.producer(emit)
-                    await write(sse("end", "{}"))
+                    try:
+                        await self.producer(emit)
+                        await write(sse("end", "{}"))
+                    except QTasksError as exc:
+                        # No "end" event: the browser reconnects by itself a moment later.
+                        log.warning("live updates stopped: %s", exc)
                     tg.cancel_scope.cancel()
 
                 async def watch() -> None:
