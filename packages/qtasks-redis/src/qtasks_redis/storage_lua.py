@@ -49,23 +49,27 @@ local function record_name(d)
   return v.task_name
 end
 
--- After index(): the task-name indexes, and the pruning of the final indexes, whose entries
--- older than the TTL belong to records that expired.
+-- An index of final records: its entries older than the TTL belong to records that expired,
+-- and the index expires with its newest record. Once per key and script call: a batch of
+-- settles (ACK_FINALS, one server time) prunes each index once, not once per task.
+local PRUNED = {}
+local function prune(key, now, ttl)
+  if PRUNED[key] then return end
+  PRUNED[key] = true
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - ttl))
+  redis.call('PEXPIRE', key, ttl)
+end
+
+-- After index(): the task-name indexes, and the pruning of the final indexes.
 local function named(uuid, name, old, new, now, ttl)
-  if FINAL[new] and ttl then
-    redis.call('ZREMRANGEBYSCORE', IDX[new], '-inf', '(' .. (now - ttl))
-    redis.call('PEXPIRE', IDX[new], ttl)
-  end
+  if FINAL[new] and ttl then prune(IDX[new], now, ttl) end
   if type(name) ~= 'string' or name == '' then return end
   local tag = string.sub(K_REC, 1, #K_REC - #uuid - 3)
   local live, final = tag .. ':nl:' .. name, tag .. ':nf:' .. name
   if FINAL[new] then
     if not (old and FINAL[old]) then redis.call('ZREM', live, uuid) end
     redis.call('ZADD', final, now, uuid)
-    if ttl then
-      redis.call('ZREMRANGEBYSCORE', final, '-inf', '(' .. (now - ttl))
-      redis.call('PEXPIRE', final, ttl)
-    end
+    if ttl then prune(final, now, ttl) end
   else
     if old and FINAL[old] then redis.call('ZREM', final, uuid) end
     redis.call('ZADD', live, now, uuid)
