@@ -34,19 +34,23 @@ async def test_an_entry_whose_record_is_gone_is_skipped_and_pruned(
 ) -> None:
     storage = await make_storage(stack, redis_url, prefix)
     raw = await client(stack, redis_url)
-    kept, lost = TaskRecord(uuid="kept", task_name="t"), TaskRecord(uuid="lost", task_name="t")
-    await storage.add(kept)
-    await storage.add(lost)
-    await raw.delete(storage.record_key("lost"))  # evicted, or deleted by hand
-    new_index = storage.index_keys[0]
-    name_index = f"{storage.key_tag}:nl:t"
+    records = [TaskRecord(uuid=uuid, task_name="t") for uuid in ("kept", "lost", "gone")]
+    for rec in records:
+        await storage.add(rec)
+    await storage.save(done(records[2]))
+    for uuid in ("lost", "gone"):
+        await raw.delete(storage.record_key(uuid))  # evicted, or deleted by hand
+    new_index, success_index = storage.index_keys[0], storage.index_keys[2]
+    name_index = f"{storage.key_tag}:nf:t"
     assert await raw.zscore(new_index, "lost") is not None
+    assert await raw.zscore(name_index, "gone") is not None
     for query in (RecordQuery(), RecordQuery(task_name="t")):
         page = await storage.query(query)
         assert [r.uuid for r in page.records] == ["kept"]
     assert await raw.zscore(new_index, "lost") is None
-    assert await raw.zscore(name_index, "lost") is None
-    assert await raw.zscore(name_index, "kept") is not None
+    assert await raw.zscore(name_index, "gone") is None
+    assert await raw.zscore(success_index, "gone") is None
+    assert await raw.zscore(new_index, "kept") is not None
 
 
 async def test_indexes_of_final_records_expire_like_the_records(
@@ -57,17 +61,17 @@ async def test_indexes_of_final_records_expire_like_the_records(
     rec = TaskRecord(uuid="u1", task_name="job")
     await storage.add(rec)
     tag = storage.key_tag
-    assert await raw.pttl(f"{tag}:nl:job") == -1  # not final: never expires
+    assert not await raw.exists(f"{tag}:nf:job")  # a new record costs no name index write
     await storage.save(done(rec))
     success_index = storage.index_keys[2]
     for key in (success_index, f"{tag}:nf:job", storage.record_key("u1")):
         assert 0 < await raw.pttl(key) <= 30_000, key
-    assert await raw.zscore(f"{tag}:nl:job", "u1") is None
     assert await raw.zscore(f"{tag}:nf:job", "u1") is not None
-    # A deliberate reset (add) brings it back among the records that are not final.
+    # A deliberate reset (add) takes it out of the final records again.
     await storage.add(rec)
     assert await raw.zscore(f"{tag}:nf:job", "u1") is None
-    assert await raw.zscore(f"{tag}:nl:job", "u1") is not None
+    page = await storage.query(RecordQuery(task_name="job"))
+    assert [(r.uuid, r.status) for r in page.records] == [("u1", TaskStatus.NEW)]
 
 
 async def test_a_final_write_prunes_the_entries_of_expired_records(
@@ -90,16 +94,14 @@ async def test_a_final_write_prunes_the_entries_of_expired_records(
     assert await raw.zrange(f"{storage.key_tag}:nf:job", 0, -1) == [b"b"]
 
 
-async def test_cancel_moves_the_record_between_name_indexes(
+async def test_cancel_enters_the_name_index_of_final_records(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:
     storage = await make_storage(stack, redis_url, prefix)
     raw = await client(stack, redis_url)
     await storage.add(TaskRecord(uuid="c1", task_name="slow", args=[{"deep": [1, 2]}]))
     await storage.cancel("c1", "no longer needed")
-    tag = storage.key_tag
-    assert await raw.zscore(f"{tag}:nl:slow", "c1") is None
-    assert await raw.zscore(f"{tag}:nf:slow", "c1") is not None
+    assert await raw.zscore(f"{storage.key_tag}:nf:slow", "c1") is not None
     page = await storage.query(RecordQuery(task_name="slow", status=TaskStatus.CANCEL))
     assert [(r.uuid, r.cancel_reason) for r in page.records] == [("c1", "no longer needed")]
 

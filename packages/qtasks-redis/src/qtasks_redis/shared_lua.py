@@ -160,11 +160,10 @@ local function on_dead(id, reason)
   if IDX[status] then redis.call('ZREM', IDX[status], id) end
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('ZADD', IDX['error'], now, id)
-  -- The task-name indexes (see storage_lua): from the live one to the final one.
+  -- The task name's index of final records (see storage_lua).
   local ok, v = pcall(cjson.decode, redis.call('HGET', rec, 'd') or '')
   local name = ok and type(v) == 'table' and ((type(v[1]) == 'number' and v[3]) or v.task_name)
   if type(name) == 'string' and name ~= '' then
-    redis.call('ZREM', TAG .. ':nl:' .. name, id)
     redis.call('ZADD', TAG .. ':nf:' .. name, now, id)
     if TTL then redis.call('PEXPIRE', TAG .. ':nf:' .. name, TTL) end
   end
