@@ -293,7 +293,6 @@ class RedisStorage:
         fields = await self._run(lua.BEGIN, record.uuid, *args)
         if fields is None:
             args[1] = self._encode(record)
-            args.append(record.task_name)
             fields = await self._run(lua.BEGIN, record.uuid, *args)
         begun = self._record(fields)
         if begun is None:  # pragma: no cover - the script always leaves a record
@@ -467,16 +466,21 @@ class RedisStorage:
     # --- StorageQuery ---------------------------------------------------------------------
 
     def _query_keys(self, query: RecordQuery) -> list[str]:
-        """The index keys whose union holds every candidate of ``query``."""
-        if query.task_name is not None:
-            live, final = f"{self._tag}:nl:{query.task_name}", f"{self._tag}:nf:{query.task_name}"
-            if query.status is None:
-                return [live, final]
-            return [final if query.status.final else live]
+        """The index keys whose union holds every candidate of ``query``: the status
+        indexes, and the task name's index of final records."""
+        live = [
+            self._index_keys[lua.STATUSES.index(status.value)]
+            for status in TaskStatus
+            if not status.final and status.value in lua.STATUSES
+        ]
         if query.status is not None:
             if query.status.value not in lua.STATUSES:
                 return []
+            if query.task_name is not None and query.status.final:
+                return [f"{self._tag}:nf:{query.task_name}"]
             return [self._index_keys[lua.STATUSES.index(query.status.value)]]
+        if query.task_name is not None:
+            return [f"{self._tag}:nf:{query.task_name}", *live]
         return list(self._index_keys)
 
     async def _candidates(
@@ -528,10 +532,13 @@ class RedisStorage:
         prefix = query.uuid_prefix or ""
         # The index answers for status, name and time; a uuid prefix is matched on the index
         # entries before any record is read, so a scan reads index entries only.
+        residual_name = query.task_name is not None and (
+            query.status is None or not query.status.final
+        )  # records that are not final are found by status, their name checked one by one
         if prefix:
             batch = 1000
-        elif query.task_name is not None and query.status is not None:
-            batch = min(2 * query.limit, 1000)  # the name index holds other statuses too
+        elif residual_name or (query.task_name is not None and query.status is not None):
+            batch = min(max(4 * query.limit, 200), 1000)
         else:
             batch = query.limit
         found: list[TaskRecord] = []

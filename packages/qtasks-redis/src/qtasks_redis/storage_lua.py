@@ -11,10 +11,11 @@
 4-9.          ZSET per status (new, process, success, error, cancel, retry): uuid -> ms,
               for :meth:`stats` and :meth:`query` without scanning the keyspace
 
-and, per task name (keys built from the tag, in the same slot): ``<tag>:nl:<name>`` ZSET of the
-records that are not final (uuid -> ms stored) and ``<tag>:nf:<name>`` of the final ones
-(uuid -> ms final). The indexes of final records are pruned by score whenever one is added to,
-and expire, as the records do, ``result_ttl`` after their newest entry.
+and, per task name (keys built from the tag, in the same slot), ``<tag>:nf:<name>``: ZSET of
+the final records of that name (uuid -> ms final), so the dashboard lists the finished tasks of
+one name among millions; records that are not final are few (queued and running ones) and found
+through the status indexes. Entries of expired records are pruned from the indexes of final
+records by some writes (see ``prune``), by :meth:`stats` and by the queries that meet them.
 """
 
 from __future__ import annotations
@@ -49,30 +50,28 @@ local function record_name(d)
   return v.task_name
 end
 
--- An index of final records: its entries older than the TTL belong to records that expired,
--- and the index expires with its newest record. Once per key and script call: a batch of
--- settles (ACK_FINALS, one server time) prunes each index once, not once per task.
+-- An index of final records: its entries older than the TTL belong to records that expired.
+-- Pruned by the writes that add to it, but only at one server millisecond in 16 (and once per
+-- script call): enough to bound its size, at a sixteenth of the cost. Queries skip and
+-- remove the entries they find without a record meanwhile.
 local PRUNED = {}
 local function prune(key, now, ttl)
-  if PRUNED[key] then return end
+  if now % 16 ~= 0 or PRUNED[key] then return end
   PRUNED[key] = true
   redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - ttl))
-  redis.call('PEXPIRE', key, ttl)
 end
 
--- After index(): the task-name indexes, and the pruning of the final indexes.
+-- After index(): the task-name index of final records, and the pruning of the final indexes.
+-- Nothing for a record that is not final and was not: publishing and beginning cost nothing.
 local function named(uuid, name, old, new, now, ttl)
   if FINAL[new] and ttl then prune(IDX[new], now, ttl) end
   if type(name) ~= 'string' or name == '' then return end
-  local tag = string.sub(K_REC, 1, #K_REC - #uuid - 3)
-  local live, final = tag .. ':nl:' .. name, tag .. ':nf:' .. name
   if FINAL[new] then
-    if not (old and FINAL[old]) then redis.call('ZREM', live, uuid) end
+    local final = string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':nf:' .. name
     redis.call('ZADD', final, now, uuid)
     if ttl then prune(final, now, ttl) end
-  else
-    if old and FINAL[old] then redis.call('ZREM', final, uuid) end
-    redis.call('ZADD', live, now, uuid)
+  elseif old and FINAL[old] then  -- a deliberate reset (add) of a final record
+    redis.call('ZREM', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':nf:' .. name, uuid)
   end
 end
 
@@ -150,7 +149,7 @@ BEGIN = Script(
     PRELUDE
     + r"""
 -- ARGV: uuid, json (the record as a new 'process' attempt, or '' to get nil back when there
--- is no record: the caller then sends it), token, attempt, worker, task_name (with the json).
+-- is no record: the caller then sends it), token, attempt, worker.
 -- Returns {d, s, t, cr, u, n, a, w}: unchanged when final, else after marking the attempt.
 local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
 if cur[1] and FINAL[cur[2]] then return cur end
@@ -161,7 +160,6 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if not cur[1] then
   redis.call('HSET', K_REC, 'd', ARGV[2], 's', 'process', 't', ARGV[3], 'u', updated)
   index(ARGV[1], false, 'process', now)
-  named(ARGV[1], ARGV[6], false, 'process', now, nil)
   return {ARGV[2], 'process', ARGV[3], false, updated, false, false, false}
 end
 redis.call('HSET', K_REC, 's', 'process', 't', ARGV[3], 'a', ARGV[4], 'w', ARGV[5],
