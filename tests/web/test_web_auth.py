@@ -48,6 +48,10 @@ async def test_a_token_is_required_and_accepted_three_ways(
     assert wrong.status == 303
     bearer = await client.get("/api/overview", headers={"authorization": f"Bearer {TOKEN}"})
     assert bearer.status == 200
+    # The cluster metrics are served by the dashboard too, behind the same auth.
+    assert (await client.get("/metrics", headers={"accept": "*/*"})).status == 401
+    scraped = await client.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+    assert scraped.status == 200 and "# TYPE qtasks_" in scraped.text
     # The login form: a wrong token is refused, the right one gives a session cookie.
     form = await client.get("/login")
     assert form.status == 200

@@ -29,6 +29,7 @@ from qtasks.sync import QueueTasks
 from qtasks_web import data
 from qtasks_web.filters import TaskFilters
 from qtasks_web.live import EventStream, Hub, as_json
+from qtasks_web.metrics import cluster_metrics_app
 from qtasks_web.security import (
     CSRF_FIELD,
     SESSION_AGE,
@@ -429,6 +430,17 @@ async def _read_form(request: Request) -> dict[str, str] | None:
     return {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
 
 
+class _Asgi:
+    """A plain ASGI callable as a route endpoint (Starlette wraps bare functions as
+    request/response handlers)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 def _state(record: TaskRecord) -> dict[str, Any]:
     """What ``_task_state.html`` shows of ``record``."""
     return {
@@ -501,6 +513,8 @@ def create_app(
         Route("/events/overview", board.overview_events),
         Route("/events/tasks", board.tasks_events),
         Route("/events/tasks/{uuid}", board.task_events),
+        # The cluster-wide Prometheus gauges (qtasks_web.metrics), behind the same auth.
+        Route("/metrics", _Asgi(cluster_metrics_app(aio)), methods=["GET", "HEAD"]),
         Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
     ]
     web = Starlette(routes=routes, exception_handlers={QTasksError: board.failed})
