@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
+import anyio
 import pytest
 
 from qtasks.components import RecordQuery
@@ -87,3 +88,29 @@ async def test_rewrites_do_not_grow_the_indexes_without_bound() -> None:
         assert len(storage._all) <= 2 * len(records) + 4096
         listed = await storage.query(RecordQuery(limit=500))
         assert sorted(r.uuid for r in listed.records) == sorted(r.uuid for r in records)
+
+
+async def test_a_record_begun_on_claim_is_listed_as_running() -> None:
+    """The in-memory broker begins records when a worker claims them (BeginOnClaim): the
+    listing follows that move too."""
+    from qtasks import AsyncQueueTasks
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    started = anyio.Event()
+
+    @app.task
+    async def hold() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with app:
+        task = await app.add_task("hold")
+        with anyio.fail_after(5):
+            await started.wait()
+        storage = app.storage
+        assert isinstance(storage, MemoryStorage)
+        running = await storage.query(RecordQuery(status=TaskStatus.PROCESS))
+        assert [r.uuid for r in running.records] == [task.uuid]
+        assert (await storage.query(RecordQuery(status=TaskStatus.NEW))).records == []
+        assert await storage.count(TaskStatus.PROCESS) == 1
+        await app.cancel(task.uuid)
