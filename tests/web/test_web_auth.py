@@ -140,7 +140,7 @@ def test_settings_from_the_configuration(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"token": "env:NOT_SET_ANYWHERE_42"}, "NOT_SET_ANYWHERE_42"),
         ({"token": ""}, "non-empty string"),
         ({"users": ["ops"]}, "table of user = password"),
-        ("web", "expected a table"),
+        ("web", "must be a table"),
     ):
         with pytest.raises(ConfigError, match=problem):
             WebSettings.from_config(QueueConfig(extra={"web": table}))

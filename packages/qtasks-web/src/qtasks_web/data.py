@@ -301,17 +301,22 @@ async def timers(app: AsyncQueueTasks) -> list[dict[str, Any]] | None:
     """The app's timers (qtasks-timer) with their last claimed tick, or ``None`` when
     qtasks-timer is not installed or the app has no timer."""
     try:
+        from qtasks_timer import AsyncTimer
         from qtasks_timer.plugin import TimerPlugin
+        from qtasks_timer.settings import TimerSettings
         from qtasks_timer.timer import CLAIMS
     except ImportError:
         return None
-    timer = None
-    for plugin in app.hooks.pm.get_plugins():
-        if isinstance(plugin, TimerPlugin):
-            timer = plugin._timer(app)
-            if timer is not None:
-                break
-    if timer is None:
+    timers = [
+        plugin.timer
+        for plugin in app.hooks.pm.get_plugins()
+        if isinstance(plugin, TimerPlugin) and plugin.timer is not None
+    ]
+    if timers:
+        timer = timers[0]
+    elif TimerSettings.declared(app.config):
+        timer = AsyncTimer(app)  # the configuration's timers, as the worker would make them
+    else:
         return None
     rows = await timer.describe()
     claims = await app.global_config.get_all(CLAIMS)

@@ -22,6 +22,7 @@ from typing import Any
 
 from qtasks.config import QueueConfig
 from qtasks.errors import ConfigError
+from qtasks_web.plugins import _section
 
 EXTRA_KEY = "web"
 _KNOWN = {"host", "port", "token", "users", "read_only", "refresh", "window"}
@@ -71,14 +72,7 @@ class WebSettings:
     def from_config(cls, config: QueueConfig) -> WebSettings:
         """From ``config.extra["web"]``; raises :class:`~qtasks.errors.ConfigError` for an
         unknown key or a value of the wrong type."""
-        table = config.extra.get(EXTRA_KEY, {})
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"extra.{EXTRA_KEY}: expected a table ([extra.{EXTRA_KEY}])")
-        unknown = set(table) - _KNOWN
-        if unknown:
-            raise ConfigError(
-                f"extra.{EXTRA_KEY}: unknown key(s) {sorted(unknown)}; known: {sorted(_KNOWN)}"
-            )
+        table = _section(config, EXTRA_KEY, _KNOWN)  # as [extra.metrics] and [extra.tracing]
         where = f"extra.{EXTRA_KEY}"
         token = table.get("token")
         users = table.get("users", {})
