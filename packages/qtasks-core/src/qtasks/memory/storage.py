@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -38,10 +39,10 @@ class MemoryStorage(_Lifecycle):
     """Task records in a dict, with woken waiters and live generator steps.
 
     It is a :class:`~qtasks.components.StorageQuery`: every write that stores a record or
-    changes its status appends one entry to three append-only lists (all records, the
-    status's, the task name's), in write order; an entry is skipped once a later write of
-    its record (or its expiry) made it stale, and the lists are rebuilt when most of their
-    entries are stale, so listing a page costs a binary search and the page."""
+    changes its status appends one entry to a log, in write order, from which lists by
+    status and task name are brought up to date when queried; an entry is skipped once a
+    later write of its record (or its expiry) made it stale, and the lists are rebuilt when
+    most of their entries are stale, so listing a page costs a binary search and the page."""
 
     local = True
     """Calls complete without I/O (see :mod:`qtasks.components`)."""
@@ -63,6 +64,7 @@ class MemoryStorage(_Lifecycle):
         self._all: list[_Entry] = []
         self._by_status: dict[TaskStatus, list[_Entry]] = {}
         self._by_name: dict[str, list[_Entry]] = {}
+        self._indexed = 0
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -288,17 +290,32 @@ class MemoryStorage(_Lifecycle):
     # --- StorageQuery ---------------------------------------------------------------------
 
     def _index(self, record: TaskRecord) -> None:
-        """Append ``record``'s entry to its indexes (after every write that stores it or
-        changes its status). Index times never go backwards, so the lists stay sorted."""
-        self._write_seq += 1
-        self._last_time = max(self._last_time, self._clock())
-        entry = (self._write_seq, self._last_time, record.uuid)
-        self._seq_of[record.uuid] = self._write_seq
-        self._all.append(entry)
-        self._by_status.setdefault(record.status, []).append(entry)
-        self._by_name.setdefault(record.task_name, []).append(entry)
+        """Log ``record``'s write (after every write that stores it or changes its status):
+        one append. The lists by status and task name are brought up to date from the log
+        when a query needs them (:meth:`_catch_up`). Index times never go backwards, so
+        every list stays sorted."""
+        seq = self._write_seq = self._write_seq + 1
+        now = self._clock()
+        if now < self._last_time:
+            now = self._last_time
+        self._last_time = now
+        self._seq_of[record.uuid] = seq
+        self._all.append((seq, now, record.uuid))
         if len(self._all) > 2 * len(self._records) + 4096:
             self._rebuild()
+
+    def _catch_up(self) -> None:
+        """Add the log's entries since the last call to the lists by status and task name
+        (those still current: a later write of the same record has its own entry)."""
+        records, seq_of = self._records, self._seq_of
+        by_status, by_name = self._by_status, self._by_name
+        for entry in itertools.islice(self._all, self._indexed, None):
+            record = records.get(entry[2])
+            if record is None or seq_of.get(entry[2]) != entry[0]:
+                continue
+            by_status.setdefault(record.status, []).append(entry)
+            by_name.setdefault(record.task_name, []).append(entry)
+        self._indexed = len(self._all)
 
     def _rebuild(self) -> None:
         """Drop the stale entries (amortised: called when they are the majority)."""
@@ -310,10 +327,7 @@ class MemoryStorage(_Lifecycle):
         self._seq_of = {uuid: seq for seq, _, uuid in live}
         self._all = live
         self._by_status, self._by_name = {}, {}
-        for entry in live:
-            record = self._records[entry[2]]
-            self._by_status.setdefault(record.status, []).append(entry)
-            self._by_name.setdefault(record.task_name, []).append(entry)
+        self._indexed = 0
 
     async def query(self, query: RecordQuery) -> RecordPage:
         """See :class:`qtasks.components.StorageQuery`; the cursor is a write sequence
@@ -321,6 +335,7 @@ class MemoryStorage(_Lifecycle):
         self._check()
         query = query.checked()
         self._expire()
+        self._catch_up()
         if query.task_name is not None:
             entries = self._by_name.get(query.task_name, [])
         elif query.status is not None:
@@ -362,6 +377,7 @@ class MemoryStorage(_Lifecycle):
         time range (it skips the stale ones, so it costs the range, not the storage)."""
         self._check()
         self._expire()
+        self._catch_up()
         entries = self._by_status.get(status, [])
         end = len(entries) if until is None else bisect.bisect_left(entries, until, key=_time)
         start = 0 if since is None else bisect.bisect_left(entries, since, key=_time)
