@@ -118,7 +118,7 @@ def run_readme_example(name: str, tmp_path: Path, extra: dict[str, str] | None =
     assert done.stdout.strip().splitlines()[-1] == promised
 
 
-@pytest.mark.parametrize("name", ["qtasks-core", "qtasks-timer", "qtasks-testing"])
+@pytest.mark.parametrize("name", ["qtasks-core", "qtasks-timer", "qtasks-testing", "qtasks-web"])
 def test_readme_example_runs(name: str, tmp_path: Path) -> None:
     """The in-memory examples; Redis's and RabbitMQ's run in tests/redis and tests/rabbitmq."""
     run_readme_example(name, tmp_path)

@@ -18,6 +18,7 @@ from qtasks_testing.contract import (
     SharedServerContract,
     StorageContract,
     StorageFactory,
+    StorageQueryContract,
 )
 
 
@@ -60,6 +61,10 @@ class TestMemoryCancelCheck(CancelCheckContract):
 
 
 class TestMemoryCancelFeed(CancelFeedContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryStorageQuery(StorageQueryContract):
     """Runs with the module's factories."""
 
 

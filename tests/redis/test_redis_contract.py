@@ -19,6 +19,7 @@ from qtasks_testing.contract import (
     SharedServerContract,
     StorageContract,
     StorageFactory,
+    StorageQueryContract,
 )
 
 
@@ -65,6 +66,10 @@ class TestRedisCancelCheck(CancelCheckContract):
 
 
 class TestRedisCancelFeed(CancelFeedContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisStorageQuery(StorageQueryContract):
     """Runs with the module's factories."""
 
 

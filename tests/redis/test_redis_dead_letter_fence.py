@@ -13,6 +13,7 @@ from redis_procs import Worker, counts
 from redis_worker_app import build
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks.components import RecordQuery
 from qtasks.record import TaskRecord
 from qtasks_redis import RedisBroker, RedisStorage
 
@@ -62,6 +63,11 @@ async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
         stored = await app.get(task.uuid)
         assert stored is not None and stored.status is TaskStatus.ERROR
         assert stored.error is not None and stored.error.startswith("dead-lettered: delivery limit")
+        # The task-name indexes moved with it (the dashboard lists it as failed).
+        failed = await storage.query(RecordQuery(task_name="job", status=TaskStatus.ERROR))
+        assert [r.uuid for r in failed.records] == [task.uuid]
+        running = await storage.query(RecordQuery(task_name="job", status=TaskStatus.PROCESS))
+        assert running.records == []
         waited = await app.wait(task.uuid, timeout=1)  # final: waiters are woken
         assert waited.status is TaskStatus.ERROR
         # The stalled holder comes back with its result: refused, the record stays as it is.

@@ -54,7 +54,7 @@ async def test_stored_format_is_positional_and_the_earlier_object_format_still_r
     try:
         key = f"{{{prefix}:rec}}:r:t1"
         stored = json.loads(await client.hget(key, "d"))  # type: ignore[arg-type]  # the field is there
-        assert stored[0] == 1 and len(stored) == 1 + len(fields(TaskRecord))
+        assert stored[0] == 2 and len(stored) == 1 + len(fields(TaskRecord))
         assert stored[1:4] == ["t1", "add", "new"]
         # A record written by an earlier version (a JSON object) is still read.
         old = {f.name: getattr(original, f.name) for f in fields(TaskRecord)}

@@ -32,11 +32,14 @@ Optional members the core reads without a protocol (each read with a default, so
 without it loses only what is said here): the class attributes ``local`` and ``default_url``
 above; ``flush() -> int`` on a broker, storage or global config (delete everything it holds,
 return how many items; ``flush_all`` of :mod:`qtasks.compat.admin` refuses a component without
-it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
+it); ``purge_dead_letters(ids: list[str] | None = None) -> int`` on a broker (delete dead
+letters for good, all when ``ids`` is None; return how many: the dashboard's purge, refused
+for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`LeaseBatch`,
-:class:`CancelCheck` and :class:`CancelFeed`, checked with ``isinstance``;
-``qtasks_testing.contract.capabilities`` holds their suites.
+:class:`CancelCheck`, :class:`CancelFeed` and :class:`StorageQuery`, checked with
+``isinstance``; ``qtasks_testing.contract.capabilities`` and ``qtasks_testing.contract.query``
+hold their suites.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from qtasks.config import QueueConfig
+from qtasks.errors import InvalidQueryError
 from qtasks.messages import Envelope
-from qtasks.record import TaskRecord
+from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -378,6 +382,94 @@ class CancelFeed(Protocol):
         no cancel escapes it. Started with ``task_group.start``: reports started once it
         listens (or, when the backend is unreachable, once it tried; it keeps retrying in the
         background). Never raises for a lost connection."""
+        ...
+
+
+MAX_PAGE = 500
+"""The largest ``limit`` of a :class:`RecordQuery`."""
+
+
+@dataclass(slots=True, frozen=True)
+class RecordQuery:
+    """One page of stored records to list (see :class:`StorageQuery`); every filter is
+    optional and they combine (AND).
+
+    ``since``/``until`` bound the record's *index time* (unix seconds, ``since`` inclusive,
+    ``until`` exclusive); ``cursor`` is the ``cursor`` of the previous :class:`RecordPage`.
+    :meth:`checked` raises :class:`~qtasks.errors.InvalidQueryError` for a bad one.
+    """
+
+    status: TaskStatus | None = None
+    task_name: str | None = None
+    since: float | None = None
+    until: float | None = None
+    uuid_prefix: str | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+    def checked(self) -> RecordQuery:
+        """Itself, once its values are valid; raises :class:`InvalidQueryError` otherwise."""
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int):
+            raise InvalidQueryError(f"limit must be an integer, not {self.limit!r}")
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise InvalidQueryError(f"limit must be between 1 and {MAX_PAGE}, not {self.limit}")
+        if self.status is not None and not isinstance(self.status, TaskStatus):
+            raise InvalidQueryError(f"unknown status {self.status!r}")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value != value
+            ):
+                raise InvalidQueryError(f"{name} must be a unix time, not {value!r}")
+        if self.since is not None and self.until is not None and self.until < self.since:
+            raise InvalidQueryError("the time range ends before it starts")
+        return self
+
+
+@dataclass(slots=True, frozen=True)
+class RecordPage:
+    """What :meth:`StorageQuery.query` returns: records newest first, and the cursor of the
+    next page (``None`` when there is nothing more)."""
+
+    records: list[TaskRecord]
+    cursor: str | None = None
+
+
+@runtime_checkable
+class StorageQuery(Protocol):
+    """Optional storage capability: list stored records without scanning them all, for
+    dashboards (``qtasks-web``). A storage without it still works everywhere else; a
+    dashboard then says it cannot list tasks. Counts by status are :meth:`Storage.stats`.
+
+    Guarantees:
+
+    * Records come newest first by *index time*: when the record last changed status as the
+      storage indexed it (a backend may keep a record that is not final at the time it was
+      stored). Every stored record is listed by the query without filters.
+    * Filters (``status``, ``task_name``, ``since``/``until`` on the index time,
+      ``uuid_prefix``) combine; a record is listed only when it matches all of them.
+    * The cost of one call is bounded whatever the number of stored records: it reads at most
+      ``limit`` records when the filters are indexed (status, task name, time) and scans a
+      bounded number of index entries otherwise, so a page may hold fewer than ``limit``
+      records and still have a ``cursor``. Following cursors until ``None`` lists every
+      matching record that did not change meanwhile, each once.
+    * Index entries expire with their records (``result_ttl``); an entry whose record is gone
+      is skipped (and may be pruned), never returned.
+    * ``query.checked()`` is applied: a bad query raises
+      :class:`~qtasks.errors.InvalidQueryError`, as does a cursor this storage did not make.
+    """
+
+    async def query(self, query: RecordQuery) -> RecordPage:
+        """One page of records matching ``query``, newest first."""
+        ...
+
+    async def count(
+        self, status: TaskStatus, since: float | None = None, until: float | None = None
+    ) -> int:
+        """How many records have ``status`` and an index time in ``[since, until)`` (for the
+        dashboard's rates: records that turned ``success`` in the last ten seconds...). Read
+        from the status index (a remote backend answers in O(log n)); may count, for a
+        moment, a record that just expired."""
         ...
 
 

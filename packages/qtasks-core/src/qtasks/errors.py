@@ -53,6 +53,15 @@ class TaskNotFoundError(QTasksError, LookupError):
         super().__init__(f"no task record for uuid {uuid!r}")
 
 
+class InvalidQueryError(QTasksError, ValueError):
+    """A storage query (:class:`~qtasks.components.RecordQuery`) that cannot be run: a page size
+    out of bounds, a time range that ends before it starts, a cursor from elsewhere."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(f"invalid task query: {problem}")
+
+
 class SerializationError(QTasksError, ValueError):
     """A value could not be encoded or decoded by the app's serializer."""
 

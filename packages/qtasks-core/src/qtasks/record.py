@@ -60,6 +60,9 @@ class TaskRecord:
     token: str | None = None
     steps: int = 0
     """How many generator steps have been stored for this task."""
+    started_at: float | None = None
+    """When the attempt that ended the record began (its ``updated_at`` as begun), set by the
+    worker on the records it settles; ``None`` before. Queue wait and run time derive from it."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-like dict of every record field (status as its string); a bound task's
@@ -105,6 +108,7 @@ class TaskRecord:
             self.worker,
             self.token,
             self.steps,
+            self.started_at,
         )
 
 

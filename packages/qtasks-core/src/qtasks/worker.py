@@ -315,6 +315,8 @@ class QueueWorker:
             "waiting": self.waiting,
             "processed": self.processed,
             "concurrency": concurrency,
+            "beat_at": time.time(),
+            "ttl": interval * 3,
         }
         try:
             await app.global_config.heartbeat(self.id, info, ttl=interval * 3)
@@ -445,6 +447,7 @@ class QueueWorker:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             await delivery.ack()
             return
+        record.started_at = record.updated_at  # as begun: stored with the final record
         if "qtasks_storage_saved" in hooks.active:
             await hooks.notify("qtasks_storage_saved", app=app, record=record)
         run = TaskRun(

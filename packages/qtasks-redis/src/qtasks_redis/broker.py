@@ -494,13 +494,22 @@ class RedisBroker:
         return out
 
     async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
+        return await self._dead_letter_script(lua.REQUEUE_DEAD, ids)
+
+    async def purge_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Delete dead letters for good (all when ``ids`` is None); return how many (the
+        dashboard's purge; see :mod:`qtasks.components`)."""
+        return await self._dead_letter_script(lua.PURGE_DEAD, ids)
+
+    async def _dead_letter_script(self, script: Script, ids: list[str] | None) -> int:
+        """Run a script of ``DEAD_IDS`` on ``ids``, or on every dead letter, 1,000 a call."""
         if ids is not None:
-            return int(await self._run(lua.REQUEUE_DEAD, "ids", *ids)) if ids else 0
+            return int(await self._run(script, "ids", *ids)) if ids else 0
         total = 0
         while True:
-            moved = int(await self._run(lua.REQUEUE_DEAD, "all"))
-            total += moved
-            if moved < 1000:
+            done = int(await self._run(script, "all"))
+            total += done
+            if done < 1000:
                 return total
 
 

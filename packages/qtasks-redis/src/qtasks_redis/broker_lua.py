@@ -353,10 +353,7 @@ return out
 """
 )
 
-REQUEUE_DEAD = Script(
-    PRELUDE
-    + r"""
--- ARGV: mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call.
+DEAD_IDS = r"""
 local ids
 if ARGV[1] == 'all' then
   ids = redis.call('ZRANGE', K_DLQ, 0, 999)
@@ -364,7 +361,15 @@ else
   ids = {}
   for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
-local now = now_ms()
+"""
+"""The dead letters a script acts on: ARGV ``'all'`` (the oldest 1000) or ``'ids'``, ids."""
+
+REQUEUE_DEAD = Script(
+    PRELUDE
+    + r"""
+-- ARGV: mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call."""
+    + DEAD_IDS
+    + r"""local now = now_ms()
 local n = 0
 for _, id in ipairs(ids) do
   local body = redis.call('HGET', K_DLBODY, id)
@@ -386,6 +391,22 @@ for _, id in ipairs(ids) do
   end
 end
 if n > 0 then notify() end
+return n
+"""
+)
+
+PURGE_DEAD = Script(
+    PRELUDE
+    + r"""
+-- ARGV: mode ('all' or 'ids'), then ids. 'all' deletes at most 1000 per call. Returns how
+-- many dead letters were deleted."""
+    + DEAD_IDS
+    + r"""local n = 0
+for _, id in ipairs(ids) do
+  if redis.call('ZREM', K_DLQ, id) == 1 then n = n + 1 end
+  redis.call('HDEL', K_DLBODY, id)
+  redis.call('HDEL', K_DLMETA, id)
+end
 return n
 """
 )

@@ -16,8 +16,9 @@ from qtasks_redis.connection import Script
 STORAGE_KEYS = 9
 """Keys of one task record: rec, wake, steps and the six status indexes."""
 BROKER_KEYS = len(broker_lua.KEY_NAMES)
-SAVE_ARGS = 8
-"""Arguments of the storage's SAVE: uuid, json, status, token, has_fence, fence, force, ttl."""
+SAVE_ARGS = 9
+"""Arguments of the storage's SAVE: uuid, json, status, token, has_fence, fence, force, ttl,
+task_name."""
 
 
 def _keys_from(prelude: str, base: int) -> str:
@@ -165,7 +166,14 @@ local function on_dead(id, reason)
   redis.call('HSET', rec, 's', 'error', 't', 'dead-letter', 'e', 'dead-lettered: ' .. reason,
              'u', updated)
   if IDX[status] then redis.call('ZREM', IDX[status], id) end
-  redis.call('ZADD', IDX['error'], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), id)
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', IDX['error'], now, id)
+  -- The task name's index of final records (see storage_lua).
+  local ok, v = pcall(cjson.decode, redis.call('HGET', rec, 'd') or '')
+  local name = ok and type(v) == 'table' and ((type(v[1]) == 'number' and v[3]) or v.task_name)
+  if type(name) == 'string' and name ~= '' then
+    redis.call('ZADD', TAG .. ':nf:' .. name, now, id)
+  end
   local wake, steps = TAG .. ':w:' .. id, TAG .. ':s:' .. id
   if TTL then redis.call('PEXPIRE', rec, TTL) end
   redis.call('RPUSH', wake, '1')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import operator
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -15,8 +16,14 @@ import anyio
 import anyio.abc
 from redis.exceptions import RedisError
 
+from qtasks.components import RecordPage, RecordQuery
 from qtasks.config import QueueConfig
-from qtasks.errors import SerializationError, StorageConnectionError, TaskTimeoutError
+from qtasks.errors import (
+    InvalidQueryError,
+    SerializationError,
+    StorageConnectionError,
+    TaskTimeoutError,
+)
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
 from qtasks_redis.connection import (
@@ -60,9 +67,13 @@ _V1 = (
 Positional, so encoding and decoding skip the names (about half the cost of a JSON object);
 the order is fixed here, not taken from :class:`TaskRecord`, so the stored format changes only
 on purpose (a new format gets a new number; objects, the earlier format, are still read)."""
-_V1_GET = operator.attrgetter(*_V1)
 _V1_STATUS = _V1.index("status")
-_V1_POSITIONAL = _V1 == _FIELDS
+_V2 = (*_V1, "started_at")
+"""Format 2, ``[2, <these values>]``: format 1 and ``started_at`` (written from qtasks-web's
+release on; format 1 is still read, without it)."""
+_V2_GET = operator.attrgetter(*_V2)
+_V2_POSITIONAL = _V2 == _FIELDS
+_LAYOUTS = {1: _V1, 2: _V2}
 RECORD_KEYS = 3
 """Keys of one record (rec, wake, steps) at the head of every script's keys; the status
 indexes after them are the same for every record."""
@@ -84,6 +95,9 @@ async def guarded(target: RedisTarget, call: Awaitable[T]) -> T:
 
 _BATCH = 1000
 """Most records or deliveries in one batched script call."""
+_SCAN = 10_000
+"""Most index entries one :meth:`RedisStorage.query` call looks at."""
+_FINAL_STATUSES = frozenset(status.value for status in TaskStatus if status.final)
 _FEED_IDLE = 5.0
 """Seconds the cancel feed waits for a message before it looks again (no round trip)."""
 
@@ -194,15 +208,15 @@ class RedisStorage:
             return None
         try:
             stored = _loads(data.decode())
-            if type(stored) is list and stored and stored[0] == 1:
+            if type(stored) is list and stored and stored[0] in _LAYOUTS:
                 values = stored[1:]
                 values[_V1_STATUS] = TaskStatus(
                     status.decode() if status is not None else values[_V1_STATUS]
                 )
                 record = (
                     TaskRecord(*values)
-                    if _V1_POSITIONAL and len(values) == len(_V1)
-                    else TaskRecord(**dict(zip(_V1, values, strict=True)))
+                    if _V2_POSITIONAL and len(values) == len(_V2)
+                    else TaskRecord(**dict(zip(_LAYOUTS[stored[0]], values, strict=True)))
                 )
             else:  # the earlier format: a JSON object of the fields
                 named = {k: v for k, v in stored.items() if k in _FIELD_SET}
@@ -229,9 +243,9 @@ class RedisStorage:
 
     @staticmethod
     def _encode(record: TaskRecord) -> str:
-        """``d`` of ``record``: format 1 (see ``_V1``), not ``to_dict()``, which deep-copies
+        """``d`` of ``record``: format 2 (see ``_V2``), not ``to_dict()``, which deep-copies
         every value and names every field."""
-        values: list[Any] = [1, *_V1_GET(record)]
+        values: list[Any] = [2, *_V2_GET(record)]
         values[_V1_STATUS + 1] = record.status.value
         return _dumps(values)
 
@@ -250,6 +264,7 @@ class RedisStorage:
             fence or "",
             force,
             self._ttl_ms,
+            record.task_name,
         )
         return self._keys(record.uuid), args
 
@@ -464,3 +479,159 @@ class RedisStorage:
     async def stats(self) -> dict[str, int]:
         reply = await self._run(lua.STATS, "", self._ttl_ms)
         return {status: int(n) for status, n in zip(lua.STATUSES, reply, strict=True) if int(n)}
+
+    # --- StorageQuery ---------------------------------------------------------------------
+
+    def _query_keys(self, query: RecordQuery) -> list[str]:
+        """The index keys whose union holds every candidate of ``query``: the status
+        indexes, and the task name's index of final records."""
+        live = [
+            self._index_keys[lua.STATUSES.index(status.value)]
+            for status in TaskStatus
+            if not status.final and status.value in lua.STATUSES
+        ]
+        if query.status is not None:
+            if query.status.value not in lua.STATUSES:
+                return []
+            if query.task_name is not None and query.status.final:
+                return [f"{self._tag}:nf:{query.task_name}"]
+            return [self._index_keys[lua.STATUSES.index(query.status.value)]]
+        if query.task_name is not None:
+            return [f"{self._tag}:nf:{query.task_name}", *live]
+        return list(self._index_keys)
+
+    async def _candidates(
+        self, keys: list[str], query: RecordQuery, after: tuple[float, str] | None, batch: int
+    ) -> tuple[list[tuple[float, str, str]], bool]:
+        """The next ``batch`` index entries ``(score, uuid, key)`` of the union of ``keys``,
+        newest first, after the position ``after``; and whether more may follow."""
+        high = math.inf if query.until is None else query.until * 1000
+        low = "-inf" if query.since is None else repr(query.since * 1000)
+        top = "+inf" if query.until is None else f"({high!r}"
+        ties = (
+            after is not None
+            and after[0] < high
+            and (query.since is None or after[0] >= query.since * 1000)
+        )
+        if after is not None:
+            top = f"({after[0]!r}" if after[0] <= high else top
+        pipe = self._require().pipeline(transaction=False)
+        for key in keys:
+            if ties:
+                assert after is not None
+                pipe.zrangebyscore(key, after[0], after[0], withscores=True)
+            pipe.zrevrangebyscore(key, top, low, start=0, num=batch, withscores=True)
+        replies: list[Any] = await guarded(self.target, pipe.execute())
+        found: list[tuple[float, str, str]] = []
+        more = False
+        per_key = 2 if ties else 1
+        for i, key in enumerate(keys):
+            if ties:
+                assert after is not None
+                for member, score in replies[i * per_key]:
+                    uuid = member.decode()
+                    if uuid < after[1]:
+                        found.append((score, uuid, key))
+            ranged = replies[i * per_key + per_key - 1]
+            more = more or len(ranged) == batch
+            found.extend((score, member.decode(), key) for member, score in ranged)
+        found.sort(reverse=True)
+        return found[:batch], more or len(found) > batch
+
+    async def query(self, query: RecordQuery) -> RecordPage:
+        """See :class:`qtasks.components.StorageQuery`: the per-status and per-task-name
+        indexes, read a batch at a time (one round trip for the index entries, one for their
+        records); entries whose record expired are removed on the way. The index time is
+        the server's, in milliseconds."""
+        query = query.checked()
+        after = None if query.cursor is None else _parse_cursor(query.cursor)
+        keys = self._query_keys(query)
+        prefix = query.uuid_prefix or ""
+        # The index answers for status, name and time; a uuid prefix is matched on the index
+        # entries before any record is read, so a scan reads index entries only.
+        residual_name = query.task_name is not None and (
+            query.status is None or not query.status.final
+        )  # records that are not final are found by status, their name checked one by one
+        if prefix:
+            batch = 1000
+        elif residual_name or (query.task_name is not None and query.status is not None):
+            batch = min(max(4 * query.limit, 200), 1000)
+        else:
+            batch = query.limit
+        found: list[TaskRecord] = []
+        scanned = 0
+        while keys:
+            entries, more = await self._candidates(keys, query, after, batch)
+            if not entries:
+                break
+            wanted = [uuid for _, uuid, _ in entries if uuid.startswith(prefix)]
+            stored: dict[str, Any] = {}
+            if wanted:
+                pipe = self._require().pipeline(transaction=False)
+                for uuid in wanted:
+                    pipe.hmget(f"{self._tag}:r:{uuid}", _RECORD_FIELDS)
+                replies = await guarded(self.target, pipe.execute())
+                stored = dict(zip(wanted, replies, strict=True))
+            stale: dict[str, list[str]] = {}
+            for score, uuid, key in entries:
+                scanned += 1
+                after = (score, uuid)
+                if uuid not in stored:
+                    continue
+                try:
+                    record = self._record(stored[uuid])
+                except SerializationError:
+                    log.warning("query skipped the record %s: it is not valid", uuid)
+                    continue
+                if record is None:
+                    stale.setdefault(key, []).append(uuid)
+                elif (query.status is None or record.status is query.status) and (
+                    query.task_name is None or record.task_name == query.task_name
+                ):
+                    found.append(record)
+                    if len(found) == query.limit:
+                        break
+            if stale:
+                pipe = self._require().pipeline(transaction=False)
+                for key, uuids in stale.items():
+                    pipe.zrem(key, *uuids)
+                await guarded(self.target, pipe.execute())
+            if len(found) == query.limit or scanned >= _SCAN:
+                return RecordPage(found, _make_cursor(after))
+            if not more:
+                break
+        return RecordPage(found)
+
+    async def count(
+        self, status: TaskStatus, since: float | None = None, until: float | None = None
+    ) -> int:
+        """See :class:`qtasks.components.StorageQuery`: ``ZCOUNT`` of the status index."""
+        if status.value not in lua.STATUSES:
+            return 0
+        key = self._index_keys[lua.STATUSES.index(status.value)]
+        call = self._require().zcount(key, _bound(since, low=True), _bound(until, low=False))
+        return int(await guarded(self.target, call))
+
+
+def _bound(value: float | None, *, low: bool) -> str:
+    """A ZSET score bound (ms) for a time in seconds: ``since`` inclusive, ``until``
+    exclusive."""
+    if value is None:
+        return "-inf" if low else "+inf"
+    return repr(value * 1000) if low else f"({value * 1000!r}"
+
+
+def _make_cursor(after: tuple[float, str] | None) -> str | None:
+    return None if after is None else f"r:{after[0]!r}:{after[1]}"
+
+
+def _parse_cursor(cursor: str) -> tuple[float, str]:
+    kind, _, rest = cursor.partition(":")
+    score, _, uuid = rest.partition(":")
+    try:
+        value = float(score)
+    except ValueError:
+        value = math.nan
+    if kind != "r" or not uuid or value != value:
+        raise InvalidQueryError(f"cursor {cursor!r} was not made by a RedisStorage")
+    return value, uuid

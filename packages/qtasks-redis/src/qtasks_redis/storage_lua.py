@@ -9,7 +9,13 @@
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
               ``e`` (the record is final) markers
 4-9.          ZSET per status (new, process, success, error, cancel, retry): uuid -> ms,
-              for :meth:`stats` without scanning the keyspace
+              for :meth:`stats` and :meth:`query` without scanning the keyspace
+
+and, per task name (keys built from the tag, in the same slot), ``<tag>:nf:<name>``: ZSET of
+the final records of that name (uuid -> ms final), so the dashboard lists the finished tasks of
+one name among millions; records that are not final are few (queued and running ones) and found
+through the status indexes. Entries of expired records are pruned from the indexes of final
+records by some writes (see ``prune``), by :meth:`stats` and by the queries that meet them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,40 @@ local function index(uuid, old, new, now)
   if IDX[new] then redis.call('ZADD', IDX[new], now, uuid) end
 end
 
+-- The name of a stored record from its JSON ('d'): formats 1 and 2 are
+-- [format, uuid, task_name, ...].
+local function record_name(d)
+  local ok, v = pcall(cjson.decode, d)
+  if not ok or type(v) ~= 'table' then return nil end
+  if v[1] == 1 or v[1] == 2 then return v[3] end
+  return v.task_name
+end
+
+-- An index of final records: its entries older than the TTL belong to records that expired.
+-- Pruned by the writes that add to it, but only at one server millisecond in 16 (and once per
+-- script call): enough to bound its size, at a sixteenth of the cost. Queries skip and
+-- remove the entries they find without a record meanwhile.
+local PRUNED = {}
+local function prune(key, now, ttl)
+  if now % 16 ~= 0 or PRUNED[key] then return end
+  PRUNED[key] = true
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - ttl))
+end
+
+-- After index(): the task-name index of final records, and the pruning of the final indexes.
+-- Nothing for a record that is not final and was not: publishing and beginning cost nothing.
+local function named(uuid, name, old, new, now, ttl)
+  if FINAL[new] and ttl then prune(IDX[new], now, ttl) end
+  if type(name) ~= 'string' or name == '' then return end
+  if FINAL[new] then
+    local final = string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':nf:' .. name
+    redis.call('ZADD', final, now, uuid)
+    if ttl then prune(final, now, ttl) end
+  elseif old and FINAL[old] then  -- a deliberate reset (add) of a final record
+    redis.call('ZREM', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':nf:' .. name, uuid)
+  end
+end
+
 -- The record just turned final: expire it, wake waiters, end step followers. The wake list
 -- never outlives the record, so a record that does not exist has no stale wake-up.
 local function finished(ttl)
@@ -51,7 +91,7 @@ end
 SAVE = Script(
     PRELUDE
     + r"""
--- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none)
+-- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none), task_name
 -- force: '1' replaces any stored record, '0' checks fence and finality, 'n' writes only
 -- when no record is stored (a new task's record racing its first delivery).
 -- Returns 1 when written, 0 when refused by the fence (another attempt owns the task), 2 when
@@ -68,7 +108,9 @@ local old = false
 if cur[1] then old = cur[2] end
 redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
 if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
-index(uuid, old, status, now_ms())
+local now = now_ms()
+index(uuid, old, status, now)
+named(uuid, ARGV[9], old, status, now, tonumber(ARGV[8]))
 if FINAL[status] then
   finished(tonumber(ARGV[8]))
 elseif old then
@@ -93,6 +135,7 @@ if not FINAL[cur[2]] then
   local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
   redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', updated)
   index(ARGV[1], cur[2], 'cancel', now)
+  named(ARGV[1], record_name(cur[1]), cur[2], 'cancel', now, tonumber(ARGV[3]))
   finished(tonumber(ARGV[3]))
   if cur[2] == 'process' and ARGV[4] ~= '' then
     redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], ARGV[2]}))

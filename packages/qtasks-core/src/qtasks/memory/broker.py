@@ -355,6 +355,13 @@ class MemoryBroker(_Lifecycle):
                 count += 1
         return count
 
+    async def purge_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Delete dead letters for good (all when ``ids`` is None); return how many. See
+        :mod:`qtasks.components` (an optional broker member)."""
+        self._check()
+        chosen = list(self._dead_letters) if ids is None else ids
+        return sum(1 for id in chosen if self._dead_letters.pop(id, None) is not None)
+
 
 def _body_attempt(body: bytes) -> int | None:
     """The ``attempt`` of a JSON message body, or ``None`` when the body is not one."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -12,14 +14,35 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
+from qtasks.components import RecordPage, RecordQuery
 from qtasks.config import QueueConfig
-from qtasks.errors import TaskTimeoutError
+from qtasks.errors import InvalidQueryError, TaskTimeoutError
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.record import TaskRecord, TaskStatus
 
+_Entry = tuple[int, float, str]
+"""An index entry: (write sequence number, index time, uuid); valid while the record's
+latest write has that sequence number."""
+_SCAN = 10_000
+"""Most index entries one :meth:`MemoryStorage.query` call looks at."""
+
+
+def _seq(entry: _Entry) -> int:
+    return entry[0]
+
+
+def _time(entry: _Entry) -> float:
+    return entry[1]
+
 
 class MemoryStorage(_Lifecycle):
-    """Task records in a dict, with woken waiters and live generator steps."""
+    """Task records in a dict, with woken waiters and live generator steps.
+
+    It is a :class:`~qtasks.components.StorageQuery`: every write that stores a record or
+    changes its status appends one entry to a log, in write order, from which lists by
+    status and task name are brought up to date when queried; an entry is skipped once a
+    later write of its record (or its expiry) made it stale, and the lists are rebuilt when
+    most of their entries are stale, so listing a page costs a binary search and the page."""
 
     local = True
     """Calls complete without I/O (see :mod:`qtasks.components`)."""
@@ -35,6 +58,13 @@ class MemoryStorage(_Lifecycle):
         self._expiry: list[tuple[float, str]] = []
         self._ttl: float | None = None
         self._cancel_followers: list[Callable[[str, str], None]] = []
+        self._write_seq = 0
+        self._last_time = 0.0
+        self._seq_of: dict[str, int] = {}
+        self._all: list[_Entry] = []
+        self._by_status: dict[TaskStatus, list[_Entry]] = {}
+        self._by_name: dict[str, list[_Entry]] = {}
+        self._indexed = 0
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -77,7 +107,8 @@ class MemoryStorage(_Lifecycle):
         self._check()
         self._expire()
         if replace or record.uuid not in self._records:
-            self._records[record.uuid] = record.copy()
+            self._records[record.uuid] = stored = record.copy()
+            self._index(stored)
 
     async def get(self, uuid: str) -> TaskRecord | None:
         self._check()
@@ -92,14 +123,18 @@ class MemoryStorage(_Lifecycle):
             stored = record.copy()
             stored.updated_at = self._clock()
             self._records[record.uuid] = stored
+            self._index(stored)
             return stored.copy()
         if stored.status.final:
             return stored.copy()
+        moved = stored.status is not record.status
         stored.status = record.status
         stored.attempt = record.attempt
         stored.token = record.token
         stored.worker = record.worker
         stored.updated_at = self._clock()
+        if moved:
+            self._index(stored)
         return stored.copy()
 
     async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
@@ -117,12 +152,15 @@ class MemoryStorage(_Lifecycle):
         if stored is None:
             return None
         if not stored.status.final:
+            moved = stored.status is not TaskStatus.PROCESS
             stored.status = TaskStatus.PROCESS
             stored.token = token
             stored.worker = worker
             if attempt is not None:
                 stored.attempt = attempt + 1
             stored.updated_at = self._clock()
+            if moved:
+                self._index(stored)
         return stored.copy()
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
@@ -133,7 +171,8 @@ class MemoryStorage(_Lifecycle):
                 return False
             if stored.status.final and stored.status is not record.status:
                 return False  # final is final: a cancel made while the task ran stays
-        self._records[record.uuid] = record.copy()
+        self._records[record.uuid] = copied = record.copy()
+        self._index(copied)
         if record.status.final:
             if self._ttl is not None:
                 heapq.heappush(self._expiry, (record.updated_at + self._ttl, record.uuid))
@@ -150,6 +189,7 @@ class MemoryStorage(_Lifecycle):
             stored.status = TaskStatus.CANCEL
             stored.cancel_reason = reason
             stored.updated_at = self._clock()
+            self._index(stored)
             self._fire(uuid)
             if running:
                 for follower in list(self._cancel_followers):
@@ -244,4 +284,111 @@ class MemoryStorage(_Lifecycle):
         self._records.clear()
         self._steps.clear()
         self._expiry.clear()
+        self._rebuild()
         return count
+
+    # --- StorageQuery ---------------------------------------------------------------------
+
+    def _index(self, record: TaskRecord) -> None:
+        """Log ``record``'s write (after every write that stores it or changes its status):
+        one append. The lists by status and task name are brought up to date from the log
+        when a query needs them (:meth:`_catch_up`). Index times never go backwards, so
+        every list stays sorted."""
+        seq = self._write_seq = self._write_seq + 1
+        now = self._clock()
+        if now < self._last_time:
+            now = self._last_time
+        self._last_time = now
+        self._seq_of[record.uuid] = seq
+        self._all.append((seq, now, record.uuid))
+        if len(self._all) > 2 * len(self._records) + 4096:
+            self._rebuild()
+
+    def _catch_up(self) -> None:
+        """Add the log's entries since the last call to the lists by status and task name
+        (those still current: a later write of the same record has its own entry)."""
+        records, seq_of = self._records, self._seq_of
+        by_status, by_name = self._by_status, self._by_name
+        for entry in itertools.islice(self._all, self._indexed, None):
+            record = records.get(entry[2])
+            if record is None or seq_of.get(entry[2]) != entry[0]:
+                continue
+            by_status.setdefault(record.status, []).append(entry)
+            by_name.setdefault(record.task_name, []).append(entry)
+        self._indexed = len(self._all)
+
+    def _rebuild(self) -> None:
+        """Drop the stale entries (amortised: called when they are the majority)."""
+        live = [
+            entry
+            for entry in self._all
+            if entry[2] in self._records and self._seq_of.get(entry[2]) == entry[0]
+        ]
+        self._seq_of = {uuid: seq for seq, _, uuid in live}
+        self._all = live
+        self._by_status, self._by_name = {}, {}
+        self._indexed = 0
+
+    async def query(self, query: RecordQuery) -> RecordPage:
+        """See :class:`qtasks.components.StorageQuery`; the cursor is a write sequence
+        number."""
+        self._check()
+        query = query.checked()
+        self._expire()
+        self._catch_up()
+        if query.task_name is not None:
+            entries = self._by_name.get(query.task_name, [])
+        elif query.status is not None:
+            entries = self._by_status.get(query.status, [])
+        else:
+            entries = self._all
+        end = len(entries)
+        if query.cursor is not None:
+            end = bisect.bisect_left(entries, _cursor_seq(query.cursor), key=_seq)
+        if query.until is not None:
+            end = min(end, bisect.bisect_left(entries, query.until, key=_time))
+        since = -math.inf if query.since is None else query.since
+        prefix = query.uuid_prefix or ""
+        found: list[TaskRecord] = []
+        position = end
+        while position > 0 and end - position < _SCAN:
+            position -= 1
+            seq, at, uuid = entries[position]
+            if at < since:
+                return RecordPage(found)
+            record = self._records.get(uuid)
+            if (
+                record is None
+                or self._seq_of.get(uuid) != seq
+                or (query.status is not None and record.status is not query.status)
+                or (query.task_name is not None and record.task_name != query.task_name)
+                or not uuid.startswith(prefix)
+            ):
+                continue
+            found.append(record.copy())
+            if len(found) == query.limit:
+                break
+        return RecordPage(found, f"m:{entries[position][0]}" if position > 0 else None)
+
+    async def count(
+        self, status: TaskStatus, since: float | None = None, until: float | None = None
+    ) -> int:
+        """See :class:`qtasks.components.StorageQuery`: walks the status's entries in the
+        time range (it skips the stale ones, so it costs the range, not the storage)."""
+        self._check()
+        self._expire()
+        self._catch_up()
+        entries = self._by_status.get(status, [])
+        end = len(entries) if until is None else bisect.bisect_left(entries, until, key=_time)
+        start = 0 if since is None else bisect.bisect_left(entries, since, key=_time)
+        seq_of, records = self._seq_of, self._records
+        return sum(
+            1 for seq, _, uuid in entries[start:end] if seq_of.get(uuid) == seq and uuid in records
+        )
+
+
+def _cursor_seq(cursor: str) -> int:
+    kind, _, seq = cursor.partition(":")
+    if kind != "m" or not seq.isdigit():
+        raise InvalidQueryError(f"cursor {cursor!r} was not made by a MemoryStorage")
+    return int(seq)

@@ -25,6 +25,7 @@ from qtasks_testing.contract.capabilities import (
     SharedServerContract,
 )
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
+from qtasks_testing.contract.query import StorageQueryContract
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "SharedServerContract",
     "StorageContract",
     "StorageFactory",
+    "StorageQueryContract",
     "consuming",
     "consuming_from",
     "envelope",

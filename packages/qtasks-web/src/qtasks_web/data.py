@@ -1,0 +1,335 @@
+"""What the dashboard shows, read from the app's components at each request (or at each
+shared refresh, see :mod:`qtasks_web.live`): nothing here outlives a restart except a cache
+of closed chart intervals, which is rebuilt from the storage.
+
+Masking: values whose key looks like a secret (``password``, ``token``, ``api_key``...) are
+replaced by :data:`MASK` in everything shown (arguments, results, dead-letter bodies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qtasks.components import DeadLetter, RecordQuery, StorageQuery
+from qtasks.record import TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+MASK = "••••••"
+_SECRET = re.compile(
+    r"pass|secret|token|api[_-]?key|apikey|auth|credential|cookie|session|private|signature",
+    re.IGNORECASE,
+)
+_FINAL = (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL)
+BUCKETS = 30
+"""Intervals of the overview's charts (``window / BUCKETS`` seconds each)."""
+SAMPLE = 100
+"""Records per status and interval whose timings make the percentiles."""
+CHILDREN_SCAN = 2000
+"""Records stored after a task that its page looks through for children."""
+
+
+def masked(value: Any, depth: int = 0) -> Any:
+    """``value`` with the values of secret-looking keys replaced, at any depth."""
+    if depth > 20:
+        return value
+    if isinstance(value, dict):
+        return {
+            k: MASK if isinstance(k, str) and _SECRET.search(k) else masked(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [masked(v, depth + 1) for v in value]
+    return value
+
+
+def masked_args(app: AsyncQueueTasks, task_name: str, args: list[Any]) -> list[Any]:
+    """``args`` masked: a positional argument is masked too when the task, registered in
+    ``app``, names its parameter like a secret (``send(user, password)``)."""
+    shown: list[Any] = masked(args)
+    task = app.tasks.get(task_name)
+    if task is None:
+        return shown
+    names = [
+        p.name
+        for p in task.caller_signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return [
+        MASK if i < len(names) and _SECRET.search(names[i]) else value
+        for i, value in enumerate(shown)
+    ]
+
+
+def pretty(value: Any) -> str:
+    """JSON of a masked value, indented (for ``<pre>``); ``repr`` when it is not JSON."""
+    try:
+        return json.dumps(masked(value), indent=2, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def body_preview(body: bytes, limit: int = 400) -> str:
+    """A dead letter's body as text, JSON masked, cut at ``limit`` characters."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        text = json.dumps(masked(json.loads(text)), ensure_ascii=False)
+    except ValueError:
+        pass
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile ``q`` (0-100) of ``values``; ``None`` when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def queue_wait(record: TaskRecord) -> float | None:
+    """Seconds from when the task could run (created, or its ETA) to when it began."""
+    started = began(record)
+    if started is None:
+        return None
+    return max(0.0, started - max(record.created_at, record.eta or 0.0))
+
+
+def began(record: TaskRecord) -> float | None:
+    """When the record's last attempt began: ``started_at`` once settled, the time it was
+    begun (``updated_at``) while it runs."""
+    if record.started_at is not None:
+        return record.started_at
+    return record.updated_at if record.status is TaskStatus.PROCESS else None
+
+
+def run_time(record: TaskRecord) -> float | None:
+    """Seconds from the beginning of the final attempt to the final status."""
+    if record.started_at is None or not record.status.final:
+        return None
+    return max(0.0, record.updated_at - record.started_at)
+
+
+def queryable(app: AsyncQueueTasks) -> StorageQuery | None:
+    """The app's storage when it can list records, else ``None``."""
+    storage = app.storage
+    return storage if isinstance(storage, StorageQuery) else None
+
+
+@dataclass(slots=True)
+class Interval:
+    """One interval of the overview's charts."""
+
+    end: float
+    started: int = 0
+    finished: int = 0
+    failed: int = 0
+    wait_p50: float | None = None
+    wait_p95: float | None = None
+    run_p50: float | None = None
+    run_p95: float | None = None
+
+    def as_json(self, length: float) -> dict[str, Any]:
+        return {
+            "t": self.end,
+            "started": self.started / length,
+            "finished": self.finished / length,
+            "failure_rate": self.failed / self.finished if self.finished else None,
+            "wait_p50": self.wait_p50,
+            "wait_p95": self.wait_p95,
+            "run_p50": self.run_p50,
+            "run_p95": self.run_p95,
+        }
+
+
+async def read_interval(storage: StorageQuery, start: float, end: float) -> Interval:
+    """Counts and timing percentiles of the records whose index time is in ``[start, end)``.
+
+    Started: the records that began in it and still run, plus those that ended in it
+    (finished or retried), so a task counts once, at its end when it ended."""
+    point = Interval(end)
+    counts = {}
+    for status in (*_FINAL, TaskStatus.PROCESS, TaskStatus.RETRY):
+        counts[status] = await storage.count(status, start, end)
+    point.finished = sum(counts[s] for s in _FINAL)
+    point.failed = counts[TaskStatus.ERROR]
+    point.started = point.finished + counts[TaskStatus.PROCESS] + counts[TaskStatus.RETRY]
+    waits: list[float] = []
+    runs: list[float] = []
+    for status in (TaskStatus.SUCCESS, TaskStatus.ERROR):
+        if not counts[status]:
+            continue
+        page = await storage.query(RecordQuery(status=status, since=start, until=end, limit=SAMPLE))
+        for record in page.records:
+            wait, ran = queue_wait(record), run_time(record)
+            if wait is not None:
+                waits.append(wait)
+            if ran is not None:
+                runs.append(ran)
+    point.wait_p50, point.wait_p95 = percentile(waits, 50), percentile(waits, 95)
+    point.run_p50, point.run_p95 = percentile(runs, 50), percentile(runs, 95)
+    return point
+
+
+@dataclass(slots=True)
+class Charts:
+    """The overview's chart intervals: closed intervals are read once and kept (they do
+    not change, except by expiry), the last two are read again at each refresh."""
+
+    window: float
+    closed: dict[float, Interval] = field(default_factory=dict)
+
+    @property
+    def length(self) -> float:
+        return self.window / BUCKETS
+
+    async def read(self, storage: StorageQuery, now: float) -> list[dict[str, Any]]:
+        length = self.length
+        current_end = (math.floor(now / length) + 1) * length
+        ends = [current_end - i * length for i in range(BUCKETS - 1, -1, -1)]
+        out = []
+        for end in ends:
+            fresh = end >= current_end - length  # the current interval and the one before
+            point = None if fresh else self.closed.get(end)
+            if point is None:
+                point = await read_interval(storage, end - length, end)
+                if not fresh:
+                    self.closed[end] = point
+            out.append(point.as_json(min(length, max(now - (end - length), 1e-3))))
+        for end in [e for e in self.closed if e < ends[0]]:
+            del self.closed[end]
+        return out
+
+
+async def overview(app: AsyncQueueTasks, charts: Charts) -> dict[str, Any]:
+    """The overview's figures, JSON-ready."""
+    now = time.time()
+    stats = await app.broker.stats()
+    workers = await app.global_config.workers()
+    storage = queryable(app)
+    series = await charts.read(storage, now) if storage is not None else None
+    return {
+        "at": now,
+        "queue": {
+            "ready_by_priority": {str(p): n for p, n in sorted(stats.ready_by_priority.items())},
+            "ready": sum(stats.ready_by_priority.values()),
+            "delayed": stats.delayed,
+            "in_flight": stats.in_flight,
+            "dead_letters": stats.dead_letters,
+        },
+        "workers": len(workers),
+        "running": sum(int(w.get("running", 0) or 0) for w in workers.values()),
+        "records_by_status": dict(sorted((await app.storage.stats()).items())),
+        "series": series,
+        "interval": charts.length,
+    }
+
+
+@dataclass(slots=True)
+class WorkerRow:
+    """One worker on the Workers page."""
+
+    id: str
+    live: bool
+    host: str = ""
+    pid: int | None = None
+    concurrency: int | None = None
+    running: int = 0
+    processed: int | None = None
+    beat_at: float | None = None
+    started_at: float | None = None
+    held: list[str] = field(default_factory=list)
+
+
+async def workers(app: AsyncQueueTasks) -> list[WorkerRow]:
+    """Live workers (heartbeats in the global config) and lost ones: workers named on
+    records still ``process`` that no longer beat (their tasks come back when their lease
+    runs out)."""
+    rows: dict[str, WorkerRow] = {}
+    for worker_id, info in sorted((await app.global_config.workers()).items()):
+        rows[worker_id] = WorkerRow(
+            id=worker_id,
+            live=True,
+            host=str(info.get("host", "")),
+            pid=info.get("pid"),
+            concurrency=info.get("concurrency"),
+            running=int(info.get("running", 0) or 0),
+            processed=info.get("processed"),
+            beat_at=info.get("beat_at"),
+            started_at=info.get("started_at"),
+        )
+    storage = queryable(app)
+    if storage is not None:
+        page = await storage.query(RecordQuery(status=TaskStatus.PROCESS, limit=500))
+        for record in page.records:
+            if not record.worker:
+                continue
+            row = rows.get(record.worker)
+            if row is None:
+                row = rows[record.worker] = WorkerRow(id=record.worker, live=False)
+            row.held.append(record.uuid)
+    return sorted(rows.values(), key=lambda r: (not r.live, r.id))
+
+
+async def children(app: AsyncQueueTasks, record: TaskRecord) -> tuple[list[TaskRecord], bool]:
+    """Records whose ``parent_uuid`` is ``record``'s, among the :data:`CHILDREN_SCAN`
+    records indexed since it was created; and whether that look was complete."""
+    storage = queryable(app)
+    if storage is None:
+        return [], False
+    found: list[TaskRecord] = []
+    cursor = None
+    looked = 0
+    while looked < CHILDREN_SCAN:
+        page = await storage.query(RecordQuery(since=record.created_at, limit=500, cursor=cursor))
+        looked += len(page.records)
+        found += [r for r in page.records if r.parent_uuid == record.uuid]
+        cursor = page.cursor
+        if cursor is None:
+            return found, True
+    return found, False
+
+
+async def timers(app: AsyncQueueTasks) -> list[dict[str, Any]] | None:
+    """The app's timers (qtasks-timer) with their last claimed tick, or ``None`` when
+    qtasks-timer is not installed or the app has no timer."""
+    try:
+        from qtasks_timer import AsyncTimer
+        from qtasks_timer.plugin import TimerPlugin
+        from qtasks_timer.settings import TimerSettings
+        from qtasks_timer.timer import CLAIMS
+    except ImportError:
+        return None
+    timers = [
+        plugin.timer
+        for plugin in app.hooks.pm.get_plugins()
+        if isinstance(plugin, TimerPlugin) and plugin.timer is not None
+    ]
+    if timers:
+        timer = timers[0]
+    elif TimerSettings.declared(app.config):
+        timer = AsyncTimer(app)  # the configuration's timers, as the worker would make them
+    else:
+        return None
+    rows = await timer.describe()
+    claims = await app.global_config.get_all(CLAIMS)
+    for row in rows:
+        mine = f"{row['id']}:"
+        ticks = [key[len(mine) :] for key in claims if key.startswith(mine)]
+        row["last_run"] = max(ticks) if ticks else None
+    return rows
+
+
+async def dead_letters(app: AsyncQueueTasks, limit: int = 200) -> list[DeadLetter]:
+    """The broker's dead letters, oldest first."""
+    return await app.broker.dead_letters(limit)
+
+
+STATUSES = [status.value for status in TaskStatus]

@@ -1,0 +1,163 @@
+"""Live updates by Server-Sent Events, without a read per browser per second.
+
+:class:`Hub` reads the components at most once per ``refresh`` seconds, whatever the number
+of open pages: every event stream asks it for the latest figures, and the first to find them
+older than ``refresh`` reads them again while the others wait for that read. A page's own
+query (the Tasks page's filters) runs only when the shared head of the listing changed.
+Generator steps are followed through :meth:`Storage.steps <qtasks.components.Storage.steps>`,
+which the storage wakes (no poll).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+from qtasks.components import RecordQuery
+from qtasks.errors import QTasksError
+from qtasks_web.data import Charts, overview, queryable
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+log = logging.getLogger("qtasks_web")
+Emit = Callable[[str, str], Awaitable[None]]
+"""``await emit(event, data)`` sends one event to the browser."""
+
+KEEPALIVE = 15.0
+"""Seconds between comment lines on an idle stream (proxies close silent connections)."""
+CHECK = 0.25
+"""Seconds between checks whether the server is shutting down."""
+
+
+class Hub:
+    """The figures shared by every open page of one dashboard, read at most once per
+    ``refresh`` seconds."""
+
+    def __init__(self, app: AsyncQueueTasks, refresh: float, window: float) -> None:
+        self.app = app
+        self.refresh = refresh
+        self.charts = Charts(window)
+        self._lock = anyio.Lock()
+        self._overview: dict[str, Any] | None = None
+        self._overview_at = -float("inf")
+        self._head: tuple[Any, ...] | None = None
+        self._head_at = -float("inf")
+
+    async def overview(self) -> dict[str, Any]:
+        """The overview's figures, read again when older than ``refresh``."""
+        async with self._lock:
+            if self._overview is None or time.monotonic() - self._overview_at >= self.refresh:
+                self._overview = await overview(self.app, self.charts)
+                self._overview_at = time.monotonic()
+            return self._overview
+
+    async def head(self) -> tuple[Any, ...]:
+        """What changes whenever a record is stored or changes status: the newest records
+        (any change of status moves a record to the front) and the counts by status."""
+        async with self._lock:
+            if self._head is None or time.monotonic() - self._head_at >= self.refresh:
+                storage = queryable(self.app)
+                newest: tuple[Any, ...] = ()
+                if storage is not None:
+                    page = await storage.query(RecordQuery(limit=20))
+                    newest = tuple((r.uuid, r.status.value, r.steps) for r in page.records)
+                counts = tuple(sorted((await self.app.storage.stats()).items()))
+                self._head = (newest, counts)
+                self._head_at = time.monotonic()
+            return self._head
+
+
+def sse(event: str, data: str) -> bytes:
+    """One Server-Sent Event (each line of ``data`` prefixed, as the format requires)."""
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return f"event: {event}\n{lines}\n".encode()
+
+
+class EventStream:
+    """An ASGI response that runs ``producer(emit)`` until the browser goes away (then it is
+    cancelled), sending what it emits as Server-Sent Events."""
+
+    def __init__(
+        self, producer: Callable[[Emit], Awaitable[None]], closing: Callable[[], bool]
+    ) -> None:
+        self.producer = producer
+        self.closing = closing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-store"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+        lock = anyio.Lock()
+        last_sent = time.monotonic()
+
+        async def write(payload: bytes) -> None:
+            nonlocal last_sent
+            async with lock:
+                await send({"type": "http.response.body", "body": payload, "more_body": True})
+                last_sent = time.monotonic()
+
+        async def emit(event: str, data: str) -> None:
+            await write(sse(event, data))
+
+        async def until_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        async def keepalive() -> None:
+            # Also ends the stream when the server shuts down: an open stream would otherwise
+            # hold the server until its graceful-shutdown timeout.
+            while not self.closing():
+                await anyio.sleep(CHECK)
+                if time.monotonic() - last_sent >= KEEPALIVE:
+                    await write(b": keepalive\n\n")
+
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def produce() -> None:
+                    try:
+                        await self.producer(emit)
+                        await write(sse("end", "{}"))
+                    except QTasksError as exc:
+                        # No "end" event: the browser reconnects by itself a moment later.
+                        log.warning("live updates stopped: %s", exc)
+                    tg.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    await until_gone()
+                    tg.cancel_scope.cancel()
+
+                async def until_closing() -> None:
+                    await keepalive()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(produce)
+                tg.start_soon(watch)
+                tg.start_soon(until_closing)
+        except OSError:  # the connection went away while writing
+            return
+        with anyio.move_on_after(1, shield=True):
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass
+
+
+def as_json(value: Any) -> str:
+    """Compact JSON for an event (non-JSON values as their ``repr``)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)

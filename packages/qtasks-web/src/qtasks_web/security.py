@@ -1,0 +1,166 @@
+"""Authentication and CSRF protection of the dashboard.
+
+Authentication (when :class:`~qtasks_web.settings.Auth` has credentials): a request passes
+with ``Authorization: Bearer <token>``, ``Authorization: Basic`` of a configured user, or the
+session cookie that ``POST /login`` (the token typed into a form) sets: a timestamp signed
+with HMAC-SHA256 keyed by the token, valid for :data:`SESSION_AGE`. Tokens are never accepted
+in a URL (URLs end up in access logs and browser history).
+
+CSRF: every page sets a random per-browser token in a ``SameSite=Strict`` cookie and puts the
+same value in each form; a ``POST`` whose form field does not match the cookie (compared in
+constant time), or whose ``Origin`` is another site, is refused with 403.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from qtasks_web.settings import Auth, is_loopback
+
+SESSION_COOKIE = "qtasks_web_session"
+CSRF_COOKIE = "qtasks_web_csrf"
+CSRF_FIELD = "csrf"
+SESSION_AGE = 12 * 3600
+_OPEN_PATHS = ("/login", "/static/")
+
+
+def sign_session(token: str, now: float | None = None) -> str:
+    """A session cookie value for a browser that presented ``token``."""
+    stamp = str(int(now if now is not None else time.time()))
+    mac = hmac.new(token.encode(), f"qtasks-web:{stamp}".encode(), hashlib.sha256).hexdigest()
+    return f"{stamp}.{mac}"
+
+
+def session_ok(token: str, value: str, now: float | None = None) -> bool:
+    """Whether ``value`` is a session cookie signed with ``token`` and not older than
+    :data:`SESSION_AGE`."""
+    stamp, _, _mac = value.partition(".")
+    if not stamp.isdigit():
+        return False
+    current = now if now is not None else time.time()
+    if not 0 <= current - int(stamp) <= SESSION_AGE:
+        return False
+    return hmac.compare_digest(sign_session(token, int(stamp)), value)
+
+
+def _basic_ok(auth: Auth, header: str) -> bool:
+    try:
+        decoded = base64.b64decode(header, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    user, sep, password = decoded.partition(":")
+    expected = auth.users.get(user)
+    # Compare against something even for an unknown user, so timing does not tell.
+    ok = hmac.compare_digest(password.encode(), (expected or secrets.token_hex(8)).encode())
+    return bool(sep) and expected is not None and ok
+
+
+def authenticated(auth: Auth, request: Request) -> bool:
+    """Whether ``request`` carries a valid credential of ``auth`` (always, without one)."""
+    if not auth.enabled:
+        return True
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if auth.token and scheme.lower() == "bearer":
+        return hmac.compare_digest(value.strip().encode(), auth.token.encode())
+    if auth.users and scheme.lower() == "basic":
+        return _basic_ok(auth, value.strip())
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return bool(auth.token and cookie and session_ok(auth.token, cookie))
+
+
+class AuthMiddleware:
+    """Refuses unauthenticated requests (pure ASGI, so live event streams are not buffered).
+
+    Also refuses to serve at all, with a clear 503, when it is reached through a
+    non-loopback address while no credential is configured: a dashboard mounted in a public
+    service must not be open."""
+
+    def __init__(self, app: ASGIApp, auth: Auth) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        if not self.auth.enabled:
+            server = scope.get("server")
+            if server and not is_loopback(str(server[0])):
+                response: Response = PlainTextResponse(
+                    "qtasks-web refuses to serve without authentication on a non-loopback "
+                    "address: configure a token or users ([extra.web] or create_app(auth=...))",
+                    status_code=503,
+                )
+                await response(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        local = path[len(root) :] if root and path.startswith(root) else path
+        if local.startswith(_OPEN_PATHS) or authenticated(self.auth, request):
+            await self.app(scope, receive, send)
+            return
+        response = self._challenge(request, root)
+        await response(scope, receive, send)
+
+    def _challenge(self, request: Request, root: str) -> Response:
+        wants_html = "text/html" in request.headers.get("accept", "")
+        if self.auth.token and wants_html and request.method == "GET":
+            return RedirectResponse(f"{root}/login", status_code=303)
+        headers = {"WWW-Authenticate": 'Basic realm="qtasks"'} if self.auth.users else {}
+        return PlainTextResponse("authentication required", status_code=401, headers=headers)
+
+
+def csrf_token(request: Request) -> str:
+    """This browser's CSRF token (made on its first page; :func:`set_csrf_cookie` stores
+    it)."""
+    existing = request.cookies.get(CSRF_COOKIE)
+    if existing and len(existing) == 43:
+        return existing
+    made: str | None = getattr(request.state, "csrf", None)
+    if made is None:
+        made = secrets.token_urlsafe(32)
+        request.state.csrf = made
+    return made
+
+
+def set_csrf_cookie(request: Request, response: Response) -> None:
+    """Store the token :func:`csrf_token` made for this request, if it made one."""
+    made = getattr(request.state, "csrf", None)
+    if made is not None:
+        response.set_cookie(
+            CSRF_COOKIE,
+            made,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+
+
+def csrf_problem(request: Request, form: Any) -> str | None:
+    """Why a POST with ``form`` must be refused, or ``None`` when it may proceed."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+        return "the request comes from another site"
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    sent = form.get(CSRF_FIELD, "")
+    if not cookie or not isinstance(sent, str) or not sent:
+        return "the CSRF token is missing: reload the page and try again"
+    if not hmac.compare_digest(cookie.encode(), sent.encode()):
+        return "the CSRF token does not match: reload the page and try again"
+    return None

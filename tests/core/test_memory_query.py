@@ -1,0 +1,116 @@
+"""MemoryStorage's StorageQuery with a million records: pages stay right deep down the
+listing, and a filter no index serves looks at a bounded number of entries per call (how fast
+is measured by bench/query_pages.py, not here)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+
+from qtasks.components import RecordQuery
+from qtasks.config import QueueConfig
+from qtasks.memory import MemoryStorage
+from qtasks.record import TaskRecord, TaskStatus
+
+pytestmark = pytest.mark.anyio
+N = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def million() -> AsyncIterator[MemoryStorage]:
+    """A started storage holding N records (uuid ``{i:08d}``, every 10th one final, odd ones
+    named ``odd``), added in uuid order."""
+    async with AsyncExitStack() as stack:
+        storage = MemoryStorage()
+        await storage.start(stack, QueueConfig())
+        for i in range(N):
+            status = TaskStatus.SUCCESS if i % 10 == 0 else TaskStatus.NEW
+            name = "odd" if i % 2 else "even"
+            await storage.add(TaskRecord(uuid=f"{i:08d}", task_name=name, status=status))
+        yield storage
+
+
+async def test_first_and_deep_pages(million: MemoryStorage) -> None:
+    page = await million.query(RecordQuery(limit=100))
+    assert [r.uuid for r in page.records] == [f"{i:08d}" for i in range(N - 1, N - 101, -1)]
+    seen = 100
+    for _ in range(50):  # fifty pages further down
+        assert page.cursor is not None
+        page = await million.query(RecordQuery(limit=100, cursor=page.cursor))
+        seen += 100
+    assert page.records[-1].uuid == f"{N - seen:08d}"
+
+
+async def test_indexed_filters_on_a_million(million: MemoryStorage) -> None:
+    odd = await million.query(RecordQuery(task_name="odd", limit=3))
+    assert [r.uuid for r in odd.records] == [f"{N - 1:08d}", f"{N - 3:08d}", f"{N - 5:08d}"]
+    done = await million.query(RecordQuery(status=TaskStatus.SUCCESS, limit=2))
+    assert [r.uuid for r in done.records] == [f"{N - 10:08d}", f"{N - 20:08d}"]
+    both = await million.query(RecordQuery(task_name="even", status=TaskStatus.SUCCESS, limit=2))
+    assert [r.uuid for r in both.records] == [f"{N - 10:08d}", f"{N - 20:08d}"]
+
+
+async def test_an_unindexed_filter_scans_a_bounded_slice(million: MemoryStorage) -> None:
+    """The oldest record matches a uuid prefix: one call does not walk a million entries; it
+    returns what it found so far with a cursor."""
+    first = await million.query(RecordQuery(uuid_prefix="00000000"))
+    assert first.records == []
+    assert first.cursor is not None
+    pages = 1
+    query = RecordQuery(uuid_prefix="00000000", cursor=first.cursor)
+    while True:
+        page = await million.query(query)
+        pages += 1
+        if page.records or page.cursor is None:
+            break
+        query = RecordQuery(uuid_prefix="00000000", cursor=page.cursor)
+    assert [r.uuid for r in page.records] == ["00000000"]
+    assert pages >= N // 10_000
+
+
+async def test_rewrites_do_not_grow_the_indexes_without_bound() -> None:
+    async with AsyncExitStack() as stack:
+        storage = MemoryStorage()
+        await storage.start(stack, QueueConfig())
+        records = [TaskRecord(uuid=f"r{i}", task_name="t") for i in range(100)]
+        for _ in range(200):  # 20,000 writes of 100 records
+            for rec in records:
+                rec.status = TaskStatus.RETRY if rec.status is TaskStatus.NEW else TaskStatus.NEW
+                await storage.save(rec)
+        assert len(storage._all) <= 2 * len(records) + 4096
+        listed = await storage.query(RecordQuery(limit=500))
+        assert sorted(r.uuid for r in listed.records) == sorted(r.uuid for r in records)
+
+
+async def test_a_record_begun_on_claim_is_listed_as_running() -> None:
+    """The in-memory broker begins records when a worker claims them (BeginOnClaim): the
+    listing follows that move too."""
+    from qtasks import AsyncQueueTasks
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    started = anyio.Event()
+
+    @app.task
+    async def hold() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with app:
+        task = await app.add_task("hold")
+        with anyio.fail_after(5):
+            await started.wait()
+        storage = app.storage
+        assert isinstance(storage, MemoryStorage)
+        running = await storage.query(RecordQuery(status=TaskStatus.PROCESS))
+        assert [r.uuid for r in running.records] == [task.uuid]
+        assert (await storage.query(RecordQuery(status=TaskStatus.NEW))).records == []
+        assert await storage.count(TaskStatus.PROCESS) == 1
+        await app.cancel(task.uuid)

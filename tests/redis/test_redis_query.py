@@ -1,0 +1,160 @@
+"""RedisStorage's StorageQuery indexes against the real Redis: what the contract suite cannot
+see from outside (stale entries pruned, index keys expiring with their records)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from test_redis_storage import make_storage
+
+from qtasks.components import RecordQuery
+from qtasks.record import TaskRecord, TaskStatus
+
+pytestmark = pytest.mark.anyio
+
+
+async def client(stack: AsyncExitStack, url: str) -> aioredis.Redis:
+    raw = aioredis.Redis.from_url(url)
+    stack.push_async_callback(raw.aclose)
+    return raw
+
+
+def done(rec: TaskRecord, status: TaskStatus = TaskStatus.SUCCESS) -> TaskRecord:
+    final = rec.copy()
+    final.status = status
+    return final
+
+
+async def test_an_entry_whose_record_is_gone_is_skipped_and_pruned(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix)
+    raw = await client(stack, redis_url)
+    records = [TaskRecord(uuid=uuid, task_name="t") for uuid in ("kept", "lost", "gone")]
+    for rec in records:
+        await storage.add(rec)
+    await storage.save(done(records[2]))
+    for uuid in ("lost", "gone"):
+        await raw.delete(storage.record_key(uuid))  # evicted, or deleted by hand
+    new_index, success_index = storage.index_keys[0], storage.index_keys[2]
+    name_index = f"{storage.key_tag}:nf:t"
+    assert await raw.zscore(new_index, "lost") is not None
+    assert await raw.zscore(name_index, "gone") is not None
+    for query in (RecordQuery(), RecordQuery(task_name="t")):
+        page = await storage.query(query)
+        assert [r.uuid for r in page.records] == ["kept"]
+    assert await raw.zscore(new_index, "lost") is None
+    assert await raw.zscore(name_index, "gone") is None
+    assert await raw.zscore(success_index, "gone") is None
+    assert await raw.zscore(new_index, "kept") is not None
+
+
+async def test_the_name_index_holds_final_records_only(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=30.0)
+    raw = await client(stack, redis_url)
+    rec = TaskRecord(uuid="u1", task_name="job")
+    await storage.add(rec)
+    tag = storage.key_tag
+    assert not await raw.exists(f"{tag}:nf:job")  # a new record costs no name index write
+    listed = await storage.query(RecordQuery(task_name="job"))
+    assert [r.uuid for r in listed.records] == ["u1"]
+    await storage.save(done(rec))
+    assert 0 < await raw.pttl(storage.record_key("u1")) <= 30_000
+    assert await raw.zscore(f"{tag}:nf:job", "u1") is not None
+    # A deliberate reset (add) takes it out of the final records again.
+    await storage.add(rec)
+    assert await raw.zscore(f"{tag}:nf:job", "u1") is None
+    page = await storage.query(RecordQuery(task_name="job"))
+    assert [(r.uuid, r.status) for r in page.records] == [("u1", TaskStatus.NEW)]
+
+
+async def test_final_writes_prune_the_entries_of_expired_records(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Without any query, writes of final records drop the index entries of records that
+    expired (some of the writes: one server millisecond in 16), so the indexes stay bounded."""
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=0.2)
+    raw = await client(stack, redis_url)
+    first = TaskRecord(uuid="a", task_name="job")
+    await storage.add(first)
+    await storage.save(done(first, TaskStatus.ERROR))
+    with anyio.fail_after(3):
+        while await raw.exists(storage.record_key("a")):  # noqa: ASYNC110 - remote expiry
+            await anyio.sleep(0.02)
+    error_index, name_index = storage.index_keys[3], f"{storage.key_tag}:nf:job"
+    writes = 0
+    with anyio.fail_after(10):
+        while (
+            await raw.zscore(error_index, "a") is not None
+            or await raw.zscore(name_index, "a") is not None
+        ):
+            writes += 1
+            later = TaskRecord(uuid=f"b{writes}", task_name="job")
+            await storage.add(later)
+            await storage.save(done(later, TaskStatus.ERROR))
+    assert writes >= 1
+
+
+async def test_cancel_enters_the_name_index_of_final_records(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    storage = await make_storage(stack, redis_url, prefix)
+    raw = await client(stack, redis_url)
+    await storage.add(TaskRecord(uuid="c1", task_name="slow", args=[{"deep": [1, 2]}]))
+    await storage.cancel("c1", "no longer needed")
+    assert await raw.zscore(f"{storage.key_tag}:nf:slow", "c1") is not None
+    page = await storage.query(RecordQuery(task_name="slow", status=TaskStatus.CANCEL))
+    assert [(r.uuid, r.cancel_reason) for r in page.records] == [("c1", "no longer needed")]
+
+
+async def test_a_scan_is_bounded_and_resumes_from_its_cursor(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A filter no index serves (a uuid prefix) looks at a bounded number of entries per
+    call; the cursor carries on from there."""
+    storage = await make_storage(stack, redis_url, prefix)
+    needle = TaskRecord(uuid="ffff-needle", task_name="t")
+    await storage.add(needle)
+    await anyio.sleep(0.005)
+    hay = [TaskRecord(uuid=f"a{i:07d}", task_name="t") for i in range(12_000)]
+    for start in range(0, len(hay), 500):
+        async with anyio.create_task_group() as tg:
+            for rec in hay[start : start + 500]:
+                tg.start_soon(storage.add, rec)
+    first = await storage.query(RecordQuery(uuid_prefix="ffff"))
+    assert first.records == []
+    assert first.cursor is not None
+    second = await storage.query(RecordQuery(uuid_prefix="ffff", cursor=first.cursor))
+    assert [r.uuid for r in second.records] == ["ffff-needle"]
+
+
+async def test_records_of_format_1_are_still_read(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Records stored before ``started_at`` existed (format 1) read back without it; new
+    writes use format 2, which keeps it."""
+    storage = await make_storage(stack, redis_url, prefix)
+    raw = await client(stack, redis_url)
+    old = [1, "old", "job", "new", 0, [1], {"k": "v"}, None, None, None, 1.5, 2.5]
+    old += [0, 0, None, None, None, None, None, 0]
+    await raw.hset(storage.record_key("old"), mapping={"d": json.dumps(old), "s": "new", "t": ""})
+    stored = await storage.get("old")
+    assert stored is not None
+    assert (stored.task_name, stored.args, stored.created_at, stored.started_at) == (
+        "job",
+        [1],
+        1.5,
+        None,
+    )
+    stored.started_at = 7.25
+    await storage.save(stored)
+    again = await storage.get("old")
+    assert again is not None and again.started_at == 7.25
+    written = await raw.hget(storage.record_key("old"), "d")
+    assert written is not None and json.loads(written)[0] == 2

@@ -1,0 +1,1 @@
+from tests.redis.test_redis_storage import *  # noqa: F403

@@ -1,0 +1,1 @@
+from tests.web.web_helpers import *  # noqa: F403

@@ -1,0 +1,121 @@
+"""``qtasks web``: contributed through the ``qtasks.cli`` entry point, refuses a public bind
+without authentication, serves the app's dashboard with ``[extra.web]`` from the
+configuration, and stops at once on SIGTERM with a browser's event stream open."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qtasks.cli import cli
+
+APP = """
+from qtasks import AsyncQueueTasks
+
+app = AsyncQueueTasks("cli-shop")
+
+
+@app.task
+async def add(a: int, b: int) -> int:
+    return a + b
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_the_command_is_listed_and_refuses_a_public_bind_without_auth(tmp_path: Path) -> None:
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["--help"])
+    assert listed.exit_code == 0 and "web" in listed.output
+    (tmp_path / "shopapp.py").write_text(APP)
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        refused = runner.invoke(cli, ["-A", "shopapp:app", "web", "--host", "0.0.0.0"])
+    finally:
+        os.chdir(old)
+    assert refused.exit_code == 1
+    assert "not a loopback address, needs authentication" in refused.output
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_it_serves_with_the_configured_token_and_stops_on_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "shopapp.py").write_text(APP)
+    port = free_port()
+    (tmp_path / "qtasks.toml").write_text(
+        f'app = "shopapp:app"\n\n[extra.web]\nport = {port}\ntoken = "env:CLI_WEB_TOKEN"\n'
+    )
+    env = {**os.environ, "CLI_WEB_TOKEN": "cli-token-5150"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qtasks", "web"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("qtasks web did not listen in 20 s")
+                time.sleep(0.05)
+        status, _ = get(url + "/api/overview", {"accept": "application/json"})
+        assert status == 401
+        auth = {"authorization": "Bearer cli-token-5150"}
+        status, body = get(url + "/", auth)
+        assert status == 200 and "cli-shop" in body
+        # An open event stream does not hold the server when it is told to stop.
+        stream = socket.create_connection(("127.0.0.1", port))
+        stream.sendall(
+            b"GET /events/overview HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer cli-token-5150\r\n\r\n"
+        )
+        stream.settimeout(5)
+        received = b""
+        while b"event: overview" not in received:
+            chunk = stream.recv(65536)
+            assert chunk, received
+            received += chunk
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=15)[0]
+        stream.close()
+        assert time.monotonic() - stopped < 1.9  # before uvicorn's 2 s graceful timeout
+        assert proc.returncode == 0, output
+        assert "serving 'cli-shop'" in output
+        assert "cli-token-5150" not in output
+        assert "Traceback" not in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,279 @@
+"""The dashboard's pages and actions over HTTP (the ASGI app called in process, memory
+components): what they show, bad input, actions with and without CSRF, read-only."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import unquote
+
+import anyio
+import pytest
+from web_helpers import Client, PlainStorage
+
+from qtasks import AsyncQueueTasks, AsyncTask, QueueConfig, TaskStatus
+from qtasks_web import create_app
+from qtasks_web.data import MASK
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app(**kwargs: object) -> AsyncQueueTasks:
+    app = AsyncQueueTasks("shop", config=QueueConfig(plugins_disabled=["*"]), **kwargs)  # type: ignore[arg-type]  # storage only
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    async def fail(password: str, note: str = "") -> None:
+        raise ValueError(f"refused {note}")
+
+    @app.task
+    async def hold(gate: str) -> str:
+        await anyio.sleep_forever()
+        return gate
+
+    return app
+
+
+def listed(text: str, tasks: list[AsyncTask]) -> list[str]:
+    """The uuids of ``tasks`` in the order the page lists them."""
+    return sorted((t.uuid for t in tasks if t.uuid in text), key=text.index)
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[AsyncQueueTasks]:
+    the_app = make_app()
+    async with the_app:  # serves: the worker runs the tasks
+        yield the_app
+
+
+@pytest.fixture
+def client(app: AsyncQueueTasks) -> Client:
+    return Client(create_app(app))
+
+
+async def test_overview_shows_the_components_figures(app: AsyncQueueTasks, client: Client) -> None:
+    for i in range(3):
+        await app.add_task("add", i, i, timeout=5)
+    failed = await app.add_task("fail", "hunter2", timeout=5)
+    assert failed.status is TaskStatus.ERROR
+    page = await client.get("/")
+    assert page.status == 200
+    assert 'data-figure="records_by_status.success">3<' in page.text
+    assert 'data-figure="records_by_status.error">1<' in page.text
+    assert 'data-figure="workers">1<' in page.text
+    figures = await client.get("/api/overview")
+    assert figures.status == 200
+    data = json.loads(figures.text)
+    assert data["records_by_status"] == {"error": 1, "success": 3}
+    finished = sum(point["finished"] for point in data["series"]) * data["interval"]
+    assert finished == pytest.approx(4, abs=0.01) or finished > 3.9  # the last interval is partial
+    assert any(point["run_p50"] is not None for point in data["series"])
+    assert any(point["failure_rate"] for point in data["series"])
+
+
+async def test_tasks_list_filters_and_pages(app: AsyncQueueTasks, client: Client) -> None:
+    done = [await app.add_task("add", i, 1, timeout=5) for i in range(5)]
+    failed = await app.add_task("fail", "x", timeout=5)
+    page = await client.get("/tasks")
+    assert page.status == 200
+    assert all(t.uuid in page.text for t in [*done, failed])
+    errors = await client.get("/tasks?status=error")
+    assert failed.uuid in errors.text and not any(t.uuid in errors.text for t in done)
+    named = await client.get("/tasks?name=add")
+    assert failed.uuid not in named.text and all(t.uuid in named.text for t in done)
+    one = await client.get(f"/tasks?uuid={done[2].uuid[:12]}")
+    assert done[2].uuid in one.text and done[1].uuid not in one.text
+    first = await client.get("/tasks?name=add&limit=2")
+    assert listed(first.text, done) == [done[4].uuid, done[3].uuid]
+    next_link = first.text.split('id="next" href="', 1)[1].split('"', 1)[0]
+    second = await client.get(next_link.replace("&amp;", "&"))
+    assert listed(second.text, done) == [done[2].uuid, done[1].uuid]
+    since = await client.get(f"/tasks?since={time.time() + 60:.0f}")
+    assert "no task matches" in since.text
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("status=bogus", "unknown status"),
+        ("limit=100000000", "limit must be between 1 and 500"),
+        ("limit=abc", "is not a whole number"),
+        ("since=yesterday-ish", "is not a time"),
+        ("until=nan", "is not a time"),
+        ("since=100&until=50", "ends before it starts"),
+        ("cursor=not-a-cursor", "was not made by a MemoryStorage"),
+        ("uuid=%3Cscript%3E", "a uuid (prefix) has letters"),
+    ],
+)
+async def test_malformed_filters_say_what_is_wrong(
+    client: Client, query: str, problem: str
+) -> None:
+    page = await client.get(f"/tasks?{query}")
+    assert page.status == 400
+    assert problem in page.text.replace("&#39;", "'")
+    assert "<script>" not in page.text
+
+
+async def test_unknown_and_absurd_uuids_are_not_found(client: Client) -> None:
+    for uuid in ("0" * 32, "nope", "x" * 5000):
+        page = await client.get(f"/tasks/{uuid}")
+        assert page.status == 404
+        assert "no task record for uuid" in page.text
+    page = await client.get("/events/tasks/unknown")
+    assert page.status == 404
+
+
+async def test_secrets_are_masked_and_text_is_escaped(app: AsyncQueueTasks, client: Client) -> None:
+    task = await app.add_task("fail", "hunter2", note="<script>alert(1)</script>", timeout=5)
+    page = await client.get(f"/tasks/{task.uuid}")
+    assert page.status == 200
+    assert "hunter2" not in page.text
+    assert MASK in page.text
+    assert "<script>alert(1)</script>" not in page.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    assert "ValueError: refused" in page.text
+
+
+async def test_a_storage_without_the_query_capability_is_said_so() -> None:
+    app = make_app(storage=PlainStorage())
+    async with app:
+        task = await app.add_task("add", 1, 2, timeout=5)
+        client = Client(create_app(app))
+        tasks = await client.get("/tasks")
+        assert tasks.status == 200
+        assert "cannot list tasks" in tasks.text and "StorageQuery" in tasks.text
+        overview = await client.get("/")
+        assert overview.status == 200
+        assert "cannot list or count tasks" in overview.text
+        assert 'data-figure="records_by_status.success">1<' in overview.text
+        assert (await client.get(f"/tasks/{task.uuid}")).status == 200
+        assert (await client.get("/workers")).status == 200
+
+
+async def test_cancel_needs_the_csrf_token(app: AsyncQueueTasks, client: Client) -> None:
+    task = await app.add_task("hold", "g")
+    path = f"/tasks/{task.uuid}"
+    for form, problem in (
+        ({}, "CSRF token is missing"),
+        ({"csrf": "forged"}, "does not match"),
+    ):
+        await client.get(path)  # the browser has its cookie
+        refused = await client.post(f"{path}/cancel", form=form)
+        assert refused.status == 403
+        assert problem in refused.text
+    token = (await client.get(path)).csrf()
+    foreign = await client.post(
+        f"{path}/cancel", form={"csrf": token}, headers={"origin": "http://evil.example"}
+    )
+    assert foreign.status == 403 and "another site" in foreign.text
+    stored = await app.get(task.uuid)
+    assert stored is not None and not stored.status.final
+    done = await client.post(f"{path}/cancel", form={"csrf": token})
+    assert done.status == 303 and done.headers["location"].startswith(path)
+    cancelled = await app.wait(task.uuid, timeout=5)
+    assert cancelled.status is TaskStatus.CANCEL
+    assert cancelled.cancel_reason == "cancelled from the dashboard"
+
+
+async def test_retry_makes_a_linked_task(app: AsyncQueueTasks, client: Client) -> None:
+    failed = await app.add_task("fail", "pw", note="n", timeout=5)
+    reply = await client.act(f"/tasks/{failed.uuid}", f"/tasks/{failed.uuid}/retry")
+    assert reply.status == 303
+    new_uuid = reply.headers["location"].split("/tasks/", 1)[1].split("?", 1)[0]
+    assert new_uuid != failed.uuid
+    retried = await app.wait(new_uuid, timeout=5)
+    assert (retried.task_name, retried.args, retried.kwargs) == ("fail", ["pw"], {"note": "n"})
+    assert retried.parent_uuid == failed.uuid
+    parent_page = await client.get(f"/tasks/{failed.uuid}")
+    assert f'href="/tasks/{new_uuid}"' in parent_page.text
+    done = await app.add_task("add", 1, 1, timeout=5)
+    refused = await client.act(f"/tasks/{done.uuid}", f"/tasks/{done.uuid}/retry")
+    assert refused.status == 303
+    assert "only a failed or cancelled task" in unquote(refused.headers["location"])
+
+
+async def test_dead_letters_requeue_and_purge(app: AsyncQueueTasks, client: Client) -> None:
+    first = await app.add_task("later", 1)
+    second = await app.add_task("later", 2)
+
+    async def dead() -> set[str]:
+        return {d.id for d in await app.dead_letters()}
+
+    with anyio.fail_after(5):
+        while await dead() != {first.uuid, second.uuid}:  # noqa: ASYNC110 - the worker nacks them
+            await anyio.sleep(0.02)
+    page = await client.get("/dead-letters")
+    assert "unknown task" in page.text and first.uuid in page.text
+
+    @app.task
+    async def later(i: int) -> int:
+        return i
+
+    requeued = await client.act("/dead-letters", "/dead-letters/requeue", id=first.uuid)
+    assert requeued.status == 303
+    assert (await app.wait(first.uuid, timeout=5)).returning == 1
+    unconfirmed = await client.act("/dead-letters", "/dead-letters/purge", confirm="yes")
+    assert "not purged" in unquote(unconfirmed.headers["location"])
+    assert await dead() == {second.uuid}
+    purged = await client.act("/dead-letters", "/dead-letters/purge", confirm="purge")
+    assert "1 dead letter(s) purged" in unquote(purged.headers["location"])
+    assert await dead() == set()
+
+
+async def test_read_only_shows_no_action_and_refuses_them(app: AsyncQueueTasks) -> None:
+    client = Client(create_app(app, read_only=True))
+    task = await app.add_task("hold", "g")
+    page = await client.get(f"/tasks/{task.uuid}")
+    assert "read-only" in page.text and 'id="cancel"' not in page.text
+    refused = await client.post(f"/tasks/{task.uuid}/cancel", form={"csrf": "x"})
+    assert refused.status == 403 and "read-only" in refused.text
+    stored = await app.get(task.uuid)
+    assert stored is not None and not stored.status.final
+    await app.cancel(task.uuid)
+
+
+async def test_an_oversized_form_is_refused(app: AsyncQueueTasks, client: Client) -> None:
+    task = await app.add_task("hold", "g")
+    await client.get(f"/tasks/{task.uuid}")
+    reply = await client.post(f"/tasks/{task.uuid}/cancel", body=b"x" * 100_000)
+    assert reply.status == 413
+    await app.cancel(task.uuid)
+
+
+async def test_timers_page_with_and_without_timers(app: AsyncQueueTasks, client: Client) -> None:
+    page = await client.get("/timers")
+    assert page.status == 200 and "No timers" in page.text
+    from qtasks_timer import AsyncTimer
+
+    other = make_app()
+    AsyncTimer(other).add_task("add", 1, 2, trigger="*/5 * * * *", timer_id="every-five")
+    async with other:
+        listed = await Client(create_app(other)).get("/timers")
+    row = listed.text.split("<tbody>", 1)[1]
+    assert "every-five" in row and "add" in row, row
+
+
+async def test_unreachable_components_give_a_page_that_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+    nowhere = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    app = AsyncQueueTasks(
+        broker=RedisBroker(nowhere),
+        storage=RedisStorage(nowhere),
+        global_config=RedisGlobalConfig(nowhere),
+        config=QueueConfig(plugins_disabled=["*"]),
+    )
+    client = Client(create_app(app))
+    with anyio.fail_after(30):
+        page = await client.get("/")
+        tasks = await client.get("/tasks")
+    for reply in (page, tasks):
+        assert reply.status == 503
+        assert "did not answer" in reply.text
+    await app.aclose()
