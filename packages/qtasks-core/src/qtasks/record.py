@@ -60,6 +60,8 @@ class TaskRecord:
     token: str | None = None
     steps: int = 0
     """How many generator steps have been stored for this task."""
+    workflow: str | None = None
+    """The id of the workflow this task is a member of (see :mod:`qtasks.workflows`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-like dict of every record field (status as its string); a bound task's
@@ -105,6 +107,7 @@ class TaskRecord:
             self.worker,
             self.token,
             self.steps,
+            self.workflow,
         )
 
 

@@ -27,6 +27,7 @@ from qtasks.memory import _Signal
 from qtasks.messages import Message
 from qtasks.outage import RETRY_CAP, Outage, retrying
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows import runtime as workflows
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -244,6 +245,9 @@ async def _refused(
     if stored is None or not stored.status.final or stored.token not in (None, delivery.token):
         log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
         return
+    if stored.workflow is not None:
+        # The member ended otherwise (cancelled while it ran): its workflow learns it here.
+        await workflows.member_ended(app, stored)
     if ack is not None:
         await ack.ack()
     for name in _RECORD_FIELDS:
@@ -281,6 +285,11 @@ async def _stored_final(
     if "qtasks_storage_saved" in hooks.active:
         await hooks.notify("qtasks_storage_saved", app=app, record=record)
     if ack is not None:
+        if record.workflow is not None:
+            # Not folded into the save by a shared server: the next step is published (and
+            # confirmed) before the ack, so a worker dying in between leaves the message to
+            # be redelivered and continued by whoever gets it (workflows.found_final).
+            await workflows.member_ended(app, record)
         await ack.ack()
     if "qtasks_broker_acked" in hooks.active:
         await hooks.notify("qtasks_broker_acked", app=app, record=record)

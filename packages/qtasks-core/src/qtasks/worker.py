@@ -40,6 +40,7 @@ from qtasks.outage import Outage
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle import Settlement
 from qtasks.watchdog import LoopWatchdog
+from qtasks.workflows import runtime as workflows
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -441,6 +442,8 @@ class QueueWorker:
                 return
         if record.status.final:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
+            if record.workflow is not None:
+                await workflows.found_final(app, record)
             await delivery.ack()
             return
         if "qtasks_storage_saved" in hooks.active:

@@ -55,11 +55,14 @@ _V1 = (
     "worker",
     "token",
     "steps",
+    "workflow",
 )
 """Fields of a stored record (``d``), format 1: the JSON array ``[1, <these values>]``.
 Positional, so encoding and decoding skip the names (about half the cost of a JSON object);
 the order is fixed here, not taken from :class:`TaskRecord`, so the stored format changes only
-on purpose (a new format gets a new number; objects, the earlier format, are still read)."""
+on purpose (a new format gets a new number; objects, the earlier format, are still read).
+Fields are only ever appended, with a default: an array written before (shorter) reads with
+the defaults of the fields it lacks (``workflow`` was appended in session 5)."""
 _V1_GET = operator.attrgetter(*_V1)
 _V1_STATUS = _V1.index("status")
 _V1_POSITIONAL = _V1 == _FIELDS
@@ -196,6 +199,8 @@ class RedisStorage:
             stored = _loads(data.decode())
             if type(stored) is list and stored and stored[0] == 1:
                 values = stored[1:]
+                if len(values) == len(_V1) - 1:  # written before ``workflow`` was appended
+                    values.append(None)
                 values[_V1_STATUS] = TaskStatus(
                     status.decode() if status is not None else values[_V1_STATUS]
                 )

@@ -12,9 +12,11 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
+from qtasks.components import GateMessage
 from qtasks.config import QueueConfig
 from qtasks.errors import TaskTimeoutError
 from qtasks.memory.signals import _Lifecycle, _Signal
+from qtasks.memory.workflows import MemoryWorkflows
 from qtasks.record import TaskRecord, TaskStatus
 
 
@@ -35,6 +37,7 @@ class MemoryStorage(_Lifecycle):
         self._expiry: list[tuple[float, str]] = []
         self._ttl: float | None = None
         self._cancel_followers: list[Callable[[str, str], None]] = []
+        self._workflows = MemoryWorkflows(self)
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -133,6 +136,29 @@ class MemoryStorage(_Lifecycle):
                     follower(uuid, reason)
         return stored.copy()
 
+    async def add_workflow(
+        self,
+        workflow: TaskRecord,
+        members: Sequence[TaskRecord],
+        gates: dict[str, tuple[int, list[GateMessage]]],
+        feeds: dict[str, str],
+    ) -> None:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        await self._workflows.add(workflow, members, gates, feeds)
+
+    async def member_done(self, record: TaskRecord) -> list[GateMessage]:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        return await self._workflows.member_done(record)
+
+    async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        self._expire()
+        records = self._records
+        return [None if (r := records.get(u)) is None else r.copy() for u in uuids]
+
     async def cancelled(self, uuids: Sequence[str]) -> dict[str, str]:
         """See :class:`qtasks.components.CancelCheck`."""
         self._check()
@@ -219,6 +245,7 @@ class MemoryStorage(_Lifecycle):
         """Drop every record and step; return how many records (for ``app.flush_all``)."""
         count = len(self._records)
         self._records.clear()
+        self._workflows.clear()
         self._steps.clear()
         self._expiry.clear()
         return count

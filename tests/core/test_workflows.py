@@ -1,0 +1,257 @@
+"""Workflows and bulk enqueue on the in-memory components, with an in-process worker: the
+same settle path (SharedServer.ack_final/ack_finals) the Redis backend takes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import (
+    AsyncQueueTasks,
+    QueueConfig,
+    QueueTasks,
+    TaskStatus,
+    UnknownTaskError,
+    WorkflowError,
+    chain,
+    chord,
+    group,
+    hookimpl,
+)
+from qtasks.errors import TaskArgumentsError, TaskTimeoutError
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app() -> AsyncQueueTasks:
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=8, lease=2.0, shutdown_grace=2.0))
+    calls: list[tuple[str, Any]] = []
+    app.state_calls = calls  # type: ignore[attr-defined]  # the test's own log
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        calls.append(("add", (a, b)))
+        return a + b
+
+    @app.task
+    def double(x: int) -> int:
+        calls.append(("double", x))
+        return 2 * x
+
+    @app.task
+    def total(xs: list[int]) -> int:
+        calls.append(("total", xs))
+        return sum(xs)
+
+    @app.task
+    def fail(x: int) -> int:
+        calls.append(("fail", x))
+        raise ValueError(f"bad {x}")
+
+    @app.task
+    def as_set(x: int) -> Any:
+        return {x}
+
+    @app.task
+    def on_error(workflow: str, note: str) -> str:
+        calls.append(("on_error", (workflow, note)))
+        return note
+
+    @app.task
+    async def slow(x: int) -> int:
+        await anyio.sleep(30)
+        return x
+
+    return app
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[AsyncQueueTasks]:
+    app = make_app()
+    yield app
+    await app.aclose()
+
+
+def calls(app: AsyncQueueTasks) -> list[tuple[str, Any]]:
+    log: list[tuple[str, Any]] = app.state_calls  # type: ignore[attr-defined]
+    return log
+
+
+async def test_chain_passes_each_result_on(app: AsyncQueueTasks) -> None:
+    add, double = app.tasks["add"], app.tasks["double"]
+    flow = chain(add.s(1, 2), double.s(), double.s())
+    async with app:
+        started = await app.run_workflow(flow)
+        assert started.status == "running" and len(started.members) == 3
+        done = await started.wait_result(timeout=5)
+    assert (done.status, done.result) == ("success", 12)
+    records = [await app.get(u) for u in done.members]
+    assert [r.status for r in records if r] == [TaskStatus.SUCCESS] * 3
+    assert all(r is not None and r.workflow == done.id for r in records)
+    assert calls(app) == [("add", (1, 2)), ("double", 3), ("double", 6)]
+
+
+async def test_group_results_in_input_order_and_map(app: AsyncQueueTasks) -> None:
+    double = app.tasks["double"]
+    async with app:
+        done = await (await app.run_workflow(group(double.s(i) for i in range(20)))).wait_result(5)
+        mapped = await (await app.run_workflow(double.map(range(5)))).wait_result(5)
+    assert done.result == [2 * i for i in range(20)]
+    assert mapped.result == [0, 2, 4, 6, 8]
+
+
+async def test_chord_callback_gets_every_result_once(app: AsyncQueueTasks) -> None:
+    double, total = app.tasks["double"], app.tasks["total"]
+    async with app:
+        wf = await app.run_workflow(chord(group(double.s(i) for i in range(50)), total.s()))
+        done = await wf.wait_result(timeout=5)
+    assert done.result == sum(2 * i for i in range(50))
+    assert [c for c in calls(app) if c[0] == "total"] == [("total", [2 * i for i in range(50)])]
+
+
+async def test_nesting_chain_of_groups_and_group_of_chains(app: AsyncQueueTasks) -> None:
+    add, double, total = app.tasks["add"], app.tasks["double"], app.tasks["total"]
+    flow = chain(
+        group(chain(add.s(1, 1), double.s()), chain(add.s(2, 2), double.s(), double.s())),
+        total.s(),
+        group(double.s(), add.s(100)),
+    )
+    async with app:
+        done = await (await app.run_workflow(flow)).wait_result(timeout=5)
+    # group of chains: [4, 16] -> total 20 -> [40, 120]
+    assert done.result == [40, 120]
+
+
+async def test_failing_step_fails_the_chain_and_cancels_later_steps(app: AsyncQueueTasks) -> None:
+    add, fail, double = app.tasks["add"], app.tasks["fail"], app.tasks["double"]
+    err = app.signature("on_error", ("note",))
+    async with app:
+        wf = await app.run_workflow(chain(add.s(1, 2), fail.s(), double.s()), on_error=err)
+        done = await wf.wait_result(timeout=5)
+        assert done.on_error is not None
+        callback = await app.wait(done.on_error, 5)
+    assert done.status == "error"
+    assert done.error is not None and done.members[1] in done.error and "bad 3" in done.error
+    later = await app.get(done.members[2])
+    assert later is not None and later.status is TaskStatus.CANCEL
+    assert "double" not in [name for name, _ in calls(app)]
+    assert callback.returning == "note"
+    assert [c for c in calls(app) if c[0] == "on_error"] == [("on_error", (done.id, "note"))]
+
+
+async def test_failing_chord_member_never_runs_the_callback(app: AsyncQueueTasks) -> None:
+    double, fail, total = app.tasks["double"], app.tasks["fail"], app.tasks["total"]
+    async with app:
+        wf = await app.run_workflow(chord([double.s(1), fail.s(7), double.s(2)], total.s()))
+        done = await wf.wait_result(timeout=5)
+    assert done.status == "error"
+    assert done.error is not None and done.members[1] in done.error and "(fail)" in done.error
+    callback = await app.get(done.members[-1])
+    assert callback is not None and callback.status is TaskStatus.CANCEL
+    assert "total" not in [name for name, _ in calls(app)]
+
+
+async def test_non_serialisable_result_fails_the_step_clearly(app: AsyncQueueTasks) -> None:
+    as_set, double = app.tasks["as_set"], app.tasks["double"]
+    async with app:
+        done = await (await app.run_workflow(chain(as_set.s(1), double.s()))).wait_result(5)
+    assert done.status == "error"
+    first = await app.get(done.members[0])
+    assert first is not None and first.error is not None and "SerializationError" in first.error
+    assert "double" not in [name for name, _ in calls(app)]
+
+
+async def test_cancel_workflow_cancels_pending_and_running_members(app: AsyncQueueTasks) -> None:
+    slow, double = app.tasks["slow"], app.tasks["double"]
+    started = anyio.Event()
+
+    class Started:
+        @hookimpl
+        def qtasks_worker_execute_before(self) -> None:
+            started.set()
+
+    app.add_plugin(Started())
+    async with app:
+        wf = await app.run_workflow(chain(slow.s(1), double.s()))
+        with anyio.fail_after(5):
+            await started.wait()
+        cancelled = await app.cancel_workflow(wf.id, "user said so")
+        assert cancelled is not None and cancelled.status == "cancel"
+        running = await app.wait(wf.members[0], 5)
+        assert running.status is TaskStatus.CANCEL
+        pending = await app.get(wf.members[1])
+        assert pending is not None and pending.status is TaskStatus.CANCEL
+        state = await app.get_workflow(wf.id)
+        assert state is not None and (state.status, state.error) == ("cancel", "user said so")
+    assert "double" not in [name for name, _ in calls(app)]
+
+
+async def test_bad_input_is_refused_when_built(app: AsyncQueueTasks) -> None:
+    with pytest.raises(UnknownTaskError):
+        app.signature("nope")
+    with pytest.raises(WorkflowError, match="at least one member"):
+        group([])
+    with pytest.raises(WorkflowError, match="at least one step"):
+        chain()
+    with pytest.raises(WorkflowError, match="signatures"):
+        group([object()])  # type: ignore[list-item]  # the point: not a signature
+    looped = group(app.tasks["double"].s(1))
+    looped.tasks.append(looped)
+    with pytest.raises(WorkflowError, match="contains itself"):
+        await app.run_workflow(looped)
+    with pytest.raises(TaskArgumentsError):  # add needs two arguments: the input and one more
+        await app.run_workflow(chain(app.tasks["double"].s(1), app.tasks["add"].s(1, 2)))
+    assert await app.get_workflow("unknown") is None
+
+
+async def test_wait_result_times_out(app: AsyncQueueTasks) -> None:
+    wf = await app.run_workflow(app.tasks["double"].s(1))  # no worker serves
+    with pytest.raises(TaskTimeoutError):
+        await wf.wait_result(timeout=0.1)
+
+
+async def test_add_tasks_enqueues_each_and_fires_hooks_per_task(app: AsyncQueueTasks) -> None:
+    added: list[str] = []
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueued(self, record: Any) -> None:
+            added.append(record.uuid)
+
+    app.add_plugin(Seen())
+    double = app.tasks["double"]
+    records = await double.add_tasks(range(2500))
+    more = await app.add_tasks([app.tasks["add"].s(1, 2), double.s(5).set(priority=-1)])
+    assert added == [r.uuid for r in records + more]
+    with pytest.raises(TaskArgumentsError):
+        await app.add_tasks([app.tasks["add"].s(1)])
+    async with app:
+        results = [(await r.wait_result(5)).returning for r in records[:3] + more]
+    assert results == [0, 2, 4, 3, 10]
+
+
+def test_sync_app_twins() -> None:
+    app = QueueTasks(config=QueueConfig(max_tasks_process=4))
+
+    @app.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    @app.task
+    def total(xs: list[int]) -> int:
+        return sum(xs)
+
+    try:
+        records = inc.add_tasks([1, 2, 3])
+        assert [r.status for r in records] == [TaskStatus.NEW] * 3
+        with app:
+            assert [r.wait_result(5).returning for r in records] == [2, 3, 4]
+            wf = app.run_workflow(chord(inc.map([1, 2]), total.s()))
+            assert wf.wait_result(5).result == 5
+            again = app.get_workflow(wf.id)
+            assert again is not None and again.status == "success"
+    finally:
+        app.close()
