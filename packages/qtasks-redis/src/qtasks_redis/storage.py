@@ -15,10 +15,12 @@ import anyio
 import anyio.abc
 from redis.exceptions import RedisError
 
+from qtasks.components import GateMessage
 from qtasks.config import QueueConfig
 from qtasks.errors import SerializationError, StorageConnectionError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
+from qtasks_redis import workflows
 from qtasks_redis.connection import (
     DEFAULT_URL,
     Client,
@@ -276,6 +278,32 @@ class RedisStorage:
         )
         fields: Any = await guarded(self.target, call)
         return self._record(fields)
+
+    async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
+        """See :class:`qtasks.components.WorkflowStore`: one pipeline per 1,000 records."""
+        client = self._require()
+        out: list[TaskRecord | None] = []
+        for start in range(0, len(uuids), 1000):
+            pipe = client.pipeline(transaction=False)
+            for uuid in uuids[start : start + 1000]:
+                pipe.hmget(f"{self._tag}:r:{uuid}", _RECORD_FIELDS)
+            replies = await guarded(self.target, pipe.execute())
+            out += [self._record(fields) for fields in replies]
+        return out
+
+    async def add_workflow(
+        self,
+        workflow: TaskRecord,
+        members: Sequence[TaskRecord],
+        gates: dict[str, tuple[int, list[GateMessage]]],
+        feeds: dict[str, str],
+    ) -> None:
+        """See :class:`qtasks.components.WorkflowStore` and :mod:`qtasks_redis.workflows`."""
+        await workflows.add_workflow(self, workflow, members, gates, feeds)
+
+    async def member_done(self, record: TaskRecord) -> list[GateMessage]:
+        """See :class:`qtasks.components.WorkflowStore`: one script."""
+        return await workflows.member_done(self, record)
 
     async def begin(self, record: TaskRecord) -> TaskRecord:
         # The record's JSON is sent only when none is stored (rare: the producer stores one).

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 
 from qtasks.components import GateMessage
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows.plan import ERROR, FINAL, failure
 
 if TYPE_CHECKING:
     from qtasks.memory.storage import MemoryStorage
-
-FINAL, ERROR = "final", "error"
 
 
 @dataclass(slots=True)
@@ -27,12 +26,6 @@ class _Flow:
     members: list[str]
     done: set[str] = field(default_factory=set)
     opened_by: dict[str, str] = field(default_factory=dict)
-
-
-def failure(record: TaskRecord) -> str:
-    """The workflow error naming the member ``record`` that ended it."""
-    why = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
-    return f"member {record.uuid} ({record.task_name}) {record.status.value}: {why}"
 
 
 class MemoryWorkflows:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from qtasks.components import GateMessage
 from qtasks.errors import UnknownTaskError, WorkflowError
 from qtasks.messages import Envelope, Message, new_uuid
-from qtasks.record import TaskRecord
+from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.canvas import Chain, Chord, Group, Node, Signature
 
 if TYPE_CHECKING:
@@ -167,6 +167,12 @@ def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -
         workflow=workflow,
     )
     return Plan(workflow, own, records, start, gates, compiler.feeds, result)
+
+
+def failure(record: TaskRecord) -> str:
+    """The workflow error naming the member ``record`` that ended it (failed or cancelled)."""
+    why = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
+    return f"member {record.uuid} ({record.task_name}) {record.status.value}: {why}"
 
 
 def _call(
