@@ -9,6 +9,9 @@ from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks_testing.contract import (
     BrokerContract,
     BrokerFactory,
+    BulkAddContract,
+    BulkPublishContract,
+    BulkPublishNewContract,
     CancelCheckContract,
     CancelFeedContract,
     GlobalConfigContract,
@@ -17,6 +20,8 @@ from qtasks_testing.contract import (
     SharedServerContract,
     StorageContract,
     StorageFactory,
+    WorkflowSettleContract,
+    WorkflowStoreContract,
 )
 
 
@@ -67,3 +72,23 @@ def test_the_memory_broker_does_not_begin_on_claim() -> None:
     begin records on claim, the worker calls ``Storage.begin``. Implement it, then wire the
     suite here."""
     assert not isinstance(MemoryBroker(), BeginOnClaim)
+
+
+class TestMemoryBulkPublish(BulkPublishContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryBulkPublishNew(BulkPublishNewContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryBulkAdd(BulkAddContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryWorkflowStore(WorkflowStoreContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryWorkflowSettle(WorkflowSettleContract):
+    """Runs with the module's factories."""

@@ -10,6 +10,9 @@ from qtasks_testing.contract import (
     BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
+    BulkAddContract,
+    BulkPublishContract,
+    BulkPublishNewContract,
     CancelCheckContract,
     CancelFeedContract,
     GlobalConfigContract,
@@ -18,6 +21,8 @@ from qtasks_testing.contract import (
     SharedServerContract,
     StorageContract,
     StorageFactory,
+    WorkflowSettleContract,
+    WorkflowStoreContract,
 )
 
 
@@ -68,4 +73,24 @@ class TestRedisCancelFeed(CancelFeedContract):
 
 
 class TestRedisBeginOnClaim(BeginOnClaimContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBulkPublish(BulkPublishContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBulkPublishNew(BulkPublishNewContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBulkAdd(BulkAddContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisWorkflowStore(WorkflowStoreContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisWorkflowSettle(WorkflowSettleContract):
     """Runs with the module's factories."""

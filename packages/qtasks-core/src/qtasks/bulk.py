@@ -7,7 +7,8 @@ batches of :data:`BATCH`, through the best the components offer:
 - a :class:`~qtasks.components.SharedServer` broker that is a
   :class:`~qtasks.components.BulkPublishNew`: records and messages of a batch in one call
   (Redis: one script);
-- otherwise the records of a batch are added (concurrently on remote storages), then the
+- otherwise the records of a batch are added (:class:`~qtasks.components.BulkAdd`: in one
+  call; else concurrently on remote storages), then the
   messages published with :class:`~qtasks.components.BulkPublish` when the broker has it
   (RabbitMQ: pipelined publishes whose confirms are awaited together), else one by one.
 
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from qtasks import enqueue as enqueue_step
-from qtasks.components import Broker, BulkPublish, BulkPublishNew, Storage
+from qtasks.components import Broker, BulkAdd, BulkPublish, BulkPublishNew, Storage
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 
@@ -85,8 +86,11 @@ async def store_and_publish_many(
 
 
 async def add_many(storage: Storage, records: Sequence[TaskRecord]) -> None:
-    """``storage.add`` of every record: one after the other on a local storage, concurrently
-    on a remote one (its client pipelines them)."""
+    """``storage.add`` of every record: in one call with :class:`BulkAdd`, else one after the
+    other on a local storage, concurrently on a remote one."""
+    if isinstance(storage, BulkAdd):
+        await storage.add_many(records)
+        return
     if getattr(storage, "local", False) or len(records) < 2:
         for record in records:
             await storage.add(record)

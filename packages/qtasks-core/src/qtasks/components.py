@@ -35,7 +35,8 @@ return how many items; ``flush_all`` of :mod:`qtasks.compat.admin` refuses a com
 it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`LeaseBatch`, :class:`CancelCheck`,
-:class:`CancelFeed`, :class:`BulkPublish`, :class:`BulkPublishNew` and :class:`WorkflowStore`,
+:class:`CancelFeed`, :class:`BulkPublish`, :class:`BulkPublishNew`, :class:`BulkAdd` and
+:class:`WorkflowStore`,
 checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
 ``qtasks_testing.contract.bulk`` and ``qtasks_testing.contract.workflows`` hold their suites.
 """
@@ -248,6 +249,16 @@ class BulkPublishNew(Protocol):
     ) -> None:
         """Exactly ``publish_new(envelope, storage, record)`` of every pair, in order (each
         pair atomic on its own)."""
+        ...
+
+
+@runtime_checkable
+class BulkAdd(Protocol):
+    """Optional storage capability: :meth:`Storage.add` of many records in one round trip
+    (or one per batch), for ``app.add_tasks`` when the broker does not share its server."""
+
+    async def add_many(self, records: Sequence[TaskRecord]) -> None:
+        """Exactly ``add(record)`` (replacing) of every record, in order."""
         ...
 
 

@@ -291,6 +291,10 @@ class RedisStorage:
             out += [self._record(fields) for fields in replies]
         return out
 
+    async def add_many(self, records: Sequence[TaskRecord]) -> None:
+        """See :class:`qtasks.components.BulkAdd`: one pipeline per 1,000 records."""
+        await workflows.add_many(self, records)
+
     async def add_workflow(
         self,
         workflow: TaskRecord,

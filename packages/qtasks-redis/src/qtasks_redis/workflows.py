@@ -65,14 +65,19 @@ async def add_workflow(
         flat = [item for pair in pairs[start : start + CHUNK] for item in pair]
         await guarded(target, lua.ADD_FEEDS(client, keys[2:3], flat))
     # The records last: the workflow's first, so a member never exists without it.
-    records = [workflow, *members]
-    await guarded(target, client.script_load(storage_lua.SAVE.source))
+    await add_many(storage, [workflow, *members])
+
+
+async def add_many(storage: RedisStorage, records: Sequence[TaskRecord]) -> None:
+    """The storage's SAVE (replacing) of every record, one pipeline per :data:`CHUNK`."""
+    client = storage._require()
+    await guarded(storage.target, client.script_load(storage_lua.SAVE.source))
     for start in range(0, len(records), CHUNK):
         pipe = client.pipeline(transaction=False)
         for record in records[start : start + CHUNK]:
             rkeys, rargs = storage._save_call(record, None, "1")
             pipe.evalsha(storage_lua.SAVE.sha, len(rkeys), *rkeys, *rargs)
-        await guarded(target, pipe.execute())
+        await guarded(storage.target, pipe.execute())
 
 
 async def member_done(storage: RedisStorage, record: TaskRecord) -> list[GateMessage]:
@@ -87,8 +92,6 @@ async def member_done(storage: RedisStorage, record: TaskRecord) -> list[GateMes
     )
     reply = await storage._run(lua.MEMBER_DONE, record.uuid, *args)
     return [
-        GateMessage(
-            reply[i].decode(), reply[i + 1], int(reply[i + 2]), int(reply[i + 3]) / 1000
-        )
+        GateMessage(reply[i].decode(), reply[i + 1], int(reply[i + 2]), int(reply[i + 3]) / 1000)
         for i in range(0, len(reply), 4)
     ]

@@ -136,6 +136,11 @@ class MemoryStorage(_Lifecycle):
                     follower(uuid, reason)
         return stored.copy()
 
+    async def add_many(self, records: Sequence[TaskRecord]) -> None:
+        """See :class:`qtasks.components.BulkAdd`."""
+        for record in records:
+            await self.add(record)
+
     async def add_workflow(
         self,
         workflow: TaskRecord,

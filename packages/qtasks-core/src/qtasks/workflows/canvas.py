@@ -85,8 +85,7 @@ def _node(value: Any) -> Node:
     if isinstance(value, Signature | Chain | Group | Chord):
         return value
     raise WorkflowError(
-        f"a workflow is built of signatures (task.s(...)), chain, group and chord, "
-        f"not {value!r}"
+        f"a workflow is built of signatures (task.s(...)), chain, group and chord, not {value!r}"
     )
 
 

@@ -16,6 +16,13 @@ from qtasks_testing.contract.broker import (
     consuming_from,
     envelope,
 )
+from qtasks_testing.contract.bulk import (
+    BulkAddContract,
+    BulkPublishContract,
+    BulkPublishNewContract,
+    WorkflowSettleContract,
+    WorkflowStoreContract,
+)
 from qtasks_testing.contract.capabilities import (
     BeginOnClaimContract,
     CancelCheckContract,
@@ -30,6 +37,9 @@ __all__ = [
     "BeginOnClaimContract",
     "BrokerContract",
     "BrokerFactory",
+    "BulkAddContract",
+    "BulkPublishContract",
+    "BulkPublishNewContract",
     "CancelCheckContract",
     "CancelFeedContract",
     "Consumer",
@@ -40,6 +50,8 @@ __all__ = [
     "SharedServerContract",
     "StorageContract",
     "StorageFactory",
+    "WorkflowSettleContract",
+    "WorkflowStoreContract",
     "consuming",
     "consuming_from",
     "envelope",
