@@ -163,3 +163,34 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class Workers:
+    """Worker processes of one test on one backend, and the environment they share."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.env = env
+        self.ledger = tmp / "ledger.txt"
+        self.env["QT_LEDGER"] = str(self.ledger)
+        self.procs: list[WorkerProcess] = []
+        self._made = 0
+
+    def start(self, count: int = 1) -> list[WorkerProcess]:
+        started = []
+        for _ in range(count):
+            self._made += 1
+            started.append(WorkerProcess(self.tmp, f"worker{self._made}", self.env))
+        self.procs += started
+        return started
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+    def tracebacks(self) -> list[str]:
+        return [line for proc in self.procs for line in proc.tracebacks()]
+
+    def ran(self, task: str) -> list[str]:
+        """The values noted by each execution of ``task``, in the order they ran."""
+        return [value for name, value in ledger_lines(self.ledger) if name == task]

@@ -10,6 +10,8 @@ A workflow ``W`` keeps, under the storage's hash tag ``TAG`` (one slot with its 
 - ``TAG:f:W:d``  SET of the members whose end was counted (a repeated call changes nothing)
 - ``TAG:f:W:a``  LIST of every member (the error gate cancels those not final)
 
+all expiring with the workflow's record once it ended (a day when results do not expire).
+
 and its own record (uuid ``W``) is a task record: its status is the workflow's.
 
 :data:`MEMBER_DONE` is the storage's own call (a broker that does not share the server
@@ -56,6 +58,14 @@ local function end_record(uuid, status, field, text, ttl)
   return cur
 end
 
+-- The workflow ended: its gates are kept for as long as its record (a day when results never
+-- expire), for a redelivered member that finds it over.
+local function expire_flow(w, ttl)
+  for _, kind in ipairs({'c', 'm', 'n', 'o', 'd', 'a', 'b'}) do
+    redis.call('PEXPIRE', wf_key(w, kind), ttl or 86400000)
+  end
+end
+
 -- The member uuid of workflow w ended with status (its record is stored): see
 -- WorkflowStore.member_done. Returns the opened gate's name, or false.
 local function member_done(w, uuid, status, err, ttl)
@@ -72,13 +82,17 @@ local function member_done(w, uuid, status, err, ttl)
   if status == 'success' then
     if redis.call('HINCRBY', wf_key(w, 'c'), gate, -1) ~= 0 then return false end
     redis.call('HSET', wf_key(w, 'o'), gate, uuid)
-    if gate == 'final' then end_record(w, 'success', false, '', ttl) end
+    if gate == 'final' then
+      end_record(w, 'success', false, '', ttl)
+      expire_flow(w, ttl)
+    end
     return gate
   end
   local on_error = redis.call('HGET', wf_key(w, 'n'), '!on_error')
   if uuid == on_error then return false end  -- the error callback failing opens nothing
   redis.call('HSET', wf_key(w, 'o'), 'error', uuid)
   end_record(w, 'error', 'e', err, ttl)
+  expire_flow(w, ttl)
   local reason = 'workflow ' .. w .. ' failed: ' .. err
   for _, m in ipairs(redis.call('LRANGE', wf_key(w, 'a'), 0, -1)) do
     if m ~= uuid and m ~= on_error then end_record(m, 'cancel', 'cr', reason, ttl) end
