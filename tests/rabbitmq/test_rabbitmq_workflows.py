@@ -13,6 +13,7 @@ import pytest
 from workflow_app import Workers, build
 
 from qtasks import AsyncQueueTasks, chain, chord, group
+from qtasks.workflows import Node
 from qtasks_rabbitmq import Topology
 
 from .conftest import URL, delete_topology
@@ -48,7 +49,7 @@ async def test_chain_chord_nesting_and_failure(
     workers.start(2)
     app = producer(redis_url, prefix, queue_name)
     add, double, total, fail = (app.tasks[n] for n in ("add", "double", "total", "fail"))
-    flows = [
+    flows: list[Node] = [
         chain(add.s(1, 2), double.s(), double.s()),
         chord(double.map(range(200)), total.s()),
         chain(group(chain(add.s(1, 1), double.s()), add.s(5, 5)), total.s(), double.s()),

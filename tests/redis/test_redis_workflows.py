@@ -14,6 +14,7 @@ import pytest
 from workflow_app import Workers, build
 
 from qtasks import AsyncQueueTasks, chain, chord, group
+from qtasks.workflows import Node
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +39,7 @@ async def test_chain_chord_and_nesting_go_on_without_the_producer(
     workers.start(2)
     app = producer(redis_url, prefix)
     add, double, total = (app.tasks[n] for n in ("add", "double", "total"))
-    flows = [
+    flows: list[Node] = [
         chain(add.s(1, 2), double.s(), double.s()),
         chord(double.map(range(200)), total.s()),
         chain(group(chain(add.s(1, 1), double.s()), add.s(5, 5)), total.s(), double.s()),

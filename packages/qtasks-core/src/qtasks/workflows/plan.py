@@ -103,7 +103,7 @@ class _Compiler:
             raise WorkflowError(f"not a workflow: {node!r:.80}")
         if not steps:
             raise WorkflowError("a chain needs at least one step")
-        spec: Spec | None = input
+        step_input: Spec | None = input
         ends = []
         for i, step in enumerate(steps):
             if i:
@@ -111,9 +111,9 @@ class _Compiler:
                 self.counts[gate] = len(ends)
                 for uuid in ends:
                     self.feeds[uuid] = gate
-            spec, ends = self.node(step, gate, spec)
-        assert spec is not None
-        return spec, ends
+            step_input, ends = self.node(step, gate, step_input)
+        assert step_input is not None
+        return step_input, ends
 
 
 def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Plan:
