@@ -18,6 +18,7 @@ once its batch is stored, and only when a plugin implements them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,27 +46,61 @@ def as_args(item: Any) -> tuple[Any, ...]:
 
 
 async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> list[AsyncTask]:
-    """Enqueue every signature (see the module docstring); return their records in order."""
-    prepared: list[tuple[AsyncTask, Envelope]] = []
-    for sig in signatures:
-        prepared.append(
-            await enqueue_step.prepare(
-                app, sig.task_name, sig.args, sig.kwargs, sig.priority, sig.delay, None, None
-            )
-        )
+    """Enqueue every signature (see the module docstring); return their records in order.
+
+    On asyncio with remote components, the next batch is prepared while the previous one is
+    stored (one call in flight at a time, so batches reach the backends in order)."""
     hooks = app.hooks
     added = "qtasks_storage_added" in hooks.active
     enqueued = "qtasks_task_enqueued" in hooks.active
-    for start in range(0, len(prepared), BATCH):
-        chunk = prepared[start : start + BATCH]
-        await store_and_publish_many(app, chunk)
+    out: list[AsyncTask] = []
+    chunk: list[tuple[AsyncTask, Envelope]] = []
+    inflight: asyncio.Task[None] | None = None
+
+    async def stored(batch: list[tuple[AsyncTask, Envelope]]) -> None:
+        await store_and_publish_many(app, batch)
         if added or enqueued:
-            for record, _ in chunk:
+            for record, _ in batch:
                 if added:
                     await hooks.notify("qtasks_storage_added", app=app, record=record)
                 if enqueued:
                     await hooks.notify("qtasks_task_enqueued", app=app, record=record)
-    return [record for record, _ in prepared]
+
+    overlap = app.enqueue_path != "sequential" and _on_asyncio()
+    try:
+        for sig in signatures:
+            prepared = await enqueue_step.prepare(
+                app, sig.task_name, sig.args, sig.kwargs, sig.priority, sig.delay, None, None
+            )
+            chunk.append(prepared)
+            out.append(prepared[0])
+            if len(chunk) == BATCH:
+                if inflight is not None:
+                    await inflight
+                    inflight = None
+                if overlap:
+                    inflight = asyncio.get_running_loop().create_task(stored(chunk))
+                    await asyncio.sleep(0)  # it sends its call; the next batch is prepared
+                else:
+                    await stored(chunk)
+                chunk = []
+        if inflight is not None:
+            await inflight
+            inflight = None
+        if chunk:
+            await stored(chunk)
+    finally:
+        if inflight is not None:
+            inflight.cancel()
+    return out
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def store_and_publish_many(
