@@ -286,9 +286,10 @@ class WorkflowStore(Protocol):
         gates: dict[str, tuple[int, list[GateMessage]]],
         feeds: dict[str, str],
     ) -> None:
-        """Store the workflow record, every member's record (replacing), the gates
-        (name -> (counter, messages)) and which gate each member feeds (uuid -> gate name),
-        before any member's message is published."""
+        """Store the workflow record, the records of ``members`` (replacing: the members that
+        wait in a gate; the caller stores the others with their messages), the gates (name ->
+        (counter, messages)) and which gate each member feeds (uuid -> gate name; every member
+        but the error callback feeds one), before any member's message is published."""
         ...
 
     async def member_done(self, record: TaskRecord) -> list[GateMessage]:

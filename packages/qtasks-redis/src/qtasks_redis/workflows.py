@@ -58,7 +58,7 @@ async def add_workflow(
             bodies += (m.id, m.body)
     args += bodies
     args.append("|")
-    args += [member.uuid for member in members]
+    args += list(feeds)
     await guarded(target, lua.ADD_GATES(client, keys, args))
     pairs = list(feeds.items())
     for start in range(0, len(pairs), CHUNK):

@@ -55,7 +55,7 @@ class MemoryWorkflows:
             {name: count for name, (count, _) in gates.items()},
             {name: list(messages) for name, (_, messages) in gates.items()},
             dict(feeds),
-            [member.uuid for member in members],
+            list(feeds),
         )
 
     async def member_done(self, record: TaskRecord) -> list[GateMessage]:

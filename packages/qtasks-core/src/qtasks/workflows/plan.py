@@ -55,7 +55,9 @@ class Plan:
     id: str
     record: TaskRecord
     members: list[TaskRecord]
-    start: list[Envelope]
+    """The records of the members that wait in a gate."""
+    start: list[tuple[TaskRecord, Envelope]]
+    """The members published at once, with their messages."""
     gates: dict[str, tuple[int, list[GateMessage]]]
     feeds: dict[str, str]
     result: Spec
@@ -142,14 +144,14 @@ def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -
         members.append(_Member(new_uuid(), error_sig, None, ERROR))
     now = time.time()
     records: list[TaskRecord] = []
-    start: list[Envelope] = []
+    start: list[tuple[TaskRecord, Envelope]] = []
     for member in members:
         record, message = _call(app, workflow, member, now)
-        records.append(record)
         if member.gate is None:
             delay = member.sig.delay
-            start.append(app.codec.encode(message, now + delay if delay else None))
+            start.append((record, app.codec.encode(message, now + delay if delay else None)))
         else:
+            records.append(record)
             body = app.codec.encode(message).body
             gates[member.gate][1].append(
                 GateMessage(member.uuid, body, message.priority, member.sig.delay or 0.0)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qtasks.bulk import BATCH, publish_many
+from qtasks.bulk import BATCH, publish_many, store_and_publish_many
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import WorkflowError, WorkflowInputError
 from qtasks.messages import Envelope
@@ -78,8 +78,9 @@ async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> W
     store = store_of(app)
     plan = compile_plan(app, node, on_error)
     await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
+    # The first steps' records go with their messages, as add_tasks stores them.
     for start in range(0, len(plan.start), BATCH):
-        await publish_many(app.broker, plan.start[start : start + BATCH])
+        await store_and_publish_many(app, plan.start[start : start + BATCH])
     return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], None, None, None, app)
 
 
