@@ -151,13 +151,14 @@ async def _delete_queue(broker: object) -> None:
 
 
 async def _successes(app: AsyncQueueTasks, n: int) -> None:
-    while (await app.storage.stats()).get("success", 0) < n:
-        await anyio.sleep(0.005)  # a producer-side count, as bench/redis_throughput.py polls
+    # A producer-side count, polled as bench/redis_throughput.py polls its counter.
+    while (await app.storage.stats()).get("success", 0) < n:  # noqa: ASYNC110
+        await anyio.sleep(0.005)
 
 
 async def c_workflows(n: int) -> list[str]:
     prefix = f"bench-wf-{uuid.uuid4().hex[:8]}"
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, URL, prefix])
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, URL, prefix])  # noqa: ASYNC220
     app = redis_app(prefix)
     lines = []
     try:

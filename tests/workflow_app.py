@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,28 @@ class WorkerProcess:
 
     def tracebacks(self) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if "Traceback" in line]
+
+
+async def kill_while_running(
+    app: AsyncQueueTasks, workflow: str, workers: Workers, kills: int, pause: tuple[float, float]
+) -> int:
+    """Until ``workflow`` ended: SIGKILL a random live worker after a random pause (seconds
+    in ``pause``) and start a fresh one, at most ``kills`` times; return how many."""
+    rng = random.Random()
+    done = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = await app.get_workflow(workflow)
+        assert state is not None
+        if state.done:
+            break
+        await anyio.sleep(rng.uniform(*pause))
+        alive = [p for p in workers.procs if p.proc.poll() is None]
+        if done < kills and alive:
+            rng.choice(alive).kill()
+            done += 1
+            workers.start(1)
+    return done
 
 
 def ledger_lines(path: Path) -> list[tuple[str, str]]:

@@ -3,14 +3,12 @@ settles a member publishes the next step (confirmed) before it acks."""
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from workflow_app import Workers, build
+from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, chain, chord, group
 from qtasks.workflows import Node
@@ -87,26 +85,13 @@ async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
     """As the Redis test of the same name, through RabbitMQ: a killed worker's deliveries
     come back (its connection is gone) and are settled by another; the chord's callback
     runs once and gets every member's result."""
-    rng = random.Random()
     workers.start(3)
     app = producer(redis_url, prefix, queue_name)
     slow, total = app.tasks["slow"], app.tasks["total"]
     members = 1000
     try:
         wf = await app.run_workflow(chord([slow.s(i, 0.05) for i in range(members)], total.s()))
-        kills = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state = await app.get_workflow(wf.id)
-            assert state is not None
-            if state.done:
-                break
-            await anyio.sleep(rng.uniform(0.2, 0.8))
-            alive = [p for p in workers.procs if p.proc.poll() is None]
-            if kills < 8 and alive:
-                rng.choice(alive).kill()
-                kills += 1
-                workers.start(1)
+        kills = await kill_while_running(app, wf.id, workers, 8, (0.2, 0.8))
         done = await app.wait_workflow(wf.id, timeout=60)
     finally:
         await app.aclose()

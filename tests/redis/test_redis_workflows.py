@@ -4,14 +4,12 @@ before the workflow ends: the workers carry it on."""
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from workflow_app import Workers, build
+from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, chain, chord, group
 from qtasks.workflows import Node
@@ -133,26 +131,13 @@ async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
     """Three workers; one is SIGKILLed at a random moment, again and again, and replaced,
     while a 2,000-member chord runs (the last kill lands near the end, while the last
     members settle). Every member's result reaches the callback, which runs once."""
-    rng = random.Random()
     workers.start(3)
     app = producer(redis_url, prefix)
     slow, total = app.tasks["slow"], app.tasks["total"]
     members = 2000
     try:
         wf = await app.run_workflow(chord([slow.s(i, 0.05) for i in range(members)], total.s()))
-        kills = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state = await app.get_workflow(wf.id)
-            assert state is not None
-            if state.done:
-                break
-            await anyio.sleep(rng.uniform(0.1, 0.6))
-            alive = [p for p in workers.procs if p.proc.poll() is None]
-            if kills < 10 and alive:
-                rng.choice(alive).kill()
-                kills += 1
-                workers.start(1)
+        kills = await kill_while_running(app, wf.id, workers, 10, (0.1, 0.6))
         done = await app.wait_workflow(wf.id, timeout=60)
     finally:
         await app.aclose()

@@ -66,7 +66,8 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
                 if enqueued:
                     await hooks.notify("qtasks_task_enqueued", app=app, record=record)
 
-    overlap = app.enqueue_path != "sequential" and _on_asyncio()
+    # Only on asyncio (trio has no bare tasks), and not with local components.
+    overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
     try:
         for sig in signatures:
             prepared = await enqueue_step.prepare(
@@ -93,14 +94,6 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
         if inflight is not None:
             inflight.cancel()
     return out
-
-
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 async def store_and_publish_many(
