@@ -4,7 +4,7 @@ input, and continue a workflow when one of its members ends (for the settle step
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -194,7 +194,7 @@ class WorkflowPlugin:
     name = "qtasks.workflows"
 
     @hookimpl
-    async def qtasks_executor_args(
+    def qtasks_executor_args(
         self,
         app: AsyncQueueTasks,
         task: TaskDef[..., Any],
@@ -202,9 +202,15 @@ class WorkflowPlugin:
         args: list[Any],
         kwargs: dict[str, Any],
         run: TaskRun,
-    ) -> tuple[list[Any], dict[str, Any]] | None:
+    ) -> Awaitable[tuple[list[Any], dict[str, Any]]] | None:
+        # Not async: a task that is no workflow step costs a call and a lookup, no coroutine.
         headers = run.message.headers
         if not headers or INPUT not in headers:
             return None
-        value = await resolve(app, headers[INPUT], record.uuid)
-        return [value, *args[1:]], kwargs
+        return _with_input(app, headers[INPUT], record.uuid, args, kwargs)
+
+
+async def _with_input(
+    app: AsyncQueueTasks, spec: Spec, uuid: str, args: list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    return [await resolve(app, spec, uuid), *args[1:]], kwargs
