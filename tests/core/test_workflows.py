@@ -11,6 +11,8 @@ import pytest
 
 from qtasks import (
     AsyncQueueTasks,
+    MemoryBroker,
+    MemoryStorage,
     QueueConfig,
     QueueTasks,
     TaskStatus,
@@ -255,3 +257,27 @@ def test_sync_app_twins() -> None:
             assert again is not None and again.status == "success"
     finally:
         app.close()
+
+
+async def test_a_member_the_worker_rejects_fails_the_workflow() -> None:
+    """A worker that does not know a member's task nacks it: the workflow fails, naming it,
+    instead of waiting for a step that will never come."""
+    broker, storage = MemoryBroker(), MemoryStorage()
+    producer = AsyncQueueTasks(broker=broker, storage=storage)
+
+    @producer.task
+    def ghost(x: int) -> int:
+        return x
+
+    worker = AsyncQueueTasks(broker=broker, storage=storage)
+    try:
+        wf = await producer.run_workflow(chain(ghost.s(1), ghost.s()))
+        async with worker:
+            done = await producer.wait_workflow(wf.id, 5)
+        later = await storage.get(wf.members[1])
+    finally:
+        await producer.aclose()
+        await worker.aclose()
+    assert done.status == "error" and done.error is not None
+    assert wf.members[0] in done.error and "unknown task" in done.error
+    assert later is not None and later.status is TaskStatus.CANCEL

@@ -13,6 +13,7 @@ from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, chain, chord, group
 from qtasks.workflows import Node
+from qtasks_redis import RedisBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -145,3 +146,40 @@ async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
     assert (done.status, done.result) == ("success", sum(range(members)))
     assert workers.ran("total") == [str(members)], "the callback ran more or less than once"
     assert {int(v) for v in workers.ran("slow")} == set(range(members))
+
+
+async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
+    redis_url: str, prefix: str
+) -> None:
+    """Delivered more often than max_deliveries (its workers died): the claim that
+    dead-letters it fails its workflow in the same script and publishes the error callback."""
+    app = build("redis", redis_url, prefix)
+    app.broker = RedisBroker(redis_url, prefix=prefix, queue="wf", max_deliveries=1)
+    add, double = app.tasks["add"], app.tasks["double"]
+    try:
+        await app.start()
+        assert isinstance(app.broker, RedisBroker)
+        wf = await app.run_workflow(
+            chain(add.s(1, 2), double.s()), on_error=app.signature("on_error")
+        )
+        seen: list[str] = []
+        for _ in range(2):  # the first claim is handed back unsettled; the second dead-letters
+            opened = app.broker.consume_begun(prefetch=1, storage=app.storage, worker="gone")
+            async with opened as deliveries:
+                with anyio.move_on_after(1):
+                    async for delivery in deliveries:
+                        seen.append(delivery.id)
+                        break
+        state = await app.wait_workflow(wf.id, 5)
+        assert state.status == "error" and state.error is not None
+        assert wf.members[0] in state.error and "dead-lettered" in state.error
+        later = await app.get(wf.members[1])
+        assert later is not None and later.status.value == "cancel"
+        # The claim that dead-lettered the member published the error callback, and took it.
+        assert seen == [wf.members[0], state.on_error]
+        letters = await app.dead_letters()
+        assert [d.id for d in letters] == [wf.members[0]]
+        stats = await app.broker.stats()
+        assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published
+    finally:
+        await app.aclose()

@@ -221,7 +221,11 @@ class Settlement:
             f"out (max_deliveries={limit})"
         )
         record.updated_at = time.time()
-        await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+        if (
+            await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+            and record.workflow is not None
+        ):
+            await workflows.member_ended(app, record)
         return True
 
     async def _durable(self, run: TaskRun, call: Callable[[], Awaitable[bool]]) -> bool:

@@ -344,6 +344,8 @@ class QueueWorker:
             record.error = reason
             record.updated_at = time.time()
             await app.storage.save(record)
+            if record.workflow is not None:
+                await workflows.member_ended(app, record)
         await delivery.nack(reason)
         await app.hooks.notify("qtasks_broker_nacked", app=app, delivery=delivery, reason=reason)
         await app.hooks.notify("qtasks_task_rejected", app=app, delivery=delivery, reason=reason)

@@ -373,7 +373,8 @@ class RedisBroker:
         redis_storage = _redis_storage(storage)
         keys = (*self.keys, *redis_storage.index_keys)
         extra = (redis_storage.key_tag, worker, redis_storage.ttl_ms)
-        return self._consume(prefetch, shared_lua.CLAIM_BEGIN, keys, extra, redis_storage)
+        claim = workflow_lua.CLAIM_BEGIN_WF  # CLAIM_BEGIN, failing the workflows of dead members
+        return self._consume(prefetch, claim, keys, extra, redis_storage)
 
     @asynccontextmanager
     async def _consume(

@@ -22,7 +22,7 @@ one script.
 
 from __future__ import annotations
 
-from qtasks_redis import broker_lua, storage_lua
+from qtasks_redis import broker_lua, shared_lua, storage_lua
 from qtasks_redis.connection import Script
 from qtasks_redis.shared_lua import SAVE_ARGS as _SAVE_ARGS
 from qtasks_redis.shared_lua import STORAGE_KEYS as _STORAGE_KEYS
@@ -78,7 +78,10 @@ local function member_done(w, uuid, status, err, ttl)
   if not gate then return false end
   rec_keys(w)
   local own = redis.call('HGET', K_REC, 's')
-  if not own or FINAL[own] then return false end
+  if not own or FINAL[own] then
+    expire_flow(w, ttl)  -- over (cancelled): its gates go with its record
+    return false
+  end
   if status == 'success' then
     if redis.call('HINCRBY', wf_key(w, 'c'), gate, -1) ~= 0 then return false end
     redis.call('HSET', wf_key(w, 'o'), gate, uuid)
@@ -253,3 +256,44 @@ end
 return 1
 """
 )
+
+_CLAIM_HEAD = shared_lua.CLAIM_BEGIN.source[: -len(broker_lua.CLAIM_BODY)]
+assert shared_lua.CLAIM_BEGIN.source.endswith(broker_lua.CLAIM_BODY)
+
+CLAIM_BEGIN_WF = Script(
+    _CLAIM_HEAD
+    # The storage prelude over CLAIM_BEGIN's keys: its status indexes are KEYS[13..18]; the
+    # record keys it would read (KEYS[10..12]) are set by rec_keys before any use.
+    + _keys_from(storage_lua.PRELUDE, 9)
+    + WF_PRELUDE
+    + f"""
+local function broker_publish(ARGV)
+{_body(broker_lua.PUBLISH, broker_lua.PRELUDE)}
+end
+local record_dead = on_dead
+-- A workflow member dead-lettered by its delivery limit fails its workflow, as a member that
+-- failed after its retries does (its error gate publishes the error callback).
+local function on_dead(id, reason)
+  local rec = TAG .. ':r:' .. id
+  local was = redis.call('HGET', rec, 's')
+  record_dead(id, reason)
+  if not was or FINAL[was] then return end
+  local ok, d = pcall(cjson.decode, redis.call('HGET', rec, 'd') or '')
+  if not ok or type(d) ~= 'table' then return end
+  local w, task = d.workflow, d.task_name
+  if d[1] == 1 then w, task = d[#d], d[3] end
+  if type(w) ~= 'string' then return end
+  local err = 'member ' .. id .. ' (' .. tostring(task) .. ') error: dead-lettered: ' .. reason
+  local opened = member_done(w, id, 'error', err, TTL)
+  if opened then
+    for _, m in ipairs(gate_messages(w, opened)) do
+      local eta = ''
+      if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
+      broker_publish({{m[1], m[2], m[3], eta}})
+    end
+  end
+end
+"""
+    + broker_lua.CLAIM_BODY
+)
+"""CLAIM_BEGIN whose dead-lettering of a workflow member also fails its workflow."""

@@ -71,7 +71,12 @@ class MemoryWorkflows:
         flow.done.add(uuid)
         storage = self._storage
         own = await storage.get(record.workflow or "")
-        if own is None or own.status.final or gate is None:
+        if own is None or own.status.final:
+            # Over (ended or cancelled): its gates are not needed any more. One process cannot
+            # die between a member's settle and its ack, so none is redelivered to ask again.
+            self._flows.pop(record.workflow or "", None)
+            return []
+        if gate is None:
             return []
         if success:
             flow.counts[gate] -= 1
@@ -82,6 +87,7 @@ class MemoryWorkflows:
                 own.status = TaskStatus.SUCCESS
                 own.updated_at = storage._clock()
                 await storage.save(own)
+                del self._flows[own.uuid]
             return list(flow.messages[gate])
         error_callback = own.kwargs.get("on_error")
         if uuid == error_callback:
@@ -94,4 +100,5 @@ class MemoryWorkflows:
         for member in flow.members:
             if member != uuid and member != error_callback:
                 await storage.cancel(member, reason)
+        del self._flows[own.uuid]
         return list(flow.messages[ERROR])
