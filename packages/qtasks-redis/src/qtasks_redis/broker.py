@@ -255,15 +255,23 @@ class RedisBroker:
         """See :class:`qtasks.components.BulkPublishNew`: records and messages of 1,000
         tasks in one script."""
         redis_storage = _redis_storage(storage)
+        encode = redis_storage._encode
         for start in range(0, len(tasks), _PUBLISH_BATCH):
-            args: list[Any] = [redis_storage.key_tag]
-            keys: tuple[str, ...] = ()
+            args: list[Any] = [redis_storage.key_tag, redis_storage.ttl_ms]
+            first = tasks[start][0].uuid
             for record, envelope in tasks[start : start + _PUBLISH_BATCH]:
-                record_keys, save_args = redis_storage._save_call(record, None, "1")
-                if not keys:
-                    keys = (*record_keys, *self.keys)
-                args += save_args
-                args += self._publish_args(envelope)
+                eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
+                args += (
+                    record.uuid,
+                    encode(record),
+                    record.status.value,
+                    record.token or "",
+                    envelope.id,
+                    envelope.body,
+                    envelope.priority,
+                    eta,
+                )
+            keys = (*redis_storage._keys(first), *self.keys)
             await self._run_call(workflow_lua.PUBLISH_NEW_MANY, keys, args, RECORD_KEYS)
 
     # --- SharedServer: folded storage writes -----------------------------------------------
