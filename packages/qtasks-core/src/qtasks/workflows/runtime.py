@@ -155,15 +155,27 @@ def _build(spec: Spec, records: dict[str, TaskRecord]) -> Any:
     return [_build(item, records) for item in spec]
 
 
-async def member_ended(app: AsyncQueueTasks, record: TaskRecord) -> None:
+async def member_ended(app: AsyncQueueTasks, record: TaskRecord, *, again: bool = False) -> None:
     """Continue ``record``'s workflow after its final record was stored, by plain calls
     (:meth:`WorkflowStore.member_done`, then the publish of what it opened, each confirmed):
     the settle step's path when the broker does not do it in its own step
     (:class:`~qtasks.components.SharedServer`). Called before the member's message is acked,
     so a worker that dies in between leaves the message to be redelivered, and the worker
     that gets it calls this again (:meth:`~WorkflowStore.member_done` returns the opened
-    gate's messages again to the member that opened it)."""
-    opened = await store_of(app).member_done(record)
+    gate's messages again to the member that opened it; ``again``: this is that second call,
+    so only the steps that have not begun are published)."""
+    store = store_of(app)
+    opened = await store.member_done(record)
+    if opened and again:
+        # Published already unless the worker died before: a step that has begun (or ended)
+        # got its message, so it is not sent twice; one still new may be queued (a second
+        # copy is then dropped by its record, or replaces it on Redis and in memory).
+        stored = await store.get_many([m.id for m in opened])
+        opened = [
+            m
+            for m, r in zip(opened, stored, strict=True)
+            if r is None or r.status is TaskStatus.NEW
+        ]
     if opened:
         await publish_many(app.broker, gate_envelopes(opened, time.time()))
 
@@ -176,7 +188,7 @@ async def found_final(app: AsyncQueueTasks, record: TaskRecord) -> None:
     next step must not be published twice)."""
     if record.status is TaskStatus.SUCCESS and app.shared_server is not None:
         return
-    await member_ended(app, record)
+    await member_ended(app, record, again=True)
 
 
 def gate_envelopes(messages: Sequence[GateMessage], now: float) -> list[Envelope]:
