@@ -15,6 +15,7 @@ from qtasks import (
     MemoryStorage,
     QueueConfig,
     QueueTasks,
+    TaskDeclarationError,
     TaskStatus,
     UnknownTaskError,
     WorkflowError,
@@ -350,3 +351,26 @@ async def test_a_member_redelivered_after_its_step_was_published_publishes_it_on
     assert broker.settled_again, "the first step's message never came back"
     assert (done.status, done.result) == ("success", 20)
     assert runs == [2], "the next step ran more or less than once"
+
+
+async def test_a_signatures_own_retry_is_used_for_that_call(app: AsyncQueueTasks) -> None:
+    attempts: dict[int, int] = {}
+
+    @app.task(retry=0, retry_backoff=0)
+    def fails_twice(x: int) -> int:
+        attempts[x] = attempts.get(x, 0) + 1
+        if attempts[x] < 3:
+            raise ValueError(f"attempt {attempts[x]}")
+        return x
+
+    async with app:
+        retried = await (await app.run_workflow(fails_twice.s(7).set(retry=2))).wait_result(5)
+        bulk = await app.add_tasks([fails_twice.s(8).set(retry=2), fails_twice.s(9)])
+        results = [await r.wait_result(5) for r in bulk]
+    assert (retried.status, retried.result) == ("success", 7)
+    assert [r.status for r in results] == [TaskStatus.SUCCESS, TaskStatus.ERROR]
+    assert attempts == {7: 3, 8: 3, 9: 1}  # the task's own retry=0 for the plain call
+    with pytest.raises(TaskDeclarationError):
+        fails_twice.s(1).set(retry=-1)
+    with pytest.raises(TaskDeclarationError):
+        app.signature("fails_twice", (1,), priority="high")  # type: ignore[arg-type]  # the point

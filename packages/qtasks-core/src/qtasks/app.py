@@ -565,10 +565,12 @@ class AsyncQueueTasks:
         *,
         priority: int | None = None,
         delay: float | None = None,
+        retry: int | None = None,
     ) -> Signature:
-        """A call of the task ``task_name`` for a workflow or :meth:`add_tasks`, not made yet;
-        an unknown task raises :class:`~qtasks.errors.UnknownTaskError` here."""
-        return signature(self, task_name, args, kwargs, priority=priority, delay=delay)
+        """A call of the task ``task_name`` for a workflow or :meth:`add_tasks`, not made yet
+        (options: ``priority``, ``delay``, ``retry``); an unknown task raises
+        :class:`~qtasks.errors.UnknownTaskError` here."""
+        return signature(self, task_name, args, kwargs, priority=priority, delay=delay, retry=retry)
 
     async def run_workflow(
         self, workflow: Node, *, on_error: Signature | None = None

@@ -71,7 +71,15 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     try:
         for sig in signatures:
             prepared = await enqueue_step.prepare(
-                app, sig.task_name, sig.args, sig.kwargs, sig.priority, sig.delay, None, None
+                app,
+                sig.task_name,
+                sig.args,
+                sig.kwargs,
+                sig.priority,
+                sig.delay,
+                None,
+                None,
+                sig.retry,
             )
             chunk.append(prepared)
             out.append(prepared[0])

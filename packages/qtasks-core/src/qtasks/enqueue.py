@@ -93,10 +93,12 @@ async def prepare(
     delay: float | None,
     eta: float | None,
     parent_uuid: str | None,
+    retry: int | None = None,
 ) -> tuple[AsyncTask, Envelope]:
     """A new task's record and envelope: the arguments checked against a registered task,
     its default priority, the due time, and ``qtasks_task_enqueue`` applied (for
-    ``add_task`` and ``add_tasks`` alike)."""
+    ``add_task`` and ``add_tasks`` alike; ``retry``: the call's own, see
+    :class:`~qtasks.workflows.Signature`)."""
     kwargs = dict(kwargs or {})
     task = app.tasks.get(task_name)
     if task is not None:
@@ -118,6 +120,8 @@ async def prepare(
     )
     if parent_uuid is not None:
         message.headers["parent_uuid"] = parent_uuid
+    if retry is not None:
+        message.headers["retry"] = retry  # qtasks.workflows.canvas.RETRY_HEADER
     if "qtasks_task_enqueue" in app.hooks.active:
         message = await app.hooks.transform(
             "qtasks_task_enqueue", "message", app=app, message=message

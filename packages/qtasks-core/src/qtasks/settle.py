@@ -28,6 +28,7 @@ from qtasks.messages import Message
 from qtasks.outage import RETRY_CAP, Outage, retrying
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import runtime as workflows
+from qtasks.workflows.canvas import RETRY_HEADER
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -158,6 +159,9 @@ class Settlement:
         await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
         delay: float | None = None
         if not isinstance(outcome, PluginError | SerializationError):
+            headers = run.message.headers
+            if headers and RETRY_HEADER in headers:  # a signature's own retry=
+                task = task.with_options(retry=headers[RETRY_HEADER])
             try:
                 delay = hooks.decide(
                     "qtasks_task_retry_delay", app=app, task=task, record=record, exc=outcome

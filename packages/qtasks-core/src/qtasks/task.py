@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import inspect
 import re
 import sys
@@ -16,7 +17,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import FrameType
 from typing import (
@@ -310,6 +311,12 @@ class TaskDef(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)
+
+    def with_options(self, **changes: Any) -> TaskDef[P, R]:
+        """A copy of this task with some options changed (e.g. a call's own ``retry``)."""
+        changed = copy.copy(self)
+        changed.options = replace(self.options, **changes)
+        return changed
 
     def __repr__(self) -> str:
         return f"<TaskDef {self.name} ({self.kind.value})>"

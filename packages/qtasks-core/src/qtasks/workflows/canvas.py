@@ -17,26 +17,50 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
 
+RETRY_HEADER = "retry"
+"""Message header: the call's own ``retry`` (a signature's option), over the task's."""
+
+
 @dataclass(frozen=True, slots=True)
 class Signature:
     """One task call, not made yet: ``task.s(*args, **kwargs)`` or
     ``app.signature(name, args, kwargs)``. In a chain, the previous step's result is passed as
-    the first argument, before ``args``. ``priority`` and ``delay`` (seconds, counted from
-    when the step is enqueued) are options of the call, as for ``add_task``."""
+    the first argument, before ``args``. ``priority``, ``delay`` (seconds, counted from
+    when the step is enqueued) and ``retry`` (retries after a failure, instead of the task's
+    own ``retry``) are options of the call."""
 
     task_name: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     priority: int | None = None
     delay: float | None = None
+    retry: int | None = None
 
-    def set(self, *, priority: int | None = None, delay: float | None = None) -> Signature:
+    def __post_init__(self) -> None:
+        name = self.task_name
+        if self.priority is not None and (
+            not isinstance(self.priority, int) or isinstance(self.priority, bool)
+        ):
+            raise TaskDeclarationError(f"signature of {name!r}: priority must be an int")
+        if self.delay is not None and (
+            not isinstance(self.delay, int | float)
+            or isinstance(self.delay, bool)
+            or self.delay < 0
+        ):
+            raise TaskDeclarationError(f"signature of {name!r}: delay must be seconds >= 0")
+        if self.retry is not None and (
+            not isinstance(self.retry, int) or isinstance(self.retry, bool) or self.retry < 0
+        ):
+            raise TaskDeclarationError(f"signature of {name!r}: retry must be an int >= 0")
+
+    def set(
+        self, *, priority: int | None = None, delay: float | None = None, retry: int | None = None
+    ) -> Signature:
         """A copy with these options changed."""
         changes: dict[str, Any] = {}
-        if priority is not None:
-            changes["priority"] = priority
-        if delay is not None:
-            changes["delay"] = delay
+        for option, value in (("priority", priority), ("delay", delay), ("retry", retry)):
+            if value is not None:
+                changes[option] = value
         return replace(self, **changes)
 
     def __or__(self, other: Node) -> Chain:
@@ -126,13 +150,11 @@ def signature(
     *,
     priority: int | None = None,
     delay: float | None = None,
+    retry: int | None = None,
 ) -> Signature:
     """A signature of the task registered as ``task_name`` on ``app``; an unknown name raises
-    :class:`~qtasks.errors.UnknownTaskError` here."""
+    :class:`~qtasks.errors.UnknownTaskError` here, a bad option
+    :class:`~qtasks.errors.TaskDeclarationError`."""
     if task_name not in app.tasks:
         raise UnknownTaskError(task_name)
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-        raise TaskDeclarationError(f"signature of {task_name!r}: priority must be an int")
-    if delay is not None and (not isinstance(delay, int | float) or delay < 0):
-        raise TaskDeclarationError(f"signature of {task_name!r}: delay must be seconds >= 0")
-    return Signature(task_name, tuple(args), dict(kwargs or {}), priority, delay)
+    return Signature(task_name, tuple(args), dict(kwargs or {}), priority, delay, retry)

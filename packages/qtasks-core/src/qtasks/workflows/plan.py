@@ -17,14 +17,14 @@ placeholder in its place in the message, so the message is checked like any othe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import GateMessage
 from qtasks.errors import UnknownTaskError, WorkflowError
 from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord, TaskStatus
-from qtasks.workflows.canvas import Chain, Chord, Group, Node, Signature
+from qtasks.workflows.canvas import RETRY_HEADER, Chain, Chord, Group, Node, Signature
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -134,13 +134,7 @@ def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -
     gates[ERROR] = (1, [])
     members = list(compiler.members)
     if on_error is not None:
-        error_sig = Signature(
-            on_error.task_name,
-            (workflow, *on_error.args),
-            on_error.kwargs,
-            on_error.priority,
-            on_error.delay,
-        )
+        error_sig = replace(on_error, args=(workflow, *on_error.args))
         members.append(_Member(new_uuid(), error_sig, None, ERROR))
     now = time.time()
     records: list[TaskRecord] = []
@@ -195,6 +189,8 @@ def _call(
     headers: dict[str, Any] = {"workflow": workflow}
     if member.input is not None:
         headers[INPUT] = member.input
+    if sig.retry is not None:
+        headers[RETRY_HEADER] = sig.retry
     message = Message(member.uuid, sig.task_name, args, kwargs, priority, now, 0, headers)
     record = TaskRecord(
         uuid=member.uuid,
