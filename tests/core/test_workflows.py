@@ -24,7 +24,7 @@ from qtasks import (
     group,
     hookimpl,
 )
-from qtasks.errors import TaskArgumentsError, TaskTimeoutError
+from qtasks.errors import TaskArgumentsError, TaskNotFoundError, TaskTimeoutError
 
 pytestmark = pytest.mark.anyio
 
@@ -224,6 +224,8 @@ async def test_bad_input_is_refused_when_built(app: AsyncQueueTasks) -> None:
     with pytest.raises(TaskArgumentsError):  # add needs two arguments: the input and one more
         await app.run_workflow(chain(app.tasks["double"].s(1), app.tasks["add"].s(1, 2)))
     assert await app.get_workflow("unknown") is None
+    with pytest.raises(TaskNotFoundError):
+        await app.wait_workflow("unknown", 1)
 
 
 async def test_wait_result_times_out(app: AsyncQueueTasks) -> None:

@@ -75,6 +75,7 @@ class Chain:
     tasks: list[Node]
 
     def __or__(self, other: Node) -> Chain:
+        """``chain(...) | b.s()``: this chain, then ``b``."""
         return chain(self, other)
 
 
@@ -86,6 +87,7 @@ class Group:
     tasks: list[Node]
 
     def __or__(self, other: Node) -> Chain:
+        """``group(...) | cb.s()``: ``cb`` gets the group's results (a chord)."""
         return chain(self, other)
 
 
@@ -98,6 +100,7 @@ class Chord:
     callback: Node
 
     def __or__(self, other: Node) -> Chain:
+        """``chord(...) | b.s()``: ``b`` gets the callback's result."""
         return chain(self, other)
 
 

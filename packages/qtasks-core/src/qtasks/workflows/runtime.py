@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks.bulk import BATCH, publish_many, store_and_publish_many
 from qtasks.components import GateMessage, WorkflowStore
-from qtasks.errors import WorkflowError, WorkflowInputError
+from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.messages import Envelope
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
@@ -106,8 +106,14 @@ async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
 
 
 async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow:
-    """Wait for the workflow ``id`` to end; return its state."""
-    return await state(app, await app.storage.wait(id, timeout))
+    """Wait for the workflow ``id`` to end; return its state. An unknown id raises
+    :class:`~qtasks.errors.TaskNotFoundError` at once."""
+    record = await app.storage.get(id)
+    if record is None or record.task_name != WORKFLOW_TASK:
+        raise TaskNotFoundError(id)
+    if not record.status.final:
+        record = await app.storage.wait(id, timeout)
+    return await state(app, record)
 
 
 async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
