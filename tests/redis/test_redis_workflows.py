@@ -164,7 +164,9 @@ async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
         )
         seen: list[str] = []
         for _ in range(2):  # the first claim is handed back unsettled; the second dead-letters
-            opened = app.broker.consume_begun(prefetch=1, storage=app.storage, worker="gone")
+            opened = app.broker.consume_begun(
+                prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
+            )
             async with opened as deliveries:
                 with anyio.move_on_after(1):
                     async for delivery in deliveries:

@@ -24,6 +24,7 @@ from qtasks_testing.contract.bulk import (
     WorkflowStoreContract,
 )
 from qtasks_testing.contract.capabilities import (
+    BeginManyContract,
     BeginOnClaimContract,
     CancelCheckContract,
     CancelFeedContract,
@@ -34,6 +35,7 @@ from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalCo
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
+    "BeginManyContract",
     "BeginOnClaimContract",
     "BrokerContract",
     "BrokerFactory",
