@@ -29,7 +29,9 @@ import anyio
 import redis
 
 from qtasks import AsyncQueueTasks, QueueConfig, chain, chord
+from qtasks.components import Broker
 from qtasks.messages import Envelope
+from qtasks_rabbitmq import RabbitMQBroker
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 URL = os.environ.get("QTASKS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -38,6 +40,7 @@ AMQP = os.environ.get("QTASKS_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:567
 WORKER = """
 import sys
 from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks_rabbitmq import RabbitMQBroker
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 url, prefix = sys.argv[1], sys.argv[2]
 app = AsyncQueueTasks(
@@ -59,9 +62,9 @@ app.run_forever()
 """
 
 
-def redis_app(prefix: str, broker: object = None) -> AsyncQueueTasks:
+def redis_app(prefix: str, broker: Broker | None = None) -> AsyncQueueTasks:
     app = AsyncQueueTasks(
-        broker=broker or RedisBroker(URL, prefix=prefix, queue="bench"),  # type: ignore[arg-type]
+        broker=broker or RedisBroker(URL, prefix=prefix, queue="bench"),
         storage=RedisStorage(URL, prefix=prefix),
         global_config=RedisGlobalConfig(URL, prefix=prefix),
         config=QueueConfig(log_level="WARNING", plugins_disabled=["*"]),
@@ -107,8 +110,6 @@ async def b1_redis_bulk(n: int) -> str:
 
 
 async def b2_rabbitmq_bulk(n: int) -> str:
-    from qtasks_rabbitmq import RabbitMQBroker
-
     prefix = f"bench-wf-{uuid.uuid4().hex[:8]}"
     queue = f"bench-wf-{uuid.uuid4().hex[:8]}"
     broker = RabbitMQBroker(AMQP, queue=queue)
@@ -134,10 +135,10 @@ async def b2_rabbitmq_bulk(n: int) -> str:
     )
 
 
-async def _delete_queue(broker: object) -> None:
+async def _delete_queue(broker: RabbitMQBroker) -> None:
     import aio_pika
 
-    topology = broker.topology  # type: ignore[attr-defined]
+    topology = broker.topology
     connection = await aio_pika.connect(AMQP)
     try:
         for name in topology.all_queues():

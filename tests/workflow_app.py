@@ -166,7 +166,8 @@ def ledger_lines(path: Path) -> list[tuple[str, str]]:
     """``(task, value)`` of every execution noted in the ledger."""
     if not path.exists():
         return []
-    return [tuple(line.split()[:2]) for line in path.read_text().splitlines()]  # type: ignore[misc]
+    lines = path.read_text().splitlines()
+    return [(line.split()[0], line.split()[1]) for line in lines]
 
 
 def main() -> None:

@@ -95,7 +95,7 @@ async def app(request: pytest.FixtureRequest) -> AsyncIterator[AsyncQueueTasks]:
 
 
 def calls(app: AsyncQueueTasks) -> list[tuple[str, Any]]:
-    log: list[tuple[str, Any]] = app.state_calls  # type: ignore[attr-defined]
+    log: list[tuple[str, Any]] = app.state_calls  # type: ignore[attr-defined]  # set above
     return log
 
 

@@ -468,7 +468,7 @@ class SyncTaskDef(TaskDef[P, R]):
             self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
         )
 
-    def add_tasks(  # type: ignore[override]
+    def add_tasks(  # type: ignore[override]  # blocks: a list of records, not a coroutine
         self,
         args_list: Iterable[Any],
         *,

@@ -56,6 +56,7 @@ class Workflow:
 class SyncWorkflow(Workflow):
     """A :class:`Workflow` of the sync app: :meth:`wait_result` blocks."""
 
+    # The sync twin blocks and returns the state instead of a coroutine (hence the ignore).
     def wait_result(self, timeout: float | None = None) -> SyncWorkflow:  # type: ignore[override]
         """Block until the workflow ended and return its state."""
         workflow: SyncWorkflow = self._client.wait_workflow(self.id, timeout)
