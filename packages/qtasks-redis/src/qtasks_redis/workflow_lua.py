@@ -169,9 +169,23 @@ return 1
 """
 )
 
+_PUBLISH_OPENED = """
+-- Publish the messages of the gate ``opened`` of workflow w (nothing when it is false), each
+-- due its delay after now; after ``broker_publish`` and the workflow prelude.
+local function publish_opened(w, opened)
+  if not opened then return end
+  for _, m in ipairs(gate_messages(w, opened)) do
+    local eta = ''
+    if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
+    broker_publish({m[1], m[2], m[3], eta})
+  end
+end
+"""
+
 _TWO_PRELUDES = storage_lua.PRELUDE + _keys_from(broker_lua.PRELUDE, _STORAGE_KEYS)
 
-_FUNCTIONS = f"""
+_FUNCTIONS = (
+    f"""
 local function storage(ARGV)
 {_body(storage_lua.SAVE, storage_lua.PRELUDE)}
 end
@@ -182,6 +196,8 @@ local function broker_ack(ARGV)
 {_body(broker_lua.ACK, broker_lua.PRELUDE)}
 end
 """
+    + _PUBLISH_OPENED
+)
 
 ACK_FINALS_WF = Script(
     _TWO_PRELUDES
@@ -204,14 +220,7 @@ while base < #ARGV do
   local at = base + {_SAVE_ARGS}
   local w = ARGV[at + 3]
   if saved == 1 and w ~= '' then
-    local opened = member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8]))
-    if opened then
-      for _, m in ipairs(gate_messages(w, opened)) do
-        local eta = ''
-        if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
-        broker_publish({{m[1], m[2], m[3], eta}})
-      end
-    end
+    publish_opened(w, member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8])))
   end
   if saved ~= 0 then broker_ack({{ARGV[at + 1], ARGV[at + 2]}}) end
   out[#out + 1] = saved
@@ -267,6 +276,7 @@ CLAIM_BEGIN_WF = Script(
 local function broker_publish(ARGV)
 {_body(broker_lua.PUBLISH, broker_lua.PRELUDE)}
 end
+{_PUBLISH_OPENED}
 local record_dead = on_dead
 -- A workflow member dead-lettered by its delivery limit fails its workflow, as a member that
 -- failed after its retries does (its error gate publishes the error callback).
@@ -281,14 +291,7 @@ local function on_dead(id, reason)
   if d[1] == 1 then w, task = d[#d], d[3] end
   if type(w) ~= 'string' then return end
   local err = 'member ' .. id .. ' (' .. tostring(task) .. ') error: dead-lettered: ' .. reason
-  local opened = member_done(w, id, 'error', err, TTL)
-  if opened then
-    for _, m in ipairs(gate_messages(w, opened)) do
-      local eta = ''
-      if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
-      broker_publish({{m[1], m[2], m[3], eta}})
-    end
-  end
+  publish_opened(w, member_done(w, id, 'error', err, TTL))
 end
 """
     + broker_lua.CLAIM_BODY
