@@ -464,7 +464,7 @@ class QueueWorker:
             run.cancel(heard)  # heard of while the record was begun: it never starts
         try:
             if "qtasks_worker_execute_before" in hooks.active:
-                await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
+                await hooks.notify("qtasks_worker_execute_before", app=app, record=record, run=run)
             await self._execute(app, run, delivery)
         finally:
             del self._running[delivery.token]

@@ -402,9 +402,9 @@ class RedisBroker:
 
         lane = client if isinstance(client, Lane) else None
 
-        async def claim(block: float | None) -> list[RedisDelivery] | float:
+        async def claim(block: float | None) -> tuple[list[RedisDelivery], float | None]:
             """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up);
-            or return seconds until the next deadline."""
+            see ``parse`` for what it returns."""
             args: tuple[Any, ...] = (
                 self._lease_ms,
                 self._max_deliveries,
@@ -428,7 +428,9 @@ class RedisBroker:
                 reply = await script(client, keys, args)
             return parse(reply)
 
-        def parse(reply: Any) -> list[RedisDelivery] | float:
+        def parse(reply: Any) -> tuple[list[RedisDelivery], float | None]:
+            """The deliveries claimed, and how long to block for a wake-up before the next
+            claim: ``None`` when the queue may hold more (as many claimed as asked for)."""
             out: list[RedisDelivery] = []
             for i in range(1, len(reply), stride):
                 id, body, prio, attempt, token = reply[i : i + 5]
@@ -442,10 +444,10 @@ class RedisBroker:
                     except SerializationError:
                         delivery.begun = None  # the worker begins it (and sees the error)
                 out.append(delivery)
-            if out:
-                return out
+            if len(out) == count:
+                return out, None
             wait_ms = int(reply[0])
-            return _IDLE_WAKE if wait_ms < 0 else min(wait_ms / 1000, _IDLE_WAKE)
+            return out, _IDLE_WAKE if wait_ms < 0 else min(wait_ms / 1000, _IDLE_WAKE)
 
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             buffer: deque[RedisDelivery] = deque()
@@ -456,12 +458,12 @@ class RedisBroker:
                     yield buffer.popleft()
                     continue
                 try:
-                    got = await claim(block)
-                    if isinstance(got, list):
-                        buffer.extend(got)
-                        block = None
-                    else:
-                        block = max(got, 0.001)
+                    got, wait = await claim(block)
+                    buffer.extend(got)
+                    # The queue was emptied: the next claim waits for a wake-up (a publish
+                    # pushes one) instead of finding nothing, one round trip per task less
+                    # for a worker that keeps up.
+                    block = None if wait is None else max(wait, 0.001)
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
                     failures = 0

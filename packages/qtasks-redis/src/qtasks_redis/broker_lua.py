@@ -135,8 +135,8 @@ return 1
 CLAIM_BODY = r"""
 -- ARGV: lease_ms, max_deliveries, count, nonce (then what on_claim reads)
 -- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
--- on_claim appends>, ...}; the wait is only computed when nothing was claimed (only an idle
--- consumer needs it).
+-- on_claim appends>, ...}; the wait is only computed when the ready queue was emptied (fewer
+-- than count claimed): the consumer then blocks for a wake-up instead of claiming again.
 local lease, maxd, count, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
 -- Earliest delayed and lease deadlines: promote only when one is due.
@@ -193,11 +193,13 @@ if empty then
 elseif moved > 0 then
   notify()  -- this consumer took what it could; wake another for the rest
 end
-if n == 0 then
-  -- Nothing was leased, so d and l still hold the earliest deadlines.
+if empty then
+  -- The earliest deadline: a delayed message due, or a lease ending (those just taken too,
+  -- as before they were taken).
   local next_at = false
   if d[2] then next_at = tonumber(d[2]) end
   if l[2] and (not next_at or tonumber(l[2]) < next_at) then next_at = tonumber(l[2]) end
+  if n > 0 and (not next_at or now + lease < next_at) then next_at = now + lease end
   if next_at then out[1] = tostring(math.max(next_at - now, 0)) end
 end
 return out
