@@ -35,6 +35,7 @@ RUNNERS: dict[tuple[str, str], tuple[str, str]] = {
     ),
     ("docs/from-celery.md", "python"): ("tests/test_docs_site.py", "all"),
     ("docs/tasks.md", "python"): ("tests/core/test_docs_tasks.py", "all"),
+    ("docs/workflows.md", "python"): ("tests/test_docs_site.py", "all"),
     ("docs/context.md", "python"): ("tests/core/test_context_docs.py", "all"),
     ("docs/state.md", "python"): ("tests/core/test_context_docs.py", "all"),
     ("docs/depends.md", "python"): ("tests/core/test_context_docs.py", "all"),
@@ -181,7 +182,10 @@ def test_the_cli_reference_has_every_builtin_command() -> None:
     paths = {path for path, _, _ in mkdocs_hooks.cli_commands()}
     assert paths == {
         "qtasks",
-        *(f"qtasks {c}" for c in ("run", "add", "get", "cancel", "inspect", "plugins", "config")),
+        *(
+            f"qtasks {c}"
+            for c in ("run", "add", "get", "cancel", "inspect", "plugins", "config", "workflow")
+        ),
         "qtasks dlq",
         "qtasks dlq list",
         "qtasks dlq requeue",

@@ -201,6 +201,21 @@ async def produce(ops: Any, workload: str, n: int) -> dict[str, Any]:
                 "max_ms": round(latencies[-1], 3),
             }
 
+        if workload == "W4":
+            # A chord of n no-op members (echo) whose callback counts the results: the time
+            # from the first enqueue to the callback's result, through the framework's own
+            # canvas/workflow API (Ops.chord). Peers without one report that.
+            if not hasattr(ops, "chord"):
+                return {"n": n, "unsupported": True}
+            if await _call(ops.chord, 10) != 10:  # warm-up, and the check that it works
+                raise AssertionError("the warm-up chord's callback did not count 10 results")
+            start = time.perf_counter()
+            counted = await _call(ops.chord, n)
+            seconds = time.perf_counter() - start
+            if counted != n:
+                raise AssertionError(f"the chord's callback counted {counted!r}, not {n}")
+            return {"n": n, "seconds": round(seconds, 4), "rate": round(n / seconds, 1)}
+
         if workload == "W3-enqueue":
             counter.delete(W3_DONE, W3_FIRST, W3_LAST)
             start = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import _common as c
-from celery import Celery
+from celery import Celery, chord, group
 
 BROKER = os.environ.get("BENCH_BROKER", "redis")
 
@@ -35,6 +35,11 @@ def echo(x: int) -> int:
     return x
 
 
+@app.task(name="count")
+def count(results: list[int]) -> int:
+    return len(results)
+
+
 class Ops:
     def incr(self, key: str) -> None:
         incr.delay(key)
@@ -44,6 +49,11 @@ class Ops:
 
     def roundtrip(self, i: int) -> int:
         return int(echo.delay(i).get(timeout=5))
+
+    def chord(self, n: int) -> int:
+        """W4: Celery canvas, ``chord(group(echo.s(i) ...), count.s())``."""
+        result = chord(group(echo.s(i) for i in range(n)), count.s())()
+        return int(result.get(timeout=60 + n / 20))
 
     def cleanup(self) -> None:
         if BROKER == "amqp":

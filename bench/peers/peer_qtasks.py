@@ -11,7 +11,7 @@ import _common as c
 BROKER = os.environ.get("BENCH_BROKER", "redis")
 
 try:
-    from qtasks import AsyncQueueTasks, QueueConfig
+    from qtasks import AsyncQueueTasks, QueueConfig, chord
     from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
     if BROKER == "amqp":
@@ -56,6 +56,11 @@ async def echo(x: int) -> int:
     return x
 
 
+@app.task(name="count")
+async def count(results: list[int]) -> int:
+    return len(results)
+
+
 class Ops:
     async def teardown(self) -> None:
         await app.aclose()
@@ -69,6 +74,12 @@ class Ops:
     async def roundtrip(self, i: int) -> int:
         task = await app.add_task("echo", i, timeout=5)
         return int(task.returning)
+
+    async def chord(self, n: int) -> int:
+        """W4: ``run_workflow(chord(echo.map(range(n)), count.s()))``."""
+        workflow = await app.run_workflow(chord(echo.map(range(n)), count.s()))
+        done = await workflow.wait_result(60 + n / 20)
+        return int(done.result)
 
     async def cleanup(self) -> None:
         if BROKER != "amqp":

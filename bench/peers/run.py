@@ -23,6 +23,10 @@ Workloads (same code for every peer, in ``_common.py``):
   stamped by the tasks themselves (ideal 2,000 x 10 ms / 100 = 0.2 s). The producer that waits
   for the end is started (and has imported its framework) before the worker, so no interpreter
   start-up shares the two cores with the measured run, and it polls every 50 ms.
+* W4 canvas (only with ``--w4 N``): a chord of N no-op members (``echo``) whose callback counts
+  the results, through the peer's own canvas API (Celery ``chord(group(...), count.s())``,
+  qtasks ``run_workflow(chord(...))``), on the c=10 worker after W2; wall = first enqueue -> the
+  callback's result. Peers without a canvas say so.
 * Peak worker RSS: the sum of VmHWM over the worker's process group (``/proc``), read just before
   the worker is stopped.
 """
@@ -441,6 +445,11 @@ def run_peer(peer: Peer, sizes: dict[str, int], db: int, run_id: str) -> dict[st
                 out["W2"] = phase(
                     "W2", lambda: produce(peer, env, ["W2", str(sizes["w2"])], 120, log)
                 )
+            if sizes.get("w4"):
+                w4_timeout = 120 + sizes["w4"] / 20
+                out["W4"] = phase(
+                    "W4", lambda: produce(peer, env, ["W4", str(sizes["w4"])], w4_timeout, log)
+                )
             if not worker.alive():
                 out["errors"].append("worker (c=10) exited early; see " + str(log))
             out["rss_c10_mib"] = worker.peak_mib()
@@ -609,6 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--w1", type=int, help="W1 task count (default 10,000)")
     parser.add_argument("--w2", type=int, help="W2 round trips (default 200)")
     parser.add_argument("--w3", type=int, help="W3 task count (default 2,000)")
+    parser.add_argument(
+        "--w4", type=int, help="W4 chord members (default: W4 not run); peers with a canvas"
+    )
     parser.add_argument("--db", type=int, default=13, help="Redis db number to use and flush")
     parser.add_argument("--python", default=f"{sys.version_info[0]}.{sys.version_info[1]}")
     parser.add_argument("--reinstall", action="store_true", help="recreate the venvs")
@@ -629,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in sizes:
         if getattr(opts, key) is not None:
             sizes[key] = getattr(opts, key)
+    if opts.w4:
+        sizes["w4"] = opts.w4
 
     if not reachable(REDIS_HOST, REDIS_PORT):
         print(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT}", file=sys.stderr)
@@ -664,6 +678,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for broker, title in (("redis", "Redis"), ("amqp", "RabbitMQ")):
         if any(r["broker"] == broker for r in results):
             print(f"\n### {title}\n\n{table(results, broker, sizes)}")
+    if sizes.get("w4"):
+        print(f"\n### W4: a chord of {sizes['w4']:,} no-op members, then a callback\n")
+        print("| framework | broker | wall s | members/s |\n|---|---|--:|--:|")
+        for result in results:
+            w4 = result.get("W4") or {}
+            if w4.get("unsupported"):
+                print(f"| {result['peer']} | {result['broker']} | no canvas | |")
+            elif w4:
+                print(
+                    f"| {result['peer']} | {result['broker']} | {w4['seconds']:.2f} "
+                    f"| {w4['rate']:,.0f} |"
+                )
     target = opts.json
     if target is None:
         RESULTS.mkdir(exist_ok=True)

@@ -10,6 +10,9 @@ from qtasks_testing.contract import (
     BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
+    BulkAddContract,
+    BulkPublishContract,
+    BulkPublishNewContract,
     CancelCheckContract,
     CancelFeedContract,
     GlobalConfigContract,
@@ -19,6 +22,8 @@ from qtasks_testing.contract import (
     StorageContract,
     StorageFactory,
     StorageQueryContract,
+    WorkflowSettleContract,
+    WorkflowStoreContract,
 )
 
 
@@ -74,3 +79,23 @@ class TestMemoryBeginOnClaim(BeginOnClaimContract):
 
 class TestMemoryBeginMany(BeginManyContract):
     pass
+
+
+class TestMemoryBulkPublish(BulkPublishContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryBulkPublishNew(BulkPublishNewContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryBulkAdd(BulkAddContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryWorkflowStore(WorkflowStoreContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryWorkflowSettle(WorkflowSettleContract):
+    """Runs with the module's factories."""

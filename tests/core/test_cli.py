@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from qtasks import AsyncQueueTasks, QueueTasks
+from qtasks import AsyncQueueTasks, QueueTasks, chain
 from qtasks.cli import cli
 
 APP_SOURCE = """
@@ -200,6 +200,25 @@ def test_add_rejects_bad_kwargs(served: str) -> None:
     code, out = invoke("add", "add", "--kwargs", "[1]", "-A", served)
     assert code == 1
     assert "--kwargs: expected a JSON object" in out
+
+
+def test_workflow_and_get_link_members_to_their_workflow(
+    served: str, app_module: ModuleType
+) -> None:
+    app: QueueTasks = app_module.app
+    add = app.tasks["add"]
+    state = app.run_workflow(chain(add.s(1, 2), add.s(10)))
+    assert state.wait_result(5).result == 13
+    code, out = invoke("workflow", state.id, "-A", served)
+    assert code == 0
+    assert f"workflow {state.id}: success" in out and "result: 13" in out
+    lines = out.splitlines()
+    for member in state.members:
+        assert any(line.split() == [member, "add", "success"] for line in lines), out
+    code, out = invoke("get", state.members[1], "-A", served)
+    assert code == 0 and f"workflow: {state.id}" in out
+    code, out = invoke("workflow", "0" * 32, "-A", served)
+    assert code == 1 and "no workflow" in out
 
 
 def test_get_unknown_uuid_exits_1(served: str) -> None:

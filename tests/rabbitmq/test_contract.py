@@ -14,6 +14,7 @@ from qtasks_rabbitmq import RabbitMQBroker, Topology
 from qtasks_testing.contract import (
     BrokerContract,
     BrokerFactory,
+    BulkPublishContract,
 )
 
 from .conftest import URL, delete_topology
@@ -39,6 +40,12 @@ class TestRabbitMQBroker(BrokerContract):
         "reported under priority 0"
     )
 
+    @pytest.fixture
+    def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
+        return rabbitmq_broker_factory
+
+
+class TestRabbitMQBulkPublish(BulkPublishContract):
     @pytest.fixture
     def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
         return rabbitmq_broker_factory

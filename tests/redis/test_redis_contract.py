@@ -11,6 +11,9 @@ from qtasks_testing.contract import (
     BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
+    BulkAddContract,
+    BulkPublishContract,
+    BulkPublishNewContract,
     CancelCheckContract,
     CancelFeedContract,
     GlobalConfigContract,
@@ -20,6 +23,8 @@ from qtasks_testing.contract import (
     StorageContract,
     StorageFactory,
     StorageQueryContract,
+    WorkflowSettleContract,
+    WorkflowStoreContract,
 )
 
 
@@ -78,4 +83,24 @@ class TestRedisBeginOnClaim(BeginOnClaimContract):
 
 
 class TestRedisBeginMany(BeginManyContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBulkPublish(BulkPublishContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBulkPublishNew(BulkPublishNewContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBulkAdd(BulkAddContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisWorkflowStore(WorkflowStoreContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisWorkflowSettle(WorkflowSettleContract):
     """Runs with the module's factories."""

@@ -17,6 +17,7 @@ try:
         TaskMaxTimeError,
         TaskTimeoutError,
         UnknownTaskError,
+        WorkflowError,
     )
     from qtasks.executor import TaskRun
     from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
@@ -26,6 +27,7 @@ try:
     from qtasks.state import AsyncState, SyncState
     from qtasks.sync import QueueTasks
     from qtasks.task import AsyncTask, Task, TaskDef
+    from qtasks.workflows import Signature, Workflow, chain, chord, group
 except Exception as exc:  # re-raised; named as the clash when the other `qtasks` is here
     from qtasks.clash import other_qtasks
 
@@ -48,6 +50,7 @@ __all__ = [
     "QTasksError",
     "QueueConfig",
     "QueueTasks",
+    "Signature",
     "SyncRouter",
     "SyncState",
     "Task",
@@ -60,6 +63,11 @@ __all__ = [
     "TaskStatus",
     "TaskTimeoutError",
     "UnknownTaskError",
+    "Workflow",
+    "WorkflowError",
+    "chain",
+    "chord",
+    "group",
     "hookimpl",
     "shared_task",
 ]

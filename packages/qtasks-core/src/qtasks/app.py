@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from os import PathLike
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
+from qtasks import bulk, report
 from qtasks import enqueue as enqueue_step
-from qtasks import report
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
@@ -43,7 +43,7 @@ from qtasks.errors import (
 )
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
-from qtasks.messages import Codec, Envelope, Message, Serializer, new_uuid
+from qtasks.messages import Codec, Envelope, Serializer
 from qtasks.middleware import MiddlewarePlugin
 from qtasks.models import typed_result
 from qtasks.plugins import Hooks
@@ -53,6 +53,9 @@ from qtasks.routers import Router, shared_tasks
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
+from qtasks.workflows import runtime as workflows
+from qtasks.workflows.canvas import Node, Signature, signature
+from qtasks.workflows.runtime import WorkflowPlugin
 
 if TYPE_CHECKING:
     from qtasks.compat.events import Events
@@ -134,6 +137,7 @@ class AsyncQueueTasks:
         self.hooks.register(RetryPlugin())
         self.hooks.register(InjectPlugin())
         self.hooks.register(MiddlewarePlugin())
+        self.hooks.register(WorkflowPlugin())
         # Installed plugins (entry points) load with the app, so a broken one fails here.
         load_plugins(self.hooks, self.config)
         self.config_sources: dict[str, str] = {}
@@ -532,43 +536,8 @@ class AsyncQueueTasks:
         """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
-        kwargs = dict(kwargs or {})
-        task = self.tasks.get(task_name)
-        if task is not None:
-            task.check_arguments(args, kwargs)
-            if priority is None:
-                priority = task.options.priority
-        if priority is None:
-            priority = self.config.default_priority
-        if delay is not None:
-            eta = time.time() + delay
-        now = time.time()
-        message = Message(
-            uuid=new_uuid(),
-            task_name=task_name,
-            args=list(args),
-            kwargs=kwargs,
-            priority=priority,
-            created_at=now,
-        )
-        if _parent_uuid is not None:
-            message.headers["parent_uuid"] = _parent_uuid
-        if "qtasks_task_enqueue" in self.hooks.active:
-            message = await self.hooks.transform(
-                "qtasks_task_enqueue", "message", app=self, message=message
-            )
-        envelope = self.codec.encode(message, eta)
-        record = AsyncTask(
-            uuid=message.uuid,
-            task_name=message.task_name,
-            priority=message.priority,
-            args=message.args,
-            kwargs=message.kwargs,
-            created_at=now,
-            updated_at=now,
-            eta=eta,
-            parent_uuid=_parent_uuid,
-            _client=self,
+        record, envelope = await enqueue_step.prepare(
+            self, task_name, args, kwargs, priority, delay, eta, _parent_uuid
         )
         await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
         if "qtasks_storage_added" in self.hooks.active:
@@ -579,6 +548,60 @@ class AsyncQueueTasks:
             # Just stored: no need for wait()'s existence check (one round trip less).
             return self._bind(await self.storage.wait(record.uuid, timeout))
         return record
+
+    async def add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
+        """Enqueue many tasks (``[task.s(1), task.s(2), ...]``) in one round trip per batch
+        of 1,000; return their records in order. Each is checked and hooked as by
+        :meth:`add_task` (see :mod:`qtasks.bulk`)."""
+        if self._stack is None or self._loop is not _running_loop():
+            await self.start()
+        return await bulk.add_tasks(self, signatures)
+
+    def signature(
+        self,
+        task_name: str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        delay: float | None = None,
+        retry: int | None = None,
+    ) -> Signature:
+        """A call of the task ``task_name`` for a workflow or :meth:`add_tasks`, not made yet
+        (options: ``priority``, ``delay``, ``retry``); an unknown task raises
+        :class:`~qtasks.errors.UnknownTaskError` here."""
+        return signature(self, task_name, args, kwargs, priority=priority, delay=delay, retry=retry)
+
+    async def run_workflow(
+        self, workflow: Node, *, on_error: Signature | None = None
+    ) -> workflows.Workflow:
+        """Run a workflow (``chain``, ``group``, ``chord``, a signature): store it, enqueue
+        its first steps and return its state; the workers do the rest. ``on_error`` runs once
+        if a member fails, with the workflow id first. See ``docs/workflows.md``."""
+        if self._stack is None or self._loop is not _running_loop():
+            await self.start()
+        return await workflows.run(self, workflow, on_error)
+
+    async def get_workflow(self, id: str) -> workflows.Workflow | None:
+        """The state of the workflow ``id``, or ``None``."""
+        if self._stack is None or self._loop is not _running_loop():
+            await self.start()
+        return await workflows.get(self, id)
+
+    async def wait_workflow(self, id: str, timeout: float | None = None) -> workflows.Workflow:
+        """Wait until the workflow ``id`` ended (woken, not polled); return its state."""
+        if self._stack is None or self._loop is not _running_loop():
+            await self.start()
+        return await workflows.wait(self, id, timeout)
+
+    async def cancel_workflow(
+        self, id: str, reason: str = "cancelled"
+    ) -> workflows.Workflow | None:
+        """Cancel the workflow ``id`` and its pending and running members; ``None`` when
+        unknown."""
+        if self._stack is None or self._loop is not _running_loop():
+            await self.start()
+        return await workflows.cancel(self, id, reason)
 
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())

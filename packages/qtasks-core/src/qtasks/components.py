@@ -37,9 +37,10 @@ letters for good, all when ``ids`` is None; return how many: the dashboard's pur
 for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`LeaseBatch`,
-:class:`CancelCheck`, :class:`CancelFeed` and :class:`StorageQuery`, checked with
-``isinstance``; ``qtasks_testing.contract.capabilities`` and ``qtasks_testing.contract.query``
-hold their suites.
+:class:`CancelCheck`, :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`,
+:class:`BulkPublishNew`, :class:`BulkAdd` and :class:`WorkflowStore`, checked with
+``isinstance``; ``qtasks_testing.contract.capabilities``, ``qtasks_testing.contract.query``
+and ``qtasks_testing.contract.bulk`` hold their suites.
 """
 
 from __future__ import annotations
@@ -209,7 +210,12 @@ class SharedServer(Protocol):
         """Exactly ``await storage.save(record, fence=delivery.token)`` followed, when that
         was accepted or refused only because the stored record is final (the task is over,
         e.g. cancelled while it ran), by ``await delivery.ack()``, in one round trip. Returns
-        whether the save was accepted."""
+        whether the save was accepted.
+
+        For a workflow member (``record.workflow`` set, the storage a :class:`WorkflowStore`),
+        an accepted save is followed in the same atomic step by
+        :meth:`WorkflowStore.member_done` and the publish of the messages it returns: "step
+        done" and "next step enqueued" are one change."""
         ...
 
     async def ack_finals(
@@ -220,6 +226,100 @@ class SharedServer(Protocol):
         accepted. The worker settles the tasks that finish while a call is in flight with the
         next call, so a busy worker makes one call per batch instead of one per task."""
         ...
+
+
+@runtime_checkable
+class BulkPublish(Protocol):
+    """Optional broker capability: publish many messages in one round trip (or one per
+    batch of a size the backend chooses), for ``app.add_tasks`` and workflows. Without it the
+    core publishes them one by one (:func:`qtasks.bulk.publish_many`)."""
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Exactly :meth:`Broker.publish` of every envelope, in order: each is durable before
+        this returns. When it raises, any prefix of them (none, some, all) may be published,
+        as with a publish that failed after the broker took it."""
+        ...
+
+
+@runtime_checkable
+class BulkPublishNew(Protocol):
+    """Optional capability of a :class:`SharedServer` broker: :meth:`SharedServer.publish_new`
+    of many tasks in one round trip (or one per batch). Used only with a storage the broker
+    :meth:`~SharedServer.shares_server_with`."""
+
+    async def publish_new_many(
+        self, storage: Storage, tasks: Sequence[tuple[TaskRecord, Envelope]]
+    ) -> None:
+        """Exactly ``publish_new(envelope, storage, record)`` of every pair, in order (each
+        pair atomic on its own)."""
+        ...
+
+
+@runtime_checkable
+class BulkAdd(Protocol):
+    """Optional storage capability: :meth:`Storage.add` of many records in one round trip
+    (or one per batch), for ``app.add_tasks`` when the broker does not share its server."""
+
+    async def add_many(self, records: Sequence[TaskRecord]) -> None:
+        """Exactly ``add(record)`` (replacing) of every record, in order."""
+        ...
+
+
+@runtime_checkable
+class WorkflowStore(Protocol):
+    """Optional storage capability: the state of workflows (:mod:`qtasks.workflows`), kept
+    next to their members' records. Workflows need it; ``app.run_workflow`` refuses a storage
+    without it.
+
+    A workflow is a set of member tasks and *gates*. Each gate has a counter (how many members
+    must succeed before it opens) and the messages it publishes when it opens; each member
+    feeds at most one gate. The gate named ``"final"`` publishes nothing: when it opens, the
+    workflow record turns ``success``. The gate named ``"error"`` (counter 1) opens when a
+    member fails: the workflow record turns ``error``, every other member whose record is not
+    final turns ``cancel``, and its messages (an error callback) are published.
+
+    The workflow record is a task record whose uuid is the workflow id (``task_name``
+    ``"qtasks.workflow"``); it is stored, waited for and cancelled like any record.
+    """
+
+    async def add_workflow(
+        self,
+        workflow: TaskRecord,
+        members: Sequence[TaskRecord],
+        gates: dict[str, tuple[int, list[GateMessage]]],
+        feeds: dict[str, str],
+    ) -> None:
+        """Store the workflow record, the records of ``members`` (replacing: the members that
+        wait in a gate; the caller stores the others with their messages), the gates (name ->
+        (counter, messages)) and which gate each member feeds (uuid -> gate name; every member
+        but the error callback feeds one), before any member's message is published."""
+        ...
+
+    async def member_done(self, record: TaskRecord) -> list[GateMessage]:
+        """The final ``record`` (already stored) of a member of ``record.workflow`` arrived:
+        atomically, once per member (a set of settled members makes a repeated call change
+        nothing), and only while the workflow record is not final: a success decrements the
+        counter of the gate it feeds and opens the gate at zero; an ``error`` or ``cancel``
+        opens the ``"error"`` gate, with an error naming the member. Returns the messages of
+        the gate this member opened; a repeated call by the member that opened a gate returns
+        them again (a worker that died before publishing them publishes them on redelivery).
+        """
+        ...
+
+    async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
+        """:meth:`Storage.get` of every uuid, in one round trip (or one per batch)."""
+        ...
+
+
+@dataclass(slots=True, frozen=True)
+class GateMessage:
+    """A message a workflow gate publishes when it opens: ``delay`` seconds counted from
+    then."""
+
+    id: str
+    body: bytes
+    priority: int = 0
+    delay: float = 0.0
 
 
 @runtime_checkable

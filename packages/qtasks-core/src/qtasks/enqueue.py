@@ -17,12 +17,14 @@ publish fails. An add that fails after a confirmed publish raises too, yet the t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from qtasks.components import Broker, SharedServer, Storage
-from qtasks.messages import Envelope
+from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord
+from qtasks.task import AsyncTask
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -80,3 +82,61 @@ async def _overlapped(
         added.cancel()
         raise
     await added
+
+
+async def prepare(
+    app: AsyncQueueTasks,
+    task_name: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None,
+    priority: int | None,
+    delay: float | None,
+    eta: float | None,
+    parent_uuid: str | None,
+    retry: int | None = None,
+) -> tuple[AsyncTask, Envelope]:
+    """A new task's record and envelope: the arguments checked against a registered task,
+    its default priority, the due time, and ``qtasks_task_enqueue`` applied (for
+    ``add_task`` and ``add_tasks`` alike; ``retry``: the call's own, see
+    :class:`~qtasks.workflows.Signature`)."""
+    kwargs = dict(kwargs or {})
+    task = app.tasks.get(task_name)
+    if task is not None:
+        task.check_arguments(args, kwargs)
+        if priority is None:
+            priority = task.options.priority
+    if priority is None:
+        priority = app.config.default_priority
+    if delay is not None:
+        eta = time.time() + delay
+    now = time.time()
+    message = Message(
+        uuid=new_uuid(),
+        task_name=task_name,
+        args=list(args),
+        kwargs=kwargs,
+        priority=priority,
+        created_at=now,
+    )
+    if parent_uuid is not None:
+        message.headers["parent_uuid"] = parent_uuid
+    if retry is not None:
+        message.headers["retry"] = retry  # qtasks.workflows.canvas.RETRY_HEADER
+    if "qtasks_task_enqueue" in app.hooks.active:
+        message = await app.hooks.transform(
+            "qtasks_task_enqueue", "message", app=app, message=message
+        )
+    envelope = app.codec.encode(message, eta)
+    record = AsyncTask(
+        uuid=message.uuid,
+        task_name=message.task_name,
+        priority=message.priority,
+        args=message.args,
+        kwargs=message.kwargs,
+        created_at=now,
+        updated_at=now,
+        eta=eta,
+        parent_uuid=parent_uuid,
+        _client=app,
+    )
+    return record, envelope

@@ -158,3 +158,17 @@ class DependencyError(QTasksError):
 
 class StateError(QTasksError):
     """A State subclass is declared or used wrongly (bad ``scope``, wrong colour for the task)."""
+
+
+class WorkflowError(QTasksError, ValueError):
+    """A workflow that cannot be built or run as given: an empty group or chain, a cycle, a
+    value that is not a signature, a storage without workflow support."""
+
+
+class WorkflowInputError(WorkflowError):
+    """A workflow step's input could not be read from its predecessors' records (one is
+    missing, expired, or did not succeed); the step fails with this error."""
+
+    def __init__(self, uuid: str, reason: str) -> None:
+        self.uuid = uuid
+        super().__init__(f"input of workflow step {uuid} cannot be read: {reason}")

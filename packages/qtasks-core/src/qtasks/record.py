@@ -63,6 +63,8 @@ class TaskRecord:
     started_at: float | None = None
     """When the attempt that ended the record began (its ``updated_at`` as begun), set by the
     worker on the records it settles; ``None`` before. Queue wait and run time derive from it."""
+    workflow: str | None = None
+    """The id of the workflow this task is a member of (see :mod:`qtasks.workflows`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-like dict of every record field (status as its string); a bound task's
@@ -109,6 +111,7 @@ class TaskRecord:
             self.token,
             self.steps,
             self.started_at,
+            self.workflow,
         )
 
 

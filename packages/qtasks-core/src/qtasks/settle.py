@@ -27,6 +27,8 @@ from qtasks.memory import _Signal
 from qtasks.messages import Message
 from qtasks.outage import RETRY_CAP, Outage, retrying
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows import runtime as workflows
+from qtasks.workflows.canvas import RETRY_HEADER
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -157,6 +159,9 @@ class Settlement:
         await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
         delay: float | None = None
         if not isinstance(outcome, PluginError | SerializationError):
+            headers = run.message.headers
+            if headers and RETRY_HEADER in headers:  # a signature's own retry=
+                task = task.with_options(retry=headers[RETRY_HEADER])
             try:
                 delay = hooks.decide(
                     "qtasks_task_retry_delay", app=app, task=task, record=record, exc=outcome
@@ -220,7 +225,11 @@ class Settlement:
             f"out (max_deliveries={limit})"
         )
         record.updated_at = time.time()
-        await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+        if (
+            await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+            and record.workflow is not None
+        ):
+            await workflows.member_ended(app, record)
         if "qtasks_task_dead_lettered" in app.hooks.active:
             await app.hooks.notify(
                 "qtasks_task_dead_lettered", app=app, record=record, reason=record.error
@@ -248,6 +257,9 @@ async def _refused(
     if stored is None or not stored.status.final or stored.token not in (None, delivery.token):
         log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
         return
+    if stored.workflow is not None:
+        # The member ended otherwise (cancelled while it ran): its workflow learns it here.
+        await workflows.member_ended(app, stored)
     if ack is not None:
         await ack.ack()
     for name in _RECORD_FIELDS:
@@ -285,6 +297,11 @@ async def _stored_final(
     if "qtasks_storage_saved" in hooks.active:
         await hooks.notify("qtasks_storage_saved", app=app, record=record)
     if ack is not None:
+        if record.workflow is not None:
+            # Not folded into the save by a shared server: the next step is published (and
+            # confirmed) before the ack, so a worker dying in between leaves the message to
+            # be redelivered and continued by whoever gets it (workflows.found_final).
+            await workflows.member_ended(app, record)
         await ack.ack()
     if "qtasks_broker_acked" in hooks.active:
         await hooks.notify("qtasks_broker_acked", app=app, record=record)

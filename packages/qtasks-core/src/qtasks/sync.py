@@ -8,7 +8,7 @@ import inspect
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from os import PathLike
@@ -31,6 +31,8 @@ from qtasks.routers import Router, shared_tasks
 from qtasks.starter import stop_on_signals
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks.worker import QueueWorker
+from qtasks.workflows.canvas import Node, Signature
+from qtasks.workflows.runtime import SyncWorkflow, Workflow
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -213,6 +215,36 @@ class QueueTasks:
         )
         record: AsyncTask = self.portal.call(call)
         return self._bind(record)
+
+    def add_tasks(self, signatures: Iterable[Signature]) -> list[Task]:
+        """Enqueue many tasks in one round trip per batch; see
+        :meth:`AsyncQueueTasks.add_tasks`."""
+        records = self.portal.call(self.aio.add_tasks, list(signatures))
+        return [self._bind(record) for record in records]
+
+    def run_workflow(self, workflow: Node, *, on_error: Signature | None = None) -> SyncWorkflow:
+        """Run a workflow; see :meth:`AsyncQueueTasks.run_workflow`."""
+        state = self.portal.call(partial(self.aio.run_workflow, workflow, on_error=on_error))
+        return self._workflow(state)
+
+    def get_workflow(self, id: str) -> SyncWorkflow | None:
+        """The state of the workflow ``id``, or ``None``."""
+        state = self.portal.call(self.aio.get_workflow, id)
+        return None if state is None else self._workflow(state)
+
+    def wait_workflow(self, id: str, timeout: float | None = None) -> SyncWorkflow:
+        """Block until the workflow ``id`` ended; return its state."""
+        return self._workflow(self.portal.call(self.aio.wait_workflow, id, timeout))
+
+    def cancel_workflow(self, id: str, reason: str = "cancelled") -> SyncWorkflow | None:
+        """Cancel the workflow ``id`` and its pending and running members."""
+        state = self.portal.call(self.aio.cancel_workflow, id, reason)
+        return None if state is None else self._workflow(state)
+
+    def _workflow(self, state: Workflow) -> SyncWorkflow:
+        return SyncWorkflow(
+            state.id, state.status, state.members, state.result, state.error, state.on_error, self
+        )
 
     def get(self, uuid: str) -> Task | None:
         """The stored record of ``uuid``, or ``None``."""

@@ -4,11 +4,20 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import inspect
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import FrameType
 from typing import (
@@ -28,6 +37,7 @@ from qtasks.record import TaskRecord
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.sync import QueueTasks
+    from qtasks.workflows.canvas import Group, Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -302,6 +312,12 @@ class TaskDef(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)
 
+    def with_options(self, **changes: Any) -> TaskDef[P, R]:
+        """A copy of this task with some options changed (e.g. a call's own ``retry``)."""
+        changed = copy.copy(self)
+        changed.options = replace(self.options, **changes)
+        return changed
+
     def __repr__(self) -> str:
         return f"<TaskDef {self.name} ({self.kind.value})>"
 
@@ -379,6 +395,40 @@ class TaskDef(Generic[P, R]):
             self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
         )
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature of this task (a call not made yet), for workflows and ``add_tasks``;
+        options: ``.s(...).set(priority=..., delay=...)``."""
+        from qtasks.workflows.canvas import Signature
+
+        return Signature(self.name, args, kwargs)
+
+    def map(self, items: Iterable[Any]) -> Group:
+        """A group of this task over ``items``, one call per item (a tuple or list item is the
+        call's arguments, anything else its one argument)."""
+        from qtasks.bulk import as_args
+        from qtasks.workflows.canvas import Signature, group
+
+        return group([Signature(self.name, as_args(item)) for item in items])
+
+    def add_tasks(
+        self,
+        args_list: Iterable[Any],
+        *,
+        priority: int | None = None,
+        delay: float | None = None,
+    ) -> Coroutine[Any, Any, list[AsyncTask]]:
+        """Enqueue one call of this task per item of ``args_list`` (a tuple or list item is
+        the arguments, anything else the one argument), in one round trip per batch."""
+        return self.app.add_tasks(self._signatures(args_list, priority, delay))
+
+    def _signatures(
+        self, args_list: Iterable[Any], priority: int | None, delay: float | None
+    ) -> list[Signature]:
+        from qtasks.bulk import as_args
+        from qtasks.workflows.canvas import Signature
+
+        return [Signature(self.name, as_args(a), {}, priority, delay) for a in args_list]
+
 
 class SyncTaskDef(TaskDef[P, R]):
     """A task of the sync app: ``add_task`` blocks and returns a :class:`Task`."""
@@ -417,6 +467,17 @@ class SyncTaskDef(TaskDef[P, R]):
         return self.facade.enqueue(
             self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
         )
+
+    def add_tasks(  # type: ignore[override]  # blocks: a list of records, not a coroutine
+        self,
+        args_list: Iterable[Any],
+        *,
+        priority: int | None = None,
+        delay: float | None = None,
+    ) -> list[Task]:
+        """Enqueue one call per item of ``args_list`` and return the records (see
+        :meth:`TaskDef.add_tasks`)."""
+        return self.facade.add_tasks(self._signatures(args_list, priority, delay))
 
 
 @dataclass(slots=True)

@@ -41,6 +41,7 @@ from qtasks.outage import Outage
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle import Settlement
 from qtasks.watchdog import LoopWatchdog
+from qtasks.workflows import runtime as workflows
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -345,6 +346,8 @@ class QueueWorker:
             record.error = reason
             record.updated_at = time.time()
             await app.storage.save(record)
+            if record.workflow is not None:
+                await workflows.member_ended(app, record)
         await delivery.nack(reason)
         await app.hooks.notify("qtasks_broker_nacked", app=app, delivery=delivery, reason=reason)
         await app.hooks.notify("qtasks_task_rejected", app=app, delivery=delivery, reason=reason)
@@ -410,6 +413,8 @@ class QueueWorker:
         if problem is not None or task is None:
             stored = await app.storage.get(message.uuid)
             if stored is not None and stored.status.final:
+                if stored.workflow is not None:
+                    await workflows.found_final(app, stored)
                 await delivery.ack()  # cancelled while queued, or already finished
                 return
             await self._reject(app, delivery, problem or "", stored or _record_of(message))
@@ -445,6 +450,8 @@ class QueueWorker:
                 return
         if record.status.final:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
+            if record.workflow is not None:
+                await workflows.found_final(app, record)
             await delivery.ack()
             return
         record.started_at = record.updated_at  # as begun: stored with the final record

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Self
 
@@ -43,6 +43,9 @@ from qtasks_rabbitmq.settings import DEFAULT_URL, RabbitMQSettings, check_option
 from qtasks_rabbitmq.topology import QueueType, Topology
 
 __all__ = ["DEFAULT_URL", "RabbitMQBroker", "RabbitMQDelivery"]
+
+PUBLISH_BATCH = 1000
+"""Most publishes whose confirms :meth:`RabbitMQBroker.publish_many` awaits together."""
 
 
 class RabbitMQBroker:
@@ -178,6 +181,17 @@ class RabbitMQBroker:
             envelope.id, envelope.body, envelope.priority, 0, envelope.eta
         )
         self._published.remember(envelope.id)
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """See :class:`qtasks.components.BulkPublish`: the publishes of a batch are written
+        back to back on the channel and their publisher confirms awaited together (one round
+        trip's wait per batch instead of one per message)."""
+        send = self._require_publisher().send
+        for start in range(0, len(envelopes), PUBLISH_BATCH):
+            chunk = envelopes[start : start + PUBLISH_BATCH]
+            await asyncio.gather(*(send(e.id, e.body, e.priority, 0, e.eta) for e in chunk))
+            for envelope in chunk:
+                self._published.remember(envelope.id)
 
     # consuming
 

@@ -28,7 +28,7 @@ from qtasks.errors import BrokerConnectionError, ComponentError, SerializationEr
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 from qtasks_redis import broker_lua as lua
-from qtasks_redis import shared_lua
+from qtasks_redis import shared_lua, workflow_lua
 from qtasks_redis.connection import (
     Client,
     RedisTarget,
@@ -42,12 +42,15 @@ from qtasks_redis.connection import (
 )
 from qtasks_redis.lane import Lane
 from qtasks_redis.storage import RECORD_KEYS, RedisStorage
+from qtasks_redis.workflows import error_text
 
 log = logging.getLogger("qtasks.redis")
 
 _IDLE_WAKE = 5.0
 """Longest a consumer blocks without re-checking (a safety net, not a poll interval)."""
 _BACKOFF_CAP = 5.0
+_PUBLISH_BATCH = 1000
+"""Most messages published in one script call (see :meth:`RedisBroker.publish_many`)."""
 _EXTEND_BATCH = 1000
 """Most deliveries renewed in one script call."""
 
@@ -238,6 +241,39 @@ class RedisBroker:
     async def publish(self, envelope: Envelope) -> None:
         await self._run(lua.PUBLISH, *self._publish_args(envelope))
 
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """See :class:`qtasks.components.BulkPublish`: one script per 1,000 messages."""
+        for start in range(0, len(envelopes), _PUBLISH_BATCH):
+            args: list[Any] = []
+            for envelope in envelopes[start : start + _PUBLISH_BATCH]:
+                args += self._publish_args(envelope)
+            await self._run(workflow_lua.PUBLISH_MANY, *args)
+
+    async def publish_new_many(
+        self, storage: Storage, tasks: Sequence[tuple[TaskRecord, Envelope]]
+    ) -> None:
+        """See :class:`qtasks.components.BulkPublishNew`: records and messages of 1,000
+        tasks in one script."""
+        redis_storage = _redis_storage(storage)
+        encode = redis_storage._encode
+        for start in range(0, len(tasks), _PUBLISH_BATCH):
+            args: list[Any] = [redis_storage.key_tag, redis_storage.ttl_ms]
+            first = tasks[start][0].uuid
+            for record, envelope in tasks[start : start + _PUBLISH_BATCH]:
+                eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
+                args += (
+                    record.uuid,
+                    encode(record),
+                    record.status.value,
+                    record.token or "",
+                    envelope.id,
+                    envelope.body,
+                    envelope.priority,
+                    eta,
+                )
+            keys = (*redis_storage._keys(first), *self.keys)
+            await self._run_call(workflow_lua.PUBLISH_NEW_MANY, keys, args, RECORD_KEYS)
+
     # --- SharedServer: folded storage writes -----------------------------------------------
 
     def shares_server_with(self, storage: Storage) -> bool:
@@ -266,6 +302,8 @@ class RedisBroker:
         whether the save was accepted."""
         if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
             raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
+        if record.workflow is not None:
+            return (await self.ack_finals(storage, [(delivery, record)]))[0]
         keys, args = _redis_storage(storage)._save_call(record, delivery.token, "0")
         reply = await delivery._settle_call(
             shared_lua.ACK_FINAL,
@@ -307,6 +345,9 @@ class RedisBroker:
         deliveries: list[RedisDelivery] = []
         args: list[Any] = [redis_storage.key_tag]
         keys: tuple[str, ...] = ()
+        # Workflow members take the script that continues their workflow in the same step
+        # (qtasks_redis.workflow_lua); a batch without any takes the plain one.
+        flows = any(record.workflow is not None for _, record in finals)
         for delivery, record in finals:
             if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
                 raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
@@ -315,8 +356,11 @@ class RedisBroker:
                 keys = (*record_keys, *self.keys)
             args += save_args
             args += (delivery.id, delivery.token)
+            if flows:
+                args += (record.workflow or "", error_text(record))
             deliveries.append(delivery)
-        reply = await self._while_leased(deliveries, shared_lua.ACK_FINALS, keys, args, RECORD_KEYS)
+        script = workflow_lua.ACK_FINALS_WF if flows else shared_lua.ACK_FINALS
+        reply = await self._while_leased(deliveries, script, keys, args, RECORD_KEYS)
         for delivery in deliveries:
             delivery._owner.pop(delivery._token, None)
         return [saved == 1 for saved in reply]
@@ -338,7 +382,8 @@ class RedisBroker:
         redis_storage = _redis_storage(storage)
         keys = (*self.keys, *redis_storage.index_keys)
         extra = (redis_storage.key_tag, worker, redis_storage.ttl_ms)
-        return self._consume(prefetch, shared_lua.CLAIM_BEGIN, keys, extra, redis_storage, starts)
+        claim = workflow_lua.CLAIM_BEGIN_WF  # CLAIM_BEGIN, failing the workflows of dead members
+        return self._consume(prefetch, claim, keys, extra, redis_storage, starts)
 
     @asynccontextmanager
     async def _consume(

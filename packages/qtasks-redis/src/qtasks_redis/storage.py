@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 from redis.exceptions import RedisError
 
-from qtasks.components import RecordPage, RecordQuery
+from qtasks.components import GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import (
     InvalidQueryError,
@@ -26,6 +26,7 @@ from qtasks.errors import (
 )
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
+from qtasks_redis import workflows
 from qtasks_redis.connection import (
     DEFAULT_URL,
     Client,
@@ -68,9 +69,10 @@ Positional, so encoding and decoding skip the names (about half the cost of a JS
 the order is fixed here, not taken from :class:`TaskRecord`, so the stored format changes only
 on purpose (a new format gets a new number; objects, the earlier format, are still read)."""
 _V1_STATUS = _V1.index("status")
-_V2 = (*_V1, "started_at")
-"""Format 2, ``[2, <these values>]``: format 1 and ``started_at`` (written from qtasks-web's
-release on; format 1 is still read, without it)."""
+_V2 = (*_V1, "started_at", "workflow")
+"""Format 2, ``[2, <these values>]``: format 1, ``started_at`` (for qtasks-web's timings) and
+``workflow`` (the workflow a task is a member of); format 1 is still read, without them.
+``workflow`` stays last: the workflow scripts read it as the array's last element."""
 _V2_GET = operator.attrgetter(*_V2)
 _V2_POSITIONAL = _V2 == _FIELDS
 _LAYOUTS = {1: _V1, 2: _V2}
@@ -286,6 +288,36 @@ class RedisStorage:
         )
         fields: Any = await guarded(self.target, call)
         return self._record(fields)
+
+    async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
+        """See :class:`qtasks.components.WorkflowStore`: one pipeline per 1,000 records."""
+        client = self._require()
+        out: list[TaskRecord | None] = []
+        for start in range(0, len(uuids), 1000):
+            pipe = client.pipeline(transaction=False)
+            for uuid in uuids[start : start + 1000]:
+                pipe.hmget(f"{self._tag}:r:{uuid}", _RECORD_FIELDS)
+            replies = await guarded(self.target, pipe.execute())
+            out += [self._record(fields) for fields in replies]
+        return out
+
+    async def add_many(self, records: Sequence[TaskRecord]) -> None:
+        """See :class:`qtasks.components.BulkAdd`: one pipeline per 1,000 records."""
+        await workflows.add_many(self, records)
+
+    async def add_workflow(
+        self,
+        workflow: TaskRecord,
+        members: Sequence[TaskRecord],
+        gates: dict[str, tuple[int, list[GateMessage]]],
+        feeds: dict[str, str],
+    ) -> None:
+        """See :class:`qtasks.components.WorkflowStore` and :mod:`qtasks_redis.workflows`."""
+        await workflows.add_workflow(self, workflow, members, gates, feeds)
+
+    async def member_done(self, record: TaskRecord) -> list[GateMessage]:
+        """See :class:`qtasks.components.WorkflowStore`: one script."""
+        return await workflows.member_done(self, record)
 
     async def begin(self, record: TaskRecord) -> TaskRecord:
         # The record's JSON is sent only when none is stored (rare: the producer stores one).

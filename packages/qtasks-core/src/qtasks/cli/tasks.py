@@ -1,4 +1,5 @@
-"""``qtasks add``, ``get`` and ``cancel``: one task at a time, through the components."""
+"""``qtasks add``, ``get`` and ``cancel``: one task at a time, through the components; and
+``qtasks workflow``: a workflow's state and members."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import typer
 from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command
 from qtasks.cli.options import Components, JsonOpt
-from qtasks.cli.output import parse_arg, print_record, record_dict, to_json
+from qtasks.cli.output import parse_arg, print_record, record_dict, table, to_json
 from qtasks.cli.resolve import resolve_app, run_on
 from qtasks.errors import ConfigError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows.runtime import store_of
 
 
 def _no_record(uuid: str) -> typer.Exit:
@@ -114,3 +116,49 @@ def cancel(
     if record is None:
         raise _no_record(uuid)
     typer.echo(f"{record.uuid}: {record.status.value}")
+
+
+@command(cli)
+def workflow(
+    id: Annotated[str, typer.Argument(help="Workflow id (run_workflow's Workflow.id).")],
+    *,
+    where: Components,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a workflow's status, error and members with their statuses (exit code 1 if
+    there is none). Each member's record names its workflow (``qtasks get``)."""
+    the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+
+    async def go(aio: AsyncQueueTasks) -> tuple[Any, list[TaskRecord | None]]:
+        state = await aio.get_workflow(id)
+        if state is None:
+            return None, []
+        members = [*state.members, *([state.on_error] if state.on_error else [])]
+        return state, await store_of(aio).get_many(members)
+
+    state, members = run_on(the_app, go, command="workflow", uses=("storage",))
+    if state is None:
+        typer.echo(f"error: no workflow {id!r}", err=True)
+        raise typer.Exit(1)
+    rows = [[m.uuid, m.task_name, m.status.value] for m in members if m is not None]
+    if as_json:
+        typer.echo(
+            to_json(
+                {
+                    "id": state.id,
+                    "status": state.status,
+                    "error": state.error,
+                    "result": state.result,
+                    "members": [
+                        dict(zip(("uuid", "task", "status"), r, strict=True)) for r in rows
+                    ],
+                }
+            )
+        )
+        return
+    typer.echo(f"workflow {state.id}: {state.status}")
+    if state.error:
+        typer.echo(f"error: {state.error}")
+    if state.status == "success":
+        typer.echo(f"result: {json.dumps(state.result, default=str)}")
+    typer.echo(table(["member", "task", "status"], rows))

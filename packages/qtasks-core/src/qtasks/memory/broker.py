@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import dataclass
 from typing import Self
 
-from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
+from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage, WorkflowStore
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError
 from qtasks.memory.signals import _Lifecycle, _Signal
@@ -287,11 +287,29 @@ class MemoryBroker(_Lifecycle):
         await storage.add(record)
         await self.publish(envelope)
 
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """See :class:`qtasks.components.BulkPublish`."""
+        for envelope in envelopes:
+            await self.publish(envelope)
+
+    async def publish_new_many(
+        self, storage: Storage, tasks: Sequence[tuple[TaskRecord, Envelope]]
+    ) -> None:
+        """See :class:`qtasks.components.BulkPublishNew`."""
+        for record, envelope in tasks:
+            await self.publish_new(envelope, storage, record)
+
     async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
         """See :class:`qtasks.components.SharedServer`: save fenced by the delivery's token;
-        ack when saved, or when refused only because the task already ended."""
+        ack when saved, or when refused only because the task already ended. A workflow
+        member's workflow is continued between the save and the ack, with nothing awaited
+        in between that could let another task interleave."""
         self._check()
         if await storage.save(record, fence=delivery.token):
+            if record.workflow is not None and isinstance(storage, WorkflowStore):
+                now = self._clock()
+                for m in await storage.member_done(record):
+                    await self.publish(Envelope(m.id, m.body, m.priority, now + m.delay))
             await delivery.ack()
             return True
         stored = await storage.get(record.uuid)

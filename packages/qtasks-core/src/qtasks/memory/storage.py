@@ -14,10 +14,11 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
-from qtasks.components import RecordPage, RecordQuery
+from qtasks.components import GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import InvalidQueryError, TaskTimeoutError
 from qtasks.memory.signals import _Lifecycle, _Signal
+from qtasks.memory.workflows import MemoryWorkflows
 from qtasks.record import TaskRecord, TaskStatus
 
 _Entry = tuple[int, float, str]
@@ -65,6 +66,7 @@ class MemoryStorage(_Lifecycle):
         self._by_status: dict[TaskStatus, list[_Entry]] = {}
         self._by_name: dict[str, list[_Entry]] = {}
         self._indexed = 0
+        self._workflows = MemoryWorkflows(self)
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -196,6 +198,34 @@ class MemoryStorage(_Lifecycle):
                     follower(uuid, reason)
         return stored.copy()
 
+    async def add_many(self, records: Sequence[TaskRecord]) -> None:
+        """See :class:`qtasks.components.BulkAdd`."""
+        for record in records:
+            await self.add(record)
+
+    async def add_workflow(
+        self,
+        workflow: TaskRecord,
+        members: Sequence[TaskRecord],
+        gates: dict[str, tuple[int, list[GateMessage]]],
+        feeds: dict[str, str],
+    ) -> None:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        await self._workflows.add(workflow, members, gates, feeds)
+
+    async def member_done(self, record: TaskRecord) -> list[GateMessage]:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        return await self._workflows.member_done(record)
+
+    async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        self._expire()
+        records = self._records
+        return [None if (r := records.get(u)) is None else r.copy() for u in uuids]
+
     async def cancelled(self, uuids: Sequence[str]) -> dict[str, str]:
         """See :class:`qtasks.components.CancelCheck`."""
         self._check()
@@ -282,6 +312,7 @@ class MemoryStorage(_Lifecycle):
         """Drop every record and step; return how many records (for ``app.flush_all``)."""
         count = len(self._records)
         self._records.clear()
+        self._workflows.clear()
         self._steps.clear()
         self._expiry.clear()
         self._rebuild()

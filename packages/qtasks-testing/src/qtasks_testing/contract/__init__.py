@@ -16,6 +16,13 @@ from qtasks_testing.contract.broker import (
     consuming_from,
     envelope,
 )
+from qtasks_testing.contract.bulk import (
+    BulkAddContract,
+    BulkPublishContract,
+    BulkPublishNewContract,
+    WorkflowSettleContract,
+    WorkflowStoreContract,
+)
 from qtasks_testing.contract.capabilities import (
     BeginManyContract,
     BeginOnClaimContract,
@@ -33,6 +40,9 @@ __all__ = [
     "BeginOnClaimContract",
     "BrokerContract",
     "BrokerFactory",
+    "BulkAddContract",
+    "BulkPublishContract",
+    "BulkPublishNewContract",
     "CancelCheckContract",
     "CancelFeedContract",
     "Consumer",
@@ -44,6 +54,8 @@ __all__ = [
     "StorageContract",
     "StorageFactory",
     "StorageQueryContract",
+    "WorkflowSettleContract",
+    "WorkflowStoreContract",
     "consuming",
     "consuming_from",
     "envelope",

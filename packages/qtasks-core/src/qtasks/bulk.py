@@ -1,0 +1,148 @@
+"""Bulk enqueue: many new tasks stored and published in one round trip per batch.
+
+``app.add_tasks([...])`` and ``task.add_tasks(args_list)`` prepare every task as ``add_task``
+does (arguments checked, ``qtasks_task_enqueue`` applied), then store and publish them in
+batches of :data:`BATCH`, through the best the components offer:
+
+- a :class:`~qtasks.components.SharedServer` broker that is a
+  :class:`~qtasks.components.BulkPublishNew`: records and messages of a batch in one call
+  (Redis: one script);
+- otherwise the records of a batch are added (:class:`~qtasks.components.BulkAdd`: in one
+  call; else concurrently on remote storages), then the
+  messages published with :class:`~qtasks.components.BulkPublish` when the broker has it
+  (RabbitMQ: pipelined publishes whose confirms are awaited together), else one by one.
+
+The hooks after the enqueue (``qtasks_storage_added``, ``qtasks_task_enqueued``) fire per task
+once its batch is stored, and only when a plugin implements them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from qtasks import enqueue as enqueue_step
+from qtasks.components import Broker, BulkAdd, BulkPublish, BulkPublishNew, Storage
+from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.task import AsyncTask
+    from qtasks.workflows.canvas import Signature
+
+BATCH = 1000
+"""Most tasks stored and published in one call (one Redis script never holds the server for
+long; a RabbitMQ batch's confirms are awaited together)."""
+
+
+def as_args(item: Any) -> tuple[Any, ...]:
+    """The positional arguments of one item of ``task.add_tasks(args_list)``: a tuple or list
+    is the arguments, anything else the single argument."""
+    return tuple(item) if isinstance(item, tuple | list) else (item,)
+
+
+async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> list[AsyncTask]:
+    """Enqueue every signature (see the module docstring); return their records in order.
+
+    On asyncio with remote components, the next batch is prepared while the previous one is
+    stored (one call in flight at a time, so batches reach the backends in order)."""
+    hooks = app.hooks
+    added = "qtasks_storage_added" in hooks.active
+    enqueued = "qtasks_task_enqueued" in hooks.active
+    out: list[AsyncTask] = []
+    chunk: list[tuple[AsyncTask, Envelope]] = []
+    inflight: asyncio.Task[None] | None = None
+
+    async def stored(batch: list[tuple[AsyncTask, Envelope]]) -> None:
+        await store_and_publish_many(app, batch)
+        if added or enqueued:
+            for record, _ in batch:
+                if added:
+                    await hooks.notify("qtasks_storage_added", app=app, record=record)
+                if enqueued:
+                    await hooks.notify("qtasks_task_enqueued", app=app, record=record)
+
+    # Only on asyncio (trio has no bare tasks), and not with local components.
+    overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
+    try:
+        for sig in signatures:
+            prepared = await enqueue_step.prepare(
+                app,
+                sig.task_name,
+                sig.args,
+                sig.kwargs,
+                sig.priority,
+                sig.delay,
+                None,
+                None,
+                sig.retry,
+            )
+            chunk.append(prepared)
+            out.append(prepared[0])
+            if len(chunk) == BATCH:
+                if inflight is not None:
+                    await inflight
+                    inflight = None
+                if overlap:
+                    inflight = asyncio.get_running_loop().create_task(stored(chunk))
+                    await asyncio.sleep(0)  # it sends its call; the next batch is prepared
+                else:
+                    await stored(chunk)
+                chunk = []
+        if inflight is not None:
+            await inflight
+            inflight = None
+        if chunk:
+            await stored(chunk)
+    finally:
+        if inflight is not None:
+            inflight.cancel()
+    return out
+
+
+async def store_and_publish_many(
+    app: AsyncQueueTasks, tasks: Sequence[tuple[TaskRecord, Envelope]]
+) -> None:
+    """Store the records of ``tasks`` and publish their messages (one batch)."""
+    broker, storage = app.broker, app.storage
+    shared = app.shared_server
+    if shared is not None:
+        if isinstance(broker, BulkPublishNew):
+            await broker.publish_new_many(storage, tasks)
+        else:
+            for record, envelope in tasks:
+                await shared.publish_new(envelope, storage, record)
+        return
+    await add_many(storage, [record for record, _ in tasks])
+    await publish_many(broker, [envelope for _, envelope in tasks])
+
+
+async def add_many(storage: Storage, records: Sequence[TaskRecord]) -> None:
+    """``storage.add`` of every record: in one call with :class:`BulkAdd`, else one after the
+    other on a local storage, concurrently on a remote one."""
+    if isinstance(storage, BulkAdd):
+        await storage.add_many(records)
+        return
+    if getattr(storage, "local", False) or len(records) < 2:
+        for record in records:
+            await storage.add(record)
+        return
+    async with anyio.create_task_group() as tg:
+        for record in records:
+            tg.start_soon(storage.add, record)
+
+
+async def publish_many(broker: Broker, envelopes: Sequence[Envelope]) -> None:
+    """Publish ``envelopes`` in order: in one call with :class:`BulkPublish`, else one by
+    one (the plain default built from :meth:`Broker.publish`)."""
+    if not envelopes:
+        return
+    if isinstance(broker, BulkPublish):
+        await broker.publish_many(envelopes)
+        return
+    for envelope in envelopes:
+        await broker.publish(envelope)

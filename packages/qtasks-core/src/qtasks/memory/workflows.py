@@ -1,0 +1,104 @@
+"""The in-memory storage's workflow state (:class:`~qtasks.components.WorkflowStore`).
+
+Nothing here awaits between reading and writing, so each call is atomic in its process, as a
+Redis script is on its server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qtasks.components import GateMessage
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows.plan import ERROR, FINAL, failure
+
+if TYPE_CHECKING:
+    from qtasks.memory.storage import MemoryStorage
+
+
+@dataclass(slots=True)
+class _Flow:
+    counts: dict[str, int]
+    messages: dict[str, list[GateMessage]]
+    feeds: dict[str, str]
+    members: list[str]
+    done: set[str] = field(default_factory=set)
+    opened_by: dict[str, str] = field(default_factory=dict)
+
+
+class MemoryWorkflows:
+    """The gates and settled members of every workflow of one :class:`MemoryStorage`."""
+
+    __slots__ = ("_flows", "_storage")
+
+    def __init__(self, storage: MemoryStorage) -> None:
+        self._storage = storage
+        self._flows: dict[str, _Flow] = {}
+
+    def clear(self) -> None:
+        self._flows.clear()
+
+    async def add(
+        self,
+        workflow: TaskRecord,
+        members: Sequence[TaskRecord],
+        gates: dict[str, tuple[int, list[GateMessage]]],
+        feeds: dict[str, str],
+    ) -> None:
+        storage = self._storage
+        await storage.add(workflow)
+        for member in members:
+            await storage.add(member)
+        self._flows[workflow.uuid] = _Flow(
+            {name: count for name, (count, _) in gates.items()},
+            {name: list(messages) for name, (_, messages) in gates.items()},
+            dict(feeds),
+            list(feeds),
+        )
+
+    async def member_done(self, record: TaskRecord) -> list[GateMessage]:
+        flow = self._flows.get(record.workflow or "")
+        if flow is None:
+            return []
+        uuid = record.uuid
+        success = record.status is TaskStatus.SUCCESS
+        gate = flow.feeds.get(uuid) if success else ERROR
+        if uuid in flow.done:
+            opened = gate is not None and flow.opened_by.get(gate) == uuid
+            return list(flow.messages[gate]) if opened and gate is not None else []
+        flow.done.add(uuid)
+        storage = self._storage
+        own = await storage.get(record.workflow or "")
+        if own is None or own.status.final:
+            # Over (ended or cancelled): its gates are not needed any more. One process cannot
+            # die between a member's settle and its ack, so none is redelivered to ask again.
+            self._flows.pop(record.workflow or "", None)
+            return []
+        if gate is None:
+            return []
+        if success:
+            flow.counts[gate] -= 1
+            if flow.counts[gate]:
+                return []
+            flow.opened_by[gate] = uuid
+            if gate == FINAL:
+                own.status = TaskStatus.SUCCESS
+                own.updated_at = storage._clock()
+                await storage.save(own)
+                del self._flows[own.uuid]
+            return list(flow.messages[gate])
+        error_callback = own.kwargs.get("on_error")
+        if uuid == error_callback:
+            return []  # the error callback failing opens nothing: it ran once
+        flow.opened_by[ERROR] = uuid
+        own.status, own.error = TaskStatus.ERROR, failure(record)
+        own.updated_at = storage._clock()
+        await storage.save(own)
+        reason = f"workflow {own.uuid} failed: {own.error}"
+        for member in flow.members:
+            if member != uuid and member != error_callback:
+                await storage.cancel(member, reason)
+        del self._flows[own.uuid]
+        return list(flow.messages[ERROR])

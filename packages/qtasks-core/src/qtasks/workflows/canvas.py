@@ -1,0 +1,163 @@
+"""What a workflow is built of: signatures (a task call not made yet) and the three ways to
+combine them, :func:`chain`, :func:`group` and :func:`chord`.
+
+They are plain values: building one checks it (an unknown task is refused here, not when the
+workflow runs) and runs nothing; ``app.run_workflow(wf)`` runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from qtasks.errors import TaskDeclarationError, UnknownTaskError, WorkflowError
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+
+RETRY_HEADER = "retry"
+"""Message header: the call's own ``retry`` (a signature's option), over the task's."""
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """One task call, not made yet: ``task.s(*args, **kwargs)`` or
+    ``app.signature(name, args, kwargs)``. In a chain, the previous step's result is passed as
+    the first argument, before ``args``. ``priority``, ``delay`` (seconds, counted from
+    when the step is enqueued) and ``retry`` (retries after a failure, instead of the task's
+    own ``retry``) are options of the call."""
+
+    task_name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    priority: int | None = None
+    delay: float | None = None
+    retry: int | None = None
+
+    def __post_init__(self) -> None:
+        name = self.task_name
+        if self.priority is not None and (
+            not isinstance(self.priority, int) or isinstance(self.priority, bool)
+        ):
+            raise TaskDeclarationError(f"signature of {name!r}: priority must be an int")
+        if self.delay is not None and (
+            not isinstance(self.delay, int | float)
+            or isinstance(self.delay, bool)
+            or self.delay < 0
+        ):
+            raise TaskDeclarationError(f"signature of {name!r}: delay must be seconds >= 0")
+        if self.retry is not None and (
+            not isinstance(self.retry, int) or isinstance(self.retry, bool) or self.retry < 0
+        ):
+            raise TaskDeclarationError(f"signature of {name!r}: retry must be an int >= 0")
+
+    def set(
+        self, *, priority: int | None = None, delay: float | None = None, retry: int | None = None
+    ) -> Signature:
+        """A copy with these options changed."""
+        changes: dict[str, Any] = {}
+        for option, value in (("priority", priority), ("delay", delay), ("retry", retry)):
+            if value is not None:
+                changes[option] = value
+        return replace(self, **changes)
+
+    def __or__(self, other: Node) -> Chain:
+        """``a.s() | b.s()`` is ``chain(a.s(), b.s())``."""
+        return chain(self, other)
+
+
+@dataclass(slots=True)
+class Chain:
+    """Steps run one after the other; each gets the previous step's result first."""
+
+    tasks: list[Node]
+
+    def __or__(self, other: Node) -> Chain:
+        """``chain(...) | b.s()``: this chain, then ``b``."""
+        return chain(self, other)
+
+
+@dataclass(slots=True)
+class Group:
+    """Members run in parallel; the group's result is the list of their results, in input
+    order."""
+
+    tasks: list[Node]
+
+    def __or__(self, other: Node) -> Chain:
+        """``group(...) | cb.s()``: ``cb`` gets the group's results (a chord)."""
+        return chain(self, other)
+
+
+@dataclass(slots=True)
+class Chord:
+    """A group, then ``callback`` with the list of the group's results once every member
+    succeeded."""
+
+    header: Group
+    callback: Node
+
+    def __or__(self, other: Node) -> Chain:
+        """``chord(...) | b.s()``: ``b`` gets the callback's result."""
+        return chain(self, other)
+
+
+Node: TypeAlias = Signature | Chain | Group | Chord
+"""Anything a workflow is built of."""
+
+
+def _node(value: Any) -> Node:
+    if isinstance(value, Signature | Chain | Group | Chord):
+        return value
+    raise WorkflowError(
+        f"a workflow is built of signatures (task.s(...)), chain, group and chord, not {value!r}"
+    )
+
+
+def chain(*tasks: Node) -> Chain:
+    """``chain(a.s(1), b.s(), c.s())``: ``c(b(a(1)))``, each step enqueued by the worker that
+    finished the previous one."""
+    if not tasks:
+        raise WorkflowError("a chain needs at least one step")
+    return Chain([_node(t) for t in tasks])
+
+
+def group(*tasks: Node | Iterable[Node]) -> Group:
+    """``group(a.s(1), a.s(2))`` or ``group(a.s(i) for i in range(10))``: run in parallel;
+    the result is the list of the members' results."""
+    members: list[Node] = []
+    for item in tasks:
+        if isinstance(item, Signature | Chain | Group | Chord):
+            members.append(item)
+        elif isinstance(item, Iterable):
+            members.extend(_node(t) for t in item)
+        else:
+            members.append(_node(item))
+    if not members:
+        raise WorkflowError("a group needs at least one member")
+    return Group(members)
+
+
+def chord(header: Group | Iterable[Node], callback: Node) -> Chord:
+    """``chord(group(...), cb.s())``: ``cb(results)`` once every member succeeded."""
+    return Chord(header if isinstance(header, Group) else group(header), _node(callback))
+
+
+def signature(
+    app: AsyncQueueTasks,
+    task_name: str,
+    args: Iterable[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    priority: int | None = None,
+    delay: float | None = None,
+    retry: int | None = None,
+) -> Signature:
+    """A signature of the task registered as ``task_name`` on ``app``; an unknown name raises
+    :class:`~qtasks.errors.UnknownTaskError` here, a bad option
+    :class:`~qtasks.errors.TaskDeclarationError`."""
+    if task_name not in app.tasks:
+        raise UnknownTaskError(task_name)
+    return Signature(task_name, tuple(args), dict(kwargs or {}), priority, delay, retry)

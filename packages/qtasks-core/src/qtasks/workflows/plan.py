@@ -1,0 +1,205 @@
+"""A workflow compiled into what the storage keeps: member tasks, gates and who feeds which.
+
+Every member gets its uuid, record and message when the workflow is run. The members that
+start at once are published then; every other one waits in a *gate* (a counter and the
+messages it publishes when it opens, see :class:`~qtasks.components.WorkflowStore`):
+
+- ``chain(a, b)``: ``b`` waits in a gate of counter 1 that ``a`` feeds;
+- ``chain(group(a1, a2), b)`` (a chord): ``b`` waits in a gate of counter 2 that both feed;
+- the members whose result is the workflow's feed the gate ``"final"``; a failing member
+  opens the gate ``"error"`` (which publishes the ``on_error`` callback, if any).
+
+A step that takes its predecessors' result carries the header :data:`INPUT`: which records
+to read its first argument from when it starts (a uuid, or a list of such for a group), and a
+placeholder in its place in the message, so the message is checked like any other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from qtasks.components import GateMessage
+from qtasks.errors import UnknownTaskError, WorkflowError
+from qtasks.messages import Envelope, Message, new_uuid
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows.canvas import RETRY_HEADER, Chain, Chord, Group, Node, Signature
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+INPUT = "qtasks.input"
+"""Message header: where a step's first argument is read from (see the module docstring)."""
+WORKFLOW_TASK = "qtasks.workflow"
+"""``task_name`` of a workflow's own record (its uuid is the workflow id)."""
+FINAL, ERROR = "final", "error"
+
+Spec = str | list[Any]
+"""Where a result is read from: a member's uuid, or a list of specs (a group's results)."""
+
+
+@dataclass(slots=True)
+class _Member:
+    uuid: str
+    sig: Signature
+    input: Spec | None
+    gate: str | None
+    """The gate whose opening publishes this member; ``None``: published at once."""
+
+
+@dataclass(slots=True)
+class Plan:
+    """A compiled workflow, ready for :meth:`~qtasks.components.WorkflowStore.add_workflow`."""
+
+    id: str
+    record: TaskRecord
+    members: list[TaskRecord]
+    """The records of the members that wait in a gate."""
+    start: list[tuple[TaskRecord, Envelope]]
+    """The members published at once, with their messages."""
+    gates: dict[str, tuple[int, list[GateMessage]]]
+    feeds: dict[str, str]
+    result: Spec
+
+
+@dataclass(slots=True)
+class _Compiler:
+    members: list[_Member] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    feeds: dict[str, str] = field(default_factory=dict)
+    _open: set[int] = field(default_factory=set)
+
+    def node(self, node: Node, gate: str | None, input: Spec | None) -> tuple[Spec, list[str]]:
+        """Compile ``node``, started by ``gate`` with ``input``; return its result's spec and
+        the uuids of the members that end it."""
+        if id(node) in self._open:
+            raise WorkflowError(f"the workflow contains itself (a cycle through {node!r:.80})")
+        self._open.add(id(node))
+        try:
+            return self._node(node, gate, input)
+        finally:
+            self._open.discard(id(node))
+
+    def _node(self, node: Node, gate: str | None, input: Spec | None) -> tuple[Spec, list[str]]:
+        if isinstance(node, Signature):
+            uuid = new_uuid()
+            self.members.append(_Member(uuid, node, input, gate))
+            return uuid, [uuid]
+        if isinstance(node, Group):
+            if not node.tasks:
+                raise WorkflowError("a group needs at least one member")
+            specs: list[Spec] = []
+            ends: list[str] = []
+            for child in node.tasks:
+                spec, child_ends = self.node(child, gate, input)
+                specs.append(spec)
+                ends += child_ends
+            return specs, ends
+        steps: list[Node]
+        if isinstance(node, Chord):
+            steps = [node.header, node.callback]
+        elif isinstance(node, Chain):
+            steps = list(node.tasks)
+        else:
+            raise WorkflowError(f"not a workflow: {node!r:.80}")
+        if not steps:
+            raise WorkflowError("a chain needs at least one step")
+        step_input: Spec | None = input
+        ends = []
+        for i, step in enumerate(steps):
+            if i:
+                gate = f"g{len(self.counts)}"
+                self.counts[gate] = len(ends)
+                for uuid in ends:
+                    self.feeds[uuid] = gate
+            step_input, ends = self.node(step, gate, step_input)
+        assert step_input is not None
+        return step_input, ends
+
+
+def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Plan:
+    """Compile ``node`` for ``app``: every member's task must be registered and its
+    arguments must fit (a step with an input gets it first); raises
+    :class:`~qtasks.errors.WorkflowError` or the argument error otherwise."""
+    workflow = new_uuid()
+    compiler = _Compiler()
+    result, ends = compiler.node(node, None, None)
+    compiler.counts[FINAL] = len(ends)
+    for uuid in ends:
+        compiler.feeds[uuid] = FINAL
+    gates: dict[str, tuple[int, list[GateMessage]]] = {
+        name: (count, []) for name, count in compiler.counts.items()
+    }
+    gates[ERROR] = (1, [])
+    members = list(compiler.members)
+    if on_error is not None:
+        error_sig = replace(on_error, args=(workflow, *on_error.args))
+        members.append(_Member(new_uuid(), error_sig, None, ERROR))
+    now = time.time()
+    records: list[TaskRecord] = []
+    start: list[tuple[TaskRecord, Envelope]] = []
+    for member in members:
+        record, message = _call(app, workflow, member, now)
+        if member.gate is None:
+            delay = member.sig.delay
+            start.append((record, app.codec.encode(message, now + delay if delay else None)))
+        else:
+            records.append(record)
+            body = app.codec.encode(message).body
+            gates[member.gate][1].append(
+                GateMessage(member.uuid, body, message.priority, member.sig.delay or 0.0)
+            )
+    own = TaskRecord(
+        uuid=workflow,
+        task_name=WORKFLOW_TASK,
+        kwargs={
+            "members": [m.uuid for m in compiler.members],
+            "result": result,
+            "on_error": members[-1].uuid if on_error is not None else None,
+        },
+        created_at=now,
+        updated_at=now,
+        workflow=workflow,
+    )
+    return Plan(workflow, own, records, start, gates, compiler.feeds, result)
+
+
+def failure(record: TaskRecord) -> str:
+    """The workflow error naming the member ``record`` that ended it (failed or cancelled)."""
+    why = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
+    return f"member {record.uuid} ({record.task_name}) {record.status.value}: {why}"
+
+
+def _call(
+    app: AsyncQueueTasks, workflow: str, member: _Member, now: float
+) -> tuple[TaskRecord, Message]:
+    sig = member.sig
+    task = app.tasks.get(sig.task_name)
+    if task is None:
+        raise UnknownTaskError(sig.task_name)
+    args = [None, *sig.args] if member.input is not None else list(sig.args)
+    kwargs = dict(sig.kwargs)
+    task.check_arguments(args, kwargs)
+    priority = sig.priority
+    if priority is None:
+        priority = task.options.priority
+    if priority is None:
+        priority = app.config.default_priority
+    headers: dict[str, Any] = {"workflow": workflow}
+    if member.input is not None:
+        headers[INPUT] = member.input
+    if sig.retry is not None:
+        headers[RETRY_HEADER] = sig.retry
+    message = Message(member.uuid, sig.task_name, args, kwargs, priority, now, 0, headers)
+    record = TaskRecord(
+        uuid=member.uuid,
+        task_name=sig.task_name,
+        priority=priority,
+        args=args,
+        kwargs=kwargs,
+        created_at=now,
+        updated_at=now,
+        workflow=workflow,
+    )
+    return record, message

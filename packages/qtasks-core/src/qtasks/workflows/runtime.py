@@ -1,0 +1,235 @@
+"""Running workflows: start one, read and wait for its record, cancel it, feed each step its
+input, and continue a workflow when one of its members ends (for the settle step)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qtasks.bulk import BATCH, publish_many, store_and_publish_many
+from qtasks.components import GateMessage, WorkflowStore
+from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
+from qtasks.messages import Envelope
+from qtasks.plugins import hookimpl
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows.canvas import Node, Signature
+from qtasks.workflows.plan import INPUT, WORKFLOW_TASK, Spec, compile_plan
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.executor import TaskRun
+    from qtasks.task import TaskDef
+
+RUNNING = "running"
+
+
+@dataclass(slots=True)
+class Workflow:
+    """A workflow's state as stored: ``status`` is ``running``, ``success``, ``error`` or
+    ``cancel``; ``members`` the uuids of its tasks in the order they were declared;
+    ``result`` (once ``success``) the result of its last step, a list for a group; ``error``
+    names the member that failed."""
+
+    id: str
+    status: str
+    members: list[str]
+    result: Any = None
+    error: str | None = None
+    on_error: str | None = None
+    _client: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def done(self) -> bool:
+        """Whether the workflow ended (``success``, ``error`` or ``cancel``)."""
+        return self.status != RUNNING
+
+    async def wait_result(self, timeout: float | None = None) -> Workflow:
+        """Wait until the workflow ended (woken, not polled) and return its state; raises
+        :class:`~qtasks.errors.TaskTimeoutError` when ``timeout`` runs out."""
+        workflow: Workflow = await self._client.wait_workflow(self.id, timeout)
+        return workflow
+
+
+@dataclass(slots=True)
+class SyncWorkflow(Workflow):
+    """A :class:`Workflow` of the sync app: :meth:`wait_result` blocks."""
+
+    # The sync twin blocks and returns the state instead of a coroutine (hence the ignore).
+    def wait_result(self, timeout: float | None = None) -> SyncWorkflow:  # type: ignore[override]
+        """Block until the workflow ended and return its state."""
+        workflow: SyncWorkflow = self._client.wait_workflow(self.id, timeout)
+        return workflow
+
+
+def store_of(app: AsyncQueueTasks) -> WorkflowStore:
+    """The app's storage as a :class:`WorkflowStore`, or a clear error."""
+    storage = app.storage
+    if not isinstance(storage, WorkflowStore):
+        raise WorkflowError(
+            f"{type(storage).__name__} does not keep workflows (it is not a WorkflowStore); "
+            "use the in-memory or the Redis storage"
+        )
+    return storage
+
+
+async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Workflow:
+    """Compile ``node``, store the workflow and publish the members that start at once."""
+    store = store_of(app)
+    plan = compile_plan(app, node, on_error)
+    await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
+    # The first steps' records go with their messages, as add_tasks stores them.
+    for start in range(0, len(plan.start), BATCH):
+        await store_and_publish_many(app, plan.start[start : start + BATCH])
+    return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], None, None, None, app)
+
+
+async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
+    """The :class:`Workflow` of a workflow record (its result read from the members)."""
+    info = record.kwargs
+    status = record.status.value if record.status.final else RUNNING
+    result: Any = None
+    if record.status is TaskStatus.SUCCESS:
+        result = await resolve(app, info["result"], record.uuid)
+    error = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
+    return Workflow(
+        record.uuid, status, list(info["members"]), result, error, info.get("on_error"), app
+    )
+
+
+async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
+    """The workflow ``id``, or ``None`` when no such workflow is stored."""
+    record = await app.storage.get(id)
+    if record is None or record.task_name != WORKFLOW_TASK:
+        return None
+    return await state(app, record)
+
+
+async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow:
+    """Wait for the workflow ``id`` to end; return its state. An unknown id raises
+    :class:`~qtasks.errors.TaskNotFoundError` at once."""
+    record = await app.storage.get(id)
+    if record is None or record.task_name != WORKFLOW_TASK:
+        raise TaskNotFoundError(id)
+    if not record.status.final:
+        record = await app.storage.wait(id, timeout)
+    return await state(app, record)
+
+
+async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
+    """Cancel the workflow: its record first (no member continues it from then on), then
+    every member not final yet: queued ones never run, running ones are cancelled."""
+    record = await app.storage.cancel(id, reason)
+    if record is None or record.task_name != WORKFLOW_TASK:
+        return None
+    uuids: list[str] = list(record.kwargs["members"])
+    if record.kwargs.get("on_error"):
+        uuids.append(record.kwargs["on_error"])
+    stored = await store_of(app).get_many(uuids)
+    for uuid, member in zip(uuids, stored, strict=True):
+        if member is not None and not member.status.final:
+            await app.cancel(uuid, reason)
+    return await state(app, record)
+
+
+async def resolve(app: AsyncQueueTasks, spec: Spec, uuid: str) -> Any:
+    """The value ``spec`` names, read from the members' stored records (for step ``uuid``)."""
+    uuids: list[str] = []
+    _flatten(spec, uuids)
+    records = await store_of(app).get_many(uuids)
+    by_uuid: dict[str, TaskRecord] = {}
+    for wanted, record in zip(uuids, records, strict=True):
+        if record is None:
+            raise WorkflowInputError(uuid, f"the record of {wanted} is gone (expired?)")
+        if record.status is not TaskStatus.SUCCESS:
+            raise WorkflowInputError(uuid, f"{wanted} has status {record.status.value}")
+        by_uuid[wanted] = record
+    return _build(spec, by_uuid)
+
+
+def _flatten(spec: Spec, out: list[str]) -> None:
+    if isinstance(spec, str):
+        out.append(spec)
+    else:
+        for item in spec:
+            _flatten(item, out)
+
+
+def _build(spec: Spec, records: dict[str, TaskRecord]) -> Any:
+    if isinstance(spec, str):
+        return records[spec].returning
+    return [_build(item, records) for item in spec]
+
+
+async def member_ended(app: AsyncQueueTasks, record: TaskRecord, *, again: bool = False) -> None:
+    """Continue ``record``'s workflow after its final record was stored, by plain calls
+    (:meth:`WorkflowStore.member_done`, then the publish of what it opened, each confirmed):
+    the settle step's path when the broker does not do it in its own step
+    (:class:`~qtasks.components.SharedServer`). Called before the member's message is acked,
+    so a worker that dies in between leaves the message to be redelivered, and the worker
+    that gets it calls this again (:meth:`~WorkflowStore.member_done` returns the opened
+    gate's messages again to the member that opened it; ``again``: this is that second call,
+    so only the steps that have not begun are published)."""
+    store = store_of(app)
+    opened = await store.member_done(record)
+    if opened and again:
+        # Published already unless the worker died before: a step that has begun (or ended)
+        # got its message, so it is not sent twice; one still new may be queued (a second
+        # copy is then dropped by its record, or replaces it on Redis and in memory).
+        stored = await store.get_many([m.id for m in opened])
+        opened = [
+            m
+            for m, r in zip(opened, stored, strict=True)
+            if r is None or r.status is TaskStatus.NEW
+        ]
+    if opened:
+        await publish_many(app.broker, gate_envelopes(opened, time.time()))
+
+
+async def found_final(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """A workflow member's message was delivered while its record is already final: it was
+    cancelled (or dead-lettered) before it ran, or an earlier attempt stored its result and
+    its worker died before the ack. Its workflow is continued, unless a shared server already
+    did that atomically with the stored success (then there is nothing left to do, and the
+    next step must not be published twice)."""
+    if record.status is TaskStatus.SUCCESS and app.shared_server is not None:
+        return
+    await member_ended(app, record, again=True)
+
+
+def gate_envelopes(messages: Sequence[GateMessage], now: float) -> list[Envelope]:
+    """The envelopes of an opened gate's messages, due ``delay`` after ``now``."""
+    return [
+        Envelope(m.id, m.body, m.priority, now + m.delay if m.delay else None) for m in messages
+    ]
+
+
+class WorkflowPlugin:
+    """Registered on every app: gives a workflow step its input (the predecessors' results,
+    read from storage) as its first argument when it starts. A task that is not such a step
+    costs one header lookup."""
+
+    name = "qtasks.workflows"
+
+    @hookimpl
+    def qtasks_executor_args(
+        self,
+        app: AsyncQueueTasks,
+        task: TaskDef[..., Any],
+        record: TaskRecord,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        run: TaskRun,
+    ) -> Awaitable[tuple[list[Any], dict[str, Any]]] | None:
+        # Not async: a task that is no workflow step costs a call and a lookup, no coroutine.
+        headers = run.message.headers
+        if not headers or INPUT not in headers:
+            return None
+        return _with_input(app, headers[INPUT], record.uuid, args, kwargs)
+
+
+async def _with_input(
+    app: AsyncQueueTasks, spec: Spec, uuid: str, args: list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    return [await resolve(app, spec, uuid), *args[1:]], kwargs

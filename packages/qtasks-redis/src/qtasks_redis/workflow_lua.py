@@ -1,0 +1,299 @@
+"""Lua for workflows (:class:`~qtasks.components.WorkflowStore`) and bulk publishing.
+
+A workflow ``W`` keeps, under the storage's hash tag ``TAG`` (one slot with its records):
+
+- ``TAG:f:W:c``  HASH gate -> counter (members still to succeed before it opens)
+- ``TAG:f:W:m``  HASH gate -> JSON ``[[id, priority, delay_ms], ...]``, the messages it
+  publishes, whose bodies are in ``TAG:f:W:b`` (HASH id -> body, raw bytes)
+- ``TAG:f:W:n``  HASH member uuid -> the gate it feeds (``!on_error`` -> the error callback)
+- ``TAG:f:W:o``  HASH gate -> the member that opened it
+- ``TAG:f:W:d``  SET of the members whose end was counted (a repeated call changes nothing)
+- ``TAG:f:W:a``  LIST of every member (the error gate cancels those not final)
+
+all expiring with the workflow's record once it ended (a day when results do not expire).
+
+and its own record (uuid ``W``) is a task record: its status is the workflow's.
+
+:data:`MEMBER_DONE` is the storage's own call (a broker that does not share the server
+publishes what it returns); the shared server's :data:`ACK_FINALS_WF` runs the same code
+after each fenced save, publishing the opened gates' messages into the queue and acking, in
+one script.
+"""
+
+from __future__ import annotations
+
+from qtasks_redis import broker_lua, shared_lua, storage_lua
+from qtasks_redis.connection import Script
+from qtasks_redis.shared_lua import SAVE_ARGS as _SAVE_ARGS
+from qtasks_redis.shared_lua import STORAGE_KEYS as _STORAGE_KEYS
+from qtasks_redis.shared_lua import _body, _keys_from
+
+WF_PRELUDE = r"""
+local function wf_key(w, kind) return TAG .. ':f:' .. w .. ':' .. kind end
+
+local function rec_keys(uuid)  -- point the storage prelude's functions at one record
+  K_REC, K_WAKE, K_STEPS = TAG .. ':r:' .. uuid, TAG .. ':w:' .. uuid, TAG .. ':s:' .. uuid
+end
+
+local function stamp()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2])),
+         tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Turn a record that is not final yet final (as the storage's CANCEL does), writing the
+-- override field (e: error, cr: cancel reason) when given; returns its old status or false.
+local function end_record(uuid, status, field, text, ttl)
+  rec_keys(uuid)
+  local cur = redis.call('HGET', K_REC, 's')
+  if not cur or FINAL[cur] then return false end
+  local updated, now = stamp()
+  redis.call('HSET', K_REC, 's', status, 'u', updated)
+  if field then redis.call('HSET', K_REC, field, text) end
+  index(uuid, cur, status, now)
+  finished(ttl)
+  if cur == 'process' and status == 'cancel' then
+    redis.call('PUBLISH', TAG .. ':cancels', cjson.encode({uuid, text}))
+  end
+  return cur
+end
+
+-- The workflow ended: its gates are kept for as long as its record (a day when results never
+-- expire), for a redelivered member that finds it over.
+local function expire_flow(w, ttl)
+  for _, kind in ipairs({'c', 'm', 'n', 'o', 'd', 'a', 'b'}) do
+    redis.call('PEXPIRE', wf_key(w, kind), ttl or 86400000)
+  end
+end
+
+-- The member uuid of workflow w ended with status (its record is stored): see
+-- WorkflowStore.member_done. Returns the opened gate's name, or false.
+local function member_done(w, uuid, status, err, ttl)
+  local gate = 'error'
+  if status == 'success' then gate = redis.call('HGET', wf_key(w, 'n'), uuid) end
+  if redis.call('SADD', wf_key(w, 'd'), uuid) == 0 then
+    if gate and redis.call('HGET', wf_key(w, 'o'), gate) == uuid then return gate end
+    return false
+  end
+  if not gate then return false end
+  rec_keys(w)
+  local own = redis.call('HGET', K_REC, 's')
+  if not own or FINAL[own] then
+    expire_flow(w, ttl)  -- over (cancelled): its gates go with its record
+    return false
+  end
+  if status == 'success' then
+    if redis.call('HINCRBY', wf_key(w, 'c'), gate, -1) ~= 0 then return false end
+    redis.call('HSET', wf_key(w, 'o'), gate, uuid)
+    if gate == 'final' then
+      end_record(w, 'success', false, '', ttl)
+      expire_flow(w, ttl)
+    end
+    return gate
+  end
+  local on_error = redis.call('HGET', wf_key(w, 'n'), '!on_error')
+  if uuid == on_error then return false end  -- the error callback failing opens nothing
+  redis.call('HSET', wf_key(w, 'o'), 'error', uuid)
+  end_record(w, 'error', 'e', err, ttl)
+  expire_flow(w, ttl)
+  local reason = 'workflow ' .. w .. ' failed: ' .. err
+  for _, m in ipairs(redis.call('LRANGE', wf_key(w, 'a'), 0, -1)) do
+    if m ~= uuid and m ~= on_error then end_record(m, 'cancel', 'cr', reason, ttl) end
+  end
+  return gate
+end
+
+-- The messages of gate g of workflow w: {id, body, priority, delay_ms} each.
+local function gate_messages(w, g)
+  local out = {}
+  local listed = redis.call('HGET', wf_key(w, 'm'), g)
+  if not listed then return out end
+  for _, m in ipairs(cjson.decode(listed)) do
+    out[#out + 1] = {m[1], redis.call('HGET', wf_key(w, 'b'), m[1]), m[2], m[3]}
+  end
+  return out
+end
+"""
+
+MEMBER_DONE = Script(
+    storage_lua.PRELUDE
+    + "local TAG = ARGV[1]\n"
+    + WF_PRELUDE
+    + r"""
+-- KEYS: the storage's keys of the member's record. ARGV: TAG, ttl_ms, workflow, uuid,
+-- status, error text. Returns the opened gate's messages, flat: id, body, priority, delay_ms.
+local opened = member_done(ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[2]))
+local out = {}
+if opened then
+  for _, m in ipairs(gate_messages(ARGV[3], opened)) do
+    for i = 1, 4 do out[#out + 1] = m[i] end
+  end
+end
+return out
+"""
+)
+
+ADD_GATES = Script(
+    r"""
+-- KEYS: c, m, n, b, a of one workflow. ARGV: on_error uuid ('' for none), the number of
+-- gates G, then G x (gate, counter, messages JSON), then (id, body) pairs of the gates'
+-- messages up to the member list marker '|', then the members to append to the list.
+local g = tonumber(ARGV[2])
+local i = 3
+for _ = 1, g do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  i = i + 3
+end
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[3], '!on_error', ARGV[1]) end
+while ARGV[i] ~= '|' do
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+i = i + 1
+local members = {}
+for j = i, #ARGV do members[#members + 1] = ARGV[j] end
+for j = 1, #members, 1000 do
+  redis.call('RPUSH', KEYS[5], unpack(members, j, math.min(j + 999, #members)))
+end
+return 1
+"""
+)
+"""The gates of a new workflow (feeds are written with :data:`ADD_FEEDS`)."""
+
+ADD_FEEDS = Script(
+    r"""
+-- KEYS: n of one workflow. ARGV: (member uuid, gate) pairs.
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+)
+
+_PUBLISH_OPENED = """
+-- Publish the messages of the gate ``opened`` of workflow w (nothing when it is false), each
+-- due its delay after now; after ``broker_publish`` and the workflow prelude.
+local function publish_opened(w, opened)
+  if not opened then return end
+  for _, m in ipairs(gate_messages(w, opened)) do
+    local eta = ''
+    if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
+    broker_publish({m[1], m[2], m[3], eta})
+  end
+end
+"""
+
+_TWO_PRELUDES = storage_lua.PRELUDE + _keys_from(broker_lua.PRELUDE, _STORAGE_KEYS)
+
+_FUNCTIONS = (
+    f"""
+local function storage(ARGV)
+{_body(storage_lua.SAVE, storage_lua.PRELUDE)}
+end
+local function broker_publish(ARGV)
+{_body(broker_lua.PUBLISH, broker_lua.PRELUDE)}
+end
+local function broker_ack(ARGV)
+{_body(broker_lua.ACK, broker_lua.PRELUDE)}
+end
+"""
+    + _PUBLISH_OPENED
+)
+
+ACK_FINALS_WF = Script(
+    _TWO_PRELUDES
+    + "local TAG = ARGV[1]\n"
+    + WF_PRELUDE
+    + _FUNCTIONS
+    + f"""
+-- SharedServer.ack_finals with workflows: KEYS are the storage's keys of the first task's
+-- record, then the queue's; ARGV: TAG, then per task SAVE's {_SAVE_ARGS} arguments, ACK's
+-- (id, token), the task's workflow ('' for none) and the error text naming it. After an
+-- accepted save of a workflow member, its gate is counted down and an opened gate's messages
+-- are published, before the ack: one atomic change. Returns each task's SAVE reply.
+local out, base = {{}}, 1
+while base < #ARGV do
+  local sa = {{}}
+  for i = 1, {_SAVE_ARGS} do sa[i] = ARGV[base + i] end
+  local uuid = sa[1]
+  rec_keys(uuid)
+  local saved = storage(sa)
+  local at = base + {_SAVE_ARGS}
+  local w = ARGV[at + 3]
+  if saved == 1 and w ~= '' then
+    publish_opened(w, member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8])))
+  end
+  if saved ~= 0 then broker_ack({{ARGV[at + 1], ARGV[at + 2]}}) end
+  out[#out + 1] = saved
+  base = at + 4
+end
+return out
+"""
+)
+
+PUBLISH_NEW_MANY = Script(
+    _TWO_PRELUDES
+    + "local TAG = ARGV[1]\n"
+    + WF_PRELUDE
+    + _FUNCTIONS
+    + """
+-- BulkPublishNew: KEYS as ACK_FINALS_WF; ARGV: TAG, ttl_ms, then per task the record's uuid,
+-- JSON, status and token (SAVE, forced) and the message's id, body, priority and eta_ms
+-- (PUBLISH): 8 a task instead of SAVE's and PUBLISH's 12 (fewer to encode and send).
+local ttl = ARGV[2]
+for base = 2, #ARGV - 1, 8 do
+  rec_keys(ARGV[base + 1])
+  storage({ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], '0', '', '1', ttl})
+  broker_publish({ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], ARGV[base + 8]})
+end
+return 1
+"""
+)
+
+PUBLISH_MANY = Script(
+    broker_lua.PRELUDE
+    + f"""
+local function broker_publish(ARGV)
+{_body(broker_lua.PUBLISH, broker_lua.PRELUDE)}
+end
+-- BulkPublish: ARGV: per message PUBLISH's (id, body, priority, eta_ms).
+for base = 0, #ARGV - 1, 4 do
+  broker_publish({{ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]}})
+end
+return 1
+"""
+)
+
+_CLAIM_HEAD = shared_lua.CLAIM_BEGIN.source[: -len(broker_lua.CLAIM_BODY)]
+assert shared_lua.CLAIM_BEGIN.source.endswith(broker_lua.CLAIM_BODY)
+
+CLAIM_BEGIN_WF = Script(
+    _CLAIM_HEAD
+    # The storage prelude over CLAIM_BEGIN's keys: its status indexes are KEYS[13..18]; the
+    # record keys it would read (KEYS[10..12]) are set by rec_keys before any use.
+    + _keys_from(storage_lua.PRELUDE, 9)
+    + WF_PRELUDE
+    + f"""
+local function broker_publish(ARGV)
+{_body(broker_lua.PUBLISH, broker_lua.PRELUDE)}
+end
+{_PUBLISH_OPENED}
+local record_dead = on_dead
+-- A workflow member dead-lettered by its delivery limit fails its workflow, as a member that
+-- failed after its retries does (its error gate publishes the error callback).
+local function on_dead(id, reason)
+  local rec = TAG .. ':r:' .. id
+  local was = redis.call('HGET', rec, 's')
+  record_dead(id, reason)
+  if not was or FINAL[was] then return end
+  local ok, d = pcall(cjson.decode, redis.call('HGET', rec, 'd') or '')
+  if not ok or type(d) ~= 'table' then return end
+  local w, task = d.workflow, d.task_name
+  if d[1] == 1 or d[1] == 2 then w, task = d[#d], d[3] end
+  if type(w) ~= 'string' then return end
+  local err = 'member ' .. id .. ' (' .. tostring(task) .. ') error: dead-lettered: ' .. reason
+  publish_opened(w, member_done(w, id, 'error', err, TTL))
+end
+"""
+    + broker_lua.CLAIM_BODY
+)
+"""CLAIM_BEGIN whose dead-lettering of a workflow member also fails its workflow."""

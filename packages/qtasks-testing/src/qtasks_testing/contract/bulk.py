@@ -1,0 +1,244 @@
+"""Contract suites of the bulk and workflow capabilities of :mod:`qtasks.components`.
+
+:class:`BulkPublishContract` (a ``broker_factory``), :class:`BulkPublishNewContract` (a
+``broker_factory`` and a ``storage_factory`` whose storage the broker shares a server with),
+:class:`BulkAddContract` and :class:`WorkflowStoreContract` (a ``storage_factory``), and
+:class:`WorkflowSettleContract` (a shared server's settle of workflow members) check
+:class:`~qtasks.components.BulkPublish`, :class:`~qtasks.components.BulkPublishNew`,
+:class:`~qtasks.components.BulkAdd` and :class:`~qtasks.components.WorkflowStore`. As in
+:mod:`qtasks_testing.contract.capabilities`, a component without the capability has every test
+of the suite skipped with a reason naming it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import pytest
+
+from qtasks.components import (
+    Broker,
+    BulkAdd,
+    BulkPublish,
+    BulkPublishNew,
+    GateMessage,
+    Storage,
+    WorkflowStore,
+)
+from qtasks.config import QueueConfig
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks_testing.contract._base import ContractSuite
+from qtasks_testing.contract.broker import BrokerFactory, consuming, envelope
+from qtasks_testing.contract.capabilities import Shared, _SharedFixtures, _StorageCapability, lacks
+from qtasks_testing.contract.storage import finished, record
+
+
+class BulkPublishContract(ContractSuite):
+    """The guarantees of :class:`qtasks.components.BulkPublish`, as tests (provide a
+    ``broker_factory`` as for :class:`~qtasks_testing.contract.BrokerContract`)."""
+
+    @pytest.fixture
+    async def broker(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> AsyncIterator[Broker]:
+        broker = broker_factory(contract_config)
+        if not isinstance(broker, BulkPublish):
+            pytest.skip(lacks(broker, BulkPublish))
+        async with AsyncExitStack() as stack:
+            await broker.start(stack, contract_config)
+            yield broker
+
+    @pytest.mark.anyio
+    async def test_publish_many_delivers_every_message_once_in_order(self, broker: Broker) -> None:
+        assert isinstance(broker, BulkPublish)
+        sent = [envelope() for _ in range(1500)]  # more than one batch of the backends here
+        await broker.publish_many(sent)
+        await broker.publish_many([])  # nothing to do, no error
+        got = []
+        async with consuming(broker, prefetch=100) as consumer:
+            for _ in sent:
+                delivery = await consumer.next(timeout=5)
+                got.append((delivery.id, delivery.body))
+                assert await delivery.ack() is True
+            assert await consumer.none_within(0.3) is None
+        assert got == [(e.id, e.body) for e in sent]
+
+    @pytest.mark.anyio
+    async def test_publish_many_keeps_priorities_and_delays(self, broker: Broker) -> None:
+        assert isinstance(broker, BulkPublish)
+        later = envelope(eta=time.time() + 0.6)
+        low, high = envelope(priority=5), envelope(priority=-5)
+        await broker.publish_many([later, low, high])
+        async with consuming(broker) as consumer:
+            order = []
+            for _ in range(3):
+                delivery = await consumer.next(timeout=3)
+                order.append(delivery.id)
+                await delivery.ack()
+        assert order == [high.id, low.id, later.id]
+
+
+class BulkPublishNewContract(_SharedFixtures):
+    """The guarantees of :class:`qtasks.components.BulkPublishNew`, wired as
+    :class:`~qtasks_testing.contract.SharedServerContract`."""
+
+    capabilities = (BulkPublishNew,)
+
+    @pytest.mark.anyio
+    async def test_publish_new_many_stores_records_then_publishes(self, shared: Shared) -> None:
+        assert isinstance(shared.broker, BulkPublishNew)
+        tasks = [shared.new(priority=i % 3) for i in range(1200)]
+        await shared.broker.publish_new_many(shared.storage, [(rec, sent) for sent, rec in tasks])
+        for _, rec in tasks[::97]:
+            assert await shared.storage.get(rec.uuid) == rec
+        seen = set()
+        async with consuming(shared.broker, prefetch=100) as consumer:
+            for _ in tasks:
+                delivery = await consumer.next(timeout=5)
+                seen.add(delivery.id)
+                await delivery.ack()
+        assert seen == {sent.id for sent, _ in tasks}
+
+
+class BulkAddContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.BulkAdd` (provide a ``storage_factory``)."""
+
+    capability = BulkAdd
+
+    @pytest.mark.anyio
+    async def test_add_many_stores_every_record_replacing(self, storage: Storage) -> None:
+        assert isinstance(storage, BulkAdd)
+        old = record()
+        await storage.add(old)
+        assert await storage.save(finished(old, returning="old")) is True
+        fresh = [record(uuid=old.uuid), *(record() for _ in range(1100))]
+        await storage.add_many(fresh)
+        for rec in fresh[::101]:
+            assert await storage.get(rec.uuid) == rec
+
+
+def _gate(name: str) -> GateMessage:
+    return GateMessage(uuid.uuid4().hex, f"body of {name}".encode(), 1, 0.0)
+
+
+class WorkflowStoreContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.WorkflowStore` (a ``storage_factory``).
+
+    Each test stores a workflow of three members ``a``, ``b`` (both feeding gate ``g``, counter
+    2, which publishes one message) and ``c`` (feeding ``final``), plus an error gate."""
+
+    capability = WorkflowStore
+
+    @pytest.fixture
+    async def flow(self, storage: Storage) -> tuple[TaskRecord, dict[str, TaskRecord], GateMessage]:
+        assert isinstance(storage, WorkflowStore)
+        wid = uuid.uuid4().hex
+        own = record(uuid=wid, task_name="qtasks.workflow", workflow=wid, args=[], kwargs={})
+        members = {name: record(workflow=wid) for name in "abc"}
+        opened = _gate("g")
+        gates = {"g": (2, [opened]), "final": (1, []), "error": (1, [_gate("error")])}
+        feeds = {members["a"].uuid: "g", members["b"].uuid: "g", members["c"].uuid: "final"}
+        await storage.add_workflow(own, list(members.values()), gates, feeds)
+        return own, members, opened
+
+    @pytest.mark.anyio
+    async def test_records_are_stored(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        own, members, _ = flow
+        assert await storage.get(own.uuid) == own
+        assert isinstance(storage, WorkflowStore)
+        got = await storage.get_many([members["b"].uuid, "missing", own.uuid])
+        assert got == [members["b"], None, own]
+
+    @pytest.mark.anyio
+    async def test_a_gate_opens_once_when_its_counter_reaches_zero(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        _, members, opened = flow
+        a, b = (finished(members[n], returning=n) for n in "ab")
+        for rec in (a, b):
+            assert await storage.save(rec) is True
+        assert await storage.member_done(a) == []
+        assert await storage.member_done(a) == [], "a repeated member was counted twice"
+        assert await storage.member_done(b) == [opened]
+        # The member that opened the gate gets its messages again (redelivery before the
+        # publish); any other member gets nothing.
+        assert await storage.member_done(b) == [opened]
+        assert await storage.member_done(a) == []
+
+    @pytest.mark.anyio
+    async def test_the_final_gate_ends_the_workflow_with_success(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        own, members, _ = flow
+        c = finished(members["c"], returning=3)
+        await storage.save(c)
+        assert await storage.member_done(c) == []
+        done = await storage.wait(own.uuid, 2)
+        assert done.status is TaskStatus.SUCCESS
+
+    @pytest.mark.anyio
+    async def test_a_failing_member_fails_the_workflow_and_cancels_the_rest(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        own, members, _ = flow
+        a = finished(members["a"], TaskStatus.ERROR, error="ValueError: no")
+        await storage.save(a)
+        opened = await storage.member_done(a)
+        assert [m.body for m in opened] == [b"body of error"]
+        failed = await storage.wait(own.uuid, 2)
+        assert failed.status is TaskStatus.ERROR
+        assert (
+            failed.error is not None and a.uuid in failed.error and "ValueError: no" in failed.error
+        )
+        for name in "bc":
+            rest = await storage.get(members[name].uuid)
+            assert rest is not None and rest.status is TaskStatus.CANCEL
+        # The workflow is over: a late success opens nothing.
+        b = finished(members["b"], returning="late")
+        await storage.save(b, fence=None)
+        assert await storage.member_done(b) == []
+
+
+class WorkflowSettleContract(_SharedFixtures):
+    """:meth:`SharedServer.ack_final` of a workflow member continues its workflow in the same
+    step (wired as :class:`~qtasks_testing.contract.SharedServerContract`; skipped unless the
+    storage is a :class:`~qtasks.components.WorkflowStore`)."""
+
+    @pytest.mark.anyio
+    async def test_ack_final_of_the_last_member_publishes_the_next_step_once(
+        self, shared: Shared
+    ) -> None:
+        storage = shared.storage
+        if not isinstance(storage, WorkflowStore):
+            pytest.skip(lacks(storage, WorkflowStore))
+        wid = uuid.uuid4().hex
+        own = record(uuid=wid, task_name="qtasks.workflow", workflow=wid, args=[], kwargs={})
+        a, b = record(workflow=wid), record(workflow=wid)
+        nxt = _gate("next")
+        gates = {"g": (2, [nxt]), "final": (1, []), "error": (1, [])}
+        await storage.add_workflow(own, [a, b], gates, {a.uuid: "g", b.uuid: "g"})
+        for rec in (a, b):
+            sent, _ = shared.new(uuid=rec.uuid)
+            await shared.broker.publish(sent)
+        async with consuming(shared.broker) as consumer:
+            first = await consumer.next(timeout=2)
+            second = await consumer.next(timeout=2)
+            assert await consumer.none_within(0.2) is None
+            for delivery in (first, second):
+                stored = await storage.get(delivery.id)
+                assert stored is not None
+                begun = await shared.begun(stored, delivery.token)
+                done = finished(begun, returning=delivery.id)
+                assert await shared.server.ack_final(delivery, storage, done) is True
+            published = await consumer.next(timeout=2, what="the gate's message")
+            assert (published.id, published.body) == (nxt.id, nxt.body)
+            assert await published.ack() is True
+            assert await consumer.none_within(0.3) is None

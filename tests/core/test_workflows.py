@@ -1,0 +1,378 @@
+"""Workflows and bulk enqueue on the in-memory components, with an in-process worker: the
+same settle path (SharedServer.ack_final/ack_finals) the Redis backend takes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import (
+    AsyncQueueTasks,
+    MemoryBroker,
+    MemoryStorage,
+    QueueConfig,
+    QueueTasks,
+    TaskDeclarationError,
+    TaskStatus,
+    UnknownTaskError,
+    WorkflowError,
+    chain,
+    chord,
+    group,
+    hookimpl,
+)
+from qtasks.errors import TaskArgumentsError, TaskNotFoundError, TaskTimeoutError
+
+pytestmark = pytest.mark.anyio
+
+
+class PlainBroker(MemoryBroker):
+    """A memory broker that folds nothing into the storage's writes: the settle step takes
+    the path of a broker without a shared server (RabbitMQ's): save, continue, publish,
+    ack."""
+
+    def shares_server_with(self, storage: object) -> bool:
+        return False
+
+
+def make_app(plain: bool = False) -> AsyncQueueTasks:
+    app = AsyncQueueTasks(
+        broker=PlainBroker() if plain else None,
+        config=QueueConfig(max_tasks_process=8, lease=2.0, shutdown_grace=2.0),
+    )
+    calls: list[tuple[str, Any]] = []
+    app.state_calls = calls  # type: ignore[attr-defined]  # the test's own log
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        calls.append(("add", (a, b)))
+        return a + b
+
+    @app.task
+    def double(x: int) -> int:
+        calls.append(("double", x))
+        return 2 * x
+
+    @app.task
+    def total(xs: list[int]) -> int:
+        calls.append(("total", xs))
+        return sum(xs)
+
+    @app.task
+    def fail(x: int) -> int:
+        calls.append(("fail", x))
+        raise ValueError(f"bad {x}")
+
+    @app.task
+    def as_set(x: int) -> Any:
+        return {x}
+
+    @app.task
+    def on_error(workflow: str, note: str) -> str:
+        calls.append(("on_error", (workflow, note)))
+        return note
+
+    @app.task
+    async def slow(x: int) -> int:
+        await anyio.sleep(30)
+        return x
+
+    return app
+
+
+@pytest.fixture(params=["shared", "plain"])
+async def app(request: pytest.FixtureRequest) -> AsyncIterator[AsyncQueueTasks]:
+    """Every test twice: settled through SharedServer.ack_final (as on Redis), and through
+    the plain calls (as with RabbitMQ)."""
+    app = make_app(plain=request.param == "plain")
+    yield app
+    expected = "sequential" if request.param == "plain" else "shared"
+    assert app.enqueue_path == expected, "the test did not take the path it is named for"
+    await app.aclose()
+
+
+def calls(app: AsyncQueueTasks) -> list[tuple[str, Any]]:
+    log: list[tuple[str, Any]] = app.state_calls  # type: ignore[attr-defined]  # set above
+    return log
+
+
+async def test_chain_passes_each_result_on(app: AsyncQueueTasks) -> None:
+    add, double = app.tasks["add"], app.tasks["double"]
+    flow = chain(add.s(1, 2), double.s(), double.s())
+    async with app:
+        started = await app.run_workflow(flow)
+        assert started.status == "running" and len(started.members) == 3
+        done = await started.wait_result(timeout=5)
+    assert (done.status, done.result) == ("success", 12)
+    records = [await app.get(u) for u in done.members]
+    assert [r.status for r in records if r] == [TaskStatus.SUCCESS] * 3
+    assert all(r is not None and r.workflow == done.id for r in records)
+    assert calls(app) == [("add", (1, 2)), ("double", 3), ("double", 6)]
+
+
+async def test_group_results_in_input_order_and_map(app: AsyncQueueTasks) -> None:
+    double = app.tasks["double"]
+    async with app:
+        done = await (await app.run_workflow(group(double.s(i) for i in range(20)))).wait_result(5)
+        mapped = await (await app.run_workflow(double.map(range(5)))).wait_result(5)
+    assert done.result == [2 * i for i in range(20)]
+    assert mapped.result == [0, 2, 4, 6, 8]
+
+
+async def test_chord_callback_gets_every_result_once(app: AsyncQueueTasks) -> None:
+    double, total = app.tasks["double"], app.tasks["total"]
+    async with app:
+        wf = await app.run_workflow(chord(group(double.s(i) for i in range(50)), total.s()))
+        done = await wf.wait_result(timeout=5)
+    assert done.result == sum(2 * i for i in range(50))
+    assert [c for c in calls(app) if c[0] == "total"] == [("total", [2 * i for i in range(50)])]
+
+
+async def test_nesting_chain_of_groups_and_group_of_chains(app: AsyncQueueTasks) -> None:
+    add, double, total = app.tasks["add"], app.tasks["double"], app.tasks["total"]
+    flow = chain(
+        group(chain(add.s(1, 1), double.s()), chain(add.s(2, 2), double.s(), double.s())),
+        total.s(),
+        group(double.s(), add.s(100)),
+    )
+    async with app:
+        done = await (await app.run_workflow(flow)).wait_result(timeout=5)
+    # group of chains: [4, 16] -> total 20 -> [40, 120]
+    assert done.result == [40, 120]
+
+
+async def test_failing_step_fails_the_chain_and_cancels_later_steps(app: AsyncQueueTasks) -> None:
+    add, fail, double = app.tasks["add"], app.tasks["fail"], app.tasks["double"]
+    err = app.signature("on_error", ("note",))
+    async with app:
+        wf = await app.run_workflow(chain(add.s(1, 2), fail.s(), double.s()), on_error=err)
+        done = await wf.wait_result(timeout=5)
+        assert done.on_error is not None
+        callback = await app.wait(done.on_error, 5)
+    assert done.status == "error"
+    assert done.error is not None and done.members[1] in done.error and "bad 3" in done.error
+    later = await app.get(done.members[2])
+    assert later is not None and later.status is TaskStatus.CANCEL
+    assert "double" not in [name for name, _ in calls(app)]
+    assert callback.returning == "note"
+    assert [c for c in calls(app) if c[0] == "on_error"] == [("on_error", (done.id, "note"))]
+
+
+async def test_failing_chord_member_never_runs_the_callback(app: AsyncQueueTasks) -> None:
+    double, fail, total = app.tasks["double"], app.tasks["fail"], app.tasks["total"]
+    async with app:
+        wf = await app.run_workflow(chord([double.s(1), fail.s(7), double.s(2)], total.s()))
+        done = await wf.wait_result(timeout=5)
+    assert done.status == "error"
+    assert done.error is not None and done.members[1] in done.error and "(fail)" in done.error
+    callback = await app.get(done.members[-1])
+    assert callback is not None and callback.status is TaskStatus.CANCEL
+    assert "total" not in [name for name, _ in calls(app)]
+
+
+async def test_non_serialisable_result_fails_the_step_clearly(app: AsyncQueueTasks) -> None:
+    as_set, double = app.tasks["as_set"], app.tasks["double"]
+    async with app:
+        done = await (await app.run_workflow(chain(as_set.s(1), double.s()))).wait_result(5)
+    assert done.status == "error"
+    first = await app.get(done.members[0])
+    assert first is not None and first.error is not None and "SerializationError" in first.error
+    assert "double" not in [name for name, _ in calls(app)]
+
+
+async def test_cancel_workflow_cancels_pending_and_running_members(app: AsyncQueueTasks) -> None:
+    slow, double = app.tasks["slow"], app.tasks["double"]
+    started = anyio.Event()
+
+    class Started:
+        @hookimpl
+        def qtasks_worker_execute_before(self) -> None:
+            started.set()
+
+    app.add_plugin(Started())
+    async with app:
+        wf = await app.run_workflow(chain(slow.s(1), double.s()))
+        with anyio.fail_after(5):
+            await started.wait()
+        cancelled = await app.cancel_workflow(wf.id, "user said so")
+        assert cancelled is not None and cancelled.status == "cancel"
+        running = await app.wait(wf.members[0], 5)
+        assert running.status is TaskStatus.CANCEL
+        pending = await app.get(wf.members[1])
+        assert pending is not None and pending.status is TaskStatus.CANCEL
+        state = await app.get_workflow(wf.id)
+        assert state is not None and (state.status, state.error) == ("cancel", "user said so")
+    assert "double" not in [name for name, _ in calls(app)]
+
+
+async def test_bad_input_is_refused_when_built(app: AsyncQueueTasks) -> None:
+    with pytest.raises(UnknownTaskError):
+        app.signature("nope")
+    with pytest.raises(WorkflowError, match="at least one member"):
+        group([])
+    with pytest.raises(WorkflowError, match="at least one step"):
+        chain()
+    with pytest.raises(WorkflowError, match="signatures"):
+        group([object()])  # type: ignore[list-item]  # the point: not a signature
+    looped = group(app.tasks["double"].s(1))
+    looped.tasks.append(looped)
+    with pytest.raises(WorkflowError, match="contains itself"):
+        await app.run_workflow(looped)
+    with pytest.raises(TaskArgumentsError):  # add needs two arguments: the input and one more
+        await app.run_workflow(chain(app.tasks["double"].s(1), app.tasks["add"].s(1, 2)))
+    assert await app.get_workflow("unknown") is None
+    with pytest.raises(TaskNotFoundError):
+        await app.wait_workflow("unknown", 1)
+
+
+async def test_wait_result_times_out(app: AsyncQueueTasks) -> None:
+    wf = await app.run_workflow(app.tasks["double"].s(1))  # no worker serves
+    with pytest.raises(TaskTimeoutError):
+        await wf.wait_result(timeout=0.1)
+
+
+async def test_add_tasks_enqueues_each_and_fires_hooks_per_task(app: AsyncQueueTasks) -> None:
+    added: list[str] = []
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueued(self, record: Any) -> None:
+            added.append(record.uuid)
+
+    app.add_plugin(Seen())
+    double = app.tasks["double"]
+    records = await double.add_tasks(range(2500))
+    more = await app.add_tasks([app.tasks["add"].s(1, 2), double.s(5).set(priority=-1)])
+    assert added == [r.uuid for r in records + more]
+    with pytest.raises(TaskArgumentsError):
+        await app.add_tasks([app.tasks["add"].s(1)])
+    async with app:
+        results = [(await r.wait_result(5)).returning for r in records[:3] + more]
+    assert results == [0, 2, 4, 3, 10]
+
+
+def test_sync_app_twins() -> None:
+    app = QueueTasks(config=QueueConfig(max_tasks_process=4))
+
+    @app.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    @app.task
+    def total(xs: list[int]) -> int:
+        return sum(xs)
+
+    try:
+        records = inc.add_tasks([1, 2, 3])
+        assert [r.status for r in records] == [TaskStatus.NEW] * 3
+        with app:
+            assert [r.wait_result(5).returning for r in records] == [2, 3, 4]
+            wf = app.run_workflow(chord(inc.map([1, 2]), total.s()))
+            assert wf.wait_result(5).result == 5
+            again = app.get_workflow(wf.id)
+            assert again is not None and again.status == "success"
+    finally:
+        app.close()
+
+
+async def test_a_member_the_worker_rejects_fails_the_workflow() -> None:
+    """A worker that does not know a member's task nacks it: the workflow fails, naming it,
+    instead of waiting for a step that will never come."""
+    broker, storage = MemoryBroker(), MemoryStorage()
+    producer = AsyncQueueTasks(broker=broker, storage=storage)
+
+    @producer.task
+    def ghost(x: int) -> int:
+        return x
+
+    worker = AsyncQueueTasks(broker=broker, storage=storage)
+    try:
+        wf = await producer.run_workflow(chain(ghost.s(1), ghost.s()))
+        async with worker:
+            done = await producer.wait_workflow(wf.id, 5)
+        later = await storage.get(wf.members[1])
+    finally:
+        await producer.aclose()
+        await worker.aclose()
+    assert done.status == "error" and done.error is not None
+    assert wf.members[0] in done.error and "unknown task" in done.error
+    assert later is not None and later.status is TaskStatus.CANCEL
+
+
+class AckFailsOnce(PlainBroker):
+    """The first ack of ``victim``'s message fails, as if its worker died right after
+    publishing the next step: the message comes back after its lease."""
+
+    victim = ""
+
+    settled_again = False
+
+    def _settle(self, token: str) -> Any:
+        entry = self._inflight.get(token)
+        if entry is not None and entry.id == self.victim:
+            self.victim, self.failed = "", entry.id
+            raise ConnectionError("the worker died before its ack")
+        if entry is not None and entry.attempt > 0 and entry.id == self.failed:
+            self.settled_again = True
+        return super()._settle(token)
+
+
+async def test_a_member_redelivered_after_its_step_was_published_publishes_it_once() -> None:
+    broker = AckFailsOnce()
+    app = AsyncQueueTasks(broker=broker, config=QueueConfig(lease=0.5, max_tasks_process=4))
+    runs: list[int] = []
+
+    @app.task
+    def first(x: int) -> int:
+        return x + 1
+
+    @app.task
+    def second(x: int) -> int:
+        runs.append(x)
+        return x * 10
+
+    try:
+        wf = await app.run_workflow(chain(first.s(1), second.s()))
+        broker.victim = wf.members[0]
+        async with app:
+            done = await wf.wait_result(10)
+            # The first step's message was handed back (its ack failed), comes back after a
+            # second, finds its record final and continues the workflow again: nothing left.
+            with anyio.fail_after(5):
+                while True:
+                    stats = await broker.stats()
+                    if not (stats.in_flight or stats.delayed or stats.ready_by_priority):
+                        break
+                    await anyio.sleep(0.05)  # broker state: nothing to wait on
+    finally:
+        await app.aclose()
+    assert broker.failed == wf.members[0], "the ack never failed: the test tested nothing"
+    assert broker.settled_again, "the first step's message never came back"
+    assert (done.status, done.result) == ("success", 20)
+    assert runs == [2], "the next step ran more or less than once"
+
+
+async def test_a_signatures_own_retry_is_used_for_that_call(app: AsyncQueueTasks) -> None:
+    attempts: dict[int, int] = {}
+
+    @app.task(retry=0, retry_backoff=0)
+    def fails_twice(x: int) -> int:
+        attempts[x] = attempts.get(x, 0) + 1
+        if attempts[x] < 3:
+            raise ValueError(f"attempt {attempts[x]}")
+        return x
+
+    async with app:
+        retried = await (await app.run_workflow(fails_twice.s(7).set(retry=2))).wait_result(5)
+        bulk = await app.add_tasks([fails_twice.s(8).set(retry=2), fails_twice.s(9)])
+        results = [await r.wait_result(5) for r in bulk]
+    assert (retried.status, retried.result) == ("success", 7)
+    assert [r.status for r in results] == [TaskStatus.SUCCESS, TaskStatus.ERROR]
+    assert attempts == {7: 3, 8: 3, 9: 1}  # the task's own retry=0 for the plain call
+    with pytest.raises(TaskDeclarationError):
+        fails_twice.s(1).set(retry=-1)
+    with pytest.raises(TaskDeclarationError):
+        app.signature("fails_twice", (1,), priority="high")  # type: ignore[arg-type]  # the point

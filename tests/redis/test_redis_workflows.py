@@ -1,0 +1,187 @@
+"""Workflows on Redis (broker and storage on one server) with real worker processes: the
+continuation is done in the settle script. The producer that starts a workflow is closed
+before the workflow ends: the workers carry it on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from workflow_app import Workers, build, kill_while_running
+
+from qtasks import AsyncQueueTasks, chain, chord, group
+from qtasks.workflows import Node
+from qtasks_redis import RedisBroker
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def workers(tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Workers]:
+    made = Workers(
+        tmp_path,
+        {"QT_BACKEND": "redis", "QT_REDIS": redis_url, "QT_PREFIX": prefix, "QT_LEASE": "2"},
+    )
+    yield made
+    made.stop()
+
+
+def producer(redis_url: str, prefix: str) -> AsyncQueueTasks:
+    return build("redis", redis_url, prefix)
+
+
+async def test_chain_chord_and_nesting_go_on_without_the_producer(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    workers.start(2)
+    app = producer(redis_url, prefix)
+    add, double, total = (app.tasks[n] for n in ("add", "double", "total"))
+    flows: list[Node] = [
+        chain(add.s(1, 2), double.s(), double.s()),
+        chord(double.map(range(200)), total.s()),
+        chain(group(chain(add.s(1, 1), double.s()), add.s(5, 5)), total.s(), double.s()),
+    ]
+    ids = [(await app.run_workflow(flow)).id for flow in flows]
+    await app.aclose()  # every client is gone: the workers carry the workflows on
+    app = producer(redis_url, prefix)
+    try:
+        done = [await app.wait_workflow(id, timeout=30) for id in ids]
+    finally:
+        await app.aclose()
+    assert [(d.status, d.result) for d in done] == [
+        ("success", 12),
+        ("success", sum(2 * i for i in range(200))),
+        ("success", 28),
+    ]
+    assert sorted(workers.ran("total")) == ["2", "200"]
+    assert workers.tracebacks() == []
+
+
+async def test_failures_fail_the_workflow_and_run_the_error_callback_once(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    workers.start(2)
+    app = producer(redis_url, prefix)
+    add, fail, double, total = (app.tasks[n] for n in ("add", "fail", "double", "total"))
+    try:
+        failing_chain = await app.run_workflow(
+            chain(add.s(1, 2), fail.s(), double.s()), on_error=app.signature("on_error")
+        )
+        failing_chord = await app.run_workflow(
+            chord([double.s(i) for i in range(20)] + [fail.s(99)], total.s())
+        )
+        first = await app.wait_workflow(failing_chain.id, 30)
+        second = await app.wait_workflow(failing_chord.id, 30)
+        assert first.on_error is not None
+        callback = await app.wait(first.on_error, 30)
+        later = await app.get(first.members[2])
+    finally:
+        await app.aclose()
+    assert first.status == "error" and first.error is not None
+    assert first.members[1] in first.error and "bad 3" in first.error
+    assert later is not None and later.status.value == "cancel"
+    assert callback.returning == first.id
+    assert workers.ran("on_error") == [first.id]
+    assert second.status == "error" and second.error is not None
+    assert second.members[-2] in second.error  # the failing member, named
+    assert workers.ran("total") == []
+
+
+async def test_cancel_workflow_stops_running_and_pending_members(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    workers.start(1)
+    app = producer(redis_url, prefix)
+    slow, double = app.tasks["slow"], app.tasks["double"]
+    try:
+        wf = await app.run_workflow(chain(slow.s(1, 60), double.s()))
+        with anyio.fail_after(20):
+            while workers.ran("slow") == []:  # noqa: ASYNC110 - another process's ledger
+                await anyio.sleep(0.05)
+        cancelled = await app.cancel_workflow(wf.id, "stop")
+        assert cancelled is not None and cancelled.status == "cancel"
+        running = await app.wait(wf.members[0], 10)
+        pending = await app.get(wf.members[1])
+    finally:
+        await app.aclose()
+    assert running.status.value == "cancel"
+    assert pending is not None and pending.status.value == "cancel"
+    assert workers.ran("double") == []
+
+
+@pytest.mark.slow
+async def test_a_10000_member_chord(workers: Workers, redis_url: str, prefix: str) -> None:
+    workers.start(2)
+    app = producer(redis_url, prefix)
+    noop, total = app.tasks["noop"], app.tasks["total"]
+    try:
+        wf = await app.run_workflow(chord(noop.map(range(10_000)), total.s()))
+        done = await wf.wait_result(timeout=120)
+    finally:
+        await app.aclose()
+    assert (done.status, done.result) == ("success", sum(range(10_000)))
+    assert workers.ran("total") == ["10000"]
+
+
+@pytest.mark.reliability
+async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    """Three workers; one is SIGKILLed at a random moment, again and again, and replaced,
+    while a 2,000-member chord runs (the last kill lands near the end, while the last
+    members settle). Every member's result reaches the callback, which runs once."""
+    workers.start(3)
+    app = producer(redis_url, prefix)
+    slow, total = app.tasks["slow"], app.tasks["total"]
+    members = 2000
+    try:
+        wf = await app.run_workflow(chord([slow.s(i, 0.05) for i in range(members)], total.s()))
+        kills = await kill_while_running(app, wf.id, workers, 10, (0.1, 0.6))
+        done = await app.wait_workflow(wf.id, timeout=60)
+    finally:
+        await app.aclose()
+    assert kills >= 5, f"the chord ended after {kills} kills: too soon to test anything"
+    assert (done.status, done.result) == ("success", sum(range(members)))
+    assert workers.ran("total") == [str(members)], "the callback ran more or less than once"
+    assert {int(v) for v in workers.ran("slow")} == set(range(members))
+
+
+async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
+    redis_url: str, prefix: str
+) -> None:
+    """Delivered more often than max_deliveries (its workers died): the claim that
+    dead-letters it fails its workflow in the same script and publishes the error callback."""
+    app = build("redis", redis_url, prefix)
+    app.broker = RedisBroker(redis_url, prefix=prefix, queue="wf", max_deliveries=1)
+    add, double = app.tasks["add"], app.tasks["double"]
+    try:
+        await app.start()
+        assert isinstance(app.broker, RedisBroker)
+        wf = await app.run_workflow(
+            chain(add.s(1, 2), double.s()), on_error=app.signature("on_error")
+        )
+        seen: list[str] = []
+        for _ in range(2):  # the first claim is handed back unsettled; the second dead-letters
+            opened = app.broker.consume_begun(
+                prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
+            )
+            async with opened as deliveries:
+                with anyio.move_on_after(1):
+                    async for delivery in deliveries:
+                        seen.append(delivery.id)
+                        break
+        state = await app.wait_workflow(wf.id, 5)
+        assert state.status == "error" and state.error is not None
+        assert wf.members[0] in state.error and "dead-lettered" in state.error
+        later = await app.get(wf.members[1])
+        assert later is not None and later.status.value == "cancel"
+        # The claim that dead-lettered the member published the error callback, and took it.
+        assert seen == [wf.members[0], state.on_error]
+        letters = await app.dead_letters()
+        assert [d.id for d in letters] == [wf.members[0]]
+        stats = await app.broker.stats()
+        assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published
+    finally:
+        await app.aclose()

@@ -1,0 +1,1 @@
+from tests.workflow_app import *  # noqa: F403
