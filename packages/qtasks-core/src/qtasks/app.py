@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from qtasks import enqueue as enqueue_step
-from qtasks import report
+from qtasks import flow, report
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
@@ -211,6 +211,12 @@ class AsyncQueueTasks:
         executor: Any = None,
         middlewares_before: Sequence[Middleware] | None = None,
         middlewares_after: Sequence[Middleware] | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        concurrency_key: str | Callable[..., Any] | None = None,
+        max_concurrency: int | None = None,
+        expires: float | None = None,
+        unique_key: Callable[..., Any] | None = None,
         **extra: Any,
     ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 
@@ -494,6 +500,9 @@ class AsyncQueueTasks:
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
+        expires: float | None = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
         _parent_uuid: str | None = None,
         **kwargs: Any,
     ) -> AsyncTask:
@@ -501,7 +510,10 @@ class AsyncQueueTasks:
 
         ``priority`` (lower runs first), ``delay`` (seconds) or ``eta`` (unix time) schedule
         it; with ``timeout`` the call waits for the final record and raises
-        :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. Tasks whose own
+        :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. ``expires``
+        (seconds): not started by then, the task ends ``expired``. ``unique_key``: while a
+        task added with that key is not final (or for ``unique_for`` seconds), adding another
+        returns that task's record instead (see :mod:`qtasks.flow`). Tasks whose own
         parameters use these names are enqueued with :meth:`enqueue`. QTasks' keyword form
         ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
         if task_name is UNSET:
@@ -514,6 +526,9 @@ class AsyncQueueTasks:
             timeout=timeout,
             delay=delay,
             eta=eta,
+            expires=expires,
+            unique_key=unique_key,
+            unique_for=unique_for,
             _parent_uuid=_parent_uuid,
         )
 
@@ -527,6 +542,9 @@ class AsyncQueueTasks:
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
+        expires: float | None = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
         _parent_uuid: str | None = None,
     ) -> AsyncTask:
         """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
@@ -557,7 +575,17 @@ class AsyncQueueTasks:
             message = await self.hooks.transform(
                 "qtasks_task_enqueue", "message", app=self, message=message
             )
-        envelope = self.codec.encode(message, eta)
+        if (
+            expires is not None
+            or unique_key is not None
+            or unique_for is not None
+            or (task is not None and task.flow is not None)
+        ):
+            existing = await flow.prepare(
+                self, task, message, expires=expires, unique_key=unique_key, unique_for=unique_for
+            )
+            if existing is not None:
+                return self._bind(existing)  # a task with this unique key is pending
         record = AsyncTask(
             uuid=message.uuid,
             task_name=message.task_name,
@@ -570,7 +598,14 @@ class AsyncQueueTasks:
             parent_uuid=_parent_uuid,
             _client=self,
         )
-        await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
+        try:
+            envelope = self.codec.encode(message, eta)
+            await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
+        except BaseException:
+            if "unique" in message.headers:
+                with anyio.CancelScope(shield=True):
+                    await flow.unclaim(self, message)
+            raise
         if "qtasks_storage_added" in self.hooks.active:
             await self.hooks.notify("qtasks_storage_added", app=self, record=record)
         if "qtasks_task_enqueued" in self.hooks.active:

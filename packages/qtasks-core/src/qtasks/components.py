@@ -34,9 +34,9 @@ above; ``flush() -> int`` on a broker, storage or global config (delete everythi
 return how many items; ``flush_all`` of :mod:`qtasks.compat.admin` refuses a component without
 it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
-:class:`SharedServer`, :class:`BeginOnClaim`, :class:`LeaseBatch`, :class:`CancelCheck` and
-:class:`CancelFeed`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``
-holds their suites.
+:class:`SharedServer`, :class:`BeginOnClaim`, :class:`LeaseBatch`, :class:`CancelCheck`,
+:class:`CancelFeed` and :class:`FlowControl`, checked with ``isinstance``;
+``qtasks_testing.contract.capabilities`` holds their suites.
 """
 
 from __future__ import annotations
@@ -402,6 +402,63 @@ class GlobalConfig(Protocol):
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """The workers whose last heartbeat has not expired, by id."""
+        ...
+
+
+@runtime_checkable
+class FlowControl(Protocol):
+    """Optional global config capability: the cluster-wide state of flow control (rate
+    limits, concurrency slots and unique keys, see :mod:`qtasks.flow`). Every method is one
+    atomic decision across every process using the same backend (on Redis: one script, timed
+    by the server's clock, never a client's). Without it, tasks declaring ``rate_limit``,
+    ``max_concurrency`` or a unique key fail when the app starts
+    (:class:`~qtasks.errors.ConfigurationError`).
+
+    Keys are opaque strings chosen by the core (``"rate:<task>"``, ``"slots:<task>:<key>"``,
+    ``"unique:<key>"``); an implementation keeps them apart from :class:`GlobalConfig`
+    namespaces.
+    """
+
+    async def reserve_rate(
+        self, key: str, interval: float, burst: int, max_wait: float | None
+    ) -> float | None:
+        """GCRA: reserve the earliest moment at which one more call of ``key`` keeps to one
+        call per ``interval`` seconds, with up to ``burst`` calls at once; return the seconds
+        from now until that moment (``0.0``: now). When it is more than ``max_wait`` seconds
+        away (``None``: no bound), reserve nothing and return ``None``."""
+        ...
+
+    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:
+        """Take one of ``limit`` slots of ``key`` for ``holder`` (taking one it holds renews
+        it) until ``lease`` seconds from now; ``0.0`` when taken. Otherwise count ``holder``
+        as waiting and return the seconds to wait before trying again: about when a slot
+        frees, from the mean time slots were held lately and the number of holders waiting
+        ahead, never later than the earliest lease ends (a killed holder's slot frees then)."""
+        ...
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        """Free the slot ``holder`` holds in ``key``, if any."""
+        ...
+
+    async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
+        """Renew each ``(key, holder)`` slot until ``lease`` seconds from now, in one round
+        trip; the i-th result says whether the i-th slot was still held."""
+        ...
+
+    async def claim_unique(
+        self, key: str, holder: str, ttl: float | None, replace: str | None = None
+    ) -> str | None:
+        """Set ``key`` to ``holder`` (for ``ttl`` seconds) when it is free, or when it holds
+        ``replace``; return ``None`` when set, else the holder it keeps."""
+        ...
+
+    async def release_unique(self, key: str, holder: str) -> bool:
+        """Free ``key`` if it holds ``holder``; ``True`` if it did."""
+        ...
+
+    async def flow_state(self) -> dict[str, dict[str, float]]:
+        """Live figures by key for ``qtasks inspect``: for rate keys ``tokens`` (calls that
+        may start now); for slot keys ``held`` and ``waiting``."""
         ...
 
 

@@ -446,6 +446,12 @@ def qtasks_task_timed_out(app: AsyncQueueTasks, record: TaskRecord, max_time: fl
 
 
 @hookspec
+def qtasks_task_expired(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the task was not started before its ``expires`` time (or could get no
+    rate token before it); its final ``expired`` record is stored and the message acked."""
+
+
+@hookspec
 def qtasks_task_rejected(app: AsyncQueueTasks, delivery: Delivery, reason: str) -> None:
     """Notification: a message could not run at all (undecodable, unknown task, bad
     arguments, too large); it was dead-lettered and its record, if any, says ``error``."""

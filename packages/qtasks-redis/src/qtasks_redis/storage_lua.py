@@ -8,7 +8,7 @@
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
               ``e`` (the record is final) markers
-4-9.          ZSET per status (new, process, success, error, cancel, retry): uuid -> ms,
+4-10.         ZSET per status (new, process, success, error, cancel, retry, expired): uuid -> ms,
               for :meth:`stats` without scanning the keyspace
 """
 
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from qtasks_redis.connection import Script
 
-STATUSES = ("new", "process", "success", "error", "cancel", "retry")
+STATUSES = ("new", "process", "success", "error", "cancel", "retry", "expired")
 
 PRELUDE = r"""
 local K_REC, K_WAKE, K_STEPS = KEYS[1], KEYS[2], KEYS[3]
 local IDX = {new = KEYS[4], process = KEYS[5], success = KEYS[6], error = KEYS[7],
-             cancel = KEYS[8], retry = KEYS[9]}
-local FINAL = {success = true, error = true, cancel = true}
+             cancel = KEYS[8], retry = KEYS[9], expired = KEYS[10]}
+local FINAL = {success = true, error = true, cancel = true, expired = true}
 local WAKE_TTL = 120000
 
 local function now_ms()
@@ -170,7 +170,7 @@ STATS = Script(
 local ttl = tonumber(ARGV[1])
 local now = now_ms()
 local out = {}
-for _, name in ipairs({'new', 'process', 'success', 'error', 'cancel', 'retry'}) do
+for _, name in ipairs({'new', 'process', 'success', 'error', 'cancel', 'retry', 'expired'}) do
   if ttl and FINAL[name] then
     redis.call('ZREMRANGEBYSCORE', IDX[name], '-inf', '(' .. (now - ttl))
   end
