@@ -457,15 +457,11 @@ class FlowGate:
         if stored is not None and stored.status.final:
             await delivery.ack()  # cancelled while queued, or already over
             return
-        record = stored or TaskRecord(
-            uuid=message.uuid,
-            task_name=message.task_name,
-            priority=message.priority,
-            args=message.args,
-            kwargs=message.kwargs,
-            created_at=message.created_at,
-            parent_uuid=message.headers.get("parent_uuid"),
-        )
+        if stored is None:
+            from qtasks.worker import _record_of  # the worker imports this module
+
+            stored = _record_of(message)
+        record = stored
         record.status = TaskStatus.EXPIRED
         record.error = f"expired: not started by {message.headers.get('expires')}"
         record.updated_at = time.time()
