@@ -59,7 +59,8 @@ class Ledger:
     def lines(self) -> list[tuple[str, int, str, float, int]]:
         out = []
         for raw in self.client.lrange(self.key, 0, -1):
-            event, i, key, at, pid = raw.decode().split()
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            event, i, key, at, pid = text.split()
             out.append((event, int(i), key, float(at), int(pid)))
         return out
 
