@@ -11,6 +11,7 @@ from qtasks_testing.contract import (
     BrokerFactory,
     CancelCheckContract,
     CancelFeedContract,
+    FlowControlContract,
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
@@ -41,6 +42,12 @@ class TestMemoryStorage(StorageContract):
 
 
 class TestMemoryGlobalConfig(GlobalConfigContract):
+    @pytest.fixture
+    def global_config_factory(self) -> GlobalConfigFactory:
+        return MemoryGlobalConfig.from_config
+
+
+class TestMemoryFlowControl(FlowControlContract):
     @pytest.fixture
     def global_config_factory(self) -> GlobalConfigFactory:
         return MemoryGlobalConfig.from_config

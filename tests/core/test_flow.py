@@ -3,13 +3,20 @@ keys, unique tasks, and the errors of bad options."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from typer.testing import CliRunner
 
 from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, TaskStatus, hookimpl
+from qtasks.cli import cli
 from qtasks.components import FlowControl
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.flow import Rate, parse_rate
@@ -327,3 +334,59 @@ async def test_task_level_unique_key_function() -> None:
         assert a.uuid == b.uuid != c.uuid
         gate.set()
         await app.wait(c.uuid, timeout=5)
+
+
+# --- qtasks inspect -----------------------------------------------------------------------------
+
+INSPECTED_APP = """
+import threading
+from qtasks import QueueConfig, QueueTasks
+
+app = QueueTasks("flow-cli", config=QueueConfig(plugins_disabled=["timer"], shutdown_grace=1.0))
+release = threading.Event()
+
+@app.task(rate_limit="2/s")
+def limited() -> None: ...
+
+@app.task(concurrency_key="customer", max_concurrency=1)
+def exclusive(customer: str) -> None:
+    release.wait(10)
+"""
+
+
+def test_inspect_shows_limits_tokens_and_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"flowapp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(INSPECTED_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    app = module.app
+    try:
+        with app:
+            for _ in range(3):
+                app.add_task("limited")
+            app.add_task("exclusive", customer="acme")
+            app.add_task("exclusive", customer="acme")
+            deadline = time.monotonic() + 10
+            while True:  # the worker takes the messages in: wait until both limits bite
+                result = CliRunner().invoke(cli, ["inspect", "-A", f"{name}:app", "--json"])
+                assert result.exit_code == 0, result.output
+                flow = json.loads(result.output)["flow"]
+                slots = flow.get("slots:exclusive:acme", {})
+                if slots.get("waiting") == 1 and flow.get("rate:limited", {}).get("waiting"):
+                    break
+                assert time.monotonic() < deadline, flow
+                time.sleep(0.05)  # between two looks at the live figures
+            report = json.loads(result.output)
+            assert report["tasks"]["limited"]["flow"]["rate_limit"] == "2/s"
+            assert report["tasks"]["exclusive"]["flow"]["max_concurrency"] == 1
+            assert slots["held"] == slots["limit"] == 1
+            assert flow["rate:limited"]["tokens"] < 1
+            text = CliRunner().invoke(cli, ["inspect", "-A", f"{name}:app"]).output
+            assert "flow control:" in text
+            assert "slots:exclusive:acme" in text and "1/1" in text
+            module.release.set()
+    finally:
+        module.release.set()
+        sys.modules.pop(name, None)

@@ -12,6 +12,7 @@ from qtasks_testing.contract import (
     BrokerFactory,
     CancelCheckContract,
     CancelFeedContract,
+    FlowControlContract,
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
@@ -46,6 +47,12 @@ class TestRedisStorage(StorageContract):
 
 
 class TestRedisGlobalConfig(GlobalConfigContract):
+    @pytest.fixture
+    def global_config_factory(self, redis_url: str, prefix: str) -> GlobalConfigFactory:
+        return lambda config: RedisGlobalConfig(redis_url, prefix=prefix)
+
+
+class TestRedisFlowControl(FlowControlContract):
     @pytest.fixture
     def global_config_factory(self, redis_url: str, prefix: str) -> GlobalConfigFactory:
         return lambda config: RedisGlobalConfig(redis_url, prefix=prefix)

@@ -336,33 +336,6 @@ async def test_rate_requeues_are_not_attempts_and_expiry_on_redis(local: AsyncQu
     assert 0 <= state["rate:limited"]["tokens"] <= 1
 
 
-async def test_slots_unique_keys_and_state_on_redis(local: AsyncQueueTasks) -> None:
-    gc = local.global_config
-    assert isinstance(gc, FlowControl)
-    async with local:
-        assert await gc.acquire_slot("slots:t:k", 2, "a", 5) == 0
-        assert await gc.acquire_slot("slots:t:k", 2, "b", 5) == 0
-        wait = await gc.acquire_slot("slots:t:k", 2, "c", 5)
-        assert 0 < wait <= 5
-        assert (await gc.flow_state())["slots:t:k"] == {"held": 2, "limit": 2, "waiting": 1}
-        assert await gc.extend_slots([("slots:t:k", "a"), ("slots:t:k", "z")], 5) == [True, False]
-        await gc.release_slot("slots:t:k", "a")
-        assert await gc.acquire_slot("slots:t:k", 2, "c", 5) == 0
-        # A lease that runs out frees the slot by itself.
-        assert await gc.acquire_slot("slots:t:x", 1, "a", 0.2) == 0
-        assert 0 < await gc.acquire_slot("slots:t:x", 1, "b", 0.2) <= 0.2
-        await anyio.sleep(0.25)  # the lease's length, on the server's clock
-        assert await gc.acquire_slot("slots:t:x", 1, "b", 5) == 0
-        assert await gc.claim_unique("unique:u", "h1", None) is None
-        assert await gc.claim_unique("unique:u", "h2", None) == "h1"
-        assert await gc.claim_unique("unique:u", "h2", None, replace="h1") is None
-        assert await gc.release_unique("unique:u", "h1") is False
-        assert await gc.release_unique("unique:u", "h2") is True
-        assert await gc.reserve_rate("rate:t", 10.0, 1, None) == 0
-        assert await gc.reserve_rate("rate:t", 10.0, 1, 5.0) is None  # 10 s away: refused
-        assert await gc.reserve_rate("rate:t", 10.0, 1, None) == pytest.approx(10, abs=0.1)
-
-
 def test_max_overlap_counts_an_end_before_a_start_at_a_tie() -> None:
     assert max_overlap([(0, 1), (1, 2)]) == 1
     assert max_in_window([0.0, 0.5, 0.99, 1.0]) == 3

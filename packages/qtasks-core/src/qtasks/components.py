@@ -457,8 +457,10 @@ class FlowControl(Protocol):
         ...
 
     async def flow_state(self) -> dict[str, dict[str, float]]:
-        """Live figures by key for ``qtasks inspect``: for rate keys ``tokens`` (calls that
-        may start now); for slot keys ``held`` and ``waiting``."""
+        """Live figures of the keys used lately, for ``qtasks inspect``: for a rate key
+        ``tokens`` (calls that may start now), ``burst``, ``per_second`` and ``waiting``
+        (calls reserved for later); for a slot key ``held``, ``limit`` and ``waiting``
+        (holders told to try again within the last second or later)."""
         ...
 
 

@@ -170,9 +170,11 @@ for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     if f[1] then
       local tat, interval, burst = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
       if tat < now then tat = now end
-      local tokens = burst - (tat - now) / interval
+      local ahead = (tat - now) / interval
+      local tokens, waiting = burst - ahead, math.ceil(ahead - burst - 0.000001)
       if tokens < 0 then tokens = 0 end
-      state = {tokens = tokens, burst = burst, per_second = 1000 / interval}
+      if waiting < 0 then waiting = 0 end
+      state = {tokens = tokens, burst = burst, per_second = 1000 / interval, waiting = waiting}
     end
   else
     redis.call('ZREMRANGEBYSCORE', base, '-inf', now)

@@ -3,6 +3,7 @@ the workers of one process (:class:`~qtasks.components.FlowControl`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -212,8 +213,13 @@ class MemoryGlobalConfig(_Lifecycle):
         now = time.monotonic()
         out: dict[str, dict[str, float]] = {}
         for key, (tat, interval, burst) in self._rates.items():
-            tokens = min(max(burst - (max(tat, now) - now) / interval, 0.0), burst)
-            out[key] = {"tokens": round(tokens, 2), "burst": burst, "per_second": 1 / interval}
+            ahead = (max(tat, now) - now) / interval
+            out[key] = {
+                "tokens": round(min(max(burst - ahead, 0.0), burst), 2),
+                "burst": burst,
+                "per_second": 1 / interval,
+                "waiting": max(math.ceil(ahead - burst - 1e-6), 0),
+            }
         for key, slots in self._slots.items():
             slots.prune(now)
             out[key] = {

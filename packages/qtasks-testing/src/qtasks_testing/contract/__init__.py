@@ -23,6 +23,7 @@ from qtasks_testing.contract.capabilities import (
     LeaseBatchContract,
     SharedServerContract,
 )
+from qtasks_testing.contract.flow import FlowControlContract
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
@@ -34,6 +35,7 @@ __all__ = [
     "CancelFeedContract",
     "Consumer",
     "ContractSuite",
+    "FlowControlContract",
     "GlobalConfigContract",
     "GlobalConfigFactory",
     "LeaseBatchContract",
