@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from flow_windows import max_in_window, max_overlap
 from typer.testing import CliRunner
 
 from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, TaskStatus, hookimpl
@@ -23,27 +24,6 @@ from qtasks.flow import Rate, parse_rate
 from qtasks.memory import MemoryGlobalConfig
 
 pytestmark = pytest.mark.anyio
-
-
-def max_in_window(starts: list[float], window: float = 1.0) -> int:
-    """The most start times within any ``window`` seconds."""
-    starts = sorted(starts)
-    best, lo = 0, 0
-    for hi, t in enumerate(starts):
-        while t - starts[lo] >= window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
-def max_overlap(spans: list[tuple[float, float]]) -> int:
-    """The most spans ``(start, end)`` open at one moment."""
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    best = now = 0
-    for _, step in events:
-        now += step
-        best = max(best, now)
-    return best
 
 
 class Expired:
@@ -84,6 +64,7 @@ def test_bad_rate_strings_are_refused_at_declaration(bad: str) -> None:
         ({"concurrency_key": "x"}, "needs max_concurrency"),
         ({"concurrency_key": 3, "max_concurrency": 1}, "kwarg name or a callable"),
         ({"concurrency_key": "x", "max_concurrency": 0}, "int >= 1"),
+        ({"concurrency_key": "nope", "max_concurrency": 1}, "'nope' is not a parameter"),
         ({"expires": -1}, "expires expects seconds > 0"),
         ({"expires": 0}, "expires expects seconds > 0"),
         ({"unique_key": "k"}, "unique_key expects a callable"),

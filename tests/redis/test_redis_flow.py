@@ -17,6 +17,7 @@ import anyio
 import pytest
 import redis
 from flow_app import BURST, PER_KEY, build
+from flow_windows import max_in_window, max_overlap
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks.components import FlowControl
@@ -26,27 +27,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 HERE = Path(__file__).parent
 RABBITMQ_URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def max_in_window(starts: list[float], window: float = 1.0) -> int:
-    """The most start times within any ``window`` seconds."""
-    starts = sorted(starts)
-    best, lo = 0, 0
-    for hi, t in enumerate(starts):
-        while t - starts[lo] >= window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
-def max_overlap(spans: list[tuple[float, float]]) -> int:
-    """The most spans ``(start, end)`` open at one moment (an end before a start at a tie)."""
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    best = now = 0
-    for _, step in events:
-        now += step
-        best = max(best, now)
-    return best
 
 
 class Ledger:

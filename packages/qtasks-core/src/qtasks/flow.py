@@ -20,6 +20,7 @@ tasks with a flow option or with headers: other tasks pay one attribute test.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -110,17 +111,14 @@ class FlowSpec:
     max_concurrency: int | None
     expires: float | None
     unique_key: Callable[..., Any] | None
+    signature: inspect.Signature | None = None
+    """The caller's signature of the task, to find a key argument passed by position."""
 
     def concurrency_key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         """The concurrency key of a call; :class:`TaskArgumentsError` when the key function
         fails or gives something that is not a str, an int or a tuple of them."""
         if isinstance(self.key, str):
-            if self.key not in kwargs:
-                raise TaskArgumentsError(
-                    f"task {self.task!r}: concurrency_key {self.key!r} names a keyword "
-                    f"argument the call does not pass"
-                )
-            value = kwargs[self.key]
+            value = self._argument(self.key, args, kwargs)
         else:
             assert self.key is not None
             value = _call_key(self.task, "concurrency_key", self.key, args, kwargs)
@@ -128,6 +126,24 @@ class FlowSpec:
         if text is None:
             raise TaskArgumentsError(_bad_key(self.task, "concurrency_key", value))
         return text
+
+    def _argument(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """The value of the task's parameter ``name`` in a call (by keyword, by position or
+        its default)."""
+        if name in kwargs:
+            return kwargs[name]
+        if self.signature is not None:
+            try:
+                bound = self.signature.bind_partial(*args, **kwargs)
+            except TypeError:
+                bound = None
+            if bound is not None:
+                bound.apply_defaults()
+                if name in bound.arguments:
+                    return bound.arguments[name]
+        raise TaskArgumentsError(
+            f"task {self.task!r}: the call passes no argument {name!r} (its concurrency_key)"
+        )
 
     def default_unique_key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """The task-level unique key of a call (``None`` without a key function)."""
@@ -213,8 +229,10 @@ def check_expires(value: Any, what: str, error: type[QTasksError] = TaskDeclarat
     return float(value)
 
 
-def flow_spec(options: TaskOptions) -> FlowSpec | None:
-    """The checked flow options of a task, ``None`` when it has none (the common case)."""
+def flow_spec(options: TaskOptions, signature: inspect.Signature | None = None) -> FlowSpec | None:
+    """The checked flow options of a task whose callers use ``signature``, ``None`` when it
+    has none (the common case). Raises :class:`TaskDeclarationError` when ``concurrency_key``
+    names no parameter of ``signature``."""
     if (
         options.rate_limit is None
         and options.max_concurrency is None
@@ -222,6 +240,15 @@ def flow_spec(options: TaskOptions) -> FlowSpec | None:
         and options.unique_key is None
     ):
         return None
+    key = options.concurrency_key
+    if isinstance(key, str) and signature is not None:
+        params = signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if key not in params and not takes_any:
+            raise TaskDeclarationError(
+                f"task {options.name!r}: option concurrency_key {key!r} is not a parameter "
+                f"of the task ({', '.join(params) or 'it takes none'})"
+            )
     return FlowSpec(
         task=options.name,
         rate=None if options.rate_limit is None else parse_rate(options.rate_limit),
@@ -230,6 +257,7 @@ def flow_spec(options: TaskOptions) -> FlowSpec | None:
         max_concurrency=options.max_concurrency,
         expires=options.expires,
         unique_key=options.unique_key,
+        signature=signature,
     )
 
 

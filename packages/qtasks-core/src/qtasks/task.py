@@ -248,11 +248,11 @@ class TaskDef(Generic[P, R]):
         self.options = options
         self.name = options.name
         self.kind = task_kind(func)
-        self.flow = flow_spec(options)
-        """The task's flow-control options (:mod:`qtasks.flow`), ``None`` without any."""
         if options.echo and not inspect.signature(func).parameters:
             raise TaskDeclarationError(f"task {self.name!r}: echo=True needs a first parameter")
         self._use(resolved_signature(func))
+        self.flow = flow_spec(options, self.caller_signature)
+        """The task's flow-control options (:mod:`qtasks.flow`), ``None`` without any."""
         scope = _declaring_scope() if self.unresolved else None
         if scope is not None:
             self._refuse_local_injections(scope)
