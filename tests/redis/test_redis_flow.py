@@ -316,6 +316,30 @@ async def test_rate_requeues_are_not_attempts_and_expiry_on_redis(local: AsyncQu
     assert 0 <= state["rate:limited"]["tokens"] <= 1
 
 
+async def test_a_held_message_s_record_says_new_until_it_runs(local: AsyncQueueTasks) -> None:
+    # The Redis broker begins records on claim ('process'); a message held by flow control
+    # goes back to 'new', with the moment it is due as its eta.
+    app = local
+
+    @app.task(rate_limit="1/m")
+    async def rare(i: int) -> int:
+        return i
+
+    async with app:
+        first = await app.add_task("rare", 1)
+        assert (await app.wait(first.uuid, timeout=5)).status is TaskStatus.SUCCESS
+        held = await app.add_task("rare", 2)
+        with anyio.fail_after(5):
+            while True:  # a remote record: looked at until the worker held the message
+                record = await app.get(held.uuid)
+                assert record is not None
+                if record.eta is not None:
+                    break
+                await anyio.sleep(0.02)
+        assert record.status is TaskStatus.NEW
+        assert 50 < record.eta - time.time() <= 60
+
+
 def test_max_overlap_counts_an_end_before_a_start_at_a_tie() -> None:
     assert max_overlap([(0, 1), (1, 2)]) == 1
     assert max_in_window([0.0, 0.5, 0.99, 1.0]) == 3

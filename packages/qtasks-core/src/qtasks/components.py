@@ -275,9 +275,10 @@ class Storage(Protocol):
       fence (or the stored record has no token), so a worker that lost its lease cannot
       overwrite a newer attempt's result; it returns ``False`` when refused.
     * Final is final: a record whose stored status is final (``success``, ``error``,
-      ``cancel``) is never overwritten by :meth:`save` with another status, fenced or not
-      (``False``). A cancel made while the task ran therefore stays a cancel when the task's
-      result comes in; only :meth:`add` (a deliberate reset) replaces a final record.
+      ``cancel``, ``expired``) is never overwritten by :meth:`save` with another status,
+      fenced or not (``False``). A cancel made while the task ran therefore stays a cancel
+      when the task's result comes in; only :meth:`add` (a deliberate reset) replaces a final
+      record.
     * :meth:`wait` returns as soon as a final record is saved (woken, not polled) and raises
       :class:`~qtasks.errors.TaskTimeoutError` at the deadline.
     * Generator steps appended with :meth:`add_step` are readable in order by :meth:`steps`

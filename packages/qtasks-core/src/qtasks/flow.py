@@ -475,6 +475,12 @@ class FlowGate:
         message's headers as they are now when ``rewrite``."""
         if expires is not None:
             wait = min(wait, max(expires - now, 0.0))
+        begun: TaskRecord | None = getattr(delivery, "begun", None)
+        if begun is not None and not begun.status.final:
+            # Begun on claim (BeginOnClaim): the task is waiting, not running; the record
+            # says so again (fenced: a newer delivery's begin wins).
+            begun.status, begun.eta, begun.updated_at = TaskStatus.NEW, now + wait, now
+            await app.storage.save(begun, fence=delivery.token)
         body = app.codec.encode(message).body if rewrite else None
         await delivery.requeue(delay=wait, body=body)
         if "qtasks_broker_requeued" in app.hooks.active:
@@ -495,13 +501,18 @@ class FlowGate:
         record.updated_at = time.time()
         record.token = None
         saved = await app.storage.save(record)
+        hooks = app.hooks
+        if saved and "qtasks_storage_saved" in hooks.active:
+            await hooks.notify("qtasks_storage_saved", app=app, record=record)
         await delivery.ack()
+        if "qtasks_broker_acked" in hooks.active:
+            await hooks.notify("qtasks_broker_acked", app=app, record=record)
         unique = message.headers.get("unique")
         if unique and not unique[2]:
             await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
         if saved:
             log.info("task %s (%s) expired before it started", record.uuid, record.task_name)
-            await app.hooks.notify("qtasks_task_expired", app=app, record=record)
+            await hooks.notify("qtasks_task_expired", app=app, record=record)
 
     async def release(self, app: AsyncQueueTasks, token: str, record: TaskRecord) -> None:
         """After the run of delivery ``token`` is settled: free its slot, and its unique key

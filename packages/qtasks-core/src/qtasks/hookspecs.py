@@ -55,6 +55,12 @@ step). Then:
 * a message that cannot run (undecodable, unknown task, bad arguments):
   ``qtasks_broker_nacked`` → ``qtasks_task_rejected`` (nothing of the above after
   ``qtasks_broker_message_received``).
+* expired (not started by its ``expires`` time, :mod:`qtasks.flow`): after
+  ``qtasks_worker_task_received``, ``qtasks_storage_saved`` (``expired``) →
+  ``qtasks_broker_acked`` → ``qtasks_task_expired``.
+* held by flow control (a rate token or a concurrency slot for later): after
+  ``qtasks_worker_task_received``, ``qtasks_broker_requeued`` (with the delay); the next
+  delivery starts over.
 
 Reading: ``app.get`` → ``qtasks_storage_got``; ``app.config_get`` → ``qtasks_global_config_got``;
 ``app.config_set`` → ``qtasks_global_config_write`` (transform) → the write →
