@@ -25,12 +25,15 @@ from typing import Any
 from qtasks.memory.global_config import HOLD_GUESS, HOLD_WEIGHT
 from qtasks_redis.connection import Client, RedisTarget, Script, guarded
 
-IDLE_MS = 3_600_000
-"""Milliseconds after its last use when a flow key expires."""
-
 _NOW = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+-- Note name as used now in the names index, which forgets names idle for an hour.
+local function names(key, name)
+  redis.call('ZADD', key, now, name)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 3600000)
+  redis.call('PEXPIRE', key, 3600000)
+end
 """
 
 # KEYS: rate hash, names. ARGV: interval_ms, burst, max_wait_ms ('' for none), name.
@@ -48,7 +51,7 @@ if max_wait and wait > max_wait then return false end
 redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', tat + interval), 'i', ARGV[1],
            'b', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tat + interval - now) + 60000)
-redis.call('ZADD', KEYS[2], now, ARGV[4])
+names(KEYS[2], ARGV[4])
 return string.format('%.3f', wait)
 """
 )
@@ -78,7 +81,7 @@ _ACQUIRE = Script(
 local limit, holder, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 prune()
 redis.call('HSET', K_META, 'limit', ARGV[1])
-redis.call('ZADD', KEYS[5], now, ARGV[4])
+names(KEYS[5], ARGV[4])
 keep(math.max(lease * 2, 600000))
 if redis.call('ZSCORE', K_LEASES, holder) or redis.call('ZCARD', K_LEASES) < limit then
   redis.call('ZADD', K_LEASES, now + lease, holder)
@@ -160,7 +163,6 @@ return 0
 _STATE = Script(
     _NOW
     + r"""
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)
 local out = {}
 for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local base = ARGV[1] .. ':' .. name
