@@ -371,3 +371,46 @@ def test_inspect_shows_limits_tokens_and_waiting(
     finally:
         module.release.set()
         sys.modules.pop(name, None)
+
+
+async def test_a_failed_publish_gives_the_unique_key_back() -> None:
+    class Flaky(MemoryBroker):
+        fail = True
+
+        async def publish(self, envelope: Any) -> None:
+            if self.fail:
+                self.fail = False
+                raise ConnectionError("broker down")
+            await super().publish(envelope)
+
+    app = AsyncQueueTasks("t", broker=Flaky())
+
+    @app.task
+    async def send() -> None: ...
+
+    async with app:
+        with pytest.raises(ConnectionError):
+            await app.add_task("send", unique_key="once")
+        task = await app.add_task("send", unique_key="once")  # the key was given back
+        assert (await app.wait(task.uuid, timeout=5)).status is TaskStatus.SUCCESS
+
+
+async def test_a_unique_key_whose_task_left_no_record() -> None:
+    app = AsyncQueueTasks("t")
+
+    @app.task
+    async def send() -> None: ...
+
+    gc = app.global_config
+    assert isinstance(gc, MemoryGlobalConfig)
+    async with app:
+        # A holder enqueued just now (its record is on its way): its uuid comes back, as new.
+        await gc.claim_unique("unique:fresh", f"{'a' * 32}@{time.time():.3f}@", None)
+        fresh = await app.add_task("send", unique_key="fresh")
+        assert (fresh.uuid, fresh.status) == ("a" * 32, TaskStatus.NEW)
+        # A holder long gone (its process died between the claim and the publish, or its
+        # record expired): the key is taken over.
+        await gc.claim_unique("unique:stale", f"{'b' * 32}@{time.time() - 60:.3f}@", None)
+        taken = await app.add_task("send", unique_key="stale")
+        assert taken.uuid != "b" * 32
+        assert (await app.wait(taken.uuid, timeout=5)).status is TaskStatus.SUCCESS

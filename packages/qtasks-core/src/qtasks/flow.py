@@ -348,10 +348,15 @@ async def _holder_record(app: AsyncQueueTasks, held: str, message: Message) -> T
 
 
 async def unclaim(app: AsyncQueueTasks, message: Message) -> None:
-    """Free the unique key claimed for ``message`` (its publish failed)."""
+    """Free the unique key claimed for ``message`` (its publish failed). Never raises: the
+    publish's error is the one to report, and a key left behind is taken over by the first
+    add after :data:`UNIQUE_GRACE` (its task has no record)."""
     unique = message.headers.get("unique")
     if unique:
-        await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
+        try:
+            await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
+        except Exception as exc:
+            log.warning("could not free unique key %s after a failed add: %s", unique[0], exc)
 
 
 # --- worker side -----------------------------------------------------------------------------
