@@ -19,8 +19,9 @@ import redis
 from flow_app import BURST, PER_KEY, build
 from flow_windows import max_in_window, max_overlap
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
-from qtasks.components import FlowControl
+from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus
+from qtasks.components import FlowControl, UniquePublish
+from qtasks.messages import Message, new_uuid
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -223,18 +224,20 @@ async def test_a_killed_slot_holder_frees_its_slot_within_the_lease(
     assert after[3] - killed_at <= 2.0 + 1.5, after[3] - killed_at
 
 
-@pytest.mark.parametrize("broker_kind", ["redis"])
 async def test_ten_concurrent_adds_with_one_key_from_three_processes_make_one_task(
-    rig: tuple[AsyncQueueTasks, Workers, Ledger], redis_url: str, prefix: str, tmp_path: Path
+    rig: tuple[AsyncQueueTasks, Workers, Ledger], redis_url: str, prefix: str, broker_kind: str
 ) -> None:
+    # Redis broker: the claim is folded into the publish script (UniquePublish); RabbitMQ
+    # broker: claimed in the global config first.
     app, _, _ = rig
     go = time.time() + 3.0
+    rabbitmq = RABBITMQ_URL if broker_kind == "rabbitmq" else ""
     script = f"""
 import sys, time, anyio
 sys.path.insert(0, {str(HERE)!r})
 from flow_app import build
 async def main():
-    app = build({redis_url!r}, {prefix!r}, queue="flow-{prefix}")
+    app = build({redis_url!r}, {prefix!r}, queue="flow-{prefix}", rabbitmq={rabbitmq!r} or None)
     await app.start()
     time.sleep(max({go} - time.time(), 0))  # all processes add at the same moment
     uuids = []
@@ -264,6 +267,8 @@ anyio.run(main)
     assert len(set(uuids)) == 1
     assert await app.storage.stats() == {"new": 1}
     assert sum((await app.broker.stats()).ready_by_priority.values()) == 1
+    folded = isinstance(app.broker, UniquePublish)
+    assert folded == (broker_kind == "redis")
 
 
 # --- in process -------------------------------------------------------------------------------
@@ -338,6 +343,48 @@ async def test_a_held_message_s_record_says_new_until_it_runs(local: AsyncQueueT
                 await anyio.sleep(0.02)
         assert record.status is TaskStatus.NEW
         assert 50 < record.eta - time.time() <= 60
+
+
+async def test_the_unique_claim_is_folded_into_the_publish_script(local: AsyncQueueTasks) -> None:
+    app = local
+
+    @app.task
+    async def send(to: str) -> str:
+        return to
+
+    await app.start()
+    broker, gc = app.broker, app.global_config
+    assert isinstance(broker, UniquePublish) and isinstance(gc, FlowControl)
+    assert broker.shares_server_with_config(gc)
+    results: list[str] = []
+
+    async def add(to: str) -> None:
+        results.append((await app.add_task("send", to, unique_key="k")).uuid)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(10):
+            tg.start_soon(add, str(i))
+    assert len(set(results)) == 1
+    # One script claims, stores and publishes: a held key writes nothing at all.
+    message = Message(uuid=new_uuid(), task_name="send", args=["x"])
+    record = TaskRecord(uuid=message.uuid, task_name="send", args=["x"])
+    envelope = app.codec.encode(message)
+    held = await broker.publish_new_unique(
+        envelope, app.storage, record, gc, ("unique:k", "other@0@", None, None)
+    )
+    assert held is not None and held.startswith(results[0])
+    assert await app.storage.get(message.uuid) is None
+    assert await app.storage.stats() == {"new": 1}
+    assert sum((await broker.stats()).ready_by_priority.values()) == 1
+    # Claimed: the record and the message are written with it.
+    assert (
+        await broker.publish_new_unique(
+            envelope, app.storage, record, gc, ("unique:k2", "mine@0@", None, None)
+        )
+        is None
+    )
+    assert await gc.claim_unique("unique:k2", "x", None) == "mine@0@"
+    assert await app.storage.stats() == {"new": 2}
 
 
 def test_max_overlap_counts_an_end_before_a_start_at_a_tie() -> None:

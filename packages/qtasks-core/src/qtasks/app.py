@@ -581,11 +581,10 @@ class AsyncQueueTasks:
             or unique_for is not None
             or (task is not None and task.flow is not None)
         ):
-            existing = await flow.prepare(
+            flow.prepare(
                 self, task, message, expires=expires, unique_key=unique_key, unique_for=unique_for
             )
-            if existing is not None:
-                return self._bind(existing)  # a task with this unique key is pending
+        envelope = self.codec.encode(message, eta)
         record = AsyncTask(
             uuid=message.uuid,
             task_name=message.task_name,
@@ -598,14 +597,12 @@ class AsyncQueueTasks:
             parent_uuid=_parent_uuid,
             _client=self,
         )
-        try:
-            envelope = self.codec.encode(message, eta)
+        if "unique" in message.headers:  # claimed with the enqueue step (qtasks.flow)
+            existing = await flow.publish_unique(self, record, envelope, message)
+            if existing is not None:
+                return self._bind(existing)  # a task with this unique key is pending
+        else:
             await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
-        except BaseException:
-            if "unique" in message.headers:
-                with anyio.CancelScope(shield=True):
-                    await flow.unclaim(self, message)
-            raise
         if "qtasks_storage_added" in self.hooks.active:
             await self.hooks.notify("qtasks_storage_added", app=self, record=record)
         if "qtasks_task_enqueued" in self.hooks.active:

@@ -35,7 +35,8 @@ return how many items; ``flush_all`` of :mod:`qtasks.compat.admin` refuses a com
 it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`LeaseBatch`, :class:`CancelCheck`,
-:class:`CancelFeed` and :class:`FlowControl`, checked with ``isinstance``;
+:class:`CancelFeed`, :class:`FlowControl` and :class:`UniquePublish`, checked with
+``isinstance``;
 ``qtasks_testing.contract.capabilities`` holds their suites.
 """
 
@@ -462,6 +463,32 @@ class FlowControl(Protocol):
         ``tokens`` (calls that may start now), ``burst``, ``per_second`` and ``waiting``
         (calls reserved for later); for a slot key ``held``, ``limit`` and ``waiting``
         (holders told to try again within the last second or later)."""
+        ...
+
+
+@runtime_checkable
+class UniquePublish(Protocol):
+    """Optional capability of a :class:`SharedServer` broker: claim a unique key of a
+    :class:`FlowControl` global config on the same server in the round trip that stores and
+    publishes the new task, atomically, so no crash can leave a key claimed for a task that was
+    never enqueued. Without it the core claims the key first and gives it back if the publish
+    fails (see :mod:`qtasks.flow`)."""
+
+    def shares_server_with_config(self, global_config: GlobalConfig) -> bool:
+        """Whether :meth:`publish_new_unique` may be used with ``global_config``."""
+        ...
+
+    async def publish_new_unique(
+        self,
+        envelope: Envelope,
+        storage: Storage,
+        record: TaskRecord,
+        global_config: GlobalConfig,
+        claim: tuple[str, str, float | None, str | None],
+    ) -> str | None:
+        """Exactly ``held = await global_config.claim_unique(*claim)`` (key, holder, ttl,
+        replace) followed, when ``held`` is ``None``, by :meth:`SharedServer.publish_new` of
+        ``envelope`` and ``record``, in one atomic round trip; returns ``held``."""
         ...
 
 

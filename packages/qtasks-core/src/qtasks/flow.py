@@ -29,9 +29,11 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qtasks.components import Delivery, FlowControl
+import anyio
+
+from qtasks.components import Delivery, FlowControl, UniquePublish
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
-from qtasks.messages import Message
+from qtasks.messages import Envelope, Message
 from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -276,7 +278,7 @@ def flow_control(app: AsyncQueueTasks, why: str) -> FlowControl:
 # --- producer side ---------------------------------------------------------------------------
 
 
-async def prepare(
+def prepare(
     app: AsyncQueueTasks,
     task: TaskDef[..., Any] | None,
     message: Message,
@@ -284,10 +286,10 @@ async def prepare(
     expires: float | None,
     unique_key: str | None,
     unique_for: float | None,
-) -> TaskRecord | None:
-    """Stamp ``message`` with its flow headers and claim its unique key. Returns the record of
-    the task that holds the key (the caller returns it instead of enqueueing), else ``None``.
-    Raises for bad options before anything is written."""
+) -> None:
+    """Stamp ``message`` with its flow headers (the unique key is claimed by
+    :func:`publish_unique`, with the enqueue step). Raises for bad options before anything is
+    written."""
     spec = None if task is None else task.flow
     if expires is not None:
         expires = check_expires(expires, "add_task: expires", TaskArgumentsError)
@@ -308,22 +310,51 @@ async def prepare(
         headers["ckey"] = spec.concurrency_key(message.args, message.kwargs)
     if unique_key is None:
         return None
-    fc = flow_control(app, "unique_key")
+    flow_control(app, "unique_key")  # a clear error now, not after the message is encoded
     holder = f"{message.uuid}@{message.created_at:.3f}@{'k' if unique_for else ''}"
-    key = f"unique:{unique_key}"
+    headers["unique"] = [f"unique:{unique_key}", holder, unique_for or 0]
+    return None
+
+
+async def publish_unique(
+    app: AsyncQueueTasks, record: TaskRecord, envelope: Envelope, message: Message
+) -> TaskRecord | None:
+    """The enqueue step of a task with a unique key (its ``unique`` header set by
+    :func:`prepare`): claim the key and store and publish the task, or return the record of
+    the task holding the key. With a :class:`UniquePublish` broker on the global config's
+    server both are one atomic round trip; otherwise the key is claimed first and given back
+    if the publish fails. A key whose task is over is taken over (compare-and-set)."""
+    key, holder, unique_for = message.headers["unique"]
+    ttl: float | None = unique_for or None
+    gc = app.global_config
+    fc = flow_control(app, "unique_key")
+    shared = app.shared_server
+    folded = (
+        shared
+        if isinstance(shared, UniquePublish) and shared.shares_server_with_config(gc)
+        else None
+    )
+    replace: str | None = None
     for _ in range(3):
-        held = await fc.claim_unique(key, holder, unique_for)
+        if folded is not None:
+            claim = (key, holder, ttl, replace)
+            held = await folded.publish_new_unique(envelope, app.storage, record, gc, claim)
+        else:
+            held = await fc.claim_unique(key, holder, ttl, replace)
+            if held is None:
+                try:
+                    await app._store_and_publish(record, envelope)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await unclaim(app, message)
+                    raise
         if held is None:
-            headers["unique"] = [key, holder, unique_for is not None]
             return None
         existing = await _holder_record(app, held, message)
         if existing is not None:
             return existing
-        # The holder is over: take the key over from it, unless another adder just did.
-        if await fc.claim_unique(key, holder, unique_for, replace=held) is None:
-            headers["unique"] = [key, holder, unique_for is not None]
-            return None
-    raise ConfigError(f"unique key {unique_key!r} changed hands three times during one add")
+        replace = held  # its task is over: take the key over, unless another adder just did
+    raise ConfigError(f"unique key {key!r} changed hands three times during one add")
 
 
 async def _holder_record(app: AsyncQueueTasks, held: str, message: Message) -> TaskRecord | None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qtasks.memory.global_config import HOLD_GUESS, HOLD_WEIGHT
+from qtasks_redis import shared_lua
 from qtasks_redis.connection import Client, RedisTarget, Script, guarded
 
 _NOW = r"""
@@ -151,6 +152,29 @@ return false
 """
 )
 
+PUBLISH_NEW_UNIQUE = Script(
+    r"""
+-- _CLAIM_UNIQUE, then, when the key was claimed, the shared server's PUBLISH_NEW (record and
+-- message). KEYS and ARGV are PUBLISH_NEW's; four more ARGV: the unique key (its name, not in
+-- KEYS: this runs only outside Redis Cluster, as PUBLISH_NEW), holder, ttl_ms ('' for none),
+-- replace (''). Returns the holder kept (nothing written), or PUBLISH_NEW's reply.
+local n = #ARGV
+local ukey, holder, ttl, replace = ARGV[n - 3], ARGV[n - 2], ARGV[n - 1], ARGV[n]
+local held = redis.call('GET', ukey)
+if held and held ~= replace then return held end
+if ttl ~= '' then
+  redis.call('SET', ukey, holder, 'PX', ttl)
+else
+  redis.call('SET', ukey, holder)
+end
+do
+"""
+    + shared_lua.PUBLISH_NEW.source
+    + "\nend\n"
+)
+"""The unique-key claim folded into the shared server's publish (see
+:meth:`~qtasks_redis.RedisBroker.publish_new_unique`)."""
+
 # KEYS: unique key. ARGV: holder.
 _RELEASE_UNIQUE = Script(
     r"""
@@ -246,14 +270,19 @@ class RedisFlowControl:
         reply = await self._flow(_EXTEND, keys, _ms(lease), *(holder for _, holder in slots))
         return [bool(ok) for ok in reply]
 
+    def unique_args(
+        self, key: str, holder: str, ttl: float | None, replace: str | None
+    ) -> tuple[str, str, str, str]:
+        """The unique key's name, holder, TTL in ms and ``replace`` as the scripts take them."""
+        ttl_ms = "" if ttl is None else str(max(int(ttl * 1000), 1))
+        return self._flow_key(key), holder, ttl_ms, replace or ""
+
     async def claim_unique(
         self, key: str, holder: str, ttl: float | None, replace: str | None = None
     ) -> str | None:
         """See :meth:`FlowControl.claim_unique` (one script)."""
-        ttl_ms = "" if ttl is None else str(max(int(ttl * 1000), 1))
-        reply = await self._flow(
-            _CLAIM_UNIQUE, (self._flow_key(key),), holder, ttl_ms, replace or ""
-        )
+        ukey, *args = self.unique_args(key, holder, ttl, replace)
+        reply = await self._flow(_CLAIM_UNIQUE, (ukey,), *args)
         return None if reply is None else str(reply.decode())
 
     async def release_unique(self, key: str, holder: str) -> bool:
