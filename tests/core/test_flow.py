@@ -414,3 +414,21 @@ async def test_a_unique_key_whose_task_left_no_record() -> None:
         taken = await app.add_task("send", unique_key="stale")
         assert taken.uuid != "b" * 32
         assert (await app.wait(taken.uuid, timeout=5)).status is TaskStatus.SUCCESS
+
+
+def test_the_sync_app_takes_every_flow_option() -> None:
+    from qtasks import QueueTasks
+
+    app = QueueTasks("sync-flow")
+
+    @app.task(concurrency_key="to", max_concurrency=1, rate_limit="100/s", expires=30)
+    def send(to: str) -> str:
+        return to
+
+    with app:
+        first = send.add_task(to="a", unique_key="s-1", unique_for=60)
+        assert first.wait_result(timeout=5).status is TaskStatus.SUCCESS
+        again = app.add_task("send", to="a", unique_key="s-1", unique_for=60, timeout=5)
+        assert again.uuid == first.uuid  # kept for unique_for, though final
+        late = app.enqueue("send", kwargs={"to": "b"}, delay=0.2, expires=0.05, timeout=5)
+        assert late.status is TaskStatus.EXPIRED

@@ -135,6 +135,12 @@ class QueueTasks:
         executor: Any = None,
         middlewares_before: Sequence[Any] | None = None,
         middlewares_after: Sequence[Any] | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        concurrency_key: str | Callable[..., Any] | None = None,
+        max_concurrency: int | None = None,
+        expires: float | None = None,
+        unique_key: Callable[..., Any] | None = None,
         **extra: Any,
     ) -> Callable[[Callable[P, R]], SyncTaskDef[P, R]]: ...
 
