@@ -4,6 +4,7 @@ keys, unique tasks, and the errors of bad options."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import sys
 import time
@@ -432,3 +433,24 @@ def test_the_sync_app_takes_every_flow_option() -> None:
         assert again.uuid == first.uuid  # kept for unique_for, though final
         late = app.enqueue("send", kwargs={"to": "b"}, delay=0.2, expires=0.05, timeout=5)
         assert late.status is TaskStatus.EXPIRED
+
+
+async def test_a_retry_takes_a_rate_token_of_its_own() -> None:
+    app = AsyncQueueTasks("t")
+    starts: list[float] = []
+
+    @app.task(rate_limit="4/s", retry=1, retry_backoff=0)
+    async def flaky() -> int:
+        starts.append(time.monotonic())
+        if len(starts) == 2:  # the second run of the held task fails once
+            raise RuntimeError("once")
+        return len(starts)
+
+    async with app:
+        first = await app.add_task("flaky")
+        await app.wait(first.uuid, timeout=5)
+        held = await app.add_task("flaky")  # reserved 250 ms ahead, fails, retried at once
+        assert (await app.wait(held.uuid, timeout=5)).status is TaskStatus.SUCCESS
+    assert len(starts) == 3
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(gap >= 0.25 - 0.01 for gap in gaps), gaps

@@ -482,7 +482,10 @@ class FlowGate:
         at = message.headers.get("flow_at")
         if isinstance(at, int | float) and now - at <= STALE_RESERVATION:
             if now >= at - EARLY:
-                return True  # its reserved moment came
+                # Its reserved moment came. The token is spent: a retry of this run (whose
+                # message keeps the headers) reserves one of its own.
+                del message.headers["flow_at"]
+                return True
             await self._defer(app, message, delivery, at - now, expires, now, rewrite=False)
             return False
         max_wait = None if expires is None else expires - now
