@@ -454,3 +454,33 @@ async def test_a_retry_takes_a_rate_token_of_its_own() -> None:
     assert len(starts) == 3
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(gap >= 0.25 - 0.01 for gap in gaps), gaps
+
+
+async def test_a_slot_taken_by_a_message_that_is_not_run_is_freed() -> None:
+    app = AsyncQueueTasks("t", config=QueueConfig(lease=60))
+    gate = anyio.Event()
+
+    @app.task(concurrency_key="key", max_concurrency=1)
+    async def one_at_a_time(key: str, i: int) -> int:
+        if i == 0:
+            await gate.wait()
+        return i
+
+    async with app:
+        first = await app.add_task("one_at_a_time", key="k", i=0)
+        cancelled = await app.add_task("one_at_a_time", key="k", i=1)
+        # Its record is cancelled, its message stays queued (as on a broker that cannot drop a
+        # queued message): when it comes back it takes the slot, then is found final.
+        await app.storage.cancel(cancelled.uuid, "not needed")
+        gate.set()
+        assert (await app.wait(first.uuid, timeout=5)).status is TaskStatus.SUCCESS
+        with anyio.fail_after(5):  # the cancelled one comes back, takes the slot, is acked
+            while True:
+                stats = await app.broker.stats()
+                if not (stats.delayed or stats.in_flight or stats.ready_by_priority):
+                    break
+                await anyio.sleep(0.01)
+        last = await app.add_task("one_at_a_time", key="k", i=2)
+        assert (await app.wait(last.uuid, timeout=5)).status is TaskStatus.SUCCESS
+        state = await app.global_config.flow_state()  # type: ignore[attr-defined]
+    assert state["slots:one_at_a_time:k"]["held"] == 0

@@ -553,18 +553,19 @@ class FlowGate:
             log.info("task %s (%s) expired before it started", record.uuid, record.task_name)
             await hooks.notify("qtasks_task_expired", app=app, record=record)
 
-    async def release(self, app: AsyncQueueTasks, token: str, record: TaskRecord) -> None:
+    async def release(self, app: AsyncQueueTasks, token: str, record: TaskRecord | None) -> None:
         """After the run of delivery ``token`` is settled: free its slot, and its unique key
-        when the task is final."""
+        when ``record`` is final (``None``: the delivery was not run; its key is left to the
+        next add, which takes it over from a final task)."""
         slot = self.slots.pop(token, None)
         unique = self.unique.pop(token, None)
         try:
             if slot is not None:
                 await flow_control(app, "max_concurrency").release_slot(*slot)
-            if unique is not None and record.status.final:
+            if unique is not None and record is not None and record.status.final:
                 await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
         except Exception as exc:  # the lease frees the slot; the next add takes the key over
-            log.warning("freeing the flow-control hold of task %s failed: %s", record.uuid, exc)
+            log.warning("freeing the flow-control hold of delivery %s failed: %s", token, exc)
 
     async def extend(self, app: AsyncQueueTasks) -> None:
         """Renew every held slot's lease (the worker's lease pass, concurrently with the

@@ -384,6 +384,12 @@ class QueueWorker:
                     await delivery.requeue(delay=1.0)
                 except Exception:
                     log.exception("could not hand message %s back", delivery.id)
+        finally:
+            flow = self._flow
+            if delivery.token in flow.slots or delivery.token in flow.unique:
+                # Admitted by flow control, then not run (found final, rejected, an error).
+                with anyio.CancelScope(shield=True):
+                    await flow.release(app, delivery.token, None)
 
     async def _process_inner(
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
