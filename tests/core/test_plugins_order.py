@@ -312,14 +312,14 @@ async def test_held_by_flow_control_order(app: AsyncQueueTasks) -> None:
     recorder = Recorder()
     app.add_plugin(recorder)
 
-    @app.task(rate_limit="10/s")
+    @app.task(rate_limit="2/s")
     async def limited() -> None: ...
 
     async with app:
         await limited.add_task()
         await recorder.wait_finished(1)
         recorder.calls.clear()
-        await limited.add_task()  # its token is 100 ms away: held, then run
+        await limited.add_task()  # its token is 500 ms away: held, then run
         await recorder.wait_finished(2)
     assert recorder.calls == [
         *ENQUEUE,

@@ -3,8 +3,10 @@ SIGKILL) or built in process.
 
 Settings come from the environment: ``QT_URL`` (Redis: storage, global config, and broker
 unless ``QT_RABBITMQ`` is set to an AMQP URL), ``QT_PREFIX``, ``QT_QUEUE``, ``QT_LEASE``.
-Each execution of a task pushes ``"<event> <i> <key> <unix time> <pid>"`` onto the Redis list
-``<prefix>:ledger`` (the server keeps it when a worker is killed).
+``max_deliveries`` is 1: a flow-control requeue counted as a delivery would dead-letter the
+message at once, so the tests see it. Each execution of a task pushes
+``"<event> <i> <key> <unix time> <pid>"`` onto the Redis list ``<prefix>:ledger`` (the server
+keeps it when a worker is killed).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def build(
             prefetch=concurrency,
             heartbeat_interval=0.5,
             shutdown_grace=1.0,
+            max_deliveries=1,
         ),
     )
     ledger_client = redis.asyncio.Redis.from_url(url)

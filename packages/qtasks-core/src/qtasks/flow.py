@@ -46,14 +46,10 @@ RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 """Units of a rate string: ``"100/s"``, ``"30/m"``, ``"500/h"`` (also ``"10/5s"``)."""
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([smh])\s*$")
 
-STALE_RESERVATION = 1.0
-"""Seconds after its reserved moment within which a message's rate token still counts. A
-message that comes back later (its worker died, the broker was down) reserves again, so a
-backlog of old reservations can never start all at once."""
-
-EARLY = 0.002
-"""Seconds before its reserved moment at which a message may start (a broker's delays are
-not exact to the microsecond)."""
+LEAD = 0.05
+"""Seconds before its reserved moment at which a held message is due back from the broker; the
+worker waits out the rest itself (a local timer is exact, a broker's delayed delivery is late
+by however busy it is). A token due within ``2 * LEAD`` is waited for without a requeue."""
 
 UNIQUE_GRACE = 10.0
 """Seconds during which a unique key whose task has no stored record yet is taken to be
@@ -398,11 +394,16 @@ class FlowGate:
 
     - **Expiry.** A message past its ``expires`` is not run: its record is saved ``expired``,
       the message acked and ``qtasks_task_expired`` fires.
-    - **Rate.** A message of a rate-limited task reserves a token (GCRA). If the token is for
-      later, the message goes back to the broker delayed to that moment with the moment in its
-      ``flow_at`` header (``Delivery.requeue``: not a delivery attempt, the body's ``attempt``
-      is unchanged), and starts when it comes back without asking again. One reservation and
-      one requeue per limited message, whatever the backlog: no herd of retries.
+    - **Rate.** A message of a rate-limited task reserves a token (GCRA). A token within
+      ``2 * LEAD`` is waited for here. A later one sends the message back to the broker,
+      due ``LEAD`` before the moment, with the moment in its ``flow_at`` header
+      (``Delivery.requeue``: not a delivery attempt, the body's ``attempt`` is unchanged);
+      when it comes back the worker waits out the rest. Right before the run it takes a
+      *start* token of a second GCRA key (``rate:<task>:starts``), waiting up to
+      ``2 * LEAD`` for it: the reservations spread the messages out, the start tokens keep
+      the starts themselves within the rate however late a message came back (one that is
+      far behind reserves again). One reservation, one start token and at most one requeue
+      per limited message, whatever the backlog: no herd of retries.
     - **Concurrency.** A message of a task with ``max_concurrency`` takes a slot of its key,
       held under a lease the worker's lease pass renews and freed when the task is settled.
       Without a free slot it goes back delayed to about when one frees (see
@@ -478,26 +479,60 @@ class FlowGate:
         now: float,
         expires: float | None,
     ) -> bool:
-        assert spec.rate is not None
-        at = message.headers.get("flow_at")
-        if isinstance(at, int | float) and now - at <= STALE_RESERVATION:
-            if now >= at - EARLY:
-                # Its reserved moment came. The token is spent: a retry of this run (whose
-                # message keeps the headers) reserves one of its own.
-                del message.headers["flow_at"]
-                return True
-            await self._defer(app, message, delivery, at - now, expires, now, rewrite=False)
+        """Reserve (or use the reservation of) a rate token, then take a start token right
+        before the run; ``False`` when the message was handed back (or expired)."""
+        rate = spec.rate
+        assert rate is not None
+        headers = message.headers
+        at = headers.pop("flow_at", None)
+        if not isinstance(at, int | float):
+            max_wait = None if expires is None else expires - now
+            wait = await fc.reserve_rate(f"rate:{spec.task}", rate.interval, spec.burst, max_wait)
+            if wait is None:  # no token before it expires
+                await self._expire(app, message, delivery)
+                return False
+            at = now + wait
+        if at - now > 2 * LEAD:
+            # Back to the broker, due LEAD before its moment (the moment travels with it).
+            headers["flow_at"] = at
+            await self._defer(app, message, delivery, at - now - LEAD, expires, now)
             return False
-        max_wait = None if expires is None else expires - now
-        wait = await fc.reserve_rate(f"rate:{spec.task}", spec.rate.interval, spec.burst, max_wait)
-        if wait is None:  # no token before it expires
-            await self._expire(app, message, delivery)
+        if not await self._wait_until(app, message, delivery, at):
             return False
-        if wait <= EARLY:
+        # The start token: the reservations spread the messages out; this keeps the starts
+        # themselves within the rate however late a message came back.
+        wait = await fc.reserve_rate(
+            f"rate:{spec.task}:starts", rate.interval, spec.burst, 2 * LEAD
+        )
+        if wait is None:
+            # Far behind (a backlog back at once after an outage): reserve again, and come
+            # back then.
+            now = time.time()
+            wait = await fc.reserve_rate(f"rate:{spec.task}", rate.interval, spec.burst, None)
+            assert wait is not None  # no bound, no refusal
+            headers["flow_at"] = now + wait
+            await self._defer(app, message, delivery, max(wait - LEAD, 0.0), expires, now)
+            return False
+        return await self._wait_until(app, message, delivery, time.time() + wait)
+
+    async def _wait_until(
+        self, app: AsyncQueueTasks, message: Message, delivery: Delivery, at: float
+    ) -> bool:
+        """Wait (holding ``delivery``, at most ``2 * LEAD``) until ``at``; ``True`` then. A
+        worker that begins to stop meanwhile hands the message back, due at ``at``."""
+        wait = at - time.time()
+        if wait <= 0:
             return True
-        message.headers["flow_at"] = now + wait
-        await self._defer(app, message, delivery, wait, expires, now)
-        return False
+        stopping = getattr(app.worker, "stopping", None)
+        if stopping is None:
+            await anyio.sleep(wait)
+            return True
+        with anyio.move_on_after(wait):
+            await stopping.wait()
+            message.headers["flow_at"] = at
+            await self._defer(app, message, delivery, at - time.time(), None, time.time())
+            return False
+        return True
 
     async def _defer(
         self,
