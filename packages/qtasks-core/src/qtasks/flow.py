@@ -11,8 +11,8 @@ What travels with the message, in its headers:
   ``expired``);
 - ``flow_at``: the moment a rate token was reserved for this message (see :class:`FlowGate`);
 - ``ckey``: the concurrency key, computed by the producer when it knows the task;
-- ``unique``: ``[key, holder, keep]`` of a unique task, so its worker frees the key when the
-  task is final (unless ``keep``: ``unique_for`` holds it).
+- ``unique``: ``[key, holder, unique_for]`` of a unique task, so its worker frees the key when
+  the task is final (unless ``unique_for`` keeps it).
 
 The worker side is :class:`FlowGate`, called before a message is begun, only for messages of
 tasks with a flow option or with headers: other tasks pay one attribute test.
@@ -445,10 +445,12 @@ class FlowGate:
         spec = task.flow
         if spec is not None and (spec.rate is not None or spec.max_concurrency is not None):
             fc = flow_control(app, f"task {task.name!r}")
-            if spec.rate is not None and not await self._take_token(
-                app, fc, spec, message, delivery, now, expires
-            ):
-                return False
+            if spec.rate is not None:
+                if not await self._take_token(app, fc, spec, message, delivery, now, expires):
+                    return False
+                if expires is not None and time.time() >= expires:  # it waited for its token
+                    await self._expire(app, message, delivery)
+                    return False
             if spec.max_concurrency is not None:
                 key = headers.get("ckey")
                 if not isinstance(key, str):
