@@ -51,6 +51,8 @@ RUNNERS: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/redis.md", "python"): ("tests/redis/test_redis_app.py", "one"),
     ("docs/rabbitmq.md", "python"): ("tests/rabbitmq/test_docs.py", "one"),
     ("docs/timers.md", "python"): ("tests/timer/test_timer_docs.py", "one"),
+    ("docs/metrics-and-tracing.md", "python"): ("tests/web/test_metrics_docs.py", "all"),
+    ("docs/metrics-and-tracing.md", "toml"): ("tests/web/test_metrics_docs.py", "file"),
     ("packages/qtasks-core/README.md", "python"): ("tests/test_release.py", "one"),
     ("packages/qtasks-timer/README.md", "python"): ("tests/test_release.py", "one"),
     ("packages/qtasks-testing/README.md", "python"): ("tests/test_release.py", "one"),

@@ -668,7 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if target is None:
         RESULTS.mkdir(exist_ok=True)
         full = sizes == FULL and not opts.peers
-        target = RESULTS / f"{started:%Y-%m-%d}-{'full' if full else 'partial'}.json"
+        kind = "full" if full else "partial-" + "-".join(p.name for p in selected)
+        # One file per run, named by its start: a later run never overwrites an earlier one.
+        target = RESULTS / f"{started:%Y-%m-%dT%H%M%SZ}-{kind}.json"
     target.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nresults written to {target}")
     return 0

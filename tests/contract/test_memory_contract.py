@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from qtasks.components import BeginOnClaim
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks_testing.contract import (
+    BeginManyContract,
+    BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
     CancelCheckContract,
@@ -69,8 +70,9 @@ class TestMemoryCancelFeed(CancelFeedContract):
     """Runs with the module's factories."""
 
 
-def test_the_memory_broker_does_not_begin_on_claim() -> None:
-    """The BeginOnClaim suite does not apply (and is not run): the in-memory broker does not
-    begin records on claim, the worker calls ``Storage.begin``. Implement it, then wire the
-    suite here."""
-    assert not isinstance(MemoryBroker(), BeginOnClaim)
+class TestMemoryBeginOnClaim(BeginOnClaimContract):
+    pass
+
+
+class TestMemoryBeginMany(BeginManyContract):
+    pass

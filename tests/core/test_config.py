@@ -74,12 +74,14 @@ def test_nested_tables_and_lists(tmp_path: Path) -> None:
     file = write(
         tmp_path / "qtasks.toml",
         'plugins_disabled = ["audit"]\n\n[extra.redis]\nsocket_timeout = 5\n\n'
-        '[[timers]]\ntask = "report"\ncron = "0 * * * *"\n',
+        '[[extra.timers]]\ntask = "report"\ncron = "0 * * * *"\n',
     )
     config = load_config(file, env={}).config
     assert config.plugins_disabled == ["audit"]
-    assert config.extra == {"redis": {"socket_timeout": 5}}
-    assert config.timers == [{"task": "report", "cron": "0 * * * *"}]
+    assert config.extra == {
+        "redis": {"socket_timeout": 5},
+        "timers": [{"task": "report", "cron": "0 * * * *"}],
+    }
 
 
 def test_unknown_key_in_a_file_is_an_error_naming_file_and_key(tmp_path: Path) -> None:
@@ -256,8 +258,8 @@ def test_types_are_checked_from_the_annotations_not_their_text() -> None:
         check_value("prefetch", True, "code")
     with pytest.raises(ConfigError, match=r"'lease' must not be empty \(expected float\)"):
         check_value("lease", None, "code")
-    with pytest.raises(ConfigError, match=r"'timers' expects list\[dict\[str, Any\]\]"):
-        check_value("timers", [{"task": "t"}, "x"], "code")
+    with pytest.raises(ConfigError, match=r"'plugins_disabled' expects list\[str\], got list"):
+        check_value("plugins_disabled", ["audit", 3], "code")
     with pytest.raises(ConfigError, match=r"'extra' expects dict\[str, Any\], got dict"):
         check_value("extra", {1: "a"}, "code")  # keys are names
     assert check_value("extra", {"a": [1, None]}, "code") == {"a": [1, None]}

@@ -7,6 +7,7 @@ import pytest
 from qtasks.config import QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 from qtasks_testing.contract import (
+    BeginManyContract,
     BeginOnClaimContract,
     BrokerContract,
     BrokerFactory,
@@ -75,4 +76,8 @@ class TestRedisCancelFeed(CancelFeedContract):
 
 
 class TestRedisBeginOnClaim(BeginOnClaimContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBeginMany(BeginManyContract):
     """Runs with the module's factories."""

@@ -38,14 +38,18 @@ async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
     broker, storage = app.broker, app.storage
     assert isinstance(broker, RedisBroker) and isinstance(storage, RedisStorage)
     task = await app.add_task("job", 1)
-    async with broker.consume_begun(prefetch=1, storage=storage, worker="w1") as first:
+    async with broker.consume_begun(
+        prefetch=1, storage=storage, worker="w1", starts=lambda: 1
+    ) as first:
         with anyio.fail_after(3):
             held = await first.__anext__()
         assert held.begun is not None and held.begun.status is TaskStatus.PROCESS
         await anyio.sleep(0.3)  # the lease (0.2 s) runs out while the holder is stalled
         # Another worker's claim finds the message past its delivery limit: dead letter.
         async with (
-            broker.consume_begun(prefetch=1, storage=storage, worker="w2") as second,
+            broker.consume_begun(
+                prefetch=1, storage=storage, worker="w2", starts=lambda: 1
+            ) as second,
             anyio.create_task_group() as tg,
         ):
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
+from begin_scenarios import cancel_while_waiting, count_begins
 from redis_worker_app import build
 
-from qtasks import AsyncQueueTasks, MemoryStorage, TaskStatus
+from qtasks import MemoryStorage, TaskStatus
 from qtasks.components import BeginOnClaim, SharedServer
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError
@@ -240,7 +242,9 @@ async def test_consume_begun_begins_records_in_the_claim(
         Envelope(id="gone", body=b"\xff not json"), storage, new_record("gone")
     )
     await storage.cancel("gone", "cancelled while queued")
-    async with broker.consume_begun(prefetch=10, storage=storage, worker="w-1") as it:
+    async with broker.consume_begun(
+        prefetch=10, storage=storage, worker="w-1", starts=lambda: 10
+    ) as it:
         got = {d.id: d for d in [await take(it) for _ in range(4)]}
     first, retried = got["a"].begun, got["b"].begun
     assert first is not None and retried is not None
@@ -263,22 +267,7 @@ async def test_consume_begun_refuses_a_storage_elsewhere(
 ) -> None:
     broker, _ = await parts(stack, redis_url, prefix)
     with pytest.raises(ComponentError):
-        broker.consume_begun(prefetch=1, storage=MemoryStorage(), worker="w")
-
-
-def count_begins(app: AsyncQueueTasks) -> list[str]:
-    """The uuids of the records the app's storage is asked to ``begin``, as they come."""
-    storage = app.storage
-    assert isinstance(storage, RedisStorage)
-    calls: list[str] = []
-    plain_begin = storage.begin
-
-    async def counted_begin(record: TaskRecord) -> TaskRecord:
-        calls.append(record.uuid)
-        return await plain_begin(record)
-
-    storage.begin = counted_begin  # type: ignore[method-assign]
-    return calls
+        broker.consume_begun(prefetch=1, storage=MemoryStorage(), worker="w", starts=lambda: 1)
 
 
 async def test_the_worker_uses_the_claim_time_record_instead_of_a_begin_call(
@@ -295,62 +284,11 @@ async def test_the_worker_uses_the_claim_time_record_instead_of_a_begin_call(
     await app.aclose()
 
 
-async def test_without_a_live_cancel_feed_the_claim_time_record_is_not_trusted(
+async def test_a_cancel_while_a_delivery_waits_holds_without_any_cancel_notice(
     redis_url: str, prefix: str
 ) -> None:
-    """A cancel made while the feed is down could go unheard: every delivery claimed then is
-    begun again when it starts (and one cancelled meanwhile would be found final)."""
-    app = build(redis_url, prefix)
-    calls = count_begins(app)
-    async with app:
-        worker = app.worker
-        assert isinstance(worker, QueueWorker)
-        worker._feed_live(False)  # as when its connection is lost
-        done = [await app.add_task("noop", i, timeout=5) for i in range(3)]
-        worker._feed_live(True)  # back: deliveries claimed from now on are trusted again
-        later = await app.add_task("noop", 9, timeout=5)
-    assert [t.returning for t in done] == [0, 2, 4] and later.returning == 18
-    assert calls == [t.uuid for t in done]
-    await app.aclose()
-
-
-async def test_a_delivery_that_waited_is_begun_again_so_a_cancel_meanwhile_holds(
-    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # One runner, the next messages claimed (and begun) while it is busy. The cancel of a
-    # waiting one reaches the worker through the storage's cancel feed, so that delivery is
-    # begun again when it starts (its claim-time record is out of date), and the cancel holds.
     app = build(redis_url, prefix, concurrency=1, prefetch=3)
-    release = anyio.Event()
-    started = anyio.Event()
-    ran: list[str] = []
-
-    @app.task
-    async def blocker() -> None:
-        started.set()
-        await release.wait()
-
-    @app.task
-    async def job(name: str) -> str:
-        ran.append(name)
-        return name
-
-    async with app:
-        first = await app.add_task("blocker")
-        with anyio.fail_after(5):
-            await started.wait()
-        doomed = await app.add_task("job", "doomed")
-        kept = await app.add_task("job", "kept")
-        with anyio.fail_after(5):  # both claimed by the worker and waiting in its queue
-            while (await app.storage.stats())["process"] < 3:  # noqa: ASYNC110 - no event
-                await anyio.sleep(0.01)
-        await app.storage.cancel(doomed.uuid, "changed my mind")
-        release.set()
-        assert (await kept.wait_result(5)).returning == "kept"
-        assert (await first.wait_result(5)).status is TaskStatus.SUCCESS
-    assert ran == ["kept"]
-    final = await app.get(doomed.uuid)
-    assert final is not None and final.status is TaskStatus.CANCEL
+    await cancel_while_waiting(app, count_begins(app))
     await app.aclose()
 
 
@@ -390,3 +328,68 @@ async def test_tasks_finishing_together_are_settled_in_shared_calls(
     assert (stats.in_flight, stats.ready_by_priority) == (0, {})
     assert sum(batches) == 20
     assert len(batches) < 20  # settled together, not one call per task
+
+
+async def test_tasks_that_waited_and_start_together_are_begun_in_shared_calls(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten runners busy, ten more tasks waiting in the worker (their records still queued).
+    When the runners free up together, the waiting tasks are begun in shared calls (one
+    ``begin_many``), not one round trip each; one of them, whose stored record something
+    else overwrote with garbage, fails alone (dead-lettered), the others run."""
+    app = build(redis_url, prefix, concurrency=10, prefetch=10)
+    storage = app.storage
+    assert isinstance(storage, RedisStorage)
+    batches: list[int] = []
+    plain = storage.begin_many
+
+    async def counted(records: Any) -> list[TaskRecord]:
+        batches.append(len(records))
+        return await plain(records)
+
+    monkeypatch.setattr(storage, "begin_many", counted)
+    gate, all_running = anyio.Event(), anyio.Event()
+    running: list[int] = []
+
+    @app.task
+    async def held(i: int) -> int:
+        running.append(i)
+        if len(running) == 10:
+            all_running.set()
+        await gate.wait()
+        return i
+
+    @app.task
+    async def after(i: int) -> int:
+        return -i
+
+    async with app:
+        worker = app.worker
+        assert isinstance(worker, QueueWorker)
+        first = [await app.add_task("held", i) for i in range(10)]
+        with anyio.fail_after(5):
+            await all_running.wait()
+        later = [await app.add_task("after", i) for i in range(10)]
+        with anyio.fail_after(5):
+            while worker.waiting < 10:  # noqa: ASYNC110 - the worker has no event for this
+                await anyio.sleep(0.005)
+        garbled = later[3].uuid
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            await raw.hset(f"{{{prefix}:rec}}:r:{garbled}", "d", "{not json")
+        finally:
+            await raw.aclose()
+        gate.set()
+        done = [await app.wait(t.uuid, timeout=5) for t in first]
+        finished = {t.uuid: await app.wait(t.uuid, timeout=5) for t in later if t.uuid != garbled}
+        with anyio.fail_after(5):
+            while not await app.broker.dead_letters():  # noqa: ASYNC110 - no event for this
+                await anyio.sleep(0.01)
+        [letter] = await app.broker.dead_letters()
+    assert [t.returning for t in done] == list(range(10))
+    assert [finished[t.uuid].returning for t in later if t.uuid != garbled] == [
+        -i for i in range(10) if i != 3
+    ]
+    assert letter.id == garbled and "record unreadable" in letter.reason
+    assert sum(batches) <= 9 and max(batches) > 1, batches  # shared, not one call each
+    await app.aclose()

@@ -12,7 +12,7 @@ from timer_helpers import Recorder, wait_until
 
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.config import load_config
-from qtasks.errors import TaskArgumentsError
+from qtasks.errors import ConfigError, TaskArgumentsError
 from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin, TimerSettings
 
 pytestmark = pytest.mark.anyio
@@ -24,7 +24,7 @@ TIMERS: list[dict[str, Any]] = [
 
 
 def make_app(timers: list[dict[str, Any]]) -> tuple[AsyncQueueTasks, Recorder]:
-    app = AsyncQueueTasks(config=QueueConfig(timers=timers))
+    app = AsyncQueueTasks(config=QueueConfig(extra={"timers": timers}))
 
     @app.task
     async def tick(*args: Any, source: str = "") -> None:
@@ -130,7 +130,6 @@ async def test_extra_timers_from_a_file_run_without_a_warning(
         with caplog.at_level("WARNING", logger="qtasks.config"):
             config = load_config(file, env={}).config
         assert not caplog.records  # [extra.timers] is not the "setting inside extra" pitfall
-        assert config.timers == []
         app = AsyncQueueTasks(config=config)
 
         @app.task
@@ -148,16 +147,19 @@ async def test_extra_timers_from_a_file_run_without_a_warning(
     assert len(plugin.timer.timers) == 2
 
 
-async def test_the_old_timers_key_still_works_and_warns_where_to_move() -> None:
-    app = AsyncQueueTasks(
-        config=QueueConfig(
-            extra={"timers": [{"task": "tick", "interval": 5, "id": "new"}]},
-            timers=[{"task": "tick", "interval": 7, "id": "old"}],
-        )
-    )
-    with pytest.warns(FutureWarning, match=r"deprecated.*\[\[extra\.timers\]\]"):
-        timer = AsyncTimer(app)
-    assert [h.id for h in timer.timers] == ["new", "old"]  # extra.timers first
+def test_the_old_timers_key_is_refused_naming_its_new_place(tmp_path: Path) -> None:
+    moved = r"'timers' is not a setting of the core: .*\[\[extra\.timers\]\]"
+    file = tmp_path / "qtasks.toml"
+    file.write_text('[[timers]]\ntask = "tick"\ninterval = 5\n')
+    with pytest.raises(ConfigError, match=moved) as info:
+        load_config(file, env={})
+    assert str(file) in str(info.value)
+    with pytest.raises(ConfigError, match=moved) as info:
+        load_config(env={"QTASKS_TIMERS": "[]"}, directory=tmp_path / "nowhere")
+    assert "QTASKS_TIMERS" in str(info.value)
+
+
+def test_extra_timers_are_checked_where_they_are() -> None:
     one = QueueConfig(extra={"timers": [{"task": "t", "interval": 1}]})
     settings = TimerSettings.from_config(one)
     assert [(s.where, s.task, s.schedule) for s in settings.timers] == [("extra.timers[0]", "t", 1)]

@@ -34,9 +34,9 @@ above; ``flush() -> int`` on a broker, storage or global config (delete everythi
 return how many items; ``flush_all`` of :mod:`qtasks.compat.admin` refuses a component without
 it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
-:class:`SharedServer`, :class:`BeginOnClaim`, :class:`LeaseBatch`, :class:`CancelCheck`,
-:class:`CancelFeed`, :class:`FlowControl` and :class:`UniquePublish`, checked with
-``isinstance``;
+:class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`LeaseBatch`,
+:class:`CancelCheck`, :class:`CancelFeed`, :class:`FlowControl` and :class:`UniquePublish`,
+checked with ``isinstance``;
 ``qtasks_testing.contract.capabilities`` holds their suites.
 """
 
@@ -250,19 +250,23 @@ class BeginOnClaim(Protocol):
     """
 
     def consume_begun(
-        self, *, prefetch: int, storage: Storage, worker: str
+        self, *, prefetch: int, storage: Storage, worker: str, starts: Callable[[], int]
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         """Exactly :meth:`Broker.consume`, except that every delivery has one more
-        attribute, ``begun``: the stored record as :meth:`Storage.begin` would return it for
-        this delivery (status ``process``, the delivery's ``token``, ``worker``; unchanged if
-        final), or ``None`` when the storage holds no record of the message (the worker then
-        calls ``begin`` itself). The stored ``attempt`` is the body's ``attempt`` + 1 when the
-        body is JSON, else left.
+        attribute, ``begun``. At each claim the broker asks ``starts()`` how many of the
+        messages it claims will start at once (runners free with nothing waiting before them)
+        and begins, in the same round trip, the records of that many of them, first claimed
+        first: their ``begun`` is the stored record as :meth:`Storage.begin` would return it
+        for this delivery (status ``process``, the delivery's ``token``, ``worker``; unchanged
+        if final; the stored ``attempt`` is the body's ``attempt`` + 1 when the body is JSON,
+        else left). The records of the others are not touched (still queued) and their
+        ``begun`` is ``None``, as when the storage holds no record: the worker begins them
+        when they start.
 
-        The worker trusts ``begun`` when the task starts only if the storage's
-        :class:`CancelFeed` was live from the claim to the start and brought no cancel of that
-        task; otherwise it begins the record again (one round trip), so a cancel made while the
-        delivery waited is always seen."""
+        So a task begun with its claim has started as far as the storage knows, and a cancel
+        made after the claim cancels a running task; a task that waits in the worker stays
+        queued in storage, and a cancel made while it waits is seen when it would start: it
+        never runs. Decided by the stored state, with no time window."""
         ...
 
 
@@ -339,6 +343,19 @@ class Storage(Protocol):
 
     async def stats(self) -> dict[str, int]:
         """Number of stored records by status."""
+        ...
+
+
+@runtime_checkable
+class BeginMany(Protocol):
+    """Optional capability of a :class:`Storage`: begin several records in one round trip.
+    A worker whose tasks start together (a burst of queued work) begins them in one call."""
+
+    async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
+        """Exactly :meth:`Storage.begin` of each record, in order, in one round trip (or a
+        few, for thousands). Raises what ``begin`` raises; a record that cannot be read
+        raises :class:`~qtasks.errors.SerializationError` for the whole call (the caller
+        then begins the records one by one)."""
         ...
 
 

@@ -74,12 +74,6 @@ class QueueConfig(QTasksConfigNames):
     """``module:attribute`` of the app (or a factory) for the CLI."""
     plugins_disabled: list[str] = field(default_factory=list)
     """Names of entry-point plugins not to load."""
-    timers: list[dict[str, Any]] = field(
-        default_factory=list, metadata={"moved_to": "extra.timers"}
-    )
-    """Deprecated: qtasks-timer's timers, which it now reads from ``extra["timers"]``
-    (``[[extra.timers]]``; see :mod:`qtasks_timer.settings`). Still accepted and read, with a
-    warning, so existing configurations keep working; the core does not read it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Component-specific options (``[tool.qtasks.extra]``), passed on to components."""
 
@@ -101,11 +95,16 @@ _HINTS = get_type_hints(QueueConfig)
 _FIELD_TYPES: dict[str, Any] = {f.name: _HINTS[f.name] for f in fields(QueueConfig)}
 """Each setting's type, evaluated from its annotation (``int | None`` is a real union)."""
 
-_MOVED_TO: dict[str, str] = {
-    f.name: f.metadata["moved_to"] for f in fields(QueueConfig) if "moved_to" in f.metadata
+MOVED: dict[str, str] = {
+    "timers": (
+        "qtasks-timer reads its timers from extra.timers: write [[extra.timers]] in "
+        "qtasks.toml ([[tool.qtasks.extra.timers]] in pyproject.toml), "
+        "QueueConfig(extra={'timers': [...]}) in code or QTASKS_EXTRA='{\"timers\": [...]}' "
+        "in the environment"
+    ),
 }
-"""Deprecated settings and the place in ``extra`` of the component that now owns them (a key
-at that place is not the TOML pitfall :func:`_warn_settings_in_extra` looks for)."""
+"""Keys that were settings of the core and now belong to a component, with where they went:
+refused with that hint."""
 
 
 def type_name(kind: Any) -> str:
@@ -156,6 +155,8 @@ def _fits(value: Any, kind: Any) -> bool:
 def check_value(key: str, value: Any, source: str) -> Any:
     """Return ``value`` if it fits ``key``'s type (ints widen to floats), else raise."""
     if key not in _FIELD_TYPES:
+        if key in MOVED:
+            raise ConfigError(f"{source}: {key!r} is not a setting of the core: {MOVED[key]}")
         known = ", ".join(sorted(_FIELD_TYPES))
         raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
     kind = _FIELD_TYPES[key]
@@ -259,7 +260,7 @@ def _warn_settings_in_extra(extra: dict[str, Any], path: Path, prefix: str) -> N
     tables += [(f"extra.{name}", sub) for name, sub in extra.items() if isinstance(sub, dict)]
     for table_name, table in tables:
         for key in table:
-            if key in _FIELD_TYPES and _MOVED_TO.get(key) != f"{table_name}.{key}":
+            if key in _FIELD_TYPES:
                 log.warning(
                     "%s: %r is inside [%s%s], not a setting: in TOML every key after a [table] "
                     "header belongs to that table; move it above the first [table] if it is "
@@ -275,7 +276,7 @@ def parse_env_value(key: str, raw: str, source: str) -> Any:
     """Convert an environment string to ``key``'s type, then check it.
 
     Numbers are parsed; an empty string or ``none`` is ``None`` for optional keys; lists take
-    JSON or comma-separated words; ``extra`` (and the deprecated ``timers``) take JSON."""
+    JSON or comma-separated words; ``extra`` takes JSON."""
     if key not in _FIELD_TYPES:
         return check_value(key, raw, source)  # raises the unknown-key error
     kind = _FIELD_TYPES[key]

@@ -50,6 +50,8 @@ step). Then:
   ``qtasks_broker_requeued`` → ``qtasks_worker_execute_after``; the next delivery starts over.
 * cancel: ``qtasks_executor_closed`` → ``qtasks_storage_saved`` → ``qtasks_broker_acked`` →
   ``qtasks_task_cancelled`` → ``qtasks_worker_execute_after``.
+* lease lost on the last allowed delivery (``max_deliveries``): ``qtasks_executor_closed`` →
+  (the ``error`` record, fenced) ``qtasks_task_dead_lettered`` → ``qtasks_worker_execute_after``.
 * ``max_time`` exceeded: ``qtasks_task_timed_out`` → the error path (the error is
   :class:`~qtasks.errors.TaskMaxTimeError`).
 * a message that cannot run (undecodable, unknown task, bad arguments):
@@ -339,14 +341,19 @@ def qtasks_worker_task_received(app: AsyncQueueTasks, message: Message) -> None:
 
 
 @hookspec
-def qtasks_worker_execute_before(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: the task is about to run; ``record`` is stored with status ``process``."""
+def qtasks_worker_execute_before(app: AsyncQueueTasks, record: TaskRecord, run: TaskRun) -> None:
+    """Notification: the task is about to run; ``record`` is stored with status ``process``.
+    ``run`` is this execution: its ``message`` carries the producer's ``headers`` (e.g. a trace
+    context), ``run.state`` is per-run space for plugins (``run.record is record``)."""
 
 
 @hookspec
-def qtasks_worker_execute_after(app: AsyncQueueTasks, record: TaskRecord) -> None:
+def qtasks_worker_execute_after(app: AsyncQueueTasks, record: TaskRecord, run: TaskRun) -> None:
     """Notification: the task's handling ended; ``record`` is its stored record (final, or
-    ``retry``). Always fired, whatever happened."""
+    ``retry``). Always fired, whatever happened, for every run that
+    ``qtasks_worker_execute_before`` announced (``run`` is the same object), though not always
+    in the same task: a success settled with others fires it from the worker's settling
+    task."""
 
 
 @hookspec
@@ -455,6 +462,14 @@ def qtasks_task_timed_out(app: AsyncQueueTasks, record: TaskRecord, max_time: fl
 def qtasks_task_expired(app: AsyncQueueTasks, record: TaskRecord) -> None:
     """Notification: the task was not started before its ``expires`` time (or could get no
     rate token before it); its final ``expired`` record is stored and the message acked."""
+
+
+@hookspec
+def qtasks_task_dead_lettered(app: AsyncQueueTasks, record: TaskRecord, reason: str) -> None:
+    """Notification: the task ran on its message's last allowed delivery (``max_deliveries``)
+    and lost its lease: the broker dead-letters the message, and ``record`` (stored as
+    ``error`` with ``reason``) drops its result. (A message dead-lettered by the broker
+    without reaching a worker fires nothing: broker stats count it.)"""
 
 
 @hookspec

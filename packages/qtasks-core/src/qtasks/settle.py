@@ -109,7 +109,7 @@ class Settlement:
             # and comes back after its lease (at-least-once), so no extra cancel scope per task.
             await self._finish(app, run, delivery, result, outcome)
         if "qtasks_worker_execute_after" in hooks.active:
-            await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record)
+            await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record, run=run)
 
     async def _settle_cancelled(
         self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery
@@ -221,6 +221,10 @@ class Settlement:
         )
         record.updated_at = time.time()
         await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+        if "qtasks_task_dead_lettered" in app.hooks.active:
+            await app.hooks.notify(
+                "qtasks_task_dead_lettered", app=app, record=record, reason=record.error
+            )
         return True
 
     async def _durable(self, run: TaskRun, call: Callable[[], Awaitable[bool]]) -> bool:
@@ -400,4 +404,4 @@ class _Batch:
             ):
                 await hooks.notify("qtasks_task_succeeded", app=app, record=record)
             if "qtasks_worker_execute_after" in hooks.active:
-                await hooks.notify("qtasks_worker_execute_after", app=app, record=record)
+                await hooks.notify("qtasks_worker_execute_after", app=app, record=record, run=run)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
+from qtasks.begin import BeginBatch
 from qtasks.components import (
     BeginOnClaim,
     CancelFeed,
@@ -51,18 +52,9 @@ HEARTBEAT_FRESH = 0.5
 """Seconds within which a change of a worker's figures (running, waiting, processed) reaches
 the global config, however long ``heartbeat_interval`` is."""
 
-BEGUN_FRESH = 0.005
-"""Seconds after its claim within which a delivery's claim-time record may be trusted (see
-``_process_inner``). A cancel made after a claim reaches the worker through the storage's
-cancel feed, but a notice still on the wire cannot be seen; past this a delivery is begun
-again (one round trip), which is exact. Within it, the window for a cancel to be missed is the
-feed's latency, not these 5 ms."""
-
 RECENT_CANCELS = 1024
 """Uuids of the latest cancels a worker heard of (see :class:`CancelFeed`): a delivery of one
-of them is not trusted as begun at claim time, it is begun again (and found final). Only
-deliveries claimed under ``BEGUN_FRESH`` ago are ever trusted, so this needs to hold the
-cancels of 5 ms, not of every delivery waiting in the local queue."""
+of them that was begun with its claim is begun again before it starts (and found final)."""
 
 
 class QueueWorker:
@@ -87,12 +79,15 @@ class QueueWorker:
         self._local: list[tuple[int, int, Delivery]] = []
         self._lost: set[str] = set()
         """Tokens of waiting deliveries whose lease could not be renewed."""
-        self._recent_cancels: dict[str, None] = {}
-        self._feed_epoch = 0
-        """Bumped each time the storage's cancel feed starts listening; 0 while it is not."""
-        self._claimed_in: dict[str, tuple[int, float]] = {}
-        """Feed epoch (0: not trusted) and monotonic time at the receipt of each waiting
-        delivery, by token."""
+        self._recent_cancels: dict[str, str] = {}
+        """Reasons of the latest cancels heard of, by uuid (at most ``RECENT_CANCELS``)."""
+        self._free = 0
+        """Runners not processing a delivery (waiting for one, or about to take one)."""
+        self._begins: BeginBatch
+        """The begin step's calls, many per round trip (made for each ``run``)."""
+        self._start_at_once: set[str] = set()
+        """Tokens of deliveries begun with their claim that went to a free runner, nothing
+        waiting before them (see :meth:`_starts`)."""
         self._outage = Outage(log, "task storage")
         self._gc_outage = Outage(log, "global config (worker heartbeats)")
         self._settlement = Settlement(self._outage)
@@ -113,7 +108,7 @@ class QueueWorker:
     def cancel_local(self, uuid: str, reason: str) -> bool:
         """Cancel the run of ``uuid`` on this worker, if it runs here; ``True`` if it did."""
         recent = self._recent_cancels
-        recent[uuid] = None
+        recent[uuid] = reason
         if len(recent) > RECENT_CANCELS:
             del recent[next(iter(recent))]
         found = False
@@ -140,9 +135,11 @@ class QueueWorker:
     def _cancelled_elsewhere(self, uuid: str, reason: str) -> None:
         self.cancel_local(uuid, reason)
 
-    def _feed_live(self, live: bool) -> None:
-        """The cancel feed started (a new epoch) or stopped (0: trust nothing begun before)."""
-        self._feed_epoch = (abs(self._feed_epoch) + 1) if live else -abs(self._feed_epoch)
+    def _starts(self) -> int:
+        """How many deliveries claimed now would start at once: free runners with nothing
+        waiting locally before them. A :class:`BeginOnClaim` broker begins only these with
+        the claim (see :meth:`_process_inner`)."""
+        return max(0, self._free - len(self._local))
 
     @property
     def stopping(self) -> anyio.Event:
@@ -167,13 +164,17 @@ class QueueWorker:
         )
         capacity = concurrency + prefetch
         self._held = 0
+        self._free = concurrency
+        self._begins = BeginBatch(app.storage)
         slot_freed = _Signal()
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
         broker = app.broker
         shared = app.shared_server
         consumer = (
-            broker.consume_begun(prefetch=prefetch, storage=app.storage, worker=self.id)
+            broker.consume_begun(
+                prefetch=prefetch, storage=app.storage, worker=self.id, starts=self._starts
+            )
             if shared is not None and isinstance(broker, BeginOnClaim)
             else broker.consume(prefetch=prefetch)
         )
@@ -200,14 +201,18 @@ class QueueWorker:
                             try:
                                 if delivery.token in self._lost:
                                     self._lost.discard(delivery.token)
-                                    self._claimed_in.pop(delivery.token, None)
+                                    self._start_at_once.discard(delivery.token)
                                     log.warning(
                                         "lease of waiting message %s was lost; another "
                                         "worker owns it now",
                                         delivery.id,
                                     )
                                     continue
-                                await self._process(app, delivery, scope)
+                                self._free -= 1
+                                try:
+                                    await self._process(app, delivery, scope)
+                                finally:
+                                    self._free += 1
                             finally:
                                 self._held -= 1
                                 slot_freed.fire()
@@ -220,8 +225,8 @@ class QueueWorker:
                         await slot_freed.wait(None)
                     delivery = await iterator.__anext__()
                     self._held += 1
-                    if self._feed_epoch > 0:
-                        self._claimed_in[delivery.token] = (self._feed_epoch, time.monotonic())
+                    if getattr(delivery, "begun", None) is not None and self._starts() > 0:
+                        self._start_at_once.add(delivery.token)
                     heapq.heappush(self._local, (delivery.priority, next(self._seq), delivery))
                     item_ready.wake_one()
 
@@ -239,11 +244,7 @@ class QueueWorker:
             storage = app.storage
             if isinstance(storage, CancelFeed):
                 # Cancels made by other processes reach running tasks at once.
-                await serving.start(
-                    partial(
-                        storage.follow_cancels, self._cancelled_elsewhere, on_live=self._feed_live
-                    )
-                )
+                await serving.start(partial(storage.follow_cancels, self._cancelled_elsewhere))
             if config.loop_stall_warning is not None:
                 watchdog = LoopWatchdog(config.loop_stall_warning, self._suspects)
                 await serving.start(watchdog.run)
@@ -287,7 +288,7 @@ class QueueWorker:
     async def _hand_back(self, app: AsyncQueueTasks) -> None:
         while self._local:
             _, _, delivery = heapq.heappop(self._local)
-            self._claimed_in.pop(delivery.token, None)
+            self._start_at_once.discard(delivery.token)
             await delivery.requeue()
             await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
@@ -394,7 +395,8 @@ class QueueWorker:
     async def _process_inner(
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
     ) -> None:
-        claimed_in, claimed_at = self._claimed_in.pop(delivery.token, (0, 0.0))
+        at_once = delivery.token in self._start_at_once
+        self._start_at_once.discard(delivery.token)
         hooks = app.hooks
         if "qtasks_broker_message_received" in hooks.active:
             await hooks.notify("qtasks_broker_message_received", app=app, delivery=delivery)
@@ -429,18 +431,14 @@ class QueueWorker:
             except TaskArgumentsError as exc:  # a concurrency key function that fails
                 await self._reject(app, delivery, str(exc), await app.storage.get(message.uuid))
                 return
-        # Deliveries of a BeginOnClaim broker carry the record begun with their claim.
-        # It is trusted when the cancel feed was live, without a break, from the claim to now,
-        # brought no cancel of this task, and the claim is fresh (BEGUN_FRESH): then the record
-        # is as the claim left it. Otherwise it is begun again.
+        # Deliveries of a BeginOnClaim broker that went straight to a free runner carry the
+        # record begun with their claim: the task started, as far as the storage knows, when
+        # it was claimed, so a cancel made after the claim is the cancel of a running task (the
+        # feed or the lease keeper's check brings it to the run). The others stayed queued in
+        # storage while they waited here and are begun now: a cancel made while they waited
+        # is seen, and the task never runs. Decided by state, not by time.
         begun: TaskRecord | None = getattr(delivery, "begun", None)
-        if (
-            begun is not None
-            and claimed_in > 0
-            and claimed_in == self._feed_epoch
-            and delivery.id not in self._recent_cancels
-            and time.monotonic() - claimed_at <= BEGUN_FRESH
-        ):
+        if begun is not None and at_once and delivery.id not in self._recent_cancels:
             record = begun
             record.attempt = message.attempt + 1
         else:
@@ -450,7 +448,7 @@ class QueueWorker:
             claim.token = delivery.token
             claim.worker = self.id
             try:
-                record = await app.storage.begin(claim)
+                record = await self._begins.begin(claim)
             except SerializationError as exc:
                 # The stored record cannot be read (written by something else): poison too.
                 await self._reject(app, delivery, f"stored task record unreadable: {exc}", None)
@@ -470,9 +468,12 @@ class QueueWorker:
             cancel_scope=scope,
         )
         self._running[delivery.token] = run
+        heard = self._recent_cancels.get(record.uuid)
+        if heard is not None:
+            run.cancel(heard)  # heard of while the record was begun: it never starts
         try:
             if "qtasks_worker_execute_before" in hooks.active:
-                await hooks.notify("qtasks_worker_execute_before", app=app, record=record)
+                await hooks.notify("qtasks_worker_execute_before", app=app, record=record, run=run)
             await self._execute(app, run, delivery)
         finally:
             del self._running[delivery.token]

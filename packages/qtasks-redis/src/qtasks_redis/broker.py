@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, Self
 
@@ -356,20 +356,21 @@ class RedisBroker:
     def consume(
         self, *, prefetch: int
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
-        return self._consume(prefetch, lua.CLAIM, self.keys, (), None)
+        return self._consume(prefetch, lua.CLAIM, self.keys, (), None, None)
 
     def consume_begun(
-        self, *, prefetch: int, storage: Storage, worker: str
+        self, *, prefetch: int, storage: Storage, worker: str, starts: Callable[[], int]
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
-        """:meth:`consume`, beginning each claimed message's record in ``storage`` in the
-        same script (:class:`~qtasks.components.BeginOnClaim`); only for a storage this broker
+        """:meth:`consume`, beginning in the same script the records of the claimed messages
+        that start at once (``starts()``, asked at each claim); see
+        :class:`~qtasks.components.BeginOnClaim`. Only for a storage this broker
         :meth:`shares_server_with`."""
         if not self.shares_server_with(storage):
             raise ComponentError(f"{storage!r} does not share a server with {self!r}")
         redis_storage = _redis_storage(storage)
         keys = (*self.keys, *redis_storage.index_keys)
         extra = (redis_storage.key_tag, worker, redis_storage.ttl_ms)
-        return self._consume(prefetch, shared_lua.CLAIM_BEGIN, keys, extra, redis_storage)
+        return self._consume(prefetch, shared_lua.CLAIM_BEGIN, keys, extra, redis_storage, starts)
 
     @asynccontextmanager
     async def _consume(
@@ -379,6 +380,7 @@ class RedisBroker:
         keys: tuple[str, ...],
         extra: tuple[str, ...],
         storage: RedisStorage | None,
+        starts: Callable[[], int] | None,
     ) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
         client = self._require()
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
@@ -390,7 +392,15 @@ class RedisBroker:
         async def claim(block: float | None) -> list[RedisDelivery] | float:
             """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up);
             or return seconds until the next deadline."""
-            args = (self._lease_ms, self._max_deliveries, count, os.urandom(6).hex(), *extra)
+            args: tuple[Any, ...] = (
+                self._lease_ms,
+                self._max_deliveries,
+                count,
+                os.urandom(6).hex(),
+                *extra,
+            )
+            if starts is not None:
+                args = (*args, starts())
             if block is not None and lane is not None:
                 # Idle: block and claim in one round trip (the claim runs as soon as the
                 # BLPOP returns); a claim made while we are cancelled is still recorded.

@@ -111,19 +111,27 @@ CLAIM_BEGIN = Script(
 -- The broker's CLAIM that also begins each claimed message's record (storage BEGIN), for a
 -- worker: one round trip instead of one more per message.
 -- KEYS: the queue's keys, then the storage's status indexes (new, process, success, error,
--- cancel, retry, expired). ARGV: CLAIM's, then the storage's key tag, the worker id and the result
--- TTL in ms ('' for none). Record keys are built here from the tag, so this runs only
--- outside Redis Cluster.
+-- cancel, retry, expired). ARGV: CLAIM's, then the storage's key tag, the worker id, the result
+-- TTL in ms ('' for none) and how many of the claimed messages start at once: only those
+-- are begun, the others are claimed with their record left as it is (all false, as when
+-- there is none). Record keys are built here from the tag, so this runs only outside
+-- Redis Cluster.
 local IDX = {new = KEYS[13], process = KEYS[14], success = KEYS[15], error = KEYS[16],
              cancel = KEYS[17], retry = KEYS[18], expired = KEYS[19]}
 local FINAL = {success = true, error = true, cancel = true, expired = true}
 local TAG, WORKER, TTL = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local to_begin = tonumber(ARGV[8])
 local REC_PREFIX = TAG .. ':r:'
 local WAKE_TTL = 120000
 local begun_at, begun_ms = false, 0  -- the server time, read once per claim
 -- Appends the record's {d, s, t, cr, u, n, a, w} (as BEGIN returns them), all false when
 -- there is no record.
 local function on_claim(id, body, token, out)
+  if to_begin <= 0 then
+    for _ = 1, 8 do out[#out + 1] = false end
+    return
+  end
+  to_begin = to_begin - 1
   local rec = REC_PREFIX .. id
   local cur = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
   if cur[1] and not FINAL[cur[2]] then

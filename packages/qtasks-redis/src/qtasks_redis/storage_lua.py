@@ -180,6 +180,40 @@ return out
 """
 )
 
+BEGIN_MANY = Script(
+    r"""
+-- BEGIN of several records that exist. KEYS: one record key per task, then the seven status
+-- indexes (new, process, success, error, cancel, retry, expired). ARGV: for each task its
+-- uuid, token, attempt and worker. Returns {d, s, t, cr, u, n, a, w} per task, in order:
+-- unchanged when final, all false when there is no record (the caller begins that one with
+-- BEGIN).
+local n = #KEYS - 7
+local IDX = {new = KEYS[n + 1], process = KEYS[n + 2], success = KEYS[n + 3],
+             error = KEYS[n + 4], cancel = KEYS[n + 5], retry = KEYS[n + 6],
+             expired = KEYS[n + 7]}
+local FINAL = {success = true, error = true, cancel = true, expired = true}
+local t = redis.call('TIME')
+local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 1, n do
+  local j = (i - 1) * 4
+  local uuid, token, attempt, worker = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4]
+  local cur = redis.call('HMGET', KEYS[i], 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+  if cur[1] and not FINAL[cur[2]] then
+    redis.call('HSET', KEYS[i], 's', 'process', 't', token, 'a', attempt, 'w', worker,
+               'u', updated)
+    if IDX[cur[2]] then redis.call('ZREM', IDX[cur[2]], uuid) end
+    redis.call('ZADD', IDX['process'], now, uuid)
+    cur[2], cur[3], cur[5], cur[7], cur[8] = 'process', token, updated, attempt, worker
+  end
+  for k = 1, 8 do out[#out + 1] = cur[k] end
+end
+return out
+"""
+)
+"""BEGIN of many records in one call (the worker's :class:`~qtasks.components.BeginMany`)."""
+
 CANCELLED = Script(
     r"""
 -- KEYS: record keys. Returns {i, reason, ...} for each record whose status is 'cancel'; the

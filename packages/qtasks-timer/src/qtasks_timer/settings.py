@@ -9,13 +9,11 @@ Timers belong to qtasks-timer, so they live in its part of the configuration::
 
 In code: ``QueueConfig(extra={"timers": [...]})``; in the environment:
 ``QTASKS_EXTRA='{"timers": [...]}'``. The top-level ``timers`` key of earlier versions
-(``[[timers]]``, ``QueueConfig(timers=...)``, ``QTASKS_TIMERS``) is still read, after the
-``extra`` ones, with a :class:`FutureWarning` pointing here.
+(``[[timers]]``, ``QTASKS_TIMERS``) is refused by the core's configuration with this hint.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,13 +40,6 @@ ENTRY_KEYS = frozenset(
     }
 )
 """The keys a timer table may have."""
-
-DEPRECATED_KEY = (
-    "the 'timers' setting is deprecated: qtasks-timer reads its timers from extra.timers; "
-    "write [[extra.timers]] in qtasks.toml ([[tool.qtasks.extra.timers]] in pyproject.toml), "
-    "QueueConfig(extra={'timers': [...]}) in code or QTASKS_EXTRA='{\"timers\": [...]}' in "
-    "the environment"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +113,11 @@ class TimerSettings:
     @staticmethod
     def declared(config: QueueConfig) -> bool:
         """Whether ``config`` declares any timer (a cheap test, nothing is checked)."""
-        return bool(config.extra.get(EXTRA_KEY)) or bool(config.timers)
+        return bool(config.extra.get(EXTRA_KEY))
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> TimerSettings:
-        """The timers of ``config.extra["timers"]``, then those of the deprecated top-level
-        ``timers`` setting (warned about), each checked."""
+        """The timers of ``config.extra["timers"]``, each checked."""
         specs: list[TimerSpec] = []
         tables = config.extra.get(EXTRA_KEY, [])
         if not isinstance(tables, list):
@@ -137,8 +127,4 @@ class TimerSettings:
             )
         for index, item in enumerate(tables):
             specs.append(TimerSpec.from_table(item, f"extra.{EXTRA_KEY}[{index}]"))
-        if config.timers:
-            warnings.warn(DEPRECATED_KEY, FutureWarning, stacklevel=4)
-            for index, item in enumerate(config.timers):
-                specs.append(TimerSpec.from_table(item, f"timers[{index}]"))
         return cls(tuple(specs))

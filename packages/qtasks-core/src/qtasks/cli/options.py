@@ -39,6 +39,15 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=65535,
+        help="Serve Prometheus metrics from the worker on this port (loopback unless "
+        "[extra.metrics] host says otherwise). Needs qtasks-web's metrics plugin.",
+    ),
+]
 
 
 @dataclass(slots=True, frozen=True)

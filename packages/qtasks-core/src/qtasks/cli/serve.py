@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command
-from qtasks.cli.options import Components
+from qtasks.cli.options import Components, MetricsPortOpt
 from qtasks.cli.resolve import aio_of, resolve_app
 from qtasks.config import mask_url
+from qtasks.discovery import instantiate_plugin, load
 from qtasks.errors import ConfigError
 from qtasks.plugins import hookimpl
 
@@ -41,6 +43,35 @@ def _where(app: AsyncQueueTasks, kind: str) -> tuple[str, str]:
     return type(component).__name__, f" at {mask_url(url)}" if url else ""
 
 
+def enable_metrics(app: AsyncQueueTasks, port: int) -> None:
+    """Serve the worker's metrics on ``port``: ``extra.metrics.port`` is set in the app's
+    configuration and the ``metrics`` plugin (``qtasks.plugins`` entry point, shipped by
+    qtasks-web; imported here, never by the core at import time) is built again from it.
+
+    Raises :class:`ConfigError` when the plugin is not installed, or disabled by
+    ``plugins_disabled``."""
+    disabled = set(app.config.plugins_disabled)
+    if disabled & {"metrics", "*"}:
+        raise ConfigError(
+            "--metrics-port: the metrics plugin is disabled by plugins_disabled "
+            f"({sorted(disabled)}); remove it from there to serve metrics"
+        )
+    try:
+        factory = load("plugin", "metrics")
+    except ConfigError as exc:
+        raise ConfigError(
+            f"--metrics-port needs the metrics plugin of qtasks-web (pip install qtasks-web): {exc}"
+        ) from None
+    extra = dict(app.config.extra)
+    extra["metrics"] = {**(extra.get("metrics") or {}), "port": port}
+    app.config = replace(app.config, extra=extra)
+    app.config_sources["extra.metrics.port"] = "cli --metrics-port"
+    old = app.hooks.pm.get_plugin("metrics")
+    if old is not None:
+        app.hooks.unregister(old)
+    app.hooks.register(instantiate_plugin(factory, app.config), "metrics")
+
+
 @command(cli)
 def run(
     *,
@@ -51,6 +82,7 @@ def run(
     log_level: Annotated[
         str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: config).")
     ] = None,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Serve tasks until SIGINT/SIGTERM, then stop gracefully.
 
@@ -72,6 +104,8 @@ def run(
     if level not in logging.getLevelNamesMapping():
         raise ConfigError(f"log_level: unknown level {aio.config.log_level!r}")
     logging.getLogger().setLevel(level)
+    if metrics_port is not None:
+        enable_metrics(aio, metrics_port)
     aio.add_plugin(_ServingLog(), "qtasks.cli")
     aio.run_forever()
     logging.getLogger("qtasks.cli").info("stopped")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Self
 
 from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
 from qtasks.config import QueueConfig
+from qtasks.errors import ComponentError
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.storage import MemoryStorage
 from qtasks.messages import Envelope
@@ -32,13 +34,15 @@ class _Entry:
 class MemoryDelivery:
     """A delivery from :class:`MemoryBroker`."""
 
-    __slots__ = ("_attempt", "_broker", "_entry", "_token")
+    __slots__ = ("_attempt", "_broker", "_entry", "_token", "begun")
 
     def __init__(self, broker: MemoryBroker, entry: _Entry) -> None:
         self._broker = broker
         self._entry = entry
         self._token = entry.token
         self._attempt = entry.attempt
+        self.begun: TaskRecord | None = None
+        """The record as begun with the claim (:meth:`MemoryBroker.consume_begun`)."""
 
     @property
     def id(self) -> str:
@@ -223,8 +227,22 @@ class MemoryBroker(_Lifecycle):
             self._inflight.pop(old.token, None)
         self._schedule(entry, envelope.eta)
 
+    def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        return self._consume(None)
+
+    def consume_begun(
+        self, *, prefetch: int, storage: Storage, worker: str, starts: Callable[[], int]
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """:meth:`consume`, beginning the record of each message taken while ``starts()``
+        says it starts at once (see :class:`qtasks.components.BeginOnClaim`)."""
+        if not isinstance(storage, MemoryStorage):
+            raise ComponentError(f"{storage!r} does not share a server with {self!r}")
+        return self._consume((storage, worker, starts))
+
     @asynccontextmanager
-    async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[MemoryDelivery]]:
+    async def _consume(
+        self, begin: tuple[MemoryStorage, str, Callable[[], int]] | None
+    ) -> AsyncIterator[AsyncIterator[Delivery]]:
         self._check()
         mine: set[str] = set()
 
@@ -238,7 +256,14 @@ class MemoryBroker(_Lifecycle):
                     await signal.wait(next_due)
                     continue
                 mine.add(entry.token)
-                yield MemoryDelivery(self, entry)
+                delivery = MemoryDelivery(self, entry)
+                if begin is not None:
+                    storage, worker, starts = begin
+                    if starts() > 0:
+                        delivery.begun = storage.begin_claimed(
+                            entry.id, entry.token, worker, _body_attempt(entry.body)
+                        )
+                yield delivery
 
         try:
             yield deliveries()
@@ -329,3 +354,12 @@ class MemoryBroker(_Lifecycle):
                 self._schedule(_Entry(letter.id, letter.body, letter.priority), None)
                 count += 1
         return count
+
+
+def _body_attempt(body: bytes) -> int | None:
+    """The ``attempt`` of a JSON message body, or ``None`` when the body is not one."""
+    try:
+        attempt = json.loads(body).get("attempt")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None

@@ -102,6 +102,29 @@ class MemoryStorage(_Lifecycle):
         stored.updated_at = self._clock()
         return stored.copy()
 
+    async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
+        """See :class:`qtasks.components.BeginMany`."""
+        return [await self.begin(record) for record in records]
+
+    def begin_claimed(
+        self, uuid: str, token: str, worker: str, attempt: int | None
+    ) -> TaskRecord | None:
+        """The stored record of ``uuid`` begun for the delivery holding ``token`` (status
+        ``process``, ``attempt + 1`` when given), as :class:`MemoryBroker` claims it; final
+        records are left as they are; ``None`` when there is none."""
+        self._check()
+        stored = self._records.get(uuid)
+        if stored is None:
+            return None
+        if not stored.status.final:
+            stored.status = TaskStatus.PROCESS
+            stored.token = token
+            stored.worker = worker
+            if attempt is not None:
+                stored.attempt = attempt + 1
+            stored.updated_at = self._clock()
+        return stored.copy()
+
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         self._check()
         stored = self._records.get(record.uuid)

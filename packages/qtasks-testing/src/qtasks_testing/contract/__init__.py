@@ -17,6 +17,7 @@ from qtasks_testing.contract.broker import (
     envelope,
 )
 from qtasks_testing.contract.capabilities import (
+    BeginManyContract,
     BeginOnClaimContract,
     CancelCheckContract,
     CancelFeedContract,
@@ -28,6 +29,7 @@ from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalCo
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
+    "BeginManyContract",
     "BeginOnClaimContract",
     "BrokerContract",
     "BrokerFactory",

@@ -1,13 +1,14 @@
 """Contract suites of the optional capabilities of :mod:`qtasks.components`.
 
-:class:`SharedServerContract`, :class:`BeginOnClaimContract`, :class:`LeaseBatchContract`,
-:class:`CancelCheckContract` and :class:`CancelFeedContract` check
+:class:`SharedServerContract`, :class:`BeginOnClaimContract`, :class:`BeginManyContract`,
+:class:`LeaseBatchContract`, :class:`CancelCheckContract` and :class:`CancelFeedContract` check
 :class:`~qtasks.components.SharedServer`, :class:`~qtasks.components.BeginOnClaim`,
-:class:`~qtasks.components.LeaseBatch`, :class:`~qtasks.components.CancelCheck` and
-:class:`~qtasks.components.CancelFeed`. Each is wired like the basic suites (a
-``broker_factory`` and/or ``storage_factory`` fixture). A component without the capability
-(``isinstance`` says no) has every test of the suite *skipped* with a reason naming it, so a
-capability that is missing, or lost in a refactoring, shows in the report instead of passing.
+:class:`~qtasks.components.BeginMany`, :class:`~qtasks.components.LeaseBatch`,
+:class:`~qtasks.components.CancelCheck` and :class:`~qtasks.components.CancelFeed`. Each is
+wired like the basic suites (a ``broker_factory`` and/or ``storage_factory`` fixture). A
+component without the capability (``isinstance`` says no) has every test of the suite
+*skipped* with a reason naming it, so a capability that is missing, or lost in a
+refactoring, shows in the report instead of passing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +26,7 @@ import anyio
 import pytest
 
 from qtasks.components import (
+    BeginMany,
     BeginOnClaim,
     Broker,
     CancelCheck,
@@ -279,10 +281,12 @@ class BeginOnClaimContract(_SharedFixtures):
     capabilities = (SharedServer, BeginOnClaim)
     worker = "contract-worker"
 
-    def consuming_begun(self, shared: Shared) -> AbstractAsyncContextManager[Consumer]:
+    def consuming_begun(
+        self, shared: Shared, starts: Callable[[], int] = lambda: 10
+    ) -> AbstractAsyncContextManager[Consumer]:
         return consuming_from(
             cast(BeginOnClaim, shared.broker).consume_begun(
-                prefetch=10, storage=shared.storage, worker=self.worker
+                prefetch=10, storage=shared.storage, worker=self.worker, starts=starts
             )
         )
 
@@ -345,6 +349,35 @@ class BeginOnClaimContract(_SharedFixtures):
             assert begun.token != delivery.token
             assert await shared.storage.get(rec.uuid) == cancelled, "a final record was written"
             assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_consume_begun_begins_only_what_starts_at_once(self, shared: Shared) -> None:
+        """``starts()`` is 1 at the first claim, 0 after: of three messages, the first
+        claimed is begun, the other two keep their queued record (so that a cancel made
+        while they wait in a worker is seen when they start)."""
+        sent = [shared.new() for _ in range(3)]
+        for envelope_, rec in sent:
+            await shared.server.publish_new(envelope_, shared.storage, rec)
+        answers = iter([1])
+
+        def starts() -> int:
+            return next(answers, 0)
+
+        async with self.consuming_begun(shared, starts) as consumer:
+            deliveries = [await consumer.next(timeout=2) for _ in sent]
+            first, *rest = deliveries
+            begun = getattr(first, "begun", None)
+            assert begun is not None, "the first message claimed starts at once: begun"
+            assert (begun.status, begun.token) == (TaskStatus.PROCESS, first.token)
+            for delivery in rest:
+                assert getattr(delivery, "begun", "missing") is None, "begun though it waits"
+                stored = await shared.storage.get(delivery.id)
+                assert stored is not None
+                assert (stored.status, stored.token) == (TaskStatus.NEW, None), (
+                    "the record of a message that waits was touched by its claim"
+                )
+            for delivery in deliveries:
+                assert await delivery.ack() is True
 
     @pytest.mark.anyio
     async def test_consume_begun_without_a_record_gives_none(self, shared: Shared) -> None:
@@ -455,6 +488,53 @@ async def running(storage: Storage, token: str = "t1") -> TaskRecord:
     await storage.add(rec)
     claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token=token)
     return await storage.begin(claim)
+
+
+class BeginManyContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.BeginMany`, as tests.
+
+    Provide a ``storage_factory`` fixture, as for
+    :class:`~qtasks_testing.contract.StorageContract`. Every test is skipped when the storage
+    is not a ``BeginMany``."""
+
+    capability = BeginMany
+
+    @pytest.mark.anyio
+    async def test_begin_many_is_begin_of_each_in_order(self, storage: Storage) -> None:
+        queued, retried, gone = record(parent_uuid="p-1"), record(attempt=1), record()
+        for rec in (queued, retried, gone):
+            await storage.add(rec)
+        await storage.cancel(gone.uuid, "not wanted")
+        unknown = record()  # no stored record: begun as begin would, stored from the claim
+        claims = []
+        for i, rec in enumerate((queued, retried, gone, unknown)):
+            claim = rec.copy()
+            claim.status, claim.attempt, claim.token, claim.worker = (
+                TaskStatus.PROCESS,
+                rec.attempt + 1,
+                f"tok-{i}",
+                "worker-a",
+            )
+            claims.append(claim)
+        begun = await cast(BeginMany, storage).begin_many(claims)
+        assert [r.uuid for r in begun] == [c.uuid for c in claims]
+        for claim, got in zip(claims[:2] + claims[3:], begun[:2] + begun[3:], strict=True):
+            assert (got.status, got.attempt, got.token, got.worker) == (
+                TaskStatus.PROCESS,
+                claim.attempt,
+                claim.token,
+                "worker-a",
+            )
+            assert await storage.get(claim.uuid) == got, "begun is what is stored"
+        assert begun[0].parent_uuid == "p-1", "other fields kept from the stored record"
+        assert (begun[2].status, begun[2].cancel_reason) == (TaskStatus.CANCEL, "not wanted")
+        # Each begun attempt's token fences writes from then on, as begin's does.
+        assert await storage.save(finished(begun[0], token="stale"), fence="stale") is False
+        assert await storage.save(finished(begun[0]), fence="tok-0") is True
+
+    @pytest.mark.anyio
+    async def test_begin_many_of_nothing(self, storage: Storage) -> None:
+        assert await cast(BeginMany, storage).begin_many([]) == []
 
 
 class CancelCheckContract(_StorageCapability):

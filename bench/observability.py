@@ -1,0 +1,252 @@
+"""W1 on Redis with qtasks-web's metrics and tracing plugins off and on, interleaved.
+
+W1 is the workload of ``bench/redis_throughput.py`` (20 warm-up tasks, then N tasks enqueued
+one ``add_task`` at a time into a running worker, concurrency 10; each INCRs a Redis counter;
+rate = N / (first enqueue -> the counter reaches N)). Modes:
+
+- ``off``: no plugin (as redis_throughput.py);
+- ``metrics``: :class:`~qtasks_web.metrics.MetricsPlugin` alone, serving on a port;
+- ``api``: :class:`~qtasks_web.metrics.MetricsPlugin` (serving on a port) in the worker and
+  :class:`~qtasks_web.tracing.TracingPlugin` in the worker and the producer, with
+  opentelemetry-api only (no SDK configured: what runs when tracing is enabled and nobody
+  collects);
+- ``sdk``: as ``api``, with the SDK's ``TracerProvider`` and a ``BatchSpanProcessor`` whose
+  exporter drops the spans (every span recorded, nothing sent over the network).
+
+``--inmemory`` measures instead the CPU the plugins add per task, in one process with the
+in-memory components (producer and worker together, no network: the plugins' own cost,
+without Redis round trips to hide or blur it), one app whose plugins are swapped between
+batches of N tasks.
+
+The modes run in turn, the order rotated each round, a fresh worker process per run, so the
+shared machine's noise falls on every mode alike; the medians are printed at the end.
+
+Run: ``uv run --all-packages python bench/observability.py [--n 5000] [--rounds 5]
+[--modes off,metrics,api,sdk] [--inmemory]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import redis
+from redis_throughput import URL, clean, cpu_seconds, wait_counter, warm
+
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+WORKER = """
+import sys, redis.asyncio
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+url, prefix, mode, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+app = AsyncQueueTasks(
+    broker=RedisBroker(url, prefix=prefix, queue="bench"),
+    storage=RedisStorage(url, prefix=prefix),
+    global_config=RedisGlobalConfig(url, prefix=prefix),
+    config=QueueConfig(max_tasks_process=10, log_level="WARNING", plugins_disabled=["*"]),
+)
+if mode != "off":
+    sys.path.insert(0, sys.argv[5])
+    from observability import tracing_provider
+    from qtasks_web.metrics import MetricsPlugin
+    from qtasks_web.tracing import TracingPlugin
+    app.add_plugin(MetricsPlugin(port=port))
+    if mode != "metrics":
+        app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
+client = redis.asyncio.Redis.from_url(url)
+
+@app.task(name="incr")
+async def incr(key: str) -> None:
+    await client.incr(key)
+
+app.run_forever()
+"""
+
+
+def tracing_provider(mode: str) -> Any:
+    """The tracer provider of ``mode``: ``None`` (the API's default, no-op) or an SDK one
+    that records every span and drops it in a batch exporter."""
+    if mode != "sdk":
+        return None
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class Drop(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    return provider
+
+
+def producer(prefix: str, mode: str) -> AsyncQueueTasks:
+    app = AsyncQueueTasks(
+        broker=RedisBroker(URL, prefix=prefix, queue="bench"),
+        storage=RedisStorage(URL, prefix=prefix),
+        global_config=RedisGlobalConfig(URL, prefix=prefix),
+        config=QueueConfig(plugins_disabled=["*"]),
+    )
+    if mode not in ("off", "metrics"):
+        from qtasks_web.tracing import TracingPlugin
+
+        app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
+    return app
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_worker(tmp: Path, prefix: str, mode: str) -> subprocess.Popen[bytes]:
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    here = str(Path(__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, str(script), URL, prefix, mode, str(free_port()), here],
+        stdout=subprocess.DEVNULL,
+    )
+
+
+async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
+    """One W1 run: (tasks/s, producer CPU us per task, worker CPU us per task)."""
+    prefix = f"bench-obs-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(tmp, prefix, mode)
+    counter = redis.Redis.from_url(URL)
+    app = producer(prefix, mode)
+    await app.start()
+    try:
+        await warm(app, counter, f"{prefix}:warm")
+        key = f"{prefix}:w1"
+        cpu = (time.process_time(), cpu_seconds(worker.pid))
+        start = time.perf_counter()
+        for _ in range(n):
+            await app.add_task("incr", key)
+        done = wait_counter(counter, key, n, 60 + n / 20)
+        mine = (time.process_time() - cpu[0]) / n * 1e6
+        theirs = (cpu_seconds(worker.pid) - cpu[1]) / n * 1e6
+        return n / (done - start), mine, theirs
+    finally:
+        await app.aclose()
+        worker.terminate()
+        worker.wait(30)
+        counter.close()
+        clean(prefix)
+
+
+async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[float]]:
+    """CPU us per task of each mode: one app (in-memory components, concurrency 10) whose
+    plugins are swapped between batches of ``n`` tasks, each enqueued one at a time, the modes
+    in turn ``rounds`` times (order rotated): a load change on the machine falls on every mode
+    within seconds, not on one whole run."""
+    from qtasks_web.metrics import MetricsPlugin
+    from qtasks_web.tracing import TracingPlugin
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], max_tasks_process=10))
+    plugins = {
+        mode: [MetricsPlugin()]
+        + (
+            [TracingPlugin(tracer_provider=tracing_provider(mode))]
+            if mode in ("api", "sdk")
+            else []
+        )
+        for mode in modes
+        if mode != "off"
+    }
+    done = anyio.Event()
+    count, target = 0, 0
+
+    @app.task(name="incr")
+    async def incr() -> None:
+        nonlocal count
+        count += 1
+        if count == target:
+            done.set()
+
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
+    async with app:
+        for round_ in range(rounds):
+            order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+            for mode in order:
+                for plugin in [p for ps in plugins.values() for p in ps]:
+                    if app.hooks.pm.is_registered(plugin):
+                        app.hooks.unregister(plugin)
+                for plugin in plugins.get(mode, []):
+                    app.hooks.register(plugin)
+                done, target = anyio.Event(), count + n
+                start = time.process_time()
+                for _ in range(n):
+                    await app.add_task("incr")
+                await done.wait()
+                cpu[mode].append((time.process_time() - start) / n * 1e6)
+    return cpu
+
+
+async def run(opts: argparse.Namespace) -> None:
+    modes = [m.strip() for m in opts.modes.split(",")]
+    figures: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    if opts.inmemory:
+        cpu = await inmemory(modes, opts.n, opts.rounds)
+        for mode, runs in cpu.items():
+            print(f"{mode:>7}: CPU us per task, each batch: {' '.join(f'{c:.1f}' for c in runs)}")
+        base = statistics.median(cpu[modes[0]])
+        print(f"medians of {opts.rounds} batches of {opts.n} tasks (producer and worker together):")
+        for mode, runs in cpu.items():
+            median = statistics.median(runs)
+            print(
+                f"  {mode:>7}: {median:.1f} us per task ({median - base:+.1f} us, "
+                f"{(median / base - 1) * 100:+.1f} % vs {modes[0]})"
+            )
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(opts.rounds):
+            order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+            for mode in order:
+                rate, mine, theirs = await w1(mode, opts.n, Path(tmp))
+                figures[mode].append((rate, mine, theirs))
+                print(
+                    f"round {round_ + 1} {mode:>7}: W1 {rate:,.0f} tasks/s; CPU per task: "
+                    f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us",
+                    flush=True,
+                )
+    base = statistics.median(r for r, _, _ in figures[modes[0]])
+    base_cpu = statistics.median(m + t for _, m, t in figures[modes[0]])
+    print(f"medians of {opts.rounds} runs of {opts.n} tasks each:")
+    for mode, runs in figures.items():
+        rate = statistics.median(r for r, _, _ in runs)
+        mine = statistics.median(m for _, m, _ in runs)
+        theirs = statistics.median(t for _, _, t in runs)
+        both = statistics.median(m + t for _, m, t in runs)
+        print(
+            f"  {mode:>7}: {rate:,.0f} tasks/s ({(rate / base - 1) * 100:+.1f} % vs "
+            f"{modes[0]}); CPU per task: producer {mine:.0f} us, worker {theirs:.0f} us "
+            f"({(both / base_cpu - 1) * 100:+.1f} % CPU)"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--modes", default="off,metrics,api,sdk")
+    parser.add_argument("--inmemory", action="store_true")
+    anyio.run(run, parser.parse_args())

@@ -1,0 +1,67 @@
+"""The begin step's scenarios, run on every backend that begins on claim (memory, Redis)."""
+
+from __future__ import annotations
+
+import anyio
+
+from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus
+from qtasks.worker import QueueWorker
+
+
+def count_begins(app: AsyncQueueTasks) -> list[str]:
+    """The uuids of the records the app's storage is asked to ``begin``, as they come."""
+    storage = app.storage
+    calls: list[str] = []
+    plain_begin = storage.begin
+
+    async def counted_begin(record: TaskRecord) -> TaskRecord:
+        calls.append(record.uuid)
+        return await plain_begin(record)
+
+    storage.begin = counted_begin  # type: ignore[method-assign]
+    return calls
+
+
+async def cancel_while_waiting(app: AsyncQueueTasks, begins: list[str]) -> None:
+    """One runner (``app`` has concurrency 1 and a prefetch of 2 or more), busy; the next
+    messages are claimed while it is. They start later, so their claim leaves their records
+    queued, and each is begun when it starts: a cancel made while one waits is seen then,
+    with no notice from the cancel feed (dropped here) and however soon after the claim it is
+    made. Decided by state, not by time. ``begins`` lists the uuids the app's storage is asked
+    to ``begin`` (filled by the caller's wrapper)."""
+    worker = app.worker
+    assert isinstance(worker, QueueWorker)
+    worker._cancelled_elsewhere = lambda uuid, reason: None  # type: ignore[method-assign]
+    release, started = anyio.Event(), anyio.Event()
+    ran: list[str] = []
+
+    @app.task
+    async def blocker() -> None:
+        started.set()
+        await release.wait()
+
+    @app.task
+    async def job(name: str) -> str:
+        ran.append(name)
+        return name
+
+    async with app:
+        first = await app.add_task("blocker")
+        with anyio.fail_after(5):
+            await started.wait()
+        doomed = await app.add_task("job", "doomed")
+        kept = await app.add_task("job", "kept")
+        with anyio.fail_after(5):  # both claimed by the worker and waiting in its queue
+            while worker.waiting < 2:  # noqa: ASYNC110 - the worker has no event for this
+                await anyio.sleep(0.002)
+        for waiting in (doomed, kept):
+            stored = await app.get(waiting.uuid)
+            assert stored is not None and stored.status is TaskStatus.NEW, stored
+        await app.storage.cancel(doomed.uuid, "changed my mind")
+        release.set()
+        assert (await kept.wait_result(5)).returning == "kept"
+        assert (await first.wait_result(5)).status is TaskStatus.SUCCESS
+    assert ran == ["kept"]
+    final = await app.get(doomed.uuid)
+    assert final is not None and final.status is TaskStatus.CANCEL
+    assert begins == [doomed.uuid, kept.uuid], "the waiting ones are begun when they start"

@@ -1,0 +1,89 @@
+"""The in-memory broker begins records with their claim (BeginOnClaim), as Redis does: the
+core's own tests run the path the Redis worker runs. Only deliveries that start at once are
+begun with the claim; a cancel made while one waits holds, with no time window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from begin_scenarios import cancel_while_waiting, count_begins
+
+from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+from qtasks.record import TaskStatus
+from qtasks.worker import QueueWorker
+
+pytestmark = pytest.mark.anyio
+
+
+def counting_app(concurrency: int, prefetch: int) -> tuple[AsyncQueueTasks, list[str]]:
+    """An in-memory app, and the uuids its storage is asked to ``begin``, as they come."""
+    app = AsyncQueueTasks(
+        "begin-on-claim",
+        config=QueueConfig(
+            max_tasks_process=concurrency,
+            prefetch=prefetch,
+            shutdown_grace=1.0,
+            plugins_disabled=["*"],
+        ),
+    )
+    return app, count_begins(app)
+
+
+async def test_an_idle_worker_starts_tasks_with_the_record_its_claim_began() -> None:
+    app, calls = counting_app(concurrency=4, prefetch=4)
+
+    @app.task
+    async def double(i: int) -> int:
+        return 2 * i
+
+    async with app:
+        done = [await app.add_task("double", i, timeout=5) for i in range(5)]
+    assert [(t.status, t.returning, t.attempt) for t in done] == [
+        (TaskStatus.SUCCESS, 2 * i, 1) for i in range(5)
+    ]
+    assert calls == [], "each was begun by the claim that took it"
+
+
+async def test_a_cancel_while_a_delivery_waits_holds_without_any_cancel_notice() -> None:
+    app, begins = counting_app(concurrency=1, prefetch=3)
+    await cancel_while_waiting(app, begins)
+
+
+async def test_a_cancel_heard_after_a_claim_began_the_record_stops_the_task_before_it_runs() -> (
+    None
+):
+    """The claim began the record (the runner was free), then the cancel notice arrives
+    before the runner got to the task: it never starts."""
+    app, _ = counting_app(concurrency=1, prefetch=1)
+    worker = app.worker
+    assert isinstance(worker, QueueWorker)
+    ran: list[str] = []
+
+    @app.task
+    async def job(name: str) -> str:
+        ran.append(name)
+        return name
+
+    cancelled = anyio.Event()
+
+    class CancelOnReceipt:
+        """Cancels each task from the storage (as another process would) when the worker
+        received it: its record was begun by the claim, the runner has not started it."""
+
+        @hookimpl
+        async def qtasks_worker_task_received(self, app: Any, message: Any) -> None:
+            begun = await app.get(message.uuid)
+            assert begun.status is TaskStatus.PROCESS, "the claim began it"
+            await app.storage.cancel(message.uuid, "too late to start")
+            cancelled.set()
+
+    app.hooks.register(CancelOnReceipt())
+    async with app:
+        task = await app.add_task("job", "x")
+        with anyio.fail_after(5):
+            await cancelled.wait()
+        done = await app.wait(task.uuid, timeout=5)
+    assert ran == []
+    assert (done.status, done.cancel_reason) == (TaskStatus.CANCEL, "too late to start")

@@ -1,0 +1,1 @@
+from tests.begin_scenarios import *  # noqa: F403

@@ -1,0 +1,1 @@
+from tests.web.obs_helpers import *  # noqa: F403
