@@ -34,6 +34,7 @@ RUNNERS: dict[tuple[str, str], tuple[str, str]] = {
         "all",
     ),
     ("docs/from-celery.md", "python"): ("tests/test_docs_site.py", "all"),
+    ("docs/flow-control.md", "python"): ("tests/test_docs_site.py", "all"),
     ("docs/tasks.md", "python"): ("tests/core/test_docs_tasks.py", "all"),
     ("docs/workflows.md", "python"): ("tests/test_docs_site.py", "all"),
     ("docs/context.md", "python"): ("tests/core/test_context_docs.py", "all"),

@@ -15,6 +15,7 @@ from qtasks_testing.contract import (
     BulkPublishNewContract,
     CancelCheckContract,
     CancelFeedContract,
+    FlowControlContract,
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
@@ -48,6 +49,12 @@ class TestMemoryStorage(StorageContract):
 
 
 class TestMemoryGlobalConfig(GlobalConfigContract):
+    @pytest.fixture
+    def global_config_factory(self) -> GlobalConfigFactory:
+        return MemoryGlobalConfig.from_config
+
+
+class TestMemoryFlowControl(FlowControlContract):
     @pytest.fixture
     def global_config_factory(self) -> GlobalConfigFactory:
         return MemoryGlobalConfig.from_config

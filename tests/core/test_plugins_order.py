@@ -286,3 +286,46 @@ async def test_app_lifecycle_order() -> None:
         ("stopped", "storage"),
         ("app_stopped", ""),
     ]
+
+
+async def test_expired_order(app: AsyncQueueTasks) -> None:
+    recorder = Recorder()
+    app.add_plugin(recorder)
+
+    @app.task
+    async def late() -> None: ...
+
+    async with app:
+        task = await late.add_task(delay=0.1, expires=0.05)
+        assert (await app.wait(task.uuid, 5)).status is TaskStatus.EXPIRED
+    assert recorder.calls[: len(ENQUEUE)] == ENQUEUE
+    assert recorder.calls[len(ENQUEUE) :] == [
+        "qtasks_broker_message_received",
+        "qtasks_worker_task_received",
+        "qtasks_storage_saved",
+        "qtasks_broker_acked",
+        "qtasks_task_expired",
+    ]
+
+
+async def test_held_by_flow_control_order(app: AsyncQueueTasks) -> None:
+    recorder = Recorder()
+    app.add_plugin(recorder)
+
+    @app.task(rate_limit="2/s")
+    async def limited() -> None: ...
+
+    async with app:
+        await limited.add_task()
+        await recorder.wait_finished(1)
+        recorder.calls.clear()
+        await limited.add_task()  # its token is 500 ms away: held, then run
+        await recorder.wait_finished(2)
+    assert recorder.calls == [
+        *ENQUEUE,
+        "qtasks_broker_message_received",
+        "qtasks_worker_task_received",
+        "qtasks_broker_requeued",
+        *RECEIVE_AND_START,
+        *SUCCESS_END,
+    ]

@@ -15,6 +15,7 @@ from redis_procs import unavailable
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+from qtasks_testing.contract import FlowControlContract, GlobalConfigFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -126,3 +127,34 @@ async def test_enqueue_run_result_ack_on_cluster(cluster_url: str) -> None:
         assert await app.global_config.get_all("ns") == {"k": 1}
         await app.global_config.clear("ns")
         assert await app.global_config.get_all("ns") == {}
+
+
+class TestClusterFlowControl(FlowControlContract):
+    """Flow-control keys share one hash tag, so every script stays in one slot."""
+
+    @pytest.fixture
+    def global_config_factory(self, cluster_url: str) -> GlobalConfigFactory:
+        return lambda config: RedisGlobalConfig(cluster_url, prefix="flow")
+
+
+async def test_flow_control_on_cluster(cluster_url: str) -> None:
+    app = AsyncQueueTasks(
+        broker=RedisBroker(cluster_url, queue="cluster-flow"),
+        storage=RedisStorage(cluster_url, prefix="flow"),
+        global_config=RedisGlobalConfig(cluster_url, prefix="flow"),
+    )
+
+    @app.task(rate_limit="20/s", concurrency_key="k", max_concurrency=1)
+    async def limited(k: str) -> str:
+        return k
+
+    async with app:
+        tasks = [await app.add_task("limited", k=str(i % 2)) for i in range(6)]
+        for task in tasks:
+            assert (await app.wait(task.uuid, timeout=10)).status is TaskStatus.SUCCESS
+        late = await app.add_task("limited", k="x", delay=0.2, expires=0.05)
+        assert (await app.wait(late.uuid, timeout=10)).status is TaskStatus.EXPIRED
+        first = await app.add_task("limited", k="y", unique_key="u", delay=5)
+        again = await app.add_task("limited", k="y", unique_key="u")
+        assert again.uuid == first.uuid
+        assert (await app.storage.stats())["expired"] == 1

@@ -16,6 +16,7 @@ from qtasks_testing.contract import (
     BulkPublishNewContract,
     CancelCheckContract,
     CancelFeedContract,
+    FlowControlContract,
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
@@ -53,6 +54,12 @@ class TestRedisStorage(StorageContract):
 
 
 class TestRedisGlobalConfig(GlobalConfigContract):
+    @pytest.fixture
+    def global_config_factory(self, redis_url: str, prefix: str) -> GlobalConfigFactory:
+        return lambda config: RedisGlobalConfig(redis_url, prefix=prefix)
+
+
+class TestRedisFlowControl(FlowControlContract):
     @pytest.fixture
     def global_config_factory(self, redis_url: str, prefix: str) -> GlobalConfigFactory:
         return lambda config: RedisGlobalConfig(redis_url, prefix=prefix)

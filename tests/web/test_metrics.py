@@ -256,3 +256,19 @@ async def test_reading_the_registry_in_the_event_loop_leaves_the_broker_figures_
     assert "qtasks_worker_up 1.0" in text
     assert "qtasks_dead_letters " not in text
     assert "qtasks_dead_letters 0.0" in from_thread.decode()
+
+
+async def test_expired_outcome() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    metrics = MetricsPlugin()  # no port: the registry alone
+    app.add_plugin(metrics)
+
+    @app.task
+    async def late() -> None: ...
+
+    async with app:
+        task = await app.add_task("late", delay=0.1, expires=0.05)
+        assert (await app.wait(task.uuid, timeout=5)).status is TaskStatus.EXPIRED
+    reg = metrics.registry
+    assert reg.get_sample_value("qtasks_tasks_total", {"task": "late", "outcome": "expired"}) == 1
+    assert reg.get_sample_value("qtasks_task_run_seconds_count", {"task": "late"}) is None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
-from qtasks import bulk, report
+from qtasks import bulk, flow, report
 from qtasks import enqueue as enqueue_step
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
@@ -215,6 +215,12 @@ class AsyncQueueTasks:
         executor: Any = None,
         middlewares_before: Sequence[Middleware] | None = None,
         middlewares_after: Sequence[Middleware] | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        concurrency_key: str | Callable[..., Any] | None = None,
+        max_concurrency: int | None = None,
+        expires: float | None = None,
+        unique_key: Callable[..., Any] | None = None,
         **extra: Any,
     ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 
@@ -498,6 +504,9 @@ class AsyncQueueTasks:
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
+        expires: float | None = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
         _parent_uuid: str | None = None,
         **kwargs: Any,
     ) -> AsyncTask:
@@ -505,7 +514,10 @@ class AsyncQueueTasks:
 
         ``priority`` (lower runs first), ``delay`` (seconds) or ``eta`` (unix time) schedule
         it; with ``timeout`` the call waits for the final record and raises
-        :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. Tasks whose own
+        :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. ``expires``
+        (seconds): not started by then, the task ends ``expired``. ``unique_key``: while a
+        task added with that key is not final (or for ``unique_for`` seconds), adding another
+        returns that task's record instead (see :mod:`qtasks.flow`). Tasks whose own
         parameters use these names are enqueued with :meth:`enqueue`. QTasks' keyword form
         ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
         if task_name is UNSET:
@@ -518,6 +530,9 @@ class AsyncQueueTasks:
             timeout=timeout,
             delay=delay,
             eta=eta,
+            expires=expires,
+            unique_key=unique_key,
+            unique_for=unique_for,
             _parent_uuid=_parent_uuid,
         )
 
@@ -531,15 +546,33 @@ class AsyncQueueTasks:
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
+        expires: float | None = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
         _parent_uuid: str | None = None,
     ) -> AsyncTask:
         """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
-        record, envelope = await enqueue_step.prepare(
-            self, task_name, args, kwargs, priority, delay, eta, _parent_uuid
+        record, envelope, unique = await enqueue_step.prepare(
+            self,
+            task_name,
+            args,
+            kwargs,
+            priority,
+            delay,
+            eta,
+            _parent_uuid,
+            expires=expires,
+            unique_key=unique_key,
+            unique_for=unique_for,
         )
-        await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
+        if unique is not None:  # claimed with the enqueue step (qtasks.flow)
+            existing = await flow.publish_unique(self, record, envelope, unique)
+            if existing is not None:
+                return self._bind(existing)  # a task with this unique key is pending
+        else:
+            await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
         if "qtasks_storage_added" in self.hooks.active:
             await self.hooks.notify("qtasks_storage_added", app=self, record=record)
         if "qtasks_task_enqueued" in self.hooks.active:

@@ -26,6 +26,7 @@ import anyio
 
 from qtasks import enqueue as enqueue_step
 from qtasks.components import Broker, BulkAdd, BulkPublish, BulkPublishNew, Storage
+from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 
@@ -70,7 +71,7 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
     try:
         for sig in signatures:
-            prepared = await enqueue_step.prepare(
+            record, envelope, unique = await enqueue_step.prepare(
                 app,
                 sig.task_name,
                 sig.args,
@@ -81,8 +82,13 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
                 None,
                 sig.retry,
             )
-            chunk.append(prepared)
-            out.append(prepared[0])
+            if unique is not None:
+                raise TaskArgumentsError(
+                    f"task {sig.task_name!r} has a unique key: add_tasks cannot claim it with "
+                    "a batch; enqueue it with add_task"
+                )
+            chunk.append((record, envelope))
+            out.append(record)
             if len(chunk) == BATCH:
                 if inflight is not None:
                     await inflight

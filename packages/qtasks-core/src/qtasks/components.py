@@ -38,9 +38,10 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`LeaseBatch`,
 :class:`CancelCheck`, :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`,
-:class:`BulkPublishNew`, :class:`BulkAdd` and :class:`WorkflowStore`, checked with
-``isinstance``; ``qtasks_testing.contract.capabilities``, ``qtasks_testing.contract.query``
-and ``qtasks_testing.contract.bulk`` hold their suites.
+:class:`BulkPublishNew`, :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl` and
+:class:`UniquePublish`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
+``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
+``qtasks_testing.contract.flow`` hold their suites.
 """
 
 from __future__ import annotations
@@ -383,9 +384,10 @@ class Storage(Protocol):
       fence (or the stored record has no token), so a worker that lost its lease cannot
       overwrite a newer attempt's result; it returns ``False`` when refused.
     * Final is final: a record whose stored status is final (``success``, ``error``,
-      ``cancel``) is never overwritten by :meth:`save` with another status, fenced or not
-      (``False``). A cancel made while the task ran therefore stays a cancel when the task's
-      result comes in; only :meth:`add` (a deliberate reset) replaces a final record.
+      ``cancel``, ``expired``) is never overwritten by :meth:`save` with another status,
+      fenced or not (``False``). A cancel made while the task ran therefore stays a cancel
+      when the task's result comes in; only :meth:`add` (a deliberate reset) replaces a final
+      record.
     * :meth:`wait` returns as soon as a final record is saved (woken, not polled) and raises
       :class:`~qtasks.errors.TaskTimeoutError` at the deadline.
     * Generator steps appended with :meth:`add_step` are readable in order by :meth:`steps`
@@ -611,6 +613,91 @@ class GlobalConfig(Protocol):
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """The workers whose last heartbeat has not expired, by id."""
+        ...
+
+
+@runtime_checkable
+class FlowControl(Protocol):
+    """Optional global config capability: the cluster-wide state of flow control (rate
+    limits, concurrency slots and unique keys, see :mod:`qtasks.flow`). Every method is one
+    atomic decision across every process using the same backend (on Redis: one script, timed
+    by the server's clock, never a client's). Without it, tasks declaring ``rate_limit``,
+    ``max_concurrency`` or a unique key fail when the app starts
+    (:class:`~qtasks.errors.ConfigurationError`).
+
+    Keys are opaque strings chosen by the core (``"rate:<task>"``, ``"slots:<task>:<key>"``,
+    ``"unique:<key>"``); an implementation keeps them apart from :class:`GlobalConfig`
+    namespaces.
+    """
+
+    async def reserve_rate(
+        self, key: str, interval: float, burst: int, max_wait: float | None
+    ) -> float | None:
+        """GCRA: reserve the earliest moment at which one more call of ``key`` keeps to one
+        call per ``interval`` seconds, with up to ``burst`` calls at once; return the seconds
+        from now until that moment (``0.0``: now). When it is more than ``max_wait`` seconds
+        away (``None``: no bound), reserve nothing and return ``None``."""
+        ...
+
+    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:
+        """Take one of ``limit`` slots of ``key`` for ``holder`` (taking one it holds renews
+        it) until ``lease`` seconds from now; ``0.0`` when taken. Otherwise count ``holder``
+        as waiting and return the seconds to wait before trying again: about when a slot
+        frees, from the mean time slots were held lately and the number of holders waiting
+        ahead, never later than the earliest lease ends (a killed holder's slot frees then)."""
+        ...
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        """Free the slot ``holder`` holds in ``key``, if any."""
+        ...
+
+    async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
+        """Renew each ``(key, holder)`` slot until ``lease`` seconds from now, in one round
+        trip; the i-th result says whether the i-th slot was still held."""
+        ...
+
+    async def claim_unique(
+        self, key: str, holder: str, ttl: float | None, replace: str | None = None
+    ) -> str | None:
+        """Set ``key`` to ``holder`` (for ``ttl`` seconds) when it is free, or when it holds
+        ``replace``; return ``None`` when set, else the holder it keeps."""
+        ...
+
+    async def release_unique(self, key: str, holder: str) -> bool:
+        """Free ``key`` if it holds ``holder``; ``True`` if it did."""
+        ...
+
+    async def flow_state(self) -> dict[str, dict[str, float]]:
+        """Live figures of the keys used lately, for ``qtasks inspect``: for a rate key
+        ``tokens`` (calls that may start now), ``burst``, ``per_second`` and ``waiting``
+        (calls reserved for later); for a slot key ``held``, ``limit`` and ``waiting``
+        (holders told to try again within the last second or later)."""
+        ...
+
+
+@runtime_checkable
+class UniquePublish(Protocol):
+    """Optional capability of a :class:`SharedServer` broker: claim a unique key of a
+    :class:`FlowControl` global config on the same server in the round trip that stores and
+    publishes the new task, atomically, so no crash can leave a key claimed for a task that was
+    never enqueued. Without it the core claims the key first and gives it back if the publish
+    fails (see :mod:`qtasks.flow`)."""
+
+    def shares_server_with_config(self, global_config: GlobalConfig) -> bool:
+        """Whether :meth:`publish_new_unique` may be used with ``global_config``."""
+        ...
+
+    async def publish_new_unique(
+        self,
+        envelope: Envelope,
+        storage: Storage,
+        record: TaskRecord,
+        global_config: GlobalConfig,
+        claim: tuple[str, str, float | None, str | None],
+    ) -> str | None:
+        """Exactly ``held = await global_config.claim_unique(*claim)`` (key, holder, ttl,
+        replace) followed, when ``held`` is ``None``, by :meth:`SharedServer.publish_new` of
+        ``envelope`` and ``record``, in one atomic round trip; returns ``held``."""
         ...
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from qtasks import flow
 from qtasks.components import Broker, SharedServer, Storage
 from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord
@@ -94,11 +95,16 @@ async def prepare(
     eta: float | None,
     parent_uuid: str | None,
     retry: int | None = None,
-) -> tuple[AsyncTask, Envelope]:
-    """A new task's record and envelope: the arguments checked against a registered task,
-    its default priority, the due time, and ``qtasks_task_enqueue`` applied (for
-    ``add_task`` and ``add_tasks`` alike; ``retry``: the call's own, see
-    :class:`~qtasks.workflows.Signature`)."""
+    *,
+    expires: float | None = None,
+    unique_key: str | None = None,
+    unique_for: float | None = None,
+) -> tuple[AsyncTask, Envelope, Message | None]:
+    """A new task's record and envelope, and its message when it has a unique key to claim
+    with the enqueue (:func:`qtasks.flow.publish_unique`), else ``None``: the arguments
+    checked against a registered task, its default priority, the due time,
+    ``qtasks_task_enqueue`` applied, then the flow options stamped (for ``add_task`` and
+    ``add_tasks`` alike; ``retry``: the call's own, see :class:`~qtasks.workflows.Signature`)."""
     kwargs = dict(kwargs or {})
     task = app.tasks.get(task_name)
     if task is not None:
@@ -126,6 +132,15 @@ async def prepare(
         message = await app.hooks.transform(
             "qtasks_task_enqueue", "message", app=app, message=message
         )
+    if (
+        expires is not None
+        or unique_key is not None
+        or unique_for is not None
+        or (task is not None and task.flow is not None)
+    ):
+        flow.prepare(
+            app, task, message, expires=expires, unique_key=unique_key, unique_for=unique_for
+        )
     envelope = app.codec.encode(message, eta)
     record = AsyncTask(
         uuid=message.uuid,
@@ -139,4 +154,4 @@ async def prepare(
         parent_uuid=parent_uuid,
         _client=app,
     )
-    return record, envelope
+    return record, envelope, message if "unique" in message.headers else None

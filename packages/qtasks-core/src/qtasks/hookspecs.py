@@ -57,6 +57,12 @@ step). Then:
 * a message that cannot run (undecodable, unknown task, bad arguments):
   ``qtasks_broker_nacked`` → ``qtasks_task_rejected`` (nothing of the above after
   ``qtasks_broker_message_received``).
+* expired (not started by its ``expires`` time, :mod:`qtasks.flow`): after
+  ``qtasks_worker_task_received``, ``qtasks_storage_saved`` (``expired``) →
+  ``qtasks_broker_acked`` → ``qtasks_task_expired``.
+* held by flow control (a rate token or a concurrency slot for later): after
+  ``qtasks_worker_task_received``, ``qtasks_broker_requeued`` (with the delay); the next
+  delivery starts over.
 
 Reading: ``app.get`` → ``qtasks_storage_got``; ``app.config_get`` → ``qtasks_global_config_got``;
 ``app.config_set`` → ``qtasks_global_config_write`` (transform) → the write →
@@ -450,6 +456,12 @@ def qtasks_task_cancelled(app: AsyncQueueTasks, record: TaskRecord, reason: str)
 @hookspec
 def qtasks_task_timed_out(app: AsyncQueueTasks, record: TaskRecord, max_time: float) -> None:
     """Notification: the task ran past its ``max_time`` (the error path follows)."""
+
+
+@hookspec
+def qtasks_task_expired(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """Notification: the task was not started before its ``expires`` time (or could get no
+    rate token before it); its final ``expired`` record is stored and the message acked."""
 
 
 @hookspec

@@ -11,6 +11,7 @@ import anyio
 
 from qtasks.components import CancelCheck, Delivery, LeaseBatch
 from qtasks.executor import TaskRun
+from qtasks.flow import FlowGate
 from qtasks.record import TaskStatus
 
 if TYPE_CHECKING:
@@ -23,13 +24,17 @@ class LeaseKeeper:
     """The renewal pass of one worker. ``held()`` returns the deliveries waiting in its local
     queue and its running tasks; the tokens of waiting deliveries whose lease was lost are
     added to ``lost`` (the worker skips them), running tasks whose lease was lost are marked
-    and cancelled."""
+    and cancelled. The concurrency slots of ``flow`` are renewed in the same pass."""
 
     def __init__(
-        self, held: Callable[[], tuple[list[Delivery], list[TaskRun]]], lost: set[str]
+        self,
+        held: Callable[[], tuple[list[Delivery], list[TaskRun]]],
+        lost: set[str],
+        flow: FlowGate | None = None,
     ) -> None:
         self._held = held
         self._lost = lost
+        self._flow = flow
 
     async def keep(self, app: AsyncQueueTasks) -> None:
         """Renew the lease of every delivery this worker holds, and notice cancels made
@@ -53,6 +58,9 @@ class LeaseKeeper:
                     tg.start_soon(self._renew, app, waiting, runs)
                     if runs:
                         tg.start_soon(self._check_cancels, app, runs)
+                    if self._flow is not None and self._flow.slots:
+                        # Another component (the global config): its own call, concurrently.
+                        tg.start_soon(self._flow.extend, app)
             if stuck.cancelled_caught:
                 log.warning("lease renewal got no answer within the lease (%ss)", app.config.lease)
 

@@ -12,7 +12,8 @@ from qtasks.errors import SerializationError
 
 
 class TaskStatus(StrEnum):
-    """Where a task is in its life. ``success``, ``error`` and ``cancel`` are final."""
+    """Where a task is in its life. ``success``, ``error``, ``cancel`` and ``expired`` (not
+    started before its ``expires`` time, see :mod:`qtasks.flow`) are final."""
 
     NEW = "new"
     PROCESS = "process"
@@ -20,6 +21,7 @@ class TaskStatus(StrEnum):
     ERROR = "error"
     CANCEL = "cancel"
     RETRY = "retry"
+    EXPIRED = "expired"
 
     @property
     def final(self) -> bool:
@@ -27,7 +29,7 @@ class TaskStatus(StrEnum):
         return self in _FINAL
 
 
-_FINAL = frozenset({TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL})
+_FINAL = frozenset({TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL, TaskStatus.EXPIRED})
 
 
 @dataclass(slots=True)

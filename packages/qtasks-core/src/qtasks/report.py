@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qtasks.components import FlowControl
 from qtasks.task import TaskDef
 
 if TYPE_CHECKING:
@@ -13,8 +14,10 @@ if TYPE_CHECKING:
 async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
     """Registered tasks with their options, queue depth per priority, delayed, in-flight and
     dead-lettered counts (``broker.stats()``), workers alive (``global_config.workers()``),
-    records by status (``storage.stats()``), the plugins, and how enqueue reaches the
-    backends; then the ``qtasks_inspect`` hook may add keys. ``app`` is started."""
+    records by status (``storage.stats()``), the plugins, how enqueue reaches the backends,
+    and with a :class:`~qtasks.components.FlowControl` global config the live flow-control
+    figures (``flow``: rate tokens and slots, with what waits for them); then the
+    ``qtasks_inspect`` hook may add keys. ``app`` is started."""
     stats = await app.broker.stats()
     report: dict[str, Any] = {
         "app": app.name,
@@ -34,6 +37,9 @@ async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
         "records_by_status": dict(sorted((await app.storage.stats()).items())),
         "plugins": sorted(str(name) for name, _ in app.hooks.pm.list_name_plugin()),
     }
+    gc = app.global_config
+    if isinstance(gc, FlowControl):
+        report["flow"] = dict(sorted((await gc.flow_state()).items()))
     result: dict[str, Any] = await app.hooks.transform(
         "qtasks_inspect", "report", app=app, report=report
     )
@@ -62,6 +68,16 @@ def task_summary(task: TaskDef[..., Any]) -> dict[str, Any]:
         "middlewares": [label(m) for m in (*opts.middlewares_before, *opts.middlewares_after)],
         "signature": str(task.caller_signature),
     }
+    if task.flow is not None:
+        spec = task.flow
+        summary["flow"] = {
+            "rate_limit": opts.rate_limit,
+            "rate_burst": spec.burst if spec.rate is not None else None,
+            "concurrency_key": label(spec.key),
+            "max_concurrency": spec.max_concurrency,
+            "expires": spec.expires,
+            "unique_key": label(spec.unique_key),
+        }
     if opts.extra:
         summary["extra"] = {k: label(v) for k, v in opts.extra.items()}
     return summary

@@ -137,6 +137,12 @@ class QueueTasks:
         executor: Any = None,
         middlewares_before: Sequence[Any] | None = None,
         middlewares_after: Sequence[Any] | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        concurrency_key: str | Callable[..., Any] | None = None,
+        max_concurrency: int | None = None,
+        expires: float | None = None,
+        unique_key: Callable[..., Any] | None = None,
         **extra: Any,
     ) -> Callable[[Callable[P, R]], SyncTaskDef[P, R]]: ...
 
@@ -181,14 +187,27 @@ class QueueTasks:
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
+        expires: float | None = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
         **kwargs: Any,
     ) -> Task:
-        """Enqueue and return the record; with ``timeout``, block for the final one. QTasks'
-        keyword form ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
+        """Enqueue and return the record; with ``timeout``, block for the final one (the
+        options are :meth:`AsyncQueueTasks.add_task`'s). QTasks' keyword form
+        ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
         if task_name is UNSET:
             task_name, args = split_task_name(task_name, args, kwargs)
         return self.enqueue(
-            task_name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
+            task_name,
+            args,
+            kwargs,
+            priority=priority,
+            timeout=timeout,
+            delay=delay,
+            eta=eta,
+            expires=expires,
+            unique_key=unique_key,
+            unique_for=unique_for,
         )
 
     def enqueue(
@@ -201,6 +220,9 @@ class QueueTasks:
         timeout: float | None = None,
         delay: float | None = None,
         eta: float | None = None,
+        expires: float | None = None,
+        unique_key: str | None = None,
+        unique_for: float | None = None,
     ) -> Task:
         """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
         call = partial(
@@ -212,6 +234,9 @@ class QueueTasks:
             timeout=timeout,
             delay=delay,
             eta=eta,
+            expires=expires,
+            unique_key=unique_key,
+            unique_for=unique_for,
         )
         record: AsyncTask = self.portal.call(call)
         return self._bind(record)

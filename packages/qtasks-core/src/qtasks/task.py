@@ -32,6 +32,8 @@ from typing import (
 )
 
 from qtasks.errors import TaskArgumentsError, TaskDeclarationError, UnresolvedAnnotationError
+from qtasks.flow import check_options as check_flow_options
+from qtasks.flow import flow_spec
 from qtasks.record import TaskRecord
 
 if TYPE_CHECKING:
@@ -88,6 +90,12 @@ class TaskOptions:
     executor: Any = None
     middlewares_before: tuple[Any, ...] = ()
     middlewares_after: tuple[Any, ...] = ()
+    rate_limit: str | None = None
+    rate_burst: int | None = None
+    concurrency_key: str | Callable[..., Any] | None = None
+    max_concurrency: int | None = None
+    expires: float | None = None
+    unique_key: Callable[..., Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,6 +155,7 @@ class TaskOptions:
         for option in ("middlewares_before", "middlewares_after"):
             if not all(callable(m) for m in getattr(self, option)):
                 raise bad(option, "callables (TaskMiddleware)", getattr(self, option))
+        check_flow_options(self)
 
 
 def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
@@ -252,6 +261,8 @@ class TaskDef(Generic[P, R]):
         if options.echo and not inspect.signature(func).parameters:
             raise TaskDeclarationError(f"task {self.name!r}: echo=True needs a first parameter")
         self._use(resolved_signature(func))
+        self.flow = flow_spec(options, self.caller_signature)
+        """The task's flow-control options (:mod:`qtasks.flow`), ``None`` without any."""
         scope = _declaring_scope() if self.unresolved else None
         if scope is not None:
             self._refuse_local_injections(scope)

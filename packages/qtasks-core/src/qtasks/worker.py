@@ -34,6 +34,7 @@ from qtasks.errors import (
     UnknownTaskError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
+from qtasks.flow import FlowGate
 from qtasks.leases import LeaseKeeper
 from qtasks.memory import EventFactory, _Signal
 from qtasks.messages import Message
@@ -91,7 +92,8 @@ class QueueWorker:
         self._outage = Outage(log, "task storage")
         self._gc_outage = Outage(log, "global config (worker heartbeats)")
         self._settlement = Settlement(self._outage)
-        self._leases = LeaseKeeper(self._held_now, self._lost)
+        self._flow = FlowGate()
+        self._leases = LeaseKeeper(self._held_now, self._lost, self._flow)
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -156,6 +158,7 @@ class QueueWorker:
         task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         config = app.config
+        self._flow.check(app)
         concurrency = self._max_tasks or config.max_tasks_process
         prefetch = (
             self._prefetch if self._prefetch is not None else config.prefetch_for(concurrency)
@@ -386,6 +389,12 @@ class QueueWorker:
                     await delivery.requeue(delay=1.0)
                 except Exception:
                     log.exception("could not hand message %s back", delivery.id)
+        finally:
+            flow = self._flow
+            if delivery.token in flow.slots or delivery.token in flow.unique:
+                # Admitted by flow control, then not run (found final, rejected, an error).
+                with anyio.CancelScope(shield=True):
+                    await flow.release(app, delivery.token, None)
 
     async def _process_inner(
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
@@ -421,6 +430,13 @@ class QueueWorker:
             return
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
+        if task.flow is not None or message.headers:  # expiry, rate, concurrency (qtasks.flow)
+            try:
+                if not await self._flow.admit(app, task, message, delivery):
+                    return
+            except TaskArgumentsError as exc:  # a concurrency key function that fails
+                await self._reject(app, delivery, str(exc), await app.storage.get(message.uuid))
+                return
         # Deliveries of a BeginOnClaim broker that went straight to a free runner carry the
         # record begun with their claim: the task started, as far as the storage knows, when
         # it was claimed, so a cancel made after the claim is the cancel of a running task (the
@@ -475,6 +491,9 @@ class QueueWorker:
             await self._execute(app, run, delivery)
         finally:
             del self._running[delivery.token]
+            if self._flow.slots or self._flow.unique:
+                with anyio.CancelScope(shield=True):
+                    await self._flow.release(app, delivery.token, run.record)
             self.processed += 1
             idle = getattr(self, "_idle", None)
             if idle is not None:

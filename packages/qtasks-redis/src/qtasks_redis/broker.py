@@ -22,7 +22,7 @@ import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage
+from qtasks.components import BrokerStats, DeadLetter, Delivery, GlobalConfig, Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
 from qtasks.messages import Envelope
@@ -40,6 +40,8 @@ from qtasks_redis.connection import (
     glob_escape,
     guarded,
 )
+from qtasks_redis.flow import PUBLISH_NEW_UNIQUE
+from qtasks_redis.global_config import RedisGlobalConfig
 from qtasks_redis.lane import Lane
 from qtasks_redis.storage import RECORD_KEYS, RedisStorage
 from qtasks_redis.workflows import error_text
@@ -295,6 +297,36 @@ class RedisBroker:
             (*args, *self._publish_args(envelope)),
             RECORD_KEYS,
         )
+
+    def shares_server_with_config(self, global_config: GlobalConfig) -> bool:
+        """True for a :class:`~qtasks_redis.RedisGlobalConfig` on the same server, database and
+        credentials, outside Redis Cluster (:class:`~qtasks.components.UniquePublish`)."""
+        return (
+            isinstance(global_config, RedisGlobalConfig)
+            and not self.target.cluster
+            and global_config.target.server == self.target.server
+        )
+
+    async def publish_new_unique(
+        self,
+        envelope: Envelope,
+        storage: Storage,
+        record: TaskRecord,
+        global_config: GlobalConfig,
+        claim: tuple[str, str, float | None, str | None],
+    ) -> str | None:
+        """Claim a unique key and, when claimed, store ``record`` and publish ``envelope``, in
+        one atomic script; the holder that keeps the key otherwise (nothing written)."""
+        if not isinstance(global_config, RedisGlobalConfig):
+            raise ComponentError(f"{global_config!r} is not on this broker's server")
+        keys, args = _redis_storage(storage)._save_call(record, None, "1")
+        reply = await self._run_call(
+            PUBLISH_NEW_UNIQUE,
+            (*keys, *self.keys),
+            (*args, *self._publish_args(envelope), *global_config.unique_args(*claim)),
+            RECORD_KEYS,
+        )
+        return reply.decode() if isinstance(reply, bytes) else None
 
     async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
         """Save the final ``record`` fenced by the delivery's token and, when accepted or when

@@ -27,6 +27,7 @@ from qtasks_redis.connection import (
     glob_escape,
     guarded,
 )
+from qtasks_redis.flow import RedisFlowControl
 
 _PRELUDE = r"""
 local function now_ms()
@@ -114,8 +115,9 @@ def _ttl_ms(ttl: float | None) -> str:
     return "" if ttl is None else str(max(int(ttl * 1000), 1))
 
 
-class RedisGlobalConfig:
-    """A Redis-backed :class:`~qtasks.components.GlobalConfig`.
+class RedisGlobalConfig(RedisFlowControl):
+    """A Redis-backed :class:`~qtasks.components.GlobalConfig`, with
+    :class:`~qtasks.components.FlowControl` (see :mod:`qtasks_redis.flow`).
 
     ``get_all`` and ``clear`` are atomic per namespace; a namespace lives in one cluster slot.
     """
@@ -154,8 +156,11 @@ class RedisGlobalConfig:
     async def flush(self) -> int:
         """Delete every namespace of this prefix; return how many keys (for
         ``app.flush_all``)."""
-        pattern = glob_escape(f"{{{self.prefix}:gc:") + "*"
-        return await delete_matching(self.target, self._require(), pattern)
+        client = self._require()
+        count = 0
+        for start in (f"{{{self.prefix}:gc:", f"{{{self.prefix}:flow}}"):
+            count += await delete_matching(self.target, client, glob_escape(start) + "*")
+        return count
 
     def _names(self, namespace: str) -> tuple[str, str]:
         """The namespace's index key and the prefix of its value keys."""

@@ -13,8 +13,8 @@ import re
 from qtasks_redis import broker_lua, storage_lua
 from qtasks_redis.connection import Script
 
-STORAGE_KEYS = 9
-"""Keys of one task record: rec, wake, steps and the six status indexes."""
+STORAGE_KEYS = 10
+"""Keys of one task record: rec, wake, steps and the seven status indexes."""
 BROKER_KEYS = len(broker_lua.KEY_NAMES)
 SAVE_ARGS = 9
 """Arguments of the storage's SAVE: uuid, json, status, token, has_fence, fence, force, ttl,
@@ -112,14 +112,14 @@ CLAIM_BEGIN = Script(
 -- The broker's CLAIM that also begins each claimed message's record (storage BEGIN), for a
 -- worker: one round trip instead of one more per message.
 -- KEYS: the queue's keys, then the storage's status indexes (new, process, success, error,
--- cancel, retry). ARGV: CLAIM's, then the storage's key tag, the worker id, the result
+-- cancel, retry, expired). ARGV: CLAIM's, then the storage's key tag, the worker id, the result
 -- TTL in ms ('' for none) and how many of the claimed messages start at once: only those
 -- are begun, the others are claimed with their record left as it is (all false, as when
 -- there is none). Record keys are built here from the tag, so this runs only outside
 -- Redis Cluster.
 local IDX = {new = KEYS[13], process = KEYS[14], success = KEYS[15], error = KEYS[16],
-             cancel = KEYS[17], retry = KEYS[18]}
-local FINAL = {success = true, error = true, cancel = true}
+             cancel = KEYS[17], retry = KEYS[18], expired = KEYS[19]}
+local FINAL = {success = true, error = true, cancel = true, expired = true}
 local TAG, WORKER, TTL = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local to_begin = tonumber(ARGV[8])
 local REC_PREFIX = TAG .. ':r:'

@@ -169,7 +169,8 @@ class RedisStorage:
 
     @property
     def index_keys(self) -> tuple[str, ...]:
-        """Keys of the per-status indexes (new, process, success, error, cancel, retry)."""
+        """Keys of the per-status indexes (new, process, success, error, cancel, retry,
+        expired)."""
         return self._index_keys
 
     @property

@@ -8,7 +8,7 @@
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
               ``e`` (the record is final) markers
-4-9.          ZSET per status (new, process, success, error, cancel, retry): uuid -> ms,
+4-10.         ZSET per status (new, process, success, error, cancel, retry, expired): uuid -> ms,
               for :meth:`stats` and :meth:`query` without scanning the keyspace
 
 and, per task name (keys built from the tag, in the same slot), ``<tag>:nf:<name>``: ZSET of
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from qtasks_redis.connection import Script
 
-STATUSES = ("new", "process", "success", "error", "cancel", "retry")
+STATUSES = ("new", "process", "success", "error", "cancel", "retry", "expired")
 
 PRELUDE = r"""
 local K_REC, K_WAKE, K_STEPS = KEYS[1], KEYS[2], KEYS[3]
 local IDX = {new = KEYS[4], process = KEYS[5], success = KEYS[6], error = KEYS[7],
-             cancel = KEYS[8], retry = KEYS[9]}
-local FINAL = {success = true, error = true, cancel = true}
+             cancel = KEYS[8], retry = KEYS[9], expired = KEYS[10]}
+local FINAL = {success = true, error = true, cancel = true, expired = true}
 local WAKE_TTL = 120000
 
 local function now_ms()
@@ -213,7 +213,7 @@ STATS = Script(
 local ttl = tonumber(ARGV[1])
 local now = now_ms()
 local out = {}
-for _, name in ipairs({'new', 'process', 'success', 'error', 'cancel', 'retry'}) do
+for _, name in ipairs({'new', 'process', 'success', 'error', 'cancel', 'retry', 'expired'}) do
   if ttl and FINAL[name] then
     redis.call('ZREMRANGEBYSCORE', IDX[name], '-inf', '(' .. (now - ttl))
   end
@@ -225,14 +225,16 @@ return out
 
 BEGIN_MANY = Script(
     r"""
--- BEGIN of several records that exist. KEYS: one record key per task, then the six status
--- indexes (new, process, success, error, cancel, retry). ARGV: for each task its uuid,
--- token, attempt and worker. Returns {d, s, t, cr, u, n, a, w} per task, in order: unchanged
--- when final, all false when there is no record (the caller begins that one with BEGIN).
-local n = #KEYS - 6
+-- BEGIN of several records that exist. KEYS: one record key per task, then the seven status
+-- indexes (new, process, success, error, cancel, retry, expired). ARGV: for each task its
+-- uuid, token, attempt and worker. Returns {d, s, t, cr, u, n, a, w} per task, in order:
+-- unchanged when final, all false when there is no record (the caller begins that one with
+-- BEGIN).
+local n = #KEYS - 7
 local IDX = {new = KEYS[n + 1], process = KEYS[n + 2], success = KEYS[n + 3],
-             error = KEYS[n + 4], cancel = KEYS[n + 5], retry = KEYS[n + 6]}
-local FINAL = {success = true, error = true, cancel = true}
+             error = KEYS[n + 4], cancel = KEYS[n + 5], retry = KEYS[n + 6],
+             expired = KEYS[n + 7]}
+local FINAL = {success = true, error = true, cancel = true, expired = true}
 local t = redis.call('TIME')
 local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

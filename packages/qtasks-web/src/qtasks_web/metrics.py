@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qtasks_web.metrics")
 
-OUTCOMES = ("success", "error", "retry", "cancel", "rejected", "dead_lettered")
+OUTCOMES = ("success", "error", "retry", "cancel", "rejected", "dead_lettered", "expired")
 """The values of the ``outcome`` label of ``qtasks_tasks_total``."""
 
 BUCKETS = (
@@ -215,6 +215,10 @@ class MetricsPlugin:
     @hookimpl
     def qtasks_task_dead_lettered(self, record: TaskRecord) -> None:
         self._count(record.task_name, "dead_lettered")
+
+    @hookimpl
+    def qtasks_task_expired(self, record: TaskRecord) -> None:
+        self._count(record.task_name, "expired")
 
     @hookimpl
     def qtasks_task_rejected(self, app: AsyncQueueTasks, delivery: Delivery) -> None:

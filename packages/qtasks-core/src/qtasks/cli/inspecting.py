@@ -23,7 +23,8 @@ def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
 
     Registered tasks with their options; queue depth per priority, delayed, in-flight and
     dead-lettered counts (broker); workers alive (global config heartbeats); records by status
-    (storage); plus what plugins add through the qtasks_inspect hook.
+    (storage); flow control (rate tokens, concurrency slots and what waits for them) when
+    the global config has it; plus what plugins add through the qtasks_inspect hook.
     """
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
     report = run_on(
@@ -61,8 +62,19 @@ def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
             for wid, w in sorted(workers.items())
         ]
         typer.echo(table(["id", "running", "waiting", "processed", "concurrency"], rows))
+    flow = report.get("flow")
+    if flow:
+        typer.echo("\nflow control:")
+        rows = [
+            [name, f"{f['tokens']}/{f['burst']} ({f['per_second']:g}/s)", "", f["waiting"]]
+            if "tokens" in f
+            else [name, "", f"{f['held']}/{f['limit']}", f["waiting"]]
+            for name, f in flow.items()
+        ]
+        typer.echo(table(["key", "tokens", "slots held", "waiting"], rows))
     typer.echo(f"\nplugins: {', '.join(report['plugins'])}")
     known = {
+        "flow",
         "app",
         "components",
         "enqueue",

@@ -1,9 +1,13 @@
-"""The in-memory global config: namespaced keys with TTLs, and heartbeats."""
+"""The in-memory global config: namespaced keys with TTLs, heartbeats, and flow control for
+the workers of one process (:class:`~qtasks.components.FlowControl`)."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import anyio
@@ -11,6 +15,39 @@ import anyio.abc
 
 from qtasks.config import QueueConfig
 from qtasks.memory.signals import _Lifecycle
+
+HOLD_GUESS = 0.1
+"""Seconds a concurrency slot is taken to be held before any was released (the first
+waiters' delay; the first release replaces it with what was measured)."""
+
+HOLD_WEIGHT = 0.3
+"""Weight of the latest hold time in the mean hold time of a concurrency key."""
+
+
+@dataclass(slots=True)
+class _Slots:
+    """The slots of one concurrency key: lease ends and start times by holder, the waiters'
+    next tries, and the mean time slots were held lately."""
+
+    leases: dict[str, float] = field(default_factory=dict)
+    since: dict[str, float] = field(default_factory=dict)
+    waiting: dict[str, float] = field(default_factory=dict)
+    hold: float | None = None
+    limit: int = 0
+
+    def prune(self, now: float) -> None:
+        for holder in [h for h, end in self.leases.items() if end <= now]:
+            del self.leases[holder]
+            self.since.pop(holder, None)
+        for holder in [h for h, at in self.waiting.items() if at <= now - 1.0]:
+            del self.waiting[holder]
+
+
+def slot_wait(hold: float, ahead: int, limit: int, earliest_end: float) -> float:
+    """Seconds a waiter of a concurrency key waits before it tries again: one mean hold time
+    per round of ``limit`` waiters ahead of it, never past the earliest lease end (shared by
+    the in-memory and Redis implementations, whose script does the same sums)."""
+    return max(min(hold * (ahead // limit + 1), earliest_end), 0.01)
 
 
 class MemoryGlobalConfig(_Lifecycle):
@@ -21,6 +58,10 @@ class MemoryGlobalConfig(_Lifecycle):
     def __init__(self) -> None:
         self._data: dict[str, dict[str, tuple[Any, float | None]]] = {}
         self._lock = anyio.Lock()
+        self._rates: dict[str, tuple[float, float, int]] = {}
+        """GCRA state by key: theoretical arrival time, interval, burst."""
+        self._slots: dict[str, _Slots] = {}
+        self._unique: dict[str, tuple[str, float | None]] = {}
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -91,3 +132,99 @@ class MemoryGlobalConfig(_Lifecycle):
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         return await self.get_all("workers")
+
+    # --- FlowControl ---------------------------------------------------------------------
+
+    async def reserve_rate(
+        self, key: str, interval: float, burst: int, max_wait: float | None
+    ) -> float | None:
+        self._check()
+        now = time.monotonic()
+        tat = max(self._rates.get(key, (now, 0.0, 0))[0], now)
+        wait = max(tat - (burst - 1) * interval - now, 0.0)
+        if max_wait is not None and wait > max_wait:
+            return None
+        self._rates[key] = (tat + interval, interval, burst)
+        return wait
+
+    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:
+        self._check()
+        now = time.monotonic()
+        slots = self._slots.setdefault(key, _Slots())
+        slots.limit = limit
+        slots.prune(now)
+        if holder in slots.leases or len(slots.leases) < limit:
+            slots.leases[holder] = now + lease
+            slots.since.setdefault(holder, now)
+            slots.waiting.pop(holder, None)
+            return 0.0
+        ahead = sum(1 for h in slots.waiting if h != holder)
+        hold = HOLD_GUESS if slots.hold is None else slots.hold
+        wait = slot_wait(hold, ahead, limit, min(slots.leases.values()) - now)
+        slots.waiting[holder] = now + wait
+        return wait
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        self._check()
+        slots = self._slots.get(key)
+        if slots is not None and slots.leases.pop(holder, None) is not None:
+            held = time.monotonic() - slots.since.pop(holder)
+            old = held if slots.hold is None else slots.hold
+            slots.hold = (1 - HOLD_WEIGHT) * old + HOLD_WEIGHT * held
+
+    async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
+        self._check()
+        now = time.monotonic()
+        out = []
+        for key, holder in slots:
+            state = self._slots.get(key)
+            if state is not None:
+                state.prune(now)
+            ok = state is not None and holder in state.leases
+            if ok:
+                assert state is not None
+                state.leases[holder] = now + lease
+            out.append(ok)
+        return out
+
+    async def claim_unique(
+        self, key: str, holder: str, ttl: float | None, replace: str | None = None
+    ) -> str | None:
+        self._check()
+        now = time.monotonic()
+        held = self._unique.get(key)
+        if held is not None and held[1] is not None and held[1] <= now:
+            held = None
+        if held is None or held[0] == replace:
+            self._unique[key] = (holder, None if ttl is None else now + ttl)
+            return None
+        return held[0]
+
+    async def release_unique(self, key: str, holder: str) -> bool:
+        self._check()
+        held = self._unique.get(key)
+        if held is None or held[0] != holder:
+            return False
+        del self._unique[key]
+        return True
+
+    async def flow_state(self) -> dict[str, dict[str, float]]:
+        self._check()
+        now = time.monotonic()
+        out: dict[str, dict[str, float]] = {}
+        for key, (tat, interval, burst) in self._rates.items():
+            ahead = (max(tat, now) - now) / interval
+            out[key] = {
+                "tokens": round(min(max(burst - ahead, 0.0), burst), 2),
+                "burst": burst,
+                "per_second": 1 / interval,
+                "waiting": max(math.ceil(ahead - burst - 1e-6), 0),
+            }
+        for key, slots in self._slots.items():
+            slots.prune(now)
+            out[key] = {
+                "held": len(slots.leases),
+                "limit": slots.limit,
+                "waiting": len(slots.waiting),
+            }
+        return out

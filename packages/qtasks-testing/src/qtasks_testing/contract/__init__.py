@@ -31,6 +31,7 @@ from qtasks_testing.contract.capabilities import (
     LeaseBatchContract,
     SharedServerContract,
 )
+from qtasks_testing.contract.flow import FlowControlContract
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
 from qtasks_testing.contract.query import StorageQueryContract
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
@@ -47,6 +48,7 @@ __all__ = [
     "CancelFeedContract",
     "Consumer",
     "ContractSuite",
+    "FlowControlContract",
     "GlobalConfigContract",
     "GlobalConfigFactory",
     "LeaseBatchContract",

@@ -179,7 +179,7 @@ class StorageContract(ContractSuite):
         """Final is final between final statuses too, fenced or not: a success that comes in
         after a cancel (made while the task ran) leaves the cancel. The same final status is
         accepted (a repeated final save), and :meth:`add` (a deliberate reset) replaces."""
-        finals = (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL)
+        finals = (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL, TaskStatus.EXPIRED)
         for status in finals:
             rec = record()
             await storage.add(rec)

@@ -1,0 +1,620 @@
+"""Flow control: cluster-wide rate limits, concurrency keys, unique tasks and expiry.
+
+The options are declared on the task (``rate_limit``, ``rate_burst``, ``concurrency_key``,
+``max_concurrency``, ``expires``, ``unique_key``) or given to ``add_task`` (``expires``,
+``unique_key``, ``unique_for``), and checked where they are given. The shared state lives in a
+global config with the :class:`~qtasks.components.FlowControl` capability.
+
+What travels with the message, in its headers:
+
+- ``expires``: the unix time after which the task is not started (its record ends
+  ``expired``);
+- ``flow_at``: the moment a rate token was reserved for this message (see :class:`FlowGate`);
+- ``ckey``: the concurrency key, computed by the producer when it knows the task;
+- ``unique``: ``[key, holder, unique_for]`` of a unique task, so its worker frees the key when
+  the task is final (unless ``unique_for`` keeps it).
+
+The worker side is :class:`FlowGate`, called before a message is begun, only for messages of
+tasks with a flow option or with headers: other tasks pay one attribute test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from qtasks.components import Delivery, FlowControl, UniquePublish
+from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
+from qtasks.messages import Envelope, Message
+from qtasks.record import TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.task import TaskDef, TaskOptions
+
+log = logging.getLogger("qtasks.flow")
+
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+"""Units of a rate string: ``"100/s"``, ``"30/m"``, ``"500/h"`` (also ``"10/5s"``)."""
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([smh])\s*$")
+
+LEAD = 0.05
+"""Seconds before its reserved moment at which a held message is due back from the broker; the
+worker waits out the rest itself (a local timer is exact, a broker's delayed delivery is late
+by however busy it is). A token due within ``2 * LEAD`` is waited for without a requeue."""
+
+UNIQUE_GRACE = 10.0
+"""Seconds during which a unique key whose task has no stored record yet is taken to be
+enqueued right now (its record is on its way); past this, the key is taken over."""
+
+
+@dataclass(slots=True, frozen=True)
+class Rate:
+    """``count`` calls per ``period`` seconds."""
+
+    count: int
+    period: float
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two calls at the steady rate."""
+        return self.period / self.count
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period:g}s"
+
+
+def parse_rate(text: str) -> Rate:
+    """``"100/s"``, ``"30/m"``, ``"500/h"`` or ``"10/5s"`` as a :class:`Rate`; raises
+    :class:`ValueError` saying what is expected."""
+    match = _RATE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"expected '<count>/<unit>' with unit s, m or h (e.g. '100/s'), got {text!r}"
+        )
+    count, amount, unit = int(match[1]), match[2], match[3]
+    period = (float(amount) if amount else 1.0) * RATE_UNITS[unit]
+    if count <= 0 or period <= 0:
+        raise ValueError(f"a rate needs a count and a period above 0, got {text!r}")
+    return Rate(count, period)
+
+
+def _key_text(value: Any) -> str | None:
+    """A concurrency or unique key as a string: str, int or a tuple of them; else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, tuple) and value and all(_key_text(v) is not None for v in value):
+        return ":".join(str(_key_text(v)) for v in value)
+    return None
+
+
+@dataclass(slots=True, frozen=True)
+class FlowSpec:
+    """The flow options of one task, checked (see :func:`flow_spec`)."""
+
+    task: str
+    rate: Rate | None
+    burst: int
+    key: Callable[..., Any] | str | None
+    max_concurrency: int | None
+    expires: float | None
+    unique_key: Callable[..., Any] | None
+    signature: inspect.Signature | None = None
+    """The caller's signature of the task, to find a key argument passed by position."""
+
+    def concurrency_key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+        """The concurrency key of a call; :class:`TaskArgumentsError` when the key function
+        fails or gives something that is not a str, an int or a tuple of them."""
+        if isinstance(self.key, str):
+            value = self._argument(self.key, args, kwargs)
+        else:
+            assert self.key is not None
+            value = _call_key(self.task, "concurrency_key", self.key, args, kwargs)
+        text = _key_text(value)
+        if text is None:
+            raise TaskArgumentsError(_bad_key(self.task, "concurrency_key", value))
+        return text
+
+    def _argument(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """The value of the task's parameter ``name`` in a call (by keyword, by position or
+        its default)."""
+        if name in kwargs:
+            return kwargs[name]
+        if self.signature is not None:
+            try:
+                bound = self.signature.bind_partial(*args, **kwargs)
+            except TypeError:
+                bound = None
+            if bound is not None:
+                bound.apply_defaults()
+                if name in bound.arguments:
+                    return bound.arguments[name]
+        raise TaskArgumentsError(
+            f"task {self.task!r}: the call passes no argument {name!r} (its concurrency_key)"
+        )
+
+    def default_unique_key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+        """The task-level unique key of a call (``None`` without a key function)."""
+        if self.unique_key is None:
+            return None
+        value = _call_key(self.task, "unique_key", self.unique_key, args, kwargs)
+        text = _key_text(value)
+        if text is None:
+            raise TaskArgumentsError(_bad_key(self.task, "unique_key", value))
+        return text
+
+
+def _call_key(
+    task: str, option: str, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    try:
+        return func(*args, **kwargs)
+    except Exception as exc:
+        raise TaskArgumentsError(f"task {task!r}: {option} function failed: {exc!r}") from exc
+
+
+def _bad_key(task: str, option: str, value: Any) -> str:
+    kind = "" if isinstance(value, Hashable) else ", not hashable"
+    return (
+        f"task {task!r}: {option} gave {value!r} ({type(value).__name__}{kind}); a key must "
+        f"be a str, an int or a tuple of them"
+    )
+
+
+def check_options(options: TaskOptions) -> None:
+    """Raise :class:`TaskDeclarationError` for bad flow options of a task declaration."""
+
+    def bad(option: str, why: str) -> TaskDeclarationError:
+        return TaskDeclarationError(f"task {options.name!r}: option {option} {why}")
+
+    if options.rate_limit is not None:
+        try:
+            parse_rate(options.rate_limit)
+        except ValueError as exc:
+            raise bad("rate_limit", str(exc)) from None
+    if options.rate_burst is not None:
+        if options.rate_limit is None:
+            raise bad("rate_burst", "needs rate_limit")
+        if not _positive_int(options.rate_burst):
+            raise bad("rate_burst", f"expects an int >= 1, got {options.rate_burst!r}")
+    if options.max_concurrency is not None:
+        if not _positive_int(options.max_concurrency):
+            raise bad("max_concurrency", f"expects an int >= 1, got {options.max_concurrency!r}")
+        if options.concurrency_key is None:
+            raise bad(
+                "max_concurrency",
+                "needs concurrency_key (a kwarg name or a function of the task's arguments)",
+            )
+    if options.concurrency_key is not None:
+        if not (isinstance(options.concurrency_key, str) or callable(options.concurrency_key)):
+            raise bad(
+                "concurrency_key",
+                f"expects a kwarg name or a callable, got {options.concurrency_key!r}",
+            )
+        if options.max_concurrency is None:
+            raise bad("concurrency_key", "needs max_concurrency")
+    if options.expires is not None:
+        check_expires(options.expires, f"task {options.name!r}: option expires")
+    if options.unique_key is not None and not callable(options.unique_key):
+        raise bad(
+            "unique_key", f"expects a callable of the task's arguments, got {options.unique_key!r}"
+        )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_expires(value: Any, what: str, error: type[QTasksError] = TaskDeclarationError) -> float:
+    """``value`` as seconds > 0; raises ``error`` otherwise."""
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise error(f"{what} expects seconds > 0, got {value!r}")
+    return float(value)
+
+
+def flow_spec(options: TaskOptions, signature: inspect.Signature | None = None) -> FlowSpec | None:
+    """The checked flow options of a task whose callers use ``signature``, ``None`` when it
+    has none (the common case). Raises :class:`TaskDeclarationError` when ``concurrency_key``
+    names no parameter of ``signature``."""
+    if (
+        options.rate_limit is None
+        and options.max_concurrency is None
+        and options.expires is None
+        and options.unique_key is None
+    ):
+        return None
+    key = options.concurrency_key
+    if isinstance(key, str) and signature is not None:
+        params = signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if key not in params and not takes_any:
+            raise TaskDeclarationError(
+                f"task {options.name!r}: option concurrency_key {key!r} is not a parameter "
+                f"of the task ({', '.join(params) or 'it takes none'})"
+            )
+    return FlowSpec(
+        task=options.name,
+        rate=None if options.rate_limit is None else parse_rate(options.rate_limit),
+        burst=options.rate_burst or 1,
+        key=options.concurrency_key,
+        max_concurrency=options.max_concurrency,
+        expires=options.expires,
+        unique_key=options.unique_key,
+        signature=signature,
+    )
+
+
+def flow_control(app: AsyncQueueTasks, why: str) -> FlowControl:
+    """The app's global config as :class:`FlowControl`; :class:`ConfigError` naming ``why``
+    when it is not one."""
+    gc = app.global_config
+    if not isinstance(gc, FlowControl):
+        raise ConfigError(
+            f"{why} needs a global config with flow control (the in-memory or Redis one); "
+            f"{type(gc).__name__} has none"
+        )
+    return gc
+
+
+# --- producer side ---------------------------------------------------------------------------
+
+
+def prepare(
+    app: AsyncQueueTasks,
+    task: TaskDef[..., Any] | None,
+    message: Message,
+    *,
+    expires: float | None,
+    unique_key: str | None,
+    unique_for: float | None,
+) -> None:
+    """Stamp ``message`` with its flow headers (the unique key is claimed by
+    :func:`publish_unique`, with the enqueue step). Raises for bad options before anything is
+    written."""
+    spec = None if task is None else task.flow
+    if expires is not None:
+        expires = check_expires(expires, "add_task: expires", TaskArgumentsError)
+    elif spec is not None:
+        expires = spec.expires
+    if unique_for is not None:
+        unique_for = check_expires(unique_for, "add_task: unique_for", TaskArgumentsError)
+    if unique_key is None and spec is not None:
+        unique_key = spec.default_unique_key(message.args, message.kwargs)
+    elif unique_key is not None and not isinstance(unique_key, str):
+        raise TaskArgumentsError(f"add_task: unique_key expects a str, got {unique_key!r}")
+    if unique_key is None and unique_for is not None:
+        raise TaskArgumentsError("add_task: unique_for needs a unique_key")
+    headers = message.headers
+    if expires is not None:
+        headers["expires"] = message.created_at + expires
+    if spec is not None and spec.max_concurrency is not None:
+        headers["ckey"] = spec.concurrency_key(message.args, message.kwargs)
+    if unique_key is None:
+        return None
+    flow_control(app, "unique_key")  # a clear error now, not after the message is encoded
+    holder = f"{message.uuid}@{message.created_at:.3f}@{'k' if unique_for else ''}"
+    headers["unique"] = [f"unique:{unique_key}", holder, unique_for or 0]
+    return None
+
+
+async def publish_unique(
+    app: AsyncQueueTasks, record: TaskRecord, envelope: Envelope, message: Message
+) -> TaskRecord | None:
+    """The enqueue step of a task with a unique key (its ``unique`` header set by
+    :func:`prepare`): claim the key and store and publish the task, or return the record of
+    the task holding the key. With a :class:`UniquePublish` broker on the global config's
+    server both are one atomic round trip; otherwise the key is claimed first and given back
+    if the publish fails. A key whose task is over is taken over (compare-and-set)."""
+    key, holder, unique_for = message.headers["unique"]
+    ttl: float | None = unique_for or None
+    gc = app.global_config
+    fc = flow_control(app, "unique_key")
+    shared = app.shared_server
+    folded = (
+        shared
+        if isinstance(shared, UniquePublish) and shared.shares_server_with_config(gc)
+        else None
+    )
+    replace: str | None = None
+    for _ in range(3):
+        if folded is not None:
+            claim = (key, holder, ttl, replace)
+            held = await folded.publish_new_unique(envelope, app.storage, record, gc, claim)
+        else:
+            held = await fc.claim_unique(key, holder, ttl, replace)
+            if held is None:
+                try:
+                    await app._store_and_publish(record, envelope)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await unclaim(app, message)
+                    raise
+        if held is None:
+            return None
+        existing = await _holder_record(app, held, message)
+        if existing is not None:
+            return existing
+        replace = held  # its task is over: take the key over, unless another adder just did
+    raise ConfigError(f"unique key {key!r} changed hands three times during one add")
+
+
+async def _holder_record(app: AsyncQueueTasks, held: str, message: Message) -> TaskRecord | None:
+    """The record of the task holding a unique key (``uuid@created_at@k``, ``k`` when
+    ``unique_for`` keeps the key after the task is over), or ``None`` when that task is over
+    and the key may be taken over."""
+    uuid, since, keep = [*held.split("@"), "", ""][:3]
+    record = await app.storage.get(uuid)
+    if record is None:
+        if not keep and time.time() - float(since or 0) > UNIQUE_GRACE:
+            return None  # its record is gone (expired): the task is long over
+        # Being enqueued right now: its record is on its way.
+        return TaskRecord(
+            uuid=uuid,
+            task_name=message.task_name,
+            args=message.args,
+            kwargs=message.kwargs,
+            priority=message.priority,
+            created_at=float(since or 0),
+        )
+    return None if record.status.final and not keep else record
+
+
+async def unclaim(app: AsyncQueueTasks, message: Message) -> None:
+    """Free the unique key claimed for ``message`` (its publish failed). Never raises: the
+    publish's error is the one to report, and a key left behind is taken over by the first
+    add after :data:`UNIQUE_GRACE` (its task has no record)."""
+    unique = message.headers.get("unique")
+    if unique:
+        try:
+            await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
+        except Exception as exc:
+            log.warning("could not free unique key %s after a failed add: %s", unique[0], exc)
+
+
+# --- worker side -----------------------------------------------------------------------------
+
+
+class FlowGate:
+    """The flow checks of one worker, before a message is begun, and what it holds meanwhile.
+
+    - **Expiry.** A message past its ``expires`` is not run: its record is saved ``expired``,
+      the message acked and ``qtasks_task_expired`` fires.
+    - **Rate.** A message of a rate-limited task reserves a token (GCRA). A token within
+      ``2 * LEAD`` is waited for here. A later one sends the message back to the broker,
+      due ``LEAD`` before the moment, with the moment in its ``flow_at`` header
+      (``Delivery.requeue``: not a delivery attempt, the body's ``attempt`` is unchanged);
+      when it comes back the worker waits out the rest. Right before the run it takes a
+      *start* token of a second GCRA key (``rate:<task>:starts``), waiting up to
+      ``2 * LEAD`` for it: the reservations spread the messages out, the start tokens keep
+      the starts themselves within the rate however late a message came back (one that is
+      far behind reserves again). One reservation, one start token and at most one requeue
+      per limited message, whatever the backlog: no herd of retries.
+    - **Concurrency.** A message of a task with ``max_concurrency`` takes a slot of its key,
+      held under a lease the worker's lease pass renews and freed when the task is settled.
+      Without a free slot it goes back delayed to about when one frees (see
+      :meth:`FlowControl.acquire_slot`); a killed worker's slot frees when its lease ends.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, tuple[str, str]] = {}
+        """``(slot key, holder)`` by delivery token, for renewal and release."""
+        self.unique: dict[str, list[Any]] = {}
+        """The ``unique`` header of running messages, by delivery token."""
+
+    def check(self, app: AsyncQueueTasks) -> None:
+        """Raise :class:`ConfigError` if a task needs flow control the global config lacks."""
+        for task in app.tasks.values():
+            spec = task.flow
+            if spec is not None and (spec.rate is not None or spec.max_concurrency is not None):
+                flow_control(app, f"task {task.name!r} (rate_limit/max_concurrency)")
+
+    def held(self) -> list[tuple[str, str]]:
+        """Every slot held now, for the lease pass."""
+        return list(self.slots.values())
+
+    async def admit(
+        self,
+        app: AsyncQueueTasks,
+        task: TaskDef[..., Any],
+        message: Message,
+        delivery: Delivery,
+    ) -> bool:
+        """Whether ``message`` may start now. ``False``: it was handled here (expired, or
+        handed back delayed) and the worker is done with ``delivery``."""
+        headers = message.headers
+        now = time.time()
+        expires = headers.get("expires")
+        if expires is not None and now >= expires:
+            await self._expire(app, message, delivery)
+            return False
+        spec = task.flow
+        if spec is not None and (spec.rate is not None or spec.max_concurrency is not None):
+            fc = flow_control(app, f"task {task.name!r}")
+            if spec.rate is not None:
+                if not await self._take_token(app, fc, spec, message, delivery, now, expires):
+                    return False
+                if expires is not None and time.time() >= expires:  # it waited for its token
+                    await self._expire(app, message, delivery)
+                    return False
+            if spec.max_concurrency is not None:
+                key = headers.get("ckey")
+                if not isinstance(key, str):
+                    key = spec.concurrency_key(message.args, message.kwargs)
+                slot = f"slots:{task.name}:{key}"
+                wait = await fc.acquire_slot(
+                    slot, spec.max_concurrency, message.uuid, app.config.lease
+                )
+                if wait > 0:
+                    # Without its slot the task does not start: a rate token it held is
+                    # spent (never exceeding the rate), and reserved again when it returns.
+                    headers.pop("flow_at", None)
+                    await self._defer(app, message, delivery, wait, expires, now)
+                    return False
+                self.slots[delivery.token] = (slot, message.uuid)
+        unique = headers.get("unique")
+        if unique and not unique[2]:
+            self.unique[delivery.token] = unique
+        return True
+
+    async def _take_token(
+        self,
+        app: AsyncQueueTasks,
+        fc: FlowControl,
+        spec: FlowSpec,
+        message: Message,
+        delivery: Delivery,
+        now: float,
+        expires: float | None,
+    ) -> bool:
+        """Reserve (or use the reservation of) a rate token, then take a start token right
+        before the run; ``False`` when the message was handed back (or expired)."""
+        rate = spec.rate
+        assert rate is not None
+        headers = message.headers
+        at = headers.pop("flow_at", None)
+        if not isinstance(at, int | float):
+            max_wait = None if expires is None else expires - now
+            wait = await fc.reserve_rate(f"rate:{spec.task}", rate.interval, spec.burst, max_wait)
+            if wait is None:  # no token before it expires
+                await self._expire(app, message, delivery)
+                return False
+            at = now + wait
+        if at - now > 2 * LEAD:
+            # Back to the broker, due LEAD before its moment (the moment travels with it).
+            headers["flow_at"] = at
+            await self._defer(app, message, delivery, at - now - LEAD, expires, now)
+            return False
+        if not await self._wait_until(app, message, delivery, at):
+            return False
+        # The start token: the reservations spread the messages out; this keeps the starts
+        # themselves within the rate however late a message came back.
+        wait = await fc.reserve_rate(
+            f"rate:{spec.task}:starts", rate.interval, spec.burst, 2 * LEAD
+        )
+        if wait is None:
+            # Far behind (a backlog back at once after an outage): reserve again, and come
+            # back then.
+            now = time.time()
+            wait = await fc.reserve_rate(f"rate:{spec.task}", rate.interval, spec.burst, None)
+            assert wait is not None  # no bound, no refusal
+            headers["flow_at"] = now + wait
+            await self._defer(app, message, delivery, max(wait - LEAD, 0.0), expires, now)
+            return False
+        return await self._wait_until(app, message, delivery, time.time() + wait)
+
+    async def _wait_until(
+        self, app: AsyncQueueTasks, message: Message, delivery: Delivery, at: float
+    ) -> bool:
+        """Wait (holding ``delivery``, at most ``2 * LEAD``) until ``at``; ``True`` then. A
+        worker that begins to stop meanwhile hands the message back, due at ``at``."""
+        wait = at - time.time()
+        if wait <= 0:
+            return True
+        stopping = getattr(app.worker, "stopping", None)
+        if stopping is None:
+            await anyio.sleep(wait)
+            return True
+        with anyio.move_on_after(wait):
+            await stopping.wait()
+            message.headers["flow_at"] = at
+            await self._defer(app, message, delivery, at - time.time(), None, time.time())
+            return False
+        return True
+
+    async def _defer(
+        self,
+        app: AsyncQueueTasks,
+        message: Message,
+        delivery: Delivery,
+        wait: float,
+        expires: float | None,
+        now: float,
+        *,
+        rewrite: bool = True,
+    ) -> None:
+        """Hand ``delivery`` back due in ``wait`` seconds (at most until it expires), with the
+        message's headers as they are now when ``rewrite``."""
+        if expires is not None:
+            wait = min(wait, max(expires - now, 0.0))
+        begun: TaskRecord | None = getattr(delivery, "begun", None)
+        if begun is not None and not begun.status.final:
+            # Begun on claim (BeginOnClaim): the task is waiting, not running; the record
+            # says so again (fenced: a newer delivery's begin wins).
+            begun.status, begun.eta, begun.updated_at = TaskStatus.NEW, now + wait, now
+            await app.storage.save(begun, fence=delivery.token)
+        body = app.codec.encode(message).body if rewrite else None
+        await delivery.requeue(delay=wait, body=body)
+        if "qtasks_broker_requeued" in app.hooks.active:
+            await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=wait)
+
+    async def _expire(self, app: AsyncQueueTasks, message: Message, delivery: Delivery) -> None:
+        stored = await app.storage.get(message.uuid)
+        if stored is not None and stored.status.final:
+            await delivery.ack()  # cancelled while queued, or already over
+            return
+        if stored is None:
+            from qtasks.worker import _record_of  # the worker imports this module
+
+            stored = _record_of(message)
+        record = stored
+        record.status = TaskStatus.EXPIRED
+        record.error = f"expired: not started by {message.headers.get('expires')}"
+        record.updated_at = time.time()
+        record.token = None
+        saved = await app.storage.save(record)
+        hooks = app.hooks
+        if saved and "qtasks_storage_saved" in hooks.active:
+            await hooks.notify("qtasks_storage_saved", app=app, record=record)
+        await delivery.ack()
+        if "qtasks_broker_acked" in hooks.active:
+            await hooks.notify("qtasks_broker_acked", app=app, record=record)
+        unique = message.headers.get("unique")
+        if unique and not unique[2]:
+            await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
+        if saved:
+            log.info("task %s (%s) expired before it started", record.uuid, record.task_name)
+            await hooks.notify("qtasks_task_expired", app=app, record=record)
+
+    async def release(self, app: AsyncQueueTasks, token: str, record: TaskRecord | None) -> None:
+        """After the run of delivery ``token`` is settled: free its slot, and its unique key
+        when ``record`` is final (``None``: the delivery was not run; its key is left to the
+        next add, which takes it over from a final task)."""
+        slot = self.slots.pop(token, None)
+        unique = self.unique.pop(token, None)
+        try:
+            if slot is not None:
+                await flow_control(app, "max_concurrency").release_slot(*slot)
+            if unique is not None and record is not None and record.status.final:
+                await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
+        except Exception as exc:  # the lease frees the slot; the next add takes the key over
+            log.warning("freeing the flow-control hold of delivery %s failed: %s", token, exc)
+
+    async def extend(self, app: AsyncQueueTasks) -> None:
+        """Renew every held slot's lease (the worker's lease pass, concurrently with the
+        broker's renewal)."""
+        held = self.held()
+        if not held:
+            return
+        try:
+            kept = await flow_control(app, "max_concurrency").extend_slots(held, app.config.lease)
+        except Exception as exc:
+            log.warning("renewal of %d concurrency slots failed: %s", len(held), exc)
+            return
+        for (key, holder), ok in zip(held, kept, strict=True):
+            if not ok:
+                log.warning("concurrency slot %s of task %s was lost (lease ran out)", key, holder)

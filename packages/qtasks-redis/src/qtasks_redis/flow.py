@@ -1,0 +1,302 @@
+"""Flow control on Redis (:class:`~qtasks.components.FlowControl` of the Redis global config):
+one atomic script per decision, timed by the server's ``TIME`` so the workers' clocks never
+matter.
+
+Every key shares the hash tag ``{<prefix>:flow}`` (so the batched slot renewal is one script
+on a cluster too). For a name ``n`` chosen by the core (``rate:<task>``,
+``slots:<task>:<key>``, ``unique:<key>``), ``{...}:n`` is:
+
+- a rate: HASH ``tat`` (GCRA theoretical arrival time, ms), ``i`` interval (ms), ``b`` burst;
+- a concurrency key: ZSET holder -> lease end (ms), with ``:s`` HASH holder -> start (ms),
+  ``:w`` ZSET waiting holder -> next try (ms) and ``:m`` HASH ``hold`` (mean hold, ms) and
+  ``limit``;
+- a unique key: STRING holder (with the ``unique_for`` TTL).
+
+``{...}:names`` is a ZSET name -> last use (ms) of the rate and slot names, for ``qtasks
+inspect``. Every key expires when unused for a while, so nothing stays behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from qtasks.memory.global_config import HOLD_GUESS, HOLD_WEIGHT
+from qtasks_redis import shared_lua
+from qtasks_redis.connection import Client, RedisTarget, Script, guarded
+
+_NOW = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+-- Note name as used now in the names index, which forgets names idle for an hour.
+local function names(key, name)
+  redis.call('ZADD', key, now, name)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 3600000)
+  redis.call('PEXPIRE', key, 3600000)
+end
+"""
+
+# KEYS: rate hash, names. ARGV: interval_ms, burst, max_wait_ms ('' for none), name.
+# Returns the wait in ms (a string), or nil when it is above max_wait (nothing reserved).
+_RESERVE = Script(
+    _NOW
+    + r"""
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('HGET', KEYS[1], 'tat')) or now
+if tat < now then tat = now end
+local wait = tat - (burst - 1) * interval - now
+if wait < 0 then wait = 0 end
+local max_wait = tonumber(ARGV[3])
+if max_wait and wait > max_wait then return false end
+redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', tat + interval), 'i', ARGV[1],
+           'b', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tat + interval - now) + 60000)
+names(KEYS[2], ARGV[4])
+return string.format('%.3f', wait)
+"""
+)
+
+_SLOT_PRELUDE = (
+    _NOW
+    + r"""
+local K_LEASES, K_SINCE, K_WAIT, K_META = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local function prune()
+  for _, holder in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)) do
+    redis.call('HDEL', K_SINCE, holder)
+  end
+  redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', K_WAIT, '-inf', now - 1000)
+end
+local function keep(ms)
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ms) end
+end
+"""
+)
+
+# KEYS: leases, since, waiting, meta, names. ARGV: limit, holder, lease_ms, name, hold_guess_ms.
+# Returns '0' when taken, else the wait in ms (see FlowControl.acquire_slot).
+_ACQUIRE = Script(
+    _SLOT_PRELUDE
+    + r"""
+local limit, holder, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+prune()
+redis.call('HSET', K_META, 'limit', ARGV[1])
+names(KEYS[5], ARGV[4])
+keep(math.max(lease * 2, 600000))
+if redis.call('ZSCORE', K_LEASES, holder) or redis.call('ZCARD', K_LEASES) < limit then
+  redis.call('ZADD', K_LEASES, now + lease, holder)
+  redis.call('HSETNX', K_SINCE, holder, string.format('%.3f', now))
+  redis.call('ZREM', K_WAIT, holder)
+  return '0'
+end
+local ahead = redis.call('ZCARD', K_WAIT)
+if redis.call('ZSCORE', K_WAIT, holder) then ahead = ahead - 1 end
+local hold = tonumber(redis.call('HGET', K_META, 'hold')) or tonumber(ARGV[5])
+local earliest = tonumber(redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]) - now
+local wait = math.min(hold * (math.floor(ahead / limit) + 1), earliest)
+if wait < 10 then wait = 10 end
+redis.call('ZADD', K_WAIT, now + wait, holder)
+return string.format('%.3f', wait)
+"""
+)
+
+# KEYS: leases, since, waiting, meta. ARGV: holder, weight of the latest hold time.
+_RELEASE = Script(
+    _SLOT_PRELUDE
+    + r"""
+if redis.call('ZREM', K_LEASES, ARGV[1]) == 1 then
+  local since = tonumber(redis.call('HGET', K_SINCE, ARGV[1]))
+  redis.call('HDEL', K_SINCE, ARGV[1])
+  if since then
+    local held, w = now - since, tonumber(ARGV[2])
+    local hold = tonumber(redis.call('HGET', K_META, 'hold')) or held
+    redis.call('HSET', K_META, 'hold', string.format('%.3f', (1 - w) * hold + w * held))
+  end
+end
+return 1
+"""
+)
+
+# KEYS: the lease ZSET of each slot. ARGV: lease_ms, then each slot's holder.
+# Returns 1/0 per slot: renewed / no longer held.
+_EXTEND = Script(
+    _NOW
+    + r"""
+local out = {}
+for i = 1, #KEYS do
+  local score = tonumber(redis.call('ZSCORE', KEYS[i], ARGV[i + 1]))
+  if score and score > now then
+    redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+)
+
+# KEYS: unique key. ARGV: holder, ttl_ms ('' for none), replace ('' for none).
+# Returns nil when set, else the holder kept.
+_CLAIM_UNIQUE = Script(
+    r"""
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[3] then return cur end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return false
+"""
+)
+
+PUBLISH_NEW_UNIQUE = Script(
+    r"""
+-- _CLAIM_UNIQUE, then, when the key was claimed, the shared server's PUBLISH_NEW (record and
+-- message). KEYS and ARGV are PUBLISH_NEW's; four more ARGV: the unique key (its name, not in
+-- KEYS: this runs only outside Redis Cluster, as PUBLISH_NEW), holder, ttl_ms ('' for none),
+-- replace (''). Returns the holder kept (nothing written), or PUBLISH_NEW's reply.
+local n = #ARGV
+local ukey, holder, ttl, replace = ARGV[n - 3], ARGV[n - 2], ARGV[n - 1], ARGV[n]
+local held = redis.call('GET', ukey)
+if held and held ~= replace then return held end
+if ttl ~= '' then
+  redis.call('SET', ukey, holder, 'PX', ttl)
+else
+  redis.call('SET', ukey, holder)
+end
+do
+"""
+    + shared_lua.PUBLISH_NEW.source
+    + "\nend\n"
+)
+"""The unique-key claim folded into the shared server's publish (see
+:meth:`~qtasks_redis.RedisBroker.publish_new_unique`)."""
+
+# KEYS: unique key. ARGV: holder.
+_RELEASE_UNIQUE = Script(
+    r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+)
+
+# KEYS: names. ARGV: key tag. Returns {name, json, ...} for every name used lately.
+_STATE = Script(
+    _NOW
+    + r"""
+local out = {}
+for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local base = ARGV[1] .. ':' .. name
+  local state
+  if string.sub(name, 1, 5) == 'rate:' then
+    local f = redis.call('HMGET', base, 'tat', 'i', 'b')
+    if f[1] then
+      local tat, interval, burst = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
+      if tat < now then tat = now end
+      local ahead = (tat - now) / interval
+      local tokens, waiting = burst - ahead, math.ceil(ahead - burst - 0.000001)
+      if tokens < 0 then tokens = 0 end
+      if waiting < 0 then waiting = 0 end
+      state = {tokens = tokens, burst = burst, per_second = 1000 / interval, waiting = waiting}
+    end
+  else
+    redis.call('ZREMRANGEBYSCORE', base, '-inf', now)
+    state = {held = redis.call('ZCARD', base),
+             limit = tonumber(redis.call('HGET', base .. ':m', 'limit')) or 0,
+             waiting = redis.call('ZCOUNT', base .. ':w', now - 1000, '+inf')}
+  end
+  if state then
+    out[#out + 1] = name
+    out[#out + 1] = cjson.encode(state)
+  end
+end
+return out
+"""
+)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"
+
+
+class RedisFlowControl:
+    """The :class:`~qtasks.components.FlowControl` methods of
+    :class:`~qtasks_redis.global_config.RedisGlobalConfig` (a mixin: it provides ``target``,
+    ``prefix`` and ``_require``)."""
+
+    target: RedisTarget
+    prefix: str
+
+    def _require(self) -> Client:
+        raise NotImplementedError
+
+    def _flow_key(self, name: str) -> str:
+        return f"{{{self.prefix}:flow}}:{name}"
+
+    async def _flow(self, script: Script, keys: Sequence[str], *args: Any) -> Any:
+        return await guarded(self.target, script(self._require(), keys, args))
+
+    def _slot_keys(self, name: str) -> tuple[str, str, str, str]:
+        base = self._flow_key(name)
+        return base, f"{base}:s", f"{base}:w", f"{base}:m"
+
+    async def reserve_rate(
+        self, key: str, interval: float, burst: int, max_wait: float | None
+    ) -> float | None:
+        """See :meth:`FlowControl.reserve_rate` (GCRA, one script)."""
+        keys = (self._flow_key(key), self._flow_key("names"))
+        limit = "" if max_wait is None else _ms(max_wait)
+        reply = await self._flow(_RESERVE, keys, _ms(interval), burst, limit, key)
+        return None if reply is None else float(reply) / 1000
+
+    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:
+        """See :meth:`FlowControl.acquire_slot` (one script)."""
+        keys = (*self._slot_keys(key), self._flow_key("names"))
+        reply = await self._flow(_ACQUIRE, keys, limit, holder, _ms(lease), key, _ms(HOLD_GUESS))
+        return float(reply) / 1000
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        """See :meth:`FlowControl.release_slot` (one script)."""
+        await self._flow(_RELEASE, self._slot_keys(key), holder, HOLD_WEIGHT)
+
+    async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
+        """See :meth:`FlowControl.extend_slots` (one script for all of them)."""
+        if not slots:
+            return []
+        keys = [self._flow_key(key) for key, _ in slots]
+        reply = await self._flow(_EXTEND, keys, _ms(lease), *(holder for _, holder in slots))
+        return [bool(ok) for ok in reply]
+
+    def unique_args(
+        self, key: str, holder: str, ttl: float | None, replace: str | None
+    ) -> tuple[str, str, str, str]:
+        """The unique key's name, holder, TTL in ms and ``replace`` as the scripts take them."""
+        ttl_ms = "" if ttl is None else str(max(int(ttl * 1000), 1))
+        return self._flow_key(key), holder, ttl_ms, replace or ""
+
+    async def claim_unique(
+        self, key: str, holder: str, ttl: float | None, replace: str | None = None
+    ) -> str | None:
+        """See :meth:`FlowControl.claim_unique` (one script)."""
+        ukey, *args = self.unique_args(key, holder, ttl, replace)
+        reply = await self._flow(_CLAIM_UNIQUE, (ukey,), *args)
+        return None if reply is None else str(reply.decode())
+
+    async def release_unique(self, key: str, holder: str) -> bool:
+        """See :meth:`FlowControl.release_unique` (one script)."""
+        return bool(await self._flow(_RELEASE_UNIQUE, (self._flow_key(key),), holder))
+
+    async def flow_state(self) -> dict[str, dict[str, float]]:
+        """See :meth:`FlowControl.flow_state` (one script)."""
+        tag = f"{{{self.prefix}:flow}}"
+        reply = await self._flow(_STATE, (self._flow_key("names"),), tag)
+        out: dict[str, dict[str, float]] = {}
+        for i in range(0, len(reply), 2):
+            state = json.loads(reply[i + 1])
+            if "tokens" in state:
+                state["tokens"] = round(min(state["tokens"], state["burst"]), 2)
+            out[reply[i].decode()] = state
+        return out

@@ -1,0 +1,108 @@
+"""The contract suite of the optional global-config capability
+:class:`~qtasks.components.FlowControl`: :class:`FlowControlContract`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+
+from qtasks.components import FlowControl
+from qtasks.config import QueueConfig
+from qtasks_testing.contract._base import ContractSuite
+from qtasks_testing.contract.capabilities import lacks
+from qtasks_testing.contract.global_config import GlobalConfigFactory
+
+
+class FlowControlContract(ContractSuite):
+    """The guarantees of :class:`~qtasks.components.FlowControl`, as tests.
+
+    Provide a ``global_config_factory`` fixture, as for
+    :class:`~qtasks_testing.contract.GlobalConfigContract`. A global config without the
+    capability has every test skipped with the reason. Each test uses keys of its own.
+    """
+
+    @pytest.fixture
+    async def flow(
+        self, global_config_factory: GlobalConfigFactory, contract_config: QueueConfig
+    ) -> AsyncIterator[FlowControl]:
+        component = global_config_factory(contract_config)
+        if not isinstance(component, FlowControl):
+            pytest.skip(lacks(component, FlowControl))
+        async with AsyncExitStack() as stack:
+            await component.start(stack, contract_config)
+            yield component
+
+    @pytest.fixture
+    def key(self) -> str:
+        return uuid.uuid4().hex
+
+    @pytest.mark.anyio
+    async def test_rate_allows_the_burst_then_reserves_one_interval_apart(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        rate = f"rate:{key}"
+        assert [await flow.reserve_rate(rate, 10.0, 3, None) for _ in range(3)] == [0, 0, 0]
+        assert await flow.reserve_rate(rate, 10.0, 3, None) == pytest.approx(10, abs=0.5)
+        assert await flow.reserve_rate(rate, 10.0, 3, None) == pytest.approx(20, abs=0.5)
+        state = (await flow.flow_state())[rate]
+        assert (state["tokens"], state["burst"], state["waiting"]) == (0, 3, 2)
+        assert state["per_second"] == pytest.approx(0.1)
+        # Another key has a rate of its own.
+        assert await flow.reserve_rate(f"rate:{key}:other", 10.0, 1, None) == 0
+
+    @pytest.mark.anyio
+    async def test_rate_past_max_wait_reserves_nothing(self, flow: FlowControl, key: str) -> None:
+        rate = f"rate:{key}"
+        assert await flow.reserve_rate(rate, 10.0, 1, 1.0) == 0
+        assert await flow.reserve_rate(rate, 10.0, 1, 1.0) is None
+        assert await flow.reserve_rate(rate, 10.0, 1, 60.0) == pytest.approx(10, abs=0.5)
+
+    @pytest.mark.anyio
+    async def test_slots_up_to_the_limit_then_a_bounded_wait(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        slots = f"slots:t:{key}"
+        assert await flow.acquire_slot(slots, 2, "a", 5) == 0
+        assert await flow.acquire_slot(slots, 2, "b", 5) == 0
+        assert await flow.acquire_slot(slots, 2, "a", 5) == 0  # held already: renewed
+        wait = await flow.acquire_slot(slots, 2, "c", 5)
+        assert 0 < wait <= 5
+        assert (await flow.flow_state())[slots] == {"held": 2, "limit": 2, "waiting": 1}
+        await flow.release_slot(slots, "a")
+        await flow.release_slot(slots, "nobody")
+        assert await flow.acquire_slot(slots, 2, "c", 5) == 0
+        assert (await flow.flow_state())[slots] == {"held": 2, "limit": 2, "waiting": 0}
+
+    @pytest.mark.anyio
+    async def test_a_slot_frees_when_its_lease_runs_out_unless_extended(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        slots = f"slots:t:{key}"
+        assert await flow.acquire_slot(slots, 2, "kept", 0.3) == 0
+        assert await flow.acquire_slot(slots, 2, "dropped", 0.3) == 0
+        assert 0 < await flow.acquire_slot(slots, 2, "waiter", 0.3) <= 0.3
+        await anyio.sleep(0.2)
+        assert await flow.extend_slots([(slots, "kept"), (slots, "nobody")], 5) == [True, False]
+        await anyio.sleep(0.2)  # past the first lease: "dropped" was not renewed
+        assert await flow.extend_slots([(slots, "dropped")], 5) == [False]
+        assert await flow.acquire_slot(slots, 2, "waiter", 5) == 0
+        assert 0 < await flow.acquire_slot(slots, 2, "late", 5) <= 5
+        assert await flow.extend_slots([], 5) == []
+
+    @pytest.mark.anyio
+    async def test_unique_keys_compare_and_set(self, flow: FlowControl, key: str) -> None:
+        unique = f"unique:{key}"
+        assert await flow.claim_unique(unique, "h1", None) is None
+        assert await flow.claim_unique(unique, "h2", None) == "h1"
+        assert await flow.claim_unique(unique, "h2", None, replace="other") == "h1"
+        assert await flow.claim_unique(unique, "h2", None, replace="h1") is None
+        assert await flow.release_unique(unique, "h1") is False
+        assert await flow.release_unique(unique, "h2") is True
+        assert await flow.claim_unique(unique, "h3", 0.2) is None
+        assert await flow.claim_unique(unique, "h4", None) == "h3"
+        await anyio.sleep(0.3)  # the key's TTL
+        assert await flow.claim_unique(unique, "h4", None) is None

@@ -1,0 +1,1 @@
+from tests.redis.flow_app import *  # noqa: F403

@@ -1,0 +1,1 @@
+from tests.flow_windows import *  # noqa: F403
