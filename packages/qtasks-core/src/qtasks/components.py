@@ -42,6 +42,9 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :class:`UniquePublish`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
 ``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
 ``qtasks_testing.contract.flow`` hold their suites.
+
+Over ~500 lines on purpose: every contract of the core lives here, in one place, each
+protocol with what its implementers must do (one file to read to write a backend).
 """
 
 from __future__ import annotations

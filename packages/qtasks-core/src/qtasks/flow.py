@@ -16,6 +16,10 @@ What travels with the message, in its headers:
 
 The worker side is :class:`FlowGate`, called before a message is begun, only for messages of
 tasks with a flow option or with headers: other tasks pay one attribute test.
+
+Over ~500 lines: flow control's whole core side (options checked at declaration, the
+enqueue step's stamps and unique claim, the worker's gate, inspect rows), kept in one place
+so its decisions read together; the backends' parts are in their own modules.
 """
 
 from __future__ import annotations

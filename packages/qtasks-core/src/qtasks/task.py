@@ -1,5 +1,9 @@
 """Registered tasks (:class:`TaskDef`) and the records ``add_task`` returns (:class:`Task`,
-:class:`AsyncTask`)."""
+:class:`AsyncTask`).
+
+Over ~500 lines: the task declaration (options checked at declaration), the task handle
+with its async and sync call shapes, and the record a task call returns belong together.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ Each state transition is one Lua script (see :mod:`qtasks_redis.broker_lua`), so
 always in exactly one place: ready, delayed, in flight, dead, or gone. Idle consumers block on
 ``BLPOP`` of the queue's notify list, with a timeout bounded by the next delay or lease deadline,
 so there is no poll interval on the hot path.
+
+Over ~500 lines: the broker's Python side around its Lua scripts (publish, claim and the
+consumer loop, settle calls, dead letters); the scripts are in ``broker_lua`` and
+``shared_lua``.
 """
 
 from __future__ import annotations

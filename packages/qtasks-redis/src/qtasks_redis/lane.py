@@ -14,6 +14,9 @@ exception classes, so callers handle both paths alike: a lost connection fails e
 command with ``ConnectionError`` (retried, like redis-py's own retry policy, with jittered
 exponential backoff), a command that gets no reply within ``socket_timeout`` aborts the
 connection with ``TimeoutError``.
+
+Over ~500 lines: one pipelined connection's protocol handling (RESP parsing, script
+calls, blocking calls and their cancellation), which must be read as a whole.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The Redis storage: task records with fenced writes, woken waiters and live steps."""
+"""The Redis storage: task records with fenced writes, woken waiters and live steps.
+
+Over ~500 lines: the storage's Python side around its Lua scripts (record encoding,
+waiters, steps, queries); the scripts are in ``storage_lua``.
+"""
 
 from __future__ import annotations
 

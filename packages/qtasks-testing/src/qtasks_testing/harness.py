@@ -5,6 +5,9 @@ in-process worker, record what was enqueued, control time, and restore everythin
 tests); :class:`SyncHarness` is the blocking facade (for a :class:`~qtasks.QueueTasks`, or an
 async app driven from sync tests). The unittest cases and the pytest fixtures are thin layers over
 these two.
+
+Over ~500 lines: the async harness and its blocking facade share their component swap,
+recording and time control, so they stay in one module.
 """
 
 from __future__ import annotations

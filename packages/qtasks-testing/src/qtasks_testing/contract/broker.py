@@ -1,4 +1,7 @@
-"""The broker contract suite: :class:`BrokerContract`."""
+"""The broker contract suite: :class:`BrokerContract`.
+
+Over ~500 lines: a contract suite is a list of tests, one per guarantee of the protocol.
+"""
 
 from __future__ import annotations
 

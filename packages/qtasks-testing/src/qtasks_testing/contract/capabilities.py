@@ -9,6 +9,9 @@ wired like the basic suites (a ``broker_factory`` and/or ``storage_factory`` fix
 component without the capability (``isinstance`` says no) has every test of the suite
 *skipped* with a reason naming it, so a capability that is missing, or lost in a
 refactoring, shows in the report instead of passing.
+
+Over ~500 lines: a contract suite per optional capability, each a list of tests, one per
+guarantee.
 """
 
 from __future__ import annotations
