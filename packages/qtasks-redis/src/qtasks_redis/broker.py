@@ -488,23 +488,30 @@ class RedisBroker:
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             buffer: deque[RedisDelivery] = deque()
             failures = 0
-            block: float | None = None
+            wake_at: float | None = None  # when a deadline is due (monotonic), if blocking
+            took = False  # whether the last claim took anything
             while True:
                 if buffer:
                     yield buffer.popleft()
                     continue
+                block: float | None = None
+                if wake_at is not None and not took:
+                    # Nothing claimed: block for a wake-up (a publish pushes one) until the
+                    # next deadline. After a claim that took something, the next claim does
+                    # not block: it also promotes leases that ran out meanwhile (a worker
+                    # whose loop was blocked learns at once that its last allowed delivery
+                    # is dead-lettered; tests/redis/test_redis_dead_letter_fence.py).
+                    block = max(wake_at - time.monotonic(), 0.001)
                 try:
                     got, wait = await claim(block)
                     buffer.extend(got)
-                    # The queue was emptied: the next claim waits for a wake-up (a publish
-                    # pushes one) instead of finding nothing, one round trip per task less
-                    # for a worker that keeps up.
-                    block = None if wait is None else max(wait, 0.001)
+                    took = bool(got)
+                    wake_at = None if wait is None else time.monotonic() + wait
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
                     failures = 0
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    block = None
+                    wake_at = None
                     failures += 1
                     pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
                     log.warning(

@@ -136,7 +136,7 @@ CLAIM_BODY = r"""
 -- ARGV: lease_ms, max_deliveries, count, nonce (then what on_claim reads)
 -- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
 -- on_claim appends>, ...}; the wait is only computed when the ready queue was emptied (fewer
--- than count claimed): the consumer then blocks for a wake-up instead of claiming again.
+-- than count claimed); the consumer blocks for it when it claimed nothing.
 local lease, maxd, count, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
 -- Earliest delayed and lease deadlines: promote only when one is due.
