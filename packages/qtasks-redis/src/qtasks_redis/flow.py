@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qtasks.memory.global_config import HOLD_GUESS, HOLD_WEIGHT
 from qtasks_redis import shared_lua
@@ -230,8 +230,9 @@ class RedisFlowControl:
     target: RedisTarget
     prefix: str
 
-    def _require(self) -> Client:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the class this is mixed into (RedisGlobalConfig)
+
+        def _require(self) -> Client: ...
 
     def _flow_key(self, name: str) -> str:
         return f"{{{self.prefix}:flow}}:{name}"
