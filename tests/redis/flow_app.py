@@ -2,9 +2,9 @@
 SIGKILL) or built in process.
 
 Settings come from the environment: ``QT_URL`` (Redis: storage, global config, and broker
-unless ``QT_RABBITMQ`` is set to an AMQP URL), ``QT_PREFIX``, ``QT_QUEUE``, ``QT_LEASE``.
-``max_deliveries`` is 1: a flow-control requeue counted as a delivery would dead-letter the
-message at once, so the tests see it. Each execution of a task pushes
+unless ``QT_RABBITMQ`` is set to an AMQP URL), ``QT_PREFIX``, ``QT_QUEUE``, ``QT_LEASE``,
+``QT_MAX_DELIVERIES``. ``max_deliveries`` is 1 unless set: a flow-control requeue counted as a
+delivery would dead-letter the message at once, so the tests see it. Each execution of a task pushes
 ``"<event> <i> <key> <unix time> <pid>"`` onto the Redis list ``<prefix>:ledger`` (the server
 keeps it when a worker is killed).
 """
@@ -36,6 +36,7 @@ def build(
     rabbitmq: str | None = None,
     lease: float = 30.0,
     concurrency: int = 10,
+    max_deliveries: int = 1,
 ) -> AsyncQueueTasks:
     """An app with Redis storage and global config under ``prefix``; its broker is Redis, or
     RabbitMQ on ``queue`` when ``rabbitmq`` is an AMQP URL."""
@@ -57,7 +58,7 @@ def build(
             prefetch=concurrency,
             heartbeat_interval=0.5,
             shutdown_grace=1.0,
-            max_deliveries=1,
+            max_deliveries=max_deliveries,
         ),
     )
     ledger_client = redis.asyncio.Redis.from_url(url)
@@ -96,6 +97,7 @@ def main() -> None:
         queue=os.environ.get("QT_QUEUE", "flow"),
         rabbitmq=os.environ.get("QT_RABBITMQ") or None,
         lease=float(os.environ.get("QT_LEASE", "30")),
+        max_deliveries=int(os.environ.get("QT_MAX_DELIVERIES", "1")),
     )
     print("serving", flush=True)
     app.run_forever()
