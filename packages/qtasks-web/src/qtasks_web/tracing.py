@@ -56,6 +56,9 @@ class TracingPlugin:
     """
 
     name = "qtasks-web.tracing"
+    qtasks_unique = "qtasks-web tracing"
+    """One per app (see :meth:`qtasks.plugins.Hooks.register`): the entry point enabled by the
+    configuration and one added in code would open every span twice."""
 
     def __init__(self, *, tracer_provider: TracerProvider | None = None) -> None:
         self._provider = tracer_provider
