@@ -59,7 +59,15 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     inflight: asyncio.Task[None] | None = None
 
     async def stored(batch: list[tuple[AsyncTask, Envelope]]) -> None:
-        await store_and_publish_many(app, batch)
+        try:
+            await store_and_publish_many(app, batch)
+        except Exception as exc:
+            if "qtasks_task_enqueue_failed" in hooks.active:
+                for record, _ in batch:
+                    await hooks.notify(
+                        "qtasks_task_enqueue_failed", app=app, record=record, exc=exc
+                    )
+            raise
         if added or enqueued:
             for record, _ in batch:
                 if added:
