@@ -6,6 +6,7 @@ import pytest
 
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks_testing.contract import (
+    AttemptLogContract,
     BeginManyContract,
     BeginOnClaimContract,
     BrokerContract,
@@ -86,6 +87,10 @@ class TestMemoryBeginOnClaim(BeginOnClaimContract):
 
 class TestMemoryBeginMany(BeginManyContract):
     pass
+
+
+class TestMemoryAttemptLog(AttemptLogContract):
+    """Runs with the module's factories."""
 
 
 class TestMemoryBulkPublish(BulkPublishContract):

@@ -11,6 +11,7 @@ from redis_procs import settled
 from redis_worker_app import build
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks.components import AttemptLog
 from qtasks.errors import BrokerConnectionError
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
@@ -39,6 +40,33 @@ async def test_generator_steps_stream(redis_url: str, prefix: str) -> None:
         assert seen == [{"step": i} for i in range(4)]
         final = await app.wait(task.uuid, timeout=5)
         assert final.status is TaskStatus.SUCCESS
+
+
+async def test_a_retried_task_keeps_its_earlier_attempt(redis_url: str, prefix: str) -> None:
+    app = build(redis_url, prefix)
+    failed: set[int] = set()
+
+    @app.task(retry=2, retry_backoff=0)
+    async def twice(i: int) -> int:
+        if i not in failed:
+            failed.add(i)
+            raise ValueError(f"first try of {i}")
+        return i
+
+    async with app:
+        done = await app.add_task("twice", 7, timeout=5)
+        assert (done.status, done.attempt, done.returning) == (TaskStatus.SUCCESS, 2, 7)
+        storage = app.storage
+        assert isinstance(storage, AttemptLog)
+        [first] = await storage.attempts(done.uuid)
+        assert (first.status, first.attempt, first.error) == (
+            TaskStatus.RETRY,
+            1,
+            "ValueError: first try of 7",
+        )
+        assert first.worker == done.worker == app.worker.id
+        once = await app.add_task("noop", 1, timeout=5)
+        assert await storage.attempts(once.uuid) == []
 
 
 async def test_delay_and_priority(redis_url: str, prefix: str) -> None:

@@ -7,6 +7,7 @@ import pytest
 from qtasks.config import QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 from qtasks_testing.contract import (
+    AttemptLogContract,
     BeginManyContract,
     BeginOnClaimContract,
     BrokerContract,
@@ -90,6 +91,10 @@ class TestRedisBeginOnClaim(BeginOnClaimContract):
 
 
 class TestRedisBeginMany(BeginManyContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisAttemptLog(AttemptLogContract):
     """Runs with the module's factories."""
 
 

@@ -13,6 +13,7 @@ from redis_procs import Worker, counts, ledger, settled, start_server
 from redis_worker_app import build
 
 from qtasks import AsyncQueueTasks, TaskStatus
+from qtasks.components import AttemptLog
 from qtasks_redis import RedisBroker
 from qtasks_redis.broker_lua import KEY_NAMES
 
@@ -56,6 +57,20 @@ async def test_kill9_mid_task_second_worker_completes_all(
             else:
                 assert starts[i] == 1, (i, starts[i])
         assert any(starts[i] == 2 for i in started_by_a), "a killed task was not re-run"
+        # Each task a began and b finished keeps a's attempt, as a left it (AttemptLog): a
+        # 'process' record of a's worker. (A task a began but had not started yet has one
+        # too; a task only b ran has none.)
+        storage = app.storage
+        assert isinstance(storage, AttemptLog)
+        for i, task in enumerate(tasks):
+            kept = await storage.attempts(task.uuid)
+            final = await app.wait(task.uuid, timeout=1)
+            if starts[i] == 2:
+                assert len(kept) == 1, (i, kept)
+            assert len(kept) <= 1, (i, kept)
+            for lost in kept:
+                assert (lost.status, lost.attempt, lost.uuid) == (TaskStatus.PROCESS, 1, task.uuid)
+                assert lost.worker is not None and lost.worker != final.worker
         # The ack follows the final save (which woke us): give it its moment, then check.
         stats = await settled(app)
         assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)

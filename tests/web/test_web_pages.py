@@ -30,6 +30,15 @@ def make_app(**kwargs: object) -> AsyncQueueTasks:
     async def fail(password: str, note: str = "") -> None:
         raise ValueError(f"refused {note}")
 
+    failed_once: set[str] = set()
+
+    @app.task(retry=1, retry_backoff=0)
+    async def flaky(key: str) -> str:
+        if key not in failed_once:
+            failed_once.add(key)
+            raise ValueError(f"first try of {key}")
+        return key
+
     @app.task
     async def hold(gate: str) -> str:
         await anyio.sleep_forever()
@@ -213,6 +222,19 @@ async def test_children_are_found_however_many_records_came_after(
     lone = await client.get(f"/tasks/{kids[0]}")
     assert f'href="/tasks/{failed.uuid}"' in lone.text  # the parent link
     assert "no parent, no child task" not in lone.text
+
+
+async def test_a_retried_task_shows_each_attempt(app: AsyncQueueTasks, client: Client) -> None:
+    done = await app.add_task("flaky", "k1", timeout=5)
+    assert (done.status, done.attempt) == (TaskStatus.SUCCESS, 2)
+    page = await client.get(f"/tasks/{done.uuid}")
+    assert page.status == 200
+    earlier = [line for line in page.text.splitlines() if 'class="attempt"' in line]
+    assert len(earlier) == 1
+    assert "attempt 1 began" in earlier[0]
+    assert "retry" in earlier[0] and "ValueError: first try of k1" in earlier[0]
+    once = await app.add_task("add", 1, 2, timeout=5)
+    assert 'class="attempt"' not in (await client.get(f"/tasks/{once.uuid}")).text
 
 
 async def test_dead_letters_requeue_and_purge(app: AsyncQueueTasks, client: Client) -> None:

@@ -36,7 +36,8 @@ it); ``purge_dead_letters(ids: list[str] | None = None) -> int`` on a broker (de
 letters for good, all when ``ids`` is None; return how many: the dashboard's purge, refused
 for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
-:class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`LeaseBatch`,
+:class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`AttemptLog`,
+:class:`LeaseBatch`,
 :class:`CancelCheck`, :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`,
 :class:`BulkPublishNew`, :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl` and
 :class:`UniquePublish`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
@@ -450,6 +451,24 @@ class Storage(Protocol):
 
     async def stats(self) -> dict[str, int]:
         """Number of stored records by status."""
+        ...
+
+
+@runtime_checkable
+class AttemptLog(Protocol):
+    """Optional storage capability: keep how each earlier attempt of a task ended, for a
+    task's history (the dashboard's task page, ``qtasks get``).
+
+    A record holds its latest attempt only. When :meth:`Storage.begin` (or a claim that
+    begins, :class:`BeginOnClaim`) starts a new attempt over a record an earlier delivery
+    began (status ``retry``: it failed and is retried; ``process``: its worker was lost or
+    its lease ran out), the storage keeps that record as it was, before overwriting it. A
+    re-begin by the same delivery (same token) keeps nothing. A task that succeeds at its
+    first attempt costs nothing. The kept records expire with the task's record."""
+
+    async def attempts(self, uuid: str) -> list[TaskRecord]:
+        """The records of the earlier attempts of ``uuid``, oldest first, each as its attempt
+        left it; ``[]`` when there were none (or the task is unknown)."""
         ...
 
 

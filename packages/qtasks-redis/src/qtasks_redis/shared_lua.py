@@ -136,6 +136,10 @@ local function on_claim(id, body, token, out)
   local rec = REC_PREFIX .. id
   local cur = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
   if cur[1] and not FINAL[cur[2]] then
+    if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then  -- AttemptLog
+      redis.call('RPUSH', TAG .. ':at:' .. id, cjson.encode(cur))
+      redis.call('HSET', rec, 'k', '1')
+    end
     if not begun_at then
       local t = redis.call('TIME')
       begun_at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
@@ -175,7 +179,10 @@ local function on_dead(id, reason)
     redis.call('ZADD', TAG .. ':nf:' .. name, now, id)
   end
   local wake, steps = TAG .. ':w:' .. id, TAG .. ':s:' .. id
-  if TTL then redis.call('PEXPIRE', rec, TTL) end
+  if TTL then
+    redis.call('PEXPIRE', rec, TTL)
+    redis.call('PEXPIRE', TAG .. ':at:' .. id, TTL)
+  end
   redis.call('RPUSH', wake, '1')
   redis.call('PEXPIRE', wake, (TTL and TTL < WAKE_TTL) and TTL or WAKE_TTL)
   if redis.call('EXISTS', steps) == 1 then

@@ -337,6 +337,24 @@ class RedisStorage:
             raise SerializationError(f"task record {record.uuid} vanished while starting")
         return begun
 
+    async def attempts(self, uuid: str) -> list[TaskRecord]:
+        """See :class:`qtasks.components.AttemptLog`: the list ``<tag>:at:<uuid>`` the begin
+        scripts write (one ``LRANGE``)."""
+        items: Any = await guarded(
+            self.target, self._require().lrange(f"{self._tag}:at:{uuid}", 0, -1)
+        )
+        out: list[TaskRecord] = []
+        for item in items:
+            try:
+                fields = [v.encode() if isinstance(v, str) else None for v in json.loads(item)]
+                record = self._record(fields)
+            except (ValueError, TypeError, SerializationError):
+                log.warning("an attempt of %s is not a valid record; skipped", uuid)
+                continue
+            if record is not None:
+                out.append(record)
+        return out
+
     async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
         """See :class:`qtasks.components.BeginMany`: one script per 1,000 records (and one
         :meth:`begin` more for each of them that has no stored record, which is rare)."""

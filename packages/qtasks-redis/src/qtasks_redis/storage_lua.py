@@ -88,6 +88,17 @@ local function parented(uuid, parent, now, ttl)
   if ttl then redis.call('PEXPIRE', key, ttl) end
 end
 
+-- Before a delivery begins a record another delivery began (it was retried, or its worker
+-- was lost): keep that attempt's fields {d, s, t, cr, u, n, a, w} on the task's attempt list
+-- (qtasks.components.AttemptLog). A first attempt keeps nothing.
+-- The record's field 'k' says it has such a list, which its final save expires with it.
+local function keep_attempt(rec, uuid, cur, token)
+  if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then
+    redis.call('RPUSH', string.sub(rec, 1, #rec - #uuid - 3) .. ':at:' .. uuid, cjson.encode(cur))
+    redis.call('HSET', rec, 'k', '1')
+  end
+end
+
 -- The record just turned final: expire it, wake waiters, end step followers. The wake list
 -- never outlives the record, so a record that does not exist has no stale wake-up.
 local function finished(ttl)
@@ -112,7 +123,7 @@ SAVE = Script(
 -- refused because the stored record is final with another status (the task is over: a
 -- cancel made while it ran stays a cancel; its holder may ack).
 local uuid, status, token = ARGV[1], ARGV[3], ARGV[4]
-local cur = redis.call('HMGET', K_REC, 'd', 's', 't')
+local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'k')
 if ARGV[7] == 'n' and cur[1] then return 0 end
 if ARGV[7] ~= '1' and cur[1] then
   if ARGV[5] == '1' and cur[3] ~= '' and cur[3] ~= ARGV[6] then return 0 end
@@ -128,6 +139,9 @@ named(uuid, ARGV[9], old, status, now, tonumber(ARGV[8]))
 parented(uuid, ARGV[10], now, tonumber(ARGV[8]))
 if FINAL[status] then
   finished(tonumber(ARGV[8]))
+  if cur[4] and ARGV[8] ~= '' then  -- earlier attempts kept (keep_attempt)
+    redis.call('PEXPIRE', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':at:' .. uuid, ARGV[8])
+  end
 elseif old then
   redis.call('PERSIST', K_REC)
   redis.call('DEL', K_WAKE)  -- a reset record must not see an old wake-up
@@ -154,6 +168,9 @@ if not FINAL[cur[2]] then
   named(ARGV[1], name, cur[2], 'cancel', now, tonumber(ARGV[3]))
   parented(ARGV[1], parent, now, tonumber(ARGV[3]))
   finished(tonumber(ARGV[3]))
+  if ARGV[3] ~= '' then
+    redis.call('PEXPIRE', string.sub(K_REC, 1, #K_REC - #ARGV[1] - 3) .. ':at:' .. ARGV[1], ARGV[3])
+  end
   if cur[2] == 'process' and ARGV[4] ~= '' then
     redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], ARGV[2]}))
   end
@@ -179,6 +196,7 @@ if not cur[1] then
   index(ARGV[1], false, 'process', now)
   return {ARGV[2], 'process', ARGV[3], false, updated, false, false, false}
 end
+keep_attempt(K_REC, ARGV[1], cur, ARGV[3])
 redis.call('HSET', K_REC, 's', 'process', 't', ARGV[3], 'a', ARGV[4], 'w', ARGV[5],
            'u', updated)
 index(ARGV[1], cur[2], 'process', now)
@@ -261,6 +279,11 @@ for i = 1, n do
   local uuid, token, attempt, worker = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4]
   local cur = redis.call('HMGET', KEYS[i], 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
   if cur[1] and not FINAL[cur[2]] then
+    if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then  -- AttemptLog
+      redis.call('RPUSH', string.sub(KEYS[i], 1, #KEYS[i] - #uuid - 3) .. ':at:' .. uuid,
+                 cjson.encode(cur))
+      redis.call('HSET', KEYS[i], 'k', '1')
+    end
     redis.call('HSET', KEYS[i], 's', 'process', 't', token, 'a', attempt, 'w', worker,
                'u', updated)
     if IDX[cur[2]] then redis.call('ZREM', IDX[cur[2]], uuid) end

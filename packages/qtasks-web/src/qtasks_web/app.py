@@ -218,7 +218,7 @@ class Dashboard:
             children=kids,
             children_complete=complete,
             args=data.masked_args(self.app, found.task_name, found.args),
-            **_state(found),
+            **_state(found, await data.attempts(self.app, found)),
         )
 
     async def workers(self, request: Request) -> Response:
@@ -405,7 +405,8 @@ class Dashboard:
                         seen = (record.status, record.updated_at, record.steps, record.worker)
                         if seen != last:
                             last = seen
-                            html = details.render(**_state(record))
+                            earlier = await data.attempts(app, record)
+                            html = details.render(**_state(record, earlier))
                             await emit(
                                 "state", as_json({"status": record.status.value, "html": html})
                             )
@@ -441,10 +442,11 @@ class _Asgi:
         await self.app(scope, receive, send)
 
 
-def _state(record: TaskRecord) -> dict[str, Any]:
-    """What ``_task_state.html`` shows of ``record``."""
+def _state(record: TaskRecord, earlier: list[TaskRecord]) -> dict[str, Any]:
+    """What ``_task_state.html`` shows of ``record`` and its ``earlier`` attempts."""
     return {
         "record": record,
+        "earlier": earlier,
         "began": data.began(record),
         "wait": data.queue_wait(record),
         "ran": data.run_time(record),

@@ -9,13 +9,14 @@ replaced by :data:`MASK` in everything shown (arguments, results, dead-letter bo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qtasks.components import DeadLetter, RecordQuery, StorageQuery
+from qtasks.components import AttemptLog, DeadLetter, RecordQuery, StorageQuery
 from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ _SECRET = re.compile(
     re.IGNORECASE,
 )
 _FINAL = (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL)
+log = logging.getLogger("qtasks_web")
+
 BUCKETS = 30
 """Intervals of the overview's charts (``window / BUCKETS`` seconds each)."""
 SAMPLE = 100
@@ -276,6 +279,19 @@ async def workers(app: AsyncQueueTasks) -> list[WorkerRow]:
                 row = rows[record.worker] = WorkerRow(id=record.worker, live=False)
             row.held.append(record.uuid)
     return sorted(rows.values(), key=lambda r: (not r.live, r.id))
+
+
+async def attempts(app: AsyncQueueTasks, record: TaskRecord) -> list[TaskRecord]:
+    """The earlier attempts of ``record``, oldest first, when the storage keeps them
+    (:class:`~qtasks.components.AttemptLog`); ``[]`` otherwise, or when it fails to say."""
+    storage = app.storage
+    if not isinstance(storage, AttemptLog):
+        return []
+    try:
+        return await storage.attempts(record.uuid)
+    except Exception:
+        log.warning("the attempts of %s could not be read", record.uuid, exc_info=True)
+        return []
 
 
 async def children(app: AsyncQueueTasks, record: TaskRecord) -> tuple[list[TaskRecord], bool]:

@@ -54,6 +54,7 @@ class MemoryStorage(_Lifecycle):
         self._clock: Callable[[], float] = clock or time.time
         self._records: dict[str, TaskRecord] = {}
         self._steps: dict[str, list[Any]] = {}
+        self._attempts: dict[str, list[TaskRecord]] = {}
         self._signals: dict[str, _Signal] = {}
         self._watchers: dict[str, int] = {}
         self._expiry: list[tuple[float, str]] = []
@@ -89,6 +90,7 @@ class MemoryStorage(_Lifecycle):
             ):
                 del self._records[uuid]
                 self._steps.pop(uuid, None)
+                self._attempts.pop(uuid, None)
 
     def _watch(self, uuid: str) -> _Signal:
         self._watchers[uuid] = self._watchers.get(uuid, 0) + 1
@@ -130,6 +132,7 @@ class MemoryStorage(_Lifecycle):
             return stored.copy()
         if stored.status.final:
             return stored.copy()
+        self._log_attempt(stored, record.token)
         moved = stored.status is not record.status
         stored.status = record.status
         stored.attempt = record.attempt
@@ -139,6 +142,20 @@ class MemoryStorage(_Lifecycle):
         if moved:
             self._index(stored)
         return stored.copy()
+
+    def _log_attempt(self, stored: TaskRecord, token: str | None) -> None:
+        """Keep ``stored`` when a new delivery begins over an attempt (see
+        :class:`qtasks.components.AttemptLog`)."""
+        if stored.token != token and (
+            stored.status is TaskStatus.PROCESS or stored.status is TaskStatus.RETRY
+        ):
+            self._attempts.setdefault(stored.uuid, []).append(stored.copy())
+
+    async def attempts(self, uuid: str) -> list[TaskRecord]:
+        """See :class:`qtasks.components.AttemptLog`."""
+        self._check()
+        self._expire()
+        return [record.copy() for record in self._attempts.get(uuid, ())]
 
     async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
         """See :class:`qtasks.components.BeginMany`."""
@@ -155,6 +172,7 @@ class MemoryStorage(_Lifecycle):
         if stored is None:
             return None
         if not stored.status.final:
+            self._log_attempt(stored, token)
             moved = stored.status is not TaskStatus.PROCESS
             stored.status = TaskStatus.PROCESS
             stored.token = token
@@ -315,6 +333,7 @@ class MemoryStorage(_Lifecycle):
         self._records.clear()
         self._workflows.clear()
         self._steps.clear()
+        self._attempts.clear()
         self._expiry.clear()
         self._rebuild()
         return count

@@ -24,6 +24,7 @@ from qtasks_testing.contract.bulk import (
     WorkflowStoreContract,
 )
 from qtasks_testing.contract.capabilities import (
+    AttemptLogContract,
     BeginManyContract,
     BeginOnClaimContract,
     CancelCheckContract,
@@ -37,6 +38,7 @@ from qtasks_testing.contract.query import StorageQueryContract
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
+    "AttemptLogContract",
     "BeginManyContract",
     "BeginOnClaimContract",
     "BrokerContract",

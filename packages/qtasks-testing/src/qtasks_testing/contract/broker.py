@@ -94,6 +94,17 @@ async def consuming_from(
         raise failure
 
 
+async def dead_lettered(broker: Broker, count: int) -> list[Envelope]:
+    """Publish ``count`` messages and nack each: they are dead letters now."""
+    sent = [envelope() for _ in range(count)]
+    for item in sent:
+        await broker.publish(item)
+    async with consuming(broker) as consumer:
+        for _ in sent:
+            await (await consumer.next(timeout=2)).nack("no")
+    return sent
+
+
 class BrokerContract(ContractSuite):
     """The guarantees of :class:`qtasks.components.Broker`, as tests.
 
@@ -305,12 +316,7 @@ class BrokerContract(ContractSuite):
 
     @pytest.mark.anyio
     async def test_requeue_dead_letters_puts_them_back(self, broker: Broker) -> None:
-        sent = [envelope() for _ in range(3)]
-        for item in sent:
-            await broker.publish(item)
-        async with consuming(broker) as consumer:
-            for _ in sent:
-                await (await consumer.next(timeout=2)).nack("no")
+        sent = await dead_lettered(broker, 3)
         assert await broker.requeue_dead_letters([sent[1].id, "no-such-id"]) == 1
         async with consuming(broker) as consumer:
             again = await consumer.next(timeout=2)
@@ -329,12 +335,7 @@ class BrokerContract(ContractSuite):
         purge = getattr(broker, "purge_dead_letters", None)
         if purge is None:
             pytest.skip("purge_dead_letters is optional (see qtasks.components)")
-        sent = [envelope() for _ in range(3)]
-        for item in sent:
-            await broker.publish(item)
-        async with consuming(broker) as consumer:
-            for _ in sent:
-                await (await consumer.next(timeout=2)).nack("no")
+        sent = await dead_lettered(broker, 3)
         assert await purge([sent[1].id, "no-such-id"]) == 1
         assert {d.id for d in await broker.dead_letters()} == {sent[0].id, sent[2].id}
         assert await purge([]) == 0

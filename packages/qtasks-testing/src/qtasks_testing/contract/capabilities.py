@@ -29,6 +29,7 @@ import anyio
 import pytest
 
 from qtasks.components import (
+    AttemptLog,
     BeginMany,
     BeginOnClaim,
     Broker,
@@ -538,6 +539,83 @@ class BeginManyContract(_StorageCapability):
     @pytest.mark.anyio
     async def test_begin_many_of_nothing(self, storage: Storage) -> None:
         assert await cast(BeginMany, storage).begin_many([]) == []
+
+
+class AttemptLogContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.AttemptLog`, as tests.
+
+    Provide a ``storage_factory`` fixture, as for
+    :class:`~qtasks_testing.contract.StorageContract`. Every test is skipped when the storage
+    is not an ``AttemptLog``."""
+
+    capability = AttemptLog
+
+    @staticmethod
+    def claim(rec: TaskRecord, attempt: int, token: str, worker: str) -> TaskRecord:
+        out = rec.copy()
+        out.status, out.attempt, out.token, out.worker = TaskStatus.PROCESS, attempt, token, worker
+        return out
+
+    @pytest.mark.anyio
+    async def test_a_retried_then_lost_attempt_is_kept_as_it_ended(self, storage: Storage) -> None:
+        log = cast(AttemptLog, storage)
+        rec = record()
+        await storage.add(rec)
+        first = await storage.begin(self.claim(rec, 1, "t1", "worker-a"))
+        assert await log.attempts(rec.uuid) == []
+        retry = finished(first, TaskStatus.RETRY, error="ValueError: boom", token=None)
+        assert await storage.save(retry, fence="t1") is True
+        await storage.begin(self.claim(rec, 2, "t2", "worker-b"))
+        await storage.begin(self.claim(rec, 2, "t2", "worker-b"))  # the same delivery again
+        [kept] = await log.attempts(rec.uuid)
+        assert (kept.status, kept.attempt, kept.error, kept.worker) == (
+            TaskStatus.RETRY,
+            1,
+            "ValueError: boom",
+            "worker-a",
+        )
+        # worker-b is lost: a third delivery begins over its 'process' record.
+        third = await storage.begin(self.claim(rec, 3, "t3", "worker-c"))
+        assert await storage.save(finished(third), fence="t3") is True
+        both = await log.attempts(rec.uuid)
+        assert [(r.status, r.attempt, r.worker, r.token) for r in both] == [
+            (TaskStatus.RETRY, 1, "worker-a", None),
+            (TaskStatus.PROCESS, 2, "worker-b", "t2"),
+        ]
+        assert (await storage.get(rec.uuid)).status is TaskStatus.SUCCESS  # type: ignore[union-attr]
+
+    @pytest.mark.anyio
+    async def test_a_first_attempt_keeps_nothing(self, storage: Storage) -> None:
+        log = cast(AttemptLog, storage)
+        rec = record()
+        await storage.add(rec)
+        begun = await storage.begin(self.claim(rec, 1, "t1", "worker-a"))
+        await storage.save(finished(begun), fence="t1")
+        assert await log.attempts(rec.uuid) == []
+        assert await log.attempts("no-such-task") == []
+
+    @pytest.mark.anyio
+    async def test_kept_attempts_expire_with_the_record(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        config = contract_config.merged(result_ttl=0.3)
+        storage = storage_factory(config)
+        assert isinstance(storage, AttemptLog)
+        async with AsyncExitStack() as stack:
+            await storage.start(stack, config)
+            rec = record()
+            await storage.add(rec)
+            await storage.begin(self.claim(rec, 1, "t1", "worker-a"))
+            second = await storage.begin(self.claim(rec, 2, "t2", "worker-b"))
+            await storage.save(finished(second), fence="t2")
+            assert len(await storage.attempts(rec.uuid)) == 1
+
+            async def gone() -> bool:
+                return (
+                    await storage.get(rec.uuid) is None and await storage.attempts(rec.uuid) == []
+                )
+
+            await wait_until(gone, timeout=3.0, what="the record and its attempts to expire")
 
 
 class CancelCheckContract(_StorageCapability):
