@@ -9,9 +9,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+import redis
 from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, chain, chord, group
+from qtasks.components import WorkflowStore
+from qtasks.record import TaskStatus
 from qtasks.workflows import Node
 from qtasks_redis import RedisBroker
 
@@ -109,6 +112,78 @@ async def test_cancel_workflow_stops_running_and_pending_members(
     assert running.status.value == "cancel"
     assert pending is not None and pending.status.value == "cancel"
     assert workers.ran("double") == []
+
+
+def workflow_keys(redis_url: str, workflow: str) -> dict[str, int]:
+    """Every key naming ``workflow``, with its TTL in seconds (-1: none)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = sorted(k.decode() for k in client.scan_iter(match=f"*{workflow}*", count=1000))
+        return {key: int(client.ttl(key)) for key in keys}
+    finally:
+        client.close()
+
+
+async def test_cancel_workflow_leaves_no_gate_keys_once_no_member_runs(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    workers.start(1)
+    app = producer(redis_url, prefix)
+    slow, total = app.tasks["slow"], app.tasks["total"]
+    try:
+        wf = await app.run_workflow(chord([slow.s(1, 60), slow.s(2, 60)], total.s()))
+        assert any(":f:" in key for key in workflow_keys(redis_url, wf.id))
+        with anyio.fail_after(20):
+            while len(workers.ran("slow")) < 2:  # noqa: ASYNC110 - another process's ledger
+                await anyio.sleep(0.05)
+        await app.cancel_workflow(wf.id, "stop")
+        with anyio.fail_after(20):  # the running members settle (cancelled) and are acked
+            while (await app.broker.stats()).in_flight:  # noqa: ASYNC110 - another process
+                await anyio.sleep(0.05)
+        left = workflow_keys(redis_url, wf.id)
+        tag = app.storage.key_tag  # type: ignore[attr-defined]  # a RedisStorage here
+    finally:
+        await app.aclose()
+    assert workers.ran("total") == [] and workers.ran("double") == []
+    # The record (and the wake-up list of its waiters) only, both expiring.
+    assert set(left) <= {f"{tag}:r:{wf.id}", f"{tag}:w:{wf.id}"}, left
+    assert f"{tag}:r:{wf.id}" in left
+    assert all(ttl > 0 for ttl in left.values()), left
+
+
+async def test_a_member_settled_after_the_cancel_does_not_continue(
+    redis_url: str, prefix: str
+) -> None:
+    """The member's success is stored between the workflow's cancel and its members' (the
+    race cancel_workflow cannot close): the settle script stores it, enqueues no next step
+    and creates none of the workflow's keys again."""
+    app = producer(redis_url, prefix)
+    double = app.tasks["double"]
+    try:
+        wf = await app.run_workflow(chain(double.s(1), double.s(), double.s()))
+        storage, broker = app.storage, app.broker
+        assert isinstance(storage, WorkflowStore) and isinstance(broker, RedisBroker)
+        async with broker.consume(prefetch=1) as deliveries:
+            delivery = await anext(aiter(deliveries))
+            assert delivery.id == wf.members[0]
+            stored = await storage.get(delivery.id)
+            assert stored is not None
+            claim = stored.copy()
+            claim.status, claim.attempt, claim.token = TaskStatus.PROCESS, 1, delivery.token
+            begun = await storage.begin(claim)
+            assert (await storage.cancel_workflow(wf.id, "stop")) is not None
+            done = begun.copy()
+            done.status, done.returning = TaskStatus.SUCCESS, 2
+            assert await broker.ack_final(delivery, storage, done) is True
+        stats = await broker.stats()
+        left = workflow_keys(redis_url, wf.id)
+        second = await app.get(wf.members[1])
+    finally:
+        await app.aclose()
+    assert stats.ready_by_priority == {} or sum(stats.ready_by_priority.values()) == 0
+    assert stats.delayed == 0 and stats.in_flight == 0
+    assert second is not None and second.status is TaskStatus.NEW  # never enqueued
+    assert not any(":f:" in key for key in left), left
 
 
 @pytest.mark.slow

@@ -314,6 +314,21 @@ class WorkflowStore(Protocol):
         """:meth:`Storage.get` of every uuid, in one round trip (or one per batch)."""
         ...
 
+    async def cancel_workflow(self, workflow: str, reason: str) -> TaskRecord | None:
+        """:meth:`Storage.cancel` of the workflow record ``workflow``, then, when that left it
+        ``cancel``, delete its gates, counters and member lists: nothing a continuation would
+        read is kept. A member that ends later finds the record final: :meth:`member_done`
+        returns ``[]`` and writes nothing (no state of the workflow is created again).
+        Returns what :meth:`Storage.cancel` returns."""
+        ...
+
+    async def workflows(self, limit: int = 20) -> list[TaskRecord]:
+        """The records of the newest ``limit`` workflows still stored (running or ended), by
+        ``created_at``, newest first, for ``qtasks inspect``. Costs a bounded number of round
+        trips whatever the number of workflows; workflows whose record expired are skipped
+        (and may be forgotten on the way)."""
+        ...
+
 
 @dataclass(slots=True, frozen=True)
 class GateMessage:

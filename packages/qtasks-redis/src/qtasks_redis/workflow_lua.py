@@ -10,7 +10,9 @@ A workflow ``W`` keeps, under the storage's hash tag ``TAG`` (one slot with its 
 - ``TAG:f:W:d``  SET of the members whose end was counted (a repeated call changes nothing)
 - ``TAG:f:W:a``  LIST of every member (the error gate cancels those not final)
 
-all expiring with the workflow's record once it ended (a day when results do not expire).
+all expiring with the workflow's record once it ended (a day when results do not expire), and
+deleted at once by ``cancel_workflow`` (a member that ends later finds the record final and
+reads them only); and ``TAG:wf``, a ZSET of every workflow (id -> ms created), for listing.
 
 and its own record (uuid ``W``) is a task record: its status is the workflow's.
 
@@ -71,17 +73,20 @@ end
 local function member_done(w, uuid, status, err, ttl)
   local gate = 'error'
   if status == 'success' then gate = redis.call('HGET', wf_key(w, 'n'), uuid) end
+  rec_keys(w)
+  local own = redis.call('HGET', K_REC, 's')
+  if not own or FINAL[own] then
+    -- Over. Read only, so a cancelled workflow whose gates were deleted gets none back: the
+    -- member that opened a gate gets it again (its redelivery publishes what it opened).
+    if gate and redis.call('HGET', wf_key(w, 'o'), gate) == uuid then return gate end
+    expire_flow(w, ttl)  -- its gates (if still there) go with its record
+    return false
+  end
   if redis.call('SADD', wf_key(w, 'd'), uuid) == 0 then
     if gate and redis.call('HGET', wf_key(w, 'o'), gate) == uuid then return gate end
     return false
   end
   if not gate then return false end
-  rec_keys(w)
-  local own = redis.call('HGET', K_REC, 's')
-  if not own or FINAL[own] then
-    expire_flow(w, ttl)  -- over (cancelled): its gates go with its record
-    return false
-  end
   if status == 'success' then
     if redis.call('HINCRBY', wf_key(w, 'c'), gate, -1) ~= 0 then return false end
     redis.call('HSET', wf_key(w, 'o'), gate, uuid)

@@ -118,15 +118,20 @@ async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow
 
 
 async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
-    """Cancel the workflow: its record first (no member continues it from then on), then
-    every member not final yet: queued ones never run, running ones are cancelled."""
-    record = await app.storage.cancel(id, reason)
+    """Cancel the workflow: its record first, with its gates deleted (no member continues it
+    from then on, see :meth:`WorkflowStore.cancel_workflow`), then every member not final
+    yet: queued ones never run, running ones are cancelled."""
+    store = store_of(app)
+    record = await app.storage.get(id)
     if record is None or record.task_name != WORKFLOW_TASK:
+        return None
+    record = await store.cancel_workflow(id, reason)
+    if record is None:
         return None
     uuids: list[str] = list(record.kwargs["members"])
     if record.kwargs.get("on_error"):
         uuids.append(record.kwargs["on_error"])
-    stored = await store_of(app).get_many(uuids)
+    stored = await store.get_many(uuids)
     for uuid, member in zip(uuids, stored, strict=True):
         if member is not None and not member.status.final:
             await app.cancel(uuid, reason)

@@ -136,7 +136,14 @@ class WorkflowStoreContract(_StorageCapability):
     async def flow(self, storage: Storage) -> tuple[TaskRecord, dict[str, TaskRecord], GateMessage]:
         assert isinstance(storage, WorkflowStore)
         wid = uuid.uuid4().hex
-        own = record(uuid=wid, task_name="qtasks.workflow", workflow=wid, args=[], kwargs={})
+        own = record(
+            uuid=wid,
+            task_name="qtasks.workflow",
+            workflow=wid,
+            args=[],
+            kwargs={},
+            created_at=time.time(),
+        )
         members = {name: record(workflow=wid) for name in "abc"}
         opened = _gate("g")
         gates = {"g": (2, [opened]), "final": (1, []), "error": (1, [_gate("error")])}
@@ -205,6 +212,61 @@ class WorkflowStoreContract(_StorageCapability):
         b = finished(members["b"], returning="late")
         await storage.save(b, fence=None)
         assert await storage.member_done(b) == []
+
+    @pytest.mark.anyio
+    async def test_a_cancelled_workflow_is_continued_by_no_member(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        own, members, _ = flow
+        a, b = (finished(members[n], returning=n) for n in "ab")
+        await storage.save(a)
+        assert await storage.member_done(a) == []
+        cancelled = await storage.cancel_workflow(own.uuid, "stop")
+        assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+        assert cancelled.cancel_reason == "stop"
+        # b would open gate g; a failing c would open the error gate: neither does now.
+        await storage.save(b)
+        assert await storage.member_done(b) == []
+        assert await storage.member_done(b) == []
+        c = finished(members["c"], TaskStatus.ERROR, error="ValueError: late")
+        await storage.save(c)
+        assert await storage.member_done(c) == []
+        stored = await storage.get(own.uuid)
+        assert stored is not None and stored.status is TaskStatus.CANCEL
+        assert await storage.cancel_workflow("no-such-workflow", "stop") is None
+
+    @pytest.mark.anyio
+    async def test_workflows_lists_the_newest_first(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        first, _, _ = flow
+        later = []
+        for i in (1, 2):
+            wid = uuid.uuid4().hex
+            own = record(
+                uuid=wid,
+                task_name="qtasks.workflow",
+                workflow=wid,
+                args=[],
+                kwargs={},
+                created_at=first.created_at + i,
+            )
+            member = record(workflow=wid)
+            gates: dict[str, tuple[int, list[GateMessage]]] = {"final": (1, []), "error": (1, [])}
+            await storage.add_workflow(own, [member], gates, {member.uuid: "final"})
+            later.append(own)
+        assert [r.uuid for r in await storage.workflows(2)] == [later[1].uuid, later[0].uuid]
+        listed = await storage.workflows()
+        assert [r.uuid for r in listed] == [later[1].uuid, later[0].uuid, first.uuid]
+        assert listed[2] == first
+        assert await storage.cancel_workflow(later[0].uuid, "stop") is not None
+        assert [r.status for r in await storage.workflows(3)] == [
+            TaskStatus.NEW,
+            TaskStatus.CANCEL,
+            TaskStatus.NEW,
+        ]
 
 
 class WorkflowSettleContract(_SharedFixtures):
