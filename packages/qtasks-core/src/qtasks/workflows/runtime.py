@@ -98,6 +98,32 @@ async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
     )
 
 
+def summary(record: TaskRecord) -> dict[str, Any]:
+    """A workflow record in a line, JSON-ready (``qtasks inspect``, ``qtasks workflow``):
+    ``id``, ``status`` (as :class:`Workflow`'s), ``size`` (how many members, the error
+    callback included), ``created_at`` and ``error`` (why it failed or was cancelled)."""
+    info = record.kwargs
+    status = record.status.value if record.status.final else RUNNING
+    error = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
+    size = len(info.get("members", ())) + (1 if info.get("on_error") else 0)
+    return {
+        "id": record.uuid,
+        "status": status,
+        "size": size,
+        "created_at": record.created_at,
+        "error": error,
+    }
+
+
+async def newest(app: AsyncQueueTasks, limit: int) -> list[dict[str, Any]]:
+    """:func:`summary` of the newest ``limit`` workflows, newest first; ``[]`` when the
+    storage keeps no workflows."""
+    storage = app.storage
+    if not isinstance(storage, WorkflowStore):
+        return []
+    return [summary(r) for r in await storage.workflows(limit)]
+
+
 async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
     """The workflow ``id``, or ``None`` when no such workflow is stored."""
     record = await app.storage.get(id)
