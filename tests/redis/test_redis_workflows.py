@@ -12,9 +12,9 @@ import pytest
 import redis
 from workflow_app import Workers, build, kill_while_running
 
-from qtasks import AsyncQueueTasks, chain, chord, group
+from qtasks import AsyncQueueTasks, chain, chord, group, hookimpl
 from qtasks.components import WorkflowStore
-from qtasks.record import TaskStatus
+from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import Node
 from qtasks_redis import RedisBroker
 
@@ -112,6 +112,40 @@ async def test_cancel_workflow_stops_running_and_pending_members(
     assert running.status.value == "cancel"
     assert pending is not None and pending.status.value == "cancel"
     assert workers.ran("double") == []
+
+
+async def test_members_enqueued_by_the_settle_script_fire_qtasks_task_enqueued(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    """The client fires the hook for the first steps; the worker that settles a step fires
+    it for what the settle script enqueued (the ledger notes each, with the process)."""
+    workers.start(2)
+    app = producer(redis_url, prefix)
+    seen: list[str] = []
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+            seen.append(record.uuid)
+
+    app.add_plugin(Seen())
+    add, double, total = (app.tasks[n] for n in ("add", "double", "total"))
+    try:
+        flows = [
+            await app.run_workflow(chain(add.s(1, 2), double.s(), double.s())),
+            await app.run_workflow(chord(double.map(range(30)), total.s())),
+        ]
+        done = [await app.wait_workflow(wf.id, timeout=30) for wf in flows]
+    finally:
+        await app.aclose()
+    assert [d.result for d in done] == [12, sum(2 * i for i in range(30))]
+    first, fan = flows
+    assert seen == [first.members[0], *fan.members[:30]]
+    later = [first.members[1], first.members[2], fan.members[30]]
+    with anyio.fail_after(10):  # noted once each settle returned, maybe after the end
+        while len(workers.ran("enqueued")) < len(later):  # noqa: ASYNC110 - a file
+            await anyio.sleep(0.05)
+    assert sorted(workers.ran("enqueued")) == sorted(later)
 
 
 def workflow_keys(redis_url: str, workflow: str) -> dict[str, int]:

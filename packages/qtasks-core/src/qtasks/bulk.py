@@ -51,21 +51,13 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
 
     On asyncio with remote components, the next batch is prepared while the previous one is
     stored (one call in flight at a time, so batches reach the backends in order)."""
-    hooks = app.hooks
-    added = "qtasks_storage_added" in hooks.active
-    enqueued = "qtasks_task_enqueued" in hooks.active
     out: list[AsyncTask] = []
     chunk: list[tuple[AsyncTask, Envelope]] = []
     inflight: asyncio.Task[None] | None = None
 
     async def stored(batch: list[tuple[AsyncTask, Envelope]]) -> None:
         await store_and_publish_many(app, batch)
-        if added or enqueued:
-            for record, _ in batch:
-                if added:
-                    await hooks.notify("qtasks_storage_added", app=app, record=record)
-                if enqueued:
-                    await hooks.notify("qtasks_task_enqueued", app=app, record=record)
+        await notify_stored(app, [record for record, _ in batch], enqueued=True)
 
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
@@ -108,6 +100,24 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
         if inflight is not None:
             inflight.cancel()
     return out
+
+
+async def notify_stored(
+    app: AsyncQueueTasks, records: Sequence[TaskRecord], *, enqueued: bool
+) -> None:
+    """``qtasks_storage_added`` of every record just stored and, when ``enqueued`` (its
+    message is published too), ``qtasks_task_enqueued``; only the hooks a plugin
+    implements."""
+    hooks = app.hooks
+    added = "qtasks_storage_added" in hooks.active
+    enqueued = enqueued and "qtasks_task_enqueued" in hooks.active
+    if not (added or enqueued):
+        return
+    for record in records:
+        if added:
+            await hooks.notify("qtasks_storage_added", app=app, record=record)
+        if enqueued:
+            await hooks.notify("qtasks_task_enqueued", app=app, record=record)
 
 
 async def store_and_publish_many(

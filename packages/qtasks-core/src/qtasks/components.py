@@ -210,7 +210,14 @@ class SharedServer(Protocol):
         order, in one round trip."""
         ...
 
-    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+    async def ack_final(
+        self,
+        delivery: Delivery,
+        storage: Storage,
+        record: TaskRecord,
+        *,
+        enqueued: list[str] | None = None,
+    ) -> bool:
         """Exactly ``await storage.save(record, fence=delivery.token)`` followed, when that
         was accepted or refused only because the stored record is final (the task is over,
         e.g. cancelled while it ran), by ``await delivery.ack()``, in one round trip. Returns
@@ -219,16 +226,24 @@ class SharedServer(Protocol):
         For a workflow member (``record.workflow`` set, the storage a :class:`WorkflowStore`),
         an accepted save is followed in the same atomic step by
         :meth:`WorkflowStore.member_done` and the publish of the messages it returns: "step
-        done" and "next step enqueued" are one change."""
+        done" and "next step enqueued" are one change. When ``enqueued`` is given (the core
+        passes it only for a workflow member, and only when a plugin implements
+        ``qtasks_task_enqueued``), the ids of the messages so published are appended to it
+        before the call returns, so the core fires that hook for them."""
         ...
 
     async def ack_finals(
-        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
     ) -> list[bool]:
         """:meth:`ack_final` of every ``(delivery, record)`` pair, in order, in one round trip
         (each pair atomic on its own); the i-th result says whether the i-th save was
-        accepted. The worker settles the tasks that finish while a call is in flight with the
-        next call, so a busy worker makes one call per batch instead of one per task."""
+        accepted; ``enqueued`` as for :meth:`ack_final`. The worker settles the tasks that
+        finish while a call is in flight with the next call, so a busy worker makes one call
+        per batch instead of one per task."""
         ...
 
 

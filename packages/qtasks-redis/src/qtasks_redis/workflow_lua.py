@@ -176,13 +176,15 @@ return 1
 
 _PUBLISH_OPENED = """
 -- Publish the messages of the gate ``opened`` of workflow w (nothing when it is false), each
--- due its delay after now; after ``broker_publish`` and the workflow prelude.
-local function publish_opened(w, opened)
+-- due its delay after now, appending their ids to the list ``ids`` when given; after
+-- ``broker_publish`` and the workflow prelude.
+local function publish_opened(w, opened, ids)
   if not opened then return end
   for _, m in ipairs(gate_messages(w, opened)) do
     local eta = ''
     if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
     broker_publish({m[1], m[2], m[3], eta})
+    if ids then ids[#ids + 1] = m[1] end
   end
 end
 """
@@ -214,8 +216,9 @@ ACK_FINALS_WF = Script(
 -- record, then the queue's; ARGV: TAG, then per task SAVE's {_SAVE_ARGS} arguments, ACK's
 -- (id, token), the task's workflow ('' for none) and the error text naming it. After an
 -- accepted save of a workflow member, its gate is counted down and an opened gate's messages
--- are published, before the ack: one atomic change. Returns each task's SAVE reply.
-local out, base = {{}}, 1
+-- are published, before the ack: one atomic change. Returns each task's SAVE reply, then the
+-- ids of the messages so published.
+local out, base, ids = {{}}, 1, {{}}
 while base < #ARGV do
   local sa = {{}}
   for i = 1, {_SAVE_ARGS} do sa[i] = ARGV[base + i] end
@@ -225,12 +228,13 @@ while base < #ARGV do
   local at = base + {_SAVE_ARGS}
   local w = ARGV[at + 3]
   if saved == 1 and w ~= '' then
-    publish_opened(w, member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8])))
+    publish_opened(w, member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8])), ids)
   end
   if saved ~= 0 then broker_ack({{ARGV[at + 1], ARGV[at + 2]}}) end
   out[#out + 1] = saved
   base = at + 4
 end
+for _, id in ipairs(ids) do out[#out + 1] = id end
 return out
 """
 )

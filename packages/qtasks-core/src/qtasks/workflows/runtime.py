@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qtasks.bulk import BATCH, publish_many, store_and_publish_many
+from qtasks.bulk import BATCH, notify_stored, publish_many, store_and_publish_many
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.messages import Envelope
@@ -77,11 +77,15 @@ def store_of(app: AsyncQueueTasks) -> WorkflowStore:
 async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Workflow:
     """Compile ``node``, store the workflow and publish the members that start at once."""
     store = store_of(app)
-    plan = compile_plan(app, node, on_error)
+    plan = await compile_plan(app, node, on_error)
     await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
     # The first steps' records go with their messages, as add_tasks stores them.
     for start in range(0, len(plan.start), BATCH):
-        await store_and_publish_many(app, plan.start[start : start + BATCH])
+        batch = plan.start[start : start + BATCH]
+        await store_and_publish_many(app, batch)
+        await notify_stored(app, [record for record, _ in batch], enqueued=True)
+    # The others are stored and wait in gates: enqueued when a worker opens their gate.
+    await notify_stored(app, plan.members, enqueued=False)
     return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], None, None, None, app)
 
 
@@ -216,6 +220,18 @@ async def member_ended(app: AsyncQueueTasks, record: TaskRecord, *, again: bool 
         ]
     if opened:
         await publish_many(app.broker, gate_envelopes(opened, time.time()))
+        await announce(app, [m.id for m in opened])
+
+
+async def announce(app: AsyncQueueTasks, uuids: Sequence[str]) -> None:
+    """``qtasks_task_enqueued`` of the workflow members whose messages a settle step just
+    published (the gates it opened), with their stored records; one read of the records, and
+    only when a plugin implements the hook."""
+    if not uuids or "qtasks_task_enqueued" not in app.hooks.active:
+        return
+    for record in await store_of(app).get_many(uuids):
+        if record is not None:
+            await app.hooks.notify("qtasks_task_enqueued", app=app, record=record)
 
 
 async def found_final(app: AsyncQueueTasks, record: TaskRecord) -> None:
