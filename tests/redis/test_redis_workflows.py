@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+import redis.asyncio
 from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, chain, chord, group, hookimpl
@@ -292,5 +293,30 @@ async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
         assert [d.id for d in letters] == [wf.members[0]]
         stats = await app.broker.stats()
         assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published
+    finally:
+        await app.aclose()
+
+
+async def test_the_workflow_list_skips_and_forgets_expired_records(
+    redis_url: str, prefix: str
+) -> None:
+    app = producer(redis_url, prefix)
+    double = app.tasks["double"]
+    try:
+        ids = [(await app.run_workflow(double.s(i))).id for i in range(3)]
+        storage = app.storage
+        assert isinstance(storage, WorkflowStore)
+        assert [r.uuid for r in await storage.workflows(5)] == ids[::-1]
+        tag = app.storage.key_tag  # type: ignore[attr-defined]  # a RedisStorage here
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await client.delete(f"{tag}:r:{ids[1]}")  # as when its result_ttl ran out
+            assert [r.uuid for r in await storage.workflows(5)] == [ids[2], ids[0]]
+            listed: list[bytes] = await client.zrange(f"{tag}:wf", 0, -1)  # type: ignore[assignment]  # bytes: no decode_responses
+            left = [i.decode() for i in listed]
+        finally:
+            await client.aclose()
+        assert sorted(left) == sorted([ids[0], ids[2]])
+        assert [r.uuid for r in await storage.workflows(1)] == [ids[2]]
     finally:
         await app.aclose()
