@@ -120,6 +120,19 @@ class BulkAddContract(_StorageCapability):
             assert await storage.get(rec.uuid) == rec
 
 
+def _workflow(created_at: float) -> TaskRecord:
+    """A new workflow's own record."""
+    wid = uuid.uuid4().hex
+    return record(
+        uuid=wid,
+        task_name="qtasks.workflow",
+        workflow=wid,
+        args=[],
+        kwargs={},
+        created_at=created_at,
+    )
+
+
 def _gate(name: str) -> GateMessage:
     return GateMessage(uuid.uuid4().hex, f"body of {name}".encode(), 1, 0.0)
 
@@ -135,15 +148,8 @@ class WorkflowStoreContract(_StorageCapability):
     @pytest.fixture
     async def flow(self, storage: Storage) -> tuple[TaskRecord, dict[str, TaskRecord], GateMessage]:
         assert isinstance(storage, WorkflowStore)
-        wid = uuid.uuid4().hex
-        own = record(
-            uuid=wid,
-            task_name="qtasks.workflow",
-            workflow=wid,
-            args=[],
-            kwargs={},
-            created_at=time.time(),
-        )
+        own = _workflow(time.time())
+        wid = own.uuid
         members = {name: record(workflow=wid) for name in "abc"}
         opened = _gate("g")
         gates = {"g": (2, [opened]), "final": (1, []), "error": (1, [_gate("error")])}
@@ -244,16 +250,8 @@ class WorkflowStoreContract(_StorageCapability):
         first, _, _ = flow
         later = []
         for i in (1, 2):
-            wid = uuid.uuid4().hex
-            own = record(
-                uuid=wid,
-                task_name="qtasks.workflow",
-                workflow=wid,
-                args=[],
-                kwargs={},
-                created_at=first.created_at + i,
-            )
-            member = record(workflow=wid)
+            own = _workflow(first.created_at + i)
+            member = record(workflow=own.uuid)
             gates: dict[str, tuple[int, list[GateMessage]]] = {"final": (1, []), "error": (1, [])}
             await storage.add_workflow(own, [member], gates, {member.uuid: "final"})
             later.append(own)
@@ -281,9 +279,8 @@ class WorkflowSettleContract(_SharedFixtures):
         storage = shared.storage
         if not isinstance(storage, WorkflowStore):
             pytest.skip(lacks(storage, WorkflowStore))
-        wid = uuid.uuid4().hex
-        own = record(uuid=wid, task_name="qtasks.workflow", workflow=wid, args=[], kwargs={})
-        a, b = record(workflow=wid), record(workflow=wid)
+        own = _workflow(time.time())
+        a, b = record(workflow=own.uuid), record(workflow=own.uuid)
         nxt = _gate("next")
         gates = {"g": (2, [nxt]), "final": (1, []), "error": (1, [])}
         await storage.add_workflow(own, [a, b], gates, {a.uuid: "g", b.uuid: "g"})
