@@ -24,7 +24,12 @@ from qtasks import (
     group,
     hookimpl,
 )
-from qtasks.errors import TaskArgumentsError, TaskNotFoundError, TaskTimeoutError
+from qtasks.errors import (
+    StorageConnectionError,
+    TaskArgumentsError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -480,3 +485,32 @@ async def test_a_rewrite_may_not_change_a_member_uuid(app: AsyncQueueTasks) -> N
     async with app:
         with pytest.raises(WorkflowError, match="keeps its uuid"):
             await app.run_workflow(app.tasks["double"].s(1))
+
+
+async def test_a_workflow_that_cannot_be_stored_fires_enqueue_failed_for_each_member(
+    app: AsyncQueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed: list[tuple[str, str]] = []
+    rewritten: list[str] = []
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Any) -> None:
+            rewritten.append(message.uuid)
+
+        @hookimpl
+        def qtasks_task_enqueue_failed(self, record: Any, exc: BaseException) -> None:
+            failed.append((record.uuid, str(exc)))
+
+    async def broken(*args: Any) -> None:
+        raise StorageConnectionError("storage went away")
+
+    app.add_plugin(Seen())
+    await app.start()
+    monkeypatch.setattr(app.storage, "add_workflow", broken)
+    double = app.tasks["double"]
+    with pytest.raises(StorageConnectionError):
+        await app.run_workflow(chain(group(double.s(1), double.s(2)), double.s()))
+    assert len(rewritten) == 3
+    assert sorted(u for u, _ in failed) == sorted(rewritten)
+    assert {why for _, why in failed} == {"storage went away"}

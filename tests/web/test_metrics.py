@@ -3,7 +3,9 @@ scraped over HTTP from the plugin's port and parsed with prometheus_client's par
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -17,8 +19,11 @@ from obs_helpers import (
     value,
 )
 from prometheus_client import generate_latest
+from typer.testing import CliRunner
 
 from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, TaskStatus
+from qtasks.cli import cli
+from qtasks.cli.serve import enable_metrics
 from qtasks.errors import PluginError
 from qtasks_web.metrics import OUTCOMES, UNKNOWN_TASK, MetricsPlugin
 from qtasks_web.plugins import Off
@@ -201,6 +206,55 @@ def test_entry_point_builds_the_plugin_from_extra_metrics() -> None:
     assert isinstance(plugin, MetricsPlugin)
     assert (plugin.port, plugin.host) == (9999, "::1")
     assert "qtasks_worker_execute_before" in app.hooks.active
+
+
+def test_metrics_enabled_in_configuration_and_added_in_code_is_refused() -> None:
+    app = AsyncQueueTasks(config=QueueConfig(extra={"metrics": {"port": 9999}}))
+    with pytest.raises(PluginError) as caught:
+        app.add_plugin(MetricsPlugin())
+    assert "one qtasks-web metrics plugin per app, and 'metrics' is one already" in str(
+        caught.value
+    )
+    # Metrics off in the configuration: the one added in code is the only one, and counts.
+    alone = AsyncQueueTasks(config=QueueConfig())
+    alone.add_plugin(MetricsPlugin())
+    with pytest.raises(PluginError):
+        alone.add_plugin(MetricsPlugin())
+    from qtasks_web.tracing import TracingPlugin
+
+    traced = AsyncQueueTasks(config=QueueConfig(extra={"tracing": {"enabled": True}}))
+    with pytest.raises(PluginError, match="one qtasks-web tracing plugin per app"):
+        traced.add_plugin(TracingPlugin())
+
+
+def test_enable_metrics_refuses_a_second_plugin_added_in_code() -> None:
+    app = AsyncQueueTasks(config=QueueConfig())
+    app.add_plugin(MetricsPlugin())
+    with pytest.raises(PluginError, match="one qtasks-web metrics plugin per app"):
+        enable_metrics(app, 9999)
+
+
+def test_qtasks_plugins_says_off_and_how_to_switch_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output) if r["kind"] == "plugin"}
+    assert (rows["metrics"]["state"], rows["tracing"]["state"]) == ("off", "off")
+    assert "--metrics-port" in rows["metrics"]["how"]
+    assert "enabled = true" in rows["tracing"]["how"]
+    (tmp_path / "qtasks.toml").write_text(
+        "[extra.metrics]\nport = 9100\n[extra.tracing]\nenabled = true\n"
+    )
+    result = runner.invoke(cli, ["plugins"])
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.output.splitlines() if x.startswith("plugin")]
+    for name in ("metrics", "tracing"):
+        line = next(x for x in lines if f" {name} " in x)
+        assert line.rstrip().endswith("enabled"), line
+    assert " is off: " not in result.output
 
 
 @pytest.mark.parametrize(

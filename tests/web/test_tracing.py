@@ -393,26 +393,59 @@ async def test_without_an_sdk_nothing_is_written_unless_a_trace_comes_in() -> No
     assert continued.returning == "0af7651916cd43dd8448eb211c80319c"
 
 
-async def test_enqueue_spans_never_confirmed_are_bounded(
-    traces: Traces, monkeypatch: pytest.MonkeyPatch
+async def test_an_enqueue_whose_publish_raises_ends_its_span_with_the_error(
+    traces: Traces,
 ) -> None:
     from qtasks import MemoryBroker
     from qtasks.messages import Envelope
-    from qtasks_web import tracing
 
     class Down(MemoryBroker):
         async def publish(self, envelope: Envelope) -> None:
             raise ConnectionError("broker down")
 
-    monkeypatch.setattr(tracing, "MAX_UNCONFIRMED", 2)
+        async def publish_many(self, envelopes: Any) -> None:
+            raise ConnectionError("broker down")
+
     app = AsyncQueueTasks(broker=Down(), config=QueueConfig(plugins_disabled=["*"]))
+    plugin = TracingPlugin(tracer_provider=traces.provider)
+    app.add_plugin(plugin)
+
+    @app.task
+    def t() -> None: ...
+
+    with pytest.raises(ConnectionError):
+        await app.enqueue("t")
+    with pytest.raises(ConnectionError):
+        await app.add_tasks([t.s(), t.s()])
+    await app.aclose()
+    spans = traces.spans()
+    assert [s["name"] for s in spans] == ["send t"] * 3
+    for span in spans:
+        assert (span["status"], span["description"]) == ("ERROR", "ConnectionError: broker down")
+        assert [e["name"] for e in span["events"]] == ["exception"]
+    assert plugin._sending == {}  # nothing left open
+
+
+async def test_enqueue_spans_never_confirmed_are_bounded(
+    traces: Traces, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qtasks_web import tracing
+
+    class Refuses:
+        @hookimpl(trylast=True)  # after the tracing plugin opened the span
+        def qtasks_task_enqueue(self, message: Message) -> Message | None:
+            raise ValueError("refused")
+
+    monkeypatch.setattr(tracing, "MAX_UNCONFIRMED", 2)
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
     app.add_plugin(TracingPlugin(tracer_provider=traces.provider))
+    app.add_plugin(Refuses())
     for _ in range(3):
-        with pytest.raises(ConnectionError):
+        with pytest.raises(PluginError):
             await app.enqueue("t")
     await app.aclose()
-    # The publish raised, so no confirmation: the spans stay open, at most 2 of them; the
-    # oldest was ended to make room, marked unconfirmed.
+    # The enqueue failed before there was a record to report: the spans stay open, at most
+    # 2 of them; the oldest was ended to make room, marked unconfirmed.
     (ended,) = traces.spans()
     assert ended["name"] == "send t"
     assert [e["name"] for e in ended["events"]] == ["qtasks.unconfirmed"]

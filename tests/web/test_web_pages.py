@@ -196,6 +196,25 @@ async def test_retry_makes_a_linked_task(app: AsyncQueueTasks, client: Client) -
     assert "only a failed or cancelled task" in unquote(refused.headers["location"])
 
 
+async def test_children_are_found_however_many_records_came_after(
+    app: AsyncQueueTasks, client: Client
+) -> None:
+    failed = await app.add_task("fail", "pw", timeout=5)
+    kids = []
+    for round in range(3):
+        if round:  # records stored between the parent and its next child
+            for i in range(1500):
+                await app.add_task("add", i, round)
+        reply = await client.act(f"/tasks/{failed.uuid}", f"/tasks/{failed.uuid}/retry")
+        kids.append(reply.headers["location"].split("/tasks/", 1)[1].split("?", 1)[0])
+    page = await client.get(f"/tasks/{failed.uuid}")
+    assert [uuid for uuid in kids if f'href="/tasks/{uuid}"' in page.text] == kids
+    assert "there are more" not in page.text
+    lone = await client.get(f"/tasks/{kids[0]}")
+    assert f'href="/tasks/{failed.uuid}"' in lone.text  # the parent link
+    assert "no parent, no child task" not in lone.text
+
+
 async def test_dead_letters_requeue_and_purge(app: AsyncQueueTasks, client: Client) -> None:
     first = await app.add_task("later", 1)
     second = await app.add_task("later", 2)

@@ -567,12 +567,19 @@ class AsyncQueueTasks:
             unique_key=unique_key,
             unique_for=unique_for,
         )
-        if unique is not None:  # claimed with the enqueue step (qtasks.flow)
-            existing = await flow.publish_unique(self, record, envelope, unique)
-            if existing is not None:
-                return self._bind(existing)  # a task with this unique key is pending
-        else:
-            await self._store_and_publish(record, envelope)  # the enqueue step (qtasks.enqueue)
+        try:
+            if unique is not None:  # claimed with the enqueue step (qtasks.flow)
+                existing = await flow.publish_unique(self, record, envelope, unique)
+                if existing is not None:
+                    return self._bind(existing)  # a task with this unique key is pending
+            else:
+                await self._store_and_publish(record, envelope)  # qtasks.enqueue's step
+        except Exception as exc:
+            if "qtasks_task_enqueue_failed" in self.hooks.active:
+                await self.hooks.notify(
+                    "qtasks_task_enqueue_failed", app=self, record=record, exc=exc
+                )
+            raise
         if "qtasks_storage_added" in self.hooks.active:
             await self.hooks.notify("qtasks_storage_added", app=self, record=record)
         if "qtasks_task_enqueued" in self.hooks.active:

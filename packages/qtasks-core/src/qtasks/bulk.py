@@ -56,8 +56,7 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     inflight: asyncio.Task[None] | None = None
 
     async def stored(batch: list[tuple[AsyncTask, Envelope]]) -> None:
-        await store_and_publish_many(app, batch)
-        await notify_stored(app, [record for record, _ in batch], enqueued=True)
+        await enqueue_batch(app, batch)
 
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
@@ -100,6 +99,21 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
         if inflight is not None:
             inflight.cancel()
     return out
+
+
+async def enqueue_batch(app: AsyncQueueTasks, batch: Sequence[tuple[TaskRecord, Envelope]]) -> None:
+    """:func:`store_and_publish_many`, then the hooks after the enqueue of each task
+    (:func:`notify_stored`); when it raises, ``qtasks_task_enqueue_failed`` of each task of
+    the batch, then the error."""
+    try:
+        await store_and_publish_many(app, batch)
+    except Exception as exc:
+        hooks = app.hooks
+        if "qtasks_task_enqueue_failed" in hooks.active:
+            for record, _ in batch:
+                await hooks.notify("qtasks_task_enqueue_failed", app=app, record=record, exc=exc)
+        raise
+    await notify_stored(app, [record for record, _ in batch], enqueued=True)
 
 
 async def notify_stored(

@@ -541,6 +541,8 @@ class RecordQuery:
     uuid_prefix: str | None = None
     limit: int = 50
     cursor: str | None = None
+    parent_uuid: str | None = None
+    """Only the tasks added by this task (``self.add_task`` of an ``echo`` task)."""
 
     def checked(self) -> RecordQuery:
         """Itself, once its values are valid; raises :class:`InvalidQueryError` otherwise."""
@@ -558,6 +560,10 @@ class RecordQuery:
                 raise InvalidQueryError(f"{name} must be a unix time, not {value!r}")
         if self.since is not None and self.until is not None and self.until < self.since:
             raise InvalidQueryError("the time range ends before it starts")
+        if self.parent_uuid is not None and (
+            not isinstance(self.parent_uuid, str) or not self.parent_uuid
+        ):
+            raise InvalidQueryError(f"parent_uuid must be a task uuid, not {self.parent_uuid!r}")
         return self
 
 
@@ -582,9 +588,11 @@ class StorageQuery(Protocol):
       storage indexed it (a backend may keep a record that is not final at the time it was
       stored). Every stored record is listed by the query without filters.
     * Filters (``status``, ``task_name``, ``since``/``until`` on the index time,
-      ``uuid_prefix``) combine; a record is listed only when it matches all of them.
+      ``uuid_prefix``, ``parent_uuid``) combine; a record is listed only when it matches all
+      of them.
     * The cost of one call is bounded whatever the number of stored records: it reads at most
-      ``limit`` records when the filters are indexed (status, task name, time) and scans a
+      ``limit`` records when the filters are indexed (status, task name, parent, time) and
+      scans a
       bounded number of index entries otherwise, so a page may hold fewer than ``limit``
       records and still have a ``cursor``. Following cursors until ``None`` lists every
       matching record that did not change meanwhile, each once.

@@ -26,7 +26,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
@@ -236,32 +236,50 @@ def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
     return loaded
 
 
-def check_plugins(config: QueueConfig) -> dict[str, str]:
-    """Why each enabled ``qtasks.plugins`` entry point is broken, by name (``qtasks plugins``).
+@dataclass(slots=True)
+class PluginCheck:
+    """What :func:`check_plugins` found, by entry-point name."""
+
+    problems: dict[str, str] = field(default_factory=dict)
+    """Why a plugin is broken: it does not import, cannot be built, or is refused."""
+    off: dict[str, str] = field(default_factory=dict)
+    """How to switch on a plugin that loads but is off by configuration: the built object's
+    ``qtasks_off`` text (e.g. qtasks-web's metrics without a port)."""
+
+
+def check_plugins(config: QueueConfig) -> PluginCheck:
+    """The state of each enabled ``qtasks.plugins`` entry point (``qtasks plugins``).
 
     A plugin is broken when its module does not import (apps log and skip it), when it
     cannot be built from ``config``, or when registration refuses it (an unknown hook, an
-    async ``firstresult`` hook; apps fail to build). Each is checked on a fresh plugin
-    manager; a plugin absent from the result loads."""
+    async ``firstresult`` hook; apps fail to build). It is off when the object it builds
+    from ``config`` has a ``qtasks_off`` string (registered, with no hooks). Each is checked
+    on a fresh plugin manager; a plugin in neither map is on."""
     from qtasks.plugins import Hooks
 
     disabled = set(config.plugins_disabled)
-    problems: dict[str, str] = {}
+    found = PluginCheck()
     for name, ep in _entry_points("plugin").items():
         if name in disabled or "*" in disabled:
             continue
         try:
             obj = ep.load()
         except Exception as exc:
-            problems[name] = f"failed to import: {exc!r}"
+            found.problems[name] = f"failed to import: {exc!r}"
             continue
         try:
-            Hooks().register(instantiate_plugin(obj, config), name)
+            plugin = instantiate_plugin(obj, config)
+            Hooks().register(plugin, name)
         except PluginError as exc:
-            problems[name] = str(exc)
+            found.problems[name] = str(exc)
+            continue
         except Exception as exc:
-            problems[name] = f"could not be built from the configuration: {exc!r}"
-    return problems
+            found.problems[name] = f"could not be built from the configuration: {exc!r}"
+            continue
+        off = getattr(plugin, "qtasks_off", None)
+        if isinstance(off, str):
+            found.off[name] = off
+    return found
 
 
 def load_cli_extensions() -> list[tuple[str, Any]]:

@@ -31,7 +31,8 @@ broker → ``qtasks_app_started`` → (serving) ``qtasks_broker_listening`` →
 Producer: ``qtasks_task_enqueue`` (transform of the message) → ``qtasks_storage_added`` →
 broker publish → ``qtasks_task_enqueued`` with in-memory components. With remote ones the record
 is stored while the message is published (one shared round trip, or two overlapped ones), and
-``qtasks_storage_added`` fires once both are done, still before ``qtasks_task_enqueued``.
+``qtasks_storage_added`` fires once both are done, still before ``qtasks_task_enqueued``. An
+enqueue that raises fires ``qtasks_task_enqueue_failed`` instead of both.
 
 Worker, every path starts: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received``
 → ``qtasks_storage_saved`` (status ``process``) → ``qtasks_worker_execute_before`` →
@@ -268,6 +269,18 @@ def qtasks_task_enqueued(app: AsyncQueueTasks, record: TaskRecord) -> None:
     tasks). Not for a workflow's error callback published by the Redis claim script that
     dead-letters a member. A worker killed after publishing and before the hook may leave it
     unfired, or (RabbitMQ, redelivered member) fired twice."""
+
+
+@hookspec
+def qtasks_task_enqueue_failed(
+    app: AsyncQueueTasks, record: TaskRecord, exc: BaseException
+) -> None:
+    """Notification: storing or publishing ``record``'s task raised ``exc`` (``add_task`` and
+    ``add_tasks`` raise it next; with ``add_tasks``, once per task of the failed batch;
+    ``run_workflow`` likewise for a failed batch of first steps, and for every member when
+    the workflow itself could not be stored). The message may or may not have reached the
+    broker. What a plugin began in ``qtasks_task_enqueue`` (a span, a timer) ends here:
+    ``qtasks_task_enqueued`` will not come."""
 
 
 # --- broker ---------------------------------------------------------------------------------

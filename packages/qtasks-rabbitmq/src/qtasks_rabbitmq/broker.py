@@ -253,3 +253,9 @@ class RabbitMQBroker:
         """Publish dead letters to the work queue again, with their delivery count reset."""
         connection, _ = await self._require_link().connection()
         return await management.requeue_dead_letters(connection, self._require_publisher(), ids)
+
+    async def purge_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Delete dead letters for good (all when ``ids`` is None); return how many (the
+        dashboard's purge; see :mod:`qtasks.components`)."""
+        connection, _ = await self._require_link().connection()
+        return await management.purge_dead_letters(connection, self._topology, ids)

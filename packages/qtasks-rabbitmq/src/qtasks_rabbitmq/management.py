@@ -78,6 +78,32 @@ async def requeue_dead_letters(
     return moved
 
 
+async def purge_dead_letters(
+    connection: AbstractConnection, topology: Topology, ids: list[str] | None
+) -> int:
+    """Delete dead letters (those of ``ids``, or all) for good; return how many."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        queue = await channel.declare_queue(topology.dead, passive=True)
+        if ids is None:
+            result = await queue.purge()
+            return int(getattr(result, "message_count", 0) or 0)
+        wanted = set(ids)
+        purged = 0
+        total = int(queue.declaration_result.message_count or 0)
+        for _ in range(total if wanted else 0):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            if _dead_letter(message).id in wanted:
+                await message.ack()
+                purged += 1
+            # others are left unacked: the channel close puts them back
+        return purged
+    finally:
+        await channel.close()
+
+
 def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     headers = message.headers or {}
     id = as_str(headers.get(H_ID)) or message.message_id or "unknown"

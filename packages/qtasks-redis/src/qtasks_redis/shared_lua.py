@@ -16,9 +16,9 @@ from qtasks_redis.connection import Script
 STORAGE_KEYS = 10
 """Keys of one task record: rec, wake, steps and the seven status indexes."""
 BROKER_KEYS = len(broker_lua.KEY_NAMES)
-SAVE_ARGS = 9
+SAVE_ARGS = 10
 """Arguments of the storage's SAVE: uuid, json, status, token, has_fence, fence, force, ttl,
-task_name."""
+task_name, parent_uuid."""
 
 
 def _keys_from(prelude: str, base: int) -> str:

@@ -272,6 +272,7 @@ class RedisStorage:
             force,
             self._ttl_ms,
             record.task_name,
+            record.parent_uuid or "",
         )
         return self._keys(record.uuid), args
 
@@ -531,7 +532,9 @@ class RedisStorage:
 
     def _query_keys(self, query: RecordQuery) -> list[str]:
         """The index keys whose union holds every candidate of ``query``: the status
-        indexes, and the task name's index of final records."""
+        indexes, the task name's index of final records, or the parent's index of children."""
+        if query.parent_uuid is not None:
+            return [f"{self._tag}:np:{query.parent_uuid}"]
         live = [
             self._index_keys[lua.STATUSES.index(status.value)]
             for status in TaskStatus
@@ -596,9 +599,10 @@ class RedisStorage:
         prefix = query.uuid_prefix or ""
         # The index answers for status, name and time; a uuid prefix is matched on the index
         # entries before any record is read, so a scan reads index entries only.
-        residual_name = query.task_name is not None and (
-            query.status is None or not query.status.final
+        residual_name = query.parent_uuid is not None or (
+            query.task_name is not None and (query.status is None or not query.status.final)
         )  # records that are not final are found by status, their name checked one by one
+        # (children by their parent, their status and name checked one by one)
         if prefix:
             batch = 1000
         elif residual_name or (query.task_name is not None and query.status is not None):
@@ -632,8 +636,10 @@ class RedisStorage:
                     continue
                 if record is None:
                     stale.setdefault(key, []).append(uuid)
-                elif (query.status is None or record.status is query.status) and (
-                    query.task_name is None or record.task_name == query.task_name
+                elif (
+                    (query.status is None or record.status is query.status)
+                    and (query.task_name is None or record.task_name == query.task_name)
+                    and (query.parent_uuid is None or record.parent_uuid == query.parent_uuid)
                 ):
                     found.append(record)
                     if len(found) == query.limit:

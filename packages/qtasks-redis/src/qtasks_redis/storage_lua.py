@@ -41,13 +41,16 @@ local function index(uuid, old, new, now)
   if IDX[new] then redis.call('ZADD', IDX[new], now, uuid) end
 end
 
--- The name of a stored record from its JSON ('d'): formats 1 and 2 are
--- [format, uuid, task_name, ...].
+-- The name and parent of a stored record from its JSON ('d'): formats 1 and 2 are
+-- [format, uuid, task_name, ...] with parent_uuid at 16 (qtasks_redis.storage._V1).
 local function record_name(d)
   local ok, v = pcall(cjson.decode, d)
-  if not ok or type(v) ~= 'table' then return nil end
-  if v[1] == 1 or v[1] == 2 then return v[3] end
-  return v.task_name
+  if not ok or type(v) ~= 'table' then return nil, nil end
+  local name, parent
+  if v[1] == 1 or v[1] == 2 then name, parent = v[3], v[16] else
+    name, parent = v.task_name, v.parent_uuid end
+  if type(parent) ~= 'string' then parent = nil end
+  return name, parent
 end
 
 -- An index of final records: its entries older than the TTL belong to records that expired.
@@ -75,6 +78,16 @@ local function named(uuid, name, old, new, now, ttl)
   end
 end
 
+-- The index of the tasks a task added (its children), by the time of their last write; a
+-- child's every save adds it again, so it stays while the children change, and expires a TTL
+-- after the last of them was written.
+local function parented(uuid, parent, now, ttl)
+  if parent == nil or parent == '' then return end
+  local key = string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':np:' .. parent
+  redis.call('ZADD', key, now, uuid)
+  if ttl then redis.call('PEXPIRE', key, ttl) end
+end
+
 -- The record just turned final: expire it, wake waiters, end step followers. The wake list
 -- never outlives the record, so a record that does not exist has no stale wake-up.
 local function finished(ttl)
@@ -91,7 +104,8 @@ end
 SAVE = Script(
     PRELUDE
     + r"""
--- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none), task_name
+-- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none), task_name,
+-- parent_uuid ('' for none)
 -- force: '1' replaces any stored record, '0' checks fence and finality, 'n' writes only
 -- when no record is stored (a new task's record racing its first delivery).
 -- Returns 1 when written, 0 when refused by the fence (another attempt owns the task), 2 when
@@ -111,6 +125,7 @@ if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
 local now = now_ms()
 index(uuid, old, status, now)
 named(uuid, ARGV[9], old, status, now, tonumber(ARGV[8]))
+parented(uuid, ARGV[10], now, tonumber(ARGV[8]))
 if FINAL[status] then
   finished(tonumber(ARGV[8]))
 elseif old then
@@ -135,7 +150,9 @@ if not FINAL[cur[2]] then
   local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
   redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', updated)
   index(ARGV[1], cur[2], 'cancel', now)
-  named(ARGV[1], record_name(cur[1]), cur[2], 'cancel', now, tonumber(ARGV[3]))
+  local name, parent = record_name(cur[1])
+  named(ARGV[1], name, cur[2], 'cancel', now, tonumber(ARGV[3]))
+  parented(ARGV[1], parent, now, tonumber(ARGV[3]))
   finished(tonumber(ARGV[3]))
   if cur[2] == 'process' and ARGV[4] ~= '' then
     redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], ARGV[2]}))

@@ -31,8 +31,8 @@ BUCKETS = 30
 """Intervals of the overview's charts (``window / BUCKETS`` seconds each)."""
 SAMPLE = 100
 """Records per status and interval whose timings make the percentiles."""
-CHILDREN_SCAN = 2000
-"""Records stored after a task that its page looks through for children."""
+CHILDREN_SHOWN = 1000
+"""Most children a task's page lists (newest first)."""
 
 
 def masked(value: Any, depth: int = 0) -> Any:
@@ -279,22 +279,20 @@ async def workers(app: AsyncQueueTasks) -> list[WorkerRow]:
 
 
 async def children(app: AsyncQueueTasks, record: TaskRecord) -> tuple[list[TaskRecord], bool]:
-    """Records whose ``parent_uuid`` is ``record``'s, among the :data:`CHILDREN_SCAN`
-    records indexed since it was created; and whether that look was complete."""
+    """The records whose ``parent_uuid`` is ``record``'s (the storage's index of children),
+    newest first, at most :data:`CHILDREN_SHOWN`; and whether that is all of them."""
     storage = queryable(app)
     if storage is None:
         return [], False
     found: list[TaskRecord] = []
     cursor = None
-    looked = 0
-    while looked < CHILDREN_SCAN:
-        page = await storage.query(RecordQuery(since=record.created_at, limit=500, cursor=cursor))
-        looked += len(page.records)
-        found += [r for r in page.records if r.parent_uuid == record.uuid]
+    while len(found) < CHILDREN_SHOWN:
+        page = await storage.query(RecordQuery(parent_uuid=record.uuid, limit=500, cursor=cursor))
+        found += page.records
         cursor = page.cursor
         if cursor is None:
             return found, True
-    return found, False
+    return found[:CHILDREN_SHOWN], False
 
 
 async def timers(app: AsyncQueueTasks) -> list[dict[str, Any]] | None:

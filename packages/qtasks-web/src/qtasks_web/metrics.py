@@ -79,6 +79,9 @@ class MetricsPlugin:
     """
 
     name = "qtasks-web.metrics"
+    qtasks_unique = "qtasks-web metrics"
+    """One per app (see :meth:`qtasks.plugins.Hooks.register`): the entry point enabled by the
+    configuration and one added in code would count every task twice."""
 
     def __init__(
         self,

@@ -65,14 +65,15 @@ def _section(config: QueueConfig, name: str, known: set[str]) -> dict[str, Any]:
 
 
 class Off:
-    """A disabled plugin: registered under its entry-point name, with no hooks."""
+    """A plugin off by configuration: registered under its entry-point name, with no hooks;
+    ``qtasks_off`` says how to switch it on (``qtasks plugins`` shows it)."""
 
     def __init__(self, what: str, how: str) -> None:
         self.name = f"qtasks-web.{what} (off)"
-        self._how = how
+        self.qtasks_off = how
 
     def __repr__(self) -> str:
-        return f"<{self.name}: {self._how}>"
+        return f"<{self.name}: {self.qtasks_off}>"
 
 
 class Metrics:

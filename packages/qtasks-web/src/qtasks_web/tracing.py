@@ -39,7 +39,8 @@ SYSTEM = "qtasks"
 
 MAX_UNCONFIRMED = 10_000
 """Enqueue spans kept open waiting for the broker's confirmation; past this the oldest is ended
-(an enqueue that raised never confirms)."""
+(a plugin's ``qtasks_task_enqueue`` after this one that raised, or a caller cancelled between
+the publish and its notification, never confirms)."""
 
 _NO_OP = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
 """Providers whose spans go nowhere (the proxy is the global one until an SDK is set)."""
@@ -56,6 +57,9 @@ class TracingPlugin:
     """
 
     name = "qtasks-web.tracing"
+    qtasks_unique = "qtasks-web tracing"
+    """One per app (see :meth:`qtasks.plugins.Hooks.register`): the entry point enabled by the
+    configuration and one added in code would open every span twice."""
 
     def __init__(self, *, tracer_provider: TracerProvider | None = None) -> None:
         self._provider = tracer_provider
@@ -120,6 +124,15 @@ class TracingPlugin:
     def qtasks_task_enqueued(self, record: TaskRecord) -> None:
         span = self._sending.pop(record.uuid, None)
         if span is not None:
+            span.end()
+
+    @hookimpl
+    def qtasks_task_enqueue_failed(self, record: TaskRecord, exc: BaseException) -> None:
+        """End the enqueue span with the error: no confirmation will come."""
+        span = self._sending.pop(record.uuid, None)
+        if span is not None:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             span.end()
 
     # --- worker -------------------------------------------------------------------------

@@ -21,20 +21,24 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
     """List installed components, plugins and CLI extensions.
 
     Each entry point of the qtasks.* groups with its distribution and version. A plugin's
-    state is enabled, disabled (plugins_disabled of the configuration file) or failed: it
-    does not import, cannot be built, or names an unknown hook; the reasons follow the table
-    and the exit code is 1. (-A is accepted but not needed: plugins load by entry point.)
-    A warning names the unrelated 'qtasks' distribution when it is installed here too.
+    state is enabled, off (it loads but its own settings leave it off, e.g. metrics without
+    a port; how to switch it on follows the table), disabled (plugins_disabled of the
+    configuration file) or failed: it does not import, cannot be built, or names an unknown
+    hook; the reasons follow the table and the exit code is 1. (-A is accepted but not
+    needed: plugins load by entry point.) A warning names the unrelated 'qtasks'
+    distribution when it is installed here too.
     """
     _, config = chosen(ctx, None, config)
     loaded = load_config(config).config
     disabled = set(loaded.plugins_disabled)
-    problems = check_plugins(loaded)
+    check = check_plugins(loaded)
+    problems = check.problems
     rows = []
     for item in discover_all():
         state = ""
         if item.kind == "plugin":
             state = "disabled" if item.name in disabled or "*" in disabled else "enabled"
+            state = "off" if item.name in check.off else state
             state = "failed" if item.name in problems else state
         row = {
             "kind": item.kind,
@@ -46,12 +50,17 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
         }
         if item.kind == "plugin" and item.name in problems:
             row["error"] = problems[item.name]
+        if state == "off":
+            row["how"] = check.off[item.name]
         rows.append(row)
     if as_json:
         typer.echo(to_json(rows))
     else:
         headers = ["kind", "name", "distribution", "version", "object", "state"]
         typer.echo(table(headers, [[r[h] for h in headers] for r in rows]))
+        for name, how in sorted(check.off.items()):
+            if name not in problems:
+                typer.echo(f"{name} is off: {how}")
         for name, problem in sorted(problems.items()):
             typer.echo(
                 f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",

@@ -65,6 +65,7 @@ class MemoryStorage(_Lifecycle):
         self._all: list[_Entry] = []
         self._by_status: dict[TaskStatus, list[_Entry]] = {}
         self._by_name: dict[str, list[_Entry]] = {}
+        self._by_parent: dict[str, list[_Entry]] = {}
         self._indexed = 0
         self._workflows = MemoryWorkflows(self)
 
@@ -356,6 +357,8 @@ class MemoryStorage(_Lifecycle):
                 continue
             by_status.setdefault(record.status, []).append(entry)
             by_name.setdefault(record.task_name, []).append(entry)
+            if record.parent_uuid is not None:
+                self._by_parent.setdefault(record.parent_uuid, []).append(entry)
         self._indexed = len(self._all)
 
     def _rebuild(self) -> None:
@@ -367,7 +370,7 @@ class MemoryStorage(_Lifecycle):
         ]
         self._seq_of = {uuid: seq for seq, _, uuid in live}
         self._all = live
-        self._by_status, self._by_name = {}, {}
+        self._by_status, self._by_name, self._by_parent = {}, {}, {}
         self._indexed = 0
 
     async def query(self, query: RecordQuery) -> RecordPage:
@@ -377,7 +380,9 @@ class MemoryStorage(_Lifecycle):
         query = query.checked()
         self._expire()
         self._catch_up()
-        if query.task_name is not None:
+        if query.parent_uuid is not None:
+            entries = self._by_parent.get(query.parent_uuid, [])
+        elif query.task_name is not None:
             entries = self._by_name.get(query.task_name, [])
         elif query.status is not None:
             entries = self._by_status.get(query.status, [])
@@ -403,6 +408,7 @@ class MemoryStorage(_Lifecycle):
                 or self._seq_of.get(uuid) != seq
                 or (query.status is not None and record.status is not query.status)
                 or (query.task_name is not None and record.task_name != query.task_name)
+                or (query.parent_uuid is not None and record.parent_uuid != query.parent_uuid)
                 or not uuid.startswith(prefix)
             ):
                 continue

@@ -55,12 +55,26 @@ class Hooks:
         """Names of the hooks at least one plugin implements (wrappers included)."""
 
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Register ``plugin``; raise :class:`PluginError` if it is broken."""
+        """Register ``plugin``; raise :class:`PluginError` if it is broken.
+
+        A plugin whose ``qtasks_unique`` attribute names a kind (a string) is refused when a
+        plugin of that kind is registered already: two metrics plugins, one enabled in the
+        configuration and one added in code, would count every task twice."""
         label = name or getattr(plugin, "name", None) or _label(plugin)
         if self.pm.is_registered(plugin):
             return str(self.pm.get_name(plugin))
         if self.pm.has_plugin(label):
             raise PluginError(label, "a plugin with this name is already registered")
+        kind = getattr(plugin, "qtasks_unique", None)
+        if isinstance(kind, str):
+            for other_name, other in self.pm.list_name_plugin():
+                if getattr(other, "qtasks_unique", None) == kind:
+                    raise PluginError(
+                        label,
+                        f"one {kind} plugin per app, and {other_name!r} is one already "
+                        "(an entry point enabled by the configuration, or an earlier "
+                        "add_plugin); keep one of them",
+                    )
         try:
             self.pm.register(plugin, name=label)
         except (pluggy.PluginValidationError, ValueError) as exc:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qtasks.bulk import BATCH, notify_stored, publish_many, store_and_publish_many
+from qtasks.bulk import BATCH, enqueue_batch, notify_stored, publish_many
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.messages import Envelope
@@ -78,12 +78,18 @@ async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> W
     """Compile ``node``, store the workflow and publish the members that start at once."""
     store = store_of(app)
     plan = await compile_plan(app, node, on_error)
-    await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
+    try:
+        await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
+    except Exception as exc:
+        if "qtasks_task_enqueue_failed" in app.hooks.active:  # nothing will be published
+            for record in [*(r for r, _ in plan.start), *plan.members]:
+                await app.hooks.notify(
+                    "qtasks_task_enqueue_failed", app=app, record=record, exc=exc
+                )
+        raise
     # The first steps' records go with their messages, as add_tasks stores them.
     for start in range(0, len(plan.start), BATCH):
-        batch = plan.start[start : start + BATCH]
-        await store_and_publish_many(app, batch)
-        await notify_stored(app, [record for record, _ in batch], enqueued=True)
+        await enqueue_batch(app, plan.start[start : start + BATCH])
     # The others are stored and wait in gates: enqueued when a worker opens their gate.
     await notify_stored(app, plan.members, enqueued=False)
     return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], None, None, None, app)

@@ -325,6 +325,27 @@ class BrokerContract(ContractSuite):
         assert ids == {sent[0].id, sent[2].id}
 
     @pytest.mark.anyio
+    async def test_purge_dead_letters_deletes_them_for_good(self, broker: Broker) -> None:
+        purge = getattr(broker, "purge_dead_letters", None)
+        if purge is None:
+            pytest.skip("purge_dead_letters is optional (see qtasks.components)")
+        sent = [envelope() for _ in range(3)]
+        for item in sent:
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            for _ in sent:
+                await (await consumer.next(timeout=2)).nack("no")
+        assert await purge([sent[1].id, "no-such-id"]) == 1
+        assert {d.id for d in await broker.dead_letters()} == {sent[0].id, sent[2].id}
+        assert await purge([]) == 0
+        assert await purge() == 2
+        assert await broker.dead_letters() == []
+        assert (await broker.stats()).dead_letters == 0
+        assert await broker.requeue_dead_letters() == 0  # nothing comes back
+        async with consuming(broker) as consumer:
+            assert await consumer.none_within(0.2) is None
+
+    @pytest.mark.anyio
     async def test_requeued_dead_letters_keep_their_priority(self, broker: Broker) -> None:
         urgent, usual = envelope(priority=-2), envelope(priority=3)
         for item in (urgent, usual):

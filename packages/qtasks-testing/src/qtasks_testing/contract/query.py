@@ -122,6 +122,33 @@ class StorageQueryContract(_StorageCapability):
         assert (await query.query(RecordQuery(task_name="nobody"))).records == []
 
     @pytest.mark.anyio
+    async def test_filters_by_parent(self, storage: Storage) -> None:
+        parent, other = record(task_name="parent"), record(task_name="parent")
+        kids = [record(task_name="kid", parent_uuid=parent.uuid) for _ in range(7)]
+        stranger = record(task_name="kid", parent_uuid=other.uuid)
+        await self.spaced(storage, [parent, other, kids[0], stranger, *kids[1:]])
+        await storage.save(finished(kids[2]))
+        await anyio.sleep(TICK)
+        await storage.cancel(kids[4].uuid, "not wanted")
+        query = cast(StorageQuery, storage)
+        listed = await everything(query, RecordQuery(parent_uuid=parent.uuid, limit=3))
+        newest_first = [
+            kids[4],
+            kids[2],
+            *reversed([k for k in kids if k not in (kids[2], kids[4])]),
+        ]
+        assert [r.uuid for r in listed] == [k.uuid for k in newest_first]
+        assert all(r.parent_uuid == parent.uuid for r in listed)
+        done = await query.query(RecordQuery(parent_uuid=parent.uuid, status=TaskStatus.SUCCESS))
+        assert [r.uuid for r in done.records] == [kids[2].uuid]
+        assert [
+            r.uuid for r in (await query.query(RecordQuery(parent_uuid=other.uuid))).records
+        ] == [stranger.uuid]
+        assert (await query.query(RecordQuery(parent_uuid=kids[0].uuid))).records == []
+        with pytest.raises(InvalidQueryError):
+            await query.query(RecordQuery(parent_uuid=""))
+
+    @pytest.mark.anyio
     async def test_filters_by_time_range(self, storage: Storage) -> None:
         early, late = record(), record()
         await storage.add(early)
