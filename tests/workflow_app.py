@@ -5,7 +5,8 @@ Run as ``python workflow_app.py`` to serve until SIGTERM; settings come from env
 variables: ``QT_BACKEND`` (``redis`` or ``rabbitmq``), ``QT_REDIS``, ``QT_RABBITMQ``,
 ``QT_PREFIX``, ``QT_QUEUE``, ``QT_LEASE``, ``QT_CONCURRENCY`` and ``QT_LEDGER``. Every
 execution appends ``<task> <argument> <pid>`` to the ledger, opened with ``O_APPEND`` so the
-lines survive a SIGKILL of the worker.
+lines survive a SIGKILL of the worker, and every ``qtasks_task_enqueued`` the process fires
+``enqueued <uuid> <pid>``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 
 import anyio
 
-from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
 from qtasks.components import Broker
+from qtasks.record import TaskRecord
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 HERE = Path(__file__).parent
@@ -70,6 +72,17 @@ def build(
                 os.write(fd, f"{task} {value} {os.getpid()}\n".encode())
             finally:
                 os.close(fd)
+
+    if ledger:
+
+        class Enqueued:
+            """Notes every ``qtasks_task_enqueued`` this process fires: ``enqueued <uuid>``."""
+
+            @hookimpl
+            def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+                note("enqueued", record.uuid)
+
+        app.add_plugin(Enqueued())
 
     @app.task
     def add(a: int, b: int) -> int:

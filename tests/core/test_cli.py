@@ -221,6 +221,35 @@ def test_workflow_and_get_link_members_to_their_workflow(
     assert code == 1 and "no workflow" in out
 
 
+def test_inspect_and_workflow_list_the_newest_workflows(
+    served: str, app_module: ModuleType
+) -> None:
+    app: QueueTasks = app_module.app
+    add, block = app.tasks["add"], app.tasks["block"]
+    done = app.run_workflow(chain(add.s(1, 2), add.s(10)))
+    assert done.wait_result(5).status == "success"
+    stopped = app.run_workflow(chain(block.s(), add.s(1)), on_error=add.s(0))
+    assert app.cancel_workflow(stopped.id, "operator") is not None
+    code, out = invoke("inspect", "-A", served, "--json")
+    assert code == 0
+    listed = json.loads(out)["workflows"]
+    assert [(w["id"], w["status"], w["size"], w["error"]) for w in listed] == [
+        (stopped.id, "cancel", 3, "operator"),
+        (done.id, "success", 2, None),
+    ]
+    code, out = invoke("inspect", "-A", served)
+    assert code == 0
+    assert "workflows (newest 2): cancel=1, success=1" in out
+    lines = out.splitlines()
+    assert any(line.split()[:3] == [stopped.id, "cancel", "3"] for line in lines), out
+    assert any(line.split()[:3] == [done.id, "success", "2"] for line in lines), out
+    # qtasks workflow without an id lists the same; with one, its members.
+    code, out = invoke("workflow", "-A", served, "--json", "--limit", "1")
+    assert code == 0 and json.loads(out) == listed[:1]
+    code, out = invoke("workflow", "-A", served)
+    assert code == 0 and "cancel=1, success=1" in out and stopped.id in out
+
+
 def test_get_unknown_uuid_exits_1(served: str) -> None:
     code, out = invoke("get", "0" * 32, "-A", served)
     assert code == 1

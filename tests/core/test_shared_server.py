@@ -41,7 +41,14 @@ class FoldingBroker(MemoryBroker):
         await storage.add(record)
         await self.publish(envelope)
 
-    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+    async def ack_final(
+        self,
+        delivery: Delivery,
+        storage: Storage,
+        record: TaskRecord,
+        *,
+        enqueued: list[str] | None = None,
+    ) -> bool:
         self.calls.append("ack_final")
         if await storage.save(record, fence=delivery.token):
             await delivery.ack()
@@ -52,7 +59,11 @@ class FoldingBroker(MemoryBroker):
         return False
 
     async def ack_finals(
-        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
     ) -> list[bool]:
         self.calls.append("ack_finals")
         return [await self.ack_final(delivery, storage, record) for delivery, record in finals]
@@ -103,7 +114,11 @@ class BatchingBroker(FoldingBroker):
         self.settled: dict[str, bool] = {}
 
     async def ack_finals(
-        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
     ) -> list[bool]:
         self.batches.append([record.uuid for _, record in finals])
         self.entered.set()
@@ -274,11 +289,14 @@ async def test_a_broken_settle_call_does_not_kill_the_worker(
     plain = broker.ack_finals
 
     async def wrong_length(
-        storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
     ) -> list[bool]:
         nonlocal calls
         calls += 1
-        saved = await plain(storage, finals)
+        saved = await plain(storage, finals, enqueued=enqueued)
         return [*saved, True] if calls == 1 else saved  # a broker bug: one result too many
 
     broker.ack_finals = wrong_length  # type: ignore[method-assign]

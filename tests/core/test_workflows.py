@@ -24,7 +24,12 @@ from qtasks import (
     group,
     hookimpl,
 )
-from qtasks.errors import TaskArgumentsError, TaskNotFoundError, TaskTimeoutError
+from qtasks.errors import (
+    StorageConnectionError,
+    TaskArgumentsError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -376,3 +381,136 @@ async def test_a_signatures_own_retry_is_used_for_that_call(app: AsyncQueueTasks
         fails_twice.s(1).set(retry=-1)
     with pytest.raises(TaskDeclarationError):
         app.signature("fails_twice", (1,), priority="high")  # type: ignore[arg-type]  # the point
+
+
+class EnqueueLog:
+    """Records the enqueue hooks by member uuid; rewrites ``double``'s argument when asked."""
+
+    def __init__(self, bump: int = 0, want: int = 0) -> None:
+        self.bump = bump
+        self.rewritten: list[str] = []
+        self.added: list[str] = []
+        self.enqueued: list[tuple[str, str]] = []
+        self.want = want
+        self.all_in = anyio.Event()
+        """Set once ``want`` members fired ``qtasks_task_enqueued``."""
+
+    @hookimpl
+    def qtasks_task_enqueue(self, message: Any) -> Any:
+        self.rewritten.append(message.uuid)
+        if self.bump and message.task_name == "double" and "qtasks.input" not in message.headers:
+            message.args = [message.args[0] + self.bump]
+            message.headers["seen"] = True
+            return message
+        return None
+
+    @hookimpl
+    def qtasks_storage_added(self, record: Any) -> None:
+        self.added.append(record.uuid)
+
+    @hookimpl
+    def qtasks_task_enqueued(self, record: Any) -> None:
+        self.enqueued.append((record.uuid, record.task_name))
+        if len(self.enqueued) >= self.want:
+            self.all_in.set()
+
+
+async def test_every_member_fires_the_enqueue_hooks_once(app: AsyncQueueTasks) -> None:
+    log = EnqueueLog(want=5)
+    app.add_plugin(log)
+    add, double, total = (app.tasks[n] for n in ("add", "double", "total"))
+    flow = chain(group(add.s(1, 2), chain(double.s(1), double.s())), total.s(), double.s())
+    wf = await app.run_workflow(flow, on_error=app.signature("on_error", ["x"]))
+    first = set(log.enqueued)  # no worker yet: the first steps, published by the client
+    async with app:
+        done = await wf.wait_result(5)
+        assert done.result == 14
+        # The last step was enqueued by the worker as it settled the step before: the hook
+        # fires once the settle returned, which may be just after the workflow's end.
+        with anyio.fail_after(5):
+            await log.all_in.wait()
+    members = wf.members
+    assert len(members) == 5 and done.on_error is not None
+    assert first == {(members[0], "add"), (members[1], "double")}
+    # qtasks_task_enqueue where each message is built (all at run_workflow, the error
+    # callback's too); stored: every record; enqueued: each member whose message was
+    # published, once (the error callback's never was).
+    assert sorted(log.rewritten) == sorted([*members, done.on_error])
+    assert sorted(log.added) == sorted([*members, done.on_error])
+    assert sorted(u for u, _ in log.enqueued) == sorted(members)
+    assert [u for u, _ in log.enqueued][2:] == members[2:]  # in the order the gates opened
+
+
+async def test_the_error_callback_fires_enqueued_when_its_gate_opens(
+    app: AsyncQueueTasks,
+) -> None:
+    log = EnqueueLog(want=3)
+    app.add_plugin(log)
+    add, fail = app.tasks["add"], app.tasks["fail"]
+    async with app:
+        wf = await app.run_workflow(
+            chain(add.s(1, 2), fail.s()), on_error=app.signature("on_error", ["x"])
+        )
+        done = await wf.wait_result(5)
+        assert done.on_error is not None
+        await app.wait(done.on_error, 5)
+        with anyio.fail_after(5):  # announced once the failing member's settle returned
+            await log.all_in.wait()
+    assert log.enqueued == [
+        (wf.members[0], "add"),
+        (wf.members[1], "fail"),
+        (done.on_error, "on_error"),
+    ]
+
+
+async def test_qtasks_task_enqueue_rewrites_a_member_message(app: AsyncQueueTasks) -> None:
+    app.add_plugin(EnqueueLog(bump=100))
+    double = app.tasks["double"]
+    async with app:
+        wf = await app.run_workflow(chain(double.s(1), double.s()))
+        done = await wf.wait_result(5)
+        first = await app.get(wf.members[0])
+    assert done.result == 404  # (1 + 100) * 2 * 2: the rewrite reached the worker
+    assert first is not None and first.args == [101]  # the record says what ran
+
+
+async def test_a_rewrite_may_not_change_a_member_uuid(app: AsyncQueueTasks) -> None:
+    class Renamer:
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Any) -> Any:
+            message.uuid = "x" + message.uuid[1:]
+            return message
+
+    app.add_plugin(Renamer())
+    async with app:
+        with pytest.raises(WorkflowError, match="keeps its uuid"):
+            await app.run_workflow(app.tasks["double"].s(1))
+
+
+async def test_a_workflow_that_cannot_be_stored_fires_enqueue_failed_for_each_member(
+    app: AsyncQueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed: list[tuple[str, str]] = []
+    rewritten: list[str] = []
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Any) -> None:
+            rewritten.append(message.uuid)
+
+        @hookimpl
+        def qtasks_task_enqueue_failed(self, record: Any, exc: BaseException) -> None:
+            failed.append((record.uuid, str(exc)))
+
+    async def broken(*args: Any) -> None:
+        raise StorageConnectionError("storage went away")
+
+    app.add_plugin(Seen())
+    await app.start()
+    monkeypatch.setattr(app.storage, "add_workflow", broken)
+    double = app.tasks["double"]
+    with pytest.raises(StorageConnectionError):
+        await app.run_workflow(chain(group(double.s(1), double.s(2)), double.s()))
+    assert len(rewritten) == 3
+    assert sorted(u for u, _ in failed) == sorted(rewritten)
+    assert {why for _, why in failed} == {"storage went away"}

@@ -292,3 +292,62 @@ def test_cli_docs_redis_examples_run(redis_url: str, prefix: str, tmp_path: Path
             assert all(text in output for text in expected), f"$ {command}\n{output}"
             ran += 1
     assert ran >= 2
+
+
+WORKFLOW_APP = """
+from qtasks import QueueTasks
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+app = QueueTasks(
+    "wf-cli",
+    broker=RedisBroker(URL, prefix=PREFIX),
+    storage=RedisStorage(URL, prefix=PREFIX),
+    global_config=RedisGlobalConfig(URL, prefix=PREFIX),
+)
+
+
+@app.task
+def add(a: int, b: int) -> int:
+    return a + b
+"""
+
+
+def test_inspect_lists_the_workflows_kept_in_redis(
+    redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from qtasks import chain, group
+    from qtasks.cli import cli
+
+    name = f"wfcli_{prefix.replace('-', '_')}"
+    source = WORKFLOW_APP.replace("URL", repr(redis_url)).replace("PREFIX", repr(prefix))
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    producer = QueueTasks(
+        "producer",
+        broker=RedisBroker(redis_url, prefix=prefix),
+        storage=RedisStorage(redis_url, prefix=prefix),
+        global_config=RedisGlobalConfig(redis_url, prefix=prefix),
+    )
+    add = producer.task(name="add")(lambda a, b: a + b)
+    try:  # no worker: the first stays running, the second is cancelled
+        running = producer.run_workflow(chain(group(add.s(1, 2), add.s(3, 4)), add.s(0)))
+        stopped = producer.run_workflow(chain(add.s(1, 1), add.s(2)))
+        assert producer.cancel_workflow(stopped.id, "operator") is not None
+    finally:
+        producer.close()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["inspect", "-A", f"{name}:app", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)["workflows"]
+    assert [(w["id"], w["status"], w["size"]) for w in listed] == [
+        (stopped.id, "cancel", 2),
+        (running.id, "running", 3),
+    ]
+    result = runner.invoke(cli, ["inspect", "-A", f"{name}:app"])
+    assert result.exit_code == 0, result.output
+    assert "workflows (newest 2): cancel=1, running=1" in result.output
+    result = runner.invoke(cli, ["workflow", running.id, "-A", f"{name}:app", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["status"] == "running"

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+import redis
+import redis.asyncio
 from workflow_app import Workers, build, kill_while_running
 
-from qtasks import AsyncQueueTasks, chain, chord, group
+from qtasks import AsyncQueueTasks, chain, chord, group, hookimpl
+from qtasks.components import WorkflowStore
+from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import Node
 from qtasks_redis import RedisBroker
 
@@ -111,6 +115,112 @@ async def test_cancel_workflow_stops_running_and_pending_members(
     assert workers.ran("double") == []
 
 
+async def test_members_enqueued_by_the_settle_script_fire_qtasks_task_enqueued(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    """The client fires the hook for the first steps; the worker that settles a step fires
+    it for what the settle script enqueued (the ledger notes each, with the process)."""
+    workers.start(2)
+    app = producer(redis_url, prefix)
+    seen: list[str] = []
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+            seen.append(record.uuid)
+
+    app.add_plugin(Seen())
+    add, double, total = (app.tasks[n] for n in ("add", "double", "total"))
+    try:
+        flows = [
+            await app.run_workflow(chain(add.s(1, 2), double.s(), double.s())),
+            await app.run_workflow(chord(double.map(range(30)), total.s())),
+        ]
+        done = [await app.wait_workflow(wf.id, timeout=30) for wf in flows]
+    finally:
+        await app.aclose()
+    assert [d.result for d in done] == [12, sum(2 * i for i in range(30))]
+    first, fan = flows
+    assert seen == [first.members[0], *fan.members[:30]]
+    later = [first.members[1], first.members[2], fan.members[30]]
+    with anyio.fail_after(10):  # noted once each settle returned, maybe after the end
+        while len(workers.ran("enqueued")) < len(later):  # noqa: ASYNC110 - a file
+            await anyio.sleep(0.05)
+    assert sorted(workers.ran("enqueued")) == sorted(later)
+
+
+def workflow_keys(redis_url: str, workflow: str) -> dict[str, int]:
+    """Every key naming ``workflow``, with its TTL in seconds (-1: none)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = sorted(k.decode() for k in client.scan_iter(match=f"*{workflow}*", count=1000))
+        return {key: int(client.ttl(key)) for key in keys}
+    finally:
+        client.close()
+
+
+async def test_cancel_workflow_leaves_no_gate_keys_once_no_member_runs(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    workers.start(1)
+    app = producer(redis_url, prefix)
+    slow, total = app.tasks["slow"], app.tasks["total"]
+    try:
+        wf = await app.run_workflow(chord([slow.s(1, 60), slow.s(2, 60)], total.s()))
+        assert any(":f:" in key for key in workflow_keys(redis_url, wf.id))
+        with anyio.fail_after(20):
+            while len(workers.ran("slow")) < 2:  # noqa: ASYNC110 - another process's ledger
+                await anyio.sleep(0.05)
+        await app.cancel_workflow(wf.id, "stop")
+        with anyio.fail_after(20):  # the running members settle (cancelled) and are acked
+            while (await app.broker.stats()).in_flight:  # noqa: ASYNC110 - another process
+                await anyio.sleep(0.05)
+        left = workflow_keys(redis_url, wf.id)
+        tag = app.storage.key_tag  # type: ignore[attr-defined]  # a RedisStorage here
+    finally:
+        await app.aclose()
+    assert workers.ran("total") == [] and workers.ran("double") == []
+    # The record (and the wake-up list of its waiters) only, both expiring.
+    assert set(left) <= {f"{tag}:r:{wf.id}", f"{tag}:w:{wf.id}"}, left
+    assert f"{tag}:r:{wf.id}" in left
+    assert all(ttl > 0 for ttl in left.values()), left
+
+
+async def test_a_member_settled_after_the_cancel_does_not_continue(
+    redis_url: str, prefix: str
+) -> None:
+    """The member's success is stored between the workflow's cancel and its members' (the
+    race cancel_workflow cannot close): the settle script stores it, enqueues no next step
+    and creates none of the workflow's keys again."""
+    app = producer(redis_url, prefix)
+    double = app.tasks["double"]
+    try:
+        wf = await app.run_workflow(chain(double.s(1), double.s(), double.s()))
+        storage, broker = app.storage, app.broker
+        assert isinstance(storage, WorkflowStore) and isinstance(broker, RedisBroker)
+        async with broker.consume(prefetch=1) as deliveries:
+            delivery = await anext(aiter(deliveries))
+            assert delivery.id == wf.members[0]
+            stored = await storage.get(delivery.id)
+            assert stored is not None
+            claim = stored.copy()
+            claim.status, claim.attempt, claim.token = TaskStatus.PROCESS, 1, delivery.token
+            begun = await storage.begin(claim)
+            assert (await storage.cancel_workflow(wf.id, "stop")) is not None
+            done = begun.copy()
+            done.status, done.returning = TaskStatus.SUCCESS, 2
+            assert await broker.ack_final(delivery, storage, done) is True
+        stats = await broker.stats()
+        left = workflow_keys(redis_url, wf.id)
+        second = await app.get(wf.members[1])
+    finally:
+        await app.aclose()
+    assert stats.ready_by_priority == {} or sum(stats.ready_by_priority.values()) == 0
+    assert stats.delayed == 0 and stats.in_flight == 0
+    assert second is not None and second.status is TaskStatus.NEW  # never enqueued
+    assert not any(":f:" in key for key in left), left
+
+
 @pytest.mark.slow
 async def test_a_10000_member_chord(workers: Workers, redis_url: str, prefix: str) -> None:
     workers.start(2)
@@ -183,5 +293,30 @@ async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
         assert [d.id for d in letters] == [wf.members[0]]
         stats = await app.broker.stats()
         assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published
+    finally:
+        await app.aclose()
+
+
+async def test_the_workflow_list_skips_and_forgets_expired_records(
+    redis_url: str, prefix: str
+) -> None:
+    app = producer(redis_url, prefix)
+    double = app.tasks["double"]
+    try:
+        ids = [(await app.run_workflow(double.s(i))).id for i in range(3)]
+        storage = app.storage
+        assert isinstance(storage, WorkflowStore)
+        assert [r.uuid for r in await storage.workflows(5)] == ids[::-1]
+        tag = app.storage.key_tag  # type: ignore[attr-defined]  # a RedisStorage here
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await client.delete(f"{tag}:r:{ids[1]}")  # as when its result_ttl ran out
+            assert [r.uuid for r in await storage.workflows(5)] == [ids[2], ids[0]]
+            listed: list[bytes] = await client.zrange(f"{tag}:wf", 0, -1)  # type: ignore[assignment]  # bytes: no decode_responses
+            left = [i.decode() for i in listed]
+        finally:
+            await client.aclose()
+        assert sorted(left) == sorted([ids[0], ids[2]])
+        assert [r.uuid for r in await storage.workflows(1)] == [ids[2]]
     finally:
         await app.aclose()

@@ -51,29 +51,12 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
 
     On asyncio with remote components, the next batch is prepared while the previous one is
     stored (one call in flight at a time, so batches reach the backends in order)."""
-    hooks = app.hooks
-    added = "qtasks_storage_added" in hooks.active
-    enqueued = "qtasks_task_enqueued" in hooks.active
     out: list[AsyncTask] = []
     chunk: list[tuple[AsyncTask, Envelope]] = []
     inflight: asyncio.Task[None] | None = None
 
     async def stored(batch: list[tuple[AsyncTask, Envelope]]) -> None:
-        try:
-            await store_and_publish_many(app, batch)
-        except Exception as exc:
-            if "qtasks_task_enqueue_failed" in hooks.active:
-                for record, _ in batch:
-                    await hooks.notify(
-                        "qtasks_task_enqueue_failed", app=app, record=record, exc=exc
-                    )
-            raise
-        if added or enqueued:
-            for record, _ in batch:
-                if added:
-                    await hooks.notify("qtasks_storage_added", app=app, record=record)
-                if enqueued:
-                    await hooks.notify("qtasks_task_enqueued", app=app, record=record)
+        await enqueue_batch(app, batch)
 
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
@@ -116,6 +99,39 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
         if inflight is not None:
             inflight.cancel()
     return out
+
+
+async def enqueue_batch(app: AsyncQueueTasks, batch: Sequence[tuple[TaskRecord, Envelope]]) -> None:
+    """:func:`store_and_publish_many`, then the hooks after the enqueue of each task
+    (:func:`notify_stored`); when it raises, ``qtasks_task_enqueue_failed`` of each task of
+    the batch, then the error."""
+    try:
+        await store_and_publish_many(app, batch)
+    except Exception as exc:
+        hooks = app.hooks
+        if "qtasks_task_enqueue_failed" in hooks.active:
+            for record, _ in batch:
+                await hooks.notify("qtasks_task_enqueue_failed", app=app, record=record, exc=exc)
+        raise
+    await notify_stored(app, [record for record, _ in batch], enqueued=True)
+
+
+async def notify_stored(
+    app: AsyncQueueTasks, records: Sequence[TaskRecord], *, enqueued: bool
+) -> None:
+    """``qtasks_storage_added`` of every record just stored and, when ``enqueued`` (its
+    message is published too), ``qtasks_task_enqueued``; only the hooks a plugin
+    implements."""
+    hooks = app.hooks
+    added = "qtasks_storage_added" in hooks.active
+    enqueued = enqueued and "qtasks_task_enqueued" in hooks.active
+    if not (added or enqueued):
+        return
+    for record in records:
+        if added:
+            await hooks.notify("qtasks_storage_added", app=app, record=record)
+        if enqueued:
+            await hooks.notify("qtasks_task_enqueued", app=app, record=record)
 
 
 async def store_and_publish_many(

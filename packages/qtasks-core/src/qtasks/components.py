@@ -211,7 +211,14 @@ class SharedServer(Protocol):
         order, in one round trip."""
         ...
 
-    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+    async def ack_final(
+        self,
+        delivery: Delivery,
+        storage: Storage,
+        record: TaskRecord,
+        *,
+        enqueued: list[str] | None = None,
+    ) -> bool:
         """Exactly ``await storage.save(record, fence=delivery.token)`` followed, when that
         was accepted or refused only because the stored record is final (the task is over,
         e.g. cancelled while it ran), by ``await delivery.ack()``, in one round trip. Returns
@@ -220,16 +227,24 @@ class SharedServer(Protocol):
         For a workflow member (``record.workflow`` set, the storage a :class:`WorkflowStore`),
         an accepted save is followed in the same atomic step by
         :meth:`WorkflowStore.member_done` and the publish of the messages it returns: "step
-        done" and "next step enqueued" are one change."""
+        done" and "next step enqueued" are one change. When ``enqueued`` is given (the core
+        passes it only for a workflow member, and only when a plugin implements
+        ``qtasks_task_enqueued``), the ids of the messages so published are appended to it
+        before the call returns, so the core fires that hook for them."""
         ...
 
     async def ack_finals(
-        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
     ) -> list[bool]:
         """:meth:`ack_final` of every ``(delivery, record)`` pair, in order, in one round trip
         (each pair atomic on its own); the i-th result says whether the i-th save was
-        accepted. The worker settles the tasks that finish while a call is in flight with the
-        next call, so a busy worker makes one call per batch instead of one per task."""
+        accepted; ``enqueued`` as for :meth:`ack_final`. The worker settles the tasks that
+        finish while a call is in flight with the next call, so a busy worker makes one call
+        per batch instead of one per task."""
         ...
 
 
@@ -313,6 +328,21 @@ class WorkflowStore(Protocol):
 
     async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
         """:meth:`Storage.get` of every uuid, in one round trip (or one per batch)."""
+        ...
+
+    async def cancel_workflow(self, workflow: str, reason: str) -> TaskRecord | None:
+        """:meth:`Storage.cancel` of the workflow record ``workflow``, then, when that left it
+        ``cancel``, delete its gates, counters and member lists: nothing a continuation would
+        read is kept. A member that ends later finds the record final: :meth:`member_done`
+        returns ``[]`` and writes nothing (no state of the workflow is created again).
+        Returns what :meth:`Storage.cancel` returns."""
+        ...
+
+    async def workflows(self, limit: int = 20) -> list[TaskRecord]:
+        """The records of the newest ``limit`` workflows still stored (running or ended), by
+        ``created_at``, newest first, for ``qtasks inspect``. Costs a bounded number of round
+        trips whatever the number of workflows; workflows whose record expired are skipped
+        (and may be forgotten on the way)."""
         ...
 
 

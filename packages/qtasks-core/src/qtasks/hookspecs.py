@@ -247,12 +247,28 @@ def qtasks_component_stopped(app: AsyncQueueTasks, kind: str, component: Any) ->
 @hookspec
 def qtasks_task_enqueue(app: AsyncQueueTasks, message: Message) -> Message | None:
     """Transform, before the message goes to the broker: return a replacement message (e.g. with
-    other args, priority or headers) or ``None``. Raising aborts ``add_task``."""
+    other args, priority or headers) or ``None``. Raising aborts ``add_task``.
+
+    Fires for ``add_task``, each task of ``add_tasks`` and every member of a workflow, in
+    ``run_workflow`` where its message is built: the first steps' and also those that wait
+    in a gate (stored then, published later by the worker that opens the gate, which cannot
+    rewrite them: it publishes inside the atomic settle step). A member's uuid must stay
+    the same (:class:`~qtasks.errors.WorkflowError` otherwise); its workflow headers are
+    kept."""
 
 
 @hookspec
 def qtasks_task_enqueued(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: the broker accepted the message; ``record`` is the stored ``new`` record."""
+    """Notification: the broker accepted the message; ``record`` is the stored record (``new``
+    unless a worker already began it).
+
+    Fires in the process that published: for ``add_task``/``add_tasks`` and a workflow's first
+    steps in the client; for a workflow member published when its gate opened (the next
+    step, a chord's callback, the error callback) in the worker whose settle step opened it,
+    after that step returned (on Redis after the settle script, once per batch of settled
+    tasks). Not for a workflow's error callback published by the Redis claim script that
+    dead-letters a member. A worker killed after publishing and before the hook may leave it
+    unfired, or (RabbitMQ, redelivered member) fired twice."""
 
 
 @hookspec
@@ -260,10 +276,11 @@ def qtasks_task_enqueue_failed(
     app: AsyncQueueTasks, record: TaskRecord, exc: BaseException
 ) -> None:
     """Notification: storing or publishing ``record``'s task raised ``exc`` (``add_task`` and
-    ``add_tasks`` raise it next; with ``add_tasks``, once per task of the failed batch). The
-    message may or may not have reached the broker. What a plugin began in
-    ``qtasks_task_enqueue`` (a span, a timer) ends here: ``qtasks_task_enqueued`` will not
-    come."""
+    ``add_tasks`` raise it next; with ``add_tasks``, once per task of the failed batch;
+    ``run_workflow`` likewise for a failed batch of first steps, and for every member when
+    the workflow itself could not be stored). The message may or may not have reached the
+    broker. What a plugin began in ``qtasks_task_enqueue`` (a span, a timer) ends here:
+    ``qtasks_task_enqueued`` will not come."""
 
 
 # --- broker ---------------------------------------------------------------------------------
@@ -299,7 +316,8 @@ def qtasks_broker_requeued(app: AsyncQueueTasks, delivery: Delivery, delay: floa
 
 @hookspec
 def qtasks_storage_added(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """Notification: a new record was stored by ``add_task`` (with remote components, the
+    """Notification: a new record was stored by ``add_task``, ``add_tasks`` or
+    ``run_workflow`` (every member's, once, in the client; with remote components, the
     message is already published too: a worker may have started the task)."""
 
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qtasks.components import FlowControl
+from qtasks.components import FlowControl, WorkflowStore
 from qtasks.task import TaskDef
+from qtasks.workflows import runtime as workflows
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
+
+
+WORKFLOWS_SHOWN = 20
+"""How many of the newest workflows ``qtasks inspect`` lists."""
 
 
 async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
@@ -16,8 +21,10 @@ async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
     dead-lettered counts (``broker.stats()``), workers alive (``global_config.workers()``),
     records by status (``storage.stats()``), the plugins, how enqueue reaches the backends,
     and with a :class:`~qtasks.components.FlowControl` global config the live flow-control
-    figures (``flow``: rate tokens and slots, with what waits for them); then the
-    ``qtasks_inspect`` hook may add keys. ``app`` is started."""
+    figures (``flow``: rate tokens and slots, with what waits for them), with a
+    :class:`~qtasks.components.WorkflowStore` storage the newest workflows (``workflows``:
+    :func:`qtasks.workflows.runtime.summary` of each, at most :data:`WORKFLOWS_SHOWN`); then
+    the ``qtasks_inspect`` hook may add keys. ``app`` is started."""
     stats = await app.broker.stats()
     report: dict[str, Any] = {
         "app": app.name,
@@ -40,6 +47,8 @@ async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
     gc = app.global_config
     if isinstance(gc, FlowControl):
         report["flow"] = dict(sorted((await gc.flow_state()).items()))
+    if isinstance(app.storage, WorkflowStore):
+        report["workflows"] = await workflows.newest(app, WORKFLOWS_SHOWN)
     result: dict[str, Any] = await app.hooks.transform(
         "qtasks_inspect", "report", app=app, report=report
     )

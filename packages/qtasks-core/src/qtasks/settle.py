@@ -200,7 +200,17 @@ class Settlement:
         if await self._dead_lettered(app, run, delivery):
             return False
         if shared is not None:
-            saved = await self._durable(run, lambda: shared.ack_final(delivery, storage, record))
+            if record.workflow is None or "qtasks_task_enqueued" not in app.hooks.active:
+                saved = await self._durable(
+                    run, lambda: shared.ack_final(delivery, storage, record)
+                )
+                return await _stored_final(app, record, saved, delivery, None)
+            # A workflow member: the ids of the steps its settle enqueued, for the hook.
+            enqueued: list[str] = []
+            saved = await self._durable(
+                run, lambda: shared.ack_final(delivery, storage, record, enqueued=enqueued)
+            )
+            await workflows.announce(app, enqueued)
             return await _stored_final(app, record, saved, delivery, None)
         saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
         return await _stored_final(app, record, saved, delivery, delivery)
@@ -389,6 +399,13 @@ class _Batch:
     async def _settle(self, batch: list[tuple[TaskRun, Delivery]]) -> None:
         app = self._app
         failures = 0
+        # The ids of the workflow steps the call enqueues, when a plugin wants them and the
+        # batch holds a workflow member (else the plain call, as before workflows).
+        enqueued: list[str] | None = None
+        if "qtasks_task_enqueued" in app.hooks.active and any(
+            run.record.workflow is not None for run, _ in batch
+        ):
+            enqueued = []
         while True:
             # Through an outage, retried while the leases hold (the renewal pass keeps them,
             # or marks them lost: those are another worker's now) and the worker is not past
@@ -396,10 +413,12 @@ class _Batch:
             batch = [(run, delivery) for run, delivery in batch if not run.lease_lost]
             if not batch:
                 return
+            finals = [(delivery, run.record) for run, delivery in batch]
             try:
-                saved = await self._shared.ack_finals(
-                    app.storage, [(delivery, run.record) for run, delivery in batch]
-                )
+                if enqueued is None:
+                    saved = await self._shared.ack_finals(app.storage, finals)
+                else:
+                    saved = await self._shared.ack_finals(app.storage, finals, enqueued=enqueued)
                 break
             except ConnectionError as exc:
                 self._outage.failed(exc)
@@ -412,6 +431,8 @@ class _Batch:
                 log.exception("could not store the results of %d finished tasks", len(batch))
                 return
         self._outage.ok()
+        if enqueued:
+            await workflows.announce(app, enqueued)
         hooks = app.hooks
         for (run, _), ok in zip(batch, saved, strict=True):
             record = run.record

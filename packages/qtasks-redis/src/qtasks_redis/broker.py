@@ -332,14 +332,21 @@ class RedisBroker:
         )
         return reply.decode() if isinstance(reply, bytes) else None
 
-    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+    async def ack_final(
+        self,
+        delivery: Delivery,
+        storage: Storage,
+        record: TaskRecord,
+        *,
+        enqueued: list[str] | None = None,
+    ) -> bool:
         """Save the final ``record`` fenced by the delivery's token and, when accepted or when
         the stored record is already final, ack the delivery, in one atomic script. Returns
         whether the save was accepted."""
         if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
             raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
         if record.workflow is not None:
-            return (await self.ack_finals(storage, [(delivery, record)]))[0]
+            return (await self.ack_finals(storage, [(delivery, record)], enqueued=enqueued))[0]
         keys, args = _redis_storage(storage)._save_call(record, delivery.token, "0")
         reply = await delivery._settle_call(
             shared_lua.ACK_FINAL,
@@ -372,9 +379,14 @@ class RedisBroker:
         return out
 
     async def ack_finals(
-        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
     ) -> list[bool]:
-        """:meth:`ack_final` of every pair in one script call (each pair atomic on its own)."""
+        """:meth:`ack_final` of every pair in one script call (each pair atomic on its own);
+        the workflow script's reply ends with the ids of the next steps it published."""
         if not finals:
             return []
         redis_storage = _redis_storage(storage)
@@ -399,7 +411,9 @@ class RedisBroker:
         reply = await self._while_leased(deliveries, script, keys, args, RECORD_KEYS)
         for delivery in deliveries:
             delivery._owner.pop(delivery._token, None)
-        return [saved == 1 for saved in reply]
+        if enqueued is not None:
+            enqueued += [id.decode() for id in reply[len(finals) :]]
+        return [saved == 1 for saved in reply[: len(finals)]]
 
     def consume(
         self, *, prefetch: int

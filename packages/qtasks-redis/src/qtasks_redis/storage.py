@@ -325,6 +325,16 @@ class RedisStorage:
         """See :class:`qtasks.components.WorkflowStore`: one script."""
         return await workflows.member_done(self, record)
 
+    async def cancel_workflow(self, workflow: str, reason: str) -> TaskRecord | None:
+        """See :class:`qtasks.components.WorkflowStore`: the storage's cancel, then one
+        ``DEL`` of the workflow's keys."""
+        return await workflows.cancel_workflow(self, workflow, reason)
+
+    async def workflows(self, limit: int = 20) -> list[TaskRecord]:
+        """See :class:`qtasks.components.WorkflowStore`: the ``<tag>:wf`` index, a batch at a
+        time (one round trip for the ids, one for their records)."""
+        return await workflows.newest(self, limit)
+
     async def begin(self, record: TaskRecord) -> TaskRecord:
         # The record's JSON is sent only when none is stored (rare: the producer stores one).
         args = [record.uuid, "", record.token or "", record.attempt, record.worker or ""]

@@ -10,7 +10,9 @@ A workflow ``W`` keeps, under the storage's hash tag ``TAG`` (one slot with its 
 - ``TAG:f:W:d``  SET of the members whose end was counted (a repeated call changes nothing)
 - ``TAG:f:W:a``  LIST of every member (the error gate cancels those not final)
 
-all expiring with the workflow's record once it ended (a day when results do not expire).
+all expiring with the workflow's record once it ended (a day when results do not expire), and
+deleted at once by ``cancel_workflow`` (a member that ends later finds the record final and
+reads them only); and ``TAG:wf``, a ZSET of every workflow (id -> ms created), for listing.
 
 and its own record (uuid ``W``) is a task record: its status is the workflow's.
 
@@ -71,17 +73,20 @@ end
 local function member_done(w, uuid, status, err, ttl)
   local gate = 'error'
   if status == 'success' then gate = redis.call('HGET', wf_key(w, 'n'), uuid) end
+  rec_keys(w)
+  local own = redis.call('HGET', K_REC, 's')
+  if not own or FINAL[own] then
+    -- Over. Read only, so a cancelled workflow whose gates were deleted gets none back: the
+    -- member that opened a gate gets it again (its redelivery publishes what it opened).
+    if gate and redis.call('HGET', wf_key(w, 'o'), gate) == uuid then return gate end
+    expire_flow(w, ttl)  -- its gates (if still there) go with its record
+    return false
+  end
   if redis.call('SADD', wf_key(w, 'd'), uuid) == 0 then
     if gate and redis.call('HGET', wf_key(w, 'o'), gate) == uuid then return gate end
     return false
   end
   if not gate then return false end
-  rec_keys(w)
-  local own = redis.call('HGET', K_REC, 's')
-  if not own or FINAL[own] then
-    expire_flow(w, ttl)  -- over (cancelled): its gates go with its record
-    return false
-  end
   if status == 'success' then
     if redis.call('HINCRBY', wf_key(w, 'c'), gate, -1) ~= 0 then return false end
     redis.call('HSET', wf_key(w, 'o'), gate, uuid)
@@ -171,13 +176,15 @@ return 1
 
 _PUBLISH_OPENED = """
 -- Publish the messages of the gate ``opened`` of workflow w (nothing when it is false), each
--- due its delay after now; after ``broker_publish`` and the workflow prelude.
-local function publish_opened(w, opened)
+-- due its delay after now, appending their ids to the list ``ids`` when given; after
+-- ``broker_publish`` and the workflow prelude.
+local function publish_opened(w, opened, ids)
   if not opened then return end
   for _, m in ipairs(gate_messages(w, opened)) do
     local eta = ''
     if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
     broker_publish({m[1], m[2], m[3], eta})
+    if ids then ids[#ids + 1] = m[1] end
   end
 end
 """
@@ -209,8 +216,9 @@ ACK_FINALS_WF = Script(
 -- record, then the queue's; ARGV: TAG, then per task SAVE's {_SAVE_ARGS} arguments, ACK's
 -- (id, token), the task's workflow ('' for none) and the error text naming it. After an
 -- accepted save of a workflow member, its gate is counted down and an opened gate's messages
--- are published, before the ack: one atomic change. Returns each task's SAVE reply.
-local out, base = {{}}, 1
+-- are published, before the ack: one atomic change. Returns each task's SAVE reply, then the
+-- ids of the messages so published.
+local out, base, ids = {{}}, 1, {{}}
 while base < #ARGV do
   local sa = {{}}
   for i = 1, {_SAVE_ARGS} do sa[i] = ARGV[base + i] end
@@ -220,12 +228,13 @@ while base < #ARGV do
   local at = base + {_SAVE_ARGS}
   local w = ARGV[at + 3]
   if saved == 1 and w ~= '' then
-    publish_opened(w, member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8])))
+    publish_opened(w, member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8])), ids)
   end
   if saved ~= 0 then broker_ack({{ARGV[at + 1], ARGV[at + 2]}}) end
   out[#out + 1] = saved
   base = at + 4
 end
+for _, id in ipairs(ids) do out[#out + 1] = id end
 return out
 """
 )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from qtasks.components import GateMessage
 from qtasks.errors import StorageConnectionError
-from qtasks.record import TaskRecord
+from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.plan import failure
 from qtasks_redis import storage_lua
 from qtasks_redis import workflow_lua as lua
@@ -29,9 +29,14 @@ async def guarded(target: RedisTarget, call: Awaitable[T]) -> T:
     return await _guarded(target, call, StorageConnectionError)
 
 
-def workflow_keys(storage: RedisStorage, workflow: str) -> list[str]:
-    """Keys c, m, n, b, a of ``workflow`` (see :mod:`qtasks_redis.workflow_lua`)."""
-    return [f"{storage.key_tag}:f:{workflow}:{kind}" for kind in "cmnba"]
+def workflow_keys(storage: RedisStorage, workflow: str, kinds: str = "cmnba") -> list[str]:
+    """Keys of ``workflow`` (default c, m, n, b, a; see :mod:`qtasks_redis.workflow_lua`)."""
+    return [f"{storage.key_tag}:f:{workflow}:{kind}" for kind in kinds]
+
+
+def index_key(storage: RedisStorage) -> str:
+    """The ZSET of every workflow: id -> ms created (see :mod:`qtasks_redis.workflow_lua`)."""
+    return f"{storage.key_tag}:wf"
 
 
 def error_text(record: TaskRecord) -> str:
@@ -64,8 +69,47 @@ async def add_workflow(
     for start in range(0, len(pairs), CHUNK):
         flat = [item for pair in pairs[start : start + CHUNK] for item in pair]
         await guarded(target, lua.ADD_FEEDS(client, keys[2:3], flat))
-    # The records last: the workflow's first, so a member never exists without it.
+    # The records last: the workflow's first, so a member never exists without it; listed
+    # once its record exists (a listing forgets an entry whose record is gone).
     await add_many(storage, [workflow, *members])
+    indexed: Awaitable[Any] = client.zadd(
+        index_key(storage), {workflow.uuid: int(workflow.created_at * 1000)}
+    )
+    await guarded(target, indexed)
+
+
+async def cancel_workflow(storage: RedisStorage, workflow: str, reason: str) -> TaskRecord | None:
+    record = await storage.cancel(workflow, reason)
+    if record is not None and record.status is TaskStatus.CANCEL:
+        # After the record turned final: a member settling from now on only reads them.
+        keys = workflow_keys(storage, workflow, "cmnodab")
+        await guarded(storage.target, storage._require().delete(*keys))
+    return record
+
+
+async def newest(storage: RedisStorage, limit: int) -> list[TaskRecord]:
+    """The newest ``limit`` workflow records; entries of expired ones are removed as met,
+    reading at most :data:`_LIST_BATCHES` batches."""
+    client, key = storage._require(), index_key(storage)
+    out: list[TaskRecord] = []
+    start, batch = 0, max(limit, 100)
+    for _ in range(_LIST_BATCHES):
+        page: Awaitable[Any] = client.zrevrange(key, start, start + batch - 1)
+        ids = [i.decode() for i in await guarded(storage.target, page)]
+        if not ids:
+            break
+        records = await storage.get_many(ids)
+        gone = [uuid for uuid, record in zip(ids, records, strict=True) if record is None]
+        out += [r for r in records if r is not None][: limit - len(out)]
+        if gone:
+            await guarded(storage.target, client.zrem(key, *gone))
+        if len(out) == limit or len(ids) < batch:
+            break
+        start += batch - len(gone)
+    return out
+
+
+_LIST_BATCHES = 10
 
 
 async def add_many(storage: RedisStorage, records: Sequence[TaskRecord]) -> None:

@@ -12,19 +12,21 @@ import typer
 from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command, dlq, stats
 from qtasks.cli.options import Components, JsonOpt, Place
-from qtasks.cli.output import table, to_json
+from qtasks.cli.output import table, to_json, workflows_table
 from qtasks.cli.resolve import resolve_app, run_on
 from qtasks.errors import ConfigError
 
 
 @command(cli)
 def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
-    """Show tasks, queue depth, dead letters, workers and records by status.
+    """Show tasks, queue depth, dead letters, workers, records by status and workflows.
 
     Registered tasks with their options; queue depth per priority, delayed, in-flight and
     dead-lettered counts (broker); workers alive (global config heartbeats); records by status
-    (storage); flow control (rate tokens, concurrency slots and what waits for them) when
-    the global config has it; plus what plugins add through the qtasks_inspect hook.
+    (storage); the newest workflows with their status and size, when the storage keeps
+    workflows (`qtasks workflow ID` shows one's members); flow control (rate tokens,
+    concurrency slots and what waits for them) when the global config has it; plus what
+    plugins add through the qtasks_inspect hook.
     """
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
     report = run_on(
@@ -72,6 +74,9 @@ def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
             for name, f in flow.items()
         ]
         typer.echo(table(["key", "tokens", "slots held", "waiting"], rows))
+    if "workflows" in report:
+        shown = report["workflows"]
+        typer.echo(f"\nworkflows (newest {len(shown)}): " + workflows_table(shown))
     typer.echo(f"\nplugins: {', '.join(report['plugins'])}")
     known = {
         "flow",
@@ -83,6 +88,7 @@ def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
         "workers",
         "records_by_status",
         "plugins",
+        "workflows",
     }
     for key in sorted(set(report) - known):
         typer.echo(f"{key}: {json.dumps(report[key], default=str, sort_keys=True)}")

@@ -58,6 +58,21 @@ def print_record(record: TaskRecord, as_json: bool) -> None:
         typer.echo(f"{key}: {shown}")
 
 
+def workflows_table(workflows: Sequence[dict[str, Any]]) -> str:
+    """A count by status, then one row per workflow (``qtasks.workflows.runtime.summary``)."""
+    counts: dict[str, int] = {}
+    for w in workflows:
+        counts[w["status"]] = counts.get(w["status"], 0) + 1
+    head = ", ".join(f"{status}={n}" for status, n in sorted(counts.items())) or "none"
+    if not workflows:
+        return head
+    rows = [
+        [w["id"], w["status"], w["size"], _local_time(w["created_at"]), w["error"]]
+        for w in workflows
+    ]
+    return head + "\n" + table(["id", "status", "size", "created", "error"], rows)
+
+
 def parse_arg(raw: str) -> Any:
     """A positional CLI argument: JSON when it parses (``5``, ``"x"``, ``[1,2]``), else text."""
     try:

@@ -11,10 +11,18 @@ import typer
 from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command
 from qtasks.cli.options import Components, JsonOpt
-from qtasks.cli.output import parse_arg, print_record, record_dict, table, to_json
+from qtasks.cli.output import (
+    parse_arg,
+    print_record,
+    record_dict,
+    table,
+    to_json,
+    workflows_table,
+)
 from qtasks.cli.resolve import resolve_app, run_on
 from qtasks.errors import ConfigError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.workflows import runtime as workflows
 from qtasks.workflows.runtime import store_of
 
 
@@ -120,14 +128,30 @@ def cancel(
 
 @command(cli)
 def workflow(
-    id: Annotated[str, typer.Argument(help="Workflow id (run_workflow's Workflow.id).")],
+    id: Annotated[
+        str | None,
+        typer.Argument(help="Workflow id (run_workflow's Workflow.id); none: list them."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Without ID: list at most this many, newest first.")
+    ] = 20,
     *,
     where: Components,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a workflow's status, error and members with their statuses (exit code 1 if
-    there is none). Each member's record names its workflow (``qtasks get``)."""
+    there is none). Each member's record names its workflow (``qtasks get``). Without ID,
+    list the newest workflows, as ``qtasks inspect`` does."""
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+    if id is None:
+
+        async def newest(aio: AsyncQueueTasks) -> list[dict[str, Any]]:
+            store_of(aio)  # a storage that keeps no workflows says so
+            return await workflows.newest(aio, limit)
+
+        shown = run_on(the_app, newest, command="workflow", uses=("storage",))
+        typer.echo(to_json(shown) if as_json else workflows_table(shown))
+        return
 
     async def go(aio: AsyncQueueTasks) -> tuple[Any, list[TaskRecord | None]]:
         state = await aio.get_workflow(id)

@@ -299,7 +299,14 @@ class MemoryBroker(_Lifecycle):
         for record, envelope in tasks:
             await self.publish_new(envelope, storage, record)
 
-    async def ack_final(self, delivery: Delivery, storage: Storage, record: TaskRecord) -> bool:
+    async def ack_final(
+        self,
+        delivery: Delivery,
+        storage: Storage,
+        record: TaskRecord,
+        *,
+        enqueued: list[str] | None = None,
+    ) -> bool:
         """See :class:`qtasks.components.SharedServer`: save fenced by the delivery's token;
         ack when saved, or when refused only because the task already ended. A workflow
         member's workflow is continued between the save and the ack, with nothing awaited
@@ -310,6 +317,8 @@ class MemoryBroker(_Lifecycle):
                 now = self._clock()
                 for m in await storage.member_done(record):
                     await self.publish(Envelope(m.id, m.body, m.priority, now + m.delay))
+                    if enqueued is not None:
+                        enqueued.append(m.id)
             await delivery.ack()
             return True
         stored = await storage.get(record.uuid)
@@ -318,10 +327,17 @@ class MemoryBroker(_Lifecycle):
         return False
 
     async def ack_finals(
-        self, storage: Storage, finals: Sequence[tuple[Delivery, TaskRecord]]
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
     ) -> list[bool]:
         """See :class:`qtasks.components.SharedServer`."""
-        return [await self.ack_final(delivery, storage, record) for delivery, record in finals]
+        return [
+            await self.ack_final(delivery, storage, record, enqueued=enqueued)
+            for delivery, record in finals
+        ]
 
     async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
         """See :class:`qtasks.components.LeaseBatch`."""

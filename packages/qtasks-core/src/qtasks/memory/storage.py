@@ -238,6 +238,16 @@ class MemoryStorage(_Lifecycle):
         self._check()
         return await self._workflows.member_done(record)
 
+    async def cancel_workflow(self, workflow: str, reason: str) -> TaskRecord | None:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        return await self._workflows.cancel(workflow, reason)
+
+    async def workflows(self, limit: int = 20) -> list[TaskRecord]:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        return await self._workflows.newest(limit)
+
     async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
         """See :class:`qtasks.components.WorkflowStore`."""
         self._check()

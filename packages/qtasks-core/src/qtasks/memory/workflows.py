@@ -31,14 +31,17 @@ class _Flow:
 class MemoryWorkflows:
     """The gates and settled members of every workflow of one :class:`MemoryStorage`."""
 
-    __slots__ = ("_flows", "_storage")
+    __slots__ = ("_flows", "_ids", "_storage")
 
     def __init__(self, storage: MemoryStorage) -> None:
         self._storage = storage
         self._flows: dict[str, _Flow] = {}
+        self._ids: list[str] = []
+        """Every workflow added, oldest first (pruned as listing meets expired ones)."""
 
     def clear(self) -> None:
         self._flows.clear()
+        self._ids.clear()
 
     async def add(
         self,
@@ -57,6 +60,28 @@ class MemoryWorkflows:
             dict(feeds),
             list(feeds),
         )
+        self._ids.append(workflow.uuid)
+
+    async def cancel(self, workflow: str, reason: str) -> TaskRecord | None:
+        record = await self._storage.cancel(workflow, reason)
+        if record is not None and record.status is TaskStatus.CANCEL:
+            self._flows.pop(workflow, None)
+        return record
+
+    async def newest(self, limit: int) -> list[TaskRecord]:
+        out: list[TaskRecord] = []
+        gone: set[str] = set()
+        for uuid in reversed(self._ids):
+            if len(out) == limit:
+                break
+            record = await self._storage.get(uuid)
+            if record is None:
+                gone.add(uuid)
+            else:
+                out.append(record)
+        if gone:
+            self._ids = [uuid for uuid in self._ids if uuid not in gone]
+        return out
 
     async def member_done(self, record: TaskRecord) -> list[GateMessage]:
         flow = self._flows.get(record.workflow or "")

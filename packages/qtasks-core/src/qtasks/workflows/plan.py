@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 INPUT = "qtasks.input"
 """Message header: where a step's first argument is read from (see the module docstring)."""
+WORKFLOW_HEADER = "workflow"
+"""Message header: the workflow a member belongs to."""
 WORKFLOW_TASK = "qtasks.workflow"
 """``task_name`` of a workflow's own record (its uuid is the workflow id)."""
 FINAL, ERROR = "final", "error"
@@ -118,10 +120,13 @@ class _Compiler:
         return step_input, ends
 
 
-def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Plan:
+async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Plan:
     """Compile ``node`` for ``app``: every member's task must be registered and its
     arguments must fit (a step with an input gets it first); raises
-    :class:`~qtasks.errors.WorkflowError` or the argument error otherwise."""
+    :class:`~qtasks.errors.WorkflowError` or the argument error otherwise. Each member's
+    message passes through ``qtasks_task_enqueue`` here, where it is built, as
+    ``add_task``'s does (a member that waits in a gate included: its message is stored now
+    and published by a worker later)."""
     workflow = new_uuid()
     compiler = _Compiler()
     result, ends = compiler.node(node, None, None)
@@ -139,8 +144,11 @@ def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -
     now = time.time()
     records: list[TaskRecord] = []
     start: list[tuple[TaskRecord, Envelope]] = []
+    rewrite = "qtasks_task_enqueue" in app.hooks.active
     for member in members:
         record, message = _call(app, workflow, member, now)
+        if rewrite:
+            record, message = await _rewritten(app, record, message)
         if member.gate is None:
             delay = member.sig.delay
             start.append((record, app.codec.encode(message, now + delay if delay else None)))
@@ -165,6 +173,24 @@ def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -
     return Plan(workflow, own, records, start, gates, compiler.feeds, result)
 
 
+async def _rewritten(
+    app: AsyncQueueTasks, record: TaskRecord, message: Message
+) -> tuple[TaskRecord, Message]:
+    """``message`` through ``qtasks_task_enqueue``, and ``record`` made to match it. The
+    workflow's own headers are kept; the uuid must be (the gates name members by it)."""
+    own = {k: v for k, v in message.headers.items() if k in (WORKFLOW_HEADER, INPUT)}
+    message = await app.hooks.transform("qtasks_task_enqueue", "message", app=app, message=message)
+    if message.uuid != record.uuid:
+        raise WorkflowError(
+            f"a qtasks_task_enqueue hook changed the uuid of workflow member {record.uuid}: "
+            "a workflow member keeps its uuid"
+        )
+    message.headers.update(own)
+    record.task_name, record.priority = message.task_name, message.priority
+    record.args, record.kwargs = message.args, message.kwargs
+    return record, message
+
+
 def failure(record: TaskRecord) -> str:
     """The workflow error naming the member ``record`` that ended it (failed or cancelled)."""
     why = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
@@ -186,7 +212,7 @@ def _call(
         priority = task.options.priority
     if priority is None:
         priority = app.config.default_priority
-    headers: dict[str, Any] = {"workflow": workflow}
+    headers: dict[str, Any] = {WORKFLOW_HEADER: workflow}
     if member.input is not None:
         headers[INPUT] = member.input
     if sig.retry is not None:

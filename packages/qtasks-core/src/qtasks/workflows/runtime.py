@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qtasks.bulk import BATCH, publish_many, store_and_publish_many
+from qtasks.bulk import BATCH, enqueue_batch, notify_stored, publish_many
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.messages import Envelope
@@ -77,11 +77,21 @@ def store_of(app: AsyncQueueTasks) -> WorkflowStore:
 async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Workflow:
     """Compile ``node``, store the workflow and publish the members that start at once."""
     store = store_of(app)
-    plan = compile_plan(app, node, on_error)
-    await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
+    plan = await compile_plan(app, node, on_error)
+    try:
+        await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
+    except Exception as exc:
+        if "qtasks_task_enqueue_failed" in app.hooks.active:  # nothing will be published
+            for record in [*(r for r, _ in plan.start), *plan.members]:
+                await app.hooks.notify(
+                    "qtasks_task_enqueue_failed", app=app, record=record, exc=exc
+                )
+        raise
     # The first steps' records go with their messages, as add_tasks stores them.
     for start in range(0, len(plan.start), BATCH):
-        await store_and_publish_many(app, plan.start[start : start + BATCH])
+        await enqueue_batch(app, plan.start[start : start + BATCH])
+    # The others are stored and wait in gates: enqueued when a worker opens their gate.
+    await notify_stored(app, plan.members, enqueued=False)
     return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], None, None, None, app)
 
 
@@ -96,6 +106,32 @@ async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
     return Workflow(
         record.uuid, status, list(info["members"]), result, error, info.get("on_error"), app
     )
+
+
+def summary(record: TaskRecord) -> dict[str, Any]:
+    """A workflow record in a line, JSON-ready (``qtasks inspect``, ``qtasks workflow``):
+    ``id``, ``status`` (as :class:`Workflow`'s), ``size`` (how many members, the error
+    callback included), ``created_at`` and ``error`` (why it failed or was cancelled)."""
+    info = record.kwargs
+    status = record.status.value if record.status.final else RUNNING
+    error = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
+    size = len(info.get("members", ())) + (1 if info.get("on_error") else 0)
+    return {
+        "id": record.uuid,
+        "status": status,
+        "size": size,
+        "created_at": record.created_at,
+        "error": error,
+    }
+
+
+async def newest(app: AsyncQueueTasks, limit: int) -> list[dict[str, Any]]:
+    """:func:`summary` of the newest ``limit`` workflows, newest first; ``[]`` when the
+    storage keeps no workflows."""
+    storage = app.storage
+    if not isinstance(storage, WorkflowStore):
+        return []
+    return [summary(r) for r in await storage.workflows(limit)]
 
 
 async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
@@ -118,15 +154,20 @@ async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow
 
 
 async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
-    """Cancel the workflow: its record first (no member continues it from then on), then
-    every member not final yet: queued ones never run, running ones are cancelled."""
-    record = await app.storage.cancel(id, reason)
+    """Cancel the workflow: its record first, with its gates deleted (no member continues it
+    from then on, see :meth:`WorkflowStore.cancel_workflow`), then every member not final
+    yet: queued ones never run, running ones are cancelled."""
+    store = store_of(app)
+    record = await app.storage.get(id)
     if record is None or record.task_name != WORKFLOW_TASK:
+        return None
+    record = await store.cancel_workflow(id, reason)
+    if record is None:
         return None
     uuids: list[str] = list(record.kwargs["members"])
     if record.kwargs.get("on_error"):
         uuids.append(record.kwargs["on_error"])
-    stored = await store_of(app).get_many(uuids)
+    stored = await store.get_many(uuids)
     for uuid, member in zip(uuids, stored, strict=True):
         if member is not None and not member.status.final:
             await app.cancel(uuid, reason)
@@ -185,6 +226,18 @@ async def member_ended(app: AsyncQueueTasks, record: TaskRecord, *, again: bool 
         ]
     if opened:
         await publish_many(app.broker, gate_envelopes(opened, time.time()))
+        await announce(app, [m.id for m in opened])
+
+
+async def announce(app: AsyncQueueTasks, uuids: Sequence[str]) -> None:
+    """``qtasks_task_enqueued`` of the workflow members whose messages a settle step just
+    published (the gates it opened), with their stored records; one read of the records, and
+    only when a plugin implements the hook."""
+    if not uuids or "qtasks_task_enqueued" not in app.hooks.active:
+        return
+    for record in await store_of(app).get_many(uuids):
+        if record is not None:
+            await app.hooks.notify("qtasks_task_enqueued", app=app, record=record)
 
 
 async def found_final(app: AsyncQueueTasks, record: TaskRecord) -> None:

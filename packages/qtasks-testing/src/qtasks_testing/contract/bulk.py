@@ -120,6 +120,19 @@ class BulkAddContract(_StorageCapability):
             assert await storage.get(rec.uuid) == rec
 
 
+def _workflow(created_at: float) -> TaskRecord:
+    """A new workflow's own record."""
+    wid = uuid.uuid4().hex
+    return record(
+        uuid=wid,
+        task_name="qtasks.workflow",
+        workflow=wid,
+        args=[],
+        kwargs={},
+        created_at=created_at,
+    )
+
+
 def _gate(name: str) -> GateMessage:
     return GateMessage(uuid.uuid4().hex, f"body of {name}".encode(), 1, 0.0)
 
@@ -135,8 +148,8 @@ class WorkflowStoreContract(_StorageCapability):
     @pytest.fixture
     async def flow(self, storage: Storage) -> tuple[TaskRecord, dict[str, TaskRecord], GateMessage]:
         assert isinstance(storage, WorkflowStore)
-        wid = uuid.uuid4().hex
-        own = record(uuid=wid, task_name="qtasks.workflow", workflow=wid, args=[], kwargs={})
+        own = _workflow(time.time())
+        wid = own.uuid
         members = {name: record(workflow=wid) for name in "abc"}
         opened = _gate("g")
         gates = {"g": (2, [opened]), "final": (1, []), "error": (1, [_gate("error")])}
@@ -206,6 +219,53 @@ class WorkflowStoreContract(_StorageCapability):
         await storage.save(b, fence=None)
         assert await storage.member_done(b) == []
 
+    @pytest.mark.anyio
+    async def test_a_cancelled_workflow_is_continued_by_no_member(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        own, members, _ = flow
+        a, b = (finished(members[n], returning=n) for n in "ab")
+        await storage.save(a)
+        assert await storage.member_done(a) == []
+        cancelled = await storage.cancel_workflow(own.uuid, "stop")
+        assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+        assert cancelled.cancel_reason == "stop"
+        # b would open gate g; a failing c would open the error gate: neither does now.
+        await storage.save(b)
+        assert await storage.member_done(b) == []
+        assert await storage.member_done(b) == []
+        c = finished(members["c"], TaskStatus.ERROR, error="ValueError: late")
+        await storage.save(c)
+        assert await storage.member_done(c) == []
+        stored = await storage.get(own.uuid)
+        assert stored is not None and stored.status is TaskStatus.CANCEL
+        assert await storage.cancel_workflow("no-such-workflow", "stop") is None
+
+    @pytest.mark.anyio
+    async def test_workflows_lists_the_newest_first(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        first, _, _ = flow
+        later = []
+        for i in (1, 2):
+            own = _workflow(first.created_at + i)
+            member = record(workflow=own.uuid)
+            gates: dict[str, tuple[int, list[GateMessage]]] = {"final": (1, []), "error": (1, [])}
+            await storage.add_workflow(own, [member], gates, {member.uuid: "final"})
+            later.append(own)
+        assert [r.uuid for r in await storage.workflows(2)] == [later[1].uuid, later[0].uuid]
+        listed = await storage.workflows()
+        assert [r.uuid for r in listed] == [later[1].uuid, later[0].uuid, first.uuid]
+        assert listed[2] == first
+        assert await storage.cancel_workflow(later[0].uuid, "stop") is not None
+        assert [r.status for r in await storage.workflows(3)] == [
+            TaskStatus.NEW,
+            TaskStatus.CANCEL,
+            TaskStatus.NEW,
+        ]
+
 
 class WorkflowSettleContract(_SharedFixtures):
     """:meth:`SharedServer.ack_final` of a workflow member continues its workflow in the same
@@ -219,9 +279,8 @@ class WorkflowSettleContract(_SharedFixtures):
         storage = shared.storage
         if not isinstance(storage, WorkflowStore):
             pytest.skip(lacks(storage, WorkflowStore))
-        wid = uuid.uuid4().hex
-        own = record(uuid=wid, task_name="qtasks.workflow", workflow=wid, args=[], kwargs={})
-        a, b = record(workflow=wid), record(workflow=wid)
+        own = _workflow(time.time())
+        a, b = record(workflow=own.uuid), record(workflow=own.uuid)
         nxt = _gate("next")
         gates = {"g": (2, [nxt]), "final": (1, []), "error": (1, [])}
         await storage.add_workflow(own, [a, b], gates, {a.uuid: "g", b.uuid: "g"})
