@@ -37,10 +37,9 @@ letters for good, all when ``ids`` is None; return how many: the dashboard's pur
 for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`AttemptLog`,
-:class:`FreshWait`, :class:`LeaseBatch`,
-:class:`CancelCheck`, :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`,
-:class:`BulkPublishNew`, :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl` and
-:class:`UniquePublish`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
+:class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`, :class:`CancelFeed`,
+:class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`, :class:`BulkAdd`,
+:class:`WorkflowStore`, :class:`FlowControl` and :class:`UniquePublish`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
 ``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
 ``qtasks_testing.contract.flow`` hold their suites.
 
