@@ -39,9 +39,9 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`AttemptLog`,
 :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`, :class:`CancelFeed`,
 :class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`, :class:`BulkAdd`,
-:class:`WorkflowStore`, :class:`FlowControl` and :class:`UniquePublish`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
-``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
-``qtasks_testing.contract.flow`` hold their suites.
+:class:`WorkflowStore`, :class:`FlowControl` and :class:`UniquePublish`, checked with
+``isinstance``; ``qtasks_testing.contract.capabilities``, ``qtasks_testing.contract.query``,
+``qtasks_testing.contract.bulk`` and ``qtasks_testing.contract.flow`` hold their suites.
 
 Over ~500 lines on purpose: every contract of the core lives here, in one place, each
 protocol with what its implementers must do (one file to read to write a backend).
