@@ -11,7 +11,9 @@ rate = N / (first enqueue -> the counter reaches N)). Modes:
   opentelemetry-api only (no SDK configured: what runs when tracing is enabled and nobody
   collects);
 - ``sdk``: as ``api``, with the SDK's ``TracerProvider`` and a ``BatchSpanProcessor`` whose
-  exporter drops the spans (every span recorded, nothing sent over the network).
+  exporter drops the spans (every span recorded, nothing sent over the network);
+- ``sampled``: as ``sdk``, with the sampler docs/metrics-and-tracing.md recommends in
+  production, ``ParentBased(TraceIdRatioBased(0.01))`` (1 % of the traces recorded).
 
 ``--inmemory`` measures instead the CPU the plugins add per task, in one process with the
 in-memory components (producer and worker together, no network: the plugins' own cost,
@@ -22,7 +24,7 @@ The modes run in turn, the order rotated each round, a fresh worker process per 
 shared machine's noise falls on every mode alike; the medians are printed at the end.
 
 Run: ``uv run --all-packages python bench/observability.py [--n 5000] [--rounds 5]
-[--modes off,metrics,api,sdk] [--inmemory]``.
+[--modes off,metrics,api,sdk,sampled] [--inmemory]``.
 """
 
 from __future__ import annotations
@@ -77,9 +79,10 @@ app.run_forever()
 def tracing_provider(mode: str) -> Any:
     """The tracer provider of ``mode``: ``None`` (the API's default, no-op) or an SDK one
     that records every span and drops it in a batch exporter."""
-    if mode != "sdk":
+    if mode not in ("sdk", "sampled"):
         return None
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         SpanExporter,
@@ -90,7 +93,8 @@ def tracing_provider(mode: str) -> Any:
         def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
+    sampler = ParentBased(TraceIdRatioBased(0.01)) if mode == "sampled" else None
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(Drop()))
     return provider
 
@@ -166,7 +170,7 @@ async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[floa
         mode: [MetricsPlugin()]
         + (
             [TracingPlugin(tracer_provider=tracing_provider(mode))]
-            if mode in ("api", "sdk")
+            if mode in ("api", "sdk", "sampled")
             else []
         )
         for mode in modes
@@ -247,6 +251,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--modes", default="off,metrics,api,sdk")
+    parser.add_argument("--modes", default="off,metrics,api,sdk,sampled")
     parser.add_argument("--inmemory", action="store_true")
     anyio.run(run, parser.parse_args())

@@ -1,5 +1,6 @@
-"""Redis server time per message of the worker's two scripts: the claim that begins records
-(CLAIM_BEGIN) and the batched final save + ack (ACK_FINALS), from ``INFO commandstats``.
+"""Redis server time per message of the producer's script (PUBLISH_NEW: record + message) and
+the worker's two: the claim that begins records (CLAIM_BEGIN) and the batched final save + ack
+(ACK_FINALS), from ``INFO commandstats``.
 
 2,000 messages are published with their records, claimed 20 at a time through
 ``consume_begun`` and settled 20 at a time through ``ack_finals``. Server time only (the
@@ -41,12 +42,16 @@ async def one_round(client: redis.Redis) -> tuple[float, float]:
         await storage.start(stack, config)
         await broker.start(stack, config)
         codec = Codec()
+        start = evalsha_usec(client)
         for i in range(N):
             message = Message(uuid=f"u{i:05d}", task_name="t")
             record = TaskRecord(uuid=message.uuid, task_name="t")
             await broker.publish_new(codec.encode(message), storage, record)
-        before = evalsha_usec(client)
-        async with broker.consume_begun(prefetch=BATCH, storage=storage, worker="w") as it:
+        published = evalsha_usec(client)
+        before = published
+        async with broker.consume_begun(
+            prefetch=BATCH, storage=storage, worker="w", starts=lambda: BATCH
+        ) as it:
             deliveries = [await it.__anext__() for _ in range(N)]
             claimed = evalsha_usec(client)
             for i in range(0, N, BATCH):
@@ -58,7 +63,7 @@ async def one_round(client: redis.Redis) -> tuple[float, float]:
                     finals.append((delivery, record))
                 assert all(await broker.ack_finals(storage, finals))
             settled = evalsha_usec(client)
-    return (claimed - before) / N, (settled - claimed) / N
+    return (published - start) / N, (claimed - before) / N, (settled - claimed) / N
 
 
 def main() -> None:
@@ -67,11 +72,12 @@ def main() -> None:
     opts = parser.parse_args()
     client = redis.Redis.from_url(URL)
     results = [asyncio.run(one_round(client)) for _ in range(opts.rounds)]
-    claims, settles = sorted(r[0] for r in results), sorted(r[1] for r in results)
+    publishes, claims, settles = (sorted(r[k] for r in results) for k in range(3))
     print(
-        f"Redis time per message over {opts.rounds} rounds of {N}: claim with begin "
-        f"min {claims[0]:.1f} / median {claims[len(claims) // 2]:.1f} µs; "
-        f"final save + ack min {settles[0]:.1f} / median {settles[len(settles) // 2]:.1f} µs"
+        f"Redis time per message over {opts.rounds} rounds of {N}: record + message "
+        f"(publish_new, one script each) median {publishes[len(publishes) // 2]:.1f} µs; "
+        f"claim with begin (batches of {BATCH}) median {claims[len(claims) // 2]:.1f} µs; "
+        f"final save + ack (batches of {BATCH}) median {settles[len(settles) // 2]:.1f} µs"
     )
     client.flushdb()
 

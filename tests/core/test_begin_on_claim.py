@@ -87,3 +87,33 @@ async def test_a_cancel_heard_after_a_claim_began_the_record_stops_the_task_befo
         done = await app.wait(task.uuid, timeout=5)
     assert ran == []
     assert (done.status, done.cancel_reason) == (TaskStatus.CANCEL, "too late to start")
+
+
+async def test_a_delivery_begun_with_its_claim_and_handed_back_is_queued_again() -> None:
+    """Stopped before a runner took it, a delivery begun with its claim goes back to the
+    broker with its record ``new`` again: not a ``process`` record nobody runs, and no lost
+    attempt in the attempt log when the next delivery begins it."""
+    app, _ = counting_app(concurrency=1, prefetch=1)
+    storage, broker, worker = app.storage, app.broker, app.worker
+    await app.start()
+    try:
+        task = await app.add_task("anything")
+        async with broker.consume_begun(  # type: ignore[attr-defined]
+            prefetch=1, storage=storage, worker=worker.id, starts=lambda: 1
+        ) as deliveries:
+            delivery = await deliveries.__anext__()
+            assert delivery.begun.status is TaskStatus.PROCESS  # begun by the claim
+            worker._local.append((0, 0, delivery))
+            worker._start_at_once.add(delivery.token)
+            await worker._hand_back(app)
+        record = await storage.get(task.uuid)
+        assert record is not None and record.status is TaskStatus.NEW
+        assert (await broker.stats()).ready_by_priority == {0: 1}
+        async with broker.consume_begun(  # type: ignore[attr-defined]
+            prefetch=1, storage=storage, worker="another", starts=lambda: 1
+        ) as deliveries:
+            again = await deliveries.__anext__()
+            assert (again.id, again.begun.worker) == (task.uuid, "another")
+        assert await storage.attempts(task.uuid) == []  # type: ignore[attr-defined]
+    finally:
+        await app.aclose()

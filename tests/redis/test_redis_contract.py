@@ -18,6 +18,7 @@ from qtasks_testing.contract import (
     CancelCheckContract,
     CancelFeedContract,
     FlowControlContract,
+    FreshWaitContract,
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
@@ -95,6 +96,10 @@ class TestRedisBeginMany(BeginManyContract):
 
 
 class TestRedisAttemptLog(AttemptLogContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisFreshWait(FreshWaitContract):
     """Runs with the module's factories."""
 
 

@@ -14,7 +14,7 @@ import redis.asyncio
 from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, chain, chord, group, hookimpl
-from qtasks.components import WorkflowStore
+from qtasks.components import RecordQuery, StorageQuery, WorkflowStore
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import Node
 from qtasks_redis import RedisBroker
@@ -81,6 +81,13 @@ async def test_failures_fail_the_workflow_and_run_the_error_callback_once(
         assert first.on_error is not None
         callback = await app.wait(first.on_error, 30)
         later = await app.get(first.members[2])
+        # Records ended by the workflow's gates are in the indexes a dashboard lists by.
+        storage = app.storage
+        assert isinstance(storage, StorageQuery)
+        cancelled = await storage.query(
+            RecordQuery(task_name="double", status=TaskStatus.CANCEL, limit=500)
+        )
+        assert first.members[2] in {r.uuid for r in cancelled.records}
     finally:
         await app.aclose()
     assert first.status == "error" and first.error is not None

@@ -115,6 +115,51 @@ async def test_run_span_is_a_child_of_the_enqueue_span_with_messaging_attributes
     assert process["status"] == "UNSET"  # OK is the application's to set
 
 
+async def test_every_step_of_a_chain_ends_its_send_span_and_runs_under_it(
+    traces: Traces,
+) -> None:
+    from qtasks import MemoryBroker, MemoryStorage, chain
+
+    # The producer and the worker are two apps (as two processes would be) on shared memory
+    # components: the waiting steps are published by the worker, never seen by the
+    # producer's plugin as enqueued.
+    broker, storage = MemoryBroker(), MemoryStorage()
+    apps = [
+        AsyncQueueTasks(broker=broker, storage=storage, config=QueueConfig(plugins_disabled=["*"]))
+        for _ in range(2)
+    ]
+    producer, worker = apps
+    sender = TracingPlugin(tracer_provider=traces.provider)
+    producer.add_plugin(sender)
+    worker.add_plugin(TracingPlugin(tracer_provider=traces.provider))
+    for each in apps:
+
+        @each.task
+        async def inc(x: int) -> int:
+            return x + 1
+
+    await producer.start()
+    try:
+        async with worker:
+            with traces.tracer.start_as_current_span("request"):
+                flow = await producer.run_workflow(
+                    chain(*(producer.signature("inc", a) for a in ([1], [], [])))
+                )
+            done = await flow.wait_result(timeout=5)
+            assert done.result == 4
+            spans = await traces.until(lambda s: len(named(s, "process inc")) == 3)
+    finally:
+        await producer.aclose()
+    sends = {s["attributes"]["messaging.message.id"]: s for s in named(spans, "send inc")}
+    assert len(sends) == 3  # the two waiting steps' spans ended too, when they were stored
+    for process in named(spans, "process inc"):
+        assert_child(process, sends[process["attributes"]["messaging.message.id"]])
+    request = one(spans, "request")
+    for send in sends.values():
+        assert_child(send, request)
+    assert sender._sending == {}
+
+
 async def test_an_error_is_recorded_on_the_run_span(app: AsyncQueueTasks, traces: Traces) -> None:
     @app.task
     async def bad() -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from os import PathLike
@@ -27,6 +27,7 @@ from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
     Broker,
     DeadLetter,
+    FreshWait,
     GlobalConfig,
     SharedServer,
     Starter,
@@ -75,6 +76,10 @@ loop the components were started in costs well under a microsecond per call."""
 
 async def _not_started(record: TaskRecord, envelope: Envelope) -> None:
     raise ComponentNotStartedError("enqueue before the app started")
+
+
+async def _wait_not_started(uuid: str, timeout: float | None) -> TaskRecord:
+    raise ComponentNotStartedError("wait before the app started")
 
 
 def _on_asyncio() -> bool:
@@ -152,6 +157,9 @@ class AsyncQueueTasks:
         """How enqueue reaches the backends, chosen at start by :func:`qtasks.enqueue.choose`:
         ``"shared"``, ``"overlapped"`` or ``"sequential"``."""
         self._store_and_publish: enqueue_step.StoreAndPublish = _not_started
+        self._wait_added: Callable[[str, float | None], Awaitable[TaskRecord]] = _wait_not_started
+        """How ``add_task(timeout=...)`` waits: the storage's :class:`FreshWait` when it has
+        it, else :meth:`Storage.wait` (chosen at start)."""
         self._stack: AsyncExitStack | None = None
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
@@ -343,6 +351,10 @@ class AsyncQueueTasks:
                     )
                 self.enqueue_path, self._store_and_publish = enqueue_step.choose(
                     self, _on_asyncio()
+                )
+                storage = self.storage
+                self._wait_added = (
+                    storage.wait_fresh if isinstance(storage, FreshWait) else storage.wait
                 )
                 await self.hooks.notify("qtasks_app_started", app=self)
             except BaseException:
@@ -585,8 +597,8 @@ class AsyncQueueTasks:
         if "qtasks_task_enqueued" in self.hooks.active:
             await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
         if timeout is not None:
-            # Just stored: no need for wait()'s existence check (one round trip less).
-            return self._bind(await self.storage.wait(record.uuid, timeout))
+            # Just stored: neither wait()'s existence check nor (FreshWait) a first read.
+            return self._bind(await self._wait_added(record.uuid, timeout))
         return record
 
     async def add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:

@@ -37,12 +37,11 @@ letters for good, all when ``ids`` is None; return how many: the dashboard's pur
 for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`AttemptLog`,
-:class:`LeaseBatch`,
-:class:`CancelCheck`, :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`,
-:class:`BulkPublishNew`, :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl` and
-:class:`UniquePublish`, checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
-``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
-``qtasks_testing.contract.flow`` hold their suites.
+:class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`, :class:`CancelFeed`,
+:class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`, :class:`BulkAdd`,
+:class:`WorkflowStore`, :class:`FlowControl` and :class:`UniquePublish`, checked with
+``isinstance``; ``qtasks_testing.contract.capabilities``, ``qtasks_testing.contract.query``,
+``qtasks_testing.contract.bulk`` and ``qtasks_testing.contract.flow`` hold their suites.
 
 Over ~500 lines on purpose: every contract of the core lives here, in one place, each
 protocol with what its implementers must do (one file to read to write a backend).
@@ -481,6 +480,18 @@ class Storage(Protocol):
 
     async def stats(self) -> dict[str, int]:
         """Number of stored records by status."""
+        ...
+
+
+@runtime_checkable
+class FreshWait(Protocol):
+    """Optional storage capability: wait for the record of a task this caller has just added
+    (``add_task(..., timeout=...)``), skipping what only an old record needs."""
+
+    async def wait_fresh(self, uuid: str, timeout: float | None) -> TaskRecord:
+        """Exactly :meth:`Storage.wait`, for a record added a moment ago by the caller (a
+        storage may rely on its final-record wake-up not having expired: Redis blocks at once
+        instead of reading the record first, one round trip less)."""
         ...
 
 

@@ -288,6 +288,19 @@ class QueueWorker:
     async def _hand_back(self, app: AsyncQueueTasks) -> None:
         while self._local:
             _, _, delivery = heapq.heappop(self._local)
+            begun: TaskRecord | None = getattr(delivery, "begun", None)
+            if (
+                delivery.token in self._start_at_once
+                and begun is not None
+                and not begun.status.final
+            ):
+                # Begun with its claim for a runner that never took it: queued again, as
+                # the flow gate's hand-back does (fenced: a newer delivery's begin wins).
+                begun.status, begun.updated_at = TaskStatus.NEW, time.time()
+                try:
+                    await app.storage.save(begun, fence=delivery.token)
+                except Exception as exc:  # stopping: the next delivery's begin redoes it
+                    log.warning("could not requeue the record of %s: %r", delivery.id, exc)
             self._start_at_once.discard(delivery.token)
             await delivery.requeue()
             await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)

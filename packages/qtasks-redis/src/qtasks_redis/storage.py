@@ -477,11 +477,21 @@ class RedisStorage:
         on_cancel(str(uuid), str(reason))
 
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
+        return await self._wait(uuid, timeout, await self.get(uuid))
+
+    async def wait_fresh(self, uuid: str, timeout: float | None) -> TaskRecord:
+        """See :class:`qtasks.components.FreshWait`: a record added a moment ago cannot be
+        final with its wake-up expired (it lives 2 minutes past the final save), so the
+        wait blocks at once, reading the record with the wake-up."""
+        return await self._wait(uuid, timeout, None)
+
+    async def _wait(
+        self, uuid: str, timeout: float | None, record: TaskRecord | None
+    ) -> TaskRecord:
         client = self._require()
         lane = self._shared.lane
         rec, wake = self._keys(uuid)[:2]
         deadline = None if timeout is None else time.monotonic() + timeout
-        record = await self.get(uuid)
         while True:
             if record is not None and record.status.final:
                 return record

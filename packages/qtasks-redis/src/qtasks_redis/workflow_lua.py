@@ -47,13 +47,20 @@ end
 -- override field (e: error, cr: cancel reason) when given; returns its old status or false.
 local function end_record(uuid, status, field, text, ttl)
   rec_keys(uuid)
-  local cur = redis.call('HGET', K_REC, 's')
+  local f = redis.call('HMGET', K_REC, 's', 'd', 'k')
+  local cur = f[1]
   if not cur or FINAL[cur] then return false end
   local updated, now = stamp()
   redis.call('HSET', K_REC, 's', status, 'u', updated)
   if field then redis.call('HSET', K_REC, field, text) end
   index(uuid, cur, status, now)
+  -- The task name's index of final records and the parent's, as the storage's SAVE keeps
+  -- them (the name and parent are read from the record: a rare path).
+  local name, parent = record_name(f[2] or '')
+  named(uuid, name, cur, status, now, ttl)
+  parented(uuid, parent, now, ttl)
   finished(ttl)
+  if f[3] and ttl then redis.call('PEXPIRE', TAG .. ':at:' .. uuid, ttl) end  -- AttemptLog
   if cur == 'process' and status == 'cancel' then
     redis.call('PUBLISH', TAG .. ':cancels', cjson.encode({uuid, text}))
   end

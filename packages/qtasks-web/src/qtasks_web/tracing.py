@@ -121,6 +121,15 @@ class TracingPlugin:
         return message
 
     @hookimpl
+    def qtasks_storage_added(self, record: TaskRecord) -> None:
+        """End the enqueue span once the task is stored (and, outside workflows, published):
+        a workflow step that waits for an earlier one is published later, by the worker that
+        settles that one, so its span ends here rather than never."""
+        span = self._sending.pop(record.uuid, None)
+        if span is not None:
+            span.end()
+
+    @hookimpl
     def qtasks_task_enqueued(self, record: TaskRecord) -> None:
         span = self._sending.pop(record.uuid, None)
         if span is not None:

@@ -29,6 +29,7 @@ from qtasks_testing.contract.capabilities import (
     BeginOnClaimContract,
     CancelCheckContract,
     CancelFeedContract,
+    FreshWaitContract,
     LeaseBatchContract,
     SharedServerContract,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Consumer",
     "ContractSuite",
     "FlowControlContract",
+    "FreshWaitContract",
     "GlobalConfigContract",
     "GlobalConfigFactory",
     "LeaseBatchContract",

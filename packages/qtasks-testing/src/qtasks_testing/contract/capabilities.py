@@ -36,11 +36,13 @@ from qtasks.components import (
     CancelCheck,
     CancelFeed,
     Delivery,
+    FreshWait,
     LeaseBatch,
     SharedServer,
     Storage,
 )
 from qtasks.config import QueueConfig
+from qtasks.errors import TaskTimeoutError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_testing.contract._base import ContractSuite, wait_until
@@ -616,6 +618,46 @@ class AttemptLogContract(_StorageCapability):
                 )
 
             await wait_until(gone, timeout=3.0, what="the record and its attempts to expire")
+
+
+class FreshWaitContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.FreshWait`, as tests.
+
+    Provide a ``storage_factory`` fixture, as for
+    :class:`~qtasks_testing.contract.StorageContract`. Every test is skipped when the storage
+    is not a ``FreshWait``."""
+
+    capability = FreshWait
+
+    @pytest.mark.anyio
+    async def test_wait_fresh_returns_the_final_record_as_wait_does(self, storage: Storage) -> None:
+        fresh = cast(FreshWait, storage)
+        rec = record()
+        await storage.add(rec)
+        got: list[TaskRecord] = []
+
+        async def waiter() -> None:
+            got.append(await fresh.wait_fresh(rec.uuid, 5))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()  # the waiter blocks before it turns final
+            assert got == []
+            claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+            begun = await storage.begin(claim)
+            await storage.save(finished(begun, returning=7), fence="t1")
+        assert (got[0].status, got[0].returning) == (TaskStatus.SUCCESS, 7)
+        # Final a moment ago: the wait returns at once.
+        with anyio.fail_after(1):
+            again = await fresh.wait_fresh(rec.uuid, 5)
+        assert again == got[0]
+
+    @pytest.mark.anyio
+    async def test_wait_fresh_times_out_like_wait(self, storage: Storage) -> None:
+        rec = record()
+        await storage.add(rec)
+        with pytest.raises(TaskTimeoutError):
+            await cast(FreshWait, storage).wait_fresh(rec.uuid, 0.2)
 
 
 class CancelCheckContract(_StorageCapability):
