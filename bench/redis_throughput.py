@@ -1,7 +1,7 @@
 """qtasks on Redis: W1 throughput, W2 latency, W3 concurrency, measured as bench/peers does.
 
 The workloads and their timing follow ``bench/peers/_common.py`` and ``bench/peers/run.py``
-(branch ``bench``) exactly, so these figures compare with the peers' table:
+exactly, so these figures compare with the peers' table:
 
 - W1: 20 warm-up tasks, then 10,000 tasks enqueued one ``add_task`` call at a time into a
   running worker (concurrency 10); each task INCRs a Redis counter; rate = N / (first enqueue ->

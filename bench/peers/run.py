@@ -697,6 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = "full" if full else "partial-" + "-".join(p.name for p in selected)
         # One file per run, named by its start: a later run never overwrites an earlier one.
         target = RESULTS / f"{started:%Y-%m-%dT%H%M%SZ}-{kind}.json"
+        if target.exists():  # another run started the same second: keep both
+            target = target.with_name(f"{target.stem}-{run_id}.json")
     target.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nresults written to {target}")
     return 0
