@@ -494,3 +494,49 @@ async def test_enqueue_spans_never_confirmed_are_bounded(
     (ended,) = traces.spans()
     assert ended["name"] == "send t"
     assert [e["name"] for e in ended["events"]] == ["qtasks.unconfirmed"]
+
+
+async def test_an_unsampled_trace_goes_on_without_spans_the_sampler_would_drop() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    class Counting(ParentBased):
+        """The SDK's default kind of sampler (never sampling a root here), counting how
+        often it is asked."""
+
+        asked = 0
+
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.asked += 1
+            return super().should_sample(*args, **kwargs)
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=Counting(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=provider))
+    seen: list[tuple[int, str | None]] = []
+    nested = anyio.Event()
+
+    @app.task
+    async def outer() -> None:
+        seen.append((trace.get_current_span().get_span_context().trace_id, None))
+        await app.add_task("inner")
+
+    @app.task
+    async def inner() -> None:
+        seen.append((trace.get_current_span().get_span_context().trace_id, "inner"))
+        nested.set()
+
+    async with app:
+        with provider.get_tracer("tests").start_as_current_span("request") as request:
+            trace_id = request.get_span_context().trace_id
+            assert not request.get_span_context().trace_flags.sampled
+            await app.add_task("outer", timeout=5)
+        with anyio.fail_after(5):
+            await nested.wait()
+    await app.aclose()
+    # Only the request's root span asked the sampler: send and process spans under an
+    # unsampled trace would be dropped, so none was made; the trace went on all the same.
+    assert Counting.asked == 1
+    assert seen == [(trace_id, None), (trace_id, "inner")]
+    assert exporter.get_finished_spans() == ()
