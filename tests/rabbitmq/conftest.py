@@ -15,16 +15,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
-import aio_pika
 import anyio
 import pytest
+from amqp_cleanup import URL as URL  # re-exported: the tests here import it from conftest
+from amqp_cleanup import delete_topology as delete_topology
 
 from qtasks.config import QueueConfig
 from qtasks_rabbitmq import RabbitMQBroker, Topology
 
 T = TypeVar("T")
-
-URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 @pytest.fixture(autouse=True)
@@ -44,21 +43,6 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
-
-
-async def delete_topology(topology: Topology) -> None:
-    connection = await aio_pika.connect(URL)
-    try:
-        for name in topology.all_queues():
-            channel = await connection.channel()
-            await channel.queue_delete(name)
-            await channel.close()
-        for name in topology.all_exchanges():
-            channel = await connection.channel()
-            await channel.exchange_delete(name)
-            await channel.close()
-    finally:
-        await connection.close()
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+from amqp_cleanup import URL as RABBITMQ_URL
+from amqp_cleanup import delete_topology
 from flow_app import BURST, PER_KEY, build
 from flow_windows import max_in_window, max_overlap
 
@@ -27,7 +29,6 @@ from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 HERE = Path(__file__).parent
-RABBITMQ_URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 class Ledger:
@@ -106,26 +107,6 @@ async def serving(app: AsyncQueueTasks, count: int, seconds: float = 60) -> None
             await anyio.sleep(0.1)
 
 
-async def delete_rabbitmq_queue(queue: str) -> None:
-    import aio_pika
-
-    from qtasks_rabbitmq import Topology
-
-    topology = Topology(queue)
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    try:
-        for name in topology.all_queues():
-            channel = await connection.channel()
-            await channel.queue_delete(name)
-            await channel.close()
-        for name in topology.all_exchanges():
-            channel = await connection.channel()
-            await channel.exchange_delete(name)
-            await channel.close()
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(params=["redis", "rabbitmq"])
 def broker_kind(request: pytest.FixtureRequest) -> str:
     if request.param == "rabbitmq":
@@ -151,7 +132,7 @@ async def rig(
         workers.close()
         await app.aclose()
         if rabbitmq:
-            await asyncio.wait_for(delete_rabbitmq_queue(queue), 30)
+            await asyncio.wait_for(delete_topology(queue), 30)
     assert "Traceback" not in workers.logs()
 
 

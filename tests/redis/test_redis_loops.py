@@ -22,15 +22,15 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import anyio
 import pytest
 import redis
+from amqp_cleanup import delete_topology
 
 from qtasks import AsyncQueueTasks, TaskStatus
 from qtasks.errors import ComponentError
 from qtasks.task import TaskDef
-from qtasks_rabbitmq import RabbitMQBroker, Topology
+from qtasks_rabbitmq import RabbitMQBroker
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 pytestmark = pytest.mark.redis
@@ -71,20 +71,6 @@ class Backend:
         return app
 
 
-async def _delete_rabbitmq_objects(name: str) -> None:
-    topology = Topology(name)
-    connection = await aio_pika.connect(AMQP)
-    async with connection:
-        for queue in topology.all_queues():
-            channel = await connection.channel()
-            await channel.queue_delete(queue)
-            await channel.close()
-        for exchange in topology.all_exchanges():
-            channel = await connection.channel()
-            await channel.exchange_delete(exchange)
-            await channel.close()
-
-
 @pytest.fixture(params=["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def backend(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Backend]:
     """The backend under test, on keys and queues of this test, deleted afterwards."""
@@ -94,7 +80,7 @@ def backend(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Backend]
     name = f"qt-test-{uuid.uuid4().hex[:10]}"
     yield Backend(kind, name, redis_url)
     if kind == "rabbitmq":
-        asyncio.run(asyncio.wait_for(_delete_rabbitmq_objects(name), 30))
+        asyncio.run(asyncio.wait_for(delete_topology(name), 30))
     client = redis.Redis.from_url(redis_url)
     try:
         keys = list(client.scan_iter(match=f"{{{name}:*", count=1000))

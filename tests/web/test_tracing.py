@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from amqp_cleanup import delete_topology
 from obs_helpers import fails_once, runs_until_cancelled, span_dict, spawn
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -273,8 +274,6 @@ def test_the_entry_point_enables_tracing_from_extra_tracing() -> None:
 
 @pytest.mark.rabbitmq
 async def test_the_trace_context_crosses_rabbitmq(rabbitmq_url: str, traces: Traces) -> None:
-    import aio_pika
-
     from qtasks_rabbitmq import RabbitMQBroker
 
     broker = RabbitMQBroker(rabbitmq_url, queue=f"qtasks-test-{uuid.uuid4().hex[:10]}")
@@ -294,12 +293,7 @@ async def test_the_trace_context_crosses_rabbitmq(rabbitmq_url: str, traces: Tra
             spans = await traces.until(lambda s: bool(named(s, "process ok")))
     finally:
         await app.aclose()
-        connection = await aio_pika.connect(rabbitmq_url)
-        async with connection:
-            for name in broker.topology.all_queues():
-                await (await connection.channel()).queue_delete(name)
-            for name in broker.topology.all_exchanges():
-                await (await connection.channel()).exchange_delete(name)
+        await delete_topology(broker.topology, rabbitmq_url)
     assert_child(one(spans, "send ok"), one(spans, "request"))
     assert_child(one(spans, "process ok"), one(spans, "send ok"))
 

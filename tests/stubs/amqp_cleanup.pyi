@@ -1,0 +1,1 @@
+from tests.amqp_cleanup import *  # noqa: F403
