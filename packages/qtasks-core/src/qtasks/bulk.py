@@ -39,6 +39,10 @@ BATCH = 1000
 """Most tasks stored and published in one call (one Redis script never holds the server for
 long; a RabbitMQ batch's confirms are awaited together)."""
 
+_YIELD_EVERY = 50
+"""While a batch is in flight, the next one's preparation yields to the loop every this many
+tasks, so the call in flight is sent and answered meanwhile."""
+
 
 def as_args(item: Any) -> tuple[Any, ...]:
     """The positional arguments of one item of ``task.add_tasks(args_list)``: a tuple or list
@@ -80,13 +84,17 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
                 )
             chunk.append((record, envelope))
             out.append(record)
+            if inflight is not None and len(chunk) % _YIELD_EVERY == 0:
+                # Let the batch in flight send its call (its write is scheduled after the
+                # step that made it) and take its reply: preparing a batch never awaits, so
+                # without these yields the call would leave only once this batch is ready.
+                await asyncio.sleep(0)
             if len(chunk) == BATCH:
                 if inflight is not None:
                     await inflight
                     inflight = None
                 if overlap:
                     inflight = asyncio.get_running_loop().create_task(stored(chunk))
-                    await asyncio.sleep(0)  # it sends its call; the next batch is prepared
                 else:
                     await stored(chunk)
                 chunk = []
