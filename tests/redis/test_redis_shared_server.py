@@ -81,6 +81,55 @@ async def test_publish_new_stores_record_and_message(
     assert (await broker.stats()).delayed == 1
 
 
+async def test_publish_new_many_writes_what_publish_new_writes(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A batch of fresh tasks takes the batch's fast path (one write per record); one that
+    meets a stored record or a queued message goes task by task. Both leave the keys as
+    publish_new does: status indexes, no TTL on a record made new again, a republished message
+    replacing the queued one."""
+    broker, storage = await parts(stack, redis_url, prefix)
+    client = aioredis.from_url(redis_url)
+    stack.push_async_callback(client.aclose)
+    await broker.publish_new_many(
+        storage,
+        [
+            (new_record("a"), Envelope("a", b"a", priority=1)),
+            (new_record("b"), Envelope("b", b"b", eta=4e9)),
+        ],
+    )
+    assert await storage.stats() == {"new": 2}
+    stats = await broker.stats()
+    assert (stats.ready_by_priority, stats.delayed) == ({1: 1}, 1)
+    async with broker.consume(prefetch=1) as it:
+        assert await (await take(it)).ack() is True
+    done = new_record("a")
+    done.status, done.returning = TaskStatus.SUCCESS, "old"
+    assert await storage.save(done) is True
+    assert await client.pttl(storage._keys("a")[0]) > 0
+    # The record of "a" is stored (final, expiring): this batch goes task by task.
+    await broker.publish_new_many(
+        storage, [(new_record("a"), Envelope("a", b"a2")), (new_record("c"), Envelope("c", b"c"))]
+    )
+    assert await storage.stats() == {"new": 3}
+    assert await client.pttl(storage._keys("a")[0]) == -1
+    # "d"'s message is delivered (no record): the batch replaces it, as publish would.
+    await broker.publish(Envelope("d", b"d"))
+    got = {}
+    async with broker.consume(prefetch=10) as it:
+        first = [await take(it) for _ in range(3)]
+        old_d = next(delivery for delivery in first if delivery.id == "d")
+        await broker.publish_new_many(storage, [(new_record("d"), Envelope("d", b"d2"))])
+        assert await old_d.ack() is False  # that delivery was replaced
+        for delivery in [*first, await take(it)]:
+            if delivery is not old_d:
+                got[delivery.id] = delivery.body
+                await delivery.ack()
+    assert await storage.stats() == {"new": 4}
+    assert (await broker.stats()).delayed == 1
+    assert got == {"a": b"a2", "c": b"c", "d": b"d2"}
+
+
 async def test_ack_final_saves_then_acks(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:

@@ -256,6 +256,54 @@ PUBLISH_NEW_MANY = Script(
 -- JSON, status and token (SAVE, forced) and the message's id, body, priority and eta_ms
 -- (PUBLISH): 8 a task instead of SAVE's and PUBLISH's 12 (fewer to encode and send).
 local ttl = ARGV[2]
+local n = (#ARGV - 2) / 8
+-- A batch of fresh tasks (no record nor message of it exists yet, as with new uuids: the
+-- usual case) costs one write per record; each index, hash and queue is written once for
+-- the whole batch. Any other batch goes task by task through SAVE and PUBLISH, as add_task.
+local recs, ids, fresh = {}, {}, n > 0
+for i = 0, n - 1 do
+  recs[i + 1] = TAG .. ':r:' .. ARGV[3 + i * 8]
+  ids[i + 1] = ARGV[7 + i * 8]
+  if ARGV[5 + i * 8] ~= 'new' then fresh = false end
+end
+if fresh and redis.call('EXISTS', unpack(recs)) ~= 0 then fresh = false end
+if fresh then
+  for _, body in ipairs(redis.call('HMGET', K_BODY, unpack(ids))) do
+    if body then fresh = false break end
+  end
+end
+if fresh then
+  local now = now_ms()
+  local seq = redis.call('INCRBY', K_SEQ, n) - n
+  local new, bodies, metas, ready, delayed = {}, {}, {}, {}, {}
+  for i = 0, n - 1 do
+    local base, id = 2 + i * 8, ids[i + 1]
+    redis.call('HSET', recs[i + 1], 'd', ARGV[base + 2], 's', 'new', 't', ARGV[base + 4])
+    new[#new + 1] = now
+    new[#new + 1] = ARGV[base + 1]
+    bodies[#bodies + 1] = id
+    bodies[#bodies + 1] = ARGV[base + 6]
+    metas[#metas + 1] = id
+    metas[#metas + 1] = ARGV[base + 7]
+    local eta = tonumber(ARGV[base + 8])
+    if eta and eta > now then
+      delayed[#delayed + 1] = eta
+      delayed[#delayed + 1] = id
+    else  -- ready_score's, with the batch's sequence numbers
+      local p = tonumber(ARGV[base + 7]) or 0
+      if p > 899 then p = 899 elseif p < -899 then p = -899 end
+      ready[#ready + 1] = p * SPAN + seq + i + 1
+      ready[#ready + 1] = id
+    end
+  end
+  redis.call('ZADD', IDX.new, unpack(new))
+  redis.call('HSET', K_BODY, unpack(bodies))
+  redis.call('HSET', K_META, unpack(metas))
+  if #ready > 0 then redis.call('ZADD', K_READY, unpack(ready)) end
+  if #delayed > 0 then redis.call('ZADD', K_DELAYED, unpack(delayed)) end
+  notify()
+  return 1
+end
 for base = 2, #ARGV - 1, 8 do
   rec_keys(ARGV[base + 1])
   storage({ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], '0', '', '1', ttl})

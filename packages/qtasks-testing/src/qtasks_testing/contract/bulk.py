@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import pytest
 
@@ -81,6 +82,19 @@ class BulkPublishContract(ContractSuite):
         assert order == [high.id, low.id, later.id]
 
 
+async def _acked(broker: Broker, count: int, prefetch: int = 10) -> list[str]:
+    """The ids of the next ``count`` deliveries, each acked, in delivery order; none must
+    follow them."""
+    ids = []
+    async with consuming(broker, prefetch=prefetch) as consumer:
+        for _ in range(count):
+            delivery = await consumer.next(timeout=5)
+            ids.append(delivery.id)
+            await delivery.ack()
+        assert await consumer.none_within(0.3) is None
+    return ids
+
+
 class BulkPublishNewContract(_SharedFixtures):
     """The guarantees of :class:`qtasks.components.BulkPublishNew`, wired as
     :class:`~qtasks_testing.contract.SharedServerContract`."""
@@ -94,13 +108,36 @@ class BulkPublishNewContract(_SharedFixtures):
         await shared.broker.publish_new_many(shared.storage, [(rec, sent) for sent, rec in tasks])
         for _, rec in tasks[::97]:
             assert await shared.storage.get(rec.uuid) == rec
-        seen = set()
-        async with consuming(shared.broker, prefetch=100) as consumer:
-            for _ in tasks:
-                delivery = await consumer.next(timeout=5)
-                seen.add(delivery.id)
-                await delivery.ack()
-        assert seen == {sent.id for sent, _ in tasks}
+        seen = await _acked(shared.broker, len(tasks), prefetch=100)
+        assert sorted(seen) == sorted(sent.id for sent, _ in tasks)
+
+    @pytest.mark.anyio
+    async def test_publish_new_many_keeps_priorities_order_and_delays(self, shared: Shared) -> None:
+        assert isinstance(shared.broker, BulkPublishNew)
+        plan = [(5, None), (-5, None), (0, time.time() + 0.6), (5, None), (0, None)]
+        tasks = []
+        for priority, eta in plan:
+            sent, rec = shared.new(priority=priority)
+            tasks.append((rec, replace(sent, priority=priority, eta=eta)))
+        await shared.broker.publish_new_many(shared.storage, tasks)
+        ids = [sent.id for _, sent in tasks]
+        assert await _acked(shared.broker, len(tasks)) == [ids[1], ids[4], ids[0], ids[3], ids[2]]
+
+    @pytest.mark.anyio
+    async def test_publish_new_many_replaces_a_stored_record(self, shared: Shared) -> None:
+        """A batch meeting a stored record (a uuid used again) replaces it, as add_task's
+        publish_new does; the rest of the batch is stored and published alike."""
+        assert isinstance(shared.broker, BulkPublishNew)
+        old_sent, old = shared.new()
+        await shared.storage.add(old)
+        assert await shared.storage.save(finished(old, returning="old")) is True
+        again = record(uuid=old.uuid)
+        tasks = [shared.new(), (old_sent, again), shared.new()]
+        await shared.broker.publish_new_many(shared.storage, [(rec, sent) for sent, rec in tasks])
+        for _, rec in tasks:
+            assert await shared.storage.get(rec.uuid) == rec
+        seen = await _acked(shared.broker, len(tasks))
+        assert sorted(seen) == sorted(sent.id for sent, _ in tasks)
 
 
 class BulkAddContract(_StorageCapability):
