@@ -28,6 +28,7 @@ from qtasks.errors import (
     StorageConnectionError,
     TaskTimeoutError,
 )
+from qtasks.messages import strict_json_encoder
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
 from qtasks_redis import workflows
@@ -109,13 +110,13 @@ _FEED_IDLE = 5.0
 
 log = logging.getLogger("qtasks_redis.storage")
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_encode_json = strict_json_encoder()
 _loads = json.JSONDecoder().decode
 
 
 def _dumps(value: Any) -> str:
     try:
-        return _ENCODER.encode(value)
+        return _encode_json(value)
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"cannot store as JSON: {exc}") from exc
 

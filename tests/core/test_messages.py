@@ -1,0 +1,82 @@
+"""The message helpers every enqueue uses: task UUIDs and the strict JSON encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+
+import pytest
+
+from qtasks.errors import SerializationError
+from qtasks.messages import JSONSerializer, new_uuid, strict_json_encoder
+
+
+def test_new_uuids_are_random_version_4_hex_and_never_repeat() -> None:
+    made = [new_uuid() for _ in range(2000)]  # several draws from the OS
+    assert len(set(made)) == len(made)
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert (parsed.hex, parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+def test_threads_and_forked_children_draw_their_own_uuids() -> None:
+    new_uuid()  # this thread holds undrawn UUIDs now
+    per_thread: list[list[str]] = [[], []]
+
+    def draw(into: list[str]) -> None:
+        into.extend(new_uuid() for _ in range(500))
+
+    threads = [threading.Thread(target=draw, args=(out,)) for out in per_thread]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not set(per_thread[0]) & set(per_thread[1])
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        os.write(write, "".join(new_uuid() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read().decode()
+    os.waitpid(pid, 0)
+    child = {data[at : at + 32] for at in range(0, len(data), 32)}
+    parent = {new_uuid() for _ in range(50)}
+    assert len(child) == 50
+    assert not child & parent
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"uuid": "a" * 32, "args": [1, 2.5, None, True, 'é\u2028"\\'], "kwargs": {}},
+        [2, "x", 1e300, -0.0, 10**30, [], {"k": [{"n": None}]}],
+        "plain \U0001f600",
+        7,
+        None,
+    ],
+)
+def test_the_strict_encoder_writes_what_json_writes(value: object) -> None:
+    expected = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    assert strict_json_encoder()(value) == expected
+
+
+def test_the_strict_encoder_refuses_what_json_refuses() -> None:
+    encode = strict_json_encoder()
+    circular: list[object] = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular"):
+        encode(circular)
+    with pytest.raises(ValueError, match="Out of range"):
+        encode({"x": float("nan")})
+    with pytest.raises(TypeError, match="object"):
+        encode([object()])
+    with pytest.raises(TypeError, match="keys must be"):
+        encode({(1, 2): 3})
+    with pytest.raises(SerializationError, match="cannot encode as JSON"):
+        JSONSerializer().dumps({"when": {1, 2}})
