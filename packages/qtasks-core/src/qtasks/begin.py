@@ -14,6 +14,7 @@ import anyio
 
 from qtasks.components import BeginMany, Storage
 from qtasks.errors import SerializationError
+from qtasks.memory.signals import EventFactory
 from qtasks.record import TaskRecord
 
 BEGIN_BATCH = 256
@@ -23,9 +24,9 @@ BEGIN_BATCH = 256
 class _Waiter:
     __slots__ = ("batch", "error", "event", "record", "result")
 
-    def __init__(self, record: TaskRecord) -> None:
+    def __init__(self, record: TaskRecord, event: anyio.Event) -> None:
         self.record = record
-        self.event = anyio.Event()
+        self.event = event
         self.result: TaskRecord | None = None
         self.error: BaseException | None = None
         self.batch: list[_Waiter] | None = None
@@ -35,10 +36,11 @@ class _Waiter:
 class BeginBatch:
     """Begins task records for a worker, many per round trip when they start together."""
 
-    __slots__ = ("_busy", "_many", "_queue", "storage")
+    __slots__ = ("_busy", "_many", "_new_event", "_queue", "storage")
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self._new_event = EventFactory()  # a waiter's event: anyio.Event() costs ~4 us
         self._many = storage if isinstance(storage, BeginMany) else None
         self._busy = False
         self._queue: list[_Waiter] = []
@@ -53,7 +55,7 @@ class BeginBatch:
                 return await self.storage.begin(claim)
             finally:
                 self._pass_on()
-        waiter = _Waiter(claim)
+        waiter = _Waiter(claim, self._new_event())
         self._queue.append(waiter)
         try:
             await waiter.event.wait()

@@ -169,6 +169,7 @@ class QueueWorker:
         slot_freed = _Signal()
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
+        self._begins = BeginBatch(app.storage)  # per run: its events belong to this loop
         broker = app.broker
         shared = app.shared_server
         consumer = (
