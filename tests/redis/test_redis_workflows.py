@@ -280,9 +280,14 @@ async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
             chain(add.s(1, 2), double.s()), on_error=app.signature("on_error")
         )
         seen: list[str] = []
+        published: list[str] = []
         for _ in range(2):  # the first claim is handed back unsettled; the second dead-letters
             opened = app.broker.consume_begun(
-                prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
+                prefetch=1,
+                storage=app.storage,
+                worker="gone",
+                starts=lambda: 1,
+                published=published.extend,
             )
             async with opened as deliveries:
                 with anyio.move_on_after(1):
@@ -296,10 +301,55 @@ async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
         assert later is not None and later.status.value == "cancel"
         # The claim that dead-lettered the member published the error callback, and took it.
         assert seen == [wf.members[0], state.on_error]
+        assert published == [state.on_error]  # and said so
         letters = await app.dead_letters()
         assert [d.id for d in letters] == [wf.members[0]]
         stats = await app.broker.stats()
         assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published
+    finally:
+        await app.aclose()
+
+
+async def test_a_worker_fires_the_enqueue_hook_for_an_error_callback_its_claim_published(
+    redis_url: str, prefix: str
+) -> None:
+    """The worker's claim dead-letters a member (its earlier delivery was never settled) and
+    publishes the workflow's error callback in the same script: the worker fires
+    ``qtasks_task_enqueued`` for it, as for what a settle publishes."""
+    app = build("redis", redis_url, prefix)
+    app.broker = RedisBroker(redis_url, prefix=prefix, queue="wf", max_deliveries=1)
+    enqueued: list[str] = []
+    second = anyio.Event()
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+            enqueued.append(record.uuid)
+            if len(enqueued) == 2:
+                second.set()
+
+    app.add_plugin(Seen())
+    add, double = app.tasks["add"], app.tasks["double"]
+    try:
+        await app.start()
+        assert isinstance(app.broker, RedisBroker)
+        wf = await app.run_workflow(
+            chain(add.s(1, 2), double.s()), on_error=app.signature("on_error")
+        )
+        assert enqueued == [wf.members[0]]  # the first step, by the client
+        gone = app.broker.consume_begun(
+            prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
+        )
+        async with gone as deliveries:  # claimed, then handed back unsettled
+            with anyio.fail_after(3):
+                async for _ in deliveries:
+                    break
+        async with app:  # this worker's claim dead-letters the member
+            state = await app.wait_workflow(wf.id, 10)
+            assert state.status == "error" and state.on_error is not None
+            with anyio.fail_after(5):
+                await second.wait()  # fired by a task of the worker's own
+        assert enqueued == [wf.members[0], state.on_error]
     finally:
         await app.aclose()
 

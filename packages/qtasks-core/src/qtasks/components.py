@@ -387,7 +387,13 @@ class BeginOnClaim(Protocol):
     """
 
     def consume_begun(
-        self, *, prefetch: int, storage: Storage, worker: str, starts: Callable[[], int]
+        self,
+        *,
+        prefetch: int,
+        storage: Storage,
+        worker: str,
+        starts: Callable[[], int],
+        published: Callable[[Sequence[str]], None] | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         """Exactly :meth:`Broker.consume`, except that every delivery has one more
         attribute, ``begun``. At each claim the broker asks ``starts()`` how many of the
@@ -403,7 +409,12 @@ class BeginOnClaim(Protocol):
         So a task begun with its claim has started as far as the storage knows, and a cancel
         made after the claim cancels a running task; a task that waits in the worker stays
         queued in storage, and a cancel made while it waits is seen when it would start: it
-        never runs. Decided by the stored state, with no time window."""
+        never runs. Decided by the stored state, with no time window.
+
+        A claim may publish messages itself: a workflow member it dead-letters fails its
+        workflow, whose error callback is published in the same round trip. ``published``,
+        when given, is called with their ids right after that claim (the worker fires
+        ``qtasks_task_enqueued`` for them)."""
         ...
 
 

@@ -266,9 +266,10 @@ def qtasks_task_enqueued(app: AsyncQueueTasks, record: TaskRecord) -> None:
     steps in the client; for a workflow member published when its gate opened (the next
     step, a chord's callback, the error callback) in the worker whose settle step opened it,
     after that step returned (on Redis after the settle script, once per batch of settled
-    tasks). Not for a workflow's error callback published by the Redis claim script that
-    dead-letters a member. A worker killed after publishing and before the hook may leave it
-    unfired, or (RabbitMQ, redelivered member) fired twice."""
+    tasks); for a workflow's error callback published by the Redis claim script that
+    dead-letters a member, in the worker that claimed, right after the claim. A worker killed
+    after publishing and before the hook may leave it unfired, or (RabbitMQ, redelivered
+    member) fired twice."""
 
 
 @hookspec

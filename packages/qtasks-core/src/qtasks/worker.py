@@ -172,13 +172,19 @@ class QueueWorker:
         self._begins = BeginBatch(app.storage)  # per run: its events belong to this loop
         broker = app.broker
         shared = app.shared_server
-        consumer = (
-            broker.consume_begun(
-                prefetch=prefetch, storage=app.storage, worker=self.id, starts=self._starts
+        announcer: workflows.Announcer | None = None
+        if shared is not None and isinstance(broker, BeginOnClaim):
+            if "qtasks_task_enqueued" in app.hooks.active:
+                announcer = workflows.Announcer(app)
+            consumer = broker.consume_begun(
+                prefetch=prefetch,
+                storage=app.storage,
+                worker=self.id,
+                starts=self._starts,
+                published=None if announcer is None else announcer.published,
             )
-            if shared is not None and isinstance(broker, BeginOnClaim)
-            else broker.consume(prefetch=prefetch)
-        )
+        else:
+            consumer = broker.consume(prefetch=prefetch)
         settler = self._settlement.open_batch(app, concurrency)
         async with (
             consumer as deliveries,
@@ -242,6 +248,8 @@ class QueueWorker:
             serving.start_soon(receive_until_stopped)
             if settler is not None:
                 serving.start_soon(settler.serve)
+            if announcer is not None:
+                serving.start_soon(announcer.serve)
             storage = app.storage
             if isinstance(storage, CancelFeed):
                 # Cancels made by other processes reach running tasks at once.

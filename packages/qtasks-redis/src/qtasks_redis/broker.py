@@ -418,22 +418,29 @@ class RedisBroker:
     def consume(
         self, *, prefetch: int
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
-        return self._consume(prefetch, lua.CLAIM, self.keys, (), None, None)
+        return self._consume(prefetch, lua.CLAIM, self.keys, (), None, None, None)
 
     def consume_begun(
-        self, *, prefetch: int, storage: Storage, worker: str, starts: Callable[[], int]
+        self,
+        *,
+        prefetch: int,
+        storage: Storage,
+        worker: str,
+        starts: Callable[[], int],
+        published: Callable[[Sequence[str]], None] | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
         """:meth:`consume`, beginning in the same script the records of the claimed messages
         that start at once (``starts()``, asked at each claim); see
         :class:`~qtasks.components.BeginOnClaim`. Only for a storage this broker
-        :meth:`shares_server_with`."""
+        :meth:`shares_server_with`. ``published`` gets the ids of the error callbacks a claim
+        published for the workflow members it dead-lettered."""
         if not self.shares_server_with(storage):
             raise ComponentError(f"{storage!r} does not share a server with {self!r}")
         redis_storage = _redis_storage(storage)
         keys = (*self.keys, *redis_storage.index_keys)
         extra = (redis_storage.key_tag, worker, redis_storage.ttl_ms)
         claim = workflow_lua.CLAIM_BEGIN_WF  # CLAIM_BEGIN, failing the workflows of dead members
-        return self._consume(prefetch, claim, keys, extra, redis_storage, starts)
+        return self._consume(prefetch, claim, keys, extra, redis_storage, starts, published)
 
     @asynccontextmanager
     async def _consume(
@@ -444,6 +451,7 @@ class RedisBroker:
         extra: tuple[str, ...],
         storage: RedisStorage | None,
         starts: Callable[[], int] | None,
+        published: Callable[[Sequence[str]], None] | None,
     ) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
         client = self._require()
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
@@ -481,6 +489,13 @@ class RedisBroker:
         def parse(reply: Any) -> tuple[list[RedisDelivery], float | None]:
             """The deliveries claimed, and how long to block for a wake-up before the next
             claim: ``None`` when the queue may hold more (as many claimed as asked for)."""
+            if (len(reply) - 1) % stride:
+                # One element over: the ids of the messages the claim published itself
+                # (CLAIM_BEGIN_WF: the error callbacks of the workflow members it
+                # dead-lettered), comma-separated.
+                *reply, ids = reply
+                if published is not None:
+                    published(ids.decode().split(","))
             out: list[RedisDelivery] = []
             for i in range(1, len(reply), stride):
                 id, body, prio, attempt, token = reply[i : i + 5]

@@ -329,6 +329,7 @@ return 1
 
 _CLAIM_HEAD = shared_lua.CLAIM_BEGIN.source[: -len(broker_lua.CLAIM_BODY)]
 assert shared_lua.CLAIM_BEGIN.source.endswith(broker_lua.CLAIM_BODY)
+assert broker_lua.CLAIM_BODY.endswith("return out\n")
 
 CLAIM_BEGIN_WF = Script(
     _CLAIM_HEAD
@@ -342,6 +343,7 @@ local function broker_publish(ARGV)
 end
 {_PUBLISH_OPENED}
 local record_dead = on_dead
+local CLAIM_PUBLISHED = {{}}
 -- A workflow member dead-lettered by its delivery limit fails its workflow, as a member that
 -- failed after its retries does (its error gate publishes the error callback).
 local function on_dead(id, reason)
@@ -355,9 +357,14 @@ local function on_dead(id, reason)
   if d[1] == 1 or d[1] == 2 then w, task = d[#d], d[3] end
   if type(w) ~= 'string' then return end
   local err = 'member ' .. id .. ' (' .. tostring(task) .. ') error: dead-lettered: ' .. reason
-  publish_opened(w, member_done(w, id, 'error', err, TTL))
+  publish_opened(w, member_done(w, id, 'error', err, TTL), CLAIM_PUBLISHED)
 end
 """
-    + broker_lua.CLAIM_BODY
+    # The ids it published go last, as one comma-separated element (the reply is otherwise
+    # a wait then 13 elements per delivery, so one over says they are there).
+    + broker_lua.CLAIM_BODY.removesuffix("return out\n")
+    + """if #CLAIM_PUBLISHED > 0 then out[#out + 1] = table.concat(CLAIM_PUBLISHED, ',') end
+return out
+"""
 )
 """CLAIM_BEGIN whose dead-lettering of a workflow member also fails its workflow."""

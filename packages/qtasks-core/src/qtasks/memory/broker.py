@@ -231,10 +231,17 @@ class MemoryBroker(_Lifecycle):
         return self._consume(None)
 
     def consume_begun(
-        self, *, prefetch: int, storage: Storage, worker: str, starts: Callable[[], int]
+        self,
+        *,
+        prefetch: int,
+        storage: Storage,
+        worker: str,
+        starts: Callable[[], int],
+        published: Callable[[Sequence[str]], None] | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         """:meth:`consume`, beginning the record of each message taken while ``starts()``
-        says it starts at once (see :class:`qtasks.components.BeginOnClaim`)."""
+        says it starts at once (see :class:`qtasks.components.BeginOnClaim`). Its claims
+        publish nothing, so ``published`` is never called."""
         if not isinstance(storage, MemoryStorage):
             raise ComponentError(f"{storage!r} does not share a server with {self!r}")
         return self._consume((storage, worker, starts))

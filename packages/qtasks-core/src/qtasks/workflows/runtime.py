@@ -3,6 +3,7 @@ input, and continue a workflow when one of its members ends (for the settle step
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from qtasks.bulk import BATCH, enqueue_batch, notify_stored, publish_many
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
+from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.executor import TaskRun
     from qtasks.task import TaskDef
+
+log = logging.getLogger("qtasks.workflows")
 
 RUNNING = "running"
 
@@ -238,6 +242,36 @@ async def announce(app: AsyncQueueTasks, uuids: Sequence[str]) -> None:
     for record in await store_of(app).get_many(uuids):
         if record is not None:
             await app.hooks.notify("qtasks_task_enqueued", app=app, record=record)
+
+
+class Announcer:
+    """``qtasks_task_enqueued`` of the workflow steps a broker published while it claimed
+    (the error callback of a member dead-lettered at claim; see ``published`` of
+    :meth:`~qtasks.components.BeginOnClaim.consume_begun`), fired by a task of the worker's
+    own so the claim is not held up."""
+
+    __slots__ = ("_app", "_ids", "_ready")
+
+    def __init__(self, app: AsyncQueueTasks) -> None:
+        self._app = app
+        self._ids: list[str] = []
+        self._ready = _Signal()
+
+    def published(self, ids: Sequence[str]) -> None:
+        """What the broker calls with the ids a claim published."""
+        self._ids.extend(ids)
+        self._ready.fire()
+
+    async def serve(self) -> None:
+        """Announce what claims published, until cancelled."""
+        while True:
+            while not self._ids:
+                await self._ready.wait(None)
+            ids, self._ids = self._ids, []
+            try:
+                await announce(self._app, ids)
+            except Exception:  # a plugin's error must not end the worker's serving
+                log.exception("qtasks_task_enqueued failed for %d workflow steps", len(ids))
 
 
 async def found_final(app: AsyncQueueTasks, record: TaskRecord) -> None:
