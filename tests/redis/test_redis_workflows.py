@@ -16,7 +16,7 @@ from workflow_app import Workers, build, kill_while_running
 from qtasks import AsyncQueueTasks, chain, chord, group, hookimpl
 from qtasks.components import RecordQuery, StorageQuery, WorkflowStore
 from qtasks.record import TaskRecord, TaskStatus
-from qtasks.workflows import Node
+from qtasks.workflows import Node, Workflow
 from qtasks_redis import RedisBroker
 
 pytestmark = pytest.mark.anyio
@@ -265,20 +265,31 @@ async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
     assert {int(v) for v in workers.ran("slow")} == set(range(members))
 
 
+def one_delivery_app(redis_url: str, prefix: str) -> AsyncQueueTasks:
+    """The workflow app whose broker dead-letters a message at its second delivery."""
+    app = build("redis", redis_url, prefix)
+    app.broker = RedisBroker(redis_url, prefix=prefix, queue="wf", max_deliveries=1)
+    return app
+
+
+async def failing_chain(app: AsyncQueueTasks) -> Workflow:
+    """Start the app and a two-step chain with an error callback."""
+    await app.start()
+    add, double = app.tasks["add"], app.tasks["double"]
+    return await app.run_workflow(
+        chain(add.s(1, 2), double.s()), on_error=app.signature("on_error")
+    )
+
+
 async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
     redis_url: str, prefix: str
 ) -> None:
     """Delivered more often than max_deliveries (its workers died): the claim that
     dead-letters it fails its workflow in the same script and publishes the error callback."""
-    app = build("redis", redis_url, prefix)
-    app.broker = RedisBroker(redis_url, prefix=prefix, queue="wf", max_deliveries=1)
-    add, double = app.tasks["add"], app.tasks["double"]
+    app = one_delivery_app(redis_url, prefix)
     try:
-        await app.start()
+        wf = await failing_chain(app)
         assert isinstance(app.broker, RedisBroker)
-        wf = await app.run_workflow(
-            chain(add.s(1, 2), double.s()), on_error=app.signature("on_error")
-        )
         seen: list[str] = []
         published: list[str] = []
         for _ in range(2):  # the first claim is handed back unsettled; the second dead-letters
@@ -316,8 +327,7 @@ async def test_a_worker_fires_the_enqueue_hook_for_an_error_callback_its_claim_p
     """The worker's claim dead-letters a member (its earlier delivery was never settled) and
     publishes the workflow's error callback in the same script: the worker fires
     ``qtasks_task_enqueued`` for it, as for what a settle publishes."""
-    app = build("redis", redis_url, prefix)
-    app.broker = RedisBroker(redis_url, prefix=prefix, queue="wf", max_deliveries=1)
+    app = one_delivery_app(redis_url, prefix)
     enqueued: list[str] = []
     second = anyio.Event()
 
@@ -329,13 +339,9 @@ async def test_a_worker_fires_the_enqueue_hook_for_an_error_callback_its_claim_p
                 second.set()
 
     app.add_plugin(Seen())
-    add, double = app.tasks["add"], app.tasks["double"]
     try:
-        await app.start()
+        wf = await failing_chain(app)
         assert isinstance(app.broker, RedisBroker)
-        wf = await app.run_workflow(
-            chain(add.s(1, 2), double.s()), on_error=app.signature("on_error")
-        )
         assert enqueued == [wf.members[0]]  # the first step, by the client
         gone = app.broker.consume_begun(
             prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
