@@ -4,6 +4,7 @@ is measured by bench/query_pages.py, not here)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -114,3 +115,49 @@ async def test_a_record_begun_on_claim_is_listed_as_running() -> None:
         assert (await storage.query(RecordQuery(status=TaskStatus.NEW))).records == []
         assert await storage.count(TaskStatus.PROCESS) == 1
         await app.cancel(task.uuid)
+
+
+async def test_counts_match_a_walk_through_rewrites_expiry_and_rebuilds() -> None:
+    """count() keeps live totals per status (a Fenwick tree) instead of walking the range:
+    after random adds, status changes, expiries and the amortised rebuilds, every count over
+    every range equals a count of the records themselves."""
+    now = [1000.0]
+    rng = random.Random(7)
+    statuses = [TaskStatus.NEW, TaskStatus.PROCESS, TaskStatus.SUCCESS, TaskStatus.ERROR]
+    async with AsyncExitStack() as stack:
+        storage = MemoryStorage(clock=lambda: now[0])
+        await storage.start(stack, QueueConfig(result_ttl=50.0))
+        written: dict[str, float] = {}  # uuid -> the time of its latest write
+        rebuilds: list[int] = []
+        rebuild = storage._rebuild
+
+        def counted() -> None:
+            rebuilds.append(1)
+            rebuild()
+
+        storage._rebuild = counted  # type: ignore[method-assign]  # counted, still rebuilt
+        for step in range(12_000):  # enough writes for several rebuilds (4,096 + 2 x live)
+            now[0] += 0.01
+            uuid = f"r{rng.randrange(3000)}"
+            record = TaskRecord(uuid=uuid, task_name="t", status=rng.choice(statuses))
+            record.updated_at = now[0]
+            if record.status.final:  # saved: expires result_ttl after this write
+                if not await storage.save(record):
+                    continue  # refused (final is final): nothing written
+            else:
+                await storage.add(record)
+            written[uuid] = now[0]
+            if step % 1500 == 0:
+                for status in statuses:
+                    lo, hi = now[0] - rng.uniform(1, 120), now[0] - rng.uniform(0, 1)
+                    for since, until in ((None, None), (lo, None), (None, hi), (lo, hi)):
+                        counted_here = await storage.count(status, since, until)  # expires
+                        records = [
+                            r
+                            for r in storage._records.values()
+                            if r.status is status
+                            and (since is None or written[r.uuid] >= since)
+                            and (until is None or written[r.uuid] < until)
+                        ]
+                        assert counted_here == len(records)
+        assert rebuilds

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,6 +16,7 @@ import anyio.abc
 from qtasks.components import GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import InvalidQueryError, TaskTimeoutError
+from qtasks.memory.counts import LiveCounts
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.workflows import MemoryWorkflows
 from qtasks.record import TaskRecord, TaskStatus
@@ -65,6 +65,10 @@ class MemoryStorage(_Lifecycle):
         self._seq_of: dict[str, int] = {}
         self._all: list[_Entry] = []
         self._by_status: dict[TaskStatus, list[_Entry]] = {}
+        self._live: dict[TaskStatus, LiveCounts] = {}
+        """Which entries of each status list are current, for :meth:`count`."""
+        self._at: dict[str, tuple[TaskStatus, int]] = {}
+        """A record's current entry in the status lists: its status and position."""
         self._by_name: dict[str, list[_Entry]] = {}
         self._by_parent: dict[str, list[_Entry]] = {}
         self._indexed = 0
@@ -89,6 +93,7 @@ class MemoryStorage(_Lifecycle):
                 and record.updated_at + (self._ttl or math.inf) <= now
             ):
                 del self._records[uuid]
+                self._forget(uuid)
                 self._steps.pop(uuid, None)
                 self._attempts.pop(uuid, None)
 
@@ -370,11 +375,20 @@ class MemoryStorage(_Lifecycle):
         (those still current: a later write of the same record has its own entry)."""
         records, seq_of = self._records, self._seq_of
         by_status, by_name = self._by_status, self._by_name
-        for entry in itertools.islice(self._all, self._indexed, None):
+        entries = self._all
+        if self._indexed == len(entries):
+            return
+        # A slice copies only the new entries (islice would step through the old ones).
+        for entry in entries[self._indexed :]:
             record = records.get(entry[2])
             if record is None or seq_of.get(entry[2]) != entry[0]:
                 continue
             by_status.setdefault(record.status, []).append(entry)
+            live = self._live.get(record.status)
+            if live is None:
+                live = self._live[record.status] = LiveCounts()
+            self._forget(entry[2])  # its earlier entry is stale
+            self._at[entry[2]] = (record.status, live.append())
             by_name.setdefault(record.task_name, []).append(entry)
             if record.parent_uuid is not None:
                 self._by_parent.setdefault(record.parent_uuid, []).append(entry)
@@ -390,7 +404,14 @@ class MemoryStorage(_Lifecycle):
         self._seq_of = {uuid: seq for seq, _, uuid in live}
         self._all = live
         self._by_status, self._by_name, self._by_parent = {}, {}, {}
+        self._live, self._at = {}, {}
         self._indexed = 0
+
+    def _forget(self, uuid: str) -> None:
+        """The entry of ``uuid`` in the status lists is no longer current."""
+        at = self._at.pop(uuid, None)
+        if at is not None:
+            self._live[at[0]].kill(at[1])
 
     async def query(self, query: RecordQuery) -> RecordPage:
         """See :class:`qtasks.components.StorageQuery`; the cursor is a write sequence
@@ -439,18 +460,16 @@ class MemoryStorage(_Lifecycle):
     async def count(
         self, status: TaskStatus, since: float | None = None, until: float | None = None
     ) -> int:
-        """See :class:`qtasks.components.StorageQuery`: walks the status's entries in the
-        time range (it skips the stale ones, so it costs the range, not the storage)."""
+        """See :class:`qtasks.components.StorageQuery`: two binary searches for the time
+        range, then the live entries in it are counted in O(log n) (:class:`LiveCounts`)."""
         self._check()
         self._expire()
         self._catch_up()
         entries = self._by_status.get(status, [])
         end = len(entries) if until is None else bisect.bisect_left(entries, until, key=_time)
         start = 0 if since is None else bisect.bisect_left(entries, since, key=_time)
-        seq_of, records = self._seq_of, self._records
-        return sum(
-            1 for seq, _, uuid in entries[start:end] if seq_of.get(uuid) == seq and uuid in records
-        )
+        live = self._live.get(status)
+        return 0 if live is None else live.live(start, end)
 
 
 def _cursor_seq(cursor: str) -> int:
