@@ -2,8 +2,9 @@
 
 Task messages, delayed ones (into the wait-queue chain of :mod:`qtasks_rabbitmq.topology`),
 copies with a new delivery count, requeued and dead letters all go through
-:meth:`Publisher.send` or :meth:`Publisher.bury`, then :meth:`Link.publish
-<qtasks_rabbitmq.link.Link.publish>` (publisher confirms, retried across reconnects).
+:meth:`Publisher.send` (:meth:`Publisher.send_many` for a batch) or :meth:`Publisher.bury`,
+then :meth:`Link.publish_many <qtasks_rabbitmq.link.Link.publish_many>` (publisher confirms,
+retried across reconnects).
 :class:`Published` remembers the ids this process published, for ``cancel``.
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from pamqp.commands import Basic
 
+from qtasks_rabbitmq.confirms import Outgoing
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.topology import Topology, delay_ms, delay_routing_key
 from qtasks_rabbitmq.wire import (
@@ -28,6 +31,9 @@ from qtasks_rabbitmq.wire import (
     PERSISTENT,
     ms,
 )
+
+Sendable = tuple[str, bytes, int, int, float | None]
+"""What :meth:`Publisher.send` takes: id, body, priority, deliveries made, eta."""
 
 TRACKED_IDS = 100_000
 """How many ids published by this process :meth:`Published.cancel` remembers."""
@@ -64,20 +70,31 @@ class Publisher:
             message_id=message_id,
         )
 
-    async def send(
+    def outgoing(
         self, id: str, body: bytes, priority: int, deliveries: int, eta: float | None
-    ) -> None:
-        """Publish to the work queue, or into the delay chain when ``eta`` is ahead."""
+    ) -> Outgoing:
+        """The message for the work queue, or for the delay chain when ``eta`` is ahead."""
         wait = delay_ms(eta - time.time()) if eta is not None else 0
         if wait > 0:
             assert eta is not None
             properties = self.properties(id, priority, deliveries, {H_ETA: ms(eta)})
-            await self.link.publish(
+            return Outgoing(
                 body, properties, self.topology.entry_exchange, delay_routing_key(wait), id
             )
-        else:
-            properties = self.properties(id, priority, deliveries)
-            await self.link.publish(body, properties, "", self.topology.queue, id)
+        properties = self.properties(id, priority, deliveries)
+        return Outgoing(body, properties, "", self.topology.queue, id)
+
+    async def send(
+        self, id: str, body: bytes, priority: int, deliveries: int, eta: float | None
+    ) -> None:
+        """Publish to the work queue, or into the delay chain when ``eta`` is ahead."""
+        await self.link.publish_many((self.outgoing(id, body, priority, deliveries, eta),))
+
+    async def send_many(self, messages: Iterable[Sendable]) -> None:
+        """:meth:`send` of each ``(id, body, priority, deliveries, eta)``, in order: the
+        frames written in one go, the confirms awaited together."""
+        outgoing = self.outgoing
+        await self.link.publish_many([outgoing(*message) for message in messages])
 
     async def bury(self, id: str, body: bytes, priority: int, deliveries: int, reason: str) -> None:
         """Publish to the dead-letter queue with ``reason`` and the time."""
