@@ -20,11 +20,14 @@ import pytest
 from faultproxy import FaultProxy
 from yarl import URL as ParsedURL
 
-from qtasks import QueueConfig
+from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
 from qtasks.errors import BrokerConnectionError
 from qtasks.messages import Envelope
+from qtasks.record import TaskRecord
 from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker
+from qtasks_rabbitmq.topology import LEVELS
 from qtasks_rabbitmq.wire import H_ID, H_PRIORITY
+from qtasks_redis import RedisStorage
 
 from .conftest import URL, BrokerFactory, delete_topology, drop_work_queue, poll, rabbitmqctl
 from .test_broker import take
@@ -255,3 +258,105 @@ async def test_a_batch_that_cannot_be_confirmed_raises_once_the_publish_timeout_
         with anyio.fail_after(20), pytest.raises(BrokerConnectionError):
             await broker.publish_many([envelope() for _ in range(50)])
         assert time.monotonic() - started >= 1.5
+
+
+async def waiting(broker: RabbitMQBroker) -> int:
+    """Messages in the delay chain's wait queues."""
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        total = 0
+        for bit in range(LEVELS):
+            queue = await channel.declare_queue(broker.topology.level(bit), passive=True)
+            total += queue.declaration_result.message_count or 0
+        return total
+
+
+class Notified:
+    """The producer's per-task notifications, in order."""
+
+    name = "bulk-notified"
+
+    def __init__(self) -> None:
+        self.enqueued: list[str] = []
+        self.failed: list[str] = []
+
+    @hookimpl
+    def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+        self.enqueued.append(record.uuid)
+
+    @hookimpl
+    def qtasks_task_enqueue_failed(self, record: TaskRecord) -> None:
+        self.failed.append(record.uuid)
+
+
+@pytest.fixture
+async def bulk_app(
+    make_broker: BrokerFactory, queue_name: str, prefix: str, redis_url: str
+) -> AsyncIterator[tuple[RabbitMQBroker, AsyncQueueTasks, Notified]]:
+    """A started app on this test's queue (Redis storage), with a task ``echo``."""
+    broker = await make_broker()
+    app = AsyncQueueTasks(
+        broker=RabbitMQBroker(URL, queue=queue_name),
+        storage=RedisStorage(redis_url, prefix=prefix),
+        config=QueueConfig(plugins_disabled=["*"]),
+    )
+    notified = Notified()
+    app.add_plugin(notified)
+
+    @app.task
+    async def echo(x: int) -> int:
+        return x
+
+    try:
+        await app.start()
+        yield broker, app, notified
+    finally:
+        await app.aclose()
+
+
+async def test_add_tasks_publishes_batches_in_order_and_stops_at_a_failed_one(
+    bulk_app: tuple[RabbitMQBroker, AsyncQueueTasks, Notified], queue_name: str
+) -> None:
+    """Two batches are in flight at once (one stored while the other's confirms come): the
+    messages and notifications still follow the tasks' order; a nack stops the call."""
+    broker, app, notified = bulk_app
+    echo = app.tasks["echo"]
+    tasks = await echo.add_tasks(range(3500))
+    assert app.enqueue_path == "overlapped"
+    assert notified.enqueued == [t.uuid for t in tasks]
+    assert await received(broker, len(tasks)) == [t.uuid for t in tasks]
+
+    # A length limit nacks the second batch's last 500: the third and fourth batches are
+    # not published (their records may be stored: they notify an enqueue failure).
+    notified.enqueued.clear()
+    with length_limit(queue_name, 1500):
+        await poll(limited(queue_name), timeout=20, every=0.2)
+        with anyio.fail_after(30), pytest.raises(PublishRejectedError, match="nacked"):
+            await echo.add_tasks(range(4000))
+    # Batch 1 enqueued; batch 2 failed whole (its last 500 nacked); batches 3 and 4 are
+    # reported failed when their records were stored before the failure, else not at all.
+    assert len(notified.enqueued) == 1000
+    assert len(notified.failed) in (1000, 2000)
+    assert not set(notified.failed) & set(notified.enqueued)
+    delivered = await received(broker, 1500)
+    assert delivered == notified.enqueued + notified.failed[:500]
+    assert (await broker.stats()).ready_by_priority == {}
+
+
+async def test_add_tasks_does_not_publish_a_batch_behind_a_failed_one(
+    bulk_app: tuple[RabbitMQBroker, AsyncQueueTasks, Notified],
+) -> None:
+    """The first batch is unroutable (its work queue is gone), the second, delayed, would route
+    into the delay chain: it is stored while the first waits for its confirms, but never
+    published, and its tasks are reported as not enqueued."""
+    broker, app, notified = bulk_app
+    echo = app.tasks["echo"]
+    await drop_work_queue(broker)
+    now = [echo.s(i) for i in range(1000)]
+    later = [echo.s(i).set(delay=60) for i in range(1000)]
+    with anyio.fail_after(30), pytest.raises(PublishRejectedError, match="unroutable"):
+        await app.add_tasks([*now, *later])
+    assert notified.enqueued == []
+    assert len(notified.failed) == 2000  # both batches were stored, neither enqueued
+    assert await waiting(broker) == 0
