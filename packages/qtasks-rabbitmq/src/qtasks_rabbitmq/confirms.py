@@ -15,37 +15,69 @@ channel or connection closes (a future of the channel's, which aiormq rejects th
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Sequence
 from functools import partial
-from typing import NamedTuple
-from uuid import uuid4
+from typing import Any, NamedTuple
 
 import aiormq
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import DeliveryError, PublishError
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.constants import FRAME_END_CHAR, FRAME_HEADER
+from pamqp.encode import field_table
 from pamqp.frame import marshal
-from pamqp.header import ContentHeader
 
 from qtasks_rabbitmq.errors import PublishRejectedError
+from qtasks_rabbitmq.wire import PERSISTENT
 
 
 class Outgoing(NamedTuple):
-    """One message to publish (``mandatory``: an unroutable one comes back and raises)."""
+    """One message to publish: persistent, ``mandatory`` (an unroutable one comes back and
+    raises)."""
 
     body: bytes
-    properties: Basic.Properties
-    exchange: str
-    routing_key: str
     id: str
     """The task id, naming the message in errors."""
+    message_id: str
+    """AMQP ``message-id`` (at most 255 bytes): a returned message is matched by it."""
+    headers: dict[str, Any] | None
+    priority: int
+    """AMQP priority."""
+    exchange: str
+    routing_key: str
+
+
+_HEADER = struct.Struct(">BHIHxxQH")  # frame type, channel, size; class, weight, body size, flags
+_FLAGS = Basic.Properties.flags
+_PLAIN = _FLAGS["delivery_mode"] | _FLAGS["priority"] | _FLAGS["message_id"]
+_WITH_HEADERS = _PLAIN | _FLAGS["headers"]
+_HEADER_SIZE = _HEADER.size - 7  # the frame's own type, channel and size are not counted
+
+
+def content_header(message: Outgoing, channel: int) -> bytes:
+    """The content header frame of ``message``: exactly pamqp's for ``Basic.Properties`` of
+    its headers, delivery mode 2, priority and message id (tested byte for byte), in a
+    quarter of the time (pamqp encodes every one of the 14 properties through a lookup)."""
+    message_id = message.message_id.encode()
+    headers = message.headers
+    table = field_table(headers) if headers else b""
+    size = _HEADER_SIZE + len(table) + 3 + len(message_id)
+    flags = _WITH_HEADERS if headers else _PLAIN
+    return b"".join(
+        (
+            _HEADER.pack(FRAME_HEADER, channel, size, Basic.frame_id, len(message.body), flags),
+            table,
+            bytes((PERSISTENT, message.priority, len(message_id))),
+            message_id,
+            FRAME_END_CHAR,
+        )
+    )
 
 
 def frames(channel: aiormq.Channel, messages: Sequence[Outgoing]) -> bytes:
-    """The frames of ``messages`` on ``channel``, back to back. A message without a
-    ``message_id`` gets a random one, as aiormq gives it: a returned message is matched to its
-    publish by that id."""
+    """The frames of ``messages`` on ``channel``, back to back."""
     number = channel.number
     largest = channel.max_content_size
     publish_frames: dict[tuple[str, str], bytes] = {}
@@ -57,11 +89,9 @@ def frames(channel: aiormq.Channel, messages: Sequence[Outgoing]) -> bytes:
         if publish is None:
             method = Basic.Publish(exchange=route[0], routing_key=route[1], mandatory=True)
             publish = publish_frames[route] = marshal(method, number)
-        properties, body = message.properties, message.body
-        if not properties.message_id:
-            properties.message_id = uuid4().hex
         append(publish)
-        append(marshal(ContentHeader(properties=properties, body_size=len(body)), number))
+        append(content_header(message, number))
+        body = message.body
         for start in range(0, len(body), largest):
             append(marshal(ContentBody(body[start : start + largest]), number))
     return b"".join(parts)
@@ -94,7 +124,7 @@ async def publish_batch(
                 by_id = channel.message_id_delivery_tag
                 for tag, (message, future) in enumerate(zip(messages, futures, strict=True), first):
                     confirmations[tag] = future
-                    by_id[message.properties.message_id] = tag  # type: ignore[index]
+                    by_id[message.message_id] = tag
                 channel.delivery_tag = first + len(messages) - 1
         except Exception as exc:  # the channel closed before or while writing
             return messages, exc
@@ -164,14 +194,14 @@ def _forget_ids(
     (as aiormq's own publish does)."""
     by_id = channel.message_id_delivery_tag
     for tag, (message, future) in enumerate(zip(messages, futures, strict=False), first):
-        id = message.properties.message_id
+        id = message.message_id
         if future.done():
-            if by_id.get(id) == tag:  # type: ignore[arg-type]
-                del by_id[id]  # type: ignore[arg-type]
+            if by_id.get(id) == tag:
+                del by_id[id]
         else:
             future.add_done_callback(partial(_forget, by_id, id, tag))
 
 
-def _forget(by_id: dict[str, int], id: str | None, tag: int, _: object) -> None:
-    if id is not None and by_id.get(id) == tag:
+def _forget(by_id: dict[str, int], id: str, tag: int, _: object) -> None:
+    if by_id.get(id) == tag:
         del by_id[id]

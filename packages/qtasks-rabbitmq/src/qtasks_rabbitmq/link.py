@@ -28,7 +28,6 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from pamqp.commands import Basic
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
@@ -174,19 +173,6 @@ class Link:
         return self._connection, self.generation
 
     # publishing
-
-    async def publish(
-        self,
-        body: bytes,
-        properties: Basic.Properties,
-        exchange: str,
-        routing_key: str,
-        id: str,
-        *,
-        what: str = "message",
-    ) -> None:
-        """Publish one message: :meth:`publish_many` of it."""
-        await self.publish_many((Outgoing(body, properties, exchange, routing_key, id),), what=what)
 
     async def publish_many(self, messages: Sequence[Outgoing], *, what: str = "message") -> None:
         """Publish ``messages`` in order (their frames written in one go) and wait for the
