@@ -174,7 +174,7 @@ class RabbitMQBroker:
             link, self._link, self._publisher = self._link, None, None
             await link.close()
 
-    # publishing (the hot path: one call down to Link.publish, as before the split)
+    # publishing (the hot path: one call down to Link.publish_many)
 
     async def publish(self, envelope: Envelope) -> None:
         await self._require_publisher().send(

@@ -10,6 +10,9 @@ future per delivery tag in ``channel.confirmations``, where aiormq's reader reso
 (``multiple`` ones too), nacks and returns exactly as for its own publishes. One future for the
 batch wakes the caller: when every confirm came, at the first nack or return, or when the
 channel or connection closes (a future of the channel's, which aiormq rejects then).
+
+The server gains too: frames that arrive in large writes cost RabbitMQ about half the CPU per
+message of one write per message (``bench/rabbitmq_bulk_cost.py``).
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ async def publish_batch(
     messages not confirmed (in order, to publish again) and the error. A message returned as
     unroutable or nacked raises :class:`PublishRejectedError` (the first such in the batch's
     order; ``what`` and its id name it)."""
+    if not messages:
+        return (), None
     payload = frames(channel, messages)
     loop = asyncio.get_running_loop()
     lost = channel.create_future()  # rejected by aiormq when the channel or connection closes
