@@ -61,8 +61,9 @@ _HEADER_SIZE = _HEADER.size - 7  # the frame's own type, channel and size are no
 
 def content_header(message: Outgoing, channel: int) -> bytes:
     """The content header frame of ``message``: exactly pamqp's for ``Basic.Properties`` of
-    its headers, delivery mode 2, priority and message id (tested byte for byte), in a
-    quarter of the time (pamqp encodes every one of the 14 properties through a lookup)."""
+    its headers, delivery mode 2, priority and message id (tested byte for byte), with the
+    properties built and encoded in ~0.5 instead of ~5.7 us without headers (pamqp validates
+    them and encodes each of the 14 through a type lookup; a headers table costs both ~3 us)."""
     message_id = message.message_id.encode()
     headers = message.headers
     table = field_table(headers) if headers else b""
@@ -180,7 +181,7 @@ def _outcome(
         exc = future.exception()
         if isinstance(exc, PublishError):
             raise PublishRejectedError(f"{what} {message.id}", "unroutable: no queue bound for it")
-        if exc is not None:  # aiormq sets nothing but these two and DeliveryError (a nack)
+        if exc is not None:  # a nack (DeliveryError): aiormq sets no other error here
             reason = f"the broker nacked it ({exc})" if isinstance(exc, DeliveryError) else str(exc)
             raise PublishRejectedError(f"{what} {message.id}", reason)
     if not rest:
