@@ -13,7 +13,8 @@
 Every figure is printed; nothing is asserted. The machine the results in ``bench/results`` come
 from is shared (2 cores, other engineers' test runs): expect noise of tens of percent.
 
-Run: ``uv run --all-packages python bench/workflows.py [--n 10000] [--bulk 20000]``.
+Run: ``uv run --all-packages python bench/workflows.py [--n 10000] [--bulk 20000]
+[--only B2]`` (``--only`` takes B1, B2 or C; repeat it for several).
 """
 
 from __future__ import annotations
@@ -203,12 +204,19 @@ async def c_workflows(n: int) -> list[str]:
     return lines
 
 
-async def main(n: int, bulk: int) -> None:
-    print(f"# bench/workflows.py  n={n} bulk={bulk}  load {os.getloadavg()[0]:.2f}", flush=True)
-    print(await b1_redis_bulk(bulk), flush=True)
-    print(await b2_rabbitmq_bulk(n), flush=True)
-    for line in await c_workflows(n):
-        print(line, flush=True)
+async def main(n: int, bulk: int, only: list[str]) -> None:
+    print(
+        f"# bench/workflows.py  n={n} bulk={bulk} only={','.join(only) or 'all'}  "
+        f"load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    if not only or "B1" in only:
+        print(await b1_redis_bulk(bulk), flush=True)
+    if not only or "B2" in only:
+        print(await b2_rabbitmq_bulk(n), flush=True)
+    if not only or "C" in only:
+        for line in await c_workflows(n):
+            print(line, flush=True)
     print(f"# load after {os.getloadavg()[0]:.2f}")
 
 
@@ -216,5 +224,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--bulk", type=int, default=20_000)
+    parser.add_argument("--only", action="append", choices=["B1", "B2", "C"], default=[])
     options = parser.parse_args()
-    anyio.run(main, options.n, options.bulk)
+    anyio.run(main, options.n, options.bulk, options.only)

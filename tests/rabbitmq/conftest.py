@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
+import aio_pika
 import anyio
 import pytest
 from amqp_cleanup import URL as URL  # re-exported: the tests here import it from conftest
@@ -90,6 +91,14 @@ def close_connections(queue: str, why: str = "closed by a qtasks test") -> int:
             rabbitmqctl("close_connection", line.split()[0], why)
             closed += 1
     return closed
+
+
+async def drop_work_queue(broker: RabbitMQBroker) -> None:
+    """Delete ``broker``'s work queue behind its back: what is published to it is returned."""
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(broker.topology.queue)
 
 
 async def poll(check: Callable[[], Awaitable[T | None]], timeout: float, every: float = 0.05) -> T:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import aio_pika
 import anyio
 import pytest
 
@@ -18,7 +17,7 @@ from qtasks.record import TaskRecord, TaskStatus
 from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker
 from qtasks_redis import RedisStorage
 
-from .conftest import URL, BrokerFactory
+from .conftest import URL, BrokerFactory, drop_work_queue
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
@@ -141,10 +140,7 @@ async def test_a_failed_publish_raises_its_own_error(
     app.add_plugin(hooks)
     try:
         await app.start()
-        connection = await aio_pika.connect(URL)
-        async with connection:
-            channel = await connection.channel()
-            await channel.queue_delete(broker.topology.queue)
+        await drop_work_queue(broker)
         with anyio.fail_after(20), pytest.raises(PublishRejectedError, match="unroutable"):
             await app.add_task("echo", 1)
         assert hooks.calls == []  # neither notification: the task was not enqueued

@@ -19,7 +19,7 @@ once its batch is stored, and only when a plugin implements them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -53,14 +53,22 @@ def as_args(item: Any) -> tuple[Any, ...]:
 async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> list[AsyncTask]:
     """Enqueue every signature (see the module docstring); return their records in order.
 
-    On asyncio with remote components, the next batch is prepared while the previous one is
-    stored (one call in flight at a time, so batches reach the backends in order)."""
+    On asyncio with remote components, the next batch is prepared while the previous ones are
+    stored, and up to two batches are in flight: a batch's records are stored while the one
+    before waits for its publish (publisher confirms); its messages are published once that
+    batch is done, so messages reach the broker, and hooks fire, in batch order."""
     out: list[AsyncTask] = []
     chunk: list[tuple[AsyncTask, Envelope]] = []
-    inflight: asyncio.Task[None] | None = None
+    running: list[asyncio.Task[None]] = []  # in batch order, at most two
 
-    async def stored(batch: list[tuple[AsyncTask, Envelope]]) -> None:
-        await enqueue_batch(app, batch)
+    async def stored(
+        batch: list[tuple[AsyncTask, Envelope]], before: asyncio.Task[None] | None
+    ) -> None:
+        await enqueue_batch(app, batch, None if before is None else _after(before))
+
+    def launch(batch: list[tuple[AsyncTask, Envelope]]) -> None:
+        before = running[-1] if running else None
+        running.append(asyncio.get_running_loop().create_task(stored(batch, before)))
 
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
@@ -84,37 +92,63 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
                 )
             chunk.append((record, envelope))
             out.append(record)
-            if inflight is not None and len(chunk) % _YIELD_EVERY == 0:
-                # Let the batch in flight send its call (its write is scheduled after the
-                # step that made it) and take its reply: preparing a batch never awaits, so
-                # without these yields the call would leave only once this batch is ready.
+            if running and len(chunk) % _YIELD_EVERY == 0:
+                # Let the batches in flight send their calls (a write is scheduled after the
+                # step that made it) and take their replies: preparing a batch never awaits,
+                # so without these yields a call would leave only once this batch is ready.
                 await asyncio.sleep(0)
             if len(chunk) == BATCH:
-                if inflight is not None:
-                    await inflight
-                    inflight = None
                 if overlap:
-                    inflight = asyncio.get_running_loop().create_task(stored(chunk))
+                    if len(running) == 2:
+                        await running.pop(0)
+                    launch(chunk)
                 else:
-                    await stored(chunk)
+                    await stored(chunk, None)
                 chunk = []
-        if inflight is not None:
-            await inflight
-            inflight = None
         if chunk:
-            await stored(chunk)
+            if overlap:
+                launch(chunk)
+            else:
+                await stored(chunk, None)
+        while running:
+            await running.pop(0)
+    except Exception:
+        # A batch behind a failed one fails too (it publishes only after it): let those end,
+        # so their hooks fire, then raise the first error.
+        if running:
+            await asyncio.wait(running)
+        for task in running:
+            if not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
+        running.clear()
+        raise
     finally:
-        if inflight is not None:
-            inflight.cancel()
+        for task in running:
+            task.cancel()
     return out
 
 
-async def enqueue_batch(app: AsyncQueueTasks, batch: Sequence[tuple[TaskRecord, Envelope]]) -> None:
-    """:func:`store_and_publish_many`, then the hooks after the enqueue of each task
-    (:func:`notify_stored`); when it raises, ``qtasks_task_enqueue_failed`` of each task of
-    the batch, then the error."""
+def _after(before: asyncio.Task[None]) -> Callable[[], Awaitable[None]]:
+    """For a batch in flight behind ``before``: wait for that batch to end; raise its error
+    (its messages were not all published, so this batch's must not be either)."""
+
+    async def wait() -> None:
+        await asyncio.wait((before,))
+        before.result()
+
+    return wait
+
+
+async def enqueue_batch(
+    app: AsyncQueueTasks,
+    batch: Sequence[tuple[TaskRecord, Envelope]],
+    after: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """:func:`store_and_publish_many` (``after`` as there), then the hooks after the enqueue
+    of each task (:func:`notify_stored`); when it raises, ``qtasks_task_enqueue_failed`` of
+    each task of the batch, then the error."""
     try:
-        await store_and_publish_many(app, batch)
+        await store_and_publish_many(app, batch, after)
     except Exception as exc:
         hooks = app.hooks
         if "qtasks_task_enqueue_failed" in hooks.active:
@@ -143,12 +177,18 @@ async def notify_stored(
 
 
 async def store_and_publish_many(
-    app: AsyncQueueTasks, tasks: Sequence[tuple[TaskRecord, Envelope]]
+    app: AsyncQueueTasks,
+    tasks: Sequence[tuple[TaskRecord, Envelope]],
+    after: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Store the records of ``tasks`` and publish their messages (one batch)."""
+    """Store the records of ``tasks`` and publish their messages (one batch); ``await
+    after()`` (when given) before anything is published (with a shared server, before
+    anything is written: records and messages go in one call)."""
     broker, storage = app.broker, app.storage
     shared = app.shared_server
     if shared is not None:
+        if after is not None:
+            await after()
         if isinstance(broker, BulkPublishNew):
             await broker.publish_new_many(storage, tasks)
         else:
@@ -156,6 +196,8 @@ async def store_and_publish_many(
                 await shared.publish_new(envelope, storage, record)
         return
     await add_many(storage, [record for record, _ in tasks])
+    if after is not None:
+        await after()
     await publish_many(broker, [envelope for _, envelope in tasks])
 
 

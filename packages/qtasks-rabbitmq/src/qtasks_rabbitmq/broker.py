@@ -174,7 +174,7 @@ class RabbitMQBroker:
             link, self._link, self._publisher = self._link, None, None
             await link.close()
 
-    # publishing (the hot path: one call down to Link.publish, as before the split)
+    # publishing (the hot path: one call down to Link.publish_many)
 
     async def publish(self, envelope: Envelope) -> None:
         await self._require_publisher().send(
@@ -185,13 +185,15 @@ class RabbitMQBroker:
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
         """See :class:`qtasks.components.BulkPublish`: the publishes of a batch are written
         back to back on the channel and their publisher confirms awaited together (one round
-        trip's wait per batch instead of one per message)."""
-        send = self._require_publisher().send
+        trip's wait per batch instead of one per message), :data:`PUBLISH_BATCH` at a time.
+        It returns once every message is confirmed; a nacked or unroutable one raises."""
+        send_many = self._require_publisher().send_many
+        remember = self._published.remember
         for start in range(0, len(envelopes), PUBLISH_BATCH):
             chunk = envelopes[start : start + PUBLISH_BATCH]
-            await asyncio.gather(*(send(e.id, e.body, e.priority, 0, e.eta) for e in chunk))
+            await send_many([(e.id, e.body, e.priority, 0, e.eta) for e in chunk])
             for envelope in chunk:
-                self._published.remember(envelope.id)
+                remember(envelope.id)
 
     # consuming
 

@@ -21,18 +21,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from pamqp.commands import Basic
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
-from qtasks_rabbitmq.errors import PublishRejectedError, TopologyError
+from qtasks_rabbitmq.confirms import Outgoing, publish_batch
+from qtasks_rabbitmq.errors import TopologyError
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 
 log = logging.getLogger("qtasks_rabbitmq")
@@ -174,57 +174,27 @@ class Link:
 
     # publishing
 
-    async def publish(
-        self,
-        body: bytes,
-        properties: Basic.Properties,
-        exchange: str,
-        routing_key: str,
-        id: str,
-        *,
-        what: str = "message",
-    ) -> None:
-        """Publish and wait for the broker's confirm; retried across reconnects until
-        ``publish_timeout``. A return (unroutable) or a nack raises
-        :class:`PublishRejectedError` at once (``what`` and ``id`` name the message there)."""
+    async def publish_many(self, messages: Sequence[Outgoing], *, what: str = "message") -> None:
+        """Publish ``messages`` in order (their frames written in one go) and wait for the
+        broker's confirm of every one; what connection trouble left unconfirmed is published
+        again after the reconnect (at least once), until ``publish_timeout``. A return
+        (unroutable) or a nack raises :class:`PublishRejectedError` at once (``what`` and the
+        message's id name it there)."""
         deadline = time.monotonic() + self._publish_timeout
-        while True:
+        while messages:
             channel = self._publisher
             if channel is None or not self._ready.is_set():
                 await self._wait_ready(deadline - time.monotonic())
                 channel = self._publisher
                 assert channel is not None
-            try:
-                # aiormq directly: aio-pika's Message and Exchange layers only copy fields.
-                # wait=False skips waiting for the socket write to drain (a wake-up of this
-                # task and a drain() in aiormq's writer per publish): the confirm awaited
-                # below can only come after the frames were written.
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                    wait=False,
-                )
-                return
-            except aio_pika.exceptions.PublishError:
-                raise PublishRejectedError(
-                    f"{what} {id}", "unroutable: no queue bound for it"
-                ) from None
-            except aio_pika.exceptions.DeliveryError as exc:
-                raise PublishRejectedError(
-                    f"{what} {id}", f"the broker nacked it ({exc})"
-                ) from None
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise
-            except Exception as exc:
-                # Connection trouble: the confirm never came, so publish again (at least once).
-                self.lost(f"publish failed: {describe(exc, self._secret)}")
+            messages, trouble = await publish_batch(channel, messages, what)
+            if trouble is not None:
+                # The confirms never came: publish again what is left.
+                self.lost(f"publish failed: {describe(trouble, self._secret)}")
                 if time.monotonic() >= deadline:
                     raise BrokerConnectionError(
-                        f"cannot publish {what} {id} to RabbitMQ at {self.safe_url}: "
-                        f"{describe(exc, self._secret)}"
+                        f"cannot publish {what} {messages[0].id} to RabbitMQ at "
+                        f"{self.safe_url}: {describe(trouble, self._secret)}"
                     ) from None
 
     # internals
@@ -261,7 +231,7 @@ class Link:
             lambda _sender, exc: self._on_close(generation, "publish channel closed", exc)
         )
         self._channel = channel
-        # The concrete aiormq channel: its basic_publish takes ``wait`` (the abstract one not).
+        # The concrete aiormq channel, written on by qtasks_rabbitmq.confirms.
         self._publisher = cast(aiormq.Channel, await channel.get_underlay_channel())
         self.generation = generation
         for reopen, _ in list(self._reopeners.values()):

@@ -1,9 +1,10 @@
 """Publishing: every message the broker writes, each confirmed by RabbitMQ before it returns.
 
 Task messages, delayed ones (into the wait-queue chain of :mod:`qtasks_rabbitmq.topology`),
-copies with a new delivery count, requeued and dead letters all go through
-:meth:`Publisher.send` or :meth:`Publisher.bury`, then :meth:`Link.publish
-<qtasks_rabbitmq.link.Link.publish>` (publisher confirms, retried across reconnects).
+copies with a new delivery count, requeued and dead letters are each a
+:meth:`Publisher.message`, published through :meth:`Publisher.send` (:meth:`Publisher.send_many`
+for a batch) or :meth:`Publisher.bury`, then :meth:`Link.publish_many
+<qtasks_rabbitmq.link.Link.publish_many>` (publisher confirms, retried across reconnects).
 :class:`Published` remembers the ids this process published, for ``cancel``.
 """
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
+from uuid import uuid4
 
-from pamqp.commands import Basic
-
+from qtasks_rabbitmq.confirms import Outgoing
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.topology import Topology, delay_ms, delay_routing_key
 from qtasks_rabbitmq.wire import (
@@ -25,9 +27,11 @@ from qtasks_rabbitmq.wire import (
     H_PRIORITY,
     H_REASON,
     MAX_MESSAGE_ID,
-    PERSISTENT,
     ms,
 )
+
+Sendable = tuple[str, bytes, int, int, float | None]
+"""What :meth:`Publisher.send` takes: id, body, priority, deliveries made, eta."""
 
 TRACKED_IDS = 100_000
 """How many ids published by this process :meth:`Published.cancel` remembers."""
@@ -42,48 +46,61 @@ class Publisher:
         self.link = link
         self.topology = topology
 
-    def properties(
-        self, id: str, priority: int, deliveries: int, extra: dict[str, Any] | None = None
-    ) -> Basic.Properties:
+    def message(
+        self,
+        id: str,
+        body: bytes,
+        priority: int,
+        deliveries: int,
+        route: tuple[str, str],
+        extra: dict[str, Any] | None = None,
+    ) -> Outgoing:
+        """The message to publish to ``route`` (exchange, routing key), its headers and
+        properties as the consumer reads them."""
         # Only what differs from the defaults travels in headers: encoding an AMQP table is a
         # good part of a publish's cost. The id is the message id (a short string); an id too
-        # long for that goes in a header instead.
+        # long for that goes in a header instead, and the message id is random (a returned
+        # message is matched to its publish by it).
         headers: dict[str, Any] = dict(extra) if extra else {}
         if priority:
             headers[H_PRIORITY] = priority
         if deliveries:
             headers[H_DELIVERIES] = deliveries
-        message_id: str | None = id
+        message_id = id
         if len(id) > MAX_MESSAGE_ID or not id.isascii():
             headers[H_ID] = id
-            message_id = None
-        return Basic.Properties(
-            headers=headers or None,
-            priority=self.topology.amqp_priority(priority),
-            delivery_mode=PERSISTENT,
-            message_id=message_id,
-        )
+            message_id = uuid4().hex
+        amqp_priority = self.topology.amqp_priority(priority)
+        return Outgoing(body, id, message_id, headers or None, amqp_priority, *route)
+
+    def outgoing(
+        self, id: str, body: bytes, priority: int, deliveries: int, eta: float | None
+    ) -> Outgoing:
+        """The message for the work queue, or for the delay chain when ``eta`` is ahead."""
+        wait = delay_ms(eta - time.time()) if eta is not None else 0
+        if wait > 0:
+            assert eta is not None
+            route = (self.topology.entry_exchange, delay_routing_key(wait))
+            return self.message(id, body, priority, deliveries, route, {H_ETA: ms(eta)})
+        return self.message(id, body, priority, deliveries, ("", self.topology.queue))
 
     async def send(
         self, id: str, body: bytes, priority: int, deliveries: int, eta: float | None
     ) -> None:
         """Publish to the work queue, or into the delay chain when ``eta`` is ahead."""
-        wait = delay_ms(eta - time.time()) if eta is not None else 0
-        if wait > 0:
-            assert eta is not None
-            properties = self.properties(id, priority, deliveries, {H_ETA: ms(eta)})
-            await self.link.publish(
-                body, properties, self.topology.entry_exchange, delay_routing_key(wait), id
-            )
-        else:
-            properties = self.properties(id, priority, deliveries)
-            await self.link.publish(body, properties, "", self.topology.queue, id)
+        await self.link.publish_many((self.outgoing(id, body, priority, deliveries, eta),))
+
+    async def send_many(self, messages: Iterable[Sendable]) -> None:
+        """:meth:`send` of each ``(id, body, priority, deliveries, eta)``, in order: the
+        frames written in one go, the confirms awaited together."""
+        outgoing = self.outgoing
+        await self.link.publish_many([outgoing(*message) for message in messages])
 
     async def bury(self, id: str, body: bytes, priority: int, deliveries: int, reason: str) -> None:
         """Publish to the dead-letter queue with ``reason`` and the time."""
         extra = {H_REASON: reason[:4000], H_DEAD_AT: ms(time.time())}
-        properties = self.properties(id, priority, deliveries, extra)
-        await self.link.publish(body, properties, "", self.topology.dead, id, what="dead letter")
+        dead = self.message(id, body, priority, deliveries, ("", self.topology.dead), extra)
+        await self.link.publish_many((dead,), what="dead letter")
 
 
 class Published:

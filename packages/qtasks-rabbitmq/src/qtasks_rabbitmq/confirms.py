@@ -1,0 +1,213 @@
+"""One batch of publishes on aiormq's channel: the frames written in one go, the publisher
+confirms awaited together.
+
+aiormq's ``basic_publish`` costs, per message, a coroutine (a task of its own when batches are
+gathered), the channel lock, a timeout scope, a frame list marshalled through a ``BytesIO``, one
+write-queue item and a future with four callbacks; a batch of 1,000 spent most of the
+producer's time there. :func:`publish_batch` writes the same frames (``basic.publish``, the
+content header, the body frames) for a whole batch as one write-queue item, then registers a
+future per delivery tag in ``channel.confirmations``, where aiormq's reader resolves acks
+(``multiple`` ones too), nacks and returns exactly as for its own publishes. One future for the
+batch wakes the caller: when every confirm came, at the first nack or return, or when the
+channel or connection closes (a future of the channel's, which aiormq rejects then).
+
+The server gains too: frames that arrive in large writes cost RabbitMQ about half the CPU per
+message of one write per message (``bench/rabbitmq_bulk_cost.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import aiormq
+from aiormq.abc import ChannelFrame
+from aiormq.exceptions import DeliveryError, PublishError
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.constants import FRAME_END_CHAR, FRAME_HEADER
+from pamqp.encode import field_table
+from pamqp.frame import marshal
+
+from qtasks_rabbitmq.errors import PublishRejectedError
+from qtasks_rabbitmq.wire import PERSISTENT
+
+
+class Outgoing(NamedTuple):
+    """One message to publish: persistent, ``mandatory`` (an unroutable one comes back and
+    raises)."""
+
+    body: bytes
+    id: str
+    """The task id, naming the message in errors."""
+    message_id: str
+    """AMQP ``message-id`` (at most 255 bytes): a returned message is matched by it."""
+    headers: dict[str, Any] | None
+    priority: int
+    """AMQP priority."""
+    exchange: str
+    routing_key: str
+
+
+_HEADER = struct.Struct(">BHIHxxQH")  # frame type, channel, size; class, weight, body size, flags
+_FLAGS = Basic.Properties.flags
+_PLAIN = _FLAGS["delivery_mode"] | _FLAGS["priority"] | _FLAGS["message_id"]
+_WITH_HEADERS = _PLAIN | _FLAGS["headers"]
+_HEADER_SIZE = _HEADER.size - 7  # the frame's own type, channel and size are not counted
+
+
+def content_header(message: Outgoing, channel: int) -> bytes:
+    """The content header frame of ``message``: exactly pamqp's for ``Basic.Properties`` of
+    its headers, delivery mode 2, priority and message id (tested byte for byte), with the
+    properties built and encoded in ~0.5 instead of ~5.7 us without headers (pamqp validates
+    them and encodes each of the 14 through a type lookup; a headers table costs both ~3 us)."""
+    message_id = message.message_id.encode()
+    headers = message.headers
+    table = field_table(headers) if headers else b""
+    size = _HEADER_SIZE + len(table) + 3 + len(message_id)
+    flags = _WITH_HEADERS if headers else _PLAIN
+    return b"".join(
+        (
+            _HEADER.pack(FRAME_HEADER, channel, size, Basic.frame_id, len(message.body), flags),
+            table,
+            bytes((PERSISTENT, message.priority, len(message_id))),
+            message_id,
+            FRAME_END_CHAR,
+        )
+    )
+
+
+def frames(channel: aiormq.Channel, messages: Sequence[Outgoing]) -> bytes:
+    """The frames of ``messages`` on ``channel``, back to back."""
+    number = channel.number
+    largest = channel.max_content_size
+    publish_frames: dict[tuple[str, str], bytes] = {}
+    parts: list[bytes] = []
+    append = parts.append
+    for message in messages:
+        route = (message.exchange, message.routing_key)
+        publish = publish_frames.get(route)
+        if publish is None:
+            method = Basic.Publish(exchange=route[0], routing_key=route[1], mandatory=True)
+            publish = publish_frames[route] = marshal(method, number)
+        append(publish)
+        append(content_header(message, number))
+        body = message.body
+        for start in range(0, len(body), largest):
+            append(marshal(ContentBody(body[start : start + largest]), number))
+    return b"".join(parts)
+
+
+async def publish_batch(
+    channel: aiormq.Channel, messages: Sequence[Outgoing], what: str
+) -> tuple[Sequence[Outgoing], BaseException | None]:
+    """Publish ``messages`` in order on ``channel`` (publisher confirms on) and wait until the
+    broker confirmed every one.
+
+    Return ``((), None)`` when all were confirmed; on connection or channel trouble, the
+    messages not confirmed (in order, to publish again) and the error. A message returned as
+    unroutable or nacked raises :class:`PublishRejectedError` (the first such in the batch's
+    order; ``what`` and its id name it)."""
+    if not messages:
+        return (), None
+    payload = frames(channel, messages)
+    loop = asyncio.get_running_loop()
+    lost = channel.create_future()  # rejected by aiormq when the channel or connection closes
+    futures: list[asyncio.Future[object]] = []
+    first = 0
+    try:
+        try:
+            async with channel.lock:
+                await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+                # No await from here: the frames cannot reach the broker (so no confirm can
+                # come) before the delivery tags are registered.
+                first = channel.delivery_tag + 1
+                futures = [loop.create_future() for _ in messages]
+                confirmations = channel.confirmations
+                by_id = channel.message_id_delivery_tag
+                for tag, (message, future) in enumerate(zip(messages, futures, strict=True), first):
+                    confirmations[tag] = future
+                    by_id[message.message_id] = tag
+                channel.delivery_tag = first + len(messages) - 1
+        except Exception as exc:  # the channel closed before or while writing
+            return messages, exc
+        await _settled(futures, lost)
+        return _outcome(messages, futures, lost, what)
+    finally:
+        if not lost.done():
+            lost.cancel()
+        _forget_ids(channel, messages, futures, first)
+
+
+def _settled(
+    futures: list[asyncio.Future[object]], lost: asyncio.Future[object]
+) -> asyncio.Future[None]:
+    """A future done once every future is, at the first failed one, or when ``lost`` is."""
+    done: asyncio.Future[None] = lost.get_loop().create_future()
+    left = len(futures)
+
+    def one(future: asyncio.Future[object]) -> None:
+        nonlocal left
+        left -= 1
+        # Read every failure, also after the batch raised: no "never retrieved" warning.
+        failed = future.cancelled() or future.exception() is not None
+        if (failed or left == 0) and not done.done():
+            done.set_result(None)
+
+    def gone(_: asyncio.Future[object]) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(one)
+    lost.add_done_callback(gone)
+    return done
+
+
+def _outcome(
+    messages: Sequence[Outgoing],
+    futures: list[asyncio.Future[object]],
+    lost: asyncio.Future[object],
+    what: str,
+) -> tuple[Sequence[Outgoing], BaseException | None]:
+    rest: list[Outgoing] = []
+    for message, future in zip(messages, futures, strict=True):
+        if not future.done() or future.cancelled():
+            rest.append(message)
+            continue
+        exc = future.exception()
+        if isinstance(exc, PublishError):
+            raise PublishRejectedError(f"{what} {message.id}", "unroutable: no queue bound for it")
+        if exc is not None:  # a nack (DeliveryError): aiormq sets no other error here
+            reason = f"the broker nacked it ({exc})" if isinstance(exc, DeliveryError) else str(exc)
+            raise PublishRejectedError(f"{what} {message.id}", reason)
+    if not rest:
+        return (), None
+    cause = lost.exception() if lost.done() and not lost.cancelled() else None
+    return rest, cause or ConnectionError("the channel closed before the confirms came")
+
+
+def _forget_ids(
+    channel: aiormq.Channel,
+    messages: Sequence[Outgoing],
+    futures: list[asyncio.Future[object]],
+    first: int,
+) -> None:
+    """Drop the message-id entries aiormq matches returns with, once each publish is settled
+    (as aiormq's own publish does)."""
+    by_id = channel.message_id_delivery_tag
+    for tag, (message, future) in enumerate(zip(messages, futures, strict=False), first):
+        id = message.message_id
+        if future.done():
+            if by_id.get(id) == tag:
+                del by_id[id]
+        else:
+            future.add_done_callback(partial(_forget, by_id, id, tag))
+
+
+def _forget(by_id: dict[str, int], id: str, tag: int, _: object) -> None:
+    if by_id.get(id) == tag:
+        del by_id[id]
