@@ -158,3 +158,26 @@ async def test_records_of_format_1_are_still_read(
     assert again is not None and again.started_at == 7.25
     written = await raw.hget(storage.record_key("old"), "d")
     assert written is not None and json.loads(written)[0] == 2
+
+
+async def test_add_many_indexes_what_add_indexes(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A batch of new records none of which is stored takes add_many's fast path (one HSET
+    each); a batch that meets a stored record goes record by record. Both leave the status
+    and parent indexes as add does, and a final record made new again loses its expiry."""
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=30.0)
+    raw = await client(stack, redis_url)
+    fresh = [TaskRecord(uuid=f"f{i}", task_name="t", parent_uuid="p") for i in range(3)]
+    await storage.add_many(fresh)
+    assert await storage.stats() == {"new": 3}
+    children = await storage.query(RecordQuery(parent_uuid="p"))
+    assert sorted(r.uuid for r in children.records) == ["f0", "f1", "f2"]
+    assert await raw.pttl(f"{storage.key_tag}:np:p") > 0
+    assert await storage.save(done(fresh[0])) is True
+    assert await raw.pttl(storage.record_key("f0")) > 0
+    again = [TaskRecord(uuid="f0", task_name="t"), TaskRecord(uuid="x", task_name="t")]
+    await storage.add_many(again)
+    assert await storage.stats() == {"new": 4}
+    assert await raw.pttl(storage.record_key("f0")) == -1
+    assert [await storage.get(r.uuid) for r in again] == again

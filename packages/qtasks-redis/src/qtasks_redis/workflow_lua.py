@@ -246,11 +246,27 @@ return out
 """
 )
 
+_FRESH_BATCH = r"""
+-- A batch's record keys, and whether it is fresh: every record 'new' and none stored yet.
+-- Its records' arguments start at ARGV[first], stride apart, each with its uuid first and
+-- its status third.
+local function fresh_batch(first, stride)
+  local recs, fresh = {}, #ARGV >= first
+  for at = first, #ARGV, stride do
+    recs[#recs + 1] = TAG .. ':r:' .. ARGV[at]
+    if ARGV[at + 2] ~= 'new' then fresh = false end
+  end
+  if fresh and redis.call('EXISTS', unpack(recs)) ~= 0 then fresh = false end
+  return recs, fresh
+end
+"""
+
 PUBLISH_NEW_MANY = Script(
     _TWO_PRELUDES
     + "local TAG = ARGV[1]\n"
     + WF_PRELUDE
     + _FUNCTIONS
+    + _FRESH_BATCH
     + """
 -- BulkPublishNew: KEYS as ACK_FINALS_WF; ARGV: TAG, ttl_ms, then per task the record's uuid,
 -- JSON, status and token (SAVE, forced) and the message's id, body, priority and eta_ms
@@ -260,13 +276,9 @@ local n = (#ARGV - 2) / 8
 -- A batch of fresh tasks (no record nor message of it exists yet, as with new uuids: the
 -- usual case) costs one write per record; each index, hash and queue is written once for
 -- the whole batch. Any other batch goes task by task through SAVE and PUBLISH, as add_task.
-local recs, ids, fresh = {}, {}, n > 0
-for i = 0, n - 1 do
-  recs[i + 1] = TAG .. ':r:' .. ARGV[3 + i * 8]
-  ids[i + 1] = ARGV[7 + i * 8]
-  if ARGV[5 + i * 8] ~= 'new' then fresh = false end
-end
-if fresh and redis.call('EXISTS', unpack(recs)) ~= 0 then fresh = false end
+local recs, fresh = fresh_batch(3, 8)
+local ids = {}
+for i = 0, n - 1 do ids[i + 1] = ARGV[7 + i * 8] end
 if fresh then
   for _, body in ipairs(redis.call('HMGET', K_BODY, unpack(ids))) do
     if body then fresh = false break end
@@ -308,6 +320,43 @@ for base = 2, #ARGV - 1, 8 do
   rec_keys(ARGV[base + 1])
   storage({ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], '0', '', '1', ttl})
   broker_publish({ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], ARGV[base + 8]})
+end
+return 1
+"""
+)
+
+ADD_MANY = Script(
+    storage_lua.PRELUDE
+    + f"""
+local function save(ARGV)
+{_body(storage_lua.SAVE, storage_lua.PRELUDE)}
+end
+-- BulkAdd: KEYS as SAVE's (of the batch's first record); ARGV: TAG, then per record SAVE's
+-- ten (forced). A batch of new records none of which is stored yet costs one HSET each and
+-- one ZADD of the index; any other batch goes record by record through SAVE.
+local TAG = ARGV[1]
+{_FRESH_BATCH}
+local n = (#ARGV - 1) / 10
+local recs, fresh = fresh_batch(2, 10)
+if fresh then
+  local now = now_ms()
+  local new = {{}}
+  for i = 0, n - 1 do
+    local b = 1 + i * 10
+    K_REC = recs[i + 1]
+    redis.call('HSET', K_REC, 'd', ARGV[b + 2], 's', 'new', 't', ARGV[b + 4])
+    new[#new + 1] = now
+    new[#new + 1] = ARGV[b + 1]
+    parented(ARGV[b + 1], ARGV[b + 10], now, tonumber(ARGV[b + 8]))
+  end
+  redis.call('ZADD', IDX.new, unpack(new))
+  return 1
+end
+for b = 1, #ARGV - 1, 10 do
+  local uuid = ARGV[b + 1]
+  K_REC, K_WAKE, K_STEPS = TAG .. ':r:' .. uuid, TAG .. ':w:' .. uuid, TAG .. ':s:' .. uuid
+  save({{uuid, ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7],
+        ARGV[b + 8], ARGV[b + 9], ARGV[b + 10]}})
 end
 return 1
 """

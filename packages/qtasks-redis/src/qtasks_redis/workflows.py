@@ -11,7 +11,6 @@ from qtasks.components import GateMessage
 from qtasks.errors import StorageConnectionError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.plan import failure
-from qtasks_redis import storage_lua
 from qtasks_redis import workflow_lua as lua
 from qtasks_redis.connection import RedisTarget
 from qtasks_redis.connection import guarded as _guarded
@@ -113,15 +112,18 @@ _LIST_BATCHES = 10
 
 
 async def add_many(storage: RedisStorage, records: Sequence[TaskRecord]) -> None:
-    """The storage's SAVE (replacing) of every record, one pipeline per :data:`CHUNK`."""
-    client = storage._require()
-    await guarded(storage.target, client.script_load(storage_lua.SAVE.source))
+    """The storage's SAVE (replacing) of every record: one script call per :data:`CHUNK`
+    (:data:`~qtasks_redis.workflow_lua.ADD_MANY`)."""
+    from qtasks_redis.storage import RECORD_KEYS  # (that module imports this one)
+
+    client = storage._shared.fast()
     for start in range(0, len(records), CHUNK):
-        pipe = client.pipeline(transaction=False)
-        for record in records[start : start + CHUNK]:
-            rkeys, rargs = storage._save_call(record, None, "1")
-            pipe.evalsha(storage_lua.SAVE.sha, len(rkeys), *rkeys, *rargs)
-        await guarded(storage.target, pipe.execute())
+        chunk = records[start : start + CHUNK]
+        args: list[Any] = [storage.key_tag]
+        for record in chunk:
+            args += storage._save_call(record, None, "1")[1]
+        keys = storage._keys(chunk[0].uuid)
+        await guarded(storage.target, lua.ADD_MANY(client, keys, args, RECORD_KEYS))
 
 
 async def member_done(storage: RedisStorage, record: TaskRecord) -> list[GateMessage]:
