@@ -518,22 +518,23 @@ class RedisBroker:
             buffer: deque[RedisDelivery] = deque()
             failures = 0
             wake_at: float | None = None  # when a deadline is due (monotonic), if blocking
+            took = False  # whether the last claim took anything
             while True:
                 if buffer:
                     yield buffer.popleft()
                     continue
                 block: float | None = None
-                if wake_at is not None:
-                    # The last claim emptied the queue: block for a wake-up (a publish pushes
-                    # one) until the next deadline it saw (a delayed message due, a lease
-                    # ending, those it just took included), then claim in the same round
-                    # trip. A loop that was blocked past that deadline claims at once, and
-                    # its claim promotes the leases that ran out meanwhile
-                    # (tests/redis/test_redis_dead_letter_fence.py).
+                if wake_at is not None and not took:
+                    # Nothing claimed: block for a wake-up (a publish pushes one) until the
+                    # next deadline. After a claim that took something, the next claim does
+                    # not block: it also promotes leases that ran out meanwhile (a worker
+                    # whose loop was blocked learns at once that its last allowed delivery
+                    # is dead-lettered; tests/redis/test_redis_dead_letter_fence.py).
                     block = max(wake_at - time.monotonic(), 0.001)
                 try:
                     got, wait = await claim(block)
                     buffer.extend(got)
+                    took = bool(got)
                     wake_at = None if wait is None else time.monotonic() + wait
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
