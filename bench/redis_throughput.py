@@ -11,6 +11,11 @@ exactly, so these figures compare with the peers' table:
 - W3: a worker is started and stopped (warm-up), 2,000 tasks sleeping 10 ms are queued while no
   worker runs, then a worker with concurrency 100 starts; wall = last task end - first task
   start, as stamped by the tasks themselves (ideal 2,000 x 10 ms / 100 = 0.2 s).
+- SC (only with ``--only SC``, not in the peers' set): the round trip through a side channel,
+  as issue 21 words it: 20 warm-up, then 500 sequential ``add_task("signal", port, i)`` into the
+  c=10 worker; the task sends one UDP datagram to the producer on loopback, and the time from
+  the ``add_task`` call to that datagram's arrival is taken (enqueue, pickup, execute; not the
+  settle). Nearest-rank p50/p95/p99 in ms.
 - Peak RSS of each worker process (VmHWM from /proc).
 
 The worker runs in a subprocess with the same configuration as the peers' qtasks script
@@ -24,13 +29,16 @@ Run: ``uv run python bench/redis_throughput.py [--w1 N] [--w2 N] [--w3 N] [--onl
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import redis
@@ -44,7 +52,7 @@ SLEEP = 0.010
 # The task bodies are those of bench/peers/_common.py: one async redis-py client per worker,
 # W3 stamps kept in the worker and written once by the N-th task.
 WORKER = """
-import asyncio, sys, time, redis.asyncio
+import asyncio, socket, sys, time, redis.asyncio
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 url, prefix, concurrency, w3_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -63,6 +71,12 @@ w3 = {"n": 0, "first": float("inf"), "last": 0.0}
 @app.task(name="incr")
 async def incr(key: str) -> None:
     await client.incr(key)
+
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+@app.task(name="signal")
+async def signal(port: int, seq: int) -> None:
+    udp.sendto(str(seq).encode(), ("127.0.0.1", port))
 
 @app.task(name="echo")
 async def echo(x: int) -> int:
@@ -229,6 +243,46 @@ def clean(prefix: str) -> None:
     client.close()
 
 
+async def side_channel(prefix: str, tmp: Path, n: int, out: dict[str, str]) -> None:
+    """SC: ``add_task`` -> the task's UDP datagram back at the producer."""
+    counter = redis.Redis.from_url(URL)
+    app = producer(prefix)
+    await app.start()
+    worker = Worker(prefix, 10, tmp)
+    loop = asyncio.get_running_loop()
+    waiting: dict[int, asyncio.Future[float]] = {}
+
+    class Arrivals(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+            future = waiting.pop(int(data), None)
+            if future is not None and not future.done():
+                future.set_result(time.perf_counter())
+
+    transport, _ = await loop.create_datagram_endpoint(Arrivals, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    samples: list[float] = []
+    try:
+        await warm(app, counter, f"{prefix}:warm-sc")
+        for i in range(20 + n):
+            arrived = waiting[i] = loop.create_future()
+            start = time.perf_counter()
+            await app.add_task("signal", port, i)
+            end = await asyncio.wait_for(arrived, 5)
+            if i >= 20:
+                samples.append((end - start) * 1000)
+    finally:
+        transport.close()
+        worker.stop()
+        await app.aclose()
+        counter.close()
+    ordered = sorted(samples)
+    out["SC"] = (
+        f"p50 {pct(ordered, 0.50):.3f} ms, p95 {pct(ordered, 0.95):.3f} ms, "
+        f"p99 {pct(ordered, 0.99):.3f} ms (mean {statistics.mean(ordered):.3f}; {n} round trips "
+        "through a UDP side channel)"
+    )
+
+
 async def run(opts: argparse.Namespace) -> None:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     only = {w.strip().upper() for w in opts.only.split(",")}
@@ -242,6 +296,9 @@ async def run(opts: argparse.Namespace) -> None:
                 clean(prefix)
             if "W3" in only:
                 await w3(prefix, Path(tmp), opts.w3, out)
+            if "SC" in only:
+                clean(prefix)
+                await side_channel(prefix, Path(tmp), opts.sc, out)
         finally:
             clean(prefix)
     for name, text in out.items():
@@ -253,5 +310,6 @@ if __name__ == "__main__":
     parser.add_argument("--w1", type=int, default=10_000)
     parser.add_argument("--w2", type=int, default=200)
     parser.add_argument("--w3", type=int, default=2_000)
+    parser.add_argument("--sc", type=int, default=500)
     parser.add_argument("--only", default="W1,W2,W3")
     anyio.run(run, parser.parse_args())
