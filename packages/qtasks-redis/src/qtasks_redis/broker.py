@@ -392,17 +392,14 @@ class RedisBroker:
         redis_storage = _redis_storage(storage)
         deliveries: list[RedisDelivery] = []
         args: list[Any] = [redis_storage.key_tag]
-        keys: tuple[str, ...] = ()
+        keys = (*redis_storage._keys(finals[0][1].uuid), *self.keys)
         # Workflow members take the script that continues their workflow in the same step
         # (qtasks_redis.workflow_lua); a batch without any takes the plain one.
         flows = any(record.workflow is not None for _, record in finals)
         for delivery, record in finals:
             if not isinstance(delivery, RedisDelivery) or delivery._broker is not self:
                 raise ComponentError(f"{delivery!r} was not delivered by {self!r}")
-            record_keys, save_args = redis_storage._save_call(record, delivery.token, "0")
-            if not keys:
-                keys = (*record_keys, *self.keys)
-            args += save_args
+            args += redis_storage._save_args(record, delivery.token, "0")
             args += (delivery.id, delivery.token)
             if flows:
                 args += (record.workflow or "", error_text(record))

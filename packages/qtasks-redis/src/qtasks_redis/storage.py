@@ -263,7 +263,12 @@ class RedisStorage:
         """Keys and arguments of the SAVE script for ``record`` (also run folded into a broker
         script, see :mod:`qtasks_redis.shared_lua`). ``force``: ``"1"`` replace, ``"0"``
         fenced/final checks, ``"n"`` only when no record is stored."""
-        args = (
+        return self._keys(record.uuid), self._save_args(record, fence, force)
+
+    def _save_args(self, record: TaskRecord, fence: str | None, force: str) -> tuple[str, ...]:
+        """The arguments of :meth:`_save_call`, for the scripts that save many records (their
+        keys are the first record's)."""
+        return (
             record.uuid,
             self._encode(record),
             record.status.value,
@@ -275,7 +280,6 @@ class RedisStorage:
             record.task_name,
             record.parent_uuid or "",
         )
-        return self._keys(record.uuid), args
 
     async def _save(self, record: TaskRecord, fence: str | None, force: str) -> bool:
         keys, args = self._save_call(record, fence, force)

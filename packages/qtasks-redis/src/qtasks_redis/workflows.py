@@ -114,16 +114,12 @@ _LIST_BATCHES = 10
 async def add_many(storage: RedisStorage, records: Sequence[TaskRecord]) -> None:
     """The storage's SAVE (replacing) of every record: one script call per :data:`CHUNK`
     (:data:`~qtasks_redis.workflow_lua.ADD_MANY`)."""
-    from qtasks_redis.storage import RECORD_KEYS  # (that module imports this one)
-
-    client = storage._shared.fast()
     for start in range(0, len(records), CHUNK):
         chunk = records[start : start + CHUNK]
         args: list[Any] = [storage.key_tag]
         for record in chunk:
-            args += storage._save_call(record, None, "1")[1]
-        keys = storage._keys(chunk[0].uuid)
-        await guarded(storage.target, lua.ADD_MANY(client, keys, args, RECORD_KEYS))
+            args += storage._save_args(record, None, "1")
+        await storage._run(lua.ADD_MANY, chunk[0].uuid, *args)
 
 
 async def member_done(storage: RedisStorage, record: TaskRecord) -> list[GateMessage]:

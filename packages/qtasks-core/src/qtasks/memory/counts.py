@@ -15,9 +15,6 @@ class LiveCounts:
     def __init__(self) -> None:
         self._tree = [0]  # 1-based: node i sums the positions (i - lowbit(i), i]
 
-    def __len__(self) -> int:
-        return len(self._tree) - 1
-
     def append(self) -> int:
         """Add a live entry at the end; return its position (0-based)."""
         tree = self._tree
