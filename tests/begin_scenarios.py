@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import anyio
 
 from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus
+from qtasks.components import SettleBegin, Storage
 from qtasks.worker import QueueWorker
 
 
 def count_begins(app: AsyncQueueTasks) -> list[str]:
-    """The uuids of the records the app's storage is asked to ``begin``, as they come."""
-    storage = app.storage
+    """The uuids of the records the app's storage is asked to ``begin``, as they come: by a
+    call of its own, or folded into a settle call of the broker (:class:`SettleBegin`)."""
+    storage, broker = app.storage, app.broker
     calls: list[str] = []
+    inside: list[bool] = []  # within the broker's call: its begins are counted already
     plain_begin = storage.begin
 
     async def counted_begin(record: TaskRecord) -> TaskRecord:
-        calls.append(record.uuid)
+        if not inside:
+            calls.append(record.uuid)
         return await plain_begin(record)
 
     storage.begin = counted_begin  # type: ignore[method-assign]
+    if isinstance(broker, SettleBegin):
+        plain_settle = broker.ack_finals_begin
+
+        async def counted_settle(
+            storage: Storage, finals: Any, begins: Sequence[TaskRecord], **kw: Any
+        ) -> tuple[list[bool], list[TaskRecord | None]]:
+            calls.extend(record.uuid for record in begins)
+            inside.append(True)
+            try:
+                return await plain_settle(storage, finals, begins, **kw)
+            finally:
+                inside.pop()
+
+        broker.ack_finals_begin = counted_settle  # type: ignore[method-assign]
     return calls
 
 

@@ -20,6 +20,7 @@ from qtasks_testing.contract import (
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
+    SettleBeginContract,
     SharedServerContract,
     StorageContract,
     StorageFactory,
@@ -63,6 +64,10 @@ class TestMemoryFlowControl(FlowControlContract):
 
 class TestMemorySharedServer(SharedServerContract):
     """The in-memory broker shares its "server", the process, with every MemoryStorage."""
+
+
+class TestMemorySettleBegin(SettleBeginContract):
+    """Runs with the module's factories (the pair SharedServerContract uses)."""
 
 
 class TestMemoryLeaseBatch(LeaseBatchContract):

@@ -315,7 +315,9 @@ async def test_a_broken_settle_call_does_not_kill_the_worker(
 
 async def test_settle_calls_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qtasks.settle, "SETTLE_BATCH", 2)
-    app, broker = batching_app(concurrency=5)
+    # A runner for each task: a task that waited for a runner would be begun in the next
+    # settle call (SettleBegin), which the gate holds.
+    app, broker = batching_app(concurrency=6)
     broker.gate = anyio.Event()
     closed = ClosedCounter(6)
     app.add_plugin(closed)

@@ -21,7 +21,10 @@ BEGIN_BATCH = 256
 """Most records begun in one call."""
 
 
-class _Waiter:
+class BeginWaiter:
+    """A task waiting for its record to be begun in a shared call (here, or with a settle
+    call: :meth:`qtasks.settle.Settlement.open_batch`)."""
+
     __slots__ = ("batch", "error", "event", "record", "result")
 
     def __init__(self, record: TaskRecord, event: anyio.Event) -> None:
@@ -29,7 +32,7 @@ class _Waiter:
         self.event = event
         self.result: TaskRecord | None = None
         self.error: BaseException | None = None
-        self.batch: list[_Waiter] | None = None
+        self.batch: list[BeginWaiter] | None = None
         """Set on the first waiter of a batch: it makes the call for all of them."""
 
 
@@ -43,7 +46,7 @@ class BeginBatch:
         self._new_event = EventFactory()  # a waiter's event: anyio.Event() costs ~4 us
         self._many = storage if isinstance(storage, BeginMany) else None
         self._busy = False
-        self._queue: list[_Waiter] = []
+        self._queue: list[BeginWaiter] = []
 
     async def begin(self, claim: TaskRecord) -> TaskRecord:
         """:meth:`Storage.begin` of ``claim``, shared with the tasks starting meanwhile."""
@@ -55,7 +58,7 @@ class BeginBatch:
                 return await self.storage.begin(claim)
             finally:
                 self._pass_on()
-        waiter = _Waiter(claim, self._new_event())
+        waiter = BeginWaiter(claim, self._new_event())
         self._queue.append(waiter)
         try:
             await waiter.event.wait()
@@ -83,7 +86,7 @@ class BeginBatch:
         batch[0].batch = batch
         batch[0].event.set()
 
-    async def _lead(self, batch: list[_Waiter]) -> None:
+    async def _lead(self, batch: list[BeginWaiter]) -> None:
         assert self._many is not None
         try:
             with anyio.CancelScope(shield=True):
@@ -104,7 +107,7 @@ class BeginBatch:
                 w.event.set()
             self._pass_on()
 
-    async def _one(self, waiter: _Waiter) -> None:
+    async def _one(self, waiter: BeginWaiter) -> None:
         try:
             waiter.result = await self.storage.begin(waiter.record)
         except Exception as exc:

@@ -36,12 +36,13 @@ it); ``purge_dead_letters(ids: list[str] | None = None) -> int`` on a broker (de
 letters for good, all when ``ids`` is None; return how many: the dashboard's purge, refused
 for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim` broker (see
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
-:class:`SharedServer`, :class:`BeginOnClaim`, :class:`BeginMany`, :class:`AttemptLog`,
-:class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`, :class:`CancelFeed`,
-:class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`, :class:`BulkAdd`,
-:class:`WorkflowStore`, :class:`FlowControl` and :class:`UniquePublish`, checked with
-``isinstance``; ``qtasks_testing.contract.capabilities``, ``qtasks_testing.contract.query``,
-``qtasks_testing.contract.bulk`` and ``qtasks_testing.contract.flow`` hold their suites.
+:class:`SharedServer`, :class:`SettleBegin`, :class:`BeginOnClaim`, :class:`BeginMany`,
+:class:`AttemptLog`, :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`,
+:class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`,
+:class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl` and :class:`UniquePublish`,
+checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
+``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
+``qtasks_testing.contract.flow`` hold their suites.
 
 Over ~500 lines on purpose: every contract of the core lives here, in one place, each
 protocol with what its implementers must do (one file to read to write a backend).
@@ -244,6 +245,32 @@ class SharedServer(Protocol):
         accepted; ``enqueued`` as for :meth:`ack_final`. The worker settles the tasks that
         finish while a call is in flight with the next call, so a busy worker makes one call
         per batch instead of one per task."""
+        ...
+
+
+@runtime_checkable
+class SettleBegin(Protocol):
+    """Optional capability of a :class:`SharedServer` broker: settle the tasks that finished
+    and begin the records of the tasks about to start in one round trip. A busy worker's
+    runner settles one task and starts the next in the same moment; with this capability the
+    two ride in one call (Redis: one script) instead of two.
+    """
+
+    async def ack_finals_begin(
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        begins: Sequence[TaskRecord],
+        *,
+        enqueued: list[str] | None = None,
+    ) -> tuple[list[bool], list[TaskRecord | None]]:
+        """Exactly ``await self.ack_finals(storage, finals, enqueued=enqueued)`` followed by
+        :meth:`Storage.begin` of each record of ``begins`` in order, in one round trip
+        (either list may be empty). Returns what ``ack_finals`` returns and, per record of
+        ``begins``, the record as ``begin`` returned it, or ``None`` where the call could not
+        return it (no record stored, or a stored record that cannot be read): the caller then
+        begins that one with :meth:`Storage.begin`, which for the same claim changes nothing
+        more and raises what ``begin`` raises."""
         ...
 
 

@@ -15,6 +15,7 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import deque
+from collections.abc import Awaitable, Callable
 from functools import partial
 from types import CodeType
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,9 @@ class QueueWorker:
         """Runners not processing a delivery (waiting for one, or about to take one)."""
         self._begins: BeginBatch | None = None
         """The begin step's calls, many per round trip (for the app's storage)."""
+        self._begin_with_settle: Callable[[TaskRecord], Awaitable[TaskRecord]] | None = None
+        """While serving with a :class:`~qtasks.components.SettleBegin` broker: the begin
+        step rides the settle step's calls (see :mod:`qtasks.settle`)."""
         self._start_at_once: set[str] = set()
         """Tokens of deliveries begun with their claim that went to a free runner, nothing
         waiting before them (see :meth:`_starts`)."""
@@ -186,6 +190,8 @@ class QueueWorker:
         else:
             consumer = broker.consume(prefetch=prefetch)
         settler = self._settlement.open_batch(app, concurrency)
+        if settler is not None and settler.folds_begins:
+            self._begin_with_settle = settler.begin
         async with (
             consumer as deliveries,
             anyio.create_task_group() as serving,
@@ -283,6 +289,7 @@ class QueueWorker:
                         # Before the consumer closes: it hands back what is not settled.
                         await settler.drained()
                     self._settlement.close_batch()
+                    self._begin_with_settle = None
                     for scope in runners:
                         scope.cancel()
                     serving.cancel_scope.cancel()
@@ -476,12 +483,15 @@ class QueueWorker:
             claim.token = delivery.token
             claim.worker = self.id
             try:
-                begins = self._begins
-                if begins is None or begins.storage is not app.storage:
-                    # Made on first use: qtasks-testing's harness processes deliveries
-                    # without ``run``.
-                    begins = self._begins = BeginBatch(app.storage)
-                record = await begins.begin(claim)
+                if self._begin_with_settle is not None:
+                    record = await self._begin_with_settle(claim)
+                else:
+                    begins = self._begins
+                    if begins is None or begins.storage is not app.storage:
+                        # Made on first use: qtasks-testing's harness processes deliveries
+                        # without ``run``.
+                        begins = self._begins = BeginBatch(app.storage)
+                    record = await begins.begin(claim)
             except SerializationError as exc:
                 # The stored record cannot be read (written by something else): poison too.
                 await self._reject(app, delivery, f"stored task record unreadable: {exc}", None)

@@ -346,6 +346,18 @@ class MemoryBroker(_Lifecycle):
             for delivery, record in finals
         ]
 
+    async def ack_finals_begin(
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        begins: Sequence[TaskRecord],
+        *,
+        enqueued: list[str] | None = None,
+    ) -> tuple[list[bool], list[TaskRecord | None]]:
+        """See :class:`qtasks.components.SettleBegin`."""
+        saved = await self.ack_finals(storage, finals, enqueued=enqueued)
+        return saved, [await storage.begin(claim) for claim in begins]
+
     async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
         """See :class:`qtasks.components.LeaseBatch`."""
         self._check()

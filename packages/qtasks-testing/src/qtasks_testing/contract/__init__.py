@@ -31,6 +31,7 @@ from qtasks_testing.contract.capabilities import (
     CancelFeedContract,
     FreshWaitContract,
     LeaseBatchContract,
+    SettleBeginContract,
     SharedServerContract,
 )
 from qtasks_testing.contract.flow import FlowControlContract
@@ -56,6 +57,7 @@ __all__ = [
     "GlobalConfigContract",
     "GlobalConfigFactory",
     "LeaseBatchContract",
+    "SettleBeginContract",
     "SharedServerContract",
     "StorageContract",
     "StorageFactory",

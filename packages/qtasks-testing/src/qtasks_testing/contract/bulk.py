@@ -26,6 +26,7 @@ from qtasks.components import (
     BulkPublish,
     BulkPublishNew,
     GateMessage,
+    SettleBegin,
     Storage,
     WorkflowStore,
 )
@@ -338,3 +339,55 @@ class WorkflowSettleContract(_SharedFixtures):
             assert (published.id, published.body) == (nxt.id, nxt.body)
             assert await published.ack() is True
             assert await consumer.none_within(0.3) is None
+
+    @pytest.mark.anyio
+    async def test_ack_finals_begin_of_the_last_member_continues_and_begins(
+        self, shared: Shared
+    ) -> None:
+        """:meth:`SettleBegin.ack_finals_begin` settles a workflow member as ``ack_finals``
+        does (the opened gate's message published, its id in ``enqueued``) and then begins
+        the records it is given (skipped unless the broker is a ``SettleBegin``)."""
+        storage, broker = shared.storage, shared.broker
+        if not isinstance(storage, WorkflowStore):
+            pytest.skip(lacks(storage, WorkflowStore))
+        if not isinstance(broker, SettleBegin):
+            pytest.skip(lacks(broker, SettleBegin))
+        own = _workflow(time.time())
+        member, other = record(workflow=own.uuid), record()
+        nxt = _gate("next")
+        gates = {"g": (1, [nxt]), "final": (1, []), "error": (1, [])}
+        await storage.add_workflow(own, [member], gates, {member.uuid: "g"})
+        await storage.add(other)
+        for rec in (member, other):
+            sent, _ = shared.new(uuid=rec.uuid)
+            await shared.broker.publish(sent)
+        async with consuming(shared.broker) as consumer:
+            held = {d.id: d for d in [await consumer.next(timeout=2) for _ in range(2)]}
+            begun = await shared.begun(member, held[member.uuid].token)
+            claim = replace(
+                other,
+                status=TaskStatus.PROCESS,
+                attempt=1,
+                token=held[other.uuid].token,
+                worker="contract-worker",
+            )
+            enqueued: list[str] = []
+            saved, [started] = await broker.ack_finals_begin(
+                storage,
+                [(held[member.uuid], finished(begun, returning=1))],
+                [claim],
+                enqueued=enqueued,
+            )
+            assert saved == [True]
+            assert enqueued == [nxt.id]
+            assert started is not None
+            assert (started.uuid, started.status, started.token) == (
+                other.uuid,
+                TaskStatus.PROCESS,
+                held[other.uuid].token,
+            )
+            published = await consumer.next(timeout=2, what="the gate's message")
+            assert (published.id, published.body) == (nxt.id, nxt.body)
+            assert await held[member.uuid].ack() is False, "the member was not acked"
+            for delivery in (published, held[other.uuid]):
+                assert await delivery.ack() is True

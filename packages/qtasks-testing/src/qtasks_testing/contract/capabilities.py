@@ -1,8 +1,9 @@
 """Contract suites of the optional capabilities of :mod:`qtasks.components`.
 
-:class:`SharedServerContract`, :class:`BeginOnClaimContract`, :class:`BeginManyContract`,
-:class:`LeaseBatchContract`, :class:`CancelCheckContract` and :class:`CancelFeedContract` check
-:class:`~qtasks.components.SharedServer`, :class:`~qtasks.components.BeginOnClaim`,
+:class:`SharedServerContract`, :class:`SettleBeginContract`, :class:`BeginOnClaimContract`,
+:class:`BeginManyContract`, :class:`LeaseBatchContract`, :class:`CancelCheckContract` and
+:class:`CancelFeedContract` check :class:`~qtasks.components.SharedServer`,
+:class:`~qtasks.components.SettleBegin`, :class:`~qtasks.components.BeginOnClaim`,
 :class:`~qtasks.components.BeginMany`, :class:`~qtasks.components.LeaseBatch`,
 :class:`~qtasks.components.CancelCheck` and :class:`~qtasks.components.CancelFeed`. Each is
 wired like the basic suites (a ``broker_factory`` and/or ``storage_factory`` fixture). A
@@ -38,6 +39,7 @@ from qtasks.components import (
     Delivery,
     FreshWait,
     LeaseBatch,
+    SettleBegin,
     SharedServer,
     Storage,
 )
@@ -275,6 +277,104 @@ class SharedServerContract(_SharedFixtures):
             assert await held[ended.uuid].ack() is False, "the ended one was not acked"
             assert await held[fenced.uuid].ack() is True, "the fenced-off one was acked"
             assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+
+class SettleBeginContract(_SharedFixtures):
+    """The guarantees of :class:`qtasks.components.SettleBegin`, as tests.
+
+    Wired as :class:`SharedServerContract`. Every test is skipped when the broker is not both
+    a ``SharedServer`` and a ``SettleBegin``."""
+
+    capabilities = (SharedServer, SettleBegin)
+    worker = "contract-worker"
+
+    def claim(self, rec: TaskRecord, token: str) -> TaskRecord:
+        """``rec`` as the worker asks to begin it for the delivery holding ``token``."""
+        claim = rec.copy()
+        claim.status, claim.attempt, claim.token, claim.worker = (
+            TaskStatus.PROCESS,
+            1,
+            token,
+            self.worker,
+        )
+        return claim
+
+    @staticmethod
+    def folding(shared: Shared) -> SettleBegin:
+        return cast(SettleBegin, shared.broker)
+
+    @pytest.mark.anyio
+    async def test_ack_finals_begin_settles_then_begins(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        """One task settled and the next begun in one call; the settle comes first, so a
+        begin of the task it settled finds it final and leaves it."""
+        (sent_a, a), (sent_b, b) = shared.new(), shared.new()
+        for sent, rec in ((sent_a, a), (sent_b, b)):
+            await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as consumer:
+            held = await SharedServerContract.deliveries(consumer, 2)
+            done = finished(await shared.begun(a, held[a.uuid].token), returning="a")
+            saved, begun = await self.folding(shared).ack_finals_begin(
+                shared.storage,
+                [(held[a.uuid], done)],
+                [self.claim(b, held[b.uuid].token), self.claim(a, "a-copy")],
+            )
+            assert saved == [True]
+            assert await shared.storage.get(a.uuid) == done
+            assert await held[a.uuid].ack() is False, "the settled task was not acked"
+            assert len(begun) == 2
+            next_, again = begun
+            assert next_ is not None
+            assert (next_.status, next_.token, next_.worker, next_.attempt) == (
+                TaskStatus.PROCESS,
+                held[b.uuid].token,
+                self.worker,
+                1,
+            )
+            assert (next_.args, next_.kwargs) == (b.args, b.kwargs)
+            assert await shared.storage.get(b.uuid) == next_, "begun is what is stored"
+            assert again == done, "the begin of a final record changed it"
+            assert await held[b.uuid].ack() is True
+            assert await consumer.none_within(contract_config.lease + 0.3) is None
+
+    @pytest.mark.anyio
+    async def test_ack_finals_begin_with_one_list_empty(self, shared: Shared) -> None:
+        folding = self.folding(shared)
+        assert await folding.ack_finals_begin(shared.storage, [], []) == ([], [])
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as consumer:
+            delivery = await consumer.next(timeout=2)
+            saved, begun = await folding.ack_finals_begin(
+                shared.storage, [], [self.claim(rec, delivery.token)]
+            )
+            assert saved == []
+            [only] = begun
+            assert only is not None
+            assert (only.status, only.token) == (TaskStatus.PROCESS, delivery.token)
+            done = finished(only, returning=2)
+            assert await folding.ack_finals_begin(shared.storage, [(delivery, done)], []) == (
+                [True],
+                [],
+            )
+            assert await shared.storage.get(rec.uuid) == done
+            assert await delivery.ack() is False, "the settled task was not acked"
+
+    @pytest.mark.anyio
+    async def test_ack_finals_begin_without_a_stored_record(self, shared: Shared) -> None:
+        """No record stored: the call returns ``None`` (the caller begins it alone) or the
+        record begun from the claim, as ``begin`` would."""
+        rec = record()
+        [begun] = (
+            await self.folding(shared).ack_finals_begin(
+                shared.storage, [], [self.claim(rec, "token-1")]
+            )
+        )[1]
+        if begun is None:
+            begun = await shared.storage.begin(self.claim(rec, "token-1"))
+        assert (begun.uuid, begun.status, begun.token) == (rec.uuid, TaskStatus.PROCESS, "token-1")
+        assert await shared.storage.get(rec.uuid) == begun
 
 
 class BeginOnClaimContract(_SharedFixtures):
