@@ -22,6 +22,7 @@ from qtasks_testing.contract import (
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
+    SettleBeginContract,
     SharedServerContract,
     StorageContract,
     StorageFactory,
@@ -69,6 +70,10 @@ class TestRedisFlowControl(FlowControlContract):
 
 class TestRedisSharedServer(SharedServerContract):
     """A RedisBroker and a RedisStorage on the same server (same URL and prefix)."""
+
+
+class TestRedisSettleBegin(SettleBeginContract):
+    """Runs with the module's factories (the pair SharedServerContract uses)."""
 
 
 class TestRedisLeaseBatch(LeaseBatchContract):

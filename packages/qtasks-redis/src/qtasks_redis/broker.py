@@ -59,6 +59,13 @@ _PUBLISH_BATCH = 1000
 """Most messages published in one script call (see :meth:`RedisBroker.publish_many`)."""
 _EXTEND_BATCH = 1000
 """Most deliveries renewed in one script call."""
+_SETTLE_SCRIPTS = {
+    (False, False): shared_lua.ACK_FINALS,
+    (False, True): shared_lua.ACK_FINALS_BEGIN,
+    (True, False): workflow_lua.ACK_FINALS_WF,
+    (True, True): workflow_lua.ACK_FINALS_WF_BEGIN,
+}
+"""The settle script by (a workflow member among the tasks, records to begin)."""
 
 
 class RedisDelivery:
@@ -389,10 +396,40 @@ class RedisBroker:
         the workflow script's reply ends with the ids of the next steps it published."""
         if not finals:
             return []
+        saved, _ = await self._settle_begin(storage, finals, (), enqueued)
+        return saved
+
+    async def ack_finals_begin(
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        begins: Sequence[TaskRecord],
+        *,
+        enqueued: list[str] | None = None,
+    ) -> tuple[list[bool], list[TaskRecord | None]]:
+        """See :class:`qtasks.components.SettleBegin`: :meth:`ack_finals`' script followed by
+        the storage's begin of each record, in one script call (``None`` for a record none is
+        stored of, or one that cannot be read)."""
+        if not begins:
+            return await self.ack_finals(storage, finals, enqueued=enqueued), []
+        return await self._settle_begin(storage, finals, begins, enqueued)
+
+    async def _settle_begin(
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        begins: Sequence[TaskRecord],
+        enqueued: list[str] | None,
+    ) -> tuple[list[bool], list[TaskRecord | None]]:
         redis_storage = _redis_storage(storage)
         deliveries: list[RedisDelivery] = []
         args: list[Any] = [redis_storage.key_tag]
-        keys = (*redis_storage._keys(finals[0][1].uuid), *self.keys)
+        if begins:
+            args.append(len(begins))
+            for claim in begins:
+                args += (claim.uuid, claim.token or "", claim.attempt, claim.worker or "")
+        first = finals[0][1].uuid if finals else begins[0].uuid
+        keys = (*redis_storage._keys(first), *self.keys)
         # Workflow members take the script that continues their workflow in the same step
         # (qtasks_redis.workflow_lua); a batch without any takes the plain one.
         flows = any(record.workflow is not None for _, record in finals)
@@ -404,13 +441,23 @@ class RedisBroker:
             if flows:
                 args += (record.workflow or "", error_text(record))
             deliveries.append(delivery)
-        script = workflow_lua.ACK_FINALS_WF if flows else shared_lua.ACK_FINALS
-        reply = await self._while_leased(deliveries, script, keys, args, RECORD_KEYS)
+        script = _SETTLE_SCRIPTS[flows, bool(begins)]
+        if deliveries:
+            reply = await self._while_leased(deliveries, script, keys, args, RECORD_KEYS)
+        else:
+            reply = await self._run_call(script, keys, args, RECORD_KEYS)
         for delivery in deliveries:
             delivery._owner.pop(delivery._token, None)
+        n, end = len(finals), len(finals) + 8 * len(begins)
         if enqueued is not None:
-            enqueued += [id.decode() for id in reply[len(finals) :]]
-        return [saved == 1 for saved in reply[: len(finals)]]
+            enqueued += [id.decode() for id in reply[end:]]
+        begun: list[TaskRecord | None] = []
+        for at in range(n, end, 8):
+            try:
+                begun.append(redis_storage._record(reply[at : at + 8]))
+            except SerializationError:
+                begun.append(None)  # the caller begins it alone, which raises
+        return [saved == 1 for saved in reply[:n]], begun
 
     def consume(
         self, *, prefetch: int

@@ -67,14 +67,44 @@ ACK_FINAL = _combine(storage_lua.SAVE, broker_lua.ACK, 2, gate=True)
 """Storage SAVE fenced by the delivery's token, then, unless the fence refused it, broker ACK
 (id, token). Returns SAVE's reply (0, 1 or 2)."""
 
-ACK_FINALS = Script(
-    storage_lua.PRELUDE
-    + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
-    + f"""
+BEGINS = (
+    storage_lua.BEGIN_ONE
+    + r"""
+-- The begins of a settle-and-begin script (SettleBegin): ARGV[2] is how many, ARGV[3 ..
+-- BEGINS_END] hold each one's uuid, token, attempt and worker (the settle's arguments follow);
+-- begin_all appends each record's {d, s, t, cr, u, n, a, w} to out, as BEGIN_MANY returns them.
+local BEGINS_END = 2 + 4 * tonumber(ARGV[2])
+local function begin_all(out)
+  if BEGINS_END < 3 then return end
+  local t = redis.call('TIME')
+  local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for j = 3, BEGINS_END, 4 do
+    local uuid = ARGV[j]
+    local cur = begin_one(TAG .. ':r:' .. uuid, uuid, ARGV[j + 1], ARGV[j + 2], ARGV[j + 3],
+                          updated, now)
+    for k = 1, 8 do out[#out + 1] = cur[k] end
+  end
+end
+"""
+)
+"""Lua for the scripts that settle and then begin (:data:`ACK_FINALS_BEGIN`, and the workflow
+variant): the settle part's arguments start after ``BEGINS_END``, and ``begin_all`` runs once
+it is done."""
+
+
+def _ack_finals(*, begins: bool) -> Script:
+    """ACK_FINALS, or with ``begins`` ACK_FINALS then the begins (:data:`BEGINS`)."""
+    first = "BEGINS_END" if begins else "1"
+    return Script(
+        storage_lua.PRELUDE
+        + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
+        + f"""
 -- ACK_FINAL for several tasks: KEYS are ACK_FINAL's for the first task (its record keys are
 -- rebuilt here for every task from the storage's key tag, so this runs only outside Redis
 -- Cluster); ARGV: the tag, then per task SAVE's {SAVE_ARGS} arguments and ACK's (id, token).
 -- Returns each task's SAVE reply.
+local TAG = ARGV[1]
 local now_cached = false
 local function now_ms()  -- the server time, read once for the whole batch
   if not now_cached then
@@ -89,7 +119,10 @@ end
 local function broker(ARGV)
 {_body(broker_lua.ACK, broker_lua.PRELUDE)}
 end
-local TAG, out, base = ARGV[1], {{}}, 1
+"""
+        + (BEGINS if begins else "")
+        + f"""
+local out, base = {{}}, {first}
 while base < #ARGV do
   local sa = {{}}
   for i = 1, {SAVE_ARGS} do sa[i] = ARGV[base + i] end
@@ -100,10 +133,20 @@ while base < #ARGV do
   out[#out + 1] = saved
   base = base + {SAVE_ARGS} + 2
 end
-return out
 """
-)
+        + ("begin_all(out)\n" if begins else "")
+        + "return out\n"
+    )
+
+
+ACK_FINALS = _ack_finals(begins=False)
 """ACK_FINAL of many tasks in one call (see :meth:`RedisBroker.ack_finals`)."""
+
+ACK_FINALS_BEGIN = _ack_finals(begins=True)
+"""ACK_FINALS, then BEGIN of the records of tasks about to start (see
+:meth:`RedisBroker.ack_finals_begin`): ARGV: the tag, how many begins, their arguments
+(:data:`BEGINS`), then ACK_FINALS' per-task arguments. Returns each settled task's SAVE
+reply, then each begun record's fields."""
 
 
 CLAIM_BEGIN = Script(

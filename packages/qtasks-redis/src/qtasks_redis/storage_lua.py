@@ -258,6 +258,30 @@ return out
 """
 )
 
+BEGIN_ONE = r"""
+-- BEGIN of a record that exists, for the scripts that begin many (IDX and FINAL defined):
+-- marks it 'process' for the attempt (token, attempt, worker) at server time (updated, now),
+-- keeping the attempt it replaces (AttemptLog); returns {d, s, t, cr, u, n, a, w}, unchanged
+-- when final, all false when there is no record.
+local function begin_one(key, uuid, token, attempt, worker, updated, now)
+  local cur = redis.call('HMGET', key, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+  if cur[1] and not FINAL[cur[2]] then
+    if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then  -- AttemptLog
+      redis.call('RPUSH', string.sub(key, 1, #key - #uuid - 3) .. ':at:' .. uuid,
+                 cjson.encode(cur))
+      redis.call('HSET', key, 'k', '1')
+    end
+    redis.call('HSET', key, 's', 'process', 't', token, 'a', attempt, 'w', worker,
+               'u', updated)
+    if IDX[cur[2]] then redis.call('ZREM', IDX[cur[2]], uuid) end
+    redis.call('ZADD', IDX['process'], now, uuid)
+    cur[2], cur[3], cur[5], cur[7], cur[8] = 'process', token, updated, attempt, worker
+  end
+  return cur
+end
+"""
+"""A Lua function shared by :data:`BEGIN_MANY` and the shared server's settle-and-begin."""
+
 BEGIN_MANY = Script(
     r"""
 -- BEGIN of several records that exist. KEYS: one record key per task, then the seven status
@@ -270,26 +294,16 @@ local IDX = {new = KEYS[n + 1], process = KEYS[n + 2], success = KEYS[n + 3],
              error = KEYS[n + 4], cancel = KEYS[n + 5], retry = KEYS[n + 6],
              expired = KEYS[n + 7]}
 local FINAL = {success = true, error = true, cancel = true, expired = true}
+"""
+    + BEGIN_ONE
+    + r"""
 local t = redis.call('TIME')
 local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, n do
   local j = (i - 1) * 4
-  local uuid, token, attempt, worker = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4]
-  local cur = redis.call('HMGET', KEYS[i], 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
-  if cur[1] and not FINAL[cur[2]] then
-    if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then  -- AttemptLog
-      redis.call('RPUSH', string.sub(KEYS[i], 1, #KEYS[i] - #uuid - 3) .. ':at:' .. uuid,
-                 cjson.encode(cur))
-      redis.call('HSET', KEYS[i], 'k', '1')
-    end
-    redis.call('HSET', KEYS[i], 's', 'process', 't', token, 'a', attempt, 'w', worker,
-               'u', updated)
-    if IDX[cur[2]] then redis.call('ZREM', IDX[cur[2]], uuid) end
-    redis.call('ZADD', IDX['process'], now, uuid)
-    cur[2], cur[3], cur[5], cur[7], cur[8] = 'process', token, updated, attempt, worker
-  end
+  local cur = begin_one(KEYS[i], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], updated, now)
   for k = 1, 8 do out[#out + 1] = cur[k] end
 end
 return out

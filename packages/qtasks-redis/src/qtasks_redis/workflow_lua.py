@@ -213,19 +213,25 @@ end
     + _PUBLISH_OPENED
 )
 
-ACK_FINALS_WF = Script(
-    _TWO_PRELUDES
-    + "local TAG = ARGV[1]\n"
-    + WF_PRELUDE
-    + _FUNCTIONS
-    + f"""
+
+def _ack_finals_wf(*, begins: bool) -> Script:
+    """ACK_FINALS_WF, or with ``begins`` ACK_FINALS_WF then the begins
+    (:data:`~qtasks_redis.shared_lua.BEGINS`; their fields come before the published ids)."""
+    first = "BEGINS_END" if begins else "1"
+    return Script(
+        _TWO_PRELUDES
+        + "local TAG = ARGV[1]\n"
+        + WF_PRELUDE
+        + _FUNCTIONS
+        + (shared_lua.BEGINS if begins else "")
+        + f"""
 -- SharedServer.ack_finals with workflows: KEYS are the storage's keys of the first task's
 -- record, then the queue's; ARGV: TAG, then per task SAVE's {_SAVE_ARGS} arguments, ACK's
 -- (id, token), the task's workflow ('' for none) and the error text naming it. After an
 -- accepted save of a workflow member, its gate is counted down and an opened gate's messages
 -- are published, before the ack: one atomic change. Returns each task's SAVE reply, then the
 -- ids of the messages so published.
-local out, base, ids = {{}}, 1, {{}}
+local out, base, ids = {{}}, {first}, {{}}
 while base < #ARGV do
   local sa = {{}}
   for i = 1, {_SAVE_ARGS} do sa[i] = ARGV[base + i] end
@@ -241,10 +247,20 @@ while base < #ARGV do
   out[#out + 1] = saved
   base = at + 4
 end
-for _, id in ipairs(ids) do out[#out + 1] = id end
+"""
+        + ("begin_all(out)\n" if begins else "")
+        + """for _, id in ipairs(ids) do out[#out + 1] = id end
 return out
 """
-)
+    )
+
+
+ACK_FINALS_WF = _ack_finals_wf(begins=False)
+"""SharedServer.ack_finals when a workflow member is among the tasks."""
+
+ACK_FINALS_WF_BEGIN = _ack_finals_wf(begins=True)
+"""ACK_FINALS_WF, then the begins (:data:`~qtasks_redis.shared_lua.ACK_FINALS_BEGIN`'s
+arguments with the workflow script's per-task ones)."""
 
 _FRESH_BATCH = r"""
 -- A batch's record keys, and whether it is fresh: every record 'new' and none stored yet.
