@@ -14,9 +14,9 @@ def count_begins(app: AsyncQueueTasks) -> list[str]:
     calls: list[str] = []
     plain_begin = storage.begin
 
-    async def counted_begin(record: TaskRecord) -> TaskRecord:
+    async def counted_begin(record: TaskRecord, *, generation: int = 0) -> TaskRecord:
         calls.append(record.uuid)
-        return await plain_begin(record)
+        return await plain_begin(record, generation=generation)
 
     storage.begin = counted_begin  # type: ignore[method-assign]
     return calls

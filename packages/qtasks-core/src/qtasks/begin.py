@@ -45,8 +45,10 @@ class BeginBatch:
         self._busy = False
         self._queue: list[_Waiter] = []
 
-    async def begin(self, claim: TaskRecord) -> TaskRecord:
+    async def begin(self, claim: TaskRecord, generation: int = 0) -> TaskRecord:
         """:meth:`Storage.begin` of ``claim``, shared with the tasks starting meanwhile."""
+        if generation:  # a workflow step published again (rare): begun alone, checked
+            return await self.storage.begin(claim, generation=generation)
         if self._many is None:
             return await self.storage.begin(claim)
         if not self._busy:

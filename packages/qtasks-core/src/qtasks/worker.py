@@ -481,7 +481,9 @@ class QueueWorker:
                     # Made on first use: qtasks-testing's harness processes deliveries
                     # without ``run``.
                     begins = self._begins = BeginBatch(app.storage)
-                record = await begins.begin(claim)
+                record = await begins.begin(
+                    claim, workflows.generation(message.headers) if message.headers else 0
+                )
             except SerializationError as exc:
                 # The stored record cannot be read (written by something else): poison too.
                 await self._reject(app, delivery, f"stored task record unreadable: {exc}", None)
@@ -490,6 +492,12 @@ class QueueWorker:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             if record.workflow is not None:
                 await workflows.found_final(app, record)
+            await delivery.ack()
+            return
+        if record.token != delivery.token and record.workflow is not None:
+            # Not begun: a stale copy of a workflow step published again since (see
+            # WorkflowStore.republish); the copy published last runs, this one is dropped.
+            log.info("dropped a stale copy of workflow step %s", delivery.id)
             await delivery.ack()
             return
         record.started_at = record.updated_at  # as begun: stored with the final record

@@ -3,7 +3,8 @@
 1. ``rec``    HASH: ``d`` record JSON, ``s`` status, ``t`` token, and overrides written by
               :meth:`cancel` (``cr`` reason, ``u`` updated_at), :meth:`begin` (``u``, ``a``
               attempt, ``w`` worker), :meth:`add_step` (``n``) and the broker's claim when
-              it dead-letters the message (``e`` error, ``u``, ``s``, ``t``)
+              it dead-letters the message (``e`` error, ``u``, ``s``, ``t``); ``g`` the
+              publish generation (workflow_lua.REPUBLISH), which no other write changes
 2. ``wake``   LIST: one token pushed when the record turns final; waiters ``BLMOVE`` it onto
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
@@ -99,6 +100,15 @@ local function keep_attempt(rec, uuid, cur, token)
   end
 end
 
+-- Storage.begin's check of a copy of publish generation gen: true when the record's
+-- ('g', raised by the workflows' REPUBLISH) is greater (a stale copy, never begun). cur is
+-- HMGET's reply with 'g' ninth, taken off so cur is what the begin scripts return.
+local function stale_copy(cur, gen)
+  local g = cur[9]
+  cur[9] = nil
+  return g and tonumber(g) > (gen or 0)
+end
+
 -- The record just turned final: expire it, wake waiters, end step followers. The wake list
 -- never outlives the record, so a record that does not exist has no stale wake-up.
 local function finished(ttl)
@@ -183,10 +193,12 @@ BEGIN = Script(
     PRELUDE
     + r"""
 -- ARGV: uuid, json (the record as a new 'process' attempt, or '' to get nil back when there
--- is no record: the caller then sends it), token, attempt, worker.
--- Returns {d, s, t, cr, u, n, a, w}: unchanged when final, else after marking the attempt.
-local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
-if cur[1] and FINAL[cur[2]] then return cur end
+-- is no record: the caller then sends it), token, attempt, worker, generation.
+-- Returns {d, s, t, cr, u, n, a, w}: unchanged when final or a stale copy, else after
+-- marking the attempt.
+local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'g')
+local stale = stale_copy(cur, tonumber(ARGV[6]))
+if cur[1] and (FINAL[cur[2]] or stale) then return cur end
 if not cur[1] and ARGV[2] == '' then return false end
 local t = redis.call('TIME')
 local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
@@ -263,8 +275,8 @@ BEGIN_MANY = Script(
 -- BEGIN of several records that exist. KEYS: one record key per task, then the seven status
 -- indexes (new, process, success, error, cancel, retry, expired). ARGV: for each task its
 -- uuid, token, attempt and worker. Returns {d, s, t, cr, u, n, a, w} per task, in order:
--- unchanged when final, all false when there is no record (the caller begins that one with
--- BEGIN).
+-- unchanged when final or a stale copy (publish generation 0, see BEGIN), all false when
+-- there is no record (the caller begins that one with BEGIN).
 local n = #KEYS - 7
 local IDX = {new = KEYS[n + 1], process = KEYS[n + 2], success = KEYS[n + 3],
              error = KEYS[n + 4], cancel = KEYS[n + 5], retry = KEYS[n + 6],
@@ -277,8 +289,9 @@ local out = {}
 for i = 1, n do
   local j = (i - 1) * 4
   local uuid, token, attempt, worker = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4]
-  local cur = redis.call('HMGET', KEYS[i], 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
-  if cur[1] and not FINAL[cur[2]] then
+  local cur = redis.call('HMGET', KEYS[i], 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'g')
+  -- Every claim here has generation 0: a record with one ('g') is a stale copy's.
+  if cur[1] and not FINAL[cur[2]] and not cur[9] then
     if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then  -- AttemptLog
       redis.call('RPUSH', string.sub(KEYS[i], 1, #KEYS[i] - #uuid - 3) .. ':at:' .. uuid,
                  cjson.encode(cur))
