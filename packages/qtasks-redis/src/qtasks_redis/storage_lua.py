@@ -290,8 +290,9 @@ for i = 1, n do
   local j = (i - 1) * 4
   local uuid, token, attempt, worker = ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4]
   local cur = redis.call('HMGET', KEYS[i], 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'g')
-  -- Every claim here has generation 0: a record with one ('g') is a stale copy's.
-  if cur[1] and not FINAL[cur[2]] and not cur[9] then
+  local g = cur[9]  -- every claim here has publish generation 0: any 'g' makes it stale
+  cur[9] = nil
+  if cur[1] and not FINAL[cur[2]] and not g then
     if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then  -- AttemptLog
       redis.call('RPUSH', string.sub(KEYS[i], 1, #KEYS[i] - #uuid - 3) .. ':at:' .. uuid,
                  cjson.encode(cur))
