@@ -34,6 +34,7 @@ from qtasks.errors import (
 from qtasks.memory.signals import _Signal
 from qtasks.messages import Message
 from qtasks.workflows.plan import GENERATION
+from qtasks.workflows.runtime import generation
 
 pytestmark = pytest.mark.anyio
 
@@ -435,6 +436,12 @@ async def test_a_step_published_again_while_its_first_copy_is_held_runs_once() -
     )
     assert (done.status, done.result) == ("success", 20)
     assert runs == [2], "the step ran more or less than once"
+
+
+def test_a_bad_publish_generation_header_counts_as_none() -> None:
+    values = (2, 0, -1, True, "3", 1.5, None)
+    assert [generation({GENERATION: v}) for v in values] == [2, 0, 0, 0, 0, 0, 0]
+    assert generation({}) == 0
 
 
 async def test_a_signatures_own_retry_is_used_for_that_call(app: AsyncQueueTasks) -> None:
