@@ -20,10 +20,10 @@ def count_begins(app: AsyncQueueTasks) -> list[str]:
     inside: list[bool] = []  # within the broker's call: its begins are counted already
     plain_begin = storage.begin
 
-    async def counted_begin(record: TaskRecord) -> TaskRecord:
+    async def counted_begin(record: TaskRecord, *, generation: int = 0) -> TaskRecord:
         if not inside:
             calls.append(record.uuid)
-        return await plain_begin(record)
+        return await plain_begin(record, generation=generation)
 
     storage.begin = counted_begin  # type: ignore[method-assign]
     if isinstance(broker, SettleBegin):

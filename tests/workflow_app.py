@@ -3,9 +3,10 @@ on RabbitMQ with a Redis storage; in process, or as a worker subprocess.
 
 Run as ``python workflow_app.py`` to serve until SIGTERM; settings come from environment
 variables: ``QT_BACKEND`` (``redis`` or ``rabbitmq``), ``QT_REDIS``, ``QT_RABBITMQ``,
-``QT_PREFIX``, ``QT_QUEUE``, ``QT_LEASE``, ``QT_CONCURRENCY`` and ``QT_LEDGER``. Every
-execution appends ``<task> <argument> <pid>`` to the ledger, opened with ``O_APPEND`` so the
-lines survive a SIGKILL of the worker, and every ``qtasks_task_enqueued`` the process fires
+``QT_PREFIX``, ``QT_QUEUE``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER`` and ``QT_PROBE``
+(``1``: the :class:`CopyProbe` of the test of a step published twice). Every execution
+appends ``<task> <argument> <pid>`` to the ledger, opened with ``O_APPEND`` so the lines
+survive a SIGKILL of the worker, and every ``qtasks_task_enqueued`` the process fires
 ``enqueued <uuid> <pid>``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +26,10 @@ import anyio
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
 from qtasks.components import Broker
+from qtasks.memory import _Signal
+from qtasks.messages import Message
 from qtasks.record import TaskRecord
+from qtasks.workflows.plan import GENERATION
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 HERE = Path(__file__).parent
@@ -40,9 +45,11 @@ def build(
     lease: float = 30.0,
     concurrency: int = 16,
     ledger: str | None = None,
+    probe: bool = False,
 ) -> AsyncQueueTasks:
     """An app with the tasks below; its storage is Redis under ``prefix``, its broker Redis
-    (the same server) or RabbitMQ (``queue``)."""
+    (the same server) or RabbitMQ (``queue``); with ``probe`` (and a ``ledger``), a
+    :class:`CopyProbe`."""
     broker: Broker
     if backend == "redis":
         broker = RedisBroker(redis_url, prefix=prefix, queue=queue)
@@ -119,7 +126,86 @@ def build(
     async def noop(x: int) -> int:
         return x
 
+    copies = CopyProbe(app, ledger, note) if probe and ledger else None
+
+    @app.task
+    async def gated(x: int) -> int:
+        note("gated", x)
+        if copies is not None:
+            await copies.both_begun()
+        return x
+
     return app
+
+
+class CopyProbe:
+    """Test-only, in a worker: stages the RabbitMQ gap of issue 19 around the task ``gated``.
+
+    - Right after this process fired ``qtasks_task_enqueued`` for a ``gated`` step (the
+      settle step published it and RabbitMQ confirmed it; the member that opened its gate is
+      not acked yet), the process SIGKILLs itself; once for every worker (a marker file).
+    - A delivery of a ``gated`` step is noted ``copy <uuid>:<generation>``. Its first copy
+      (no publish generation) waits at the worker, before it is begun, until a later copy
+      runs here: that copy comes from the redelivered member publishing the step again.
+    - ``gated``'s run waits (the run :meth:`both_begun` holds) until both copies reached the
+      storage's begin, so the first copy reaches begin while the step runs."""
+
+    def __init__(self, app: AsyncQueueTasks, ledger: str, note: Any) -> None:
+        self._mark = f"{ledger}.killed"
+        self._note = note
+        self._running = False
+        self._begun: list[str] = []
+        self._changed = _Signal()
+        self._watch_begins(app.storage)
+        app.add_plugin(self)
+
+    def _watch_begins(self, storage: Any) -> None:
+        plain_begin, plain_many = storage.begin, storage.begin_many
+
+        async def begin(record: TaskRecord, *, generation: int = 0) -> TaskRecord:
+            got: TaskRecord = await plain_begin(record, generation=generation)
+            self._began([record])
+            return got
+
+        async def begin_many(records: list[TaskRecord]) -> list[TaskRecord]:
+            got: list[TaskRecord] = await plain_many(records)
+            self._began(records)
+            return got
+
+        storage.begin, storage.begin_many = begin, begin_many
+
+    def _began(self, records: list[TaskRecord]) -> None:
+        self._begun += [r.uuid for r in records if r.task_name == "gated"]
+        self._changed.fire()
+
+    @hookimpl
+    def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+        if record.task_name != "gated":
+            return
+        try:
+            os.close(os.open(self._mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @hookimpl
+    async def qtasks_worker_task_received(self, message: Message) -> None:
+        if message.task_name != "gated":
+            return
+        generation = message.headers.get(GENERATION, 0)
+        self._note("copy", f"{message.uuid}:{generation}")
+        if not generation:
+            with anyio.fail_after(30):
+                while not self._running:
+                    await self._changed.wait(None)
+
+    async def both_begun(self) -> None:
+        """In ``gated``'s run: wait until two copies of the step reached begin here."""
+        self._running = True
+        self._changed.fire()
+        with anyio.fail_after(30):
+            while len(self._begun) < 2:
+                await self._changed.wait(None)
 
 
 class WorkerProcess:
@@ -195,7 +281,10 @@ def main() -> None:
         lease=float(env.get("QT_LEASE", "30")),
         concurrency=int(env.get("QT_CONCURRENCY", "16")),
         ledger=env.get("QT_LEDGER"),
+        probe=env.get("QT_PROBE") == "1",
     )
+    if env.get("QT_PROBE") == "1":  # the worker's note of a stale copy it dropped
+        logging.getLogger("qtasks.worker").setLevel(logging.INFO)
     app.run_forever()
 
 

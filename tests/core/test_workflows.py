@@ -16,6 +16,7 @@ from qtasks import (
     QueueConfig,
     QueueTasks,
     TaskDeclarationError,
+    TaskRecord,
     TaskStatus,
     UnknownTaskError,
     WorkflowError,
@@ -30,6 +31,10 @@ from qtasks.errors import (
     TaskNotFoundError,
     TaskTimeoutError,
 )
+from qtasks.memory.signals import _Signal
+from qtasks.messages import Message
+from qtasks.workflows.plan import GENERATION
+from qtasks.workflows.runtime import generation
 
 pytestmark = pytest.mark.anyio
 
@@ -358,6 +363,85 @@ async def test_a_member_redelivered_after_its_step_was_published_publishes_it_on
     assert broker.settled_again, "the first step's message never came back"
     assert (done.status, done.result) == ("success", 20)
     assert runs == [2], "the next step ran more or less than once"
+
+
+async def test_a_step_published_again_while_its_first_copy_is_held_runs_once() -> None:
+    """The RabbitMQ gap of issue 19, in memory: the worker that settles ``first`` publishes
+    ``second`` and loses its ack, so ``first`` comes back and publishes ``second`` again. Its
+    first copy is held at the worker (delivered, not begun) until the second copy runs; then
+    it reaches begin, while the step runs, and is dropped: the step runs once."""
+    broker = AckFailsOnce()
+    app = AsyncQueueTasks(broker=broker, config=QueueConfig(lease=5.0, max_tasks_process=4))
+    storage = app.storage
+    assert isinstance(storage, MemoryStorage)
+    begins: list[tuple[str, str | None, str | None]] = []
+    """(uuid, claim token, returned token) of each begin of the app's storage."""
+    plain_begin = storage.begin
+
+    async def logged_begin(record: TaskRecord, *, generation: int = 0) -> TaskRecord:
+        got = await plain_begin(record, generation=generation)
+        begins.append((record.uuid, record.token, got.token))
+        begun_signal.fire()
+        return got
+
+    storage.begin = logged_begin  # type: ignore[method-assign]  # begin_many calls it too
+    begun_signal = _Signal()
+    copies: list[int] = []
+    second_runs = anyio.Event()
+    runs: list[int] = []
+    ids: list[str] = []
+
+    async def begun_twice() -> None:
+        with anyio.fail_after(5):
+            while sum(1 for b in begins if b[0] == ids[1]) < 2:
+                await begun_signal.wait(None)
+
+    class HoldFirstCopy:
+        @hookimpl
+        async def qtasks_worker_task_received(self, message: Message) -> None:
+            if message.uuid != ids[1]:
+                return
+            copies.append(message.headers.get(GENERATION, 0))
+            if GENERATION not in message.headers:
+                with anyio.fail_after(5):
+                    await second_runs.wait()
+
+    app.add_plugin(HoldFirstCopy())
+
+    @app.task
+    def first(x: int) -> int:
+        return x + 1
+
+    @app.task
+    async def second(x: int) -> int:
+        runs.append(x)
+        second_runs.set()
+        await begun_twice()  # the first copy reaches begin while this one runs
+        return x * 10
+
+    try:
+        wf = await app.run_workflow(chain(first.s(1), second.s()))
+        ids.extend(wf.members)
+        broker.victim = wf.members[0]
+        async with app:
+            done = await wf.wait_result(10)
+    finally:
+        await app.aclose()
+    assert broker.failed == wf.members[0], "the ack never failed: the test tested nothing"
+    assert copies == [0, 1], "the step was not published twice, the first copy first"
+    of_second = [(claim, got) for uuid, claim, got in begins if uuid == wf.members[1]]
+    assert len(of_second) == 2
+    assert [claim == got for claim, got in of_second] == [True, False], (
+        "the second copy should begin and the first be refused"
+    )
+    assert (done.status, done.result) == ("success", 20)
+    assert runs == [2], "the step ran more or less than once"
+
+
+def test_a_bad_publish_generation_header_counts_as_none() -> None:
+    values = (2, 0, -1, True, "3", 1.5, None)
+    assert [generation({GENERATION: v}) for v in values] == [2, 0, 0, 0, 0, 0, 0]
+    assert generation({}) == 0
 
 
 async def test_a_signatures_own_retry_is_used_for_that_call(app: AsyncQueueTasks) -> None:

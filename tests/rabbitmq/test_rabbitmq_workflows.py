@@ -3,12 +3,13 @@ settles a member publishes the next step (confirmed) before it acks."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-from workflow_app import Workers, build, kill_while_running
+from workflow_app import Workers, build, kill_while_running, ledger_lines
 
 from qtasks import AsyncQueueTasks, chain, chord, group
 from qtasks.workflows import Node
@@ -99,3 +100,36 @@ async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
     assert (done.status, done.result) == ("success", sum(range(members)))
     assert workers.ran("total") == [str(members)], "the callback ran more or less than once"
     assert {int(v) for v in workers.ran("slow")} == set(range(members))
+
+
+async def test_a_step_published_again_by_a_redelivered_member_runs_once(
+    workers: Workers, redis_url: str, prefix: str, queue_name: str
+) -> None:
+    """The RabbitMQ gap of issue 19, staged by workflow_app's CopyProbe with real processes:
+    worker 1 settles ``add``, publishes ``gated`` (confirmed) and SIGKILLs itself before
+    acking ``add``. Worker 2 gets ``add`` again, finds it final and publishes ``gated`` a
+    second time, while the first copy is held at worker 2 (delivered, not begun). The second
+    copy runs and waits until the first reached begin: the first is dropped there (a stale
+    copy), and ``gated`` runs once."""
+    workers.env["QT_PROBE"] = "1"
+    (first,) = workers.start(1)
+    app = producer(redis_url, prefix, queue_name)
+    add, gated = app.tasks["add"], app.tasks["gated"]
+    try:
+        wf = await app.run_workflow(chain(add.s(1, 2), gated.s()))
+        code = await anyio.to_thread.run_sync(first.proc.wait, 30)
+        assert code == -signal.SIGKILL, "worker 1 did not die where it should"
+        (second,) = workers.start(1)
+        done = await app.wait_workflow(wf.id, timeout=30)
+        step = await app.get(wf.members[1])
+    finally:
+        await app.aclose()
+    assert (done.status, done.result) == ("success", 3)
+    assert workers.ran("add") == ["3"], "add ran again: its redelivery should find it final"
+    assert workers.ran("gated") == ["3"], "the step ran more or less than once"
+    # Both copies reached worker 2: the first (generation 0) and the one published again.
+    copies = {value for name, value in ledger_lines(workers.ledger) if name == "copy"}
+    assert copies >= {f"{wf.members[1]}:0", f"{wf.members[1]}:1"}, copies
+    assert f"dropped a stale copy of workflow step {wf.members[1]}" in second.log.read_text()
+    assert step is not None and (step.status.value, step.attempt) == ("success", 1)
+    assert workers.tracebacks() == []

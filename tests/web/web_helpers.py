@@ -139,8 +139,8 @@ class PlainStorage:
     async def get(self, uuid: str) -> TaskRecord | None:
         return await self.inner.get(uuid)
 
-    async def begin(self, record: TaskRecord) -> TaskRecord:
-        return await self.inner.begin(record)
+    async def begin(self, record: TaskRecord, *, generation: int = 0) -> TaskRecord:
+        return await self.inner.begin(record, generation=generation)
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         return await self.inner.save(record, fence=fence)

@@ -49,7 +49,8 @@ class BeginBatch:
         self._queue: list[BeginWaiter] = []
 
     async def begin(self, claim: TaskRecord) -> TaskRecord:
-        """:meth:`Storage.begin` of ``claim``, shared with the tasks starting meanwhile."""
+        """:meth:`Storage.begin` of ``claim`` (publish generation 0), shared with the tasks
+        starting meanwhile."""
         if self._many is None:
             return await self.storage.begin(claim)
         if not self._busy:

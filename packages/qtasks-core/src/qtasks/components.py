@@ -265,12 +265,12 @@ class SettleBegin(Protocol):
         enqueued: list[str] | None = None,
     ) -> tuple[list[bool], list[TaskRecord | None]]:
         """Exactly ``await self.ack_finals(storage, finals, enqueued=enqueued)`` followed by
-        :meth:`Storage.begin` of each record of ``begins`` in order, in one round trip
-        (either list may be empty). Returns what ``ack_finals`` returns and, per record of
-        ``begins``, the record as ``begin`` returned it, or ``None`` where the call could not
-        return it (no record stored, or a stored record that cannot be read): the caller then
-        begins that one with :meth:`Storage.begin`, which for the same claim changes nothing
-        more and raises what ``begin`` raises."""
+        :meth:`Storage.begin` of each record of ``begins`` (publish generation 0) in order, in
+        one round trip (either list may be empty). Returns what ``ack_finals`` returns and,
+        per record of ``begins``, the record as ``begin`` returned it, or ``None`` where the
+        call could not return it (no record stored, or a stored record that cannot be read):
+        the caller then begins that one with :meth:`Storage.begin`, which for the same claim
+        changes nothing more and raises what ``begin`` raises."""
         ...
 
 
@@ -350,6 +350,23 @@ class WorkflowStore(Protocol):
         the gate this member opened; a repeated call by the member that opened a gate returns
         them again (a worker that died before publishing them publishes them on redelivery).
         """
+        ...
+
+    async def republish(self, uuids: Sequence[str]) -> list[int]:
+        """Before the messages of a gate are published a second time (by the redelivered
+        member that opened it, see :meth:`member_done`): for each uuid whose stored record
+        is still ``new``, increase its *publish generation* by one and return the new value;
+        return 0 for every other uuid (the step began, ended, or its record is gone: its
+        message reached a worker, it is not published again). The check and the increase
+        are one atomic step per record (a Redis script; in memory, no await between them),
+        so a record is never begun between them.
+
+        The caller publishes each message whose generation is not 0 with it in the header
+        :data:`qtasks.workflows.plan.GENERATION`; a record's generation is 0 until this is
+        called, and a first publish carries no header. The generation is kept with the
+        record by every write but this one, and goes with it; :meth:`Storage.begin` refuses
+        a copy of an older generation, so of the copies of a step only the one published
+        last can run, and a step that began is never published again."""
         ...
 
     async def get_many(self, uuids: Sequence[str]) -> list[TaskRecord | None]:
@@ -438,6 +455,12 @@ class BeginOnClaim(Protocol):
         queued in storage, and a cancel made while it waits is seen when it would start: it
         never runs. Decided by the stored state, with no time window.
 
+        A claim does not check publish generations (:meth:`Storage.begin`'s
+        ``generation``): such a broker must replace a message published again under the same
+        id, even a delivered one, so the copy it claims is always the one published last (a
+        delivery of the older copy still held by a worker is begun by the worker, which
+        checks).
+
         A claim may publish messages itself: a workflow member it dead-letters fails its
         workflow, whose error callback is published in the same round trip. ``published``,
         when given, is called with their ids right after that claim (the worker fires
@@ -478,7 +501,7 @@ class Storage(Protocol):
 
     async def get(self, uuid: str) -> TaskRecord | None: ...
 
-    async def begin(self, record: TaskRecord) -> TaskRecord:
+    async def begin(self, record: TaskRecord, *, generation: int = 0) -> TaskRecord:
         """Atomically mark a task started by one delivery; return the stored record.
 
         ``record`` holds the message's fields and the new attempt's ``status`` (``process``),
@@ -487,6 +510,16 @@ class Storage(Protocol):
         nothing. Otherwise write the new attempt's status, attempt, token, worker and a fresh
         ``updated_at`` over the stored record (keeping its other fields), or store ``record``
         when there is none, and return what is stored. One round trip for remote backends.
+
+        ``generation`` is the publish generation the delivered message carries (its header
+        :data:`qtasks.workflows.plan.GENERATION`, 0 without it). When the stored record's
+        generation (see :meth:`WorkflowStore.republish`) is greater, the delivery is a stale
+        copy of a workflow step that was published again: return the stored record
+        unchanged and write nothing, as for a final one (its ``token`` is then not the
+        claim's; the worker acks the copy without running it). Checked atomically with the
+        begin, so a copy begins only while no later one was published. A storage that is no
+        :class:`WorkflowStore` keeps no generations (every record's is 0) and may ignore it;
+        the worker passes it only when it is not 0.
         """
         ...
 
@@ -557,7 +590,8 @@ class BeginMany(Protocol):
     A worker whose tasks start together (a burst of queued work) begins them in one call."""
 
     async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
-        """Exactly :meth:`Storage.begin` of each record, in order, in one round trip (or a
+        """Exactly :meth:`Storage.begin` of each record (``generation`` 0: a stale copy of a
+        workflow step is refused as ``begin`` refuses it), in order, in one round trip (or a
         few, for thousands). Raises what ``begin`` raises; a record that cannot be read
         raises :class:`~qtasks.errors.SerializationError` for the whole call (the caller
         then begins the records one by one)."""

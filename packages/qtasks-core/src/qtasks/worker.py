@@ -483,7 +483,10 @@ class QueueWorker:
             claim.token = delivery.token
             claim.worker = self.id
             try:
-                if self._begin_with_settle is not None:
+                generation = workflows.generation(message.headers) if message.headers else 0
+                if generation:  # a workflow step published again (rare): begun alone, checked
+                    record = await app.storage.begin(claim, generation=generation)
+                elif self._begin_with_settle is not None:
                     record = await self._begin_with_settle(claim)
                 else:
                     begins = self._begins
@@ -500,6 +503,12 @@ class QueueWorker:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
             if record.workflow is not None:
                 await workflows.found_final(app, record)
+            await delivery.ack()
+            return
+        if record.token != delivery.token and record.workflow is not None:
+            # Not begun: a stale copy of a workflow step published again since (see
+            # WorkflowStore.republish); the copy published last runs, this one is dropped.
+            log.info("dropped a stale copy of workflow step %s", delivery.id)
             await delivery.ack()
             return
         record.started_at = record.updated_at  # as begun: stored with the final record

@@ -330,6 +330,10 @@ class RedisStorage:
         """See :class:`qtasks.components.WorkflowStore`: one script."""
         return await workflows.member_done(self, record)
 
+    async def republish(self, uuids: Sequence[str]) -> list[int]:
+        """See :class:`qtasks.components.WorkflowStore`: one script per 1,000 records."""
+        return await workflows.republish(self, uuids)
+
     async def cancel_workflow(self, workflow: str, reason: str) -> TaskRecord | None:
         """See :class:`qtasks.components.WorkflowStore`: the storage's cancel, then one
         ``DEL`` of the workflow's keys."""
@@ -340,9 +344,11 @@ class RedisStorage:
         time (one round trip for the ids, one for their records)."""
         return await workflows.newest(self, limit)
 
-    async def begin(self, record: TaskRecord) -> TaskRecord:
+    async def begin(self, record: TaskRecord, *, generation: int = 0) -> TaskRecord:
         # The record's JSON is sent only when none is stored (rare: the producer stores one).
         args = [record.uuid, "", record.token or "", record.attempt, record.worker or ""]
+        if generation:
+            args.append(generation)
         fields = await self._run(lua.BEGIN, record.uuid, *args)
         if fields is None:
             args[1] = self._encode(record)

@@ -3,7 +3,8 @@
 1. ``rec``    HASH: ``d`` record JSON, ``s`` status, ``t`` token, and overrides written by
               :meth:`cancel` (``cr`` reason, ``u`` updated_at), :meth:`begin` (``u``, ``a``
               attempt, ``w`` worker), :meth:`add_step` (``n``) and the broker's claim when
-              it dead-letters the message (``e`` error, ``u``, ``s``, ``t``)
+              it dead-letters the message (``e`` error, ``u``, ``s``, ``t``); ``g`` the
+              publish generation (workflow_lua.REPUBLISH), which no other write changes
 2. ``wake``   LIST: one token pushed when the record turns final; waiters ``BLMOVE`` it onto
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
@@ -99,6 +100,15 @@ local function keep_attempt(rec, uuid, cur, token)
   end
 end
 
+-- Storage.begin's check of a copy of publish generation gen: true when the record's
+-- ('g', raised by the workflows' REPUBLISH) is greater (a stale copy, never begun). cur is
+-- HMGET's reply with 'g' ninth, taken off so cur is what the begin scripts return.
+local function stale_copy(cur, gen)
+  local g = cur[9]
+  cur[9] = nil
+  return g and tonumber(g) > (gen or 0)
+end
+
 -- The record just turned final: expire it, wake waiters, end step followers. The wake list
 -- never outlives the record, so a record that does not exist has no stale wake-up.
 local function finished(ttl)
@@ -183,10 +193,12 @@ BEGIN = Script(
     PRELUDE
     + r"""
 -- ARGV: uuid, json (the record as a new 'process' attempt, or '' to get nil back when there
--- is no record: the caller then sends it), token, attempt, worker.
--- Returns {d, s, t, cr, u, n, a, w}: unchanged when final, else after marking the attempt.
-local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
-if cur[1] and FINAL[cur[2]] then return cur end
+-- is no record: the caller then sends it), token, attempt, worker, generation.
+-- Returns {d, s, t, cr, u, n, a, w}: unchanged when final or a stale copy, else after
+-- marking the attempt.
+local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'g')
+local stale = stale_copy(cur, tonumber(ARGV[6]))
+if cur[1] and (FINAL[cur[2]] or stale) then return cur end
 if not cur[1] and ARGV[2] == '' then return false end
 local t = redis.call('TIME')
 local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
@@ -262,10 +274,14 @@ BEGIN_ONE = r"""
 -- BEGIN of a record that exists, for the scripts that begin many (IDX and FINAL defined):
 -- marks it 'process' for the attempt (token, attempt, worker) at server time (updated, now),
 -- keeping the attempt it replaces (AttemptLog); returns {d, s, t, cr, u, n, a, w}, unchanged
--- when final, all false when there is no record.
+-- when final or a stale copy, all false when there is no record. Every claim here has
+-- publish generation 0 (the worker begins the others alone, with BEGIN), so any 'g' makes
+-- it a stale copy of a workflow step published again.
 local function begin_one(key, uuid, token, attempt, worker, updated, now)
-  local cur = redis.call('HMGET', key, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
-  if cur[1] and not FINAL[cur[2]] then
+  local cur = redis.call('HMGET', key, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'g')
+  local g = cur[9]
+  cur[9] = nil
+  if cur[1] and not FINAL[cur[2]] and not g then
     if (cur[2] == 'process' or cur[2] == 'retry') and cur[3] ~= token then  -- AttemptLog
       redis.call('RPUSH', string.sub(key, 1, #key - #uuid - 3) .. ':at:' .. uuid,
                  cjson.encode(cur))
@@ -287,8 +303,8 @@ BEGIN_MANY = Script(
 -- BEGIN of several records that exist. KEYS: one record key per task, then the seven status
 -- indexes (new, process, success, error, cancel, retry, expired). ARGV: for each task its
 -- uuid, token, attempt and worker. Returns {d, s, t, cr, u, n, a, w} per task, in order:
--- unchanged when final, all false when there is no record (the caller begins that one with
--- BEGIN).
+-- unchanged when final or a stale copy (publish generation 0, see BEGIN), all false when
+-- there is no record (the caller begins that one with BEGIN).
 local n = #KEYS - 7
 local IDX = {new = KEYS[n + 1], process = KEYS[n + 2], success = KEYS[n + 3],
              error = KEYS[n + 4], cancel = KEYS[n + 5], retry = KEYS[n + 6],

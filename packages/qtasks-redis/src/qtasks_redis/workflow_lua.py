@@ -145,6 +145,23 @@ return out
 """
 )
 
+REPUBLISH = Script(
+    r"""
+-- WorkflowStore.republish. KEYS: record keys. Returns, per record, its publish generation
+-- ('g') raised by one when its status is 'new', else 0 (begun, ended or gone).
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 's') == 'new' then
+    out[i] = redis.call('HINCRBY', key, 'g', 1)
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+)
+"""Raise the publish generation of the records still ``new`` (see :class:`WorkflowStore`)."""
+
 ADD_GATES = Script(
     r"""
 -- KEYS: c, m, n, b, a of one workflow. ARGV: on_error uuid ('' for none), the number of

@@ -137,3 +137,15 @@ async def member_done(storage: RedisStorage, record: TaskRecord) -> list[GateMes
         GateMessage(reply[i].decode(), reply[i + 1], int(reply[i + 2]), int(reply[i + 3]) / 1000)
         for i in range(0, len(reply), 4)
     ]
+
+
+async def republish(storage: RedisStorage, uuids: Sequence[str]) -> list[int]:
+    """:data:`~qtasks_redis.workflow_lua.REPUBLISH` of the records of ``uuids``, one call per
+    :data:`CHUNK`."""
+    out: list[int] = []
+    client = storage._require()
+    for start in range(0, len(uuids), CHUNK):
+        keys = [storage.record_key(uuid) for uuid in uuids[start : start + CHUNK]]
+        reply = await guarded(storage.target, lua.REPUBLISH(client, keys, (), len(keys)))
+        out += [int(g) for g in reply]
+    return out

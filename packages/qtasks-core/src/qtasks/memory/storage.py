@@ -73,6 +73,9 @@ class MemoryStorage(_Lifecycle):
         self._by_parent: dict[str, list[_Entry]] = {}
         self._indexed = 0
         self._workflows = MemoryWorkflows(self)
+        self._generations: dict[str, int] = {}
+        """Publish generations of the records :meth:`republish` raised (see
+        :class:`~qtasks.components.WorkflowStore`), by uuid."""
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -96,6 +99,7 @@ class MemoryStorage(_Lifecycle):
                 self._forget(uuid)
                 self._steps.pop(uuid, None)
                 self._attempts.pop(uuid, None)
+                self._generations.pop(uuid, None)
 
     def _watch(self, uuid: str) -> _Signal:
         self._watchers[uuid] = self._watchers.get(uuid, 0) + 1
@@ -126,7 +130,7 @@ class MemoryStorage(_Lifecycle):
         record = self._records.get(uuid)
         return record.copy() if record is not None else None
 
-    async def begin(self, record: TaskRecord) -> TaskRecord:
+    async def begin(self, record: TaskRecord, *, generation: int = 0) -> TaskRecord:
         self._check()
         stored = self._records.get(record.uuid)
         if stored is None:
@@ -135,8 +139,8 @@ class MemoryStorage(_Lifecycle):
             self._records[record.uuid] = stored
             self._index(stored)
             return stored.copy()
-        if stored.status.final:
-            return stored.copy()
+        if stored.status.final or self._generations.get(record.uuid, 0) > generation:
+            return stored.copy()  # final, or a stale copy (see WorkflowStore.republish)
         self._log_attempt(stored, record.token)
         moved = stored.status is not record.status
         stored.status = record.status
@@ -242,6 +246,20 @@ class MemoryStorage(_Lifecycle):
         """See :class:`qtasks.components.WorkflowStore`."""
         self._check()
         return await self._workflows.member_done(record)
+
+    async def republish(self, uuids: Sequence[str]) -> list[int]:
+        """See :class:`qtasks.components.WorkflowStore`: no await between the check of a
+        record and the raise of its generation."""
+        self._check()
+        out = []
+        for uuid in uuids:
+            stored = self._records.get(uuid)
+            if stored is None or stored.status is not TaskStatus.NEW:
+                out.append(0)
+                continue
+            out.append(self._generations.get(uuid, 0) + 1)
+            self._generations[uuid] = out[-1]
+        return out
 
     async def cancel_workflow(self, workflow: str, reason: str) -> TaskRecord | None:
         """See :class:`qtasks.components.WorkflowStore`."""
@@ -349,6 +367,7 @@ class MemoryStorage(_Lifecycle):
         self._workflows.clear()
         self._steps.clear()
         self._attempts.clear()
+        self._generations.clear()
         self._expiry.clear()
         self._rebuild()
         return count

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 INPUT = "qtasks.input"
 """Message header: where a step's first argument is read from (see the module docstring)."""
+GENERATION = "qtasks.generation"
+"""Message header: the publish generation of a workflow step's message published a second
+time (see :meth:`~qtasks.components.WorkflowStore.republish`); absent (0) on a first
+publish."""
 WORKFLOW_HEADER = "workflow"
 """Message header: the workflow a member belongs to."""
 WORKFLOW_TASK = "qtasks.workflow"

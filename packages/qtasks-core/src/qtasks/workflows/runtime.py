@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qtasks.bulk import BATCH, enqueue_batch, notify_stored, publish_many
@@ -17,7 +17,7 @@ from qtasks.messages import Envelope
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.canvas import Node, Signature
-from qtasks.workflows.plan import INPUT, WORKFLOW_TASK, Spec, compile_plan
+from qtasks.workflows.plan import GENERATION, INPUT, WORKFLOW_TASK, Spec, compile_plan
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -215,22 +215,39 @@ async def member_ended(app: AsyncQueueTasks, record: TaskRecord, *, again: bool 
     so a worker that dies in between leaves the message to be redelivered, and the worker
     that gets it calls this again (:meth:`~WorkflowStore.member_done` returns the opened
     gate's messages again to the member that opened it; ``again``: this is that second call,
-    so only the steps that have not begun are published)."""
+    so only the steps that have not begun are published, each with a new publish generation:
+    see :meth:`~WorkflowStore.republish`)."""
     store = store_of(app)
     opened = await store.member_done(record)
     if opened and again:
         # Published already unless the worker died before: a step that has begun (or ended)
-        # got its message, so it is not sent twice; one still new may be queued (a second
-        # copy is then dropped by its record, or replaces it on Redis and in memory).
-        stored = await store.get_many([m.id for m in opened])
+        # got its message, so it is not sent twice; one still new may have a copy queued, so
+        # it is published with a new generation and that copy, when it comes, is dropped at
+        # begin (WorkflowStore.republish): the copy that runs is the last one published.
+        generations = await store.republish([m.id for m in opened])
         opened = [
-            m
-            for m, r in zip(opened, stored, strict=True)
-            if r is None or r.status is TaskStatus.NEW
+            replace(m, body=_with_generation(app, m.body, g))
+            for m, g in zip(opened, generations, strict=True)
+            if g
         ]
     if opened:
         await publish_many(app.broker, gate_envelopes(opened, time.time()))
         await announce(app, [m.id for m in opened])
+
+
+def _with_generation(app: AsyncQueueTasks, body: bytes, generation: int) -> bytes:
+    """``body`` whose message carries the publish ``generation`` (header
+    :data:`~qtasks.workflows.plan.GENERATION`)."""
+    message = app.codec.decode(body)
+    message.headers[GENERATION] = generation
+    return app.codec.encode(message).body
+
+
+def generation(headers: dict[str, Any]) -> int:
+    """The publish generation a message's ``headers`` carry (0 without one, or a bad one):
+    what the worker passes to :meth:`~qtasks.components.Storage.begin`."""
+    value = headers.get(GENERATION, 0)
+    return value if type(value) is int and value > 0 else 0
 
 
 async def announce(app: AsyncQueueTasks, uuids: Sequence[str]) -> None:

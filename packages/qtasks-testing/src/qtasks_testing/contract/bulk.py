@@ -21,6 +21,7 @@ from dataclasses import replace
 import pytest
 
 from qtasks.components import (
+    BeginMany,
     Broker,
     BulkAdd,
     BulkPublish,
@@ -175,11 +176,20 @@ def _gate(name: str) -> GateMessage:
     return GateMessage(uuid.uuid4().hex, f"body of {name}".encode(), 1, 0.0)
 
 
+def _claim(rec: TaskRecord, token: str, attempt: int = 1) -> TaskRecord:
+    """``rec`` as a delivery holding ``token`` begins it."""
+    return replace(
+        rec, status=TaskStatus.PROCESS, attempt=attempt, token=token, worker="contract-worker"
+    )
+
+
 class WorkflowStoreContract(_StorageCapability):
     """The guarantees of :class:`qtasks.components.WorkflowStore` (a ``storage_factory``).
 
     Each test stores a workflow of three members ``a``, ``b`` (both feeding gate ``g``, counter
-    2, which publishes one message) and ``c`` (feeding ``final``), plus an error gate."""
+    2, which publishes one message) and ``c`` (feeding ``final``), plus an error gate. The
+    tests of ``republish`` check the publish generations and the check :meth:`Storage.begin`
+    makes with them: of the copies of a step's message, only the one published last begins."""
 
     capability = WorkflowStore
 
@@ -304,6 +314,80 @@ class WorkflowStoreContract(_StorageCapability):
             TaskStatus.NEW,
         ]
 
+    @pytest.mark.anyio
+    async def test_republish_raises_the_generation_of_the_records_still_new_only(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        _, members, _ = flow
+        a, b, c = (members[n] for n in "abc")
+        begun = await storage.begin(_claim(b, "tok-b"))
+        assert begun.status is TaskStatus.PROCESS
+        assert await storage.save(finished(c, returning=3)) is True
+        uuids = [a.uuid, b.uuid, c.uuid, "no-such-record"]
+        assert await storage.republish(uuids) == [1, 0, 0, 0]
+        assert await storage.republish(uuids) == [2, 0, 0, 0]
+        # Nothing else of the records changed.
+        assert await storage.get(a.uuid) == a
+        assert await storage.get(b.uuid) == begun
+
+    @pytest.mark.anyio
+    async def test_begin_refuses_a_copy_older_than_the_last_published(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        _, members, _ = flow
+        a = members["a"]
+        assert await storage.republish([a.uuid]) == [1]
+        # The first copy (no generation) comes after the second was published: refused,
+        # the record unchanged, its token not the claim's.
+        stale = await storage.begin(_claim(a, "tok-first"))
+        assert stale == a, "a stale copy wrote to the record"
+        assert stale.token != "tok-first"
+        assert await storage.get(a.uuid) == a
+        # The copy published last begins.
+        begun = await storage.begin(_claim(a, "tok-second"), generation=1)
+        assert (begun.status, begun.token) == (TaskStatus.PROCESS, "tok-second")
+        # A stale copy arriving while the step runs is refused too, and the step is not
+        # published again (it began).
+        assert await storage.begin(_claim(a, "tok-first", 2)) == begun
+        assert await storage.republish([a.uuid]) == [0]
+        # The generation stays with the record through the worker's writes (a retry here).
+        retrying = finished(begun, TaskStatus.RETRY)
+        assert await storage.save(retrying, fence="tok-second") is True
+        assert await storage.begin(_claim(a, "tok-first", 2)) == retrying
+        again = await storage.begin(_claim(a, "tok-retry", 2), generation=1)
+        assert (again.status, again.token, again.attempt) == (TaskStatus.PROCESS, "tok-retry", 2)
+
+    @pytest.mark.anyio
+    async def test_begin_takes_a_copy_as_new_as_the_record_or_newer(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        assert isinstance(storage, WorkflowStore)
+        _, members, _ = flow
+        a, b = members["a"], members["b"]
+        # Never published again: generation 0 begins, as any task.
+        first = await storage.begin(_claim(a, "tok-a"))
+        assert (first.status, first.token) == (TaskStatus.PROCESS, "tok-a")
+        assert await storage.republish([b.uuid, b.uuid]) == [1, 2]
+        newer = await storage.begin(_claim(b, "tok-b"), generation=3)
+        assert (newer.status, newer.token) == (TaskStatus.PROCESS, "tok-b")
+
+    @pytest.mark.anyio
+    async def test_begin_many_refuses_a_stale_copy(
+        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+    ) -> None:
+        if not isinstance(storage, BeginMany):
+            pytest.skip(lacks(storage, BeginMany))
+        assert isinstance(storage, WorkflowStore)
+        _, members, _ = flow
+        a, b = members["a"], members["b"]
+        assert await storage.republish([a.uuid]) == [1]
+        got = await storage.begin_many([_claim(a, "tok-a"), _claim(b, "tok-b")])
+        assert got[0] == a, "begin_many began a stale copy"
+        assert (got[1].status, got[1].token) == (TaskStatus.PROCESS, "tok-b")
+        assert await storage.get(a.uuid) == a
+
 
 class WorkflowSettleContract(_SharedFixtures):
     """:meth:`SharedServer.ack_final` of a workflow member continues its workflow in the same
@@ -364,13 +448,7 @@ class WorkflowSettleContract(_SharedFixtures):
         async with consuming(shared.broker) as consumer:
             held = {d.id: d for d in [await consumer.next(timeout=2) for _ in range(2)]}
             begun = await shared.begun(member, held[member.uuid].token)
-            claim = replace(
-                other,
-                status=TaskStatus.PROCESS,
-                attempt=1,
-                token=held[other.uuid].token,
-                worker="contract-worker",
-            )
+            claim = _claim(other, held[other.uuid].token)
             enqueued: list[str] = []
             saved, [started] = await broker.ack_finals_begin(
                 storage,
@@ -391,3 +469,22 @@ class WorkflowSettleContract(_SharedFixtures):
             assert await held[member.uuid].ack() is False, "the member was not acked"
             for delivery in (published, held[other.uuid]):
                 assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_ack_finals_begin_refuses_a_stale_copy(self, shared: Shared) -> None:
+        """The begins of ``ack_finals_begin`` are ``Storage.begin`` with generation 0: a copy
+        of a step published again since is returned unchanged, nothing written."""
+        storage, broker = shared.storage, shared.broker
+        if not isinstance(storage, WorkflowStore):
+            pytest.skip(lacks(storage, WorkflowStore))
+        if not isinstance(broker, SettleBegin):
+            pytest.skip(lacks(broker, SettleBegin))
+        own = _workflow(time.time())
+        step = record(workflow=own.uuid)
+        gates = {"g": (1, [_gate("next")]), "final": (1, []), "error": (1, [])}
+        await storage.add_workflow(own, [step], gates, {step.uuid: "g"})
+        stored = await storage.get(step.uuid)
+        assert await storage.republish([step.uuid]) == [1]
+        _, [got] = await broker.ack_finals_begin(storage, [], [_claim(step, "tok-old")])
+        assert got == stored, "a stale copy was begun"
+        assert await storage.get(step.uuid) == stored

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, cast
 
@@ -495,6 +495,24 @@ class BeginOnClaimContract(_SharedFixtures):
             assert getattr(delivery, "begun", "missing") is None
             assert await shared.storage.get(sent.id) is None, "a record was made up"
             assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_a_message_published_again_replaces_even_a_delivered_one(
+        self, shared: Shared
+    ) -> None:
+        """A claim does not check publish generations: the broker replaces a message
+        published again under its id, so the copy it claims is the one published last (the
+        held delivery of the older copy is fenced; its worker's begin refuses it)."""
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with self.consuming_begun(shared, lambda: 0) as consumer:
+            older = await consumer.next(timeout=2)
+            await shared.broker.publish(replace(sent, body=b"published again"))
+            newer = await consumer.next(timeout=2, what="the message published again")
+            assert (newer.id, newer.body) == (sent.id, b"published again")
+            assert await consumer.none_within(0.3) is None, "the older copy is still queued"
+            assert await older.ack() is False, "the older delivery was not fenced"
+            assert await newer.ack() is True
 
 
 class _ForeignStorage:
