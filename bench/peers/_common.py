@@ -3,16 +3,20 @@
 It runs inside each peer's own virtual environment, so it uses only the standard library and
 redis-py (every peer venv has redis-py; it is the harness's counter client, not the peer's).
 
-A peer script defines the three tasks with its framework and hands :func:`main` an ``Ops``
+A peer script defines the four tasks with its framework and hands :func:`main` an ``Ops``
 object for the producer side:
 
 * ``incr(key)``: enqueue the W1 task, which runs :func:`incr_sync` / :func:`incr_async`;
 * ``sleep_incr()``: enqueue the W3 task, which runs :func:`sleep_incr_sync` /
   :func:`sleep_incr_async`;
 * ``roundtrip(i)``: enqueue ``echo(i)`` and return its result through the framework's result API;
+* ``signal(port, seq)``: enqueue the SC task (fire-and-forget, the framework's normal enqueue
+  call), which runs :func:`send_signal`;
 * optional ``setup()``, ``teardown()``, ``cleanup()`` (remove broker-side queues).
 
 Each of these may be sync or async. Settings come from the environment that ``run.py`` sets.
+Every producer runs on asyncio's default event loop (``asyncio.run`` in :func:`main`); each peer
+script says which loop (or thread pool) its worker runs the tasks on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import inspect
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import threading
@@ -44,6 +49,9 @@ W3_DONE, W3_FIRST, W3_LAST = "bench:w3", "bench:w3:first", "bench:w3:last"
 W3_WAITING = "waiting for W3"
 """Printed by the W3-wait producer once it is ready; run.py then starts the W3 worker."""
 SLEEP = 0.010
+SC_WARM_KEY = "bench:warm-sc"
+SC_WARMUP = 20  # SC round trips before the measured ones, as bench/redis_throughput.py
+SC_TIMEOUT = 5.0  # seconds one SC round trip may take before the run fails
 SKIPPED = 3  # exit code: this peer cannot run here (reason on stderr)
 
 # W3 tasks count themselves inside the worker process (every peer runs one worker process), so
@@ -120,6 +128,18 @@ async def sleep_incr_async() -> None:
         await _async().mset(totals)
 
 
+# One socket per process, made at import as in bench/redis_throughput.py's worker; sendto on a
+# UDP socket is safe from several threads (celery's and dramatiq's thread pools).
+_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def send_signal(port: int, seq: int) -> None:
+    """SC task body: one UDP datagram carrying ``seq`` to the producer on loopback.
+
+    It is the same call in a sync and an async task: ``sendto`` on loopback does not block."""
+    _udp.sendto(str(seq).encode(), ("127.0.0.1", port))
+
+
 # --- producer side ----------------------------------------------------------------------------
 
 
@@ -146,6 +166,57 @@ def _pct(sorted_ms: list[float], q: float) -> float:
     # Nearest-rank percentile: the smallest sample with at least q of the samples at or below it.
     index = max(0, min(len(sorted_ms) - 1, math.ceil(q * len(sorted_ms)) - 1))
     return round(sorted_ms[index], 3)
+
+
+def latency_summary(ms: list[float]) -> dict[str, Any]:
+    """Nearest-rank p50/p95/p99, mean and max of latencies in ms."""
+    ordered = sorted(ms)
+    return {
+        "n": len(ordered),
+        "p50_ms": _pct(ordered, 0.50),
+        "p95_ms": _pct(ordered, 0.95),
+        "p99_ms": _pct(ordered, 0.99),
+        "mean_ms": round(statistics.fmean(ordered), 3),
+        "max_ms": round(ordered[-1], 3),
+    }
+
+
+async def side_channel(ops: Any, n: int) -> dict[str, Any]:
+    """SC, as ``bench/redis_throughput.py --only SC``: ``SC_WARMUP`` then ``n`` sequential
+    ``ops.signal(port, i)``; each is the time from the enqueue call to the task's datagram
+    arriving at this producer (enqueue, pickup, execute; not the settle), in ms.
+
+    The arrival is stamped in the datagram callback, the first point the producer's loop sees
+    it; a sync enqueue call that returns after the datagram arrived is counted until it returns.
+    """
+    loop = asyncio.get_running_loop()
+    waiting: dict[int, asyncio.Future[float]] = {}
+
+    class Arrivals(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            future = waiting.pop(int(data), None)
+            if future is not None and not future.done():
+                future.set_result(time.perf_counter())
+
+    transport, _ = await loop.create_datagram_endpoint(Arrivals, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    samples: list[float] = []
+    try:
+        for i in range(SC_WARMUP + n):
+            arrived = waiting[i] = loop.create_future()
+            start = time.perf_counter()
+            await _call(ops.signal, port, i)
+            end = await asyncio.wait_for(arrived, SC_TIMEOUT)
+            if i >= SC_WARMUP:
+                samples.append((end - start) * 1000)
+    finally:
+        transport.close()
+    return {
+        **latency_summary(samples),
+        "warmup": SC_WARMUP,
+        "min_ms": round(min(samples), 3),
+        "samples_ms": [round(x, 3) for x in samples],
+    }
 
 
 async def produce(ops: Any, workload: str, n: int) -> dict[str, Any]:
@@ -191,15 +262,16 @@ async def produce(ops: Any, workload: str, n: int) -> dict[str, Any]:
                 latencies.append((time.perf_counter() - t0) * 1000)
                 if value != i:
                     raise AssertionError(f"round trip {i} returned {value!r}")
-            latencies.sort()
-            return {
-                "n": n,
-                "p50_ms": _pct(latencies, 0.50),
-                "p95_ms": _pct(latencies, 0.95),
-                "p99_ms": _pct(latencies, 0.99),
-                "mean_ms": round(statistics.fmean(latencies), 3),
-                "max_ms": round(latencies[-1], 3),
-            }
+            return latency_summary(latencies)
+
+        if workload == "SC":
+            # A warm worker: 20 counted tasks first (as bench/redis_throughput.py's warm()),
+            # then the SC round trips with their own warm-up.
+            counter.delete(SC_WARM_KEY)
+            for _ in range(20):
+                await _call(ops.incr, SC_WARM_KEY)
+            _wait_counter(counter, SC_WARM_KEY, 20, 90)
+            return await side_channel(ops, n)
 
         if workload == "W4":
             # A chord of n no-op members (echo) whose callback counts the results: the time

@@ -1,4 +1,7 @@
-"""arq: sorted-set queue polled by the worker; results polled by ``job.result``."""
+"""arq: sorted-set queue polled by the worker; results polled by ``job.result``.
+
+Event loop: the worker runs its tasks on asyncio's default loop (``run_worker``; uvloop is not
+installed), polling the queue every ``poll_delay``."""
 
 from __future__ import annotations
 
@@ -22,8 +25,12 @@ async def echo(ctx: dict[str, Any], x: int) -> int:
     return x
 
 
+async def signal(ctx: dict[str, Any], port: int, seq: int) -> None:
+    c.send_signal(port, seq)
+
+
 class WorkerSettings:
-    functions = [incr, sleep_incr, echo]
+    functions = [incr, sleep_incr, echo, signal]
     redis_settings = RedisSettings.from_dsn(c.REDIS_URL)
     queue_name = c.QUEUE
     max_jobs = c.CONCURRENCY
@@ -48,6 +55,9 @@ class Ops:
 
     async def sleep_incr(self) -> None:
         await self.pool.enqueue_job("sleep_incr")
+
+    async def signal(self, port: int, seq: int) -> None:
+        await self.pool.enqueue_job("signal", port, seq)
 
     async def roundtrip(self, i: int) -> int:
         job = await self.pool.enqueue_job("echo", i)

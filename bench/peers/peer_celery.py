@@ -1,4 +1,7 @@
-"""celery: Redis or AMQP broker (BENCH_BROKER), Redis result backend, thread pool worker."""
+"""celery: Redis or AMQP broker (BENCH_BROKER), Redis result backend, thread pool worker.
+
+Event loop: none of asyncio's; the worker's consumer runs on kombu's own epoll hub and the tasks
+run in a pool of ``--concurrency`` threads."""
 
 from __future__ import annotations
 
@@ -35,6 +38,11 @@ def echo(x: int) -> int:
     return x
 
 
+@app.task(name="signal", ignore_result=True)
+def signal(port: int, seq: int) -> None:
+    c.send_signal(port, seq)
+
+
 @app.task(name="count")
 def count(results: list[int]) -> int:
     return len(results)
@@ -46,6 +54,9 @@ class Ops:
 
     def sleep_incr(self) -> None:
         sleep_incr.delay()
+
+    def signal(self, port: int, seq: int) -> None:
+        signal.delay(port, seq)
 
     def roundtrip(self, i: int) -> int:
         return int(echo.delay(i).get(timeout=5))

@@ -1,4 +1,7 @@
-"""dramatiq: RedisBroker + Results middleware with the Redis backend; threads for concurrency."""
+"""dramatiq: RedisBroker + Results middleware with the Redis backend; threads for concurrency.
+
+Event loop: none; one consumer thread fetches from Redis (backing off up to ``worker_timeout``
+when the queue is empty) and ``--threads`` worker threads run the tasks."""
 
 from __future__ import annotations
 
@@ -30,12 +33,20 @@ def echo(x: int) -> int:
     return x
 
 
+@dramatiq.actor(actor_name="signal", queue_name=c.QUEUE, max_retries=0)
+def signal(port: int, seq: int) -> None:
+    c.send_signal(port, seq)
+
+
 class Ops:
     def incr(self, key: str) -> None:
         incr.send(key)
 
     def sleep_incr(self) -> None:
         sleep_incr.send()
+
+    def signal(self, port: int, seq: int) -> None:
+        signal.send(port, seq)
 
     def roundtrip(self, i: int) -> int:
         message = echo.send(i)

@@ -1,5 +1,8 @@
 """qtasks from this workspace: Redis broker+storage+global config, or RabbitMQ broker + Redis
-storage (BENCH_BROKER=redis|amqp). Public API only."""
+storage (BENCH_BROKER=redis|amqp). Public API only.
+
+Event loop: ``run_forever`` runs the worker on qtasks' own loop (``qtasks.loop``: asyncio's
+selector loop on an epoll selector whose timers fire on time, not rounded up to the next ms)."""
 
 from __future__ import annotations
 
@@ -56,6 +59,11 @@ async def echo(x: int) -> int:
     return x
 
 
+@app.task(name="signal")
+async def signal(port: int, seq: int) -> None:
+    c.send_signal(port, seq)
+
+
 @app.task(name="count")
 async def count(results: list[int]) -> int:
     return len(results)
@@ -70,6 +78,9 @@ class Ops:
 
     async def sleep_incr(self) -> None:
         await app.add_task("sleep_incr")
+
+    async def signal(self, port: int, seq: int) -> None:
+        await app.add_task("signal", port, seq)
 
     async def roundtrip(self, i: int) -> int:
         task = await app.add_task("echo", i, timeout=5)

@@ -1,4 +1,7 @@
-"""SAQ: Redis lists (BLMOVE) + Lua; results through ``queue.apply`` (polls job status)."""
+"""SAQ: Redis lists (BLMOVE) + Lua; results through ``queue.apply`` (polls job status).
+
+Event loop: the ``saq`` CLI runs the worker on a new asyncio default loop (uvloop is not
+installed)."""
 
 from __future__ import annotations
 
@@ -23,9 +26,13 @@ async def echo(ctx: dict[str, Any], *, x: int) -> int:
     return x
 
 
+async def signal(ctx: dict[str, Any], *, port: int, seq: int) -> None:
+    c.send_signal(port, seq)
+
+
 settings = {
     "queue": queue,
-    "functions": [incr, sleep_incr, echo],
+    "functions": [incr, sleep_incr, echo, signal],
     "concurrency": c.CONCURRENCY,
 }
 
@@ -42,6 +49,9 @@ class Ops:
 
     async def sleep_incr(self) -> None:
         await queue.enqueue("sleep_incr")
+
+    async def signal(self, port: int, seq: int) -> None:
+        await queue.enqueue("signal", port=port, seq=seq)
 
     async def roundtrip(self, i: int) -> int:
         # ``job.refresh(until_complete=...)`` (pub/sub) checks the status before it subscribes,

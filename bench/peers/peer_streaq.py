@@ -1,4 +1,7 @@
-"""streaq: Redis streams + Functions; results through pub/sub (``task.result``)."""
+"""streaq: Redis streams + Functions; results through pub/sub (``task.result``).
+
+Event loop: ``streaq run`` runs the worker through anyio on its asyncio backend, asyncio's
+default loop (uvloop is not installed)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ async def echo(x: int) -> int:
     return x
 
 
+@worker_app.task(name="signal")
+async def signal(port: int, seq: int) -> None:
+    c.send_signal(port, seq)
+
+
 class Ops:
     async def setup(self) -> None:
         self._ctx = worker_app.__asynccontextmanager__()
@@ -36,6 +44,9 @@ class Ops:
 
     async def sleep_incr(self) -> None:
         await sleep_incr.enqueue()
+
+    async def signal(self, port: int, seq: int) -> None:
+        await signal.enqueue(port, seq)
 
     async def roundtrip(self, i: int) -> int:
         task = await echo.enqueue(i)

@@ -1,4 +1,7 @@
-"""taskiq + taskiq-aio-pika (classic durable queue, like celery's) + taskiq-redis results."""
+"""taskiq + taskiq-aio-pika (classic durable queue, like celery's) + taskiq-redis results.
+
+Event loop: the ``taskiq worker`` CLI runs the tasks on a new asyncio default loop (it would take
+uvloop, which is not installed)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,11 @@ async def echo(x: int) -> int:
     return x
 
 
+@broker.task(task_name="signal")
+async def signal(port: int, seq: int) -> None:
+    c.send_signal(port, seq)
+
+
 class Ops:
     async def setup(self) -> None:
         await broker.startup()
@@ -48,6 +56,9 @@ class Ops:
 
     async def sleep_incr(self) -> None:
         await sleep_incr.kiq()
+
+    async def signal(self, port: int, seq: int) -> None:
+        await signal.kiq(port, seq)
 
     async def roundtrip(self, i: int) -> int:
         task = await echo.kiq(i)

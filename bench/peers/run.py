@@ -10,6 +10,7 @@ the workloads and prints one JSON line. This driver needs only the standard libr
     python bench/peers/run.py --quick        # smaller N, for a smoke run
     python bench/peers/run.py arq saq        # only these peers
     python bench/peers/run.py --list
+    python bench/peers/run.py --only SC --rounds 3   # SC only, every peer, 3 interleaved rounds
 
 Workloads (same code for every peer, in ``_common.py``):
 
@@ -27,8 +28,19 @@ Workloads (same code for every peer, in ``_common.py``):
   the results, through the peer's own canvas API (Celery ``chord(group(...), count.s())``,
   qtasks ``run_workflow(chord(...))``), on the c=10 worker after W2; wall = first enqueue -> the
   callback's result. Peers without a canvas say so.
+* SC side channel (only with ``--only ...,SC``): as ``bench/redis_throughput.py --only SC`` for
+  qtasks (issue 21): on the c=10 worker (after W1/W2/W4 when they run), 20 counted tasks, then
+  20 warm-up and 500 sequential round trips: the producer enqueues ``signal(port, i)`` with the
+  framework's normal fire-and-forget call and waits for the task's UDP datagram on loopback;
+  the time from the enqueue call to the datagram's arrival, nearest-rank p50/p95/p99 in ms.
 * Peak worker RSS: the sum of VmHWM over the worker's process group (``/proc``), read just before
   the worker is stopped.
+
+``--only`` picks the workloads (default ``W1,W2,W3``); ``--rounds R`` runs the selected peers R
+times, interleaved (every peer once per round), and prints each round's W1-W3 table and, for SC,
+the median of each figure over all the runs. The results file is rewritten after every peer's
+run, so an interrupted run keeps what it measured; it records ``uptime`` at the start and end and
+the load averages before and after each peer's run.
 """
 
 from __future__ import annotations
@@ -38,10 +50,12 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -123,8 +137,10 @@ PEERS: list[Peer] = [
     Peer("qtasks-rabbitmq", "peer_qtasks", "qtasks", "amqp", {"BENCH_BROKER": "amqp"}),
 ]
 
-FULL = {"w1": 10_000, "w2": 200, "w3": 2_000}
-QUICK = {"w1": 2_000, "w2": 50, "w3": 500}
+FULL = {"w1": 10_000, "w2": 200, "w3": 2_000, "sc": 500}
+QUICK = {"w1": 2_000, "w2": 50, "w3": 500, "sc": 100}
+WORKLOADS = ("W1", "W2", "W3", "SC")
+DEFAULT_WORKLOADS = ("W1", "W2", "W3")
 W3_WAITING = "waiting for W3"  # printed by the W3-wait producer when it is up (_common.py)
 SKIPPED = 3  # exit code of a producer that cannot run (e.g. qtasks backend not importable yet)
 
@@ -401,7 +417,59 @@ def produce(
     raise PhaseError(f"{' '.join(args)}: no JSON result on stdout")
 
 
-def run_peer(peer: Peer, sizes: dict[str, int], db: int, run_id: str) -> dict[str, Any]:
+def c10(
+    peer: Peer,
+    env: dict[str, str],
+    sizes: dict[str, int],
+    workloads: Sequence[str],
+    log: Path,
+    out: dict[str, Any],
+    phase: Callable[[str, Any], Any],
+) -> None:
+    """The selected workloads that share the running c=10 worker: W1, W2, W4, then SC."""
+    if "W1" in workloads:
+        w1_timeout = 90 + sizes["w1"] / 50
+        out["W1"] = phase(
+            "W1", lambda: produce(peer, env, ["W1", str(sizes["w1"])], w1_timeout, log)
+        )
+    if "W2" in workloads and (out.get("W1") is not None or not out["errors"]):
+        out["W2"] = phase("W2", lambda: produce(peer, env, ["W2", str(sizes["w2"])], 120, log))
+    if sizes.get("w4"):
+        w4_timeout = 120 + sizes["w4"] / 20
+        out["W4"] = phase(
+            "W4", lambda: produce(peer, env, ["W4", str(sizes["w4"])], w4_timeout, log)
+        )
+    if "SC" in workloads:
+        # At most 5 s per round trip (SC_TIMEOUT in _common.py), most well under 10 ms.
+        sc_timeout = 120 + sizes["sc"] / 10
+        out["SC"] = phase(
+            "SC", lambda: produce(peer, env, ["SC", str(sizes["sc"])], sc_timeout, log)
+        )
+
+
+def w3(peer: Peer, env: dict[str, str], worker_argv: list[str], n: int, log: Path) -> Any:
+    """W3: queue the tasks while no worker runs, then start one with concurrency 100."""
+    c100 = {**env, "BENCH_CONCURRENCY": "100"}
+    first = Worker(worker_argv, c100, log, peer.stop_grace)
+    first.start()  # declares queues / consumer groups so queued tasks are not skipped
+    try:
+        produce(peer, c100, ["warm"], 90, log)
+    finally:
+        first.stop()
+    produce(peer, c100, ["W3-enqueue", str(n)], 120, log)
+    second = Worker(worker_argv, c100, log, peer.stop_grace)
+    try:
+        # The waiting producer starts first, so its start-up is not measured.
+        result = produce(peer, c100, ["W3-wait", str(n)], 120, log, second.start)
+        result["rss_c100_mib"] = second.peak_mib()
+        return result
+    finally:
+        second.stop()
+
+
+def run_peer(
+    peer: Peer, sizes: dict[str, int], db: int, run_id: str, workloads: Sequence[str]
+) -> dict[str, Any]:
     out: dict[str, Any] = {"peer": peer.name, "broker": peer.broker, "errors": []}
     queue = f"bench-{peer.name}-{run_id}"
     log = LOGS / f"{run_id}-{peer.name}.log"
@@ -415,7 +483,7 @@ def run_peer(peer: Peer, sizes: dict[str, int], db: int, run_id: str) -> dict[st
             "BENCH_AMQP_URL": f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/",
             "BENCH_QUEUE": queue,
             "BENCH_VENV_BIN": str(VENVS / peer.env / "bin"),
-            "BENCH_W3_N": str(sizes["w3"]),
+            "BENCH_W3_N": str(sizes.get("w3", 0)),
             **peer.extra_env,
         }
     )
@@ -433,51 +501,21 @@ def run_peer(peer: Peer, sizes: dict[str, int], db: int, run_id: str) -> dict[st
 
     redis_command(db, "FLUSHDB")
     try:
-        # W1 then W2 on one worker with concurrency 10.
-        worker = Worker(worker_argv, {**env, "BENCH_CONCURRENCY": "10"}, log, peer.stop_grace)
-        worker.start()
-        try:
-            w1_timeout = 90 + sizes["w1"] / 50
-            out["W1"] = phase(
-                "W1", lambda: produce(peer, env, ["W1", str(sizes["w1"])], w1_timeout, log)
-            )
-            if out["W1"] is not None or not out["errors"]:
-                out["W2"] = phase(
-                    "W2", lambda: produce(peer, env, ["W2", str(sizes["w2"])], 120, log)
-                )
-            if sizes.get("w4"):
-                w4_timeout = 120 + sizes["w4"] / 20
-                out["W4"] = phase(
-                    "W4", lambda: produce(peer, env, ["W4", str(sizes["w4"])], w4_timeout, log)
-                )
-            if not worker.alive():
-                out["errors"].append("worker (c=10) exited early; see " + str(log))
-            out["rss_c10_mib"] = worker.peak_mib()
-        finally:
-            worker.stop()
-
-        # W3: queue the tasks while no worker runs, then start one with concurrency 100.
-        redis_command(db, "FLUSHDB")
-        c100 = {**env, "BENCH_CONCURRENCY": "100"}
-
-        def w3() -> dict[str, Any]:
-            first = Worker(worker_argv, c100, log, peer.stop_grace)
-            first.start()  # declares queues / consumer groups so queued tasks are not skipped
+        # W1, W2, W4 and SC (those selected) on one worker with concurrency 10.
+        if {"W1", "W2", "SC"} & set(workloads) or sizes.get("w4"):
+            worker = Worker(worker_argv, {**env, "BENCH_CONCURRENCY": "10"}, log, peer.stop_grace)
+            worker.start()
             try:
-                produce(peer, c100, ["warm"], 90, log)
+                c10(peer, env, sizes, workloads, log, out, phase)
+                if not worker.alive():
+                    out["errors"].append("worker (c=10) exited early; see " + str(log))
+                out["rss_c10_mib"] = worker.peak_mib()
             finally:
-                first.stop()
-            produce(peer, c100, ["W3-enqueue", str(sizes["w3"])], 120, log)
-            second = Worker(worker_argv, c100, log, peer.stop_grace)
-            try:
-                # The waiting producer starts first, so its start-up is not measured.
-                result = produce(peer, c100, ["W3-wait", str(sizes["w3"])], 120, log, second.start)
-                result["rss_c100_mib"] = second.peak_mib()
-                return result
-            finally:
-                second.stop()
+                worker.stop()
 
-        out["W3"] = phase("W3", w3)
+        if "W3" in workloads:
+            redis_command(db, "FLUSHDB")
+            out["W3"] = phase("W3", lambda: w3(peer, env, worker_argv, sizes["w3"], log))
     except Skip as exc:
         out = {"peer": peer.name, "broker": peer.broker, "skipped": str(exc), "errors": []}
         print(f"  {peer.name} skipped: {exc}", flush=True)
@@ -510,6 +548,7 @@ def figures(result: dict[str, Any]) -> dict[str, float | None]:
         "w2_p95": w2.get("p95_ms"),
         "w2_p99": w2.get("p99_ms"),
         "w3_wall": w3.get("wall_s"),
+        "sc_p50": (result.get("SC") or {}).get("p50_ms"),
         "rss_c10": result.get("rss_c10_mib"),
         "rss_c100": w3.get("rss_c100_mib"),
     }
@@ -536,7 +575,7 @@ def best_peers(results: list[dict[str, Any]], broker: str) -> dict[str, tuple[st
 
 
 def table(results: list[dict[str, Any]], broker: str, sizes: dict[str, int]) -> str:
-    ideal = sizes["w3"] * 0.010 / 100
+    ideal = sizes.get("w3", FULL["w3"]) * 0.010 / 100
     rows = [
         "| framework | W1 tasks/s | W1 enqueue/s | W2 p50 ms | W2 p95 ms | W2 p99 ms "
         f"| W3 wall s (ideal {ideal:.2f}) | RSS c=10 MiB | RSS c=100 MiB |",
@@ -579,6 +618,93 @@ def table(results: list[dict[str, Any]], broker: str, sizes: dict[str, int]) -> 
     return "\n".join(rows)
 
 
+SC_FIGURES = ("p50_ms", "p95_ms", "p99_ms", "mean_ms")
+
+
+def sc_medians(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per framework, the median of each SC figure over all its runs that measured SC."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        if result.get("SC"):
+            runs.setdefault(result["peer"], []).append(result["SC"])
+    out: dict[str, dict[str, Any]] = {}
+    for peer, scs in runs.items():
+        out[peer] = {
+            "runs": len(scs),
+            **{key: round(statistics.median(sc[key] for sc in scs), 3) for key in SC_FIGURES},
+            "p50_ms_per_run": [sc["p50_ms"] for sc in scs],
+        }
+    return out
+
+
+def sc_table(results: list[dict[str, Any]], broker: str) -> str:
+    """SC medians over the runs, one row per framework, then qtasks against the best peer."""
+    medians = sc_medians([r for r in results if r["broker"] == broker])
+    rows = [
+        "| framework | runs | p50 ms | p95 ms | p99 ms | mean ms | p50 per run |",
+        "|---|--:|--:|--:|--:|--:|---|",
+    ]
+    for peer, m in medians.items():
+        per_run = " / ".join(f"{x:.3f}" for x in m["p50_ms_per_run"])
+        rows.append(
+            f"| {peer} | {m['runs']} | {m['p50_ms']:.3f} | {m['p95_ms']:.3f} "
+            f"| {m['p99_ms']:.3f} | {m['mean_ms']:.3f} | {per_run} |"
+        )
+    peers = {k: v for k, v in medians.items() if not k.startswith("qtasks")}
+    if peers:
+        rows.append("")
+        for key in ("p50_ms", "p99_ms"):
+            name = min(peers, key=lambda k: peers[k][key])
+            best = peers[name][key]
+            rows.append(f"- best peer SC {key[:3]}: {name} ({best:.3f} ms)")
+            for peer, m in medians.items():
+                if peer.startswith("qtasks") and m[key]:
+                    rows.append(f"  - {peer}: {best / m[key]:.2f}x the best (>1 is faster)")
+    errors = [
+        f"- {r['peer']} (round {r.get('round', 1)}): {e}"
+        for r in results
+        if r["broker"] == broker
+        for e in r["errors"]
+        if e.startswith("SC")
+    ]
+    if errors:
+        rows += ["", "Errors:", *errors]
+    return "\n".join(rows)
+
+
+def uptime() -> str:
+    """``uptime``'s line (load averages), or the load averages alone without the command."""
+    try:
+        return subprocess.run(
+            ["uptime"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def result_file(started: dt.datetime, kind: str, run_id: str) -> Path:
+    """A new file under ``results/`` named by the run's start, created now so that no other
+    run takes the name; a run that started the same second gets the run id appended."""
+    RESULTS.mkdir(exist_ok=True)
+    target = RESULTS / f"{started:%Y-%m-%dT%H%M%SZ}-{kind}.json"
+    try:
+        target.open("x").close()
+    except FileExistsError:
+        target = target.with_name(f"{target.stem}-{run_id}.json")
+        target.open("x").close()
+    return target
+
+
+def dump(report: dict[str, Any]) -> str:
+    """The report as indented JSON, with each list of numbers (SC samples) on one line."""
+    text = json.dumps(report, indent=2)
+    return re.sub(
+        r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]",
+        lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]",
+        text,
+    )
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -615,17 +741,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("peers", nargs="*", help="peer names (default: all)")
     parser.add_argument("--quick", action="store_true", help="smaller N (smoke run)")
+    parser.add_argument(
+        "--only",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"workloads to run, of {','.join(WORKLOADS)} (default: {','.join(DEFAULT_WORKLOADS)})",
+    )
     parser.add_argument("--w1", type=int, help="W1 task count (default 10,000)")
     parser.add_argument("--w2", type=int, help="W2 round trips (default 200)")
     parser.add_argument("--w3", type=int, help="W3 task count (default 2,000)")
     parser.add_argument(
         "--w4", type=int, help="W4 chord members (default: W4 not run); peers with a canvas"
     )
+    parser.add_argument("--sc", type=int, help="SC round trips (default 500)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every selected peer this many times, interleaved"
+    )
     parser.add_argument("--db", type=int, default=13, help="Redis db number to use and flush")
     parser.add_argument("--python", default=f"{sys.version_info[0]}.{sys.version_info[1]}")
     parser.add_argument("--reinstall", action="store_true", help="recreate the venvs")
     parser.add_argument("--list", action="store_true", help="list the peers and exit")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here instead")
     opts = parser.parse_args(argv)
 
     if opts.list:
@@ -636,8 +771,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in opts.peers if name not in known]
     if unknown:
         parser.error(f"unknown peer(s) {unknown}; known: {sorted(known)}")
+    wanted = {w.strip().upper() for w in opts.only.split(",") if w.strip()}
+    if not wanted or wanted - set(WORKLOADS):
+        parser.error(f"--only takes some of {','.join(WORKLOADS)}, not {opts.only!r}")
+    workloads = tuple(w for w in WORKLOADS if w in wanted)
+    if opts.rounds < 1:
+        parser.error("--rounds must be at least 1")
     selected = [p for p in PEERS if not opts.peers or p.name in opts.peers]
-    sizes = dict(QUICK if opts.quick else FULL)
+    # Only the selected workloads' sizes: a report lists what it ran.
+    sizes = {k: v for k, v in (QUICK if opts.quick else FULL).items() if k.upper() in workloads}
     for key in sizes:
         if getattr(opts, key) is not None:
             sizes[key] = getattr(opts, key)
@@ -653,31 +795,69 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run_id = uuid.uuid4().hex[:8]
     started = dt.datetime.now(dt.UTC)
+    target = opts.json
+    if target is None:
+        default_sizes = {k: v for k, v in FULL.items() if k.upper() in DEFAULT_WORKLOADS}
+        if workloads == DEFAULT_WORKLOADS and sizes == default_sizes and opts.rounds == 1:
+            kind = "full" if not opts.peers else "partial-" + "-".join(p.name for p in selected)
+        else:
+            parts = [] if workloads == DEFAULT_WORKLOADS else ["-".join(workloads)]
+            parts += [f"{opts.rounds}rounds"] if opts.rounds > 1 else []
+            parts += ["-".join(p.name for p in selected) if opts.peers else "all"]
+            kind = "partial-" + "-".join(parts)
+        # One file per run, named by its start: a later run never overwrites an earlier one.
+        target = result_file(started, kind, run_id)
     versions: dict[str, dict[str, str]] = {}
     results: list[dict[str, Any]] = []
-    for peer in selected:
-        if peer.env not in versions:
-            print(f"[{peer.env}] preparing venv", flush=True)
-            versions[peer.env] = ensure_env(peer.env, opts.python, opts.reinstall)
-        print(f"[{peer.name}] running (sizes {sizes})", flush=True)
-        t0 = time.monotonic()
-        load_before = os.getloadavg()[0]
-        result = run_peer(peer, sizes, opts.db, run_id)
-        result["load1_before"] = round(load_before, 2)
-        result["seconds"] = round(time.monotonic() - t0, 1)
-        results.append(result)
-        print(f"[{peer.name}] done in {result['seconds']} s: {figures(result)}", flush=True)
-
-    report = {
+    report: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python3", "bench/peers/run.py", *(argv or sys.argv[1:])]),
+        "workloads": list(workloads),
+        "rounds": opts.rounds,
         "sizes": sizes,
         "machine": machine(),
+        "uptime_start": uptime(),
         "versions": versions,
         "results": results,
     }
+    for round_no in range(1, opts.rounds + 1):
+        for peer in selected:
+            if peer.env not in versions:
+                print(f"[{peer.env}] preparing venv", flush=True)
+                versions[peer.env] = ensure_env(peer.env, opts.python, opts.reinstall)
+            tag = peer.name if opts.rounds == 1 else f"{peer.name} round {round_no}"
+            print(f"[{tag}] running {','.join(workloads)} (sizes {sizes})", flush=True)
+            t0 = time.monotonic()
+            load_before = os.getloadavg()
+            result = run_peer(peer, sizes, opts.db, run_id, workloads)
+            result["round"] = round_no
+            result["load1_before"] = round(load_before[0], 2)
+            result["load_before"] = [round(x, 2) for x in load_before]
+            result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+            result["seconds"] = round(time.monotonic() - t0, 1)
+            results.append(result)
+            # Rewritten after every run: an interrupted run keeps what it measured.
+            target.write_text(dump(report) + "\n")
+            shown = {k: v for k, v in figures(result).items() if v is not None}
+            print(f"[{tag}] done in {result['seconds']} s: {shown}", flush=True)
+    report["uptime_end"] = uptime()
+    if "SC" in workloads:
+        report["sc_medians"] = sc_medians(results)
+
     for broker, title in (("redis", "Redis"), ("amqp", "RabbitMQ")):
-        if any(r["broker"] == broker for r in results):
-            print(f"\n### {title}\n\n{table(results, broker, sizes)}")
+        if not any(r["broker"] == broker for r in results):
+            continue
+        if {"W1", "W2", "W3"} & set(workloads):
+            for round_no in range(1, opts.rounds + 1):
+                suffix = "" if opts.rounds == 1 else f", round {round_no}"
+                in_round = [r for r in results if r["round"] == round_no]
+                print(f"\n### {title}{suffix}\n\n{table(in_round, broker, sizes)}")
+        if "SC" in workloads:
+            runs = "one run" if opts.rounds == 1 else f"medians over {opts.rounds} runs"
+            print(
+                f"\n### {title}: SC, {sizes['sc']} round trips through a UDP side channel "
+                f"({runs})\n\n{sc_table(results, broker)}"
+            )
     if sizes.get("w4"):
         print(f"\n### W4: a chord of {sizes['w4']:,} no-op members, then a callback\n")
         print("| framework | broker | wall s | members/s |\n|---|---|--:|--:|")
@@ -690,17 +870,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"| {result['peer']} | {result['broker']} | {w4['seconds']:.2f} "
                     f"| {w4['rate']:,.0f} |"
                 )
-    target = opts.json
-    if target is None:
-        RESULTS.mkdir(exist_ok=True)
-        full = sizes == FULL and not opts.peers
-        kind = "full" if full else "partial-" + "-".join(p.name for p in selected)
-        # One file per run, named by its start: a later run never overwrites an earlier one.
-        target = RESULTS / f"{started:%Y-%m-%dT%H%M%SZ}-{kind}.json"
-        if target.exists():  # another run started the same second: keep both
-            target = target.with_name(f"{target.stem}-{run_id}.json")
-    target.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults written to {target}")
+    target.write_text(dump(report) + "\n")
+    print(f"\n{report['uptime_start']} (start)\n{report['uptime_end']} (end)")
+    print(f"results written to {target}")
     return 0
 
 
