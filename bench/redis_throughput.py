@@ -29,22 +29,23 @@ Run: ``uv run python bench/redis_throughput.py [--w1 N] [--w2 N] [--w3 N] [--onl
 from __future__ import annotations
 
 import argparse
-import asyncio
+import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import anyio
 import redis
 
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+import _common  # bench/peers' shared workload code (stdlib and redis-py only)
 
 URL = os.environ.get("QTASKS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 SLEEP = 0.010
@@ -107,8 +108,9 @@ def producer(prefix: str) -> AsyncQueueTasks:
 
 
 def pct(sorted_ms: list[float], q: float) -> float:
-    """Nearest rank, as bench/peers/_common.py."""
-    index = max(0, min(len(sorted_ms) - 1, round(q * len(sorted_ms) + 0.5) - 1))
+    """Nearest rank: the smallest sample with at least ``q`` of the samples at or below it
+    (bench/peers/_common.py's, unrounded)."""
+    index = max(0, min(len(sorted_ms) - 1, math.ceil(q * len(sorted_ms)) - 1))
     return sorted_ms[index]
 
 
@@ -243,43 +245,33 @@ def clean(prefix: str) -> None:
     client.close()
 
 
+class _Signals:
+    """What bench/peers/_common.side_channel drives: one ``signal`` task per round trip."""
+
+    def __init__(self, app: AsyncQueueTasks) -> None:
+        self.app = app
+
+    async def signal(self, port: int, seq: int) -> None:
+        await self.app.add_task("signal", port, seq)
+
+
 async def side_channel(prefix: str, tmp: Path, n: int, out: dict[str, str]) -> None:
-    """SC: ``add_task`` -> the task's UDP datagram back at the producer."""
+    """SC: ``add_task`` -> the task's UDP datagram back at the producer, timed by the same
+    code as the peers' SC (bench/peers/_common.py)."""
     counter = redis.Redis.from_url(URL)
     app = producer(prefix)
     await app.start()
     worker = Worker(prefix, 10, tmp)
-    loop = asyncio.get_running_loop()
-    waiting: dict[int, asyncio.Future[float]] = {}
-
-    class Arrivals(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-            future = waiting.pop(int(data), None)
-            if future is not None and not future.done():
-                future.set_result(time.perf_counter())
-
-    transport, _ = await loop.create_datagram_endpoint(Arrivals, local_addr=("127.0.0.1", 0))
-    port = transport.get_extra_info("sockname")[1]
-    samples: list[float] = []
     try:
         await warm(app, counter, f"{prefix}:warm-sc")
-        for i in range(20 + n):
-            arrived = waiting[i] = loop.create_future()
-            start = time.perf_counter()
-            await app.add_task("signal", port, i)
-            end = await asyncio.wait_for(arrived, 5)
-            if i >= 20:
-                samples.append((end - start) * 1000)
+        got = await _common.side_channel(_Signals(app), n)
     finally:
-        transport.close()
         worker.stop()
         await app.aclose()
         counter.close()
-    ordered = sorted(samples)
     out["SC"] = (
-        f"p50 {pct(ordered, 0.50):.3f} ms, p95 {pct(ordered, 0.95):.3f} ms, "
-        f"p99 {pct(ordered, 0.99):.3f} ms (mean {statistics.mean(ordered):.3f}; {n} round trips "
-        "through a UDP side channel)"
+        f"p50 {got['p50_ms']:.3f} ms, p95 {got['p95_ms']:.3f} ms, p99 {got['p99_ms']:.3f} ms "
+        f"(mean {got['mean_ms']:.3f}; {n} round trips through a UDP side channel)"
     )
 
 
