@@ -12,7 +12,8 @@ A workflow ``W`` keeps, under the storage's hash tag ``TAG`` (one slot with its 
 
 all expiring with the workflow's record once it ended (a day when results do not expire), and
 deleted at once by ``cancel_workflow`` (a member that ends later finds the record final and
-reads them only); and ``TAG:wf``, a ZSET of every workflow (id -> ms created), for listing.
+reads them only); and ``TAG:wf``, a ZSET of every workflow (id -> microseconds created, so
+that workflows made in one millisecond keep their order), for listing.
 
 and its own record (uuid ``W``) is a task record: its status is the workflow's.
 

@@ -72,7 +72,7 @@ async def add_workflow(
     # once its record exists (a listing forgets an entry whose record is gone).
     await add_many(storage, [workflow, *members])
     indexed: Awaitable[Any] = client.zadd(
-        index_key(storage), {workflow.uuid: int(workflow.created_at * 1000)}
+        index_key(storage), {workflow.uuid: int(workflow.created_at * 1_000_000)}
     )
     await guarded(target, indexed)
 

@@ -12,6 +12,7 @@ of the suite skipped with a reason naming it.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -289,6 +290,24 @@ class WorkflowStoreContract(_StorageCapability):
         stored = await storage.get(own.uuid)
         assert stored is not None and stored.status is TaskStatus.CANCEL
         assert await storage.cancel_workflow("no-such-workflow", "stop") is None
+
+    @pytest.mark.anyio
+    async def test_workflows_made_in_one_millisecond_are_listed_newest_first(
+        self, storage: Storage
+    ) -> None:
+        """Sequential workflows can be made within one millisecond; the list keeps their
+        order (whatever their ids: here the newest has the smallest)."""
+        assert isinstance(storage, WorkflowStore)
+        base = math.floor(time.time() * 1000) / 1000 + 0.0001
+        ids = sorted((uuid.uuid4().hex for _ in range(3)), reverse=True)
+        made = []
+        for i, wid in enumerate(ids):
+            own = replace(_workflow(base + i * 0.0002), uuid=wid, workflow=wid)
+            member = record(workflow=own.uuid)
+            gates: dict[str, tuple[int, list[GateMessage]]] = {"final": (1, []), "error": (1, [])}
+            await storage.add_workflow(own, [member], gates, {member.uuid: "final"})
+            made.append(own.uuid)
+        assert [r.uuid for r in await storage.workflows(3)] == made[::-1]
 
     @pytest.mark.anyio
     async def test_workflows_lists_the_newest_first(
