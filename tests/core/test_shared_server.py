@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-import qtasks.settle
+import qtasks.settle_batch
 from qtasks import (
     AsyncQueueTasks,
     MemoryBroker,
@@ -314,7 +314,7 @@ async def test_a_broken_settle_call_does_not_kill_the_worker(
 
 
 async def test_settle_calls_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qtasks.settle, "SETTLE_BATCH", 2)
+    monkeypatch.setattr(qtasks.settle_batch, "SETTLE_BATCH", 2)
     # A runner for each task: a task that waited for a runner would be begun in the next
     # settle call (SettleBegin), which the gate holds.
     app, broker = batching_app(concurrency=6)

@@ -1,8 +1,11 @@
 """The default worker: bounded prefetch, a local priority queue, a concurrency limit, leases
 renewed while tasks run, fenced result writes, and acks only after the final record is stored.
 
-Settling lives in :mod:`qtasks.settle`, leases in :mod:`qtasks.leases`. A little over 500 lines:
-the serving loop and the begin step (decode, check, begin or trust the claim) stay together.
+Settling lives in :mod:`qtasks.settle` and :mod:`qtasks.settle_batch`, leases in
+:mod:`qtasks.leases`. Over ~500 lines: the serving loop (runners, receiving, shutdown and
+hand-back) and the begin step (decode, check, then begin by the route that applies: with the
+claim, in the settle call, or in a begin batch) stay together, since each reads the other's
+state (free runners, waiting deliveries, recent cancels).
 """
 
 from __future__ import annotations
