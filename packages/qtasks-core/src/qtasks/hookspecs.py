@@ -168,6 +168,9 @@ Worker and executor (``component="worker"``):
   success)
 
 Stats: ``stats_inspect``: none; ``qtasks_inspect`` (a plain hook) adds keys to the report.
+
+Over ~500 lines on purpose: every hook of the product is specified here, in one place, each
+with when it fires and what it gets (one file to read to write a plugin).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Pages are rendered on the server (Jinja2, autoescaped: task arguments and errors
 untrusted text); a small script draws the charts and applies the live updates that event
 streams (:mod:`qtasks_web.live`) push. Every figure comes from the app's components at the
 time of the request, so several dashboards agree and a restart loses nothing.
+
+Over ~500 lines: the routes of every page and action, each small; the data each page shows is
+read in :mod:`qtasks_web.data`, the live streams in :mod:`qtasks_web.live`.
 """
 
 from __future__ import annotations

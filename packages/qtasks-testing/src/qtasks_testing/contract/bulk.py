@@ -8,6 +8,9 @@
 :class:`~qtasks.components.BulkAdd` and :class:`~qtasks.components.WorkflowStore`. As in
 :mod:`qtasks_testing.contract.capabilities`, a component without the capability has every test
 of the suite skipped with a reason naming it.
+
+Over ~500 lines: four small suites, a test per guarantee, kept together because the workflow
+suites share their fixtures and helpers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The storage contract suite: :class:`StorageContract`."""
+"""The storage contract suite: :class:`StorageContract`.
+
+Over ~500 lines: one suite, a test per guarantee of :class:`~qtasks.components.Storage`.
+"""
 
 from __future__ import annotations
 
