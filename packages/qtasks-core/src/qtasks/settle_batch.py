@@ -45,7 +45,6 @@ class SettleBatch:
     __slots__ = (
         "_app",
         "_busy",
-        "_calling",
         "_done",
         "_give_up",
         "_inflight",
@@ -77,8 +76,6 @@ class SettleBatch:
         self._queue: list[tuple[TaskRun, Delivery]] = []
         self._busy = 0
         """Tasks queued or in the call in flight."""
-        self._calling = False
-        """Whether a call is in flight (made by the serving task or by a beginning runner)."""
         self._ready = _Signal()
         self._done = _Signal()
         self._rounds: list[_Round] = []
@@ -99,32 +96,23 @@ class SettleBatch:
         self._ready.fire()
 
     async def begin(self, claim: TaskRecord) -> TaskRecord:
-        """:meth:`Storage.begin` of ``claim`` in a call with the settles and begins queued
-        meanwhile (only when ``folds_begins``). When no call is in flight the caller makes it
-        itself (no hand-over to the serving task: a busy runner settles its task and begins
-        its next in one call of its own); else it waits for the next. A record the call could
-        not return is begun alone, which raises what ``begin`` raises."""
+        """:meth:`Storage.begin` of ``claim`` in the next call, with the settles and begins
+        queued meanwhile (only when ``folds_begins``); made by the serving task, which keeps
+        the runners free during the round trip. A record the call could not return is begun
+        alone, which raises what ``begin`` raises."""
         rounds = self._rounds
-        if not self._calling and not rounds:
-            round_ = _Round(self._new_event())
-            round_.claims.append(claim)
-            rounds.append(round_)
-            with anyio.CancelScope(shield=True):  # other tasks' settles ride in this call
-                await self._one_call()
-            at = 0
-        else:
-            if not rounds or len(rounds[-1].claims) >= BEGIN_BATCH:
-                rounds.append(_Round(self._new_event()))
-                self._ready.fire()
-            round_ = rounds[-1]
-            at = len(round_.claims)
-            round_.claims.append(claim)
-            try:
-                await round_.done.wait()
-            except BaseException:
-                if not round_.done.is_set():
-                    round_.claims[at] = None  # withdrawn: its record is left as it is
-                raise
+        if not rounds or len(rounds[-1].claims) >= BEGIN_BATCH:
+            rounds.append(_Round(self._new_event()))
+            self._ready.fire()
+        round_ = rounds[-1]
+        at = len(round_.claims)
+        round_.claims.append(claim)
+        try:
+            await round_.done.wait()
+        except BaseException:
+            if not round_.done.is_set():
+                round_.claims[at] = None  # withdrawn: its record is left as it is
+            raise
         if round_.error is not None:
             raise round_.error
         record = round_.results[at] if round_.results else None
@@ -143,33 +131,24 @@ class SettleBatch:
 
     async def serve(self) -> None:
         while True:
-            while self._calling or not (self._queue or self._rounds):
+            while not self._queue and not self._rounds:
                 await self._ready.wait(None)
-            await self._one_call()
-
-    async def _one_call(self) -> None:
-        """One call: the queued settles (up to ``SETTLE_BATCH``) and the first round of
-        begins, then the settled tasks' hooks. One call at a time (``_calling``)."""
-        self._calling = True
-        batch = self._inflight = self._queue[:SETTLE_BATCH]
-        del self._queue[:SETTLE_BATCH]
-        round_ = self._rounds.pop(0) if self._rounds else None
-        try:
-            await self._settle(batch, round_)
-        except Exception as exc:
-            # A bug in a component or plugin must not kill the worker (see _process).
-            log.exception("worker failed while settling %d finished tasks", len(batch))
-            if round_ is not None and not round_.done.is_set():
-                round_.fail(exc)
-        finally:
-            if round_ is not None:
-                round_.done.set()  # without results: each begins alone
-            self._calling = False
-            self._inflight = []
-            self._busy -= len(batch)
-            self._done.fire()
-            if self._queue or self._rounds:
-                self._ready.fire()  # what queued meanwhile goes in the serving task's call
+            batch = self._inflight = self._queue[:SETTLE_BATCH]
+            del self._queue[:SETTLE_BATCH]
+            round_ = self._rounds.pop(0) if self._rounds else None
+            try:
+                await self._settle(batch, round_)
+            except Exception as exc:
+                # A bug in a component or plugin must not kill the worker (see _process).
+                log.exception("worker failed while settling %d finished tasks", len(batch))
+                if round_ is not None and not round_.done.is_set():
+                    round_.fail(exc)
+            finally:
+                if round_ is not None:
+                    round_.done.set()  # without results: each begins alone
+                self._inflight = []
+                self._busy -= len(batch)
+                self._done.fire()
 
     async def _settle(self, batch: list[tuple[TaskRun, Delivery]], round_: _Round | None) -> None:
         app = self._app
