@@ -150,7 +150,8 @@ class TracingPlugin:
         ``tracestate`` when the trace has one), written here as the W3C propagator writes
         them: a third of its cost, which is mostly the context it is handed and the calls
         between the composite and its parts."""
-        if self._propagation() and not baggage.get_all(current):
+        # An empty context (an enqueue outside any trace) holds no baggage: not looked up.
+        if self._propagation() and (not current or not baggage.get_all(current)):
             span_context = span.get_span_context()
             headers["traceparent"] = (
                 f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
@@ -197,9 +198,10 @@ class TracingPlugin:
         current = context.get_current()
         parent = trace.get_current_span(current)
         parent_span = parent.get_span_context()
-        if self._idle() and not parent_span.is_valid:
-            return None  # the API's no-op tracer and no trace to continue
-        if self._skips(parent_span):
+        if not parent_span.is_valid:
+            if self._idle():
+                return None  # the API's no-op tracer and no trace to continue
+        elif self._skips(parent_span):
             self._inject(message.headers, parent, current)  # the unsampled trace goes on
             return message
         name = message.task_name
