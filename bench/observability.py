@@ -20,6 +20,11 @@ in-memory components (producer and worker together, no network: the plugins' own
 without Redis round trips to hide or blur it), one app whose plugins are swapped between
 batches of N tasks.
 
+``--hook-times`` (W1) also times each hook of the plugins where it runs, in the producer and
+the worker (wall time per call, in us, mean of the run; the wrapper adds ~0.2 us): what a
+hook costs among Redis round trips and the event loop, often 2-3x what it costs called in a
+tight loop.
+
 ``--baseline REV`` compares a change with the plugins as they were at git revision ``REV``
 in the same run: a mode written ``MODE@base`` (``--modes off,sampled@base,sampled``) runs
 ``qtasks_web/metrics.py`` and ``tracing.py`` of ``REV``, loaded from a temporary copy, in the
@@ -29,13 +34,15 @@ The modes run in turn, the order rotated each round, a fresh worker process per 
 shared machine's noise falls on every mode alike; the medians are printed at the end.
 
 Run: ``uv run --all-packages python bench/observability.py [--n 5000] [--rounds 5]
-[--modes off,metrics,api,sdk,sampled] [--inmemory] [--baseline REV]``.
+[--modes off,metrics,api,sdk,sampled] [--inmemory] [--baseline REV] [--hook-times]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -68,9 +75,11 @@ app = AsyncQueueTasks(
 )
 if mode != "off":
     sys.path.insert(0, sys.argv[5])
-    from observability import plugins
+    from observability import plugins, write_hook_times
     for plugin in plugins(mode, worker=True, port=port):
         app.add_plugin(plugin)
+    import atexit
+    atexit.register(write_hook_times)
 client = redis.asyncio.Redis.from_url(url)
 
 @app.task(name="incr")
@@ -139,6 +148,60 @@ def _module(name: str, base: bool) -> ModuleType:
     return sys.modules[key]
 
 
+TIMES = "QTASKS_BENCH_OBS_TIMES"
+"""Environment variable: the directory where each worker process writes its hook times
+(set by ``--hook-times``)."""
+
+HOOK_TIMES: dict[str, list[float]] = {}
+"""``"<side> <plugin>.<hook>" -> [seconds, calls]`` of the timed plugins in this process."""
+
+
+def timed(plugin: Any, side: str) -> Any:
+    """``plugin`` with each of its hooks timed into :data:`HOOK_TIMES` (when ``--hook-times``);
+    ``functools.wraps`` keeps the argument names pluggy passes by."""
+    if not os.environ.get(TIMES):
+        return plugin
+    for name in dir(plugin):
+        hook = getattr(plugin, name)
+        if not name.startswith("qtasks_") or not callable(hook):
+            continue
+        slot = HOOK_TIMES.setdefault(f"{side} {plugin.name}.{name}", [0.0, 0])
+
+        def wrap(hook: Any, slot: list[float]) -> Any:
+            @functools.wraps(hook)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return hook(*args, **kwargs)
+                finally:
+                    slot[0] += time.perf_counter() - start
+                    slot[1] += 1
+
+            return call
+
+        setattr(plugin, name, wrap(hook, slot))
+    return plugin
+
+
+def write_hook_times() -> None:
+    """At a worker's exit: its hook times, for the bench process to read."""
+    directory = os.environ.get(TIMES)
+    if directory:
+        Path(directory, f"{os.getpid()}.json").write_text(json.dumps(HOOK_TIMES))
+
+
+def read_hook_times(pid: int) -> None:
+    """Add the hook times a worker process wrote at its exit to :data:`HOOK_TIMES`."""
+    written = Path(os.environ.get(TIMES, "."), f"{pid}.json")
+    if os.environ.get(TIMES) and written.exists():
+        HOOK_TIMES.update(json.loads(written.read_text()))
+
+
+def hook_means(times: dict[str, list[float]], tasks: int) -> dict[str, float]:
+    """us per call of the hooks called at least once per task (not the start/stop ones)."""
+    return {name: t / n * 1e6 for name, (t, n) in sorted(times.items()) if n >= tasks}
+
+
 def plugins(mode: str, *, worker: bool, port: int | None = None) -> list[Any]:
     """The plugins of ``mode`` (``KIND`` or ``KIND@base``): in a worker the metrics plugin
     (serving on ``port`` when given) and the tracing plugin, in a producer the tracing one."""
@@ -146,12 +209,13 @@ def plugins(mode: str, *, worker: bool, port: int | None = None) -> list[Any]:
     found: list[Any] = []
     if kind == "off":
         return found
+    side = "worker" if worker else "producer"
     if worker:
         metrics = _module("metrics", rev == "base").MetricsPlugin
-        found.append(metrics() if port is None else metrics(port=port))
+        found.append(timed(metrics() if port is None else metrics(port=port), side))
     if kind != "metrics":
         tracing = _module("tracing", rev == "base").TracingPlugin
-        found.append(tracing(tracer_provider=tracing_provider(kind)))
+        found.append(timed(tracing(tracer_provider=tracing_provider(kind)), side))
     return found
 
 
@@ -186,7 +250,9 @@ def start_worker(tmp: Path, prefix: str, mode: str) -> subprocess.Popen[bytes]:
 
 
 async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
-    """One W1 run: (tasks/s, producer CPU us per task, worker CPU us per task)."""
+    """One W1 run: (tasks/s, producer CPU us per task, worker CPU us per task); its hook
+    times into :data:`HOOK_TIMES` (when ``--hook-times``), the worker's with them."""
+    HOOK_TIMES.clear()
     prefix = f"bench-obs-{uuid.uuid4().hex[:8]}"
     worker = start_worker(tmp, prefix, mode)
     counter = redis.Redis.from_url(URL)
@@ -209,6 +275,7 @@ async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
         worker.wait(30)
         counter.close()
         clean(prefix)
+        read_hook_times(worker.pid)
 
 
 async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[float]]:
@@ -256,6 +323,8 @@ async def run(opts: argparse.Namespace) -> None:
     modes = [m.strip() for m in opts.modes.split(",")]
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load {load()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        if opts.hook_times:
+            os.environ[TIMES] = tmp
         if opts.baseline:
             (Path(tmp) / "base").mkdir()
             baseline(opts.baseline, Path(tmp) / "base")
@@ -285,6 +354,7 @@ async def w1_rounds(
     modes: list[str], opts: argparse.Namespace, tmp: Path
 ) -> dict[str, list[tuple[float, float, float]]]:
     figures: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    hooks: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
     for round_ in range(opts.rounds):
         order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
         for mode in order:
@@ -295,6 +365,13 @@ async def w1_rounds(
                 f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us",
                 flush=True,
             )
+            for name, mean in hook_means(HOOK_TIMES, opts.n).items():
+                hooks[mode].setdefault(name, []).append(mean)
+    if opts.hook_times:
+        print(f"hook times, us per call (median of {opts.rounds} runs' means):")
+        for mode, means in hooks.items():
+            for name, runs in means.items():
+                print(f"  {mode:>12} {name}: {statistics.median(runs):.2f}")
     return figures
 
 
@@ -323,4 +400,5 @@ if __name__ == "__main__":
     parser.add_argument("--modes", default="off,metrics,api,sdk,sampled")
     parser.add_argument("--inmemory", action="store_true")
     parser.add_argument("--baseline", metavar="REV", help="git revision of the MODE@base modes")
+    parser.add_argument("--hook-times", action="store_true", help="time each hook (W1)")
     anyio.run(run, parser.parse_args())
