@@ -795,3 +795,25 @@ async def test_a_propagator_of_the_users_own_carries_the_trace(
         spans = await traces.until(lambda s: bool(named(s, "process ok")))
     assert set(headers.seen[0]) == {"x-traceparent"}
     assert_child(one(spans, "process ok"), one(spans, "send ok"))
+
+
+async def test_with_the_default_propagator_the_plugin_reads_and_writes_w3c_itself(
+    monkeypatch: pytest.MonkeyPatch, app: AsyncQueueTasks, traces: Traces
+) -> None:
+    from opentelemetry import propagate
+
+    def not_called(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the propagator was called")
+
+    monkeypatch.setattr(propagate, "inject", not_called)
+    monkeypatch.setattr(propagate, "extract", not_called)
+
+    @app.task
+    async def ok() -> None: ...
+
+    async with app:
+        with traces.tracer.start_as_current_span("request"):
+            await ok.add_task(timeout=5)
+        spans = await traces.until(lambda s: bool(named(s, "process ok")))
+    assert_child(one(spans, "send ok"), one(spans, "request"))
+    assert_child(one(spans, "process ok"), one(spans, "send ok"))
