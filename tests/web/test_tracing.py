@@ -756,6 +756,18 @@ def test_the_plugins_injection_is_the_propagators(
     assert mine == theirs
 
 
+async def ok_under_a_request(app: AsyncQueueTasks, traces: Traces) -> list[Span]:
+    """The spans once a task ``ok`` enqueued under a span ``request`` has run."""
+
+    @app.task
+    async def ok() -> None: ...
+
+    async with app:
+        with traces.tracer.start_as_current_span("request"):
+            await ok.add_task(timeout=5)
+        return await traces.until(lambda s: bool(named(s, "process ok")))
+
+
 async def test_a_propagator_of_the_users_own_carries_the_trace(
     monkeypatch: pytest.MonkeyPatch, traces: Traces
 ) -> None:
@@ -786,13 +798,7 @@ async def test_a_propagator_of_the_users_own_carries_the_trace(
     headers = Headers()
     app.add_plugin(headers)
 
-    @app.task
-    async def ok() -> None: ...
-
-    async with app:
-        with traces.tracer.start_as_current_span("request"):
-            await ok.add_task(timeout=5)
-        spans = await traces.until(lambda s: bool(named(s, "process ok")))
+    spans = await ok_under_a_request(app, traces)
     assert set(headers.seen[0]) == {"x-traceparent"}
     assert_child(one(spans, "process ok"), one(spans, "send ok"))
 
@@ -808,12 +814,6 @@ async def test_with_the_default_propagator_the_plugin_reads_and_writes_w3c_itsel
     monkeypatch.setattr(propagate, "inject", not_called)
     monkeypatch.setattr(propagate, "extract", not_called)
 
-    @app.task
-    async def ok() -> None: ...
-
-    async with app:
-        with traces.tracer.start_as_current_span("request"):
-            await ok.add_task(timeout=5)
-        spans = await traces.until(lambda s: bool(named(s, "process ok")))
+    spans = await ok_under_a_request(app, traces)
     assert_child(one(spans, "send ok"), one(spans, "request"))
     assert_child(one(spans, "process ok"), one(spans, "send ok"))
