@@ -117,13 +117,14 @@ class TracingPlugin:
         ``should_sample`` not overridden) dropping every span whose parent is unsampled,
         remote or local (``AlwaysOff``, its defaults).
 
-        Such a sampler's answer is known without asking: ``DROP``, whatever the span, and the
-        SDK would make a non-recording span with the parent's trace id, flags and trace
-        state, which nobody can observe (~3 us each). The plugin makes none and passes the
-        parent's context on as it is: what the task's code and the tasks it enqueues see is
-        that trace, unsampled, so their spans are dropped too. Their parent is then remote
-        rather than the SDK's local non-recording span, which is why the local rule must
-        drop as well: the decision is the same either way. Any other sampler, a local
+        Such a sampler's answer is known without asking: ``DROP``, whatever the span. The SDK
+        would then make a non-recording span (the parent's trace id and trace state,
+        unsampled, an id of its own) that no exporter sees, at ~3 us (nor would its own span
+        metrics count it, when enabled). The plugin makes none and passes the parent's
+        context on as it is: what the task's code and the tasks it enqueues see is that
+        trace, unsampled, so their spans are dropped too. Their parent is then the remote
+        one rather than the SDK's local non-recording span, which is why the local rule
+        must drop as well: the decision is the same either way. Any other sampler, a local
         parent (another instrumentation's span in this process) or a sampled one: the
         sampler is asked, through the tracer."""
         if not parent.is_remote or parent.trace_flags.sampled or not parent.is_valid:
