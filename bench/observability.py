@@ -20,16 +20,30 @@ in-memory components (producer and worker together, no network: the plugins' own
 without Redis round trips to hide or blur it), one app whose plugins are swapped between
 batches of N tasks.
 
+``--hook-times`` (W1) also times each hook of the plugins where it runs, in the producer and
+the worker (wall time per call, in us, mean of the run; the wrapper adds ~0.2 us): what a
+hook costs among Redis round trips and the event loop, often 2-3x what it costs called in a
+tight loop.
+
+``--baseline REV`` compares a change with the plugins as they were at git revision ``REV``
+in the same run: a mode written ``MODE@base`` (``--modes off,sampled@base,sampled``) runs
+``qtasks_web/metrics.py`` and ``tracing.py`` of ``REV``, loaded from a temporary copy, in the
+producer and in the worker.
+
 The modes run in turn, the order rotated each round, a fresh worker process per run, so the
 shared machine's noise falls on every mode alike; the medians are printed at the end.
 
 Run: ``uv run --all-packages python bench/observability.py [--n 5000] [--rounds 5]
-[--modes off,metrics,api,sdk,sampled] [--inmemory]``.
+[--modes off,metrics,api,sdk,sampled] [--inmemory] [--baseline REV] [--hook-times]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +52,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -60,12 +75,11 @@ app = AsyncQueueTasks(
 )
 if mode != "off":
     sys.path.insert(0, sys.argv[5])
-    from observability import tracing_provider
-    from qtasks_web.metrics import MetricsPlugin
-    from qtasks_web.tracing import TracingPlugin
-    app.add_plugin(MetricsPlugin(port=port))
-    if mode != "metrics":
-        app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
+    from observability import plugins, write_hook_times
+    for plugin in plugins(mode, worker=True, port=port):
+        app.add_plugin(plugin)
+    import atexit
+    atexit.register(write_hook_times)
 client = redis.asyncio.Redis.from_url(url)
 
 @app.task(name="incr")
@@ -99,6 +113,112 @@ def tracing_provider(mode: str) -> Any:
     return provider
 
 
+BASELINE = "QTASKS_BENCH_OBS_BASELINE"
+"""Environment variable: the directory holding the baseline's ``metrics.py`` and
+``tracing.py`` (set by ``--baseline``; the worker processes inherit it)."""
+
+
+def baseline(rev: str, into: Path) -> None:
+    """Copy the plugins' modules at git revision ``rev`` into ``into`` for ``MODE@base``."""
+    root = Path(__file__).resolve().parent.parent
+    for name in ("metrics", "tracing"):
+        source = subprocess.run(
+            ["git", "-C", str(root), "show", f"{rev}:packages/qtasks-web/src/qtasks_web/{name}.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (into / f"{name}.py").write_text(source)
+    os.environ[BASELINE] = str(into)
+
+
+def _module(name: str, base: bool) -> ModuleType:
+    """``qtasks_web.<name>``, or the baseline's copy (loaded once, under a name of its own)."""
+    if not base:
+        return importlib.import_module(f"qtasks_web.{name}")
+    key = f"obs_baseline_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            key, Path(os.environ[BASELINE]) / f"{name}.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+TIMES = "QTASKS_BENCH_OBS_TIMES"
+"""Environment variable: the directory where each worker process writes its hook times
+(set by ``--hook-times``)."""
+
+HOOK_TIMES: dict[str, list[float]] = {}
+"""``"<side> <plugin>.<hook>" -> [seconds, calls]`` of the timed plugins in this process."""
+
+
+def timed(plugin: Any, side: str) -> Any:
+    """``plugin`` with each of its hooks timed into :data:`HOOK_TIMES` (when ``--hook-times``);
+    ``functools.wraps`` keeps the argument names pluggy passes by."""
+    if not os.environ.get(TIMES):
+        return plugin
+    for name in dir(plugin):
+        hook = getattr(plugin, name)
+        if not name.startswith("qtasks_") or not callable(hook):
+            continue
+        slot = HOOK_TIMES.setdefault(f"{side} {plugin.name}.{name}", [0.0, 0])
+
+        def wrap(hook: Any, slot: list[float]) -> Any:
+            @functools.wraps(hook)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return hook(*args, **kwargs)
+                finally:
+                    slot[0] += time.perf_counter() - start
+                    slot[1] += 1
+
+            return call
+
+        setattr(plugin, name, wrap(hook, slot))
+    return plugin
+
+
+def write_hook_times() -> None:
+    """At a worker's exit: its hook times, for the bench process to read."""
+    directory = os.environ.get(TIMES)
+    if directory:
+        Path(directory, f"{os.getpid()}.json").write_text(json.dumps(HOOK_TIMES))
+
+
+def read_hook_times(pid: int) -> None:
+    """Add the hook times a worker process wrote at its exit to :data:`HOOK_TIMES`."""
+    written = Path(os.environ.get(TIMES, "."), f"{pid}.json")
+    if os.environ.get(TIMES) and written.exists():
+        HOOK_TIMES.update(json.loads(written.read_text()))
+
+
+def hook_means(times: dict[str, list[float]], tasks: int) -> dict[str, float]:
+    """us per call of the hooks called at least once per task (not the start/stop ones)."""
+    return {name: t / n * 1e6 for name, (t, n) in sorted(times.items()) if n >= tasks}
+
+
+def plugins(mode: str, *, worker: bool, port: int | None = None) -> list[Any]:
+    """The plugins of ``mode`` (``KIND`` or ``KIND@base``): in a worker the metrics plugin
+    (serving on ``port`` when given) and the tracing plugin, in a producer the tracing one."""
+    kind, _, rev = mode.partition("@")
+    found: list[Any] = []
+    if kind == "off":
+        return found
+    side = "worker" if worker else "producer"
+    if worker:
+        metrics = _module("metrics", rev == "base").MetricsPlugin
+        found.append(timed(metrics() if port is None else metrics(port=port), side))
+    if kind != "metrics":
+        tracing = _module("tracing", rev == "base").TracingPlugin
+        found.append(timed(tracing(tracer_provider=tracing_provider(kind)), side))
+    return found
+
+
 def producer(prefix: str, mode: str) -> AsyncQueueTasks:
     app = AsyncQueueTasks(
         broker=RedisBroker(URL, prefix=prefix, queue="bench"),
@@ -106,10 +226,8 @@ def producer(prefix: str, mode: str) -> AsyncQueueTasks:
         global_config=RedisGlobalConfig(URL, prefix=prefix),
         config=QueueConfig(plugins_disabled=["*"]),
     )
-    if mode not in ("off", "metrics"):
-        from qtasks_web.tracing import TracingPlugin
-
-        app.add_plugin(TracingPlugin(tracer_provider=tracing_provider(mode)))
+    for plugin in plugins(mode, worker=False):
+        app.add_plugin(plugin)
     return app
 
 
@@ -132,7 +250,9 @@ def start_worker(tmp: Path, prefix: str, mode: str) -> subprocess.Popen[bytes]:
 
 
 async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
-    """One W1 run: (tasks/s, producer CPU us per task, worker CPU us per task)."""
+    """One W1 run: (tasks/s, producer CPU us per task, worker CPU us per task); its hook
+    times into :data:`HOOK_TIMES` (when ``--hook-times``), the worker's with them."""
+    HOOK_TIMES.clear()
     prefix = f"bench-obs-{uuid.uuid4().hex[:8]}"
     worker = start_worker(tmp, prefix, mode)
     counter = redis.Redis.from_url(URL)
@@ -155,6 +275,7 @@ async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
         worker.wait(30)
         counter.close()
         clean(prefix)
+        read_hook_times(worker.pid)
 
 
 async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[float]]:
@@ -162,20 +283,8 @@ async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[floa
     plugins are swapped between batches of ``n`` tasks, each enqueued one at a time, the modes
     in turn ``rounds`` times (order rotated): a load change on the machine falls on every mode
     within seconds, not on one whole run."""
-    from qtasks_web.metrics import MetricsPlugin
-    from qtasks_web.tracing import TracingPlugin
-
     app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], max_tasks_process=10))
-    plugins = {
-        mode: [MetricsPlugin()]
-        + (
-            [TracingPlugin(tracer_provider=tracing_provider(mode))]
-            if mode in ("api", "sdk", "sampled")
-            else []
-        )
-        for mode in modes
-        if mode != "off"
-    }
+    each = {mode: plugins(mode, worker=True) for mode in modes}
     done = anyio.Event()
     count, target = 0, 0
 
@@ -191,10 +300,10 @@ async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[floa
         for round_ in range(rounds):
             order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
             for mode in order:
-                for plugin in [p for ps in plugins.values() for p in ps]:
+                for plugin in [p for ps in each.values() for p in ps]:
                     if app.hooks.pm.is_registered(plugin):
                         app.hooks.unregister(plugin)
-                for plugin in plugins.get(mode, []):
+                for plugin in each[mode]:
                     app.hooks.register(plugin)
                 done, target = anyio.Event(), count + n
                 start = time.process_time()
@@ -205,33 +314,70 @@ async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[floa
     return cpu
 
 
+def load() -> str:
+    """The machine's load averages (other agents share its cores), for the results file."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 async def run(opts: argparse.Namespace) -> None:
     modes = [m.strip() for m in opts.modes.split(",")]
-    figures: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
-    if opts.inmemory:
-        cpu = await inmemory(modes, opts.n, opts.rounds)
-        for mode, runs in cpu.items():
-            print(f"{mode:>7}: CPU us per task, each batch: {' '.join(f'{c:.1f}' for c in runs)}")
-        base = statistics.median(cpu[modes[0]])
-        print(f"medians of {opts.rounds} batches of {opts.n} tasks (producer and worker together):")
-        for mode, runs in cpu.items():
-            median = statistics.median(runs)
-            print(
-                f"  {mode:>7}: {median:.1f} us per task ({median - base:+.1f} us, "
-                f"{(median / base - 1) * 100:+.1f} % vs {modes[0]})"
-            )
-        return
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load {load()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(opts.rounds):
-            order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
-            for mode in order:
-                rate, mine, theirs = await w1(mode, opts.n, Path(tmp))
-                figures[mode].append((rate, mine, theirs))
-                print(
-                    f"round {round_ + 1} {mode:>7}: W1 {rate:,.0f} tasks/s; CPU per task: "
-                    f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us",
-                    flush=True,
-                )
+        if opts.hook_times:
+            os.environ[TIMES] = tmp
+        if opts.baseline:
+            (Path(tmp) / "base").mkdir()
+            baseline(opts.baseline, Path(tmp) / "base")
+        if opts.inmemory:
+            report_inmemory(modes, opts, await inmemory(modes, opts.n, opts.rounds))
+        else:
+            report_w1(modes, opts, await w1_rounds(modes, opts, Path(tmp)))
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load {load()}")
+
+
+def report_inmemory(
+    modes: list[str], opts: argparse.Namespace, cpu: dict[str, list[float]]
+) -> None:
+    for mode, runs in cpu.items():
+        print(f"{mode:>12}: CPU us per task, each batch: {' '.join(f'{c:.1f}' for c in runs)}")
+    base = statistics.median(cpu[modes[0]])
+    print(f"medians of {opts.rounds} batches of {opts.n} tasks (producer and worker together):")
+    for mode, runs in cpu.items():
+        median = statistics.median(runs)
+        print(
+            f"  {mode:>12}: {median:.1f} us per task ({median - base:+.1f} us, "
+            f"{(median / base - 1) * 100:+.1f} % vs {modes[0]})"
+        )
+
+
+async def w1_rounds(
+    modes: list[str], opts: argparse.Namespace, tmp: Path
+) -> dict[str, list[tuple[float, float, float]]]:
+    figures: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    hooks: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    for round_ in range(opts.rounds):
+        order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+        for mode in order:
+            rate, mine, theirs = await w1(mode, opts.n, tmp)
+            figures[mode].append((rate, mine, theirs))
+            print(
+                f"round {round_ + 1} {mode:>12}: W1 {rate:,.0f} tasks/s; CPU per task: "
+                f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us",
+                flush=True,
+            )
+            for name, mean in hook_means(HOOK_TIMES, opts.n).items():
+                hooks[mode].setdefault(name, []).append(mean)
+    if opts.hook_times:
+        print(f"hook times, us per call (median of {opts.rounds} runs' means):")
+        for mode, means in hooks.items():
+            for name, runs in means.items():
+                print(f"  {mode:>12} {name}: {statistics.median(runs):.2f}")
+    return figures
+
+
+def report_w1(
+    modes: list[str], opts: argparse.Namespace, figures: dict[str, list[tuple[float, float, float]]]
+) -> None:
     base = statistics.median(r for r, _, _ in figures[modes[0]])
     base_cpu = statistics.median(m + t for _, m, t in figures[modes[0]])
     print(f"medians of {opts.rounds} runs of {opts.n} tasks each:")
@@ -241,9 +387,9 @@ async def run(opts: argparse.Namespace) -> None:
         theirs = statistics.median(t for _, _, t in runs)
         both = statistics.median(m + t for _, m, t in runs)
         print(
-            f"  {mode:>7}: {rate:,.0f} tasks/s ({(rate / base - 1) * 100:+.1f} % vs "
+            f"  {mode:>12}: {rate:,.0f} tasks/s ({(rate / base - 1) * 100:+.1f} % vs "
             f"{modes[0]}); CPU per task: producer {mine:.0f} us, worker {theirs:.0f} us "
-            f"({(both / base_cpu - 1) * 100:+.1f} % CPU)"
+            f"(both {both - base_cpu:+.0f} us, {(both / base_cpu - 1) * 100:+.1f} % CPU)"
         )
 
 
@@ -253,4 +399,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--modes", default="off,metrics,api,sdk,sampled")
     parser.add_argument("--inmemory", action="store_true")
+    parser.add_argument("--baseline", metavar="REV", help="git revision of the MODE@base modes")
+    parser.add_argument("--hook-times", action="store_true", help="time each hook (W1)")
     anyio.run(run, parser.parse_args())

@@ -490,47 +490,330 @@ async def test_enqueue_spans_never_confirmed_are_bounded(
     assert [e["name"] for e in ended["events"]] == ["qtasks.unconfirmed"]
 
 
-async def test_an_unsampled_trace_goes_on_without_spans_the_sampler_would_drop() -> None:
-    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+# --- sampling: who decides, and what goes on in an unsampled trace ------------------------
 
-    class Counting(ParentBased):
-        """The SDK's default kind of sampler (never sampling a root here), counting how
-        often it is asked."""
 
-        asked = 0
+def traceparent(span_context: trace.SpanContext) -> tuple[int, int, bool]:
+    return span_context.trace_id, span_context.span_id, span_context.is_remote
 
-        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
-            Counting.asked += 1
-            return super().should_sample(*args, **kwargs)
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=Counting(ALWAYS_OFF))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+def header_ids(headers: dict[str, Any]) -> tuple[int, int]:
+    _, trace_id, span_id, _ = headers["traceparent"].split("-")
+    return int(trace_id, 16), int(span_id, 16)
+
+
+async def run_nested(
+    provider: TracerProvider,
+) -> tuple[tuple[int, int], Headers, list[tuple[int, int, bool]]]:
+    """A request span (unsampled, the sampler is asked) enqueues ``outer``, which enqueues
+    ``inner``: the request's trace and span ids, the headers each task arrived with and the
+    current span context each task's code saw."""
     app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
     app.add_plugin(TracingPlugin(tracer_provider=provider))
-    seen: list[tuple[int, str | None]] = []
+    headers = Headers()
+    app.add_plugin(headers)
+    seen: list[tuple[int, int, bool]] = []
     nested = anyio.Event()
 
     @app.task
     async def outer() -> None:
-        seen.append((trace.get_current_span().get_span_context().trace_id, None))
+        seen.append(traceparent(trace.get_current_span().get_span_context()))
         await app.add_task("inner")
 
     @app.task
     async def inner() -> None:
-        seen.append((trace.get_current_span().get_span_context().trace_id, "inner"))
+        seen.append(traceparent(trace.get_current_span().get_span_context()))
         nested.set()
 
     async with app:
         with provider.get_tracer("tests").start_as_current_span("request") as request:
-            trace_id = request.get_span_context().trace_id
+            ids = traceparent(request.get_span_context())[:2]
             assert not request.get_span_context().trace_flags.sampled
             await app.add_task("outer", timeout=5)
         with anyio.fail_after(5):
             await nested.wait()
     await app.aclose()
-    # Only the request's root span asked the sampler: send and process spans under an
-    # unsampled trace would be dropped, so none was made; the trace went on all the same.
-    assert Counting.asked == 1
-    assert seen == [(trace_id, None), (trace_id, "inner")]
+    return ids, headers, seen
+
+
+async def test_under_parent_based_an_unsampled_trace_goes_on_without_the_spans_it_drops() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))  # every root unsampled
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    (trace_id, request_id), headers, seen = await run_nested(provider)
+    # The request span is local to this process: the sampler decided the send span under it
+    # (a non-recording span with an id of its own, not the request's, went into the headers).
+    (outer_headers, inner_headers) = headers.seen
+    sent_under = header_ids(outer_headers)
+    assert sent_under[0] == trace_id
+    assert sent_under[1] != request_id
+    # Under a remote unsampled parent ParentBased's answer is DROP for any span: the worker
+    # made no run span (the code saw the producer's span context, remote, as current) and
+    # the task it enqueued passed that same context on.
+    assert seen[0] == (*sent_under, True)
+    assert header_ids(inner_headers) == sent_under
+    assert seen[1] == (*sent_under, True)
+    assert outer_headers["traceparent"].endswith("-02")  # unsampled, random trace id
     assert exporter.get_finished_spans() == ()
+
+
+async def test_a_sampler_of_the_users_own_decides_every_span() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    class Counting(ParentBased):
+        """ParentBased's decisions, counting how often it is asked: a sampler of the user's
+        own, which the plugin cannot answer for."""
+
+        asked: list[str] = []
+
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.asked.append(str(kwargs["name"] if "name" in kwargs else args[2]))
+            return super().should_sample(*args, **kwargs)
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=Counting(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    (trace_id, _), headers, seen = await run_nested(provider)
+    assert sorted(Counting.asked) == sorted(
+        ["request", "send outer", "process outer", "send inner", "process inner"]
+    )
+    # Each run span was the SDK's non-recording one (local, an id of its own), and every
+    # task and header stayed in the request's trace.
+    (outer_headers, inner_headers) = headers.seen
+    assert seen[0][0] == seen[1][0] == trace_id
+    assert seen[0][2] is False and seen[0][1] != header_ids(outer_headers)[1]
+    assert header_ids(inner_headers)[0] == trace_id
+    assert header_ids(inner_headers)[1] not in (seen[0][1], header_ids(outer_headers)[1])
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_the_sampler_gets_the_messaging_attributes_and_recorded_spans_get_the_rest() -> None:
+    from opentelemetry.sdk.trace.sampling import (
+        Decision,
+        ParentBased,
+        Sampler,
+        SamplingResult,
+    )
+
+    class ByDestination(Sampler):
+        """Roots of task ``kept`` recorded, others dropped; what it was given kept."""
+
+        given: dict[str, dict[str, Any]] = {}
+
+        def should_sample(
+            self,
+            parent_context: Any,
+            trace_id: int,
+            name: str,
+            kind: Any = None,
+            attributes: Any = None,
+            links: Any = None,
+            trace_state: Any = None,
+        ) -> SamplingResult:
+            ByDestination.given[name] = dict(attributes or {})
+            kept = ByDestination.given[name].get("messaging.destination.name") == "kept"
+            # As the SDK's samplers do: a recorded span starts with the attributes given.
+            if kept:
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+            return SamplingResult(Decision.DROP)
+
+        def get_description(self) -> str:
+            return "ByDestination"
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ByDestination()))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=provider))
+    headers = Headers()
+    app.add_plugin(headers)
+    trace_ids: dict[str, int] = {}
+
+    for task_name in ("kept", "dropped"):
+
+        @app.task(name=task_name)
+        async def record(name: str) -> None:
+            trace_ids[name] = trace.get_current_span().get_span_context().trace_id
+
+    async with app:
+        kept = await app.add_task("kept", "kept", timeout=5)
+        await app.add_task("dropped", "dropped", timeout=5)
+    await app.aclose()
+    # Only what a sampler may decide on was built before it decided (the producer's roots:
+    # the worker's spans have a parent, which ParentBased decides on).
+    for name in ("kept", "dropped"):
+        assert ByDestination.given[f"send {name}"] == {
+            "messaging.system": "qtasks",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": name,
+        }
+    spans = [span_dict(s) for s in exporter.get_finished_spans()]
+    assert sorted(s["name"] for s in spans) == ["process kept", "send kept"]
+    send, process = one(spans, "send kept"), one(spans, "process kept")
+    assert_child(process, send)
+    assert send["attributes"] == {
+        "messaging.system": "qtasks",
+        "messaging.operation": "publish",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": "kept",
+        "messaging.message.id": kept.uuid,
+        "qtasks.task.priority": 0,
+    }
+    assert process["attributes"] == {
+        "messaging.system": "qtasks",
+        "messaging.operation": "process",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": "kept",
+        "messaging.consumer.group.name": app.worker.id,
+        "messaging.message.id": kept.uuid,
+        "qtasks.task.priority": 0,
+        "qtasks.task.attempt": 1,
+        "qtasks.task.status": "success",
+    }
+    # The dropped trace went on all the same: its id reached the task's code.
+    assert trace_ids["dropped"] == header_ids(headers.seen[1])[0] != 0
+    assert trace_ids["kept"] == int(send["trace_id"], 16)
+
+
+# --- the W3C propagator's work done by the plugin --------------------------------------------
+
+
+def extracted(ctx: Any) -> tuple[trace.SpanContext, bool, dict[str, object]]:
+    from opentelemetry import baggage
+
+    span_context = trace.get_current_span(ctx).get_span_context()
+    return (span_context, span_context.is_remote, dict(baggage.get_all(ctx)))
+
+
+TRACE, SPAN = "0af7651916cd43dd8448eb211c80319c", "00f067aa0ba902b7"
+
+CARRIERS: dict[str, dict[str, Any]] = {
+    "sampled": {"traceparent": f"00-{TRACE}-{SPAN}-01"},
+    "unsampled": {"traceparent": f"00-{TRACE}-{SPAN}-00"},
+    "random-id": {"traceparent": f"00-{TRACE}-{SPAN}-02"},
+    "all-flags": {"traceparent": f"00-{TRACE}-{SPAN}-ff"},
+    "tracestate": {"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "congo=t61rcWkgMzE"},
+    "baggage": {"traceparent": f"00-{TRACE}-{SPAN}-01", "baggage": "user=alice,tier=gold"},
+    "zero-trace": {"traceparent": f"00-{'0' * 32}-{SPAN}-01"},
+    "zero-span": {"traceparent": f"00-{TRACE}-{'0' * 16}-01"},
+    "upper-case": {"traceparent": f"00-{TRACE.upper()}-{SPAN}-01"},
+    "leading-space": {"traceparent": f" 00-{TRACE}-{SPAN}-01"},
+    "trailing-space": {"traceparent": f"00-{TRACE}-{SPAN}-01 "},
+    "v00-extra": {"traceparent": f"00-{TRACE}-{SPAN}-01-extra"},
+    "v01-extra": {"traceparent": f"01-{TRACE}-{SPAN}-01-extra"},
+    "vff": {"traceparent": f"ff-{TRACE}-{SPAN}-01"},
+    "underscore": {"traceparent": f"00-{TRACE[:-1]}_-{SPAN}-01"},
+    "plus-sign": {"traceparent": f"00-+{TRACE[1:]}-{SPAN}-01"},
+    "list-value": {"traceparent": [f"00-{TRACE}-{SPAN}-01"]},
+    "empty": {"traceparent": ""},
+    "tracestate-alone": {"tracestate": "congo=t61rcWkgMzE"},
+    "baggage-alone": {"baggage": "user=alice"},
+}
+
+
+@pytest.mark.parametrize("case", CARRIERS)
+def test_the_plugins_extraction_is_the_propagators(case: str) -> None:
+    from opentelemetry import propagate
+
+    headers = CARRIERS[case]
+    plugin = TracingPlugin(tracer_provider=TracerProvider())
+    assert plugin._propagation()  # the API's default: W3C trace context and baggage
+    ctx, parent = plugin._extract(dict(headers))
+    assert extracted(ctx) == extracted(propagate.extract(dict(headers)))
+    assert parent == trace.get_current_span(ctx).get_span_context()
+
+
+@pytest.mark.parametrize("trace_state", [None, "congo=t61rcWkgMzE,rojo=00f067"])
+@pytest.mark.parametrize("flags", [0, 1, 2, 3])
+@pytest.mark.parametrize("with_baggage", [False, True])
+def test_the_plugins_injection_is_the_propagators(
+    trace_state: str | None, flags: int, with_baggage: bool
+) -> None:
+    from opentelemetry import baggage, context, propagate
+
+    plugin = TracingPlugin(tracer_provider=TracerProvider())
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(
+            int(TRACE, 16),
+            int(SPAN, 16),
+            is_remote=False,
+            trace_flags=trace.TraceFlags(flags),
+            trace_state=None
+            if trace_state is None
+            else trace.TraceState.from_header([trace_state]),
+        )
+    )
+    current = baggage.set_baggage("user", "alice") if with_baggage else context.Context()
+    mine: dict[str, Any] = {}
+    plugin._inject(mine, span, current)
+    theirs: dict[str, Any] = {}
+    propagate.inject(theirs, context=trace.set_span_in_context(span, current))
+    assert mine == theirs
+
+
+async def ok_under_a_request(app: AsyncQueueTasks, traces: Traces) -> list[Span]:
+    """The spans once a task ``ok`` enqueued under a span ``request`` has run."""
+
+    @app.task
+    async def ok() -> None: ...
+
+    async with app:
+        with traces.tracer.start_as_current_span("request"):
+            await ok.add_task(timeout=5)
+        return await traces.until(lambda s: bool(named(s, "process ok")))
+
+
+async def test_a_propagator_of_the_users_own_carries_the_trace(
+    monkeypatch: pytest.MonkeyPatch, traces: Traces
+) -> None:
+    from opentelemetry import propagate
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    class Renamed(TraceContextTextMapPropagator):
+        """W3C trace context under other header names: not the default the plugin reads and
+        writes itself."""
+
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            inner: dict[str, str] = {}
+            super().inject(inner, context)
+            carrier.update({f"x-{k}": v for k, v in inner.items()})
+
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+            inner = {k[2:]: v for k, v in carrier.items() if k.startswith("x-")}
+            return super().extract(inner, context)
+
+        @property
+        def fields(self) -> set[str]:
+            return {"x-traceparent", "x-tracestate"}
+
+    monkeypatch.setattr(propagate, "_HTTP_TEXT_FORMAT", CompositePropagator([Renamed()]))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=traces.provider))
+    headers = Headers()
+    app.add_plugin(headers)
+
+    spans = await ok_under_a_request(app, traces)
+    assert set(headers.seen[0]) == {"x-traceparent"}
+    assert_child(one(spans, "process ok"), one(spans, "send ok"))
+
+
+async def test_with_the_default_propagator_the_plugin_reads_and_writes_w3c_itself(
+    monkeypatch: pytest.MonkeyPatch, app: AsyncQueueTasks, traces: Traces
+) -> None:
+    from opentelemetry import propagate
+
+    def not_called(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the propagator was called")
+
+    monkeypatch.setattr(propagate, "inject", not_called)
+    monkeypatch.setattr(propagate, "extract", not_called)
+
+    spans = await ok_under_a_request(app, traces)
+    assert_child(one(spans, "send ok"), one(spans, "request"))
+    assert_child(one(spans, "process ok"), one(spans, "send ok"))

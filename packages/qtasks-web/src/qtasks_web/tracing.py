@@ -16,11 +16,16 @@ Only ``opentelemetry-api`` is needed: without an SDK configured every span is a 
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context, propagate, trace
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+from opentelemetry import baggage, context, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from qtasks import hookimpl
 from qtasks.record import TaskStatus
@@ -49,6 +54,11 @@ _TOKEN = "qtasks_web.tracing.token"
 """``run.state`` key: the token of the context attached while the task's code runs."""
 
 
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+"""A ``traceparent`` of version 00 in its canonical form: the only one
+:meth:`TracingPlugin._extract` reads itself (anything else goes to the propagator)."""
+
+
 class TracingPlugin:
     """OpenTelemetry spans for enqueue and run (see the module docstring).
 
@@ -69,16 +79,19 @@ class TracingPlugin:
             "qtasks_web.tracing", tracer_provider=tracer_provider, schema_url=None
         )
         self._sending: dict[str, Span] = {}
-        """Enqueue spans by task uuid, until the broker confirmed."""
+        """Enqueue spans by task uuid, until the task is stored and published."""
         self._running: dict[int, Span] = {}
         """Recording run spans by ``id(record)`` (the record object lives as long as the
         run)."""
-        self._drops: tuple[Any, bool, bool] = (None, False, False)
-        """``(provider, drops under a local unsampled parent, under a remote one)`` (see
-        :meth:`_dropped`), for the provider last asked."""
+        self._skip_for: Any = None
+        self._skip = False
+        """Whether the sampler of ``_skip_for`` (the provider last asked) drops every span
+        under an unsampled remote parent (see :meth:`_skips`)."""
         self._textmap: Any = None
         self._fields: frozenset[str] = frozenset()
         """The header names the global propagator reads (cached per propagator)."""
+        self._w3c = False
+        """Whether that propagator is the API's default, W3C trace context and baggage."""
 
     def _idle(self) -> bool:
         """Whether spans go nowhere: no SDK configured (the API's no-op or proxy provider).
@@ -98,24 +111,82 @@ class TracingPlugin:
         self._maybe_idle = False
         return False
 
-    def _dropped(self, parent: SpanContext, remote: bool) -> bool:
-        """Whether the provider's sampler drops every child of ``parent``, an unsampled
-        span: a ``ParentBased`` sampler (the SDK's default) with ``AlwaysOff`` for that kind
-        of parent, its default too. Such a span is never recorded, so the plugin makes none
-        (the SDK spends ~10 us on each); the trace goes on through the context as it is."""
-        if not parent.is_valid or parent.trace_flags.sampled:
+    def _skips(self, parent: SpanContext) -> bool:
+        """Whether no span need be made under ``parent``: a valid, remote, unsampled span
+        context, under which the provider's sampler is the SDK's ``ParentBased`` (its
+        ``should_sample`` not overridden) dropping every span whose parent is unsampled,
+        remote or local (``AlwaysOff``, its defaults).
+
+        Such a sampler's answer is known without asking: ``DROP``, whatever the span. The SDK
+        would then make a non-recording span (the parent's trace id and trace state,
+        unsampled, an id of its own) that no exporter sees, at ~3 us (nor would its own span
+        metrics count it, when enabled). The plugin makes none and passes the parent's
+        context on as it is: what the task's code and the tasks it enqueues see is that
+        trace, unsampled, so their spans are dropped too. Their parent is then the remote
+        one rather than the SDK's local non-recording span, which is why the local rule
+        must drop as well: the decision is the same either way. Any other sampler, a local
+        parent (another instrumentation's span in this process) or a sampled one: the
+        sampler is asked, through the tracer."""
+        if not parent.is_remote or parent.trace_flags.sampled or not parent.is_valid:
             return False
         provider = self._provider if self._provider is not None else trace.get_tracer_provider()
-        known, local, remote_ = self._drops
-        if known is not provider:
-            sampler = getattr(provider, "sampler", None)
-            describe = getattr(sampler, "get_description", None)
-            text = describe() if callable(describe) else ""
-            parent_based = isinstance(text, str) and text.startswith("ParentBased{")
-            local = parent_based and "localParentNotSampled:AlwaysOffSampler" in text
-            remote_ = parent_based and "remoteParentNotSampled:AlwaysOffSampler" in text
-            self._drops = (provider, local, remote_)
-        return remote_ if remote else local
+        if provider is not self._skip_for:
+            self._skip_for, self._skip = provider, _drops_unsampled(provider)
+        return self._skip
+
+    def _propagation(self) -> bool:
+        """Refresh the cached facts about the global propagator; whether it is the API's
+        default (see :meth:`_inject`)."""
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._textmap, self._fields = textmap, frozenset(textmap.fields)
+            self._w3c = _is_w3c(textmap)
+        return self._w3c
+
+    def _inject(self, headers: dict[str, Any], span: Span, current: context.Context) -> None:
+        """Write ``span``'s context (a valid one) and the baggage of ``current`` (the current
+        context) into ``headers`` through the global propagator.
+
+        With the API's default propagator and no baggage that is ``traceparent`` (and
+        ``tracestate`` when the trace has one), written here as the W3C propagator writes
+        them: a third of its cost, which is mostly the context it is handed and the calls
+        between the composite and its parts."""
+        # An empty context (an enqueue outside any trace) holds no baggage: not looked up.
+        if self._propagation() and (not current or not baggage.get_all(current)):
+            span_context = span.get_span_context()
+            headers["traceparent"] = (
+                f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+                f"-{span_context.trace_flags:02x}"
+            )
+            if span_context.trace_state:
+                headers["tracestate"] = span_context.trace_state.to_header()
+            return
+        propagate.inject(headers, context=trace.set_span_in_context(span, current))
+
+    def _extract(self, headers: dict[str, Any]) -> tuple[context.Context, SpanContext]:
+        """The context ``headers`` carry, as the global propagator extracts it, and its span
+        context (invalid when there is none).
+
+        With the API's default propagator, a canonical version-00 ``traceparent`` alone
+        (neither ``tracestate`` nor ``baggage``) is read here: what the W3C propagator's
+        pattern matches in it and the span context it builds from it are the same, at under
+        half its cost. Anything else (another version, spaces, a trace state) goes to the
+        propagator."""
+        if self._w3c and "tracestate" not in headers and "baggage" not in headers:
+            value = headers.get("traceparent")
+            if type(value) is str and _TRACEPARENT.fullmatch(value) is not None:
+                trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
+                if trace_id and span_id:  # all zeros: invalid, the propagator ignores it
+                    parent = SpanContext(
+                        trace_id,
+                        span_id,
+                        is_remote=True,
+                        trace_flags=TraceFlags(int(value[53:], 16)),
+                    )
+                    span = trace.NonRecordingSpan(parent)
+                    return trace.set_span_in_context(span, context.Context()), parent
+        extracted = propagate.extract(headers)
+        return extracted, trace.get_current_span(extracted).get_span_context()
 
     # --- producer -----------------------------------------------------------------------
 
@@ -124,17 +195,32 @@ class TracingPlugin:
         """Start the enqueue span (a child of the current span) and write its context into
         the message headers. Without an SDK nor a trace to continue there is nothing to
         write (the span is the API's invalid no-op one)."""
-        current = trace.get_current_span().get_span_context()
-        if self._idle() and not current.is_valid:
-            return None  # the API's no-op tracer and no trace to continue
-        if self._dropped(current, remote=current.is_remote):
-            propagate.inject(message.headers)  # the unsampled trace goes on, no span of ours
+        # The current context, read once and handed on (the SDK would read it three times).
+        current = context.get_current()
+        parent = trace.get_current_span(current)
+        parent_span = parent.get_span_context()
+        if not parent_span.is_valid:
+            if self._idle():
+                return None  # the API's no-op tracer and no trace to continue
+        elif self._skips(parent_span):
+            self._inject(message.headers, parent, current)  # the unsampled trace goes on
             return message
-        span = self._tracer.start_span(f"send {message.task_name}", kind=SpanKind.PRODUCER)
+        name = message.task_name
+        # Only what a sampler may decide on is built before it has decided.
+        span = self._tracer.start_span(
+            f"send {name}",
+            context=current,
+            kind=SpanKind.PRODUCER,
+            attributes=_for_sampler("send", name),
+        )
         if span.is_recording():
-            attributes = _messaging("send", message.task_name, message.uuid)
-            attributes["qtasks.task.priority"] = message.priority
-            span.set_attributes(attributes)  # one call: the SDK cleans them under a lock
+            span.set_attributes(  # one call: the SDK cleans them under a lock
+                {
+                    "messaging.operation": "publish",
+                    "messaging.message.id": message.uuid,
+                    "qtasks.task.priority": message.priority,
+                }
+            )
             sending = self._sending
             if len(sending) >= MAX_UNCONFIRMED:
                 oldest = sending.pop(next(iter(sending)))
@@ -143,20 +229,16 @@ class TracingPlugin:
             sending[message.uuid] = span
         elif not span.get_span_context().is_valid:
             return None
-        propagate.inject(message.headers, context=trace.set_span_in_context(span))
+        self._inject(message.headers, span, current)
         return message
 
     @hookimpl
     def qtasks_storage_added(self, record: TaskRecord) -> None:
-        """End the enqueue span once the task is stored (and, outside workflows, published):
-        a workflow step that waits for an earlier one is published later, by the worker that
-        settles that one, so its span ends here rather than never."""
-        span = self._sending.pop(record.uuid, None)
-        if span is not None:
-            span.end()
-
-    @hookimpl
-    def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+        """End the enqueue span once the task is stored and, outside workflows, published:
+        the core fires this hook after both (and before ``qtasks_task_enqueued``, which the
+        plugin therefore does not implement: one hook call less per enqueue). A workflow
+        step that waits for an earlier one is published later, by the worker that settles
+        that one, so its span ends here rather than never."""
         span = self._sending.pop(record.uuid, None)
         if span is not None:
             span.end()
@@ -176,31 +258,35 @@ class TracingPlugin:
     def qtasks_worker_execute_before(self, record: TaskRecord, run: TaskRun) -> None:
         """Start the run span as a child of the producer's, current while the code runs."""
         headers = run.message.headers
-        textmap = propagate.get_global_textmap()
-        if textmap is not self._textmap:
-            self._textmap, self._fields = textmap, frozenset(textmap.fields)
+        self._propagation()
         # Headers without a propagated field (most, when nobody traces) cost no extraction.
         if self._fields.isdisjoint(headers):
             if self._idle():
                 return  # the API's no-op tracer and no trace to continue
             parent = None
         else:
-            parent = propagate.extract(headers)
-            if self._dropped(trace.get_current_span(parent).get_span_context(), remote=True):
+            parent, parent_span = self._extract(headers)
+            if self._skips(parent_span):
                 # An unsampled trace this run's span would not be recorded in: no span, the
                 # trace (and its baggage) goes on in what the task does and enqueues.
                 run.state[_TOKEN] = context.attach(parent)
                 return
+        name = record.task_name
+        attributes = _for_sampler("process", name)
+        if record.worker is not None:
+            attributes["messaging.consumer.group.name"] = record.worker
         span = self._tracer.start_span(
-            f"process {record.task_name}", context=parent, kind=SpanKind.CONSUMER
+            f"process {name}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
         if span.is_recording():
-            attributes = _messaging("process", record.task_name, record.uuid)
-            attributes["qtasks.task.priority"] = record.priority
-            attributes["qtasks.task.attempt"] = record.attempt
-            if record.worker is not None:
-                attributes["messaging.consumer.group.name"] = record.worker
-            span.set_attributes(attributes)
+            span.set_attributes(
+                {
+                    "messaging.operation": "process",
+                    "messaging.message.id": record.uuid,
+                    "qtasks.task.priority": record.priority,
+                    "qtasks.task.attempt": record.attempt,
+                }
+            )
             self._running[id(record)] = span
         elif not span.get_span_context().is_valid:
             return  # the API's invalid no-op span: nothing to make current
@@ -268,21 +354,59 @@ class TracingPlugin:
             f"process {name}",
             context=propagate.extract(headers),
             kind=SpanKind.CONSUMER,
-            attributes=_messaging("process", name, delivery.id),
+            attributes=_for_sampler("process", name),
         )
+        span.set_attributes({"messaging.operation": "process", "messaging.message.id": delivery.id})
         span.add_event("qtasks.rejected", {"qtasks.reject.reason": reason})
         span.set_status(Status(StatusCode.ERROR, f"rejected: {reason}"))
         span.end()
 
 
-def _messaging(operation: str, task_name: str, uuid: str) -> dict[str, Any]:
-    """The messaging semantic-convention attributes of a ``send`` or ``process`` span (with
-    the older ``messaging.operation``: ``publish`` or ``process``)."""
+def _for_sampler(operation: str, task_name: str) -> dict[str, Any]:
+    """The messaging semantic-convention attributes of a ``send`` or ``process`` span that a
+    sampler may decide on, given when the span starts (the rest is set once it records)."""
     return {
         "messaging.system": SYSTEM,
-        "messaging.operation": "publish" if operation == "send" else operation,
         "messaging.operation.type": operation,
         "messaging.operation.name": operation,
         "messaging.destination.name": task_name,
-        "messaging.message.id": uuid,
     }
+
+
+def _is_w3c(textmap: Any) -> bool:
+    """Whether ``textmap`` is the API's default propagator (``OTEL_PROPAGATORS`` unset or
+    ``tracecontext,baggage``), or W3C trace context alone: exactly these classes, in this
+    order, not subclasses."""
+    if type(textmap) is TraceContextTextMapPropagator:
+        return True
+    if type(textmap) is not CompositePropagator:
+        return False
+    parts = getattr(textmap, "_propagators", None)  # its list, private: gone means "no"
+    return isinstance(parts, list | tuple) and [type(p) for p in parts] in (
+        [TraceContextTextMapPropagator, W3CBaggagePropagator],
+        [TraceContextTextMapPropagator],
+    )
+
+
+def _drops_unsampled(provider: object) -> bool:
+    """Whether ``provider``'s sampler is the SDK's ``ParentBased`` (or a subclass that keeps
+    its ``should_sample``, such as ``ParentBasedTraceIdRatio``) whose delegates for an
+    unsampled parent, remote and local, are the SDK's ``StaticSampler`` dropping: the one
+    case :meth:`TracingPlugin._skips` answers for it. The SDK is not imported here (only the
+    API is needed at run time): a provider with an SDK sampler has imported it already."""
+    sampling = sys.modules.get("opentelemetry.sdk.trace.sampling")
+    sampler = getattr(provider, "sampler", None)
+    if sampling is None or not isinstance(sampler, sampling.ParentBased):
+        return False
+    if type(sampler).should_sample is not sampling.ParentBased.should_sample:
+        return False  # a sampler of the user's own: it gets every decision
+
+    def drops(delegate: object) -> bool:
+        return (
+            type(delegate) is sampling.StaticSampler
+            and getattr(delegate, "_decision", None) is sampling.Decision.DROP
+        )
+
+    return drops(getattr(sampler, "_remote_parent_not_sampled", None)) and drops(
+        getattr(sampler, "_local_parent_not_sampled", None)
+    )
