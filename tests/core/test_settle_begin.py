@@ -5,7 +5,7 @@ the in-memory components declared remote."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -32,8 +32,8 @@ class RemoteBroker(MemoryBroker):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[list[str], list[str]]] = []
-        self.gate: anyio.Event | None = None
-        self.entered = anyio.Event()
+        self.gates: list[anyio.Event] = []
+        """Each call waits at the first gate left, if any (taking it)."""
         self.fail_begins = 0
         """How many of the next calls with begins raise a connection error."""
         self.unreturned = False
@@ -47,10 +47,8 @@ class RemoteBroker(MemoryBroker):
         enqueued: list[str] | None = None,
     ) -> tuple[list[bool], list[TaskRecord | None]]:
         self.calls.append(([r.uuid for _, r in finals], [r.uuid for r in begins]))
-        self.entered.set()
-        if self.gate is not None:
-            gate, self.gate = self.gate, None
-            await gate.wait()
+        if self.gates:
+            await self.gates.pop(0).wait()
         if begins and self.fail_begins:
             self.fail_begins -= 1
             raise BrokerConnectionError("the server went away")
@@ -142,13 +140,21 @@ async def test_a_runners_settle_and_its_next_begin_go_in_one_call() -> None:
     await app.aclose()
 
 
-async def test_a_begin_waits_for_the_call_in_flight_and_rides_the_next() -> None:
-    """Two runners: the first settles and begins in a call held at a gate; the second ends
-    meanwhile and its next task's begin waits, then goes with its settle in the next call."""
-    app, broker = remote_app(concurrency=2, prefetch=2)
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (polled: what it watches has no event), within 5 s."""
+    with anyio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 - what it watches has no event
+            await anyio.sleep(0.002)
+
+
+async def test_a_begin_goes_in_a_second_call_alongside_and_a_third_waits() -> None:
+    """Three runners; three tasks wait. The first runner's settle and next begin go in a
+    call held at a gate; the second's do not wait for its reply: a second call goes
+    alongside (held too); the third's wait, and go in the next call once one returns."""
+    app, broker = remote_app(concurrency=3, prefetch=3)
     worker = app.worker
     assert isinstance(worker, QueueWorker)
-    go = {name: anyio.Event() for name in ("x", "y")}
+    go = {name: anyio.Event() for name in ("x", "y", "z")}
     running: set[str] = set()
 
     @app.task
@@ -159,33 +165,28 @@ async def test_a_begin_waits_for_the_call_in_flight_and_rides_the_next() -> None
         return name
 
     async with app:
-        x = await app.add_task("step", "x")
-        y = await app.add_task("step", "y")
-        with anyio.fail_after(5):
-            while running != {"x", "y"}:  # noqa: ASYNC110 - the tasks have no event for this
-                await anyio.sleep(0.002)
-        c = await app.add_task("step", "c")
-        d = await app.add_task("step", "d")
-        with anyio.fail_after(5):
-            while worker.waiting < 2:  # noqa: ASYNC110 - the worker has no event for this
-                await anyio.sleep(0.002)
-        gate = broker.gate = anyio.Event()
+        x, y, z = [await app.add_task("step", name) for name in ("x", "y", "z")]
+        await until(lambda: running == {"x", "y", "z"})
+        c, d, e = [await app.add_task("step", name) for name in ("c", "d", "e")]
+        await until(lambda: worker.waiting == 3)
+        first, second = broker.gates[:] = [anyio.Event(), anyio.Event()]
         go["x"].set()
-        with anyio.fail_after(5):
-            await broker.entered.wait()
-        assert broker.calls == [([x.uuid], [c.uuid])]
+        await until(lambda: len(broker.calls) == 1)
         go["y"].set()
+        await until(lambda: len(broker.calls) == 2)
+        assert broker.calls == [([x.uuid], [c.uuid]), ([y.uuid], [d.uuid])]
+        go["z"].set()
         settler = worker._settlement._batch
         assert settler is not None
-        with anyio.fail_after(5):
-            while not settler._rounds:  # noqa: ASYNC110 - the begin's wait has no event
-                await anyio.sleep(0.002)
-        assert len(broker.calls) == 1, "a begin went in a call of its own"
-        gate.set()
-        results = [(await t.wait_result(5)).returning for t in (x, y, c, d)]
-    assert results == ["x", "y", "c", "d"]
-    settled, begun = broker.calls[1]
-    assert (settled[0], begun) == (y.uuid, [d.uuid])  # c may have ended by then too
+        await until(lambda: bool(settler._rounds))  # the third begin waits
+        assert len(broker.calls) == 2, "a third call went while two were in flight"
+        first.set()
+        await until(lambda: len(broker.calls) == 3)
+        settled, begun = broker.calls[2]
+        assert (settled[0], begun) == (z.uuid, [e.uuid])  # c may have ended by then too
+        second.set()
+        results = [(await t.wait_result(5)).returning for t in (x, y, z, c, d, e)]
+    assert results == ["x", "y", "z", "c", "d", "e"]
     await app.aclose()
 
 

@@ -70,7 +70,8 @@ class SettleBatch:
         self._app = app
         self._outage = outage
         self._give_up = give_up
-        self._inflight: list[tuple[TaskRun, Delivery]] = []
+        self._inflight: list[list[tuple[TaskRun, Delivery]]] = []
+        """The settles of the calls in flight (two at most)."""
         self._shared = shared
         self._limit = max(limit, 1)
         self._queue: list[tuple[TaskRun, Delivery]] = []
@@ -122,7 +123,9 @@ class SettleBatch:
 
     def held(self) -> list[TaskRun]:
         """The runs handed over and not settled yet: their leases are still renewed."""
-        return [run for run, _ in self._queue] + [run for run, _ in self._inflight]
+        return [run for run, _ in self._queue] + [
+            run for batch in self._inflight for run, _ in batch
+        ]
 
     async def drained(self) -> None:
         """Until every task handed over is settled."""
@@ -130,11 +133,20 @@ class SettleBatch:
             await self._done.wait(None)
 
     async def serve(self) -> None:
+        """Make the calls, until cancelled: one at a time, and a second one alongside only
+        for tasks waiting to begin (they do not wait for the reply of a call they are not
+        in; the server takes the two in turn, a connection's commands in order)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._calls)
+            await self._calls()
+
+    async def _calls(self) -> None:
         while True:
-            while not self._queue and not self._rounds:
+            while not (self._rounds if self._inflight else self._queue or self._rounds):
                 await self._ready.wait(None)
-            batch = self._inflight = self._queue[:SETTLE_BATCH]
+            batch = self._queue[:SETTLE_BATCH]
             del self._queue[:SETTLE_BATCH]
+            self._inflight.append(batch)
             round_ = self._rounds.pop(0) if self._rounds else None
             try:
                 await self._settle(batch, round_)
@@ -146,9 +158,10 @@ class SettleBatch:
             finally:
                 if round_ is not None:
                     round_.done.set()  # without results: each begins alone
-                self._inflight = []
+                self._inflight = [b for b in self._inflight if b is not batch]
                 self._busy -= len(batch)
                 self._done.fire()
+                self._ready.fire()  # the other may call now
 
     async def _settle(self, batch: list[tuple[TaskRun, Delivery]], round_: _Round | None) -> None:
         app = self._app
