@@ -393,6 +393,12 @@ async def unclaim(app: AsyncQueueTasks, message: Message) -> None:
 # --- worker side -----------------------------------------------------------------------------
 
 
+ADMIT_HEADERS = frozenset({"expires", "unique"})
+"""The message headers :meth:`FlowGate.admit` acts on for a task without flow options (the
+others it reads, ``ckey`` and ``flow_at``, matter only with them): a message without any of
+these, of such a task, skips admission (a traced or workflow message carries other headers)."""
+
+
 class FlowGate:
     """The flow checks of one worker, before a message is begun, and what it holds meanwhile.
 

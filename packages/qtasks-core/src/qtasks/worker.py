@@ -38,7 +38,7 @@ from qtasks.errors import (
     UnknownTaskError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
-from qtasks.flow import FlowGate
+from qtasks.flow import ADMIT_HEADERS, FlowGate
 from qtasks.leases import LeaseKeeper
 from qtasks.memory import EventFactory, _Signal
 from qtasks.messages import Message
@@ -462,7 +462,9 @@ class QueueWorker:
             return
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
-        if task.flow is not None or message.headers:  # expiry, rate, concurrency (qtasks.flow)
+        headers = message.headers
+        if task.flow is not None or (headers and not ADMIT_HEADERS.isdisjoint(headers)):
+            # Expiry, rate, concurrency, unique keys (qtasks.flow).
             try:
                 if not await self._flow.admit(app, task, message, delivery):
                     return
