@@ -28,11 +28,13 @@ broker → ``qtasks_app_started`` → (serving) ``qtasks_broker_listening`` →
 ``qtasks_app_stopping`` → ``qtasks_component_stopped`` for broker, global_config, storage →
 ``qtasks_app_stopped``.
 
-Producer: ``qtasks_task_enqueue`` (transform of the message) → ``qtasks_storage_added`` →
-broker publish → ``qtasks_task_enqueued`` with in-memory components. With remote ones the record
-is stored while the message is published (one shared round trip, or two overlapped ones), and
-``qtasks_storage_added`` fires once both are done, still before ``qtasks_task_enqueued``. An
-enqueue that raises fires ``qtasks_task_enqueue_failed`` instead of both.
+Producer: ``qtasks_task_enqueue`` (transform of the message) → the record stored and the
+message published → ``qtasks_storage_added`` → ``qtasks_task_enqueued``. With in-memory
+components the store comes first, then the publish; with remote ones the record is stored while
+the message is published (one shared round trip, or two overlapped ones); either way both hooks
+fire once both are done. An enqueue that raises fires ``qtasks_task_enqueue_failed`` instead of
+both; an ``add_task`` with a unique key whose task is pending fires neither (it returns that
+task, nothing is stored or published).
 
 Worker, every path starts: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received``
 → ``qtasks_storage_saved`` (status ``process``) → ``qtasks_worker_execute_before`` →
