@@ -134,8 +134,8 @@ class SettleBatch:
 
     async def serve(self) -> None:
         """Make the calls, until cancelled: one at a time, and a second one alongside only
-        for tasks waiting to begin (they do not wait for the reply of a call they are not
-        in; the server takes the two in turn, a connection's commands in order)."""
+        for tasks waiting to begin, with nothing else (they do not wait for the reply of a
+        call they are not in, nor for settles; the server takes the two in turn)."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._calls)
             await self._calls()
@@ -144,8 +144,11 @@ class SettleBatch:
         while True:
             while not (self._rounds if self._inflight else self._queue or self._rounds):
                 await self._ready.wait(None)
-            batch = self._queue[:SETTLE_BATCH]
-            del self._queue[:SETTLE_BATCH]
+            if self._inflight:  # alongside a call in flight: the begins only, a short call
+                batch = []
+            else:
+                batch = self._queue[:SETTLE_BATCH]
+                del self._queue[:SETTLE_BATCH]
             self._inflight.append(batch)
             round_ = self._rounds.pop(0) if self._rounds else None
             try:
