@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -176,6 +177,22 @@ def _workflow(created_at: float) -> TaskRecord:
     )
 
 
+async def _one_member_workflow(
+    storage: Storage, created_at: float, *, then: GateMessage | None = None, **own: Any
+) -> tuple[TaskRecord, TaskRecord]:
+    """A workflow of one member, stored: its own record (``own`` replaces fields of it) and
+    the member, which feeds gate ``g`` publishing ``then`` when given, else ``final``."""
+    workflow = replace(_workflow(created_at), **own)
+    member = record(workflow=workflow.uuid)
+    gates: dict[str, tuple[int, list[GateMessage]]] = {"final": (1, []), "error": (1, [])}
+    if then is not None:
+        gates["g"] = (1, [then])
+    assert isinstance(storage, WorkflowStore)
+    feeds = {member.uuid: "final" if then is None else "g"}
+    await storage.add_workflow(workflow, [member], gates, feeds)
+    return workflow, member
+
+
 def _gate(name: str) -> GateMessage:
     return GateMessage(uuid.uuid4().hex, f"body of {name}".encode(), 1, 0.0)
 
@@ -305,10 +322,7 @@ class WorkflowStoreContract(_StorageCapability):
         ids = sorted((uuid.uuid4().hex for _ in range(3)), reverse=True)
         made = []
         for i, wid in enumerate(ids):
-            own = replace(_workflow(base + i * 0.0002), uuid=wid, workflow=wid)
-            member = record(workflow=own.uuid)
-            gates: dict[str, tuple[int, list[GateMessage]]] = {"final": (1, []), "error": (1, [])}
-            await storage.add_workflow(own, [member], gates, {member.uuid: "final"})
+            own, _ = await _one_member_workflow(storage, base + i * 0.0002, uuid=wid, workflow=wid)
             made.append(own.uuid)
         assert [r.uuid for r in await storage.workflows(3)] == made[::-1]
 
@@ -320,10 +334,7 @@ class WorkflowStoreContract(_StorageCapability):
         first, _, _ = flow
         later = []
         for i in (1, 2):
-            own = _workflow(first.created_at + i)
-            member = record(workflow=own.uuid)
-            gates: dict[str, tuple[int, list[GateMessage]]] = {"final": (1, []), "error": (1, [])}
-            await storage.add_workflow(own, [member], gates, {member.uuid: "final"})
+            own, _ = await _one_member_workflow(storage, first.created_at + i)
             later.append(own)
         assert [r.uuid for r in await storage.workflows(2)] == [later[1].uuid, later[0].uuid]
         listed = await storage.workflows()
@@ -453,16 +464,10 @@ class WorkflowSettleContract(_SharedFixtures):
         """:meth:`SettleBegin.ack_finals_begin` settles a workflow member as ``ack_finals``
         does (the opened gate's message published, its id in ``enqueued``) and then begins
         the records it is given (skipped unless the broker is a ``SettleBegin``)."""
-        storage, broker = shared.storage, shared.broker
-        if not isinstance(storage, WorkflowStore):
-            pytest.skip(lacks(storage, WorkflowStore))
-        if not isinstance(broker, SettleBegin):
-            pytest.skip(lacks(broker, SettleBegin))
-        own = _workflow(time.time())
-        member, other = record(workflow=own.uuid), record()
+        storage, broker = _settle_begin(shared)
         nxt = _gate("next")
-        gates = {"g": (1, [nxt]), "final": (1, []), "error": (1, [])}
-        await storage.add_workflow(own, [member], gates, {member.uuid: "g"})
+        _, member = await _one_member_workflow(storage, time.time(), then=nxt)
+        other = record()
         await storage.add(other)
         for rec in (member, other):
             sent, _ = shared.new(uuid=rec.uuid)
@@ -496,17 +501,22 @@ class WorkflowSettleContract(_SharedFixtures):
     async def test_ack_finals_begin_refuses_a_stale_copy(self, shared: Shared) -> None:
         """The begins of ``ack_finals_begin`` are ``Storage.begin`` with generation 0: a copy
         of a step published again since is returned unchanged, nothing written."""
-        storage, broker = shared.storage, shared.broker
-        if not isinstance(storage, WorkflowStore):
-            pytest.skip(lacks(storage, WorkflowStore))
-        if not isinstance(broker, SettleBegin):
-            pytest.skip(lacks(broker, SettleBegin))
-        own = _workflow(time.time())
-        step = record(workflow=own.uuid)
-        gates = {"g": (1, [_gate("next")]), "final": (1, []), "error": (1, [])}
-        await storage.add_workflow(own, [step], gates, {step.uuid: "g"})
+        storage, broker = _settle_begin(shared)
+        _, step = await _one_member_workflow(storage, time.time(), then=_gate("next"))
         stored = await storage.get(step.uuid)
+        assert isinstance(storage, WorkflowStore)
         assert await storage.republish([step.uuid]) == [1]
         _, [got] = await broker.ack_finals_begin(storage, [], [_claim(step, "tok-old")])
         assert got == stored, "a stale copy was begun"
         assert await storage.get(step.uuid) == stored
+
+
+def _settle_begin(shared: Shared) -> tuple[Storage, SettleBegin]:
+    """The suite's storage and broker, for a test of ``ack_finals_begin`` with workflow
+    members: skipped unless they are a ``WorkflowStore`` and a ``SettleBegin``."""
+    storage, broker = shared.storage, shared.broker
+    if not isinstance(storage, WorkflowStore):
+        pytest.skip(lacks(storage, WorkflowStore))
+    if not isinstance(broker, SettleBegin):
+        pytest.skip(lacks(broker, SettleBegin))
+    return storage, broker
