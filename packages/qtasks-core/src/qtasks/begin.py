@@ -21,9 +21,8 @@ BEGIN_BATCH = 256
 """Most records begun in one call."""
 
 
-class BeginWaiter:
-    """A task waiting for its record to be begun in a shared call (here, or with a settle
-    call: :meth:`qtasks.settle.Settlement.open_batch`)."""
+class _Waiter:
+    """A task waiting for its record to be begun in the shared call of a :class:`BeginBatch`."""
 
     __slots__ = ("batch", "error", "event", "record", "result")
 
@@ -32,7 +31,7 @@ class BeginWaiter:
         self.event = event
         self.result: TaskRecord | None = None
         self.error: BaseException | None = None
-        self.batch: list[BeginWaiter] | None = None
+        self.batch: list[_Waiter] | None = None
         """Set on the first waiter of a batch: it makes the call for all of them."""
 
 
@@ -46,7 +45,7 @@ class BeginBatch:
         self._new_event = EventFactory()  # a waiter's event: anyio.Event() costs ~4 us
         self._many = storage if isinstance(storage, BeginMany) else None
         self._busy = False
-        self._queue: list[BeginWaiter] = []
+        self._queue: list[_Waiter] = []
 
     async def begin(self, claim: TaskRecord) -> TaskRecord:
         """:meth:`Storage.begin` of ``claim`` (publish generation 0), shared with the tasks
@@ -59,7 +58,7 @@ class BeginBatch:
                 return await self.storage.begin(claim)
             finally:
                 self._pass_on()
-        waiter = BeginWaiter(claim, self._new_event())
+        waiter = _Waiter(claim, self._new_event())
         self._queue.append(waiter)
         try:
             await waiter.event.wait()
@@ -87,7 +86,7 @@ class BeginBatch:
         batch[0].batch = batch
         batch[0].event.set()
 
-    async def _lead(self, batch: list[BeginWaiter]) -> None:
+    async def _lead(self, batch: list[_Waiter]) -> None:
         assert self._many is not None
         try:
             with anyio.CancelScope(shield=True):
@@ -108,7 +107,7 @@ class BeginBatch:
                 w.event.set()
             self._pass_on()
 
-    async def _one(self, waiter: BeginWaiter) -> None:
+    async def _one(self, waiter: _Waiter) -> None:
         try:
             waiter.result = await self.storage.begin(waiter.record)
         except Exception as exc:

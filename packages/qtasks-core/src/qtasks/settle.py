@@ -67,6 +67,13 @@ class Settlement:
     def close_batch(self) -> None:
         self._batch = None
 
+    @property
+    def folding(self) -> SettleBatch | None:
+        """The open batch when it carries the begin step too (a remote
+        :class:`~qtasks.components.SettleBegin` broker), else ``None``."""
+        batch = self._batch
+        return batch if batch is not None and batch.folds_begins else None
+
     def held(self) -> list[TaskRun]:
         """Runs whose code ended and whose settling waits in the batch (leases to renew)."""
         return [] if self._batch is None else self._batch.held()

@@ -56,7 +56,6 @@ class SettleBatch:
         "_rounds",
         "_settle_begin",
         "_shared",
-        "folds_begins",
     )
 
     def __init__(
@@ -86,8 +85,11 @@ class SettleBatch:
         # makes none, so the hand-over between tasks would be all it added.
         local = getattr(shared, "local", False)
         self._settle_begin = shared if isinstance(shared, SettleBegin) and not local else None
-        self.folds_begins = self._settle_begin is not None
+
+    @property
+    def folds_begins(self) -> bool:
         """Whether :meth:`begin` may be used: the broker settles and begins in one call."""
+        return self._settle_begin is not None
 
     async def put(self, run: TaskRun, delivery: Delivery) -> None:
         while self._busy >= self._limit:

@@ -18,7 +18,6 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import deque
-from collections.abc import Awaitable, Callable
 from functools import partial
 from types import CodeType
 from typing import TYPE_CHECKING, Any
@@ -90,9 +89,6 @@ class QueueWorker:
         """Runners not processing a delivery (waiting for one, or about to take one)."""
         self._begins: BeginBatch | None = None
         """The begin step's calls, many per round trip (for the app's storage)."""
-        self._begin_with_settle: Callable[[TaskRecord], Awaitable[TaskRecord]] | None = None
-        """While serving with a :class:`~qtasks.components.SettleBegin` broker: the begin
-        step rides the settle step's calls (see :mod:`qtasks.settle`)."""
         self._start_at_once: set[str] = set()
         """Tokens of deliveries begun with their claim that went to a free runner, nothing
         waiting before them (see :meth:`_starts`)."""
@@ -193,8 +189,6 @@ class QueueWorker:
         else:
             consumer = broker.consume(prefetch=prefetch)
         settler = self._settlement.open_batch(app, concurrency)
-        if settler is not None and settler.folds_begins:
-            self._begin_with_settle = settler.begin
         async with (
             consumer as deliveries,
             anyio.create_task_group() as serving,
@@ -292,7 +286,6 @@ class QueueWorker:
                         # Before the consumer closes: it hands back what is not settled.
                         await settler.drained()
                     self._settlement.close_batch()
-                    self._begin_with_settle = None
                     for scope in runners:
                         scope.cancel()
                     serving.cancel_scope.cancel()
@@ -491,8 +484,9 @@ class QueueWorker:
                 generation = workflows.generation(message.headers) if message.headers else 0
                 if generation:  # a workflow step published again (rare): begun alone, checked
                     record = await app.storage.begin(claim, generation=generation)
-                elif self._begin_with_settle is not None:
-                    record = await self._begin_with_settle(claim)
+                elif (folding := self._settlement.folding) is not None:
+                    # A remote SettleBegin broker: the begin rides the settle calls.
+                    record = await folding.begin(claim)
                 else:
                     begins = self._begins
                     if begins is None or begins.storage is not app.storage:
