@@ -29,6 +29,7 @@ Run: ``uv run python bench/redis_throughput.py [--w1 N] [--w2 N] [--w3 N] [--onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import subprocess
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -160,13 +162,29 @@ async def warm(app: AsyncQueueTasks, counter: redis.Redis, key: str) -> None:
     wait_counter(counter, key, 20, 90)
 
 
-async def w1_w2(prefix: str, tmp: Path, n1: int, n2: int, out: dict[str, str]) -> None:
+@contextlib.asynccontextmanager
+async def warm_worker(
+    prefix: str, tmp: Path, key: str, out: dict[str, str] | None = None
+) -> AsyncIterator[tuple[AsyncQueueTasks, redis.Redis, Worker]]:
+    """A started producer, a counter client and a c=10 worker that ran 20 warm-up tasks; the
+    worker's peak RSS goes in ``out`` when given."""
     counter = redis.Redis.from_url(URL)
     app = producer(prefix)
     await app.start()
     worker = Worker(prefix, 10, tmp)
     try:
-        await warm(app, counter, f"{prefix}:warm")
+        await warm(app, counter, key)
+        yield app, counter, worker
+    finally:
+        rss = worker.stop()
+        if out is not None:
+            out["RSS c=10"] = f"{rss:.1f} MiB"
+        await app.aclose()
+        counter.close()
+
+
+async def w1_w2(prefix: str, tmp: Path, n1: int, n2: int, out: dict[str, str]) -> None:
+    async with warm_worker(prefix, tmp, f"{prefix}:warm", out) as (app, counter, worker):
         if n1:
             key = f"{prefix}:w1"
             cpu = (time.process_time(), cpu_seconds(worker.proc.pid))
@@ -199,10 +217,6 @@ async def w1_w2(prefix: str, tmp: Path, n1: int, n2: int, out: dict[str, str]) -
                 f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms "
                 f"(mean {mean:.2f}, max {latencies[-1]:.2f}; {n2} round trips)"
             )
-    finally:
-        out["RSS c=10"] = f"{worker.stop():.1f} MiB"
-        await app.aclose()
-        counter.close()
 
 
 async def w3(prefix: str, tmp: Path, n: int, out: dict[str, str]) -> None:
@@ -258,17 +272,8 @@ class _Signals:
 async def side_channel(prefix: str, tmp: Path, n: int, out: dict[str, str]) -> None:
     """SC: ``add_task`` -> the task's UDP datagram back at the producer, timed by the same
     code as the peers' SC (bench/peers/_common.py)."""
-    counter = redis.Redis.from_url(URL)
-    app = producer(prefix)
-    await app.start()
-    worker = Worker(prefix, 10, tmp)
-    try:
-        await warm(app, counter, f"{prefix}:warm-sc")
+    async with warm_worker(prefix, tmp, f"{prefix}:warm-sc") as (app, _, _):
         got = await _common.side_channel(_Signals(app), n)
-    finally:
-        worker.stop()
-        await app.aclose()
-        counter.close()
     out["SC"] = (
         f"p50 {got['p50_ms']:.3f} ms, p95 {got['p95_ms']:.3f} ms, p99 {got['p99_ms']:.3f} ms "
         f"(mean {got['mean_ms']:.3f}; {n} round trips through a UDP side channel)"
