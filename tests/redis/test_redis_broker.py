@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
 import pytest
@@ -13,7 +14,8 @@ from qtasks.components import Broker
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
 from qtasks.messages import Envelope
-from qtasks_redis import RedisBroker, RedisDelivery
+from qtasks_redis import RedisBroker, RedisDelivery, broker_lua
+from qtasks_redis.lane import Lane
 
 pytestmark = pytest.mark.anyio
 
@@ -316,3 +318,71 @@ def test_from_config_reads_url_and_extra() -> None:
     broker = RedisBroker.from_config(config)
     assert (broker.target.host, broker.target.port, broker.target.db) == ("h", 7000, 3)
     assert broker.keys[0] == "{app:mail}:ready"
+
+
+def record_claims(broker: RedisBroker) -> list[str]:
+    """How each claim of ``broker``'s consumers is made from now on: ``"block"`` (wait for a
+    wake-up, then claim, in one round trip) or ``"claim"`` (at once)."""
+    lane = broker._require()
+    assert isinstance(lane, Lane)
+    calls: list[str] = []
+    block_then_script, script = lane.block_then_script, lane.script
+
+    async def blocking(*args: Any, **kwargs: Any) -> Any:
+        calls.append("block")
+        return await block_then_script(*args, **kwargs)
+
+    async def at_once(*args: Any, **kwargs: Any) -> Any:
+        if args[0] is broker_lua.CLAIM:  # not the acks
+            calls.append("claim")
+        return await script(*args, **kwargs)
+
+    lane.block_then_script = blocking  # type: ignore[method-assign]
+    lane.script = at_once  # type: ignore[method-assign]
+    return calls
+
+
+async def test_an_idle_consumer_claims_once_per_wake_up(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A claim that took fewer messages than asked for found the queue empty: until the
+    next deadline it told (a lease ending), the next claim waits for a wake-up in the same
+    round trip instead of claiming at once first."""
+    broker = await make(stack, redis_url, prefix, lease=30)
+    calls = record_claims(broker)
+    async with broker.consume(prefetch=5) as it:
+        for n in range(3):
+
+            async def publish_when_blocked(n: int = n) -> None:
+                with anyio.fail_after(3):
+                    while calls.count("block") <= n:  # noqa: ASYNC110 - polls a list
+                        await anyio.sleep(0.001)
+                await broker.publish(Envelope(f"m{n}", b"x"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(publish_when_blocked)
+                delivery = await take(it)
+            assert delivery.id == f"m{n}"
+            assert await delivery.ack()
+    # One claim at once (the first: no deadline known yet), then one blocking claim each.
+    assert calls == ["claim", "block", "block", "block"]
+
+
+async def test_a_consumer_past_its_deadline_claims_at_once(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Once the deadline a claim told has passed (here: the lease of the message it took, while
+    its holder's loop did not come back for the next one), the next claim is made at once and
+    promotes the lease that ran out: redelivered without waiting for a wake-up."""
+    broker = await make(stack, redis_url, prefix, lease=0.2)
+    await broker.publish(Envelope("a", b"x"))
+    calls = record_claims(broker)
+    async with broker.consume(prefetch=5) as it:
+        first = await take(it)
+        ends = time.monotonic() + 0.2
+        while time.monotonic() < ends + 0.05:
+            time.sleep(0.01)  # noqa: ASYNC251 - the holder's loop is blocked past the lease (the scenario)
+        second = await take(it, 1)
+        assert (second.id, second.attempt) == ("a", 2)
+        assert not await first.ack()
+    assert calls[:2] == ["claim", "claim"]
