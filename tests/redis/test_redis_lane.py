@@ -74,6 +74,37 @@ async def test_concurrent_commands_share_one_connection(lane: Lane, key: str) ->
         await lane.command("DEL", key)
 
 
+async def test_an_idle_callers_request_is_written_at_once(lane: Lane, key: str) -> None:
+    """The first request of a turn of the loop goes out in the call (a turn sooner than
+    waiting for the turn's end); those that follow in the same turn are joined and leave
+    together in one write."""
+    conn = await lane._connection()
+    transport = conn._transport
+    assert transport is not None
+    writes: list[bytes] = []
+    write = transport.write
+
+    def recording(data: Any) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    transport.write = recording  # type: ignore[method-assign]
+    try:
+        first = conn.send_one(pack(("INCR", key)))
+        assert len(writes) == 1  # before any await
+        rest = [conn.send_one(pack(("INCR", key))) for _ in range(3)]
+        assert len(writes) == 1
+        assert [await f for f in (first, *rest)] == [1, 2, 3, 4]
+        assert len(writes) == 2 and writes[1] == pack(("INCR", key)) * 3
+        # A later turn: at once again.
+        last = conn.send_one(pack(("INCR", key)))
+        assert len(writes) == 3
+        assert await last == 5
+    finally:
+        transport.write = write  # type: ignore[method-assign]
+        await lane.command("DEL", key)
+
+
 async def test_errors_are_redis_py_classes(lane: Lane, key: str) -> None:
     await lane.command("SET", key, "text")
     try:

@@ -3,7 +3,8 @@
 redis-py spends most of a loopback round trip in Python (a connection checked out of a pool per
 command, ``asyncio.wait_for`` per write, timeouts, events), and with many concurrent callers
 opens one socket each. The lane instead multiplexes every concurrent command of a component on
-one connection: requests written in the same event-loop tick leave in one ``send``, replies are
+one connection: the first request of an event-loop tick is sent at once, the tick's later ones
+leave together in one ``send`` at its end, and replies are
 matched to callers in order (Redis answers a connection's commands in the order sent). Blocking
 commands (``BLPOP``, ``BLMOVE``) get connections of their own from a small free list, since they
 would hold up everything queued behind them.
@@ -22,7 +23,6 @@ calls, blocking calls and their cancellation), which must be read as a whole.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import time
@@ -313,10 +313,7 @@ class _Conn(asyncio.Protocol):
         )
         futures = [self._loop.create_future() for _ in range(count)]
         self._pending.extend((f, deadline) for f in futures)
-        self._out.append(packed)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._write(packed)
         return futures
 
     def send_one(self, packed: bytes) -> asyncio.Future[Any]:
@@ -326,11 +323,20 @@ class _Conn(asyncio.Protocol):
         deadline = float("inf") if self._timeout is None else time.monotonic() + self._timeout
         future = self._loop.create_future()
         self._pending.append((future, deadline))
-        self._out.append(packed)
+        self._write(packed)
+        return future
+
+    def _write(self, packed: bytes) -> None:
+        """Send ``packed``: at once when it is the first request of this turn of the loop
+        (none waits to be coalesced with it: an idle caller's request is on the wire a turn
+        sooner); the turn's later ones are joined and leave together at its end."""
+        if self._flush_scheduled or self._transport is None:
+            self._out.append(packed)
+        else:
+            self._transport.write(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        return future
 
     @property
     def paused(self) -> bool:
@@ -471,6 +477,16 @@ class Lane:
         ``keys[dynamic:]`` repeat from call to call (a queue's keys, a storage's indexes):
         they are packed once and kept; only the first ``dynamic`` keys and the arguments are
         packed per call."""
+        try:
+            return await self._one(self._evalsha(script, keys, args, dynamic))
+        except NoScriptError:
+            return await self.command("EVAL", script.source, len(keys), *keys, *args)
+
+    def _evalsha(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int
+    ) -> bytes:
+        """``EVALSHA`` of ``script`` packed, the parts that repeat taken from a cache (see
+        :meth:`script`)."""
         nkeys = len(keys)
         head = self._heads.get((script.sha, nkeys))
         if head is None:
@@ -483,17 +499,13 @@ class Lane:
             tail = _bulks(fixed)
             if len(self._tails) < 64:
                 self._tails[fixed] = tail
-        packed = b"*%d\r\n%s%s%s%s" % (
+        return b"*%d\r\n%s%s%s%s" % (
             3 + nkeys + len(args),
             head,
             _bulks(keys[:dynamic]),
             tail,
             _bulks(args),
         )
-        try:
-            return await self._one(packed)
-        except NoScriptError:
-            return await self.command("EVAL", script.source, len(keys), *keys, *args)
 
     async def blocking(self, block: float, *commands: Sequence[Any]) -> list[Any]:
         """Run ``commands`` in order on a connection of their own (the first may block up to
@@ -536,20 +548,17 @@ class Lane:
         A script that changes state must not have its reply lost: if the caller is cancelled
         while waiting, the blocking command is cut short (``CLIENT UNBLOCK``), the script's
         reply is still awaited (bounded, shielded) and handed to ``orphan``."""
-        packed = pack(blocking) + pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        packed = pack(blocking) + self._evalsha(script, keys, args, 0)
         conn = await self._blocking_conn()
         first, second = conn.send(packed, 2, block)
-        # Every path below either awaits a reply or gives it up on purpose (the first's error
-        # reply; both, when the connection is lost and the first already raised its error; a
-        # reply still pending as the caller leaves). A cancelled shield no longer watches its
-        # future, so mark both as observed here rather than on each path.
+        # Every path below either awaits a reply or gives it up on purpose (the first's:
+        # whatever it is, even an error, the script's comes after it; both, when the
+        # connection is lost; a reply still pending as the caller leaves). A cancelled shield
+        # no longer watches its future, so mark both as observed here rather than on each path.
         _observed(first)
         _observed(second)
         try:
-            # Shielded waits: cancelling the caller must not cancel (and drop) a reply. An
-            # error reply to the blocking command does not matter; the script's does.
-            with contextlib.suppress(ResponseError):
-                await asyncio.shield(first)
+            # Shielded: cancelling the caller must not cancel (and drop) the script's reply.
             reply = await asyncio.shield(second)
         except NoScriptError:
             self._keep(conn)
