@@ -20,12 +20,23 @@ over the round trips are printed:
 Hooks cost a few microseconds each; the stamps are kept in memory and collected at the end.
 Also printed: CPU per round trip of each process, and Redis server time per script call
 (``INFO commandstats``: the whole server's, so run it with nothing else using Redis).
-Run: ``uv run python bench/round_trip.py [--n 500]``.
+
+``--timeline`` also stamps every write to Redis (before and after the ``send``, labelled by
+command or script) and every read from it, in both processes, through the fast lane's
+internals (so it measures the lane, not redis-py), and prints the median time of each event
+from the ``add_task`` call, over the round trips whose events came in the most common order,
+then the budget those events split the round trip into: the producer's own work, the
+``send`` calls, the way through Redis to the other process (the server's work and the
+wake-up of the process it answers), the worker's work from reading the claim to the settle
+write, and the producer's from reading the result to returning. The stamps add a few
+microseconds to each event.
+Run: ``uv run python bench/round_trip.py [--n 500] [--timeline]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import json
 import os
@@ -52,6 +63,9 @@ from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 url, prefix, out = sys.argv[1], sys.argv[2], sys.argv[3]
 stamps = {}
+EVENTS = []
+if len(sys.argv) > 4:
+    exec(sys.argv[4])  # TIMELINE
 
 class Stamps:
     @hookimpl
@@ -80,9 +94,49 @@ async def echo(self, x: int) -> int:
 @app.task(name="dump")
 async def dump() -> None:
     with open(out, "w") as fh:
-        json.dump(stamps, fh)
+        json.dump({"stamps": stamps, "events": EVENTS}, fh)
 
 app.run_forever()
+"""
+
+TIMELINE = """
+import time as _time
+from qtasks_redis import broker_lua, lane, shared_lua, storage_lua, workflow_lua
+from qtasks_redis.connection import Script
+
+EVENTS = []
+_SCRIPTS = {
+    value.sha.encode(): name.lower()
+    for module in (broker_lua, shared_lua, storage_lua, workflow_lua)
+    for name, value in vars(module).items()
+    if isinstance(value, Script)
+}
+
+def _label(data):
+    parts = bytes(data[:120]).split(b"\\r\\n")
+    command = parts[2].decode().lower() if len(parts) > 2 else "?"
+    if command == "evalsha" and len(parts) > 4:
+        return _SCRIPTS.get(parts[4], "script")
+    return command
+
+_made = lane._Conn.connection_made
+def _connection_made(self, transport):
+    write = transport.write
+    def stamped(data):
+        label = self.last_written = _label(data)
+        EVENTS.append((_time.monotonic_ns(), "write " + label))
+        write(data)
+        EVENTS.append((_time.monotonic_ns(), "written " + label))
+    transport.write = stamped
+    _made(self, transport)
+lane._Conn.connection_made = _connection_made
+
+_received = lane._Conn.data_received
+def _data_received(self, data):
+    # Labelled by the last command written on this connection (a blocking one's: its own).
+    EVENTS.append((_time.monotonic_ns(), "read " + getattr(self, "last_written", "?")))
+    _received(self, data)
+lane._Conn.data_received = _data_received
 """
 
 STAGES = ("enqueue", "pickup", "begin", "run", "settle", "wake")
@@ -111,10 +165,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(n: int) -> None:
+async def measure(n: int, timeline: bool) -> None:
     prefix = f"rt-{uuid.uuid4().hex[:8]}"
     out = Path(tempfile.mkdtemp()) / "stamps.json"
     command = [sys.executable, "-c", WORKER, URL, prefix, str(out)]
+    events: list[tuple[int, str]] = []
+    if timeline:
+        command.append(TIMELINE)
+        scope: dict[str, Any] = {}
+        exec(TIMELINE, scope)
+        events = scope["EVENTS"]
     worker = subprocess.Popen(command)  # noqa: ASYNC220 - started once, before measuring
     stamps: dict[str, dict[str, int]] = {}
     app = AsyncQueueTasks(
@@ -130,6 +190,7 @@ async def measure(n: int) -> None:
         for i in range(20):  # warm-up: the worker is up, scripts loaded, connections made
             await app.add_task("echo", i, timeout=30)
         stamps.clear()
+        events.clear()
         before = script_usec(client)
         cpu_before = (time.process_time(), cpu_seconds(worker.pid))
         for i in range(n):
@@ -140,8 +201,10 @@ async def measure(n: int) -> None:
             stamps[task.uuid].update(called=called, returned=returned)
         cpu_after = (time.process_time(), cpu_seconds(worker.pid))
         after = script_usec(client)
+        produced = list(events)
         await app.add_task("dump", timeout=5)
-        remote = json.loads(out.read_text())
+        dumped = json.loads(out.read_text())
+        remote = dumped["stamps"]
     finally:
         await app.aclose()
         worker.terminate()
@@ -168,6 +231,9 @@ async def measure(n: int) -> None:
     producer_us = (cpu_after[0] - cpu_before[0]) / n * 1e6
     worker_us = (cpu_after[1] - cpu_before[1]) / n * 1e6
     print(f"CPU per round trip: producer {producer_us:.0f} us, worker {worker_us:.0f} us")
+    if timeline:
+        merged = {uid: {**mine, **remote.get(uid, {})} for uid, mine in stamps.items()}
+        print_timeline(merged, produced, dumped["events"])
     for name, (calls, usec) in after.items():
         calls0, usec0 = before.get(name, (0, 0))
         if calls > calls0:
@@ -176,10 +242,75 @@ async def measure(n: int) -> None:
             print(f"redis {name[8:]}: {per_trip:.2f} calls per round trip, {per_call:.1f} us each")
 
 
+def print_timeline(
+    stamps: dict[str, dict[str, int]],
+    producer: list[tuple[int, str]],
+    worker: list[tuple[int, str]],
+) -> None:
+    """The budget of a round trip from the write and read stamps (see the module docstring):
+    per round trip, each step's time between two events, then the median of each step."""
+    trips = sorted(
+        (s["called"], s["returned"], s["start"], s["end"])
+        for s in stamps.values()
+        if "called" in s and "start" in s
+    )
+    starts = [t[0] for t in trips]
+    cycles: list[list[tuple[int, str]]] = [[] for _ in trips]
+    for at, name in [(t, "P " + e) for t, e in producer] + [(t, "W " + e) for t, e in worker]:
+        i = bisect.bisect_right(starts, at) - 1
+        if i >= 0 and at <= trips[i][1]:
+            cycles[i].append((at, name))
+
+    def first(cycle: list[tuple[int, str]], name: str, after: int) -> int | None:
+        return next((at for at, n in sorted(cycle) if n == name and at >= after), None)
+
+    steps: dict[str, list[float]] = {}
+    labels = [
+        "producer: add_task called -> its write starts (prepare, encode, pack)",
+        "producer: the send call (the kernel's loopback work, often the wake-up of Redis)",
+        "Redis and the worker's wake-up: the write starts -> the worker reads the claim",
+        "worker: the claim read -> the task starts (parse, decode, begin, hand-over)",
+        "worker: the task ends -> its settle write starts (hand-over, encode, pack)",
+        "Redis and the producer's wake-up: the settle write starts -> the result is read",
+        "producer: the result read -> add_task returns (parse, decode)",
+    ]
+    for (called, returned, start, end), cycle in zip(trips, cycles, strict=True):
+        publish = first(cycle, "P write publish_new", called)
+        published = first(cycle, "P written publish_new", called)
+        claimed = None if publish is None else first(cycle, "W read blpop", publish)
+        settle = first(cycle, "W write ack_finals", end)
+        reads = [at for at, n in cycle if n == "P read blmove" and settle is not None]
+        if None in (publish, published, claimed, settle) or not reads:
+            continue
+        assert publish is not None and published is not None and claimed is not None
+        assert settle is not None
+        result = reads[-1]
+        for label, ns in zip(
+            labels,
+            (
+                publish - called,
+                published - publish,
+                claimed - publish,
+                start - claimed,
+                settle - end,
+                result - settle,
+                returned - result,
+            ),
+            strict=True,
+        ):
+            steps.setdefault(label, []).append(ns / 1000)
+    counted = len(next(iter(steps.values()), []))
+    print(f"budget: median us of each step over {counted} of {len(trips)} round trips")
+    for label in labels:
+        print(f"  {statistics.median(steps[label]):7.1f}  {label}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=500)
-    anyio.run(measure, parser.parse_args().n)
+    parser.add_argument("--timeline", action="store_true", help="stamp every Redis write/read")
+    options = parser.parse_args()
+    anyio.run(measure, options.n, options.timeline)
 
 
 if __name__ == "__main__":
