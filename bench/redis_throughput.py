@@ -5,7 +5,9 @@ exactly, so these figures compare with the peers' table:
 
 - W1: 20 warm-up tasks, then 10,000 tasks enqueued one ``add_task`` call at a time into a
   running worker (concurrency 10); each task INCRs a Redis counter; rate = N / (first enqueue ->
-  the counter reaches N, polled every 2 ms by the producer).
+  the counter reaches N, polled every 2 ms by the producer). CPU per task of the producer (its
+  2 ms polls included), the worker and the Redis server (``INFO cpu``: the whole server's, the
+  task's own INCR and the polls included), and their total.
 - W2: 10 warm-up round trips, then 200 sequential ``add_task("echo", i, timeout=5)``; each
   result is checked; nearest-rank p50/p95/p99 in ms.
 - W3: a worker is started and stopped (warm-up), 2,000 tasks sleeping 10 ms are queued while no
@@ -129,6 +131,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu(client: redis.Redis) -> float:
+    """User + system CPU time of the Redis server so far (``INFO cpu``: the whole server's,
+    its main thread and the others, so nothing else should use it while measuring)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def wait_counter(client: redis.Redis, key: str, n: int, deadline_s: float) -> float:
     """Poll ``key`` every 2 ms until it reaches ``n`` (as the peers' harness does)."""
     end = time.monotonic() + deadline_s
@@ -187,7 +196,7 @@ async def w1_w2(prefix: str, tmp: Path, n1: int, n2: int, out: dict[str, str]) -
     async with warm_worker(prefix, tmp, f"{prefix}:warm", out) as (app, counter, worker):
         if n1:
             key = f"{prefix}:w1"
-            cpu = (time.process_time(), cpu_seconds(worker.proc.pid))
+            cpu = (time.process_time(), cpu_seconds(worker.proc.pid), server_cpu(counter))
             start = time.perf_counter()
             for _ in range(n1):
                 await app.add_task("incr", key)
@@ -195,10 +204,12 @@ async def w1_w2(prefix: str, tmp: Path, n1: int, n2: int, out: dict[str, str]) -
             done = wait_counter(counter, key, n1, 60 + n1 / 20)
             mine = (time.process_time() - cpu[0]) / n1 * 1e6
             theirs = (cpu_seconds(worker.proc.pid) - cpu[1]) / n1 * 1e6
+            server = (server_cpu(counter) - cpu[2]) / n1 * 1e6
             out["W1"] = (
                 f"{n1 / (done - start):,.0f} tasks/s ({n1} tasks, concurrency 10; "
                 f"enqueue alone {n1 / (enqueued - start):,.0f}/s; CPU per task: "
-                f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us)"
+                f"producer {mine:.0f} us incl. polling, worker {theirs:.0f} us, "
+                f"Redis {server:.0f} us; total {mine + theirs + server:.0f} us)"
             )
         if n2:
             for i in range(10):
