@@ -23,6 +23,8 @@ from qtasks.components import FlowControl
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.flow import Rate, parse_rate
 from qtasks.memory import MemoryGlobalConfig
+from qtasks.messages import Message
+from qtasks.record import TaskRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -298,6 +300,47 @@ async def test_unique_key_returns_the_pending_task_then_frees_at_final() -> None
         same = await app.add_task("send", "x@y", unique_key="mail-43", unique_for=60)
         assert same.uuid == kept.uuid and same.status is TaskStatus.SUCCESS
         assert (await app.storage.stats())["success"] == 3
+
+
+async def test_a_deduplicated_add_fires_its_own_hook_not_the_enqueue_ones() -> None:
+    """An add_task whose unique key is held returns the pending task; plugins learn of it
+    through qtasks_task_deduplicated (with the task it would have added), not through the
+    hooks of a stored and published task."""
+    app = AsyncQueueTasks("t")
+    gate = anyio.Event()
+    calls: list[tuple[str, str, str | None]] = []
+
+    class Seen:
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Message) -> None:
+            calls.append(("enqueue", message.uuid, None))
+
+        @hookimpl
+        def qtasks_task_enqueued(self, record: TaskRecord) -> None:
+            calls.append(("enqueued", record.uuid, None))
+
+        @hookimpl
+        def qtasks_task_deduplicated(self, record: TaskRecord, existing: TaskRecord) -> None:
+            calls.append(("deduplicated", record.uuid, existing.uuid))
+
+    app.add_plugin(Seen())
+
+    @app.task
+    async def send(to: str) -> str:
+        await gate.wait()
+        return to
+
+    async with app:
+        first = await app.add_task("send", "x@y", unique_key="mail-1")
+        again = await app.add_task("send", "x@y", unique_key="mail-1")
+        assert again.uuid == first.uuid
+        (_, tried, _), dedup = calls[2], calls[3]
+        assert calls[:2] == [("enqueue", first.uuid, None), ("enqueued", first.uuid, None)]
+        assert calls[2][0] == "enqueue" and tried != first.uuid
+        assert dedup == ("deduplicated", tried, first.uuid) and len(calls) == 4
+        assert await app.get(tried) is None  # nothing stored for the deduplicated call
+        gate.set()
+        assert (await app.wait(first.uuid, timeout=5)).status is TaskStatus.SUCCESS
 
 
 async def test_task_level_unique_key_function() -> None:

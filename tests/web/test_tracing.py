@@ -161,6 +161,33 @@ async def test_every_step_of_a_chain_ends_its_send_span_and_runs_under_it(
     assert sender._sending == {}
 
 
+async def test_a_deduplicated_enqueue_ends_its_span_at_once(
+    app: AsyncQueueTasks, traces: Traces
+) -> None:
+    """An add_task whose unique key a pending task holds sends nothing: its send span ends
+    there, with an event naming that task, instead of staying open until evicted."""
+    gate = anyio.Event()
+
+    @app.task
+    async def mail(to: str) -> str:
+        await gate.wait()
+        return to
+
+    async with app:
+        first = await mail.add_task("a@b", unique_key="k")
+        again = await mail.add_task("a@b", unique_key="k")
+        assert again.uuid == first.uuid
+        sends = named(traces.spans(), "send mail")  # both ended, before the task ran
+        assert len(sends) == 2
+        dropped = next(s for s in sends if s["events"])
+        assert dropped["events"] == [
+            {"name": "qtasks.deduplicated", "attributes": {"qtasks.task.existing_id": first.uuid}}
+        ]
+        assert dropped["attributes"]["messaging.message.id"] != first.uuid
+        gate.set()
+        await app.wait(first.uuid, timeout=5)
+
+
 async def test_an_error_is_recorded_on_the_run_span(app: AsyncQueueTasks, traces: Traces) -> None:
     @app.task
     async def bad() -> None:

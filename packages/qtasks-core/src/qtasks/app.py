@@ -582,8 +582,12 @@ class AsyncQueueTasks:
         try:
             if unique is not None:  # claimed with the enqueue step (qtasks.flow)
                 existing = await flow.publish_unique(self, record, envelope, unique)
-                if existing is not None:
-                    return self._bind(existing)  # a task with this unique key is pending
+                if existing is not None:  # a task with this unique key is pending
+                    if "qtasks_task_deduplicated" in self.hooks.active:
+                        await self.hooks.notify(
+                            "qtasks_task_deduplicated", app=self, record=record, existing=existing
+                        )
+                    return self._bind(existing)
             else:
                 await self._store_and_publish(record, envelope)  # qtasks.enqueue's step
         except Exception as exc:

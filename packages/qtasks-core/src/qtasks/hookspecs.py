@@ -33,8 +33,8 @@ message published → ``qtasks_storage_added`` → ``qtasks_task_enqueued``. Wit
 components the store comes first, then the publish; with remote ones the record is stored while
 the message is published (one shared round trip, or two overlapped ones); either way both hooks
 fire once both are done. An enqueue that raises fires ``qtasks_task_enqueue_failed`` instead of
-both; an ``add_task`` with a unique key whose task is pending fires neither (it returns that
-task, nothing is stored or published).
+both; an ``add_task`` with a unique key whose task is pending fires ``qtasks_task_deduplicated``
+instead of both (it returns that task, nothing is stored or published).
 
 Worker, every path starts: ``qtasks_broker_message_received`` → ``qtasks_worker_task_received``
 → ``qtasks_storage_saved`` (status ``process``) → ``qtasks_worker_execute_before`` →
@@ -287,6 +287,16 @@ def qtasks_task_enqueue_failed(
     the workflow itself could not be stored). The message may or may not have reached the
     broker. What a plugin began in ``qtasks_task_enqueue`` (a span, a timer) ends here:
     ``qtasks_task_enqueued`` will not come."""
+
+
+@hookspec
+def qtasks_task_deduplicated(
+    app: AsyncQueueTasks, record: TaskRecord, existing: TaskRecord
+) -> None:
+    """Notification: an ``add_task`` with a unique key found the key held by ``existing``, a
+    task still pending, and returns it: ``record``, the task this call would have added, was
+    neither stored nor published. What a plugin began in ``qtasks_task_enqueue`` (a span, a
+    timer) ends here: ``qtasks_task_enqueued`` will not come."""
 
 
 # --- broker ---------------------------------------------------------------------------------

@@ -252,6 +252,14 @@ class TracingPlugin:
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             span.end()
 
+    @hookimpl
+    def qtasks_task_deduplicated(self, record: TaskRecord, existing: TaskRecord) -> None:
+        """End the enqueue span: the unique key was held by ``existing``, nothing was sent."""
+        span = self._sending.pop(record.uuid, None)
+        if span is not None:
+            span.add_event("qtasks.deduplicated", {"qtasks.task.existing_id": existing.uuid})
+            span.end()
+
     # --- worker -------------------------------------------------------------------------
 
     @hookimpl
