@@ -20,6 +20,7 @@ from qtasks.errors import (
     TaskArgumentsError,
     TaskNotFoundError,
 )
+from qtasks.worker import QueueWorker
 
 pytestmark = pytest.mark.anyio
 
@@ -618,3 +619,24 @@ async def test_unset_prefetch_is_a_fifth_of_the_concurrency() -> None:
         stats = await app.broker.stats()
         assert (stats.in_flight, sum(stats.ready_by_priority.values())) == (72, 28)
         release.set()
+
+
+async def test_a_worker_serving_more_than_the_config_says_gets_threads_for_all() -> None:
+    """The app's thread limiter is sized from its config when the app is made; a worker with
+    a higher max_tasks_process of its own runs that many sync tasks at once, not fewer."""
+    app = AsyncQueueTasks(
+        config=QueueConfig(max_tasks_process=1, prefetch=0),
+        worker=QueueWorker(max_tasks_process=3),
+    )
+    barrier = threading.Barrier(3, timeout=5)
+
+    @app.task
+    def meet() -> int:
+        return barrier.wait()  # each of the three returns once all three are in
+
+    async with app:
+        tasks = [await app.add_task("meet") for _ in range(3)]
+        done = [await app.wait(t.uuid, timeout=10) for t in tasks]
+    assert [d.status for d in done] == [TaskStatus.SUCCESS] * 3
+    assert sorted(d.returning for d in done) == [0, 1, 2]
+    assert app.thread_limiter.total_tokens == 3

@@ -163,6 +163,10 @@ class QueueWorker:
         config = app.config
         self._flow.check(app)
         concurrency = self._max_tasks or config.max_tasks_process
+        if app.thread_limiter.total_tokens < concurrency:
+            # Sized from the app's config when the app was made: a worker serving more at
+            # once (its own max_tasks_process) must not have its sync tasks wait for threads.
+            app.thread_limiter.total_tokens = concurrency
         prefetch = (
             self._prefetch if self._prefetch is not None else config.prefetch_for(concurrency)
         )
