@@ -550,3 +550,21 @@ def test_component_commands_refuse_memory_for_an_app_that_is_not_served(
     code, out = invoke("add", "add", "1", "2", "-A", f"{app_module.__name__}:app")
     assert code == 1
     assert "in-memory components live only in this command's process" in out
+
+
+def test_config_of_an_app_reads_the_file_given_with_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`qtasks config -A mod:app -c file`: the app's from_config() reads that file while its
+    module is imported, as for every other command, and the sources say so."""
+    (tmp_path / "fromconfig_mod.py").write_text(
+        "from qtasks import AsyncQueueTasks\napp = AsyncQueueTasks.from_config()\n"
+    )
+    (tmp_path / "elsewhere.toml").write_text("prefetch = 7\n")
+    (tmp_path / "qtasks.toml").write_text("prefetch = 2\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out = invoke("config", "-A", "fromconfig_mod:app", "-c", "elsewhere.toml", "--json")
+    assert code == 0, out
+    assert json.loads(out)["prefetch"] == {"value": 7, "source": "elsewhere.toml"}
+    sys.modules.pop("fromconfig_mod", None)

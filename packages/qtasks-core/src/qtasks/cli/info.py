@@ -12,7 +12,7 @@ from qtasks.cli.group import cli, command
 from qtasks.cli.options import ConfigOpt, JsonOpt, Place, chosen
 from qtasks.cli.output import table, to_json
 from qtasks.cli.resolve import aio_of, import_app
-from qtasks.config import QueueConfig, follow_broker, load_config
+from qtasks.config import QueueConfig, config_file, follow_broker, load_config
 from qtasks.discovery import check_plugins, discover_all
 
 
@@ -79,10 +79,11 @@ def show_config(*, where: Place, as_json: JsonOpt = False) -> None:
 
     Sources: default, the file, an environment variable, a cli flag, code, or "follows broker"
     (a storage or global config left unset follows a remote broker). With -A, the
-    configuration of that app.
+    configuration of that app (its module imported with -c's file, as every command does).
     """
     if where.app is not None:
-        aio = aio_of(import_app(where.app))
+        with config_file(where.config):
+            aio = aio_of(import_app(where.app))
         values = {f.name: getattr(aio.config, f.name) for f in fields(QueueConfig)}
         sources = {k: aio.config_sources.get(k, "app (constructor)") for k in values}
     else:
