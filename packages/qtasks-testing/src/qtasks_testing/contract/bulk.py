@@ -43,6 +43,10 @@ from qtasks_testing.contract.broker import BrokerFactory, consuming, envelope
 from qtasks_testing.contract.capabilities import Shared, _SharedFixtures, _StorageCapability, lacks
 from qtasks_testing.contract.storage import finished, record
 
+Flow = tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+"""The ``flow`` fixture of :class:`WorkflowStoreContract`: the workflow's own record, its
+members by name, and the message its gate ``g`` opens with."""
+
 
 class BulkPublishContract(ContractSuite):
     """The guarantees of :class:`qtasks.components.BulkPublish`, as tests (provide a
@@ -215,7 +219,7 @@ class WorkflowStoreContract(_StorageCapability):
     capability = WorkflowStore
 
     @pytest.fixture
-    async def flow(self, storage: Storage) -> tuple[TaskRecord, dict[str, TaskRecord], GateMessage]:
+    async def flow(self, storage: Storage) -> Flow:
         assert isinstance(storage, WorkflowStore)
         own = _workflow(time.time())
         wid = own.uuid
@@ -227,9 +231,7 @@ class WorkflowStoreContract(_StorageCapability):
         return own, members, opened
 
     @pytest.mark.anyio
-    async def test_records_are_stored(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
-    ) -> None:
+    async def test_records_are_stored(self, storage: Storage, flow: Flow) -> None:
         own, members, _ = flow
         assert await storage.get(own.uuid) == own
         assert isinstance(storage, WorkflowStore)
@@ -238,7 +240,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.mark.anyio
     async def test_a_gate_opens_once_when_its_counter_reaches_zero(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+        self, storage: Storage, flow: Flow
     ) -> None:
         assert isinstance(storage, WorkflowStore)
         _, members, opened = flow
@@ -255,7 +257,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.mark.anyio
     async def test_the_final_gate_ends_the_workflow_with_success(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+        self, storage: Storage, flow: Flow
     ) -> None:
         assert isinstance(storage, WorkflowStore)
         own, members, _ = flow
@@ -267,7 +269,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.mark.anyio
     async def test_a_failing_member_fails_the_workflow_and_cancels_the_rest(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+        self, storage: Storage, flow: Flow
     ) -> None:
         assert isinstance(storage, WorkflowStore)
         own, members, _ = flow
@@ -290,7 +292,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.mark.anyio
     async def test_a_cancelled_workflow_is_continued_by_no_member(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+        self, storage: Storage, flow: Flow
     ) -> None:
         assert isinstance(storage, WorkflowStore)
         own, members, _ = flow
@@ -327,9 +329,7 @@ class WorkflowStoreContract(_StorageCapability):
         assert [r.uuid for r in await storage.workflows(3)] == made[::-1]
 
     @pytest.mark.anyio
-    async def test_workflows_lists_the_newest_first(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
-    ) -> None:
+    async def test_workflows_lists_the_newest_first(self, storage: Storage, flow: Flow) -> None:
         assert isinstance(storage, WorkflowStore)
         first, _, _ = flow
         later = []
@@ -349,7 +349,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.mark.anyio
     async def test_republish_raises_the_generation_of_the_records_still_new_only(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+        self, storage: Storage, flow: Flow
     ) -> None:
         assert isinstance(storage, WorkflowStore)
         _, members, _ = flow
@@ -366,7 +366,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.mark.anyio
     async def test_begin_refuses_a_copy_older_than_the_last_published(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+        self, storage: Storage, flow: Flow
     ) -> None:
         assert isinstance(storage, WorkflowStore)
         _, members, _ = flow
@@ -394,7 +394,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.mark.anyio
     async def test_begin_takes_a_copy_as_new_as_the_record_or_newer(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
+        self, storage: Storage, flow: Flow
     ) -> None:
         assert isinstance(storage, WorkflowStore)
         _, members, _ = flow
@@ -407,9 +407,7 @@ class WorkflowStoreContract(_StorageCapability):
         assert (newer.status, newer.token) == (TaskStatus.PROCESS, "tok-b")
 
     @pytest.mark.anyio
-    async def test_begin_many_refuses_a_stale_copy(
-        self, storage: Storage, flow: tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
-    ) -> None:
+    async def test_begin_many_refuses_a_stale_copy(self, storage: Storage, flow: Flow) -> None:
         if not isinstance(storage, BeginMany):
             pytest.skip(lacks(storage, BeginMany))
         assert isinstance(storage, WorkflowStore)
