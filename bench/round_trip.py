@@ -261,8 +261,11 @@ def print_timeline(
         if i >= 0 and at <= trips[i][1]:
             cycles[i].append((at, name))
 
+    for cycle in cycles:
+        cycle.sort()  # once: producer and worker events were appended apart
+
     def first(cycle: list[tuple[int, str]], name: str, after: int) -> int | None:
-        return next((at for at, n in sorted(cycle) if n == name and at >= after), None)
+        return next((at for at, n in cycle if n == name and at >= after), None)
 
     steps: dict[str, list[float]] = {}
     labels = [
