@@ -103,6 +103,16 @@ class Worker:
         ]
 
 
+async def wait_workers(app: Any, n: int, *workers: Worker) -> None:
+    """Until ``n`` workers have sent a heartbeat through ``app``'s global config (they are
+    serving: their consumers claim from then on); fails at once if one of ``workers`` exited."""
+    with anyio.fail_after(20):
+        while len(await app.global_config.workers()) < n:
+            for worker in workers:
+                assert worker.proc.poll() is None, worker.output()
+            await anyio.sleep(0.05)
+
+
 def ledger(path: Path) -> list[tuple[str, int, int]]:
     """``(event, task number, pid)`` lines of the ledger."""
     if not path.exists():

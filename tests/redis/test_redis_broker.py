@@ -386,3 +386,46 @@ async def test_a_consumer_past_its_deadline_claims_at_once(
         assert (second.id, second.attempt) == ("a", 2)
         assert not await first.ack()
     assert calls[:2] == ["claim", "claim"]
+
+
+async def test_an_idle_consumer_learns_a_lease_taken_while_it_slept(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Two idle consumers (two clients) block for a wake-up; a publish wakes one, which takes
+    the message and then stalls (nothing pulls its next delivery). The other, still asleep
+    when that lease began, redelivers the message when the lease ends: it never blocks longer
+    than a lease, where it used to sleep out its 5 s safety net."""
+    lease = 0.3
+    brokers = [await make(stack, redis_url, prefix, lease=lease) for _ in range(2)]
+    calls = [record_claims(broker) for broker in brokers]
+    got: list[tuple[int, RedisDelivery, float]] = []
+    async with AsyncExitStack() as consumers:
+        its = [await consumers.enter_async_context(b.consume(prefetch=1)) for b in brokers]
+
+        async def pull(i: int) -> None:
+            """Deliveries of consumer ``i`` until it holds a first delivery (then it stalls)
+            or the redelivery comes."""
+            while True:
+                delivery = await its[i].__anext__()
+                got.append((i, delivery, time.monotonic()))
+                if delivery.attempt == 1 or len(got) > 1:
+                    return
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(pull, i)
+            with anyio.fail_after(3):
+                while not all("block" in c for c in calls):  # noqa: ASYNC110 - polls lists
+                    await anyio.sleep(0.001)
+            published = time.monotonic()
+            await brokers[0].publish(Envelope("a", b"x"))
+            with anyio.fail_after(lease + 1.5):  # the old safety net alone took up to 5 s
+                while len(got) < 2:  # noqa: ASYNC110 - polls a list
+                    await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+        (holder, first, _), (other, second, at) = got
+        assert (first.id, first.attempt, second.id, second.attempt) == ("a", 1, "a", 2)
+        assert holder != other
+        assert at - published >= lease  # redelivered because the lease ran out, not before
+        assert not await first.ack()  # the stalled holder is fenced off
+        assert await second.ack()

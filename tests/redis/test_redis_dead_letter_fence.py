@@ -9,7 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from redis_procs import Worker, counts
+from redis_procs import Worker, counts, wait_workers
 from redis_worker_app import build
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
@@ -130,6 +130,9 @@ async def test_two_workers_a_loop_blocking_task_ends_dead_lettered_not_successfu
         for n in ("a", "b")
     ]
     try:
+        # Both serve (idle, blocked for a wake-up) before the task comes: the one woken takes
+        # it, and the other must still learn its lease deadline while it sleeps.
+        await wait_workers(app, 2, *workers)
         task = await app.add_task("loop_hog", 1, 2.5)
         done = await app.wait(task.uuid, timeout=30)
         assert done.status is TaskStatus.ERROR, done

@@ -9,24 +9,15 @@ from pathlib import Path
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from redis_procs import Worker, counts, ledger, settled, start_server
+from redis_procs import Worker, counts, ledger, settled, start_server, wait_workers
 from redis_worker_app import build
 
-from qtasks import AsyncQueueTasks, TaskStatus
+from qtasks import TaskStatus
 from qtasks.components import AttemptLog
 from qtasks_redis import RedisBroker
 from qtasks_redis.broker_lua import KEY_NAMES
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-async def wait_workers(app: AsyncQueueTasks, n: int, *workers: Worker) -> None:
-    """Wait until ``n`` workers have sent a heartbeat (i.e. are serving)."""
-    with anyio.fail_after(20):
-        while len(await app.global_config.workers()) < n:
-            for worker in workers:
-                assert worker.proc.poll() is None, worker.output()
-            await anyio.sleep(0.05)
 
 
 async def test_kill9_mid_task_second_worker_completes_all(

@@ -52,8 +52,9 @@ from qtasks_redis.workflows import error_text
 
 log = logging.getLogger("qtasks.redis")
 
-_IDLE_WAKE = 5.0
-"""Longest a consumer blocks without re-checking (a safety net, not a poll interval)."""
+_IDLE_WAKE_MS = 5000
+"""Longest a consumer blocks without re-checking, unless the lease is shorter (a safety net,
+not a poll interval)."""
 _BACKOFF_CAP = 5.0
 _PUBLISH_BATCH = 1000
 """Most messages published in one script call (see :meth:`RedisBroker.publish_many`)."""
@@ -555,8 +556,13 @@ class RedisBroker:
                 out.append(delivery)
             if len(out) == count:
                 return out, None
+            # Never longer than a lease: a message another consumer claims while this one
+            # blocks has a lease ending no sooner than that, so this consumer claims again in
+            # time to learn that deadline, and redelivers it as soon as the lease ends (if its
+            # holder's loop stalled or its holder was killed), not up to _IDLE_WAKE_MS late.
             wait_ms = int(reply[0])
-            return out, _IDLE_WAKE if wait_ms < 0 else min(wait_ms / 1000, _IDLE_WAKE)
+            cap = min(self._lease_ms, _IDLE_WAKE_MS)
+            return out, (cap if wait_ms < 0 else min(wait_ms, cap)) / 1000
 
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             buffer: deque[RedisDelivery] = deque()
