@@ -388,6 +388,34 @@ async def test_a_consumer_past_its_deadline_claims_at_once(
     assert calls[:2] == ["claim", "claim"]
 
 
+async def test_a_consumer_whose_loop_stalled_before_blocking_claims_at_once(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """The loop is blocked (another task's blocking call) in the turns a consumer yields
+    before its blocking claim, past the deadline it was going to block until: it claims at
+    once and promotes the lease that ran out, instead of blocking for the time it had
+    computed before the stall (the CI failure of the dead-letter fence test: a sibling's
+    stale result was stored before that claim came)."""
+    lease = 0.2
+    broker = await make(stack, redis_url, prefix, lease=lease)
+    await broker.publish(Envelope("a", b"x"))
+    calls = record_claims(broker)
+    async with broker.consume(prefetch=5) as it:
+        first = await take(it)  # took fewer than asked: block until its lease ends, next
+        ends = time.monotonic() + lease
+
+        async def stall() -> None:
+            while time.monotonic() < ends + 0.05:
+                time.sleep(0.01)  # noqa: ASYNC251 - the scenario: the loop is blocked
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stall)  # runs in the consumer's first turn before its claim
+            second = await take(it, 1)
+        assert (second.id, second.attempt) == ("a", 2)
+        assert not await first.ack()
+    assert calls[:2] == ["claim", "claim"]
+
+
 async def test_an_idle_consumer_learns_a_lease_taken_while_it_slept(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:

@@ -573,25 +573,26 @@ class RedisBroker:
                 if buffer:
                     yield buffer.popleft()
                     continue
-                block: float | None = None
-                if wake_at is not None and (not took or time.monotonic() < wake_at):
-                    # The queue was empty at the last claim: block for a wake-up (a publish
-                    # pushes one) until the next deadline, a lease ending or a delayed message
-                    # due (the claim's reply). After a claim that took something, and only
-                    # once that deadline passed, the next claim does not block: it promotes
-                    # the leases that ran out meanwhile (a worker whose loop was blocked
-                    # learns at once that its last allowed delivery is dead-lettered;
-                    # tests/redis/test_redis_dead_letter_fence.py). Before it, such a claim
-                    # would find nothing a blocking one would not: an idle worker's pickup
-                    # is one round trip, not two.
-                    block = max(wake_at - time.monotonic(), 0.001)
                 try:
-                    if block is not None:
-                        # Nothing is waiting to be claimed: the tasks just handed over go
-                        # first (a runner's start and its settle write take two turns of the
-                        # loop), then this wait's write; it is not needed sooner.
+                    block: float | None = None
+                    if wake_at is not None and (not took or time.monotonic() < wake_at):
+                        # The queue was empty at the last claim: block for a wake-up (a
+                        # publish pushes one) until the next deadline, a lease ending or a
+                        # delayed message due (the claim's reply). After a claim that took
+                        # something, and only once that deadline passed, the next claim does
+                        # not block: it promotes the leases that ran out meanwhile (a worker
+                        # whose loop was blocked learns at once that its last allowed delivery
+                        # is dead-lettered; tests/redis/test_redis_dead_letter_fence.py).
+                        # Before it, such a claim would find nothing a blocking one would not:
+                        # an idle worker's pickup is one round trip, not two.
+                        # The tasks just handed over go first (a runner's start and its settle
+                        # write take two turns of the loop), then this wait's write.
                         await anyio.lowlevel.checkpoint()
                         await anyio.lowlevel.checkpoint()
+                        # Read after those turns: a task that blocked the loop in them may
+                        # have outlasted the deadline (then the claim is made at once).
+                        left = wake_at - time.monotonic()
+                        block = None if took and left <= 0 else max(left, 0.001)
                     got, wait = await claim(block)
                     buffer.extend(got)
                     took = bool(got)
