@@ -45,7 +45,6 @@ from qtasks.errors import (
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Envelope, Serializer
-from qtasks.middleware import MiddlewarePlugin
 from qtasks.models import typed_result
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
@@ -141,7 +140,6 @@ class AsyncQueueTasks:
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
         self.hooks.register(InjectPlugin())
-        self.hooks.register(MiddlewarePlugin())
         self.hooks.register(WorkflowPlugin())
         # Installed plugins (entry points) load with the app, so a broken one fails here.
         load_plugins(self.hooks, self.config)

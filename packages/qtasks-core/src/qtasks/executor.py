@@ -13,6 +13,7 @@ import anyio.to_thread
 
 from qtasks.errors import SerializationError, TaskMaxTimeError
 from qtasks.messages import Message
+from qtasks.middleware import chain_of
 from qtasks.record import TaskRecord
 from qtasks.task import TaskDef, TaskKind
 
@@ -66,14 +67,16 @@ class TaskExecutor:
 
     async def execute(self, run: TaskRun) -> Any:
         app, task = run.app, run.task
-        chain: list[Middleware] = await app.hooks.transform(
-            "qtasks_executor_middlewares",
-            "middlewares",
-            app=app,
-            task=task,
-            record=run.record,
-            middlewares=[],
-        )
+        chain = chain_of(app, task)
+        if "qtasks_executor_middlewares" in app.hooks.active:
+            chain = await app.hooks.transform(
+                "qtasks_executor_middlewares",
+                "middlewares",
+                app=app,
+                task=task,
+                record=run.record,
+                middlewares=chain,
+            )
 
         if chain:
 

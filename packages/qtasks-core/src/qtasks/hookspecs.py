@@ -434,10 +434,11 @@ def qtasks_executor_middlewares(
     middlewares: list[Middleware],
 ) -> list[Middleware] | None:
     """Transform, first thing the executor does: return the middlewares that wrap this call,
-    outermost first (``middlewares`` is the list so far), or ``None`` (unchanged). The built-in
-    :class:`~qtasks.middleware.MiddlewarePlugin` (``tryfirst``) supplies ``app.middlewares`` and
-    the task's ``middlewares_before``/``middlewares_after``; ``qtasks_executor_args`` and the call
-    run inside the innermost one."""
+    outermost first (``middlewares`` is the list so far), or ``None`` (unchanged). The first
+    implementation gets ``app.middlewares`` and the task's ``middlewares_before`` and
+    ``middlewares_after`` in that order (:func:`qtasks.middleware.chain_of`); the hook is not
+    called when no plugin implements it. ``qtasks_executor_args`` and the call run inside the
+    innermost one."""
 
 
 @hookspec
