@@ -4,6 +4,7 @@ begun with the claim; a cancel made while one waits holds, with no time window."
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -11,6 +12,8 @@ import pytest
 from begin_scenarios import cancel_while_waiting, count_begins
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+from qtasks.memory.broker import _body_attempt
+from qtasks.messages import Codec, Message
 from qtasks.record import TaskStatus
 from qtasks.worker import QueueWorker
 
@@ -117,3 +120,30 @@ async def test_a_delivery_begun_with_its_claim_and_handed_back_is_queued_again()
         assert await storage.attempts(task.uuid) == []  # type: ignore[attr-defined]
     finally:
         await app.aclose()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        Codec().encode(Message("u", "t", attempt=3)).body,  # the fast path
+        Codec().encode(Message("u", "t", kwargs={"attempt": 7}, attempt=2)).body,  # nested key
+        Codec().encode(Message("u", "t", args=['"attempt":9,'], attempt=4)).body,  # in a string
+        Codec().encode(Message("u", "t", kwargs={'"attempt': 1}, attempt=5)).body,  # escaped
+        b'{"v":1,"uuid":"u","attempt":-1}',  # not digits: parsed
+        b'{"v": 1, "attempt": 6}',  # not compact: parsed
+        b'{"uuid":"u","attempt":8}',  # not the codec's: parsed
+        b'{"v":1,"attempt":true}',
+        b"[1, 2]",
+        b"\xff not json",
+    ],
+)
+def test_the_attempt_a_claim_begins_with_is_the_messages_own(body: bytes) -> None:
+    """The memory broker reads a message's ``attempt`` for the record it begins without
+    parsing the body when the codec wrote it; it is always what parsing gives."""
+    try:
+        expected = json.loads(body).get("attempt")
+    except (ValueError, AttributeError):
+        expected = None
+    if not isinstance(expected, int) or isinstance(expected, bool):
+        expected = None
+    assert _body_attempt(body) == expected
