@@ -136,7 +136,9 @@ async def test_counts_match_a_walk_through_rewrites_expiry_and_rebuilds() -> Non
             rebuild()
 
         storage._rebuild = counted  # type: ignore[method-assign]  # counted, still rebuilt
-        for step in range(12_000):  # enough writes for several rebuilds (4,096 + 2 x live)
+        # Enough writes for several rebuilds (past 4,096 + 2 x live entries; a query logs one
+        # entry per record written since the previous one).
+        for step in range(30_000):
             now[0] += 0.01
             uuid = f"r{rng.randrange(3000)}"
             record = TaskRecord(uuid=uuid, task_name="t", status=rng.choice(statuses))

@@ -36,12 +36,16 @@ def _time(entry: _Entry) -> float:
     return entry[1]
 
 
+def _second(item: tuple[str, float]) -> float:
+    return item[1]
+
+
 class MemoryStorage(_Lifecycle):
     """Task records in a dict, with woken waiters and live generator steps.
 
-    It is a :class:`~qtasks.components.StorageQuery`: every write that stores a record or
-    changes its status appends one entry to a log, in write order, from which lists by
-    status and task name are brought up to date when queried; an entry is skipped once a
+    It is a :class:`~qtasks.components.StorageQuery`: a query first appends to a log one
+    entry per record written since the last query, in the order of their last writes; lists
+    by status and task name are brought up to date from the log; an entry is skipped once a
     later write of its record (or its expiry) made it stale, and the lists are rebuilt when
     most of their entries are stale, so listing a page costs a binary search and the page."""
 
@@ -63,6 +67,8 @@ class MemoryStorage(_Lifecycle):
         self._write_seq = 0
         self._last_time = 0.0
         self._seq_of: dict[str, int] = {}
+        self._written: dict[str, float] = {}
+        """Records written since the log was last brought up to date: when, by uuid."""
         self._all: list[_Entry] = []
         self._by_status: dict[TaskStatus, list[_Entry]] = {}
         self._live: dict[TaskStatus, LiveCounts] = {}
@@ -96,6 +102,7 @@ class MemoryStorage(_Lifecycle):
                 and record.updated_at + (self._ttl or math.inf) <= now
             ):
                 del self._records[uuid]
+                self._written.pop(uuid, None)
                 self._forget(uuid)
                 self._steps.pop(uuid, None)
                 self._attempts.pop(uuid, None)
@@ -369,29 +376,46 @@ class MemoryStorage(_Lifecycle):
         self._attempts.clear()
         self._generations.clear()
         self._expiry.clear()
+        self._written.clear()
         self._rebuild()
         return count
 
     # --- StorageQuery ---------------------------------------------------------------------
 
     def _index(self, record: TaskRecord) -> None:
-        """Log ``record``'s write (after every write that stores it or changes its status):
-        one append. The lists by status and task name are brought up to date from the log
-        when a query needs them (:meth:`_catch_up`). Index times never go backwards, so
-        every list stays sorted."""
-        seq = self._write_seq = self._write_seq + 1
-        now = self._clock()
-        if now < self._last_time:
-            now = self._last_time
-        self._last_time = now
-        self._seq_of[record.uuid] = seq
-        self._all.append((seq, now, record.uuid))
-        if len(self._all) > 2 * len(self._records) + 4096:
+        """Note ``record``'s write (after every write that stores it or changes its status):
+        the time of its last write, by uuid. The log gets one entry per record written since
+        the last query, when a query needs it (:meth:`_log_writes`): a task's three writes
+        between two dashboard refreshes make one entry, not three, and a write costs a clock
+        read and a dict store."""
+        self._written[record.uuid] = self._clock()
+
+    def _log_writes(self) -> None:
+        """Append an entry for each record written since the last call, in the order of their
+        last writes. Index times never go backwards (a clock set back is clamped), so every
+        list stays sorted."""
+        written = self._written
+        if not written:
+            return
+        self._written = {}
+        records, seq_of, entries = self._records, self._seq_of, self._all
+        seq, last = self._write_seq, self._last_time
+        # Nearly sorted already (a write is noted at its time): a linear pass of the sort.
+        for uuid, at in sorted(written.items(), key=_second):
+            if uuid not in records:
+                continue  # expired or flushed since
+            last = max(last, at)
+            seq += 1
+            seq_of[uuid] = seq
+            entries.append((seq, last, uuid))
+        self._write_seq, self._last_time = seq, last
+        if len(entries) > 2 * len(records) + 4096:
             self._rebuild()
 
     def _catch_up(self) -> None:
         """Add the log's entries since the last call to the lists by status and task name
         (those still current: a later write of the same record has its own entry)."""
+        self._log_writes()
         records, seq_of = self._records, self._seq_of
         by_status, by_name = self._by_status, self._by_name
         entries = self._all
