@@ -306,6 +306,89 @@ async def test_a_plugin_adds_a_middleware_through_the_hook(app: AsyncQueueTasks)
     assert (task.returning, timing.wrapped) == (2, ["ok"])
 
 
+async def test_a_middleware_plugin_gets_the_apps_and_the_tasks_middlewares_in_order(
+    app: AsyncQueueTasks,
+) -> None:
+    """The core composes the app's and the task's middlewares; a plugin on the hook gets that
+    list, outermost first, and what it returns wraps the call."""
+    seen: list[list[str]] = []
+    calls: list[str] = []
+
+    def layer(name: str) -> Any:
+        async def mw(run: TaskRun, call_next: CallNext) -> Any:
+            calls.append(name)
+            return await call_next()
+
+        mw.__name__ = name
+        return mw
+
+    class Outer:
+        @hookimpl
+        def qtasks_executor_middlewares(self, middlewares: list[Any]) -> list[Any]:
+            seen.append([m.__name__ for m in middlewares])
+            return [layer("plugin"), *middlewares]
+
+    app.add_plugin(Outer())
+    app.add_middleware(layer("app"))
+
+    @app.task(middlewares_before=[layer("before")], middlewares_after=[layer("after")])
+    async def ok() -> int:
+        return 2
+
+    async with app:
+        task = await ok.add_task(timeout=5)
+    assert task.returning == 2
+    assert seen == [["app", "before", "after"]]
+    assert calls == ["plugin", "app", "before", "after"]
+
+
+async def test_what_a_run_registers_with_on_close_is_closed_on_every_path_last_first(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``run.on_close`` callbacks are awaited once the code ended, success or error, the last
+    registered first and before ``qtasks_executor_closed``; one that raises is logged and the
+    others still run."""
+    events: list[str] = []
+
+    async def registers(run: TaskRun, call_next: CallNext) -> Any:
+        for name in ("first", "broken", "last"):
+
+            async def close(name: str = name) -> None:
+                events.append(f"{name} {run.task.name}")
+                if name == "broken":
+                    raise RuntimeError("teardown failed")
+
+            run.on_close(close)
+        return await call_next()
+
+    class Closed:
+        @hookimpl
+        def qtasks_executor_closed(self, run: TaskRun) -> None:
+            events.append(f"hook {run.task.name}")
+
+    app.add_plugin(Closed())
+    app.add_middleware(registers)
+
+    @app.task
+    async def ok() -> int:
+        return 1
+
+    @app.task
+    async def fails() -> int:
+        raise ValueError("no")
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with app:
+            assert (await ok.add_task(timeout=5)).status is TaskStatus.SUCCESS
+            assert (await fails.add_task(timeout=5)).status is TaskStatus.ERROR
+    assert events == [
+        *("last ok", "broken ok", "first ok", "hook ok"),
+        *("last fails", "broken fails", "first fails", "hook fails"),
+    ]
+    failed = [r for r in caplog.records if "closing what task" in r.getMessage()]
+    assert len(failed) == 2 and all(r.exc_info is not None for r in failed)
+
+
 # --- entry-point discovery ----------------------------------------------------------------------
 
 

@@ -189,6 +189,7 @@ class InjectPlugin:
             cache = run.state.get(_RUN_SCOPE)
             if cache is None:
                 cache = run.state[_RUN_SCOPE] = ScopeCache("task")
+                run.on_close(cache.aclose)  # torn down when the run's code ended
             return cache
         cache = self._scopes.get(name)
         if cache is None:
@@ -300,11 +301,6 @@ class InjectPlugin:
             # core raises it as it is (retry_on_exc sees the real exception).
             raise TaskCodeError(f"injecting into task {run.task.name!r} failed") from exc
         return list(args), kwargs
-
-    @hookimpl
-    def qtasks_executor_closed(self, run: TaskRun) -> Awaitable[None] | None:
-        cache = run.state.pop(_RUN_SCOPE, None)
-        return None if cache is None else cache.aclose()
 
     @hookimpl
     async def qtasks_component_stopped(self, kind: str) -> None:

@@ -51,6 +51,18 @@ class TaskRun:
     """True while the executor runs the task (a cancel is delivered at once)."""
     cancel_requested: bool = False
     """Set by :meth:`cancel`, also before the run started (it then never starts)."""
+    closers: list[Callable[[], Awaitable[Any]]] | None = None
+    """What :meth:`on_close` registered, until the worker awaits it."""
+
+    def on_close(self, close: Callable[[], Awaitable[Any]]) -> None:
+        """Await ``close()`` once this run's code has ended, on every path (success, error,
+        cancel, a lost lease, a shutdown hand-back), before ``qtasks_executor_closed`` is
+        notified: the teardown of something made for this run alone (task-scoped
+        ``Depends``). The last registered is awaited first; an exception is logged and
+        swallowed, as a hook's is."""
+        if self.closers is None:
+            self.closers = []
+        self.closers.append(close)
 
     def cancel(self, reason: str | None = None) -> None:
         """Cancel this run: its code gets the cancellation at its next ``await``, or as soon as

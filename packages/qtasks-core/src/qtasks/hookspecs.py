@@ -471,7 +471,8 @@ def qtasks_executor_error(app: AsyncQueueTasks, record: TaskRecord, exc: BaseExc
 def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord, run: TaskRun) -> None:
     """Notification: the call ended (success, error, cancel, timeout, lost lease or shutdown);
     always fired exactly once per run, before the final record is stored. ``run`` is the
-    execution (task-scoped Depends are closed here from ``run.state``)."""
+    execution; what :meth:`~qtasks.executor.TaskRun.on_close` registered for it (task-scoped
+    Depends) was closed just before."""
 
 
 # --- results, errors, retries, cancel, timeout ----------------------------------------------

@@ -91,8 +91,10 @@ class Settlement:
         """Everything after the task's code: teardown hook, final record, ack, after-hook."""
         record = run.record
         hooks = app.hooks
-        # Fired on every path (lease lost and shutdown requeue too): task-scoped resources
+        # On every path (lease lost and shutdown requeue too): task-scoped resources
         # (Depends) are torn down here, so it must never be skipped.
+        if run.closers is not None:
+            await _close(run)
         if "qtasks_executor_closed" in hooks.active:
             await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
         if run.lease_lost:
@@ -256,3 +258,13 @@ class Settlement:
         return await retrying(
             call, self._outage, lambda: run.lease_lost or time.monotonic() > self.give_up_at
         )
+
+
+async def _close(run: TaskRun) -> None:
+    """Await what :meth:`TaskRun.on_close` registered, the last first; errors are logged."""
+    closers, run.closers = run.closers or [], None
+    for close in reversed(closers):
+        try:
+            await close()
+        except Exception:
+            log.exception("closing what task %s used failed (ignored)", run.record.uuid)
