@@ -8,7 +8,8 @@ import json
 import re
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Self
@@ -30,6 +31,44 @@ class _Entry:
     attempt: int = 0
     token: str = ""
     lease_until: float = 0.0
+
+
+class _ReadyQueue:
+    """The messages ready to be claimed: lowest priority first, in the order they became
+    ready within a priority. A deque per priority and a heap of the priorities: a message
+    costs O(1) where few priorities are in use (one heap of every message cost log n tuple
+    comparisons, with a long queue, for each one)."""
+
+    __slots__ = ("_by_priority", "_priorities")
+
+    def __init__(self) -> None:
+        self._by_priority: dict[int, deque[_Entry]] = {}
+        self._priorities: list[int] = []
+
+    def push(self, entry: _Entry) -> None:
+        queue = self._by_priority.get(entry.priority)
+        if queue is None:
+            queue = self._by_priority[entry.priority] = deque()
+            heapq.heappush(self._priorities, entry.priority)
+        queue.append(entry)
+
+    def pop(self) -> _Entry | None:
+        """The next entry, or ``None`` when there is none."""
+        priorities, by_priority = self._priorities, self._by_priority
+        while priorities:
+            queue = by_priority[priorities[0]]
+            if queue:
+                return queue.popleft()
+            del by_priority[heapq.heappop(priorities)]
+        return None
+
+    def __iter__(self) -> Iterator[_Entry]:
+        for queue in self._by_priority.values():
+            yield from queue
+
+    def clear(self) -> None:
+        self._by_priority.clear()
+        self._priorities.clear()
 
 
 class MemoryDelivery:
@@ -121,7 +160,7 @@ class MemoryBroker(_Lifecycle):
         self._max_opt = max_deliveries
         self._lease = lease if lease is not None else 30.0
         self._max_deliveries = max_deliveries if max_deliveries is not None else 5
-        self._ready: list[tuple[int, int, _Entry]] = []
+        self._ready = _ReadyQueue()
         self._delayed: list[tuple[float, int, _Entry]] = []
         self._leases: list[tuple[float, str]] = []
         self._inflight: dict[str, _Entry] = {}
@@ -156,7 +195,7 @@ class MemoryBroker(_Lifecycle):
         if eta is not None and eta > self._clock():
             heapq.heappush(self._delayed, (eta, next(self._seq), entry))
         else:
-            heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+            self._ready.push(entry)
         self._wake()
 
     def _settle(self, token: str) -> _Entry | None:
@@ -183,7 +222,7 @@ class MemoryBroker(_Lifecycle):
         while self._delayed and self._delayed[0][0] <= now:
             _, _, entry = heapq.heappop(self._delayed)
             if self._known.get(entry.id) is entry:
-                heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+                self._ready.push(entry)
         mono = time.monotonic()
         while self._leases and self._leases[0][0] <= mono:
             _, token = heapq.heappop(self._leases)
@@ -191,7 +230,7 @@ class MemoryBroker(_Lifecycle):
             if held is not None and held.lease_until <= mono:
                 del self._inflight[token]
                 held.token = ""
-                heapq.heappush(self._ready, (held.priority, next(self._seq), held))
+                self._ready.push(held)
         waits = []
         if self._delayed:
             waits.append(self._delayed[0][0] - now)
@@ -200,10 +239,9 @@ class MemoryBroker(_Lifecycle):
         return min(waits) if waits else None
 
     def _take(self) -> _Entry | None:
-        while self._ready:
-            _, _, entry = heapq.heappop(self._ready)
+        while (entry := self._ready.pop()) is not None:
             if self._known.get(entry.id) is not entry or entry.token:
-                continue  # cancelled, or a stale heap entry
+                continue  # cancelled, or a stale queue entry
             entry.attempt += 1
             if entry.attempt > self._max_deliveries:
                 self._dead(
@@ -280,7 +318,7 @@ class MemoryBroker(_Lifecycle):
                 entry = self._inflight.pop(token, None)
                 if entry is not None:
                     entry.token = ""
-                    heapq.heappush(self._ready, (entry.priority, next(self._seq), entry))
+                    self._ready.push(entry)
             if mine:
                 self._wake()
 
@@ -376,7 +414,7 @@ class MemoryBroker(_Lifecycle):
         self._check()
         self._promote()
         by_priority: dict[int, int] = {}
-        for _, _, entry in self._ready:
+        for entry in self._ready:
             if self._known.get(entry.id) is entry and not entry.token:
                 by_priority[entry.priority] = by_priority.get(entry.priority, 0) + 1
         delayed = sum(1 for _, _, e in self._delayed if self._known.get(e.id) is e)
