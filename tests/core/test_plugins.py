@@ -282,33 +282,6 @@ async def test_middlewares_form_an_onion_see_errors_and_can_short_circuit(
 
 
 async def test_a_plugin_adds_a_middleware_through_the_hook(app: AsyncQueueTasks) -> None:
-    class Timing:
-        def __init__(self) -> None:
-            self.wrapped: list[str] = []
-
-        @hookimpl
-        def qtasks_executor_middlewares(self, middlewares: list[Any]) -> list[Any]:
-            async def around(run: TaskRun, call_next: CallNext) -> Any:
-                self.wrapped.append(run.task.name)
-                return await call_next()
-
-            return [around, *middlewares]
-
-    timing = Timing()
-    app.add_plugin(timing)
-
-    @app.task
-    async def ok() -> int:
-        return 2
-
-    async with app:
-        task = await ok.add_task(timeout=5)
-    assert (task.returning, timing.wrapped) == (2, ["ok"])
-
-
-async def test_a_middleware_plugin_gets_the_apps_and_the_tasks_middlewares_in_order(
-    app: AsyncQueueTasks,
-) -> None:
     """The core composes the app's and the task's middlewares; a plugin on the hook gets that
     list, outermost first, and what it returns wraps the call."""
     seen: list[list[str]] = []
@@ -322,13 +295,23 @@ async def test_a_middleware_plugin_gets_the_apps_and_the_tasks_middlewares_in_or
         mw.__name__ = name
         return mw
 
-    class Outer:
+    class Timing:
+        def __init__(self) -> None:
+            self.wrapped: list[str] = []
+
         @hookimpl
         def qtasks_executor_middlewares(self, middlewares: list[Any]) -> list[Any]:
             seen.append([m.__name__ for m in middlewares])
-            return [layer("plugin"), *middlewares]
 
-    app.add_plugin(Outer())
+            async def around(run: TaskRun, call_next: CallNext) -> Any:
+                self.wrapped.append(run.task.name)
+                calls.append("plugin")
+                return await call_next()
+
+            return [around, *middlewares]
+
+    timing = Timing()
+    app.add_plugin(timing)
     app.add_middleware(layer("app"))
 
     @app.task(middlewares_before=[layer("before")], middlewares_after=[layer("after")])
@@ -337,7 +320,7 @@ async def test_a_middleware_plugin_gets_the_apps_and_the_tasks_middlewares_in_or
 
     async with app:
         task = await ok.add_task(timeout=5)
-    assert task.returning == 2
+    assert (task.returning, timing.wrapped) == (2, ["ok"])
     assert seen == [["app", "before", "after"]]
     assert calls == ["plugin", "app", "before", "after"]
 

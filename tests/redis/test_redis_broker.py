@@ -368,34 +368,16 @@ async def test_an_idle_consumer_claims_once_per_wake_up(
     assert calls == ["claim", "block", "block", "block"]
 
 
+@pytest.mark.parametrize("stalled", ["before the next pull", "in the turns before the claim"])
 async def test_a_consumer_past_its_deadline_claims_at_once(
-    redis_url: str, prefix: str, stack: AsyncExitStack
+    redis_url: str, prefix: str, stack: AsyncExitStack, stalled: str
 ) -> None:
     """Once the deadline a claim told has passed (here: the lease of the message it took, while
-    its holder's loop did not come back for the next one), the next claim is made at once and
-    promotes the lease that ran out: redelivered without waiting for a wake-up."""
-    broker = await make(stack, redis_url, prefix, lease=0.2)
-    await broker.publish(Envelope("a", b"x"))
-    calls = record_claims(broker)
-    async with broker.consume(prefetch=5) as it:
-        first = await take(it)
-        ends = time.monotonic() + 0.2
-        while time.monotonic() < ends + 0.05:
-            time.sleep(0.01)  # noqa: ASYNC251 - the holder's loop is blocked past the lease (the scenario)
-        second = await take(it, 1)
-        assert (second.id, second.attempt) == ("a", 2)
-        assert not await first.ack()
-    assert calls[:2] == ["claim", "claim"]
-
-
-async def test_a_consumer_whose_loop_stalled_before_blocking_claims_at_once(
-    redis_url: str, prefix: str, stack: AsyncExitStack
-) -> None:
-    """The loop is blocked (another task's blocking call) in the turns a consumer yields
-    before its blocking claim, past the deadline it was going to block until: it claims at
-    once and promotes the lease that ran out, instead of blocking for the time it had
-    computed before the stall (the CI failure of the dead-letter fence test: a sibling's
-    stale result was stored before that claim came)."""
+    the holder's loop was blocked), the next claim is made at once and promotes the lease that
+    ran out: redelivered without waiting for a wake-up. The loop may be blocked before the
+    next delivery is pulled, or by another task in the turns the consumer yields before its
+    blocking claim: then the time it was going to block for is stale (the CI failure of the
+    dead-letter fence test: a sibling's stale result was stored before that claim came)."""
     lease = 0.2
     broker = await make(stack, redis_url, prefix, lease=lease)
     await broker.publish(Envelope("a", b"x"))
@@ -408,9 +390,13 @@ async def test_a_consumer_whose_loop_stalled_before_blocking_claims_at_once(
             while time.monotonic() < ends + 0.05:
                 time.sleep(0.01)  # noqa: ASYNC251 - the scenario: the loop is blocked
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stall)  # runs in the consumer's first turn before its claim
+        if stalled == "before the next pull":
+            await stall()
             second = await take(it, 1)
+        else:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stall)  # runs in the consumer's first turn before its claim
+                second = await take(it, 1)
         assert (second.id, second.attempt) == ("a", 2)
         assert not await first.ack()
     assert calls[:2] == ["claim", "claim"]
