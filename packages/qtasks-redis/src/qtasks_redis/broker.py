@@ -502,6 +502,11 @@ class RedisBroker:
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
         count = max(prefetch, 1)
         stride = 5 if storage is None else 13  # CLAIM_BEGIN appends the record's 8 fields
+        # The longest an idle claim blocks: never longer than a lease, since a message another
+        # consumer claims meanwhile has a lease ending no sooner than that; this consumer then
+        # claims again in time to learn that deadline, and redelivers the message as soon as
+        # the lease ends (its holder's loop stalled or its holder was killed).
+        idle_ms = min(self._lease_ms, _IDLE_WAKE_MS)
 
         lane = client if isinstance(client, Lane) else None
 
@@ -556,13 +561,8 @@ class RedisBroker:
                 out.append(delivery)
             if len(out) == count:
                 return out, None
-            # Never longer than a lease: a message another consumer claims while this one
-            # blocks has a lease ending no sooner than that, so this consumer claims again in
-            # time to learn that deadline, and redelivers it as soon as the lease ends (if its
-            # holder's loop stalled or its holder was killed), not up to _IDLE_WAKE_MS late.
             wait_ms = int(reply[0])
-            cap = min(self._lease_ms, _IDLE_WAKE_MS)
-            return out, (cap if wait_ms < 0 else min(wait_ms, cap)) / 1000
+            return out, (idle_ms if wait_ms < 0 else min(wait_ms, idle_ms)) / 1000
 
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             buffer: deque[RedisDelivery] = deque()

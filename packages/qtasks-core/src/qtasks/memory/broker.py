@@ -456,7 +456,7 @@ class MemoryBroker(_Lifecycle):
 
 
 _ATTEMPT_KEY = b'"attempt":'
-_ATTEMPT = re.compile(rb'"attempt":(\d+)[,}]')
+_ATTEMPT = re.compile(re.escape(_ATTEMPT_KEY) + rb"(\d+)[,}]")
 
 
 def _body_attempt(body: bytes) -> int | None:
