@@ -77,6 +77,39 @@ async def test_args_and_result_transforms_change_the_call_and_the_stored_result(
     assert stored.returning == {"wrapped": 30}
 
 
+async def test_an_args_transform_sees_the_callers_arguments_then_injection_fills_the_rest(
+    app: AsyncQueueTasks,
+) -> None:
+    """Injection is the executor's step after the hook: a plugin sees what the caller passed,
+    and the task still gets its dependency when the plugin returns arguments of its own."""
+    from qtasks import Depends
+
+    seen_by_plugin: list[dict[str, Any]] = []
+    seen_by_task: list[tuple[int, str]] = []
+
+    class Look:
+        @hookimpl
+        def qtasks_executor_args(
+            self, args: list[Any], kwargs: dict[str, Any]
+        ) -> tuple[list[Any], dict[str, Any]]:
+            seen_by_plugin.append(dict(kwargs))
+            return args, {**kwargs, "x": kwargs["x"] + 1}
+
+    app.add_plugin(Look())
+
+    def token() -> str:
+        return "injected"
+
+    @app.task
+    async def use(x: int, tok: str = Depends(token)) -> None:
+        seen_by_task.append((x, tok))
+
+    async with app:
+        await use.add_task(x=1, timeout=5)
+    assert seen_by_plugin == [{"x": 1}]
+    assert seen_by_task == [(2, "injected")]
+
+
 async def test_enqueue_transform_replaces_the_message_and_get_transform_the_record(
     app: AsyncQueueTasks,
 ) -> None:

@@ -598,3 +598,51 @@ async def test_a_workflow_that_cannot_be_stored_fires_enqueue_failed_for_each_me
     assert len(rewritten) == 3
     assert sorted(u for u, _ in failed) == sorted(rewritten)
     assert {why for _, why in failed} == {"storage went away"}
+
+
+class ForgetfulStorage(MemoryStorage):
+    """Reads the records in ``gone`` as missing (expired, say)."""
+
+    gone: set[str] = set()
+
+    async def get_many(self, uuids: Any) -> list[TaskRecord | None]:
+        records = await super().get_many(uuids)
+        return [None if u in self.gone else r for u, r in zip(uuids, records, strict=True)]
+
+
+async def test_a_step_whose_input_is_gone_fails_once_naming_it() -> None:
+    """A step whose predecessor's record is gone fails with WorkflowInputError, not retried
+    (it would not heal), and the workflow fails with it."""
+    storage = ForgetfulStorage()
+    storage.gone = set()
+    app = AsyncQueueTasks(storage=storage, config=QueueConfig(retry=3, retry_backoff=0))
+    runs: list[int] = []
+
+    @app.task
+    def one() -> int:
+        return 1
+
+    @app.task
+    def then(x: int) -> int:
+        runs.append(x)
+        return x
+
+    class Forget:
+        @hookimpl
+        def qtasks_task_succeeded(self, record: TaskRecord) -> None:
+            if record.task_name == "one":
+                storage.gone.add(record.uuid)
+
+    app.add_plugin(Forget())
+    try:
+        async with app:
+            wf = await app.run_workflow(chain(one.s(), then.s()))
+            done = await wf.wait_result(timeout=5)
+            step = await app.get(wf.members[1])
+    finally:
+        await app.aclose()
+    assert runs == []
+    assert step is not None and step.status is TaskStatus.ERROR and step.attempt == 1
+    assert step.error is not None and step.error.startswith("WorkflowInputError")
+    assert wf.members[0] in step.error and "gone" in step.error
+    assert done.status == "error"

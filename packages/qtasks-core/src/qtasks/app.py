@@ -55,7 +55,6 @@ from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import Node, Signature, signature
-from qtasks.workflows.runtime import WorkflowPlugin
 
 if TYPE_CHECKING:
     from qtasks.compat.events import Events
@@ -139,8 +138,9 @@ class AsyncQueueTasks:
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
-        self.hooks.register(InjectPlugin())
-        self.hooks.register(WorkflowPlugin())
+        self.injector = InjectPlugin()
+        """Fills ``Depends`` and State parameters (the executor's injection step)."""
+        self.hooks.register(self.injector)
         # Installed plugins (entry points) load with the app, so a broken one fails here.
         load_plugins(self.hooks, self.config)
         self.config_sources: dict[str, str] = {}

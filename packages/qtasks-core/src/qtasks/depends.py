@@ -28,7 +28,6 @@ import anyio
 from qtasks.errors import (
     DependencyError,
     StateError,
-    TaskCodeError,
     UnresolvedAnnotationError,
 )
 from qtasks.plugins import hookimpl
@@ -128,8 +127,9 @@ async def _enter(stack: AsyncExitStack, func: Callable[..., Any], kwargs: dict[s
 
 
 class InjectPlugin:
-    """Built-in plugin: injects ``Depends`` values and State instances into task calls and tears
-    dependencies down when their scope ends. One instance per app (no global state)."""
+    """Built-in, one per app (no global state): injects ``Depends`` values and State
+    instances into task calls (the executor's injection step, :meth:`arguments`) and, as a
+    plugin, tears dependencies down when their scope ends."""
 
     name = INJECT_PLUGIN
 
@@ -254,26 +254,20 @@ class InjectPlugin:
                 )
         return kwargs
 
-    # --- hooks ----------------------------------------------------------------------------
+    # --- the executor's injection step ----------------------------------------------------
 
-    @hookimpl
-    def qtasks_executor_args(
-        self,
-        app: AsyncQueueTasks,
-        task: TaskDef[..., Any],
-        args: list[Any],
-        kwargs: dict[str, Any],
-        run: TaskRun,
+    def arguments(
+        self, args: list[Any], kwargs: dict[str, Any], run: TaskRun
     ) -> Awaitable[tuple[list[Any], dict[str, Any]]] | None:
-        # A plain function that returns None for tasks with nothing to inject, so most tasks
-        # cost no coroutine here; the core awaits what it returns otherwise.
-        try:
-            plan = self.plan(task)
-        except Exception as exc:
-            raise TaskCodeError(f"planning the injection into {task.name!r} failed") from exc
+        """The arguments of ``run`` with its ``Depends`` and State parameters filled in, or
+        ``None`` when the task has none (most tasks: no coroutine is made). The executor
+        calls it after the ``qtasks_executor_args`` transform. A failing dependency's
+        exception, or the reason the task's parameters cannot be planned, is raised as it
+        is: the task's own error (``retry_on_exc`` sees it)."""
+        plan = self.plan(run.task)
         if not plan.items:
             return None
-        return self._inject(plan, app, args, kwargs, run)
+        return self._inject(plan, run.app, args, kwargs, run)
 
     async def _inject(
         self,
@@ -288,18 +282,13 @@ class InjectPlugin:
             # Injected parameters are passed by keyword, so caller positionals must be too.
             kwargs.update(zip(plan.positional, args, strict=False))
             args = []
-        try:
-            for name, spec in plan.items:
-                if name in kwargs:
-                    continue  # passed explicitly by the caller: never overwritten
-                if isinstance(spec, Dependency):
-                    kwargs[name] = await self.resolve(spec, run)
-                else:
-                    kwargs[name] = self._state(spec, app)
-        except Exception as exc:
-            # A dependency function failed: the task's own code, not a plugin bug, so the
-            # core raises it as it is (retry_on_exc sees the real exception).
-            raise TaskCodeError(f"injecting into task {run.task.name!r} failed") from exc
+        for name, spec in plan.items:
+            if name in kwargs:
+                continue  # passed explicitly by the caller: never overwritten
+            if isinstance(spec, Dependency):
+                kwargs[name] = await self.resolve(spec, run)
+            else:
+                kwargs[name] = self._state(spec, app)
         return list(args), kwargs
 
     @hookimpl

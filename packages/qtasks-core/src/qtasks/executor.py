@@ -16,6 +16,8 @@ from qtasks.messages import Message
 from qtasks.middleware import chain_of
 from qtasks.record import TaskRecord
 from qtasks.task import TaskDef, TaskKind
+from qtasks.workflows import runtime as workflows
+from qtasks.workflows.plan import INPUT
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -130,8 +132,14 @@ class TaskExecutor:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def arguments(self, run: TaskRun) -> tuple[list[Any], dict[str, Any]]:
-        app, task = run.app, run.task
-        args, kwargs = list(run.message.args), dict(run.message.kwargs)
+        """What the task is called with: the message's arguments, through the
+        ``qtasks_executor_args`` transform when a plugin implements it; then a workflow
+        step's input as its first argument; then its ``Depends`` and State parameters
+        (:class:`~qtasks.depends.InjectPlugin`); an ``echo`` task's handle first. The last
+        three are the core's own steps, not hooks: a task that needs none of them pays a
+        header lookup and a dictionary lookup."""
+        app, task, message = run.app, run.task, run.message
+        args, kwargs = list(message.args), dict(message.kwargs)
         hooks = app.hooks
         if "qtasks_executor_args" in hooks.active:
             new_args, new_kwargs = await hooks.transform(
@@ -149,6 +157,12 @@ class TaskExecutor:
                 args = list(new_args)
             if new_kwargs is not kwargs:
                 kwargs = dict(new_kwargs)
+        headers = message.headers
+        if headers and INPUT in headers:
+            args = await workflows.with_input(run, args)
+        injected = app.injector.arguments(args, kwargs, run)
+        if injected is not None:
+            args, kwargs = await injected
         if task.options.echo:
             from qtasks.context import make_handle
 

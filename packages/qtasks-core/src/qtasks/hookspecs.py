@@ -422,8 +422,10 @@ def qtasks_executor_args(
     run: TaskRun,
 ) -> tuple[list[Any], dict[str, Any]] | None:
     """Transform: return ``(args, kwargs)`` to call the task with, or ``None`` (unchanged).
-    ``run`` is this execution (``run.state`` is per-run space for plugins). Used by the built-in
-    State and Depends plugin to inject values."""
+    ``run`` is this execution (``run.state`` is per-run space for plugins). Implementations
+    see the caller's arguments: the core's own steps come after them (a workflow step's
+    input, then the ``Depends`` and State values; :meth:`TaskExecutor.arguments
+    <qtasks.executor.TaskExecutor.arguments>`)."""
 
 
 @hookspec

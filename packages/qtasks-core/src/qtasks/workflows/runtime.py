@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,6 @@ from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope
-from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.canvas import Node, Signature
 from qtasks.workflows.plan import GENERATION, INPUT, WORKFLOW_TASK, Spec, compile_plan
@@ -22,7 +21,6 @@ from qtasks.workflows.plan import GENERATION, INPUT, WORKFLOW_TASK, Spec, compil
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.executor import TaskRun
-    from qtasks.task import TaskDef
 
 log = logging.getLogger("qtasks.workflows")
 
@@ -309,31 +307,10 @@ def gate_envelopes(messages: Sequence[GateMessage], now: float) -> list[Envelope
     ]
 
 
-class WorkflowPlugin:
-    """Registered on every app: gives a workflow step its input (the predecessors' results,
-    read from storage) as its first argument when it starts. A task that is not such a step
-    costs one header lookup."""
-
-    name = "qtasks.workflows"
-
-    @hookimpl
-    def qtasks_executor_args(
-        self,
-        app: AsyncQueueTasks,
-        task: TaskDef[..., Any],
-        record: TaskRecord,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        run: TaskRun,
-    ) -> Awaitable[tuple[list[Any], dict[str, Any]]] | None:
-        # Not async: a task that is no workflow step costs a call and a lookup, no coroutine.
-        headers = run.message.headers
-        if not headers or INPUT not in headers:
-            return None
-        return _with_input(app, headers[INPUT], record.uuid, args, kwargs)
-
-
-async def _with_input(
-    app: AsyncQueueTasks, spec: Spec, uuid: str, args: list[Any], kwargs: dict[str, Any]
-) -> tuple[list[Any], dict[str, Any]]:
-    return [await resolve(app, spec, uuid), *args[1:]], kwargs
+async def with_input(run: TaskRun, args: list[Any]) -> list[Any]:
+    """``args`` of a workflow step (its message has the ``INPUT`` header) with its input,
+    the predecessors' results read from storage, as the first argument (the executor's
+    step after the ``qtasks_executor_args`` transform). Raises
+    :class:`~qtasks.errors.WorkflowInputError` when a predecessor's record is gone or did
+    not succeed: not retried, it would not heal."""
+    return [await resolve(run.app, run.message.headers[INPUT], run.record.uuid), *args[1:]]
