@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 
 from qtasks.components import Broker
 from qtasks.config import QueueConfig
@@ -443,3 +444,22 @@ async def test_an_idle_consumer_learns_a_lease_taken_while_it_slept(
         assert at - published >= lease  # redelivered because the lease ran out, not before
         assert not await first.ack()  # the stalled holder is fenced off
         assert await second.ack()
+
+
+async def test_wake_ups_stop_at_64_while_nobody_consumes(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Every publish pushes one wake-up for the idle consumers, 64 at most; a consumer then
+    takes every message, and the claim that empties the queue drops the wake-ups left."""
+    broker = await make(stack, redis_url, prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    stack.push_async_callback(client.aclose)
+    notify = f"{{{prefix}:q}}:notify"
+    for i in range(100):
+        await broker.publish(Envelope(f"m{i}", b"x"))
+    assert await client.llen(notify) == 64
+    async with broker.consume(prefetch=200) as it:
+        taken = [await take(it) for _ in range(100)]
+        assert await client.llen(notify) == 0
+        assert all([await d.ack() for d in taken])
+    assert {d.id for d in taken} == {f"m{i}" for i in range(100)}

@@ -3,6 +3,7 @@ when the storage is on the same server, with the same fencing as the plain path.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -309,6 +310,40 @@ async def test_consume_begun_begins_records_in_the_claim(
     cancelled = got["gone"].begun
     assert cancelled is not None and cancelled.status is TaskStatus.CANCEL  # final: unchanged
     assert (await storage.stats())["process"] == 2
+
+
+async def test_the_claim_reads_each_bodys_attempt_as_a_json_parser_does(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """The claim reads the attempt of the codec's compact bodies without decoding them, and
+    decodes any other: an 'attempt' key in the kwargs or headers, a string holding the text,
+    spaced JSON; the begun attempt is always the parsed one plus one."""
+    broker, storage = await parts(stack, redis_url, prefix)
+    codec = Codec()
+    bodies = {
+        "plain": codec.encode(Message(uuid="plain", task_name="t", attempt=4)).body,
+        "kwarg": codec.encode(
+            Message(uuid="kwarg", task_name="t", kwargs={"attempt": 9}, attempt=2)
+        ).body,
+        "header": codec.encode(
+            Message(uuid="header", task_name="t", headers={"attempt": 7}, attempt=1)
+        ).body,
+        "text": codec.encode(
+            Message(uuid="text", task_name="t", args=['"attempt":8'], attempt=3)
+        ).body,
+        "spaced": json.dumps(
+            {"v": 1, "uuid": "spaced", "task": "t", "args": [], "kwargs": {}, "attempt": 5}
+        ).encode(),
+    }
+    for uuid, body in bodies.items():
+        await broker.publish_new(Envelope(id=uuid, body=body), storage, new_record(uuid))
+    async with broker.consume_begun(
+        prefetch=10, storage=storage, worker="w-1", starts=lambda: 10
+    ) as it:
+        got = {d.id: d.begun for d in [await take(it) for _ in bodies]}
+    for uuid, body in bodies.items():
+        record = got[uuid]
+        assert record is not None and record.attempt == json.loads(body)["attempt"] + 1, uuid
 
 
 async def test_consume_begun_refuses_a_storage_elsewhere(

@@ -22,6 +22,7 @@ Time is always the Redis server's (``TIME``), so clients with skewed clocks agre
 from __future__ import annotations
 
 from qtasks_redis.connection import Script
+from qtasks_redis.lua_time import SERVER_TIME
 
 KEY_NAMES = (
     "ready",
@@ -38,17 +39,14 @@ KEY_NAMES = (
     "dlq",
 )
 
-PRELUDE = r"""
+PRELUDE = (
+    SERVER_TIME
+    + r"""
 local K_READY, K_DELAYED, K_INFLIGHT, K_BODY, K_META, K_ATT, K_TOK, K_SEQ, K_NOTIFY,
       K_DLBODY, K_DLMETA, K_DLQ =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
   KEYS[10], KEYS[11], KEYS[12]
 local SPAN = 10000000000000
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 
 local function ready_score(prio)
   -- Priorities are clamped to +-899 so the score stays an exact integer in a double.
@@ -58,7 +56,9 @@ local function ready_score(prio)
 end
 
 local function notify()
-  if redis.call('LLEN', K_NOTIFY) < 64 then redis.call('RPUSH', K_NOTIFY, '1') end
+  -- At most 64 wake-ups wait (none blocks on a list that long): a push past that is taken
+  -- back, in the same call.
+  if redis.call('RPUSH', K_NOTIFY, '1') > 64 then redis.call('RPOP', K_NOTIFY) end
 end
 
 local function schedule(id, prio, eta, now)
@@ -111,6 +111,7 @@ local function valid(id, token)
   return redis.call('HGET', K_TOK, id) == token
 end
 """
+)
 
 PUBLISH = Script(
     PRELUDE

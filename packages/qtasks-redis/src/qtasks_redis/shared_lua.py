@@ -12,6 +12,7 @@ import re
 
 from qtasks_redis import broker_lua, storage_lua
 from qtasks_redis.connection import Script
+from qtasks_redis.lua_time import second
 
 STORAGE_KEYS = 10
 """Keys of one task record: rec, wake, steps and the seven status indexes."""
@@ -42,7 +43,7 @@ def _combine(storage: Script, broker: Script, broker_args: int, *, gate: bool) -
     run_broker = "if saved ~= 0 then broker(ba) end" if gate else "broker(ba)"
     return Script(
         storage_lua.PRELUDE
-        + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
+        + _keys_from(second(broker_lua.PRELUDE), STORAGE_KEYS)
         + f"""
 local function storage(ARGV)
 {_body(storage, storage_lua.PRELUDE)}
@@ -76,9 +77,7 @@ BEGINS = (
 local BEGINS_END = 2 + 4 * tonumber(ARGV[2])
 local function begin_all(out)
   if BEGINS_END < 3 then return end
-  local t = redis.call('TIME')
-  local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local updated, now = updated_at(), now_ms()
   for j = 3, BEGINS_END, 4 do
     local uuid = ARGV[j]
     local cur = begin_one(TAG .. ':r:' .. uuid, uuid, ARGV[j + 1], ARGV[j + 2], ARGV[j + 3],
@@ -98,21 +97,13 @@ def _ack_finals(*, begins: bool) -> Script:
     first = "BEGINS_END" if begins else "1"
     return Script(
         storage_lua.PRELUDE
-        + _keys_from(broker_lua.PRELUDE, STORAGE_KEYS)
+        + _keys_from(second(broker_lua.PRELUDE), STORAGE_KEYS)
         + f"""
 -- ACK_FINAL for several tasks: KEYS are ACK_FINAL's for the first task (its record keys are
 -- rebuilt here for every task from the storage's key tag, so this runs only outside Redis
 -- Cluster); ARGV: the tag, then per task SAVE's {SAVE_ARGS} arguments and ACK's (id, token).
 -- Returns each task's SAVE reply.
 local TAG = ARGV[1]
-local now_cached = false
-local function now_ms()  -- the server time, read once for the whole batch
-  if not now_cached then
-    local t = redis.call('TIME')
-    now_cached = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  return now_cached
-end
 local function storage(ARGV)
 {_body(storage_lua.SAVE, storage_lua.PRELUDE)}
 end
@@ -168,6 +159,18 @@ local to_begin = tonumber(ARGV[8])
 local REC_PREFIX = TAG .. ':r:'
 local WAKE_TTL = 120000
 local begun_at, begun_ms = false, 0  -- the server time, read once per claim
+-- The message's attempt (executions made): read from the codec's compact JSON without
+-- decoding it when the key occurs once (a kwarg or header named 'attempt' makes two); else
+-- decoded. nil when there is none to read.
+local function body_attempt(body)
+  if string.sub(body, 1, 5) == '{"v":' then
+    local _, e, n = string.find(body, '"attempt":(%d+)')
+    if e and not string.find(body, '"attempt":', e + 1, true) then return tonumber(n) end
+  end
+  local ok, message = pcall(cjson.decode, body)
+  if ok and type(message) == 'table' then return tonumber(message.attempt) end
+  return nil
+end
 -- Appends the record's {d, s, t, cr, u, n, a, w} (as BEGIN returns them), all false when
 -- there is no record.
 local function on_claim(id, body, token, out)
@@ -183,14 +186,10 @@ local function on_claim(id, body, token, out)
       redis.call('RPUSH', TAG .. ':at:' .. id, cjson.encode(cur))
       redis.call('HSET', rec, 'k', '1')
     end
-    if not begun_at then
-      local t = redis.call('TIME')
-      begun_at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-      begun_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    end
-    local ok, message = pcall(cjson.decode, body)
-    if ok and type(message) == 'table' and tonumber(message.attempt) then
-      cur[7] = tostring(tonumber(message.attempt) + 1)
+    if not begun_at then begun_at, begun_ms = updated_at(), now_ms() end
+    local attempt = body_attempt(body)
+    if attempt then
+      cur[7] = tostring(attempt + 1)
       redis.call('HSET', rec, 's', 'process', 't', token, 'w', WORKER, 'u', begun_at,
                  'a', cur[7])
     else
@@ -208,12 +207,10 @@ local function on_dead(id, reason)
   local rec = REC_PREFIX .. id
   local status = redis.call('HGET', rec, 's')
   if not status or FINAL[status] then return end
-  local t = redis.call('TIME')
-  local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  local updated, now = updated_at(), now_ms()
   redis.call('HSET', rec, 's', 'error', 't', 'dead-letter', 'e', 'dead-lettered: ' .. reason,
              'u', updated)
   if IDX[status] then redis.call('ZREM', IDX[status], id) end
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('ZADD', IDX['error'], now, id)
   -- The task name's index of final records (see storage_lua).
   local ok, v = pcall(cjson.decode, redis.call('HGET', rec, 'd') or '')

@@ -22,20 +22,18 @@ records by some writes (see ``prune``), by :meth:`stats` and by the queries that
 from __future__ import annotations
 
 from qtasks_redis.connection import Script
+from qtasks_redis.lua_time import SERVER_TIME
 
 STATUSES = ("new", "process", "success", "error", "cancel", "retry", "expired")
 
-PRELUDE = r"""
+PRELUDE = (
+    SERVER_TIME
+    + r"""
 local K_REC, K_WAKE, K_STEPS = KEYS[1], KEYS[2], KEYS[3]
 local IDX = {new = KEYS[4], process = KEYS[5], success = KEYS[6], error = KEYS[7],
              cancel = KEYS[8], retry = KEYS[9], expired = KEYS[10]}
 local FINAL = {success = true, error = true, cancel = true, expired = true}
 local WAKE_TTL = 120000
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 
 local function index(uuid, old, new, now)
   if old and IDX[old] then redis.call('ZREM', IDX[old], uuid) end
@@ -121,6 +119,7 @@ local function finished(ttl)
   end
 end
 """
+)
 
 SAVE = Script(
     PRELUDE
@@ -169,9 +168,7 @@ CANCEL = Script(
 local cur = redis.call('HMGET', K_REC, 'd', 's')
 if not cur[1] then return false end
 if not FINAL[cur[2]] then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  local now, updated = now_ms(), updated_at()
   redis.call('HSET', K_REC, 's', 'cancel', 'cr', ARGV[2], 'u', updated)
   index(ARGV[1], cur[2], 'cancel', now)
   local name, parent = record_name(cur[1])
@@ -200,9 +197,7 @@ local cur = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 
 local stale = stale_copy(cur, tonumber(ARGV[6]))
 if cur[1] and (FINAL[cur[2]] or stale) then return cur end
 if not cur[1] and ARGV[2] == '' then return false end
-local t = redis.call('TIME')
-local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local updated, now = updated_at(), now_ms()
 if not cur[1] then
   redis.call('HSET', K_REC, 'd', ARGV[2], 's', 'process', 't', ARGV[3], 'u', updated)
   index(ARGV[1], false, 'process', now)

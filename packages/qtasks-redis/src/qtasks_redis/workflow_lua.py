@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from qtasks_redis import broker_lua, shared_lua, storage_lua
 from qtasks_redis.connection import Script
+from qtasks_redis.lua_time import second
 from qtasks_redis.shared_lua import SAVE_ARGS as _SAVE_ARGS
 from qtasks_redis.shared_lua import STORAGE_KEYS as _STORAGE_KEYS
 from qtasks_redis.shared_lua import _body, _keys_from
@@ -38,11 +39,7 @@ local function rec_keys(uuid)  -- point the storage prelude's functions at one r
   K_REC, K_WAKE, K_STEPS = TAG .. ':r:' .. uuid, TAG .. ':w:' .. uuid, TAG .. ':s:' .. uuid
 end
 
-local function stamp()
-  local t = redis.call('TIME')
-  return t[1] .. '.' .. string.format('%06d', tonumber(t[2])),
-         tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local function stamp() return updated_at(), now_ms() end
 
 -- Turn a record that is not final yet final (as the storage's CANCEL does), writing the
 -- override field (e: error, cr: cancel reason) when given; returns its old status or false.
@@ -214,7 +211,7 @@ local function publish_opened(w, opened, ids)
 end
 """
 
-_TWO_PRELUDES = storage_lua.PRELUDE + _keys_from(broker_lua.PRELUDE, _STORAGE_KEYS)
+_TWO_PRELUDES = storage_lua.PRELUDE + _keys_from(second(broker_lua.PRELUDE), _STORAGE_KEYS)
 
 _FUNCTIONS = (
     f"""
@@ -418,7 +415,7 @@ CLAIM_BEGIN_WF = Script(
     _CLAIM_HEAD
     # The storage prelude over CLAIM_BEGIN's keys: its status indexes are KEYS[13..18]; the
     # record keys it would read (KEYS[10..12]) are set by rec_keys before any use.
-    + _keys_from(storage_lua.PRELUDE, 9)
+    + _keys_from(second(storage_lua.PRELUDE), 9)
     + WF_PRELUDE
     + f"""
 local function broker_publish(ARGV)
