@@ -28,12 +28,11 @@ from qtasks_redis.connection import (
     guarded,
 )
 from qtasks_redis.flow import RedisFlowControl
+from qtasks_redis.lua_time import SERVER_TIME
 
-_PRELUDE = r"""
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+_PRELUDE = (
+    SERVER_TIME
+    + r"""
 local function put(idx, key, name, value, ttl)
   if ttl then
     redis.call('SET', key, value, 'PX', ttl)
@@ -44,6 +43,7 @@ local function put(idx, key, name, value, ttl)
   end
 end
 """
+)
 
 # KEYS: idx, key. ARGV: name, value, ttl_ms ('' for none), only_if_absent ('1'/'0')
 _SET = Script(

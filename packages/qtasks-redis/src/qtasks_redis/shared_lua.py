@@ -161,7 +161,8 @@ local WAKE_TTL = 120000
 local begun_at, begun_ms = false, 0  -- the server time, read once per claim
 -- The message's attempt (executions made): read from the codec's compact JSON without
 -- decoding it when the key occurs once (a kwarg or header named 'attempt' makes two); else
--- decoded. nil when there is none to read.
+-- decoded. nil when there is none to read. The memory broker reads it by the same rule
+-- (qtasks.memory.broker._body_attempt).
 local function body_attempt(body)
   if string.sub(body, 1, 5) == '{"v":' then
     local _, e, n = string.find(body, '"attempt":(%d+)')

@@ -294,7 +294,8 @@ end
 """A Lua function shared by :data:`BEGIN_MANY` and the shared server's settle-and-begin."""
 
 BEGIN_MANY = Script(
-    r"""
+    SERVER_TIME
+    + r"""
 -- BEGIN of several records that exist. KEYS: one record key per task, then the seven status
 -- indexes (new, process, success, error, cancel, retry, expired). ARGV: for each task its
 -- uuid, token, attempt and worker. Returns {d, s, t, cr, u, n, a, w} per task, in order:
@@ -308,9 +309,7 @@ local FINAL = {success = true, error = true, cancel = true, expired = true}
 """
     + BEGIN_ONE
     + r"""
-local t = redis.call('TIME')
-local updated = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local updated, now = updated_at(), now_ms()
 local out = {}
 for i = 1, n do
   local j = (i - 1) * 4
