@@ -603,7 +603,9 @@ async def test_a_workflow_that_cannot_be_stored_fires_enqueue_failed_for_each_me
 class ForgetfulStorage(MemoryStorage):
     """Reads the records in ``gone`` as missing (expired, say)."""
 
-    gone: set[str] = set()
+    def __init__(self) -> None:
+        super().__init__()
+        self.gone: set[str] = set()
 
     async def get_many(self, uuids: Any) -> list[TaskRecord | None]:
         records = await super().get_many(uuids)
@@ -614,7 +616,6 @@ async def test_a_step_whose_input_is_gone_fails_once_naming_it() -> None:
     """A step whose predecessor's record is gone fails with WorkflowInputError, not retried
     (it would not heal), and the workflow fails with it."""
     storage = ForgetfulStorage()
-    storage.gone = set()
     app = AsyncQueueTasks(storage=storage, config=QueueConfig(retry=3, retry_backoff=0))
     runs: list[int] = []
 

@@ -62,7 +62,13 @@ class InvalidQueryError(QTasksError, ValueError):
         super().__init__(f"invalid task query: {problem}")
 
 
-class SerializationError(QTasksError, ValueError):
+class PermanentError(QTasksError):
+    """An error no new attempt heals: a task that ends with one is not retried, whatever its
+    retry policy (a broken plugin, a result the serializer cannot encode, a workflow input
+    that is gone)."""
+
+
+class SerializationError(PermanentError, ValueError):
     """A value could not be encoded or decoded by the app's serializer."""
 
 
@@ -144,7 +150,7 @@ class LeaseLostError(ComponentError):
     """A worker presented a stale delivery token: another attempt owns this message now."""
 
 
-class PluginError(QTasksError):
+class PluginError(PermanentError):
     """A plugin is broken: it names an unknown hook, or a hook implementation raised."""
 
     def __init__(self, plugin: str, message: str) -> None:
@@ -165,7 +171,7 @@ class WorkflowError(QTasksError, ValueError):
     value that is not a signature, a storage without workflow support."""
 
 
-class WorkflowInputError(WorkflowError):
+class WorkflowInputError(WorkflowError, PermanentError):
     """A workflow step's input could not be read from its predecessors' records (one is
     missing, expired, or did not succeed); the step fails with this error."""
 

@@ -20,12 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import Delivery
-from qtasks.errors import (
-    PluginError,
-    SerializationError,
-    TaskCancelledError,
-    WorkflowInputError,
-)
+from qtasks.errors import PermanentError, PluginError, TaskCancelledError
 from qtasks.executor import TaskRun
 from qtasks.finals import refused, stored_final, succeeded
 from qtasks.messages import Message
@@ -168,9 +163,7 @@ class Settlement:
         record.error = f"{type(outcome).__name__}: {outcome}"
         await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
         delay: float | None = None
-        # Not retried: a broken plugin, an unencodable result, a workflow input that is gone
-        # (none heals by running again).
-        if not isinstance(outcome, PluginError | SerializationError | WorkflowInputError):
+        if not isinstance(outcome, PermanentError):
             headers = run.message.headers
             if headers and RETRY_HEADER in headers:  # a signature's own retry=
                 task = task.with_options(retry=headers[RETRY_HEADER])
