@@ -845,3 +845,119 @@ async def test_with_the_default_propagator_the_plugin_reads_and_writes_w3c_itsel
     spans = await ok_under_a_request(app, traces)
     assert_child(one(spans, "send ok"), one(spans, "request"))
     assert_child(one(spans, "process ok"), one(spans, "send ok"))
+
+
+# --- root spans the plugin samples itself ---------------------------------------------------
+
+
+def ratio_samplers() -> dict[str, Any]:
+    from opentelemetry.sdk.trace.sampling import (
+        ALWAYS_OFF,
+        ParentBased,
+        ParentBasedTraceIdRatio,
+        TraceIdRatioBased,
+    )
+
+    return {
+        "parent-based ratio": ParentBased(TraceIdRatioBased(0.5)),
+        "ParentBasedTraceIdRatio": ParentBasedTraceIdRatio(0.3),
+        "ratio alone": TraceIdRatioBased(0.7),
+        "parent-based off": ParentBased(ALWAYS_OFF),
+        "off": ALWAYS_OFF,
+    }
+
+
+@pytest.mark.parametrize("with_baggage", [False, True])
+@pytest.mark.parametrize("sampler", list(ratio_samplers()))
+def test_a_root_the_plugin_samples_itself_is_what_the_sdk_would_make(
+    sampler: str, with_baggage: bool
+) -> None:
+    """The same draws of ``random`` (the SDK's id generator) give the same headers, span for
+    span, whether the SDK starts every root span or the plugin decides them; the roots kept
+    are recorded (by the SDK, with the trace id the plugin drew), the others are not."""
+    import random
+
+    from opentelemetry import baggage, context, propagate
+    from opentelemetry.sdk.trace import TracerProvider
+
+    def provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+        exporter = InMemorySpanExporter()
+        made = TracerProvider(sampler=ratio_samplers()[sampler])
+        made.add_span_processor(SimpleSpanProcessor(exporter))
+        return made, exporter
+
+    current = baggage.set_baggage("user", "alice") if with_baggage else context.Context()
+    n = 200
+    sdk, sdk_spans = provider()
+    tracer = sdk.get_tracer("qtasks_web.tracing")
+    random.seed(12)
+    theirs: list[dict[str, Any]] = []
+    for _ in range(n):
+        span = tracer.start_span("send t", context=current, kind=trace.SpanKind.PRODUCER)
+        headers: dict[str, Any] = {}
+        propagate.inject(headers, context=trace.set_span_in_context(span, current))
+        theirs.append(headers)
+        span.end()
+
+    mine_provider, mine_spans = provider()
+    plugin = TracingPlugin(tracer_provider=mine_provider)
+    assert plugin._root_sampling() is not None  # answered here (its one probe drawn first)
+    token = context.attach(current)
+    try:
+        random.seed(12)
+        mine: list[dict[str, Any]] = []
+        for i in range(n):
+            message = Message(
+                uuid=f"m{i}", task_name="t", args=[], kwargs={}, priority=0, created_at=0.0
+            )
+            assert plugin.qtasks_task_enqueue(message) is message
+            mine.append(message.headers)
+            span = plugin._sending.pop(message.uuid, None)
+            if span is not None:
+                span.end()
+    finally:
+        context.detach(token)
+    assert mine == theirs
+    kept = [int(h["traceparent"][-2:], 16) & 0x01 for h in theirs]
+    recorded = sorted(s.context.trace_id for s in mine_spans.get_finished_spans())
+    assert recorded == sorted(s.context.trace_id for s in sdk_spans.get_finished_spans())
+    assert len(recorded) == sum(kept)
+    if "off" in sampler:
+        assert recorded == []
+    else:
+        assert 0 < len(recorded) < n  # both kinds of root were made
+
+
+def test_roots_the_plugin_cannot_answer_for_go_to_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.sampling import (
+        ALWAYS_ON,
+        ParentBased,
+        TraceIdRatioBased,
+    )
+
+    from qtasks_web.sampling import Roots
+
+    class Mine(TraceIdRatioBased):
+        """A ratio sampler of the user's own (a subclass: its decisions may differ)."""
+
+    assert Roots.of(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1))), "t") is not None
+    assert Roots.of(TracerProvider(sampler=ParentBased(Mine(0.1))), "t") is None
+    assert Roots.of(TracerProvider(sampler=ParentBased(ALWAYS_ON)), "t") is None
+    assert Roots.of(TracerProvider(sampler=TraceIdRatioBased(1.0)), "t") is None  # all kept
+    assert Roots.of(trace.NoOpTracerProvider(), "t") is None
+    # The SDK's own span metrics count the spans it drops: then it makes every one.
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    assert Roots.of(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1))), "t") is None
+
+
+async def test_with_the_sdks_span_metrics_on_it_is_asked_under_an_unsampled_parent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    from qtasks_web.sampling import drops_unsampled
+
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    assert drops_unsampled(provider)
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    assert not drops_unsampled(provider)

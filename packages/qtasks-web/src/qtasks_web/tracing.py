@@ -17,7 +17,6 @@ Only ``opentelemetry-api`` is needed: without an SDK configured every span is a 
 from __future__ import annotations
 
 import re
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from qtasks import hookimpl
 from qtasks.record import TaskStatus
+from qtasks_web.sampling import Roots, drops_unsampled
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
@@ -87,6 +87,10 @@ class TracingPlugin:
         self._skip = False
         """Whether the sampler of ``_skip_for`` (the provider last asked) drops every span
         under an unsampled remote parent (see :meth:`_skips`)."""
+        self._roots_for: Any = None
+        self._roots: Roots | None = None
+        """How ``_roots_for`` (the provider last asked) samples root spans, when the plugin
+        can decide it itself (see :meth:`_root_sampling`)."""
         self._textmap: Any = None
         self._fields: frozenset[str] = frozenset()
         """The header names the global propagator reads (cached per propagator)."""
@@ -119,8 +123,8 @@ class TracingPlugin:
 
         Such a sampler's answer is known without asking: ``DROP``, whatever the span. The SDK
         would then make a non-recording span (the parent's trace id and trace state,
-        unsampled, an id of its own) that no exporter sees, at ~3 us (nor would its own span
-        metrics count it, when enabled). The plugin makes none and passes the parent's
+        unsampled, an id of its own) that no exporter sees, at ~3 us (with the SDK's own span
+        metrics on, which count it, the SDK is asked). The plugin makes none and passes the parent's
         context on as it is: what the task's code and the tasks it enqueues see is that
         trace, unsampled, so their spans are dropped too. Their parent is then the remote
         one rather than the SDK's local non-recording span, which is why the local rule
@@ -131,8 +135,20 @@ class TracingPlugin:
             return False
         provider = self._provider if self._provider is not None else trace.get_tracer_provider()
         if provider is not self._skip_for:
-            self._skip_for, self._skip = provider, _drops_unsampled(provider)
+            self._skip_for, self._skip = provider, drops_unsampled(provider)
         return self._skip
+
+    def _root_sampling(self) -> Roots | None:
+        """How the provider samples root spans, when the plugin can decide it without the
+        SDK (:class:`~qtasks_web.sampling.Roots`: the ratio sampler
+        docs/metrics-and-tracing.md recommends, under ``ParentBased`` or alone): a root span
+        it drops (99 % of them at 1 %) then costs a trace id, a span id and a header, not a
+        tracer's ``start_span``."""
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if provider is not self._roots_for:
+            self._roots_for = provider
+            self._roots = Roots.of(provider, "qtasks_web.tracing")
+        return self._roots
 
     def _propagation(self) -> bool:
         """Refresh the cached facts about the global propagator; whether it is the API's
@@ -154,14 +170,27 @@ class TracingPlugin:
         # An empty context (an enqueue outside any trace) holds no baggage: not looked up.
         if self._propagation() and (not current or not baggage.get_all(current)):
             span_context = span.get_span_context()
-            headers["traceparent"] = (
-                f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
-                f"-{span_context.trace_flags:02x}"
+            headers["traceparent"] = _traceparent(
+                span_context.trace_id, span_context.span_id, span_context.trace_flags
             )
             if span_context.trace_state:
                 headers["tracestate"] = span_context.trace_state.to_header()
             return
         propagate.inject(headers, context=trace.set_span_in_context(span, current))
+
+    def _inject_dropped(
+        self, headers: dict[str, Any], roots: Roots, trace_id: int, current: context.Context
+    ) -> None:
+        """Write the context of a root span ``roots`` drops, of ``trace_id``, as
+        :meth:`_inject` writes a span's: what the SDK's non-recording span would carry."""
+        span_id = roots.span_id()
+        if self._propagation() and (not current or not baggage.get_all(current)):
+            headers["traceparent"] = _traceparent(trace_id, span_id, roots.flags)
+            return
+        dropped = SpanContext(
+            trace_id, span_id, is_remote=False, trace_flags=TraceFlags(roots.flags)
+        )
+        self._inject(headers, trace.NonRecordingSpan(dropped), current)
 
     def _extract(self, headers: dict[str, Any]) -> tuple[context.Context, SpanContext]:
         """The context ``headers`` carry, as the global propagator extracts it, and its span
@@ -199,15 +228,24 @@ class TracingPlugin:
         current = context.get_current()
         parent = trace.get_current_span(current)
         parent_span = parent.get_span_context()
+        roots: Roots | None = None
         if not parent_span.is_valid:
             if self._idle():
                 return None  # the API's no-op tracer and no trace to continue
+            roots = self._root_sampling()
         elif self._skips(parent_span):
             self._inject(message.headers, parent, current)  # the unsampled trace goes on
             return message
         name = message.task_name
+        tracer = self._tracer
+        if roots is not None:
+            trace_id = roots.draw()
+            if not roots.kept(trace_id):  # a root the sampler drops: no span, its context
+                self._inject_dropped(message.headers, roots, trace_id, current)
+                return message
+            tracer = roots.handing(trace_id)
         # Only what a sampler may decide on is built before it has decided.
-        span = self._tracer.start_span(
+        span = tracer.start_span(
             f"send {name}",
             context=current,
             kind=SpanKind.PRODUCER,
@@ -370,6 +408,11 @@ class TracingPlugin:
         span.end()
 
 
+def _traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    """A ``traceparent`` header of version 00, as the W3C propagator writes it."""
+    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+
+
 def _for_sampler(operation: str, task_name: str) -> dict[str, Any]:
     """The messaging semantic-convention attributes of a ``send`` or ``process`` span that a
     sampler may decide on, given when the span starts (the rest is set once it records)."""
@@ -393,28 +436,4 @@ def _is_w3c(textmap: Any) -> bool:
     return isinstance(parts, list | tuple) and [type(p) for p in parts] in (
         [TraceContextTextMapPropagator, W3CBaggagePropagator],
         [TraceContextTextMapPropagator],
-    )
-
-
-def _drops_unsampled(provider: object) -> bool:
-    """Whether ``provider``'s sampler is the SDK's ``ParentBased`` (or a subclass that keeps
-    its ``should_sample``, such as ``ParentBasedTraceIdRatio``) whose delegates for an
-    unsampled parent, remote and local, are the SDK's ``StaticSampler`` dropping: the one
-    case :meth:`TracingPlugin._skips` answers for it. The SDK is not imported here (only the
-    API is needed at run time): a provider with an SDK sampler has imported it already."""
-    sampling = sys.modules.get("opentelemetry.sdk.trace.sampling")
-    sampler = getattr(provider, "sampler", None)
-    if sampling is None or not isinstance(sampler, sampling.ParentBased):
-        return False
-    if type(sampler).should_sample is not sampling.ParentBased.should_sample:
-        return False  # a sampler of the user's own: it gets every decision
-
-    def drops(delegate: object) -> bool:
-        return (
-            type(delegate) is sampling.StaticSampler
-            and getattr(delegate, "_decision", None) is sampling.Decision.DROP
-        )
-
-    return drops(getattr(sampler, "_remote_parent_not_sampled", None)) and drops(
-        getattr(sampler, "_local_parent_not_sampled", None)
     )
