@@ -226,6 +226,8 @@ class TracingPlugin:
         write (the span is the API's invalid no-op one)."""
         # The current context, read once and handed on (the SDK would read it three times).
         current = context.get_current()
+        if not current and self._idle():
+            return None  # an empty context (no trace to continue), the API's no-op tracer
         parent = trace.get_current_span(current)
         parent_span = parent.get_span_context()
         roots: Roots | None = None
