@@ -37,8 +37,10 @@ Workloads (same code for every peer, in ``_common.py``):
   the worker is stopped.
 
 ``--only`` picks the workloads (default ``W1,W2,W3``); ``--rounds R`` runs the selected peers R
-times, interleaved (every peer once per round), and prints each round's W1-W3 table and, for SC,
-the median of each figure over all the runs. The results file is rewritten after every peer's
+times, interleaved (every peer once per round), and prints each round's W1-W3 table, then (with
+more than one round) the median of each W1-W3 figure over all the runs with W1's rate per run,
+and, for SC, the median of each figure over all the runs; the medians are also in the results
+file (``medians``, ``sc_medians``). The results file is rewritten after every peer's
 run, so an interrupted run keeps what it measured; it records ``uptime`` at the start and end and
 the load averages before and after each peer's run.
 """
@@ -55,7 +57,6 @@ import selectors
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -65,6 +66,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tables import figures, medians_table, sc_medians, sc_table, table, w_medians
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -531,147 +534,6 @@ def run_peer(
 # --- report -----------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
-def figures(result: dict[str, Any]) -> dict[str, float | None]:
-    w1 = result.get("W1") or {}
-    w2 = result.get("W2") or {}
-    w3 = result.get("W3") or {}
-    return {
-        "w1_rate": w1.get("rate"),
-        "w1_enqueue_rate": w1.get("enqueue_rate"),
-        "w2_p50": w2.get("p50_ms"),
-        "w2_p95": w2.get("p95_ms"),
-        "w2_p99": w2.get("p99_ms"),
-        "w3_wall": w3.get("wall_s"),
-        "sc_p50": (result.get("SC") or {}).get("p50_ms"),
-        "rss_c10": result.get("rss_c10_mib"),
-        "rss_c100": w3.get("rss_c100_mib"),
-    }
-
-
-# Which direction is better for each figure.
-HIGHER_IS_BETTER = {"w1_rate": True, "w2_p50": False, "w2_p95": False, "w3_wall": False}
-
-
-def best_peers(results: list[dict[str, Any]], broker: str) -> dict[str, tuple[str, float]]:
-    best: dict[str, tuple[str, float]] = {}
-    for result in results:
-        if result["broker"] != broker or result["peer"].startswith("qtasks"):
-            continue
-        figs = figures(result)
-        for key, higher in HIGHER_IS_BETTER.items():
-            value = figs[key]
-            if value is None:
-                continue
-            current = best.get(key)
-            if current is None or (value > current[1] if higher else value < current[1]):
-                best[key] = (result["peer"], value)
-    return best
-
-
-def table(results: list[dict[str, Any]], broker: str, sizes: dict[str, int]) -> str:
-    ideal = sizes.get("w3", FULL["w3"]) * 0.010 / 100
-    rows = [
-        "| framework | W1 tasks/s | W1 enqueue/s | W2 p50 ms | W2 p95 ms | W2 p99 ms "
-        f"| W3 wall s (ideal {ideal:.2f}) | RSS c=10 MiB | RSS c=100 MiB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for result in results:
-        if result["broker"] != broker:
-            continue
-        if "skipped" in result:
-            rows.append(f"| {result['peer']} | skipped: {result['skipped']} |||||||| ")
-            continue
-        f = figures(result)
-        w3 = "-" if f["w3_wall"] is None else f"{f['w3_wall']:.3f} ({f['w3_wall'] / ideal:.2f}x)"
-        rows.append(
-            f"| {result['peer']} | {_fmt(f['w1_rate'])} | {_fmt(f['w1_enqueue_rate'])} "
-            f"| {_fmt(f['w2_p50'], 2)} | {_fmt(f['w2_p95'], 2)} | {_fmt(f['w2_p99'], 2)} "
-            f"| {w3} | {_fmt(f['rss_c10'], 0)} | {_fmt(f['rss_c100'], 0)} |"
-        )
-    best = best_peers(results, broker)
-    if best:
-        rows.append("")
-        names = {"w1_rate": "W1", "w2_p50": "W2 p50", "w2_p95": "W2 p95", "w3_wall": "W3"}
-        for key, (name, value) in best.items():
-            rows.append(f"- best peer {names[key]}: {name} ({value:,.2f})")
-        for result in results:
-            if result["broker"] != broker or not result["peer"].startswith("qtasks"):
-                continue
-            f = figures(result)
-            ratios = []
-            for key, (_, value) in best.items():
-                mine = f[key]
-                if mine:
-                    ratio = mine / value if HIGHER_IS_BETTER[key] else value / mine
-                    ratios.append(f"{names[key]} {ratio:.2f}x")
-            if ratios:
-                rows.append(f"- {result['peer']} vs best peer (>1 is better): {', '.join(ratios)}")
-    errors = [f"- {r['peer']}: {e}" for r in results if r["broker"] == broker for e in r["errors"]]
-    if errors:
-        rows += ["", "Errors:", *errors]
-    return "\n".join(rows)
-
-
-SC_FIGURES = ("p50_ms", "p95_ms", "p99_ms", "mean_ms")
-
-
-def sc_medians(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per framework, the median of each SC figure over all its runs that measured SC."""
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for result in results:
-        if result.get("SC"):
-            runs.setdefault(result["peer"], []).append(result["SC"])
-    out: dict[str, dict[str, Any]] = {}
-    for peer, scs in runs.items():
-        out[peer] = {
-            "runs": len(scs),
-            **{key: round(statistics.median(sc[key] for sc in scs), 3) for key in SC_FIGURES},
-            "p50_ms_per_run": [sc["p50_ms"] for sc in scs],
-        }
-    return out
-
-
-def sc_table(results: list[dict[str, Any]], broker: str) -> str:
-    """SC medians over the runs, one row per framework, then qtasks against the best peer."""
-    medians = sc_medians([r for r in results if r["broker"] == broker])
-    rows = [
-        "| framework | runs | p50 ms | p95 ms | p99 ms | mean ms | p50 per run |",
-        "|---|--:|--:|--:|--:|--:|---|",
-    ]
-    for peer, m in medians.items():
-        per_run = " / ".join(f"{x:.3f}" for x in m["p50_ms_per_run"])
-        rows.append(
-            f"| {peer} | {m['runs']} | {m['p50_ms']:.3f} | {m['p95_ms']:.3f} "
-            f"| {m['p99_ms']:.3f} | {m['mean_ms']:.3f} | {per_run} |"
-        )
-    peers = {k: v for k, v in medians.items() if not k.startswith("qtasks")}
-    if peers:
-        rows.append("")
-        for key in ("p50_ms", "p99_ms"):
-            name = min(peers, key=lambda k: peers[k][key])
-            best = peers[name][key]
-            rows.append(f"- best peer SC {key[:3]}: {name} ({best:.3f} ms)")
-            for peer, m in medians.items():
-                if peer.startswith("qtasks") and m[key]:
-                    rows.append(f"  - {peer}: {best / m[key]:.2f}x the best (>1 is faster)")
-    errors = [
-        f"- {r['peer']} (round {r.get('round', 1)}): {e}"
-        for r in results
-        if r["broker"] == broker
-        for e in r["errors"]
-        if e.startswith("SC")
-    ]
-    if errors:
-        rows += ["", "Errors:", *errors]
-    return "\n".join(rows)
-
-
 def uptime() -> str:
     """``uptime``'s line (load averages), or the load averages alone without the command."""
     try:
@@ -843,7 +705,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["uptime_end"] = uptime()
     if "SC" in workloads:
         report["sc_medians"] = sc_medians(results)
+    if {"W1", "W2", "W3"} & set(workloads):
+        report["medians"] = w_medians(results)
 
+    w3_tasks = sizes.get("w3", FULL["w3"])
     for broker, title in (("redis", "Redis"), ("amqp", "RabbitMQ")):
         if not any(r["broker"] == broker for r in results):
             continue
@@ -851,7 +716,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for round_no in range(1, opts.rounds + 1):
                 suffix = "" if opts.rounds == 1 else f", round {round_no}"
                 in_round = [r for r in results if r["round"] == round_no]
-                print(f"\n### {title}{suffix}\n\n{table(in_round, broker, sizes)}")
+                print(f"\n### {title}{suffix}\n\n{table(in_round, broker, w3_tasks)}")
+            if opts.rounds > 1:
+                print(
+                    f"\n### {title}: medians over {opts.rounds} rounds\n\n"
+                    f"{medians_table(results, broker, w3_tasks)}"
+                )
         if "SC" in workloads:
             runs = "one run" if opts.rounds == 1 else f"medians over {opts.rounds} runs"
             print(
