@@ -960,3 +960,35 @@ async def test_with_the_sdks_span_metrics_on_it_is_asked_under_an_unsampled_pare
     assert drops_unsampled(provider)
     monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
     assert not drops_unsampled(provider)
+
+
+def test_apps_sharing_a_provider_share_one_id_generator_wrapper_and_threads_do_not_mix() -> None:
+    """Newer SDKs hand every caller asking for one instrumentation scope the same tracer: the
+    plugins of a thousand apps on one provider wrap its id generator once (before, each
+    wrapped the previous one, until the enqueue hook hit the recursion limit), and a trace id
+    handed over in one thread is never taken by another."""
+    import threading
+
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    from qtasks_web.sampling import _Preset
+
+    provider = TracerProvider(sampler=ParentBasedTraceIdRatio(0.01))
+    for i in range(1_100):
+        plugin = TracingPlugin(tracer_provider=provider)
+        message = Message(uuid=f"m{i}", task_name="t", args=[], kwargs={}, priority=0)
+        assert plugin.qtasks_task_enqueue(message) is message
+        assert message.headers["traceparent"].startswith("00-")
+        roots = plugin._root_sampling()
+        assert roots is not None
+        ids = roots._ids  # the tracer's id generator, wrapped once
+        assert isinstance(ids, _Preset) and not isinstance(ids.inner, _Preset)
+
+    ids.hand(0xABC)
+    elsewhere: list[int] = []
+    thread = threading.Thread(target=lambda: elsewhere.append(ids.generate_trace_id()))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] != 0xABC  # the other thread drew its own
+    assert ids.generate_trace_id() == 0xABC  # this thread's, once
+    assert ids.generate_trace_id() != 0xABC

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from opentelemetry.trace import Span, SpanKind, Tracer
 
 _LOW_64 = (1 << 64) - 1
 """The bits of a trace id ``TraceIdRatioBased`` decides on (``TRACE_ID_LIMIT``)."""
@@ -80,16 +81,29 @@ def _root_bound(sampling: Any, sampler: object) -> int | None:
 
 
 class _Preset:
-    """An id generator: ``inner``'s, except that the next trace id may be chosen beforehand
-    (:attr:`trace_id`, used once)."""
+    """An id generator: ``inner``'s, except that the next trace id asked for in a thread may
+    be chosen beforehand (:meth:`hand`, used once).
+
+    Installed on a tracer of the provider, which newer SDKs share between every caller
+    asking for the same instrumentation scope (every :class:`TracingPlugin` on one provider,
+    in any thread): so it is installed once per tracer (:func:`_preset`), never wrapped
+    again, and what is handed over stays in the thread that handed it."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.trace_id = 0
+        self._next = threading.local()
+
+    def hand(self, trace_id: int) -> None:
+        """The next trace id this thread asks for is ``trace_id`` (``0``: the inner
+        generator's again)."""
+        self._next.trace_id = trace_id
 
     def generate_trace_id(self) -> int:
-        trace_id, self.trace_id = self.trace_id, 0
-        return trace_id or int(self.inner.generate_trace_id())
+        trace_id = getattr(self._next, "trace_id", 0)
+        if trace_id:
+            self._next.trace_id = 0
+            return int(trace_id)
+        return int(self.inner.generate_trace_id())
 
     def generate_span_id(self) -> int:
         return int(self.inner.generate_span_id())
@@ -98,13 +112,25 @@ class _Preset:
         return getattr(self.inner, name)
 
 
+_PRESETTING = threading.Lock()
+
+
+def _preset(tracer: Any) -> _Preset:
+    """``tracer``'s id generator as a :class:`_Preset`, installed the first time."""
+    with _PRESETTING:
+        ids = tracer.id_generator
+        if not isinstance(ids, _Preset):
+            ids = tracer.id_generator = _Preset(ids)
+        return ids
+
+
 class Roots:
     """How root spans are sampled under one SDK tracer provider, made only when it can be
     answered here (:meth:`of`).
 
     :meth:`draw` draws a trace id as the SDK would (the provider's id generator); a trace id
     :meth:`kept` is started by :attr:`tracer` (a tracer of the plugin's own, whose id
-    generator hands that trace id to the SDK once, through :meth:`handing`); a dropped one's
+    generator hands that trace id to the SDK once, in :meth:`start`); a dropped one's
     span id is :meth:`span_id`, and its context's flags :attr:`flags`, what the SDK gave a
     span it dropped when this was made."""
 
@@ -131,13 +157,15 @@ class Roots:
         tracer = provider.get_tracer(name)
         if type(tracer) is not sdk.Tracer or not hasattr(tracer, "id_generator"):
             return None
-        ids = _Preset(tracer.id_generator)
-        tracer.id_generator = ids
+        ids = _preset(tracer)
         # What the SDK makes of a root it drops, asked once: the trace id handed over, a
         # non-recording span, its flags (a newer SDK sets 0x02, "random trace id") and no
         # trace state. Anything else (a disabled tracer's invalid span): the SDK decides.
-        ids.trace_id = (1 << 64) | _LOW_64  # low bits at the top: dropped, as bound <= them
-        span = tracer.start_span("qtasks-web root sampling", context=context.Context())
+        ids.hand((1 << 64) | _LOW_64)  # low bits at the top: dropped, as bound <= them
+        try:
+            span = tracer.start_span("qtasks-web root sampling", context=context.Context())
+        finally:
+            ids.hand(0)  # not taken by a disabled tracer: not left for the next root
         made = span.get_span_context()
         if (
             span.is_recording()
@@ -162,7 +190,17 @@ class Roots:
         """The span id of a dropped root span, from the provider's id generator."""
         return int(self._ids.inner.generate_span_id())
 
-    def handing(self, trace_id: int) -> Tracer:
-        """:attr:`tracer`, whose next root span gets ``trace_id`` (one the sampler keeps)."""
-        self._ids.trace_id = trace_id
-        return self.tracer
+    def start(
+        self,
+        trace_id: int,
+        name: str,
+        parent: context.Context,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+    ) -> Span:
+        """Start, through the SDK, a root span the sampler keeps, of ``trace_id``."""
+        self._ids.hand(trace_id)
+        try:
+            return self.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+        finally:
+            self._ids.hand(0)

@@ -239,20 +239,18 @@ class TracingPlugin:
             self._inject(message.headers, parent, current)  # the unsampled trace goes on
             return message
         name = message.task_name
-        tracer = self._tracer
-        if roots is not None:
+        # Only what a sampler may decide on is built before it has decided.
+        attributes = _for_sampler("send", name)
+        if roots is None:
+            span = self._tracer.start_span(
+                f"send {name}", context=current, kind=SpanKind.PRODUCER, attributes=attributes
+            )
+        else:
             trace_id = roots.draw()
             if not roots.kept(trace_id):  # a root the sampler drops: no span, its context
                 self._inject_dropped(message.headers, roots, trace_id, current)
                 return message
-            tracer = roots.handing(trace_id)
-        # Only what a sampler may decide on is built before it has decided.
-        span = tracer.start_span(
-            f"send {name}",
-            context=current,
-            kind=SpanKind.PRODUCER,
-            attributes=_for_sampler("send", name),
-        )
+            span = roots.start(trace_id, f"send {name}", current, SpanKind.PRODUCER, attributes)
         if span.is_recording():
             span.set_attributes(  # one call: the SDK cleans them under a lock
                 {
