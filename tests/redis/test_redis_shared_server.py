@@ -317,7 +317,8 @@ async def test_the_claim_reads_each_bodys_attempt_as_a_json_parser_does(
 ) -> None:
     """The claim reads the attempt of the codec's compact bodies without decoding them, and
     decodes any other: an 'attempt' key in the kwargs or headers, a string holding the text,
-    spaced JSON; the begun attempt is always the parsed one plus one."""
+    a top-level value that is not digits, spaced JSON; the begun attempt is always the parsed
+    one plus one."""
     broker, storage = await parts(stack, redis_url, prefix)
     codec = Codec()
     bodies = {
@@ -330,6 +331,10 @@ async def test_the_claim_reads_each_bodys_attempt_as_a_json_parser_does(
         ).body,
         "text": codec.encode(
             Message(uuid="text", task_name="t", args=['"attempt":8'], attempt=3)
+        ).body,
+        # The one 'attempt' key followed by digits is the header's: not the top-level one.
+        "negative": codec.encode(
+            Message(uuid="negative", task_name="t", headers={"attempt": 5}, attempt=-1)
         ).body,
         "spaced": json.dumps(
             {"v": 1, "uuid": "spaced", "task": "t", "args": [], "kwargs": {}, "attempt": 5}

@@ -165,8 +165,11 @@ local begun_at, begun_ms = false, 0  -- the server time, read once per claim
 -- (qtasks.memory.broker._body_attempt).
 local function body_attempt(body)
   if string.sub(body, 1, 5) == '{"v":' then
-    local _, e, n = string.find(body, '"attempt":(%d+)')
-    if e and not string.find(body, '"attempt":', e + 1, true) then return tonumber(n) end
+    local _, e = string.find(body, '"attempt":', 1, true)
+    if e and not string.find(body, '"attempt":', e + 1, true) then
+      local n = string.match(body, '^(%d+)[,}]', e + 1)  -- digits, then the value ends
+      if n then return tonumber(n) end
+    end
   end
   local ok, message = pcall(cjson.decode, body)
   if ok and type(message) == 'table' then return tonumber(message.attempt) end
