@@ -310,6 +310,14 @@ async def test_unreachable_url_names_host_and_port_not_password(stack: AsyncExit
     assert "127.0.0.1:1" in text
     assert "s3cret" not in text
     assert "s3cret" not in repr(broker)
+    # The public target, and the exception's frames' locals (what Sentry or ``pytest -l``
+    # record): none shows the password.
+    assert "s3cret" not in repr(broker.target)
+    tb = info.value.__traceback__
+    while tb is not None:
+        for name, value in tb.tb_frame.f_locals.items():
+            assert "s3cret" not in repr(value) or name in ("url", "self"), name
+        tb = tb.tb_next
 
 
 def test_from_config_reads_url_and_extra() -> None:

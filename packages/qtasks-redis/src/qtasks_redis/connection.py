@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -72,9 +72,10 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(slots=True, frozen=True)
 class RedisTarget:
-    """Where a URL points, safe to print: no user name or password in any field."""
+    """Where a URL points, safe to print: its ``repr`` shows no user name or password (the
+    URL, which may hold them, is left out of it)."""
 
-    url: str
+    url: str = field(repr=False)
     cluster: bool
     host: str
     port: int | None
