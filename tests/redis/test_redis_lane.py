@@ -323,3 +323,133 @@ async def test_failed_auth_leaves_no_unretrieved_error(
         assert await unretrieved(caplog) == []
     finally:
         server.close()
+
+
+# --- review findings: cancellation and closing -----------------------------------------------
+
+
+async def test_a_caller_cancelled_while_writes_wait_cancels_only_its_own_wait(
+    tmp_path: Path,
+) -> None:
+    """Callers that find the connection's write buffer full all wait for the same "writable"
+    future: one of them cancelled must not cancel the others' waits (before, every caller
+    waiting then, and the next one to arrive, got ``CancelledError``)."""
+    import os
+    import signal
+
+    server = start_server(tmp_path, fsync="no")
+    assert server.proc is not None
+    server_pid = server.proc.pid
+    made = lane_for(RedisTarget.parse(server.url), {})
+    assert made is not None
+    big = b"x" * 1_000_000
+    results: dict[int, Any] = {}
+    try:
+        await made.check()
+        os.kill(server_pid, signal.SIGSTOP)
+        async with anyio.create_task_group() as tg:
+            scopes: dict[int, anyio.CancelScope] = {}
+
+            async def set_one(i: int) -> None:
+                with anyio.CancelScope() as scope:
+                    scopes[i] = scope
+                    results[i] = await made.command("SET", f"k{i}", big)
+                    return
+                results[i] = "cancelled"
+
+            i = 0
+            with anyio.fail_after(10):  # the kernel's buffers take a few MB first
+                while made._main is None or not made._main.paused:
+                    tg.start_soon(set_one, i)
+                    i += 1
+                    await anyio.wait_all_tasks_blocked()
+            waiting = list(range(i, i + 4))  # these find the connection paused
+            for j in waiting:
+                tg.start_soon(set_one, j)
+            await anyio.wait_all_tasks_blocked()
+            scopes[waiting[1]].cancel()
+            await anyio.wait_all_tasks_blocked()
+            os.kill(server_pid, signal.SIGCONT)
+        assert results[waiting[1]] == "cancelled"
+        assert all(results[j] == b"OK" for j in range(i + 4) if j != waiting[1]), results
+    finally:
+        os.kill(server_pid, signal.SIGCONT)
+        made.close()
+        server.close()
+
+
+async def test_a_script_reply_arriving_as_the_caller_is_cancelled_reaches_orphan(
+    lane: Lane, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's reply completes in the very turn its caller is cancelled: it is handed to
+    ``orphan`` all the same (before, only a reply still pending was; this one was lost, its
+    message left to its lease)."""
+    from qtasks_redis import lane as lane_module
+
+    script = Script("return redis.call('RPOP', KEYS[1])")
+    work, wake = f"{key}:work", f"{key}:wake"
+    salvaged: list[Any] = []
+    sent = lane_module._Conn.send
+    caller: list[asyncio.Task[Any]] = []
+
+    def send(conn: Any, packed: bytes, count: int = 1, block: float = 0.0) -> Any:
+        futures = sent(conn, packed, count, block)
+        if count == 2:  # BLPOP then the script: the caller is cancelled as the reply lands
+            futures[1].add_done_callback(lambda _: caller[0].cancel())
+        return futures
+
+    await lane.script(script, [f"{key}:none"], [])  # the server knows it: EVALSHA succeeds
+    await lane.command("RPUSH", work, "job")
+    monkeypatch.setattr(lane_module._Conn, "send", send)
+    try:
+        caller.append(
+            asyncio.ensure_future(
+                lane.block_then_script(
+                    5, ("BLPOP", wake, 5), script, [work], [], orphan=salvaged.append
+                )
+            )
+        )
+        await lane.command("RPUSH", wake, "1")
+        with anyio.fail_after(5), pytest.raises(asyncio.CancelledError):
+            await caller[0]
+    finally:
+        monkeypatch.undo()
+    assert salvaged == [b"job"]  # popped by the script, and not lost
+    await lane.command("DEL", work, wake)
+
+
+async def test_closing_the_lane_while_it_connects_leaves_no_connection_open(
+    tmp_path: Path,
+) -> None:
+    """``close()`` while the connection is being set up (its ``SELECT`` unanswered: the
+    server is stopped): the opener's connection is closed, not kept as the lane's (before,
+    the command went on over a connection nobody would close)."""
+    import os
+    import signal
+
+    server = start_server(tmp_path, fsync="no")
+    assert server.proc is not None
+    server_pid = server.proc.pid
+    made = lane_for(RedisTarget.parse(f"redis://127.0.0.1:{server.port}/1"), {"redis_retries": 0})
+    assert made is not None
+    outcome: list[BaseException | bytes] = []
+    try:
+        os.kill(server_pid, signal.SIGSTOP)
+        async with anyio.create_task_group() as tg:
+
+            async def ping() -> None:
+                try:
+                    outcome.append(await made.command("PING"))
+                except RedisConnectionError as exc:
+                    outcome.append(exc)
+
+            tg.start_soon(ping)
+            await anyio.wait_all_tasks_blocked()  # the opener waits for the server
+            assert made._opening is not None and not made._opening.done()
+            made.close()
+            os.kill(server_pid, signal.SIGCONT)
+        assert isinstance(outcome[0], RedisConnectionError), outcome
+        assert made._main is None
+    finally:
+        os.kill(server_pid, signal.SIGCONT)
+        server.close()

@@ -23,6 +23,7 @@ calls, blocking calls and their cancellation), which must be read as a whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
@@ -344,8 +345,10 @@ class _Conn(asyncio.Protocol):
         return self._writable is not None
 
     async def drained(self) -> None:
+        """Wait until the transport takes writes again. The future is every waiter's: each
+        waits through a shield, so a cancelled caller cancels only its own wait."""
         if self._writable is not None:
-            await self._writable
+            await asyncio.shield(self._writable)
 
 
 class Lane:
@@ -430,6 +433,9 @@ class Lane:
         finally:
             if opening.done():
                 self._opening = None
+        if self._closed:  # closed while it was opening: nobody would close it
+            conn.close()
+            raise RedisConnectionError("the lane is closed")
         self._main = conn
         return conn
 
@@ -565,7 +571,12 @@ class Lane:
             with anyio.CancelScope(shield=True):
                 return await self.script(script, keys, args)
         except BaseException:
-            if conn.lost is None and not second.done():
+            if second.done():
+                # The reply came in the turn the caller was cancelled: hand it on all the same.
+                if not second.cancelled() and second.exception() is None:
+                    with contextlib.suppress(Exception):  # as below: its lease brings it back
+                        orphan(second.result())
+            elif conn.lost is None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     if not first.done() and conn.client_id is not None:
                         try:
