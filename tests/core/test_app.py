@@ -597,6 +597,52 @@ async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> No
     await inspect_stack.aclose()
 
 
+async def test_a_hand_back_that_fails_at_shutdown_leaves_running_tasks_their_grace(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker cannot take a waiting message back as the worker stops (a Redis requeue
+    gives up at the lease's end): the message is left to its lease, and the running task
+    still finishes in its grace period and is stored (before, the error ended the shutdown
+    at once: the running task was cancelled, the worker raised)."""
+    from qtasks.memory import broker as memory_broker
+
+    app = AsyncQueueTasks(
+        config=QueueConfig(
+            max_tasks_process=1, prefetch=5, shutdown_grace=5, plugins_disabled=["*"]
+        )
+    )
+    started, release = anyio.Event(), anyio.Event()
+
+    @app.task
+    async def hold() -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    @app.task
+    async def queued() -> None: ...
+
+    async def requeue(self: Any, *, delay: float | None = None, body: bytes | None = None) -> bool:
+        raise ConnectionError("broker down")
+
+    inspect_stack = AsyncExitStack()
+    await app.storage.start(inspect_stack, app.config)
+    async with app:
+        running = await app.add_task("hold")
+        with anyio.fail_after(5):
+            await started.wait()
+        waiting = await app.add_task("queued")  # waits in the worker's local queue
+        monkeypatch.setattr(memory_broker.MemoryDelivery, "requeue", requeue)
+        app.worker.stop()
+        release.set()
+    final = await app.storage.get(running.uuid)
+    assert final is not None and final.status is TaskStatus.SUCCESS
+    left = await app.storage.get(waiting.uuid)
+    assert left is not None and left.status is TaskStatus.NEW  # not run: back after its lease
+    assert "could not hand message" in caplog.text
+    await inspect_stack.aclose()
+
+
 async def test_unset_prefetch_is_a_fifth_of_the_concurrency() -> None:
     app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=60, plugins_disabled=["*"]))
     release, all_started = anyio.Event(), anyio.Event()

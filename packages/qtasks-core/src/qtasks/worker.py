@@ -318,7 +318,18 @@ class QueueWorker:
                 except Exception as exc:  # stopping: the next delivery's begin redoes it
                     log.warning("could not requeue the record of %s: %r", delivery.id, exc)
             self._start_at_once.discard(delivery.token)
-            await delivery.requeue()
+            try:
+                await delivery.requeue()
+            except Exception as exc:
+                # The broker is out (a Redis requeue retries until the lease ends): the
+                # message comes back after its lease, and the shutdown goes on, running tasks
+                # still get their grace period.
+                log.warning(
+                    "could not hand message %s back (its lease brings it back): %r",
+                    delivery.id,
+                    exc,
+                )
+                continue
             await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
     async def _heartbeat(self, app: AsyncQueueTasks, concurrency: int) -> None:
