@@ -71,3 +71,56 @@ async def test_last_allowed_delivery_that_lost_its_lease_ends_dead_lettered() ->
         with anyio.fail_after(5):
             while task.uuid not in {d.id for d in await broker.dead_letters()}:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
+
+
+async def test_a_batched_run_whose_lease_is_lost_while_it_waits_still_fires_execute_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A finished run waits in the settle batch; its lease is lost meanwhile (what the lease
+    keeper marks when a renewal is refused). Its result is dropped, as a lost lease's is
+    when the runner settles it itself, and ``qtasks_worker_execute_after`` fires for it all
+    the same, once: every run ``execute_before`` announced ends with it (before, the batch
+    dropped such a run without the hook)."""
+    from typing import Any
+
+    from qtasks import hookimpl, settle_batch
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], max_tasks_process=1))
+    events: list[str] = []
+    put = settle_batch.SettleBatch.put
+    lost: list[str] = []
+
+    async def put_then_lose(self: Any, run: Any, delivery: Any) -> None:
+        await put(self, run, delivery)
+        if run.record.args == [1]:
+            run.lease_lost = True  # lost while it waits for the settle call
+            lost.append(run.record.uuid)
+
+    monkeypatch.setattr(settle_batch.SettleBatch, "put", put_then_lose)
+
+    class Watch:
+        @hookimpl
+        def qtasks_worker_execute_before(self, record: Any) -> None:
+            events.append(f"before {record.args}")
+
+        @hookimpl
+        def qtasks_worker_execute_after(self, record: Any) -> None:
+            events.append(f"after {record.args}")
+
+    app.add_plugin(Watch())
+
+    @app.task
+    async def work(n: int) -> int:
+        return n
+
+    async with app:
+        first = await app.add_task("work", 1)
+        second = await app.add_task("work", 2, timeout=5)
+        assert second.status is TaskStatus.SUCCESS
+        with anyio.fail_after(5):
+            while events.count("after [1]") < 1:  # noqa: ASYNC110 - a hook's record
+                await anyio.sleep(0.01)
+        stored = await app.storage.get(first.uuid)
+    assert lost == [first.uuid]
+    assert stored is not None and stored.status is not TaskStatus.SUCCESS  # dropped
+    assert sorted(events) == ["after [1]", "after [2]", "before [1]", "before [2]"]

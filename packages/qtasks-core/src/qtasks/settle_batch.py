@@ -169,6 +169,29 @@ class SettleBatch:
                 self._ready.fire()  # the other may call now
 
     async def _settle(self, batch: list[tuple[TaskRun, Delivery]], round_: _Round | None) -> None:
+        """Store ``batch``'s final records and ack them (the round's begins folded in), then
+        fire every run's ``qtasks_worker_execute_after`` once, whatever became of its settle:
+        stored, refused, its lease lost while it waited, or left to its lease by an outage
+        or an error (as :meth:`qtasks.settle.Settlement.settle` does for a run it settles)."""
+        after: set[int] = set()  # the runs whose execute_after has fired
+        try:
+            await self._store(batch, round_, after)
+        finally:
+            hooks = self._app.hooks
+            if "qtasks_worker_execute_after" in hooks.active:
+                with anyio.CancelScope(shield=True):
+                    for run, _ in batch:
+                        if id(run) not in after:
+                            await hooks.notify(
+                                "qtasks_worker_execute_after",
+                                app=self._app,
+                                record=run.record,
+                                run=run,
+                            )
+
+    async def _store(
+        self, batch: list[tuple[TaskRun, Delivery]], round_: _Round | None, after: set[int]
+    ) -> None:
         app = self._app
         failures = 0
         # The ids of the workflow steps the call enqueues, when a plugin wants them and the
@@ -219,11 +242,15 @@ class SettleBatch:
         hooks = app.hooks
         for (run, _), ok in zip(batch, saved, strict=True):
             record = run.record
-            if (
-                await stored_final(app, record, ok, run.delivery, None)
-                and "qtasks_task_succeeded" in hooks.active
-            ):
-                await hooks.notify("qtasks_task_succeeded", app=app, record=record)
+            try:
+                if (
+                    await stored_final(app, record, ok, run.delivery, None)
+                    and "qtasks_task_succeeded" in hooks.active
+                ):
+                    await hooks.notify("qtasks_task_succeeded", app=app, record=record)
+            except Exception:  # e.g. reading a refused record in an outage: the others go on
+                log.exception("could not finish settling task %s", record.uuid)
+            after.add(id(run))
             if "qtasks_worker_execute_after" in hooks.active:
                 await hooks.notify("qtasks_worker_execute_after", app=app, record=record, run=run)
 
