@@ -37,3 +37,49 @@ async def test_a_lost_server_raises_a_storage_connection_error(tmp_path: Path) -
             assert f"127.0.0.1:{server.port}" in str(error)
     finally:
         server.close()
+
+
+async def test_a_wait_goes_on_through_a_server_restart(tmp_path: Path) -> None:
+    """A waiter blocked for a record when its server restarts: the wait is tried again (as
+    the storage's other calls are) with the time it has left, and returns the final record
+    saved after the restart (before, the fast lane's blocking call raised at once)."""
+    import anyio
+
+    from qtasks.record import TaskRecord, TaskStatus
+
+    server = start_server(tmp_path)  # the AOF on: the record outlives the restart
+    try:
+        storage = RedisStorage(server.url)
+        async with AsyncExitStack() as stack:
+            await storage.start(stack, QueueConfig())
+            record = TaskRecord(uuid="restart-wait", task_name="t")
+            await storage.add(record)
+            got: list[TaskRecord] = []
+
+            async def wait() -> None:
+                got.append(await storage.wait(record.uuid, timeout=30))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                with anyio.fail_after(10):
+                    while not await blocked_in_blmove(server.port):  # noqa: ASYNC110 - a server-side state
+                        await anyio.sleep(0.01)
+                server.kill()
+                server.start()
+                record.status, record.returning = TaskStatus.SUCCESS, 7
+                with anyio.fail_after(20):
+                    assert await storage.save(record)
+            assert (got[0].status, got[0].returning) == (TaskStatus.SUCCESS, 7)
+    finally:
+        server.close()
+
+
+async def blocked_in_blmove(port: int) -> bool:
+    """Whether a client of the server on ``port`` is blocked in ``BLMOVE`` now."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis(port=port)
+    try:
+        return any(c.get("cmd") == "blmove" for c in await client.client_list())
+    finally:
+        await client.aclose()

@@ -454,10 +454,19 @@ class Lane:
                 return await _replies(futures)
             except (RedisConnectionError, RedisTimeoutError):
                 failures += 1
-                if failures > self._retries or self._closed:
+                if not self.retries_left(failures):
                     raise
-                backoff = min(self._retry_cap, 0.05 * 2**failures)
-                await asyncio.sleep(random.uniform(0, backoff))
+                await asyncio.sleep(self.backoff(failures))
+
+    def retries_left(self, failures: int) -> bool:
+        """Whether a call that failed ``failures`` times in a row on a lost connection is
+        tried again (``redis_retries``, as redis-py's clients retry; never once closed)."""
+        return failures <= self._retries and not self._closed
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait before the next try: jittered, doubling, capped by
+        ``redis_retry_cap``."""
+        return random.uniform(0, min(self._retry_cap, 0.05 * 2**failures))
 
     async def _one(self, packed: bytes) -> Any:
         conn = self._main
@@ -515,7 +524,9 @@ class Lane:
 
     async def blocking(self, block: float, *commands: Sequence[Any]) -> list[Any]:
         """Run ``commands`` in order on a connection of their own (the first may block up to
-        ``block`` seconds); return their replies. Raises the first error reply."""
+        ``block`` seconds); return their replies. Raises the first error reply. Not retried
+        here: a caller with a deadline retries it (:meth:`retries_left`, :meth:`backoff`)
+        with what is left of its time."""
         packed = b"".join(pack(cmd) for cmd in commands)
         conn = await self._blocking_conn()
         done = False

@@ -18,7 +18,9 @@ from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.components import GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
@@ -40,6 +42,7 @@ from qtasks_redis.connection import (
     SharedClient,
     check_options,
     common_options,
+    connection_error,
     delete_matching,
     glob_escape,
 )
@@ -503,6 +506,7 @@ class RedisStorage:
         lane = self._shared.lane
         rec, wake = self._keys(uuid)[:2]
         deadline = None if timeout is None else time.monotonic() + timeout
+        failures = 0
         while True:
             if record is not None and record.status.final:
                 return record
@@ -519,14 +523,24 @@ class RedisStorage:
                 continue
             # Block and read the record in one round trip: the HMGET runs as soon as the
             # BLMOVE returns (Redis answers a connection's commands in order).
-            _, fields = await guarded(
-                self.target,
-                lane.blocking(
-                    seconds,
-                    ("BLMOVE", wake, wake, "RIGHT", "LEFT", seconds),
-                    ("HMGET", rec, *_RECORD_FIELDS),
-                ),
+            call = lane.blocking(
+                seconds,
+                ("BLMOVE", wake, wake, "RIGHT", "LEFT", seconds),
+                ("HMGET", rec, *_RECORD_FIELDS),
             )
+            try:
+                _, fields = await call
+            except RedisConnectionError as exc:
+                # Lost or refused (a restart, a failover): tried again with the time left,
+                # as the lane retries its other calls and redis-py its own.
+                failures += 1
+                if not lane.retries_left(failures):
+                    raise connection_error(self.target, exc, StorageConnectionError) from exc
+                await anyio.sleep(lane.backoff(failures))
+                continue
+            except (RedisTimeoutError, OSError) as exc:
+                raise connection_error(self.target, exc, StorageConnectionError) from exc
+            failures = 0
             record = self._record(fields)
 
     async def add_step(self, uuid: str, value: Any) -> int:
