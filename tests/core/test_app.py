@@ -643,6 +643,55 @@ async def test_a_hand_back_that_fails_at_shutdown_leaves_running_tasks_their_gra
     await inspect_stack.aclose()
 
 
+async def test_a_task_whose_begin_ends_after_stop_is_handed_back_not_started() -> None:
+    """The worker is told to stop while a runner is beginning its next task: that task does
+    not start (before, it started during the shutdown and was then cancelled without its
+    teardown, grace or hooks): it is handed back as the waiting ones are, its message back
+    in the queue."""
+    app = AsyncQueueTasks(
+        config=QueueConfig(
+            plugins_disabled=["*"], shutdown_grace=2.0, max_tasks_process=1, prefetch=1
+        )
+    )
+    events: list[str] = []
+
+    class StopOnSecond:
+        """Stops the worker as the second message is received (its begin still to come)."""
+
+        received = 0
+
+        @hookimpl
+        def qtasks_broker_message_received(self) -> None:
+            StopOnSecond.received += 1
+            if StopOnSecond.received == 2:
+                events.append("stop")
+                app.worker.stop()
+
+    app.add_plugin(StopOnSecond())
+
+    @app.task
+    async def work(n: int) -> int:
+        events.append(f"code {n}")
+        return n
+
+    inspect_stack = AsyncExitStack()
+    await app.broker.start(inspect_stack, app.config)
+    await app.storage.start(inspect_stack, app.config)
+    async with app:
+        first = await work.add_task(1, timeout=5)
+        second = await work.add_task(2)
+        with anyio.fail_after(5):
+            while "stop" not in events:  # noqa: ASYNC110 - a hook's record
+                await anyio.sleep(0.01)
+    assert first.status is TaskStatus.SUCCESS
+    assert events == ["code 1", "stop"]  # task 2 never started
+    record = await app.storage.get(second.uuid)
+    assert record is not None and not record.status.final
+    stats = await app.broker.stats()
+    assert sum(stats.ready_by_priority.values()) == 1  # back in the queue, not lost
+    await inspect_stack.aclose()
+
+
 async def test_unset_prefetch_is_a_fifth_of_the_concurrency() -> None:
     app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=60, plugins_disabled=["*"]))
     release, all_started = anyio.Event(), anyio.Event()

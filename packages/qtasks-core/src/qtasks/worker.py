@@ -18,6 +18,8 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from types import CodeType
 from typing import TYPE_CHECKING, Any
@@ -99,6 +101,7 @@ class QueueWorker:
         self._leases = LeaseKeeper(self._held_now, self._lost, self._flow)
         self._seq = itertools.count()
         self._stopping = anyio.Event()
+        self._serving = False
         self._stopped = anyio.Event()
 
     @property
@@ -150,6 +153,16 @@ class QueueWorker:
         """Set once the worker was asked to stop (``ctx.sleep`` wakes on it)."""
         return self._stopping
 
+    @asynccontextmanager
+    async def _serving_now(self) -> AsyncIterator[None]:
+        """:attr:`_serving` while :meth:`run` serves (not while a runner of its own calls
+        :meth:`process`)."""
+        self._serving = True
+        try:
+            yield
+        finally:
+            self._serving = False
+
     def stop(self) -> None:
         """Ask the worker to stop: no new messages; running tasks get the grace period."""
         self._stopping.set()
@@ -194,6 +207,7 @@ class QueueWorker:
             consumer = broker.consume(prefetch=prefetch)
         settler = self._settlement.open_batch(app, concurrency)
         async with (
+            self._serving_now(),
             consumer as deliveries,
             anyio.create_task_group() as serving,
         ):
@@ -305,32 +319,36 @@ class QueueWorker:
         while self._local:
             _, _, delivery = heapq.heappop(self._local)
             begun: TaskRecord | None = getattr(delivery, "begun", None)
-            if (
-                delivery.token in self._start_at_once
-                and begun is not None
-                and not begun.status.final
-            ):
-                # Begun with its claim for a runner that never took it: queued again, as
-                # the flow gate's hand-back does (fenced: a newer delivery's begin wins).
-                begun.status, begun.updated_at = TaskStatus.NEW, time.time()
-                try:
-                    await app.storage.save(begun, fence=delivery.token)
-                except Exception as exc:  # stopping: the next delivery's begin redoes it
-                    log.warning("could not requeue the record of %s: %r", delivery.id, exc)
+            if delivery.token not in self._start_at_once or begun is None:
+                begun = None  # not begun with its claim: its record stayed queued
             self._start_at_once.discard(delivery.token)
+            await self._give_back(app, delivery, begun)
+
+    async def _give_back(
+        self, app: AsyncQueueTasks, delivery: Delivery, begun: TaskRecord | None
+    ) -> None:
+        """Hand ``delivery`` back to the broker unstarted as the worker stops; ``begun``: its
+        record if it was begun (queued again, as the flow gate's hand-back does; fenced, so
+        a newer delivery's begin wins)."""
+        if begun is not None and not begun.status.final:
+            begun.status, begun.updated_at = TaskStatus.NEW, time.time()
             try:
-                await delivery.requeue()
-            except Exception as exc:
-                # The broker is out (a Redis requeue retries until the lease ends): the
-                # message comes back after its lease, and the shutdown goes on, running tasks
-                # still get their grace period.
-                log.warning(
-                    "could not hand message %s back (its lease brings it back): %r",
-                    delivery.id,
-                    exc,
-                )
-                continue
-            await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
+                await app.storage.save(begun, fence=delivery.token)
+            except Exception as exc:  # stopping: the next delivery's begin redoes it
+                log.warning("could not requeue the record of %s: %r", delivery.id, exc)
+        try:
+            await delivery.requeue()
+        except Exception as exc:
+            # The broker is out (a Redis requeue retries until the lease ends): the
+            # message comes back after its lease, and the shutdown goes on, running tasks
+            # still get their grace period.
+            log.warning(
+                "could not hand message %s back (its lease brings it back): %r",
+                delivery.id,
+                exc,
+            )
+            return
+        await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
     async def _heartbeat(self, app: AsyncQueueTasks, concurrency: int) -> None:
         # Every heartbeat_interval, and within HEARTBEAT_FRESH of a change of the figures, so
@@ -524,6 +542,12 @@ class QueueWorker:
             # WorkflowStore.republish); the copy published last runs, this one is dropped.
             log.info("dropped a stale copy of workflow step %s", delivery.id)
             await delivery.ack()
+            return
+        if self._serving and self._stopping.is_set():
+            # The serving worker began stopping while this task was being begun: it does not
+            # start now (shutdown finishes the running tasks only), it is handed back as the
+            # waiting ones are. (Not for runners that process deliveries themselves.)
+            await self._give_back(app, delivery, record)
             return
         record.started_at = record.updated_at  # as begun: stored with the final record
         if "qtasks_storage_saved" in hooks.active:
