@@ -152,10 +152,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> None:
-        log = (self.dir / "redis.log").open("a")
-        self.proc = subprocess.Popen(
-            [self.binary, *self.args], stdout=log, stderr=subprocess.STDOUT
-        )
+        with (self.dir / "redis.log").open("a") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [self.binary, *self.args], stdout=log, stderr=subprocess.STDOUT
+            )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         try:
