@@ -83,14 +83,13 @@ class TracingPlugin:
         self._running: dict[int, Span] = {}
         """Recording run spans by ``id(record)`` (the record object lives as long as the
         run)."""
-        self._skip_for: Any = None
+        self._sampling_for: Any = None
         self._skip = False
-        """Whether the sampler of ``_skip_for`` (the provider last asked) drops every span
-        under an unsampled remote parent (see :meth:`_skips`)."""
-        self._roots_for: Any = None
         self._roots: Roots | None = None
-        """How ``_roots_for`` (the provider last asked) samples root spans, when the plugin
-        can decide it itself (see :meth:`_root_sampling`)."""
+        """What the plugin knows of the sampler of ``_sampling_for`` (the provider last
+        asked, see :meth:`_sampling`): whether it drops every span under an unsampled remote
+        parent (:meth:`_skips`), and how it samples root spans when the plugin can decide it
+        itself (:meth:`_root_sampling`)."""
         self._textmap: Any = None
         self._fields: frozenset[str] = frozenset()
         """The header names the global propagator reads (cached per propagator)."""
@@ -133,9 +132,7 @@ class TracingPlugin:
         sampler is asked, through the tracer."""
         if not parent.is_remote or parent.trace_flags.sampled or not parent.is_valid:
             return False
-        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
-        if provider is not self._skip_for:
-            self._skip_for, self._skip = provider, drops_unsampled(provider)
+        self._sampling()
         return self._skip
 
     def _root_sampling(self) -> Roots | None:
@@ -144,11 +141,17 @@ class TracingPlugin:
         docs/metrics-and-tracing.md recommends, under ``ParentBased`` or alone): a root span
         it drops (99 % of them at 1 %) then costs a trace id, a span id and a header, not a
         tracer's ``start_span``."""
-        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
-        if provider is not self._roots_for:
-            self._roots_for = provider
-            self._roots = Roots.of(provider, "qtasks_web.tracing")
+        self._sampling()
         return self._roots
+
+    def _sampling(self) -> None:
+        """Refresh what the plugin knows of the provider's sampler when the provider is not
+        the one last asked (the global one may be set after the plugin was made)."""
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if provider is not self._sampling_for:
+            self._sampling_for = provider
+            self._skip = drops_unsampled(provider)
+            self._roots = Roots.of(provider, "qtasks_web.tracing")
 
     def _propagation(self) -> bool:
         """Refresh the cached facts about the global propagator; whether it is the API's
@@ -159,6 +162,12 @@ class TracingPlugin:
             self._w3c = _is_w3c(textmap)
         return self._w3c
 
+    def _plain_w3c(self, current: context.Context) -> bool:
+        """Whether a span's context is injected as ``traceparent`` (and ``tracestate``)
+        alone: the API's default propagator, and no baggage in ``current`` (an empty
+        context, an enqueue outside any trace, holds none: not looked up)."""
+        return self._propagation() and (not current or not baggage.get_all(current))
+
     def _inject(self, headers: dict[str, Any], span: Span, current: context.Context) -> None:
         """Write ``span``'s context (a valid one) and the baggage of ``current`` (the current
         context) into ``headers`` through the global propagator.
@@ -167,8 +176,7 @@ class TracingPlugin:
         ``tracestate`` when the trace has one), written here as the W3C propagator writes
         them: a third of its cost, which is mostly the context it is handed and the calls
         between the composite and its parts."""
-        # An empty context (an enqueue outside any trace) holds no baggage: not looked up.
-        if self._propagation() and (not current or not baggage.get_all(current)):
+        if self._plain_w3c(current):
             span_context = span.get_span_context()
             headers["traceparent"] = _traceparent(
                 span_context.trace_id, span_context.span_id, span_context.trace_flags
@@ -184,7 +192,7 @@ class TracingPlugin:
         """Write the context of a root span ``roots`` drops, of ``trace_id``, as
         :meth:`_inject` writes a span's: what the SDK's non-recording span would carry."""
         span_id = roots.span_id()
-        if self._propagation() and (not current or not baggage.get_all(current)):
+        if self._plain_w3c(current):
             headers["traceparent"] = _traceparent(trace_id, span_id, roots.flags)
             return
         dropped = SpanContext(
