@@ -20,7 +20,6 @@ import anyio
 import anyio.abc
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.components import GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
@@ -42,7 +41,6 @@ from qtasks_redis.connection import (
     SharedClient,
     check_options,
     common_options,
-    connection_error,
     delete_matching,
     glob_escape,
 )
@@ -529,17 +527,16 @@ class RedisStorage:
                 ("HMGET", rec, *_RECORD_FIELDS),
             )
             try:
-                _, fields = await call
-            except RedisConnectionError as exc:
+                _, fields = await guarded(self.target, call)
+            except StorageConnectionError as exc:
                 # Lost or refused (a restart, a failover): tried again with the time left,
                 # as the lane retries its other calls and redis-py its own.
                 failures += 1
-                if not lane.retries_left(failures):
-                    raise connection_error(self.target, exc, StorageConnectionError) from exc
+                lost = isinstance(exc.__cause__, RedisConnectionError)
+                if not lost or not lane.retries_left(failures):
+                    raise
                 await anyio.sleep(lane.backoff(failures))
                 continue
-            except (RedisTimeoutError, OSError) as exc:
-                raise connection_error(self.target, exc, StorageConnectionError) from exc
             failures = 0
             record = self._record(fields)
 
