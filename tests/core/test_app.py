@@ -557,35 +557,53 @@ async def test_worker_survives_failures_and_keeps_serving(app: AsyncQueueTasks) 
     assert [r.returning for r in results] == list(range(5))
 
 
-async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> None:
-    broker_app = AsyncQueueTasks(
-        config=QueueConfig(max_tasks_process=1, prefetch=5, shutdown_grace=5)
-    )
-    started = anyio.Event()
-    release = anyio.Event()
+class Holding:
+    """An app (concurrency 1, prefetch 5) whose task ``hold`` runs until :attr:`release` is
+    set, and ``queued`` tasks that wait behind it in the worker; its components are started on
+    :attr:`stack` too, so they can be inspected after the app stops."""
 
-    @broker_app.task
-    async def hold() -> str:
-        started.set()
-        await release.wait()
-        return "done"
+    def __init__(self) -> None:
+        self.app = AsyncQueueTasks(
+            config=QueueConfig(
+                max_tasks_process=1, prefetch=5, shutdown_grace=5, plugins_disabled=["*"]
+            )
+        )
+        self.started, self.release = anyio.Event(), anyio.Event()
+        self.stack = AsyncExitStack()
 
-    @broker_app.task
-    async def queued(i: int) -> int:
-        return i
+        @self.app.task
+        async def hold() -> str:
+            self.started.set()
+            await self.release.wait()
+            return "done"
 
-    # Keep the components started past the app's own stop, to inspect them afterwards.
-    inspect_stack = AsyncExitStack()
-    await broker_app.broker.start(inspect_stack, broker_app.config)
-    await broker_app.storage.start(inspect_stack, broker_app.config)
-    async with broker_app:
-        running = await broker_app.add_task("hold")
+        @self.app.task
+        async def queued(i: int) -> int:
+            return i
+
+    async def inspectable(self) -> None:
+        await self.app.broker.start(self.stack, self.app.config)
+        await self.app.storage.start(self.stack, self.app.config)
+
+    async def hold_one(self) -> TaskRecord:
+        """``hold`` enqueued and running."""
+        running = await self.app.add_task("hold")
         with anyio.fail_after(5):
-            await started.wait()
+            await self.started.wait()
+        return running
+
+
+async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> None:
+    held = Holding()
+    broker_app = held.app
+    # Keep the components started past the app's own stop, to inspect them afterwards.
+    await held.inspectable()
+    async with broker_app:
+        running = await held.hold_one()
         waiting = [await broker_app.add_task("queued", i) for i in range(3)]
         # stop while one runs and three wait locally
         broker_app.worker.stop()
-        release.set()
+        held.release.set()
     final = await broker_app.storage.get(running.uuid)
     assert final is not None and final.status is TaskStatus.SUCCESS
     stats = await broker_app.broker.stats()
@@ -594,7 +612,7 @@ async def test_graceful_shutdown_finishes_running_and_hands_back_waiting() -> No
     for task in waiting:
         record = await broker_app.storage.get(task.uuid)
         assert record is not None and record.status is TaskStatus.NEW
-    await inspect_stack.aclose()
+    await held.stack.aclose()
 
 
 async def test_a_hand_back_that_fails_at_shutdown_leaves_running_tasks_their_grace(
@@ -606,41 +624,25 @@ async def test_a_hand_back_that_fails_at_shutdown_leaves_running_tasks_their_gra
     at once: the running task was cancelled, the worker raised)."""
     from qtasks.memory import broker as memory_broker
 
-    app = AsyncQueueTasks(
-        config=QueueConfig(
-            max_tasks_process=1, prefetch=5, shutdown_grace=5, plugins_disabled=["*"]
-        )
-    )
-    started, release = anyio.Event(), anyio.Event()
-
-    @app.task
-    async def hold() -> str:
-        started.set()
-        await release.wait()
-        return "done"
-
-    @app.task
-    async def queued() -> None: ...
+    held = Holding()
+    app = held.app
 
     async def requeue(self: Any, *, delay: float | None = None, body: bytes | None = None) -> bool:
         raise ConnectionError("broker down")
 
-    inspect_stack = AsyncExitStack()
-    await app.storage.start(inspect_stack, app.config)
+    await held.inspectable()
     async with app:
-        running = await app.add_task("hold")
-        with anyio.fail_after(5):
-            await started.wait()
-        waiting = await app.add_task("queued")  # waits in the worker's local queue
+        running = await held.hold_one()
+        waiting = await app.add_task("queued", 1)  # waits in the worker's local queue
         monkeypatch.setattr(memory_broker.MemoryDelivery, "requeue", requeue)
         app.worker.stop()
-        release.set()
+        held.release.set()
     final = await app.storage.get(running.uuid)
     assert final is not None and final.status is TaskStatus.SUCCESS
     left = await app.storage.get(waiting.uuid)
     assert left is not None and left.status is TaskStatus.NEW  # not run: back after its lease
     assert "could not hand message" in caplog.text
-    await inspect_stack.aclose()
+    await held.stack.aclose()
 
 
 async def test_a_task_whose_begin_ends_after_stop_is_handed_back_not_started() -> None:
