@@ -47,11 +47,13 @@ class QueueConfig(QTasksConfigNames):
     """Seconds a delivery is owned by a worker before it is given to another; renewed while
     the task runs."""
     max_deliveries: int = 5
-    """Deliveries (crashes included) before a message goes to the dead-letter queue."""
+    """Deliveries (crashes included) before a message goes to the dead-letter queue; also how
+    many times a component or plugin may fail on one message before it goes there."""
     retry: int = 0
     """Default retries for tasks that set none."""
     retry_backoff: float = 1.0
-    """First retry delay in seconds; doubled per attempt, with jitter."""
+    """First retry delay in seconds; doubled per attempt, with jitter. Also the first delay of
+    a message handed back after a component failed on it (see :mod:`qtasks.poison`)."""
     retry_backoff_max: float = 300.0
     """Upper bound of one retry delay."""
     shutdown_grace: float = 30.0

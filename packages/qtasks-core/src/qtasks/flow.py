@@ -38,7 +38,7 @@ import anyio
 from qtasks.components import Delivery, FlowControl, UniquePublish
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.messages import Envelope, Message
-from qtasks.record import TaskRecord, TaskStatus
+from qtasks.record import TaskRecord, TaskStatus, record_of
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -578,9 +578,7 @@ class FlowGate:
             await delivery.ack()  # cancelled while queued, or already over
             return
         if stored is None:
-            from qtasks.worker import _record_of  # the worker imports this module
-
-            stored = _record_of(message)
+            stored = record_of(message)
         record = stored
         record.status = TaskStatus.EXPIRED
         record.error = f"expired: not started by {message.headers.get('expires')}"

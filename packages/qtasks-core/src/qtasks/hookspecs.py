@@ -60,6 +60,10 @@ step). Then:
 * a message that cannot run (undecodable, unknown task, bad arguments):
   ``qtasks_broker_nacked`` → ``qtasks_task_rejected`` (nothing of the above after
   ``qtasks_broker_message_received``).
+* a component or plugin raised while the worker handled it (not an outage,
+  :mod:`qtasks.poison`): ``qtasks_broker_requeued`` (with the delay, the failure counted in
+  the message); the ``max_deliveries``-th failure: ``qtasks_broker_nacked`` →
+  ``qtasks_task_rejected``.
 * expired (not started by its ``expires`` time, :mod:`qtasks.flow`): after
   ``qtasks_worker_task_received``, ``qtasks_storage_saved`` (``expired``) →
   ``qtasks_broker_acked`` → ``qtasks_task_expired``.

@@ -6,9 +6,12 @@ import copy
 import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qtasks.errors import SerializationError
+
+if TYPE_CHECKING:
+    from qtasks.messages import Message
 
 
 class TaskStatus(StrEnum):
@@ -118,3 +121,16 @@ class TaskRecord:
 
 
 _RECORD_FIELDS = fields(TaskRecord)
+
+
+def record_of(message: Message) -> TaskRecord:
+    """A record built from the message alone (when the producer stored none)."""
+    return TaskRecord(
+        uuid=message.uuid,
+        task_name=message.task_name,
+        priority=message.priority,
+        args=message.args,
+        kwargs=message.kwargs,
+        created_at=message.created_at,
+        parent_uuid=message.headers.get("parent_uuid"),
+    )

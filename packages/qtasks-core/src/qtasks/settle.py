@@ -25,6 +25,7 @@ from qtasks.executor import TaskRun
 from qtasks.finals import refused, stored_final, succeeded
 from qtasks.messages import Message
 from qtasks.outage import Outage, retrying
+from qtasks.poison import without_failures
 from qtasks.record import TaskStatus
 from qtasks.settle_batch import SettleBatch
 from qtasks.workflows import runtime as workflows
@@ -187,7 +188,7 @@ class Settlement:
                 priority=run.message.priority,
                 created_at=run.message.created_at,
                 attempt=record.attempt,
-                headers=run.message.headers,
+                headers=without_failures(run.message.headers),
             )
             body = app.codec.encode(next_message).body
             await delivery.requeue(delay=delay, body=body)

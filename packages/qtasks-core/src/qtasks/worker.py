@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
+from qtasks import poison
 from qtasks.begin import BeginBatch
 from qtasks.components import (
     BeginOnClaim,
@@ -42,9 +43,8 @@ from qtasks.executor import TaskExecutor, TaskRun
 from qtasks.flow import ADMIT_HEADERS, FlowGate
 from qtasks.leases import LeaseKeeper
 from qtasks.memory import EventFactory, _Signal
-from qtasks.messages import Message
 from qtasks.outage import Outage
-from qtasks.record import TaskRecord, TaskStatus
+from qtasks.record import TaskRecord, TaskStatus, record_of
 from qtasks.settle import Settlement
 from qtasks.watchdog import LoopWatchdog
 from qtasks.workflows import runtime as workflows
@@ -398,21 +398,6 @@ class QueueWorker:
 
     # --- one delivery ---------------------------------------------------------------------
 
-    async def _reject(
-        self, app: AsyncQueueTasks, delivery: Delivery, reason: str, record: TaskRecord | None
-    ) -> None:
-        log.error("rejected message %s: %s", delivery.id, reason)
-        if record is not None:
-            record.status = TaskStatus.ERROR
-            record.error = reason
-            record.updated_at = time.time()
-            await app.storage.save(record)
-            if record.workflow is not None:
-                await workflows.member_ended(app, record)
-        await delivery.nack(reason)
-        await app.hooks.notify("qtasks_broker_nacked", app=app, delivery=delivery, reason=reason)
-        await app.hooks.notify("qtasks_task_rejected", app=app, delivery=delivery, reason=reason)
-
     async def process(self, app: AsyncQueueTasks, delivery: Delivery) -> None:
         """Handle one delivery to the end exactly as the serving loop does (decode, run, store
         the final record, settle), renewing its lease meanwhile. For runners that take
@@ -439,12 +424,12 @@ class QueueWorker:
                     await delivery.requeue(delay=1.0)
                 except Exception:  # its lease brings it back
                     pass
-        except Exception:
-            # A bug in a component or plugin must not kill the worker: log, hand back.
-            log.exception("worker failed while handling message %s", delivery.id)
+        except Exception as exc:
+            # A bug in a component or plugin must not kill the worker: hand back, counted,
+            # later each time; dead-lettered once it failed max_deliveries times.
             with anyio.CancelScope(shield=True):
                 try:
-                    await delivery.requeue(delay=1.0)
+                    await poison.failed(app, delivery, exc)
                 except Exception:
                     log.exception("could not hand message %s back", delivery.id)
         finally:
@@ -466,7 +451,7 @@ class QueueWorker:
             message = app.codec.decode(delivery.body)
         except SerializationError as exc:
             stored = await app.storage.get(delivery.id)
-            await self._reject(app, delivery, f"undecodable message: {exc}", stored)
+            await poison.reject(app, delivery, f"undecodable message: {exc}", stored)
             return
         task = app.tasks.get(message.task_name)
         problem: str | None = None
@@ -484,7 +469,7 @@ class QueueWorker:
                     await workflows.found_final(app, stored)
                 await delivery.ack()  # cancelled while queued, or already finished
                 return
-            await self._reject(app, delivery, problem or "", stored or _record_of(message))
+            await poison.reject(app, delivery, problem or "", stored or record_of(message))
             return
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
@@ -495,7 +480,7 @@ class QueueWorker:
                 if not await self._flow.admit(app, task, message, delivery):
                     return
             except TaskArgumentsError as exc:  # a concurrency key function that fails
-                await self._reject(app, delivery, str(exc), await app.storage.get(message.uuid))
+                await poison.reject(app, delivery, str(exc), await app.storage.get(message.uuid))
                 return
         # Deliveries of a BeginOnClaim broker that went straight to a free runner carry the
         # record begun with their claim: the task started, as far as the storage knows, when
@@ -508,7 +493,7 @@ class QueueWorker:
             record = begun
             record.attempt = message.attempt + 1
         else:
-            claim = _record_of(message)
+            claim = record_of(message)
             claim.status = TaskStatus.PROCESS
             claim.attempt = message.attempt + 1
             claim.token = delivery.token
@@ -529,7 +514,7 @@ class QueueWorker:
                     record = await begins.begin(claim)
             except SerializationError as exc:
                 # The stored record cannot be read (written by something else): poison too.
-                await self._reject(app, delivery, f"stored task record unreadable: {exc}", None)
+                await poison.reject(app, delivery, f"stored task record unreadable: {exc}", None)
                 return
         if record.status.final:
             # Cancelled while queued, or finished by an attempt whose ack got lost.
@@ -617,19 +602,6 @@ def task_executor(run: TaskRun) -> TaskExecutor:
     worker = run.app.worker
     executor: TaskExecutor = getattr(worker, "executor", None) or TaskExecutor()
     return executor
-
-
-def _record_of(message: Message) -> TaskRecord:
-    """A record built from the message alone (when the producer stored none)."""
-    return TaskRecord(
-        uuid=message.uuid,
-        task_name=message.task_name,
-        priority=message.priority,
-        args=message.args,
-        kwargs=message.kwargs,
-        created_at=message.created_at,
-        parent_uuid=message.headers.get("parent_uuid"),
-    )
 
 
 class _WakeOne:

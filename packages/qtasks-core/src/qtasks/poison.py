@@ -1,0 +1,128 @@
+"""Messages the worker cannot run: rejected at once (undecodable, unknown task, wrong
+arguments), or handed back after a component or plugin failed on them, later each time, and
+dead-lettered when that happened ``max_deliveries`` times.
+
+A deliberate hand-back resets the broker's delivery count (see
+:meth:`qtasks.components.Delivery.requeue`), so the failures are counted in the message itself
+(header :data:`FAILURES_HEADER`): without that count, a message on which a component fails
+every time (a stored record nothing can read, a storage bug) would come back every second
+forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from qtasks.errors import SerializationError
+from qtasks.messages import Message
+from qtasks.record import TaskRecord, TaskStatus, record_of
+from qtasks.workflows import runtime as workflows
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.components import Delivery
+
+log = logging.getLogger("qtasks.worker")
+
+FAILURES_HEADER = "worker_failures"
+"""Message header: how many times a worker failed (not an outage) while handling it."""
+
+
+def without_failures(headers: dict[str, object]) -> dict[str, object]:
+    """``headers`` without the failure count (a message that got through starts afresh)."""
+    if FAILURES_HEADER not in headers:
+        return headers
+    return {key: value for key, value in headers.items() if key != FAILURES_HEADER}
+
+
+async def reject(
+    app: AsyncQueueTasks, delivery: Delivery, reason: str, record: TaskRecord | None
+) -> None:
+    """Dead-letter ``delivery`` with ``reason``; its record, when given, says ``error``."""
+    log.error("rejected message %s: %s", delivery.id, reason)
+    if record is not None:
+        record.status = TaskStatus.ERROR
+        record.error = reason
+        record.updated_at = time.time()
+        await app.storage.save(record)
+        if record.workflow is not None:
+            await workflows.member_ended(app, record)
+    await delivery.nack(reason)
+    await app.hooks.notify("qtasks_broker_nacked", app=app, delivery=delivery, reason=reason)
+    await app.hooks.notify("qtasks_task_rejected", app=app, delivery=delivery, reason=reason)
+
+
+async def failed(app: AsyncQueueTasks, delivery: Delivery, exc: Exception) -> None:
+    """A component or plugin raised ``exc`` while the worker handled ``delivery``: hand it
+    back with its failures counted, due after ``retry_backoff * 2**(n-1)`` seconds (capped
+    at ``retry_backoff_max``); the ``max_deliveries``-th failure dead-letters it instead."""
+    limit = app.config.max_deliveries
+    error = f"{type(exc).__name__}: {exc}"
+    try:
+        message: Message | None = app.codec.decode(delivery.body)
+    except Exception:  # the codec itself fails: no count can be kept in the message
+        message = None
+    failures = 1
+    body: bytes | None = None
+    if message is not None:
+        count = message.headers.get(FAILURES_HEADER)
+        failures += count if type(count) is int and count > 0 else 0
+        if failures < limit:
+            headers = {**message.headers, FAILURES_HEADER: failures}
+            try:
+                body = app.codec.encode(dataclasses.replace(message, headers=headers)).body
+            except SerializationError:  # no room for the count: dead-lettered now
+                body = None
+    if body is None:
+        log.error(
+            "worker failed while handling message %s (failure %d of %d): dead-lettered",
+            delivery.id,
+            failures,
+            limit,
+            exc_info=exc,
+        )
+        await _give_up(app, delivery, message, f"worker failed {failures} times: {error}")
+        return
+    delay = min(app.config.retry_backoff * 2 ** (failures - 1), app.config.retry_backoff_max)
+    log.error(
+        "worker failed while handling message %s (failure %d of %d, handed back for %.3g s)",
+        delivery.id,
+        failures,
+        limit,
+        delay,
+        exc_info=exc,
+    )
+    await delivery.requeue(delay=delay, body=body)
+    if "qtasks_broker_requeued" in app.hooks.active:
+        await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=delay)
+
+
+async def _give_up(
+    app: AsyncQueueTasks, delivery: Delivery, message: Message | None, reason: str
+) -> None:
+    """Dead-letter ``delivery`` with ``reason``, saying so in its record when the storage
+    lets that be read and written (it may be what fails)."""
+    record: TaskRecord | None = None
+    if message is not None:
+        try:
+            record = await app.storage.get(message.uuid)
+        except Exception:  # unreadable: replaced by one made from the message
+            record = None
+        if record is None:
+            record = record_of(message)
+        elif record.status.final:
+            record = None  # finished or cancelled meanwhile: it stays as it is
+    try:
+        await reject(app, delivery, reason, record)
+    except Exception:
+        log.exception("could not store the record of message %s", delivery.id)
+        if await delivery.nack(reason):  # not dead-lettered yet
+            await app.hooks.notify(
+                "qtasks_broker_nacked", app=app, delivery=delivery, reason=reason
+            )
+            await app.hooks.notify(
+                "qtasks_task_rejected", app=app, delivery=delivery, reason=reason
+            )

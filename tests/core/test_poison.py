@@ -1,0 +1,143 @@
+"""A component or plugin that fails while the worker handles a message (not an outage): the
+message is handed back later each time, its failures counted in it, and dead-lettered at the
+``max_deliveries``-th, instead of coming back every second forever."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
+from qtasks.errors import SerializationError
+from qtasks.messages import JSONSerializer
+from qtasks.poison import FAILURES_HEADER
+from qtasks.record import TaskRecord
+
+pytestmark = pytest.mark.anyio
+
+
+class Unreadable(MemoryStorage):
+    """Reading a record fails as if it had been written by something else, while ``broken``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+        self.reads = 0
+
+    async def get(self, uuid: str) -> TaskRecord | None:
+        if self.broken:
+            self.reads += 1
+            raise SerializationError("stored record unreadable")
+        return await super().get(uuid)
+
+
+class Seen:
+    """Records each message the worker received and each dead-lettered id."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, Any]] = []
+        self.rejected: dict[str, str] = {}
+        self.requeue_delays: list[float | None] = []
+        self.dead = anyio.Event()
+
+    @hookimpl
+    def qtasks_worker_task_received(self, message: Any) -> None:
+        self.headers.append(dict(message.headers))
+
+    @hookimpl
+    def qtasks_broker_requeued(self, delay: float | None) -> None:
+        self.requeue_delays.append(delay)
+
+    @hookimpl
+    def qtasks_task_rejected(self, delivery: Any, reason: str) -> None:
+        self.rejected[delivery.id] = reason
+        self.dead.set()
+
+
+async def test_a_message_that_fails_every_time_is_dead_lettered_after_max_deliveries() -> None:
+    storage = Unreadable()
+    config = QueueConfig(max_deliveries=3, retry_backoff=0.02, retry_backoff_max=0.03)
+    app = AsyncQueueTasks(broker=MemoryBroker(), storage=storage, config=config)
+    seen = Seen()
+    app.add_plugin(seen, name="seen")
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with app:
+        # An unknown task's stored record is read to say why it is rejected: that read fails.
+        await app.broker.publish(app.codec.encode(_message("no_such_task")))
+        with anyio.fail_after(5):
+            await seen.dead.wait()
+        assert storage.reads == 4  # three handlings, then the dead-lettering's own read
+        reason = seen.rejected["m-1"]
+        assert reason.startswith("worker failed 3 times: SerializationError")
+        assert "stored record unreadable" in reason
+        # Handed back twice, the second time later than the first.
+        assert seen.requeue_delays == [0.02, 0.03]
+        [letter] = await app.broker.dead_letters()
+        assert letter.id == "m-1" and letter.reason == reason
+        # Its body says how many failures it had before the last one.
+        assert json.loads(letter.body)["headers"] == {FAILURES_HEADER: 2}
+        storage.broken = False
+        record = await app.storage.get("m-1")  # replaced by one made from the message
+        assert record is not None and record.status is TaskStatus.ERROR
+        assert record.error == reason
+        # The worker still serves, and nothing else was handed back meanwhile.
+        assert (await app.add_task("add", 2, 3, timeout=5)).returning == 5
+        assert len(seen.requeue_delays) == 2
+
+
+class FlakyJSON(JSONSerializer):
+    """Fails to decode the ``fail``-th body it is given (a broken codec plugin, once)."""
+
+    def __init__(self, fail: int) -> None:
+        super().__init__()
+        self.fail = fail
+        self.loads_calls = 0
+
+    def loads(self, data: bytes) -> Any:
+        self.loads_calls += 1
+        if self.loads_calls == self.fail:
+            raise RuntimeError("codec plugin bug")
+        return super().loads(data)
+
+
+async def test_a_failure_that_passes_loses_nothing_and_a_retry_starts_its_count_afresh() -> None:
+    serializer = FlakyJSON(fail=1)
+    app = AsyncQueueTasks(
+        broker=MemoryBroker(),
+        storage=MemoryStorage(),
+        serializer=serializer,
+        config=QueueConfig(retry_backoff=0.01),
+    )
+    seen = Seen()
+    app.add_plugin(seen, name="seen")
+    runs: list[int] = []
+
+    @app.task(retry=1)
+    async def once_more(x: int) -> int:
+        runs.append(x)
+        if len(runs) == 1:
+            raise ValueError("first run fails")
+        return x * 2
+
+    async with app:
+        task = await app.add_task("once_more", 21)
+        final = await task.wait_result(5)
+    assert final.status is TaskStatus.SUCCESS and final.returning == 42
+    assert runs == [21, 21]
+    # The delivery the codec failed on never reached the task; the next carried the count,
+    # and the task's own retry (after its first run failed) carried none.
+    assert seen.headers == [{FAILURES_HEADER: 1}, {}]
+    assert seen.rejected == {}
+
+
+def _message(task_name: str, args: list[Any] | None = None) -> Any:
+    from qtasks.messages import Message
+
+    return Message(uuid="m-1", task_name=task_name, args=args or [])
