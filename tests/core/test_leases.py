@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 
 pytestmark = pytest.mark.anyio
 
@@ -120,3 +120,38 @@ async def test_a_renewal_pass_is_one_batched_call_whatever_the_number_of_tasks()
     # running ones in one call.
     assert 30 in renewals and 20 in checks
     assert max(renewals) == 30 and max(checks) == 20
+
+
+async def test_a_task_whose_begin_outlasts_the_lease_runs_once() -> None:
+    """A slow step between taking a delivery and starting it (here an async
+    ``qtasks_worker_task_received`` hook three leases long) does not let the lease run out:
+    the delivery is renewed while it is begun, so no other worker runs it meanwhile (before,
+    the second worker ran it while the first still began it, and both ran it)."""
+    broker, storage = MemoryBroker(), MemoryStorage()
+    config = QueueConfig(lease=0.3, max_tasks_process=1, prefetch=0)
+    runs: list[str] = []
+    received: list[str] = []
+
+    class SlowReceipt:
+        @hookimpl
+        async def qtasks_worker_task_received(self, app: Any) -> None:
+            received.append(app.name)
+            if len(received) == 1:
+                await anyio.sleep(0.9)  # a plugin's slow call: three leases long
+
+    apps = [
+        AsyncQueueTasks(f"w{i}", broker=broker, storage=storage, config=config) for i in range(2)
+    ]
+    for app in apps:
+        app.add_plugin(SlowReceipt())
+
+        @app.task(name="once")
+        async def once(app_name: str = app.name) -> None:
+            runs.append(app_name)
+
+    async with apps[0], apps[1]:
+        task = await apps[0].add_task("once")
+        final = await task.wait_result(10)
+    assert final.status is TaskStatus.SUCCESS
+    assert received == [received[0]]  # delivered once: its lease never ran out
+    assert runs == [received[0]]

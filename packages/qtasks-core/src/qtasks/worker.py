@@ -84,6 +84,8 @@ class QueueWorker:
         while its old run is still winding down, so the uuid alone is not unique."""
         self._local: list[tuple[int, int, Delivery]] = []
         self._lost: set[str] = set()
+        self._beginning: dict[str, Delivery] = {}
+        """Deliveries taken by a runner and not started yet (renewed too)."""
         """Tokens of waiting deliveries whose lease could not be renewed."""
         self._recent_cancels: dict[str, str] = {}
         """Reasons of the latest cancels heard of, by uuid (at most ``RECENT_CANCELS``)."""
@@ -126,9 +128,10 @@ class QueueWorker:
         return found
 
     def _held_now(self) -> tuple[list[Delivery], list[TaskRun]]:
-        """The deliveries waiting in the local queue and the running tasks (for renewal)."""
+        """The deliveries waiting in the local queue or being begun, and the running tasks
+        (for renewal)."""
         running = [*self._running.values(), *self._settlement.held()]
-        return [delivery for _, _, delivery in self._local], running
+        return [*(delivery for _, _, delivery in self._local), *self._beginning.values()], running
 
     def _suspects(self) -> list[tuple[str, CodeType]]:
         """``(task name, code)`` of the running tasks (read by the loop watchdog's thread)."""
@@ -413,6 +416,8 @@ class QueueWorker:
     ) -> None:
         """Handle ``delivery`` inside ``scope``, the runner's cancel scope (cancelled only
         through :meth:`TaskRun.cancel`, and only while that run executes)."""
+        token = delivery.token
+        self._beginning[token] = delivery  # renewed until it runs (a begin may be slow)
         try:
             await self._process_inner(app, delivery, scope)
         except ConnectionError as exc:
@@ -433,6 +438,8 @@ class QueueWorker:
                 except Exception:
                     log.exception("could not hand message %s back", delivery.id)
         finally:
+            if self._beginning.pop(token, None) is not None:
+                self._lost.discard(token)  # marked by a renewal pass while it was begun
             flow = self._flow
             if delivery.token in flow.slots or delivery.token in flow.unique:
                 # Admitted by flow control, then not run (found final, rejected, an error).
@@ -533,6 +540,12 @@ class QueueWorker:
             # start now (shutdown finishes the running tasks only), it is handed back as the
             # waiting ones are. (Not for runners that process deliveries themselves.)
             await self._give_back(app, delivery, record)
+            return
+        del self._beginning[delivery.token]
+        if delivery.token in self._lost:
+            # Its lease ran out while it was begun (renewal failed): another worker owns it.
+            self._lost.discard(delivery.token)
+            log.warning("lease of message %s was lost before it started", delivery.id)
             return
         record.started_at = record.updated_at  # as begun: stored with the final record
         if "qtasks_storage_saved" in hooks.active:
