@@ -131,7 +131,15 @@ def counts(path: Path, event: str) -> Counter[int]:
 class RedisServer:
     """A redis-server owned by the test, with the AOF on, on a free loopback port."""
 
-    def __init__(self, tmp: Path, *, fsync: str = "always", extra: list[str] | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        fsync: str = "always",
+        extra: list[str] | None = None,
+        password: str | None = None,
+    ):
+        """``password``: the server requires it (``--requirepass``)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed")
@@ -143,7 +151,9 @@ class RedisServer:
             "--appendonly", "yes", "--appendfsync", fsync, "--save", "",
             "--maxmemory-policy", "noeviction", "--daemonize", "no",
             *(extra or []),
+            *(["--requirepass", password] if password is not None else []),
         ]  # fmt: skip
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -156,7 +166,7 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [self.binary, *self.args], stdout=log, stderr=subprocess.STDOUT
             )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -19,9 +19,16 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.errors import (
@@ -172,11 +179,31 @@ def connection_error(
     if isinstance(cause, OSError) and cause.strerror:
         reason = f"{reason}: {cause.strerror}"
     elif isinstance(exc, RedisError):
-        text = str(exc).split(". ")[-1].strip(". ")
+        text = str(exc).strip(". ")
+        if "@" in text or "://" in text:  # may quote a URL: its last sentence only
+            text = text.split(". ")[-1].strip(". ")
         if text and "@" not in text and "://" not in text:
             reason = f"{reason}: {text}"
     db = "" if target.socket else f" (db {target.db})"
+    if refused_credentials(exc):
+        return kind(
+            f"Redis at {target.where}{db} refused the credentials (check the user name and "
+            f"password of the URL): {reason}"
+        )
     return kind(f"cannot reach Redis at {target.where}{db}: {reason}")
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server refusing the connection's credentials (wrong or missing
+    password, unknown user, no permission): a configuration error that no retry mends."""
+    if isinstance(exc, AuthenticationError | NoPermissionError):
+        return True
+    if isinstance(exc, AuthenticationWrongNumberOfArgsError):
+        return True
+    text = str(exc)
+    return isinstance(exc, ResponseError) and (
+        text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")) or "password" in text
+    )
 
 
 async def connect(stack: AsyncExitStack, target: RedisTarget, extra: dict[str, Any]) -> Client:
@@ -184,11 +211,28 @@ async def connect(stack: AsyncExitStack, target: RedisTarget, extra: dict[str, A
     client = make_client(target, extra)
     stack.push_async_callback(_close, client)
     try:
-        # A first PING without the long retry budget: an unreachable URL fails fast.
+        if not target.cluster:
+            await _probe(target, extra)
         await _ping(client)
     except (RedisError, OSError) as exc:
         raise connection_error(target, exc) from None
     return client
+
+
+async def _probe(target: RedisTarget, extra: dict[str, Any]) -> None:
+    """One PING on a connection of its own, not retried: an unreachable URL or refused
+    credentials fail at once (the client's retry budget, meant for outages while serving,
+    took 4-40 s to give up on them)."""
+    probe = aioredis.Redis.from_url(
+        target.url,
+        retry=Retry(NoBackoff(), 0),
+        socket_timeout=float(extra.get("redis_connect_timeout", 5.0)),
+        socket_connect_timeout=float(extra.get("redis_connect_timeout", 5.0)),
+    )
+    try:
+        await probe.ping()
+    finally:
+        await _close(probe)
 
 
 async def _ping(client: Client) -> None:

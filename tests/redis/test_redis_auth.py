@@ -1,0 +1,80 @@
+"""Credentials: a server that refuses them fails ``start()`` at once with a message that says
+so (and never quotes the password); the right ones serve. A test-owned redis-server that
+requires a password."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from redis_procs import RedisServer, start_server
+
+from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks.errors import BrokerConnectionError
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+pytestmark = pytest.mark.anyio
+
+PASSWORD = "s3cret-pw"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    started = start_server(tmp_path, fsync="no", password=PASSWORD)
+    yield started
+    started.close()
+
+
+def app_for(url: str) -> AsyncQueueTasks:
+    app = AsyncQueueTasks(
+        broker=RedisBroker(url),
+        storage=RedisStorage(url),
+        global_config=RedisGlobalConfig(url),
+        # The default retry budget: refused credentials must not spend it.
+        config=QueueConfig(max_tasks_process=2),
+    )
+
+    @app.task
+    async def double(x: int) -> int:
+        return x * 2
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "credentials", ["alice:s3cret-pw-typo@", ":wrong-s3cret-pw@", "", "nobody:s3cret-pw@"]
+)
+async def test_refused_credentials_fail_start_at_once_saying_so(
+    server: RedisServer, credentials: str
+) -> None:
+    """Wrong password, missing password, unknown user: before, redis-py's retries (meant for
+    outages) took 4-40 s to give up, and the message said "cannot reach"."""
+    app = app_for(f"redis://{credentials}127.0.0.1:{server.port}/0")
+    with anyio.fail_after(2), pytest.raises(BrokerConnectionError) as info:
+        await app.start()
+    text = str(info.value)
+    assert text.startswith(f"Redis at 127.0.0.1:{server.port} (db 0) refused the credentials")
+    assert "s3cret" not in text
+    assert "s3cret" not in repr(info.value.__cause__) + repr(info.value.__context__)
+    await app.aclose()
+
+
+async def test_the_right_credentials_serve(server: RedisServer) -> None:
+    app = app_for(f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0")
+    async with app:
+        done = await app.add_task("double", 21, timeout=5)
+    assert (done.status, done.returning) == (TaskStatus.SUCCESS, 42)
+
+
+async def test_an_unreachable_url_fails_start_at_once(tmp_path: Path) -> None:
+    """Nothing listens on the port (a server that was there and is gone): the default retry
+    budget is not spent at start either."""
+    gone = start_server(tmp_path, fsync="no")
+    gone.close()
+    app = app_for(gone.url)
+    with anyio.fail_after(2), pytest.raises(BrokerConnectionError) as info:
+        await app.start()
+    assert str(info.value).startswith(f"cannot reach Redis at 127.0.0.1:{gone.port} (db 0)")
+    await app.aclose()
