@@ -529,7 +529,8 @@ def qtasks_task_dead_lettered(app: AsyncQueueTasks, record: TaskRecord, reason: 
 @hookspec
 def qtasks_task_rejected(app: AsyncQueueTasks, delivery: Delivery, reason: str) -> None:
     """Notification: a message could not run at all (undecodable, unknown task, bad
-    arguments, too large); it was dead-lettered and its record, if any, says ``error``."""
+    arguments, too large, or a component or plugin failed on it ``max_deliveries`` times); it
+    was dead-lettered and its record, if any, says ``error``."""
 
 
 # --- inspect --------------------------------------------------------------------------------
