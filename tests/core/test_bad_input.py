@@ -81,7 +81,16 @@ async def test_wrong_arguments(apps: tuple[AsyncQueueTasks, AsyncQueueTasks]) ->
 
 @pytest.mark.parametrize(
     "body",
-    [b"\xff\xfe not utf8", b"{not json", b"[1, 2]", b'{"uuid": "x"}', b'{"uuid": 1, "task": 2,'],
+    [
+        b"\xff\xfe not utf8",
+        b"{not json",
+        b"[1, 2]",
+        b'{"uuid": "x"}',
+        b'{"uuid": 1, "task": 2,',
+        # Deeper than any parser goes (RecursionError): it killed the in-memory worker.
+        b"[" * 200_000 + b"]" * 200_000,
+    ],
+    ids=["not-utf8", "not-json", "a-list", "no-task", "cut", "too-deep"],
 )
 async def test_undecodable_message(
     apps: tuple[AsyncQueueTasks, AsyncQueueTasks], body: bytes

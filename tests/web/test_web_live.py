@@ -44,7 +44,9 @@ async def test_open_pages_share_one_read_per_interval() -> None:
             streams = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(PAGES)]
             started = time.monotonic()
             for stream in streams:
-                await stream.send(b"GET /events/overview HTTP/1.1\r\nHost: test\r\n\r\n")
+                await stream.send(
+                    f"GET /events/overview HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+                )
             with anyio.fail_after(10):
                 async with anyio.create_task_group() as tg:
                     for stream in streams:

@@ -56,7 +56,9 @@ class Client:
     ) -> Reply:
         raw_path, _, query = path.partition("?")
         sent = dict(headers or {})
-        sent.setdefault("host", f"{self.server[0]}:{self.server[1]}")
+        where = self.server[0]
+        where = f"[{where}]" if ":" in where else where  # an IPv6 address, as HTTP writes it
+        sent.setdefault("host", f"{where}:{self.server[1]}")
         sent.setdefault("accept", "text/html")
         if form is not None:
             body = urlencode(form).encode()
@@ -117,8 +119,9 @@ class Client:
         """Open ``page`` and post ``fields`` to ``action`` with the page's CSRF token, as its
         form would."""
         shown = await self.get(page)
-        token = shown.csrf() if 'name="csrf"' in shown.text else self.cookies["qtasks_web_csrf"]
-        return await self.post(action, form={"csrf": token, **fields})
+        if 'name="csrf"' not in shown.text:  # a page without forms: the login page's token
+            shown = await self.get("/login")
+        return await self.post(action, form={"csrf": shown.csrf(), **fields})
 
 
 class PlainStorage:

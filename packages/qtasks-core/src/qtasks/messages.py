@@ -85,7 +85,8 @@ class JSONSerializer:
     def loads(self, data: bytes) -> Any:
         try:
             return self._decoder.decode(data.decode())
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # RecursionError: nested deeper than the interpreter's limit (a crafted body).
             raise SerializationError(f"cannot decode JSON message: {exc}") from exc
 
 

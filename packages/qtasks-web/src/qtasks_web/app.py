@@ -11,8 +11,11 @@ read in :mod:`qtasks_web.data`, the live streams in :mod:`qtasks_web.live`.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -38,6 +41,8 @@ from qtasks_web.security import (
     SESSION_AGE,
     SESSION_COOKIE,
     AuthMiddleware,
+    csrf_field,
+    csrf_key,
     csrf_problem,
     csrf_token,
     set_csrf_cookie,
@@ -77,7 +82,6 @@ def _environment() -> Environment:
     env.filters["when"] = _when
     env.filters["seconds"] = _seconds
     env.filters["pretty"] = data.pretty
-    env.filters["preview"] = data.body_preview
     env.filters["json"] = as_json
     return env
 
@@ -90,6 +94,9 @@ class Dashboard:
         self.settings = settings
         self.hub = Hub(app, settings.refresh, settings.window)
         self.env = _environment()
+        self.env.filters["preview"] = partial(data.body_preview, app)
+        self.key = csrf_key(settings.auth)
+        """Signs the CSRF tokens of forms, and the status messages of redirects."""
         self.closed = False
         """Set when the server shuts down: open event streams end (see :func:`close`)."""
 
@@ -105,11 +112,11 @@ class Dashboard:
         root = request.scope.get("root_path", "")
         page = self.env.get_template(name).render(
             root=root,
-            csrf=csrf_token(request),
+            csrf=csrf_field(self.key, csrf_token(request)),
             csrf_field=CSRF_FIELD,
             read_only=self.settings.read_only,
             app_name=self.app.name,
-            message=request.query_params.get("msg", "")[:300],
+            message=self._message(request),
             queryable=data.queryable(self.app) is not None,
             storage_name=type(self.app.storage).__name__,
             statuses=data.STATUSES,
@@ -126,11 +133,25 @@ class Dashboard:
         return response
 
     def back(self, request: Request, path: str, message: str = "") -> RedirectResponse:
+        """Redirect to ``path`` showing ``message``, signed: a page shows only the messages
+        the dashboard wrote (a link cannot put its own text on it)."""
         root = request.scope.get("root_path", "")
         target = f"{root}{path}"
         if message:
             target += ("&" if "?" in target else "?") + "msg=" + quote(message)
+            target += "&sig=" + self._signature(message)
         return RedirectResponse(target, status_code=303)
+
+    def _signature(self, message: str) -> str:
+        return hmac.new(self.key, f"msg\0{message}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _message(self, request: Request) -> str:
+        """The ``msg`` of the URL when :meth:`back` signed it, else nothing."""
+        message = request.query_params.get("msg", "")[:300]
+        signature = request.query_params.get("sig", "")
+        if message and hmac.compare_digest(self._signature(message), signature):
+            return message
+        return ""
 
     async def action_form(self, request: Request) -> dict[str, str] | Response:
         """The form of a POST action, or the response refusing it (read-only, CSRF)."""
@@ -143,7 +164,7 @@ class Dashboard:
             return self.render(
                 request, "error.html", 413, title="Too large", problem="form too large"
             )
-        problem = csrf_problem(request, form)
+        problem = csrf_problem(request, form, self.key)
         if problem is not None:
             log.warning("refused %s %s: %s", request.method, request.url.path, problem)
             return self.render(request, "error.html", 403, title="Refused", problem=problem)
@@ -325,7 +346,7 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         form = await _read_form(request) or {}
-        problem = csrf_problem(request, form)
+        problem = csrf_problem(request, form, self.key)
         token = self.settings.auth.token
         if problem is not None or not token or not _same(form.get("token", ""), token):
             log.warning("dashboard login refused")  # never the token typed

@@ -74,17 +74,41 @@ def pretty(value: Any) -> str:
     """JSON of a masked value, indented (for ``<pre>``); ``repr`` when it is not JSON."""
     try:
         return json.dumps(masked(value), indent=2, ensure_ascii=False, default=repr)
-    except (TypeError, ValueError):
-        return repr(value)
+    except (TypeError, ValueError, RecursionError):
+        return _cut(repr(value), 10_000)
 
 
-def body_preview(body: bytes, limit: int = 400) -> str:
-    """A dead letter's body as text, JSON masked, cut at ``limit`` characters."""
-    text = body.decode("utf-8", errors="replace")
-    try:
-        text = json.dumps(masked(json.loads(text)), ensure_ascii=False)
-    except ValueError:
-        pass
+PREVIEW_MAX = 64 * 1024
+"""Dead-letter bodies larger than this are not decoded for their preview."""
+
+
+def body_preview(app: AsyncQueueTasks, body: bytes, limit: int = 400) -> str:
+    """A dead letter's body for its row: the message as the worker would decode it, secrets
+    masked as on the task page (positional ones too), cut at ``limit`` characters. A body
+    that is not a message (bytes of any kind, too deep, too large) shows only its size and
+    first bytes in hex: raw text could hold anything."""
+    if len(body) <= PREVIEW_MAX:
+        try:
+            message = app.codec.decode(body)
+        except Exception:  # not a message: SerializationError, or a codec that fails
+            pass
+        else:
+            shown = {
+                "task": message.task_name,
+                "args": masked_args(app, message.task_name, message.args),
+                "kwargs": masked(message.kwargs),
+                "uuid": message.uuid,
+                "attempt": message.attempt,
+                "headers": masked(message.headers),
+            }
+            try:
+                return _cut(json.dumps(shown, ensure_ascii=False, default=repr), limit)
+            except (TypeError, ValueError, RecursionError):
+                pass
+    return f"({len(body)} bytes, not a readable message) {body[:24].hex(' ')}"
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -74,9 +75,14 @@ class Hub:
             return self._head
 
 
+_LINES = re.compile(r"\r\n|\r|\n")
+
+
 def sse(event: str, data: str) -> bytes:
     """One Server-Sent Event (each line of ``data`` prefixed, as the format requires)."""
-    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    # A browser ends a line at "\r" too: split as it does, or a "\r" in the data (a task
+    # name, say) would start a field of its own.
+    lines = "".join(f"data: {line}\n" for line in _LINES.split(data))
     return f"event: {event}\n{lines}\n".encode()
 
 

@@ -6,9 +6,15 @@ session cookie that ``POST /login`` (the token typed into a form) sets: a timest
 with HMAC-SHA256 keyed by the token, valid for :data:`SESSION_AGE`. Tokens are never accepted
 in a URL (URLs end up in access logs and browser history).
 
-CSRF: every page sets a random per-browser token in a ``SameSite=Strict`` cookie and puts the
-same value in each form; a ``POST`` whose form field does not match the cookie (compared in
-constant time), or whose ``Origin`` is another site, is refused with 403.
+CSRF: every page sets a random per-browser token in a ``SameSite=Strict`` cookie and puts in
+each form that token signed with the dashboard's key (HMAC-SHA256), so a cookie planted by a
+sibling site is worth nothing without the key; a ``POST`` whose form field is not the cookie's
+signature (compared in constant time), whose ``Origin`` is another site, or whose ``Origin`` is
+``null`` (a sandboxed frame, a cross-site redirect) is refused with 403.
+
+Without credentials the dashboard serves loopback connections only, and only requests
+addressed to a loopback name (``Host: localhost``, ``127.0.0.1``, ``[::1]``, with any port): a
+web page whose own name was made to resolve to 127.0.0.1 (DNS rebinding) is refused.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def session_ok(token: str, value: str, now: float | None = None) -> bool:
     """Whether ``value`` is a session cookie signed with ``token`` and not older than
     :data:`SESSION_AGE`."""
     stamp, _, _mac = value.partition(".")
-    if not stamp.isdigit():
+    if not (stamp.isascii() and stamp.isdigit()):  # "²".isdigit() is true, int() refuses it
         return False
     current = now if now is not None else time.time()
     if not 0 <= current - int(stamp) <= SESSION_AGE:
@@ -106,6 +112,16 @@ class AuthMiddleware:
                 )
                 await response(scope, receive, send)
                 return
+            host = request.headers.get("host")
+            if host is not None and not loopback_name(host):
+                response = PlainTextResponse(
+                    "qtasks-web without authentication answers only requests addressed to "
+                    "localhost or a loopback address, not to "
+                    f"{host[:100]!r}: configure a token or users to serve other names",
+                    status_code=403,
+                )
+                await response(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
@@ -125,9 +141,38 @@ class AuthMiddleware:
         return PlainTextResponse("authentication required", status_code=401, headers=headers)
 
 
+def loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header names this machine: ``localhost`` (or a name under it, which
+    browsers resolve to loopback themselves), a 127.0.0.0/8 address or ``[::1]``, with or
+    without a port."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        if "]" not in name:
+            return False
+        name = name[1 : name.find("]")]
+    else:
+        name = name.rpartition(":")[0] if name.count(":") == 1 else name
+    name = name.rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
+
+
+def csrf_key(auth: Auth) -> bytes:
+    """The key that signs CSRF tokens: derived from the credentials when there are some (so
+    every replica of one dashboard agrees), random per process otherwise."""
+    if not auth.enabled:
+        return secrets.token_bytes(32)
+    material = "\0".join([auth.token or "", *sorted(f"{u}:{p}" for u, p in auth.users.items())])
+    return hashlib.sha256(f"qtasks-web-csrf\0{material}".encode()).digest()
+
+
+def csrf_field(key: bytes, token: str) -> str:
+    """The value a form carries for the CSRF cookie ``token``: its signature with ``key``."""
+    return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()
+
+
 def csrf_token(request: Request) -> str:
-    """This browser's CSRF token (made on its first page; :func:`set_csrf_cookie` stores
-    it)."""
+    """This browser's CSRF cookie value (made on its first page; :func:`set_csrf_cookie`
+    stores it); forms carry :func:`csrf_field` of it."""
     existing = request.cookies.get(CSRF_COOKIE)
     if existing and len(existing) == 43:
         return existing
@@ -152,15 +197,17 @@ def set_csrf_cookie(request: Request, response: Response) -> None:
         )
 
 
-def csrf_problem(request: Request, form: Any) -> str | None:
+def csrf_problem(request: Request, form: Any, key: bytes) -> str | None:
     """Why a POST with ``form`` must be refused, or ``None`` when it may proceed."""
     origin = request.headers.get("origin")
-    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+    if origin == "null":
+        return "the request comes from an opaque origin (a sandboxed frame or a redirect)"
+    if origin and urlsplit(origin).netloc != request.headers.get("host"):
         return "the request comes from another site"
     cookie = request.cookies.get(CSRF_COOKIE, "")
     sent = form.get(CSRF_FIELD, "")
     if not cookie or not isinstance(sent, str) or not sent:
         return "the CSRF token is missing: reload the page and try again"
-    if not hmac.compare_digest(cookie.encode(), sent.encode()):
+    if not hmac.compare_digest(csrf_field(key, cookie).encode(), sent.encode()):
         return "the CSRF token does not match: reload the page and try again"
     return None

@@ -473,6 +473,6 @@ def _body_attempt(body: bytes) -> int | None:
             return int(match[1])
     try:
         attempt = json.loads(body).get("attempt")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        return None  # not a message (too deep to parse, even): the worker rejects it
     return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
