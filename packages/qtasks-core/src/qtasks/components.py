@@ -461,6 +461,11 @@ class BeginOnClaim(Protocol):
         delivery of the older copy still held by a worker is begun by the worker, which
         checks).
 
+        A message the claim dead-letters (past ``max_deliveries``) has its record, unless
+        final, stored as ``error`` with the error ``"dead-lettered: <the dead letter's
+        reason>"`` and the token ``"dead-letter"``, its waiters woken: a task whose every
+        delivery was lost (its worker killed each time) ends, rather than staying ``process``.
+
         A claim may publish messages itself: a workflow member it dead-letters fails its
         workflow, whose error callback is published in the same round trip. ``published``,
         when given, is called with their ids right after that claim (the worker fires

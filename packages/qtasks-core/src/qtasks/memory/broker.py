@@ -238,17 +238,21 @@ class MemoryBroker(_Lifecycle):
             waits.append(self._leases[0][0] - mono)
         return min(waits) if waits else None
 
-    def _take(self) -> _Entry | None:
+    def _take(self, storage: MemoryStorage | None = None) -> _Entry | None:
+        """The next due message, now held; past its delivery limit it is dead-lettered
+        instead, and with ``storage`` (a claim that begins records) its record says so."""
         while (entry := self._ready.pop()) is not None:
             if self._known.get(entry.id) is not entry or entry.token:
                 continue  # cancelled, or a stale queue entry
             entry.attempt += 1
             if entry.attempt > self._max_deliveries:
-                self._dead(
-                    entry,
+                reason = (
                     f"delivery limit reached: delivered {entry.attempt - 1} times "
-                    f"without being settled (max_deliveries={self._max_deliveries})",
+                    f"without being settled (max_deliveries={self._max_deliveries})"
                 )
+                self._dead(entry, reason)
+                if storage is not None:
+                    storage.dead_claimed(entry.id, reason)
                 continue
             entry.token = f"{self._token_prefix}{next(self._tokens)}"
             entry.lease_until = time.monotonic() + self._lease
@@ -297,7 +301,7 @@ class MemoryBroker(_Lifecycle):
             assert signal is not None
             while True:
                 next_due = self._promote()
-                entry = self._take()
+                entry = self._take(None if begin is None else begin[0])
                 if entry is None:
                     await signal.wait(next_due)
                     continue

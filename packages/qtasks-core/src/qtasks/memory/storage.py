@@ -200,6 +200,21 @@ class MemoryStorage(_Lifecycle):
                 self._index(stored)
         return stored.copy()
 
+    def dead_claimed(self, uuid: str, reason: str) -> None:
+        """The record of ``uuid``, dead-lettered by a claim with ``reason``, says so (status
+        ``error``, token ``dead-letter``), waiters woken; a final record is left as it is."""
+        stored = self._records.get(uuid)
+        if stored is None or stored.status.final:
+            return
+        stored.status, stored.token = TaskStatus.ERROR, "dead-letter"
+        stored.error = f"dead-lettered: {reason}"
+        stored.returning = None
+        stored.updated_at = self._clock()
+        self._index(stored)
+        if self._ttl is not None:
+            heapq.heappush(self._expiry, (stored.updated_at + self._ttl, uuid))
+        self._fire(uuid)
+
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         self._check()
         stored = self._records.get(record.uuid)

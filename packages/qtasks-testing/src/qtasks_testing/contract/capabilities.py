@@ -497,6 +497,30 @@ class BeginOnClaimContract(_SharedFixtures):
             assert await delivery.ack() is True
 
     @pytest.mark.anyio
+    async def test_a_message_the_claim_dead_letters_ends_its_record(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        """Every delivery of the message is lost (its worker killed each time: here the
+        lease just runs out); the claim that finds it past ``max_deliveries`` dead-letters it
+        and its record ends ``error`` (before, it stayed ``process`` for ever on the
+        in-memory backend: ``wait`` waited for a task that would never end)."""
+        limit, lease = contract_config.max_deliveries, contract_config.lease
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with self.consuming_begun(shared) as consumer:
+            for attempt in range(1, limit + 1):
+                delivery = await consumer.next(timeout=lease * 2 + 1)
+                assert delivery.attempt == attempt  # never settled: the lease runs out
+            try:
+                ended = await shared.storage.wait(rec.uuid, timeout=lease * 2 + 1)
+            except TaskTimeoutError:
+                pytest.fail("the record of the message the claim dead-lettered never ended")
+        assert (ended.status, ended.token) == (TaskStatus.ERROR, "dead-letter")
+        assert ended.error is not None and ended.error.startswith("dead-lettered: ")
+        [letter] = [d for d in await shared.broker.dead_letters() if d.id == rec.uuid]
+        assert ended.error == f"dead-lettered: {letter.reason}"
+
+    @pytest.mark.anyio
     async def test_a_message_published_again_replaces_even_a_delivered_one(
         self, shared: Shared
     ) -> None:
