@@ -1,6 +1,7 @@
-"""Credentials: a server that refuses them fails ``start()`` at once with a message that says
-so (and never quotes the password); the right ones serve. A test-owned redis-server that
-requires a password."""
+"""Connecting: a server that refuses the credentials fails ``start()`` at once with a message
+that says so (and never quotes the password), the right ones serve (a test-owned redis-server
+that requires a password); an unreachable URL fails at once; a component shared by apps that
+start together connects once."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from redis_procs import RedisServer, start_server
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
-from qtasks.errors import BrokerConnectionError
+from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 pytestmark = pytest.mark.anyio
@@ -78,3 +79,35 @@ async def test_an_unreachable_url_fails_start_at_once(tmp_path: Path) -> None:
         await app.start()
     assert str(info.value).startswith(f"cannot reach Redis at 127.0.0.1:{gone.port} (db 0)")
     await app.aclose()
+
+
+async def test_a_component_started_by_two_apps_at_once_connects_once(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two apps sharing one broker start together (``asyncio.gather``): before, both
+    connected, the second client replaced the first, and the first was never closed (its
+    connections stayed open after both apps stopped)."""
+    from contextlib import AsyncExitStack
+
+    from qtasks_redis import connection
+
+    opened: list[object] = []
+    real_connect = connection.connect
+
+    async def counted(stack: AsyncExitStack, target: object, extra: dict[str, object]) -> object:
+        client = await real_connect(stack, target, extra)  # type: ignore[arg-type]
+        opened.append(client)
+        return client
+
+    monkeypatch.setattr(connection, "connect", counted)
+    broker = RedisBroker(redis_url, prefix=prefix)
+    first, second = AsyncExitStack(), AsyncExitStack()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(broker.start, first, QueueConfig())
+        tg.start_soon(broker.start, second, QueueConfig())
+    assert len(opened) == 1
+    await first.aclose()
+    await broker.stats()  # the other app still uses it
+    await second.aclose()
+    with pytest.raises(ComponentNotStartedError):
+        await broker.stats()

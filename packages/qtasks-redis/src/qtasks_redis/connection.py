@@ -319,6 +319,7 @@ class SharedClient:
 
     __slots__ = (
         "_client",
+        "_connecting",
         "_lane",
         "_loop",
         "_owner",
@@ -337,10 +338,20 @@ class SharedClient:
         self._stack: AsyncExitStack | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._users = 0
+        self._connecting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     async def acquire(self, stack: AsyncExitStack, options: dict[str, Any]) -> Client:
         check_options(options)
         loop = asyncio.get_running_loop()
+        if self._connecting is None or self._connecting[0] is not loop:
+            self._connecting = (loop, asyncio.Lock())
+        # Apps sharing this component that start at once connect once: the others wait.
+        async with self._connecting[1]:
+            return await self._acquire(stack, options, loop)
+
+    async def _acquire(
+        self, stack: AsyncExitStack, options: dict[str, Any], loop: asyncio.AbstractEventLoop
+    ) -> Client:
         if self._client is not None and self._loop is not loop:
             self._abandon()
         if self._client is None:
