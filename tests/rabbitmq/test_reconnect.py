@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import aio_pika
 import anyio
 import pytest
 
 from qtasks.messages import Envelope
+from qtasks_rabbitmq.link import Link
 
-from .conftest import URL, BrokerFactory, close_connections
+from .conftest import URL, BrokerFactory, close_connections, poll
 from .test_broker import take
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
@@ -18,6 +20,41 @@ pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
 def envelope(body: bytes) -> Envelope:
     return Envelope(id=uuid.uuid4().hex, body=body)
+
+
+class QosGate:
+    """Holds the first ``set_qos`` after :meth:`arm` (a consumer's reopen, just after its
+    channel opened) until ``release`` is set: a deterministic window inside the reopen."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed = False
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+        original = aio_pika.Channel.set_qos
+
+        async def gated(channel: aio_pika.Channel, *args: Any, **kwargs: Any) -> Any:
+            if self.armed:
+                self.armed = False
+                self.entered.set()
+                with anyio.fail_after(20):
+                    await self.release.wait()
+            return await original(channel, *args, **kwargs)
+
+        monkeypatch.setattr(aio_pika.Channel, "set_qos", gated)
+
+    def arm(self) -> None:
+        self.armed = True
+
+
+async def consumer_count(queue: str) -> int:
+    """How many consumers RabbitMQ has on ``queue``."""
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.consumer_count
+        assert count is not None
+        return count
 
 
 async def test_server_closes_connection_consumer_resumes_and_stale_acks_are_fenced(
@@ -80,3 +117,31 @@ async def test_deleted_queue_is_declared_again_and_consuming_resumes(
                 except Exception:
                     await anyio.sleep(0.1)  # unroutable until the queue is declared again
         assert (await take(deliveries, timeout=20)).body == b"back"
+
+
+async def test_consumer_closed_during_a_reconnect_does_not_come_back(
+    make_broker: BrokerFactory, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker leaves consume() while the reconnect re-opens its consumer: the channel that
+    reopen opens is closed too, not left consuming (and handing every message back) for
+    nobody."""
+    broker = await make_broker()
+    gate = QosGate(monkeypatch)
+    unregister = Link.unregister
+
+    def unregister_then_release(link: Link, key: int) -> None:
+        unregister(link, key)
+        gate.release.set()  # close() has begun: the reopen may go on from here
+
+    monkeypatch.setattr(Link, "unregister", unregister_then_release)
+    async with broker.consume(prefetch=5):
+        gate.arm()
+        assert await anyio.to_thread.run_sync(close_connections, queue_name) == 1
+        with anyio.fail_after(20):
+            await gate.entered.wait()  # the reconnect is inside this consumer's reopen
+    await broker.stats()  # waits for the link: the reconnect, reopen included, is over
+
+    async def no_consumer() -> bool:
+        return await consumer_count(queue_name) == 0
+
+    await poll(no_consumer, timeout=5)

@@ -242,6 +242,14 @@ class Consumer:
 
     async def close(self) -> None:
         self.closing = True
+        self.link.unregister(self.key)
+        # A reopen under way (the link reconnecting) finishes first: the channel and tasks it
+        # starts are the ones to stop, or it would go on consuming for nobody.
+        async with self._lock:
+            await self._stop_loops()
+            await self._shut()
+
+    async def _stop_loops(self) -> None:
         if self._lease_task is not None:
             self._lease_task.cancel()
         if self._qos_task is not None:
@@ -250,7 +258,9 @@ class Consumer:
                 await asyncio.wait_for(self._qos_task, 5)
             except (TimeoutError, asyncio.CancelledError):
                 pass
-        self.link.unregister(self.key)
+
+    async def _shut(self) -> None:
+        """Cancel the consumer, hand back what it received, close its channel."""
         channel = self.channel
         if channel is None:
             return
