@@ -83,14 +83,18 @@ async def make_broker(queue_name: str) -> AsyncIterator[BrokerFactory]:
                 await asyncio.wait_for(delete_topology(topology), 30)
 
 
+def connection_pids(queue: str) -> list[str]:
+    """The server-side pids of the open connections of brokers on ``queue``."""
+    lines = rabbitmqctl("list_connections", "-q", "pid", "client_properties").splitlines()
+    return [line.split()[0] for line in lines if f"qtasks {queue} " in line]
+
+
 def close_connections(queue: str, why: str = "closed by a qtasks test") -> int:
     """Close, from the server side, every connection a broker on ``queue`` opened."""
-    closed = 0
-    for line in rabbitmqctl("list_connections", "-q", "pid", "client_properties").splitlines():
-        if f"qtasks {queue} " in line:
-            rabbitmqctl("close_connection", line.split()[0], why)
-            closed += 1
-    return closed
+    pids = connection_pids(queue)
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, why)
+    return len(pids)
 
 
 async def drop_work_queue(broker: RabbitMQBroker) -> None:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 
 import aio_pika
 import anyio
 import pytest
 
 from qtasks.components import BrokerStats
+from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ConfigError
 from qtasks.messages import Envelope
 from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker, RabbitMQDelivery, TopologyError
 
-from .conftest import URL, BrokerFactory
+from .conftest import URL, BrokerFactory, connection_pids, delete_topology, poll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
@@ -357,10 +359,6 @@ async def test_wire_format_id_in_message_id_and_only_non_default_headers(
 
 async def test_connection_errors_never_show_the_password() -> None:
     secret = "s3cr3t-" + uuid.uuid4().hex
-    from contextlib import AsyncExitStack
-
-    from qtasks.config import QueueConfig
-
     for url in (
         f"amqp://guest:{secret}@127.0.0.1:5672/",  # refused login
         f"amqp://guest:{secret}@127.0.0.1:1/",  # nothing listening
@@ -372,6 +370,31 @@ async def test_connection_errors_never_show_the_password() -> None:
         text = str(caught.value) + repr(caught.value)
         assert secret not in text
         assert "******" in text
+
+
+async def test_concurrent_starts_share_one_connection(queue_name: str) -> None:
+    """Two apps sharing a broker start it at once: one connection, counted twice, so the app
+    that stops first leaves it to the other, and the last one closes it."""
+    broker = RabbitMQBroker(URL, queue=queue_name)
+    config = QueueConfig(broker="rabbitmq", broker_url=URL)
+    first, second = AsyncExitStack(), AsyncExitStack()
+    try:
+        async with anyio.create_task_group() as starts:
+            starts.start_soon(broker.start, first, config)
+            starts.start_soon(broker.start, second, config)
+        assert len(await anyio.to_thread.run_sync(connection_pids, queue_name)) == 1
+        await first.aclose()
+        await broker.publish(envelope(b"from the second app"))  # still started for it
+        await second.aclose()
+
+        async def no_connection() -> bool:
+            return not await anyio.to_thread.run_sync(connection_pids, queue_name)
+
+        await poll(no_connection, timeout=10)
+    finally:
+        await first.aclose()
+        await second.aclose()
+        await delete_topology(broker.topology)
 
 
 def test_from_config_reads_url_and_extra() -> None:

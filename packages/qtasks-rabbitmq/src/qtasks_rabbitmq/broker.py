@@ -98,6 +98,7 @@ class RabbitMQBroker:
         self._publisher: Publisher | None = None
         self._consumers: dict[int, Consumer] = {}
         self._published = Published()
+        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -137,15 +138,28 @@ class RabbitMQBroker:
         connection closes when the last of the stacks closes. Started from another event loop
         while the link's loop is gone without having closed it, it forgets that link and
         connects again. An unknown or ill-typed ``rabbitmq_*`` key in ``config.extra`` raises
-        :class:`~qtasks.errors.ConfigError` (the keys are read by :meth:`from_config`)."""
+        :class:`~qtasks.errors.ConfigError` (the keys are read by :meth:`from_config`).
+        Concurrent starts (``asyncio.gather`` of two apps' starts) connect once: the others
+        wait for that start and count, or connect themselves if it failed."""
         check_options(config.extra)
+        async with self._start_lock():
+            await self._start(config)
+        stack.push_async_callback(self._release)
+
+    def _start_lock(self) -> asyncio.Lock:
+        """The lock serializing starts, one per event loop (an asyncio lock is bound to one)."""
+        loop = asyncio.get_running_loop()
+        if self._starting is None or self._starting[0] is not loop:
+            self._starting = (loop, asyncio.Lock())
+        return self._starting[1]
+
+    async def _start(self, config: QueueConfig) -> None:
         if self._link is not None and self._link.loop is not asyncio.get_running_loop():
             self._link.abandon()
             self._link, self._publisher, self._starts = None, None, 0
             self._consumers.clear()
         if self._link is not None:
             self._starts += 1
-            stack.push_async_callback(self._release)
             return
         self._max_deliveries = config.max_deliveries
         self._max_running = config.max_tasks_process
@@ -164,7 +178,6 @@ class RabbitMQBroker:
         self._link = link
         self._publisher = Publisher(link, self._topology)
         self._starts = 1
-        stack.push_async_callback(self._release)
 
     async def _release(self) -> None:
         if self._link is None or self._link.loop is not asyncio.get_running_loop():
