@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+import weakref
 from typing import Any
 
 import aio_pika
@@ -23,17 +24,20 @@ def envelope(body: bytes) -> Envelope:
 
 
 class QosGate:
-    """Holds the first ``set_qos`` after :meth:`arm` (a consumer's reopen, just after its
-    channel opened) until ``release`` is set: a deterministic window inside the reopen."""
+    """Once armed, holds the next consumer reopen just after its channel opened (the first
+    ``set_qos`` of a channel) until ``release`` is set: a deterministic window inside it."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed = False
         self.entered = anyio.Event()
         self.release = anyio.Event()
+        seen: weakref.WeakSet[aio_pika.Channel] = weakref.WeakSet()
         original = aio_pika.Channel.set_qos
 
         async def gated(channel: aio_pika.Channel, *args: Any, **kwargs: Any) -> Any:
-            if self.armed:
+            first = channel not in seen
+            seen.add(channel)
+            if self.armed and first:
                 self.armed = False
                 self.entered.set()
                 with anyio.fail_after(20):
@@ -145,3 +149,34 @@ async def test_consumer_closed_during_a_reconnect_does_not_come_back(
         return await consumer_count(queue_name) == 0
 
     await poll(no_consumer, timeout=5)
+
+
+async def test_watchdog_takes_a_consumer_being_opened_for_no_lost_link(
+    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watchdog tick while consume() opens a consumer (its channel open, basic.consume not
+    sent yet) must not reconnect: that would fence every delivery in flight in the process."""
+    defaults = Link.__init__.__kwdefaults__
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "watchdog_interval", 0.1)  # ticks inside the window
+    broker = await make_broker()
+    await broker.publish(envelope(b"held"))
+    gate = QosGate(monkeypatch)
+    verdicts: list[bool] = []
+    healthy = Link._healthy
+
+    def watched(link: Link) -> bool:
+        verdict = healthy(link)
+        if gate.entered.is_set() and not gate.release.is_set():
+            verdicts.append(verdict)
+            gate.release.set()  # the watchdog looked inside the window: let the consumer open
+        return verdict
+
+    monkeypatch.setattr(Link, "_healthy", watched)
+    async with broker.consume(prefetch=1) as first:
+        held = await take(first)
+        gate.arm()
+        async with broker.consume(prefetch=1):  # a second worker starting
+            assert verdicts == [True]
+        assert broker.reconnects == 0
+        assert await held.ack(), "the delivery held across must still settle"

@@ -225,7 +225,7 @@ class RabbitMQBroker:
             max_running=self._max_running,
             max_deliveries=self._max_deliveries,
         )
-        link.register(consumer.key, consumer.reopen, consumer.alive)
+        link.register(consumer.key, consumer.reopen, consumer.healthy)
         self._consumers[consumer.key] = consumer
         try:
             connection, generation = await link.connection()

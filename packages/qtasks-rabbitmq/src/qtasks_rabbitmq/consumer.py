@@ -128,6 +128,11 @@ class Consumer:
             return False
         return self.underlay is not None and self.tag in self.underlay.consumers
 
+    def healthy(self) -> bool:
+        """For the link's watchdog: consuming, or being (re)opened right now (not consuming
+        yet, but not dead either)."""
+        return self._lock.locked() or self.alive()
+
     async def reopen(self, connection: AbstractConnection, generation: int) -> None:
         async with self._lock:
             if self.closing or (self.generation == generation and self.alive()):
