@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from typing import cast
 
 import aio_pika
 import anyio
@@ -16,6 +17,7 @@ from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ConfigError
 from qtasks.messages import Envelope
 from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker, RabbitMQDelivery, TopologyError
+from qtasks_rabbitmq.consumer import Consumer
 
 from .conftest import URL, BrokerFactory, connection_pids, delete_topology, poll
 
@@ -198,6 +200,30 @@ async def test_unsettled_deliveries_count_until_dead_lettered(
     assert letter.body == b"crashy"
     assert "delivery limit" in letter.reason
     assert "3" in letter.reason
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_delivery_handed_back_on_close_keeps_its_count(
+    make_broker: BrokerFactory, queue_type: str
+) -> None:
+    """A delivery still buffered when its consumer closes goes back uncounted, but keeps the
+    deliveries counted before it: on a quorum queue RabbitMQ counted those, not the header."""
+    broker = await make_broker(max_deliveries=5, lease=0.4, queue_type=queue_type)
+    sent = envelope(b"hangs its worker")
+    await broker.publish(sent)
+    async with broker.consume(prefetch=1) as deliveries:
+        for attempt in (1, 2):  # taken, never settled: the lease runs out
+            assert (await take(deliveries)).attempt == attempt
+        consumer = cast(Consumer, deliveries)
+
+        async def third_buffered() -> bool:
+            return not consumer.held and consumer.buffer.qsize() == 1
+
+        await poll(third_buffered, timeout=5)
+    async with broker.consume(prefetch=1) as deliveries:
+        again = await take(deliveries)
+        assert (again.id, again.attempt) == (sent.id, 3)
+        assert await again.ack()
 
 
 async def test_prefetch_bounds_messages_not_yet_handed_out(make_broker: BrokerFactory) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiormq.abc import DeliveredMessage
 
-from qtasks_rabbitmq.wire import H_DELIVERIES, as_int, settle
+from qtasks_rabbitmq.wire import settle
 
 if TYPE_CHECKING:
     from qtasks_rabbitmq.consumer import Consumer
@@ -133,10 +133,11 @@ class RabbitMQDelivery:
         return True
 
     async def hand_back(self) -> None:
-        """Return an unstarted delivery without counting it: publish a copy, ack this one."""
+        """Return an unstarted delivery without counting it: publish a copy, ack this one.
+        The copy carries the deliveries counted before this one (``attempt - 1``), whoever
+        counted them: on a quorum queue RabbitMQ's ``x-delivery-count`` is part of it."""
         publisher = self._consumer.publisher
-        headers = self._message.header.properties.headers or {}
-        deliveries = as_int(headers.get(H_DELIVERIES), 0)
+        deliveries = self._attempt - 1
         with contextlib.suppress(Exception):
             await self._then_finish(
                 lambda: publisher.send(self._id, self.body, self._priority, deliveries, None)
