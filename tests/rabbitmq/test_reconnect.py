@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aio_pika
 import anyio
 import pytest
+from yarl import URL as Address
 
+from qtasks.config import QueueConfig
+from qtasks.errors import BrokerConnectionError
 from qtasks.messages import Envelope
+from qtasks_rabbitmq import RabbitMQBroker
 from qtasks_rabbitmq.link import Link
 
-from .conftest import URL, BrokerFactory, close_connections, poll
+from .conftest import URL, BrokerFactory, close_connections, delete_topology, poll
 from .test_broker import take
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
@@ -180,3 +187,52 @@ async def test_watchdog_takes_a_consumer_being_opened_for_no_lost_link(
             assert verdicts == [True]
         assert broker.reconnects == 0
         assert await held.ack(), "the delivery held across must still settle"
+
+
+@asynccontextmanager
+async def relay() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A TCP relay to the test server: its URL, and an event that, once set, makes it drop
+    what the server sends (a silent network partition, as the client sees it)."""
+    target = Address(URL)
+    mute = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, muted: bool) -> None:
+        while data := await reader.read(65536):
+            if not (muted and mute.is_set()):
+                writer.write(data)
+                await writer.drain()
+
+    async def serve(client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection(target.host, target.port)
+        writers.extend((to_client, to_server))
+        await asyncio.gather(
+            pipe(client, to_server, False), pipe(server, to_client, True), return_exceptions=True
+        )
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield str(target.with_port(port)), mute
+    finally:
+        listener.close()
+        for writer in writers:
+            writer.close()
+
+
+async def test_publish_whose_confirm_never_comes_fails_after_publish_timeout(
+    queue_name: str,
+) -> None:
+    """With heartbeats off, a silent partition (or a broker blocking publishers) leaves a
+    publish without its confirm: it raises after ``publish_timeout`` instead of hanging."""
+    try:
+        async with AsyncExitStack() as stack, relay() as (url, mute):
+            broker = RabbitMQBroker(url, queue=queue_name, heartbeat=0, publish_timeout=1)
+            await broker.start(stack, QueueConfig(broker="rabbitmq", broker_url=url))
+            await broker.publish(envelope(b"confirmed"))
+            mute.set()
+            with anyio.fail_after(10), pytest.raises(BrokerConnectionError, match="confirm"):
+                await broker.publish(envelope(b"never confirmed"))
+            # The relay is gone: the broker closes on a dead connection, without waiting.
+    finally:
+        await delete_topology(queue_name)

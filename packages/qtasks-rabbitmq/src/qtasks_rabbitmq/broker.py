@@ -56,9 +56,9 @@ class RabbitMQBroker:
     deliveries itself; no priorities before RabbitMQ 4). ``queue_version`` is the classic
     queues' ``x-queue-version`` (0, the default, leaves it to the server). ``heartbeat`` is the AMQP
     heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds how long a
-    publish waits for a lost connection to come back before raising. They are checked as
-    :class:`~qtasks_rabbitmq.settings.RabbitMQSettings` (a bad value raises
-    :class:`~qtasks.errors.ConfigError`).
+    publish waits for a lost connection to come back, and for its confirm, before raising.
+    They are checked as :class:`~qtasks_rabbitmq.settings.RabbitMQSettings` (a bad value
+    raises :class:`~qtasks.errors.ConfigError`).
     """
 
     def __init__(

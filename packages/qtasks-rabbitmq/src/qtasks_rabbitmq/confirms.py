@@ -8,8 +8,10 @@ producer's time there. :func:`publish_batch` writes the same frames (``basic.pub
 content header, the body frames) for a whole batch as one write-queue item, then registers a
 future per delivery tag in ``channel.confirmations``, where aiormq's reader resolves acks
 (``multiple`` ones too), nacks and returns exactly as for its own publishes. One future for the
-batch wakes the caller: when every confirm came, at the first nack or return, or when the
-channel or connection closes (a future of the channel's, which aiormq rejects then).
+batch wakes the caller: when every confirm came, at the first nack or return, when the
+channel or connection closes (a future of the channel's, which aiormq rejects then), or at
+the timeout (``publish_timeout``: a silent partition with heartbeats off, a broker that blocks
+publishers).
 
 The server gains too: frames that arrive in large writes cost RabbitMQ about half the CPU per
 message of one write per message (``bench/rabbitmq_bulk_cost.py``).
@@ -34,6 +36,10 @@ from pamqp.frame import marshal
 
 from qtasks_rabbitmq.errors import PublishRejectedError
 from qtasks_rabbitmq.wire import PERSISTENT
+
+
+class ConfirmTimeout(TimeoutError):
+    """The broker's confirms did not come in time; the connection may still be fine."""
 
 
 class Outgoing(NamedTuple):
@@ -102,13 +108,14 @@ def frames(channel: aiormq.Channel, messages: Sequence[Outgoing]) -> bytes:
 
 
 async def publish_batch(
-    channel: aiormq.Channel, messages: Sequence[Outgoing], what: str
+    channel: aiormq.Channel, messages: Sequence[Outgoing], what: str, timeout: float | None
 ) -> tuple[Sequence[Outgoing], BaseException | None]:
     """Publish ``messages`` in order on ``channel`` (publisher confirms on) and wait until the
-    broker confirmed every one.
+    broker confirmed every one, at most ``timeout`` seconds (``None``: no limit).
 
     Return ``((), None)`` when all were confirmed; on connection or channel trouble, the
-    messages not confirmed (in order, to publish again) and the error. A message returned as
+    messages not confirmed (in order, to publish again) and the error, a
+    :class:`ConfirmTimeout` when time ran out. A message returned as
     unroutable or nacked raises :class:`PublishRejectedError` (the first such in the batch's
     order; ``what`` and its id name it)."""
     if not messages:
@@ -134,11 +141,21 @@ async def publish_batch(
                 channel.delivery_tag = first + len(messages) - 1
         except Exception as exc:  # the channel closed before or while writing
             return messages, exc
-        await _settled(futures, lost)
+        done = _settled(futures, lost)
+        if timeout is None:
+            await done
+        else:
+            timer = loop.call_later(timeout, _time_up, done, lost, timeout)
+            try:
+                await done
+            finally:
+                timer.cancel()
         return _outcome(messages, futures, lost, what)
     finally:
         if not lost.done():
             lost.cancel()
+        elif not lost.cancelled():
+            lost.exception()  # read: no "never retrieved" warning when all came anyway
         _forget_ids(channel, messages, futures, first)
 
 
@@ -165,6 +182,11 @@ def _settled(
         future.add_done_callback(one)
     lost.add_done_callback(gone)
     return done
+
+
+def _time_up(done: asyncio.Future[None], lost: asyncio.Future[object], timeout: float) -> None:
+    if not done.done() and not lost.done():
+        lost.set_exception(ConfirmTimeout(f"no publisher confirm within {timeout:g} s"))
 
 
 def _outcome(

@@ -31,7 +31,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
-from qtasks_rabbitmq.confirms import Outgoing, publish_batch
+from qtasks_rabbitmq.confirms import ConfirmTimeout, Outgoing, publish_batch
 from qtasks_rabbitmq.errors import TopologyError
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 
@@ -177,9 +177,10 @@ class Link:
     async def publish_many(self, messages: Sequence[Outgoing], *, what: str = "message") -> None:
         """Publish ``messages`` in order (their frames written in one go) and wait for the
         broker's confirm of every one; what connection trouble left unconfirmed is published
-        again after the reconnect (at least once), until ``publish_timeout``. A return
-        (unroutable) or a nack raises :class:`PublishRejectedError` at once (``what`` and the
-        message's id name it there)."""
+        again after the reconnect (at least once), until ``publish_timeout``. An attempt waits
+        for its confirms up to ``publish_timeout`` too (0: without limit, as a confirm cannot
+        come at once); then it raises. A return (unroutable) or a nack raises
+        :class:`PublishRejectedError` at once (``what`` and the message's id name it there)."""
         deadline = time.monotonic() + self._publish_timeout
         while messages:
             channel = self._publisher
@@ -187,15 +188,20 @@ class Link:
                 await self._wait_ready(deadline - time.monotonic())
                 channel = self._publisher
                 assert channel is not None
-            messages, trouble = await publish_batch(channel, messages, what)
-            if trouble is not None:
-                # The confirms never came: publish again what is left.
+            messages, trouble = await publish_batch(
+                channel, messages, what, self._publish_timeout or None
+            )
+            if trouble is None:
+                continue
+            timed_out = isinstance(trouble, ConfirmTimeout)
+            if not timed_out:
+                # The connection failed: publish again what is left, on the next one.
                 self.lost(f"publish failed: {describe(trouble, self._secret)}")
-                if time.monotonic() >= deadline:
-                    raise BrokerConnectionError(
-                        f"cannot publish {what} {messages[0].id} to RabbitMQ at "
-                        f"{self.safe_url}: {describe(trouble, self._secret)}"
-                    ) from None
+            if timed_out or time.monotonic() >= deadline:
+                raise BrokerConnectionError(
+                    f"cannot publish {what} {messages[0].id} to RabbitMQ at "
+                    f"{self.safe_url}: {describe(trouble, self._secret)}"
+                ) from None
 
     # internals
 
