@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -285,6 +286,30 @@ async def local(redis_url: str, prefix: str) -> AsyncIterator[AsyncQueueTasks]:
 
 def test_the_redis_global_config_has_flow_control() -> None:
     assert isinstance(RedisGlobalConfig(), FlowControl)
+
+
+async def test_a_slot_key_keeps_its_ttl_while_its_holders_renew(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    # The lease ZSET must have a TTL from the first acquire on, and each renewal must push it
+    # out again: otherwise it expires under holders that run longer than the TTL with no new
+    # acquire, and the next tasks of the key find no holder at all.
+    gc = RedisGlobalConfig(redis_url, prefix=prefix)
+    await gc.start(stack, QueueConfig())
+    client = redis.Redis.from_url(redis_url)
+    slot = "slots:sync:acme"
+    base = f"{{{prefix}:flow}}:{slot}"
+    leases, since, meta = base, f"{base}:s", f"{base}:m"
+    ttl = 600_000  # max(2 * lease, 600 s) in ms
+    assert await gc.acquire_slot(slot, 2, "a", 30.0) == 0
+    assert ttl - 2_000 < client.pttl(leases) <= ttl  # the first acquire's own ZADD
+    assert await gc.acquire_slot(slot, 2, "b", 30.0) == 0
+    for key in (leases, since, meta):  # as if ~600 s had passed with no acquire
+        client.pexpire(key, 1_000)
+    assert await gc.extend_slots([(slot, "a"), (slot, "b")], 30.0) == [True, True]
+    for key in (leases, since, meta):
+        assert ttl - 2_000 < client.pttl(key) <= ttl, key
+    assert await gc.acquire_slot(slot, 2, "c", 30.0) > 0  # both slots still held
 
 
 async def test_rate_requeues_are_not_attempts_and_expiry_on_redis(local: AsyncQueueTasks) -> None:

@@ -80,14 +80,15 @@ _ACQUIRE = Script(
     _SLOT_PRELUDE
     + r"""
 local limit, holder, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local ttl = math.max(lease * 2, 600000)
 prune()
 redis.call('HSET', K_META, 'limit', ARGV[1])
 names(KEYS[5], ARGV[4])
-keep(math.max(lease * 2, 600000))
 if redis.call('ZSCORE', K_LEASES, holder) or redis.call('ZCARD', K_LEASES) < limit then
   redis.call('ZADD', K_LEASES, now + lease, holder)
   redis.call('HSETNX', K_SINCE, holder, string.format('%.3f', now))
   redis.call('ZREM', K_WAIT, holder)
+  keep(ttl)  -- after the writes: PEXPIRE of a key not created yet does nothing
   return '0'
 end
 local ahead = redis.call('ZCARD', K_WAIT)
@@ -97,6 +98,7 @@ local earliest = tonumber(redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2])
 local wait = math.min(hold * (math.floor(ahead / limit) + 1), earliest)
 if wait < 10 then wait = 10 end
 redis.call('ZADD', K_WAIT, now + wait, holder)
+keep(ttl)
 return string.format('%.3f', wait)
 """
 )
@@ -118,16 +120,21 @@ return 1
 """
 )
 
-# KEYS: the lease ZSET of each slot. ARGV: lease_ms, then each slot's holder.
-# Returns 1/0 per slot: renewed / no longer held.
+# KEYS: the lease ZSET, since HASH and meta HASH of each slot. ARGV: lease_ms, then each
+# slot's holder. Returns 1/0 per slot: renewed / no longer held. A renewed slot's keys get
+# _ACQUIRE's TTL again: holders that run long with no new acquire keep their key.
 _EXTEND = Script(
     _NOW
     + r"""
 local out = {}
-for i = 1, #KEYS do
-  local score = tonumber(redis.call('ZSCORE', KEYS[i], ARGV[i + 1]))
+local lease = tonumber(ARGV[1])
+local ttl = math.max(lease * 2, 600000)
+for i = 1, #ARGV - 1 do
+  local k = 3 * i - 2
+  local score = tonumber(redis.call('ZSCORE', KEYS[k], ARGV[i + 1]))
   if score and score > now then
-    redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+    redis.call('ZADD', KEYS[k], 'XX', now + lease, ARGV[i + 1])
+    for j = k, k + 2 do redis.call('PEXPIRE', KEYS[j], ttl) end
     out[i] = 1
   else
     out[i] = 0
@@ -267,7 +274,10 @@ class RedisFlowControl:
         """See :meth:`FlowControl.extend_slots` (one script for all of them)."""
         if not slots:
             return []
-        keys = [self._flow_key(key) for key, _ in slots]
+        keys: list[str] = []
+        for key, _ in slots:
+            leases, since, _waiting, meta = self._slot_keys(key)
+            keys += (leases, since, meta)
         reply = await self._flow(_EXTEND, keys, _ms(lease), *(holder for _, holder in slots))
         return [bool(ok) for ok in reply]
 
