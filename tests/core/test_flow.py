@@ -527,3 +527,80 @@ async def test_a_slot_taken_by_a_message_that_is_not_run_is_freed() -> None:
         assert (await app.wait(last.uuid, timeout=5)).status is TaskStatus.SUCCESS
         state = await app.global_config.flow_state()  # type: ignore[attr-defined]
     assert state["slots:one_at_a_time:k"]["held"] == 0
+
+
+async def slots_once_one_delivery_ended(app: AsyncQueueTasks) -> dict[str, Any]:
+    """The flow state once the worker ended (settled and released) one delivery."""
+    with anyio.fail_after(5):
+        while app.worker.processed < 1:  # noqa: ASYNC110 - a counter, no event
+            await anyio.sleep(0.01)
+    return await app.global_config.flow_state()  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_a_retry_s_old_delivery_never_frees_the_slot_of_its_new_one() -> None:
+    # retry_backoff=0: the retry is delivered again while the failed delivery still settles
+    # (a slow retry hook). The failed delivery's slot is freed before its message is
+    # requeued, so the retry starts at once; the failed delivery's release, after the hook,
+    # frees its own slot only, not the one the retry runs under.
+    app = AsyncQueueTasks("t", config=QueueConfig(max_tasks_process=4, lease=30))
+    retry_runs = anyio.Event()
+    finish = anyio.Event()
+    seen_in_hook: list[bool] = []
+    runs: list[str] = []
+
+    class SlowRetryHook:
+        @hookimpl
+        async def qtasks_worker_task_retry(self, record: Any) -> None:
+            with anyio.move_on_after(3):  # the retry needs its slot to start
+                await retry_runs.wait()
+            seen_in_hook.append(retry_runs.is_set())
+
+    app.add_plugin(SlowRetryHook(), name="slow")
+
+    @app.task(concurrency_key="key", max_concurrency=1, retry=1, retry_backoff=0)
+    async def work(key: str) -> str:
+        runs.append(key)
+        if len(runs) == 1:
+            raise RuntimeError("transient")
+        retry_runs.set()
+        await finish.wait()
+        return key
+
+    async with app:
+        task = await app.add_task("work", key="k")
+        state = await slots_once_one_delivery_ended(app)  # the failed one
+        finish.set()
+        assert (await app.wait(task.uuid, timeout=5)).status is TaskStatus.SUCCESS
+    assert seen_in_hook == [True]  # the retry got its slot before the old delivery ended
+    assert state["slots:work:k"]["held"] == 1  # the running retry's slot is still held
+
+
+async def test_a_delivery_whose_lease_was_lost_never_frees_the_slot_of_the_next() -> None:
+    # The first delivery blocks the loop past its lease: the message is delivered again and
+    # its new delivery takes the slot; the stale delivery then settles and releases its own
+    # (lapsed) slot, not the one the new delivery runs under.
+    app = AsyncQueueTasks("t", config=QueueConfig(max_tasks_process=4, lease=0.3))
+    again = anyio.Event()
+    finish = anyio.Event()
+    runs: list[int] = []
+
+    @app.task(concurrency_key="key", max_concurrency=1)
+    async def work(key: str) -> int:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            # A blocked loop (the point): no lease renewal, the delivery is lost.
+            time.sleep(0.7)  # noqa: ASYNC251
+            with anyio.fail_after(5):
+                await again.wait()  # settles only once the new delivery runs
+            return 1
+        again.set()
+        await finish.wait()
+        return 2
+
+    async with app:
+        task = await app.add_task("work", key="k")
+        state = await slots_once_one_delivery_ended(app)  # the stale one
+        finish.set()
+        record = await app.wait(task.uuid, timeout=5)
+    assert (record.status, record.returning) == (TaskStatus.SUCCESS, 2)
+    assert state["slots:work:k"]["held"] == 1  # the new delivery's slot is still held

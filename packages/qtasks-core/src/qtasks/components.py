@@ -787,21 +787,29 @@ class FlowControl(Protocol):
         away (``None``: no bound), reserve nothing and return ``None``."""
         ...
 
-    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:
+    async def acquire_slot(
+        self, key: str, limit: int, holder: str, lease: float, waiter: str | None = None
+    ) -> float:
         """Take one of ``limit`` slots of ``key`` for ``holder`` (taking one it holds renews
-        it) until ``lease`` seconds from now; ``0.0`` when taken. Otherwise count ``holder``
-        as waiting and return the seconds to wait before trying again: about when a slot
-        frees, from the mean time slots were held lately and the number of holders waiting
-        ahead, never later than the earliest lease ends (a killed holder's slot frees then)."""
+        it) until ``lease`` seconds from now; ``0.0`` when taken. Otherwise count ``waiter``
+        (default: ``holder``) as waiting and return the seconds to wait before trying again:
+        about when a slot frees, from the mean time slots were held lately and the number of
+        other waiters, never later than the earliest lease ends (a killed holder's slot frees
+        then). Taking a slot ends ``waiter``'s wait.
+
+        The core's holder is one *delivery* of a task (its uuid and the delivery's token):
+        two deliveries of one task are two holders, so a stale delivery's release or renewal
+        never touches a newer delivery's slot. Its waiter is the task (its uuid): a message
+        handed back and delivered again is still one waiter."""
         ...
 
     async def release_slot(self, key: str, holder: str) -> None:
-        """Free the slot ``holder`` holds in ``key``, if any."""
+        """Free the slot ``holder`` holds in ``key``, if any (never another holder's)."""
         ...
 
     async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
         """Renew each ``(key, holder)`` slot until ``lease`` seconds from now, in one round
-        trip; the i-th result says whether the i-th slot was still held."""
+        trip; the i-th result says whether the i-th slot was still held (by that holder)."""
         ...
 
     async def claim_unique(

@@ -415,7 +415,10 @@ class FlowGate:
       far behind reserves again). One reservation, one start token and at most one requeue
       per limited message, whatever the backlog: no herd of retries.
     - **Concurrency.** A message of a task with ``max_concurrency`` takes a slot of its key,
-      held under a lease the worker's lease pass renews and freed when the task is settled.
+      held by its delivery (``<uuid>/<token>``: an older delivery of the same task, whose
+      lease was lost or which is being retried, frees only its own) under a lease the
+      worker's lease pass renews, and freed when the task is settled, before a retry or a
+      hand-back is requeued.
       Without a free slot it goes back delayed to about when one frees (see
       :meth:`FlowControl.acquire_slot`); a killed worker's slot frees when its lease ends.
     """
@@ -466,8 +469,11 @@ class FlowGate:
                 if not isinstance(key, str):
                     key = spec.concurrency_key(message.args, message.kwargs)
                 slot = f"slots:{task.name}:{key}"
+                # Held by this delivery, waiting as the task (see FlowControl.acquire_slot).
+                holder = f"{message.uuid}/{delivery.token}"
+                lease = app.config.lease
                 wait = await fc.acquire_slot(
-                    slot, spec.max_concurrency, message.uuid, app.config.lease
+                    slot, spec.max_concurrency, holder, lease, waiter=message.uuid
                 )
                 if wait > 0:
                     # Without its slot the task does not start: a rate token it held is
@@ -475,7 +481,7 @@ class FlowGate:
                     headers.pop("flow_at", None)
                     await self._defer(app, message, delivery, wait, expires, now)
                     return False
-                self.slots[delivery.token] = (slot, message.uuid)
+                self.slots[delivery.token] = (slot, holder)
         unique = headers.get("unique")
         if unique and not unique[2]:
             self.unique[delivery.token] = unique
@@ -598,6 +604,12 @@ class FlowGate:
             log.info("task %s (%s) expired before it started", record.uuid, record.task_name)
             await hooks.notify("qtasks_task_expired", app=app, record=record)
 
+    async def hand_back(self, app: AsyncQueueTasks, token: str) -> None:
+        """Free the slot of delivery ``token`` before its message is requeued (a retry, a
+        shutdown hand-back): its next delivery may take a slot at once."""
+        if token in self.slots:
+            await self.release(app, token, None)
+
     async def release(self, app: AsyncQueueTasks, token: str, record: TaskRecord | None) -> None:
         """After the run of delivery ``token`` is settled: free its slot, and its unique key
         when ``record`` is final (``None``: the delivery was not run; its key is left to the
@@ -625,4 +637,6 @@ class FlowGate:
             return
         for (key, holder), ok in zip(held, kept, strict=True):
             if not ok:
-                log.warning("concurrency slot %s of task %s was lost (lease ran out)", key, holder)
+                log.warning(
+                    "concurrency slot %s of delivery %s was lost (lease ran out)", key, holder
+                )

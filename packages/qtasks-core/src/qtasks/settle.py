@@ -23,6 +23,7 @@ from qtasks.components import Delivery
 from qtasks.errors import PermanentError, PluginError, TaskCancelledError
 from qtasks.executor import TaskRun
 from qtasks.finals import refused, stored_final, succeeded
+from qtasks.flow import FlowGate
 from qtasks.messages import Message
 from qtasks.outage import Outage, retrying
 from qtasks.poison import without_failures
@@ -40,8 +41,9 @@ log = logging.getLogger("qtasks.worker")
 class Settlement:
     """Settles the runs of one worker (see the module docstring)."""
 
-    def __init__(self, outage: Outage) -> None:
+    def __init__(self, outage: Outage, flow: FlowGate) -> None:
         self._outage = outage
+        self._flow = flow
         self.give_up_at = math.inf
         """When a stopping worker stops retrying final saves through an outage."""
         self._batch: SettleBatch | None = None
@@ -133,6 +135,7 @@ class Settlement:
         if not await app.storage.save(record, fence=delivery.token):
             await refused(app, record, delivery, delivery)
             return
+        await self._flow.hand_back(app, delivery.token)
         await delivery.requeue()
         await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
@@ -191,6 +194,7 @@ class Settlement:
                 headers=without_failures(run.message.headers),
             )
             body = app.codec.encode(next_message).body
+            await self._flow.hand_back(app, delivery.token)
             await delivery.requeue(delay=delay, body=body)
             await hooks.notify(
                 "qtasks_worker_task_retry", app=app, record=record, exc=outcome, delay=delay

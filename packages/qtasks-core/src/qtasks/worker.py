@@ -98,8 +98,8 @@ class QueueWorker:
         waiting before them (see :meth:`_starts`)."""
         self._outage = Outage(log, "task storage")
         self._gc_outage = Outage(log, "global config (worker heartbeats)")
-        self._settlement = Settlement(self._outage)
         self._flow = FlowGate()
+        self._settlement = Settlement(self._outage, self._flow)
         self._leases = LeaseKeeper(self._held_now, self._lost, self._flow)
         self._seq = itertools.count()
         self._stopping = anyio.Event()

@@ -8,7 +8,7 @@ on a cluster too). For a name ``n`` chosen by the core (``rate:<task>``,
 
 - a rate: HASH ``tat`` (GCRA theoretical arrival time, ms), ``i`` interval (ms), ``b`` burst;
 - a concurrency key: ZSET holder -> lease end (ms), with ``:s`` HASH holder -> start (ms),
-  ``:w`` ZSET waiting holder -> next try (ms) and ``:m`` HASH ``hold`` (mean hold, ms) and
+  ``:w`` ZSET waiter -> next try (ms) and ``:m`` HASH ``hold`` (mean hold, ms) and
   ``limit``;
 - a unique key: STRING holder (with the ``unique_for`` TTL).
 
@@ -74,12 +74,12 @@ end
 """
 )
 
-# KEYS: leases, since, waiting, meta, names. ARGV: limit, holder, lease_ms, name, hold_guess_ms.
-# Returns '0' when taken, else the wait in ms (see FlowControl.acquire_slot).
+# KEYS: leases, since, waiting, meta, names. ARGV: limit, holder, lease_ms, name, hold_guess_ms,
+# waiter. Returns '0' when taken, else the wait in ms (see FlowControl.acquire_slot).
 _ACQUIRE = Script(
     _SLOT_PRELUDE
     + r"""
-local limit, holder, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local limit, holder, lease, waiter = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[6]
 local ttl = math.max(lease * 2, 600000)
 prune()
 redis.call('HSET', K_META, 'limit', ARGV[1])
@@ -87,17 +87,17 @@ names(KEYS[5], ARGV[4])
 if redis.call('ZSCORE', K_LEASES, holder) or redis.call('ZCARD', K_LEASES) < limit then
   redis.call('ZADD', K_LEASES, now + lease, holder)
   redis.call('HSETNX', K_SINCE, holder, string.format('%.3f', now))
-  redis.call('ZREM', K_WAIT, holder)
+  redis.call('ZREM', K_WAIT, waiter)
   keep(ttl)  -- after the writes: PEXPIRE of a key not created yet does nothing
   return '0'
 end
 local ahead = redis.call('ZCARD', K_WAIT)
-if redis.call('ZSCORE', K_WAIT, holder) then ahead = ahead - 1 end
+if redis.call('ZSCORE', K_WAIT, waiter) then ahead = ahead - 1 end
 local hold = tonumber(redis.call('HGET', K_META, 'hold')) or tonumber(ARGV[5])
 local earliest = tonumber(redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]) - now
 local wait = math.min(hold * (math.floor(ahead / limit) + 1), earliest)
 if wait < 10 then wait = 10 end
-redis.call('ZADD', K_WAIT, now + wait, holder)
+redis.call('ZADD', K_WAIT, now + wait, waiter)
 keep(ttl)
 return string.format('%.3f', wait)
 """
@@ -260,10 +260,14 @@ class RedisFlowControl:
         reply = await self._flow(_RESERVE, keys, _ms(interval), burst, limit, key)
         return None if reply is None else float(reply) / 1000
 
-    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:
+    async def acquire_slot(
+        self, key: str, limit: int, holder: str, lease: float, waiter: str | None = None
+    ) -> float:
         """See :meth:`FlowControl.acquire_slot` (one script)."""
         keys = (*self._slot_keys(key), self._flow_key("names"))
-        reply = await self._flow(_ACQUIRE, keys, limit, holder, _ms(lease), key, _ms(HOLD_GUESS))
+        waiter = holder if waiter is None else waiter
+        args = (limit, holder, _ms(lease), key, _ms(HOLD_GUESS), waiter)
+        reply = await self._flow(_ACQUIRE, keys, *args)
         return float(reply) / 1000
 
     async def release_slot(self, key: str, holder: str) -> None:

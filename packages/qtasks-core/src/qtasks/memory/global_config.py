@@ -26,8 +26,8 @@ HOLD_WEIGHT = 0.3
 
 @dataclass(slots=True)
 class _Slots:
-    """The slots of one concurrency key: lease ends and start times by holder, the waiters'
-    next tries, and the mean time slots were held lately."""
+    """The slots of one concurrency key: lease ends and start times by holder, the next
+    tries by waiter, and the mean time slots were held lately."""
 
     leases: dict[str, float] = field(default_factory=dict)
     since: dict[str, float] = field(default_factory=dict)
@@ -147,21 +147,24 @@ class MemoryGlobalConfig(_Lifecycle):
         self._rates[key] = (tat + interval, interval, burst)
         return wait
 
-    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:
+    async def acquire_slot(
+        self, key: str, limit: int, holder: str, lease: float, waiter: str | None = None
+    ) -> float:
         self._check()
         now = time.monotonic()
+        waiter = holder if waiter is None else waiter
         slots = self._slots.setdefault(key, _Slots())
         slots.limit = limit
         slots.prune(now)
         if holder in slots.leases or len(slots.leases) < limit:
             slots.leases[holder] = now + lease
             slots.since.setdefault(holder, now)
-            slots.waiting.pop(holder, None)
+            slots.waiting.pop(waiter, None)
             return 0.0
-        ahead = sum(1 for h in slots.waiting if h != holder)
+        ahead = sum(1 for w in slots.waiting if w != waiter)
         hold = HOLD_GUESS if slots.hold is None else slots.hold
         wait = slot_wait(hold, ahead, limit, min(slots.leases.values()) - now)
-        slots.waiting[holder] = now + wait
+        slots.waiting[waiter] = now + wait
         return wait
 
     async def release_slot(self, key: str, holder: str) -> None:

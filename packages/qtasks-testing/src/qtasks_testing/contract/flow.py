@@ -78,6 +78,28 @@ class FlowControlContract(ContractSuite):
         assert (await flow.flow_state())[slots] == {"held": 2, "limit": 2, "waiting": 0}
 
     @pytest.mark.anyio
+    async def test_holders_are_deliveries_and_a_waiter_counts_once(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        # The core's holder is one delivery (uuid/token), its waiter the task (uuid).
+        slots = f"slots:t:{key}"
+        assert await flow.acquire_slot(slots, 1, "a/1", 5, waiter="a") == 0
+        # A second delivery of the same task is another holder: it waits, not re-enters.
+        assert await flow.acquire_slot(slots, 1, "a/2", 5, waiter="a") > 0
+        # One task waiting through two deliveries is one waiter, not one ahead of itself.
+        first = await flow.acquire_slot(slots, 1, "b/1", 5, waiter="b")
+        again = await flow.acquire_slot(slots, 1, "b/2", 5, waiter="b")
+        assert again == pytest.approx(first, abs=0.05)
+        assert (await flow.flow_state())[slots] == {"held": 1, "limit": 1, "waiting": 2}
+        # A stale delivery's release or renewal never touches another delivery's slot.
+        await flow.release_slot(slots, "a/2")
+        assert await flow.extend_slots([(slots, "a/2"), (slots, "a/1")], 5) == [False, True]
+        assert (await flow.flow_state())[slots]["held"] == 1
+        await flow.release_slot(slots, "a/1")
+        assert await flow.acquire_slot(slots, 1, "b/3", 5, waiter="b") == 0  # b waits no more
+        assert (await flow.flow_state())[slots] == {"held": 1, "limit": 1, "waiting": 1}
+
+    @pytest.mark.anyio
     async def test_a_slot_frees_when_its_lease_runs_out_unless_extended(
         self, flow: FlowControl, key: str
     ) -> None:
