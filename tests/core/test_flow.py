@@ -478,6 +478,34 @@ def test_the_sync_app_takes_every_flow_option() -> None:
         assert late.status is TaskStatus.EXPIRED
 
 
+async def test_a_cancelled_backlog_gives_its_rate_tokens_back() -> None:
+    app = AsyncQueueTasks("t", config=QueueConfig(max_tasks_process=8))
+    starts: dict[int, float] = {}
+
+    @app.task(rate_limit="20/s")
+    async def call_api(i: int) -> int:
+        starts[i] = time.monotonic()
+        return i
+
+    async with app:
+        backlog = [await app.add_task("call_api", i) for i in range(1, 41)]  # 2 s of tokens
+        fc = app.global_config
+        assert isinstance(fc, FlowControl)
+        held: dict[str, float] = {}
+        with anyio.fail_after(5):  # until the worker held (nearly) all for their moments
+            while held.get("waiting", 0) < 30:
+                await anyio.sleep(0.01)
+                held = (await fc.flow_state()).get("rate:call_api", {})
+        for task in backlog:
+            await app.cancel(task.uuid)
+        added = time.monotonic()
+        fresh = await app.add_task("call_api", 0)
+        assert (await app.wait(fresh.uuid, timeout=5)).status is TaskStatus.SUCCESS
+    # Behind the cancelled backlog's reservations it would have started ~1.5 s later.
+    assert starts[0] - added < 0.5, starts[0] - added
+    assert len(starts) < 15  # the backlog was cancelled, not run
+
+
 async def test_a_retry_takes_a_rate_token_of_its_own() -> None:
     app = AsyncQueueTasks("t")
     starts: list[float] = []

@@ -692,15 +692,17 @@ class AsyncQueueTasks:
                 yield step
 
     async def cancel(self, uuid: str, reason: str = "cancelled") -> AsyncTask | None:
-        """Cancel a task: a queued one never runs, a running one on this worker is cancelled
-        now (on another worker, at its next lease renewal). Returns the record."""
+        """Cancel a task: a queued one never runs (a rate token it held is given back), a
+        running one on this worker is cancelled now (on another worker, at its next lease
+        renewal). Returns the record."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record = await self.storage.cancel(uuid, reason)
         if record is None:
             return None
         if record.status is TaskStatus.CANCEL:
-            await self.broker.cancel(uuid)
+            if await self.broker.cancel(uuid):  # dropped unstarted: its rate token is free
+                await flow.dropped(self, record)
             self.worker.cancel_local(uuid, reason)
         return self._bind(record)
 

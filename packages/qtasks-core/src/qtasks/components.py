@@ -787,6 +787,12 @@ class FlowControl(Protocol):
         away (``None``: no bound), reserve nothing and return ``None``."""
         ...
 
+    async def release_rate(self, key: str) -> bool:
+        """Give back one reservation of ``key`` (its task will not run): the next moment
+        :meth:`reserve_rate` gives is one interval earlier, never earlier than now. ``True``
+        when a reservation ahead of now was given back."""
+        ...
+
     async def acquire_slot(
         self, key: str, limit: int, holder: str, lease: float, waiter: str | None = None
     ) -> float:

@@ -390,6 +390,21 @@ async def unclaim(app: AsyncQueueTasks, message: Message) -> None:
             log.warning("could not free unique key %s after a failed add: %s", unique[0], exc)
 
 
+async def dropped(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """The message of ``record``'s task was dropped from the broker unstarted (cancelled):
+    give back the rate token it may hold (a message the worker held for its reserved moment
+    holds one; one never taken yet does not, and giving one back for it only moves a later
+    reservation earlier, where the start tokens still keep the starts within the rate).
+    Without this, the reservations of a cancelled backlog push back every later task."""
+    task = app.tasks.get(record.task_name)
+    spec = None if task is None else task.flow
+    if spec is not None and spec.rate is not None:
+        try:
+            await flow_control(app, "rate_limit").release_rate(f"rate:{spec.task}")
+        except Exception as exc:  # the cancel is done; the token is spent at its moment
+            log.warning("could not give back the rate token of %s: %s", record.uuid, exc)
+
+
 # --- worker side -----------------------------------------------------------------------------
 
 

@@ -57,6 +57,20 @@ return string.format('%.3f', wait)
 """
 )
 
+# KEYS: rate hash. Returns 1 when a reservation ahead of now was given back, else 0.
+_RELEASE_RATE = Script(
+    _NOW
+    + r"""
+local f = redis.call('HMGET', KEYS[1], 'tat', 'i')
+local tat, interval = tonumber(f[1]), tonumber(f[2])
+if not tat or not interval or tat <= now then return 0 end
+local back = tat - interval
+if back < now then back = now end
+redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', back))
+return 1
+"""
+)
+
 _SLOT_PRELUDE = (
     _NOW
     + r"""
@@ -259,6 +273,10 @@ class RedisFlowControl:
         limit = "" if max_wait is None else _ms(max_wait)
         reply = await self._flow(_RESERVE, keys, _ms(interval), burst, limit, key)
         return None if reply is None else float(reply) / 1000
+
+    async def release_rate(self, key: str) -> bool:
+        """See :meth:`FlowControl.release_rate` (one script)."""
+        return bool(await self._flow(_RELEASE_RATE, (self._flow_key(key),)))
 
     async def acquire_slot(
         self, key: str, limit: int, holder: str, lease: float, waiter: str | None = None

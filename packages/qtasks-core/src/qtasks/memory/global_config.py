@@ -147,6 +147,16 @@ class MemoryGlobalConfig(_Lifecycle):
         self._rates[key] = (tat + interval, interval, burst)
         return wait
 
+    async def release_rate(self, key: str) -> bool:
+        self._check()
+        now = time.monotonic()
+        state = self._rates.get(key)
+        if state is None or state[0] <= now:
+            return False
+        tat, interval, burst = state
+        self._rates[key] = (max(tat - interval, now), interval, burst)
+        return True
+
     async def acquire_slot(
         self, key: str, limit: int, holder: str, lease: float, waiter: str | None = None
     ) -> float:

@@ -62,6 +62,20 @@ class FlowControlContract(ContractSuite):
         assert await flow.reserve_rate(rate, 10.0, 1, 60.0) == pytest.approx(10, abs=0.5)
 
     @pytest.mark.anyio
+    async def test_a_reservation_given_back_moves_the_next_one_earlier(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        rate = f"rate:{key}"
+        assert await flow.release_rate(rate) is False  # nothing reserved
+        assert await flow.reserve_rate(rate, 10.0, 1, None) == 0
+        assert await flow.reserve_rate(rate, 10.0, 1, None) == pytest.approx(10, abs=0.5)
+        assert await flow.reserve_rate(rate, 10.0, 1, None) == pytest.approx(20, abs=0.5)
+        assert await flow.release_rate(rate) is True
+        assert await flow.reserve_rate(rate, 10.0, 1, None) == pytest.approx(20, abs=0.5)
+        assert [await flow.release_rate(rate) for _ in range(4)] == [True, True, True, False]
+        assert await flow.reserve_rate(rate, 10.0, 1, None) == 0  # never earlier than now
+
+    @pytest.mark.anyio
     async def test_slots_up_to_the_limit_then_a_bounded_wait(
         self, flow: FlowControl, key: str
     ) -> None:
