@@ -302,6 +302,25 @@ async def test_unique_key_returns_the_pending_task_then_frees_at_final() -> None
         assert (await app.storage.stats())["success"] == 3
 
 
+async def test_unique_for_caps_the_hold_even_of_a_pending_task() -> None:
+    # Documented: unique_for is the hold's length, final or not; a task still pending after
+    # it (here delayed) no longer holds its key.
+    app = AsyncQueueTasks("t")
+
+    @app.task
+    async def send(to: str) -> str:
+        return to
+
+    async with app:
+        first = await app.add_task("send", "x", unique_key="r-1", unique_for=0.2, delay=5)
+        same = await app.add_task("send", "x", unique_key="r-1", unique_for=0.2, delay=5)
+        assert same.uuid == first.uuid
+        await anyio.sleep(0.3)  # unique_for runs out (a TTL, not a race)
+        assert (await app.get(first.uuid)).status is TaskStatus.NEW  # type: ignore[union-attr]
+        second = await app.add_task("send", "x", unique_key="r-1", unique_for=0.2, delay=5)
+        assert second.uuid != first.uuid
+
+
 async def test_a_deduplicated_add_fires_its_own_hook_not_the_enqueue_ones() -> None:
     """An add_task whose unique key is held returns the pending task; plugins learn of it
     through qtasks_task_deduplicated (with the task it would have added), not through the

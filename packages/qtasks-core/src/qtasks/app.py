@@ -526,8 +526,9 @@ class AsyncQueueTasks:
         it; with ``timeout`` the call waits for the final record and raises
         :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. ``expires``
         (seconds): not started by then, the task ends ``expired``. ``unique_key``: while a
-        task added with that key is not final (or for ``unique_for`` seconds), adding another
-        returns that task's record instead (see :mod:`qtasks.flow`). Tasks whose own
+        task added with that key is not final (with ``unique_for``: for ``unique_for``
+        seconds from the add instead, final or not, and no longer), adding another returns
+        that task's record instead (see :mod:`qtasks.flow`). Tasks whose own
         parameters use these names are enqueued with :meth:`enqueue`. QTasks' keyword form
         ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
         if task_name is UNSET:

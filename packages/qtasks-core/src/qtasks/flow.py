@@ -12,7 +12,8 @@ What travels with the message, in its headers:
 - ``flow_at``: the moment a rate token was reserved for this message (see :class:`FlowGate`);
 - ``ckey``: the concurrency key, computed by the producer when it knows the task;
 - ``unique``: ``[key, holder, unique_for]`` of a unique task, so its worker frees the key when
-  the task is final (unless ``unique_for`` keeps it).
+  the task is final (unless ``unique_for`` is set: the key is then held for ``unique_for``
+  seconds from the add, final or not, and no longer, even for a task still pending).
 
 The worker side is :class:`FlowGate`, called before a message is begun, only for messages of
 tasks with a flow option or with headers: other tasks pay one attribute test.
@@ -359,8 +360,8 @@ async def publish_unique(
 
 async def _holder_record(app: AsyncQueueTasks, held: str, message: Message) -> TaskRecord | None:
     """The record of the task holding a unique key (``uuid@created_at@k``, ``k`` when
-    ``unique_for`` keeps the key after the task is over), or ``None`` when that task is over
-    and the key may be taken over."""
+    ``unique_for`` keeps the key after the task is over; its TTL also ends the hold of a task
+    still pending), or ``None`` when that task is over and the key may be taken over."""
     uuid, since, keep = [*held.split("@"), "", ""][:3]
     record = await app.storage.get(uuid)
     if record is None:

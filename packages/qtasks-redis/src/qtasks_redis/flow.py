@@ -10,7 +10,8 @@ on a cluster too). For a name ``n`` chosen by the core (``rate:<task>``,
 - a concurrency key: ZSET holder -> lease end (ms), with ``:s`` HASH holder -> start (ms),
   ``:w`` ZSET waiter -> next try (ms) and ``:m`` HASH ``hold`` (mean hold, ms) and
   ``limit``;
-- a unique key: STRING holder (with the ``unique_for`` TTL).
+- a unique key: STRING holder (with the ``unique_for`` TTL, which ends the hold even of a task
+  still pending).
 
 ``{...}:names`` is a ZSET name -> last use (ms) of the rate and slot names, for ``qtasks
 inspect``. Every key expires when unused for a while, so nothing stays behind.
