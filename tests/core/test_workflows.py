@@ -183,6 +183,31 @@ async def test_failing_chord_member_never_runs_the_callback(app: AsyncQueueTasks
     assert "total" not in [name for name, _ in calls(app)]
 
 
+async def test_cancelling_a_queued_or_delayed_member_fails_the_workflow_at_once(
+    app: AsyncQueueTasks,
+) -> None:
+    double, total = app.tasks["double"], app.tasks["total"]
+    err = app.signature("on_error", ("note",))
+    members = [double.s(1), double.s(2), double.s(3).set(delay=30)]
+    wf = await app.run_workflow(chord(members, total.s()), on_error=err)
+    # No worker serves yet: member 1 is queued, member 2 delayed; their messages are dropped.
+    for uuid in wf.members[1:3]:
+        cancelled = await app.cancel(uuid, "not needed")
+        assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+    state = await app.get_workflow(wf.id)
+    assert state is not None and state.status == "error"
+    assert state.error is not None and wf.members[1] in state.error
+    async with app:
+        assert state.on_error is not None
+        callback = await app.wait(state.on_error, 5)
+    assert callback.status is TaskStatus.SUCCESS
+    callback_step = await app.get(wf.members[-1])
+    assert callback_step is not None and callback_step.status is TaskStatus.CANCEL
+    assert [c for c in calls(app) if c[0] in ("on_error", "total")] == [
+        ("on_error", (wf.id, "note"))
+    ]
+
+
 async def test_non_serialisable_result_fails_the_step_clearly(app: AsyncQueueTasks) -> None:
     as_set, double = app.tasks["as_set"], app.tasks["double"]
     async with app:

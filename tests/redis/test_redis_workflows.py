@@ -193,6 +193,34 @@ async def test_cancel_workflow_leaves_no_gate_keys_once_no_member_runs(
     assert all(ttl > 0 for ttl in left.values()), left
 
 
+async def test_cancelling_a_queued_member_fails_the_workflow_and_its_gates_expire(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    """``app.cancel`` drops a queued member's message: the cancel itself fails the workflow,
+    its error callback runs (on a worker started after the cancel) and no key is left
+    without a TTL."""
+    app = producer(redis_url, prefix)
+    double, total = app.tasks["double"], app.tasks["total"]
+    try:
+        wf = await app.run_workflow(
+            chord([double.s(1), double.s(2)], total.s()), on_error=app.signature("on_error")
+        )
+        cancelled = await app.cancel(wf.members[1], "not needed")
+        assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+        state = await app.get_workflow(wf.id)
+        workers.start(1)
+        assert state is not None and state.on_error is not None
+        callback = await app.wait(state.on_error, 20)
+        left = workflow_keys(redis_url, wf.id)
+    finally:
+        await app.aclose()
+    assert state.status == "error" and state.error is not None
+    assert wf.members[1] in state.error
+    assert callback.status is TaskStatus.SUCCESS and workers.ran("on_error") == [wf.id]
+    assert workers.ran("total") == []
+    assert any(":f:" in key for key in left) and all(ttl > 0 for ttl in left.values()), left
+
+
 async def test_a_member_settled_after_the_cancel_does_not_continue(
     redis_url: str, prefix: str
 ) -> None:

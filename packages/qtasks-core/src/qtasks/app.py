@@ -55,6 +55,7 @@ from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
 from qtasks.worker import QueueWorker
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import Node, Signature, signature
+from qtasks.workflows.plan import WORKFLOW_TASK
 
 if TYPE_CHECKING:
     from qtasks.compat.events import Events
@@ -695,7 +696,10 @@ class AsyncQueueTasks:
     async def cancel(self, uuid: str, reason: str = "cancelled") -> AsyncTask | None:
         """Cancel a task: a queued one never runs (a rate token it held is given back), a
         running one on this worker is cancelled now (on another worker, at its next lease
-        renewal). Returns the record."""
+        renewal). Returns the record.
+
+        A workflow member's workflow is told it ended (it fails, as the member's failure
+        would): a queued member's message is dropped, so no worker would tell it."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record = await self.storage.cancel(uuid, reason)
@@ -705,6 +709,10 @@ class AsyncQueueTasks:
             if await self.broker.cancel(uuid):  # dropped unstarted: its rate token is free
                 await flow.dropped(self, record)
             self.worker.cancel_local(uuid, reason)
+            if record.workflow and record.task_name != WORKFLOW_TASK:
+                # ``again``: a repeated cancel, or the member's worker refused its result
+                # first, may have opened the error gate already; it is not published twice.
+                await workflows.member_ended(self, record, again=True)
         return self._bind(record)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

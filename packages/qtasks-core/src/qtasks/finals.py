@@ -33,8 +33,9 @@ async def refused(
         log.warning("result of %s refused: a newer attempt owns the task", record.uuid)
         return
     if stored.workflow is not None:
-        # The member ended otherwise (cancelled while it ran): its workflow learns it here.
-        await workflows.member_ended(app, stored)
+        # The member ended otherwise (cancelled while it ran): its workflow learns it here,
+        # unless app.cancel told it first (``again``: what that published is not sent twice).
+        await workflows.member_ended(app, stored, again=True)
     if ack is not None:
         await ack.ack()
     for name in _RECORD_FIELDS:
