@@ -256,6 +256,42 @@ async def test_a_member_settled_after_the_cancel_does_not_continue(
     assert not any(":f:" in key for key in left), left
 
 
+async def test_a_settle_run_again_does_not_publish_the_opened_step_again(
+    redis_url: str, prefix: str
+) -> None:
+    """The settle script runs twice for one delivery (a call retried after its reply was
+    lost): the second run publishes nothing, so the chord callback's delivered copy keeps
+    its lease and no second copy is queued."""
+    app = producer(redis_url, prefix)
+    double, total = app.tasks["double"], app.tasks["total"]
+    try:
+        wf = await app.run_workflow(chord([double.s(1), double.s(2)], total.s()))
+        storage, broker = app.storage, app.broker
+        assert isinstance(storage, WorkflowStore) and isinstance(broker, RedisBroker)
+        async with broker.consume(prefetch=1) as deliveries:
+            stream = aiter(deliveries)
+            for value in (1, 2):
+                delivery = await anext(stream)
+                stored = await storage.get(delivery.id)
+                assert stored is not None
+                claim = stored.copy()
+                claim.status, claim.attempt, claim.token = TaskStatus.PROCESS, 1, delivery.token
+                done = (await storage.begin(claim)).copy()
+                done.status, done.returning = TaskStatus.SUCCESS, 2 * value
+                assert await broker.ack_final(delivery, storage, done) is True
+            callback = await anext(stream)
+            assert callback.id == wf.members[-1]
+            # The last member's settle again, as a retry after a lost reply sends it.
+            assert await broker.ack_final(delivery, storage, done) is True
+            still_held = await broker.extend_many([callback])
+            stats = await broker.stats()
+            await callback.ack()
+    finally:
+        await app.aclose()
+    assert still_held == [True]
+    assert sum(stats.ready_by_priority.values()) == 0 and stats.in_flight == 1
+
+
 @pytest.mark.slow
 async def test_a_10000_member_chord(workers: Workers, redis_url: str, prefix: str) -> None:
     workers.start(2)

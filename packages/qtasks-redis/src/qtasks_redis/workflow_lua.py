@@ -199,14 +199,19 @@ return 1
 _PUBLISH_OPENED = """
 -- Publish the messages of the gate ``opened`` of workflow w (nothing when it is false), each
 -- due its delay after now, appending their ids to the list ``ids`` when given; after
--- ``broker_publish`` and the workflow prelude.
-local function publish_opened(w, opened, ids)
+-- ``broker_publish`` and the workflow prelude. With ``again`` (the member was counted
+-- before: this settle is a repeat), only the messages not sent yet: of a step still 'new'
+-- whose message is not in the queue (a PUBLISH would replace a queued or delivered copy).
+local function publish_opened(w, opened, ids, again)
   if not opened then return end
   for _, m in ipairs(gate_messages(w, opened)) do
-    local eta = ''
-    if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
-    broker_publish({m[1], m[2], m[3], eta})
-    if ids then ids[#ids + 1] = m[1] end
+    if not again or (redis.call('HGET', TAG .. ':r:' .. m[1], 's') == 'new'
+        and redis.call('HEXISTS', K_BODY, m[1]) == 0) then
+      local eta = ''
+      if tonumber(m[4]) > 0 then eta = tostring(now_ms() + tonumber(m[4])) end
+      broker_publish({m[1], m[2], m[3], eta})
+      if ids then ids[#ids + 1] = m[1] end
+    end
   end
 end
 """
@@ -244,19 +249,23 @@ def _ack_finals_wf(*, begins: bool) -> Script:
 -- record, then the queue's; ARGV: TAG, then per task SAVE's {_SAVE_ARGS} arguments, ACK's
 -- (id, token), the task's workflow ('' for none) and the error text naming it. After an
 -- accepted save of a workflow member, its gate is counted down and an opened gate's messages
--- are published, before the ack: one atomic change. Returns each task's SAVE reply, then the
--- ids of the messages so published.
+-- are published, before the ack: one atomic change. A save accepted again (the record was
+-- final already with this token: the script runs again for a reply that was lost) publishes
+-- only what was not sent (publish_opened's ``again``). Returns each task's SAVE reply, then
+-- the ids of the messages so published.
 local out, base, ids = {{}}, {first}, {{}}
 while base < #ARGV do
   local sa = {{}}
   for i = 1, {_SAVE_ARGS} do sa[i] = ARGV[base + i] end
   local uuid = sa[1]
   rec_keys(uuid)
-  local saved = storage(sa)
   local at = base + {_SAVE_ARGS}
   local w = ARGV[at + 3]
+  local was = w ~= '' and redis.call('HGET', K_REC, 's')
+  local saved = storage(sa)
   if saved == 1 and w ~= '' then
-    publish_opened(w, member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8])), ids)
+    local opened = member_done(w, uuid, sa[3], ARGV[at + 4], tonumber(sa[8]))
+    publish_opened(w, opened, ids, was and FINAL[was])
   end
   if saved ~= 0 then broker_ack({{ARGV[at + 1], ARGV[at + 2]}}) end
   out[#out + 1] = saved
