@@ -208,6 +208,32 @@ async def test_cancelling_a_queued_or_delayed_member_fails_the_workflow_at_once(
     ]
 
 
+async def test_a_member_that_expires_fails_the_workflow(app: AsyncQueueTasks) -> None:
+    """A member whose message carries ``expires`` (a plugin's rewrite; past already) expires
+    at the worker: its workflow fails and the error callback runs."""
+
+    class ExpiredAlready:
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Message) -> Message | None:
+            if message.task_name != "double":
+                return None
+            message.headers["expires"] = message.created_at - 1
+            return message
+
+    app.add_plugin(ExpiredAlready())
+    double = app.tasks["double"]
+    err = app.signature("on_error", ("note",))
+    async with app:
+        wf = await app.run_workflow(chain(double.s(1), double.s()), on_error=err)
+        done = await wf.wait_result(5)
+        assert done.on_error is not None
+        callback = await app.wait(done.on_error, 5)
+    assert done.status == "error"
+    assert done.error is not None and wf.members[0] in done.error and "expired" in done.error
+    assert callback.status is TaskStatus.SUCCESS
+    assert "double" not in [name for name, _ in calls(app)]
+
+
 async def test_non_serialisable_result_fails_the_step_clearly(app: AsyncQueueTasks) -> None:
     as_set, double = app.tasks["as_set"], app.tasks["double"]
     async with app:

@@ -610,6 +610,10 @@ class FlowGate:
         hooks = app.hooks
         if saved and "qtasks_storage_saved" in hooks.active:
             await hooks.notify("qtasks_storage_saved", app=app, record=record)
+        if saved and record.workflow is not None:  # before the ack: redelivered if it dies
+            from qtasks.workflows import runtime as workflows  # imports this module
+
+            await workflows.member_ended(app, record)
         await delivery.ack()
         if "qtasks_broker_acked" in hooks.active:
             await hooks.notify("qtasks_broker_acked", app=app, record=record)
