@@ -289,6 +289,19 @@ async def test_bad_input_is_refused_when_built(app: AsyncQueueTasks) -> None:
         await app.wait_workflow("unknown", 1)
 
 
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), float("-inf")])
+async def test_a_delay_that_is_no_time_is_refused_before_anything_is_stored(
+    app: AsyncQueueTasks, delay: float
+) -> None:
+    double = app.tasks["double"]
+    with pytest.raises(TaskDeclarationError, match="delay must be finite seconds >= 0"):
+        double.s(1).set(delay=delay)
+    with pytest.raises(TaskArgumentsError, match="delay"):
+        await app.add_task("double", 1, delay=delay)
+    stats = await app.broker.stats()
+    assert sum(stats.ready_by_priority.values()) == 0 and stats.delayed == 0
+
+
 async def test_wait_result_times_out(app: AsyncQueueTasks) -> None:
     wf = await app.run_workflow(app.tasks["double"].s(1))  # no worker serves
     with pytest.raises(TaskTimeoutError):

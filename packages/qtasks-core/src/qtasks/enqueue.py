@@ -17,12 +17,14 @@ publish fails. An add that fails after a confirmed publish raises too, yet the t
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qtasks import flow
 from qtasks.components import Broker, SharedServer, Storage
+from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord
 from qtasks.task import AsyncTask
@@ -115,6 +117,10 @@ async def prepare(
         priority = app.config.default_priority
     if delay is not None:
         eta = time.time() + delay
+    if eta is not None and not math.isfinite(eta):  # nan or inf: a time no broker can keep
+        raise TaskArgumentsError(
+            f"add_task: delay and eta must be finite, got {eta if delay is None else delay!r}"
+        )
     now = time.time()
     message = Message(
         uuid=new_uuid(),

@@ -7,6 +7,7 @@ workflow runs) and runs nothing; ``app.run_workflow(wf)`` runs it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -45,9 +46,12 @@ class Signature:
         if self.delay is not None and (
             not isinstance(self.delay, int | float)
             or isinstance(self.delay, bool)
+            or not math.isfinite(self.delay)
             or self.delay < 0
         ):
-            raise TaskDeclarationError(f"signature of {name!r}: delay must be seconds >= 0")
+            raise TaskDeclarationError(
+                f"signature of {name!r}: delay must be finite seconds >= 0, got {self.delay!r}"
+            )
         if self.retry is not None and (
             not isinstance(self.retry, int) or isinstance(self.retry, bool) or self.retry < 0
         ):
