@@ -302,6 +302,42 @@ async def test_a_delay_that_is_no_time_is_refused_before_anything_is_stored(
     assert sum(stats.ready_by_priority.values()) == 0 and stats.delayed == 0
 
 
+async def test_a_start_that_fails_after_its_first_batch_cancels_the_workflow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run_workflow publishes the first steps in batches: when a later one fails, the steps
+    already published do not leave a workflow running for ever."""
+    monkeypatch.setattr("qtasks.workflows.runtime.BATCH", 2)
+
+    class SecondBatchFails(PlainBroker):
+        publishes = 0
+
+        async def publish_many(self, envelopes: Any) -> None:
+            SecondBatchFails.publishes += 1
+            if SecondBatchFails.publishes == 2:
+                raise StorageConnectionError("went away")
+            await super().publish_many(envelopes)
+
+    app = AsyncQueueTasks(broker=SecondBatchFails())
+
+    @app.task
+    def one(x: int) -> int:
+        return x
+
+    try:
+        with pytest.raises(StorageConnectionError) as raised:
+            await app.run_workflow(chord(one.map(range(3)), app.tasks["one"].s()))
+        stored = await app.storage.workflows(1)  # type: ignore[attr-defined]
+        assert len(stored) == 1
+        state = await app.get_workflow(stored[0].uuid)
+        assert state is not None and state.status == "cancel"
+        assert any(state.id in note for note in raised.value.__notes__)
+        members = [await app.get(uuid) for uuid in state.members]
+        assert all(m is not None and m.status is TaskStatus.CANCEL for m in members)
+    finally:
+        await app.aclose()
+
+
 async def test_wait_result_times_out(app: AsyncQueueTasks) -> None:
     wf = await app.run_workflow(app.tasks["double"].s(1))  # no worker serves
     with pytest.raises(TaskTimeoutError):

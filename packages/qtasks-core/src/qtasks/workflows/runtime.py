@@ -90,8 +90,15 @@ async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> W
                 )
         raise
     # The first steps' records go with their messages, as add_tasks stores them.
-    for start in range(0, len(plan.start), BATCH):
-        await enqueue_batch(app, plan.start[start : start + BATCH])
+    try:
+        for start in range(0, len(plan.start), BATCH):
+            await enqueue_batch(app, plan.start[start : start + BATCH])
+    except Exception as exc:
+        # Earlier batches may run already: the workflow is cancelled, so it does not stay
+        # half started for ever; the error names it (a note) for whoever reads it.
+        exc.add_note(f"workflow {plan.id} was stored, then cancelled")
+        await _cancel_started(app, plan.id, exc)
+        raise
     # The others are stored and wait in gates: enqueued when a worker opens their gate.
     await notify_stored(app, plan.members, enqueued=False)
     return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], None, None, None, app)
@@ -174,6 +181,14 @@ async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
         if member is not None and not member.status.final:
             await app.cancel(uuid, reason)
     return await state(app, record)
+
+
+async def _cancel_started(app: AsyncQueueTasks, id: str, exc: Exception) -> None:
+    """Best effort: cancel the workflow ``id`` whose start failed with ``exc``."""
+    try:
+        await cancel(app, id, f"not all its first steps could be enqueued: {exc}")
+    except Exception:  # the caller raises exc: this one is only logged
+        log.warning("could not cancel workflow %s after its start failed", id, exc_info=True)
 
 
 async def resolve(app: AsyncQueueTasks, spec: Spec, uuid: str) -> Any:
