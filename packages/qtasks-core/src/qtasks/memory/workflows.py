@@ -26,6 +26,9 @@ class _Flow:
     members: list[str]
     done: set[str] = field(default_factory=set)
     opened_by: dict[str, str] = field(default_factory=dict)
+    over: bool = False
+    """Ended by one of its gates: kept (while its record is) for the member that opened a
+    gate, which may ask again, as Redis keeps a workflow's keys until they expire."""
 
 
 class MemoryWorkflows:
@@ -81,6 +84,8 @@ class MemoryWorkflows:
                 out.append(record)
         if gone:
             self._ids = [uuid for uuid in self._ids if uuid not in gone]
+            for uuid in gone:
+                self._flows.pop(uuid, None)
         return out
 
     async def member_done(self, record: TaskRecord) -> list[GateMessage]:
@@ -90,15 +95,17 @@ class MemoryWorkflows:
         uuid = record.uuid
         success = record.status is TaskStatus.SUCCESS
         gate = flow.feeds.get(uuid) if success else ERROR
-        if uuid in flow.done:
+        storage = self._storage
+        if flow.over or uuid in flow.done:
+            if flow.over and await storage.get(record.workflow or "") is None:
+                self._flows.pop(record.workflow or "", None)  # its record expired: all gone
+                return []
             opened = gate is not None and flow.opened_by.get(gate) == uuid
             return list(flow.messages[gate]) if opened and gate is not None else []
         flow.done.add(uuid)
-        storage = self._storage
         own = await storage.get(record.workflow or "")
         if own is None or own.status.final:
-            # Over (ended or cancelled): its gates are not needed any more. One process cannot
-            # die between a member's settle and its ack, so none is redelivered to ask again.
+            # Ended otherwise (its record cancelled, or expired): nothing opens any more.
             self._flows.pop(record.workflow or "", None)
             return []
         if gate is None:
@@ -112,7 +119,7 @@ class MemoryWorkflows:
                 own.status = TaskStatus.SUCCESS
                 own.updated_at = storage._clock()
                 await storage.save(own)
-                del self._flows[own.uuid]
+                _end(flow)
             return list(flow.messages[gate])
         error_callback = own.kwargs.get("on_error")
         if uuid == error_callback:
@@ -125,5 +132,14 @@ class MemoryWorkflows:
         for member in flow.members:
             if member != uuid and member != error_callback:
                 await storage.cancel(member, reason)
-        del self._flows[own.uuid]
+        _end(flow)
         return list(flow.messages[ERROR])
+
+
+def _end(flow: _Flow) -> None:
+    """``flow`` is over: only what its gates' openers may ask again is kept."""
+    openers = set(flow.opened_by.values())
+    flow.over = True
+    flow.messages = {gate: flow.messages[gate] for gate in flow.opened_by}
+    flow.feeds = {uuid: gate for uuid, gate in flow.feeds.items() if uuid in openers}
+    flow.counts, flow.members, flow.done = {}, [], set()

@@ -291,6 +291,24 @@ class WorkflowStoreContract(_StorageCapability):
         assert await storage.member_done(b) == []
 
     @pytest.mark.anyio
+    async def test_the_member_that_failed_the_workflow_gets_the_error_gate_again(
+        self, storage: Storage, flow: Flow
+    ) -> None:
+        """Its settle asks again when publishing the error callback failed (or it was
+        redelivered before): the workflow is over, yet it gets the message again; another
+        failing member gets nothing."""
+        assert isinstance(storage, WorkflowStore)
+        _, members, _ = flow
+        a, b = (finished(members[n], TaskStatus.ERROR, error="ValueError: no") for n in "ab")
+        await storage.save(a)
+        first = await storage.member_done(a)
+        assert [m.body for m in first] == [b"body of error"]
+        assert await storage.member_done(a) == first
+        await storage.save(b, fence=None)
+        assert await storage.member_done(b) == []
+        assert await storage.member_done(a) == first
+
+    @pytest.mark.anyio
     async def test_a_cancelled_workflow_is_continued_by_no_member(
         self, storage: Storage, flow: Flow
     ) -> None:
