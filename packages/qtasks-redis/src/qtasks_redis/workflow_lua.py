@@ -97,6 +97,10 @@ local function member_done(w, uuid, status, err, ttl)
     redis.call('HSET', wf_key(w, 'o'), gate, uuid)
     if gate == 'final' then
       end_record(w, 'success', false, '', ttl)
+      local on_error = redis.call('HGET', wf_key(w, 'n'), '!on_error')
+      if on_error then  -- never needed now: not left 'new' for ever
+        end_record(on_error, 'cancel', 'cr', 'workflow ' .. w .. ' succeeded', ttl)
+      end
       expire_flow(w, ttl)
     end
     return gate

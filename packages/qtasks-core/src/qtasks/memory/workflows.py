@@ -119,6 +119,9 @@ class MemoryWorkflows:
                 own.status = TaskStatus.SUCCESS
                 own.updated_at = storage._clock()
                 await storage.save(own)
+                error_callback = own.kwargs.get("on_error")
+                if error_callback:  # never needed now: not left new for ever
+                    await storage.cancel(error_callback, f"workflow {own.uuid} succeeded")
                 _end(flow)
             return list(flow.messages[gate])
         error_callback = own.kwargs.get("on_error")

@@ -268,6 +268,27 @@ class WorkflowStoreContract(_StorageCapability):
         assert done.status is TaskStatus.SUCCESS
 
     @pytest.mark.anyio
+    async def test_a_workflow_that_succeeds_cancels_its_error_callback(
+        self, storage: Storage
+    ) -> None:
+        """The error callback's record, stored with the workflow, ends ``cancel`` when the
+        workflow succeeded (not left ``new`` for ever)."""
+        assert isinstance(storage, WorkflowStore)
+        own = _workflow(time.time())
+        member, callback = record(workflow=own.uuid), record(workflow=own.uuid)
+        own = replace(own, kwargs={"on_error": callback.uuid})
+        error = GateMessage(callback.uuid, b"body of the callback", 1, 0.0)
+        gates = {"final": (1, []), "error": (1, [error])}
+        await storage.add_workflow(own, [member, callback], gates, {member.uuid: "final"})
+        done = finished(member, returning=1)
+        await storage.save(done)
+        assert await storage.member_done(done) == []
+        assert (await storage.wait(own.uuid, 2)).status is TaskStatus.SUCCESS
+        left = await storage.get(callback.uuid)
+        assert left is not None and left.status is TaskStatus.CANCEL
+        assert left.cancel_reason is not None and own.uuid in left.cancel_reason
+
+    @pytest.mark.anyio
     async def test_a_failing_member_fails_the_workflow_and_cancels_the_rest(
         self, storage: Storage, flow: Flow
     ) -> None:
