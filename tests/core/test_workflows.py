@@ -269,6 +269,24 @@ async def test_cancel_workflow_cancels_pending_and_running_members(app: AsyncQue
     assert "double" not in [name for name, _ in calls(app)]
 
 
+async def test_a_plain_cancel_of_the_workflow_record_cancels_its_members(
+    app: AsyncQueueTasks,
+) -> None:
+    double = app.tasks["double"]
+    err = app.signature("on_error", ("note",))
+    wf = await app.run_workflow(chain(double.s(1), double.s(), double.s()), on_error=err)
+    cancelled = await app.cancel(wf.id, "stop")
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+    state = await app.get_workflow(wf.id)
+    assert state is not None and state.on_error is not None
+    for uuid in [*wf.members, state.on_error]:  # the gated ones too: none left new for ever
+        member = await app.get(uuid)
+        assert member is not None and member.status is TaskStatus.CANCEL, uuid
+    async with app:
+        assert (await app.wait_workflow(wf.id, 5)).status == "cancel"
+    assert calls(app) == []
+
+
 async def test_bad_input_is_refused_when_built(app: AsyncQueueTasks) -> None:
     with pytest.raises(UnknownTaskError):
         app.signature("nope")

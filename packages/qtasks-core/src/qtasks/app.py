@@ -699,7 +699,8 @@ class AsyncQueueTasks:
         renewal). Returns the record.
 
         A workflow member's workflow is told it ended (it fails, as the member's failure
-        would): a queued member's message is dropped, so no worker would tell it."""
+        would): a queued member's message is dropped, so no worker would tell it. A workflow's
+        own record is cancelled as by :meth:`cancel_workflow`, its members with it."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record = await self.storage.cancel(uuid, reason)
@@ -709,7 +710,9 @@ class AsyncQueueTasks:
             if await self.broker.cancel(uuid):  # dropped unstarted: its rate token is free
                 await flow.dropped(self, record)
             self.worker.cancel_local(uuid, reason)
-            if record.workflow and record.task_name != WORKFLOW_TASK:
+            if record.task_name == WORKFLOW_TASK:
+                await workflows.cancel(self, uuid, reason)  # its gated members too
+            elif record.workflow:
                 # ``again``: a repeated cancel, or the member's worker refused its result
                 # first, may have opened the error gate already; it is not published twice.
                 await workflows.member_ended(self, record, again=True)
