@@ -385,6 +385,48 @@ async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
         await app.aclose()
 
 
+async def test_a_member_its_worker_ended_dead_lettered_fails_the_workflow_at_the_next_claim(
+    redis_url: str, prefix: str
+) -> None:
+    """The worker of a member's last allowed delivery lost its lease while the task ran: it
+    stored the record as dead-lettered (``Settlement._dead_lettered``) and died before telling
+    the workflow. The claim that then dead-letters the message counts the member (before, it
+    skipped a record already final: the workflow hung for ever)."""
+    app = one_delivery_app(redis_url, prefix)
+    try:
+        wf = await failing_chain(app)
+        assert isinstance(app.broker, RedisBroker)
+        seen: list[str] = []
+        for claim in range(2):
+            opened = app.broker.consume_begun(
+                prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
+            )
+            async with opened as deliveries:
+                with anyio.move_on_after(1):
+                    async for delivery in deliveries:
+                        seen.append(delivery.id)
+                        if claim:
+                            break
+                        record = getattr(delivery, "begun", None)
+                        assert record is not None
+                        record.status, record.token = TaskStatus.ERROR, "dead-letter"
+                        record.error = "dead-lettered: the lease of its last delivery ran out"
+                        assert await app.storage.save(record, fence=delivery.token)
+                        break  # and the worker dies: nothing tells the workflow
+        state = await app.wait_workflow(wf.id, 5)
+        assert state.status == "error" and state.error is not None
+        assert wf.members[0] in state.error and "dead-lettered" in state.error
+        later = await app.get(wf.members[1])
+        assert later is not None and later.status is TaskStatus.CANCEL
+        # The second claim dead-lettered the member, published the error callback, took it.
+        assert seen == [wf.members[0], state.on_error]
+        assert [d.id for d in await app.dead_letters()] == [wf.members[0]]
+        stats = await app.broker.stats()
+        assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published once
+    finally:
+        await app.aclose()
+
+
 async def test_a_worker_fires_the_enqueue_hook_for_an_error_callback_its_claim_published(
     redis_url: str, prefix: str
 ) -> None:

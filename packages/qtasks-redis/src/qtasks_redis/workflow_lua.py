@@ -439,18 +439,23 @@ local record_dead = on_dead
 local CLAIM_PUBLISHED = {{}}
 -- A workflow member dead-lettered by its delivery limit fails its workflow, as a member that
 -- failed after its retries does (its error gate publishes the error callback).
+-- A member whose record its last worker already ended as dead-lettered (the lease of its
+-- last allowed delivery ran out while it ran) and that died before telling its workflow is
+-- counted here: ``again``, as a repeat (member_done is idempotent, publish_opened skips what
+-- was sent).
 local function on_dead(id, reason)
   local rec = TAG .. ':r:' .. id
   local was = redis.call('HGET', rec, 's')
+  local again = was == 'error' and redis.call('HGET', rec, 't') == 'dead-letter'
   record_dead(id, reason)
-  if not was or FINAL[was] then return end
+  if not was or (FINAL[was] and not again) then return end
   local ok, d = pcall(cjson.decode, redis.call('HGET', rec, 'd') or '')
   if not ok or type(d) ~= 'table' then return end
   local w, task = d.workflow, d.task_name
   if d[1] == 1 or d[1] == 2 then w, task = d[#d], d[3] end
   if type(w) ~= 'string' then return end
   local err = 'member ' .. id .. ' (' .. tostring(task) .. ') error: dead-lettered: ' .. reason
-  publish_opened(w, member_done(w, id, 'error', err, TTL), CLAIM_PUBLISHED)
+  publish_opened(w, member_done(w, id, 'error', err, TTL), CLAIM_PUBLISHED, again)
 end
 """
     # The ids it published go last, as one comma-separated element (the reply is otherwise
