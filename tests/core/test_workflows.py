@@ -32,7 +32,7 @@ from qtasks.errors import (
     TaskTimeoutError,
 )
 from qtasks.memory.signals import _Signal
-from qtasks.messages import Message
+from qtasks.messages import Envelope, Message
 from qtasks.workflows.plan import GENERATION
 from qtasks.workflows.runtime import generation
 
@@ -206,6 +206,55 @@ async def test_cancelling_a_queued_or_delayed_member_fails_the_workflow_at_once(
     assert [c for c in calls(app) if c[0] in ("on_error", "total")] == [
         ("on_error", (wf.id, "note"))
     ]
+
+
+async def test_cancelling_a_running_member_runs_the_error_callback_once(
+    app: AsyncQueueTasks,
+) -> None:
+    """``app.cancel`` tells the workflow at once (it publishes the error callback); the
+    member's worker then stores the same cancel and continues the workflow again: a repeat,
+    which must not publish the callback a second time (the older copy replaced the newer one
+    and was dropped at begin as stale: the callback never ran)."""
+    slow, double = app.tasks["slow"], app.tasks["double"]
+    err = app.signature("on_error", ("note",))
+    started, settled = anyio.Event(), anyio.Event()
+
+    class Watch:
+        @hookimpl
+        def qtasks_worker_execute_before(self, record: TaskRecord) -> None:
+            if record.task_name == "slow":
+                started.set()
+
+        @hookimpl
+        def qtasks_task_cancelled(self, record: TaskRecord) -> None:
+            if record.task_name == "slow":
+                settled.set()
+
+    app.add_plugin(Watch())
+    published: list[str] = []
+    publish = app.broker.publish
+
+    async def counted(envelope: Envelope) -> None:
+        published.append(envelope.id)
+        await publish(envelope)
+
+    app.broker.publish = counted  # type: ignore[method-assign]  # counts the publishes
+    async with app:
+        wf = await app.run_workflow(chain(slow.s(1), double.s()), on_error=err)
+        with anyio.fail_after(5):
+            await started.wait()
+        await app.cancel(wf.members[0], "stop")
+        with anyio.fail_after(5):
+            await settled.wait()  # the worker stored the cancel and settled the member
+        state = await app.get_workflow(wf.id)
+        assert state is not None and state.status == "error" and state.on_error is not None
+        callback = await app.wait(state.on_error, 5)
+    assert callback.status is TaskStatus.SUCCESS
+    assert [c for c in calls(app) if c[0] == "on_error"] == [("on_error", (wf.id, "note"))]
+    if app.enqueue_path == "shared":
+        # The settle's repeat publishes nothing sent already (plain calls publish a newer
+        # generation instead, which replaces the first copy).
+        assert published.count(state.on_error) == 1
 
 
 async def test_a_member_that_expires_fails_the_workflow(app: AsyncQueueTasks) -> None:

@@ -76,8 +76,11 @@ async def stored_final(
         if record.workflow is not None:
             # Not folded into the save by a shared server: the next step is published (and
             # confirmed) before the ack, so a worker dying in between leaves the message to
-            # be redelivered and continued by whoever gets it (workflows.found_final).
-            await workflows.member_ended(app, record)
+            # be redelivered and continued by whoever gets it (workflows.found_final). A
+            # cancelled member's workflow was told by app.cancel already (it published the
+            # error step with a new generation): this save of the same cancel is a repeat,
+            # whose publish must not replace that copy with an older-generation one.
+            await workflows.member_ended(app, record, again=record.status is TaskStatus.CANCEL)
         await ack.ack()
     if "qtasks_broker_acked" in hooks.active:
         await hooks.notify("qtasks_broker_acked", app=app, record=record)

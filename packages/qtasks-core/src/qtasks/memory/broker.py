@@ -20,7 +20,7 @@ from qtasks.errors import ComponentError
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.storage import MemoryStorage
 from qtasks.messages import Envelope
-from qtasks.record import TaskRecord
+from qtasks.record import TaskRecord, TaskStatus
 
 
 @dataclass(slots=True)
@@ -362,19 +362,41 @@ class MemoryBroker(_Lifecycle):
         member's workflow is continued between the save and the ack, with nothing awaited
         in between that could let another task interleave."""
         self._check()
+        member = record.workflow is not None and isinstance(storage, WorkflowStore)
+        was = await storage.get(record.uuid) if member else None
         if await storage.save(record, fence=delivery.token):
-            if record.workflow is not None and isinstance(storage, WorkflowStore):
-                now = self._clock()
-                for m in await storage.member_done(record):
-                    await self.publish(Envelope(m.id, m.body, m.priority, now + m.delay))
-                    if enqueued is not None:
-                        enqueued.append(m.id)
+            if member:
+                # Saved over a final record (a cancel made while it ran, whose workflow
+                # app.cancel told already): a repeat, which publishes only what was not sent.
+                again = was is not None and was.status.final
+                await self._continue(storage, record, again, enqueued)
             await delivery.ack()
             return True
         stored = await storage.get(record.uuid)
         if stored is not None and stored.status.final and stored.token in (None, delivery.token):
             await delivery.ack()
         return False
+
+    async def _continue(
+        self,
+        storage: Storage,
+        record: TaskRecord,
+        again: bool,
+        enqueued: list[str] | None,
+    ) -> None:
+        """Count ``record``'s member in its workflow and publish what that opened; with
+        ``again``, only the steps still ``new`` whose message is not here already (as Redis's
+        settle script does)."""
+        assert isinstance(storage, WorkflowStore)
+        now = self._clock()
+        for m in await storage.member_done(record):
+            if again:
+                step = await storage.get(m.id)
+                if step is None or step.status is not TaskStatus.NEW or m.id in self._known:
+                    continue
+            await self.publish(Envelope(m.id, m.body, m.priority, now + m.delay))
+            if enqueued is not None:
+                enqueued.append(m.id)
 
     async def ack_finals(
         self,
