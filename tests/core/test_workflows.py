@@ -814,3 +814,75 @@ async def test_a_step_whose_input_is_gone_fails_once_naming_it() -> None:
     assert step.error is not None and step.error.startswith("WorkflowInputError")
     assert wf.members[0] in step.error and "gone" in step.error
     assert done.status == "error"
+
+
+async def test_a_member_the_claim_dead_letters_fails_the_workflow_in_memory() -> None:
+    """As on Redis (CLAIM_BEGIN_WF): every delivery of a member was lost (its worker killed
+    each time: here never settled), the claim that dead-letters it ends its record and fails
+    its workflow, publishing the error callback (before, the record ended but the workflow
+    stayed running for ever)."""
+    app = AsyncQueueTasks(config=QueueConfig(max_deliveries=2, lease=0.3))
+
+    @app.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @app.task
+    def on_error(workflow: str) -> str:
+        return workflow
+
+    await app.start()
+    try:
+        wf = await app.run_workflow(chain(double.s(1), double.s()), on_error=on_error.s())
+        broker = app.broker
+        assert isinstance(broker, MemoryBroker)
+        published: list[str] = []
+        opened = broker.consume_begun(
+            prefetch=1,
+            storage=app.storage,
+            worker="gone",
+            starts=lambda: 1,
+            published=published.extend,
+        )
+        seen: list[str] = []
+        async with opened as deliveries:
+            with anyio.fail_after(5):
+                async for delivery in deliveries:  # never settled: each lease runs out
+                    seen.append(delivery.id)
+                    if len(seen) == 3:
+                        break
+        state = await app.get_workflow(wf.id)
+        assert state is not None and state.status == "error" and state.error is not None
+        assert wf.members[0] in state.error and "dead-lettered" in state.error
+        # Two deliveries of the member, then the error callback its dead-lettering published.
+        assert seen == [wf.members[0], wf.members[0], state.on_error]
+        assert published == [state.on_error]
+        later = await app.get(wf.members[1])
+        assert later is not None and later.status is TaskStatus.CANCEL
+    finally:
+        await app.aclose()
+
+
+async def test_an_expired_workflow_leaves_no_state_in_memory() -> None:
+    """The in-memory store keeps an ended workflow's gates while its record is stored (the
+    member that opened a gate may ask again); once the record expires they go with it (before,
+    they stayed until something listed workflows)."""
+    app = AsyncQueueTasks(config=QueueConfig(result_ttl=0.2, max_tasks_process=4))
+
+    @app.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    async with app:
+        ids = []
+        for i in range(5):
+            wf = await app.run_workflow(chain(double.s(i), double.s()))
+            await wf.wait_result(5)
+            ids.append(wf.id)
+        with anyio.fail_after(5):
+            while any([await app.get(uuid) for uuid in ids]):  # noqa: ASYNC110 - expiry is read-driven
+                await anyio.sleep(0.05)
+        storage = app.storage
+        assert isinstance(storage, MemoryStorage)
+        kept = storage._workflows._flows  # the store's own state: what would leak
+        assert not set(ids) & set(kept)

@@ -139,6 +139,10 @@ class MemoryDelivery:
         return True
 
 
+_Begin = tuple[MemoryStorage, str, Callable[[], int], Callable[[Sequence[str]], None] | None]
+"""What a claim that begins records needs: storage, worker, ``starts``, ``published``."""
+
+
 class MemoryBroker(_Lifecycle):
     """A priority queue with delays, leases and a dead-letter list, in process memory."""
 
@@ -238,9 +242,12 @@ class MemoryBroker(_Lifecycle):
             waits.append(self._leases[0][0] - mono)
         return min(waits) if waits else None
 
-    def _take(self, storage: MemoryStorage | None = None) -> _Entry | None:
+    def _take(
+        self, storage: MemoryStorage | None = None, dead: list[TaskRecord] | None = None
+    ) -> _Entry | None:
         """The next due message, now held; past its delivery limit it is dead-lettered
-        instead, and with ``storage`` (a claim that begins records) its record says so."""
+        instead, and with ``storage`` (a claim that begins records) its record says so; the
+        records of workflow members so ended are added to ``dead``."""
         while (entry := self._ready.pop()) is not None:
             if self._known.get(entry.id) is not entry or entry.token:
                 continue  # cancelled, or a stale queue entry
@@ -252,7 +259,9 @@ class MemoryBroker(_Lifecycle):
                 )
                 self._dead(entry, reason)
                 if storage is not None:
-                    storage.dead_claimed(entry.id, reason)
+                    ended = storage.dead_claimed(entry.id, reason)
+                    if ended is not None and ended.workflow is not None and dead is not None:
+                        dead.append(ended)
                 continue
             entry.token = f"{self._token_prefix}{next(self._tokens)}"
             entry.lease_until = time.monotonic() + self._lease
@@ -283,32 +292,39 @@ class MemoryBroker(_Lifecycle):
         published: Callable[[Sequence[str]], None] | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         """:meth:`consume`, beginning the record of each message taken while ``starts()``
-        says it starts at once (see :class:`qtasks.components.BeginOnClaim`). Its claims
-        publish nothing, so ``published`` is never called."""
+        says it starts at once (see :class:`qtasks.components.BeginOnClaim`). A workflow
+        member a claim dead-letters fails its workflow, whose error step it publishes
+        (``published`` gets their ids)."""
         if not isinstance(storage, MemoryStorage):
             raise ComponentError(f"{storage!r} does not share a server with {self!r}")
-        return self._consume((storage, worker, starts))
+        return self._consume((storage, worker, starts, published))
 
     @asynccontextmanager
     async def _consume(
-        self, begin: tuple[MemoryStorage, str, Callable[[], int]] | None
+        self,
+        begin: _Begin | None,
     ) -> AsyncIterator[AsyncIterator[Delivery]]:
         self._check()
         mine: set[str] = set()
+        dead: list[TaskRecord] = []  # workflow members a claim dead-lettered
 
         async def deliveries() -> AsyncIterator[MemoryDelivery]:
             signal = self._signal
             assert signal is not None
             while True:
                 next_due = self._promote()
-                entry = self._take(None if begin is None else begin[0])
+                entry = self._take(None if begin is None else begin[0], dead)
+                if dead and begin is not None:
+                    await self._fail_members(begin[0], dead, begin[3])
+                    if entry is None:
+                        continue  # what it published may be due now: take again
                 if entry is None:
                     await signal.wait(next_due)
                     continue
                 mine.add(entry.token)
                 delivery = MemoryDelivery(self, entry)
                 if begin is not None:
-                    storage, worker, starts = begin
+                    storage, worker, starts, _ = begin
                     if starts() > 0:
                         delivery.begun = storage.begin_claimed(
                             entry.id, entry.token, worker, _body_attempt(entry.body)
@@ -325,6 +341,20 @@ class MemoryBroker(_Lifecycle):
                     self._ready.push(entry)
             if mine:
                 self._wake()
+
+    async def _fail_members(
+        self,
+        storage: MemoryStorage,
+        dead: list[TaskRecord],
+        published: Callable[[Sequence[str]], None] | None,
+    ) -> None:
+        """Each workflow member in ``dead`` fails its workflow (as on Redis, in the claim's
+        step): what its error gate opens is published."""
+        ids: list[str] = []
+        while dead:
+            await self._continue(storage, dead.pop(), False, ids)
+        if ids and published is not None:
+            published(ids)
 
     # --- SharedServer: the in-memory broker and storage share one "server", the process ----
 

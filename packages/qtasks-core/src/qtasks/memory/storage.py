@@ -107,6 +107,7 @@ class MemoryStorage(_Lifecycle):
                 self._steps.pop(uuid, None)
                 self._attempts.pop(uuid, None)
                 self._generations.pop(uuid, None)
+                self._workflows.forget(uuid)
 
     def _watch(self, uuid: str) -> _Signal:
         self._watchers[uuid] = self._watchers.get(uuid, 0) + 1
@@ -200,12 +201,13 @@ class MemoryStorage(_Lifecycle):
                 self._index(stored)
         return stored.copy()
 
-    def dead_claimed(self, uuid: str, reason: str) -> None:
+    def dead_claimed(self, uuid: str, reason: str) -> TaskRecord | None:
         """The record of ``uuid``, dead-lettered by a claim with ``reason``, says so (status
-        ``error``, token ``dead-letter``), waiters woken; a final record is left as it is."""
+        ``error``, token ``dead-letter``), waiters woken; returned (a copy) when so ended. A
+        final record is left as it is."""
         stored = self._records.get(uuid)
         if stored is None or stored.status.final:
-            return
+            return None
         stored.status, stored.token = TaskStatus.ERROR, "dead-letter"
         stored.error = f"dead-lettered: {reason}"
         stored.returning = None
@@ -214,6 +216,7 @@ class MemoryStorage(_Lifecycle):
         if self._ttl is not None:
             heapq.heappush(self._expiry, (stored.updated_at + self._ttl, uuid))
         self._fire(uuid)
+        return stored.copy()
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         self._check()

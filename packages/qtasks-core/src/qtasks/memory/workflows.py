@@ -39,8 +39,8 @@ class MemoryWorkflows:
     def __init__(self, storage: MemoryStorage) -> None:
         self._storage = storage
         self._flows: dict[str, _Flow] = {}
-        self._ids: list[str] = []
-        """Every workflow added, oldest first (pruned as listing meets expired ones)."""
+        self._ids: dict[str, None] = {}
+        """Every workflow whose record is stored, oldest first."""
 
     def clear(self) -> None:
         self._flows.clear()
@@ -63,7 +63,7 @@ class MemoryWorkflows:
             dict(feeds),
             list(feeds),
         )
-        self._ids.append(workflow.uuid)
+        self._ids[workflow.uuid] = None
 
     async def cancel(self, workflow: str, reason: str) -> TaskRecord | None:
         record = await self._storage.cancel(workflow, reason)
@@ -82,11 +82,14 @@ class MemoryWorkflows:
                 gone.add(uuid)
             else:
                 out.append(record)
-        if gone:
-            self._ids = [uuid for uuid in self._ids if uuid not in gone]
-            for uuid in gone:
-                self._flows.pop(uuid, None)
+        for uuid in gone:
+            self.forget(uuid)
         return out
+
+    def forget(self, uuid: str) -> None:
+        """``uuid``'s record is gone (expired): so is its workflow state, if it is one."""
+        if self._ids.pop(uuid, 0) is None:
+            self._flows.pop(uuid, None)
 
     async def member_done(self, record: TaskRecord) -> list[GateMessage]:
         flow = self._flows.get(record.workflow or "")
