@@ -651,3 +651,42 @@ async def test_a_delivery_whose_lease_was_lost_never_frees_the_slot_of_the_next(
         record = await app.wait(task.uuid, timeout=5)
     assert (record.status, record.returning) == (TaskStatus.SUCCESS, 2)
     assert state["slots:work:k"]["held"] == 1  # the new delivery's slot is still held
+
+
+class EarlierFlowControl(MemoryGlobalConfig):
+    """A global config written against FlowControl before ``waiter`` and ``release_rate``
+    existed: ``acquire_slot`` without ``waiter``, and no ``release_rate`` at all."""
+
+    async def acquire_slot(self, key: str, limit: int, holder: str, lease: float) -> float:  # type: ignore[override]  # the older signature, on purpose
+        return await super().acquire_slot(key, limit, holder, lease)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "release_rate":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+async def test_a_flow_control_written_before_waiter_and_release_rate_still_serves() -> None:
+    """``waiter`` and the ``RateRelease`` capability came later: an implementation of the
+    earlier protocol is still a FlowControl, its slots are taken without ``waiter``, and a
+    cancel just does not give rate tokens back (before, every limited task failed)."""
+    gc = EarlierFlowControl()
+    assert isinstance(gc, FlowControl) and not hasattr(gc, "release_rate")
+    app = AsyncQueueTasks("t", global_config=gc, config=QueueConfig(max_tasks_process=4))
+
+    @app.task(max_concurrency=1, concurrency_key="key")
+    async def one_at_a_time(i: int, key: str = "k") -> int:
+        return i
+
+    @app.task(rate_limit="1/s")
+    async def slow_rate(i: int) -> int:
+        return i
+
+    async with app:
+        done = [await app.add_task("one_at_a_time", i, timeout=5) for i in range(3)]
+        first = await app.add_task("slow_rate", 0, timeout=5)
+        queued = await app.add_task("slow_rate", 1)
+        cancelled = await app.cancel(queued.uuid)
+    assert [t.status for t in done] == [TaskStatus.SUCCESS] * 3
+    assert first.status is TaskStatus.SUCCESS
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCEL

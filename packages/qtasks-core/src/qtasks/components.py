@@ -39,7 +39,8 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :class:`SharedServer`, :class:`SettleBegin`, :class:`BeginOnClaim`, :class:`BeginMany`,
 :class:`AttemptLog`, :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`,
 :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`,
-:class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl` and :class:`UniquePublish`,
+:class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease` and
+:class:`UniquePublish`,
 checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
 ``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
 ``qtasks_testing.contract.flow`` hold their suites.
@@ -787,12 +788,6 @@ class FlowControl(Protocol):
         away (``None``: no bound), reserve nothing and return ``None``."""
         ...
 
-    async def release_rate(self, key: str) -> bool:
-        """Give back one reservation of ``key`` (its task will not run): the next moment
-        :meth:`reserve_rate` gives is one interval earlier, never earlier than now. ``True``
-        when a reservation ahead of now was given back."""
-        ...
-
     async def acquire_slot(
         self, key: str, limit: int, holder: str, lease: float, waiter: str | None = None
     ) -> float:
@@ -806,7 +801,8 @@ class FlowControl(Protocol):
         The core's holder is one *delivery* of a task (its uuid and the delivery's token):
         two deliveries of one task are two holders, so a stale delivery's release or renewal
         never touches a newer delivery's slot. Its waiter is the task (its uuid): a message
-        handed back and delivered again is still one waiter."""
+        handed back and delivered again is still one waiter. (An implementation written
+        before ``waiter`` existed is called without it: its waiters are its holders.)"""
         ...
 
     async def release_slot(self, key: str, holder: str) -> None:
@@ -834,6 +830,19 @@ class FlowControl(Protocol):
         ``tokens`` (calls that may start now), ``burst``, ``per_second`` and ``waiting``
         (calls reserved for later); for a slot key ``held``, ``limit`` and ``waiting``
         (holders told to try again within the last second or later)."""
+        ...
+
+
+@runtime_checkable
+class RateRelease(Protocol):
+    """Optional :class:`FlowControl` capability: give a rate reservation back. The core
+    calls it when a cancel drops a message unstarted, so the reservations of a cancelled
+    backlog do not push back every later task; without it they are spent at their moment."""
+
+    async def release_rate(self, key: str) -> bool:
+        """Give back one reservation of ``key`` (its task will not run): the next moment
+        :meth:`FlowControl.reserve_rate` gives is one interval earlier, never earlier than
+        now. ``True`` when a reservation ahead of now was given back."""
         ...
 
 

@@ -25,6 +25,7 @@ so its decisions read together; the backends' parts are in their own modules.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from qtasks.components import Delivery, FlowControl, UniquePublish
+from qtasks.components import Delivery, FlowControl, RateRelease, UniquePublish
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.messages import Envelope, Message
 from qtasks.record import TaskRecord, TaskStatus, record_of
@@ -399,14 +400,29 @@ async def dropped(app: AsyncQueueTasks, record: TaskRecord) -> None:
     Without this, the reservations of a cancelled backlog push back every later task."""
     task = app.tasks.get(record.task_name)
     spec = None if task is None else task.flow
-    if spec is not None and spec.rate is not None:
+    gc = app.global_config
+    if spec is not None and spec.rate is not None and isinstance(gc, RateRelease):
         try:
-            await flow_control(app, "rate_limit").release_rate(f"rate:{spec.task}")
+            await gc.release_rate(f"rate:{spec.task}")
         except Exception as exc:  # the cancel is done; the token is spent at its moment
             log.warning("could not give back the rate token of %s: %s", record.uuid, exc)
 
 
 # --- worker side -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _waiter_param(kind: type[Any]) -> bool:
+    try:
+        return "waiter" in inspect.signature(kind.acquire_slot).parameters
+    except (TypeError, ValueError):  # no signature to read: assume the current protocol
+        return True
+
+
+def _takes_waiter(fc: FlowControl) -> bool:
+    """Whether ``fc.acquire_slot`` takes ``waiter`` (an implementation written before it
+    existed does not; read once per class)."""
+    return _waiter_param(type(fc))
 
 
 ADMIT_HEADERS = frozenset({"expires", "unique"})
@@ -488,9 +504,12 @@ class FlowGate:
                 # Held by this delivery, waiting as the task (see FlowControl.acquire_slot).
                 holder = f"{message.uuid}/{delivery.token}"
                 lease = app.config.lease
-                wait = await fc.acquire_slot(
-                    slot, spec.max_concurrency, holder, lease, waiter=message.uuid
-                )
+                if _takes_waiter(fc):
+                    wait = await fc.acquire_slot(
+                        slot, spec.max_concurrency, holder, lease, waiter=message.uuid
+                    )
+                else:
+                    wait = await fc.acquire_slot(slot, spec.max_concurrency, holder, lease)
                 if wait > 0:
                     # Without its slot the task does not start: a rate token it held is
                     # spent (never exceeding the rate), and reserved again when it returns.
