@@ -5,6 +5,7 @@ message is handed back later each time, its failures counted in it, and dead-let
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -12,6 +13,7 @@ import pytest
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 from qtasks.errors import SerializationError
+from qtasks.memory import MemoryGlobalConfig
 from qtasks.messages import JSONSerializer
 from qtasks.poison import FAILURES_HEADER
 from qtasks.record import TaskRecord
@@ -141,3 +143,77 @@ def _message(task_name: str, args: list[Any] | None = None) -> Any:
     from qtasks.messages import Message
 
     return Message(uuid="m-1", task_name=task_name, args=args or [])
+
+
+class Order(MemoryGlobalConfig):
+    """Logs when a concurrency slot is freed."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        self.log.append("release")
+        await super().release_slot(key, holder)
+
+
+class FailsOnce(MemoryStorage):
+    """The begin of a waiting task's record fails once (a storage bug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def _fail(self, records: Sequence[TaskRecord]) -> None:
+        if not self.failed and any(r.task_name == "limited" for r in records):
+            self.failed = True
+            raise RuntimeError("storage bug")
+
+    async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
+        self._fail(records)
+        return await super().begin_many(records)
+
+    async def begin(self, record: TaskRecord, *, generation: int = 0) -> TaskRecord:
+        self._fail([record])
+        return await super().begin(record, generation=generation)
+
+
+async def test_a_handed_back_message_frees_its_concurrency_slot_before_it_comes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Admitted (its slot taken), then a component fails before it starts: the slot is freed
+    before the message is handed back, so its next delivery does not wait behind its own
+    stale slot (before, the release came after the requeue)."""
+    from qtasks.memory import broker as memory_broker
+
+    log: list[str] = []
+    requeue = memory_broker.MemoryDelivery.requeue
+
+    async def logged(self: Any, *, delay: float | None = None, body: bytes | None = None) -> bool:
+        log.append("requeue")
+        return await requeue(self, delay=delay, body=body)
+
+    monkeypatch.setattr(memory_broker.MemoryDelivery, "requeue", logged)
+    app = AsyncQueueTasks(
+        broker=MemoryBroker(),
+        storage=FailsOnce(),
+        global_config=Order(log),
+        config=QueueConfig(max_tasks_process=1, retry_backoff=0.01),
+    )
+    release = anyio.Event()
+
+    @app.task
+    async def hold() -> None:
+        await release.wait()
+
+    @app.task(max_concurrency=1, concurrency_key="key")
+    async def limited(key: str) -> str:
+        return key
+
+    async with app:
+        await app.add_task("hold")
+        waiting = await app.add_task("limited", key="k")  # waits: begun when it starts
+        release.set()
+        done = await app.wait(waiting.uuid, timeout=5)
+    assert done.status is TaskStatus.SUCCESS
+    assert log[:2] == ["release", "requeue"]

@@ -340,6 +340,7 @@ class QueueWorker:
             except Exception as exc:  # stopping: the next delivery's begin redoes it
                 log.warning("could not requeue the record of %s: %r", delivery.id, exc)
         try:
+            await self._flow.hand_back(app, delivery.token)  # its slot, before it comes back
             await delivery.requeue()
         except Exception as exc:
             # The broker is out (a Redis requeue retries until the lease ends): the
@@ -434,6 +435,7 @@ class QueueWorker:
             # later each time; dead-lettered once it failed max_deliveries times.
             with anyio.CancelScope(shield=True):
                 try:
+                    await self._flow.hand_back(app, delivery.token)  # before it comes back
                     await poison.failed(app, delivery, exc)
                 except Exception:
                     log.exception("could not hand message %s back", delivery.id)
