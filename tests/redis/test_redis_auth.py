@@ -5,11 +5,14 @@ start together connects once."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
+from redis.exceptions import BusyLoadingError
 from redis_procs import RedisServer, start_server
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
@@ -111,3 +114,55 @@ async def test_a_component_started_by_two_apps_at_once_connects_once(
     await second.aclose()
     with pytest.raises(ComponentNotStartedError):
         await broker.stats()
+
+
+class Loading:
+    """A stand-in server that answers ``PING`` with ``LOADING`` ``loading`` times (a Redis
+    still loading its dataset after a restart), then ``PONG``; ``+OK`` to anything else."""
+
+    def __init__(self, loading: int) -> None:
+        self.loading = loading
+        self.pings = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                if not line.startswith(b"*"):
+                    continue
+                parts = []
+                for _ in range(int(line[1:])):
+                    await reader.readline()  # $<length>
+                    parts.append((await reader.readline()).strip().upper())
+                if parts[:1] == [b"PING"]:
+                    self.pings += 1
+                    loading = self.pings <= self.loading
+                    writer.write(b"-LOADING Redis is loading\r\n" if loading else b"+PONG\r\n")
+                else:
+                    writer.write(b"+OK\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def test_start_waits_for_a_server_still_loading_its_dataset() -> None:
+    """Right after a restart Redis answers LOADING until its dataset is read: start() asks
+    again (the probe fails at once only on what no wait mends), up to the connect timeout."""
+    from qtasks_redis.connection import RedisTarget, _probe
+
+    for loading, timeout, ready in ((3, 5.0, True), (10**6, 0.3, False)):
+        server = Loading(loading)
+        listener = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        target = RedisTarget.parse(f"redis://127.0.0.1:{port}/0")
+        try:
+            with anyio.fail_after(5):
+                if ready:
+                    await _probe(target, {"redis_connect_timeout": timeout})
+                    assert server.pings == loading + 1
+                else:
+                    started = time.monotonic()
+                    with pytest.raises(BusyLoadingError):
+                        await _probe(target, {"redis_connect_timeout": timeout})
+                    assert time.monotonic() - started >= timeout
+        finally:
+            listener.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
+    BusyLoadingError,
     NoPermissionError,
     NoScriptError,
     RedisError,
@@ -222,15 +224,25 @@ async def connect(stack: AsyncExitStack, target: RedisTarget, extra: dict[str, A
 async def _probe(target: RedisTarget, extra: dict[str, Any]) -> None:
     """One PING on a connection of its own, not retried: an unreachable URL or refused
     credentials fail at once (the client's retry budget, meant for outages while serving,
-    took 4-40 s to give up on them)."""
+    took 4-40 s to give up on them). A server still loading its dataset (``LOADING``) is
+    asked again for up to ``redis_connect_timeout`` seconds."""
+    timeout = float(extra.get("redis_connect_timeout", 5.0))
     probe = aioredis.Redis.from_url(
         target.url,
         retry=Retry(NoBackoff(), 0),
-        socket_timeout=float(extra.get("redis_connect_timeout", 5.0)),
-        socket_connect_timeout=float(extra.get("redis_connect_timeout", 5.0)),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
+    deadline = time.monotonic() + timeout
     try:
-        await probe.ping()
+        while True:
+            try:
+                await probe.ping()
+                return
+            except BusyLoadingError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
     finally:
         await _close(probe)
 
