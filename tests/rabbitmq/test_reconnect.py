@@ -158,6 +158,26 @@ async def test_consumer_closed_during_a_reconnect_does_not_come_back(
     await poll(no_consumer, timeout=5)
 
 
+async def test_a_consumer_reopen_that_gets_no_answer_gives_up_within_the_connect_timeout(
+    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer's (re)open that RabbitMQ stops answering (held here just after its channel
+    opened) fails within ``connect_timeout``: the link reconnects and the consumer opens on
+    the new connection, and leaving consume() does not wait on it (before, the open waited
+    without limit, holding the lock close() waits for: a worker could not stop)."""
+    broker = await make_broker(connect_timeout=0.5)
+    await broker.publish(envelope(b"after"))
+    gate = QosGate(monkeypatch)
+    gate.arm()  # never released: only the timeout ends the first open
+    with anyio.fail_after(10):
+        async with broker.consume(prefetch=1) as deliveries:
+            delivered = await take(deliveries)
+            assert delivered.body == b"after"
+            assert await delivered.ack()
+    assert gate.entered.is_set() and not gate.release.is_set()
+    assert broker.reconnects >= 1
+
+
 async def test_watchdog_takes_a_consumer_being_opened_for_no_lost_link(
     make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

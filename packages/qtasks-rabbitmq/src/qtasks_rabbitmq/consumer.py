@@ -134,38 +134,42 @@ class Consumer:
         return self._lock.locked() or self.alive()
 
     async def reopen(self, connection: AbstractConnection, generation: int) -> None:
-        async with self._lock:
-            if self.closing or (self.generation == generation and self.alive()):
-                return
-            channel = await connection.channel(publisher_confirms=False)
-            self.held.clear()  # deliveries of the old channel are stale now
-            if self.dynamic:
-                self.qos = self.prefetch
-                await channel.set_qos(prefetch_count=self.qos, global_=True)
-            else:
-                self.qos = self.prefetch + self.max_running
-                await channel.set_qos(prefetch_count=self.qos)
-            if self._qos_task is None:
-                self._qos_task = asyncio.create_task(self._qos_loop(), name="qtasks-rabbitmq-qos")
-                self._lease_task = asyncio.create_task(
-                    self._lease_loop(), name="qtasks-rabbitmq-lease"
-                )
-            channel.close_callbacks.add(
-                lambda _s, exc: self._closed(generation, "consumer channel closed", exc)
-            )
-            underlay = await channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(
-                lambda _frame: self._closed(generation, "consumer cancelled by the server", None)
-            )
-            self.generation = generation
-            self.channel = channel
-            self.underlay = cast(aiormq.Channel, underlay)
-            # Straight on aiormq: aio-pika would wrap every message in an IncomingMessage and
-            # a second task; the worker needs the raw frame only.
-            ok = await underlay.basic_consume(
-                self.link.topology.queue, functools.partial(self._on_message, generation)
-            )
-            self.tag = ok.consumer_tag
+        """Open this consumer on ``connection`` (after a reconnect), within the link's
+        connect timeout: a server that stops answering fails the reopen (the link then
+        reconnects) rather than holding the lock that :meth:`close` waits for."""
+        async with self._lock, asyncio.timeout(self.link.connect_timeout):
+            await self._reopen(connection, generation)
+
+    async def _reopen(self, connection: AbstractConnection, generation: int) -> None:
+        if self.closing or (self.generation == generation and self.alive()):
+            return
+        channel = await connection.channel(publisher_confirms=False)
+        self.held.clear()  # deliveries of the old channel are stale now
+        if self.dynamic:
+            self.qos = self.prefetch
+            await channel.set_qos(prefetch_count=self.qos, global_=True)
+        else:
+            self.qos = self.prefetch + self.max_running
+            await channel.set_qos(prefetch_count=self.qos)
+        if self._qos_task is None:
+            self._qos_task = asyncio.create_task(self._qos_loop(), name="qtasks-rabbitmq-qos")
+            self._lease_task = asyncio.create_task(self._lease_loop(), name="qtasks-rabbitmq-lease")
+        channel.close_callbacks.add(
+            lambda _s, exc: self._closed(generation, "consumer channel closed", exc)
+        )
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            lambda _frame: self._closed(generation, "consumer cancelled by the server", None)
+        )
+        self.generation = generation
+        self.channel = channel
+        self.underlay = cast(aiormq.Channel, underlay)
+        # Straight on aiormq: aio-pika would wrap every message in an IncomingMessage and
+        # a second task; the worker needs the raw frame only.
+        ok = await underlay.basic_consume(
+            self.link.topology.queue, functools.partial(self._on_message, generation)
+        )
+        self.tag = ok.consumer_tag
 
     def _closed(self, generation: int, what: str, exc: BaseException | None) -> None:
         # A closed link ignores this (``Link.lost`` checks), as it does once the broker stopped.

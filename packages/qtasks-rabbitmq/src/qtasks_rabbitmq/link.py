@@ -203,6 +203,11 @@ class Link:
                     f"{self.safe_url}: {describe(trouble, self._secret)}"
                 ) from None
 
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds one step of (re)connecting may take, a consumer's reopen included."""
+        return self._connect_timeout
+
     # internals
 
     async def _wait_ready(self, timeout: float) -> None:
