@@ -311,10 +311,12 @@ class MemoryBroker(_Lifecycle):
         async def deliveries() -> AsyncIterator[MemoryDelivery]:
             signal = self._signal
             assert signal is not None
+            storage = None if begin is None else begin[0]
             while True:
                 next_due = self._promote()
-                entry = self._take(None if begin is None else begin[0], dead)
-                if dead and begin is not None:
+                entry = self._take(storage, dead)
+                if dead:  # only with a storage: begin is set
+                    assert begin is not None
                     await self._fail_members(begin[0], dead, begin[3])
                     if entry is None:
                         continue  # what it published may be due now: take again
