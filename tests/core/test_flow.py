@@ -690,3 +690,44 @@ async def test_a_flow_control_written_before_waiter_and_release_rate_still_serve
     assert [t.status for t in done] == [TaskStatus.SUCCESS] * 3
     assert first.status is TaskStatus.SUCCESS
     assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+
+
+class Delegate:
+    """A wrapper that forwards every attribute to a global config (``__getattr__``), as
+    instrumentation does: the class has no ``acquire_slot`` of its own."""
+
+    def __init__(self, inner: MemoryGlobalConfig) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class KeywordProxy(MemoryGlobalConfig):
+    """A subclass whose ``acquire_slot`` takes ``**kwargs`` and records what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: list[object] = []
+
+    async def acquire_slot(self, *args: Any, **kwargs: Any) -> float:
+        self.waiters.append(kwargs.get("waiter"))
+        return await super().acquire_slot(*args, **kwargs)
+
+
+async def test_wrapped_flow_controls_get_waiter_as_they_can_take_it() -> None:
+    """Whether ``acquire_slot`` takes ``waiter`` is read from the bound method: a
+    ``__getattr__`` delegate serves (its class has no ``acquire_slot``: it raised), and a
+    ``**kwargs`` one gets ``waiter`` (it was taken for one written before ``waiter``)."""
+    for gc in (Delegate(MemoryGlobalConfig()), KeywordProxy()):
+        app = AsyncQueueTasks("t", global_config=gc, config=QueueConfig(max_tasks_process=2))
+
+        @app.task(max_concurrency=1, concurrency_key="key")
+        async def one_at_a_time(i: int, key: str = "k") -> int:
+            return i
+
+        async with app:
+            done = await app.add_task("one_at_a_time", 1, timeout=5)
+        assert done.status is TaskStatus.SUCCESS
+        if isinstance(gc, KeywordProxy):
+            assert gc.waiters == [done.uuid]

@@ -4,8 +4,10 @@ before the workflow ends: the workers carry it on."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -423,6 +425,62 @@ async def test_a_member_its_worker_ended_dead_lettered_fails_the_workflow_at_the
         assert [d.id for d in await app.dead_letters()] == [wf.members[0]]
         stats = await app.broker.stats()
         assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published once
+    finally:
+        await app.aclose()
+
+
+async def test_a_late_dead_letter_record_does_not_publish_a_running_error_callback_again(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker of a member's last allowed delivery lost its lease during the run: it stores
+    the record as dead-lettered, and before it tells the workflow, another worker's claim
+    dead-letters the message, counts the member (ac27834), publishes the error callback and
+    starts it. The first worker's own continuation is then a repeat: it must not publish the
+    running callback again (a PUBLISH replaces even a delivered message: it ran twice)."""
+    from qtasks.executor import TaskRun
+    from qtasks.flow import FlowGate
+    from qtasks.outage import Outage
+    from qtasks.settle import Settlement
+    from qtasks.workflows import runtime
+
+    app = one_delivery_app(redis_url, prefix)
+    app.config = app.config.merged(max_deliveries=1)  # as the broker's: the settle knows
+    try:
+        wf = await failing_chain(app)
+        broker = app.broker
+        assert isinstance(broker, RedisBroker)
+        opened = broker.consume_begun(
+            prefetch=1, storage=app.storage, worker="w1", starts=lambda: 1
+        )
+        async with opened as deliveries:
+            held = await deliveries.__anext__()  # its last allowed delivery
+        # (leaving the consumer handed it back: its lease is gone, as when it runs out)
+        record = getattr(held, "begun", None)
+        assert record is not None and held.id == wf.members[0]
+        running: list[Any] = []
+        real = runtime.member_ended
+
+        async def another_claim_first(*args: Any, **kwargs: Any) -> None:
+            # Between the first worker's save and its continuation: the second worker claims.
+            second = broker.consume_begun(
+                prefetch=1, storage=app.storage, worker="w2", starts=lambda: 1
+            )
+            async with second as other:
+                callback = await other.__anext__()
+                running.append(callback)
+                await real(*args, **kwargs)  # the first worker goes on, the callback running
+                assert await callback.ack() is True, "the running callback was replaced"
+
+        monkeypatch.setattr(runtime, "member_ended", another_claim_first)
+        task = app.tasks["add"]
+        message = app.codec.decode(held.body)
+        run = TaskRun(app=app, task=task, message=message, record=record, delivery=held)
+        settlement = Settlement(Outage(logging.getLogger("test"), "storage"), FlowGate())
+        assert await settlement._dead_lettered(app, run, held) is True
+        state = await app.get_workflow(wf.id)
+        assert state is not None and [c.id for c in running] == [state.on_error]
+        stats = await app.broker.stats()
+        assert (sum(stats.ready_by_priority.values()), stats.in_flight) == (0, 0)
     finally:
         await app.aclose()
 

@@ -25,7 +25,6 @@ so its decisions read together; the backends' parts are in their own modules.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -411,18 +410,24 @@ async def dropped(app: AsyncQueueTasks, record: TaskRecord) -> None:
 # --- worker side -----------------------------------------------------------------------------
 
 
-@functools.cache
-def _waiter_param(kind: type[Any]) -> bool:
-    try:
-        return "waiter" in inspect.signature(kind.acquire_slot).parameters
-    except (TypeError, ValueError):  # no signature to read: assume the current protocol
-        return True
+_WAITER: dict[type[Any], bool] = {}
+"""Whether each FlowControl class's ``acquire_slot`` takes ``waiter`` (read once per class)."""
 
 
 def _takes_waiter(fc: FlowControl) -> bool:
-    """Whether ``fc.acquire_slot`` takes ``waiter`` (an implementation written before it
-    existed does not; read once per class)."""
-    return _waiter_param(type(fc))
+    """Whether ``fc.acquire_slot`` takes ``waiter``: an implementation written before it
+    existed does not. Read from the bound method (a delegating wrapper answers through
+    ``__getattr__``), ``**kwargs`` counting as taking it."""
+    known = _WAITER.get(type(fc))
+    if known is None:
+        try:
+            params = inspect.signature(fc.acquire_slot).parameters.values()
+        except (AttributeError, TypeError, ValueError):  # nothing to read: the current protocol
+            known = True
+        else:
+            known = any(p.name == "waiter" or p.kind is p.VAR_KEYWORD for p in params)
+        _WAITER[type(fc)] = known
+    return known
 
 
 ADMIT_HEADERS = frozenset({"expires", "unique"})

@@ -249,7 +249,10 @@ class Settlement:
             await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
             and record.workflow is not None
         ):
-            await workflows.member_ended(app, record)
+            # ``again``: the message's lease is gone, so another worker's claim may have
+            # dead-lettered it meanwhile and counted the member already (publishing the error
+            # step, which may be running by now): what is sent here must not replace it.
+            await workflows.member_ended(app, record, again=True)
         if "qtasks_task_dead_lettered" in app.hooks.active:
             await app.hooks.notify(
                 "qtasks_task_dead_lettered", app=app, record=record, reason=record.error
