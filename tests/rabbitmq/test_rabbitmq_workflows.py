@@ -89,10 +89,12 @@ async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
     workers.start(3)
     app = producer(redis_url, prefix, queue_name)
     slow, total = app.tasks["slow"], app.tasks["total"]
-    members = 1000
+    # Long enough for four kills on a fast machine too (1,000 members and pauses of
+    # 0.2-0.8 s ended after three kills there): about 2 s of work for 48 runners.
+    members = 2000
     try:
         wf = await app.run_workflow(chord([slow.s(i, 0.05) for i in range(members)], total.s()))
-        kills = await kill_while_running(app, wf.id, workers, 8, (0.2, 0.8))
+        kills = await kill_while_running(app, wf.id, workers, 8, (0.1, 0.5))
         done = await app.wait_workflow(wf.id, timeout=60)
     finally:
         await app.aclose()
