@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import anyio
 import pytest
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 
+from qtasks import QueueConfig
 from qtasks_timer import ScheduleError, every, parse_crontab
-from qtasks_timer.triggers import derive_id, first_tick, plan, tick_key, to_trigger
+from qtasks_timer.settings import TimerSettings
+from qtasks_timer.triggers import (
+    derive_id,
+    first_tick,
+    next_fire,
+    plan,
+    tick_key,
+    to_trigger,
+)
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -198,3 +209,69 @@ def test_interval_keys_are_utc_instants() -> None:
     assert len(set(keys)) == 4
     assert keys == sorted(keys)
     assert keys[0] == "2026-10-25T00:00:00.000000Z"
+
+
+def test_a_crontab_restricting_both_day_fields_is_refused_not_narrowed() -> None:
+    """Cron runs ``0 0 1 * 1`` on the 1st *and* on every Monday; the trigger would have run
+    it only on a 1st that is a Monday (twice a year), silently. Refused, saying why."""
+    with pytest.raises(ScheduleError, match="either"):
+        parse_crontab("0 0 1 * 1")
+    with pytest.raises(ScheduleError, match="either"):
+        parse_crontab("0 9 1-7 * mon")
+    for fine in ("0 0 1 * *", "0 0 * * 1", "0 0 15 * ?"):
+        parse_crontab(fine)
+
+
+@pytest.mark.parametrize("bad", ["fri#3", "fridayXYZ", "frx", "8", "-1"])
+def test_a_misspelled_day_of_week_is_refused(bad: str) -> None:
+    with pytest.raises(ScheduleError, match="day of week"):
+        parse_crontab(f"0 0 * * {bad}")
+
+
+def test_whole_and_short_day_names_and_numbers_are_the_same_day() -> None:
+    now = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)  # a Friday
+    ticks = {
+        text: next_fire(parse_crontab(f"0 9 * * {text}"), None, now)
+        for text in ("fri", "friday", "FRI", "5")
+    }
+    assert len(set(ticks.values())) == 1, ticks
+
+
+@pytest.mark.anyio
+async def test_planning_at_a_tick_of_the_repeated_dst_hour_ends() -> None:
+    """The clock reads exactly a 02:30 tick of the night the clocks go back (a fake clock, a
+    coarse one): the cron trigger asked from that instant gives it again, and the plan looped
+    for ever, freezing the event loop."""
+    trigger = parse_crontab("30 2 * * *", "Europe/Berlin")
+    due = first_tick(trigger, datetime(2026, 10, 24, 12, 0, tzinfo=UTC), 60)
+    assert due == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # the first 02:30 (CEST)
+    with anyio.fail_after(5):
+        planned = await anyio.to_thread.run_sync(
+            plan, trigger, due, due, 60.0, abandon_on_cancel=True
+        )
+    assert planned.fire == due
+    assert planned.next is not None and planned.next > due
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), 1e300, 0, -1])
+def test_an_interval_that_is_no_time_is_refused(seconds: float) -> None:
+    with pytest.raises(ScheduleError, match="interval"):
+        every(seconds)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"task": "t", "interval": float("inf")},
+        {"task": "t", "interval": float("nan")},
+        {"task": "t", "interval": 5, "misfire_grace": float("inf")},
+        {"task": "t", "interval": 5, "misfire_grace": float("nan")},
+        {"task": "t", "interval": 5, "misfire_grace": 1e12},
+    ],
+)
+def test_settings_that_are_no_time_are_refused_where_they_are(entry: dict[str, Any]) -> None:
+    """TOML allows ``inf`` and ``nan``: before, they passed the settings and failed later
+    with an OverflowError or ValueError naming nothing."""
+    config = QueueConfig(extra={"timers": [entry]})
+    with pytest.raises(ScheduleError, match=r"extra\.timers\[0\]"):
+        TimerSettings.from_config(config)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qtasks_timer.errors import ScheduleError
+from qtasks_timer.triggers import MAX_SECONDS
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -73,8 +74,11 @@ class TimerSpec:
         schedule = item["schedule"] if "schedule" in item else item["interval"]
         if "schedule" in item and not isinstance(schedule, str):
             raise ScheduleError(f"{where}: 'schedule' must be a crontab string")
-        if "interval" in item and not _is_number(schedule):
-            raise ScheduleError(f"{where}: 'interval' must be a number of seconds")
+        if "interval" in item and not (_is_number(schedule) and 0 < schedule < MAX_SECONDS):
+            raise ScheduleError(
+                f"{where}: 'interval' must be a number of seconds, positive and under "
+                f"{MAX_SECONDS:.0f}, got {schedule!r}"
+            )
         args, kwargs = item.get("args", []), item.get("kwargs", {})
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ScheduleError(f"{where}: 'args' must be a list and 'kwargs' a table")
@@ -82,8 +86,11 @@ class TimerSpec:
             if item.get(key) is not None and not isinstance(item[key], str):
                 raise ScheduleError(f"{where}: {key!r} must be a string, got {item[key]!r}")
         grace = item.get("misfire_grace")
-        if grace is not None and not _is_number(grace):
-            raise ScheduleError(f"{where}: 'misfire_grace' must be a number of seconds")
+        if grace is not None and not (_is_number(grace) and 0 <= grace < MAX_SECONDS):
+            raise ScheduleError(
+                f"{where}: 'misfire_grace' must be a number of seconds, from 0 to under "
+                f"{MAX_SECONDS:.0f}, got {grace!r}"
+            )
         priority = item.get("priority")
         if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
             raise ScheduleError(f"{where}: 'priority' must be an integer, got {priority!r}")

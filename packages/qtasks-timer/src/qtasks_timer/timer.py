@@ -25,6 +25,7 @@ from qtasks.compat.calls import UNSET, split_task_name
 from qtasks_timer.errors import ScheduleError, TimerError
 from qtasks_timer.settings import TimerSettings
 from qtasks_timer.triggers import (
+    MAX_SECONDS,
     Schedule,
     Trigger,
     derive_id,
@@ -150,8 +151,7 @@ class AsyncTimer:
     ) -> None:
         from qtasks_timer.plugin import TimerPlugin  # the plugin module imports this one
 
-        if misfire_grace < 0:
-            raise ScheduleError(f"misfire_grace must be >= 0, got {misfire_grace!r}")
+        _check_grace(misfire_grace)
         self.app = app
         self.misfire_grace = misfire_grace
         self._clock = clock
@@ -234,8 +234,7 @@ class AsyncTimer:
         if task is not None:
             task.check_arguments(args_t, kwargs_d)
         grace = self.misfire_grace if misfire_grace is None else misfire_grace
-        if grace < 0:
-            raise ScheduleError(f"misfire_grace must be >= 0, got {grace!r}")
+        _check_grace(grace)
         ident = timer_id or derive_id(task_name, trigger, list(args_t), kwargs_d)
         existing = self._entries.get(ident)
         if existing is not None:
@@ -482,3 +481,10 @@ class AsyncTimer:
     def run_forever(self) -> None:
         """Block running the timers as a scheduler process (no worker) until SIGINT/SIGTERM."""
         anyio.run(self.serve)
+
+
+def _check_grace(grace: float) -> None:
+    if not 0 <= grace < MAX_SECONDS:  # nan fails too
+        raise ScheduleError(
+            f"misfire_grace must be >= 0 and under {MAX_SECONDS:.0f} s, got {grace!r}"
+        )

@@ -36,6 +36,7 @@ _MACROS = {
 # Crontab numbers days 0-7 from Sunday; APScheduler 3 numbers them from Monday (its issue
 # #286), so numeric day-of-week fields are rewritten with names.
 _DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_DOW_FULL = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 
 
 class Trigger(Protocol):
@@ -70,9 +71,11 @@ def _dow_value(token: str) -> int:
         if not 0 <= number <= 7:
             raise ScheduleError(f"day of week {token!r} is out of range 0-7")
         return number % 7
-    if token[:3] in _DOW_NAMES:
-        return _DOW_NAMES.index(token[:3])
-    raise ScheduleError(f"bad day of week {token!r}")
+    if token in _DOW_NAMES:
+        return _DOW_NAMES.index(token)
+    if token in _DOW_FULL:  # the whole name, as some crontabs write it
+        return _DOW_FULL.index(token)
+    raise ScheduleError(f"bad day of week {token!r} (0-7, or sun, mon, ... sat)")
 
 
 def _crontab_dow(field: str) -> str:
@@ -116,6 +119,14 @@ def parse_crontab(expr: str, timezone: str | tzinfo | None = None) -> Trigger:
             f"crontab {expr!r} has {len(fields)} fields; expected 5 (or 6 with seconds first)"
         )
     second, minute, hour, day, month, dow = fields
+    if day not in ("*", "?") and dow not in ("*", "?"):
+        # Standard cron runs on the days that match *either* field; the trigger behind this
+        # would run only on days matching both, silently (a few runs a year, not weekly).
+        raise ScheduleError(
+            f"crontab {expr!r} restricts both the day of the month ({day}) and the day of "
+            f"the week ({dow}): cron runs on days matching either, which this trigger cannot "
+            "express; add two timers, one for each field"
+        )
     try:
         return CronTrigger(  # type: ignore[no-any-return]
             second=second,
@@ -134,8 +145,10 @@ def every(interval: timedelta | float, timezone: str | tzinfo | None = None) -> 
     """An interval trigger aligned to the Unix epoch, so every replica computes the same ticks
     (every 5 minutes fires at :00, :05, ...)."""
     seconds = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
-    if seconds <= 0:
-        raise ScheduleError(f"interval must be positive, got {interval!r}")
+    if not 0 < seconds < MAX_SECONDS:  # nan fails too
+        raise ScheduleError(
+            f"interval must be positive and under {MAX_SECONDS:.0f} s, got {interval!r}"
+        )
     zone = to_zone(timezone)
     return IntervalTrigger(  # type: ignore[no-any-return]
         seconds=seconds, start_date=EPOCH.astimezone(zone), timezone=zone
@@ -237,6 +250,13 @@ class Plan:
     skipped: bool = False
 
 
+_AFTER = timedelta(microseconds=1)
+
+MAX_SECONDS = 100 * 365 * 86400.0
+"""The longest interval or misfire grace accepted (a hundred years): past it, time arithmetic
+overflows (and ``inf`` or ``nan`` from a TOML file mean nothing as a schedule)."""
+
+
 def first_tick(trigger: Trigger, now: datetime, grace: float) -> datetime | None:
     """The first tick a starting timer considers: the earliest one not older than ``grace``
     (a tick missed while every replica was down is caught up if it is that recent)."""
@@ -263,6 +283,12 @@ def plan(trigger: Trigger, due: datetime, now: datetime, grace: float) -> Plan:
     fire, coalesced = due, 0
     while True:
         following = next_fire(trigger, fire, max(now, fire))
+        if following is not None and following <= fire:
+            # In the hour a DST change repeats, a cron trigger asked at exactly its tick
+            # gives that tick again: ask from just after it (or the loop never ends).
+            following = next_fire(trigger, fire, fire + _AFTER)
+            if following is not None and following <= fire:
+                following = None  # a trigger that never moves on: nothing after this tick
         if following is None or following > now:
             return Plan(fire, following, coalesced, skipped)
         fire, coalesced = following, coalesced + 1
