@@ -1,13 +1,15 @@
-"""Connecting: a server that refuses the credentials fails ``start()`` at once with a message
-that says so (and never quotes the password), the right ones serve (a test-owned redis-server
-that requires a password); an unreachable URL fails at once; a component shared by apps that
-start together connects once."""
+"""Connecting and the components' own keys: a server that refuses the credentials fails
+``start()`` at once with a message that says so (and never quotes the password), the right ones
+serve (a test-owned redis-server that requires a password); an unreachable URL fails at once; a
+component shared by apps that start together connects once; the global config's index keeps no
+expired names."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -90,8 +92,6 @@ async def test_a_component_started_by_two_apps_at_once_connects_once(
     """Two apps sharing one broker start together (``asyncio.gather``): before, both
     connected, the second client replaced the first, and the first was never closed (its
     connections stayed open after both apps stopped)."""
-    from contextlib import AsyncExitStack
-
     from qtasks_redis import connection
 
     opened: list[object] = []
@@ -166,3 +166,30 @@ async def test_start_waits_for_a_server_still_loading_its_dataset() -> None:
                     assert time.monotonic() - started >= timeout
         finally:
             listener.close()
+
+
+async def test_keys_set_with_a_ttl_leave_no_names_behind_in_the_index(
+    redis_url: str, prefix: str
+) -> None:
+    """A timer claims one key per tick, with a TTL: each expired name left its entry in the
+    namespace's index (pruned only by get_all), one per tick for ever. A set with a TTL now
+    prunes what expired."""
+    import redis.asyncio as aioredis
+
+    from qtasks_redis import RedisGlobalConfig
+
+    gc = RedisGlobalConfig(redis_url, prefix=prefix)
+    async with AsyncExitStack() as stack:
+        await gc.start(stack, QueueConfig())
+        for tick in range(50):
+            await gc.set("claims", f"tick-{tick}", 1, ttl=0.05)
+        with anyio.fail_after(5):
+            while await gc.get("claims", "tick-49") is not None:  # noqa: ASYNC110 - a TTL runs out
+                await anyio.sleep(0.02)
+        await gc.set("claims", "tick-50", 1, ttl=5)
+        client = aioredis.from_url(redis_url)
+        try:
+            idx, _ = gc._names("claims")
+            assert await client.zrange(idx, 0, -1) == [b"tick-50"]
+        finally:
+            await client.aclose()

@@ -35,8 +35,12 @@ _PRELUDE = (
     + r"""
 local function put(idx, key, name, value, ttl)
   if ttl then
+    -- Names whose keys expired go as new ones with a TTL come (a timer claims one per tick:
+    -- pruned only by get_all, the index grew by 86,400 names a day for a 1 s timer).
+    local now = now_ms()
+    redis.call('ZREMRANGEBYSCORE', idx, '-inf', now)
     redis.call('SET', key, value, 'PX', ttl)
-    redis.call('ZADD', idx, now_ms() + ttl, name)
+    redis.call('ZADD', idx, now + ttl, name)
   else
     redis.call('SET', key, value)
     redis.call('ZADD', idx, '+inf', name)
