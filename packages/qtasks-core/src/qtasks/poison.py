@@ -44,12 +44,21 @@ async def reject(
     """Dead-letter ``delivery`` with ``reason``; its record, when given, says ``error``."""
     log.error("rejected message %s: %s", delivery.id, reason)
     if record is not None:
-        record.status = TaskStatus.ERROR
-        record.error = reason
-        record.updated_at = time.time()
-        await app.storage.save(record)
-        if record.workflow is not None:
-            await workflows.member_ended(app, record)
+        await _record_rejection(app, record, reason)
+    await _dead_letter(app, delivery, reason)
+
+
+async def _record_rejection(app: AsyncQueueTasks, record: TaskRecord, reason: str) -> None:
+    """``record`` says ``error`` with ``reason``; its workflow, if any, learns it."""
+    record.status = TaskStatus.ERROR
+    record.error = reason
+    record.updated_at = time.time()
+    await app.storage.save(record)
+    if record.workflow is not None:
+        await workflows.member_ended(app, record)
+
+
+async def _dead_letter(app: AsyncQueueTasks, delivery: Delivery, reason: str) -> None:
     await delivery.nack(reason)
     await app.hooks.notify("qtasks_broker_nacked", app=app, delivery=delivery, reason=reason)
     await app.hooks.notify("qtasks_task_rejected", app=app, delivery=delivery, reason=reason)
@@ -115,14 +124,10 @@ async def _give_up(
             record = record_of(message)
         elif record.status.final:
             record = None  # finished or cancelled meanwhile: it stays as it is
-    try:
-        await reject(app, delivery, reason, record)
-    except Exception:
-        log.exception("could not store the record of message %s", delivery.id)
-        if await delivery.nack(reason):  # not dead-lettered yet
-            await app.hooks.notify(
-                "qtasks_broker_nacked", app=app, delivery=delivery, reason=reason
-            )
-            await app.hooks.notify(
-                "qtasks_task_rejected", app=app, delivery=delivery, reason=reason
-            )
+    log.error("rejected message %s: %s", delivery.id, reason)
+    if record is not None:
+        try:
+            await _record_rejection(app, record, reason)
+        except Exception:  # the storage may be what fails: the message is given up all the same
+            log.exception("could not store the record of message %s", delivery.id)
+    await _dead_letter(app, delivery, reason)

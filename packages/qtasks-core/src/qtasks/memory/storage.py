@@ -208,15 +208,13 @@ class MemoryStorage(_Lifecycle):
         stored = self._records.get(uuid)
         if stored is None or stored.status.final:
             return None
-        stored.status, stored.token = TaskStatus.ERROR, "dead-letter"
-        stored.error = f"dead-lettered: {reason}"
-        stored.returning = None
-        stored.updated_at = self._clock()
-        self._index(stored)
-        if self._ttl is not None:
-            heapq.heappush(self._expiry, (stored.updated_at + self._ttl, uuid))
-        self._fire(uuid)
-        return stored.copy()
+        ended = stored.copy()
+        ended.status, ended.token = TaskStatus.ERROR, "dead-letter"
+        ended.error = f"dead-lettered: {reason}"
+        ended.returning = None
+        ended.updated_at = self._clock()
+        self._put(ended)
+        return ended.copy()
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         self._check()
@@ -226,13 +224,18 @@ class MemoryStorage(_Lifecycle):
                 return False
             if stored.status.final and stored.status is not record.status:
                 return False  # final is final: a cancel made while the task ran stays
-        self._records[record.uuid] = copied = record.copy()
-        self._index(copied)
+        self._put(record.copy())
+        return True
+
+    def _put(self, record: TaskRecord) -> None:
+        """Store ``record`` (owned from now on) as it is; a final one expires after the TTL
+        and wakes its waiters."""
+        self._records[record.uuid] = record
+        self._index(record)
         if record.status.final:
             if self._ttl is not None:
                 heapq.heappush(self._expiry, (record.updated_at + self._ttl, record.uuid))
             self._fire(record.uuid)
-        return True
 
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
         self._check()
