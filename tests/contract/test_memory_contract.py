@@ -14,6 +14,7 @@ from qtasks_testing.contract import (
     BulkAddContract,
     BulkPublishContract,
     BulkPublishNewContract,
+    BuryNoticeContract,
     CancelCheckContract,
     CancelFeedContract,
     FlowControlContract,
@@ -71,6 +72,10 @@ class TestMemorySettleBegin(SettleBeginContract):
 
 
 class TestMemoryLeaseBatch(LeaseBatchContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryBuryNotice(BuryNoticeContract):
     """Runs with the module's factories."""
 
 

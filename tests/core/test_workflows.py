@@ -886,3 +886,42 @@ async def test_an_expired_workflow_leaves_no_state_in_memory() -> None:
         assert isinstance(storage, MemoryStorage)
         kept = storage._workflows._flows  # the store's own state: what would leak
         assert not set(ids) & set(kept)
+
+
+async def test_a_member_the_broker_dead_letters_itself_fails_its_workflow() -> None:
+    """Every delivery of a workflow's first member is lost (its worker killed each time:
+    here the raw consumer's leases run out) on a broker that shares no server with the
+    storage, as RabbitMQ: the broker dead-letters it at the next claim and tells the worker
+    (``BuryNotice``), which ends the record ``error`` and fails the workflow, instead of
+    leaving both ``process``/``running`` for ever."""
+    broker = PlainBroker()
+    config = QueueConfig(max_deliveries=2, lease=0.3, shutdown_grace=1.0)
+    app = AsyncQueueTasks(broker=broker, config=config)
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    await app.start()
+    try:
+        flow = await app.run_workflow(chain(add.s(1, 2), add.s(3)))
+        first = flow.members[0]
+        async with broker.consume(prefetch=1) as raw:
+            for attempt in (1, 2):  # the second comes once the first's lease ran out
+                with anyio.fail_after(5):
+                    lost = await anext(raw)
+                assert (lost.id, lost.attempt) == (first, attempt)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            done = await flow.wait_result(timeout=10)
+            app.stop()
+        assert done.status == "error"
+        assert done.error is not None and "dead-lettered" in done.error, done.error
+        record = await app.get(first)
+        assert record is not None and record.status is TaskStatus.ERROR
+        [letter] = await app.dead_letters()
+        assert record.error == f"dead-lettered: {letter.reason}"
+        second = await app.get(flow.members[1])
+        assert second is not None and second.status is not TaskStatus.SUCCESS
+    finally:
+        await app.aclose()

@@ -15,6 +15,7 @@ from qtasks_testing.contract import (
     BrokerContract,
     BrokerFactory,
     BulkPublishContract,
+    BuryNoticeContract,
 )
 
 from .conftest import URL, delete_topology
@@ -46,6 +47,12 @@ class TestRabbitMQBroker(BrokerContract):
 
 
 class TestRabbitMQBulkPublish(BulkPublishContract):
+    @pytest.fixture
+    def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
+        return rabbitmq_broker_factory
+
+
+class TestRabbitMQBuryNotice(BuryNoticeContract):
     @pytest.fixture
     def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
         return rabbitmq_broker_factory

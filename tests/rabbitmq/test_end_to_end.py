@@ -19,6 +19,7 @@ from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.components import DeadLetter
 from qtasks.record import TaskStatus
 from qtasks_rabbitmq import RabbitMQBroker
+from qtasks_redis import RedisStorage
 
 from .conftest import URL, BrokerFactory, close_connections, poll
 
@@ -48,11 +49,13 @@ class Workers:
         self.queue, self.out = queue, out
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        """A worker; ``args`` follow the queue and directory (a Redis URL and prefix),
+        ``env`` is added to its environment."""
         root = Path(__file__).parents[2]
-        env = {**os.environ, "PYTHONPATH": str(root)}
+        env = {**os.environ, "PYTHONPATH": str(root), **env}
         proc = subprocess.Popen(
-            [sys.executable, str(WORKER), self.queue, str(self.out)], env=env, cwd=root
+            [sys.executable, str(WORKER), self.queue, str(self.out), *args], env=env, cwd=root
         )
         self.procs.append(proc)
         return proc
@@ -100,6 +103,46 @@ async def test_kill_9_mid_task_is_redelivered_to_another_worker(
     stats = await broker.stats()
     assert stats.ready_by_priority == {}
     assert stats.dead_letters == 0
+
+
+async def test_a_task_whose_every_worker_is_killed_ends_dead_lettered(
+    workers: Workers,
+    queue_name: str,
+    tmp_path: Path,
+    make_broker: BrokerFactory,
+    redis_url: str,
+    prefix: str,
+) -> None:
+    """kill -9 of the worker running the task, on each of its ``max_deliveries`` deliveries:
+    the next worker's consumer dead-letters the message and, told so by the broker
+    (``BuryNotice``), ends its record ``error``, so a waiter gets the error instead of
+    waiting on a record that says ``process`` for ever."""
+    await make_broker()  # declares the queue; the fixture deletes it afterwards
+    limit = 2
+    app = AsyncQueueTasks(
+        broker=RabbitMQBroker(URL, queue=queue_name), storage=RedisStorage(redis_url, prefix=prefix)
+    )
+    try:
+        task = await app.add_task("slow", "k", 600.0)
+        for n in range(1, limit + 1):
+            worker = workers.start(redis_url, prefix, WORKER_MAX_DELIVERIES=str(limit))
+            started = await wait_for_lines(tmp_path / "started", n, 30)
+            assert started[-1] == f"k {worker.pid}"
+            running = await app.get(task.uuid)
+            assert running is not None and running.status == TaskStatus.PROCESS
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        workers.start(redis_url, prefix, WORKER_MAX_DELIVERIES=str(limit))
+        ended = await app.wait(task.uuid, timeout=60)
+        assert ended.status == TaskStatus.ERROR
+        assert ended.error is not None and ended.error.startswith("dead-lettered: "), ended.error
+        assert str(limit) in ended.error, "the reason names the limit"
+        letters = await app.dead_letters()
+        assert [letter.id for letter in letters] == [task.uuid]
+        assert ended.error == f"dead-lettered: {letters[0].reason}"
+        assert len(lines(tmp_path / "started")) == limit, "it ran again after the limit"
+    finally:
+        await app.aclose()
 
 
 async def test_connection_closed_under_load_every_confirmed_enqueue_runs(
@@ -160,7 +203,7 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(
         assert task.returning == 7
 
         async def all_dead() -> list[DeadLetter] | None:
-            letters = await app_broker.dead_letters()
+            letters = await app.dead_letters()
             return letters if len(letters) >= len(poison) else None
 
         letters = await poll(all_dead, 20)

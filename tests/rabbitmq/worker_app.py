@@ -31,7 +31,11 @@ def build(
         # With a Redis storage (the cancel tests) the lease is long: its renewal (lease / 3)
         # must not be what tells a worker of a cancel.
         config=QueueConfig(
-            max_tasks_process=4, prefetch=4, shutdown_grace=5, lease=30 if redis_url is None else 60
+            max_tasks_process=4,
+            prefetch=4,
+            shutdown_grace=5,
+            lease=30 if redis_url is None else 60,
+            max_deliveries=int(os.environ.get("WORKER_MAX_DELIVERIES", "5")),
         ),
     )
 

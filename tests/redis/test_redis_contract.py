@@ -15,6 +15,7 @@ from qtasks_testing.contract import (
     BulkAddContract,
     BulkPublishContract,
     BulkPublishNewContract,
+    BuryNoticeContract,
     CancelCheckContract,
     CancelFeedContract,
     FlowControlContract,
@@ -77,6 +78,10 @@ class TestRedisSettleBegin(SettleBeginContract):
 
 
 class TestRedisLeaseBatch(LeaseBatchContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisBuryNotice(BuryNoticeContract):
     """Runs with the module's factories."""
 
 

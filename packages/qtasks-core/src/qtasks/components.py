@@ -39,6 +39,7 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :class:`SharedServer`, :class:`SettleBegin`, :class:`BeginOnClaim`, :class:`BeginMany`,
 :class:`AttemptLog`, :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`,
 :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`,
+:class:`BuryNotice`,
 :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease` and
 :class:`UniquePublish`,
 checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
@@ -51,7 +52,7 @@ protocol with what its implementers must do (one file to read to write a backend
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
@@ -410,6 +411,30 @@ class LeaseBatch(Protocol):
     async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
         """:meth:`Delivery.extend` of every delivery (all received from this broker), in one
         round trip; the i-th result says whether the i-th lease was renewed."""
+        ...
+
+
+Buried = Callable[[str, str], Awaitable[None]]
+"""Called with a message's id and the reason of its dead letter (see :class:`BuryNotice`)."""
+
+
+@runtime_checkable
+class BuryNotice(Protocol):
+    """Optional broker capability: tell the consuming worker about the messages the broker
+    dead-letters on its own (past ``max_deliveries``, when it claims or receives them), so
+    the worker ends their records. Without it a task whose every delivery was lost (its
+    worker killed each time) keeps the status ``process`` for ever; a :class:`BeginOnClaim`
+    broker ends such records itself and the worker uses this only without that."""
+
+    def consume_noticing(
+        self, *, prefetch: int, buried: Buried
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """Exactly :meth:`Broker.consume`, except that ``await buried(id, reason)`` is
+        called for every message this consumer dead-letters itself past
+        ``max_deliveries``, with the reason its dead letter has, before the consumer goes on
+        (once per dead letter, not for a :meth:`Delivery.nack`). Dead-lettered while the
+        consumer is being closed, it is called before the context exits. ``buried`` must not
+        raise."""
         ...
 
 

@@ -1,6 +1,7 @@
 """Messages the worker cannot run: rejected at once (undecodable, unknown task, wrong
 arguments), or handed back after a component or plugin failed on them, later each time, and
-dead-lettered when that happened ``max_deliveries`` times.
+dead-lettered when that happened ``max_deliveries`` times; and the records of messages a
+broker dead-lettered on its own (:func:`buried`).
 
 A deliberate hand-back resets the broker's delivery count (see
 :meth:`qtasks.components.Delivery.requeue`), so the failures are counted in the message itself
@@ -131,3 +132,32 @@ async def _give_up(
         except Exception:  # the storage may be what fails: the message is given up all the same
             log.exception("could not store the record of message %s", delivery.id)
     await _dead_letter(app, delivery, reason)
+
+
+DEAD_LETTER_TOKEN = "dead-letter"
+"""The token of a record ended because its message was dead-lettered past its delivery limit:
+no delivery holds it, so a late result of the message's last holder is refused."""
+
+
+async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
+    """The broker dead-lettered message ``id`` past ``max_deliveries`` without a worker
+    seeing it (a :class:`~qtasks.components.BuryNotice` broker): its record, unless final,
+    says ``error`` with ``"dead-lettered: <reason>"`` and the token
+    :data:`DEAD_LETTER_TOKEN`, its waiters are woken, and its workflow learns it, as a
+    :class:`~qtasks.components.BeginOnClaim` broker's claim does in its own round trip.
+    Never raises: the storage may be what fails, and the consumer goes on."""
+    try:
+        record = await app.storage.get(id)
+        if record is None or record.status.final:
+            return
+        fence = record.token
+        record.status = TaskStatus.ERROR
+        record.error = f"dead-lettered: {reason}"
+        record.token = DEAD_LETTER_TOKEN
+        record.updated_at = time.time()
+        # Fenced by the token read: a newer delivery's write in between (the message
+        # published again) is not overwritten.
+        if await app.storage.save(record, fence=fence) and record.workflow is not None:
+            await workflows.member_ended(app, record)
+    except Exception:
+        log.exception("could not end the record of dead-lettered message %s", id)

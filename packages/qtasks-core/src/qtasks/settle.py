@@ -26,7 +26,7 @@ from qtasks.finals import refused, stored_final, succeeded
 from qtasks.flow import FlowGate
 from qtasks.messages import Message
 from qtasks.outage import Outage, retrying
-from qtasks.poison import without_failures
+from qtasks.poison import DEAD_LETTER_TOKEN, without_failures
 from qtasks.record import TaskStatus
 from qtasks.settle_batch import SettleBatch
 from qtasks.workflows import runtime as workflows
@@ -239,7 +239,7 @@ class Settlement:
             "its result dropped",
             record.uuid,
         )
-        record.status, record.returning, record.token = TaskStatus.ERROR, None, "dead-letter"
+        record.status, record.returning, record.token = TaskStatus.ERROR, None, DEAD_LETTER_TOKEN
         record.error = (
             "dead-lettered: delivery limit reached: the lease of its last allowed delivery ran "
             f"out (max_deliveries={limit})"

@@ -31,6 +31,7 @@ from qtasks import poison
 from qtasks.begin import BeginBatch
 from qtasks.components import (
     BeginOnClaim,
+    BuryNotice,
     CancelFeed,
     Delivery,
 )
@@ -206,6 +207,10 @@ class QueueWorker:
                 starts=self._starts,
                 published=None if announcer is None else announcer.published,
             )
+        elif isinstance(broker, BuryNotice):
+            # The broker dead-letters on its own: the worker ends those records.
+            buried = partial(poison.buried, app)
+            consumer = broker.consume_noticing(prefetch=prefetch, buried=buried)
         else:
             consumer = broker.consume(prefetch=prefetch)
         settler = self._settlement.open_batch(app, concurrency)

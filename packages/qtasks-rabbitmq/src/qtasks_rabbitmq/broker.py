@@ -27,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Self
 
-from qtasks.components import BrokerStats, DeadLetter
+from qtasks.components import BrokerStats, Buried, DeadLetter
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError
 from qtasks.messages import Envelope
@@ -210,11 +210,25 @@ class RabbitMQBroker:
 
     # consuming
 
-    @asynccontextmanager
-    async def consume(self, *, prefetch: int) -> AsyncIterator[AsyncIterator[RabbitMQDelivery]]:
+    def consume(
+        self, *, prefetch: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[RabbitMQDelivery]]:
         """Open a consumer that holds at most ``prefetch`` messages (at least 1) beyond those it
         handed out and that are not settled yet (``basic.qos``, adjusted as deliveries are
         taken and settled)."""
+        return self._consume(prefetch, None)
+
+    def consume_noticing(
+        self, *, prefetch: int, buried: Buried
+    ) -> AbstractAsyncContextManager[AsyncIterator[RabbitMQDelivery]]:
+        """:meth:`consume`, awaiting ``buried(id, reason)`` for each message the consumer
+        dead-letters past ``max_deliveries`` (see :class:`~qtasks.components.BuryNotice`)."""
+        return self._consume(prefetch, buried)
+
+    @asynccontextmanager
+    async def _consume(
+        self, prefetch: int, buried: Buried | None
+    ) -> AsyncIterator[AsyncIterator[RabbitMQDelivery]]:
         link = self._require_link()
         consumer = Consumer(
             link,
@@ -224,6 +238,7 @@ class RabbitMQBroker:
             lease=self._lease,
             max_running=self._max_running,
             max_deliveries=self._max_deliveries,
+            buried=buried,
         )
         link.register(consumer.key, consumer.reopen, consumer.healthy)
         self._consumers[consumer.key] = consumer

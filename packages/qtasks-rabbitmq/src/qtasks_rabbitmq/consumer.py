@@ -23,6 +23,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
+from qtasks.components import Buried
 from qtasks_rabbitmq.delivery import RabbitMQDelivery
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.publisher import Published, Publisher
@@ -46,8 +47,10 @@ class Consumer:
         lease: float,
         max_running: int,
         max_deliveries: int,
+        buried: Buried | None = None,
     ) -> None:
         self.link = link
+        self.buried = buried
         self.publisher = publisher
         self.published = published
         self.topology = publisher.topology
@@ -229,6 +232,8 @@ class Consumer:
                 f"(max_deliveries={self.max_deliveries})"
             )
             await _settle_with(message, publisher.bury(id, body, priority, done, reason))
+            if self.buried is not None:
+                await self.buried(id, reason)
             return None
         if redelivered and self.topology.queue_type == "classic":
             # A classic queue does not count deliveries: count this one in the header.

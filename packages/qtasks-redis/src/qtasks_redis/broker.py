@@ -26,7 +26,7 @@ import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from qtasks.components import BrokerStats, DeadLetter, Delivery, GlobalConfig, Storage
+from qtasks.components import BrokerStats, Buried, DeadLetter, Delivery, GlobalConfig, Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
 from qtasks.messages import Envelope
@@ -465,6 +465,13 @@ class RedisBroker:
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
         return self._consume(prefetch, lua.CLAIM, self.keys, (), None, None, None)
 
+    def consume_noticing(
+        self, *, prefetch: int, buried: Buried
+    ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
+        """:meth:`consume`, awaiting ``buried(id, reason)`` for each message a claim
+        dead-letters past ``max_deliveries`` (see :class:`~qtasks.components.BuryNotice`)."""
+        return self._consume(prefetch, lua.CLAIM_NOTICED, self.keys, (), None, None, None, buried)
+
     def consume_begun(
         self,
         *,
@@ -497,9 +504,18 @@ class RedisBroker:
         storage: RedisStorage | None,
         starts: Callable[[], int] | None,
         published: Callable[[Sequence[str]], None] | None,
+        notice: Buried | None = None,
     ) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
         client = self._require()
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
+        buried: deque[tuple[str, str]] = deque()  # dead-lettered by a claim, not yet told
+
+        async def tell() -> None:
+            assert notice is not None
+            while buried:
+                await notice(*buried[0])
+                buried.popleft()
+
         count = max(prefetch, 1)
         stride = 5 if storage is None else 13  # CLAIM_BEGIN appends the record's 8 fields
         # The longest an idle claim blocks: never longer than a lease, since a message another
@@ -542,10 +558,14 @@ class RedisBroker:
             if (len(reply) - 1) % stride:
                 # One element over: the ids of the messages the claim published itself
                 # (CLAIM_BEGIN_WF: the error callbacks of the workflow members it
-                # dead-lettered), comma-separated.
-                *reply, ids = reply
-                if published is not None:
-                    published(ids.decode().split(","))
+                # dead-lettered), comma-separated; or (CLAIM_NOTICED) the JSON list of the
+                # ids and reasons of the messages it dead-lettered.
+                *reply, extra = reply
+                if notice is not None:
+                    pairs = json.loads(extra)
+                    buried.extend(zip(pairs[::2], pairs[1::2], strict=True))
+                elif published is not None:
+                    published(extra.decode().split(","))
             out: list[RedisDelivery] = []
             for i in range(1, len(reply), stride):
                 id, body, prio, attempt, token = reply[i : i + 5]
@@ -594,6 +614,8 @@ class RedisBroker:
                         left = wake_at - time.monotonic()
                         block = None if took and left <= 0 else max(left, 0.001)
                     got, wait = await claim(block)
+                    if buried:
+                        await tell()
                     buffer.extend(got)
                     took = bool(got)
                     wake_at = None if wait is None else time.monotonic() + wait
@@ -615,6 +637,9 @@ class RedisBroker:
         try:
             yield deliveries()
         finally:
+            if buried:  # a claim's reply read after the consumer was cancelled (``orphan``)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await tell()
             if held:
                 args: list[str] = []
                 for token, id in held.items():

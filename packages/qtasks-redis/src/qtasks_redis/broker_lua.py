@@ -216,6 +216,19 @@ CLAIM = Script(
     + CLAIM_BODY
 )
 
+CLAIM_NOTICED = Script(
+    PRELUDE
+    + "local function on_claim(id, body, token, out) end\n"
+    + "local BURIED = {}\n"
+    + "local function on_dead(id, reason) BURIED[#BURIED + 1] = id; "
+    + "BURIED[#BURIED + 1] = reason end\n"
+    + CLAIM_BODY.removesuffix("return out\n")
+    + "if #BURIED > 0 then out[#out + 1] = cjson.encode(BURIED) end\nreturn out\n"
+)
+"""CLAIM that also returns the messages it dead-lettered: one more element, the JSON list
+``[id, reason, id, reason, ...]``, when there are any (see
+:class:`~qtasks.components.BuryNotice`)."""
+
 ACK = Script(
     PRELUDE
     + r"""

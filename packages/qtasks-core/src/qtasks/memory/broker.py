@@ -14,7 +14,9 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import dataclass
 from typing import Self
 
-from qtasks.components import BrokerStats, DeadLetter, Delivery, Storage, WorkflowStore
+import anyio
+
+from qtasks.components import BrokerStats, Buried, DeadLetter, Delivery, Storage, WorkflowStore
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError
 from qtasks.memory.signals import _Lifecycle, _Signal
@@ -243,11 +245,15 @@ class MemoryBroker(_Lifecycle):
         return min(waits) if waits else None
 
     def _take(
-        self, storage: MemoryStorage | None = None, dead: list[TaskRecord] | None = None
+        self,
+        storage: MemoryStorage | None = None,
+        dead: list[TaskRecord] | None = None,
+        buried: deque[tuple[str, str]] | None = None,
     ) -> _Entry | None:
         """The next due message, now held; past its delivery limit it is dead-lettered
         instead, and with ``storage`` (a claim that begins records) its record says so; the
-        records of workflow members so ended are added to ``dead``."""
+        records of workflow members so ended are added to ``dead``, and the id and reason of
+        each dead letter to ``buried``."""
         while (entry := self._ready.pop()) is not None:
             if self._known.get(entry.id) is not entry or entry.token:
                 continue  # cancelled, or a stale queue entry
@@ -258,6 +264,8 @@ class MemoryBroker(_Lifecycle):
                     f"without being settled (max_deliveries={self._max_deliveries})"
                 )
                 self._dead(entry, reason)
+                if buried is not None:
+                    buried.append((entry.id, reason))
                 if storage is not None:
                     ended = storage.dead_claimed(entry.id, reason)
                     if ended is not None and ended.workflow is not None and dead is not None:
@@ -282,6 +290,13 @@ class MemoryBroker(_Lifecycle):
     def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         return self._consume(None)
 
+    def consume_noticing(
+        self, *, prefetch: int, buried: Buried
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """:meth:`consume`, awaiting ``buried(id, reason)`` for each message it dead-letters
+        past ``max_deliveries`` (see :class:`qtasks.components.BuryNotice`)."""
+        return self._consume(None, buried)
+
     def consume_begun(
         self,
         *,
@@ -303,10 +318,18 @@ class MemoryBroker(_Lifecycle):
     async def _consume(
         self,
         begin: _Begin | None,
+        notice: Buried | None = None,
     ) -> AsyncIterator[AsyncIterator[Delivery]]:
         self._check()
         mine: set[str] = set()
         dead: list[TaskRecord] = []  # workflow members a claim dead-lettered
+        buried: deque[tuple[str, str]] | None = None if notice is None else deque()
+
+        async def tell() -> None:
+            assert notice is not None and buried is not None
+            while buried:
+                await notice(*buried[0])
+                buried.popleft()
 
         async def deliveries() -> AsyncIterator[MemoryDelivery]:
             signal = self._signal
@@ -314,7 +337,9 @@ class MemoryBroker(_Lifecycle):
             storage = None if begin is None else begin[0]
             while True:
                 next_due = self._promote()
-                entry = self._take(storage, dead)
+                entry = self._take(storage, dead, buried)
+                if buried:
+                    await tell()
                 if dead:  # only with a storage: begin is set
                     assert begin is not None
                     await self._fail_members(begin[0], dead, begin[3])
@@ -336,6 +361,9 @@ class MemoryBroker(_Lifecycle):
         try:
             yield deliveries()
         finally:
+            if buried:
+                with anyio.CancelScope(shield=True):
+                    await tell()
             for token in mine:
                 entry = self._inflight.pop(token, None)
                 if entry is not None:

@@ -34,8 +34,10 @@ from qtasks.components import (
     BeginMany,
     BeginOnClaim,
     Broker,
+    BuryNotice,
     CancelCheck,
     CancelFeed,
+    DeadLetter,
     Delivery,
     FreshWait,
     LeaseBatch,
@@ -546,22 +548,31 @@ class _ForeignStorage:
         return "_ForeignStorage()"
 
 
-class LeaseBatchContract(ContractSuite):
-    """The guarantees of :class:`qtasks.components.LeaseBatch`, as tests.
+class _BrokerCapability(ContractSuite):
+    """A suite of an optional broker capability: its ``broker`` fixture skips every test when
+    the broker is not a ``capability``."""
 
-    Provide a ``broker_factory`` fixture, as for :class:`~qtasks_testing.contract.BrokerContract`.
-    Every test is skipped when the broker is not a ``LeaseBatch``."""
+    capability: type
 
     @pytest.fixture
     async def broker(
         self, broker_factory: BrokerFactory, contract_config: QueueConfig
     ) -> AsyncIterator[Broker]:
         broker = broker_factory(contract_config)
-        if not isinstance(broker, LeaseBatch):
-            pytest.skip(lacks(broker, LeaseBatch))
+        if not isinstance(broker, self.capability):
+            pytest.skip(lacks(broker, self.capability))
         async with AsyncExitStack() as stack:
             await broker.start(stack, contract_config)
             yield broker
+
+
+class LeaseBatchContract(_BrokerCapability):
+    """The guarantees of :class:`qtasks.components.LeaseBatch`, as tests.
+
+    Provide a ``broker_factory`` fixture, as for :class:`~qtasks_testing.contract.BrokerContract`.
+    Every test is skipped when the broker is not a ``LeaseBatch``."""
+
+    capability = LeaseBatch
 
     @pytest.mark.anyio
     async def test_extend_many_keeps_the_leases(
@@ -613,6 +624,71 @@ class LeaseBatchContract(ContractSuite):
     @pytest.mark.anyio
     async def test_extend_many_of_nothing(self, broker: Broker) -> None:
         assert await cast(LeaseBatch, broker).extend_many([]) == []
+
+
+class BuryNoticeContract(_BrokerCapability):
+    """The guarantees of :class:`qtasks.components.BuryNotice`, as tests.
+
+    Provide a ``broker_factory`` fixture, as for :class:`~qtasks_testing.contract.BrokerContract`.
+    Every test is skipped when the broker is not a ``BuryNotice``."""
+
+    capability = BuryNotice
+
+    @staticmethod
+    def noticing(
+        broker: Broker, told: list[tuple[str, str]]
+    ) -> AbstractAsyncContextManager[Consumer]:
+        async def buried(id: str, reason: str) -> None:
+            told.append((id, reason))
+
+        return consuming_from(cast(BuryNotice, broker).consume_noticing(prefetch=10, buried=buried))
+
+    @pytest.mark.anyio
+    async def test_a_message_dead_lettered_past_its_limit_is_told_with_its_reason(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        """Every delivery of the message is lost (its worker killed each time: here the
+        lease just runs out); the consumer that dead-letters it says so, once."""
+        limit, lease = contract_config.max_deliveries, contract_config.lease
+        sent, other = envelope(), envelope()
+        told: list[tuple[str, str]] = []
+        await broker.publish(sent)
+        async with self.noticing(broker, told) as consumer:
+            for attempt in range(1, limit + 1):
+                delivery = await consumer.next(timeout=lease * 2 + self.timing_slack)
+                assert (delivery.id, delivery.attempt) == (sent.id, attempt)
+            await broker.publish(other)  # taken by the consumer once it passed the dead one
+            later = await consumer.next(timeout=lease * 2 + self.timing_slack)
+            assert later.id == other.id
+            assert await later.ack() is True
+
+            async def told_of_it() -> list[tuple[str, str]]:
+                return [pair for pair in told if pair[0] == sent.id]
+
+            [(_, reason)] = await wait_until(
+                told_of_it, timeout=lease * 2 + self.timing_slack, what="the notice"
+            )
+        [letter] = [d for d in await broker.dead_letters() if d.id == sent.id]
+        assert reason == letter.reason
+        assert told == [(sent.id, reason)], "told more than once, or of another message"
+
+    @pytest.mark.anyio
+    async def test_a_nack_is_not_told(self, broker: Broker) -> None:
+        """A delivery the worker gives up on (:meth:`Delivery.nack`) is the worker's own
+        doing: the notice is only for what the broker dead-letters by itself."""
+        sent = envelope()
+        told: list[tuple[str, str]] = []
+        await broker.publish(sent)
+        async with self.noticing(broker, told) as consumer:
+            delivery = await consumer.next(timeout=2)
+            assert await delivery.nack("given up by the test") is True
+
+            async def dead() -> list[DeadLetter]:
+                return [d for d in await broker.dead_letters() if d.id == sent.id]
+
+            await wait_until(dead, timeout=5, what="the dead letter")
+            assert await consumer.none_within(0.2) is None
+        assert told == []
 
 
 class _StorageCapability(ContractSuite):
