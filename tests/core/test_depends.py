@@ -299,8 +299,10 @@ async def test_failing_dependency_is_retried_like_the_task() -> None:
     closed: list[int] = []
 
     def ok_dep() -> Iterator[int]:
-        yield len(attempts)
-        closed.append(len(attempts))
+        try:
+            yield len(attempts)
+        finally:  # the task's exception is raised at the yield (the failed attempt)
+            closed.append(len(attempts))
 
     def flaky() -> int:
         attempts.append(1)
@@ -352,8 +354,10 @@ def test_sync_tasks_share_worker_scope_and_close_task_scope() -> None:
 
     def per_task() -> Iterator[Resource]:
         res = Resource("task", log)
-        yield res
-        res.close()
+        try:
+            yield res
+        finally:  # the task's exception is raised at the yield
+            res.close()
 
     def per_worker() -> Iterator[Resource]:
         res = Resource("worker", log)
@@ -449,3 +453,66 @@ async def test_dependency_parameter_with_an_unresolved_annotation_says_so() -> N
             task = await app.add_task("use", timeout=WAIT)
     assert task.status is TaskStatus.ERROR
     assert "'Hidden' could not be resolved" in (task.error or "")
+
+
+async def test_teardown_is_told_how_the_task_ended() -> None:
+    """The task's exception is raised at a generator dependency's ``yield`` and given to a
+    context manager's ``__exit__``, as a ``with`` block would: a transaction commits on
+    success and rolls back on error, cancel and ``max_time``."""
+    seen: list[tuple[str, str, str | None]] = []  # (form, task, exception type)
+    app = AsyncQueueTasks()
+    started = anyio.Event()
+
+    def tx() -> Iterator[str]:  # sync generator
+        try:
+            yield "tx"
+        except BaseException as exc:
+            seen.append(("gen", current[0], type(exc).__name__))
+            raise
+        seen.append(("gen", current[0], None))
+
+    class Session:  # a class whose instances are context managers
+        def __enter__(self) -> str:
+            return "session"
+
+        def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+            seen.append(("cm", current[0], None if kind is None else kind.__name__))
+
+    current = [""]
+
+    @app.task(max_time=0.2)
+    async def work(mode: str, t: str = Depends(tx), s: str = Depends(Session)) -> str:
+        current[0] = mode
+        if mode == "fail":
+            raise KeyError("boom")
+        if mode in ("cancel", "slow"):
+            started.set()
+            await anyio.sleep_forever()
+        return mode
+
+    async with app:
+        assert (await app.add_task("work", "ok", timeout=WAIT)).returning == "ok"
+        failed = await app.add_task("work", "fail", timeout=WAIT)
+        slow = await app.add_task("work", "slow", timeout=WAIT)
+        started = anyio.Event()
+        task = await app.add_task("work", "cancel")
+        with anyio.fail_after(WAIT):
+            await started.wait()
+        await app.cancel(task.uuid, "test cancel")
+        cancelled = await app.wait(task.uuid, timeout=WAIT)
+    assert [r.status for r in (failed, slow, cancelled)] == [
+        TaskStatus.ERROR,
+        TaskStatus.ERROR,
+        TaskStatus.CANCEL,
+    ]
+    # The last made is torn down first (the session), as nested ``with`` blocks.
+    assert seen == [
+        ("cm", "ok", None),
+        ("gen", "ok", None),
+        ("cm", "fail", "KeyError"),
+        ("gen", "fail", "KeyError"),
+        ("cm", "slow", "TaskMaxTimeError"),
+        ("gen", "slow", "TaskMaxTimeError"),
+        ("cm", "cancel", "TaskCancelledError"),
+        ("gen", "cancel", "TaskCancelledError"),
+    ]

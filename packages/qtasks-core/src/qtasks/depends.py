@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import anyio
@@ -95,10 +96,16 @@ class ScopeCache:
         self.values: dict[Callable[..., Any], Any] = {}
         self.locks: dict[Callable[..., Any], anyio.Lock] = {}
 
-    async def aclose(self) -> None:
+    async def aclose(self, error: BaseException | None = None) -> None:
+        """Tear the values down, the last made first; ``error`` (how the task ended) is
+        thrown into generator dependencies at their ``yield`` and given to context managers'
+        ``__exit__``, as ``with`` blocks would: a dependency that rolls back on error does."""
         self.values.clear()
         with anyio.CancelScope(shield=True):
-            await self.stack.aclose()
+            if error is None:
+                await self.stack.aclose()
+            else:
+                await self.stack.__aexit__(type(error), error, error.__traceback__)
 
 
 @dataclass(slots=True)
@@ -124,6 +131,11 @@ async def _enter(stack: AsyncExitStack, func: Callable[..., Any], kwargs: dict[s
     if hasattr(value, "__enter__") and hasattr(value, "__exit__"):
         return stack.enter_context(value)
     return value
+
+
+async def _close_run_scope(cache: ScopeCache, run: TaskRun) -> None:
+    """Tear a run's task-scoped values down once its code ended, told how it ended."""
+    await cache.aclose(run.ended_by)
 
 
 class InjectPlugin:
@@ -186,11 +198,11 @@ class InjectPlugin:
 
     def _scope(self, name: str, run: TaskRun) -> ScopeCache:
         if name == "task":
-            cache = run.state.get(_RUN_SCOPE)
-            if cache is None:
-                cache = run.state[_RUN_SCOPE] = ScopeCache("task")
-                run.on_close(cache.aclose)  # torn down when the run's code ended
-            return cache
+            made: ScopeCache | None = run.state.get(_RUN_SCOPE)
+            if made is None:
+                made = run.state[_RUN_SCOPE] = ScopeCache("task")
+                run.on_close(partial(_close_run_scope, made, run))
+            return made
         cache = self._scopes.get(name)
         if cache is None:
             cache = self._scopes[name] = ScopeCache(name)

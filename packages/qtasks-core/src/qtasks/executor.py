@@ -55,13 +55,18 @@ class TaskRun:
     """Set by :meth:`cancel`, also before the run started (it then never starts)."""
     closers: list[Callable[[], Awaitable[Any]]] | None = None
     """What :meth:`on_close` registered, until the worker awaits it."""
+    ended_by: BaseException | None = None
+    """How the run's code ended, for what :meth:`on_close` registered: ``None`` when it
+    returned; else the exception it raised, a :class:`~qtasks.errors.TaskCancelledError` when
+    it was cancelled (a worker's shutdown too), a :class:`~qtasks.errors.LeaseLostError`
+    when its lease was lost (its result is dropped and the task runs again)."""
 
     def on_close(self, close: Callable[[], Awaitable[Any]]) -> None:
         """Await ``close()`` once this run's code has ended, on every path (success, error,
         cancel, a lost lease, a shutdown hand-back), before ``qtasks_executor_closed`` is
         notified: the teardown of something made for this run alone (task-scoped
-        ``Depends``). The last registered is awaited first; an exception is logged and
-        swallowed, as a hook's is."""
+        ``Depends``, which are given :attr:`ended_by`). The last registered is awaited first;
+        an exception is logged and swallowed, as a hook's is."""
         if self.closers is None:
             self.closers = []
         self.closers.append(close)

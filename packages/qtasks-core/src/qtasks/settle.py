@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import Delivery
-from qtasks.errors import PermanentError, PluginError, TaskCancelledError
+from qtasks.errors import LeaseLostError, PermanentError, PluginError, TaskCancelledError
 from qtasks.executor import TaskRun
 from qtasks.finals import refused, stored_final, succeeded
 from qtasks.flow import FlowGate
@@ -97,6 +97,7 @@ class Settlement:
         # On every path (lease lost and shutdown requeue too): task-scoped resources
         # (Depends) are torn down here, so it must never be skipped.
         if run.closers is not None:
+            run.ended_by = _ended_by(run, outcome, cancelled)
             await _close(run)
         if "qtasks_executor_closed" in hooks.active:
             await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
@@ -266,6 +267,18 @@ class Settlement:
         return await retrying(
             call, self._outage, lambda: run.lease_lost or time.monotonic() > self.give_up_at
         )
+
+
+def _ended_by(run: TaskRun, outcome: BaseException | None, cancelled: bool) -> BaseException | None:
+    """:attr:`TaskRun.ended_by`: what a task-scoped teardown is told."""
+    if run.lease_lost:
+        return LeaseLostError(f"the lease of task {run.record.uuid} was lost: result dropped")
+    if cancelled:
+        reason = run.cancel_reason or "cancelled"
+        if reason == "__shutdown__":
+            reason = "the worker stopped: the task is handed back and runs again"
+        return TaskCancelledError(reason)
+    return outcome
 
 
 async def _close(run: TaskRun) -> None:
