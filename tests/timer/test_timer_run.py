@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 from timer_helpers import Recorder, key_time, wait_until
 
 from qtasks import AsyncQueueTasks, MemoryGlobalConfig
@@ -98,6 +99,35 @@ async def test_replicas_enqueue_each_tick_once() -> None:
     assert len(keys) == len(set(keys)), sorted(keys)
     ticks = sorted(key_time(k) for k in keys)
     assert all(b - a == timedelta(seconds=0.2) for a, b in itertools.pairwise(ticks))
+
+
+def made_ago(age: float, interval: timedelta) -> Any:
+    """``IntervalTrigger(interval)`` as APScheduler leaves it when made ``age`` seconds ago
+    without a ``start_date``: starting at "then + interval" (nothing else on it tells)."""
+    then = datetime.now(UTC) - timedelta(seconds=age)
+    return IntervalTrigger(
+        seconds=interval.total_seconds(), start_date=then + interval, timezone=UTC
+    )
+
+
+async def test_replicas_agree_on_an_interval_trigger_made_before_it_was_added() -> None:
+    # Each replica built its IntervalTrigger without start_date (at import, say) some seconds
+    # before adding it, each at its own moment: each one's start is a different "now".
+    shared = MemoryGlobalConfig()
+    apps = [make_app(f"replica{i}", shared) for i in range(2)]
+    interval = timedelta(seconds=0.2)
+    handles = [
+        AsyncTimer(app).add_task("tick", trigger=made_ago(age, interval))
+        for (app, _, _), age in zip(apps, (3.0, 7.31), strict=True)
+    ]
+    assert len({h.id for h in handles}) == 1
+    async with apps[0][0], apps[1][0]:
+        await wait_until(lambda: sum(r.count() for _, r, _ in apps) >= 6, 5, "6 ticks")
+    keys = [k for _, r, _ in apps for k in r.ticks()]
+    assert len(keys) == len(set(keys)), sorted(keys)
+    ticks = sorted(key_time(k) for k in keys)
+    assert all(b - a == interval for a, b in itertools.pairwise(ticks)), ticks
+    assert all(t.microsecond % 200000 == 0 for t in ticks)  # aligned to the epoch
 
 
 async def test_pause_resume_remove() -> None:

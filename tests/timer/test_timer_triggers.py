@@ -109,6 +109,19 @@ def test_intervals_are_aligned_to_the_epoch() -> None:
     assert explicit.start_date == anchor  # type: ignore[attr-defined]
 
 
+def test_an_interval_trigger_made_a_while_before_it_is_added_is_re_aligned() -> None:
+    # Made without start_date a minute ago (at import, say), APScheduler's "now + interval"
+    # is a minute old when the timer is added; it is re-aligned all the same.
+    made = datetime.now(UTC) - timedelta(seconds=61.5)
+    old = IntervalTrigger(seconds=30, start_date=made + timedelta(seconds=30), timezone=UTC)
+    assert to_trigger(old).start_date == datetime(1970, 1, 1, tzinfo=UTC)  # type: ignore[attr-defined]
+    # Start dates someone wrote are kept, recent or not, past or future.
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    for start in (hour, hour + timedelta(hours=2), datetime(2020, 5, 1, 9, 30, 0, 250000, UTC)):
+        kept = to_trigger(IntervalTrigger(seconds=30, start_date=start))
+        assert kept.start_date == start  # type: ignore[attr-defined]
+
+
 def test_timer_ids_are_stable_and_distinct() -> None:
     # Two "processes" building the same timer independently get the same id.
     one = derive_id("report", to_trigger("*/5 * * * *"), [1], {"to": "ops"})

@@ -159,8 +159,9 @@ def to_trigger(schedule: Schedule, timezone: str | tzinfo | None = None) -> Trig
     """Normalize ``schedule`` into a trigger whose ticks are the same on every replica.
 
     An :class:`IntervalTrigger` created without ``start_date`` (APScheduler then starts it at
-    "now + interval", which differs per process) is re-aligned to the epoch. Triggers with
-    ``jitter`` are refused: each replica would draw other tick times."""
+    "now + interval", which differs per process) is re-aligned to the epoch, also when it was
+    made a while before. Triggers with ``jitter`` are refused: each replica would draw other
+    tick times."""
     if isinstance(schedule, bool):
         raise ScheduleError(f"not a schedule: {schedule!r}")
     if isinstance(schedule, str):
@@ -193,10 +194,21 @@ def _refuse_jitter(trigger: object) -> None:
         _refuse_jitter(child)
 
 
+_LOADED = time.time()
+_IMPORT_ALLOWANCE = 3600.0  # how long before this module a trigger of the same start-up is made
+
+
 def _implicit_start(trigger: Any) -> bool:
-    # APScheduler sets start_date = now + interval when none is given; nothing else marks it.
-    expected = time.time() + float(trigger.interval_length)
-    return abs(float(trigger.start_date.timestamp()) - expected) < 2.0
+    """Whether APScheduler chose the trigger's ``start_date`` ("now + interval", taken when it
+    was made; nothing else marks it). So taken: one made just now, or one made (before it was
+    added) while this process ran whose start has a fraction of a second, as a clock reading
+    has and a date someone wrote has not."""
+    start = trigger.start_date
+    made = float(start.timestamp()) - float(trigger.interval_length)
+    now = time.time()
+    if abs(made - now) < 2.0:
+        return True
+    return bool(start.microsecond) and _LOADED - _IMPORT_ALLOWANCE <= made <= now
 
 
 def next_fire(trigger: Trigger, previous: datetime | None, now: datetime) -> datetime | None:
