@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
+from apscheduler.triggers.combining import OrTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
@@ -120,6 +121,20 @@ def test_an_interval_trigger_made_a_while_before_it_is_added_is_re_aligned() -> 
     for start in (hour, hour + timedelta(hours=2), datetime(2020, 5, 1, 9, 30, 0, 250000, UTC)):
         kept = to_trigger(IntervalTrigger(seconds=30, start_date=start))
         assert kept.start_date == start  # type: ignore[attr-defined]
+
+
+def test_an_interval_trigger_in_a_combination_is_re_aligned() -> None:
+    made = OrTrigger([IntervalTrigger(seconds=30, timezone=UTC), CronTrigger(hour=3)])
+    combined = to_trigger(made)
+    assert combined.triggers[0].start_date == datetime(1970, 1, 1, tzinfo=UTC)  # type: ignore[attr-defined]
+    assert combined.triggers[1] is made.triggers[1]  # type: ignore[attr-defined]
+    assert made.triggers[0].start_date.year > 1970  # the user's trigger is left as it is
+    assert derive_id("x", combined, [], {}) == derive_id(
+        "x",
+        to_trigger(OrTrigger([IntervalTrigger(seconds=30, timezone=UTC), CronTrigger(hour=3)])),
+        [],
+        {},
+    )
 
 
 def test_timer_ids_are_stable_and_distinct() -> None:

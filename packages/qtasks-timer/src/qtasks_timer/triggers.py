@@ -6,6 +6,7 @@ Everything here is pure (no I/O, no clock of its own), so the policy is tested d
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger  # type: ignore[import-untyped]  # no stubs in 3.x
+from apscheduler.triggers.combining import BaseCombiningTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 
@@ -175,14 +177,27 @@ def to_trigger(schedule: Schedule, timezone: str | tzinfo | None = None) -> Trig
             "timezone= applies to crontab strings and intervals; set it on the trigger itself"
         )
     _refuse_jitter(schedule)
-    if isinstance(schedule, IntervalTrigger) and _implicit_start(schedule):
-        return IntervalTrigger(  # type: ignore[no-any-return]
-            seconds=schedule.interval_length,
-            start_date=EPOCH.astimezone(schedule.timezone),
-            end_date=schedule.end_date,
-            timezone=schedule.timezone,
+    return _aligned(schedule)  # type: ignore[no-any-return]
+
+
+def _aligned(trigger: Any) -> Any:
+    """``trigger`` with every IntervalTrigger of APScheduler's start (see
+    :func:`_implicit_start`) re-aligned to the epoch, in combinations too (a copy; the
+    user's trigger is left as it is)."""
+    if isinstance(trigger, IntervalTrigger) and _implicit_start(trigger):
+        return IntervalTrigger(
+            seconds=trigger.interval_length,
+            start_date=EPOCH.astimezone(trigger.timezone),
+            end_date=trigger.end_date,
+            timezone=trigger.timezone,
         )
-    return schedule
+    if isinstance(trigger, BaseCombiningTrigger):
+        children = [_aligned(child) for child in trigger.triggers]
+        if any(new is not old for new, old in zip(children, trigger.triggers, strict=True)):
+            combined = copy.copy(trigger)
+            combined.triggers = children
+            return combined
+    return trigger
 
 
 def _refuse_jitter(trigger: object) -> None:
