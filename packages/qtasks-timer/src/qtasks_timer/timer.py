@@ -343,14 +343,45 @@ class AsyncTimer:
                 self._wake = anyio.Event()
 
     def _arm(self, entry: _Entry, now: datetime) -> None:
-        entry.next_fire = first_tick(entry.trigger, now, entry.grace)
         entry.armed = True
+        try:
+            entry.next_fire = first_tick(entry.trigger, now, entry.grace)
+        except Exception:
+            self._trigger_failed(entry)
+
+    def _trigger_failed(self, entry: _Entry) -> None:
+        # Called handling the trigger's exception (logged with its traceback). The trigger
+        # would raise again at every tick; the other timers must go on.
+        entry.next_fire = None
+        log.exception(
+            "timer %s (task %s): its trigger raised computing a tick; the timer is stopped in "
+            "this process until it restarts",
+            entry.id,
+            entry.task_name,
+        )
 
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
     async def _tick(self, entry: _Entry, now: datetime) -> None:
+        try:
+            due = self._due(entry, now)
+        except Exception:
+            self._trigger_failed(entry)
+            return
+        if due is None or entry.id not in self._entries:
+            return
+        key, coalesced = due
+        entry.last_key = key
+        try:
+            await self._fire(entry, key, coalesced)
+        except Exception:
+            log.exception("timer %s: tick %s failed", entry.id, key)
+
+    def _due(self, entry: _Entry, now: datetime) -> tuple[str, int] | None:
+        """Apply the misfire policy to the due ``entry`` and move its next tick on: the key
+        of the tick to fire and the number of ticks coalesced into it, or ``None``."""
         assert entry.next_fire is not None
         decision = plan(entry.trigger, entry.next_fire, now, entry.grace)
         entry.next_fire = decision.next
@@ -359,19 +390,13 @@ class AsyncTimer:
                 "timer %s: ticks older than misfire_grace=%ss were skipped", entry.id, entry.grace
             )
         if decision.fire is None:
-            return
+            return None
         key = tick_key(entry.trigger, decision.fire)
         if entry.last_key is not None and key <= entry.last_key:
             # The wall clock went back, or a local hour repeats (DST): this tick was handled.
             entry.next_fire = next_fire(entry.trigger, decision.fire, max(now, decision.fire))
-            return
-        if entry.id not in self._entries:
-            return
-        entry.last_key = key
-        try:
-            await self._fire(entry, key, decision.coalesced)
-        except Exception:
-            log.exception("timer %s: tick %s failed", entry.id, key)
+            return None
+        return key, decision.coalesced
 
     async def _fire(self, entry: _Entry, key: str, coalesced: int) -> None:
         app = self.app

@@ -1,0 +1,99 @@
+"""A timer that meets a failure reports it and keeps running: a custom trigger that raises."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from timer_helpers import Recorder, wait_until
+
+from qtasks import AsyncQueueTasks
+from qtasks_timer import AsyncTimer
+
+pytestmark = pytest.mark.anyio
+
+
+def make_app() -> tuple[AsyncQueueTasks, Recorder]:
+    app = AsyncQueueTasks("app")
+
+    @app.task
+    async def tick() -> None:
+        return None
+
+    @app.task
+    async def other() -> None:
+        return None
+
+    recorder = Recorder()
+    app.add_plugin(recorder)
+    return app, recorder
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= level]
+
+
+class FailingTrigger:
+    """A custom trigger that gives its first tick, then raises computing the one after."""
+
+    def __init__(self, first: datetime) -> None:
+        self.first = first
+
+    def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
+        if previous is None and now <= self.first:
+            return self.first
+        raise RuntimeError("the holiday calendar is unreachable")
+
+    def __repr__(self) -> str:
+        return f"FailingTrigger({self.first.isoformat()})"
+
+
+class BrokenTrigger:
+    """A custom trigger that raises whenever it is asked for a tick."""
+
+    def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
+        raise RuntimeError("no calendar configured")
+
+    def __repr__(self) -> str:
+        return "BrokenTrigger()"
+
+
+async def test_a_trigger_that_raises_stops_its_timer_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, rec = make_app()
+    timer = AsyncTimer(app, misfire_grace=0)
+    failing = timer.add_task(
+        "tick", trigger=FailingTrigger(datetime.now(UTC) + timedelta(seconds=0.2))
+    )
+    healthy = timer.add_task("other", trigger=timedelta(seconds=0.1))
+    with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
+        async with app:
+            await wait_until(
+                lambda: any(failing.id in m for m in messages(caplog)), 3, "the failing trigger"
+            )
+            broken = timer.add_task("tick", trigger=BrokenTrigger())  # added while running
+            await wait_until(lambda: rec.count(healthy.id) >= 1, 3, "a healthy tick")
+            after = rec.count(healthy.id)
+            await wait_until(lambda: rec.count(healthy.id) >= after + 3, 3, "3 more ticks")
+            assert timer.running
+            assert failing.next_run_time is None
+            assert broken.next_run_time is None
+    errors = messages(caplog)
+    for handle in (failing, broken):
+        assert any(handle.id in m and "tick" in m and "trigger" in m for m in errors), errors
+
+
+async def test_a_trigger_that_raises_at_start_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, rec = make_app()
+    timer = AsyncTimer(app)
+    broken = timer.add_task("tick", trigger=BrokenTrigger())
+    healthy = timer.add_task("other", trigger=timedelta(seconds=0.1))
+    with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
+        async with app:
+            await wait_until(lambda: rec.count(healthy.id) >= 3, 3, "3 healthy ticks")
+            assert timer.running
+    assert any(broken.id in m for m in messages(caplog)), caplog.text
