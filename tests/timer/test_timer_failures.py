@@ -1,21 +1,43 @@
-"""A timer that meets a failure reports it and keeps running: a custom trigger that raises."""
+"""A timer that meets a failure reports it and keeps running: an enqueue that times out, a
+custom trigger that raises."""
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import pytest
+from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
 from timer_helpers import Recorder, wait_until
 
-from qtasks import AsyncQueueTasks
+from qtasks import AsyncQueueTasks, MemoryBroker
+from qtasks.messages import Envelope
+from qtasks_testing.clock import FakeClock
 from qtasks_timer import AsyncTimer
+from qtasks_timer import timer as timer_module
+from qtasks_timer.timer import CLAIMS
+from qtasks_timer.triggers import tick_key
 
 pytestmark = pytest.mark.anyio
 
 
-def make_app() -> tuple[AsyncQueueTasks, Recorder]:
-    app = AsyncQueueTasks("app")
+class StuckBroker(MemoryBroker):
+    """A broker whose first publish never completes (it stopped answering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = anyio.Event()
+
+    async def publish(self, envelope: Envelope) -> None:
+        if not self.stuck.is_set():
+            self.stuck.set()
+            await anyio.sleep_forever()
+        await super().publish(envelope)
+
+
+def make_app(broker: MemoryBroker | None = None) -> tuple[AsyncQueueTasks, Recorder]:
+    app = AsyncQueueTasks("app", broker=broker)
 
     @app.task
     async def tick() -> None:
@@ -32,6 +54,35 @@ def make_app() -> tuple[AsyncQueueTasks, Recorder]:
 
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= level]
+
+
+async def test_a_tick_whose_enqueue_times_out_is_released_and_retried(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(timer_module, "_ENQUEUE_TIMEOUT", 0.3)
+    clock = FakeClock()
+    clock.freeze()
+    broker = StuckBroker()
+    app, rec = make_app(broker)
+    at = clock.now() + timedelta(seconds=1)
+    handle = AsyncTimer(app, clock=clock.now).add_task("tick", trigger=DateTrigger(run_date=at))
+    key = tick_key(handle.trigger, at)
+
+    def reported() -> bool:
+        return any(handle.id in m for m in messages(caplog))
+
+    with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
+        async with app:
+            clock.advance(1)
+            await wait_until(reported, 3, "the tick to fail")
+            assert broker.stuck.is_set()
+            # Released: another replica, or this one's retry, can have the tick.
+            assert await app.global_config.get(CLAIMS, f"{handle.id}:{key}") is None
+            assert rec.count() == 0
+            clock.advance(1)  # the retry is due
+            await wait_until(lambda: rec.count(handle.id) == 1, 3, "the tick, enqueued again")
+    assert rec.ticks(handle.id) == [key]
+    assert any("timed out" in m for m in messages(caplog)), caplog.text
 
 
 class FailingTrigger:

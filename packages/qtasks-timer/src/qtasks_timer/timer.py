@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -58,7 +58,8 @@ FIRING: ContextVar[dict[str, Any] | None] = ContextVar("qtasks_timer_firing", de
 _MAX_SLEEP = 1.0  # re-read the wall clock at least this often: it may jump
 _SKEW_ALLOWANCE = 600.0  # seconds replicas' clocks may disagree by, kept in claim TTLs
 _DST_ALLOWANCE = 7200.0  # a repeated local hour must still find the first run's claim
-_ENQUEUE_TIMEOUT = 30.0
+_ENQUEUE_TIMEOUT = 30.0  # seconds a tick's claim and enqueue may take before they are abandoned
+_RETRY_DELAY = 1.0  # seconds before a failed tick is tried again (while within its grace)
 
 
 def _utcnow() -> datetime:
@@ -75,11 +76,20 @@ class _Entry:
     priority: int | None
     grace: float
     next_fire: datetime | None = None
+    retry_at: datetime | None = None
     last_key: str | None = None
     armed: bool = False
     fired: int = 0
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
+
+    @property
+    def wake_at(self) -> datetime | None:
+        """When the loop handles this timer next: its next tick, or later while a failed
+        tick waits to be tried again."""
+        if self.next_fire is None or self.retry_at is None:
+            return self.next_fire
+        return max(self.next_fire, self.retry_at)
 
     @property
     def claim_ttl(self) -> float:
@@ -324,15 +334,13 @@ class AsyncTimer:
     async def _loop(self) -> None:
         while True:
             now = self._clock()
-            due = [e for e in self._entries.values() if e.next_fire and e.next_fire <= now]
+            due = [e for e in self._entries.values() if e.wake_at and e.wake_at <= now]
             if due:
                 async with anyio.create_task_group() as tg:
                     for entry in due:
                         tg.start_soon(self._tick, entry, now, name=f"timer tick {entry.id}")
                 continue
-            soonest = min(
-                (e.next_fire for e in self._entries.values() if e.next_fire), default=None
-            )
+            soonest = min((e.wake_at for e in self._entries.values() if e.wake_at), default=None)
             delay = _MAX_SLEEP
             if soonest is not None:
                 delay = min(delay, (soonest - now).total_seconds())
@@ -344,6 +352,7 @@ class AsyncTimer:
 
     def _arm(self, entry: _Entry, now: datetime) -> None:
         entry.armed = True
+        entry.retry_at = None
         try:
             entry.next_fire = first_tick(entry.trigger, now, entry.grace)
         except Exception:
@@ -372,16 +381,31 @@ class AsyncTimer:
             return
         if due is None or entry.id not in self._entries:
             return
-        key, coalesced = due
-        entry.last_key = key
+        fire, key, coalesced = due
+        retry, entry.retry_at = entry.retry_at is not None, None
+        previous, entry.last_key = entry.last_key, key
         try:
-            await self._fire(entry, key, coalesced)
-        except Exception:
-            log.exception("timer %s: tick %s failed", entry.id, key)
+            await self._fire(entry, key, coalesced, retry=retry)
+        except Exception as exc:
+            # Its claim is released: the tick is due again, after a pause; the misfire policy
+            # decides then whether it is still on time.
+            entry.last_key, entry.next_fire = previous, fire
+            entry.retry_at = self._clock() + timedelta(seconds=_RETRY_DELAY)
+            again = f"tried again in {_RETRY_DELAY:g} s if within misfire_grace={entry.grace}s"
+            if isinstance(exc, TimeoutError):
+                log.error(
+                    "timer %s: tick %s timed out (claim and enqueue took over %g s); %s",
+                    entry.id,
+                    key,
+                    _ENQUEUE_TIMEOUT,
+                    again,
+                )
+            else:
+                log.exception("timer %s: tick %s failed; %s", entry.id, key, again)
 
-    def _due(self, entry: _Entry, now: datetime) -> tuple[str, int] | None:
-        """Apply the misfire policy to the due ``entry`` and move its next tick on: the key
-        of the tick to fire and the number of ticks coalesced into it, or ``None``."""
+    def _due(self, entry: _Entry, now: datetime) -> tuple[datetime, str, int] | None:
+        """Apply the misfire policy to the due ``entry`` and move its next tick on: the tick
+        to fire, its key and the number of ticks coalesced into it, or ``None``."""
         assert entry.next_fire is not None
         decision = plan(entry.trigger, entry.next_fire, now, entry.grace)
         entry.next_fire = decision.next
@@ -396,36 +420,53 @@ class AsyncTimer:
             # The wall clock went back, or a local hour repeats (DST): this tick was handled.
             entry.next_fire = next_fire(entry.trigger, decision.fire, max(now, decision.fire))
             return None
-        return key, decision.coalesced
+        return decision.fire, key, decision.coalesced
 
-    async def _fire(self, entry: _Entry, key: str, coalesced: int) -> None:
+    async def _fire(self, entry: _Entry, key: str, coalesced: int, *, retry: bool) -> None:
         app = self.app
+        claim = f"{entry.id}:{key}"
         # Claim and enqueue as one step that shutdown cannot split: a won claim whose
         # enqueue never happened would lose the tick on every replica.
-        with anyio.CancelScope(shield=True), anyio.fail_after(_ENQUEUE_TIMEOUT):
-            if await self._is_paused(entry.id):
-                return
-            claimed = await app.global_config.set_if_absent(
-                CLAIMS, f"{entry.id}:{key}", app.worker.id, ttl=entry.claim_ttl
-            )
-            if not claimed:
-                log.debug("timer %s: tick %s claimed by another replica", entry.id, key)
-                return
-            token = FIRING.set({"id": entry.id, "tick": key, "late": coalesced})
+        with anyio.CancelScope(shield=True):
             try:
-                await app.enqueue(
-                    entry.task_name, entry.args, entry.kwargs, priority=entry.priority
-                )
+                with anyio.fail_after(_ENQUEUE_TIMEOUT):
+                    if await self._is_paused(entry.id):
+                        return
+                    claimed = await app.global_config.set_if_absent(
+                        CLAIMS, claim, app.worker.id, ttl=entry.claim_ttl
+                    )
+                    if not claimed and retry:
+                        # A failed attempt's claim that could not be released is still ours.
+                        claimed = await app.global_config.get(CLAIMS, claim) == app.worker.id
+                    if not claimed:
+                        log.debug("timer %s: tick %s claimed by another replica", entry.id, key)
+                        return
+                    token = FIRING.set({"id": entry.id, "tick": key, "late": coalesced})
+                    try:
+                        await app.enqueue(
+                            entry.task_name, entry.args, entry.kwargs, priority=entry.priority
+                        )
+                    finally:
+                        FIRING.reset(token)
             except Exception:
-                # Let another replica (or a later attempt) have the tick.
-                await app.global_config.delete(CLAIMS, f"{entry.id}:{key}")
+                # Outside the timed-out scope, whose cancellation would stop the release too.
+                await self._release(claim)
                 raise
-            finally:
-                FIRING.reset(token)
         entry.fired += 1
         if coalesced:
             log.info("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
         log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
+
+    async def _release(self, claim: str) -> None:
+        """Give up ``claim`` if this worker holds it (its enqueue failed or timed out), so a
+        later attempt (the retry, a replica starting within the grace time) has the tick."""
+        global_config, me = self.app.global_config, self.app.worker.id
+        try:
+            with anyio.fail_after(_ENQUEUE_TIMEOUT):
+                if await global_config.get(CLAIMS, claim) == me:
+                    await global_config.delete(CLAIMS, claim)
+        except Exception:
+            log.warning("timer: could not release the claim %s", claim, exc_info=True)
 
     def _next_run(self, entry: _Entry) -> datetime | None:
         if entry.armed:
