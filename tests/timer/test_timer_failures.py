@@ -148,3 +148,21 @@ async def test_a_trigger_that_raises_at_start_does_not_stop_the_others(
             await wait_until(lambda: rec.count(healthy.id) >= 3, 3, "3 healthy ticks")
             assert timer.running
     assert any(broken.id in m for m in messages(caplog)), caplog.text
+
+
+async def test_a_trigger_that_raises_does_not_break_listing_the_timers_before_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``qtasks inspect`` and the dashboard list timers of an app that does not serve: a
+    raising trigger's next run is unknown (``None``, with a warning), the others are
+    listed."""
+    app, _ = make_app()
+    timer = AsyncTimer(app)
+    broken = timer.add_task("tick", trigger=BrokenTrigger())
+    healthy = timer.add_task("other", trigger=timedelta(seconds=60))
+    with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
+        assert broken.next_run_time is None
+        rows = {row["id"]: row for row in await timer.describe()}
+    assert rows[broken.id]["next_run"] is None
+    assert rows[healthy.id]["next_run"] is not None
+    assert any(broken.id in m for m in messages(caplog, logging.WARNING)), caplog.text

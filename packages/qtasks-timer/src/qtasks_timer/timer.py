@@ -471,7 +471,16 @@ class AsyncTimer:
     def _next_run(self, entry: _Entry) -> datetime | None:
         if entry.armed:
             return entry.next_fire
-        return next_fire(entry.trigger, None, self._clock())
+        try:
+            return next_fire(entry.trigger, None, self._clock())
+        except Exception:  # a raising trigger must not break what lists the timers
+            log.warning(
+                "timer %s (task %s): its trigger raised computing its next run",
+                entry.id,
+                entry.task_name,
+                exc_info=True,
+            )
+            return None
 
     async def _ensure_started(self) -> None:
         if not self.app.started:
