@@ -146,6 +146,18 @@ class StorageConnectionError(StorageError, BrokerConnectionError):
     :class:`ConnectionError`), which code written before it existed catches."""
 
 
+class ServerFullError(BrokerConnectionError):
+    """The broker's or storage's server refused a write for want of memory (Redis at its
+    ``maxmemory`` with the ``noeviction`` policy): nothing of the call was written, and the
+    same call succeeds once memory is freed. A :class:`BrokerConnectionError`, so a worker
+    rides it out as an outage (its tasks are retried, never failed or dead-lettered for it)
+    and a producer handles it as the server being unavailable."""
+
+
+class StorageFullError(ServerFullError, StorageConnectionError):
+    """The storage's server refused a write for want of memory (see :class:`ServerFullError`)."""
+
+
 class LeaseLostError(ComponentError):
     """A worker presented a stale delivery token: another attempt owns this message now."""
 

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 import anyio
 
+from qtasks.errors import ServerFullError
+
 T = TypeVar("T")
 
 RETRY_CAP = 2.0
@@ -35,7 +37,8 @@ class Outage:
     def failed(self, exc: BaseException) -> None:
         if not self._down:
             self._down = True
-            self._log.warning("%s unreachable (%s); retrying", self._what, exc)
+            what = "refuses writes" if isinstance(exc, ServerFullError) else "unreachable"
+            self._log.warning("%s %s (%s); retrying", self._what, what, exc)
 
     def ok(self) -> None:
         if self._down:

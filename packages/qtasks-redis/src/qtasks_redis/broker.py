@@ -24,6 +24,7 @@ from typing import Any, Self
 
 import anyio
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.components import BrokerStats, Buried, DeadLetter, Delivery, GlobalConfig, Storage
@@ -622,13 +623,16 @@ class RedisBroker:
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
                     failures = 0
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError) as exc:
                     wake_at = None
                     failures += 1
                     pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
                     log.warning(
-                        "Redis at %s unreachable (%s); retrying in %.1f s",
+                        "Redis at %s %s (%s); retrying in %.1f s",
                         self.target.where,
+                        "is out of memory (maxmemory reached, noeviction)"
+                        if isinstance(exc, OutOfMemoryError)
+                        else "unreachable",
                         type(exc).__name__,
                         pause,
                     )
@@ -648,7 +652,7 @@ class RedisBroker:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     try:
                         await lua.RELEASE(client, self.keys, args)
-                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                    except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError):
                         log.warning(
                             "could not hand back %d deliveries to Redis at %s; they return "
                             "when their lease ends",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Sequence
 from contextlib import AsyncExitStack
@@ -27,6 +28,7 @@ from redis.exceptions import (
     BusyLoadingError,
     NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -38,8 +40,13 @@ from qtasks.errors import (
     ComponentError,
     ComponentNotStartedError,
     ConfigError,
+    ServerFullError,
+    StorageConnectionError,
+    StorageFullError,
 )
 from qtasks_redis.lane import Lane, lane_for
+
+log = logging.getLogger("qtasks_redis")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -187,6 +194,13 @@ def connection_error(
         if text and "@" not in text and "://" not in text:
             reason = f"{reason}: {text}"
     db = "" if target.socket else f" (db {target.db})"
+    if isinstance(exc, OutOfMemoryError):
+        full = StorageFullError if issubclass(kind, StorageConnectionError) else ServerFullError
+        return full(
+            f"Redis at {target.where}{db} is out of memory (maxmemory reached, noeviction): "
+            "the write was refused and nothing of it was written; free memory or raise "
+            "maxmemory, then try again"
+        )
     if refused_credentials(exc):
         return kind(
             f"Redis at {target.where}{db} refused the credentials (check the user name and "
@@ -218,7 +232,34 @@ async def connect(stack: AsyncExitStack, target: RedisTarget, extra: dict[str, A
         await _ping(client)
     except (RedisError, OSError) as exc:
         raise connection_error(target, exc) from None
+    if not target.cluster:
+        await _check_eviction(client, target)
     return client
+
+
+_EVICTION_WARNED: set[tuple[str, str]] = set()
+
+
+async def _check_eviction(client: Client, target: RedisTarget) -> None:
+    """Warn when the server evicts keys once full (a ``maxmemory-policy`` other than
+    ``noeviction``): it would drop queued messages and records without a word. With
+    ``noeviction`` a full server refuses writes instead (:class:`ServerFullError`). A server
+    that does not let ``CONFIG GET`` be called (managed Redis, ACLs) is not checked."""
+    try:
+        reply = await client.config_get("maxmemory-policy")
+    except (RedisError, OSError):
+        return
+    value = reply.get("maxmemory-policy", "noeviction")
+    policy = value.decode() if isinstance(value, bytes) else str(value)
+    if policy != "noeviction" and (target.where, policy) not in _EVICTION_WARNED:
+        _EVICTION_WARNED.add((target.where, policy))  # once per server, not per component
+        log.warning(
+            "Redis at %s has maxmemory-policy %s: once full it evicts keys, and queued tasks, "
+            "records and results are lost without an error; set maxmemory-policy noeviction "
+            "(a full server then refuses writes, and qtasks says so)",
+            target.where,
+            policy,
+        )
 
 
 async def _probe(target: RedisTarget, extra: dict[str, Any]) -> None:
@@ -269,7 +310,7 @@ async def guarded(
     (``kind``: :class:`~qtasks.errors.StorageConnectionError` for the storage)."""
     try:
         return await call
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError) as exc:
         raise connection_error(target, exc, kind) from exc
 
 

@@ -38,6 +38,7 @@ from redis.exceptions import (
     BusyLoadingError,
     NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
 )
@@ -69,6 +70,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "NOPERM": NoPermissionError,
     "LOADING": BusyLoadingError,
     "READONLY": ReadOnlyError,
+    "OOM": OutOfMemoryError,
 }
 
 
