@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -404,6 +405,43 @@ async def test_the_unique_claim_is_folded_into_the_publish_script(local: AsyncQu
     )
     assert await gc.claim_unique("unique:k2", "x", None) == "mine@0@"
     assert await app.storage.stats() == {"new": 2}
+
+
+async def test_a_unique_publish_sent_again_after_the_task_ended_claims_nothing(
+    local: AsyncQueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unique claim and publish re-sent (its reply lost) after the task ran and its
+    worker freed the key: the second run claimed the key again for a task that is over (no
+    one frees it now) and set the task back to ``new``."""
+    app = local
+    await app.start()
+    broker, storage, gc = app.broker, app.storage, app.global_config
+    assert isinstance(broker, RedisBroker) and isinstance(storage, RedisStorage)
+    assert isinstance(gc, RedisGlobalConfig)
+    sent: list[tuple[Any, ...]] = []
+    plain = broker._run_call
+
+    async def recorded(*call: Any) -> Any:
+        sent.append(call)
+        return await plain(*call)
+
+    monkeypatch.setattr(broker, "_run_call", recorded)
+    message = Message(uuid=new_uuid(), task_name="send", args=["x"])
+    record = TaskRecord(uuid=message.uuid, task_name="send", args=["x"])
+    claim = ("unique:k3", "mine@0@", None, None)
+    envelope = app.codec.encode(message)
+    assert await broker.publish_new_unique(envelope, storage, record, gc, claim) is None
+    async with broker.consume(prefetch=1) as deliveries:
+        with anyio.fail_after(3):
+            delivery = await deliveries.__anext__()
+        record.status, record.token, record.returning = TaskStatus.SUCCESS, delivery.token, "sent"
+        assert await broker.ack_final(delivery, storage, record)
+    assert await gc.release_unique("unique:k3", "mine@0@")
+    assert await plain(*sent[0]) == 1  # the first run's reply: claimed and published
+    stored = await storage.get(message.uuid)
+    assert stored is not None and (stored.status, stored.returning) == (TaskStatus.SUCCESS, "sent")
+    assert sum((await broker.stats()).ready_by_priority.values()) == 0
+    assert await gc.claim_unique("unique:k3", "next@0@", None) is None  # the key is free
 
 
 def test_max_overlap_counts_an_end_before_a_start_at_a_tie() -> None:

@@ -1,10 +1,11 @@
 """RedisBroker as a SharedServer: enqueue and the final save + ack folded into one script each
-when the storage is on the same server, with the same fencing as the plain path."""
+when the storage is on the same server, with the same fencing as the plain path; an enqueue
+script sent again (its reply lost) writes nothing."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -22,6 +23,8 @@ from qtasks.messages import Codec, Envelope, Message
 from qtasks.record import TaskRecord
 from qtasks.worker import QueueWorker
 from qtasks_redis import RedisBroker, RedisDelivery, RedisStorage
+from qtasks_redis import broker as broker_module
+from qtasks_redis.connection import Script
 
 pytestmark = pytest.mark.anyio
 
@@ -485,3 +488,141 @@ async def test_tasks_that_waited_and_start_together_are_begun_in_shared_calls(
     assert letter.id == garbled and "record unreadable" in letter.reason
     assert sum(batches) == 10 and len(batches) < 10, batches  # shared, not one call each
     await app.aclose()
+
+
+Call = tuple[Script, tuple[str, ...], tuple[Any, ...], int]
+
+
+def record_calls(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
+    """The script calls ``broker`` makes from now on, to send one again exactly as the lane
+    (or redis-py) re-sends a command whose reply a lost connection took."""
+    calls: list[Call] = []
+    plain = broker._run_call
+
+    async def recorded(
+        script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
+    ) -> Any:
+        calls.append((script, tuple(keys), tuple(args), dynamic))
+        return await plain(script, keys, args, dynamic)
+
+    monkeypatch.setattr(broker, "_run_call", recorded)
+    return calls
+
+
+async def run_task(broker: RedisBroker, storage: RedisStorage, returning: object) -> str:
+    """Claim the next message, begin its record and store it as a success (``returning``)."""
+    async with broker.consume(prefetch=1) as it:
+        delivery = await take(it)
+        record = await begun(storage, delivery)
+        record.status, record.returning = TaskStatus.SUCCESS, returning
+        assert await broker.ack_final(delivery, storage, record)
+    return delivery.id
+
+
+async def assert_ran_once(
+    broker: RedisBroker, storage: RedisStorage, results: dict[str, object]
+) -> None:
+    """Each task of ``results`` is stored final with its result, and nothing is queued."""
+    for uuid, returning in results.items():
+        stored = await storage.get(uuid)
+        assert stored is not None
+        assert (stored.status, stored.returning) == (TaskStatus.SUCCESS, returning), uuid
+    stats = await broker.stats()
+    assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
+    assert await storage.stats() == {"success": len(results)}
+
+
+async def test_publish_new_sent_again_after_the_task_ran_changes_nothing(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script's reply was lost and the call re-sent, after a worker had claimed, run and
+    finished the task: the second run set the record back to ``new`` (its result gone) and
+    queued the task again."""
+    broker, storage = await parts(stack, redis_url, prefix)
+    calls = record_calls(broker, monkeypatch)
+    await broker.publish_new(Envelope("a", b"body"), storage, new_record("a"))
+    [sent] = calls
+    assert await run_task(broker, storage, "first") == "a"
+    assert await broker._run_call(*sent) == 1  # the first run's reply
+    await assert_ran_once(broker, storage, {"a": "first"})
+
+
+async def test_publish_new_sent_again_while_the_task_runs_keeps_its_delivery(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-sent while a worker holds the message: the record stays begun and the message in
+    flight under that worker's token (before, it was queued again, the holder's ack refused)."""
+    broker, storage = await parts(stack, redis_url, prefix)
+    calls = record_calls(broker, monkeypatch)
+    await broker.publish_new(Envelope("a", b"body"), storage, new_record("a"))
+    [sent] = calls
+    async with broker.consume(prefetch=1) as it:
+        delivery = await take(it)
+        record = await begun(storage, delivery)
+        await broker._run_call(*sent)
+        assert await storage.get("a") == record
+        assert (await broker.stats()).ready_by_priority == {}
+        record.status, record.returning = TaskStatus.SUCCESS, "once"
+        assert await broker.ack_final(delivery, storage, record)
+    await assert_ran_once(broker, storage, {"a": "once"})
+
+
+async def test_a_second_publish_new_of_a_uuid_still_replaces_it(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Only the same call run again is skipped: another call with a uuid that ran (a task id
+    reused on purpose) replaces the record and queues the task, as before."""
+    broker, storage = await parts(stack, redis_url, prefix)
+    await broker.publish_new(Envelope("a", b"body"), storage, new_record("a"))
+    await run_task(broker, storage, "first")
+    await broker.publish_new(Envelope("a", b"again"), storage, new_record("a"))
+    stored = await storage.get("a")
+    assert stored is not None and stored.status is TaskStatus.NEW
+    assert await run_task(broker, storage, "second") == "a"
+    await assert_ran_once(broker, storage, {"a": "second"})
+
+
+@pytest.mark.parametrize("stored_before", [False, True], ids=["fresh", "task-by-task"])
+async def test_publish_new_many_sent_again_after_the_tasks_ran_changes_nothing(
+    redis_url: str,
+    prefix: str,
+    stack: AsyncExitStack,
+    monkeypatch: pytest.MonkeyPatch,
+    stored_before: bool,
+) -> None:
+    """The bulk script re-sent after its tasks ran, for both of its ways: a batch of fresh
+    tasks, and one meeting a stored record (a reused uuid) that goes task by task."""
+    broker, storage = await parts(stack, redis_url, prefix)
+    if stored_before:
+        await storage.add(new_record("a"))
+    calls = record_calls(broker, monkeypatch)
+    batch = [(new_record(uuid), Envelope(uuid, uuid.encode())) for uuid in "abc"]
+    await broker.publish_new_many(storage, batch)
+    [sent] = calls
+    ran = {await run_task(broker, storage, "first") for _ in batch}
+    assert ran == set("abc")
+    assert await broker._run_call(*sent) == 1
+    await assert_ran_once(broker, storage, dict.fromkeys("abc", "first"))
+    # Another call with the same uuids replaces them, as add_tasks of reused ids does.
+    await broker.publish_new_many(storage, batch)
+    assert await storage.stats() == {"new": 3}
+
+
+async def test_a_uuid_given_twice_in_one_bulk_call_is_replaced_across_batches(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later batch of one publish_new_many call meeting a record its earlier batch wrote is
+    not a re-sent batch: it is written, its message replacing the first, as within a batch."""
+    monkeypatch.setattr(broker_module, "_PUBLISH_BATCH", 2)
+    broker, storage = await parts(stack, redis_url, prefix)
+    batch = [
+        (new_record(uuid), Envelope(uuid, body))
+        for uuid, body in (("a", b"a1"), ("b", b"b"), ("a", b"a2"))
+    ]
+    await broker.publish_new_many(storage, batch)
+    got = {}
+    async with broker.consume(prefetch=2) as it:
+        for delivery in [await take(it), await take(it)]:
+            got[delivery.id] = delivery.body
+            assert await delivery.ack()
+    assert got == {"a": b"a2", "b": b"b"}

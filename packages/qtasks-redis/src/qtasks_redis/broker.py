@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from qtasks.components import BrokerStats, Buried, DeadLetter, Delivery, GlobalConfig, Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
-from qtasks.messages import Envelope
+from qtasks.messages import Envelope, new_uuid
 from qtasks.record import TaskRecord
 from qtasks_redis import broker_lua as lua
 from qtasks_redis import shared_lua, workflow_lua
@@ -68,6 +68,13 @@ _SETTLE_SCRIPTS = {
     (True, True): workflow_lua.ACK_FINALS_WF_BEGIN,
 }
 """The settle script by (a workflow member among the tasks, records to begin)."""
+
+
+def _nonce() -> str:
+    """The nonce of one enqueue script call (see :data:`~qtasks_redis.shared_lua.PUBLISH_NEW`):
+    64 random bits, drawn before the call is packed, so that the call re-sent carries the
+    same."""
+    return new_uuid()[:16]
 
 
 class RedisDelivery:
@@ -272,7 +279,9 @@ class RedisBroker:
         redis_storage = _redis_storage(storage)
         encode = redis_storage._encode
         for start in range(0, len(tasks), _PUBLISH_BATCH):
-            args: list[Any] = [redis_storage.key_tag, redis_storage.ttl_ms]
+            # A nonce per script call: a batch meeting a record of an earlier batch of this
+            # call (a uuid given twice) is not taken for a re-sent one.
+            args: list[Any] = [redis_storage.key_tag, redis_storage.ttl_ms, _nonce()]
             first = tasks[start][0].uuid
             for record, envelope in tasks[start : start + _PUBLISH_BATCH]:
                 eta = "" if envelope.eta is None else str(int(envelope.eta * 1000))
@@ -307,7 +316,7 @@ class RedisBroker:
         await self._run_call(
             shared_lua.PUBLISH_NEW,
             (*keys, *self.keys),
-            (*args, *self._publish_args(envelope)),
+            (*args, *self._publish_args(envelope), _nonce()),
             RECORD_KEYS,
         )
 
@@ -336,7 +345,7 @@ class RedisBroker:
         reply = await self._run_call(
             PUBLISH_NEW_UNIQUE,
             (*keys, *self.keys),
-            (*args, *self._publish_args(envelope), *global_config.unique_args(*claim)),
+            (*args, *self._publish_args(envelope), _nonce(), *global_config.unique_args(*claim)),
             RECORD_KEYS,
         )
         return reply.decode() if isinstance(reply, bytes) else None

@@ -177,10 +177,13 @@ return false
 PUBLISH_NEW_UNIQUE = Script(
     r"""
 -- _CLAIM_UNIQUE, then, when the key was claimed, the shared server's PUBLISH_NEW (record and
--- message). KEYS and ARGV are PUBLISH_NEW's; four more ARGV: the unique key (its name, not in
--- KEYS: this runs only outside Redis Cluster, as PUBLISH_NEW), holder, ttl_ms ('' for none),
--- replace (''). Returns the holder kept (nothing written), or PUBLISH_NEW's reply.
+-- message). KEYS and ARGV are PUBLISH_NEW's (its nonce last); four more ARGV: the unique key
+-- (its name, not in KEYS: this runs only outside Redis Cluster, as PUBLISH_NEW), holder,
+-- ttl_ms ('' for none), replace (''). Returns the holder kept (nothing written), or
+-- PUBLISH_NEW's reply. The call re-sent after its first run wrote the record (the record
+-- carries its nonce) claims nothing: the task's end may have freed the key since.
 local n = #ARGV
+if redis.call('HGET', KEYS[1], 'p') == ARGV[n - 4] then return 1 end
 local ukey, holder, ttl, replace = ARGV[n - 3], ARGV[n - 2], ARGV[n - 1], ARGV[n]
 local held = redis.call('GET', ukey)
 if held and held ~= replace then return held end

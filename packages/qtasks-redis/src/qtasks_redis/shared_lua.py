@@ -19,7 +19,7 @@ STORAGE_KEYS = 10
 BROKER_KEYS = len(broker_lua.KEY_NAMES)
 SAVE_ARGS = 10
 """Arguments of the storage's SAVE: uuid, json, status, token, has_fence, fence, force, ttl,
-task_name, parent_uuid."""
+task_name, parent_uuid (and an enqueue's nonce, see :data:`PUBLISH_NEW`)."""
 
 
 def _keys_from(prelude: str, base: int) -> str:
@@ -32,15 +32,29 @@ def _body(script: Script, prelude: str) -> str:
     return script.source[len(prelude) :]
 
 
-def _combine(storage: Script, broker: Script, broker_args: int, *, gate: bool) -> Script:
+def _combine(
+    storage: Script, broker: Script, broker_args: int, *, gate: bool, nonce: bool = False
+) -> Script:
     """``storage`` then ``broker``; with ``gate``, the broker part runs only when the storage
     part did not return 0 (1: saved; 2: the record was already final, the task is over).
-    Returns the storage part's reply.
+    Returns the storage part's reply. With ``nonce``, one more argument, the call's nonce:
+    passed to SAVE (which stores it in the record), and when the record carries it already,
+    nothing runs and the reply is 1, as the earlier run's.
 
     Both preludes are defined once at the top (the broker's reading its keys after the
     storage's); each body becomes a local function whose ``ARGV`` parameter shadows the
     global, so its early ``return`` statements keep their meaning."""
     run_broker = "if saved ~= 0 then broker(ba) end" if gate else "broker(ba)"
+    # A call re-sent after its reply was lost (the lane or redis-py retries it): its first run
+    # went through, and the task may have run since.
+    replayed = (
+        f"""local NONCE = ARGV[{SAVE_ARGS + broker_args + 1}]
+if redis.call('HGET', K_REC, 'p') == NONCE then return 1 end
+sa[{SAVE_ARGS + 1}] = NONCE
+"""
+        if nonce
+        else ""
+    )
     return Script(
         storage_lua.PRELUDE
         + _keys_from(second(broker_lua.PRELUDE), STORAGE_KEYS)
@@ -54,15 +68,19 @@ end
 local sa, ba = {{}}, {{}}
 for i = 1, {SAVE_ARGS} do sa[i] = ARGV[i] end
 for i = 1, {broker_args} do ba[i] = ARGV[{SAVE_ARGS} + i] end
-local saved = storage(sa)
+{replayed}local saved = storage(sa)
 {run_broker}
 return saved
 """
     )
 
 
-PUBLISH_NEW = _combine(storage_lua.SAVE, broker_lua.PUBLISH, 4, gate=False)
-"""Storage SAVE (forced: a new record) then broker PUBLISH (id, body, priority, eta_ms)."""
+PUBLISH_NEW = _combine(storage_lua.SAVE, broker_lua.PUBLISH, 4, gate=False, nonce=True)
+"""Storage SAVE (forced: a new record) then broker PUBLISH (id, body, priority, eta_ms), then
+the call's nonce (drawn once per call): the same call run again (re-sent after its reply was
+lost) finds its nonce in the record and writes nothing, so it never sets a task that ran back
+to ``new`` nor queues it again. Another call with the same uuid has another nonce: it
+replaces the record and the message, as before."""
 
 ACK_FINAL = _combine(storage_lua.SAVE, broker_lua.ACK, 2, gate=True)
 """Storage SAVE fenced by the delivery's token, then, unless the fence refused it, broker ACK

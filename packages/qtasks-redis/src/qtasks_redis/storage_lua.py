@@ -4,7 +4,8 @@
               :meth:`cancel` (``cr`` reason, ``u`` updated_at), :meth:`begin` (``u``, ``a``
               attempt, ``w`` worker), :meth:`add_step` (``n``) and the broker's claim when
               it dead-letters the message (``e`` error, ``u``, ``s``, ``t``); ``g`` the
-              publish generation (workflow_lua.REPUBLISH), which no other write changes
+              publish generation (workflow_lua.REPUBLISH), which no other write changes;
+              ``p`` the nonce of the enqueue call that wrote it (see :data:`SAVE`)
 2. ``wake``   LIST: one token pushed when the record turns final; waiters ``BLMOVE`` it onto
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
@@ -125,7 +126,8 @@ SAVE = Script(
     PRELUDE
     + r"""
 -- ARGV: uuid, json, status, token, has_fence, fence, force, ttl_ms ('' for none), task_name,
--- parent_uuid ('' for none)
+-- parent_uuid ('' for none), and from an enqueue script only, its call's nonce: written as
+-- 'p', which no other write changes, so a re-sent enqueue finds that it ran (PUBLISH_NEW).
 -- force: '1' replaces any stored record, '0' checks fence and finality, 'n' writes only
 -- when no record is stored (a new task's record racing its first delivery).
 -- Returns 1 when written, 0 when refused by the fence (another attempt owns the task), 2 when
@@ -140,7 +142,11 @@ if ARGV[7] ~= '1' and cur[1] then
 end
 local old = false
 if cur[1] then old = cur[2] end
-redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
+if ARGV[11] then
+  redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token, 'p', ARGV[11])
+else
+  redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
+end
 if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
 local now = now_ms()
 index(uuid, old, status, now)

@@ -312,20 +312,29 @@ PUBLISH_NEW_MANY = Script(
     + _FUNCTIONS
     + _FRESH_BATCH
     + """
--- BulkPublishNew: KEYS as ACK_FINALS_WF; ARGV: TAG, ttl_ms, then per task the record's uuid,
+-- BulkPublishNew: KEYS as ACK_FINALS_WF; ARGV: TAG, ttl_ms, the call's nonce (as
+-- shared_lua.PUBLISH_NEW's, stored in each record as 'p'), then per task the record's uuid,
 -- JSON, status and token (SAVE, forced) and the message's id, body, priority and eta_ms
 -- (PUBLISH): 8 a task instead of SAVE's and PUBLISH's 12 (fewer to encode and send).
-local ttl = ARGV[2]
-local n = (#ARGV - 2) / 8
+local ttl, NONCE = ARGV[2], ARGV[3]
+local n = (#ARGV - 3) / 8
 -- A batch of fresh tasks (no record nor message of it exists yet, as with new uuids: the
 -- usual case) costs one write per record; each index, hash and queue is written once for
 -- the whole batch. Any other batch goes task by task through SAVE and PUBLISH, as add_task.
-local recs, fresh = fresh_batch(3, 8)
+local recs, fresh = fresh_batch(4, 8)
 local ids = {}
-for i = 0, n - 1 do ids[i + 1] = ARGV[7 + i * 8] end
+for i = 0, n - 1 do ids[i + 1] = ARGV[8 + i * 8] end
 if fresh then
   for _, body in ipairs(redis.call('HMGET', K_BODY, unpack(ids))) do
     if body then fresh = false break end
+  end
+end
+if not fresh then
+  -- This call run again (re-sent after its reply was lost): its first run wrote every
+  -- record of the batch, with the nonce, and their tasks may have run since. Nothing is
+  -- written; the reply is the first run's.
+  for _, rec in ipairs(recs) do
+    if redis.call('HGET', rec, 'p') == NONCE then return 1 end
   end
 end
 if fresh then
@@ -333,8 +342,9 @@ if fresh then
   local seq = redis.call('INCRBY', K_SEQ, n) - n
   local new, bodies, metas, ready, delayed = {}, {}, {}, {}, {}
   for i = 0, n - 1 do
-    local base, id = 2 + i * 8, ids[i + 1]
-    redis.call('HSET', recs[i + 1], 'd', ARGV[base + 2], 's', 'new', 't', ARGV[base + 4])
+    local base, id = 3 + i * 8, ids[i + 1]
+    redis.call('HSET', recs[i + 1], 'd', ARGV[base + 2], 's', 'new', 't', ARGV[base + 4],
+               'p', NONCE)
     new[#new + 1] = now
     new[#new + 1] = ARGV[base + 1]
     bodies[#bodies + 1] = id
@@ -360,9 +370,10 @@ if fresh then
   notify()
   return 1
 end
-for base = 2, #ARGV - 1, 8 do
+for base = 3, #ARGV - 1, 8 do
   rec_keys(ARGV[base + 1])
-  storage({ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], '0', '', '1', ttl})
+  storage({ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], '0', '', '1', ttl,
+           nil, nil, NONCE})
   broker_publish({ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], ARGV[base + 8]})
 end
 return 1
