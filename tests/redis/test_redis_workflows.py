@@ -15,11 +15,11 @@ import redis
 import redis.asyncio
 from workflow_app import Workers, build, kill_while_running
 
-from qtasks import AsyncQueueTasks, chain, chord, group, hookimpl
+from qtasks import AsyncQueueTasks, QueueConfig, chain, chord, group, hookimpl
 from qtasks.components import RecordQuery, StorageQuery, WorkflowStore
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import Node, Workflow
-from qtasks_redis import RedisBroker
+from qtasks_redis import RedisBroker, RedisStorage
 
 pytestmark = pytest.mark.anyio
 
@@ -546,4 +546,85 @@ async def test_the_workflow_list_skips_and_forgets_expired_records(
         assert sorted(left) == sorted([ids[0], ids[2]])
         assert [r.uuid for r in await storage.workflows(1)] == [ids[2]]
     finally:
+        await app.aclose()
+
+
+def short_lived(
+    redis_url: str, prefix: str, result_ttl: float, queue: str = "wf-index"
+) -> AsyncQueueTasks:
+    """A worker app whose results (workflow records included) expire after ``result_ttl``."""
+    app = AsyncQueueTasks(
+        "workflow-index",
+        broker=RedisBroker(redis_url, prefix=prefix, queue=queue),
+        storage=RedisStorage(redis_url, prefix=prefix),
+        config=QueueConfig(result_ttl=result_ttl),
+    )
+
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    return app
+
+
+async def indexed(client: redis.asyncio.Redis, tag: str) -> set[str]:
+    listed: list[bytes] = await client.zrange(f"{tag}:wf", 0, -1)  # type: ignore[assignment]  # bytes: no decode_responses
+    return {i.decode() for i in listed}
+
+
+async def test_a_new_workflow_removes_expired_ones_from_the_list_without_listing(
+    redis_url: str, prefix: str
+) -> None:
+    """The index of workflows was pruned only by a listing (the dashboard, ``qtasks
+    inspect``): on a cluster never looked at, one entry a workflow for ever. Adding one now
+    removes the entries whose records expired; a workflow older than the TTL that still
+    runs keeps its entry."""
+    app = short_lived(redis_url, prefix, result_ttl=0.3)
+    idle = short_lived(redis_url, prefix, result_ttl=0.3, queue="wf-idle")  # no worker
+    double = app.tasks["double"]
+    client = redis.asyncio.Redis.from_url(redis_url)
+    tag = app.storage.key_tag  # type: ignore[attr-defined]  # a RedisStorage here
+    try:
+        # Runs for as long as the test: listed as made long ago (a long workflow).
+        running = (await idle.run_workflow(idle.tasks["double"].s(9))).id
+        await client.zadd(f"{tag}:wf", {running: 1}, xx=True)
+        async with app:
+            ended = [(await app.run_workflow(double.s(i))).id for i in range(3)]
+            for id in ended:
+                assert (await app.wait_workflow(id, timeout=5)).status == "success"
+        with anyio.fail_after(5):
+            while await client.exists(*(f"{tag}:r:{id}" for id in ended)):  # noqa: ASYNC110 - a TTL runs out
+                await anyio.sleep(0.05)
+        assert await indexed(client, tag) == {*ended, running}
+        newest = (await app.run_workflow(double.s(10))).id
+        assert await indexed(client, tag) == {running, newest}
+    finally:
+        await client.aclose()
+        await app.aclose()
+        await idle.aclose()
+
+
+async def test_long_running_workflows_do_not_keep_expired_ones_in_the_list(
+    redis_url: str, prefix: str
+) -> None:
+    """More running workflows older than the TTL than an add checks, at the head of the
+    index, do not stop the adds from reaching the expired entries behind them."""
+    app = short_lived(redis_url, prefix, result_ttl=60)
+    double = app.tasks["double"]
+    client = redis.asyncio.Redis.from_url(redis_url)
+    tag = app.storage.key_tag  # type: ignore[attr-defined]  # a RedisStorage here
+    try:
+        running = [(await app.run_workflow(double.s(i))).id for i in range(20)]
+        # Made long ago: the running ones first, then 30 whose records expired.
+        await client.zadd(f"{tag}:wf", {id: 1 + n for n, id in enumerate(running)}, xx=True)
+        expired = {f"expired-{n}": 100 + n for n in range(30)}
+        await client.zadd(f"{tag}:wf", expired)
+        added: set[str] = set()
+        for _ in range(60):  # each removes up to 8: 10 adds in the median, 37 at most in 200,000
+            if (await indexed(client, tag)).isdisjoint(expired):
+                break
+            added.add((await app.run_workflow(double.s(0))).id)
+        assert await indexed(client, tag) == {*running, *added}
+    finally:
+        await client.aclose()
         await app.aclose()

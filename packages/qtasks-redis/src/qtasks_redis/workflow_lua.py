@@ -13,7 +13,9 @@ A workflow ``W`` keeps, under the storage's hash tag ``TAG`` (one slot with its 
 all expiring with the workflow's record once it ended (a day when results do not expire), and
 deleted at once by ``cancel_workflow`` (a member that ends later finds the record final and
 reads them only); and ``TAG:wf``, a ZSET of every workflow (id -> microseconds created, so
-that workflows made in one millisecond keep their order), for listing.
+that workflows made in one millisecond keep their order), for listing. Its entries outlive
+their records, which expire with the results: the listing removes those it meets, and each
+new workflow's :data:`INDEX` checks a few older than the result TTL (see there).
 
 and its own record (uuid ``W``) is a task record: its status is the workflow's.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from qtasks_redis import broker_lua, shared_lua, storage_lua
 from qtasks_redis.connection import Script
-from qtasks_redis.lua_time import second
+from qtasks_redis.lua_time import SERVER_TIME, second
 from qtasks_redis.shared_lua import SAVE_ARGS as _SAVE_ARGS
 from qtasks_redis.shared_lua import STORAGE_KEYS as _STORAGE_KEYS
 from qtasks_redis.shared_lua import _body, _keys_from
@@ -191,6 +193,42 @@ return 1
 """
 )
 """The gates of a new workflow (feeds are written with :data:`ADD_FEEDS`)."""
+
+INDEX = Script(
+    SERVER_TIME
+    + r"""
+-- KEYS: TAG:wf. ARGV: TAG, the workflow's id, its creation time (µs), the result TTL in ms
+-- ('' for none: no record expires). Lists the workflow, then removes the entries whose
+-- record is gone among 8 of those created more than a TTL ago (only those can have
+-- expired). The 8 start at a rank drawn from the clock, so workflows running for longer
+-- than the TTL, oldest of all, do not hide the expired ones behind them; an add removes up
+-- to 8 and adds one, so expired entries do not pile up (pruned only by listing before, the
+-- index of a cluster whose workflows were never listed grew by one a workflow for ever).
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+local ttl = tonumber(ARGV[4])
+if not ttl then return 0 end
+local t = server_time()
+local cutoff = (tonumber(t[1]) * 1000 - ttl) * 1000 + tonumber(t[2])  -- µs, exact in a double
+local old = redis.call('ZCOUNT', KEYS[1], '-inf', string.format('(%.0f', cutoff))
+if old == 0 then return 0 end
+local gone = {}
+local function check(from, to)
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], from, to)) do
+    if redis.call('EXISTS', ARGV[1] .. ':r:' .. id) == 0 then gone[#gone + 1] = id end
+  end
+end
+if old <= 8 then
+  check(0, old - 1)
+else  -- 8 in a row from any rank, wrapping round: every rank as likely
+  local start = tonumber(t[2]) % old
+  check(start, math.min(start + 7, old - 1))
+  if start + 7 >= old then check(0, start + 7 - old) end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return #gone
+"""
+)
+"""List a new workflow in ``TAG:wf``, pruning a few expired entries (returns how many)."""
 
 ADD_FEEDS = Script(
     r"""

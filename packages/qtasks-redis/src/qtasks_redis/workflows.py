@@ -34,7 +34,7 @@ def workflow_keys(storage: RedisStorage, workflow: str, kinds: str = "cmnba") ->
 
 
 def index_key(storage: RedisStorage) -> str:
-    """The ZSET of every workflow: id -> ms created (see :mod:`qtasks_redis.workflow_lua`)."""
+    """The ZSET of every workflow: id -> µs created (see :mod:`qtasks_redis.workflow_lua`)."""
     return f"{storage.key_tag}:wf"
 
 
@@ -69,12 +69,12 @@ async def add_workflow(
         flat = [item for pair in pairs[start : start + CHUNK] for item in pair]
         await guarded(target, lua.ADD_FEEDS(client, keys[2:3], flat))
     # The records last: the workflow's first, so a member never exists without it; listed
-    # once its record exists (a listing forgets an entry whose record is gone).
+    # once its record exists (a listing, and each workflow added, forgets entries whose
+    # record is gone).
     await add_many(storage, [workflow, *members])
-    indexed: Awaitable[Any] = client.zadd(
-        index_key(storage), {workflow.uuid: int(workflow.created_at * 1_000_000)}
-    )
-    await guarded(target, indexed)
+    created = int(workflow.created_at * 1_000_000)
+    entry = (storage.key_tag, workflow.uuid, created, storage.ttl_ms)
+    await guarded(target, lua.INDEX(client, [index_key(storage)], entry))
 
 
 async def cancel_workflow(storage: RedisStorage, workflow: str, reason: str) -> TaskRecord | None:
