@@ -209,13 +209,56 @@ def test_prefetch_defaults_to_a_fifth_of_the_concurrency() -> None:
 
 
 def test_mask_url_hides_passwords_only() -> None:
-    from qtasks.config import mask_url
+    from qtasks.masking import mask_url
 
     assert mask_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("amqp://guest:guest@127.0.0.1:5672/") == "amqp://guest:***@127.0.0.1:5672/"
     assert mask_url("redis://user@h/0") == "redis://user@h/0"
     assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert mask_url("redis://h:6379/0?db=2&client_name=w") == "redis://h:6379/0?db=2&client_name=w"
     assert mask_url(None) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # redis-py and urlsplit end the user information at the last "@".
+        ("redis://default:hunter2@xx@127.0.0.1:6379/9", "redis://default:***@127.0.0.1:6379/9"),
+        ("redis://127.0.0.1:6379/9?password=hunter2", "redis://127.0.0.1:6379/9?password=***"),
+        (
+            "redis://h/0?db=1&Password=hunter2&token=x#f",
+            "redis://h/0?db=1&Password=***&token=***#f",
+        ),
+        ("redis://h/0?password=hunt@er2", "redis://h/0?password=***"),
+        ("unix:///tmp/r.sock?password=hunter2", "unix:///tmp/r.sock?password=***"),
+        # An unencoded "/" or "?" in the password: where it ends is unknowable, mask it all.
+        ("redis://u:hun/ter2@h:6379/0", "redis://***"),
+        ("redis://u:hun?ter2@h:6379/0", "redis://***"),
+        ("redis://[::1", "***"),  # does not parse
+    ],
+)
+def test_mask_url_hides_every_form_of_password(url: str, shown: str) -> None:
+    from qtasks.masking import mask_url
+
+    assert mask_url(url) == shown
+
+
+def test_the_url_a_storage_follows_is_logged_without_its_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from qtasks.config import follow_broker
+
+    for url in (
+        "redis://default:hunter2@xx@10.0.0.5:6379/9",
+        "redis://10.0.0.5/9?password=hunter2",
+    ):
+        loaded = load_config(env={}, overrides={"broker": "redis", "broker_url": url})
+        with caplog.at_level("INFO", logger="qtasks.config"):
+            assert follow_broker(loaded).config.storage_url == url  # the URL itself is kept
+        logged = " ".join(r.getMessage() for r in caplog.records)
+        assert "follows broker_url" in logged and "10.0.0.5" in logged
+        assert "hunter2" not in logged and "xx@" not in logged
+        caplog.clear()
 
 
 def test_a_setting_written_after_an_extra_table_is_warned_about(

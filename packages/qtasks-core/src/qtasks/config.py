@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from qtasks.compat.config import BUILT_IN, RENAMED, QTasksConfigNames, warn_ignored
 from qtasks.errors import ConfigError
+from qtasks.masking import mask_url
 
 
 @dataclass(slots=True)
@@ -389,13 +389,6 @@ _LEADERS: dict[str, tuple[str, ...]] = {
 }
 """Whom an unset storage or global config follows, first match wins: the broker's backend
 when it provides one of that kind; a global config otherwise follows the storage."""
-
-
-def mask_url(url: str | None) -> str | None:
-    """``url`` with its password replaced by ``***`` (for logs and messages)."""
-    if url is None:
-        return None
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def follow_broker(loaded: LoadedConfig) -> LoadedConfig:

@@ -31,6 +31,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
+from qtasks.masking import MASK, mask_url
 from qtasks_rabbitmq.confirms import ConfirmTimeout, Outgoing, publish_batch
 from qtasks_rabbitmq.errors import TopologyError
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
@@ -40,20 +41,11 @@ log = logging.getLogger("qtasks_rabbitmq")
 Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
 
 
-def safe_url(url: str) -> str:
-    """``url`` with the password replaced, for logs and error messages."""
-    try:
-        parsed = URL(url)
-    except (TypeError, ValueError):
-        return "<unparseable url>"
-    return str(parsed.with_password("******")) if parsed.password else str(parsed)
-
-
 def describe(exc: BaseException, secret: str | None) -> str:
     """A one-line description of ``exc`` that never contains ``secret``."""
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if secret:
-        text = text.replace(secret, "******")
+        text = text.replace(secret, MASK)
     return text
 
 
@@ -73,13 +65,13 @@ class Link:
         parsed = URL(url)
         if parsed.scheme not in ("amqp", "amqps"):
             raise BrokerConnectionError(
-                f"RabbitMQ URL must start with amqp:// or amqps://, got {safe_url(url)}"
+                f"RabbitMQ URL must start with amqp:// or amqps://, got {mask_url(url)}"
             )
         if "heartbeat" not in parsed.query:
             parsed = parsed.update_query(heartbeat=heartbeat)
         self._url = str(parsed)
         self._secret = parsed.password or None
-        self.safe_url = safe_url(self._url)
+        self.safe_url = mask_url(self._url)
         self.topology = topology
         self._connect_timeout = connect_timeout
         self._publish_timeout = publish_timeout

@@ -2,8 +2,9 @@
 shared refresh, see :mod:`qtasks_web.live`): nothing here outlives a restart except a cache
 of closed chart intervals, which is rebuilt from the storage.
 
-Masking: values whose key looks like a secret (``password``, ``token``, ``api_key``...) are
-replaced by :data:`MASK` in everything shown (arguments, results, dead-letter bodies).
+Masking: values whose key looks like a secret (``password``, ``token``, ``api_key``...: the
+rule of :mod:`qtasks.masking`) are replaced by :data:`MASK` in everything shown (arguments,
+results, dead-letter bodies).
 """
 
 from __future__ import annotations
@@ -11,22 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import AttemptLog, DeadLetter, RecordQuery, StorageQuery
+from qtasks.masking import is_secret_key
 from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
 MASK = "••••••"
-_SECRET = re.compile(
-    r"pass|secret|token|api[_-]?key|apikey|auth|credential|cookie|session|private|signature",
-    re.IGNORECASE,
-)
 _FINAL = (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL)
 log = logging.getLogger("qtasks_web")
 
@@ -44,7 +41,7 @@ def masked(value: Any, depth: int = 0) -> Any:
         return value
     if isinstance(value, dict):
         return {
-            k: MASK if isinstance(k, str) and _SECRET.search(k) else masked(v, depth + 1)
+            k: MASK if isinstance(k, str) and is_secret_key(k) else masked(v, depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -65,7 +62,7 @@ def masked_args(app: AsyncQueueTasks, task_name: str, args: list[Any]) -> list[A
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     return [
-        MASK if i < len(names) and _SECRET.search(names[i]) else value
+        MASK if i < len(names) and is_secret_key(names[i]) else value
         for i, value in enumerate(shown)
     ]
 

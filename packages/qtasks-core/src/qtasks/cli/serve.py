@@ -13,9 +13,9 @@ from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command
 from qtasks.cli.options import Components, MetricsPortOpt
 from qtasks.cli.resolve import aio_of, resolve_app
-from qtasks.config import mask_url
 from qtasks.discovery import instantiate_plugin, load
 from qtasks.errors import ConfigError
+from qtasks.masking import mask_url
 from qtasks.plugins import hookimpl
 
 
