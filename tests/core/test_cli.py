@@ -423,6 +423,52 @@ def test_config_shows_values_and_sources(tmp_path: Path, monkeypatch: pytest.Mon
     assert any(line.split()[:3] == ["lease", "11.0", "env"] for line in out.splitlines())
 
 
+SECRET_CONFIG = """
+broker = "redis"
+broker_url = "redis://default:hunter2@127.0.0.1:6379/0?password=hunter2"
+[extra]
+redis_prefix = "jobs"
+[extra.web]
+token = "tok-hunter2"
+users = { ops = "ops-hunter2", admin = "env:QTASKS_WEB_ADMIN_PASSWORD" }
+[extra.audit]
+api_key = "key-hunter2"
+sink = "https://audit:hunter2@audit.example/in"
+"""
+
+
+def test_config_masks_passwords_and_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "qtasks.toml").write_text(SECRET_CONFIG)
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("config", "--json")
+    assert code == 0
+    assert "hunter2" not in out
+    data = json.loads(out)
+    masked_url = "redis://default:***@127.0.0.1:6379/0?password=***"
+    assert data["broker_url"]["value"] == masked_url
+    assert data["storage_url"] == {"value": masked_url, "source": "follows broker_url"}
+    assert data["extra"]["value"] == {
+        "redis_prefix": "jobs",
+        "web": {
+            "token": "***",
+            # The names stay, and so does a reference to a variable: it holds no secret.
+            "users": {"ops": "***", "admin": "env:QTASKS_WEB_ADMIN_PASSWORD"},
+        },
+        "audit": {"api_key": "***", "sink": "https://audit:***@audit.example/in"},
+    }
+    code, out = invoke("config")
+    assert code == 0
+    assert "hunter2" not in out
+    assert any(line.split()[:2] == ["broker_url", f'"{masked_url}"'] for line in out.splitlines())
+    # A value of the wrong type is quoted in the error, masked too.
+    (tmp_path / "qtasks.toml").write_text('broker_url = ["redis://u:hunter2@h:6379/0"]\n')
+    code, out = invoke("config")
+    assert code == 1
+    assert "got list ['redis://u:***@h:6379/0']" in out and "hunter2" not in out
+
+
 def test_config_errors_are_one_line_and_exit_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

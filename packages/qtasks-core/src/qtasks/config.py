@@ -23,7 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from qtasks.compat.config import BUILT_IN, RENAMED, QTasksConfigNames, warn_ignored
 from qtasks.errors import ConfigError
-from qtasks.masking import mask_url
+from qtasks.masking import mask_url, masked
 
 
 @dataclass(slots=True)
@@ -169,7 +169,8 @@ def check_value(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key!r} must not be empty (expected {type_name(kind)})")
     if not _fits(value, base):
         raise ConfigError(
-            f"{source}: {key!r} expects {type_name(kind)}, got {type(value).__name__} {value!r}"
+            f"{source}: {key!r} expects {type_name(kind)}, got {type(value).__name__} "
+            f"{masked(value)!r}"
         )
     return float(value) if base is float else value
 

@@ -9,7 +9,7 @@ whose key is named like a secret (:func:`is_secret_key`: ``password``, ``token``
 from __future__ import annotations
 
 import re
-from typing import overload
+from typing import Any, overload
 from urllib.parse import unquote_plus, urlsplit
 
 MASK = "***"
@@ -69,3 +69,36 @@ def mask_url(url: str | None) -> str | None:
 def _mask_param(param: str) -> str:
     name, eq, _ = param.partition("=")
     return f"{name}={MASK}" if eq and is_secret_key(unquote_plus(name)) else param
+
+
+SECRET_TABLES = frozenset({"users"})
+"""Keys of tables whose every value is a credential under a non-secret name (qtasks-web's
+``users``: name = password)."""
+
+
+def masked(value: Any) -> Any:
+    """A setting's ``value`` (tables, lists, strings) as it may be shown.
+
+    The value of a key named like a secret, and every value of a :data:`SECRET_TABLES`
+    table, becomes :data:`MASK`, except a reference to an environment variable
+    (``"env:NAME"``), which names the secret without holding it; every other string goes
+    through :func:`mask_url`."""
+    if isinstance(value, dict):
+        return {key: _entry(key, sub) for key, sub in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(item) for item in value]
+    if isinstance(value, str):
+        return mask_url(value)
+    return value
+
+
+def _entry(key: Any, value: Any) -> Any:
+    if key in SECRET_TABLES and isinstance(value, dict):
+        return {name: _hidden(item) for name, item in value.items()}
+    if isinstance(key, str) and is_secret_key(key):
+        return _hidden(value)
+    return masked(value)
+
+
+def _hidden(value: Any) -> Any:
+    return value if isinstance(value, str) and value.startswith("env:") else MASK

@@ -14,6 +14,7 @@ from qtasks.cli.output import table, to_json
 from qtasks.cli.resolve import aio_of, import_app
 from qtasks.config import QueueConfig, config_file, follow_broker, load_config
 from qtasks.discovery import check_plugins, discover_all
+from qtasks.masking import masked
 
 
 @command(cli)
@@ -80,16 +81,21 @@ def show_config(*, where: Place, as_json: JsonOpt = False) -> None:
     Sources: default, the file, an environment variable, a cli flag, code, or "follows broker"
     (a storage or global config left unset follows a remote broker). With -A, the
     configuration of that app (its module imported with -c's file, as every command does).
+    Passwords in URLs and values of secret-named keys (password, token, api_key...) are
+    shown as ***.
     """
     if where.app is not None:
         with config_file(where.config):
             aio = aio_of(import_app(where.app))
-        values = {f.name: getattr(aio.config, f.name) for f in fields(QueueConfig)}
-        sources = {k: aio.config_sources.get(k, "app (constructor)") for k in values}
+        shown = aio.config
+        sources = {
+            f.name: aio.config_sources.get(f.name, "app (constructor)") for f in fields(shown)
+        }
     else:
         loaded = follow_broker(load_config(where.config))
-        values = {f.name: getattr(loaded.config, f.name) for f in fields(QueueConfig)}
-        sources = loaded.sources
+        shown, sources = loaded.config, loaded.sources
+    # Output that ends up in issues and CI logs: passwords and secret-named values masked.
+    values = {f.name: masked(getattr(shown, f.name)) for f in fields(QueueConfig)}
     if as_json:
         typer.echo(to_json({k: {"value": v, "source": sources[k]} for k, v in values.items()}))
         return
