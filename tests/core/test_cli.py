@@ -469,6 +469,29 @@ def test_config_masks_passwords_and_secrets(
     assert "got list ['redis://u:***@h:6379/0']" in out and "hunter2" not in out
 
 
+def test_the_web_docs_secret_variables_do_not_break_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/web.md keeps the dashboard's secrets in QTASKS_WEB_* variables: every command
+    sharing that environment still works, and a typo of a setting still fails."""
+    (tmp_path / "qtasks.toml").write_text(
+        '[extra.web]\ntoken = "env:QTASKS_WEB_TOKEN"\n'
+        'users = { ops = "env:QTASKS_WEB_OPS_PASSWORD" }\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QTASKS_WEB_TOKEN", "s3cret-token")
+    monkeypatch.setenv("QTASKS_WEB_OPS_PASSWORD", "s3cret-pw")
+    code, out = invoke("config", "--json")
+    assert code == 0, out
+    assert json.loads(out)["extra"]["value"]["web"]["token"] == "env:QTASKS_WEB_TOKEN"
+    assert "s3cret" not in out
+    code, out = invoke("plugins")
+    assert code == 0, out
+    monkeypatch.setenv("QTASKS_BROKR", "redis")
+    code, out = invoke("config")
+    assert (code, out.startswith("error: env QTASKS_BROKR: unknown key 'brokr'")) == (1, True)
+
+
 def test_config_errors_are_one_line_and_exit_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -306,3 +307,66 @@ def test_types_are_checked_from_the_annotations_not_their_text() -> None:
     with pytest.raises(ConfigError, match=r"'extra' expects dict\[str, Any\], got dict"):
         check_value("extra", {1: "a"}, "code")  # keys are names
     assert check_value("extra", {"a": [1, None]}, "code") == {"a": [1, None]}
+
+
+def test_a_variable_named_in_an_env_reference_is_not_a_setting(tmp_path: Path) -> None:
+    """qtasks-web's documented ``token = "env:QTASKS_WEB_TOKEN"``: the variable holds the
+    secret, it is no setting, wherever the reference is (file, code, QTASKS_EXTRA)."""
+    file = write(
+        tmp_path / "qtasks.toml",
+        '[extra.dash]\ntoken = "env:QTASKS_DASH_TOKEN"\n'
+        'users = { ops = "env:QTASKS_DASH_OPS_PASSWORD" }\n',
+    )
+    env = {"QTASKS_DASH_TOKEN": "s3cret", "QTASKS_DASH_OPS_PASSWORD": "pw", "QTASKS_RETRY": "2"}
+    loaded = load_config(file, env=env)
+    assert loaded.config.retry == 2
+    assert loaded.config.extra == {
+        "dash": {"token": "env:QTASKS_DASH_TOKEN", "users": {"ops": "env:QTASKS_DASH_OPS_PASSWORD"}}
+    }
+    assert not any("DASH" in source for source in loaded.sources.values())
+    code = {"extra": {"dash": {"token": "env:QTASKS_DASH_TOKEN"}}}
+    assert load_config(env={"QTASKS_DASH_TOKEN": "s"}, overrides=code, directory=tmp_path / "x")
+    as_env = {
+        "QTASKS_DASH_TOKEN": "s",
+        "QTASKS_EXTRA": '{"dash": {"token": "env:QTASKS_DASH_TOKEN"}}',
+    }
+    assert load_config(env=as_env, directory=tmp_path / "x").config.extra["dash"]
+    # Not referenced, not an extension's: still an error, which says how to make it one.
+    with pytest.raises(ConfigError) as caught:
+        load_config(env={"QTASKS_DASH_TOKEN": "s"}, directory=tmp_path / "x")
+    assert "env QTASKS_DASH_TOKEN: unknown key 'dash_token'" in str(caught.value)
+    assert "named in an env: value of the configuration" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_variables_of_an_installed_extension_are_left_to_it_and_typos_still_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker sharing the dashboard's environment (a shared .env, a Kubernetes secret) but
+    not its configuration: ``QTASKS_<NAME>_*`` of an installed extension is not a setting."""
+    from importlib.metadata import EntryPoint
+
+    from qtasks import discovery
+
+    real = discovery.entry_points  # type: ignore[attr-defined]  # the name discovery imports
+    extensions = {
+        "qtasks.cli": [EntryPoint("dash", "dash_cli:cli", "qtasks.cli")],
+        # An extension named like a setting's first word does not take that word over.
+        "qtasks.plugins": [EntryPoint("log", "log_plugin:Plugin", "qtasks.plugins")],
+    }
+
+    def fake(*, group: str) -> Any:
+        return extensions.get(group) or real(group=group)
+
+    monkeypatch.setattr(discovery, "entry_points", fake)
+    nowhere = tmp_path / "nowhere"
+    env = {"QTASKS_DASH_TOKEN": "s", "QTASKS_DASH_ADMIN_PASSWORD": "p", "QTASKS_LEASE": "7"}
+    assert load_config(env=env, directory=nowhere).config.lease == 7.0
+    for typo, key in [
+        ("QTASKS_BROKR", "brokr"),
+        ("QTASKS_BROKER_URLL", "broker_urll"),
+        ("QTASKS_LOG_LEVL", "log_levl"),
+        ("QTASKS_DASH", "dash"),
+    ]:
+        with pytest.raises(ConfigError, match=f"env {typo}: unknown key '{key}'"):
+            load_config(env={**env, typo: "x"}, directory=nowhere)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
@@ -308,9 +308,16 @@ def parse_env_value(key: str, raw: str, source: str) -> Any:
     return check_value(key, value, source)
 
 
-def read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
-    """Checked values of every ``QTASKS_<KEY>`` variable (an unknown one is an error)."""
+def read_env(env: Mapping[str, str], referenced: Iterable[str] = ()) -> dict[str, tuple[Any, str]]:
+    """Checked values of every ``QTASKS_<KEY>`` variable.
+
+    A variable that is not a setting is left alone (logged at debug level) when the
+    configuration names it in an ``"env:NAME"`` value (``referenced``, plus those in
+    ``QTASKS_EXTRA``), or when it is ``QTASKS_<NAME>_...`` of an installed plugin or CLI
+    extension ``NAME`` (``QTASKS_WEB_TOKEN`` of qtasks-web); any other unknown variable is an
+    error."""
     values: dict[str, tuple[Any, str]] = {}
+    unknown: dict[str, str] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
@@ -325,8 +332,51 @@ def read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
                 raw = str(convert(raw.strip()))
             except ValueError as exc:
                 raise ConfigError(f"{source}: {exc}") from exc
+        if key not in _FIELD_TYPES and key not in MOVED:
+            unknown[name] = key
+            continue
         values[key] = (parse_env_value(key, raw, source), source)
+    if unknown:
+        names = set(referenced) | env_references(values.get("extra", ({}, ""))[0])
+        for name, key in unknown.items():
+            _check_not_a_setting(name, key, names)
     return values
+
+
+def env_references(value: Any) -> set[str]:
+    """The variables named by ``"env:NAME"`` strings anywhere in ``value`` (tables, lists)."""
+    if isinstance(value, str):
+        return {value[4:]} if value.startswith("env:") else set()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return set().union(*(env_references(item) for item in value))
+    return set()
+
+
+def _check_not_a_setting(name: str, key: str, referenced: set[str]) -> None:
+    """Log why ``name`` (``QTASKS_<KEY>``, not a setting) is left alone, or raise."""
+    from qtasks.discovery import installed_names
+
+    if name in referenced:
+        log.debug("env %s is not a setting: the configuration reads it as an env: value", name)
+        return
+    namespace, sep, _ = key.partition("_")
+    # A setting's first word (QTASKS_BROKER_URLL) is never an extension's namespace.
+    ours = any(setting.partition("_")[0] == namespace for setting in _FIELD_TYPES)
+    extensions = installed_names("plugin") | installed_names("cli")
+    if sep and not ours and namespace in extensions:
+        log.debug("env %s is not a setting: left to the extension %r", name, namespace)
+        return
+    known = ", ".join(sorted(_FIELD_TYPES))
+    hint = ""
+    if sep and not ours:
+        hint = (
+            f"; a variable of an extension is named in an env: value of the configuration, or "
+            f"is QTASKS_<NAME>_... of an installed plugin or CLI extension (installed: "
+            f"{', '.join(sorted(extensions)) or 'none'})"
+        )
+    raise ConfigError(f"env {name}: unknown key {key!r} (known keys: {known}){hint}")
 
 
 def load_config(
@@ -367,7 +417,8 @@ def load_config(
         for key, value in from_file.items():
             values[key] = value
             sources[key] = source
-    for key, (value, source) in read_env(environ).items():
+    referenced = env_references(values) | env_references(dict(overrides or {}))
+    for key, (value, source) in read_env(environ, referenced).items():
         values[key] = value
         sources[key] = source
     for key, value in (cli or {}).items():
