@@ -343,6 +343,20 @@ def test_plugins_lists_distributions_and_disabled_state(
     assert line.rstrip().endswith("disabled")
 
 
+def test_plugins_warns_about_a_disabled_name_no_installed_plugin_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QTASKS_PLUGINS_DISABLED", "metircs")
+    for args in [("plugins",), ("plugins", "--json")]:
+        code, out = invoke(*args)
+        assert code == 0  # a warning: the name may be a plugin of another environment
+        assert (
+            "warning: plugins_disabled names 'metircs', which is not an installed plugin "
+            "(did you mean 'metrics'? installed: audit, metrics, "
+        ) in out
+
+
 def test_plugins_warns_when_the_unrelated_qtasks_distribution_is_installed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -450,6 +450,28 @@ def test_disabled_plugin_is_not_loaded() -> None:
     assert AsyncQueueTasks().hooks.pm.has_plugin("audit")
 
 
+def test_a_disabled_name_no_installed_plugin_has_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A misspelt name leaves the plugin it meant loaded: warned, with the close match. Only
+    warned: a configuration shared with another environment may name a plugin installed there
+    only."""
+    with caplog.at_level(logging.WARNING, logger="qtasks.discovery"):
+        app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["audti", "qtasks_fancy"]))
+    assert app.hooks.pm.has_plugin("audit")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2
+    assert warned[0].startswith(
+        "plugins_disabled names 'audti', which is not an installed plugin (did you mean 'audit'?"
+    )
+    assert "installed: audit, " in warned[0]
+    assert "did you mean" not in warned[1] and "'qtasks_fancy'" in warned[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qtasks.discovery"):
+        AsyncQueueTasks(config=QueueConfig(plugins_disabled=["audit", "*"]))
+    assert not caplog.records
+
+
 def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, group: str, eps: list[EntryPoint]) -> None:
     real = discovery.entry_points  # type: ignore[attr-defined]  # the name discovery imports
 

@@ -22,6 +22,7 @@ they name is imported, built and registered per app, so apps share no plugin obj
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import logging
@@ -202,12 +203,15 @@ def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
     Each is registered under its entry-point name, one object per app (no global state).
     ``"*"`` in ``plugins_disabled`` disables them all.
 
-    A plugin whose module cannot be imported (a half-installed distribution) is logged as an
-    error naming it, its distribution and the way to disable it, and skipped, so an optional
-    extension cannot make every app of the process unusable. A plugin that imports but is
-    broken (its constructor raises, it names an unknown hook, an async ``firstresult`` hook)
-    raises :class:`PluginError`."""
+    A name in ``plugins_disabled`` that no installed plugin has is logged as a warning (see
+    :func:`unknown_disabled`). A plugin whose module cannot be imported (a half-installed
+    distribution) is logged as an error naming it, its distribution and the way to disable
+    it, and skipped, so an optional extension cannot make every app of the process unusable.
+    A plugin that imports but is broken (its constructor raises, it names an unknown hook, an
+    async ``firstresult`` hook) raises :class:`PluginError`."""
     disabled = set(config.plugins_disabled)
+    for problem in unknown_disabled(config).values():
+        log.warning("%s", problem)
     loaded: list[str] = []
     for name, ep in _entry_points("plugin").items():
         if name in disabled or "*" in disabled:
@@ -236,6 +240,29 @@ def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
     return loaded
 
 
+def unknown_disabled(config: QueueConfig) -> dict[str, str]:
+    """Why each name of ``config.plugins_disabled`` that no installed plugin has is suspect,
+    by name, with the closest installed name when one is close (a typo leaves the plugin it
+    meant loaded).
+
+    A warning, not an error: one configuration shared by processes whose environments
+    differ (a worker image without qtasks-web, a dashboard with it) legitimately disables a
+    plugin that is installed in only some of them, and an absent plugin is not loaded
+    anyway."""
+    installed = set(_entry_points("plugin"))
+    found: dict[str, str] = {}
+    for name in dict.fromkeys(config.plugins_disabled):
+        if name == "*" or name in installed:
+            continue
+        close = difflib.get_close_matches(name, installed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        found[name] = (
+            f"plugins_disabled names {name!r}, which is not an installed plugin ({hint}"
+            f"installed: {', '.join(sorted(installed)) or 'none'})"
+        )
+    return found
+
+
 @dataclass(slots=True)
 class PluginCheck:
     """What :func:`check_plugins` found, by entry-point name."""
@@ -245,6 +272,8 @@ class PluginCheck:
     off: dict[str, str] = field(default_factory=dict)
     """How to switch on a plugin that loads but is off by configuration: the built object's
     ``qtasks_off`` text (e.g. qtasks-web's metrics without a port)."""
+    unknown_disabled: dict[str, str] = field(default_factory=dict)
+    """Names of ``plugins_disabled`` no installed plugin has (:func:`unknown_disabled`)."""
 
 
 def check_plugins(config: QueueConfig) -> PluginCheck:
@@ -258,7 +287,7 @@ def check_plugins(config: QueueConfig) -> PluginCheck:
     from qtasks.plugins import Hooks
 
     disabled = set(config.plugins_disabled)
-    found = PluginCheck()
+    found = PluginCheck(unknown_disabled=unknown_disabled(config))
     for name, ep in _entry_points("plugin").items():
         if name in disabled or "*" in disabled:
             continue

@@ -26,7 +26,8 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
     a port; how to switch it on follows the table), disabled (plugins_disabled of the
     configuration file) or failed: it does not import, cannot be built, or names an unknown
     hook; the reasons follow the table and the exit code is 1. (-A is accepted but not
-    needed: plugins load by entry point.) A warning names the unrelated 'qtasks'
+    needed: plugins load by entry point.) A warning names each name of plugins_disabled that
+    is not an installed plugin (a typo leaves the plugin loaded), and the unrelated 'qtasks'
     distribution when it is installed here too.
     """
     _, config = chosen(ctx, None, config)
@@ -67,6 +68,8 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
                 f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",
                 err=True,
             )
+    for problem in check.unknown_disabled.values():
+        typer.echo(f"warning: {problem}", err=True)
     clash = other_qtasks()
     if clash:
         typer.echo(f"warning: {clash}", err=True)
