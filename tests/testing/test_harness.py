@@ -1,6 +1,9 @@
 """The harness: inline and worker modes, recording, time, restoring the app."""
 
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -326,3 +329,44 @@ def test_sync_worker_harness_close_cancels_a_running_task_at_once() -> None:
     finally:
         qt.close()
     assert time.monotonic() - started < 2
+
+
+FAILED_START = """
+import sys
+from contextlib import AsyncExitStack
+
+from qtasks import AsyncQueueTasks, MemoryBroker
+from qtasks.config import QueueConfig
+from qtasks_testing import SyncHarness
+
+
+class Unreachable(MemoryBroker):
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        raise ConnectionError("broker unreachable")
+
+
+app = AsyncQueueTasks(broker=Unreachable())
+try:
+    with SyncHarness(app, keep=["broker"]):
+        sys.exit("the harness started")
+except ConnectionError as exc:
+    print("start failed:", exc)
+"""
+
+
+def test_sync_harness_whose_start_fails_lets_the_process_exit() -> None:
+    """The portal a SyncHarness starts for an async app is stopped when the start fails: its
+    thread would otherwise be joined at exit, for ever."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FAILED_START],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process did not exit after the failed start: {exc.stdout!r}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "start failed: broker unreachable"

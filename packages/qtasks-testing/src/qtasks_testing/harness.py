@@ -632,7 +632,15 @@ class SyncHarness:
         return self.portal.call(func, *args)
 
     def start(self) -> None:
-        self.call(self.harness.start)
+        """Start the harness (see :meth:`Harness.start`). A start that fails stops the portal
+        the harness started, so its thread does not keep the process alive."""
+        try:
+            self.call(self.harness.start)
+        except BaseException:
+            # Harness.start cleaned up after itself (or installed nothing, e.g. for an app
+            # already started, which must not be closed here): only the portal is left.
+            self._stop_own_portal()
+            raise
 
     def close(self) -> None:
         """Stop everything and restore the app (also stops a portal the harness started)."""
@@ -643,9 +651,12 @@ class SyncHarness:
             self.harness.uninstall()
             if self._facade is not None:
                 self._facade.close()
-            elif self._own_portal is not None:
-                self._own_portal.__exit__(None, None, None)
-            self._own_portal = self._portal = None
+            self._stop_own_portal()
+
+    def _stop_own_portal(self) -> None:
+        own, self._own_portal, self._portal = self._own_portal, None, None
+        if own is not None:
+            own.__exit__(None, None, None)
 
     def __enter__(self) -> SyncHarness:
         self.start()
