@@ -370,3 +370,24 @@ def test_sync_harness_whose_start_fails_lets_the_process_exit() -> None:
         pytest.fail(f"the process did not exit after the failed start: {exc.stdout!r}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "start failed: broker unreachable"
+
+
+@pytest.mark.parametrize("mode", ["inline", "worker"])
+@pytest.mark.anyio
+async def test_each_session_starts_with_fresh_worker_state(mode: str) -> None:
+    """Worker-scoped State lives with the app: one test's values must not reach the next, and
+    the app's own State is back after the harness."""
+    app = AsyncQueueTasks()
+
+    class Hits(AsyncState):
+        pass
+
+    @app.task
+    async def hit(hits: Hits) -> float:
+        return await hits.increment("n")
+
+    own = app.injector.states
+    for _ in range(2):
+        async with Harness(app, mode=mode) as qt:  # type: ignore[arg-type]  # a Mode
+            assert (await qt.wait(await app.add_task("hit"))).returning == 1
+    assert app.injector.states is own

@@ -26,6 +26,7 @@ from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskT
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.state import StateRegistry
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask, TaskDef
 from qtasks.worker import QueueWorker
@@ -108,9 +109,10 @@ class Harness:
     """Test an :class:`~qtasks.AsyncQueueTasks` without servers or a separate worker.
 
     ``await harness.start()`` replaces the app's broker, storage and global config with fresh
-    in-memory ones (except those named in ``keep``), starts the app and, in ``worker`` mode, a
-    worker in this event loop; ``await harness.close()`` stops them and puts the original
-    components back. The app object is the same one the code under test imports.
+    in-memory ones (except those named in ``keep``) and its worker-scoped State for an empty
+    one, starts the app and, in ``worker`` mode, a worker in this event loop; ``await
+    harness.close()`` stops them and puts the originals back. The app object is the same one
+    the code under test imports.
 
     Modes: ``inline`` runs each task the moment it is added, through the real worker code
     (plugins, ``Depends``, ``State``, echo/ctx, retries without backoff, generators), so
@@ -155,6 +157,7 @@ class Harness:
         self._enqueued: list[EnqueuedTask] = []
         self._handed_out: set[str] = set()
         self._saved: dict[str, Any] | None = None
+        self._saved_states: StateRegistry | None = None
         self._plugin = _InlinePlugin(self)
         self._worker = QueueWorker()
         self._stop_serving: anyio.Event | None = None
@@ -169,7 +172,8 @@ class Harness:
     # --- lifecycle ------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Swap the components and wrap ``app.enqueue`` (no event loop needed)."""
+        """Swap the components and the worker-scoped State for fresh ones and wrap
+        ``app.enqueue`` (no event loop needed)."""
         app = self.app
         if self._saved is not None:
             raise HarnessError("the harness is already installed")
@@ -180,6 +184,10 @@ class Harness:
                 "close its harness)"
             )
         self._saved = {kind: getattr(app, kind) for kind in COMPONENTS}
+        # Worker-scoped State lives with the app, not in a component: a new worker starts
+        # without it, and so does each harness session.
+        self._saved_states = app.injector.states
+        app.injector.states = StateRegistry()
         replacements: dict[str, Any] = {
             "broker": MemoryBroker(clock=self.clock),
             "storage": MemoryStorage(clock=self.clock),
@@ -194,7 +202,7 @@ class Harness:
         app.enqueue = self._enqueue  # type: ignore[method-assign]  # restored in uninstall()
 
     def uninstall(self) -> None:
-        """Put the original components and ``app.enqueue`` back."""
+        """Put the original components, State and ``app.enqueue`` back."""
         if self._saved is None:
             return
         app = self.app
@@ -202,6 +210,8 @@ class Harness:
         app.hooks.unregister(self._plugin)
         for kind, component in self._saved.items():
             setattr(app, kind, component)
+        if self._saved_states is not None:
+            app.injector.states, self._saved_states = self._saved_states, None
         self._saved = None
 
     async def start(self) -> None:
