@@ -391,3 +391,43 @@ async def test_each_session_starts_with_fresh_worker_state(mode: str) -> None:
         async with Harness(app, mode=mode) as qt:  # type: ignore[arg-type]  # a Mode
             assert (await qt.wait(await app.add_task("hit"))).returning == 1
     assert app.injector.states is own
+
+
+@pytest.mark.anyio
+async def test_inline_child_failure_does_not_reach_its_parent() -> None:
+    """In production add_task returns once the child is queued: the child's failure must not
+    fail (and retry) the parent. The test's own call reports it once the parent is done."""
+    app = AsyncQueueTasks()
+    charged: list[str] = []
+    caught_in_parent: list[BaseException] = []
+
+    @app.task
+    async def notify(order: str) -> None:
+        raise ConnectionError("smtp down")
+
+    @app.task(echo=True, retry=2)
+    async def checkout(self: Any, order: str) -> str:
+        charged.append(order)
+        try:
+            await self.add_task("notify", order)  # fire and forget
+        except Exception as exc:  # production never gets here
+            caught_in_parent.append(exc)
+        return "paid"
+
+    async with Harness(app) as qt:
+        with pytest.raises(TaskFailedError, match="smtp down") as caught:
+            await app.add_task("checkout", "o-1")
+        assert caught.value.task.task_name == "notify"  # type: ignore[attr-defined]
+        assert "enqueued while another task ran" in str(caught.value)
+        assert (charged, caught_in_parent) == (["o-1"], [])
+        (parent,) = qt.enqueued("checkout")
+        record = await app.get(parent.uuid)
+        assert record is not None
+        assert (record.status, record.returning, record.attempt) == (TaskStatus.SUCCESS, "paid", 1)
+        assert len(qt.enqueued("notify")) == 1
+        assert await qt.run_pending() == []  # reported once
+
+    async with Harness(app, raise_task_errors=False) as qt:
+        assert (await app.add_task("checkout", "o-2")).returning == "paid"
+        (child,) = qt.enqueued("notify")
+        assert (await app.get(child.uuid)).status is TaskStatus.ERROR  # type: ignore[union-attr]

@@ -68,13 +68,25 @@ def task_name_of(task: str | TaskDef[..., Any]) -> str:
     return task if isinstance(task, str) else task.name
 
 
+def describe(record: TaskRecord) -> str:
+    """``name(args) [uuid]`` of a record."""
+    call = EnqueuedTask(record.uuid, record.task_name, list(record.args), dict(record.kwargs))
+    return f"{call.describe()} [{record.uuid}]"
+
+
 def failure_message(record: TaskRecord) -> str:
     """A message naming the failed task, its call and its traceback."""
-    call = EnqueuedTask(record.uuid, record.task_name, list(record.args), dict(record.kwargs))
-    text = f"task {call.describe()} [{record.uuid}] failed: {record.error}"
+    text = f"task {describe(record)} failed: {record.error}"
     if record.traceback:
         text += "\n\nTask traceback:\n" + record.traceback.rstrip()
     return text
+
+
+CHILD_NOTE = (
+    "It was enqueued while another task ran. As in production, its failure did not reach "
+    "the task that enqueued it: the harness reports it when the call of the test that ran "
+    "both returns."
+)
 
 
 class _InlinePlugin:
@@ -124,7 +136,10 @@ class Harness:
 
     With ``raise_task_errors`` (the default) a task that ends in ``error`` raises
     :class:`~qtasks.errors.TaskFailedError` with the task's traceback where the harness hands out
-    its record (``add_task`` in inline mode, :meth:`wait`, :meth:`run_pending`).
+    its record (``add_task`` in inline mode, :meth:`wait`, :meth:`run_pending`). A child (a
+    task enqueued while another runs, in inline mode) runs at once too, but as in production
+    its failure never raises into the task that enqueued it: the call of the test that ran
+    them raises it when it returns.
     """
 
     def __init__(
@@ -165,6 +180,11 @@ class Harness:
         self._backing_off: dict[str, tuple[int, float]] = {}
         """uuid -> (attempt, due time on the clock) of tasks the worker requeued with a retry
         delay (worker mode)."""
+        self._depth = 0
+        """Inline: how many tasks the harness is running now (a task enqueued while one runs
+        is a child: it runs at once too, but its failure is not raised into its parent)."""
+        self._unreported: list[TaskRecord] = []
+        """Inline: children that failed during the current call of the test."""
         self._progress: set[anyio.Event] = set()
         """Events of waiters in :meth:`_catch_up`, set when a task starts a retry backoff (a
         final save wakes them through the storage)."""
@@ -315,7 +335,12 @@ class Harness:
             )
         )
         if self.mode == "inline" and not self._delayed(task):
-            return await self._checked(await self._run_until_final(task.uuid))
+            record = await self._run_until_final(task.uuid)
+            if self._depth:
+                return await self._child(record)
+            bound = await self._checked(record)
+            self._report()
+            return bound
         if timeout is not None:
             return await self.app.wait(task.uuid, timeout)
         return task
@@ -324,10 +349,44 @@ class Harness:
         return record.eta is not None and record.eta > self.clock.time()
 
     async def _checked(self, record: TaskRecord) -> AsyncTask:
-        """Hand out a final record: raise for an error (if asked to), else bind it."""
+        """Hand out a final record to the test: raise for an error (if asked to), else bind
+        it."""
         self._handed_out.add(record.uuid)
         if record.status is TaskStatus.ERROR and self.raise_task_errors:
-            raise TaskFailedError(record, failure_message(record))
+            raise self._failure(record, self._take_unreported())
+        return await self._bound(record)
+
+    async def _child(self, record: TaskRecord) -> AsyncTask:
+        """Hand out the final record of a child to the task that enqueued it: never raises
+        (``add_task`` does not, in production); a failure is kept for :meth:`_report`."""
+        self._handed_out.add(record.uuid)
+        if record.status is TaskStatus.ERROR and self.raise_task_errors:
+            self._unreported.append(record)
+        return await self._bound(record)
+
+    def _take_unreported(self) -> list[TaskRecord]:
+        unreported, self._unreported = self._unreported, []
+        return unreported
+
+    def _report(self) -> None:
+        """At the end of a call of the test: raise for the children that failed during it."""
+        unreported = self._take_unreported()
+        if unreported:
+            raise self._failure(unreported[0], unreported[1:], CHILD_NOTE)
+
+    @staticmethod
+    def _failure(
+        record: TaskRecord, others: list[TaskRecord], note: str | None = None
+    ) -> TaskFailedError:
+        text = failure_message(record)
+        if note:
+            text += "\n\n" + note
+        if others:
+            names = ", ".join(describe(other) for other in others)
+            text += f"\n\nChildren that failed during the same call: {names}"
+        return TaskFailedError(record, text)
+
+    async def _bound(self, record: TaskRecord) -> AsyncTask:
         bound = await self.app.get(record.uuid)
         if bound is None:  # expired between the two reads: hand out what we have
             data = {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
@@ -357,7 +416,14 @@ class Harness:
                 if record.status.final:
                     return record
                 delivery = await self._next_delivery(iterator, f"task {uuid}")
-                await self._worker.process(app, delivery)
+                await self._process(delivery)
+
+    async def _process(self, delivery: Any) -> None:
+        self._depth += 1
+        try:
+            await self._worker.process(self.app, delivery)
+        finally:
+            self._depth -= 1
 
     async def _ready(self) -> int:
         stats = await self.app.broker.stats()
@@ -379,11 +445,13 @@ class Harness:
             await self._drain(include_delayed)
         else:
             await self._wait_due(include_delayed)
-        return [
+        done = [
             await self._checked(r)
             for r in await self._records()
             if r.status.final and r.uuid not in self._handed_out
         ]
+        self._report()
+        return done
 
     async def _records(self) -> list[TaskRecord]:
         records = []
@@ -407,7 +475,7 @@ class Harness:
                     await self.advance_to(eta)
                     continue
                 delivery = await self._next_delivery(iterator, "a due task")
-                await self._worker.process(app, delivery)
+                await self._process(delivery)
 
     def _backoff_until(self, record: TaskRecord) -> float | None:
         """When the retry of ``record`` is due, if it waits in a retry backoff."""
@@ -513,7 +581,9 @@ class Harness:
                 raise TaskTimeoutError(uuid, limit)
             # Final by now, or delayed at enqueue: wait for it as the app would.
             record = await self.app.wait(uuid, limit)
-        return await self._checked(record)
+        bound = await self._checked(record)
+        self._report()
+        return bound
 
     # --- time -----------------------------------------------------------------------------
 
