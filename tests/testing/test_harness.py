@@ -11,10 +11,18 @@ from typing import Any
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, AsyncState, Depends, MemoryBroker, QueueTasks, TaskStatus
+from qtasks import (
+    AsyncQueueTasks,
+    AsyncState,
+    Depends,
+    MemoryBroker,
+    QueueTasks,
+    TaskStatus,
+    chain,
+)
 from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks_testing import FakeClock
-from qtasks_testing.harness import Harness, HarnessError, SyncHarness
+from qtasks_testing.harness import WRAPPED, Harness, HarnessError, SyncHarness
 
 
 def make_async_app() -> tuple[AsyncQueueTasks, dict[str, Any]]:
@@ -139,9 +147,9 @@ async def test_components_are_restored() -> None:
     async with Harness(app, keep=["storage"]):
         assert app.broker is not broker
         assert app.storage is storage
-        assert "enqueue" in vars(app)
+        assert set(WRAPPED) <= set(vars(app))
     assert app.broker is broker
-    assert "enqueue" not in vars(app)
+    assert not set(WRAPPED) & set(vars(app))
     assert not app.started
 
 
@@ -431,3 +439,59 @@ async def test_inline_child_failure_does_not_reach_its_parent() -> None:
         assert (await app.add_task("checkout", "o-2")).returning == "paid"
         (child,) = qt.enqueued("notify")
         assert (await app.get(child.uuid)).status is TaskStatus.ERROR  # type: ignore[union-attr]
+
+
+def make_bulk_app() -> AsyncQueueTasks:
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    async def double(n: int) -> int:
+        if n < 0:
+            raise ValueError(f"negative: {n}")
+        return n * 2
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_inline_runs_and_records_add_tasks_and_workflows() -> None:
+    app = make_bulk_app()
+    add, double = app.tasks["add"], app.tasks["double"]
+    async with Harness(app) as qt:
+        tasks = await app.add_tasks([double.s(1), double.s(2)])
+        assert [(t.status, t.returning) for t in tasks] == [
+            (TaskStatus.SUCCESS, 2),
+            (TaskStatus.SUCCESS, 4),
+        ]
+        qt.assert_enqueued(double, 1)
+        qt.assert_enqueued(double, 2)
+        state = await app.run_workflow(chain(add.s(1, 2), double.s(), double.s()))
+        assert (state.status, state.result) == ("success", 12)
+        names = [e.task_name for e in qt.enqueued()]
+        assert names == ["double", "double", "add", "double", "double"]
+        assert await qt.run_pending() == []  # all handed out already
+        with pytest.raises(TaskFailedError, match="negative: -1"):
+            await app.add_tasks([double.s(5), double.s(-1)])
+        with pytest.raises(TaskFailedError, match="negative: -3"):
+            await app.run_workflow(chain(add.s(-1, -2), double.s()))
+
+
+@pytest.mark.anyio
+async def test_worker_run_pending_waits_for_add_tasks_and_workflows() -> None:
+    app = make_bulk_app()
+    add, double = app.tasks["add"], app.tasks["double"]
+    async with Harness(app, mode="worker", timeout=5) as qt:
+        tasks = await app.add_tasks([double.s(i) for i in range(3)])
+        state = await app.run_workflow(chain(add.s(1, 2), double.s(), double.s()))
+        with anyio.fail_after(5):
+            done = await qt.run_pending()
+        assert {t.uuid for t in tasks} | set(state.members) == {d.uuid for d in done}
+        assert all(d.status is TaskStatus.SUCCESS for d in done)
+        ended = await app.get_workflow(state.id)
+        assert ended is not None
+        assert (ended.status, ended.result) == ("success", 12)
+        assert len(qt.enqueued(double)) == 5

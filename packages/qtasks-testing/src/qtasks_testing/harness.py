@@ -13,7 +13,7 @@ recording and time control, so they stay in one module.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -35,8 +35,12 @@ from qtasks_testing.clock import FakeClock
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator
 
+    from qtasks.workflows.canvas import Node, Signature
+
 Mode = Literal["inline", "worker"]
 COMPONENTS = ("broker", "storage", "global_config")
+WRAPPED = ("enqueue", "add_tasks", "run_workflow")
+"""The app's methods the harness stands in for while installed."""
 T = TypeVar("T")
 
 
@@ -46,7 +50,8 @@ class HarnessError(QTasksError):
 
 @dataclass(frozen=True, slots=True)
 class EnqueuedTask:
-    """One ``add_task``/``enqueue`` call seen by the harness (after enqueue hooks ran)."""
+    """One task the app enqueued while the harness was installed (``add_task``, each task of
+    ``add_tasks``, each member of a workflow), as stored (after enqueue hooks ran)."""
 
     uuid: str
     task_name: str
@@ -99,6 +104,21 @@ class _InlinePlugin:
 
     def __init__(self, harness: Harness) -> None:
         self._harness = harness
+
+    @hookimpl
+    def qtasks_storage_added(self, record: TaskRecord) -> None:
+        # Fires for every task the app stores as new: add_task, each task of add_tasks and
+        # every member of a workflow (when run_workflow stores it, before its gate opens).
+        self._harness._enqueued.append(
+            EnqueuedTask(
+                record.uuid,
+                record.task_name,
+                list(record.args),
+                dict(record.kwargs),
+                record.priority,
+                record.eta,
+            )
+        )
 
     @hookimpl(wrapper=True)
     def qtasks_task_retry_delay(self) -> Generator[None, float | None, float | None]:
@@ -192,8 +212,8 @@ class Harness:
     # --- lifecycle ------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Swap the components and the worker-scoped State for fresh ones and wrap
-        ``app.enqueue`` (no event loop needed)."""
+        """Swap the components and the worker-scoped State for fresh ones and wrap the app's
+        enqueue methods (no event loop needed)."""
         app = self.app
         if self._saved is not None:
             raise HarnessError("the harness is already installed")
@@ -219,14 +239,18 @@ class Harness:
         if isinstance(app.worker, QueueWorker):
             self._worker = app.worker
         app.add_plugin(self._plugin)
-        app.enqueue = self._enqueue  # type: ignore[method-assign]  # restored in uninstall()
+        # Restored in uninstall(). add_tasks and run_workflow do not go through enqueue.
+        app.enqueue = self._enqueue  # type: ignore[method-assign]
+        app.add_tasks = self._add_tasks  # type: ignore[method-assign]
+        app.run_workflow = self._run_workflow  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
-        """Put the original components, State and ``app.enqueue`` back."""
+        """Put the original components, State and enqueue methods back."""
         if self._saved is None:
             return
         app = self.app
-        vars(app).pop("enqueue", None)
+        for wrapped in WRAPPED:
+            vars(app).pop(wrapped, None)
         app.hooks.unregister(self._plugin)
         for kind, component in self._saved.items():
             setattr(app, kind, component)
@@ -321,19 +345,9 @@ class Harness:
         **options: Any,
     ) -> AsyncTask:
         # Stands in for app.enqueue (add_task and TaskDef.add_task go through it): enqueue for
-        # real, note the call, then run it (inline) or honour ``timeout`` ourselves, since the
-        # app's own wait would wait for a worker that inline mode does not have.
+        # real (the plugin records it), then run it (inline) or honour ``timeout`` ourselves,
+        # since the app's own wait would wait for a worker that inline mode does not have.
         task = await type(self.app).enqueue(self.app, task_name, args, kwargs, **options)
-        self._enqueued.append(
-            EnqueuedTask(
-                task.uuid,
-                task.task_name,
-                list(task.args),
-                dict(task.kwargs),
-                task.priority,
-                task.eta,
-            )
-        )
         if self.mode == "inline" and not self._delayed(task):
             record = await self._run_until_final(task.uuid)
             if self._depth:
@@ -344,6 +358,38 @@ class Harness:
         if timeout is not None:
             return await self.app.wait(task.uuid, timeout)
         return task
+
+    async def _add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
+        # Stands in for app.add_tasks: inline, the tasks run before it returns (as add_task's).
+        mark = len(self._enqueued)
+        tasks = await type(self.app).add_tasks(self.app, signatures)
+        if self.mode != "inline":
+            return tasks
+        await self._ran_since(mark)
+        return [await self._bound(task) for task in tasks]
+
+    async def _run_workflow(self, workflow: Node, *, on_error: Signature | None = None) -> Any:
+        # Stands in for app.run_workflow: inline, the workflow runs before it returns (its
+        # steps as the worker enqueues them), and its state then is returned.
+        mark = len(self._enqueued)
+        state = await type(self.app).run_workflow(self.app, workflow, on_error=on_error)
+        if self.mode != "inline":
+            return state
+        await self._ran_since(mark)
+        return await type(self.app).get_workflow(self.app, state.id) or state
+
+    async def _ran_since(self, mark: int) -> None:
+        """Inline: run what is due, then hand out the final records of the tasks recorded
+        since ``mark`` (to the test, or to the running task that enqueued them)."""
+        await self._drain(include_delayed=False)
+        for item in self._enqueued[mark:]:
+            if item.uuid in self._handed_out:
+                continue
+            record = await self.app.storage.get(item.uuid)
+            if record is not None and record.status.final:
+                await (self._child(record) if self._depth else self._checked(record))
+        if not self._depth:
+            self._report()
 
     def _delayed(self, record: TaskRecord) -> bool:
         return record.eta is not None and record.eta > self.clock.time()
@@ -615,8 +661,10 @@ class Harness:
     # --- what was enqueued ----------------------------------------------------------------
 
     def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
-        """Every call enqueued through the app since the harness started (of ``task`` only, if
-        given), in order."""
+        """Every task the app enqueued since the harness started (of ``task`` only, if given),
+        in order: ``add_task``, each task of ``add_tasks``, each member of a workflow (when
+        ``run_workflow`` stores it). An ``add_task`` that a unique key deduplicated enqueued
+        nothing."""
         if task is None:
             return list(self._enqueued)
         name = task_name_of(task)
