@@ -495,3 +495,64 @@ async def test_worker_run_pending_waits_for_add_tasks_and_workflows() -> None:
         assert ended is not None
         assert (ended.status, ended.result) == ("success", 12)
         assert len(qt.enqueued(double)) == 5
+
+
+@pytest.mark.anyio
+async def test_expires_follows_the_harness_clock() -> None:
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def ping() -> str:
+        return "pong"
+
+    async with Harness(app, raise_task_errors=False) as qt:
+        qt.freeze_time()
+        late = await app.add_task("ping", delay=120, expires=60)
+        (done,) = await qt.advance_time(3600)
+        assert (done.uuid, done.status) == (late.uuid, TaskStatus.EXPIRED)
+        # Measured from the clock as it is now, not from the wall clock it is an hour past.
+        assert (await app.add_task("ping", expires=60)).returning == "pong"
+        soon = await app.add_task("ping", delay=30, expires=60)
+        assert soon.status is TaskStatus.NEW
+        assert [r.returning for r in await qt.advance_time(30)] == ["pong"]
+
+
+@pytest.mark.anyio
+async def test_inline_rate_limit_waits_on_the_harness_clock() -> None:
+    app = AsyncQueueTasks()
+
+    @app.task(rate_limit="1/m")
+    async def call(n: int) -> int:
+        return n
+
+    async with Harness(app, timeout=2, raise_task_errors=False) as qt:
+        qt.freeze_time()
+        start = qt.clock.time()
+        with anyio.fail_after(5):
+            assert (await app.add_task("call", 1)).returning == 1
+            assert qt.clock.time() == start
+            # Its token comes a minute later: the harness moves the clock to it.
+            assert (await app.add_task("call", 2)).returning == 2
+            assert 59 <= qt.clock.time() - start <= 61
+            # No token before it expires: expired, as a worker would find it.
+            hurried = await app.add_task("call", 3, expires=30)
+        assert hurried.status is TaskStatus.EXPIRED
+
+
+@pytest.mark.anyio
+async def test_worker_rate_limit_waits_on_the_harness_clock() -> None:
+    app = AsyncQueueTasks()
+
+    @app.task(rate_limit="1/m")
+    async def call(n: int) -> int:
+        return n
+
+    async with Harness(app, mode="worker", timeout=2) as qt:
+        qt.freeze_time()
+        start = qt.clock.time()
+        tasks = [await app.add_task("call", n) for n in range(3)]
+        with anyio.fail_after(5):
+            done = await qt.run_pending()
+        assert sorted(d.returning for d in done) == [0, 1, 2]
+        assert {d.uuid for d in done} == {t.uuid for t in tasks}
+        assert 119 <= qt.clock.time() - start <= 121

@@ -136,6 +136,10 @@ class AsyncQueueTasks:
         self.storage: Storage = storage or MemoryStorage()
         self.global_config: GlobalConfig = global_config or MemoryGlobalConfig()
         self.worker: QueueWorker = worker or QueueWorker()
+        self.clock: Callable[[], float] = time.time
+        """Unix time as the app reads it to stamp new tasks (``created_at``, the due time of a
+        ``delay``, ``expires``) and for the worker's flow decisions (expiry, rate limits,
+        unique keys); a test harness replaces it with its fake clock."""
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())

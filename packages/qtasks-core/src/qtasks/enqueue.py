@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -115,13 +114,13 @@ async def prepare(
             priority = task.options.priority
     if priority is None:
         priority = app.config.default_priority
+    now = app.clock()
     if delay is not None:
-        eta = time.time() + delay
+        eta = now + delay
     if eta is not None and not math.isfinite(eta):  # nan or inf: a time no broker can keep
         raise TaskArgumentsError(
             f"add_task: delay and eta must be finite, got {eta if delay is None else delay!r}"
         )
-    now = time.time()
     message = Message(
         uuid=new_uuid(),
         task_name=task_name,

@@ -29,7 +29,6 @@ import inspect
 import logging
 import math
 import re
-import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -365,7 +364,7 @@ async def _holder_record(app: AsyncQueueTasks, held: str, message: Message) -> T
     uuid, since, keep = [*held.split("@"), "", ""][:3]
     record = await app.storage.get(uuid)
     if record is None:
-        if not keep and time.time() - float(since or 0) > UNIQUE_GRACE:
+        if not keep and app.clock() - float(since or 0) > UNIQUE_GRACE:
             return None  # its record is gone (expired): the task is long over
         # Being enqueued right now: its record is on its way.
         return TaskRecord(
@@ -487,7 +486,7 @@ class FlowGate:
         """Whether ``message`` may start now. ``False``: it was handled here (expired, or
         handed back delayed) and the worker is done with ``delivery``."""
         headers = message.headers
-        now = time.time()
+        now = app.clock()
         expires = headers.get("expires")
         if expires is not None and now >= expires:
             await self._expire(app, message, delivery)
@@ -498,7 +497,7 @@ class FlowGate:
             if spec.rate is not None:
                 if not await self._take_token(app, fc, spec, message, delivery, now, expires):
                     return False
-                if expires is not None and time.time() >= expires:  # it waited for its token
+                if expires is not None and app.clock() >= expires:  # it waited for its token
                     await self._expire(app, message, delivery)
                     return False
             if spec.max_concurrency is not None:
@@ -565,20 +564,20 @@ class FlowGate:
         if wait is None:
             # Far behind (a backlog back at once after an outage): reserve again, and come
             # back then.
-            now = time.time()
+            now = app.clock()
             wait = await fc.reserve_rate(f"rate:{spec.task}", rate.interval, spec.burst, None)
             assert wait is not None  # no bound, no refusal
             headers["flow_at"] = now + wait
             await self._defer(app, message, delivery, max(wait - LEAD, 0.0), expires, now)
             return False
-        return await self._wait_until(app, message, delivery, time.time() + wait)
+        return await self._wait_until(app, message, delivery, app.clock() + wait)
 
     async def _wait_until(
         self, app: AsyncQueueTasks, message: Message, delivery: Delivery, at: float
     ) -> bool:
         """Wait (holding ``delivery``, at most ``2 * LEAD``) until ``at``; ``True`` then. A
         worker that begins to stop meanwhile hands the message back, due at ``at``."""
-        wait = at - time.time()
+        wait = at - app.clock()
         if wait <= 0:
             return True
         stopping = getattr(app.worker, "stopping", None)
@@ -588,7 +587,8 @@ class FlowGate:
         with anyio.move_on_after(wait):
             await stopping.wait()
             message.headers["flow_at"] = at
-            await self._defer(app, message, delivery, at - time.time(), None, time.time())
+            now = app.clock()
+            await self._defer(app, message, delivery, at - now, None, now)
             return False
         return True
 
@@ -628,7 +628,7 @@ class FlowGate:
         record = stored
         record.status = TaskStatus.EXPIRED
         record.error = f"expired: not started by {message.headers.get('expires')}"
-        record.updated_at = time.time()
+        record.updated_at = app.clock()
         record.token = None
         saved = await app.storage.save(record)
         hooks = app.hooks

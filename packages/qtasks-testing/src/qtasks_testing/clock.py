@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 
 
 class FakeClock:
-    """Unix time for the in-memory broker and storage, under the test's control.
+    """Unix time for the in-memory components and the app's flow decisions, under the test's
+    control.
 
     Unfrozen it runs with the wall clock, plus whatever :meth:`advance` added. Frozen it stands
-    still until moved. It never runs behind the wall clock when moved, because ``add_task(...,
-    delay=d)`` measures ``d`` from the wall clock: after ``advance(d)`` every task added with a
-    delay of at most ``d`` is due. Leases are not affected (they use the real monotonic clock).
+    still until moved. It never runs behind the wall clock when moved (times it stamped stay
+    ordered with the wall-clock times of the components the harness keeps). Leases are not
+    affected (they use the real monotonic clock).
     """
 
     def __init__(self) -> None:

@@ -22,6 +22,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.components import Delivery
 from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskTimeoutError
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
@@ -95,10 +96,11 @@ CHILD_NOTE = (
 
 
 class _InlinePlugin:
-    """Zeroes retry delays in inline mode: the retry decision is the task's own, the backoff is
-    skipped so that a test does not sleep through it. In worker mode the backoff is real, and
-    the plugin tells the harness when a task starts one, so that :meth:`Harness.run_pending` can
-    move the clock through it."""
+    """Records what the app enqueues. Zeroes retry delays in inline mode: the retry decision is
+    the task's own, the backoff is skipped so that a test does not sleep through it. In worker
+    mode the backoff is real; a task that its rate limit or concurrency limit holds back is
+    handed back to the broker for later in both modes. The plugin tells the harness when a task
+    is handed back with a delay, so that it can move the clock through the wait."""
 
     name = "qtasks_testing.inline"
 
@@ -128,11 +130,14 @@ class _InlinePlugin:
         return delay
 
     @hookimpl
-    def qtasks_worker_task_retry(self, record: TaskRecord, delay: float) -> None:
-        # Fired once the retry record is saved and the message requeued with its delay, which
-        # the broker measured on the harness's clock (the record's eta is wall-clock time).
+    def qtasks_broker_requeued(self, delivery: Delivery, delay: float | None) -> None:
+        # Fired once a retry's record is saved and its message requeued with its backoff, or
+        # once the flow gate handed a message back (rate or concurrency limit); the broker
+        # measures the delay on the harness's clock.
+        if not delay:
+            return
         harness = self._harness
-        harness._backing_off[record.uuid] = (record.attempt, harness.clock.time() + delay)
+        harness._requeued[delivery.id] = harness.clock.time() + delay
         for progress in harness._progress:
             progress.set()
 
@@ -153,6 +158,10 @@ class Harness:
     concurrency; use :meth:`wait` or :meth:`run_pending` to let it catch up (retries keep their
     backoff, which :meth:`run_pending` moves the clock through). Closing the harness cancels
     tasks still running at once.
+
+    The app reads :attr:`clock` too while the harness is installed (new tasks' times,
+    ``expires``, rate limits): a task its rate or concurrency limit holds back makes the harness
+    move the clock to its turn, in both modes.
 
     With ``raise_task_errors`` (the default) a task that ends in ``error`` raises
     :class:`~qtasks.errors.TaskFailedError` with the task's traceback where the harness hands out
@@ -193,21 +202,22 @@ class Harness:
         self._handed_out: set[str] = set()
         self._saved: dict[str, Any] | None = None
         self._saved_states: StateRegistry | None = None
+        self._saved_clock: Callable[[], float] | None = None
         self._plugin = _InlinePlugin(self)
         self._worker = QueueWorker()
         self._stop_serving: anyio.Event | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._backing_off: dict[str, tuple[int, float]] = {}
-        """uuid -> (attempt, due time on the clock) of tasks the worker requeued with a retry
-        delay (worker mode)."""
+        self._requeued: dict[str, float] = {}
+        """uuid -> due time on the clock of tasks the worker handed back to the broker with a
+        delay: a retry backoff (worker mode), or held back by a rate or concurrency limit."""
         self._depth = 0
         """Inline: how many tasks the harness is running now (a task enqueued while one runs
         is a child: it runs at once too, but its failure is not raised into its parent)."""
         self._unreported: list[TaskRecord] = []
         """Inline: children that failed during the current call of the test."""
         self._progress: set[anyio.Event] = set()
-        """Events of waiters in :meth:`_catch_up`, set when a task starts a retry backoff (a
-        final save wakes them through the storage)."""
+        """Events of waiters in :meth:`_catch_up`, set when a task is handed back with a delay
+        (a final save wakes them through the storage)."""
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -228,10 +238,14 @@ class Harness:
         # without it, and so does each harness session.
         self._saved_states = app.injector.states
         app.injector.states = StateRegistry()
+        # New tasks' times and the flow gate's decisions (expires, rate limits) follow our
+        # clock.
+        self._saved_clock = app.clock
+        app.clock = self.clock.time
         replacements: dict[str, Any] = {
             "broker": MemoryBroker(clock=self.clock),
             "storage": MemoryStorage(clock=self.clock),
-            "global_config": MemoryGlobalConfig(),
+            "global_config": MemoryGlobalConfig(clock=self.clock.time),
         }
         for kind in COMPONENTS:
             if kind not in self.keep:
@@ -256,6 +270,8 @@ class Harness:
             setattr(app, kind, component)
         if self._saved_states is not None:
             app.injector.states, self._saved_states = self._saved_states, None
+        if self._saved_clock is not None:
+            app.clock, self._saved_clock = self._saved_clock, None
         self._saved = None
 
     async def start(self) -> None:
@@ -461,6 +477,11 @@ class Harness:
                     raise TaskNotFoundError(uuid)
                 if record.status.final:
                     return record
+                due = self._held_until(record)
+                if due is not None and not await self._ready():
+                    # Held back by its rate or concurrency limit: its turn is on our clock.
+                    self._requeued.pop(uuid, None)
+                    await self.advance_to(due)
                 delivery = await self._next_delivery(iterator, f"task {uuid}")
                 await self._process(delivery)
 
@@ -513,6 +534,10 @@ class Harness:
             iterator = deliveries.__aiter__()
             while True:
                 if not await self._ready():
+                    due = await self._next_hold()
+                    if due is not None:
+                        await self.advance_to(due)
+                        continue
                     if not include_delayed:
                         return
                     eta = await self._next_eta()
@@ -523,11 +548,30 @@ class Harness:
                 delivery = await self._next_delivery(iterator, "a due task")
                 await self._process(delivery)
 
-    def _backoff_until(self, record: TaskRecord) -> float | None:
-        """When the retry of ``record`` is due, if it waits in a retry backoff."""
-        attempt, due = self._backing_off.get(record.uuid, (None, 0.0))
-        if record.status is TaskStatus.RETRY and attempt == record.attempt:
-            return due
+    async def _next_hold(self) -> float | None:
+        """Inline: the earliest due time of the tasks held back with a delay, forgotten here
+        (the clock is moved there next)."""
+        held: dict[str, float] = {}
+        for uuid in list(self._requeued):
+            record = await self.app.storage.get(uuid)
+            until = None if record is None else self._held_until(record)
+            if until is None:
+                del self._requeued[uuid]
+            else:
+                held[uuid] = until
+        if not held:
+            return None
+        due = min(held.values())
+        for uuid, until in held.items():
+            if until <= due:
+                del self._requeued[uuid]
+        return due
+
+    def _held_until(self, record: TaskRecord) -> float | None:
+        """When ``record``'s task is due again, if the worker handed it back with a delay (a
+        retry backoff, or a rate or concurrency limit) and it has not started again."""
+        if record.status is TaskStatus.RETRY or record.status is TaskStatus.NEW:
+            return self._requeued.get(record.uuid)
         return None
 
     async def _wait_due(self, include_delayed: bool) -> None:
@@ -540,8 +584,9 @@ class Harness:
         self, uuid: str | None, include_delayed: bool, timeout: float
     ) -> list[TaskRecord]:
         """Worker mode: wait until every task enqueued through the harness (or only ``uuid``)
-        that is due is final. A task the worker requeued with a retry delay is still due (as in
-        inline mode, where retries skip their backoff): the clock is moved to its retry time.
+        that is due is final. A task the worker requeued with a retry delay, or that its rate or
+        concurrency limit held back, is still due (as in inline mode, where retries skip their
+        backoff): the clock is moved to its turn.
         Tasks delayed at enqueue are moved to with ``include_delayed`` only.
 
         Returns ``[]``, or the tasks still running when ``timeout`` seconds passed without one
@@ -558,9 +603,7 @@ class Harness:
                     one = await self.app.storage.get(uuid)
                     records = [] if one is None else [one]
                 pending = [r for r in records if not r.status.final]
-                backoff = {
-                    r.uuid: due for r in pending if (due := self._backoff_until(r)) is not None
-                }
+                backoff = {r.uuid: due for r in pending if (due := self._held_until(r)) is not None}
                 busy = [
                     r
                     for r in pending
@@ -583,7 +626,7 @@ class Harness:
             # round waits for that instead of reading the same records in a loop.
             for done, due in backoff.items():
                 if due <= self.clock.time():
-                    self._backing_off.pop(done, None)
+                    self._requeued.pop(done, None)
 
     async def _wait_for_progress(
         self, busy: list[TaskRecord], progress: anyio.Event, timeout: float

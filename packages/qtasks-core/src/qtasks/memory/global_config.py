@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -51,11 +51,16 @@ def slot_wait(hold: float, ahead: int, limit: int, earliest_end: float) -> float
 
 
 class MemoryGlobalConfig(_Lifecycle):
-    """Namespaced keys with TTLs and heartbeats, in process memory."""
+    """Namespaced keys with TTLs and heartbeats, in process memory.
+
+    ``clock`` (default :func:`time.monotonic`) measures the rate limits' token buckets and the
+    holds of unique keys, e.g. a test's fake clock; key TTLs and the leases of concurrency
+    slots always use the monotonic clock."""
 
     local = True
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock: Callable[[], float] = clock or time.monotonic
         self._data: dict[str, dict[str, tuple[Any, float | None]]] = {}
         self._lock = anyio.Lock()
         self._rates: dict[str, tuple[float, float, int]] = {}
@@ -139,7 +144,7 @@ class MemoryGlobalConfig(_Lifecycle):
         self, key: str, interval: float, burst: int, max_wait: float | None
     ) -> float | None:
         self._check()
-        now = time.monotonic()
+        now = self._clock()
         tat = max(self._rates.get(key, (now, 0.0, 0))[0], now)
         wait = max(tat - (burst - 1) * interval - now, 0.0)
         if max_wait is not None and wait > max_wait:
@@ -149,7 +154,7 @@ class MemoryGlobalConfig(_Lifecycle):
 
     async def release_rate(self, key: str) -> bool:
         self._check()
-        now = time.monotonic()
+        now = self._clock()
         state = self._rates.get(key)
         if state is None or state[0] <= now:
             return False
@@ -204,7 +209,7 @@ class MemoryGlobalConfig(_Lifecycle):
         self, key: str, holder: str, ttl: float | None, replace: str | None = None
     ) -> str | None:
         self._check()
-        now = time.monotonic()
+        now = self._clock()
         held = self._unique.get(key)
         if held is not None and held[1] is not None and held[1] <= now:
             held = None
@@ -225,8 +230,9 @@ class MemoryGlobalConfig(_Lifecycle):
         self._check()
         now = time.monotonic()
         out: dict[str, dict[str, float]] = {}
+        clock_now = self._clock()
         for key, (tat, interval, burst) in self._rates.items():
-            ahead = (max(tat, now) - now) / interval
+            ahead = (max(tat, clock_now) - clock_now) / interval
             out[key] = {
                 "tokens": round(min(max(burst - ahead, 0.0), burst), 2),
                 "burst": burst,

@@ -16,7 +16,6 @@ placeholder in its place in the message, so the message is checked like any othe
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -145,7 +144,7 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
     if on_error is not None:
         error_sig = replace(on_error, args=(workflow, *on_error.args))
         members.append(_Member(new_uuid(), error_sig, None, ERROR))
-    now = time.time()
+    now = app.clock()
     records: list[TaskRecord] = []
     start: list[tuple[TaskRecord, Envelope]] = []
     rewrite = "qtasks_task_enqueue" in app.hooks.active

@@ -4,7 +4,6 @@ input, and continue a workflow when one of its members ends (for the settle step
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -244,7 +243,7 @@ async def member_ended(app: AsyncQueueTasks, record: TaskRecord, *, again: bool 
             if g
         ]
     if opened:
-        await publish_many(app.broker, gate_envelopes(opened, time.time()))
+        await publish_many(app.broker, gate_envelopes(opened, app.clock()))
         await announce(app, [m.id for m in opened])
 
 
