@@ -8,7 +8,7 @@ import anyio
 import pytest
 from typer.testing import CliRunner
 
-from qtasks import AsyncQueueTasks, QueueTasks
+from qtasks import AsyncQueueTasks, AsyncState, QueueTasks, SyncState
 from qtasks.errors import ComponentError
 from qtasks.record import TaskStatus
 
@@ -196,3 +196,47 @@ def test_flush_all_on_redis_deletes_only_this_apps_keys(redis_url: str, prefix: 
     finally:
         app.close()
         client.delete(f"{{{other}:rec}}:keep")
+
+
+class CallShapeState(AsyncState):
+    name = "call-shapes"
+
+
+class CallShapeShared(AsyncState):
+    scope = "global_config"
+    name = "call-shapes-shared"
+
+
+class SyncCallShapeState(SyncState):
+    name = "call-shapes-sync"
+
+
+class SyncCallShapeShared(SyncState):
+    scope = "global_config"
+    name = "call-shapes-sync-shared"
+
+
+def test_state_update_returns_every_value_as_in_qtasks() -> None:
+    """QTasks' ``update(**kw)`` returns the state's values after the update:
+    ``total = (await state.update(n=1))["n"]``."""
+    app = QueueTasks()
+
+    @app.task
+    async def async_states(local: CallShapeState, shared: CallShapeShared) -> list[Any]:
+        await local.set("a", 1)
+        await shared.set("a", 1)
+        return [await local.update(b=2), await shared.update(b=2)]
+
+    @app.task
+    def sync_states(local: SyncCallShapeState, shared: SyncCallShapeShared) -> list[Any]:
+        local.set("a", 1)
+        shared.set("a", 1)
+        return [local.update(b=2), shared.update(b=2)]
+
+    try:
+        with app:
+            for name in ("async_states", "sync_states"):
+                record = app.add_task(name, timeout=WAIT)
+                assert record.returning == [{"a": 1, "b": 2}] * 2, (name, record.error)
+    finally:
+        app.close()

@@ -52,9 +52,10 @@ class LocalStore:
         with self.lock:
             self.data[key] = value
 
-    def update(self, values: dict[str, Any]) -> None:
+    def update(self, values: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self.data.update(values)
+            return dict(self.data)
 
     def delete(self, key: str) -> bool:
         with self.lock:
@@ -98,9 +99,10 @@ class GlobalStore:
     async def set(self, key: str, value: Any) -> None:
         await self.config.set(self.namespace, key, value)
 
-    async def update(self, values: dict[str, Any]) -> None:
+    async def update(self, values: dict[str, Any]) -> dict[str, Any]:
         for key, value in values.items():
             await self.config.set(self.namespace, key, value)
+        return await self.get_all()
 
     async def delete(self, key: str) -> bool:
         return await self.config.delete(self.namespace, key)
@@ -185,9 +187,11 @@ class AsyncState(_StateBase):
     async def set(self, key: str, value: Any) -> None:
         await self._call("set", key, value)
 
-    async def update(self, **values: Any) -> None:
-        """Set several keys (each set is atomic; together they are not, with ``global_config``)."""
-        await self._call("update", values)
+    async def update(self, **values: Any) -> dict[str, Any]:
+        """Set several keys and return every value after (QTasks' form). Each set is atomic;
+        with ``global_config`` the sets together and the read after them are not."""
+        result: dict[str, Any] = await self._call("update", values)
+        return result
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``; ``True`` if it existed."""
@@ -235,9 +239,10 @@ class SyncState(_StateBase):
     def set(self, key: str, value: Any) -> None:
         self._call("set", key, value)
 
-    def update(self, **values: Any) -> None:
-        """Set several keys (each set is atomic; together they are not, with ``global_config``)."""
-        self._call("update", values)
+    def update(self, **values: Any) -> dict[str, Any]:
+        """Set several keys and return every value after; see :meth:`AsyncState.update`."""
+        result: dict[str, Any] = self._call("update", values)
+        return result
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; ``True`` if it existed."""
