@@ -240,3 +240,33 @@ def test_state_update_returns_every_value_as_in_qtasks() -> None:
                 assert record.returning == [{"a": 1, "b": 2}] * 2, (name, record.error)
     finally:
         app.close()
+
+
+async def test_wait_result_async_on_the_records_of_both_apps() -> None:
+    """QTasks' ``await task.wait_result_async(timeout=...)``: on the async app's records (an
+    alias) and on the sync app's, awaited in another event loop than the app's."""
+    aio = AsyncQueueTasks()
+
+    @aio.task
+    async def double(n: int) -> int:
+        return n * 2
+
+    with anyio.fail_after(WAIT):
+        async with aio:
+            queued = await aio.add_task("double", 2)
+            assert (await queued.wait_result_async(timeout=WAIT)).returning == 4
+
+    app = QueueTasks()
+
+    @app.task
+    def triple(n: int) -> int:
+        return n * 3
+
+    try:
+        with app:
+            queued_sync = app.add_task("triple", 2)
+            with anyio.fail_after(WAIT):
+                final = await queued_sync.wait_result_async(timeout=WAIT)
+            assert (final.status, final.returning) == (TaskStatus.SUCCESS, 6)
+    finally:
+        app.close()

@@ -507,6 +507,16 @@ class Task(TaskRecord):
         record: Task = self._client.wait(self.uuid, timeout)
         return record
 
+    async def wait_result_async(self, timeout: float | None = None) -> Task:
+        """:meth:`wait_result` awaitable from any event loop (QTasks' name): the blocking wait
+        runs in a worker thread, as the sync app's loop is another one."""
+        import anyio.to_thread
+
+        record: Task = await anyio.to_thread.run_sync(
+            self.wait_result, timeout, abandon_on_cancel=True
+        )
+        return record
+
     def stream(self, timeout: float | None = None) -> Iterator[Any]:
         """Follow a generator task: yield each stored step as it happens."""
         iterator: Iterator[Any] = self._client.stream(self.uuid, timeout)
@@ -528,6 +538,10 @@ class AsyncTask(TaskRecord):
         """Wait until the task is final and return its record (woken, not polled)."""
         record: AsyncTask = await self._client.wait(self.uuid, timeout)
         return record
+
+    async def wait_result_async(self, timeout: float | None = None) -> AsyncTask:
+        """QTasks' name of :meth:`wait_result`."""
+        return await self.wait_result(timeout)
 
     def stream(self, timeout: float | None = None) -> AsyncIterator[Any]:
         """Follow a generator task: ``async for step in task.stream()``."""
