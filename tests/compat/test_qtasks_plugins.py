@@ -258,3 +258,24 @@ def test_the_hookspecs_table_says_what_the_adapter_does() -> None:
         assert (rows[0][1] == "applied") == (trigger in TRANSFORMS), trigger
     for trigger in UNMAPPED:
         assert re.search(rf"``{trigger}``[^→]*?: none", table), trigger
+
+
+def test_broker_start_gets_the_worker_as_in_qtasks() -> None:
+    """QTasks fired ``broker_start`` with ``broker`` and ``worker``; a plugin naming both
+    parameters must not fail with a TypeError."""
+    seen: list[tuple[str, Any, Any]] = []
+
+    class Named(BasePlugin):
+        def trigger(  # type: ignore[override]  # QTasks plugins name the keywords they take
+            self, name: str, broker: Any, worker: Any = "missing"
+        ) -> None:
+            seen.append((name, broker, worker))
+
+    app = QueueTasks()
+    app.add_plugin(Named(), trigger_names=["broker_start"], component="broker")
+    try:
+        with app:
+            pass
+    finally:
+        app.close()
+    assert seen == [("broker_start", app.broker, app.worker)]

@@ -259,7 +259,8 @@ class _Adapter:
     async def qtasks_component_started(
         self, app: AsyncQueueTasks, kind: str, component: Any
     ) -> None:
-        await self.fire(f"{kind}_start", **{kind: component})
+        extra = {"worker": app.worker} if kind == "broker" else {}  # as QTasks passed it
+        await self.fire(f"{kind}_start", **{kind: component}, **extra)
 
     @hookimpl
     async def qtasks_component_stopped(
