@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import UnionType
 from typing import Any
 
 import anyio
@@ -279,3 +280,47 @@ def test_broker_start_gets_the_worker_as_in_qtasks() -> None:
     finally:
         app.close()
     assert seen == [("broker_start", app.broker, app.worker)]
+
+
+class Clock:
+    """What an annotation-driven QTasks plugin injects (module level: the annotations of this
+    module are strings, resolved in it)."""
+
+
+def test_args_info_describes_the_task_parameters_as_qtasks_did() -> None:
+    """QTasks' State, Depends and Pydantic plugins, and plugins copied from them, find the
+    parameters to fill in ``args_info`` at ``task_executor_args_replace``."""
+    from qtasks.schemas.argmeta import ArgMeta
+
+    infos: list[list[ArgMeta]] = []
+
+    class InjectClock(BasePlugin):
+        async def trigger(self, name: str, **kw: Any) -> dict[str, Any]:
+            kwargs = dict(kw["kw"])
+            infos.append(kw["args_info"])
+            for meta in kw["args_info"]:
+                if meta.raw_type is Clock:
+                    kwargs[meta.key] = "CLOCK"
+            return {"args": kw["args"], "kw": kwargs}
+
+    app = QueueTasks()
+    app.add_plugin(InjectClock(), trigger_names=["task_executor_args_replace"], component="worker")
+
+    @app.task(echo=True)
+    def stamp(self: Any, n: int, items: list[str], clock: Clock | None = None) -> list[Any]:
+        return [n, items, clock]
+
+    try:
+        with app:
+            record = app.add_task("stamp", 1, ["x"], timeout=WAIT)
+    finally:
+        app.close()
+    assert (record.status, record.returning) == (TaskStatus.SUCCESS, [1, ["x"], "CLOCK"])
+    # An echo task's ``self`` is not in ``args`` here, so neither is it in ``args_info``.
+    assert infos == [
+        [
+            ArgMeta("n", None, None, int, int, is_kwarg=False, index=0),
+            ArgMeta("items", None, list, str, list[str], is_kwarg=False, index=1),
+            ArgMeta("clock", None, UnionType, Clock, Clock | None, is_kwarg=True, key="clock"),
+        ]
+    ]

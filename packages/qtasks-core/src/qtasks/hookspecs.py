@@ -158,7 +158,8 @@ Worker and executor (``component="worker"``):
   ``qtasks_task_retry_delay``)
 * ``worker_remove_finished_task`` → ``qtasks_broker_acked``: notified
 * ``task_executor_middlewares_execute`` → ``qtasks_executor_middlewares``: notified
-* ``task_executor_args_replace`` → ``qtasks_executor_args``: applied (args, kw)
+* ``task_executor_args_replace`` → ``qtasks_executor_args``: applied (args, kw); ``args_info``
+  describes the task's parameters as QTasks did (``qtasks.compat.plugins.args_info``)
 * ``task_executor_before_execute`` → ``qtasks_executor_execute_before``: notified
 * ``task_executor_run_task`` → ``qtasks_executor_result``: applied (result)
 * ``task_executor_run_task_gen`` → ``qtasks_executor_result``: applied (results; generator

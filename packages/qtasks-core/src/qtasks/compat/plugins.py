@@ -19,7 +19,8 @@ What differs from QTasks, on purpose:
 * ``plugin.start()`` runs when the app has started, ``plugin.stop()`` when it has stopped, once
   each; ``plugin_cache`` is the plugin's own dict and is never shared between plugins.
 * Keyword values are qtasks objects: ``task_broker``/``model`` are the task's record,
-  ``task_func`` its :class:`~qtasks.task.TaskDef`, ``task_executor`` ``None``.
+  ``task_func`` its :class:`~qtasks.task.TaskDef`, ``task_executor`` ``None``; ``args_info``
+  is QTasks' list of :class:`ArgMeta` (see :func:`args_info`).
 
 Over ~500 lines: QTasks 1.7's whole plugin surface, each of its triggers mapped onto one
 hook, in one table-like module.
@@ -31,8 +32,8 @@ import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from qtasks.errors import PluginError, TaskCancelledError
 from qtasks.plugins import hookimpl
@@ -479,14 +480,14 @@ class _Adapter:
 
     @hookimpl
     async def qtasks_executor_args(
-        self, args: list[Any], kwargs: dict[str, Any]
+        self, task: TaskDef[..., Any], args: list[Any], kwargs: dict[str, Any]
     ) -> tuple[list[Any], dict[str, Any]] | None:
         got = await self.fire(
             "task_executor_args_replace",
             task_executor=None,
             args=list(args),
             kw=dict(kwargs),
-            args_info=[],
+            args_info=args_info(task),
         )
         if not got:
             return None
@@ -525,6 +526,55 @@ class _Adapter:
             task_func=app.tasks.get(record.task_name),
             task_broker=record,
         )
+
+
+@dataclass
+class ArgMeta:
+    """One parameter of a task, as QTasks described it to ``task_executor_args_replace``."""
+
+    name: str
+    value: Any
+    origin: Any
+    raw_type: Any
+    annotation: Any
+    is_kwarg: bool
+    index: int | None = None
+    key: str | None = None
+
+
+def args_info(task: TaskDef[..., Any]) -> list[ArgMeta]:
+    """QTasks' ``args_info``: one :class:`ArgMeta` per parameter of the task function, built
+    as QTasks built it. A parameter without a default is positional (``index`` counts
+    those, ``value`` is ``None``); one with a default (or keyword-only) is a keyword (``key``,
+    ``value`` its default). Unlike QTasks, an echo task's ``self`` is left out (it is not in
+    ``args`` at this point, so ``index`` points into ``args``) and annotations are resolved
+    (QTasks gave the strings of ``from __future__ import annotations``)."""
+    params = list(task.signature.parameters.values())
+    if task.options.echo:
+        params = params[1:]
+    infos: list[ArgMeta] = []
+    index = 0
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = None if param.annotation is param.empty else param.annotation
+        type_args = get_args(annotation)
+        meta = ArgMeta(
+            name=param.name,
+            value=None,
+            origin=get_origin(annotation),
+            raw_type=type_args[0] if type_args else annotation,
+            annotation=annotation,
+            is_kwarg=True,
+        )
+        if param.default is param.empty and param.kind is not param.KEYWORD_ONLY:
+            meta.is_kwarg, meta.index = False, index
+            index += 1
+        else:
+            meta.key = param.name
+            meta.value = None if param.default is param.empty else param.default
+        infos.append(meta)
+    return infos
 
 
 async def _maybe_await(value: Any) -> Any:

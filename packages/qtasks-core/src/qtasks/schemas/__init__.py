@@ -1,2 +1,3 @@
-"""QTasks' ``qtasks.schemas`` path; only ``qtasks.schemas.test.TestConfig`` is provided (the
-other schemas are qtasks' records and messages: :mod:`qtasks.record`, :mod:`qtasks.messages`)."""
+"""QTasks' ``qtasks.schemas`` path; only ``qtasks.schemas.test.TestConfig`` and
+``qtasks.schemas.argmeta.ArgMeta`` are provided (the other schemas are qtasks' records and
+messages: :mod:`qtasks.record`, :mod:`qtasks.messages`)."""
