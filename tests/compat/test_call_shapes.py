@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import anyio
@@ -270,3 +271,54 @@ async def test_wait_result_async_on_the_records_of_both_apps() -> None:
             assert (final.status, final.returning) == (TaskStatus.SUCCESS, 6)
     finally:
         app.close()
+
+
+def test_add_middleware_takes_qtasks_task_middleware_classes_and_refuses_the_rest() -> None:
+    """QTasks' ``app.add_middleware(MyTaskMiddleware, position=...)`` runs the class around
+    every task of the app; what is not a middleware is refused when it is added, not by
+    failing every task later."""
+    from qtasks.errors import TaskDeclarationError
+    from qtasks.middlewares import TaskMiddleware
+
+    trail: list[str] = []
+
+    class Before(TaskMiddleware):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            trail.append(f"before {self.task_executor.task.name}")
+            return self.task_executor
+
+    class After(TaskMiddleware):
+        async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            trail.append(f"after {self.task_executor.task.name}")
+
+    app = QueueTasks()
+    app.add_middleware(Before)  # QTasks' default position: before
+    app.add_middleware(After, position="after")
+
+    async def wrapping(run: Any, call_next: Any) -> Any:
+        return await call_next()
+
+    app.add_middleware(wrapping)
+    for bad, message in (
+        ("oops", "add_middleware takes async def mw(run, call_next)"),
+        (lambda run: None, "add_middleware takes async def mw(run, call_next)"),
+        (Before(None), "pass the class Before, not an instance"),
+    ):
+        with pytest.raises(TaskDeclarationError, match=re.escape(message)):
+            app.add_middleware(bad)
+    with pytest.raises(TaskDeclarationError, match="position= is for QTasks TaskMiddleware"):
+        app.add_middleware(wrapping, position="before")
+    with pytest.raises(TaskDeclarationError, match="position must be 'before' or 'after'"):
+        app.add_middleware(Before, position="around")
+
+    @app.task
+    def plain() -> int:
+        return 1
+
+    try:
+        with app:
+            record = app.add_task("plain", timeout=WAIT)
+    finally:
+        app.close()
+    assert (record.status, record.returning, record.error) == (TaskStatus.SUCCESS, 1, None)
+    assert trail == ["before plain", "after plain"]

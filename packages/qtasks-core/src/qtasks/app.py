@@ -306,9 +306,14 @@ class AsyncQueueTasks:
             events = self.__dict__["_events"] = Events(self)
         return events
 
-    def add_middleware(self, middleware: Middleware) -> None:
-        """Wrap every task's execution in ``middleware`` (outermost first)."""
-        self.middlewares.append(middleware)
+    def add_middleware(self, middleware: Middleware, position: str | None = None) -> None:
+        """Wrap every task's execution in ``middleware``, ``async def mw(run, call_next)``
+        (outermost first). A QTasks ``TaskMiddleware`` class runs before every task
+        (``position="before"``, QTasks' default) or after it (``"after"``). Anything else
+        raises :class:`~qtasks.errors.TaskDeclarationError` here, not when tasks run."""
+        from qtasks.compat.middleware import app_middleware
+
+        self.middlewares.append(app_middleware(middleware, position))
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ class ConfigError(QTasksError):
 
 
 class TaskDeclarationError(QTasksError, TypeError):
-    """A task was declared with a duplicate name or an option of the wrong type."""
+    """A task was declared with a duplicate name or an option of the wrong type (or
+    ``app.add_middleware`` was given something that is not a middleware)."""
 
 
 class UnresolvedAnnotationError(TaskDeclarationError):

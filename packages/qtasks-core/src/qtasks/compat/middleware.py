@@ -4,13 +4,16 @@ QTasks built one per call with the task executor and awaited it before (or after
 what it returned was ignored. qtasks middlewares wrap the call (``async def mw(run, call_next)``),
 so a QTasks class is wrapped into one: built with the :class:`~qtasks.executor.TaskRun` as its
 ``task_executor``, called before ``call_next()`` (``middlewares_before``) or after it
-(``middlewares_after``, only when the task returned).
+(``middlewares_after``, only when the task returned). ``app.add_middleware(cls, position=)``
+does the same for every task of the app (:func:`app_middleware`).
 """
 
 from __future__ import annotations
 
 import inspect
 from typing import TYPE_CHECKING, Any
+
+from qtasks.errors import TaskDeclarationError
 
 if TYPE_CHECKING:
     from qtasks.executor import CallNext, Middleware, TaskRun
@@ -51,3 +54,41 @@ def adapt_middleware(middleware: Any, after: bool) -> Any:
     wrapped: Middleware = after_call if after else before
     wrapped.__qualname__ = cls.__qualname__  # qtasks inspect shows the class name
     return wrapped
+
+
+def app_middleware(middleware: Any, position: str | None) -> Middleware:
+    """What ``app.add_middleware(middleware, position)`` registers; raises
+    :class:`~qtasks.errors.TaskDeclarationError` for what could only fail every task later."""
+    if isinstance(middleware, type) and issubclass(middleware, TaskMiddleware):
+        if position not in (None, "before", "after"):
+            raise TaskDeclarationError(
+                f"add_middleware: position must be 'before' or 'after', got {position!r}"
+            )
+        adapted: Middleware = adapt_middleware(middleware, after=position == "after")
+        return adapted
+    expected = (
+        "add_middleware takes async def mw(run, call_next) (or a QTasks TaskMiddleware class)"
+    )
+    if isinstance(middleware, TaskMiddleware):
+        raise TaskDeclarationError(
+            f"{expected}; pass the class {type(middleware).__name__}, not an instance"
+        )
+    if position is not None:
+        raise TaskDeclarationError(
+            f"add_middleware: position= is for QTasks TaskMiddleware classes; "
+            f"{middleware!r} wraps the call: its code before `await call_next()` runs before "
+            "the task, its code after it after the task"
+        )
+    if not callable(middleware) or not _takes_run_and_call_next(middleware):
+        raise TaskDeclarationError(f"{expected}, got {middleware!r}")
+    return middleware  # type: ignore[no-any-return]  # checked above as far as it can be
+
+
+def _takes_run_and_call_next(func: Any) -> bool:
+    try:
+        inspect.signature(func).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): let it through
+        return True
+    return True
