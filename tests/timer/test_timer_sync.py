@@ -72,6 +72,7 @@ SCRIPT = textwrap.dedent(
     from datetime import timedelta
 
     from qtasks import AsyncQueueTasks, hookimpl
+    from qtasks.memory import MemoryBroker
     from qtasks_timer import AsyncTimer
 
 
@@ -81,7 +82,11 @@ SCRIPT = textwrap.dedent(
             print("enqueued", record.task_name, flush=True)
 
 
-    app = AsyncQueueTasks()
+    class SharedBroker(MemoryBroker):
+        local = False  # stands in for Redis: a timer process needs a shared broker
+
+
+    app = AsyncQueueTasks(broker=SharedBroker())
     app.add_plugin(Announce())
     timer = AsyncTimer(app)
     timer.add_task("tick", trigger=timedelta(seconds=0.1))
@@ -108,3 +113,48 @@ def test_run_forever_stops_on_sigint(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_qtasks_timeout_is_accepted_and_ignored_with_a_warning() -> None:
+    """QTasks' ``timer.add_task(..., timeout=10)`` (which QTasks ignored) must not make a
+    ported module fail at import with "unexpected keyword argument 'timeout'"."""
+    from qtasks.compat.config import QTasksCompatWarning
+
+    app = QueueTasks()
+
+    @app.task(name="test")
+    def test(num: int) -> int:
+        return num
+
+    sync_timer = SyncTimer(app)
+    with pytest.warns(QTasksCompatWarning, match=r"timer.add_task\(timeout=...\)") as caught:
+        handle = sync_timer.add_task(6, task_name="test", trigger=timedelta(hours=1), timeout=10)  # type: ignore[arg-type]  # QTasks' form add_task(6, task_name=...) is not in the typed signature
+    assert caught[0].filename == __file__  # points at the caller's line
+    async_timer = AsyncTimer(AsyncQueueTasks())
+    with pytest.warns(QTasksCompatWarning):
+        other = async_timer.add_task("tick", trigger=timedelta(hours=1), timeout=10)
+    assert [(row["args"], row["kwargs"]) for row in sync_timer.describe()] == [([6], {})]
+    assert (handle.task_name, other.task_name) == ("test", "tick")
+    app.close()
+
+
+def test_a_timer_process_over_an_in_memory_broker_is_refused() -> None:
+    """QTasks' timer process (``timer.run_forever()`` next to a worker) on the default app,
+    which is in memory in qtasks: its ticks would reach no worker, so it is refused."""
+    from qtasks_timer import TimerError
+
+    sync_app = QueueTasks()
+    sync_timer = SyncTimer(sync_app)
+    sync_timer.add_task("tick", trigger=timedelta(seconds=0.1))
+    async_timer = AsyncTimer(AsyncQueueTasks())
+    # Were it not refused, run_forever would serve until SIGINT: end it rather than hang.
+    interrupt = threading.Timer(5, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(TimerError, match=r"in-memory broker \(MemoryBroker\).*run_forever"):
+            sync_timer.run_forever()
+        with pytest.raises(TimerError, match="cannot reach a worker"):
+            async_timer.run_forever()
+    finally:
+        interrupt.cancel()
+    assert not async_timer.app.started and not sync_app.aio.started

@@ -10,7 +10,7 @@ from typing import Any
 
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.sync import QueueTasks
-from qtasks_timer.timer import AsyncTimer, TimerHandle, _utcnow
+from qtasks_timer.timer import AsyncTimer, TimerHandle, _utcnow, warn_timer_timeout
 from qtasks_timer.triggers import Schedule, Trigger
 
 
@@ -87,9 +87,12 @@ class SyncTimer:
         timer_id: str | None = None,
         misfire_grace: float | None = None,
         priority: int | None = None,
+        timeout: float | None = None,
         **kwargs: Any,
     ) -> SyncTimerHandle:
         """Schedule ``task_name(*args, **kwargs)``; see :meth:`AsyncTimer.add_task`."""
+        if timeout is not None:
+            warn_timer_timeout()
         task_name, args = split_task_name(task_name, args, kwargs)
         return self.schedule(
             task_name,
@@ -141,5 +144,6 @@ class SyncTimer:
         return rows
 
     def run_forever(self) -> None:
-        """Block running the timers as a scheduler process (no worker) until SIGINT/SIGTERM."""
+        """Block running the timers as a scheduler process (no worker) until SIGINT/SIGTERM;
+        the app needs a shared broker (see :meth:`AsyncTimer.serve`)."""
         self.aio.run_forever()

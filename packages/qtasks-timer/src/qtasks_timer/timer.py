@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import warnings
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from qtasks.compat.calls import UNSET, split_task_name
+from qtasks.compat.config import QTasksCompatWarning
 from qtasks_timer.errors import ScheduleError, TimerError
 from qtasks_timer.settings import TimerSettings
 from qtasks_timer.triggers import (
@@ -185,6 +187,7 @@ class AsyncTimer:
         timer_id: str | None = None,
         misfire_grace: float | None = None,
         priority: int | None = None,
+        timeout: float | None = None,
         **kwargs: Any,
     ) -> TimerHandle:
         """Enqueue ``task_name(*args, **kwargs)`` at every tick of ``trigger``.
@@ -196,7 +199,10 @@ class AsyncTimer:
         from task, trigger and arguments. A tick found late by less than ``misfire_grace``
         seconds still fires (several such ticks coalesce into one run); older ones are skipped.
         Tasks whose own parameters use these names are scheduled with :meth:`schedule`.
-        QTasks' form, ``add_task(5, task_name="x", trigger=...)``, works too."""
+        QTasks' form, ``add_task(5, task_name="x", trigger=...)``, works too; its ``timeout=``
+        is accepted and ignored with a ``QTasksCompatWarning`` (a timer waits for no result)."""
+        if timeout is not None:
+            warn_timer_timeout()
         task_name, args = split_task_name(task_name, args, kwargs)
         return self.schedule(
             task_name,
@@ -545,7 +551,19 @@ class AsyncTimer:
             await self.app.aclose()
 
     async def serve(self) -> None:
-        """Run the timers (no worker) until SIGINT/SIGTERM."""
+        """Run the timers (no worker) until SIGINT/SIGTERM.
+
+        Refused (:class:`TimerError`) when the app's broker is in memory and no worker of it
+        runs the timers here: the ticks would go to a queue that only this process sees."""
+        broker = self.app.broker
+        if getattr(broker, "local", False) and not self._running:
+            raise TimerError(
+                f"a timer process cannot reach a worker through the in-memory broker "
+                f"({type(broker).__name__}): every tick would be enqueued where no worker "
+                f"reads it. Give the app a shared broker (QueueTasks(broker_url="
+                f'"redis://HOST:6379/0") or QueueTasks.from_config()), or run the timers '
+                f"inside the worker: they start with app.run_forever() and qtasks run"
+            )
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with self:
                 log.info("qtasks timer for app %r running", self.app.name)
@@ -554,8 +572,20 @@ class AsyncTimer:
                     break
 
     def run_forever(self) -> None:
-        """Block running the timers as a scheduler process (no worker) until SIGINT/SIGTERM."""
+        """Block running the timers as a scheduler process (no worker) until SIGINT/SIGTERM;
+        the app needs a shared broker (see :meth:`serve`)."""
         anyio.run(self.serve)
+
+
+def warn_timer_timeout(stacklevel: int = 3) -> None:
+    """Warn that QTasks' ``timer.add_task(..., timeout=)`` is ignored (QTasks ignored it too)."""
+    warnings.warn(
+        "timer.add_task(timeout=...) is QTasks' and ignored by qtasks, as it was by QTasks: a "
+        "timer enqueues its task and waits for no result; drop it (a task whose own parameter "
+        "is called timeout is scheduled with timer.schedule(name, trigger, args, kwargs))",
+        QTasksCompatWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _check_grace(grace: float) -> None:
