@@ -651,3 +651,29 @@ def test_config_of_an_app_reads_the_file_given_with_c(
     assert code == 0, out
     assert json.loads(out)["prefetch"] == {"value": 7, "source": "elsewhere.toml"}
     sys.modules.pop("fromconfig_mod", None)
+
+
+def test_add_reads_what_is_not_json_as_text(served: str, app_module: ModuleType) -> None:
+    """``NaN``, ``Infinity`` and ``1e999`` are not JSON (Python's reader takes them as floats
+    no message can carry): they are text, as docs/cli.md says; in --kwargs they are an error."""
+    code, out = invoke("add", "-A", served, "add", "--", "NaN", "-Infinity")
+    assert code == 0, out
+    assert app_module.app.get(out.strip()).args == ["NaN", "-Infinity"]
+    code, out = invoke("add", "add", "1e999", "1.5", "-A", served)
+    assert code == 0, out
+    assert app_module.app.get(out.strip()).args == ["1e999", 1.5]
+    code, out = invoke("add", "add", "1", "--kwargs", '{"b": NaN}', "-A", served)
+    assert (code, out.strip()) == (1, "error: --kwargs: not valid JSON: NaN is not JSON")
+
+
+def test_add_refuses_a_task_the_app_does_not_have(served: str, app_module: ModuleType) -> None:
+    code, out = invoke("add", "ad", "1", "-A", served)
+    assert code == 1
+    assert out.strip() == (
+        "error: unknown task 'ad' (did you mean 'add'?): it is not registered in this app; "
+        "--force enqueues it for a worker of another app"
+    )
+    code, out = invoke("add", "elsewhere", "--force", "-A", served)
+    assert code == 0, out
+    assert app_module.app.get(out.strip()).task_name == "elsewhere"
+

@@ -6,6 +6,9 @@ packages subclass these (e.g. ``qtasks_redis`` raises :class:`BrokerConnectionEr
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class QTasksError(Exception):
     """Base of every qtasks error."""
@@ -39,11 +42,17 @@ class UnresolvedAnnotationError(TaskDeclarationError):
 
 
 class UnknownTaskError(QTasksError, LookupError):
-    """A task name that is not in the app's registry."""
+    """A task name that is not in the app's registry. Given the ``known`` names, the message
+    suggests the closest one; ``fix`` is appended to it."""
 
-    def __init__(self, task_name: str) -> None:
+    def __init__(self, task_name: str, known: Iterable[str] = (), fix: str = "") -> None:
         self.task_name = task_name
-        super().__init__(f"unknown task {task_name!r}: it is not registered in this app")
+        close = difflib.get_close_matches(task_name, list(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        super().__init__(
+            f"unknown task {task_name!r}{hint}: it is not registered in this app"
+            + (f"; {fix}" if fix else "")
+        )
 
 
 class TaskNotFoundError(QTasksError, LookupError):

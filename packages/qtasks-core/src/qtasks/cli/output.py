@@ -4,6 +4,7 @@ argument given on the command line is read."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime
@@ -73,9 +74,27 @@ def workflows_table(workflows: Sequence[dict[str, Any]]) -> str:
     return head + "\n" + table(["id", "status", "size", "created", "error"], rows)
 
 
+def strict_json(raw: str) -> Any:
+    """``raw`` as standard JSON: ``ValueError`` for what only Python's reader accepts
+    (``NaN``, ``Infinity``, a number too large for a float), which no message can carry."""
+    return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+
+
+def _not_json(word: str) -> Any:
+    raise ValueError(f"{word} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
+
+
 def parse_arg(raw: str) -> Any:
-    """A positional CLI argument: JSON when it parses (``5``, ``"x"``, ``[1,2]``), else text."""
+    """A positional CLI argument: JSON when it parses (``5``, ``"x"``, ``[1,2]``), else text
+    (``NaN`` too: it is not JSON)."""
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
+        return strict_json(raw)
+    except ValueError:
         return raw

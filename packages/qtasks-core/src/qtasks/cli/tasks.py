@@ -15,12 +15,13 @@ from qtasks.cli.output import (
     parse_arg,
     print_record,
     record_dict,
+    strict_json,
     table,
     to_json,
     workflows_table,
 )
 from qtasks.cli.resolve import resolve_app, run_on
-from qtasks.errors import ConfigError, TaskTimeoutError
+from qtasks.errors import ConfigError, TaskTimeoutError, UnknownTaskError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.runtime import store_of
@@ -46,20 +47,27 @@ def add(
     wait: Annotated[
         float | None, typer.Option(help="Wait up to SECONDS for the result and print it.")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Enqueue a task the app does not have (another app's worker runs it)."
+        ),
+    ] = False,
     *,
     where: Components,
     as_json: JsonOpt = False,
 ) -> None:
     """Enqueue a task and print its uuid.
 
+    A task the loaded app does not have is refused (exit code 1) unless --force is given.
     With --wait, print its final record instead; the exit code is 1 if the task ended in
     error or was cancelled, or did not finish in time.
     """
     parsed_kwargs: dict[str, Any] = {}
     if kwargs is not None:
         try:
-            parsed_kwargs = json.loads(kwargs)
-        except json.JSONDecodeError as exc:
+            parsed_kwargs = strict_json(kwargs)
+        except ValueError as exc:
             raise ConfigError(f"--kwargs: not valid JSON: {exc}") from exc
         if not isinstance(parsed_kwargs, dict):
             raise ConfigError("--kwargs: expected a JSON object")
@@ -67,6 +75,12 @@ def add(
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
 
     async def go(aio: AsyncQueueTasks) -> TaskRecord:
+        if not aio.started:
+            await aio.start()  # adopts shared tasks imported since the app was built
+        if aio.tasks and task not in aio.tasks and not force:
+            raise UnknownTaskError(
+                task, aio.tasks, fix="--force enqueues it for a worker of another app"
+            )
         record = await aio.enqueue(task, positional, parsed_kwargs, priority=priority, delay=delay)
         if wait is None:
             return record
