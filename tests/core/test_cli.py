@@ -677,3 +677,38 @@ def test_add_refuses_a_task_the_app_does_not_have(served: str, app_module: Modul
     assert code == 0, out
     assert app_module.app.get(out.strip()).task_name == "elsewhere"
 
+
+def test_stats_inspect_takes_qtasks_task_names(served: str) -> None:
+    """QTasks' ``stats inspect task NAME`` and ``tasks NAME...``: the named tasks, and an
+    error for a name the app does not have."""
+    code, out = invoke("stats", "inspect", "task", "add", "json=true", "-A", served)
+    assert code == 0, out
+    assert list(json.loads(out)["tasks"]) == ["add"]
+    code, out = invoke("stats", "inspect", "tasks", "add", "fail", "--json", "-A", served)
+    assert code == 0, out
+    assert list(json.loads(out)["tasks"]) == ["add", "fail"]
+    code, out = invoke("stats", "inspect", "tasks", "-A", served, "--json")
+    assert (code, len(json.loads(out)["tasks"])) == (0, 3)
+    code, out = invoke("stats", "inspect", "task", "nosuch", "-A", served)
+    assert (code, out.strip()) == (
+        1,
+        "error: unknown task 'nosuch': it is not registered in this app",
+    )
+    code, out = invoke("stats", "inspect", "task", "-A", served)
+    assert (code, "give one task NAME" in out) == (1, True)
+    code, out = invoke("stats", "inspect", "app", "add", "-A", served)
+    assert (code, "unknown word 'add'" in out) == (1, True)
+
+
+def test_dlq_requeue_of_ids_that_are_not_dead_letters_exits_1(
+    served: str, app_module: ModuleType
+) -> None:
+    app: QueueTasks = app_module.app
+    rejected = app.add_task("no_such_task")
+    assert app.wait(rejected.uuid, 5).status.value == "error"
+    code, out = invoke("dlq", "requeue", "nonexistent", rejected.uuid, "-A", served)
+    assert code == 1
+    assert out.splitlines() == ["requeued 1", "error: not a dead letter: nonexistent"]
+    code, out = invoke("dlq", "requeue", "nonexistent", "-A", served)
+    assert code == 1
+    assert out.splitlines() == ["requeued 0", "error: not a dead letter: nonexistent"]

@@ -14,7 +14,7 @@ from qtasks.cli.group import cli, command, dlq, stats
 from qtasks.cli.options import Components, JsonOpt, Place
 from qtasks.cli.output import table, to_json, workflows_table
 from qtasks.cli.resolve import resolve_app, run_on
-from qtasks.errors import ConfigError
+from qtasks.errors import ConfigError, UnknownTaskError
 
 
 @command(cli)
@@ -28,13 +28,21 @@ def inspect(*, where: Components, as_json: JsonOpt = False) -> None:
     concurrency slots and what waits for them) when the global config has it; plus what
     plugins add through the qtasks_inspect hook.
     """
+    _show(_report(where), as_json)
+
+
+def _report(where: Components) -> dict[str, Any]:
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
-    report = run_on(
+    report: dict[str, Any] = run_on(
         the_app,
         AsyncQueueTasks.inspect,
         command="inspect",
         uses=("broker", "storage", "global_config"),
     )
+    return report
+
+
+def _show(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(to_json(report))
         return
@@ -99,24 +107,41 @@ def stats_inspect(
     what: Annotated[
         list[str] | None,
         typer.Argument(
-            help="QTasks' words (`app`, `tasks`, `task NAME`, `json=true`): the whole report "
-            "is shown either way; `json=true` is `--json`."
+            help="QTasks' words (`app`, `tasks [NAME...]`, `task NAME`, `json=true`): the "
+            "report of `qtasks inspect`, its tasks narrowed to the NAMEs given; `json=true` "
+            "is `--json`."
         ),
     ] = None,
     *,
     where: Place,
     as_json: JsonOpt = False,
 ) -> None:
-    """Alias of `qtasks inspect`, as QTasks 1.7 spelled it (`stats inspect app|tasks|task`)."""
-    words = [w.lower() for w in what or []]
+    """Alias of `qtasks inspect`, as QTasks 1.7 spelled it (`stats inspect app|task NAME|tasks
+    [NAME...]`); a NAME the app does not have is an error."""
     json_words = {"json=true", "json=1", "json=yes"}
-    unknown = [w for w in words if w not in {"app", "tasks", "task", *json_words}]
-    if unknown and "task" not in words:
-        raise ConfigError(f"stats inspect: unknown word(s) {unknown} (app, tasks, task NAME)")
-    inspect(
-        where=Components(app=where.app, config=where.config),
-        as_json=as_json or bool(json_words & set(words)),
-    )
+    names: list[str] = []
+    subject = None
+    for word in what or []:
+        if word.lower() in json_words:
+            as_json = True
+        elif subject in ("task", "tasks"):
+            names.append(word)  # a task name keeps its case
+        elif word.lower() in ("app", "tasks", "task") and subject is None:
+            subject = word.lower()
+        else:
+            raise ConfigError(
+                f"stats inspect: unknown word {word!r} (app, task NAME, tasks [NAME...])"
+            )
+    if subject == "task" and len(names) != 1:
+        raise ConfigError("stats inspect task: give one task NAME (tasks NAME... for several)")
+    report = _report(Components(app=where.app, config=where.config))
+    if names:
+        tasks = report["tasks"]
+        for name in names:
+            if name not in tasks:
+                raise UnknownTaskError(name, tasks)
+        report["tasks"] = {name: tasks[name] for name in names}
+    _show(report, as_json)
 
 
 @command(dlq, "list")
@@ -167,21 +192,31 @@ def dlq_requeue(
     """Publish dead letters again (all, or the given IDS) and print how many.
 
     Their records are reset to status new, so a worker runs them again. A dead letter whose
-    task record says success is left where it is unless --force is given.
+    task record says success is left where it is unless --force is given. The exit code is 1
+    when one of the IDS given was not requeued (not a dead letter, or kept).
     """
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+    chosen = list(dict.fromkeys(ids)) if ids else None
 
-    async def go(aio: AsyncQueueTasks) -> tuple[int, int]:
-        chosen = list(ids) if ids else None
-        letters = await aio.dead_letters(limit=1_000_000)
-        wanted = sum(1 for d in letters if chosen is None or d.id in chosen)
+    async def go(aio: AsyncQueueTasks) -> tuple[int, list[str], list[str]]:
+        before = {d.id for d in await aio.dead_letters(limit=1_000_000)}
         requeued = await aio.requeue_dead_letters(chosen, force=force)
-        return requeued, max(wanted - requeued, 0)
+        after = {d.id for d in await aio.dead_letters(limit=1_000_000)}
+        wanted = before if chosen is None else [i for i in chosen if i in before]
+        unknown = [] if chosen is None else [i for i in chosen if i not in before]
+        return requeued, unknown, sorted(i for i in wanted if i in after)
 
-    requeued, kept = run_on(the_app, go, command="dlq requeue", uses=("broker", "storage"))
+    requeued, unknown, kept = run_on(the_app, go, command="dlq requeue", uses=("broker", "storage"))
     typer.echo(f"requeued {requeued}")
+    problems = [f"not a dead letter: {', '.join(unknown)}"] if unknown else []
     if kept:
-        typer.echo(
-            f"kept {kept}: unknown ids, or tasks that already succeeded (--force runs those again)",
-            err=True,
+        problems.append(
+            f"kept {len(kept)}, whose task already succeeded (--force runs it again): "
+            + ", ".join(kept)
         )
+    if problems:
+        # Named ids that were not requeued fail the command; with none named, kept ones
+        # are only reported.
+        typer.echo(("error: " if chosen is not None else "") + "; ".join(problems), err=True)
+        if chosen is not None:
+            raise typer.Exit(1)
