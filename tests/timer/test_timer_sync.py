@@ -138,6 +138,27 @@ def test_qtasks_timeout_is_accepted_and_ignored_with_a_warning() -> None:
     app.close()
 
 
+def test_timeout_is_the_tasks_own_argument_when_it_has_one() -> None:
+    """A task whose own parameter is called ``timeout`` gets it, without a warning: only for
+    a task without one is it QTasks' option, ignored."""
+    import warnings
+
+    app = QueueTasks()
+
+    @app.task
+    def fetch(url: str, timeout: float = 30.0) -> str:
+        return url
+
+    timer = SyncTimer(app)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        timer.add_task("fetch", "https://x", trigger=timedelta(hours=1), timeout=5)
+    assert [(row["args"], row["kwargs"]) for row in timer.describe()] == [
+        (["https://x"], {"timeout": 5})
+    ]
+    app.close()
+
+
 def test_a_timer_process_over_an_in_memory_broker_is_refused() -> None:
     """QTasks' timer process (``timer.run_forever()`` next to a worker) on the default app,
     which is in memory in qtasks: its ticks would reach no worker, so it is refused."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.sync import QueueTasks
-from qtasks_timer.timer import AsyncTimer, TimerHandle, _utcnow, warn_timer_timeout
+from qtasks_timer.timer import AsyncTimer, TimerHandle, _utcnow, timeout_kwarg
 from qtasks_timer.triggers import Schedule, Trigger
 
 
@@ -91,9 +91,9 @@ class SyncTimer:
         **kwargs: Any,
     ) -> SyncTimerHandle:
         """Schedule ``task_name(*args, **kwargs)``; see :meth:`AsyncTimer.add_task`."""
-        if timeout is not None:
-            warn_timer_timeout()
         task_name, args = split_task_name(task_name, args, kwargs)
+        if timeout is not None:
+            timeout_kwarg(self.app.aio, task_name, timeout, kwargs)
         return self.schedule(
             task_name,
             trigger,

@@ -201,9 +201,9 @@ class AsyncTimer:
         Tasks whose own parameters use these names are scheduled with :meth:`schedule`.
         QTasks' form, ``add_task(5, task_name="x", trigger=...)``, works too; its ``timeout=``
         is accepted and ignored with a ``QTasksCompatWarning`` (a timer waits for no result)."""
-        if timeout is not None:
-            warn_timer_timeout()
         task_name, args = split_task_name(task_name, args, kwargs)
+        if timeout is not None:
+            timeout_kwarg(self.app, task_name, timeout, kwargs)
         return self.schedule(
             task_name,
             trigger,
@@ -577,12 +577,25 @@ class AsyncTimer:
         anyio.run(self.serve)
 
 
+def timeout_kwarg(
+    app: AsyncQueueTasks, task_name: str, timeout: float, kwargs: dict[str, Any]
+) -> None:
+    """``timer.add_task(..., timeout=)``: the task's own argument when the task (registered
+    in ``app``) has a parameter of that name; otherwise QTasks' timer option, ignored by
+    qtasks as it was by QTasks, with a warning."""
+    task = app.tasks.get(task_name)
+    if task is not None and "timeout" in task.caller_signature.parameters:
+        kwargs["timeout"] = timeout
+    else:
+        warn_timer_timeout(stacklevel=4)
+
+
 def warn_timer_timeout(stacklevel: int = 3) -> None:
     """Warn that QTasks' ``timer.add_task(..., timeout=)`` is ignored (QTasks ignored it too)."""
     warnings.warn(
         "timer.add_task(timeout=...) is QTasks' and ignored by qtasks, as it was by QTasks: a "
         "timer enqueues its task and waits for no result; drop it (a task whose own parameter "
-        "is called timeout is scheduled with timer.schedule(name, trigger, args, kwargs))",
+        "is called timeout gets it, once the task is registered before the timer is added)",
         QTasksCompatWarning,
         stacklevel=stacklevel,
     )
