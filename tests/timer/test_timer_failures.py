@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import anyio
 import pytest
@@ -166,3 +167,50 @@ async def test_a_trigger_that_raises_does_not_break_listing_the_timers_before_st
     assert rows[broken.id]["next_run"] is None
     assert rows[healthy.id]["next_run"] is not None
     assert any(broken.id in m for m in messages(caplog, logging.WARNING)), caplog.text
+
+
+class BuggyBroker(MemoryBroker):
+    """A broker whose publish of task ``bad`` raises a bug of its own (not an outage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad_publishes = 0
+
+    async def publish(self, envelope: Envelope) -> None:
+        if b'"bad"' in envelope.body:
+            self.bad_publishes += 1
+            raise RuntimeError("a plugin's bug")
+        await super().publish(envelope)
+
+
+def ticked(rec: Recorder, timer_id: str, times: int) -> bool:
+    return rec.count(timer_id) >= times
+
+
+async def test_a_tick_that_fails_for_good_is_not_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only an outage (a timeout, a lost connection) is tried again within the grace time: a
+    failure no retry mends (a bug, an unknown task) is logged once, not once a second."""
+    clock = FakeClock()
+    clock.freeze()
+    broker = BuggyBroker()
+    app, rec = make_app(broker)
+
+    @app.task
+    async def bad() -> None:
+        return None
+
+    timer = AsyncTimer(app, clock=clock.now)
+    once = DateTrigger(run_date=clock.now() + timedelta(seconds=1))
+    failing = timer.add_task("bad", trigger=once)
+    healthy = timer.add_task("tick", trigger=timedelta(seconds=1))
+    with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
+        async with app:
+            for second in range(1, 4):
+                clock.advance(1)
+                # The healthy timer's tick of this second shows the loop handled it.
+                await wait_until(partial(ticked, rec, healthy.id, second), 3, "a healthy tick")
+    assert broker.bad_publishes == 1, "tried again a second later"
+    failures = [m for m in messages(caplog) if failing.id in m]
+    assert len(failures) == 1 and "not tried again" in failures[0], failures

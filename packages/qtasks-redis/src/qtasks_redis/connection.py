@@ -198,8 +198,7 @@ def connection_error(
         full = StorageFullError if issubclass(kind, StorageConnectionError) else ServerFullError
         return full(
             f"Redis at {target.where}{db} is out of memory (maxmemory reached, noeviction): "
-            "the write was refused and nothing of it was written; free memory or raise "
-            "maxmemory, then try again"
+            "it refused this call, which wrote nothing; free memory or raise maxmemory"
         )
     if refused_credentials(exc):
         return kind(

@@ -393,8 +393,12 @@ class AsyncTimer:
         try:
             await self._fire(entry, key, coalesced, retry=retry)
         except Exception as exc:
-            # Its claim is released: the tick is due again, after a pause; the misfire policy
-            # decides then whether it is still on time.
+            if not isinstance(exc, TimeoutError | ConnectionError):
+                # Unknown task, wrong arguments, a plugin's bug: trying again changes nothing.
+                log.exception("timer %s: tick %s failed (not tried again)", entry.id, key)
+                return
+            # An outage: its claim is released, the tick is due again after a pause; the
+            # misfire policy decides then whether it is still on time.
             entry.last_key, entry.next_fire = previous, fire
             entry.retry_at = self._clock() + timedelta(seconds=_RETRY_DELAY)
             again = f"tried again in {_RETRY_DELAY:g} s if within misfire_grace={entry.grace}s"
