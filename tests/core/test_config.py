@@ -370,3 +370,47 @@ def test_variables_of_an_installed_extension_are_left_to_it_and_typos_still_fail
     ]:
         with pytest.raises(ConfigError, match=f"env {typo}: unknown key '{key}'"):
             load_config(env={**env, typo: "x"}, directory=nowhere)
+
+
+def test_dead_letter_retention_defaults_and_sources(tmp_path: Path) -> None:
+    """7 days and 100,000 per queue by default; each read from a file, the environment or
+    code, ``None`` (``none`` in the environment) turning it off."""
+    assert (QueueConfig().dead_letter_ttl, QueueConfig().max_dead_letters) == (604800.0, 100_000)
+    file = write(tmp_path / "qtasks.toml", "dead_letter_ttl = 60\nmax_dead_letters = 500\n")
+    config = load_config(file, env={}).config
+    assert (config.dead_letter_ttl, config.max_dead_letters) == (60.0, 500)
+    assert isinstance(config.dead_letter_ttl, float)
+    env = {"QTASKS_DEAD_LETTER_TTL": "none", "QTASKS_MAX_DEAD_LETTERS": "none"}
+    config = load_config(file, env=env).config
+    assert (config.dead_letter_ttl, config.max_dead_letters) == (None, None)
+    config = load_config(file, env={}, overrides={"dead_letter_ttl": 1.5}).config
+    assert config.dead_letter_ttl == 1.5
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("dead_letter_ttl = -1", "'dead_letter_ttl' must be a positive, finite number"),
+        ("dead_letter_ttl = 0", "'dead_letter_ttl' must be a positive, finite number"),
+        ("dead_letter_ttl = nan", "'dead_letter_ttl' must be a positive, finite number"),
+        ("dead_letter_ttl = inf", "'dead_letter_ttl' must be a positive, finite number"),
+        ('dead_letter_ttl = "7d"', "'dead_letter_ttl' expects float | None, got str"),
+        ("max_dead_letters = 0", "'max_dead_letters' must be a positive, finite number"),
+        ("max_dead_letters = -5", "'max_dead_letters' must be a positive, finite number"),
+        ("max_dead_letters = 1.5", "'max_dead_letters' expects int | None, got float"),
+        ("max_dead_letters = true", "'max_dead_letters' expects int | None, got bool"),
+    ],
+)
+def test_bad_dead_letter_retention_is_refused(tmp_path: Path, text: str, error: str) -> None:
+    file = write(tmp_path / "qtasks.toml", text + "\n")
+    with pytest.raises(ConfigError, match=rf"qtasks\.toml: {error}"):
+        load_config(file, env={})
+
+
+def test_bad_dead_letter_retention_from_env_and_code_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="env QTASKS_DEAD_LETTER_TTL: 'dead_letter_ttl' must"):
+        load_config(env={"QTASKS_DEAD_LETTER_TTL": "-inf"}, directory=tmp_path)
+    with pytest.raises(ConfigError, match="env QTASKS_MAX_DEAD_LETTERS: 'max_dead_letters' exp"):
+        load_config(env={"QTASKS_MAX_DEAD_LETTERS": "lots"}, directory=tmp_path)
+    with pytest.raises(ConfigError, match=r"keyword argument: 'max_dead_letters' must .* got 0"):
+        QueueConfig().merged(max_dead_letters=0)

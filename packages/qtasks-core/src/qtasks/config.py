@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
@@ -49,6 +50,12 @@ class QueueConfig(QTasksConfigNames):
     max_deliveries: int = 5
     """Deliveries (crashes included) before a message goes to the dead-letter queue; also how
     many times a component or plugin may fail on one message before it goes there."""
+    dead_letter_ttl: float | None = 604800.0
+    """Seconds a dead letter is kept (7 days, as Dramatiq; ``None``: until requeued or purged).
+    Enforced by the broker when it dead-letters, and when dead letters are read."""
+    max_dead_letters: int | None = 100_000
+    """Most dead letters kept per queue, the oldest dropped first (``None``: no cap), so that a
+    flood of poison messages cannot fill the broker."""
     retry: int = 0
     """Default retries for tasks that set none."""
     retry_backoff: float = 1.0
@@ -107,6 +114,10 @@ MOVED: dict[str, str] = {
 }
 """Keys that were settings of the core and now belong to a component, with where they went:
 refused with that hint."""
+
+POSITIVE = frozenset({"dead_letter_ttl", "max_dead_letters"})
+"""Settings that must be a positive, finite number when set: zero, a negative number, nan or
+inf is refused, naming the setting (``None`` turns them off)."""
 
 
 def type_name(kind: Any) -> str:
@@ -171,6 +182,11 @@ def check_value(key: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"{source}: {key!r} expects {type_name(kind)}, got {type(value).__name__} "
             f"{masked(value)!r}"
+        )
+    if key in POSITIVE and not (math.isfinite(value) and value > 0):
+        off = " (None turns it off)" if optional else ""
+        raise ConfigError(
+            f"{source}: {key!r} must be a positive, finite number{off}, got {value!r}"
         )
     return float(value) if base is float else value
 
