@@ -163,6 +163,12 @@ class Broker(Protocol):
       messages on behalf of one consumer.
     * **Dead letters** keep the body and a reason, are listed by :meth:`dead_letters` and can be
       put back with :meth:`requeue_dead_letters`.
+    * **Dead-letter retention.** A dead letter is kept ``config.dead_letter_ttl`` seconds and at
+      most ``config.max_dead_letters`` per queue (``None``: no limit), the oldest dropped first.
+      Enforce both when dead-lettering, with bounded work per message (a poison flood must not
+      make one call slow), never on the path of a message that is not dead-lettered. An expired
+      dead letter not dropped yet is never listed, counted by :meth:`stats`, requeued or
+      purged: filter or drop on read too.
     * Bad input from the outside (bytes that are not a message) is delivered like any other
       message: deciding that it is poison is the worker's job (it nacks it with a reason).
     """

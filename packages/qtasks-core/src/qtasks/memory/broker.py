@@ -8,7 +8,7 @@ import json
 import re
 import time
 import uuid as uuid_mod
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -171,7 +171,12 @@ class MemoryBroker(_Lifecycle):
         self._leases: list[tuple[float, str]] = []
         self._inflight: dict[str, _Entry] = {}
         self._known: dict[str, _Entry] = {}
-        self._dead_letters: dict[str, DeadLetter] = {}
+        self._dead_letters: OrderedDict[str, DeadLetter] = OrderedDict()
+        """In the order they died, oldest first."""
+        self._dead_ttl: float | None = None
+        self._dead_unordered = False
+        """Whether a dead letter died before one that died earlier (an injected clock set back)."""
+        self._max_dead: int | None = None
         self._seq = itertools.count()
         self._tokens = itertools.count(1)
         self._token_prefix = uuid_mod.uuid4().hex[:12] + "-"
@@ -185,6 +190,8 @@ class MemoryBroker(_Lifecycle):
         self._begin(stack)
         self._lease = self._lease_opt if self._lease_opt is not None else config.lease
         self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
+        self._dead_ttl = config.dead_letter_ttl
+        self._max_dead = config.max_dead_letters
         if self._signal is None:
             self._signal = _Signal()
 
@@ -213,14 +220,43 @@ class MemoryBroker(_Lifecycle):
 
     def _dead(self, entry: _Entry, reason: str) -> None:
         self._known.pop(entry.id, None)
-        self._dead_letters[entry.id] = DeadLetter(
+        letters = self._dead_letters
+        letters.pop(entry.id, None)  # dead again: it is the newest now
+        now = self._clock()
+        if letters and next(reversed(letters.values())).dead_at > now:
+            self._dead_unordered = True
+        letters[entry.id] = DeadLetter(
             id=entry.id,
             body=entry.body,
             reason=reason,
             priority=entry.priority,
             deliveries=entry.attempt,
-            dead_at=self._clock(),
+            dead_at=now,
         )
+        self._prune_dead()
+
+    def _prune_dead(self) -> None:
+        """Drop the dead letters over ``max_dead_letters`` and those older than
+        ``dead_letter_ttl``, oldest first."""
+        letters = self._dead_letters
+        if self._max_dead is not None:
+            while len(letters) > self._max_dead:
+                letters.popitem(last=False)
+        if self._dead_ttl is not None:
+            cutoff = self._clock() - self._dead_ttl
+            while letters and next(iter(letters.values())).dead_at <= cutoff:
+                letters.popitem(last=False)
+
+    def _live_dead_letters(self) -> OrderedDict[str, DeadLetter]:
+        """The dead letters, pruned first; one that died out of order (an injected clock set
+        back) and expired is dropped too."""
+        self._prune_dead()
+        letters = self._dead_letters
+        if self._dead_ttl is not None and self._dead_unordered:
+            cutoff = self._clock() - self._dead_ttl
+            for id in [id for id, letter in letters.items() if letter.dead_at <= cutoff]:
+                del letters[id]
+        return letters
 
     def _promote(self) -> float | None:
         """Move due delayed messages and expired leases to ready; return the next deadline."""
@@ -504,11 +540,12 @@ class MemoryBroker(_Lifecycle):
             if self._known.get(entry.id) is entry and not entry.token:
                 by_priority[entry.priority] = by_priority.get(entry.priority, 0) + 1
         delayed = sum(1 for _, _, e in self._delayed if self._known.get(e.id) is e)
-        return BrokerStats(by_priority, delayed, len(self._inflight), len(self._dead_letters))
+        dead = len(self._live_dead_letters())
+        return BrokerStats(by_priority, delayed, len(self._inflight), dead)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         self._check()
-        return sorted(self._dead_letters.values(), key=lambda d: d.dead_at)[:limit]
+        return sorted(self._live_dead_letters().values(), key=lambda d: d.dead_at)[:limit]
 
     async def flush(self) -> int:
         """Drop every message (ready, delayed, in flight) and dead letter; return how many.
@@ -520,14 +557,16 @@ class MemoryBroker(_Lifecycle):
         self._inflight.clear()
         self._known.clear()
         self._dead_letters.clear()
+        self._dead_unordered = False
         return count
 
     async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
         self._check()
-        chosen = list(self._dead_letters) if ids is None else ids
+        letters = self._live_dead_letters()
+        chosen = list(letters) if ids is None else ids
         count = 0
         for id in chosen:
-            letter = self._dead_letters.pop(id, None)
+            letter = letters.pop(id, None)
             if letter is not None:
                 self._schedule(_Entry(letter.id, letter.body, letter.priority), None)
                 count += 1
@@ -537,8 +576,9 @@ class MemoryBroker(_Lifecycle):
         """Delete dead letters for good (all when ``ids`` is None); return how many. See
         :mod:`qtasks.components` (an optional broker member)."""
         self._check()
-        chosen = list(self._dead_letters) if ids is None else ids
-        return sum(1 for id in chosen if self._dead_letters.pop(id, None) is not None)
+        letters = self._live_dead_letters()
+        chosen = list(letters) if ids is None else ids
+        return sum(1 for id in chosen if letters.pop(id, None) is not None)
 
 
 _ATTEMPT_KEY = b'"attempt":'

@@ -105,6 +105,24 @@ async def dead_lettered(broker: Broker, count: int) -> list[Envelope]:
     return sent
 
 
+@asynccontextmanager
+async def started(factory: BrokerFactory, config: QueueConfig) -> AsyncIterator[Broker]:
+    """A broker from ``factory`` started with ``config`` for the duration of the block."""
+    async with AsyncExitStack() as stack:
+        broker = factory(config)
+        await broker.start(stack, config)
+        yield broker
+
+
+async def monotonic_past(moment: float, *, slack: float) -> None:
+    """Wait until :func:`time.monotonic` passes ``moment`` (a deadline ``slack`` later)."""
+
+    async def past() -> bool:
+        return time.monotonic() > moment
+
+    await wait_until(past, timeout=moment - time.monotonic() + slack, what="the clock")
+
+
 class BrokerContract(ContractSuite):
     """The guarantees of :class:`qtasks.components.Broker`, as tests.
 
@@ -381,6 +399,71 @@ class BrokerContract(ContractSuite):
                 await (await consumer.next(timeout=2)).nack("no")
         letters: list[DeadLetter] = await broker.dead_letters(limit=2)
         assert [d.id for d in letters] == [sent[0].id, sent[1].id]
+
+    # --- dead-letter retention (dead_letter_ttl, max_dead_letters) -------------------------
+
+    @pytest.mark.anyio
+    async def test_dead_letters_older_than_the_ttl_are_not_listed(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        """Once ``dead_letter_ttl`` passed, a dead letter is neither listed nor counted, though
+        no message died since (nothing dead-lettered could have dropped it); a younger one
+        stays."""
+        # The old ones are looked for until gone; the young one must be listed then: it died
+        # half the TTL later, so that is when that look may come at the latest.
+        ttl = 2.0
+        config = contract_config.merged(dead_letter_ttl=ttl)
+        async with started(broker_factory, config) as broker:
+            old = await dead_lettered(broker, 2)
+            assert [d.id for d in await broker.dead_letters()] == [e.id for e in old]
+            await monotonic_past(time.monotonic() + ttl / 2, slack=self.timing_slack)
+            young = await dead_lettered(broker, 1)
+
+            async def old_gone() -> list[DeadLetter] | None:
+                letters = await broker.dead_letters()
+                return None if any(d.id == old[0].id for d in letters) else letters
+
+            letters = await wait_until(
+                old_gone, timeout=ttl + 2 * self.timing_slack, what="the old dead letters to expire"
+            )
+            assert letters is not None
+            assert [d.id for d in letters] == [young[0].id]
+            assert (await broker.stats()).dead_letters == 1
+
+    @pytest.mark.anyio
+    async def test_expired_dead_letters_are_not_requeued(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        """An expired dead letter is not requeued, asked for by id or with all of them, even
+        when nothing read or dropped it since it expired."""
+        ttl = 1.0
+        config = contract_config.merged(dead_letter_ttl=ttl)
+        async with started(broker_factory, config) as broker:
+            sent = await dead_lettered(broker, 2)
+            await monotonic_past(time.monotonic() + ttl + 0.2, slack=self.timing_slack)
+            assert await broker.requeue_dead_letters([sent[0].id]) == 0
+            assert await broker.requeue_dead_letters() == 0
+            async with consuming(broker) as consumer:
+                assert await consumer.none_within(0.3) is None
+            assert await broker.dead_letters() == []
+            assert (await broker.stats()).dead_letters == 0
+
+    @pytest.mark.anyio
+    async def test_max_dead_letters_keeps_the_newest(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        """With ``max_dead_letters = N``, dead-lettering N + k messages keeps the newest N
+        (oldest first, as always); the dropped ones cannot be requeued."""
+        config = contract_config.merged(max_dead_letters=3)
+        async with started(broker_factory, config) as broker:
+            sent = await dead_lettered(broker, 5)
+            assert [d.id for d in await broker.dead_letters()] == [e.id for e in sent[2:]]
+            assert (await broker.stats()).dead_letters == 3
+            assert await broker.requeue_dead_letters([sent[0].id, sent[1].id]) == 0
+            more = await dead_lettered(broker, 2)
+            kept = [sent[4].id, *(e.id for e in more)]
+            assert [d.id for d in await broker.dead_letters()] == kept
+            assert await broker.requeue_dead_letters() == 3
 
     @pytest.mark.anyio
     async def test_requeue_with_delay_and_new_body_resets_attempt(
