@@ -152,7 +152,7 @@ class RedisDelivery:
         return await self._settle(lua.ACK)
 
     async def nack(self, reason: str) -> bool:
-        return await self._settle(lua.NACK, reason)
+        return await self._settle(lua.NACK, reason, *self._broker._retention)
 
     async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
         delay_ms = "" if not delay else str(max(int(delay * 1000), 1))
@@ -200,6 +200,8 @@ class RedisBroker:
         self._notify_key = self.keys[lua.KEY_NAMES.index("notify")]
         self._lease_ms = 30_000
         self._max_deliveries = 5
+        self._retention: tuple[str, str] = ("", "")
+        """``dead_letter_ttl`` in ms and ``max_dead_letters``, as the scripts take them."""
         self._shared = SharedClient(self.target, "RedisBroker")
 
     @classmethod
@@ -220,6 +222,11 @@ class RedisBroker:
         lease = self._lease_opt if self._lease_opt is not None else config.lease
         self._lease_ms = max(int(lease * 1000), 1)
         self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
+        ttl, cap = config.dead_letter_ttl, config.max_dead_letters
+        self._retention = (
+            "" if ttl is None else str(max(int(ttl * 1000), 1)),
+            "" if cap is None else str(cap),
+        )
         options = {**config.extra, **self._options}
         await self._shared.acquire(stack, options)
 
@@ -527,6 +534,7 @@ class RedisBroker:
                 buried.popleft()
 
         count = max(prefetch, 1)
+        retention = self._retention
         stride = 5 if storage is None else 13  # CLAIM_BEGIN appends the record's 8 fields
         # The longest an idle claim blocks: never longer than a lease, since a message another
         # consumer claims meanwhile has a lease ending no sooner than that; this consumer then
@@ -548,6 +556,7 @@ class RedisBroker:
             )
             if starts is not None:
                 args = (*args, starts())
+            args = (*args, *retention)  # the last two: read only when dead-lettering
             if block is not None and lane is not None:
                 # Idle: block and claim in one round trip (the claim runs as soon as the
                 # BLPOP returns); a claim made while we are cancelled is still recorded.
@@ -679,8 +688,17 @@ class RedisBroker:
     async def cancel(self, id: str) -> bool:
         return bool(await self._run(lua.CANCEL, id))
 
+    async def _run_pruned(self, script: Script, *args: Any) -> Any:
+        """Run a script that reads dead letters (see ``pruned_for_read`` in
+        :mod:`~qtasks_redis.broker_lua`): again while it replies -1, each call dropping up to
+        1,000 dead letters past the retention first."""
+        while True:
+            reply = await self._run(script, *self._retention, *args)
+            if reply != -1:
+                return reply
+
     async def stats(self) -> BrokerStats:
-        reply = await self._run(lua.STATS)
+        reply = await self._run_pruned(lua.STATS)
         by_priority = {int(reply[i]): int(reply[i + 1]) for i in range(3, len(reply), 2)}
         return BrokerStats(by_priority, int(reply[0]), int(reply[1]), int(reply[2]))
 
@@ -693,7 +711,7 @@ class RedisBroker:
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         if limit <= 0:
             return []
-        reply = await self._run(lua.DEAD_LETTERS, limit)
+        reply = await self._run_pruned(lua.DEAD_LETTERS, limit)
         out = []
         for i in range(0, len(reply), 3):
             meta = json.loads(reply[i + 2])
@@ -720,10 +738,10 @@ class RedisBroker:
     async def _dead_letter_script(self, script: Script, ids: list[str] | None) -> int:
         """Run a script of ``DEAD_IDS`` on ``ids``, or on every dead letter, 1,000 a call."""
         if ids is not None:
-            return int(await self._run(script, "ids", *ids)) if ids else 0
+            return int(await self._run_pruned(script, "ids", *ids)) if ids else 0
         total = 0
         while True:
-            done = int(await self._run(script, "all"))
+            done = int(await self._run_pruned(script, "all"))
             total += done
             if done < 1000:
                 return total

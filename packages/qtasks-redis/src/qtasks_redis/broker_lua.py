@@ -17,6 +17,14 @@ script touches one Redis Cluster slot and declares every key it uses):
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
 Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
+
+Dead-letter retention (``dead_letter_ttl``, ``max_dead_letters``) travels as two arguments,
+``ttl_ms`` and ``cap`` (``''`` for none), of the scripts that dead-letter or read dead letters.
+A dead letter's sequence number and ``dead_at`` are taken in the same script, from the queue's
+counter and the server's clock, so ``dlq`` is in ``dead_at`` order too: the expired ones are
+at its head, and dropping them is a walk from the head that stops at the first one kept (no
+second index, and dead letters written before retention existed expire as well). A clock set
+back breaks that order only for the letters that died meanwhile: those are filtered on read.
 """
 
 from __future__ import annotations
@@ -77,7 +85,49 @@ local function forget(id)
   redis.call('HDEL', K_TOK, id)
 end
 
-local function dead(id, body, reason, prio, deliveries, now)
+local function drop_dead(id)
+  redis.call('ZREM', K_DLQ, id)
+  redis.call('HDEL', K_DLBODY, id)
+  redis.call('HDEL', K_DLMETA, id)
+end
+
+-- Whether dead letter id died at or before cutoff (seconds, as dead_at); one whose meta
+-- cannot be read counts as expired, so it cannot hold the others back.
+local function dead_expired(id, cutoff)
+  local ok, meta = pcall(cjson.decode, redis.call('HGET', K_DLMETA, id) or '')
+  local at = ok and type(meta) == 'table' and tonumber(meta.dead_at) or 0
+  return at <= cutoff
+end
+
+-- Drop at most budget dead letters, oldest first: those over the cap, then those older than
+-- the TTL (ttl_ms, cap: numbers, or nil for none). Returns how many it dropped.
+local function prune_dead(ttl_ms, cap, now, budget)
+  local n = 0
+  if cap then
+    local over = redis.call('ZCARD', K_DLQ) - cap
+    if over > 0 then
+      for _, id in ipairs(redis.call('ZRANGE', K_DLQ, 0, math.min(over, budget) - 1)) do
+        drop_dead(id)
+        n = n + 1
+      end
+    end
+  end
+  if ttl_ms then
+    local cutoff = (now - ttl_ms) / 1000
+    while n < budget do
+      local head = redis.call('ZRANGE', K_DLQ, 0, 0)[1]
+      if not head or not dead_expired(head, cutoff) then break end
+      drop_dead(head)
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- Dead-letter a message; then drop at most 100 of the oldest dead letters past the
+-- retention (ttl_ms, cap: the scripts' arguments, '' for none), so that a flood of poison
+-- messages neither grows the queue without bound nor makes one call slow.
+local function dead(id, body, reason, prio, deliveries, now, ttl_ms, cap)
   redis.call('HSET', K_DLBODY, id, body)
   redis.call('HSET', K_DLMETA, id, cjson.encode({
     reason = reason, priority = tonumber(prio) or 0,
@@ -85,6 +135,14 @@ local function dead(id, body, reason, prio, deliveries, now)
   -- Ordered by the queue's sequence, not the clock: several can die in one millisecond.
   redis.call('ZADD', K_DLQ, redis.call('INCR', K_SEQ), id)
   forget(id)
+  prune_dead(tonumber(ttl_ms), tonumber(cap), now, 100)
+end
+
+-- For the scripts that read dead letters (ARGV[1], ARGV[2]: ttl_ms, cap): drop up to 1000
+-- past the retention; false when more may be left (the script returns -1 and the caller
+-- runs it again), so that what it reads next holds no expired one.
+local function pruned_for_read(now)
+  return prune_dead(tonumber(ARGV[1]), tonumber(ARGV[2]), now, 1000) < 1000
 end
 
 local function back_to_ready(id)
@@ -134,7 +192,8 @@ return 1
 )
 
 CLAIM_BODY = r"""
--- ARGV: lease_ms, max_deliveries, count, nonce (then what on_claim reads)
+-- ARGV: lease_ms, max_deliveries, count, nonce (then what on_claim reads), then the
+-- dead-letter retention: ttl_ms, cap (the last two, read only when dead-lettering)
 -- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
 -- on_claim appends>, ...}; the wait is only computed when the ready queue was emptied (fewer
 -- than count claimed); the consumer blocks for it when it claimed nothing.
@@ -171,7 +230,7 @@ while n < count and not empty do
       if attempt > maxd then
         local reason = 'delivery limit reached: delivered ' .. (attempt - 1) ..
           ' times without being settled (max_deliveries=' .. maxd .. ')'
-        dead(id, body, reason, prio, attempt, now)
+        dead(id, body, reason, prio, attempt, now, ARGV[#ARGV - 1], ARGV[#ARGV])
         on_dead(id, reason)
       else
         n = n + 1
@@ -242,13 +301,13 @@ return 1
 NACK = Script(
     PRELUDE
     + r"""
--- ARGV: id, token, reason
+-- ARGV: id, token, reason, ttl_ms, cap
 local id = ARGV[1]
 if not valid(id, ARGV[2]) then return 0 end
 local body = redis.call('HGET', K_BODY, id)
 local prio = redis.call('HGET', K_META, id)
 local att = redis.call('HGET', K_ATT, id)
-dead(id, body, ARGV[3], prio, att, now_ms())
+dead(id, body, ARGV[3], prio, att, now_ms(), ARGV[4], ARGV[5])
 return 1
 """
 )
@@ -334,8 +393,11 @@ return 1
 STATS = Script(
     PRELUDE
     + r"""
--- Returns {delayed, in_flight, dead, priority1, count1, priority2, count2, ...}
-promote(now_ms())
+-- ARGV: ttl_ms, cap (dead-letter retention). Returns {delayed, in_flight, dead, priority1,
+-- count1, priority2, count2, ...}, or -1: call again (see pruned_for_read).
+local now = now_ms()
+if not pruned_for_read(now) then return -1 end
+promote(now)
 local out = {redis.call('ZCARD', K_DELAYED), redis.call('ZCARD', K_INFLIGHT),
              redis.call('HLEN', K_DLBODY)}
 local lo = '-inf'
@@ -355,38 +417,63 @@ return out
 DEAD_LETTERS = Script(
     PRELUDE
     + r"""
--- ARGV: limit. Returns {id, body, meta_json, ...}, oldest first.
-local ids = redis.call('ZRANGE', K_DLQ, 0, tonumber(ARGV[1]) - 1)
-local out = {}
-for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', K_DLBODY, id) or ''
-  out[#out + 1] = redis.call('HGET', K_DLMETA, id) or '{}'
+-- ARGV: ttl_ms, cap, limit. Returns {id, body, meta_json, ...}, oldest first, or -1: call
+-- again (see pruned_for_read).
+local now = now_ms()
+if not pruned_for_read(now) then return -1 end
+local limit, ttl = tonumber(ARGV[3]), tonumber(ARGV[1])
+local cutoff = ttl and (now - ttl) / 1000
+local out, from, seen = {}, 0, 0
+-- Past the head, one that died while the clock was set back may be expired: it is dropped
+-- instead of listed (looking at no more than 1000 beyond the limit).
+while #out < 3 * limit and seen < limit + 1000 do
+  local ids = redis.call('ZRANGE', K_DLQ, from, from + limit - 1)
+  if #ids == 0 then break end
+  seen = seen + #ids
+  for _, id in ipairs(ids) do
+    if cutoff and dead_expired(id, cutoff) then
+      drop_dead(id)
+    elseif #out < 3 * limit then
+      from = from + 1
+      out[#out + 1] = id
+      out[#out + 1] = redis.call('HGET', K_DLBODY, id) or ''
+      out[#out + 1] = redis.call('HGET', K_DLMETA, id) or '{}'
+    end
+  end
 end
 return out
 """
 )
 
 DEAD_IDS = r"""
+local now = now_ms()
+if not pruned_for_read(now) then return -1 end
+local ttl = tonumber(ARGV[1])
+local cutoff = ttl and (now - ttl) / 1000
 local ids
-if ARGV[1] == 'all' then
+if ARGV[3] == 'all' then
   ids = redis.call('ZRANGE', K_DLQ, 0, 999)
 else
   ids = {}
-  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
 """
-"""The dead letters a script acts on: ARGV ``'all'`` (the oldest 1000) or ``'ids'``, ids."""
+"""The dead letters a script acts on: ARGV ttl_ms, cap (retention, applied first: -1 when
+the caller must run the script again), then ``'all'`` (the oldest 1000) or ``'ids'``, ids.
+``cutoff`` (or false): a dead letter that died at or before it is expired."""
 
 REQUEUE_DEAD = Script(
     PRELUDE
     + r"""
--- ARGV: mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call."""
+-- ARGV: ttl_ms, cap, mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call."""
     + DEAD_IDS
-    + r"""local now = now_ms()
-local n = 0
+    + r"""local n = 0
 for _, id in ipairs(ids) do
   local body = redis.call('HGET', K_DLBODY, id)
+  if body and cutoff and dead_expired(id, cutoff) then
+    drop_dead(id)  -- died while the clock was set back; expired: not requeued
+    body = nil
+  end
   if body then
     local meta = cjson.decode(redis.call('HGET', K_DLMETA, id) or '{}')
     local prio = tostring(meta.priority or 0)
@@ -412,12 +499,13 @@ return n
 PURGE_DEAD = Script(
     PRELUDE
     + r"""
--- ARGV: mode ('all' or 'ids'), then ids. 'all' deletes at most 1000 per call. Returns how
--- many dead letters were deleted."""
+-- ARGV: ttl_ms, cap, mode ('all' or 'ids'), then ids. 'all' deletes at most 1000 per call.
+-- Returns how many dead letters were deleted (an expired one is deleted, not counted)."""
     + DEAD_IDS
     + r"""local n = 0
 for _, id in ipairs(ids) do
-  if redis.call('ZREM', K_DLQ, id) == 1 then n = n + 1 end
+  local expired = cutoff and dead_expired(id, cutoff)
+  if redis.call('ZREM', K_DLQ, id) == 1 and not expired then n = n + 1 end
   redis.call('HDEL', K_DLBODY, id)
   redis.call('HDEL', K_DLMETA, id)
 end

@@ -1,0 +1,100 @@
+"""Dead-letter retention on Redis: the claim scripts apply it too, a dead-lettering drops at
+most 100 (bounded work in a poison flood), reads drop the rest 1,000 per call, and dead
+letters written before retention existed expire too."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from qtasks.config import QueueConfig
+from qtasks.messages import Envelope
+from qtasks_redis import RedisBroker, RedisDelivery
+
+pytestmark = pytest.mark.anyio
+
+
+async def make(stack: AsyncExitStack, url: str, prefix: str, **config: object) -> RedisBroker:
+    """A broker whose every claim dead-letters (``max_deliveries=0``)."""
+    broker = RedisBroker(url, prefix=prefix, queue="q", max_deliveries=0)
+    await broker.start(stack, QueueConfig().merged(**config))
+    return broker
+
+
+async def claim_dead(broker: RedisBroker, ids: list[str]) -> None:
+    """Publish ``ids``; claims dead-letter them all (their delivery limit is 0)."""
+    await broker.publish_many([Envelope(id, id.encode(), 0) for id in ids])
+    left = set(ids)
+    done = anyio.Event()
+
+    async def buried(id: str, reason: str) -> None:
+        left.discard(id)
+        if not left:
+            done.set()
+
+    async def pull(deliveries: AsyncIterator[RedisDelivery]) -> None:
+        async for _ in deliveries:
+            raise AssertionError("a message past its delivery limit was delivered")
+
+    consumer = broker.consume_noticing(prefetch=len(ids), buried=buried)
+    with anyio.fail_after(10):
+        async with consumer as deliveries, anyio.create_task_group() as tg:
+            tg.start_soon(pull, deliveries)
+            await done.wait()
+            tg.cancel_scope.cancel()
+
+
+async def dlq_size(url: str, broker: RedisBroker) -> int:
+    client = aioredis.from_url(url)
+    try:
+        return int(await client.zcard(broker.keys[-1]))
+    finally:
+        await client.aclose()
+
+
+async def test_a_claim_that_dead_letters_keeps_the_cap(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    broker = await make(stack, redis_url, prefix, max_dead_letters=3)
+    await claim_dead(broker, ["a", "b"])
+    await claim_dead(broker, ["c", "d", "e"])
+    assert await dlq_size(redis_url, broker) == 3
+    assert [d.id for d in await broker.dead_letters()] == ["c", "d", "e"]
+
+
+async def test_one_dead_lettering_drops_at_most_100_and_reads_drop_the_rest(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """1,200 dead letters written without retention (as before it existed), then a broker
+    with a 1 ms TTL: its nack drops 100 of them, not all; the next read drops every expired
+    one (several calls of 1,000) and lists none."""
+    old = await make(stack, redis_url, prefix, dead_letter_ttl=None, max_dead_letters=None)
+    await claim_dead(old, [f"old-{i}" for i in range(1200)])
+    assert await dlq_size(redis_url, old) == 1200
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q")
+    await broker.start(stack, QueueConfig(dead_letter_ttl=0.001))
+    await broker.publish(Envelope("new", b"new", 0))
+    async with broker.consume(prefetch=1) as deliveries:
+        with anyio.fail_after(5):
+            delivery = await anext(aiter(deliveries))
+        assert await delivery.nack("poison")
+    assert await dlq_size(redis_url, broker) == 1200 + 1 - 100
+    assert (await broker.stats()).dead_letters == 0
+    assert await dlq_size(redis_url, broker) == 0
+    assert await broker.dead_letters() == []
+
+
+async def test_reads_apply_a_lowered_cap(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    old = await make(stack, redis_url, prefix, max_dead_letters=None)
+    await claim_dead(old, [f"m-{i}" for i in range(20)])
+    broker = await make(stack, redis_url, prefix, max_dead_letters=5)
+    assert [d.id for d in await broker.dead_letters()] == [f"m-{i}" for i in range(15, 20)]
+    assert await dlq_size(redis_url, broker) == 5
+    assert await broker.requeue_dead_letters(["m-0"]) == 0
+    assert await broker.purge_dead_letters() == 5
