@@ -62,7 +62,13 @@ async def make_broker(queue_name: str) -> AsyncIterator[BrokerFactory]:
     async with AsyncExitStack() as stack:
 
         async def make(**options: Any) -> RabbitMQBroker:
-            config_keys = {"max_deliveries", "prefetch", "lease"}
+            config_keys = {
+                "max_deliveries",
+                "prefetch",
+                "lease",
+                "dead_letter_ttl",
+                "max_dead_letters",
+            }
             config = QueueConfig(
                 broker="rabbitmq",
                 broker_url=URL,

@@ -20,6 +20,7 @@ def pamqp_header(message: Outgoing, channel: int) -> bytes:
         delivery_mode=2,
         priority=message.priority,
         message_id=message.message_id,
+        expiration=message.expiration,
     )
     return marshal(ContentHeader(0, len(message.body), properties), channel)
 
@@ -38,9 +39,14 @@ HEADERS: list[dict[str, Any] | None] = [
 @pytest.mark.parametrize("priority", [0, 10, 20, 255])
 @pytest.mark.parametrize("body", [b"", b"{}", b"x" * 200_000])
 @pytest.mark.parametrize("message_id", ["a", "0123456789abcdef" * 2, "i" * 255])
+@pytest.mark.parametrize("expiration", [None, "1", "604800000"])  # a dead letter's TTL in ms
 def test_content_header_is_pamqps(
-    headers: dict[str, Any] | None, priority: int, body: bytes, message_id: str
+    headers: dict[str, Any] | None,
+    priority: int,
+    body: bytes,
+    message_id: str,
+    expiration: str | None,
 ) -> None:
-    message = Outgoing(body, "task-id", message_id, headers, priority, "", "queue")
+    message = Outgoing(body, "task-id", message_id, headers, priority, "", "queue", expiration)
     for channel in (1, 2047):
         assert content_header(message, channel) == pamqp_header(message, channel)

@@ -164,7 +164,13 @@ class RabbitMQBroker:
         self._max_deliveries = config.max_deliveries
         self._max_running = config.max_tasks_process
         topology = self._topology
-        self._topology = dataclasses.replace(topology, delivery_limit=config.max_deliveries)
+        ttl = config.dead_letter_ttl
+        self._topology = dataclasses.replace(
+            topology,
+            delivery_limit=config.max_deliveries,
+            dead_letter_ttl_ms=None if ttl is None else max(int(ttl * 1000), 1),
+            max_dead_letters=config.max_dead_letters,
+        )
         self._lease = config.lease
         settings = self._settings
         link = Link(
@@ -275,7 +281,8 @@ class RabbitMQBroker:
         return BrokerStats({0: ready} if ready else {}, delayed, in_flight, dead)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The oldest ``limit`` dead letters (read without removing them)."""
+        """The oldest ``limit`` dead letters (read without removing them; expired ones met on
+        the way are removed)."""
         connection, _ = await self._require_link().connection()
         return await management.dead_letters(connection, self._topology, limit)
 

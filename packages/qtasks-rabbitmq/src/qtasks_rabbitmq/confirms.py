@@ -56,6 +56,8 @@ class Outgoing(NamedTuple):
     """AMQP priority."""
     exchange: str
     routing_key: str
+    expiration: str | None = None
+    """AMQP ``expiration`` in ms (only dead letters have one)."""
 
 
 _HEADER = struct.Struct(">BHIHxxQH")  # frame type, channel, size; class, weight, body size, flags
@@ -70,6 +72,8 @@ def content_header(message: Outgoing, channel: int) -> bytes:
     its headers, delivery mode 2, priority and message id (tested byte for byte), with the
     properties built and encoded in ~0.5 instead of ~5.7 us without headers (pamqp validates
     them and encodes each of the 14 through a type lookup; a headers table costs both ~3 us)."""
+    if message.expiration is not None:
+        return _expiring_header(message, channel, message.expiration.encode())
     message_id = message.message_id.encode()
     headers = message.headers
     table = field_table(headers) if headers else b""
@@ -80,6 +84,27 @@ def content_header(message: Outgoing, channel: int) -> bytes:
             _HEADER.pack(FRAME_HEADER, channel, size, Basic.frame_id, len(message.body), flags),
             table,
             bytes((PERSISTENT, message.priority, len(message_id))),
+            message_id,
+            FRAME_END_CHAR,
+        )
+    )
+
+
+def _expiring_header(message: Outgoing, channel: int, expiration: bytes) -> bytes:
+    """:func:`content_header` with an ``expiration`` (a short string written between the
+    priority and the message id, in the order of the property flags)."""
+    message_id = message.message_id.encode()
+    headers = message.headers
+    table = field_table(headers) if headers else b""
+    size = _HEADER_SIZE + len(table) + 4 + len(expiration) + len(message_id)
+    flags = (_WITH_HEADERS if headers else _PLAIN) | _FLAGS["expiration"]
+    return b"".join(
+        (
+            _HEADER.pack(FRAME_HEADER, channel, size, Basic.frame_id, len(message.body), flags),
+            table,
+            bytes((PERSISTENT, message.priority, len(expiration))),
+            expiration,
+            bytes((len(message_id),)),
             message_id,
             FRAME_END_CHAR,
         )

@@ -320,7 +320,6 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
     channel = await connection.channel(publisher_confirms=False)
     try:
         work = await _declare_queue(channel, topology.queue, topology.work_arguments())
-        await _declare_queue(channel, topology.dead, topology.dead_arguments())
         out = await channel.declare_exchange(topology.delay_out, "fanout", durable=True)
         await work.bind(out)
         exchanges = {
@@ -337,6 +336,41 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
     finally:
         if not channel.is_closed:
             await channel.close()
+    await _declare_dead(connection, topology)
+
+
+async def _declare_dead(connection: AbstractConnection, topology: Topology) -> None:
+    """Declare the dead-letter queue with its cap (``x-max-length``). RabbitMQ refuses to
+    declare an existing queue with other arguments, so one declared before (by an earlier
+    version, or with another ``max_dead_letters``) is kept as it is, with a warning: its cap
+    is then a policy's to set (``docs/rabbitmq.md``)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(
+            topology.dead, durable=True, arguments=topology.dead_arguments()
+        )
+        return
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        detail = str(exc)
+        if "x-max-length" not in detail and "x-overflow" not in detail:
+            raise TopologyError(topology.dead, detail) from None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(topology.dead, passive=True)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    log.warning(
+        "RabbitMQ queue %r exists with another cap than max_dead_letters=%s (%s); it is "
+        "kept as it is: cap it with a policy (max-length, overflow drop-head; see "
+        "docs/rabbitmq.md), or delete it while empty to have it declared with the cap",
+        topology.dead,
+        topology.max_dead_letters,
+        detail,
+    )
 
 
 async def _declare_queue(channel: AbstractChannel, name: str, arguments: dict[str, Any]) -> Any:

@@ -1,8 +1,13 @@
 """Inspection and management on a channel of their own: queue counts for ``stats``, reading and
-requeueing dead letters, and the reason of a message RabbitMQ dead-lettered itself."""
+requeueing dead letters, and the reason of a message RabbitMQ dead-lettered itself.
+
+RabbitMQ drops an expired dead letter when it reaches the head of ``Q.dead``; reading the
+queue removes one met past ``dead_letter_ttl`` all the same (one written before dead letters
+had an ``expiration``, or one RabbitMQ dead-lettered itself), so none is listed or requeued."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any, cast
 
@@ -46,7 +51,11 @@ async def dead_letters(
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            letters.append(_dead_letter(message))
+            letter = _dead_letter(message)
+            if _expired(letter, topology):
+                await message.ack()
+                continue
+            letters.append(letter)
     finally:
         await channel.close()  # hands every message back, in order
     return letters
@@ -68,6 +77,9 @@ async def requeue_dead_letters(
             if message is None:
                 break
             letter = _dead_letter(message)
+            if _expired(letter, publisher.topology):
+                await message.ack()
+                continue
             if wanted is not None and letter.id not in wanted:
                 continue  # left unacked: the channel close puts it back
             await publisher.send(letter.id, letter.body, letter.priority, 0, None)
@@ -95,13 +107,22 @@ async def purge_dead_letters(
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            if _dead_letter(message).id in wanted:
+            letter = _dead_letter(message)
+            if _expired(letter, topology):
+                await message.ack()
+            elif letter.id in wanted:
                 await message.ack()
                 purged += 1
             # others are left unacked: the channel close puts them back
         return purged
     finally:
         await channel.close()
+
+
+def _expired(letter: DeadLetter, topology: Topology) -> bool:
+    """Whether ``letter`` died ``dead_letter_ttl`` ago or more (one of unknown age is kept)."""
+    ttl = topology.dead_letter_ttl_ms
+    return ttl is not None and 0 < letter.dead_at <= time.time() - ttl / 1000
 
 
 def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:

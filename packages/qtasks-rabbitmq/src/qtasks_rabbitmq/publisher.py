@@ -97,9 +97,14 @@ class Publisher:
         await self.link.publish_many([outgoing(*message) for message in messages])
 
     async def bury(self, id: str, body: bytes, priority: int, deliveries: int, reason: str) -> None:
-        """Publish to the dead-letter queue with ``reason`` and the time."""
+        """Publish to the dead-letter queue with ``reason`` and the time, expiring
+        ``dead_letter_ttl`` later (a per-message ``expiration``: a TTL needs no change to the
+        queue's arguments, which RabbitMQ refuses on an existing queue)."""
         extra = {H_REASON: reason[:4000], H_DEAD_AT: ms(time.time())}
         dead = self.message(id, body, priority, deliveries, ("", self.topology.dead), extra)
+        ttl = self.topology.dead_letter_ttl_ms
+        if ttl is not None:
+            dead = dead._replace(expiration=str(ttl))
         await self.link.publish_many((dead,), what="dead letter")
 
 

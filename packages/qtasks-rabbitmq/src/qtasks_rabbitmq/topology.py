@@ -3,7 +3,9 @@
 For a queue named ``Q``:
 
 * ``Q`` — the work queue (durable; classic with ``x-max-priority``, or quorum).
-* ``Q.dead`` — dead letters, with the reason in the ``x-qtasks-reason`` header.
+* ``Q.dead`` — dead letters, with the reason in the ``x-qtasks-reason`` header; each expires
+  ``dead_letter_ttl`` after it died (its own ``expiration``), and a queue qtasks creates holds
+  at most ``max_dead_letters`` (``x-max-length``, dropping the oldest).
 * ``Q.delay.0`` … ``Q.delay.31`` — wait queues, one per bit of the delay in milliseconds. Queue
   ``Q.delay.L`` holds every message for exactly ``2**L`` ms (``x-message-ttl``), then
   dead-letters it to the next lower level. Topic exchanges of the same names route a message
@@ -45,6 +47,10 @@ class Topology:
     version: int = 0
     """``x-queue-version`` of the classic queues (0: not sent, the server's default). See
     ``docs/rabbitmq.md`` for what version 2 changes in speed (same features and guarantees)."""
+    dead_letter_ttl_ms: int | None = None
+    """The ``expiration`` of each dead letter (``dead_letter_ttl``; ``None``: none)."""
+    max_dead_letters: int | None = None
+    """``x-max-length`` of the dead-letter queue, oldest dropped (``None``: not sent)."""
 
     @property
     def dead(self) -> str:
@@ -86,6 +92,9 @@ class Topology:
 
     def dead_arguments(self) -> dict[str, Any]:
         args: dict[str, Any] = {"x-queue-type": self.queue_type}
+        if self.max_dead_letters is not None:
+            args["x-max-length"] = self.max_dead_letters
+            args["x-overflow"] = "drop-head"
         if self.queue_type == "classic":
             self._versioned(args)
         return args
