@@ -44,6 +44,13 @@ class FalsyAsNone(MemoryStorage):
         return await super().save(record, fence=fence)
 
 
+class FencesOnlyFinalSaves(MemoryStorage):
+    """Checks the fence of final saves only: a stale worker's retry replaces the newer attempt."""
+
+    async def save(self, record, *, fence=None):
+        return await super().save(record, fence=fence if record.status.final else None)
+
+
 class DeadLettersAtPriorityZero(MemoryBroker):
     """Puts requeued dead letters back at priority 0, whatever their own priority was."""
 
@@ -74,6 +81,12 @@ class TestDeadLettersAtPriorityZero(BrokerContract):
     @pytest.fixture
     def broker_factory(self):
         return DeadLettersAtPriorityZero.from_config
+
+
+class TestFencesOnlyFinalSaves(StorageContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return FencesOnlyFinalSaves.from_config
 '''
 
 
@@ -86,18 +99,25 @@ def failed_tests(result: pytest.RunResult) -> set[str]:
 
 def test_the_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_broken=BROKEN)
-    # The broker suite is long (leases, delays): run its dead-letter tests only.
+    # The broker suite is long (leases, delays): run its dead-letter tests only; and for the
+    # later storages, the tests of the guarantees they break (each must fail only its own).
+    later = "FencesOnlyFinal"
+    tests = "another_token or begin_marks"
     result = pytester.runpytest_subprocess(
-        *OPTIONS, "-k", "Storage or FalsyAsNone or CancelsOnlyNew or dead_letter"
+        *OPTIONS,
+        "-k",
+        f"FalsyAsNone or CancelsOnlyNew or ({later}) and ({tests}) or PriorityZero and dead_letter",
     )
     assert failed_tests(result) == {
         "TestCancelsOnlyNew::test_cancel_marks_a_running_record",
         "TestFalsyAsNone::test_falsy_results_are_kept_as_they_are",
         "TestDeadLettersAtPriorityZero::test_requeued_dead_letters_keep_their_priority",
+        "TestFencesOnlyFinalSaves::test_fenced_save_refused_for_another_token",
+        "TestFencesOnlyFinalSaves::test_begin_marks_the_attempt_and_keeps_other_fields",
     }, result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("errors", 0) == 0, result.stdout.str()
-    assert outcomes["passed"] >= 2 * 30, outcomes  # the rest of each storage suite holds
+    assert outcomes["passed"] >= 2 * 30 + 3, outcomes  # the rest of those suites holds
 
 
 FAILS_INSIDE_CONSUMING = """

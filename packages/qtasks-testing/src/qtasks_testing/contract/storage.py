@@ -136,14 +136,23 @@ class StorageContract(ContractSuite):
 
     @pytest.mark.anyio
     async def test_fenced_save_refused_for_another_token(self, storage: Storage) -> None:
+        """The fence holds for every status, not only final ones: a worker that lost its lease
+        also writes ``retry`` (its task failed), ``process`` and ``new`` (handing the message
+        back), and none of them may replace the newer attempt's record or token."""
         rec = record()
         await storage.add(rec)
         # A stored record without a token accepts any fence.
         newer = finished(rec, TaskStatus.PROCESS, attempt=2, token="new-token")
         assert await storage.save(newer, fence="whatever") is True
-        stale = finished(rec, TaskStatus.SUCCESS, attempt=1, token="old-token", returning=1)
-        assert await storage.save(stale, fence="old-token") is False
-        assert await storage.get(rec.uuid) == newer
+        stale_writes = [
+            finished(rec, TaskStatus.RETRY, attempt=1, token="old-token", eta=time.time() + 30),
+            finished(rec, TaskStatus.PROCESS, attempt=1, token="old-token"),
+            finished(rec, TaskStatus.NEW, attempt=1, token="old-token", eta=time.time() + 30),
+            finished(rec, TaskStatus.SUCCESS, attempt=1, token="old-token", returning=1),
+        ]
+        for stale in stale_writes:
+            assert await storage.save(stale, fence="old-token") is False, f"stale {stale.status}"
+            assert await storage.get(rec.uuid) == newer, f"stale {stale.status} written"
         ok = finished(newer, returning=2)
         assert await storage.save(ok, fence="new-token") is True
         assert await storage.get(rec.uuid) == ok
@@ -236,9 +245,11 @@ class StorageContract(ContractSuite):
         stored = await storage.get(rec.uuid)
         assert stored is not None
         assert (stored.status, stored.attempt, stored.token) == (TaskStatus.PROCESS, 2, "tok-2")
-        # the begun attempt's token fences writes from then on
-        stale = finished(stored, token="tok-1")
-        assert await storage.save(stale, fence="tok-1") is False
+        # the begun attempt's token fences writes from then on, whatever their status
+        for status in (TaskStatus.RETRY, TaskStatus.PROCESS, TaskStatus.SUCCESS):
+            stale = finished(stored, status, attempt=1, token="tok-1", eta=time.time() + 30)
+            assert await storage.save(stale, fence="tok-1") is False, f"stale {status}"
+            assert await storage.get(rec.uuid) == stored, f"stale {status} written"
         assert await storage.save(finished(stored), fence="tok-2") is True
 
     @pytest.mark.anyio
