@@ -51,6 +51,17 @@ class FencesOnlyFinalSaves(MemoryStorage):
         return await super().save(record, fence=fence if record.status.final else None)
 
 
+class BeginReopensFinished(MemoryStorage):
+    """begin() over a success, error or expired record starts the task again."""
+
+    async def begin(self, record, *, generation=0):
+        stored = self._records.get(record.uuid)
+        if stored is not None and stored.status.final and stored.status is not TaskStatus.CANCEL:
+            stored.status = TaskStatus.PROCESS
+            self._index(stored)
+        return await super().begin(record, generation=generation)
+
+
 class DeadLettersAtPriorityZero(MemoryBroker):
     """Puts requeued dead letters back at priority 0, whatever their own priority was."""
 
@@ -87,6 +98,12 @@ class TestFencesOnlyFinalSaves(StorageContract):
     @pytest.fixture
     def storage_factory(self):
         return FencesOnlyFinalSaves.from_config
+
+
+class TestBeginReopensFinished(StorageContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return BeginReopensFinished.from_config
 '''
 
 
@@ -101,8 +118,8 @@ def test_the_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_broken=BROKEN)
     # The broker suite is long (leases, delays): run its dead-letter tests only; and for the
     # later storages, the tests of the guarantees they break (each must fail only its own).
-    later = "FencesOnlyFinal"
-    tests = "another_token or begin_marks"
+    later = "FencesOnlyFinal or ReopensFinished"
+    tests = "another_token or begin_marks or begin_leaves"
     result = pytester.runpytest_subprocess(
         *OPTIONS,
         "-k",
@@ -114,10 +131,11 @@ def test_the_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
         "TestDeadLettersAtPriorityZero::test_requeued_dead_letters_keep_their_priority",
         "TestFencesOnlyFinalSaves::test_fenced_save_refused_for_another_token",
         "TestFencesOnlyFinalSaves::test_begin_marks_the_attempt_and_keeps_other_fields",
+        "TestBeginReopensFinished::test_begin_leaves_a_final_record_alone",
     }, result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("errors", 0) == 0, result.stdout.str()
-    assert outcomes["passed"] >= 2 * 30 + 3, outcomes  # the rest of those suites holds
+    assert outcomes["passed"] >= 2 * 30 + 6, outcomes  # the rest of those suites holds
 
 
 FAILS_INSIDE_CONSUMING = """

@@ -263,6 +263,9 @@ class StorageContract(ContractSuite):
 
     @pytest.mark.anyio
     async def test_begin_leaves_a_final_record_alone(self, storage: Storage) -> None:
+        """A redelivered message whose record is final (cancelled while queued, or finished
+        by an attempt whose ack was lost) must not run again: ``begin`` returns the record
+        unchanged and writes nothing, for every final status."""
         rec = record()
         await storage.add(rec)
         cancelled = await storage.cancel(rec.uuid, "not wanted")
@@ -275,6 +278,21 @@ class StorageContract(ContractSuite):
         assert stored is not None
         assert stored.status is TaskStatus.CANCEL
         assert stored.token != "late"
+        ends: dict[TaskStatus, dict[str, Any]] = {
+            TaskStatus.SUCCESS: {"returning": {"answer": 42}},
+            TaskStatus.ERROR: {"error": "ValueError: x", "traceback": "Traceback..."},
+            TaskStatus.EXPIRED: {"error": "expired before it started"},
+        }
+        for status, fields in ends.items():
+            rec = record()
+            await storage.add(rec)
+            first = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+            done = finished(await storage.begin(first), status, **fields)
+            assert await storage.save(done, fence="t1") is True
+            again = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=2, token="late")
+            again.worker = "worker-b"
+            assert await storage.begin(again) == done, f"begin changed a {status} record"
+            assert await storage.get(rec.uuid) == done, f"begin wrote over a {status} record"
 
     @pytest.mark.anyio
     async def test_add_replaces_a_stored_record_by_default(self, storage: Storage) -> None:
