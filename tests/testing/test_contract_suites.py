@@ -62,6 +62,18 @@ class BeginReopensFinished(MemoryStorage):
         return await super().begin(record, generation=generation)
 
 
+class ExpiresFromCreation(MemoryStorage):
+    """Counts result_ttl from the record's creation, not from its final save."""
+
+    def _expire(self):
+        now = self._clock()
+        for uuid, stored in list(self._records.items()):
+            if stored.status.final and stored.created_at + self._ttl <= now:
+                del self._records[uuid]
+                self._forget(uuid)
+        super()._expire()
+
+
 class DeadLettersAtPriorityZero(MemoryBroker):
     """Puts requeued dead letters back at priority 0, whatever their own priority was."""
 
@@ -104,6 +116,12 @@ class TestBeginReopensFinished(StorageContract):
     @pytest.fixture
     def storage_factory(self):
         return BeginReopensFinished.from_config
+
+
+class TestExpiresFromCreation(StorageContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return ExpiresFromCreation.from_config
 '''
 
 
@@ -118,8 +136,8 @@ def test_the_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_broken=BROKEN)
     # The broker suite is long (leases, delays): run its dead-letter tests only; and for the
     # later storages, the tests of the guarantees they break (each must fail only its own).
-    later = "FencesOnlyFinal or ReopensFinished"
-    tests = "another_token or begin_marks or begin_leaves"
+    later = "FencesOnlyFinal or ReopensFinished or FromCreation"
+    tests = "another_token or begin_marks or begin_leaves or result_ttl"
     result = pytester.runpytest_subprocess(
         *OPTIONS,
         "-k",
@@ -132,10 +150,11 @@ def test_the_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
         "TestFencesOnlyFinalSaves::test_fenced_save_refused_for_another_token",
         "TestFencesOnlyFinalSaves::test_begin_marks_the_attempt_and_keeps_other_fields",
         "TestBeginReopensFinished::test_begin_leaves_a_final_record_alone",
+        "TestExpiresFromCreation::test_final_records_expire_after_result_ttl",
     }, result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("errors", 0) == 0, result.stdout.str()
-    assert outcomes["passed"] >= 2 * 30 + 6, outcomes  # the rest of those suites holds
+    assert outcomes["passed"] >= 2 * 30 + 9, outcomes  # the rest of those suites holds
 
 
 FAILS_INSIDE_CONSUMING = """

@@ -531,25 +531,39 @@ class StorageContract(ContractSuite):
     async def test_final_records_expire_after_result_ttl(
         self, storage_factory: StorageFactory, contract_config: QueueConfig
     ) -> None:
-        config = contract_config.merged(result_ttl=0.5)
+        """``result_ttl`` counts from the save that made the record final, not from its
+        creation: a task that waited (a delay, a backlog, a retry) or ran longer than the TTL
+        keeps its result for the whole TTL. Records not final never expire."""
+        ttl = 0.5
+        config = contract_config.merged(result_ttl=ttl)
         async with AsyncExitStack() as stack:
             storage = storage_factory(config)
             await storage.start(stack, config)
-            pending, done = record(), record()
-            await storage.add(pending)
-            await storage.add(done)
-            await storage.save(finished(done))
+            pending, running, done = record(), record(), record()
+            for rec in (pending, running, done):
+                await storage.add(rec)
+            for rec in (running, done):
+                claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
+                await storage.begin(claim)
+            await anyio.sleep(ttl + 0.2)  # the task ran longer than result_ttl
+            saved = time.monotonic()
+            assert await storage.save(finished(done, returning="late"), fence="t1") is True
+            stored = await storage.get(done.uuid)
+            assert stored is not None, "the final record expired at once (TTL from creation?)"
+            assert stored.returning == "late"
             await storage.add(done, replace=False)  # a late producer add keeps the expiry
-            assert await storage.get(done.uuid) is not None
+            assert await storage.get(done.uuid) == stored
 
             async def gone() -> bool:
                 return await storage.get(done.uuid) is None
 
-            saved = time.monotonic()
-            await wait_until(gone, timeout=0.5 + 1.0, what="the final record to expire")
-            assert time.monotonic() - saved >= 0.4
+            await wait_until(gone, timeout=ttl + 1.0, what="the final record to expire")
+            assert time.monotonic() - saved >= ttl - 0.1
             # Only final records expire.
             assert await storage.get(pending.uuid) == pending
+            still_running = await storage.get(running.uuid)
+            assert still_running is not None
+            assert (still_running.status, still_running.token) == (TaskStatus.PROCESS, "t1")
 
     @pytest.mark.anyio
     async def test_stats_count_records_by_status(self, storage: Storage) -> None:
