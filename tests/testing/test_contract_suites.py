@@ -18,6 +18,7 @@ pytest_plugins = ["pytester"]
 BROKEN = '''
 import time
 
+import anyio
 import pytest
 
 from qtasks.memory import MemoryBroker, MemoryStorage, _Entry
@@ -74,6 +75,43 @@ class ExpiresFromCreation(MemoryStorage):
         super()._expire()
 
 
+class PolledSteps(MemoryStorage):
+    """steps() looks for new steps every 0.4 s instead of being woken by add_step."""
+
+    async def steps(self, uuid, start=0):
+        index = start
+        while True:
+            steps = self._steps.get(uuid, [])
+            for value in steps[index:]:
+                yield value
+            index = len(steps)
+            stored = self._records.get(uuid)
+            if stored is None or stored.status.final:
+                if index >= len(self._steps.get(uuid, [])):
+                    return
+                continue
+            await anyio.sleep(0.4)
+
+
+class PollsForPublishes(MemoryBroker):
+    """A publish does not wake a waiting consumer: it looks for messages every 0.4 s."""
+
+    def _wake(self):
+        pass
+
+    def _promote(self):
+        due = super()._promote()
+        return 0.4 if due is None else min(due, 0.4)
+
+
+class ChecksDueRarely(MemoryBroker):
+    """Checks for due delayed messages every 0.4 s, not at their eta."""
+
+    def _promote(self):
+        due = super()._promote()
+        return 0.4 if self._delayed else due
+
+
 class DeadLettersAtPriorityZero(MemoryBroker):
     """Puts requeued dead letters back at priority 0, whatever their own priority was."""
 
@@ -122,6 +160,24 @@ class TestExpiresFromCreation(StorageContract):
     @pytest.fixture
     def storage_factory(self):
         return ExpiresFromCreation.from_config
+
+
+class TestPolledSteps(StorageContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return PolledSteps.from_config
+
+
+class TestPollsForPublishes(BrokerContract):
+    @pytest.fixture
+    def broker_factory(self):
+        return PollsForPublishes.from_config
+
+
+class TestChecksDueRarely(BrokerContract):
+    @pytest.fixture
+    def broker_factory(self):
+        return ChecksDueRarely.from_config
 '''
 
 
@@ -136,8 +192,8 @@ def test_the_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_broken=BROKEN)
     # The broker suite is long (leases, delays): run its dead-letter tests only; and for the
     # later storages, the tests of the guarantees they break (each must fail only its own).
-    later = "FencesOnlyFinal or ReopensFinished or FromCreation"
-    tests = "another_token or begin_marks or begin_leaves or result_ttl"
+    later = "FencesOnlyFinal or ReopensFinished or FromCreation or PolledSteps"
+    tests = "another_token or begin_marks or begin_leaves or result_ttl or follow_live"
     result = pytester.runpytest_subprocess(
         *OPTIONS,
         "-k",
@@ -151,10 +207,31 @@ def test_the_suites_catch_broken_components(pytester: pytest.Pytester) -> None:
         "TestFencesOnlyFinalSaves::test_begin_marks_the_attempt_and_keeps_other_fields",
         "TestBeginReopensFinished::test_begin_leaves_a_final_record_alone",
         "TestExpiresFromCreation::test_final_records_expire_after_result_ttl",
+        "TestPolledSteps::test_steps_follow_live_until_final",
     }, result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("errors", 0) == 0, result.stdout.str()
-    assert outcomes["passed"] >= 2 * 30 + 9, outcomes  # the rest of those suites holds
+    assert outcomes["passed"] >= 2 * 30 + 4 * 3, outcomes  # the rest of those suites holds
+
+
+def test_the_broker_suite_catches_polling(pytester: pytest.Pytester) -> None:
+    """A consumer that polls instead of being woken by a publish, and one that checks for due
+    delayed messages every 0.4 s, fail the test of that guarantee; the real broker passes."""
+    pytester.makepyfile(test_broken=BROKEN)
+    woken, due = "test_consumer_waiting_is_woken_by_publish", "promptly_after"
+    result = pytester.runpytest_subprocess(
+        *OPTIONS,
+        "-k",
+        f"PollsForPublishes and {woken} or ChecksDueRarely and {due} "
+        f"or DeadLettersAtPriorityZero and ({woken} or {due})",
+    )
+    assert failed_tests(result) == {
+        f"TestPollsForPublishes::{woken}",
+        "TestChecksDueRarely::test_delayed_message_not_before_eta_promptly_after",
+    }, result.stdout.str()
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("errors", 0) == 0, result.stdout.str()
+    assert outcomes["passed"] == 2, outcomes  # the real broker's two
 
 
 FAILS_INSIDE_CONSUMING = """

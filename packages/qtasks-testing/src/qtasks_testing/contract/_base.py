@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import anyio
@@ -32,13 +33,23 @@ class ContractSuite:
         test of the suite is an error, so an opt-out cannot silently outlive a renamed test.
     ``timing_slack``
         Seconds of scheduling noise tolerated where a test checks that something happens
-        *promptly* (a due message, a woken waiter). Raise it only for a backend that is slow by
-        design, never to hide polling.
+        *promptly* (a due message, a woken waiter): the hard limit of any one round. Raise it
+        only for a backend that is slow by design, never to hide polling.
+    ``wake_latency``
+        Seconds a component may typically take to react to what it must be *woken* by, not
+        poll for: a waiting consumer to a publish, and ``steps()`` to
+        :meth:`~qtasks.components.Storage.add_step` (a delayed message's eta has
+        ``BrokerContract.due_latency``). The tests measure several rounds, at varied points
+        of any poll cycle, and compare the median with it, so a scheduling hiccup or two does
+        not fail them; a poller's median is about half its interval, so the default 0.1 fails
+        a poll interval of ~0.25 s or more. Raise it only for a backend whose server round
+        trip is that slow, never to admit polling.
     """
 
     config_overrides: ClassVar[Mapping[str, Any]] = {}
     not_applicable: ClassVar[Mapping[str, str]] = {}
     timing_slack: ClassVar[float] = 0.5
+    wake_latency: ClassVar[float] = 0.1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -87,6 +98,28 @@ async def wait_until(check: Callable[[], Awaitable[T]], *, timeout: float, what:
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         await anyio.sleep(0.02)
+
+
+WAKE_ROUNDS = 7
+"""How many rounds a test of ``wake_latency`` or ``due_latency`` measures."""
+
+
+def spread(first: float, last: float, rounds: int = WAKE_ROUNDS) -> list[float]:
+    """``rounds`` durations evenly from ``first`` to ``last``: idle times (or delays) that put
+    each round's event at a different point of a poll cycle, so no poll interval happens to
+    line up with the test's own rhythm."""
+    step = (last - first) / (rounds - 1)
+    return [first + step * i for i in range(rounds)]
+
+
+def assert_woken(latencies: Sequence[float], bound: float, what: str) -> None:
+    """Fail unless the median of ``latencies`` (seconds) is under ``bound``."""
+    median = statistics.median(latencies)
+    rounds = ", ".join(f"{latency * 1000:.0f}" for latency in latencies)
+    assert median < bound, (
+        f"{what}: median latency {median * 1000:.0f} ms, not under {bound * 1000:.0f} ms "
+        f"(polled rather than woken?); rounds in ms: {rounds}"
+    )
 
 
 def leaves(exc: BaseException) -> Iterator[BaseException]:

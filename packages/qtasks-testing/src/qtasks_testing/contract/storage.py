@@ -19,7 +19,7 @@ from qtasks.components import Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
-from qtasks_testing.contract._base import ContractSuite, wait_until
+from qtasks_testing.contract._base import ContractSuite, assert_woken, spread, wait_until
 
 StorageFactory = Callable[[QueueConfig], Storage]
 
@@ -490,6 +490,9 @@ class StorageContract(ContractSuite):
 
     @pytest.mark.anyio
     async def test_steps_follow_live_until_final(self, storage: Storage) -> None:
+        """``steps()`` follows a running task live: each step is seen once added (woken, not
+        polled: the median over the steps is under ``wake_latency``, none over
+        ``timing_slack``), and the iterator ends only once the record is final."""
         rec = record()
         await storage.add(rec)
         seen: list[Any] = []
@@ -503,19 +506,24 @@ class StorageContract(ContractSuite):
                 step_seen.set()
             ended.set()
 
-        with anyio.fail_after(5):
+        idles = spread(0.02, 0.2)
+        latencies = []
+        with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(follow)
-                for i in range(5):
+                for i, idle in enumerate(idles):
+                    await anyio.sleep(idle)  # the follower waits for the next step
                     step_seen = anyio.Event()
                     added = time.monotonic()
                     await storage.add_step(rec.uuid, {"i": i})
                     await step_seen.wait()
-                    assert time.monotonic() - added < self.timing_slack
+                    latencies.append(time.monotonic() - added)
+                    assert latencies[-1] < self.timing_slack, f"seen {latencies[-1]:.3f} s late"
                 assert not ended.is_set(), "steps() ended before the record was final"
-                await storage.save(finished(rec, steps=5))
+                await storage.save(finished(rec, steps=len(idles)))
                 await ended.wait()
-        assert seen == [{"i": i} for i in range(5)]
+        assert seen == [{"i": i} for i in range(len(idles))]
+        assert_woken(latencies, self.wake_latency, "a live steps() follower, after add_step")
 
     @pytest.mark.anyio
     async def test_steps_of_a_final_record_end(self, storage: Storage) -> None:
