@@ -116,6 +116,7 @@ class DeadLettersAtPriorityZero(MemoryBroker):
     """Puts requeued dead letters back at priority 0, whatever their own priority was."""
 
     async def requeue_dead_letters(self, ids=None):
+        self._prune_dead()  # keeps the retention: only the priority is broken
         chosen = list(self._dead_letters) if ids is None else ids
         count = 0
         for id in chosen:
