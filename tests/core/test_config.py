@@ -414,3 +414,44 @@ def test_bad_dead_letter_retention_from_env_and_code_is_refused(tmp_path: Path) 
         load_config(env={"QTASKS_MAX_DEAD_LETTERS": "lots"}, directory=tmp_path)
     with pytest.raises(ConfigError, match=r"keyword argument: 'max_dead_letters' must .* got 0"):
         QueueConfig().merged(max_dead_letters=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("lease = 0", "'lease' must be a positive, finite number"),
+        ("lease = -30", "'lease' must be a positive, finite number"),
+        ("lease = nan", "'lease' must be a positive, finite number"),
+        ("result_ttl = inf", "'result_ttl' must be a positive, finite number"),
+        ("max_tasks_process = 0", "'max_tasks_process' must be a positive, finite number"),
+        ("max_deliveries = -1", "'max_deliveries' must be a positive, finite number"),
+        ("heartbeat_interval = 0", "'heartbeat_interval' must be a positive, finite number"),
+        ("max_message_size = 0", "'max_message_size' must be a positive, finite number"),
+        ("retry_backoff_max = nan", "'retry_backoff_max' must be a positive, finite number"),
+        ("loop_stall_warning = -1", "'loop_stall_warning' must be a positive, finite number"),
+        ("retry = -1", "'retry' must be a finite number of 0 or more"),
+        ("retry_backoff = -0.5", "'retry_backoff' must be a finite number of 0 or more"),
+        ("shutdown_grace = inf", "'shutdown_grace' must be a finite number of 0 or more"),
+        ("prefetch = -3", "'prefetch' must be a finite number of 0 or more"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_naming_the_setting(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    """A lease of 0, a negative retry, a nan or an inf timing is a clear error where it is
+    written, not a worker that redelivers in a loop or never times out."""
+    file = write(tmp_path / "qtasks.toml", text + "\n")
+    with pytest.raises(ConfigError, match=rf"qtasks\.toml: {error}"):
+        load_config(file, env={})
+
+
+def test_zero_is_a_valid_retry_backoff_grace_and_prefetch(tmp_path: Path) -> None:
+    text = "retry = 0\nretry_backoff = 0\nshutdown_grace = 0\nprefetch = 0\nresult_ttl = 0.5\n"
+    config = load_config(write(tmp_path / "qtasks.toml", text), env={}).config
+    assert (config.retry, config.retry_backoff, config.shutdown_grace, config.prefetch) == (
+        0,
+        0.0,
+        0.0,
+        0,
+    )
+    assert config.result_ttl == 0.5

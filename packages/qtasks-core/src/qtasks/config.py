@@ -115,9 +115,26 @@ MOVED: dict[str, str] = {
 """Keys that were settings of the core and now belong to a component, with where they went:
 refused with that hint."""
 
-POSITIVE = frozenset({"dead_letter_ttl", "max_dead_letters"})
+POSITIVE = frozenset(
+    {
+        "dead_letter_ttl",
+        "max_dead_letters",
+        "max_tasks_process",
+        "result_ttl",
+        "lease",
+        "max_deliveries",
+        "retry_backoff_max",
+        "heartbeat_interval",
+        "loop_stall_warning",
+        "max_message_size",
+    }
+)
 """Settings that must be a positive, finite number when set: zero, a negative number, nan or
-inf is refused, naming the setting (``None`` turns them off)."""
+inf is refused, naming the setting (``None`` turns the optional ones off)."""
+
+NON_NEGATIVE = frozenset({"prefetch", "retry", "retry_backoff", "shutdown_grace"})
+"""Settings that must be a finite number of 0 or more: a negative number, nan or inf is
+refused, naming the setting."""
 
 
 def type_name(kind: Any) -> str:
@@ -188,6 +205,8 @@ def check_value(key: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"{source}: {key!r} must be a positive, finite number{off}, got {value!r}"
         )
+    if key in NON_NEGATIVE and not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{source}: {key!r} must be a finite number of 0 or more, got {value!r}")
     return float(value) if base is float else value
 
 
