@@ -214,3 +214,44 @@ async def test_a_tick_that_fails_for_good_is_not_tried_again(
     assert broker.bad_publishes == 1, "tried again a second later"
     failures = [m for m in messages(caplog) if failing.id in m]
     assert len(failures) == 1 and "not tried again" in failures[0], failures
+
+
+class StuckOnBad(MemoryBroker):
+    """A broker whose publishes of task ``bad`` never complete (until the enqueue timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = anyio.Event()
+
+    async def publish(self, envelope: Envelope) -> None:
+        if b'"bad"' in envelope.body:
+            self.stuck.set()
+            await anyio.sleep_forever()
+        await super().publish(envelope)
+
+
+async def test_a_slow_tick_holds_back_only_its_own_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While one timer's enqueue hangs (up to the enqueue timeout), the other timers of the
+    process keep firing on time: before, the loop waited for every due tick to end."""
+    monkeypatch.setattr(timer_module, "_ENQUEUE_TIMEOUT", 4.0)
+    clock = FakeClock()
+    clock.freeze()
+    broker = StuckOnBad()
+    app, rec = make_app(broker)
+
+    @app.task
+    async def bad() -> None:
+        return None
+
+    timer = AsyncTimer(app, clock=clock.now)
+    timer.add_task("bad", trigger=DateTrigger(run_date=clock.now() + timedelta(seconds=1)))
+    healthy = timer.add_task("tick", trigger=timedelta(seconds=1))
+    async with app:
+        clock.advance(1)
+        with anyio.fail_after(5):
+            await broker.stuck.wait()
+        for second in range(1, 4):
+            await wait_until(partial(ticked, rec, healthy.id, second), 3, "a tick meanwhile")
+            clock.advance(1)

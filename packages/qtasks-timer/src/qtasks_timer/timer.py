@@ -338,23 +338,36 @@ class AsyncTimer:
                 entry.armed = False
 
     async def _loop(self) -> None:
-        while True:
-            now = self._clock()
-            due = [e for e in self._entries.values() if e.wake_at and e.wake_at <= now]
-            if due:
-                async with anyio.create_task_group() as tg:
-                    for entry in due:
-                        tg.start_soon(self._tick, entry, now, name=f"timer tick {entry.id}")
-                continue
-            soonest = min((e.wake_at for e in self._entries.values() if e.wake_at), default=None)
-            delay = _MAX_SLEEP
-            if soonest is not None:
-                delay = min(delay, (soonest - now).total_seconds())
-            assert self._wake is not None
-            with anyio.move_on_after(max(delay, 0.0)):
-                await self._wake.wait()
-            if self._wake.is_set():
-                self._wake = anyio.Event()
+        # Each due timer ticks in a task of its own: a tick whose enqueue is slow (up to the
+        # enqueue timeout) holds back only its own timer, not the others.
+        ticking: set[str] = set()
+
+        async def tick(entry: _Entry, now: datetime) -> None:
+            try:
+                await self._tick(entry, now)
+            finally:
+                ticking.discard(entry.id)
+                self._poke()  # its next tick may be due already
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                now = self._clock()
+                idle = [e for e in self._entries.values() if e.id not in ticking and e.wake_at]
+                for entry in idle:
+                    if entry.wake_at is not None and entry.wake_at <= now:
+                        ticking.add(entry.id)
+                        tg.start_soon(tick, entry, now, name=f"timer tick {entry.id}")
+                soonest = min(
+                    (e.wake_at for e in idle if e.wake_at and e.id not in ticking), default=None
+                )
+                delay = _MAX_SLEEP
+                if soonest is not None:
+                    delay = min(delay, (soonest - now).total_seconds())
+                assert self._wake is not None
+                with anyio.move_on_after(max(delay, 0.0)):
+                    await self._wake.wait()
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
 
     def _arm(self, entry: _Entry, now: datetime) -> None:
         entry.armed = True
