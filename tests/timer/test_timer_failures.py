@@ -15,7 +15,7 @@ from timer_helpers import Recorder, wait_until
 from qtasks import AsyncQueueTasks, MemoryBroker
 from qtasks.messages import Envelope
 from qtasks_testing.clock import FakeClock
-from qtasks_timer import AsyncTimer
+from qtasks_timer import AsyncTimer, TimerHandle
 from qtasks_timer import timer as timer_module
 from qtasks_timer.timer import CLAIMS
 from qtasks_timer.triggers import tick_key
@@ -46,6 +46,10 @@ def make_app(broker: MemoryBroker | None = None) -> tuple[AsyncQueueTasks, Recor
 
     @app.task
     async def other() -> None:
+        return None
+
+    @app.task
+    async def bad() -> None:  # BadTaskBroker fails its publishes
         return None
 
     recorder = Recorder()
@@ -169,18 +173,39 @@ async def test_a_trigger_that_raises_does_not_break_listing_the_timers_before_st
     assert any(broken.id in m for m in messages(caplog, logging.WARNING)), caplog.text
 
 
-class BuggyBroker(MemoryBroker):
-    """A broker whose publish of task ``bad`` raises a bug of its own (not an outage)."""
+class BadTaskBroker(MemoryBroker):
+    """A broker whose publishes of task ``bad`` raise a bug of their own (not an outage), or
+    with ``hang`` never complete (until the enqueue timeout)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hang: bool = False) -> None:
         super().__init__()
+        self.hang = hang
         self.bad_publishes = 0
+        self.stuck = anyio.Event()
 
     async def publish(self, envelope: Envelope) -> None:
         if b'"bad"' in envelope.body:
             self.bad_publishes += 1
+            if self.hang:
+                self.stuck.set()
+                await anyio.sleep_forever()
             raise RuntimeError("a plugin's bug")
         await super().publish(envelope)
+
+
+def bad_and_healthy(
+    broker: BadTaskBroker,
+) -> tuple[FakeClock, AsyncQueueTasks, Recorder, TimerHandle, TimerHandle]:
+    """A frozen clock and an app whose timers are task ``bad`` once, a second from now, and
+    task ``tick`` every second."""
+    clock = FakeClock()
+    clock.freeze()
+    app, rec = make_app(broker)
+    timer = AsyncTimer(app, clock=clock.now)
+    once = DateTrigger(run_date=clock.now() + timedelta(seconds=1))
+    failing = timer.add_task("bad", trigger=once)
+    healthy = timer.add_task("tick", trigger=timedelta(seconds=1))
+    return clock, app, rec, failing, healthy
 
 
 def ticked(rec: Recorder, timer_id: str, times: int) -> bool:
@@ -192,19 +217,8 @@ async def test_a_tick_that_fails_for_good_is_not_tried_again(
 ) -> None:
     """Only an outage (a timeout, a lost connection) is tried again within the grace time: a
     failure no retry mends (a bug, an unknown task) is logged once, not once a second."""
-    clock = FakeClock()
-    clock.freeze()
-    broker = BuggyBroker()
-    app, rec = make_app(broker)
-
-    @app.task
-    async def bad() -> None:
-        return None
-
-    timer = AsyncTimer(app, clock=clock.now)
-    once = DateTrigger(run_date=clock.now() + timedelta(seconds=1))
-    failing = timer.add_task("bad", trigger=once)
-    healthy = timer.add_task("tick", trigger=timedelta(seconds=1))
+    broker = BadTaskBroker()
+    clock, app, rec, failing, healthy = bad_and_healthy(broker)
     with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
         async with app:
             for second in range(1, 4):
@@ -216,38 +230,14 @@ async def test_a_tick_that_fails_for_good_is_not_tried_again(
     assert len(failures) == 1 and "not tried again" in failures[0], failures
 
 
-class StuckOnBad(MemoryBroker):
-    """A broker whose publishes of task ``bad`` never complete (until the enqueue timeout)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stuck = anyio.Event()
-
-    async def publish(self, envelope: Envelope) -> None:
-        if b'"bad"' in envelope.body:
-            self.stuck.set()
-            await anyio.sleep_forever()
-        await super().publish(envelope)
-
-
 async def test_a_slow_tick_holds_back_only_its_own_timer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """While one timer's enqueue hangs (up to the enqueue timeout), the other timers of the
     process keep firing on time: before, the loop waited for every due tick to end."""
     monkeypatch.setattr(timer_module, "_ENQUEUE_TIMEOUT", 4.0)
-    clock = FakeClock()
-    clock.freeze()
-    broker = StuckOnBad()
-    app, rec = make_app(broker)
-
-    @app.task
-    async def bad() -> None:
-        return None
-
-    timer = AsyncTimer(app, clock=clock.now)
-    timer.add_task("bad", trigger=DateTrigger(run_date=clock.now() + timedelta(seconds=1)))
-    healthy = timer.add_task("tick", trigger=timedelta(seconds=1))
+    broker = BadTaskBroker(hang=True)
+    clock, app, rec, _, healthy = bad_and_healthy(broker)
     async with app:
         clock.advance(1)
         with anyio.fail_after(5):
