@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -443,6 +444,26 @@ def test_out_of_range_numbers_are_refused_naming_the_setting(
     file = write(tmp_path / "qtasks.toml", text + "\n")
     with pytest.raises(ConfigError, match=rf"qtasks\.toml: {error}"):
         load_config(file, env={})
+    # Built in code, the same value is refused the same way.
+    with pytest.raises(ConfigError, match=rf"QueueConfig: {error}"):
+        QueueConfig(**tomllib.loads(text))
+
+
+def test_a_config_built_in_code_is_checked_as_every_source() -> None:
+    """``QueueConfig(...)`` and ``dataclasses.replace`` go through the same check as a file:
+    types too, ints widened to floats, the error a :class:`QTasksError`."""
+    from dataclasses import replace
+
+    from qtasks.errors import QTasksError
+
+    config = QueueConfig(lease=60, retry=0, prefetch=0, result_ttl=None)
+    assert config.lease == 60.0 and isinstance(config.lease, float)
+    with pytest.raises(QTasksError, match="QueueConfig: 'lease' expects float, got str '5'"):
+        QueueConfig(lease="5")  # type: ignore[arg-type]  # the mistake being refused
+    with pytest.raises(ConfigError, match="QueueConfig: 'max_deliveries' must be a positive"):
+        replace(config, max_deliveries=0)
+    with pytest.raises(ConfigError, match=r"QueueConfig: 'prefetch' expects int \| None, got bool"):
+        QueueConfig(prefetch=True)
 
 
 def test_zero_is_a_valid_retry_backoff_grace_and_prefetch(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ from qtasks.masking import mask_url, masked
 
 @dataclass(slots=True)
 class QueueConfig(QTasksConfigNames):
-    """Every setting of a qtasks app. Unknown keys are an error.
+    """Every setting of a qtasks app. Unknown keys are an error, and every value is checked
+    (type and range, see :func:`check_value`) however the config is built, in code too.
 
     QTasks 1.7's field names are accepted as attributes too (``task_default_priority`` is
     ``default_priority``; see :mod:`qtasks.compat.config`)."""
@@ -85,6 +86,12 @@ class QueueConfig(QTasksConfigNames):
     """Names of entry-point plugins not to load."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Component-specific options (``[tool.qtasks.extra]``), passed on to components."""
+
+    def __post_init__(self) -> None:
+        # Built in code (QueueConfig(lease=0)) or by replace(): checked as every other source,
+        # once per config, never on a task's path.
+        for key in _FIELD_TYPES:
+            object.__setattr__(self, key, check_value(key, getattr(self, key), "QueueConfig"))
 
     def prefetch_for(self, concurrency: int) -> int:
         """The prefetch of a worker running ``concurrency`` tasks at once: ``prefetch``, or
