@@ -3,7 +3,7 @@
 A URL keeps its scheme, user, host, port and path; its password, and the value of every query
 parameter named like a secret (``?password=``, ``?token=``), become :data:`MASK`. A value
 whose key is named like a secret (:func:`is_secret_key`: ``password``, ``token``,
-``api_key``...) is masked whole.
+``api_key``, ``auth``..., but not ``auth_mechanism`` or ``author``) is masked whole.
 """
 
 from __future__ import annotations
@@ -14,18 +14,41 @@ from urllib.parse import unquote_plus, urlsplit
 
 MASK = "***"
 
-SECRET_KEY = re.compile(
-    r"pass|secret|token|api[_-]?key|access[_-]?key|auth|credential|cookie|session|private"
-    r"|signature",
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+"""The words of a name: ``db_password``, ``authMechanism``, ``X-Api-Key``, ``APIKey``."""
+
+SECRET_STEM = re.compile(r"pass(?:word|wd|phrase)|pwd|secret|credential", re.IGNORECASE)
+"""What makes a word a secret wherever it stands (``db_password``, ``client_secret_id``)."""
+
+SECRET_NOUN = re.compile(
+    r"[a-z]*(?:token|auth|authorization|cookie|session|signature|bearer|apikey|accesskey"
+    r"|accesskeyid|privatekey|signingkey|encryptionkey|sessionid|sessionkey)|pass",
     re.IGNORECASE,
 )
-"""What a key named like a secret contains (a search, case-insensitive)."""
+"""A word, or two words run together (``api_key``), that names a secret when nothing but
+:data:`VALUE_WORDS` follows it: ``auth``, ``http_auth``, ``auth_token``, ``x_api_key``,
+``session_id``, but not ``auth_mechanism``, ``token_url``, ``cookie_name``, ``max_tokens``."""
+
+VALUE_WORDS = frozenset({"value", "data", "raw", "str", "string", "text", "hex", "b64", "base64"})
+"""Words after a secret noun that still name the secret itself (``token_value``)."""
 
 
 def is_secret_key(name: str) -> bool:
     """Whether a value stored under ``name`` (a setting, a query parameter, an argument) is
-    treated as a secret."""
-    return SECRET_KEY.search(name) is not None
+    treated as a secret: one rule for everything qtasks shows.
+
+    A word containing ``password``/``passwd``/``passphrase``/``secret``/``credential`` (or
+    ``pwd``) makes any name a secret. ``token``, ``auth``, ``cookie``, ``session``,
+    ``signature``, ``bearer``, ``pass`` and ``api_key``-like pairs do when they end the name
+    (digits and :data:`VALUE_WORDS` aside): ``redis_pass``, ``auth_token`` and ``authorization``
+    are secrets, ``auth_mechanism``, ``author``, ``session_timeout`` and ``token_type`` not."""
+    words = [w for w in _WORD.findall(name) if not w.isdigit()]
+    if any(SECRET_STEM.search(word) for word in words):
+        return True
+    while words and words[-1].lower() in VALUE_WORDS:
+        words.pop()
+    # The last word, or the last two or three run together (api_key, access_key_id).
+    return any(SECRET_NOUN.fullmatch("".join(words[-n:])) for n in (1, 2, 3) if n <= len(words))
 
 
 @overload
