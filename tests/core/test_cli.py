@@ -483,6 +483,27 @@ def test_config_masks_passwords_and_secrets(
     assert "got list ['redis://u:***@h:6379/0']" in out and "hunter2" not in out
 
 
+def test_config_shows_secrets_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--show-secrets`` is the explicit opt-in; without it everything stays masked."""
+    (tmp_path / "qtasks.toml").write_text(SECRET_CONFIG)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["config", "--json", "--show-secrets"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    url = "redis://default:hunter2@127.0.0.1:6379/0?password=hunter2"
+    assert data["broker_url"]["value"] == url
+    assert data["extra"]["value"]["web"]["token"] == "tok-hunter2"
+    assert data["extra"]["value"]["web"]["users"]["ops"] == "ops-hunter2"
+    assert data["extra"]["value"]["audit"]["api_key"] == "key-hunter2"
+    assert "passwords and secrets are shown" in result.stderr
+    code, out = invoke("config", "--show-secrets")
+    assert code == 0 and f'"{url}"' in out
+    code, out = invoke("config")
+    assert code == 0 and "hunter2" not in out
+
+
 def test_the_web_docs_secret_variables_do_not_break_commands(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from typing import Annotated
 
 import typer
 
@@ -78,14 +79,25 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
 
 
 @command(cli, "config")
-def show_config(*, where: Place, as_json: JsonOpt = False) -> None:
+def show_config(
+    *,
+    where: Place,
+    as_json: JsonOpt = False,
+    show_secrets: Annotated[
+        bool,
+        typer.Option(
+            "--show-secrets",
+            help="Show passwords and secret-named values as they are (default: ***).",
+        ),
+    ] = False,
+) -> None:
     """Show the effective configuration and where each value came from.
 
     Sources: default, the file, an environment variable, a cli flag, code, or "follows broker"
     (a storage or global config left unset follows a remote broker). With -A, the
     configuration of that app (its module imported with -c's file, as every command does).
     Passwords in URLs and values of secret-named keys (password, token, api_key...) are
-    shown as ***.
+    shown as ***, unless --show-secrets is given.
     """
     if where.app is not None:
         with config_file(where.config):
@@ -97,8 +109,12 @@ def show_config(*, where: Place, as_json: JsonOpt = False) -> None:
     else:
         loaded = follow_broker(load_config(where.config))
         shown, sources = loaded.config, loaded.sources
-    # Output that ends up in issues and CI logs: passwords and secret-named values masked.
-    values = {f.name: masked(getattr(shown, f.name)) for f in fields(QueueConfig)}
+    # Output that ends up in issues and CI logs: passwords and secret-named values masked,
+    # unless asked for by name.
+    show = (lambda value: value) if show_secrets else masked
+    values = {f.name: show(getattr(shown, f.name)) for f in fields(QueueConfig)}
+    if show_secrets:
+        typer.echo("warning: --show-secrets: passwords and secrets are shown", err=True)
     if as_json:
         typer.echo(to_json({k: {"value": v, "source": sources[k]} for k, v in values.items()}))
         return
