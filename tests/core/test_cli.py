@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from qtasks import AsyncQueueTasks, QueueTasks, chain
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, chain
 from qtasks.cli import cli
 
 APP_SOURCE = """
@@ -421,6 +421,60 @@ def test_plugins_shows_a_broken_plugin_as_failed(
     rows = {r["name"]: r for r in json.loads(out) if r["kind"] == "plugin"}
     assert rows["typo"]["state"] == "disabled"
     sys.modules.pop("typo_cli_plugin", None)
+
+
+def test_plugins_masks_a_dsn_in_a_broken_plugins_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin that cannot import or be built often quotes the DSN it could not reach: its
+    error is shown through the masking rule, in ``qtasks plugins``, the app's log and the
+    error an app raises."""
+    from importlib.metadata import EntryPoint
+
+    from qtasks import discovery
+    from qtasks.errors import PluginError
+
+    dsn = "redis://user:secret@host"
+    (tmp_path / "dsn_import_plugin.py").write_text(
+        f"raise RuntimeError('cannot connect to {dsn}')\n"
+    )
+    (tmp_path / "dsn_build_plugin.py").write_text(
+        "class Plugin:\n"
+        "    def __init__(self):\n"
+        f"        raise ConnectionError('no answer from {dsn}/0, password=secret')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = [
+        EntryPoint("dsn_import", "dsn_import_plugin:Plugin", "qtasks.plugins"),
+        EntryPoint("dsn_build", "dsn_build_plugin:Plugin", "qtasks.plugins"),
+    ]
+    real = discovery.entry_points  # type: ignore[attr-defined]  # the name discovery imports
+
+    def fake(*, group: str) -> Any:
+        return broken if group == "qtasks.plugins" else real(group=group)
+
+    monkeypatch.setattr(discovery, "entry_points", fake)
+    try:
+        code, out = invoke("plugins")
+        assert code == 1
+        assert "secret" not in out
+        assert "cannot connect to redis://user:***@host" in out
+        assert "no answer from redis://user:***@host/0, password=***" in out
+        code, out = invoke("plugins", "--json")
+        rows = {r["name"]: r for r in json.loads(out) if r["kind"] == "plugin"}
+        assert "secret" not in out and "redis://user:***@host" in rows["dsn_import"]["error"]
+        assert "redis://user:***@host/0" in rows["dsn_build"]["error"]
+        with pytest.raises(PluginError) as e:
+            AsyncQueueTasks()
+        assert "secret" not in str(e.value) and "redis://user:***@host/0" in str(e.value)
+        with caplog.at_level("ERROR", logger="qtasks.discovery"):
+            AsyncQueueTasks(config=QueueConfig(plugins_disabled=["dsn_build"]))
+        logged = " ".join(r.getMessage() for r in caplog.records)
+        assert "secret" not in logged and "redis://user:***@host" in logged
+    finally:
+        for module in ("dsn_import_plugin", "dsn_build_plugin"):
+            sys.modules.pop(module, None)
 
 
 def test_config_shows_values_and_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,3 +107,29 @@ def test_the_same_rule_masks_query_parameters() -> None:
 
     url = "amqp://u:pw@h/?auth_mechanism=PLAIN&auth=s3cret&api_key=k"
     assert mask_url(url) == "amqp://u:***@h/?auth_mechanism=PLAIN&auth=***&api_key=***"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "RuntimeError('cannot connect to redis://user:secret@host')",
+            "RuntimeError('cannot connect to redis://user:***@host')",
+        ),
+        (
+            "Error 111 connecting to redis://:pw@10.0.0.1:6379/0?password=pw&db=1. Refused.",
+            "Error 111 connecting to redis://:***@10.0.0.1:6379/0?password=***&db=1. Refused.",
+        ),
+        (
+            "ValueError({'password': 'hunter2', 'auth_mechanism': 'PLAIN'})",
+            "ValueError({'password': '***', 'auth_mechanism': 'PLAIN'})",
+        ),
+        ("AUTH failed: password: hunter2", "AUTH failed: password: ***"),
+        ("token=abc; host=h:6379", "token=***; host=h:6379"),
+        ("see https://docs.example/x?y=1 for more", "see https://docs.example/x?y=1 for more"),
+    ],
+)
+def test_free_text_goes_through_the_same_rule(text: str, shown: str) -> None:
+    from qtasks.masking import mask_text
+
+    assert mask_text(text) == shown

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from qtasks.errors import ConfigError, PluginError
+from qtasks.masking import mask_text
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -162,7 +163,7 @@ def load(kind: Kind, name: str) -> Any:
     except Exception as exc:
         raise ConfigError(
             f"{kind.replace('_', ' ')} {name!r} ({ep.value}, from {_dist_label(ep)}) "
-            f"failed to import: {exc!r}"
+            f"failed to import: {_shown(exc)}"
         ) from exc
 
 
@@ -184,6 +185,12 @@ def build_components(config: QueueConfig) -> dict[str, Any]:
         "storage": build_component("storage", config.storage, config),
         "global_config": build_component("global_config", config.global_config, config),
     }
+
+
+def _shown(exc: BaseException) -> str:
+    """An error from a plugin or component as qtasks shows it: its repr, credentials masked
+    (a failed import or constructor often quotes the DSN it could not reach)."""
+    return mask_text(repr(exc))
 
 
 def instantiate_plugin(obj: Any, config: QueueConfig) -> Any:
@@ -223,18 +230,20 @@ def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
             obj = ep.load()
         except Exception as exc:
             log.error(
-                "plugin %r (%s, from %s) failed to import and is not loaded: %r; "
+                "plugin %r (%s, from %s) failed to import and is not loaded: %s; "
                 "add it to plugins_disabled to silence this",
                 name,
                 ep.value,
                 _dist_label(ep),
-                exc,
+                _shown(exc),
             )
             continue
         try:
             plugin = instantiate_plugin(obj, config)
         except Exception as exc:
-            raise PluginError(name, f"could not be built from the configuration: {exc!r}") from exc
+            raise PluginError(
+                name, f"could not be built from the configuration: {_shown(exc)}"
+            ) from exc
         hooks.register(plugin, name)
         loaded.append(name)
     return loaded
@@ -294,16 +303,16 @@ def check_plugins(config: QueueConfig) -> PluginCheck:
         try:
             obj = ep.load()
         except Exception as exc:
-            found.problems[name] = f"failed to import: {exc!r}"
+            found.problems[name] = f"failed to import: {_shown(exc)}"
             continue
         try:
             plugin = instantiate_plugin(obj, config)
             Hooks().register(plugin, name)
         except PluginError as exc:
-            found.problems[name] = str(exc)
+            found.problems[name] = mask_text(str(exc))
             continue
         except Exception as exc:
-            found.problems[name] = f"could not be built from the configuration: {exc!r}"
+            found.problems[name] = f"could not be built from the configuration: {_shown(exc)}"
             continue
         off = getattr(plugin, "qtasks_off", None)
         if isinstance(off, str):

@@ -94,6 +94,30 @@ def _mask_param(param: str) -> str:
     return f"{name}={MASK}" if eq and is_secret_key(unquote_plus(name)) else param
 
 
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+_NAME_IN_TEXT = re.compile(r"\b([A-Za-z_][\w-]*)['\"]?\s*[=:]\s*['\"]?")
+_VALUE_IN_TEXT = re.compile(r"[^\s'\"&,;)}\]]+")
+
+
+def mask_text(text: str) -> str:
+    """Free ``text`` (an exception's message, a log line) as it may be shown: every URL in it
+    through :func:`mask_url`, and the value of every ``name=value`` or ``name: value`` whose
+    name is a secret (:func:`is_secret_key`) replaced by :data:`MASK`.
+
+    A URL runs to the next whitespace, so a password with a space in it is not found whole;
+    the rest of a message that quotes a URL (``...@host')``) is kept."""
+    text = _URL_IN_TEXT.sub(lambda m: mask_url(m.group()), text)
+    shown: list[str] = []
+    done = 0
+    for name in _NAME_IN_TEXT.finditer(text):
+        value = _VALUE_IN_TEXT.match(text, name.end())
+        if name.start() < done or value is None or not is_secret_key(name.group(1)):
+            continue
+        shown += [text[done : name.end()], MASK]
+        done = value.end()
+    return "".join(shown) + text[done:]
+
+
 SECRET_TABLES = frozenset({"users"})
 """Keys of tables whose every value is a credential under a non-secret name (qtasks-web's
 ``users``: name = password)."""
