@@ -111,10 +111,11 @@ def show_config(
         shown, sources = loaded.config, loaded.sources
     # Output that ends up in issues and CI logs: passwords and secret-named values masked,
     # unless asked for by name.
-    show = (lambda value: value) if show_secrets else masked
-    values = {f.name: show(getattr(shown, f.name)) for f in fields(QueueConfig)}
+    values = {f.name: getattr(shown, f.name) for f in fields(QueueConfig)}
     if show_secrets:
         typer.echo("warning: --show-secrets: passwords and secrets are shown", err=True)
+    else:
+        values = {key: masked(value) for key, value in values.items()}
     if as_json:
         typer.echo(to_json({k: {"value": v, "source": sources[k]} for k, v in values.items()}))
         return
