@@ -340,11 +340,9 @@ def test_a_variable_named_in_an_env_reference_is_not_a_setting(tmp_path: Path) -
     assert "s3cret" not in str(caught.value)
 
 
-def test_variables_of_an_installed_extension_are_left_to_it_and_typos_still_fail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A worker sharing the dashboard's environment (a shared .env, a Kubernetes secret) but
-    not its configuration: ``QTASKS_<NAME>_*`` of an installed extension is not a setting."""
+@pytest.fixture
+def dash_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CLI extension ``dash`` and a plugin ``log`` installed (entry points only)."""
     from importlib.metadata import EntryPoint
 
     from qtasks import discovery
@@ -360,6 +358,14 @@ def test_variables_of_an_installed_extension_are_left_to_it_and_typos_still_fail
         return extensions.get(group) or real(group=group)
 
     monkeypatch.setattr(discovery, "entry_points", fake)
+
+
+@pytest.mark.usefixtures("dash_installed")
+def test_variables_of_an_installed_extension_are_left_to_it_and_typos_still_fail(
+    tmp_path: Path,
+) -> None:
+    """A worker sharing the dashboard's environment (a shared .env, a Kubernetes secret) but
+    not its configuration: ``QTASKS_<NAME>_*`` of an installed extension is not a setting."""
     nowhere = tmp_path / "nowhere"
     env = {"QTASKS_DASH_TOKEN": "s", "QTASKS_DASH_ADMIN_PASSWORD": "p", "QTASKS_LEASE": "7"}
     assert load_config(env=env, directory=nowhere).config.lease == 7.0
@@ -371,6 +377,38 @@ def test_variables_of_an_installed_extension_are_left_to_it_and_typos_still_fail
     ]:
         with pytest.raises(ConfigError, match=f"env {typo}: unknown key '{key}'"):
             load_config(env={**env, typo: "x"}, directory=nowhere)
+
+
+@pytest.mark.usefixtures("dash_installed")
+def test_a_typo_of_an_extensions_variable_is_warned_without_its_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``QTASKS_DASH_TOKNE`` set while the configuration reads ``env:QTASKS_DASH_TOKEN``,
+    which is not: a warning naming both (the extension would fail or run without its token),
+    and never the value."""
+    file = write(
+        tmp_path / "qtasks.toml",
+        '[extra.dash]\ntoken = "env:QTASKS_DASH_TOKEN"\n'
+        'users = { ops = "env:QTASKS_DASH_OPS_PASSWORD" }\n',
+    )
+    typo = {"QTASKS_DASH_TOKNE": "s3cret", "QTASKS_DASH_OPS_PASSWORD": "pw"}
+    with caplog.at_level("DEBUG", logger="qtasks.config"):
+        assert load_config(file, env=typo).config.extra["dash"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert "env QTASKS_DASH_TOKNE is set but nothing reads it" in warned[0]
+    assert "a typo of QTASKS_DASH_TOKEN?" in warned[0]
+    assert "s3cret" not in caplog.text
+    # Not a typo: the variable it is close to is set too, or it is close to nothing read.
+    for env in (
+        {**typo, "QTASKS_DASH_TOKEN": "t"},
+        {"QTASKS_DASH_TOKEN": "t", "QTASKS_DASH_OPS_PASSWORD": "pw", "QTASKS_DASH_PORT": "1"},
+    ):
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="qtasks.config"):
+            load_config(file, env=env)
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "left to the extension 'dash'" in caplog.text
 
 
 def test_dead_letter_retention_defaults_and_sources(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from web_helpers import Client
@@ -98,6 +99,30 @@ def test_the_cli_bind_check() -> None:
         check_bind(WebSettings(host="0.0.0.0"))
     assert [is_loopback(h) for h in ("localhost", "127.0.0.2", "::1", "[::1]")] == [True] * 4
     assert [is_loopback(h) for h in ("0.0.0.0", "::", "example.com", "10.0.0.1")] == [False] * 4
+
+
+def test_a_mistyped_qtasks_web_variable_is_named_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``QTASKS_WEB_TOKNE`` for ``env:QTASKS_WEB_TOKEN``: every command loading the
+    configuration warns, and the dashboard's error names the variable it found, never the
+    value."""
+    from qtasks.config import load_config
+
+    file = tmp_path / "qtasks.toml"
+    file.write_text('[extra.web]\ntoken = "env:QTASKS_WEB_TOKEN"\n')
+    monkeypatch.delenv("QTASKS_WEB_TOKEN", raising=False)
+    monkeypatch.setenv("QTASKS_WEB_TOKNE", TOKEN)
+    with caplog.at_level(logging.WARNING, logger="qtasks.config"):
+        config = load_config(file).config
+    assert "env QTASKS_WEB_TOKNE is set but nothing reads it" in caplog.text
+    assert "a typo of QTASKS_WEB_TOKEN?" in caplog.text and TOKEN not in caplog.text
+    with pytest.raises(ConfigError) as caught:
+        WebSettings.from_config(config)
+    assert str(caught.value) == (
+        "extra.web.token: the environment variable 'QTASKS_WEB_TOKEN' is not set "
+        "(set: QTASKS_WEB_TOKNE; a typo?)"
+    )
 
 
 def test_sessions_expire_and_are_bound_to_the_token() -> None:

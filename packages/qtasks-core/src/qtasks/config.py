@@ -9,6 +9,7 @@ or flag), the key and the expected type, and an unknown key is an error.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -357,7 +358,9 @@ def read_env(env: Mapping[str, str], referenced: Iterable[str] = ()) -> dict[str
     configuration names it in an ``"env:NAME"`` value (``referenced``, plus those in
     ``QTASKS_EXTRA``), or when it is ``QTASKS_<NAME>_...`` of an installed plugin or CLI
     extension ``NAME`` (``QTASKS_WEB_TOKEN`` of qtasks-web); any other unknown variable is an
-    error."""
+    error. An extension's variable that is close to one the configuration names but that is
+    not set (``QTASKS_WEB_TOKNE`` for ``env:QTASKS_WEB_TOKEN``) logs a warning naming both,
+    never the value."""
     values: dict[str, tuple[Any, str]] = {}
     unknown: dict[str, str] = {}
     for name, raw in env.items():
@@ -380,8 +383,9 @@ def read_env(env: Mapping[str, str], referenced: Iterable[str] = ()) -> dict[str
         values[key] = (parse_env_value(key, raw, source), source)
     if unknown:
         names = set(referenced) | env_references(values.get("extra", ({}, ""))[0])
+        missing = {ref for ref in names if ref not in env}
         for name, key in unknown.items():
-            _check_not_a_setting(name, key, names)
+            _check_not_a_setting(name, key, names, missing)
     return values
 
 
@@ -396,8 +400,16 @@ def env_references(value: Any) -> set[str]:
     return set()
 
 
-def _check_not_a_setting(name: str, key: str, referenced: set[str]) -> None:
-    """Log why ``name`` (``QTASKS_<KEY>``, not a setting) is left alone, or raise."""
+def close_names(name: str, known: Iterable[str]) -> list[str]:
+    """Up to three of ``known`` that ``name`` is likely a typo of, closest first."""
+    return difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.8)
+
+
+def _check_not_a_setting(name: str, key: str, referenced: set[str], missing: set[str]) -> None:
+    """Log why ``name`` (``QTASKS_<KEY>``, not a setting) is left alone, or raise.
+
+    ``missing``: the variables the configuration names in ``env:`` values that are not set,
+    which an extension's variable close to one of them is likely a typo of."""
     from qtasks.discovery import installed_names
 
     if name in referenced:
@@ -408,6 +420,16 @@ def _check_not_a_setting(name: str, key: str, referenced: set[str]) -> None:
     ours = any(setting.partition("_")[0] == namespace for setting in _FIELD_TYPES)
     extensions = installed_names("plugin") | installed_names("cli")
     if sep and not ours and namespace in extensions:
+        close = close_names(name, missing)
+        if close:
+            log.warning(
+                "env %s is set but nothing reads it: the configuration reads %s, which is not "
+                "set; a typo of %s?",
+                name,
+                ", ".join(f"env:{ref}" for ref in close),
+                " or ".join(close),
+            )
+            return
         log.debug("env %s is not a setting: left to the extension %r", name, namespace)
         return
     known = ", ".join(sorted(_FIELD_TYPES))

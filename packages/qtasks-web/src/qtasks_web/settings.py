@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtasks.config import QueueConfig
+from qtasks.config import QueueConfig, close_names
 from qtasks.errors import ConfigError
 from qtasks_web.plugins import _section
 
@@ -30,14 +30,16 @@ _KNOWN = {"host", "port", "token", "users", "read_only", "refresh", "window"}
 
 def _secret(value: Any, where: str) -> str:
     """A configured secret: ``"env:NAME"`` is read from the environment (missing: an error
-    naming the variable, never the value)."""
+    naming the variable and any set variable it was likely mistyped as, never a value)."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a non-empty string")
     if value.startswith("env:"):
         name = value[4:]
         found = os.environ.get(name)
         if not found:
-            raise ConfigError(f"{where}: the environment variable {name!r} is not set")
+            close = close_names(name, (n for n in os.environ if n != name))
+            typo = f" (set: {', '.join(close)}; a typo?)" if close else ""
+            raise ConfigError(f"{where}: the environment variable {name!r} is not set{typo}")
         return found
     return value
 
