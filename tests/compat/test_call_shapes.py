@@ -273,6 +273,49 @@ async def test_wait_result_async_on_the_records_of_both_apps() -> None:
         app.close()
 
 
+@pytest.mark.parametrize("option", ["middlewares_before", "middlewares_after"])
+def test_task_middlewares_are_checked_as_add_middleware_checks_them(option: str) -> None:
+    """A task's ``middlewares_before``/``middlewares_after`` take what ``add_middleware``
+    takes; anything else is refused when the task is declared, naming the task and the
+    middleware, and the task is not registered."""
+    from qtasks.errors import TaskDeclarationError
+    from qtasks.middlewares import TaskMiddleware
+
+    class Audit(TaskMiddleware):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return None
+
+    async def wrapping(run: Any, call_next: Any) -> Any:
+        return await call_next()
+
+    def one_argument(run: Any) -> None:
+        return None
+
+    app = QueueTasks()
+    expected = f"task 'bad': {option} takes async def mw(run, call_next)"
+    for bad, wrong in (
+        ("oops", ", got 'oops'"),
+        (one_argument, ".one_argument at 0x"),
+        (Audit(None), "; pass the class Audit, not an instance"),
+    ):
+        options: dict[str, Any] = {option: [wrapping, bad]}
+        with pytest.raises(TaskDeclarationError) as caught:
+
+            @app.task(name="bad", **options)
+            def task() -> None: ...
+
+        assert str(caught.value).startswith(f"{expected} (or a QTasks TaskMiddleware class)")
+        assert wrong in str(caught.value)
+        assert "bad" not in app.tasks
+
+    options = {option: [Audit, wrapping]}
+
+    @app.task(name="good", **options)
+    def good() -> None: ...
+
+    assert "good" in app.tasks
+
+
 def test_add_middleware_takes_qtasks_task_middleware_classes_and_refuses_the_rest() -> None:
     """QTasks' ``app.add_middleware(MyTaskMiddleware, position=...)`` runs the class around
     every task of the app; what is not a middleware is refused when it is added, not by

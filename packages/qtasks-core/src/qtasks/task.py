@@ -156,9 +156,13 @@ class TaskOptions:
             raise bad("tags", "strings", self.tags)
         if self.description is not None and not isinstance(self.description, str):
             raise bad("description", "a string", self.description)
-        for option in ("middlewares_before", "middlewares_after"):
-            if not all(callable(m) for m in getattr(self, option)):
-                raise bad(option, "callables (TaskMiddleware)", getattr(self, option))
+        if self.middlewares_before or self.middlewares_after:
+            from qtasks.compat.middleware import SHAPE, check_middleware
+
+            # As add_middleware checks it: a wrong shape fails here, not in every run.
+            for option in ("middlewares_before", "middlewares_after"):
+                for middleware in getattr(self, option):
+                    check_middleware(middleware, f"task {self.name!r}: {option} takes {SHAPE}")
         check_flow_options(self)
 
 

@@ -56,6 +56,10 @@ def adapt_middleware(middleware: Any, after: bool) -> Any:
     return wrapped
 
 
+SHAPE = "async def mw(run, call_next) (or a QTasks TaskMiddleware class)"
+"""What a middleware must be, for error messages."""
+
+
 def app_middleware(middleware: Any, position: str | None) -> Middleware:
     """What ``app.add_middleware(middleware, position)`` registers; raises
     :class:`~qtasks.errors.TaskDeclarationError` for what could only fail every task later."""
@@ -66,22 +70,29 @@ def app_middleware(middleware: Any, position: str | None) -> Middleware:
             )
         adapted: Middleware = adapt_middleware(middleware, after=position == "after")
         return adapted
-    expected = (
-        "add_middleware takes async def mw(run, call_next) (or a QTasks TaskMiddleware class)"
-    )
-    if isinstance(middleware, TaskMiddleware):
-        raise TaskDeclarationError(
-            f"{expected}; pass the class {type(middleware).__name__}, not an instance"
-        )
-    if position is not None:
+    if position is not None and not isinstance(middleware, TaskMiddleware):
         raise TaskDeclarationError(
             f"add_middleware: position= is for QTasks TaskMiddleware classes; "
             f"{middleware!r} wraps the call: its code before `await call_next()` runs before "
             "the task, its code after it after the task"
         )
+    check_middleware(middleware, f"add_middleware takes {SHAPE}")
+    return middleware  # type: ignore[no-any-return]  # checked above as far as it can be
+
+
+def check_middleware(middleware: Any, expected: str) -> None:
+    """Raise :class:`~qtasks.errors.TaskDeclarationError` (``expected``, then what is wrong)
+    unless ``middleware`` is a QTasks ``TaskMiddleware`` class or a callable taking
+    ``(run, call_next)``: the same check for ``add_middleware`` and a task's
+    ``middlewares_before``/``middlewares_after``, made where it is declared."""
+    if isinstance(middleware, type) and issubclass(middleware, TaskMiddleware):
+        return
+    if isinstance(middleware, TaskMiddleware):
+        raise TaskDeclarationError(
+            f"{expected}; pass the class {type(middleware).__name__}, not an instance"
+        )
     if not callable(middleware) or not _takes_run_and_call_next(middleware):
         raise TaskDeclarationError(f"{expected}, got {middleware!r}")
-    return middleware  # type: ignore[no-any-return]  # checked above as far as it can be
 
 
 def _takes_run_and_call_next(func: Any) -> bool:
