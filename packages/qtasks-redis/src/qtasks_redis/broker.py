@@ -3,7 +3,10 @@
 Each state transition is one Lua script (see :mod:`qtasks_redis.broker_lua`), so a message is
 always in exactly one place: ready, delayed, in flight, dead, or gone. Idle consumers block on
 ``BLPOP`` of the queue's notify list, with a timeout bounded by the next delay or lease deadline,
-so there is no poll interval on the hot path.
+so there is no poll interval on the hot path. Redis ends such a timeout only at its next ``hz``
+tick (up to 100 ms late at the default ``hz 10``), so on the fast lane a loop timer ends the
+block at the deadline itself (:meth:`~qtasks_redis.lane.Lane.block_then_script`); through
+redis-py (TLS, Cluster) a delayed message may still start up to a tick late.
 
 Over ~500 lines: the broker's Python side around its Lua scripts (publish, claim and the
 consumer loop, settle calls, dead letters); the scripts are in ``broker_lua`` and

@@ -222,6 +222,8 @@ class _Conn(asyncio.Protocol):
         self.lost: Exception | None = None
         self.client_id: int | None = None
         """The server's id of this connection (for ``CLIENT UNBLOCK``), on blocking ones."""
+        self.unblocking: asyncio.Future[Any] | None = None
+        """A ``CLIENT UNBLOCK`` sent for this connection whose reply has not been seen."""
 
     # --- asyncio.Protocol ---
 
@@ -564,12 +566,18 @@ class Lane:
         """Run the blocking command ``blocking`` then ``script`` right after it, in one round
         trip on a connection of their own; return the script's reply.
 
+        The block ends on time: Redis ends a blocking command's timeout only at its next
+        ``hz`` tick (every 100 ms by default), so a loop timer ends it at ``block`` with
+        ``CLIENT UNBLOCK`` (the command's own timeout stays, a safety net).
+
         A script that changes state must not have its reply lost: if the caller is cancelled
         while waiting, the blocking command is cut short (``CLIENT UNBLOCK``), the script's
         reply is still awaited (bounded, shielded) and handed to ``orphan``."""
         packed = pack(blocking) + self._evalsha(script, keys, args, 0)
         conn = await self._blocking_conn()
         first, second = conn.send(packed, 2, block)
+        timer = asyncio.get_running_loop().call_later(block, self._unblock, conn, first)
+        second.add_done_callback(lambda _: timer.cancel())
         # Every path below either awaits a reply or gives it up on purpose (the first's:
         # whatever it is, even an error, the script's comes after it; both, when the
         # connection is lost; a reply still pending as the caller leaves). A cancelled shield
@@ -605,7 +613,26 @@ class Lane:
         self._keep(conn)
         return reply
 
+    def _unblock(self, conn: _Conn, blocked: asyncio.Future[Any]) -> None:
+        """End ``conn``'s blocking command now, if it still blocks (the timer of
+        :meth:`block_then_script`)."""
+        if blocked.done() or conn.lost is not None or conn.client_id is None:
+            return
+        sent = asyncio.ensure_future(self.command("CLIENT", "UNBLOCK", conn.client_id))
+        _observed(sent)  # failed: the command's own timeout ends the block
+        conn.unblocking = sent
+
     def _keep(self, conn: _Conn) -> None:
+        unblocking = conn.unblocking
+        if unblocking is not None and not unblocking.done():
+            # Not reused while our CLIENT UNBLOCK may still come: it would cut the next
+            # block short. Its reply says the server has it.
+            unblocking.add_done_callback(lambda _: self._keep(conn))
+            return
+        conn.unblocking = None
+        if unblocking is not None and (unblocking.cancelled() or unblocking.exception()):
+            conn.close()  # whether the server got it is unknown
+            return
         if conn.idle and len(self._idle) < _IDLE_BLOCKING and not self._closed:
             self._idle.append(conn)
         else:

@@ -162,10 +162,10 @@ class BrokerContract(ContractSuite):
     ``due_latency``
         Seconds a delayed message may typically arrive after its eta: the median over several
         rounds must stay under it. The protocol allows checking for due messages every
-        ~100 ms (Redis, for one, ends a blocking call's timeout only at its next ``hz`` tick,
-        every 100 ms by default), which is ~50 ms late in the median and never much over
-        100 ms; the default 0.15 fails a check every ~0.3 s or more. Never raise it to admit
-        a longer poll interval.
+        ~100 ms, which is ~50 ms late in the median and never much over 100 ms; the default
+        0.15 fails a check every ~0.3 s or more. A backend that wakes its consumer at the eta
+        should lower it (Redis: 0.02), so that a coarse timer there fails. Never raise it to
+        admit a longer poll interval.
     """
 
     cancel_unsupported: ClassVar[str | None] = None
