@@ -4,6 +4,7 @@ letters written before retention existed expire too."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from qtasks.config import QueueConfig
 from qtasks.messages import Envelope
 from qtasks_redis import RedisBroker, RedisDelivery
+from qtasks_redis.lane import Lane, _Conn
 
 pytestmark = pytest.mark.anyio
 
@@ -98,3 +100,53 @@ async def test_reads_apply_a_lowered_cap(
     assert await dlq_size(redis_url, broker) == 5
     assert await broker.requeue_dead_letters(["m-0"]) == 0
     assert await broker.purge_dead_letters() == 5
+
+
+async def test_a_claim_read_after_its_consumer_was_cancelled_still_tells_its_dead_letters(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """The consumer is cancelled while it blocks for a wake-up: the claim queued behind the
+    BLPOP still runs (the lane cuts the block short and salvages the reply), dead-letters the
+    message that became due meanwhile, and ``buried`` hears of it before the context exits
+    (review r3 F3 suspected it was appended after the consumer's cleanup, never told)."""
+    broker = await make(stack, redis_url, prefix)
+    lane = broker._require()
+    assert isinstance(lane, Lane)
+    blocking: list[_Conn] = []
+    take_conn = lane._blocking_conn
+
+    async def recorded() -> _Conn:
+        conn = await take_conn()
+        blocking.append(conn)
+        return conn
+
+    lane._blocking_conn = recorded  # type: ignore[method-assign]
+    # Due in an hour: the consumer's first claim finds nothing and blocks (its 5 s cap).
+    await broker.publish(Envelope("m", b"x", 0, eta=time.time() + 3600))
+    told: list[str] = []
+
+    async def buried(id: str, reason: str) -> None:
+        told.append(id)
+
+    async def pull(deliveries: AsyncIterator[RedisDelivery]) -> None:
+        async for _ in deliveries:
+            raise AssertionError("a message past its delivery limit was delivered")
+
+    async def blocked() -> bool:
+        if not blocking:
+            return False
+        listed = await lane.command("CLIENT", "LIST", "ID", blocking[-1].client_id)
+        return b"cmd=blpop" in listed
+
+    consumer = broker.consume_noticing(prefetch=1, buried=buried)
+    with anyio.fail_after(10):
+        async with consumer as deliveries, anyio.create_task_group() as tg:
+            tg.start_soon(pull, deliveries)
+            while not await blocked():  # noqa: ASYNC110 - the server's state, asked
+                await anyio.sleep(0.001)
+            # Due now, with no wake-up pushed: only the cancelled consumer's salvaged claim
+            # can take (and dead-letter) it.
+            assert await lane.command("ZADD", broker.keys[1], "XX", "CH", 0, "m") == 1
+            tg.cancel_scope.cancel()
+    assert [d.id for d in await broker.dead_letters()] == ["m"]
+    assert told == ["m"]
