@@ -16,7 +16,7 @@ from begin_scenarios import cancel_while_waiting, count_begins
 from redis_worker_app import build
 
 from qtasks import MemoryStorage, TaskStatus
-from qtasks.components import BeginOnClaim, SharedServer
+from qtasks.components import BeginOnClaim, RecordQuery, SharedServer
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError
 from qtasks.messages import Codec, Envelope, Message
@@ -626,3 +626,35 @@ async def test_a_uuid_given_twice_in_one_bulk_call_is_replaced_across_batches(
             got[delivery.id] = delivery.body
             assert await delivery.ack()
     assert got == {"a": b"a2", "b": b"b"}
+
+
+@pytest.mark.parametrize("stored_before", [False, True], ids=["fresh", "task-by-task"])
+async def test_publish_new_many_indexes_names_and_parents_as_add_does(
+    redis_url: str, prefix: str, stack: AsyncExitStack, stored_before: bool
+) -> None:
+    """Records a bulk enqueue writes are found by their parent, and one it made new again
+    (its uuid given again after the task ended) leaves the index of finished tasks of its
+    name, for both of the script's ways (the task-by-task one passed no name nor parent to
+    SAVE; the batch one linked no parent)."""
+    broker, storage = await parts(stack, redis_url, prefix)
+    if stored_before:
+        done = new_record("a")
+        done.status, done.returning = TaskStatus.SUCCESS, "old"
+        assert await storage.save(done) is True
+        page = await storage.query(RecordQuery(task_name="t", status=TaskStatus.SUCCESS))
+        assert [record.uuid for record in page.records] == ["a"]
+    batch = []
+    for uuid in "ab":
+        record = new_record(uuid)
+        record.parent_uuid = "p"
+        batch.append((record, Envelope(uuid, b"x")))
+    await broker.publish_new_many(storage, batch)
+    children = await storage.query(RecordQuery(parent_uuid="p"))
+    assert sorted(record.uuid for record in children.records) == ["a", "b"]
+    finished = await storage.query(RecordQuery(task_name="t", status=TaskStatus.SUCCESS))
+    assert finished.records == []
+    named = await storage.query(RecordQuery(task_name="t"))
+    assert sorted(record.uuid for record in named.records) == ["a", "b"]
+    client = aioredis.from_url(redis_url)
+    stack.push_async_callback(client.aclose)
+    assert await client.zscore(f"{storage.key_tag}:nf:t", "a") is None

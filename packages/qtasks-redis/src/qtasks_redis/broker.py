@@ -285,7 +285,8 @@ class RedisBroker:
         self, storage: Storage, tasks: Sequence[tuple[TaskRecord, Envelope]]
     ) -> None:
         """See :class:`qtasks.components.BulkPublishNew`: records and messages of 1,000
-        tasks in one script."""
+        tasks in one script (their name and parent indexed as :meth:`RedisStorage.add`
+        does)."""
         redis_storage = _redis_storage(storage)
         encode = redis_storage._encode
         for start in range(0, len(tasks), _PUBLISH_BATCH):
@@ -300,6 +301,8 @@ class RedisBroker:
                     encode(record),
                     record.status.value,
                     record.token or "",
+                    record.task_name,
+                    record.parent_uuid or "",
                     envelope.id,
                     envelope.body,
                     envelope.priority,

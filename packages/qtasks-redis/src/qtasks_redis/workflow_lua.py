@@ -352,16 +352,17 @@ PUBLISH_NEW_MANY = Script(
     + """
 -- BulkPublishNew: KEYS as ACK_FINALS_WF; ARGV: TAG, ttl_ms, the call's nonce (as
 -- shared_lua.PUBLISH_NEW's, stored in each record as 'p'), then per task the record's uuid,
--- JSON, status and token (SAVE, forced) and the message's id, body, priority and eta_ms
--- (PUBLISH): 8 a task instead of SAVE's and PUBLISH's 12 (fewer to encode and send).
+-- JSON, status, token, task name and parent uuid ('' for none) (SAVE, forced) and the
+-- message's id, body, priority and eta_ms (PUBLISH): 10 a task instead of SAVE's and
+-- PUBLISH's 14 (fewer to encode and send).
 local ttl, NONCE = ARGV[2], ARGV[3]
-local n = (#ARGV - 3) / 8
+local n = (#ARGV - 3) / 10
 -- A batch of fresh tasks (no record nor message of it exists yet, as with new uuids: the
 -- usual case) costs one write per record; each index, hash and queue is written once for
 -- the whole batch. Any other batch goes task by task through SAVE and PUBLISH, as add_task.
-local recs, fresh = fresh_batch(4, 8)
+local recs, fresh = fresh_batch(4, 10)
 local ids = {}
-for i = 0, n - 1 do ids[i + 1] = ARGV[8 + i * 8] end
+for i = 0, n - 1 do ids[i + 1] = ARGV[10 + i * 10] end
 if fresh then
   for _, body in ipairs(redis.call('HMGET', K_BODY, unpack(ids))) do
     if body then fresh = false break end
@@ -380,21 +381,22 @@ if fresh then
   local seq = redis.call('INCRBY', K_SEQ, n) - n
   local new, bodies, metas, ready, delayed = {}, {}, {}, {}, {}
   for i = 0, n - 1 do
-    local base, id = 3 + i * 8, ids[i + 1]
-    redis.call('HSET', recs[i + 1], 'd', ARGV[base + 2], 's', 'new', 't', ARGV[base + 4],
-               'p', NONCE)
+    local base, id = 3 + i * 10, ids[i + 1]
+    K_REC = recs[i + 1]
+    redis.call('HSET', K_REC, 'd', ARGV[base + 2], 's', 'new', 't', ARGV[base + 4], 'p', NONCE)
     new[#new + 1] = now
     new[#new + 1] = ARGV[base + 1]
+    parented(ARGV[base + 1], ARGV[base + 6], now, tonumber(ttl))
     bodies[#bodies + 1] = id
-    bodies[#bodies + 1] = ARGV[base + 6]
+    bodies[#bodies + 1] = ARGV[base + 8]
     metas[#metas + 1] = id
-    metas[#metas + 1] = ARGV[base + 7]
-    local eta = tonumber(ARGV[base + 8])
+    metas[#metas + 1] = ARGV[base + 9]
+    local eta = tonumber(ARGV[base + 10])
     if eta and eta > now then
       delayed[#delayed + 1] = eta
       delayed[#delayed + 1] = id
     else  -- ready_score's, with the batch's sequence numbers
-      local p = tonumber(ARGV[base + 7]) or 0
+      local p = tonumber(ARGV[base + 9]) or 0
       if p > 899 then p = 899 elseif p < -899 then p = -899 end
       ready[#ready + 1] = p * SPAN + seq + i + 1
       ready[#ready + 1] = id
@@ -408,11 +410,11 @@ if fresh then
   notify()
   return 1
 end
-for base = 3, #ARGV - 1, 8 do
+for base = 3, #ARGV - 1, 10 do
   rec_keys(ARGV[base + 1])
   storage({ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], '0', '', '1', ttl,
-           nil, nil, NONCE})
-  broker_publish({ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], ARGV[base + 8]})
+           ARGV[base + 5], ARGV[base + 6], NONCE})
+  broker_publish({ARGV[base + 7], ARGV[base + 8], ARGV[base + 9], ARGV[base + 10]})
 end
 return 1
 """
