@@ -59,6 +59,7 @@ class BeginReopensFinished(MemoryStorage):
         stored = self._records.get(record.uuid)
         if stored is not None and stored.status.final and stored.status is not TaskStatus.CANCEL:
             stored.status = TaskStatus.PROCESS
+            self._records[record.uuid] = stored  # a final record is read as a new object
             self._index(stored)
         return await super().begin(record, generation=generation)
 

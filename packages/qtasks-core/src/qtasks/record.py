@@ -93,6 +93,52 @@ class TaskRecord:
         """A copy whose ``args``/``kwargs`` containers are copied too (hot path: explicit)."""
         return TaskRecord(*self.values())
 
+    def packed(self) -> tuple[Any, ...]:
+        """Every field in declaration order as plain values (``args`` a tuple, ``kwargs`` a
+        tuple of pairs, ``status`` its string): what a storage keeps of a record it will not
+        change, which Python's cycle collector stops tracking once every value is atomic.
+        :meth:`unpacked` rebuilds it.
+
+        It lists the fields as :meth:`values` does, written out rather than derived (a
+        getter and slices cost twice as much on this path); the round trip is pinned by
+        ``tests/core/test_memory_records.py``."""
+        return (
+            self.uuid,
+            self.task_name,
+            self.status.value,
+            self.priority,
+            tuple(self.args),
+            tuple(self.kwargs.items()),  # a dict would keep the tuple tracked
+            self.returning,
+            self.traceback,
+            self.error,
+            self.created_at,
+            self.updated_at,
+            self.attempt,
+            self.retries,
+            self.eta,
+            self.parent_uuid,
+            self.cancel_reason,
+            self.worker,
+            self.token,
+            self.steps,
+            self.started_at,
+            self.workflow,
+        )
+
+    @classmethod
+    def unpacked(cls, values: tuple[Any, ...]) -> TaskRecord:
+        """A new record from :meth:`packed` output (its containers copied)."""
+        return cls(
+            values[0],
+            values[1],
+            _STATUSES[values[2]],
+            values[3],
+            list(values[4]),
+            dict(values[5]),
+            *values[6:],
+        )
+
     def values(self) -> tuple[Any, ...]:
         """Every field in declaration order (containers copied), to build a copy or subclass."""
         return (
@@ -121,6 +167,7 @@ class TaskRecord:
 
 
 _RECORD_FIELDS = fields(TaskRecord)
+_STATUSES = {status.value: status for status in TaskStatus}
 
 
 def record_of(message: Message) -> TaskRecord:

@@ -17,6 +17,7 @@ from qtasks.components import GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import InvalidQueryError, TaskTimeoutError
 from qtasks.memory.counts import LiveCounts
+from qtasks.memory.records import Records
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.workflows import MemoryWorkflows
 from qtasks.record import TaskRecord, TaskStatus
@@ -56,7 +57,7 @@ class MemoryStorage(_Lifecycle):
         """``clock`` returns the unix time that ``result_ttl`` is measured against (default
         :func:`time.time`), so tests can move time forward."""
         self._clock: Callable[[], float] = clock or time.time
-        self._records: dict[str, TaskRecord] = {}
+        self._records = Records()
         self._steps: dict[str, list[Any]] = {}
         self._attempts: dict[str, list[TaskRecord]] = {}
         self._signals: dict[str, _Signal] = {}
@@ -95,12 +96,8 @@ class MemoryStorage(_Lifecycle):
         now = self._clock()
         while self._expiry and self._expiry[0][0] <= now:
             _, uuid = heapq.heappop(self._expiry)
-            record = self._records.get(uuid)
-            if (
-                record is not None
-                and record.status.final
-                and record.updated_at + (self._ttl or math.inf) <= now
-            ):
+            facts = self._records.facts(uuid)
+            if facts is not None and facts[0].final and facts[3] + (self._ttl or math.inf) <= now:
                 del self._records[uuid]
                 self._written.pop(uuid, None)
                 self._forget(uuid)
@@ -135,8 +132,7 @@ class MemoryStorage(_Lifecycle):
     async def get(self, uuid: str) -> TaskRecord | None:
         self._check()
         self._expire()
-        record = self._records.get(uuid)
-        return record.copy() if record is not None else None
+        return self._records.copy_of(uuid)
 
     async def begin(self, record: TaskRecord, *, generation: int = 0) -> TaskRecord:
         self._check()
@@ -213,8 +209,8 @@ class MemoryStorage(_Lifecycle):
         ended.error = f"dead-lettered: {reason}"
         ended.returning = None
         ended.updated_at = self._clock()
-        self._put(ended)
-        return ended.copy()
+        self._put(ended)  # packed: ``ended`` is the caller's
+        return ended
 
     async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
         self._check()
@@ -224,12 +220,13 @@ class MemoryStorage(_Lifecycle):
                 return False
             if stored.status.final and stored.status is not record.status:
                 return False  # final is final: a cancel made while the task ran stays
-        self._put(record.copy())
+        self._put(record if record.status.final else record.copy())  # a final one is packed
         return True
 
     def _put(self, record: TaskRecord) -> None:
-        """Store ``record`` (owned from now on) as it is; a final one expires after the TTL
-        and wakes its waiters."""
+        """Store ``record`` (owned from now on while in flight; a final one is packed, see
+        :class:`~qtasks.memory.records.Records`); a final one expires after the TTL and wakes
+        its waiters."""
         self._records[record.uuid] = record
         self._index(record)
         if record.status.final:
@@ -247,11 +244,13 @@ class MemoryStorage(_Lifecycle):
             stored.status = TaskStatus.CANCEL
             stored.cancel_reason = reason
             stored.updated_at = self._clock()
+            self._records[uuid] = stored  # final now: kept packed, ``stored`` is the caller's
             self._index(stored)
             self._fire(uuid)
             if running:
                 for follower in list(self._cancel_followers):
                     follower(uuid, reason)
+            return stored
         return stored.copy()
 
     async def add_many(self, records: Sequence[TaskRecord]) -> None:
@@ -303,8 +302,8 @@ class MemoryStorage(_Lifecycle):
         """See :class:`qtasks.components.WorkflowStore`."""
         self._check()
         self._expire()
-        records = self._records
-        return [None if (r := records.get(u)) is None else r.copy() for u in uuids]
+        copy_of = self._records.copy_of
+        return [copy_of(uuid) for uuid in uuids]
 
     async def cancelled(self, uuids: Sequence[str]) -> dict[str, str]:
         """See :class:`qtasks.components.CancelCheck`."""
@@ -341,9 +340,9 @@ class MemoryStorage(_Lifecycle):
         signal = self._watch(uuid)
         try:
             while True:
-                record = self._records.get(uuid)
-                if record is not None and record.status.final:
-                    return record.copy()
+                record = self._records.final(uuid)
+                if record is not None:
+                    return record
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TaskTimeoutError(uuid, timeout)
@@ -358,6 +357,8 @@ class MemoryStorage(_Lifecycle):
         record = self._records.get(uuid)
         if record is not None:
             record.steps = len(steps)
+            if record.status.final:
+                self._records[uuid] = record  # a new object: stored again
         self._fire(uuid)
         return len(steps) - 1
 
@@ -371,8 +372,8 @@ class MemoryStorage(_Lifecycle):
                 while index < len(steps):
                     yield steps[index]
                     index += 1
-                record = self._records.get(uuid)
-                if record is None or record.status.final:
+                facts = self._records.facts(uuid)
+                if facts is None or facts[0].final:
                     if index >= len(self._steps.get(uuid, [])):
                         return
                     continue
@@ -384,8 +385,8 @@ class MemoryStorage(_Lifecycle):
         self._check()
         self._expire()
         counts: dict[str, int] = {}
-        for record in self._records.values():
-            counts[record.status.value] = counts.get(record.status.value, 0) + 1
+        for status in self._records.statuses():
+            counts[status.value] = counts.get(status.value, 0) + 1
         return counts
 
     async def flush(self) -> int:
@@ -444,18 +445,19 @@ class MemoryStorage(_Lifecycle):
             return
         # A slice copies only the new entries (islice would step through the old ones).
         for entry in entries[self._indexed :]:
-            record = records.get(entry[2])
-            if record is None or seq_of.get(entry[2]) != entry[0]:
+            facts = records.facts(entry[2])
+            if facts is None or seq_of.get(entry[2]) != entry[0]:
                 continue
-            by_status.setdefault(record.status, []).append(entry)
-            live = self._live.get(record.status)
+            status, task_name, parent_uuid, _ = facts
+            by_status.setdefault(status, []).append(entry)
+            live = self._live.get(status)
             if live is None:
-                live = self._live[record.status] = LiveCounts()
+                live = self._live[status] = LiveCounts()
             self._forget(entry[2])  # its earlier entry is stale
-            self._at[entry[2]] = (record.status, live.append())
-            by_name.setdefault(record.task_name, []).append(entry)
-            if record.parent_uuid is not None:
-                self._by_parent.setdefault(record.parent_uuid, []).append(entry)
+            self._at[entry[2]] = (status, live.append())
+            by_name.setdefault(task_name, []).append(entry)
+            if parent_uuid is not None:
+                self._by_parent.setdefault(parent_uuid, []).append(entry)
         self._indexed = len(self._all)
 
     def _rebuild(self) -> None:
@@ -506,17 +508,19 @@ class MemoryStorage(_Lifecycle):
             seq, at, uuid = entries[position]
             if at < since:
                 return RecordPage(found)
-            record = self._records.get(uuid)
+            facts = self._records.facts(uuid)
             if (
-                record is None
+                facts is None
                 or self._seq_of.get(uuid) != seq
-                or (query.status is not None and record.status is not query.status)
-                or (query.task_name is not None and record.task_name != query.task_name)
-                or (query.parent_uuid is not None and record.parent_uuid != query.parent_uuid)
+                or (query.status is not None and facts[0] is not query.status)
+                or (query.task_name is not None and facts[1] != query.task_name)
+                or (query.parent_uuid is not None and facts[2] != query.parent_uuid)
                 or not uuid.startswith(prefix)
             ):
                 continue
-            found.append(record.copy())
+            record = self._records.copy_of(uuid)
+            assert record is not None
+            found.append(record)
             if len(found) == query.limit:
                 break
         return RecordPage(found, f"m:{entries[position][0]}" if position > 0 else None)
