@@ -22,7 +22,7 @@ from qtasks import (
 )
 from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks_testing import FakeClock
-from qtasks_testing.harness import WRAPPED, Harness, HarnessError, SyncHarness
+from qtasks_testing.harness import WRAPPED, Harness, HarnessError, Mode, SyncHarness
 
 
 def make_async_app() -> tuple[AsyncQueueTasks, dict[str, Any]]:
@@ -144,11 +144,13 @@ async def test_components_are_restored() -> None:
     broker = MemoryBroker()
     app = AsyncQueueTasks(broker=broker)
     storage = app.storage
-    async with Harness(app, keep=["storage"]):
+    async with Harness(app, keep=["storage"]) as qt:
         assert app.broker is not broker
         assert app.storage is storage
         assert set(WRAPPED) <= set(vars(app))
+        assert (app.clock, app.sleep_until) == (qt.clock.time, qt.advance_to)
     assert app.broker is broker
+    assert (app.clock, app.sleep_until) == (time.time, None)
     assert not set(WRAPPED) & set(vars(app))
     assert not app.started
 
@@ -556,3 +558,37 @@ async def test_worker_rate_limit_waits_on_the_harness_clock() -> None:
         assert sorted(d.returning for d in done) == [0, 1, 2]
         assert {d.uuid for d in done} == {t.uuid for t in tasks}
         assert 119 <= qt.clock.time() - start <= 121
+
+
+HELD = 20
+"""Tasks of a ``10/s`` task in a row: each after the first is held back by 0.1 s, a wait the
+flow gate takes itself (no hand-back to the broker) and, once, took in real time."""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["inline", "worker"])
+async def test_rate_limit_holds_move_the_fake_clock_instead_of_sleeping(mode: Mode) -> None:
+    app = AsyncQueueTasks()
+
+    @app.task(rate_limit="10/s")
+    async def call(n: int) -> int:
+        return n
+
+    async with Harness(app, mode=mode, timeout=5) as qt:
+        qt.freeze_time()
+        start = qt.clock.time()
+        began = time.monotonic()
+        with anyio.fail_after(10):
+            if mode == "inline":
+                done = [await app.add_task("call", n) for n in range(HELD)]
+            else:
+                for n in range(HELD):
+                    await app.add_task("call", n)
+                done = await qt.run_pending()
+        elapsed = time.monotonic() - began
+    assert sorted(d.returning for d in done) == list(range(HELD))
+    # The rate held on the fake clock: 0.1 s between starts ...
+    assert qt.clock.time() - start >= (HELD - 1) * 0.1 - 0.01
+    # ... and none of it in real time. Not a speed check: real sleeps would have taken at
+    # least (HELD - 1) * 0.1 s; the bound is half of that, generous for a loaded machine.
+    assert elapsed < (HELD - 1) * 0.1 / 2, f"{elapsed:.2f} s of real time for {HELD} tasks"

@@ -140,6 +140,11 @@ class AsyncQueueTasks:
         """Unix time as the app reads it to stamp new tasks (``created_at``, the due time of a
         ``delay``, ``expires``) and for the worker's flow decisions (expiry, rate limits,
         unique keys); a test harness replaces it with its fake clock."""
+        self.sleep_until: Callable[[float], Awaitable[None]] | None = None
+        """Waits until :attr:`clock` reads the given unix time, for the flow gate's short
+        waits (a rate token at most 0.1 s away). ``None``: they sleep in real time (held back
+        if the worker begins to stop). A test harness sets it with :attr:`clock`, to move its
+        fake clock there instead of sleeping."""
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())

@@ -202,7 +202,9 @@ class Harness:
         self._handed_out: set[str] = set()
         self._saved: dict[str, Any] | None = None
         self._saved_states: StateRegistry | None = None
-        self._saved_clock: Callable[[], float] | None = None
+        self._saved_clock: (
+            tuple[Callable[[], float], Callable[[float], Awaitable[None]] | None] | None
+        ) = None
         self._plugin = _InlinePlugin(self)
         self._worker = QueueWorker()
         self._stop_serving: anyio.Event | None = None
@@ -240,8 +242,11 @@ class Harness:
         app.injector.states = StateRegistry()
         # New tasks' times and the flow gate's decisions (expires, rate limits) follow our
         # clock.
-        self._saved_clock = app.clock
+        self._saved_clock = app.clock, app.sleep_until
         app.clock = self.clock.time
+        # The flow gate's own short waits for a rate token move the clock, as the harness
+        # does for the longer holds it hands back to the broker: no real sleep.
+        app.sleep_until = self.advance_to
         replacements: dict[str, Any] = {
             "broker": MemoryBroker(clock=self.clock),
             "storage": MemoryStorage(clock=self.clock),
@@ -271,7 +276,7 @@ class Harness:
         if self._saved_states is not None:
             app.injector.states, self._saved_states = self._saved_states, None
         if self._saved_clock is not None:
-            app.clock, self._saved_clock = self._saved_clock, None
+            (app.clock, app.sleep_until), self._saved_clock = self._saved_clock, None
         self._saved = None
 
     async def start(self) -> None:
