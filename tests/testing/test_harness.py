@@ -16,6 +16,7 @@ from qtasks import (
     AsyncState,
     Depends,
     MemoryBroker,
+    MemoryGlobalConfig,
     QueueTasks,
     TaskStatus,
     chain,
@@ -592,3 +593,26 @@ async def test_rate_limit_holds_move_the_fake_clock_instead_of_sleeping(mode: Mo
     # ... and none of it in real time. Not a speed check: real sleeps would have taken at
     # least (HELD - 1) * 0.1 s; the bound is half of that, generous for a loaded machine.
     assert elapsed < (HELD - 1) * 0.1 / 2, f"{elapsed:.2f} s of real time for {HELD} tasks"
+
+
+@pytest.mark.anyio
+async def test_a_kept_global_config_on_another_clock_is_refused_for_rate_limits() -> None:
+    app = AsyncQueueTasks(global_config=MemoryGlobalConfig())  # the monotonic clock
+
+    @app.task(rate_limit="10/s")
+    async def call() -> None:
+        pass
+
+    with pytest.raises(HarnessError, match=r"clock of its own.*\['call'\]"):
+        await Harness(app, keep=["global_config"]).start()
+    assert not app.started
+    # On the harness's own clock it is accepted, and the rate holds on that clock.
+    clock = FakeClock()
+    app.global_config = MemoryGlobalConfig(clock=clock.time)
+    async with Harness(app, keep=["global_config"], clock=clock, timeout=5) as qt:
+        qt.freeze_time()
+        start = clock.time()
+        with anyio.fail_after(5):
+            for _ in range(3):
+                await app.add_task("call")
+        assert clock.time() - start >= 0.2 - 0.01

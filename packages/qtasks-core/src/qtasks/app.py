@@ -139,7 +139,9 @@ class AsyncQueueTasks:
         self.clock: Callable[[], float] = time.time
         """Unix time as the app reads it to stamp new tasks (``created_at``, the due time of a
         ``delay``, ``expires``) and for the worker's flow decisions (expiry, rate limits,
-        unique keys); a test harness replaces it with its fake clock."""
+        unique keys); a test harness replaces it with its fake clock. It does not reach the
+        components' own time: the in-memory ones take a ``clock=``, the Redis ones read the
+        server's (a shared state is timed by one clock, not by each client's)."""
         self.sleep_until: Callable[[float], Awaitable[None]] | None = None
         """Waits until :attr:`clock` reads the given unix time, for the flow gate's short
         waits (a rate token at most 0.1 s away). ``None``: they sleep in real time (held back

@@ -124,6 +124,8 @@ class RedisGlobalConfig(RedisFlowControl):
     :class:`~qtasks.components.FlowControl` (see :mod:`qtasks_redis.flow`).
 
     ``get_all`` and ``clear`` are atomic per namespace; a namespace lives in one cluster slot.
+    Rate limits, unique holds and TTLs are timed by the Redis server, never by ``app.clock``
+    (so a test harness's fake clock does not move them).
     """
 
     default_url = DEFAULT_URL

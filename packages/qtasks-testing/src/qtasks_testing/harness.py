@@ -22,7 +22,7 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.components import Delivery
+from qtasks.components import Delivery, FlowControl
 from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskTimeoutError
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
@@ -229,6 +229,8 @@ class Harness:
         app = self.app
         if self._saved is not None:
             raise HarnessError("the harness is already installed")
+        if "global_config" in self.keep:
+            self._refuse_a_foreign_rate_clock()
         if app.started:
             raise HarnessError(
                 f"app {app.name!r} is already started: the harness must swap its components "
@@ -262,6 +264,29 @@ class Harness:
         app.enqueue = self._enqueue  # type: ignore[method-assign]
         app.add_tasks = self._add_tasks  # type: ignore[method-assign]
         app.run_workflow = self._run_workflow  # type: ignore[method-assign]
+
+    def _refuse_a_foreign_rate_clock(self) -> None:
+        """Rate limits kept on another clock than the harness's (a Redis global config times
+        them by the server) cannot work: the harness moves its clock to each held task's turn,
+        the global config still holds it back, and the clock runs away. Refused up front."""
+        kept = self.app.global_config
+        if not isinstance(kept, FlowControl):
+            return
+        if isinstance(kept, MemoryGlobalConfig) and kept.clock in (self.clock, self.clock.time):
+            return
+        limited = sorted(
+            name
+            for name, task in self.app.tasks.items()
+            if task.flow is not None and task.flow.rate is not None
+        )
+        if limited:
+            raise HarnessError(
+                f"the kept global config {kept!r} measures rate limits on a clock of its own "
+                "(Redis: the server's), which the harness's clock does not move, so the "
+                f"rate-limited tasks {limited} cannot run under it; do not keep "
+                "'global_config' (the in-memory one follows the harness's clock), or build a "
+                "MemoryGlobalConfig(clock=clock.time) on the FakeClock given to the harness"
+            )
 
     def uninstall(self) -> None:
         """Put the original components, State and enqueue methods back."""

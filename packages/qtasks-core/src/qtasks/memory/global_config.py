@@ -68,6 +68,11 @@ class MemoryGlobalConfig(_Lifecycle):
         self._slots: dict[str, _Slots] = {}
         self._unique: dict[str, tuple[str, float | None]] = {}
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the rate limits and unique holds are measured on."""
+        return self._clock
+
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
         return cls()
