@@ -236,6 +236,123 @@ def test_the_broker_suite_catches_polling(pytester: pytest.Pytester) -> None:
     assert outcomes["passed"] == 2, outcomes  # the real broker's two
 
 
+POLLING_STORAGES = '''
+import time
+from functools import partial
+
+import anyio
+import pytest
+
+from qtasks.errors import TaskTimeoutError
+from qtasks.memory import MemoryStorage
+from qtasks_testing.contract import CancelFeedContract, StorageContract
+
+
+class PollsForFinal(MemoryStorage):
+    """wait() looks at the record every ``interval`` s instead of being woken by its save."""
+
+    interval = 0.1
+
+    async def wait(self, uuid, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            stored = self._records.get(uuid)
+            if stored is not None and stored.status.final:
+                return stored.copy()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TaskTimeoutError(uuid, timeout)
+            await anyio.sleep(self.interval)
+
+
+class PollsForCancels(MemoryStorage):
+    """follow_cancels() passes on the cancels it was told of every ``interval`` s only."""
+
+    interval = 0.1
+
+    async def follow_cancels(
+        self, on_cancel, *, on_live=None, task_status=anyio.TASK_STATUS_IGNORED
+    ):
+        told = []
+        follow = super().follow_cancels
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(follow, lambda *notice: told.append(notice), on_live=on_live))
+            task_status.started()
+            while True:
+                await anyio.sleep(self.interval)
+                while told:
+                    on_cancel(*told.pop(0))
+
+
+class PollsForFinalSlowly(PollsForFinal):
+    interval = 0.4
+
+
+class PollsForCancelsSlowly(PollsForCancels):
+    interval = 0.4
+
+
+class OnStorage:
+    """Runs its suite on ``component`` (a storage class)."""
+
+    component = MemoryStorage
+
+    @pytest.fixture
+    def storage_factory(self):
+        return self.component.from_config
+
+
+# At the suites' default wake_latency (0.1 s) a poller of 0.25 s or more fails; a backend that
+# must rule out a 100 ms poller sets it to 0.03 s, which the real storage passes.
+class TestPollsForFinal(OnStorage, StorageContract):
+    component, wake_latency = PollsForFinal, 0.03
+
+
+class TestPollsForFinalSlowly(OnStorage, StorageContract):
+    component = PollsForFinalSlowly
+
+
+class TestPollsForCancels(OnStorage, CancelFeedContract):
+    component, wake_latency = PollsForCancels, 0.03
+
+
+class TestPollsForCancelsSlowly(OnStorage, CancelFeedContract):
+    component = PollsForCancelsSlowly
+
+
+class TestWokenStorage(OnStorage, StorageContract):
+    wake_latency = 0.03
+
+
+class TestWokenCancelFeed(OnStorage, CancelFeedContract):
+    wake_latency = 0.03
+'''
+
+
+def test_the_storage_suites_catch_polling(pytester: pytest.Pytester) -> None:
+    """A wait that polls for the final save, and a cancel feed that passes cancels on at each
+    poll, fail the tests of those guarantees (every 100 ms at a wake_latency of 0.03 s, every
+    0.4 s at the default); the real storage passes them at 0.03 s."""
+    pytester.makepyfile(test_polling=POLLING_STORAGES)
+    heard, every = "test_follow_cancels_reports_cancels_of_running_records", "every_follower"
+    woken = "test_wait_is_woken_by_save_not_polled"
+    result = pytester.runpytest_subprocess(*OPTIONS, "-k", f"{woken} or {heard} or {every}")
+    polling = {
+        *(f"{case}::{woken}" for case in ("TestPollsForFinal", "TestPollsForFinalSlowly")),
+        *(
+            f"{case}::{test}"
+            for case in ("TestPollsForCancels", "TestPollsForCancelsSlowly")
+            for test in (heard, "test_every_follower_hears_a_cancel")
+        ),
+    }
+    assert failed_tests(result) == polling, result.stdout.str()
+    result.stdout.fnmatch_lines(
+        ["*median latency * ms, not under 30 ms (polled rather than woken?)*"]
+    )
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("errors", 0) == 0, result.stdout.str()
+    assert outcomes["passed"] == 3, outcomes  # the real storage's three
+
+
 FAILS_INSIDE_CONSUMING = """
 from contextlib import AsyncExitStack
 

@@ -37,13 +37,14 @@ class ContractSuite:
         only for a backend that is slow by design, never to hide polling.
     ``wake_latency``
         Seconds a component may typically take to react to what it must be *woken* by, not
-        poll for: a waiting consumer to a publish, and ``steps()`` to
-        :meth:`~qtasks.components.Storage.add_step` (a delayed message's eta has
+        poll for: a waiting consumer to a publish, ``steps()`` to
+        :meth:`~qtasks.components.Storage.add_step`, ``Storage.wait`` to a final save, a
+        cancel feed's followers to a cancel (a delayed message's eta has
         ``BrokerContract.due_latency``). The tests measure several rounds, at varied points
         of any poll cycle, and compare the median with it, so a scheduling hiccup or two does
         not fail them; a poller's median is about half its interval, so the default 0.1 fails
-        a poll interval of ~0.25 s or more. Raise it only for a backend whose server round
-        trip is that slow, never to admit polling.
+        a poll interval of ~0.25 s or more (0.03 fails a 100 ms one too). Raise it only for a
+        backend whose server round trip is that slow, never to admit polling.
     """
 
     config_overrides: ClassVar[Mapping[str, Any]] = {}

@@ -49,7 +49,7 @@ from qtasks.config import QueueConfig
 from qtasks.errors import TaskTimeoutError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord, TaskStatus
-from qtasks_testing.contract._base import ContractSuite, wait_until
+from qtasks_testing.contract._base import ContractSuite, assert_woken, spread, wait_until
 from qtasks_testing.contract.broker import (
     BrokerFactory,
     Consumer,
@@ -920,8 +920,27 @@ class CancelCheckContract(_StorageCapability):
         assert await cast(CancelCheck, storage).cancelled([uuid.uuid4().hex]) == {}
 
 
-def _hear(ears: list[tuple[str, str]], uuid: str, reason: str) -> None:
-    ears.append((uuid, reason))
+class _Ears:
+    """A follower's ``on_cancel``: what it heard, and an event for the test to wait on."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, str]] = []
+        self._news = anyio.Event()
+
+    def __call__(self, uuid: str, reason: str) -> None:
+        self.heard.append((uuid, reason))
+        self._news.set()
+
+    async def hear(self, count: int, timeout: float, what: str) -> None:
+        """Until ``count`` notices were heard; fails after ``timeout`` seconds."""
+        with anyio.move_on_after(timeout):
+            while True:
+                # A fresh event before the count is read: a notice after the read sets it.
+                news = self._news = anyio.Event()
+                if len(self.heard) >= count:
+                    return
+                await news.wait()
+        pytest.fail(f"{what} was not heard within {timeout} s (heard {self.heard})")
 
 
 class CancelFeedContract(_StorageCapability):
@@ -929,7 +948,8 @@ class CancelFeedContract(_StorageCapability):
 
     Provide a ``storage_factory`` fixture, as for
     :class:`~qtasks_testing.contract.StorageContract`. Every test is skipped when the storage
-    is not a ``CancelFeed``."""
+    is not a ``CancelFeed``. A cancel is pushed to the followers, not polled for: the tests
+    compare the median time to hear one with ``wake_latency``."""
 
     capability = CancelFeed
 
@@ -937,53 +957,67 @@ class CancelFeedContract(_StorageCapability):
     async def test_follow_cancels_reports_cancels_of_running_records(
         self, storage: Storage
     ) -> None:
-        heard: list[tuple[str, str]] = []
+        """Only cancels of running records are heard, each once, woken not polled: over
+        several rounds the median time from ``cancel`` to the notice is under
+        ``wake_latency`` (no round over ``timing_slack``); an ended feed reports nothing."""
+        ears = _Ears()
         live: list[bool] = []
         feed = cast(CancelFeed, storage)
-        with anyio.fail_after(10):
+        expected: list[tuple[str, str]] = []
+        latencies = []
+        with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
-                await tg.start(
-                    partial(feed.follow_cancels, partial(_hear, heard), on_live=live.append)
-                )
+                await tg.start(partial(feed.follow_cancels, ears, on_live=live.append))
                 assert live == [True], "on_live(True) was not called by the time it started"
-                queued, done, busy = record(), record(), await running(storage)
+                queued, done = record(), record()
                 await storage.add(queued)
                 await storage.add(done)
                 await storage.save(finished(done))
                 await storage.cancel(queued.uuid, "queued one")
                 await storage.cancel(done.uuid, "finished one")
-                await storage.cancel(busy.uuid, "running one")
-
-                async def reported() -> bool:
-                    return bool(heard)
-
-                await wait_until(reported, timeout=self.timing_slack, what="the running cancel")
+                for i, idle in enumerate(spread(0.02, 0.2)):
+                    await anyio.sleep(idle)  # at another point of any poll cycle
+                    busy = await running(storage, f"t{i}")
+                    cancelled = time.monotonic()
+                    await storage.cancel(busy.uuid, f"running one {i}")
+                    await ears.hear(i + 1, self.timing_slack, f"the cancel of round {i}")
+                    latencies.append(time.monotonic() - cancelled)
+                    expected.append((busy.uuid, f"running one {i}"))
+                    assert ears.heard == expected
                 await anyio.sleep(0.1)  # room for a wrong notice to arrive too
-                assert heard == [(busy.uuid, "running one")]
+                assert ears.heard == expected
                 tg.cancel_scope.cancel()  # ends the feed
         # Ended: it reports nothing more.
         late = await running(storage, "t9")
         await storage.cancel(late.uuid, "after the end")
         await anyio.sleep(0.2)
-        assert heard == [(busy.uuid, "running one")]
+        assert ears.heard == expected
+        assert_woken(latencies, self.wake_latency, "a cancel feed follower, after a cancel")
 
     @pytest.mark.anyio
     async def test_every_follower_hears_a_cancel(self, storage: Storage) -> None:
+        """Each cancel reaches every follower, woken not polled (the median time until the
+        last of them heard it is under ``wake_latency``, no round over ``timing_slack``)."""
         feed = cast(CancelFeed, storage)
-        heard: list[list[tuple[str, str]]] = [[], []]
-        with anyio.fail_after(10):
+        ears = [_Ears(), _Ears()]
+        expected: list[tuple[str, str]] = []
+        latencies = []
+        with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
-                for ears in heard:
-                    await tg.start(partial(feed.follow_cancels, partial(_hear, ears)))
-                busy = await running(storage)
-                await storage.cancel(busy.uuid, "everyone")
-
-                async def reported() -> bool:
-                    return all(heard)
-
-                await wait_until(reported, timeout=self.timing_slack, what="both followers")
+                for one in ears:
+                    await tg.start(partial(feed.follow_cancels, one))
+                for i, idle in enumerate(spread(0.02, 0.2)):
+                    await anyio.sleep(idle)
+                    busy = await running(storage, f"t{i}")
+                    cancelled = time.monotonic()
+                    await storage.cancel(busy.uuid, f"everyone {i}")
+                    for n, one in enumerate(ears):
+                        await one.hear(i + 1, self.timing_slack, f"round {i}, follower {n}")
+                    latencies.append(time.monotonic() - cancelled)
+                    expected.append((busy.uuid, f"everyone {i}"))
                 tg.cancel_scope.cancel()
-        assert heard == [[(busy.uuid, "everyone")]] * 2
+        assert [one.heard for one in ears] == [expected] * 2
+        assert_woken(latencies, self.wake_latency, "every cancel feed follower, after a cancel")
 
     @pytest.mark.anyio
     async def test_cancelling_the_follower_ends_it_promptly(self, storage: Storage) -> None:
