@@ -23,7 +23,8 @@ from qtasks import (
 )
 from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks_testing import FakeClock
-from qtasks_testing.harness import WRAPPED, Harness, HarnessError, Mode, SyncHarness
+from qtasks_testing.harness import WRAPPED, Harness, HarnessError, Mode
+from qtasks_testing.sync_harness import SyncHarness
 
 
 def make_async_app() -> tuple[AsyncQueueTasks, dict[str, Any]]:

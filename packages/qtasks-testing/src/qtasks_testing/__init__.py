@@ -9,7 +9,9 @@ honours the contract.
 
 from qtasks_testing.cases import AsyncTestCase, SyncTestCase
 from qtasks_testing.clock import FakeClock
-from qtasks_testing.harness import EnqueuedTask, Harness, HarnessError, SyncHarness
+from qtasks_testing.harness import Harness, HarnessError
+from qtasks_testing.records import EnqueuedTask
+from qtasks_testing.sync_harness import SyncHarness
 
 __all__ = [
     "AsyncTestCase",

@@ -9,7 +9,9 @@ from typing import Any, ClassVar
 from qtasks.app import AsyncQueueTasks
 from qtasks.sync import QueueTasks
 from qtasks.task import TaskDef
-from qtasks_testing.harness import EnqueuedTask, Harness, HarnessError, Mode, SyncHarness
+from qtasks_testing.harness import Harness, HarnessError, Mode
+from qtasks_testing.records import EnqueuedTask
+from qtasks_testing.sync_harness import SyncHarness
 
 
 class _Options:
@@ -41,7 +43,7 @@ class SyncTestCase(_Options, unittest.TestCase):
     """A ``TestCase`` whose tests run against ``qtasks_app`` with in-memory components.
 
     ``setUp`` swaps the components and starts the harness (``self.qtasks``, a
-    :class:`~qtasks_testing.harness.SyncHarness`); a cleanup stops it and restores the app.
+    :class:`~qtasks_testing.sync_harness.SyncHarness`); a cleanup stops it and restores the app.
     Override ``setUp`` only with a call to ``super().setUp()``.
     """
 

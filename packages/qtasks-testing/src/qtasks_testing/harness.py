@@ -2,24 +2,22 @@
 in-process worker, record what was enqueued, control time, and restore everything afterwards.
 
 :class:`Harness` is the async API (for an :class:`~qtasks.AsyncQueueTasks` used from async
-tests); :class:`SyncHarness` is the blocking facade (for a :class:`~qtasks.QueueTasks`, or an
-async app driven from sync tests). The unittest cases and the pytest fixtures are thin layers over
-these two.
+tests); :class:`~qtasks_testing.sync_harness.SyncHarness` is its blocking facade, and
+:mod:`qtasks_testing.records` what it records. The unittest cases and the pytest fixtures are
+thin layers over these.
 
-Over ~500 lines: the async harness and its blocking facade share their component swap,
-recording and time control, so they stay in one module.
+Over ~600 lines: one class, whose two modes share the component swap, the clock and the
+bookkeeping of the tasks it holds back and moves the clock for.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.components import Delivery, FlowControl
@@ -29,9 +27,16 @@ from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.state import StateRegistry
 from qtasks.sync import QueueTasks
-from qtasks.task import AsyncTask, TaskDef
+from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
 from qtasks_testing.clock import FakeClock
+from qtasks_testing.records import (
+    CHILD_NOTE,
+    EnqueuedLog,
+    EnqueuedTask,
+    describe,
+    failure_message,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator
@@ -42,57 +47,10 @@ Mode = Literal["inline", "worker"]
 COMPONENTS = ("broker", "storage", "global_config")
 WRAPPED = ("enqueue", "add_tasks", "run_workflow")
 """The app's methods the harness stands in for while installed."""
-T = TypeVar("T")
 
 
 class HarnessError(QTasksError):
     """The harness was used wrongly (app already started, unknown component, ...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EnqueuedTask:
-    """One task the app enqueued while the harness was installed (``add_task``, each task of
-    ``add_tasks``, each member of a workflow), as stored (after enqueue hooks ran)."""
-
-    uuid: str
-    task_name: str
-    args: list[Any] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    priority: int = 0
-    eta: float | None = None
-
-    def matches(self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
-        return (self.task_name, self.args, self.kwargs) == (task_name, list(args), kwargs)
-
-    def describe(self) -> str:
-        call = ", ".join([*map(repr, self.args), *(f"{k}={v!r}" for k, v in self.kwargs.items())])
-        return f"{self.task_name}({call})"
-
-
-def task_name_of(task: str | TaskDef[..., Any]) -> str:
-    """The registered name of ``task`` (a name or a ``@app.task`` function)."""
-    return task if isinstance(task, str) else task.name
-
-
-def describe(record: TaskRecord) -> str:
-    """``name(args) [uuid]`` of a record."""
-    call = EnqueuedTask(record.uuid, record.task_name, list(record.args), dict(record.kwargs))
-    return f"{call.describe()} [{record.uuid}]"
-
-
-def failure_message(record: TaskRecord) -> str:
-    """A message naming the failed task, its call and its traceback."""
-    text = f"task {describe(record)} failed: {record.error}"
-    if record.traceback:
-        text += "\n\nTask traceback:\n" + record.traceback.rstrip()
-    return text
-
-
-CHILD_NOTE = (
-    "It was enqueued while another task ran. As in production, its failure did not reach "
-    "the task that enqueued it: the harness reports it when the call of the test that ran "
-    "both returns."
-)
 
 
 class _InlinePlugin:
@@ -142,7 +100,7 @@ class _InlinePlugin:
             progress.set()
 
 
-class Harness:
+class Harness(EnqueuedLog):
     """Test an :class:`~qtasks.AsyncQueueTasks` without servers or a separate worker.
 
     ``await harness.start()`` replaces the app's broker, storage and global config with fresh
@@ -730,181 +688,3 @@ class Harness:
         broker = self.app.broker
         if isinstance(broker, MemoryBroker):
             broker.wake()
-
-    # --- what was enqueued ----------------------------------------------------------------
-
-    def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
-        """Every task the app enqueued since the harness started (of ``task`` only, if given),
-        in order: ``add_task``, each task of ``add_tasks``, each member of a workflow (when
-        ``run_workflow`` stores it). An ``add_task`` that a unique key deduplicated enqueued
-        nothing."""
-        if task is None:
-            return list(self._enqueued)
-        name = task_name_of(task)
-        return [item for item in self._enqueued if item.task_name == name]
-
-    def assert_enqueued(
-        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
-    ) -> EnqueuedTask:
-        """Assert ``task`` was enqueued (with exactly these arguments, if any are given)."""
-        name = task_name_of(task)
-        calls = self.enqueued(name)
-        if args or kwargs:
-            calls = [c for c in calls if c.matches(name, args, kwargs)]
-        if not calls:
-            wanted = name
-            if args or kwargs:
-                wanted = EnqueuedTask("", name, list(args), kwargs).describe()
-            raise AssertionError(f"{wanted} was not enqueued; enqueued: {self._summary()}")
-        return calls[-1]
-
-    def assert_not_enqueued(
-        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
-    ) -> None:
-        """Assert ``task`` was not enqueued (with these arguments, if any are given)."""
-        name = task_name_of(task)
-        calls = self.enqueued(name)
-        if args or kwargs:
-            calls = [c for c in calls if c.matches(name, args, kwargs)]
-        if calls:
-            raise AssertionError(
-                f"{calls[0].describe()} was enqueued {len(calls)} time(s); "
-                f"enqueued: {self._summary()}"
-            )
-
-    def _summary(self) -> str:
-        return ", ".join(item.describe() for item in self._enqueued) or "nothing"
-
-
-class SyncHarness:
-    """The blocking facade of :class:`Harness`, for sync tests.
-
-    For a :class:`~qtasks.QueueTasks` it works through the app's own portal, so the code under
-    test and the harness share the event loop that holds the in-memory components. For an
-    :class:`~qtasks.AsyncQueueTasks` it runs a portal of its own; call async code of the app
-    with :meth:`call`.
-    """
-
-    def __init__(
-        self,
-        app: QueueTasks | AsyncQueueTasks,
-        *,
-        mode: Mode = "inline",
-        keep: Collection[str] = (),
-        raise_task_errors: bool = True,
-        clock: FakeClock | None = None,
-        timeout: float = 10.0,
-    ) -> None:
-        self.app = app
-        self._facade = app if isinstance(app, QueueTasks) else None
-        aio = app.aio if isinstance(app, QueueTasks) else app
-        self.harness = Harness(
-            aio,
-            mode=mode,
-            keep=keep,
-            raise_task_errors=raise_task_errors,
-            clock=clock,
-            timeout=timeout,
-        )
-        self._own_portal: AbstractContextManager[BlockingPortal] | None = None
-        self._portal: BlockingPortal | None = None
-
-    @property
-    def clock(self) -> FakeClock:
-        return self.harness.clock
-
-    @property
-    def mode(self) -> Mode:
-        return self.harness.mode
-
-    @property
-    def portal(self) -> BlockingPortal:
-        """The portal running the app's event loop."""
-        if self._portal is None:
-            if self._facade is not None:
-                self._portal = self._facade.portal
-            else:
-                self._own_portal = start_blocking_portal()
-                self._portal = self._own_portal.__enter__()
-        return self._portal
-
-    def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``await func(*args)`` in the app's event loop and return the result."""
-        return self.portal.call(func, *args)
-
-    def start(self) -> None:
-        """Start the harness (see :meth:`Harness.start`). A start that fails stops the portal
-        the harness started, so its thread does not keep the process alive."""
-        try:
-            self.call(self.harness.start)
-        except BaseException:
-            # Harness.start cleaned up after itself (or installed nothing, e.g. for an app
-            # already started, which must not be closed here): only the portal is left.
-            self._stop_own_portal()
-            raise
-
-    def close(self) -> None:
-        """Stop everything and restore the app (also stops a portal the harness started)."""
-        try:
-            if self._portal is not None:
-                self.call(self.harness.close)
-        finally:
-            self.harness.uninstall()
-            if self._facade is not None:
-                self._facade.close()
-            self._stop_own_portal()
-
-    def _stop_own_portal(self) -> None:
-        own, self._own_portal, self._portal = self._own_portal, None, None
-        if own is not None:
-            own.__exit__(None, None, None)
-
-    def __enter__(self) -> SyncHarness:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _bind(self, record: AsyncTask) -> Any:
-        """The record as the app hands out records: a ``Task`` for the sync app."""
-        if self._facade is None:
-            return record
-        return self._facade.get(record.uuid) or record
-
-    def run_pending(self, *, include_delayed: bool = False) -> list[Any]:
-        """See :meth:`Harness.run_pending`."""
-        records = self.call(lambda: self.harness.run_pending(include_delayed=include_delayed))
-        return [self._bind(r) for r in records]
-
-    def wait(self, task: str | TaskRecord, timeout: float | None = None) -> Any:
-        """See :meth:`Harness.wait`."""
-        return self._bind(self.call(self.harness.wait, task, timeout))
-
-    def freeze_time(self) -> None:
-        self.harness.freeze_time()
-
-    def unfreeze_time(self) -> None:
-        self.harness.unfreeze_time()
-
-    def advance_time(self, seconds: float) -> list[Any]:
-        """See :meth:`Harness.advance_time`."""
-        return [self._bind(r) for r in self.call(self.harness.advance_time, seconds)]
-
-    def advance_to(self, when: float) -> None:
-        """See :meth:`Harness.advance_to`."""
-        self.call(self.harness.advance_to, when)
-
-    def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
-        """See :meth:`Harness.enqueued`."""
-        return self.harness.enqueued(task)
-
-    def assert_enqueued(
-        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
-    ) -> EnqueuedTask:
-        return self.harness.assert_enqueued(task, *args, **kwargs)
-
-    def assert_not_enqueued(
-        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
-    ) -> None:
-        self.harness.assert_not_enqueued(task, *args, **kwargs)

@@ -10,7 +10,7 @@ Fixtures:
 ``qtasks_async_app``
     The same for async code: the ini app, else a fresh :class:`~qtasks.AsyncQueueTasks`.
 ``qtasks`` / ``qtasks_worker``
-    A started :class:`~qtasks_testing.harness.SyncHarness` around ``qtasks_app``: inline mode
+    A started :class:`~qtasks_testing.sync_harness.SyncHarness` around ``qtasks_app``: inline mode
     (each task runs when added), or with a worker in the background. For sync tests; plain
     pytest is enough.
 ``aqtasks`` / ``aqtasks_worker``
@@ -33,7 +33,8 @@ import pytest
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.sync import QueueTasks
-from qtasks_testing.harness import Harness, HarnessError, SyncHarness
+from qtasks_testing.harness import Harness, HarnessError
+from qtasks_testing.sync_harness import SyncHarness
 
 _ASYNC_FIXTURES = ("aqtasks", "aqtasks_worker")
 

@@ -1,0 +1,109 @@
+"""What the harness records: the tasks the app enqueued (and assertions on them), and how a
+failed task is reported."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtasks.record import TaskRecord
+from qtasks.task import TaskDef
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueuedTask:
+    """One task the app enqueued while the harness was installed (``add_task``, each task of
+    ``add_tasks``, each member of a workflow), as stored (after enqueue hooks ran)."""
+
+    uuid: str
+    task_name: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    eta: float | None = None
+
+    def matches(self, task_name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        return (self.task_name, self.args, self.kwargs) == (task_name, list(args), kwargs)
+
+    def describe(self) -> str:
+        call = ", ".join([*map(repr, self.args), *(f"{k}={v!r}" for k, v in self.kwargs.items())])
+        return f"{self.task_name}({call})"
+
+
+def task_name_of(task: str | TaskDef[..., Any]) -> str:
+    """The registered name of ``task`` (a name or a ``@app.task`` function)."""
+    return task if isinstance(task, str) else task.name
+
+
+def describe(record: TaskRecord) -> str:
+    """``name(args) [uuid]`` of a record."""
+    call = EnqueuedTask(record.uuid, record.task_name, list(record.args), dict(record.kwargs))
+    return f"{call.describe()} [{record.uuid}]"
+
+
+def failure_message(record: TaskRecord) -> str:
+    """A message naming the failed task, its call and its traceback."""
+    text = f"task {describe(record)} failed: {record.error}"
+    if record.traceback:
+        text += "\n\nTask traceback:\n" + record.traceback.rstrip()
+    return text
+
+
+CHILD_NOTE = (
+    "It was enqueued while another task ran. As in production, its failure did not reach "
+    "the task that enqueued it: the harness reports it when the call of the test that ran "
+    "both returns."
+)
+
+
+class EnqueuedLog:
+    """The tasks enqueued while a harness is installed, in order, and assertions on them."""
+
+    _enqueued: list[EnqueuedTask]
+
+    def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
+        """Every task the app enqueued since the harness started (of ``task`` only, if given),
+        in order: ``add_task``, each task of ``add_tasks``, each member of a workflow (when
+        ``run_workflow`` stores it). An ``add_task`` that a unique key deduplicated enqueued
+        nothing."""
+        if task is None:
+            return list(self._enqueued)
+        name = task_name_of(task)
+        return [item for item in self._enqueued if item.task_name == name]
+
+    def assert_enqueued(
+        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
+    ) -> EnqueuedTask:
+        """Assert ``task`` was enqueued (with exactly these arguments, if any are given)."""
+        name, calls = self._calls(task, args, kwargs)
+        if not calls:
+            wanted = name
+            if args or kwargs:
+                wanted = EnqueuedTask("", name, list(args), kwargs).describe()
+            raise AssertionError(f"{wanted} was not enqueued; enqueued: {self._summary()}")
+        return calls[-1]
+
+    def assert_not_enqueued(
+        self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
+    ) -> None:
+        """Assert ``task`` was not enqueued (with these arguments, if any are given)."""
+        _, calls = self._calls(task, args, kwargs)
+        if calls:
+            raise AssertionError(
+                f"{calls[0].describe()} was enqueued {len(calls)} time(s); "
+                f"enqueued: {self._summary()}"
+            )
+
+    def _calls(
+        self, task: str | TaskDef[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[str, list[EnqueuedTask]]:
+        """The task's name, and its enqueued calls (with these arguments, if any are given)."""
+        name = task_name_of(task)
+        calls = self.enqueued(name)
+        if args or kwargs:
+            calls = [c for c in calls if c.matches(name, args, kwargs)]
+        return name, calls
+
+    def _summary(self) -> str:
+        return ", ".join(item.describe() for item in self._enqueued) or "nothing"
