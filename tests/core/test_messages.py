@@ -1,4 +1,4 @@
-"""The message helpers every enqueue uses: task UUIDs and the strict JSON encoder."""
+"""The message helpers every enqueue uses: task UUIDs, the strict JSON encoder and the decoder."""
 
 from __future__ import annotations
 
@@ -80,3 +80,31 @@ def test_the_strict_encoder_refuses_what_json_refuses() -> None:
         encode({(1, 2): 3})
     with pytest.raises(SerializationError, match="cannot encode as JSON"):
         JSONSerializer().dumps({"when": {1, 2}})
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"k":[1,2.5,"é"]}', '  {"k": 1}\n', "7", '"s"', "[]", "null", '{"a":{"b":[{}]}}'],
+)
+def test_the_serializer_reads_what_json_reads(text: str) -> None:
+    assert JSONSerializer().loads(text.encode()) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"k":1} x', "Extra data"),
+        ('{"k":1}{"k":2}', "Extra data"),
+        ("", "Expecting value"),
+        ("   ", "Expecting value"),
+        ('{"k":', "Expecting value"),
+        ("[1,]", "Expecting value"),
+        ("\ufeff{}", "Expecting value"),
+        ("[" * 100_000 + "]" * 100_000, "recursion"),
+    ],
+)
+def test_the_serializer_refuses_what_json_refuses(text: str, says: str) -> None:
+    with pytest.raises(SerializationError, match=f"cannot decode JSON message: .*{says}"):
+        JSONSerializer().loads(text.encode())
+    with pytest.raises(SerializationError, match="cannot decode"):
+        JSONSerializer().loads(b"\xff{}")  # not UTF-8

@@ -29,7 +29,7 @@ from qtasks.errors import (
     StorageConnectionError,
     TaskTimeoutError,
 )
-from qtasks.messages import strict_json_encoder
+from qtasks.messages import json_decoder, strict_json_encoder
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import storage_lua as lua
 from qtasks_redis import workflows
@@ -112,7 +112,7 @@ _FEED_IDLE = 5.0
 log = logging.getLogger("qtasks_redis.storage")
 
 _encode_json = strict_json_encoder()
-_loads = json.JSONDecoder().decode
+_loads = json_decoder()
 
 
 def _dumps(value: Any) -> str:
