@@ -217,3 +217,54 @@ async def test_a_handed_back_message_frees_its_concurrency_slot_before_it_comes_
         done = await app.wait(waiting.uuid, timeout=5)
     assert done.status is TaskStatus.SUCCESS
     assert log[:2] == ["release", "requeue"]
+
+
+class NoticingBroker(MemoryBroker):
+    """A memory broker sharing no server with the storage: the worker consumes it through
+    ``BuryNotice`` (RabbitMQ's path), not ``BeginOnClaim``."""
+
+    def shares_server_with(self, storage: object) -> bool:
+        return False
+
+
+async def test_a_message_the_broker_dead_letters_itself_fires_the_dead_lettered_hook() -> None:
+    """Every delivery of two messages is lost (a raw consumer lets the leases run out); the
+    broker buries them at the worker's next claim and tells it (``BuryNotice``): each record
+    ends ``error`` and ``qtasks_task_dead_lettered`` fires once per message, with the record
+    and its error, as for a dead letter the worker decides itself (before, nothing fired:
+    the metrics plugin and user plugins missed them)."""
+    broker = NoticingBroker()
+    app = AsyncQueueTasks(
+        broker=broker, config=QueueConfig(max_deliveries=1, lease=0.2, shutdown_grace=1.0)
+    )
+    heard: list[tuple[str, str, TaskStatus, str]] = []
+    both = anyio.Event()
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            heard.append((record.uuid, reason, record.status, record.token or ""))
+            if len(heard) == 2:
+                both.set()
+
+    app.add_plugin(Watch())
+    await app.start()
+    try:
+        tasks = [await app.add_task("anything", i) for i in range(2)]
+        async with broker.consume(prefetch=2) as raw:  # never settled: both leases run out
+            for _ in tasks:
+                with anyio.fail_after(5):
+                    await anext(raw)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            with anyio.fail_after(5):
+                await both.wait()
+            records = [await app.wait(task.uuid, timeout=5) for task in tasks]
+            app.stop()
+    finally:
+        await app.aclose()
+    errors = {record.uuid: record.error or "" for record in records}
+    assert all(error.startswith("dead-lettered: delivery limit") for error in errors.values())
+    assert sorted(heard) == sorted(
+        (uuid, error, TaskStatus.ERROR, "dead-letter") for uuid, error in errors.items()
+    )

@@ -55,6 +55,8 @@ step). Then:
   ``qtasks_task_cancelled`` → ``qtasks_worker_execute_after``.
 * lease lost on the last allowed delivery (``max_deliveries``): ``qtasks_executor_closed`` →
   (the ``error`` record, fenced) ``qtasks_task_dead_lettered`` → ``qtasks_worker_execute_after``.
+* (no run here) a message a :class:`~qtasks.components.BuryNotice` broker dead-lettered on its
+  own, every delivery lost: (the ``error`` record, fenced) ``qtasks_task_dead_lettered``.
 * ``max_time`` exceeded: ``qtasks_task_timed_out`` → the error path (the error is
   :class:`~qtasks.errors.TaskMaxTimeError`).
 * a message that cannot run (undecodable, unknown task, bad arguments):
@@ -521,10 +523,14 @@ def qtasks_task_expired(app: AsyncQueueTasks, record: TaskRecord) -> None:
 
 @hookspec
 def qtasks_task_dead_lettered(app: AsyncQueueTasks, record: TaskRecord, reason: str) -> None:
-    """Notification: the task ran on its message's last allowed delivery (``max_deliveries``)
-    and lost its lease: the broker dead-letters the message, and ``record`` (stored as
-    ``error`` with ``reason``) drops its result. (A message dead-lettered by the broker
-    without reaching a worker fires nothing: broker stats count it.)"""
+    """Notification: the message of ``record`` was dead-lettered past its delivery limit
+    (``max_deliveries``), and ``record`` was stored as ``error`` with ``reason``
+    (``"dead-lettered: ..."``). Fires once per message, on the worker that ended the record:
+    the task ran on the last allowed delivery and lost its lease (its result is dropped), or
+    a :class:`~qtasks.components.BuryNotice` broker dead-lettered the message on its own and
+    told the worker (a message whose every delivery was lost). (A
+    :class:`~qtasks.components.BeginOnClaim` claim that dead-letters a message ends its
+    record itself and fires nothing: broker stats count it.)"""
 
 
 @hookspec

@@ -144,7 +144,8 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
     seeing it (a :class:`~qtasks.components.BuryNotice` broker): its record, unless final,
     says ``error`` with ``"dead-lettered: <reason>"`` and the token
     :data:`DEAD_LETTER_TOKEN`, its waiters are woken, and its workflow learns it, as a
-    :class:`~qtasks.components.BeginOnClaim` broker's claim does in its own round trip.
+    :class:`~qtasks.components.BeginOnClaim` broker's claim does in its own round trip; then
+    ``qtasks_task_dead_lettered`` fires, as for a dead letter the worker decides itself.
     Never raises: the storage may be what fails, and the consumer goes on."""
     try:
         record = await app.storage.get(id)
@@ -157,7 +158,14 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
         record.updated_at = time.time()
         # Fenced by the token read: a newer delivery's write in between (the message
         # published again) is not overwritten.
-        if await app.storage.save(record, fence=fence) and record.workflow is not None:
+        if not await app.storage.save(record, fence=fence):
+            return  # a newer delivery's record: not this dead letter's
+        if record.workflow is not None:
             await workflows.member_ended(app, record)
     except Exception:
         log.exception("could not end the record of dead-lettered message %s", id)
+        return
+    if "qtasks_task_dead_lettered" in app.hooks.active:  # errors are logged by notify
+        await app.hooks.notify(
+            "qtasks_task_dead_lettered", app=app, record=record, reason=record.error
+        )
