@@ -124,3 +124,47 @@ async def test_a_batched_run_whose_lease_is_lost_while_it_waits_still_fires_exec
     assert lost == [first.uuid]
     assert stored is not None and stored.status is not TaskStatus.SUCCESS  # dropped
     assert sorted(events) == ["after [1]", "after [2]", "before [1]", "before [2]"]
+
+
+async def test_a_run_whose_lease_another_consumer_took_is_cancelled_not_run_to_the_end() -> None:
+    """The lease of a running task runs out (the loop was blocked) and another consumer
+    claims the message: the worker's next renewal is refused, and the stale run's code is
+    cancelled then, while the redelivery runs, rather than running on next to it until its
+    end and having its result dropped. The record ends from the redelivery alone."""
+    lease = 0.3
+    app = AsyncQueueTasks(
+        config=QueueConfig(max_tasks_process=1, prefetch=0, lease=lease, plugins_disabled=["*"])
+    )
+    started, never = anyio.Event(), anyio.Event()
+    stale_cancelled = anyio.Event()
+    ends: list[str] = []
+
+    @app.task
+    async def work() -> str:
+        if not started.is_set():
+            started.set()
+            try:
+                await never.wait()  # only a cancel ends the first run
+            except anyio.get_cancelled_exc_class():
+                ends.append("first cancelled")
+                stale_cancelled.set()
+                raise
+            ends.append("first finished")
+            return "first"
+        with anyio.fail_after(5):
+            await stale_cancelled.wait()  # while the redelivery runs
+        ends.append("second finished")
+        return "second"
+
+    async with app:
+        task = await app.add_task("work")
+        with anyio.fail_after(5):
+            await started.wait()
+        time.sleep(lease * 1.5)  # noqa: ASYNC251 - blocks the loop: no renewal, the lease runs out
+        async with app.broker.consume(prefetch=1) as other:
+            redelivery = await anext(aiter(other))  # claimed before the worker runs again
+            assert (redelivery.id, redelivery.attempt) == (task.uuid, 2)
+            await app.worker.process(app, redelivery)
+        done = await app.wait(task.uuid, timeout=5)
+    assert ends == ["first cancelled", "second finished"]
+    assert (done.status, done.returning) == (TaskStatus.SUCCESS, "second")
