@@ -86,3 +86,32 @@ async def cancel_while_waiting(app: AsyncQueueTasks, begins: list[str]) -> None:
     final = await app.get(doomed.uuid)
     assert final is not None and final.status is TaskStatus.CANCEL
     assert begins == [doomed.uuid, kept.uuid], "the waiting ones are begun when they start"
+
+
+async def claim_as_the_worker_stops(app: AsyncQueueTasks) -> None:
+    """An idle worker is asked to stop and, in the same turn, a task ``noop`` is published: a
+    claim the publish wakes may still take the message and begin its record (in memory, a
+    cancel reaches a woken task only at its next wait, so the delivery is handed to the
+    worker; on Redis, the blocked claim is cut short and its reply read all the same, and
+    the consumer hands it back). Either way it goes back unstarted with its record ``new``,
+    not ``process`` (a waiter and the dashboard saw it running while nobody ran it), and
+    the next worker runs it. ``app`` is started here and closed."""
+    await app.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.worker.run, app)
+            await anyio.wait_all_tasks_blocked()  # the worker waits for a message
+            app.worker.stop()
+            task = await app.add_task("noop", 4)  # no wait in between: the same turn
+        record = await app.get(task.uuid)
+        assert record is not None
+        assert (record.status, record.worker) == (TaskStatus.NEW, None)
+        stats = await app.broker.stats()
+        assert (stats.ready_by_priority, stats.in_flight) == ({0: 1}, 0)
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.worker.run, app)
+            done = await app.wait(task.uuid, timeout=5)
+            app.worker.stop()
+    finally:
+        await app.aclose()
+    assert (done.status, done.returning) == (TaskStatus.SUCCESS, 8)

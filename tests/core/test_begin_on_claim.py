@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from begin_scenarios import cancel_while_waiting, count_begins
+from begin_scenarios import cancel_while_waiting, claim_as_the_worker_stops, count_begins
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
 from qtasks.memory.broker import _body_attempt
@@ -120,6 +120,16 @@ async def test_a_delivery_begun_with_its_claim_and_handed_back_is_queued_again()
         assert await storage.attempts(task.uuid) == []  # type: ignore[attr-defined]
     finally:
         await app.aclose()
+
+
+async def test_a_claim_woken_as_the_worker_stops_is_handed_back_with_its_record_new() -> None:
+    app, _ = counting_app(concurrency=1, prefetch=1)
+
+    @app.task
+    async def noop(i: int) -> int:
+        return 2 * i
+
+    await claim_as_the_worker_stops(app)
 
 
 @pytest.mark.parametrize(

@@ -480,7 +480,10 @@ class BeginOnClaim(Protocol):
         if final; the stored ``attempt`` is the body's ``attempt`` + 1 when the body is JSON,
         else left). The records of the others are not touched (still queued) and their
         ``begun`` is ``None``, as when the storage holds no record: the worker begins them
-        when they start.
+        when they start. A claim whose deliveries the consumer never hands out (it is closed
+        meanwhile: the worker stops) puts their begun records back to ``new`` (fenced by the
+        delivery's token, worker cleared) as the consumer hands the messages back; the
+        worker does the same for those it was handed and did not start.
 
         So a task begun with its claim has started as far as the storage knows, and a cancel
         made after the claim cancels a running task; a task that waits in the worker stays

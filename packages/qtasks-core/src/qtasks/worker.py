@@ -269,10 +269,14 @@ class QueueWorker:
             for _ in range(concurrency):
                 serving.start_soon(runner)
             receiving = anyio.CancelScope()
+            received_all = anyio.Event()
 
             async def receive_until_stopped() -> None:
-                with receiving:
-                    await receive()
+                try:
+                    with receiving:
+                        await receive()
+                finally:
+                    received_all.set()
 
             serving.start_soon(receive_until_stopped)
             if settler is not None:
@@ -300,6 +304,12 @@ class QueueWorker:
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
                     item_ready.wake_all()
+                    # Handed back once receiving ended: a claim woken in the turn the worker
+                    # began stopping still hands its delivery over (a cancel reaches a woken
+                    # task at its next wait), begun with the claim; left in the local queue,
+                    # it went back to the broker at the consumer's exit with its record
+                    # ``process``.
+                    await received_all.wait()
                     await self._hand_back(app)
                     with anyio.move_on_after(config.shutdown_grace):
                         while self._running:
@@ -339,7 +349,8 @@ class QueueWorker:
         record if it was begun (queued again, as the flow gate's hand-back does; fenced, so
         a newer delivery's begin wins)."""
         if begun is not None and not begun.status.final:
-            begun.status, begun.updated_at = TaskStatus.NEW, time.time()
+            # Its token stays: the fence of a newer delivery's begin still holds.
+            begun.status, begun.worker, begun.updated_at = TaskStatus.NEW, None, time.time()
             try:
                 await app.storage.save(begun, fence=delivery.token)
             except Exception as exc:  # stopping: the next delivery's begin redoes it
