@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from begin_scenarios import cancel_while_waiting, count_begins
+from begin_scenarios import cancel_while_waiting, claim_as_the_worker_stops, count_begins
 from redis_worker_app import build
 
 from qtasks import MemoryStorage, TaskStatus
@@ -374,6 +374,12 @@ async def test_the_worker_uses_the_claim_time_record_instead_of_a_begin_call(
     ]
     assert calls == []  # each was begun by the claim that took it
     await app.aclose()
+
+
+async def test_a_claim_woken_as_the_worker_stops_is_handed_back_with_its_record_new(
+    redis_url: str, prefix: str
+) -> None:
+    await claim_as_the_worker_stops(build(redis_url, prefix, concurrency=1, prefetch=1))
 
 
 async def test_a_cancel_while_a_delivery_waits_holds_without_any_cancel_notice(

@@ -34,7 +34,7 @@ from qtasks.components import BrokerStats, Buried, DeadLetter, Delivery, GlobalC
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
 from qtasks.messages import Envelope, new_uuid
-from qtasks.record import TaskRecord
+from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import broker_lua as lua
 from qtasks_redis import shared_lua, workflow_lua
 from qtasks_redis.connection import (
@@ -532,6 +532,8 @@ class RedisBroker:
         client = self._require()
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
         buried: deque[tuple[str, str]] = deque()  # dead-lettered by a claim, not yet told
+        buffer: deque[RedisDelivery] = deque()  # claimed, not handed out yet
+        orphans: list[RedisDelivery] = []  # claimed as the consumer was cancelled
 
         async def tell() -> None:
             assert notice is not None
@@ -567,7 +569,9 @@ class RedisBroker:
                 # Idle: block and claim in one round trip (the claim runs as soon as the
                 # BLPOP returns); a claim made while we are cancelled is still recorded.
                 wake = ("BLPOP", self._notify_key, block)
-                reply = await lane.block_then_script(block, wake, script, keys, args, orphan=parse)
+                reply = await lane.block_then_script(
+                    block, wake, script, keys, args, orphan=orphaned
+                )
                 return parse(reply)
             if block is not None:
                 await self._block(client, block)
@@ -576,6 +580,11 @@ class RedisBroker:
             with anyio.CancelScope(shield=True):
                 reply = await script(client, keys, args)
             return parse(reply)
+
+        def orphaned(reply: Any) -> None:
+            """The reply of a claim whose caller was cancelled: its records are put back at
+            exit (:func:`_unbegin`), its deliveries handed back."""
+            orphans.extend(parse(reply)[0])
 
         def parse(reply: Any) -> tuple[list[RedisDelivery], float | None]:
             """The deliveries claimed, and how long to block for a wake-up before the next
@@ -610,7 +619,6 @@ class RedisBroker:
             return out, (idle_ms if wait_ms < 0 else min(wait_ms, idle_ms)) / 1000
 
         async def deliveries() -> AsyncIterator[RedisDelivery]:
-            buffer: deque[RedisDelivery] = deque()
             failures = 0
             wake_at: float | None = None  # when a deadline is due (monotonic), if blocking
             took = False  # whether the last claim took anything
@@ -639,9 +647,9 @@ class RedisBroker:
                         left = wake_at - time.monotonic()
                         block = None if took and left <= 0 else max(left, 0.001)
                     got, wait = await claim(block)
+                    buffer.extend(got)  # before a wait: at exit, the records of the rest go back
                     if buried:
                         await tell()
-                    buffer.extend(got)
                     took = bool(got)
                     wake_at = None if wait is None else time.monotonic() + wait
                     if failures:
@@ -668,6 +676,9 @@ class RedisBroker:
             if buried:  # a claim's reply read after the consumer was cancelled (``orphan``)
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await tell()
+            if storage is not None and (orphans or buffer):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await _unbegin(storage, [*orphans, *buffer])
             if held:
                 args: list[str] = []
                 for token, id in held.items():
@@ -757,3 +768,24 @@ def _redis_storage(storage: Storage) -> RedisStorage:
     if not isinstance(storage, RedisStorage):
         raise ComponentError(f"{storage!r} does not share a server with a RedisBroker")
     return storage
+
+
+async def _unbegin(storage: RedisStorage, deliveries: Sequence[RedisDelivery]) -> None:
+    """Put back to ``new`` the records a claim began for ``deliveries``, which the consumer
+    claimed but never handed out (it is closing): they go back to the queue unstarted, so
+    their records must not say ``process``. Fenced by each delivery's token: a newer
+    delivery's begin wins, and the token stays for the next claim to replace."""
+    for delivery in deliveries:
+        record = delivery.begun
+        if record is None or record.status.final:
+            continue
+        record.status, record.worker, record.updated_at = TaskStatus.NEW, None, time.time()
+        try:
+            await storage.save(record, fence=delivery.token)
+        except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError) as exc:
+            log.warning(
+                "could not put back the record of %s, claimed as the worker stopped: %r",
+                delivery.id,
+                exc,
+            )
+            return
