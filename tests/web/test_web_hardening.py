@@ -5,18 +5,24 @@ letters that hold secrets positionally or nest too deep to parse."""
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 import anyio
 import pytest
+from starlette.applications import Starlette
 from web_helpers import Client
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks.messages import Envelope, Message
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 from qtasks_web import Auth, create_app
 from qtasks_web.data import MASK
 from qtasks_web.live import sse
+from qtasks_web.security import CSRF_KEY_NAME, CSRF_KEY_NAMESPACE, csrf_field
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +81,8 @@ async def test_a_planted_csrf_cookie_or_a_null_origin_is_refused(app: AsyncQueue
     them): a form carrying the cookie's own value is refused, only the dashboard's signature of
     it passes; ``Origin: null`` (a sandboxed frame, a cross-site redirect) is refused."""
     client = Client(create_app(app))
-    task = await app.add_task("login", "alice", "pw")
+    # Delayed, so the worker cannot finish it before the dashboard cancels it.
+    task = await app.add_task("login", "alice", "pw", delay=3600)
     path = f"/tasks/{task.uuid}"
     planted = "p" * 43
     client.cookies["qtasks_web_csrf"] = planted
@@ -92,6 +99,81 @@ async def test_a_planted_csrf_cookie_or_a_null_origin_is_refused(app: AsyncQueue
     done = await client.post(f"{path}/cancel", form={"csrf": shown.csrf()})
     assert done.status == 303
     assert (await app.wait(task.uuid, timeout=5)).status is TaskStatus.CANCEL
+
+
+@dataclass
+class Shown:
+    """A task page rendered by one dashboard, seen by one browser."""
+
+    client: Client
+    path: str
+    uuid: str
+    csrf: str
+
+
+async def _show(web: Starlette, app: AsyncQueueTasks) -> Shown:
+    task = await app.add_task("login", "alice", "pw", delay=3600)  # pending until cancelled
+    client = Client(web)
+    shown = await client.get(f"/tasks/{task.uuid}")
+    assert shown.status == 200
+    return Shown(client, f"/tasks/{task.uuid}", task.uuid, shown.csrf())
+
+
+async def _accepted(shown: Shown, web: Starlette, app: AsyncQueueTasks) -> None:
+    """``web`` (over ``app``) accepts the form of ``shown`` and refuses a forged signature of
+    the same cookie; its signed status message shows on the page of the redirect."""
+    client = Client(web, cookies=dict(shown.client.cookies))
+    forged = csrf_field(secrets.token_bytes(32), client.cookies["qtasks_web_csrf"])
+    refused = await client.post(f"{shown.path}/cancel", form={"csrf": forged})
+    assert refused.status == 403 and "does not match" in refused.text
+    done = await client.post(f"{shown.path}/cancel", form={"csrf": shown.csrf})
+    assert done.status == 303, done.text
+    assert (await app.wait(shown.uuid, timeout=5)).status is TaskStatus.CANCEL
+    banner = await shown.client.get(done.headers["location"])
+    assert '<p class="message" role="status">cancelled</p>' in banner.text
+
+
+async def test_dashboards_without_auth_share_the_csrf_key_of_their_global_config(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several dashboards behind one address accept each other's forms (and status messages):
+    the key is the cluster's, kept in the global config, and never logged."""
+    caplog.set_level(logging.DEBUG)
+    await _accepted(await _show(create_app(app), app), create_app(app), app)
+    kept = await app.global_config.get(CSRF_KEY_NAMESPACE, CSRF_KEY_NAME)
+    assert isinstance(kept, str) and kept not in caplog.text
+
+
+async def test_dashboards_on_redis_share_the_csrf_key_across_processes_and_restarts(
+    redis_url: str, redis_prefix: str
+) -> None:
+    def make() -> AsyncQueueTasks:
+        made = AsyncQueueTasks(
+            "shop",
+            broker=RedisBroker(redis_url, prefix=redis_prefix),
+            storage=RedisStorage(redis_url, prefix=redis_prefix),
+            global_config=RedisGlobalConfig(redis_url, prefix=redis_prefix),
+            config=QueueConfig(plugins_disabled=["*"]),
+        )
+        made.task(name="login")(_login)
+        return made
+
+    first, second = make(), make()
+    async with first, second:
+        await _accepted(await _show(create_app(first), first), create_app(second), second)
+        before_restart = await _show(create_app(first), first)
+    restarted = make()
+    async with restarted:
+        await _accepted(before_restart, create_app(restarted), restarted)
+
+
+async def _login(user: str, password: str) -> None: ...
+
+
+async def test_a_kept_csrf_key_that_is_not_a_key_is_a_clear_error(app: AsyncQueueTasks) -> None:
+    await app.global_config.set(CSRF_KEY_NAMESPACE, CSRF_KEY_NAME, "short-secret")
+    page = await Client(create_app(app)).get("/")
+    assert page.status == 503 and "delete it" in page.text and "short-secret" not in page.text
 
 
 async def test_the_status_banner_shows_only_the_dashboards_own_messages(

@@ -46,6 +46,7 @@ from qtasks_web.security import (
     csrf_problem,
     csrf_token,
     set_csrf_cookie,
+    shared_csrf_key,
     sign_session,
 )
 from qtasks_web.settings import Auth, WebSettings
@@ -95,16 +96,27 @@ class Dashboard:
         self.hub = Hub(app, settings.refresh, settings.window)
         self.env = _environment()
         self.env.filters["preview"] = partial(data.body_preview, app)
-        self.key = csrf_key(settings.auth)
-        """Signs the CSRF tokens of forms, and the status messages of redirects."""
+        self._key = csrf_key(settings.auth)
+        """Signs the CSRF tokens of forms, and the status messages of redirects: derived from
+        the credentials, or the cluster's (fetched by :meth:`signing_key`)."""
         self.closed = False
         """Set when the server shuts down: open event streams end (see :func:`close`)."""
 
     # --- helpers --------------------------------------------------------------------------
 
     async def ready(self) -> None:
-        """Start the app's components in this event loop (idempotent)."""
+        """Start the app's components in this event loop and fetch the signing key
+        (idempotent)."""
         await self.app.start()
+        await self.signing_key()
+
+    async def signing_key(self) -> bytes:
+        """The key of CSRF tokens and status messages: without credentials, the one every
+        dashboard over the app's global config shares (fetched once per process)."""
+        if self._key is None:
+            await self.app.start()
+            self._key = await shared_csrf_key(self.app.global_config)
+        return self._key
 
     def render(
         self, request: Request, name: str, status_code: int = 200, **context: Any
@@ -112,7 +124,8 @@ class Dashboard:
         root = request.scope.get("root_path", "")
         page = self.env.get_template(name).render(
             root=root,
-            csrf=csrf_field(self.key, csrf_token(request)),
+            # No key only when the components failed: an error page, whose forms cannot pass.
+            csrf=csrf_field(self._key, csrf_token(request)) if self._key is not None else "",
             csrf_field=CSRF_FIELD,
             read_only=self.settings.read_only,
             app_name=self.app.name,
@@ -143,13 +156,16 @@ class Dashboard:
         return RedirectResponse(target, status_code=303)
 
     def _signature(self, message: str) -> str:
-        return hmac.new(self.key, f"msg\0{message}".encode(), hashlib.sha256).hexdigest()[:32]
+        if self._key is None:  # not fetched: the components failed, so no message is shown
+            return ""
+        return hmac.new(self._key, f"msg\0{message}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def _message(self, request: Request) -> str:
         """The ``msg`` of the URL when :meth:`back` signed it, else nothing."""
         message = request.query_params.get("msg", "")[:300]
         signature = request.query_params.get("sig", "")
-        if message and hmac.compare_digest(self._signature(message), signature):
+        expected = self._signature(message)
+        if message and expected and hmac.compare_digest(expected, signature):
             return message
         return ""
 
@@ -164,7 +180,7 @@ class Dashboard:
             return self.render(
                 request, "error.html", 413, title="Too large", problem="form too large"
             )
-        problem = csrf_problem(request, form, self.key)
+        problem = csrf_problem(request, form, await self.signing_key())
         if problem is not None:
             log.warning("refused %s %s: %s", request.method, request.url.path, problem)
             return self.render(request, "error.html", 403, title="Refused", problem=problem)
@@ -342,11 +358,12 @@ class Dashboard:
     # --- login ----------------------------------------------------------------------------
 
     async def login_page(self, request: Request) -> Response:
+        await self.signing_key()
         return self.render(request, "login.html", page="login", failed=False)
 
     async def login(self, request: Request) -> Response:
         form = await _read_form(request) or {}
-        problem = csrf_problem(request, form, self.key)
+        problem = csrf_problem(request, form, await self.signing_key())
         token = self.settings.auth.token
         if problem is not None or not token or not _same(form.get("token", ""), token):
             log.warning("dashboard login refused")  # never the token typed

@@ -8,9 +8,11 @@ in a URL (URLs end up in access logs and browser history).
 
 CSRF: every page sets a random per-browser token in a ``SameSite=Strict`` cookie and puts in
 each form that token signed with the dashboard's key (HMAC-SHA256), so a cookie planted by a
-sibling site is worth nothing without the key; a ``POST`` whose form field is not the cookie's
-signature (compared in constant time), whose ``Origin`` is another site, or whose ``Origin`` is
-``null`` (a sandboxed frame, a cross-site redirect) is refused with 403.
+sibling site is worth nothing without the key. The key is the same in every dashboard process
+of a cluster, and across restarts: derived from the credentials, or without any, made once and
+kept in the app's global config (:func:`shared_csrf_key`). A ``POST`` whose form field is not
+the cookie's signature (compared in constant time), whose ``Origin`` is another site, or whose
+``Origin`` is ``null`` (a sandboxed frame, a cross-site redirect) is refused with 403.
 
 Without credentials the dashboard serves loopback connections only, and only requests
 addressed to a loopback name (``Host: localhost``, ``127.0.0.1``, ``[::1]``, with any port): a
@@ -32,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from qtasks.components import GlobalConfig
+from qtasks.errors import ConfigError
 from qtasks_web.settings import Auth, is_loopback
 
 SESSION_COOKIE = "qtasks_web_session"
@@ -156,13 +160,47 @@ def loopback_name(host: str) -> bool:
     return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
 
 
-def csrf_key(auth: Auth) -> bytes:
-    """The key that signs CSRF tokens: derived from the credentials when there are some (so
-    every replica of one dashboard agrees), random per process otherwise."""
+CSRF_KEY_NAMESPACE = "qtasks_web"
+CSRF_KEY_NAME = "csrf_key"
+"""Where a dashboard without credentials keeps its CSRF key in the app's global config."""
+
+
+def csrf_key(auth: Auth) -> bytes | None:
+    """The key that signs CSRF tokens, derived from the credentials when there are some (so
+    every replica of one dashboard agrees); ``None`` without credentials: then the key is the
+    cluster's, :func:`shared_csrf_key`."""
     if not auth.enabled:
-        return secrets.token_bytes(32)
+        return None
     material = "\0".join([auth.token or "", *sorted(f"{u}:{p}" for u, p in auth.users.items())])
     return hashlib.sha256(f"qtasks-web-csrf\0{material}".encode()).digest()
+
+
+async def shared_csrf_key(config: GlobalConfig) -> bytes:
+    """The CSRF key of every dashboard without credentials over ``config``: made once (the
+    first dashboard to ask wins, atomically) and kept with no expiry, so a form rendered by one
+    dashboard process is accepted by another, and after a restart. A kept value that is not a
+    key is a :class:`~qtasks.errors.ConfigError` (naming where it is, never its value)."""
+    kept = await config.get(CSRF_KEY_NAMESPACE, CSRF_KEY_NAME)
+    if kept is None:
+        made = secrets.token_urlsafe(32)
+        if await config.set_if_absent(CSRF_KEY_NAMESPACE, CSRF_KEY_NAME, made):
+            return _decoded_key(made)
+        kept = await config.get(CSRF_KEY_NAMESPACE, CSRF_KEY_NAME)
+    return _decoded_key(kept)
+
+
+def _decoded_key(value: Any) -> bytes:
+    try:
+        key = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (TypeError, ValueError, binascii.Error):
+        key = b""
+    if len(key) < 32:
+        raise ConfigError(
+            f"the dashboard's CSRF key kept in the global config (namespace "
+            f"{CSRF_KEY_NAMESPACE!r}, key {CSRF_KEY_NAME!r}) is not a key of 32 or more "
+            "url-safe base64 bytes: delete it and the next dashboard makes a new one"
+        )
+    return key
 
 
 def csrf_field(key: bytes, token: str) -> str:
