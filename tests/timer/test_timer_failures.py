@@ -4,6 +4,7 @@ custom trigger that raises."""
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -74,7 +75,7 @@ async def test_a_tick_whose_enqueue_times_out_is_released_and_retried(
     key = tick_key(handle.trigger, at)
 
     def reported() -> bool:
-        return any(handle.id in m for m in messages(caplog))
+        return any(handle.id in m for m in messages(caplog, logging.WARNING))
 
     with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
         async with app:
@@ -87,7 +88,7 @@ async def test_a_tick_whose_enqueue_times_out_is_released_and_retried(
             clock.advance(1)  # the retry is due
             await wait_until(lambda: rec.count(handle.id) == 1, 3, "the tick, enqueued again")
     assert rec.ticks(handle.id) == [key]
-    assert any("timed out" in m for m in messages(caplog)), caplog.text
+    assert any("took over 0.3 s" in m for m in messages(caplog, logging.WARNING)), caplog.text
 
 
 class FailingTrigger:
@@ -171,6 +172,79 @@ async def test_a_trigger_that_raises_does_not_break_listing_the_timers_before_st
     assert rows[broken.id]["next_run"] is None
     assert rows[healthy.id]["next_run"] is not None
     assert any(broken.id in m for m in messages(caplog, logging.WARNING)), caplog.text
+
+
+class DownBroker(MemoryBroker):
+    """A broker whose publishes raise a lost connection while ``down`` (counted by task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.refused = {"tick": 0, "other": 0}
+
+    async def publish(self, envelope: Envelope) -> None:
+        if self.down:
+            for task in self.refused:
+                self.refused[task] += f'"task":"{task}"'.encode() in envelope.body
+            raise ConnectionError("broker unreachable")
+        await super().publish(envelope)
+
+
+async def test_an_outage_is_logged_when_it_begins_and_ends_not_per_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ticks retried every second through a broker outage: one warning when it begins, one
+    line when it ends (its length, attempts, ticks, ticks lost), whether the tick went through
+    in the end (``kept``) or went past its misfire grace (``lost``)."""
+    clock = FakeClock()
+    clock.freeze()
+    broker = DownBroker()
+    app, rec = make_app(broker)
+    timer = AsyncTimer(app, clock=clock.now)
+    once = DateTrigger(run_date=clock.now() + timedelta(seconds=1))
+    kept = timer.add_task("tick", trigger=once)
+    lost = timer.add_task("other", trigger=once, misfire_grace=25)
+
+    def logged(timer_id: str, *words: str) -> int:
+        return sum(
+            timer_id in r.getMessage() and all(w in r.getMessage() for w in words)
+            for r in caplog.records
+        )
+
+    def tried(task: str, times: int) -> bool:
+        return broker.refused[task] == times
+
+    # The frozen clock moves on from the wall clock when that is ahead: steps of 10 s keep
+    # the ticks' lateness clear of both graces whatever the test's own pace.
+    with caplog.at_level(logging.DEBUG, logger="qtasks.timer"):
+        async with app:
+            for attempt in range(1, 5):
+                clock.advance(1 if attempt == 1 else 10)
+                await wait_until(partial(tried, "tick", attempt), 3, f"attempt {attempt}")
+                if attempt < 4:  # at the 4th the other tick is 30 s late, past its grace
+                    await wait_until(partial(tried, "other", attempt), 3, "its attempt")
+            await wait_until(lambda: logged(lost.id, "skipped") > 0, 3, "the lost tick")
+            broker.down = False
+            clock.advance(10)
+            await wait_until(lambda: rec.count(kept.id) == 1, 3, "the tick, enqueued at last")
+    assert broker.refused == {"tick": 4, "other": 3} and rec.count(lost.id) == 0
+    for timer_id, least, summary in (
+        (kept.id, 40.0, "4 failed attempt(s) at 1 tick(s), 0 of them not enqueued"),
+        (lost.id, 30.0, "3 failed attempt(s) at 1 tick(s), 1 of them not enqueued"),
+    ):
+        shown = [
+            (r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.levelno >= logging.INFO and timer_id in r.getMessage()
+        ]
+        assert len(shown) == 2, shown
+        (began_level, began), (ended_level, ended) = shown
+        assert began_level == "WARNING" and "an outage" in began, shown
+        assert "ConnectionError: broker unreachable" in began, shown
+        assert summary in ended, shown
+        length = re.search(r"([0-9.]+) s since the outage began", ended)
+        assert length is not None and float(length.group(1)) >= least, shown
+        assert ended_level == ("INFO" if timer_id == kept.id else "WARNING"), shown
 
 
 class BadTaskBroker(MemoryBroker):

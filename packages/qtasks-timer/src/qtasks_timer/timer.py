@@ -25,6 +25,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
 from qtasks_timer.errors import ScheduleError, TimerError
+from qtasks_timer.outage import TickOutage
 from qtasks_timer.settings import TimerSettings
 from qtasks_timer.triggers import (
     MAX_SECONDS,
@@ -83,6 +84,7 @@ class _Entry:
     last_key: str | None = None
     armed: bool = False
     fired: int = 0
+    outage: TickOutage | None = None
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
 
@@ -422,18 +424,21 @@ class AsyncTimer:
             # An outage: its claim is released, the tick is due again after a pause; the
             # misfire policy decides then whether it is still on time.
             entry.last_key, entry.next_fire = previous, fire
-            entry.retry_at = self._clock() + timedelta(seconds=_RETRY_DELAY)
-            again = f"tried again in {_RETRY_DELAY:g} s if within misfire_grace={entry.grace}s"
-            if isinstance(exc, TimeoutError):
-                log.error(
-                    "timer %s: tick %s timed out (claim and enqueue took over %g s); %s",
-                    entry.id,
-                    key,
-                    _ENQUEUE_TIMEOUT,
-                    again,
-                )
-            else:
-                log.exception("timer %s: tick %s failed; %s", entry.id, key, again)
+            now_c = self._clock()
+            entry.retry_at = now_c + timedelta(seconds=_RETRY_DELAY)
+            if entry.outage is None:
+                entry.outage = TickOutage(entry.id, now_c)
+            cause = (
+                f"claim and enqueue took over {_ENQUEUE_TIMEOUT:g} s"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            again = f"tried again every {_RETRY_DELAY:g} s within misfire_grace={entry.grace}s"
+            entry.outage.failed(key, cause, again)
+            return
+        if entry.outage is not None:
+            entry.outage.over(key, self._clock())
+            entry.outage = None
 
     def _due(self, entry: _Entry, now: datetime) -> tuple[datetime, str, int] | None:
         """Apply the misfire policy to the due ``entry`` and move its next tick on: the tick
@@ -442,10 +447,17 @@ class AsyncTimer:
         decision = plan(entry.trigger, entry.next_fire, now, entry.grace)
         entry.next_fire = decision.next
         if decision.skipped:
-            log.warning(
-                "timer %s: ticks older than misfire_grace=%ss were skipped", entry.id, entry.grace
+            # During an outage the skipped ticks count among those it reports at its end.
+            log.log(
+                logging.DEBUG if entry.outage is not None else logging.WARNING,
+                "timer %s: ticks older than misfire_grace=%ss were skipped",
+                entry.id,
+                entry.grace,
             )
         if decision.fire is None:
+            if decision.skipped and entry.outage is not None:
+                entry.outage.given_up(entry.grace, now)
+                entry.outage = None
             return None
         key = tick_key(entry.trigger, decision.fire)
         if entry.last_key is not None and key <= entry.last_key:
@@ -482,23 +494,25 @@ class AsyncTimer:
                         FIRING.reset(token)
             except Exception:
                 # Outside the timed-out scope, whose cancellation would stop the release too.
-                await self._release(claim)
+                await self._release(claim, quiet=entry.outage is not None)
                 raise
         entry.fired += 1
         if coalesced:
             log.info("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
         log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
 
-    async def _release(self, claim: str) -> None:
+    async def _release(self, claim: str, *, quiet: bool) -> None:
         """Give up ``claim`` if this worker holds it (its enqueue failed or timed out), so a
-        later attempt (the retry, a replica starting within the grace time) has the tick."""
+        later attempt (the retry, a replica starting within the grace time) has the tick.
+        ``quiet``: an outage is under way (and reported), a failure here is logged at debug."""
         global_config, me = self.app.global_config, self.app.worker.id
         try:
             with anyio.fail_after(_ENQUEUE_TIMEOUT):
                 if await global_config.get(CLAIMS, claim) == me:
                     await global_config.delete(CLAIMS, claim)
         except Exception:
-            log.warning("timer: could not release the claim %s", claim, exc_info=True)
+            level = logging.DEBUG if quiet else logging.WARNING
+            log.log(level, "timer: could not release the claim %s", claim, exc_info=True)
 
     def _next_run(self, entry: _Entry) -> datetime | None:
         if entry.armed:
