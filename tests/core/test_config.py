@@ -504,6 +504,23 @@ def test_a_config_built_in_code_is_checked_as_every_source() -> None:
         QueueConfig(prefetch=True)
 
 
+def test_a_setting_changed_after_the_config_is_built_is_checked_too() -> None:
+    """An attribute written later (``config.lease = 0``, or through a QTasks 1.7 name) is
+    checked as the constructor's arguments are; what Python allows in code for a setting (a
+    tuple for a list, a whole float for an int) is taken as that setting's type."""
+    config = QueueConfig(plugins_disabled=("a", "b"), max_message_size=2e6)  # type: ignore[arg-type]
+    assert config.plugins_disabled == ["a", "b"]
+    assert config.max_message_size == 2_000_000 and type(config.max_message_size) is int
+    with pytest.raises(ConfigError, match="QueueConfig: 'lease' must be a positive"):
+        config.lease = 0
+    with pytest.raises(ConfigError, match="QueueConfig: 'heartbeat_interval' must be a positive"):
+        config.global_config_status_set_periodic = 0  # QTasks 1.7's name of heartbeat_interval
+    with pytest.raises(ConfigError, match=r"'max_message_size' expects int, got float 1\.5"):
+        config.max_message_size = 1.5  # type: ignore[assignment]  # the mistake being refused
+    config.lease = 90
+    assert config.lease == 90.0 and config.heartbeat_interval > 0
+
+
 def test_zero_is_a_valid_retry_backoff_grace_and_prefetch(tmp_path: Path) -> None:
     text = "retry = 0\nretry_backoff = 0\nshutdown_grace = 0\nprefetch = 0\nresult_ttl = 0.5\n"
     config = load_config(write(tmp_path / "qtasks.toml", text), env={}).config

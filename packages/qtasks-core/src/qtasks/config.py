@@ -31,7 +31,8 @@ from qtasks.masking import mask_url, masked
 @dataclass(slots=True)
 class QueueConfig(QTasksConfigNames):
     """Every setting of a qtasks app. Unknown keys are an error, and every value is checked
-    (type and range, see :func:`check_value`) however the config is built, in code too.
+    (type and range, see :func:`check_value`) however the config is built, in code too, and
+    when a setting is changed afterwards.
 
     QTasks 1.7's field names are accepted as attributes too (``task_default_priority`` is
     ``default_priority``; see :mod:`qtasks.compat.config`)."""
@@ -88,11 +89,17 @@ class QueueConfig(QTasksConfigNames):
     extra: dict[str, Any] = field(default_factory=dict)
     """Component-specific options (``[tool.qtasks.extra]``), passed on to components."""
 
-    def __post_init__(self) -> None:
-        # Built in code (QueueConfig(lease=0)) or by replace(): checked as every other source,
-        # once per config, never on a task's path.
-        for key in _FIELD_TYPES:
-            object.__setattr__(self, key, check_value(key, getattr(self, key), "QueueConfig"))
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Built in code (QueueConfig(lease=0)), by replace(), or set afterwards (config.lease
+        # = 0, config.task_default_priority = ...): checked as every other source. Settings
+        # are written when a config is built, never on a task's path.
+        if name in _FIELD_TYPES:
+            object.__setattr__(
+                self, name, check_value(name, _from_code(name, value), "QueueConfig")
+            )
+        else:
+            QTasksConfigNames.__setattr__(self, name, value)  # QTasks 1.7 names (no super():
+            # slots=True makes a new class)
 
     def prefetch_for(self, concurrency: int) -> int:
         """The prefetch of a worker running ``concurrency`` tasks at once: ``prefetch``, or
@@ -188,6 +195,17 @@ def _fits(value: Any, kind: Any) -> bool:
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)
+
+
+def _from_code(key: str, value: Any) -> Any:
+    """``value`` given in code as Python allows it for ``key``: a tuple for a list, a whole
+    float for an int (``max_message_size=2e6``); anything else as it is."""
+    base = _non_none(_FIELD_TYPES[key])[0]
+    if type(value) is tuple and get_origin(base) is list:
+        return list(value)
+    if type(value) is float and base is int and value.is_integer():
+        return int(value)
+    return value
 
 
 def check_value(key: str, value: Any, source: str) -> Any:

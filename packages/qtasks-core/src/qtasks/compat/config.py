@@ -99,7 +99,7 @@ class QTasksConfigNames:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in RENAMED:
             target, convert = RENAMED[name]
-            object.__setattr__(self, target, convert(value))
+            setattr(self, target, convert(value))  # checked as the qtasks name is
         elif name in BUILT_IN:
             warn_ignored(name, f"config.{name}")
             self._ignored()[name] = value
