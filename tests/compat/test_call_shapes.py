@@ -316,6 +316,35 @@ def test_task_middlewares_are_checked_as_add_middleware_checks_them(option: str)
     assert "good" in app.tasks
 
 
+def test_a_task_middleware_is_checked_once_not_at_each_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed run's retry copies the task's options (``with_options``), which checks them
+    again: a middleware that passed is not inspected again (its signature check is the
+    costly part)."""
+    import qtasks.compat.middleware as middleware_module
+
+    async def wrapping(run: Any, call_next: Any) -> Any:
+        return await call_next()
+
+    app = QueueTasks()
+
+    @app.task(name="retried", middlewares_before=[wrapping])
+    def retried() -> None: ...
+
+    inspected: list[object] = []
+    real = middleware_module._takes_run_and_call_next
+
+    def counting(func: Any) -> bool:
+        inspected.append(func)
+        return real(func)
+
+    monkeypatch.setattr(middleware_module, "_takes_run_and_call_next", counting)
+    for attempt in range(20):
+        assert app.tasks["retried"].with_options(retry=attempt).options.retry == attempt
+    assert inspected == []
+
+
 def test_add_middleware_takes_qtasks_task_middleware_classes_and_refuses_the_rest() -> None:
     """QTasks' ``app.add_middleware(MyTaskMiddleware, position=...)`` runs the class around
     every task of the app; what is not a middleware is refused when it is added, not by

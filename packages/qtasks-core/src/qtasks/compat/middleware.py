@@ -10,7 +10,9 @@ does the same for every task of the app (:func:`app_middleware`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from qtasks.errors import TaskDeclarationError
@@ -87,12 +89,24 @@ def check_middleware(middleware: Any, expected: str) -> None:
     ``middlewares_before``/``middlewares_after``, made where it is declared."""
     if isinstance(middleware, type) and issubclass(middleware, TaskMiddleware):
         return
+    try:
+        if middleware in _FIT:
+            return  # checked already: a task's options copied for a retry keep their own
+    except TypeError:
+        pass  # unhashable: checked each time
     if isinstance(middleware, TaskMiddleware):
         raise TaskDeclarationError(
             f"{expected}; pass the class {type(middleware).__name__}, not an instance"
         )
     if not callable(middleware) or not _takes_run_and_call_next(middleware):
         raise TaskDeclarationError(f"{expected}, got {middleware!r}")
+    with contextlib.suppress(TypeError):  # not weakly referable: checked each time
+        _FIT.add(middleware)
+
+
+_FIT: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Middlewares that passed :func:`check_middleware` (its signature check costs ~20 µs, and a
+task's options are checked again when a failed run's retry copies them)."""
 
 
 def _takes_run_and_call_next(func: Any) -> bool:
