@@ -617,3 +617,12 @@ async def test_a_kept_global_config_on_another_clock_is_refused_for_rate_limits(
             for _ in range(3):
                 await app.add_task("call")
         assert clock.time() - start >= 0.2 - 0.01
+
+
+def test_the_sync_harness_is_still_found_where_it_was() -> None:
+    """``SyncHarness`` moved out of ``qtasks_testing.harness``; importing it from there, as
+    code written before the move does, gives the same class."""
+    import qtasks_testing
+    from qtasks_testing.harness import SyncHarness
+
+    assert SyncHarness is qtasks_testing.SyncHarness

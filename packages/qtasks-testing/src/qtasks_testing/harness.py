@@ -688,3 +688,13 @@ class Harness(EnqueuedLog):
         broker = self.app.broker
         if isinstance(broker, MemoryBroker):
             broker.wake()
+
+
+def __getattr__(name: str) -> Any:
+    """``SyncHarness`` lived here until it moved to :mod:`qtasks_testing.sync_harness`: the
+    old import keeps working (``from qtasks_testing import SyncHarness`` is the public one)."""
+    if name == "SyncHarness":
+        from qtasks_testing.sync_harness import SyncHarness
+
+        return SyncHarness
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
