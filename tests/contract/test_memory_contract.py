@@ -46,13 +46,9 @@ def storage_factory() -> StorageFactory:
 class TestMemoryBroker(BrokerContract):
     """Runs with the module's factories."""
 
-    wake_latency = 0.03  # woken in ~1 ms: a 100 ms poller fails too
-
 
 class TestMemoryStorage(StorageContract):
     """Runs with the module's factories."""
-
-    wake_latency = 0.03  # woken in ~1 ms: a 100 ms poller fails too
 
 
 class TestMemoryGlobalConfig(GlobalConfigContract):
@@ -89,8 +85,6 @@ class TestMemoryCancelCheck(CancelCheckContract):
 
 class TestMemoryCancelFeed(CancelFeedContract):
     """Runs with the module's factories."""
-
-    wake_latency = 0.03  # woken in ~1 ms: a 100 ms poller fails too
 
 
 class TestMemoryStorageQuery(StorageQueryContract):

@@ -55,13 +55,10 @@ class TestRedisBroker(BrokerContract):
     ``due_latency`` well under a tick."""
 
     due_latency = 0.02
-    wake_latency = 0.03  # woken in ~1 ms: a 100 ms poller fails too
 
 
 class TestRedisStorage(StorageContract):
     """Runs with the module's factories."""
-
-    wake_latency = 0.03  # woken in ~1 ms: a 100 ms poller fails too
 
 
 class TestRedisGlobalConfig(GlobalConfigContract):
@@ -98,8 +95,6 @@ class TestRedisCancelCheck(CancelCheckContract):
 
 class TestRedisCancelFeed(CancelFeedContract):
     """Runs with the module's factories."""
-
-    wake_latency = 0.03  # woken in ~1 ms: a 100 ms poller fails too
 
 
 class TestRedisStorageQuery(StorageQueryContract):

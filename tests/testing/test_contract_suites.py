@@ -301,10 +301,10 @@ class OnStorage:
         return self.component.from_config
 
 
-# At the suites' default wake_latency (0.1 s) a poller of 0.25 s or more fails; a backend that
-# must rule out a 100 ms poller sets it to 0.03 s, which the real storage passes.
+# At the suites' default wake_latency (0.03 s) a poller of 0.1 s or more fails, and the real
+# storage passes.
 class TestPollsForFinal(OnStorage, StorageContract):
-    component, wake_latency = PollsForFinal, 0.03
+    component = PollsForFinal
 
 
 class TestPollsForFinalSlowly(OnStorage, StorageContract):
@@ -312,7 +312,7 @@ class TestPollsForFinalSlowly(OnStorage, StorageContract):
 
 
 class TestPollsForCancels(OnStorage, CancelFeedContract):
-    component, wake_latency = PollsForCancels, 0.03
+    component = PollsForCancels
 
 
 class TestPollsForCancelsSlowly(OnStorage, CancelFeedContract):
@@ -320,11 +320,11 @@ class TestPollsForCancelsSlowly(OnStorage, CancelFeedContract):
 
 
 class TestWokenStorage(OnStorage, StorageContract):
-    wake_latency = 0.03
+    """The real storage, at the default."""
 
 
 class TestWokenCancelFeed(OnStorage, CancelFeedContract):
-    wake_latency = 0.03
+    """The real storage's feed, at the default."""
 '''
 
 

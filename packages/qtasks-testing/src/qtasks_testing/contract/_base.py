@@ -42,15 +42,15 @@ class ContractSuite:
         cancel feed's followers to a cancel (a delayed message's eta has
         ``BrokerContract.due_latency``). The tests measure several rounds, at varied points
         of any poll cycle, and compare the median with it, so a scheduling hiccup or two does
-        not fail them; a poller's median is about half its interval, so the default 0.1 fails
-        a poll interval of ~0.25 s or more (0.03 fails a 100 ms one too). Raise it only for a
-        backend whose server round trip is that slow, never to admit polling.
+        not fail them; a poller's median is about half its interval, so the default 0.03 fails
+        a poll interval of ~0.1 s or more. Raise it only for a backend whose server round
+        trip is that slow, never to admit polling.
     """
 
     config_overrides: ClassVar[Mapping[str, Any]] = {}
     not_applicable: ClassVar[Mapping[str, str]] = {}
     timing_slack: ClassVar[float] = 0.5
-    wake_latency: ClassVar[float] = 0.1
+    wake_latency: ClassVar[float] = 0.03
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
