@@ -244,9 +244,9 @@ class MemoryStorage(_Lifecycle):
             stored.status = TaskStatus.CANCEL
             stored.cancel_reason = reason
             stored.updated_at = self._clock()
-            self._records[uuid] = stored  # final now: kept packed, ``stored`` is the caller's
-            self._index(stored)
-            self._fire(uuid)
+            self._put(
+                stored
+            )  # final now: packed (``stored`` is the caller's), expires with the TTL
             if running:
                 for follower in list(self._cancel_followers):
                     follower(uuid, reason)

@@ -542,14 +542,15 @@ class StorageContract(ContractSuite):
     ) -> None:
         """``result_ttl`` counts from the save that made the record final, not from its
         creation: a task that waited (a delay, a backlog, a retry) or ran longer than the TTL
-        keeps its result for the whole TTL. Records not final never expire."""
+        keeps its result for the whole TTL; a cancelled record too, from its cancel. Records
+        not final never expire."""
         ttl = 0.5
         config = contract_config.merged(result_ttl=ttl)
         async with AsyncExitStack() as stack:
             storage = storage_factory(config)
             await storage.start(stack, config)
-            pending, running, done = record(), record(), record()
-            for rec in (pending, running, done):
+            pending, running, done, cancelled = record(), record(), record(), record()
+            for rec in (pending, running, done, cancelled):
                 await storage.add(rec)
             for rec in (running, done):
                 claim = record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="t1")
@@ -557,6 +558,7 @@ class StorageContract(ContractSuite):
             await anyio.sleep(ttl + 0.2)  # the task ran longer than result_ttl
             saved = time.monotonic()
             assert await storage.save(finished(done, returning="late"), fence="t1") is True
+            assert await storage.cancel(cancelled.uuid, "not needed") is not None
             stored = await storage.get(done.uuid)
             assert stored is not None, "the final record expired at once (TTL from creation?)"
             assert stored.returning == "late"
@@ -564,9 +566,11 @@ class StorageContract(ContractSuite):
             assert await storage.get(done.uuid) == stored
 
             async def gone() -> bool:
-                return await storage.get(done.uuid) is None
+                return await storage.get(done.uuid) is None and not await storage.get(
+                    cancelled.uuid
+                )
 
-            await wait_until(gone, timeout=ttl + 1.0, what="the final record to expire")
+            await wait_until(gone, timeout=ttl + 1.0, what="the final records to expire")
             assert time.monotonic() - saved >= ttl - 0.1
             # Only final records expire.
             assert await storage.get(pending.uuid) == pending
