@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -14,6 +16,7 @@ import anyio
 import pytest
 from yarl import URL as Address
 
+from qtasks.app import AsyncQueueTasks
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError
 from qtasks.messages import Envelope
@@ -254,5 +257,147 @@ async def test_publish_whose_confirm_never_comes_fails_after_publish_timeout(
             with anyio.fail_after(10), pytest.raises(BrokerConnectionError, match="confirm"):
                 await broker.publish(envelope(b"never confirmed"))
             # The relay is gone: the broker closes on a dead connection, without waiting.
+    finally:
+        await delete_topology(queue_name)
+
+
+BASIC_PUBLISH = struct.pack(">HH", 60, 40)
+"""The class and method ids that open the payload of a ``basic.publish`` method frame."""
+
+
+class Gate:
+    """A TCP relay to the test server whose faults a test switches: hold new connections
+    before they reach the server (:meth:`close`, :meth:`open`), cut the current ones
+    (:meth:`cut`), and, once :meth:`withhold_confirms` is called, hold everything the server
+    sends on a connection after its client's first ``basic.publish`` (a broker that stops
+    answering between a publish and its confirm). Held bytes are delivered by :meth:`heal`,
+    never dropped, so the AMQP streams stay whole."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.entry = asyncio.Event()
+        self.entry.set()
+        self.waiting = 0
+        """Connections accepted and held at the entry."""
+        self.withholding = False
+        self._downs: list[asyncio.Event] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def close(self) -> None:
+        self.entry.clear()
+
+    def open(self) -> None:
+        self.entry.set()
+
+    def withhold_confirms(self) -> None:
+        self.withholding = True
+
+    def heal(self) -> None:
+        self.withholding = False
+        self.entry.set()
+        for down in self._downs:
+            down.set()
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    async def _up(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, down: asyncio.Event
+    ) -> None:
+        """Client to server, reading the frames to see the first ``basic.publish``."""
+        seen = b""
+        frames = 8  # after the protocol header, the frames: type, channel, size, payload, end
+        while data := await reader.read(65536):
+            seen += data
+            while len(seen) >= frames + 7:
+                size = int.from_bytes(seen[frames + 3 : frames + 7])
+                if len(seen) < frames + 8 + size:
+                    break
+                method = seen[frames] == 1 and seen[frames + 7 : frames + 11] == BASIC_PUBLISH
+                if method and self.withholding:
+                    down.clear()
+                seen, frames = seen[frames + 8 + size :], 0
+            writer.write(data)
+            await writer.drain()
+
+    async def _down(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, down: asyncio.Event
+    ) -> None:
+        while data := await reader.read(65536):
+            await down.wait()
+            writer.write(data)
+            await writer.drain()
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        self._writers.append(to_client)
+        self.waiting += 1
+        await self.entry.wait()
+        self.waiting -= 1
+        target = Address(URL)
+        server, to_server = await asyncio.open_connection(target.host, target.port)
+        self._writers.append(to_server)
+        down = asyncio.Event()
+        down.set()
+        self._downs.append(down)
+        await asyncio.gather(
+            self._up(client, to_server, down),
+            self._down(server, to_client, down),
+            return_exceptions=True,
+        )
+        to_client.close()
+        to_server.close()
+
+    @classmethod
+    @asynccontextmanager
+    async def running(cls) -> AsyncIterator[Gate]:
+        gate = cls()
+        listener = await asyncio.start_server(gate._serve, "127.0.0.1", 0)
+        gate.url = str(Address(URL).with_port(listener.sockets[0].getsockname()[1]))
+        try:
+            yield gate
+        finally:
+            gate.heal()
+            listener.close()
+            gate.cut()
+
+
+async def test_add_task_fails_within_one_publish_timeout_across_reconnect_and_confirm(
+    queue_name: str,
+) -> None:
+    """One deadline for a whole publish: the connection is lost, comes back after a good part
+    of ``publish_timeout`` has passed, then the confirm never comes. ``add_task`` must raise
+    ``publish_timeout`` after it was called, not that plus the time spent reconnecting."""
+    limit = 4.0
+    outage = 0.4 * limit  # how long the network stays down: a fault schedule, not a wait
+    try:
+        async with Gate.running() as gate:
+            broker = RabbitMQBroker(gate.url, queue=queue_name, heartbeat=0, publish_timeout=limit)
+            app = AsyncQueueTasks(broker=broker)
+            await app.start()
+            try:
+                await app.add_task("noop")  # confirmed: the way through the gate works
+                gate.close()
+                gate.withhold_confirms()
+                gate.cut()
+
+                async def reconnecting() -> bool:
+                    return gate.waiting > 0
+
+                await poll(reconnecting, timeout=10)
+                started = time.monotonic()
+                asyncio.get_running_loop().call_later(outage, gate.open)
+                with (
+                    anyio.fail_after(3 * limit),
+                    pytest.raises(BrokerConnectionError, match="no publisher confirm"),
+                ):
+                    await app.add_task("noop")
+                waited = time.monotonic() - started
+                # Without one shared deadline it is the outage plus a whole publish_timeout.
+                assert waited < limit + 0.75 * outage, f"failed after {waited:.2f} s"
+                gate.heal()
+            finally:
+                await app.aclose()
     finally:
         await delete_topology(queue_name)

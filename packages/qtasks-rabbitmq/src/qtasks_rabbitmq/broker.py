@@ -55,8 +55,8 @@ class RabbitMQBroker:
     ``"classic"`` (priorities through ``x-max-priority``) or ``"quorum"`` (replicated, counts
     deliveries itself; no priorities before RabbitMQ 4). ``queue_version`` is the classic
     queues' ``x-queue-version`` (0, the default, leaves it to the server). ``heartbeat`` is the AMQP
-    heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds how long a
-    publish waits for a lost connection to come back, and for its confirm, before raising.
+    heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds a whole publish:
+    one deadline for the wait for a lost connection to come back and for its confirm.
     They are checked as :class:`~qtasks_rabbitmq.settings.RabbitMQSettings` (a bad value
     raises :class:`~qtasks.errors.ConfigError`).
     """

@@ -169,11 +169,14 @@ class Link:
     async def publish_many(self, messages: Sequence[Outgoing], *, what: str = "message") -> None:
         """Publish ``messages`` in order (their frames written in one go) and wait for the
         broker's confirm of every one; what connection trouble left unconfirmed is published
-        again after the reconnect (at least once), until ``publish_timeout``. An attempt waits
-        for its confirms up to ``publish_timeout`` too (0: without limit, as a confirm cannot
-        come at once); then it raises. A return (unroutable) or a nack raises
+        again after the reconnect (at least once). One deadline, ``publish_timeout`` from the
+        call, bounds every wait of it (for a lost connection to come back, for room to write,
+        for the confirms); then it raises :class:`BrokerConnectionError`. With
+        ``publish_timeout`` 0 a lost connection fails at once and the confirms are waited for
+        without limit (a confirm cannot come at once). A return (unroutable) or a nack raises
         :class:`PublishRejectedError` at once (``what`` and the message's id name it there)."""
-        deadline = time.monotonic() + self._publish_timeout
+        limit = self._publish_timeout
+        deadline = time.monotonic() + limit
         while messages:
             channel = self._publisher
             if channel is None or not self._ready.is_set():
@@ -181,7 +184,7 @@ class Link:
                 channel = self._publisher
                 assert channel is not None
             messages, trouble = await publish_batch(
-                channel, messages, what, self._publish_timeout or None
+                channel, messages, what, deadline if limit else None
             )
             if trouble is None:
                 continue
@@ -190,9 +193,11 @@ class Link:
                 # The connection failed: publish again what is left, on the next one.
                 self.lost(f"publish failed: {describe(trouble, self._secret)}")
             if timed_out or time.monotonic() >= deadline:
+                why = describe(trouble, self._secret)
+                if timed_out:
+                    why = f"{trouble} (publish_timeout={limit:g} s)"
                 raise BrokerConnectionError(
-                    f"cannot publish {what} {messages[0].id} to RabbitMQ at "
-                    f"{self.safe_url}: {describe(trouble, self._secret)}"
+                    f"cannot publish {what} {messages[0].id} to RabbitMQ at {self.safe_url}: {why}"
                 ) from None
 
     @property
