@@ -1,6 +1,8 @@
 """Dead-letter retention on RabbitMQ, past what the contract suite checks: a dead-letter queue
 declared by an earlier version (no cap) or with another cap is kept, with a warning, not
-refused; and a dead letter without an ``expiration`` is still not listed once expired."""
+refused; a dead letter without an ``expiration`` is still not listed once expired; and
+expired dead letters that RabbitMQ has not dropped yet (it drops only at the head) are not
+counted."""
 
 from __future__ import annotations
 
@@ -88,3 +90,43 @@ async def test_another_cap_keeps_the_queue_declared_first(
             with anyio.fail_after(5):
                 await (await anext(deliveries)).nack("poison")
     assert len(await other.dead_letters()) == 2
+
+
+def letter(id: str, died: float, expiration: float | None = None) -> aio_pika.Message:
+    """A dead letter as the broker writes it, dead at ``died`` (``expiration`` in seconds, or
+    none)."""
+    return aio_pika.Message(
+        id.encode(),
+        message_id=id,
+        headers={H_REASON: "poison", H_DEAD_AT: int(died * 1000)},
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        expiration=expiration,
+    )
+
+
+@pytest.mark.parametrize("count", ["stats", "purge"])
+async def test_expired_dead_letters_rabbitmq_still_holds_are_not_counted(
+    make_broker: BrokerFactory, queue_name: str, count: str
+) -> None:
+    """``Q.dead`` holds, in order: a letter of an earlier version (no ``expiration``) past
+    ``dead_letter_ttl``, which RabbitMQ never drops; behind it one whose ``expiration``
+    passed, which RabbitMQ drops only once it is at the head; and a young one. Only the young
+    one counts, in ``stats()`` and in what ``purge_dead_letters()`` reports."""
+    broker = await make_broker(dead_letter_ttl=3600.0)
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        now = time.time()
+        for message in (
+            letter("old", now - 2 * 3600),
+            letter("expired", now, expiration=0.001),
+            letter("young", now),
+        ):
+            await channel.default_exchange.publish(message, routing_key=f"{queue_name}.dead")
+    if count == "stats":
+        assert (await broker.stats()).dead_letters == 1
+        assert [d.id for d in await broker.dead_letters()] == ["young"]
+    else:
+        assert await broker.purge_dead_letters() == 1
+        assert await broker.dead_letters() == []
+    assert (await broker.stats()).dead_letters == (1 if count == "stats" else 0)
