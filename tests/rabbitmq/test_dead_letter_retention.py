@@ -1,8 +1,9 @@
-"""Dead-letter retention on RabbitMQ, past what the contract suite checks: a dead-letter queue
-declared by an earlier version (no cap) or with another cap is kept, with a warning, not
-refused; a dead letter without an ``expiration`` is still not listed once expired; and
-expired dead letters that RabbitMQ has not dropped yet (it drops only at the head) are not
-counted."""
+"""Dead-letter retention on RabbitMQ, past what the contract suite checks: ``Q.dead`` is
+declared as every version declares it, so an earlier version's is adopted and an earlier
+version is not refused this one's, ``max_dead_letters`` kept by the broker; one with a cap
+of its own is kept, with one warning; a dead letter without an ``expiration`` is still not
+listed once expired; and expired dead letters that RabbitMQ has not dropped yet (it drops
+only at the head) are not counted."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from qtasks.messages import Envelope
 from qtasks_rabbitmq.wire import H_DEAD_AT, H_REASON
 
-from .conftest import URL, BrokerFactory, poll
+from .conftest import URL, BrokerFactory, close_connections, poll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
@@ -38,27 +39,27 @@ async def declare_old_dead_queue(name: str) -> None:
         await channel.default_exchange.publish(old, routing_key=name)
 
 
-async def test_an_uncapped_dead_queue_of_an_earlier_version_is_kept(
+async def test_a_dead_queue_of_an_earlier_version_is_adopted_and_capped(
     make_broker: BrokerFactory, queue_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Upgrading must not break the start: the broker keeps the queue as it is and warns
-    that its cap is a policy's to set; dead letters get their TTL all the same, and the old
-    one, expired, is neither listed nor requeued."""
+    """Upgrading must not break the start nor warn: the queue is declared as every version
+    declares it. Dead letters get their TTL all the same, the old one, expired, is neither
+    listed nor requeued, and ``max_dead_letters`` holds (the broker drops the oldest)."""
     await declare_old_dead_queue(f"{queue_name}.dead")
     with caplog.at_level(logging.WARNING, logger="qtasks_rabbitmq"):
-        broker = await make_broker(dead_letter_ttl=1.0)
-    assert any(
-        "policy" in r.getMessage() and "max-length" in r.getMessage() for r in caplog.records
-    )
-    sent = Envelope(uuid.uuid4().hex, b"new", 0)
-    await broker.publish(sent)
+        broker = await make_broker(dead_letter_ttl=3.0, max_dead_letters=2)
+    assert not caplog.records
+    sent = [Envelope(uuid.uuid4().hex, b"new", 0) for _ in range(3)]
+    for envelope in sent:
+        await broker.publish(envelope)
     async with broker.consume(prefetch=1) as deliveries:
-        with anyio.fail_after(5):
-            delivery = await anext(deliveries)
-        assert await delivery.nack("poison")
-    assert [d.id for d in await broker.dead_letters()] == [sent.id]  # the old one dropped
+        for _ in sent:
+            with anyio.fail_after(5):
+                assert await (await anext(deliveries)).nack("poison")
+    # The old one went with the cap (the oldest), or as expired: the newest two are left.
+    assert [d.id for d in await broker.dead_letters()] == [e.id for e in sent[1:]]
 
-    async def expired() -> bool:  # the new one expires by its own expiration
+    async def expired() -> bool:  # the new ones expire by their own expiration
         return not await broker.dead_letters()
 
     await poll(expired, timeout=5)
@@ -75,21 +76,64 @@ async def test_an_expired_letter_without_expiration_is_not_requeued(
     assert await broker.dead_letters() == []
 
 
-async def test_another_cap_keeps_the_queue_declared_first(
-    make_broker: BrokerFactory, caplog: pytest.LogCaptureFixture
+async def test_an_earlier_version_can_declare_the_dead_queue_this_one_created(
+    make_broker: BrokerFactory, queue_name: str
 ) -> None:
-    capped = await make_broker(max_dead_letters=2)
-    assert capped.topology.dead_arguments()["x-max-length"] == 2
+    """The version before this one declares ``Q.dead`` with its type alone: RabbitMQ must not
+    refuse it (``PRECONDITION_FAILED``) the queue this version created."""
+    await make_broker(max_dead_letters=2)
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            f"{queue_name}.dead", durable=True, arguments={"x-queue-type": "classic"}
+        )
+
+
+async def declare_capped_dead_queue(name: str, cap: int) -> None:
+    """``Q.dead`` as the version that added ``max_dead_letters`` created it."""
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            name,
+            durable=True,
+            arguments={"x-queue-type": "classic", "x-max-length": cap, "x-overflow": "drop-head"},
+        )
+
+
+async def test_a_dead_queue_with_a_cap_is_kept_with_one_warning_per_link(
+    make_broker: BrokerFactory, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``Q.dead`` with arguments qtasks does not declare (``x-max-length``) is kept as it
+    is: the start does not fail, one warning says so, and reconnecting does not repeat it.
+    Both caps hold, the lower one first."""
+    await declare_capped_dead_queue(f"{queue_name}.dead", 2)
+
+    def warnings() -> list[str]:
+        """Those about the dead-letter queue."""
+        return [r.getMessage() for r in caplog.records if f"{queue_name}.dead" in r.getMessage()]
+
     with caplog.at_level(logging.WARNING, logger="qtasks_rabbitmq"):
-        other = await make_broker(max_dead_letters=5)
-    assert any("max_dead_letters=5" in r.getMessage() for r in caplog.records)
-    for _ in range(4):  # the queue keeps the cap it was declared with
-        await other.publish(Envelope(uuid.uuid4().hex, b"x", 0))
-    async with other.consume(prefetch=4) as deliveries:
+        broker = await make_broker(max_dead_letters=5)
+        assert len(warnings()) == 1
+        assert "x-max-length" in warnings()[0]
+        assert "max_dead_letters=5" in warnings()[0]
+        caplog.clear()
+        assert await anyio.to_thread.run_sync(close_connections, queue_name) == 1
+
+        async def reconnected() -> bool:
+            return broker.reconnects >= 1 and (await broker.stats()) is not None
+
+        await poll(reconnected, timeout=20)
+        assert not warnings()
+    for _ in range(4):
+        await broker.publish(Envelope(uuid.uuid4().hex, b"x", 0))
+    async with broker.consume(prefetch=4) as deliveries:
         for _ in range(4):
             with anyio.fail_after(5):
                 await (await anext(deliveries)).nack("poison")
-    assert len(await other.dead_letters()) == 2
+    assert len(await broker.dead_letters()) == 2
 
 
 def letter(id: str, died: float, expiration: float | None = None) -> aio_pika.Message:

@@ -28,6 +28,7 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
@@ -39,6 +40,11 @@ from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 log = logging.getLogger("qtasks_rabbitmq")
 
 Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
+
+TRIM_BATCH = 100
+"""Most dead letters one :meth:`Link.trim_dead` drops: an excess found (a lowered
+``max_dead_letters``, a queue that grew under an earlier version) goes over the next dead
+letters, none of them kept waiting for long."""
 
 
 def describe(exc: BaseException, secret: str | None) -> str:
@@ -200,6 +206,22 @@ class Link:
                     f"cannot publish {what} {messages[0].id} to RabbitMQ at {self.safe_url}: {why}"
                 ) from None
 
+    async def trim_dead(self, keep: int) -> None:
+        """Drop the oldest dead letters beyond ``keep`` (``max_dead_letters``, which ``Q.dead``
+        does not hold as ``x-max-length``: see :func:`_declare_dead`), at most
+        :data:`TRIM_BATCH` of them, on the publish channel: one passive declare, and one
+        ``basic.get`` per letter dropped. Several processes dead-lettering at the cap at once
+        may each drop the same excess, so a few of the oldest may go early."""
+        channel = self._publisher
+        if channel is None or not self._ready.is_set():
+            return  # the next dead letter trims
+        dead = self.topology.dead
+        declared = await channel.queue_declare(dead, passive=True)
+        for _ in range(min((declared.message_count or 0) - keep, TRIM_BATCH)):
+            got = await channel.basic_get(dead, no_ack=True)
+            if isinstance(got.delivery, Basic.GetEmpty):
+                return  # another process trimmed meanwhile
+
     @property
     def connect_timeout(self) -> float:
         """Seconds one step of (re)connecting may take, a consumer's reopen included."""
@@ -233,7 +255,7 @@ class Link:
         connection.close_callbacks.add(
             lambda _sender, exc: self._on_close(generation, "connection closed", exc)
         )
-        await declare(connection, self.topology)
+        await declare(connection, self.topology, first=self.generation == 0)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         channel.close_callbacks.add(
             lambda _sender, exc: self._on_close(generation, "publish channel closed", exc)
@@ -320,8 +342,9 @@ async def _close_quietly(closable: AbstractChannel | AbstractConnection) -> None
             await closable.close()
 
 
-async def declare(connection: AbstractConnection, topology: Topology) -> None:
-    """Declare every queue, exchange and binding of ``topology`` (idempotent)."""
+async def declare(connection: AbstractConnection, topology: Topology, *, first: bool) -> None:
+    """Declare every queue, exchange and binding of ``topology`` (idempotent); ``first``: on
+    a link's first connect (see :func:`_declare_dead`)."""
     channel = await connection.channel(publisher_confirms=False)
     try:
         work = await _declare_queue(channel, topology.queue, topology.work_arguments())
@@ -341,14 +364,29 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
     finally:
         if not channel.is_closed:
             await channel.close()
-    await _declare_dead(connection, topology)
+    await _declare_dead(connection, topology, first)
 
 
-async def _declare_dead(connection: AbstractConnection, topology: Topology) -> None:
-    """Declare the dead-letter queue with its cap (``x-max-length``). RabbitMQ refuses to
-    declare an existing queue with other arguments, so one declared before (by an earlier
-    version, or with another ``max_dead_letters``) is kept as it is, with a warning: its cap
-    is then a policy's to set (``docs/rabbitmq.md``)."""
+async def _declare_dead(connection: AbstractConnection, topology: Topology, first: bool) -> None:
+    """Declare the dead-letter queue with the arguments every version declares it with
+    (:meth:`Topology.dead_arguments`, no cap), so processes of earlier versions, which declare
+    it so, are never refused it (``PRECONDITION_FAILED``); ``max_dead_letters`` is kept by
+    :meth:`Link.trim_dead` instead. One that exists is declared passively first and kept as
+    it is. On the ``first`` connect of a link only, it is checked against those arguments:
+    one declared with others (a cap, by the version that added ``max_dead_letters``, or an
+    operator) is kept too, with one warning, as earlier versions are refused it; one of
+    another type or version raises :class:`TopologyError`."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(topology.dead, passive=True)
+        exists = True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        exists = False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    if exists and not first:
+        return
     channel = await connection.channel(publisher_confirms=False)
     try:
         await channel.declare_queue(
@@ -362,19 +400,14 @@ async def _declare_dead(connection: AbstractConnection, topology: Topology) -> N
     finally:
         if not channel.is_closed:
             await channel.close()
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        await channel.declare_queue(topology.dead, passive=True)
-    finally:
-        if not channel.is_closed:
-            await channel.close()
     log.warning(
-        "RabbitMQ queue %r exists with another cap than max_dead_letters=%s (%s); it is "
-        "kept as it is: cap it with a policy (max-length, overflow drop-head; see "
-        "docs/rabbitmq.md), or delete it while empty to have it declared with the cap",
+        "RabbitMQ queue %r exists with arguments other than qtasks declares (%s); it is kept "
+        "as it is, its own limits hold besides max_dead_letters=%s, and processes of "
+        "earlier qtasks versions are refused it: delete it while empty to have it declared "
+        "anew (see docs/rabbitmq.md)",
         topology.dead,
-        topology.max_dead_letters,
         detail,
+        topology.max_dead_letters,
     )
 
 

@@ -10,6 +10,7 @@ for a batch) or :meth:`Publisher.bury`, then :meth:`Link.publish_many
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,6 +30,8 @@ from qtasks_rabbitmq.wire import (
     MAX_MESSAGE_ID,
     ms,
 )
+
+log = logging.getLogger("qtasks_rabbitmq")
 
 Sendable = tuple[str, bytes, int, int, float | None]
 """What :meth:`Publisher.send` takes: id, body, priority, deliveries made, eta."""
@@ -99,13 +102,21 @@ class Publisher:
     async def bury(self, id: str, body: bytes, priority: int, deliveries: int, reason: str) -> None:
         """Publish to the dead-letter queue with ``reason`` and the time, expiring
         ``dead_letter_ttl`` later (a per-message ``expiration``: a TTL needs no change to the
-        queue's arguments, which RabbitMQ refuses on an existing queue)."""
+        queue's arguments, which RabbitMQ refuses on an existing queue), then drop the oldest
+        beyond ``max_dead_letters`` (:meth:`Link.trim_dead`; a failure there is only logged:
+        the letter is safe, and the next one trims)."""
         extra = {H_REASON: reason[:4000], H_DEAD_AT: ms(time.time())}
         dead = self.message(id, body, priority, deliveries, ("", self.topology.dead), extra)
         ttl = self.topology.dead_letter_ttl_ms
         if ttl is not None:
             dead = dead._replace(expiration=str(ttl))
         await self.link.publish_many((dead,), what="dead letter")
+        keep = self.topology.max_dead_letters
+        if keep is not None:
+            try:
+                await self.link.trim_dead(keep)
+            except Exception as exc:
+                log.warning("qtasks_rabbitmq: trimming %r failed: %r", self.topology.dead, exc)
 
 
 class Published:

@@ -4,8 +4,8 @@ For a queue named ``Q``:
 
 * ``Q`` — the work queue (durable; classic with ``x-max-priority``, or quorum).
 * ``Q.dead`` — dead letters, with the reason in the ``x-qtasks-reason`` header; each expires
-  ``dead_letter_ttl`` after it died (its own ``expiration``), and a queue qtasks creates holds
-  at most ``max_dead_letters`` (``x-max-length``, dropping the oldest).
+  ``dead_letter_ttl`` after it died (its own ``expiration``); beyond ``max_dead_letters`` the
+  oldest are dropped after each dead letter (not ``x-max-length``: see ``docs/rabbitmq.md``).
 * ``Q.delay.0`` … ``Q.delay.31`` — wait queues, one per bit of the delay in milliseconds. Queue
   ``Q.delay.L`` holds every message for exactly ``2**L`` ms (``x-message-ttl``), then
   dead-letters it to the next lower level. Topic exchanges of the same names route a message
@@ -50,7 +50,7 @@ class Topology:
     dead_letter_ttl_ms: int | None = None
     """The ``expiration`` of each dead letter (``dead_letter_ttl``; ``None``: none)."""
     max_dead_letters: int | None = None
-    """``x-max-length`` of the dead-letter queue, oldest dropped (``None``: not sent)."""
+    """Most dead letters kept, the oldest dropped after each dead letter (``None``: all)."""
 
     @property
     def dead(self) -> str:
@@ -91,10 +91,9 @@ class Topology:
         return args
 
     def dead_arguments(self) -> dict[str, Any]:
+        """The arguments of ``Q.dead``: the same in every version (no cap, no TTL), or a
+        process of another version would be refused it."""
         args: dict[str, Any] = {"x-queue-type": self.queue_type}
-        if self.max_dead_letters is not None:
-            args["x-max-length"] = self.max_dead_letters
-            args["x-overflow"] = "drop-head"
         if self.queue_type == "classic":
             self._versioned(args)
         return args
