@@ -210,17 +210,20 @@ class Link:
         """Drop the oldest dead letters beyond ``keep`` (``max_dead_letters``, which ``Q.dead``
         does not hold as ``x-max-length``: see :func:`_declare_dead`), at most
         :data:`TRIM_BATCH` of them, on the publish channel: one passive declare, and one
-        ``basic.get`` per letter dropped. Several processes dead-lettering at the cap at once
-        may each drop the same excess, so a few of the oldest may go early."""
+        ``basic.get`` per letter dropped, within ``publish_timeout`` (a server that stops
+        answering must not hold the channel's lock, and the caller, for ever). Several
+        processes dead-lettering at the cap at once may each drop the same excess, so a few
+        of the oldest may go early."""
         channel = self._publisher
         if channel is None or not self._ready.is_set():
             return  # the next dead letter trims
         dead = self.topology.dead
-        declared = await channel.queue_declare(dead, passive=True)
-        for _ in range(min((declared.message_count or 0) - keep, TRIM_BATCH)):
-            got = await channel.basic_get(dead, no_ack=True)
-            if isinstance(got.delivery, Basic.GetEmpty):
-                return  # another process trimmed meanwhile
+        async with asyncio.timeout(self._publish_timeout or None):
+            declared = await channel.queue_declare(dead, passive=True)
+            for _ in range(min((declared.message_count or 0) - keep, TRIM_BATCH)):
+                got = await channel.basic_get(dead, no_ack=True)
+                if isinstance(got.delivery, Basic.GetEmpty):
+                    return  # another process trimmed meanwhile
 
     @property
     def connect_timeout(self) -> float:
