@@ -76,18 +76,28 @@ async def test_an_expired_letter_without_expiration_is_not_requeued(
     assert await broker.dead_letters() == []
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_an_earlier_version_can_declare_the_dead_queue_this_one_created(
-    make_broker: BrokerFactory, queue_name: str
+    make_broker: BrokerFactory, queue_name: str, queue_type: str
 ) -> None:
     """The version before this one declares ``Q.dead`` with its type alone: RabbitMQ must not
-    refuse it (``PRECONDITION_FAILED``) the queue this version created."""
-    await make_broker(max_dead_letters=2)
+    refuse it (``PRECONDITION_FAILED``) the queue this version created, whose cap the broker
+    keeps all the same."""
+    broker = await make_broker(max_dead_letters=2, queue_type=queue_type)
     connection = await aio_pika.connect(URL)
     async with connection:
         channel = await connection.channel()
         await channel.declare_queue(
-            f"{queue_name}.dead", durable=True, arguments={"x-queue-type": "classic"}
+            f"{queue_name}.dead", durable=True, arguments={"x-queue-type": queue_type}
         )
+    sent = [Envelope(uuid.uuid4().hex, b"x", 0) for _ in range(3)]
+    for envelope in sent:
+        await broker.publish(envelope)
+    async with broker.consume(prefetch=3) as deliveries:
+        for _ in sent:
+            with anyio.fail_after(5):
+                assert await (await anext(deliveries)).nack("poison")
+    assert [d.id for d in await broker.dead_letters()] == [e.id for e in sent[1:]]
 
 
 async def declare_capped_dead_queue(name: str, cap: int) -> None:
