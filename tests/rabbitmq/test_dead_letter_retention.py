@@ -16,11 +16,24 @@ import anyio
 import pytest
 
 from qtasks.messages import Envelope
+from qtasks_rabbitmq import RabbitMQBroker
 from qtasks_rabbitmq.wire import H_DEAD_AT, H_REASON
 
 from .conftest import URL, BrokerFactory, close_connections, poll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
+
+
+async def dead_lettered(broker: RabbitMQBroker, count: int) -> list[Envelope]:
+    """Publish ``count`` messages and nack each, in order: dead letters now."""
+    sent = [Envelope(uuid.uuid4().hex, b"poison", 0) for _ in range(count)]
+    for envelope in sent:
+        await broker.publish(envelope)
+    async with broker.consume(prefetch=count) as deliveries:
+        for _ in sent:
+            with anyio.fail_after(5):
+                assert await (await anext(deliveries)).nack("poison")
+    return sent
 
 
 async def declare_old_dead_queue(name: str) -> None:
@@ -49,13 +62,7 @@ async def test_a_dead_queue_of_an_earlier_version_is_adopted_and_capped(
     with caplog.at_level(logging.WARNING, logger="qtasks_rabbitmq"):
         broker = await make_broker(dead_letter_ttl=3.0, max_dead_letters=2)
     assert not caplog.records
-    sent = [Envelope(uuid.uuid4().hex, b"new", 0) for _ in range(3)]
-    for envelope in sent:
-        await broker.publish(envelope)
-    async with broker.consume(prefetch=1) as deliveries:
-        for _ in sent:
-            with anyio.fail_after(5):
-                assert await (await anext(deliveries)).nack("poison")
+    sent = await dead_lettered(broker, 3)
     # The old one went with the cap (the oldest), or as expired: the newest two are left.
     assert [d.id for d in await broker.dead_letters()] == [e.id for e in sent[1:]]
 
@@ -90,13 +97,7 @@ async def test_an_earlier_version_can_declare_the_dead_queue_this_one_created(
         await channel.declare_queue(
             f"{queue_name}.dead", durable=True, arguments={"x-queue-type": queue_type}
         )
-    sent = [Envelope(uuid.uuid4().hex, b"x", 0) for _ in range(3)]
-    for envelope in sent:
-        await broker.publish(envelope)
-    async with broker.consume(prefetch=3) as deliveries:
-        for _ in sent:
-            with anyio.fail_after(5):
-                assert await (await anext(deliveries)).nack("poison")
+    sent = await dead_lettered(broker, 3)
     assert [d.id for d in await broker.dead_letters()] == [e.id for e in sent[1:]]
 
 
@@ -137,12 +138,7 @@ async def test_a_dead_queue_with_a_cap_is_kept_with_one_warning_per_link(
 
         await poll(reconnected, timeout=20)
         assert not warnings()
-    for _ in range(4):
-        await broker.publish(Envelope(uuid.uuid4().hex, b"x", 0))
-    async with broker.consume(prefetch=4) as deliveries:
-        for _ in range(4):
-            with anyio.fail_after(5):
-                await (await anext(deliveries)).nack("poison")
+    await dead_lettered(broker, 4)
     assert len(await broker.dead_letters()) == 2
 
 
