@@ -54,6 +54,46 @@ SECRET_KEYS = [
     "Authorization",
     "proxy_authorization",
     "bearer",
+    # Fail safe: a secret noun anywhere, with a suffix that is not a known plain one.
+    "auth_key",
+    "AUTH_KEY",
+    "authkey",
+    "X-Auth-Key",
+    "api_keys",
+    "apiKeys",
+    "access_keys",
+    "tokens",
+    "auth_tokens",
+    "api_tokens",
+    "refresh_tokens",
+    "auth_header",
+    "authorization_header",
+    "api_key_header",  # like auth_header: it may hold the header's value
+    "private_key_pem",
+    "private_key_content",
+    "private_keys",
+    "signature_key",
+    "signing_keys",
+    "dbpass",
+    "redispass",
+    "adminpass",
+    "DBPASS",
+    "passcode",
+    "passkey",
+    "pass_phrase",
+    "authentication",
+    "cookies",
+    "session_cookies",
+    "token_json",
+    "token_bytes",
+    "access_token_encrypted",
+    "auth_secret",
+    "password_hash",
+    "master_key",
+    "oauth2_client_token",
+    "author_token",  # a plain word does not hide a secret noun beside it
+    "bypass_token",
+    "max_tokens_secret",
 ]
 
 PLAIN_KEYS = [
@@ -79,13 +119,27 @@ PLAIN_KEYS = [
     "token_url",
     "cookie_name",
     "signature_version",
-    "api_key_header",
     "host",
     "user",
     "username",
     "broker_url",
     "keyspace",
     "compass",
+    "author_email",
+    "max_new_tokens",
+    "cookie_max_age",
+    "session_expires",
+    "auth_header_name",
+    "password_file",
+    "private_key_path",
+    "credentials_file",
+    "secret_name",
+    "token_ttl",
+    "password_min_length",
+    "auth_enabled",
+    "password_required",
+    "",
+    "123",
 ]
 
 
@@ -107,6 +161,27 @@ def test_the_same_rule_masks_query_parameters() -> None:
 
     url = "amqp://u:pw@h/?auth_mechanism=PLAIN&auth=s3cret&api_key=k"
     assert mask_url(url) == "amqp://u:***@h/?auth_mechanism=PLAIN&auth=***&api_key=***"
+    url = "https://api.example.com/v1?auth_key=s3cr3t&api_keys=k1&passcode=1234&token_type=x"
+    shown = "https://api.example.com/v1?auth_key=***&api_keys=***&passcode=***&token_type=x"
+    assert mask_url(url) == shown
+
+
+def test_a_secret_table_or_list_is_masked_whole() -> None:
+    """``qtasks config``'s ``extra``: the value under a secret name goes, whatever its shape."""
+    extra = {
+        "sentry": {"auth_key": "s3cr3t", "host": "h"},
+        "api_keys": ["k1", "k2"],
+        "tokens": {"alice": "t0k"},
+        "dbpass": "hunter2",
+        "private_key_pem": "-----BEGIN PRIVATE KEY-----MIIE",
+    }
+    assert masked(extra) == {
+        "sentry": {"auth_key": MASK, "host": "h"},
+        "api_keys": MASK,
+        "tokens": MASK,
+        "dbpass": MASK,
+        "private_key_pem": MASK,
+    }
 
 
 @pytest.mark.parametrize(

@@ -318,3 +318,34 @@ async def test_unreachable_components_give_a_page_that_says_so(
         assert reply.status == 503
         assert "did not answer" in reply.text
     await app.aclose()
+
+
+async def test_arguments_and_headers_named_like_secrets_are_masked() -> None:
+    """The dashboard's masking follows :func:`qtasks.masking.is_secret_key`, which fails safe:
+    plurals, compounds and suffixes other than plain ones (``_url``, ``_name``...) are masked."""
+    from qtasks_web.data import masked, masked_args
+
+    app = make_app()
+
+    @app.task
+    async def call_api(url: str, auth_key: str, api_keys: list[str], token_url: str) -> None: ...
+
+    args = masked_args(app, "call_api", ["https://api", "s3cr3t", ["k1"], "https://t"])
+    assert args == ["https://api", MASK, MASK, "https://t"]
+    kwargs = {
+        "auth_header": "Bearer eyJ",
+        "api_keys": ["k1", "k2"],
+        "dbpass": "hunter2",
+        "private_key_pem": "-----BEGIN PRIVATE KEY-----",
+        "nested": [{"session_cookies": {"sid": "c"}, "cookie_name": "sid"}],
+        "author": "ann",
+    }
+    assert masked(kwargs) == {
+        "auth_header": MASK,
+        "api_keys": MASK,
+        "dbpass": MASK,
+        "private_key_pem": MASK,
+        "nested": [{"session_cookies": MASK, "cookie_name": "sid"}],
+        "author": "ann",
+    }
+    assert masked({"X-Auth-Key": "cf", "Accept": "*/*"}) == {"X-Auth-Key": MASK, "Accept": "*/*"}

@@ -9,6 +9,7 @@ whose key is named like a secret (:func:`is_secret_key`: ``password``, ``token``
 from __future__ import annotations
 
 import re
+from itertools import groupby
 from typing import Any, overload
 from urllib.parse import unquote_plus, urlsplit
 
@@ -17,38 +18,62 @@ MASK = "***"
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 """The words of a name: ``db_password``, ``authMechanism``, ``X-Api-Key``, ``APIKey``."""
 
-SECRET_STEM = re.compile(r"pass(?:word|wd|phrase)|pwd|secret|credential", re.IGNORECASE)
-"""What makes a word a secret wherever it stands (``db_password``, ``client_secret_id``)."""
-
 SECRET_NOUN = re.compile(
-    r"[a-z]*(?:token|auth|authorization|cookie|session|signature|bearer|apikey|accesskey"
-    r"|accesskeyid|privatekey|signingkey|encryptionkey|sessionid|sessionkey)|pass",
-    re.IGNORECASE,
+    r"pass|pwd|secret|credential|token|auth|cookie|session|signature|bearer"
+    r"|apikey|accesskey|privatekey|signingkey|encryptionkey|masterkey|hmackey"
 )
-"""A word, or two words run together (``api_key``), that names a secret when nothing but
-:data:`VALUE_WORDS` follows it: ``auth``, ``http_auth``, ``auth_token``, ``x_api_key``,
-``session_id``, but not ``auth_mechanism``, ``token_url``, ``cookie_name``, ``max_tokens``."""
+"""What makes a name a secret wherever it stands in it, words run together and lowercase:
+``dbpass``, ``pass_phrase``, ``auth_key``, ``X-Auth-Key``, ``api_keys``, ``tokens``,
+``private_key_pem``, ``session_cookies`` (a search, so plurals and compounds count too)."""
 
-VALUE_WORDS = frozenset({"value", "data", "raw", "str", "string", "text", "hex", "b64", "base64"})
-"""Words after a secret noun that still name the secret itself (``token_value``)."""
+PLAIN_WORDS = frozenset(
+    {
+        "author", "authors", "authored", "authoring", "authorship", "authority",
+        "authorities", "tokenizer", "tokenizers", "passive", "passthrough", "passthru",
+        "passage", "passages", "passenger", "passengers", "passing", "passed", "passes",
+        "bypass", "compass", "encompass", "surpass", "impasse",
+    }
+)  # fmt: skip
+"""Words that contain a secret noun without naming a secret (``author``, ``bypass``). They
+hold no noun and are never run together with their neighbours: ``author_email`` is shown,
+``author_token`` masked."""
+
+PLAIN_NAMES = frozenset(
+    {"maxtokens", "maxnewtokens", "maxinputtokens", "maxoutputtokens", "maxcompletiontokens"}
+)
+"""Whole names (words run together, lowercase) that count tokens (``max_tokens``)."""
+
+PLAIN_SUFFIXES = frozenset(
+    {
+        "mechanism", "mechanisms", "url", "urls", "uri", "uris", "endpoint", "endpoints",
+        "type", "types", "timeout", "ttl", "age", "expiry", "expires", "expiration",
+        "lifetime", "interval", "path", "file", "filename", "dir", "directory", "name",
+        "names", "source", "method", "methods", "version", "scope", "scopes", "enabled",
+        "disabled", "required", "len", "length", "count", "size", "max", "min", "limit",
+    }
+)  # fmt: skip
+"""Last words by which a secret-looking name describes the secret instead of holding it:
+``auth_mechanism``, ``token_url``, ``session_timeout``, ``cookie_name``, ``password_file``."""
 
 
 def is_secret_key(name: str) -> bool:
     """Whether a value stored under ``name`` (a setting, a query parameter, an argument) is
-    treated as a secret: one rule for everything qtasks shows.
+    treated as a secret: one rule for everything qtasks shows, and it fails safe.
 
-    A word containing ``password``/``passwd``/``passphrase``/``secret``/``credential`` (or
-    ``pwd``) makes any name a secret. ``token``, ``auth``, ``cookie``, ``session``,
-    ``signature``, ``bearer``, ``pass`` and ``api_key``-like pairs do when they end the name
-    (digits and :data:`VALUE_WORDS` aside): ``redis_pass``, ``auth_token`` and ``authorization``
-    are secrets, ``auth_mechanism``, ``author``, ``session_timeout`` and ``token_type`` not."""
-    words = [w for w in _WORD.findall(name) if not w.isdigit()]
-    if any(SECRET_STEM.search(word) for word in words):
-        return True
-    while words and words[-1].lower() in VALUE_WORDS:
-        words.pop()
-    # The last word, or the last two or three run together (api_key, access_key_id).
-    return any(SECRET_NOUN.fullmatch("".join(words[-n:])) for n in (1, 2, 3) if n <= len(words))
+    A name is a secret when its words, run together, contain a :data:`SECRET_NOUN`
+    (``password``, ``dbpass``, ``auth_key``, ``api_keys``, ``tokens``, ``private_key_pem``...),
+    unless its last word is one of :data:`PLAIN_SUFFIXES` (``auth_mechanism``, ``token_url``,
+    ``session_timeout``) or it is one of :data:`PLAIN_NAMES` (``max_tokens``);
+    :data:`PLAIN_WORDS` (``author``, ``bypass``) hold no noun. Every other name with a secret
+    noun in it is masked: hiding a plain value is a nuisance, showing a secret is a leak."""
+    words = [word.lower() for word in _WORD.findall(name) if not word.isdigit()]
+    if not words or words[-1] in PLAIN_SUFFIXES or "".join(words) in PLAIN_NAMES:
+        return False
+    # Plain words split the name, so "author" + "key" never reads as "...auth...key".
+    return any(
+        not plain and SECRET_NOUN.search("".join(run))
+        for plain, run in groupby(words, PLAIN_WORDS.__contains__)
+    )
 
 
 @overload
