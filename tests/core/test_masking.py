@@ -202,6 +202,34 @@ def test_a_secret_table_or_list_is_masked_whole() -> None:
         ("AUTH failed: password: hunter2", "AUTH failed: password: ***"),
         ("token=abc; host=h:6379", "token=***; host=h:6379"),
         ("see https://docs.example/x?y=1 for more", "see https://docs.example/x?y=1 for more"),
+        # A value is masked whole, whatever its shape.
+        ("Authorization: Bearer eyJhbGciOi.payload.sig rejected", "Authorization: ***"),
+        (
+            "headers={'Authorization': 'Basic dXNlcjpodW50ZXIy', 'Accept': 'text/plain'}",
+            "headers={'Authorization': '***', 'Accept': 'text/plain'}",
+        ),
+        (
+            'Authorization: Digest username="u", response="6629fae4"\nretrying',
+            "Authorization: ***\nretrying",
+        ),
+        ("password='correct horse battery staple'", "password='***'"),
+        ('password="it\\"s, a secret", user=u', 'password="***", user=u'),
+        ("password=abc def, user=u; token=xyz", "password=***, user=u; token=***"),
+        ("password=abc,def;ghi", "password=***,def;ghi"),
+        ("password=a'b,c'd, user=u", "password=***, user=u"),
+        ("password=it's unknown, user=u", "password=***"),  # an unclosed quote: the whole line
+        ("{'password': b'hunter2', 'db': 0}", "{'password': b'***', 'db': 0}"),
+        ("auth=('user', 'hunter2'), timeout=3", "auth=***, timeout=3"),
+        ("{'api_keys': ['k1', 'k2'], 'host': 'h'}", "{'api_keys': ***, 'host': 'h'}"),
+        ("kwargs={'tokens': {'alice': 'x,y'}}, retry", "kwargs={'tokens': ***}, retry"),
+        ("X-Auth-Key: cf-global-key\nHost: api", "X-Auth-Key: ***\nHost: api"),
+        ("password: hunter2\nhost: h", "password: ***\nhost: h"),
+        ("sent Bearer abc.def-ghi= to the API", "sent Bearer *** to the API"),
+        (
+            "cannot reach amqp://audit:hunter2@mq:5672/ (password=hunter2)",
+            "cannot reach amqp://audit:***@mq:5672/ (password=***",
+        ),
+        ("auth_mechanism=PLAIN, password=", "auth_mechanism=PLAIN, password="),
     ],
 )
 def test_free_text_goes_through_the_same_rule(text: str, shown: str) -> None:

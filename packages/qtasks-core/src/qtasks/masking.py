@@ -120,27 +120,79 @@ def _mask_param(param: str) -> str:
 
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-_NAME_IN_TEXT = re.compile(r"\b([A-Za-z_][\w-]*)['\"]?\s*[=:]\s*['\"]?")
-_VALUE_IN_TEXT = re.compile(r"[^\s'\"&,;)}\]]+")
+_NAME_IN_TEXT = re.compile(r"\b([A-Za-z_][\w-]*)['\"]?[ \t]*[=:][ \t]*")
+_STRING = r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\""
+"""A quoted string on one line, backslash escapes included."""
+_QUOTED_VALUE = re.compile(rf"([bBrRuU]{{0,2}})({_STRING})")
+_GROUP_PART = re.compile(rf"{_STRING}|[()\[\]{{}}]")
+_SCHEME_VALUE = re.compile(
+    r"(?:Bearer|Basic|Token|Digest|Negotiate|NTLM|OAuth|AWS4-HMAC-SHA256)[ \t]+\S", re.IGNORECASE
+)
+_UNQUOTED_VALUE = re.compile(rf"(?:[^,;\r\n'\"]+|{_STRING})*")
+_LINE = re.compile(r"[^\r\n]*")
+_BEARER = re.compile(r"\b(Bearer[ \t]+)[\w.~+/-]+=*", re.IGNORECASE)
 
 
 def mask_text(text: str) -> str:
     """Free ``text`` (an exception's message, a log line) as it may be shown: every URL in it
-    through :func:`mask_url`, and the value of every ``name=value`` or ``name: value`` whose
-    name is a secret (:func:`is_secret_key`) replaced by :data:`MASK`.
+    through :func:`mask_url`, the credential after every ``Bearer``, and the whole value of
+    every ``name=value`` or ``name: value`` whose name is a secret (:func:`is_secret_key`)
+    replaced by :data:`MASK`.
 
-    A URL runs to the next whitespace, so a password with a space in it is not found whole;
-    the rest of a message that quotes a URL (``...@host')``) is kept."""
+    A value is a quoted string (``'...'``, ``b"..."``) up to its closing quote; a
+    ``(``/``[``/``{`` literal up to its closing bracket (``auth=('user', 'pw')``); an
+    authorization scheme and what follows it, to the end of the line (``Authorization:
+    Basic ...``, ``Digest username="u", response="..."``); otherwise everything up to the
+    next ``,`` or ``;`` outside quotes or the end of the line. A value whose end cannot be
+    found (an unclosed quote or bracket) is masked to the end of its line (bracket: of the
+    text). A URL runs to the next whitespace, so a password with a space in it is not found
+    whole; the rest of a message that quotes a URL (``...@host')``) is kept."""
     text = _URL_IN_TEXT.sub(lambda m: mask_url(m.group()), text)
+    # A URL's query is masked already: a name in it is not the start of a value.
+    in_urls = [m.span() for m in _URL_IN_TEXT.finditer(text)]
     shown: list[str] = []
     done = 0
     for name in _NAME_IN_TEXT.finditer(text):
-        value = _VALUE_IN_TEXT.match(text, name.end())
-        if name.start() < done or value is None or not is_secret_key(name.group(1)):
+        if name.start() < done or any(a <= name.start() < b for a, b in in_urls):
             continue
-        shown += [text[done : name.end()], MASK]
-        done = value.end()
-    return "".join(shown) + text[done:]
+        if not is_secret_key(name.group(1)):
+            continue
+        end, mask = _value(text, name.end())
+        if end > name.end():
+            shown += [text[done : name.end()], mask]
+            done = end
+    return _BEARER.sub(rf"\g<1>{MASK}", "".join(shown) + text[done:])
+
+
+def _value(text: str, start: int) -> tuple[int, str]:
+    """Where the value at ``text[start]`` ends, and what is shown instead of it."""
+    quoted = _QUOTED_VALUE.match(text, start)
+    if quoted:
+        prefix, string = quoted.groups()
+        return quoted.end(), f"{prefix}{string[0]}{MASK}{string[0]}"
+    line_end = _end(_LINE, text, start)
+    if text.startswith(("(", "[", "{"), start):
+        depth = 0
+        for part in _GROUP_PART.finditer(text, start):
+            if part.group() in "([{":
+                depth += 1
+            elif part.group() in ")]}":
+                depth -= 1
+                if depth == 0:
+                    return part.end(), MASK
+        return len(text), MASK
+    if _SCHEME_VALUE.match(text, start):
+        return line_end, MASK
+    end = _end(_UNQUOTED_VALUE, text, start)
+    if end < line_end and text[end] in "'\"":  # an unclosed quote: where it ends is unknowable
+        return line_end, MASK
+    return start + len(text[start:end].rstrip()), MASK
+
+
+def _end(pattern: re.Pattern[str], text: str, start: int) -> int:
+    """Where ``pattern`` (one that may match nothing) stops matching from ``start``."""
+    match = pattern.match(text, start)
+    return start if match is None else match.end()
 
 
 SECRET_TABLES = frozenset({"users"})
