@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -539,6 +540,87 @@ def test_components_are_built_by_name_from_the_config() -> None:
         "storage": "MemoryStorage",
         "global_config": "MemoryGlobalConfig",
     }
+
+
+LEAK = "cannot reach amqp://audit:hunter2@mq:5672/ (password=hunter2)"
+"""What a plugin or component that cannot reach its server often raises: its DSN."""
+
+
+def _leaky_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, body: str) -> str:
+    """A module ``name`` in ``tmp_path`` on ``sys.path``, forgotten after the test."""
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, name, None)  # undone by removing whatever is imported
+    del sys.modules[name]
+    return name
+
+
+def _printed(error: BaseException) -> str:
+    """``error`` as any traceback print shows it, every chained exception included."""
+    return "".join(traceback.format_exception(error))
+
+
+LEAKY_CLASS = (
+    "class Leaky:\n"
+    "    @classmethod\n"
+    "    def from_config(cls, config):\n"
+    f"        raise ConnectionError({LEAK!r})\n"
+)
+LEAKY_IMPORT = f"raise ConnectionError({LEAK!r})\n"
+
+
+def test_a_plugin_that_cannot_be_built_shows_no_credential_in_any_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PluginError's text is masked, and the raw error is not chained to it (its
+    ``__cause__`` or ``__context__`` would print the password in any traceback)."""
+    module = _leaky_module(tmp_path, monkeypatch, "leaky_plugin_mod", LEAKY_CLASS)
+    ep = EntryPoint("audit", f"{module}:Leaky", "qtasks.plugins")
+    _fake_entry_points(monkeypatch, "qtasks.plugins", [ep])
+    with pytest.raises(PluginError) as info:
+        AsyncQueueTasks()
+    assert "hunter2" not in _printed(info.value)
+    assert "ConnectionError: cannot reach amqp://audit:***@mq:5672/ (password=***" in str(
+        info.value
+    )
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+@pytest.mark.parametrize(
+    ("body", "failure"),
+    [
+        (LEAKY_CLASS, "could not be built"),
+        (LEAKY_IMPORT, "failed to import"),
+    ],
+    ids=["from_config", "import"],
+)
+def test_a_component_that_cannot_be_built_shows_no_credential_in_any_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, failure: str
+) -> None:
+    """docs/configuration.md: the error of a component that fails to import or to be built
+    is masked like a plugin's, and its traceback holds no raw exception either."""
+    module = _leaky_module(tmp_path, monkeypatch, "leaky_broker_mod", body)
+    ep = EntryPoint("leaky", f"{module}:Leaky", "qtasks.brokers")
+    _fake_entry_points(monkeypatch, "qtasks.brokers", [ep])
+    with pytest.raises(ConfigError) as info:
+        discovery.build_components(QueueConfig(broker="leaky"))
+    assert "hunter2" not in _printed(info.value)
+    message = str(info.value)
+    assert message.startswith(f"broker 'leaky' ({module}:Leaky, from ")
+    assert f"{failure}: ConnectionError: cannot reach amqp://audit:***@mq:5672/" in message
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+def test_a_cli_extension_that_cannot_import_is_logged_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = _leaky_module(tmp_path, monkeypatch, "leaky_cli_mod", LEAKY_IMPORT)
+    ep = EntryPoint("leaky", f"{module}:cli", "qtasks.cli")
+    _fake_entry_points(monkeypatch, "qtasks.cli", [ep])
+    with caplog.at_level(logging.WARNING, logger="qtasks.discovery"):
+        assert discovery.load_cli_extensions() == []
+    assert "hunter2" not in caplog.text
+    assert "'leaky'" in caplog.text and "amqp://audit:***@mq:5672/" in caplog.text
 
 
 def test_sync_app_hooks_fire_in_its_worker_thread() -> None:

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from qtasks.errors import ConfigError, PluginError
+from qtasks.errors import ConfigError, PluginError, QTasksError
 from qtasks.masking import mask_text
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from qtasks.plugins import Hooks
 
 log = logging.getLogger("qtasks.discovery")
+
+T = TypeVar("T")
 
 Kind = Literal["broker", "storage", "global_config", "plugin", "cli"]
 
@@ -158,24 +160,26 @@ def load(kind: Kind, name: str) -> Any:
                 f"{GROUPS[kind]}"
             )
         raise ConfigError(f"no {label} named {name!r} is installed (installed: {installed}){hint}")
-    try:
-        return ep.load()
-    except Exception as exc:
-        raise ConfigError(
-            f"{kind.replace('_', ' ')} {name!r} ({ep.value}, from {_dist_label(ep)}) "
-            f"failed to import: {_shown(exc)}"
-        ) from exc
+    what = _described(kind, name, ep)
+    return _masked_failure(ep.load, lambda shown: ConfigError(f"{what} failed to import: {shown}"))
 
 
 def build_component(kind: Kind, name: str, config: QueueConfig) -> Any:
-    """Find component ``name`` of ``kind`` and build it from ``config``."""
+    """Find component ``name`` of ``kind`` and build it from ``config``.
+
+    What the build raises becomes a :class:`ConfigError` naming the component, its text
+    masked (see :func:`_masked_failure`)."""
     factory = load(kind, name)
     from_config = getattr(factory, "from_config", None)
-    if callable(from_config):
-        return from_config(config)
-    if callable(factory):
-        return factory(config)
-    raise ConfigError(f"{kind} {name!r} names {factory!r}, which is neither a class nor callable")
+    build = from_config if callable(from_config) else factory
+    if not callable(build):
+        raise ConfigError(
+            f"{kind} {name!r} names {factory!r}, which is neither a class nor callable"
+        )
+    what = _described(kind, name, _entry_points(kind)[name])
+    return _masked_failure(
+        lambda: build(config), lambda shown: ConfigError(f"{what} could not be built: {shown}")
+    )
 
 
 def build_components(config: QueueConfig) -> dict[str, Any]:
@@ -187,10 +191,31 @@ def build_components(config: QueueConfig) -> dict[str, Any]:
     }
 
 
+def _described(kind: Kind, name: str, ep: EntryPoint) -> str:
+    """``broker 'redis' (qtasks_redis:RedisBroker, from qtasks-redis 1.0)``, for errors."""
+    return f"{kind.replace('_', ' ')} {name!r} ({ep.value}, from {_dist_label(ep)})"
+
+
 def _shown(exc: BaseException) -> str:
-    """An error from a plugin or component as qtasks shows it: its repr, credentials masked
-    (a failed import or constructor often quotes the DSN it could not reach)."""
-    return mask_text(repr(exc))
+    """An error from a plugin or component as qtasks shows it: its type and its text,
+    credentials masked (a failed import or constructor often quotes the DSN it could not
+    reach)."""
+    text = mask_text(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _masked_failure(call: Callable[[], T], error: Callable[[str], QTasksError]) -> T:
+    """``call()``; what it raises becomes ``error(_shown(exc))``, raised with no cause and no
+    context: the raw exception would print its text unmasked in any traceback of the error
+    (a log's ``exc_info``, Sentry, pytest), and scrubbing it is not reliable (``OSError``
+    keeps ``strerror``, an exception may build its text from attributes or chain another).
+    """
+    try:
+        return call()
+    except Exception as exc:
+        shown = _shown(exc)
+    # Raised out of the handler, so the raw exception is not even kept as __context__.
+    raise error(shown) from None
 
 
 def instantiate_plugin(obj: Any, config: QueueConfig) -> Any:
@@ -202,6 +227,15 @@ def instantiate_plugin(obj: Any, config: QueueConfig) -> Any:
     if callable(from_config):
         return from_config(config)
     return obj()
+
+
+def build_plugin(name: str, obj: Any, config: QueueConfig) -> Any:
+    """:func:`instantiate_plugin`; what it raises becomes a :class:`PluginError` naming the
+    plugin, its text masked (see :func:`_masked_failure`)."""
+    return _masked_failure(
+        lambda: instantiate_plugin(obj, config),
+        lambda shown: PluginError(name, f"could not be built from the configuration: {shown}"),
+    )
 
 
 def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
@@ -238,13 +272,7 @@ def load_plugins(hooks: Hooks, config: QueueConfig) -> list[str]:
                 _shown(exc),
             )
             continue
-        try:
-            plugin = instantiate_plugin(obj, config)
-        except Exception as exc:
-            raise PluginError(
-                name, f"could not be built from the configuration: {_shown(exc)}"
-            ) from exc
-        hooks.register(plugin, name)
+        hooks.register(build_plugin(name, obj, config), name)
         loaded.append(name)
     return loaded
 
@@ -327,8 +355,8 @@ def load_cli_extensions() -> list[tuple[str, Any]]:
     for name, ep in _entry_points("cli").items():
         try:
             found.append((name, ep.load()))
-        except Exception:
+        except Exception as exc:  # logged masked, without the raw traceback, as plugins are
             log.warning(
-                "qtasks CLI extension %r (%s) failed to load", name, ep.value, exc_info=True
+                "qtasks CLI extension %r (%s) failed to load: %s", name, ep.value, _shown(exc)
             )
     return found
