@@ -349,3 +349,13 @@ async def test_arguments_and_headers_named_like_secrets_are_masked() -> None:
         "author": "ann",
     }
     assert masked({"X-Auth-Key": "cf", "Accept": "*/*"}) == {"X-Auth-Key": MASK, "Accept": "*/*"}
+
+
+async def test_what_is_nested_too_deep_to_check_is_masked() -> None:
+    from qtasks_web.data import masked
+
+    deep: object = {"password": "hunter2"}
+    for _ in range(30):
+        deep = [deep]
+    assert "hunter2" not in repr(masked(deep))
+    assert masked([[{"password": "x", "user": "u"}]]) == [[{"password": MASK, "user": "u"}]]

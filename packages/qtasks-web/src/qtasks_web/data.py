@@ -36,9 +36,10 @@ CHILDREN_SHOWN = 1000
 
 
 def masked(value: Any, depth: int = 0) -> Any:
-    """``value`` with the values of secret-looking keys replaced, at any depth."""
+    """``value`` with the values of secret-looking keys replaced, at any depth; what is
+    nested too deep to check (past 20 levels) is replaced whole."""
     if depth > 20:
-        return value
+        return MASK
     if isinstance(value, dict):
         return {
             k: MASK if isinstance(k, str) and is_secret_key(k) else masked(v, depth + 1)
