@@ -230,6 +230,9 @@ def test_a_secret_table_or_list_is_masked_whole() -> None:
             "cannot reach amqp://audit:***@mq:5672/ (password=***",
         ),
         ("auth_mechanism=PLAIN, password=", "auth_mechanism=PLAIN, password="),
+        ("run --password=hunter2", "run --password=***"),
+        ("via broker-redis://u:pw@h/0, retrying", "via broker-redis://u:***@h/0, retrying"),
+        ("X-Auth-Key=k", "X-Auth-Key=***"),
     ],
 )
 def test_free_text_goes_through_the_same_rule(text: str, shown: str) -> None:

@@ -9,6 +9,7 @@ whose key is named like a secret (:func:`is_secret_key`: ``password``, ``token``
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from itertools import groupby
 from typing import Any, overload
 from urllib.parse import unquote_plus, urlsplit
@@ -119,8 +120,10 @@ def _mask_param(param: str) -> str:
     return f"{name}={MASK}" if eq and is_secret_key(unquote_plus(name)) else param
 
 
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-_NAME_IN_TEXT = re.compile(r"\b([A-Za-z_][\w-]*)['\"]?[ \t]*[=:][ \t]*")
+# Both start only where a run of their characters starts, and never backtrack into it, so a
+# long run (a 100 kB token, "a-a-a-...") is read once, not once per character of it.
+_URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z0-9+.-]++://\S+")
+_NAME_IN_TEXT = re.compile(r"(?<![\w-])([A-Za-z_-][\w-]*+)['\"]?[ \t]*[=:][ \t]*")
 _STRING = r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\""
 """A quoted string on one line, backslash escapes included."""
 _QUOTED_VALUE = re.compile(rf"([bBrRuU]{{0,2}})({_STRING})")
@@ -149,11 +152,12 @@ def mask_text(text: str) -> str:
     whole; the rest of a message that quotes a URL (``...@host')``) is kept."""
     text = _URL_IN_TEXT.sub(lambda m: mask_url(m.group()), text)
     # A URL's query is masked already: a name in it is not the start of a value.
-    in_urls = [m.span() for m in _URL_IN_TEXT.finditer(text)]
+    urls = [m.span() for m in _URL_IN_TEXT.finditer(text)]
     shown: list[str] = []
     done = 0
     for name in _NAME_IN_TEXT.finditer(text):
-        if name.start() < done or any(a <= name.start() < b for a, b in in_urls):
+        url = bisect_right(urls, (name.start(), len(text))) - 1
+        if name.start() < done or (url >= 0 and name.start() < urls[url][1]):
             continue
         if not is_secret_key(name.group(1)):
             continue
