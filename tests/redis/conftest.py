@@ -1,5 +1,6 @@
 """Fixtures for the Redis tests (``redis_url``, ``prefix`` and ``anyio_backend`` come from the
-root conftest): ``rig``, a private redis-server behind a fault proxy (fault_fixtures.py)."""
+root conftest): ``rig``, a private redis-server behind a fault proxy (fault_fixtures.py);
+``lane``, a fast lane to the shared server, and ``key``, a fresh key name for it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from fault_fixtures import FaultRig, make_rig
+
+from qtasks_redis import RedisTarget
+from qtasks_redis.lane import Lane, lane_for
 
 
 @pytest.fixture
@@ -27,3 +31,17 @@ def rig(tmp_path: Path) -> Iterator[FaultRig]:
         yield made
     finally:
         made.close()
+
+
+@pytest.fixture
+async def lane(redis_url: str) -> AsyncIterator[Lane]:
+    made = lane_for(RedisTarget.parse(redis_url), {})
+    assert made is not None
+    await made.check()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def key(redis_url: str) -> str:
+    return f"qt-test-lane-{uuid.uuid4().hex[:10]}"

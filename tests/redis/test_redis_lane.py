@@ -8,7 +8,6 @@ import gc
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -30,20 +29,6 @@ from qtasks_redis.connection import Script
 from qtasks_redis.lane import Lane, PyReader, lane_for, pack
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def lane(redis_url: str) -> AsyncIterator[Lane]:
-    made = lane_for(RedisTarget.parse(redis_url), {})
-    assert made is not None
-    await made.check()
-    yield made
-    made.close()
-
-
-@pytest.fixture
-def key(redis_url: str) -> str:
-    return f"qt-test-lane-{uuid.uuid4().hex[:10]}"
 
 
 def test_lane_only_for_plain_targets() -> None:
@@ -152,46 +137,6 @@ async def test_cancelled_blocking_call_salvages_the_script_reply(lane: Lane, key
             )
         assert reply == 2
         assert salvaged == [1]
-    finally:
-        await lane.command("DEL", key, counter)
-
-
-async def test_a_block_ends_at_its_time_not_at_the_servers_tick(lane: Lane, key: str) -> None:
-    """``block_then_script`` ends the block itself when ``block`` has passed (Redis would end
-    a blocking command's timeout only at its next ``hz`` tick): here the BLPOP's own timeout
-    is 30 s, so only the lane's timer can end it. The connection is reused once the server
-    answered that ``CLIENT UNBLOCK`` (it must not cut a later block short)."""
-    script = Script("return redis.call('INCR', KEYS[1])")
-    counter = f"{key}:n"
-    salvaged: list[Any] = []
-    try:
-        with anyio.fail_after(5):
-            reply = await lane.block_then_script(
-                0.05, ("BLPOP", key, 30), script, [counter], [], orphan=salvaged.append
-            )
-            assert reply == 1
-            while not lane._idle:  # noqa: ASYNC110 - the keep waits for the UNBLOCK reply
-                await anyio.sleep(0.001)
-        (conn,) = lane._idle
-        assert conn.unblocking is None and conn.lost is None
-        # Reused: woken by a push, not by a stale CLIENT UNBLOCK.
-        async with anyio.create_task_group() as tg:
-
-            async def push_when_blocked() -> None:
-                with anyio.fail_after(5):
-                    listed = ("CLIENT", "LIST", "ID", conn.client_id)
-                    while b"cmd=blpop" not in await lane.command(*listed):  # noqa: ASYNC110
-                        await anyio.sleep(0.001)  # the server's state, asked
-                await lane.command("SET", counter, 10)
-                await lane.command("RPUSH", key, "x")
-
-            tg.start_soon(push_when_blocked)
-            with anyio.fail_after(5):
-                reply = await lane.block_then_script(
-                    30, ("BLPOP", key, 30), script, [counter], [], orphan=salvaged.append
-                )
-        assert reply == 11
-        assert lane._idle == [conn] and not salvaged
     finally:
         await lane.command("DEL", key, counter)
 

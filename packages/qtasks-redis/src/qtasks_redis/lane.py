@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import time
@@ -57,6 +58,8 @@ except ImportError:  # pragma: no cover - exercised by the pure-Python parser te
 
 _IDLE_BLOCKING = 8
 """Blocking connections kept open for reuse (more are opened while needed)."""
+
+log = logging.getLogger("qtasks_redis")
 
 
 class _ReplyError(Exception):
@@ -220,6 +223,8 @@ class _Conn(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self.lost: Exception | None = None
+        self.serial = 0
+        """Its place in the order the lane's connections were made (see :meth:`Lane._open`)."""
         self.client_id: int | None = None
         """The server's id of this connection (for ``CLIENT UNBLOCK``), on blocking ones."""
         self.unblocking: asyncio.Future[Any] | None = None
@@ -382,6 +387,8 @@ class Lane:
         self._heads: dict[tuple[str, int], bytes] = {}
         self._tails: dict[tuple[str, ...], bytes] = {}
         self._closed = False
+        self._made = 0  # connections made so far (each one's serial)
+        self._unblock_refused = False  # CLIENT UNBLOCK got an error reply (ACL: no @admin)
 
     async def _open(self, *, blocking: bool = False) -> _Conn:
         if self._closed:
@@ -395,6 +402,10 @@ class Lane:
                 else:
                     port = self.target.port or 6379
                     await loop.create_connection(lambda: conn, self.target.host, port)
+                # Numbered once connected: a connection made after another one reached the
+                # server the address named at that later time (see :meth:`_send_unblock`).
+                self._made += 1
+                conn.serial = self._made
                 setup: list[list[Any]] = []
                 if self._password is not None:
                     auth: list[Any] = ["AUTH", self._password]
@@ -548,10 +559,14 @@ class Lane:
                 conn.close()
 
     async def _blocking_conn(self) -> _Conn:
+        main = self._main
         while self._idle:
             conn = self._idle.pop()
-            if conn.lost is None:
+            if conn.lost is None and (main is None or main.serial < conn.serial):
                 return conn
+            # Lost, or older than the main connection (which was made again): no CLIENT
+            # UNBLOCK would be sent for it (:meth:`_send_unblock`).
+            conn.close()
         return await self._open(blocking=True)
 
     async def block_then_script(
@@ -568,7 +583,9 @@ class Lane:
 
         The block ends on time: Redis ends a blocking command's timeout only at its next
         ``hz`` tick (every 100 ms by default), so a loop timer ends it at ``block`` with
-        ``CLIENT UNBLOCK`` (the command's own timeout stays, a safety net).
+        ``CLIENT UNBLOCK`` (the command's own timeout stays, a safety net). The timer is not
+        armed once the server refused ``CLIENT UNBLOCK`` (an ACL without ``@admin``), which
+        is logged once.
 
         A script that changes state must not have its reply lost: if the caller is cancelled
         while waiting, the blocking command is cut short (``CLIENT UNBLOCK``), the script's
@@ -576,8 +593,9 @@ class Lane:
         packed = pack(blocking) + self._evalsha(script, keys, args, 0)
         conn = await self._blocking_conn()
         first, second = conn.send(packed, 2, block)
-        timer = asyncio.get_running_loop().call_later(block, self._unblock, conn, first)
-        second.add_done_callback(lambda _: timer.cancel())
+        if not self._unblock_refused:
+            timer = asyncio.get_running_loop().call_later(block, self._unblock, conn, first)
+            second.add_done_callback(lambda _: timer.cancel())
         # Every path below either awaits a reply or gives it up on purpose (the first's:
         # whatever it is, even an error, the script's comes after it; both, when the
         # connection is lost; a reply still pending as the caller leaves). A cancelled shield
@@ -599,11 +617,8 @@ class Lane:
                         orphan(second.result())
             elif conn.lost is None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    if not first.done() and conn.client_id is not None:
-                        try:
-                            await self.command("CLIENT", "UNBLOCK", conn.client_id)
-                        except Exception:  # the block then ends by itself (or times out)
-                            pass
+                    if not first.done():
+                        self._send_unblock(conn)  # if not sent, the block ends by itself
                     try:
                         orphan(await second)
                     except Exception:  # lost anyway: its lease brings it back
@@ -616,11 +631,45 @@ class Lane:
     def _unblock(self, conn: _Conn, blocked: asyncio.Future[Any]) -> None:
         """End ``conn``'s blocking command now, if it still blocks (the timer of
         :meth:`block_then_script`)."""
-        if blocked.done() or conn.lost is not None or conn.client_id is None:
+        if blocked.done() or conn.lost is not None:
             return
-        sent = asyncio.ensure_future(self.command("CLIENT", "UNBLOCK", conn.client_id))
-        _observed(sent)  # failed: the command's own timeout ends the block
-        conn.unblocking = sent
+        conn.unblocking = self._send_unblock(conn)
+
+    def _send_unblock(self, conn: _Conn) -> asyncio.Future[Any] | None:
+        """Send ``CLIENT UNBLOCK`` for ``conn``'s blocking command; the future of its reply,
+        or ``None`` when not sent (then the command's own timeout ends the block).
+
+        Sent only on the main connection as it is, never on one opened for it nor retried,
+        and only when that connection is older than ``conn``: client ids are numbered per
+        server, and a connection made later (after a failover behind the same address) may
+        reach another server, where ``conn``'s id is some other client's."""
+        main = self._main
+        if (
+            self._unblock_refused
+            or conn.client_id is None
+            or main is None
+            or main.lost is not None
+            or main.serial > conn.serial
+        ):
+            return None
+        sent = main.send_one(pack(("CLIENT", "UNBLOCK", conn.client_id)))
+        sent.add_done_callback(self._unblock_answered)
+        return sent
+
+    def _unblock_answered(self, sent: asyncio.Future[Any]) -> None:
+        # Retrieves the error of every UNBLOCK sent: a lost one is handled by ``_keep``.
+        error = None if sent.cancelled() else sent.exception()
+        if isinstance(error, ResponseError) and not self._unblock_refused:
+            # The server will refuse it every time: blocks end at its hz tick from now on.
+            self._unblock_refused = True
+            reason = "the server's ACL" if isinstance(error, NoPermissionError) else "the server"
+            log.warning(
+                "CLIENT UNBLOCK refused by %s: delayed messages may start up to 1/hz late "
+                "(Redis at %s: %s)",
+                reason,
+                self.target.where,
+                error,
+            )
 
     def _keep(self, conn: _Conn) -> None:
         unblocking = conn.unblocking
@@ -630,8 +679,12 @@ class Lane:
             unblocking.add_done_callback(lambda _: self._keep(conn))
             return
         conn.unblocking = None
-        if unblocking is not None and (unblocking.cancelled() or unblocking.exception()):
-            conn.close()  # whether the server got it is unknown
+        if unblocking is not None and (
+            unblocking.cancelled() or not isinstance(unblocking.exception(), ResponseError | None)
+        ):
+            # Lost or timed out: whether the server got it is unknown. (An error reply says
+            # it got it and refused it: it will never unblock anything.)
+            conn.close()
             return
         if conn.idle and len(self._idle) < _IDLE_BLOCKING and not self._closed:
             self._idle.append(conn)
