@@ -1,6 +1,7 @@
 """The fast lane ends a consumer's block at its deadline with ``CLIENT UNBLOCK``
-(:meth:`qtasks_redis.lane.Lane.block_then_script`): on time, never through a connection to
-what may be another server, and not at all (logged once) when the server's ACL refuses it."""
+(:meth:`qtasks_redis.lane.Lane.block_then_script`): on time, only when the block ends at a
+deadline, never through a connection to what may be another server, and not at all (logged
+once) when the server's ACL refuses it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,7 +17,9 @@ import anyio
 import pytest
 import redis
 
-from qtasks_redis import RedisTarget
+from qtasks.config import QueueConfig
+from qtasks.messages import Envelope
+from qtasks_redis import RedisBroker, RedisTarget
 from qtasks_redis.connection import Script
 from qtasks_redis.lane import Lane, lane_for
 
@@ -62,6 +66,54 @@ async def test_a_block_ends_at_its_time_not_at_the_servers_tick(lane: Lane, key:
         assert lane._idle == [conn] and not salvaged
     finally:
         await lane.command("DEL", key, counter)
+
+
+async def test_a_block_that_is_not_exact_arms_no_timer(lane: Lane, key: str) -> None:
+    """``exact=False`` (a bound that is not due at a moment, like the broker's idle safety
+    wake): no timer and no ``CLIENT UNBLOCK``, the command's own timeout ends the block."""
+    salvaged: list[Any] = []
+    start = time.monotonic()
+    with anyio.fail_after(5):
+        reply = await lane.block_then_script(
+            0.01, ("BLPOP", key, 0.3), RETURN_1, [], [], orphan=salvaged.append, exact=False
+        )
+    assert reply == 1 and not salvaged
+    assert time.monotonic() - start >= 0.29, "the block was cut short"
+
+
+async def test_the_broker_ends_only_a_deadline_on_time(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle consumer's block up to the idle bound (nothing due) is not ``exact``; its block
+    until a delayed message's eta is."""
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=1.0)
+    await broker.start(stack, QueueConfig())
+    lane = broker._require()
+    assert isinstance(lane, Lane)
+    blocks: list[bool] = []
+    idle = anyio.Event()
+    real = lane.block_then_script
+
+    async def recording(*args: Any, exact: bool, **kwargs: Any) -> Any:
+        blocks.append(exact)
+        if not exact:
+            idle.set()
+        return await real(*args, exact=exact, **kwargs)
+
+    monkeypatch.setattr(lane, "block_then_script", recording)
+
+    async def publish_when_idle() -> None:
+        await idle.wait()
+        await broker.publish(Envelope("a", b"x", eta=time.time() + 0.2))
+
+    with anyio.fail_after(5):
+        async with broker.consume(prefetch=1) as it, anyio.create_task_group() as tg:
+            tg.start_soon(publish_when_idle)
+            delivery = await it.__anext__()
+            assert delivery.id == "a"
+            assert await delivery.ack()
+    # Idle first (woken by the publish), then blocked until the eta.
+    assert blocks[0] is False and blocks[-1] is True
 
 
 async def test_no_unblock_goes_through_a_main_connection_newer_than_the_block(

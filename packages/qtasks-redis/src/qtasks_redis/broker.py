@@ -552,9 +552,12 @@ class RedisBroker:
 
         lane = client if isinstance(client, Lane) else None
 
-        async def claim(block: float | None) -> tuple[list[RedisDelivery], float | None]:
-            """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up);
-            see ``parse`` for what it returns."""
+        async def claim(
+            block: float | None, due: bool
+        ) -> tuple[list[RedisDelivery], float | None, bool]:
+            """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up;
+            ``due``: ``block`` ends at a deadline, not at the idle bound); see ``parse`` for
+            what it returns."""
             args: tuple[Any, ...] = (
                 self._lease_ms,
                 self._max_deliveries,
@@ -569,8 +572,10 @@ class RedisBroker:
                 # Idle: block and claim in one round trip (the claim runs as soon as the
                 # BLPOP returns); a claim made while we are cancelled is still recorded.
                 wake = ("BLPOP", self._notify_key, block)
+                # Only a deadline needs its block ended at the moment (a loop timer per
+                # block); the idle bound is a safety wake that Redis's hz tick may end.
                 reply = await lane.block_then_script(
-                    block, wake, script, keys, args, orphan=orphaned
+                    block, wake, script, keys, args, orphan=orphaned, exact=due
                 )
                 return parse(reply)
             if block is not None:
@@ -586,9 +591,11 @@ class RedisBroker:
             exit (:func:`_unbegin`), its deliveries handed back."""
             orphans.extend(parse(reply)[0])
 
-        def parse(reply: Any) -> tuple[list[RedisDelivery], float | None]:
-            """The deliveries claimed, and how long to block for a wake-up before the next
-            claim: ``None`` when the queue may hold more (as many claimed as asked for)."""
+        def parse(reply: Any) -> tuple[list[RedisDelivery], float | None, bool]:
+            """The deliveries claimed; how long to block for a wake-up before the next claim
+            (``None`` when the queue may hold more: as many claimed as asked for); and whether
+            that wait ends at a deadline (a delayed message due, a lease ending) rather than
+            at the idle bound."""
             if (len(reply) - 1) % stride:
                 # One element over: the ids of the messages the claim published itself
                 # (CLAIM_BEGIN_WF: the error callbacks of the workflow members it
@@ -614,14 +621,17 @@ class RedisBroker:
                         delivery.begun = None  # the worker begins it (and sees the error)
                 out.append(delivery)
             if len(out) == count:
-                return out, None
-            wait_ms = int(reply[0])
-            return out, (idle_ms if wait_ms < 0 else min(wait_ms, idle_ms)) / 1000
+                return out, None, False
+            wait_ms = int(reply[0])  # -1: nothing is due
+            if 0 <= wait_ms <= idle_ms:
+                return out, wait_ms / 1000, True
+            return out, idle_ms / 1000, False
 
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             failures = 0
             wake_at: float | None = None  # when a deadline is due (monotonic), if blocking
             took = False  # whether the last claim took anything
+            due = False  # whether wake_at is a deadline (not the idle bound)
             while True:
                 if buffer:
                     yield buffer.popleft()
@@ -646,7 +656,7 @@ class RedisBroker:
                         # have outlasted the deadline (then the claim is made at once).
                         left = wake_at - time.monotonic()
                         block = None if took and left <= 0 else max(left, 0.001)
-                    got, wait = await claim(block)
+                    got, wait, due = await claim(block, due)
                     buffer.extend(got)  # before a wait: at exit, the records of the rest go back
                     if buried:
                         await tell()

@@ -577,15 +577,18 @@ class Lane:
         keys: Sequence[str],
         args: Sequence[Any],
         orphan: Callable[[Any], object],
+        *,
+        exact: bool = True,
     ) -> Any:
         """Run the blocking command ``blocking`` then ``script`` right after it, in one round
         trip on a connection of their own; return the script's reply.
 
-        The block ends on time: Redis ends a blocking command's timeout only at its next
-        ``hz`` tick (every 100 ms by default), so a loop timer ends it at ``block`` with
-        ``CLIENT UNBLOCK`` (the command's own timeout stays, a safety net). The timer is not
-        armed once the server refused ``CLIENT UNBLOCK`` (an ACL without ``@admin``), which
-        is logged once.
+        With ``exact``, the block ends on time: Redis ends a blocking command's timeout only
+        at its next ``hz`` tick (every 100 ms by default), so a loop timer ends it at ``block``
+        with ``CLIENT UNBLOCK`` (the command's own timeout stays, a safety net). Pass
+        ``exact=False`` for a bound that is not due at a moment (a safety wake): no timer
+        then. The timer is not armed either once the server refused ``CLIENT UNBLOCK`` (an
+        ACL without ``@admin``), which is logged once.
 
         A script that changes state must not have its reply lost: if the caller is cancelled
         while waiting, the blocking command is cut short (``CLIENT UNBLOCK``), the script's
@@ -593,7 +596,7 @@ class Lane:
         packed = pack(blocking) + self._evalsha(script, keys, args, 0)
         conn = await self._blocking_conn()
         first, second = conn.send(packed, 2, block)
-        if not self._unblock_refused:
+        if exact and not self._unblock_refused:
             timer = asyncio.get_running_loop().call_later(block, self._unblock, conn, first)
             second.add_done_callback(lambda _: timer.cancel())
         # Every path below either awaits a reply or gives it up on purpose (the first's:
