@@ -68,6 +68,23 @@ async def test_a_block_ends_at_its_time_not_at_the_servers_tick(lane: Lane, key:
         await lane.command("DEL", key, counter)
 
 
+async def test_a_cold_lanes_first_block_ends_at_its_time(redis_url: str, key: str) -> None:
+    """A lane whose first command is a block: the main connection (through which the timer's
+    ``CLIENT UNBLOCK`` goes) is made before the blocking one, so that block too ends at its
+    time (here the BLPOP's own timeout is 30 s)."""
+    cold = lane_for(RedisTarget.parse(redis_url), {})
+    assert cold is not None
+    salvaged: list[Any] = []
+    try:
+        with anyio.fail_after(5):
+            assert await cold.block_then_script(
+                0.05, ("BLPOP", key, 30), RETURN_1, [], [], orphan=salvaged.append
+            )
+    finally:
+        cold.close()
+    assert not salvaged
+
+
 async def test_a_block_that_is_not_exact_arms_no_timer(lane: Lane, key: str) -> None:
     """``exact=False`` (a bound that is not due at a moment, like the broker's idle safety
     wake): no timer and no ``CLIENT UNBLOCK``, the command's own timeout ends the block."""

@@ -567,6 +567,9 @@ class Lane:
             # Lost, or older than the main connection (which was made again): no CLIENT
             # UNBLOCK would be sent for it (:meth:`_send_unblock`).
             conn.close()
+        # The main connection first (if it is not up): CLIENT UNBLOCK goes only through one
+        # made before the blocking connection.
+        await self._connection()
         return await self._open(blocking=True)
 
     async def block_then_script(
