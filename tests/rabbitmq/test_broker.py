@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from typing import Any, cast
+from typing import cast
 
 import aio_pika
-import aiormq
 import anyio
 import pytest
 
@@ -445,36 +443,3 @@ def test_from_config_reads_url_and_extra() -> None:
     with pytest.raises(BrokerConnectionError, match="amqp") as caught:
         Link("redis://x:secret@h/", broker.topology)
     assert "secret" not in str(caught.value)
-
-
-async def test_acks_of_one_loop_turn_are_written_together(
-    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Deliveries settled in the same turn of the event loop are acked in one write (one
-    item of the connection's write queue, not one per ack), and each is acked: none comes
-    back, even when the consumer closes right after."""
-    broker = await make_broker()
-    for i in range(3):
-        await broker.publish(Envelope(id=uuid.uuid4().hex, body=str(i).encode()))
-    writes: list[bytes] = []
-    async with broker.consume(prefetch=3) as deliveries:
-        taken = [await take(deliveries) for _ in range(3)]
-        queue = cast(aiormq.Channel, taken[0]._message.channel).write_queue
-        put = queue.put_nowait
-
-        def counted(frame: Any) -> None:
-            writes.append(frame.payload)
-            put(frame)
-
-        monkeypatch.setattr(queue, "put_nowait", counted)
-        assert await asyncio.gather(*(d.ack() for d in taken)) == [True, True, True]
-    acks = [w for w in writes if w[7:11] == b"\x00\x3c\x00\x50"]  # basic.ack: class 60, method 80
-    assert len(acks) == 1
-    assert len(acks[0]) == 3 * 21  # three ack frames of 21 bytes
-    # A message whose ack was lost would be back ahead of one published now.
-    marker = Envelope(id=uuid.uuid4().hex, body=b"after")
-    await broker.publish(marker)
-    async with broker.consume(prefetch=1) as deliveries:
-        first = await take(deliveries)
-        assert first.id == marker.id
-        assert await first.ack()

@@ -1,6 +1,5 @@
-"""The frames qtasks_rabbitmq writes itself are byte for byte pamqp's: the content header of
-each publish (``qtasks_rabbitmq.confirms``), for every shape of message the publisher makes,
-and the consumer's acks (``qtasks_rabbitmq.wire``)."""
+"""The content header frame written for each publish (``qtasks_rabbitmq.confirms``) is byte
+for byte pamqp's, for every shape of message the publisher makes."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from pamqp.header import ContentHeader
 
 from qtasks_rabbitmq.confirms import Outgoing, content_header
 from qtasks_rabbitmq.wire import H_DEAD_AT, H_DELIVERIES, H_ETA, H_ID, H_PRIORITY, H_REASON
-from qtasks_rabbitmq.wire import ack_frames as ack_frames_of
 
 
 def pamqp_header(message: Outgoing, channel: int) -> bytes:
@@ -52,10 +50,3 @@ def test_content_header_is_pamqps(
     message = Outgoing(body, "task-id", message_id, headers, priority, "", "queue", expiration)
     for channel in (1, 2047):
         assert content_header(message, channel) == pamqp_header(message, channel)
-
-
-@pytest.mark.parametrize("tags", [[1], [1, 2, 3], [255, 70_000, 2**40, 2**63 - 1]])
-def test_ack_frames_are_pamqps(tags: list[int]) -> None:
-    for channel in (1, 2047):
-        expected = b"".join(marshal(Basic.Ack(delivery_tag=tag), channel) for tag in tags)
-        assert ack_frames_of(channel, tags) == expected

@@ -27,16 +27,7 @@ from qtasks.components import Buried
 from qtasks_rabbitmq.delivery import RabbitMQDelivery
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.publisher import Published, Publisher
-from qtasks_rabbitmq.wire import (
-    H_DELIVERIES,
-    H_ETA,
-    H_ID,
-    H_PRIORITY,
-    Acks,
-    as_int,
-    as_str,
-    settle,
-)
+from qtasks_rabbitmq.wire import H_DELIVERIES, H_ETA, H_ID, H_PRIORITY, as_int, as_str, settle
 
 log = logging.getLogger("qtasks_rabbitmq")
 
@@ -73,7 +64,6 @@ class Consumer:
         self.channel: AbstractChannel | None = None
         self.tag: str | None = None
         self.underlay: aiormq.Channel | None = None
-        self.acks: Acks | None = None
         self.buffer: asyncio.Queue[RabbitMQDelivery] = asyncio.Queue()
         self.held: dict[str, RabbitMQDelivery] = {}
         self.closing = False
@@ -177,24 +167,12 @@ class Consumer:
         self.generation = generation
         self.channel = channel
         self.underlay = cast(aiormq.Channel, underlay)
-        self.acks = Acks(self.underlay)
         # Straight on aiormq: aio-pika would wrap every message in an IncomingMessage and
         # a second task; the worker needs the raw frame only.
         ok = await underlay.basic_consume(
             self.link.topology.queue, functools.partial(self._on_message, generation)
         )
         self.tag = ok.consumer_tag
-
-    async def ack(self, message: DeliveredMessage) -> None:
-        """Ack ``message`` on the channel it came from: with the other acks of this turn of
-        the event loop when that is this consumer's channel (:class:`Acks`)."""
-        acks = self.acks
-        if acks is not None and message.channel is acks.channel:
-            tag = message.delivery_tag
-            assert tag is not None, "a consumed message always has a delivery tag"
-            acks.add(tag)
-        else:
-            await settle(message, ack=True)
 
     def _closed(self, generation: int, what: str, exc: BaseException | None) -> None:
         # A closed link ignores this (``Link.lost`` checks), as it does once the broker stopped.
@@ -241,7 +219,7 @@ class Consumer:
             await _settle_with(message, publisher.send(id, body, priority, deliveries, eta))
             return None
         if self.published.skip(id):
-            await self.ack(message)
+            await settle(message, ack=True)
             return None
         redelivered = bool(message.redelivered)
         if self.topology.queue_type == "quorum":
@@ -322,8 +300,6 @@ class Consumer:
                 await delivery._expire()
             self.held.clear()
         finally:
-            if self.acks is not None:
-                self.acks.flush()  # queued before the close
             with contextlib.suppress(Exception):
                 await channel.close()
 

@@ -78,7 +78,7 @@ class RabbitMQDelivery:
         """Ack on the original channel; ``False`` if that channel is gone."""
         self._consumer.release(self.token)
         try:
-            await self._consumer.ack(self._message)
+            await settle(self._message, ack=True)
         except Exception:
             return False
         return True
