@@ -1,9 +1,8 @@
 """Dead-letter retention on RabbitMQ, past what the contract suite checks: ``Q.dead`` is
 declared as every version declares it, so an earlier version's is adopted and an earlier
 version is not refused this one's, ``max_dead_letters`` kept by the broker; one with a cap
-of its own is kept, with one warning; a dead letter without an ``expiration`` is still not
-listed once expired; and expired dead letters that RabbitMQ has not dropped yet (it drops
-only at the head) are not counted."""
+of its own is kept, with one warning; and a dead letter without an ``expiration`` is still
+not listed once expired."""
 
 from __future__ import annotations
 
@@ -140,43 +139,3 @@ async def test_a_dead_queue_with_a_cap_is_kept_with_one_warning_per_link(
         assert not warnings()
     await dead_lettered(broker, 4)
     assert len(await broker.dead_letters()) == 2
-
-
-def letter(id: str, died: float, expiration: float | None = None) -> aio_pika.Message:
-    """A dead letter as the broker writes it, dead at ``died`` (``expiration`` in seconds, or
-    none)."""
-    return aio_pika.Message(
-        id.encode(),
-        message_id=id,
-        headers={H_REASON: "poison", H_DEAD_AT: int(died * 1000)},
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        expiration=expiration,
-    )
-
-
-@pytest.mark.parametrize("count", ["stats", "purge"])
-async def test_expired_dead_letters_rabbitmq_still_holds_are_not_counted(
-    make_broker: BrokerFactory, queue_name: str, count: str
-) -> None:
-    """``Q.dead`` holds, in order: a letter of an earlier version (no ``expiration``) past
-    ``dead_letter_ttl``, which RabbitMQ never drops; behind it one whose ``expiration``
-    passed, which RabbitMQ drops only once it is at the head; and a young one. Only the young
-    one counts, in ``stats()`` and in what ``purge_dead_letters()`` reports."""
-    broker = await make_broker(dead_letter_ttl=3600.0)
-    connection = await aio_pika.connect(URL)
-    async with connection:
-        channel = await connection.channel()
-        now = time.time()
-        for message in (
-            letter("old", now - 2 * 3600),
-            letter("expired", now, expiration=0.001),
-            letter("young", now),
-        ):
-            await channel.default_exchange.publish(message, routing_key=f"{queue_name}.dead")
-    if count == "stats":
-        assert (await broker.stats()).dead_letters == 1
-        assert [d.id for d in await broker.dead_letters()] == ["young"]
-    else:
-        assert await broker.purge_dead_letters() == 1
-        assert await broker.dead_letters() == []
-    assert (await broker.stats()).dead_letters == (1 if count == "stats" else 0)

@@ -274,9 +274,7 @@ class RabbitMQBroker:
         """Ready, delayed and dead counts from RabbitMQ; ``in_flight`` counts the deliveries
         held by consumers of this process (AMQP does not report other consumers' unacked
         messages). RabbitMQ does not count by priority: all ready messages are reported
-        under priority 0. Expired dead letters at the head of the dead-letter queue are
-        removed first, so those RabbitMQ holds behind them are not counted (see
-        :mod:`~qtasks_rabbitmq.management`)."""
+        under priority 0."""
         connection, _ = await self._require_link().connection()
         ready, delayed, dead = await management.counts(connection, self._topology)
         in_flight = sum(len(c.held) + c.buffer.qsize() for c in self._consumers.values())

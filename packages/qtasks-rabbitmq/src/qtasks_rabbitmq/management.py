@@ -1,14 +1,9 @@
 """Inspection and management on a channel of their own: queue counts for ``stats``, reading and
 requeueing dead letters, and the reason of a message RabbitMQ dead-lettered itself.
 
-RabbitMQ drops an expired dead letter only when it reaches the head of ``Q.dead``; reading the
+RabbitMQ drops an expired dead letter when it reaches the head of ``Q.dead``; reading the
 queue removes one met past ``dead_letter_ttl`` all the same (one written before dead letters
-had an ``expiration``, or one RabbitMQ dead-lettered itself), so none is listed or requeued.
-Counting (``stats``, ``purge_dead_letters()``) first removes the expired letters at the head
-(:func:`_live_head`): one that never expires in RabbitMQ's eyes (no ``expiration``) would
-otherwise hold the expired ones behind it in RabbitMQ's count. What is left is counted as
-RabbitMQ counts it, which is exact while the letters expire in the order they died (see
-``docs/rabbitmq.md``, "Dead letters")."""
+had an ``expiration``, or one RabbitMQ dead-lettered itself), so none is listed or requeued."""
 
 from __future__ import annotations
 
@@ -16,12 +11,7 @@ import time
 from datetime import datetime
 from typing import Any, cast
 
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from qtasks.components import DeadLetter
 from qtasks_rabbitmq.publisher import Publisher
@@ -40,7 +30,7 @@ async def counts(connection: AbstractConnection, topology: Topology) -> tuple[in
             return int(result.message_count or 0)
 
         ready = await count(topology.queue)
-        dead = await _count_dead(channel, topology)
+        dead = await count(topology.dead)
         delayed = 0
         for bit in range(LEVELS):
             delayed += await count(topology.level(bit))
@@ -108,11 +98,8 @@ async def purge_dead_letters(
     try:
         queue = await channel.declare_queue(topology.dead, passive=True)
         if ids is None:
-            head = await _live_head(queue, topology)
-            if head is not None:
-                await head.ack()  # held by this channel: a purge would not take it
             result = await queue.purge()
-            return int(getattr(result, "message_count", 0) or 0) + (head is not None)
+            return int(getattr(result, "message_count", 0) or 0)
         wanted = set(ids)
         purged = 0
         total = int(queue.declaration_result.message_count or 0)
@@ -130,32 +117,6 @@ async def purge_dead_letters(
         return purged
     finally:
         await channel.close()
-
-
-async def _count_dead(channel: AbstractChannel, topology: Topology) -> int:
-    """The dead letters not expired, once the expired ones at the head are removed."""
-    queue = await channel.declare_queue(topology.dead, passive=True)
-    head = await _live_head(queue, topology)
-    if head is None:
-        return 0
-    ready = await channel.declare_queue(topology.dead, passive=True)  # without the held head
-    count = int(ready.declaration_result.message_count or 0) + 1
-    await head.reject(requeue=True)  # back to the head, where it was
-    return count
-
-
-async def _live_head(queue: AbstractQueue, topology: Topology) -> AbstractIncomingMessage | None:
-    """Remove the expired dead letters at the head of ``queue`` (RabbitMQ drops those whose
-    ``expiration`` passed as they come to the head; this removes those past
-    ``dead_letter_ttl`` by their time of death) and return the first one left, held unacked
-    on this channel (``None``: the queue is empty)."""
-    while True:
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            return None
-        if not _expired(_dead_letter(message), topology):
-            return message
-        await message.ack()
 
 
 def _expired(letter: DeadLetter, topology: Topology) -> bool:
