@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,8 +13,8 @@ from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 
-from qtasks import AsyncQueueTasks, QueueConfig
-from qtasks_timer import AsyncTimer, ScheduleError, TimerError, every, parse_crontab
+from qtasks import QueueConfig
+from qtasks_timer import ScheduleError, every, parse_crontab
 from qtasks_timer.settings import TimerSettings
 from qtasks_timer.triggers import (
     derive_id,
@@ -27,7 +23,6 @@ from qtasks_timer.triggers import (
     plan,
     tick_key,
     to_trigger,
-    zone_chosen,
 )
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -134,100 +129,31 @@ def test_an_interval_trigger_in_a_combination_is_re_aligned() -> None:
     assert combined.triggers[0].start_date == datetime(1970, 1, 1, tzinfo=UTC)  # type: ignore[attr-defined]
     assert combined.triggers[1] is made.triggers[1]  # type: ignore[attr-defined]
     assert made.triggers[0].start_date.year > 1970  # the user's trigger is left as it is
-    assert derive_id("x", combined, [], {}, zone_counts=False) == derive_id(
+    assert derive_id("x", combined, [], {}) == derive_id(
         "x",
         to_trigger(OrTrigger([IntervalTrigger(seconds=30, timezone=UTC), CronTrigger(hour=3)])),
         [],
         {},
-        zone_counts=False,
     )
-
-
-def _id(schedule: Any, *args: Any, timezone: str | None = None, **kwargs: Any) -> str:
-    """The id a timer of task ``report`` derives (as :class:`AsyncTimer` does)."""
-    trigger = to_trigger(schedule, timezone)
-    return derive_id("report", trigger, list(args), kwargs, zone_counts=zone_chosen(schedule))
 
 
 def test_timer_ids_are_stable_and_distinct() -> None:
     # Two "processes" building the same timer independently get the same id.
-    one = _id("*/5 * * * *", 1, to="ops")
-    assert one == _id("*/5 * * * *", 1, to="ops")
+    one = derive_id("report", to_trigger("*/5 * * * *"), [1], {"to": "ops"})
+    two = derive_id("report", to_trigger("*/5 * * * *"), [1], {"to": "ops"})
+    assert one == two
     assert one.startswith("report@")
-    assert _id(IntervalTrigger(seconds=30)) == _id(IntervalTrigger(seconds=30))
+    assert derive_id("report", to_trigger(IntervalTrigger(seconds=30)), [], {}) == derive_id(
+        "report", to_trigger(IntervalTrigger(seconds=30)), [], {}
+    )
     others = {
-        _id("*/5 * * * *", 2, to="ops"),
-        _id("*/5 * * * *", 1, timezone="Europe/Berlin", to="ops"),
-        _id("*/10 * * * *", 1, to="ops"),
-        derive_id("other", to_trigger("*/5 * * * *"), [1], {"to": "ops"}, zone_counts=True),
+        derive_id("report", to_trigger("*/5 * * * *"), [2], {"to": "ops"}),
+        derive_id("report", to_trigger("*/5 * * * *", "Europe/Berlin"), [1], {"to": "ops"}),
+        derive_id("report", to_trigger("*/10 * * * *"), [1], {"to": "ops"}),
+        derive_id("other", to_trigger("*/5 * * * *"), [1], {"to": "ops"}),
     }
     assert one not in others
     assert len(others) == 4
-
-
-def test_timer_ids_of_earlier_versions_are_kept() -> None:
-    """Ids derived before APScheduler triggers' zones left the id: crontab strings and
-    intervals (whose zone qtasks chooses) and triggers in a zone named UTC keep theirs."""
-    assert _id("*/5 * * * *", 1, to="ops") == "report@074aaa49fbb6"
-    assert _id("30 2 * * *", timezone="Europe/Berlin") == "report@bee7a8461b0c"
-    assert _id(timedelta(minutes=5)) == "report@56397fbeb803"
-    assert _id(CronTrigger(hour=9, timezone="UTC")) == "report@cc4e5b18c536"
-    assert _id(IntervalTrigger(seconds=30, timezone="UTC")) == "report@a381b97df6b4"
-
-
-_ZONE_IDS = """
-import json
-from apscheduler.triggers.combining import OrTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
-from qtasks import AsyncQueueTasks, QueueConfig
-from qtasks_timer import AsyncTimer
-
-timer = AsyncTimer(AsyncQueueTasks("zones", config=QueueConfig(plugins_disabled=["*"])))
-made = {
-    "cron": CronTrigger(hour=9, minute=30),
-    "interval": IntervalTrigger(minutes=5),
-    "combined": OrTrigger([IntervalTrigger(minutes=7), CronTrigger(hour=3)]),
-    "explicit": CronTrigger(hour=9, timezone="Asia/Tokyo"),
-    "crontab": "30 9 * * *",
-}
-ids = {name: timer.add_task("report", trigger=made[name]).id for name in made}
-print(json.dumps({"zone": str(made["cron"].timezone), "ids": ids}))
-"""
-
-
-def test_machines_in_other_zones_derive_the_same_ids() -> None:
-    """The same code on machines whose local zones differ: APScheduler gives each trigger made
-    without ``timezone=`` its machine's zone, and every machine still derives the same ids."""
-    zones = ("UTC", "Europe/Paris", "America/New_York")
-    seen = []
-    for zone in zones:
-        env = {**os.environ, "TZ": zone}
-        done = subprocess.run(
-            [sys.executable, "-c", _ZONE_IDS], env=env, capture_output=True, text=True, timeout=60
-        )
-        assert done.returncode == 0, done.stderr
-        seen.append(json.loads(done.stdout))
-    assert [s["zone"] for s in seen] == list(zones)  # each "machine" really had its zone
-    assert all(s["ids"] == seen[0]["ids"] for s in seen), seen
-    assert len(set(seen[0]["ids"].values())) == len(seen[0]["ids"])
-
-
-def test_triggers_differing_only_by_zone_need_their_own_ids() -> None:
-    """An APScheduler trigger's zone is not in the derived id: two timers of one task whose
-    triggers differ only by zone are refused, with the way out; given ids they both run."""
-    timer = AsyncTimer(AsyncQueueTasks("zones", config=QueueConfig(plugins_disabled=["*"])))
-    timer.add_task("report", trigger=CronTrigger(hour=9, timezone="Asia/Tokyo"))
-    with pytest.raises(
-        TimerError, match="differ only by time zone derive one id: give each a timer_id="
-    ):
-        timer.add_task("report", trigger=CronTrigger(hour=9, timezone="Europe/Paris"))
-    timer.add_task("report", trigger=CronTrigger(hour=9, timezone="Europe/Paris"), timer_id="p")
-    assert len(timer.timers) == 2
-    # A crontab string's timezone= still counts: it is qtasks' own choice of zone.
-    timer.add_task("report", trigger="0 9 * * *", timezone="Asia/Tokyo")
-    timer.add_task("report", trigger="0 9 * * *", timezone="Europe/Paris")
-    assert len(timer.timers) == 4
 
 
 def test_plan_on_time_tick_fires_it() -> None:

@@ -39,7 +39,6 @@ from qtasks_timer.triggers import (
     tick_key,
     to_trigger,
     trigger_text,
-    zone_chosen,
 )
 
 if TYPE_CHECKING:
@@ -254,22 +253,14 @@ class AsyncTimer:
             task.check_arguments(args_t, kwargs_d)
         grace = self.misfire_grace if misfire_grace is None else misfire_grace
         _check_grace(grace)
-        ident = timer_id or derive_id(
-            task_name, trigger, list(args_t), kwargs_d, zone_counts=zone_chosen(schedule)
-        )
+        ident = timer_id or derive_id(task_name, trigger, list(args_t), kwargs_d)
         existing = self._entries.get(ident)
         if existing is not None:
             if (
                 trigger_text(existing.trigger) != trigger_text(trigger)
                 or existing.task_name != task_name
             ):
-                hint = (
-                    ""
-                    if timer_id
-                    else " (APScheduler triggers that differ only by time zone derive one id: "
-                    "give each a timer_id=)"
-                )
-                raise TimerError(f"timer id {ident!r} is already used by another timer{hint}")
+                raise TimerError(f"timer id {ident!r} is already used by another timer")
             return TimerHandle(self, existing)
         entry = _Entry(ident, task_name, trigger, args_t, kwargs_d, priority, grace, source=source)
         self._entries[ident] = entry

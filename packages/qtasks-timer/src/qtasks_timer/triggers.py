@@ -256,49 +256,13 @@ def trigger_text(trigger: Trigger) -> str:
     return f"{type(trigger).__module__}.{type(trigger).__qualname__}:{trigger!r}"
 
 
-def derive_id(
-    task_name: str, trigger: Trigger, args: Any, kwargs: Any, *, zone_counts: bool
-) -> str:
-    """A timer id that is the same in every process declaring the same timer.
-
-    ``zone_counts``: the trigger's zone was chosen by qtasks (:func:`zone_chosen`: a crontab
-    string or an interval, in ``timezone=``, default UTC), so it is part of the id. An
-    APScheduler trigger's own zone is not: one made without ``timezone=`` gets the machine's
-    local zone, which nothing on the trigger tells apart from a zone written on purpose, and
-    the same code on machines in two zones must derive one id (see :func:`zone_free`)."""
-    described = trigger if zone_counts else zone_free(trigger)
+def derive_id(task_name: str, trigger: Trigger, args: Any, kwargs: Any) -> str:
+    """A timer id that is the same in every process declaring the same timer."""
     text = json.dumps(
-        [task_name, trigger_text(described), args, kwargs], sort_keys=True, default=repr
+        [task_name, trigger_text(trigger), args, kwargs], sort_keys=True, default=repr
     )
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return f"{task_name}@{digest}"
-
-
-def zone_chosen(schedule: Schedule) -> bool:
-    """Whether qtasks chooses the zone of ``schedule``'s trigger (a crontab string or an
-    interval, evaluated in ``timezone=``), rather than the trigger itself."""
-    return isinstance(schedule, str | timedelta | int | float)
-
-
-_DATES = ("start_date", "end_date", "run_date")
-
-
-def zone_free(trigger: Trigger) -> Trigger:
-    """``trigger`` as written in UTC, for its id: its zone set to UTC and its dates converted
-    to UTC instants (a copy; combinations too). A trigger already in a zone named ``UTC``
-    describes itself the same way as before, so its id does not change."""
-    if not isinstance(trigger, BaseTrigger):
-        return trigger
-    made: Trigger = copy.copy(trigger)
-    if isinstance(made, BaseCombiningTrigger):
-        made.triggers = [zone_free(child) for child in made.triggers]
-    if getattr(made, "timezone", None) is not None:
-        made.timezone = UTC  # type: ignore[attr-defined]  # every APScheduler trigger but Date
-    for name in _DATES:
-        value = getattr(made, name, None)
-        if isinstance(value, datetime) and value.tzinfo is not None:
-            setattr(made, name, value.astimezone(UTC))
-    return made
 
 
 @dataclass(frozen=True, slots=True)
