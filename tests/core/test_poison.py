@@ -5,13 +5,22 @@ message is handed back later each time, its failures counted in it, and dead-let
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
+from qtasks import (
+    AsyncQueueTasks,
+    MemoryBroker,
+    MemoryStorage,
+    QueueConfig,
+    TaskStatus,
+    hookimpl,
+    poison,
+)
 from qtasks.errors import SerializationError
 from qtasks.memory import MemoryGlobalConfig
 from qtasks.messages import JSONSerializer
@@ -268,3 +277,44 @@ async def test_a_message_the_broker_dead_letters_itself_fires_the_dead_lettered_
     assert sorted(heard) == sorted(
         (uuid, error, TaskStatus.ERROR, "dead-letter") for uuid, error in errors.items()
     )
+
+
+async def test_a_dead_letter_told_by_a_notice_while_its_run_ends_fires_the_hook_once() -> None:
+    """The last allowed delivery's run stalls the loop past its lease; meanwhile another
+    consumer (played inline) buries the redelivery and its notice ends the record and fires
+    ``qtasks_task_dead_lettered``. The run's own settle then finds the lease lost and its
+    fenced save refused: it fires nothing more (before, the hook fired twice)."""
+    lease = 0.3
+    app = AsyncQueueTasks(
+        broker=NoticingBroker(lease=lease),
+        config=QueueConfig(max_tasks_process=1, lease=lease, max_deliveries=1),
+    )
+    heard: list[str] = []
+    settled = anyio.Event()
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            heard.append(reason)
+
+        @hookimpl
+        def qtasks_worker_execute_after(self, record: TaskRecord) -> None:
+            settled.set()
+
+    app.add_plugin(Watch())
+    uuids: list[str] = []
+
+    @app.task
+    async def hog() -> str:
+        time.sleep(lease * 2)  # noqa: ASYNC251 - stalls the loop on purpose: the lease runs out
+        await poison.buried(app, uuids[0], "delivery limit reached (another consumer)")
+        return "late"
+
+    async with app:
+        task = await app.add_task("hog")
+        uuids.append(task.uuid)
+        with anyio.fail_after(10):
+            await settled.wait()  # the run's settle is over: whatever it fires has fired
+        final = await app.get(task.uuid)
+    assert final is not None and final.status is TaskStatus.ERROR
+    assert heard == ["dead-lettered: delivery limit reached (another consumer)"]

@@ -47,6 +47,10 @@ class Settlement:
         self.give_up_at = math.inf
         """When a stopping worker stops retrying final saves through an outage."""
         self._batch: SettleBatch | None = None
+        self.noticing = False
+        """Whether the worker consumes through :class:`~qtasks.components.BuryNotice`: then a
+        dead letter whose record another consumer's notice ended has had its
+        ``qtasks_task_dead_lettered`` (:func:`qtasks.poison.buried`)."""
 
     def open_batch(self, app: AsyncQueueTasks, concurrency: int) -> SettleBatch | None:
         """The batch settler of a worker serving ``concurrency`` tasks at once, when the app
@@ -246,15 +250,16 @@ class Settlement:
             f"out (max_deliveries={limit})"
         )
         record.updated_at = time.time()
-        if (
-            await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
-            and record.workflow is not None
-        ):
+        saved = await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+        if saved and record.workflow is not None:
             # ``again``: the message's lease is gone, so another worker's claim may have
             # dead-lettered it meanwhile and counted the member already (publishing the error
             # step, which may be running by now): what is sent here must not replace it.
             await workflows.member_ended(app, record, again=True)
-        if "qtasks_task_dead_lettered" in app.hooks.active:
+        # Once per message: a refused save under a notice (the consumer that buried the
+        # message ended the record and fired it) fires nothing here; a claim that ended it
+        # (BeginOnClaim) fires nothing, so this does.
+        if (saved or not self.noticing) and "qtasks_task_dead_lettered" in app.hooks.active:
             await app.hooks.notify(
                 "qtasks_task_dead_lettered", app=app, record=record, reason=record.error
             )

@@ -197,6 +197,7 @@ class QueueWorker:
         broker = app.broker
         shared = app.shared_server
         announcer: workflows.Announcer | None = None
+        consumer_notices = False
         if shared is not None and isinstance(broker, BeginOnClaim):
             if "qtasks_task_enqueued" in app.hooks.active:
                 announcer = workflows.Announcer(app)
@@ -211,9 +212,11 @@ class QueueWorker:
             # The broker dead-letters on its own: the worker ends those records.
             buried = partial(poison.buried, app)
             consumer = broker.consume_noticing(prefetch=prefetch, buried=buried)
+            consumer_notices = True
         else:
             consumer = broker.consume(prefetch=prefetch)
         settler = self._settlement.open_batch(app, concurrency)
+        self._settlement.noticing = consumer_notices
         async with (
             self._serving_now(),
             consumer as deliveries,
