@@ -18,6 +18,7 @@ from qtasks.messages import Envelope
 from qtasks_testing.clock import FakeClock
 from qtasks_timer import AsyncTimer, TimerHandle
 from qtasks_timer import timer as timer_module
+from qtasks_timer.outage import TickOutage
 from qtasks_timer.timer import CLAIMS
 from qtasks_timer.triggers import tick_key
 
@@ -319,3 +320,32 @@ async def test_a_slow_tick_holds_back_only_its_own_timer(
         for second in range(1, 4):
             await wait_until(partial(ticked, rec, healthy.id, second), 3, "a tick meanwhile")
             clock.advance(1)
+
+
+def test_an_outage_that_lost_ticks_or_goes_on_is_reported_at_warning_level(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outage's end is a warning when ticks were lost in it (an info line when every tick
+    went through in the end), and an outage that goes on is reported again every five
+    minutes rather than only when it began."""
+    began = datetime(2026, 1, 1, tzinfo=UTC)
+    outage = TickOutage("t", began)
+    with caplog.at_level(logging.DEBUG, logger="qtasks.timer"):
+        outage.failed("k1", "ConnectionError: down", "tried again", began)
+        outage.failed("k1", "ConnectionError: down", "tried again", began + timedelta(minutes=1))
+        outage.failed("k2", "ConnectionError: down", "tried again", began + timedelta(minutes=6))
+        outage.failed("k2", "ConnectionError: down", "tried again", began + timedelta(minutes=7))
+        outage.over("k3", began + timedelta(minutes=8))
+    shown = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert [level for level, _ in shown] == ["WARNING", "WARNING", "WARNING"], shown
+    assert "still failing" in shown[1][1] and "360.0 s since the outage began" in shown[1][1]
+    assert "2 of them not enqueued" in shown[2][1], shown
+    caplog.clear()
+    recovered = TickOutage("t", began)
+    with caplog.at_level(logging.DEBUG, logger="qtasks.timer"):
+        recovered.failed("k1", "ConnectionError: down", "tried again", began)
+        recovered.over("k1", began + timedelta(seconds=3))
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.INFO] == [
+        "WARNING",
+        "INFO",
+    ]

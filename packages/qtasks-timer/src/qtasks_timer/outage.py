@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 log = logging.getLogger("qtasks.timer")
+
+REMIND = timedelta(minutes=5)
+"""How often an outage that goes on is reported again at warning level."""
 
 
 @dataclass(slots=True)
@@ -22,14 +25,18 @@ class TickOutage:
     ticks: int = 0
     """Distinct ticks that failed (a retry of the same tick counts once)."""
     last_key: str = ""
+    warned: datetime | None = None
+    """When the outage was last reported at warning level."""
 
-    def failed(self, key: str, cause: str, retry: str) -> None:
+    def failed(self, key: str, cause: str, retry: str, now: datetime) -> None:
         """An attempt at tick ``key`` failed for ``cause``: the first one logs a warning
-        (with the current exception's traceback, if any), the next ones only at debug level."""
+        (with the current exception's traceback, if any), the next ones only at debug level,
+        but for a reminder every :data:`REMIND` while the outage lasts."""
         self.attempts += 1
         if key != self.last_key:
             self.ticks, self.last_key = self.ticks + 1, key
         if self.attempts == 1:
+            self.warned = now
             log.warning(
                 "timer %s: tick %s failed (%s), an outage: %s; its end is logged, not each retry",
                 self.timer_id,
@@ -38,6 +45,14 @@ class TickOutage:
                 retry,
                 exc_info=True,
             )
+        elif self.warned is not None and now - self.warned >= REMIND:
+            self.warned = now
+            log.warning(
+                "timer %s: still failing (%s); %s",
+                self.timer_id,
+                cause,
+                self._summary(now, self.ticks - 1),
+            )
         else:
             log.debug("timer %s: tick %s failed again (%s)", self.timer_id, key, cause)
 
@@ -45,7 +60,8 @@ class TickOutage:
         """Tick ``key`` was handled (enqueued, by a replica too, or paused): log the outage's
         length, its failed attempts and the ticks that failed without being enqueued."""
         missed = self.ticks - (key == self.last_key)
-        log.info(
+        log.log(
+            logging.WARNING if missed else logging.INFO,  # ticks not enqueued: work not done
             "timer %s: outage over, tick %s handled; %s",
             self.timer_id,
             key,

@@ -425,7 +425,7 @@ class AsyncTimer:
                 else f"{type(exc).__name__}: {exc}"
             )
             again = f"tried again every {_RETRY_DELAY:g} s within misfire_grace={entry.grace}s"
-            entry.outage.failed(key, cause, again)
+            entry.outage.failed(key, cause, again, now_c)
             return
         if entry.outage is not None:
             entry.outage.over(key, self._clock())
