@@ -792,7 +792,7 @@ async def _unbegin(storage: RedisStorage, deliveries: Sequence[RedisDelivery]) -
         record.status, record.worker, record.updated_at = TaskStatus.NEW, None, time.time()
         try:
             await storage.save(record, fence=delivery.token)
-        except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError) as exc:
+        except Exception as exc:  # any: the held messages' release comes after this
             log.warning(
                 "could not put back the record of %s, claimed as the worker stopped: %r",
                 delivery.id,
