@@ -664,3 +664,35 @@ async def test_publish_new_many_indexes_names_and_parents_as_add_does(
     client = aioredis.from_url(redis_url)
     stack.push_async_callback(client.aclose)
     assert await client.zscore(f"{storage.key_tag}:nf:t", "a") is None
+
+
+async def test_a_put_back_the_server_refuses_does_not_keep_the_messages_held(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As in the test above, a claim takes a message as the worker stops; putting its record
+    back fails with an error reply (``READONLY``, a replica after a failover), not a lost
+    connection. The consumer still releases the message at its exit (it is ready again at
+    once, not held until its lease runs out), and says why its record could not go back."""
+    app = build(redis_url, prefix, concurrency=1, prefetch=1)
+    storage = app.storage
+    assert isinstance(storage, RedisStorage)
+    save = storage.save
+
+    async def refusing(record: TaskRecord, *, fence: str | None = None) -> bool:
+        if record.status is TaskStatus.NEW:  # the put-back
+            raise aioredis.ResponseError("READONLY You can't write against a read only replica.")
+        return await save(record, fence=fence)
+
+    monkeypatch.setattr(storage, "save", refusing)
+    await app.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.worker.run, app)
+            await anyio.wait_all_tasks_blocked()  # the worker waits for a message
+            app.worker.stop()
+            await app.add_task("noop", 4)  # no wait in between: the same turn
+        stats = await app.broker.stats()
+        assert (stats.ready_by_priority, stats.in_flight) == ({0: 1}, 0)
+        assert any("could not put back the record" in r.getMessage() for r in caplog.records)
+    finally:
+        await app.aclose()
