@@ -9,6 +9,7 @@ import anyio
 
 from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus
 from qtasks.components import SettleBegin, Storage
+from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
 
 
@@ -88,6 +89,17 @@ async def cancel_while_waiting(app: AsyncQueueTasks, begins: list[str]) -> None:
     assert begins == [doomed.uuid, kept.uuid], "the waiting ones are begun when they start"
 
 
+async def publish_as_the_worker_stops(app: AsyncQueueTasks) -> AsyncTask:
+    """Run ``app``'s worker (started) until it waits for a message, ask it to stop and, in the
+    same turn, publish a task ``noop``; return once the worker has stopped."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.worker.run, app)
+        await anyio.wait_all_tasks_blocked()  # the worker waits for a message
+        app.worker.stop()
+        task = await app.add_task("noop", 4)  # no wait in between: the same turn
+    return task
+
+
 async def claim_as_the_worker_stops(app: AsyncQueueTasks) -> None:
     """An idle worker is asked to stop and, in the same turn, a task ``noop`` is published: a
     claim the publish wakes may still take the message and begin its record (in memory, a
@@ -98,11 +110,7 @@ async def claim_as_the_worker_stops(app: AsyncQueueTasks) -> None:
     the next worker runs it. ``app`` is started here and closed."""
     await app.start()
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(app.worker.run, app)
-            await anyio.wait_all_tasks_blocked()  # the worker waits for a message
-            app.worker.stop()
-            task = await app.add_task("noop", 4)  # no wait in between: the same turn
+        task = await publish_as_the_worker_stops(app)
         record = await app.get(task.uuid)
         assert record is not None
         assert (record.status, record.worker) == (TaskStatus.NEW, None)

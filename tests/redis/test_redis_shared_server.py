@@ -12,7 +12,12 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from begin_scenarios import cancel_while_waiting, claim_as_the_worker_stops, count_begins
+from begin_scenarios import (
+    cancel_while_waiting,
+    claim_as_the_worker_stops,
+    count_begins,
+    publish_as_the_worker_stops,
+)
 from redis_worker_app import build
 
 from qtasks import MemoryStorage, TaskStatus
@@ -686,11 +691,7 @@ async def test_a_put_back_the_server_refuses_does_not_keep_the_messages_held(
     monkeypatch.setattr(storage, "save", refusing)
     await app.start()
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(app.worker.run, app)
-            await anyio.wait_all_tasks_blocked()  # the worker waits for a message
-            app.worker.stop()
-            await app.add_task("noop", 4)  # no wait in between: the same turn
+        await publish_as_the_worker_stops(app)
         stats = await app.broker.stats()
         assert (stats.ready_by_priority, stats.in_flight) == ({0: 1}, 0)
         assert any("could not put back the record" in r.getMessage() for r in caplog.records)
