@@ -11,13 +11,16 @@ tracking once its values are atomic) and rebuilt when read; a record still in fl
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import fields
 from typing import Any
 
 from qtasks.record import _STATUSES, TaskRecord, TaskStatus
 
-_STATUS, _UPDATED, _PARENT = 2, 10, 14
-"""Where :meth:`~qtasks.record.TaskRecord.packed` puts the status, ``updated_at`` and
-``parent_uuid``."""
+_FIELD = {f.name: i for i, f in enumerate(fields(TaskRecord))}
+"""Where :meth:`~qtasks.record.TaskRecord.packed` puts each field (declaration order)."""
+_NAME, _STATUS, _UPDATED, _PARENT = (
+    _FIELD[name] for name in ("task_name", "status", "updated_at", "parent_uuid")
+)
 
 
 class Records:
@@ -65,7 +68,7 @@ class Records:
         values = self._final.get(uuid)
         if values is None:
             return None
-        return _STATUSES[values[_STATUS]], values[1], values[_PARENT], values[_UPDATED]
+        return _STATUSES[values[_STATUS]], values[_NAME], values[_PARENT], values[_UPDATED]
 
     def statuses(self) -> Iterator[TaskStatus]:
         """The status of every record."""
