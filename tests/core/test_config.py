@@ -210,12 +210,12 @@ def test_prefetch_defaults_to_a_fifth_of_the_concurrency() -> None:
     assert QueueConfig(prefetch=0).prefetch_for(100) == 0
 
 
-def test_mask_url_hides_passwords_only() -> None:
+def test_mask_url_hides_credentials_only() -> None:
     from qtasks.masking import mask_url
 
     assert mask_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("amqp://guest:guest@127.0.0.1:5672/") == "amqp://guest:***@127.0.0.1:5672/"
-    assert mask_url("redis://user@h/0") == "redis://user@h/0"
+    assert mask_url("redis://@h/0") == "redis://@h/0"  # no user information to hide
     assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
     assert mask_url("redis://h:6379/0?db=2&client_name=w") == "redis://h:6379/0?db=2&client_name=w"
     assert mask_url(None) is None
@@ -237,6 +237,11 @@ def test_mask_url_hides_passwords_only() -> None:
         ("redis://u:hun/ter2@h:6379/0", "redis://***"),
         ("redis://u:hun?ter2@h:6379/0", "redis://***"),
         ("redis://[::1", "***"),  # does not parse
+        # User information without ":" is a key (a user name cannot be told from one).
+        ("https://0a1b2c3d@o123.ingest.sentry.io/42", "https://***@o123.ingest.sentry.io/42"),
+        ("redis://token@host", "redis://***@host"),
+        ("redis://user@h/0?db=1", "redis://***@h/0?db=1"),
+        ("redis://key@xx@127.0.0.1:6379/9", "redis://***@127.0.0.1:6379/9"),
     ],
 )
 def test_mask_url_hides_every_form_of_password(url: str, shown: str) -> None:

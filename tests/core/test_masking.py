@@ -166,6 +166,18 @@ def test_the_same_rule_masks_query_parameters() -> None:
     assert mask_url(url) == shown
 
 
+def test_a_key_in_a_settings_url_is_masked() -> None:
+    """A DSN under a plain name (``dsn``, ``broker_url``) hides the key its user part holds."""
+    extra = {
+        "sentry": {"dsn": "https://0a1b2c3d@o123.ingest.sentry.io/42"},
+        "urls": ["redis://token@host", "redis://u:pw@host"],
+    }
+    assert masked(extra) == {
+        "sentry": {"dsn": "https://***@o123.ingest.sentry.io/42"},
+        "urls": ["redis://***@host", "redis://u:***@host"],
+    }
+
+
 def test_a_secret_table_or_list_is_masked_whole() -> None:
     """``qtasks config``'s ``extra``: the value under a secret name goes, whatever its shape."""
     extra = {
@@ -233,6 +245,15 @@ def test_a_secret_table_or_list_is_masked_whole() -> None:
         ("run --password=hunter2", "run --password=***"),
         ("via broker-redis://u:pw@h/0, retrying", "via broker-redis://u:***@h/0, retrying"),
         ("X-Auth-Key=k", "X-Auth-Key=***"),
+        # A URL's user information without ":" is a key: masked whole.
+        (
+            "sentry: cannot send to https://0a1b2c3d@o123.ingest.sentry.io/42, dropped",
+            "sentry: cannot send to https://***@o123.ingest.sentry.io/42, dropped",
+        ),
+        (
+            "ConnectionError('Error 111 connecting to redis://token@host:6379.')",
+            "ConnectionError('Error 111 connecting to redis://***@host:6379.')",
+        ),
     ],
 )
 def test_free_text_goes_through_the_same_rule(text: str, shown: str) -> None:

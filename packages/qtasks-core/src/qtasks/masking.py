@@ -1,7 +1,8 @@
 """Credentials out of what qtasks shows: one rule for logs, errors, the CLI and the dashboard.
 
-A URL keeps its scheme, user, host, port and path; its password, and the value of every query
-parameter named like a secret (``?password=``, ``?token=``), become :data:`MASK`. A value
+A URL keeps its scheme, user name, host, port and path; its password (or its whole user
+information when that has no ``:``, a key such as Sentry's DSN holds), and the value of every
+query parameter named like a secret (``?password=``, ``?token=``), become :data:`MASK`. A value
 whose key is named like a secret (:func:`is_secret_key`: ``password``, ``token``,
 ``api_key``, ``auth``..., but not ``auth_mechanism`` or ``author``) is masked whole.
 """
@@ -84,11 +85,13 @@ def mask_url(url: None) -> None: ...
 def mask_url(url: str | None) -> str | None:
     """``url`` with its password and secret query values replaced by :data:`MASK`.
 
-    The user information ends at the *last* ``@`` of the authority, as redis-py and
-    ``urllib`` read it, so a password containing ``@`` is masked whole. A URL whose
-    credentials cannot be located (an ``@`` after the authority, as an unencoded ``/`` or
-    ``?`` in a password leaves) keeps only its scheme; one that does not parse is masked
-    whole."""
+    User information with no ``:`` is masked whole: it is a key (Sentry's
+    ``https://<key>@o1.ingest.sentry.io/42``, ``redis://<token>@host``), and a user name
+    cannot be told from one. The user information ends at the *last* ``@`` of the
+    authority, as redis-py and ``urllib`` read it, so a password containing ``@`` is masked
+    whole. A URL whose credentials cannot be located (an ``@`` after the authority, as an
+    unencoded ``/`` or ``?`` in a password leaves) keeps only its scheme; one that does not
+    parse is masked whole."""
     if url is None:
         return None
     try:
@@ -102,6 +105,8 @@ def mask_url(url: str | None) -> str | None:
     netloc = parts.netloc
     if at and ":" in userinfo:
         netloc = f"{userinfo.partition(':')[0]}:{MASK}@{host}"
+    elif userinfo:
+        netloc = f"{MASK}@{host}"
     if netloc == parts.netloc and query == parts.query:
         return url
     rebuilt = f"{parts.scheme}:" if parts.scheme else ""
