@@ -315,6 +315,27 @@ def test_types_are_checked_from_the_annotations_not_their_text() -> None:
     assert check_value("extra", {"a": [1, None]}, "code") == {"a": [1, None]}
 
 
+def test_a_bytes_value_of_the_wrong_type_is_masked_in_the_error() -> None:
+    """Bytes are quoted in the error as ``b'...'``: masked as the string they hold."""
+    from qtasks.config import check_value
+    from qtasks.masking import MASK, masked_entry
+
+    url = b"redis://default:hunter2@h:6379/0"
+    with pytest.raises(ConfigError) as info:
+        check_value("broker_url", url, "code")
+    assert "got bytes b'redis://default:***@h:6379/0'" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        QueueConfig(storage_url=bytearray(b"redis://0a1b2c3d@h/0"))  # type: ignore[arg-type]  # the mistake under test
+    assert "got bytearray bytearray(b'redis://***@h/0')" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        check_value("plugins_disabled", [b"amqp://u:hunter2@h/"], "code")
+    assert "hunter2" not in str(info.value)
+    # The name rule holds for a bytes name too, and a value under a secret name goes whole.
+    assert masked_entry(b"api_key", "k-hunter2") == MASK
+    assert masked_entry("password", b"hunter2") == MASK
+    assert masked_entry("host", b"h\xff") == b"h\xff"  # bytes that are no URL are kept as they are
+
+
 def test_a_variable_named_in_an_env_reference_is_not_a_setting(tmp_path: Path) -> None:
     """qtasks-web's documented ``token = "env:QTASKS_WEB_TOKEN"``: the variable holds the
     secret, it is no setting, wherever the reference is (file, code, QTASKS_EXTRA)."""

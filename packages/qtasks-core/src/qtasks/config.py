@@ -25,7 +25,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from qtasks.compat.config import BUILT_IN, RENAMED, QTasksConfigNames, warn_ignored
 from qtasks.errors import ConfigError
-from qtasks.masking import mask_url, masked
+from qtasks.masking import mask_url, masked_entry
 
 
 @dataclass(slots=True)
@@ -224,7 +224,7 @@ def check_value(key: str, value: Any, source: str) -> Any:
     if not _fits(value, base):
         raise ConfigError(
             f"{source}: {key!r} expects {type_name(kind)}, got {type(value).__name__} "
-            f"{masked(value)!r}"
+            f"{masked_entry(key, value)!r}"
         )
     if key in POSITIVE and not (math.isfinite(value) and value > 0):
         off = " (None turns it off)" if optional else ""

@@ -215,20 +215,27 @@ def masked(value: Any) -> Any:
     The value of a key named like a secret, and every value of a :data:`SECRET_TABLES`
     table, becomes :data:`MASK`, except a reference to an environment variable
     (``"env:NAME"``), which names the secret without holding it; every other string goes
-    through :func:`mask_url`."""
+    through :func:`mask_url`. Bytes (a value of the wrong type, quoted in an error) are
+    masked as the string they hold and stay bytes."""
     if isinstance(value, dict):
-        return {key: _entry(key, sub) for key, sub in value.items()}
+        return {key: masked_entry(key, sub) for key, sub in value.items()}
     if isinstance(value, list | tuple):
         return [masked(item) for item in value]
     if isinstance(value, str):
         return mask_url(value)
+    if isinstance(value, bytes | bytearray):
+        # latin-1 gives every byte a character and back, so what is not masked is kept as is.
+        return type(value)(mask_url(value.decode("latin-1")).encode("latin-1"))
     return value
 
 
-def _entry(key: Any, value: Any) -> Any:
+def masked_entry(key: Any, value: Any) -> Any:
+    """``value`` as :func:`masked` shows it under ``key`` (a setting's name, a table's key):
+    :data:`MASK` when ``key`` is named like a secret (a ``str`` or ``bytes`` name)."""
     if key in SECRET_TABLES and isinstance(value, dict):
         return {name: _hidden(item) for name, item in value.items()}
-    if isinstance(key, str) and is_secret_key(key):
+    name = key.decode("latin-1") if isinstance(key, bytes | bytearray) else key
+    if isinstance(name, str) and is_secret_key(name):
         return _hidden(value)
     return masked(value)
 
