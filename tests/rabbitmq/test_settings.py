@@ -52,6 +52,15 @@ def test_bad_extra_is_refused_naming_the_key(extra: dict[str, Any], match: str) 
         RabbitMQBroker.from_config(QueueConfig(extra=extra))
 
 
+def test_an_ill_typed_option_is_quoted_masked() -> None:
+    """A URL given to the wrong key (or as bytes) is quoted in the error without its secret."""
+    for value in ("amqp://guest:hunter2@h:5672/", b"amqp://guest:hunter2@h:5672/"):
+        with pytest.raises(ConfigError) as info:
+            RabbitMQBroker.from_config(QueueConfig(extra={"rabbitmq_heartbeat": value}))
+        assert "amqp://guest:***@h:5672/" in str(info.value)
+        assert "hunter2" not in str(info.value)
+
+
 def test_constructor_keywords_are_checked_too() -> None:
     with pytest.raises(ConfigError, match="rabbitmq_heartbeat expects int"):
         RabbitMQBroker(heartbeat="30")  # type: ignore[arg-type]  # the mistake under test

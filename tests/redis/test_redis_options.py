@@ -77,6 +77,15 @@ def test_ill_typed_options_are_refused(key: str, value: Any) -> None:
         RedisBroker.from_config(QueueConfig(extra={key: value}))
 
 
+def test_an_ill_typed_option_is_quoted_masked() -> None:
+    """A URL given to the wrong key (or as bytes) is quoted in the error without its secret."""
+    for value in ("redis://default:hunter2@h:6379/0", b"redis://default:hunter2@h:6379/0"):
+        with pytest.raises(ConfigError) as info:
+            RedisBroker.from_config(QueueConfig(extra={"redis_cluster": value}))
+        assert "redis://default:***@h:6379/0" in str(info.value)
+        assert "hunter2" not in str(info.value)
+
+
 def test_valid_and_foreign_options_are_accepted() -> None:
     extra = {
         "redis_queue": "mail",

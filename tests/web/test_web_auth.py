@@ -169,3 +169,7 @@ def test_settings_from_the_configuration(monkeypatch: pytest.MonkeyPatch) -> Non
     ):
         with pytest.raises(ConfigError, match=problem):
             WebSettings.from_config(QueueConfig(extra={"web": table}))
+    # A value of the wrong type is quoted masked: a URL given as the host keeps its password.
+    with pytest.raises(ConfigError) as caught:
+        WebSettings.from_config(QueueConfig(extra={"web": {"host": b"https://u:hunter2@h"}}))
+    assert "https://u:***@h" in str(caught.value) and "hunter2" not in str(caught.value)

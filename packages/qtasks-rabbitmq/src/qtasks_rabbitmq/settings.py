@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Self, get_args
 
 from qtasks.errors import ConfigError
+from qtasks.masking import masked_entry
 from qtasks_rabbitmq.topology import QueueType
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -39,7 +40,7 @@ def _type_error(key: str, value: Any) -> str | None:
     accepted = (int, float) if kind is float else (kind,)
     if isinstance(value, accepted) and not isinstance(value, bool):
         return None
-    return f"expects {kind.__name__}, got {value!r}"
+    return f"expects {kind.__name__}, got {masked_entry(key, value)!r}"
 
 
 def check_options(options: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -44,6 +44,7 @@ from qtasks.errors import (
     StorageConnectionError,
     StorageFullError,
 )
+from qtasks.masking import masked_entry
 from qtasks_redis.lane import Lane, lane_for
 
 log = logging.getLogger("qtasks_redis")
@@ -82,7 +83,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"unknown option extra.{key} (known: {', '.join(sorted(OPTIONS))})")
         accepted = (int, float) if kind is float else (kind,)  # 5 is a fine float
         if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
-            raise ConfigError(f"extra.{key} expects {kind.__name__}, got {value!r}")
+            shown = masked_entry(key, value)  # quoted: a misplaced URL keeps its password out
+            raise ConfigError(f"extra.{key} expects {kind.__name__}, got {shown!r}")
     return options
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from qtasks.config import QueueConfig, close_names
 from qtasks.errors import ConfigError
+from qtasks.masking import masked_entry
 from qtasks_web.plugins import _section
 
 EXTRA_KEY = "web"
@@ -110,10 +111,9 @@ class WebSettings:
 
 def _typed(table: Mapping[str, Any], key: str, kind: Any, default: Any) -> Any:
     value = table.get(key, default)
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"extra.web.{key}: expected {_names(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise ConfigError(f"extra.web.{key}: expected {_names(kind)}, got {value!r}")
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        shown = masked_entry(key, value)
+        raise ConfigError(f"extra.web.{key}: expected {_names(kind)}, got {shown!r}")
     return value
 
 
