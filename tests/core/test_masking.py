@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from qtasks.masking import MASK, is_secret_key, masked
+from qtasks.masking import MASK, is_secret_key, mask_text, masked
 
 SECRET_KEYS = [
     "password",
@@ -230,6 +232,7 @@ def test_a_secret_table_or_list_is_masked_whole() -> None:
         ("password=abc,def;ghi", "password=***,def;ghi"),
         ("password=a'b,c'd, user=u", "password=***, user=u"),
         ("password=it's unknown, user=u", "password=***"),  # an unclosed quote: the whole line
+        ("password='x\ry, user=u\r\nhost: h", "password=***\r\nhost: h"),  # a lone \r: same line
         ("{'password': b'hunter2', 'db': 0}", "{'password': b'***', 'db': 0}"),
         ("auth=('user', 'hunter2'), timeout=3", "auth=***, timeout=3"),
         ("{'api_keys': ['k1', 'k2'], 'host': 'h'}", "{'api_keys': ***, 'host': 'h'}"),
@@ -260,3 +263,32 @@ def test_free_text_goes_through_the_same_rule(text: str, shown: str) -> None:
     from qtasks.masking import mask_text
 
     assert mask_text(text) == shown
+
+
+def _repeated(unit: str, prefix: str = "", size: int = 100_000) -> str:
+    return prefix + unit * (size // len(unit))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _repeated('"'),
+        _repeated("'\""),
+        _repeated('a="b '),
+        _repeated("password=;"),  # every value empty: each name looked for its line's end
+        _repeated('password=x,"'),
+        _repeated('password=,"\\'),
+        _repeated("password=x\\'\r"),  # an unclosed string runs past the \r the line ends at
+        _repeated('"\\', prefix="token=["),  # a bracket never closed, its quotes never either
+        _repeated("'\\", prefix="auth=("),
+        _repeated('{"a\\', prefix="tokens="),
+        _repeated("Authorization: Bearer "),
+    ],
+    ids=lambda text: repr(text[:14]),
+)
+def test_mask_text_takes_linear_time(text: str) -> None:
+    """An error's text may be long and unpaired quotes are common in it: 100k characters are
+    read in a few milliseconds (quadratic was seconds), well within the deadline."""
+    started = time.process_time()  # CPU time: other processes on the machine do not count
+    mask_text(text)
+    assert time.process_time() - started < 0.5

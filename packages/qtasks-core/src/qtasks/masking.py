@@ -130,9 +130,14 @@ def _mask_param(param: str) -> str:
 _URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z0-9+.-]++://\S+")
 _NAME_IN_TEXT = re.compile(r"(?<![\w-])([A-Za-z_-][\w-]*+)['\"]?[ \t]*[=:][ \t]*")
 _STRING = r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\""
-"""A quoted string on one line, backslash escapes included."""
+"""A quoted string on one line, backslash escapes included. When the string of a quote does
+not close on its line, neither does that of any later quote of its kind on that line (its
+closing quote would have closed the first string): what is read once is not read again."""
+_STRING_LINE = re.compile(r"[^\n]*?(?=\r?\n|\Z)")
+"""The rest of a string's line (a lone ``\\r`` does not end it)."""
+_STRING_AT = re.compile(_STRING)
 _QUOTED_VALUE = re.compile(rf"([bBrRuU]{{0,2}})({_STRING})")
-_GROUP_PART = re.compile(rf"{_STRING}|[()\[\]{{}}]")
+_GROUP_PART = re.compile(r"['\"()\[\]{}]")
 _SCHEME_VALUE = re.compile(
     r"(?:Bearer|Basic|Token|Digest|Negotiate|NTLM|OAuth|AWS4-HMAC-SHA256)[ \t]+\S", re.IGNORECASE
 )
@@ -179,23 +184,39 @@ def _value(text: str, start: int) -> tuple[int, str]:
     if quoted:
         prefix, string = quoted.groups()
         return quoted.end(), f"{prefix}{string[0]}{MASK}{string[0]}"
-    line_end = _end(_LINE, text, start)
+    # The end of the line is looked for only when the value runs to it: done once per line,
+    # not once per name on it (a line of "password=;" repeated would take quadratic time).
     if text.startswith(("(", "[", "{"), start):
-        depth = 0
-        for part in _GROUP_PART.finditer(text, start):
-            if part.group() in "([{":
-                depth += 1
-            elif part.group() in ")]}":
-                depth -= 1
-                if depth == 0:
-                    return part.end(), MASK
-        return len(text), MASK
+        return _group_end(text, start), MASK
     if _SCHEME_VALUE.match(text, start):
-        return line_end, MASK
+        return _end(_LINE, text, start), MASK
     end = _end(_UNQUOTED_VALUE, text, start)
-    if end < line_end and text[end] in "'\"":  # an unclosed quote: where it ends is unknowable
-        return line_end, MASK
+    if end < len(text) and text[end] in "'\"":  # an unclosed quote: where it ends is unknowable
+        return _end(_STRING_LINE, text, end), MASK
     return start + len(text[start:end].rstrip()), MASK
+
+
+def _group_end(text: str, start: int) -> int:
+    """Where the bracket at ``text[start]`` is closed, strings skipped (the end of ``text``
+    when it is not)."""
+    depth = 0
+    unclosed = {"'": start, '"': start}  # per quote: where its strings may close again
+    at = start
+    while part := _GROUP_PART.search(text, at):
+        char, at = part.group(), part.end()
+        if char in "'\"":
+            if part.start() < unclosed[char]:
+                continue
+            string = _STRING_AT.match(text, part.start())
+            if string:
+                at = string.end()
+            else:  # an unclosed quote counts for nothing, and neither do the next on its line
+                unclosed[char] = _end(_STRING_LINE, text, at)
+            continue
+        depth += 1 if char in "([{" else -1
+        if depth == 0:
+            return at
+    return len(text)
 
 
 def _end(pattern: re.Pattern[str], text: str, start: int) -> int:
