@@ -359,3 +359,24 @@ async def test_what_is_nested_too_deep_to_check_is_masked() -> None:
         deep = [deep]
     assert "hunter2" not in repr(masked(deep))
     assert masked([[{"password": "x", "user": "u"}]]) == [[{"password": MASK, "user": "u"}]]
+
+
+async def test_credentials_inside_plain_named_values_are_masked() -> None:
+    """A value under a plain name is still text that may hold a URL with a password or a
+    ``token=...`` (the rule of :func:`qtasks.masking.mask_text`, whose mark is the core's)."""
+    from qtasks.masking import MASK as INLINE
+    from qtasks_web.data import masked, masked_args
+
+    app = make_app()
+
+    @app.task
+    async def connect(dsn: str, note: str) -> None: ...
+
+    args = masked_args(app, "connect", ["redis://u:hunter2@h/0", "retry with token=s3cr3t"])
+    assert args == [f"redis://u:{INLINE}@h/0", f"retry with token={INLINE}"]
+    shown = masked({"sentry": "https://k3y@o1.ingest.sentry.io/42", "n": 3, "plain": "hello"})
+    assert shown == {
+        "sentry": f"https://{INLINE}@o1.ingest.sentry.io/42",
+        "n": 3,
+        "plain": "hello",
+    }

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import AttemptLog, DeadLetter, RecordQuery, StorageQuery
-from qtasks.masking import is_secret_key
+from qtasks.masking import is_secret_key, mask_text
 from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -36,10 +36,13 @@ CHILDREN_SHOWN = 1000
 
 
 def masked(value: Any, depth: int = 0) -> Any:
-    """``value`` with the values of secret-looking keys replaced, at any depth; what is
-    nested too deep to check (past 20 levels) is replaced whole."""
+    """``value`` with the values of secret-looking keys replaced, at any depth, and every
+    string through :func:`~qtasks.masking.mask_text` (a URL's password, ``token=...`` in a
+    text); what is nested too deep to check (past 20 levels) is replaced whole."""
     if depth > 20:
         return MASK
+    if isinstance(value, str):
+        return mask_text(value)
     if isinstance(value, dict):
         return {
             k: MASK if isinstance(k, str) and is_secret_key(k) else masked(v, depth + 1)
