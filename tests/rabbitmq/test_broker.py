@@ -398,6 +398,22 @@ async def test_connection_errors_never_show_the_password() -> None:
         assert "guest:***@127.0.0.1" in text
 
 
+async def test_connection_errors_never_show_a_key_only_url() -> None:
+    """User information without a password is a key (``amqp://<token>@host``): kept out of
+    the error's text too, including where the client library quotes it."""
+    from qtasks_rabbitmq.link import describe
+
+    secret = "k3y-" + uuid.uuid4().hex
+    broker = RabbitMQBroker(f"amqp://{secret}@127.0.0.1:1/", connect_timeout=3)
+    async with AsyncExitStack() as stack:
+        with pytest.raises(BrokerConnectionError) as caught:
+            await broker.start(stack, QueueConfig())
+    assert secret not in str(caught.value) + repr(caught.value)
+    quoted = ConnectionError(f"cannot reach amqp://{secret}@127.0.0.1:1/ as user {secret}")
+    assert secret not in describe(quoted, secret)
+    assert "token=***" in describe(ValueError("refused token=abc"), None)
+
+
 async def test_concurrent_starts_share_one_connection(queue_name: str) -> None:
     """Two apps sharing a broker start it at once: one connection, counted twice, so the app
     that stops first leaves it to the other, and the last one closes it."""

@@ -32,7 +32,7 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
-from qtasks.masking import MASK, mask_url
+from qtasks.masking import MASK, mask_text, mask_url
 from qtasks_rabbitmq.confirms import ConfirmTimeout, Outgoing, publish_batch
 from qtasks_rabbitmq.errors import TopologyError
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
@@ -48,11 +48,13 @@ letters, none of them kept waiting for long."""
 
 
 def describe(exc: BaseException, secret: str | None) -> str:
-    """A one-line description of ``exc`` that never contains ``secret``."""
+    """A one-line description of ``exc`` that never contains ``secret`` (the URL's password,
+    or its user information when that has no password: a key), nor what
+    :func:`~qtasks.masking.mask_text` masks."""
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if secret:
         text = text.replace(secret, MASK)
-    return text
+    return mask_text(text)
 
 
 class Link:
@@ -76,7 +78,8 @@ class Link:
         if "heartbeat" not in parsed.query:
             parsed = parsed.update_query(heartbeat=heartbeat)
         self._url = str(parsed)
-        self._secret = parsed.password or None
+        # As mask_url: a password, or user information without one (a key, not a name).
+        self._secret = parsed.password or parsed.user or None
         self.safe_url = mask_url(self._url)
         self.topology = topology
         self._connect_timeout = connect_timeout
