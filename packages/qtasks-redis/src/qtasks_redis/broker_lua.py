@@ -25,6 +25,9 @@ counter and the server's clock, so ``dlq`` is in ``dead_at`` order too: the expi
 at its head, and dropping them is a walk from the head that stops at the first one kept (no
 second index, and dead letters written before retention existed expire as well). A clock set
 back breaks that order only for the letters that died meanwhile: those are filtered on read.
+
+Over ~500 lines: Lua source, one script per transition of a message, sharing the helpers
+above them.
 """
 
 from __future__ import annotations

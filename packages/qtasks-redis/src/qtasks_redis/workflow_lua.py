@@ -23,6 +23,8 @@ and its own record (uuid ``W``) is a task record: its status is the workflow's.
 publishes what it returns); the shared server's :data:`ACK_FINALS_WF` runs the same code
 after each fenced save, publishing the opened gates' messages into the queue and acking, in
 one script.
+
+Over ~500 lines: Lua source, the workflow scripts sharing one set of helpers.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ one. At a tick it claims ``timers/<timer id>:<tick>`` in the app's GlobalConfig 
 ``set_if_absent``; only the replica whose claim succeeds enqueues. The tick is the scheduled
 time, not the time the replica woke up, so every replica (and every restart) competes for the
 same key.
+
+Over ~500 lines: one class, :class:`AsyncTimer`, whose loop, tick claims, admin calls (pause,
+inspect) and lifecycle share its entries and its clock; triggers, settings, outages and the
+sync facade are modules of their own.
 """
 
 from __future__ import annotations
