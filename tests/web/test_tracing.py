@@ -949,6 +949,155 @@ def test_roots_the_plugin_cannot_answer_for_go_to_the_sdk(monkeypatch: pytest.Mo
     assert Roots.of(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1))), "t") is None
 
 
+def exported(sampler: Any) -> tuple[TracerProvider, InMemorySpanExporter]:
+    """An SDK provider with ``sampler`` whose finished spans the test reads."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def flags_of(headers: dict[str, Any]) -> int:
+    return int(headers["traceparent"][-2:], 16)
+
+
+async def test_a_dropped_root_and_the_runs_under_it_build_nothing_for_a_sampler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An enqueue outside any trace whose root the plugin drops itself, and the run under
+    it (which ParentBased drops too), never build the attributes a sampler is given: no
+    sampler is asked."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    import qtasks_web.tracing as tracing
+
+    built: list[tuple[str, str]] = []
+    for_sampler = tracing._for_sampler
+
+    def counted(operation: str, task_name: str) -> dict[str, Any]:
+        built.append((operation, task_name))
+        return for_sampler(operation, task_name)
+
+    monkeypatch.setattr(tracing, "_for_sampler", counted)
+    provider, spans = exported(ParentBased(TraceIdRatioBased(0.0)))  # every root dropped
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=provider))
+    headers = Headers()
+    app.add_plugin(headers)
+
+    @app.task
+    async def ok() -> None: ...
+
+    async with app:
+        for _ in range(3):
+            await ok.add_task(timeout=5)
+    await app.aclose()
+    assert [flags_of(h) & 0x01 for h in headers.seen] == [0, 0, 0]
+    assert built == []
+    assert spans.get_finished_spans() == ()
+
+
+async def test_an_unsampled_root_keeps_its_trace_and_flags_through_a_child_task() -> None:
+    """A root dropped by the recommended sampler (at a rate of 0: every root) goes on as it
+    was made: the parent task's code, the child it enqueues, the child's code and a call the
+    child makes to another service (the propagator's headers) all carry its trace id, its
+    span id (no span is made under it) and its flags, the sampled bit off."""
+    from opentelemetry import propagate
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    provider, spans = exported(ParentBased(TraceIdRatioBased(0.0)))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=provider))
+    headers = Headers()
+    app.add_plugin(headers)
+    seen: dict[str, tuple[int, int, bool, int]] = {}
+    downstream: dict[str, Any] = {}
+    done = anyio.Event()
+
+    def current() -> tuple[int, int, bool, int]:
+        span_context = trace.get_current_span().get_span_context()
+        return (*traceparent(span_context), int(span_context.trace_flags))
+
+    @app.task
+    async def parent() -> None:
+        seen["parent"] = current()
+        await app.add_task("child")
+
+    @app.task
+    async def child() -> None:
+        seen["child"] = current()
+        propagate.inject(downstream)
+        done.set()
+
+    async with app:
+        await parent.add_task(timeout=5)
+        with anyio.fail_after(5):
+            await done.wait()
+    await app.aclose()
+    parent_headers, child_headers = headers.seen
+    made = header_ids(parent_headers)
+    assert made[0] != 0 and flags_of(parent_headers) & 0x01 == 0
+    assert child_headers == parent_headers == {"traceparent": downstream["traceparent"]}
+    assert seen["parent"] == seen["child"] == (*made, True, flags_of(parent_headers))
+    assert spans.get_finished_spans() == ()
+
+
+async def test_a_root_the_plugin_keeps_is_recorded_with_every_attribute() -> None:
+    """Roots decided by the plugin (a ratio of 0.5, enqueued until one was kept and one
+    dropped): a kept one is the SDK's recorded span, with every attribute, and the run
+    span under it too; a dropped one records nothing."""
+    import random
+
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    provider, exporter = exported(ParentBased(TraceIdRatioBased(0.5)))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=provider))
+    headers = Headers()
+    app.add_plugin(headers)
+
+    @app.task
+    async def ok() -> None: ...
+
+    random.seed(20)  # the SDK's id generator draws from random: the same roots each run
+    tasks: dict[int, Any] = {}  # by the sampled bit of their header
+    async with app:
+        for _ in range(64):  # both kinds at 0.5 long before this
+            task = await ok.add_task(timeout=5)
+            tasks.setdefault(flags_of(headers.seen[-1]) & 0x01, task)
+            if len(tasks) == 2:
+                break
+    await app.aclose()
+    assert set(tasks) == {0, 1}
+    spans = [span_dict(s) for s in exporter.get_finished_spans()]
+    kept = tasks[1]
+    send, process = one(spans, "send ok"), one(spans, "process ok")
+    assert len(spans) == 2  # the dropped root's trace recorded nothing
+    assert_child(process, send)
+    assert send["parent_id"] is None
+    assert send["attributes"] == {
+        "messaging.system": "qtasks",
+        "messaging.operation": "publish",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": "ok",
+        "messaging.message.id": kept.uuid,
+        "qtasks.task.priority": 0,
+    }
+    assert process["attributes"] == {
+        "messaging.system": "qtasks",
+        "messaging.operation": "process",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": "ok",
+        "messaging.consumer.group.name": app.worker.id,
+        "messaging.message.id": kept.uuid,
+        "qtasks.task.priority": 0,
+        "qtasks.task.attempt": 1,
+        "qtasks.task.status": "success",
+    }
+
+
 async def test_with_the_sdks_span_metrics_on_it_is_asked_under_an_unsampled_parent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

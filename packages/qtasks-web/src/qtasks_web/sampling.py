@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from opentelemetry.trace import Span, SpanKind, Tracer
 
 _LOW_64 = (1 << 64) - 1
@@ -128,10 +130,10 @@ class Roots:
     """How root spans are sampled under one SDK tracer provider, made only when it can be
     answered here (:meth:`of`).
 
-    :meth:`draw` draws a trace id as the SDK would (the provider's id generator); a trace id
+    :attr:`draw` draws a trace id as the SDK would (the provider's id generator); a trace id
     :meth:`kept` is started by :attr:`tracer` (a tracer of the plugin's own, whose id
     generator hands that trace id to the SDK once, in :meth:`start`); a dropped one's
-    span id is :meth:`span_id`, and its context's flags :attr:`flags`, what the SDK gave a
+    span id is :attr:`span_id`, and its context's flags :attr:`flags`, what the SDK gave a
     span it dropped when this was made."""
 
     def __init__(self, tracer: Tracer, ids: _Preset, bound: int, flags: int) -> None:
@@ -139,6 +141,12 @@ class Roots:
         self._ids = ids
         self.bound = bound
         self.flags = flags
+        # The generator's own methods, called without a method of this class around them
+        # (one call less each, on the path of every root span).
+        self.draw: Callable[[], int] = ids.inner.generate_trace_id
+        """A new trace id, from the provider's id generator."""
+        self.span_id: Callable[[], int] = ids.inner.generate_span_id
+        """The span id of a dropped root span, from the provider's id generator."""
 
     @classmethod
     def of(cls, provider: object, name: str) -> Roots | None:
@@ -178,17 +186,9 @@ class Roots:
             return None
         return cls(tracer, ids, bound, int(made.trace_flags))
 
-    def draw(self) -> int:
-        """A new trace id, from the provider's id generator."""
-        return int(self._ids.inner.generate_trace_id())
-
     def kept(self, trace_id: int) -> bool:
         """Whether the sampler keeps a root span of ``trace_id``."""
         return trace_id & _LOW_64 < self.bound
-
-    def span_id(self) -> int:
-        """The span id of a dropped root span, from the provider's id generator."""
-        return int(self._ids.inner.generate_span_id())
 
     def start(
         self,

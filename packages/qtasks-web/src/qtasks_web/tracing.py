@@ -144,6 +144,18 @@ class TracingPlugin:
         self._sampling()
         return self._roots
 
+    def _plain_roots(self) -> Roots | None:
+        """:meth:`_root_sampling`'s answer when the global propagator is the API's default
+        (a root's context, in an empty context, is then a ``traceparent`` alone), else
+        ``None``: the checks of :meth:`_root_sampling` and :meth:`_propagation` in one call,
+        for the enqueue outside any trace."""
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if provider is not self._sampling_for:
+            self._sampling()
+        if propagate.get_global_textmap() is not self._textmap:
+            self._propagation()
+        return self._roots if self._w3c else None
+
     def _sampling(self) -> None:
         """Refresh what the plugin knows of the provider's sampler when the provider is not
         the one last asked (the global one may be set after the plugin was made)."""
@@ -234,8 +246,20 @@ class TracingPlugin:
         write (the span is the API's invalid no-op one)."""
         # The current context, read once and handed on (the SDK would read it three times).
         current = context.get_current()
-        if not current and self._idle():
-            return None  # an empty context (no trace to continue), the API's no-op tracer
+        if not current:
+            # An enqueue outside any trace (the usual one): a root span, or nothing. A root
+            # the plugin samples itself, with the default propagator, is decided here with
+            # nothing else looked up or built (the path of 99 % of tasks at a 1 % ratio).
+            if self._idle():
+                return None  # the API's no-op tracer
+            plain = self._plain_roots()
+            if plain is not None:
+                trace_id = plain.draw()
+                if not plain.kept(trace_id):  # dropped: its context alone, as _inject_dropped
+                    span_id = plain.span_id()
+                    message.headers["traceparent"] = _traceparent(trace_id, span_id, plain.flags)
+                    return message
+                return self._send_root(message, plain, trace_id, current)
         parent = trace.get_current_span(current)
         parent_span = parent.get_span_context()
         roots: Roots | None = None
@@ -259,6 +283,22 @@ class TracingPlugin:
                 self._inject_dropped(message.headers, roots, trace_id, current)
                 return message
             span = roots.start(trace_id, f"send {name}", current, SpanKind.PRODUCER, attributes)
+        return self._sending_span(message, span, current)
+
+    def _send_root(
+        self, message: Message, roots: Roots, trace_id: int, current: context.Context
+    ) -> Message | None:
+        """Start the enqueue span of a root ``roots`` keeps, of ``trace_id``."""
+        name = message.task_name
+        attributes = _for_sampler("send", name)
+        span = roots.start(trace_id, f"send {name}", current, SpanKind.PRODUCER, attributes)
+        return self._sending_span(message, span, current)
+
+    def _sending_span(
+        self, message: Message, span: Span, current: context.Context
+    ) -> Message | None:
+        """Keep ``span`` (just started) until the task is stored, and write its context into
+        the message headers."""
         if span.is_recording():
             span.set_attributes(  # one call: the SDK cleans them under a lock
                 {
@@ -418,7 +458,7 @@ class TracingPlugin:
 
 def _traceparent(trace_id: int, span_id: int, flags: int) -> str:
     """A ``traceparent`` header of version 00, as the W3C propagator writes it."""
-    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+    return "00-%032x-%016x-%02x" % (trace_id, span_id, flags)  # noqa: UP031 - a third faster than the f-string
 
 
 def _for_sampler(operation: str, task_name: str) -> dict[str, Any]:
