@@ -756,6 +756,21 @@ def test_the_plugins_extraction_is_the_propagators(case: str) -> None:
     assert parent == trace.get_current_span(ctx).get_span_context()
 
 
+def test_the_context_the_plugin_makes_for_an_extracted_span_is_the_apis() -> None:
+    """The run's parent context, made in one step, is what ``set_span_in_context`` makes of
+    an empty context (with this API the key is found: the one-step path is the one taken)."""
+    from opentelemetry import context
+
+    from qtasks_web.tracing import _SPAN_KEY, _in_context
+
+    assert _SPAN_KEY is not None
+    span = trace.NonRecordingSpan(trace.SpanContext(int(TRACE, 16), int(SPAN, 16), True))
+    mine = _in_context(span)
+    assert type(mine) is context.Context
+    assert mine == trace.set_span_in_context(span, context.Context())
+    assert trace.get_current_span(mine) is span
+
+
 @pytest.mark.parametrize("trace_state", [None, "congo=t61rcWkgMzE,rojo=00f067"])
 @pytest.mark.parametrize("flags", [0, 1, 2, 3])
 @pytest.mark.parametrize("with_baggage", [False, True])

@@ -130,7 +130,7 @@ class TracingPlugin:
         must drop as well: the decision is the same either way. Any other sampler, a local
         parent (another instrumentation's span in this process) or a sampled one: the
         sampler is asked, through the tracer."""
-        if not parent.is_remote or parent.trace_flags.sampled or not parent.is_valid:
+        if parent.trace_flags & 0x01 or not parent.is_remote or not parent.is_valid:
             return False
         self._sampling()
         return self._skip
@@ -227,13 +227,9 @@ class TracingPlugin:
                 trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
                 if trace_id and span_id:  # all zeros: invalid, the propagator ignores it
                     parent = SpanContext(
-                        trace_id,
-                        span_id,
-                        is_remote=True,
-                        trace_flags=TraceFlags(int(value[53:], 16)),
+                        trace_id, span_id, is_remote=True, trace_flags=_FLAGS[value[53:]]
                     )
-                    span = trace.NonRecordingSpan(parent)
-                    return trace.set_span_in_context(span, context.Context()), parent
+                    return _in_context(trace.NonRecordingSpan(parent)), parent
         extracted = propagate.extract(headers)
         return extracted, trace.get_current_span(extracted).get_span_context()
 
@@ -454,6 +450,31 @@ class TracingPlugin:
         span.add_event("qtasks.rejected", {"qtasks.reject.reason": reason})
         span.set_status(Status(StatusCode.ERROR, f"rejected: {reason}"))
         span.end()
+
+
+def _span_key() -> str | None:
+    """The key under which the API keeps the current span in a context (a private name,
+    made at import: read here from a context made by ``set_span_in_context``)."""
+    made = trace.set_span_in_context(trace.INVALID_SPAN, context.Context())
+    keys = list(made)
+    if len(keys) == 1 and made[keys[0]] is trace.INVALID_SPAN:
+        return keys[0]
+    return None  # pragma: no cover - another API's contexts
+
+
+_SPAN_KEY = _span_key()
+
+
+def _in_context(span: Span) -> context.Context:
+    """A context holding ``span`` alone: ``set_span_in_context(span, Context())`` made in
+    one step (that copies the empty context, then the copy)."""
+    if _SPAN_KEY is None:  # pragma: no cover - another API's contexts
+        return trace.set_span_in_context(span, context.Context())
+    return context.Context({_SPAN_KEY: span})
+
+
+_FLAGS = {f"{flags:02x}": TraceFlags(flags) for flags in range(256)}
+"""The trace flags of each two-digit lower-case hex value of a ``traceparent``."""
 
 
 def _traceparent(trace_id: int, span_id: int, flags: int) -> str:
