@@ -1057,6 +1057,50 @@ async def test_an_unsampled_root_keeps_its_trace_and_flags_through_a_child_task(
     assert spans.get_finished_spans() == ()
 
 
+async def test_a_dropped_root_goes_through_a_propagator_of_the_users_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plugin writes and reads a root's ``traceparent`` itself only with the API's
+    default propagator: with another (here the W3C one, subclassed to count its calls) the
+    propagator writes and reads every header, and the trace goes on as it does with the
+    default."""
+    from opentelemetry import propagate
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    calls: list[str] = []
+
+    class Counted(TraceContextTextMapPropagator):
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            calls.append("inject")
+            super().inject(carrier, context)
+
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+            calls.append("extract")
+            return super().extract(carrier, context)
+
+    monkeypatch.setattr(propagate, "_HTTP_TEXT_FORMAT", CompositePropagator([Counted()]))
+    provider, spans = exported(ParentBased(TraceIdRatioBased(0.0)))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=provider))
+    headers = Headers()
+    app.add_plugin(headers)
+    seen: list[int] = []
+
+    @app.task
+    async def ok() -> None:
+        seen.append(trace.get_current_span().get_span_context().trace_id)
+
+    async with app:
+        await ok.add_task(timeout=5)
+    await app.aclose()
+    assert calls == ["inject", "extract"]
+    assert flags_of(headers.seen[0]) & 0x01 == 0
+    assert seen == [header_ids(headers.seen[0])[0]]
+    assert spans.get_finished_spans() == ()
+
+
 async def test_a_root_the_plugin_keeps_is_recorded_with_every_attribute() -> None:
     """Roots decided by the plugin (a ratio of 0.5, enqueued until one was kept and one
     dropped): a kept one is the SDK's recorded span, with every attribute, and the run
