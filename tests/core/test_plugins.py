@@ -40,6 +40,31 @@ async def app() -> AsyncIterator[AsyncQueueTasks]:
 # --- transform hooks change what runs and what is stored ------------------------------------
 
 
+async def test_a_transform_that_hands_its_value_back_leaves_it_as_it_came(
+    app: AsyncQueueTasks,
+) -> None:
+    """Returned as it came, a value is unchanged, even one that is awaitable (a task's result
+    object with ``__await__``): it is neither awaited nor checked for being awaitable."""
+    awaited: list[bool] = []
+
+    class Deferred:
+        def __await__(self) -> Any:
+            awaited.append(True)
+            yield from ()
+            return "not the value"
+
+    class Passthrough:
+        @hookimpl
+        def qtasks_executor_result(self, result: Any) -> Any:
+            return result
+
+    app.add_plugin(Passthrough())
+    value = Deferred()
+    got = await app.hooks.transform("qtasks_executor_result", "result", result=value)
+    assert got is value
+    assert awaited == []
+
+
 async def test_args_and_result_transforms_change_the_call_and_the_stored_result(
     app: AsyncQueueTasks,
 ) -> None:

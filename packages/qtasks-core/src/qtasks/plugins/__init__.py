@@ -205,8 +205,8 @@ class Hooks:
                 result = func(*pick(kwargs))
             except Exception as exc:
                 return _Failed(*_blame(plugin, hook, exc))
-            if result is None:
-                continue
+            if result is None or (type(field) is str and result is kwargs[field]):
+                continue  # unchanged: a value handed back as it came is no awaitable to check
             if inspect.isawaitable(result):
                 return self._transform_rest(hook, impls, index, result, field, kwargs)
             _assign(kwargs, field, result)
