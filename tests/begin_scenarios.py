@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus
+from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus, hookimpl
 from qtasks.components import SettleBegin, Storage
 from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
@@ -123,3 +123,47 @@ async def claim_as_the_worker_stops(app: AsyncQueueTasks) -> None:
     finally:
         await app.aclose()
     assert (done.status, done.returning) == (TaskStatus.SUCCESS, 8)
+
+
+async def lost_deliveries_are_told_by_the_claim(app: AsyncQueueTasks) -> None:
+    """``app`` (not started, ``max_deliveries=1``, a short lease, tasks ``noop`` declared):
+    every allowed delivery of two tasks is lost (a consumer takes them and goes away without
+    settling: its worker was killed); the worker's claim dead-letters them and ends their
+    records itself (:class:`~qtasks.components.BeginOnClaim`), and
+    ``qtasks_task_dead_lettered`` fires once per message, with the record as ended and its
+    error (before, a claim that dead-lettered a message fired nothing: the metrics plugin
+    and user plugins missed it). ``app`` is started here and closed."""
+    heard: list[tuple[str, str, TaskStatus, str]] = []
+    both = anyio.Event()
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            heard.append((record.uuid, reason, record.status, record.token or ""))
+            if len(heard) == 2:
+                both.set()
+
+    app.add_plugin(Watch())
+    await app.start()
+    try:
+        tasks = [await app.add_task("noop", i) for i in range(2)]
+        async with app.broker.consume(prefetch=2) as raw:  # never settled
+            for _ in tasks:
+                with anyio.fail_after(5):
+                    await anext(raw)
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.worker.run, app)
+            with anyio.fail_after(10):
+                await both.wait()
+            # A task run after them: the claims that took it told nothing more.
+            later = await app.add_task("noop", 3)
+            assert (await later.wait_result(5)).returning == 6
+            app.worker.stop()
+        records = [await app.wait(task.uuid, timeout=5) for task in tasks]
+    finally:
+        await app.aclose()
+    errors = {record.uuid: record.error or "" for record in records}
+    assert all(error.startswith("dead-lettered: delivery limit") for error in errors.values())
+    assert sorted(heard) == sorted(
+        (uuid, error, TaskStatus.ERROR, "dead-letter") for uuid, error in errors.items()
+    )

@@ -5,16 +5,23 @@ begun with the claim; a cancel made while one waits holds, with no time window."
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anyio
 import pytest
-from begin_scenarios import cancel_while_waiting, claim_as_the_worker_stops, count_begins
+from begin_scenarios import (
+    cancel_while_waiting,
+    claim_as_the_worker_stops,
+    count_begins,
+    lost_deliveries_are_told_by_the_claim,
+)
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+from qtasks.executor import TaskRun
 from qtasks.memory.broker import _body_attempt
 from qtasks.messages import Codec, Message
-from qtasks.record import TaskStatus
+from qtasks.record import TaskRecord, TaskStatus
 from qtasks.worker import QueueWorker
 
 pytestmark = pytest.mark.anyio
@@ -130,6 +137,113 @@ async def test_a_claim_woken_as_the_worker_stops_is_handed_back_with_its_record_
         return 2 * i
 
     await claim_as_the_worker_stops(app)
+
+
+async def test_a_claim_that_dead_letters_lost_deliveries_fires_the_hook_once_each() -> None:
+    app = AsyncQueueTasks(
+        "begin-on-claim",
+        config=QueueConfig(max_deliveries=1, lease=0.2, shutdown_grace=1.0),
+    )
+
+    @app.task
+    async def noop(i: int) -> int:
+        return 2 * i
+
+    await lost_deliveries_are_told_by_the_claim(app)
+
+
+async def test_a_last_delivery_whose_lease_runs_out_while_it_runs_fires_the_hook_once() -> None:
+    """The only allowed delivery's run stalls the loop past its lease, then waits: the
+    worker finds the lease lost and cancels the run, whose settle stores nothing; the
+    worker's next claim dead-letters the message and ends its record, and
+    ``qtasks_task_dead_lettered`` fires then, once (before, nothing fired on this path)."""
+    lease = 0.3
+    app = AsyncQueueTasks(
+        "begin-on-claim",
+        config=QueueConfig(
+            max_tasks_process=1, prefetch=1, lease=lease, max_deliveries=1, shutdown_grace=1.0
+        ),
+    )
+    heard: list[str] = []
+    told, settled = anyio.Event(), anyio.Event()
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            heard.append(reason)
+            told.set()
+
+        @hookimpl
+        def qtasks_worker_execute_after(self, record: TaskRecord) -> None:
+            settled.set()
+
+    app.add_plugin(Watch())
+
+    @app.task
+    async def hog() -> str:
+        time.sleep(lease * 2)  # noqa: ASYNC251 - stalls the loop on purpose: the lease runs out
+        await anyio.Event().wait()  # until the worker cancels it (its lease is lost)
+        return "never"
+
+    async with app:
+        task = await app.add_task("hog")
+        with anyio.fail_after(10):
+            await settled.wait()  # the run's settle is over: whatever it fires has fired
+            await told.wait()
+        final = await app.wait(task.uuid, timeout=5)
+    assert (final.status, final.token) == (TaskStatus.ERROR, "dead-letter")
+    assert final.error is not None and final.error.startswith("dead-lettered: delivery limit")
+    assert heard == [final.error]
+
+
+async def test_a_settle_after_a_claim_ended_the_record_fires_nothing_more() -> None:
+    """A worker that consumes through ``BeginOnClaim`` holds a message's last allowed
+    delivery; its lease runs out and a claim dead-letters the message and ends the record
+    (that claim's worker fires the hook). The holder's settle then finds the lease lost and
+    its fenced save refused: it fires nothing (before, it fired, as the claim did not)."""
+    app = AsyncQueueTasks("begin-on-claim", config=QueueConfig(max_deliveries=1))
+    heard: list[str] = []
+    told = anyio.Event()
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            heard.append(reason)
+            told.set()
+
+    app.add_plugin(Watch())
+
+    @app.task
+    async def noop(i: int) -> int:
+        return 2 * i
+
+    worker = app.worker
+    assert isinstance(worker, QueueWorker)
+    await app.start()
+    try:
+        broker, storage = app.broker, app.storage
+        task = await app.add_task("noop", 1)
+        async with broker.consume_begun(  # type: ignore[attr-defined]
+            prefetch=1, storage=storage, worker="gone", starts=lambda: 1
+        ) as deliveries:
+            held = await deliveries.__anext__()  # its last allowed delivery
+        # (leaving the consumer handed it back: its lease is gone, as when it runs out)
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run, app)
+            with anyio.fail_after(5):  # the worker's claim dead-letters it, ends the record
+                await told.wait()
+            ended = await storage.get(task.uuid)
+            assert ended is not None and ended.status is TaskStatus.ERROR
+            message = app.codec.decode(held.body)
+            run = TaskRun(
+                app=app, task=app.tasks["noop"], message=message, record=held.begun, delivery=held
+            )
+            assert await worker._settlement._dead_lettered(app, run, held) is True
+            worker.stop()
+        assert await storage.get(task.uuid) == ended, "the refused save wrote"
+    finally:
+        await app.aclose()
+    assert ended is not None and heard == [ended.error]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from begin_scenarios import (
     cancel_while_waiting,
     claim_as_the_worker_stops,
     count_begins,
+    lost_deliveries_are_told_by_the_claim,
     publish_as_the_worker_stops,
 )
 from redis_worker_app import build
@@ -385,6 +386,14 @@ async def test_a_claim_woken_as_the_worker_stops_is_handed_back_with_its_record_
     redis_url: str, prefix: str
 ) -> None:
     await claim_as_the_worker_stops(build(redis_url, prefix, concurrency=1, prefetch=1))
+
+
+async def test_a_claim_that_dead_letters_lost_deliveries_fires_the_hook_once_each(
+    redis_url: str, prefix: str
+) -> None:
+    await lost_deliveries_are_told_by_the_claim(
+        build(redis_url, prefix, lease=0.3, concurrency=2, max_deliveries=1)
+    )
 
 
 async def test_a_cancel_while_a_delivery_waits_holds_without_any_cancel_notice(

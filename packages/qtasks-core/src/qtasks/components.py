@@ -426,6 +426,10 @@ class LeaseBatch(Protocol):
 Buried = Callable[[str, str], Awaitable[None]]
 """Called with a message's id and the reason of its dead letter (see :class:`BuryNotice`)."""
 
+Ended = Callable[[TaskRecord], Awaitable[None]]
+"""Called with a record a claim ended because it dead-lettered the record's message (see
+:meth:`BeginOnClaim.consume_begun`)."""
+
 
 @runtime_checkable
 class BuryNotice(Protocol):
@@ -473,6 +477,7 @@ class BeginOnClaim(Protocol):
         worker: str,
         starts: Callable[[], int],
         published: Callable[[Sequence[str]], None] | None = None,
+        ended: Ended | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         """Exactly :meth:`Broker.consume`, except that every delivery has one more
         attribute, ``begun``. At each claim the broker asks ``starts()`` how many of the
@@ -503,6 +508,12 @@ class BeginOnClaim(Protocol):
         final, stored as ``error`` with the error ``"dead-lettered: <the dead letter's
         reason>"`` and the token ``"dead-letter"``, its waiters woken: a task whose every
         delivery was lost (its worker killed each time) ends, rather than staying ``process``.
+        ``ended``, when given, is then awaited with each record a claim so ended, as the claim
+        stored it, once, before the consumer goes on (the worker fires
+        ``qtasks_task_dead_lettered``); not for a message without a record nor one whose
+        record was final already (its last worker ended it, and fired the hook). Ended by a
+        claim made while the consumer is being closed, it is awaited before the context
+        exits. ``ended`` must not raise.
 
         A claim may publish messages itself: a workflow member it dead-letters fails its
         workflow, whose error callback is published in the same round trip. ``published``,

@@ -55,8 +55,9 @@ step). Then:
   ``qtasks_task_cancelled`` → ``qtasks_worker_execute_after``.
 * lease lost on the last allowed delivery (``max_deliveries``): ``qtasks_executor_closed`` →
   (the ``error`` record, fenced) ``qtasks_task_dead_lettered`` → ``qtasks_worker_execute_after``.
-* (no run here) a message a :class:`~qtasks.components.BuryNotice` broker dead-lettered on its
-  own, every delivery lost: (the ``error`` record, fenced) ``qtasks_task_dead_lettered``.
+* (no run here) a message the broker dead-lettered on its own, every delivery lost: (the
+  ``error`` record, stored by a :class:`~qtasks.components.BeginOnClaim` claim, or fenced
+  after a :class:`~qtasks.components.BuryNotice`) ``qtasks_task_dead_lettered``.
 * ``max_time`` exceeded: ``qtasks_task_timed_out`` → the error path (the error is
   :class:`~qtasks.errors.TaskMaxTimeError`).
 * a message that cannot run (undecodable, unknown task, bad arguments):
@@ -530,10 +531,11 @@ def qtasks_task_dead_lettered(app: AsyncQueueTasks, record: TaskRecord, reason: 
     (``max_deliveries``), and ``record`` was stored as ``error`` with ``reason``
     (``"dead-lettered: ..."``). Fires once per message, on the worker that ended the record:
     the task ran on the last allowed delivery and lost its lease (its result is dropped), or
-    a :class:`~qtasks.components.BuryNotice` broker dead-lettered the message on its own and
-    told the worker (a message whose every delivery was lost). (A
-    :class:`~qtasks.components.BeginOnClaim` claim that dead-letters a message ends its
-    record itself and fires nothing: broker stats count it.)"""
+    the broker dead-lettered the message on its own (a message whose every delivery was
+    lost), either in the worker's claim, which ended the record too
+    (:class:`~qtasks.components.BeginOnClaim`), or telling the worker
+    (:class:`~qtasks.components.BuryNotice`). Not for a message whose record was already
+    final or is gone."""
 
 
 @hookspec

@@ -169,3 +169,15 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
         await app.hooks.notify(
             "qtasks_task_dead_lettered", app=app, record=record, reason=record.error
         )
+
+
+async def ended_by_claim(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """A :class:`~qtasks.components.BeginOnClaim` broker's claim dead-lettered the message of
+    ``record`` past ``max_deliveries`` and ended the record in its own round trip (``error``,
+    ``"dead-lettered: <reason>"``, token :data:`DEAD_LETTER_TOKEN`): as after
+    :func:`buried`, ``qtasks_task_dead_lettered`` fires. Never raises (errors are logged by
+    ``notify``)."""
+    if "qtasks_task_dead_lettered" in app.hooks.active:
+        await app.hooks.notify(
+            "qtasks_task_dead_lettered", app=app, record=record, reason=record.error or ""
+        )

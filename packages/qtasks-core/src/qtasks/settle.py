@@ -48,9 +48,11 @@ class Settlement:
         """When a stopping worker stops retrying final saves through an outage."""
         self._batch: SettleBatch | None = None
         self.noticing = False
-        """Whether the worker consumes through :class:`~qtasks.components.BuryNotice`: then a
-        dead letter whose record another consumer's notice ended has had its
-        ``qtasks_task_dead_lettered`` (:func:`qtasks.poison.buried`)."""
+        """Whether the worker's consumer tells it of the records ended by the dead letters the
+        broker makes itself (:class:`~qtasks.components.BuryNotice`, or a
+        :class:`~qtasks.components.BeginOnClaim` claim's ``ended``): then a dead letter whose
+        record another consumer ended has had its ``qtasks_task_dead_lettered`` there
+        (:func:`qtasks.poison.buried`, :func:`qtasks.poison.ended_by_claim`)."""
 
     def open_batch(self, app: AsyncQueueTasks, concurrency: int) -> SettleBatch | None:
         """The batch settler of a worker serving ``concurrency`` tasks at once, when the app
@@ -256,9 +258,8 @@ class Settlement:
             # dead-lettered it meanwhile and counted the member already (publishing the error
             # step, which may be running by now): what is sent here must not replace it.
             await workflows.member_ended(app, record, again=True)
-        # Once per message: a refused save under a notice (the consumer that buried the
-        # message ended the record and fired it) fires nothing here; a claim that ended it
-        # (BeginOnClaim) fires nothing, so this does.
+        # Once per message: a refused save under a notice or a begun claim (the consumer that
+        # dead-lettered the message ended the record and fired it) fires nothing here.
         if (saved or not self.noticing) and "qtasks_task_dead_lettered" in app.hooks.active:
             await app.hooks.notify(
                 "qtasks_task_dead_lettered", app=app, record=record, reason=record.error

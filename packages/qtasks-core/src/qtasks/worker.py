@@ -197,7 +197,9 @@ class QueueWorker:
         broker = app.broker
         shared = app.shared_server
         announcer: workflows.Announcer | None = None
-        consumer_notices = False
+        # Whether the consumer tells the worker of the records of the messages it
+        # dead-letters itself (the hook fires then, once per message; see Settlement).
+        consumer_tells = True
         if shared is not None and isinstance(broker, BeginOnClaim):
             if "qtasks_task_enqueued" in app.hooks.active:
                 announcer = workflows.Announcer(app)
@@ -207,16 +209,17 @@ class QueueWorker:
                 worker=self.id,
                 starts=self._starts,
                 published=None if announcer is None else announcer.published,
+                ended=partial(poison.ended_by_claim, app),
             )
         elif isinstance(broker, BuryNotice):
             # The broker dead-letters on its own: the worker ends those records.
             buried = partial(poison.buried, app)
             consumer = broker.consume_noticing(prefetch=prefetch, buried=buried)
-            consumer_notices = True
         else:
             consumer = broker.consume(prefetch=prefetch)
+            consumer_tells = False
         settler = self._settlement.open_batch(app, concurrency)
-        self._settlement.noticing = consumer_notices
+        self._settlement.noticing = consumer_tells
         async with (
             self._serving_now(),
             consumer as deliveries,

@@ -30,7 +30,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from qtasks.components import BrokerStats, Buried, DeadLetter, Delivery, GlobalConfig, Storage
+from qtasks.components import (
+    BrokerStats,
+    Buried,
+    DeadLetter,
+    Delivery,
+    Ended,
+    GlobalConfig,
+    Storage,
+)
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
 from qtasks.messages import Envelope, new_uuid
@@ -503,19 +511,23 @@ class RedisBroker:
         worker: str,
         starts: Callable[[], int],
         published: Callable[[Sequence[str]], None] | None = None,
+        ended: Ended | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
         """:meth:`consume`, beginning in the same script the records of the claimed messages
         that start at once (``starts()``, asked at each claim); see
         :class:`~qtasks.components.BeginOnClaim`. Only for a storage this broker
         :meth:`shares_server_with`. ``published`` gets the ids of the error callbacks a claim
-        published for the workflow members it dead-lettered."""
+        published for the workflow members it dead-lettered; ``ended`` each record a claim
+        ended (read back in the same script)."""
         if not self.shares_server_with(storage):
             raise ComponentError(f"{storage!r} does not share a server with {self!r}")
         redis_storage = _redis_storage(storage)
         keys = (*self.keys, *redis_storage.index_keys)
         extra = (redis_storage.key_tag, worker, redis_storage.ttl_ms)
         claim = workflow_lua.CLAIM_BEGIN_WF  # CLAIM_BEGIN, failing the workflows of dead members
-        return self._consume(prefetch, claim, keys, extra, redis_storage, starts, published)
+        return self._consume(
+            prefetch, claim, keys, extra, redis_storage, starts, published, ended=ended
+        )
 
     @asynccontextmanager
     async def _consume(
@@ -528,18 +540,25 @@ class RedisBroker:
         starts: Callable[[], int] | None,
         published: Callable[[Sequence[str]], None] | None,
         notice: Buried | None = None,
+        *,
+        ended: Ended | None = None,
     ) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
         client = self._require()
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
         buried: deque[tuple[str, str]] = deque()  # dead-lettered by a claim, not yet told
+        told: deque[TaskRecord] = deque()  # records a claim's dead letters ended, not yet told
         buffer: deque[RedisDelivery] = deque()  # claimed, not handed out yet
         orphans: list[RedisDelivery] = []  # claimed as the consumer was cancelled
 
         async def tell() -> None:
-            assert notice is not None
-            while buried:
-                await notice(*buried[0])
-                buried.popleft()
+            if notice is not None:
+                while buried:
+                    await notice(*buried[0])
+                    buried.popleft()
+            if ended is not None:
+                while told:
+                    await ended(told[0])
+                    told.popleft()
 
         count = max(prefetch, 1)
         retention = self._retention
@@ -596,17 +615,23 @@ class RedisBroker:
             (``None`` when the queue may hold more: as many claimed as asked for); and whether
             that wait ends at a deadline (a delayed message due, a lease ending) rather than
             at the idle bound."""
-            if (len(reply) - 1) % stride:
-                # One element over: the ids of the messages the claim published itself
-                # (CLAIM_BEGIN_WF: the error callbacks of the workflow members it
-                # dead-lettered), comma-separated; or (CLAIM_NOTICED) the JSON list of the
-                # ids and reasons of the messages it dead-lettered.
+            over = (len(reply) - 1) % stride
+            if over == 1:
+                # (CLAIM_NOTICED) the JSON list of the ids and reasons of the messages the
+                # claim dead-lettered.
                 *reply, extra = reply
                 if notice is not None:
                     pairs = json.loads(extra)
                     buried.extend(zip(pairs[::2], pairs[1::2], strict=True))
-                elif published is not None:
-                    published(extra.decode().split(","))
+            elif over:
+                # (CLAIM_BEGIN_WF) the ids of the messages the claim published itself (the
+                # error callbacks of the workflow members it dead-lettered), comma-separated;
+                # then the fields of the records its dead letters ended, 9 per record.
+                *reply, ids, fields = reply
+                if ids and published is not None:
+                    published(ids.decode().split(","))
+                if ended is not None and storage is not None:
+                    told.extend(_ended_records(storage, fields))
             out: list[RedisDelivery] = []
             for i in range(1, len(reply), stride):
                 id, body, prio, attempt, token = reply[i : i + 5]
@@ -658,7 +683,7 @@ class RedisBroker:
                         block = None if took and left <= 0 else max(left, 0.001)
                     got, wait, due = await claim(block, due)
                     buffer.extend(got)  # before a wait: at exit, the records of the rest go back
-                    if buried:
+                    if buried or told:
                         await tell()
                     took = bool(got)
                     wake_at = None if wait is None else time.monotonic() + wait
@@ -683,7 +708,7 @@ class RedisBroker:
         try:
             yield deliveries()
         finally:
-            if buried:  # a claim's reply read after the consumer was cancelled (``orphan``)
+            if buried or told:  # a claim's reply read after the consumer was cancelled
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await tell()
             if storage is not None and (orphans or buffer):
@@ -772,6 +797,21 @@ class RedisBroker:
             total += done
             if done < 1000:
                 return total
+
+
+def _ended_records(storage: RedisStorage, fields: list[bytes | None]) -> list[TaskRecord]:
+    """The records a claim's dead letters ended, from their fields (9 per record); one that
+    cannot be read is logged and left out (its hook cannot fire)."""
+    out: list[TaskRecord] = []
+    for at in range(0, len(fields), 9):
+        try:
+            record = storage.decode_record(fields[at : at + 9])
+        except SerializationError as exc:
+            log.error("the record a dead letter ended cannot be read: %s", exc)
+            continue
+        if record is not None:
+            out.append(record)
+    return out
 
 
 def _redis_storage(storage: Storage) -> RedisStorage:

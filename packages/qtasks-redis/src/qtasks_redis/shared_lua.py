@@ -224,7 +224,10 @@ local function on_claim(id, body, token, out)
   for i = 1, 8 do out[#out + 1] = cur[i] end
 end
 -- A message dead-lettered by its delivery limit: its record turns final ('error', with why)
--- under a token no delivery holds, so a late result of its last holder is refused.
+-- under a token no delivery holds, so a late result of its last holder is refused. The
+-- fields of each record so ended, {d, s, t, cr, u, n, a, w, e}, are appended to ENDED (the
+-- reply of CLAIM_BEGIN_WF carries them: the worker fires the dead-letter hook).
+local ENDED = {}
 local function on_dead(id, reason)
   local rec = REC_PREFIX .. id
   local status = redis.call('HGET', rec, 's')
@@ -251,8 +254,12 @@ local function on_dead(id, reason)
     redis.call('XADD', steps, '*', 'k', 'e')
     if TTL then redis.call('PEXPIRE', steps, TTL) end
   end
+  local fields = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'e')
+  for i = 1, 9 do ENDED[#ENDED + 1] = fields[i] end
 end
 """
     + broker_lua.CLAIM_BODY
 )
-"""CLAIM, beginning every claimed message's record on the way (see :class:`BeginOnClaim`)."""
+"""CLAIM, beginning every claimed message's record on the way (see :class:`BeginOnClaim`).
+The head of :data:`qtasks_redis.workflow_lua.CLAIM_BEGIN_WF`, which the broker runs: that one
+also returns the records its dead letters ended."""

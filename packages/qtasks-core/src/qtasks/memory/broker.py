@@ -20,7 +20,15 @@ from typing import Self
 
 import anyio
 
-from qtasks.components import BrokerStats, Buried, DeadLetter, Delivery, Storage, WorkflowStore
+from qtasks.components import (
+    BrokerStats,
+    Buried,
+    DeadLetter,
+    Delivery,
+    Ended,
+    Storage,
+    WorkflowStore,
+)
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError
 from qtasks.memory.signals import _Lifecycle, _Signal
@@ -289,11 +297,12 @@ class MemoryBroker(_Lifecycle):
         storage: MemoryStorage | None = None,
         dead: list[TaskRecord] | None = None,
         buried: deque[tuple[str, str]] | None = None,
+        ended: deque[TaskRecord] | None = None,
     ) -> _Entry | None:
         """The next due message, now held; past its delivery limit it is dead-lettered
         instead, and with ``storage`` (a claim that begins records) its record says so; the
-        records of workflow members so ended are added to ``dead``, and the id and reason of
-        each dead letter to ``buried``."""
+        records so ended are added to ``ended`` (those of workflow members to ``dead`` too),
+        and the id and reason of each dead letter to ``buried``."""
         while (entry := self._ready.pop()) is not None:
             if self._known.get(entry.id) is not entry or entry.token:
                 continue  # cancelled, or a stale queue entry
@@ -307,9 +316,12 @@ class MemoryBroker(_Lifecycle):
                 if buried is not None:
                     buried.append((entry.id, reason))
                 if storage is not None:
-                    ended = storage.dead_claimed(entry.id, reason)
-                    if ended is not None and ended.workflow is not None and dead is not None:
-                        dead.append(ended)
+                    record = storage.dead_claimed(entry.id, reason)
+                    if record is not None:
+                        if ended is not None:
+                            ended.append(record.copy())
+                        if record.workflow is not None and dead is not None:
+                            dead.append(record)
                 continue
             entry.token = f"{self._token_prefix}{next(self._tokens)}"
             entry.lease_until = time.monotonic() + self._lease
@@ -345,31 +357,39 @@ class MemoryBroker(_Lifecycle):
         worker: str,
         starts: Callable[[], int],
         published: Callable[[Sequence[str]], None] | None = None,
+        ended: Ended | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         """:meth:`consume`, beginning the record of each message taken while ``starts()``
         says it starts at once (see :class:`qtasks.components.BeginOnClaim`). A workflow
         member a claim dead-letters fails its workflow, whose error step it publishes
-        (``published`` gets their ids)."""
+        (``published`` gets their ids); ``ended`` gets each record a claim ended."""
         if not isinstance(storage, MemoryStorage):
             raise ComponentError(f"{storage!r} does not share a server with {self!r}")
-        return self._consume((storage, worker, starts, published))
+        return self._consume((storage, worker, starts, published), ended=ended)
 
     @asynccontextmanager
     async def _consume(
         self,
         begin: _Begin | None,
         notice: Buried | None = None,
+        *,
+        ended: Ended | None = None,
     ) -> AsyncIterator[AsyncIterator[Delivery]]:
         self._check()
         mine: set[str] = set()
         dead: list[TaskRecord] = []  # workflow members a claim dead-lettered
         buried: deque[tuple[str, str]] | None = None if notice is None else deque()
+        told: deque[TaskRecord] | None = None if ended is None else deque()  # records ended
 
         async def tell() -> None:
-            assert notice is not None and buried is not None
-            while buried:
-                await notice(*buried[0])
-                buried.popleft()
+            if notice is not None and buried is not None:
+                while buried:
+                    await notice(*buried[0])
+                    buried.popleft()
+            if ended is not None and told is not None:
+                while told:
+                    await ended(told[0])
+                    told.popleft()
 
         async def deliveries() -> AsyncIterator[MemoryDelivery]:
             signal = self._signal
@@ -377,14 +397,15 @@ class MemoryBroker(_Lifecycle):
             storage = None if begin is None else begin[0]
             while True:
                 next_due = self._promote()
-                entry = self._take(storage, dead, buried)
-                if buried:
-                    await tell()
+                entry = self._take(storage, dead, buried, told)
+                members = bool(dead)  # workflow members ended: their error steps published
                 if dead:  # only with a storage: begin is set
                     assert begin is not None
                     await self._fail_members(begin[0], dead, begin[3])
-                    if entry is None:
-                        continue  # what it published may be due now: take again
+                if buried or told:
+                    await tell()
+                if members and entry is None:
+                    continue  # what it published may be due now: take again
                 if entry is None:
                     await signal.wait(next_due)
                     continue
@@ -401,7 +422,7 @@ class MemoryBroker(_Lifecycle):
         try:
             yield deliveries()
         finally:
-            if buried:
+            if buried or told:
                 with anyio.CancelScope(shield=True):
                     await tell()
             for token in mine:

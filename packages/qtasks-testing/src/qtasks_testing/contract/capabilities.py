@@ -523,6 +523,58 @@ class BeginOnClaimContract(_SharedFixtures):
         assert ended.error == f"dead-lettered: {letter.reason}"
 
     @pytest.mark.anyio
+    async def test_each_record_a_claim_ends_is_told_once_as_stored(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        """Every delivery of two messages is lost; the claim that dead-letters them awaits
+        ``ended`` with the record it ended, as stored, once (the worker fires
+        ``qtasks_task_dead_lettered`` with it). A record that was final already (cancelled
+        here; or ended by its last worker, which fired the hook) is not told: the claim
+        ended nothing."""
+        limit, lease = contract_config.max_deliveries, contract_config.lease
+        (sent, rec), (kept_sent, kept) = shared.new(), shared.new()
+        for envelope_, record_ in ((sent, rec), (kept_sent, kept)):
+            await shared.server.publish_new(envelope_, shared.storage, record_)
+        told: list[TaskRecord] = []
+
+        async def ended(record: TaskRecord) -> None:
+            told.append(record)
+
+        opened = cast(BeginOnClaim, shared.broker).consume_begun(
+            prefetch=10, storage=shared.storage, worker=self.worker, starts=lambda: 10, ended=ended
+        )
+        async with consuming_from(opened) as consumer:
+            for _ in range(limit * 2):  # never settled: the leases run out
+                await consumer.next(timeout=lease * 2 + self.timing_slack)
+            cancelled = await shared.storage.cancel(kept.uuid, "not wanted")
+            assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+
+            async def both_dead() -> bool:
+                dead = {d.id for d in await shared.broker.dead_letters()}
+                return {rec.uuid, kept.uuid} <= dead
+
+            await wait_until(
+                both_dead, timeout=lease * 2 + self.timing_slack, what="both dead letters"
+            )
+
+            async def told_of_it() -> list[TaskRecord]:
+                return told
+
+            await wait_until(told_of_it, timeout=self.timing_slack, what="the record told")
+            # One more claim after those: anything it would tell twice is told by now.
+            later = envelope()
+            await shared.broker.publish(later)
+            delivery = await consumer.next(timeout=2, what="a message after the dead ones")
+            assert delivery.id == later.id and await delivery.ack() is True
+        stored = await shared.storage.get(rec.uuid)
+        assert stored is not None and (stored.status, stored.token) == (
+            TaskStatus.ERROR,
+            "dead-letter",
+        )
+        assert told == [stored], "told other than once, or not as stored, or the final one"
+        assert await shared.storage.get(kept.uuid) == cancelled, "a final record was ended"
+
+    @pytest.mark.anyio
     async def test_a_message_published_again_replaces_even_a_delivered_one(
         self, shared: Shared
     ) -> None:
