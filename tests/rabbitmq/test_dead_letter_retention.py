@@ -58,7 +58,7 @@ async def test_a_dead_queue_of_an_earlier_version_is_adopted_and_capped(
     declares it. Dead letters get their TTL all the same, the old one, expired, is neither
     listed nor requeued, and ``max_dead_letters`` holds (the broker drops the oldest)."""
     await declare_old_dead_queue(f"{queue_name}.dead")
-    with caplog.at_level(logging.WARNING, logger="qtasks_rabbitmq"):
+    with caplog.at_level(logging.WARNING, logger="qtasks.rabbitmq"):
         broker = await make_broker(dead_letter_ttl=3.0, max_dead_letters=2)
     assert not caplog.records
     sent = await dead_lettered(broker, 3)
@@ -124,7 +124,7 @@ async def test_a_dead_queue_with_a_cap_is_kept_with_one_warning_per_link(
         """Those about the dead-letter queue."""
         return [r.getMessage() for r in caplog.records if f"{queue_name}.dead" in r.getMessage()]
 
-    with caplog.at_level(logging.WARNING, logger="qtasks_rabbitmq"):
+    with caplog.at_level(logging.WARNING, logger="qtasks.rabbitmq"):
         broker = await make_broker(max_dead_letters=5)
         assert len(warnings()) == 1
         assert "x-max-length" in warnings()[0]

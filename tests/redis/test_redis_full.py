@@ -110,7 +110,7 @@ async def test_a_server_that_evicts_keys_is_warned_about_at_start(
     evicting = start_server(tmp_path, fsync="no", extra=["--maxmemory-policy", "allkeys-lru"])
     try:
         app = app_for(evicting.url)
-        with caplog.at_level(logging.WARNING, logger="qtasks_redis"):
+        with caplog.at_level(logging.WARNING, logger="qtasks.redis"):
             async with app:
                 pass
         warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]

@@ -199,7 +199,7 @@ async def test_an_unblock_the_acl_refuses_keeps_the_connection(
     """``NOPERM`` is an error reply: the server got the ``CLIENT UNBLOCK`` and will never act
     on it, so the blocking connection is kept (not one per block). The refusal is logged
     once, and later blocks arm no timer (their command's own timeout ends them)."""
-    caplog.set_level(logging.WARNING, logger="qtasks_redis")
+    caplog.set_level(logging.WARNING, logger="qtasks.redis")
     made = lane_for(RedisTarget.parse(no_admin_url), {})
     assert made is not None
     opened = 0

@@ -29,7 +29,7 @@ from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.publisher import Published, Publisher
 from qtasks_rabbitmq.wire import H_DELIVERIES, H_ETA, H_ID, H_PRIORITY, as_int, as_str, settle
 
-log = logging.getLogger("qtasks_rabbitmq")
+log = logging.getLogger("qtasks.rabbitmq")
 
 
 class Consumer:

@@ -37,7 +37,7 @@ from qtasks_rabbitmq.confirms import ConfirmTimeout, Outgoing, publish_batch
 from qtasks_rabbitmq.errors import TopologyError
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 
-log = logging.getLogger("qtasks_rabbitmq")
+log = logging.getLogger("qtasks.rabbitmq")
 
 Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
 

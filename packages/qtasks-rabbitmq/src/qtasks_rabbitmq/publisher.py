@@ -31,7 +31,7 @@ from qtasks_rabbitmq.wire import (
     ms,
 )
 
-log = logging.getLogger("qtasks_rabbitmq")
+log = logging.getLogger("qtasks.rabbitmq")
 
 Sendable = tuple[str, bytes, int, int, float | None]
 """What :meth:`Publisher.send` takes: id, body, priority, deliveries made, eta."""

@@ -47,7 +47,7 @@ from qtasks.errors import (
 from qtasks.masking import masked_entry
 from qtasks_redis.lane import Lane, lane_for
 
-log = logging.getLogger("qtasks_redis")
+log = logging.getLogger("qtasks.redis")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}

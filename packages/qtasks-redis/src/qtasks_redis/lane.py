@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover - exercised by the pure-Python parser te
 _IDLE_BLOCKING = 8
 """Blocking connections kept open for reuse (more are opened while needed)."""
 
-log = logging.getLogger("qtasks_redis")
+log = logging.getLogger("qtasks.redis")
 
 
 class _ReplyError(Exception):

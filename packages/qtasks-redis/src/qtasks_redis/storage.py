@@ -109,7 +109,7 @@ _FINAL_STATUSES = frozenset(status.value for status in TaskStatus if status.fina
 _FEED_IDLE = 5.0
 """Seconds the cancel feed waits for a message before it looks again (no round trip)."""
 
-log = logging.getLogger("qtasks_redis.storage")
+log = logging.getLogger("qtasks.redis.storage")
 
 _encode_json = strict_json_encoder()
 _loads = json_decoder()

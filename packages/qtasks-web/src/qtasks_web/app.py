@@ -51,7 +51,7 @@ from qtasks_web.security import (
 )
 from qtasks_web.settings import Auth, WebSettings
 
-log = logging.getLogger("qtasks_web")
+log = logging.getLogger("qtasks.web")
 _HERE = Path(__file__).parent
 _FORM_MAX = 64 * 1024
 CANCEL_REASON = "cancelled from the dashboard"

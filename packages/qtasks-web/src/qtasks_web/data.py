@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 MASK = "••••••"
 _FINAL = (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL)
-log = logging.getLogger("qtasks_web")
+log = logging.getLogger("qtasks.web")
 
 BUCKETS = 30
 """Intervals of the overview's charts (``window / BUCKETS`` seconds each)."""

@@ -27,7 +27,7 @@ from qtasks_web.data import Charts, overview, queryable
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
-log = logging.getLogger("qtasks_web")
+log = logging.getLogger("qtasks.web")
 Emit = Callable[[str, str], Awaitable[None]]
 """``await emit(event, data)`` sends one event to the browser."""
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from qtasks.executor import TaskRun
     from qtasks.record import TaskRecord
 
-log = logging.getLogger("qtasks_web.metrics")
+log = logging.getLogger("qtasks.web.metrics")
 
 OUTCOMES = ("success", "error", "retry", "cancel", "rejected", "dead_lettered", "expired")
 """The values of the ``outcome`` label of ``qtasks_tasks_total``."""

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from qtasks.app import AsyncQueueTasks
 
-log = logging.getLogger("qtasks_web")
+log = logging.getLogger("qtasks.web")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
