@@ -547,10 +547,11 @@ class Storage(Protocol):
 
     async def add(self, record: TaskRecord, *, replace: bool = True) -> None:
         """Store ``record``. With ``replace`` (the default), unconditionally, replacing any
-        stored one: deliberate resets (requeueing a dead letter). With ``replace=False``, only
-        when no record of that uuid is stored, atomically (a stored record, and its expiry, stay
-        as they are): a new task's record, written while its message is already published, so a
-        worker that got there first (:meth:`begin` creates the record) is never set back."""
+        stored one whole, what an :class:`AttemptLog` kept of it too: deliberate resets
+        (requeueing a dead letter). With ``replace=False``, only when no record of that uuid
+        is stored, atomically (a stored record, and its expiry, stay as they are): a new
+        task's record, written while its message is already published, so a worker that got
+        there first (:meth:`begin` creates the record) is never set back."""
         ...
 
     async def get(self, uuid: str) -> TaskRecord | None: ...
@@ -630,7 +631,8 @@ class AttemptLog(Protocol):
     began (status ``retry``: it failed and is retried; ``process``: its worker was lost or
     its lease ran out), the storage keeps that record as it was, before overwriting it. A
     re-begin by the same delivery (same token) keeps nothing. A task that succeeds at its
-    first attempt costs nothing. The kept records expire with the task's record."""
+    first attempt costs nothing. The kept records expire with the task's record, and go when
+    :meth:`Storage.add` replaces it (a reset record starts with no earlier attempts)."""
 
     async def attempts(self, uuid: str) -> list[TaskRecord]:
         """The records of the earlier attempts of ``uuid``, oldest first, each as its attempt

@@ -132,6 +132,7 @@ class MemoryStorage(_Lifecycle):
         if replace or record.uuid not in self._records:
             self._records[record.uuid] = stored = record.copy()
             self._index(stored)
+            self._attempts.pop(record.uuid, None)  # a replaced record's are not this one's
 
     async def get(self, uuid: str) -> TaskRecord | None:
         self._check()

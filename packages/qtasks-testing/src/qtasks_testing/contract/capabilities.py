@@ -867,6 +867,33 @@ class AttemptLogContract(_StorageCapability):
         assert await log.attempts("no-such-task") == []
 
     @pytest.mark.anyio
+    @pytest.mark.parametrize("status", [TaskStatus.ERROR, TaskStatus.PROCESS])
+    async def test_a_record_replaced_by_add_starts_with_no_attempts(
+        self, storage: Storage, status: TaskStatus
+    ) -> None:
+        """:meth:`Storage.add` replaces a record whole (a deliberate reset: a dead letter
+        requeued, a task published again under its uuid), final or not: the attempts of the
+        record it replaced are not the new one's; the new one's own are kept from then on."""
+        log = cast(AttemptLog, storage)
+        rec = record()
+        await storage.add(rec)
+        await storage.begin(self.claim(rec, 1, "t1", "worker-a"))
+        second = await storage.begin(self.claim(rec, 2, "t2", "worker-b"))
+        if status.final:
+            ended = finished(second, status, error="dead-lettered: delivery limit reached")
+            assert await storage.save(ended, fence="t2") is True
+        assert len(await log.attempts(rec.uuid)) == 1
+        reset = record(uuid=rec.uuid)
+        await storage.add(reset)
+        assert await storage.get(rec.uuid) == reset
+        assert await log.attempts(rec.uuid) == [], "the replaced record's attempts were kept"
+        await storage.begin(self.claim(reset, 1, "t3", "worker-c"))
+        third = await storage.begin(self.claim(reset, 2, "t4", "worker-d"))
+        assert await storage.save(finished(third), fence="t4") is True
+        kept = await log.attempts(rec.uuid)
+        assert [(r.attempt, r.worker, r.token) for r in kept] == [(1, "worker-c", "t3")]
+
+    @pytest.mark.anyio
     async def test_kept_attempts_expire_with_the_record(
         self, storage_factory: StorageFactory, contract_config: QueueConfig
     ) -> None:
