@@ -547,11 +547,12 @@ class Storage(Protocol):
 
     async def add(self, record: TaskRecord, *, replace: bool = True) -> None:
         """Store ``record``. With ``replace`` (the default), unconditionally, replacing any
-        stored one whole, what an :class:`AttemptLog` kept of it too: deliberate resets
-        (requeueing a dead letter). With ``replace=False``, only when no record of that uuid
-        is stored, atomically (a stored record, and its expiry, stay as they are): a new
-        task's record, written while its message is already published, so a worker that got
-        there first (:meth:`begin` creates the record) is never set back."""
+        stored one whole, its steps (:meth:`add_step`) and what an :class:`AttemptLog` kept of
+        it too: deliberate resets (requeueing a dead letter). With ``replace=False``, only
+        when no record of that uuid is stored, atomically (a stored record, and its expiry,
+        stay as they are): a new task's record, written while its message is already
+        published, so a worker that got there first (:meth:`begin` creates the record) is
+        never set back."""
         ...
 
     async def get(self, uuid: str) -> TaskRecord | None: ...

@@ -148,9 +148,9 @@ else
   redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
 end
 if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
-if old and ARGV[7] == '1' then  -- replaced: the earlier attempts kept were the old record's
-  redis.call('HDEL', K_REC, 'k')
-  redis.call('DEL', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':at:' .. uuid)
+if old and ARGV[7] == '1' then  -- replaced: the attempts kept and the steps were the old one's
+  redis.call('HDEL', K_REC, 'k', 'n')
+  redis.call('DEL', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':at:' .. uuid, K_STEPS)
 end
 local now = now_ms()
 index(uuid, old, status, now)

@@ -132,7 +132,9 @@ class MemoryStorage(_Lifecycle):
         if replace or record.uuid not in self._records:
             self._records[record.uuid] = stored = record.copy()
             self._index(stored)
-            self._attempts.pop(record.uuid, None)  # a replaced record's are not this one's
+            # A replaced record's attempts and steps are not this one's.
+            self._attempts.pop(record.uuid, None)
+            self._steps.pop(record.uuid, None)
 
     async def get(self, uuid: str) -> TaskRecord | None:
         self._check()

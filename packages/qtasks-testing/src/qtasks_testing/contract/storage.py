@@ -527,6 +527,25 @@ class StorageContract(ContractSuite):
         assert_woken(latencies, self.wake_latency, "a live steps() follower, after add_step")
 
     @pytest.mark.anyio
+    async def test_a_record_replaced_by_add_starts_with_no_steps(self, storage: Storage) -> None:
+        """:meth:`Storage.add` replaces a record whole (a reset: the task runs again): the
+        steps of the record it replaced are not the new one's, whose steps count from 0."""
+        rec = record()
+        await storage.add(rec)
+        for value in ("old-0", "old-1"):
+            await storage.add_step(rec.uuid, value)
+        await storage.save(finished(rec, steps=2))
+        reset = record(uuid=rec.uuid)
+        await storage.add(reset)
+        assert await storage.get(rec.uuid) == reset
+        assert await storage.add_step(rec.uuid, "new-0") == 0
+        await storage.save(finished(reset, steps=1))
+        with anyio.fail_after(2):
+            assert [s async for s in storage.steps(rec.uuid)] == ["new-0"]
+        stored = await storage.get(rec.uuid)
+        assert stored is not None and stored.steps == 1
+
+    @pytest.mark.anyio
     async def test_steps_of_a_final_record_end(self, storage: Storage) -> None:
         rec = record()
         await storage.add(rec)
