@@ -16,7 +16,13 @@ from qtasks.components import BrokerStats
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerConnectionError, ConfigError
 from qtasks.messages import Envelope
-from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker, RabbitMQDelivery, TopologyError
+from qtasks_rabbitmq import (
+    PublishRejectedError,
+    RabbitMQBroker,
+    RabbitMQDelivery,
+    TopologyError,
+    publisher,
+)
 from qtasks_rabbitmq.consumer import Consumer
 
 from .conftest import URL, BrokerFactory, connection_pids, delete_topology, poll
@@ -270,6 +276,48 @@ async def test_cancel_queued_message(make_broker: BrokerFactory) -> None:
         await got.ack()
         assert not await broker.cancel(kept.id), "already delivered"
         assert await nothing_within(deliveries, 0.3)
+
+
+async def test_the_ids_remembered_for_cancel_stay_bounded(
+    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Suspected: ``Published.ids`` grows with every publish of a process that never consumes
+    (a producer). Refuted: it keeps the newest ``TRACKED_IDS`` (made 20 here), through
+    ``publish`` and ``publish_many`` alike; those are still cancellable, the older not."""
+    monkeypatch.setattr(publisher, "TRACKED_IDS", 20)
+    broker = await make_broker()
+    one_by_one = [envelope() for _ in range(50)]
+    for item in one_by_one:
+        await broker.publish(item)
+    batch = [envelope() for _ in range(50)]
+    await broker.publish_many(batch)
+    tracked = broker._published.ids
+    assert len(tracked) == 20
+    assert list(tracked) == [item.id for item in batch[-20:]]
+    assert not await broker.cancel(one_by_one[-1].id), "forgotten, yet cancellable"
+    assert await broker.cancel(batch[-1].id)
+
+
+def test_published_ids_are_bounded_at_the_real_limit() -> None:
+    published = publisher.Published()
+    for i in range(publisher.TRACKED_IDS + 1_000):
+        published.remember(f"id-{i}")
+    assert len(published.ids) == publisher.TRACKED_IDS
+    assert next(iter(published.ids)) == "id-1000", "not the oldest that were forgotten"
+
+
+def test_cancels_of_messages_never_received_here_stay_bounded() -> None:
+    """A producer process cancels what workers in other processes receive: the ids it marks
+    to skip are never received here. They are kept up to ``TRACKED_IDS`` (before, every one
+    was kept for ever: the set grew with each cancel)."""
+    published = publisher.Published()
+    for i in range(publisher.TRACKED_IDS + 1_000):
+        published.remember(f"id-{i}")
+        assert published.cancel(f"id-{i}")
+    assert len(published.cancelled) == publisher.TRACKED_IDS
+    newest = f"id-{publisher.TRACKED_IDS + 999}"
+    assert published.skip(newest), "a cancelled message received here is skipped"
+    assert not published.skip("id-0"), "forgotten: the worker finds its record cancelled"
 
 
 async def test_poison_published_straight_to_the_queue(make_broker: BrokerFactory) -> None:

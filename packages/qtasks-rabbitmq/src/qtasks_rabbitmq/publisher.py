@@ -120,28 +120,27 @@ class Publisher:
 
 
 class Published:
-    """Ids published by this process and not received here yet (the newest
-    :data:`TRACKED_IDS`), and those of them cancelled: RabbitMQ cannot remove a message from
-    the middle of a queue, so a cancelled one is skipped when it is received."""
+    """Ids published by this process and not received here yet, and those of them cancelled
+    (the newest :data:`TRACKED_IDS` of each): RabbitMQ cannot remove a message from the middle
+    of a queue, so a cancelled one is skipped when it is received. A cancelled message another
+    process receives is never received here: it is forgotten in turn (the worker that runs
+    it finds its stored record cancelled and acks it without running it)."""
 
     __slots__ = ("cancelled", "ids")
 
     def __init__(self) -> None:
         self.ids: OrderedDict[str, None] = OrderedDict()
-        self.cancelled: set[str] = set()
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
 
     def remember(self, id: str) -> None:
-        ids = self.ids
-        ids[id] = None
-        if len(ids) > TRACKED_IDS:
-            ids.popitem(last=False)
+        _bounded_add(self.ids, id)
 
     def cancel(self, id: str) -> bool:
         """Mark ``id`` to be skipped on receipt; ``False`` if it is not one of ours (or was
         received already)."""
         if id in self.ids:
             del self.ids[id]
-            self.cancelled.add(id)
+            _bounded_add(self.cancelled, id)
             return True
         return False
 
@@ -150,6 +149,13 @@ class Published:
         if self.ids:
             self.ids.pop(id, None)
         if self.cancelled and id in self.cancelled:
-            self.cancelled.discard(id)
+            del self.cancelled[id]
             return True
         return False
+
+
+def _bounded_add(ids: OrderedDict[str, None], id: str) -> None:
+    """Add ``id`` as the newest of ``ids``, dropping the oldest past :data:`TRACKED_IDS`."""
+    ids[id] = None
+    if len(ids) > TRACKED_IDS:
+        ids.popitem(last=False)
