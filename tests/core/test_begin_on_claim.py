@@ -152,6 +152,46 @@ async def test_a_claim_that_dead_letters_lost_deliveries_fires_the_hook_once_eac
     await lost_deliveries_are_told_by_the_claim(app)
 
 
+async def test_a_broker_whose_claim_takes_no_ended_still_serves() -> None:
+    """``consume_begun``'s ``ended`` came after the capability: a broker written before it
+    (no such parameter) is called without it, and its tasks run."""
+    from collections.abc import Callable, Sequence
+    from contextlib import AbstractAsyncContextManager
+
+    from qtasks.components import Storage
+    from qtasks.memory import MemoryBroker
+
+    class OlderBroker(MemoryBroker):
+        def consume_begun(  # type: ignore[override]
+            self,
+            *,
+            prefetch: int,
+            storage: Storage,
+            worker: str,
+            starts: Callable[[], int],
+            published: Callable[[Sequence[str]], None] | None = None,
+        ) -> AbstractAsyncContextManager[Any]:
+            return super().consume_begun(
+                prefetch=prefetch,
+                storage=storage,
+                worker=worker,
+                starts=starts,
+                published=published,
+            )
+
+    app = AsyncQueueTasks(
+        "begin-on-claim", broker=OlderBroker(), config=QueueConfig(plugins_disabled=["*"])
+    )
+
+    @app.task
+    async def double(i: int) -> int:
+        return 2 * i
+
+    async with app:
+        done = await app.add_task("double", 21, timeout=5)
+    assert (done.status, done.returning) == (TaskStatus.SUCCESS, 42)
+
+
 async def test_a_last_delivery_whose_lease_runs_out_while_it_runs_fires_the_hook_once() -> None:
     """The only allowed delivery's run stalls the loop past its lease, then waits: the
     worker finds the lease lost and cancels the run, whose settle stores nothing; the

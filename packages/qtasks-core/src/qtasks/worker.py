@@ -11,6 +11,7 @@ state (free runners, waiting deliveries, recent cancels).
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import logging
 import os
@@ -203,13 +204,20 @@ class QueueWorker:
         if shared is not None and isinstance(broker, BeginOnClaim):
             if "qtasks_task_enqueued" in app.hooks.active:
                 announcer = workflows.Announcer(app)
+            # ``ended`` came after the capability did: a broker written before it is called
+            # without it (its claims' dead letters then fire the hook from the settle step).
+            told: dict[str, Any] = {}
+            if _takes(broker.consume_begun, "ended"):
+                told["ended"] = partial(poison.ended_by_claim, app)
+            else:
+                consumer_tells = False
             consumer = broker.consume_begun(
                 prefetch=prefetch,
                 storage=app.storage,
                 worker=self.id,
                 starts=self._starts,
                 published=None if announcer is None else announcer.published,
-                ended=partial(poison.ended_by_claim, app),
+                **told,
             )
         elif isinstance(broker, BuryNotice):
             # The broker dead-letters on its own: the worker ends those records.
@@ -667,3 +675,15 @@ class _WakeOne:
     def wake_all(self) -> None:
         while self._waiting:
             self._waiting.popleft().set()
+
+
+def _takes(method: Any, name: str) -> bool:
+    """Whether ``method`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: call it as the protocol says
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
+        for p in parameters
+    )

@@ -12,6 +12,10 @@ retries, cancels and dead-lettering are span events.
 Only ``opentelemetry-api`` is needed: without an SDK configured every span is a no-op. The
 ``tracing`` entry point builds it when the configuration says ``[extra.tracing] enabled = true``
 (see :mod:`qtasks_web.plugins`); or register it in code with ``app.add_plugin(TracingPlugin())``.
+
+Over ~500 lines: one plugin whose hooks share its per-task spans and the fast paths of the
+unsampled trace (the hot path's budget, issue 20), each next to the general path it mirrors;
+the root sampling it mirrors is in :mod:`qtasks_web.sampling`.
 """
 
 from __future__ import annotations
