@@ -513,7 +513,8 @@ class BeginOnClaim(Protocol):
         ``qtasks_task_dead_lettered``); not for a message without a record nor one whose
         record was final already (its last worker ended it, and fired the hook). Ended by a
         claim made while the consumer is being closed, it is awaited before the context
-        exits. ``ended`` must not raise.
+        exits. ``ended`` must not raise. (A broker written before ``ended`` existed, without
+        the parameter, is called without it.)
 
         A claim may publish messages itself: a workflow member it dead-letters fails its
         workflow, whose error callback is published in the same round trip. ``published``,
