@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 
 from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus, hookimpl
-from qtasks.components import SettleBegin, Storage
+from qtasks.components import BeginOnClaim, SettleBegin, Storage
 from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
 
@@ -167,3 +167,49 @@ async def lost_deliveries_are_told_by_the_claim(app: AsyncQueueTasks) -> None:
     assert sorted(heard) == sorted(
         (uuid, error, TaskStatus.ERROR, "dead-letter") for uuid, error in errors.items()
     )
+
+
+async def cancelled_while_telling(app: AsyncQueueTasks) -> None:
+    """``app`` (not started, ``max_deliveries=2``, a lease of seconds, task ``noop``
+    declared): a message's every allowed delivery is lost, then a consumer's claim
+    dead-letters it and takes a second message in the same claim; the consumer is cancelled
+    while ``ended`` tells the first record (a worker stopping). The record is told once (it
+    was told twice: the consumer's exit told it again), and the second message is handed back
+    at once, not after its lease (the in-memory claim did not count it as held yet). ``app``
+    is started here and closed."""
+    await app.start()
+    try:
+        broker, storage = app.broker, app.storage
+        assert isinstance(broker, BeginOnClaim)
+        lost = await app.add_task("noop", 1)
+        for _ in range(2):  # both allowed deliveries, never settled
+            async with broker.consume(prefetch=1) as raw:
+                with anyio.fail_after(5):
+                    await anext(raw)
+        second = await app.add_task("noop", 2)
+        told: list[str] = []
+        telling = anyio.Event()
+
+        async def ended(record: TaskRecord) -> None:
+            told.append(record.uuid)
+            telling.set()
+            await anyio.sleep_forever()  # cancelled here
+
+        async def consume() -> None:
+            async with broker.consume_begun(
+                prefetch=2, storage=storage, worker="w", starts=lambda: 0, ended=ended
+            ) as deliveries:
+                await anext(deliveries)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            with anyio.fail_after(5):
+                await telling.wait()
+            tg.cancel_scope.cancel()
+        assert told == [lost.uuid]
+        async with broker.consume(prefetch=1) as raw:
+            with anyio.fail_after(1):  # the lease is 30 s: only a hand-back comes this soon
+                again = await anext(raw)
+        assert again.id == second.uuid
+    finally:
+        await app.aclose()

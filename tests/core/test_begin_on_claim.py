@@ -12,6 +12,7 @@ import anyio
 import pytest
 from begin_scenarios import (
     cancel_while_waiting,
+    cancelled_while_telling,
     claim_as_the_worker_stops,
     count_begins,
     lost_deliveries_are_told_by_the_claim,
@@ -311,3 +312,16 @@ def test_the_attempt_a_claim_begins_with_is_the_messages_own(body: bytes) -> Non
     if not isinstance(expected, int) or isinstance(expected, bool):
         expected = None
     assert _body_attempt(body) == expected
+
+
+async def test_a_consumer_cancelled_while_telling_tells_once_and_hands_back_its_claim() -> None:
+    app = AsyncQueueTasks(
+        "begin-on-claim",
+        config=QueueConfig(max_deliveries=2, lease=30, plugins_disabled=["*"]),
+    )
+
+    @app.task
+    async def noop(i: int) -> int:
+        return i
+
+    await cancelled_while_telling(app)

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from begin_scenarios import (
     cancel_while_waiting,
+    cancelled_while_telling,
     claim_as_the_worker_stops,
     count_begins,
     lost_deliveries_are_told_by_the_claim,
@@ -394,6 +395,12 @@ async def test_a_claim_that_dead_letters_lost_deliveries_fires_the_hook_once_eac
     await lost_deliveries_are_told_by_the_claim(
         build(redis_url, prefix, lease=0.3, concurrency=2, max_deliveries=1)
     )
+
+
+async def test_a_consumer_cancelled_while_telling_tells_once_and_hands_back_its_claim(
+    redis_url: str, prefix: str
+) -> None:
+    await cancelled_while_telling(build(redis_url, prefix, lease=30, max_deliveries=2))
 
 
 async def test_a_cancel_while_a_delivery_waits_holds_without_any_cancel_notice(

@@ -551,14 +551,14 @@ class RedisBroker:
         orphans: list[RedisDelivery] = []  # claimed as the consumer was cancelled
 
         async def tell() -> None:
+            # Each taken off before it is told: told once, even if the consumer is cancelled
+            # while telling it (its exit tells the rest).
             if notice is not None:
                 while buried:
-                    await notice(*buried[0])
-                    buried.popleft()
+                    await notice(*buried.popleft())
             if ended is not None:
                 while told:
-                    await ended(told[0])
-                    told.popleft()
+                    await ended(told.popleft())
 
         count = max(prefetch, 1)
         retention = self._retention

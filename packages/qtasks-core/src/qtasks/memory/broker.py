@@ -382,14 +382,14 @@ class MemoryBroker(_Lifecycle):
         told: deque[TaskRecord] | None = None if ended is None else deque()  # records ended
 
         async def tell() -> None:
+            # Each taken off before it is told: told once, even if the consumer is cancelled
+            # while telling it (its exit tells the rest).
             if notice is not None and buried is not None:
                 while buried:
-                    await notice(*buried[0])
-                    buried.popleft()
+                    await notice(*buried.popleft())
             if ended is not None and told is not None:
                 while told:
-                    await ended(told[0])
-                    told.popleft()
+                    await ended(told.popleft())
 
         async def deliveries() -> AsyncIterator[MemoryDelivery]:
             signal = self._signal
@@ -398,6 +398,8 @@ class MemoryBroker(_Lifecycle):
             while True:
                 next_due = self._promote()
                 entry = self._take(storage, dead, buried, told)
+                if entry is not None:  # held from here: handed back at exit if not yielded
+                    mine.add(entry.token)
                 members = bool(dead)  # workflow members ended: their error steps published
                 if dead:  # only with a storage: begin is set
                     assert begin is not None
@@ -409,7 +411,6 @@ class MemoryBroker(_Lifecycle):
                 if entry is None:
                     await signal.wait(next_due)
                     continue
-                mine.add(entry.token)
                 delivery = MemoryDelivery(self, entry)
                 if begin is not None:
                     storage, worker, starts, _ = begin
