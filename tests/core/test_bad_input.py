@@ -136,3 +136,22 @@ async def test_dead_letters_can_be_requeued(apps: tuple[AsyncQueueTasks, AsyncQu
     assert await worker.requeue_dead_letters([task.uuid]) == 1
     assert await worker.dead_letters() == []
     assert (await task.wait_result(5)).returning == "deployed"
+
+
+async def test_a_requeued_dead_letter_starts_with_no_steps(
+    apps: tuple[AsyncQueueTasks, AsyncQueueTasks],
+) -> None:
+    """The reset record of a requeued dead letter counts no steps: the steps of the run that
+    was dead-lettered are dropped with it (``Storage.add`` replaces them), and its count too."""
+    producer, worker = apps
+    task = await producer.add_task("steps_for_now")
+    await dead_letter(worker, task.uuid)
+    for step in ("old-0", "old-1"):  # what the lost run had yielded
+        await worker.storage.add_step(task.uuid, step)
+    before = await worker.storage.get(task.uuid)
+    assert before is not None and before.steps == 2
+
+    assert await worker.requeue_dead_letters([task.uuid]) == 1
+    again = await worker.wait(task.uuid, 5)  # still unknown: dead-lettered again, no step
+    assert (again.status, again.steps) == (TaskStatus.ERROR, 0)
+    assert [step async for step in worker.storage.steps(task.uuid)] == []

@@ -766,7 +766,7 @@ class AsyncQueueTasks:
                 continue
             if record is not None and record.status.final:
                 record.status, record.error, record.token = TaskStatus.NEW, None, None
-                record.returning = None
+                record.returning, record.steps = None, 0  # add() drops the old steps
                 record.updated_at = time.time()
                 await self.storage.add(record)  # add() replaces: a deliberate reset
             requeue.append(letter.id)
