@@ -380,3 +380,28 @@ async def test_credentials_inside_plain_named_values_are_masked() -> None:
         "n": 3,
         "plain": "hello",
     }
+
+
+async def test_an_error_quoting_a_credential_is_shown_masked(
+    app: AsyncQueueTasks, client: Client
+) -> None:
+    """A task's error and traceback are shown through the masking rule too: a connection
+    error quoting its DSN, or a cancel reason with a token, keep the secret out of the page."""
+    task = await app.add_task("fail", "x", note="connecting to redis://u:hunter2@db:6379/0")
+    final = await task.wait_result(5)
+    assert "hunter2" in (final.error or "")  # stored as raised
+    page = await client.get(f"/tasks/{task.uuid}")
+    assert page.status == 200
+    assert "ValueError: refused connecting to redis://u:" in page.text
+    assert "hunter2" not in page.text
+
+
+async def test_values_that_are_not_json_are_shown_masked() -> None:
+    """Where a value is not JSON (a key that is a tuple, bytes, a set), its ``repr`` is shown:
+    masked as text, never as the raw value."""
+    from qtasks_web.data import pretty
+
+    shown = pretty({"password": "hunter2", "dsn": "redis://u:pw1@h", (1, 2): "x"})
+    assert "hunter2" not in shown and "pw1" not in shown
+    shown = pretty({"dsn": b"redis://u:pw2@h", "hosts": {"redis://u:pw3@h"}})
+    assert "pw2" not in shown and "pw3" not in shown

@@ -83,6 +83,7 @@ def _environment() -> Environment:
     env.filters["when"] = _when
     env.filters["seconds"] = _seconds
     env.filters["pretty"] = data.pretty
+    env.filters["shown"] = data.shown_text
     env.filters["json"] = as_json
     return env
 

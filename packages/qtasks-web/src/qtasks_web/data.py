@@ -48,9 +48,17 @@ def masked(value: Any, depth: int = 0) -> Any:
             k: MASK if isinstance(k, str) and is_secret_key(k) else masked(v, depth + 1)
             for k, v in value.items()
         }
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | set | frozenset):
         return [masked(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):  # latin-1: every byte a character and back
+        return bytes(mask_text(value.decode("latin-1")).encode("latin-1"))
     return value
+
+
+def shown_text(value: Any) -> str:
+    """Text a page shows as it is (an error, a traceback, a cancel or dead-letter reason)
+    through :func:`~qtasks.masking.mask_text`; ``""`` for ``None``."""
+    return "" if value is None else mask_text(str(value))
 
 
 def masked_args(app: AsyncQueueTasks, task_name: str, args: list[Any]) -> list[Any]:
@@ -72,11 +80,17 @@ def masked_args(app: AsyncQueueTasks, task_name: str, args: list[Any]) -> list[A
 
 
 def pretty(value: Any) -> str:
-    """JSON of a masked value, indented (for ``<pre>``); ``repr`` when it is not JSON."""
+    """JSON of a masked value, indented (for ``<pre>``); where it is not JSON, its ``repr``,
+    masked too."""
+    shown = masked(value)
     try:
-        return json.dumps(masked(value), indent=2, ensure_ascii=False, default=repr)
+        return json.dumps(shown, indent=2, ensure_ascii=False, default=_masked_repr)
     except (TypeError, ValueError, RecursionError):
-        return _cut(repr(value), 10_000)
+        return _cut(_masked_repr(shown), 10_000)
+
+
+def _masked_repr(value: Any) -> str:
+    return mask_text(repr(value))
 
 
 PREVIEW_MAX = 64 * 1024
