@@ -58,8 +58,17 @@ async def test_a_transform_that_hands_its_value_back_leaves_it_as_it_came(
         def qtasks_executor_result(self, result: Any) -> Any:
             return result
 
+    class Later:  # an async implementation first: the rest chain after its await
+        @hookimpl
+        async def qtasks_executor_result(self, result: Any) -> None:
+            return None
+
     app.add_plugin(Passthrough())
     value = Deferred()
+    got = await app.hooks.transform("qtasks_executor_result", "result", result=value)
+    assert got is value
+    assert awaited == []
+    app.add_plugin(Later())
     got = await app.hooks.transform("qtasks_executor_result", "result", result=value)
     assert got is value
     assert awaited == []

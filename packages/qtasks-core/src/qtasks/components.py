@@ -48,9 +48,6 @@ checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
 
 Over ~500 lines on purpose: every contract of the core lives here, in one place, each
 protocol with what its implementers must do (one file to read to write a backend).
-
-Over ~500 lines: every contract in one place (the style of the project): each protocol's
-docstrings are what an implementation must guarantee.
 """
 
 from __future__ import annotations

@@ -181,9 +181,6 @@ Stats: ``stats_inspect``: none; ``qtasks_inspect`` (a plain hook) adds keys to t
 
 Over ~500 lines on purpose: every hook of the product is specified here, in one place, each
 with when it fires and what it gets (one file to read to write a plugin).
-
-Over ~500 lines: the whole hook specification, one hook per trigger with its contract in its
-docstring, kept in one module so that a plugin author reads every trigger in one place.
 """
 
 from __future__ import annotations

@@ -231,6 +231,8 @@ class Hooks:
         for plugin, func, pick in impls[index + 1 :]:
             try:
                 result = func(*pick(kwargs))
+                if type(field) is str and result is kwargs[field]:
+                    continue  # handed back as it came: unchanged, as in transform()
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as exc:
