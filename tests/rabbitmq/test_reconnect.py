@@ -254,11 +254,28 @@ async def test_publish_whose_confirm_never_comes_fails_after_publish_timeout(
             await broker.start(stack, QueueConfig(broker="rabbitmq", broker_url=url))
             await broker.publish(envelope(b"confirmed"))
             mute.set()
-            with anyio.fail_after(10), pytest.raises(BrokerConnectionError, match="confirm"):
+            # Written, then no confirm: the error must say that it may have arrived.
+            written = "no publisher confirm.*written.*may have been delivered"
+            with anyio.fail_after(10), pytest.raises(BrokerConnectionError, match=written):
                 await broker.publish(envelope(b"never confirmed"))
             # The relay is gone: the broker closes on a dead connection, without waiting.
     finally:
         await delete_topology(queue_name)
+
+
+async def test_a_publish_with_less_time_left_than_a_confirm_takes_is_not_written(
+    make_broker: BrokerFactory,
+) -> None:
+    """A publish whose deadline is (almost) spent before its frames are written is refused
+    unwritten, and its error says so: written, it would time out at once though RabbitMQ
+    takes it, and the caller's retry would duplicate it. Here ``publish_timeout`` is shorter
+    than any confirm, so every publish is in that case."""
+    broker = await make_broker(publish_timeout=0.001)
+    with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="not written"):
+        await broker.publish(envelope(b"too late"))
+    stats = await broker.stats()
+    assert stats.ready_by_priority == {}, "the refused publish reached the queue"
+    assert broker.reconnects == 0
 
 
 BASIC_PUBLISH = struct.pack(">HH", 60, 40)

@@ -13,6 +13,10 @@ channel or connection closes (a future of the channel's, which aiormq rejects th
 the deadline (``publish_timeout`` after the publish began, shared with the wait for a lost
 connection: a silent partition with heartbeats off, a broker that blocks publishers).
 
+A batch is written only while more of the deadline is left than a confirm takes
+(:class:`ConfirmPace`): written later, it would be reported as timed out at once though
+RabbitMQ takes it, and the caller's retry would publish it twice.
+
 The server gains too: frames that arrive in large writes cost RabbitMQ about half the CPU per
 message of one write per message (``bench/rabbitmq_bulk_cost.py``).
 """
@@ -40,7 +44,33 @@ from qtasks_rabbitmq.wire import PERSISTENT
 
 
 class ConfirmTimeout(TimeoutError):
-    """The broker's confirms did not come in time; the connection may still be fine."""
+    """The broker's confirms did not come in time, or would not have (the batch was then not
+    written); the connection may still be fine."""
+
+
+CONFIRM_FLOOR = 0.005
+"""Seconds of the deadline a batch must have left to be written, at least: a confirm takes
+~0.3-1 ms on a local server; a few ms leave it room without refusing publishes that have
+time."""
+
+
+class ConfirmPace:
+    """How long confirms take on one link lately (a moving average of the time from writing a
+    batch to its last confirm), for :func:`publish_batch` to decide whether a batch still has
+    time for its confirms: it needs :meth:`floor` of its deadline left to be written."""
+
+    __slots__ = ("recent",)
+
+    def __init__(self) -> None:
+        self.recent = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.recent += (seconds - self.recent) / 8
+
+    def floor(self) -> float:
+        """:data:`CONFIRM_FLOOR`, or the recent confirm time when confirms take longer (a
+        distant or busy server)."""
+        return max(CONFIRM_FLOOR, self.recent)
 
 
 class Outgoing(NamedTuple):
@@ -59,6 +89,17 @@ class Outgoing(NamedTuple):
     routing_key: str
     expiration: str | None = None
     """AMQP ``expiration`` in ms (only dead letters have one)."""
+
+
+class Attempt(NamedTuple):
+    """What one :func:`publish_batch` did."""
+
+    rest: Sequence[Outgoing]
+    """The messages not confirmed, in order (to publish again); empty when all were."""
+    trouble: BaseException | None
+    """Why ``rest`` is not empty."""
+    written: bool
+    """Whether ``rest`` was written: then it may have been delivered though not confirmed."""
 
 
 _HEADER = struct.Struct(">BHIHxxQH")  # frame type, channel, size; class, weight, body size, flags
@@ -134,31 +175,46 @@ def frames(channel: aiormq.Channel, messages: Sequence[Outgoing]) -> bytes:
 
 
 async def publish_batch(
-    channel: aiormq.Channel, messages: Sequence[Outgoing], what: str, deadline: float | None
-) -> tuple[Sequence[Outgoing], BaseException | None]:
+    channel: aiormq.Channel,
+    messages: Sequence[Outgoing],
+    what: str,
+    deadline: float | None,
+    pace: ConfirmPace,
+) -> Attempt:
     """Publish ``messages`` in order on ``channel`` (publisher confirms on) and wait until the
     broker confirmed every one, until ``deadline`` (:func:`time.monotonic`; ``None``: no
     limit). The deadline bounds the whole call: waiting for the channel's lock and for room
     in the connection's write queue (full while the socket does not drain) as well as for the
-    confirms.
+    confirms; the frames are written only while ``pace.floor()`` of it is left.
 
-    Return ``((), None)`` when all were confirmed; on connection or channel trouble, the
-    messages not confirmed (in order, to publish again) and the error, a
-    :class:`ConfirmTimeout` when time ran out. A message returned as
-    unroutable or nacked raises :class:`PublishRejectedError` (the first such in the batch's
-    order; ``what`` and its id name it)."""
+    Return an :class:`Attempt`: nothing left when all were confirmed; on connection or
+    channel trouble, the messages not confirmed, the error (a :class:`ConfirmTimeout` when
+    time ran out) and whether they were written. A message returned as unroutable or nacked
+    raises :class:`PublishRejectedError` (the first such in the batch's order; ``what`` and
+    its id name it)."""
     if not messages:
-        return (), None
-    payload = frames(channel, messages)
+        return Attempt((), None, written=False)
     loop = asyncio.get_running_loop()
+    write_by = None
+    if deadline is not None:
+        floor = pace.floor()
+        write_by = _loop_time(loop, deadline) - floor
+        if write_by <= loop.time():
+            # Written now, it would time out before its confirm could come.
+            left = max(deadline - time.monotonic(), 0)
+            why = f"{left * 1000:.1f} ms left, less than a confirm takes ({floor * 1000:.1f} ms)"
+            return Attempt(messages, ConfirmTimeout(why), written=False)
+    payload = frames(channel, messages)
     lost = channel.create_future()  # rejected by aiormq when the channel or connection closes
     futures: list[asyncio.Future[object]] = []
     first = 0
     try:
         try:
-            write_by = None if deadline is None else _loop_time(loop, deadline)
+            # Until ``write_by`` only: what waits for the lock or for room past it is not
+            # written (a cancelled put adds nothing), so a written batch has its floor left.
             async with asyncio.timeout_at(write_by), channel.lock:
                 await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+                written_at = loop.time()
                 # No await from here: the frames cannot reach the broker (so no confirm can
                 # come) before the delivery tags are registered.
                 first = channel.delivery_tag + 1
@@ -169,10 +225,10 @@ async def publish_batch(
                     confirmations[tag] = future
                     by_id[message.message_id] = tag
                 channel.delivery_tag = first + len(messages) - 1
-        except TimeoutError:  # nothing was written: the write queue stayed full
-            return messages, ConfirmTimeout("the connection took no frames in time")
-        except Exception as exc:  # the channel closed before or while writing
-            return messages, exc
+        except TimeoutError:  # nothing was written: the lock or the write queue stayed busy
+            return Attempt(messages, ConfirmTimeout("the connection took no frames in time"), False)
+        except Exception as exc:  # the channel closed before writing (a put adds all or none)
+            return Attempt(messages, exc, written=False)
         done = _settled(futures, lost)
         if deadline is None:
             await done
@@ -182,7 +238,10 @@ async def publish_batch(
                 await done
             finally:
                 timer.cancel()
-        return _outcome(messages, futures, lost, what)
+        rest, trouble = _outcome(messages, futures, lost, what)
+        if trouble is None:
+            pace.observe(loop.time() - written_at)
+        return Attempt(rest, trouble, written=True)
     finally:
         if not lost.done():
             lost.cancel()

@@ -33,7 +33,7 @@ from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
 from qtasks.masking import MASK, mask_text, mask_url
-from qtasks_rabbitmq.confirms import ConfirmTimeout, Outgoing, publish_batch
+from qtasks_rabbitmq.confirms import ConfirmPace, ConfirmTimeout, Outgoing, publish_batch
 from qtasks_rabbitmq.errors import TopologyError
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 
@@ -89,6 +89,7 @@ class Link:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._publisher: aiormq.Channel | None = None
+        self._pace = ConfirmPace()
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._closed = False
@@ -180,23 +181,32 @@ class Link:
         broker's confirm of every one; what connection trouble left unconfirmed is published
         again after the reconnect (at least once). One deadline, ``publish_timeout`` from the
         call, bounds every wait of it (for a lost connection to come back, for room to write,
-        for the confirms); then it raises :class:`BrokerConnectionError`. With
+        for the confirms); then it raises :class:`BrokerConnectionError`. Messages are not
+        written with less of it left than a confirm takes (see :mod:`~qtasks_rabbitmq.confirms`);
+        the error says whether what it names was written (it may then have been delivered) or
+        not (nothing of it was published, so trying again duplicates nothing). With
         ``publish_timeout`` 0 a lost connection fails at once and the confirms are waited for
         without limit (a confirm cannot come at once). A return (unroutable) or a nack raises
         :class:`PublishRejectedError` at once (``what`` and the message's id name it there)."""
         limit = self._publish_timeout
         deadline = time.monotonic() + limit
+        written = False  # whether what is left went out once (on this connection or before)
         while messages:
             channel = self._publisher
             if channel is None or not self._ready.is_set():
-                await self._wait_ready(deadline - time.monotonic())
+                try:
+                    await self._wait_ready(deadline - time.monotonic())
+                except BrokerConnectionError as exc:
+                    raise self._unpublished(what, messages, str(exc), written) from None
                 channel = self._publisher
                 assert channel is not None
-            messages, trouble = await publish_batch(
-                channel, messages, what, deadline if limit else None
+            attempt = await publish_batch(
+                channel, messages, what, deadline if limit else None, self._pace
             )
+            messages, trouble = attempt.rest, attempt.trouble
             if trouble is None:
                 continue
+            written = written or attempt.written
             timed_out = isinstance(trouble, ConfirmTimeout)
             if not timed_out:
                 # The connection failed: publish again what is left, on the next one.
@@ -205,9 +215,20 @@ class Link:
                 why = describe(trouble, self._secret)
                 if timed_out:
                     why = f"{trouble} (publish_timeout={limit:g} s)"
-                raise BrokerConnectionError(
-                    f"cannot publish {what} {messages[0].id} to RabbitMQ at {self.safe_url}: {why}"
-                ) from None
+                raise self._unpublished(what, messages, why, written) from None
+
+    def _unpublished(
+        self, what: str, messages: Sequence[Outgoing], why: str, written: bool
+    ) -> BrokerConnectionError:
+        """The error of a publish that gave up on ``messages``, saying whether they were
+        written."""
+        if written:
+            fate = "it was written, so it may have been delivered"
+        else:
+            fate = "it was not written, so nothing of it was published"
+        return BrokerConnectionError(
+            f"cannot publish {what} {messages[0].id} to RabbitMQ at {self.safe_url}: {why}; {fate}"
+        )
 
     async def trim_dead(self, keep: int) -> None:
         """Drop the oldest dead letters beyond ``keep`` (``max_dead_letters``, which ``Q.dead``
