@@ -9,16 +9,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import AsyncExitStack
 
 import aio_pika
 import anyio
 import pytest
 
+from qtasks.config import QueueConfig
 from qtasks.messages import Envelope
 from qtasks_rabbitmq import RabbitMQBroker
 from qtasks_rabbitmq.wire import H_DEAD_AT, H_REASON
 
-from .conftest import URL, BrokerFactory, close_connections, poll
+from .conftest import URL, BrokerFactory, close_connections, delete_topology, poll
+from .test_broker import take
+from .test_reconnect import QUEUE_DECLARE, Gate
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
@@ -139,3 +143,37 @@ async def test_a_dead_queue_with_a_cap_is_kept_with_one_warning_per_link(
         assert not warnings()
     await dead_lettered(broker, 4)
     assert len(await broker.dead_letters()) == 2
+
+
+async def test_a_trim_that_times_out_leaves_publishing_alone(
+    queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stops answering while a dead letter is trimmed: the trim gives up after
+    ``publish_timeout`` and the letter is safe, and once the server answers again publishing
+    goes on over the same connection (a trim on the publish channel had that channel closed
+    by its timeout: the next publish paid a reconnect), and so does trimming."""
+    try:
+        async with Gate.running() as gate, AsyncExitStack() as stack:
+            broker = RabbitMQBroker(gate.url, queue=queue_name, heartbeat=0, publish_timeout=1)
+            config = QueueConfig(broker="rabbitmq", broker_url=gate.url, max_dead_letters=1)
+            await broker.start(stack, config)
+            await broker.publish(Envelope(uuid.uuid4().hex, b"poison", 0))
+            async with broker.consume(prefetch=1) as deliveries:
+                poison = await take(deliveries)
+                gate.withhold_after(QUEUE_DECLARE)  # the trim's first call gets no answer
+                warned = caplog.at_level(logging.WARNING, logger="qtasks.rabbitmq")
+                with warned, anyio.fail_after(10):
+                    assert await poison.nack("poison"), "the dead letter itself was confirmed"
+                assert any("trimming" in r.getMessage() for r in caplog.records)
+                gate.heal()
+                after = Envelope(uuid.uuid4().hex, b"after", 0)
+                with anyio.fail_after(10):
+                    await broker.publish(after)
+                    delivery = await take(deliveries)
+                    assert delivery.body == b"after"
+                assert broker.reconnects == 0
+                # The next trim opens a channel of its own again: the cap holds.
+                assert await delivery.nack("poison too")
+                assert [d.id for d in await broker.dead_letters()] == [after.id]
+    finally:
+        await delete_topology(queue_name)

@@ -280,6 +280,8 @@ async def test_a_publish_with_less_time_left_than_a_confirm_takes_is_not_written
 
 BASIC_PUBLISH = struct.pack(">HH", 60, 40)
 """The class and method ids that open the payload of a ``basic.publish`` method frame."""
+QUEUE_DECLARE = struct.pack(">HH", 50, 10)
+"""The same of a ``queue.declare``."""
 
 
 class Gate:
@@ -287,8 +289,8 @@ class Gate:
     before they reach the server (:meth:`close`, :meth:`open`), cut the current ones
     (:meth:`cut`), and, once :meth:`withhold_confirms` is called, hold everything the server
     sends on a connection after its client's first ``basic.publish`` (a broker that stops
-    answering between a publish and its confirm). Held bytes are delivered by :meth:`heal`,
-    never dropped, so the AMQP streams stay whole."""
+    answering between a publish and its confirm; :meth:`withhold_after` for another method).
+    Held bytes are delivered by :meth:`heal`, never dropped, so the AMQP streams stay whole."""
 
     def __init__(self) -> None:
         self.url = ""
@@ -297,6 +299,7 @@ class Gate:
         self.waiting = 0
         """Connections accepted and held at the entry."""
         self.withholding = False
+        self.trigger = BASIC_PUBLISH
         self._downs: list[asyncio.Event] = []
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -307,6 +310,12 @@ class Gate:
         self.entry.set()
 
     def withhold_confirms(self) -> None:
+        self.withhold_after(BASIC_PUBLISH)
+
+    def withhold_after(self, method: bytes) -> None:
+        """Hold what the server sends after the client's next ``method`` (class and method
+        ids, as :data:`BASIC_PUBLISH`)."""
+        self.trigger = method
         self.withholding = True
 
     def heal(self) -> None:
@@ -323,7 +332,7 @@ class Gate:
     async def _up(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, down: asyncio.Event
     ) -> None:
-        """Client to server, reading the frames to see the first ``basic.publish``."""
+        """Client to server, reading the frames to see the first trigger method."""
         seen = b""
         frames = 8  # after the protocol header, the frames: type, channel, size, payload, end
         while data := await reader.read(65536):
@@ -332,7 +341,7 @@ class Gate:
                 size = int.from_bytes(seen[frames + 3 : frames + 7])
                 if len(seen) < frames + 8 + size:
                     break
-                method = seen[frames] == 1 and seen[frames + 7 : frames + 11] == BASIC_PUBLISH
+                method = seen[frames] == 1 and seen[frames + 7 : frames + 11] == self.trigger
                 if method and self.withholding:
                     down.clear()
                 seen, frames = seen[frames + 8 + size :], 0

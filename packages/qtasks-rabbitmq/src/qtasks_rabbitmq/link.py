@@ -28,23 +28,18 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from pamqp.commands import Basic
 from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
 from qtasks.masking import MASK, mask_text, mask_url
 from qtasks_rabbitmq.confirms import ConfirmPace, ConfirmTimeout, Outgoing, publish_batch
 from qtasks_rabbitmq.errors import TopologyError
+from qtasks_rabbitmq.retention import Trimmer
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 
 log = logging.getLogger("qtasks.rabbitmq")
 
 Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
-
-TRIM_BATCH = 100
-"""Most dead letters one :meth:`Link.trim_dead` drops: an excess found (a lowered
-``max_dead_letters``, a queue that grew under an earlier version) goes over the next dead
-letters, none of them kept waiting for long."""
 
 
 def describe(exc: BaseException, secret: str | None) -> str:
@@ -90,6 +85,7 @@ class Link:
         self._channel: AbstractChannel | None = None
         self._publisher: aiormq.Channel | None = None
         self._pace = ConfirmPace()
+        self._trimmer = Trimmer(topology, publish_timeout)
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._closed = False
@@ -232,22 +228,14 @@ class Link:
 
     async def trim_dead(self, keep: int) -> None:
         """Drop the oldest dead letters beyond ``keep`` (``max_dead_letters``, which ``Q.dead``
-        does not hold as ``x-max-length``: see :func:`_declare_dead`), at most
-        :data:`TRIM_BATCH` of them, on the publish channel: one passive declare, and one
-        ``basic.get`` per letter dropped, within ``publish_timeout`` (a server that stops
-        answering must not hold the channel's lock, and the caller, for ever). Several
-        processes dead-lettering at the cap at once may each drop the same excess, so a few
-        of the oldest may go early."""
-        channel = self._publisher
-        if channel is None or not self._ready.is_set():
+        does not hold as ``x-max-length``: see :func:`_declare_dead`), within
+        ``publish_timeout`` (a server that stops answering must not hold the caller for ever),
+        on a channel of its own: a trim that fails or times out leaves the publish channel
+        alone (see :mod:`qtasks_rabbitmq.retention`)."""
+        connection = self._connection
+        if connection is None or not self._ready.is_set():
             return  # the next dead letter trims
-        dead = self.topology.dead
-        async with asyncio.timeout(self._publish_timeout or None):
-            declared = await channel.queue_declare(dead, passive=True)
-            for _ in range(min((declared.message_count or 0) - keep, TRIM_BATCH)):
-                got = await channel.basic_get(dead, no_ack=True)
-                if isinstance(got.delivery, Basic.GetEmpty):
-                    return  # another process trimmed meanwhile
+        await self._trimmer.trim(connection, keep)
 
     @property
     def connect_timeout(self) -> float:
@@ -307,6 +295,7 @@ class Link:
         none is left pending when the loop closes."""
         connection, self._connection = self._connection, None
         channel, self._channel, self._publisher = self._channel, None, None
+        await self._trimmer.close()
         if channel is not None:
             await _close_quietly(channel)
         if connection is not None:
