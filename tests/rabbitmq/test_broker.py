@@ -6,7 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from typing import cast
+from typing import Any, cast
 
 import aio_pika
 import anyio
@@ -250,6 +250,41 @@ async def test_prefetch_bounds_messages_not_yet_handed_out(make_broker: BrokerFa
         assert (await take(deliveries)).body == b"4"
         await eventually(broker, lambda stats: stats.ready_by_priority == {0: 1})
         assert (await broker.stats()).in_flight == 6
+
+
+class QosCount:
+    """The ``basic.qos`` a test's consumers send (through aio-pika's ``Channel.set_qos``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[int] = []
+        original = aio_pika.Channel.set_qos
+
+        async def counted(channel: aio_pika.Channel, *args: Any, **kwargs: Any) -> Any:
+            self.sent.append(kwargs.get("prefetch_count", 0))
+            return await original(channel, *args, **kwargs)
+
+        monkeypatch.setattr(aio_pika.Channel, "set_qos", counted)
+
+
+async def test_taking_and_settling_one_at_a_time_sends_no_qos(
+    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that takes a delivery and settles it, one after the other, holds one more
+    then one less: the channel's ``basic.qos`` is not sent again for that (kept exact, it was
+    sent twice per task, a round trip each: issue 21). Between the steps the test waits for
+    ``stats()``, several round trips, time for the consumer's background work to be done."""
+    qos = QosCount(monkeypatch)
+    broker = await make_broker()
+    for i in range(20):
+        await broker.publish(envelope(str(i).encode()))
+    async with broker.consume(prefetch=10) as deliveries:
+        opened = list(qos.sent)
+        for _ in range(20):
+            delivery = await take(deliveries)
+            await broker.stats()
+            assert await delivery.ack()
+            await broker.stats()
+        assert qos.sent == opened, "basic.qos sent for a worker holding one more or less"
 
 
 async def test_second_consumer_gets_what_first_does_not_hold(make_broker: BrokerFactory) -> None:

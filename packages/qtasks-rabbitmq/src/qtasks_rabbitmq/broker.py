@@ -220,8 +220,8 @@ class RabbitMQBroker:
         self, *, prefetch: int
     ) -> AbstractAsyncContextManager[AsyncIterator[RabbitMQDelivery]]:
         """Open a consumer that holds at most ``prefetch`` messages (at least 1) beyond those it
-        handed out and that are not settled yet (``basic.qos``, adjusted as deliveries are
-        taken and settled)."""
+        handed out and that are not settled yet (``basic.qos``, adjusted when what was handed
+        out moved far enough: see :mod:`qtasks_rabbitmq.consumer`)."""
         return self._consume(prefetch, None)
 
     def consume_noticing(

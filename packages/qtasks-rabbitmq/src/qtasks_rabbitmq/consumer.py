@@ -72,6 +72,7 @@ class Consumer:
         self.idle.set()
         self.qos = 0
         self.dynamic = self.topology.queue_type == "classic"
+        self.slack = (self.prefetch - 1) // 2
         self._qos_wanted = asyncio.Event()
         self._qos_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -79,15 +80,22 @@ class Consumer:
 
     # basic.qos counts every unacked message, but ``prefetch`` bounds only those not yet handed
     # to the worker. Classic queues: a channel-wide (global) qos of ``prefetch`` plus what the
-    # worker holds, updated in the background (coalesced: a settle followed by a take sends
-    # nothing); RabbitMQ applies a changed global limit at once. Quorum queues refuse global
-    # qos and per-consumer qos is fixed at basic.consume, so there it is ``prefetch`` plus
-    # ``max_tasks_process`` (what a worker may hold running).
+    # worker holds, at most (the bound), and at least that less ``slack`` (about half of
+    # ``prefetch``: the consumer keeps at least about half of it at hand). It is sent in the
+    # background only when what the worker holds moved it out of that band, and then to the
+    # band's middle, so a worker taking and settling one at a time, whose holding goes up and
+    # down by one, sends none: kept exact, it cost a round trip every few tasks (issue 21).
+    # RabbitMQ applies a changed global limit at once; a lowered one goes out after the
+    # settle that called for it, so RabbitMQ may first fill the window the old one left
+    # (sent before, it would make the settle wait for the server's answer). Quorum queues
+    # refuse global qos and per-consumer qos is fixed at basic.consume, so there it is
+    # ``prefetch`` plus ``max_tasks_process`` (what a worker may hold running).
 
     def take(self, delivery: RabbitMQDelivery) -> None:
         delivery.lease_until = time.monotonic() + self.lease
         self.held[delivery.token] = delivery
-        self._qos_wanted.set()
+        if self.dynamic and self.qos < len(self.held) + self.prefetch - self.slack:
+            self._qos_wanted.set()
 
     async def _lease_loop(self) -> None:
         """RabbitMQ holds an unacked message until its channel closes; the contract's lease is
@@ -101,7 +109,10 @@ class Consumer:
                 await delivery._expire()
 
     def release(self, token: str) -> None:
-        if self.held.pop(token, None) is not None:
+        held = self.held
+        if held.pop(token, None) is None or not self.dynamic:
+            return
+        if self.qos > len(held) + self.prefetch:
             self._qos_wanted.set()
 
     async def _qos_loop(self) -> None:
@@ -110,10 +121,13 @@ class Consumer:
             self._qos_wanted.clear()
             if self.closing:
                 return
-            target = len(self.held) + self.prefetch
+            most = len(self.held) + self.prefetch
             channel = self.channel
-            if channel is None or channel.is_closed or target == self.qos or not self.dynamic:
+            if channel is None or channel.is_closed or not self.dynamic:
                 continue
+            if most - self.slack <= self.qos <= most:
+                continue
+            target = most - self.slack // 2
             try:
                 # Shielded: aiormq closes a channel whose RPC is cancelled mid-flight.
                 await asyncio.shield(channel.set_qos(prefetch_count=target, global_=True))
