@@ -266,13 +266,16 @@ async def test_publish_whose_confirm_never_comes_fails_after_publish_timeout(
 async def test_a_publish_with_less_time_left_than_a_confirm_takes_is_not_written(
     make_broker: BrokerFactory,
 ) -> None:
-    """A publish whose deadline is (almost) spent before its frames are written is refused
-    unwritten, and its error says so: written, it would time out at once though RabbitMQ
-    takes it, and the caller's retry would duplicate it. Here ``publish_timeout`` is shorter
-    than any confirm, so every publish is in that case."""
-    broker = await make_broker(publish_timeout=0.001)
-    with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="not written"):
-        await broker.publish(envelope(b"too late"))
+    """A publish whose deadline is (almost) spent before its frames can be written is
+    refused unwritten, and its error says so: written, it would time out at once though
+    RabbitMQ takes it, and the caller's retry would duplicate it. Here another publish holds
+    the channel past the point where a confirm could still come in time."""
+    broker = await make_broker(publish_timeout=0.5)
+    link = broker._link
+    assert link is not None and link._publisher is not None
+    async with link._publisher.lock:  # a publish in progress, for longer than the deadline
+        with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="not written"):
+            await broker.publish(envelope(b"too late"))
     stats = await broker.stats()
     assert stats.ready_by_priority == {}, "the refused publish reached the queue"
     assert broker.reconnects == 0
@@ -427,3 +430,48 @@ async def test_add_task_fails_within_one_publish_timeout_across_reconnect_and_co
                 await app.aclose()
     finally:
         await delete_topology(queue_name)
+
+
+def test_the_confirm_floor_never_takes_more_than_half_the_timeout() -> None:
+    """A short ``publish_timeout`` still writes a publish at once: the floor (the time a
+    confirm takes, at least 5 ms) is capped at half the timeout."""
+    from qtasks_rabbitmq.confirms import CONFIRM_FLOOR, ConfirmPace
+
+    pace = ConfirmPace(cap=0.002 / 2)
+    assert pace.floor() == 0.001
+    slow = ConfirmPace(cap=30 / 2)
+    assert slow.floor() == CONFIRM_FLOOR
+    slow.recent = 3.0  # confirms from a distant server
+    assert slow.floor() == 3.0
+    slow.recent = 60.0
+    assert slow.floor() == 15.0
+
+
+async def test_a_batch_with_less_deadline_left_than_its_floor_is_not_written(
+    make_broker: BrokerFactory,
+) -> None:
+    """:func:`~qtasks_rabbitmq.confirms.publish_batch` given a deadline closer than the time
+    a confirm takes writes nothing (no delivery tag taken, nothing queued) and says so."""
+    from qtasks_rabbitmq.confirms import ConfirmPace, ConfirmTimeout, Outgoing, publish_batch
+
+    broker = await make_broker(publish_timeout=5)
+    link = broker._link
+    assert link is not None and link._publisher is not None
+    channel = link._publisher
+    message = Outgoing(
+        body=b"late",
+        id="late",
+        message_id="late",
+        headers=None,
+        priority=0,
+        exchange="",
+        routing_key=broker.topology.queue,
+    )
+    tag = channel.delivery_tag
+    pace = ConfirmPace()  # the floor: CONFIRM_FLOOR, 5 ms
+    attempt = await publish_batch(channel, [message], "task", time.monotonic() + 0.002, pace)
+    assert attempt.written is False
+    assert isinstance(attempt.trouble, ConfirmTimeout)
+    assert list(attempt.rest) == [message]
+    assert channel.delivery_tag == tag
+    assert (await broker.stats()).ready_by_priority == {}

@@ -24,6 +24,7 @@ message of one write per message (``bench/rabbitmq_bulk_cost.py``).
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 import time
 from collections.abc import Sequence
@@ -59,18 +60,21 @@ class ConfirmPace:
     batch to its last confirm), for :func:`publish_batch` to decide whether a batch still has
     time for its confirms: it needs :meth:`floor` of its deadline left to be written."""
 
-    __slots__ = ("recent",)
+    __slots__ = ("cap", "recent")
 
-    def __init__(self) -> None:
+    def __init__(self, cap: float = math.inf) -> None:
         self.recent = 0.0
+        self.cap = cap
+        """The floor never exceeds this (half the publish timeout): a short timeout still
+        writes what it is given at once."""
 
     def observe(self, seconds: float) -> None:
         self.recent += (seconds - self.recent) / 8
 
     def floor(self) -> float:
         """:data:`CONFIRM_FLOOR`, or the recent confirm time when confirms take longer (a
-        distant or busy server)."""
-        return max(CONFIRM_FLOOR, self.recent)
+        distant or busy server); at most :attr:`cap`."""
+        return min(max(CONFIRM_FLOOR, self.recent), self.cap)
 
 
 class Outgoing(NamedTuple):

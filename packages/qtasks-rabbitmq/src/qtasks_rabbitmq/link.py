@@ -84,7 +84,7 @@ class Link:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._publisher: aiormq.Channel | None = None
-        self._pace = ConfirmPace()
+        self._pace = ConfirmPace(cap=publish_timeout / 2)
         self._trimmer = Trimmer(topology, publish_timeout)
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
