@@ -10,7 +10,6 @@ import logging
 import time
 import uuid
 from contextlib import AsyncExitStack
-from typing import Any
 
 import aio_pika
 import anyio
@@ -178,52 +177,3 @@ async def test_a_trim_that_times_out_leaves_publishing_alone(
                 assert [d.id for d in await broker.dead_letters()] == [after.id]
     finally:
         await delete_topology(queue_name)
-
-
-class ReadGate:
-    """Once armed, holds the next read of dead letters just after it took its first letter
-    (``aio_pika``'s ``Queue.get``, which the broker's readers use), until ``release`` is set:
-    a reader holding the oldest letter un-acked, deterministically."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.armed = False
-        self.holding = anyio.Event()
-        self.release = anyio.Event()
-        original = aio_pika.queue.Queue.get
-
-        async def gated(queue: aio_pika.queue.Queue, *args: Any, **kwargs: Any) -> Any:
-            got = await original(queue, *args, **kwargs)
-            if self.armed and got is not None:
-                self.armed = False
-                self.holding.set()
-                with anyio.fail_after(20):
-                    await self.release.wait()
-            return got
-
-        monkeypatch.setattr(aio_pika.queue.Queue, "get", gated)
-
-
-async def test_a_trim_never_drops_a_letter_newer_than_one_a_reader_holds(
-    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A reader (``dead_letters()`` of another process: a dashboard) holds the oldest letter
-    while a worker dead-letters more at the cap: the trim must not drop the letters behind
-    the held one (RabbitMQ hands out the next ready ones), keeping the oldest instead. What
-    is kept is always the newest letters, and once the reader is done the next dead letter
-    brings the queue back to the cap."""
-    reader = await make_broker(max_dead_letters=2)
-    worker = await make_broker(max_dead_letters=2)
-    sent = await dead_lettered(worker, 2)
-    gate = ReadGate(monkeypatch)
-    gate.armed = True
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(reader.dead_letters)
-        with anyio.fail_after(10):
-            await gate.holding.wait()
-        sent += await dead_lettered(worker, 2)  # past the cap while the oldest is held
-        gate.release.set()
-    order = [e.id for e in sent]
-    kept = [d.id for d in await worker.dead_letters()]
-    assert kept == order[len(order) - len(kept) :], "a letter newer than a kept one was dropped"
-    sent += await dead_lettered(worker, 1)
-    assert [d.id for d in await worker.dead_letters()] == [e.id for e in sent[-2:]]

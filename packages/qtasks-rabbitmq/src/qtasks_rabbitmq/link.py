@@ -231,8 +231,7 @@ class Link:
         does not hold as ``x-max-length``: see :func:`_declare_dead`), within
         ``publish_timeout`` (a server that stops answering must not hold the caller for ever),
         on a channel of its own: a trim that fails or times out leaves the publish channel
-        alone. One that finds a reader holding dead letters drops none (see
-        :mod:`qtasks_rabbitmq.retention`)."""
+        alone (see :mod:`qtasks_rabbitmq.retention`)."""
         connection = self._connection
         if connection is None or not self._ready.is_set():
             return  # the next dead letter trims

@@ -1,7 +1,5 @@
 """Inspection and management on a channel of their own: queue counts for ``stats``, reading and
-requeueing dead letters, and the reason of a message RabbitMQ dead-lettered itself. Dead
-letters are read as :func:`~qtasks_rabbitmq.retention.reading` announces, so that no trim
-drops letters behind those held.
+requeueing dead letters, and the reason of a message RabbitMQ dead-lettered itself.
 
 RabbitMQ drops an expired dead letter when it reaches the head of ``Q.dead``; reading the
 queue removes one met past ``dead_letter_ttl`` all the same (one written before dead letters
@@ -17,7 +15,6 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from qtasks.components import DeadLetter
 from qtasks_rabbitmq.publisher import Publisher
-from qtasks_rabbitmq.retention import reading
 from qtasks_rabbitmq.topology import LEVELS, Topology
 from qtasks_rabbitmq.wire import H_DEAD_AT, H_DELIVERIES, H_ID, H_PRIORITY, H_REASON, as_int, as_str
 
@@ -46,8 +43,10 @@ async def dead_letters(
     connection: AbstractConnection, topology: Topology, limit: int
 ) -> list[DeadLetter]:
     """The oldest ``limit`` dead letters (read without removing them)."""
+    channel = await connection.channel(publisher_confirms=False)
     letters: list[DeadLetter] = []
-    async with reading(connection, topology) as queue:  # its close hands them back, in order
+    try:
+        queue = await channel.declare_queue(topology.dead, passive=True)
         while len(letters) < limit:
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
@@ -57,6 +56,8 @@ async def dead_letters(
                 await message.ack()
                 continue
             letters.append(letter)
+    finally:
+        await channel.close()  # hands every message back, in order
     return letters
 
 
@@ -66,8 +67,10 @@ async def requeue_dead_letters(
     """Publish dead letters (those of ``ids``, or all) to the work queue again, with their
     delivery count reset; return how many."""
     wanted = None if ids is None else set(ids)
+    channel = await connection.channel(publisher_confirms=False)
     moved = 0
-    async with reading(connection, publisher.topology) as queue:
+    try:
+        queue = await channel.declare_queue(publisher.topology.dead, passive=True)
         total = int(queue.declaration_result.message_count or 0)
         for _ in range(total):
             message = await queue.get(no_ack=False, fail=False)
@@ -82,6 +85,8 @@ async def requeue_dead_letters(
             await publisher.send(letter.id, letter.body, letter.priority, 0, None)
             await message.ack()
             moved += 1
+    finally:
+        await channel.close()
     return moved
 
 
@@ -89,17 +94,14 @@ async def purge_dead_letters(
     connection: AbstractConnection, topology: Topology, ids: list[str] | None
 ) -> int:
     """Delete dead letters (those of ``ids``, or all) for good; return how many."""
-    if ids is None:
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            queue = await channel.declare_queue(topology.dead, passive=True)
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        queue = await channel.declare_queue(topology.dead, passive=True)
+        if ids is None:
             result = await queue.purge()
             return int(getattr(result, "message_count", 0) or 0)
-        finally:
-            await channel.close()
-    wanted = set(ids)
-    purged = 0
-    async with reading(connection, topology) as queue:
+        wanted = set(ids)
+        purged = 0
         total = int(queue.declaration_result.message_count or 0)
         for _ in range(total if wanted else 0):
             message = await queue.get(no_ack=False, fail=False)
@@ -112,7 +114,9 @@ async def purge_dead_letters(
                 await message.ack()
                 purged += 1
             # others are left unacked: the channel close puts them back
-    return purged
+        return purged
+    finally:
+        await channel.close()
 
 
 def _expired(letter: DeadLetter, topology: Topology) -> bool:

@@ -6,8 +6,6 @@ For a queue named ``Q``:
 * ``Q.dead`` — dead letters, with the reason in the ``x-qtasks-reason`` header; each expires
   ``dead_letter_ttl`` after it died (its own ``expiration``); beyond ``max_dead_letters`` the
   oldest are dropped after each dead letter (not ``x-max-length``: see ``docs/rabbitmq.md``).
-* ``Q.dead.readers`` — always empty: its consumers are the readers of ``Q.dead`` holding
-  letters, whom a trim steps aside for (:mod:`qtasks_rabbitmq.retention`).
 * ``Q.delay.0`` … ``Q.delay.31`` — wait queues, one per bit of the delay in milliseconds. Queue
   ``Q.delay.L`` holds every message for exactly ``2**L`` ms (``x-message-ttl``), then
   dead-letters it to the next lower level. Topic exchanges of the same names route a message
@@ -59,10 +57,6 @@ class Topology:
         return f"{self.queue}.dead"
 
     @property
-    def dead_readers(self) -> str:
-        return f"{self.queue}.dead.readers"
-
-    @property
     def delay_out(self) -> str:
         return f"{self.queue}.delay.out"
 
@@ -104,11 +98,6 @@ class Topology:
             self._versioned(args)
         return args
 
-    def readers_arguments(self) -> dict[str, Any]:
-        """The arguments of ``Q.dead.readers``: the same whatever the configuration, as every
-        process of the queue declares it."""
-        return {"x-queue-type": "classic"}
-
     def level_arguments(self, bit: int) -> dict[str, Any]:
         return self._versioned(
             {
@@ -132,12 +121,7 @@ class Topology:
         return min(max(self.max_priority // 2 - priority, 0), self.max_priority)
 
     def all_queues(self) -> list[str]:
-        return [
-            self.queue,
-            self.dead,
-            self.dead_readers,
-            *(self.level(bit) for bit in range(LEVELS)),
-        ]
+        return [self.queue, self.dead, *(self.level(bit) for bit in range(LEVELS))]
 
     def all_exchanges(self) -> list[str]:
         return [self.delay_out, *(self.level(bit) for bit in range(LEVELS))]
