@@ -177,3 +177,39 @@ async def test_a_trim_that_times_out_leaves_publishing_alone(
                 assert [d.id for d in await broker.dead_letters()] == [after.id]
     finally:
         await delete_topology(queue_name)
+
+
+async def test_trims_at_once_in_one_process_keep_the_cap_on_one_channel(queue_name: str) -> None:
+    """Tasks failing together bury at once, and each burial trims: the trims of one process
+    run one after the other, so the cap is kept (each trim had counted the same excess and
+    dropped it again: the queue emptied), on one channel (each opened its own)."""
+    from qtasks_rabbitmq.retention import Trimmer
+    from qtasks_rabbitmq.topology import Topology
+
+    topology = Topology(queue_name, max_dead_letters=2)
+    connection = await aio_pika.connect(URL)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            topology.dead, durable=True, arguments=topology.dead_arguments()
+        )
+        for i in range(10):
+            await channel.default_exchange.publish(
+                aio_pika.Message(str(i).encode()), routing_key=topology.dead
+            )
+        underlay = (await channel.get_underlay_channel()).connection
+        before = len(underlay.channels)
+        trimmer = Trimmer(topology, 5)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(trimmer.trim, connection, 2)
+        assert len(underlay.channels) == before + 1
+        await trimmer.close()
+        left = await channel.declare_queue(topology.dead, passive=True)
+        assert left.declaration_result.message_count == 2
+        kept = [await left.get(no_ack=True) for _ in range(2)]
+        assert [m.body for m in kept] == [b"8", b"9"], "the newest are kept"
+    finally:
+        await connection.close()
+        await delete_topology(queue_name)

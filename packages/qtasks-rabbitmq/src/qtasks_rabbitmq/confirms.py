@@ -199,6 +199,7 @@ async def publish_batch(
     if not messages:
         return Attempt((), None, written=False)
     loop = asyncio.get_running_loop()
+    payload = frames(channel, messages)  # before the floor's check: a large batch takes ms
     write_by = None
     if deadline is not None:
         floor = pace.floor()
@@ -208,7 +209,6 @@ async def publish_batch(
             left = max(deadline - time.monotonic(), 0)
             why = f"{left * 1000:.1f} ms left, less than a confirm takes ({floor * 1000:.1f} ms)"
             return Attempt(messages, ConfirmTimeout(why), written=False)
-    payload = frames(channel, messages)
     lost = channel.create_future()  # rejected by aiormq when the channel or connection closes
     futures: list[asyncio.Future[object]] = []
     first = 0

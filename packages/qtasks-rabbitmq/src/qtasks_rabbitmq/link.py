@@ -221,7 +221,7 @@ class Link:
         if written:
             fate = "it was written, so it may have been delivered"
         else:
-            fate = "it was not written, so nothing of it was published"
+            fate = "it was not written, so nothing of this batch was published"
         return BrokerConnectionError(
             f"cannot publish {what} {messages[0].id} to RabbitMQ at {self.safe_url}: {why}; {fate}"
         )

@@ -32,14 +32,18 @@ class Trimmer:
         self.topology = topology
         self.timeout = timeout
         self._channel: AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+        """One trim at a time in a process: trims at once (tasks failing together) each saw
+        the same excess and dropped it again, and each opened a channel of its own."""
 
     async def trim(self, connection: AbstractConnection, keep: int) -> None:
         """Drop the oldest dead letters beyond ``keep``, at most :data:`TRIM_BATCH`, within
         ``timeout`` (0: no limit): a passive declare of ``Q.dead``, then one ``basic.get`` per
-        letter dropped. Several processes dead-lettering at the cap at once may each drop the
-        same excess (as may trims of one process at once), so a few of the oldest may go early."""
+        letter dropped. The trims of one process run one after the other, each counting what
+        the one before it left; several processes dead-lettering at the cap at once may each
+        drop the same excess, so a few of the oldest may go early."""
         dead = self.topology.dead
-        async with asyncio.timeout(self.timeout or None):
+        async with asyncio.timeout(self.timeout or None), self._lock:
             channel = await self._open(connection)
             declared = await channel.queue_declare(dead, passive=True)
             for _ in range(min((declared.message_count or 0) - keep, TRIM_BATCH)):
