@@ -125,14 +125,15 @@ async def claim_as_the_worker_stops(app: AsyncQueueTasks) -> None:
     assert (done.status, done.returning) == (TaskStatus.SUCCESS, 8)
 
 
-async def lost_deliveries_are_told_by_the_claim(app: AsyncQueueTasks) -> None:
+async def lost_deliveries_are_told_once(app: AsyncQueueTasks) -> None:
     """``app`` (not started, ``max_deliveries=1``, a short lease, tasks ``noop`` declared):
     every allowed delivery of two tasks is lost (a consumer takes them and goes away without
-    settling: its worker was killed); the worker's claim dead-letters them and ends their
-    records itself (:class:`~qtasks.components.BeginOnClaim`), and
-    ``qtasks_task_dead_lettered`` fires once per message, with the record as ended and its
-    error (before, a claim that dead-lettered a message fired nothing: the metrics plugin
-    and user plugins missed it). ``app`` is started here and closed."""
+    settling: its worker was killed); the broker dead-letters them on its own, and the worker
+    learns it, from its claim (:class:`~qtasks.components.BeginOnClaim`: the claim ended the
+    records) or from a notice (:class:`~qtasks.components.BuryNotice`: the worker ends them).
+    Each record ends ``error`` and ``qtasks_task_dead_lettered`` fires once per message, with
+    the record as ended and its error (before, neither path fired it: the metrics plugin and
+    user plugins missed them). ``app`` is started here and closed."""
     heard: list[tuple[str, str, TaskStatus, str]] = []
     both = anyio.Event()
 

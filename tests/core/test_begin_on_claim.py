@@ -15,7 +15,7 @@ from begin_scenarios import (
     cancelled_while_telling,
     claim_as_the_worker_stops,
     count_begins,
-    lost_deliveries_are_told_by_the_claim,
+    lost_deliveries_are_told_once,
 )
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
@@ -150,7 +150,7 @@ async def test_a_claim_that_dead_letters_lost_deliveries_fires_the_hook_once_eac
     async def noop(i: int) -> int:
         return 2 * i
 
-    await lost_deliveries_are_told_by_the_claim(app)
+    await lost_deliveries_are_told_once(app)
 
 
 async def test_a_broker_whose_claim_takes_no_ended_still_serves() -> None:

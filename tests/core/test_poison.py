@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from begin_scenarios import lost_deliveries_are_told_once
 
 from qtasks import (
     AsyncQueueTasks,
@@ -237,46 +238,20 @@ class NoticingBroker(MemoryBroker):
 
 
 async def test_a_message_the_broker_dead_letters_itself_fires_the_dead_lettered_hook() -> None:
-    """Every delivery of two messages is lost (a raw consumer lets the leases run out); the
-    broker buries them at the worker's next claim and tells it (``BuryNotice``): each record
-    ends ``error`` and ``qtasks_task_dead_lettered`` fires once per message, with the record
-    and its error, as for a dead letter the worker decides itself (before, nothing fired:
-    the metrics plugin and user plugins missed them)."""
-    broker = NoticingBroker()
+    """Every delivery of two messages is lost; the broker buries them at the worker's next
+    claim and tells it (``BuryNotice``): each record ends ``error`` and
+    ``qtasks_task_dead_lettered`` fires once per message, as for a dead letter the worker
+    decides itself (the scenario :func:`begin_scenarios.lost_deliveries_are_told_once`)."""
     app = AsyncQueueTasks(
-        broker=broker, config=QueueConfig(max_deliveries=1, lease=0.2, shutdown_grace=1.0)
+        broker=NoticingBroker(),
+        config=QueueConfig(max_deliveries=1, lease=0.2, shutdown_grace=1.0),
     )
-    heard: list[tuple[str, str, TaskStatus, str]] = []
-    both = anyio.Event()
 
-    class Watch:
-        @hookimpl
-        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
-            heard.append((record.uuid, reason, record.status, record.token or ""))
-            if len(heard) == 2:
-                both.set()
+    @app.task
+    async def noop(i: int) -> int:
+        return 2 * i
 
-    app.add_plugin(Watch())
-    await app.start()
-    try:
-        tasks = [await app.add_task("anything", i) for i in range(2)]
-        async with broker.consume(prefetch=2) as raw:  # never settled: both leases run out
-            for _ in tasks:
-                with anyio.fail_after(5):
-                    await anext(raw)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(app.serve)
-            with anyio.fail_after(5):
-                await both.wait()
-            records = [await app.wait(task.uuid, timeout=5) for task in tasks]
-            app.stop()
-    finally:
-        await app.aclose()
-    errors = {record.uuid: record.error or "" for record in records}
-    assert all(error.startswith("dead-lettered: delivery limit") for error in errors.values())
-    assert sorted(heard) == sorted(
-        (uuid, error, TaskStatus.ERROR, "dead-letter") for uuid, error in errors.items()
-    )
+    await lost_deliveries_are_told_once(app)
 
 
 async def test_a_dead_letter_told_by_a_notice_while_its_run_ends_fires_the_hook_once() -> None:

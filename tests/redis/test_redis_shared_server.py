@@ -17,7 +17,7 @@ from begin_scenarios import (
     cancelled_while_telling,
     claim_as_the_worker_stops,
     count_begins,
-    lost_deliveries_are_told_by_the_claim,
+    lost_deliveries_are_told_once,
     publish_as_the_worker_stops,
 )
 from redis_worker_app import build
@@ -392,7 +392,7 @@ async def test_a_claim_woken_as_the_worker_stops_is_handed_back_with_its_record_
 async def test_a_claim_that_dead_letters_lost_deliveries_fires_the_hook_once_each(
     redis_url: str, prefix: str
 ) -> None:
-    await lost_deliveries_are_told_by_the_claim(
+    await lost_deliveries_are_told_once(
         build(redis_url, prefix, lease=0.3, concurrency=2, max_deliveries=1)
     )
 

@@ -67,6 +67,36 @@ def assert_child(child: Span, parent: Span) -> None:
     assert (child["trace_id"], child["parent_id"]) == (parent["trace_id"], parent["span_id"])
 
 
+def send_attributes(task: str, uuid: str) -> dict[str, object]:
+    """Every attribute of a recorded enqueue span of ``task`` (priority 0)."""
+    return {
+        "messaging.system": "qtasks",
+        "messaging.operation": "publish",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": task,
+        "messaging.message.id": uuid,
+        "qtasks.task.priority": 0,
+    }
+
+
+def process_attributes(task: str, uuid: str, worker: str) -> dict[str, object]:
+    """Every attribute of a recorded run span of ``task`` that succeeded at its first
+    attempt on ``worker``."""
+    return {
+        "messaging.system": "qtasks",
+        "messaging.operation": "process",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": task,
+        "messaging.consumer.group.name": worker,
+        "messaging.message.id": uuid,
+        "qtasks.task.priority": 0,
+        "qtasks.task.attempt": 1,
+        "qtasks.task.status": "success",
+    }
+
+
 @pytest.fixture
 def traces() -> Traces:
     return Traces()
@@ -682,27 +712,8 @@ async def test_the_sampler_gets_the_messaging_attributes_and_recorded_spans_get_
     assert sorted(s["name"] for s in spans) == ["process kept", "send kept"]
     send, process = one(spans, "send kept"), one(spans, "process kept")
     assert_child(process, send)
-    assert send["attributes"] == {
-        "messaging.system": "qtasks",
-        "messaging.operation": "publish",
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "send",
-        "messaging.destination.name": "kept",
-        "messaging.message.id": kept.uuid,
-        "qtasks.task.priority": 0,
-    }
-    assert process["attributes"] == {
-        "messaging.system": "qtasks",
-        "messaging.operation": "process",
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": "kept",
-        "messaging.consumer.group.name": app.worker.id,
-        "messaging.message.id": kept.uuid,
-        "qtasks.task.priority": 0,
-        "qtasks.task.attempt": 1,
-        "qtasks.task.status": "success",
-    }
+    assert send["attributes"] == send_attributes("kept", kept.uuid)
+    assert process["attributes"] == process_attributes("kept", kept.uuid, app.worker.id)
     # The dropped trace went on all the same: its id reached the task's code.
     assert trace_ids["dropped"] == header_ids(headers.seen[1])[0] != 0
     assert trace_ids["kept"] == int(send["trace_id"], 16)
@@ -1134,27 +1145,8 @@ async def test_a_root_the_plugin_keeps_is_recorded_with_every_attribute() -> Non
     assert len(spans) == 2  # the dropped root's trace recorded nothing
     assert_child(process, send)
     assert send["parent_id"] is None
-    assert send["attributes"] == {
-        "messaging.system": "qtasks",
-        "messaging.operation": "publish",
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "send",
-        "messaging.destination.name": "ok",
-        "messaging.message.id": kept.uuid,
-        "qtasks.task.priority": 0,
-    }
-    assert process["attributes"] == {
-        "messaging.system": "qtasks",
-        "messaging.operation": "process",
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": "ok",
-        "messaging.consumer.group.name": app.worker.id,
-        "messaging.message.id": kept.uuid,
-        "qtasks.task.priority": 0,
-        "qtasks.task.attempt": 1,
-        "qtasks.task.status": "success",
-    }
+    assert send["attributes"] == send_attributes("ok", kept.uuid)
+    assert process["attributes"] == process_attributes("ok", kept.uuid, app.worker.id)
 
 
 async def test_with_the_sdks_span_metrics_on_it_is_asked_under_an_unsampled_parent(

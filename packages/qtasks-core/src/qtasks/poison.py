@@ -165,18 +165,15 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
     except Exception:
         log.exception("could not end the record of dead-lettered message %s", id)
         return
-    if "qtasks_task_dead_lettered" in app.hooks.active:  # errors are logged by notify
-        await app.hooks.notify(
-            "qtasks_task_dead_lettered", app=app, record=record, reason=record.error
-        )
+    await dead_lettered(app, record)
 
 
-async def ended_by_claim(app: AsyncQueueTasks, record: TaskRecord) -> None:
-    """A :class:`~qtasks.components.BeginOnClaim` broker's claim dead-lettered the message of
-    ``record`` past ``max_deliveries`` and ended the record in its own round trip (``error``,
-    ``"dead-lettered: <reason>"``, token :data:`DEAD_LETTER_TOKEN`): as after
-    :func:`buried`, ``qtasks_task_dead_lettered`` fires. Never raises (errors are logged by
-    ``notify``)."""
+async def dead_lettered(app: AsyncQueueTasks, record: TaskRecord) -> None:
+    """The broker dead-lettered the message of ``record`` on its own and the record was ended
+    (``error``, ``"dead-lettered: <reason>"``, token :data:`DEAD_LETTER_TOKEN`), by
+    :func:`buried` or by a :class:`~qtasks.components.BeginOnClaim` claim in its own round
+    trip (the worker's ``ended``): ``qtasks_task_dead_lettered`` fires. Never raises (errors
+    are logged by ``notify``)."""
     if "qtasks_task_dead_lettered" in app.hooks.active:
         await app.hooks.notify(
             "qtasks_task_dead_lettered", app=app, record=record, reason=record.error or ""

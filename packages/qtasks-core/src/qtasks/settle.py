@@ -52,7 +52,7 @@ class Settlement:
         broker makes itself (:class:`~qtasks.components.BuryNotice`, or a
         :class:`~qtasks.components.BeginOnClaim` claim's ``ended``): then a dead letter whose
         record another consumer ended has had its ``qtasks_task_dead_lettered`` there
-        (:func:`qtasks.poison.buried`, :func:`qtasks.poison.ended_by_claim`)."""
+        (:func:`qtasks.poison.buried`, :func:`qtasks.poison.dead_lettered`)."""
 
     def open_batch(self, app: AsyncQueueTasks, concurrency: int) -> SettleBatch | None:
         """The batch settler of a worker serving ``concurrency`` tasks at once, when the app

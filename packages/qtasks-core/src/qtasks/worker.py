@@ -208,7 +208,7 @@ class QueueWorker:
             # without it (its claims' dead letters then fire the hook from the settle step).
             told: dict[str, Any] = {}
             if _takes(broker.consume_begun, "ended"):
-                told["ended"] = partial(poison.ended_by_claim, app)
+                told["ended"] = partial(poison.dead_lettered, app)
             else:
                 consumer_tells = False
             consumer = broker.consume_begun(
