@@ -1,4 +1,5 @@
-"""Leases are renewed while a task runs: a task longer than the lease runs exactly once."""
+"""Leases are renewed while a task runs: a task longer than the lease runs exactly once; a
+holder whose lease ran out cannot store its result, whichever way the task went back."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+from fence_scenarios import late_result_after_a_shutdown_hand_back
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 
@@ -155,3 +157,14 @@ async def test_a_task_whose_begin_outlasts_the_lease_runs_once() -> None:
     assert final.status is TaskStatus.SUCCESS
     assert received == [received[0]]  # delivered once: its lease never ran out
     assert runs == [received[0]]
+
+
+def fenced_app(**config: Any) -> AsyncQueueTasks:
+    """An in-memory app (its broker begins on claim and shares its storage's server) with a
+    short lease and one runner, for the fence scenarios."""
+    settings = QueueConfig(lease=0.5, max_tasks_process=1, prefetch=0, shutdown_grace=0.1)
+    return AsyncQueueTasks("fence", config=settings.merged(**config))
+
+
+async def test_a_stale_result_is_refused_after_a_shutdown_hand_back() -> None:
+    await late_result_after_a_shutdown_hand_back(fenced_app())

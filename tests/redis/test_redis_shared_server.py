@@ -20,6 +20,7 @@ from begin_scenarios import (
     lost_deliveries_are_told_once,
     publish_as_the_worker_stops,
 )
+from fence_scenarios import late_result_after_a_shutdown_hand_back
 from redis_worker_app import build
 
 from qtasks import MemoryStorage, TaskStatus
@@ -387,6 +388,13 @@ async def test_a_claim_woken_as_the_worker_stops_is_handed_back_with_its_record_
     redis_url: str, prefix: str
 ) -> None:
     await claim_as_the_worker_stops(build(redis_url, prefix, concurrency=1, prefetch=1))
+
+
+async def test_a_stale_result_is_refused_after_a_shutdown_hand_back(
+    redis_url: str, prefix: str
+) -> None:
+    app = build(redis_url, prefix, lease=0.5, concurrency=1, prefetch=0, shutdown_grace=0.1)
+    await late_result_after_a_shutdown_hand_back(app)
 
 
 async def test_a_claim_that_dead_letters_lost_deliveries_fires_the_hook_once_each(

@@ -137,8 +137,10 @@ class Settlement:
             await self._finish(app, run, delivery, None, TaskCancelledError(reason))
             return
         record = run.record
+        # Queued again, its token kept (as QueueWorker._give_back does): the fence holds until
+        # the next delivery's begin replaces it, so a late result of an older holder whose
+        # lease ran out is refused, not stored over a task that never ran again.
         record.status = TaskStatus.NEW
-        record.token = None
         if not await app.storage.save(record, fence=delivery.token):
             await refused(app, record, delivery, delivery)
             return

@@ -1,0 +1,1 @@
+from tests.fence_scenarios import *  # noqa: F403
