@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus
+from qtasks import AsyncQueueTasks, TaskRecord, TaskStatus, hookimpl
 from qtasks.components import BeginOnClaim, Delivery
 from qtasks.task import AsyncTask
 
@@ -111,3 +111,46 @@ async def late_result_after_a_shutdown_hand_back(app: AsyncQueueTasks) -> None:
         await app.aclose()
     assert (done.status, done.returning) == (TaskStatus.SUCCESS, "fresh")
     assert runs == ["run", "run"]
+
+
+async def late_result_after_a_dead_letter_is_requeued(app: AsyncQueueTasks) -> None:
+    """``app`` (not started; ``max_deliveries=1``, a lease under a second): a stalled holder
+    loses its only allowed delivery, a worker's claim dead-letters the message, and the dead
+    letter is requeued. The reset record keeps the dead letter's token (it was cleared): the
+    stalled holder's late result is refused, and the next worker runs the task (before, the
+    stale result was stored over the reset record and the requeued message acked unrun).
+    ``app`` is started here and closed."""
+    runs: list[str] = []
+    buried = anyio.Event()
+
+    @app.task
+    async def job() -> str:
+        runs.append("run")
+        return "fresh"
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            buried.set()
+
+    app.add_plugin(Watch())
+    await app.start()
+    try:
+        task = await app.add_task("job")
+        async with stalled_holder(app, task) as old:
+            ended = await serve_until(app, buried, task)  # its claim, after the lease
+            assert ended.status is TaskStatus.ERROR
+            assert await app.requeue_dead_letters([task.uuid]) == 1
+            reset = await app.get(task.uuid)
+            assert reset is not None
+            assert (reset.status, reset.error, reset.token) == (
+                TaskStatus.NEW,
+                None,
+                ended.token,
+            )
+            await settles_late(app, old)
+        done = await run_until_done(app, task)
+    finally:
+        await app.aclose()
+    assert (done.status, done.returning) == (TaskStatus.SUCCESS, "fresh")
+    assert runs == ["run"]

@@ -7,7 +7,10 @@ from typing import Any
 
 import anyio
 import pytest
-from fence_scenarios import late_result_after_a_shutdown_hand_back
+from fence_scenarios import (
+    late_result_after_a_dead_letter_is_requeued,
+    late_result_after_a_shutdown_hand_back,
+)
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 
@@ -168,3 +171,7 @@ def fenced_app(**config: Any) -> AsyncQueueTasks:
 
 async def test_a_stale_result_is_refused_after_a_shutdown_hand_back() -> None:
     await late_result_after_a_shutdown_hand_back(fenced_app())
+
+
+async def test_a_stale_result_is_refused_after_a_dead_letter_is_requeued() -> None:
+    await late_result_after_a_dead_letter_is_requeued(fenced_app(max_deliveries=1))

@@ -1,6 +1,6 @@
 """Dead-lettering by the delivery limit fences the task's record (issue 14, item 4): its last
 holder's late result is refused, the record says why it ended, and requeueing the dead letter
-does not reset a stored success by accident."""
+does not reset a stored success by accident, nor lets that late result in."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from fence_scenarios import late_result_after_a_dead_letter_is_requeued
 from redis_procs import Worker, counts, wait_workers
 from redis_worker_app import build
 
@@ -80,6 +81,13 @@ async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
     assert await app.requeue_dead_letters([task.uuid]) == 1
     again = await app.get(task.uuid)
     assert again is not None and (again.status, again.error) == (TaskStatus.NEW, None)
+
+
+async def test_a_late_result_is_refused_after_the_dead_letter_is_requeued(
+    redis_url: str, prefix: str
+) -> None:
+    app = build(redis_url, prefix, lease=0.5, concurrency=1, prefetch=0, max_deliveries=1)
+    await late_result_after_a_dead_letter_is_requeued(app)
 
 
 async def test_requeue_keeps_a_dead_letter_whose_task_succeeded(

@@ -744,7 +744,8 @@ class AsyncQueueTasks:
         self, ids: list[str] | None = None, *, force: bool = False
     ) -> int:
         """Put dead letters back in the queue (all when ``ids`` is None) and reset their
-        records to ``new`` so that a worker runs them again. Returns how many.
+        records to ``new`` (their fencing token kept) so that a worker runs them again.
+        Returns how many.
 
         A dead letter whose task record says ``success`` (a late result came in, or the task
         was run and settled by other means) is left in place with a warning, so a stored
@@ -765,7 +766,10 @@ class AsyncQueueTasks:
                 )
                 continue
             if record is not None and record.status.final:
-                record.status, record.error, record.token = TaskStatus.NEW, None, None
+                # Its token stays (``dead-letter`` when its delivery limit ended it): the
+                # message's last holder, whose lease ran out, may still settle late, and an
+                # empty token would let its result or error end the task before it runs again.
+                record.status, record.error = TaskStatus.NEW, None
                 record.returning, record.steps = None, 0  # add() drops the old steps
                 record.updated_at = time.time()
                 await self.storage.add(record)  # add() replaces: a deliberate reset
