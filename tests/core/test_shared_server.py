@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+from refused_scenarios import ClosedCounter, refused_result
 
 import qtasks.settle_batch
 from qtasks import (
@@ -15,10 +16,9 @@ from qtasks import (
     MemoryStorage,
     QueueConfig,
     TaskStatus,
-    hookimpl,
 )
 from qtasks.components import Delivery, SharedServer, Storage
-from qtasks.errors import BrokerConnectionError
+from qtasks.errors import BrokerConnectionError, StorageError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 
@@ -142,23 +142,6 @@ def batching_app(concurrency: int = 4, **config: Any) -> tuple[AsyncQueueTasks, 
         config=QueueConfig(max_tasks_process=concurrency, plugins_disabled=["*"], **config),
     )
     return app, broker
-
-
-class ClosedCounter:
-    """Sets ``all_closed`` once ``expected`` tasks reached ``qtasks_executor_closed``, the
-    last hook before the runner hands the task to the settler (without yielding)."""
-
-    name = "closed-counter"
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.all_closed = anyio.Event()
-
-    @hookimpl
-    def qtasks_executor_closed(self) -> None:
-        self.expected -= 1
-        if self.expected == 0:
-            self.all_closed.set()
 
 
 async def test_tasks_finishing_during_a_settle_go_in_the_next_call_together() -> None:
@@ -336,4 +319,95 @@ async def test_settle_calls_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = [len(batch) for batch in broker.batches]
     assert sum(sizes) == 6
     assert max(sizes) == 2  # without the cap, those held back would go in one call
+    await app.aclose()
+
+
+class SizeLimitedStorage(MemoryStorage):
+    """The in-memory storage with a limit on what one record holds, as a server has one
+    (Redis's ``proto-max-bulk-len``): a record over it is refused with an error that is not a
+    lost connection, and that saving it again meets again. With ``refuse_final``, every final
+    record of that task is refused."""
+
+    LIMIT = 10_000
+
+    def __init__(self, refuse_final: str | None = None) -> None:
+        super().__init__()
+        self.refuse_final = refuse_final
+
+    async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        texts = (record.returning, record.error, record.traceback)
+        size = sum(len(text) for text in texts if isinstance(text, str))
+        if size > self.LIMIT:
+            raise StorageError(f"ERR record of {size} characters, over {self.LIMIT}")
+        if record.task_name == self.refuse_final and record.status.final:
+            raise StorageError(f"ERR {record.task_name} is refused")
+        return await super().save(record, fence=fence)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "alone"])
+async def test_a_record_the_storage_refuses_fails_only_its_own_task(batched: bool) -> None:
+    """See :func:`refused_scenarios.refused_result`: the results settled in one call
+    (batched) or each by its runner (alone, the broker sharing no server with the storage)."""
+    storage = SizeLimitedStorage()
+    held = BatchingBroker(storage) if batched else None
+    config = QueueConfig(
+        max_tasks_process=6, lease=0.5, max_deliveries=2, retry_backoff=0.05, plugins_disabled=["*"]
+    )
+    app = AsyncQueueTasks(
+        broker=held or FoldingBroker(MemoryStorage()), storage=storage, config=config
+    )
+    refusal = r"StorageError: ERR record of \d+ characters, over 10000"
+    await refused_result(app, held, size=20_000, refusal=refusal)
+
+
+async def test_a_task_whose_error_record_is_refused_too_is_handed_back_with_the_reason() -> None:
+    """When even the ``error`` record of a refused result is refused, the task is handed back
+    as for any component failure (counted in its message) and dead-lettered at the last
+    allowed delivery with that reason, not left to run again until "delivery limit reached";
+    the tasks settled in the same call are stored."""
+    storage = SizeLimitedStorage(refuse_final="doomed")
+    broker = BatchingBroker(storage)
+    config = QueueConfig(
+        max_tasks_process=4, lease=0.5, max_deliveries=2, retry_backoff=0.05, plugins_disabled=["*"]
+    )
+    app = AsyncQueueTasks(broker=broker, storage=storage, config=config)
+    closed = ClosedCounter(3)
+    app.add_plugin(closed)
+    runs: list[str] = []
+
+    @app.task
+    async def first() -> str:
+        return "first"
+
+    @app.task
+    async def doomed() -> str:
+        runs.append("doomed")
+        return "fine, but refused"
+
+    @app.task
+    async def small() -> int:
+        runs.append("small")
+        return 1
+
+    async with app:
+        broker.gate = anyio.Event()
+        await app.add_task("first")
+        with anyio.fail_after(5):
+            await broker.entered.wait()
+        bad, good = await app.add_task("doomed"), await app.add_task("small")
+        with anyio.fail_after(5):
+            await closed.all_closed.wait()
+        broker.gate.set()
+        assert (await app.wait(good.uuid, timeout=10)).returning == 1
+        with anyio.fail_after(10):
+            while not (letters := await app.dead_letters()):  # noqa: ASYNC110 - no event
+                await anyio.sleep(0.02)
+    assert sorted(broker.batches[1]) == sorted([bad.uuid, good.uuid])
+    assert runs.count("small") == 1
+    assert runs.count("doomed") == 2  # handed back once, then dead-lettered
+    [letter] = letters
+    assert letter.reason == (
+        "worker failed 2 times: UnstorableRecordError: its error record could not be stored: "
+        "StorageError: ERR doomed is refused"
+    )
     await app.aclose()

@@ -151,6 +151,18 @@ class StorageError(ComponentError):
     """The storage could not read or write a task record."""
 
 
+class UnstorableRecordError(StorageError, PermanentError):
+    """The storage refused a task's final record for what it holds, not for want of a
+    connection: a result over its server's size limit (Redis's ``proto-max-bulk-len``), a value
+    it cannot encode, an error reply. Saving it again would fail the same way, so the worker
+    ends the task ``error`` with this as its reason instead, without the result."""
+
+    def __init__(self, uuid: str, what: str, reason: str) -> None:
+        self.uuid = uuid
+        self.reason = reason
+        super().__init__(f"{what} could not be stored: {reason}")
+
+
 class StorageConnectionError(StorageError, BrokerConnectionError):
     """The storage's server cannot be reached. Also a :class:`BrokerConnectionError` (and a
     :class:`ConnectionError`), which code written before it existed catches."""

@@ -7,7 +7,9 @@ Succeeded tasks of a :class:`~qtasks.components.SharedServer` broker are settled
 previous call was in flight, see :mod:`qtasks.settle_batch`, which also carries the begin
 step with a :class:`~qtasks.components.SettleBegin` broker); every other outcome is settled
 by the runner itself. What both do once the final record is written is in
-:mod:`qtasks.finals`.
+:mod:`qtasks.finals`. A batched call that fails otherwise than for want of a connection is
+made again task by task (:meth:`Settlement.settle_alone`), so that a record the server refuses
+(:class:`~qtasks.errors.UnstorableRecordError`) ends only its own task, as a runner's does.
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from qtasks import poison
 from qtasks.components import Delivery
-from qtasks.errors import LeaseLostError, PermanentError, PluginError, TaskCancelledError
+from qtasks.errors import (
+    LeaseLostError,
+    PermanentError,
+    PluginError,
+    TaskCancelledError,
+    UnstorableRecordError,
+)
 from qtasks.executor import TaskRun
 from qtasks.finals import refused, stored_final, succeeded
 from qtasks.flow import FlowGate
+from qtasks.masking import mask_text
 from qtasks.messages import Message
 from qtasks.outage import Outage, retrying
 from qtasks.poison import DEAD_LETTER_TOKEN, without_failures
-from qtasks.record import TaskStatus
+from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle_batch import SettleBatch
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import RETRY_HEADER
@@ -68,6 +78,7 @@ class Settlement:
                 2 * concurrency,
                 self._outage,
                 lambda: time.monotonic() > self.give_up_at,
+                self.settle_alone,
             )
         )
         self.give_up_at = math.inf
@@ -148,7 +159,42 @@ class Settlement:
         await delivery.requeue()
         await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
+    async def settle_alone(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> None:
+        """Settle a succeeded ``run`` of a batch whose call failed (not an outage) as a runner
+        settles its own, so that a record the server refuses ends only its own task. A failure
+        here is a component's, as in :meth:`QueueWorker._process`: handed back, counted."""
+        try:
+            await self._finish(app, run, delivery, run.record.returning, None)
+        except ConnectionError:
+            pass  # an outage past the shutdown grace: not acked, back after its lease
+        except Exception as exc:
+            try:
+                await poison.failed(app, delivery, exc)
+            except Exception:
+                log.exception("could not hand message %s back", delivery.id)
+
     async def _finish(
+        self,
+        app: AsyncQueueTasks,
+        run: TaskRun,
+        delivery: Delivery,
+        result: Any,
+        outcome: BaseException | None,
+    ) -> None:
+        """Store the record ``outcome`` leaves (final, or a retry's) and ack or requeue the
+        message. A final record the storage refuses for what it holds
+        (:class:`UnstorableRecordError`) ends the task ``error`` with the reason, without its
+        result, instead of running it again to meet the same refusal."""
+        try:
+            await self._finish_once(app, run, delivery, result, outcome)
+        except UnstorableRecordError as exc:
+            if isinstance(outcome, UnstorableRecordError):
+                raise  # even that record is refused: handed back, counted (qtasks.poison)
+            log.warning("task %s: %s; it ends as error", run.record.uuid, exc)
+            run.record.returning = None
+            await self._finish_once(app, run, delivery, None, exc)
+
+    async def _finish_once(
         self,
         app: AsyncQueueTasks,
         run: TaskRun,
@@ -218,21 +264,30 @@ class Settlement:
         record, storage, shared = run.record, app.storage, app.shared_server
         if await self._dead_lettered(app, run, delivery):
             return False
-        if shared is not None:
-            if record.workflow is None or "qtasks_task_enqueued" not in app.hooks.active:
+        # A workflow member of a shared server: the ids of the steps its settle enqueued,
+        # for the hook.
+        hook = record.workflow is not None and "qtasks_task_enqueued" in app.hooks.active
+        enqueued: list[str] | None = [] if hook and shared is not None else None
+        try:
+            if shared is None:
+                saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
+            elif enqueued is None:
                 saved = await self._durable(
                     run, lambda: shared.ack_final(delivery, storage, record)
                 )
-                return await stored_final(app, record, saved, delivery, None)
-            # A workflow member: the ids of the steps its settle enqueued, for the hook.
-            enqueued: list[str] = []
-            saved = await self._durable(
-                run, lambda: shared.ack_final(delivery, storage, record, enqueued=enqueued)
-            )
+            else:
+                saved = await self._durable(
+                    run, lambda: shared.ack_final(delivery, storage, record, enqueued=enqueued)
+                )
+        except OSError:
+            raise  # an outage (past its retries), not the record's fault
+        except Exception as exc:
+            # The server refused the record itself (Redis: a value over proto-max-bulk-len,
+            # an error reply; a value the storage cannot encode): the same save fails again.
+            raise _unstorable(app, record, exc) from None
+        if enqueued:
             await workflows.announce(app, enqueued)
-            return await stored_final(app, record, saved, delivery, None)
-        saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
-        return await stored_final(app, record, saved, delivery, delivery)
+        return await stored_final(app, record, saved, delivery, None if shared else delivery)
 
     async def _dead_lettered(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> bool:
         """Whether ``delivery`` was the message's last allowed one and its lease is gone: the
@@ -275,6 +330,22 @@ class Settlement:
         return await retrying(
             call, self._outage, lambda: run.lease_lost or time.monotonic() > self.give_up_at
         )
+
+
+def _unstorable(app: AsyncQueueTasks, record: TaskRecord, exc: Exception) -> UnstorableRecordError:
+    """The error a task ends with when the storage refused its final ``record`` with ``exc``:
+    what was refused (a result's encoded size, which is the usual cause), and the server's
+    reason, masked (:func:`~qtasks.masking.mask_text`)."""
+    if record.status is TaskStatus.SUCCESS:
+        try:
+            size = len(app.codec.serializer.dumps(record.returning))
+        except Exception:
+            what = "the result"
+        else:
+            what = f"the result ({size:,} bytes encoded)"
+    else:
+        what = f"its {record.status.value} record"
+    return UnstorableRecordError(record.uuid, what, mask_text(f"{type(exc).__name__}: {exc}"))
 
 
 def _ended_by(run: TaskRun, outcome: BaseException | None, cancelled: bool) -> BaseException | None:

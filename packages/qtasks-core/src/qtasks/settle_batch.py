@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -17,6 +17,7 @@ from qtasks.begin import BEGIN_BATCH
 from qtasks.components import Delivery, SettleBegin, SharedServer
 from qtasks.executor import TaskRun
 from qtasks.finals import stored_final
+from qtasks.masking import mask_text
 from qtasks.memory import EventFactory, _Signal
 from qtasks.outage import RETRY_CAP, Outage
 from qtasks.record import TaskRecord
@@ -43,6 +44,7 @@ class SettleBatch:
     begin are one round trip."""
 
     __slots__ = (
+        "_alone",
         "_app",
         "_busy",
         "_done",
@@ -65,8 +67,11 @@ class SettleBatch:
         limit: int,
         outage: Outage,
         give_up: Callable[[], bool],
+        alone: Callable[[AsyncQueueTasks, TaskRun, Delivery], Awaitable[None]],
     ) -> None:
+        """``alone`` settles one run as its runner would (after a failed call)."""
         self._app = app
+        self._alone = alone
         self._outage = outage
         self._give_up = give_up
         self._inflight: list[list[tuple[TaskRun, Delivery]]] = []
@@ -226,11 +231,21 @@ class SettleBatch:
                 failures += 1
                 await anyio.sleep(min(RETRY_CAP, 0.05 * 2**failures) * (0.5 + random.random() / 2))
             except Exception as exc:
+                # Not an outage: maybe one record the server refuses (a result over its size
+                # limit, an error reply). Each begins and settles alone, so that only its own
+                # task fails (as BeginBatch does with a record it cannot read).
                 if round_ is not None:
-                    round_.fail(exc)
+                    round_.done.set()  # without results: each begins alone
                 if batch:
-                    # Not acked: each message comes back after its lease (at-least-once).
-                    log.exception("could not store the results of %d finished tasks", len(batch))
+                    log.warning(
+                        "storing the results of %d finished tasks in one call failed (%s: %s): "
+                        "storing them one at a time",
+                        len(batch),
+                        type(exc).__name__,
+                        mask_text(str(exc)),
+                    )
+                for run, delivery in batch:
+                    await self._alone(app, run, delivery)
                 return
         if round_ is not None:
             round_.finish(begun)  # their tasks start now, not after the hooks below

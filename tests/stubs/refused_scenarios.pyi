@@ -1,0 +1,1 @@
+from tests.refused_scenarios import *  # noqa: F403
