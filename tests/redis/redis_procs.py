@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -217,3 +218,16 @@ def start_server(tmp: Path, **options: Any) -> RedisServer:
         return RedisServer(tmp, **options)
     except (FileNotFoundError, OSError) as exc:
         unavailable(f"cannot start a redis-server: {exc}")
+
+
+class Seen(logging.Handler):
+    """Sets ``event`` when a log record's message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text = text
+        self.event = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()

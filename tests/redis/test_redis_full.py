@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
-from redis_procs import RedisServer, start_server
+from redis_procs import RedisServer, Seen, start_server
 
 from qtasks import AsyncQueueTasks, AsyncTask, QueueConfig, TaskStatus
 from qtasks.errors import BrokerConnectionError, ServerFullError
@@ -43,19 +43,6 @@ def app_for(url: str) -> AsyncQueueTasks:
         return len(data)
 
     return app
-
-
-class Seen(logging.Handler):
-    """Sets ``event`` when a log record's message contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(logging.WARNING)
-        self.text = text
-        self.event = anyio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.event.set()
 
 
 async def fill(app: AsyncQueueTasks) -> tuple[list[AsyncTask], ServerFullError]:

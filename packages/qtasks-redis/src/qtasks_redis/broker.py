@@ -55,6 +55,7 @@ from qtasks_redis.connection import (
     delete_matching,
     glob_escape,
     guarded,
+    outage,
 )
 from qtasks_redis.flow import PUBLISH_NEW_UNIQUE
 from qtasks_redis.global_config import RedisGlobalConfig
@@ -690,7 +691,9 @@ class RedisBroker:
                     if failures:
                         log.warning("Redis at %s is back; consuming again", self.target.where)
                     failures = 0
-                except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError) as exc:
+                except Exception as exc:
+                    if not outage(exc):
+                        raise
                     wake_at = None
                     failures += 1
                     pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
@@ -699,7 +702,9 @@ class RedisBroker:
                         self.target.where,
                         "is out of memory (maxmemory reached, noeviction)"
                         if isinstance(exc, OutOfMemoryError)
-                        else "unreachable",
+                        else "unreachable"
+                        if isinstance(exc, OSError | RedisConnectionError | RedisTimeoutError)
+                        else "cannot take calls for now",
                         type(exc).__name__,
                         pause,
                     )
@@ -722,7 +727,9 @@ class RedisBroker:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     try:
                         await lua.RELEASE(client, self.keys, args)
-                    except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError):
+                    except Exception as exc:
+                        if not outage(exc):
+                            raise
                         log.warning(
                             "could not hand back %d deliveries to Redis at %s; they return "
                             "when their lease ends",

@@ -26,11 +26,14 @@ from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     BusyLoadingError,
+    ClusterDownError,
     NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
+    ReadOnlyError,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -175,6 +178,27 @@ def make_client(target: RedisTarget, extra: dict[str, Any]) -> Client:
     return aioredis.Redis.from_url(target.url, **options)
 
 
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError)
+_FOR_NOW = (ReadOnlyError, ClusterDownError, TryAgainError)
+"""Error replies of a server that cannot take the call for now, whatever the call: a replica
+after a failover (``READONLY``; ``MASTERDOWN`` is a ClusterDownError), a cluster resharding."""
+_OUTAGES = _UNREACHABLE + _FOR_NOW
+_FOR_NOW_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ", "MASTERDOWN ", "TRYAGAIN ", "CLUSTERDOWN ")
+"""The same for replies redis-py has no class for (or the lane leaves a plain ResponseError):
+a script running past ``busy-reply-threshold``, a failing snapshot that stops writes, too few
+replicas for ``min-replicas-to-write``."""
+
+
+def outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the server cannot be reached or cannot take calls for now (the
+    call wrote nothing; the same call succeeds later), as opposed to refusing the call
+    itself (a value over ``proto-max-bulk-len``, a script error): an outage is ridden out
+    and retried, a refusal fails its call."""
+    if isinstance(exc, _OUTAGES):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_FOR_NOW_CODES)
+
+
 def connection_error(
     target: RedisTarget,
     exc: BaseException,
@@ -202,6 +226,8 @@ def connection_error(
             f"Redis at {target.where}{db} is out of memory (maxmemory reached, noeviction): "
             "it refused this call, which wrote nothing; free memory or raise maxmemory"
         )
+    if isinstance(exc, ResponseError) and not refused_credentials(exc):
+        return kind(f"Redis at {target.where}{db} cannot take calls for now: {reason}")
     if refused_credentials(exc):
         return kind(
             f"Redis at {target.where}{db} refused the credentials (check the user name and "
@@ -307,11 +333,14 @@ async def guarded(
     call: Awaitable[T],
     kind: type[BrokerConnectionError] = BrokerConnectionError,
 ) -> T:
-    """Await ``call``; turn connection failures (after redis-py's retries) into ours
-    (``kind``: :class:`~qtasks.errors.StorageConnectionError` for the storage)."""
+    """Await ``call``; turn connection failures (after redis-py's retries) and a server that
+    cannot take calls for now (:func:`outage`) into ours (``kind``:
+    :class:`~qtasks.errors.StorageConnectionError` for the storage)."""
     try:
         return await call
-    except (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError) as exc:
+    except Exception as exc:
+        if not outage(exc):
+            raise
         raise connection_error(target, exc, kind) from exc
 
 
