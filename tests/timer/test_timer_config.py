@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +15,7 @@ from timer_helpers import Recorder, wait_until
 
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.config import load_config
-from qtasks.errors import ConfigError, TaskArgumentsError
+from qtasks.errors import ConfigError, PluginError, TaskArgumentsError
 from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin, TimerSettings
 
 pytestmark = pytest.mark.anyio
@@ -23,8 +26,11 @@ TIMERS: list[dict[str, Any]] = [
 ]
 
 
-def make_app(timers: list[dict[str, Any]]) -> tuple[AsyncQueueTasks, Recorder]:
-    app = AsyncQueueTasks(config=QueueConfig(extra={"timers": timers}))
+def make_app(
+    timers: list[dict[str, Any]], plugins_disabled: tuple[str, ...] = ()
+) -> tuple[AsyncQueueTasks, Recorder]:
+    config = QueueConfig(extra={"timers": timers}, plugins_disabled=list(plugins_disabled))
+    app = AsyncQueueTasks(config=config)
 
     @app.task
     async def tick(*args: Any, source: str = "") -> None:
@@ -107,10 +113,75 @@ async def test_no_timers_no_report() -> None:
     ],
 )
 async def test_bad_config_timers_are_refused(entry: dict[str, Any], message: str) -> None:
-    app, _ = make_app([entry])
+    app, _ = make_app([entry], plugins_disabled=("timer",))  # the entry point would refuse it
     expected = TaskArgumentsError if "nope" in message else ScheduleError
     with pytest.raises(expected, match=message):
         AsyncTimer(app)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"task": "tick", "every": 5}, "unknown keys ['every']"),
+        ({"task": "tick", "schedule": "61 * * * *"}, "bad crontab '61 * * * *'"),
+        ({"task": "tick", "interval": 5, "timezone": "Nowhere/Else"}, "unknown time zone"),
+    ],
+)
+def test_a_bad_config_timer_fails_building_an_app_with_the_timer_plugin(
+    entry: dict[str, Any], message: str
+) -> None:
+    # Found only when the worker started, the error was logged and ignored (a notification
+    # hook's), and the app served with none of its timers, the good ones neither.
+    good = {"task": "tick", "interval": 5}
+    with pytest.raises(PluginError) as caught:
+        AsyncQueueTasks(config=QueueConfig(extra={"timers": [good, entry]}))
+    assert "plugin 'timer'" in str(caught.value)
+    assert f"ScheduleError: extra.timers[1]: {message}" in str(caught.value)
+
+
+TASKS_MODULE = """
+from qtasks import QueueTasks
+
+app = QueueTasks.from_config()
+
+
+@app.task
+def heartbeat(service: str) -> None:
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('every = 1\nargs = ["api"]', "extra.timers[0]: unknown keys ['every']"),
+        ('schedule = "61 * * * *"', "extra.timers[0]: bad crontab '61 * * * *'"),
+    ],
+)
+def test_qtasks_run_stops_on_a_bad_config_timer_with_one_error_line(
+    tmp_path: Path, entry: str, message: str
+) -> None:
+    (tmp_path / "tasks.py").write_text(TASKS_MODULE)
+    (tmp_path / "qtasks.toml").write_text(
+        f'app = "tasks:app"\n\n[[extra.timers]]\ntask = "heartbeat"\n{entry}\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "qtasks", "run"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"qtasks run kept serving despite the bad timer:\n{exc.stderr!r}")
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr  # no traceback
+    assert lines[0].startswith("error: plugin 'timer': ")
+    assert message in lines[0]
 
 
 # --- extra.timers: qtasks-timer's own place in the configuration -----------------------------

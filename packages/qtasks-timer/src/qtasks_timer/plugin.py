@@ -17,6 +17,7 @@ from qtasks_timer.timer import FIRING, HEADER, AsyncTimer
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
+    from qtasks.config import QueueConfig
     from qtasks.messages import Message
 
 
@@ -27,6 +28,16 @@ class TimerPlugin:
 
     def __init__(self, timer: AsyncTimer | None = None) -> None:
         self.timer = timer
+
+    @classmethod
+    def from_config(cls, config: QueueConfig) -> TimerPlugin:
+        """The entry-point plugin of an app built with ``config``. The configuration's timers
+        are checked here, so a malformed one fails building the app (as a
+        :class:`~qtasks.errors.PluginError` naming the entry): found when the worker starts,
+        its error would be logged and ignored like any notification hook's, and the worker
+        would serve without any of its timers."""
+        TimerSettings.from_config(config)
+        return cls()
 
     @classmethod
     def bind(cls, app: AsyncQueueTasks, timer: AsyncTimer) -> TimerPlugin:

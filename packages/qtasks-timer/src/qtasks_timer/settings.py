@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qtasks_timer.errors import ScheduleError
-from qtasks_timer.triggers import MAX_SECONDS
+from qtasks_timer.triggers import MAX_SECONDS, to_trigger
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -94,6 +94,10 @@ class TimerSpec:
         priority = item.get("priority")
         if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
             raise ScheduleError(f"{where}: 'priority' must be an integer, got {priority!r}")
+        try:  # a bad crontab or time zone, named by where it is
+            to_trigger(schedule, item.get("timezone"))
+        except ScheduleError as exc:
+            raise ScheduleError(f"{where}: {exc}") from None
         return cls(
             where=where,
             task=item["task"],
