@@ -351,3 +351,11 @@ def test_inspect_lists_the_workflows_kept_in_redis(
     result = runner.invoke(cli, ["workflow", running.id, "-A", f"{name}:app", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["status"] == "running"
+    # Without an id, the list: its app is started (and closed) by the command, as with one
+    # (it said "RedisStorage used before start()").
+    result = runner.invoke(cli, ["workflow", "-A", f"{name}:app", "--json", "--limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == listed[:1]
+    result = runner.invoke(cli, ["workflow", "-A", f"{name}:app"])
+    assert result.exit_code == 0, result.output
+    assert stopped.id in result.output and running.id in result.output

@@ -152,7 +152,9 @@ def run_on(
     command: str = "",
     uses: Sequence[str] = (),
 ) -> T:
-    """Run ``func(async_app)`` in the app's loop; an app this call started is closed after.
+    """Run ``func(async_app)`` in the app's loop, the app started first if it is not (so
+    ``func`` may use the components directly, not only through the app's methods, which
+    start it themselves); an app this call started is closed after.
 
     A sync app runs it through its own portal, so the CLI also works on an app that a
     surrounding program (or a test) is serving in the same process. An app that is not
@@ -171,16 +173,22 @@ def run_on(
             f"and no worker shares it. Name a shared backend, e.g. --broker redis --broker-url "
             f"redis://HOST:6379/0 (or broker and broker_url in the configuration)"
         )
+
+    async def started() -> T:
+        if not aio.started:
+            await aio.start()
+        return await func(aio)
+
     if isinstance(app, QueueTasks):
         try:
-            return app.portal.call(func, aio)
+            return app.portal.call(started)
         finally:
             if not was_started:
                 app.close()
 
     async def main() -> T:
         try:
-            return await func(aio)
+            return await started()
         finally:
             if not was_started:
                 await aio.aclose()

@@ -75,8 +75,7 @@ def add(
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
 
     async def go(aio: AsyncQueueTasks) -> TaskRecord:
-        if not aio.started:
-            await aio.start()  # adopts shared tasks imported since the app was built
+        # Started by run_on, so aio.tasks has the shared tasks imported since it was built.
         if aio.tasks and task not in aio.tasks and not force:
             raise UnknownTaskError(
                 task, aio.tasks, fix="--force enqueues it for a worker of another app"
