@@ -542,3 +542,10 @@ def test_from_config_reads_url_and_extra() -> None:
     with pytest.raises(BrokerConnectionError, match="amqp") as caught:
         Link("redis://x:secret@h/", broker.topology)
     assert "secret" not in str(caught.value)
+    # A URL yarl cannot read: its ValueError came out of start() as it was, and the CLI
+    # printed a traceback.
+    with pytest.raises(BrokerConnectionError) as caught:
+        Link("amqp://guest:secret@h:notaport/", broker.topology)
+    assert str(caught.value).startswith("bad RabbitMQ URL amqp://guest:***@h:notaport/: ")
+    assert "port can't be converted to integer" in str(caught.value)
+    assert "secret" not in str(caught.value) + repr(caught.value)

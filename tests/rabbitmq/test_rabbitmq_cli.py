@@ -52,3 +52,24 @@ def test_rabbitmq_with_a_redis_storage_gives_the_global_config_to_redis_too(
     )
     app = AsyncQueueTasks.from_config(file)
     assert type(app.storage).__name__ == "MemoryStorage"
+
+
+def test_a_url_yarl_cannot_read_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = "amqp://guest:s3cret-pw@127.0.0.1:notaport/"
+    memory = ["--storage", "memory", "--global-config", "memory"]
+    # dlq list needs the broker alone: the app starts, and the link reads the URL.
+    result = CliRunner().invoke(
+        cli, ["dlq", "list", "--broker", "rabbitmq", "--broker-url", url, *memory]
+    )
+    # It was yarl's ValueError, uncaught: a traceback of some 90 lines.
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: bad RabbitMQ URL amqp://guest:***@127.0.0.1:notaport/: "
+        "ValueError: Invalid URL: port can't be converted to integer"
+    ], result.output
+    assert "s3cret" not in result.output

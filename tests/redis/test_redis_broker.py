@@ -13,9 +13,15 @@ import redis.asyncio as aioredis
 
 from qtasks.components import Broker
 from qtasks.config import QueueConfig
-from qtasks.errors import BrokerConnectionError, ComponentNotStartedError
+from qtasks.errors import BrokerConnectionError, ComponentError, ComponentNotStartedError
 from qtasks.messages import Envelope
-from qtasks_redis import RedisBroker, RedisDelivery, broker_lua
+from qtasks_redis import (
+    RedisBroker,
+    RedisDelivery,
+    RedisGlobalConfig,
+    RedisStorage,
+    broker_lua,
+)
 from qtasks_redis.lane import Lane
 
 pytestmark = pytest.mark.anyio
@@ -318,6 +324,31 @@ async def test_unreachable_url_names_host_and_port_not_password(stack: AsyncExit
         for name, value in tb.tb_frame.f_locals.items():
             assert "s3cret" not in repr(value) or name in ("url", "self"), name
         tb = tb.tb_next
+
+
+@pytest.mark.parametrize("component", [RedisBroker, RedisStorage, RedisGlobalConfig])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "redis://alice:s3cret-pw@127.0.0.1:6379/0?socket_timeout=abc",
+            "redis://alice:***@127.0.0.1:6379/0?socket_timeout=abc",
+        ),
+        ("redis+cluster://:s3cret-pw@h:7000?max_connections=x", "redis+cluster://:***@h:7000"),
+        ("unix:///tmp/redis.sock?db=one&password=s3cret-pw", "password=***"),
+    ],
+)
+def test_a_url_option_the_client_cannot_read_is_refused_when_built(
+    component: type[RedisBroker | RedisStorage | RedisGlobalConfig], url: str, shown: str
+) -> None:
+    # redis-py's ValueError came from start(), and the CLI printed it as a traceback.
+    with pytest.raises(ComponentError) as info:
+        component(url)
+    text = str(info.value)
+    assert text.startswith("bad Redis URL ")
+    assert shown in text
+    assert "Invalid value for" in text
+    assert "s3cret" not in text + repr(info.value)
 
 
 def test_from_config_reads_url_and_extra() -> None:

@@ -139,6 +139,32 @@ def test_run_logs_serving_only_once_the_components_started(tmp_path: Path) -> No
     assert "serving" not in done.stderr
 
 
+@pytest.mark.parametrize("command", ["inspect", "run"])
+def test_a_url_option_redis_cannot_read_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from qtasks.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    name = f"urlapp_{tmp_path.name.replace('-', '_')}"  # a module of this test's own
+    (tmp_path / f"{name}.py").write_text(TASKS.replace("PREFIX", "'unused'"))
+    url = "redis://alice:s3cret-pw@127.0.0.1:6379/0?socket_timeout=abc"
+    flags = ["-A", f"{name}:app", "--broker", "redis", "--broker-url", url]
+    try:
+        result = CliRunner().invoke(cli, [command, *flags])
+    finally:
+        sys.modules.pop(name, None)
+    # It was redis-py's ValueError, uncaught: a traceback of some 90 lines.
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    assert "bad Redis URL redis://alice:***@127.0.0.1:6379/0?socket_timeout=abc" in errors[0]
+    assert "s3cret" not in result.output
+
+
 # --- which storage and global config a configuration gets ----------------------------------
 
 

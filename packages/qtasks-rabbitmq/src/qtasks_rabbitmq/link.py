@@ -65,7 +65,12 @@ class Link:
         publish_timeout: float = 30.0,
         watchdog_interval: float = 5.0,
     ) -> None:
-        parsed = URL(url)
+        try:
+            parsed = URL(url)
+        except ValueError as exc:  # yarl's: a port that is not a number, say
+            raise BrokerConnectionError(
+                f"bad RabbitMQ URL {mask_url(url)}: {describe(exc, None)}"
+            ) from None
         if parsed.scheme not in ("amqp", "amqps"):
             raise BrokerConnectionError(
                 f"RabbitMQ URL must start with amqp:// or amqps://, got {mask_url(url)}"

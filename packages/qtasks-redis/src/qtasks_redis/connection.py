@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
@@ -47,7 +48,7 @@ from qtasks.errors import (
     StorageConnectionError,
     StorageFullError,
 )
-from qtasks.masking import masked_entry
+from qtasks.masking import mask_text, mask_url, masked_entry
 from qtasks_redis.lane import Lane, lane_for
 
 log = logging.getLogger("qtasks.redis")
@@ -129,8 +130,10 @@ class RedisTarget:
 
     @classmethod
     def parse(cls, url: str | None, *, cluster: bool = False) -> RedisTarget:
-        """Split ``url``; ``redis+cluster://`` (or ``cluster=True``) selects Redis Cluster."""
-        url = url or DEFAULT_URL
+        """Split ``url``; ``redis+cluster://`` (or ``cluster=True``) selects Redis Cluster. A
+        URL the client could not use raises :class:`~qtasks.errors.ComponentError`, the URL
+        masked."""
+        url = given = url or DEFAULT_URL
         parts = urlsplit(url)
         scheme = parts.scheme
         if scheme in CLUSTER_SCHEMES:
@@ -146,6 +149,11 @@ class RedisTarget:
             port = parts.port
         except ValueError:
             raise ComponentError(f"bad port in Redis URL for host {parts.hostname!r}") from None
+        try:  # redis-py's reading of the URL's options (?socket_timeout=...), as connect() will
+            parse_url(url)
+        except ValueError as exc:
+            shown = f"{mask_url(given)}: {mask_text(str(exc))}"
+            raise ComponentError(f"bad Redis URL {shown}") from None
         if scheme == "unix":
             return cls(url, False, "localhost", None, 0, parts.path)
         db = 0
