@@ -136,16 +136,22 @@ def test_record_times_are_iso_8601_local_and_numbers_in_json(
 ) -> None:
     from datetime import datetime
 
-    task = app_module.app.add_task("add", 1, 2, timeout=5)
-    code, out = invoke("get", task.uuid, "-A", served)
-    assert code == 0, out
-    lines = dict(line.split(": ", 1) for line in out.splitlines())
-    for key in ("created_at", "updated_at"):
-        shown = datetime.fromisoformat(lines[key])
-        assert shown.utcoffset() is not None  # local time, with its offset
-        assert abs(shown.timestamp() - getattr(task, key)) < 0.001
-    code, out = invoke("get", task.uuid, "-A", served, "--json")
-    assert json.loads(out)["created_at"] == task.created_at
+    app: QueueTasks = app_module.app
+    done = app.add_task("add", 1, 2, timeout=5)
+    later = app.get(app.add_task("add", 3, delay=3600).uuid)
+    assert later is not None
+    # Every time of a record; eta was printed as unix seconds.
+    for task, keys in ((done, ("created_at", "updated_at", "started_at")), (later, ("eta",))):
+        code, out = invoke("get", task.uuid, "-A", served)
+        assert code == 0, out
+        lines = dict(line.split(": ", 1) for line in out.splitlines())
+        for key in keys:
+            shown = datetime.fromisoformat(lines[key])
+            assert shown.utcoffset() is not None  # local time, with its offset
+            assert abs(shown.timestamp() - getattr(task, key)) < 0.001
+    app.cancel(later.uuid)
+    code, out = invoke("get", done.uuid, "-A", served, "--json")
+    assert json.loads(out)["created_at"] == done.created_at
 
 
 def test_inspect_shows_what_the_worker_just_did(served: str, app_module: ModuleType) -> None:

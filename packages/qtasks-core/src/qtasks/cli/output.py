@@ -41,6 +41,11 @@ def _local_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
 
 
+def _is_time(key: str) -> bool:
+    """Whether the record field ``key`` is a time: ``eta`` and the ``*_at`` ones."""
+    return key == "eta" or key.endswith("_at")
+
+
 def print_record(record: TaskRecord, as_json: bool) -> None:
     """``key: value`` lines (times in local ISO 8601), or JSON (times as unix seconds)."""
     data = record_dict(record)
@@ -50,7 +55,7 @@ def print_record(record: TaskRecord, as_json: bool) -> None:
     for key, value in data.items():
         if value in (None, [], {}) and key not in ("returning",):
             continue
-        if key.endswith("_at") and isinstance(value, int | float):
+        if _is_time(key) and isinstance(value, int | float):
             shown: Any = _local_time(value)
         elif isinstance(value, list | dict):
             shown = json.dumps(value, default=str)
