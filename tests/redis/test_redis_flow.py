@@ -22,6 +22,7 @@ from amqp_cleanup import URL as RABBITMQ_URL
 from amqp_cleanup import delete_topology
 from flow_app import BURST, PER_KEY, build
 from flow_windows import max_in_window, max_overlap
+from sync_threads import a_slot_is_kept_while_its_thread_runs
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus
 from qtasks.components import FlowControl, UniquePublish
@@ -272,17 +273,21 @@ anyio.run(main)
 
 @pytest.fixture
 async def local(redis_url: str, prefix: str) -> AsyncIterator[AsyncQueueTasks]:
+    app = on_redis(redis_url, prefix, QueueConfig(max_deliveries=1, lease=5))
+    yield app
+    await app.aclose()
+
+
+def on_redis(redis_url: str, prefix: str, config: QueueConfig) -> AsyncQueueTasks:
     """An app whose three components are on Redis (broker and storage share the server, so
     the worker begins records on claim)."""
-    app = AsyncQueueTasks(
+    return AsyncQueueTasks(
         "flow",
         broker=RedisBroker(redis_url, prefix=prefix),
         storage=RedisStorage(redis_url, prefix=prefix),
         global_config=RedisGlobalConfig(redis_url, prefix=prefix),
-        config=QueueConfig(max_deliveries=1, lease=5),
+        config=config,
     )
-    yield app
-    await app.aclose()
 
 
 def test_the_redis_global_config_has_flow_control() -> None:
@@ -311,6 +316,18 @@ async def test_a_slot_key_keeps_its_ttl_while_its_holders_renew(
     for key in (leases, since, meta):
         assert ttl - 2_000 < client.pttl(key) <= ttl, key
     assert await gc.acquire_slot(slot, 2, "c", 30.0) > 0  # both slots still held
+
+
+async def test_a_sync_thread_given_up_on_keeps_its_slot_on_redis(
+    redis_url: str, prefix: str
+) -> None:
+    # Past its max_time the task's record is final; its thread runs on and keeps the slot
+    # (renewed in Redis past the lease) until it returns.
+    app = on_redis(redis_url, prefix, QueueConfig(lease=1.0))
+    try:
+        await a_slot_is_kept_while_its_thread_runs(app, "max_time")
+    finally:
+        await app.aclose()
 
 
 async def test_rate_requeues_are_not_attempts_and_expiry_on_redis(local: AsyncQueueTasks) -> None:

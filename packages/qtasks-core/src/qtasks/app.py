@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
@@ -160,6 +161,11 @@ class AsyncQueueTasks:
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)
+        """Threads of sync task code at once. A thread that ``max_time`` or a cancel gave up
+        on keeps its token until it returns (see :mod:`qtasks.threads`)."""
+        self._no_thread_limit = anyio.CapacityLimiter(math.inf)
+        """Given to anyio for those threads: their tokens of ``thread_limiter`` are held by
+        qtasks itself, until the threads return."""
         self.shared_server: SharedServer | None = None
         """The broker, when it folds storage writes into its round trips (see
         :class:`~qtasks.components.SharedServer`); set at start."""

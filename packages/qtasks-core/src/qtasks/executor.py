@@ -16,6 +16,7 @@ from qtasks.messages import Message
 from qtasks.middleware import chain_of
 from qtasks.record import TaskRecord
 from qtasks.task import TaskDef, TaskKind
+from qtasks.threads import ThreadCall, in_thread
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.plan import INPUT
 
@@ -55,6 +56,9 @@ class TaskRun:
     """Set by :meth:`cancel`, also before the run started (it then never starts)."""
     closers: list[Callable[[], Awaitable[Any]]] | None = None
     """What :meth:`on_close` registered, until the worker awaits it."""
+    abandoned: ThreadCall | None = None
+    """The call of this sync task whose thread ``max_time`` or a cancel gave up on while it
+    still runs (see :mod:`qtasks.threads`): its concurrency slot is held until it returns."""
     ended_by: BaseException | None = None
     """How the run's code ended, for what :meth:`on_close` registered: ``None`` when it
     returned; else the exception it raised, a :class:`~qtasks.errors.TaskCancelledError` when
@@ -190,11 +194,7 @@ class TaskExecutor:
         if kind is TaskKind.ASYNC:
             return await func(*args, **kwargs)
         if kind is TaskKind.SYNC:
-            return await anyio.to_thread.run_sync(
-                partial(func, *args, **kwargs),
-                abandon_on_cancel=True,
-                limiter=run.app.thread_limiter,
-            )
+            return await in_thread(run, func, args, kwargs)
         if kind is TaskKind.ASYNC_GEN:
             return await self._async_gen(run, func(*args, **kwargs))
         return await self._sync_gen(run, args, kwargs)
@@ -233,9 +233,8 @@ class TaskExecutor:
                 await gen.aclose()
 
     async def _sync_gen(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        limiter = run.app.thread_limiter
         gen = await anyio.to_thread.run_sync(
-            partial(run.task.func, *args, **kwargs), limiter=limiter
+            partial(run.task.func, *args, **kwargs), limiter=run.app.thread_limiter
         )
         has_handler = run.task.options.generate_handler is not None
         results: list[Any] = []
@@ -252,9 +251,7 @@ class TaskExecutor:
         try:
             while True:
                 in_step = True
-                value = await anyio.to_thread.run_sync(
-                    step, sent, abandon_on_cancel=True, limiter=limiter
-                )
+                value = await in_thread(run, step, (sent,))
                 in_step = False
                 if isinstance(value, tuple) and len(value) == 2 and value[0] is stop:
                     return results if value[1] is None else value[1]

@@ -41,8 +41,11 @@ from qtasks.messages import Envelope, Message
 from qtasks.record import TaskRecord, TaskStatus, record_of
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from qtasks.app import AsyncQueueTasks
     from qtasks.task import TaskDef, TaskOptions
+    from qtasks.threads import ThreadCall
 
 log = logging.getLogger("qtasks.flow")
 
@@ -454,7 +457,8 @@ class FlowGate:
       held by its delivery (``<uuid>/<token>``: an older delivery of the same task, whose
       lease was lost or which is being retried, frees only its own) under a lease the
       worker's lease pass renews, and freed when the task is settled, before a retry or a
-      hand-back is requeued.
+      hand-back is requeued. A sync task whose thread runs on after ``max_time`` or a cancel
+      gave up on it keeps its slot (renewed) until the thread returns (see :meth:`release`).
       Without a free slot it goes back delayed to about when one frees (see
       :meth:`FlowControl.acquire_slot`); a killed worker's slot frees when its lease ends.
     """
@@ -462,8 +466,13 @@ class FlowGate:
     def __init__(self) -> None:
         self.slots: dict[str, tuple[str, str]] = {}
         """``(slot key, holder)`` by delivery token, for renewal and release."""
+        self.lingering: dict[str, tuple[str, str]] = {}
+        """The slots of settled runs whose sync thread still runs, by delivery token."""
         self.unique: dict[str, list[Any]] = {}
         """The ``unique`` header of running messages, by delivery token."""
+        self.aside: TaskGroup | None = None
+        """Where the waits for those threads run: the serving worker's task group (``None``
+        otherwise: the slot is freed at once, as for any run)."""
 
     def check(self, app: AsyncQueueTasks) -> None:
         """Raise :class:`ConfigError` if a task needs flow control the global config lacks."""
@@ -474,7 +483,7 @@ class FlowGate:
 
     def held(self) -> list[tuple[str, str]]:
         """Every slot held now, for the lease pass."""
-        return list(self.slots.values())
+        return [*self.slots.values(), *self.lingering.values()]
 
     async def admit(
         self,
@@ -651,18 +660,31 @@ class FlowGate:
             log.info("task %s (%s) expired before it started", record.uuid, record.task_name)
             await hooks.notify("qtasks_task_expired", app=app, record=record)
 
-    async def hand_back(self, app: AsyncQueueTasks, token: str) -> None:
+    async def hand_back(
+        self, app: AsyncQueueTasks, token: str, thread: ThreadCall | None = None
+    ) -> None:
         """Free the slot of delivery ``token`` before its message is requeued (a retry, a
-        shutdown hand-back): its next delivery may take a slot at once."""
+        shutdown hand-back): its next delivery may take a slot at once (``thread``: see
+        :meth:`release`)."""
         if token in self.slots:
-            await self.release(app, token, None)
+            await self.release(app, token, None, thread)
 
-    async def release(self, app: AsyncQueueTasks, token: str, record: TaskRecord | None) -> None:
+    async def release(
+        self,
+        app: AsyncQueueTasks,
+        token: str,
+        record: TaskRecord | None,
+        thread: ThreadCall | None = None,
+    ) -> None:
         """After the run of delivery ``token`` is settled: free its slot, and its unique key
         when ``record`` is final (``None``: the delivery was not run; its key is left to the
-        next add, which takes it over from a final task)."""
+        next add, which takes it over from a final task). ``thread``: the run's sync call
+        given up on while its thread still runs; the slot is freed when the thread returns
+        (the unique key goes with the final record all the same)."""
         slot = self.slots.pop(token, None)
         unique = self.unique.pop(token, None)
+        if slot is not None and thread is not None and self._linger(app, token, slot, thread):
+            slot = None
         try:
             if slot is not None:
                 await flow_control(app, "max_concurrency").release_slot(*slot)
@@ -670,6 +692,39 @@ class FlowGate:
                 await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
         except Exception as exc:  # the lease frees the slot; the next add takes the key over
             log.warning("freeing the flow-control hold of delivery %s failed: %s", token, exc)
+
+    def _linger(
+        self, app: AsyncQueueTasks, token: str, slot: tuple[str, str], thread: ThreadCall
+    ) -> bool:
+        """Keep ``slot`` (renewed) until ``thread`` returns; ``False`` when it returned, or
+        when no serving worker can wait for it."""
+        aside, done = self.aside, thread.done
+        if aside is None or done is None or done.is_set():
+            return False
+        try:
+            aside.start_soon(self._free_when_done, app, token, done)
+        except RuntimeError:  # its task group ended (the worker stopped): freed at once
+            return False
+        self.lingering[token] = slot
+        return True
+
+    async def _free_when_done(self, app: AsyncQueueTasks, token: str, done: anyio.Event) -> None:
+        try:
+            await done.wait()
+        except BaseException:
+            # The worker stops first: the slot is left to its lease (not renewed from now).
+            slot = self.lingering.pop(token)
+            log.info(
+                "worker stopping: concurrency slot %s of a sync thread still running is left "
+                "to its lease",
+                slot[1],
+            )
+            raise
+        slot = self.lingering.pop(token)
+        try:
+            await flow_control(app, "max_concurrency").release_slot(*slot)
+        except Exception as exc:  # its lease frees it
+            log.warning("freeing the concurrency slot of delivery %s failed: %s", token, exc)
 
     async def extend(self, app: AsyncQueueTasks) -> None:
         """Renew every held slot's lease (the worker's lease pass, concurrently with the

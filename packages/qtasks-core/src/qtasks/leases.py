@@ -58,7 +58,7 @@ class LeaseKeeper:
                     tg.start_soon(self._renew, app, waiting, runs)
                     if runs:
                         tg.start_soon(self._check_cancels, app, runs)
-                    if self._flow is not None and self._flow.slots:
+                    if self._flow is not None and (self._flow.slots or self._flow.lingering):
                         # Another component (the global config): its own call, concurrently.
                         tg.start_soon(self._flow.extend, app)
             if stuck.cancelled_caught:

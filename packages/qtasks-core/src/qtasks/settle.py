@@ -155,7 +155,7 @@ class Settlement:
         if not await app.storage.save(record, fence=delivery.token):
             await refused(app, record, delivery, delivery)
             return
-        await self._flow.hand_back(app, delivery.token)
+        await self._flow.hand_back(app, delivery.token, run.abandoned)
         await delivery.requeue()
         await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
@@ -249,7 +249,7 @@ class Settlement:
                 headers=without_failures(run.message.headers),
             )
             body = app.codec.encode(next_message).body
-            await self._flow.hand_back(app, delivery.token)
+            await self._flow.hand_back(app, delivery.token, run.abandoned)
             await delivery.requeue(delay=delay, body=body)
             await hooks.notify(
                 "qtasks_worker_task_retry", app=app, record=record, exc=outcome, delay=delay

@@ -293,6 +293,7 @@ class QueueWorker:
                     received_all.set()
 
             serving.start_soon(receive_until_stopped)
+            self._flow.aside = serving  # waits for the slots of sync threads given up on
             if settler is not None:
                 serving.start_soon(settler.serve)
             if announcer is not None:
@@ -338,6 +339,8 @@ class QueueWorker:
                     self._settlement.close_batch()
                     for scope in runners:
                         scope.cancel()
+                    # Slots of sync threads still running are left to their leases.
+                    self._flow.aside = None
                     serving.cancel_scope.cancel()
                     await app.hooks.notify(
                         "qtasks_component_stopped", app=app, kind="worker", component=self
@@ -602,7 +605,7 @@ class QueueWorker:
             del self._running[delivery.token]
             if self._flow.slots or self._flow.unique:
                 with anyio.CancelScope(shield=True):
-                    await self._flow.release(app, delivery.token, run.record)
+                    await self._flow.release(app, delivery.token, run.record, run.abandoned)
             self.processed += 1
             idle = getattr(self, "_idle", None)
             if idle is not None:

@@ -1,0 +1,178 @@
+"""Sync task code in worker threads, each holding a token of the app's ``thread_limiter``
+until its thread really returns.
+
+Python cannot stop a thread: when ``max_time`` or a cancel gives up on a sync call, anyio
+abandons the thread (the task is settled at once) and the thread runs on. anyio's own limiter
+token would be given back then, so every expiry of a hung call would start one more thread.
+Here the token is held by the call itself (:class:`ThreadCall`), taken before the thread
+starts and given back on the event loop when the call returns: an abandoned thread keeps its
+worker thread counted, and the task's concurrency slot waits for :attr:`ThreadCall.done`
+(see :meth:`qtasks.flow.FlowGate.release`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+if TYPE_CHECKING:
+    from qtasks.executor import TaskRun
+
+log = logging.getLogger("qtasks.worker")
+
+_NO_KWARGS: dict[str, Any] = {}
+
+_ORPHANS: list[ThreadCall] = []
+"""Calls whose thread returned after their event loop closed: their tokens are given back by
+the next call that finds the limiter full (see :func:`_acquire`)."""
+
+
+class ThreadCall:
+    """One call of sync task code in a worker thread; the borrower of its limiter token.
+
+    The thread sets ``started`` and ``ended``, the loop ``abandoned`` (after ``wake``); each
+    side writes its flag, then reads the other's, so one of them sees that the token must be
+    given back, and :meth:`_release` (on the loop) gives it back once."""
+
+    __slots__ = (
+        "abandoned",
+        "args",
+        "done",
+        "ended",
+        "func",
+        "held",
+        "kwargs",
+        "limiter",
+        "run",
+        "since",
+        "started",
+        "wake",
+    )
+
+    def __init__(
+        self,
+        run: TaskRun,
+        limiter: anyio.CapacityLimiter,
+        func: Callable[..., Any],
+        args: Any,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.run = run
+        self.limiter = limiter
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.held = True
+        self.started = self.ended = self.abandoned = False
+        self.wake: Callable[[], object] | None = None
+        self.done: anyio.Event | None = None
+        """Set when the thread of an abandoned call returned (made when it is abandoned)."""
+        self.since = 0.0
+
+    def __call__(self) -> Any:  # in the worker thread
+        self.started = True
+        try:
+            if self.abandoned:
+                return None  # given up on before the thread took it: never started
+            return self.func(*self.args, **self.kwargs)
+        finally:
+            self.ended = True
+            if self.abandoned:
+                self._wake()
+
+    def _wake(self) -> None:
+        """From the thread: give the token back on the loop, or later if the loop is gone."""
+        wake = self.wake
+        if wake is None:
+            return  # the loop saw the call end when it gave up on it: it gave the token back
+        self.since = time.monotonic() - self.since  # how long it ran on, for the log
+        try:
+            wake()
+        except RuntimeError:  # the loop is closed (or trio's run finished)
+            _ORPHANS.append(self)
+
+    def abandon(self) -> None:
+        """On the loop, when the await of the call ended without its result (cancelled by
+        ``max_time`` or a cancel; or the call raised): the token stays with the thread while
+        it still runs."""
+        if not self.ended:
+            from qtasks.app import _threadsafe  # app imports this module (through executor)
+
+            self.wake = _threadsafe(self._release)
+            self.done = anyio.Event()
+            self.since = time.monotonic()
+        self.abandoned = True
+        if self.ended or not self.started:
+            self._release()  # returned already, or will never run
+            return
+        run = self.run
+        run.abandoned = self
+        flow = run.task.flow
+        log.warning(
+            "sync task %s (%s) was given up on (%s) while its code still runs in its thread: "
+            "the thread keeps one of the worker's threads%s until it returns",
+            run.task.name,
+            run.record.uuid,
+            "cancelled" if run.cancel_requested else "max_time",
+            "" if flow is None or flow.max_concurrency is None else ", and its concurrency slot,",
+        )
+
+    def _release(self) -> None:
+        """On the loop: give the limiter token back (once), wake :attr:`done`."""
+        if not self.held:
+            return
+        self.held = False
+        self.limiter.release_on_behalf_of(self)
+        if self.done is not None:
+            self.done.set()
+            run = self.run
+            if run.abandoned is self:
+                log.info(
+                    "the thread of sync task %s (%s) returned %.1f s after it was given up on",
+                    run.task.name,
+                    run.record.uuid,
+                    self.since,
+                )
+
+
+async def _acquire(limiter: anyio.CapacityLimiter, call: ThreadCall) -> None:
+    """The limiter is full: take back the tokens of orphaned calls of it, then wait."""
+    for orphan in [o for o in _ORPHANS if o.limiter is limiter]:
+        _ORPHANS.remove(orphan)
+        orphan._release()
+    try:
+        limiter.acquire_on_behalf_of_nowait(call)
+    except anyio.WouldBlock:
+        await limiter.acquire_on_behalf_of(call)
+
+
+async def in_thread(
+    run: TaskRun,
+    func: Callable[..., Any],
+    args: Any,
+    kwargs: dict[str, Any] = _NO_KWARGS,
+) -> Any:
+    """``func(*args, **kwargs)`` in a worker thread under ``run.app.thread_limiter``; a
+    cancel gives up on the thread (it runs on, holding its token until it returns)."""
+    app = run.app
+    limiter = app.thread_limiter
+    call = ThreadCall(run, limiter, func, args, kwargs)
+    try:
+        limiter.acquire_on_behalf_of_nowait(call)
+    except anyio.WouldBlock:
+        await _acquire(limiter, call)
+    try:
+        # The token is the call's: anyio's own limiter is not the bound here.
+        result = await anyio.to_thread.run_sync(
+            call, abandon_on_cancel=True, limiter=app._no_thread_limit
+        )
+    except BaseException:
+        call.abandon()
+        raise
+    call._release()
+    return result

@@ -1,0 +1,1 @@
+from tests.sync_threads import *  # noqa: F403
