@@ -127,6 +127,21 @@ class TaskCancelledError(QTasksError):
         super().__init__(f"task cancelled: {reason}" if reason else "task cancelled")
 
 
+class StrayCancellationError(QTasksError):
+    """Code the worker ran raised a ``CancelledError`` that neither a cancel of the task nor
+    the worker's stop asked for: it awaited something that was cancelled, or a library let an
+    inner cancellation escape. A task's record says ``error`` with it (retried as any error
+    is); chained from the ``CancelledError``, whose traceback the record keeps."""
+
+    def __init__(self, culprit: str) -> None:
+        self.culprit = culprit
+        super().__init__(
+            f"{culprit} raised CancelledError, but no cancel of the task and no stop of the "
+            "worker asked for it (it awaited something that was cancelled, or a library let "
+            "an inner cancellation escape)"
+        )
+
+
 class TaskFailedError(QTasksError):
     """A waited-for task ended with status ``error``; ``task`` holds its record."""
 

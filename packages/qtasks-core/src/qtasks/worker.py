@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from qtasks import poison
 from qtasks.begin import BeginBatch
+from qtasks.cancels import is_stray, stray_error
 from qtasks.components import (
     BeginOnClaim,
     BuryNotice,
@@ -235,37 +236,51 @@ class QueueWorker:
         ):
             runners: set[anyio.CancelScope] = set()
 
+            async def serve_in(scope: anyio.CancelScope) -> None:
+                # The deliveries this runner takes in turn, until one of them is cancelled or
+                # the worker stops (what waits locally is then handed back).
+                with scope:
+                    while not scope.cancel_called:
+                        while not self._local and not self._stopping.is_set():
+                            await item_ready.wait()
+                        if self._stopping.is_set():
+                            return
+                        _, _, delivery = heapq.heappop(self._local)
+                        try:
+                            if delivery.token in self._lost:
+                                self._lost.discard(delivery.token)
+                                self._start_at_once.discard(delivery.token)
+                                log.warning(
+                                    "lease of waiting message %s was lost; another "
+                                    "worker owns it now",
+                                    delivery.id,
+                                )
+                                continue
+                            self._free -= 1
+                            try:
+                                await self._process(app, delivery, scope)
+                            finally:
+                                self._free += 1
+                        finally:
+                            self._held -= 1
+                            slot_freed.fire()
+
             async def runner() -> None:
                 # One cancel scope serves the tasks this runner runs in turn, until one of
                 # them is cancelled; then the runner takes a fresh scope.
                 while not self._stopping.is_set():
                     scope = anyio.CancelScope()
                     runners.add(scope)
-                    with scope:
-                        while not scope.cancel_called:
-                            while not self._local and not self._stopping.is_set():
-                                await item_ready.wait()
-                            if self._stopping.is_set():
-                                return  # stopping: what waits locally is handed back
-                            _, _, delivery = heapq.heappop(self._local)
-                            try:
-                                if delivery.token in self._lost:
-                                    self._lost.discard(delivery.token)
-                                    self._start_at_once.discard(delivery.token)
-                                    log.warning(
-                                        "lease of waiting message %s was lost; another "
-                                        "worker owns it now",
-                                        delivery.id,
-                                    )
-                                    continue
-                                self._free -= 1
-                                try:
-                                    await self._process(app, delivery, scope)
-                                finally:
-                                    self._free += 1
-                            finally:
-                                self._held -= 1
-                                slot_freed.fire()
+                    try:
+                        await serve_in(scope)
+                    except BaseException as exc:
+                        if not is_stray(exc):
+                            raise
+                        # Mostly a cancelled task that raised a CancelledError of its own in
+                        # place of its cancellation, which the scope does not take for its
+                        # own: the task is settled already. Either way the runner goes on.
+                        if not scope.cancel_called:
+                            log.error("a runner's code raised CancelledError", exc_info=exc)
                     runners.discard(scope)
 
             async def receive() -> None:
@@ -441,8 +456,13 @@ class QueueWorker:
         deliveries themselves, such as the inline runner of ``qtasks_testing``."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._leases.keep, app)
-            with anyio.CancelScope() as scope:
-                await self._process(app, delivery, scope)
+            try:
+                with anyio.CancelScope() as scope:
+                    await self._process(app, delivery, scope)
+            except BaseException as exc:
+                # Raised by a cancelled task in place of its cancellation (as in run's runners)
+                if not is_stray(exc):
+                    raise
             tg.cancel_scope.cancel()
 
     async def _process(
@@ -623,14 +643,18 @@ class QueueWorker:
         except Exception as exc:
             outcome = exc
         except BaseException as exc:
-            if not (run.cancel_requested and isinstance(exc, anyio.get_cancelled_exc_class())):
+            if run.cancel_requested and isinstance(exc, anyio.get_cancelled_exc_class()):
+                run.executing = False
+                # The runner's scope is cancelled: settle shielded, then let the cancellation
+                # end the scope (the runner takes a fresh one for the next task).
+                with anyio.CancelScope(shield=True):
+                    await self._settlement.settle(app, run, delivery, None, None, cancelled=True)
+                raise
+            if not is_stray(exc):
                 raise  # the worker itself is torn down: not acked, comes back after its lease
-            run.executing = False
-            # The runner's scope is cancelled: settle shielded, then let the cancellation end
-            # the scope (the runner takes a fresh one for the next task).
-            with anyio.CancelScope(shield=True):
-                await self._settlement.settle(app, run, delivery, None, None, cancelled=True)
-            raise
+            # A cancellation of the task's own (it awaited something that was cancelled): not
+            # an order to stop, the task's failure, settled as any other.
+            outcome = stray_error(f"task {run.task.name!r}", exc)
         finally:
             run.executing = False
         if run.cancel_requested:

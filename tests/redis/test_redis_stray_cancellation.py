@@ -1,0 +1,36 @@
+"""A ``CancelledError`` that code under a Redis-served worker raises of its own is that code's
+failure, not the worker's stop (the scenarios are in ``stray_scenarios.py``; the memory run
+and the worker's real teardown are in ``tests/core/test_stray_cancellation.py``)."""
+
+from __future__ import annotations
+
+import pytest
+from redis_worker_app import build
+from stray_scenarios import (
+    a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on,
+    a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on,
+)
+
+from qtasks import AsyncQueueTasks
+
+pytestmark = pytest.mark.anyio
+
+
+def one_at_a_time(redis_url: str, prefix: str) -> AsyncQueueTasks:
+    return build(redis_url, prefix, concurrency=1, prefetch=1)
+
+
+async def test_a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on(
+    redis_url: str, prefix: str
+) -> None:
+    await a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on(
+        one_at_a_time(redis_url, prefix)
+    )
+
+
+async def test_a_cancelled_task_raising_a_fresh_cancellation_is_cancelled(
+    redis_url: str, prefix: str
+) -> None:
+    await a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on(
+        one_at_a_time(redis_url, prefix)
+    )

@@ -1,0 +1,144 @@
+"""Stray cancellations (a ``CancelledError`` that code under the worker raises of its own, not a
+cancel of the task nor the worker's stop): scenarios run on the memory and Redis components.
+Each app given serves one task at a time, so a worker that lost its only runner, or stopped
+serving, shows at the next task."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+
+from qtasks import AsyncQueueTasks, TaskStatus, hookimpl
+from qtasks.errors import StrayCancellationError
+from qtasks.executor import CallNext, TaskRun
+
+WAIT = 10
+
+
+async def cancelled_inner() -> None:
+    """Await a future this code cancelled itself: its CancelledError reaches the caller."""
+    inner = asyncio.ensure_future(asyncio.sleep(10))
+    inner.cancel()
+    await inner
+
+
+async def replace_the_cancellation() -> None:
+    """Wait until cancelled, then raise a new CancelledError in place of the one delivered
+    (which the canceller's scope then does not take for its own)."""
+    cancelled = False
+    try:
+        await anyio.sleep_forever()
+    except asyncio.CancelledError:
+        cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+
+
+async def own_cancellation(run: TaskRun, call_next: CallNext) -> Any:
+    """A middleware that raises a cancellation of its own before the task."""
+    await cancelled_inner()
+    return await call_next()
+
+
+class Failures:
+    """Records the exception of each ``qtasks_task_failed``, by task name."""
+
+    def __init__(self) -> None:
+        self.by_task: dict[str, BaseException] = {}
+        self.changed = anyio.Event()
+
+    @hookimpl
+    def qtasks_task_failed(self, record: Any, exc: BaseException) -> None:
+        self.by_task[record.task_name] = exc
+        self.changed.set()
+
+    async def of(self, name: str) -> BaseException:
+        """The exception the hook got for task ``name`` (it may fire after a waiter woke)."""
+        with anyio.fail_after(WAIT):
+            while name not in self.by_task:
+                self.changed = anyio.Event()
+                await self.changed.wait()
+        return self.by_task[name]
+
+
+def register(app: AsyncQueueTasks) -> None:
+    """Tasks of every kind whose code raises a cancellation of its own, and ``plain``."""
+
+    @app.task(retry=1, retry_backoff=0)
+    async def own_async() -> None:
+        await cancelled_inner()
+
+    @app.task
+    def own_sync() -> None:
+        asyncio.run(cancelled_inner())  # the CancelledError leaves asyncio.run in the thread
+
+    @app.task
+    async def own_async_gen() -> AsyncIterator[int]:
+        yield 1
+        await cancelled_inner()
+
+    @app.task
+    def own_sync_gen() -> Iterator[int]:
+        yield 1
+        asyncio.run(cancelled_inner())
+
+    @app.task(middlewares_before=[own_cancellation])
+    async def own_in_middleware() -> None:
+        pass
+
+    @app.task
+    async def plain(i: int) -> int:
+        return i
+
+
+async def a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on(
+    app: AsyncQueueTasks,
+) -> None:
+    """Each such task ends ``error`` (after its retries), its hooks fired as for an error,
+    and the next task runs on the same worker."""
+    register(app)
+    failures = Failures()
+    app.add_plugin(failures, name="failures")
+    async with app:
+        for i, name in enumerate(
+            ["own_async", "own_sync", "own_async_gen", "own_sync_gen", "own_in_middleware"]
+        ):
+            final = await app.add_task(name, timeout=WAIT)
+            assert final.status is TaskStatus.ERROR, (name, final.status)
+            assert (
+                final.error == f"StrayCancellationError: {StrayCancellationError(f'task {name!r}')}"
+            )
+            assert "CancelledError" in (final.traceback or "")
+            assert isinstance(await failures.of(name), StrayCancellationError)
+            if name == "own_async":
+                assert final.attempt == 2  # retried once, as its policy says
+            after = await app.add_task("plain", i, timeout=WAIT)
+            assert (after.status, after.returning) == (TaskStatus.SUCCESS, i)
+
+
+async def a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on(
+    app: AsyncQueueTasks,
+) -> None:
+    """A task cancelled while it runs that raises a new CancelledError in place of the one it
+    got (which its runner's scope does not take for its own) ends ``cancel``; the runner
+    serves on."""
+    register(app)
+    started = anyio.Event()
+
+    @app.task
+    async def replaces_its_cancel() -> None:
+        started.set()
+        await replace_the_cancellation()
+
+    async with app:
+        task = await app.add_task("replaces_its_cancel")
+        with anyio.fail_after(WAIT):
+            await started.wait()
+        await app.cancel(task.uuid, "enough")
+        final = await task.wait_result(WAIT)
+        assert (final.status, final.cancel_reason) == (TaskStatus.CANCEL, "enough")
+        after = await app.add_task("plain", 1, timeout=WAIT)
+        assert (after.status, after.returning) == (TaskStatus.SUCCESS, 1)

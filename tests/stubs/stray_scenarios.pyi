@@ -1,0 +1,1 @@
+from tests.stray_scenarios import *  # noqa: F403
