@@ -6,10 +6,12 @@ serving, shows at the next task."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import pytest
 
 from qtasks import AsyncQueueTasks, TaskStatus, hookimpl
 from qtasks.errors import StrayCancellationError
@@ -142,3 +144,32 @@ async def a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_wor
         assert (final.status, final.cancel_reason) == (TaskStatus.CANCEL, "enough")
         after = await app.add_task("plain", 1, timeout=WAIT)
         assert (after.status, after.returning) == (TaskStatus.SUCCESS, 1)
+
+
+class CancelledHooks:
+    """Hooks that raise a cancellation of their own, before the task and once it succeeded."""
+
+    @hookimpl
+    async def qtasks_worker_execute_before(self) -> None:
+        await cancelled_inner()
+
+    @hookimpl
+    async def qtasks_task_succeeded(self) -> None:
+        await cancelled_inner()
+
+
+async def a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notification hook's own cancellation is logged and ignored, as its errors are: the
+    tasks succeed, the worker serves on."""
+    register(app)
+    app.add_plugin(CancelledHooks(), name="cancelled-hooks")
+    with caplog.at_level(logging.ERROR, logger="qtasks.plugins"):
+        async with app:
+            for i in range(3):
+                final = await app.add_task("plain", i, timeout=WAIT)
+                assert (final.status, final.returning) == (TaskStatus.SUCCESS, i)
+    failed = {r.getMessage() for r in caplog.records if r.name == "qtasks.plugins"}
+    for hook in ("qtasks_worker_execute_before", "qtasks_task_succeeded"):
+        assert f"plugin 'cancelled-hooks' failed in hook {hook} (ignored)" in failed

@@ -6,6 +6,8 @@ running task unsettled. The scenarios shared with Redis are in ``stray_scenarios
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -14,11 +16,16 @@ import pytest
 from stray_scenarios import (
     WAIT,
     a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on,
+    a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook,
     a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on,
+    cancelled_inner,
     replace_the_cancellation,
 )
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks import AsyncQueueTasks, Depends, MemoryStorage, QueueConfig, TaskStatus, hookimpl
+from qtasks.errors import StrayCancellationError
+from qtasks.memory import MemoryGlobalConfig
+from qtasks.record import TaskRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -43,6 +50,82 @@ async def test_a_cancelled_task_raising_a_fresh_cancellation_is_cancelled() -> N
     await a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on(
         one_at_a_time()
     )
+
+
+async def test_a_hook_raising_its_own_cancellation_is_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook(one_at_a_time(), caplog)
+
+
+class CancelsOnce(MemoryStorage):
+    """Its first read of the record of the first message the worker receives raises a
+    cancellation of its own (a client library letting an inner one escape)."""
+
+    armed: str | None = None
+    received = 0
+
+    @hookimpl
+    def qtasks_broker_message_received(self, delivery: Any) -> None:
+        self.received += 1
+        if self.received == 1:
+            self.armed = delivery.id
+
+    async def get(self, uuid: str) -> TaskRecord | None:
+        if uuid == self.armed:
+            self.armed = None
+            await cancelled_inner()
+        return await super().get(uuid)
+
+
+async def test_a_components_own_cancellation_hands_the_message_back_as_its_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A component's own cancellation while the worker handles a message is that component's
+    failure: the message is handed back with its failures counted (the lease is long: not
+    handed back, it would not come back within the test), and the worker serves on."""
+    storage = CancelsOnce()
+    app = one_at_a_time(storage=storage)
+    app.add_plugin(storage, name="arms")
+
+    @app.task
+    async def plain(i: int) -> int:
+        return i
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with app:
+            # An unknown task: the worker reads its record before it dead-letters it.
+            ghost = await app.add_task("ghost")
+            final = await ghost.wait_result(WAIT)
+            assert final.status is TaskStatus.ERROR
+            assert "unknown task 'ghost'" in (final.error or "")
+            after = await app.add_task("plain", 1, timeout=WAIT)
+            assert after.returning == 1
+    failed = [r for r in caplog.records if "worker failed while handling message" in r.message]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert isinstance(failed[0].exc_info[1], StrayCancellationError)
+
+
+class CancelledBeat(MemoryGlobalConfig):
+    """A heartbeat that raises a cancellation of its own."""
+
+    async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
+        await cancelled_inner()
+
+
+async def test_a_stray_cancellation_in_the_serving_loop_ends_the_worker_with_an_error() -> None:
+    """Out of a task of the serving loop (here the heartbeat), a stray cancellation ended the
+    loop as a stop does, and nothing said so; it ends the worker with an error now."""
+    app = one_at_a_time(global_config=CancelledBeat())
+
+    async def serve() -> None:
+        with anyio.fail_after(WAIT):
+            async with app:
+                await anyio.sleep_forever()
+
+    with pytest.raises(ExceptionGroup) as raised:
+        await serve()
+    assert raised.group_contains(StrayCancellationError, match="heartbeats", depth=None)
 
 
 async def test_the_worker_torn_down_while_a_task_runs_leaves_it_unsettled() -> None:
@@ -80,3 +163,28 @@ async def test_the_worker_torn_down_while_a_task_runs_leaves_it_unsettled() -> N
             assert record is not None and record.status is TaskStatus.PROCESS, record
         stats = await app.broker.stats()
         assert stats.in_flight + sum(stats.ready_by_priority.values()) == 2
+
+
+async def test_a_task_scoped_teardown_raising_its_own_cancellation_is_logged_and_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A task-scoped ``Depends`` teardown (run once the task's code ended) that raises a
+    cancellation of its own is logged and ignored, as its errors are: the task's result
+    stands, the worker serves on."""
+    app = one_at_a_time()
+
+    async def resource() -> AsyncIterator[str]:
+        yield "opened"
+        await cancelled_inner()
+
+    @app.task
+    async def uses(value: str = Depends(resource)) -> str:
+        return value
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with app:
+            for _ in range(2):
+                final = await app.add_task("uses", timeout=WAIT)
+                assert (final.status, final.returning) == (TaskStatus.SUCCESS, "opened")
+    closing = [r for r in caplog.records if "closing what task" in r.getMessage()]
+    assert len(closing) == 2

@@ -1,6 +1,6 @@
 """Stray cancellations: a ``CancelledError`` that nothing around the current task asked for.
 
-Code the worker runs (a task, a middleware) can raise
+Code the worker runs (a task, a middleware, a hook, a component's client library) can raise
 one of its own: it awaited a future or task it had cancelled, or a library let an inner
 cancellation escape. The worker's own teardown (its stop, the grace's end, the serving scope
 cancelled) and a cancel of the task (``app.cancel``) reach the code through a cancelled
@@ -39,6 +39,12 @@ def is_stray(exc: BaseException) -> bool:
     except RuntimeError:  # trio: its cancel scopes are all there is
         return True
     return task is None or task.cancelling() == 0
+
+
+def is_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the code that raised it, to handle as such: an
+    ``Exception``, or a stray cancellation (:func:`is_stray`)."""
+    return isinstance(exc, Exception) or is_stray(exc)
 
 
 def stray_error(culprit: str, exc: BaseException) -> StrayCancellationError:

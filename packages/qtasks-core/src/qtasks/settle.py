@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qtasks import poison
+from qtasks.cancels import is_error
 from qtasks.components import Delivery
 from qtasks.errors import (
     LeaseLostError,
@@ -361,10 +362,13 @@ def _ended_by(run: TaskRun, outcome: BaseException | None, cancelled: bool) -> B
 
 
 async def _close(run: TaskRun) -> None:
-    """Await what :meth:`TaskRun.on_close` registered, the last first; errors are logged."""
+    """Await what :meth:`TaskRun.on_close` registered, the last first; errors are logged (a
+    stray cancellation too: the teardown's own, see :mod:`qtasks.cancels`)."""
     closers, run.closers = run.closers or [], None
     for close in reversed(closers):
         try:
             await close()
-        except Exception:
-            log.exception("closing what task %s used failed (ignored)", run.record.uuid)
+        except BaseException as exc:
+            if not is_error(exc):
+                raise
+            log.error("closing what task %s used failed (ignored)", run.record.uuid, exc_info=exc)

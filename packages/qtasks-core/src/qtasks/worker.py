@@ -19,7 +19,7 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from types import CodeType
@@ -307,21 +307,22 @@ class QueueWorker:
                 finally:
                     received_all.set()
 
-            serving.start_soon(receive_until_stopped)
+            serving.start_soon(_loud, "receiving", receive_until_stopped)
             self._flow.aside = serving  # waits for the slots of sync threads given up on
             if settler is not None:
-                serving.start_soon(settler.serve)
+                serving.start_soon(_loud, "settling", settler.serve)
             if announcer is not None:
-                serving.start_soon(announcer.serve)
+                serving.start_soon(_loud, "announcing", announcer.serve)
             storage = app.storage
             if isinstance(storage, CancelFeed):
                 # Cancels made by other processes reach running tasks at once.
-                await serving.start(partial(storage.follow_cancels, self._cancelled_elsewhere))
+                follow = partial(storage.follow_cancels, self._cancelled_elsewhere)
+                await serving.start(partial(_loud, "following cancels", follow))
             if config.loop_stall_warning is not None:
                 watchdog = LoopWatchdog(config.loop_stall_warning, self._suspects)
                 await serving.start(watchdog.run)
-            serving.start_soon(self._heartbeat, app, concurrency)
-            serving.start_soon(self._leases.keep, app)
+            serving.start_soon(_loud, "heartbeats", self._heartbeat, app, concurrency)
+            serving.start_soon(_loud, "lease renewals", self._leases.keep, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
             await app.hooks.notify(
                 "qtasks_component_started", app=app, kind="worker", component=self
@@ -486,12 +487,13 @@ class QueueWorker:
         except Exception as exc:
             # A bug in a component or plugin must not kill the worker: hand back, counted,
             # later each time; dead-lettered once it failed max_deliveries times.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._flow.hand_back(app, delivery.token)  # before it comes back
-                    await poison.failed(app, delivery, exc)
-                except Exception:
-                    log.exception("could not hand message %s back", delivery.id)
+            await self._failed(app, delivery, exc)
+        except BaseException as exc:
+            if not is_stray(exc):
+                raise  # the worker is torn down
+            # A hook's or a component's own cancellation (a client library letting an inner
+            # one escape): its failure, as above, not the worker's stop.
+            await self._failed(app, delivery, stray_error("a hook or component", exc))
         finally:
             if self._beginning.pop(token, None) is not None:
                 self._lost.discard(token)  # marked by a renewal pass while it was begun
@@ -500,6 +502,15 @@ class QueueWorker:
                 # Admitted by flow control, then not run (found final, rejected, an error).
                 with anyio.CancelScope(shield=True):
                     await flow.release(app, delivery.token, None)
+
+    async def _failed(self, app: AsyncQueueTasks, delivery: Delivery, exc: Exception) -> None:
+        """A component or plugin failed on ``delivery``: see :func:`qtasks.poison.failed`."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._flow.hand_back(app, delivery.token)  # before it comes back
+                await poison.failed(app, delivery, exc)
+            except Exception:
+                log.exception("could not hand message %s back", delivery.id)
 
     async def _process_inner(
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
@@ -702,6 +713,22 @@ class _WakeOne:
     def wake_all(self) -> None:
         while self._waiting:
             self._waiting.popleft().set()
+
+
+async def _loud(
+    what: str, func: Callable[..., Awaitable[object]], *args: Any, **kwargs: Any
+) -> None:
+    """Await ``func(*args, **kwargs)``, a task of the serving loop doing ``what``. A stray
+    cancellation out of it (a client library's own, see :mod:`qtasks.cancels`) would end the
+    loop as a stop does, without a word: it is raised as a
+    :class:`~qtasks.errors.StrayCancellationError` instead, which ends the worker with that
+    error, as any other exception of these tasks does."""
+    try:
+        await func(*args, **kwargs)
+    except BaseException as exc:
+        if not is_stray(exc):
+            raise
+        raise stray_error(f"the worker's {what}", exc) from exc
 
 
 def _takes(method: Any, name: str) -> bool:

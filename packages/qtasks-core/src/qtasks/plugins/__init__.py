@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import pluggy
 
 from qtasks import hookspecs
+from qtasks.cancels import is_error
 from qtasks.errors import PluginError, TaskCodeError
 
 hookimpl = pluggy.HookimplMarker("qtasks")
@@ -146,8 +147,8 @@ class Hooks:
         for index, (plugin, func, pick) in enumerate(impls):
             try:
                 result = func(*pick(kwargs))
-            except Exception:
-                log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
+            except BaseException as exc:
+                _ignore(plugin, hook, exc)
                 continue
             if result is not None and inspect.isawaitable(result):
                 return self._notify_rest(hook, impls, index, result, kwargs)
@@ -164,15 +165,15 @@ class Hooks:
         """Await implementation ``index``'s result, then call the rest in order."""
         try:
             await pending
-        except Exception:
-            log.exception("plugin %r failed in hook %s (ignored)", impls[index][0], hook)
+        except BaseException as exc:
+            _ignore(impls[index][0], hook, exc)
         for plugin, func, pick in impls[index + 1 :]:
             try:
                 result = func(*pick(kwargs))
                 if inspect.isawaitable(result):
                     await result
-            except Exception:
-                log.exception("plugin %r failed in hook %s (ignored)", plugin, hook)
+            except BaseException as exc:
+                _ignore(plugin, hook, exc)
 
     def notify_sync(self, hook: str, **kwargs: Any) -> list[Any]:
         """Call a notification hook from sync code; returns awaitables to run later."""
@@ -249,6 +250,15 @@ class Hooks:
             return getattr(self.pm.hook, hook)(**kwargs)
         except Exception as exc:
             raise PluginError(_culprit(self, hook), f"hook {hook} raised {exc!r}") from exc
+
+
+def _ignore(plugin: str, hook: str, exc: BaseException) -> None:
+    """Log that ``plugin``'s implementation of the notification ``hook`` failed with ``exc``,
+    and go on. What is not an error is raised again; a stray cancellation (the hook's own, not
+    a stop, see :mod:`qtasks.cancels`) is one."""
+    if not is_error(exc):
+        raise exc
+    log.error("plugin %r failed in hook %s (ignored)", plugin, hook, exc_info=exc)
 
 
 def _value(kwargs: dict[str, Any], field: str | tuple[str, ...]) -> Any:
