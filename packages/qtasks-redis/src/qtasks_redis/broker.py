@@ -54,9 +54,8 @@ from qtasks_redis.connection import (
     common_options,
     delete_matching,
     glob_escape,
-    guarded,
-    outage,
 )
+from qtasks_redis.failures import guarded, outage
 from qtasks_redis.flow import PUBLISH_NEW_UNIQUE
 from qtasks_redis.global_config import RedisGlobalConfig
 from qtasks_redis.lane import Lane

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks.memory.global_config import HOLD_GUESS, HOLD_WEIGHT
 from qtasks_redis import shared_lua
-from qtasks_redis.connection import Client, RedisTarget, Script, guarded
+from qtasks_redis.connection import Client, RedisTarget, Script
+from qtasks_redis.failures import guarded
 
 _NOW = r"""
 local t = redis.call('TIME')

@@ -25,8 +25,8 @@ from qtasks_redis.connection import (
     common_options,
     delete_matching,
     glob_escape,
-    guarded,
 )
+from qtasks_redis.failures import guarded
 from qtasks_redis.flow import RedisFlowControl
 from qtasks_redis.lua_time import SERVER_TIME
 

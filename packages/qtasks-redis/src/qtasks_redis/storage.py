@@ -44,7 +44,7 @@ from qtasks_redis.connection import (
     delete_matching,
     glob_escape,
 )
-from qtasks_redis.connection import guarded as _guarded
+from qtasks_redis.failures import guarded as _guarded
 from qtasks_redis.lane import Lane
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))

@@ -13,7 +13,7 @@ from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.plan import failure
 from qtasks_redis import workflow_lua as lua
 from qtasks_redis.connection import RedisTarget
-from qtasks_redis.connection import guarded as _guarded
+from qtasks_redis.failures import guarded as _guarded
 
 if TYPE_CHECKING:
     from qtasks_redis.storage import RedisStorage
