@@ -208,6 +208,22 @@ def test_add_rejects_bad_kwargs(served: str) -> None:
     assert "--kwargs: expected a JSON object" in out
 
 
+def test_add_rejects_a_priority_or_delay_no_broker_can_keep(
+    served: str, app_module: ModuleType
+) -> None:
+    for option, value, says in [
+        (
+            "--priority",
+            str(2**63),
+            f"priority expects an int from -2**63 to 2**63 - 1, got {2**63}",
+        ),
+        ("--delay", "inf", "delay expects seconds (a finite number), got inf"),
+    ]:
+        code, out = invoke("add", "add", "1", option, value, "-A", served)
+        assert (code, out.strip()) == (1, f"error: add_task: {says}")
+    assert app_module.app.portal.call(app_module.app.aio.storage.stats) == {}
+
+
 def test_workflow_and_get_link_members_to_their_workflow(
     served: str, app_module: ModuleType
 ) -> None:

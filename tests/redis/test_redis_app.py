@@ -12,7 +12,7 @@ from redis_worker_app import build
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks.components import AttemptLog
-from qtasks.errors import BrokerConnectionError
+from qtasks.errors import BrokerConnectionError, TaskArgumentsError
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 pytestmark = pytest.mark.anyio
@@ -76,6 +76,25 @@ async def test_delay_and_priority(redis_url: str, prefix: str) -> None:
         task = await app.add_task("noop", 1, delay=0.3, timeout=5)
         assert task.status is TaskStatus.SUCCESS
         assert time.time() - start >= 0.3
+
+
+async def test_bad_enqueue_options_are_refused_before_anything_is_written(
+    redis_url: str, prefix: str
+) -> None:
+    """A float priority was stored and published, then dead-lettered as undecodable; a bool
+    one failed inside the Redis client; a str delay raised a bare TypeError (review r5 #3)."""
+    app = build(redis_url, prefix)
+    async with app:
+        for options in ({"priority": True}, {"priority": 1.5}, {"delay": "5"}, {"eta": "now"}):
+            with pytest.raises(TaskArgumentsError):
+                await app.add_task("noop", 1, **options)
+        stats = await settled(app)
+        assert (stats.ready_by_priority, stats.delayed, stats.dead_letters) == ({}, 0, 0)
+        assert await app.storage.stats() == {}
+        # The ends of the range are carried (Redis orders them as +-899).
+        for priority in (2**63 - 1, -(2**63)):
+            task = await app.add_task("noop", 2, priority=priority, timeout=5)
+            assert (task.status, task.priority) == (TaskStatus.SUCCESS, priority)
 
 
 async def test_cancel_queued_task(redis_url: str, prefix: str) -> None:

@@ -244,6 +244,8 @@ def test_extra_timers_are_checked_where_they_are() -> None:
         ({"timers": [{"task": "tick", "every": 5}]}, r"extra\.timers\[0\]: unknown keys"),
         ({"timers": [{"task": "tick", "interval": "5"}]}, "'interval' must be a number"),
         ({"timers": [{"task": "tick", "interval": 5, "priority": "high"}]}, "'priority'"),
+        ({"timers": [{"task": "tick", "interval": 5, "priority": True}]}, "'priority'"),
+        ({"timers": [{"task": "tick", "interval": 5, "priority": 2**63}]}, "'priority'"),
         ({"timers": [{"task": "tick", "interval": 5, "misfire_grace": "1"}]}, "misfire_grace"),
         ({"timers": [{"task": "tick", "interval": 5, "id": 3}]}, "'id' must be a string"),
     ],
@@ -251,3 +253,12 @@ def test_extra_timers_are_checked_where_they_are() -> None:
 def test_bad_extra_timers_are_refused(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ScheduleError, match=message):
         TimerSettings.from_config(QueueConfig(extra=extra))
+
+
+@pytest.mark.parametrize("priority", ["high", 1.5, True, 2**63])
+async def test_a_bad_priority_of_a_timer_in_code_is_refused_when_it_is_added(priority: Any) -> None:
+    app, _ = make_app([])
+    timer = AsyncTimer(app)
+    with pytest.raises(ScheduleError, match="timer priority expects an int"):
+        timer.add_task("tick", trigger="@hourly", priority=priority)
+    assert timer.timers == []

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from qtasks.checks import check_priority
 from qtasks.compat.config import BUILT_IN, RENAMED, QTasksConfigNames, warn_ignored
 from qtasks.errors import ConfigError
 from qtasks.masking import mask_url, masked_entry
@@ -236,6 +237,8 @@ def check_value(key: str, value: Any, source: str) -> Any:
         )
     if key in NON_NEGATIVE and not (math.isfinite(value) and value >= 0):
         raise ConfigError(f"{source}: {key!r} must be a finite number of 0 or more, got {value!r}")
+    if key == "default_priority":
+        return check_priority(value, f"{source}: 'default_priority'", ConfigError)
     return float(value) if base is float else value
 
 

@@ -17,11 +17,12 @@ publish fails. An add that fails after a confirmed publish raises too, yet the t
 from __future__ import annotations
 
 import asyncio
-import math
+import reprlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qtasks import flow
+from qtasks.checks import check_priority, finite
 from qtasks.components import Broker, SharedServer, Storage
 from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope, Message, new_uuid
@@ -86,6 +87,18 @@ async def _overlapped(
     await added
 
 
+def _time(value: Any, option: str, expected: str) -> float:
+    """``value`` of the ``add_task`` option ``delay`` or ``eta`` as a float; raises
+    :class:`TaskArgumentsError` unless it is a finite number (nan or inf: a time no broker
+    can keep)."""
+    number = finite(value)
+    if number is None:
+        raise TaskArgumentsError(
+            f"add_task: {option} expects {expected} (a finite number), got {reprlib.repr(value)}"
+        )
+    return number
+
+
 async def prepare(
     app: AsyncQueueTasks,
     task_name: str,
@@ -107,6 +120,8 @@ async def prepare(
     ``qtasks_task_enqueue`` applied, then the flow options stamped (for ``add_task`` and
     ``add_tasks`` alike; ``retry``: the call's own, see :class:`~qtasks.workflows.Signature`)."""
     kwargs = dict(kwargs or {})
+    if priority is not None:
+        priority = check_priority(priority, "add_task: priority", TaskArgumentsError)
     task = app.tasks.get(task_name)
     if task is not None:
         task.check_arguments(args, kwargs)
@@ -116,11 +131,9 @@ async def prepare(
         priority = app.config.default_priority
     now = app.clock()
     if delay is not None:
-        eta = now + delay
-    if eta is not None and not math.isfinite(eta):  # nan or inf: a time no broker can keep
-        raise TaskArgumentsError(
-            f"add_task: delay and eta must be finite, got {eta if delay is None else delay!r}"
-        )
+        eta = now + _time(delay, "delay", "seconds")
+    elif eta is not None:
+        eta = _time(eta, "eta", "a unix time")
     message = Message(
         uuid=new_uuid(),
         task_name=task_name,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from qtasks.checks import finite
 from qtasks.components import Delivery, FlowControl, RateRelease, UniquePublish
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.messages import Envelope, Message
@@ -224,14 +224,10 @@ def _positive_int(value: Any) -> bool:
 
 def check_expires(value: Any, what: str, error: type[QTasksError] = TaskDeclarationError) -> float:
     """``value`` as seconds > 0; raises ``error`` otherwise."""
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    seconds = finite(value)
+    if seconds is None or seconds <= 0:
         raise error(f"{what} expects seconds > 0, got {value!r}")
-    return float(value)
+    return seconds
 
 
 def flow_spec(options: TaskOptions, signature: inspect.Signature | None = None) -> FlowSpec | None:

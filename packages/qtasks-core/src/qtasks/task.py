@@ -35,6 +35,7 @@ from typing import (
     get_origin,
 )
 
+from qtasks.checks import check_priority
 from qtasks.errors import TaskArgumentsError, TaskDeclarationError, UnresolvedAnnotationError
 from qtasks.flow import check_options as check_flow_options
 from qtasks.flow import flow_spec
@@ -123,10 +124,9 @@ class TaskOptions:
 
         if not isinstance(self.name, str) or not self.name:
             raise bad("name", "a non-empty string", self.name)
-        if self.priority is not None and (
-            not isinstance(self.priority, int) or isinstance(self.priority, bool)
-        ):
-            raise bad("priority", "an int", self.priority)
+        if self.priority is not None:
+            what = f"task {self.name!r}: option priority"
+            self.priority = check_priority(self.priority, what, TaskDeclarationError)
         if not isinstance(self.echo, bool):
             raise bad("echo", "a bool", self.echo)
         if self.max_time is not None and (

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qtasks.checks import check_priority
 from qtasks_timer.errors import ScheduleError
 from qtasks_timer.triggers import MAX_SECONDS, to_trigger
 
@@ -92,8 +93,8 @@ class TimerSpec:
                 f"{MAX_SECONDS:.0f}, got {grace!r}"
             )
         priority = item.get("priority")
-        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-            raise ScheduleError(f"{where}: 'priority' must be an integer, got {priority!r}")
+        if priority is not None:
+            priority = check_priority(priority, f"{where}: 'priority'", ScheduleError)
         try:  # a bad crontab or time zone, named by where it is
             to_trigger(schedule, item.get("timezone"))
         except ScheduleError as exc:

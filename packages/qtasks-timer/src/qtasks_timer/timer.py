@@ -26,6 +26,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
+from qtasks.checks import check_priority
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
 from qtasks_timer.errors import ScheduleError, TimerError
@@ -251,6 +252,8 @@ class AsyncTimer:
         source: str,
     ) -> TimerHandle:
         trigger = to_trigger(schedule, timezone)
+        if priority is not None:
+            priority = check_priority(priority, "timer priority", ScheduleError)
         args_t, kwargs_d = tuple(args), dict(kwargs or {})
         task = self.app.tasks.get(task_name)
         if task is not None:

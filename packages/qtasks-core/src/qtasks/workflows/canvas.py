@@ -7,11 +7,11 @@ workflow runs) and runs nothing; ``app.run_workflow(wf)`` runs it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from qtasks.checks import check_priority, finite
 from qtasks.errors import TaskDeclarationError, UnknownTaskError, WorkflowError
 
 if TYPE_CHECKING:
@@ -39,16 +39,13 @@ class Signature:
 
     def __post_init__(self) -> None:
         name = self.task_name
-        if self.priority is not None and (
-            not isinstance(self.priority, int) or isinstance(self.priority, bool)
-        ):
-            raise TaskDeclarationError(f"signature of {name!r}: priority must be an int")
-        if self.delay is not None and (
-            not isinstance(self.delay, int | float)
-            or isinstance(self.delay, bool)
-            or not math.isfinite(self.delay)
-            or self.delay < 0
-        ):
+        if self.priority is not None:
+            priority = check_priority(
+                self.priority, f"signature of {name!r}: priority", TaskDeclarationError
+            )
+            if priority is not self.priority:  # an IntEnum member, as its int
+                object.__setattr__(self, "priority", priority)
+        if self.delay is not None and ((delay := finite(self.delay)) is None or delay < 0):
             raise TaskDeclarationError(
                 f"signature of {name!r}: delay must be finite seconds >= 0, got {self.delay!r}"
             )

@@ -1,0 +1,40 @@
+"""Checks of the values several places take alike, written once so that every entry point holds
+the same rule: a priority (``add_task``, a signature, a task declaration, the configuration, a
+timer) and a finite number of seconds or a unix time (``delay``, ``eta``, ``expires``)."""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Any
+
+PRIORITY_BITS = 64
+"""A priority is an int of 64 bits (``-2**63`` to ``2**63 - 1``), what every broker carries (an
+AMQP header is no wider). The brokers order a narrower range apart and clamp beyond it: the
+Redis broker ±899, RabbitMQ ±``rabbitmq_max_priority // 2``."""
+_BOUND = 1 << (PRIORITY_BITS - 1)
+
+
+def check_priority(value: Any, what: str, error: type[Exception]) -> int:
+    """``value`` as a priority (an int that is not a bool, within :data:`PRIORITY_BITS`; an
+    ``IntEnum`` member as its int); raises ``error`` saying what ``what`` expects otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise error(f"{what} expects an int, got {reprlib.repr(value)}")
+    number = int(value)  # an IntEnum member as its int
+    if not -_BOUND <= number < _BOUND:
+        bits = number.bit_length()  # a huge int is not printed (too long, or past str's limit)
+        got = number if bits <= 128 else f"an int of {bits} bits"
+        raise error(f"{what} expects an int from -2**63 to 2**63 - 1, got {got}")
+    return number
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (an int or a float, not a bool),
+    else ``None``: what a number of seconds or a unix time must be."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return number if math.isfinite(number) else None

@@ -1,0 +1,118 @@
+"""The options of an enqueue (``priority``, ``delay``, ``eta``) are checked by one rule at every
+entry point, before anything is stored or published (review r5 #3)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks
+from qtasks.errors import ConfigError, TaskArgumentsError, TaskDeclarationError
+
+pytestmark = pytest.mark.anyio
+
+BAD_PRIORITIES = [1.5, "high", True, [1], 2**63, -(2**63) - 1, 10**400]
+BAD_TIMES = ["5", float("nan"), float("inf"), float("-inf"), True, 10**400, [1]]
+
+
+def short(value: Any) -> str:
+    return f"{value!r:.20}"
+
+
+class Level(enum.IntEnum):
+    HIGH = 1
+
+
+def app_with_add() -> AsyncQueueTasks:
+    app = AsyncQueueTasks("checks")
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    return app
+
+
+async def assert_nothing_written(app: AsyncQueueTasks) -> None:
+    stats = await app.broker.stats()
+    assert (stats.ready_by_priority, stats.delayed) == ({}, 0)
+    assert await app.storage.stats() == {}
+
+
+def entry_points(app: AsyncQueueTasks) -> dict[str, Callable[..., Awaitable[Any]]]:
+    """Each way the async app enqueues one call of ``add(1, 2)`` with ``**options``."""
+    add = app.tasks["add"]
+    return {
+        "add_task": lambda **o: app.add_task("add", 1, 2, **o),
+        "qtasks form": lambda **o: app.add_task(task_name="add", a=1, b=2, **o),
+        "enqueue": lambda **o: app.enqueue("add", (1, 2), **o),
+        "task.add_task": lambda **o: add.add_task(1, 2, **o),
+        "task.enqueue": lambda **o: add.enqueue((1, 2), **o),
+    }
+
+
+@pytest.mark.parametrize("priority", BAD_PRIORITIES, ids=short)
+async def test_a_bad_priority_is_refused_by_every_entry_point(priority: Any) -> None:
+    app = app_with_add()
+    async with app:
+        for call in entry_points(app).values():
+            with pytest.raises(TaskArgumentsError, match="add_task: priority expects an int"):
+                await call(priority=priority)
+            await assert_nothing_written(app)
+        with pytest.raises(TaskDeclarationError, match="priority expects an int"):
+            app.tasks["add"].s(1, 2).set(priority=priority)
+        with pytest.raises(TaskDeclarationError, match="priority expects an int"):
+            app.signature("add", (1, 2), priority=priority)
+        with pytest.raises(TaskDeclarationError, match="option priority expects an int"):
+
+            @app.task(priority=priority)
+            def other() -> None: ...
+
+
+@pytest.mark.parametrize("option", ["delay", "eta"])
+@pytest.mark.parametrize("value", BAD_TIMES, ids=short)
+async def test_a_bad_delay_or_eta_is_refused_by_every_entry_point(option: str, value: Any) -> None:
+    app = app_with_add()
+    async with app:
+        for call in entry_points(app).values():
+            with pytest.raises(TaskArgumentsError, match=f"add_task: {option} expects"):
+                await call(**{option: value})
+            await assert_nothing_written(app)
+
+
+def test_the_sync_app_refuses_them_too() -> None:
+    app = QueueTasks("checks")
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with app:
+        for options in ({"priority": True}, {"delay": float("nan")}, {"eta": "tomorrow"}):
+            with pytest.raises(TaskArgumentsError):
+                app.add_task("add", 1, 2, **options)
+            with pytest.raises(TaskArgumentsError):
+                add.add_task(1, 2, **options)
+        assert app.portal.call(app.aio.storage.stats) == {}
+
+
+async def test_the_priority_range_ends_and_an_int_enum_are_accepted() -> None:
+    app = app_with_add()
+    async with app:
+        for priority in (2**63 - 1, -(2**63), Level.HIGH):
+            task = await app.add_task("add", 1, 2, priority=priority, timeout=5)
+            assert task.returning == 3
+            assert type(task.priority) is int and task.priority == priority
+        sig = app.tasks["add"].s(1, 2).set(priority=Level.HIGH)
+        assert type(sig.priority) is int
+        (bulk,) = await app.add_tasks([sig])
+        assert (await bulk.wait_result(5)).priority == 1
+
+
+@pytest.mark.parametrize("priority", [True, 1.5, 2**63])
+def test_the_default_priority_follows_the_same_rule(priority: Any) -> None:
+    with pytest.raises(ConfigError, match="'default_priority'"):
+        QueueConfig(default_priority=priority)
