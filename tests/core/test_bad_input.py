@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -101,6 +102,54 @@ async def test_undecodable_message(
     assert letter.body == body  # kept intact for an operator
     assert "undecodable message" in letter.reason
     assert (await producer.add_task("add", 1, 1, timeout=5)).returning == 2
+
+
+def wire(**fields: Any) -> bytes:
+    """A message body as the codec writes it, with ``fields`` replaced (a hand-made one)."""
+    body = Message(uuid="hand-made", task_name="add", args=[1, 2]).to_wire()
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"created_at": "yesterday"}, "message field 'created_at' must be a finite number"),
+        ({"created_at": [1]}, "message field 'created_at' must be a finite number"),
+        ({"created_at": float("nan")}, "message field 'created_at' must be a finite number"),
+        ({"priority": True}, "message fields 'priority'/'attempt' must be integers"),
+        ({"headers": {"expires": "soon"}}, "message header 'expires' is malformed: 'soon'"),
+        ({"headers": {"expires": float("inf")}}, "message header 'expires' is malformed"),
+        ({"headers": {"unique": 5}}, "message header 'unique' is malformed: 5"),
+        ({"headers": {"unique": ["a"]}}, "message header 'unique' is malformed: ['a']"),
+        ({"headers": {"unique": ["k", 1, 0]}}, "message header 'unique' is malformed"),
+        ({"headers": {"retry": "many"}}, "message header 'retry' is malformed: 'many'"),
+        ({"headers": {"retry": -1}}, "message header 'retry' is malformed: -1"),
+        ({"headers": {"parent_uuid": 5}}, "message header 'parent_uuid' is malformed: 5"),
+        ({"headers": {"qtasks.input": [["a"], 5]}}, "message header 'qtasks.input' is malformed"),
+    ],
+    ids=lambda value: f"{value!r:.40}",
+)
+async def test_a_bad_field_or_header_is_undecodable_at_once(
+    apps: tuple[AsyncQueueTasks, AsyncQueueTasks],
+    fields: dict[str, Any],
+    says: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review r5 #6: these escaped the decoding as ValueError/TypeError/IndexError, so the
+    worker reported a failure of its own with a traceback per delivery and handed the
+    message back until ``max_deliveries``; now the message is dead-lettered on its first
+    delivery, as undecodable, saying what is wrong."""
+    producer, worker = apps
+    body = wire(uuid="poison", **fields)
+    with caplog.at_level("ERROR", logger="qtasks"):
+        await worker.broker.publish(Envelope(id="poison", body=body))
+        letter = await dead_letter(worker, "poison")
+        assert (await producer.add_task("add", 1, 1, timeout=5)).returning == 2
+    assert letter.reason.startswith(f"undecodable message: {says}")
+    assert (letter.body, letter.deliveries) == (body, 1)
+    assert [r.exc_info for r in caplog.records if r.exc_info] == []  # no traceback
+    assert not any("worker failed" in r.getMessage() for r in caplog.records)
 
 
 async def test_message_without_record_still_runs(

@@ -1,16 +1,27 @@
-"""The message helpers every enqueue uses: task UUIDs, the strict JSON encoder and the decoder."""
+"""The message helpers every enqueue uses: task UUIDs, the strict JSON encoder and the decoder;
+and what a decoded message must hold."""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
+import time
 import uuid
 
 import pytest
 
 from qtasks.errors import SerializationError
-from qtasks.messages import JSONSerializer, new_uuid, strict_json_encoder
+from qtasks.messages import (
+    HEADER_CHECKS,
+    Codec,
+    JSONSerializer,
+    Message,
+    new_uuid,
+    strict_json_encoder,
+)
+from qtasks.workflows.canvas import RETRY_HEADER
+from qtasks.workflows.plan import INPUT
 
 
 def test_new_uuids_are_random_version_4_hex_and_never_repeat() -> None:
@@ -108,3 +119,33 @@ def test_the_serializer_refuses_what_json_refuses(text: str, says: str) -> None:
         JSONSerializer().loads(text.encode())
     with pytest.raises(SerializationError, match="cannot decode"):
         JSONSerializer().loads(b"\xff{}")  # not UTF-8
+
+
+def test_the_header_checks_name_the_headers_their_writers_use() -> None:
+    assert set(HEADER_CHECKS) == {"expires", "unique", "parent_uuid", RETRY_HEADER, INPUT}
+
+
+def test_fields_and_headers_as_qtasks_writes_them_decode_unchanged() -> None:
+    codec = Codec()
+    headers = {
+        "expires": 1.7e9,
+        "unique": ["unique:k", "u@1.000@k", 30.0],
+        RETRY_HEADER: 2,
+        "parent_uuid": "p",
+        INPUT: ["a", ["b", "c"]],
+        "ckey": 5,  # read with a fallback (recomputed): not checked at decoding
+        "flow_at": "later",  # the same (reserved again)
+        "traceparent": {"a plugin's": "own"},
+    }
+    message = Message("u", "t", [1], {"k": 2}, 3, 1.7e9 + 0.5, 1, headers)
+    assert codec.decode(codec.encode(message).body) == message
+
+
+@pytest.mark.parametrize("created_at", [None, 0, 0.0])
+def test_a_missing_created_at_is_now_and_an_int_one_is_kept(created_at: object) -> None:
+    wire = Message("u", "t").to_wire()
+    wire["created_at"] = created_at
+    assert abs(Message.from_wire(wire).created_at - time.time()) < 60
+    wire["created_at"] = 1_700_000_000
+    decoded = Message.from_wire(wire).created_at
+    assert (decoded, type(decoded)) == (1.7e9, float)

@@ -8,13 +8,16 @@ Pickle is never used unless a user passes a serializer that does it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import reprlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from qtasks.checks import finite
 from qtasks.errors import MessageTooLargeError, SerializationError
 
 WIRE_VERSION = 1
@@ -180,7 +183,10 @@ class Message:
 
     @classmethod
     def from_wire(cls, data: Any) -> Message:
-        """Rebuild a message; raise :class:`SerializationError` on any missing or bad field."""
+        """Rebuild a message; raise :class:`SerializationError` on any missing or bad field,
+        or a header of :data:`HEADER_CHECKS` that holds what its reader cannot act on. A
+        message with neither headers nor an odd ``created_at`` (nearly every one) pays a few
+        type tests for it."""
         if not isinstance(data, dict):
             raise SerializationError(f"message body is a {type(data).__name__}, not an object")
         try:
@@ -192,21 +198,98 @@ class Message:
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise SerializationError("message fields 'args'/'kwargs' must be a list/an object")
         priority, attempt = data.get("priority", 0), data.get("attempt", 0)
-        if not isinstance(priority, int) or not isinstance(attempt, int):
+        if type(priority) is not int or type(attempt) is not int:  # a bool is not one
             raise SerializationError("message fields 'priority'/'attempt' must be integers")
+        created_at = data.get("created_at")
+        if type(created_at) is not float or not 0.0 < created_at < _INF:  # nan fails too
+            created_at = _created_at(created_at)
         headers = data.get("headers") or {}
         if not isinstance(headers, dict):
             raise SerializationError("message field 'headers' must be an object")
+        if headers:
+            _check_headers(headers)
         return cls(
             uuid=uuid,
             task_name=task,
             args=args,
             kwargs=kwargs,
             priority=priority,
-            created_at=float(data.get("created_at") or time.time()),
+            created_at=created_at,
             attempt=attempt,
             headers=headers,
         )
+
+
+_INF = math.inf
+
+
+def _created_at(value: Any) -> float:
+    """A decoded ``created_at`` that is not a positive float (the slow path): an int, or now
+    when it is missing or 0; :class:`SerializationError` when it is not a finite number."""
+    if value is None:
+        return time.time()
+    number = finite(value)
+    if number is None:
+        raise SerializationError(
+            f"message field 'created_at' must be a finite number, got {reprlib.repr(value)}"
+        )
+    return number or time.time()
+
+
+def _is_time(value: Any) -> bool:
+    return finite(value) is not None
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_unique(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 3
+        and type(value[0]) is str
+        and type(value[1]) is str
+        and (hold := finite(value[2])) is not None
+        and hold >= 0
+    )
+
+
+def _is_input(value: Any) -> bool:
+    """A workflow step's input spec: a uuid, or a list of specs (nested as its groups)."""
+    todo = [value]
+    while todo:
+        spec = todo.pop()
+        if isinstance(spec, list | tuple):
+            todo.extend(spec)
+        elif type(spec) is not str:
+            return False
+    return True
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+HEADER_CHECKS: dict[str, tuple[type | None, Callable[[Any], bool]]] = {
+    # name: (a type always valid, checked first; what any other value must pass)
+    "expires": (None, _is_time),  # qtasks.flow: the unix time after which it is not started
+    "unique": (None, _is_unique),  # qtasks.flow: [key, holder, unique_for]
+    "retry": (None, _is_count),  # qtasks.workflows.canvas.RETRY_HEADER: a signature's retry
+    "parent_uuid": (str, _never),  # the task that enqueued this one
+    "qtasks.input": (str, _is_input),  # qtasks.workflows.plan.INPUT: where its input is read
+}
+"""What each header the worker acts on must hold; a message with one that does not is
+undecodable (dead-lettered at once, with the reason). Headers whose readers fall back on a
+bad value (``ckey`` and ``flow_at`` in :mod:`qtasks.flow`, the publish generation, the
+worker's failure count) and the headers of plugins are not checked here."""
+
+
+def _check_headers(headers: dict[str, Any]) -> None:
+    for name, value in headers.items():
+        rule = HEADER_CHECKS.get(name)
+        if rule is not None and type(value) is not rule[0] and not rule[1](value):
+            raise SerializationError(f"message header {name!r} is malformed: {reprlib.repr(value)}")
 
 
 @dataclass(slots=True, frozen=True)
