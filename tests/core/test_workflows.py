@@ -356,6 +356,24 @@ async def test_bad_input_is_refused_when_built(app: AsyncQueueTasks) -> None:
         await app.wait_workflow("unknown", 1)
 
 
+async def test_an_on_error_or_bulk_item_that_is_not_a_signature_is_refused(
+    app: AsyncQueueTasks,
+) -> None:
+    """Review r5 #7: ``on_error=alert`` (the task, not ``alert.s()``) or a task name raised
+    AttributeError; ``add_tasks([double])`` too. Nothing is stored or published."""
+    double, on_error = app.tasks["double"], app.tasks["on_error"]
+    workflow = chain(double.s(1))
+    for wrong in ("on_error", on_error, chain(on_error.s()), group(on_error.s())):
+        with pytest.raises(WorkflowError, match="on_error expects a signature"):
+            await app.run_workflow(workflow, on_error=wrong)  # type: ignore[arg-type]  # the point
+        with pytest.raises(TaskArgumentsError, match="add_tasks expects a signature"):
+            await app.add_tasks([wrong])  # type: ignore[list-item]  # the point
+    stats = await app.broker.stats()
+    assert (stats.ready_by_priority, stats.delayed) == ({}, 0)
+    assert await app.storage.stats() == {}
+    assert calls(app) == []
+
+
 @pytest.mark.parametrize("delay", [float("nan"), float("inf"), float("-inf")])
 async def test_a_delay_that_is_no_time_is_refused_before_anything_is_stored(
     app: AsyncQueueTasks, delay: float

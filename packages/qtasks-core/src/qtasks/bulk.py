@@ -57,6 +57,8 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     stored, and up to two batches are in flight: a batch's records are stored while the one
     before waits for its publish (publisher confirms); its messages are published once that
     batch is done, so messages reach the broker, and hooks fire, in batch order."""
+    from qtasks.workflows.canvas import as_signature  # the package imports this module
+
     out: list[AsyncTask] = []
     chunk: list[tuple[AsyncTask, Envelope]] = []
     running: list[asyncio.Task[None]] = []  # in batch order, at most two
@@ -73,7 +75,8 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
     try:
-        for sig in signatures:
+        for item in signatures:
+            sig = as_signature(item, "add_tasks", TaskArgumentsError)
             record, envelope, unique = await enqueue_step.prepare(
                 app,
                 sig.task_name,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from qtasks.checks import check_priority, finite
-from qtasks.errors import TaskDeclarationError, UnknownTaskError, WorkflowError
+from qtasks.errors import QTasksError, TaskDeclarationError, UnknownTaskError, WorkflowError
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -107,6 +107,14 @@ class Chord:
 
 Node: TypeAlias = Signature | Chain | Group | Chord
 """Anything a workflow is built of."""
+
+
+def as_signature(value: Any, what: str, error: type[QTasksError] = WorkflowError) -> Signature:
+    """``value`` when it is a :class:`Signature`, else ``error`` saying that ``what`` takes
+    one (the usual mistake: a task itself, ``alert`` for ``alert.s()``)."""
+    if isinstance(value, Signature):
+        return value
+    raise error(f"{what} expects a signature (task.s(...)), not {value!r:.80}")
 
 
 def _node(value: Any) -> Node:

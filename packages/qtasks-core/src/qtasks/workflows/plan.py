@@ -23,7 +23,15 @@ from qtasks.components import GateMessage
 from qtasks.errors import UnknownTaskError, WorkflowError
 from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord, TaskStatus
-from qtasks.workflows.canvas import RETRY_HEADER, Chain, Chord, Group, Node, Signature
+from qtasks.workflows.canvas import (
+    RETRY_HEADER,
+    Chain,
+    Chord,
+    Group,
+    Node,
+    Signature,
+    as_signature,
+)
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -130,6 +138,8 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
     message passes through ``qtasks_task_enqueue`` here, where it is built, as
     ``add_task``'s does (a member that waits in a gate included: its message is stored now
     and published by a worker later)."""
+    if on_error is not None:
+        on_error = as_signature(on_error, "on_error")
     workflow = new_uuid()
     compiler = _Compiler()
     result, ends = compiler.node(node, None, None)
