@@ -7,7 +7,7 @@ running task unsettled. The scenarios shared with Redis are in ``stray_scenarios
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -23,8 +23,9 @@ from stray_scenarios import (
 )
 
 from qtasks import AsyncQueueTasks, Depends, MemoryStorage, QueueConfig, TaskStatus, hookimpl
+from qtasks.components import Delivery, Storage
 from qtasks.errors import StrayCancellationError
-from qtasks.memory import MemoryGlobalConfig
+from qtasks.memory import MemoryBroker, MemoryGlobalConfig
 from qtasks.record import TaskRecord
 
 pytestmark = pytest.mark.anyio
@@ -188,3 +189,49 @@ async def test_a_task_scoped_teardown_raising_its_own_cancellation_is_logged_and
                 assert (final.status, final.returning) == (TaskStatus.SUCCESS, "opened")
     closing = [r for r in caplog.records if "closing what task" in r.getMessage()]
     assert len(closing) == 2
+
+
+class StrayFirstSettle(MemoryBroker):
+    """A memory broker whose first batched settle call raises a cancellation of its own."""
+
+    calls = 0
+
+    async def ack_finals(
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
+    ) -> list[bool]:
+        self.calls += 1
+        if self.calls == 1:
+            await cancelled_inner()
+        return await super().ack_finals(storage, finals, enqueued=enqueued)
+
+
+async def test_a_stray_cancellation_in_the_batched_settle_leaves_the_batch_to_its_leases(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, it ended the settler without a word: the worker served on, settling nothing
+    more, and its stop waited for the settler for ever."""
+    broker = StrayFirstSettle()
+    app = AsyncQueueTasks(
+        broker=broker,
+        storage=MemoryStorage(),
+        config=QueueConfig(
+            max_tasks_process=1, lease=0.5, shutdown_grace=1.0, plugins_disabled=["*"]
+        ),
+    )
+
+    @app.task
+    async def plain(i: int) -> int:
+        return i
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            added = [await app.add_task("plain", i) for i in range(6)]
+            for task in added:  # the first batch's come back after their lease
+                done = await task.wait_result(timeout=WAIT)
+                assert done.status is TaskStatus.SUCCESS
+    assert broker.calls > 1
+    assert "worker failed while settling" in caplog.text

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from qtasks.begin import BEGIN_BATCH
+from qtasks.cancels import is_error, stray_error
 from qtasks.components import Delivery, SettleBegin, SharedServer
 from qtasks.executor import TaskRun
 from qtasks.finals import stored_final
@@ -160,11 +161,18 @@ class SettleBatch:
             round_ = self._rounds.pop(0) if self._rounds else None
             try:
                 await self._settle(batch, round_)
-            except Exception as exc:
-                # A bug in a component or plugin must not kill the worker (see _process).
-                log.exception("worker failed while settling %d finished tasks", len(batch))
+            except BaseException as exc:
+                # A bug in a component or plugin must not kill the worker (see _process),
+                # nor its own cancellation (a client library letting an inner one escape):
+                # that one would end the settler without a word, the worker serving on with
+                # nothing settled. The batch is left to its leases.
+                if not is_error(exc):
+                    raise  # the worker is stopping
+                log.error(
+                    "worker failed while settling %d finished tasks", len(batch), exc_info=exc
+                )
                 if round_ is not None and not round_.done.is_set():
-                    round_.fail(exc)
+                    round_.fail(exc if isinstance(exc, Exception) else stray_error("a settle", exc))
             finally:
                 if round_ is not None:
                     round_.done.set()  # without results: each begins alone

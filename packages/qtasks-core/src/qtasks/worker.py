@@ -351,7 +351,9 @@ class QueueWorker:
                         await self._wait_idle()
                     if settler is not None:
                         # Before the consumer closes: it hands back what is not settled.
-                        await settler.drained()
+                        # Bounded: a settle stuck on its backend is left to its leases.
+                        with anyio.move_on_after(config.shutdown_grace):
+                            await settler.drained()
                     self._settlement.close_batch()
                     for scope in runners:
                         scope.cancel()
