@@ -6,6 +6,7 @@ running task unsettled. The scenarios shared with Redis are in ``stray_scenarios
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -235,3 +236,43 @@ async def test_a_stray_cancellation_in_the_batched_settle_leaves_the_batch_to_it
                 assert done.status is TaskStatus.SUCCESS
     assert broker.calls > 1
     assert "worker failed while settling" in caplog.text
+
+
+class CancelledTransforms:
+    """Transform hooks that raise a cancellation of their own: awaited (``qtasks_executor_args``)
+    and from a plain function (``qtasks_executor_result``)."""
+
+    @hookimpl
+    async def qtasks_executor_args(self, task: Any) -> None:
+        if task.name == "args":
+            await cancelled_inner()
+
+    @hookimpl
+    def qtasks_executor_result(self, record: TaskRecord) -> None:
+        if record.task_name == "result":
+            raise asyncio.CancelledError()
+
+
+async def test_a_transform_hook_raising_its_own_cancellation_fails_the_task_with_plugin_error() -> (
+    None
+):
+    """As any exception of a transform: ``PluginError`` naming the plugin, not retried. Before,
+    it was blamed on the task (``StrayCancellationError``) and retried."""
+    app = one_at_a_time()
+    app.add_plugin(CancelledTransforms(), name="cancelled-transforms")
+
+    @app.task(retry=2, retry_backoff=0)
+    async def args() -> int:
+        return 1
+
+    @app.task(retry=2, retry_backoff=0)
+    async def result() -> int:
+        return 1
+
+    async with app:
+        for name, hook in (("args", "qtasks_executor_args"), ("result", "qtasks_executor_result")):
+            final = await app.add_task(name, timeout=WAIT)
+            assert (final.status, final.attempt) == (TaskStatus.ERROR, 1), (name, final)
+            assert (final.error or "").startswith(
+                f"PluginError: plugin 'cancelled-transforms': hook {hook} raised CancelledError"
+            ), final.error

@@ -194,7 +194,8 @@ class Hooks:
 
         Awaiting it gives the final value. ``field`` may name several arguments (the hook then
         returns a tuple of their new values, and so does this). An implementation's exception
-        is raised as :class:`PluginError` naming the plugin, except a
+        (or a stray cancellation, see :mod:`qtasks.cancels`) is raised as
+        :class:`PluginError` naming the plugin, except a
         :class:`~qtasks.errors.TaskCodeError`, whose cause is raised as it is. As in
         :meth:`notify`, plain-function implementations run right here and need no
         coroutine."""
@@ -204,7 +205,7 @@ class Hooks:
         for index, (plugin, func, pick) in enumerate(impls):
             try:
                 result = func(*pick(kwargs))
-            except Exception as exc:
+            except BaseException as exc:
                 return _Failed(*_blame(plugin, hook, exc))
             if result is None or (type(field) is str and result is kwargs[field]):
                 continue  # unchanged: a value handed back as it came is no awaitable to check
@@ -225,7 +226,7 @@ class Hooks:
         """Await implementation ``index``'s result, then chain the rest in order."""
         try:
             result = await pending
-        except Exception as exc:
+        except BaseException as exc:
             _Failed(*_blame(impls[index][0], hook, exc)).throw()
         if result is not None:
             _assign(kwargs, field, result)
@@ -236,7 +237,7 @@ class Hooks:
                     continue  # handed back as it came: unchanged, as in transform()
                 if inspect.isawaitable(result):
                     result = await result
-            except Exception as exc:
+            except BaseException as exc:
                 _Failed(*_blame(plugin, hook, exc)).throw()
             if result is not None:
                 _assign(kwargs, field, result)
@@ -275,9 +276,16 @@ def _assign(kwargs: dict[str, Any], field: str | tuple[str, ...], result: Any) -
             kwargs[name] = value
 
 
-def _blame(plugin: str, hook: str, exc: Exception) -> tuple[BaseException, BaseException | None]:
+def _blame(
+    plugin: str, hook: str, exc: BaseException
+) -> tuple[BaseException, BaseException | None]:
     """The error to raise for ``exc`` from ``plugin``'s implementation of ``hook``, and its
-    cause: the task's own exception itself when the plugin marked it so."""
+    cause: the task's own exception itself when the plugin marked it so. What is not an error
+    is raised again; a stray cancellation (the hook's own, not a stop, see
+    :mod:`qtasks.cancels`) is one, so it fails the task with the plugin named, as in
+    :func:`_ignore`, instead of being blamed on the task and retried."""
+    if not is_error(exc):
+        raise exc
     if isinstance(exc, TaskCodeError) and exc.__cause__ is not None:
         return exc.__cause__, None  # raised as it is, its own cause kept
     return PluginError(plugin, f"hook {hook} raised {exc!r}"), exc
