@@ -173,3 +173,82 @@ async def a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook(
     failed = {r.getMessage() for r in caplog.records if r.name == "qtasks.plugins"}
     for hook in ("qtasks_worker_execute_before", "qtasks_task_succeeded"):
         assert f"plugin 'cancelled-hooks' failed in hook {hook} (ignored)" in failed
+
+
+async def own_teardown_cancellation(run: TaskRun, call_next: CallNext) -> Any:
+    """A middleware whose task-scoped teardown raises a cancellation of its own."""
+    run.on_close(cancelled_inner)
+    return await call_next()
+
+
+class SettledHooks:
+    """``qtasks_executor_closed`` raises a cancellation of its own; the hooks after it record
+    that the settle went on."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+        self.after = anyio.Event()
+
+    @hookimpl
+    async def qtasks_executor_closed(self) -> None:
+        await cancelled_inner()
+
+    @hookimpl
+    def qtasks_task_cancelled(self, reason: str) -> None:
+        self.seen.append(("cancelled", reason))
+
+    @hookimpl
+    def qtasks_broker_requeued(self, delay: float | None) -> None:
+        self.seen.append(("requeued", delay))
+
+    @hookimpl
+    def qtasks_worker_execute_after(self, record: Any) -> None:
+        self.seen.append(("after", record.status))
+        self.after.set()
+
+
+def register_torn_down(app: AsyncQueueTasks, started: anyio.Event) -> SettledHooks:
+    """``torn_down``, a task that waits until cancelled, its teardown and a hook raising a
+    cancellation of their own as it is settled; the hooks' record."""
+    register(app)
+    hooks = SettledHooks()
+    app.add_plugin(hooks, name="settled")
+
+    @app.task(middlewares_before=[own_teardown_cancellation])
+    async def torn_down() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    return hooks
+
+
+def assert_ignored_as_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """The teardown's and ``qtasks_executor_closed``'s own cancellations were logged."""
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("closing what task" in m for m in messages) == 1, messages
+    assert "plugin 'settled' failed in hook qtasks_executor_closed (ignored)" in messages, messages
+
+
+async def a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task cancelled by ``app.cancel`` whose teardown and ``qtasks_executor_closed`` raise a
+    cancellation of their own as it is settled (shielded, its runner's cancel pending): both
+    are logged and ignored, the record says ``cancel``, its hooks fire, the message is acked
+    and the worker serves on. Before, the settle stopped there: no hook, no ack (the message
+    waited for its lease), nothing logged."""
+    started = anyio.Event()
+    hooks = register_torn_down(app, started)
+    with caplog.at_level(logging.ERROR):
+        async with app:
+            task = await app.add_task("torn_down")
+            with anyio.fail_after(WAIT):
+                await started.wait()
+            await app.cancel(task.uuid, "enough")
+            with anyio.fail_after(WAIT):
+                await hooks.after.wait()
+            assert hooks.seen == [("cancelled", "enough"), ("after", TaskStatus.CANCEL)]
+            assert (await app.broker.stats()).in_flight == 0
+            after = await app.add_task("plain", 1, timeout=WAIT)
+            assert (after.status, after.returning) == (TaskStatus.SUCCESS, 1)
+    assert_ignored_as_errors(caplog)

@@ -13,17 +13,22 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from stray_scenarios import (
     WAIT,
     a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on,
+    a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled,
     a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook,
     a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on,
+    assert_ignored_as_errors,
     cancelled_inner,
+    register_torn_down,
     replace_the_cancellation,
 )
 
 from qtasks import AsyncQueueTasks, Depends, MemoryStorage, QueueConfig, TaskStatus, hookimpl
+from qtasks.cancels import is_stray, shielded
 from qtasks.components import Delivery, Storage
 from qtasks.errors import StrayCancellationError
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig
@@ -276,3 +281,63 @@ async def test_a_transform_hook_raising_its_own_cancellation_fails_the_task_with
             assert (final.error or "").startswith(
                 f"PluginError: plugin 'cancelled-transforms': hook {hook} raised CancelledError"
             ), final.error
+
+
+async def test_a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled(
+        one_at_a_time(), caplog
+    )
+
+
+async def test_a_task_handed_back_at_the_stop_whose_teardown_raises_its_own_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stop's hand-back of a task still running after the grace takes the same shielded
+    settle: the teardown's and the hook's own cancellations are logged and ignored, the record
+    is put back to ``new`` and the message requeued at once. Before, the hand-back stopped
+    there: the record stayed ``process`` and the message waited for its lease."""
+    app = one_at_a_time()
+    app.config.shutdown_grace = 0.05
+    started = anyio.Event()
+    hooks = register_torn_down(app, started)
+    with caplog.at_level(logging.ERROR):
+        async with AsyncExitStack() as stack:  # the components outlive the worker's stop
+            await app.broker.start(stack, app.config)
+            await app.storage.start(stack, app.config)
+            await app.global_config.start(stack, app.config)
+            task = await app.add_task("torn_down")
+            with anyio.fail_after(WAIT):
+                async with anyio.create_task_group() as tg:
+                    await tg.start(app.worker.run, app)
+                    await started.wait()
+                    app.worker.stop()
+            assert hooks.seen == [("requeued", None), ("after", TaskStatus.NEW)]
+            record = await app.storage.get(task.uuid)
+            assert record is not None and record.status is TaskStatus.NEW
+            stats = await app.broker.stats()
+            assert (stats.in_flight, sum(stats.ready_by_priority.values())) == (0, 1)
+    assert_ignored_as_errors(caplog)
+
+
+async def test_within_shielded_only_a_cancel_request_made_after_entering_is_a_stop() -> None:
+    """The request pending as :func:`shielded` is entered (the cancelled runner's) does not
+    make a ``CancelledError`` inside it a stop; one made inside it does, and so does the
+    pending one again once the shield is left."""
+    task = asyncio.current_task()
+    assert task is not None
+    with anyio.CancelScope() as outer:
+        outer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await anyio.lowlevel.checkpoint()  # the cancel is delivered
+        pending = task.cancelling()
+        assert pending > 0
+        with shielded():
+            assert is_stray(asyncio.CancelledError())
+            task.cancel()  # a stop from outside anyio (asyncio.run ending, wait_for)
+            assert not is_stray(asyncio.CancelledError())
+            task.uncancel()
+            assert is_stray(asyncio.CancelledError())
+        assert not is_stray(asyncio.CancelledError())
+    assert task.cancelling() == 0

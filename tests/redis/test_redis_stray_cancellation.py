@@ -8,6 +8,7 @@ import pytest
 from redis_worker_app import build
 from stray_scenarios import (
     a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on,
+    a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled,
     a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook,
     a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on,
 )
@@ -41,5 +42,13 @@ async def test_a_hook_raising_its_own_cancellation_is_ignored(
     redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook(
+        one_at_a_time(redis_url, prefix), caplog
+    )
+
+
+async def test_a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled(
         one_at_a_time(redis_url, prefix), caplog
     )

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import anyio
 
 from qtasks.errors import StrayCancellationError
+
+_SHIELDED: ContextVar[tuple[asyncio.Task[Any], int] | None] = ContextVar(
+    "qtasks_shielded", default=None
+)
+"""The task that entered :func:`shielded` innermost and its ``cancelling()`` then."""
 
 
 def is_stray(exc: BaseException) -> bool:
@@ -24,9 +33,9 @@ def is_stray(exc: BaseException) -> bool:
 
     Call it where the exception was caught, only on the exception path: it walks the cancel
     scopes. ``False`` outside an event loop (the caller re-raises). A cancel request of this
-    task left pending makes it ``False`` too, even within a shield: code that swallowed a
-    ``Task.cancel`` of its own task without ``uncancel()``, or the shielded settle of a
-    cancelled run (the runner's scope uncancels the task only as it exits)."""
+    task left pending makes it ``False`` too, even within a plain shield (code that swallowed
+    a ``Task.cancel`` of its own task without ``uncancel()``), except the requests that were
+    pending already when the innermost :func:`shielded` around it was entered."""
     if not isinstance(exc, anyio.get_cancelled_exc_class()):
         return False
     try:
@@ -38,7 +47,40 @@ def is_stray(exc: BaseException) -> bool:
         task = asyncio.current_task()
     except RuntimeError:  # trio: its cancel scopes are all there is
         return True
-    return task is None or task.cancelling() == 0
+    if task is None:
+        return True
+    pending = task.cancelling()
+    if pending == 0:
+        return True
+    shield = _SHIELDED.get()
+    return shield is not None and shield[0] is task and pending <= shield[1]
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """A shielded cancel scope for what must finish although the current task is being
+    cancelled (the settle of a cancelled run), inside which a ``CancelledError`` is stray
+    (:func:`is_stray`) unless a cancel request came after it was entered.
+
+    On asyncio, the cancelled scope being left has cancelled its host task with
+    ``Task.cancel``, and withdraws that (``uncancel()``) only as it exits, after the shield:
+    left to :func:`is_stray` alone, that pending request would make the own ``CancelledError``
+    of a teardown or a hook in here pass for a stop. The count is compared, not withdrawn and
+    made again: anyio's scope keeps its own tally of the cancels it made and withdraws them
+    itself. No scope delivers a cancel into the shield, so only a ``Task.cancel`` from outside
+    anyio (``asyncio.run`` ending, ``wait_for``) raises the count in here, and that is a stop.
+    On trio there is no such request: cancel scopes are all there is, and within the shield
+    the current deadline is the shield's, so :func:`is_stray` needs nothing from here."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # trio
+        task = None
+    token = _SHIELDED.set(None if task is None else (task, task.cancelling()))
+    try:
+        with anyio.CancelScope(shield=True):
+            yield
+    finally:
+        _SHIELDED.reset(token)
 
 
 def is_error(exc: BaseException) -> bool:
