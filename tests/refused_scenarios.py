@@ -144,3 +144,40 @@ async def refused_result(
     assert len(outcomes.calls) == 2 * len(tasks)
     after = sorted(uuid for hook, uuid, _ in outcomes.calls if hook == "after")
     assert after == sorted(task.uuid for task in tasks)
+
+
+async def refused_retry(app: AsyncQueueTasks, *, size: int, refusal: str) -> None:
+    """A task with retries left raising an error of ``size`` characters, whose ``retry`` record
+    the storage refuses with an error matching ``refusal``: it ends ``error`` with the reason
+    after one run, not retried, its failed hook fired once, acked and not dead-lettered.
+    Before, the refusal was taken for a component's failure: the message was handed back, run
+    again, and dead-lettered at ``max_deliveries`` ("worker failed N times")."""
+    outcomes = Outcomes()
+    app.add_plugin(outcomes)
+    runs: list[int] = []
+
+    @app.task(retry=2, retry_backoff=0)
+    async def loud_retried() -> None:
+        runs.append(1)
+        raise ValueError("y" * size)
+
+    async with app:
+        task = await app.add_task("loud_retried")
+        final = await app.wait(task.uuid, timeout=20)
+        with anyio.fail_after(10):
+            while (await app.broker.stats()).in_flight:  # noqa: ASYNC110 - the ack follows
+                await anyio.sleep(0.02)
+        stats = await app.broker.stats()
+        assert sum(stats.ready_by_priority.values()) == stats.delayed == 0
+        assert await app.dead_letters() == []
+    await app.aclose()
+    assert final.status is TaskStatus.ERROR
+    assert re.fullmatch(
+        f"UnstorableRecordError: its retry record could not be stored: {refusal}",
+        final.error or "",
+    ), final.error
+    assert runs == [1]
+    assert [(hook, exc) for hook, _, exc in outcomes.calls] == [
+        ("failed", "UnstorableRecordError"),
+        ("after", None),
+    ]

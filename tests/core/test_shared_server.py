@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
-from refused_scenarios import ClosedCounter, refused_result
+from refused_scenarios import ClosedCounter, refused_result, refused_retry
 
 import qtasks.settle_batch
 from qtasks import (
@@ -358,6 +358,16 @@ async def test_a_record_the_storage_refuses_fails_only_its_own_task(batched: boo
     )
     refusal = r"StorageError: ERR record of \d+ characters, over 10000"
     await refused_result(app, held, size=20_000, refusal=refusal)
+
+
+async def test_a_retry_record_the_storage_refuses_ends_the_task_without_retrying_it() -> None:
+    """See :func:`refused_scenarios.refused_retry`."""
+    config = QueueConfig(
+        max_tasks_process=2, lease=0.5, max_deliveries=2, retry_backoff=0.05, plugins_disabled=["*"]
+    )
+    app = AsyncQueueTasks(storage=SizeLimitedStorage(), config=config)
+    refusal = r"StorageError: ERR record of \d+ characters, over 10000"
+    await refused_retry(app, size=20_000, refusal=refusal)
 
 
 async def test_a_task_whose_error_record_is_refused_too_is_handed_back_with_the_reason() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 from redis_procs import RedisServer, start_server
-from refused_scenarios import refused_result
+from refused_scenarios import refused_result, refused_retry
 
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.components import Delivery, Storage
@@ -91,3 +91,11 @@ async def test_a_refused_result_ends_its_task_with_the_reason_when_settled_alone
     app = app_for(broker, RedisStorage(server.url, prefix=prefix), server.url)
     assert not broker.shares_server_with(app.storage)
     await refused_result(app, None, size=BIG, refusal="ResponseError: .+")
+
+
+async def test_a_refused_retry_record_ends_its_task_without_retrying_it(
+    server: RedisServer,
+) -> None:
+    """See :func:`refused_scenarios.refused_retry`."""
+    app = app_for(RedisBroker(server.url), RedisStorage(server.url), server.url)
+    await refused_retry(app, size=BIG, refusal="ResponseError: .+")

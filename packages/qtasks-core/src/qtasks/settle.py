@@ -183,9 +183,9 @@ class Settlement:
         outcome: BaseException | None,
     ) -> None:
         """Store the record ``outcome`` leaves (final, or a retry's) and ack or requeue the
-        message. A final record the storage refuses for what it holds
-        (:class:`UnstorableRecordError`) ends the task ``error`` with the reason, without its
-        result, instead of running it again to meet the same refusal."""
+        message. A record the storage refuses for what it holds (:class:`UnstorableRecordError`,
+        see :meth:`_store`) ends the task ``error`` with the reason, without its result and not
+        retried, instead of running it again to meet the same refusal."""
         try:
             await self._finish_once(app, run, delivery, result, outcome)
         except UnstorableRecordError as exc:
@@ -236,7 +236,9 @@ class Settlement:
         if delay is not None:
             record.status = TaskStatus.RETRY
             record.eta = time.time() + delay
-            if not await self._durable(run, lambda: app.storage.save(record, fence=delivery.token)):
+            if not await self._store(
+                app, run, lambda: app.storage.save(record, fence=delivery.token)
+            ):
                 await refused(app, record, delivery, delivery)
                 return
             next_message = Message(
@@ -269,23 +271,14 @@ class Settlement:
         # for the hook.
         hook = record.workflow is not None and "qtasks_task_enqueued" in app.hooks.active
         enqueued: list[str] | None = [] if hook and shared is not None else None
-        try:
-            if shared is None:
-                saved = await self._durable(run, lambda: storage.save(record, fence=delivery.token))
-            elif enqueued is None:
-                saved = await self._durable(
-                    run, lambda: shared.ack_final(delivery, storage, record)
-                )
-            else:
-                saved = await self._durable(
-                    run, lambda: shared.ack_final(delivery, storage, record, enqueued=enqueued)
-                )
-        except OSError:
-            raise  # an outage (past its retries), not the record's fault
-        except Exception as exc:
-            # The server refused the record itself (Redis: a value over proto-max-bulk-len,
-            # an error reply; a value the storage cannot encode): the same save fails again.
-            raise _unstorable(app, record, exc) from None
+        if shared is None:
+            saved = await self._store(app, run, lambda: storage.save(record, fence=delivery.token))
+        elif enqueued is None:
+            saved = await self._store(app, run, lambda: shared.ack_final(delivery, storage, record))
+        else:
+            saved = await self._store(
+                app, run, lambda: shared.ack_final(delivery, storage, record, enqueued=enqueued)
+            )
         if enqueued:
             await workflows.announce(app, enqueued)
         return await stored_final(app, record, saved, delivery, None if shared else delivery)
@@ -310,7 +303,7 @@ class Settlement:
             f"out (max_deliveries={limit})"
         )
         record.updated_at = time.time()
-        saved = await self._durable(run, lambda: app.storage.save(record, fence=delivery.token))
+        saved = await self._store(app, run, lambda: app.storage.save(record, fence=delivery.token))
         if saved and record.workflow is not None:
             # ``again``: the message's lease is gone, so another worker's claim may have
             # dead-lettered it meanwhile and counted the member already (publishing the error
@@ -324,6 +317,21 @@ class Settlement:
             )
         return True
 
+    async def _store(
+        self, app: AsyncQueueTasks, run: TaskRun, call: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """A write of ``run``'s record (final, a retry's, a dead letter's) by ``call``, made
+        :meth:`_durable`. The one place that tells a refusal of the record itself from an
+        outage: an error that is not an ``OSError`` (Redis: a value over
+        ``proto-max-bulk-len``, an error reply; a value the storage cannot encode) is raised
+        as :class:`UnstorableRecordError`, since the same save fails again."""
+        try:
+            return await self._durable(run, call)
+        except OSError:
+            raise  # an outage (past its retries), not the record's fault
+        except Exception as exc:
+            raise _unstorable(app, run.record, exc) from None
+
     async def _durable(self, run: TaskRun, call: Callable[[], Awaitable[bool]]) -> bool:
         """A final write of ``run``, retried through a storage outage while its lease holds
         (the renewal pass marks it lost) and, once the worker stops, within the shutdown
@@ -334,7 +342,7 @@ class Settlement:
 
 
 def _unstorable(app: AsyncQueueTasks, record: TaskRecord, exc: Exception) -> UnstorableRecordError:
-    """The error a task ends with when the storage refused its final ``record`` with ``exc``:
+    """The error a task ends with when the storage refused its ``record`` with ``exc``:
     what was refused (a result's encoded size, which is the usual cause), and the server's
     reason, masked (:func:`~qtasks.masking.mask_text`)."""
     if record.status is TaskStatus.SUCCESS:
