@@ -99,8 +99,21 @@ def test_seed_commands_serve_until_sigterm(tmp_path: Path, command: list[str]) -
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
-    assert proc.poll() is None, proc.communicate()[1]
+    # Ready once it catches SIGTERM (its handler installed, /proc/PID/status SigCgt), not
+    # after a fixed pause: a loaded machine took longer than one to import qtasks.
+    deadline = time.monotonic() + 30
+    while not _catches(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "never installed its SIGTERM handler"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
