@@ -81,13 +81,13 @@ def connection_error(
             f"Redis at {target.where}{db} is out of memory (maxmemory reached, noeviction): "
             "it refused this call, which wrote nothing; free memory or raise maxmemory"
         )
-    if isinstance(exc, ResponseError) and not refused_credentials(exc):
-        return kind(f"Redis at {target.where}{db} cannot take calls for now: {reason}")
     if refused_credentials(exc):
         return kind(
             f"Redis at {target.where}{db} refused the credentials (check the user name and "
             f"password of the URL): {reason}"
         )
+    if isinstance(exc, ResponseError):  # an error reply that is an outage (see outage())
+        return kind(f"Redis at {target.where}{db} cannot take calls for now: {reason}")
     return kind(f"cannot reach Redis at {target.where}{db}: {reason}")
 
 
