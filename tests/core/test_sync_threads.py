@@ -14,6 +14,7 @@ import pytest
 from sync_threads import a_slot_is_kept_while_its_thread_runs, waits
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks.threads import still_running
 
 pytestmark = pytest.mark.anyio
 
@@ -67,8 +68,15 @@ async def test_threads_given_up_on_still_count_in_max_tasks_process(kind: str) -
             # Both threads still run: the sync task waits for one; an async one does not.
             assert (await app.add_task("ping", timeout=5)).returning == "pong"
             assert not await waits(quick_runs, 0.5)
+            hung = still_running()  # what `qtasks run` names at its stop, not waiting for it
+            assert len(hung) == 2 and {call.run.task.name for call in hung} == {"stuck"}
             gate.set()
             assert (await app.wait(late.uuid, timeout=10)).status is TaskStatus.SUCCESS
+            with anyio.fail_after(10):
+                for call in hung:
+                    assert call.done is not None
+                    await call.done.wait()  # the thread returned, its token back
+            assert not still_running()
     finally:
         gate.set()
     assert bodies["most"] == 2

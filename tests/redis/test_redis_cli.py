@@ -385,3 +385,57 @@ def test_inspect_lists_the_workflows_kept_in_redis(
     result = runner.invoke(cli, ["workflow", "-A", f"{name}:app"])
     assert result.exit_code == 0, result.output
     assert stopped.id in result.output and running.id in result.output
+
+
+HUNG = """
+import pathlib, time
+from qtasks import QueueConfig, QueueTasks
+
+app = QueueTasks(config=QueueConfig(extra={"redis_prefix": PREFIX}))
+
+
+@app.task(max_time=0.3)
+def hang() -> None:
+    pathlib.Path("started").touch()
+    time.sleep(300)  # a call that hangs: no thread can be stopped
+"""
+
+
+def test_run_exits_at_its_stop_without_waiting_for_a_hung_sync_thread(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A sync task given up on at ``max_time`` runs on in its thread; ``qtasks run`` stops at
+    SIGTERM without waiting for it (Python would, 300 s here), and says so."""
+    (tmp_path / "tasks.py").write_text(HUNG.replace("PREFIX", repr(redis_prefix)))
+    flags = ["--broker", "redis", "--broker-url", redis_url, "--global-config", "memory"]
+    env = _clean_env(PYTHONPATH=str(tmp_path))
+    qtasks = [sys.executable, "-m", "qtasks"]
+    server = subprocess.Popen(
+        [*qtasks, "run", "-A", "tasks:app", *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        added = subprocess.run(
+            [*qtasks, "add", "hang", "--wait", "30", "--json", "-A", "tasks:app", *flags],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        record = json.loads(added.stdout)
+        assert record["status"] == "error" and "max_time" in record["error"], added.stdout
+        assert (tmp_path / "started").exists()  # its thread runs on
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, out
+    assert "exiting without waiting for 1 thread(s) of sync task code" in out
+    assert f"hang ({record['uuid']})" in out

@@ -31,6 +31,15 @@ _ORPHANS: list[ThreadCall] = []
 """Calls whose thread returned after their event loop closed: their tokens are given back by
 the next call that finds the limiter full (see :func:`_acquire`)."""
 
+_RUNNING_ON: set[ThreadCall] = set()
+"""Calls given up on whose thread may still run (see :func:`still_running`)."""
+
+
+def still_running() -> list[ThreadCall]:
+    """The calls of sync task code given up on (``max_time``, a cancel, the worker's stop)
+    whose threads still run, in any app of this process: Python waits for them at exit."""
+    return [call for call in list(_RUNNING_ON) if not call.ended]
+
 
 class ThreadCall:
     """One call of sync task code in a worker thread; the borrower of its limiter token.
@@ -83,6 +92,7 @@ class ThreadCall:
         finally:
             self.ended = True
             if self.abandoned:
+                _RUNNING_ON.discard(self)
                 self._wake()
 
     def _wake(self) -> None:
@@ -106,8 +116,10 @@ class ThreadCall:
             self.wake = _threadsafe(self._release)
             self.done = anyio.Event()
             self.since = time.monotonic()
+            _RUNNING_ON.add(self)  # before ``abandoned``: the thread's end takes it out
         self.abandoned = True
         if self.ended or not self.started:
+            _RUNNING_ON.discard(self)
             self._release()  # returned already, or will never run
             return
         run = self.run

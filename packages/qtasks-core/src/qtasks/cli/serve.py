@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from dataclasses import replace
 from typing import Annotated
@@ -17,6 +19,7 @@ from qtasks.discovery import instantiate_plugin, load
 from qtasks.errors import ConfigError
 from qtasks.masking import mask_url
 from qtasks.plugins import hookimpl
+from qtasks.threads import still_running
 
 
 class _ServingLog:
@@ -109,3 +112,26 @@ def run(
     aio.add_plugin(_ServingLog(), "qtasks.cli")
     aio.run_forever()
     logging.getLogger("qtasks.cli").info("stopped")
+    _exit_without_hung_threads()
+
+
+def _exit_without_hung_threads() -> None:
+    """Python would wait at exit for the threads of sync task code the worker gave up on
+    (``max_time``, a cancel, the stop's grace), whose tasks are settled or handed back
+    already: a hung call would keep the stopped process alive until it returned (or until a
+    supervisor killed it). Exit now instead, with the code of a clean stop, after saying so."""
+    hung = still_running()
+    if not hung:
+        return
+    logging.getLogger("qtasks.cli").warning(
+        "exiting without waiting for %d thread(s) of sync task code still running after "
+        "they were given up on (Python cannot stop a thread; their tasks were settled or "
+        "handed back already): %s",
+        len(hung),
+        ", ".join(f"{call.run.task.name} ({call.run.record.uuid})" for call in hung),
+    )
+    logging.shutdown()  # flushes the handlers
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
