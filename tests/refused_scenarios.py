@@ -39,12 +39,17 @@ class HeldBroker(Protocol):
 
 
 class Outcomes:
-    """Records the hooks that end a task: ``(hook, uuid, the exception's class name)``."""
+    """Records the hooks that end a task, and ``qtasks_executor_error``: ``(hook, uuid, the
+    exception's class name)``."""
 
     name = "outcomes"
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str | None]] = []
+
+    @hookimpl
+    def qtasks_executor_error(self, record: TaskRecord, exc: BaseException) -> None:
+        self.calls.append(("error", record.uuid, type(exc).__name__))
 
     @hookimpl
     def qtasks_task_succeeded(self, record: TaskRecord) -> None:
@@ -69,7 +74,10 @@ async def refused_result(
 
     The small ones are stored once each; the refused ones end ``error`` with the reason,
     without the result, after one run (not run again to meet the same refusal, then
-    dead-lettered for "delivery limit reached"), their error hooks fired."""
+    dead-lettered for "delivery limit reached"), their error hooks fired once each:
+    ``qtasks_executor_error`` with what the task raised (the refused result's with the
+    :class:`~qtasks.errors.UnstorableRecordError`, since its task raised nothing), not again
+    for the refusal of the error record; ``qtasks_task_failed`` with the refusal."""
     outcomes, closed = Outcomes(), ClosedCounter(6)
     app.add_plugin(outcomes)
     app.add_plugin(closed)
@@ -134,14 +142,18 @@ async def refused_result(
     assert sorted(runs) == ["big", "loud", "small0", "small1", "small2"]  # each ran once
     if held is not None:
         assert sorted(held.batches[1]) == sorted(task.uuid for task in tasks[1:5])
-    ended = {call for call in outcomes.calls if call[0] != "after"}
+    ended = {call for call in outcomes.calls if call[0] in ("succeeded", "failed")}
     assert ended == {
         ("failed", result.uuid, "UnstorableRecordError"),
         ("failed", error.uuid, "UnstorableRecordError"),
         *{("succeeded", record.uuid, None) for record in (one, *smalls)},
     }
+    errors = sorted(call for call in outcomes.calls if call[0] == "error")
+    assert errors == sorted(
+        [("error", result.uuid, "UnstorableRecordError"), ("error", error.uuid, "ValueError")]
+    )
     # Each ended once, and its after hook fired once.
-    assert len(outcomes.calls) == 2 * len(tasks)
+    assert len(outcomes.calls) == 2 * len(tasks) + len(errors)
     after = sorted(uuid for hook, uuid, _ in outcomes.calls if hook == "after")
     assert after == sorted(task.uuid for task in tasks)
 
@@ -149,7 +161,9 @@ async def refused_result(
 async def refused_retry(app: AsyncQueueTasks, *, size: int, refusal: str) -> None:
     """A task with retries left raising an error of ``size`` characters, whose ``retry`` record
     the storage refuses with an error matching ``refusal``: it ends ``error`` with the reason
-    after one run, not retried, its failed hook fired once, acked and not dead-lettered.
+    after one run, not retried, acked and not dead-lettered; ``qtasks_executor_error`` fired
+    once, with what the task raised, and ``qtasks_task_failed`` once, with the refusal. The
+    final record keeps nothing of the refused retry record (its ``eta``: due again).
     Before, the refusal was taken for a component's failure: the message was handed back, run
     again, and dead-lettered at ``max_deliveries`` ("worker failed N times")."""
     outcomes = Outcomes()
@@ -177,7 +191,9 @@ async def refused_retry(app: AsyncQueueTasks, *, size: int, refusal: str) -> Non
         final.error or "",
     ), final.error
     assert runs == [1]
+    assert (final.eta, final.attempt) == (None, 1)
     assert [(hook, exc) for hook, _, exc in outcomes.calls] == [
+        ("error", "ValueError"),
         ("failed", "UnstorableRecordError"),
         ("after", None),
     ]

@@ -58,6 +58,11 @@ step). Then:
 * (no run here) a message the broker dead-lettered on its own, every delivery lost: (the
   ``error`` record, stored by a :class:`~qtasks.components.BeginOnClaim` claim, or fenced
   after a :class:`~qtasks.components.BuryNotice`) ``qtasks_task_dead_lettered``.
+* a record the storage refuses for what it holds (the result, the ``retry`` or the ``error``
+  record: :class:`~qtasks.errors.UnstorableRecordError`): the error path again with that
+  error, not retried: (``qtasks_executor_error`` only when the task raised nothing, its result
+  refused) → ``qtasks_storage_saved`` (``error``) → ``qtasks_broker_acked`` →
+  ``qtasks_task_failed`` (with the refusal) → ``qtasks_worker_execute_after``.
 * ``max_time`` exceeded: ``qtasks_task_timed_out`` → the error path (the error is
   :class:`~qtasks.errors.TaskMaxTimeError`).
 * a message that cannot run (undecodable, unknown task, bad arguments):
@@ -474,7 +479,11 @@ def qtasks_executor_execute_after(app: AsyncQueueTasks, record: TaskRecord, resu
 @hookspec
 def qtasks_executor_error(app: AsyncQueueTasks, record: TaskRecord, exc: BaseException) -> None:
     """Notification: the task raised ``exc``; fired by the worker right after
-    ``qtasks_executor_closed``, before the retry decision (not for cancellation)."""
+    ``qtasks_executor_closed``, before the retry decision (not for cancellation). Once a run:
+    when the storage then refuses the ``retry`` or ``error`` record, it does not fire again
+    (``qtasks_task_failed`` gets the :class:`~qtasks.errors.UnstorableRecordError`, whose
+    reason the record keeps in place of this ``exc``); a task whose result is refused, which
+    raised nothing, fires it with the ``UnstorableRecordError``."""
 
 
 @hookspec

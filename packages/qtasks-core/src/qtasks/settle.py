@@ -185,7 +185,12 @@ class Settlement:
         """Store the record ``outcome`` leaves (final, or a retry's) and ack or requeue the
         message. A record the storage refuses for what it holds (:class:`UnstorableRecordError`,
         see :meth:`_store`) ends the task ``error`` with the reason, without its result and not
-        retried, instead of running it again to meet the same refusal."""
+        retried, instead of running it again to meet the same refusal.
+
+        ``qtasks_executor_error`` fires once a run: with what the task raised, before the
+        retry decision; the refusal of its retry or error record that follows does not fire it
+        again (``qtasks_task_failed`` gets the refusal). A task that raised nothing (a refused
+        result, a refused ``cancel`` record) fires it with the refusal."""
         try:
             await self._finish_once(app, run, delivery, result, outcome)
         except UnstorableRecordError as exc:
@@ -193,7 +198,8 @@ class Settlement:
                 raise  # even that record is refused: handed back, counted (qtasks.poison)
             log.warning("task %s: %s; it ends as error", run.record.uuid, exc)
             run.record.returning = None
-            await self._finish_once(app, run, delivery, None, exc)
+            noted = outcome is not None and not isinstance(outcome, TaskCancelledError)
+            await self._finish_once(app, run, delivery, None, exc, noted=noted)
 
     async def _finish_once(
         self,
@@ -202,7 +208,11 @@ class Settlement:
         delivery: Delivery,
         result: Any,
         outcome: BaseException | None,
+        *,
+        noted: bool = False,
     ) -> None:
+        """:meth:`_finish` once; ``noted``: ``qtasks_executor_error`` fired for this run
+        already."""
         record, hooks, task = run.record, app.hooks, run.task
         if outcome is None:
             succeeded(record, result)
@@ -221,7 +231,8 @@ class Settlement:
             return
         record.traceback = "".join(traceback.format_exception(outcome))
         record.error = f"{type(outcome).__name__}: {outcome}"
-        await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
+        if not noted:
+            await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
         delay: float | None = None
         if not isinstance(outcome, PermanentError):
             headers = run.message.headers
@@ -235,10 +246,15 @@ class Settlement:
                 log.error("%s", exc)
         if delay is not None:
             record.status = TaskStatus.RETRY
-            record.eta = time.time() + delay
-            if not await self._store(
-                app, run, lambda: app.storage.save(record, fence=delivery.token)
-            ):
+            due, record.eta = record.eta, time.time() + delay
+            try:
+                stored = await self._store(
+                    app, run, lambda: app.storage.save(record, fence=delivery.token)
+                )
+            except UnstorableRecordError:
+                record.eta = due  # not due again: the error record _finish stores says so
+                raise
+            if not stored:
                 await refused(app, record, delivery, delivery)
                 return
             next_message = Message(
