@@ -252,3 +252,61 @@ async def a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled
             after = await app.add_task("plain", 1, timeout=WAIT)
             assert (after.status, after.returning) == (TaskStatus.SUCCESS, 1)
     assert_ignored_as_errors(caplog)
+
+
+def register_waits(app: AsyncQueueTasks) -> anyio.Event:
+    """``waits``, a task that runs until cancelled; the event it sets once it started."""
+    started = anyio.Event()
+
+    @app.task
+    async def waits() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    return started
+
+
+def stray_failures(caplog: pytest.LogCaptureFixture) -> list[StrayCancellationError]:
+    """The stray cancellations the worker logged as its failure on a message."""
+    return [
+        r.exc_info[1]
+        for r in caplog.records
+        if "worker failed while handling message" in r.getMessage()
+        and r.exc_info is not None
+        and isinstance(r.exc_info[1], StrayCancellationError)
+    ]
+
+
+async def a_cancelled_task_whose_settle_write_raises_its_own_cancellation_is_handed_back(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture, culprit: str
+) -> None:
+    """A task cancelled by ``app.cancel`` whose ``cancel`` record's write (a component of
+    ``app`` armed to raise a cancellation of its own once, named ``culprit``) fails so in the
+    shielded settle: the failure is logged with the component named and the message handed
+    back as for any component failure; its next delivery finds the record ``cancel`` (stored
+    by ``app.cancel``) and acks it, and the worker serves on. Before, the cancellation was
+    taken for the runner's: nothing was logged and the message waited for its lease."""
+    register(app)
+    started = register_waits(app)
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with app:
+            task = await app.add_task("waits")
+            with anyio.fail_after(WAIT):
+                await started.wait()
+            await app.cancel(task.uuid, "enough")
+            with anyio.fail_after(WAIT):
+                while True:
+                    stats = await app.broker.stats()
+                    pending = (
+                        stats.in_flight + stats.delayed + sum(stats.ready_by_priority.values())
+                    )
+                    if pending == 0 and stray_failures(caplog):
+                        break
+                    await anyio.sleep(0.02)
+            final = await app.wait(task.uuid, timeout=WAIT)
+            assert (final.status, final.cancel_reason) == (TaskStatus.CANCEL, "enough")
+            after = await app.add_task("plain", 1, timeout=WAIT)
+            assert (after.status, after.returning) == (TaskStatus.SUCCESS, 1)
+    [failure] = stray_failures(caplog)
+    assert failure.culprit.startswith(culprit), failure.culprit
+    assert isinstance(failure.__cause__, asyncio.CancelledError)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -18,13 +18,16 @@ import pytest
 from stray_scenarios import (
     WAIT,
     a_cancelled_task_raising_a_fresh_cancellation_is_cancelled_and_the_worker_serves_on,
+    a_cancelled_task_whose_settle_write_raises_its_own_cancellation_is_handed_back,
     a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_settled,
     a_hook_raising_its_own_cancellation_is_ignored_as_a_failed_hook,
     a_task_raising_its_own_cancellation_fails_and_the_worker_serves_on,
     assert_ignored_as_errors,
     cancelled_inner,
     register_torn_down,
+    register_waits,
     replace_the_cancellation,
+    stray_failures,
 )
 
 from qtasks import AsyncQueueTasks, Depends, MemoryStorage, QueueConfig, TaskStatus, hookimpl
@@ -291,6 +294,26 @@ async def test_a_cancelled_task_whose_teardown_raises_its_own_cancellation_is_se
     )
 
 
+@asynccontextmanager
+async def stopped_while_running(
+    app: AsyncQueueTasks, name: str, started: anyio.Event
+) -> AsyncIterator[str]:
+    """The app's components started (they outlive the worker's stop), task ``name`` added
+    and served until it set ``started``, then the worker stopped (past its grace, the task
+    is handed back): the task's uuid, the components still up."""
+    async with AsyncExitStack() as stack:
+        await app.broker.start(stack, app.config)
+        await app.storage.start(stack, app.config)
+        await app.global_config.start(stack, app.config)
+        task = await app.add_task(name)
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(app.worker.run, app)
+                await started.wait()
+                app.worker.stop()
+        yield task.uuid
+
+
 async def test_a_task_handed_back_at_the_stop_whose_teardown_raises_its_own_cancellation(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -303,18 +326,9 @@ async def test_a_task_handed_back_at_the_stop_whose_teardown_raises_its_own_canc
     started = anyio.Event()
     hooks = register_torn_down(app, started)
     with caplog.at_level(logging.ERROR):
-        async with AsyncExitStack() as stack:  # the components outlive the worker's stop
-            await app.broker.start(stack, app.config)
-            await app.storage.start(stack, app.config)
-            await app.global_config.start(stack, app.config)
-            task = await app.add_task("torn_down")
-            with anyio.fail_after(WAIT):
-                async with anyio.create_task_group() as tg:
-                    await tg.start(app.worker.run, app)
-                    await started.wait()
-                    app.worker.stop()
+        async with stopped_while_running(app, "torn_down", started) as uuid:
             assert hooks.seen == [("requeued", None), ("after", TaskStatus.NEW)]
-            record = await app.storage.get(task.uuid)
+            record = await app.storage.get(uuid)
             assert record is not None and record.status is TaskStatus.NEW
             stats = await app.broker.stats()
             assert (stats.in_flight, sum(stats.ready_by_priority.values())) == (0, 1)
@@ -341,3 +355,51 @@ async def test_within_shielded_only_a_cancel_request_made_after_entering_is_a_st
             assert is_stray(asyncio.CancelledError())
         assert not is_stray(asyncio.CancelledError())
     assert task.cancelling() == 0
+
+
+class StraySettleSave(MemoryStorage):
+    """Its first fenced save of a record in ``status`` (a settle's write) raises a
+    cancellation of its own (a client library letting an inner one escape)."""
+
+    def __init__(self, status: TaskStatus) -> None:
+        super().__init__()
+        self.status = status
+        self.fired = False
+
+    async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        if fence is not None and record.status is self.status and not self.fired:
+            self.fired = True
+            await cancelled_inner()
+        return await super().save(record, fence=fence)
+
+
+async def test_a_cancelled_task_whose_cancel_record_save_raises_its_own_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await a_cancelled_task_whose_settle_write_raises_its_own_cancellation_is_handed_back(
+        one_at_a_time(storage=StraySettleSave(TaskStatus.CANCEL)),
+        caplog,
+        "the storage (StraySettleSave.save)",
+    )
+
+
+async def test_a_task_handed_back_at_the_stop_whose_save_raises_its_own_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stop's hand-back of a task still running after the grace, whose ``new`` record's
+    save raises a cancellation of its own: logged as the storage's failure, the message handed
+    back with it counted (not left to its lease, without a word, as before)."""
+    storage = StraySettleSave(TaskStatus.NEW)
+    app = one_at_a_time(storage=storage)
+    app.config.shutdown_grace = 0.05
+    app.config.retry_backoff = 60.0  # the hand-back's delay: it stays delayed in the test
+    started = register_waits(app)
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with stopped_while_running(app, "waits", started) as uuid:
+            assert storage.fired
+            stats = await app.broker.stats()
+            assert (stats.in_flight, stats.delayed) == (0, 1)
+            record = await app.storage.get(uuid)
+            assert record is not None and record.status is TaskStatus.PROCESS
+    [failure] = stray_failures(caplog)
+    assert failure.culprit.startswith("the storage (StraySettleSave.save)"), failure.culprit

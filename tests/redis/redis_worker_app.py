@@ -30,9 +30,11 @@ def build(
     concurrency: int = 10,
     prefetch: int | None = None,
     ledger: str | None = None,
+    broker_type: type[RedisBroker] = RedisBroker,
     **config: Any,
 ) -> AsyncQueueTasks:
-    """An app whose three components are on Redis under ``prefix``."""
+    """An app whose three components are on Redis under ``prefix`` (the broker a
+    ``broker_type``)."""
     settings = QueueConfig(
         lease=lease,
         max_tasks_process=concurrency,
@@ -42,7 +44,7 @@ def build(
     ).merged(**config)
     app = AsyncQueueTasks(
         "redis-tests",
-        broker=RedisBroker(url, prefix=prefix, queue="e2e"),
+        broker=broker_type(url, prefix=prefix, queue="e2e"),
         storage=RedisStorage(url, prefix=prefix),
         global_config=RedisGlobalConfig(url, prefix=prefix),
         config=settings,

@@ -59,7 +59,9 @@ def is_stray(exc: BaseException) -> bool:
 @contextmanager
 def shielded() -> Iterator[None]:
     """A shielded cancel scope for what must finish although the current task is being
-    cancelled (the settle of a cancelled run), inside which a ``CancelledError`` is stray
+    cancelled (the settle of a cancelled run: :meth:`qtasks.settle.Settlement.settle_shielded`,
+    where a teardown's, a hook's or a component's own is that code's failure), inside which a
+    ``CancelledError`` is stray
     (:func:`is_stray`) unless a cancel request came after it was entered.
 
     On asyncio, the cancelled scope being left has cancelled its host task with

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qtasks import poison
-from qtasks.cancels import is_error
+from qtasks.cancels import is_error, is_stray, shielded, stray_error
 from qtasks.components import Delivery
 from qtasks.errors import (
     LeaseLostError,
@@ -139,6 +139,31 @@ class Settlement:
             await self._finish(app, run, delivery, result, outcome)
         if "qtasks_worker_execute_after" in hooks.active:
             await hooks.notify("qtasks_worker_execute_after", app=app, record=run.record, run=run)
+
+    async def settle_shielded(
+        self,
+        app: AsyncQueueTasks,
+        run: TaskRun,
+        delivery: Delivery,
+        result: Any,
+        outcome: BaseException | None,
+        *,
+        cancelled: bool,
+    ) -> None:
+        """:meth:`settle` shielded (:func:`~qtasks.cancels.shielded`), for a run whose
+        runner's scope is cancelled (``app.cancel`` of the running task, the stop's hand-back,
+        a cancel as it finished). A component's own ``CancelledError`` in there is raised as a
+        :class:`~qtasks.errors.StrayCancellationError` naming the component: a failure of the
+        settle step as any other (the worker hands the message back, counted, see
+        :mod:`qtasks.poison`). Let through, it was taken for the runner's cancellation: the
+        settle ended without a word and the message waited for its lease."""
+        with shielded():
+            try:
+                await self.settle(app, run, delivery, result, outcome, cancelled=cancelled)
+            except BaseException as exc:
+                if not is_stray(exc):
+                    raise
+                raise stray_error(_culprit(app, run, exc), exc) from exc
 
     async def _settle_cancelled(
         self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery
@@ -371,6 +396,25 @@ def _unstorable(app: AsyncQueueTasks, record: TaskRecord, exc: Exception) -> Uns
     else:
         what = f"its {record.status.value} record"
     return UnstorableRecordError(record.uuid, what, mask_text(f"{type(exc).__name__}: {exc}"))
+
+
+def _culprit(app: AsyncQueueTasks, run: TaskRun, exc: BaseException) -> str:
+    """Who raised the stray cancellation ``exc`` while ``run`` was settled: the innermost
+    frame of its traceback that is a method of the app's storage or broker, or of the run's
+    delivery (the settle calls nothing else but hooks, which log their own)."""
+    roles = {id(app.storage): "the storage", id(app.broker): "the broker"}
+    if run.delivery is not None:
+        roles[id(run.delivery)] = "the broker's delivery"
+    named = f"a component settling task {run.record.uuid}"
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        role = roles.get(id(owner))
+        if role is not None:
+            method = tb.tb_frame.f_code.co_name
+            named = f"{role} ({type(owner).__name__}.{method}) settling task {run.record.uuid}"
+        tb = tb.tb_next
+    return named
 
 
 def _ended_by(run: TaskRun, outcome: BaseException | None, cancelled: bool) -> BaseException | None:

@@ -30,7 +30,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from qtasks import poison
 from qtasks.begin import BeginBatch
-from qtasks.cancels import is_stray, shielded, stray_error
+from qtasks.cancels import is_stray, stray_error
 from qtasks.components import (
     BeginOnClaim,
     BuryNotice,
@@ -658,11 +658,12 @@ class QueueWorker:
         except BaseException as exc:
             if run.cancel_requested and isinstance(exc, anyio.get_cancelled_exc_class()):
                 run.executing = False
-                # The runner's scope is cancelled: settle shielded (a teardown's or a hook's
-                # own CancelledError in there is still theirs, see shielded), then let the
-                # cancellation end the scope (the runner takes a fresh one for the next task).
-                with shielded():
-                    await self._settlement.settle(app, run, delivery, None, None, cancelled=True)
+                # The runner's scope is cancelled: settle shielded (a teardown's, a hook's or a
+                # component's own CancelledError in there is still theirs, see shielded), then
+                # let the cancellation end the scope (the runner takes a fresh one).
+                await self._settlement.settle_shielded(
+                    app, run, delivery, None, None, cancelled=True
+                )
                 raise
             if not is_stray(exc):
                 raise  # the worker itself is torn down: not acked, comes back after its lease
@@ -674,8 +675,9 @@ class QueueWorker:
         if run.cancel_requested:
             # Cancelled as it finished (or the task swallowed the cancellation): the scope is
             # cancelled, so only shielded awaits can still run in it.
-            with shielded():
-                await self._settlement.settle(app, run, delivery, result, outcome, cancelled=False)
+            await self._settlement.settle_shielded(
+                app, run, delivery, result, outcome, cancelled=False
+            )
             return
         await self._settlement.settle(app, run, delivery, result, outcome, cancelled=False)
 
