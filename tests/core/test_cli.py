@@ -217,7 +217,7 @@ def test_add_rejects_a_priority_or_delay_no_broker_can_keep(
             str(2**63),
             f"priority expects an int from -2**63 to 2**63 - 1, got {2**63}",
         ),
-        ("--delay", "inf", "delay expects seconds (a finite number), got inf"),
+        ("--delay", "inf", "delay expects finite seconds >= 0, got inf"),
     ]:
         code, out = invoke("add", "add", "1", option, value, "-A", served)
         assert (code, out.strip()) == (1, f"error: add_task: {says}")

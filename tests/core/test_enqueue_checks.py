@@ -4,6 +4,8 @@ entry point, before anything is stored or published (review r5 #3)."""
 from __future__ import annotations
 
 import enum
+import re
+import reprlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -83,6 +85,27 @@ async def test_a_bad_delay_or_eta_is_refused_by_every_entry_point(option: str, v
             await assert_nothing_written(app)
 
 
+@pytest.mark.parametrize("delay", [-5, -0.001, -(10**300)], ids=short)
+async def test_a_negative_delay_is_refused_as_a_signature_refuses_it(delay: Any) -> None:
+    """A negative delay was taken by ``add_task`` as "due now", while a signature refused it:
+    now every entry point refuses it, with the signature's words."""
+    app = app_with_add()
+    says = "delay expects finite seconds >= 0, got " + re.escape(reprlib.repr(delay))
+    async with app:
+        for call in entry_points(app).values():
+            with pytest.raises(TaskArgumentsError, match=f"^add_task: {says}"):
+                await call(delay=delay)
+            await assert_nothing_written(app)
+        add = app.tasks["add"]
+        with pytest.raises(TaskDeclarationError, match=f"^signature of 'add': {says}"):
+            add.s(1, 2).set(delay=delay)
+        with pytest.raises(TaskDeclarationError, match=f"^signature of 'add': {says}"):
+            await add.add_tasks([(1, 2), (3, 4)], delay=delay)
+        await assert_nothing_written(app)
+        # 0 is now, not refused.
+        assert (await app.add_task("add", 1, 2, delay=0, timeout=5)).returning == 3
+
+
 def test_the_sync_app_refuses_them_too() -> None:
     app = QueueTasks("checks")
 
@@ -91,11 +114,18 @@ def test_the_sync_app_refuses_them_too() -> None:
         return a + b
 
     with app:
-        for options in ({"priority": True}, {"delay": float("nan")}, {"eta": "tomorrow"}):
+        for options in (
+            {"priority": True},
+            {"delay": float("nan")},
+            {"delay": -5},
+            {"eta": "tomorrow"},
+        ):
             with pytest.raises(TaskArgumentsError):
                 app.add_task("add", 1, 2, **options)
             with pytest.raises(TaskArgumentsError):
                 add.add_task(1, 2, **options)
+        with pytest.raises(TaskDeclarationError, match="delay expects finite seconds >= 0"):
+            add.add_tasks([(1, 2)], delay=-5)
         assert app.portal.call(app.aio.storage.stats) == {}
 
 

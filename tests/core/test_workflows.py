@@ -379,7 +379,7 @@ async def test_a_delay_that_is_no_time_is_refused_before_anything_is_stored(
     app: AsyncQueueTasks, delay: float
 ) -> None:
     double = app.tasks["double"]
-    with pytest.raises(TaskDeclarationError, match="delay must be finite seconds >= 0"):
+    with pytest.raises(TaskDeclarationError, match="delay expects finite seconds >= 0"):
         double.s(1).set(delay=delay)
     with pytest.raises(TaskArgumentsError, match="delay"):
         await app.add_task("double", 1, delay=delay)

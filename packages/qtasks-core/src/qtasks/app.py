@@ -545,8 +545,8 @@ class AsyncQueueTasks:
     ) -> AsyncTask:
         """Enqueue ``task_name(*args, **kwargs)`` and return its record.
 
-        ``priority`` (lower runs first), ``delay`` (seconds) or ``eta`` (unix time) schedule
-        it; with ``timeout`` the call waits for the final record and raises
+        ``priority`` (lower runs first), ``delay`` (seconds, 0 or more) or ``eta`` (unix time)
+        schedule it; with ``timeout`` the call waits for the final record and raises
         :class:`~qtasks.errors.TaskTimeoutError` if it does not come in time. ``expires``
         (seconds): not started by then, the task ends ``expired``. ``unique_key``: while a
         task added with that key is not final (with ``unique_for``: for ``unique_for``

@@ -1,6 +1,7 @@
 """Checks of the values several places take alike, written once so that every entry point holds
 the same rule: a priority (``add_task``, a signature, a task declaration, the configuration, a
-timer) and a finite number of seconds or a unix time (``delay``, ``eta``, ``expires``)."""
+timer), a delay (``add_task`` and a signature alike) and a finite number of seconds or a unix
+time (``delay``, ``eta``, ``expires``)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,13 @@ def finite(value: Any) -> float | None:
     except OverflowError:  # an int beyond any float
         return None
     return number if math.isfinite(number) else None
+
+
+def check_delay(value: Any, what: str, error: type[Exception]) -> float:
+    """``value`` as a delay: finite seconds of 0 or more (an int or a float, not a bool);
+    raises ``error`` saying what ``what`` expects otherwise (a negative delay is refused, not
+    taken as "now": it is a mistake in the caller's arithmetic more often than a wish)."""
+    number = finite(value)
+    if number is None or number < 0:
+        raise error(f"{what} expects finite seconds >= 0, got {reprlib.repr(value)}")
+    return number

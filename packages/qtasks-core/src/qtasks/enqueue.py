@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qtasks import flow
-from qtasks.checks import check_priority, finite
+from qtasks.checks import check_delay, check_priority, finite
 from qtasks.components import Broker, SharedServer, Storage
 from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope, Message, new_uuid
@@ -87,14 +87,14 @@ async def _overlapped(
     await added
 
 
-def _time(value: Any, option: str, expected: str) -> float:
-    """``value`` of the ``add_task`` option ``delay`` or ``eta`` as a float; raises
+def _eta(value: Any) -> float:
+    """``value`` of the ``add_task`` option ``eta`` as a float; raises
     :class:`TaskArgumentsError` unless it is a finite number (nan or inf: a time no broker
     can keep)."""
     number = finite(value)
     if number is None:
         raise TaskArgumentsError(
-            f"add_task: {option} expects {expected} (a finite number), got {reprlib.repr(value)}"
+            f"add_task: eta expects a unix time (a finite number), got {reprlib.repr(value)}"
         )
     return number
 
@@ -131,9 +131,9 @@ async def prepare(
         priority = app.config.default_priority
     now = app.clock()
     if delay is not None:
-        eta = now + _time(delay, "delay", "seconds")
+        eta = now + check_delay(delay, "add_task: delay", TaskArgumentsError)
     elif eta is not None:
-        eta = _time(eta, "eta", "a unix time")
+        eta = _eta(eta)
     message = Message(
         uuid=new_uuid(),
         task_name=task_name,

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from qtasks.checks import check_priority, finite
+from qtasks.checks import check_delay, check_priority
 from qtasks.errors import QTasksError, TaskDeclarationError, UnknownTaskError, WorkflowError
 
 if TYPE_CHECKING:
@@ -45,10 +45,8 @@ class Signature:
             )
             if priority is not self.priority:  # an IntEnum member, as its int
                 object.__setattr__(self, "priority", priority)
-        if self.delay is not None and ((delay := finite(self.delay)) is None or delay < 0):
-            raise TaskDeclarationError(
-                f"signature of {name!r}: delay must be finite seconds >= 0, got {self.delay!r}"
-            )
+        if self.delay is not None:
+            check_delay(self.delay, f"signature of {name!r}: delay", TaskDeclarationError)
         if self.retry is not None and (
             not isinstance(self.retry, int) or isinstance(self.retry, bool) or self.retry < 0
         ):
