@@ -14,6 +14,7 @@ import pytest
 from qtasks.errors import SerializationError
 from qtasks.messages import (
     HEADER_CHECKS,
+    WIRE_VERSION,
     Codec,
     JSONSerializer,
     Message,
@@ -139,6 +140,20 @@ def test_fields_and_headers_as_qtasks_writes_them_decode_unchanged() -> None:
     }
     message = Message("u", "t", [1], {"k": 2}, 3, 1.7e9 + 0.5, 1, headers)
     assert codec.decode(codec.encode(message).body) == message
+
+
+def test_only_the_wire_version_qtasks_writes_is_read() -> None:
+    """A body of another version is undecodable (before, ``v`` was not read at all); one
+    without ``v``, made by hand, is read as the version qtasks writes."""
+    message = Message("u", "t", [1])
+    wire = message.to_wire()
+    assert wire["v"] == WIRE_VERSION == 1
+    del wire["v"]
+    assert Message.from_wire(wire) == message
+    for version in (2, 7, "1", 1.0, True, None, [1]):
+        wire["v"] = version
+        with pytest.raises(SerializationError, match=r"^unsupported message version "):
+            Message.from_wire(wire)
 
 
 @pytest.mark.parametrize("created_at", [None, 0, 0.0])

@@ -189,6 +189,10 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(
             {"uuid": "u1", "task": "no_such_task", "args": [], "kwargs": {}}
         ).encode(),
         "missing-fields": json.dumps({"task": "fine"}).encode(),
+        # Runnable but for its version: it ran (seen == [8, 7]), its fields read as version 1's.
+        "future-version": json.dumps(
+            {"v": 7, "uuid": "u2", "task": "fine", "args": [8], "kwargs": {}}
+        ).encode(),
     }
     connection = await aio_pika.connect(URL)
     async with connection:
@@ -212,6 +216,9 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(
     assert reasons["bad-body"].startswith("undecodable message")
     assert "no_such_task" in reasons["unknown-task"]
     assert "uuid" in reasons["missing-fields"]
+    assert reasons["future-version"] == (
+        "undecodable message: unsupported message version 7 (this qtasks reads version 1)"
+    )
     assert seen == [7]
 
 

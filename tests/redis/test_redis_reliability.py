@@ -198,6 +198,10 @@ async def test_poison_written_into_redis_is_dead_lettered(redis_url: str, prefix
         "wrong-args": json.dumps(
             {"uuid": "wrong-args", "task": "noop", "args": [1, 2, 3], "kwargs": {}}
         ).encode(),
+        # Runnable but for its version (it ran, fields read as version 1's).
+        "future-version": json.dumps(
+            {"v": 7, "uuid": "future-version", "task": "noop", "args": [1], "kwargs": {}}
+        ).encode(),
     }
     try:
         async with app:
@@ -230,6 +234,10 @@ async def test_poison_written_into_redis_is_dead_lettered(redis_url: str, prefix
             assert "nope" in letters["unknown-task"].reason
             assert "missing" in letters["missing-fields"].reason
             assert "argument" in letters["wrong-args"].reason
+            assert letters["future-version"].reason == (
+                "undecodable message: unsupported message version 7 (this qtasks reads version 1)"
+            )
+            assert letters["future-version"].body == poison["future-version"]
             assert "record unreadable" in letters["unreadable-record"].reason
             again = await app.add_task("noop", 6, timeout=5)
             assert again.returning == 12

@@ -21,6 +21,9 @@ from qtasks.checks import finite
 from qtasks.errors import MessageTooLargeError, SerializationError
 
 WIRE_VERSION = 1
+"""The version of the message format :meth:`Message.to_wire` writes (its ``v``), the only one
+:meth:`Message.from_wire` reads: a message of another (or a ``v`` that is not an int) is
+undecodable. A body without ``v`` (a message made by hand) is read as this version."""
 
 
 def _unencodable(value: Any) -> Any:
@@ -183,12 +186,19 @@ class Message:
 
     @classmethod
     def from_wire(cls, data: Any) -> Message:
-        """Rebuild a message; raise :class:`SerializationError` on any missing or bad field,
-        or a header of :data:`HEADER_CHECKS` that holds what its reader cannot act on. A
-        message with neither headers nor an odd ``created_at`` (nearly every one) pays a few
-        type tests for it."""
+        """Rebuild a message; raise :class:`SerializationError` on a version other than
+        :data:`WIRE_VERSION`, any missing or bad field, or a header of :data:`HEADER_CHECKS`
+        that holds what its reader cannot act on. A message with neither headers nor an odd
+        ``created_at`` (nearly every one) pays a few type tests for it."""
         if not isinstance(data, dict):
             raise SerializationError(f"message body is a {type(data).__name__}, not an object")
+        version = data.get("v", WIRE_VERSION)
+        if version != WIRE_VERSION or type(version) is not int:  # 1.0 and True are == 1
+            # Read as this version, a message of another would run with fields misread.
+            raise SerializationError(
+                f"unsupported message version {reprlib.repr(version)} (this qtasks reads "
+                f"version {WIRE_VERSION})"
+            )
         try:
             uuid, task, args, kwargs = data["uuid"], data["task"], data["args"], data["kwargs"]
         except KeyError as exc:
