@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -537,15 +538,54 @@ def test_from_config_reads_url_and_extra() -> None:
         RabbitMQBroker.from_config(QueueConfig(extra={"rabbitmq_qeue": "x"}))
     with pytest.raises(ConfigError, match="classic"):
         RabbitMQBroker.from_config(QueueConfig(extra={"rabbitmq_queue_type": "stream"}))
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (
+            "amqp://guest:s3cret@127.0.0.1:notaport/",
+            "bad RabbitMQ URL amqp://guest:***@127.0.0.1:notaport/: ValueError: Invalid URL: "
+            "port can't be converted to integer",
+        ),
+        (
+            "amqp://guest:s3cret@127.0.0.1:99999/",
+            "bad RabbitMQ URL amqp://guest:***@127.0.0.1:99999/: ValueError: Port out of range",
+        ),
+        (
+            "amqp://guest:s3cret@[::1/",
+            "bad RabbitMQ URL ***: ValueError: Invalid IPv6 URL",  # mask_url: whole
+        ),
+        ("http://x", "RabbitMQ URL must start with amqp:// or amqps://, got http://x"),
+        (
+            "redis://x:s3cret@h/",
+            "RabbitMQ URL must start with amqp:// or amqps://, got redis://x:***@h/",
+        ),
+        (
+            "amqp://guest:s3cret@:5672/",
+            "bad RabbitMQ URL amqp://guest:***@:5672/: it names no host",
+        ),
+        ("amqp://", "bad RabbitMQ URL amqp://: it names no host"),
+        ("amqp:///vhost", "bad RabbitMQ URL amqp:///vhost: it names no host"),
+    ],
+)
+def test_a_bad_url_is_a_config_error_when_the_broker_is_built(url: str, says: str) -> None:
+    """It was a BrokerConnectionError (a ConnectionError: an outage to ride out), raised only
+    by start(); a URL with no host got as far as a connection attempt."""
+    for build in (
+        lambda: RabbitMQBroker(url),
+        lambda: RabbitMQBroker.from_config(QueueConfig(broker_url=url)),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            build()
+        assert not isinstance(caught.value, ConnectionError)
+        assert str(caught.value).startswith(says)
+        assert "\n" not in str(caught.value)
+        assert "s3cret" not in str(caught.value) + repr(caught.value)
+        error = caught.value
+        assert error.__cause__ is None  # no yarl traceback under it
+        assert error.__context__ is None or error.__suppress_context__
     from qtasks_rabbitmq.link import Link
 
-    with pytest.raises(BrokerConnectionError, match="amqp") as caught:
-        Link("redis://x:secret@h/", broker.topology)
-    assert "secret" not in str(caught.value)
-    # A URL yarl cannot read: its ValueError came out of start() as it was, and the CLI
-    # printed a traceback.
-    with pytest.raises(BrokerConnectionError) as caught:
-        Link("amqp://guest:secret@h:notaport/", broker.topology)
-    assert str(caught.value).startswith("bad RabbitMQ URL amqp://guest:***@h:notaport/: ")
-    assert "port can't be converted to integer" in str(caught.value)
-    assert "secret" not in str(caught.value) + repr(caught.value)
+    with pytest.raises(ConfigError, match=f"^{re.escape(says)}"):
+        Link(url, RabbitMQBroker().topology)  # the link reads the URL by the same rule

@@ -39,7 +39,7 @@ from qtasks_rabbitmq.consumer import Consumer
 from qtasks_rabbitmq.delivery import RabbitMQDelivery
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.publisher import Published, Publisher
-from qtasks_rabbitmq.settings import DEFAULT_URL, RabbitMQSettings, check_options
+from qtasks_rabbitmq.settings import DEFAULT_URL, RabbitMQSettings, check_options, check_url
 from qtasks_rabbitmq.topology import QueueType, Topology
 
 __all__ = ["DEFAULT_URL", "RabbitMQBroker", "RabbitMQDelivery"]
@@ -57,8 +57,10 @@ class RabbitMQBroker:
     queues' ``x-queue-version`` (0, the default, leaves it to the server). ``heartbeat`` is the AMQP
     heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds a whole publish:
     one deadline for the wait for a lost connection to come back and for its confirm.
-    They are checked as :class:`~qtasks_rabbitmq.settings.RabbitMQSettings` (a bad value
-    raises :class:`~qtasks.errors.ConfigError`).
+    They are checked as :class:`~qtasks_rabbitmq.settings.RabbitMQSettings`, and ``url`` by
+    :func:`~qtasks_rabbitmq.settings.check_url`, here: a bad value or URL (not ``amqp://`` or
+    ``amqps://``, no host, a port that is no number) raises :class:`~qtasks.errors.ConfigError`,
+    its message without the password.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class RabbitMQBroker:
             connect_timeout=connect_timeout,
             publish_timeout=publish_timeout,
         )
+        check_url(url)  # a bad URL is refused here, not at start()
         self._url = url
         self._settings = settings
         self._topology = Topology(

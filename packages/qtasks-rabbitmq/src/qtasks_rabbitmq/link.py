@@ -28,13 +28,13 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from yarl import URL
 
 from qtasks.errors import BrokerConnectionError
 from qtasks.masking import MASK, mask_text, mask_url
 from qtasks_rabbitmq.confirms import ConfirmPace, ConfirmTimeout, Outgoing, publish_batch
 from qtasks_rabbitmq.errors import TopologyError
 from qtasks_rabbitmq.retention import Trimmer
+from qtasks_rabbitmq.settings import check_url
 from qtasks_rabbitmq.topology import LEVELS, Topology, level_pattern
 
 log = logging.getLogger("qtasks.rabbitmq")
@@ -65,16 +65,7 @@ class Link:
         publish_timeout: float = 30.0,
         watchdog_interval: float = 5.0,
     ) -> None:
-        try:
-            parsed = URL(url)
-        except ValueError as exc:  # yarl's: a port that is not a number, say
-            raise BrokerConnectionError(
-                f"bad RabbitMQ URL {mask_url(url)}: {describe(exc, None)}"
-            ) from None
-        if parsed.scheme not in ("amqp", "amqps"):
-            raise BrokerConnectionError(
-                f"RabbitMQ URL must start with amqp:// or amqps://, got {mask_url(url)}"
-            )
+        parsed = check_url(url)  # checked by the broker's constructor already
         if "heartbeat" not in parsed.query:
             parsed = parsed.update_query(heartbeat=heartbeat)
         self._url = str(parsed)

@@ -1,4 +1,5 @@
-"""The RabbitMQ broker's settings: the ``rabbitmq_*`` keys of ``config.extra``, typed and checked.
+"""The RabbitMQ broker's settings: its URL (:func:`check_url`) and the ``rabbitmq_*`` keys of
+``config.extra``, typed and checked.
 
 One place validates them, whichever way they come in: :meth:`RabbitMQSettings.from_extra` (what
 :meth:`~qtasks_rabbitmq.RabbitMQBroker.from_config` uses), the broker's keyword arguments, and
@@ -13,11 +14,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self, get_args
 
+from yarl import URL
+
 from qtasks.errors import ConfigError
-from qtasks.masking import masked_entry
+from qtasks.masking import mask_text, mask_url, masked_entry
 from qtasks_rabbitmq.topology import QueueType
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def check_url(url: str) -> URL:
+    """``url`` read as aio-pika will read it (yarl), when a connection can be tried with it:
+    ``amqp://`` or ``amqps://``, a host, a port that is a number from 0 to 65535. Else raises
+    :class:`~qtasks.errors.ConfigError` in one line, the URL masked (no password): the
+    broker's constructor calls it, so a bad URL is a configuration error when the broker is
+    built, not a connection error at its start."""
+    if not isinstance(url, str):
+        raise ConfigError(f"the RabbitMQ URL must be a str, got {type(url).__name__}")
+    try:
+        parsed = URL(url)
+    except ValueError as exc:  # yarl's: a port that is not a number, say (no URL in its text)
+        shown = mask_text(f"{type(exc).__name__}: {exc}")
+        raise ConfigError(f"bad RabbitMQ URL {mask_url(url)}: {shown}") from None
+    if parsed.scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"RabbitMQ URL must start with amqp:// or amqps://, got {mask_url(url)}")
+    if not parsed.host:
+        raise ConfigError(f"bad RabbitMQ URL {mask_url(url)}: it names no host")
+    return parsed
+
 
 PREFIX = "rabbitmq_"
 
