@@ -572,10 +572,11 @@ def test_from_config_reads_url_and_extra() -> None:
 def test_a_bad_url_is_a_config_error_when_the_broker_is_built(url: str, says: str) -> None:
     """It was a BrokerConnectionError (a ConnectionError: an outage to ride out), raised only
     by start(); a URL with no host got as far as a connection attempt."""
-    for build in (
+    builds: list[Callable[[], RabbitMQBroker]] = [
         lambda: RabbitMQBroker(url),
         lambda: RabbitMQBroker.from_config(QueueConfig(broker_url=url)),
-    ):
+    ]
+    for build in builds:
         with pytest.raises(ConfigError) as caught:
             build()
         assert not isinstance(caught.value, ConnectionError)
