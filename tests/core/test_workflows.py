@@ -318,6 +318,35 @@ async def test_cancel_workflow_cancels_pending_and_running_members(app: AsyncQue
     assert "double" not in [name for name, _ in calls(app)]
 
 
+async def test_cancelling_an_ended_workflow_leaves_its_running_error_callback_alone(
+    app: AsyncQueueTasks,
+) -> None:
+    """A workflow that failed is over: ``cancel_workflow`` changes nothing and returns its
+    state (before, it returned ``error`` and yet cancelled the running error callback)."""
+    fail, double = app.tasks["fail"], app.tasks["double"]
+    running, release = anyio.Event(), anyio.Event()
+
+    @app.task
+    async def alert(workflow: str) -> str:
+        running.set()
+        await release.wait()
+        return f"alerted {workflow}"
+
+    async with app:
+        wf = await app.run_workflow(chain(fail.s(1), double.s()), on_error=alert.s())
+        done = await wf.wait_result(5)
+        assert done.status == "error" and done.on_error is not None
+        with anyio.fail_after(5):
+            await running.wait()
+        after = await app.cancel_workflow(wf.id, "cleanup")
+        assert after is not None and (after.status, after.error) == ("error", done.error)
+        release.set()
+        callback = await app.wait(done.on_error, 5)
+        assert (callback.status, callback.returning) == (TaskStatus.SUCCESS, f"alerted {wf.id}")
+        state = await app.get_workflow(wf.id)
+        assert state is not None and state.status == "error"
+
+
 async def test_a_plain_cancel_of_the_workflow_record_cancels_its_members(
     app: AsyncQueueTasks,
 ) -> None:

@@ -164,7 +164,9 @@ async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow
 async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
     """Cancel the workflow: its record first, with its gates deleted (no member continues it
     from then on, see :meth:`WorkflowStore.cancel_workflow`), then every member not final
-    yet: queued ones never run, running ones are cancelled."""
+    yet: queued ones never run, running ones are cancelled. A workflow that had ended
+    (``success`` or ``error``) is left as it is: its state is returned, and its error
+    callback, which may be running, is not cancelled."""
     store = store_of(app)
     record = await app.storage.get(id)
     if record is None or record.task_name != WORKFLOW_TASK:
@@ -172,6 +174,10 @@ async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
     record = await store.cancel_workflow(id, reason)
     if record is None:
         return None
+    if record.status is not TaskStatus.CANCEL:
+        # It had ended (success or error) before: nothing is cancelled, its error callback
+        # (which may be running) included; its state is returned as it is.
+        return await state(app, record)
     uuids: list[str] = list(record.kwargs["members"])
     if record.kwargs.get("on_error"):
         uuids.append(record.kwargs["on_error"])
