@@ -347,6 +347,19 @@ async def failing_chain(app: AsyncQueueTasks) -> Workflow:
     )
 
 
+async def hand_back_once(app: AsyncQueueTasks) -> None:
+    """Claim the first ready message and hand it back unsettled (its worker died): with
+    :func:`one_delivery_app`, the next claim dead-letters it."""
+    assert isinstance(app.broker, RedisBroker)
+    gone = app.broker.consume_begun(
+        prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
+    )
+    async with gone as deliveries:
+        with anyio.fail_after(3):
+            async for _ in deliveries:
+                break
+
+
 async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
     redis_url: str, prefix: str
 ) -> None:
@@ -383,6 +396,32 @@ async def test_a_member_dead_lettered_at_claim_fails_the_workflow(
         assert [d.id for d in letters] == [wf.members[0]]
         stats = await app.broker.stats()
         assert sum(stats.ready_by_priority.values()) == 1  # the error callback, published
+    finally:
+        await app.aclose()
+
+
+async def test_the_error_callback_a_claim_publishes_is_claimed_at_once(
+    redis_url: str, prefix: str
+) -> None:
+    """A claim that asked for more than the ready set held (prefetch 4, one message) and
+    dead-lettered a member publishes its workflow's error callback: it is taken at once, well
+    within the lease (30 s). Before, the claim deleted the callback's wake-up as a stale one
+    and the callback waited for the next idle claim, min(lease, 5 s) later."""
+    app = one_delivery_app(redis_url, prefix)
+    try:
+        wf = await failing_chain(app)
+        assert isinstance(app.broker, RedisBroker)
+        await hand_back_once(app)
+        second = app.broker.consume_begun(
+            prefetch=4, storage=app.storage, worker="w", starts=lambda: 1
+        )
+        async with second as deliveries:  # its claim dead-letters the member
+            with anyio.fail_after(1):
+                callback = await deliveries.__anext__()
+            state = await app.get_workflow(wf.id)
+            assert state is not None and state.status == "error"
+            assert callback.id == state.on_error
+            assert await callback.ack() is True
     finally:
         await app.aclose()
 
@@ -507,13 +546,7 @@ async def test_a_worker_fires_the_enqueue_hook_for_an_error_callback_its_claim_p
         wf = await failing_chain(app)
         assert isinstance(app.broker, RedisBroker)
         assert enqueued == [wf.members[0]]  # the first step, by the client
-        gone = app.broker.consume_begun(
-            prefetch=1, storage=app.storage, worker="gone", starts=lambda: 1
-        )
-        async with gone as deliveries:  # claimed, then handed back unsettled
-            with anyio.fail_after(3):
-                async for _ in deliveries:
-                    break
+        await hand_back_once(app)
         async with app:  # this worker's claim dead-letters the member
             state = await app.wait_workflow(wf.id, 10)
             assert state.status == "error" and state.on_error is not None

@@ -213,7 +213,7 @@ if (d[2] and tonumber(d[2]) <= now) or (l[2] and tonumber(l[2]) <= now) then
 end
 local out = {'-1'}
 local n = 0
-local empty = false
+local empty, published = false, false
 while n < count and not empty do
   -- Pop what is still wanted in one call; dead-lettered ones are made up for by the next.
   local popped = redis.call('ZPOPMIN', K_READY, count - n)
@@ -234,7 +234,11 @@ while n < count and not empty do
         local reason = 'delivery limit reached: delivered ' .. (attempt - 1) ..
           ' times without being settled (max_deliveries=' .. maxd .. ')'
         dead(id, body, reason, prio, attempt, now, ARGV[#ARGV - 1], ARGV[#ARGV])
-        on_dead(id, reason)
+        if on_dead(id, reason) then
+          -- It published (a workflow's error callback): pop again, so this claim takes it
+          -- or leaves its wake-up for another consumer, and the next deadline counts it.
+          empty, published = false, true
+        end
       else
         n = n + 1
         local token = nonce .. '.' .. n
@@ -259,6 +263,7 @@ end
 if empty then
   -- The earliest deadline: a delayed message due, or a lease ending (those just taken too,
   -- as before they were taken).
+  if published then d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES') end
   local next_at = false
   if d[2] then next_at = tonumber(d[2]) end
   if l[2] and (not next_at or tonumber(l[2]) < next_at) then next_at = tonumber(l[2]) end
@@ -269,7 +274,8 @@ return out
 """
 """The claim loop, after a prelude that defines ``on_claim(id, body, token, out)``: called for
 every claimed message, it may append fields of its own to ``out``; and ``on_dead(id,
-reason)``: called for every message it dead-letters."""
+reason)``: called for every message it dead-letters, returning true when it published a
+message itself (the loop then pops the ready set again)."""
 
 CLAIM = Script(
     PRELUDE

@@ -495,7 +495,9 @@ local CLAIM_PUBLISHED = {{}}
 -- A member whose record its last worker already ended as dead-lettered (the lease of its
 -- last allowed delivery ran out while it ran) and that died before telling its workflow is
 -- counted here: ``again``, as a repeat (member_done is idempotent, publish_opened skips what
--- was sent).
+-- was sent). Returns whether it published (CLAIM_BODY then pops the ready set again: before,
+-- a claim that had popped it short deleted the callback's wake-up, and the callback waited
+-- for an idle consumer's next claim, up to min(lease, 5 s)).
 local function on_dead(id, reason)
   local rec = TAG .. ':r:' .. id
   local was = redis.call('HGET', rec, 's')
@@ -508,7 +510,9 @@ local function on_dead(id, reason)
   if d[1] == 1 or d[1] == 2 then w, task = d[#d], d[3] end
   if type(w) ~= 'string' then return end
   local err = 'member ' .. id .. ' (' .. tostring(task) .. ') error: dead-lettered: ' .. reason
+  local before = #CLAIM_PUBLISHED
   publish_opened(w, member_done(w, id, 'error', err, TTL), CLAIM_PUBLISHED, again)
+  return #CLAIM_PUBLISHED > before
 end
 """
     # When it published or ended anything, two elements go last (the reply is otherwise a
