@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from late_chord import add_late, chord_ending_late
 
 from qtasks import (
     AsyncQueueTasks,
@@ -861,6 +862,46 @@ async def test_a_step_whose_input_is_gone_fails_once_naming_it() -> None:
     assert step.error is not None and step.error.startswith("WorkflowInputError")
     assert wf.members[0] in step.error and "gone" in step.error
     assert done.status == "error"
+
+
+async def test_the_state_of_a_workflow_whose_members_expired_since_it_ended_is_read() -> None:
+    """Members' records expire ``result_ttl`` after their workflow ended: reading the state of
+    a workflow that succeeded after that gives it without its result, saying why (before,
+    ``get_workflow``, ``wait_result`` and ``qtasks workflow ID`` raised WorkflowInputError,
+    which called the workflow id a workflow step)."""
+    storage = ForgetfulStorage()
+    app = AsyncQueueTasks(storage=storage)
+
+    @app.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    try:
+        async with app:
+            wf = await app.run_workflow(group(double.s(1), double.s(2)))
+            assert (await wf.wait_result(5)).result == [2, 4]
+            storage.gone.add(wf.members[1])  # expired
+            states = [await app.get_workflow(wf.id), await wf.wait_result(5)]
+    finally:
+        await app.aclose()
+    for state in states:
+        assert state is not None and (state.status, state.result) == ("success", None)
+        assert state.error is not None and wf.members[1] in state.error
+        assert "result_ttl" in state.error and "workflow step" not in state.error
+
+
+async def test_a_chord_whose_members_end_further_apart_than_result_ttl_succeeds(
+    app: AsyncQueueTasks,
+) -> None:
+    """A member's result is kept while its workflow runs: the chord callback reads the first
+    member's, which ended longer than ``result_ttl`` before the last (before, it was gone and
+    the callback failed with WorkflowInputError)."""
+    ttl = 0.5
+    app.config = app.config.merged(result_ttl=ttl)
+    release = add_late(app)
+    async with app:
+        _, done = await chord_ending_late(app, release, ttl)
+    assert (done.status, done.result, done.error) == ("success", 7, None)
 
 
 async def test_a_member_the_claim_dead_letters_fails_the_workflow_in_memory() -> None:

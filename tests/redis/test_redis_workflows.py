@@ -13,6 +13,7 @@ import anyio
 import pytest
 import redis
 import redis.asyncio
+from late_chord import add_late, chord_ending_late
 from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, QueueConfig, chain, chord, group, hookimpl
@@ -329,6 +330,29 @@ async def test_kill_9_during_a_chord_runs_the_callback_exactly_once(
     assert (done.status, done.result) == ("success", sum(range(members)))
     assert workers.ran("total") == [str(members)], "the callback ran more or less than once"
     assert {int(v) for v in workers.ran("slow")} == set(range(members))
+
+
+async def test_a_chord_whose_members_end_further_apart_than_result_ttl_succeeds(
+    redis_url: str, prefix: str
+) -> None:
+    """The settle script keeps a member's result while its workflow runs (it takes off the
+    TTL its save gave), and gives every member's record the TTL when the workflow ends: the
+    chord callback reads the first member's result, which ended longer than ``result_ttl``
+    before the last, and the members' records expire after the workflow ended."""
+    ttl = 0.5
+    app = producer(redis_url, prefix)
+    app.config = app.config.merged(result_ttl=ttl)
+    release = add_late(app)
+    try:
+        async with app:
+            assert app.shared_server is not None  # the settle script's path
+            wf, done = await chord_ending_late(app, release, ttl)
+            assert (done.status, done.result, done.error) == ("success", 7, None)
+            with anyio.fail_after(ttl + 2):
+                while await app.get(wf.members[0]) is not None:  # noqa: ASYNC110 - Redis expiry
+                    await anyio.sleep(0.05)
+    finally:
+        await app.aclose()
 
 
 def one_delivery_app(redis_url: str, prefix: str) -> AsyncQueueTasks:

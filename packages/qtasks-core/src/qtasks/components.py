@@ -334,6 +334,13 @@ class WorkflowStore(Protocol):
 
     The workflow record is a task record whose uuid is the workflow id (``task_name``
     ``"qtasks.workflow"``); it is stored, waited for and cancelled like any record.
+
+    A member's final record lives as long as its workflow needs it (a later step and the
+    workflow's result read it): while the workflow runs it does not expire, whatever
+    ``result_ttl`` says; once the workflow ended (its final or error gate opened, or
+    :meth:`cancel_workflow`), the records of the members that feed a gate expire
+    ``result_ttl`` from then. A record that turns final after its workflow ended (the error
+    callback's, say) expires as any.
     """
 
     async def add_workflow(

@@ -19,6 +19,11 @@ new workflow's :data:`INDEX` checks a few older than the result TTL (see there).
 
 and its own record (uuid ``W``) is a task record: its status is the workflow's.
 
+A member's final record is kept while its workflow runs (a later step, or the workflow's
+result, reads it): the step that counts a success takes off the TTL its save gave, and the
+step that ends the workflow gives every member's record the result TTL from then
+(:data:`CANCEL_FLOW` for a cancel).
+
 :data:`MEMBER_DONE` is the storage's own call (a broker that does not share the server
 publishes what it returns); the shared server's :data:`ACK_FINALS_WF` runs the same code
 after each fenced save, publishing the opened gates' messages into the queue and acking, in
@@ -77,6 +82,22 @@ local function expire_flow(w, ttl)
   end
 end
 
+-- A member's record (with its steps and attempts) that must outlive its own TTL: ttl nil
+-- keeps it (its workflow runs), else it expires ttl from now.
+local function keep(uuid, ttl)
+  for _, kind in ipairs({':r:', ':s:', ':at:'}) do
+    if ttl then redis.call('PEXPIRE', TAG .. kind .. uuid, ttl)
+    else redis.call('PERSIST', TAG .. kind .. uuid) end
+  end
+end
+
+-- The workflow w ended (or is cancelled): every member's record expires ttl from now, as its
+-- own record does (nothing when results do not expire). Once per workflow: O(members).
+local function release(w, ttl)
+  if not ttl then return end
+  for _, m in ipairs(redis.call('LRANGE', wf_key(w, 'a'), 0, -1)) do keep(m, ttl) end
+end
+
 -- The member uuid of workflow w ended with status (its record is stored): see
 -- WorkflowStore.member_done. Returns the opened gate's name, or false.
 local function member_done(w, uuid, status, err, ttl)
@@ -91,6 +112,9 @@ local function member_done(w, uuid, status, err, ttl)
     expire_flow(w, ttl)  -- its gates (if still there) go with its record
     return false
   end
+  -- Running: a success's record is read by a later step or the result, so its save's TTL is
+  -- taken off (again, for a save run twice) until the workflow ends (release).
+  if status == 'success' and ttl then keep(uuid, nil) end
   if redis.call('SADD', wf_key(w, 'd'), uuid) == 0 then
     if gate and redis.call('HGET', wf_key(w, 'o'), gate) == uuid then return gate end
     return false
@@ -105,6 +129,7 @@ local function member_done(w, uuid, status, err, ttl)
       if on_error then  -- never needed now: not left 'new' for ever
         end_record(on_error, 'cancel', 'cr', 'workflow ' .. w .. ' succeeded', ttl)
       end
+      release(w, ttl)
       expire_flow(w, ttl)
     end
     return gate
@@ -113,6 +138,7 @@ local function member_done(w, uuid, status, err, ttl)
   if uuid == on_error then return false end  -- the error callback failing opens nothing
   redis.call('HSET', wf_key(w, 'o'), 'error', uuid)
   end_record(w, 'error', 'e', err, ttl)
+  release(w, ttl)
   expire_flow(w, ttl)
   local reason = 'workflow ' .. w .. ' failed: ' .. err
   for _, m in ipairs(redis.call('LRANGE', wf_key(w, 'a'), 0, -1)) do
@@ -150,6 +176,22 @@ end
 return out
 """
 )
+
+CANCEL_FLOW = Script(
+    storage_lua.PRELUDE
+    + "local TAG = ARGV[1]\n"
+    + WF_PRELUDE
+    + r"""
+-- WorkflowStore.cancel_workflow, once the workflow's record turned 'cancel'. ARGV: TAG,
+-- ttl_ms ('' for none), workflow. Its members' records get the TTL, then its keys are
+-- deleted.
+local w = ARGV[3]
+release(w, tonumber(ARGV[2]))
+for _, kind in ipairs({'c', 'm', 'n', 'o', 'd', 'a', 'b'}) do redis.call('DEL', wf_key(w, kind)) end
+return 1
+"""
+)
+"""The end of a cancelled workflow: its members' records expire, its keys are deleted."""
 
 REPUBLISH = Script(
     r"""

@@ -81,8 +81,7 @@ async def cancel_workflow(storage: RedisStorage, workflow: str, reason: str) -> 
     record = await storage.cancel(workflow, reason)
     if record is not None and record.status is TaskStatus.CANCEL:
         # After the record turned final: a member settling from now on only reads them.
-        keys = workflow_keys(storage, workflow, "cmnodab")
-        await guarded(storage.target, storage._require().delete(*keys))
+        await storage._run(lua.CANCEL_FLOW, workflow, storage.key_tag, storage.ttl_ms, workflow)
     return record
 
 

@@ -10,7 +10,7 @@ import bisect
 import heapq
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, Self
 
@@ -87,6 +87,9 @@ class MemoryStorage(_Lifecycle):
         self._generations: dict[str, int] = {}
         """Publish generations of the records :meth:`republish` raised (see
         :class:`~qtasks.components.WorkflowStore`), by uuid."""
+        self._kept_until: dict[str, float] = {}
+        """Workflow members' records, by uuid: kept until then (inf while the workflow runs,
+        see :meth:`_hold`) whatever ``result_ttl`` says."""
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -98,17 +101,43 @@ class MemoryStorage(_Lifecycle):
 
     def _expire(self) -> None:
         now = self._clock()
+        kept = self._kept_until
         while self._expiry and self._expiry[0][0] <= now:
             _, uuid = heapq.heappop(self._expiry)
             facts = self._records.facts(uuid)
-            if facts is not None and facts[0].final and facts[3] + (self._ttl or math.inf) <= now:
+            if (
+                facts is not None
+                and facts[0].final
+                and facts[3] + (self._ttl or math.inf) <= now
+                and kept.get(uuid, 0.0) <= now
+            ):
                 del self._records[uuid]
+                kept.pop(uuid, None)
                 self._written.pop(uuid, None)
                 self._forget(uuid)
                 self._steps.pop(uuid, None)
                 self._attempts.pop(uuid, None)
                 self._generations.pop(uuid, None)
                 self._workflows.forget(uuid)
+
+    def _hold(self, uuids: Iterable[str]) -> None:
+        """The records of ``uuids``, members of a workflow just added, do not expire while it
+        runs: a later step, or the workflow's result, reads them (see :meth:`_release`)."""
+        for uuid in uuids:
+            self._kept_until[uuid] = math.inf
+
+    def _release(self, uuids: Iterable[str]) -> None:
+        """The workflow of ``uuids`` ended: their final records expire ``result_ttl`` from
+        now (or when the TTL of their own final save ends, whichever is later)."""
+        kept = self._kept_until
+        if self._ttl is None:
+            for uuid in uuids:
+                kept.pop(uuid, None)
+            return
+        until = self._clock() + self._ttl
+        for uuid in uuids:
+            kept[uuid] = until
+            heapq.heappush(self._expiry, (until, uuid))
 
     def _watch(self, uuid: str) -> _Signal:
         self._watchers[uuid] = self._watchers.get(uuid, 0) + 1
@@ -404,6 +433,7 @@ class MemoryStorage(_Lifecycle):
         self._steps.clear()
         self._attempts.clear()
         self._generations.clear()
+        self._kept_until.clear()
         self._expiry.clear()
         self._written.clear()
         self._rebuild()

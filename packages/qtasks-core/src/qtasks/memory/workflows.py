@@ -64,11 +64,12 @@ class MemoryWorkflows:
             list(feeds),
         )
         self._ids[workflow.uuid] = None
+        storage._hold(feeds)
 
     async def cancel(self, workflow: str, reason: str) -> TaskRecord | None:
         record = await self._storage.cancel(workflow, reason)
         if record is not None and record.status is TaskStatus.CANCEL:
-            self._flows.pop(workflow, None)
+            self._release(self._flows.pop(workflow, None))
         return record
 
     async def newest(self, limit: int) -> list[TaskRecord]:
@@ -89,7 +90,13 @@ class MemoryWorkflows:
     def forget(self, uuid: str) -> None:
         """``uuid``'s record is gone (expired): so is its workflow state, if it is one."""
         if self._ids.pop(uuid, 0) is None:
-            self._flows.pop(uuid, None)
+            self._release(self._flows.pop(uuid, None))
+
+    def _release(self, flow: _Flow | None) -> None:
+        """``flow`` ended: its members' final records expire ``result_ttl`` from now (held
+        until then, see :meth:`MemoryStorage._hold`)."""
+        if flow is not None:
+            self._storage._release(flow.members)
 
     async def member_done(self, record: TaskRecord) -> list[GateMessage]:
         flow = self._flows.get(record.workflow or "")
@@ -109,7 +116,7 @@ class MemoryWorkflows:
         own = await storage.get(record.workflow or "")
         if own is None or own.status.final:
             # Ended otherwise (its record cancelled, or expired): nothing opens any more.
-            self._flows.pop(record.workflow or "", None)
+            self._release(self._flows.pop(record.workflow or "", None))
             return []
         if gate is None:
             return []
@@ -125,7 +132,7 @@ class MemoryWorkflows:
                 error_callback = own.kwargs.get("on_error")
                 if error_callback:  # never needed now: not left new for ever
                     await storage.cancel(error_callback, f"workflow {own.uuid} succeeded")
-                _end(flow)
+                self._end(flow)
             return list(flow.messages[gate])
         error_callback = own.kwargs.get("on_error")
         if uuid == error_callback:
@@ -138,14 +145,15 @@ class MemoryWorkflows:
         for member in flow.members:
             if member != uuid and member != error_callback:
                 await storage.cancel(member, reason)
-        _end(flow)
+        self._end(flow)
         return list(flow.messages[ERROR])
 
-
-def _end(flow: _Flow) -> None:
-    """``flow`` is over: only what its gates' openers may ask again is kept."""
-    openers = set(flow.opened_by.values())
-    flow.over = True
-    flow.messages = {gate: flow.messages[gate] for gate in flow.opened_by}
-    flow.feeds = {uuid: gate for uuid, gate in flow.feeds.items() if uuid in openers}
-    flow.counts, flow.members, flow.done = {}, [], set()
+    def _end(self, flow: _Flow) -> None:
+        """``flow`` is over: its members' records get their TTL (:meth:`_release`) and only
+        what its gates' openers may ask again is kept."""
+        self._release(flow)
+        openers = set(flow.opened_by.values())
+        flow.over = True
+        flow.messages = {gate: flow.messages[gate] for gate in flow.opened_by}
+        flow.feeds = {uuid: gate for uuid, gate in flow.feeds.items() if uuid in openers}
+        flow.counts, flow.members, flow.done = {}, [], set()

@@ -31,7 +31,8 @@ class Workflow:
     """A workflow's state as stored: ``status`` is ``running``, ``success``, ``error`` or
     ``cancel``; ``members`` the uuids of its tasks in the order they were declared;
     ``result`` (once ``success``) the result of its last step, a list for a group; ``error``
-    names the member that failed."""
+    names the member that failed (or, for a ``success`` whose members' records expired
+    since it ended, says why ``result`` is ``None``)."""
 
     id: str
     status: str
@@ -104,13 +105,22 @@ async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> W
 
 
 async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
-    """The :class:`Workflow` of a workflow record (its result read from the members)."""
+    """The :class:`Workflow` of a workflow record (its result read from the members). Never
+    raises for a member's record that is gone (it expired ``result_ttl`` after the workflow
+    ended): the state then has no result, and ``error`` says why."""
     info = record.kwargs
     status = record.status.value if record.status.final else RUNNING
     result: Any = None
-    if record.status is TaskStatus.SUCCESS:
-        result = await resolve(app, info["result"], record.uuid)
     error = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
+    if record.status is TaskStatus.SUCCESS:
+        records, problem = await _read(app, info["result"])
+        if problem is None:
+            result = _build(info["result"], records)
+        else:
+            error = (
+                f"its result cannot be read: {problem} (members' records expire result_ttl "
+                "after their workflow ended)"
+            )
     return Workflow(
         record.uuid, status, list(info["members"]), result, error, info.get("on_error"), app
     )
@@ -197,18 +207,28 @@ async def _cancel_started(app: AsyncQueueTasks, id: str, exc: Exception) -> None
 
 
 async def resolve(app: AsyncQueueTasks, spec: Spec, uuid: str) -> Any:
-    """The value ``spec`` names, read from the members' stored records (for step ``uuid``)."""
+    """The value ``spec`` names, read from the members' stored records, for step ``uuid``:
+    raises :class:`~qtasks.errors.WorkflowInputError` when one is gone or did not succeed."""
+    records, problem = await _read(app, spec)
+    if problem is not None:
+        raise WorkflowInputError(uuid, problem)
+    return _build(spec, records)
+
+
+async def _read(app: AsyncQueueTasks, spec: Spec) -> tuple[dict[str, TaskRecord], str | None]:
+    """The stored records ``spec`` names, by uuid, and what keeps them from giving its value
+    (``None`` when every one of them succeeded)."""
     uuids: list[str] = []
     _flatten(spec, uuids)
     records = await store_of(app).get_many(uuids)
     by_uuid: dict[str, TaskRecord] = {}
     for wanted, record in zip(uuids, records, strict=True):
         if record is None:
-            raise WorkflowInputError(uuid, f"the record of {wanted} is gone (expired?)")
+            return by_uuid, f"the record of {wanted} is gone (expired?)"
         if record.status is not TaskStatus.SUCCESS:
-            raise WorkflowInputError(uuid, f"{wanted} has status {record.status.value}")
+            return by_uuid, f"{wanted} has status {record.status.value}"
         by_uuid[wanted] = record
-    return _build(spec, by_uuid)
+    return by_uuid, None
 
 
 def _flatten(spec: Spec, out: list[str]) -> None:

@@ -23,6 +23,7 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
 
+import anyio
 import pytest
 
 from qtasks.components import (
@@ -38,10 +39,10 @@ from qtasks.components import (
 )
 from qtasks.config import QueueConfig
 from qtasks.record import TaskRecord, TaskStatus
-from qtasks_testing.contract._base import ContractSuite
+from qtasks_testing.contract._base import ContractSuite, wait_until
 from qtasks_testing.contract.broker import BrokerFactory, consuming, envelope
 from qtasks_testing.contract.capabilities import Shared, _SharedFixtures, _StorageCapability, lacks
-from qtasks_testing.contract.storage import finished, record
+from qtasks_testing.contract.storage import StorageFactory, finished, record
 
 Flow = tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
 """The ``flow`` fixture of :class:`WorkflowStoreContract`: the workflow's own record, its
@@ -208,6 +209,19 @@ def _claim(rec: TaskRecord, token: str, attempt: int = 1) -> TaskRecord:
     )
 
 
+async def _three_members(storage: Storage) -> Flow:
+    """The workflow of :class:`WorkflowStoreContract`'s ``flow`` fixture, stored."""
+    assert isinstance(storage, WorkflowStore)
+    own = _workflow(time.time())
+    wid = own.uuid
+    members = {name: record(workflow=wid) for name in "abc"}
+    opened = _gate("g")
+    gates = {"g": (2, [opened]), "final": (1, []), "error": (1, [_gate("error")])}
+    feeds = {members["a"].uuid: "g", members["b"].uuid: "g", members["c"].uuid: "final"}
+    await storage.add_workflow(own, list(members.values()), gates, feeds)
+    return own, members, opened
+
+
 class WorkflowStoreContract(_StorageCapability):
     """The guarantees of :class:`qtasks.components.WorkflowStore` (a ``storage_factory``).
 
@@ -220,15 +234,7 @@ class WorkflowStoreContract(_StorageCapability):
 
     @pytest.fixture
     async def flow(self, storage: Storage) -> Flow:
-        assert isinstance(storage, WorkflowStore)
-        own = _workflow(time.time())
-        wid = own.uuid
-        members = {name: record(workflow=wid) for name in "abc"}
-        opened = _gate("g")
-        gates = {"g": (2, [opened]), "final": (1, []), "error": (1, [_gate("error")])}
-        feeds = {members["a"].uuid: "g", members["b"].uuid: "g", members["c"].uuid: "final"}
-        await storage.add_workflow(own, list(members.values()), gates, feeds)
-        return own, members, opened
+        return await _three_members(storage)
 
     @pytest.mark.anyio
     async def test_records_are_stored(self, storage: Storage, flow: Flow) -> None:
@@ -351,6 +357,54 @@ class WorkflowStoreContract(_StorageCapability):
         stored = await storage.get(own.uuid)
         assert stored is not None and stored.status is TaskStatus.CANCEL
         assert await storage.cancel_workflow("no-such-workflow", "stop") is None
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("end", ["success", "error", "cancel"])
+    async def test_members_records_expire_once_their_workflow_ended(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig, end: str
+    ) -> None:
+        """A member's final record is read after it ended (by a later step, and for the
+        workflow's result): it is kept while its workflow runs, however long past
+        ``result_ttl`` after the member ended, and expires ``result_ttl`` after the workflow
+        ended (by success, a failure, or ``cancel_workflow``). Before, a chord whose members
+        ended further apart than the TTL failed for want of the first one's result."""
+        ttl = 0.5
+        config = contract_config.merged(result_ttl=ttl)
+        async with AsyncExitStack() as stack:
+            storage = storage_factory(config)
+            if not isinstance(storage, WorkflowStore):
+                pytest.skip(lacks(storage, WorkflowStore))
+            await storage.start(stack, config)
+            own, members, _ = await _three_members(storage)
+            a = finished(members["a"], returning="a")
+            await storage.save(a)
+            assert await storage.member_done(a) == []
+            await anyio.sleep(ttl + 0.3)  # a ended longer than result_ttl ago
+            kept = await storage.get(a.uuid)
+            assert kept is not None, "a member's record expired while its workflow ran"
+            assert kept.returning == "a"
+            finals = [a.uuid]
+            if end == "cancel":
+                assert await storage.cancel_workflow(own.uuid, "stop") is not None
+            else:
+                b = finished(members["b"], returning="b")
+                c = finished(members["c"], returning="c")
+                if end == "error":
+                    c = finished(members["c"], TaskStatus.ERROR, error="ValueError: no")
+                for rec in (b, c):
+                    await storage.save(rec)
+                    await storage.member_done(rec)
+                    finals.append(rec.uuid)
+            ended = time.monotonic()
+            stored = await storage.get(own.uuid)
+            assert stored is not None and stored.status.value == end
+            assert await storage.get(a.uuid) == kept, "expired as soon as its workflow ended"
+
+            async def gone() -> bool:
+                return all(m is None for m in await storage.get_many(finals))
+
+            await wait_until(gone, timeout=ttl + 1.5, what="the members' records to expire")
+            assert time.monotonic() - ended >= ttl - 0.1
 
     @pytest.mark.anyio
     async def test_workflows_made_in_one_millisecond_are_listed_newest_first(

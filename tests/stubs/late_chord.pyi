@@ -1,0 +1,1 @@
+from tests.late_chord import *  # noqa: F403
