@@ -557,3 +557,15 @@ def test_zero_is_a_valid_retry_backoff_grace_and_prefetch(tmp_path: Path) -> Non
         0,
     )
     assert config.result_ttl == 0.5
+
+
+def test_a_config_given_to_the_constructor_builds_the_components_it_names() -> None:
+    """What ``from_config`` would build, the constructor builds too: an unknown name is a
+    ConfigError there, not in-memory components without a word; ``memory`` (the default)
+    builds nothing by name."""
+    with pytest.raises(ConfigError, match="nosuch"):
+        AsyncQueueTasks(config=QueueConfig(broker="nosuch"))
+    with pytest.raises(ConfigError, match="nosuch"):
+        QueueTasks(config=QueueConfig(storage="nosuch"))
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=3))
+    assert type(app.broker).__name__ == "MemoryBroker" and app.config_sources == {}

@@ -159,3 +159,44 @@ async def test_docs_example_runs(redis_url: str, prefix: str) -> None:
         assert (await app.broker.stats()).in_flight >= 0
     finally:
         await app.aclose()
+
+
+async def test_a_config_naming_redis_builds_the_redis_components(
+    redis_url: str, prefix: str
+) -> None:
+    """``AsyncQueueTasks(config=QueueConfig(broker="redis", ...))``, the form docs/redis.md
+    gives after its example, builds what it names, as ``from_config`` does (the storage and
+    global config follow the broker); it used to give in-memory components without a word, so
+    a producer and a worker in two processes never met."""
+    config = QueueConfig(broker="redis", broker_url=redis_url, extra={"redis_prefix": prefix})
+    producer, worker = AsyncQueueTasks(config=config), AsyncQueueTasks(config=config)
+    for app in (producer, worker):
+        assert isinstance(app.broker, RedisBroker)
+        assert isinstance(app.storage, RedisStorage)
+        assert isinstance(app.global_config, RedisGlobalConfig)
+        assert app.config.storage_url == redis_url
+        assert app.config_sources["storage"] == "follows broker"
+
+    @worker.task
+    def triple(x: int) -> int:
+        return 3 * x
+
+    await producer.start()  # components only: the worker app alone serves
+    try:
+        async with worker:  # two apps sharing only the configuration
+            task = await producer.add_task("triple", 14, timeout=10)
+    finally:
+        await producer.aclose()
+    assert (task.status, task.returning) == (TaskStatus.SUCCESS, 42)
+
+
+async def test_a_component_given_is_kept_and_the_others_follow_the_config(
+    redis_url: str, prefix: str
+) -> None:
+    config = QueueConfig(
+        broker="redis", storage="memory", broker_url=redis_url, extra={"redis_prefix": prefix}
+    )
+    storage = RedisStorage(redis_url)
+    app = AsyncQueueTasks(config=config, storage=storage)
+    assert isinstance(app.broker, RedisBroker) and app.storage is storage
+    assert isinstance(app.global_config, RedisGlobalConfig)

@@ -36,7 +36,7 @@ from qtasks.components import (
 )
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.depends import InjectPlugin
-from qtasks.discovery import build_components, load_plugins
+from qtasks.discovery import build_components, components_named, load_plugins
 from qtasks.errors import (
     ComponentError,
     ComponentNotStartedError,
@@ -133,6 +133,21 @@ class AsyncQueueTasks:
             )
         self.name = name
         self.config = config or QueueConfig()
+        self.config_sources: dict[str, str] = {}
+        """Where each config value came from (filled by :meth:`from_config`, and for a
+        ``config`` naming components, see :func:`~qtasks.discovery.components_named`)."""
+        if config is not None:  # one naming components: built as from_config builds them
+            named = components_named(
+                config, {"broker": broker, "storage": storage, "global_config": global_config}
+            )
+            if named is not None:
+                loaded, built = named
+                self.config, self.config_sources = loaded.config, loaded.sources
+                broker, storage, global_config = (
+                    built["broker"],
+                    built["storage"],
+                    built["global_config"],
+                )
         self.broker: Broker = broker or MemoryBroker()
         self.storage: Storage = storage or MemoryStorage()
         self.global_config: GlobalConfig = global_config or MemoryGlobalConfig()
@@ -156,8 +171,6 @@ class AsyncQueueTasks:
         self.hooks.register(self.injector)
         # Installed plugins (entry points) load with the app, so a broken one fails here.
         load_plugins(self.hooks, self.config)
-        self.config_sources: dict[str, str] = {}
-        """Where each config value came from (filled by :meth:`from_config`)."""
         self.tasks: dict[str, TaskDef[..., Any]] = {}
         self.middlewares: list[Middleware] = []
         self.thread_limiter = anyio.CapacityLimiter(self.config.max_tasks_process)

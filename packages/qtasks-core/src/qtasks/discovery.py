@@ -27,7 +27,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -36,7 +36,7 @@ from qtasks.errors import ConfigError, PluginError, QTasksError
 from qtasks.masking import mask_text
 
 if TYPE_CHECKING:
-    from qtasks.config import QueueConfig
+    from qtasks.config import LoadedConfig, QueueConfig
     from qtasks.plugins import Hooks
 
 log = logging.getLogger("qtasks.discovery")
@@ -189,6 +189,40 @@ def build_components(config: QueueConfig) -> dict[str, Any]:
         "storage": build_component("storage", config.storage, config),
         "global_config": build_component("global_config", config.global_config, config),
     }
+
+
+def components_named(
+    config: QueueConfig, given: dict[str, Any]
+) -> tuple[LoadedConfig, dict[str, Any]] | None:
+    """For an app constructed with ``config`` and the components ``given`` (by kind,
+    ``None`` where none was passed): ``None`` when ``config`` names no component but
+    ``memory`` for a kind not given (the in-memory defaults, nothing loaded); else the
+    configuration completed as :meth:`~qtasks.app.AsyncQueueTasks.from_config` completes it
+    (:func:`~qtasks.config.follow_broker`: a storage and global config left at their default
+    follow a remote broker; the values that differ from the defaults count as set in code),
+    and the components, the given ones kept, the others built by name (``None`` for
+    ``memory``). Before, ``QueueConfig(broker="redis", ...)`` passed to the constructor
+    quietly gave in-memory components: producers and workers in other processes never met."""
+    from qtasks.config import LoadedConfig, QueueConfig, follow_broker  # config imports this
+
+    kinds: tuple[Kind, ...] = ("broker", "storage", "global_config")
+    if all(given[kind] is not None or getattr(config, kind) == "memory" for kind in kinds):
+        return None
+    defaults = QueueConfig()
+    sources = {
+        option.name: "code"
+        for option in fields(config)
+        if getattr(config, option.name) != getattr(defaults, option.name)
+    }
+    loaded = follow_broker(LoadedConfig(config, sources))
+    built: dict[str, Any] = {}
+    for kind in kinds:
+        name = getattr(loaded.config, kind)
+        if given[kind] is not None or name == "memory":
+            built[kind] = given[kind]
+        else:
+            built[kind] = build_component(kind, name, loaded.config)
+    return loaded, built
 
 
 def _described(kind: Kind, name: str, ep: EntryPoint) -> str:
