@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
-import pytest
-import redis
+
+# Test-owned servers live in tests/redis_server.py (the timer tests use them too); the tests
+# here import them from this module as before.
+from redis_server import RedisServer as RedisServer
+from redis_server import free_port as free_port
+from redis_server import start_server as start_server
+from redis_server import unavailable as unavailable
 
 from qtasks.components import BrokerStats
 
@@ -26,13 +28,6 @@ APP = HERE / "redis_worker_app.py"
 
 PROBLEMS = ("Traceback", "never retrieved", "was destroyed but it is pending", "CRITICAL")
 """What must never be in a worker's log: an unhandled exception in any form."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Worker:
@@ -129,69 +124,6 @@ def counts(path: Path, event: str) -> Counter[int]:
     return Counter(number for ev, number, _ in ledger(path) if ev == event)
 
 
-class RedisServer:
-    """A redis-server owned by the test, with the AOF on, on a free loopback port."""
-
-    def __init__(
-        self,
-        tmp: Path,
-        *,
-        fsync: str = "always",
-        extra: list[str] | None = None,
-        password: str | None = None,
-    ):
-        """``password``: the server requires it (``--requirepass``)."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not installed")
-        self.binary = binary
-        self.dir = tmp
-        self.port = free_port()
-        self.args = [
-            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(tmp),
-            "--appendonly", "yes", "--appendfsync", fsync, "--save", "",
-            "--maxmemory-policy", "noeviction", "--daemonize", "no",
-            *(extra or []),
-            *(["--requirepass", password] if password is not None else []),
-        ]  # fmt: skip
-        self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10) -> None:
-        with (self.dir / "redis.log").open("a") as log:  # the child keeps its own copy
-            self.proc = subprocess.Popen(
-                [self.binary, *self.args], stdout=log, stderr=subprocess.STDOUT
-            )
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except (redis.ConnectionError, redis.BusyLoadingError):
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise
-                    time.sleep(0.05)  # the server process is starting up
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 async def settled(app: Any, seconds: float = 5) -> BrokerStats:
     """The app's broker stats once nothing is in flight (or at the deadline).
 
@@ -202,22 +134,6 @@ async def settled(app: Any, seconds: float = 5) -> BrokerStats:
             await anyio.sleep(0.02)
     stats: BrokerStats = await app.broker.stats()
     return stats
-
-
-def unavailable(reason: str) -> NoReturn:
-    """A test-owned redis-server could not start: skip locally, fail under ``CI`` (where
-    redis-server is installed, so not starting is a real failure)."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: this test must run)")
-    pytest.skip(reason)
-
-
-def start_server(tmp: Path, **options: Any) -> RedisServer:
-    """A :class:`RedisServer` of the test's own, or :func:`unavailable`."""
-    try:
-        return RedisServer(tmp, **options)
-    except (FileNotFoundError, OSError) as exc:
-        unavailable(f"cannot start a redis-server: {exc}")
 
 
 class Seen(logging.Handler):

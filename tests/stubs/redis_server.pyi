@@ -1,0 +1,1 @@
+from tests.redis_server import *  # noqa: F403
