@@ -1,5 +1,6 @@
 """One replica for the Redis timer test: a worker process serving an app with one
 every-second timer. Prints ``ready`` once serving and one JSON line per tick it enqueued.
+:func:`build` makes the same app for a test's in-process replicas.
 
 Usage: ``python redis_replica.py <redis url> <prefix>``.
 """
@@ -43,12 +44,14 @@ class Report:
             print(json.dumps({"pid": os.getpid(), **info}), flush=True)
 
 
-def main(url: str, prefix: str) -> None:
+def build(url: str, prefix: str, **extra: Any) -> tuple[AsyncQueueTasks, AsyncTimer]:
+    """The replica's app (everything on Redis at ``url``, ``extra`` its Redis options) and its
+    timer: task ``beat`` every second."""
     config = QueueConfig(
         broker_url=url,
         storage_url=url,
         global_config_url=url,
-        extra={"redis_prefix": prefix},
+        extra={"redis_prefix": prefix, **extra},
         shutdown_grace=2.0,
     )
     app = AsyncQueueTasks(
@@ -63,8 +66,14 @@ def main(url: str, prefix: str) -> None:
     async def beat() -> None:
         return None
 
+    timer = AsyncTimer(app)
+    timer.add_task("beat", trigger=timedelta(seconds=1))
+    return app, timer
+
+
+def main(url: str, prefix: str) -> None:
+    app, _ = build(url, prefix)
     app.add_plugin(Report())
-    AsyncTimer(app).add_task("beat", trigger=timedelta(seconds=1))
     app.run_forever()
 
 

@@ -1,5 +1,5 @@
 """A timer that meets a failure reports it and keeps running: an enqueue that times out, a
-custom trigger that raises."""
+custom trigger that raises, a claim that waits out an outage."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import logging
 import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
-from timer_helpers import Recorder, wait_until
+from timer_helpers import Recorder, key_time, wait_until
 
-from qtasks import AsyncQueueTasks, MemoryBroker
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryGlobalConfig
 from qtasks.messages import Envelope
 from qtasks_testing.clock import FakeClock
 from qtasks_timer import AsyncTimer, TimerHandle
@@ -349,3 +350,79 @@ def test_an_outage_that_lost_ticks_or_goes_on_is_reported_at_warning_level(
         "WARNING",
         "INFO",
     ]
+
+
+class HeldClaims(MemoryGlobalConfig):
+    """A GlobalConfig whose tick claims wait while ``held`` is set (until it fires), as a
+    Redis client riding out an outage waits for the server to come back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: anyio.Event | None = None
+        self.waiting = 0
+        self.answered = 0
+
+    async def set_if_absent(
+        self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+    ) -> bool:
+        held = self.held
+        if namespace == CLAIMS and held is not None:
+            self.waiting += 1
+            await held.wait()
+        try:
+            return await super().set_if_absent(namespace, key, value, ttl=ttl)
+        finally:
+            self.answered += namespace == CLAIMS
+
+
+async def test_ticks_that_come_due_while_a_claim_waits_coalesce_into_one_run() -> None:
+    """Two replicas' claims of a tick wait out an outage spanning three more ticks: when they
+    return, one run of the latest due tick is enqueued (``late`` counting the three before it),
+    not the stale tick (``late: 0``) and then a second run coalescing the others."""
+    clock = FakeClock()
+    clock.freeze()
+    claims = HeldClaims()
+    apps = []
+    for name in ("a", "b"):
+        app = AsyncQueueTasks(name, global_config=claims)
+
+        @app.task
+        async def tick() -> None:
+            return None
+
+        rec = Recorder()
+        app.add_plugin(rec)
+        AsyncTimer(app, clock=clock.now).add_task("tick", trigger=timedelta(seconds=1))
+        apps.append((app, rec))
+    (app_a, rec_a), (app_b, rec_b) = apps
+
+    def runs() -> list[dict[str, Any]]:
+        return sorted(
+            (info for info, _, _ in rec_a.enqueued + rec_b.enqueued), key=lambda info: info["tick"]
+        )
+
+    def has_run(tick: datetime) -> bool:
+        return any(key_time(info["tick"]) == tick for info in runs())
+
+    second = timedelta(seconds=1)
+
+    async with app_a, app_b:
+        await wait_until(lambda: len(runs()) == 1, 5, "the start's catch-up run")
+        await wait_until(lambda: claims.answered == 2, 5, "both replicas' claims of it")
+        before = key_time(runs()[0]["tick"])
+        claims.held = anyio.Event()
+        clock.advance(1)
+        await wait_until(lambda: claims.waiting == 2, 5, "both replicas' claims to wait")
+        clock.advance(3)
+        released_at = clock.now()
+        latest = released_at.replace(microsecond=0)  # the latest tick due by then
+        claims.held.set()
+        claims.held = None
+        await wait_until(partial(has_run, latest), 5, "the catch-up after the outage")
+        clock.advance(1)
+        await wait_until(partial(has_run, latest + second), 5, "the next tick after it")
+    after = [info for info in runs() if key_time(info["tick"]) > before]
+    # One catch-up (the three ticks before it coalesced), then the next tick on time.
+    assert [key_time(info["tick"]) for info in after] == [latest, latest + second], after
+    assert after[0]["late"] == (latest - before) / second - 1 >= 3, after
+    assert after[1]["late"] == 0, after

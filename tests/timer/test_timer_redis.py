@@ -1,5 +1,7 @@
 """Three worker processes against the real Redis run the same app with one every-second
-timer: each tick is enqueued exactly once, also after one of them is killed with SIGKILL."""
+timer: each tick is enqueued exactly once, also after one of them is killed with SIGKILL. Two
+replicas on a redis-server of the test's own, killed for a few ticks and started again empty:
+one coalesced catch-up once it is back."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from redis_server import start_server
+from timer_helpers import Recorder, key_time, wait_until
 
 try:
     from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage  # noqa: F401
@@ -137,3 +141,58 @@ def test_three_replicas_enqueue_each_tick_once_even_after_a_kill(
     assert after_kill
     per_replica = [len(r.ticks) for r in replicas]
     print(f"{len(ticks)} ticks, {len(set(keys))} distinct; won per replica {per_replica}")
+
+
+@pytest.mark.anyio
+async def test_an_outage_of_several_ticks_gives_one_coalesced_catch_up(tmp_path: Path) -> None:
+    """Before, the tick due when the server died ran once it was back (``late: 0``, seconds
+    late), and a second run at once coalesced the ticks after it."""
+    from redis_replica import build
+
+    server = start_server(tmp_path, extra=["--appendonly", "no"])  # it starts again empty
+    second = timedelta(seconds=1)
+    recorders = []
+    timers = []
+    for _ in range(2):
+        # Enough retries that a claim rides out the outage (waits for the server to come
+        # back), as it does by default for outages of a few seconds.
+        app, timer = build(server.url, "replica", redis_retries=200, redis_retry_cap=0.1)
+        recorders.append(Recorder())
+        app.add_plugin(recorders[-1])
+        timers.append(timer)
+
+    def runs() -> list[tuple[datetime, int, float]]:
+        """(tick, late, when enqueued) of both replicas' runs, in tick order."""
+        both = [run for recorder in recorders for run in recorder.enqueued]
+        return sorted((key_time(info["tick"]), info["late"], at) for info, at, _ in both)
+
+    def after(tick: datetime) -> list[tuple[datetime, int, float]]:
+        return [run for run in runs() if run[0] > tick]
+
+    try:
+        async with timers[0], timers[1]:
+            # The first run is the start's catch-up; the outage begins after the next one.
+            await wait_until(lambda: len(runs()) >= 2, 10, "two ticks before the outage")
+            server.kill()
+            last = runs()[-1][0]
+            await wait_until(
+                lambda: time.time() > (last + 3.5 * second).timestamp(), 10, "3 ticks down"
+            )
+            back = time.time()
+            server.start()
+            await wait_until(lambda: len(after(last)) >= 3, 10, "three runs after the outage")
+    finally:
+        server.close()
+    (catch_up, late, at), *following = after(last)
+    # One run for the ticks of the outage: the latest one due once the server was back,
+    # counting those before it as coalesced.
+    assert catch_up.timestamp() <= at < (catch_up + second).timestamp(), after(last)
+    assert catch_up >= last + 3 * second and at >= back, after(last)
+    assert late == (catch_up - last) / second - 1, after(last)
+    # Then the ticks on time again, one run each.
+    assert [(tick - catch_up, late) for tick, late, _ in following[:2]] == [
+        (second, 0),
+        (2 * second, 0),
+    ], after(last)
+    ticks = [tick for tick, _, _ in runs()]
+    assert len(ticks) == len(set(ticks)), "a tick was enqueued twice"

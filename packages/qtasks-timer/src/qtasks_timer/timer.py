@@ -409,38 +409,62 @@ class AsyncTimer:
             return
         if due is None or entry.id not in self._entries:
             return
-        fire, key, coalesced = due
         retry, entry.retry_at = entry.retry_at is not None, None
-        previous, entry.last_key = entry.last_key, key
-        try:
-            await self._fire(entry, key, coalesced, retry=retry)
-        except Exception as exc:
-            if not isinstance(exc, TimeoutError | ConnectionError):
-                # Unknown task, wrong arguments, a plugin's bug: trying again changes nothing.
-                log.exception("timer %s: tick %s failed (not tried again)", entry.id, key)
+        while True:
+            fire, key, coalesced = due
+            previous, entry.last_key = entry.last_key, key
+            try:
+                superseded = await self._fire(entry, key, coalesced, retry=retry)
+            except Exception as exc:
+                self._failed(entry, key, fire, previous, exc)
                 return
-            # An outage: its claim is released, the tick is due again after a pause; the
-            # misfire policy decides then whether it is still on time.
-            entry.last_key, entry.next_fire = previous, fire
-            now_c = self._clock()
-            entry.retry_at = now_c + timedelta(seconds=_RETRY_DELAY)
-            if entry.outage is None:
-                entry.outage = TickOutage(entry.id, now_c)
-            cause = (
-                f"claim and enqueue took over {_ENQUEUE_TIMEOUT:g} s"
-                if isinstance(exc, TimeoutError)
-                else f"{type(exc).__name__}: {exc}"
-            )
-            again = f"tried again every {_RETRY_DELAY:g} s within misfire_grace={entry.grace}s"
-            entry.outage.failed(key, cause, again, now_c)
-            return
+            if not superseded:
+                break
+            # Later ticks came due while the claim waited (a GlobalConfig riding out an
+            # outage): they and this one coalesce into one run of the latest, the misfire
+            # policy's catch-up, instead of this tick running late and the others after it.
+            try:
+                due = self._due(entry, self._clock(), folded=coalesced + 1)
+            except Exception:
+                self._trigger_failed(entry)
+                return
+            if due is None or entry.id not in self._entries:
+                return
+            retry = False
         if entry.outage is not None:
             entry.outage.over(key, self._clock())
             entry.outage = None
 
-    def _due(self, entry: _Entry, now: datetime) -> tuple[datetime, str, int] | None:
+    def _failed(
+        self, entry: _Entry, key: str, fire: datetime, previous: str | None, exc: Exception
+    ) -> None:
+        """Tick ``key`` (at ``fire``) failed with ``exc``: an outage's tick is due again after
+        a pause (the misfire policy decides then whether it is still on time), any other
+        failure is logged and the tick is not tried again."""
+        if not isinstance(exc, TimeoutError | ConnectionError):
+            # Unknown task, wrong arguments, a plugin's bug: trying again changes nothing.
+            log.error("timer %s: tick %s failed (not tried again)", entry.id, key, exc_info=exc)
+            return
+        # Its claim is released.
+        entry.last_key, entry.next_fire = previous, fire
+        now_c = self._clock()
+        entry.retry_at = now_c + timedelta(seconds=_RETRY_DELAY)
+        if entry.outage is None:
+            entry.outage = TickOutage(entry.id, now_c)
+        cause = (
+            f"claim and enqueue took over {_ENQUEUE_TIMEOUT:g} s"
+            if isinstance(exc, TimeoutError)
+            else f"{type(exc).__name__}: {exc}"
+        )
+        again = f"tried again every {_RETRY_DELAY:g} s within misfire_grace={entry.grace}s"
+        entry.outage.failed(key, cause, again, now_c)
+
+    def _due(
+        self, entry: _Entry, now: datetime, *, folded: int = 0
+    ) -> tuple[datetime, str, int] | None:
         """Apply the misfire policy to the due ``entry`` and move its next tick on: the tick
-        to fire, its key and the number of ticks coalesced into it, or ``None``."""
+        to fire, its key and the number of ticks coalesced into it, or ``None``. ``folded``:
+        ticks before the due one that coalesce into it too (unless they are past the grace)."""
         assert entry.next_fire is not None
         decision = plan(entry.trigger, entry.next_fire, now, entry.grace)
         entry.next_fire = decision.next
@@ -462,9 +486,12 @@ class AsyncTimer:
             # The wall clock went back, or a local hour repeats (DST): this tick was handled.
             entry.next_fire = next_fire(entry.trigger, decision.fire, max(now, decision.fire))
             return None
-        return decision.fire, key, decision.coalesced
+        return decision.fire, key, decision.coalesced + (0 if decision.skipped else folded)
 
-    async def _fire(self, entry: _Entry, key: str, coalesced: int, *, retry: bool) -> None:
+    async def _fire(self, entry: _Entry, key: str, coalesced: int, *, retry: bool) -> bool:
+        """Claim tick ``key`` and, if this replica won it, enqueue it. ``True``: the claim
+        returned after the timer's next tick came due, so ``key`` is not enqueued (its claim,
+        if won, is kept: the tick is handled, by the later run it coalesces into)."""
         app = self.app
         claim = f"{entry.id}:{key}"
         # Claim and enqueue as one step that shutdown cannot split: a won claim whose
@@ -473,16 +500,21 @@ class AsyncTimer:
             try:
                 with anyio.fail_after(_ENQUEUE_TIMEOUT):
                     if await self._is_paused(entry.id):
-                        return
+                        return False
                     claimed = await app.global_config.set_if_absent(
                         CLAIMS, claim, app.worker.id, ttl=entry.claim_ttl
                     )
                     if not claimed and retry:
                         # A failed attempt's claim that could not be released is still ours.
                         claimed = await app.global_config.get(CLAIMS, claim) == app.worker.id
+                    if entry.next_fire is not None and entry.next_fire <= self._clock():
+                        # Won or not, every replica whose claim returned this late folds the
+                        # tick into a later one (the claim's winner does not enqueue it).
+                        log.debug("timer %s: tick %s claimed after the next one", entry.id, key)
+                        return True
                     if not claimed:
                         log.debug("timer %s: tick %s claimed by another replica", entry.id, key)
-                        return
+                        return False
                     token = FIRING.set({"id": entry.id, "tick": key, "late": coalesced})
                     try:
                         await app.enqueue(
@@ -498,6 +530,7 @@ class AsyncTimer:
         if coalesced:
             log.info("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
         log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
+        return False
 
     async def _release(self, claim: str, *, quiet: bool) -> None:
         """Give up ``claim`` if this worker holds it (its enqueue failed or timed out), so a

@@ -1,0 +1,1 @@
+from tests.timer.redis_replica import *  # noqa: F403
