@@ -9,6 +9,7 @@ from qtasks_testing.contract import (
     AttemptLogContract,
     BeginManyContract,
     BeginOnClaimContract,
+    BringForwardContract,
     BrokerContract,
     BrokerFactory,
     BulkAddContract,
@@ -69,6 +70,10 @@ class TestMemorySharedServer(SharedServerContract):
 
 class TestMemorySettleBegin(SettleBeginContract):
     """Runs with the module's factories (the pair SharedServerContract uses)."""
+
+
+class TestMemoryBringForward(BringForwardContract):
+    """Runs with the module's factories."""
 
 
 class TestMemoryLeaseBatch(LeaseBatchContract):

@@ -14,6 +14,11 @@ from typing import Any
 
 import anyio
 import pytest
+from flow_backlog import (
+    a_backlog_keeps_every_slot_busy,
+    a_burst_is_not_starved_by_steady_traffic,
+    a_freed_slot_goes_to_a_waiter_at_once,
+)
 from flow_windows import max_in_window, max_overlap
 from typer.testing import CliRunner
 
@@ -247,6 +252,18 @@ async def test_max_concurrency_per_key_is_never_exceeded() -> None:
     assert max_overlap(spans["a"]) == 2
     assert max_overlap(spans["b"]) == 2
     assert state["slots:per_customer:a"]["held"] == 0
+
+
+async def test_a_backlog_keeps_every_slot_of_its_key_busy() -> None:
+    await a_backlog_keeps_every_slot_busy(AsyncQueueTasks("t"))
+
+
+async def test_a_burst_of_waiters_is_not_starved_by_steady_traffic() -> None:
+    await a_burst_is_not_starved_by_steady_traffic(AsyncQueueTasks("t"))
+
+
+async def test_a_freed_slot_goes_to_a_waiter_at_once() -> None:
+    await a_freed_slot_goes_to_a_waiter_at_once(AsyncQueueTasks("t"))
 
 
 async def test_a_failing_key_function_rejects_the_message_with_why() -> None:

@@ -10,6 +10,7 @@ from qtasks_testing.contract import (
     AttemptLogContract,
     BeginManyContract,
     BeginOnClaimContract,
+    BringForwardContract,
     BrokerContract,
     BrokerFactory,
     BulkAddContract,
@@ -79,6 +80,10 @@ class TestRedisSharedServer(SharedServerContract):
 
 class TestRedisSettleBegin(SettleBeginContract):
     """Runs with the module's factories (the pair SharedServerContract uses)."""
+
+
+class TestRedisBringForward(BringForwardContract):
+    """Runs with the module's factories."""
 
 
 class TestRedisLeaseBatch(LeaseBatchContract):

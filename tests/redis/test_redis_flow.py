@@ -21,6 +21,11 @@ import redis
 from amqp_cleanup import URL as RABBITMQ_URL
 from amqp_cleanup import delete_topology
 from flow_app import BURST, PER_KEY, build
+from flow_backlog import (
+    a_backlog_keeps_every_slot_busy,
+    a_burst_is_not_starved_by_steady_traffic,
+    a_freed_slot_goes_to_a_waiter_at_once,
+)
 from flow_windows import max_in_window, max_overlap
 from sync_threads import a_slot_is_kept_while_its_thread_runs
 
@@ -356,6 +361,18 @@ async def test_rate_requeues_are_not_attempts_and_expiry_on_redis(local: AsyncQu
     assert stats == {"success": 20, "expired": 1}
     assert state["rate:limited"]["per_second"] == pytest.approx(40)
     assert 0 <= state["rate:limited"]["tokens"] <= 1
+
+
+async def test_a_backlog_keeps_every_slot_busy_on_redis(local: AsyncQueueTasks) -> None:
+    await a_backlog_keeps_every_slot_busy(local)
+
+
+async def test_a_burst_of_waiters_is_not_starved_on_redis(local: AsyncQueueTasks) -> None:
+    await a_burst_is_not_starved_by_steady_traffic(local)
+
+
+async def test_a_freed_slot_goes_to_a_waiter_at_once_on_redis(local: AsyncQueueTasks) -> None:
+    await a_freed_slot_goes_to_a_waiter_at_once(local)
 
 
 async def test_a_held_message_s_record_says_new_until_it_runs(local: AsyncQueueTasks) -> None:

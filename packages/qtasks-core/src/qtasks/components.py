@@ -851,8 +851,10 @@ class FlowControl(Protocol):
         it) until ``lease`` seconds from now; ``0.0`` when taken. Otherwise count ``waiter``
         (default: ``holder``) as waiting and return the seconds to wait before trying again:
         about when a slot frees, from the mean time slots were held lately and the number of
-        other waiters, never later than the earliest lease ends (a killed holder's slot frees
-        then). Taking a slot ends ``waiter``'s wait.
+        waiters due back before ``waiter`` (every waiter, for one not waiting yet), never later
+        than the earliest lease ends (a killed holder's slot frees then). Waiters so come back
+        one round of ``limit`` after another, about first come, first served, rather than all
+        at once. Taking a slot ends ``waiter``'s wait.
 
         The core's holder is one *delivery* of a task (its uuid and the delivery's token):
         two deliveries of one task are two holders, so a stale delivery's release or renewal
@@ -899,6 +901,32 @@ class RateRelease(Protocol):
         """Give back one reservation of ``key`` (its task will not run): the next moment
         :meth:`FlowControl.reserve_rate` gives is one interval earlier, never earlier than
         now. ``True`` when a reservation ahead of now was given back."""
+        ...
+
+
+@runtime_checkable
+class SlotWake(Protocol):
+    """Optional :class:`FlowControl` capability: free a concurrency slot and bring its key's
+    next waiter forward. The core uses it with a :class:`BringForward` broker, so a freed slot
+    does not sit idle until the next waiter's delayed message comes back by itself."""
+
+    async def release_slot_waking(self, key: str, holder: str) -> str | None:
+        """:meth:`FlowControl.release_slot`, then, when ``holder`` held a slot, take the
+        waiter of ``key`` due back first among those not due yet, count it as due now, and
+        return it (``None``: no such waiter). One atomic step: two releases never return the
+        same waiter while it is still waiting."""
+        ...
+
+
+@runtime_checkable
+class BringForward(Protocol):
+    """Optional broker capability: make a delayed message due now (the core brings forward
+    the message of a concurrency-slot waiter when a slot frees, see :class:`SlotWake`)."""
+
+    async def bring_forward(self, id: str) -> bool:
+        """Make message ``id`` due now when it is delayed (its body, priority and attempt
+        count unchanged, delivered once); ``False`` when it is not delayed here (ready, in
+        flight, gone, or never published to this broker)."""
         ...
 
 

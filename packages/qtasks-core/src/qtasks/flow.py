@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from qtasks.checks import finite
-from qtasks.components import Delivery, FlowControl, RateRelease, UniquePublish
+from qtasks.components import (
+    BringForward,
+    Delivery,
+    FlowControl,
+    RateRelease,
+    SlotWake,
+    UniquePublish,
+)
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.messages import Envelope, Message
 from qtasks.record import TaskRecord, TaskStatus, record_of
@@ -683,7 +690,7 @@ class FlowGate:
             slot = None
         try:
             if slot is not None:
-                await flow_control(app, "max_concurrency").release_slot(*slot)
+                await self._free(app, slot)
             if unique is not None and record is not None and record.status.final:
                 await flow_control(app, "unique_key").release_unique(unique[0], unique[1])
         except Exception as exc:  # the lease frees the slot; the next add takes the key over
@@ -718,9 +725,27 @@ class FlowGate:
             raise
         slot = self.lingering.pop(token)
         try:
-            await flow_control(app, "max_concurrency").release_slot(*slot)
+            await self._free(app, slot)
         except Exception as exc:  # its lease frees it
             log.warning("freeing the concurrency slot of delivery %s failed: %s", token, exc)
+
+    async def _free(self, app: AsyncQueueTasks, slot: tuple[str, str]) -> None:
+        """Free ``slot``; with a :class:`SlotWake` global config and a :class:`BringForward`
+        broker, bring the key's next waiter forward too, so the slot does not sit idle until
+        that waiter's delayed message comes back by itself (one more broker call, only when a
+        waiter was woken). A waiter whose message is not delayed on this broker (being handed
+        back right now, or on another app's queue) comes back at its own time, as without."""
+        fc = flow_control(app, "max_concurrency")
+        broker = app.broker
+        if not (isinstance(fc, SlotWake) and isinstance(broker, BringForward)):
+            await fc.release_slot(*slot)
+            return
+        waiter = await fc.release_slot_waking(*slot)
+        if waiter is not None:
+            try:
+                await broker.bring_forward(waiter)
+            except Exception as exc:  # it comes back at its own time
+                log.warning("could not bring forward the waiter %s of %s: %s", waiter, slot[0], exc)
 
     async def extend(self, app: AsyncQueueTasks) -> None:
         """Renew every held slot's lease (the worker's lease pass, concurrently with the

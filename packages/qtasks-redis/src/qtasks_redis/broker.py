@@ -746,6 +746,10 @@ class RedisBroker:
     async def cancel(self, id: str) -> bool:
         return bool(await self._run(lua.CANCEL, id))
 
+    async def bring_forward(self, id: str) -> bool:
+        """See :class:`~qtasks.components.BringForward` (one script)."""
+        return bool(await self._run(lua.BRING_FORWARD, id))
+
     async def _run_pruned(self, script: Script, *args: Any) -> Any:
         """Run a script that reads dead letters (see ``pruned_for_read`` in
         :mod:`~qtasks_redis.broker_lua`): again while it replies -1, each call dropping up to

@@ -399,6 +399,19 @@ return 1
 """
 )
 
+BRING_FORWARD = Script(
+    PRELUDE
+    + r"""
+-- ARGV: id. A delayed message made ready now (BringForward); 0 when it is not delayed.
+local id = ARGV[1]
+if redis.call('ZREM', K_DELAYED, id) == 0 then return 0 end
+local prio = redis.call('HGET', K_META, id)
+if prio then redis.call('ZADD', K_READY, ready_score(prio), id) end
+notify()
+return 1
+"""
+)
+
 STATS = Script(
     PRELUDE
     + r"""

@@ -107,8 +107,15 @@ if redis.call('ZSCORE', K_LEASES, holder) or redis.call('ZCARD', K_LEASES) < lim
   keep(ttl)  -- after the writes: PEXPIRE of a key not created yet does nothing
   return '0'
 end
-local ahead = redis.call('ZCARD', K_WAIT)
-if redis.call('ZSCORE', K_WAIT, waiter) then ahead = ahead - 1 end
+-- Only the waiters due back before this one are ahead of it (every waiter, for a new one):
+-- counting all of them gave every waiter deferred again the same delay, a herd.
+local due = redis.call('ZSCORE', K_WAIT, waiter)
+local ahead
+if due then
+  ahead = redis.call('ZCOUNT', K_WAIT, '-inf', '(' .. due)
+else
+  ahead = redis.call('ZCARD', K_WAIT)
+end
 local hold = tonumber(redis.call('HGET', K_META, 'hold')) or tonumber(ARGV[5])
 local earliest = tonumber(redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')[2]) - now
 local wait = math.min(hold * (math.floor(ahead / limit) + 1), earliest)
@@ -119,20 +126,24 @@ return string.format('%.3f', wait)
 """
 )
 
-# KEYS: leases, since, waiting, meta. ARGV: holder, weight of the latest hold time.
+# KEYS: leases, since, waiting, meta. ARGV: holder, weight of the latest hold time, '1' to
+# wake a waiter. Returns the waiter woken (counted as due now), or 0.
 _RELEASE = Script(
     _SLOT_PRELUDE
     + r"""
-if redis.call('ZREM', K_LEASES, ARGV[1]) == 1 then
-  local since = tonumber(redis.call('HGET', K_SINCE, ARGV[1]))
-  redis.call('HDEL', K_SINCE, ARGV[1])
-  if since then
-    local held, w = now - since, tonumber(ARGV[2])
-    local hold = tonumber(redis.call('HGET', K_META, 'hold')) or held
-    redis.call('HSET', K_META, 'hold', string.format('%.3f', (1 - w) * hold + w * held))
-  end
+if redis.call('ZREM', K_LEASES, ARGV[1]) == 0 then return 0 end
+local since = tonumber(redis.call('HGET', K_SINCE, ARGV[1]))
+redis.call('HDEL', K_SINCE, ARGV[1])
+if since then
+  local held, w = now - since, tonumber(ARGV[2])
+  local hold = tonumber(redis.call('HGET', K_META, 'hold')) or held
+  redis.call('HSET', K_META, 'hold', string.format('%.3f', (1 - w) * hold + w * held))
 end
-return 1
+if ARGV[3] ~= '1' then return 0 end
+local woken = redis.call('ZRANGEBYSCORE', K_WAIT, '(' .. now, '+inf', 'LIMIT', 0, 1)[1]
+if not woken then return 0 end
+redis.call('ZADD', K_WAIT, now, woken)
+return woken
 """
 )
 
@@ -295,7 +306,12 @@ class RedisFlowControl:
 
     async def release_slot(self, key: str, holder: str) -> None:
         """See :meth:`FlowControl.release_slot` (one script)."""
-        await self._flow(_RELEASE, self._slot_keys(key), holder, HOLD_WEIGHT)
+        await self._flow(_RELEASE, self._slot_keys(key), holder, HOLD_WEIGHT, "0")
+
+    async def release_slot_waking(self, key: str, holder: str) -> str | None:
+        """See :class:`~qtasks.components.SlotWake` (one script)."""
+        reply = await self._flow(_RELEASE, self._slot_keys(key), holder, HOLD_WEIGHT, "1")
+        return reply.decode() if isinstance(reply, bytes) else None
 
     async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
         """See :meth:`FlowControl.extend_slots` (one script for all of them)."""

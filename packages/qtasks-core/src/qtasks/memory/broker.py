@@ -45,6 +45,8 @@ class _Entry:
     attempt: int = 0
     token: str = ""
     lease_until: float = 0.0
+    due: float = 0.0
+    """When it is delayed, until when (0: not delayed)."""
 
 
 class _ReadyQueue:
@@ -218,8 +220,10 @@ class MemoryBroker(_Lifecycle):
     def _schedule(self, entry: _Entry, eta: float | None) -> None:
         self._known[entry.id] = entry
         if eta is not None and eta > self._clock():
+            entry.due = eta
             heapq.heappush(self._delayed, (eta, next(self._seq), entry))
         else:
+            entry.due = 0.0
             self._ready.push(entry)
         self._wake()
 
@@ -556,6 +560,16 @@ class MemoryBroker(_Lifecycle):
         if entry is None or entry.token:
             return False
         del self._known[id]
+        return True
+
+    async def bring_forward(self, id: str) -> bool:
+        """See :class:`~qtasks.components.BringForward`."""
+        self._check()
+        entry = self._known.get(id)
+        if entry is None or entry.token or entry.due <= self._clock():
+            return False
+        # A fresh entry: the one left in the delayed heap is stale from now on (not known).
+        self._schedule(_Entry(entry.id, entry.body, entry.priority, entry.attempt), None)
         return True
 
     async def stats(self) -> BrokerStats:

@@ -181,19 +181,39 @@ class MemoryGlobalConfig(_Lifecycle):
             slots.since.setdefault(holder, now)
             slots.waiting.pop(waiter, None)
             return 0.0
-        ahead = sum(1 for w in slots.waiting if w != waiter)
+        # Only the waiters due back before this one are ahead of it (every waiter, for a new
+        # one): counting all of them gave every waiter deferred again the same delay, a herd.
+        due = slots.waiting.get(waiter)
+        if due is None:
+            ahead = len(slots.waiting)
+        else:
+            ahead = sum(1 for w, at in slots.waiting.items() if at < due and w != waiter)
         hold = HOLD_GUESS if slots.hold is None else slots.hold
         wait = slot_wait(hold, ahead, limit, min(slots.leases.values()) - now)
         slots.waiting[waiter] = now + wait
         return wait
 
     async def release_slot(self, key: str, holder: str) -> None:
+        await self.release_slot_waking(key, holder, wake=False)
+
+    async def release_slot_waking(self, key: str, holder: str, *, wake: bool = True) -> str | None:
+        """See :class:`~qtasks.components.SlotWake`."""
         self._check()
         slots = self._slots.get(key)
-        if slots is not None and slots.leases.pop(holder, None) is not None:
-            held = time.monotonic() - slots.since.pop(holder)
-            old = held if slots.hold is None else slots.hold
-            slots.hold = (1 - HOLD_WEIGHT) * old + HOLD_WEIGHT * held
+        if slots is None or slots.leases.pop(holder, None) is None:
+            return None
+        now = time.monotonic()
+        held = now - slots.since.pop(holder)
+        old = held if slots.hold is None else slots.hold
+        slots.hold = (1 - HOLD_WEIGHT) * old + HOLD_WEIGHT * held
+        if not wake:
+            return None
+        later = [(at, w) for w, at in slots.waiting.items() if at > now]
+        if not later:
+            return None
+        waiter = min(later)[1]
+        slots.waiting[waiter] = now
+        return waiter
 
     async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
         self._check()

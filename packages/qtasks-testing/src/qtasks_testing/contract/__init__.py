@@ -35,7 +35,7 @@ from qtasks_testing.contract.capabilities import (
     SettleBeginContract,
     SharedServerContract,
 )
-from qtasks_testing.contract.flow import FlowControlContract
+from qtasks_testing.contract.flow import BringForwardContract, FlowControlContract
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
 from qtasks_testing.contract.query import StorageQueryContract
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
@@ -44,6 +44,7 @@ __all__ = [
     "AttemptLogContract",
     "BeginManyContract",
     "BeginOnClaimContract",
+    "BringForwardContract",
     "BrokerContract",
     "BrokerFactory",
     "BulkAddContract",

@@ -1,19 +1,24 @@
-"""The contract suite of the optional global-config capability
-:class:`~qtasks.components.FlowControl`: :class:`FlowControlContract`."""
+"""The contract suites of flow control: :class:`FlowControlContract` (the optional
+global-config capability :class:`~qtasks.components.FlowControl`, with
+:class:`~qtasks.components.RateRelease` and :class:`~qtasks.components.SlotWake`) and
+:class:`BringForwardContract` (the broker capability :class:`~qtasks.components.BringForward`)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from typing import cast
 
 import anyio
 import pytest
 
-from qtasks.components import FlowControl, RateRelease
+from qtasks.components import BringForward, Broker, FlowControl, RateRelease, SlotWake
 from qtasks.config import QueueConfig
 from qtasks_testing.contract._base import ContractSuite
-from qtasks_testing.contract.capabilities import lacks
+from qtasks_testing.contract.broker import consuming, envelope
+from qtasks_testing.contract.capabilities import _BrokerCapability, lacks
 from qtasks_testing.contract.global_config import GlobalConfigFactory
 
 
@@ -116,6 +121,45 @@ class FlowControlContract(ContractSuite):
         assert (await flow.flow_state())[slots] == {"held": 1, "limit": 1, "waiting": 1}
 
     @pytest.mark.anyio
+    async def test_waiters_come_back_one_round_after_another_not_as_a_herd(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        slots = f"slots:t:{key}"
+        assert await flow.acquire_slot(slots, 2, "a", 30) == 0
+        assert await flow.acquire_slot(slots, 2, "b", 30) == 0
+        waits = [await flow.acquire_slot(slots, 2, f"w{i}", 30) for i in range(6)]
+        # Two waiters a round, each round one mean hold time later.
+        assert waits[0] == pytest.approx(waits[1], abs=0.02)
+        assert waits[2] == pytest.approx(2 * waits[0], abs=0.02)
+        assert waits[4] == pytest.approx(3 * waits[0], abs=0.02)
+        # The first waiter back, still without a slot, is first again: only the waiters due
+        # before it are ahead of it, not every waiter (which sent them all back together).
+        assert await flow.acquire_slot(slots, 2, "w0", 30) == pytest.approx(waits[0], abs=0.02)
+        assert await flow.acquire_slot(slots, 2, "w5", 30) == pytest.approx(waits[5], abs=0.02)
+        # A newcomer queues behind every waiter.
+        assert await flow.acquire_slot(slots, 2, "new", 30) == pytest.approx(4 * waits[0], abs=0.02)
+
+    @pytest.mark.anyio
+    async def test_a_released_slot_wakes_the_next_waiter_once(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        if not isinstance(flow, SlotWake):
+            pytest.skip(lacks(flow, SlotWake))
+        slots = f"slots:t:{key}"
+        assert await flow.acquire_slot(slots, 1, "a", 30) == 0
+        assert await flow.acquire_slot(slots, 1, "w1/1", 30, waiter="w1") > 0
+        assert await flow.acquire_slot(slots, 1, "w2/1", 30, waiter="w2") > 0
+        assert await flow.release_slot_waking(slots, "nobody") is None  # held nothing
+        assert await flow.release_slot_waking(slots, "a") == "w1"
+        # A newcomer took the slot before w1 came back: the next release wakes w2, as w1 was
+        # woken already (two releases, two waiters brought forward).
+        assert await flow.acquire_slot(slots, 1, "b", 30) == 0
+        assert await flow.release_slot_waking(slots, "b") == "w2"
+        assert await flow.acquire_slot(slots, 1, "w1/2", 30, waiter="w1") == 0
+        assert await flow.release_slot_waking(slots, "w1/2") is None  # w2 is due already
+        assert (await flow.flow_state())[slots] == {"held": 0, "limit": 1, "waiting": 1}
+
+    @pytest.mark.anyio
     async def test_a_slot_frees_when_its_lease_runs_out_unless_extended(
         self, flow: FlowControl, key: str
     ) -> None:
@@ -144,3 +188,34 @@ class FlowControlContract(ContractSuite):
         assert await flow.claim_unique(unique, "h4", None) == "h3"
         await anyio.sleep(0.3)  # the key's TTL
         assert await flow.claim_unique(unique, "h4", None) is None
+
+
+class BringForwardContract(_BrokerCapability):
+    """The guarantees of :class:`qtasks.components.BringForward`, as tests.
+
+    Provide a ``broker_factory`` fixture, as for :class:`~qtasks_testing.contract.BrokerContract`.
+    Every test is skipped when the broker is not a ``BringForward``."""
+
+    capability = BringForward
+
+    @pytest.mark.anyio
+    async def test_a_delayed_message_brought_forward_is_delivered_now_and_once(
+        self, broker: Broker
+    ) -> None:
+        bring = cast(BringForward, broker).bring_forward
+        held = envelope(eta=time.time() + 60)
+        ready = envelope()
+        await broker.publish(held)
+        await broker.publish(ready)
+        assert await bring("never-published") is False
+        assert await bring(ready.id) is False  # not delayed
+        async with consuming(broker) as consumer:
+            first = await consumer.next(timeout=2)
+            assert first.id == ready.id
+            assert await bring(held.id) is True
+            woken = await consumer.next(timeout=2, what="the message brought forward")
+            assert (woken.id, woken.body, woken.attempt) == (held.id, held.body, 1)
+            assert await bring(held.id) is False  # in flight
+            assert await woken.ack() is True
+            assert await first.ack() is True
+            assert await consumer.none_within(0.5) is None  # delivered once

@@ -1,0 +1,1 @@
+from tests.flow_backlog import *  # noqa: F403
