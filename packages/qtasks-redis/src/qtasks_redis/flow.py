@@ -45,13 +45,16 @@ _RESERVE = Script(
     _NOW
     + r"""
 local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = tonumber(redis.call('HGET', KEYS[1], 'tat')) or now
+local f = redis.call('HMGET', KEYS[1], 'tat', 'i')
+local tat, old = tonumber(f[1]) or now, tonumber(f[2])
 if tat < now then tat = now end
+-- The rate changed (a redeploy): the backlog reserved at the old rate, at the new one.
+if old and old > 0 and old ~= interval then tat = now + (tat - now) * interval / old end
 local wait = tat - (burst - 1) * interval - now
 if wait < 0 then wait = 0 end
 local max_wait = tonumber(ARGV[3])
 if max_wait and wait > max_wait then return false end
-redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', tat + interval), 'i', ARGV[1],
+redis.call('HSET', KEYS[1], 'tat', string.format('%.6f', tat + interval), 'i', ARGV[1],
            'b', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tat + interval - now) + 60000)
 names(KEYS[2], ARGV[4])
@@ -68,7 +71,7 @@ local tat, interval = tonumber(f[1]), tonumber(f[2])
 if not tat or not interval or tat <= now then return 0 end
 local back = tat - interval
 if back < now then back = now end
-redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', back))
+redis.call('HSET', KEYS[1], 'tat', string.format('%.6f', back))
 return 1
 """
 )

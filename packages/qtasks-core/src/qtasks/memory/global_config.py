@@ -150,7 +150,10 @@ class MemoryGlobalConfig(_Lifecycle):
     ) -> float | None:
         self._check()
         now = self._clock()
-        tat = max(self._rates.get(key, (now, 0.0, 0))[0], now)
+        tat, old, _ = self._rates.get(key, (now, interval, 0))
+        tat = max(tat, now)
+        if old != interval:  # the rate changed (a redeploy): the backlog at the new rate
+            tat = now + (tat - now) * interval / old
         wait = max(tat - (burst - 1) * interval - now, 0.0)
         if max_wait is not None and wait > max_wait:
             return None

@@ -67,6 +67,20 @@ class FlowControlContract(ContractSuite):
         assert await flow.reserve_rate(rate, 10.0, 1, 60.0) == pytest.approx(10, abs=0.5)
 
     @pytest.mark.anyio
+    async def test_a_changed_interval_rescales_the_reserved_backlog(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        # A redeploy with a higher rate: the 40 s reserved at one call per 10 s are 4 s at one
+        # call per second (not 40 s of waiting before the new rate applies), and so back.
+        rate = f"rate:{key}"
+        waits = [await flow.reserve_rate(rate, 10.0, 1, None) for _ in range(4)]
+        assert waits == [0, pytest.approx(10, abs=0.5), pytest.approx(20, abs=0.5),
+                         pytest.approx(30, abs=0.5)]  # fmt: skip
+        assert await flow.reserve_rate(rate, 1.0, 1, None) == pytest.approx(4, abs=0.5)
+        assert await flow.reserve_rate(rate, 1.0, 1, None) == pytest.approx(5, abs=0.5)
+        assert await flow.reserve_rate(rate, 10.0, 1, None) == pytest.approx(60, abs=1)
+
+    @pytest.mark.anyio
     async def test_a_reservation_given_back_moves_the_next_one_earlier(
         self, flow: FlowControl, key: str
     ) -> None:
