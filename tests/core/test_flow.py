@@ -63,6 +63,37 @@ def test_bad_rate_strings_are_refused_at_declaration(bad: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ("10/.s", "expected '<count>/<unit>'"),  # not "could not convert string to float"
+        ("2000000/s", "at most 1,000,000 calls a second"),  # Redis would round it to no limit
+        ("1000001/s", "at most 1,000,000 calls a second"),
+    ],
+)
+def test_rate_strings_refused_with_a_message_that_says_why(bad: str, match: str) -> None:
+    app = AsyncQueueTasks("t")
+    with pytest.raises(TaskDeclarationError, match=match):
+
+        @app.task(rate_limit=bad)
+        def f() -> None: ...
+
+    assert parse_rate("1000000/s").interval == 1e-6  # the most a rate may be
+
+
+async def test_inspect_reports_the_rest_when_the_flow_figures_fail() -> None:
+    class Broken(MemoryGlobalConfig):
+        async def flow_state(self) -> dict[str, dict[str, float]]:
+            raise RuntimeError("Cannot serialise number")
+
+    app = AsyncQueueTasks("t", global_config=Broken())
+    async with app:
+        report = await app.inspect()
+    assert "flow" not in report
+    assert report["flow_error"] == "RuntimeError: Cannot serialise number"
+    assert report["records_by_status"] == {}
+
+
+@pytest.mark.parametrize(
     ("options", "match"),
     [
         ({"rate_limit": 5}, "rate_limit"),

@@ -323,6 +323,23 @@ async def test_a_slot_key_keeps_its_ttl_while_its_holders_renew(
     assert await gc.acquire_slot(slot, 2, "c", 30.0) > 0  # both slots still held
 
 
+async def test_flow_state_survives_a_rate_stored_with_a_zero_interval(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    # An older release rounded the interval of a rate above 2,000,000/s to "0.000" ms (no
+    # limit at all); dividing by it made flow_state (qtasks inspect) fail for every key. Such
+    # a rate is refused at declaration now; one left in Redis must not break the report.
+    gc = RedisGlobalConfig(redis_url, prefix=prefix)
+    await gc.start(stack, QueueConfig())
+    assert await gc.reserve_rate("rate:huge", 1e-7, 1, None) == 0
+    assert await gc.reserve_rate("rate:fine", 1.0, 1, None) == 0
+    client = redis.Redis.from_url(redis_url)
+    client.hset(f"{{{prefix}:flow}}:rate:huge", "i", "0.000")
+    state = await gc.flow_state()
+    assert state["rate:fine"]["per_second"] == pytest.approx(1)
+    assert state["rate:huge"]["burst"] == 1
+
+
 async def test_a_sync_thread_given_up_on_keeps_its_slot_on_redis(
     redis_url: str, prefix: str
 ) -> None:

@@ -58,7 +58,11 @@ log = logging.getLogger("qtasks.flow")
 
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 """Units of a rate string: ``"100/s"``, ``"30/m"``, ``"500/h"`` (also ``"10/5s"``)."""
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([smh])\s*$")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+\.?\d*|\.\d+)?\s*([smh])\s*$")
+
+MIN_INTERVAL = 1e-6
+"""The shortest interval between two calls a rate may give, in seconds: above 1,000,000
+calls a second no backend can keep count (Redis measures in µs), so such a rate is refused."""
 
 LEAD = 0.05
 """Seconds before its reserved moment at which a held message is due back from the broker; the
@@ -98,6 +102,8 @@ def parse_rate(text: str) -> Rate:
     period = (float(amount) if amount else 1.0) * RATE_UNITS[unit]
     if count <= 0 or period <= 0:
         raise ValueError(f"a rate needs a count and a period above 0, got {text!r}")
+    if period / count < MIN_INTERVAL:
+        raise ValueError(f"a rate may be at most 1,000,000 calls a second, got {text!r}")
     return Rate(count, period)
 
 

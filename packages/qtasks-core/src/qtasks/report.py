@@ -21,7 +21,8 @@ async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
     dead-lettered counts (``broker.stats()``), workers alive (``global_config.workers()``),
     records by status (``storage.stats()``), the plugins, how enqueue reaches the backends,
     and with a :class:`~qtasks.components.FlowControl` global config the live flow-control
-    figures (``flow``: rate tokens and slots, with what waits for them), with a
+    figures (``flow``: rate tokens and slots, with what waits for them; ``flow_error``
+    instead when they could not be read), with a
     :class:`~qtasks.components.WorkflowStore` storage the newest workflows (``workflows``:
     :func:`qtasks.workflows.runtime.summary` of each, at most :data:`WORKFLOWS_SHOWN`); then
     the ``qtasks_inspect`` hook may add keys. ``app`` is started."""
@@ -46,7 +47,10 @@ async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
     }
     gc = app.global_config
     if isinstance(gc, FlowControl):
-        report["flow"] = dict(sorted((await gc.flow_state()).items()))
+        try:
+            report["flow"] = dict(sorted((await gc.flow_state()).items()))
+        except Exception as exc:  # the rest of the report still tells what it can
+            report["flow_error"] = f"{type(exc).__name__}: {exc}"
     if isinstance(app.storage, WorkflowStore):
         report["workflows"] = await workflows.newest(app, WORKFLOWS_SHOWN)
     result: dict[str, Any] = await app.hooks.transform(

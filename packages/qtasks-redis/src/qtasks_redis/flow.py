@@ -235,6 +235,8 @@ for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     local f = redis.call('HMGET', base, 'tat', 'i', 'b')
     if f[1] then
       local tat, interval, burst = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
+      if not interval or interval <= 0 then interval = 0.000001 end  -- a rate stored by an
+      -- older release that rounded a huge one to 0 (since refused at declaration)
       if tat < now then tat = now end
       local ahead = (tat - now) / interval
       local tokens, waiting = burst - ahead, math.ceil(ahead - burst - 0.000001)
@@ -249,8 +251,10 @@ for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
              waiting = redis.call('ZCOUNT', base .. ':w', now - 1000, '+inf')}
   end
   if state then
+    -- One key's figures that cannot be encoded must not hide every other key's.
+    local ok, text = pcall(cjson.encode, state)
     out[#out + 1] = name
-    out[#out + 1] = cjson.encode(state)
+    out[#out + 1] = ok and text or cjson.encode({error = tostring(text)})
   end
 end
 return out
@@ -260,6 +264,12 @@ return out
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
+
+
+def _interval_ms(seconds: float) -> str:
+    """A rate's interval in ms, to the ns: rounded to the µs, a rate of 300,000/s would be
+    enforced as 333,333/s (a rate above 1,000,000/s is refused at declaration)."""
+    return f"{seconds * 1000:.6f}"
 
 
 class RedisFlowControl:
@@ -290,7 +300,7 @@ class RedisFlowControl:
         """See :meth:`FlowControl.reserve_rate` (GCRA, one script)."""
         keys = (self._flow_key(key), self._flow_key("names"))
         limit = "" if max_wait is None else _ms(max_wait)
-        reply = await self._flow(_RESERVE, keys, _ms(interval), burst, limit, key)
+        reply = await self._flow(_RESERVE, keys, _interval_ms(interval), burst, limit, key)
         return None if reply is None else float(reply) / 1000
 
     async def release_rate(self, key: str) -> bool:
@@ -353,7 +363,7 @@ class RedisFlowControl:
         out: dict[str, dict[str, float]] = {}
         for i in range(0, len(reply), 2):
             state = json.loads(reply[i + 1])
-            if "tokens" in state:
+            if "tokens" in state and "burst" in state:
                 state["tokens"] = round(min(state["tokens"], state["burst"]), 2)
             out[reply[i].decode()] = state
         return out

@@ -79,6 +79,8 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
             [name, f"{f['tokens']}/{f['burst']} ({f['per_second']:g}/s)", "", f["waiting"]]
             if "tokens" in f
             else [name, "", f"{f['held']}/{f['limit']}", f["waiting"]]
+            if "held" in f
+            else [name, "", "", f"error: {f.get('error')}"]
             for name, f in flow.items()
         ]
         typer.echo(table(["key", "tokens", "slots held", "waiting"], rows))
