@@ -162,9 +162,11 @@ class Order(MemoryGlobalConfig):
         super().__init__()
         self.log = log
 
-    async def release_slot(self, key: str, holder: str) -> None:
+    async def release_slot_waking(self, key: str, holder: str, *, wake: bool = True) -> str | None:
+        # Every release goes through it (release_slot too): the core frees a slot waking the
+        # key's next waiter (SlotWake).
         self.log.append("release")
-        await super().release_slot(key, holder)
+        return await super().release_slot_waking(key, holder, wake=wake)
 
 
 class FailsOnce(MemoryStorage):
