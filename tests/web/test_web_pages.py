@@ -115,6 +115,7 @@ async def test_tasks_list_filters_and_pages(app: AsyncQueueTasks, client: Client
         ("until=nan", "is not a time"),
         ("since=100&until=50", "ends before it starts"),
         ("cursor=not-a-cursor", "was not made by a MemoryStorage"),
+        ("cursor=m:%C2%B2", "was not made by a MemoryStorage"),  # a digit int() refuses
         ("uuid=%3Cscript%3E", "a uuid (prefix) has letters"),
     ],
 )

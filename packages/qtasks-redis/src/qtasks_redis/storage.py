@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import operator
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -105,6 +106,8 @@ _BATCH = 1000
 """Most records or deliveries in one batched script call."""
 _SCAN = 10_000
 """Most index entries one :meth:`RedisStorage.query` call looks at."""
+_SCORE = re.compile(r"-?[0-9]+(\.[0-9]+)?(e[-+][0-9]+)?", re.ASCII)
+"""A cursor's score, as ``repr`` writes a finite float."""
 _FINAL_STATUSES = frozenset(status.value for status in TaskStatus if status.final)
 _FEED_IDLE = 5.0
 """Seconds the cancel feed waits for a message before it looks again (no round trip)."""
@@ -731,10 +734,9 @@ def _make_cursor(after: tuple[float, str] | None) -> str | None:
 def _parse_cursor(cursor: str) -> tuple[float, str]:
     kind, _, rest = cursor.partition(":")
     score, _, uuid = rest.partition(":")
-    try:
-        value = float(score)
-    except ValueError:
-        value = math.nan
-    if kind != "r" or not uuid or value != value:
+    # Only what _make_cursor writes (repr of a finite float): float() alone also reads "inf",
+    # "1_0" and non-ASCII digits ("٣"), none of which a RedisStorage made.
+    value = float(score) if _SCORE.fullmatch(score) else math.nan
+    if kind != "r" or not uuid or not math.isfinite(value):
         raise InvalidQueryError(f"cursor {cursor!r} was not made by a RedisStorage")
     return value, uuid

@@ -579,6 +579,7 @@ class MemoryStorage(_Lifecycle):
 
 def _cursor_seq(cursor: str) -> int:
     kind, _, seq = cursor.partition(":")
-    if kind != "m" or not seq.isdigit():
+    # isascii: str.isdigit() holds for "²" and "٣", which int() refuses or reads as digits.
+    if kind != "m" or not (seq.isascii() and seq.isdigit()):
         raise InvalidQueryError(f"cursor {cursor!r} was not made by a MemoryStorage")
     return int(seq)

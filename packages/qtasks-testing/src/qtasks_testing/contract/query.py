@@ -214,6 +214,13 @@ class StorageQueryContract(_StorageCapability):
             RecordQuery(limit=10**9),
             RecordQuery(cursor="not a cursor"),
             RecordQuery(cursor=""),
+            # Cursors of the built-in formats ("m:<seq>", "r:<score>:<uuid>") whose digits are
+            # not ASCII: str.isdigit() and float() accept some of them.
+            RecordQuery(cursor="m:\u00b2"),
+            RecordQuery(cursor="m:\u0663"),
+            RecordQuery(cursor="r:\u0663:abc"),
+            RecordQuery(cursor="r:inf:abc"),
+            RecordQuery(cursor="r:1_0:abc"),
             RecordQuery(since=10.0, until=5.0),
             RecordQuery(since=float("nan")),
         ):
