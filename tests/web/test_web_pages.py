@@ -406,3 +406,30 @@ async def test_values_that_are_not_json_are_shown_masked() -> None:
     assert "hunter2" not in shown and "pw1" not in shown
     shown = pretty({"dsn": b"redis://u:pw2@h", "hosts": {"redis://u:pw3@h"}})
     assert "pw2" not in shown and "pw3" not in shown
+
+
+async def test_the_timers_page_leaves_the_app_alone() -> None:
+    """Declared timers are shown without making them the app's timer: no plugin is added
+    (plugins disabled, read-only), and the app's own code can still make its timer."""
+    from qtasks_timer import AsyncTimer, TimerPlugin
+
+    timers = [{"task": "add", "interval": 30, "args": [1, 2]}]
+    config = QueueConfig(plugins_disabled=["*"], extra={"timers": timers})
+    app = AsyncQueueTasks("timed", config=config)
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    def plugins() -> list[object]:
+        return list(app.hooks.pm.get_plugins())
+
+    before = plugins()
+    async with app:
+        for read_only in (True, False):
+            page = await Client(create_app(app, read_only=read_only)).get("/timers")
+            assert page.status == 200
+            assert "add" in page.text.split("<tbody>", 1)[1]
+    assert plugins() == before
+    assert not any(isinstance(p, TimerPlugin) for p in plugins())
+    AsyncTimer(app)  # raised "app already has a timer" when the page had made one

@@ -159,6 +159,9 @@ class AsyncTimer:
     a worker. One timer per app; timers declared in configuration (``[[extra.timers]]``, see
     :mod:`qtasks_timer.settings`) are added when it is created.
     ``misfire_grace`` (seconds) is the default catch-up window, see :meth:`add_task`.
+    ``bind=False`` makes a timer that is not the app's (no plugin is added, the worker does
+    not run it, a later ``AsyncTimer(app)`` is free): for reading the declared timers
+    (:meth:`describe`, as the dashboard does).
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class AsyncTimer:
         *,
         misfire_grace: float = 60.0,
         clock: Callable[[], datetime] = _utcnow,
+        bind: bool = True,
     ) -> None:
         from qtasks_timer.plugin import TimerPlugin  # the plugin module imports this one
 
@@ -180,7 +184,8 @@ class AsyncTimer:
         self._task_group: TaskGroup | None = None
         self._started_app = False
         self.load_config()
-        TimerPlugin.bind(app, self)
+        if bind:
+            TimerPlugin.bind(app, self)
 
     # --- declaring ------------------------------------------------------------------------
 

@@ -368,7 +368,9 @@ async def timers(app: AsyncQueueTasks) -> list[dict[str, Any]] | None:
     if timers:
         timer = timers[0]
     elif TimerSettings.declared(app.config):
-        timer = AsyncTimer(app)  # the configuration's timers, as the worker would make them
+        # The configuration's timers, as the worker would make them; unbound: a page never
+        # adds a plugin to the app (which would make it the app's timer).
+        timer = AsyncTimer(app, bind=False)
     else:
         return None
     rows = await timer.describe()
