@@ -165,6 +165,10 @@ def queryable(app: AsyncQueueTasks) -> StorageQuery | None:
     return storage if isinstance(storage, StorageQuery) else None
 
 
+_COUNTED = (*_FINAL, TaskStatus.PROCESS, TaskStatus.RETRY)
+"""The status indexes the charts count."""
+
+
 @dataclass(slots=True)
 class Interval:
     """One interval of the overview's charts."""
@@ -177,6 +181,8 @@ class Interval:
     wait_p95: float | None = None
     run_p50: float | None = None
     run_p95: float | None = None
+    counts: dict[TaskStatus, int] = field(default_factory=dict)
+    """The count of each of :data:`_COUNTED` in the interval, as read."""
 
     def as_json(self, length: float) -> dict[str, Any]:
         return {
@@ -191,21 +197,30 @@ class Interval:
         }
 
 
-async def read_interval(storage: StorageQuery, start: float, end: float) -> Interval:
+async def read_interval(
+    storage: StorageQuery, start: float, end: float, before: Interval | None = None
+) -> Interval:
     """Counts and timing percentiles of the records whose index time is in ``[start, end)``.
 
     Started: the records that began in it and still run, plus those that ended in it
-    (finished or retried), so a task counts once, at its end when it ended."""
+    (finished or retried), so a task counts once, at its end when it ended. The percentiles
+    of ``before`` (this interval as read earlier) are kept when its success and error counts
+    did not change."""
     point = Interval(end)
-    counts = {}
-    for status in (*_FINAL, TaskStatus.PROCESS, TaskStatus.RETRY):
+    counts = point.counts
+    for status in _COUNTED:
         counts[status] = await storage.count(status, start, end)
     point.finished = sum(counts[s] for s in _FINAL)
     point.failed = counts[TaskStatus.ERROR]
     point.started = point.finished + counts[TaskStatus.PROCESS] + counts[TaskStatus.RETRY]
+    sampled = (TaskStatus.SUCCESS, TaskStatus.ERROR)
+    if before is not None and all(before.counts.get(s) == counts[s] for s in sampled):
+        point.wait_p50, point.wait_p95 = before.wait_p50, before.wait_p95
+        point.run_p50, point.run_p95 = before.run_p50, before.run_p95
+        return point
     waits: list[float] = []
     runs: list[float] = []
-    for status in (TaskStatus.SUCCESS, TaskStatus.ERROR):
+    for status in sampled:
         if not counts[status]:
             continue
         page = await storage.query(RecordQuery(status=status, since=start, until=end, limit=SAMPLE))
@@ -222,11 +237,18 @@ async def read_interval(storage: StorageQuery, start: float, end: float) -> Inte
 
 @dataclass(slots=True)
 class Charts:
-    """The overview's chart intervals: closed intervals are read once and kept (they do
-    not change, except by expiry), the last two are read again at each refresh."""
+    """The overview's chart intervals. Closed intervals are kept between reads, the last two
+    read again at each refresh. A closed interval still changes: a task that was running (or
+    waiting to retry) leaves the PROCESS (RETRY) index of the interval it began in when it
+    ends, and records expire. Records enter an index only at the current time, so a closed
+    interval's counts only fall: one count per status over the kept intervals tells whether
+    any of them changed, and then they are read again (so every dashboard shows the same
+    figures, whenever it was opened)."""
 
     window: float
-    closed: dict[float, Interval] = field(default_factory=dict)
+    closed: dict[int, Interval] = field(default_factory=dict)
+    """Closed intervals by number: interval ``k`` is ``[(k - 1) * length, k * length)``, the
+    same floats at every read."""
 
     @property
     def length(self) -> float:
@@ -234,20 +256,39 @@ class Charts:
 
     async def read(self, storage: StorageQuery, now: float) -> list[dict[str, Any]]:
         length = self.length
-        current_end = (math.floor(now / length) + 1) * length
-        ends = [current_end - i * length for i in range(BUCKETS - 1, -1, -1)]
+        current = math.floor(now / length) + 1
+        numbers = range(current - BUCKETS + 1, current + 1)
+        for k in [k for k in self.closed if k < numbers[0]]:
+            del self.closed[k]
+        await self._check_kept(storage)
         out = []
-        for end in ends:
-            fresh = end >= current_end - length  # the current interval and the one before
-            point = None if fresh else self.closed.get(end)
+        for k in numbers:
+            fresh = k >= current - 1  # the current interval and the one before
+            point = None if fresh else self.closed.get(k)
             if point is None:
-                point = await read_interval(storage, end - length, end)
+                point = await read_interval(storage, (k - 1) * length, k * length)
                 if not fresh:
-                    self.closed[end] = point
-            out.append(point.as_json(min(length, max(now - (end - length), 1e-3))))
-        for end in [e for e in self.closed if e < ends[0]]:
-            del self.closed[end]
+                    self.closed[k] = point
+            out.append(point.as_json(min(length, max(now - (k - 1) * length, 1e-3))))
         return out
+
+    async def _check_kept(self, storage: StorageQuery) -> None:
+        """Read the kept intervals again when their records changed since they were read."""
+        if not self.closed:
+            return
+        length = self.length
+        first, last = min(self.closed), max(self.closed)
+        if len(self.closed) != last - first + 1:  # not one run (never so): read them all anew
+            self.closed.clear()
+            return
+        for status in _COUNTED:
+            kept = sum(point.counts[status] for point in self.closed.values())
+            if await storage.count(status, (first - 1) * length, last * length) != kept:
+                break
+        else:
+            return
+        for k, point in sorted(self.closed.items()):
+            self.closed[k] = await read_interval(storage, (k - 1) * length, k * length, point)
 
 
 async def overview(app: AsyncQueueTasks, charts: Charts) -> dict[str, Any]:
