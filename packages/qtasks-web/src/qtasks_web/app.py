@@ -189,15 +189,16 @@ class Dashboard:
 
     async def record_or_404(self, request: Request, uuid: str) -> TaskRecord | Response:
         record = await self.app.storage.get(uuid) if len(uuid) <= 200 else None
-        if record is None:
-            return self.render(
-                request,
-                "error.html",
-                404,
-                title="Unknown task",
-                problem=f"no task record for uuid {uuid[:200]!r} (never stored, or expired)",
-            )
-        return record
+        return self.not_found(request, uuid) if record is None else record
+
+    def not_found(self, request: Request, uuid: str) -> Response:
+        return self.render(
+            request,
+            "error.html",
+            404,
+            title="Unknown task",
+            problem=f"no task record for uuid {uuid[:200]!r} (never stored, or expired)",
+        )
 
     async def failed(self, request: Request, exc: Exception) -> Response:
         """A component failed (unreachable server, bad stored data): a page that says so,
@@ -423,14 +424,17 @@ class Dashboard:
     async def task_events(self, request: Request) -> Response:
         await self.ready()
         uuid = request.path_params["uuid"]
-        found = await self.record_or_404(request, uuid)
-        if isinstance(found, Response):
-            return found
-        details = self.env.get_template("_task_state.html")
         app, hub = self.app, self.hub
+        if len(uuid) > 200:
+            return self.not_found(request, uuid)
+        async with hub.follow(uuid):  # a page opened while others follow the task reads nothing
+            found, _ = await hub.task(uuid)
+        if found is None:
+            return self.not_found(request, uuid)
+        details = self.env.get_template("_task_state.html")
 
         async def produce(emit: Any) -> None:
-            async with anyio.create_task_group() as tg:
+            async with hub.follow(uuid), anyio.create_task_group() as tg:
 
                 async def steps() -> None:
                     index = 0
@@ -441,13 +445,12 @@ class Dashboard:
                 async def state() -> None:
                     last = None
                     while True:
-                        record = await app.storage.get(uuid)
+                        record, earlier = await hub.task(uuid)
                         if record is None:
                             return
                         seen = (record.status, record.updated_at, record.steps, record.worker)
                         if seen != last:
                             last = seen
-                            earlier = await data.attempts(app, record)
                             html = details.render(**_state(record, earlier))
                             await emit(
                                 "state", as_json({"status": record.status.value, "html": html})

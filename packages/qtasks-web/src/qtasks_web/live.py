@@ -3,9 +3,10 @@
 :class:`Hub` reads the components at most once per ``refresh`` seconds, whatever the number
 of open pages: every event stream asks it for the latest figures, and the first to find them
 older than ``refresh`` reads them again while the others wait for that read. A page's own
-query (the Tasks page's filters) runs only when the shared head of the listing changed.
-Generator steps are followed through :meth:`Storage.steps <qtasks.components.Storage.steps>`,
-which the storage wakes (no poll).
+query (the Tasks page's filters) runs only when the shared head of the listing changed. The
+pages of one task share its record the same way (:meth:`Hub.task`). Generator steps are
+followed through :meth:`Storage.steps <qtasks.components.Storage.steps>`, which the storage
+wakes (no poll), by each page that shows them (on Redis, a blocking read per such page).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,10 +25,11 @@ from starlette.types import Receive, Scope, Send
 
 from qtasks.components import RecordQuery
 from qtasks.errors import QTasksError
-from qtasks_web.data import Charts, overview, queryable
+from qtasks_web.data import Charts, attempts, overview, queryable
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
+    from qtasks.record import TaskRecord
 
 log = logging.getLogger("qtasks.web")
 Emit = Callable[[str, str], Awaitable[None]]
@@ -35,6 +39,18 @@ KEEPALIVE = 15.0
 """Seconds between comment lines on an idle stream (proxies close silent connections)."""
 CHECK = 0.25
 """Seconds between checks whether the server is shutting down."""
+
+
+@dataclass(slots=True)
+class _Followed:
+    """A task whose page is open: its record as last read, shared by its pages."""
+
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    pages: int = 0
+    read_at: float = -float("inf")
+    record: TaskRecord | None = None
+    earlier: list[TaskRecord] = field(default_factory=list)
+    seen: tuple[Any, ...] | None = None
 
 
 class Hub:
@@ -50,6 +66,7 @@ class Hub:
         self._overview_at = -float("inf")
         self._head: tuple[Any, ...] | None = None
         self._head_at = -float("inf")
+        self._tasks: dict[str, _Followed] = {}
 
     async def overview(self) -> dict[str, Any]:
         """The overview's figures, read again when older than ``refresh``."""
@@ -73,6 +90,38 @@ class Hub:
                 self._head = (newest, counts)
                 self._head_at = time.monotonic()
             return self._head
+
+    @asynccontextmanager
+    async def follow(self, uuid: str) -> AsyncIterator[None]:
+        """While open, :meth:`task` shares the reads of ``uuid`` with the other pages that
+        follow it; the last one to leave drops what was read."""
+        entry = self._tasks.get(uuid)
+        if entry is None:
+            entry = self._tasks[uuid] = _Followed()
+        entry.pages += 1
+        try:
+            yield
+        finally:
+            entry.pages -= 1
+            if not entry.pages and self._tasks.get(uuid) is entry:
+                del self._tasks[uuid]
+
+    async def task(self, uuid: str) -> tuple[TaskRecord | None, list[TaskRecord]]:
+        """The record of ``uuid`` (``None`` when there is none) and its earlier attempts,
+        read again when older than ``refresh`` (the attempts only when the record changed);
+        inside :meth:`follow`."""
+        entry = self._tasks[uuid]
+        async with entry.lock:
+            if time.monotonic() - entry.read_at >= self.refresh:
+                record = await self.app.storage.get(uuid)
+                seen = None
+                if record is not None:
+                    seen = (record.status, record.updated_at, record.steps, record.worker)
+                    if seen != entry.seen:
+                        entry.earlier = await attempts(self.app, record)
+                entry.record, entry.seen = record, seen
+                entry.read_at = time.monotonic()
+            return entry.record, entry.earlier
 
 
 _LINES = re.compile(r"\r\n|\r|\n")
