@@ -75,7 +75,7 @@ async def measure(name: str, storage: Storage, n: int) -> None:
         "status=success": RecordQuery(status=TaskStatus.SUCCESS),
         "task name": RecordQuery(task_name="task1"),
         "task name + status": RecordQuery(task_name="task0", status=TaskStatus.SUCCESS),
-        "uuid prefix, no match (bounded scan)": RecordQuery(uuid_prefix="zz"),
+        "uuid prefix, no match (scans SCAN_BUDGET)": RecordQuery(uuid_prefix="zz"),
     }
     for label, query in cases.items():
         ms, count = await timed(storage, query)

@@ -5,15 +5,17 @@ is measured by bench/query_pages.py, not here)."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import anyio
 import pytest
 
-from qtasks.components import RecordQuery
+from qtasks.components import SCAN_BUDGET, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.memory import MemoryStorage
+from qtasks.memory import storage as memory_storage
 from qtasks.record import TaskRecord, TaskStatus
 
 pytestmark = pytest.mark.anyio
@@ -59,22 +61,44 @@ async def test_indexed_filters_on_a_million(million: MemoryStorage) -> None:
     assert [r.uuid for r in both.records] == [f"{N - 10:08d}", f"{N - 20:08d}"]
 
 
-async def test_an_unindexed_filter_scans_a_bounded_slice(million: MemoryStorage) -> None:
-    """The oldest record matches a uuid prefix: one call does not walk a million entries; it
-    returns what it found so far with a cursor."""
-    first = await million.query(RecordQuery(uuid_prefix="00000000"))
+async def test_an_unindexed_filter_scans_a_bounded_slice(
+    million: MemoryStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The oldest records match a uuid prefix: with no time to search on, one call does not
+    walk a million entries; it returns what it found so far with a cursor."""
+    monkeypatch.setattr(memory_storage, "SCAN_BUDGET", 0.0)
+    first = await million.query(RecordQuery(uuid_prefix="0000000"))
     assert first.records == []
     assert first.cursor is not None
     pages = 1
-    query = RecordQuery(uuid_prefix="00000000", cursor=first.cursor)
+    query = RecordQuery(uuid_prefix="0000000", cursor=first.cursor)
     while True:
         page = await million.query(query)
         pages += 1
         if page.records or page.cursor is None:
             break
-        query = RecordQuery(uuid_prefix="00000000", cursor=page.cursor)
-    assert [r.uuid for r in page.records] == ["00000000"]
+        query = RecordQuery(uuid_prefix="0000000", cursor=page.cursor)
+    assert [r.uuid for r in page.records] == [f"{i:08d}" for i in range(9, -1, -1)]
     assert pages >= N // 10_000
+
+
+async def test_a_uuid_under_a_million_newer_records_is_found_on_the_first_page(
+    million: MemoryStorage,
+) -> None:
+    """A whole uuid is looked up; a prefix is scanned for until something matches or
+    SCAN_BUDGET ran out, never a page that is empty after a few thousand entries."""
+    whole = await million.query(RecordQuery(uuid_prefix="00000000"))
+    assert [r.uuid for r in whole.records] == ["00000000"]
+    started = time.monotonic()
+    page = await million.query(RecordQuery(uuid_prefix="0000000", limit=3))
+    if not page.records:  # the budget ran out before the oldest entries: a cursor says so
+        assert page.cursor is not None
+        assert time.monotonic() - started >= SCAN_BUDGET
+    listed = [r.uuid for r in page.records]
+    while page.cursor is not None:
+        page = await million.query(RecordQuery(uuid_prefix="0000000", cursor=page.cursor))
+        listed += [r.uuid for r in page.records]
+    assert listed == [f"{i:08d}" for i in range(9, -1, -1)]
 
 
 async def test_rewrites_do_not_grow_the_indexes_without_bound() -> None:

@@ -4,6 +4,7 @@ see from outside (stale entries pruned, index keys expiring with their records).
 from __future__ import annotations
 
 import json
+import time
 from contextlib import AsyncExitStack
 
 import anyio
@@ -11,8 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 from test_redis_storage import make_storage
 
-from qtasks.components import RecordQuery
+from qtasks.components import SCAN_BUDGET, RecordQuery
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks_redis import storage as redis_storage
 
 pytestmark = pytest.mark.anyio
 
@@ -114,10 +116,11 @@ async def test_cancel_enters_the_name_index_of_final_records(
 
 
 async def test_a_scan_is_bounded_and_resumes_from_its_cursor(
-    redis_url: str, prefix: str, stack: AsyncExitStack
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A filter no index serves (a uuid prefix) looks at a bounded number of entries per
-    call; the cursor carries on from there."""
+    call once its time is up; the cursor carries on from there. Before its time is up it
+    goes on while it found nothing, and a whole uuid is looked up."""
     storage = await make_storage(stack, redis_url, prefix)
     needle = TaskRecord(uuid="ffff-needle", task_name="t")
     await storage.add(needle)
@@ -127,6 +130,16 @@ async def test_a_scan_is_bounded_and_resumes_from_its_cursor(
         async with anyio.create_task_group() as tg:
             for rec in hay[start : start + 500]:
                 tg.start_soon(storage.add, rec)
+    whole = await storage.query(RecordQuery(uuid_prefix="ffff-needle"))
+    assert [r.uuid for r in whole.records] == ["ffff-needle"]
+    started = time.monotonic()
+    searched = await storage.query(RecordQuery(uuid_prefix="ffff"))
+    if not searched.records:  # the budget ran out first (a slow machine): a cursor says so
+        assert searched.cursor is not None
+        assert time.monotonic() - started >= SCAN_BUDGET
+    else:
+        assert [r.uuid for r in searched.records] == ["ffff-needle"]
+    monkeypatch.setattr(redis_storage, "SCAN_BUDGET", 0.0)
     first = await storage.query(RecordQuery(uuid_prefix="ffff"))
     assert first.records == []
     assert first.cursor is not None

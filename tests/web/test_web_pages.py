@@ -7,12 +7,15 @@ import json
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import unquote
+from uuid import uuid4
 
 import anyio
 import pytest
 from web_helpers import Client, PlainStorage
 
 from qtasks import AsyncQueueTasks, AsyncTask, QueueConfig, TaskStatus
+from qtasks.memory import storage as memory_storage
+from qtasks.record import TaskRecord
 from qtasks_web import create_app
 from qtasks_web.data import MASK
 
@@ -433,3 +436,25 @@ async def test_the_timers_page_leaves_the_app_alone() -> None:
     assert plugins() == before
     assert not any(isinstance(p, TimerPlugin) for p in plugins())
     AsyncTimer(app)  # raised "app already has a timer" when the page had made one
+
+
+async def test_a_uuid_is_found_under_many_newer_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole uuid, or a prefix, finds its task on the first page past the first 10,000
+    records; a page that searched without finding anything says so, not 'no task matches'."""
+    app = make_app()
+    async with app:
+        oldest = TaskRecord(uuid=uuid4().hex, task_name="add")
+        await app.storage.add(oldest)
+        for i in range(12_000):
+            await app.storage.add(TaskRecord(uuid=f"n{i:07d}", task_name="add"))
+        client = Client(create_app(app))
+        for typed in (oldest.uuid, oldest.uuid[:8]):
+            page = await client.get(f"/tasks?uuid={typed}")
+            assert page.status == 200
+            assert f'data-uuid="{oldest.uuid}"' in page.text, typed
+        monkeypatch.setattr(memory_storage, "SCAN_BUDGET", 0.0)  # no time to search on
+        page = await client.get(f"/tasks?uuid={oldest.uuid[:8]}")
+        assert page.status == 200
+        assert "no task matches" not in page.text
+        assert "none of the records searched so far matches" in page.text
+        assert 'id="next"' in page.text

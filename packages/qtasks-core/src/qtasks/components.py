@@ -686,6 +686,10 @@ class CancelFeed(Protocol):
 
 MAX_PAGE = 500
 """The largest ``limit`` of a :class:`RecordQuery`."""
+SCAN_BUDGET = 0.25
+"""Seconds a :meth:`StorageQuery.query` that has found nothing yet may go on scanning index
+entries (a uuid prefix, or filters the indexes do not answer) before it returns an empty page
+with a cursor."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -756,10 +760,15 @@ class StorageQuery(Protocol):
       of them.
     * The cost of one call is bounded whatever the number of stored records: it reads at most
       ``limit`` records when the filters are indexed (status, task name, parent, time) and
-      scans a
-      bounded number of index entries otherwise, so a page may hold fewer than ``limit``
-      records and still have a ``cursor``. Following cursors until ``None`` lists every
+      scans a bounded number of index entries otherwise, so a page may hold fewer than
+      ``limit`` records and still have a ``cursor``. A page is empty with a ``cursor`` only
+      when the scan found nothing for :data:`SCAN_BUDGET` seconds (the caller says it is still
+      searching, not that nothing matches). Following cursors until ``None`` lists every
       matching record that did not change meanwhile, each once.
+    * A ``uuid_prefix`` that is a stored record's whole uuid is looked up, not scanned for:
+      when that record matches the other filters it comes first on the first page (before
+      newer records whose uuid extends the prefix), however many records came after it, and
+      no later page lists it again.
     * Index entries expire with their records (``result_ttl``); an entry whose record is gone
       is skipped (and may be pruned), never returned.
     * ``query.checked()`` is applied: a bad query raises

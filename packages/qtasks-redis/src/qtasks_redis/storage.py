@@ -22,7 +22,7 @@ import anyio.abc
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from qtasks.components import GateMessage, RecordPage, RecordQuery
+from qtasks.components import SCAN_BUDGET, GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import (
     InvalidQueryError,
@@ -105,7 +105,11 @@ async def guarded(target: RedisTarget, call: Awaitable[T]) -> T:
 _BATCH = 1000
 """Most records or deliveries in one batched script call."""
 _SCAN = 10_000
-"""Most index entries one :meth:`RedisStorage.query` call looks at."""
+"""Most index entries one :meth:`RedisStorage.query` call looks at once it found a record
+(until then it goes on for ``SCAN_BUDGET`` seconds)."""
+_TOP = "r:top"
+"""The cursor of a page that starts at the newest entry: after a first page filled by the
+record whose whole uuid the prefix is."""
 _SCORE = re.compile(r"-?[0-9]+(\.[0-9]+)?(e[-+][0-9]+)?", re.ASCII)
 """A cursor's score, as ``repr`` writes a finite float."""
 _FINAL_STATUSES = frozenset(status.value for status in TaskStatus if status.final)
@@ -663,12 +667,20 @@ class RedisStorage:
         else:
             batch = query.limit
         found: list[TaskRecord] = []
+        if prefix and query.cursor is None:
+            exact = await self._exact(prefix, query)
+            if exact is not None:
+                found.append(exact)
+                if len(found) == query.limit:
+                    return RecordPage(found, _TOP)
+        deadline = time.monotonic() + SCAN_BUDGET
         scanned = 0
         while keys:
             entries, more = await self._candidates(keys, query, after, batch)
             if not entries:
                 break
-            wanted = [uuid for _, uuid, _ in entries if uuid.startswith(prefix)]
+            # The record whose whole uuid is the prefix was looked up on the first page.
+            wanted = [u for _, u, _ in entries if u.startswith(prefix) and u != prefix]
             stored: dict[str, Any] = {}
             if wanted:
                 pipe = self._require().pipeline(transaction=False)
@@ -702,11 +714,39 @@ class RedisStorage:
                 for key, uuids in stale.items():
                     pipe.zrem(key, *uuids)
                 await guarded(self.target, pipe.execute())
-            if len(found) == query.limit or scanned >= _SCAN:
+            if len(found) == query.limit or (
+                scanned >= _SCAN and (found or time.monotonic() >= deadline)
+            ):
                 return RecordPage(found, _make_cursor(after))
             if not more:
                 break
         return RecordPage(found)
+
+    async def _exact(self, uuid: str, query: RecordQuery) -> TaskRecord | None:
+        """The record ``uuid`` when it matches every filter of ``query``; its index time is
+        its score in the status indexes (one round trip)."""
+        pipe = self._require().pipeline(transaction=False)
+        pipe.hmget(f"{self._tag}:r:{uuid}", _RECORD_FIELDS)
+        for key in self._index_keys:
+            pipe.zscore(key, uuid)
+        reply: list[Any] = await guarded(self.target, pipe.execute())
+        try:
+            record = self._record(reply[0])
+        except SerializationError:
+            return None
+        if record is None or not (
+            (query.status is None or record.status is query.status)
+            and (query.task_name is None or record.task_name == query.task_name)
+            and (query.parent_uuid is None or record.parent_uuid == query.parent_uuid)
+        ):
+            return None
+        if query.since is None and query.until is None:
+            return record
+        scores = [float(score) for score in reply[1:] if score is not None]
+        at = max(scores, default=math.nan)  # ms, compared as the scan compares
+        if at != at or (query.since is not None and at < query.since * 1000):
+            return None
+        return None if query.until is not None and at >= query.until * 1000 else record
 
     async def count(
         self, status: TaskStatus, since: float | None = None, until: float | None = None
@@ -731,7 +771,10 @@ def _make_cursor(after: tuple[float, str] | None) -> str | None:
     return None if after is None else f"r:{after[0]!r}:{after[1]}"
 
 
-def _parse_cursor(cursor: str) -> tuple[float, str]:
+def _parse_cursor(cursor: str) -> tuple[float, str] | None:
+    """The position after which a page starts; ``None`` for the newest (:data:`_TOP`)."""
+    if cursor == _TOP:
+        return None
     kind, _, rest = cursor.partition(":")
     score, _, uuid = rest.partition(":")
     # Only what _make_cursor writes (repr of a finite float): float() alone also reads "inf",

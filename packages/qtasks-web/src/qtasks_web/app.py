@@ -416,7 +416,8 @@ class Dashboard:
                     last = head
                     page = await storage.query(filters.query())
                     root = request.scope.get("root_path", "")
-                    await emit("rows", rows.render(records=page.records, root=root))
+                    shown = rows.render(records=page.records, root=root, next_cursor=page.cursor)
+                    await emit("rows", shown)
                 await anyio.sleep(hub.refresh)
 
         return _stream(produce, self)

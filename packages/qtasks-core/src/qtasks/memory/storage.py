@@ -16,8 +16,9 @@ from typing import Any, Self
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
-from qtasks.components import GateMessage, RecordPage, RecordQuery
+from qtasks.components import SCAN_BUDGET, GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import InvalidQueryError, TaskTimeoutError
 from qtasks.memory.counts import LiveCounts
@@ -30,7 +31,8 @@ _Entry = tuple[int, float, str]
 """An index entry: (write sequence number, index time, uuid); valid while the record's
 latest write has that sequence number."""
 _SCAN = 10_000
-"""Most index entries one :meth:`MemoryStorage.query` call looks at."""
+"""Most index entries one :meth:`MemoryStorage.query` call looks at once it found a record
+(until then it goes on for ``SCAN_BUDGET`` seconds, yielding every ``_SCAN`` entries)."""
 
 
 def _seq(entry: _Entry) -> int:
@@ -539,9 +541,20 @@ class MemoryStorage(_Lifecycle):
         since = -math.inf if query.since is None else query.since
         prefix = query.uuid_prefix or ""
         found: list[TaskRecord] = []
-        position = end
-        while position > 0 and end - position < _SCAN:
+        if prefix and query.cursor is None:
+            exact = self._exact(prefix, query, since)
+            if exact is not None:
+                found.append(exact)
+        deadline = time.monotonic() + SCAN_BUDGET
+        position, scanned = end, 0
+        while position > 0 and len(found) < query.limit:
+            if scanned == _SCAN:
+                if found or time.monotonic() >= deadline:
+                    break
+                await anyio.lowlevel.checkpoint()  # the lists only grow or are replaced
+                scanned = 0
             position -= 1
+            scanned += 1
             seq, at, uuid = entries[position]
             if at < since:
                 return RecordPage(found)
@@ -553,14 +566,36 @@ class MemoryStorage(_Lifecycle):
                 or (query.task_name is not None and facts[1] != query.task_name)
                 or (query.parent_uuid is not None and facts[2] != query.parent_uuid)
                 or not uuid.startswith(prefix)
+                or uuid == prefix  # looked up on the first page
             ):
                 continue
             record = self._records.copy_of(uuid)
             assert record is not None
             found.append(record)
-            if len(found) == query.limit:
-                break
-        return RecordPage(found, f"m:{entries[position][0]}" if position > 0 else None)
+        if position == 0:
+            return RecordPage(found)
+        # Entries before ``position`` are left; a cursor names the seq they are below.
+        below = entries[position][0] if position < end else entries[position - 1][0] + 1
+        return RecordPage(found, f"m:{below}")
+
+    def _exact(self, uuid: str, query: RecordQuery, since: float) -> TaskRecord | None:
+        """The record ``uuid`` when it matches every filter of ``query`` (its index time
+        found in ``_all`` by its write sequence number)."""
+        facts = self._records.facts(uuid)
+        seq = self._seq_of.get(uuid)
+        if facts is None or seq is None:
+            return None
+        status, task_name, parent_uuid, _ = facts
+        at = self._all[bisect.bisect_left(self._all, seq, key=_seq)][1]
+        if (
+            (query.status is not None and status is not query.status)
+            or (query.task_name is not None and task_name != query.task_name)
+            or (query.parent_uuid is not None and parent_uuid != query.parent_uuid)
+            or at < since
+            or (query.until is not None and at >= query.until)
+        ):
+            return None
+        return self._records.copy_of(uuid)
 
     async def count(
         self, status: TaskStatus, since: float | None = None, until: float | None = None

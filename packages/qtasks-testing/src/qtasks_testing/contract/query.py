@@ -178,6 +178,36 @@ class StorageQueryContract(_StorageCapability):
         assert exact.records == [others[0]]
 
     @pytest.mark.anyio
+    async def test_a_whole_uuid_is_looked_up_first(self, storage: Storage) -> None:
+        """The record whose uuid is the whole prefix comes first on the first page, before
+        newer records whose uuids extend it, and on no later page."""
+        whole = record(uuid=uuid.uuid4().hex)
+        longer = [record(uuid=f"{whole.uuid}-{i}") for i in range(3)]
+        other = record()
+        await self.spaced(storage, [whole, *longer, other])
+        query = cast(StorageQuery, storage)
+        first = await query.query(RecordQuery(uuid_prefix=whole.uuid, limit=1))
+        assert [r.uuid for r in first.records] == [whole.uuid]
+        assert first.records == [whole]
+        listed = await everything(query, RecordQuery(uuid_prefix=whole.uuid, limit=1))
+        assert [r.uuid for r in listed] == [whole.uuid, *(r.uuid for r in reversed(longer))]
+        listed = await everything(query, RecordQuery(uuid_prefix=whole.uuid, limit=2))
+        assert [r.uuid for r in listed] == [whole.uuid, *(r.uuid for r in reversed(longer))]
+        await storage.save(finished(whole))
+        for query_of_other_records in (
+            RecordQuery(uuid_prefix=whole.uuid, status=TaskStatus.NEW),
+            RecordQuery(uuid_prefix=whole.uuid, task_name="nobody"),
+            RecordQuery(uuid_prefix=whole.uuid, until=time.time() - 60),
+            RecordQuery(uuid_prefix=whole.uuid, since=time.time() + 60),
+            RecordQuery(uuid_prefix=whole.uuid, parent_uuid=other.uuid),
+        ):
+            page = await query.query(query_of_other_records)
+            assert whole.uuid not in [r.uuid for r in page.records], query_of_other_records
+        done = await query.query(RecordQuery(uuid_prefix=whole.uuid, status=TaskStatus.SUCCESS))
+        assert [r.uuid for r in done.records] == [whole.uuid]
+        assert done.records[0].status is TaskStatus.SUCCESS
+
+    @pytest.mark.anyio
     async def test_expired_records_are_not_listed(
         self, storage_factory: StorageFactory, contract_config: QueueConfig
     ) -> None:
