@@ -3,6 +3,7 @@ same settle path (SharedServer.ack_final/ack_finals) the Redis backend takes."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from qtasks import (
     hookimpl,
 )
 from qtasks.errors import (
+    SerializationError,
     StorageConnectionError,
     TaskArgumentsError,
     TaskNotFoundError,
@@ -477,6 +479,35 @@ async def test_add_tasks_enqueues_each_and_fires_hooks_per_task(app: AsyncQueueT
     async with app:
         results = [(await r.wait_result(5)).returning for r in records[:3] + more]
     assert results == [0, 2, 4, 3, 10]
+
+
+@pytest.mark.parametrize("shape", ["list", "generator"])
+async def test_a_bad_add_tasks_item_after_a_full_batch_stores_nothing(
+    app: AsyncQueueTasks, shape: str
+) -> None:
+    """A bad item past the first 1,000 left the first batch stored and published (its tasks
+    would run; the call raised, its records lost to the caller): now every item is checked
+    and prepared before anything is stored, a list or a generator alike, and the error, of
+    the type add_task raises, names the item's index."""
+    double = app.tasks["double"]
+    bad_items: list[tuple[int, Any, type[Exception], str]] = [
+        (1500, double.s(1, 2), TaskArgumentsError, "add_tasks item 1500: "),
+        (1000, double.s(object()), SerializationError, "add_tasks item 1000: cannot encode"),
+        (2499, "double", TaskArgumentsError, "add_tasks item 2499: add_tasks expects a signature"),
+    ]
+    for index, bad, error, says in bad_items:
+        items: list[Any] = [double.s(i) for i in range(2500)]
+        items[index] = bad
+        given = items if shape == "list" else (item for item in items)
+        with pytest.raises(error, match=f"^{re.escape(says)}"):
+            await app.add_tasks(given)
+        stats = await app.broker.stats()
+        assert (stats.ready_by_priority, stats.delayed) == ({}, 0)
+        assert await app.storage.stats() == {}
+    records = await app.add_tasks(double.s(i) for i in range(1500))
+    assert await app.storage.stats() == {"new": 1500}
+    async with app:
+        assert (await records[-1].wait_result(5)).returning == 2998
 
 
 def test_sync_app_twins() -> None:

@@ -21,7 +21,7 @@ from faultproxy import FaultProxy
 from yarl import URL as ParsedURL
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
-from qtasks.errors import BrokerConnectionError
+from qtasks.errors import BrokerConnectionError, TaskArgumentsError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 from qtasks_rabbitmq import PublishRejectedError, RabbitMQBroker
@@ -341,6 +341,23 @@ async def test_add_tasks_publishes_batches_in_order_and_stops_at_a_failed_one(
     assert not set(notified.failed) & set(notified.enqueued)
     delivered = await received(broker, 1500)
     assert delivered == notified.enqueued + notified.failed[:500]
+    assert (await broker.stats()).ready_by_priority == {}
+
+
+async def test_a_bad_add_tasks_item_after_a_full_batch_stores_nothing(
+    bulk_app: tuple[RabbitMQBroker, AsyncQueueTasks, Notified],
+) -> None:
+    """The first batch was stored and published while item 1500 was prepared; now every item
+    is checked first and nothing is stored or published."""
+    broker, app, notified = bulk_app
+    echo = app.tasks["echo"]
+    items = [echo.s(i) for i in range(2500)]
+    items[1500] = echo.s(1, 2)
+    with pytest.raises(TaskArgumentsError, match=r"^add_tasks item 1500: "):
+        await app.add_tasks(items)
+    assert app.enqueue_path == "overlapped"
+    assert (notified.enqueued, notified.failed) == ([], [])
+    assert await app.storage.stats() == {}
     assert (await broker.stats()).ready_by_priority == {}
 
 

@@ -26,7 +26,7 @@ from redis_worker_app import build
 from qtasks import MemoryStorage, TaskStatus
 from qtasks.components import BeginOnClaim, RecordQuery, SharedServer
 from qtasks.config import QueueConfig
-from qtasks.errors import ComponentError
+from qtasks.errors import ComponentError, TaskArgumentsError
 from qtasks.messages import Codec, Envelope, Message
 from qtasks.record import TaskRecord
 from qtasks.worker import QueueWorker
@@ -238,6 +238,24 @@ async def test_app_folds_enqueue_and_settle(
         stats = await broker.stats()
         assert (stats.in_flight, stats.ready_by_priority, stats.delayed) == (0, {}, 0)
     assert calls == ["publish_new", "ack_finals"]
+
+
+async def test_a_bad_add_tasks_item_after_a_full_batch_stores_nothing(
+    redis_url: str, prefix: str
+) -> None:
+    """With one script per batch, batches overlapping the preparation of the next, the first
+    1,000 were stored and queued before item 1500 was found bad; now nothing is."""
+    app = build(redis_url, prefix)
+    async with app:
+        noop = app.tasks["noop"]
+        items = [noop.s(i) for i in range(2500)]
+        items[1500] = noop.s(1, 2)
+        with pytest.raises(TaskArgumentsError, match=r"^add_tasks item 1500: "):
+            await app.add_tasks(iter(items))
+        assert app.enqueue_path == "shared"
+        stats = await app.broker.stats()
+        assert (stats.ready_by_priority, stats.delayed) == ({}, 0)
+        assert await app.storage.stats() == {}
 
 
 async def test_ack_finals_settles_each_pair_on_its_own(

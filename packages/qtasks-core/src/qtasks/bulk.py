@@ -1,8 +1,9 @@
 """Bulk enqueue: many new tasks stored and published in one round trip per batch.
 
 ``app.add_tasks([...])`` and ``task.add_tasks(args_list)`` prepare every task as ``add_task``
-does (arguments checked, ``qtasks_task_enqueue`` applied), then store and publish them in
-batches of :data:`BATCH`, through the best the components offer:
+does (arguments checked, ``qtasks_task_enqueue`` applied, the message encoded), all of them
+before any is stored, so a bad item stores nothing (its error names its index); then they
+store and publish them in batches of :data:`BATCH`, through the best the components offer:
 
 - a :class:`~qtasks.components.SharedServer` broker that is a
   :class:`~qtasks.components.BulkPublishNew`: records and messages of a batch in one call
@@ -23,10 +24,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from qtasks import enqueue as enqueue_step
 from qtasks.components import Broker, BulkAdd, BulkPublish, BulkPublishNew, Storage
-from qtasks.errors import TaskArgumentsError
+from qtasks.errors import QTasksError, TaskArgumentsError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 
@@ -39,9 +41,10 @@ BATCH = 1000
 """Most tasks stored and published in one call (one Redis script never holds the server for
 long; a RabbitMQ batch's confirms are awaited together)."""
 
-_YIELD_EVERY = 50
-"""While a batch is in flight, the next one's preparation yields to the loop every this many
-tasks, so the call in flight is sent and answered meanwhile."""
+_YIELD_EVERY = 100
+"""While the items are checked and prepared (nothing in flight yet), the preparation yields to
+the loop every this many items, so a long call does not hold up the loop's other tasks (a
+worker's lease renewals, say) for its whole length."""
 
 
 def as_args(item: Any) -> tuple[Any, ...]:
@@ -53,14 +56,12 @@ def as_args(item: Any) -> tuple[Any, ...]:
 async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> list[AsyncTask]:
     """Enqueue every signature (see the module docstring); return their records in order.
 
-    On asyncio with remote components, the next batch is prepared while the previous ones are
-    stored, and up to two batches are in flight: a batch's records are stored while the one
-    before waits for its publish (publisher confirms); its messages are published once that
-    batch is done, so messages reach the broker, and hooks fire, in batch order."""
-    from qtasks.workflows.canvas import as_signature  # the package imports this module
-
-    out: list[AsyncTask] = []
-    chunk: list[tuple[AsyncTask, Envelope]] = []
+    Every item is checked and prepared (:func:`prepare_all`) before anything is stored: one
+    bad item, wherever it is, raises and leaves nothing stored or published. Then, on asyncio
+    with remote components, up to two batches are in flight: a batch's records are stored while
+    the one before waits for its publish (publisher confirms); its messages are published once
+    that batch is done, so messages reach the broker, and hooks fire, in batch order."""
+    prepared = await prepare_all(app, signatures)
     running: list[asyncio.Task[None]] = []  # in batch order, at most two
 
     async def stored(
@@ -68,14 +69,54 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     ) -> None:
         await enqueue_batch(app, batch, None if before is None else _after(before))
 
-    def launch(batch: list[tuple[AsyncTask, Envelope]]) -> None:
-        before = running[-1] if running else None
-        running.append(asyncio.get_running_loop().create_task(stored(batch, before)))
-
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
     try:
-        for item in signatures:
+        for start in range(0, len(prepared), BATCH):
+            chunk = prepared[start : start + BATCH]
+            if not overlap:
+                await stored(chunk, None)
+                continue
+            if len(running) == 2:
+                await running.pop(0)
+            before = running[-1] if running else None
+            running.append(asyncio.get_running_loop().create_task(stored(chunk, before)))
+        while running:
+            await running.pop(0)
+    except Exception:
+        # A batch behind a failed one fails too (it publishes only after it): let those end,
+        # so their hooks fire, then raise the first error.
+        if running:
+            await asyncio.wait(running)
+        for task in running:
+            if not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
+        running.clear()
+        raise
+    finally:
+        for task in running:
+            task.cancel()
+    return [record for record, _ in prepared]
+
+
+async def prepare_all(
+    app: AsyncQueueTasks, signatures: Iterable[Signature]
+) -> list[tuple[AsyncTask, Envelope]]:
+    """Every item of ``signatures`` (a sequence or any iterable, read once) checked and
+    prepared as ``add_task`` prepares one, its record and envelope, in order. A bad item (not a
+    signature, arguments that do not fit, a task with a unique key, a value the serializer
+    cannot encode, a message too large, a hook that raises) raises its error, of the type
+    ``add_task`` would raise, its message starting ``add_tasks item <index>: ``.
+
+    Holding all of them costs the encoded bodies on top of the records, which the call returns
+    anyway: the price of storing nothing when any item is bad."""
+    from qtasks.workflows.canvas import as_signature  # the package imports this module
+
+    prepared: list[tuple[AsyncTask, Envelope]] = []
+    for index, item in enumerate(signatures):
+        if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await anyio.lowlevel.checkpoint()
+        try:
             sig = as_signature(item, "add_tasks", TaskArgumentsError)
             record, envelope, unique = await enqueue_step.prepare(
                 app,
@@ -93,42 +134,16 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
                     f"task {sig.task_name!r} has a unique key: add_tasks cannot claim it with "
                     "a batch; enqueue it with add_task"
                 )
-            chunk.append((record, envelope))
-            out.append(record)
-            if running and len(chunk) % _YIELD_EVERY == 0:
-                # Let the batches in flight send their calls (a write is scheduled after the
-                # step that made it) and take their replies: preparing a batch never awaits,
-                # so without these yields a call would leave only once this batch is ready.
-                await asyncio.sleep(0)
-            if len(chunk) == BATCH:
-                if overlap:
-                    if len(running) == 2:
-                        await running.pop(0)
-                    launch(chunk)
-                else:
-                    await stored(chunk, None)
-                chunk = []
-        if chunk:
-            if overlap:
-                launch(chunk)
-            else:
-                await stored(chunk, None)
-        while running:
-            await running.pop(0)
-    except Exception:
-        # A batch behind a failed one fails too (it publishes only after it): let those end,
-        # so their hooks fire, then raise the first error.
-        if running:
-            await asyncio.wait(running)
-        for task in running:
-            if not task.cancelled():
-                task.exception()  # retrieved: no "never retrieved" warning
-        running.clear()
-        raise
-    finally:
-        for task in running:
-            task.cancel()
-    return out
+        except QTasksError as exc:
+            # Its type kept (an ``except`` written for add_task catches it), its message (each
+            # of the tree's errors holds it as its one argument) naming the item.
+            exc.args = (f"add_tasks item {index}: {exc}", *exc.args[1:])
+            raise
+        except Exception as exc:
+            exc.add_note(f"add_tasks item {index}")
+            raise
+        prepared.append((record, envelope))
+    return prepared
 
 
 def _after(before: asyncio.Task[None]) -> Callable[[], Awaitable[None]]:
