@@ -510,6 +510,83 @@ async def test_a_bad_add_tasks_item_after_a_full_batch_stores_nothing(
         assert (await records[-1].wait_result(5)).returning == 2998
 
 
+class EnqueueSeen:
+    """The producer's per-task notifications: the uuids of ``qtasks_task_enqueue`` and
+    ``qtasks_task_enqueued``, and ``(uuid, error)`` of ``qtasks_task_enqueue_failed``."""
+
+    def __init__(self) -> None:
+        self.begun: list[str] = []
+        self.enqueued: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+
+    @hookimpl
+    def qtasks_task_enqueue(self, message: Any) -> None:
+        self.begun.append(message.uuid)
+
+    @hookimpl
+    def qtasks_task_enqueued(self, record: Any) -> None:
+        self.enqueued.append(record.uuid)
+
+    @hookimpl
+    def qtasks_task_enqueue_failed(self, record: Any, exc: BaseException) -> None:
+        self.failed.append((record.uuid, str(exc)))
+
+
+async def test_a_bad_add_tasks_item_fires_enqueue_failed_for_the_items_before_it(
+    app: AsyncQueueTasks,
+) -> None:
+    """The items before a bad one had qtasks_task_enqueue applied (a tracing plugin opened a
+    span for each) and nothing ended it: they get qtasks_task_enqueue_failed with the error,
+    as a failed batch's tasks do. A generator that raises, likewise."""
+    seen = EnqueueSeen()
+    app.add_plugin(seen)
+    double = app.tasks["double"]
+    items = [double.s(i) for i in range(2500)]
+    items[1500] = double.s(1, 2)
+    with pytest.raises(TaskArgumentsError, match=r"^add_tasks item 1500: ") as raised:
+        await app.add_tasks(items)
+    assert len(seen.begun) == 1500
+    assert seen.failed == [(uuid, str(raised.value)) for uuid in seen.begun]
+
+    def broken() -> Any:
+        yield double.s(1)
+        raise OSError("the source went away")
+
+    seen.begun.clear()
+    seen.failed.clear()
+    with pytest.raises(OSError, match="the source went away"):
+        await app.add_tasks(broken())
+    assert seen.failed == [(seen.begun[0], "the source went away")]
+    assert seen.enqueued == []
+    assert await app.storage.stats() == {}
+
+
+async def test_add_tasks_fires_enqueue_failed_for_the_batches_behind_a_failed_one(
+    app: AsyncQueueTasks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every item is prepared before the first batch is stored: when a batch fails, the
+    batches never begun behind it had qtasks_task_enqueue applied too, and get
+    qtasks_task_enqueue_failed as the failed batch's tasks do."""
+    seen = EnqueueSeen()
+    app.add_plugin(seen)
+    await app.start()
+    add = app.storage.add
+    count = 0
+
+    async def fails_in_the_second_batch(record: TaskRecord) -> None:
+        nonlocal count
+        count += 1
+        if count == 1001:
+            raise StorageConnectionError("storage went away")
+        await add(record)
+
+    monkeypatch.setattr(app.storage, "add", fails_in_the_second_batch)
+    with pytest.raises(StorageConnectionError):
+        await app.tasks["double"].add_tasks(range(4500))  # the fourth never begun, both paths
+    assert seen.enqueued == seen.begun[:1000]
+    assert seen.failed == [(uuid, "storage went away") for uuid in seen.begun[1000:]]
+
+
 def test_sync_app_twins() -> None:
     app = QueueTasks(config=QueueConfig(max_tasks_process=4))
 

@@ -71,19 +71,22 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
 
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
+    launched = 0  # the items of the batches begun so far
     try:
         for start in range(0, len(prepared), BATCH):
             chunk = prepared[start : start + BATCH]
             if not overlap:
+                launched = start + len(chunk)
                 await stored(chunk, None)
                 continue
             if len(running) == 2:
                 await running.pop(0)
             before = running[-1] if running else None
+            launched = start + len(chunk)
             running.append(asyncio.get_running_loop().create_task(stored(chunk, before)))
         while running:
             await running.pop(0)
-    except Exception:
+    except Exception as exc:
         # A batch behind a failed one fails too (it publishes only after it): let those end,
         # so their hooks fire, then raise the first error.
         if running:
@@ -92,6 +95,8 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
             if not task.cancelled():
                 task.exception()  # retrieved: no "never retrieved" warning
         running.clear()
+        # The batches never begun were prepared too (qtasks_task_enqueue applied).
+        await notify_failed(app, prepared[launched:], exc)
         raise
     finally:
         for task in running:
@@ -109,41 +114,53 @@ async def prepare_all(
     ``add_task`` would raise, its message starting ``add_tasks item <index>: ``.
 
     Holding all of them costs the encoded bodies on top of the records, which the call returns
-    anyway: the price of storing nothing when any item is bad."""
+    anyway: the price of storing nothing when any item is bad. When an item fails, the items
+    prepared before it get ``qtasks_task_enqueue_failed`` (:func:`notify_failed`)."""
+    prepared: list[tuple[AsyncTask, Envelope]] = []
+    try:
+        for index, item in enumerate(signatures):
+            if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await anyio.lowlevel.checkpoint()
+            prepared.append(await _prepare(app, index, item))
+    except Exception as exc:
+        # The items before had qtasks_task_enqueue applied: what a plugin began there (a
+        # span) ends here, as for a failed batch.
+        await notify_failed(app, prepared, exc)
+        raise
+    return prepared
+
+
+async def _prepare(app: AsyncQueueTasks, index: int, item: Any) -> tuple[AsyncTask, Envelope]:
+    """Item ``index`` of :func:`prepare_all` checked and prepared, or its error naming it."""
     from qtasks.workflows.canvas import as_signature  # the package imports this module
 
-    prepared: list[tuple[AsyncTask, Envelope]] = []
-    for index, item in enumerate(signatures):
-        if index % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await anyio.lowlevel.checkpoint()
-        try:
-            sig = as_signature(item, "add_tasks", TaskArgumentsError)
-            record, envelope, unique = await enqueue_step.prepare(
-                app,
-                sig.task_name,
-                sig.args,
-                sig.kwargs,
-                sig.priority,
-                sig.delay,
-                None,
-                None,
-                sig.retry,
+    try:
+        sig = as_signature(item, "add_tasks", TaskArgumentsError)
+        record, envelope, unique = await enqueue_step.prepare(
+            app,
+            sig.task_name,
+            sig.args,
+            sig.kwargs,
+            sig.priority,
+            sig.delay,
+            None,
+            None,
+            sig.retry,
+        )
+        if unique is not None:
+            raise TaskArgumentsError(
+                f"task {sig.task_name!r} has a unique key: add_tasks cannot claim it with "
+                "a batch; enqueue it with add_task"
             )
-            if unique is not None:
-                raise TaskArgumentsError(
-                    f"task {sig.task_name!r} has a unique key: add_tasks cannot claim it with "
-                    "a batch; enqueue it with add_task"
-                )
-        except QTasksError as exc:
-            # Its type kept (an ``except`` written for add_task catches it), its message (each
-            # of the tree's errors holds it as its one argument) naming the item.
-            exc.args = (f"add_tasks item {index}: {exc}", *exc.args[1:])
-            raise
-        except Exception as exc:
-            exc.add_note(f"add_tasks item {index}")
-            raise
-        prepared.append((record, envelope))
-    return prepared
+    except QTasksError as exc:
+        # Its type kept (an ``except`` written for add_task catches it), its message (each
+        # of the tree's errors holds it as its one argument) naming the item.
+        exc.args = (f"add_tasks item {index}: {exc}", *exc.args[1:])
+        raise
+    except Exception as exc:
+        exc.add_note(f"add_tasks item {index}")
+        raise
+    return record, envelope
 
 
 def _after(before: asyncio.Task[None]) -> Callable[[], Awaitable[None]]:
@@ -168,12 +185,20 @@ async def enqueue_batch(
     try:
         await store_and_publish_many(app, batch, after)
     except Exception as exc:
-        hooks = app.hooks
-        if "qtasks_task_enqueue_failed" in hooks.active:
-            for record, _ in batch:
-                await hooks.notify("qtasks_task_enqueue_failed", app=app, record=record, exc=exc)
+        await notify_failed(app, batch, exc)
         raise
     await notify_stored(app, [record for record, _ in batch], enqueued=True)
+
+
+async def notify_failed(
+    app: AsyncQueueTasks, tasks: Sequence[tuple[TaskRecord, Envelope]], exc: Exception
+) -> None:
+    """``qtasks_task_enqueue_failed`` of every task of ``tasks`` (prepared, not enqueued: the
+    call raises ``exc``), when a plugin implements it."""
+    hooks = app.hooks
+    if "qtasks_task_enqueue_failed" in hooks.active:
+        for record, _ in tasks:
+            await hooks.notify("qtasks_task_enqueue_failed", app=app, record=record, exc=exc)
 
 
 async def notify_stored(
