@@ -5,7 +5,7 @@ script sent again (its reply lost) writes nothing."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -23,7 +23,7 @@ from begin_scenarios import (
 from fence_scenarios import late_result_after_a_shutdown_hand_back
 from redis_worker_app import build
 
-from qtasks import MemoryStorage, TaskStatus
+from qtasks import MemoryStorage, TaskStatus, hookimpl
 from qtasks.components import BeginOnClaim, RecordQuery, SharedServer
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentError, TaskArgumentsError
@@ -256,6 +256,40 @@ async def test_a_bad_add_tasks_item_after_a_full_batch_stores_nothing(
         stats = await app.broker.stats()
         assert (stats.ready_by_priority, stats.delayed) == ({}, 0)
         assert await app.storage.stats() == {}
+
+
+async def test_add_tasks_builds_a_batch_while_the_one_before_runs(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every item is prepared first; then a batch's script call (its records encoded, its
+    arguments packed) was built only once the batch before had ended, so nothing overlapped
+    the server's work. Now the broker builds it before it waits for that batch: the second
+    batch's records are being encoded before the first batch's hooks fire (they fire once its
+    script returned)."""
+    app = build(redis_url, prefix)
+    events: list[tuple[str, str]] = []
+    encode = RedisStorage._encode
+
+    def encoding(record: TaskRecord) -> str:
+        events.append(("encoded", record.uuid))
+        return encode(record)
+
+    class Added:
+        @hookimpl
+        def qtasks_storage_added(self, record: TaskRecord) -> None:
+            events.append(("added", record.uuid))
+
+    app.add_plugin(Added())
+    async with app:
+        monkeypatch.setattr(app.storage, "_encode", encoding)
+        records = await app.tasks["noop"].add_tasks(range(2500))
+        assert app.enqueue_path == "shared"
+    first_added = events.index(("added", records[0].uuid))
+    second = {r.uuid for r in records[1000:2000]}
+    encoded = [i for i, (what, uuid) in enumerate(events) if what == "encoded" and uuid in second]
+    assert len(encoded) == 1000
+    assert min(encoded) < first_added, "the second batch was built after the first ended"
+    assert [u for what, u in events if what == "added"] == [r.uuid for r in records]
 
 
 async def test_ack_finals_settles_each_pair_on_its_own(
@@ -559,6 +593,20 @@ def record_calls(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[C
         return await plain(script, keys, args, dynamic)
 
     monkeypatch.setattr(broker, "_run_call", recorded)
+    packed = Script.packed
+
+    def recorded_packed(
+        script: Script,
+        client: Any,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        dynamic: int = 0,
+    ) -> Callable[[], Awaitable[Any]]:
+        """A call packed to be sent later (``publish_new_many``'s), recorded as it is built."""
+        calls.append((script, tuple(keys), tuple(args), dynamic))
+        return packed(script, client, keys, args, dynamic)
+
+    monkeypatch.setattr(Script, "packed", recorded_packed)
     return calls
 
 

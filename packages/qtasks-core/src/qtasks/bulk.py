@@ -226,17 +226,19 @@ async def store_and_publish_many(
 ) -> None:
     """Store the records of ``tasks`` and publish their messages (one batch); ``await
     after()`` (when given) before anything is published (with a shared server, before
-    anything is written: records and messages go in one call)."""
+    anything is written: records and messages go in one call, which a
+    :class:`~qtasks.components.BulkPublishNew` broker builds before it awaits ``after``, so
+    that work overlaps the batch ``after`` waits for)."""
     broker, storage = app.broker, app.storage
     shared = app.shared_server
     if shared is not None:
+        if isinstance(broker, BulkPublishNew):
+            await broker.publish_new_many(storage, tasks, after=after)
+            return
         if after is not None:
             await after()
-        if isinstance(broker, BulkPublishNew):
-            await broker.publish_new_many(storage, tasks)
-        else:
-            for record, envelope in tasks:
-                await shared.publish_new(envelope, storage, record)
+        for record, envelope in tasks:
+            await shared.publish_new(envelope, storage, record)
         return
     await add_many(storage, [record for record, _ in tasks])
     if after is not None:

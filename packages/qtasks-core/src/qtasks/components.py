@@ -302,10 +302,20 @@ class BulkPublishNew(Protocol):
     :meth:`~SharedServer.shares_server_with`."""
 
     async def publish_new_many(
-        self, storage: Storage, tasks: Sequence[tuple[TaskRecord, Envelope]]
+        self,
+        storage: Storage,
+        tasks: Sequence[tuple[TaskRecord, Envelope]],
+        *,
+        after: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Exactly ``publish_new(envelope, storage, record)`` of every pair, in order (each
-        pair atomic on its own)."""
+        pair atomic on its own).
+
+        ``after``, when given, is awaited exactly once (``tasks`` empty too), before anything
+        of ``tasks`` is written; when it raises, nothing is written and its error propagates.
+        Do the work that needs no server (encoding the records, building and packing the
+        call) before awaiting it: ``app.add_tasks`` passes the wait for the batch before, so
+        that work overlaps the server's."""
         ...
 
 

@@ -10,10 +10,11 @@ cluster node or a restarted server that has not cached the script yet).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -299,6 +300,15 @@ class Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
+
+    def packed(
+        self, client: Client | Lane, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
+    ) -> Callable[[], Awaitable[Any]]:
+        """This call, run when the function returned is awaited; on a lane it is packed now
+        (see :meth:`Lane.packed`)."""
+        if isinstance(client, Lane):
+            return client.packed(self, keys, args, dynamic=dynamic)
+        return functools.partial(self, client, keys, args, dynamic)
 
 
 class SharedClient:

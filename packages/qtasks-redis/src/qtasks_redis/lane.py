@@ -29,7 +29,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -511,6 +511,22 @@ class Lane:
             return await self._one(self._evalsha(script, keys, args, dynamic))
         except NoScriptError:
             return await self.command("EVAL", script.source, len(keys), *keys, *args)
+
+    def packed(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], *, dynamic: int = 0
+    ) -> Callable[[], Awaitable[Any]]:
+        """:meth:`script` packed now, sent when the function returned is awaited: a caller
+        packs a large call while it waits for its turn to send it (see
+        :meth:`qtasks_redis.RedisBroker.publish_new_many`)."""
+        packed = self._evalsha(script, keys, args, dynamic)
+
+        async def send() -> Any:
+            try:
+                return await self._one(packed)
+            except NoScriptError:
+                return await self.command("EVAL", script.source, len(keys), *keys, *args)
+
+        return send
 
     def _evalsha(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int

@@ -13,7 +13,7 @@ import re
 import time
 import uuid as uuid_mod
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Self
@@ -469,9 +469,15 @@ class MemoryBroker(_Lifecycle):
             await self.publish(envelope)
 
     async def publish_new_many(
-        self, storage: Storage, tasks: Sequence[tuple[TaskRecord, Envelope]]
+        self,
+        storage: Storage,
+        tasks: Sequence[tuple[TaskRecord, Envelope]],
+        *,
+        after: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """See :class:`qtasks.components.BulkPublishNew`."""
+        """See :class:`qtasks.components.BulkPublishNew` (nothing to build before ``after``)."""
+        if after is not None:
+            await after()
         for record, envelope in tasks:
             await self.publish_new(envelope, storage, record)
 

@@ -151,6 +151,49 @@ class BulkPublishNewContract(_SharedFixtures):
         seen = await _acked(shared.broker, len(tasks))
         assert sorted(seen) == sorted(sent.id for sent, _ in tasks)
 
+    @pytest.mark.anyio
+    async def test_publish_new_many_awaits_after_once_before_it_writes(
+        self, shared: Shared
+    ) -> None:
+        """``after`` is awaited once (with more tasks than one call of the backends here
+        takes, and with none), before any record is stored; then every task is."""
+        assert isinstance(shared.broker, BulkPublishNew)
+        tasks = [shared.new() for _ in range(1200)]
+        looked = [rec for _, rec in tasks[::97]] + [tasks[-1][1]]
+        stored_then: list[TaskRecord | None] = []
+
+        async def after() -> None:
+            stored_then.extend([await shared.storage.get(rec.uuid) for rec in looked])
+
+        pairs = [(rec, sent) for sent, rec in tasks]
+        await shared.broker.publish_new_many(shared.storage, pairs, after=after)
+        assert stored_then == [None] * len(looked), "written before after() returned"
+        for rec in looked:
+            assert await shared.storage.get(rec.uuid) == rec
+        seen = await _acked(shared.broker, len(tasks), prefetch=100)
+        assert sorted(seen) == sorted(sent.id for sent, _ in tasks)
+        await shared.broker.publish_new_many(shared.storage, [], after=after)
+        assert len(stored_then) == 2 * len(looked)
+
+    @pytest.mark.anyio
+    async def test_publish_new_many_writes_nothing_when_after_raises(self, shared: Shared) -> None:
+        assert isinstance(shared.broker, BulkPublishNew)
+        tasks = [shared.new() for _ in range(3)]
+
+        class Refused(Exception):
+            pass
+
+        async def after() -> None:
+            raise Refused
+
+        with pytest.raises(Refused):
+            await shared.broker.publish_new_many(
+                shared.storage, [(rec, sent) for sent, rec in tasks], after=after
+            )
+        for _, rec in tasks:
+            assert await shared.storage.get(rec.uuid) is None
+        assert await _acked(shared.broker, 0) == []
+
 
 class BulkAddContract(_StorageCapability):
     """The guarantees of :class:`qtasks.components.BulkAdd` (provide a ``storage_factory``)."""
