@@ -9,7 +9,7 @@ honours the contract.
 
 from qtasks_testing.cases import AsyncTestCase, SyncTestCase
 from qtasks_testing.clock import FakeClock
-from qtasks_testing.harness import Harness, HarnessError
+from qtasks_testing.harness import Harness, HarnessError, HarnessTimeoutError
 from qtasks_testing.records import EnqueuedTask
 from qtasks_testing.sync_harness import SyncHarness
 
@@ -19,6 +19,7 @@ __all__ = [
     "FakeClock",
     "Harness",
     "HarnessError",
+    "HarnessTimeoutError",
     "SyncHarness",
     "SyncTestCase",
 ]

@@ -6,7 +6,7 @@ tests); :class:`~qtasks_testing.sync_harness.SyncHarness` is its blocking facade
 :mod:`qtasks_testing.records` what it records. The unittest cases and the pytest fixtures are
 thin layers over these.
 
-Over ~600 lines: one class, whose two modes share the component swap, the clock and the
+Over ~750 lines: one class, whose two modes share the component swap, the clock and the
 bookkeeping of the tasks it holds back and moves the clock for.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -39,7 +39,7 @@ from qtasks_testing.records import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Generator
+    from collections.abc import AsyncIterator, Generator, Iterator
 
     from qtasks.workflows.canvas import Node, Signature
 
@@ -51,6 +51,17 @@ WRAPPED = ("enqueue", "add_tasks", "run_workflow")
 
 class HarnessError(QTasksError):
     """The harness was used wrongly (app already started, unknown component, ...)."""
+
+
+class HarnessTimeoutError(HarnessError, TaskTimeoutError):
+    """A task run inline did not finish within the harness's ``timeout``; it was cancelled.
+    Also a :class:`~qtasks.errors.TaskTimeoutError` (what waiting for a task too long raises),
+    and raised at once for ``add_task(delay=..., timeout=...)`` when the delay is longer than
+    the timeout."""
+
+    def __init__(self, uuid: str, timeout: float, text: str) -> None:
+        TaskTimeoutError.__init__(self, uuid, timeout)
+        self.args = (text,)
 
 
 class _InlinePlugin:
@@ -112,10 +123,13 @@ class Harness(EnqueuedLog):
     Modes: ``inline`` runs each task the moment it is added, through the real worker code
     (plugins, ``Depends``, ``State``, echo/ctx, retries without backoff, generators), so
     ``add_task`` returns the final record; delayed tasks wait for :meth:`advance_time` or
-    :meth:`run_pending`. ``worker`` runs a real worker concurrently, for code that depends on
-    concurrency; use :meth:`wait` or :meth:`run_pending` to let it catch up (retries keep their
-    backoff, which :meth:`run_pending` moves the clock through). Closing the harness cancels
-    tasks still running at once.
+    :meth:`run_pending` (``add_task(delay=..., timeout=...)`` moves the clock to the task when
+    the delay is within the timeout). Each call ends within ``timeout`` seconds: a task still
+    running then is cancelled and :class:`HarnessTimeoutError` names it. ``worker`` runs a
+    real worker concurrently, for code that depends on concurrency; use :meth:`wait` or
+    :meth:`run_pending` to let it catch up (retries keep their backoff, which
+    :meth:`run_pending` moves the clock through). Closing the harness cancels tasks still
+    running at once.
 
     The app reads :attr:`clock` too while the harness is installed (new tasks' times,
     ``expires``, rate limits): a task its rate or concurrency limit holds back makes the harness
@@ -155,7 +169,8 @@ class Harness(EnqueuedLog):
         self.raise_task_errors = raise_task_errors
         self.clock = clock or FakeClock()
         self.timeout = timeout
-        """Seconds the harness waits for a delivery or a result before failing the test."""
+        """Seconds a call of the harness may take: inline, a task still running then is
+        cancelled; with a worker, :meth:`wait` and :meth:`run_pending` stop waiting for it."""
         self._enqueued: list[EnqueuedTask] = []
         self._handed_out: set[str] = set()
         self._saved: dict[str, Any] | None = None
@@ -173,6 +188,10 @@ class Harness(EnqueuedLog):
         self._depth = 0
         """Inline: how many tasks the harness is running now (a task enqueued while one runs
         is a child: it runs at once too, but its failure is not raised into its parent)."""
+        self._running: list[str] = []
+        """Inline: uuids of the tasks the harness is running now, the innermost last."""
+        self._cancelled: list[str] = []
+        """Inline: ``_running`` when the harness's timeout cancelled it."""
         self._unreported: list[TaskRecord] = []
         """Inline: children that failed during the current call of the test."""
         self._progress: set[anyio.Event] = set()
@@ -352,6 +371,8 @@ class Harness(EnqueuedLog):
         # real (the plugin records it), then run it (inline) or honour ``timeout`` ourselves,
         # since the app's own wait would wait for a worker that inline mode does not have.
         task = await type(self.app).enqueue(self.app, task_name, args, kwargs, **options)
+        if self.mode == "inline" and self._delayed(task) and timeout is not None:
+            await self._reach_in_time(task, timeout)
         if self.mode == "inline" and not self._delayed(task):
             record = await self._run_until_final(task.uuid)
             if self._depth:
@@ -362,6 +383,23 @@ class Harness(EnqueuedLog):
         if timeout is not None:
             return await self.app.wait(task.uuid, timeout)
         return task
+
+    async def _reach_in_time(self, task: TaskRecord, timeout: float) -> None:
+        """Inline ``add_task(delay=..., timeout=...)``: in production the call returns once the
+        worker ran the task at its eta, if that comes within ``timeout``. Here the clock is
+        moved to the eta (the task then runs at once); an eta beyond the timeout raises at once
+        what production raises when the timeout runs out (the task stays enqueued)."""
+        assert task.eta is not None
+        wait = task.eta - self.clock.time()
+        if wait > timeout:
+            raise HarnessTimeoutError(
+                task.uuid,
+                timeout,
+                f"task {self._describe_uuid(task.uuid)} is delayed {wait:g} s, longer than "
+                f"add_task's timeout of {timeout:g} s, so it cannot finish in time; it stays "
+                "enqueued: call advance_time() or run_pending(include_delayed=True) to let it run",
+            )
+        await self.advance_to(task.eta)
 
     async def _add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
         # Stands in for app.add_tasks: inline, the tasks run before it returns (as add_task's).
@@ -445,17 +483,55 @@ class Harness(EnqueuedLog):
 
     # --- running --------------------------------------------------------------------------
 
-    async def _next_delivery(self, iterator: Any, what: str) -> Any:
-        try:
-            with anyio.fail_after(self.timeout):
-                return await iterator.__anext__()
-        except TimeoutError:
-            raise HarnessError(
-                f"no message came from the broker within {self.timeout} s while waiting for {what}"
-            ) from None
+    @contextmanager
+    def _inline_limit(self, what: str) -> Iterator[None]:
+        """Inline: a call of the test (``add_task``, :meth:`wait`, :meth:`run_pending`...) ends
+        within :attr:`timeout` seconds. The tasks running then are cancelled (a sync task's
+        thread is abandoned, as a worker does) and :class:`HarnessTimeoutError` names the one
+        that did not finish. A child runs within the limit of the call that ran its parent."""
+        if self._depth:
+            yield
+            return
+        self._cancelled = []
+        with anyio.move_on_after(self.timeout) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise self._timed_out(what) from None
+
+    def _timed_out(self, what: str) -> HarnessError:
+        advice = (
+            "; if it needs longer, give the harness a longer timeout (timeout=..., or "
+            "@pytest.mark.qtasks(timeout=...))"
+        )
+        running, self._cancelled = self._cancelled, []
+        if not running:
+            return HarnessError(
+                f"no message came from the broker within {self.timeout} s while waiting for "
+                f"{what}{advice}"
+            )
+        uuid = running[-1]
+        named = [self._describe_uuid(one) for one in running]
+        text = (
+            f"task {named[-1]} did not finish within the harness's timeout of {self.timeout} s: "
+            "it was cancelled (the thread of a sync task is abandoned and runs on)"
+        )
+        if len(named) > 1:
+            text += f"; it was enqueued by {' <- '.join(reversed(named[:-1]))}, cancelled too"
+        return HarnessTimeoutError(uuid, self.timeout, text + advice)
+
+    def _describe_uuid(self, uuid: str) -> str:
+        for item in self._enqueued:
+            if item.uuid == uuid:
+                return f"{item.describe()} [{uuid}]"
+        return uuid
 
     async def _run_until_final(self, uuid: str) -> TaskRecord:
         """Process due deliveries through the worker until ``uuid`` is final."""
+        with self._inline_limit(f"task {self._describe_uuid(uuid)}"):
+            return await self._run_through(uuid)
+        raise AssertionError("unreachable: the limit raises when it cancels")
+
+    async def _run_through(self, uuid: str) -> TaskRecord:
         app = self.app
         async with app.broker.consume(prefetch=1) as deliveries:
             iterator = deliveries.__aiter__()
@@ -470,14 +546,19 @@ class Harness(EnqueuedLog):
                     # Held back by its rate or concurrency limit: its turn is on our clock.
                     self._requeued.pop(uuid, None)
                     await self.advance_to(due)
-                delivery = await self._next_delivery(iterator, f"task {uuid}")
-                await self._process(delivery)
+                await self._process(await iterator.__anext__())
 
-    async def _process(self, delivery: Any) -> None:
+    async def _process(self, delivery: Delivery) -> None:
         self._depth += 1
+        self._running.append(delivery.id)
         try:
             await self._worker.process(self.app, delivery)
+        except anyio.get_cancelled_exc_class():
+            # The innermost task sees it first: what ran when the limit cancelled them.
+            self._cancelled = self._cancelled or list(self._running)
+            raise
         finally:
+            self._running.pop()
             self._depth -= 1
 
     async def _ready(self) -> int:
@@ -517,6 +598,10 @@ class Harness(EnqueuedLog):
         return records
 
     async def _drain(self, include_delayed: bool) -> None:
+        with self._inline_limit("the due tasks"):
+            await self._drain_due(include_delayed)
+
+    async def _drain_due(self, include_delayed: bool) -> None:
         app = self.app
         async with app.broker.consume(prefetch=1) as deliveries:
             iterator = deliveries.__aiter__()
@@ -533,8 +618,7 @@ class Harness(EnqueuedLog):
                         return  # nothing left that moving the clock would make due
                     await self.advance_to(eta)
                     continue
-                delivery = await self._next_delivery(iterator, "a due task")
-                await self._process(delivery)
+                await self._process(await iterator.__anext__())
 
     async def _next_hold(self) -> float | None:
         """Inline: the earliest due time of the tasks held back with a delay, forgotten here

@@ -1,0 +1,146 @@
+"""Inline mode ends every call of the test in bounded time: a task that never finishes fails
+after the harness's ``timeout``, and ``add_task(delay=..., timeout=...)`` runs the task at its
+eta on the harness's clock (or fails at once when the eta is beyond the timeout)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
+from qtasks.errors import TaskTimeoutError
+from qtasks_testing import Harness, HarnessTimeoutError
+from qtasks_testing.sync_harness import SyncHarness
+
+
+def make_stuck_app() -> tuple[AsyncQueueTasks, anyio.Event]:
+    app = AsyncQueueTasks()
+    cancelled = anyio.Event()
+
+    @app.task
+    async def stuck() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    @app.task(echo=True)
+    async def parent(self: Any) -> None:
+        await self.add_task("stuck")
+
+    return app, cancelled
+
+
+@pytest.mark.parametrize(
+    ("added", "named"),
+    [("stuck", "task stuck() ["), ("parent", "enqueued by parent() [")],
+    ids=["the task", "a child"],
+)
+@pytest.mark.anyio
+async def test_inline_add_task_of_a_task_that_never_ends_fails_after_the_timeout(
+    added: str, named: str
+) -> None:
+    app, cancelled = make_stuck_app()
+    async with Harness(app, timeout=0.5):
+        with anyio.fail_after(5), pytest.raises(HarnessTimeoutError) as caught:
+            await app.add_task(added)
+        assert cancelled.is_set()
+    assert isinstance(caught.value, TaskTimeoutError)
+    text = str(caught.value)
+    assert "task stuck() [" in text  # the task that did not finish, with its parent if any
+    assert named in text
+    assert "did not finish within the harness's timeout of 0.5 s" in text
+
+
+@pytest.mark.anyio
+async def test_inline_run_pending_is_bounded_too() -> None:
+    app, cancelled = make_stuck_app()
+    async with Harness(app, timeout=0.5) as qt:
+        qt.freeze_time()
+        await app.add_task("stuck", delay=10)
+        with anyio.fail_after(5), pytest.raises(HarnessTimeoutError, match="stuck"):
+            await qt.run_pending(include_delayed=True)
+        assert cancelled.is_set()
+
+
+@pytest.mark.anyio
+async def test_inline_wait_is_bounded_too() -> None:
+    app, cancelled = make_stuck_app()
+    async with Harness(app, timeout=0.5) as qt:
+        qt.freeze_time()
+        task = await app.add_task("stuck", delay=10)
+        await qt.advance_to(task.eta or 0)
+        with anyio.fail_after(5), pytest.raises(HarnessTimeoutError, match=task.uuid):
+            await qt.wait(task)
+        assert cancelled.is_set()
+
+
+def test_a_blocked_sync_task_is_abandoned_after_the_timeout() -> None:
+    app = QueueTasks()
+    release = threading.Event()
+
+    @app.task
+    def blocked() -> str:
+        release.wait(30)
+        return "late"
+
+    started = time.monotonic()
+    try:
+        with SyncHarness(app, timeout=0.5), pytest.raises(HarnessTimeoutError, match="blocked"):
+            blocked.add_task()
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()  # let the abandoned thread end
+
+
+def make_ping_app() -> AsyncQueueTasks:
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def ping() -> str:
+        return "pong"
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_inline_add_task_with_delay_and_timeout_runs_at_the_eta() -> None:
+    app = make_ping_app()
+    async with Harness(app) as qt:
+        qt.freeze_time()
+        now = qt.clock.time()
+        with anyio.fail_after(2):  # a real wait would take 30 s
+            done = await app.add_task("ping", delay=30, timeout=60)
+        assert (done.status, done.returning) == (TaskStatus.SUCCESS, "pong")
+        assert qt.clock.time() == now + 30
+
+
+@pytest.mark.anyio
+async def test_inline_add_task_delayed_beyond_its_timeout_fails_at_once() -> None:
+    app = make_ping_app()
+    async with Harness(app) as qt:
+        qt.freeze_time()
+        with anyio.fail_after(2), pytest.raises(TaskTimeoutError) as caught:
+            await app.add_task("ping", delay=30, timeout=5)
+        assert "is delayed 30 s, longer than add_task's timeout of 5 s" in str(caught.value)
+        assert "advance_time()" in str(caught.value)
+        # As in production, it stays enqueued.
+        assert [t.returning for t in await qt.run_pending(include_delayed=True)] == ["pong"]
+
+
+def test_sync_app_add_task_with_delay_and_timeout_returns_the_result() -> None:
+    """The reviewer's case: production code waits up to 5 s for a task due in 1 s."""
+    app = QueueTasks()
+
+    @app.task
+    def ping() -> str:
+        return "pong"
+
+    started = time.monotonic()
+    with SyncHarness(app, timeout=2):
+        assert ping.add_task(delay=1, timeout=5).returning == "pong"
+    assert time.monotonic() - started < 2
