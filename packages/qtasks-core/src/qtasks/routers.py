@@ -7,7 +7,8 @@ starts (so a module of shared tasks imported after the app still counts).
 
 Each declaration, once bound, enqueues through the app that registered it last:
 ``declared.add_task(...)`` blocks on a sync app and is a coroutine on an async one, exactly as
-the :class:`~qtasks.task.TaskDef` the app made of it. Calling it runs the function here.
+the :class:`~qtasks.task.TaskDef` the app made of it. Calling it runs the function here. An app
+pinned with :func:`pin_app` (the app a test harness has under test) comes first while pinned.
 
 Only declarations are kept process-wide (in :data:`shared_tasks`, like Celery's
 ``shared_task``); apps are never stored there, and each app makes its own ``TaskDef``.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from qtasks.errors import TaskDeclarationError
 from qtasks.task import TaskDef
@@ -59,7 +60,9 @@ class TaskDeclaration(Generic[P, R]):
 
     def bind(self, app: _App) -> TaskDef[P, R]:
         """Register this task on ``app`` (the sync or async app); return its ``TaskDef``. An app
-        that already has a task of this name keeps it unless it came from this declaration."""
+        that already has a task of this name keeps it unless it came from this declaration.
+        While another app that holds this task is pinned (:func:`pin_app`), it stays the one
+        this declaration enqueues through, then and after the pin."""
         existing = app.tasks.get(self.name)
         if existing is not None and existing.func is not self.func:
             raise TaskDeclarationError(
@@ -69,13 +72,27 @@ class TaskDeclaration(Generic[P, R]):
             # Registered by the async app inside a sync app's facade: let the facade wrap it.
             del app.tasks[self.name]
         task: TaskDef[P, R] = app.task(self.name, **self.options)(self.func)
-        self._bound = weakref.ref(task)
+        pinned = self._pinned() if _pinned else None
+        if pinned is None or pinned.app is task.app:
+            self._bound = weakref.ref(task)
         return task
+
+    def _pinned(self) -> TaskDef[P, R] | None:
+        """This declaration's task on the app pinned last that holds it."""
+        for ref in reversed(_pinned):
+            app = ref()
+            held = None if app is None else app.tasks.get(self.name)
+            if held is not None and held.func is self.func:
+                return cast("TaskDef[P, R]", held)
+        return None
 
     @property
     def task(self) -> TaskDef[P, R]:
-        """The ``TaskDef`` of the app that bound this declaration last."""
-        task = self._bound() if self._bound is not None else None
+        """The ``TaskDef`` of the pinned app that holds this declaration (:func:`pin_app`),
+        else of the app that bound it last."""
+        task = self._pinned() if _pinned else None
+        if task is None and self._bound is not None:
+            task = self._bound()
         if task is None:
             raise TaskDeclarationError(
                 f"task {self.name!r} is not registered on any app yet: "
@@ -91,6 +108,26 @@ class TaskDeclaration(Generic[P, R]):
     def enqueue(self, *args: Any, **kwargs: Any) -> Any:
         """:meth:`TaskDef.enqueue <qtasks.task.TaskDef.enqueue>` of the bound task."""
         return self.task.enqueue(*args, **kwargs)
+
+
+_pinned: list[weakref.ref[_App]] = []
+"""Apps pinned with :func:`pin_app`, the last one first."""
+
+
+def pin_app(app: _App) -> Callable[[], None]:
+    """Make every declaration ``app`` holds (a router's or a shared task) enqueue through
+    ``app``, whatever app built meanwhile binds it, until the returned function is called; the
+    declarations then enqueue through the app they did before (the last one that bound them
+    outside the pin). What a test harness does with the app under test: an app built by an
+    earlier test, or by a fixture of this one, must not take the test's enqueues."""
+    ref = weakref.ref(app)
+    _pinned.append(ref)
+
+    def unpin() -> None:
+        if ref in _pinned:
+            _pinned.remove(ref)
+
+    return unpin
 
 
 class Router:
@@ -204,6 +241,7 @@ __all__ = [
     "SharedTasks",
     "SyncRouter",
     "TaskDeclaration",
+    "pin_app",
     "shared_task",
     "shared_tasks",
 ]

@@ -25,6 +25,7 @@ from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskT
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.routers import pin_app
 from qtasks.state import StateRegistry
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask
@@ -194,6 +195,7 @@ class Harness(EnqueuedLog):
         """Inline: ``_running`` when the harness's timeout cancelled it."""
         self._unreported: list[TaskRecord] = []
         """Inline: children that failed during the current call of the test."""
+        self._unpin: Callable[[], None] | None = None
         self._progress: set[anyio.Event] = set()
         """Events of waiters in :meth:`_catch_up`, set when a task is handed back with a delay
         (a final save wakes them through the storage)."""
@@ -237,6 +239,9 @@ class Harness(EnqueuedLog):
         if isinstance(app.worker, QueueWorker):
             self._worker = app.worker
         app.add_plugin(self._plugin)
+        # The app's shared and router tasks enqueue through it, not through an app an earlier
+        # test (or a fixture) built after it, which bound them last.
+        self._unpin = pin_app(app)
         # Restored in uninstall(). add_tasks and run_workflow do not go through enqueue.
         app.enqueue = self._enqueue  # type: ignore[method-assign]
         app.add_tasks = self._add_tasks  # type: ignore[method-assign]
@@ -273,6 +278,9 @@ class Harness(EnqueuedLog):
         for wrapped in WRAPPED:
             vars(app).pop(wrapped, None)
         app.hooks.unregister(self._plugin)
+        unpin, self._unpin = self._unpin, None
+        if unpin is not None:
+            unpin()
         for kind, component in self._saved.items():
             setattr(app, kind, component)
         if self._saved_states is not None:
