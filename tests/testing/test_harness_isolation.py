@@ -1,15 +1,35 @@
 """The harness keeps one test apart from the others: declarations enqueue through the app under
-test."""
+test, and what a test adds to the app (tasks, shared tasks, plugins, middlewares, event
+handlers) is taken off when its harness closes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
-from qtasks.routers import Router
+from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, shared_task
+from qtasks.plugins import hookimpl
+from qtasks.record import TaskRecord
+from qtasks.routers import Router, shared_tasks
 from qtasks_testing import SyncHarness
 
 pytest_plugins = ["pytester"]
+
+
+def module_level_task() -> str:
+    return "module"
+
+
+class Spy:
+    name = "spy"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl
+    def qtasks_storage_added(self, record: TaskRecord) -> None:
+        self.seen.append(record.task_name)
 
 
 def test_router_tasks_enqueue_through_the_app_under_test() -> None:
@@ -80,3 +100,81 @@ def test_shared_tasks_do_not_depend_on_the_tests_that_ran_before(
     pytester.makepyfile(project=SHARED_PROJECT, test_shared=SHARED_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:anyio")
     result.assert_outcomes(passed=3)
+
+
+def declare_and_run(app: QueueTasks, spy: Spy) -> None:
+    """A test's body: declares a task, adds a plugin, a middleware and an event handler."""
+    app.add_plugin(spy)
+    ran: list[str] = []
+
+    async def middleware(run: Any, call_next: Any) -> Any:
+        ran.append(run.task.name)
+        return await call_next()
+
+    app.add_middleware(middleware)
+
+    @app.events.on.task_success()
+    def succeeded(*args: Any, **kwargs: Any) -> None:
+        ran.append("event")
+
+    @app.task
+    def made_in_the_test() -> int:
+        return 1
+
+    assert made_in_the_test.add_task().returning == 1
+    assert spy.seen == ["made_in_the_test"]
+    assert ran.count("made_in_the_test") == 1
+    assert "event" in ran
+
+
+def test_what_a_test_adds_to_the_app_is_taken_off_after_it() -> None:
+    app = QueueTasks()
+
+    @app.task
+    def kept() -> str:
+        return "kept"
+
+    plugins = set(app.hooks.pm.get_plugins())
+    spy = Spy()
+    for _run in range(2):  # a parametrized test, run twice
+        with SyncHarness(app):
+            declare_and_run(app, spy)
+            app.task(module_level_task)  # as a module imported during the test does
+        assert sorted(app.tasks) == ["kept", "module_level_task"]
+        assert set(app.hooks.pm.get_plugins()) == plugins
+        assert app.middlewares == []
+        assert "_events" not in vars(app.aio)
+        del app.tasks["module_level_task"]
+        spy.seen.clear()
+    with SyncHarness(app):
+        assert kept.add_task().returning == "kept"
+        assert spy.seen == []
+
+
+def test_event_handlers_added_during_a_test_are_taken_off() -> None:
+    app = QueueTasks()
+    before: list[str] = []
+    app.events.on.task_success()(lambda *a, **k: before.append("app"))
+    with SyncHarness(app):
+        app.events.on.task_success()(lambda *a, **k: None)
+    assert [len(handlers) for handlers in app.events.handlers.values()] == [1]
+
+
+def declare_a_shared_task() -> Any:
+    @shared_task
+    def made_in_a_test() -> str:
+        return "x"
+
+    return made_in_a_test
+
+
+def test_shared_tasks_declared_during_a_test_are_dropped_after_it() -> None:
+    app = QueueTasks()
+    try:
+        for _run in range(2):  # a parametrized test: the second declaration must not raise
+            with SyncHarness(app):
+                declare_a_shared_task()
+            assert "made_in_a_test" not in shared_tasks.tasks
+            assert "made_in_a_test" not in QueueTasks().tasks
+    finally:
+        shared_tasks.tasks.pop("made_in_a_test", None)  # this process's other tests

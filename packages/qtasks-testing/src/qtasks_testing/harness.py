@@ -7,7 +7,8 @@ tests); :class:`~qtasks_testing.sync_harness.SyncHarness` is its blocking facade
 thin layers over these.
 
 Over ~750 lines: one class, whose two modes share the component swap, the clock and the
-bookkeeping of the tasks it holds back and moves the clock for.
+bookkeeping of the tasks it holds back and moves the clock for (what a test adds to the app is
+taken off by :mod:`qtasks_testing.isolation`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
 from qtasks_testing.clock import FakeClock
+from qtasks_testing.isolation import Additions
 from qtasks_testing.records import (
     CHILD_NOTE,
     EnqueuedLog,
@@ -196,6 +198,7 @@ class Harness(EnqueuedLog):
         self._unreported: list[TaskRecord] = []
         """Inline: children that failed during the current call of the test."""
         self._unpin: Callable[[], None] | None = None
+        self._additions: Additions | None = None
         self._progress: set[anyio.Event] = set()
         """Events of waiters in :meth:`_catch_up`, set when a task is handed back with a delay
         (a final save wakes them through the storage)."""
@@ -217,6 +220,8 @@ class Harness(EnqueuedLog):
                 "close its harness)"
             )
         self._saved = {kind: getattr(app, kind) for kind in COMPONENTS}
+        # Tasks, plugins, middlewares and event handlers the test adds are taken off again.
+        self._additions = Additions(app)
         # Worker-scoped State lives with the app, not in a component: a new worker starts
         # without it, and so does each harness session.
         self._saved_states = app.injector.states
@@ -278,6 +283,9 @@ class Harness(EnqueuedLog):
         for wrapped in WRAPPED:
             vars(app).pop(wrapped, None)
         app.hooks.unregister(self._plugin)
+        additions, self._additions = self._additions, None
+        if additions is not None:
+            additions.undo()
         unpin, self._unpin = self._unpin, None
         if unpin is not None:
             unpin()
