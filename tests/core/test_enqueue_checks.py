@@ -146,3 +146,60 @@ async def test_the_priority_range_ends_and_an_int_enum_are_accepted() -> None:
 def test_the_default_priority_follows_the_same_rule(priority: Any) -> None:
     with pytest.raises(ConfigError, match="'default_priority'"):
         QueueConfig(default_priority=priority)
+
+
+BAD_NAMES = [5, None, b"add", 1.5, ("add",)]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=short)
+async def test_a_task_name_that_is_not_a_str_is_refused_at_the_call(name: Any) -> None:
+    """A name that is not a ``str`` was enqueued, and the worker then rejected the message as
+    undecodable (review r11 #4); now every entry point refuses it, with QTasks' ``TypeError``."""
+    from qtasks.workflows import Signature
+
+    app = app_with_add()
+    add = app.tasks["add"]
+    says = "^add_task: a task name must be a str, got " + re.escape(reprlib.repr(name))
+    async with app:
+        for call in (
+            lambda: app.add_task(name, 1, 2),
+            lambda: app.enqueue(name, (1, 2)),
+            lambda: add.add_task(1, 2, task_name=name),
+            lambda: app.add_tasks([Signature(name, (1, 2))]),
+        ):
+            with pytest.raises(TaskArgumentsError, match=says) as caught:
+                await call()
+            assert isinstance(caught.value, TypeError)
+            await assert_nothing_written(app)
+
+
+async def test_qtasks_echo_form_on_the_app_says_how_to_name_the_task() -> None:
+    """``app.add_task(5, task_name="add")``: QTasks' app refused it (``task_name`` twice);
+    it enqueued a task named ``5`` here, which failed in the worker."""
+    app = app_with_add()
+    says = (
+        "add_task: the task is named twice, 1 (int) first and task_name='add'; the app takes "
+        "the name first: add_task('add', 1, ...)"
+    )
+    async with app:
+        with pytest.raises(TaskArgumentsError, match=re.escape(says)):
+            await app.add_task(1, task_name="add", b=2)  # type: ignore[arg-type]  # refused: tested
+        await assert_nothing_written(app)
+    sync = QueueTasks("checks")
+
+    @sync.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with sync:
+        refused: list[Callable[[], object]] = [
+            lambda: sync.add_task(1, task_name="add", b=2),  # type: ignore[arg-type]  # tested
+            lambda: sync.add_task(None, 1, 2),  # type: ignore[arg-type]  # the wrong type tested
+            lambda: sync.enqueue(5, (1, 2)),  # type: ignore[arg-type]  # the wrong type tested
+            lambda: add.add_task(1, 2, task_name=5),
+        ]
+        for call in refused:
+            with pytest.raises(TaskArgumentsError, match=r"^add_task: "):
+                call()
+        assert sync.portal.call(sync.aio.storage.stats) == {}
+        assert sync.add_task("add", 1, b=2, timeout=5).returning == 3

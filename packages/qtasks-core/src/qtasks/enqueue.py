@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks import flow
 from qtasks.checks import check_delay, check_priority, finite
+from qtasks.compat.calls import bad_task_name
 from qtasks.components import Broker, SharedServer, Storage
 from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope, Message, new_uuid
@@ -119,6 +120,8 @@ async def prepare(
     checked against a registered task, its default priority, the due time,
     ``qtasks_task_enqueue`` applied, then the flow options stamped (for ``add_task`` and
     ``add_tasks`` alike; ``retry``: the call's own, see :class:`~qtasks.workflows.Signature`)."""
+    if not isinstance(task_name, str):  # else the worker finds an undecodable message
+        raise bad_task_name(task_name, kwargs or {})
     kwargs = dict(kwargs or {})
     if priority is not None:
         priority = check_priority(priority, "add_task: priority", TaskArgumentsError)

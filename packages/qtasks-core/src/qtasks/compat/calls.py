@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+from qtasks.errors import TaskArgumentsError
 
 UNSET: Any = object()
 """Default of a positional-only ``task_name``: the caller passed none (QTasks' keyword form)."""
@@ -24,3 +27,21 @@ def split_task_name(
     if first is UNSET:
         raise TypeError("add_task() needs the task's name: add_task('name', *args, **kwargs)")
     return first, args
+
+
+def bad_task_name(task_name: Any, kwargs: dict[str, Any]) -> TaskArgumentsError:
+    """The error for an enqueue whose task name is not a ``str`` (the worker could not decode
+    its message). The app's ``add_task`` takes the name first; QTasks' ``app.add_task(5,
+    task_name="x")`` raised ``TypeError`` (two values for ``task_name``), as this does."""
+    got = f"{reprlib.repr(task_name)} ({type(task_name).__name__})"
+    named = kwargs.get("task_name")
+    if isinstance(named, str):
+        return TaskArgumentsError(
+            f"add_task: the task is named twice, {got} first and task_name={named!r}; the "
+            f"app takes the name first: add_task({named!r}, {reprlib.repr(task_name)}, ...) "
+            "(the form add_task(5, task_name=...) is an echo task's self.add_task or a timer's)"
+        )
+    return TaskArgumentsError(
+        f"add_task: a task name must be a str, got {got}; "
+        "name the task first: add_task('name', *args, **kwargs)"
+    )
