@@ -148,6 +148,54 @@ def test_registration_errors_name_the_reason() -> None:
         app.add_plugin(Recorder(), trigger_names=["worker_add_typo"], component="worker")
 
 
+async def test_qtasks_positional_add_plugin_reaches_the_component_on_both_apps() -> None:
+    """QTasks' ``add_plugin(plugin, trigger_names, component)`` given positionally: the third
+    argument is the component (it was taken for the trigger names and refused, review r11 #5)."""
+    aio = AsyncQueueTasks()
+    on_aio = Recorder()
+    assert aio.add_plugin(on_aio, ["worker_execute_before"], "worker") == (
+        "qtasks17:recorder:worker"
+    )
+
+    @aio.task
+    async def double(n: int) -> int:
+        return n * 2
+
+    with anyio.fail_after(WAIT):
+        async with aio:
+            assert (await aio.add_task("double", 2, timeout=WAIT)).returning == 4
+    assert on_aio.names() == ["worker_execute_before"]
+
+    app = QueueTasks()
+    on_app = Recorder()
+    app.add_plugin(on_app, ["worker_execute_before"], "worker", component="worker")
+
+    @app.task
+    def triple(n: int) -> int:
+        return n * 3
+
+    try:
+        with app:
+            assert app.add_task("triple", 2, timeout=WAIT).returning == 6
+    finally:
+        app.close()
+    assert on_app.names() == ["worker_execute_before"]
+
+
+def test_add_plugin_errors_name_the_plugin_and_a_doubled_argument() -> None:
+    app = QueueTasks()
+    plugin = Recorder()  # named "recorder"
+    with pytest.raises(PluginError, match=r"^plugin 'recorder': trigger 'worker_add' belongs"):
+        app.add_plugin(plugin, ["worker_add"], "broker")
+    with pytest.raises(PluginError, match=r"^plugin 'recorder': component given twice"):
+        app.add_plugin(plugin, ["worker_add"], "worker", component="broker")
+    with pytest.raises(PluginError, match=r"^plugin 'recorder': trigger names given twice"):
+        app.add_plugin(plugin, ["worker_add"], trigger_names=["worker_start"])
+    with pytest.raises(PluginError, match=r"^plugin 'recorder': component must be"):
+        app.add_plugin(plugin, component="nowhere")
+    assert not [n for n, _ in app.aio.hooks.pm.list_name_plugin() if n.startswith("qtasks17:")]
+
+
 def test_every_trigger_is_in_the_hookspecs_table() -> None:
     import qtasks.hookspecs
 

@@ -314,8 +314,8 @@ class AsyncQueueTasks:
 
         A plugin written for QTasks (a ``trigger(name, **kwargs)`` method, e.g. a
         ``qtasks.plugins.base.BasePlugin``) is run through :mod:`qtasks.compat.plugins`, with
-        QTasks' ``trigger_names`` and ``component`` (``trigger_names`` may come second, as in
-        QTasks)."""
+        QTasks' ``trigger_names`` and ``component``; QTasks' positional form
+        ``add_plugin(plugin, trigger_names, component)`` works too."""
         from qtasks.compat.plugins import adapt_for
 
         adapter, label = adapt_for(self.hooks, plugin, name, trigger_names, component)

@@ -170,7 +170,7 @@ class QueueTasks:
         component: str | None = None,
     ) -> str:
         """Register a plugin object; see :meth:`AsyncQueueTasks.add_plugin` (QTasks plugins
-        with ``trigger_names``/``component`` included)."""
+        with ``trigger_names``/``component``, by keyword or positionally, included)."""
         return self.aio.add_plugin(plugin, name, trigger_names, component)
 
     def _bind(self, record: TaskRecord) -> Task:

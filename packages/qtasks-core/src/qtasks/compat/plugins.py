@@ -173,25 +173,30 @@ def is_qtasks_plugin(plugin: object) -> bool:
     )
 
 
-def _subscribed(trigger_names: Sequence[str] | None, component: str | None) -> frozenset[str]:
+def _label(plugin: Any) -> str:
+    """The name a QTasks plugin goes by in errors and in its adapter's name."""
+    return str(getattr(plugin, "name", None) or type(plugin).__qualname__)
+
+
+def _subscribed(
+    plugin: str, trigger_names: Sequence[str] | None, component: str | None
+) -> frozenset[str]:
     scope = component or "app"
     if scope != "app" and scope not in COMPONENTS:
         raise PluginError(
-            "QTasks plugin", f"component must be None or one of {COMPONENTS}, got {component!r}"
+            plugin, f"component must be None or one of {COMPONENTS}, got {component!r}"
         )
     if trigger_names is None or "Globals" in trigger_names:
         return frozenset(t for t, (c, _) in TRIGGERS.items() if c in (scope, "any"))
     chosen = set()
     for name in trigger_names:
         if name in UNMAPPED:
-            raise PluginError(
-                "QTasks plugin", f"trigger {name!r} has no qtasks moment: {UNMAPPED[name]}"
-            )
+            raise PluginError(plugin, f"trigger {name!r} has no qtasks moment: {UNMAPPED[name]}")
         if name not in TRIGGERS:
-            raise PluginError("QTasks plugin", f"unknown QTasks trigger {name!r}")
+            raise PluginError(plugin, f"unknown QTasks trigger {name!r}")
         if TRIGGERS[name][0] not in (scope, "any"):
             raise PluginError(
-                "QTasks plugin",
+                plugin,
                 f"trigger {name!r} belongs to component {TRIGGERS[name][0]!r}, not {scope!r} "
                 f"(add_plugin(..., component={TRIGGERS[name][0]!r}))",
             )
@@ -208,8 +213,7 @@ class _Adapter:
         self.component = component
         self._warned: set[str] = set()
         self._started = False
-        label = getattr(plugin, "name", None) or type(plugin).__qualname__
-        self.name = f"qtasks17:{label}:{component or 'app'}"
+        self.name = f"qtasks17:{_label(plugin)}:{component or 'app'}"
 
     async def fire(self, trigger: str, **kwargs: Any) -> dict[str, Any] | None:
         """Call the plugin at ``trigger``; the dict of replaced values it returned, if any.
@@ -596,9 +600,25 @@ def adapt_for(
 ) -> tuple[object, str | None]:
     """What ``app.add_plugin`` registers, and under which name: ``plugin`` itself, or for a
     QTasks plugin (a ``trigger`` method, or ``trigger_names``/``component`` given) its adapter.
-    ``name`` may be QTasks' ``trigger_names`` (its second positional parameter)."""
+    ``name`` may be QTasks' ``trigger_names``: QTasks' positional ``add_plugin(plugin,
+    trigger_names, component)`` lands here as ``(name, trigger_names)``, shifted back."""
     if name is not None and not isinstance(name, str):
-        name, trigger_names = None, name
+        if isinstance(trigger_names, str):  # QTasks' third positional: the component
+            if component is not None and component != trigger_names:
+                raise PluginError(
+                    _label(plugin),
+                    f"component given twice: {trigger_names!r} (third positional, QTasks' "
+                    f"add_plugin(plugin, trigger_names, component)) and component={component!r}",
+                )
+            name, trigger_names, component = None, name, trigger_names
+        elif trigger_names is not None:
+            raise PluginError(
+                _label(plugin),
+                f"trigger names given twice: {list(name)!r} (second positional, QTasks' "
+                f"trigger_names) and trigger_names={list(trigger_names)!r}",
+            )
+        else:
+            name, trigger_names = None, name
     if trigger_names is None and component is None and not is_qtasks_plugin(plugin):
         return plugin, name
     adapter = adapt(plugin, trigger_names, component)
@@ -617,11 +637,8 @@ def adapt(
     paths. Raises :class:`~qtasks.errors.PluginError` for an unknown trigger, one of another
     component, or one with no qtasks moment (:data:`UNMAPPED`, with the reason)."""
     if not callable(getattr(plugin, "trigger", None)):
-        raise PluginError(
-            getattr(plugin, "name", None) or type(plugin).__qualname__,
-            "a QTasks plugin needs a trigger(name, **kwargs) method",
-        )
-    triggers = _subscribed(trigger_names, component)
+        raise PluginError(_label(plugin), "a QTasks plugin needs a trigger(name, **kwargs) method")
+    triggers = _subscribed(_label(plugin), trigger_names, component)
     needed = {TRIGGERS[t][1] for t in triggers} | set(_LIFECYCLE)
     cls = type("QTasksPluginAdapter", (_Adapter,), {})
     # Hide the hooks it does not need: pluggy registers what it finds on the object.
