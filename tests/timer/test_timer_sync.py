@@ -51,11 +51,15 @@ def test_sync_timer_runs_inside_the_sync_app() -> None:
 
 
 @pytest.mark.anyio
-async def test_standalone_timer_enqueues_without_a_worker() -> None:
-    app = AsyncQueueTasks()
+@pytest.mark.parametrize("sync_app", [False, True], ids=["async app", "sync app"])
+async def test_standalone_timer_enqueues_without_a_worker(sync_app: bool) -> None:
+    """Also given the sync app (QTasks' ``AsyncTimer(app=QueueTasks(...))``), which the timer
+    runs on through its async core (it awaited the sync ``start()``: review r11 #6)."""
+    given: AsyncQueueTasks | QueueTasks = QueueTasks() if sync_app else AsyncQueueTasks()
+    app = given.aio if isinstance(given, QueueTasks) else given
     recorder = Recorder()
-    app.add_plugin(recorder)
-    timer = AsyncTimer(app)
+    given.add_plugin(recorder)
+    timer = AsyncTimer(given)
     timer.add_task("tick", trigger=timedelta(seconds=0.1))  # no such task here: fine
     async with timer:
         assert timer.running
@@ -65,6 +69,7 @@ async def test_standalone_timer_enqueues_without_a_worker() -> None:
         assert record.status is TaskStatus.NEW  # nobody serves it in this process
     assert not timer.running
     assert not app.started  # the timer started the app's components, and stopped them
+    assert timer.app is app
 
 
 SCRIPT = textwrap.dedent(

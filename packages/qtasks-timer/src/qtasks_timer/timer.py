@@ -29,6 +29,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 from qtasks.checks import check_priority
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
+from qtasks.sync import QueueTasks
 from qtasks_timer.errors import ScheduleError, TimerError
 from qtasks_timer.outage import TickOutage
 from qtasks_timer.settings import TimerSettings
@@ -162,11 +163,16 @@ class AsyncTimer:
     ``bind=False`` makes a timer that is not the app's (no plugin is added, the worker does
     not run it, a later ``AsyncTimer(app)`` is free): for reading the declared timers
     (:meth:`describe`, as the dashboard does).
+
+    Given the sync :class:`~qtasks.QueueTasks` (QTasks' ``AsyncTimer(app=QueueTasks(...))``),
+    the timer runs on its async core, ``app.aio`` (which :attr:`app` is then), as
+    :class:`~qtasks_timer.SyncTimer` does: the sync app's blocking calls cannot run in the
+    timer's event loop.
     """
 
     def __init__(
         self,
-        app: AsyncQueueTasks,
+        app: AsyncQueueTasks | QueueTasks,
         *,
         misfire_grace: float = 60.0,
         clock: Callable[[], datetime] = _utcnow,
@@ -175,7 +181,7 @@ class AsyncTimer:
         from qtasks_timer.plugin import TimerPlugin  # the plugin module imports this one
 
         _check_grace(misfire_grace)
-        self.app = app
+        self.app: AsyncQueueTasks = app.aio if isinstance(app, QueueTasks) else app
         self.misfire_grace = misfire_grace
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
@@ -185,7 +191,7 @@ class AsyncTimer:
         self._started_app = False
         self.load_config()
         if bind:
-            TimerPlugin.bind(app, self)
+            TimerPlugin.bind(self.app, self)
 
     # --- declaring ------------------------------------------------------------------------
 
@@ -256,6 +262,11 @@ class AsyncTimer:
         priority: int | None,
         source: str,
     ) -> TimerHandle:
+        if not isinstance(task_name, str):  # else every tick fails, in the worker's log
+            raise ScheduleError(
+                f"timer: a task name must be a str, got {task_name!r}; name the task first: "
+                "add_task('name', *args, trigger=...)"
+            )
         trigger = to_trigger(schedule, timezone)
         if priority is not None:
             priority = check_priority(priority, "timer priority", ScheduleError)
