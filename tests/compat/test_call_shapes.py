@@ -172,6 +172,26 @@ def test_qtasks_stats_inspect_is_an_alias(tmp_path: Any, monkeypatch: pytest.Mon
     assert alias.exit_code == plain.exit_code
 
 
+def test_qtasks_single_dash_app_flag(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QTasks' parser spelled the app flag ``-app``; click read it as ``-a -p -p`` and said
+    "No such option: -a" (review r11 #8). It is ``--app``/``-A``, before or after the command."""
+    from qtasks.cli import cli
+
+    (tmp_path / "dash_app.py").write_text("from qtasks import QueueTasks\napp = QueueTasks()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    with_a = runner.invoke(cli, ["-A", "dash_app:app", "config", "--json"])
+    assert with_a.exit_code == 0, with_a.output
+    assert with_a.output != runner.invoke(cli, ["config", "--json"]).output  # the app counts
+    for args in (
+        ["-app", "dash_app:app", "config", "--json"],
+        ["config", "-app=dash_app:app", "--json"],
+    ):
+        result = runner.invoke(cli, args)
+        assert (result.exit_code, result.output) == (0, with_a.output), args
+
+
 @pytest.mark.redis
 def test_flush_all_on_redis_deletes_only_this_apps_keys(redis_url: str, prefix: str) -> None:
     import redis

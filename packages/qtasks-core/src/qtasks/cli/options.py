@@ -24,6 +24,7 @@ AppOpt = Annotated[
     typer.Option(
         "--app",
         "-A",
+        "-app",  # QTasks' spelling (one dash); without it click reads -a -p -p
         help="The app as module:attribute (an app or a factory). Default: `app` in config. "
         "Also accepted before the command.",
     ),
