@@ -779,3 +779,32 @@ async def test_wrapped_flow_controls_get_waiter_as_they_can_take_it() -> None:
         assert done.status is TaskStatus.SUCCESS
         if isinstance(gc, KeywordProxy):
             assert gc.waiters == [done.uuid]
+
+
+class CountingReleases(MemoryGlobalConfig):
+    """A global config of the user's own that counts the slots it frees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: list[str] = []
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        self.released.append(key)
+        await super().release_slot(key, holder)
+
+
+async def test_a_release_slot_override_is_still_called() -> None:
+    """The core frees slots waking the next waiter (SlotWake) only where that does not skip an
+    override of ``release_slot``: a subclass counting its releases sees every one."""
+    config = CountingReleases()
+    app = AsyncQueueTasks(global_config=config)
+
+    @app.task(concurrency_key="key", max_concurrency=1)
+    async def job(key: str, i: int) -> int:
+        return i
+
+    async with app:
+        tasks = [await job.add_task("k", i) for i in range(3)]
+        for task in tasks:
+            assert (await app.wait(task.uuid, timeout=10)).status is TaskStatus.SUCCESS
+    assert config.released == ["slots:job:k"] * 3

@@ -927,7 +927,10 @@ class RateRelease(Protocol):
 class SlotWake(Protocol):
     """Optional :class:`FlowControl` capability: free a concurrency slot and bring its key's
     next waiter forward. The core uses it with a :class:`BringForward` broker, so a freed slot
-    does not sit idle until the next waiter's delayed message comes back by itself."""
+    does not sit idle until the next waiter's delayed message comes back by itself: it then
+    frees slots with :meth:`release_slot_waking`, not ``release_slot``. A subclass that
+    overrides ``release_slot`` alone (to count or audit releases) keeps it called: the core
+    frees its slots with ``release_slot`` and wakes no waiter."""
 
     async def release_slot_waking(self, key: str, holder: str) -> str | None:
         """:meth:`FlowControl.release_slot`, then, when ``holder`` held a slot, take the

@@ -743,7 +743,11 @@ class FlowGate:
         back right now, or on another app's queue) comes back at its own time, as without."""
         fc = flow_control(app, "max_concurrency")
         broker = app.broker
-        if not (isinstance(fc, SlotWake) and isinstance(broker, BringForward)):
+        if not (
+            isinstance(fc, SlotWake)
+            and isinstance(broker, BringForward)
+            and not _release_overridden(type(fc))
+        ):
             await fc.release_slot(*slot)
             return
         waiter = await fc.release_slot_waking(*slot)
@@ -769,3 +773,25 @@ class FlowGate:
                 log.warning(
                     "concurrency slot %s of delivery %s was lost (lease ran out)", key, holder
                 )
+
+
+_OVERRIDES: dict[type, bool] = {}
+""":func:`_release_overridden` by class."""
+
+
+def _release_overridden(cls: type) -> bool:
+    """Whether ``cls`` (a :class:`SlotWake` global config) overrides ``release_slot`` below
+    the class that gives it ``release_slot_waking`` (a subclass of a built-in global config
+    that counts or audits its releases): the core then frees its slots with ``release_slot``,
+    so that the override runs, without waking a waiter (see :class:`SlotWake`)."""
+    known = _OVERRIDES.get(cls)
+    if known is None:
+        known = False
+        for klass in cls.__mro__:
+            if "release_slot" in vars(klass):
+                known = "release_slot_waking" not in vars(klass)
+                break
+            if "release_slot_waking" in vars(klass):
+                break
+        _OVERRIDES[cls] = known
+    return known
