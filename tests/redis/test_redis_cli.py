@@ -388,8 +388,10 @@ def test_inspect_lists_the_workflows_kept_in_redis(
 
 
 HUNG = """
-import pathlib, time
+import atexit, os, pathlib, time
 from qtasks import QueueConfig, QueueTasks
+
+atexit.register(pathlib.Path(f"cleaned-up-{os.getpid()}").touch)  # a user's cleanup
 
 app = QueueTasks(config=QueueConfig(extra={"redis_prefix": PREFIX}))
 
@@ -405,7 +407,8 @@ def test_run_exits_at_its_stop_without_waiting_for_a_hung_sync_thread(
     redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     """A sync task given up on at ``max_time`` runs on in its thread; ``qtasks run`` stops at
-    SIGTERM without waiting for it (Python would, 300 s here), and says so."""
+    SIGTERM without waiting for it (Python would, 300 s here), and says so; the ``atexit``
+    handlers still run."""
     (tmp_path / "tasks.py").write_text(HUNG.replace("PREFIX", repr(redis_prefix)))
     flags = ["--broker", "redis", "--broker-url", redis_url, "--global-config", "memory"]
     env = _clean_env(PYTHONPATH=str(tmp_path))
@@ -439,3 +442,4 @@ def test_run_exits_at_its_stop_without_waiting_for_a_hung_sync_thread(
     assert server.returncode == 0, out
     assert "exiting without waiting for 1 thread(s) of sync task code" in out
     assert f"hang ({record['uuid']})" in out
+    assert (tmp_path / f"cleaned-up-{server.pid}").exists()  # its atexit handlers ran

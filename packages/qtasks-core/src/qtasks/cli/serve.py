@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -119,7 +120,9 @@ def _exit_without_hung_threads() -> None:
     """Python would wait at exit for the threads of sync task code the worker gave up on
     (``max_time``, a cancel, the stop's grace), whose tasks are settled or handed back
     already: a hung call would keep the stopped process alive until it returned (or until a
-    supervisor killed it). Exit now instead, with the code of a clean stop, after saying so."""
+    supervisor killed it). Exit now instead, with the code of a clean stop, after saying so
+    and after the ``atexit`` handlers ran (qtasks' own, a tracer's flush, the user's): only
+    Python's wait for the threads is skipped."""
     hung = still_running()
     if not hung:
         return
@@ -130,7 +133,8 @@ def _exit_without_hung_threads() -> None:
         len(hung),
         ", ".join(f"{call.run.task.name} ({call.run.record.uuid})" for call in hung),
     )
-    logging.shutdown()  # flushes the handlers
+    atexit._run_exitfuncs()  # what os._exit would skip (logging.shutdown among them)
+    logging.shutdown()  # flushes the handlers (again, if a handler above logged)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
