@@ -159,15 +159,15 @@ async def test_a_task_name_that_is_not_a_str_is_refused_at_the_call(name: Any) -
 
     app = app_with_add()
     add = app.tasks["add"]
-    says = "^add_task: a task name must be a str, got " + re.escape(reprlib.repr(name))
+    says = "add_task: a task name must be a str, got " + re.escape(reprlib.repr(name))
     async with app:
-        for call in (
-            lambda: app.add_task(name, 1, 2),
-            lambda: app.enqueue(name, (1, 2)),
-            lambda: add.add_task(1, 2, task_name=name),
-            lambda: app.add_tasks([Signature(name, (1, 2))]),
+        for where, call in (
+            ("", lambda: app.add_task(name, 1, 2)),
+            ("", lambda: app.enqueue(name, (1, 2))),
+            ("", lambda: add.add_task(1, 2, task_name=name)),
+            ("add_tasks item 0: ", lambda: app.add_tasks([Signature(name, (1, 2))])),
         ):
-            with pytest.raises(TaskArgumentsError, match=says) as caught:
+            with pytest.raises(TaskArgumentsError, match=f"^{where}{says}") as caught:
                 await call()
             assert isinstance(caught.value, TypeError)
             await assert_nothing_written(app)
