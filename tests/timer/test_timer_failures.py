@@ -426,3 +426,60 @@ async def test_ticks_that_come_due_while_a_claim_waits_coalesce_into_one_run() -
     assert [key_time(info["tick"]) for info in after] == [latest, latest + second], after
     assert after[0]["late"] == (latest - before) / second - 1 >= 3, after
     assert after[1]["late"] == 0, after
+
+
+class FailingClaims(MemoryGlobalConfig):
+    """A GlobalConfig whose tick claims fail while ``down`` (a Redis client that gives up on
+    a server that is gone), counting the failures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.failures = 0
+
+    async def set_if_absent(
+        self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+    ) -> bool:
+        if namespace == CLAIMS and self.down:
+            self.failures += 1
+            raise ConnectionError("the server is gone")
+        return await super().set_if_absent(namespace, key, value, ttl=ttl)
+
+
+async def test_a_tick_tried_again_after_failed_claims_counts_every_tick_it_coalesced() -> None:
+    """Claims that fail in an outage are tried again a second later, each retry coalescing
+    the ticks due by then: the run once the server is back counts every tick of the outage
+    in ``late``, not only those since the last failed claim (seen as ``late: 1`` for four
+    ticks when a claim failed twice)."""
+    clock = FakeClock()
+    clock.freeze()
+    claims = FailingClaims()
+    app = AsyncQueueTasks("a", global_config=claims)
+
+    @app.task
+    async def tick() -> None:
+        return None
+
+    rec = Recorder()
+    app.add_plugin(rec)
+    AsyncTimer(app, clock=clock.now).add_task("tick", trigger=timedelta(seconds=1))
+
+    def runs() -> list[dict[str, Any]]:
+        return sorted((info for info, _, _ in rec.enqueued), key=lambda info: info["tick"])
+
+    second = timedelta(seconds=1)
+    async with app:
+        await wait_until(lambda: len(runs()) == 1, 5, "the start's catch-up run")
+        before = key_time(runs()[0]["tick"])
+        claims.down = True
+        clock.advance(1)
+        await wait_until(lambda: claims.failures == 1, 5, "the next tick's claim to fail")
+        clock.advance(1)
+        await wait_until(lambda: claims.failures == 2, 5, "its retry to fail too")
+        claims.down = False
+        clock.advance(1)
+        latest = clock.now().replace(microsecond=0)
+        await wait_until(lambda: len(runs()) == 2, 5, "the run once the server is back")
+    after = runs()[1]
+    assert key_time(after["tick"]) == latest, runs()
+    assert after["late"] == (latest - before) / second - 1 >= 2, runs()

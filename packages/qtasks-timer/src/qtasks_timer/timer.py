@@ -90,6 +90,9 @@ class _Entry:
     armed: bool = False
     fired: int = 0
     outage: TickOutage | None = None
+    folded: int = 0
+    """Ticks before ``next_fire`` already coalesced into it: those of a run whose claim failed
+    in an outage, counted again in ``late`` when it is tried again."""
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
 
@@ -419,10 +422,11 @@ class AsyncTimer:
 
     async def _tick(self, entry: _Entry, now: datetime) -> None:
         try:
-            due = self._due(entry, now)
+            due = self._due(entry, now, folded=entry.folded)
         except Exception:
             self._trigger_failed(entry)
             return
+        entry.folded = 0
         if due is None or entry.id not in self._entries:
             return
         retry, entry.retry_at = entry.retry_at is not None, None
@@ -433,6 +437,8 @@ class AsyncTimer:
                 superseded = await self._fire(entry, key, coalesced, retry=retry)
             except Exception as exc:
                 self._failed(entry, key, fire, previous, exc)
+                if entry.retry_at is not None:  # tried again: with the ticks folded into it
+                    entry.folded = coalesced
                 return
             if not superseded:
                 break
