@@ -743,13 +743,10 @@ class FlowGate:
         back right now, or on another app's queue) comes back at its own time, as without."""
         fc = flow_control(app, "max_concurrency")
         broker = app.broker
-        if not (
-            isinstance(fc, SlotWake)
-            and isinstance(broker, BringForward)
-            and not _release_overridden(type(fc))
-        ):
+        if not _wakes(fc, broker):
             await fc.release_slot(*slot)
             return
+        assert isinstance(fc, SlotWake) and isinstance(broker, BringForward)  # _wakes said so
         waiter = await fc.release_slot_waking(*slot)
         if waiter is not None:
             try:
@@ -775,23 +772,26 @@ class FlowGate:
                 )
 
 
-_OVERRIDES: dict[type, bool] = {}
-""":func:`_release_overridden` by class."""
+_WAKES: dict[tuple[type, type], bool] = {}
+""":func:`_wakes` by the classes of the global config and the broker: the protocol checks
+(``isinstance`` of a runtime protocol looks up every member) are made once per pair, not at
+every freed slot."""
 
 
-def _release_overridden(cls: type) -> bool:
-    """Whether ``cls`` (a :class:`SlotWake` global config) overrides ``release_slot`` below
-    the class that gives it ``release_slot_waking`` (a subclass of a built-in global config
-    that counts or audits its releases): the core then frees its slots with ``release_slot``,
-    so that the override runs, without waking a waiter (see :class:`SlotWake`)."""
-    known = _OVERRIDES.get(cls)
+def _wakes(flow_control: object, broker: object) -> bool:
+    """Whether a freed slot wakes its key's next waiter: a :class:`SlotWake` global config
+    that does not override ``release_slot`` below the class giving it ``release_slot_waking``
+    (a subclass of a built-in global config counting or auditing its releases keeps its
+    override called, see :class:`SlotWake`), and a :class:`BringForward` broker."""
+    pair = (type(flow_control), type(broker))
+    known = _WAKES.get(pair)
     if known is None:
-        known = False
-        for klass in cls.__mro__:
+        known = isinstance(flow_control, SlotWake) and isinstance(broker, BringForward)
+        for klass in pair[0].__mro__ if known else ():
             if "release_slot" in vars(klass):
-                known = "release_slot_waking" not in vars(klass)
+                known = "release_slot_waking" in vars(klass)
                 break
             if "release_slot_waking" in vars(klass):
                 break
-        _OVERRIDES[cls] = known
+        _WAKES[pair] = known
     return known
