@@ -61,6 +61,21 @@ def serve_and_add(
 ) -> tuple[dict[str, Any], str]:
     """``qtasks <run...>`` in a process of its own, ``qtasks add add 2 3 --wait`` from another:
     the record it printed (a success with 5), and the server's output after SIGTERM (exit 0)."""
+    added, out, _ = serve_then_add(
+        cwd, env, run, ["add", "2", "3", "--wait", str(wait), *add_flags]
+    )
+    assert added.returncode == 0, added.stdout + added.stderr
+    record: dict[str, Any] = json.loads(added.stdout)
+    assert (record["status"], record["returning"]) == ("success", 5)
+    return record, out
+
+
+def serve_then_add(
+    cwd: Path, env: dict[str, str], run: list[str], add: list[str]
+) -> tuple[subprocess.CompletedProcess[str], str, int]:
+    """``qtasks <run...>`` in a process of its own, ``qtasks add <add...> --json`` from
+    another, then SIGTERM to the first: the add's process, and the server's output and pid
+    once it stopped (it must exit 0)."""
     qtasks = [sys.executable, "-m", "qtasks"]
     server = subprocess.Popen(
         [*qtasks, *run],
@@ -72,20 +87,17 @@ def serve_and_add(
     )
     try:
         added = subprocess.run(
-            [*qtasks, "add", "add", "2", "3", "--wait", str(wait), "--json", *add_flags],
+            [*qtasks, "add", *add, "--json"],
             cwd=cwd,
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert added.returncode == 0, added.stdout + added.stderr
-        record: dict[str, Any] = json.loads(added.stdout)
-        assert (record["status"], record["returning"]) == ("success", 5)
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=30)
         assert server.returncode == 0, out
-        return record, out
+        return added, out, server.pid
     finally:
         if server.poll() is None:
             server.kill()
@@ -412,34 +424,11 @@ def test_run_exits_at_its_stop_without_waiting_for_a_hung_sync_thread(
     (tmp_path / "tasks.py").write_text(HUNG.replace("PREFIX", repr(redis_prefix)))
     flags = ["--broker", "redis", "--broker-url", redis_url, "--global-config", "memory"]
     env = _clean_env(PYTHONPATH=str(tmp_path))
-    qtasks = [sys.executable, "-m", "qtasks"]
-    server = subprocess.Popen(
-        [*qtasks, "run", "-A", "tasks:app", *flags],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        added = subprocess.run(
-            [*qtasks, "add", "hang", "--wait", "30", "--json", "-A", "tasks:app", *flags],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        record = json.loads(added.stdout)
-        assert record["status"] == "error" and "max_time" in record["error"], added.stdout
-        assert (tmp_path / "started").exists()  # its thread runs on
-        server.send_signal(signal.SIGTERM)
-        out, _ = server.communicate(timeout=30)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.communicate()
-    assert server.returncode == 0, out
+    app = ["-A", "tasks:app", *flags]
+    added, out, pid = serve_then_add(tmp_path, env, ["run", *app], ["hang", "--wait", "30", *app])
+    record = json.loads(added.stdout)
+    assert record["status"] == "error" and "max_time" in record["error"], added.stdout
+    assert (tmp_path / "started").exists()  # its thread ran on past the stop
     assert "exiting without waiting for 1 thread(s) of sync task code" in out
     assert f"hang ({record['uuid']})" in out
-    assert (tmp_path / f"cleaned-up-{server.pid}").exists()  # its atexit handlers ran
+    assert (tmp_path / f"cleaned-up-{pid}").exists()  # its atexit handlers ran
