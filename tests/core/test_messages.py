@@ -94,6 +94,54 @@ def test_the_strict_encoder_refuses_what_json_refuses() -> None:
         JSONSerializer().dumps({"when": {1, 2}})
 
 
+_WIRE_CASES = [
+    Message(new_uuid(), "add", [1, 2.5, 'é\u2028"\\'], {"k": None}, 3, time.time(), 2),
+    Message("u", 'odd "name"\n', [], {}, 0, 1.0, 0, {"parent_uuid": "p", RETRY_HEADER: 2}),
+    Message("u", "t", [{"n": [None]}], {"a": {"b": []}}, -5, 1e-7, 10**20),
+    # Fields of unexpected types (a qtasks_task_enqueue hook's doing): the mapping's way.
+    Message("u", "t", [], [], 0, 1.0),  # type: ignore[arg-type]
+    Message("u", "t", [1], {}, True, 1.0),
+    Message("u", "t", [1], {}, 0, 3),
+    Message("u", "t", [1], {}, 0, 1.0, 0, []),  # type: ignore[arg-type]
+    Message(7, "t", [1], {}, 0, 1.0),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize("message", _WIRE_CASES)
+def test_a_message_is_written_as_its_wire_mapping_is(message: Message) -> None:
+    serializer = JSONSerializer()
+    expected = serializer.dumps(message.to_wire())
+    assert serializer.dumps_message(message) == expected
+    assert Codec().encode(message).body == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Message("u", "t", [float("nan")], {}, 0, 1.0),
+        Message("u", "t", [], {"when": {1, 2}}, 0, 1.0),
+        Message("u", "t", [], {}, 0, 1.0, 0, {"h": object()}),
+        Message("u", "t", [], {}, 0, float("inf")),
+    ],
+)
+def test_a_message_that_cannot_be_written_is_refused_as_its_mapping_is(message: Message) -> None:
+    serializer = JSONSerializer()
+    with pytest.raises(SerializationError, match="cannot encode as JSON") as mapping:
+        serializer.dumps(message.to_wire())
+    with pytest.raises(SerializationError, match="cannot encode as JSON") as written:
+        serializer.dumps_message(message)
+    assert str(written.value) == str(mapping.value)
+
+
+def test_a_serializer_subclass_keeps_its_own_dumps() -> None:
+    class Tagged(JSONSerializer):
+        def dumps(self, value: object) -> bytes:
+            return b"tagged:" + super().dumps(value)
+
+    body = Codec(Tagged()).encode(Message("u", "t")).body
+    assert body.startswith(b"tagged:{")
+
+
 @pytest.mark.parametrize(
     "text",
     ['{"k":[1,2.5,"é"]}', '  {"k": 1}\n', "7", '"s"', "[]", "null", '{"a":{"b":[{}]}}'],

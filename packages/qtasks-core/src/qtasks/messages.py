@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring as _quote
 from typing import Any, Protocol, runtime_checkable
 
 from qtasks.checks import finite
@@ -94,6 +95,14 @@ class Serializer(Protocol):
         ...
 
 
+_WIRE = (
+    f'{{"v":{WIRE_VERSION},"uuid":%s,"task":%s,"args":%s,"kwargs":%s,"priority":%d,'
+    '"created_at":%r,"attempt":%d,"headers":%s}'
+)
+""":meth:`Message.to_wire` as compact JSON, its keys in order, for
+:meth:`JSONSerializer.dumps_message`."""
+
+
 class JSONSerializer:
     """The default serializer: strict JSON (no NaN), UTF-8."""
 
@@ -108,6 +117,38 @@ class JSONSerializer:
             return self._encode(value).encode()
         except (TypeError, ValueError) as exc:
             raise SerializationError(f"cannot encode as JSON: {exc}") from exc
+
+    def dumps_message(self, message: Message) -> bytes:
+        """``dumps(message.to_wire())``, the same bytes, written around the encoded arguments
+        and headers rather than encoding the whole mapping (about a third less per message:
+        one is made for every task). A field of an unexpected type (a hook's doing) takes the
+        mapping's way, which says what is wrong."""
+        uuid, name, created = message.uuid, message.task_name, message.created_at
+        priority, attempt = message.priority, message.attempt
+        if not (
+            type(uuid) is str
+            and type(name) is str
+            and type(priority) is int
+            and type(attempt) is int
+            and type(created) is float
+            and math.isfinite(created)
+        ):
+            return self.dumps(message.to_wire())
+        encode, kwargs, headers = self._encode, message.kwargs, message.headers
+        try:
+            text = _WIRE % (
+                _quote(uuid),
+                _quote(name),
+                encode(message.args),
+                "{}" if type(kwargs) is dict and not kwargs else encode(kwargs),
+                priority,
+                created,
+                attempt,
+                "{}" if type(headers) is dict and not headers else encode(headers),
+            )
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"cannot encode as JSON: {exc}") from exc
+        return text.encode()
 
     def loads(self, data: bytes) -> Any:
         try:
@@ -321,7 +362,11 @@ class Codec:
         self.max_size = max_size
 
     def encode(self, message: Message, eta: float | None = None) -> Envelope:
-        body = self.serializer.dumps(message.to_wire())
+        serializer = self.serializer
+        if type(serializer) is JSONSerializer:  # not a subclass: it may encode otherwise
+            body = serializer.dumps_message(message)
+        else:
+            body = serializer.dumps(message.to_wire())
         if len(body) > self.max_size:
             raise MessageTooLargeError(len(body), self.max_size)
         return Envelope(id=message.uuid, body=body, priority=message.priority, eta=eta)
