@@ -351,12 +351,11 @@ class TaskDef(Generic[P, R]):
             # An injected parameter may still be passed explicitly, by keyword.
             kwargs = {k: v for k, v in kwargs.items() if k not in self.injected}
         names = self._plain_names
-        if (
-            names is not None
-            and len(args) + len(kwargs) == len(names)
-            and all(k in names[len(args) :] for k in kwargs)
-        ):
-            return
+        if names is not None and len(args) + len(kwargs) == len(names):
+            if not kwargs:  # the usual call: positional arguments only
+                return
+            if all(k in names[len(args) :] for k in kwargs):
+                return
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:
