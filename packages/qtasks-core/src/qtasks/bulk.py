@@ -108,21 +108,53 @@ async def prepare_all(
     app: AsyncQueueTasks, signatures: Iterable[Signature]
 ) -> list[tuple[AsyncTask, Envelope]]:
     """Every item of ``signatures`` (a sequence or any iterable, read once) checked and
-    prepared as ``add_task`` prepares one, its record and envelope, in order. A bad item (not a
-    signature, arguments that do not fit, a task with a unique key, a value the serializer
-    cannot encode, a message too large, a hook that raises) raises its error, of the type
-    ``add_task`` would raise, its message starting ``add_tasks item <index>: ``.
+    prepared as ``add_task`` prepares one (:func:`qtasks.enqueue.prepare`, in its two halves:
+    no coroutine per item unless a plugin implements ``qtasks_task_enqueue``), its record and
+    envelope, in order. A bad item (not a signature, arguments that do not fit, a task with a
+    unique key, a value the serializer cannot encode, a message too large, a hook that raises)
+    raises its error, of the type ``add_task`` would raise, its message starting
+    ``add_tasks item <index>: ``.
 
     Holding all of them costs the encoded bodies on top of the records, which the call returns
     anyway: the price of storing nothing when any item is bad. When an item fails, the items
     prepared before it get ``qtasks_task_enqueue_failed`` (:func:`notify_failed`)."""
+    from qtasks.workflows.canvas import Signature  # the package imports this module
+
+    hooked = "qtasks_task_enqueue" in app.hooks.active
+    new_message, finish = enqueue_step.new_message, enqueue_step.finish
     prepared: list[tuple[AsyncTask, Envelope]] = []
+    append = prepared.append
+    index = -1  # the iterable may fail before its first item
     try:
         for index, item in enumerate(signatures):
             if index % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await anyio.lowlevel.checkpoint()
-            prepared.append(await _prepare(app, index, item))
+            sig = item if type(item) is Signature else _signature(item)
+            task, message, eta = new_message(
+                app,
+                sig.task_name,
+                sig.args,
+                sig.kwargs,
+                sig.priority,
+                sig.delay,
+                None,
+                None,
+                sig.retry,
+            )
+            if hooked:
+                message = await app.hooks.transform(
+                    "qtasks_task_enqueue", "message", app=app, message=message
+                )
+            record, envelope, unique = finish(app, task, message, eta, None)
+            if unique is not None:
+                raise TaskArgumentsError(
+                    f"task {sig.task_name!r} has a unique key: add_tasks cannot claim it "
+                    "with a batch; enqueue it with add_task"
+                )
+            append((record, envelope))
     except Exception as exc:
+        if index == len(prepared):  # item ``index`` failed (not the iterable, after it)
+            _name_item(exc, index)
         # The items before had qtasks_task_enqueue applied: what a plugin began there (a
         # span) ends here, as for a failed batch.
         await notify_failed(app, prepared, exc)
@@ -130,37 +162,21 @@ async def prepare_all(
     return prepared
 
 
-async def _prepare(app: AsyncQueueTasks, index: int, item: Any) -> tuple[AsyncTask, Envelope]:
-    """Item ``index`` of :func:`prepare_all` checked and prepared, or its error naming it."""
+def _signature(item: Any) -> Signature:
+    """``item`` when it is a signature (of a subclass), else the error ``add_tasks`` raises."""
     from qtasks.workflows.canvas import as_signature  # the package imports this module
 
-    try:
-        sig = as_signature(item, "add_tasks", TaskArgumentsError)
-        record, envelope, unique = await enqueue_step.prepare(
-            app,
-            sig.task_name,
-            sig.args,
-            sig.kwargs,
-            sig.priority,
-            sig.delay,
-            None,
-            None,
-            sig.retry,
-        )
-        if unique is not None:
-            raise TaskArgumentsError(
-                f"task {sig.task_name!r} has a unique key: add_tasks cannot claim it with "
-                "a batch; enqueue it with add_task"
-            )
-    except QTasksError as exc:
-        # Its type kept (an ``except`` written for add_task catches it), its message (each
-        # of the tree's errors holds it as its one argument) naming the item.
+    return as_signature(item, "add_tasks", TaskArgumentsError)
+
+
+def _name_item(exc: Exception, index: int) -> None:
+    """Name item ``index`` in ``exc``: a tree error keeps its type (an ``except`` written for
+    ``add_task`` catches it), its message (each of the tree's errors holds it as its one
+    argument) starting with the item; another error gets a note."""
+    if isinstance(exc, QTasksError):
         exc.args = (f"add_tasks item {index}: {exc}", *exc.args[1:])
-        raise
-    except Exception as exc:
+    else:
         exc.add_note(f"add_tasks item {index}")
-        raise
-    return record, envelope
 
 
 def _after(before: asyncio.Task[None]) -> Callable[[], Awaitable[None]]:

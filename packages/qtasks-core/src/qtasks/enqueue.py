@@ -28,7 +28,7 @@ from qtasks.components import Broker, SharedServer, Storage
 from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord
-from qtasks.task import AsyncTask
+from qtasks.task import AsyncTask, TaskDef
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -117,12 +117,46 @@ async def prepare(
 ) -> tuple[AsyncTask, Envelope, Message | None]:
     """A new task's record and envelope, and its message when it has a unique key to claim
     with the enqueue (:func:`qtasks.flow.publish_unique`), else ``None``: the arguments
-    checked against a registered task, its default priority, the due time,
-    ``qtasks_task_enqueue`` applied, then the flow options stamped (for ``add_task`` and
-    ``add_tasks`` alike; ``retry``: the call's own, see :class:`~qtasks.workflows.Signature`)."""
+    checked against a registered task, its default priority, the due time
+    (:func:`new_message`), ``qtasks_task_enqueue`` applied, then the flow options stamped and
+    the message encoded (:func:`finish`), for ``add_task`` and ``add_tasks`` alike
+    (``retry``: the call's own, see :class:`~qtasks.workflows.Signature`)."""
+    task, message, eta = new_message(
+        app, task_name, args, kwargs, priority, delay, eta, parent_uuid, retry
+    )
+    if "qtasks_task_enqueue" in app.hooks.active:
+        message = await app.hooks.transform(
+            "qtasks_task_enqueue", "message", app=app, message=message
+        )
+    return finish(
+        app,
+        task,
+        message,
+        eta,
+        parent_uuid,
+        expires=expires,
+        unique_key=unique_key,
+        unique_for=unique_for,
+    )
+
+
+def new_message(
+    app: AsyncQueueTasks,
+    task_name: str,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None,
+    priority: int | None,
+    delay: float | None,
+    eta: float | None,
+    parent_uuid: str | None,
+    retry: int | None,
+) -> tuple[TaskDef[..., Any] | None, Message, float | None]:
+    """The first half of :func:`prepare`, before the hook: the registered task (``None``:
+    not registered here), the new message, its due time; raises for arguments that do not
+    fit the task and bad options."""
     if not isinstance(task_name, str):  # else the worker finds an undecodable message
         raise bad_task_name(task_name, kwargs or {})
-    kwargs = dict(kwargs or {})
+    kwargs = dict(kwargs) if kwargs else {}
     if priority is not None:
         priority = check_priority(priority, "add_task: priority", TaskArgumentsError)
     task = app.tasks.get(task_name)
@@ -137,22 +171,28 @@ async def prepare(
         eta = now + check_delay(delay, "add_task: delay", TaskArgumentsError)
     elif eta is not None:
         eta = _eta(eta)
-    message = Message(
-        uuid=new_uuid(),
-        task_name=task_name,
-        args=list(args),
-        kwargs=kwargs,
-        priority=priority,
-        created_at=now,
-    )
+    headers: dict[str, Any] = {}
     if parent_uuid is not None:
-        message.headers["parent_uuid"] = parent_uuid
+        headers["parent_uuid"] = parent_uuid
     if retry is not None:
-        message.headers["retry"] = retry  # qtasks.workflows.canvas.RETRY_HEADER
-    if "qtasks_task_enqueue" in app.hooks.active:
-        message = await app.hooks.transform(
-            "qtasks_task_enqueue", "message", app=app, message=message
-        )
+        headers["retry"] = retry  # qtasks.workflows.canvas.RETRY_HEADER
+    message = Message(new_uuid(), task_name, list(args), kwargs, priority, now, 0, headers)
+    return task, message, eta
+
+
+def finish(
+    app: AsyncQueueTasks,
+    task: TaskDef[..., Any] | None,
+    message: Message,
+    eta: float | None,
+    parent_uuid: str | None,
+    *,
+    expires: float | None = None,
+    unique_key: str | None = None,
+    unique_for: float | None = None,
+) -> tuple[AsyncTask, Envelope, Message | None]:
+    """The second half of :func:`prepare`, after the hook: the flow options stamped, the
+    message encoded, the record made (see :func:`prepare` for what it returns)."""
     if (
         expires is not None
         or unique_key is not None
@@ -163,6 +203,7 @@ async def prepare(
             app, task, message, expires=expires, unique_key=unique_key, unique_for=unique_for
         )
     envelope = app.codec.encode(message, eta)
+    now = message.created_at
     record = AsyncTask(
         uuid=message.uuid,
         task_name=message.task_name,
