@@ -20,6 +20,7 @@ once its batch is stored, and only when a plugin implements them.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -249,7 +250,12 @@ async def store_and_publish_many(
     shared = app.shared_server
     if shared is not None:
         if isinstance(broker, BulkPublishNew):
-            await broker.publish_new_many(storage, tasks, after=after)
+            if _takes_after(broker):
+                await broker.publish_new_many(storage, tasks, after=after)
+                return
+            if after is not None:  # a broker written before ``after`` existed
+                await after()
+            await broker.publish_new_many(storage, tasks)
             return
         if after is not None:
             await after()
@@ -260,6 +266,28 @@ async def store_and_publish_many(
     if after is not None:
         await after()
     await publish_many(broker, [envelope for _, envelope in tasks])
+
+
+_TAKES_AFTER: dict[type, bool] = {}
+""":func:`_takes_after` by broker class: its signature is read once per class, not per batch."""
+
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _takes_after(broker: BulkPublishNew) -> bool:
+    """Whether ``broker.publish_new_many`` names the keyword ``after`` (see
+    :class:`~qtasks.components.BulkPublishNew`). A ``**kwargs`` alone does not count: it may
+    drop ``after`` unawaited, and calling without it is right for either signature."""
+    kind = type(broker)
+    known = _TAKES_AFTER.get(kind)
+    if known is None:
+        try:
+            param = inspect.signature(broker.publish_new_many).parameters.get("after")
+        except (TypeError, ValueError):  # no signature to read: call it the older way
+            param = None
+        known = param is not None and param.kind in _BY_KEYWORD
+        _TAKES_AFTER[kind] = known
+    return known
 
 
 async def add_many(storage: Storage, records: Sequence[TaskRecord]) -> None:

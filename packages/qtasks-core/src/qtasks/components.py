@@ -315,7 +315,13 @@ class BulkPublishNew(Protocol):
         of ``tasks`` is written; when it raises, nothing is written and its error propagates.
         Do the work that needs no server (encoding the records, building and packing the
         call) before awaiting it: ``app.add_tasks`` passes the wait for the batch before, so
-        that work overlaps the server's."""
+        that work overlaps the server's.
+
+        ``after`` came later (``publish_new_many(storage, tasks)`` before): a broker written
+        to that signature keeps working. The core reads once per broker class whether the
+        method names an ``after`` parameter (a ``**kwargs`` alone does not count); when it
+        does not, the core awaits ``after`` itself, then calls the method without it (no
+        overlap, same order and outcome)."""
         ...
 
 
