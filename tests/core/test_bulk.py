@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryBroker
+from qtasks import AsyncQueueTasks, MemoryBroker, hookimpl
 from qtasks import bulk as bulk_module
 from qtasks.components import Storage
 from qtasks.messages import Envelope
@@ -135,3 +137,121 @@ async def test_whether_publish_new_many_takes_after_is_read_once_per_broker_clas
 async def _prepared(app: AsyncQueueTasks, x: int) -> tuple[TaskRecord, Envelope]:
     (pair,) = await bulk_module.prepare_all(app, [app.tasks["double"].s(x)])
     return pair
+
+
+class Ends:
+    """How each prepared task's enqueue ended: the uuids of ``qtasks_task_enqueue``, of
+    ``qtasks_task_enqueued``, and ``(uuid, type of exc)`` of ``qtasks_task_enqueue_failed``,
+    noted after a checkpoint (a hook that awaits, as a tracing exporter does): run unshielded
+    in a cancelled scope, it would be cancelled there, and note nothing."""
+
+    def __init__(self, cancel_at: int = 0, cancel: Callable[[], None] = lambda: None) -> None:
+        self.begun: list[str] = []
+        self.enqueued: list[str] = []
+        self.failed: list[tuple[str, type[BaseException]]] = []
+        self.cancel_at, self.cancel = cancel_at, cancel
+
+    @hookimpl
+    def qtasks_task_enqueue(self, message: Any) -> None:
+        self.begun.append(message.uuid)
+        if len(self.begun) == self.cancel_at:
+            self.cancel()
+
+    @hookimpl
+    def qtasks_task_enqueued(self, record: Any) -> None:
+        self.enqueued.append(record.uuid)
+
+    @hookimpl
+    async def qtasks_task_enqueue_failed(self, record: Any, exc: BaseException) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.failed.append((record.uuid, type(exc)))
+
+
+async def test_a_cancel_while_add_tasks_prepares_ends_the_items_prepared() -> None:
+    """A cancellation while the items were prepared (a checkpoint every 100 items) fired no
+    qtasks_task_enqueue_failed for the items already prepared (only an Exception did): what a
+    plugin began for them (a span) never ended. Now each gets it, shielded, then the cancel
+    goes on."""
+    app = app_on(MemoryBroker())
+    await app.start()
+    try:
+        with anyio.CancelScope() as scope:
+            ends = Ends(cancel_at=150, cancel=scope.cancel)
+            app.add_plugin(ends)
+            await app.tasks["double"].add_tasks(range(2500))
+        assert scope.cancelled_caught
+        assert len(ends.begun) >= 150
+        cancelled = anyio.get_cancelled_exc_class()
+        assert ends.failed == [(uuid, cancelled) for uuid in ends.begun]
+        assert ends.enqueued == []
+        assert await app.storage.stats() == {}
+    finally:
+        await app.aclose()
+
+
+class StallsAtTheSecondBatch(MemoryBroker):
+    """The second batch's publish never ends; it calls ``stalled`` (the test cancels its
+    scope) when it begins. ``shared``: a SharedServer with the storage (``publish_new_many``,
+    batches overlapped on asyncio); else the plain path (records added, then
+    ``publish_many``)."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared
+        self.batches = 0
+        self.stalled: Callable[[], None] = lambda: None
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        return self.shared and super().shares_server_with(storage)
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        await self._stall()
+        await super().publish_many(envelopes)
+
+    async def publish_new_many(
+        self,
+        storage: Storage,
+        tasks: Sequence[tuple[TaskRecord, Envelope]],
+        *,
+        after: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        if after is not None:
+            await after()
+        await self._stall()
+        await super().publish_new_many(storage, tasks)
+
+    async def _stall(self) -> None:
+        self.batches += 1
+        if self.batches == 2:
+            self.stalled()
+            await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["overlapped", "sequential"])
+async def test_a_cancel_of_add_tasks_between_batches_ends_every_task_not_enqueued(
+    shared: bool,
+) -> None:
+    """Cancelled while its second batch was in flight, add_tasks fired no
+    qtasks_task_enqueue_failed at all: not for that batch, not for the batch overlapped
+    behind it, not for those never begun. Now every task prepared ends with exactly one of
+    qtasks_task_enqueued (the first batch) and qtasks_task_enqueue_failed (the others), and
+    the in-flight batches are cancelled too."""
+    broker = StallsAtTheSecondBatch(shared)
+    app = app_on(broker)
+    await app.start()
+    assert app.enqueue_path == ("shared" if shared else "sequential")
+    ends = Ends()
+    app.add_plugin(ends)
+    try:
+        with anyio.fail_after(5), anyio.CancelScope() as scope:
+            broker.stalled = scope.cancel
+            await app.tasks["double"].add_tasks(range(3500))
+        assert scope.cancelled_caught
+        assert len(ends.begun) == 3500
+        assert ends.enqueued == ends.begun[:1000]
+        cancelled = anyio.get_cancelled_exc_class()
+        # The two batches in flight end their tasks at once (their hooks interleave).
+        assert sorted(ends.failed) == sorted((uuid, cancelled) for uuid in ends.begun[1000:])
+        assert broker.batches == 2  # the third batch never reached the broker
+    finally:
+        await app.aclose()

@@ -64,40 +64,52 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     that batch is done, so messages reach the broker, and hooks fire, in batch order."""
     prepared = await prepare_all(app, signatures)
     running: list[asyncio.Task[None]] = []  # in batch order, at most two
+    # The batches whose enqueue_batch began: it ends their tasks' hooks itself, the others
+    # are ended here when the call fails (a task cancelled before it ran began nothing).
+    begun: set[int] = set()
 
-    async def stored(
-        batch: list[tuple[AsyncTask, Envelope]], before: asyncio.Task[None] | None
-    ) -> None:
+    async def stored(start: int, before: asyncio.Task[None] | None) -> None:
+        begun.add(start)
+        batch = prepared[start : start + BATCH]
         await enqueue_batch(app, batch, None if before is None else _after(before))
 
     # Only on asyncio (trio has no bare tasks), and not with local components.
     overlap = app.enqueue_path != "sequential" and asyncio._get_running_loop() is not None
-    launched = 0  # the items of the batches begun so far
     try:
         for start in range(0, len(prepared), BATCH):
-            chunk = prepared[start : start + BATCH]
             if not overlap:
-                launched = start + len(chunk)
-                await stored(chunk, None)
+                await stored(start, None)
                 continue
             if len(running) == 2:
-                await running.pop(0)
+                await _ended(running[0])
+                running.pop(0)
             before = running[-1] if running else None
-            launched = start + len(chunk)
-            running.append(asyncio.get_running_loop().create_task(stored(chunk, before)))
+            running.append(asyncio.get_running_loop().create_task(stored(start, before)))
         while running:
-            await running.pop(0)
-    except Exception as exc:
-        # A batch behind a failed one fails too (it publishes only after it): let those end,
-        # so their hooks fire, then raise the first error.
-        if running:
-            await asyncio.wait(running)
-        for task in running:
-            if not task.cancelled():
-                task.exception()  # retrieved: no "never retrieved" warning
-        running.clear()
-        # The batches never begun were prepared too (qtasks_task_enqueue applied).
-        await notify_failed(app, prepared[launched:], exc)
+            await _ended(running[0])
+            running.pop(0)
+    except BaseException as exc:
+        # Cancelled (or interrupted): the batches in flight are cancelled too, and every task
+        # prepared gets its hook before the cancel goes on (shielded). An error: a batch
+        # behind a failed one fails too (it publishes only after it); let those end, so
+        # their hooks fire, then raise the first error.
+        cancelled = not isinstance(exc, Exception)
+        with anyio.CancelScope(shield=cancelled):
+            if running:
+                for task in running if cancelled else ():
+                    # Once: a second Task.cancel would break into the hooks it fires then
+                    # (an anyio shield does not hold a bare task's cancel back).
+                    if not task.cancelling():
+                        task.cancel()
+                await asyncio.wait(running)
+            for task in running:
+                if not task.cancelled():
+                    task.exception()  # retrieved: no "never retrieved" warning
+            running.clear()
+            # The batches never begun were prepared too (qtasks_task_enqueue applied).
+            for start in range(0, len(prepared), BATCH):
+                if start not in begun:
+                    await notify_failed(app, prepared[start : start + BATCH], exc)
         raise
     finally:
         for task in running:
@@ -117,8 +129,9 @@ async def prepare_all(
     ``add_tasks item <index>: ``.
 
     Holding all of them costs the encoded bodies on top of the records, which the call returns
-    anyway: the price of storing nothing when any item is bad. When an item fails, the items
-    prepared before it get ``qtasks_task_enqueue_failed`` (:func:`notify_failed`)."""
+    anyway: the price of storing nothing when any item is bad. When an item fails, or the call
+    is cancelled, the items prepared before get ``qtasks_task_enqueue_failed``
+    (:func:`notify_failed`)."""
     from qtasks.workflows.canvas import Signature  # the package imports this module
 
     hooked = "qtasks_task_enqueue" in app.hooks.active
@@ -153,11 +166,11 @@ async def prepare_all(
                     "with a batch; enqueue it with add_task"
                 )
             append((record, envelope))
-    except Exception as exc:
-        if index == len(prepared):  # item ``index`` failed (not the iterable, after it)
-            _name_item(exc, index)
+    except BaseException as exc:
+        if index == len(prepared) and isinstance(exc, Exception):
+            _name_item(exc, index)  # item ``index`` failed (not the iterable, after it)
         # The items before had qtasks_task_enqueue applied: what a plugin began there (a
-        # span) ends here, as for a failed batch.
+        # span) ends here, as for a failed batch; on a cancel too, before it goes on.
         await notify_failed(app, prepared, exc)
         raise
     return prepared
@@ -183,12 +196,15 @@ def _name_item(exc: Exception, index: int) -> None:
 def _after(before: asyncio.Task[None]) -> Callable[[], Awaitable[None]]:
     """For a batch in flight behind ``before``: wait for that batch to end; raise its error
     (its messages were not all published, so this batch's must not be either)."""
+    return lambda: _ended(before)
 
-    async def wait() -> None:
-        await asyncio.wait((before,))
-        before.result()
 
-    return wait
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait for ``task`` to end; raise its error. Unlike ``await task``, a cancel of the
+    waiter is not passed on to ``task`` (anyio delivers a scope's cancel again and again
+    until the waiter has left: each would break into the hooks ``task`` fires then)."""
+    await asyncio.wait((task,))
+    task.result()
 
 
 async def enqueue_batch(
@@ -197,23 +213,26 @@ async def enqueue_batch(
     after: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """:func:`store_and_publish_many` (``after`` as there), then the hooks after the enqueue
-    of each task (:func:`notify_stored`); when it raises, ``qtasks_task_enqueue_failed`` of
-    each task of the batch, then the error."""
+    of each task (:func:`notify_stored`); when it raises, or is cancelled,
+    ``qtasks_task_enqueue_failed`` of each task of the batch, then the error."""
     try:
         await store_and_publish_many(app, batch, after)
-    except Exception as exc:
+    except BaseException as exc:
         await notify_failed(app, batch, exc)
         raise
     await notify_stored(app, [record for record, _ in batch], enqueued=True)
 
 
 async def notify_failed(
-    app: AsyncQueueTasks, tasks: Sequence[tuple[TaskRecord, Envelope]], exc: Exception
+    app: AsyncQueueTasks, tasks: Sequence[tuple[TaskRecord, Envelope]], exc: BaseException
 ) -> None:
     """``qtasks_task_enqueue_failed`` of every task of ``tasks`` (prepared, not enqueued: the
-    call raises ``exc``), when a plugin implements it."""
+    call raises ``exc``), when a plugin implements it; shielded from the cancel when ``exc``
+    is one (any ``BaseException`` that is not an ``Exception``), so the hooks still run."""
     hooks = app.hooks
-    if "qtasks_task_enqueue_failed" in hooks.active:
+    if "qtasks_task_enqueue_failed" not in hooks.active:
+        return
+    with anyio.CancelScope(shield=not isinstance(exc, Exception)):
         for record, _ in tasks:
             await hooks.notify("qtasks_task_enqueue_failed", app=app, record=record, exc=exc)
 
