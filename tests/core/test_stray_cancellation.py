@@ -246,6 +246,101 @@ async def test_a_stray_cancellation_in_the_batched_settle_leaves_the_batch_to_it
     assert "worker failed while settling" in caplog.text
 
 
+class StrayAloneSettle(MemoryBroker):
+    """A memory broker that refuses every batched settle call (not an outage: the batch is
+    redone task by task), whose first call waits until ``closed`` is set; and whose settle
+    of the first task of a batch of several, redone alone, raises a cancellation of its own
+    once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = anyio.Event()
+        self.batches: list[list[str]] = []
+        self.fired: str | None = None
+
+    async def ack_finals(
+        self,
+        storage: Storage,
+        finals: Sequence[tuple[Delivery, TaskRecord]],
+        *,
+        enqueued: list[str] | None = None,
+    ) -> list[bool]:
+        if not self.batches:
+            await self.closed.wait()  # every task ended: in this batch, or all in the next
+        self.batches.append([record.uuid for _, record in finals])
+        raise RuntimeError("refused")
+
+    async def ack_final(
+        self,
+        delivery: Delivery,
+        storage: Storage,
+        record: TaskRecord,
+        *,
+        enqueued: list[str] | None = None,
+    ) -> bool:
+        batch = self.batches[-1]
+        if self.fired is None and len(batch) > 1 and record.uuid == batch[0]:
+            self.fired = record.uuid
+            await cancelled_inner()
+        return await super().ack_final(delivery, storage, record, enqueued=enqueued)
+
+
+class Closed:
+    """Sets ``event`` once ``count`` runs ended (``qtasks_executor_closed`` fires right before
+    a succeeded run is handed to the batched settle)."""
+
+    def __init__(self, count: int, event: anyio.Event) -> None:
+        self.left, self.event = count, event
+
+    @hookimpl
+    def qtasks_executor_closed(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.event.set()
+
+
+async def test_a_stray_cancellation_while_a_batch_is_redone_alone_settles_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batched settle call that fails (not an outage) is redone task by task: a component's
+    own cancellation there ended the redo, the rest of the batch left to their leases (here
+    30 s, past the test's deadline). Now that task is handed back as for a component's
+    failure, logged naming the component, and every other task of the batch is settled."""
+    broker = StrayAloneSettle()
+    app = AsyncQueueTasks(
+        broker=broker,
+        storage=MemoryStorage(),
+        config=QueueConfig(
+            max_tasks_process=4,
+            lease=30.0,
+            shutdown_grace=1.0,
+            retry_backoff=0.01,
+            plugins_disabled=["*"],
+        ),
+    )
+    app.add_plugin(Closed(4, broker.closed), name="closed")
+    go = anyio.Event()
+
+    @app.task
+    async def held(i: int) -> int:
+        await go.wait()
+        return i
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"), anyio.fail_after(WAIT):
+        async with app:
+            added = [await app.add_task("held", i) for i in range(4)]
+            go.set()
+            for i, task in enumerate(added):
+                done = await task.wait_result(timeout=WAIT)
+                assert (done.status, done.returning) == (TaskStatus.SUCCESS, i)
+    assert broker.fired is not None  # a batch of several was redone alone
+    [failure] = stray_failures(caplog)
+    assert failure.culprit == (
+        f"the broker (StrayAloneSettle.ack_final) settling task {broker.fired}"
+    ), failure.culprit
+    assert "worker failed while settling" not in caplog.text
+
+
 class CancelledTransforms:
     """Transform hooks that raise a cancellation of their own: awaited (``qtasks_executor_args``)
     and from a plain function (``qtasks_executor_result``)."""

@@ -188,16 +188,23 @@ class Settlement:
     async def settle_alone(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> None:
         """Settle a succeeded ``run`` of a batch whose call failed (not an outage) as a runner
         settles its own, so that a record the server refuses ends only its own task. A failure
-        here is a component's, as in :meth:`QueueWorker._process`: handed back, counted."""
+        here is a component's, as in :meth:`QueueWorker._process`: handed back, counted; a
+        component's own ``CancelledError`` too (a :class:`~qtasks.errors.StrayCancellationError`
+        naming it), so that the next tasks of the batch are still settled."""
         try:
             await self._finish(app, run, delivery, run.record.returning, None)
         except ConnectionError:
             pass  # an outage past the shutdown grace: not acked, back after its lease
-        except Exception as exc:
+        except BaseException as exc:
+            if not is_error(exc):
+                raise  # the worker is stopping
+            error = exc if isinstance(exc, Exception) else stray_error(_culprit(app, run, exc), exc)
             try:
-                await poison.failed(app, delivery, exc)
-            except Exception:
-                log.exception("could not hand message %s back", delivery.id)
+                await poison.failed(app, delivery, error)
+            except BaseException as failed:
+                if not is_error(failed):
+                    raise
+                log.error("could not hand message %s back", delivery.id, exc_info=failed)
 
     async def _finish(
         self,
