@@ -498,3 +498,27 @@ async def test_a_task_handed_back_at_the_stop_whose_save_raises_its_own_cancella
             assert record is not None and record.status is TaskStatus.PROCESS
     [failure] = stray_failures(caplog)
     assert failure.culprit.startswith("the storage (StraySettleSave.save)"), failure.culprit
+
+
+async def test_a_settle_write_raising_its_own_cancellation_names_the_component(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The runner's own settle (a task that failed: not cancelled, not batched) whose
+    ``error`` record's write raises a cancellation of its own: the message is handed back as
+    for a component's failure, and the failure logged names the storage's method (it said
+    "a hook or component"). Its next delivery settles it."""
+    storage = StraySettleSave(TaskStatus.ERROR)
+    app = one_at_a_time(storage=storage)
+
+    @app.task
+    async def fails() -> None:
+        raise ValueError("no")
+
+    with caplog.at_level(logging.ERROR, logger="qtasks.worker"):
+        async with app:
+            task = await app.add_task("fails")
+            final = await task.wait_result(WAIT)
+            assert (final.status, final.error) == (TaskStatus.ERROR, "ValueError: no")
+    assert storage.fired
+    [failure] = stray_failures(caplog)
+    assert failure.culprit == f"the storage (StraySettleSave.save) handling task {task.uuid}"

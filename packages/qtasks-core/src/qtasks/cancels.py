@@ -15,11 +15,14 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from qtasks.errors import StrayCancellationError
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
 
 _SHIELDED: ContextVar[tuple[asyncio.Task[Any], int] | None] = ContextVar(
     "qtasks_shielded", default=None
@@ -97,3 +100,28 @@ def stray_error(culprit: str, exc: BaseException) -> StrayCancellationError:
     error = StrayCancellationError(culprit)
     error.__cause__ = exc
     return error
+
+
+def culprit(
+    app: AsyncQueueTasks, exc: BaseException, delivery: object, doing: str, unknown: str
+) -> str:
+    """Who raised the stray cancellation ``exc`` (for :func:`stray_error`): the innermost
+    frame of its traceback that is a method of the app's storage, broker or global config,
+    or of ``delivery``, as ``"the storage (RedisStorage.save) <doing>"``; ``unknown`` when
+    none is (a hook's, say). It walks the traceback: for the exception path only."""
+    roles = {
+        id(app.storage): "the storage",
+        id(app.broker): "the broker",
+        id(app.global_config): "the global config",
+    }
+    if delivery is not None:
+        roles[id(delivery)] = "the broker's delivery"
+    named = unknown
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        role = roles.get(id(owner))
+        if role is not None:
+            named = f"{role} ({type(owner).__name__}.{tb.tb_frame.f_code.co_name}) {doing}"
+        tb = tb.tb_next
+    return named

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qtasks import poison
-from qtasks.cancels import is_error, is_stray, shielded, stray_error
+from qtasks.cancels import culprit, is_error, is_stray, shielded, stray_error
 from qtasks.components import Delivery
 from qtasks.errors import (
     LeaseLostError,
@@ -406,22 +406,13 @@ def _unstorable(app: AsyncQueueTasks, record: TaskRecord, exc: Exception) -> Uns
 
 
 def _culprit(app: AsyncQueueTasks, run: TaskRun, exc: BaseException) -> str:
-    """Who raised the stray cancellation ``exc`` while ``run`` was settled: the innermost
-    frame of its traceback that is a method of the app's storage or broker, or of the run's
-    delivery (the settle calls nothing else but hooks, which log their own)."""
-    roles = {id(app.storage): "the storage", id(app.broker): "the broker"}
-    if run.delivery is not None:
-        roles[id(run.delivery)] = "the broker's delivery"
-    named = f"a component settling task {run.record.uuid}"
-    tb = exc.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        role = roles.get(id(owner))
-        if role is not None:
-            method = tb.tb_frame.f_code.co_name
-            named = f"{role} ({type(owner).__name__}.{method}) settling task {run.record.uuid}"
-        tb = tb.tb_next
-    return named
+    """Who raised the stray cancellation ``exc`` while ``run`` was settled (see
+    :func:`~qtasks.cancels.culprit`: the settle calls nothing else but components and
+    hooks, which log their own)."""
+    uuid = run.record.uuid
+    return culprit(
+        app, exc, run.delivery, f"settling task {uuid}", f"a component settling task {uuid}"
+    )
 
 
 def _ended_by(run: TaskRun, outcome: BaseException | None, cancelled: bool) -> BaseException | None:

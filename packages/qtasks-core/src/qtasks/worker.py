@@ -30,7 +30,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from qtasks import poison
 from qtasks.begin import BeginBatch
-from qtasks.cancels import is_stray, stray_error
+from qtasks.cancels import culprit, is_stray, stray_error
 from qtasks.components import (
     BeginOnClaim,
     BuryNotice,
@@ -495,7 +495,8 @@ class QueueWorker:
                 raise  # the worker is torn down
             # A hook's or a component's own cancellation (a client library letting an inner
             # one escape): its failure, as above, not the worker's stop.
-            await self._failed(app, delivery, stray_error("a hook or component", exc))
+            who = culprit(app, exc, delivery, f"handling task {delivery.id}", "a hook or component")
+            await self._failed(app, delivery, stray_error(who, exc))
         finally:
             if self._beginning.pop(token, None) is not None:
                 self._lost.discard(token)  # marked by a renewal pass while it was begun
