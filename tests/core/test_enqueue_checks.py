@@ -64,6 +64,9 @@ async def test_a_bad_priority_is_refused_by_every_entry_point(priority: Any) -> 
             with pytest.raises(TaskArgumentsError, match="add_task: priority expects an int"):
                 await call(priority=priority)
             await assert_nothing_written(app)
+        with pytest.raises(TaskArgumentsError, match=r"^add_tasks: priority expects an int"):
+            await app.tasks["add"].add_tasks([(1, 2)], priority=priority)
+        await assert_nothing_written(app)
         with pytest.raises(TaskDeclarationError, match="priority expects an int"):
             app.tasks["add"].s(1, 2).set(priority=priority)
         with pytest.raises(TaskDeclarationError, match="priority expects an int"):
@@ -83,6 +86,10 @@ async def test_a_bad_delay_or_eta_is_refused_by_every_entry_point(option: str, v
             with pytest.raises(TaskArgumentsError, match=f"add_task: {option} expects"):
                 await call(**{option: value})
             await assert_nothing_written(app)
+        if option == "delay":  # add_tasks takes no eta
+            with pytest.raises(TaskArgumentsError, match=r"^add_tasks: delay expects"):
+                await app.tasks["add"].add_tasks([(1, 2)], delay=value)
+            await assert_nothing_written(app)
 
 
 @pytest.mark.parametrize("delay", [-5, -0.001, -(10**300)], ids=short)
@@ -99,7 +106,9 @@ async def test_a_negative_delay_is_refused_as_a_signature_refuses_it(delay: Any)
         add = app.tasks["add"]
         with pytest.raises(TaskDeclarationError, match=f"^signature of 'add': {says}"):
             add.s(1, 2).set(delay=delay)
-        with pytest.raises(TaskDeclarationError, match=f"^signature of 'add': {says}"):
+        # add_tasks' own option, refused as add_task's (it raised the signatures'
+        # TaskDeclarationError, a sibling that an ``except TaskArgumentsError`` missed).
+        with pytest.raises(TaskArgumentsError, match=f"^add_tasks: {says}"):
             await add.add_tasks([(1, 2), (3, 4)], delay=delay)
         await assert_nothing_written(app)
         # 0 is now, not refused.
@@ -124,8 +133,12 @@ def test_the_sync_app_refuses_them_too() -> None:
                 app.add_task("add", 1, 2, **options)
             with pytest.raises(TaskArgumentsError):
                 add.add_task(1, 2, **options)
-        with pytest.raises(TaskDeclarationError, match="delay expects finite seconds >= 0"):
+        with pytest.raises(
+            TaskArgumentsError, match=r"^add_tasks: delay expects finite seconds >= 0"
+        ):
             add.add_tasks([(1, 2)], delay=-5)
+        with pytest.raises(TaskArgumentsError, match=r"^add_tasks: priority expects an int"):
+            add.add_tasks([(1, 2)], priority=True)
         assert app.portal.call(app.aio.storage.stats) == {}
 
 

@@ -35,7 +35,7 @@ from typing import (
     get_origin,
 )
 
-from qtasks.checks import check_priority
+from qtasks.checks import check_delay, check_priority
 from qtasks.errors import TaskArgumentsError, TaskDeclarationError, UnresolvedAnnotationError
 from qtasks.flow import check_options as check_flow_options
 from qtasks.flow import flow_spec
@@ -442,9 +442,16 @@ class TaskDef(Generic[P, R]):
     def _signatures(
         self, args_list: Iterable[Any], priority: int | None, delay: float | None
     ) -> list[Signature]:
+        """The signatures of ``add_tasks``; its options checked first, as ``add_task`` checks
+        them (:class:`TaskArgumentsError`, ``add_tasks: ...``), not by each signature (a
+        :class:`TaskDeclarationError`, for a signature built wrongly)."""
         from qtasks.bulk import as_args
         from qtasks.workflows.canvas import Signature
 
+        if priority is not None:
+            priority = check_priority(priority, "add_tasks: priority", TaskArgumentsError)
+        if delay is not None:
+            check_delay(delay, "add_tasks: delay", TaskArgumentsError)
         return [Signature(self.name, as_args(a), {}, priority, delay) for a in args_list]
 
 
