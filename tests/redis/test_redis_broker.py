@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -13,7 +13,12 @@ import redis.asyncio as aioredis
 
 from qtasks.components import Broker
 from qtasks.config import QueueConfig
-from qtasks.errors import BrokerConnectionError, ComponentError, ComponentNotStartedError
+from qtasks.errors import (
+    BrokerConnectionError,
+    ComponentError,
+    ComponentNotStartedError,
+    ConfigError,
+)
 from qtasks.messages import Envelope
 from qtasks_redis import (
     RedisBroker,
@@ -341,14 +346,50 @@ async def test_unreachable_url_names_host_and_port_not_password(stack: AsyncExit
 def test_a_url_option_the_client_cannot_read_is_refused_when_built(
     component: type[RedisBroker | RedisStorage | RedisGlobalConfig], url: str, shown: str
 ) -> None:
-    # redis-py's ValueError came from start(), and the CLI printed it as a traceback.
-    with pytest.raises(ComponentError) as info:
+    # redis-py's ValueError came from start(), and the CLI printed it as a traceback. A
+    # ConfigError now, as every bad URL (see the test below).
+    with pytest.raises(ConfigError) as info:
         component(url)
     text = str(info.value)
     assert text.startswith("bad Redis URL ")
     assert shown in text
     assert "Invalid value for" in text
     assert "s3cret" not in text + repr(info.value)
+
+
+@pytest.mark.parametrize("component", [RedisBroker, RedisStorage, RedisGlobalConfig])
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://alice:s3cret@127.0.0.1:notaport/0", "bad port in Redis URL for host '127.0.0.1'"),
+        ("redis://alice:s3cret@127.0.0.1:99999/0", "bad port in Redis URL for host '127.0.0.1'"),
+        ("redis://alice:s3cret@[::1/0", "bad Redis URL ***: Invalid IPv6 URL"),
+        ("http://alice:s3cret@h/", "unsupported Redis URL scheme 'http': use redis://, "),
+        ("redis://alice:s3cret@h/zero", "bad database number 'zero' in Redis URL"),
+        ("redis://alice:s3cret@h/0?db=x", "bad Redis URL redis://alice:***@h/0?db=x: Invalid"),
+        (b"redis://alice:s3cret@h/0", "the Redis URL must be a str, got bytes"),
+    ],
+)
+def test_a_bad_url_is_a_config_error_when_the_component_is_built(
+    component: type[RedisBroker | RedisStorage | RedisGlobalConfig], url: Any, says: str
+) -> None:
+    """As RabbitMQ's (f70994e): a configuration error, raised by the constructor and so by
+    ``from_config``, in one line without the password. It was a ComponentError (the
+    component failing or used wrongly), or a bare ValueError (an IPv6 host not closed)."""
+    keys = {"broker_url": url, "storage_url": url, "global_config_url": url}
+    builds: list[Callable[[], object]] = [lambda: component(url)]
+    if isinstance(url, str):  # QueueConfig refuses any other type itself
+        builds.append(lambda: component.from_config(QueueConfig(**keys)))
+    for build in builds:
+        with pytest.raises(ConfigError) as caught:
+            build()
+        error = caught.value
+        assert not isinstance(error, ComponentError)
+        assert str(error).startswith(says), str(error)
+        assert "\n" not in str(error)
+        assert "s3cret" not in str(error) + repr(error)
+        assert error.__cause__ is None  # no parser traceback under it
+        assert error.__context__ is None or error.__suppress_context__
 
 
 def test_from_config_reads_url_and_extra() -> None:

@@ -34,7 +34,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.errors import (
-    ComponentError,
     ComponentNotStartedError,
     ConfigError,
 )
@@ -122,36 +121,44 @@ class RedisTarget:
     @classmethod
     def parse(cls, url: str | None, *, cluster: bool = False) -> RedisTarget:
         """Split ``url``; ``redis+cluster://`` (or ``cluster=True``) selects Redis Cluster. A
-        URL the client could not use raises :class:`~qtasks.errors.ComponentError`, the URL
-        masked."""
+        URL the client could not use (not a str, another scheme, a port that is no number or
+        past 65535, a database that is no number, an option redis-py cannot read, a host it
+        cannot split) raises :class:`~qtasks.errors.ConfigError` in one line, never holding
+        the password: the components parse their URL in their constructor, so a bad one is a
+        configuration error when they are built, as RabbitMQ's is."""
         url = given = url or DEFAULT_URL
-        parts = urlsplit(url)
+        if not isinstance(url, str):
+            raise ConfigError(f"the Redis URL must be a str, got {type(url).__name__}")
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # an IPv6 host not closed, say (no URL in its text)
+            raise ConfigError(f"bad Redis URL {mask_url(given)}: {mask_text(str(exc))}") from None
         scheme = parts.scheme
         if scheme in CLUSTER_SCHEMES:
             cluster = True
             url = CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
             scheme = CLUSTER_SCHEMES[scheme]
         if scheme not in ("redis", "rediss", "unix"):
-            raise ComponentError(
+            raise ConfigError(
                 f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss://, unix:// "
                 "or redis+cluster://"
             )
         try:
             port = parts.port
         except ValueError:
-            raise ComponentError(f"bad port in Redis URL for host {parts.hostname!r}") from None
+            raise ConfigError(f"bad port in Redis URL for host {parts.hostname!r}") from None
         try:  # redis-py's reading of the URL's options (?socket_timeout=...), as connect() will
             parse_url(url)
         except ValueError as exc:
             shown = f"{mask_url(given)}: {mask_text(str(exc))}"
-            raise ComponentError(f"bad Redis URL {shown}") from None
+            raise ConfigError(f"bad Redis URL {shown}") from None
         if scheme == "unix":
             return cls(url, False, "localhost", None, 0, parts.path)
         db = 0
         path = parts.path.strip("/")
         if path:
             if not path.isdigit():
-                raise ComponentError(f"bad database number {path!r} in Redis URL")
+                raise ConfigError(f"bad database number {path!r} in Redis URL")
             db = int(path)
         return cls(url, cluster, parts.hostname or "127.0.0.1", port or 6379, db, None)
 
