@@ -446,15 +446,11 @@ class FailingClaims(MemoryGlobalConfig):
         return await super().set_if_absent(namespace, key, value, ttl=ttl)
 
 
-async def test_a_tick_tried_again_after_failed_claims_counts_every_tick_it_coalesced() -> None:
-    """Claims that fail in an outage are tried again a second later, each retry coalescing
-    the ticks due by then: the run once the server is back counts every tick of the outage
-    in ``late``, not only those since the last failed claim (seen as ``late: 1`` for four
-    ticks when a claim failed twice)."""
-    clock = FakeClock()
-    clock.freeze()
-    claims = FailingClaims()
-    app = AsyncQueueTasks("a", global_config=claims)
+def every_second(
+    global_config: MemoryGlobalConfig, clock: FakeClock
+) -> tuple[AsyncQueueTasks, Recorder]:
+    """An app on ``global_config`` whose timer (on ``clock``) enqueues ``tick`` every second."""
+    app = AsyncQueueTasks("a", global_config=global_config)
 
     @app.task
     async def tick() -> None:
@@ -463,6 +459,18 @@ async def test_a_tick_tried_again_after_failed_claims_counts_every_tick_it_coale
     rec = Recorder()
     app.add_plugin(rec)
     AsyncTimer(app, clock=clock.now).add_task("tick", trigger=timedelta(seconds=1))
+    return app, rec
+
+
+async def test_a_tick_tried_again_after_failed_claims_counts_every_tick_it_coalesced() -> None:
+    """Claims that fail in an outage are tried again a second later, each retry coalescing
+    the ticks due by then: the run once the server is back counts every tick of the outage
+    in ``late``, not only those since the last failed claim (seen as ``late: 1`` for four
+    ticks when a claim failed twice)."""
+    clock = FakeClock()
+    clock.freeze()
+    claims = FailingClaims()
+    app, rec = every_second(claims, clock)
 
     def runs() -> list[dict[str, Any]]:
         return sorted((info for info, _, _ in rec.enqueued), key=lambda info: info["tick"])
@@ -483,3 +491,24 @@ async def test_a_tick_tried_again_after_failed_claims_counts_every_tick_it_coale
     after = runs()[1]
     assert key_time(after["tick"]) == latest, runs()
     assert after["late"] == (latest - before) / second - 1 >= 2, runs()
+
+
+async def test_a_restart_does_not_count_again_the_ticks_of_a_retry_left_pending() -> None:
+    """The start's catch-up claim fails and the app stops while its retry waits: the next
+    start's catch-up counts the ticks within ``misfire_grace`` once (``late`` was 118 for an
+    every-second timer with the default 60 s, the pending retry's 59 added to the new 59)."""
+    clock = FakeClock()
+    clock.freeze()
+    clock.advance_to(int(clock.time()) + 1.5)  # half-way between ticks: 60 of them in the grace
+    claims = FailingClaims()
+    app, rec = every_second(claims, clock)
+    claims.down = True
+    async with app:
+        await wait_until(lambda: claims.failures == 1, 5, "the catch-up's claim to fail")
+    assert rec.count() == 0
+    claims.down = False
+    async with app:
+        await wait_until(lambda: rec.count() == 1, 5, "the next start's catch-up")
+    (info, _, _), *_ = rec.enqueued
+    assert key_time(info["tick"]) == clock.now().replace(microsecond=0), rec.enqueued
+    assert info["late"] == 59, rec.enqueued

@@ -92,7 +92,7 @@ class _Entry:
     outage: TickOutage | None = None
     folded: int = 0
     """Ticks before ``next_fire`` already coalesced into it: those of a run whose claim failed
-    in an outage, counted again in ``late`` when it is tried again."""
+    in an outage, counted again in ``late`` when it is tried again (not after a restart)."""
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
 
@@ -399,7 +399,9 @@ class AsyncTimer:
 
     def _arm(self, entry: _Entry, now: datetime) -> None:
         entry.armed = True
-        entry.retry_at = None
+        # A retry left pending by a stop is not tried: the first tick counts the ticks
+        # within the grace itself, those the retry had coalesced among them.
+        entry.retry_at, entry.folded = None, 0
         try:
             entry.next_fire = first_tick(entry.trigger, now, entry.grace)
         except Exception:
