@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
@@ -44,9 +45,17 @@ class Report:
             print(json.dumps({"pid": os.getpid(), **info}), flush=True)
 
 
-def build(url: str, prefix: str, **extra: Any) -> tuple[AsyncQueueTasks, AsyncTimer]:
-    """The replica's app (everything on Redis at ``url``, ``extra`` its Redis options) and its
-    timer: task ``beat`` every second."""
+def build(
+    url: str,
+    prefix: str,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    claims: type[RedisGlobalConfig] = RedisGlobalConfig,
+    **extra: Any,
+) -> tuple[AsyncQueueTasks, AsyncTimer]:
+    """The replica's app (everything on Redis at ``url``, ``extra`` its Redis options, its
+    GlobalConfig a ``claims``) and its timer (on ``clock``, the wall clock's by default): task
+    ``beat`` every second."""
     config = QueueConfig(
         broker_url=url,
         storage_url=url,
@@ -58,7 +67,7 @@ def build(url: str, prefix: str, **extra: Any) -> tuple[AsyncQueueTasks, AsyncTi
         prefix,
         broker=RedisBroker.from_config(config),
         storage=RedisStorage.from_config(config),
-        global_config=RedisGlobalConfig.from_config(config),
+        global_config=claims.from_config(config),
         config=config,
     )
 
@@ -66,7 +75,7 @@ def build(url: str, prefix: str, **extra: Any) -> tuple[AsyncQueueTasks, AsyncTi
     async def beat() -> None:
         return None
 
-    timer = AsyncTimer(app)
+    timer = AsyncTimer(app) if clock is None else AsyncTimer(app, clock=clock)
     timer.add_task("beat", trigger=timedelta(seconds=1))
     return app, timer
 

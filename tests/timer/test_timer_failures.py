@@ -12,7 +12,13 @@ from typing import Any
 import anyio
 import pytest
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
-from timer_helpers import Recorder, key_time, wait_until
+from timer_helpers import (
+    ClaimGate,
+    Recorder,
+    check_a_won_tick_heard_late_runs,
+    key_time,
+    wait_until,
+)
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryGlobalConfig
 from qtasks.messages import Envelope
@@ -354,22 +360,31 @@ def test_an_outage_that_lost_ticks_or_goes_on_is_reported_at_warning_level(
 
 class HeldClaims(MemoryGlobalConfig):
     """A GlobalConfig whose tick claims wait while ``held`` is set (until it fires), as a
-    Redis client riding out an outage waits for the server to come back."""
+    Redis client riding out an outage waits for the server to come back. ``claims``: the
+    keys claimed, in order. A claim of a key in ``failing`` fails (a client that gave up),
+    once."""
 
     def __init__(self) -> None:
         super().__init__()
         self.held: anyio.Event | None = None
         self.waiting = 0
         self.answered = 0
+        self.claims: list[str] = []
+        self.failing: set[str] = set()
 
     async def set_if_absent(
         self, namespace: str, key: str, value: Any, *, ttl: float | None = None
     ) -> bool:
         held = self.held
+        if namespace == CLAIMS:
+            self.claims.append(key)
         if namespace == CLAIMS and held is not None:
             self.waiting += 1
             await held.wait()
         try:
+            if namespace == CLAIMS and key in self.failing:
+                self.failing.remove(key)
+                raise ConnectionError("the server is gone")
             return await super().set_if_absent(namespace, key, value, ttl=ttl)
         finally:
             self.answered += namespace == CLAIMS
@@ -428,6 +443,146 @@ async def test_ticks_that_come_due_while_a_claim_waits_coalesce_into_one_run() -
     assert after[1]["late"] == 0, after
 
 
+class HeldReplica:
+    """One replica of an every-second timer, its claims :class:`HeldClaims`, on a frozen
+    clock."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.clock.freeze()
+        self.claims = HeldClaims()
+        self.app, self.rec, self.handle = ticking_app(self.claims, self.clock)
+
+    def claim(self, tick: datetime) -> str:
+        """The claim key of the tick at ``tick``."""
+        return f"{self.handle.id}:{tick_key(self.handle.trigger, tick)}"
+
+    async def hold_next_claim(self) -> datetime:
+        """Once the start's catch-up ran, move the clock to the next tick, T1, whose claim
+        then waits until :meth:`release`; T1."""
+        await wait_until(lambda: self.rec.count() == 1, 5, "the start's catch-up run")
+        t1 = key_time(self.rec.ticks()[0]) + timedelta(seconds=1)
+        self.claims.held = anyio.Event()
+        self.clock.advance_to(t1.timestamp() + 0.1)
+        await wait_until(lambda: self.claims.waiting == 1, 5, "the claim of T1 to wait")
+        return t1
+
+    def release(self) -> None:
+        """Let the waiting claim go on (the next ones do not wait)."""
+        assert self.claims.held is not None
+        self.claims.held.set()
+        self.claims.held = None
+
+
+async def test_a_replica_that_lost_a_claim_it_heard_late_leaves_the_ticks_due_since() -> None:
+    """Its claim of T1 lost to another replica and answered once T4 was due: the replica
+    neither claims T2-T4 nor coalesces them into a run (the claim's winner coalesces them;
+    had this replica taken T4, the winner would run T1 on its own as well: two runs for one
+    outage). It claims T5 when T5 is due."""
+    one = HeldReplica()
+    claims, claim, rec = one.claims, one.claim, one.rec
+    second = timedelta(seconds=1)
+    async with one.app:
+        t1 = await one.hold_next_claim()
+        start, t5 = t1 - second, t1 + 4 * second
+        await claims.set(CLAIMS, claim(t1), "another replica's worker id")  # the winner
+        one.clock.advance(3)  # T2, T3 and T4 are due
+        one.release()
+        await wait_until(lambda: one.handle.next_run_time == t5, 5, "the answer (lost) handled")
+        one.clock.advance_to(t5.timestamp() + 0.1)
+        await wait_until(lambda: claim(t5) in claims.claims, 5, "the claim of T5")
+        await wait_until(lambda: claim(t5).endswith(rec.ticks()[-1]), 5, "the run of T5")
+    assert claims.claims == [claim(start), claim(t1), claim(t5)]
+    assert [(key_time(info["tick"]), info["late"]) for info, _, _ in rec.enqueued] == [
+        (start, 59),
+        (t5, 0),
+    ], rec.enqueued
+
+
+async def test_a_won_tick_heard_late_runs_when_no_later_tick_is_within_the_grace() -> None:
+    """The answer to a won claim comes once the next tick is due and past ``misfire_grace``
+    already: with no later tick to coalesce it into, the tick whose claim was won runs."""
+    clock = FakeClock()
+    clock.freeze()
+    clock.advance_to(int(clock.time()) // 10 * 10 + 19.5)  # the tick 9.5 s ago is past the grace
+    claims = HeldClaims()
+    claims.held = anyio.Event()
+    app, rec, handle = ticking_app(claims, clock, every=10, grace=5)
+    t1 = clock.now().replace(microsecond=0) + timedelta(seconds=1)
+    async with app:
+        clock.advance_to(t1.timestamp() + 0.1)
+        await wait_until(lambda: claims.waiting == 1, 5, "the claim of T1 to wait")
+        clock.advance_to(t1.timestamp() + 16)  # T2 is due, 6 s ago: past the grace
+        claims.held.set()
+        await wait_until(lambda: rec.count() == 1, 5, "the run of T1")
+        assert handle.next_run_time == t1 + timedelta(seconds=20)
+    assert [(key_time(info["tick"]), info["late"]) for info, _, _ in rec.enqueued] == [(t1, 0)], (
+        rec.enqueued
+    )
+
+
+async def test_a_won_tick_heard_late_runs_when_its_later_tick_fails_then_is_lost() -> None:
+    """The claim of the tick a won tick T1 coalesced into fails in an outage; by its retry
+    another replica has that tick: T1 runs."""
+    one = HeldReplica()
+    claims, claim, rec = one.claims, one.claim, one.rec
+    second = timedelta(seconds=1)
+    async with one.app:
+        t1 = await one.hold_next_claim()
+        start = t1 - second
+        for tick in (t1 + second, t1 + 2 * second):  # taken by another replica meanwhile
+            await claims.set(CLAIMS, claim(tick), "another replica's worker id")
+        claims.failing.add(claim(t1 + second))
+        one.clock.advance(1)  # T2 is due
+        one.release()
+        await wait_until(lambda: not claims.failing, 5, "the claim of T2 to fail")
+        one.clock.advance(1.1)  # its retry is due, with T3
+        await wait_until(lambda: rec.count() == 2, 5, "the run of T1")
+    assert [(key_time(info["tick"]), info["late"]) for info, _, _ in rec.enqueued] == [
+        (start, 59),
+        (t1, 0),
+    ], rec.enqueued
+    assert claims.claims[-1] == claim(t1 + 2 * second), claims.claims
+
+
+class GatedClaims(MemoryGlobalConfig):
+    """Tick claims of two replicas (in one GlobalConfig), ordered by :attr:`gate`."""
+
+    def __init__(self, gate: ClaimGate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def set_if_absent(
+        self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+    ) -> bool:
+        make = partial(super().set_if_absent, namespace, key, value, ttl=ttl)
+        return await (self.gate.claim(key, value, make) if namespace == CLAIMS else make())
+
+
+async def test_a_tick_whose_claim_a_replica_won_runs_though_it_heard_so_late() -> None:
+    """Replica a wins tick T1's claim but hears so once T2 is due, and b has T2: a enqueues T1
+    (``late: 0``) instead of coalescing it into T2, which it does not have."""
+    clock = FakeClock()
+    clock.freeze()
+    gate = ClaimGate()
+    claims = GatedClaims(gate)
+    timers, recorders = [], []
+    for name in "ab":
+        app = AsyncQueueTasks(name, global_config=claims)
+
+        @app.task
+        async def tick() -> None:
+            return None
+
+        recorders.append(Recorder())
+        app.add_plugin(recorders[-1])
+        timers.append(AsyncTimer(app, clock=clock.now))
+        timers[-1].add_task("tick", trigger=timedelta(seconds=1))
+    await check_a_won_tick_heard_late_runs(
+        (timers[0], timers[1]), (recorders[0], recorders[1]), gate, clock
+    )
+
+
 class FailingClaims(MemoryGlobalConfig):
     """A GlobalConfig whose tick claims fail while ``down`` (a Redis client that gives up on
     a server that is gone), counting the failures."""
@@ -446,10 +601,11 @@ class FailingClaims(MemoryGlobalConfig):
         return await super().set_if_absent(namespace, key, value, ttl=ttl)
 
 
-def every_second(
-    global_config: MemoryGlobalConfig, clock: FakeClock
-) -> tuple[AsyncQueueTasks, Recorder]:
-    """An app on ``global_config`` whose timer (on ``clock``) enqueues ``tick`` every second."""
+def ticking_app(
+    global_config: MemoryGlobalConfig, clock: FakeClock, *, every: float = 1, grace: float = 60
+) -> tuple[AsyncQueueTasks, Recorder, TimerHandle]:
+    """An app on ``global_config`` whose timer (on ``clock``, ``misfire_grace=grace``)
+    enqueues ``tick`` every ``every`` seconds, and that timer."""
     app = AsyncQueueTasks("a", global_config=global_config)
 
     @app.task
@@ -458,8 +614,9 @@ def every_second(
 
     rec = Recorder()
     app.add_plugin(rec)
-    AsyncTimer(app, clock=clock.now).add_task("tick", trigger=timedelta(seconds=1))
-    return app, rec
+    timer = AsyncTimer(app, clock=clock.now, misfire_grace=grace)
+    handle = timer.add_task("tick", trigger=timedelta(seconds=every))
+    return app, rec, handle
 
 
 async def test_a_tick_tried_again_after_failed_claims_counts_every_tick_it_coalesced() -> None:
@@ -470,7 +627,7 @@ async def test_a_tick_tried_again_after_failed_claims_counts_every_tick_it_coale
     clock = FakeClock()
     clock.freeze()
     claims = FailingClaims()
-    app, rec = every_second(claims, clock)
+    app, rec, _ = ticking_app(claims, clock)
 
     def runs() -> list[dict[str, Any]]:
         return sorted((info for info, _, _ in rec.enqueued), key=lambda info: info["tick"])
@@ -501,7 +658,7 @@ async def test_a_restart_does_not_count_again_the_ticks_of_a_retry_left_pending(
     clock.freeze()
     clock.advance_to(int(clock.time()) + 1.5)  # half-way between ticks: 60 of them in the grace
     claims = FailingClaims()
-    app, rec = every_second(claims, clock)
+    app, rec, _ = ticking_app(claims, clock)
     claims.down = True
     async with app:
         await wait_until(lambda: claims.failures == 1, 5, "the catch-up's claim to fail")

@@ -1,7 +1,8 @@
 """Three worker processes against the real Redis run the same app with one every-second
 timer: each tick is enqueued exactly once, also after one of them is killed with SIGKILL. Two
 replicas on a redis-server of the test's own, killed for a few ticks and started again empty:
-one coalesced catch-up once it is back."""
+one coalesced catch-up once it is back. Two replicas, one of which hears late that it won a
+tick's claim: the tick runs."""
 
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 from redis_server import start_server
-from timer_helpers import Recorder, key_time, wait_until
+from timer_helpers import (
+    ClaimGate,
+    Recorder,
+    check_a_won_tick_heard_late_runs,
+    key_time,
+    wait_until,
+)
+
+from qtasks_testing.clock import FakeClock
+from qtasks_timer.timer import CLAIMS
 
 try:
     from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage  # noqa: F401
@@ -196,3 +207,44 @@ async def test_an_outage_of_several_ticks_gives_one_coalesced_catch_up(tmp_path:
     ], after(last)
     ticks = [tick for tick, _, _ in runs()]
     assert len(ticks) == len(set(ticks)), "a tick was enqueued twice"
+
+
+if HAVE_REDIS_BACKEND:
+
+    class GatedRedisClaims(RedisGlobalConfig):
+        """A replica's GlobalConfig whose tick claims go through :attr:`gate`."""
+
+        gate: ClaimGate | None = None
+
+        async def set_if_absent(
+            self, namespace: str, key: str, value: Any, *, ttl: float | None = None
+        ) -> bool:
+            make = partial(super().set_if_absent, namespace, key, value, ttl=ttl)
+            if namespace != CLAIMS or self.gate is None:
+                return await make()
+            return await self.gate.claim(key, value, make)
+
+
+@pytest.mark.anyio
+async def test_a_tick_whose_claim_a_replica_won_runs_though_it_heard_so_late(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Replica a's claim of tick T1 reaches Redis first, but a hears the answer once T2 is due,
+    and b (which lost T1 in time) ran T2: a enqueues T1 instead of coalescing it into T2. The
+    replicas' clock is the test's, so each tick comes due when the test says."""
+    from redis_replica import build
+
+    clock = FakeClock()
+    clock.freeze()
+    gate = ClaimGate()
+    timers, recorders = [], []
+    for _ in range(2):
+        app, timer = build(redis_url, redis_prefix, clock=clock.now, claims=GatedRedisClaims)
+        assert isinstance(app.global_config, GatedRedisClaims)
+        app.global_config.gate = gate
+        recorders.append(Recorder())
+        app.add_plugin(recorders[-1])
+        timers.append(timer)
+    await check_a_won_tick_heard_late_runs(
+        (timers[0], timers[1]), (recorders[0], recorders[1]), gate, clock
+    )

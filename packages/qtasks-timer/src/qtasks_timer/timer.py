@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -93,6 +94,11 @@ class _Entry:
     folded: int = 0
     """Ticks before ``next_fire`` already coalesced into it: those of a run whose claim failed
     in an outage, counted again in ``late`` when it is tried again (not after a restart)."""
+    won: tuple[str, int] | None = None
+    """A tick this replica won the claim of and did not enqueue, since the claim returned once
+    a later tick was due (its key and the ticks coalesced into it): it coalesces into the
+    latest due tick, and is enqueued after all if another replica has that one. Kept for the
+    retry when that tick's claim fails in an outage."""
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
 
@@ -108,6 +114,18 @@ class _Entry:
     def claim_ttl(self) -> float:
         extra = _DST_ALLOWANCE if is_calendar(self.trigger) else 0.0
         return self.grace + _SKEW_ALLOWANCE + extra
+
+
+class _Claim(Enum):
+    """What :meth:`AsyncTimer._fire` made of a tick's claim."""
+
+    DONE = "done"
+    """Enqueued (the tick, or the one this replica won), lost in time, or the timer is paused."""
+    WON_LATE = "won late"
+    """Won, but the answer came once the timer's next tick was due: not enqueued."""
+    LOST_LATE = "lost late"
+    """Lost, and the answer came once the timer's next tick was due (the tick this replica
+    won, if any, is enqueued)."""
 
 
 class TimerHandle:
@@ -401,7 +419,7 @@ class AsyncTimer:
         entry.armed = True
         # A retry left pending by a stop is not tried: the first tick counts the ticks
         # within the grace itself, those the retry had coalesced among them.
-        entry.retry_at, entry.folded = None, 0
+        entry.retry_at, entry.folded, entry.won = None, 0, None
         try:
             entry.next_fire = first_tick(entry.trigger, now, entry.grace)
         except Exception:
@@ -428,7 +446,7 @@ class AsyncTimer:
         except Exception:
             self._trigger_failed(entry)
             return
-        entry.folded = 0
+        won, entry.folded, entry.won = entry.won, 0, None
         if due is None or entry.id not in self._entries:
             return
         retry, entry.retry_at = entry.retry_at is not None, None
@@ -436,28 +454,52 @@ class AsyncTimer:
             fire, key, coalesced = due
             previous, entry.last_key = entry.last_key, key
             try:
-                superseded = await self._fire(entry, key, coalesced, retry=retry)
+                claim = await self._fire(entry, key, coalesced, retry=retry, won=won)
             except Exception as exc:
                 self._failed(entry, key, fire, previous, exc)
                 if entry.retry_at is not None:  # tried again: with the ticks folded into it
-                    entry.folded = coalesced
+                    entry.folded, entry.won = coalesced, won
                 return
-            if not superseded:
+            if claim is _Claim.LOST_LATE:
+                # The claim's winner coalesces the ticks due since into the latest. Were this
+                # replica to take that one, the winner would enqueue its won tick on its own
+                # as well: two runs for one outage.
+                self._pass_due(entry)
+            if claim is not _Claim.WON_LATE:
                 break
             # Later ticks came due while the claim waited (a GlobalConfig riding out an
             # outage): they and this one coalesce into one run of the latest, the misfire
             # policy's catch-up, instead of this tick running late and the others after it.
+            # Should another replica have that tick (it was not held up), this one is
+            # enqueued after all: a tick whose claim this replica won runs.
+            won = (key, coalesced)
             try:
                 due = self._due(entry, self._clock(), folded=coalesced + 1)
             except Exception:
                 self._trigger_failed(entry)
+                due = None
+            if entry.id not in self._entries:
                 return
-            if due is None or entry.id not in self._entries:
-                return
-            retry = False
+            retry = due is None
+            if due is None:  # none to coalesce into (past the grace, or the trigger failed)
+                due, won = (fire, key, coalesced), None
         if entry.outage is not None:
             entry.outage.over(key, self._clock())
             entry.outage = None
+
+    def _pass_due(self, entry: _Entry) -> None:
+        """Move ``entry`` past the ticks due now without claiming them: another replica
+        has them."""
+        now = self._clock()
+        if entry.next_fire is None or entry.next_fire > now:
+            return
+        try:
+            due = self._due(entry, now)
+        except Exception:
+            self._trigger_failed(entry)
+            return
+        if due is not None:
+            entry.last_key = due[1]
 
     def _failed(
         self, entry: _Entry, key: str, fire: datetime, previous: str | None, exc: Exception
@@ -512,10 +554,20 @@ class AsyncTimer:
             return None
         return decision.fire, key, decision.coalesced + (0 if decision.skipped else folded)
 
-    async def _fire(self, entry: _Entry, key: str, coalesced: int, *, retry: bool) -> bool:
-        """Claim tick ``key`` and, if this replica won it, enqueue it. ``True``: the claim
-        returned after the timer's next tick came due, so ``key`` is not enqueued (its claim,
-        if won, is kept: the tick is handled, by the later run it coalesces into)."""
+    async def _fire(
+        self,
+        entry: _Entry,
+        key: str,
+        coalesced: int,
+        *,
+        retry: bool,
+        won: tuple[str, int] | None = None,
+    ) -> _Claim:
+        """Claim tick ``key`` and, if this replica won it, enqueue it. If it lost it, enqueue
+        ``won`` instead (see :attr:`_Entry.won`: an earlier tick that coalesced into ``key``,
+        claimed by this replica). ``retry``: a claim of ``key`` by this worker counts as won.
+        On :attr:`_Claim.WON_LATE` ``key`` is not enqueued and its claim is kept: the caller
+        coalesces it into a later tick."""
         app = self.app
         claim = f"{entry.id}:{key}"
         # Claim and enqueue as one step that shutdown cannot split: a won claim whose
@@ -524,21 +576,23 @@ class AsyncTimer:
             try:
                 with anyio.fail_after(_ENQUEUE_TIMEOUT):
                     if await self._is_paused(entry.id):
-                        return False
+                        return _Claim.DONE
                     claimed = await app.global_config.set_if_absent(
                         CLAIMS, claim, app.worker.id, ttl=entry.claim_ttl
                     )
                     if not claimed and retry:
                         # A failed attempt's claim that could not be released is still ours.
                         claimed = await app.global_config.get(CLAIMS, claim) == app.worker.id
-                    if entry.next_fire is not None and entry.next_fire <= self._clock():
-                        # Won or not, every replica whose claim returned this late folds the
-                        # tick into a later one (the claim's winner does not enqueue it).
+                    late = entry.next_fire is not None and entry.next_fire <= self._clock()
+                    if claimed and late:
                         log.debug("timer %s: tick %s claimed after the next one", entry.id, key)
-                        return True
+                        return _Claim.WON_LATE
                     if not claimed:
                         log.debug("timer %s: tick %s claimed by another replica", entry.id, key)
-                        return False
+                        if won is None:
+                            return _Claim.LOST_LATE if late else _Claim.DONE
+                        key, coalesced = won
+                        log.debug("timer %s: enqueueing tick %s, which it won", entry.id, key)
                     token = FIRING.set({"id": entry.id, "tick": key, "late": coalesced})
                     try:
                         await app.enqueue(
@@ -554,7 +608,7 @@ class AsyncTimer:
         if coalesced:
             log.info("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
         log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
-        return False
+        return _Claim.LOST_LATE if late and not claimed else _Claim.DONE
 
     async def _release(self, claim: str, *, quiet: bool) -> None:
         """Give up ``claim`` if this worker holds it (its enqueue failed or timed out), so a
