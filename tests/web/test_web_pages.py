@@ -119,6 +119,7 @@ async def test_tasks_list_filters_and_pages(app: AsyncQueueTasks, client: Client
         ("since=100&until=50", "ends before it starts"),
         ("cursor=not-a-cursor", "was not made by a MemoryStorage"),
         ("cursor=m:%C2%B2", "was not made by a MemoryStorage"),  # a digit int() refuses
+        ("cursor=m:" + "9" * 4301, "was not made by a MemoryStorage"),  # int(): 4,300 at most
         ("uuid=%3Cscript%3E", "a uuid (prefix) has letters"),
     ],
 )

@@ -612,9 +612,14 @@ class MemoryStorage(_Lifecycle):
         return 0 if live is None else live.live(start, end)
 
 
+_CURSOR_DIGITS = 20
+"""Most digits of a cursor's sequence number (a write counter: under 2**64)."""
+
+
 def _cursor_seq(cursor: str) -> int:
     kind, _, seq = cursor.partition(":")
     # isascii: str.isdigit() holds for "²" and "٣", which int() refuses or reads as digits.
-    if kind != "m" or not (seq.isascii() and seq.isdigit()):
+    # The length: int() refuses more than 4,300 digits (ValueError), and no counter has 21.
+    if kind != "m" or not (seq.isascii() and seq.isdigit() and len(seq) <= _CURSOR_DIGITS):
         raise InvalidQueryError(f"cursor {cursor!r} was not made by a MemoryStorage")
     return int(seq)

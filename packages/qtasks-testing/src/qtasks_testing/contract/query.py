@@ -251,6 +251,9 @@ class StorageQueryContract(_StorageCapability):
             RecordQuery(cursor="r:\u0663:abc"),
             RecordQuery(cursor="r:inf:abc"),
             RecordQuery(cursor="r:1_0:abc"),
+            # Too long: int() refuses over 4,300 digits (ValueError); float() reads inf.
+            RecordQuery(cursor="m:" + "9" * 4301),
+            RecordQuery(cursor="r:" + "9" * 4301 + ":abc"),
             RecordQuery(since=10.0, until=5.0),
             RecordQuery(since=float("nan")),
         ):
