@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import fields
 
@@ -246,3 +247,46 @@ async def test_no_keys_left_without_ttl_after_final(
             assert await client.pttl(key) > 0, key
     finally:
         await client.aclose()
+
+
+async def test_trimming_by_the_writes_keeps_the_entries_of_records_that_exist(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """The saves that trim the indexes of final records (one server millisecond in 16) remove
+    the entries of records that expired, and only those: a record kept without a TTL (a
+    running workflow's member) or with a longer one (a member of a workflow that ended) stays
+    in the status and task-name indexes, and leaves them once its record is gone."""
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=0.3)
+    for uuid in ("held", "longer", "expired"):
+        await storage.save(record(uuid, status=TaskStatus.SUCCESS))
+    tag = storage.key_tag
+    client = aioredis.Redis.from_url(redis_url)
+    stack.push_async_callback(client.aclose)
+    await client.persist(f"{tag}:r:held")
+    await client.pexpire(f"{tag}:r:longer", 60_000)
+    indexes = (f"{tag}:i:success", f"{tag}:nf:add")
+
+    async def listed(uuid: str) -> list[bool]:
+        return [await client.zscore(key, uuid) is not None for key in indexes]
+
+    async def save_until(done: Callable[[], Awaitable[bool]], what: str) -> None:
+        n = 0
+        with anyio.fail_after(5):
+            while not await done():
+                n += 1
+                await storage.save(record(f"filler-{n}", status=TaskStatus.SUCCESS))
+        assert n, f"{what} before any save"
+
+    async def expired_unlisted() -> bool:
+        return await listed("expired") == [False, False]
+
+    await save_until(expired_unlisted, "the expired record was unlisted")
+    assert await listed("held") == [True, True]
+    assert await listed("longer") == [True, True]
+    await client.delete(f"{tag}:r:held")  # as when its workflow ended and its TTL ran out
+
+    async def held_unlisted() -> bool:
+        return await listed("held") == [False, False]
+
+    await save_until(held_unlisted, "the held record was unlisted")
+    assert await listed("longer") == [True, True]

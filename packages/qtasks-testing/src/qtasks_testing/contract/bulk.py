@@ -33,8 +33,10 @@ from qtasks.components import (
     BulkPublish,
     BulkPublishNew,
     GateMessage,
+    RecordQuery,
     SettleBegin,
     Storage,
+    StorageQuery,
     WorkflowStore,
 )
 from qtasks.config import QueueConfig
@@ -42,6 +44,7 @@ from qtasks.record import TaskRecord, TaskStatus
 from qtasks_testing.contract._base import ContractSuite, wait_until
 from qtasks_testing.contract.broker import BrokerFactory, consuming, envelope
 from qtasks_testing.contract.capabilities import Shared, _SharedFixtures, _StorageCapability, lacks
+from qtasks_testing.contract.query import everything
 from qtasks_testing.contract.storage import StorageFactory, finished, record
 
 Flow = tuple[TaskRecord, dict[str, TaskRecord], GateMessage]
@@ -448,6 +451,90 @@ class WorkflowStoreContract(_StorageCapability):
 
             await wait_until(gone, timeout=ttl + 1.5, what="the members' records to expire")
             assert time.monotonic() - ended >= ttl - 0.1
+
+    @pytest.mark.anyio
+    async def test_a_kept_members_record_is_listed_while_it_lives(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        """A member's record kept past ``result_ttl`` (see the test above) is listed while it
+        exists as any record is (by status, task name, time and uuid) and counted by
+        ``stats`` and ``count``, both while its workflow runs and after it ended; then it
+        leaves them with its record. Before, Redis dropped it from its indexes once it had
+        ended ``result_ttl`` ago, while ``get`` still returned it."""
+        ttl = 0.5
+        config = contract_config.merged(result_ttl=ttl)
+        async with AsyncExitStack() as stack:
+            storage = storage_factory(config)
+            for capability in (WorkflowStore, StorageQuery):
+                if not isinstance(storage, capability):
+                    pytest.skip(lacks(storage, capability))
+            assert isinstance(storage, WorkflowStore) and isinstance(storage, StorageQuery)
+            await storage.start(stack, config)
+            own, members, _ = await _three_members(storage)
+            since = time.time() - 1
+            a = finished(members["a"], returning="a")
+            plain = finished(record(task_name=a.task_name), returning="no workflow")
+            for rec in (a, plain):
+                await storage.save(rec)
+            assert await storage.member_done(a) == []
+
+            async def plain_gone() -> bool:
+                return await storage.get(plain.uuid) is None
+
+            # a ended before plain did: longer than result_ttl ago once plain expired.
+            await wait_until(plain_gone, timeout=ttl + 1.5, what="the plain record to expire")
+            name = a.task_name
+            ours = {plain.uuid, own.uuid, *(m.uuid for m in members.values())}
+
+            async def succeeded() -> dict[str, object]:
+                """Our successes as stats and count count them and each query lists them."""
+                stats = await storage.stats()  # first: it may remove index entries
+                out: dict[str, object] = {
+                    "stats": stats.get("success", 0),
+                    "count": await storage.count(TaskStatus.SUCCESS),
+                }
+                for query in (
+                    RecordQuery(),
+                    RecordQuery(status=TaskStatus.SUCCESS),
+                    RecordQuery(task_name=name),
+                    RecordQuery(task_name=name, status=TaskStatus.SUCCESS),
+                    RecordQuery(uuid_prefix=a.uuid, since=since),
+                ):
+                    listed = await everything(storage, query)
+                    out[repr(query)] = {
+                        r.uuid for r in listed if r.uuid in ours and r.status is TaskStatus.SUCCESS
+                    }
+                return out
+
+            def expected(*uuids: str) -> dict[str, object]:
+                return {
+                    "stats": len(uuids),
+                    "count": len(uuids),
+                    repr(RecordQuery()): set(uuids),
+                    repr(RecordQuery(status=TaskStatus.SUCCESS)): set(uuids),
+                    repr(RecordQuery(task_name=name)): set(uuids) - {own.uuid},
+                    repr(RecordQuery(task_name=name, status=TaskStatus.SUCCESS)): (
+                        set(uuids) - {own.uuid}
+                    ),
+                    repr(RecordQuery(uuid_prefix=a.uuid, since=since)): set(uuids) & {a.uuid},
+                }
+
+            assert await succeeded() == expected(a.uuid), "unlisted while its workflow runs"
+            b, c = (finished(members[n], returning=n) for n in "bc")
+            for rec in (b, c):
+                await storage.save(rec)
+                await storage.member_done(rec)
+            done = await storage.get(own.uuid)
+            assert done is not None and done.status is TaskStatus.SUCCESS
+            assert await succeeded() == expected(a.uuid, b.uuid, c.uuid, own.uuid), (
+                "unlisted once its workflow ended, before its record expired"
+            )
+
+            async def none_left() -> bool:
+                return await succeeded() == expected()
+
+            await wait_until(none_left, timeout=ttl + 1.5, what="the records to leave the lists")
+            assert await storage.get_many([a.uuid, own.uuid]) == [None, None]
 
     @pytest.mark.anyio
     async def test_workflows_made_in_one_millisecond_are_listed_newest_first(
