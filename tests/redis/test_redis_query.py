@@ -4,8 +4,10 @@ see from outside (stale entries pruned, index keys expiring with their records).
 from __future__ import annotations
 
 import json
+import random
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import anyio
 import pytest
@@ -194,3 +196,52 @@ async def test_add_many_indexes_what_add_indexes(
     assert await storage.stats() == {"new": 4}
     assert await raw.pttl(storage.record_key("f0")) == -1
     assert [await storage.get(r.uuid) for r in again] == again
+
+
+async def test_a_scan_of_several_indexes_lists_each_record_once_in_order(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A uuid prefix scans the union of the status indexes, each read a batch (1,000) at a
+    time, what was read and not yet listed kept for the next batch: across batches, ties (the
+    records of one bulk write share a millisecond), pages and a time range, every matching
+    record is listed once, newest first."""
+    storage = await make_storage(stack, redis_url, prefix)
+    raw = await client(stack, redis_url)
+    # Two keys of more than a batch, uneven and irregular: their batches end at unrelated
+    # places.
+    statuses = random.Random(7).choices(
+        (TaskStatus.NEW, TaskStatus.SUCCESS, TaskStatus.ERROR), weights=(4, 5, 1), k=9_000
+    )
+    records = [  # one in 7 matches the prefix: a page scans several batches
+        TaskRecord(uuid=f"{'q' if i % 7 else 'p'}{i:05d}", task_name="t", status=status)
+        for i, status in enumerate(statuses)
+    ]
+    for start in range(0, len(records), 3_000):
+        await storage.add_many(records[start : start + 3_000])
+        await anyio.sleep(0.002)
+    pipe = raw.pipeline(transaction=False)
+    for rec in records:
+        pipe.zscore(
+            storage.index_keys[[s.value for s in TaskStatus].index(rec.status.value)], rec.uuid
+        )
+    scores = await pipe.execute()
+    assert None not in scores
+    every = sorted(zip(scores, (rec.uuid for rec in records), strict=True), reverse=True)
+    scored = [(score, uuid) for score, uuid in every if uuid.startswith("p")]
+    assert len({score for score, _ in scored}) < len(scored) / 100, "no ties to walk through"
+
+    async def listed(query: RecordQuery) -> list[str]:
+        out: list[str] = []
+        while True:
+            page = await storage.query(query)
+            out += [r.uuid for r in page.records]
+            if page.cursor is None:
+                return out
+            query = replace(query, cursor=page.cursor)
+
+    assert await listed(RecordQuery(uuid_prefix="p", limit=300)) == [u for _, u in scored]
+    middle = scored[len(scored) // 2][0]
+    since = await listed(RecordQuery(uuid_prefix="p", since=middle / 1000, limit=111))
+    assert since == [u for s, u in scored if s >= middle]
+    until = await listed(RecordQuery(uuid_prefix="p", until=middle / 1000, limit=200))
+    assert until == [u for s, u in scored if s < middle]

@@ -6,6 +6,7 @@ waiters, steps, queries); the scripts are in ``storage_lua``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from qtasks_redis.connection import (
 )
 from qtasks_redis.failures import guarded as _guarded
 from qtasks_redis.lane import Lane
+from qtasks_redis.union import IndexUnion
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
 _FIELD_SET = frozenset(_FIELDS)
@@ -607,47 +609,10 @@ class RedisStorage:
             return [f"{self._tag}:nf:{query.task_name}", *live]
         return list(self._index_keys)
 
-    async def _candidates(
-        self, keys: list[str], query: RecordQuery, after: tuple[float, str] | None, batch: int
-    ) -> tuple[list[tuple[float, str, str]], bool]:
-        """The next ``batch`` index entries ``(score, uuid, key)`` of the union of ``keys``,
-        newest first, after the position ``after``; and whether more may follow."""
-        high = math.inf if query.until is None else query.until * 1000
-        low = "-inf" if query.since is None else repr(query.since * 1000)
-        top = "+inf" if query.until is None else f"({high!r}"
-        ties = (
-            after is not None
-            and after[0] < high
-            and (query.since is None or after[0] >= query.since * 1000)
-        )
-        if after is not None:
-            top = f"({after[0]!r}" if after[0] <= high else top
-        pipe = self._require().pipeline(transaction=False)
-        for key in keys:
-            if ties:
-                assert after is not None
-                pipe.zrangebyscore(key, after[0], after[0], withscores=True)
-            pipe.zrevrangebyscore(key, top, low, start=0, num=batch, withscores=True)
-        replies: list[Any] = await guarded(self.target, pipe.execute())
-        found: list[tuple[float, str, str]] = []
-        more = False
-        per_key = 2 if ties else 1
-        for i, key in enumerate(keys):
-            if ties:
-                assert after is not None
-                for member, score in replies[i * per_key]:
-                    uuid = member.decode()
-                    if uuid < after[1]:
-                        found.append((score, uuid, key))
-            ranged = replies[i * per_key + per_key - 1]
-            more = more or len(ranged) == batch
-            found.extend((score, member.decode(), key) for member, score in ranged)
-        found.sort(reverse=True)
-        return found[:batch], more or len(found) > batch
-
     async def query(self, query: RecordQuery) -> RecordPage:
         """See :class:`qtasks.components.StorageQuery`: the per-status and per-task-name
-        indexes, read a batch at a time (one round trip for the index entries, one for their
+        indexes, merged newest first (:class:`~qtasks_redis.union.IndexUnion`), a batch at a
+        time (a round trip for the index entries when some key's are used up, one for their
         records); entries whose record expired are removed on the way. The index time is
         the server's, in milliseconds."""
         query = query.checked()
@@ -675,8 +640,10 @@ class RedisStorage:
                     return RecordPage(found, _TOP)
         deadline = time.monotonic() + SCAN_BUDGET
         scanned = 0
-        while keys:
-            entries, more = await self._candidates(keys, query, after, batch)
+        read = functools.partial(guarded, self.target)
+        union = IndexUnion(self._require(), read, keys, query, after, batch)
+        while True:
+            entries = await union.take(batch)
             if not entries:
                 break
             # The record whose whole uuid is the prefix was looked up on the first page.
@@ -718,8 +685,6 @@ class RedisStorage:
                 scanned >= _SCAN and (found or time.monotonic() >= deadline)
             ):
                 return RecordPage(found, _make_cursor(after))
-            if not more:
-                break
         return RecordPage(found)
 
     async def _exact(self, uuid: str, query: RecordQuery) -> TaskRecord | None:
