@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import anyio
 import pytest
@@ -80,6 +81,24 @@ async def test_an_unindexed_filter_scans_a_bounded_slice(
         query = RecordQuery(uuid_prefix="0000000", cursor=page.cursor)
     assert [r.uuid for r in page.records] == [f"{i:08d}" for i in range(9, -1, -1)]
     assert pages >= N // 10_000
+
+
+async def test_a_scan_budget_of_zero_looks_at_one_step(million: MemoryStorage) -> None:
+    """``scan_budget=0`` (a live refresh's query) ends after the first step of the scan,
+    found or not; its cursor carries on, and a step that finds a record gives the page the
+    default budget gives."""
+    started = time.monotonic()
+    first = await million.query(RecordQuery(uuid_prefix="0000000", scan_budget=0))
+    assert time.monotonic() - started < SCAN_BUDGET
+    assert first.records == []
+    assert first.cursor is not None
+    second = await million.query(
+        RecordQuery(uuid_prefix="0000000", scan_budget=0, cursor=first.cursor)
+    )
+    assert second.records == []
+    assert second.cursor is not None and second.cursor != first.cursor
+    near = RecordQuery(uuid_prefix=f"{N - 1_000:08d}"[:5])  # 1,000 records at the top
+    assert await million.query(replace(near, scan_budget=0)) == await million.query(near)
 
 
 async def test_a_uuid_under_a_million_newer_records_is_found_on_the_first_page(

@@ -141,6 +141,12 @@ async def test_a_scan_is_bounded_and_resumes_from_its_cursor(
         assert time.monotonic() - started >= SCAN_BUDGET
     else:
         assert [r.uuid for r in searched.records] == ["ffff-needle"]
+    # scan_budget=0 ends after the first step (10,000 entries), found or not.
+    quick = await storage.query(RecordQuery(uuid_prefix="ffff", scan_budget=0))
+    assert quick.records == []
+    assert quick.cursor is not None
+    rest = RecordQuery(uuid_prefix="ffff", scan_budget=0, cursor=quick.cursor)
+    assert [r.uuid for r in (await storage.query(rest)).records] == ["ffff-needle"]
     monkeypatch.setattr(redis_storage, "SCAN_BUDGET", 0.0)
     first = await storage.query(RecordQuery(uuid_prefix="ffff"))
     assert first.records == []

@@ -12,7 +12,11 @@ import pytest
 from anyio.abc import SocketStream
 
 from qtasks import AsyncQueueTasks, QueueConfig
-from qtasks_web import WebSettings, create_app
+from qtasks.components import RecordPage, RecordQuery
+from qtasks.memory import MemoryStorage
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks_web import WebSettings, create_app, live
+from qtasks_web.live import Hub
 from qtasks_web.server import running
 
 pytestmark = pytest.mark.anyio
@@ -113,3 +117,81 @@ async def test_open_pages_of_one_task_share_its_reads() -> None:
     # the first pages' opening reads).
     assert reads <= elapsed / REFRESH + 4, (reads, elapsed)
     assert reads < PAGES * 2, (reads, elapsed)
+
+
+async def test_open_tasks_pages_share_cheap_reads_of_their_rows() -> None:
+    """Tasks pages with the same filters share one read of their rows per change of the
+    listing's head. After the first, a read scans one step (``scan_budget=0``): a uuid that
+    matches nothing among many records costs no time spent searching at each refresh, and a
+    task that comes to match is still shown at once."""
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    reads: list[RecordQuery] = []
+    async with app:
+        for i in range(12_000):  # more than one step of the scan
+            await app.storage.add(TaskRecord(uuid=f"n{i:07d}", task_name="noop"))
+        storage = app.storage
+        assert isinstance(storage, MemoryStorage)
+        original = storage.query
+
+        async def counted(query: RecordQuery) -> RecordPage:
+            if query.uuid_prefix == "ffff":
+                reads.append(query)
+            return await original(query)
+
+        storage.query = counted  # type: ignore[method-assign]  # counts the pages' reads
+        web = create_app(app, settings=WebSettings(refresh=0.1))
+        async with running(web) as url:
+            port = int(url.rsplit(":", 1)[1])
+            streams = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(PAGES)]
+            received = [b""] * PAGES
+            for stream in streams:
+                path = "/events/tasks?uuid=ffff"
+                await stream.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+
+            async def until(i: int, wanted: bytes) -> None:
+                while wanted not in received[i]:
+                    received[i] += await streams[i].receive()
+
+            async def everywhere(wanted: bytes) -> None:
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as tg:
+                        for i in range(PAGES):
+                            tg.start_soon(until, i, wanted)
+
+            await everywhere(b"event: rows")
+            for i in range(3):  # the head changes: the rows are read again, cheaply
+                done = len(reads)
+                await storage.add(TaskRecord(uuid=f"m{i}", task_name="noop"))
+                with anyio.fail_after(5):
+                    while len(reads) == done:  # noqa: ASYNC110 - the read is the event
+                        await anyio.sleep(0.01)
+            await storage.add(TaskRecord(uuid="ffff-late", task_name="noop"))
+            await everywhere(b'data-uuid="ffff-late"')
+            for stream in streams:
+                await stream.aclose()
+    assert [query.scan_budget for query in reads[:1]] == [None], "the first read is the page's"
+    assert {query.scan_budget for query in reads[1:]} == {0}, reads
+    assert len(reads) <= 1 + 4 + 2, f"{len(reads)} reads for {PAGES} pages and 4 changes"
+
+
+async def test_rows_a_cheap_read_cannot_see_are_read_again_in_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record shown from deep down the listing that stops matching (cancelled, on a page
+    of new tasks) moves to the front where the one-step read finds nothing that matches: the
+    rows read before stand until the full read, at most ``FULL_ROWS`` seconds later."""
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    async with app:
+        await app.storage.add(TaskRecord(uuid="ffff-deep", task_name="noop"))
+        for i in range(12_000):
+            await app.storage.add(TaskRecord(uuid=f"n{i:07d}", task_name="noop"))
+        hub = Hub(app, refresh=0.0, window=60.0)
+        query = RecordQuery(uuid_prefix="ffff", status=TaskStatus.NEW)
+        async with hub.listing(query):
+            assert [r.uuid for r in (await hub.rows(query)).records] == ["ffff-deep"]
+            await app.storage.cancel("ffff-deep", "not wanted")
+            stale = await hub.rows(query)
+            assert [r.uuid for r in stale.records] == ["ffff-deep"]  # read one step: kept
+            monkeypatch.setattr(live, "FULL_ROWS", 0.0)
+            await app.storage.add(TaskRecord(uuid="m1", task_name="noop"))  # the head moves
+            assert (await hub.rows(query)).records == []

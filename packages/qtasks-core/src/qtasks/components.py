@@ -52,6 +52,7 @@ protocol with what its implementers must do (one file to read to write a backend
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
@@ -705,7 +706,7 @@ MAX_PAGE = 500
 SCAN_BUDGET = 0.25
 """Seconds a :meth:`StorageQuery.query` that has found nothing yet may go on scanning index
 entries (a uuid prefix, or filters the indexes do not answer) before it returns an empty page
-with a cursor."""
+with a cursor, unless its :attr:`RecordQuery.scan_budget` says otherwise."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -727,6 +728,11 @@ class RecordQuery:
     cursor: str | None = None
     parent_uuid: str | None = None
     """Only the tasks added by this task (``self.add_task`` of an ``echo`` task)."""
+    scan_budget: float | None = None
+    """Seconds the scan may go on while it has found nothing (``None``: :data:`SCAN_BUDGET`).
+    ``0`` ends it after its first step, where a scan that found something ends anyway: the
+    page is then the default's whenever that step found a record (a cheap repeat of a query,
+    such as a live refresh, that tells when it needs the longer search)."""
 
     def checked(self) -> RecordQuery:
         """Itself, once its values are valid; raises :class:`InvalidQueryError` otherwise."""
@@ -748,6 +754,13 @@ class RecordQuery:
             not isinstance(self.parent_uuid, str) or not self.parent_uuid
         ):
             raise InvalidQueryError(f"parent_uuid must be a task uuid, not {self.parent_uuid!r}")
+        budget = self.scan_budget
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, int | float)
+            or not 0 <= budget < math.inf
+        ):
+            raise InvalidQueryError(f"scan_budget must be seconds (0 or more), not {budget!r}")
         return self
 
 
@@ -778,8 +791,10 @@ class StorageQuery(Protocol):
       ``limit`` records when the filters are indexed (status, task name, parent, time) and
       scans a bounded number of index entries otherwise, so a page may hold fewer than
       ``limit`` records and still have a ``cursor``. A page is empty with a ``cursor`` only
-      when the scan found nothing for :data:`SCAN_BUDGET` seconds (the caller says it is still
-      searching, not that nothing matches). Following cursors until ``None`` lists every
+      when the scan found nothing for :data:`SCAN_BUDGET` seconds, or the query's
+      ``scan_budget`` (the caller says it is still searching, not that nothing matches); the
+      scan goes in steps (about 10,000 entries) and ends after the first step that found a
+      record or ran out of time. Following cursors until ``None`` lists every
       matching record that did not change meanwhile, each once.
     * A ``uuid_prefix`` that is a stored record's whole uuid is looked up, not scanned for:
       when that record matches the other filters it comes first on the first page (before

@@ -108,7 +108,7 @@ _BATCH = 1000
 """Most records or deliveries in one batched script call."""
 _SCAN = 10_000
 """Most index entries one :meth:`RedisStorage.query` call looks at once it found a record
-(until then it goes on for ``SCAN_BUDGET`` seconds)."""
+(until then it goes on for its scan budget)."""
 _TOP = "r:top"
 """The cursor of a page that starts at the newest entry: after a first page filled by the
 record whose whole uuid the prefix is."""
@@ -638,7 +638,8 @@ class RedisStorage:
                 found.append(exact)
                 if len(found) == query.limit:
                     return RecordPage(found, _TOP)
-        deadline = time.monotonic() + SCAN_BUDGET
+        budget = SCAN_BUDGET if query.scan_budget is None else query.scan_budget
+        deadline = time.monotonic() + budget
         scanned = 0
         read = functools.partial(guarded, self.target)
         union = IndexUnion(self._require(), read, keys, query, after, batch)

@@ -409,16 +409,19 @@ class Dashboard:
         async def produce(emit: Any) -> None:
             if storage is None or filters.errors or filters.cursor:
                 return  # nothing live to show: the page says why
-            last = None
-            while True:
-                head = await hub.head()
-                if head != last:
-                    last = head
-                    page = await storage.query(filters.query())
-                    root = request.scope.get("root_path", "")
-                    shown = rows.render(records=page.records, root=root, next_cursor=page.cursor)
-                    await emit("rows", shown)
-                await anyio.sleep(hub.refresh)
+            query = filters.query()
+            async with hub.listing(query):
+                last = None
+                while True:
+                    page = await hub.rows(query)  # shared, read again when the head changed
+                    if page is not last:
+                        last = page
+                        root = request.scope.get("root_path", "")
+                        shown = rows.render(
+                            records=page.records, root=root, next_cursor=page.cursor
+                        )
+                        await emit("rows", shown)
+                    await anyio.sleep(hub.refresh)
 
         return _stream(produce, self)
 

@@ -2,9 +2,10 @@
 
 :class:`Hub` reads the components at most once per ``refresh`` seconds, whatever the number
 of open pages: every event stream asks it for the latest figures, and the first to find them
-older than ``refresh`` reads them again while the others wait for that read. A page's own
-query (the Tasks page's filters) runs only when the shared head of the listing changed. The
-pages of one task share its record the same way (:meth:`Hub.task`). Generator steps are
+older than ``refresh`` reads them again while the others wait for that read. The rows of a
+Tasks page are read again only when the shared head of the listing changed, once for all the
+open pages with the same filters, and cheaply (:meth:`Hub.rows`). The pages of one task share
+its record the same way (:meth:`Hub.task`). Generator steps are
 followed through :meth:`Storage.steps <qtasks.components.Storage.steps>`, which the storage
 wakes (no poll), by each page that shows them (on Redis, a blocking read per such page).
 """
@@ -15,15 +16,15 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from qtasks.components import RecordQuery
+from qtasks.components import RecordPage, RecordQuery
 from qtasks.errors import QTasksError
 from qtasks_web.data import Charts, attempts, overview, queryable
 
@@ -39,18 +40,56 @@ KEEPALIVE = 15.0
 """Seconds between comment lines on an idle stream (proxies close silent connections)."""
 CHECK = 0.25
 """Seconds between checks whether the server is shutting down."""
+FULL_ROWS = 30.0
+"""Most seconds between two full reads of a Tasks page's rows while the cheap reads in
+between find nothing (see :meth:`Hub.rows`)."""
 
 
 @dataclass(slots=True)
-class _Followed:
-    """A task whose page is open: its record as last read, shared by its pages."""
+class _Shared:
+    """What open pages share, and how many of them do."""
 
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     pages: int = 0
+
+
+S = TypeVar("S", bound=_Shared)
+K = TypeVar("K", bound=Hashable)
+
+
+@asynccontextmanager
+async def _sharing(entries: dict[K, S], key: K, new: Callable[[], S]) -> AsyncIterator[None]:
+    """While open, ``entries[key]`` (made by ``new``) is there for the pages that share it;
+    the last one to leave drops it."""
+    entry = entries.get(key)
+    if entry is None:
+        entry = entries[key] = new()
+    entry.pages += 1
+    try:
+        yield
+    finally:
+        entry.pages -= 1
+        if not entry.pages and entries.get(key) is entry:
+            del entries[key]
+
+
+@dataclass(slots=True)
+class _Followed(_Shared):
+    """A task whose page is open: its record as last read, shared by its pages."""
+
     read_at: float = -float("inf")
     record: TaskRecord | None = None
     earlier: list[TaskRecord] = field(default_factory=list)
     seen: tuple[Any, ...] | None = None
+
+
+@dataclass(slots=True)
+class _Listing(_Shared):
+    """The filters of open Tasks pages: their rows as last read, shared by those pages."""
+
+    head: tuple[Any, ...] | None = None
+    page: RecordPage | None = None
+    full_at: float = -float("inf")
 
 
 class Hub:
@@ -67,6 +106,7 @@ class Hub:
         self._head: tuple[Any, ...] | None = None
         self._head_at = -float("inf")
         self._tasks: dict[str, _Followed] = {}
+        self._listings: dict[RecordQuery, _Listing] = {}
 
     async def overview(self) -> dict[str, Any]:
         """The overview's figures, read again when older than ``refresh``."""
@@ -91,20 +131,44 @@ class Hub:
                 self._head_at = time.monotonic()
             return self._head
 
-    @asynccontextmanager
-    async def follow(self, uuid: str) -> AsyncIterator[None]:
+    def listing(self, query: RecordQuery) -> AbstractAsyncContextManager[None]:
+        """While open, :meth:`rows` shares the reads of ``query`` with the other pages that
+        show it; the last one to leave drops what was read."""
+        return _sharing(self._listings, query, _Listing)
+
+    async def rows(self, query: RecordQuery) -> RecordPage:
+        """The page of ``query`` (a Tasks page's filters), read again when the shared
+        :meth:`head` changed; inside :meth:`listing`. The first read is the query as the page
+        made it; the next ones scan one step only (``scan_budget=0``, no time spent searching
+        while nothing matches): a page with a record, or with no cursor, is then the full
+        query's. When that step found nothing, the rows read before stand: nothing among the
+        newest entries matches, and an older entry changes only by moving to the front. The
+        full query runs again after :data:`FULL_ROWS` seconds, for what a step cannot see (more
+        writes between two reads than a step looks at, a record shown that stopped matching
+        or expired)."""
+        storage = queryable(self.app)
+        assert storage is not None, "rows() of a storage that cannot list"
+        head = await self.head()
+        entry = self._listings[query]
+        async with entry.lock:
+            if entry.page is not None and entry.head == head:
+                return entry.page
+            page = None
+            if entry.page is not None and time.monotonic() - entry.full_at < FULL_ROWS:
+                quick = await storage.query(replace(query, scan_budget=0))
+                page = entry.page
+                if quick.records or quick.cursor is None:  # what the full query gives
+                    page, entry.full_at = quick, time.monotonic()
+            if page is None:
+                page = await storage.query(query)
+                entry.full_at = time.monotonic()
+            entry.page, entry.head = page, head
+            return page
+
+    def follow(self, uuid: str) -> AbstractAsyncContextManager[None]:
         """While open, :meth:`task` shares the reads of ``uuid`` with the other pages that
         follow it; the last one to leave drops what was read."""
-        entry = self._tasks.get(uuid)
-        if entry is None:
-            entry = self._tasks[uuid] = _Followed()
-        entry.pages += 1
-        try:
-            yield
-        finally:
-            entry.pages -= 1
-            if not entry.pages and self._tasks.get(uuid) is entry:
-                del self._tasks[uuid]
+        return _sharing(self._tasks, uuid, _Followed)
 
     async def task(self, uuid: str) -> tuple[TaskRecord | None, list[TaskRecord]]:
         """The record of ``uuid`` (``None`` when there is none) and its earlier attempts,

@@ -32,7 +32,7 @@ _Entry = tuple[int, float, str]
 latest write has that sequence number."""
 _SCAN = 10_000
 """Most index entries one :meth:`MemoryStorage.query` call looks at once it found a record
-(until then it goes on for ``SCAN_BUDGET`` seconds, yielding every ``_SCAN`` entries)."""
+(until then it goes on for its scan budget, yielding every ``_SCAN`` entries)."""
 
 
 def _seq(entry: _Entry) -> int:
@@ -545,7 +545,8 @@ class MemoryStorage(_Lifecycle):
             exact = self._exact(prefix, query, since)
             if exact is not None:
                 found.append(exact)
-        deadline = time.monotonic() + SCAN_BUDGET
+        budget = SCAN_BUDGET if query.scan_budget is None else query.scan_budget
+        deadline = time.monotonic() + budget
         position, scanned = end, 0
         while position > 0 and len(found) < query.limit:
             if scanned == _SCAN:

@@ -178,6 +178,26 @@ class StorageQueryContract(_StorageCapability):
         assert exact.records == [others[0]]
 
     @pytest.mark.anyio
+    async def test_a_scan_budget_of_zero_gives_the_same_pages_when_its_step_finds(
+        self, storage: Storage
+    ) -> None:
+        """``scan_budget=0`` ends a scan after its first step, where a scan that found
+        something ends anyway: among a few records, its pages are the default's."""
+        mine = [record(uuid=f"cafe{uuid.uuid4().hex[4:]}") for _ in range(3)]
+        await self.spaced(storage, [mine[0], record(), mine[1], record(), mine[2]])
+        query = cast(StorageQuery, storage)
+        for asked in (
+            RecordQuery(uuid_prefix="cafe", limit=2),
+            RecordQuery(uuid_prefix="beef"),
+            RecordQuery(uuid_prefix=mine[0].uuid),
+            RecordQuery(task_name="contract_task", status=TaskStatus.NEW, limit=2),
+        ):
+            default = await everything(query, asked)
+            assert await everything(query, replace(asked, scan_budget=0)) == default, asked
+            first = await query.query(asked)
+            assert await query.query(replace(asked, scan_budget=0.0)) == first, asked
+
+    @pytest.mark.anyio
     async def test_a_whole_uuid_is_looked_up_first(self, storage: Storage) -> None:
         """The record whose uuid is the whole prefix comes first on the first page, before
         newer records whose uuids extend it, and on no later page."""
@@ -256,6 +276,9 @@ class StorageQueryContract(_StorageCapability):
             RecordQuery(cursor="r:" + "9" * 4301 + ":abc"),
             RecordQuery(since=10.0, until=5.0),
             RecordQuery(since=float("nan")),
+            RecordQuery(scan_budget=-1.0),
+            RecordQuery(scan_budget=float("inf")),
+            RecordQuery(scan_budget=float("nan")),
         ):
             with pytest.raises(InvalidQueryError):
                 await query.query(bad)
