@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -31,6 +31,7 @@ from qtasks.state import StateRegistry
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
+from qtasks_testing.calls import RUNNING, Call, Running, Session
 from qtasks_testing.clock import FakeClock
 from qtasks_testing.isolation import Additions
 from qtasks_testing.records import (
@@ -42,7 +43,7 @@ from qtasks_testing.records import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Generator, Iterator
+    from collections.abc import AsyncIterator, Generator
 
     from qtasks.workflows.canvas import Node, Signature
 
@@ -128,7 +129,13 @@ class Harness(EnqueuedLog):
     ``add_task`` returns the final record; delayed tasks wait for :meth:`advance_time` or
     :meth:`run_pending` (``add_task(delay=..., timeout=...)`` moves the clock to the task when
     the delay is within the timeout). Each call ends within ``timeout`` seconds: a task still
-    running then is cancelled and :class:`HarnessTimeoutError` names it. ``worker`` runs a
+    running then is cancelled and :class:`HarnessTimeoutError` names it. Calls made at once
+    (``asyncio.gather`` of two ``add_task``, code under test enqueuing from two threads) run
+    one after the other, each with its own timeout and its own failures: inline mode runs one
+    task at a time (a child within its parent), each call takes whatever task the broker hands
+    it next, and two calls taking turns would run, and report, each other's tasks. A child is
+    a task enqueued from the code of a task the harness runs (see :mod:`qtasks_testing.calls`),
+    not one enqueued while it runs. ``worker`` runs a
     real worker concurrently, for code that depends on concurrency; use :meth:`wait` or
     :meth:`run_pending` to let it catch up (retries keep their backoff, which
     :meth:`run_pending` moves the clock through). Closing the harness cancels tasks still
@@ -188,15 +195,9 @@ class Harness(EnqueuedLog):
         self._requeued: dict[str, float] = {}
         """uuid -> due time on the clock of tasks the worker handed back to the broker with a
         delay: a retry backoff (worker mode), or held back by a rate or concurrency limit."""
-        self._depth = 0
-        """Inline: how many tasks the harness is running now (a task enqueued while one runs
-        is a child: it runs at once too, but its failure is not raised into its parent)."""
-        self._running: list[str] = []
-        """Inline: uuids of the tasks the harness is running now, the innermost last."""
-        self._cancelled: list[str] = []
-        """Inline: ``_running`` when the harness's timeout cancelled it."""
-        self._unreported: list[TaskRecord] = []
-        """Inline: children that failed during the current call of the test."""
+        self._session: Session | None = None
+        self._lock: anyio.Lock | None = None
+        """Inline: held by the call of the test that runs tasks now (see the class)."""
         self._unpin: Callable[[], None] | None = None
         self._additions: Additions | None = None
         self._progress: set[anyio.Event] = set()
@@ -220,6 +221,7 @@ class Harness(EnqueuedLog):
                 "close its harness)"
             )
         self._saved = {kind: getattr(app, kind) for kind in COMPONENTS}
+        self._session = Session()
         # Tasks, plugins, middlewares and event handlers the test adds are taken off again.
         self._additions = Additions(app)
         # Worker-scoped State lives with the app, not in a component: a new worker starts
@@ -295,6 +297,8 @@ class Harness(EnqueuedLog):
             app.injector.states, self._saved_states = self._saved_states, None
         if self._saved_clock is not None:
             (app.clock, app.sleep_until), self._saved_clock = self._saved_clock, None
+        if self._session is not None:
+            self._session.installed = False
         self._saved = None
 
     async def start(self) -> None:
@@ -386,19 +390,22 @@ class Harness(EnqueuedLog):
         # Stands in for app.enqueue (add_task and TaskDef.add_task go through it): enqueue for
         # real (the plugin records it), then run it (inline) or honour ``timeout`` ourselves,
         # since the app's own wait would wait for a worker that inline mode does not have.
-        task = await type(self.app).enqueue(self.app, task_name, args, kwargs, **options)
-        if self.mode == "inline" and self._delayed(task) and timeout is not None:
-            await self._reach_in_time(task, timeout)
-        if self.mode == "inline" and not self._delayed(task):
-            record = await self._run_until_final(task.uuid)
-            if self._depth:
-                return await self._child(record)
-            bound = await self._checked(record)
-            self._report()
-            return bound
-        if timeout is not None:
-            return await self.app.wait(task.uuid, timeout)
-        return task
+        parent = self._parent()
+        if self.mode != "inline":
+            task = await type(self.app).enqueue(self.app, task_name, args, kwargs, **options)
+            if timeout is not None:
+                return await self.app.wait(task.uuid, timeout)
+            return task
+        async with self._call("add_task", parent) as call:
+            task = await type(self.app).enqueue(self.app, task_name, args, kwargs, **options)
+            if call is not parent:
+                call.what = f"add_task of {self._describe_uuid(task.uuid)}"
+            if self._delayed(task):
+                if timeout is None:
+                    return task
+                await self._reach_in_time(task, timeout)
+            record = await self._run_until_final(call, task.uuid)
+            return await self._hand_out(call, record, parent)
 
     async def _reach_in_time(self, task: TaskRecord, timeout: float) -> None:
         """Inline ``add_task(delay=..., timeout=...)``: in production the call returns once the
@@ -419,62 +426,78 @@ class Harness(EnqueuedLog):
 
     async def _add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
         # Stands in for app.add_tasks: inline, the tasks run before it returns (as add_task's).
-        mark = len(self._enqueued)
-        tasks = await type(self.app).add_tasks(self.app, signatures)
+        parent = self._parent()
         if self.mode != "inline":
-            return tasks
-        await self._ran_since(mark)
-        return [await self._bound(task) for task in tasks]
+            return await type(self.app).add_tasks(self.app, signatures)
+        async with self._call("add_tasks", parent) as call:
+            mark = len(self._enqueued)
+            tasks = await type(self.app).add_tasks(self.app, signatures)
+            await self._ran_since(call, mark, parent)
+            return [await self._bound(task) for task in tasks]
 
     async def _run_workflow(self, workflow: Node, *, on_error: Signature | None = None) -> Any:
         # Stands in for app.run_workflow: inline, the workflow runs before it returns (its
         # steps as the worker enqueues them), and its state then is returned.
-        mark = len(self._enqueued)
-        state = await type(self.app).run_workflow(self.app, workflow, on_error=on_error)
+        parent = self._parent()
         if self.mode != "inline":
-            return state
-        await self._ran_since(mark)
-        return await type(self.app).get_workflow(self.app, state.id) or state
+            return await type(self.app).run_workflow(self.app, workflow, on_error=on_error)
+        async with self._call("run_workflow", parent) as call:
+            mark = len(self._enqueued)
+            state = await type(self.app).run_workflow(self.app, workflow, on_error=on_error)
+            await self._ran_since(call, mark, parent)
+            return await type(self.app).get_workflow(self.app, state.id) or state
 
-    async def _ran_since(self, mark: int) -> None:
+    async def _ran_since(self, call: Call, mark: int, parent: Call | None) -> None:
         """Inline: run what is due, then hand out the final records of the tasks recorded
         since ``mark`` (to the test, or to the running task that enqueued them)."""
-        await self._drain(include_delayed=False)
+        await self._drain_due(call, include_delayed=False)
         for item in self._enqueued[mark:]:
             if item.uuid in self._handed_out:
                 continue
             record = await self.app.storage.get(item.uuid)
             if record is not None and record.status.final:
-                await (self._child(record) if self._depth else self._checked(record))
-        if not self._depth:
-            self._report()
+                await (self._child(call, record) if parent else self._checked(call, record))
+        if parent is None:
+            self._report(call)
 
     def _delayed(self, record: TaskRecord) -> bool:
         return record.eta is not None and record.eta > self.clock.time()
 
-    async def _checked(self, record: TaskRecord) -> AsyncTask:
+    async def _hand_out(self, call: Call, record: TaskRecord, parent: Call | None) -> AsyncTask:
+        """The final record of the task a call ran: to the task that enqueued it (``parent``),
+        or to the test, raising for what failed."""
+        if parent is not None:
+            return await self._child(call, record)
+        bound = await self._checked(call, record)
+        self._report(call)
+        return bound
+
+    async def _checked(self, call: Call | None, record: TaskRecord) -> AsyncTask:
         """Hand out a final record to the test: raise for an error (if asked to), else bind
         it."""
         self._handed_out.add(record.uuid)
         if record.status is TaskStatus.ERROR and self.raise_task_errors:
-            raise self._failure(record, self._take_unreported())
+            raise self._failure(record, self._take_unreported(call))
         return await self._bound(record)
 
-    async def _child(self, record: TaskRecord) -> AsyncTask:
+    async def _child(self, call: Call, record: TaskRecord) -> AsyncTask:
         """Hand out the final record of a child to the task that enqueued it: never raises
         (``add_task`` does not, in production); a failure is kept for :meth:`_report`."""
         self._handed_out.add(record.uuid)
         if record.status is TaskStatus.ERROR and self.raise_task_errors:
-            self._unreported.append(record)
+            call.unreported.append(record)
         return await self._bound(record)
 
-    def _take_unreported(self) -> list[TaskRecord]:
-        unreported, self._unreported = self._unreported, []
+    @staticmethod
+    def _take_unreported(call: Call | None) -> list[TaskRecord]:
+        if call is None:
+            return []
+        unreported, call.unreported = call.unreported, []
         return unreported
 
-    def _report(self) -> None:
+    def _report(self, call: Call | None) -> None:
         """At the end of a call of the test: raise for the children that failed during it."""
-        unreported = self._take_unreported()
+        unreported = self._take_unreported(call)
         if unreported:
             raise self._failure(unreported[0], unreported[1:], CHILD_NOTE)
 
@@ -499,41 +522,67 @@ class Harness(EnqueuedLog):
 
     # --- running --------------------------------------------------------------------------
 
-    @contextmanager
-    def _inline_limit(self, what: str) -> Iterator[None]:
-        """Inline: a call of the test (``add_task``, :meth:`wait`, :meth:`run_pending`...) ends
-        within :attr:`timeout` seconds. The tasks running then are cancelled (a sync task's
-        thread is abandoned, as a worker does) and :class:`HarnessTimeoutError` names the one
-        that did not finish. A child runs within the limit of the call that ran its parent."""
-        if self._depth:
-            yield
-            return
-        self._cancelled = []
-        with anyio.move_on_after(self.timeout) as scope:
-            yield
-        if scope.cancelled_caught:
-            raise self._timed_out(what) from None
+    def _parent(self) -> Call | None:
+        """Inline: the call of the task whose code called the app here (the caller is a
+        child), or ``None`` for a call of the test."""
+        running = RUNNING.get()
+        if running is None or running.call.session is not self._session:
+            return None  # a task of another harness (on another app) calls as a test would
+        # A task that outlived its call (given up on at the timeout, its thread ran on) calls
+        # as the test would.
+        return None if running.call.ended else running.call
 
-    def _timed_out(self, what: str) -> HarnessError:
+    @asynccontextmanager
+    async def _call(self, what: str, parent: Call | None) -> AsyncIterator[Call]:
+        """Inline: the call the body belongs to: ``parent`` for a child; else a new call of
+        the test, which runs when the calls made before it ended (one at a time, see the
+        class) and within :attr:`timeout` seconds. The tasks running then are cancelled (a
+        sync task's thread is abandoned, as a worker does) and :class:`HarnessTimeoutError`
+        names the call and the task that did not finish."""
+        if parent is not None:
+            yield parent
+            return
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            assert self._session is not None, "the harness is not installed"
+            call = Call(self._session, what, self._describe_uuid)
+            try:
+                with anyio.move_on_after(self.timeout) as scope:
+                    yield call
+            finally:
+                call.ended = True
+            if scope.cancelled_caught:
+                raise self._timed_out(call) from None
+
+    def _timed_out(self, call: Call) -> HarnessError:
         advice = (
             "; if it needs longer, give the harness a longer timeout (timeout=..., or "
             "@pytest.mark.qtasks(timeout=...))"
         )
-        running, self._cancelled = self._cancelled, []
+        running, call.cancelled = call.cancelled, []
         if not running:
             return HarnessError(
                 f"no message came from the broker within {self.timeout} s while waiting for "
-                f"{what}{advice}"
+                f"{call.what}{advice}"
             )
-        uuid = running[-1]
-        named = [self._describe_uuid(one) for one in running]
+        named = [call.describe(one) for one in running]
         text = (
             f"task {named[-1]} did not finish within the harness's timeout of {self.timeout} s: "
             "it was cancelled (the thread of a sync task is abandoned and runs on)"
         )
         if len(named) > 1:
             text += f"; it was enqueued by {' <- '.join(reversed(named[:-1]))}, cancelled too"
-        return HarnessTimeoutError(uuid, self.timeout, text + advice)
+        assert self._lock is not None
+        waiting = self._lock.statistics().tasks_waiting
+        if waiting:
+            text += (
+                f"; {waiting} other call{'s' if waiting != 1 else ''} of the test waited for "
+                "it meanwhile (calls run one at a time: an enqueue from a thread that a task "
+                "started without its context, say a ThreadPoolExecutor's, is one, and a task "
+                "that waits for it waits for itself)"
+            )
+        return HarnessTimeoutError(running[-1], self.timeout, text + advice)
 
     def _describe_uuid(self, uuid: str) -> str:
         for item in self._enqueued:
@@ -541,13 +590,8 @@ class Harness(EnqueuedLog):
                 return f"{item.describe()} [{uuid}]"
         return uuid
 
-    async def _run_until_final(self, uuid: str) -> TaskRecord:
+    async def _run_until_final(self, call: Call, uuid: str) -> TaskRecord:
         """Process due deliveries through the worker until ``uuid`` is final."""
-        with self._inline_limit(f"task {self._describe_uuid(uuid)}"):
-            return await self._run_through(uuid)
-        raise AssertionError("unreachable: the limit raises when it cancels")
-
-    async def _run_through(self, uuid: str) -> TaskRecord:
         app = self.app
         async with app.broker.consume(prefetch=1) as deliveries:
             iterator = deliveries.__aiter__()
@@ -562,20 +606,22 @@ class Harness(EnqueuedLog):
                     # Held back by its rate or concurrency limit: its turn is on our clock.
                     self._requeued.pop(uuid, None)
                     await self.advance_to(due)
-                await self._process(await iterator.__anext__())
+                await self._process(call, await iterator.__anext__())
 
-    async def _process(self, delivery: Delivery) -> None:
-        self._depth += 1
-        self._running.append(delivery.id)
+    async def _process(self, call: Call, delivery: Delivery) -> None:
+        call.running.append(delivery.id)
+        # What the task's code enqueues is its child (see qtasks_testing.calls).
+        token = RUNNING.set(Running(call, delivery.id))
         try:
             await self._worker.process(self.app, delivery)
         except anyio.get_cancelled_exc_class():
             # The innermost task sees it first: what ran when the limit cancelled them.
-            self._cancelled = self._cancelled or list(self._running)
+            call.cancelled = call.cancelled or list(call.running)
             raise
         finally:
-            self._running.pop()
-            self._depth -= 1
+            RUNNING.reset(token)
+            call.running.pop()
+        call.finished += 1
 
     async def _ready(self) -> int:
         stats = await self.app.broker.stats()
@@ -593,16 +639,21 @@ class Harness(EnqueuedLog):
         everything enqueued runs. Returns, in enqueue order, the final records of tasks enqueued
         through the harness that it has not handed out yet (by ``add_task`` in inline mode,
         :meth:`wait`, or an earlier call)."""
-        if self.mode == "inline":
-            await self._drain(include_delayed)
-        else:
+        if self.mode != "inline":
             await self._wait_due(include_delayed)
+            return await self._not_handed_out(None)
+        parent = self._parent()
+        async with self._call("run_pending", parent) as call:
+            await self._drain_due(call, include_delayed)
+            return await self._not_handed_out(call)
+
+    async def _not_handed_out(self, call: Call | None) -> list[AsyncTask]:
         done = [
-            await self._checked(r)
+            await self._checked(call, r)
             for r in await self._records()
             if r.status.final and r.uuid not in self._handed_out
         ]
-        self._report()
+        self._report(call)
         return done
 
     async def _records(self) -> list[TaskRecord]:
@@ -613,11 +664,7 @@ class Harness(EnqueuedLog):
                 records.append(record)
         return records
 
-    async def _drain(self, include_delayed: bool) -> None:
-        with self._inline_limit("the due tasks"):
-            await self._drain_due(include_delayed)
-
-    async def _drain_due(self, include_delayed: bool) -> None:
+    async def _drain_due(self, call: Call, include_delayed: bool) -> None:
         app = self.app
         async with app.broker.consume(prefetch=1) as deliveries:
             iterator = deliveries.__aiter__()
@@ -634,7 +681,7 @@ class Harness(EnqueuedLog):
                         return  # nothing left that moving the clock would make due
                     await self.advance_to(eta)
                     continue
-                await self._process(await iterator.__anext__())
+                await self._process(call, await iterator.__anext__())
 
     async def _next_hold(self) -> float | None:
         """Inline: the earliest due time of the tasks held back with a delay, forgotten here
@@ -751,16 +798,17 @@ class Harness(EnqueuedLog):
                     f"task {uuid} is delayed; call advance_time() or run_pending("
                     "include_delayed=True) to let it run"
                 )
-            record = await self._run_until_final(uuid)
+            parent = self._parent()
+            async with self._call(f"wait for {self._describe_uuid(uuid)}", parent) as call:
+                record = await self._run_until_final(call, uuid)
+                return await self._hand_out(call, record, parent)
         else:
             limit = timeout if timeout is not None else self.timeout
             if self.mode == "worker" and await self._catch_up(uuid, False, limit):
                 raise TaskTimeoutError(uuid, limit)
             # Final by now, or delayed at enqueue: wait for it as the app would.
             record = await self.app.wait(uuid, limit)
-        bound = await self._checked(record)
-        self._report()
-        return bound
+        return await self._checked(None, record)
 
     # --- time -----------------------------------------------------------------------------
 
