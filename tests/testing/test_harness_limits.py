@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus
 from qtasks.errors import TaskTimeoutError
 from qtasks_testing import Harness, HarnessTimeoutError
 from qtasks_testing.sync_harness import SyncHarness
@@ -95,6 +95,42 @@ def test_a_blocked_sync_task_is_abandoned_after_the_timeout() -> None:
         assert time.monotonic() - started < 5
     finally:
         release.set()  # let the abandoned thread end
+
+
+@pytest.mark.anyio
+async def test_threads_given_up_on_leave_the_next_test_its_threads() -> None:
+    """A sync task given up on keeps its thread's token until the thread returns: a token of
+    the limiter of its test's harness, not of the app's, which every later test uses."""
+    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=1))
+    release = threading.Event()
+
+    @app.task
+    def blocked() -> None:
+        release.wait(30)
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    own = app.thread_limiter
+    try:
+        async with Harness(app, timeout=0.3):
+            first = app.thread_limiter
+            with anyio.fail_after(5), pytest.raises(HarnessTimeoutError):
+                await app.add_task("blocked")
+            assert first.borrowed_tokens == 1
+        assert app.thread_limiter is own
+        assert own.borrowed_tokens == 0
+        async with Harness(app, timeout=5):
+            with anyio.fail_after(5):  # its one thread was the blocked task's: timed out
+                assert (await app.add_task("add", 1, 2)).returning == 3
+    finally:
+        release.set()
+    # The abandoned thread gives its token back to the limiter it took it from.
+    with anyio.fail_after(5):
+        while first.borrowed_tokens:  # noqa: ASYNC110 - given back on the loop, no event to await
+            await anyio.sleep(0.01)
+    assert own.borrowed_tokens == 0
 
 
 def make_ping_app() -> AsyncQueueTasks:

@@ -185,6 +185,7 @@ class Harness(EnqueuedLog):
         self._handed_out: set[str] = set()
         self._saved: dict[str, Any] | None = None
         self._saved_states: StateRegistry | None = None
+        self._saved_limiter: anyio.CapacityLimiter | None = None
         self._saved_clock: (
             tuple[Callable[[], float], Callable[[float], Awaitable[None]] | None] | None
         ) = None
@@ -207,8 +208,8 @@ class Harness(EnqueuedLog):
     # --- lifecycle ------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Swap the components and the worker-scoped State for fresh ones and wrap the app's
-        enqueue methods (no event loop needed)."""
+        """Swap the components, the worker-scoped State and the limiter of sync tasks' threads
+        for fresh ones and wrap the app's enqueue methods (no event loop needed)."""
         app = self.app
         if self._saved is not None:
             raise HarnessError("the harness is already installed")
@@ -228,6 +229,12 @@ class Harness(EnqueuedLog):
         # without it, and so does each harness session.
         self._saved_states = app.injector.states
         app.injector.states = StateRegistry()
+        # A sync task given up on at the timeout keeps its thread's token of the limiter until
+        # the thread returns (qtasks.threads): kept in the app's own, ten such tests would
+        # leave every later test of the app without threads. Each thread gives its token back
+        # to the limiter it took it from, this one, whatever is installed by then.
+        self._saved_limiter = app.thread_limiter
+        app.thread_limiter = anyio.CapacityLimiter(app.thread_limiter.total_tokens)
         # New tasks' times and the flow gate's decisions (expires, rate limits) follow our
         # clock.
         self._saved_clock = app.clock, app.sleep_until
@@ -278,7 +285,7 @@ class Harness(EnqueuedLog):
             )
 
     def uninstall(self) -> None:
-        """Put the original components, State and enqueue methods back."""
+        """Put the original components, State, thread limiter and enqueue methods back."""
         if self._saved is None:
             return
         app = self.app
@@ -295,6 +302,8 @@ class Harness(EnqueuedLog):
             setattr(app, kind, component)
         if self._saved_states is not None:
             app.injector.states, self._saved_states = self._saved_states, None
+        if self._saved_limiter is not None:
+            app.thread_limiter, self._saved_limiter = self._saved_limiter, None
         if self._saved_clock is not None:
             (app.clock, app.sleep_until), self._saved_clock = self._saved_clock, None
         if self._session is not None:
