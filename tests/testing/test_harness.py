@@ -212,15 +212,10 @@ async def test_inline_runs_depends_and_state() -> None:
     assert events == ["open", "close", "open", "close"]
 
 
-@pytest.mark.anyio
-async def test_worker_mode_timer_follows_the_fake_clock() -> None:
+async def run_a_timer_tick(app: AsyncQueueTasks) -> None:
+    """docs/testing.md's recipe: a timer on the harness's clock, built before the harness
+    starts (it starts with the app), in worker mode."""
     from qtasks_timer import AsyncTimer
-
-    app = AsyncQueueTasks()
-
-    @app.task
-    async def tick() -> str:
-        return "tock"
 
     clock = FakeClock()
     clock.freeze()
@@ -240,6 +235,46 @@ async def test_worker_mode_timer_follows_the_fake_clock() -> None:
                 await anyio.sleep(0.05)
         (call,) = qt.enqueued("tick")
         assert (await qt.wait(call.uuid)).returning == "tock"
+
+
+@pytest.mark.anyio
+async def test_worker_mode_timer_follows_the_fake_clock_in_every_test() -> None:
+    app = AsyncQueueTasks()  # one app for both tests, as a module-level one is
+
+    @app.task
+    async def tick() -> str:
+        return "tock"
+
+    await run_a_timer_tick(app)
+    # The first test's timer was let go when its harness closed: the second builds its own.
+    await run_a_timer_tick(app)
+
+
+TIMED_PROJECT = """
+from qtasks import AsyncQueueTasks
+from qtasks_timer import AsyncTimer
+
+app = AsyncQueueTasks()
+timer = AsyncTimer(app)
+"""
+
+
+def test_a_timer_built_when_its_module_is_imported_stays_the_app_s(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The project's own timer, built at import, is not the test's: the harness leaves it."""
+    import importlib
+
+    from qtasks_timer.plugin import TimerPlugin
+
+    (tmp_path / "timed_project.py").write_text(TIMED_PROJECT)
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.delitem(sys.modules, "timed_project", raising=False)
+    project = importlib.import_module("timed_project")
+    with SyncHarness(project.app):
+        pass
+    bound = [p.timer for p in project.app.hooks.pm.get_plugins() if isinstance(p, TimerPlugin)]
+    assert project.timer in bound
 
 
 @pytest.mark.anyio

@@ -238,6 +238,16 @@ def qtasks_app_stopped(app: AsyncQueueTasks) -> None:
 
 
 @hookspec
+def qtasks_app_restored(app: AsyncQueueTasks) -> None:
+    """Notification: a test harness (``qtasks_testing``) put the app back as it was before a
+    test (components, State, enqueue methods) and is taking off what the test added to it. A
+    plugin lets go here of what the test attached to the app through it: qtasks-timer detaches
+    a timer built in the test (not while a module was imported, see :mod:`qtasks.importing`),
+    so that the next test can build its own. Fired from sync code with no event loop running:
+    implement it as a plain function (a coroutine returned is closed, not awaited)."""
+
+
+@hookspec
 def qtasks_app_pinged(app: AsyncQueueTasks, alive: bool) -> None:
     """Notification: ``app.ping()`` ran; ``alive`` is what it returns."""
 

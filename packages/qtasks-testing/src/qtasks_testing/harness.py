@@ -14,6 +14,7 @@ taken off by :mod:`qtasks_testing.isolation`).
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -292,6 +293,11 @@ class Harness(EnqueuedLog):
         for wrapped in WRAPPED:
             vars(app).pop(wrapped, None)
         app.hooks.unregister(self._plugin)
+        # Plugins let go of what the test attached through them (a timer built in the test),
+        # those the test added included, before these are taken off.
+        for pending in app.hooks.notify_sync("qtasks_app_restored", app=app):
+            if inspect.iscoroutine(pending):
+                pending.close()  # the hook is sync (no event loop here): documented so
         additions, self._additions = self._additions, None
         if additions is not None:
             additions.undo()

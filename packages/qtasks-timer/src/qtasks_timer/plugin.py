@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qtasks import hookimpl
+from qtasks.importing import importing
 from qtasks_timer.errors import TimerError
 from qtasks_timer.settings import TimerSettings
 from qtasks_timer.timer import FIRING, HEADER, AsyncTimer
@@ -28,6 +29,9 @@ class TimerPlugin:
 
     def __init__(self, timer: AsyncTimer | None = None) -> None:
         self.timer = timer
+        self._on_import = importing()
+        """Whether :attr:`timer` was attached while a module was imported: the module's timer,
+        which a test harness leaves bound (see :meth:`qtasks_app_restored`)."""
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> TimerPlugin:
@@ -49,6 +53,7 @@ class TimerPlugin:
                         f"app {app.name!r} already has a timer; add every timer to that one"
                     )
                 plugin.timer = timer
+                plugin._on_import = importing()
                 return plugin
         plugin = cls(timer)
         app.add_plugin(plugin)
@@ -76,6 +81,15 @@ class TimerPlugin:
         timer = self._timer(app)
         if timer is not None:
             await app.task_group.start(timer.run, name="qtasks timer")
+
+    @hookimpl
+    def qtasks_app_restored(self) -> None:
+        """A test harness closed: a timer attached in the test (or by this plugin, from the
+        configuration, when the worker started) is the test's; let go of it, so that the next
+        test can build its own. A timer built while a module was imported stays, as the
+        module stays imported."""
+        if not self._on_import:
+            self.timer = None
 
     @hookimpl
     def qtasks_task_enqueue(self, message: Message) -> Message | None:
