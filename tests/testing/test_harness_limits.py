@@ -133,6 +133,59 @@ async def test_threads_given_up_on_leave_the_next_test_its_threads() -> None:
     assert own.borrowed_tokens == 0
 
 
+@pytest.mark.anyio
+async def test_inline_add_task_with_a_timeout_raises_when_the_task_runs_longer() -> None:
+    """As production's add_task(timeout=...) raises TaskTimeoutError once the timeout is over,
+    whatever the harness's own timeout."""
+    app = AsyncQueueTasks()
+    cancelled = anyio.Event()
+
+    @app.task
+    async def report(wait: bool) -> str:
+        try:
+            if wait:
+                await anyio.sleep_forever()
+            return "done"
+        finally:
+            cancelled.set()
+
+    async with Harness(app, timeout=10) as qt:
+        assert (await app.add_task("report", False, timeout=5)).returning == "done"
+        cancelled = anyio.Event()
+        with anyio.fail_after(3), pytest.raises(TaskTimeoutError) as caught:
+            await app.add_task("report", True, timeout=0.3)
+        assert cancelled.is_set()
+        assert "task report(True) [" in str(caught.value)
+        assert "did not finish within add_task's timeout of 0.3 s" in str(caught.value)
+        (_, late) = qt.enqueued("report")
+        assert caught.value.uuid == late.uuid
+
+
+def test_sync_code_falls_back_when_add_task_times_out() -> None:
+    """The reviewer's case: code under test waits 0.3 s for a report, else falls back."""
+    app = QueueTasks()
+    release = threading.Event()
+
+    @app.task
+    def report() -> str:
+        release.wait(30)
+        return "report"
+
+    def code_under_test() -> str:
+        try:
+            return str(report.add_task(timeout=0.3).returning)
+        except TaskTimeoutError:
+            return "fallback"
+
+    started = time.monotonic()
+    try:
+        with SyncHarness(app, timeout=10):
+            assert code_under_test() == "fallback"
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()  # let the abandoned thread end
+
+
 def make_ping_app() -> AsyncQueueTasks:
     app = AsyncQueueTasks()
 

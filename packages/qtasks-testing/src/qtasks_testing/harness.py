@@ -415,18 +415,48 @@ class Harness(EnqueuedLog):
             task = await type(self.app).enqueue(self.app, task_name, args, kwargs, **options)
             if call is not parent:
                 call.what = f"add_task of {self._describe_uuid(task.uuid)}"
+            delay = 0.0
             if self._delayed(task):
                 if timeout is None:
                     return task
-                await self._reach_in_time(task, timeout)
-            record = await self._run_until_final(call, task.uuid)
+                delay = await self._reach_in_time(task, timeout)
+            record = await self._run_within(call, task.uuid, timeout, delay)
             return await self._hand_out(call, record, parent)
 
-    async def _reach_in_time(self, task: TaskRecord, timeout: float) -> None:
+    async def _run_within(
+        self, call: Call, uuid: str, timeout: float | None, delay: float
+    ) -> TaskRecord:
+        """Inline: run ``uuid`` to its end; with ``add_task(timeout=...)``, within what the
+        ``delay`` (moved through on the clock) left of it, as production waits for it. Past
+        the timeout the task is cancelled (there is no worker to run it on meanwhile) and this
+        raises what production raises then, a :class:`~qtasks.errors.TaskTimeoutError`
+        (:class:`HarnessTimeoutError`)."""
+        if timeout is None:
+            return await self._run_until_final(call, uuid)
+        with anyio.move_on_after(timeout - delay) as scope:
+            return await self._run_until_final(call, uuid)
+        assert scope.cancelled_caught
+        running, call.cancelled = call.cancelled, []
+        record = await self.app.storage.get(uuid)
+        left = "gone" if record is None else f"left {record.status.value!r}"
+        text = (
+            f"task {self._describe_uuid(uuid)} did not finish within add_task's timeout of "
+            f"{timeout:g} s{f' (delayed {delay:g} s)' if delay else ''}: add_task raises "
+            "TaskTimeoutError, as in production. There the worker runs the task on; inline "
+            "there is no worker to, so it was cancelled (the thread of a sync task is "
+            "abandoned and runs on)"
+        )
+        if running and running[-1] != uuid:
+            text += f" with its child {self._describe_uuid(running[-1])}, which was running"
+        text += f", and is {left}: a later call (run_pending) runs it again from the start"
+        raise HarnessTimeoutError(uuid, timeout, text)
+
+    async def _reach_in_time(self, task: TaskRecord, timeout: float) -> float:
         """Inline ``add_task(delay=..., timeout=...)``: in production the call returns once the
         worker ran the task at its eta, if that comes within ``timeout``. Here the clock is
-        moved to the eta (the task then runs at once); an eta beyond the timeout raises at once
-        what production raises when the timeout runs out (the task stays enqueued)."""
+        moved to the eta (the task then runs at once, within what is left of the timeout); an
+        eta beyond the timeout raises at once what production raises when the timeout runs out
+        (the task stays enqueued). Returns the seconds the clock moved."""
         assert task.eta is not None
         wait = task.eta - self.clock.time()
         if wait > timeout:
@@ -438,6 +468,7 @@ class Harness(EnqueuedLog):
                 "enqueued: call advance_time() or run_pending(include_delayed=True) to let it run",
             )
         await self.advance_to(task.eta)
+        return wait
 
     async def _add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
         # Stands in for app.add_tasks: inline, the tasks run before it returns (as add_task's).
