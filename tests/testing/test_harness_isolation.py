@@ -4,6 +4,7 @@ handlers) is taken off when its harness closes."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -158,6 +159,80 @@ def test_event_handlers_added_during_a_test_are_taken_off() -> None:
     with SyncHarness(app):
         app.events.on.task_success()(lambda *a, **k: None)
     assert [len(handlers) for handlers in app.events.handlers.values()] == [1]
+
+
+LAZY_PROJECT = """
+from qtasks import QueueTasks
+
+app = QueueTasks()
+
+
+@app.task
+def send(to: str) -> str:
+    from lazy_audit import record  # imported on first use, by the code under test
+
+    return record(to)
+"""
+
+LAZY_AUDIT = """
+from qtasks.plugins import hookimpl
+
+from lazy_project import app
+
+seen = []
+
+
+class Audit:
+    name = "lazy-audit"
+
+    @hookimpl
+    def qtasks_task_succeeded(self, record):
+        seen.append(("plugin", record.task_name))
+
+
+async def middleware(run, call_next):
+    seen.append(("middleware", run.task.name))
+    return await call_next()
+
+
+app.add_plugin(Audit())
+app.add_middleware(middleware)
+
+
+@app.events.on.task_success()
+def succeeded(*args, **kwargs):
+    seen.append(("event", "task_success"))
+
+
+def record(to):
+    return f"sent to {to}"
+"""
+
+
+def test_what_a_module_imported_during_a_test_adds_stays_with_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module stays imported and will not add its plugin again: taken off, it would be
+    missing from every later test, which would depend on the order tests run in."""
+    import importlib
+
+    (tmp_path / "lazy_project.py").write_text(LAZY_PROJECT)
+    (tmp_path / "lazy_audit.py").write_text(LAZY_AUDIT)
+    monkeypatch.syspath_prepend(tmp_path)
+    for module in ("lazy_project", "lazy_audit"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    project = importlib.import_module("lazy_project")
+    with SyncHarness(project.app):
+        assert project.send.add_task("ada").returning == "sent to ada"
+    audit = sys.modules["lazy_audit"]
+    audit.seen.clear()
+    with SyncHarness(project.app):
+        assert project.send.add_task("bob").returning == "sent to bob"
+    assert sorted(audit.seen) == [
+        ("event", "task_success"),
+        ("middleware", "send"),
+        ("plugin", "send"),
+    ]
 
 
 def declare_a_shared_task() -> Any:
