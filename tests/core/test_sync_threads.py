@@ -92,6 +92,7 @@ async def test_a_concurrency_slot_is_kept_while_the_thread_runs(
     said = [(r.levelno, r.getMessage()) for r in caplog.records if uuid in r.getMessage()]
     assert [level for level, _ in said] == [logging.WARNING, logging.INFO], said
     assert "sync task call_api" in said[0][1] and "concurrency slot" in said[0][1]
+    assert f"given up on ({'max_time' if how == 'max_time' else 'cancelled'})" in said[0][1]
     assert "returned" in said[1][1]
 
 

@@ -4,6 +4,7 @@ eta on the harness's clock (or fails at once when the eta is beyond the timeout)
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -79,7 +80,10 @@ async def test_inline_wait_is_bounded_too() -> None:
         assert cancelled.is_set()
 
 
-def test_a_blocked_sync_task_is_abandoned_after_the_timeout() -> None:
+def test_a_blocked_sync_task_is_abandoned_after_the_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="qtasks.worker")
     app = QueueTasks()
     release = threading.Event()
 
@@ -95,6 +99,8 @@ def test_a_blocked_sync_task_is_abandoned_after_the_timeout() -> None:
         assert time.monotonic() - started < 5
     finally:
         release.set()  # let the abandoned thread end
+    (said,) = [r.getMessage() for r in caplog.records if "given up on" in r.getMessage()]
+    assert "given up on (its run was stopped: the worker's stop, or a test harness's" in said
 
 
 @pytest.mark.anyio

@@ -56,6 +56,9 @@ class TaskRun:
     """Set by :meth:`cancel`, also before the run started (it then never starts)."""
     closers: list[Callable[[], Awaitable[Any]]] | None = None
     """What :meth:`on_close` registered, until the worker awaits it."""
+    max_time_scope: anyio.CancelScope | None = None
+    """The scope of the task's ``max_time``, if it has one (so that a thread given up on can
+    tell ``max_time`` from the other reasons)."""
     abandoned: ThreadCall | None = None
     """The call of this sync task whose thread ``max_time`` or a cancel gave up on while it
     still runs (see :mod:`qtasks.threads`): its concurrency slot is held until it returns."""
@@ -132,6 +135,7 @@ class TaskExecutor:
         if max_time is None:
             return await self.run_function(run, args, kwargs)
         with anyio.move_on_after(max_time) as scope:
+            run.max_time_scope = scope
             return await self.run_function(run, args, kwargs)
         if scope.cancelled_caught:
             await app.hooks.notify(

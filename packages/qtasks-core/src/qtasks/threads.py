@@ -125,12 +125,18 @@ class ThreadCall:
         run = self.run
         run.abandoned = self
         flow = run.task.flow
+        if run.cancel_requested:
+            why = "cancelled"
+        elif run.max_time_scope is not None and run.max_time_scope.cancel_called:
+            why = "max_time"
+        else:  # the worker's task group, or a test harness's timeout
+            why = "its run was stopped: the worker's stop, or a test harness's timeout"
         log.warning(
             "sync task %s (%s) was given up on (%s) while its code still runs in its thread: "
             "the thread keeps one of the worker's threads%s until it returns",
             run.task.name,
             run.record.uuid,
-            "cancelled" if run.cancel_requested else "max_time",
+            why,
             "" if flow is None or flow.max_concurrency is None else ", and its concurrency slot,",
         )
 
