@@ -54,7 +54,9 @@ async def test_inline_add_task_of_a_task_that_never_ends_fails_after_the_timeout
     text = str(caught.value)
     assert "task stuck() [" in text  # the task that did not finish, with its parent if any
     assert named in text
-    assert "did not finish within the harness's timeout of 0.5 s" in text
+    assert f"add_task of {added}() [" in text  # the call
+    assert "did not end within the harness's timeout of 0.5 s" in text
+    assert "task stuck() [" in text.split("was still running")[0]
 
 
 @pytest.mark.anyio
@@ -66,6 +68,34 @@ async def test_inline_run_pending_is_bounded_too() -> None:
         with anyio.fail_after(5), pytest.raises(HarnessTimeoutError, match="stuck"):
             await qt.run_pending(include_delayed=True)
         assert cancelled.is_set()
+
+
+@pytest.mark.anyio
+async def test_the_timeout_is_the_budget_of_the_whole_call() -> None:
+    """Many short tasks that one call runs use up its timeout together: the error says so,
+    and names the task that was running then, not as if that one task took it all."""
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def step(i: int) -> int:
+        await anyio.sleep(0.05)
+        return i
+
+    async with Harness(app, timeout=0.5) as qt:
+        qt.freeze_time()
+        for i in range(40):  # 2 s of work in all
+            await app.add_task("step", i, delay=1)
+        with anyio.fail_after(5), pytest.raises(HarnessTimeoutError) as caught:
+            await qt.advance_time(1)
+    text = str(caught.value)
+    assert text.startswith(
+        "advance_time(1) did not end within the harness's timeout of 0.5 s, one budget for "
+        "the whole call and every task it runs ("
+    )
+    finished = int(text.split(" finished in it)")[0].rsplit("(", 1)[1])
+    assert 0 < finished < 40
+    assert f": task step({finished}) [" in text
+    assert "was still running and was cancelled" in text
 
 
 @pytest.mark.anyio

@@ -6,9 +6,10 @@ tests); :class:`~qtasks_testing.sync_harness.SyncHarness` is its blocking facade
 :mod:`qtasks_testing.records` what it records. The unittest cases and the pytest fixtures are
 thin layers over these.
 
-Over ~750 lines: one class, whose two modes share the component swap, the clock and the
+Over ~900 lines: one class, whose two modes share the component swap, the clock and the
 bookkeeping of the tasks it holds back and moves the clock for (what a test adds to the app is
-taken off by :mod:`qtasks_testing.isolation`).
+taken off by :mod:`qtasks_testing.isolation`; which call of the test a task belongs to is kept
+by :mod:`qtasks_testing.calls`).
 """
 
 from __future__ import annotations
@@ -613,9 +614,13 @@ class Harness(EnqueuedLog):
                 f"{call.what}{advice}"
             )
         named = [call.describe(one) for one in running]
+        done = call.finished
         text = (
-            f"task {named[-1]} did not finish within the harness's timeout of {self.timeout} s: "
-            "it was cancelled (the thread of a sync task is abandoned and runs on)"
+            f"{call.what} did not end within the harness's timeout of {self.timeout:g} s, one "
+            "budget for the whole call and every task it runs"
+            + (f" ({done} finished in it)" if done else "")
+            + f": task {named[-1]} was still running and was cancelled (the thread of a sync "
+            "task is abandoned and runs on)"
         )
         if len(named) > 1:
             text += f"; it was enqueued by {' <- '.join(reversed(named[:-1]))}, cancelled too"
@@ -685,11 +690,15 @@ class Harness(EnqueuedLog):
         everything enqueued runs. Returns, in enqueue order, the final records of tasks enqueued
         through the harness that it has not handed out yet (by ``add_task`` in inline mode,
         :meth:`wait`, or an earlier call)."""
+        what = "run_pending(include_delayed=True)" if include_delayed else "run_pending()"
+        return await self._run_pending(include_delayed, what)
+
+    async def _run_pending(self, include_delayed: bool, what: str) -> list[AsyncTask]:
         if self.mode != "inline":
             await self._wait_due(include_delayed)
             return await self._not_handed_out(None)
         parent = self._parent()
-        async with self._call("run_pending", parent) as call:
+        async with self._call(what, parent) as call:
             await self._drain_due(call, include_delayed)
             return await self._not_handed_out(call)
 
@@ -871,7 +880,7 @@ class Harness(EnqueuedLog):
         or are woken and waited for (worker). Returns what :meth:`run_pending` returns."""
         self.clock.advance(seconds)
         self._clock_moved()
-        return await self.run_pending()
+        return await self._run_pending(False, f"advance_time({seconds:g})")
 
     async def advance_to(self, when: float) -> None:
         """Move the clock forward to unix time ``when`` (nothing is run)."""
