@@ -15,7 +15,7 @@ import pytest
 from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
 from qtasks.errors import TaskFailedError
 from qtasks.task import AsyncTask
-from qtasks_testing import Harness, HarnessTimeoutError, SyncHarness
+from qtasks_testing import Harness, HarnessError, HarnessTimeoutError, SyncHarness
 
 
 def on_enqueue(app: AsyncQueueTasks, name: str, signal: Callable[[], object]) -> None:
@@ -201,3 +201,40 @@ def test_a_task_waiting_for_its_own_thread_s_enqueue_times_out_saying_so() -> No
         parent.add_task()
     assert "task parent() [" in str(caught.value)
     assert "1 other call of the test waited for it meanwhile" in str(caught.value)
+
+
+def test_a_task_given_up_on_in_an_earlier_test_cannot_enqueue_into_the_next() -> None:
+    app = QueueTasks()
+    go, called = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+    ran: list[str] = []
+
+    @app.task
+    def child(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    @app.task
+    def parent() -> None:
+        go.wait(30)  # slower than the first test's timeout
+        try:
+            outcome.append(child.add_task("from the first test"))
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            called.set()
+
+    try:
+        with SyncHarness(app, timeout=0.3), pytest.raises(HarnessTimeoutError):
+            parent.add_task()
+        with SyncHarness(app) as qt:
+            go.set()  # the first test's thread runs on, into this test
+            assert called.wait(5)
+            assert qt.enqueued() == []
+    finally:
+        go.set()
+    assert ran == []
+    (refused,) = outcome
+    assert isinstance(refused, HarnessError)
+    assert "task parent() [" in str(refused)
+    assert "given up on at the timeout of the harness of an earlier test" in str(refused)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator
 
     from qtasks.workflows.canvas import Node, Signature
+
+log = logging.getLogger("qtasks.testing")
 
 Mode = Literal["inline", "worker"]
 COMPONENTS = ("broker", "storage", "global_config")
@@ -571,13 +574,25 @@ class Harness(EnqueuedLog):
 
     def _parent(self) -> Call | None:
         """Inline: the call of the task whose code called the app here (the caller is a
-        child), or ``None`` for a call of the test."""
+        child), or ``None`` for a call of the test. Refuses the call of a task that the
+        harness of an earlier test gave up on (its thread ran on after that test ended)."""
         running = RUNNING.get()
-        if running is None or running.call.session is not self._session:
-            return None  # a task of another harness (on another app) calls as a test would
-        # A task that outlived its call (given up on at the timeout, its thread ran on) calls
-        # as the test would.
-        return None if running.call.ended else running.call
+        if running is None:
+            return None
+        call = running.call
+        if call.session is self._session:
+            # A task that outlived its call (given up on at the timeout, its thread ran on)
+            # calls as the test would.
+            return None if call.ended else call
+        if call.session.installed:
+            return None  # a task of another harness, on another app: a call of the test here
+        text = (
+            f"task {call.describe(running.uuid)}, given up on at the timeout of the harness of "
+            "an earlier test (its thread ran on), called the app after that test ended; "
+            "refused, so that it does not enqueue into this test"
+        )
+        log.warning("%s", text)  # raised in a thread nobody waits for any more
+        raise HarnessError(text)
 
     @asynccontextmanager
     async def _call(self, what: str, parent: Call | None) -> AsyncIterator[Call]:
