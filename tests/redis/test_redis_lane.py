@@ -379,7 +379,7 @@ async def test_a_script_reply_arriving_as_the_caller_is_cancelled_reaches_orphan
 
     def send(conn: Any, packed: bytes, count: int = 1, block: float = 0.0) -> Any:
         futures = sent(conn, packed, count, block)
-        if count == 2:  # BLPOP then the script: the caller is cancelled as the reply lands
+        if b"BLPOP" in packed:  # then the script: the caller is cancelled as its reply lands
             futures[1].add_done_callback(lambda _: caller[0].cancel())
         return futures
 

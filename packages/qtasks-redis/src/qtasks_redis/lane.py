@@ -79,6 +79,10 @@ _ERRORS: dict[str, type[Exception]] = {
 
 def _error(reply: _ReplyError) -> Exception:
     text = str(reply)
+    if text.startswith("ERR max number of clients reached"):
+        # Written by a full server on accept, before it closes the connection (redis-py's
+        # class for it too): an outage, not a refusal of the call.
+        return RedisConnectionError(text)
     return _ERRORS.get(text.split(" ", 1)[0], ResponseError)(text)
 
 
@@ -406,21 +410,7 @@ class Lane:
                 # server the address named at that later time (see :meth:`_send_unblock`).
                 self._made += 1
                 conn.serial = self._made
-                setup: list[list[Any]] = []
-                if self._password is not None:
-                    auth: list[Any] = ["AUTH", self._password]
-                    if self._username:
-                        auth.insert(1, self._username)
-                    setup.append(auth)
-                if self._db:
-                    setup.append(["SELECT", self._db])
-                if blocking:
-                    setup.append(["CLIENT", "ID"])
-                if setup:
-                    futures = conn.send(b"".join(pack(cmd) for cmd in setup), len(setup))
-                    replies = await _replies(futures)
-                    if blocking:
-                        conn.client_id = int(replies[-1])
+                await self._handshake(conn, blocking=blocking)
         except TimeoutError:
             conn.close()
             raise RedisTimeoutError("timed out connecting to Redis") from None
@@ -431,6 +421,45 @@ class Lane:
             conn.close()
             raise
         return conn
+
+    async def _handshake(self, conn: _Conn, *, blocking: bool) -> None:
+        """One round trip on a new connection before any caller's command is written on it:
+        ``AUTH`` and ``SELECT`` as the URL asks, else ``PING``; ``CLIENT ID`` on a blocking
+        connection. Without it a server that accepted and never answered (stalled, or full:
+        it writes ``-ERR max number of clients reached`` and closes) would get the caller's
+        command in its backlog, each retry another copy, or the caller would take that reply
+        for its own.
+
+        An error reply to ``AUTH``, or a ``NOPERM``, is raised as it is (the credentials);
+        any other one is a ``ConnectionError`` (an outage: retried, ridden out)."""
+        setup: list[list[Any]] = []
+        if self._password is not None:
+            auth: list[Any] = ["AUTH", self._password]
+            if self._username:
+                auth.insert(1, self._username)
+            setup.append(auth)
+        if self._db:
+            setup.append(["SELECT", self._db])
+        if not setup:
+            setup.append(["PING"])
+        asks_id = blocking
+        if asks_id:
+            setup.append(["CLIENT", "ID"])
+        futures = conn.send(b"".join(pack(cmd) for cmd in setup), len(setup))
+        first = futures[:-1] if asks_id else futures
+        try:
+            await _replies(first)
+        except ResponseError as exc:
+            if isinstance(exc, NoPermissionError) or (
+                self._password is not None and first[0].done() and first[0].exception() is exc
+            ):
+                raise
+            raise RedisConnectionError(f"Redis refused the connection: {exc}") from None
+        finally:
+            if len(futures) > len(first):
+                _observed(futures[-1])
+        if asks_id:
+            conn.client_id = int(await futures[-1])
 
     async def _connection(self) -> _Conn:
         conn = self._main
