@@ -4,6 +4,7 @@ server that accepted but does not answer never gets a retried command in its bac
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis_procs import start_server
 
 from qtasks_redis import RedisTarget
+from qtasks_redis.connection import Script
 from qtasks_redis.failures import outage
 from qtasks_redis.lane import lane_for
 
@@ -102,3 +104,58 @@ async def test_a_call_retried_against_a_stalled_server_runs_once(tmp_path: Path)
         lane.close()
         admin.close()
         server.close()
+
+
+async def test_a_user_refused_client_id_blocks_without_an_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user that may not run ``CLIENT ID`` (review r16 #5): the blocking calls work,
+    their connections have no id (no ``CLIENT UNBLOCK``: a block ends by its own timeout),
+    the refusal is logged once and ``CLIENT ID`` is not asked again (before, its
+    ``NoPermissionError`` failed every blocking call: the consumer died, ``app.wait`` raised
+    it)."""
+    caplog.set_level(logging.WARNING, logger="qtasks.redis")
+    server = start_server(tmp_path)
+    admin = redis.Redis(port=server.port)
+    admin.acl_setuser(
+        "noid",
+        enabled=True,
+        reset=True,
+        passwords=["+pw"],
+        keys=["*"],
+        channels=["*"],
+        categories=["+@all"],
+        commands=["-client|id"],
+    )
+    script = Script("return 1")
+    key = f"qt-noid-{uuid.uuid4().hex[:8]}"
+    lane = lane_for(RedisTarget.parse(f"redis://noid:pw@127.0.0.1:{server.port}/0"), {})
+    assert lane is not None
+    try:
+        await lane.check()
+        with anyio.fail_after(20):
+            for _ in range(3):
+                admin.rpush(key, "x")
+                assert await lane.blocking(1, ("BLPOP", key, 1)) == [[key.encode(), b"x"]]
+                assert (
+                    await lane.block_then_script(
+                        0.05, ("BLPOP", key, 0.1), script, [], [], orphan=print
+                    )
+                    == 1
+                )
+            async with anyio.create_task_group() as tg:  # three at once: two new connections
+                for _ in range(3):
+                    tg.start_soon(lane.blocking, 0.1, ("BLPOP", f"{key}:none", 0.1))
+        assert len(lane._idle) == 3
+        assert all(conn.client_id is None for conn in lane._idle)
+        # Refused once; not asked on the blocking connections opened after.
+        stats = admin.info("commandstats")["cmdstat_client|id"]
+        assert stats["rejected_calls"] == 1
+    finally:
+        lane.close()
+        admin.close()
+        server.close()
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert [r.getMessage().split(" (")[0] for r in refused] == [
+        "CLIENT ID refused by the server's ACL: delayed messages may start up to 1/hz late"
+    ]

@@ -431,7 +431,10 @@ class Lane:
         for its own.
 
         An error reply to ``AUTH``, or a ``NOPERM``, is raised as it is (the credentials);
-        any other one is a ``ConnectionError`` (an outage: retried, ridden out)."""
+        any other one is a ``ConnectionError`` (an outage: retried, ridden out). An error
+        reply to ``CLIENT ID`` (an ACL without it) leaves the connection without an id, and
+        ``CLIENT ID`` is not asked again: blocks end by their own timeout (see
+        :meth:`_refuse_unblock`)."""
         setup: list[list[Any]] = []
         if self._password is not None:
             auth: list[Any] = ["AUTH", self._password]
@@ -442,7 +445,7 @@ class Lane:
             setup.append(["SELECT", self._db])
         if not setup:
             setup.append(["PING"])
-        asks_id = blocking
+        asks_id = blocking and not self._unblock_refused
         if asks_id:
             setup.append(["CLIENT", "ID"])
         futures = conn.send(b"".join(pack(cmd) for cmd in setup), len(setup))
@@ -459,7 +462,10 @@ class Lane:
             if len(futures) > len(first):
                 _observed(futures[-1])
         if asks_id:
-            conn.client_id = int(await futures[-1])
+            try:
+                conn.client_id = int(await futures[-1])
+            except ResponseError as exc:  # an ACL without CLIENT ID: no UNBLOCK for it
+                self._refuse_unblock("CLIENT ID", exc)
 
     async def _connection(self) -> _Conn:
         conn = self._main
@@ -710,17 +716,23 @@ class Lane:
     def _unblock_answered(self, sent: asyncio.Future[Any]) -> None:
         # Retrieves the error of every UNBLOCK sent: a lost one is handled by ``_keep``.
         error = None if sent.cancelled() else sent.exception()
-        if isinstance(error, ResponseError) and not self._unblock_refused:
-            # The server will refuse it every time: blocks end at its hz tick from now on.
-            self._unblock_refused = True
-            reason = "the server's ACL" if isinstance(error, NoPermissionError) else "the server"
-            log.warning(
-                "CLIENT UNBLOCK refused by %s: delayed messages may start up to 1/hz late "
-                "(Redis at %s: %s)",
-                reason,
-                self.target.where,
-                error,
-            )
+        if isinstance(error, ResponseError):
+            self._refuse_unblock("CLIENT UNBLOCK", error)
+
+    def _refuse_unblock(self, command: str, error: ResponseError) -> None:
+        """The server refused ``command`` (``CLIENT UNBLOCK``, or ``CLIENT ID`` that it needs):
+        it will every time, so blocks end at its hz tick from now on. Logged once."""
+        if self._unblock_refused:
+            return
+        self._unblock_refused = True
+        reason = "the server's ACL" if isinstance(error, NoPermissionError) else "the server"
+        log.warning(
+            "%s refused by %s: delayed messages may start up to 1/hz late (Redis at %s: %s)",
+            command,
+            reason,
+            self.target.where,
+            error,
+        )
 
     def _keep(self, conn: _Conn) -> None:
         unblocking = conn.unblocking
