@@ -16,6 +16,10 @@ script touches one Redis Cluster slot and declares every key it uses):
 11. ``dlmeta``   HASH id -> JSON {reason, priority, deliveries, dead_at}
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
+and, built from ``inflight``'s name (same slot), ``<inflight>:c:<nonce>``: LIST of what one
+claim call leased (id, priority, token), for a lease, so that the call re-sent after a lost
+reply hands those back rather than leasing more (see ``CLAIM_BODY``).
+
 Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
 
 Dead-letter retention (``dead_letter_ttl``, ``max_dead_letters``) travels as two arguments,
@@ -202,6 +206,27 @@ CLAIM_BODY = r"""
 -- than count claimed); the consumer blocks for it when it claimed nothing.
 local lease, maxd, count, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
+-- A call re-sent after its reply was lost (the lane or redis-py retries it): its first run
+-- leased messages under this nonce. Hand back those it still holds and lease nothing more
+-- (before, they were leased to nobody until the lease ended, a delivery burnt each).
+local K_CLAIMED = K_INFLIGHT .. ':c:' .. nonce
+local before = redis.call('LRANGE', K_CLAIMED, 0, -1)
+if #before > 0 then
+  local out = {'-1'}
+  for i = 1, #before, 3 do
+    local id, prio, token = before[i], before[i + 1], before[i + 2]
+    local body = redis.call('HGET', K_BODY, id)
+    if body and redis.call('HGET', K_TOK, id) == token then
+      out[#out + 1] = id
+      out[#out + 1] = body
+      out[#out + 1] = prio
+      out[#out + 1] = redis.call('HGET', K_ATT, id)
+      out[#out + 1] = token
+      on_claim(id, body, token, out)
+    end
+  end
+  return out
+end
 -- Earliest delayed and lease deadlines: promote only when one is due.
 local d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
 local l = redis.call('ZRANGE', K_INFLIGHT, 0, 0, 'WITHSCORES')
@@ -250,10 +275,12 @@ while n < count and not empty do
         out[#out + 1] = tostring(attempt)
         out[#out + 1] = token
         on_claim(id, body, token, out)
+        redis.call('RPUSH', K_CLAIMED, id, prio, token)
       end
     end
   end
 end
+if n > 0 then redis.call('PEXPIRE', K_CLAIMED, lease) end
 if empty then
   -- Nothing left: stale wake-ups would only cause empty claims.
   redis.call('DEL', K_NOTIFY)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import operator
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -550,7 +551,8 @@ class RedisStorage:
             record = self._record(fields)
 
     async def add_step(self, uuid: str, value: Any) -> int:
-        return int(await self._run(lua.ADD_STEP, uuid, _dumps(value)))
+        # The nonce makes a call re-sent after a lost reply a no-op (see ADD_STEP).
+        return int(await self._run(lua.ADD_STEP, uuid, _dumps(value), os.urandom(6).hex()))
 
     async def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
         client = self._require()

@@ -2,7 +2,8 @@
 
 1. ``rec``    HASH: ``d`` record JSON, ``s`` status, ``t`` token, and overrides written by
               :meth:`cancel` (``cr`` reason, ``u`` updated_at), :meth:`begin` (``u``, ``a``
-              attempt, ``w`` worker), :meth:`add_step` (``n``) and the broker's claim when
+              attempt, ``w`` worker), :meth:`add_step` (``n``; ``sn`` its last call's
+              nonce) and the broker's claim when
               it dead-letters the message (``e`` error, ``u``, ``s``, ``t``); ``g`` the
               publish generation (workflow_lua.REPUBLISH), which no other write changes;
               ``p`` the nonce of the enqueue call that wrote it (see :data:`SAVE`)
@@ -217,7 +218,7 @@ else
 end
 if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
 if old and ARGV[7] == '1' then  -- replaced: the attempts kept and the steps were the old one's
-  redis.call('HDEL', K_REC, 'k', 'n')
+  redis.call('HDEL', K_REC, 'k', 'n', 'sn')
   redis.call('DEL', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':at:' .. uuid, K_STEPS)
 end
 local now = now_ms()
@@ -293,8 +294,14 @@ return cur
 ADD_STEP = Script(
     PRELUDE
     + r"""
--- ARGV: value_json. Returns the step's index.
+-- ARGV: value_json, nonce. Returns the step's index. Steps are added one at a time: a call
+-- re-sent after its reply was lost (the lane or redis-py retries it) finds its nonce as the
+-- record's 'sn' and appends nothing again.
+if redis.call('HGET', K_REC, 'sn') == ARGV[2] then
+  return tonumber(redis.call('HGET', K_REC, 'n')) - 1
+end
 redis.call('XADD', K_STEPS, '*', 'k', 's', 'v', ARGV[1])
+redis.call('HSET', K_REC, 'sn', ARGV[2])
 return redis.call('HINCRBY', K_REC, 'n', 1) - 1
 """
 )

@@ -1,0 +1,93 @@
+"""Scripts that change state are safe to run twice: the lane (and redis-py's retry) re-sends
+a call whose reply was lost, and its first run may have gone through (review r16 #3). Here
+the lane sends each such call twice and drops the first reply, as a lost reply would."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+
+from qtasks.config import QueueConfig
+from qtasks.messages import Envelope
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks_redis import RedisBroker, RedisStorage, broker_lua, storage_lua
+from qtasks_redis.connection import Script
+from qtasks_redis.lane import Lane
+
+pytestmark = pytest.mark.anyio
+
+
+def resend(lane: Any, monkeypatch: pytest.MonkeyPatch, scripts: Iterable[Script]) -> list[int]:
+    """Make ``lane`` send every call of ``scripts`` twice, the first reply dropped (lost);
+    returns the list the number of calls so re-sent is counted in."""
+    assert isinstance(lane, Lane)
+    shas = [script.sha.encode() for script in scripts]
+    one = lane._one
+    resent = [0]
+
+    async def twice(packed: bytes) -> Any:
+        if any(sha in packed for sha in shas):
+            resent[0] += 1
+            await one(packed)  # its reply is lost
+        return await one(packed)
+
+    monkeypatch.setattr(lane, "_one", twice)
+    return resent
+
+
+async def test_a_resent_add_step_appends_once(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = RedisStorage(redis_url, prefix=prefix)
+    await storage.start(stack, QueueConfig())
+    await storage.add(TaskRecord(uuid="t1", task_name="gen"))
+    resent = resend(storage._shared.fast(), monkeypatch, [storage_lua.ADD_STEP])
+    for i in range(3):
+        assert await storage.add_step("t1", i) == i
+    assert resent == [3]
+    record = await storage.get("t1")
+    assert record is not None and record.steps == 3
+    monkeypatch.undo()
+    stored: list[Any] = []
+    with anyio.fail_after(5):
+        done = TaskRecord(uuid="t1", task_name="gen", status=TaskStatus.SUCCESS, steps=3)
+        await storage.save(done)
+        async for value in storage.steps("t1"):
+            stored.append(value)
+    assert stored == [0, 1, 2]
+
+
+async def test_a_resent_claim_hands_back_what_it_leased(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-sent claim returns the first run's deliveries; it leases nothing more and
+    nothing is left leased to nobody (before: 8 in flight for 4 held, and with
+    ``max_deliveries=1`` the 4 ghosts were dead-lettered without running)."""
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q")
+    await broker.start(stack, QueueConfig(max_deliveries=1))
+    for i in range(8):
+        await broker.publish(Envelope(f"m{i}", b"x"))
+    claims = [s for name, s in vars(broker_lua).items() if name.startswith("CLAIM")]
+    resent = resend(
+        broker._shared.fast(), monkeypatch, [s for s in claims if isinstance(s, Script)]
+    )
+    seen: list[str] = []
+    async with broker.consume(prefetch=4) as it:
+        for _ in range(2):
+            held = []
+            with anyio.fail_after(5):
+                for _ in range(4):
+                    held.append(await it.__anext__())
+            assert (await broker.stats()).in_flight == 4
+            for delivery in held:
+                assert delivery.attempt == 1
+                assert await delivery.ack()
+            seen += [d.id for d in held]
+    assert resent[0] >= 1
+    assert sorted(seen) == [f"m{i}" for i in range(8)]
+    stats = await broker.stats()
+    assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)
