@@ -91,3 +91,27 @@ async def test_a_resent_claim_hands_back_what_it_leased(
     assert sorted(seen) == [f"m{i}" for i in range(8)]
     stats = await broker.stats()
     assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)
+
+
+async def test_a_claim_s_list_of_what_it_leased_goes_with_the_next_claim(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """The list a claim keeps for its re-run is deleted by the consumer's next claim once its
+    reply was read: one such list per consumer, not one per claim for a lease."""
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q")
+    await broker.start(stack, QueueConfig())
+    client = broker._shared.fast()
+    for i in range(6):
+        await broker.publish(Envelope(f"m{i}", b"x"))
+
+    async def lists() -> list[bytes]:
+        return [k for k in await client.command("KEYS", f"*{prefix}*:c:*") if b":c:" in k]
+
+    async with broker.consume(prefetch=2) as it:
+        for _ in range(3):
+            with anyio.fail_after(5):
+                held = [await it.__anext__(), await it.__anext__()]
+            assert len(await lists()) == 1  # this claim's own, the one before deleted
+            for delivery in held:
+                assert await delivery.ack()
+    assert len(await lists()) <= 1

@@ -599,6 +599,7 @@ class RedisBroker:
         idle_ms = min(self._lease_ms, _IDLE_WAKE_MS)
 
         lane = client if isinstance(client, Lane) else None
+        answered: str | None = None  # the nonce of the last claim whose reply was read
 
         async def claim(
             block: float | None, due: bool
@@ -606,11 +607,15 @@ class RedisBroker:
             """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up;
             ``due``: ``block`` ends at a deadline, not at the idle bound); see ``parse`` for
             what it returns."""
+            nonlocal answered
+            nonce = os.urandom(6).hex()
             args: tuple[Any, ...] = (
                 self._lease_ms,
                 self._max_deliveries,
                 count,
-                os.urandom(6).hex(),
+                # With the nonce of the last claim whose reply was read: its list of what it
+                # leased (kept for a re-run after a lost reply) is not needed any more.
+                nonce if answered is None else f"{nonce}/{answered}",
                 *extra,
             )
             if starts is not None:
@@ -625,6 +630,7 @@ class RedisBroker:
                 reply = await lane.block_then_script(
                     block, wake, script, keys, args, orphan=orphaned, exact=due
                 )
+                answered = nonce
                 return parse(reply)
             if block is not None:
                 await self._block(client, block)
@@ -632,6 +638,7 @@ class RedisBroker:
             # that they are handed back at exit, not left to their lease.
             with anyio.CancelScope(shield=True):
                 reply = await script(client, keys, args)
+            answered = nonce
             return parse(reply)
 
         def orphaned(reply: Any) -> None:

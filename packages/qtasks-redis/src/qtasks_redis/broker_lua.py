@@ -17,8 +17,9 @@ script touches one Redis Cluster slot and declares every key it uses):
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
 and, built from ``inflight``'s name (same slot), ``<inflight>:c:<nonce>``: LIST of what one
-claim call leased (id, priority, token), for a lease, so that the call re-sent after a lost
-reply hands those back rather than leasing more (see ``CLAIM_BODY``).
+claim call leased (id, priority, token), for a lease at most (the consumer's next claim
+deletes it), so that the call re-sent after a lost reply hands those back rather than leasing
+more (see ``CLAIM_BODY``).
 
 Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
 
@@ -199,13 +200,19 @@ return 1
 )
 
 CLAIM_BODY = r"""
--- ARGV: lease_ms, max_deliveries, count, nonce (then what on_claim reads), then the
--- dead-letter retention: ttl_ms, cap (the last two, read only when dead-lettering)
+-- ARGV: lease_ms, max_deliveries, count, nonce ('<nonce>' or '<nonce>/<previous>', the
+-- previous: the nonce of this consumer's last claim whose reply it read) (then what on_claim
+-- reads), then the dead-letter retention: ttl_ms, cap (the last two, read only when
+-- dead-lettering)
 -- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
 -- on_claim appends>, ...}; the wait is only computed when the ready queue was emptied (fewer
 -- than count claimed); the consumer blocks for it when it claimed nothing.
-local lease, maxd, count, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local lease, maxd, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local nonce, previous = string.match(ARGV[4], '^([^/]*)/?(.*)$')
 local now = now_ms()
+-- The previous claim's reply was read: no re-run of it will come, its list goes (so the lists
+-- live one per consumer, not one per claim for a lease).
+if previous ~= '' then redis.call('DEL', K_INFLIGHT .. ':c:' .. previous) end
 -- A call re-sent after its reply was lost (the lane or redis-py retries it): its first run
 -- leased messages under this nonce. Hand back those it still holds and lease nothing more
 -- (before, they were leased to nobody until the lease ended, a delivery burnt each).
