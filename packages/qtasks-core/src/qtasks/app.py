@@ -203,6 +203,9 @@ class AsyncQueueTasks:
         # Either order of the two leaves the waiter woken.
         self._stop_requested = False
         self._wake_stop: Callable[[], object] | None = None
+        # The same pattern for stop(now=True) and the worker serving meanwhile.
+        self._stop_now = False
+        self._wake_hurry: Callable[[], object] | None = None
         shared_tasks.adopt(self)
 
     @classmethod
@@ -451,7 +454,11 @@ class AsyncQueueTasks:
         try:
             if self._serving is not None:
                 serving, self._serving = self._serving, None
-                await serving.aclose()
+                try:
+                    await serving.aclose()
+                finally:
+                    self._wake_hurry = None
+                    self._stop_now = False
             if self._stack is not None:
                 stack, self._stack = self._stack, None
                 await self.hooks.notify("qtasks_app_stopping", app=self)
@@ -479,7 +486,15 @@ class AsyncQueueTasks:
             await serving.aclose()
             raise
         self._serving = serving
+        self._wake_hurry = _threadsafe(self._hurry_worker)
+        if self._stop_now:
+            self._hurry_worker()
         return self
+
+    def _hurry_worker(self) -> None:
+        hurry = getattr(self.worker, "hurry", None)  # read with a default: see Worker
+        if hurry is not None:
+            hurry()
 
     @property
     def task_group(self) -> TaskGroup:
@@ -509,16 +524,21 @@ class AsyncQueueTasks:
             warn_run_forever_options(qtasks17)
         (starter or SignalStarter()).run(self)
 
-    def stop(self) -> None:
+    def stop(self, *, now: bool = False) -> None:
         """Ask :meth:`run_forever` (or :meth:`serve`) to end gracefully, as SIGTERM does: no new
         messages, running tasks get ``shutdown_grace`` seconds, then it returns.
 
+        With ``now=True``, as a second SIGINT/SIGTERM does, the grace period is cut short, also
+        when a stop is under way: running tasks are cancelled at once and handed back to the
+        broker, to run again (at-least-once: nothing is lost, their work so far is redone).
+
         Callable from any thread, from a task, or from a signal handler; it does not wait (join
-        the thread that runs ``run_forever`` for that). Calling it again changes nothing: the
-        grace period is never cut short. Called while nothing serves, the request is kept, and
-        the next ``run_forever`` starts and stops at once, so stopping a server thread that has
-        not got going yet is never lost; each ``run_forever`` consumes the request when it
-        returns. It does not end ``async with app:`` blocks: leave those."""
+        the thread that runs ``run_forever`` for that). Calling it again without ``now``
+        changes nothing. Called while nothing serves, the request is kept, and the next
+        ``run_forever`` starts and stops at once, so stopping a server thread that has not got
+        going yet is never lost; each ``run_forever`` consumes the request when it returns. It
+        does not end ``async with app:`` blocks: leave those (``now`` then applies to the stop
+        at their end)."""
         self._stop_requested = True
         wake = self._wake_stop
         if wake is not None:
@@ -526,6 +546,14 @@ class AsyncQueueTasks:
                 wake()
             except RuntimeError:  # its loop just closed: that run has ended anyway
                 pass
+        if now:
+            self._stop_now = True
+            hurry = self._wake_hurry
+            if hurry is not None:
+                try:
+                    hurry()
+                except RuntimeError:  # as above
+                    pass
 
     async def wait_for_stop(self) -> None:
         """Return once :meth:`stop` has been called (before this call or while it waits) and

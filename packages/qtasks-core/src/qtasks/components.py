@@ -1013,8 +1013,9 @@ class Worker(Protocol):
     typed so) and reads more than this protocol declares: ``id`` (a unique name, logged and
     stored on records), ``stop()`` (begin a graceful stop), and, each read with a default,
     ``stopping`` (an ``anyio.Event`` set when it begins to stop: a task's
-    ``TaskContext.sleep`` wakes on it) and ``executor`` (the :class:`TaskExecutor` of tasks
-    without their own; a plain one otherwise).
+    ``TaskContext.sleep`` wakes on it), ``executor`` (the :class:`TaskExecutor` of tasks
+    without their own; a plain one otherwise) and ``hurry()`` (cut the grace period of its
+    stop short, for ``app.stop(now=True)``; without it the grace is never cut short).
     """
 
     async def run(self, app: AsyncQueueTasks, *, task_status: Any = ...) -> None:

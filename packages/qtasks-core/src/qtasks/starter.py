@@ -27,8 +27,8 @@ class SignalStarter:
 
     Graceful means: the worker stops taking messages, hands back the ones it holds but has not
     started, and gives running tasks ``config.shutdown_grace`` seconds before cancelling and
-    requeueing them. A second signal during that time does not cut it short (send SIGKILL to
-    stop at once; the broker redelivers after the lease).
+    requeueing them. A second signal during that time cuts it short (``app.stop(now=True)``):
+    running tasks are cancelled and handed back at once. Each signal is logged.
     """
 
     def __init__(
@@ -51,15 +51,22 @@ class SignalStarter:
         """Serve in the running loop until ``app.stop()`` or, when this loop runs on the main
         thread, SIGINT/SIGTERM (only the main thread can receive signals)."""
         receiver = anyio.open_signal_receiver(*SIGNALS) if on_main_thread() else nullcontext(None)
-        # Open before the app starts, so that a signal during start-up stops it gracefully.
+        # Open before the app starts, so that a signal during start-up stops it gracefully;
+        # watched until the app is closed, so that a second one cuts the grace period short.
+        failed: Exception | None = None
         with receiver as signals:
-            async with app:
-                log.info("qtasks app %r serving (worker %s)", app.name, app.worker.id)
-                async with anyio.create_task_group() as tg:
-                    if signals is not None:
-                        tg.start_soon(_stop_on_signal, app, signals)
-                    await app.wait_for_stop()
-                    tg.cancel_scope.cancel()
+            async with anyio.create_task_group() as tg:
+                if signals is not None:
+                    tg.start_soon(_stop_on_signals, app, signals)
+                try:
+                    async with app:
+                        log.info("qtasks app %r serving (worker %s)", app.name, app.worker.id)
+                        await app.wait_for_stop()
+                except Exception as exc:  # raised below as it is, not in an ExceptionGroup
+                    failed = exc
+                tg.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -70,24 +77,66 @@ def on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-async def _stop_on_signal(app: AsyncQueueTasks, signals: AsyncIterator[int]) -> None:
+async def _stop_on_signals(app: AsyncQueueTasks, signals: AsyncIterator[int]) -> None:
+    stopper = Stopper(app)
     async for signum in signals:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        app.stop()
-        return
+        stopper(signum)
+
+
+class Stopper:
+    """What SIGINT/SIGTERM do to a serving app, counted: the first stops it gracefully,
+    saying how long it may wait; the second cuts the grace period short; later ones only say
+    that it is stopping already. Each is logged, so a signal never goes unanswered."""
+
+    def __init__(self, app: AsyncQueueTasks) -> None:
+        self.app = app
+        self.received = 0
+
+    def __call__(self, signum: int) -> None:
+        """Answer the signal ``signum`` (from a signal handler or the loop)."""
+        self.received += 1
+        app, name = self.app, signal.Signals(signum).name
+        running = app.worker.running
+        if self.received == 1:
+            if running:
+                log.info(
+                    "received %s, stopping: waiting up to %g s for %d running task(s) "
+                    "(%s again to hand them back now)",
+                    name,
+                    app.config.shutdown_grace,
+                    running,
+                    name,
+                )
+            else:
+                log.info("received %s, stopping", name)
+            app.stop()
+        elif self.received == 2:
+            log.warning(
+                "received %s again, stopping now: %d running task(s) cancelled and handed "
+                "back to the broker (they run again)",
+                name,
+                running,
+            )
+            app.stop(now=True)
+        else:
+            log.warning("received %s again: stopping now already (SIGKILL ends it at once)", name)
 
 
 @contextmanager
-def stop_on_signals(stop: Callable[[], object]) -> Iterator[None]:
-    """On the main thread, make SIGINT/SIGTERM call ``stop`` while the block runs (the previous
-    handlers come back after it); on any other thread do nothing. For code that waits on the
-    main thread while the app's loop runs in another (the sync app's ``run_forever``)."""
+def stop_on_signals(app: AsyncQueueTasks) -> Iterator[None]:
+    """On the main thread, make SIGINT/SIGTERM stop ``app`` while the block runs, as
+    :class:`SignalStarter` does (the previous handlers come back after it); on any other thread
+    do nothing. For code that waits on the main thread while the app's loop runs in another
+    (the sync app's ``run_forever``)."""
     if not on_main_thread():
         yield
         return
+    stopper = Stopper(app)
 
     def handler(signum: int, frame: object) -> None:
-        stop()  # only schedules the stop: safe between any two bytecodes of the main thread
+        # app.stop() only schedules the stop: safe between any two bytecodes of the main
+        # thread; so is the log line, since the main thread does nothing but wait meanwhile.
+        stopper(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
     try:

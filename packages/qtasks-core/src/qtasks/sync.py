@@ -396,7 +396,7 @@ class QueueTasks:
             self.close()
             self.aio.run_forever(starter)
             return
-        with stop_on_signals(self.stop):
+        with stop_on_signals(self.aio):
             with self._forever_done:
                 self._forever += 1
             try:
@@ -416,10 +416,11 @@ class QueueTasks:
                     self._forever -= 1
                     self._forever_done.notify_all()
 
-    def stop(self) -> None:
-        """Ask :meth:`run_forever` to end gracefully, as SIGTERM does; see
-        :meth:`AsyncQueueTasks.stop`. From any thread or a signal handler; it does not wait."""
-        self.aio.stop()
+    def stop(self, *, now: bool = False) -> None:
+        """Ask :meth:`run_forever` to end gracefully, as SIGTERM does (``now=True``: without
+        the grace period, as a second signal does); see :meth:`AsyncQueueTasks.stop`. From any
+        thread or a signal handler; it does not wait."""
+        self.aio.stop(now=now)
 
 
 _ASYNC_ONLY = {

@@ -19,8 +19,8 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from types import CodeType
 from typing import TYPE_CHECKING, Any
@@ -108,6 +108,10 @@ class QueueWorker:
         self._stopping = anyio.Event()
         self._serving = False
         self._stopped = anyio.Event()
+        self._hurried = False
+        """Whether :meth:`hurry` cut the grace of this run's stop short."""
+        self._graces: set[anyio.CancelScope] = set()
+        """The waits of the stop that the grace period bounds (cancelled by :meth:`hurry`)."""
 
     @property
     def running(self) -> int:
@@ -173,6 +177,30 @@ class QueueWorker:
         """Ask the worker to stop: no new messages; running tasks get the grace period."""
         self._stopping.set()
 
+    def hurry(self) -> None:
+        """Cut the grace period of this worker's stop short, the stop under way or the next
+        one of this run (it does not stop the worker): running tasks are cancelled and handed
+        back to the broker at once, to run again (at-least-once), and final saves are no longer
+        retried through a storage outage (their messages come back after the lease). What
+        a second SIGINT/SIGTERM does, through ``app.stop(now=True)``. On the worker's loop."""
+        self._hurried = True
+        if self._stopping.is_set():
+            self._settlement.give_up_at = min(self._settlement.give_up_at, time.monotonic())
+        for scope in self._graces:
+            scope.cancel()
+
+    @contextmanager
+    def _within_grace(self, grace: float) -> Iterator[None]:
+        """Bound a wait of the stop by ``grace`` seconds, or by none once hurried."""
+        with anyio.move_on_after(grace) as scope:
+            if self._hurried:
+                scope.cancel()
+            self._graces.add(scope)
+            try:
+                yield
+            finally:
+                self._graces.discard(scope)
+
     async def run(
         self,
         app: AsyncQueueTasks,
@@ -195,6 +223,7 @@ class QueueWorker:
         slot_freed = _Signal()
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
+        self._hurried = False
         self._begins = BeginBatch(app.storage)  # per run: its events belong to this loop
         broker = app.broker
         shared = app.shared_server
@@ -331,7 +360,8 @@ class QueueWorker:
             try:
                 await self._stopping.wait()
             finally:
-                self._settlement.give_up_at = time.monotonic() + config.shutdown_grace
+                grace = 0.0 if self._hurried else config.shutdown_grace
+                self._settlement.give_up_at = time.monotonic() + grace
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
                     item_ready.wake_all()
@@ -342,7 +372,7 @@ class QueueWorker:
                     # ``process``.
                     await received_all.wait()
                     await self._hand_back(app)
-                    with anyio.move_on_after(config.shutdown_grace):
+                    with self._within_grace(config.shutdown_grace):
                         while self._running:
                             await self._wait_idle()
                     for run in list(self._running.values()):
@@ -352,6 +382,8 @@ class QueueWorker:
                     if settler is not None:
                         # Before the consumer closes: it hands back what is not settled.
                         # Bounded: a settle stuck on its backend is left to its leases.
+                        # Not hurried: it ends at once unless a backend call hangs, and
+                        # what it settles is the hand-back of the tasks just cancelled.
                         with anyio.move_on_after(config.shutdown_grace):
                             await settler.drained()
                     self._settlement.close_batch()

@@ -91,7 +91,8 @@ def run(
     """Serve tasks until SIGINT/SIGTERM, then stop gracefully.
 
     On SIGINT/SIGTERM the worker takes no new messages, hands waiting ones back to the broker
-    and gives running tasks shutdown_grace seconds before cancelling and requeueing them.
+    and gives running tasks shutdown_grace seconds before cancelling and requeueing them; a
+    second signal requeues them at once.
     """
     flags = {**where.flags(), "max_tasks_process": concurrency, "log_level": log_level}
     # Logging first, so that what configuration decides (a storage following the broker, a
