@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -412,3 +413,38 @@ def test_close_ends_run_forever_in_another_thread() -> None:
     app.close()
     assert server.stopped()
     assert server.error is None, repr(server.error)
+
+
+def test_close_cancels_a_call_still_in_flight_instead_of_waiting_for_it() -> None:
+    """A wait that another thread (or a caller left by its Ctrl-C) still has in the portal is
+    cancelled by close(), which returns at once: it waited for it, and gave the portal's thread
+    up after 10 s."""
+    app = QueueTasks()
+
+    @app.task
+    def job() -> None: ...
+
+    waiting = threading.Event()
+    errors: list[BaseException] = []
+
+    async def wait(uuid: str) -> None:
+        waiting.set()  # in the portal now
+        await app.aio.wait(uuid, None)
+
+    def waiter() -> None:
+        uuid = app.add_task("job").uuid  # no worker serves: it stays queued
+        try:
+            app.portal.call(wait, uuid)  # what app.wait does
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    assert waiting.wait(10)
+    began = time.monotonic()
+    app.close()
+    took = time.monotonic() - began
+    thread.join(10)
+    assert took < 5, took
+    assert not thread.is_alive()
+    assert [type(exc).__name__ for exc in errors] == ["CancelledError"]

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -432,3 +433,52 @@ def test_run_exits_at_its_stop_without_waiting_for_a_hung_sync_thread(
     assert "exiting without waiting for 1 thread(s) of sync task code" in out
     assert f"hang ({record['uuid']})" in out
     assert (tmp_path / f"cleaned-up-{pid}").exists()  # its atexit handlers ran
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app_class", ["QueueTasks", "AsyncQueueTasks"])
+def test_ctrl_c_on_add_wait_prints_the_uuid_of_the_enqueued_task_and_exits_at_once(
+    app_class: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """No worker serves: ``qtasks add --wait`` waits; a Ctrl-C then prints the uuid of the task
+    it enqueued (which runs anyway), as a timeout does, and the process ends at once: the sync
+    app's close left the wait running in its portal, whose thread it joined for 10 s."""
+    source = TASKS.replace("QueueTasks(config", f"{app_class}(config").replace(
+        "from qtasks import QueueConfig, QueueTasks",
+        "from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks",
+    )
+    (tmp_path / "tasks.py").write_text(source.replace("PREFIX", repr(redis_prefix)))
+    flags = ["-A", "tasks:app", "--broker", "redis", "--broker-url", redis_url]
+    # The tree under test, not whichever one is installed.
+    env = _clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    adding = subprocess.Popen(
+        [sys.executable, "-m", "qtasks", "add", "add", "2", "3", "--wait", "60", *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 30
+        keys: list[bytes] = []
+        while not keys:  # its record is stored: it waits now (nothing to wait on but Redis)
+            assert time.monotonic() < deadline, "no record stored within 30 s"
+            assert adding.poll() is None, adding.communicate()
+            keys = list(client.scan_iter(match=f"{{{redis_prefix}:rec}}:r:*"))
+            time.sleep(0.02)
+        adding.send_signal(signal.SIGINT)
+        try:
+            out, err = adding.communicate(timeout=5)  # not the 10 s of a join given up on
+        except subprocess.TimeoutExpired:
+            pytest.fail("qtasks add still running 5 s after its Ctrl-C")
+    finally:
+        client.close()
+        if adding.poll() is None:
+            adding.kill()
+            adding.communicate()
+    uuid = keys[0].decode().rsplit(":", 1)[1]
+    assert adding.returncode != 0
+    assert out == f"{uuid}\n"
+    assert f"interrupted: task {uuid} is enqueued and runs anyway (qtasks get {uuid})" in err

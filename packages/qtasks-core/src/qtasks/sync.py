@@ -363,7 +363,8 @@ class QueueTasks:
 
     def close(self) -> None:
         """Stop serving (ending a :meth:`run_forever` in another thread gracefully), stop
-        every component and the portal's thread."""
+        every component and the portal's thread. Calls still in flight in the portal (a
+        ``wait`` left behind by a Ctrl-C in its caller) are cancelled."""
         with self._forever_done:
             if self._forever:
                 self.stop()
@@ -376,7 +377,9 @@ class QueueTasks:
         if self._portal is not None:
             portal, self._portal = self._portal, None
             portal.call(self.aio.aclose)
-            portal.call(portal.stop)
+            # Cancelled, not awaited: they would hold the thread (and the process) until they
+            # ended on their own, on components just closed.
+            portal.call(partial(portal.stop, cancel_remaining=True))
             if self._portal_stop is not None:
                 self._portal_stop.join(timeout=10)
 

@@ -73,6 +73,7 @@ def add(
             raise ConfigError("--kwargs: expected a JSON object")
     positional = [parse_arg(a) for a in args or []]
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+    enqueued: list[str] = []  # its uuid, for a Ctrl-C during --wait
 
     async def go(aio: AsyncQueueTasks) -> TaskRecord:
         # Started by run_on, so aio.tasks has the shared tasks imported since it was built.
@@ -81,6 +82,7 @@ def add(
                 task, aio.tasks, fix="--force enqueues it for a worker of another app"
             )
         record = await aio.enqueue(task, positional, parsed_kwargs, priority=priority, delay=delay)
+        enqueued.append(record.uuid)
         if wait is None:
             return record
         try:
@@ -89,7 +91,17 @@ def add(
             typer.echo(record.uuid)
             raise
 
-    record = run_on(the_app, go, command="add", uses=("broker", "storage"))
+    try:
+        record = run_on(the_app, go, command="add", uses=("broker", "storage"))
+    except KeyboardInterrupt:
+        if enqueued:  # as when the wait times out: the task is enqueued and runs anyway
+            typer.echo(enqueued[0])
+            typer.echo(
+                f"interrupted: task {enqueued[0]} is enqueued and runs anyway "
+                f"(qtasks get {enqueued[0]})",
+                err=True,
+            )
+        raise
     if wait is None:
         typer.echo(to_json(record_dict(record)) if as_json else record.uuid)
         return
