@@ -40,11 +40,12 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :class:`AttemptLog`, :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`,
 :class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`,
 :class:`BuryNotice`,
-:class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease` and
-:class:`UniquePublish`,
+:class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease`,
+:class:`HeartbeatEnd` and :class:`UniquePublish`,
 checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
-``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk`` and
-``qtasks_testing.contract.flow`` hold their suites.
+``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk``,
+``qtasks_testing.contract.flow`` and ``qtasks_testing.contract.global_config`` hold their
+suites.
 
 Over ~500 lines on purpose: every contract of the core lives here, in one place, each
 protocol with what its implementers must do (one file to read to write a backend).
@@ -858,6 +859,20 @@ class GlobalConfig(Protocol):
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         """The workers whose last heartbeat has not expired, by id."""
+        ...
+
+
+@runtime_checkable
+class HeartbeatEnd(Protocol):
+    """Optional :class:`GlobalConfig` capability: forget a worker's heartbeat at once. A worker
+    that stops cleanly calls it, so that it is listed as gone at once (``qtasks inspect``,
+    ``app.ping()``), not for up to three heartbeat intervals more; without it the worker sends
+    a last heartbeat, which expires. A worker that is killed stops beating and expires either
+    way."""
+
+    async def end_heartbeat(self, worker_id: str) -> None:
+        """Remove the heartbeat of ``worker_id``: :meth:`GlobalConfig.workers` no longer lists
+        it (a no-op when it is not there)."""
         ...
 
 

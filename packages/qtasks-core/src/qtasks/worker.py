@@ -36,6 +36,7 @@ from qtasks.components import (
     BuryNotice,
     CancelFeed,
     Delivery,
+    HeartbeatEnd,
 )
 from qtasks.errors import (
     SerializationError,
@@ -439,7 +440,7 @@ class QueueWorker:
 
     async def _heartbeat(self, app: AsyncQueueTasks, concurrency: int) -> None:
         # Every heartbeat_interval, and within HEARTBEAT_FRESH of a change of the figures, so
-        # that `qtasks inspect` shows what the worker just did; a last beat when it stops.
+        # that `qtasks inspect` shows what the worker just did; gone when it stops.
         interval = app.config.heartbeat_interval
         sent: tuple[int, int, int] | None = None
         last = -interval
@@ -452,7 +453,24 @@ class QueueWorker:
                 await anyio.sleep(min(interval, HEARTBEAT_FRESH))
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(HEARTBEAT_FRESH):
-                await self._beat(app, concurrency, interval)
+                await self._last_beat(app, concurrency, interval)
+
+    async def _last_beat(self, app: AsyncQueueTasks, concurrency: int, interval: float) -> None:
+        """As the worker stops: its heartbeat removed, so that it is listed as gone at once;
+        with a global config that cannot, a last beat (it expires after three intervals)."""
+        global_config = app.global_config
+        if not isinstance(global_config, HeartbeatEnd):
+            await self._beat(app, concurrency, interval)
+            return
+        try:
+            await global_config.end_heartbeat(self.id)
+        except Exception as exc:  # stopping: the heartbeat expires instead
+            log.warning(
+                "could not remove the heartbeat of worker %s (it expires within %g s): %r",
+                self.id,
+                interval * 3,
+                exc,
+            )
 
     async def _beat(self, app: AsyncQueueTasks, concurrency: int, interval: float) -> None:
         info = {

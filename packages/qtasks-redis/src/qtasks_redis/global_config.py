@@ -220,3 +220,7 @@ class RedisGlobalConfig(RedisFlowControl):
 
     async def workers(self) -> dict[str, dict[str, Any]]:
         return await self.get_all("workers")
+
+    async def end_heartbeat(self, worker_id: str) -> None:
+        """See :class:`~qtasks.components.HeartbeatEnd`."""
+        await self.delete("workers", worker_id)

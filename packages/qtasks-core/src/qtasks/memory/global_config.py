@@ -143,6 +143,10 @@ class MemoryGlobalConfig(_Lifecycle):
     async def workers(self) -> dict[str, dict[str, Any]]:
         return await self.get_all("workers")
 
+    async def end_heartbeat(self, worker_id: str) -> None:
+        """See :class:`~qtasks.components.HeartbeatEnd`."""
+        await self.delete("workers", worker_id)
+
     # --- FlowControl ---------------------------------------------------------------------
 
     async def reserve_rate(

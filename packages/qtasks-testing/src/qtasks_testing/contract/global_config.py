@@ -10,10 +10,11 @@ from contextlib import AsyncExitStack
 import anyio
 import pytest
 
-from qtasks.components import GlobalConfig
+from qtasks.components import GlobalConfig, HeartbeatEnd
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError
 from qtasks_testing.contract._base import ContractSuite, wait_until
+from qtasks_testing.contract.capabilities import lacks
 
 GlobalConfigFactory = Callable[[QueueConfig], GlobalConfig]
 
@@ -202,3 +203,19 @@ class GlobalConfigContract(ContractSuite):
         # A new heartbeat renews and replaces the info.
         await global_config.heartbeat(long, {"pid": 2, "running": 5}, ttl=60)
         assert (await global_config.workers())[long] == {"pid": 2, "running": 5}
+
+    @pytest.mark.anyio
+    async def test_an_ended_heartbeat_is_gone_at_once(self, global_config: GlobalConfig) -> None:
+        """The optional :class:`~qtasks.components.HeartbeatEnd` (skipped without it)."""
+        if not isinstance(global_config, HeartbeatEnd):
+            pytest.skip(lacks(global_config, HeartbeatEnd))
+        ended, other = f"worker-{uuid.uuid4().hex}", f"worker-{uuid.uuid4().hex}"
+        await global_config.heartbeat(ended, {"pid": 1}, ttl=60)
+        await global_config.heartbeat(other, {"pid": 2}, ttl=60)
+        await global_config.end_heartbeat(ended)
+        workers = await global_config.workers()
+        assert ended not in workers
+        assert workers[other] == {"pid": 2}
+        await global_config.end_heartbeat(ended)  # not there any more: nothing happens
+        await global_config.end_heartbeat(other)
+        assert other not in await global_config.workers()
