@@ -445,6 +445,71 @@ def test_plugins_shows_a_broken_plugin_as_failed(
     sys.modules.pop("typo_cli_plugin", None)
 
 
+def test_plugins_shows_a_broken_component_or_cli_extension_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only plugins: a component or CLI extension that does not import was listed as
+    healthy with exit code 0, and failed only once used (``--broker NAME``, ``qtasks NAME``)."""
+    from importlib.metadata import EntryPoint
+
+    from qtasks import discovery
+
+    (tmp_path / "raising_cli_ext.py").write_text(
+        "raise RuntimeError('cannot reach redis://user:secret@host')\n"
+    )
+    (tmp_path / "not_a_command_ext.py").write_text("app = 'a string'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    added = {
+        "qtasks.cli": [
+            EntryPoint("brokencli", "raising_cli_ext:app", "qtasks.cli"),
+            EntryPoint("strcli", "not_a_command_ext:app", "qtasks.cli"),
+        ],
+        "qtasks.brokers": [EntryPoint("badbroker", "no_such_driver_here:Broker", "qtasks.brokers")],
+    }
+    real = discovery.entry_points  # type: ignore[attr-defined]  # the name discovery imports
+
+    def fake(*, group: str) -> Any:
+        return [*real(group=group), *added.get(group, [])]
+
+    monkeypatch.setattr(discovery, "entry_points", fake)
+    try:
+        code, out = invoke("plugins")
+        assert code == 1
+        lines = {tuple(x.split()[:2]): x.rstrip() for x in out.splitlines() if x.strip()}
+        assert lines["cli", "brokencli"].endswith("failed")
+        assert lines["cli", "strcli"].endswith("failed")
+        assert lines["broker", "badbroker"].endswith("failed")
+        assert lines["broker", "memory"].endswith("ok")
+        assert (
+            "error: cli 'brokencli' (raising_cli_ext:app, from raising_cli_ext:app) failed to "
+            "import: RuntimeError: cannot reach redis://user:***@host; fix or uninstall it"
+        ) in out
+        assert "secret" not in out
+        assert (
+            "error: broker 'badbroker' (no_such_driver_here:Broker, from "
+            "no_such_driver_here:Broker) failed to import: ModuleNotFoundError: No module named "
+            "'no_such_driver_here'; fix or uninstall it"
+        ) in out
+        assert (
+            "error: CLI extension 'strcli' (not_a_command_ext:app) is a str, neither a "
+            "typer.Typer nor a function: no command is added for it"
+        ) in out
+        code, out = invoke("plugins", "--json")
+        assert code == 1
+        rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
+        assert rows["broker", "badbroker"]["state"] == "failed"
+        assert "No module named 'no_such_driver_here'" in rows["broker", "badbroker"]["error"]
+        assert rows["cli", "brokencli"]["state"] == "failed"
+        assert (rows["storage", "memory"]["state"], "error" in rows["storage", "memory"]) == (
+            "ok",
+            False,
+        )
+    finally:
+        for module in ("raising_cli_ext", "not_a_command_ext"):
+            sys.modules.pop(module, None)
+
+
 def test_plugins_masks_a_dsn_in_a_broken_plugins_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -14,7 +14,8 @@ from qtasks.cli.options import ConfigOpt, JsonOpt, Place, chosen
 from qtasks.cli.output import table, to_json
 from qtasks.cli.resolve import aio_of, import_app
 from qtasks.config import QueueConfig, config_file, follow_broker, load_config
-from qtasks.discovery import check_plugins, discover_all
+from qtasks.discovery import Discovered, check_plugins, discover_all, load
+from qtasks.errors import ConfigError
 from qtasks.masking import masked
 
 
@@ -26,8 +27,10 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
     state is enabled, off (it loads but its own settings leave it off, e.g. metrics without
     a port; how to switch it on follows the table), disabled (plugins_disabled of the
     configuration file) or failed: it does not import, cannot be built, or names an unknown
-    hook; the reasons follow the table and the exit code is 1. (-A is accepted but not
-    needed: plugins load by entry point.) A warning names each name of plugins_disabled that
+    hook. A component or CLI extension is ok, or failed: it does not import (or a CLI
+    extension is neither a typer.Typer nor a function). The reasons of failures follow the
+    table and the exit code is 1. (-A is accepted but not needed: plugins load by entry
+    point.) A warning names each name of plugins_disabled that
     is not an installed plugin (a typo leaves the plugin loaded), and the unrelated 'qtasks'
     distribution when it is installed here too.
     """
@@ -36,13 +39,18 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
     disabled = set(loaded.plugins_disabled)
     check = check_plugins(loaded)
     problems = check.problems
+    broken: dict[tuple[str, str], str] = {}
     rows = []
     for item in discover_all():
-        state = ""
         if item.kind == "plugin":
             state = "disabled" if item.name in disabled or "*" in disabled else "enabled"
             state = "off" if item.name in check.off else state
             state = "failed" if item.name in problems else state
+        else:
+            failure = _failure(item)
+            state = "ok" if failure is None else "failed"
+            if failure is not None:
+                broken[item.kind, item.name] = failure
         row = {
             "kind": item.kind,
             "name": item.name,
@@ -53,6 +61,8 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
         }
         if item.kind == "plugin" and item.name in problems:
             row["error"] = problems[item.name]
+        if (item.kind, item.name) in broken:
+            row["error"] = broken[item.kind, item.name]
         if state == "off":
             row["how"] = check.off[item.name]
         rows.append(row)
@@ -69,13 +79,32 @@ def plugins(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = Fal
                 f"error: {problem}; fix or uninstall it, or add {name!r} to plugins_disabled",
                 err=True,
             )
+        for _, problem in sorted(broken.items()):
+            typer.echo(f"error: {problem}; fix or uninstall it", err=True)
     for problem in check.unknown_disabled.values():
         typer.echo(f"warning: {problem}", err=True)
     clash = other_qtasks()
     if clash:
         typer.echo(f"warning: {clash}", err=True)
-    if problems:
+    if problems or broken:
         raise typer.Exit(1)
+
+
+def _failure(item: Discovered) -> str | None:
+    """Why the component or CLI extension ``item`` cannot be used, masked as :func:`load`
+    masks it (a failed import often quotes a DSN); ``None`` when it loads. Commands and apps
+    fail on it only when they use it (``--broker NAME``, ``qtasks NAME``), so this is where a
+    half-installed distribution shows."""
+    try:
+        obj = load(item.kind, item.name)
+    except ConfigError as exc:
+        return str(exc)
+    if item.kind == "cli" and not callable(obj):  # what the CLI skips without a word
+        return (
+            f"CLI extension {item.name!r} ({item.value}) is a {type(obj).__name__}, neither a "
+            "typer.Typer nor a function: no command is added for it"
+        )
+    return None
 
 
 @command(cli, "config")
