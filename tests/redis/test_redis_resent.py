@@ -101,11 +101,13 @@ async def test_a_claim_s_list_of_what_it_leased_goes_with_the_next_claim(
     broker = RedisBroker(redis_url, prefix=prefix, queue="q")
     await broker.start(stack, QueueConfig())
     client = broker._shared.fast()
+    assert isinstance(client, Lane)
     for i in range(6):
         await broker.publish(Envelope(f"m{i}", b"x"))
 
     async def lists() -> list[bytes]:
-        return [k for k in await client.command("KEYS", f"*{prefix}*:c:*") if b":c:" in k]
+        keys: list[bytes] = await client.command("KEYS", f"*{prefix}*:c:*")
+        return [k for k in keys if b":c:" in k]
 
     async with broker.consume(prefetch=2) as it:
         for _ in range(3):
