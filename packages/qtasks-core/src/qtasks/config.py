@@ -532,7 +532,15 @@ when it provides one of that kind; a global config otherwise follows the storage
 
 
 def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
-    """Make the storage and global config follow a remote broker when they are not set.
+    """Make the storage and global config follow a remote broker when they are not set, and
+    name the backend of a component given a URL but no name.
+
+    A ``broker_url`` (``storage_url``, ``global_config_url``) set while ``broker`` was set
+    by no source names the backend by its scheme, as ``QueueTasks(broker_url=...)`` does
+    (:func:`~qtasks.discovery.backend_of_url`: ``redis://`` gives ``redis``, ``amqp://``
+    ``rabbitmq``; source ``follows the scheme of broker_url``); a scheme qtasks does not know
+    raises :class:`ConfigError`. Before, the URL was dropped and the in-memory default served,
+    while a producer built from the same URL in code used Redis.
 
     A process-local storage behind a broker other processes share is almost never meant:
     results would stay in the worker's memory. So when the broker is remote (its class does
@@ -561,7 +569,20 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
     def current(key: str) -> Any:
         return values[key] if key in values else getattr(config, key)
 
-    remote = {"broker": not getattr(load("broker", config.broker), "local", False)}
+    for component in ("broker", "storage", "global_config"):
+        url_key = f"{component}_url"
+        url = current(url_key)
+        if url is not None and sources.get(component, "default") == "default":
+            values[component] = _named_by_url(component, url, sources.get(url_key, "default"))
+            sources[component] = f"follows the scheme of {url_key}"
+            log.info(
+                "%s %r follows the scheme of %s %s",
+                component.replace("_", " "),
+                values[component],
+                url_key,
+                mask_url(url),
+            )
+    remote = {"broker": not getattr(load("broker", current("broker")), "local", False)}
     for kind in ("storage", "global_config"):
         url_key = f"{kind}_url"
         # Behind a local broker everything may stay in one process: nothing follows.
@@ -570,7 +591,7 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
             names = installed_names(kind)
             leader = next((lead for lead in leaders if current(lead) in names), None)
             if leader is None:
-                raise ConfigError(_no_follower(kind, config.broker, names))
+                raise ConfigError(_no_follower(kind, current("broker"), names))
             values[kind] = current(leader)
             sources[kind] = f"follows {leader}"
             log.info("%s %r follows the %s", kind.replace("_", " "), values[kind], leader)
@@ -593,6 +614,24 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
                 mask_url(default) if isinstance(default, str) else "its default address",
             )
     return LoadedConfig(replace(config, **values), sources, loaded.path)
+
+
+def _named_by_url(kind: str, url: str, source: str) -> str:
+    """The backend of ``kind`` that ``url``'s scheme names, for a URL set without a name
+    (:func:`~qtasks.discovery.backend_of_url`, the rule ``QueueTasks(broker_url=...)``
+    follows): a URL is never given to the in-memory default. A scheme qtasks does not know
+    raises :class:`ConfigError` naming the key to set."""
+    from qtasks.discovery import URL_SCHEMES, backend_of_url
+
+    name = backend_of_url(url)
+    if name is None:
+        schemes = ", ".join(f"{scheme}://" for scheme in URL_SCHEMES)
+        raise ConfigError(
+            f"{source}: {kind}_url {mask_url(url)!r} is set but {kind} is not, and qtasks cannot "
+            f"tell the backend from its scheme (it knows {schemes}): set {kind} to the name of "
+            f"the component (--{kind.replace('_', '-')} NAME)"
+        )
+    return name
 
 
 def _no_follower(kind: str, broker: str, installed: set[str]) -> str:

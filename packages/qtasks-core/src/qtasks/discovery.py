@@ -57,6 +57,28 @@ GROUPS: dict[Kind, str] = {
 KNOWN_DISTRIBUTIONS: dict[str, str] = {"redis": "qtasks-redis", "rabbitmq": "qtasks-rabbitmq"}
 """Component names shipped by qtasks' own distributions, for the "install ..." hint."""
 
+URL_SCHEMES: dict[str, str] = {
+    "redis": "redis",
+    "rediss": "redis",
+    "unix": "redis",
+    "redis+cluster": "redis",
+    "rediss+cluster": "redis",
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+}
+"""URL scheme -> the name of the backend of qtasks' own distributions that serves it."""
+
+
+def backend_of_url(url: str) -> str | None:
+    """The component name a URL's scheme implies (``redis://`` -> ``redis``, ``amqp://`` ->
+    ``rabbitmq``; :data:`URL_SCHEMES`), or ``None`` for a scheme qtasks does not know.
+
+    The one rule by which a URL given without a component name picks the backend, in
+    ``QueueTasks(broker_url=...)`` and in configuration alike
+    (:func:`~qtasks.config.follow_broker`)."""
+    scheme, sep, _ = url.partition("://")
+    return URL_SCHEMES.get(scheme.lower()) if sep else None
+
 
 @dataclass(slots=True, frozen=True)
 class Discovered:
@@ -196,7 +218,8 @@ def components_named(
 ) -> tuple[LoadedConfig, dict[str, Any]] | None:
     """For an app constructed with ``config`` and the components ``given`` (by kind,
     ``None`` where none was passed): ``None`` when ``config`` names no component but
-    ``memory`` for a kind not given (the in-memory defaults, nothing loaded); else the
+    ``memory``, and sets no URL, for a kind not given (the in-memory defaults, nothing
+    loaded; a URL without a name names its backend by its scheme); else the
     configuration completed as :meth:`~qtasks.app.AsyncQueueTasks.from_config` completes it
     (:func:`~qtasks.config.follow_broker`: a storage and global config left at their default
     follow a remote broker; the values that differ from the defaults count as set in code),
@@ -206,7 +229,11 @@ def components_named(
     from qtasks.config import LoadedConfig, QueueConfig, follow_broker  # config imports this
 
     kinds: tuple[Kind, ...] = ("broker", "storage", "global_config")
-    if all(given[kind] is not None or getattr(config, kind) == "memory" for kind in kinds):
+    if all(
+        given[kind] is not None
+        or (getattr(config, kind) == "memory" and getattr(config, f"{kind}_url") is None)
+        for kind in kinds
+    ):
         return None
     defaults = QueueConfig()
     sources = {

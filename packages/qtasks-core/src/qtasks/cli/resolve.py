@@ -101,7 +101,7 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
             sources.setdefault(kind, "app (constructor)")  # built in code: it stays
     followed = follow_broker(LoadedConfig(replace(old, **given), sources))
     aio.config = followed.config
-    for key in ("storage", "storage_url", "global_config", "global_config_url"):
+    for key in ("broker", "storage", "storage_url", "global_config", "global_config_url"):
         source = followed.sources.get(key, "default")
         if source.startswith("follows "):
             aio.config_sources[key] = source

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from dataclasses import fields
 from typing import Any
-from urllib.parse import urlsplit
 
 from qtasks.config import LoadedConfig, QueueConfig, follow_broker
-from qtasks.discovery import build_components
+from qtasks.discovery import backend_of_url, build_components
 from qtasks.errors import ConfigError
-
-_SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis"}
-"""URL scheme -> broker name. QTasks gave ``broker_url`` to its Redis broker only."""
 
 
 def components_from_url(
@@ -29,9 +25,10 @@ def components_from_url(
     Raises :class:`~qtasks.errors.ConfigError` for a scheme qtasks cannot serve this way, and
     (from discovery) naming the distribution to install when ``qtasks-redis`` is missing."""
     given = {"broker": broker, "storage": storage, "global_config": global_config}
-    scheme = urlsplit(url).scheme.lower()
-    broker = _SCHEMES.get(scheme)
-    if broker is None:
+    # The rule configuration follows too (follow_broker): one URL, one backend, wherever it
+    # is given. QTasks gave broker_url to its Redis broker only.
+    broker = backend_of_url(url)
+    if broker != "redis":
         raise ConfigError(
             f"broker_url {url.split('@')[-1]!r}: QueueTasks(broker_url=...) builds the Redis "
             "components from a redis://, rediss:// or unix:// URL; for other brokers pass "
