@@ -9,12 +9,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks
-from qtasks.cli import resolve_app
+from qtasks.cli import cli, resolve_app
 from qtasks.config import follow_broker, load_config
 from qtasks.errors import ConfigError
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+OBJECT_APP = """
+from qtasks import QueueTasks
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+app = QueueTasks(
+    "obj",
+    broker=RedisBroker(URL, queue="mail", prefix=PREFIX),
+    storage=RedisStorage(URL, prefix=PREFIX),
+    global_config=RedisGlobalConfig(URL, prefix=PREFIX),
+)
+
+
+@app.task
+def hello() -> str:
+    return "hi"
+"""
 
 CONFIG_APP = """
 from qtasks import QueueTasks
@@ -38,6 +56,56 @@ def module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for name in set(sys.modules) - before:
         if name.startswith(("objapp_", "urlapp_")):
             sys.modules.pop(name, None)
+
+
+def test_a_url_flag_for_a_component_built_in_code_is_refused(
+    redis_url: str, prefix: str, module: Path
+) -> None:
+    """``--broker-url`` rebuilt the broker by the configuration's name, still the default
+    ``memory``: the worker served an in-memory queue, silently. Now it is refused, naming the
+    installed name of the object's class to give on purpose."""
+    name = f"objapp_{prefix.replace('-', '_')}"
+    source = OBJECT_APP.replace("URL", repr(redis_url)).replace("PREFIX", repr(prefix))
+    (module / f"{name}.py").write_text(source)
+    other = redis_url.rsplit("/", 1)[0] + "/12"
+    for flag, kind, cls in (
+        ("--broker-url", "broker", "RedisBroker"),
+        ("--storage-url", "storage", "RedisStorage"),
+        ("--global-config-url", "global config", "RedisGlobalConfig"),
+    ):
+        # inspect, not run: without the check, run would serve until stopped.
+        result = CliRunner().invoke(cli, ["-A", f"{name}:app", "inspect", flag, other])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(
+            f"error: {flag}: the app's {kind} ({cls}) was built in code, and a URL flag cannot "
+            f"change the URL of an object: give {flag.removesuffix('-url')} redis too"
+        ), result.output
+    app = sys.modules[name].app
+    assert (type(app.broker), type(app.storage)) == (RedisBroker, RedisStorage)
+    # Named on purpose, it is rebuilt from the configuration, by that name, at that URL.
+    rebuilt = resolve_app(
+        f"{name}:app", None, {"broker": "redis", "broker_url": other}, need_tasks=True
+    )
+    assert isinstance(rebuilt, QueueTasks)
+    assert type(rebuilt.aio.broker) is RedisBroker
+    assert rebuilt.aio.broker.target.url == other
+    assert type(rebuilt.aio.storage) is RedisStorage  # the objects the code built stay
+    assert rebuilt.aio.storage.target.url == redis_url
+
+
+def test_a_url_flag_for_an_object_no_entry_point_names_says_so(
+    redis_url: str, module: Path
+) -> None:
+    (module / "objapp_sub.py").write_text(
+        "from qtasks import QueueTasks\n"
+        "from qtasks_redis import RedisBroker\n"
+        "class MyBroker(RedisBroker):\n    pass\n"
+        f"app = QueueTasks(broker=MyBroker({redis_url!r}))\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        resolve_app("objapp_sub:app", None, {"broker_url": redis_url}, need_tasks=True)
+    assert "no installed broker is a MyBroker" in str(caught.value)
+    assert "--broker NAME" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -186,6 +186,18 @@ def load(kind: Kind, name: str) -> Any:
     return _masked_failure(ep.load, lambda shown: ConfigError(f"{what} failed to import: {shown}"))
 
 
+def name_of_class(kind: Kind, cls: type) -> str | None:
+    """The name of the installed entry point of ``kind`` that names ``cls`` itself (not a
+    base class of it), or ``None``. Entry points that fail to import are passed over."""
+    for name, ep in _entry_points(kind).items():
+        try:
+            if ep.load() is cls:
+                return name
+        except Exception:  # a broken distribution names no class; load() reports it when used
+            continue
+    return None
+
+
 def build_component(kind: Kind, name: str, config: QueueConfig) -> Any:
     """Find component ``name`` of ``kind`` and build it from ``config``.
 

@@ -29,7 +29,7 @@ from qtasks.config import (
     follow_broker,
     load_config,
 )
-from qtasks.discovery import Kind, build_component
+from qtasks.discovery import Kind, build_component, load, name_of_class
 from qtasks.errors import ConfigError
 from qtasks.sync import QueueTasks
 
@@ -76,7 +76,9 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
 
     A storage or global config that neither the flags nor the app's configuration set, and
     that the app holds in memory, follows a remote broker (:func:`~qtasks.config.follow_broker`);
-    a component object the app's code built stays."""
+    a component object the app's code built stays. A URL flag for such an object (one whose
+    class is not what its configured name builds) raises :class:`ConfigError` unless its
+    name is given too: it would be rebuilt without what its constructor was given."""
     aio = aio_of(app)
     given: dict[str, Any] = {}
     for key, value in flags.items():
@@ -94,6 +96,10 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
         return
     if aio.started:
         raise ConfigError("command-line flags cannot change an app that already started")
+    kinds: tuple[Kind, ...] = ("broker", "storage", "global_config")
+    for kind in kinds:
+        if f"{kind}_url" in given and kind not in given:
+            _check_built_from_config(aio, kind)
     old = aio.config
     sources = dict(aio.config_sources)
     for kind in ("storage", "global_config"):
@@ -107,7 +113,6 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
             aio.config_sources[key] = source
         elif source == "default":
             aio.config_sources.pop(key, None)
-    kinds: tuple[Kind, ...] = ("broker", "storage", "global_config")
     for kind in kinds:
         url = f"{kind}_url"
         changed = (getattr(aio.config, kind), getattr(aio.config, url)) != (
@@ -118,6 +123,32 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
             setattr(aio, kind, build_component(kind, getattr(aio.config, kind), aio.config))
     if "max_tasks_process" in given:
         aio.thread_limiter.total_tokens = aio.config.max_tasks_process
+
+
+def _check_built_from_config(aio: AsyncQueueTasks, kind: Kind) -> None:
+    """Refuse a URL flag for a component the app's code built: a URL flag rebuilds the
+    component by the name its configuration holds, and for an object passed in code that
+    name is still the default (``memory``), so the flag swapped a Redis broker for an
+    in-memory one without a word. Rebuilding it by its own class's entry-point name would
+    drop what its constructor was given (``RedisBroker(url, queue="mail")``): the error names
+    that name, to be given on purpose with ``--broker``."""
+    component = getattr(aio, kind)
+    factory = load(kind, getattr(aio.config, kind))
+    if type(component) is factory or not isinstance(factory, type):
+        return  # built by that name (a factory's product cannot be told: it is let through)
+    label, flag = kind.replace("_", " "), "--" + kind.replace("_", "-")
+    actual = name_of_class(kind, type(component))
+    rebuild = (
+        f"give {flag} {actual} too to build a new one from the configuration (what the code "
+        f"gave its constructor is not kept)"
+        if actual is not None
+        else f"no installed {label} is a {type(component).__name__}, so it cannot be rebuilt "
+        f"from the configuration; name one with {flag} NAME"
+    )
+    raise ConfigError(
+        f"{flag}-url: the app's {label} ({type(component).__name__}) was built in code, and a "
+        f"URL flag cannot change the URL of an object: {rebuild}, or set the URL in the code"
+    )
 
 
 def resolve_app(
