@@ -772,6 +772,9 @@ def test_component_commands_build_an_app_from_configuration(
         (["get", "f" * 32], "storage (MemoryStorage)"),
         (["cancel", "f" * 32], "broker (MemoryBroker) and storage"),
         (["inspect"], "broker (MemoryBroker), storage (MemoryStorage) and global config"),
+        (["stats", "inspect"], "broker (MemoryBroker), storage (MemoryStorage) and global"),
+        # The component flags are taken (they were "No such option"), memory still refused.
+        (["stats", "inspect", "--broker", "memory"], "broker (MemoryBroker), storage"),
         (["dlq", "list"], "broker (MemoryBroker)"),
         (["dlq", "requeue"], "broker (MemoryBroker) and storage"),
     ],
@@ -783,7 +786,8 @@ def test_component_commands_refuse_in_memory_components(
     monkeypatch.chdir(tmp_path)
     code, out = invoke(*command)
     assert code == 1, out
-    assert out.startswith(f"error: qtasks {' '.join(command[: 2 if command[0] == 'dlq' else 1])}")
+    named = {"dlq": " ".join(command[:2]), "stats": "inspect"}.get(command[0], command[0])
+    assert out.startswith(f"error: qtasks {named} cannot work"), out  # stats inspect: an alias
     assert f"cannot work with the {names}" in out
     assert "--broker redis --broker-url" in out
     assert "Traceback" not in out

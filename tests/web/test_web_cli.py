@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -22,7 +23,7 @@ from qtasks.cli import cli
 APP = """
 from qtasks import AsyncQueueTasks
 
-app = AsyncQueueTasks("cli-shop")
+app = AsyncQueueTasks.from_config(name="cli-shop")
 
 
 @app.task
@@ -62,11 +63,15 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_it_serves_with_the_configured_token_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_it_serves_with_the_configured_token_and_stops_on_sigterm(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
     (tmp_path / "shopapp.py").write_text(APP)
     port = free_port()
     (tmp_path / "qtasks.toml").write_text(
-        f'app = "shopapp:app"\n\n[extra.web]\nport = {port}\ntoken = "env:CLI_WEB_TOKEN"\n'
+        f'app = "shopapp:app"\nbroker_url = "{redis_url}"\n\n[extra]\n'
+        f'redis_prefix = "{redis_prefix}"\n\n[extra.web]\nport = {port}\n'
+        'token = "env:CLI_WEB_TOKEN"\n'
     )
     env = {**os.environ, "CLI_WEB_TOKEN": "cli-token-5150"}
     proc = subprocess.Popen(
@@ -113,9 +118,42 @@ def test_it_serves_with_the_configured_token_and_stops_on_sigterm(tmp_path: Path
         assert time.monotonic() - stopped < 1.9  # before uvicorn's 2 s graceful timeout
         assert proc.returncode == 0, output
         assert "serving 'cli-shop'" in output
+        assert f"broker RedisBroker at {redis_url}, storage RedisStorage" in output
         assert "cli-token-5150" not in output
         assert "Traceback" not in output
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_it_takes_the_component_flags_and_refuses_in_memory_components(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """``qtasks web`` with no app and no configuration served the dashboard of a private
+    in-memory app, empty for good, and took no --broker flag (review r15 #3)."""
+    import qtasks_web.cli
+
+    served: list[Any] = []
+    monkeypatch.setattr(qtasks_web.cli, "serve", lambda app, settings: served.append(app))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["web", "--port", "9000", "--read-only"])
+    assert refused.exit_code == 1, refused.output
+    assert refused.output.startswith(
+        "error: qtasks web cannot work with the broker (MemoryBroker), storage (MemoryStorage) "
+        "and global config (MemoryGlobalConfig): in-memory components live only"
+    )
+    assert served == []
+    flags = ["--broker", "redis", "--broker-url", redis_url, "--global-config", "memory"]
+    result = runner.invoke(cli, ["web", *flags])
+    assert result.exit_code == 1, result.output
+    assert "qtasks web cannot work with the global config (MemoryGlobalConfig)" in result.output
+    result = runner.invoke(cli, ["web", "--broker", "redis", "--broker-url", redis_url])
+    assert result.exit_code == 0, result.output
+    [app] = served
+    assert [type(c).__name__ for c in (app.broker, app.storage, app.global_config)] == [
+        "RedisBroker",
+        "RedisStorage",
+        "RedisGlobalConfig",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import FlowControl, WorkflowStore
+from qtasks.masking import mask_url
 from qtasks.task import TaskDef
 from qtasks.workflows import runtime as workflows
 
@@ -14,6 +15,19 @@ if TYPE_CHECKING:
 
 WORKFLOWS_SHOWN = 20
 """How many of the newest workflows ``qtasks inspect`` lists."""
+
+
+def components_line(app: AsyncQueueTasks) -> str:
+    """``broker RedisBroker at redis://host:6379/0, storage ..., global config ...``: each
+    component's class and, when remote and configured, its URL (password masked), for the
+    line a command logs when it serves (``qtasks run``, ``qtasks web``)."""
+    shown = []
+    for kind in ("broker", "storage", "global_config"):
+        component = getattr(app, kind)
+        url = None if getattr(component, "local", False) else getattr(app.config, f"{kind}_url")
+        where = f" at {mask_url(url)}" if url else ""
+        shown.append(f"{kind.replace('_', ' ')} {type(component).__name__}{where}")
+    return ", ".join(shown)
 
 
 async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:

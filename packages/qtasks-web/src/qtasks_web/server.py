@@ -16,6 +16,7 @@ import anyio
 import uvicorn
 
 from qtasks.errors import ConfigError
+from qtasks.report import components_line
 from qtasks_web.settings import WebSettings, is_loopback
 
 if TYPE_CHECKING:
@@ -59,12 +60,13 @@ def serve(app: AsyncQueueTasks, settings: WebSettings) -> None:
     check_bind(settings)
     web = create_app(app, settings=settings)
     log.warning(
-        "qtasks web: serving %r on http://%s:%d (%s%s)",
+        "qtasks web: serving %r on http://%s:%d (%s%s); %s",
         app.name,
         settings.host,
         settings.port,
         "authentication on" if settings.auth.enabled else "no authentication: loopback only",
         ", read-only" if settings.read_only else "",
+        components_line(app),
     )
     _Closing(_config(web, settings.host, settings.port)).run()
 

@@ -162,12 +162,21 @@ def _handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def shared_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` as a command of its own: the options annotated with
+    :class:`~qtasks.cli.options.Place` or :class:`~qtasks.cli.options.Components` spread
+    (:func:`~qtasks.cli.options.spread_options`) and qtasks errors printed as one line. For a
+    command a distribution adds through the ``qtasks.cli`` entry point, so it takes the
+    component flags as the built-in ones do (``qtasks web``)."""
+    return _handle_errors(spread_options(func))
+
+
 def command(group: typer.Typer, name: str | None = None) -> Callable[[F], F]:
     """Register a command of ``group``: shared options spread
     (:func:`~qtasks.cli.options.spread_options`), errors as one line, flags shown plainly."""
 
     def register(func: F) -> F:
-        group.command(name, cls=_Command)(_handle_errors(spread_options(func)))
+        group.command(name, cls=_Command)(shared_options(func))
         return func
 
     return register

@@ -11,7 +11,7 @@ import typer
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command, dlq, stats
-from qtasks.cli.options import Components, JsonOpt, Place
+from qtasks.cli.options import Components, JsonOpt
 from qtasks.cli.output import table, to_json, workflows_table
 from qtasks.cli.resolve import resolve_app, run_on
 from qtasks.errors import ConfigError, UnknownTaskError
@@ -115,7 +115,7 @@ def stats_inspect(
         ),
     ] = None,
     *,
-    where: Place,
+    where: Components,
     as_json: JsonOpt = False,
 ) -> None:
     """Alias of `qtasks inspect`, as QTasks 1.7 spelled it (`stats inspect app|task NAME|tasks
@@ -136,7 +136,7 @@ def stats_inspect(
             )
     if subject == "task" and len(names) != 1:
         raise ConfigError("stats inspect task: give one task NAME (tasks NAME... for several)")
-    report = _report(Components(app=where.app, config=where.config))
+    report = _report(where)
     if names:
         tasks = report["tasks"]
         for name in names:

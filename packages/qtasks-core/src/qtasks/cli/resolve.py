@@ -176,6 +176,23 @@ def resolve_app(
 _KIND_LABEL = {"broker": "broker", "storage": "storage", "global_config": "global config"}
 
 
+def refuse_local(aio: AsyncQueueTasks, command: str, uses: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` when ``aio`` has not started and holds one of the
+    components ``uses`` in process memory: ``qtasks command`` would work on a queue or
+    records that exist only for the lifetime of this command, shared with no worker."""
+    local = [kind for kind in uses if getattr(getattr(aio, kind), "local", False)]
+    if not local or aio.started:
+        return
+    labels = [f"{_KIND_LABEL[k]} ({type(getattr(aio, k)).__name__})" for k in local]
+    names = " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
+    raise ConfigError(
+        f"qtasks {command} cannot work with the {names}: in-memory components live only "
+        f"in this command's process, so what it sees or writes disappears when it exits "
+        f"and no worker shares it. Name a shared backend, e.g. --broker redis --broker-url "
+        f"redis://HOST:6379/0 (or broker and broker_url in the configuration)"
+    )
+
+
 def run_on(
     app: AnyApp,
     func: Callable[[AsyncQueueTasks], Awaitable[T]],
@@ -189,21 +206,11 @@ def run_on(
 
     A sync app runs it through its own portal, so the CLI also works on an app that a
     surrounding program (or a test) is serving in the same process. An app that is not
-    running yet and holds one of the components ``uses`` in process memory is refused with a
-    :class:`ConfigError`: ``command`` would work on a queue or records that exist only for
-    the lifetime of this command."""
+    running yet and holds one of the components ``uses`` in process memory is refused
+    (:func:`refuse_local`)."""
     aio = aio_of(app)
     was_started = aio.started
-    local = [kind for kind in uses if getattr(getattr(aio, kind), "local", False)]
-    if local and not was_started:
-        labels = [f"{_KIND_LABEL[k]} ({type(getattr(aio, k)).__name__})" for k in local]
-        names = " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
-        raise ConfigError(
-            f"qtasks {command} cannot work with the {names}: in-memory components live only "
-            f"in this command's process, so what it sees or writes disappears when it exits "
-            f"and no worker shares it. Name a shared backend, e.g. --broker redis --broker-url "
-            f"redis://HOST:6379/0 (or broker and broker_url in the configuration)"
-        )
+    refuse_local(aio, command, uses)
 
     async def started() -> T:
         if not aio.started:

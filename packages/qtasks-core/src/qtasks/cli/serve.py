@@ -18,8 +18,8 @@ from qtasks.cli.options import Components, MetricsPortOpt
 from qtasks.cli.resolve import aio_of, resolve_app
 from qtasks.discovery import instantiate_plugin, load
 from qtasks.errors import ConfigError
-from qtasks.masking import mask_url
 from qtasks.plugins import hookimpl
+from qtasks.report import components_line
 from qtasks.threads import still_running
 
 
@@ -30,21 +30,12 @@ class _ServingLog:
     @hookimpl
     def qtasks_broker_listening(self, app: AsyncQueueTasks) -> None:
         logging.getLogger("qtasks.cli").info(
-            "serving %r: %d tasks, concurrency %d; broker %s%s, storage %s%s, global config %s%s",
+            "serving %r: %d tasks, concurrency %d; %s",
             app.name,
             len(app.tasks),
             app.config.max_tasks_process,
-            *_where(app, "broker"),
-            *_where(app, "storage"),
-            *_where(app, "global_config"),
+            components_line(app),
         )
-
-
-def _where(app: AsyncQueueTasks, kind: str) -> tuple[str, str]:
-    """A component's class and, when remote and configured, its URL (password masked)."""
-    component = getattr(app, kind)
-    url = None if getattr(component, "local", False) else getattr(app.config, f"{kind}_url")
-    return type(component).__name__, f" at {mask_url(url)}" if url else ""
 
 
 def enable_metrics(app: AsyncQueueTasks, port: int) -> None:
