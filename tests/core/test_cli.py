@@ -878,3 +878,51 @@ def test_dlq_requeue_of_ids_that_are_not_dead_letters_exits_1(
     code, out = invoke("dlq", "requeue", "nonexistent", "-A", served)
     assert code == 1
     assert out.splitlines() == ["requeued 0", "error: not a dead letter: nonexistent"]
+
+
+SECRET_APP = """
+from qtasks import QueueConfig, QueueTasks
+
+app = QueueTasks("secret-app", config=QueueConfig(plugins_disabled=["timer"]))
+
+@app.task
+def login(user: str, password: str = "", **options: object) -> str:
+    return f"redis://{user}:{password}@db:6379/0"
+"""
+
+
+def test_task_records_are_printed_with_secrets_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``qtasks get`` and ``add --wait`` printed ``{"password": "hunter2"}`` as it is, where
+    the dashboard and ``qtasks config`` mask it (review r15 #6); --show-secrets shows it."""
+    name = f"secretapp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(SECRET_APP)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app: QueueTasks = importlib.import_module(name).app
+    target = f"{name}:app"
+    try:
+        with app:
+            code, out = invoke("add", "-A", target, "login", "ann", "hunter2", "--wait", "5")
+            assert code == 0, out
+            assert 'args: ["ann", "***"]' in out  # positional, by the task's parameter name
+            assert "returning: redis://ann:***@db:6379/0" in out  # a result quoting a DSN
+            assert "hunter2" not in out
+            kwargs = '{"password": "hunter2", "note": "token=hunter2", "user_name": "x"}'
+            code, out = invoke("add", "-A", target, "login", "bob", "--kwargs", kwargs, "--json")
+            assert code == 0, out
+            enqueued = json.loads(out)
+            assert enqueued["kwargs"] == {"password": "***", "note": "token=***", "user_name": "x"}
+            app.wait(enqueued["uuid"], 5)
+            for extra in ([], ["--json"]):
+                code, out = invoke("get", enqueued["uuid"], "-A", target, *extra)
+                assert code == 0, out
+                assert "hunter2" not in out and "***" in out
+            code, out = invoke("get", enqueued["uuid"], "-A", target, "--show-secrets")
+            assert code == 0, out
+            assert '"password": "hunter2"' in out
+            assert "warning: --show-secrets: passwords and secrets are shown" in out
+    finally:
+        app.close()
+        sys.modules.pop(name, None)

@@ -9,6 +9,7 @@ whose key is named like a secret (:func:`is_secret_key`: ``password``, ``token``
 
 from __future__ import annotations
 
+import inspect
 import re
 from bisect import bisect_right
 from itertools import groupby
@@ -263,3 +264,51 @@ def masked_entry(key: Any, value: Any) -> Any:
 
 def _hidden(value: Any) -> Any:
     return value if isinstance(value, str) and value.startswith("env:") else MASK
+
+
+MAX_DEPTH = 20
+"""How deep :func:`masked_value` looks into nested data; what is deeper is masked whole."""
+
+
+def masked_value(value: Any, mask: str = MASK, depth: int = 0) -> Any:
+    """Data a task was given or returned (arguments, a result, message headers) as it may be
+    shown: the value of every key named like a secret (:func:`is_secret_key`) becomes
+    ``mask``, at any depth, and every string goes through :func:`mask_text` (a URL's
+    password, ``token=...`` in a text); what is nested too deep to check (past
+    :data:`MAX_DEPTH` levels) is replaced whole. Sets and tuples come back as lists.
+
+    One rule for the dashboard (whose ``mask`` is its own mark) and the CLI's task records."""
+    if depth > MAX_DEPTH:
+        return mask
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return {
+            k: mask if isinstance(k, str) and is_secret_key(k) else masked_value(v, mask, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [masked_value(v, mask, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):  # latin-1: every byte a character and back
+        return bytes(mask_text(value.decode("latin-1")).encode("latin-1"))
+    return value
+
+
+def masked_args(
+    args: list[Any], signature: inspect.Signature | None, mask: str = MASK
+) -> list[Any]:
+    """Positional ``args`` through :func:`masked_value`, and each masked whole when the
+    parameter it binds to in ``signature`` (the task's, ``None`` when unknown) is named like
+    a secret (``send(user, password)``)."""
+    shown: list[Any] = masked_value(args, mask)
+    if signature is None:
+        return shown
+    names = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return [
+        mask if i < len(names) and is_secret_key(names[i]) else value
+        for i, value in enumerate(shown)
+    ]

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qtasks import masking
 from qtasks.components import AttemptLog, DeadLetter, RecordQuery, StorageQuery
-from qtasks.masking import is_secret_key, mask_text
+from qtasks.masking import mask_text, masked_value
 from qtasks.record import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -35,24 +36,10 @@ CHILDREN_SHOWN = 1000
 """Most children a task's page lists (newest first)."""
 
 
-def masked(value: Any, depth: int = 0) -> Any:
-    """``value`` with the values of secret-looking keys replaced, at any depth, and every
-    string through :func:`~qtasks.masking.mask_text` (a URL's password, ``token=...`` in a
-    text); what is nested too deep to check (past 20 levels) is replaced whole."""
-    if depth > 20:
-        return MASK
-    if isinstance(value, str):
-        return mask_text(value)
-    if isinstance(value, dict):
-        return {
-            k: MASK if isinstance(k, str) and is_secret_key(k) else masked(v, depth + 1)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple | set | frozenset):
-        return [masked(v, depth + 1) for v in value]
-    if isinstance(value, bytes | bytearray):  # latin-1: every byte a character and back
-        return bytes(mask_text(value.decode("latin-1")).encode("latin-1"))
-    return value
+def masked(value: Any) -> Any:
+    """``value`` as the dashboard shows it: :func:`qtasks.masking.masked_value` with the
+    dashboard's :data:`MASK`."""
+    return masked_value(value, MASK)
 
 
 def shown_text(value: Any) -> str:
@@ -63,20 +50,10 @@ def shown_text(value: Any) -> str:
 
 def masked_args(app: AsyncQueueTasks, task_name: str, args: list[Any]) -> list[Any]:
     """``args`` masked: a positional argument is masked too when the task, registered in
-    ``app``, names its parameter like a secret (``send(user, password)``)."""
-    shown: list[Any] = masked(args)
+    ``app``, names its parameter like a secret (``send(user, password)``;
+    :func:`qtasks.masking.masked_args`)."""
     task = app.tasks.get(task_name)
-    if task is None:
-        return shown
-    names = [
-        p.name
-        for p in task.caller_signature.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    return [
-        MASK if i < len(names) and is_secret_key(names[i]) else value
-        for i, value in enumerate(shown)
-    ]
+    return masking.masked_args(args, task.caller_signature if task else None, MASK)
 
 
 def pretty(value: Any) -> str:

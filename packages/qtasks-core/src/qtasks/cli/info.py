@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
-from typing import Annotated
 
 import typer
 
 from qtasks.clash import other_qtasks
 from qtasks.cli.group import cli, command
-from qtasks.cli.options import ConfigOpt, JsonOpt, Place, chosen
-from qtasks.cli.output import table, to_json
+from qtasks.cli.options import ConfigOpt, JsonOpt, Place, ShowSecretsOpt, chosen
+from qtasks.cli.output import table, to_json, warn_secrets_shown
 from qtasks.cli.resolve import aio_of, import_app
 from qtasks.config import QueueConfig, config_file, follow_broker, load_config
 from qtasks.discovery import Discovered, check_plugins, discover_all, load
@@ -112,13 +111,7 @@ def show_config(
     *,
     where: Place,
     as_json: JsonOpt = False,
-    show_secrets: Annotated[
-        bool,
-        typer.Option(
-            "--show-secrets",
-            help="Show passwords and secret-named values as they are (default: ***).",
-        ),
-    ] = False,
+    show_secrets: ShowSecretsOpt = False,
 ) -> None:
     """Show the effective configuration and where each value came from.
 
@@ -141,9 +134,8 @@ def show_config(
     # Output that ends up in issues and CI logs: passwords and secret-named values masked,
     # unless asked for by name.
     values = {f.name: getattr(shown, f.name) for f in fields(QueueConfig)}
-    if show_secrets:
-        typer.echo("warning: --show-secrets: passwords and secrets are shown", err=True)
-    else:
+    warn_secrets_shown(show_secrets)
+    if not show_secrets:
         values = {key: masked(value) for key, value in values.items()}
     if as_json:
         typer.echo(to_json({k: {"value": v, "source": sources[k]} for k, v in values.items()}))

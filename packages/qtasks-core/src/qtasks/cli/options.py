@@ -40,6 +40,13 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ShowSecretsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--show-secrets",
+        help="Show passwords and secret-named values as they are (default: ***).",
+    ),
+]
 MetricsPortOpt = Annotated[
     int | None,
     typer.Option(

@@ -8,11 +8,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from qtasks.masking import masked_args, masked_value
 from qtasks.record import TaskRecord
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
 
 
 def to_json(data: Any) -> str:
@@ -46,9 +50,35 @@ def _is_time(key: str) -> bool:
     return key == "eta" or key.endswith("_at")
 
 
-def print_record(record: TaskRecord, as_json: bool) -> None:
-    """``key: value`` lines (times in local ISO 8601), or JSON (times as unix seconds)."""
+def shown_record(record: TaskRecord, app: AsyncQueueTasks, show_secrets: bool) -> dict[str, Any]:
+    """:func:`record_dict` as the CLI prints it: unless ``show_secrets``, masked as the
+    dashboard and ``qtasks config`` mask (:mod:`qtasks.masking`): values of secret-named
+    arguments (positional ones by the task's parameter names in ``app``), and credentials in
+    any text (a result, an error quoting its DSN). What is printed ends up in issues and CI
+    logs."""
     data = record_dict(record)
+    if show_secrets:
+        return data
+    task = app.tasks.get(record.task_name)
+    signature = task.caller_signature if task is not None else None
+    return {
+        key: masked_args(value, signature) if key == "args" else masked_value(value)
+        for key, value in data.items()
+    }
+
+
+def warn_secrets_shown(show_secrets: bool) -> None:
+    """Say on stderr that ``--show-secrets`` shows what is otherwise masked."""
+    if show_secrets:
+        typer.echo("warning: --show-secrets: passwords and secrets are shown", err=True)
+
+
+def print_record(
+    record: TaskRecord, as_json: bool, app: AsyncQueueTasks, show_secrets: bool
+) -> None:
+    """``key: value`` lines (times in local ISO 8601), or JSON (times as unix seconds);
+    secrets masked unless ``show_secrets`` (:func:`shown_record`)."""
+    data = shown_record(record, app, show_secrets)
     if as_json:
         typer.echo(to_json(data))
         return

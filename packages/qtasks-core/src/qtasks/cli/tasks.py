@@ -10,17 +10,18 @@ import typer
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command
-from qtasks.cli.options import Components, JsonOpt
+from qtasks.cli.options import Components, JsonOpt, ShowSecretsOpt
 from qtasks.cli.output import (
     parse_arg,
     print_record,
-    record_dict,
+    shown_record,
     strict_json,
     table,
     to_json,
+    warn_secrets_shown,
     workflows_table,
 )
-from qtasks.cli.resolve import resolve_app, run_on
+from qtasks.cli.resolve import aio_of, resolve_app, run_on
 from qtasks.errors import ConfigError, TaskTimeoutError, UnknownTaskError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import runtime as workflows
@@ -56,12 +57,13 @@ def add(
     *,
     where: Components,
     as_json: JsonOpt = False,
+    show_secrets: ShowSecretsOpt = False,
 ) -> None:
     """Enqueue a task and print its uuid.
 
     A task the loaded app does not have is refused (exit code 1) unless --force is given.
-    With --wait, print its final record instead; the exit code is 1 if the task ended in
-    error or was cancelled, or did not finish in time.
+    With --wait, print its final record instead (secrets masked as in `qtasks get`); the exit
+    code is 1 if the task ended in error or was cancelled, or did not finish in time.
     """
     parsed_kwargs: dict[str, Any] = {}
     if kwargs is not None:
@@ -102,10 +104,12 @@ def add(
                 err=True,
             )
         raise
+    warn_secrets_shown(show_secrets)
+    aio = aio_of(the_app)
     if wait is None:
-        typer.echo(to_json(record_dict(record)) if as_json else record.uuid)
+        typer.echo(to_json(shown_record(record, aio, show_secrets)) if as_json else record.uuid)
         return
-    print_record(record, as_json)
+    print_record(record, as_json, aio, show_secrets)
     if record.status is not TaskStatus.SUCCESS:
         raise typer.Exit(1)
 
@@ -116,8 +120,12 @@ def get(
     *,
     where: Components,
     as_json: JsonOpt = False,
+    show_secrets: ShowSecretsOpt = False,
 ) -> None:
-    """Print the stored record of a task (exit code 1 if there is none)."""
+    """Print the stored record of a task (exit code 1 if there is none).
+
+    Values of secret-named arguments (password, token, api_key...) and passwords in URLs are
+    shown as ***, as in `qtasks config` and the dashboard, unless --show-secrets is given."""
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
 
     async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
@@ -126,7 +134,8 @@ def get(
     record = run_on(the_app, go, command="get", uses=("storage",))
     if record is None:
         raise _no_record(uuid)
-    print_record(record, as_json)
+    warn_secrets_shown(show_secrets)
+    print_record(record, as_json, aio_of(the_app), show_secrets)
 
 
 @command(cli)
