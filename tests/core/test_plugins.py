@@ -261,6 +261,87 @@ async def test_enqueue_transform_exception_aborts_add_task(app: AsyncQueueTasks)
     assert sum((await app.storage.stats()).values()) == 0  # nothing stored either
 
 
+SECRET = "redis://u:hunter2@db:6379/0 password=hunter2"
+
+
+def _everything_logged(caplog: pytest.LogCaptureFixture) -> str:
+    """What the handlers got: each message and any traceback handed to them."""
+    shown = []
+    for record in caplog.records:
+        shown.append(record.getMessage())
+        if record.exc_info:
+            shown.append("".join(traceback.format_exception(*record.exc_info)))
+    return "\n".join(shown)
+
+
+async def test_a_hooks_runtime_error_is_shown_masked_everywhere(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that fails quoting a DSN: the log line, the add error, the task record and
+    every traceback show it masked, as the errors of a plugin's import and constructor are
+    (review r15 #7). The traceback is logged at DEBUG, masked too."""
+
+    class Leaky:
+        @hookimpl
+        def qtasks_task_enqueued(self) -> None:
+            raise RuntimeError(f"enqueued hook exploded: {SECRET}")
+
+        @hookimpl
+        def qtasks_executor_args(self) -> None:
+            raise RuntimeError(f"args hook exploded: {SECRET}")
+
+        @hookimpl
+        def qtasks_task_retry_delay(self) -> float:
+            raise RuntimeError(f"policy exploded: {SECRET}")
+
+    class Gate:
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Message) -> Message:
+            if message.task_name == "refused":
+                raise RuntimeError(f"enqueue hook exploded: {SECRET}")
+            return message
+
+    @app.task
+    async def ok() -> str:
+        return "fine"
+
+    with caplog.at_level(logging.DEBUG):
+        async with app:
+            app.add_plugin(Gate(), name="gate")
+            with pytest.raises(PluginError) as refused:
+                await app.add_task("refused")
+            app.add_plugin(Leaky(), name="leaky")
+            task = await ok.add_task(timeout=5)
+            decided = None
+            with pytest.raises(PluginError) as undecided:
+                decided = app.hooks.decide(
+                    "qtasks_task_retry_delay", app=app, task=ok, record=task, exc=ValueError()
+                )
+    assert decided is None
+    assert str(refused.value) == (
+        "plugin 'gate': hook qtasks_task_enqueue raised RuntimeError: enqueue hook exploded: "
+        "redis://u:***@db:6379/0 password=***"
+    )
+    assert task.status is TaskStatus.ERROR
+    assert task.error == (
+        "PluginError: plugin 'leaky': hook qtasks_executor_args raised RuntimeError: args hook "
+        "exploded: redis://u:***@db:6379/0 password=***"
+    )
+    assert "hunter2" not in (task.traceback or "")
+    for error in (refused.value, undecided.value):
+        assert "hunter2" not in "".join(traceback.format_exception(error))
+        assert error.__cause__ is None
+    logged = _everything_logged(caplog)
+    assert "hunter2" not in logged
+    assert (
+        "plugin 'leaky' failed in hook qtasks_task_enqueued (ignored): RuntimeError: "
+        "enqueued hook exploded: redis://u:***@db:6379/0 password=***"
+    ) in logged
+    # The traceback for the plugin's author: at DEBUG, masked, naming the hook's own line.
+    assert "plugin 'leaky': hook qtasks_executor_args raised\nTraceback" in logged
+    assert 'in qtasks_executor_args\n    raise RuntimeError(f"args hook exploded: ' in logged
+
+
 # --- registration checks ----------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from qtasks.errors import ConfigError, PluginError, QTasksError
-from qtasks.masking import mask_text
+from qtasks.masking import mask_text, masked_error
 
 if TYPE_CHECKING:
     from qtasks.config import LoadedConfig, QueueConfig
@@ -269,12 +269,9 @@ def _described(kind: Kind, name: str, ep: EntryPoint) -> str:
     return f"{kind.replace('_', ' ')} {name!r} ({ep.value}, from {_dist_label(ep)})"
 
 
-def _shown(exc: BaseException) -> str:
-    """An error from a plugin or component as qtasks shows it: its type and its text,
-    credentials masked (a failed import or constructor often quotes the DSN it could not
-    reach)."""
-    text = mask_text(str(exc))
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+_shown = masked_error
+"""An error from a plugin or component as qtasks shows it (:func:`~qtasks.masking.masked_error`:
+a failed import or constructor often quotes the DSN it could not reach)."""
 
 
 def _masked_failure(call: Callable[[], T], error: Callable[[str], QTasksError]) -> T:

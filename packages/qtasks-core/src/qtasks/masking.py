@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import traceback
 from bisect import bisect_right
 from itertools import groupby
 from typing import Any, overload
@@ -312,3 +313,18 @@ def masked_args(
         mask if i < len(names) and is_secret_key(names[i]) else value
         for i, value in enumerate(shown)
     ]
+
+
+def masked_error(exc: BaseException) -> str:
+    """An exception as qtasks shows one it did not raise itself (a plugin's, a component's):
+    its type and its text through :func:`mask_text` (a failed call often quotes the DSN it
+    could not reach)."""
+    text = mask_text(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def masked_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback (its causes included) as Python prints it, through
+    :func:`mask_text`: for a log line, instead of ``exc_info``, which hands the raw
+    exception, text and all, to every handler (a file, Sentry)."""
+    return mask_text("".join(traceback.format_exception(exc)))

@@ -23,6 +23,7 @@ import pluggy
 from qtasks import hookspecs
 from qtasks.cancels import is_error
 from qtasks.errors import PluginError, TaskCodeError
+from qtasks.masking import masked_error, masked_traceback
 
 hookimpl = pluggy.HookimplMarker("qtasks")
 """Marker for hook implementations: ``@hookimpl`` (``tryfirst``/``trylast`` supported)."""
@@ -206,7 +207,7 @@ class Hooks:
             try:
                 result = func(*pick(kwargs))
             except BaseException as exc:
-                return _Failed(*_blame(plugin, hook, exc))
+                return _Failed(_blame(plugin, hook, exc))
             if result is None or (type(field) is str and result is kwargs[field]):
                 continue  # unchanged: a value handed back as it came is no awaitable to check
             if inspect.isawaitable(result):
@@ -227,7 +228,7 @@ class Hooks:
         try:
             result = await pending
         except BaseException as exc:
-            _Failed(*_blame(impls[index][0], hook, exc)).throw()
+            _Failed(_blame(impls[index][0], hook, exc)).throw()
         if result is not None:
             _assign(kwargs, field, result)
         for plugin, func, pick in impls[index + 1 :]:
@@ -238,7 +239,7 @@ class Hooks:
                 if inspect.isawaitable(result):
                     result = await result
             except BaseException as exc:
-                _Failed(*_blame(plugin, hook, exc)).throw()
+                _Failed(_blame(plugin, hook, exc)).throw()
             if result is not None:
                 _assign(kwargs, field, result)
         return _value(kwargs, field)
@@ -250,7 +251,8 @@ class Hooks:
         try:
             return getattr(self.pm.hook, hook)(**kwargs)
         except Exception as exc:
-            raise PluginError(_culprit(self, hook), f"hook {hook} raised {exc!r}") from exc
+            error = _hook_error(_culprit(self, hook), hook, exc)
+        raise error  # out of the handler: the raw exception is not even its __context__
 
 
 def _ignore(plugin: str, hook: str, exc: BaseException) -> None:
@@ -259,7 +261,8 @@ def _ignore(plugin: str, hook: str, exc: BaseException) -> None:
     a stop, see :mod:`qtasks.cancels`) is one."""
     if not is_error(exc):
         raise exc
-    log.error("plugin %r failed in hook %s (ignored)", plugin, hook, exc_info=exc)
+    log.error("plugin %r failed in hook %s (ignored): %s", plugin, hook, masked_error(exc))
+    log.debug("plugin %r: hook %s raised\n%s", plugin, hook, masked_traceback(exc))
 
 
 def _value(kwargs: dict[str, Any], field: str | tuple[str, ...]) -> Any:
@@ -276,19 +279,29 @@ def _assign(kwargs: dict[str, Any], field: str | tuple[str, ...], result: Any) -
             kwargs[name] = value
 
 
-def _blame(
-    plugin: str, hook: str, exc: BaseException
-) -> tuple[BaseException, BaseException | None]:
-    """The error to raise for ``exc`` from ``plugin``'s implementation of ``hook``, and its
-    cause: the task's own exception itself when the plugin marked it so. What is not an error
-    is raised again; a stray cancellation (the hook's own, not a stop, see
+def _blame(plugin: str, hook: str, exc: BaseException) -> BaseException:
+    """The error to raise for ``exc`` from ``plugin``'s implementation of ``hook``: the
+    task's own exception itself when the plugin marked it so, else :func:`_hook_error`. What
+    is not an error is raised again; a stray cancellation (the hook's own, not a stop, see
     :mod:`qtasks.cancels`) is one, so it fails the task with the plugin named, as in
     :func:`_ignore`, instead of being blamed on the task and retried."""
     if not is_error(exc):
         raise exc
     if isinstance(exc, TaskCodeError) and exc.__cause__ is not None:
-        return exc.__cause__, None  # raised as it is, its own cause kept
-    return PluginError(plugin, f"hook {hook} raised {exc!r}"), exc
+        return exc.__cause__  # raised as it is, its own cause kept
+    return _hook_error(plugin, hook, exc)
+
+
+def _hook_error(plugin: str, hook: str, exc: BaseException) -> PluginError:
+    """The :class:`PluginError` for ``plugin``'s implementation of ``hook`` raising ``exc``:
+    its text masked (:func:`~qtasks.masking.masked_error`), as the errors of a plugin's import
+    and constructor are, and not chained from ``exc``, whose text any traceback of the error
+    (the task record's, a log's, Sentry's) would show as it is. The masked traceback of ``exc``
+    is logged at DEBUG, for the plugin's author."""
+    log.debug("plugin %r: hook %s raised\n%s", plugin, hook, masked_traceback(exc))
+    error = PluginError(plugin, f"hook {hook} raised {masked_error(exc)}")
+    error.__suppress_context__ = True  # raised while exc is handled: not shown as its context
+    return error
 
 
 class _Ready:
@@ -308,18 +321,15 @@ _DONE = _Ready(None)
 
 
 class _Failed:
-    """An awaitable that raises ``error`` (chained from ``cause``) when awaited."""
+    """An awaitable that raises ``error`` when awaited."""
 
-    __slots__ = ("cause", "error")
+    __slots__ = ("error",)
 
-    def __init__(self, error: BaseException, cause: BaseException | None) -> None:
+    def __init__(self, error: BaseException) -> None:
         self.error = error
-        self.cause = cause
 
     def throw(self) -> NoReturn:
-        if self.cause is None:
-            raise self.error  # the task's own exception, as it was raised
-        raise self.error from self.cause
+        raise self.error
 
     def __await__(self) -> Generator[Any, None, Any]:
         self.throw()
