@@ -635,8 +635,19 @@ def test_entry_point_plugin_that_cannot_import_is_logged_and_skipped(
 def test_missing_component_name_lists_installed_and_the_distribution_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    memory = EntryPoint("memory", "qtasks.memory:MemoryBroker", "qtasks.brokers")
-    _fake_entry_points(monkeypatch, "qtasks.brokers", [memory])
+    real = discovery.entry_points  # type: ignore[attr-defined]  # the name discovery imports
+    memory = {
+        "qtasks.brokers": "MemoryBroker",
+        "qtasks.storages": "MemoryStorage",
+        "qtasks.global_configs": "MemoryGlobalConfig",
+    }
+
+    def without_redis(*, group: str) -> Any:  # qtasks-redis not installed at all
+        if group not in memory:
+            return real(group=group)
+        return [EntryPoint("memory", f"qtasks.memory:{memory[group]}", group)]
+
+    monkeypatch.setattr(discovery, "entry_points", without_redis)
     with pytest.raises(ConfigError) as info:
         discovery.load("broker", "redis")
     message = str(info.value)
@@ -645,6 +656,20 @@ def test_missing_component_name_lists_installed_and_the_distribution_to_install(
     assert "pip install qtasks-redis" in message
     with pytest.raises(ConfigError, match=r"entry-point group qtasks\.brokers"):
         discovery.load("broker", "kafka")
+
+
+def test_a_name_whose_distribution_is_installed_says_what_it_provides() -> None:
+    """``--storage rabbitmq`` told to ``pip install qtasks-rabbitmq``, which is installed and
+    has a broker of that name only (review r15 #10)."""
+    with pytest.raises(ConfigError) as info:
+        discovery.load("storage", "rabbitmq")
+    message = str(info.value)
+    assert message.startswith("no storage named 'rabbitmq' is installed (installed: memory")
+    assert message.endswith(
+        "; qtasks-rabbitmq is installed and provides a broker 'rabbitmq', but no storage: name "
+        "one of those installed"
+    )
+    assert "pip install" not in message
 
 
 def test_components_are_built_by_name_from_the_config() -> None:

@@ -26,6 +26,7 @@ import difflib
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from importlib.metadata import EntryPoint, entry_points
@@ -173,17 +174,43 @@ def load(kind: Kind, name: str) -> Any:
     if ep is None:
         installed = ", ".join(sorted(eps)) or "none"
         label = kind.replace("_", " ")
-        hint = ""
-        if name in KNOWN_DISTRIBUTIONS:
-            hint = f"; install it with: pip install {KNOWN_DISTRIBUTIONS[name]}"
-        else:
-            hint = (
-                f"; install a distribution that declares {name!r} in the entry-point group "
-                f"{GROUPS[kind]}"
-            )
-        raise ConfigError(f"no {label} named {name!r} is installed (installed: {installed}){hint}")
+        raise ConfigError(
+            f"no {label} named {name!r} is installed (installed: {installed})"
+            f"{_missing_hint(kind, name)}"
+        )
     what = _described(kind, name, ep)
     return _masked_failure(ep.load, lambda shown: ConfigError(f"{what} failed to import: {shown}"))
+
+
+def _missing_hint(kind: Kind, name: str) -> str:
+    """Why no ``kind`` is named ``name``, and what to do: install the distribution of qtasks
+    that ships it; or, when that distribution is installed, that it ships ``name`` as other
+    kinds only (``qtasks-rabbitmq`` has a broker ``rabbitmq``, no storage), so installing it
+    again changes nothing."""
+    label = kind.replace("_", " ")
+    distribution = KNOWN_DISTRIBUTIONS.get(name)
+    if distribution is None:
+        return (
+            f"; install a distribution that declares {name!r} in the entry-point group "
+            f"{GROUPS[kind]}"
+        )
+    provides = [
+        f"a {other.replace('_', ' ')} {found!r}"
+        for other in ("broker", "storage", "global_config")
+        for found, ep in _entry_points(other).items()
+        if ep.dist is not None and _normalized(ep.dist.name) == distribution
+    ]
+    if not provides:
+        return f"; install it with: pip install {distribution}"
+    return (
+        f"; {distribution} is installed and provides {' and '.join(provides)}, but no {label}: "
+        f"name one of those installed"
+    )
+
+
+def _normalized(distribution: str) -> str:
+    """A distribution's name as PyPI compares them (``qtasks_rabbitmq`` is ``qtasks-rabbitmq``)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 def name_of_class(kind: Kind, cls: type) -> str | None:
