@@ -705,6 +705,45 @@ def test_bad_app_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "expected a QueueTasks or AsyncQueueTasks app" in out
 
 
+def test_an_app_module_that_raises_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/cli.md: an app that cannot be imported is one line starting with ``error:``; a
+    module raising anything but ImportError printed a raw traceback (review r15 #12). The
+    line names where it was raised, its text masked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "boom_mod.py").write_text(
+        "import os\nraise RuntimeError('cannot reach redis://u:hunter2@db:6379/0')\n"
+    )
+    (tmp_path / "syntax_mod.py").write_text("def broken(:\n    pass\n")
+    (tmp_path / "factory_boom_mod.py").write_text("def make():\n    return {}['missing']\n")
+    cases = [
+        (
+            "boom_mod:app",
+            "error: --app boom_mod:app: importing 'boom_mod' raised RuntimeError: cannot reach "
+            f"redis://u:***@db:6379/0 at {tmp_path / 'boom_mod.py'}:2",
+        ),
+        (
+            "syntax_mod",
+            "error: --app syntax_mod: importing 'syntax_mod' raised SyntaxError: invalid syntax "
+            "(syntax_mod.py, line 1)",
+        ),
+        (
+            "factory_boom_mod:make",
+            "error: --app factory_boom_mod:make: calling 'make' raised KeyError: 'missing' at "
+            f"{tmp_path / 'factory_boom_mod.py'}:2",
+        ),
+    ]
+    try:
+        for target, line in cases:
+            code, out = invoke("inspect", "-A", target)
+            assert (code, out) == (1, line + "\n")
+    finally:
+        for name in ("boom_mod", "syntax_mod", "factory_boom_mod"):
+            sys.modules.pop(name, None)
+
+
 def test_flags_rebuild_components_and_factories_are_called(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

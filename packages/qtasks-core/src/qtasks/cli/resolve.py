@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -30,7 +31,8 @@ from qtasks.config import (
     load_config,
 )
 from qtasks.discovery import Kind, build_component, load, name_of_class
-from qtasks.errors import ConfigError
+from qtasks.errors import ConfigError, QTasksError
+from qtasks.masking import masked_error
 from qtasks.sync import QueueTasks
 
 T = TypeVar("T")
@@ -49,6 +51,10 @@ def import_app(target: str) -> AnyApp:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"--app {target}: cannot import module {module_name!r}: {exc}") from exc
+    except QTasksError:
+        raise  # qtasks' own error (a bad configuration read by from_config) says it all
+    except Exception as exc:
+        raise _raised_in_app_code(target, f"importing {module_name!r}", exc) from None
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -56,13 +62,30 @@ def import_app(target: str) -> AnyApp:
         except AttributeError:
             raise ConfigError(f"--app {target}: module {module_name!r} has no {attr!r}") from None
     if not isinstance(obj, AsyncQueueTasks | QueueTasks) and callable(obj):
-        obj = obj()
+        try:
+            obj = obj()
+        except QTasksError:
+            raise
+        except Exception as exc:
+            raise _raised_in_app_code(target, f"calling {attr!r}", exc) from None
     if not isinstance(obj, AsyncQueueTasks | QueueTasks):
         raise ConfigError(
             f"--app {target}: expected a QueueTasks or AsyncQueueTasks app (or a factory "
             f"returning one), got {type(obj).__name__}"
         )
     return obj
+
+
+def _raised_in_app_code(target: str, doing: str, exc: Exception) -> ConfigError:
+    """The one-line error for the app's own code raising while ``-A`` loads it (not an
+    ``ImportError``: a ``RuntimeError``, a ``SyntaxError``): the exception, masked, and the
+    file and line of its deepest frame (a ``SyntaxError``'s text names them), so the user
+    knows where to look without a traceback of qtasks' own frames."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    if isinstance(exc, SyntaxError):  # its text names its file and line; its frame is ours
+        where = ""
+    return ConfigError(f"--app {target}: {doing} raised {masked_error(exc)}{where}")
 
 
 def aio_of(app: AnyApp) -> AsyncQueueTasks:
