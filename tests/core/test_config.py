@@ -97,6 +97,51 @@ def test_unknown_key_in_a_file_is_an_error_naming_file_and_key(tmp_path: Path) -
     assert "max_tasks_process" in message  # the known keys are listed
 
 
+def test_an_unknown_key_close_to_a_setting_suggests_it(tmp_path: Path) -> None:
+    """The list of every key did not say which one was meant (review r15 #12)."""
+    file = write(tmp_path / "qtasks.toml", "brokr = 'redis'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(file, env={})
+    assert f"{file}: unknown key 'brokr' (did you mean 'broker'?; known keys: app, " in str(
+        info.value
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"QTASKS_MAX_TASK_PROCESS": "2"}, directory=tmp_path / "none")
+    assert str(info.value).startswith(
+        "env QTASKS_MAX_TASK_PROCESS: unknown key 'max_task_process' (did you mean "
+        "'max_tasks_process'?; known keys: "
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, cli={"zzz": 1})
+    assert "unknown key 'zzz' (known keys: app, " in str(info.value)  # close to none
+
+
+def test_a_mistyped_extension_table_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[extra.audti]`` for the installed plugin ``audit``: the plugin reads its own table,
+    finds none and runs with its defaults; a table close to no installed name is left alone
+    (a plugin added in code may read it) (review r15 #12)."""
+    file = write(
+        tmp_path / "qtasks.toml",
+        '[extra.audti]\nprefix = "p"\n\n[extra.audit]\nprefix = "q"\n\n'
+        "[extra.mine]\nx = 1\n\n[[extra.timers]]\ntask = 't'\nevery = 5\n",
+    )
+    with caplog.at_level("WARNING", logger="qtasks.config"):
+        load_config(file, env={})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{file}: [extra.audti] is read by nothing installed; a typo of [extra.audit]?"
+    ]
+    caplog.clear()
+    pyproject = write(tmp_path / "pyproject.toml", "[tool.qtasks.extra.tracng]\nservice = 'shop'\n")
+    with caplog.at_level("WARNING", logger="qtasks.config"):
+        load_config(pyproject, env={})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{pyproject}: [tool.qtasks.extra.tracng] is read by nothing installed; a typo of "
+        "[tool.qtasks.extra.tracing]?"
+    ]
+
+
 def test_wrong_type_names_file_key_and_expected_type(tmp_path: Path) -> None:
     file = write(tmp_path / "qtasks.toml", 'max_tasks_process = "10"\n')
     with pytest.raises(

@@ -217,8 +217,7 @@ def check_value(key: str, value: Any, source: str) -> Any:
     if key not in _FIELD_TYPES:
         if key in MOVED:
             raise ConfigError(f"{source}: {key!r} is not a setting of the core: {MOVED[key]}")
-        known = ", ".join(sorted(_FIELD_TYPES))
-        raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
+        raise ConfigError(f"{source}: {_unknown_key(key)}")
     kind = _FIELD_TYPES[key]
     base, optional = _non_none(kind)
     if value is None:
@@ -240,6 +239,13 @@ def check_value(key: str, value: Any, source: str) -> Any:
     if key == "default_priority":
         return check_priority(value, f"{source}: 'default_priority'", ConfigError)
     return float(value) if base is float else value
+
+
+def _unknown_key(key: str) -> str:
+    """``unknown key 'brokr' (did you mean 'broker'?; known keys: ...)``."""
+    close = close_names(key, _FIELD_TYPES)
+    meant = f"did you mean {' or '.join(map(repr, close))}?; " if close else ""
+    return f"unknown key {key!r} ({meant}known keys: {', '.join(sorted(_FIELD_TYPES))})"
 
 
 CLI_FLAGS = {"max_tasks_process": "--concurrency", "app": "--app"}
@@ -319,7 +325,35 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{source}: expected a table of settings")
     values = {k: check_value(k, v, source) for k, v in table.items()}
     _warn_settings_in_extra(values.get("extra", {}), path, prefix)
+    _warn_mistyped_tables(values.get("extra", {}), path, prefix)
     return values, source
+
+
+EXTRA_TABLES = frozenset({"timers"})
+"""``extra`` tables read under a name other than their extension's (qtasks-timer's
+``[[extra.timers]]``), for :func:`_warn_mistyped_tables`."""
+
+
+def _warn_mistyped_tables(extra: dict[str, Any], path: Path, prefix: str) -> None:
+    """Warn about an ``[extra.NAME]`` table that nothing installed reads but whose NAME is
+    close to one that something does (``[extra.audti]`` for the plugin ``audit``): the
+    extension reads its own table, finds none, and runs with its defaults without a word. A
+    NAME close to none is left alone: a plugin added in code may read it."""
+    from qtasks.discovery import GROUPS, installed_names
+
+    known = set(EXTRA_TABLES).union(*(installed_names(kind) for kind in GROUPS))
+    for name, table in extra.items():
+        if name in known or not isinstance(table, dict | list):
+            continue
+        close = close_names(name, known)
+        if close:
+            log.warning(
+                "%s: [%sextra.%s] is read by nothing installed; a typo of %s?",
+                path,
+                prefix,
+                name,
+                " or ".join(f"[{prefix}extra.{other}]" for other in close),
+            )
 
 
 def _warn_settings_in_extra(extra: dict[str, Any], path: Path, prefix: str) -> None:
@@ -456,7 +490,6 @@ def _check_not_a_setting(name: str, key: str, referenced: set[str], missing: set
             return
         log.debug("env %s is not a setting: left to the extension %r", name, namespace)
         return
-    known = ", ".join(sorted(_FIELD_TYPES))
     hint = ""
     if sep and not ours:
         hint = (
@@ -464,7 +497,7 @@ def _check_not_a_setting(name: str, key: str, referenced: set[str], missing: set
             f"is QTASKS_<NAME>_... of an installed plugin or CLI extension (installed: "
             f"{', '.join(sorted(extensions)) or 'none'})"
         )
-    raise ConfigError(f"env {name}: unknown key {key!r} (known keys: {known}){hint}")
+    raise ConfigError(f"env {name}: {_unknown_key(key)}{hint}")
 
 
 def load_config(
