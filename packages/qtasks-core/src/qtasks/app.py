@@ -27,6 +27,7 @@ from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
     Broker,
+    CancelFrom,
     DeadLetter,
     FreshWait,
     GlobalConfig,
@@ -763,14 +764,27 @@ class AsyncQueueTasks:
 
         A workflow member's workflow is told it ended (it fails, as the member's failure
         would): a queued member's message is dropped, so no worker would tell it. A workflow's
-        own record is cancelled as by :meth:`cancel_workflow`, its members with it."""
+        own record is cancelled as by :meth:`cancel_workflow`, its members with it.
+
+        ``qtasks_task_cancelled`` fires here, in this app, when this call cancelled a task no
+        worker ran (its record was ``new`` or ``retry``); a running one's worker fires it."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
-        record = await self.storage.cancel(uuid, reason)
-        if record is None:
-            return None
+        storage = self.storage
+        prior: TaskStatus | None = None  # unknown without CancelFrom
+        if isinstance(storage, CancelFrom):
+            done = await storage.cancel_from(uuid, reason)
+            if done is None:
+                return None
+            record, prior = done
+        else:
+            cancelled = await storage.cancel(uuid, reason)
+            if cancelled is None:
+                return None
+            record = cancelled
         if record.status is TaskStatus.CANCEL:
-            if await self.broker.cancel(uuid):  # dropped unstarted: its rate token is free
+            dropped = await self.broker.cancel(uuid)
+            if dropped:  # dropped unstarted: its rate token is free
                 await flow.dropped(self, record)
             self.worker.cancel_local(uuid, reason)
             if record.task_name == WORKFLOW_TASK:
@@ -779,6 +793,17 @@ class AsyncQueueTasks:
                 # ``again``: a repeated cancel, or the member's worker refused its result
                 # first, may have opened the error gate already; it is not published twice.
                 await workflows.member_ended(self, record, again=True)
+            # Once across processes: a worker that holds the task unstarted finds its record
+            # final when it begins it and drops it without a word (qtasks.worker); one that
+            # began it (``process``) fires the hook when it settles or drops it.
+            queued = dropped if prior is None else prior in (TaskStatus.NEW, TaskStatus.RETRY)
+            if queued and record.task_name != WORKFLOW_TASK:
+                await self.hooks.notify(
+                    "qtasks_task_cancelled",
+                    app=self,
+                    record=record,
+                    reason=record.cancel_reason or reason,
+                )
         return self._bind(record)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

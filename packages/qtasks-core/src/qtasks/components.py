@@ -38,8 +38,8 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`SettleBegin`, :class:`BeginOnClaim`, :class:`BeginMany`,
 :class:`AttemptLog`, :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`,
-:class:`CancelFeed`, :class:`StorageQuery`, :class:`BulkPublish`, :class:`BulkPublishNew`,
-:class:`BuryNotice`,
+:class:`CancelFeed`, :class:`CancelFrom`, :class:`StorageQuery`, :class:`BulkPublish`,
+:class:`BulkPublishNew`, :class:`BuryNotice`,
 :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease`,
 :class:`HeartbeatEnd` and :class:`UniquePublish`,
 checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
@@ -699,6 +699,20 @@ class CancelFeed(Protocol):
         no cancel escapes it. Started with ``task_group.start``: reports started once it
         listens (or, when the backend is unreachable, once it tried; it keeps retrying in the
         background). Never raises for a lost connection."""
+        ...
+
+
+@runtime_checkable
+class CancelFrom(Protocol):
+    """Optional storage capability: a cancel that says what it changed, so the process that
+    cancels a queued task (not one a worker runs) fires ``qtasks_task_cancelled`` for it, and
+    only for it (see the hook). A storage without it: the canceller fires the hook only when
+    the broker dropped the message unstarted (:meth:`Broker.cancel` returned ``True``)."""
+
+    async def cancel_from(self, uuid: str, reason: str) -> tuple[TaskRecord, TaskStatus] | None:
+        """Exactly :meth:`Storage.cancel`, in the same atomic step, returning the stored
+        record and the status it had just before this call (a final one when the call changed
+        nothing; ``process`` when a worker held it); ``None`` when unknown."""
         ...
 
 

@@ -52,7 +52,10 @@ step). Then:
   (returns a delay; the ``retry`` record is stored) → ``qtasks_worker_task_retry`` →
   ``qtasks_broker_requeued`` → ``qtasks_worker_execute_after``; the next delivery starts over.
 * cancel: ``qtasks_executor_closed`` → ``qtasks_storage_saved`` → ``qtasks_broker_acked`` →
-  ``qtasks_task_cancelled`` → ``qtasks_worker_execute_after``.
+  ``qtasks_task_cancelled`` → ``qtasks_worker_execute_after``. A task cancelled after its
+  claim began it but before it started: ``qtasks_task_cancelled`` alone, after
+  ``qtasks_worker_task_received`` (one cancelled while queued fires it in the canceller's
+  process, see the hook).
 * lease lost on the last allowed delivery (``max_deliveries``): ``qtasks_executor_closed`` →
   (the ``error`` record, fenced) ``qtasks_task_dead_lettered`` → ``qtasks_worker_execute_after``.
 * (no run here) a message the broker dead-lettered on its own, every delivery lost: (the
@@ -530,7 +533,20 @@ def qtasks_task_failed(app: AsyncQueueTasks, record: TaskRecord, exc: BaseExcept
 
 @hookspec
 def qtasks_task_cancelled(app: AsyncQueueTasks, record: TaskRecord, reason: str) -> None:
-    """Notification: the task ended as ``cancel``."""
+    """Notification: the task ended as ``cancel``; ``reason`` is the record's
+    ``cancel_reason``. Fires once per cancelled task, in one process:
+
+    * cancelled while queued (record ``new`` or ``retry``, whether or not a worker had claimed
+      the message): in the process that called :meth:`~qtasks.app.AsyncQueueTasks.cancel`,
+      after its cancel is stored and the message dropped (with a storage that is not a
+      :class:`~qtasks.components.CancelFrom`, only when the broker dropped the message
+      unstarted);
+    * cancelled once a worker began it (record ``process``), running or still waiting there
+      (a :class:`~qtasks.components.BeginOnClaim` claim begins a record before its task
+      starts): in that worker, once the message is acked.
+
+    Not for a cancel of a final record, nor (no process knows of it) a task whose worker died
+    after beginning it."""
 
 
 @hookspec

@@ -647,6 +647,17 @@ class QueueWorker:
             if record.workflow is not None:
                 await workflows.found_final(app, record)
             await delivery.ack()
+            if (
+                record.status is TaskStatus.CANCEL
+                and begun is not None
+                and not begun.status.final
+                and record.token == delivery.token
+            ):
+                # Cancelled after this delivery's claim began it: the canceller saw it
+                # ``process`` and left the hook to this worker, which drops it unstarted.
+                reason = record.cancel_reason or "cancelled"
+                log.info("task %s was cancelled before it started (%s)", record.uuid, reason)
+                await hooks.notify("qtasks_task_cancelled", app=app, record=record, reason=reason)
             return
         if record.token != delivery.token and record.workflow is not None:
             # Not begun: a stale copy of a workflow step published again since (see

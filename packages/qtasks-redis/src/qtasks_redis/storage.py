@@ -408,8 +408,18 @@ class RedisStorage:
         return await self._save(record, fence, "0")
 
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
+        done = await self.cancel_from(uuid, reason)
+        return None if done is None else done[0]
+
+    async def cancel_from(self, uuid: str, reason: str) -> tuple[TaskRecord, TaskStatus] | None:
+        """See :class:`qtasks.components.CancelFrom`: the status before is read in the same
+        script."""
         fields = await self._run(lua.CANCEL, uuid, uuid, reason, self._ttl_ms, self._channel)
-        return None if fields is None else self._record(fields)
+        record = None if fields is None else self._record(fields[:8])
+        if record is None:
+            return None
+        prior = fields[8]  # none for a record stored without its status field: unknown
+        return record, TaskStatus(prior.decode()) if prior else record.status
 
     async def cancelled(self, uuids: Sequence[str]) -> dict[str, str]:
         """See :class:`qtasks.components.CancelCheck`: one script per 1,000 records."""

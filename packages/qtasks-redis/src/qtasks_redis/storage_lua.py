@@ -241,9 +241,9 @@ return 1
 CANCEL = Script(
     PRELUDE
     + r"""
--- ARGV: uuid, reason, ttl_ms, channel. Returns {d, s, t, cr, u, n, a, w} or nil when
--- unknown. A cancel of a record in 'process' is published on channel (the workers' cancel
--- feed), as a JSON array [uuid, reason].
+-- ARGV: uuid, reason, ttl_ms, channel. Returns {d, s, t, cr, u, n, a, w, s before the call}
+-- or nil when unknown. A cancel of a record in 'process' is published on channel (the
+-- workers' cancel feed), as a JSON array [uuid, reason].
 local cur = redis.call('HMGET', K_REC, 'd', 's')
 if not cur[1] then return false end
 if not FINAL[cur[2]] then
@@ -261,7 +261,9 @@ if not FINAL[cur[2]] then
     redis.call('PUBLISH', ARGV[4], cjson.encode({ARGV[1], ARGV[2]}))
   end
 end
-return redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+local out = redis.call('HMGET', K_REC, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+out[9] = cur[2]
+return out
 """
 )
 

@@ -273,11 +273,17 @@ class MemoryStorage(_Lifecycle):
             self._fire(record.uuid)
 
     async def cancel(self, uuid: str, reason: str) -> TaskRecord | None:
+        done = await self.cancel_from(uuid, reason)
+        return None if done is None else done[0]
+
+    async def cancel_from(self, uuid: str, reason: str) -> tuple[TaskRecord, TaskStatus] | None:
+        """See :class:`qtasks.components.CancelFrom`."""
         self._check()
         stored = self._records.get(uuid)
         if stored is None:
             return None
-        if not stored.status.final:
+        prior = stored.status
+        if not prior.final:
             running = stored.status is TaskStatus.PROCESS
             stored.status = TaskStatus.CANCEL
             stored.cancel_reason = reason
@@ -288,8 +294,8 @@ class MemoryStorage(_Lifecycle):
             if running:
                 for follower in list(self._cancel_followers):
                     follower(uuid, reason)
-            return stored
-        return stored.copy()
+            return stored, prior
+        return stored.copy(), prior
 
     async def add_many(self, records: Sequence[TaskRecord]) -> None:
         """See :class:`qtasks.components.BulkAdd`."""

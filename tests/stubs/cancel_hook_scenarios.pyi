@@ -1,0 +1,1 @@
+from tests.cancel_hook_scenarios import *  # noqa: F403
