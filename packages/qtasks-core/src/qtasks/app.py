@@ -772,7 +772,8 @@ class AsyncQueueTasks:
             await self.start()
         storage = self.storage
         prior: TaskStatus | None = None  # unknown without CancelFrom
-        if isinstance(storage, CancelFrom):
+        if _cancels_from(storage):
+            assert isinstance(storage, CancelFrom)  # _cancels_from said so
             done = await storage.cancel_from(uuid, reason)
             if done is None:
                 return None
@@ -906,3 +907,26 @@ class AsyncQueueTasks:
         """Raise :class:`~qtasks.errors.ComponentNotStartedError` unless the app is started."""
         if self._stack is None:
             raise ComponentNotStartedError(f"app {self.name!r} is not started")
+
+
+_CANCELS_FROM: dict[type, bool] = {}
+""":func:`_cancels_from` by storage class: decided once per class, not at every cancel."""
+
+
+def _cancels_from(storage: object) -> bool:
+    """Whether ``app.cancel`` calls ``storage.cancel_from``: a :class:`CancelFrom` storage
+    that does not override ``cancel`` below the class giving it ``cancel_from`` (a subclass
+    of a built-in storage auditing its cancels keeps its override called; the canceller then
+    fires ``qtasks_task_cancelled`` when the broker dropped the message unstarted)."""
+    kind = type(storage)
+    known = _CANCELS_FROM.get(kind)
+    if known is None:
+        known = isinstance(storage, CancelFrom)
+        for klass in kind.__mro__ if known else ():
+            if "cancel" in vars(klass):
+                known = "cancel_from" in vars(klass)
+                break
+            if "cancel_from" in vars(klass):
+                break
+        _CANCELS_FROM[kind] = known
+    return known

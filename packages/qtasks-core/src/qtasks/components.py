@@ -707,7 +707,9 @@ class CancelFrom(Protocol):
     """Optional storage capability: a cancel that says what it changed, so the process that
     cancels a queued task (not one a worker runs) fires ``qtasks_task_cancelled`` for it, and
     only for it (see the hook). A storage without it: the canceller fires the hook only when
-    the broker dropped the message unstarted (:meth:`Broker.cancel` returned ``True``)."""
+    the broker dropped the message unstarted (:meth:`Broker.cancel` returned ``True``).
+    A subclass of a storage that has it and overrides ``cancel`` (to audit cancels, say)
+    keeps its override called: ``app.cancel`` then uses ``cancel``, as without it."""
 
     async def cancel_from(self, uuid: str, reason: str) -> tuple[TaskRecord, TaskStatus] | None:
         """Exactly :meth:`Storage.cancel`, in the same atomic step, returning the stored
