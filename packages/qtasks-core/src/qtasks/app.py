@@ -34,6 +34,7 @@ from qtasks.components import (
     SharedServer,
     Starter,
     Storage,
+    plain_overridden,
 )
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.depends import InjectPlugin
@@ -921,12 +922,8 @@ def _cancels_from(storage: object) -> bool:
     kind = type(storage)
     known = _CANCELS_FROM.get(kind)
     if known is None:
-        known = isinstance(storage, CancelFrom)
-        for klass in kind.__mro__ if known else ():
-            if "cancel" in vars(klass):
-                known = "cancel_from" in vars(klass)
-                break
-            if "cancel_from" in vars(klass):
-                break
+        known = isinstance(storage, CancelFrom) and not plain_overridden(
+            kind, "cancel", "cancel_from"
+        )
         _CANCELS_FROM[kind] = known
     return known

@@ -975,6 +975,21 @@ class RateRelease(Protocol):
         ...
 
 
+def plain_overridden(kind: type, plain: str, capability: str) -> bool:
+    """Whether ``kind`` overrides method ``plain`` below the class that gives it method
+    ``capability``, a capability's faster form of it (``release_slot`` and
+    ``release_slot_waking``, ``cancel`` and ``cancel_from``). The core then calls ``plain``:
+    a subclass of a built-in component that overrides the plain method (to count or audit
+    its calls) keeps its override called rather than bypassed through the capability it
+    inherits."""
+    for klass in kind.__mro__:
+        if plain in vars(klass):
+            return capability not in vars(klass)
+        if capability in vars(klass):
+            return False
+    return False
+
+
 @runtime_checkable
 class SlotWake(Protocol):
     """Optional :class:`FlowControl` capability: free a concurrency slot and bring its key's

@@ -42,6 +42,7 @@ from qtasks.components import (
     RateRelease,
     SlotWake,
     UniquePublish,
+    plain_overridden,
 )
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.messages import Envelope, Message
@@ -786,12 +787,10 @@ def _wakes(flow_control: object, broker: object) -> bool:
     pair = (type(flow_control), type(broker))
     known = _WAKES.get(pair)
     if known is None:
-        known = isinstance(flow_control, SlotWake) and isinstance(broker, BringForward)
-        for klass in pair[0].__mro__ if known else ():
-            if "release_slot" in vars(klass):
-                known = "release_slot_waking" in vars(klass)
-                break
-            if "release_slot_waking" in vars(klass):
-                break
+        known = (
+            isinstance(flow_control, SlotWake)
+            and isinstance(broker, BringForward)
+            and not plain_overridden(pair[0], "release_slot", "release_slot_waking")
+        )
         _WAKES[pair] = known
     return known
