@@ -96,8 +96,8 @@ async def test_a_resent_claim_hands_back_what_it_leased(
 async def test_a_claim_s_list_of_what_it_leased_goes_with_the_next_claim(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:
-    """The list a claim keeps for its re-run is deleted by the consumer's next claim once its
-    reply was read: one such list per consumer, not one per claim for a lease."""
+    """What a claim keeps for its re-run is one key per consuming loop, overwritten by its next
+    claim that leases: one such key per consumer, not one per claim for a lease."""
     broker = RedisBroker(redis_url, prefix=prefix, queue="q")
     await broker.start(stack, QueueConfig())
     client = broker._shared.fast()

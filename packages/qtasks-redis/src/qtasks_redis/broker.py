@@ -599,7 +599,8 @@ class RedisBroker:
         idle_ms = min(self._lease_ms, _IDLE_WAKE_MS)
 
         lane = client if isinstance(client, Lane) else None
-        answered: str | None = None  # the nonce of the last claim whose reply was read
+        # Names this loop's record of its last claim (kept for a re-sent call, see CLAIM_BODY).
+        consumer = os.urandom(6).hex()
 
         async def claim(
             block: float | None, due: bool
@@ -607,15 +608,12 @@ class RedisBroker:
             """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up;
             ``due``: ``block`` ends at a deadline, not at the idle bound); see ``parse`` for
             what it returns."""
-            nonlocal answered
             nonce = os.urandom(6).hex()
             args: tuple[Any, ...] = (
                 self._lease_ms,
                 self._max_deliveries,
                 count,
-                # With the nonce of the last claim whose reply was read: its list of what it
-                # leased (kept for a re-run after a lost reply) is not needed any more.
-                nonce if answered is None else f"{nonce}/{answered}",
+                f"{consumer}/{nonce}",
                 *extra,
             )
             if starts is not None:
@@ -630,7 +628,6 @@ class RedisBroker:
                 reply = await lane.block_then_script(
                     block, wake, script, keys, args, orphan=orphaned, exact=due
                 )
-                answered = nonce
                 return parse(reply)
             if block is not None:
                 await self._block(client, block)
@@ -638,7 +635,6 @@ class RedisBroker:
             # that they are handed back at exit, not left to their lease.
             with anyio.CancelScope(shield=True):
                 reply = await script(client, keys, args)
-            answered = nonce
             return parse(reply)
 
         def orphaned(reply: Any) -> None:

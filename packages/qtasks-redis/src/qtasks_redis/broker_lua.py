@@ -16,10 +16,11 @@ script touches one Redis Cluster slot and declares every key it uses):
 11. ``dlmeta``   HASH id -> JSON {reason, priority, deliveries, dead_at}
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
-and, built from ``inflight``'s name (same slot), ``<inflight>:c:<nonce>``: LIST of what one
-claim call leased (id, priority, token), for a lease at most (the consumer's next claim
-deletes it), so that the call re-sent after a lost reply hands those back rather than leasing
-more (see ``CLAIM_BODY``).
+and, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
+the consumer's last claim call leased (its nonce, then the JSON list of ids; the tokens are
+``<nonce>.<n>``), for a lease at most (the consumer's next claim that leases overwrites it),
+so that the call re-sent after a lost reply hands those back rather than leasing more (see
+``CLAIM_BODY``).
 
 Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
 
@@ -200,33 +201,33 @@ return 1
 )
 
 CLAIM_BODY = r"""
--- ARGV: lease_ms, max_deliveries, count, nonce ('<nonce>' or '<nonce>/<previous>', the
--- previous: the nonce of this consumer's last claim whose reply it read) (then what on_claim
--- reads), then the dead-letter retention: ttl_ms, cap (the last two, read only when
+-- ARGV: lease_ms, max_deliveries, count, '<consumer>/<nonce>' (the consumer: an id of the
+-- claiming loop; the nonce: of this call, the same when the call is re-sent) (then what
+-- on_claim reads), then the dead-letter retention: ttl_ms, cap (the last two, read only when
 -- dead-lettering)
 -- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
 -- on_claim appends>, ...}; the wait is only computed when the ready queue was emptied (fewer
 -- than count claimed); the consumer blocks for it when it claimed nothing.
 local lease, maxd, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local nonce, previous = string.match(ARGV[4], '^([^/]*)/?(.*)$')
+local consumer, nonce = string.match(ARGV[4], '^([^/]*)/(.*)$')
 local now = now_ms()
--- The previous claim's reply was read: no re-run of it will come, its list goes (so the lists
--- live one per consumer, not one per claim for a lease).
-if previous ~= '' then redis.call('DEL', K_INFLIGHT .. ':c:' .. previous) end
 -- A call re-sent after its reply was lost (the lane or redis-py retries it): its first run
--- leased messages under this nonce. Hand back those it still holds and lease nothing more
--- (before, they were leased to nobody until the lease ended, a delivery burnt each).
-local K_CLAIMED = K_INFLIGHT .. ':c:' .. nonce
-local before = redis.call('LRANGE', K_CLAIMED, 0, -1)
-if #before > 0 then
+-- leased messages under this nonce and wrote them as this consumer's last claim. Hand back
+-- those it still holds and lease nothing more (before, they were leased to nobody until the
+-- lease ended, a delivery burnt each). One key per consumer, overwritten by its next claim:
+-- a GET per claim and a SET per claim that leased, whatever the count.
+local K_CLAIMED = K_INFLIGHT .. ':c:' .. consumer
+local last = redis.call('GET', K_CLAIMED)
+if last and string.sub(last, 1, #nonce + 1) == nonce .. ' ' then
   local out = {'-1'}
-  for i = 1, #before, 3 do
-    local id, prio, token = before[i], before[i + 1], before[i + 2]
+  local before = cjson.decode(string.sub(last, #nonce + 2))
+  for n = 1, #before do
+    local id, token = before[n], nonce .. '.' .. n
     local body = redis.call('HGET', K_BODY, id)
     if body and redis.call('HGET', K_TOK, id) == token then
       out[#out + 1] = id
       out[#out + 1] = body
-      out[#out + 1] = prio
+      out[#out + 1] = redis.call('HGET', K_META, id)
       out[#out + 1] = redis.call('HGET', K_ATT, id)
       out[#out + 1] = token
       on_claim(id, body, token, out)
@@ -245,6 +246,7 @@ if (d[2] and tonumber(d[2]) <= now) or (l[2] and tonumber(l[2]) <= now) then
 end
 local out = {'-1'}
 local n = 0
+local claimed = {}
 local empty, published = false, false
 while n < count and not empty do
   -- Pop what is still wanted in one call; dead-lettered ones are made up for by the next.
@@ -282,12 +284,12 @@ while n < count and not empty do
         out[#out + 1] = tostring(attempt)
         out[#out + 1] = token
         on_claim(id, body, token, out)
-        redis.call('RPUSH', K_CLAIMED, id, prio, token)
+        claimed[n] = id
       end
     end
   end
 end
-if n > 0 then redis.call('PEXPIRE', K_CLAIMED, lease) end
+if n > 0 then redis.call('SET', K_CLAIMED, nonce .. ' ' .. cjson.encode(claimed), 'PX', lease) end
 if empty then
   -- Nothing left: stale wake-ups would only cause empty claims.
   redis.call('DEL', K_NOTIFY)
