@@ -272,6 +272,49 @@ def test_inspect_and_workflow_list_the_newest_workflows(
     assert code == 0 and "cancel=1, success=1" in out and stopped.id in out
 
 
+def test_workflow_and_inspect_mask_a_workflow_s_result_and_error(
+    app_module: ModuleType,
+) -> None:
+    """A workflow's result and error are shown masked, as ``qtasks get`` shows a record's;
+    ``--show-secrets`` shows them as they are."""
+    app: QueueTasks = app_module.app
+
+    @app.task
+    def dsn() -> str:
+        return "redis://u:hunter2@h/0"
+
+    @app.task
+    def unreachable() -> None:
+        raise ConnectionError("cannot reach redis://u:hunter2@h/0")
+
+    target = f"{app_module.__name__}:app"
+    with app:
+        done = app.run_workflow(chain(dsn.s()))
+        assert done.wait_result(5).result == "redis://u:hunter2@h/0"
+        failed = app.run_workflow(chain(unreachable.s()))
+        assert failed.wait_result(5).status == "error"
+        for args in (
+            ("workflow", done.id),
+            ("workflow", done.id, "--json"),
+            ("workflow", failed.id),
+            ("workflow", failed.id, "--json"),
+            ("workflow",),
+            ("workflow", "--json"),
+            ("inspect", "--json"),
+        ):
+            code, out = invoke(*args, "-A", target)
+            assert code == 0, out
+            assert "hunter2" not in out and "redis://u:***@h/0" in out, (args, out)
+        result = runner.invoke(
+            cli, ["workflow", failed.id, "--json", "--show-secrets", "-A", target]
+        )
+        assert result.exit_code == 0
+        assert "redis://u:hunter2@h/0" in json.loads(result.stdout)["error"]
+        assert "--show-secrets: passwords and secrets are shown" in result.stderr
+        code, out = invoke("workflow", done.id, "--show-secrets", "-A", target)
+        assert code == 0 and 'result: "redis://u:hunter2@h/0"' in out
+
+
 def test_get_unknown_uuid_exits_1(served: str) -> None:
     code, out = invoke("get", "0" * 32, "-A", served)
     assert code == 1

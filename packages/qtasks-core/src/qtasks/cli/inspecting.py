@@ -15,6 +15,7 @@ from qtasks.cli.options import Components, JsonOpt
 from qtasks.cli.output import table, to_json, workflows_table
 from qtasks.cli.resolve import resolve_app, run_on
 from qtasks.errors import ConfigError, UnknownTaskError
+from qtasks.masking import masked_value
 
 
 @command(cli)
@@ -39,6 +40,8 @@ def _report(where: Components) -> dict[str, Any]:
         command="inspect",
         uses=("broker", "storage", "global_config"),
     )
+    if "workflows" in report:  # a workflow's error may quote a DSN, as `qtasks workflow` masks
+        report["workflows"] = masked_value(report["workflows"])
     return report
 
 

@@ -23,6 +23,7 @@ from qtasks.cli.output import (
 )
 from qtasks.cli.resolve import aio_of, resolve_app, run_on
 from qtasks.errors import ConfigError, TaskTimeoutError, UnknownTaskError
+from qtasks.masking import masked_value
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.runtime import store_of
@@ -172,18 +173,27 @@ def workflow(
     *,
     where: Components,
     as_json: JsonOpt = False,
+    show_secrets: ShowSecretsOpt = False,
 ) -> None:
     """Print a workflow's status, error and members with their statuses (exit code 1 if
     there is none). Each member's record names its workflow (``qtasks get``). Without ID,
-    list the newest workflows, as ``qtasks inspect`` does."""
+    list the newest workflows, as ``qtasks inspect`` does. Its result and error are masked
+    as ``qtasks get`` masks a record's, unless ``--show-secrets``."""
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
+    warn_secrets_shown(show_secrets)
+
+    def shown_value(value: Any) -> Any:
+        return value if show_secrets else masked_value(value)
+
     if id is None:
 
         async def newest(aio: AsyncQueueTasks) -> list[dict[str, Any]]:
             store_of(aio)  # a storage that keeps no workflows says so
             return await workflows.newest(aio, limit)
 
-        shown = run_on(the_app, newest, command="workflow", uses=("storage",))
+        shown = [
+            shown_value(w) for w in run_on(the_app, newest, command="workflow", uses=("storage",))
+        ]
         typer.echo(to_json(shown) if as_json else workflows_table(shown))
         return
 
@@ -199,14 +209,15 @@ def workflow(
         typer.echo(f"error: no workflow {id!r}", err=True)
         raise typer.Exit(1)
     rows = [[m.uuid, m.task_name, m.status.value] for m in members if m is not None]
+    error, result = shown_value(state.error), shown_value(state.result)
     if as_json:
         typer.echo(
             to_json(
                 {
                     "id": state.id,
                     "status": state.status,
-                    "error": state.error,
-                    "result": state.result,
+                    "error": error,
+                    "result": result,
                     "members": [
                         dict(zip(("uuid", "task", "status"), r, strict=True)) for r in rows
                     ],
@@ -215,8 +226,8 @@ def workflow(
         )
         return
     typer.echo(f"workflow {state.id}: {state.status}")
-    if state.error:
-        typer.echo(f"error: {state.error}")
+    if error:
+        typer.echo(f"error: {error}")
     if state.status == "success":
-        typer.echo(f"result: {json.dumps(state.result, default=str)}")
+        typer.echo(f"result: {json.dumps(result, default=str)}")
     typer.echo(table(["member", "task", "status"], rows))
