@@ -1,4 +1,5 @@
-"""Bulk enqueue (``qtasks.bulk``) with third-party components and under cancellation."""
+"""Bulk enqueue (``qtasks.bulk``) with third-party components, and every enqueue (add_task,
+add_tasks, run_workflow) under cancellation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryBroker, hookimpl
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, chain, group, hookimpl
 from qtasks import bulk as bulk_module
 from qtasks.components import Storage
 from qtasks.messages import Envelope
@@ -253,5 +254,155 @@ async def test_a_cancel_of_add_tasks_between_batches_ends_every_task_not_enqueue
         # The two batches in flight end their tasks at once (their hooks interleave).
         assert sorted(ends.failed) == sorted((uuid, cancelled) for uuid in ends.begun[1000:])
         assert broker.batches == 2  # the third batch never reached the broker
+    finally:
+        await app.aclose()
+
+
+class StallsPublishing(MemoryBroker):
+    """Every publish of one task never ends; it calls ``stalled`` (the test cancels its
+    scope) when it begins. ``shared`` as :class:`StallsAtTheSecondBatch`'s."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared
+        self.stalled: Callable[[], None] = lambda: None
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        return self.shared and super().shares_server_with(storage)
+
+    async def publish(self, envelope: Envelope) -> None:
+        self.stalled()
+        await anyio.sleep_forever()
+
+    async def publish_new(self, envelope: Envelope, storage: Storage, record: TaskRecord) -> None:
+        self.stalled()
+        await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "sequential"])
+async def test_a_cancel_of_add_task_ends_its_task_with_enqueue_failed(shared: bool) -> None:
+    """add_task caught Exception only: cancelled while its message was published, it fired
+    no qtasks_task_enqueue_failed, so what a plugin began in qtasks_task_enqueue (a span)
+    never ended. Now it fires once, shielded (the hook awaits), then the cancel goes on."""
+    broker = StallsPublishing(shared)
+    app = app_on(broker)
+    await app.start()
+    assert app.enqueue_path == ("shared" if shared else "sequential")
+    ends = Ends()
+    app.add_plugin(ends)
+    try:
+        with anyio.fail_after(5), anyio.CancelScope() as scope:
+            broker.stalled = scope.cancel
+            await app.tasks["double"].add_task(1)
+        assert scope.cancelled_caught
+        assert len(ends.begun) == 1 and ends.enqueued == []
+        assert ends.failed == [(ends.begun[0], anyio.get_cancelled_exc_class())]
+    finally:
+        await app.aclose()
+
+
+async def _workflow_status(app: AsyncQueueTasks) -> str:
+    (record,) = await app.storage.workflows(1)  # type: ignore[attr-defined]
+    status: str = record.status.value
+    return status
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["overlapped", "sequential"])
+async def test_a_cancel_of_run_workflow_between_batches_ends_every_first_step_and_the_workflow(
+    shared: bool,
+) -> None:
+    """run_workflow caught Exception only around its batches of first steps: cancelled while
+    the second of three was in flight, the workflow stayed stored and running for ever, half
+    of it started, and the third batch's tasks got no hook at all. Now each first step ends
+    with exactly one of qtasks_task_enqueued (the first batch) and
+    qtasks_task_enqueue_failed (the others), and the workflow is cancelled."""
+    broker = StallsAtTheSecondBatch(shared)
+    app = app_on(broker)
+    await app.start()
+    ends = Ends()
+    app.add_plugin(ends)
+    double = app.tasks["double"]
+    try:
+        with anyio.fail_after(5), anyio.CancelScope() as scope:
+            broker.stalled = scope.cancel
+            await app.run_workflow(group(*(double.s(i) for i in range(2500))))
+        assert scope.cancelled_caught
+        assert len(ends.begun) == 2500
+        assert ends.enqueued == ends.begun[:1000]
+        cancelled = anyio.get_cancelled_exc_class()
+        assert sorted(ends.failed) == sorted((uuid, cancelled) for uuid in ends.begun[1000:])
+        assert await _workflow_status(app) == "cancel"
+    finally:
+        await app.aclose()
+
+
+class FailsAtTheSecondBatch(MemoryBroker):
+    """The second batch's publish raises ConnectionError (the plain path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def shares_server_with(self, storage: Storage) -> bool:
+        return False
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        self.batches += 1
+        if self.batches == 2:
+            raise ConnectionError("broker gone")
+        await super().publish_many(envelopes)
+
+
+async def test_a_failed_batch_of_first_steps_ends_the_batches_behind_it_too() -> None:
+    """A workflow whose second batch of first steps failed ended that batch's tasks with
+    qtasks_task_enqueue_failed, but not the third's, never attempted (add_tasks ends both).
+    Now every first step not enqueued gets it, once."""
+    app = app_on(FailsAtTheSecondBatch())
+    await app.start()
+    ends = Ends()
+    app.add_plugin(ends)
+    double = app.tasks["double"]
+    try:
+        with pytest.raises(ConnectionError, match="broker gone") as raised:
+            await app.run_workflow(group(*(double.s(i) for i in range(2500))))
+        assert any("was stored, then cancelled" in note for note in raised.value.__notes__)
+        assert ends.enqueued == ends.begun[:1000]
+        assert sorted(ends.failed) == sorted((uuid, ConnectionError) for uuid in ends.begun[1000:])
+        assert await _workflow_status(app) == "cancel"
+    finally:
+        await app.aclose()
+
+
+class StallsStoringWorkflows(MemoryStorage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled: Callable[[], None] = lambda: None
+
+    async def add_workflow(self, *args: Any, **kwargs: Any) -> None:
+        self.stalled()
+        await anyio.sleep_forever()
+
+
+async def test_a_cancel_while_the_workflow_is_stored_ends_every_member() -> None:
+    """Cancelled while the workflow itself was stored, run_workflow fired no
+    qtasks_task_enqueue_failed (only an Exception did): now every member gets it."""
+    storage = StallsStoringWorkflows()
+    app = AsyncQueueTasks("bulk", broker=MemoryBroker(), storage=storage)
+
+    @app.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    await app.start()
+    ends = Ends()
+    app.add_plugin(ends)
+    try:
+        with anyio.fail_after(5), anyio.CancelScope() as scope:
+            storage.stalled = scope.cancel
+            await app.run_workflow(chain(double.s(1), double.s(), double.s()))
+        assert scope.cancelled_caught
+        cancelled = anyio.get_cancelled_exc_class()
+        assert len(ends.begun) == 3 and ends.enqueued == []
+        assert sorted(ends.failed) == sorted((uuid, cancelled) for uuid in ends.begun)
     finally:
         await app.aclose()

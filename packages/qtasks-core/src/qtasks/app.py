@@ -655,11 +655,8 @@ class AsyncQueueTasks:
                     return self._bind(existing)
             else:
                 await self._store_and_publish(record, envelope)  # qtasks.enqueue's step
-        except Exception as exc:
-            if "qtasks_task_enqueue_failed" in self.hooks.active:
-                await self.hooks.notify(
-                    "qtasks_task_enqueue_failed", app=self, record=record, exc=exc
-                )
+        except BaseException as exc:  # a cancel too: what a plugin began for it ends
+            await bulk.notify_failed(self, ((record, envelope),), exc)
             raise
         if "qtasks_storage_added" in self.hooks.active:
             await self.hooks.notify("qtasks_storage_added", app=self, record=record)

@@ -224,11 +224,13 @@ async def enqueue_batch(
 
 
 async def notify_failed(
-    app: AsyncQueueTasks, tasks: Sequence[tuple[TaskRecord, Envelope]], exc: BaseException
+    app: AsyncQueueTasks, tasks: Iterable[tuple[TaskRecord, Any]], exc: BaseException
 ) -> None:
-    """``qtasks_task_enqueue_failed`` of every task of ``tasks`` (prepared, not enqueued: the
-    call raises ``exc``), when a plugin implements it; shielded from the cancel when ``exc``
-    is one (any ``BaseException`` that is not an ``Exception``), so the hooks still run."""
+    """``qtasks_task_enqueue_failed`` of every task of ``tasks`` (``(record, _)`` pairs:
+    prepared, not enqueued; the call raises ``exc``), when a plugin implements it; shielded
+    from the cancel when ``exc`` is one (any ``BaseException`` that is not an
+    ``Exception``), so the hooks still run. ``add_task``, ``add_tasks`` and ``run_workflow``
+    all end a failed or cancelled enqueue here."""
     hooks = app.hooks
     if "qtasks_task_enqueue_failed" not in hooks.active:
         return

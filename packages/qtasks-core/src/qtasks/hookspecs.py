@@ -311,11 +311,11 @@ def qtasks_task_enqueue_failed(
     ``add_tasks`` raise it next; with ``add_tasks``, once per task of the failed batch and of
     the batches behind it, and, when an item cannot be prepared, once per item prepared
     before it, nothing of the call stored; ``run_workflow`` likewise for a failed batch of
-    first steps, and for every member when the workflow itself could not be stored). A
-    cancellation of ``add_tasks`` counts: ``exc`` is the cancellation, the hook runs shielded
-    from it, then it propagates. The message may or may not have reached the broker. What a
-    plugin began in ``qtasks_task_enqueue`` (a span, a timer) ends here:
-    ``qtasks_task_enqueued`` will not come."""
+    first steps and the batches behind it, and for every member when the workflow itself
+    could not be stored). A cancellation of any of the three counts: ``exc`` is the
+    cancellation, the hook runs shielded from it, then it propagates. The message may or may
+    not have reached the broker. What a plugin began in ``qtasks_task_enqueue`` (a span, a
+    timer) ends here: ``qtasks_task_enqueued`` will not come."""
 
 
 @hookspec

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from qtasks.bulk import BATCH, enqueue_batch, notify_stored, publish_many
+import anyio
+
+from qtasks.bulk import BATCH, enqueue_batch, notify_failed, notify_stored, publish_many
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.memory.signals import _Signal
@@ -82,22 +84,23 @@ async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> W
     plan = await compile_plan(app, node, on_error)
     try:
         await store.add_workflow(plan.record, plan.members, plan.gates, plan.feeds)
-    except Exception as exc:
-        if "qtasks_task_enqueue_failed" in app.hooks.active:  # nothing will be published
-            for record in [*(r for r, _ in plan.start), *plan.members]:
-                await app.hooks.notify(
-                    "qtasks_task_enqueue_failed", app=app, record=record, exc=exc
-                )
+    except BaseException as exc:  # a cancel too; nothing will be published
+        await notify_failed(app, [*plan.start, *((r, None) for r in plan.members)], exc)
         raise
     # The first steps' records go with their messages, as add_tasks stores them.
+    begun = 0
     try:
-        for start in range(0, len(plan.start), BATCH):
-            await enqueue_batch(app, plan.start[start : start + BATCH])
-    except Exception as exc:
+        for begun in range(0, len(plan.start), BATCH):
+            await enqueue_batch(app, plan.start[begun : begun + BATCH])
+    except BaseException as exc:  # a cancel too
+        # enqueue_batch ended its own batch's tasks; those of the batches behind it end here.
         # Earlier batches may run already: the workflow is cancelled, so it does not stay
         # half started for ever; the error names it (a note) for whoever reads it.
-        exc.add_note(f"workflow {plan.id} was stored, then cancelled")
-        await _cancel_started(app, plan.id, exc)
+        await notify_failed(app, plan.start[begun + BATCH :], exc)
+        if isinstance(exc, Exception):
+            exc.add_note(f"workflow {plan.id} was stored, then cancelled")
+        with anyio.CancelScope(shield=not isinstance(exc, Exception)):
+            await _cancel_started(app, plan.id, exc)
         raise
     # The others are stored and wait in gates: enqueued when a worker opens their gate.
     await notify_stored(app, plan.members, enqueued=False)
@@ -198,10 +201,12 @@ async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
     return await state(app, record)
 
 
-async def _cancel_started(app: AsyncQueueTasks, id: str, exc: Exception) -> None:
-    """Best effort: cancel the workflow ``id`` whose start failed with ``exc``."""
+async def _cancel_started(app: AsyncQueueTasks, id: str, exc: BaseException) -> None:
+    """Best effort: cancel the workflow ``id`` whose start failed with ``exc`` (or was
+    cancelled)."""
+    why = str(exc) or type(exc).__name__
     try:
-        await cancel(app, id, f"not all its first steps could be enqueued: {exc}")
+        await cancel(app, id, f"not all its first steps could be enqueued: {why}")
     except Exception:  # the caller raises exc: this one is only logged
         log.warning("could not cancel workflow %s after its start failed", id, exc_info=True)
 
