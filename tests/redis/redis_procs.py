@@ -56,7 +56,9 @@ class Worker:
             "QT_CONCURRENCY": str(concurrency),
             "QT_LEDGER": str(self.ledger),
             "QT_CONFIG": json.dumps(config or {}),
-            "PYTHONPATH": str(HERE),
+            # Kept after HERE: a checkout other than the installed one (a worktree) put its
+            # packages there, and the worker must run that code.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
         }
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(

@@ -1,8 +1,9 @@
 """A qtasks app on Redis for the end-to-end tests, in process or as a worker subprocess.
 
 Run as ``python redis_worker_app.py`` to serve until SIGTERM; settings come from environment
-variables (``QT_URL``, ``QT_PREFIX``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER``, and
-``QT_CONFIG``: further QueueConfig fields as JSON); warnings and errors are logged to stderr. Every
+variables (``QT_URL``, ``QT_PREFIX``, ``QT_LEASE``, ``QT_CONCURRENCY``, ``QT_LEDGER``,
+``QT_CONFIG``: further QueueConfig fields as JSON, and ``QT_LOG_LEVEL``, ``WARNING`` unless
+set); the log goes to stderr. Every
 execution appends ``start``/``end`` lines to the ledger file, opened with ``O_APPEND`` so the lines
 survive a SIGKILL of the worker.
 """
@@ -114,7 +115,8 @@ def build(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("QT_LOG_LEVEL", "WARNING")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     app = build(
         os.environ["QT_URL"],
         os.environ["QT_PREFIX"],
