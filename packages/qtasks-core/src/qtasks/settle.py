@@ -40,6 +40,7 @@ from qtasks.outage import Outage, retrying
 from qtasks.poison import DEAD_LETTER_TOKEN, without_failures
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle_batch import SettleBatch
+from qtasks.stopping import bounded
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import RETRY_HEADER
 
@@ -157,7 +158,9 @@ class Settlement:
         settle step as any other (the worker hands the message back, counted, see
         :mod:`qtasks.poison`). Let through, it was taken for the runner's cancellation: the
         settle ended without a word and the message waited for its lease."""
-        with shielded():
+        # Bounded within the shield by a stop's deadline (none otherwise): a backend that
+        # does not answer by then leaves the run's message to its lease.
+        with shielded(), bounded("settles of cancelled running tasks"):
             try:
                 await self.settle(app, run, delivery, result, outcome, cancelled=cancelled)
             except BaseException as exc:

@@ -28,7 +28,9 @@ class SignalStarter:
     Graceful means: the worker stops taking messages, hands back the ones it holds but has not
     started, and gives running tasks ``config.shutdown_grace`` seconds before cancelling and
     requeueing them. A second signal during that time cuts it short (``app.stop(now=True)``):
-    running tasks are cancelled and handed back at once. Each signal is logged.
+    running tasks are cancelled and handed back at once. Either way the stop waits on the
+    backends at most :data:`~qtasks.stopping.STOP_MARGIN` more: what a stalled server did not
+    take is left to the leases (one warning says what). Each signal is logged.
     """
 
     def __init__(

@@ -50,6 +50,8 @@ from qtasks.memory import EventFactory, _Signal
 from qtasks.outage import Outage
 from qtasks.record import TaskRecord, TaskStatus, record_of
 from qtasks.settle import Settlement
+from qtasks.stopping import StopClock, shield
+from qtasks.stopping import serving as _clock_of
 from qtasks.watchdog import LoopWatchdog
 from qtasks.workflows import runtime as workflows
 
@@ -113,6 +115,8 @@ class QueueWorker:
         """Whether :meth:`hurry` cut the grace of this run's stop short."""
         self._graces: set[anyio.CancelScope] = set()
         """The waits of the stop that the grace period bounds (cancelled by :meth:`hurry`)."""
+        self._clock = StopClock()
+        """The stop's deadline, which every wait of the stop on a backend ends by."""
 
     @property
     def running(self) -> int:
@@ -181,12 +185,15 @@ class QueueWorker:
     def hurry(self) -> None:
         """Cut the grace period of this worker's stop short, the stop under way or the next
         one of this run (it does not stop the worker): running tasks are cancelled and handed
-        back to the broker at once, to run again (at-least-once), and final saves are no longer
-        retried through a storage outage (their messages come back after the lease). What
+        back to the broker at once, to run again (at-least-once), final saves are no longer
+        retried through a storage outage, and the stop waits on its backends at most
+        :data:`~qtasks.stopping.STOP_MARGIN` more (what they did not take comes back after
+        its lease). What
         a second SIGINT/SIGTERM does, through ``app.stop(now=True)``. On the worker's loop."""
         self._hurried = True
         if self._stopping.is_set():
             self._settlement.give_up_at = min(self._settlement.give_up_at, time.monotonic())
+            self._clock.hurry()
         for scope in self._graces:
             scope.cancel()
 
@@ -225,6 +232,7 @@ class QueueWorker:
         item_ready = _WakeOne()
         self._stopping = anyio.Event()
         self._hurried = False
+        self._clock.reset()
         self._begins = BeginBatch(app.storage)  # per run: its events belong to this loop
         broker = app.broker
         shared = app.shared_server
@@ -261,6 +269,7 @@ class QueueWorker:
         self._settlement.noticing = consumer_tells
         async with (
             self._serving_now(),
+            _clock_of(self._clock),
             consumer as deliveries,
             anyio.create_task_group() as serving,
         ):
@@ -363,6 +372,13 @@ class QueueWorker:
             finally:
                 grace = 0.0 if self._hurried else config.shutdown_grace
                 self._settlement.give_up_at = time.monotonic() + grace
+                # Every wait below on a backend ends by the stop's deadline (the grace and
+                # STOP_MARGIN; a second signal moves it closer): a stalled server cannot hold
+                # the stop for its client's retries. What it cuts short is left to the leases.
+                clock = self._clock
+                clock.start(grace)
+                grace_end = anyio.current_time() + grace  # counted from now, not after the
+                # hand-back below: running tasks run on meanwhile
                 with anyio.CancelScope(shield=True):
                     receiving.cancel()
                     item_ready.wake_all()
@@ -371,22 +387,26 @@ class QueueWorker:
                     # task at its next wait), begun with the claim; left in the local queue,
                     # it went back to the broker at the consumer's exit with its record
                     # ``process``.
-                    await received_all.wait()
-                    await self._hand_back(app)
-                    with self._within_grace(config.shutdown_grace):
+                    with clock.bound("the end of the consumer's claim"):
+                        await received_all.wait()
+                    with clock.bound() as cut:
+                        await self._hand_back(app)
+                    if cut.cancelled_caught:  # the one it was at, and those after it
+                        clock.gave_up["hand-backs of waiting messages"] += len(self._local) + 1
+                    with self._within_grace(max(grace_end - anyio.current_time(), 0.0)):
                         while self._running:
                             await self._wait_idle()
                     for run in list(self._running.values()):
                         run.cancel("__shutdown__")
-                    while self._running:
-                        await self._wait_idle()
+                    with clock.bound():  # each run's own settle ends by the deadline too
+                        while self._running:
+                            await self._wait_idle()
                     if settler is not None:
                         # Before the consumer closes: it hands back what is not settled.
-                        # Bounded: a settle stuck on its backend is left to its leases.
-                        # Not hurried: it ends at once unless a backend call hangs, and
-                        # what it settles is the hand-back of the tasks just cancelled.
-                        with anyio.move_on_after(config.shutdown_grace):
+                        with clock.bound():
                             await settler.drained()
+                        if settler.held():
+                            clock.gave_up["results of finished tasks"] += len(settler.held())
                     self._settlement.close_batch()
                     for scope in runners:
                         scope.cancel()
@@ -452,7 +472,7 @@ class QueueWorker:
                     await self._beat(app, concurrency, interval)
                 await anyio.sleep(min(interval, HEARTBEAT_FRESH))
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(HEARTBEAT_FRESH):
+            with shield("the heartbeat's removal", HEARTBEAT_FRESH):
                 await self._last_beat(app, concurrency, interval)
 
     async def _last_beat(self, app: AsyncQueueTasks, concurrency: int, interval: float) -> None:

@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from qtasks import stopping
 from qtasks.components import (
     BrokerStats,
     Buried,
@@ -633,7 +634,7 @@ class RedisBroker:
                 await self._block(client, block)
             # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
             # that they are handed back at exit, not left to their lease.
-            with anyio.CancelScope(shield=True):
+            with stopping.shield("a claim's reply"):
                 reply = await script(client, keys, args)
             return parse(reply)
 
@@ -744,18 +745,20 @@ class RedisBroker:
         try:
             yield deliveries()
         finally:
+            # Each bounded, and by a stopping worker's deadline (qtasks.stopping): what a
+            # stalled server does not take in time is left to the leases.
             if buried or told:  # a claim's reply read after the consumer was cancelled
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                with stopping.shield("the dead letters' records", 5):
                     await tell()
             if storage is not None and (orphans or buffer):
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                with stopping.shield("the records of unstarted messages", 5):
                     await _unbegin(storage, [*orphans, *buffer])
             if held:
                 args: list[str] = []
                 for token, id in held.items():
                     args += [id, token]
                 held.clear()
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                with stopping.shield("the hand-back of held messages", 5):
                     try:
                         await lua.RELEASE(client, self.keys, args)
                     except Exception as exc:

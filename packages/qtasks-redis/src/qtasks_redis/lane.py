@@ -46,6 +46,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from qtasks import stopping
+
 if TYPE_CHECKING:
     from qtasks_redis.connection import RedisTarget, Script
 
@@ -673,7 +675,7 @@ class Lane:
                     with contextlib.suppress(Exception):  # as below: its lease brings it back
                         orphan(second.result())
             elif conn.lost is None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                with stopping.shield("a claim's reply", 2):
                     if not first.done():
                         self._send_unblock(conn)  # if not sent, the block ends by itself
                     try:

@@ -24,6 +24,7 @@ import anyio.abc
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from qtasks import stopping
 from qtasks.components import SCAN_BUDGET, GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import (
@@ -489,7 +490,7 @@ class RedisStorage:
                         type(exc).__name__,
                     )
             finally:
-                with anyio.CancelScope(shield=True):
+                with stopping.shield("closing the cancel feed"):
                     try:
                         await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
                     except (RedisError, OSError):  # pragma: no cover - a dead connection
