@@ -13,7 +13,8 @@ import anyio
 import pytest
 from sync_threads import a_slot_is_kept_while_its_thread_runs, waits
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
+from qtasks import AsyncQueueTasks, Depends, QueueConfig, TaskStatus
+from qtasks.errors import TaskCancelledError, TaskMaxTimeError
 from qtasks.threads import still_running
 
 pytestmark = pytest.mark.anyio
@@ -141,3 +142,100 @@ async def test_a_stopping_worker_leaves_the_slot_of_a_running_thread_to_its_leas
     finally:
         gate.set()
     assert state["slots:hang:k"]["held"] == 1  # not freed at the stop: its lease frees it
+
+
+class Conn:
+    """A connection a sync task is given: using it after it was closed is the fault."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.closed = False
+
+    def query(self) -> None:
+        self.events.append("query on a closed connection" if self.closed else "query")
+
+
+@pytest.mark.parametrize("how", ["max_time", "cancel"])
+async def test_a_task_scoped_dependency_waits_for_the_thread_given_up_on(how: str) -> None:
+    app = AsyncQueueTasks("t")
+    gate, started, closed = threading.Event(), threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def connect() -> Iterator[Conn]:
+        conn = Conn(events)
+        try:
+            yield conn
+        except BaseException as exc:
+            events.append(f"rollback ({type(exc).__name__})")
+            raise
+        finally:
+            conn.closed = True
+            events.append("closed")
+            closed.set()
+
+    @app.task(max_time=0.3 if how == "max_time" else None)
+    def report(conn: Conn = Depends(connect)) -> None:
+        started.set()
+        gate.wait(30)  # a blocking call that Python cannot interrupt
+        conn.query()
+
+    try:
+        async with app:
+            task = await app.add_task("report")
+            assert await waits(started, 10)
+            if how == "cancel":
+                await app.cancel(task.uuid, "enough")
+            record = await app.wait(task.uuid, timeout=10)
+            assert record.status is (TaskStatus.ERROR if how == "max_time" else TaskStatus.CANCEL)
+            assert not closed.is_set(), events  # settled, but its thread still holds the conn
+            gate.set()
+            assert await waits(closed, 10)
+    finally:
+        gate.set()
+    error = TaskMaxTimeError if how == "max_time" else TaskCancelledError
+    assert events == ["query", f"rollback ({error.__name__})", "closed"]
+
+
+async def test_a_stopping_worker_tears_down_what_a_running_thread_was_given(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
+    app = AsyncQueueTasks("t", config=QueueConfig(shutdown_grace=0.5))
+    gate, started, returned = threading.Event(), threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def pool() -> Iterator[str]:
+        yield "pool"
+        events.append("pool closed")
+
+    def connect(pool: str = Depends(pool, scope="worker")) -> Iterator[Conn]:
+        conn = Conn(events)
+        try:
+            yield conn
+        finally:
+            conn.closed = True
+            events.append("conn closed")
+
+    @app.task(max_time=0.2)
+    def report(conn: Conn = Depends(connect)) -> None:
+        started.set()
+        gate.wait(30)
+        conn.query()
+        returned.set()
+
+    try:
+        with anyio.fail_after(10):  # the stop is not held up by the thread (it hangs 30 s)
+            async with app:
+                task = await app.add_task("report")
+                assert await waits(started, 10)
+                assert (await app.wait(task.uuid, timeout=10)).status is TaskStatus.ERROR
+                assert events == []
+        # Torn down at the stop, the task scope before the worker's.
+        assert events == ["conn closed", "pool closed"]
+        said = [r.getMessage() for r in caplog.records if task.uuid in r.getMessage()]
+        assert any("torn down while its thread still runs" in line for line in said), said
+        gate.set()
+        assert await waits(returned, 10)
+    finally:
+        gate.set()
+    assert events == ["conn closed", "pool closed", "query on a closed connection"]  # once

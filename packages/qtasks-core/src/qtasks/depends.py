@@ -7,7 +7,8 @@ scope ends.
 
 ========================  ==================================================================
 ``task`` (default)        one execution of one task; closed when the call ends (success,
-                          error, cancel, timeout, lost lease, shutdown requeue)
+                          error, cancel, timeout, lost lease, shutdown requeue; a sync
+                          call given up on: when its thread returns)
 ``worker``                the worker; closed when the worker has stopped
 ``broker`` / ``storage``  that component; closed when it stops (after the worker)
 / ``global_config``

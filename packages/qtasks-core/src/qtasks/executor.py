@@ -61,7 +61,8 @@ class TaskRun:
     tell ``max_time`` from the other reasons)."""
     abandoned: ThreadCall | None = None
     """The call of this sync task whose thread ``max_time`` or a cancel gave up on while it
-    still runs (see :mod:`qtasks.threads`): its concurrency slot is held until it returns."""
+    still runs (see :mod:`qtasks.threads`): its concurrency slot is held, and its teardown
+    waits, until it returns."""
     ended_by: BaseException | None = None
     """How the run's code ended, for what :meth:`on_close` registered: ``None`` when it
     returned; else the exception it raised, a :class:`~qtasks.errors.TaskCancelledError` when
@@ -72,8 +73,10 @@ class TaskRun:
         """Await ``close()`` once this run's code has ended, on every path (success, error,
         cancel, a lost lease, a shutdown hand-back), before ``qtasks_executor_closed`` is
         notified: the teardown of something made for this run alone (task-scoped
-        ``Depends``, which are given :attr:`ended_by`). The last registered is awaited first;
-        an exception is logged and swallowed, as a hook's is."""
+        ``Depends``, which are given :attr:`ended_by`). For a sync call given up on whose
+        thread still runs (:attr:`abandoned`), once the thread returns, or at the worker's
+        stop (:mod:`qtasks.teardowns`). The last registered is awaited first; an exception is
+        logged and swallowed, as a hook's is."""
         if self.closers is None:
             self.closers = []
         self.closers.append(close)

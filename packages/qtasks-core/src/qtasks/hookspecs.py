@@ -507,7 +507,8 @@ def qtasks_executor_closed(app: AsyncQueueTasks, record: TaskRecord, run: TaskRu
     """Notification: the call ended (success, error, cancel, timeout, lost lease or shutdown);
     always fired exactly once per run, before the final record is stored. ``run`` is the
     execution; what :meth:`~qtasks.executor.TaskRun.on_close` registered for it (task-scoped
-    Depends) was closed just before."""
+    Depends) was closed just before, or, for a sync call given up on whose thread still runs,
+    is closed when that thread returns (:mod:`qtasks.teardowns`)."""
 
 
 # --- results, errors, retries, cancel, timeout ----------------------------------------------

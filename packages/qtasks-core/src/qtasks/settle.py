@@ -41,6 +41,7 @@ from qtasks.poison import DEAD_LETTER_TOKEN, without_failures
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle_batch import SettleBatch
 from qtasks.stopping import bounded
+from qtasks.teardowns import Teardowns
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import RETRY_HEADER
 
@@ -59,6 +60,8 @@ class Settlement:
         self.give_up_at = math.inf
         """When a stopping worker stops retrying final saves through an outage."""
         self._batch: SettleBatch | None = None
+        self.teardowns = Teardowns()
+        """What runs registered with :meth:`TaskRun.on_close`, torn down as they settle."""
         self.noticing = False
         """Whether the worker's consumer tells it of the records ended by the dead letters the
         broker makes itself (:class:`~qtasks.components.BuryNotice`, or a
@@ -114,10 +117,11 @@ class Settlement:
         record = run.record
         hooks = app.hooks
         # On every path (lease lost and shutdown requeue too): task-scoped resources
-        # (Depends) are torn down here, so it must never be skipped.
+        # (Depends) are torn down here, so it must never be skipped (later, for a sync thread
+        # given up on that still runs: see qtasks.teardowns).
         if run.closers is not None:
             run.ended_by = _ended_by(run, outcome, cancelled)
-            await _close(run)
+            await self.teardowns.close(run)
         if "qtasks_executor_closed" in hooks.active:
             await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
         if run.lease_lost:
@@ -428,16 +432,3 @@ def _ended_by(run: TaskRun, outcome: BaseException | None, cancelled: bool) -> B
             reason = "the worker stopped: the task is handed back and runs again"
         return TaskCancelledError(reason)
     return outcome
-
-
-async def _close(run: TaskRun) -> None:
-    """Await what :meth:`TaskRun.on_close` registered, the last first; errors are logged (a
-    stray cancellation too: the teardown's own, see :mod:`qtasks.cancels`)."""
-    closers, run.closers = run.closers or [], None
-    for close in reversed(closers):
-        try:
-            await close()
-        except BaseException as exc:
-            if not is_error(exc):
-                raise
-            log.error("closing what task %s used failed (ignored)", run.record.uuid, exc_info=exc)

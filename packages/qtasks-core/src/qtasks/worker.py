@@ -347,7 +347,8 @@ class QueueWorker:
                     received_all.set()
 
             serving.start_soon(_loud, "receiving", receive_until_stopped)
-            self._flow.aside = serving  # waits for the slots of sync threads given up on
+            # Wait for the sync threads given up on: their slots, their task-scoped teardowns.
+            self._flow.aside = self._settlement.teardowns.aside = serving
             if settler is not None:
                 serving.start_soon(_loud, "settling", settler.serve)
             if announcer is not None:
@@ -410,8 +411,10 @@ class QueueWorker:
                     self._settlement.close_batch()
                     for scope in runners:
                         scope.cancel()
-                    # Slots of sync threads still running are left to their leases.
+                    # Slots of sync threads still running are left to their leases; what
+                    # they were given is torn down now, before the worker's own dependencies.
                     self._flow.aside = None
+                    await self._settlement.teardowns.stop()
                     serving.cancel_scope.cancel()
                     await app.hooks.notify(
                         "qtasks_component_stopped", app=app, kind="worker", component=self
