@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from state_lock import a_late_unlock_spares_the_next_holder
 
 from qtasks import (
     AsyncQueueTasks,
@@ -185,6 +187,15 @@ async def test_global_state_update_with_is_atomic() -> None:
             leftover_locks = await app.global_config.get_all("qtasks.state-lock:shared-counter")
     assert sorted(seen) == list(range(60))
     assert leftover_locks == {}
+
+
+async def test_a_late_unlock_never_deletes_the_next_holders_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = MemoryGlobalConfig()
+    async with AsyncExitStack() as stack:
+        await config.start(stack, QueueConfig())
+        await a_late_unlock_spares_the_next_holder(config, "late-unlock", monkeypatch)
 
 
 def test_sync_global_state_from_threads() -> None:

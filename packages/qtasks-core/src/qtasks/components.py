@@ -893,6 +893,20 @@ class HeartbeatEnd(Protocol):
 
 
 @runtime_checkable
+class CompareDelete(Protocol):
+    """Optional :class:`GlobalConfig` capability: delete a key only while it holds a given
+    value, in one atomic step. The core releases the lock of ``State.update_with`` with it, so
+    a holder whose lock ran out (its TTL) never deletes the lock the next holder took; without
+    it, a ``get`` then a ``delete``, which can."""
+
+    async def delete_if_equal(self, namespace: str, key: str, value: Any) -> bool:
+        """Delete ``key`` if it exists and holds ``value`` (a string or a number: values are
+        compared as stored); ``True`` if it did. Atomic across every process using the same
+        backend."""
+        ...
+
+
+@runtime_checkable
 class FlowControl(Protocol):
     """Optional global config capability: the cluster-wide state of flow control (rate
     limits, concurrency slots and unique keys, see :mod:`qtasks.flow`). Every method is one

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import anyio
 import anyio.from_thread
 
+from qtasks.components import CompareDelete
 from qtasks.errors import StateError
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class GlobalStore:
 
     async def update_with(self, key: str, fn: Callable[[Any], Any], default: Any) -> Any:
         # GlobalConfig has no compare-and-set, so take a lock key (set_if_absent with a TTL, so a
-        # crashed holder cannot block it forever) and poll for it.
+        # crashed holder cannot block it forever), poll for it, and free it only if still ours.
         token = uuid_mod.uuid4().hex
         delay = 0.002
         while not await self.config.set_if_absent(self.locks, key, token, ttl=_LOCK_TTL):
@@ -130,8 +131,18 @@ class GlobalStore:
             return value
         finally:
             with anyio.CancelScope(shield=True):
-                if await self.config.get(self.locks, key) == token:
-                    await self.config.delete(self.locks, key)
+                await self._unlock(key, token)
+
+    async def _unlock(self, key: str, token: str) -> None:
+        """Free the lock of ``key`` if it still holds ``token``: once its TTL ran out, the
+        next holder's lock is there, and must stay (in one atomic step with
+        :class:`~qtasks.components.CompareDelete`; else a get then a delete, which a lock
+        running out between the two defeats)."""
+        config = self.config
+        if isinstance(config, CompareDelete):
+            await config.delete_if_equal(self.locks, key, token)
+        elif await config.get(self.locks, key) == token:
+            await config.delete(self.locks, key)
 
 
 class _StateBase:

@@ -77,6 +77,15 @@ return redis.call('DEL', KEYS[2])
 """
 )
 
+# KEYS: idx, key. ARGV: name, value (JSON)
+_DELETE_IF_EQUAL = Script(
+    r"""
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('DEL', KEYS[2])
+"""
+)
+
 # KEYS: idx. ARGV: key prefix. Returns {name, value, ...} of live keys.
 _GET_ALL = Script(
     _PRELUDE
@@ -197,6 +206,11 @@ class RedisGlobalConfig(RedisFlowControl):
     async def delete(self, namespace: str, key: str) -> bool:
         idx, prefix = self._names(namespace)
         return bool(await self._run(_DELETE, (idx, prefix + key), key))
+
+    async def delete_if_equal(self, namespace: str, key: str, value: Any) -> bool:
+        """See :class:`~qtasks.components.CompareDelete` (compared as the JSON stored)."""
+        idx, prefix = self._names(namespace)
+        return bool(await self._run(_DELETE_IF_EQUAL, (idx, prefix + key), key, _dumps(value)))
 
     async def get_all(self, namespace: str) -> dict[str, Any]:
         idx, prefix = self._names(namespace)

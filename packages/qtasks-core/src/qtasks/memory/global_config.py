@@ -121,6 +121,16 @@ class MemoryGlobalConfig(_Lifecycle):
         self._check()
         return self._ns(namespace).pop(key, None) is not None
 
+    async def delete_if_equal(self, namespace: str, key: str, value: Any) -> bool:
+        """See :class:`~qtasks.components.CompareDelete`."""
+        self._check()
+        space = self._ns(namespace)
+        item = space.get(key)
+        if item is None or item[0] != value:
+            return False
+        del space[key]
+        return True
+
     async def get_all(self, namespace: str) -> dict[str, Any]:
         self._check()
         return {k: v for k, (v, _) in self._ns(namespace).items()}

@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 import anyio
 import pytest
 
-from qtasks.components import GlobalConfig, HeartbeatEnd
+from qtasks.components import CompareDelete, GlobalConfig, HeartbeatEnd
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError
 from qtasks_testing.contract._base import ContractSuite, wait_until
@@ -219,3 +219,21 @@ class GlobalConfigContract(ContractSuite):
         await global_config.end_heartbeat(ended)  # not there any more: nothing happens
         await global_config.end_heartbeat(other)
         assert other not in await global_config.workers()
+
+    @pytest.mark.anyio
+    async def test_delete_if_equal_deletes_only_what_holds_the_value(
+        self, global_config: GlobalConfig, ns: str
+    ) -> None:
+        """The optional :class:`~qtasks.components.CompareDelete` (skipped without it)."""
+        if not isinstance(global_config, CompareDelete):
+            pytest.skip(lacks(global_config, CompareDelete))
+        await global_config.set(ns, "lock", "mine", ttl=60)
+        await global_config.set(ns, "other", "mine")
+        assert await global_config.delete_if_equal(ns, "lock", "theirs") is False
+        assert await global_config.get(ns, "lock") == "mine"
+        assert await global_config.delete_if_equal(ns, "lock", "mine") is True
+        assert await global_config.delete_if_equal(ns, "lock", "mine") is False  # gone
+        assert await global_config.delete_if_equal(ns, "missing", "mine") is False
+        await global_config.set(ns, "n", 3)
+        assert await global_config.delete_if_equal(ns, "n", 3) is True
+        assert await global_config.get_all(ns) == {"other": "mine"}

@@ -1,0 +1,1 @@
+from tests.state_lock import *  # noqa: F403
