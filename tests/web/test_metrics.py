@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -21,10 +22,12 @@ from obs_helpers import (
 from prometheus_client import generate_latest
 from typer.testing import CliRunner
 
-from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, TaskStatus
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 from qtasks.cli import cli
 from qtasks.cli.serve import enable_metrics
 from qtasks.errors import PluginError
+from qtasks.record import TaskRecord
+from qtasks_redis import RedisBroker
 from qtasks_web.metrics import OUTCOMES, UNKNOWN_TASK, MetricsPlugin
 from qtasks_web.plugins import Off
 
@@ -328,3 +331,58 @@ async def test_expired_outcome() -> None:
     reg = metrics.registry
     assert reg.get_sample_value("qtasks_tasks_total", {"task": "late", "outcome": "expired"}) == 1
     assert reg.get_sample_value("qtasks_task_run_seconds_count", {"task": "late"}) is None
+
+
+class BeginFails(MemoryStorage):
+    """A storage with a bug: every begin fails (not an outage)."""
+
+    async def begin(self, record: TaskRecord, *, generation: int = 0) -> TaskRecord:
+        raise RuntimeError("storage bug at begin")
+
+    async def begin_many(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
+        raise RuntimeError("storage bug at begin")
+
+
+class Rejected:
+    """Set when ``qtasks_task_rejected`` has fired, after every other implementation."""
+
+    def __init__(self) -> None:
+        self.fired = anyio.Event()
+
+    @hookimpl(trylast=True)
+    def qtasks_task_rejected(self) -> None:
+        self.fired.set()
+
+
+async def test_a_message_the_worker_fails_on_max_deliveries_times_counts_as_rejected(
+    redis_url: str, prefix: str
+) -> None:
+    """The give-up of :func:`qtasks.poison.failed` (docs/metrics-and-tracing.md: ``rejected``,
+    as ``qtasks_task_rejected`` says), reached for real: a Redis broker, which does not begin
+    on claim without a Redis storage, and a storage whose begin fails every time."""
+    app = AsyncQueueTasks(
+        broker=RedisBroker(redis_url, prefix=prefix),
+        storage=BeginFails(),
+        config=QueueConfig(
+            plugins_disabled=["*"], max_deliveries=2, retry_backoff=0.02, shutdown_grace=1.0
+        ),
+    )
+    metrics = app.hooks.pm.get_plugin(app.add_plugin(MetricsPlugin()))
+    assert isinstance(metrics, MetricsPlugin)
+    rejected = Rejected()
+    app.add_plugin(rejected, name="rejected")
+
+    @app.task
+    async def work() -> None:
+        pass
+
+    async with app:
+        task = await work.add_task()
+        with anyio.fail_after(10):
+            await rejected.fired.wait()
+        record = await app.wait(task.uuid, timeout=10)
+        [letter] = await app.broker.dead_letters()
+    assert record.status is TaskStatus.ERROR
+    assert (record.error or "").startswith("worker failed 2 times: RuntimeError")
+    assert letter.reason == record.error
+    assert metrics.outcomes == {("work", "rejected"): 1}

@@ -65,3 +65,16 @@ def test_the_configuration_block_enables_both_plugins(code: str, tmp_path: Path)
     assert isinstance(metrics, MetricsPlugin)
     assert (metrics.port, metrics.host) == (9100, "127.0.0.1")
     assert isinstance(app.hooks.pm.get_plugin("tracing"), TracingPlugin)
+
+
+def test_the_outcomes_say_where_a_message_given_up_after_worker_failures_counts() -> None:
+    """A message a component or plugin failed on ``max_deliveries`` times fires
+    ``qtasks_task_rejected`` (tests/web/test_metrics.py counts it for real): the table says
+    ``rejected`` for it, not ``dead_lettered``, the outcome of deliveries that ran out."""
+    [row] = [
+        line for line in PAGE.read_text().splitlines() if line.startswith("| `qtasks_tasks_total`")
+    ]
+    rejected = row[row.index("`rejected` (") : row.index("`dead_lettered` (")]
+    dead_lettered = row[row.index("`dead_lettered` (") : row.index("`expired` (")]
+    assert "a component or plugin failed on it `max_deliveries` times" in rejected
+    assert "failed on it" not in dead_lettered
