@@ -4,7 +4,7 @@ checks its running tasks for cancels the storage's cancel feed did not bring."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -15,16 +15,18 @@ from qtasks.flow import FlowGate
 from qtasks.record import TaskStatus
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from qtasks.app import AsyncQueueTasks
 
 log = logging.getLogger("qtasks.worker")
 
 
 class LeaseKeeper:
-    """The renewal pass of one worker. ``held()`` returns the deliveries waiting in its local
+    """The lease pass of one worker. ``held()`` returns the deliveries waiting in its local
     queue and its running tasks; the tokens of waiting deliveries whose lease was lost are
     added to ``lost`` (the worker skips them), running tasks whose lease was lost are marked
-    and cancelled. The concurrency slots of ``flow`` are renewed in the same pass."""
+    and cancelled. The concurrency slots of ``flow`` are renewed by the pass too."""
 
     def __init__(
         self,
@@ -42,27 +44,30 @@ class LeaseKeeper:
 
         Prefetched deliveries waiting for a free slot are renewed too: otherwise a long task
         ahead of them lets their lease run out and another worker runs them while this one
-        still holds them (a duplicate run). A pass is one batched renewal and one batched
-        cancel check, made concurrently (with :class:`LeaseBatch` and :class:`CancelCheck`
-        components: two calls whatever the number of tasks), and passes start every
-        ``lease / 3`` seconds however long the previous one took."""
-        interval = max(app.config.lease / 3, 0.05)
+        still holds them (a duplicate run). Every ``lease / 3`` seconds the pass starts three
+        calls, each on its own, so one component that stalls delays none of the others: the
+        broker's renewal of every held delivery, the storage's cancel check of the running
+        tasks and the global config's renewal of the concurrency slots (with
+        :class:`LeaseBatch` and :class:`CancelCheck` components, one call each whatever the
+        number of tasks). A call still on its way is not started again (skipped, not piled
+        up), and one with no answer within the lease is given up: by then its answer is moot.
+        Only the broker's answer decides that a lease was lost."""
+        lease = app.config.lease
+        interval = max(lease / 3, 0.05)
+        renewal = _Call("lease renewal", lease)
+        check = _Call("cancel check", lease)
+        slots = _Call("concurrency slot renewal", lease)
         next_pass = anyio.current_time() + interval
-        while True:
-            await anyio.sleep(max(next_pass - anyio.current_time(), 0))
-            next_pass = max(next_pass + interval, anyio.current_time())
-            waiting, runs = self._held()
-            # A pass stuck on a dead link gives up at the lease: by then its answer is moot.
-            with anyio.move_on_after(app.config.lease) as stuck:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._renew, app, waiting, runs)
-                    if runs:
-                        tg.start_soon(self._check_cancels, app, runs)
-                    if self._flow is not None and (self._flow.slots or self._flow.lingering):
-                        # Another component (the global config): its own call, concurrently.
-                        tg.start_soon(self._flow.extend, app)
-            if stuck.cancelled_caught:
-                log.warning("lease renewal got no answer within the lease (%ss)", app.config.lease)
+        async with anyio.create_task_group() as tg:
+            while True:
+                await anyio.sleep(max(next_pass - anyio.current_time(), 0))
+                next_pass = max(next_pass + interval, anyio.current_time())
+                waiting, runs = self._held()
+                renewal.start(tg, self._renew, app, waiting, runs)
+                if runs:
+                    check.start(tg, self._check_cancels, app, runs)
+                if self._flow is not None and (self._flow.slots or self._flow.lingering):
+                    slots.start(tg, self._flow.extend, app)
 
     async def _renew(
         self, app: AsyncQueueTasks, waiting: list[Delivery], runs: list[TaskRun]
@@ -114,3 +119,28 @@ class LeaseKeeper:
             reason = cancelled.get(run.record.uuid)
             if reason is not None:
                 run.cancel(reason)
+
+
+class _Call:
+    """One kind of call of the lease pass: at most one on its way, given up after ``bound``
+    seconds."""
+
+    def __init__(self, what: str, bound: float) -> None:
+        self.what = what
+        self.bound = bound
+        self.busy = False
+
+    def start(self, tg: TaskGroup, func: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Start ``func(*args)`` in ``tg``, unless the previous call is still on its way."""
+        if not self.busy:
+            self.busy = True
+            tg.start_soon(self._run, func, args)
+
+    async def _run(self, func: Callable[..., Awaitable[None]], args: tuple[object, ...]) -> None:
+        try:
+            with anyio.move_on_after(self.bound) as stuck:
+                await func(*args)
+            if stuck.cancelled_caught:
+                log.warning("%s got no answer within the lease (%ss)", self.what, self.bound)
+        finally:
+            self.busy = False
