@@ -57,6 +57,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from qtasks.config import QueueConfig
@@ -952,9 +953,21 @@ class FlowControl(Protocol):
         """Free the slot ``holder`` holds in ``key``, if any (never another holder's)."""
         ...
 
-    async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
-        """Renew each ``(key, holder)`` slot until ``lease`` seconds from now, in one round
-        trip; the i-th result says whether the i-th slot was still held (by that holder)."""
+    async def extend_slots(
+        self, slots: Sequence[tuple[str, str]], lease: float, limits: Sequence[int] | None = None
+    ) -> Sequence[int]:
+        """Renew each ``(key, holder)`` slot until ``lease`` seconds from now, in one atomic
+        round trip; the i-th result is a :class:`SlotRenewal` for the i-th slot.
+
+        With ``limits`` (the i-th key allows ``limits[i]`` holders), a slot no longer held is
+        *taken back* under the same holder in the same step, past the limit if others took it
+        meanwhile: the core renews only the slots of runs still going on, whose lease ran out
+        while the global config did not answer, or whose keys it lost (a restart, a failover).
+        Such a run counts, so a key over its limit lets no holder in (ahead of every waiter)
+        until enough holders leave. A taken-back slot has no start time (it stays out of the
+        mean hold time). Without ``limits`` a slot no longer held stays free (``LOST``). An
+        implementation written before ``limits`` existed is called without them and may
+        answer ``True``/``False`` (``RENEWED``/``LOST``)."""
         ...
 
     async def claim_unique(
@@ -974,6 +987,20 @@ class FlowControl(Protocol):
         (calls reserved for later); for a slot key ``held``, ``limit`` and ``waiting``
         (holders told to try again within the last second or later)."""
         ...
+
+
+class SlotRenewal(IntEnum):
+    """What :meth:`FlowControl.extend_slots` did with one slot (``0``/``1`` are ``False``/
+    ``True``, the answers of an implementation written before slots were taken back)."""
+
+    LOST = 0
+    """Not held by that holder, and not taken back."""
+    RENEWED = 1
+    """Still held: renewed, the key within its limit."""
+    TAKEN_BACK = 2
+    """No longer held: taken back under the same holder, the key within its limit."""
+    OVER_LIMIT = 3
+    """Held now (renewed or taken back), but the key has more live holders than its limit."""
 
 
 @runtime_checkable

@@ -30,7 +30,7 @@ import logging
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 
@@ -40,6 +40,7 @@ from qtasks.components import (
     Delivery,
     FlowControl,
     RateRelease,
+    SlotRenewal,
     SlotWake,
     UniquePublish,
     plain_overridden,
@@ -422,24 +423,33 @@ async def dropped(app: AsyncQueueTasks, record: TaskRecord) -> None:
 # --- worker side -----------------------------------------------------------------------------
 
 
-_WAITER: dict[type[Any], bool] = {}
-"""Whether each FlowControl class's ``acquire_slot`` takes ``waiter`` (read once per class)."""
+_TAKES: dict[tuple[type[Any], str, str], bool] = {}
+"""Whether a FlowControl class's method takes a parameter added since (read once per class)."""
 
 
-def _takes_waiter(fc: FlowControl) -> bool:
-    """Whether ``fc.acquire_slot`` takes ``waiter``: an implementation written before it
-    existed does not. Read from the bound method (a delegating wrapper answers through
-    ``__getattr__``), ``**kwargs`` counting as taking it."""
-    known = _WAITER.get(type(fc))
+def _takes(fc: FlowControl, method: str, param: str) -> bool:
+    """Whether ``fc``'s ``method`` takes ``param`` (``waiter`` of ``acquire_slot``, ``limits``
+    of ``extend_slots``): an implementation written before it existed does not. Read from the
+    bound method (a delegating wrapper answers through ``__getattr__``), ``**kwargs``
+    counting as taking it."""
+    known = _TAKES.get((type(fc), method, param))
     if known is None:
         try:
-            params = inspect.signature(fc.acquire_slot).parameters.values()
+            params = inspect.signature(getattr(fc, method)).parameters.values()
         except (AttributeError, TypeError, ValueError):  # nothing to read: the current protocol
             known = True
         else:
-            known = any(p.name == "waiter" or p.kind is p.VAR_KEYWORD for p in params)
-        _WAITER[type(fc)] = known
+            known = any(p.name == param or p.kind is p.VAR_KEYWORD for p in params)
+        _TAKES[(type(fc), method, param)] = known
     return known
+
+
+class Slot(NamedTuple):
+    """A concurrency slot held by this worker: its key, holder and the key's limit."""
+
+    key: str
+    holder: str
+    limit: int
 
 
 ADMIT_HEADERS = frozenset({"expires", "unique"})
@@ -474,10 +484,12 @@ class FlowGate:
     """
 
     def __init__(self) -> None:
-        self.slots: dict[str, tuple[str, str]] = {}
-        """``(slot key, holder)`` by delivery token, for renewal and release."""
-        self.lingering: dict[str, tuple[str, str]] = {}
+        self.slots: dict[str, Slot] = {}
+        """The slots held by delivery token, for renewal and release."""
+        self.lingering: dict[str, Slot] = {}
         """The slots of settled runs whose sync thread still runs, by delivery token."""
+        self.over: set[str] = set()
+        """The holders whose slot's key was over its limit at its last renewal (logged once)."""
         self.unique: dict[str, list[Any]] = {}
         """The ``unique`` header of running messages, by delivery token."""
         self.aside: TaskGroup | None = None
@@ -491,9 +503,9 @@ class FlowGate:
             if spec is not None and (spec.rate is not None or spec.max_concurrency is not None):
                 flow_control(app, f"task {task.name!r} (rate_limit/max_concurrency)")
 
-    def held(self) -> list[tuple[str, str]]:
-        """Every slot held now, for the lease pass."""
-        return [*self.slots.values(), *self.lingering.values()]
+    def held(self) -> list[tuple[str, Slot]]:
+        """Every slot held now by delivery token, for the lease pass."""
+        return [*self.slots.items(), *self.lingering.items()]
 
     async def admit(
         self,
@@ -527,7 +539,7 @@ class FlowGate:
                 # Held by this delivery, waiting as the task (see FlowControl.acquire_slot).
                 holder = f"{message.uuid}/{delivery.token}"
                 lease = app.config.lease
-                if _takes_waiter(fc):
+                if _takes(fc, "acquire_slot", "waiter"):
                     wait = await fc.acquire_slot(
                         slot, spec.max_concurrency, holder, lease, waiter=message.uuid
                     )
@@ -539,7 +551,7 @@ class FlowGate:
                     headers.pop("flow_at", None)
                     await self._defer(app, message, delivery, wait, expires, now)
                     return False
-                self.slots[delivery.token] = (slot, holder)
+                self.slots[delivery.token] = Slot(slot, holder, spec.max_concurrency)
         unique = headers.get("unique")
         if unique and not unique[2]:
             self.unique[delivery.token] = unique
@@ -703,9 +715,7 @@ class FlowGate:
         except Exception as exc:  # the lease frees the slot; the next add takes the key over
             log.warning("freeing the flow-control hold of delivery %s failed: %s", token, exc)
 
-    def _linger(
-        self, app: AsyncQueueTasks, token: str, slot: tuple[str, str], thread: ThreadCall
-    ) -> bool:
+    def _linger(self, app: AsyncQueueTasks, token: str, slot: Slot, thread: ThreadCall) -> bool:
         """Keep ``slot`` (renewed) until ``thread`` returns; ``False`` when it returned, or
         when no serving worker can wait for it."""
         aside, done = self.aside, thread.done
@@ -727,7 +737,7 @@ class FlowGate:
             log.info(
                 "worker stopping: concurrency slot %s of a sync thread still running is left "
                 "to its lease",
-                slot[1],
+                slot.holder,
             )
             raise
         slot = self.lingering.pop(token)
@@ -736,7 +746,7 @@ class FlowGate:
         except Exception as exc:  # its lease frees it
             log.warning("freeing the concurrency slot of delivery %s failed: %s", token, exc)
 
-    async def _free(self, app: AsyncQueueTasks, slot: tuple[str, str]) -> None:
+    async def _free(self, app: AsyncQueueTasks, slot: Slot) -> None:
         """Free ``slot``; with a :class:`SlotWake` global config and a :class:`BringForward`
         broker, bring the key's next waiter forward too, so the slot does not sit idle until
         that waiter's delayed message comes back by itself (one more broker call, only when a
@@ -744,33 +754,80 @@ class FlowGate:
         back right now, or on another app's queue) comes back at its own time, as without."""
         fc = flow_control(app, "max_concurrency")
         broker = app.broker
+        self.over.discard(slot.holder)
         if not _wakes(fc, broker):
-            await fc.release_slot(*slot)
+            await fc.release_slot(slot.key, slot.holder)
             return
         assert isinstance(fc, SlotWake) and isinstance(broker, BringForward)  # _wakes said so
-        waiter = await fc.release_slot_waking(*slot)
+        waiter = await fc.release_slot_waking(slot.key, slot.holder)
         if waiter is not None:
             try:
                 await broker.bring_forward(waiter)
             except Exception as exc:  # it comes back at its own time
-                log.warning("could not bring forward the waiter %s of %s: %s", waiter, slot[0], exc)
+                log.warning(
+                    "could not bring forward the waiter %s of %s: %s", waiter, slot.key, exc
+                )
 
     async def extend(self, app: AsyncQueueTasks) -> None:
-        """Renew every held slot's lease (the worker's lease pass, concurrently with the
-        broker's renewal)."""
+        """Renew every held slot's lease (a call of the worker's lease pass). A slot whose
+        lease ran out while its run goes on is taken back under the same holder, past the
+        limit when others took it meanwhile (see :meth:`FlowControl.extend_slots`)."""
         held = self.held()
         if not held:
             return
+        fc = flow_control(app, "max_concurrency")
+        slots = [(slot.key, slot.holder) for _, slot in held]
+        lease = app.config.lease
         try:
-            kept = await flow_control(app, "max_concurrency").extend_slots(held, app.config.lease)
+            if _takes(fc, "extend_slots", "limits"):
+                found = await fc.extend_slots(slots, lease, limits=[s.limit for _, s in held])
+            else:
+                found = await fc.extend_slots(slots, lease)
         except Exception as exc:
             log.warning("renewal of %d concurrency slots failed: %s", len(held), exc)
             return
-        for (key, holder), ok in zip(held, kept, strict=True):
-            if not ok:
-                log.warning(
-                    "concurrency slot %s of delivery %s was lost (lease ran out)", key, holder
-                )
+        for (token, slot), answer in zip(held, found, strict=True):
+            renewal = SlotRenewal(int(answer))
+            if renewal in (SlotRenewal.TAKEN_BACK, SlotRenewal.OVER_LIMIT) and not (
+                token in self.slots or token in self.lingering
+            ):
+                # Freed while this renewal was on its way, which then took it back: free it.
+                try:
+                    await self._free(app, slot)
+                except Exception as exc:  # its lease frees it
+                    log.warning("freeing the concurrency slot %s failed: %s", slot.holder, exc)
+                continue
+            self._note(slot, renewal)
+
+    def _note(self, slot: Slot, renewal: SlotRenewal) -> None:
+        """Log what a renewal did with ``slot`` when it was not a plain renewal, and when its
+        key goes over its limit or back within it."""
+        if renewal is SlotRenewal.LOST:  # a global config that does not take slots back
+            log.warning(
+                "concurrency slot %s of delivery %s was lost (lease ran out)", slot.key, slot.holder
+            )
+        elif renewal is SlotRenewal.TAKEN_BACK:
+            log.warning(
+                "concurrency slot %s of delivery %s ran out while its run went on (the global "
+                "config did not answer within the lease, or lost its keys); taken back",
+                slot.key,
+                slot.holder,
+            )
+        if renewal is SlotRenewal.OVER_LIMIT and slot.holder not in self.over:
+            self.over.add(slot.holder)
+            log.warning(
+                "concurrency key %s runs over its max_concurrency=%d: a slot ran out while its "
+                "run went on and another run took it meanwhile; no new run of the key starts "
+                "until enough of them end (delivery %s holds one)",
+                slot.key,
+                slot.limit,
+                slot.holder,
+            )
+        elif renewal is not SlotRenewal.OVER_LIMIT and slot.holder in self.over:
+            self.over.discard(slot.holder)
+            log.info(
+                "concurrency key %s is back within its max_concurrency=%d", slot.key, slot.limit
+            )
 
 
 _WAKES: dict[tuple[type, type], bool] = {}

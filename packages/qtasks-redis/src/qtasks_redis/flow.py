@@ -23,6 +23,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from qtasks.components import SlotRenewal
 from qtasks.memory.global_config import HOLD_GUESS, HOLD_WEIGHT
 from qtasks_redis import shared_lua
 from qtasks_redis.connection import Client, RedisTarget, Script
@@ -151,24 +152,40 @@ return woken
 )
 
 # KEYS: the lease ZSET, since HASH and meta HASH of each slot. ARGV: lease_ms, then each
-# slot's holder. Returns 1/0 per slot: renewed / no longer held. A renewed slot's keys get
-# _ACQUIRE's TTL again: holders that run long with no new acquire keep their key.
+# slot's holder and limit ('' for none). Returns a SlotRenewal per slot: 1 renewed, 2 taken back,
+# 3 held with the key over its limit, 0 not held (no limit given). A slot no longer held is
+# taken back when a limit is given: the core renews only runs still going on (see
+# FlowControl.extend_slots). A renewed slot's keys get _ACQUIRE's TTL again: holders that run
+# long with no new acquire keep their key.
 _EXTEND = Script(
     _NOW
     + r"""
 local out = {}
 local lease = tonumber(ARGV[1])
 local ttl = math.max(lease * 2, 600000)
-for i = 1, #ARGV - 1 do
+for i = 1, (#ARGV - 1) / 2 do
   local k = 3 * i - 2
-  local score = tonumber(redis.call('ZSCORE', KEYS[k], ARGV[i + 1]))
+  local leases, holder, limit = KEYS[k], ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+  local score = tonumber(redis.call('ZSCORE', leases, holder))
+  local found = 0
   if score and score > now then
-    redis.call('ZADD', KEYS[k], 'XX', now + lease, ARGV[i + 1])
-    for j = k, k + 2 do redis.call('PEXPIRE', KEYS[j], ttl) end
-    out[i] = 1
-  else
-    out[i] = 0
+    redis.call('ZADD', leases, 'XX', now + lease, holder)
+    found = 1
+  elseif limit then
+    -- Past the limit if need be; no start time (it stays out of the mean hold time).
+    for _, gone in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+      redis.call('HDEL', KEYS[k + 1], gone)
+    end
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+    redis.call('ZADD', leases, now + lease, holder)
+    redis.call('HSETNX', KEYS[k + 2], 'limit', ARGV[2 * i + 1])
+    found = 2
   end
+  if found > 0 then
+    if limit and redis.call('ZCOUNT', leases, '(' .. now, '+inf') > limit then found = 3 end
+    for j = k, k + 2 do redis.call('PEXPIRE', KEYS[j], ttl) end
+  end
+  out[i] = found
 end
 return out
 """
@@ -326,16 +343,20 @@ class RedisFlowControl:
         reply = await self._flow(_RELEASE, self._slot_keys(key), holder, HOLD_WEIGHT, "1")
         return reply.decode() if isinstance(reply, bytes) else None
 
-    async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
+    async def extend_slots(
+        self, slots: Sequence[tuple[str, str]], lease: float, limits: Sequence[int] | None = None
+    ) -> list[SlotRenewal]:
         """See :meth:`FlowControl.extend_slots` (one script for all of them)."""
         if not slots:
             return []
         keys: list[str] = []
-        for key, _ in slots:
+        args: list[Any] = [_ms(lease)]
+        for i, (key, holder) in enumerate(slots):
             leases, since, _waiting, meta = self._slot_keys(key)
             keys += (leases, since, meta)
-        reply = await self._flow(_EXTEND, keys, _ms(lease), *(holder for _, holder in slots))
-        return [bool(ok) for ok in reply]
+            args += (holder, "" if limits is None else limits[i])
+        reply = await self._flow(_EXTEND, keys, *args)
+        return [SlotRenewal(int(found)) for found in reply]
 
     def unique_args(
         self, key: str, holder: str, ttl: float | None, replace: str | None

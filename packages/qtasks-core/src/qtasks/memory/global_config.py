@@ -13,6 +13,7 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
+from qtasks.components import SlotRenewal
 from qtasks.config import QueueConfig
 from qtasks.memory.signals import _Lifecycle
 
@@ -220,9 +221,10 @@ class MemoryGlobalConfig(_Lifecycle):
         if slots is None or slots.leases.pop(holder, None) is None:
             return None
         now = time.monotonic()
-        held = now - slots.since.pop(holder)
-        old = held if slots.hold is None else slots.hold
-        slots.hold = (1 - HOLD_WEIGHT) * old + HOLD_WEIGHT * held
+        since = slots.since.pop(holder, None)
+        if since is not None:  # a slot taken back has none (see FlowControl.extend_slots)
+            old = now - since if slots.hold is None else slots.hold
+            slots.hold = (1 - HOLD_WEIGHT) * old + HOLD_WEIGHT * (now - since)
         if not wake:
             return None
         later = [(at, w) for w, at in slots.waiting.items() if at > now]
@@ -232,19 +234,28 @@ class MemoryGlobalConfig(_Lifecycle):
         slots.waiting[waiter] = now
         return waiter
 
-    async def extend_slots(self, slots: Sequence[tuple[str, str]], lease: float) -> list[bool]:
+    async def extend_slots(
+        self, slots: Sequence[tuple[str, str]], lease: float, limits: Sequence[int] | None = None
+    ) -> list[SlotRenewal]:
         self._check()
         now = time.monotonic()
         out = []
-        for key, holder in slots:
+        for i, (key, holder) in enumerate(slots):
             state = self._slots.get(key)
             if state is not None:
                 state.prune(now)
-            ok = state is not None and holder in state.leases
-            if ok:
-                assert state is not None
-                state.leases[holder] = now + lease
-            out.append(ok)
+            if state is not None and holder in state.leases:
+                found = SlotRenewal.RENEWED
+            elif limits is None:
+                out.append(SlotRenewal.LOST)
+                continue
+            else:  # its run goes on: taken back, past the limit if need be (no start time)
+                state = self._slots.setdefault(key, _Slots(limit=limits[i]))
+                found = SlotRenewal.TAKEN_BACK
+            state.leases[holder] = now + lease
+            if limits is not None and len(state.leases) > limits[i]:
+                found = SlotRenewal.OVER_LIMIT
+            out.append(found)
         return out
 
     async def claim_unique(

@@ -14,7 +14,14 @@ from typing import cast
 import anyio
 import pytest
 
-from qtasks.components import BringForward, Broker, FlowControl, RateRelease, SlotWake
+from qtasks.components import (
+    BringForward,
+    Broker,
+    FlowControl,
+    RateRelease,
+    SlotRenewal,
+    SlotWake,
+)
 from qtasks.config import QueueConfig
 from qtasks_testing.contract._base import ContractSuite
 from qtasks_testing.contract.broker import consuming, envelope
@@ -188,6 +195,45 @@ class FlowControlContract(ContractSuite):
         assert await flow.acquire_slot(slots, 2, "waiter", 5) == 0
         assert 0 < await flow.acquire_slot(slots, 2, "late", 5) <= 5
         assert await flow.extend_slots([], 5) == []
+
+    @pytest.mark.anyio
+    async def test_a_slot_no_longer_held_is_taken_back_under_its_holder(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        # The global config lost the slot (a restart, a failover: here released) while its
+        # run goes on; renewed with its limit, it is taken back, past the limit if another
+        # holder took it meanwhile, and no newcomer enters until the key is below its limit.
+        slots = f"slots:t:{key}"
+        assert await flow.acquire_slot(slots, 1, "a/1", 30, waiter="a") == 0
+        await flow.release_slot(slots, "a/1")
+        assert await flow.extend_slots([(slots, "a/1")], 30, limits=[1]) == [SlotRenewal.TAKEN_BACK]
+        assert await flow.extend_slots([(slots, "a/1")], 30, limits=[1]) == [SlotRenewal.RENEWED]
+        await flow.release_slot(slots, "a/1")
+        assert await flow.extend_slots([(slots, "a/1")], 30) == [SlotRenewal.LOST]  # no limit
+        assert await flow.acquire_slot(slots, 1, "b/1", 30, waiter="b") == 0
+        assert await flow.extend_slots([(slots, "a/1"), (slots, "b/1")], 30, limits=[1, 1]) == [
+            SlotRenewal.OVER_LIMIT,
+            SlotRenewal.OVER_LIMIT,
+        ]
+        assert (await flow.flow_state())[slots]["held"] == 2
+        await flow.release_slot(slots, "b/1")
+        assert await flow.acquire_slot(slots, 1, "c/1", 30, waiter="c") > 0  # a still runs
+        assert await flow.extend_slots([(slots, "a/1")], 30, limits=[1]) == [SlotRenewal.RENEWED]
+        await flow.release_slot(slots, "a/1")
+        assert await flow.acquire_slot(slots, 1, "c/2", 30, waiter="c") == 0
+
+    @pytest.mark.anyio
+    async def test_a_slot_whose_lease_ran_out_is_taken_back(
+        self, flow: FlowControl, key: str
+    ) -> None:
+        slots = f"slots:t:{key}"
+        assert await flow.acquire_slot(slots, 2, "a", 0.2) == 0
+        assert await flow.acquire_slot(slots, 2, "b", 0.2) == 0
+        await anyio.sleep(0.3)  # past both leases: the global config did not hear from them
+        assert await flow.extend_slots([(slots, "a")], 5, limits=[2]) == [SlotRenewal.TAKEN_BACK]
+        assert (await flow.flow_state())[slots]["held"] == 1  # "b" ran out and stays out
+        assert await flow.acquire_slot(slots, 2, "c", 5) == 0
+        assert await flow.acquire_slot(slots, 2, "d", 5) > 0
 
     @pytest.mark.anyio
     async def test_unique_keys_compare_and_set(self, flow: FlowControl, key: str) -> None:
