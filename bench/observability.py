@@ -20,10 +20,11 @@ in-memory components (producer and worker together, no network: the plugins' own
 without Redis round trips to hide or blur it), one app whose plugins are swapped between
 batches of N tasks.
 
-``--hook-times`` (W1) also times each hook of the plugins where it runs, in the producer and
+``--hook-times`` also times each hook of the plugins where it runs, in the producer and
 the worker (wall time per call, in us, mean of the run; the wrapper adds ~0.2 us): what a
 hook costs among Redis round trips and the event loop, often 2-3x what it costs called in a
-tight loop.
+tight loop. With ``--inmemory``, the hooks of each mode's plugins, median of its batches'
+means (the wrapper's time is in the batches' CPU per task then).
 
 ``--baseline REV`` compares a change with the plugins as they were at git revision ``REV``
 in the same run: a mode written ``MODE@base`` (``--modes off,sampled@base,sampled``) runs
@@ -202,14 +203,17 @@ def hook_means(times: dict[str, list[float]], tasks: int) -> dict[str, float]:
     return {name: t / n * 1e6 for name, (t, n) in sorted(times.items()) if n >= tasks}
 
 
-def plugins(mode: str, *, worker: bool, port: int | None = None) -> list[Any]:
+def plugins(
+    mode: str, *, worker: bool, port: int | None = None, side: str | None = None
+) -> list[Any]:
     """The plugins of ``mode`` (``KIND`` or ``KIND@base``): in a worker the metrics plugin
-    (serving on ``port`` when given) and the tracing plugin, in a producer the tracing one."""
+    (serving on ``port`` when given) and the tracing plugin, in a producer the tracing one;
+    their hook times (``--hook-times``) kept under ``side`` (default: worker or producer)."""
     kind, _, rev = mode.partition("@")
     found: list[Any] = []
     if kind == "off":
         return found
-    side = "worker" if worker else "producer"
+    side = side or ("worker" if worker else "producer")
     if worker:
         metrics = _module("metrics", rev == "base").MetricsPlugin
         found.append(timed(metrics() if port is None else metrics(port=port), side))
@@ -278,13 +282,16 @@ async def w1(mode: str, n: int, tmp: Path) -> tuple[float, float, float]:
         read_hook_times(worker.pid)
 
 
-async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[float]]:
+async def inmemory(
+    modes: list[str], n: int, rounds: int, hooks: dict[str, dict[str, list[float]]]
+) -> dict[str, list[float]]:
     """CPU us per task of each mode: one app (in-memory components, concurrency 10) whose
     plugins are swapped between batches of ``n`` tasks, each enqueued one at a time, the modes
     in turn ``rounds`` times (order rotated): a load change on the machine falls on every mode
-    within seconds, not on one whole run."""
+    within seconds, not on one whole run. Each batch's hook means (``--hook-times``) go into
+    ``hooks`` by mode."""
     app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], max_tasks_process=10))
-    each = {mode: plugins(mode, worker=True) for mode in modes}
+    each = {mode: plugins(mode, worker=True, side=mode) for mode in modes}
     done = anyio.Event()
     count, target = 0, 0
 
@@ -306,11 +313,17 @@ async def inmemory(modes: list[str], n: int, rounds: int) -> dict[str, list[floa
                 for plugin in each[mode]:
                     app.hooks.register(plugin)
                 done, target = anyio.Event(), count + n
+                for slot in HOOK_TIMES.values():  # the wrappers hold them: zeroed, not dropped
+                    slot[:] = [0.0, 0]
                 start = time.process_time()
                 for _ in range(n):
                     await app.add_task("incr")
                 await done.wait()
                 cpu[mode].append((time.process_time() - start) / n * 1e6)
+                for name, mean in hook_means(HOOK_TIMES, n).items():
+                    side, _, hook = name.partition(" ")
+                    if side == mode:
+                        hooks.setdefault(mode, {}).setdefault(hook, []).append(mean)
     return cpu
 
 
@@ -329,7 +342,9 @@ async def run(opts: argparse.Namespace) -> None:
             (Path(tmp) / "base").mkdir()
             baseline(opts.baseline, Path(tmp) / "base")
         if opts.inmemory:
-            report_inmemory(modes, opts, await inmemory(modes, opts.n, opts.rounds))
+            hooks: dict[str, dict[str, list[float]]] = {}
+            report_inmemory(modes, opts, await inmemory(modes, opts.n, opts.rounds, hooks))
+            report_hooks(opts, hooks)
         else:
             report_w1(modes, opts, await w1_rounds(modes, opts, Path(tmp)))
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load {load()}")
@@ -367,12 +382,17 @@ async def w1_rounds(
             )
             for name, mean in hook_means(HOOK_TIMES, opts.n).items():
                 hooks[mode].setdefault(name, []).append(mean)
+    report_hooks(opts, hooks)
+    return figures
+
+
+def report_hooks(opts: argparse.Namespace, hooks: dict[str, dict[str, list[float]]]) -> None:
+    """The hook times of each mode (``--hook-times``): the median of its runs' means."""
     if opts.hook_times:
         print(f"hook times, us per call (median of {opts.rounds} runs' means):")
         for mode, means in hooks.items():
             for name, runs in means.items():
                 print(f"  {mode:>12} {name}: {statistics.median(runs):.2f}")
-    return figures
 
 
 def report_w1(
