@@ -762,9 +762,15 @@ def test_the_plugins_extraction_is_the_propagators(case: str) -> None:
     headers = CARRIERS[case]
     plugin = TracingPlugin(tracer_provider=TracerProvider())
     assert plugin._propagation()  # the API's default: W3C trace context and baggage
-    ctx, parent = plugin._extract(dict(headers))
-    assert extracted(ctx) == extracted(propagate.extract(dict(headers)))
-    assert parent == trace.get_current_span(ctx).get_span_context()
+    ctx, parent = plugin._parent(dict(headers))
+    theirs = propagate.extract(dict(headers))
+    assert extracted(ctx) == extracted(theirs)
+    assert parent is trace.get_current_span(ctx)
+    # A traceparent read by the plugin (its span context built when asked) is the
+    # propagator's non-recording span as seen from outside: its type, flags and repr.
+    assert isinstance(parent, trace.NonRecordingSpan)
+    assert not parent.is_recording()
+    assert repr(parent) == repr(trace.get_current_span(theirs))
 
 
 def test_the_context_the_plugin_makes_for_an_extracted_span_is_the_apis() -> None:
@@ -772,11 +778,11 @@ def test_the_context_the_plugin_makes_for_an_extracted_span_is_the_apis() -> Non
     an empty context (with this API the key is found: the one-step path is the one taken)."""
     from opentelemetry import context
 
-    from qtasks_web.tracing import _SPAN_KEY, _in_context
+    from qtasks_web.w3c import SPAN_KEY, in_context
 
-    assert _SPAN_KEY is not None
+    assert SPAN_KEY is not None
     span = trace.NonRecordingSpan(trace.SpanContext(int(TRACE, 16), int(SPAN, 16), True))
-    mine = _in_context(span)
+    mine = in_context(span)
     assert type(mine) is context.Context
     assert mine == trace.set_span_in_context(span, context.Context())
     assert trace.get_current_span(mine) is span
@@ -1023,6 +1029,18 @@ async def test_a_dropped_root_and_the_runs_under_it_build_nothing_for_a_sampler(
     assert spans.get_finished_spans() == ()
 
 
+async def parent_then_child(
+    app: AsyncQueueTasks, parent: Any, done: anyio.Event, headers: Headers
+) -> list[dict[str, Any]]:
+    """Run ``parent``, whose child sets ``done``; the headers each of the two arrived with."""
+    async with app:
+        await parent.add_task(timeout=5)
+        with anyio.fail_after(5):
+            await done.wait()
+    await app.aclose()
+    return headers.seen
+
+
 async def test_an_unsampled_root_keeps_its_trace_and_flags_through_a_child_task() -> None:
     """A root dropped by the recommended sampler (at a rate of 0: every root) goes on as it
     was made: the parent task's code, the child it enqueues, the child's code and a call the
@@ -1055,17 +1073,67 @@ async def test_an_unsampled_root_keeps_its_trace_and_flags_through_a_child_task(
         propagate.inject(downstream)
         done.set()
 
-    async with app:
-        await parent.add_task(timeout=5)
-        with anyio.fail_after(5):
-            await done.wait()
-    await app.aclose()
-    parent_headers, child_headers = headers.seen
+    parent_headers, child_headers = await parent_then_child(app, parent, done, headers)
     made = header_ids(parent_headers)
     assert made[0] != 0 and flags_of(parent_headers) & 0x01 == 0
     assert child_headers == parent_headers == {"traceparent": downstream["traceparent"]}
     assert seen["parent"] == seen["child"] == (*made, True, flags_of(parent_headers))
     assert spans.get_finished_spans() == ()
+
+
+async def test_a_tasks_own_span_under_an_unsampled_trace_stays_in_it_unsampled() -> None:
+    """The run under a dropped root makes no span of its own, yet a span the task's code
+    starts joins the producer's trace: the same trace id, a span id of its own, the sampled
+    bit off, nothing exported; and a task enqueued inside that span carries the trace on."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    provider, spans = exported(ParentBased(TraceIdRatioBased(0.0)))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    app.add_plugin(TracingPlugin(tracer_provider=provider))
+    headers = Headers()
+    app.add_plugin(headers)
+    seen: dict[str, Any] = {}
+    done = anyio.Event()
+
+    @app.task
+    async def parent() -> None:
+        seen["current"] = trace.get_current_span().get_span_context()
+        with provider.get_tracer("user").start_as_current_span("work") as work:
+            seen["work"] = work.get_span_context()
+            seen["recording"] = work.is_recording()
+            await app.add_task("child")
+
+    @app.task
+    async def child() -> None:
+        done.set()
+
+    parent_headers, child_headers = await parent_then_child(app, parent, done, headers)
+    trace_id, span_id = header_ids(parent_headers)
+    assert (seen["current"].trace_id, seen["current"].span_id) == (trace_id, span_id)
+    work = seen["work"]
+    assert work.trace_id == trace_id and work.span_id not in (0, span_id)
+    assert not work.trace_flags.sampled and not work.is_remote and not seen["recording"]
+    assert header_ids(child_headers)[0] == trace_id
+    assert flags_of(child_headers) & 0x01 == 0
+    assert spans.get_finished_spans() == ()
+
+
+def test_a_traceparent_the_plugin_reads_is_parsed_when_asked() -> None:
+    """The worker's read of a plain ``traceparent`` keeps its flags and defers the ids: a
+    run under an unsampled trace whose code asks nothing parses neither; asked, its span
+    context is the propagator's, built once."""
+    from opentelemetry import propagate
+
+    from qtasks_web.w3c import RemoteParent, read
+
+    carrier = {"traceparent": f"00-{TRACE}-{SPAN}-02"}
+    remote = read(carrier)
+    assert type(remote) is RemoteParent
+    assert remote.flags == trace.TraceFlags(2) and remote.header == carrier["traceparent"]
+    assert remote._made is None  # nothing parsed yet
+    made = remote.get_span_context()
+    assert made == trace.get_current_span(propagate.extract(carrier)).get_span_context()
+    assert remote.get_span_context() is made
 
 
 async def test_a_dropped_root_goes_through_a_propagator_of_the_users_own(

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context
 
+from qtasks_web.w3c import template
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -134,13 +136,15 @@ class Roots:
     :meth:`kept` is started by :attr:`tracer` (a tracer of the plugin's own, whose id
     generator hands that trace id to the SDK once, in :meth:`start`); a dropped one's
     span id is :attr:`span_id`, and its context's flags :attr:`flags`, what the SDK gave a
-    span it dropped when this was made."""
+    span it dropped when this was made (its ``traceparent`` is :attr:`template` ``%
+    (trace_id, span_id)``)."""
 
     def __init__(self, tracer: Tracer, ids: _Preset, bound: int, flags: int) -> None:
         self.tracer = tracer
         self._ids = ids
         self.bound = bound
         self.flags = flags
+        self.template = template(flags)
         # The generator's own methods, called without a method of this class around them
         # (one call less each, on the path of every root span).
         self.draw: Callable[[], int] = ids.inner.generate_trace_id

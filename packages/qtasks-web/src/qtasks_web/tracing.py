@@ -20,19 +20,16 @@ the root sampling it mirrors is in :mod:`qtasks_web.sampling`.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import baggage, context, propagate, trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from qtasks import hookimpl
 from qtasks.record import TaskStatus
 from qtasks_web.sampling import Roots, drops_unsampled
+from qtasks_web.w3c import RemoteParent, in_context, is_w3c, read, traceparent
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
@@ -56,11 +53,6 @@ _NO_OP = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
 
 _TOKEN = "qtasks_web.tracing.token"
 """``run.state`` key: the token of the context attached while the task's code runs."""
-
-
-_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-"""A ``traceparent`` of version 00 in its canonical form: the only one
-:meth:`TracingPlugin._extract` reads itself (anything else goes to the propagator)."""
 
 
 class TracingPlugin:
@@ -118,11 +110,12 @@ class TracingPlugin:
         self._maybe_idle = False
         return False
 
-    def _skips(self, parent: SpanContext) -> bool:
-        """Whether no span need be made under ``parent``: a valid, remote, unsampled span
-        context, under which the provider's sampler is the SDK's ``ParentBased`` (its
-        ``should_sample`` not overridden) dropping every span whose parent is unsampled,
-        remote or local (``AlwaysOff``, its defaults).
+    def _skips(self, parent: Span) -> bool:
+        """Whether no span need be made under ``parent``: a span of a valid, remote, unsampled
+        span context (a :class:`~qtasks_web.w3c.RemoteParent` tells its flags without
+        building its span context), under which the provider's sampler is the SDK's
+        ``ParentBased`` (its ``should_sample`` not overridden) dropping every span whose
+        parent is unsampled, remote or local (``AlwaysOff``, its defaults).
 
         Such a sampler's answer is known without asking: ``DROP``, whatever the span. The SDK
         would then make a non-recording span (the parent's trace id and trace state,
@@ -134,8 +127,13 @@ class TracingPlugin:
         must drop as well: the decision is the same either way. Any other sampler, a local
         parent (another instrumentation's span in this process) or a sampled one: the
         sampler is asked, through the tracer."""
-        if parent.trace_flags & 0x01 or not parent.is_remote or not parent.is_valid:
-            return False
+        if type(parent) is RemoteParent:
+            if parent.flags & 0x01:
+                return False
+        else:
+            made = parent.get_span_context()
+            if made.trace_flags & 0x01 or not made.is_remote or not made.is_valid:
+                return False
         self._sampling()
         return self._skip
 
@@ -175,7 +173,7 @@ class TracingPlugin:
         textmap = propagate.get_global_textmap()
         if textmap is not self._textmap:
             self._textmap, self._fields = textmap, frozenset(textmap.fields)
-            self._w3c = _is_w3c(textmap)
+            self._w3c = is_w3c(textmap)
         return self._w3c
 
     def _plain_w3c(self, current: context.Context) -> bool:
@@ -191,10 +189,15 @@ class TracingPlugin:
         With the API's default propagator and no baggage that is ``traceparent`` (and
         ``tracestate`` when the trace has one), written here as the W3C propagator writes
         them: a third of its cost, which is mostly the context it is handed and the calls
-        between the composite and its parts."""
+        between the composite and its parts. A remote parent read from a ``traceparent``
+        (:class:`~qtasks_web.w3c.RemoteParent`: the enqueue of a task whose run made no span
+        under an unsampled trace) is written as it came."""
         if self._plain_w3c(current):
+            if type(span) is RemoteParent:
+                headers["traceparent"] = span.header
+                return
             span_context = span.get_span_context()
-            headers["traceparent"] = _traceparent(
+            headers["traceparent"] = traceparent(
                 span_context.trace_id, span_context.span_id, span_context.trace_flags
             )
             if span_context.trace_state:
@@ -209,33 +212,27 @@ class TracingPlugin:
         :meth:`_inject` writes a span's: what the SDK's non-recording span would carry."""
         span_id = roots.span_id()
         if self._plain_w3c(current):
-            headers["traceparent"] = _traceparent(trace_id, span_id, roots.flags)
+            headers["traceparent"] = roots.template % (trace_id, span_id)
             return
         dropped = SpanContext(
             trace_id, span_id, is_remote=False, trace_flags=TraceFlags(roots.flags)
         )
         self._inject(headers, trace.NonRecordingSpan(dropped), current)
 
-    def _extract(self, headers: dict[str, Any]) -> tuple[context.Context, SpanContext]:
+    def _parent(self, headers: dict[str, Any]) -> tuple[context.Context, Span]:
         """The context ``headers`` carry, as the global propagator extracts it, and its span
-        context (invalid when there is none).
+        (the API's invalid one when there is none).
 
-        With the API's default propagator, a canonical version-00 ``traceparent`` alone
-        (neither ``tracestate`` nor ``baggage``) is read here: what the W3C propagator's
-        pattern matches in it and the span context it builds from it are the same, at under
-        half its cost. Anything else (another version, spaces, a trace state) goes to the
-        propagator."""
-        if self._w3c and "tracestate" not in headers and "baggage" not in headers:
-            value = headers.get("traceparent")
-            if type(value) is str and _TRACEPARENT.fullmatch(value) is not None:
-                trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
-                if trace_id and span_id:  # all zeros: invalid, the propagator ignores it
-                    parent = SpanContext(
-                        trace_id, span_id, is_remote=True, trace_flags=_FLAGS[value[53:]]
-                    )
-                    return _in_context(trace.NonRecordingSpan(parent)), parent
+        With the API's default propagator, a canonical version-00 ``traceparent`` alone is
+        read here (:func:`~qtasks_web.w3c.read`): the same context, at a fraction of the
+        propagator's cost, its span context built only when asked for. Anything else goes to
+        the propagator."""
+        if self._w3c:
+            remote = read(headers)
+            if remote is not None:
+                return in_context(remote), remote
         extracted = propagate.extract(headers)
-        return extracted, trace.get_current_span(extracted).get_span_context()
+        return extracted, trace.get_current_span(extracted)
 
     # --- producer -----------------------------------------------------------------------
 
@@ -257,19 +254,18 @@ class TracingPlugin:
                 trace_id = plain.draw()
                 if not plain.kept(trace_id):  # dropped: its context alone, as _inject_dropped
                     span_id = plain.span_id()
-                    message.headers["traceparent"] = _traceparent(trace_id, span_id, plain.flags)
+                    message.headers["traceparent"] = plain.template % (trace_id, span_id)
                     return message
                 return self._send_root(message, plain, trace_id, current)
         parent = trace.get_current_span(current)
-        parent_span = parent.get_span_context()
         roots: Roots | None = None
-        if not parent_span.is_valid:
+        if self._skips(parent):
+            self._inject(message.headers, parent, current)  # the unsampled trace goes on
+            return message
+        if not parent.get_span_context().is_valid:
             if self._idle():
                 return None  # the API's no-op tracer and no trace to continue
             roots = self._root_sampling()
-        elif self._skips(parent_span):
-            self._inject(message.headers, parent, current)  # the unsampled trace goes on
-            return message
         name = message.task_name
         # Only what a sampler may decide on is built before it has decided.
         attributes = _for_sampler("send", name)
@@ -359,7 +355,7 @@ class TracingPlugin:
                 return  # the API's no-op tracer and no trace to continue
             parent = None
         else:
-            parent, parent_span = self._extract(headers)
+            parent, parent_span = self._parent(headers)
             if self._skips(parent_span):
                 # An unsampled trace this run's span would not be recorded in: no span, the
                 # trace (and its baggage) goes on in what the task does and enqueues.
@@ -456,36 +452,6 @@ class TracingPlugin:
         span.end()
 
 
-def _span_key() -> str | None:
-    """The key under which the API keeps the current span in a context (a private name,
-    made at import: read here from a context made by ``set_span_in_context``)."""
-    made = trace.set_span_in_context(trace.INVALID_SPAN, context.Context())
-    keys = list(made)
-    if len(keys) == 1 and made[keys[0]] is trace.INVALID_SPAN:
-        return keys[0]
-    return None  # pragma: no cover - another API's contexts
-
-
-_SPAN_KEY = _span_key()
-
-
-def _in_context(span: Span) -> context.Context:
-    """A context holding ``span`` alone: ``set_span_in_context(span, Context())`` made in
-    one step (that copies the empty context, then the copy)."""
-    if _SPAN_KEY is None:  # pragma: no cover - another API's contexts
-        return trace.set_span_in_context(span, context.Context())
-    return context.Context({_SPAN_KEY: span})
-
-
-_FLAGS = {f"{flags:02x}": TraceFlags(flags) for flags in range(256)}
-"""The trace flags of each two-digit lower-case hex value of a ``traceparent``."""
-
-
-def _traceparent(trace_id: int, span_id: int, flags: int) -> str:
-    """A ``traceparent`` header of version 00, as the W3C propagator writes it."""
-    return "00-%032x-%016x-%02x" % (trace_id, span_id, flags)  # noqa: UP031 - a third faster than the f-string
-
-
 def _for_sampler(operation: str, task_name: str) -> dict[str, Any]:
     """The messaging semantic-convention attributes of a ``send`` or ``process`` span that a
     sampler may decide on, given when the span starts (the rest is set once it records)."""
@@ -495,18 +461,3 @@ def _for_sampler(operation: str, task_name: str) -> dict[str, Any]:
         "messaging.operation.name": operation,
         "messaging.destination.name": task_name,
     }
-
-
-def _is_w3c(textmap: Any) -> bool:
-    """Whether ``textmap`` is the API's default propagator (``OTEL_PROPAGATORS`` unset or
-    ``tracecontext,baggage``), or W3C trace context alone: exactly these classes, in this
-    order, not subclasses."""
-    if type(textmap) is TraceContextTextMapPropagator:
-        return True
-    if type(textmap) is not CompositePropagator:
-        return False
-    parts = getattr(textmap, "_propagators", None)  # its list, private: gone means "no"
-    return isinstance(parts, list | tuple) and [type(p) for p in parts] in (
-        [TraceContextTextMapPropagator, W3CBaggagePropagator],
-        [TraceContextTextMapPropagator],
-    )
