@@ -489,6 +489,105 @@ async def test_without_an_sdk_nothing_is_written_unless_a_trace_comes_in() -> No
     assert continued.returning == "0af7651916cd43dd8448eb211c80319c"
 
 
+ENDS = {
+    "qtasks_storage_added",
+    "qtasks_task_enqueue_failed",
+    "qtasks_task_deduplicated",
+    "qtasks_executor_closed",
+    "qtasks_executor_error",
+    "qtasks_worker_task_retry",
+    "qtasks_task_cancelled",
+    "qtasks_task_dead_lettered",
+    "qtasks_worker_execute_after",
+}
+"""The hooks through which the plugin ends what it made (no other plugin in these apps)."""
+
+
+async def test_the_hooks_that_end_spans_are_registered_when_the_plugin_first_makes_one() -> None:
+    """Without an SDK and with no trace coming in the plugin makes nothing, and none of the
+    hooks that end what it makes is called for any task (each costs its call per task);
+    with an SDK the first spans register them in time to end themselves, in a bulk enqueue
+    too."""
+    quiet = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    quiet.add_plugin(TracingPlugin(tracer_provider=trace.NoOpTracerProvider()))
+
+    @quiet.task
+    async def nothing() -> None: ...
+
+    async with quiet:
+        for _ in range(3):
+            await nothing.add_task(timeout=5)
+        assert not ENDS & quiet.hooks.active
+    await quiet.aclose()
+
+    traces = Traces()
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    plugin = TracingPlugin(tracer_provider=traces.provider)
+    app.add_plugin(plugin)
+
+    @app.task
+    async def ok() -> None: ...
+
+    async with app:
+        assert not ENDS & app.hooks.active
+        await app.add_tasks([ok.s(), ok.s()])
+        spans = await traces.until(lambda s: len(named(s, "process ok")) == 2)
+    await app.aclose()
+    assert app.hooks.active >= ENDS
+    assert len(named(spans, "send ok")) == 2
+    assert plugin._sending == {} and plugin._running == {}
+
+
+async def test_the_hooks_that_end_spans_are_registered_again_if_unregistered(
+    app: AsyncQueueTasks, traces: Traces
+) -> None:
+    plugin = app.hooks.pm.get_plugin(TracingPlugin.name)
+    assert isinstance(plugin, TracingPlugin)
+
+    @app.task
+    async def ok() -> None: ...
+
+    async with app:
+        await ok.add_task(timeout=5)
+        for follower in (plugin._sends, plugin._runs, plugin._closes):
+            app.hooks.unregister(follower)
+        assert not ENDS & app.hooks.active
+        await ok.add_task(timeout=5)
+        spans = await traces.until(lambda s: len(named(s, "process ok")) == 2)
+    assert app.hooks.active >= ENDS
+    sends, processes = named(spans, "send ok"), named(spans, "process ok")
+    for send, process in zip(sends, processes, strict=True):
+        assert_child(process, send)
+    assert plugin._sending == {} and plugin._running == {}
+
+
+async def test_a_tracing_plugin_replacing_another_ends_its_own_spans(traces: Traces) -> None:
+    """The hooks that end spans are plugins named after the tracing plugin's
+    (``qtasks-web.tracing.sends`` ...): those of a tracing plugin the app had before give
+    way to the new one's."""
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"], shutdown_grace=1.0))
+    first, second = (TracingPlugin(tracer_provider=traces.provider) for _ in range(2))
+    app.add_plugin(first)
+
+    @app.task
+    async def ok() -> None: ...
+
+    async with app:
+        await ok.add_task(timeout=5)
+        await traces.until(lambda s: len(named(s, "process ok")) == 1)
+        app.hooks.unregister(first)
+        app.add_plugin(second)
+        await ok.add_task(timeout=5)
+        spans = await traces.until(lambda s: len(named(s, "process ok")) == 2)
+    await app.aclose()
+    names = {name for name, _ in app.hooks.pm.list_name_plugin()}
+    assert {"qtasks-web.tracing.sends", "qtasks-web.tracing.runs"} <= names
+    assert app.hooks.pm.get_plugin("qtasks-web.tracing.runs") is second._runs
+    assert app.hooks.pm.get_plugin("qtasks-web.tracing.closes") is second._closes
+    assert_child(named(spans, "process ok")[1], named(spans, "send ok")[1])
+    assert second._sending == {} and second._running == {}
+
+
 async def test_an_enqueue_whose_publish_raises_ends_its_span_with_the_error(
     traces: Traces,
 ) -> None:
@@ -934,6 +1033,7 @@ def test_a_root_the_plugin_samples_itself_is_what_the_sdk_would_make(
     mine_provider, mine_spans = provider()
     plugin = TracingPlugin(tracer_provider=mine_provider)
     assert plugin._root_sampling() is not None  # answered here (its one probe drawn first)
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))  # never started
     token = context.attach(current)
     try:
         random.seed(12)
@@ -942,7 +1042,7 @@ def test_a_root_the_plugin_samples_itself_is_what_the_sdk_would_make(
             message = Message(
                 uuid=f"m{i}", task_name="t", args=[], kwargs={}, priority=0, created_at=0.0
             )
-            assert plugin.qtasks_task_enqueue(message) is message
+            assert plugin.qtasks_task_enqueue(app, message) is message
             mine.append(message.headers)
             if message.uuid in plugin._sending:  # a kept root: its span ends as stored
                 plugin._sending.pop(message.uuid).end()
@@ -1242,10 +1342,11 @@ def test_apps_sharing_a_provider_share_one_id_generator_wrapper_and_threads_do_n
     from qtasks_web.sampling import _Preset
 
     provider = TracerProvider(sampler=ParentBasedTraceIdRatio(0.01))
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))  # never started
     for i in range(1_100):
         plugin = TracingPlugin(tracer_provider=provider)
         message = Message(uuid=f"m{i}", task_name="t", args=[], kwargs={}, priority=0)
-        assert plugin.qtasks_task_enqueue(message) is message
+        assert plugin.qtasks_task_enqueue(app, message) is message
         assert message.headers["traceparent"].startswith("00-")
         roots = plugin._root_sampling()
         assert roots is not None

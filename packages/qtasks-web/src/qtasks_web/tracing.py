@@ -27,8 +27,8 @@ from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from qtasks import hookimpl
-from qtasks.record import TaskStatus
 from qtasks_web.sampling import Roots, drops_unsampled
+from qtasks_web.span_ends import TOKEN, Closes, Runs, Sends
 from qtasks_web.w3c import RemoteParent, in_context, is_w3c, read, traceparent
 
 if TYPE_CHECKING:
@@ -50,9 +50,6 @@ the publish and its notification, never confirms)."""
 
 _NO_OP = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
 """Providers whose spans go nowhere (the proxy is the global one until an SDK is set)."""
-
-_TOKEN = "qtasks_web.tracing.token"
-"""``run.state`` key: the token of the context attached while the task's code runs."""
 
 
 class TracingPlugin:
@@ -79,6 +76,10 @@ class TracingPlugin:
         self._running: dict[int, Span] = {}
         """Recording run spans by ``id(record)`` (the record object lives as long as the
         run)."""
+        self._sends, self._runs = Sends(self._sending), Runs(self._running)
+        self._closes = Closes()
+        """The hooks that end what the plugin made, registered in an app the first time it
+        made something there (:mod:`qtasks_web.span_ends`)."""
         self._sampling_for: Any = None
         self._skip = False
         self._roots: Roots | None = None
@@ -237,7 +238,7 @@ class TracingPlugin:
     # --- producer -----------------------------------------------------------------------
 
     @hookimpl
-    def qtasks_task_enqueue(self, message: Message) -> Message | None:
+    def qtasks_task_enqueue(self, app: AsyncQueueTasks, message: Message) -> Message | None:
         """Start the enqueue span (a child of the current span) and write its context into
         the message headers. Without an SDK nor a trace to continue there is nothing to
         write (the span is the API's invalid no-op one)."""
@@ -256,7 +257,7 @@ class TracingPlugin:
                     span_id = plain.span_id()
                     message.headers["traceparent"] = plain.template % (trace_id, span_id)
                     return message
-                return self._send_root(message, plain, trace_id, current)
+                return self._send_root(app, message, plain, trace_id, current)
         parent = trace.get_current_span(current)
         roots: Roots | None = None
         if self._skips(parent):
@@ -279,19 +280,24 @@ class TracingPlugin:
                 self._inject_dropped(message.headers, roots, trace_id, current)
                 return message
             span = roots.start(trace_id, f"send {name}", current, SpanKind.PRODUCER, attributes)
-        return self._sending_span(message, span, current)
+        return self._sending_span(app, message, span, current)
 
     def _send_root(
-        self, message: Message, roots: Roots, trace_id: int, current: context.Context
+        self,
+        app: AsyncQueueTasks,
+        message: Message,
+        roots: Roots,
+        trace_id: int,
+        current: context.Context,
     ) -> Message | None:
         """Start the enqueue span of a root ``roots`` keeps, of ``trace_id``."""
         name = message.task_name
         attributes = _for_sampler("send", name)
         span = roots.start(trace_id, f"send {name}", current, SpanKind.PRODUCER, attributes)
-        return self._sending_span(message, span, current)
+        return self._sending_span(app, message, span, current)
 
     def _sending_span(
-        self, message: Message, span: Span, current: context.Context
+        self, app: AsyncQueueTasks, message: Message, span: Span, current: context.Context
     ) -> Message | None:
         """Keep ``span`` (just started) until the task is stored, and write its context into
         the message headers."""
@@ -303,6 +309,7 @@ class TracingPlugin:
                     "qtasks.task.priority": message.priority,
                 }
             )
+            self._sends.follow(app.hooks)
             sending = self._sending
             if len(sending) >= MAX_UNCONFIRMED:
                 oldest = sending.pop(next(iter(sending)))
@@ -314,38 +321,12 @@ class TracingPlugin:
         self._inject(message.headers, span, current)
         return message
 
-    @hookimpl
-    def qtasks_storage_added(self, record: TaskRecord) -> None:
-        """End the enqueue span once the task is stored and, outside workflows, published:
-        the core fires this hook after both (and before ``qtasks_task_enqueued``, which the
-        plugin therefore does not implement: one hook call less per enqueue). A workflow
-        step that waits for an earlier one is published later, by the worker that settles
-        that one, so its span ends here rather than never."""
-        span = self._sending.pop(record.uuid, None)
-        if span is not None:
-            span.end()
-
-    @hookimpl
-    def qtasks_task_enqueue_failed(self, record: TaskRecord, exc: BaseException) -> None:
-        """End the enqueue span with the error: no confirmation will come."""
-        span = self._sending.pop(record.uuid, None)
-        if span is not None:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.end()
-
-    @hookimpl
-    def qtasks_task_deduplicated(self, record: TaskRecord, existing: TaskRecord) -> None:
-        """End the enqueue span: the unique key was held by ``existing``, nothing was sent."""
-        span = self._sending.pop(record.uuid, None)
-        if span is not None:
-            span.add_event("qtasks.deduplicated", {"qtasks.task.existing_id": existing.uuid})
-            span.end()
-
     # --- worker -------------------------------------------------------------------------
 
     @hookimpl
-    def qtasks_worker_execute_before(self, record: TaskRecord, run: TaskRun) -> None:
+    def qtasks_worker_execute_before(
+        self, app: AsyncQueueTasks, record: TaskRecord, run: TaskRun
+    ) -> None:
         """Start the run span as a child of the producer's, current while the code runs."""
         headers = run.message.headers
         self._propagation()
@@ -359,7 +340,8 @@ class TracingPlugin:
             if self._skips(parent_span):
                 # An unsampled trace this run's span would not be recorded in: no span, the
                 # trace (and its baggage) goes on in what the task does and enqueues.
-                run.state[_TOKEN] = context.attach(parent)
+                self._closes.follow(app.hooks)
+                run.state[TOKEN] = context.attach(parent)
                 return
         name = record.task_name
         attributes = _for_sampler("process", name)
@@ -377,57 +359,12 @@ class TracingPlugin:
                     "qtasks.task.attempt": record.attempt,
                 }
             )
+            self._runs.follow(app.hooks)
             self._running[id(record)] = span
         elif not span.get_span_context().is_valid:
             return  # the API's invalid no-op span: nothing to make current
-        run.state[_TOKEN] = context.attach(trace.set_span_in_context(span, parent))
-
-    @hookimpl
-    def qtasks_executor_closed(self, run: TaskRun) -> None:
-        """The code ended: the run span stops being current (in the task that ran it)."""
-        token = run.state.pop(_TOKEN, None)
-        if token is not None:
-            context.detach(token)
-
-    @hookimpl
-    def qtasks_executor_error(self, record: TaskRecord, exc: BaseException) -> None:
-        span = self._running.get(id(record))
-        if span is not None:
-            span.record_exception(exc)
-
-    @hookimpl
-    def qtasks_worker_task_retry(self, record: TaskRecord, delay: float) -> None:
-        span = self._running.get(id(record))
-        if span is not None:
-            span.add_event(
-                "qtasks.retry", {"qtasks.retry.delay": delay, "qtasks.task.attempt": record.attempt}
-            )
-
-    @hookimpl
-    def qtasks_task_cancelled(self, record: TaskRecord, reason: str) -> None:
-        span = self._running.get(id(record))
-        if span is not None:
-            span.add_event("qtasks.cancelled", {"qtasks.cancel.reason": reason})
-
-    @hookimpl
-    def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
-        span = self._running.get(id(record))
-        if span is not None:
-            span.add_event("qtasks.dead_lettered", {"qtasks.dead_letter.reason": reason})
-
-    @hookimpl
-    def qtasks_worker_execute_after(self, record: TaskRecord) -> None:
-        """End the run span with the task's outcome: ``ERROR`` status for an error (and for
-        a failed attempt that is retried), else unset (the API's advice to instrumentations:
-        ``OK`` is the application's to set)."""
-        span = self._running.pop(id(record), None)
-        if span is None:
-            return
-        status = record.status
-        span.set_attribute("qtasks.task.status", status.value)
-        if status is TaskStatus.ERROR or status is TaskStatus.RETRY:
-            span.set_status(Status(StatusCode.ERROR, record.error))
-        span.end()
+        self._closes.follow(app.hooks)
+        run.state[TOKEN] = context.attach(trace.set_span_in_context(span, parent))
 
     @hookimpl
     def qtasks_task_rejected(self, app: AsyncQueueTasks, delivery: Delivery, reason: str) -> None:
