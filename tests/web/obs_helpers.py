@@ -39,13 +39,15 @@ def free_port() -> int:
 
 
 def spawn(args: Sequence[str], path: Path, cwd: Path | None = None) -> subprocess.Popen[str]:
-    """``python args...`` in a process of its own (output piped) with ``path`` importable and
-    no ``QTASKS_*`` variables of the developer's shell."""
+    """``python args...`` in a process of its own (output piped) with ``path`` importable, the
+    caller's ``PYTHONPATH`` after it (a worktree's sources, which must win over the installed
+    checkout's), and no ``QTASKS_*`` variables of the developer's shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    paths = [str(path), *filter(None, [os.environ.get("PYTHONPATH")])]
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=cwd,
-        env={**env, "PYTHONPATH": str(path)},
+        env={**env, "PYTHONPATH": os.pathsep.join(paths)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
