@@ -216,7 +216,13 @@ class WorkerProcess:
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(HERE / "workflow_app.py")],
-                env={**os.environ, **env, "PYTHONPATH": str(HERE)},
+                env={
+                    **os.environ,
+                    **env,
+                    "PYTHONPATH": os.pathsep.join(
+                        filter(None, [str(HERE), os.environ.get("PYTHONPATH")])
+                    ),
+                },
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

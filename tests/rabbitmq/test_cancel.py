@@ -44,7 +44,10 @@ def worker(
     root = Path(__file__).parents[2]
     proc = subprocess.Popen(
         [sys.executable, str(WORKER), queue_name, str(tmp_path), redis_url, prefix],
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        },
         cwd=root,
         stderr=subprocess.PIPE,
     )

@@ -53,7 +53,8 @@ class Workers:
         """A worker; ``args`` follow the queue and directory (a Redis URL and prefix),
         ``env`` is added to its environment."""
         root = Path(__file__).parents[2]
-        env = {**os.environ, "PYTHONPATH": str(root), **env}
+        path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, **env}
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), self.queue, str(self.out), *args], env=env, cwd=root
         )

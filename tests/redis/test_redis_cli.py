@@ -47,7 +47,7 @@ def test_qtasks_run_with_redis_flags_serves_qtasks_add(
         "--storage", "redis", "--storage-url", redis_url,
         "--global-config", "redis",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "QTASKS_GLOBAL_CONFIG_URL": redis_url}
+    env = {**os.environ, "PYTHONPATH": _path(tmp_path), "QTASKS_GLOBAL_CONFIG_URL": redis_url}
     record, out = serve_and_add(tmp_path, env, ["run", *flags], flags, wait=20)
     client = redis.Redis.from_url(redis_url)
     try:  # under the test's own prefix, not the default one of a developer's Redis
@@ -111,6 +111,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _path(first: Path) -> str:
+    """``first``, then the caller's PYTHONPATH (a worktree's packages, when one is tested)."""
+    return os.pathsep.join(filter(None, [str(first), os.environ.get("PYTHONPATH")]))
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
     return {**env, **extra}
@@ -127,7 +132,7 @@ def test_broker_flags_alone_keep_results_where_other_processes_see_them(
     (tmp_path / "tasks.py").write_text(TASKS.replace(app_line, "QueueTasks.from_config()"))
     (tmp_path / "qtasks.toml").write_text(f'[extra]\nredis_prefix = "{prefix}"\n')
     flags = ["--broker", "redis", "--broker-url", redis_url]
-    env = _clean_env(PYTHONPATH=str(tmp_path))
+    env = _clean_env(PYTHONPATH=_path(tmp_path))
     _, out = serve_and_add(tmp_path, env, ["-A", "tasks:app", "run", *flags], flags, wait=30)
     assert "storage 'redis' follows the broker" in out
     assert f"global_config_url {redis_url} follows broker_url" in out
@@ -142,7 +147,7 @@ def test_run_logs_serving_only_once_the_components_started(tmp_path: Path) -> No
     done = subprocess.run(
         [sys.executable, "-m", "qtasks", *command],
         cwd=tmp_path,
-        env=_clean_env(PYTHONPATH=str(tmp_path)),
+        env=_clean_env(PYTHONPATH=_path(tmp_path)),
         capture_output=True,
         text=True,
         timeout=50,
@@ -424,7 +429,7 @@ def test_run_exits_at_its_stop_without_waiting_for_a_hung_sync_thread(
     handlers still run."""
     (tmp_path / "tasks.py").write_text(HUNG.replace("PREFIX", repr(redis_prefix)))
     flags = ["--broker", "redis", "--broker-url", redis_url, "--global-config", "memory"]
-    env = _clean_env(PYTHONPATH=str(tmp_path))
+    env = _clean_env(PYTHONPATH=_path(tmp_path))
     app = ["-A", "tasks:app", *flags]
     added, out, pid = serve_then_add(tmp_path, env, ["run", *app], ["hang", "--wait", "30", *app])
     record = json.loads(added.stdout)

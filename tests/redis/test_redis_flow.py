@@ -69,7 +69,7 @@ class Workers:
             **os.environ,
             "QT_URL": url,
             "QT_PREFIX": prefix,
-            "PYTHONPATH": str(HERE),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
             **env,
         }
         self.tmp = tmp
