@@ -271,8 +271,8 @@ async def test_a_publish_with_less_time_left_than_a_confirm_takes_is_not_written
     RabbitMQ takes it, and the caller's retry would duplicate it. Here another publish holds
     the channel past the point where a confirm could still come in time."""
     broker = await make_broker(publish_timeout=0.5)
-    link = broker._link
-    assert link is not None and link._publisher is not None
+    link = broker._require_link()
+    assert link._publisher is not None
     async with link._publisher.lock:  # a publish in progress, for longer than the deadline
         with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="not written"):
             await broker.publish(envelope(b"too late"))
@@ -455,8 +455,8 @@ async def test_a_batch_with_less_deadline_left_than_its_floor_is_not_written(
     from qtasks_rabbitmq.confirms import ConfirmPace, ConfirmTimeout, Outgoing, publish_batch
 
     broker = await make_broker(publish_timeout=5)
-    link = broker._link
-    assert link is not None and link._publisher is not None
+    link = broker._require_link()
+    assert link._publisher is not None
     channel = link._publisher
     message = Outgoing(
         body=b"late",

@@ -5,12 +5,13 @@
 """
 
 from qtasks_rabbitmq.broker import DEFAULT_URL, RabbitMQBroker, RabbitMQDelivery
-from qtasks_rabbitmq.errors import PublishRejectedError, TopologyError
+from qtasks_rabbitmq.errors import OversizedMessageError, PublishRejectedError, TopologyError
 from qtasks_rabbitmq.settings import RabbitMQSettings
 from qtasks_rabbitmq.topology import Topology
 
 __all__ = [
     "DEFAULT_URL",
+    "OversizedMessageError",
     "PublishRejectedError",
     "RabbitMQBroker",
     "RabbitMQDelivery",

@@ -14,12 +14,12 @@ Guarantees, and how they are kept (see ``docs/rabbitmq.md`` for the whole story)
   with the reason in ``x-qtasks-reason``.
 * Delays: the binary wait-queue chain of :mod:`qtasks_rabbitmq.topology`.
 
-This module holds the lifecycle (one shared :class:`~qtasks_rabbitmq.link.Link`, counted
-starts) and the public methods; each job lives in a module of its own: settings
-(:mod:`~qtasks_rabbitmq.settings`), publishing (:mod:`~qtasks_rabbitmq.publisher`), consuming
-with its lease and prefetch bookkeeping (:mod:`~qtasks_rabbitmq.consumer`), the delivery
-(:mod:`~qtasks_rabbitmq.delivery`), stats and dead letters (:mod:`~qtasks_rabbitmq.management`),
-the wire format (:mod:`~qtasks_rabbitmq.wire`).
+This module holds the lifecycle (a :class:`~qtasks_rabbitmq.link.Link` per event loop the
+broker is started in, counted starts) and the public methods; each job lives in a module of its
+own: settings (:mod:`~qtasks_rabbitmq.settings`), publishing (:mod:`~qtasks_rabbitmq.publisher`),
+consuming with its lease and prefetch bookkeeping (:mod:`~qtasks_rabbitmq.consumer`), the
+delivery (:mod:`~qtasks_rabbitmq.delivery`), stats and dead letters
+(:mod:`~qtasks_rabbitmq.management`), the wire format (:mod:`~qtasks_rabbitmq.wire`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Self
 
 from qtasks.components import BrokerStats, Buried, DeadLetter
@@ -39,13 +40,31 @@ from qtasks_rabbitmq.consumer import Consumer
 from qtasks_rabbitmq.delivery import RabbitMQDelivery
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.publisher import Published, Publisher
-from qtasks_rabbitmq.settings import DEFAULT_URL, RabbitMQSettings, check_options, check_url
+from qtasks_rabbitmq.settings import (
+    DEFAULT_URL,
+    SERVER_MAX_MESSAGE_SIZE,
+    RabbitMQSettings,
+    check_options,
+    check_url,
+)
 from qtasks_rabbitmq.topology import QueueType, Topology
 
 __all__ = ["DEFAULT_URL", "RabbitMQBroker", "RabbitMQDelivery"]
 
 PUBLISH_BATCH = 1000
 """Most publishes whose confirms :meth:`RabbitMQBroker.publish_many` awaits together."""
+
+
+@dataclass(slots=True, eq=False)
+class _Session:
+    """What the broker holds in one event loop it was started in: a connection belongs to
+    its loop, so apps sharing the broker from loops of their own (two sync apps, each with
+    its portal thread) each get a link, counted over the starts made in that loop."""
+
+    link: Link
+    publisher: Publisher
+    starts: int = 1
+    consumers: dict[int, Consumer] = field(default_factory=dict)
 
 
 class RabbitMQBroker:
@@ -57,6 +76,9 @@ class RabbitMQBroker:
     queues' ``x-queue-version`` (0, the default, leaves it to the server). ``heartbeat`` is the AMQP
     heartbeat in seconds (unless the URL sets one). ``publish_timeout`` bounds a whole publish:
     one deadline for the wait for a lost connection to come back and for its confirm.
+    ``max_message_size`` is the server's limit on a message body (RabbitMQ's default, 128 MiB;
+    set it to the server's if that differs): a larger message is refused before it is written,
+    with :class:`~qtasks_rabbitmq.errors.OversizedMessageError`.
     They are checked as :class:`~qtasks_rabbitmq.settings.RabbitMQSettings`, and ``url`` by
     :func:`~qtasks_rabbitmq.settings.check_url`, here: a bad value or URL (not ``amqp://`` or
     ``amqps://``, no host, a port that is no number) raises :class:`~qtasks.errors.ConfigError`,
@@ -74,6 +96,7 @@ class RabbitMQBroker:
         heartbeat: int = 30,
         connect_timeout: float = 10.0,
         publish_timeout: float = 30.0,
+        max_message_size: int = SERVER_MAX_MESSAGE_SIZE,
     ) -> None:
         settings = RabbitMQSettings(
             queue=queue,
@@ -83,6 +106,7 @@ class RabbitMQBroker:
             heartbeat=heartbeat,
             connect_timeout=connect_timeout,
             publish_timeout=publish_timeout,
+            max_message_size=max_message_size,
         )
         check_url(url)  # a bad URL is refused here, not at start()
         self._url = url
@@ -96,12 +120,9 @@ class RabbitMQBroker:
         self._max_deliveries = 5
         self._max_running = 10
         self._lease = 30.0
-        self._starts = 0
-        self._link: Link | None = None
-        self._publisher: Publisher | None = None
-        self._consumers: dict[int, Consumer] = {}
-        self._published = Published()
-        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._sessions: dict[asyncio.AbstractEventLoop, _Session] = {}
+        self._published = Published()  # one for the process: a cancel skips in any loop
+        self._starting: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -121,29 +142,39 @@ class RabbitMQBroker:
 
     @property
     def reconnects(self) -> int:
-        """How many times the connection was restored since start."""
-        return self._link.reconnects if self._link is not None else 0
+        """How many times the connections were restored since start (all event loops')."""
+        return sum(session.link.reconnects for session in list(self._sessions.values()))
+
+    def _session(self) -> _Session:
+        """The link of the running event loop: each loop the broker was started in has one."""
+        try:
+            session = self._sessions.get(asyncio.get_running_loop())
+        except RuntimeError:
+            session = None
+        if session is None:
+            raise ComponentNotStartedError("RabbitMQBroker used before start() in this event loop")
+        return session
 
     def _require_link(self) -> Link:
-        if self._link is None:
-            raise ComponentNotStartedError("RabbitMQBroker used before start()")
-        return self._link
+        return self._session().link
 
     def _require_publisher(self) -> Publisher:
-        if self._publisher is None:
-            raise ComponentNotStartedError("RabbitMQBroker used before start()")
-        return self._publisher
+        return self._session().publisher
 
     # lifecycle
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
-        """Connect and declare. Started again (apps sharing this broker), it only counts: the
-        connection closes when the last of the stacks closes. Started from another event loop
-        while the link's loop is gone without having closed it, it forgets that link and
-        connects again. An unknown or ill-typed ``rabbitmq_*`` key in ``config.extra`` raises
+        """Connect and declare. Started again in the same event loop (apps sharing this
+        broker), it only counts: the connection closes when the last of the stacks closes.
+        Started in another running event loop (another sync app, in a thread of its own), it
+        opens a link of its own there, counted apart: the two serve side by side, each
+        consumer and publish on the link of its loop. A link whose loop is no longer running
+        (closed without having closed the link) is forgotten at the next start. The
+        ``config`` of the first start (while no loop holds a link) sets the topology's
+        limits. An unknown or ill-typed ``rabbitmq_*`` key in ``config.extra`` raises
         :class:`~qtasks.errors.ConfigError` (the keys are read by :meth:`from_config`).
-        Concurrent starts (``asyncio.gather`` of two apps' starts) connect once: the others
-        wait for that start and count, or connect themselves if it failed."""
+        Concurrent starts in one loop (``asyncio.gather`` of two apps' starts) connect once:
+        the others wait for that start and count, or connect themselves if it failed."""
         check_options(config.extra)
         async with self._start_lock():
             await self._start(config)
@@ -152,29 +183,31 @@ class RabbitMQBroker:
     def _start_lock(self) -> asyncio.Lock:
         """The lock serializing starts, one per event loop (an asyncio lock is bound to one)."""
         loop = asyncio.get_running_loop()
-        if self._starting is None or self._starting[0] is not loop:
-            self._starting = (loop, asyncio.Lock())
-        return self._starting[1]
+        lock = self._starting.get(loop)
+        if lock is None:
+            lock = self._starting[loop] = asyncio.Lock()
+        return lock
+
+    def _forget_stopped_loops(self) -> None:
+        """Abandon the links of loops no longer running (closed without closing them), without
+        touching those loops: nothing can run there any more. Their stacks' releases become
+        no-ops. A loop running in another thread keeps its link."""
+        for loop in [loop for loop in list(self._sessions) if not loop.is_running()]:
+            session = self._sessions.pop(loop, None)
+            if session is not None:
+                session.link.abandon()
+        for loop in [loop for loop in list(self._starting) if loop.is_closed()]:
+            self._starting.pop(loop, None)
 
     async def _start(self, config: QueueConfig) -> None:
-        if self._link is not None and self._link.loop is not asyncio.get_running_loop():
-            self._link.abandon()
-            self._link, self._publisher, self._starts = None, None, 0
-            self._consumers.clear()
-        if self._link is not None:
-            self._starts += 1
+        loop = asyncio.get_running_loop()
+        self._forget_stopped_loops()
+        session = self._sessions.get(loop)
+        if session is not None:
+            session.starts += 1
             return
-        self._max_deliveries = config.max_deliveries
-        self._max_running = config.max_tasks_process
-        topology = self._topology
-        ttl = config.dead_letter_ttl
-        self._topology = dataclasses.replace(
-            topology,
-            delivery_limit=config.max_deliveries,
-            dead_letter_ttl_ms=None if ttl is None else max(int(ttl * 1000), 1),
-            max_dead_letters=config.max_dead_letters,
-        )
-        self._lease = config.lease
+        if not self._sessions:
+            self._configure(config)
         settings = self._settings
         link = Link(
             self._url,
@@ -182,19 +215,33 @@ class RabbitMQBroker:
             heartbeat=settings.heartbeat,
             connect_timeout=settings.connect_timeout,
             publish_timeout=settings.publish_timeout,
+            max_message_size=settings.max_message_size,
         )
-        await link.start(AsyncExitStack())  # closed by _release, when the last user goes
-        self._link = link
-        self._publisher = Publisher(link, self._topology)
-        self._starts = 1
+        await link.start(AsyncExitStack())  # closed by _release, when the loop's last user goes
+        self._sessions[loop] = _Session(link, Publisher(link, self._topology))
+
+    def _configure(self, config: QueueConfig) -> None:
+        """Take the limits of ``config`` into the topology (the first start's)."""
+        self._max_deliveries = config.max_deliveries
+        self._max_running = config.max_tasks_process
+        ttl = config.dead_letter_ttl
+        self._topology = dataclasses.replace(
+            self._topology,
+            delivery_limit=config.max_deliveries,
+            dead_letter_ttl_ms=None if ttl is None else max(int(ttl * 1000), 1),
+            max_dead_letters=config.max_dead_letters,
+        )
+        self._lease = config.lease
 
     async def _release(self) -> None:
-        if self._link is None or self._link.loop is not asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None:
             return  # a stack of a loop already left (see start)
-        self._starts -= 1
-        if self._starts == 0 and self._link is not None:
-            link, self._link, self._publisher = self._link, None, None
-            await link.close()
+        session.starts -= 1
+        if session.starts == 0:
+            del self._sessions[loop]
+            await session.link.close()
 
     # publishing (the hot path: one call down to Link.publish_many)
 
@@ -238,10 +285,11 @@ class RabbitMQBroker:
     async def _consume(
         self, prefetch: int, buried: Buried | None
     ) -> AsyncIterator[AsyncIterator[RabbitMQDelivery]]:
-        link = self._require_link()
+        session = self._session()
+        link = session.link
         consumer = Consumer(
             link,
-            self._require_publisher(),
+            session.publisher,
             self._published,
             prefetch=prefetch,
             lease=self._lease,
@@ -250,7 +298,7 @@ class RabbitMQBroker:
             buried=buried,
         )
         link.register(consumer.key, consumer.reopen, consumer.healthy)
-        self._consumers[consumer.key] = consumer
+        session.consumers[consumer.key] = consumer
         try:
             connection, generation = await link.connection()
             try:
@@ -259,7 +307,7 @@ class RabbitMQBroker:
                 link.lost(f"opening a consumer failed: {type(exc).__name__}")
             yield consumer
         finally:
-            self._consumers.pop(consumer.key, None)
+            session.consumers.pop(consumer.key, None)
             await consumer.close()
 
     # inspection and management
@@ -280,7 +328,8 @@ class RabbitMQBroker:
         under priority 0."""
         connection, _ = await self._require_link().connection()
         ready, delayed, dead = await management.counts(connection, self._topology)
-        in_flight = sum(len(c.held) + c.buffer.qsize() for c in self._consumers.values())
+        consumers = [c for s in list(self._sessions.values()) for c in list(s.consumers.values())]
+        in_flight = sum(len(c.held) + c.buffer.qsize() for c in consumers)
         return BrokerStats({0: ready} if ready else {}, delayed, in_flight, dead)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

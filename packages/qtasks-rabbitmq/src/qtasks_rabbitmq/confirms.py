@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import struct
 import time
 from collections.abc import Sequence
@@ -33,7 +34,14 @@ from typing import Any, NamedTuple
 
 import aiormq
 from aiormq.abc import ChannelFrame
-from aiormq.exceptions import DeliveryError, PublishError
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelClosed,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    PublishError,
+)
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.constants import FRAME_END_CHAR, FRAME_HEADER
@@ -53,6 +61,26 @@ CONFIRM_FLOOR = 0.005
 """Seconds of the deadline a batch must have left to be written, at least: a confirm takes
 ~0.3-1 ms on a local server; a few ms leave it room without refusing publishes that have
 time."""
+
+
+REFUSALS = (ChannelPreconditionFailed, ChannelNotFoundEntity, ChannelAccessRefused)
+"""How RabbitMQ closes a channel refusing a publish on it (406, 404, 403: a body over its
+``max_message_size``, an exchange that does not exist, no write permission); the connection
+stays up. A connection that closes fails its channels with connection errors instead."""
+
+_SERVER_LIMIT = re.compile(r"larger than configured max size (\d+)")
+
+
+def refusal(exc: BaseException) -> ChannelClosed | None:
+    """``exc`` as RabbitMQ's refusal of a publish (:data:`REFUSALS`), else ``None``."""
+    return exc if isinstance(exc, REFUSALS) else None
+
+
+def size_limit(exc: ChannelClosed) -> int | None:
+    """The ``max_message_size`` a refusal names (RabbitMQ: "message size N is larger than
+    configured max size M"), or ``None`` for a refusal of another kind."""
+    found = _SERVER_LIMIT.search(str(exc))
+    return int(found.group(1)) if found else None
 
 
 class ConfirmPace:

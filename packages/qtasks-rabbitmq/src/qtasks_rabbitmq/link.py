@@ -31,9 +31,17 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from qtasks.errors import BrokerConnectionError
 from qtasks.masking import MASK, mask_text, mask_url
-from qtasks_rabbitmq.confirms import ConfirmPace, ConfirmTimeout, Outgoing, publish_batch
+from qtasks_rabbitmq.confirms import (
+    ConfirmPace,
+    ConfirmTimeout,
+    Outgoing,
+    publish_batch,
+    refusal,
+    size_limit,
+)
 from qtasks_rabbitmq.declaring import declare
-from qtasks_rabbitmq.errors import TopologyError
+from qtasks_rabbitmq.errors import OversizedMessageError, PublishRejectedError, TopologyError
+from qtasks_rabbitmq.masking import mask_library_logs
 from qtasks_rabbitmq.retention import Trimmer
 from qtasks_rabbitmq.settings import check_url
 from qtasks_rabbitmq.topology import Topology
@@ -65,6 +73,7 @@ class Link:
         connect_timeout: float = 10.0,
         publish_timeout: float = 30.0,
         watchdog_interval: float = 5.0,
+        max_message_size: int | None = None,
     ) -> None:
         parsed = check_url(url)  # checked by the broker's constructor already
         if "heartbeat" not in parsed.query:
@@ -77,6 +86,7 @@ class Link:
         self._connect_timeout = connect_timeout
         self._publish_timeout = publish_timeout
         self._watchdog_interval = watchdog_interval
+        self._max_message_size = max_message_size
         self.generation = 0
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -86,6 +96,7 @@ class Link:
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._closed = False
+        self._refused = False  # the publish channel was closed by a refusal, not the connection
         self.loop: asyncio.AbstractEventLoop | None = None
         """The event loop the link was started in."""
         self._supervisor: asyncio.Task[None] | None = None
@@ -97,6 +108,7 @@ class Link:
     async def start(self, stack: AsyncExitStack) -> None:
         """Connect and declare once (errors are raised here), then keep the link up."""
         self.loop = asyncio.get_running_loop()
+        mask_library_logs()
         try:
             await self._connect()
         except TopologyError:
@@ -130,6 +142,7 @@ class Link:
         """Forget a link whose event loop is gone (closed without cancelling its tasks), without
         touching that loop: nothing can run there any more. Its sockets go with the loop."""
         self._closed = True
+        self._ready.clear()
         self._supervisor = None
         self._connection, self._channel, self._publisher = None, None, None
         self._reopeners.clear()
@@ -161,6 +174,23 @@ class Link:
         self._ready.clear()
         self._lost.set()
 
+    def refused(self, channel: aiormq.Channel | AbstractChannel, why: str) -> None:
+        """Report that RabbitMQ closed the publish ``channel`` refusing a publish (the
+        connection is fine): the supervisor opens a new publish channel, and only that."""
+        if self.ending or not self._ready.is_set():
+            return
+        if channel is not self._publisher and channel is not self._channel:
+            return  # an older channel, replaced already
+        log.warning(
+            "RabbitMQ closed the publish channel of the link to %s (%s); opening another, "
+            "the connection and its consumers are kept",
+            self.safe_url,
+            why,
+        )
+        self._ready.clear()
+        self._refused = True
+        self._lost.set()
+
     async def connection(self, timeout: float | None = None) -> tuple[AbstractConnection, int]:
         """The live connection and its generation, waiting up to ``timeout`` for one."""
         await self._wait_ready(timeout if timeout is not None else self._publish_timeout)
@@ -180,10 +210,26 @@ class Link:
         not (nothing of it was published, so trying again duplicates nothing). With
         ``publish_timeout`` 0 a lost connection fails at once and the confirms are waited for
         without limit (a confirm cannot come at once). A return (unroutable) or a nack raises
-        :class:`PublishRejectedError` at once (``what`` and the message's id name it there)."""
+        :class:`PublishRejectedError` at once (``what`` and the message's id name it there).
+
+        A body over ``max_message_size`` raises :class:`OversizedMessageError` before anything
+        is written. RabbitMQ refusing a publish by closing the channel (``PRECONDITION_FAILED``
+        for a body over its own limit, ``NOT_FOUND`` for a deleted exchange, ``ACCESS_REFUSED``)
+        costs the publish channel only, never the connection and its consumers (see
+        :meth:`refused`): the publishes that had a body over the limit the server names raise
+        :class:`OversizedMessageError` at once; for another refusal, which cannot tell which
+        publish on the channel caused it, what is left is published once more (the exchanges
+        declared again first after a ``NOT_FOUND``), and a second refusal raises
+        :class:`PublishRejectedError`."""
         limit = self._publish_timeout
+        largest = self._max_message_size
+        if largest is not None:
+            for message in messages:
+                if len(message.body) > largest:
+                    raise _oversized(what, message, largest, "rabbitmq_max_message_size")
         deadline = time.monotonic() + limit
         written = False  # whether what is left went out once (on this connection or before)
+        refusals = 0
         while messages:
             channel = self._publisher
             if channel is None or not self._ready.is_set():
@@ -192,7 +238,9 @@ class Link:
                 except BrokerConnectionError as exc:
                     raise self._unpublished(what, messages, str(exc), written) from None
                 channel = self._publisher
-                assert channel is not None
+                if channel is None:  # abandoned meanwhile (its event loop was left)
+                    why = "the link is closed"
+                    raise self._unpublished(what, messages, why, written) from None
             attempt = await publish_batch(
                 channel, messages, what, deadline if limit else None, self._pace
             )
@@ -201,7 +249,20 @@ class Link:
                 continue
             written = written or attempt.written
             timed_out = isinstance(trouble, ConfirmTimeout)
-            if not timed_out:
+            refused = refusal(trouble)
+            if refused is not None:
+                self.refused(channel, describe(trouble, self._secret))
+                refusals += 1
+                server_limit = size_limit(refused)
+                if server_limit is not None:
+                    for message in messages:
+                        if len(message.body) > server_limit:
+                            why = "RabbitMQ's max_message_size"
+                            raise _oversized(what, message, server_limit, why)
+                elif refusals > 1:
+                    why = f"RabbitMQ closed the publish channel: {refused.args[0]}"
+                    raise PublishRejectedError(f"{what} {messages[0].id}", why)
+            elif not timed_out:
                 # The connection failed: publish again what is left, on the next one.
                 self.lost(f"publish failed: {describe(trouble, self._secret)}")
             if timed_out or time.monotonic() >= deadline:
@@ -268,22 +329,61 @@ class Link:
             lambda _sender, exc: self._on_close(generation, "connection closed", exc)
         )
         await declare(connection, self.topology, first=self.generation == 0)
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        channel.close_callbacks.add(
-            lambda _sender, exc: self._on_close(generation, "publish channel closed", exc)
-        )
-        self._channel = channel
-        # The concrete aiormq channel, written on by qtasks_rabbitmq.confirms.
-        self._publisher = cast(aiormq.Channel, await channel.get_underlay_channel())
+        await self._open_publisher(connection, generation)
         self.generation = generation
         for reopen, _ in list(self._reopeners.values()):
             await reopen(connection, generation)
         self._lost.clear()
         self._ready.set()
 
+    async def _open_publisher(self, connection: AbstractConnection, generation: int) -> None:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel.close_callbacks.add(
+            lambda sender, exc: self._on_publisher_close(generation, sender, exc)
+        )
+        self._channel = channel
+        # The concrete aiormq channel, written on by qtasks_rabbitmq.confirms.
+        self._publisher = cast(aiormq.Channel, await channel.get_underlay_channel())
+
+    def _on_publisher_close(
+        self, generation: int, channel: AbstractChannel, exc: BaseException | None
+    ) -> None:
+        if exc is not None and refusal(exc) is not None and generation == self.generation:
+            self.refused(channel, describe(exc, self._secret))
+        else:
+            self._on_close(generation, "publish channel closed", exc)
+
     def _on_close(self, generation: int, what: str, exc: BaseException | None) -> None:
         if generation == self.generation and not self.ending:
             self.lost(what if exc is None else f"{what}: {describe(exc, self._secret)}")
+
+    async def _reopen_publisher(self) -> bool:
+        """After :meth:`refused`: a new publish channel on the same connection, within the
+        connect timeout, the topology declared again first (a refusal may be an exchange
+        deleted under the link). ``False`` if that failed or something else is down: the
+        supervisor then reconnects everything."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return False
+        old, self._channel, self._publisher = self._channel, None, None
+        if old is not None:
+            await _close_quietly(old)  # through aio-pika, which awaits its close callbacks
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await declare(connection, self.topology, first=False)
+                await self._open_publisher(connection, self.generation)
+        except Exception as exc:
+            log.warning(
+                "RabbitMQ at %s: opening a publish channel failed (%s)",
+                self.safe_url,
+                describe(exc, self._secret),
+            )
+            return False
+        if not self._healthy():
+            return False
+        self._lost.clear()
+        self._ready.set()
+        return True
 
     async def _drop_connection(self) -> None:
         """Close the publish channel, then the connection. Through aio-pika even when they are
@@ -326,6 +426,12 @@ class Link:
                 return
             if self._ready.is_set() and self._healthy():
                 continue
+            if self._refused:
+                self._refused = False
+                if await self._reopen_publisher():
+                    continue
+                if self._closed:
+                    return
             self.lost("watchdog found a closed channel or a cancelled consumer")
             self._ready.clear()
             await self._drop_connection()
@@ -346,6 +452,12 @@ class Link:
                     await self._drop_connection()
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 5.0)
+
+
+def _oversized(what: str, message: Outgoing, limit: int, whose: str) -> OversizedMessageError:
+    size = len(message.body)
+    why = f"its body is {size} bytes, above {whose} ({limit} bytes)"
+    return OversizedMessageError(f"{what} {message.id}", size, limit, why)
 
 
 async def _close_quietly(closable: AbstractChannel | AbstractConnection) -> None:

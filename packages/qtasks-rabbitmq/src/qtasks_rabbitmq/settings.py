@@ -22,6 +22,13 @@ from qtasks_rabbitmq.topology import QueueType
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
+SERVER_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
+"""RabbitMQ's default ``max_message_size`` (bytes of a message body), the default of
+``rabbitmq_max_message_size``."""
+
+LARGEST_MESSAGE_SIZE = 512 * 1024 * 1024
+"""The largest ``max_message_size`` RabbitMQ accepts."""
+
 
 def check_url(url: str) -> URL:
     """``url`` read as aio-pika will read it (yarl), when a connection can be tried with it:
@@ -53,6 +60,7 @@ OPTIONS: dict[str, type] = {
     "rabbitmq_heartbeat": int,
     "rabbitmq_connect_timeout": float,
     "rabbitmq_publish_timeout": float,
+    "rabbitmq_max_message_size": int,
 }
 """Every ``rabbitmq_*`` key the broker reads from ``config.extra``, with its type."""
 
@@ -95,6 +103,7 @@ class RabbitMQSettings:
     heartbeat: int = 30
     connect_timeout: float = 10.0
     publish_timeout: float = 30.0
+    max_message_size: int = SERVER_MAX_MESSAGE_SIZE
 
     def __post_init__(self) -> None:
         for key in OPTIONS:
@@ -122,6 +131,11 @@ class RabbitMQSettings:
         if self.publish_timeout < 0:
             raise ConfigError(
                 f"rabbitmq_publish_timeout must be 0 or more, not {self.publish_timeout}"
+            )
+        if not 1 <= self.max_message_size <= LARGEST_MESSAGE_SIZE:
+            raise ConfigError(
+                f"rabbitmq_max_message_size must be 1..{LARGEST_MESSAGE_SIZE}, "
+                f"not {self.max_message_size}"
             )
 
     @classmethod
