@@ -246,10 +246,11 @@ class RabbitMQBroker:
     # publishing (the hot path: one call down to Link.publish_many)
 
     async def publish(self, envelope: Envelope) -> None:
-        await self._require_publisher().send(
-            envelope.id, envelope.body, envelope.priority, 0, envelope.eta
-        )
-        self._published.remember(envelope.id)
+        publisher = self._require_publisher()
+        # Remembered before it is written: a consumer of this process may receive it before
+        # the confirm comes back, and must find it to forget (``cancel`` is False after).
+        with self._published.publishing((envelope.id,)):
+            await publisher.send(envelope.id, envelope.body, envelope.priority, 0, envelope.eta)
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
         """See :class:`qtasks.components.BulkPublish`: the publishes of a batch are written
@@ -257,12 +258,11 @@ class RabbitMQBroker:
         trip's wait per batch instead of one per message), :data:`PUBLISH_BATCH` at a time.
         It returns once every message is confirmed; a nacked or unroutable one raises."""
         send_many = self._require_publisher().send_many
-        remember = self._published.remember
+        publishing = self._published.publishing
         for start in range(0, len(envelopes), PUBLISH_BATCH):
             chunk = envelopes[start : start + PUBLISH_BATCH]
-            await send_many([(e.id, e.body, e.priority, 0, e.eta) for e in chunk])
-            for envelope in chunk:
-                remember(envelope.id)
+            with publishing([e.id for e in chunk]):  # remembered first, as in publish
+                await send_many([(e.id, e.body, e.priority, 0, e.eta) for e in chunk])
 
     # consuming
 

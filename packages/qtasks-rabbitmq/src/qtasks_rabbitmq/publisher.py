@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from uuid import uuid4
 
@@ -134,6 +135,22 @@ class Published:
 
     def remember(self, id: str) -> None:
         _bounded_add(self.ids, id)
+
+    @contextmanager
+    def publishing(self, ids: Sequence[str]) -> Iterator[None]:
+        """Remember ``ids`` for the block that publishes them, before they are written: a
+        consumer of this process may receive one before its confirm comes back, and forgets
+        it then (remembered after the confirm, it stayed cancellable once delivered). A
+        publish that raises forgets them again (neither cancellable nor skipped)."""
+        for id in ids:
+            _bounded_add(self.ids, id)
+        try:
+            yield
+        except BaseException:
+            for id in ids:
+                self.ids.pop(id, None)
+                self.cancelled.pop(id, None)
+            raise
 
     def cancel(self, id: str) -> bool:
         """Mark ``id`` to be skipped on receipt; ``False`` if it is not one of ours (or was
