@@ -5,6 +5,8 @@ A received message becomes a :class:`~qtasks_rabbitmq.delivery.RabbitMQDelivery`
 worker, or is dealt with on arrival (:meth:`Consumer.receive`): still early (a delay longer
 than one pass of the chain), cancelled by this process, past ``max_deliveries`` (buried), or a
 redelivery on a classic queue (published again with its count in ``x-qtasks-deliveries``).
+A received message is settled once: after its ack (a copy or dead letter published first),
+nothing nacks it, whatever follows (the worker's notice of a dead letter, :meth:`Consumer.tell`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import itertools
 import logging
 import time
 import uuid as uuid_mod
+from collections import deque
 from collections.abc import Awaitable
-from typing import Self, cast
+from typing import Any, Self, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
+from qtasks import stopping
 from qtasks.components import Buried
 from qtasks_rabbitmq.delivery import RabbitMQDelivery
 from qtasks_rabbitmq.link import Link
@@ -30,6 +34,13 @@ from qtasks_rabbitmq.publisher import Published, Publisher
 from qtasks_rabbitmq.wire import H_DELIVERIES, H_ETA, H_ID, H_PRIORITY, as_int, as_str, settle
 
 log = logging.getLogger("qtasks.rabbitmq")
+
+SHUT_WAIT = 5.0
+"""Seconds each step of a consumer's close (its ``basic.cancel``, the hand-back of what it
+received, its channel's close) waits on RabbitMQ at most, as the link's own closes do."""
+
+RETELL_CAP = 5.0
+"""Longest pause, in seconds, between two tries of a dead letter's notice that failed."""
 
 
 class Consumer:
@@ -77,6 +88,10 @@ class Consumer:
         self._qos_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.untold: deque[tuple[str, str]] = deque()
+        """Id and reason of each message this consumer dead-lettered whose notice
+        (``buried``) was not given yet, or failed (:meth:`tell`)."""
+        self._retell_task: asyncio.Task[None] | None = None
 
     # basic.qos counts every unacked message, but ``prefetch`` bounds only those not yet handed
     # to the worker. Classic queues: a channel-wide (global) qos of ``prefetch`` plus what the
@@ -128,9 +143,12 @@ class Consumer:
             if most - self.slack <= self.qos <= most:
                 continue
             target = most - self.slack // 2
+            # Shielded: aiormq closes a channel whose RPC is cancelled mid-flight. Its outcome
+            # is read even when this loop is cancelled first (the consumer's close).
+            rpc = asyncio.ensure_future(channel.set_qos(prefetch_count=target, global_=True))
+            rpc.add_done_callback(_read_outcome)
             try:
-                # Shielded: aiormq closes a channel whose RPC is cancelled mid-flight.
-                await asyncio.shield(channel.set_qos(prefetch_count=target, global_=True))
+                await asyncio.shield(rpc)
                 self.qos = target
             except Exception:
                 continue  # the channel is dying; reopen sets qos again
@@ -199,17 +217,24 @@ class Consumer:
         self.pending += 1
         self.idle.clear()
         try:
-            delivery = await self.receive(generation, message)
+            try:
+                delivery = await self.receive(generation, message)
+            except Exception:
+                # ``receive`` raises only before it settled the message (a publish failed).
+                log.exception(
+                    "qtasks_rabbitmq: handling a received message failed; handed back to the queue"
+                )
+                with contextlib.suppress(Exception):
+                    await settle(message, ack=False)
+                return
+            if self.untold:
+                await self.tell()
             if delivery is None:
                 return
             if self.closing:
                 await delivery.hand_back()
                 return
             self.buffer.put_nowait(delivery)
-        except Exception:
-            log.exception("qtasks_rabbitmq: handling a received message failed; requeued")
-            with contextlib.suppress(Exception):
-                await settle(message, ack=False)
         finally:
             self.pending -= 1
             if not self.pending:
@@ -218,7 +243,9 @@ class Consumer:
     async def receive(self, generation: int, message: DeliveredMessage) -> RabbitMQDelivery | None:
         """Turn a raw message into a delivery, or deal with it here and return ``None``.
 
-        Normal messages take no ``await`` on the way, so they reach the worker in order."""
+        Normal messages take no ``await`` on the way, so they reach the worker in order. It
+        raises only before it settled the message; a message it dead-letters is added to
+        :attr:`untold` (the caller tells it)."""
         properties = message.header.properties
         headers = properties.headers or {}
         id = as_str(headers.get(H_ID)) or properties.message_id or f"unknown-{uuid_mod.uuid4().hex}"
@@ -233,7 +260,7 @@ class Consumer:
             await _settle_with(message, publisher.send(id, body, priority, deliveries, eta))
             return None
         if self.published.skip(id):
-            await settle(message, ack=True)
+            await _ack(message)
             return None
         redelivered = bool(message.redelivered)
         if self.topology.queue_type == "quorum":
@@ -247,7 +274,7 @@ class Consumer:
             )
             await _settle_with(message, publisher.bury(id, body, priority, done, reason))
             if self.buried is not None:
-                await self.buried(id, reason)
+                self.untold.append((id, reason))
             return None
         if redelivered and self.topology.queue_type == "classic":
             # A classic queue does not count deliveries: count this one in the header.
@@ -268,56 +295,149 @@ class Consumer:
                 return delivery
             # Its channel died: RabbitMQ delivers the message again.
 
+    async def tell(self) -> None:
+        """Give the worker the notices of :attr:`untold`, oldest first. One that raises (the
+        contract says ``buried`` must not; a storage unreachable for a moment) is kept and
+        given again later, backing off, until it is given or the consumer closes (which gives
+        it once more): its message is settled already (dead-lettered), so nothing else is
+        redone, and the record ends as with the other brokers."""
+        if await self._give() or self.closing:
+            return
+        if self._retell_task is None or self._retell_task.done():
+            self._retell_task = asyncio.create_task(self._retell(), name="qtasks-rabbitmq-retell")
+
+    async def _give(self) -> bool:
+        """Give the notices of :attr:`untold`; ``False`` once one fails (it is kept, first).
+        One cut short (a cancel) is kept too: the core's notice ends a record only if it is
+        not final yet, so giving it again does not redo it."""
+        notice = self.buried
+        while notice is not None and self.untold:
+            id, reason = self.untold.popleft()
+            try:
+                await notice(id, reason)
+            except BaseException as exc:
+                self.untold.appendleft((id, reason))
+                if not isinstance(exc, Exception):
+                    raise
+                log.exception(
+                    "qtasks_rabbitmq: the notice that message %s was dead-lettered failed; "
+                    "given again later",
+                    id,
+                )
+                return False
+        return True
+
+    async def _retell(self) -> None:
+        failures = 0
+        while not self.closing:
+            failures += 1
+            await asyncio.sleep(min(RETELL_CAP, 0.1 * 2**failures))
+            if self.closing or await self._give():
+                return
+
     async def close(self) -> None:
+        """Stop consuming: cancel the consumer, hand back what it received, close its
+        channel, give the notices not given yet. Each wait on RabbitMQ ends within
+        :data:`SHUT_WAIT` seconds and, in a stopping worker, by the stop's deadline
+        (:mod:`qtasks.stopping`), so a server that does not answer (a network partition)
+        cannot hold the stop. Nothing is lost by what is cut short: RabbitMQ requeues every
+        message unacked on a channel when the channel or its connection closes (the
+        broker's stop closes the connection)."""
         self.closing = True
         self.link.unregister(self.key)
-        # A reopen under way (the link reconnecting) finishes first: the channel and tasks it
-        # starts are the ones to stop, or it would go on consuming for nobody.
-        async with self._lock:
-            await self._stop_loops()
-            await self._shut()
-
-    async def _stop_loops(self) -> None:
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-        if self._qos_task is not None:
-            self._qos_wanted.set()
+        if self._retell_task is not None:  # what it gives is kept, and given below
+            self._retell_task.cancel()
+            await asyncio.wait([self._retell_task])
+        # A reopen under way (the link reconnecting, bounded by connect_timeout) finishes
+        # first: the channel and tasks it starts are the ones to stop, or it would go on
+        # consuming for nobody.
+        locked = False
+        with stopping.shield("the consumer's reopen under way", self.link.connect_timeout):
+            await self._lock.acquire()
+            locked = True
+        self._stop_loops()
+        if locked:
             try:
-                await asyncio.wait_for(self._qos_task, 5)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
+                await self._shut()
+            finally:
+                self._lock.release()
+        if self.untold:
+            with stopping.shield("the dead letters' records", SHUT_WAIT):
+                await self._give()
+            for id, _ in self.untold:
+                log.error(
+                    "qtasks_rabbitmq: message %s was dead-lettered but its record could not "
+                    "be ended (the notice kept failing until the consumer closed)",
+                    id,
+                )
+
+    def _stop_loops(self) -> None:
+        # Not waited for: a qos update under way goes on (shielded) and holds the channel's
+        # next RPC, the consumer's cancel, which the bound of that one covers.
+        for task in (self._lease_task, self._qos_task):
+            if task is not None:
+                task.cancel()
 
     async def _shut(self) -> None:
         """Cancel the consumer, hand back what it received, close its channel."""
         channel = self.channel
         if channel is None:
             return
-        if channel.is_closed:
-            # Closed already (server, lost connection, the loop's end): still closed through
-            # aio-pika, which waits for its close callbacks' tasks.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), 5)
-            return
-        try:
+        if not channel.is_closed:
+            answered = False
             if self.tag is not None and self.underlay is not None:
-                await self.underlay.basic_cancel(self.tag)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await self.idle.wait()
-            # Received but never handed to the worker: not a delivery attempt.
-            while not self.buffer.empty():
-                delivery = self.buffer.get_nowait()
-                if delivery._live():
-                    await delivery.hand_back()
+                with stopping.shield("the consumer's cancel", SHUT_WAIT):
+                    answered = await _quietly(self.underlay.basic_cancel(self.tag))
             # Handed to the worker and not settled: back to the queue at once (counted).
             for delivery in list(self.held.values()):
                 await delivery._expire()
             self.held.clear()
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            if answered:  # unanswered: RabbitMQ requeues the rest when the channel closes
+                with stopping.shield("the hand-back of received messages", SHUT_WAIT):
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2):
+                            await self.idle.wait()
+                    # Received but never handed to the worker: not a delivery attempt.
+                    while not self.buffer.empty():
+                        delivery = self.buffer.get_nowait()
+                        if delivery._live():
+                            await delivery.hand_back()
+        # Closed already (server, lost connection, the loop's end): still closed through
+        # aio-pika, which waits for its close callbacks' tasks.
+        with stopping.shield("the consumer channel's close", SHUT_WAIT):
+            await _quietly(channel.close())
+
+
+def _read_outcome(rpc: asyncio.Future[Any]) -> None:
+    if not rpc.cancelled():
+        rpc.exception()  # read, so that asyncio does not log it as never retrieved
+
+
+async def _quietly(call: Awaitable[object]) -> bool:
+    """Await an AMQP call of a consumer's close; whether it succeeded. A failure is
+    swallowed, and so is the ``CancelledError`` aiormq raises into its pending calls when it
+    gives up on a connection (its heartbeat): it must not reach a task nobody cancelled."""
+    try:
+        await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # a cancel of ours (the bound, the caller)
+        return False
+    except Exception:
+        return False
+    return True
+
+
+async def _ack(message: DeliveredMessage) -> None:
+    """Ack a received message; an ack that fails (its channel is gone) is left at that:
+    RabbitMQ delivers the message again, and it is never nacked after its ack."""
+    with contextlib.suppress(Exception):
+        await settle(message, ack=True)
 
 
 async def _settle_with(message: DeliveredMessage, publish: Awaitable[None]) -> None:
+    """Publish (a copy, a dead letter), then ack the original; raises only if the publish
+    fails (nothing is settled then)."""
     await publish
-    await settle(message, ack=True)
+    await _ack(message)
