@@ -3,7 +3,10 @@ PREFIX]``.
 
 Tasks write what they did into files under OUTDIR (results cannot be shared through an in-memory
 storage across processes); with REDIS_URL and PREFIX the storage is Redis, shared with the test.
-It serves until SIGTERM, or until it is killed.
+It serves until SIGTERM, or until it is killed. Environment: ``QTASKS_TEST_RABBITMQ_URL`` (the
+server), ``WORKER_MAX_DELIVERIES``, ``WORKER_SHUTDOWN_GRACE`` (5 unless set),
+``WORKER_HEARTBEAT`` (the AMQP heartbeat, 30 unless set) and ``WORKER_MAX_SECONDS`` (the
+longest a task of this worker runs, whatever it was asked).
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ URL = os.environ.get("QTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5
 def build(
     queue: str, out: Path, redis_url: str | None = None, prefix: str = "qtasks"
 ) -> AsyncQueueTasks:
+    heartbeat = int(os.environ.get("WORKER_HEARTBEAT", "30"))
+    longest = float(os.environ.get("WORKER_MAX_SECONDS", "inf"))
     app = AsyncQueueTasks(
-        broker=RabbitMQBroker(URL, queue=queue),
+        broker=RabbitMQBroker(URL, queue=queue, heartbeat=heartbeat),
         storage=None if redis_url is None else RedisStorage(redis_url, prefix=prefix),
         # With a Redis storage (the cancel tests) the lease is long: its renewal (lease / 3)
         # must not be what tells a worker of a cancel.
         config=QueueConfig(
             max_tasks_process=4,
             prefetch=4,
-            shutdown_grace=5,
+            shutdown_grace=float(os.environ.get("WORKER_SHUTDOWN_GRACE", "5")),
             lease=30 if redis_url is None else 60,
             max_deliveries=int(os.environ.get("WORKER_MAX_DELIVERIES", "5")),
         ),
@@ -54,7 +59,7 @@ def build(
     async def cancellable(tag: str, seconds: float) -> str:
         note("started", f"{tag} {os.getpid()}")
         try:
-            await anyio.sleep(seconds)
+            await anyio.sleep(min(seconds, longest))
         except anyio.get_cancelled_exc_class():
             note("cancelled", f"{tag} {os.getpid()}")
             raise
