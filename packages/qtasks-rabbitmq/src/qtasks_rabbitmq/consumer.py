@@ -205,6 +205,8 @@ class Consumer:
             self.link.topology.queue, functools.partial(self._on_message, generation)
         )
         self.tag = ok.consumer_tag
+        if self.closing:  # a close that gave up waiting for this reopen (its stop's deadline)
+            await _quietly(channel.close())
 
     def _closed(self, generation: int, what: str, exc: BaseException | None) -> None:
         # A closed link ignores this (``Link.lost`` checks), as it does once the broker stopped.
