@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from qtasks.plugins import Hooks
     from qtasks.record import TaskRecord
 
-log = logging.getLogger("qtasks_web.tracing")
+log = logging.getLogger("qtasks.web")
 
 TOKEN = "qtasks_web.tracing.token"
 """``run.state`` key: the token of the context attached while the task's code runs."""
