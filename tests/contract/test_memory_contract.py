@@ -22,6 +22,8 @@ from qtasks_testing.contract import (
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
+    LeasedBrokerFactory,
+    LeaseLengthContract,
     SettleBeginContract,
     SharedServerContract,
     StorageContract,
@@ -126,3 +128,9 @@ class TestMemoryWorkflowStore(WorkflowStoreContract):
 
 class TestMemoryWorkflowSettle(WorkflowSettleContract):
     """Runs with the module's factories."""
+
+
+class TestMemoryLeaseLength(LeaseLengthContract):
+    @pytest.fixture
+    def leased_broker_factory(self) -> LeasedBrokerFactory:
+        return lambda lease: MemoryBroker(lease=lease)

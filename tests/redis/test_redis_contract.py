@@ -24,6 +24,8 @@ from qtasks_testing.contract import (
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
+    LeasedBrokerFactory,
+    LeaseLengthContract,
     SettleBeginContract,
     SharedServerContract,
     StorageContract,
@@ -140,3 +142,9 @@ class TestRedisWorkflowStore(WorkflowStoreContract):
 
 class TestRedisWorkflowSettle(WorkflowSettleContract):
     """Runs with the module's factories."""
+
+
+class TestRedisLeaseLength(LeaseLengthContract):
+    @pytest.fixture
+    def leased_broker_factory(self, redis_url: str, prefix: str) -> LeasedBrokerFactory:
+        return lambda lease: RedisBroker(redis_url, prefix=prefix, queue="contract", lease=lease)

@@ -38,7 +38,8 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`SettleBegin`, :class:`BeginOnClaim`, :class:`BeginMany`,
 :class:`AttemptLog`, :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`,
-:class:`CancelFeed`, :class:`CancelFrom`, :class:`StorageQuery`, :class:`BulkPublish`,
+:class:`LeaseLength`, :class:`CancelFeed`, :class:`CancelFrom`, :class:`StorageQuery`,
+:class:`BulkPublish`,
 :class:`BulkPublishNew`, :class:`BuryNotice`,
 :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease`,
 :class:`HeartbeatEnd` and :class:`UniquePublish`,
@@ -146,7 +147,8 @@ class Delivery(Protocol):
         ...
 
     async def extend(self) -> bool:
-        """Renew the lease for another ``config.lease`` seconds; ``False`` if it was lost."""
+        """Renew the lease for another lease length (:func:`delivery_lease`); ``False`` if it
+        was lost."""
         ...
 
 
@@ -444,6 +446,26 @@ class LeaseBatch(Protocol):
         """:meth:`Delivery.extend` of every delivery (all received from this broker), in one
         round trip; the i-th result says whether the i-th lease was renewed."""
         ...
+
+
+@runtime_checkable
+class LeaseLength(Protocol):
+    """Optional broker capability: the broker tells how long its deliveries are held. A
+    broker with a lease of its own (a ``lease=`` option of its constructor) must have it:
+    the worker renews what it holds every third of this lease, and without it the core
+    assumes ``config.lease`` (see :func:`delivery_lease`)."""
+
+    @property
+    def lease(self) -> float:
+        """Seconds a delivery stays held without :meth:`Delivery.extend`, as fixed by the
+        broker's last :meth:`Broker.start`: its own option when set, else ``config.lease``."""
+        ...
+
+
+def delivery_lease(broker: object, config: QueueConfig) -> float:
+    """The lease of ``broker``'s deliveries: its :class:`LeaseLength`, else ``config.lease``.
+    The worker's renewal pass and the concurrency slots it renews are timed by it."""
+    return broker.lease if isinstance(broker, LeaseLength) else config.lease
 
 
 Buried = Callable[[str, str], Awaitable[None]]

@@ -43,6 +43,7 @@ from qtasks.components import (
     SlotRenewal,
     SlotWake,
     UniquePublish,
+    delivery_lease,
     plain_overridden,
 )
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
@@ -538,7 +539,7 @@ class FlowGate:
                 slot = f"slots:{task.name}:{key}"
                 # Held by this delivery, waiting as the task (see FlowControl.acquire_slot).
                 holder = f"{message.uuid}/{delivery.token}"
-                lease = app.config.lease
+                lease = delivery_lease(app.broker, app.config)  # renewed with the delivery
                 if _takes(fc, "acquire_slot", "waiter"):
                     wait = await fc.acquire_slot(
                         slot, spec.max_concurrency, holder, lease, waiter=message.uuid
@@ -777,7 +778,7 @@ class FlowGate:
             return
         fc = flow_control(app, "max_concurrency")
         slots = [(slot.key, slot.holder) for _, slot in held]
-        lease = app.config.lease
+        lease = delivery_lease(app.broker, app.config)
         try:
             if _takes(fc, "extend_slots", "limits"):
                 found = await fc.extend_slots(slots, lease, limits=[s.limit for _, s in held])

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from qtasks.components import CancelCheck, Delivery, LeaseBatch
+from qtasks.components import CancelCheck, Delivery, LeaseBatch, delivery_lease
+from qtasks.config import QueueConfig
 from qtasks.executor import TaskRun
 from qtasks.flow import FlowGate
 from qtasks.record import TaskStatus
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
 log = logging.getLogger("qtasks.worker")
+
+_DEFAULT_LEASE = QueueConfig().lease
 
 
 class LeaseKeeper:
@@ -37,6 +40,7 @@ class LeaseKeeper:
         self._held = held
         self._lost = lost
         self._flow = flow
+        self._told = False
 
     async def keep(self, app: AsyncQueueTasks) -> None:
         """Renew the lease of every delivery this worker holds, and notice cancels made
@@ -44,30 +48,51 @@ class LeaseKeeper:
 
         Prefetched deliveries waiting for a free slot are renewed too: otherwise a long task
         ahead of them lets their lease run out and another worker runs them while this one
-        still holds them (a duplicate run). Every ``lease / 3`` seconds the pass starts three
-        calls, each on its own, so one component that stalls delays none of the others: the
-        broker's renewal of every held delivery, the storage's cancel check of the running
+        still holds them (a duplicate run). The lease is the broker's (:func:`delivery_lease`:
+        its own ``lease=`` option wins over ``config.lease``, said once in a warning when both
+        were set), read at every pass. Every ``lease / 3`` seconds the pass starts three calls,
+        each on its own, so one component that stalls delays none of the others: the broker's
+        renewal of every held delivery, the storage's cancel check of the running
         tasks and the global config's renewal of the concurrency slots (with
         :class:`LeaseBatch` and :class:`CancelCheck` components, one call each whatever the
         number of tasks). A call still on its way is not started again (skipped, not piled
         up), and one with no answer within the lease is given up: by then its answer is moot.
         Only the broker's answer decides that a lease was lost."""
-        lease = app.config.lease
-        interval = max(lease / 3, 0.05)
+        lease = delivery_lease(app.broker, app.config)
+        self._tell(app, lease)
         renewal = _Call("lease renewal", lease)
         check = _Call("cancel check", lease)
         slots = _Call("concurrency slot renewal", lease)
-        next_pass = anyio.current_time() + interval
+        next_pass = anyio.current_time() + max(lease / 3, 0.05)
         async with anyio.create_task_group() as tg:
             while True:
                 await anyio.sleep(max(next_pass - anyio.current_time(), 0))
-                next_pass = max(next_pass + interval, anyio.current_time())
+                # A broker shared with an app started since may have taken its lease.
+                lease = delivery_lease(app.broker, app.config)
+                renewal.bound = check.bound = slots.bound = lease
+                next_pass = max(next_pass + max(lease / 3, 0.05), anyio.current_time())
                 waiting, runs = self._held()
                 renewal.start(tg, self._renew, app, waiting, runs)
                 if runs:
                     check.start(tg, self._check_cancels, app, runs)
                 if self._flow is not None and (self._flow.slots or self._flow.lingering):
                     slots.start(tg, self._flow.extend, app)
+
+    def _tell(self, app: AsyncQueueTasks, lease: float) -> None:
+        """Warn once when ``config.lease`` was set to another value than the broker's lease,
+        which is the one that holds (a default ``config.lease`` is not a choice: no word)."""
+        configured = app.config.lease
+        if self._told or configured in (lease, _DEFAULT_LEASE):
+            return
+        self._told = True
+        log.warning(
+            "the lease of the broker (%s, %ss) is used, not config.lease (%ss): deliveries "
+            "are renewed every %ss; set only one of the two",
+            type(app.broker).__name__,
+            lease,
+            configured,
+            round(max(lease / 3, 0.05), 3),
+        )
 
     async def _renew(
         self, app: AsyncQueueTasks, waiting: list[Delivery], runs: list[TaskRun]

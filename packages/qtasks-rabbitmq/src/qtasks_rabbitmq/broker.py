@@ -131,6 +131,12 @@ class RabbitMQBroker:
         return cls(config.broker_url or DEFAULT_URL, **dataclasses.asdict(settings))
 
     @property
+    def lease(self) -> float:
+        """See :class:`~qtasks.components.LeaseLength`: ``config.lease`` of the first start
+        (kept by the consumers, as RabbitMQ has no lease of its own)."""
+        return self._lease
+
+    @property
     def settings(self) -> RabbitMQSettings:
         """The checked settings this broker was built with."""
         return self._settings

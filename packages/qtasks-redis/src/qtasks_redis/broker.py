@@ -238,6 +238,11 @@ class RedisBroker:
     def __repr__(self) -> str:
         return f"RedisBroker({self.target.where}, queue={self.queue!r})"
 
+    @property
+    def lease(self) -> float:
+        """See :class:`~qtasks.components.LeaseLength`: ``lease=``, else ``config.lease``."""
+        return self._lease_ms / 1000
+
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         lease = self._lease_opt if self._lease_opt is not None else config.lease
         self._lease_ms = max(int(lease * 1000), 1)

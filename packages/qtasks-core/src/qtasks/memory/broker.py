@@ -200,6 +200,11 @@ class MemoryBroker(_Lifecycle):
     def from_config(cls, config: QueueConfig) -> Self:
         return cls()
 
+    @property
+    def lease(self) -> float:
+        """See :class:`~qtasks.components.LeaseLength`: ``lease=``, else ``config.lease``."""
+        return self._lease
+
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         self._begin(stack)
         self._lease = self._lease_opt if self._lease_opt is not None else config.lease

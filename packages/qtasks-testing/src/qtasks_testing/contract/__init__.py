@@ -37,6 +37,7 @@ from qtasks_testing.contract.capabilities import (
 )
 from qtasks_testing.contract.flow import BringForwardContract, FlowControlContract
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
+from qtasks_testing.contract.lease import LeasedBrokerFactory, LeaseLengthContract
 from qtasks_testing.contract.query import StorageQueryContract
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
@@ -60,6 +61,8 @@ __all__ = [
     "GlobalConfigContract",
     "GlobalConfigFactory",
     "LeaseBatchContract",
+    "LeaseLengthContract",
+    "LeasedBrokerFactory",
     "SettleBeginContract",
     "SharedServerContract",
     "StorageContract",
