@@ -1,5 +1,5 @@
-"""The options of an enqueue (``priority``, ``delay``, ``eta``) are checked by one rule at every
-entry point, before anything is stored or published (review r5 #3)."""
+"""The options of an enqueue (``priority``, ``delay``, ``eta``, ``timeout``) are checked by one
+rule at every entry point, before anything is stored or published (review r5 #3, r19 #10)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,15 @@ def entry_points(app: AsyncQueueTasks) -> dict[str, Callable[..., Awaitable[Any]
     }
 
 
+async def refused_everywhere(app: AsyncQueueTasks, option: str, seconds: Any) -> None:
+    """Every entry point refuses ``option=seconds`` as finite seconds >= 0 would, unwritten."""
+    says = f"{option} expects finite seconds >= 0, got " + re.escape(reprlib.repr(seconds))
+    for call in entry_points(app).values():
+        with pytest.raises(TaskArgumentsError, match=f"^add_task: {says}"):
+            await call(**{option: seconds})
+        await assert_nothing_written(app)
+
+
 @pytest.mark.parametrize("priority", BAD_PRIORITIES, ids=short)
 async def test_a_bad_priority_is_refused_by_every_entry_point(priority: Any) -> None:
     app = app_with_add()
@@ -92,6 +101,18 @@ async def test_a_bad_delay_or_eta_is_refused_by_every_entry_point(option: str, v
             await assert_nothing_written(app)
 
 
+@pytest.mark.parametrize("timeout", [*BAD_TIMES, -1, -0.001], ids=short)
+async def test_a_bad_timeout_is_refused_before_the_enqueue(timeout: Any) -> None:
+    """``timeout`` was first used by the wait, once the task was stored and published: a bare
+    ``TypeError`` (or ``TaskTimeoutError``) came after the side effect, and a caller retrying
+    on it enqueued the task again (review r19 #10)."""
+    app = app_with_add()
+    async with app:
+        await refused_everywhere(app, "timeout", timeout)
+        # A float of seconds is still taken.
+        assert (await app.add_task("add", 1, 2, timeout=5.0)).returning == 3
+
+
 @pytest.mark.parametrize("delay", [-5, -0.001, -(10**300)], ids=short)
 async def test_a_negative_delay_is_refused_as_a_signature_refuses_it(delay: Any) -> None:
     """A negative delay was taken by ``add_task`` as "due now", while a signature refused it:
@@ -99,10 +120,7 @@ async def test_a_negative_delay_is_refused_as_a_signature_refuses_it(delay: Any)
     app = app_with_add()
     says = "delay expects finite seconds >= 0, got " + re.escape(reprlib.repr(delay))
     async with app:
-        for call in entry_points(app).values():
-            with pytest.raises(TaskArgumentsError, match=f"^add_task: {says}"):
-                await call(delay=delay)
-            await assert_nothing_written(app)
+        await refused_everywhere(app, "delay", delay)
         add = app.tasks["add"]
         with pytest.raises(TaskDeclarationError, match=f"^signature of 'add': {says}"):
             add.s(1, 2).set(delay=delay)
@@ -128,6 +146,8 @@ def test_the_sync_app_refuses_them_too() -> None:
             {"delay": float("nan")},
             {"delay": -5},
             {"eta": "tomorrow"},
+            {"timeout": "5"},
+            {"timeout": -1},
         ):
             with pytest.raises(TaskArgumentsError):
                 app.add_task("add", 1, 2, **options)

@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 
 from qtasks import bulk, flow, report
 from qtasks import enqueue as enqueue_step
+from qtasks.checks import check_delay
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
@@ -42,6 +43,7 @@ from qtasks.discovery import build_components, components_named, load_plugins
 from qtasks.errors import (
     ComponentError,
     ComponentNotStartedError,
+    TaskArgumentsError,
     TaskDeclarationError,
     TaskNotFoundError,
 )
@@ -629,6 +631,8 @@ class AsyncQueueTasks:
         _parent_uuid: str | None = None,
     ) -> AsyncTask:
         """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
+        if timeout is not None:  # before the enqueue: a bad one must not raise after it
+            timeout = check_delay(timeout, "add_task: timeout", TaskArgumentsError)
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record, envelope, unique = await enqueue_step.prepare(

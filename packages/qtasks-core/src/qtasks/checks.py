@@ -1,7 +1,7 @@
 """Checks of the values several places take alike, written once so that every entry point holds
 the same rule: a priority (``add_task``, a signature, a task declaration, the configuration, a
-timer), a delay (``add_task`` and a signature alike) and a finite number of seconds or a unix
-time (``delay``, ``eta``, ``expires``)."""
+timer), a delay (``add_task`` and a signature alike, and ``add_task``'s ``timeout``) and a finite
+number of seconds or a unix time (``delay``, ``eta``, ``expires``)."""
 
 from __future__ import annotations
 
