@@ -9,12 +9,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.to_thread
 
 from qtasks.errors import SerializationError, TaskMaxTimeError
 from qtasks.messages import Message
 from qtasks.middleware import chain_of
 from qtasks.record import TaskRecord
+from qtasks.sync_gen import SyncGenerator
 from qtasks.task import TaskDef, TaskKind
 from qtasks.threads import ThreadCall, in_thread
 from qtasks.workflows import runtime as workflows
@@ -240,38 +240,9 @@ class TaskExecutor:
                 await gen.aclose()
 
     async def _sync_gen(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        gen = await anyio.to_thread.run_sync(
-            partial(run.task.func, *args, **kwargs), limiter=run.app.thread_limiter
-        )
-        has_handler = run.task.options.generate_handler is not None
-        results: list[Any] = []
-        sent: Any = None
-        stop = object()
-
-        def step(value: Any) -> Any:
-            try:
-                return gen.send(value)
-            except StopIteration as exc:
-                return (stop, exc.value)
-
-        in_step = False
-        try:
-            while True:
-                in_step = True
-                value = await in_thread(run, step, (sent,))
-                in_step = False
-                if isinstance(value, tuple) and len(value) == 2 and value[0] is stop:
-                    return results if value[1] is None else value[1]
-                handled = await self._handle_step(run, value)
-                results.append(handled)
-                sent = handled if has_handler else None
-        finally:
-            # A step abandoned by cancellation still runs in its thread and owns the generator
-            # (closing it now would raise "generator already executing"); otherwise close it in
-            # a thread, since its cleanup code may block.
-            if not in_step:
-                with anyio.move_on_after(run.app.config.shutdown_grace, shield=True):
-                    await anyio.to_thread.run_sync(gen.close, abandon_on_cancel=True)
+        # One worker thread for its creation, every step and its close (see qtasks.sync_gen).
+        gen = SyncGenerator(run, partial(run.task.func, *args, **kwargs))
+        return await gen.drive(partial(self._handle_step, run))
 
     def encode(self, run: TaskRun, result: Any) -> Any:
         """Apply the task's ``decode`` encoder; check the value can be stored."""
