@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from os import PathLike
@@ -46,6 +46,7 @@ from qtasks.errors import (
     TaskArgumentsError,
     TaskDeclarationError,
     TaskNotFoundError,
+    TaskTimeoutError,
 )
 from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
@@ -751,13 +752,37 @@ class AsyncQueueTasks:
             raise TaskNotFoundError(uuid)
         return self._bind(await self.storage.wait(uuid, timeout))
 
-    async def stream(self, uuid: str, timeout: float | None = None) -> AsyncIterator[Any]:
-        """Yield the stored steps of a generator task as they come, until it is final."""
+    async def stream(self, uuid: str, timeout: float | None = None) -> AsyncGenerator[Any, None]:
+        """Yield the stored steps of a generator task as they come, until it is final. Raises
+        :class:`~qtasks.errors.TaskNotFoundError` for an unknown uuid and
+        :class:`~qtasks.errors.TaskTimeoutError` when ``timeout`` (for the whole stream)
+        runs out, as :meth:`wait` does.
+
+        No cancel scope is open across a ``yield`` (anyio forbids it): each wait for the next
+        step is bounded by what is left of the deadline, so the deadline never cancels the
+        consumer's own awaits between steps, and a consumer that stops early (``break``,
+        ``aclose()``, dropping the iterator) ends the stream cleanly from any task."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
-        with anyio.fail_after(timeout):
-            async for step in self.storage.steps(uuid):
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        if await self.storage.get(uuid) is None:
+            raise TaskNotFoundError(uuid)
+        steps = self.storage.steps(uuid)
+        try:
+            while True:
+                with anyio.CancelScope(deadline=deadline) as scope:
+                    try:
+                        step = await anext(steps)
+                    except StopAsyncIteration:
+                        return
+                if scope.cancelled_caught:
+                    raise TaskTimeoutError(uuid, timeout)
                 yield step
+        finally:
+            aclose = getattr(steps, "aclose", None)
+            if aclose is not None:  # releases a live follow (Storage.steps) at once
+                with anyio.CancelScope(shield=True):
+                    await aclose()
 
     async def cancel(self, uuid: str, reason: str = "cancelled") -> AsyncTask | None:
         """Cancel a task: a queued one never runs (a rate token it held is given back), a

@@ -9,6 +9,7 @@ nothing is looked up globally.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, overload
 
@@ -17,7 +18,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from qtasks.compat.calls import UNSET, split_task_name
-from qtasks.errors import TaskCancelledError
+from qtasks.errors import TaskCancelledError, TaskNotFoundError, TaskTimeoutError
 from qtasks.record import TaskRecord
 from qtasks.task import AsyncTask, Task
 
@@ -248,21 +249,30 @@ class _ThreadClient:
         return self.bind(anyio.from_thread.run(self._app.wait, uuid, timeout))
 
     def stream(self, uuid: str, timeout: float | None = None) -> Iterator[Any]:
+        """As :meth:`AsyncQueueTasks.stream`: ``timeout`` is for the whole stream."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         index = 0
         while True:
-            found, value = anyio.from_thread.run(self._step, uuid, index, timeout)
+            left = None if deadline is None else deadline - time.monotonic()
+            found, value = anyio.from_thread.run(self._step, uuid, index, left, timeout)
             if not found:
                 return
             yield value
             index += 1
 
-    async def _step(self, uuid: str, index: int, timeout: float | None) -> tuple[bool, Any]:
+    async def _step(
+        self, uuid: str, index: int, left: float | None, timeout: float | None
+    ) -> tuple[bool, Any]:
+        if index == 0 and await self._app.storage.get(uuid) is None:
+            raise TaskNotFoundError(uuid)
         steps = self._app.storage.steps(uuid, index)
         try:
-            with anyio.fail_after(timeout):
-                return True, await anext(steps)
-        except StopAsyncIteration:
-            return False, None
+            with anyio.move_on_after(left):
+                try:
+                    return True, await anext(steps)
+                except StopAsyncIteration:
+                    return False, None
+            raise TaskTimeoutError(uuid, timeout)
         finally:
             aclose = getattr(steps, "aclose", None)
             if aclose is not None:

@@ -13,7 +13,7 @@ import inspect
 import re
 import sys
 from collections.abc import (
-    AsyncIterator,
+    AsyncGenerator,
     Callable,
     Coroutine,
     Iterable,
@@ -553,9 +553,10 @@ class AsyncTask(TaskRecord):
         """QTasks' name of :meth:`wait_result`."""
         return await self.wait_result(timeout)
 
-    def stream(self, timeout: float | None = None) -> AsyncIterator[Any]:
-        """Follow a generator task: ``async for step in task.stream()``."""
-        iterator: AsyncIterator[Any] = self._client.stream(self.uuid, timeout)
+    def stream(self, timeout: float | None = None) -> AsyncGenerator[Any, None]:
+        """Follow a generator task: ``async for step in task.stream()``; see
+        :meth:`~qtasks.app.AsyncQueueTasks.stream` for its errors and ``timeout``."""
+        iterator: AsyncGenerator[Any, None] = self._client.stream(self.uuid, timeout)
         return iterator
 
     async def refresh(self) -> AsyncTask:

@@ -1,0 +1,1 @@
+from tests.stream_scenarios import *  # noqa: F403
