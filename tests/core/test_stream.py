@@ -1,13 +1,15 @@
 """Following a generator task: the async stream on the memory components (the scenarios are in
 ``stream_scenarios.py``, shared with Redis), and the errors of the sync app's stream and of a
-sync task's (review r19 #2, #8)."""
+sync task's; the sync app closed while other threads wait on it (review r19 #2, #8, #9)."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 from stream_scenarios import (
     WAIT,
@@ -17,9 +19,9 @@ from stream_scenarios import (
     stream_errors_are_those_of_wait,
 )
 
-from qtasks import AsyncQueueTasks, QueueTasks
+from qtasks import AsyncQueueTasks, MemoryStorage, QueueConfig, QueueTasks, TaskRecord
 from qtasks.context import SyncTaskHandle
-from qtasks.errors import TaskNotFoundError, TaskTimeoutError
+from qtasks.errors import ComponentNotStartedError, TaskNotFoundError, TaskTimeoutError
 
 
 @pytest.mark.anyio
@@ -84,3 +86,58 @@ def test_sync_streams_raise_the_errors_of_wait() -> None:
     finally:
         app.close()
     assert seen == {"in task timeout": ([0], task.uuid), "in task unknown": "no-such-task"}
+
+
+class NotedWait(MemoryStorage):
+    """Sets ``waiting`` once a ``wait`` is under way (so the test closes the app only then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
+        self.waiting.set()
+        return await super().wait(uuid, timeout)
+
+
+def test_close_while_threads_wait_raises_component_not_started_in_them() -> None:
+    """``close()`` while other threads block in ``wait_result()`` and ``stream()``: each gets
+    :class:`ComponentNotStartedError` (an ``Exception``), not a ``CancelledError`` (asyncio's,
+    from the stream, is a ``BaseException`` an ``except Exception`` lets through)."""
+    storage = NotedWait()
+    app = QueueTasks(storage=storage, config=QueueConfig(shutdown_grace=0.2))
+    streaming = threading.Event()
+
+    @app.task
+    async def forever() -> AsyncIterator[int]:
+        yield 0
+        await anyio.sleep_forever()
+
+    outcome: dict[str, BaseException | None] = {}
+
+    def waiter(kind: str, task: Any) -> None:
+        try:
+            if kind == "wait":
+                task.wait_result()
+            else:
+                for _ in task.stream():
+                    streaming.set()
+            outcome[kind] = None
+        except BaseException as exc:
+            outcome[kind] = exc
+
+    app.__enter__()
+    try:
+        task = app.add_task("forever")
+        threads = [threading.Thread(target=waiter, args=(k, task)) for k in ("wait", "stream")]
+        for thread in threads:
+            thread.start()
+        assert storage.waiting.wait(WAIT) and streaming.wait(WAIT)
+    finally:
+        app.close()
+    for thread in threads:
+        thread.join(WAIT)
+    assert set(outcome) == {"wait", "stream"}, "a waiter is still blocked"
+    for kind, exc in outcome.items():
+        assert isinstance(exc, ComponentNotStartedError), (kind, repr(exc))
+        assert "was closed while this call waited" in str(exc)

@@ -155,7 +155,8 @@ class ComponentError(QTasksError):
 
 
 class ComponentNotStartedError(ComponentError):
-    """A component was used before ``start`` or after its stop."""
+    """A component was used before ``start`` or after its stop (or the sync app was closed
+    while a call waited on it)."""
 
 
 class BrokerConnectionError(ComponentError, ConnectionError):

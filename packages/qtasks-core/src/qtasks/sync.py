@@ -9,6 +9,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from contextlib import AbstractContextManager
 from functools import partial
 from os import PathLike
@@ -23,7 +24,7 @@ from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
 from qtasks.config import QueueConfig, follow_broker, load_config
 from qtasks.discovery import build_components
-from qtasks.errors import ComponentError
+from qtasks.errors import ComponentError, ComponentNotStartedError
 from qtasks.loop import loop_options
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
@@ -277,34 +278,46 @@ class QueueTasks:
         return None if record is None else self._bind(record)
 
     def wait(self, uuid: str, timeout: float | None) -> Task:
-        """Block until ``uuid`` is final and return its record (see :meth:`Task.wait_result`)."""
-        return self._bind(self.portal.call(self.aio.wait, uuid, timeout))
+        """Block until ``uuid`` is final and return its record (see :meth:`Task.wait_result`);
+        :meth:`close` from another thread meanwhile raises
+        :class:`~qtasks.errors.ComponentNotStartedError`."""
+        try:
+            record = self.portal.call(self.aio.wait, uuid, timeout)
+        except CancelledError as exc:  # only close() (the portal's stop) cancels a call in it
+            raise self._closed() from exc
+        return self._bind(record)
 
     def stream(self, uuid: str, timeout: float | None = None) -> Iterator[Any]:
-        """Follow a generator task's steps from this thread (each step is pushed to it)."""
-        steps: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        """Follow a generator task's steps from this thread (each step is pushed to it);
+        :meth:`close` from another thread meanwhile raises
+        :class:`~qtasks.errors.ComponentNotStartedError`."""
+        steps: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
 
         async def pump() -> None:
-            try:
-                async for step in self.aio.stream(uuid, timeout):
-                    steps.put(("step", step))
-            except BaseException as exc:
-                steps.put(("error", exc))
-                raise
-            steps.put(("end", None))
+            async for step in self.aio.stream(uuid, timeout):
+                steps.put((True, step))
 
         future = self.portal.start_task_soon(pump)
+        # How the pump ended comes last: the stream's error, or a cancel by close() (the
+        # portal's stop), told apart here rather than raised raw in this thread.
+        future.add_done_callback(lambda done: steps.put((False, done)))
         try:
             while True:
-                kind, value = steps.get()
-                if kind == "step":
+                is_step, value = steps.get()
+                if is_step:
                     yield value
-                elif kind == "error":
-                    raise value
+                elif value.cancelled():
+                    raise self._closed()
                 else:
+                    value.result()  # raises what the stream raised
                     return
         finally:
             future.cancel()
+
+    def _closed(self) -> ComponentNotStartedError:
+        return ComponentNotStartedError(
+            f"app {self.aio.name!r} was closed while this call waited on it"
+        )
 
     def cancel(self, uuid: str, reason: str = "cancelled") -> Task | None:
         """Cancel a task; see :meth:`AsyncQueueTasks.cancel`. Returns the record."""
@@ -364,7 +377,8 @@ class QueueTasks:
     def close(self) -> None:
         """Stop serving (ending a :meth:`run_forever` in another thread gracefully), stop
         every component and the portal's thread. Calls still in flight in the portal (a
-        ``wait`` left behind by a Ctrl-C in its caller) are cancelled."""
+        ``wait`` left behind by a Ctrl-C in its caller) are cancelled: a thread blocked in
+        ``wait_result()`` or ``stream()`` gets :class:`~qtasks.errors.ComponentNotStartedError`."""
         with self._forever_done:
             if self._forever:
                 self.stop()
