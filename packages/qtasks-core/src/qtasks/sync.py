@@ -107,7 +107,16 @@ class QueueTasks:
         """The portal that runs the async app's loop (started on first use).
 
         Its thread is a daemon, and an ``atexit`` handler closes the app, so a script that
-        forgets :meth:`close` still stops gracefully and exits."""
+        forgets :meth:`close` still stops gracefully and exits. Raises
+        :class:`~qtasks.errors.ComponentError` on that loop's own thread (in an ``async def``
+        task), where a blocking call would wait for itself."""
+        if threading.current_thread() is self._portal_stop:
+            raise ComponentError(
+                f"app {self.aio.name!r}: a blocking call of the sync app was made on its own "
+                "event loop (an async def task runs there), where it would wait for itself; "
+                "await the async form: `await app.aio.add_task(...)` (`.get`, `.wait`... alike), "
+                "`await task.aio.add_task(...)` on a task, `await record.wait_result_async()`"
+            )
         with self._lock:
             if self._portal is None:
                 # Before the async app starts (and adopts them unwrapped): shared tasks

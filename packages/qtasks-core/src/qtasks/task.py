@@ -461,6 +461,9 @@ class SyncTaskDef(TaskDef[P, R]):
     def __init__(self, facade: QueueTasks, inner: TaskDef[P, R]) -> None:
         super().__init__(inner.app, inner.func, inner.options)
         self.facade = facade
+        self.aio = inner
+        """The same task on the async app, for an ``async def`` task of the sync app (it runs
+        on the app's loop, where a blocking call cannot): ``await child.aio.add_task(...)``."""
 
     # The sync app's add_task and enqueue block and return a Task, not a coroutine.
     def add_task(  # type: ignore[override]
