@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
@@ -77,6 +78,10 @@ _running_loop = asyncio._get_running_loop
 """The running asyncio loop or ``None`` (under trio, or outside a loop): the C function behind
 ``asyncio.get_running_loop``, without an exception when there is none. Comparing it with the
 loop the components were started in costs well under a microsecond per call."""
+
+
+_INHERITED: list[object] = []
+"""What a forked child kept of its parent's event loops (see ``_leave_old_loop``)."""
 
 
 async def _not_started(record: TaskRecord, envelope: Envelope) -> None:
@@ -200,6 +205,8 @@ class AsyncQueueTasks:
         self._start_lock: anyio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         """The asyncio loop the components were started in (``None`` under trio)."""
+        self._pid = os.getpid()
+        """The process that started them: a forked child has the parent's loop, not its own."""
         self._guard: asyncio.Task[None] | None = None
         self._closing = False
         self._pending_hooks: list[Any] = []
@@ -404,6 +411,7 @@ class AsyncQueueTasks:
                 raise
             self._stack = stack
             self._loop = _running_loop()
+            self._pid = os.getpid()
             if self._loop is not None:
                 guard = self._loop.create_task(
                     self._close_with_loop(), name=f"qtasks app {self.name!r}: close with the loop"
@@ -433,12 +441,19 @@ class AsyncQueueTasks:
         awaiting anything on it (it may be closed); the components, started again, notice
         that their connections belong to another loop and open new ones."""
         old = self._loop
-        if old is not None and old.is_running():
+        forked = self._pid != os.getpid()
+        if old is not None and old.is_running() and not forked:
             raise ComponentError(
                 f"app {self.name!r} was started in an event loop that is still running in "
                 "another thread; an app serves one event loop at a time"
             )
         log.debug("app %r: its event loop is gone; starting again in this one", self.name)
+        if forked:
+            # The parent's loop runs on in the parent, sharing its epoll and sockets with this
+            # process: finalizing its state here could unregister them there. Kept, unused.
+            _INHERITED.append((old, self._stack, self._serving, self._task_group, self._guard))
+            if isinstance(self.worker, QueueWorker):
+                self.worker = self.worker.forked()
         self._stack = self._serving = self._task_group = None
         self._guard = self._loop = self._start_lock = None
 

@@ -1,10 +1,14 @@
 """The sync app: a thin facade over :class:`~qtasks.app.AsyncQueueTasks` through an anyio
-``BlockingPortal`` (an event loop in a background thread). No logic lives here."""
+``BlockingPortal`` (an event loop in a background thread). No logic lives here.
+
+Over ~500 lines: each method of the async app has its blocking form here, a few lines each,
+and the portal's life (start, close, a forked child's fresh start) goes with them."""
 
 from __future__ import annotations
 
 import atexit
 import inspect
+import os
 import queue
 import threading
 import weakref
@@ -72,6 +76,7 @@ class QueueTasks:
         """How many :meth:`run_forever` calls are serving (for :meth:`close`)."""
         self._forever_done = threading.Condition()
         shared_tasks.adopt(self)
+        _apps.add(self)
 
     @classmethod
     def from_config(
@@ -371,6 +376,16 @@ class QueueTasks:
         """What ``qtasks inspect`` shows (JSON-ready); see :meth:`AsyncQueueTasks.inspect`."""
         return self.portal.call(self.aio.inspect)
 
+    def _forget_parent(self) -> None:
+        """In a forked child: drop the parent's portal (its thread is not in this process) and
+        locks another thread may have held, so that the next call starts afresh here."""
+        if self._portal is not None:
+            _inherited.append((self._portal, self._portal_stop, self._serving))
+        self._portal = self._portal_stop = self._serving = None
+        self._lock = threading.Lock()
+        self._forever = 0
+        self._forever_done = threading.Condition()
+
     def __enter__(self) -> QueueTasks:
         """Serve tasks in the background thread until ``__exit__``."""
         cm = self.portal.wrap_async_context_manager(self.aio)
@@ -487,6 +502,22 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
     thread.start()
     ready.wait()
     return holder[0], thread
+
+
+_apps: weakref.WeakSet[QueueTasks] = weakref.WeakSet()
+"""Every sync app, for :func:`_after_fork_in_child`."""
+
+_inherited: list[object] = []
+"""The parent's portals in a forked child: never finalized here, as their loop's epoll and
+sockets are the parent's too."""
+
+
+def _after_fork_in_child() -> None:
+    for app in list(_apps):
+        app._forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _close_at_exit(ref: weakref.ref[QueueTasks]) -> None:

@@ -10,6 +10,7 @@ state (free runners, waiting deliveries, recent cancels).
 
 from __future__ import annotations
 
+import copy
 import heapq
 import inspect
 import itertools
@@ -162,6 +163,18 @@ class QueueWorker:
         waiting locally before them. A :class:`BeginOnClaim` broker begins only these with
         the claim (see :meth:`_process_inner`)."""
         return max(0, self._free - len(self._local))
+
+    def forked(self) -> QueueWorker:
+        """This worker for a forked child of the process it served in: the same options
+        (and subclass), none of the parent's runs or deliveries, and an id of its own."""
+        fresh = copy.copy(self)
+        QueueWorker.__init__(
+            fresh,
+            max_tasks_process=self._max_tasks,
+            prefetch=self._prefetch,
+            executor=self.executor,
+        )
+        return fresh
 
     @property
     def stopping(self) -> anyio.Event:

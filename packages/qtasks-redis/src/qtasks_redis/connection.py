@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -318,6 +319,10 @@ class Script:
         return functools.partial(self, client, keys, args, dynamic)
 
 
+_INHERITED: list[object] = []
+"""A forked child's connections of its parent (see :meth:`SharedClient._abandon`)."""
+
+
 class SharedClient:
     """The client of one component, reference-counted across ``start`` calls.
 
@@ -334,6 +339,7 @@ class SharedClient:
         "_lane",
         "_loop",
         "_owner",
+        "_pid",
         "_stack",
         "_users",
         "_wants_lane",
@@ -348,6 +354,7 @@ class SharedClient:
         self._lane: Lane | None = None
         self._stack: AsyncExitStack | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()
         self._users = 0
         self._connecting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
@@ -380,15 +387,21 @@ class SharedClient:
                 await inner.aclose()
                 raise
             self._client, self._lane, self._stack = client, lane, inner
-            self._loop = loop
+            self._loop, self._pid = loop, os.getpid()
         self._users += 1
         stack.push_async_callback(self._release)
         return self._client
 
     def _abandon(self) -> None:
         """Forget the connections of a loop that is gone, without touching it (nothing runs
-        there any more; its sockets go with it). The old stacks' releases become no-ops."""
-        if self._lane is not None:
+        there any more; its sockets go with it). The old stacks' releases become no-ops.
+
+        In a forked child they are the parent's, whose loop still runs: a connection finalized
+        here would close its transport, taking the socket out of the epoll that process and
+        this one share, and the parent would wait on it for ever. Those are kept, unused."""
+        if self._pid != os.getpid():
+            _INHERITED.append((self._client, self._lane, self._stack))
+        elif self._lane is not None:
             self._lane.abandon()
         self._client = self._lane = self._stack = self._loop = None
         self._users = 0

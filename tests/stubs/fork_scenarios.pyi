@@ -1,0 +1,1 @@
+from tests.fork_scenarios import *  # noqa: F403
