@@ -320,7 +320,19 @@ class Script:
 
 
 _INHERITED: list[object] = []
-"""A forked child's connections of its parent (see :meth:`SharedClient._abandon`)."""
+"""A forked child's connections of its parent (see :meth:`SharedClient._forget_stopped_loops`)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Session:
+    """The connections of a :class:`SharedClient` in one event loop, and how many stacks
+    that started it there have not unwound yet; ``pid``: the process that opened them."""
+
+    client: Client
+    lane: Lane | None
+    stack: AsyncExitStack
+    users: int = 0
+    pid: int = field(default_factory=os.getpid)
 
 
 class SharedClient:
@@ -328,107 +340,108 @@ class SharedClient:
 
     Several apps in one process may share a component; it connects on the first ``start`` and
     disconnects when the last stack that started it unwinds. Connections belong to the event
-    loop they were opened in: started from another loop while the old one is gone without
-    having closed them (closed without cancelling its tasks), it forgets them and connects
-    again.
+    loop they were opened in, so each running loop the component is started in gets its own,
+    counted apart: two sync apps (each serving in its portal's loop) or an async app and a
+    sync app share it side by side. A loop no longer running (closed without closing its
+    connections) is forgotten at the next start, without touching it.
     """
 
-    __slots__ = (
-        "_client",
-        "_connecting",
-        "_lane",
-        "_loop",
-        "_owner",
-        "_pid",
-        "_stack",
-        "_users",
-        "_wants_lane",
-        "target",
-    )
+    __slots__ = ("_connecting", "_owner", "_sessions", "_wants_lane", "target")
 
     def __init__(self, target: RedisTarget, owner: str, *, lane: bool = True) -> None:
         self.target = target
         self._owner = owner
         self._wants_lane = lane
-        self._client: Client | None = None
-        self._lane: Lane | None = None
-        self._stack: AsyncExitStack | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pid = os.getpid()
-        self._users = 0
-        self._connecting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._sessions: dict[asyncio.AbstractEventLoop, _Session] = {}
+        self._connecting: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
     async def acquire(self, stack: AsyncExitStack, options: dict[str, Any]) -> Client:
         check_options(options)
         loop = asyncio.get_running_loop()
-        if self._connecting is None or self._connecting[0] is not loop:
-            self._connecting = (loop, asyncio.Lock())
-        # Apps sharing this component that start at once connect once: the others wait.
-        async with self._connecting[1]:
-            return await self._acquire(stack, options, loop)
+        self._forget_stopped_loops()
+        lock = self._connecting.get(loop)
+        if lock is None:
+            lock = self._connecting[loop] = asyncio.Lock()
+        # Apps sharing this component that start at once in one loop connect once: the
+        # others wait.
+        async with lock:
+            session = self._sessions.get(loop)
+            if session is None:
+                session = await self._connect(options)
+                self._sessions[loop] = session
+            session.users += 1
+        stack.push_async_callback(self._release, session)
+        return session.client
 
-    async def _acquire(
-        self, stack: AsyncExitStack, options: dict[str, Any], loop: asyncio.AbstractEventLoop
-    ) -> Client:
-        if self._client is not None and self._loop is not loop:
-            self._abandon()
-        if self._client is None:
-            inner = AsyncExitStack()
-            try:
-                client = await connect(inner, self.target, options)
-                lane = lane_for(self.target, options) if self._wants_lane else None
-                if lane is not None:
-                    inner.callback(lane.close)
-                    try:
-                        await lane.check()
-                    except (RedisError, OSError) as exc:
-                        raise connection_error(self.target, exc) from None
-            except BaseException:
-                await inner.aclose()
-                raise
-            self._client, self._lane, self._stack = client, lane, inner
-            self._loop, self._pid = loop, os.getpid()
-        self._users += 1
-        stack.push_async_callback(self._release)
-        return self._client
-
-    def _abandon(self) -> None:
-        """Forget the connections of a loop that is gone, without touching it (nothing runs
-        there any more; its sockets go with it). The old stacks' releases become no-ops.
-
-        In a forked child they are the parent's, whose loop still runs: a connection finalized
-        here would close its transport, taking the socket out of the epoll that process and
-        this one share, and the parent would wait on it for ever. Those are kept, unused."""
-        if self._pid != os.getpid():
-            _INHERITED.append((self._client, self._lane, self._stack))
-        elif self._lane is not None:
-            self._lane.abandon()
-        self._client = self._lane = self._stack = self._loop = None
-        self._users = 0
-
-    async def _release(self) -> None:
-        if self._loop is not asyncio.get_running_loop():
-            return  # a stack of a loop already left (see _abandon)
-        self._users -= 1
-        if self._users == 0 and self._stack is not None:
-            inner, self._stack, self._client, self._lane = self._stack, None, None, None
+    async def _connect(self, options: dict[str, Any]) -> _Session:
+        inner = AsyncExitStack()
+        try:
+            client = await connect(inner, self.target, options)
+            lane = lane_for(self.target, options) if self._wants_lane else None
+            if lane is not None:
+                inner.callback(lane.close)
+                try:
+                    await lane.check()
+                except (RedisError, OSError) as exc:
+                    raise connection_error(self.target, exc) from None
+        except BaseException:
             await inner.aclose()
+            raise
+        return _Session(client, lane, inner)
+
+    def _forget_stopped_loops(self) -> None:
+        """Forget the connections of loops no longer running, without touching them (nothing
+        runs there any more; their sockets go with them). Their stacks' releases become
+        no-ops. A loop running in another thread keeps its connections."""
+        for loop in [loop for loop in list(self._sessions) if not loop.is_running()]:
+            session = self._sessions.pop(loop, None)
+            if session is not None and session.pid != os.getpid():
+                # A forked child's copy of its parent's: finalized here, a connection would
+                # close its transport, taking the socket out of the epoll the two processes
+                # share, and the parent would wait on it for ever. Kept, unused.
+                _INHERITED.append(session)
+            elif session is not None and session.lane is not None:
+                session.lane.abandon()
+        for loop in [loop for loop in list(self._connecting) if loop.is_closed()]:
+            self._connecting.pop(loop, None)
+
+    async def _release(self, session: _Session) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sessions.get(loop) is not session:
+            return  # a stack of a loop already forgotten (see _forget_stopped_loops)
+        session.users -= 1
+        if session.users == 0:
+            del self._sessions[loop]
+            await session.stack.aclose()
+
+    def _session(self) -> _Session | None:
+        try:
+            return self._sessions.get(asyncio.get_running_loop())
+        except RuntimeError:  # no loop running in this thread
+            return None
 
     def get(self) -> Client:
-        if self._client is None:
-            raise ComponentNotStartedError(f"{self._owner} used before start() or after stop")
-        return self._client
+        """The redis-py client of the running event loop."""
+        session = self._session()
+        if session is None:
+            raise ComponentNotStartedError(
+                f"{self._owner} used before start() in this event loop or after stop"
+            )
+        return session.client
 
     def fast(self) -> Client | Lane:
-        """The lane when the target has one (the hot path), else the redis-py client."""
-        if self._lane is not None:
-            return self._lane
+        """The lane of the running event loop when the target has one (the hot path), else
+        its redis-py client."""
+        session = self._session()
+        if session is not None and session.lane is not None:
+            return session.lane
         return self.get()
 
     @property
     def lane(self) -> Lane | None:
-        """The lane, or ``None`` (TLS, cluster, or not started)."""
-        return self._lane
+        """The lane of the running event loop, or ``None`` (TLS, cluster, or not started)."""
+        session = self._session()
+        return None if session is None else session.lane
 
 
 def common_options(extra: dict[str, Any]) -> dict[str, Any]:
