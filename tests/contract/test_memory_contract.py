@@ -18,12 +18,14 @@ from qtasks_testing.contract import (
     BuryNoticeContract,
     CancelCheckContract,
     CancelFeedContract,
+    DeliveryLimitContract,
     FlowControlContract,
     GlobalConfigContract,
     GlobalConfigFactory,
     LeaseBatchContract,
     LeasedBrokerFactory,
     LeaseLengthContract,
+    LimitedBrokerFactory,
     SettleBeginContract,
     SharedServerContract,
     StorageContract,
@@ -134,3 +136,9 @@ class TestMemoryLeaseLength(LeaseLengthContract):
     @pytest.fixture
     def leased_broker_factory(self) -> LeasedBrokerFactory:
         return lambda lease: MemoryBroker(lease=lease)
+
+
+class TestMemoryDeliveryLimit(DeliveryLimitContract):
+    @pytest.fixture
+    def limited_broker_factory(self) -> LimitedBrokerFactory:
+        return lambda limit: MemoryBroker(max_deliveries=limit)

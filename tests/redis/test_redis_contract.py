@@ -19,6 +19,7 @@ from qtasks_testing.contract import (
     BuryNoticeContract,
     CancelCheckContract,
     CancelFeedContract,
+    DeliveryLimitContract,
     FlowControlContract,
     FreshWaitContract,
     GlobalConfigContract,
@@ -26,6 +27,7 @@ from qtasks_testing.contract import (
     LeaseBatchContract,
     LeasedBrokerFactory,
     LeaseLengthContract,
+    LimitedBrokerFactory,
     SettleBeginContract,
     SharedServerContract,
     StorageContract,
@@ -148,3 +150,11 @@ class TestRedisLeaseLength(LeaseLengthContract):
     @pytest.fixture
     def leased_broker_factory(self, redis_url: str, prefix: str) -> LeasedBrokerFactory:
         return lambda lease: RedisBroker(redis_url, prefix=prefix, queue="contract", lease=lease)
+
+
+class TestRedisDeliveryLimit(DeliveryLimitContract):
+    @pytest.fixture
+    def limited_broker_factory(self, redis_url: str, prefix: str) -> LimitedBrokerFactory:
+        return lambda limit: RedisBroker(
+            redis_url, prefix=prefix, queue="contract", max_deliveries=limit
+        )

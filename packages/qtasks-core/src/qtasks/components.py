@@ -38,8 +38,8 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :meth:`BeginOnClaim.consume_begun`). The optional *capabilities* are the protocols
 :class:`SharedServer`, :class:`SettleBegin`, :class:`BeginOnClaim`, :class:`BeginMany`,
 :class:`AttemptLog`, :class:`FreshWait`, :class:`LeaseBatch`, :class:`CancelCheck`,
-:class:`LeaseLength`, :class:`CancelFeed`, :class:`CancelFrom`, :class:`StorageQuery`,
-:class:`BulkPublish`,
+:class:`LeaseLength`, :class:`DeliveryLimit`, :class:`CancelFeed`, :class:`CancelFrom`,
+:class:`StorageQuery`, :class:`BulkPublish`,
 :class:`BulkPublishNew`, :class:`BuryNotice`,
 :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease`,
 :class:`HeartbeatEnd` and :class:`UniquePublish`,
@@ -99,7 +99,7 @@ class Delivery(Protocol):
     :meth:`ack`, :meth:`nack` or :meth:`requeue` is called, or until its lease runs out without
     :meth:`extend`. When the lease runs out (or the consumer's connection dies), the broker makes
     the message deliverable again, to any consumer, with ``attempt`` increased. After
-    ``config.max_deliveries`` deliveries the broker dead-letters the message instead of
+    its delivery limit (:func:`delivery_limit`) the broker dead-letters the message instead of
     delivering it again, with a reason that says the delivery limit was hit.
 
     ``token`` fences stale holders: once a message was delivered again, calls made through an
@@ -466,6 +466,29 @@ def delivery_lease(broker: object, config: QueueConfig) -> float:
     """The lease of ``broker``'s deliveries: its :class:`LeaseLength`, else ``config.lease``.
     The worker's renewal pass and the concurrency slots it renews are timed by it."""
     return broker.lease if isinstance(broker, LeaseLength) else config.lease
+
+
+@runtime_checkable
+class DeliveryLimit(Protocol):
+    """Optional broker capability: the broker tells after how many deliveries it dead-letters
+    a message. A broker with a limit of its own (a ``max_deliveries=`` option of its
+    constructor) must have it: the worker decides by it whether a delivery whose lease ran
+    out was the last one (its record then says dead-lettered) and how many failures of a
+    component dead-letter a message (:mod:`qtasks.poison`); without it the core assumes
+    ``config.max_deliveries`` (see :func:`delivery_limit`)."""
+
+    @property
+    def max_deliveries(self) -> int:
+        """Deliveries of one message before the broker dead-letters it, as fixed by the
+        broker's last :meth:`Broker.start`: its own option when set, else
+        ``config.max_deliveries``."""
+        ...
+
+
+def delivery_limit(broker: object, config: QueueConfig) -> int:
+    """The delivery limit of ``broker``: its :class:`DeliveryLimit`, else
+    ``config.max_deliveries``."""
+    return broker.max_deliveries if isinstance(broker, DeliveryLimit) else config.max_deliveries
 
 
 Buried = Callable[[str, str], Awaitable[None]]

@@ -17,6 +17,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from qtasks.components import delivery_limit
+from qtasks.config import QueueConfig
 from qtasks.errors import SerializationError
 from qtasks.messages import Message
 from qtasks.record import TaskRecord, TaskStatus, record_of
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qtasks.worker")
 
+_DEFAULT_LIMIT = QueueConfig().max_deliveries
+
 FAILURES_HEADER = "worker_failures"
 """Message header: how many times a worker failed (not an outage) while handling it."""
 
@@ -37,6 +41,25 @@ def without_failures(headers: dict[str, object]) -> dict[str, object]:
     if FAILURES_HEADER not in headers:
         return headers
     return {key: value for key, value in headers.items() if key != FAILURES_HEADER}
+
+
+def tell_limit(app: AsyncQueueTasks) -> bool:
+    """Warn when ``config.max_deliveries`` was set to another value than the broker's delivery
+    limit (:func:`~qtasks.components.delivery_limit`), which is the one that holds; a default
+    ``config.max_deliveries`` is not a choice: no word. Whether it warned."""
+    limit, configured = delivery_limit(app.broker, app.config), app.config.max_deliveries
+    if configured in (limit, _DEFAULT_LIMIT):
+        return False
+    log.warning(
+        "the delivery limit of the broker (%s, max_deliveries=%d) is used, not "
+        "config.max_deliveries (%d): messages are dead-lettered after %d deliveries or "
+        "failures; set only one of the two",
+        type(app.broker).__name__,
+        limit,
+        configured,
+        limit,
+    )
+    return True
 
 
 async def reject(
@@ -68,8 +91,9 @@ async def _dead_letter(app: AsyncQueueTasks, delivery: Delivery, reason: str) ->
 async def failed(app: AsyncQueueTasks, delivery: Delivery, exc: Exception) -> None:
     """A component or plugin raised ``exc`` while the worker handled ``delivery``: hand it
     back with its failures counted, due after ``retry_backoff * 2**(n-1)`` seconds (capped
-    at ``retry_backoff_max``); the ``max_deliveries``-th failure dead-letters it instead."""
-    limit = app.config.max_deliveries
+    at ``retry_backoff_max``); the failure that reaches the broker's delivery limit
+    (:func:`~qtasks.components.delivery_limit`) dead-letters it instead."""
+    limit = delivery_limit(app.broker, app.config)
     error = f"{type(exc).__name__}: {exc}"
     try:
         message: Message | None = app.codec.decode(delivery.body)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks import poison
 from qtasks.cancels import culprit, is_error, is_stray, shielded, stray_error
-from qtasks.components import Delivery
+from qtasks.components import Delivery, delivery_limit
 from qtasks.errors import (
     LeaseLostError,
     PermanentError,
@@ -342,8 +342,9 @@ class Settlement:
         """Whether ``delivery`` was the message's last allowed one and its lease is gone: the
         broker dead-letters the message at its next claim, so the record says so (fenced by
         the delivery's token) instead of taking a result that contradicts it. Costs a lease
-        renewal, on the last allowed delivery only."""
-        limit = app.config.max_deliveries
+        renewal, on the last allowed delivery only. The limit is the broker's
+        (:func:`~qtasks.components.delivery_limit`), the one its claim dead-letters by."""
+        limit = delivery_limit(app.broker, app.config)
         if delivery.attempt < limit or await self._durable(run, delivery.extend):
             return False
         record = run.record

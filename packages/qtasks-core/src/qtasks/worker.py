@@ -108,6 +108,8 @@ class QueueWorker:
         self._flow = FlowGate()
         self._settlement = Settlement(self._outage, self._flow)
         self._leases = LeaseKeeper(self._held_now, self._lost, self._flow)
+        self._limit_told = False
+        """Whether the broker's delivery limit overruling the configuration's was told."""
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._serving = False
@@ -230,6 +232,7 @@ class QueueWorker:
     ) -> None:
         config = app.config
         self._flow.check(app)
+        self._limit_told = self._limit_told or poison.tell_limit(app)
         concurrency = self._max_tasks or config.max_tasks_process
         if app.thread_limiter.total_tokens < concurrency:
             # Sized from the app's config when the app was made: a worker serving more at

@@ -137,6 +137,12 @@ class RabbitMQBroker:
         return self._lease
 
     @property
+    def max_deliveries(self) -> int:
+        """See :class:`~qtasks.components.DeliveryLimit`: ``config.max_deliveries`` of the first
+        start (the queue's ``x-delivery-limit`` and the consumers' count)."""
+        return self._max_deliveries
+
+    @property
     def settings(self) -> RabbitMQSettings:
         """The checked settings this broker was built with."""
         return self._settings

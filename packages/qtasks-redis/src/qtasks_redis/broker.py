@@ -196,6 +196,8 @@ class RedisBroker:
     ``url`` is ``redis://[user:password@]host:port/db``, ``rediss://`` for TLS,
     ``unix:///path/to/socket?db=0`` or ``redis+cluster://host:port`` for Redis Cluster. Every key
     is ``{<prefix>:<queue>}:<part>``: one hash tag, so the queue lives in one cluster slot.
+    ``lease`` and ``max_deliveries`` win over the configuration's (see
+    :class:`~qtasks.components.LeaseLength`, :class:`~qtasks.components.DeliveryLimit`).
     """
 
     def __init__(
@@ -242,6 +244,12 @@ class RedisBroker:
     def lease(self) -> float:
         """See :class:`~qtasks.components.LeaseLength`: ``lease=``, else ``config.lease``."""
         return self._lease_ms / 1000
+
+    @property
+    def max_deliveries(self) -> int:
+        """See :class:`~qtasks.components.DeliveryLimit`: ``max_deliveries=``, else
+        ``config.max_deliveries``."""
+        return self._max_deliveries
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         lease = self._lease_opt if self._lease_opt is not None else config.lease

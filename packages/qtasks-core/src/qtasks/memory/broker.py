@@ -172,7 +172,9 @@ class MemoryBroker(_Lifecycle):
         max_deliveries: int | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        """``clock`` returns the unix time that delays are measured against (default
+        """``lease`` and ``max_deliveries`` win over the configuration's (see
+        :class:`~qtasks.components.LeaseLength`, :class:`~qtasks.components.DeliveryLimit`).
+        ``clock`` returns the unix time that delays are measured against (default
         :func:`time.time`); tests pass a controllable one and call :meth:`wake` after moving it.
         Leases always run on the real monotonic clock."""
         self._clock: Callable[[], float] = clock or time.time
@@ -204,6 +206,12 @@ class MemoryBroker(_Lifecycle):
     def lease(self) -> float:
         """See :class:`~qtasks.components.LeaseLength`: ``lease=``, else ``config.lease``."""
         return self._lease
+
+    @property
+    def max_deliveries(self) -> int:
+        """See :class:`~qtasks.components.DeliveryLimit`: ``max_deliveries=``, else
+        ``config.max_deliveries``."""
+        return self._max_deliveries
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         self._begin(stack)

@@ -37,7 +37,12 @@ from qtasks_testing.contract.capabilities import (
 )
 from qtasks_testing.contract.flow import BringForwardContract, FlowControlContract
 from qtasks_testing.contract.global_config import GlobalConfigContract, GlobalConfigFactory
-from qtasks_testing.contract.lease import LeasedBrokerFactory, LeaseLengthContract
+from qtasks_testing.contract.lease import (
+    DeliveryLimitContract,
+    LeasedBrokerFactory,
+    LeaseLengthContract,
+    LimitedBrokerFactory,
+)
 from qtasks_testing.contract.query import StorageQueryContract
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
@@ -56,6 +61,7 @@ __all__ = [
     "CancelFeedContract",
     "Consumer",
     "ContractSuite",
+    "DeliveryLimitContract",
     "FlowControlContract",
     "FreshWaitContract",
     "GlobalConfigContract",
@@ -63,6 +69,7 @@ __all__ = [
     "LeaseBatchContract",
     "LeaseLengthContract",
     "LeasedBrokerFactory",
+    "LimitedBrokerFactory",
     "SettleBeginContract",
     "SharedServerContract",
     "StorageContract",
