@@ -1,6 +1,7 @@
 """The broker's own ``max_deliveries=`` is the delivery limit the worker decides by (whether a
 delivery whose lease ran out was the last, how many failures dead-letter a message);
-``config.max_deliveries`` set to another value is overruled with one warning."""
+``config.max_deliveries`` set to another value is overruled with one warning. The broker's
+own ``lease=`` and ``max_deliveries=`` are checked as those settings are."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, TaskStatus
 from qtasks.components import DeliveryLimit, delivery_limit
+from qtasks.errors import ConfigError
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +86,17 @@ async def test_a_lower_config_limit_does_not_dead_letter_the_record(
         "config.max_deliveries (1): messages are dead-lettered after 3 deliveries or "
         "failures; set only one of the two"
     ]
+
+
+def test_the_brokers_own_options_are_checked_as_the_settings_are() -> None:
+    """Every bad value, for memory and Redis: ``LeaseLengthContract`` and
+    ``DeliveryLimitContract``. Before, ``MemoryBroker(lease=0)`` lost every delivery at once
+    and ``max_deliveries="5"`` failed at the first claim with a bare TypeError."""
+    with pytest.raises(ConfigError) as info:
+        MemoryBroker(lease=0)
+    assert str(info.value) == "MemoryBroker: 'lease' must be a positive, finite number, got 0"
+    with pytest.raises(ConfigError) as info:
+        MemoryBroker(max_deliveries="5")  # type: ignore[arg-type] # the refused value
+    assert str(info.value) == "MemoryBroker: 'max_deliveries' expects int, got str '5'"
+    assert type(MemoryBroker(lease=2).lease) is float  # as QueueConfig(lease=2) gives
+    assert MemoryBroker(max_deliveries=1).max_deliveries == 1

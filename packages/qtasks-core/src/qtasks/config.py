@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from qtasks.checks import check_priority
 from qtasks.compat.config import BUILT_IN, RENAMED, QTasksConfigNames, warn_ignored
@@ -239,6 +239,19 @@ def check_value(key: str, value: Any, source: str) -> Any:
     if key == "default_priority":
         return check_priority(value, f"{source}: 'default_priority'", ConfigError)
     return float(value) if base is float else value
+
+
+_T = TypeVar("_T")
+
+
+def own_option(key: str, value: _T | None, source: str) -> _T | None:
+    """A component's own option standing for the setting ``key`` (``RedisBroker(lease=)``):
+    ``None`` (unset, the configuration's holds) or checked as that setting is, so ``lease=0``,
+    ``-1``, ``"5"``, nan or inf is a :class:`ConfigError` naming ``source`` and the option."""
+    if value is None:
+        return None
+    checked: _T = check_value(key, value, source)  # its type kept, an int widened to float
+    return checked
 
 
 def _unknown_key(key: str) -> str:

@@ -41,7 +41,7 @@ from qtasks.components import (
     GlobalConfig,
     Storage,
 )
-from qtasks.config import QueueConfig
+from qtasks.config import QueueConfig, own_option
 from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
 from qtasks.messages import Envelope, new_uuid
 from qtasks.record import TaskRecord, TaskStatus
@@ -197,7 +197,8 @@ class RedisBroker:
     ``unix:///path/to/socket?db=0`` or ``redis+cluster://host:port`` for Redis Cluster. Every key
     is ``{<prefix>:<queue>}:<part>``: one hash tag, so the queue lives in one cluster slot.
     ``lease`` and ``max_deliveries`` win over the configuration's (see
-    :class:`~qtasks.components.LeaseLength`, :class:`~qtasks.components.DeliveryLimit`).
+    :class:`~qtasks.components.LeaseLength`, :class:`~qtasks.components.DeliveryLimit`) and are
+    checked as those settings are (:class:`~qtasks.errors.ConfigError`).
     """
 
     def __init__(
@@ -214,8 +215,8 @@ class RedisBroker:
         self.target = RedisTarget.parse(url, cluster=cluster)
         self.queue = queue
         self.prefix = prefix
-        self._lease_opt = lease
-        self._max_opt = max_deliveries
+        self._lease_opt = own_option("lease", lease, "RedisBroker")
+        self._max_opt = own_option("max_deliveries", max_deliveries, "RedisBroker")
         self._options = check_options(dict(options or {}))
         tag = f"{{{prefix}:{queue}}}"
         self.keys: tuple[str, ...] = tuple(f"{tag}:{name}" for name in lua.KEY_NAMES)

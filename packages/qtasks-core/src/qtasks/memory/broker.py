@@ -29,7 +29,7 @@ from qtasks.components import (
     Storage,
     WorkflowStore,
 )
-from qtasks.config import QueueConfig
+from qtasks.config import QueueConfig, own_option
 from qtasks.errors import ComponentError
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.storage import MemoryStorage
@@ -173,15 +173,16 @@ class MemoryBroker(_Lifecycle):
         clock: Callable[[], float] | None = None,
     ) -> None:
         """``lease`` and ``max_deliveries`` win over the configuration's (see
-        :class:`~qtasks.components.LeaseLength`, :class:`~qtasks.components.DeliveryLimit`).
-        ``clock`` returns the unix time that delays are measured against (default
-        :func:`time.time`); tests pass a controllable one and call :meth:`wake` after moving it.
-        Leases always run on the real monotonic clock."""
+        :class:`~qtasks.components.LeaseLength`, :class:`~qtasks.components.DeliveryLimit`),
+        checked as those settings are (:class:`~qtasks.errors.ConfigError`). ``clock`` returns
+        the unix time that delays are measured against (default :func:`time.time`); tests pass
+        a controllable one and call :meth:`wake` after moving it. Leases always run on the real
+        monotonic clock."""
         self._clock: Callable[[], float] = clock or time.time
-        self._lease_opt = lease
-        self._max_opt = max_deliveries
-        self._lease = lease if lease is not None else 30.0
-        self._max_deliveries = max_deliveries if max_deliveries is not None else 5
+        self._lease_opt = own_option("lease", lease, "MemoryBroker")
+        self._max_opt = own_option("max_deliveries", max_deliveries, "MemoryBroker")
+        self._lease = self._lease_opt if self._lease_opt is not None else 30.0
+        self._max_deliveries = self._max_opt if self._max_opt is not None else 5
         self._ready = _ReadyQueue()
         self._delayed: list[tuple[float, int, _Entry]] = []
         self._leases: list[tuple[float, str]] = []

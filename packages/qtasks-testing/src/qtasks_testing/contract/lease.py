@@ -6,6 +6,7 @@ dead-letters by, and the one the worker gives up by."""
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -18,6 +19,7 @@ import pytest
 from qtasks.app import AsyncQueueTasks
 from qtasks.components import Broker, DeadLetter, DeliveryLimit, LeaseLength
 from qtasks.config import QueueConfig
+from qtasks.errors import ConfigError
 from qtasks.memory import MemoryGlobalConfig
 from qtasks.record import TaskStatus
 from qtasks_testing.contract._base import ContractSuite, wait_until
@@ -50,6 +52,17 @@ class LeaseLengthContract(ContractSuite):
     def _lease_of(broker: Broker) -> float:
         assert isinstance(broker, LeaseLength)
         return broker.lease
+
+    @pytest.mark.parametrize("bad", [0, -1.0, "5", math.inf, math.nan, True])
+    def test_a_bad_own_lease_is_refused(
+        self, leased_broker_factory: LeasedBrokerFactory, bad: Any
+    ) -> None:
+        """``lease=`` is checked as ``config.lease`` is, when the broker is built: a
+        :class:`~qtasks.errors.ConfigError` naming it, not a lease of a millisecond or a
+        failure at start."""
+        self._leased(leased_broker_factory, self.own_lease)
+        with pytest.raises(ConfigError, match="'lease'"):
+            leased_broker_factory(bad)
 
     @pytest.mark.anyio
     async def test_without_an_option_the_lease_is_the_configs(
@@ -138,6 +151,16 @@ class DeliveryLimitContract(ContractSuite):
         if not isinstance(broker, DeliveryLimit):
             pytest.skip(lacks(broker, DeliveryLimit))
         return broker
+
+    @pytest.mark.parametrize("bad", [0, -1, "5", 2.5, math.inf, math.nan, True])
+    def test_a_bad_own_limit_is_refused(
+        self, limited_broker_factory: LimitedBrokerFactory, bad: Any
+    ) -> None:
+        """``max_deliveries=`` is checked as ``config.max_deliveries`` is, when the broker is
+        built: a :class:`~qtasks.errors.ConfigError` naming it."""
+        self._limited(limited_broker_factory, self.own_limit)
+        with pytest.raises(ConfigError, match="'max_deliveries'"):
+            limited_broker_factory(bad)
 
     @pytest.mark.anyio
     async def test_without_an_option_the_limit_is_the_configs(
