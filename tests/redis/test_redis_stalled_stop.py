@@ -12,14 +12,16 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 
 import anyio
 import pytest
 from fault_fixtures import FaultRig, outcome, wait_until
 from redis_procs import Worker
 
-from qtasks import TaskStatus
+from qtasks import TaskStatus, stopping
+from qtasks.config import QueueConfig
+from qtasks_redis import RedisBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -122,3 +124,27 @@ async def test_a_second_sigterm_with_redis_stalled_stops_at_once(
     assert "left to their leases" in worker.output(), worker.output()
     assert not worker.problems(), worker.output()
     await completed_by_a_fresh_worker(rig, uuids)
+
+
+@pytest.mark.parametrize("fast_lane", [False, True], ids=["redis-py", "lane"])
+async def test_a_claim_the_stop_s_deadline_cuts_ends_with_the_stop(
+    rig: FaultRig, fast_lane: bool
+) -> None:
+    """A claim sent as the stop began, which the stalled server never answered, was cut by
+    the stop's deadline inside its shield; the consumer then read the reply it never got
+    (UnboundLocalError, seen once under load: the worker exited 1 with a traceback). Now the
+    claim ends with the stop's cancellation, what it may have leased left to the lease."""
+    broker = RedisBroker(rig.direct_url, prefix=rig.prefix, queue="cut")
+    clock = stopping.StopClock()
+    async with AsyncExitStack() as stack:
+        await broker.start(stack, QueueConfig(extra={"redis_fast_lane": fast_lane}))
+        async with stopping.serving(clock), broker.consume(prefetch=1) as deliveries:
+            started = anyio.current_time()
+            with stalled(rig), anyio.fail_after(10), anyio.CancelScope() as stop:
+                stop.cancel()  # the worker's receiving, cancelled as its stop begins
+                clock.start(0.0)  # the stop's deadline: STOP_MARGIN from now
+                await deliveries.__anext__()
+            assert stop.cancelled_caught
+            took = anyio.current_time() - started
+            assert clock.gave_up["a claim's reply"] == 1, clock.gave_up
+            assert stopping.STOP_MARGIN <= took < stopping.STOP_MARGIN + 3, took

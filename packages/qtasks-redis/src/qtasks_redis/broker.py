@@ -90,6 +90,10 @@ runs, and that batch's large write is flushed, and its reply read, only when the
 (built in one go, the next call's build held both up by its whole length)."""
 
 
+_NO_REPLY = object()
+"""A claim's reply not read (see ``claim`` in :meth:`RedisBroker._consume`)."""
+
+
 def _nonce() -> str:
     """The nonce of one enqueue script call (see :data:`~qtasks_redis.shared_lua.PUBLISH_NEW`):
     64 random bits, drawn before the call is packed, so that the call re-sent carries the
@@ -648,8 +652,14 @@ class RedisBroker:
                 await self._block(client, block)
             # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
             # that they are handed back at exit, not left to their lease.
+            reply = _NO_REPLY
             with stopping.shield("a claim's reply"):
                 reply = await script(client, keys, args)
+            if reply is _NO_REPLY:
+                # Cut by a stopping worker's deadline (the server did not answer): what the
+                # claim may have leased is left to its lease. The stop's cancellation goes on.
+                await anyio.lowlevel.checkpoint()
+                return [], None, False
             return parse(reply)
 
         def orphaned(reply: Any) -> None:
