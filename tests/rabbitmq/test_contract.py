@@ -16,8 +16,6 @@ from qtasks_testing.contract import (
     BrokerFactory,
     BulkPublishContract,
     BuryNoticeContract,
-    DeliveryLimitContract,
-    LimitedBrokerFactory,
 )
 
 from .conftest import URL, delete_topology
@@ -67,25 +65,3 @@ def test_the_rabbitmq_broker_has_no_lease_batch_nor_shared_server() -> None:
     broker = RabbitMQBroker(URL, queue="never-started")
     assert not isinstance(broker, LeaseBatch)
     assert not isinstance(broker, SharedServer)
-
-
-_NO_OPTION = "RabbitMQBroker has no max_deliveries= option: it takes config.max_deliveries"
-
-
-class TestRabbitMQDeliveryLimit(DeliveryLimitContract):
-    not_applicable = {
-        "test_a_bad_own_limit_is_refused": _NO_OPTION,
-        "test_the_own_limit_is_told_and_dead_letters": _NO_OPTION,
-        "test_the_worker_gives_up_at_the_brokers_limit": _NO_OPTION,
-    }
-
-    @pytest.fixture
-    def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
-        return rabbitmq_broker_factory
-
-    @pytest.fixture
-    def limited_broker_factory(self) -> LimitedBrokerFactory:
-        def none(limit: int) -> RabbitMQBroker:
-            pytest.fail(_NO_OPTION)
-
-        return none
