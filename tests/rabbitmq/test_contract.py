@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 
 import pytest
 
-from qtasks.components import LeaseBatch, SharedServer
+from qtasks.components import DeliveryLimit, LeaseBatch, SharedServer, delivery_limit
 from qtasks.config import QueueConfig
 from qtasks_rabbitmq import RabbitMQBroker, Topology
 from qtasks_testing.contract import (
@@ -65,3 +66,19 @@ def test_the_rabbitmq_broker_has_no_lease_batch_nor_shared_server() -> None:
     broker = RabbitMQBroker(URL, queue="never-started")
     assert not isinstance(broker, LeaseBatch)
     assert not isinstance(broker, SharedServer)
+
+
+@pytest.mark.anyio
+async def test_the_rabbitmq_broker_s_delivery_limit_is_its_start_s_config(
+    rabbitmq_broker_factory: BrokerFactory,
+) -> None:
+    """RabbitMQ has no ``max_deliveries=`` option of its own (DeliveryLimitContract's tests
+    of one do not apply): its limit is the first start's ``config.max_deliveries``, the
+    queue's ``x-delivery-limit``, and the core decides by it whatever its own config says."""
+    config = QueueConfig(max_deliveries=3)
+    broker = rabbitmq_broker_factory(config)
+    async with AsyncExitStack() as stack:
+        await broker.start(stack, config)
+        assert isinstance(broker, DeliveryLimit)
+        assert broker.max_deliveries == 3
+        assert delivery_limit(broker, QueueConfig(max_deliveries=7)) == 3
