@@ -462,10 +462,24 @@ class LeaseLength(Protocol):
         ...
 
 
+_HAS: dict[tuple[type, type], bool] = {}
+
+
+def _has(component: object, capability: type) -> bool:
+    """``isinstance(component, capability)``, decided once per class: on Python 3.11 a
+    runtime-checkable protocol's ``isinstance`` walks its members at every call, microseconds
+    that :func:`delivery_limit` would pay on every settle."""
+    key = (type(component), capability)
+    found = _HAS.get(key)
+    if found is None:
+        found = _HAS[key] = isinstance(component, capability)
+    return found
+
+
 def delivery_lease(broker: object, config: QueueConfig) -> float:
     """The lease of ``broker``'s deliveries: its :class:`LeaseLength`, else ``config.lease``.
     The worker's renewal pass and the concurrency slots it renews are timed by it."""
-    return broker.lease if isinstance(broker, LeaseLength) else config.lease
+    return broker.lease if _has(broker, LeaseLength) else config.lease  # type: ignore[attr-defined]
 
 
 @runtime_checkable
@@ -488,7 +502,10 @@ class DeliveryLimit(Protocol):
 def delivery_limit(broker: object, config: QueueConfig) -> int:
     """The delivery limit of ``broker``: its :class:`DeliveryLimit`, else
     ``config.max_deliveries``."""
-    return broker.max_deliveries if isinstance(broker, DeliveryLimit) else config.max_deliveries
+    if _has(broker, DeliveryLimit):
+        limit: int = broker.max_deliveries  # type: ignore[attr-defined]
+        return limit
+    return config.max_deliveries
 
 
 Buried = Callable[[str, str], Awaitable[None]]
