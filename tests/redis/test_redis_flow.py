@@ -30,7 +30,7 @@ from flow_windows import max_in_window, max_overlap
 from sync_threads import a_slot_is_kept_while_its_thread_runs
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus
-from qtasks.components import FlowControl, UniquePublish
+from qtasks.components import FlowControl, SlotRenewal, UniquePublish
 from qtasks.messages import Message, new_uuid
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
@@ -317,7 +317,8 @@ async def test_a_slot_key_keeps_its_ttl_while_its_holders_renew(
     assert await gc.acquire_slot(slot, 2, "b", 30.0) == 0
     for key in (leases, since, meta):  # as if ~600 s had passed with no acquire
         client.pexpire(key, 1_000)
-    assert await gc.extend_slots([(slot, "a"), (slot, "b")], 30.0) == [True, True]
+    renewed = SlotRenewal.RENEWED
+    assert await gc.extend_slots([(slot, "a"), (slot, "b")], 30.0) == [renewed, renewed]
     for key in (leases, since, meta):
         assert ttl - 2_000 < client.pttl(key) <= ttl, key
     assert await gc.acquire_slot(slot, 2, "c", 30.0) > 0  # both slots still held
