@@ -18,6 +18,7 @@ without an argument.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import Counter
@@ -53,11 +54,11 @@ class StopClock:
 
     def start(self, grace: float) -> None:
         """The stop begins now: it ends by ``grace`` plus :data:`STOP_MARGIN` seconds."""
-        self._move(anyio.current_time() + grace + STOP_MARGIN)
+        self._move(_now() + grace + STOP_MARGIN)
 
     def hurry(self) -> None:
         """Cut the stop short: it ends by :data:`STOP_MARGIN` seconds from now."""
-        self._move(anyio.current_time() + STOP_MARGIN)
+        self._move(_now() + STOP_MARGIN)
 
     def report(self) -> None:
         """Say what the deadline cut short, if anything (once the stop is over)."""
@@ -78,7 +79,7 @@ class StopClock:
     @property
     def passed(self) -> bool:
         """Whether the deadline has passed."""
-        return anyio.current_time() >= self.deadline
+        return _now() >= self.deadline
 
     @contextmanager
     def bound(
@@ -87,7 +88,7 @@ class StopClock:
         """A cancel scope ending by the deadline (moved closer too) and within ``limit``
         seconds; ``shield``: cancelled by nothing else. Cut short by the deadline, it counts
         once under ``what`` (if given) in :attr:`gave_up`."""
-        deadline = min(self.deadline, anyio.current_time() + limit)
+        deadline = min(self.deadline, _now() + limit)
         with anyio.CancelScope(shield=shield, deadline=deadline) as scope:
             self._scopes.add(scope)
             try:
@@ -96,6 +97,17 @@ class StopClock:
                 self._scopes.discard(scope)
         if what is not None and scope.cancelled_caught and self.passed:
             self.gave_up[what] += 1
+
+
+def _now() -> float:
+    """anyio's clock, the event loop's time; also in a plain callback of the loop (a second
+    signal's :meth:`StopClock.hurry`, scheduled with ``call_soon_threadsafe``), where the
+    lowest anyio qtasks supports cannot tell which async library runs: asyncio's loop time
+    then, the clock anyio's asyncio backend keeps its deadlines on."""
+    try:
+        return anyio.current_time()
+    except RuntimeError:  # sniffio's AsyncLibraryNotFoundError, outside any task
+        return asyncio.get_running_loop().time()
 
 
 _CLOCK: ContextVar[StopClock | None] = ContextVar("qtasks_stop_clock", default=None)
