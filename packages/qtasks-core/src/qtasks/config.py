@@ -13,6 +13,7 @@ type check that every source (file, environment, flags, code) goes through.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import math
@@ -210,6 +211,18 @@ def _from_code(key: str, value: Any) -> Any:
     if type(value) is float and base is int and value.is_integer():
         return int(value)
     return value
+
+
+def is_default(key: str, value: object) -> bool:
+    """Whether ``value`` is the setting ``key``'s default (a component's own option that
+    differs from a default configuration overrules no choice: nobody is warned)."""
+    default: object = getattr(_defaults(), key)
+    return value == default
+
+
+@functools.cache
+def _defaults() -> QueueConfig:
+    return QueueConfig()
 
 
 def check_value(key: str, value: Any, source: str) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from qtasks.components import CancelCheck, Delivery, LeaseBatch, delivery_lease
-from qtasks.config import QueueConfig
+from qtasks.config import is_default
 from qtasks.executor import TaskRun
 from qtasks.flow import FlowGate
 from qtasks.record import TaskStatus
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
 log = logging.getLogger("qtasks.worker")
-
-_DEFAULT_LEASE = QueueConfig().lease
 
 
 class LeaseKeeper:
@@ -82,7 +80,7 @@ class LeaseKeeper:
         """Warn once when ``config.lease`` was set to another value than the broker's lease,
         which is the one that holds (a default ``config.lease`` is not a choice: no word)."""
         configured = app.config.lease
-        if self._told or configured in (lease, _DEFAULT_LEASE):
+        if self._told or configured == lease or is_default("lease", configured):
             return
         self._told = True
         log.warning(

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from qtasks.components import delivery_limit
-from qtasks.config import QueueConfig
+from qtasks.config import is_default
 from qtasks.errors import SerializationError
 from qtasks.messages import Message
 from qtasks.record import TaskRecord, TaskStatus, record_of
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from qtasks.components import Delivery
 
 log = logging.getLogger("qtasks.worker")
-
-_DEFAULT_LIMIT = QueueConfig().max_deliveries
 
 FAILURES_HEADER = "worker_failures"
 """Message header: how many times a worker failed (not an outage) while handling it."""
@@ -48,7 +46,7 @@ def tell_limit(app: AsyncQueueTasks) -> bool:
     limit (:func:`~qtasks.components.delivery_limit`), which is the one that holds; a default
     ``config.max_deliveries`` is not a choice: no word. Whether it warned."""
     limit, configured = delivery_limit(app.broker, app.config), app.config.max_deliveries
-    if configured in (limit, _DEFAULT_LIMIT):
+    if configured == limit or is_default("max_deliveries", configured):
         return False
     log.warning(
         "the delivery limit of the broker (%s, max_deliveries=%d) is used, not "

@@ -131,8 +131,8 @@ def shield(what: str, limit: float = math.inf) -> Iterator[None]:
     """A shielded scope for teardown that waits on a backend: it ends within ``limit``
     seconds and, during a worker's stop, by the stop's deadline."""
     clock = _CLOCK.get()
-    if clock is None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(limit):
+    if clock is None:  # one scope: shielded, and ending at its own deadline
+        with anyio.CancelScope(shield=True, deadline=_now() + limit):
             yield
         return
     with clock.bound(what, shield=True, limit=limit):
