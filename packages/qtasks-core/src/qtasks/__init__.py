@@ -11,6 +11,7 @@ try:
     from qtasks.config import QueueConfig
     from qtasks.depends import Depends
     from qtasks.errors import (
+        InvalidTimeoutError,
         QTasksError,
         TaskCancelledError,
         TaskDeclarationError,
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncState",
     "AsyncTask",
     "Depends",
+    "InvalidTimeoutError",
     "MemoryBroker",
     "MemoryGlobalConfig",
     "MemoryStorage",

@@ -24,7 +24,7 @@ from anyio.abc import TaskGroup
 
 from qtasks import bulk, flow, report
 from qtasks import enqueue as enqueue_step
-from qtasks.checks import check_delay
+from qtasks.checks import check_delay, check_timeout
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
@@ -760,7 +760,10 @@ class AsyncQueueTasks:
         return self._bind(record)
 
     async def wait(self, uuid: str, timeout: float | None) -> AsyncTask:
-        """Wait for the final record of ``uuid`` (woken when it is written)."""
+        """Wait for the final record of ``uuid`` (woken when it is written); raises
+        :class:`~qtasks.errors.TaskTimeoutError` when ``timeout`` runs out, and
+        :class:`~qtasks.errors.InvalidTimeoutError` for a ``timeout`` that is not seconds."""
+        timeout = check_timeout(timeout, "wait: timeout")
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         if await self.storage.get(uuid) is None:
@@ -777,6 +780,7 @@ class AsyncQueueTasks:
         step is bounded by what is left of the deadline, so the deadline never cancels the
         consumer's own awaits between steps, and a consumer that stops early (``break``,
         ``aclose()``, dropping the iterator) ends the stream cleanly from any task."""
+        timeout = check_timeout(timeout, "stream: timeout")
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         deadline = math.inf if timeout is None else anyio.current_time() + timeout

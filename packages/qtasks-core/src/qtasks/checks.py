@@ -1,13 +1,15 @@
 """Checks of the values several places take alike, written once so that every entry point holds
 the same rule: a priority (``add_task``, a signature, a task declaration, the configuration, a
 timer), a delay (``add_task`` and a signature alike, and ``add_task``'s ``timeout``) and a finite
-number of seconds or a unix time (``delay``, ``eta``, ``expires``)."""
+number of seconds or a unix time (``delay``, ``eta``, ``expires``), and a wait's timeout."""
 
 from __future__ import annotations
 
 import math
 import reprlib
 from typing import Any
+
+from qtasks.errors import InvalidTimeoutError
 
 PRIORITY_BITS = 64
 """A priority is an int of 64 bits (``-2**63`` to ``2**63 - 1``), what every broker carries (an
@@ -49,3 +51,12 @@ def check_delay(value: Any, what: str, error: type[Exception]) -> float:
     if number is None or number < 0:
         raise error(f"{what} expects finite seconds >= 0, got {reprlib.repr(value)}")
     return number
+
+
+def check_timeout(value: Any, what: str) -> float | None:
+    """``value`` as a wait's timeout: ``None`` (or ``math.inf``) for no limit, else seconds of 0
+    or more; raises :class:`~qtasks.errors.InvalidTimeoutError` otherwise (a negative one is a
+    mistake in the caller's arithmetic, not "time is up")."""
+    if value is None or (isinstance(value, float) and value == math.inf):
+        return None
+    return check_delay(value, what, InvalidTimeoutError)

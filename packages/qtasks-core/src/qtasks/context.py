@@ -17,6 +17,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
+from qtasks.checks import check_timeout
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.errors import TaskCancelledError, TaskNotFoundError, TaskTimeoutError
 from qtasks.record import TaskRecord
@@ -250,6 +251,7 @@ class _ThreadClient:
 
     def stream(self, uuid: str, timeout: float | None = None) -> Iterator[Any]:
         """As :meth:`AsyncQueueTasks.stream`: ``timeout`` is for the whole stream."""
+        timeout = check_timeout(timeout, "stream: timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         index = 0
         while True:

@@ -110,6 +110,12 @@ class TaskTimeoutError(QTasksError, TimeoutError):
         super().__init__(f"task {uuid} did not finish within {timeout} s")
 
 
+class InvalidTimeoutError(QTasksError, ValueError):
+    """A wait's ``timeout`` (``wait``, ``wait_result``, ``stream``, ``wait_workflow``) that is
+    neither ``None`` nor seconds >= 0 (an int or a float, not a bool; ``math.inf`` waits
+    without limit): refused before anything waits."""
+
+
 class TaskMaxTimeError(QTasksError, TimeoutError):
     """A task ran longer than its ``max_time``; stored on the record as the error."""
 

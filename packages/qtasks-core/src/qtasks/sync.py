@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from contextlib import AbstractContextManager
 from functools import partial
@@ -253,32 +253,32 @@ class QueueTasks:
             unique_key=unique_key,
             unique_for=unique_for,
         )
-        record: AsyncTask = self.portal.call(call)
+        record: AsyncTask = self._call(call)
         return self._bind(record)
 
     def add_tasks(self, signatures: Iterable[Signature]) -> list[Task]:
         """Enqueue many tasks in one round trip per batch; see
         :meth:`AsyncQueueTasks.add_tasks`."""
-        records = self.portal.call(self.aio.add_tasks, list(signatures))
+        records = self._call(self.aio.add_tasks, list(signatures))
         return [self._bind(record) for record in records]
 
     def run_workflow(self, workflow: Node, *, on_error: Signature | None = None) -> SyncWorkflow:
         """Run a workflow; see :meth:`AsyncQueueTasks.run_workflow`."""
-        state = self.portal.call(partial(self.aio.run_workflow, workflow, on_error=on_error))
+        state = self._call(partial(self.aio.run_workflow, workflow, on_error=on_error))
         return self._workflow(state)
 
     def get_workflow(self, id: str) -> SyncWorkflow | None:
         """The state of the workflow ``id``, or ``None``."""
-        state = self.portal.call(self.aio.get_workflow, id)
+        state = self._call(self.aio.get_workflow, id)
         return None if state is None else self._workflow(state)
 
     def wait_workflow(self, id: str, timeout: float | None = None) -> SyncWorkflow:
         """Block until the workflow ``id`` ended; return its state."""
-        return self._workflow(self.portal.call(self.aio.wait_workflow, id, timeout))
+        return self._workflow(self._call(self.aio.wait_workflow, id, timeout))
 
     def cancel_workflow(self, id: str, reason: str = "cancelled") -> SyncWorkflow | None:
         """Cancel the workflow ``id`` and its pending and running members."""
-        state = self.portal.call(self.aio.cancel_workflow, id, reason)
+        state = self._call(self.aio.cancel_workflow, id, reason)
         return None if state is None else self._workflow(state)
 
     def _workflow(self, state: Workflow) -> SyncWorkflow:
@@ -288,18 +288,14 @@ class QueueTasks:
 
     def get(self, uuid: str) -> Task | None:
         """The stored record of ``uuid``, or ``None``."""
-        record = self.portal.call(self.aio.get, uuid)
+        record = self._call(self.aio.get, uuid)
         return None if record is None else self._bind(record)
 
     def wait(self, uuid: str, timeout: float | None) -> Task:
         """Block until ``uuid`` is final and return its record (see :meth:`Task.wait_result`);
         :meth:`close` from another thread meanwhile raises
         :class:`~qtasks.errors.ComponentNotStartedError`."""
-        try:
-            record = self.portal.call(self.aio.wait, uuid, timeout)
-        except CancelledError as exc:  # only close() (the portal's stop) cancels a call in it
-            raise self._closed() from exc
-        return self._bind(record)
+        return self._bind(self._call(self.aio.wait, uuid, timeout))
 
     def stream(self, uuid: str, timeout: float | None = None) -> Iterator[Any]:
         """Follow a generator task's steps from this thread (each step is pushed to it);
@@ -328,6 +324,15 @@ class QueueTasks:
         finally:
             future.cancel()
 
+    def _call(self, fn: Callable[..., Awaitable[R]], *args: Any) -> R:
+        """``fn(*args)`` run in the app's loop, this thread blocked until it ends; a call that
+        :meth:`close` (the portal's stop, from another thread) cancels raises
+        :class:`~qtasks.errors.ComponentNotStartedError`, not a bare ``CancelledError``."""
+        try:
+            return self.portal.call(fn, *args)
+        except CancelledError as exc:  # only close() cancels a call in the portal
+            raise self._closed() from exc
+
     def _closed(self) -> ComponentNotStartedError:
         return ComponentNotStartedError(
             f"app {self.aio.name!r} was closed while this call waited on it"
@@ -335,33 +340,33 @@ class QueueTasks:
 
     def cancel(self, uuid: str, reason: str = "cancelled") -> Task | None:
         """Cancel a task; see :meth:`AsyncQueueTasks.cancel`. Returns the record."""
-        record = self.portal.call(self.aio.cancel, uuid, reason)
+        record = self._call(self.aio.cancel, uuid, reason)
         return None if record is None else self._bind(record)
 
     def start(self) -> None:
         """Start the components (not the worker); idempotent. Other calls start them anyway."""
-        self.portal.call(self.aio.start)
+        self._call(self.aio.start)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The broker's dead letters (oldest first), each with the reason it was given up."""
-        return self.portal.call(self.aio.dead_letters, limit)
+        return self._call(self.aio.dead_letters, limit)
 
     def requeue_dead_letters(self, ids: list[str] | None = None, *, force: bool = False) -> int:
         """Put dead letters back in the queue (all when ``ids`` is None) and reset their
         records to ``new``; see :meth:`AsyncQueueTasks.requeue_dead_letters`. Returns how many."""
-        return self.portal.call(partial(self.aio.requeue_dead_letters, ids, force=force))
+        return self._call(partial(self.aio.requeue_dead_letters, ids, force=force))
 
     def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""
-        return self.portal.call(self.aio.config_get, namespace, key, default)
+        return self._call(self.aio.config_get, namespace, key, default)
 
     def config_set(self, namespace: str, key: str, value: Any) -> None:
         """Write a cluster-wide value to the GlobalConfig."""
-        self.portal.call(self.aio.config_set, namespace, key, value)
+        self._call(self.aio.config_set, namespace, key, value)
 
     def ping(self, server: bool = True) -> bool:
         """QTasks' health check; see :meth:`AsyncQueueTasks.ping`."""
-        return self.portal.call(self.aio.ping, server)
+        return self._call(self.aio.ping, server)
 
     def flush_all(self) -> dict[str, int]:
         """Delete everything the components hold; see :meth:`AsyncQueueTasks.flush_all`
@@ -370,11 +375,11 @@ class QueueTasks:
             raise ComponentError(
                 f"app {self.aio.name!r} is serving tasks: stop it before flush_all"
             )
-        return self.portal.call(self.aio.flush_all)
+        return self._call(self.aio.flush_all)
 
     def inspect(self) -> dict[str, Any]:
         """What ``qtasks inspect`` shows (JSON-ready); see :meth:`AsyncQueueTasks.inspect`."""
-        return self.portal.call(self.aio.inspect)
+        return self._call(self.aio.inspect)
 
     def _forget_parent(self) -> None:
         """In a forked child: drop the parent's portal (its thread is not in this process) and

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from qtasks.bulk import BATCH, enqueue_batch, notify_failed, notify_stored, publish_many
+from qtasks.checks import check_timeout
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.memory.signals import _Signal
@@ -165,7 +166,9 @@ async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
 
 async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow:
     """Wait for the workflow ``id`` to end; return its state. An unknown id raises
-    :class:`~qtasks.errors.TaskNotFoundError` at once."""
+    :class:`~qtasks.errors.TaskNotFoundError` at once, a ``timeout`` that is not seconds
+    :class:`~qtasks.errors.InvalidTimeoutError`."""
+    timeout = check_timeout(timeout, "wait_workflow: timeout")
     record = await app.storage.get(id)
     if record is None or record.task_name != WORKFLOW_TASK:
         raise TaskNotFoundError(id)
