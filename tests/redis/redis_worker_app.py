@@ -111,6 +111,13 @@ def build(
         for i in range(n):
             yield {"step": i}
 
+    @app.task
+    async def paced_steps(n: int, pause: float) -> Any:
+        """``n`` steps ``pause`` seconds apart, each naming the process that yielded it."""
+        for i in range(n):
+            yield {"step": i, "pid": os.getpid()}
+            await anyio.sleep(pause)
+
     return app
 
 

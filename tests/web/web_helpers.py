@@ -154,8 +154,8 @@ class PlainStorage:
     async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
         return await self.inner.wait(uuid, timeout)
 
-    async def add_step(self, uuid: str, value: Any) -> int:
-        return await self.inner.add_step(uuid, value)
+    async def add_step(self, uuid: str, value: Any, *, fence: str | None = None) -> int | None:
+        return await self.inner.add_step(uuid, value, fence=fence)
 
     def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
         return self.inner.steps(uuid, start)

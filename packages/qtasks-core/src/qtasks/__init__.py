@@ -26,6 +26,7 @@ try:
     from qtasks.record import TaskRecord, TaskStatus
     from qtasks.routers import AsyncRouter, SyncRouter, shared_task
     from qtasks.state import AsyncState, SyncState
+    from qtasks.steps import StepsRestarted
     from qtasks.sync import QueueTasks
     from qtasks.task import AsyncTask, Task, TaskDef
     from qtasks.workflows import Signature, Workflow, chain, chord, group
@@ -53,6 +54,7 @@ __all__ = [
     "QueueConfig",
     "QueueTasks",
     "Signature",
+    "StepsRestarted",
     "SyncRouter",
     "SyncState",
     "Task",

@@ -626,7 +626,13 @@ class Storage(Protocol):
       :class:`~qtasks.errors.TaskTimeoutError` at the deadline.
     * Generator steps appended with :meth:`add_step` are readable in order by :meth:`steps`
       within milliseconds, which follows them live until the record is final.
-    * Final records expire after ``config.result_ttl`` seconds (when set).
+    * :meth:`add_step` with ``fence`` is fenced as :meth:`save` is (refused, ``None``, unless
+      the stored record's ``token`` is the fence or it has none), so a run whose lease was
+      lost cannot add steps to a newer run's stream; and it marks where a new run starts
+      over (:class:`~qtasks.steps.StepsRestarted`), in the same atomic write.
+    * Final records expire after ``config.result_ttl`` seconds (when set). A record's steps
+      are kept exactly as long as the record: never expired while it is kept (not final, no
+      ``result_ttl``, or kept longer, e.g. a running workflow's member).
     """
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None: ...
@@ -681,14 +687,34 @@ class Storage(Protocol):
         """Block until the record is final; return it."""
         ...
 
-    async def add_step(self, uuid: str, value: Any) -> int:
-        """Append one generator step (JSON-like); return its index (0-based)."""
+    async def add_step(self, uuid: str, value: Any, *, fence: str | None = None) -> int | None:
+        """Append one generator step (JSON-like) to the stream of ``uuid``; return its index
+        among the task's steps (0-based: the stored record's ``steps`` is then index + 1).
+
+        ``fence`` is the token of the delivery whose run yielded the step (the worker always
+        passes it). Atomically with the append:
+
+        * Refused, returning ``None`` and storing nothing, when no record of ``uuid`` is
+          stored or the stored record's ``token`` is another one (a newer delivery began the
+          task: this run's lease was lost). A record with no token accepts it, as
+          :meth:`save` does.
+        * When steps are stored already and the last one fenced was not this fence's (or none
+          was fenced: steps stored before fences existed), a new run starts over: a
+          :class:`~qtasks.steps.StepsRestarted` marker, ``run`` = 1 + how many such markers
+          the stream holds, is stored right before the step.
+
+        Without ``fence`` (a caller that is no worker's run; a storage written before fences
+        existed is called so), the step is appended unchecked and marks nothing. A call made
+        again after its reply was lost must not append twice, for a remote backend."""
         ...
 
     def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
-        """Yield stored steps from ``start`` on, waiting for new ones until the record is
-        final (then the iterator ends). Best an async generator: a reader that stops early
-        calls its ``aclose()`` when it has one, so a live follow is released at once."""
+        """Yield the stream of ``uuid`` from position ``start`` on, waiting for new items
+        until the record is final (then the iterator ends). The stream is the stored steps in
+        order, with a :class:`~qtasks.steps.StepsRestarted` where :meth:`add_step` stored one;
+        ``start`` counts both (a reader that read ``n`` items goes on from ``n``). Best an
+        async generator: a reader that stops early calls its ``aclose()`` when it has one, so
+        a live follow is released at once."""
         ...
 
     async def stats(self) -> dict[str, int]:

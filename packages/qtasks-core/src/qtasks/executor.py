@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from qtasks.errors import SerializationError, TaskMaxTimeError
+from qtasks import steps
+from qtasks.errors import LeaseLostError, SerializationError, TaskMaxTimeError
 from qtasks.messages import Message
 from qtasks.middleware import chain_of
 from qtasks.record import TaskRecord
@@ -213,7 +214,17 @@ class TaskExecutor:
             if inspect.isawaitable(value):
                 value = await value
         app = run.app
-        index = await app.storage.add_step(run.record.uuid, self.storable(run, value))
+        delivery = run.delivery
+        try:
+            index = await steps.add_step(
+                app.storage,
+                run.record.uuid,
+                self.storable(run, value),
+                None if delivery is None else delivery.token,
+            )
+        except LeaseLostError:
+            run.lease_lost = True  # the settle drops the result and leaves the message alone
+            raise
         # The worker saves run.record whole at the end: keep its step count current.
         run.record.steps = index + 1
         await app.hooks.notify("qtasks_executor_yielded", app=app, record=run.record, value=value)

@@ -35,6 +35,7 @@ from qtasks.errors import (
 )
 from qtasks.messages import json_decoder, strict_json_encoder
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.steps import StepsRestarted
 from qtasks_redis import storage_lua as lua
 from qtasks_redis import workflows
 from qtasks_redis.connection import (
@@ -561,9 +562,13 @@ class RedisStorage:
             failures = 0
             record = self._record(fields)
 
-    async def add_step(self, uuid: str, value: Any) -> int:
+    async def add_step(self, uuid: str, value: Any, *, fence: str | None = None) -> int | None:
+        """See :meth:`qtasks.components.Storage.add_step`: fenced, and the restart marked, in
+        the script that appends the step (no round trip more)."""
         # The nonce makes a call re-sent after a lost reply a no-op (see ADD_STEP).
-        return int(await self._run(lua.ADD_STEP, uuid, _dumps(value), os.urandom(6).hex()))
+        nonce = os.urandom(6).hex()
+        index = int(await self._run(lua.ADD_STEP, uuid, _dumps(value), nonce, fence or ""))
+        return None if index < 0 else index
 
     async def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
         client = self._require()
@@ -582,6 +587,10 @@ class RedisStorage:
                     if kind == b"s":
                         if index >= start:
                             yield json.loads(value)
+                        index += 1
+                    elif kind == b"r":
+                        if index >= start:
+                            yield StepsRestarted(int(value))
                         index += 1
                 if final:
                     return

@@ -2,14 +2,16 @@
 
 1. ``rec``    HASH: ``d`` record JSON, ``s`` status, ``t`` token, and overrides written by
               :meth:`cancel` (``cr`` reason, ``u`` updated_at), :meth:`begin` (``u``, ``a``
-              attempt, ``w`` worker), :meth:`add_step` (``n``; ``sn`` its last call's
-              nonce) and the broker's claim when
+              attempt, ``w`` worker), :meth:`add_step` (``n`` steps; ``sn`` its last
+              call's nonce; ``st`` the fence of the last fenced step, ``sr`` how many
+              restart markers the steps hold) and the broker's claim when
               it dead-letters the message (``e`` error, ``u``, ``s``, ``t``); ``g`` the
               publish generation (workflow_lua.REPUBLISH), which no other write changes;
               ``p`` the nonce of the enqueue call that wrote it (see :data:`SAVE`)
 2. ``wake``   LIST: one token pushed when the record turns final; waiters ``BLMOVE`` it onto
               itself, so every waiter wakes and the token stays for late comers (short TTL)
-3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``o`` (a follower is present) and
+3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``r`` (a new run starts over,
+              ``v`` its run number: ``StepsRestarted``), ``o`` (a follower is present) and
               ``e`` (the record is final) markers
 4-10.         ZSET per status (new, process, success, error, cancel, retry, expired): uuid -> ms,
               for :meth:`stats` and :meth:`query` without scanning the keyspace
@@ -218,7 +220,7 @@ else
 end
 if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
 if old and ARGV[7] == '1' then  -- replaced: the attempts kept and the steps were the old one's
-  redis.call('HDEL', K_REC, 'k', 'n', 'sn')
+  redis.call('HDEL', K_REC, 'k', 'n', 'sn', 'st', 'sr')
   redis.call('DEL', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':at:' .. uuid, K_STEPS)
 end
 local now = now_ms()
@@ -296,11 +298,23 @@ return cur
 ADD_STEP = Script(
     PRELUDE
     + r"""
--- ARGV: value_json, nonce. Returns the step's index. Steps are added one at a time: a call
--- re-sent after its reply was lost (the lane or redis-py retries it) finds its nonce as the
--- record's 'sn' and appends nothing again.
-if redis.call('HGET', K_REC, 'sn') == ARGV[2] then
-  return tonumber(redis.call('HGET', K_REC, 'n')) - 1
+-- ARGV: value_json, nonce, fence ('' for none). Returns the step's index, or -1 when refused
+-- by the fence: no record, or a token that is not the fence (a newer delivery began the
+-- task). Steps are added one at a time: a call re-sent after its reply was lost (the lane or
+-- redis-py retries it) finds its nonce as the record's 'sn' and appends nothing again. The
+-- first step of a run (fence) after steps of another is preceded by a restart marker.
+local cur = redis.call('HMGET', K_REC, 'sn', 'n', 'd', 's', 't', 'st')
+if cur[1] == ARGV[2] then return tonumber(cur[2]) - 1 end
+local fence = ARGV[3]
+if fence ~= '' then
+  if not cur[3] or (cur[5] and cur[5] ~= '' and cur[5] ~= fence) then return -1 end
+  if cur[6] ~= fence then
+    if tonumber(cur[2] or '0') > 0 then
+      local run = redis.call('HINCRBY', K_REC, 'sr', 1) + 1
+      redis.call('XADD', K_STEPS, '*', 'k', 'r', 'v', run)
+    end
+    redis.call('HSET', K_REC, 'st', fence)
+  end
 end
 redis.call('XADD', K_STEPS, '*', 'k', 's', 'v', ARGV[1])
 redis.call('HSET', K_REC, 'sn', ARGV[2])

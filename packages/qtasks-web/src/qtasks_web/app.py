@@ -31,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from qtasks.app import AsyncQueueTasks
 from qtasks.errors import InvalidQueryError, QTasksError
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.steps import StepsRestarted
 from qtasks.sync import QueueTasks
 from qtasks_web import data
 from qtasks_web.filters import TaskFilters
@@ -443,7 +444,10 @@ class Dashboard:
                 async def steps() -> None:
                     index = 0
                     async for step in app.storage.steps(uuid):
-                        await emit("step", as_json({"i": index, "value": data.masked(step)}))
+                        if isinstance(step, StepsRestarted):  # a new run starts over
+                            await emit("step", as_json({"i": index, "restart": step.run}))
+                        else:
+                            await emit("step", as_json({"i": index, "value": data.masked(step)}))
                         index += 1
 
                 async def state() -> None:

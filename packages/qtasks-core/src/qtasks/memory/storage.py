@@ -26,6 +26,7 @@ from qtasks.memory.records import Records
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.workflows import MemoryWorkflows
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.steps import StepsRestarted
 
 _Entry = tuple[int, float, str]
 """An index entry: (write sequence number, index time, uuid); valid while the record's
@@ -65,6 +66,10 @@ class MemoryStorage(_Lifecycle):
         self._clock: Callable[[], float] = clock or time.time
         self._records = Records()
         self._steps: dict[str, list[Any]] = {}
+        """Each task's stream: its steps, and a :class:`StepsRestarted` where a run started
+        over."""
+        self._step_runs: dict[str, tuple[int, str | None, int]] = {}
+        """Per stream: how many steps, the fence of the last fenced one, how many runs."""
         self._attempts: dict[str, list[TaskRecord]] = {}
         self._signals: dict[str, _Signal] = {}
         self._watchers: dict[str, int] = {}
@@ -118,6 +123,7 @@ class MemoryStorage(_Lifecycle):
                 self._written.pop(uuid, None)
                 self._forget(uuid)
                 self._steps.pop(uuid, None)
+                self._step_runs.pop(uuid, None)
                 self._attempts.pop(uuid, None)
                 self._generations.pop(uuid, None)
                 self._workflows.forget(uuid)
@@ -166,6 +172,7 @@ class MemoryStorage(_Lifecycle):
             # A replaced record's attempts and steps are not this one's.
             self._attempts.pop(record.uuid, None)
             self._steps.pop(record.uuid, None)
+            self._step_runs.pop(record.uuid, None)
 
     async def get(self, uuid: str) -> TaskRecord | None:
         self._check()
@@ -394,17 +401,28 @@ class MemoryStorage(_Lifecycle):
         finally:
             self._unwatch(uuid)
 
-    async def add_step(self, uuid: str, value: Any) -> int:
+    async def add_step(self, uuid: str, value: Any, *, fence: str | None = None) -> int | None:
+        """See :meth:`qtasks.components.Storage.add_step`."""
         self._check()
-        steps = self._steps.setdefault(uuid, [])
-        steps.append(value)
         record = self._records.get(uuid)
+        if fence is not None and (record is None or record.token not in (None, fence)):
+            return None  # a newer delivery owns the task (or its record is gone)
+        stream = self._steps.setdefault(uuid, [])
+        count, last, runs = self._step_runs.get(uuid, (0, None, 1))
+        if fence is not None:
+            if count and last != fence:
+                runs += 1
+                stream.append(StepsRestarted(runs))
+            last = fence
+        stream.append(value)
+        count += 1
+        self._step_runs[uuid] = (count, last, runs)
         if record is not None:
-            record.steps = len(steps)
+            record.steps = count
             if record.status.final:
                 self._records[uuid] = record  # a new object: stored again
         self._fire(uuid)
-        return len(steps) - 1
+        return count - 1
 
     async def steps(self, uuid: str, start: int = 0) -> AsyncIterator[Any]:
         self._check()
@@ -439,6 +457,7 @@ class MemoryStorage(_Lifecycle):
         self._records.clear()
         self._workflows.clear()
         self._steps.clear()
+        self._step_runs.clear()
         self._attempts.clear()
         self._generations.clear()
         self._kept_until.clear()

@@ -18,6 +18,7 @@ from qtasks.components import Storage
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError, TaskTimeoutError
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks.steps import StepsRestarted
 from qtasks_testing.contract._base import ContractSuite, assert_woken, spread, wait_until
 
 StorageFactory = Callable[[QueueConfig], Storage]
@@ -552,6 +553,83 @@ class StorageContract(ContractSuite):
         await storage.save(finished(rec))
         with anyio.fail_after(2):
             assert [s async for s in storage.steps(rec.uuid)] == []
+
+    async def _begun(self, storage: Storage, rec: TaskRecord, token: str) -> TaskRecord:
+        """``rec`` begun by the delivery holding ``token`` (as a worker begins it)."""
+        claim = rec.copy()
+        claim.status, claim.token, claim.worker, claim.attempt = (
+            TaskStatus.PROCESS,
+            token,
+            f"worker-{token}",
+            1,
+        )
+        begun = await storage.begin(claim)
+        assert begun.token == token
+        return begun
+
+    @pytest.mark.anyio
+    async def test_a_step_of_a_stale_run_is_refused(self, storage: Storage) -> None:
+        """``add_step`` with ``fence`` is fenced as ``save`` is: once a newer delivery began
+        the task, the run whose lease was lost gets ``None`` and its step is not stored
+        (readers never see it, the record's step count stays); without a record, too."""
+        rec = record()
+        await storage.add(rec)
+        await self._begun(storage, rec, "run-a")
+        assert await storage.add_step(rec.uuid, "a0", fence="run-a") == 0
+        await self._begun(storage, rec, "run-b")
+        assert await storage.add_step(rec.uuid, "stale", fence="run-a") is None
+        assert await storage.add_step(rec.uuid, "b0", fence="run-b") == 1
+        assert await storage.add_step(rec.uuid, "stale again", fence="run-a") is None
+        stored = await storage.get(rec.uuid)
+        assert stored is not None and stored.steps == 2
+        await storage.save(finished(stored), fence="run-b")
+        with anyio.fail_after(2):
+            items = [s async for s in storage.steps(rec.uuid)]
+        assert items == ["a0", StepsRestarted(2), "b0"]
+        assert await storage.add_step(uuid.uuid4().hex, "orphan", fence="run-a") is None
+
+    @pytest.mark.anyio
+    async def test_a_run_that_starts_over_is_marked_in_the_stream(self, storage: Storage) -> None:
+        """A run's first step after steps of another run is preceded by
+        ``StepsRestarted(run)`` (2, then 3: the runs that stored steps), in the same write, so
+        a live reader sees the marker before the new run's steps; ``start`` counts markers
+        and steps alike; the step indexes and the record's count are of steps only."""
+        rec = record()
+        await storage.add(rec)
+        seen: list[Any] = []
+        ended = anyio.Event()
+
+        async def follow() -> None:
+            async for item in storage.steps(rec.uuid):
+                seen.append(item)
+            ended.set()
+
+        async def read(n: int) -> bool:
+            return len(seen) >= n
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                await self._begun(storage, rec, "run-a")
+                assert await storage.add_step(rec.uuid, "a0", fence="run-a") == 0
+                assert await storage.add_step(rec.uuid, "a1", fence="run-a") == 1
+                await wait_until(lambda: read(2), timeout=5, what="the first run's steps")
+                await self._begun(storage, rec, "run-b")  # run-a's worker was lost
+                await self._begun(storage, rec, "run-c")  # run-b stored no step: not counted
+                assert await storage.add_step(rec.uuid, "c0", fence="run-c") == 2
+                await self._begun(storage, rec, "run-d")
+                assert await storage.add_step(rec.uuid, "d0", fence="run-d") == 3
+                assert await storage.add_step(rec.uuid, "d1", fence="run-d") == 4
+                await wait_until(lambda: read(7), timeout=5, what="every item, live")
+                stored = await storage.get(rec.uuid)
+                assert stored is not None and stored.steps == 5
+                await storage.save(finished(stored), fence="run-d")
+                await ended.wait()
+        expected = ["a0", "a1", StepsRestarted(2), "c0", StepsRestarted(3), "d0", "d1"]
+        assert seen == expected
+        assert [s async for s in storage.steps(rec.uuid)] == expected  # a late reader too
+        assert [s async for s in storage.steps(rec.uuid, start=2)] == expected[2:]
+        assert [s async for s in storage.steps(rec.uuid, start=3)] == expected[3:]
 
     # --- expiry and stats -----------------------------------------------------------------
 

@@ -147,8 +147,14 @@
         if (seen.has(step.i)) return;
         seen.add(step.i);
         const item = document.createElement("li");
-        item.className = "step";
-        item.textContent = JSON.stringify(step.value);
+        if (step.restart !== undefined) {
+          // The task ran again and its generator started over: the steps below are run N's.
+          item.className = "step restart";
+          item.textContent = `run ${step.restart} starts over`;
+        } else {
+          item.className = "step";
+          item.textContent = JSON.stringify(step.value);
+        }
         steps.appendChild(item);
         const none = document.getElementById("no-steps");
         if (none) none.remove();
