@@ -290,3 +290,56 @@ async def test_trimming_by_the_writes_keeps_the_entries_of_records_that_exist(
 
     await save_until(held_unlisted, "the held record was unlisted")
     assert await listed("longer") == [True, True]
+
+
+async def _follow_until_the_stream_exists(
+    storage: RedisStorage, client: aioredis.Redis, uuid: str
+) -> None:
+    """A live follower of ``uuid`` (its follow makes the steps stream), left once the stream
+    is there."""
+
+    async def follow() -> None:
+        async for _ in storage.steps(uuid):
+            pass
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            while not await client.exists(f"{storage.key_tag}:s:{uuid}"):  # noqa: ASYNC110 - a remote key
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("ttl", [None, 60])
+async def test_a_records_steps_are_kept_exactly_as_long_as_the_record(
+    redis_url: str, prefix: str, stack: AsyncExitStack, ttl: int | None
+) -> None:
+    """Review r19 #7, item 3: the steps stream a follower made while the task ran expired
+    after 24 h while the record stayed (forever with no ``result_ttl``, or ``result_ttl``
+    when longer): a stream now has no TTL while its record has none, and the record's once
+    final; a step stored after the end (a cancel as the generator yielded) takes it too."""
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=ttl)
+    client = aioredis.Redis.from_url(redis_url)
+    rec_key, steps_key = (f"{{{prefix}:rec}}:{kind}:t1" for kind in ("r", "s"))
+    try:
+        await storage.add(record())
+        await _follow_until_the_stream_exists(storage, client, "t1")
+        assert await client.pttl(steps_key) == -1  # as the record: not final, kept
+        await storage.add_step("t1", 0)
+        assert await client.pttl(steps_key) == await client.pttl(rec_key) == -1
+        await storage.save(record(status=TaskStatus.SUCCESS))
+        if ttl is None:
+            assert await client.pttl(steps_key) == await client.pttl(rec_key) == -1
+        else:
+            assert 0 < await client.pttl(rec_key) - 1000 <= await client.pttl(steps_key)
+
+        await storage.add(record(uuid="t2"))
+        await storage.cancel("t2", "stop")  # no stream yet: the final write made none
+        await storage.add_step("t2", "late")
+        late, rec2 = (f"{{{prefix}:rec}}:{kind}:t2" for kind in ("s", "r"))
+        if ttl is None:
+            assert await client.pttl(late) == await client.pttl(rec2) == -1
+        else:
+            assert 0 < await client.pttl(rec2) - 1000 <= await client.pttl(late)
+    finally:
+        await client.aclose()

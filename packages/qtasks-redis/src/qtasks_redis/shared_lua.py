@@ -252,7 +252,7 @@ local function on_dead(id, reason)
   redis.call('PEXPIRE', wake, (TTL and TTL < WAKE_TTL) and TTL or WAKE_TTL)
   if redis.call('EXISTS', steps) == 1 then
     redis.call('XADD', steps, '*', 'k', 'e')
-    if TTL then redis.call('PEXPIRE', steps, TTL) end
+    if TTL then redis.call('PEXPIRE', steps, TTL) else redis.call('PERSIST', steps) end
   end
   local fields = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'e')
   for i = 1, 9 do ENDED[#ENDED + 1] = fields[i] end

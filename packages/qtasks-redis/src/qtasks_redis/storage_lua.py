@@ -12,7 +12,8 @@
               itself, so every waiter wakes and the token stays for late comers (short TTL)
 3. ``steps``  STREAM of generator steps (``k``=``s``), plus ``r`` (a new run starts over,
               ``v`` its run number: ``StepsRestarted``), ``o`` (a follower is present) and
-              ``e`` (the record is final) markers
+              ``e`` (the record is final) markers; no TTL of its own: it expires with the
+              record (``finished``), so it lives exactly as long
 4-10.         ZSET per status (new, process, success, error, cancel, retry, expired): uuid -> ms,
               for :meth:`stats` and :meth:`query` without scanning the keyspace
 
@@ -187,7 +188,7 @@ local function finished(ttl)
   redis.call('PEXPIRE', K_WAKE, (ttl and ttl < WAKE_TTL) and ttl or WAKE_TTL)
   if redis.call('EXISTS', K_STEPS) == 1 then
     redis.call('XADD', K_STEPS, '*', 'k', 'e')
-    if ttl then redis.call('PEXPIRE', K_STEPS, ttl) end
+    if ttl then redis.call('PEXPIRE', K_STEPS, ttl) else redis.call('PERSIST', K_STEPS) end
   end
 end
 """
@@ -317,6 +318,10 @@ if fence ~= '' then
   end
 end
 redis.call('XADD', K_STEPS, '*', 'k', 's', 'v', ARGV[1])
+if cur[4] and FINAL[cur[4]] then  -- a step after the end (cancelled as it yielded)
+  local ttl = redis.call('PTTL', K_REC)
+  if ttl > 0 then redis.call('PEXPIRE', K_STEPS, ttl) end  -- kept as long as the record
+end
 redis.call('HSET', K_REC, 'sn', ARGV[2])
 return redis.call('HINCRBY', K_REC, 'n', 1) - 1
 """
@@ -327,12 +332,12 @@ FOLLOW = Script(
     + r"""
 -- ARGV: last_id. Returns {final (0/1), id1, kind1, value1, ...} of entries after last_id.
 -- A follower of an unfinished task makes sure the stream exists, so that the final save
--- appends the end marker that wakes it.
+-- appends the end marker that wakes it. No TTL: the record has none while it is not final,
+-- and the final save gives the stream the record's.
 local status = redis.call('HGET', K_REC, 's')
 local final = (status and FINAL[status]) or (redis.call('HEXISTS', K_REC, 'd') == 0)
 if not final and redis.call('EXISTS', K_STEPS) == 0 then
   redis.call('XADD', K_STEPS, '*', 'k', 'o')
-  redis.call('PEXPIRE', K_STEPS, 86400000)
 end
 local out = {final and 1 or 0}
 for _, entry in ipairs(redis.call('XRANGE', K_STEPS, '(' .. ARGV[1], '+')) do
