@@ -195,3 +195,40 @@ async def test_rows_a_cheap_read_cannot_see_are_read_again_in_full(
             monkeypatch.setattr(live, "FULL_ROWS", 0.0)
             await app.storage.add(TaskRecord(uuid="m1", task_name="noop"))  # the head moves
             assert (await hub.rows(query)).records == []
+
+
+async def test_a_task_page_shows_where_a_run_starts_over() -> None:
+    """Review r19 #7: the task page's step events carry the ``StepsRestarted`` marker (as
+    ``{"i": n, "restart": run}``) between the failed run's steps and the retry's."""
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    runs = 0
+
+    @app.task(retry=1, retry_backoff=0)
+    async def export() -> AsyncIterator[int]:
+        nonlocal runs
+        runs += 1
+        yield 0
+        if runs == 1:
+            raise ConnectionError("the first run fails after its first step")
+        yield 1
+
+    async with app:
+        task = await app.add_task("export", timeout=10)
+        web = create_app(app, settings=WebSettings(refresh=REFRESH))
+        async with running(web) as url:
+            port = int(url.rsplit(":", 1)[1])
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            path = f"/events/tasks/{task.uuid}"
+            await stream.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            received = b""
+            with anyio.fail_after(10):
+                while b"event: end" not in received:
+                    received += await stream.receive()
+            await stream.aclose()
+    steps = [line for line in received.split(b"\n") if line.startswith(b'data: {"i":')]
+    assert steps == [
+        b'data: {"i":0,"value":0}',
+        b'data: {"i":1,"restart":2}',
+        b'data: {"i":2,"value":0}',
+        b'data: {"i":3,"value":1}',
+    ], received
