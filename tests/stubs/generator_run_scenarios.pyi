@@ -1,0 +1,1 @@
+from tests.generator_run_scenarios import *  # noqa: F403
