@@ -771,7 +771,10 @@ class AsyncQueueTasks:
         return self._bind(await self.storage.wait(uuid, timeout))
 
     async def stream(self, uuid: str, timeout: float | None = None) -> AsyncGenerator[Any, None]:
-        """Yield the stored steps of a generator task as they come, until it is final. Raises
+        """Yield the stored steps of a generator task as they come, until it is final; where
+        the task ran again and its generator started over, a
+        :class:`~qtasks.steps.StepsRestarted` comes before the new run's steps (see
+        docs/generators.md, "When the task runs again"). Raises
         :class:`~qtasks.errors.TaskNotFoundError` for an unknown uuid and
         :class:`~qtasks.errors.TaskTimeoutError` when ``timeout`` (for the whole stream)
         runs out, as :meth:`wait` does.

@@ -531,7 +531,8 @@ class Task(TaskRecord):
         return record
 
     def stream(self, timeout: float | None = None) -> Iterator[Any]:
-        """Follow a generator task: yield each stored step as it happens."""
+        """Follow a generator task: yield each stored step as it happens (and a
+        :class:`~qtasks.steps.StepsRestarted` where a new run started over)."""
         iterator: Iterator[Any] = self._client.stream(self.uuid, timeout)
         return iterator
 
@@ -558,7 +559,8 @@ class AsyncTask(TaskRecord):
 
     def stream(self, timeout: float | None = None) -> AsyncGenerator[Any, None]:
         """Follow a generator task: ``async for step in task.stream()``; see
-        :meth:`~qtasks.app.AsyncQueueTasks.stream` for its errors and ``timeout``."""
+        :meth:`~qtasks.app.AsyncQueueTasks.stream` for its errors, ``timeout`` and the
+        :class:`~qtasks.steps.StepsRestarted` marker."""
         iterator: AsyncGenerator[Any, None] = self._client.stream(self.uuid, timeout)
         return iterator
 
