@@ -7,15 +7,18 @@ import logging
 import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
 from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped]
 from timer_helpers import (
     ClaimGate,
+    Gate,
+    HeldUntilBack,
     Recorder,
     check_a_won_tick_heard_late_runs,
+    check_an_outage_that_emptied_the_claims_gives_one_run,
     key_time,
     wait_until,
 )
@@ -548,7 +551,7 @@ async def test_a_won_tick_heard_late_runs_when_its_later_tick_fails_then_is_lost
 class GatedClaims(MemoryGlobalConfig):
     """Tick claims of two replicas (in one GlobalConfig), ordered by :attr:`gate`."""
 
-    def __init__(self, gate: ClaimGate) -> None:
+    def __init__(self, gate: Gate) -> None:
         super().__init__()
         self.gate = gate
 
@@ -559,13 +562,11 @@ class GatedClaims(MemoryGlobalConfig):
         return await (self.gate.claim(key, value, make) if namespace == CLAIMS else make())
 
 
-async def test_a_tick_whose_claim_a_replica_won_runs_though_it_heard_so_late() -> None:
-    """Replica a wins tick T1's claim but hears so once T2 is due, and b has T2: a enqueues T1
-    (``late: 0``) instead of coalescing it into T2, which it does not have."""
-    clock = FakeClock()
-    clock.freeze()
-    gate = ClaimGate()
-    claims = GatedClaims(gate)
+def two_replicas(
+    claims: MemoryGlobalConfig, clock: FakeClock
+) -> tuple[tuple[AsyncTimer, AsyncTimer], tuple[Recorder, Recorder]]:
+    """Replicas a and b on ``claims``, each with an every-second timer on ``clock``, and what
+    each enqueued."""
     timers, recorders = [], []
     for name in "ab":
         app = AsyncQueueTasks(name, global_config=claims)
@@ -578,8 +579,32 @@ async def test_a_tick_whose_claim_a_replica_won_runs_though_it_heard_so_late() -
         app.add_plugin(recorders[-1])
         timers.append(AsyncTimer(app, clock=clock.now))
         timers[-1].add_task("tick", trigger=timedelta(seconds=1))
-    await check_a_won_tick_heard_late_runs(
-        (timers[0], timers[1]), (recorders[0], recorders[1]), gate, clock
+    return (timers[0], timers[1]), (recorders[0], recorders[1])
+
+
+async def test_a_tick_whose_claim_a_replica_won_runs_though_it_heard_so_late() -> None:
+    """Replica a wins tick T1's claim but hears so once T2 is due, and b has T2: a enqueues T1
+    (``late: 0``) instead of coalescing it into T2, which it does not have."""
+    clock = FakeClock()
+    clock.freeze()
+    gate = ClaimGate()
+    timers, recorders = two_replicas(GatedClaims(gate), clock)
+    await check_a_won_tick_heard_late_runs(timers, recorders, gate, clock)
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+async def test_an_outage_that_emptied_the_claims_gives_one_run(first: Literal["a", "b"]) -> None:
+    """The GlobalConfig dies with b's claim of T0 (which a ran) on its way, and comes back
+    empty at T3.5 once a's claim of T1 waits too: both claims win, both replicas fold their
+    won tick into T3, and whichever loses T3 sees in its claim that its tick is accounted for
+    (``first``: whose claim of T3 comes first). Before, it ran its won tick on its own."""
+    clock = FakeClock()
+    clock.freeze()
+    gate = HeldUntilBack()
+    claims = GatedClaims(gate)
+    timers, recorders = two_replicas(claims, clock)
+    await check_an_outage_that_emptied_the_claims_gives_one_run(
+        timers, recorders, gate, clock, partial(claims.clear, CLAIMS), first
     )
 
 

@@ -31,6 +31,7 @@ from qtasks.checks import check_priority
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
 from qtasks.sync import QueueTasks
+from qtasks_timer.claims import TickClaim, claimer
 from qtasks_timer.errors import ScheduleError, TimerError
 from qtasks_timer.outage import TickOutage
 from qtasks_timer.settings import TimerSettings
@@ -54,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("qtasks.timer")
 
 CLAIMS = "timers"
-"""GlobalConfig namespace of tick claims (``<timer id>:<tick>`` → id of the claiming worker)."""
+"""GlobalConfig namespace of tick claims (``<timer id>:<tick>`` → the claim's record, a
+:class:`~qtasks_timer.claims.TickClaim`: the claiming worker's id and the ticks its run
+accounts for)."""
 PAUSED = "timers_paused"
 """GlobalConfig namespace of paused timers (``<timer id>`` → ``True``)."""
 
@@ -94,11 +97,16 @@ class _Entry:
     folded: int = 0
     """Ticks before ``next_fire`` already coalesced into it: those of a run whose claim failed
     in an outage, counted again in ``late`` when it is tried again (not after a restart)."""
-    won: tuple[str, int] | None = None
+    first: str | None = None
+    """The key of the earliest of the ``folded`` ticks."""
+    won: tuple[str, int, str] | None = None
     """A tick this replica won the claim of and did not enqueue, since the claim returned once
-    a later tick was due (its key and the ticks coalesced into it): it coalesces into the
-    latest due tick, and is enqueued after all if another replica has that one. Kept for the
-    retry when that tick's claim fails in an outage."""
+    a later tick was due (its key, the number of ticks coalesced into it and the key of the
+    earliest): it coalesces into the latest due tick, and is enqueued after all if another
+    replica has that one and its run does not account for it. Kept for the retry when that
+    tick's claim fails in an outage."""
+    ran: str | None = None
+    """The key of the latest tick this replica enqueued (recorded in its claims)."""
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
 
@@ -125,7 +133,7 @@ class _Claim(Enum):
     """Won, but the answer came once the timer's next tick was due: not enqueued."""
     LOST_LATE = "lost late"
     """Lost, and the answer came once the timer's next tick was due (the tick this replica
-    won, if any, is enqueued)."""
+    won, if any, is enqueued unless the winner's run accounts for it)."""
 
 
 class TimerHandle:
@@ -419,7 +427,7 @@ class AsyncTimer:
         entry.armed = True
         # A retry left pending by a stop is not tried: the first tick counts the ticks
         # within the grace itself, those the retry had coalesced among them.
-        entry.retry_at, entry.folded, entry.won = None, 0, None
+        entry.retry_at, entry.folded, entry.first, entry.won = None, 0, None, None
         try:
             entry.next_fire = first_tick(entry.trigger, now, entry.grace)
         except Exception:
@@ -442,23 +450,23 @@ class AsyncTimer:
 
     async def _tick(self, entry: _Entry, now: datetime) -> None:
         try:
-            due = self._due(entry, now, folded=entry.folded)
+            due = self._due(entry, now, folded=entry.folded, first=entry.first)
         except Exception:
             self._trigger_failed(entry)
             return
-        won, entry.folded, entry.won = entry.won, 0, None
+        won, entry.folded, entry.first, entry.won = entry.won, 0, None, None
         if due is None or entry.id not in self._entries:
             return
         retry, entry.retry_at = entry.retry_at is not None, None
         while True:
-            fire, key, coalesced = due
+            fire, key, coalesced, first = due
             previous, entry.last_key = entry.last_key, key
             try:
-                claim = await self._fire(entry, key, coalesced, retry=retry, won=won)
+                claim = await self._fire(entry, key, coalesced, first, retry=retry, won=won)
             except Exception as exc:
                 self._failed(entry, key, fire, previous, exc)
                 if entry.retry_at is not None:  # tried again: with the ticks folded into it
-                    entry.folded, entry.won = coalesced, won
+                    entry.folded, entry.first, entry.won = coalesced, first, won
                 return
             if claim is _Claim.LOST_LATE:
                 # The claim's winner coalesces the ticks due since into the latest. Were this
@@ -470,11 +478,12 @@ class AsyncTimer:
             # Later ticks came due while the claim waited (a GlobalConfig riding out an
             # outage): they and this one coalesce into one run of the latest, the misfire
             # policy's catch-up, instead of this tick running late and the others after it.
-            # Should another replica have that tick (it was not held up), this one is
-            # enqueued after all: a tick whose claim this replica won runs.
-            won = (key, coalesced)
+            # Should another replica have that tick (it was not held up) and its run not
+            # account for this one, this one is enqueued after all: a tick whose claim this
+            # replica won runs.
+            won = (key, coalesced, first)
             try:
-                due = self._due(entry, self._clock(), folded=coalesced + 1)
+                due = self._due(entry, self._clock(), folded=coalesced + 1, first=first)
             except Exception:
                 self._trigger_failed(entry)
                 due = None
@@ -482,7 +491,7 @@ class AsyncTimer:
                 return
             retry = due is None
             if due is None:  # none to coalesce into (past the grace, or the trigger failed)
-                due, won = (fire, key, coalesced), None
+                due, won = (fire, key, coalesced, first), None
         if entry.outage is not None:
             entry.outage.over(key, self._clock())
             entry.outage = None
@@ -526,11 +535,12 @@ class AsyncTimer:
         entry.outage.failed(key, cause, again, now_c)
 
     def _due(
-        self, entry: _Entry, now: datetime, *, folded: int = 0
-    ) -> tuple[datetime, str, int] | None:
+        self, entry: _Entry, now: datetime, *, folded: int = 0, first: str | None = None
+    ) -> tuple[datetime, str, int, str] | None:
         """Apply the misfire policy to the due ``entry`` and move its next tick on: the tick
-        to fire, its key and the number of ticks coalesced into it, or ``None``. ``folded``:
-        ticks before the due one that coalesce into it too (unless they are past the grace)."""
+        to fire, its key, the number of ticks coalesced into it and the key of the earliest
+        of them (its own when none), or ``None``. ``folded``: ticks before the due one that
+        coalesce into it too (unless they are past the grace), the earliest ``first``."""
         assert entry.next_fire is not None
         decision = plan(entry.trigger, entry.next_fire, now, entry.grace)
         entry.next_fire = decision.next
@@ -552,24 +562,32 @@ class AsyncTimer:
             # The wall clock went back, or a local hour repeats (DST): this tick was handled.
             entry.next_fire = next_fire(entry.trigger, decision.fire, max(now, decision.fire))
             return None
-        return decision.fire, key, decision.coalesced + (0 if decision.skipped else folded)
+        counted = 0 if decision.skipped else folded
+        if not counted or first is None:
+            assert decision.first is not None
+            first = tick_key(entry.trigger, decision.first)
+        return decision.fire, key, decision.coalesced + counted, first
 
     async def _fire(
         self,
         entry: _Entry,
         key: str,
         coalesced: int,
+        first: str,
         *,
         retry: bool,
-        won: tuple[str, int] | None = None,
+        won: tuple[str, int, str] | None = None,
     ) -> _Claim:
-        """Claim tick ``key`` and, if this replica won it, enqueue it. If it lost it, enqueue
-        ``won`` instead (see :attr:`_Entry.won`: an earlier tick that coalesced into ``key``,
-        claimed by this replica). ``retry``: a claim of ``key`` by this worker counts as won.
-        On :attr:`_Claim.WON_LATE` ``key`` is not enqueued and its claim is kept: the caller
+        """Claim tick ``key`` (whose run coalesces ``coalesced`` ticks from ``first``) and, if
+        this replica won it, enqueue it. If it lost it, enqueue ``won`` instead (see
+        :attr:`_Entry.won`: an earlier tick that coalesced into ``key``, claimed by this
+        replica), unless the winner's run accounts for it (see :class:`TickClaim`).
+        ``retry``: a claim of ``key`` by this worker counts as won. On
+        :attr:`_Claim.WON_LATE` ``key`` is not enqueued and its claim is kept: the caller
         coalesces it into a later tick."""
         app = self.app
         claim = f"{entry.id}:{key}"
+        record = TickClaim(app.worker.id, first if coalesced else None, entry.ran)
         # Claim and enqueue as one step that shutdown cannot split: a won claim whose
         # enqueue never happened would lose the tick on every replica.
         with anyio.CancelScope(shield=True):
@@ -578,20 +596,21 @@ class AsyncTimer:
                     if await self._is_paused(entry.id):
                         return _Claim.DONE
                     claimed = await app.global_config.set_if_absent(
-                        CLAIMS, claim, app.worker.id, ttl=entry.claim_ttl
+                        CLAIMS, claim, record.value(), ttl=entry.claim_ttl
                     )
                     if not claimed and retry:
                         # A failed attempt's claim that could not be released is still ours.
-                        claimed = await app.global_config.get(CLAIMS, claim) == app.worker.id
+                        held = await app.global_config.get(CLAIMS, claim)
+                        claimed = claimer(held) == app.worker.id
                     late = entry.next_fire is not None and entry.next_fire <= self._clock()
                     if claimed and late:
                         log.debug("timer %s: tick %s claimed after the next one", entry.id, key)
                         return _Claim.WON_LATE
                     if not claimed:
                         log.debug("timer %s: tick %s claimed by another replica", entry.id, key)
-                        if won is None:
+                        if won is None or await self._accounted(entry, claim, won[0]):
                             return _Claim.LOST_LATE if late else _Claim.DONE
-                        key, coalesced = won
+                        key, coalesced, _ = won
                         log.debug("timer %s: enqueueing tick %s, which it won", entry.id, key)
                     token = FIRING.set({"id": entry.id, "tick": key, "late": coalesced})
                     try:
@@ -600,6 +619,7 @@ class AsyncTimer:
                         )
                     finally:
                         FIRING.reset(token)
+                    entry.ran = key
             except Exception:
                 # Outside the timed-out scope, whose cancellation would stop the release too.
                 await self._release(claim, quiet=entry.outage is not None)
@@ -610,6 +630,23 @@ class AsyncTimer:
         log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
         return _Claim.LOST_LATE if late and not claimed else _Claim.DONE
 
+    async def _accounted(self, entry: _Entry, claim: str, tick: str) -> bool:
+        """Whether the run of ``claim``, another replica's, accounts for ``tick``, an earlier
+        tick whose claim this replica won and folded into it (see :class:`TickClaim`). One
+        read, only on that path: both replicas' claims waited out one outage and the other
+        one coalesced ``tick`` as well, or it had run ``tick`` itself (a GlobalConfig that
+        lost its data gave this replica the claim of a tick that ran already)."""
+        holder = TickClaim.read(await self.app.global_config.get(CLAIMS, claim))
+        if holder is None or not holder.accounts_for(tick):
+            return False
+        log.debug(
+            "timer %s: tick %s, which it won, is accounted for by the run of %s",
+            entry.id,
+            tick,
+            claim,
+        )
+        return True
+
     async def _release(self, claim: str, *, quiet: bool) -> None:
         """Give up ``claim`` if this worker holds it (its enqueue failed or timed out), so a
         later attempt (the retry, a replica starting within the grace time) has the tick.
@@ -617,7 +654,7 @@ class AsyncTimer:
         global_config, me = self.app.global_config, self.app.worker.id
         try:
             with anyio.fail_after(_ENQUEUE_TIMEOUT):
-                if await global_config.get(CLAIMS, claim) == me:
+                if claimer(await global_config.get(CLAIMS, claim)) == me:
                     await global_config.delete(CLAIMS, claim)
         except Exception:
             level = logging.DEBUG if quiet else logging.WARNING

@@ -268,13 +268,15 @@ def derive_id(task_name: str, trigger: Trigger, args: Any, kwargs: Any) -> str:
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What to do with a due timer: fire ``fire`` (``None``: nothing), having coalesced
-    ``coalesced`` earlier ticks into it; its next tick is ``next``. ``skipped`` tells that
-    ticks older than the grace time were dropped."""
+    ``coalesced`` earlier ticks into it, the earliest of which is ``first`` (``fire`` itself
+    when none); its next tick is ``next``. ``skipped`` tells that ticks older than the grace
+    time were dropped."""
 
     fire: datetime | None
     next: datetime | None
     coalesced: int = 0
     skipped: bool = False
+    first: datetime | None = None
 
 
 _AFTER = timedelta(microseconds=1)
@@ -317,5 +319,5 @@ def plan(trigger: Trigger, due: datetime, now: datetime, grace: float) -> Plan:
             if following is not None and following <= fire:
                 following = None  # a trigger that never moves on: nothing after this tick
         if following is None or following > now:
-            return Plan(fire, following, coalesced, skipped)
+            return Plan(fire, following, coalesced, skipped, due)
         fire, coalesced = following, coalesced + 1
