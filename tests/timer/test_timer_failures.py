@@ -102,6 +102,49 @@ async def test_a_tick_whose_enqueue_times_out_is_released_and_retried(
     assert any("took over 0.3 s" in m for m in messages(caplog, logging.WARNING)), caplog.text
 
 
+async def test_releasing_a_claim_never_frees_another_replicas_claim_of_the_tick(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The release of a tick whose enqueue failed read the claim, then deleted the key: had
+    the claim run out in between and another replica claimed the tick, that replica's claim
+    was deleted, and a third could run the tick again. Now only the claim read is deleted
+    (the GlobalConfig's atomic ``delete_if_equal``)."""
+    monkeypatch.setattr(timer_module, "_ENQUEUE_TIMEOUT", 0.3)
+    clock = FakeClock()
+    clock.freeze()
+    broker = StuckBroker()
+    theirs = {"worker": "another-replica"}
+    swapped = anyio.Event()
+
+    class TakenOverMeanwhile(MemoryGlobalConfig):
+        """Once the enqueue is stuck, the claim read by the release is replaced by another
+        replica's right after the read (it ran out and was claimed again)."""
+
+        async def get(self, namespace: str, key: str, default: Any = None) -> Any:
+            value = await super().get(namespace, key, default)
+            if namespace == CLAIMS and broker.stuck.is_set() and not swapped.is_set():
+                await self.set(namespace, key, theirs)
+                swapped.set()
+            return value
+
+    app, rec = make_app(broker)
+    app.global_config = TakenOverMeanwhile()
+    at = clock.now() + timedelta(seconds=1)
+    handle = AsyncTimer(app, clock=clock.now).add_task("tick", trigger=DateTrigger(run_date=at))
+    claim = f"{handle.id}:{tick_key(handle.trigger, at)}"
+
+    def reported() -> bool:  # after the release: the failed tick's warning
+        return any(handle.id in m for m in messages(caplog, logging.WARNING))
+
+    with caplog.at_level(logging.WARNING, logger="qtasks.timer"):
+        async with app:
+            clock.advance(1)
+            await wait_until(reported, 3, "the tick to fail and its claim to be released")
+            assert swapped.is_set()
+            assert await app.global_config.get(CLAIMS, claim) == theirs, "theirs was deleted"
+    assert rec.count() == 0
+
+
 class FailingTrigger:
     """A custom trigger that gives its first tick, then raises computing the one after."""
 

@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 from qtasks.checks import check_priority
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
+from qtasks.components import CompareDelete
 from qtasks.sync import QueueTasks
 from qtasks_timer.claims import TickClaim, claimer
 from qtasks_timer.errors import ScheduleError, TimerError
@@ -654,7 +655,14 @@ class AsyncTimer:
         global_config, me = self.app.global_config, self.app.worker.id
         try:
             with anyio.fail_after(_ENQUEUE_TIMEOUT):
-                if claimer(await global_config.get(CLAIMS, claim)) == me:
+                held = await global_config.get(CLAIMS, claim)
+                if claimer(held) != me:
+                    return
+                if isinstance(global_config, CompareDelete):
+                    # Only the claim read: had it run out meanwhile and another replica
+                    # claimed the tick, a plain delete would free that replica's claim too.
+                    await global_config.delete_if_equal(CLAIMS, claim, held)
+                else:
                     await global_config.delete(CLAIMS, claim)
         except Exception:
             level = logging.DEBUG if quiet else logging.WARNING
