@@ -8,10 +8,27 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class QTasksError(Exception):
-    """Base of every qtasks error."""
+    """Base of every qtasks error.
+
+    Picklable (an error of a worker process reaching a parent through ``multiprocessing`` or
+    a process pool, say): most subclasses build their message from other arguments, and
+    ``Exception``'s own pickling calls the class with the message alone, which their
+    ``__init__`` does not take. Unpickled, an error is rebuilt from its message and its
+    attributes, without calling ``__init__`` again."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+def _rebuild(cls: type[QTasksError], args: tuple[Any, ...]) -> QTasksError:
+    """A :class:`QTasksError` unpickled: its message (``args``); ``pickle`` sets the rest."""
+    error = cls.__new__(cls)
+    BaseException.__init__(error, *args)
+    return error
 
 
 class ConfigError(QTasksError):
