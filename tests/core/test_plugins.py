@@ -177,6 +177,63 @@ async def test_enqueue_transform_replaces_the_message_and_get_transform_the_reco
 # --- the exception policy ---------------------------------------------------------------------
 
 
+async def test_implementations_after_an_async_one_run_once_each_in_order() -> None:
+    """A notification and a transform whose third implementation called (of four) is async:
+    the caller awaits it, then calls the fourth once (the rest is found by the position of
+    the one that returned an awaitable; the fourth raising in the notification is logged
+    and skipped, as ever)."""
+    import anyio
+
+    from qtasks.plugins import Hooks
+
+    calls: list[str] = []
+
+    class Sync:
+        def __init__(self, name: str, *, raises: bool = False) -> None:
+            self.name, self.raises = name, raises
+
+        @hookimpl
+        def qtasks_storage_added(self, record: Any) -> None:
+            calls.append(f"{self.name} added")
+            if self.raises:
+                raise RuntimeError("ignored")
+
+        @hookimpl
+        def qtasks_task_enqueue(self, message: Message) -> Message:
+            calls.append(f"{self.name} enqueue")
+            message.headers[self.name] = len(message.headers)
+            return message
+
+    class Async:
+        name = "b"
+
+        @hookimpl
+        async def qtasks_storage_added(self, record: Any) -> None:
+            await anyio.lowlevel.checkpoint()
+            calls.append("b added")
+
+        @hookimpl
+        async def qtasks_task_enqueue(self, message: Message) -> Message:
+            await anyio.lowlevel.checkpoint()
+            calls.append("b enqueue")
+            message.headers["b"] = len(message.headers)
+            return message
+
+    hooks = Hooks()
+    # pluggy calls the last registered first: d, c, b (async), a.
+    for each in (Sync("a", raises=True), Async(), Sync("c"), Sync("d")):
+        hooks.register(each)
+    await hooks.notify("qtasks_storage_added", app=None, record=None)
+    message = Message(uuid="u", task_name="t")
+    result = await hooks.transform("qtasks_task_enqueue", "message", app=None, message=message)
+    assert calls == [
+        *(f"{label} added" for label in "dcba"),
+        *(f"{label} enqueue" for label in "dcba"),
+    ]
+    assert result is message
+    assert message.headers == {"d": 0, "c": 1, "b": 2, "a": 3}
+
+
 async def test_notification_hook_exception_is_logged_with_the_plugin_name_and_ignored(
     app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
 ) -> None:
