@@ -1361,3 +1361,76 @@ def test_apps_sharing_a_provider_share_one_id_generator_wrapper_and_threads_do_n
     assert elsewhere[0] != 0xABC  # the other thread drew its own
     assert ids.generate_trace_id() == 0xABC  # this thread's, once
     assert ids.generate_trace_id() != 0xABC
+
+
+def test_dropped_roots_take_their_ids_from_the_providers_own_id_generator() -> None:
+    """With the SDK's default id generator the plugin draws a dropped root's ids from
+    ``random`` itself (as that generator does, see the test above); with an id generator of
+    the user's own, the ids in the header are that generator's."""
+    import random
+
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    class Counting(IdGenerator):
+        def __init__(self) -> None:
+            self.trace_ids: list[int] = []
+            self.span_ids: list[int] = []
+
+        def generate_trace_id(self) -> int:
+            self.trace_ids.append((len(self.trace_ids) + 1) << 70 | 7)
+            return self.trace_ids[-1]
+
+        def generate_span_id(self) -> int:
+            self.span_ids.append(len(self.span_ids) + 1000)
+            return self.span_ids[-1]
+
+    default = TracingPlugin(
+        tracer_provider=TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    )
+    roots = default._root_sampling()
+    assert roots is not None and roots.bits == random.getrandbits
+
+    ids = Counting()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)), id_generator=ids)
+    plugin = TracingPlugin(tracer_provider=provider)
+    roots = plugin._root_sampling()
+    assert roots is not None and roots.bits is None
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))  # never started
+    written = []
+    for i in range(3):
+        message = Message(uuid=f"m{i}", task_name="t")
+        assert plugin.qtasks_task_enqueue(app, message) is message
+        written.append(message.headers["traceparent"])
+    assert written == [
+        f"00-{trace_id:032x}-{span_id:016x}-{roots.flags:02x}"
+        for trace_id, span_id in zip(ids.trace_ids[-3:], ids.span_ids[-3:], strict=True)
+    ]
+
+
+def test_the_context_a_run_attaches_is_the_apis_current_and_a_bad_detach_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The plugin's attach and detach are the API's (with its default runtime context): what
+    it attaches is ``context.get_current()``, its detach restores the context before; a
+    token of another context is logged, not raised, as the API's detach does."""
+    import contextvars
+
+    from opentelemetry import context
+
+    from qtasks_web.w3c import attach, detach, get_current
+
+    before = context.get_current()
+    made = context.set_value("k", "v")
+    token = attach(made)
+    try:
+        assert context.get_current() is made and get_current() is made
+    finally:
+        detach(token)
+    assert context.get_current() is before and get_current() is before
+
+    elsewhere = contextvars.copy_context().run(attach, made)
+    with caplog.at_level("ERROR", logger="qtasks.web"):
+        detach(elsewhere)
+    assert "failed to detach" in caplog.text
+    assert context.get_current() is before

@@ -22,6 +22,7 @@ overrides a decision, a sampler of the user's own) gets every decision from the 
 from __future__ import annotations
 
 import os
+import random
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.trace import Span, SpanKind, Tracer
 
-_LOW_64 = (1 << 64) - 1
+LOW_64 = (1 << 64) - 1
 """The bits of a trace id ``TraceIdRatioBased`` decides on (``TRACE_ID_LIMIT``)."""
 
 
@@ -82,6 +83,16 @@ def _root_bound(sampling: Any, sampler: object) -> int | None:
     if _drops(sampling, sampler):
         return 0
     return None
+
+
+def _random_bits(ids: object) -> Callable[[int], int] | None:
+    """``random.getrandbits`` when ``ids`` is exactly the SDK's ``RandomIdGenerator`` (whose
+    ids are ``getrandbits(128)`` and ``getrandbits(64)``, drawn again while zero), else
+    ``None``."""
+    module = sys.modules.get("opentelemetry.sdk.trace.id_generator")
+    if module is None or type(ids) is not getattr(module, "RandomIdGenerator", None):
+        return None
+    return random.getrandbits
 
 
 class _Preset:
@@ -151,6 +162,12 @@ class Roots:
         """A new trace id, from the provider's id generator."""
         self.span_id: Callable[[], int] = ids.inner.generate_span_id
         """The span id of a dropped root span, from the provider's id generator."""
+        self.bits: Callable[[int], int] | None = _random_bits(ids.inner)
+        """``random.getrandbits`` when the provider's id generator is the SDK's
+        ``RandomIdGenerator`` (its default), else ``None``: its ids are then drawn here
+        without a call around the draw (``bits(128) or draw()``, ``bits(64) or
+        span_id()``: the same numbers from the same generator, a zero one drawn again as
+        it does)."""
 
     @classmethod
     def of(cls, provider: object, name: str) -> Roots | None:
@@ -162,7 +179,7 @@ class Roots:
         if sampling is None or sdk is None or not isinstance(provider, sdk.TracerProvider):
             return None
         bound = _root_bound(sampling, getattr(provider, "sampler", None))
-        if bound is None or bound > _LOW_64:
+        if bound is None or bound > LOW_64:
             return None  # every root kept (a rate of 1): nothing to answer here
         if _counts_drops():
             return None
@@ -173,7 +190,7 @@ class Roots:
         # What the SDK makes of a root it drops, asked once: the trace id handed over, a
         # non-recording span, its flags (a newer SDK sets 0x02, "random trace id") and no
         # trace state. Anything else (a disabled tracer's invalid span): the SDK decides.
-        ids.hand((1 << 64) | _LOW_64)  # low bits at the top: dropped, as bound <= them
+        ids.hand((1 << 64) | LOW_64)  # low bits at the top: dropped, as bound <= them
         try:
             span = tracer.start_span("qtasks-web root sampling", context=context.Context())
         finally:
@@ -181,7 +198,7 @@ class Roots:
         made = span.get_span_context()
         if (
             span.is_recording()
-            or made.trace_id != (1 << 64) | _LOW_64
+            or made.trace_id != (1 << 64) | LOW_64
             or not made.is_valid
             or made.is_remote
             or made.trace_state
@@ -192,7 +209,7 @@ class Roots:
 
     def kept(self, trace_id: int) -> bool:
         """Whether the sampler keeps a root span of ``trace_id``."""
-        return trace_id & _LOW_64 < self.bound
+        return trace_id & LOW_64 < self.bound
 
     def start(
         self,

@@ -16,12 +16,12 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from opentelemetry import context
 from opentelemetry.trace import Status, StatusCode
 
 from qtasks import hookimpl
 from qtasks.errors import PluginError
 from qtasks.record import TaskStatus
+from qtasks_web.w3c import detach
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -166,4 +166,4 @@ class Closes(Follower):
         it)."""
         token = run.state.pop(TOKEN, None)
         if token is not None:
-            context.detach(token)
+            detach(token)

@@ -27,9 +27,17 @@ from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from qtasks import hookimpl
-from qtasks_web.sampling import Roots, drops_unsampled
+from qtasks_web.sampling import LOW_64, Roots, drops_unsampled
 from qtasks_web.span_ends import TOKEN, Closes, Runs, Sends
-from qtasks_web.w3c import RemoteParent, in_context, is_w3c, read, traceparent
+from qtasks_web.w3c import (
+    RemoteParent,
+    attach,
+    get_current,
+    in_context,
+    is_w3c,
+    read,
+    traceparent,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
@@ -243,18 +251,21 @@ class TracingPlugin:
         the message headers. Without an SDK nor a trace to continue there is nothing to
         write (the span is the API's invalid no-op one)."""
         # The current context, read once and handed on (the SDK would read it three times).
-        current = context.get_current()
+        current = get_current()
         if not current:
             # An enqueue outside any trace (the usual one): a root span, or nothing. A root
             # the plugin samples itself, with the default propagator, is decided here with
-            # nothing else looked up or built (the path of 99 % of tasks at a 1 % ratio).
+            # nothing else looked up or built (the path of 99 % of tasks at a 1 % ratio):
+            # with the SDK's default id generator, its ids drawn as that generator draws
+            # them, and kept() written out (no call around either).
             if self._idle():
                 return None  # the API's no-op tracer
             plain = self._plain_roots()
             if plain is not None:
-                trace_id = plain.draw()
-                if not plain.kept(trace_id):  # dropped: its context alone, as _inject_dropped
-                    span_id = plain.span_id()
+                bits = plain.bits
+                trace_id = plain.draw() if bits is None else bits(128) or plain.draw()
+                if trace_id & LOW_64 >= plain.bound:  # dropped: as _inject_dropped writes it
+                    span_id = plain.span_id() if bits is None else bits(64) or plain.span_id()
                     message.headers["traceparent"] = plain.template % (trace_id, span_id)
                     return message
                 return self._send_root(app, message, plain, trace_id, current)
@@ -329,19 +340,36 @@ class TracingPlugin:
     ) -> None:
         """Start the run span as a child of the producer's, current while the code runs."""
         headers = run.message.headers
-        self._propagation()
+        if propagate.get_global_textmap() is not self._textmap:
+            self._propagation()
         # Headers without a propagated field (most, when nobody traces) cost no extraction.
         if self._fields.isdisjoint(headers):
             if self._idle():
                 return  # the API's no-op tracer and no trace to continue
             parent = None
         else:
-            parent, parent_span = self._parent(headers)
-            if self._skips(parent_span):
+            remote = read(headers) if self._w3c else None
+            if remote is not None:
+                # _parent() and _skips() written out for a plain traceparent, the path of
+                # every run under a trace the producer did not sample (99 % at a 1 % ratio).
+                parent = in_context(remote)
+                if not remote.flags & 0x01:
+                    provider = self._provider
+                    if provider is None:
+                        provider = trace.get_tracer_provider()
+                    if provider is not self._sampling_for:
+                        self._sampling()
+                    skip = self._skip
+                else:
+                    skip = False
+            else:
+                parent, parent_span = self._parent(headers)
+                skip = self._skips(parent_span)
+            if skip:
                 # An unsampled trace this run's span would not be recorded in: no span, the
                 # trace (and its baggage) goes on in what the task does and enqueues.
                 self._closes.follow(app.hooks)
-                run.state[TOKEN] = context.attach(parent)
+                run.state[TOKEN] = attach(parent)
                 return
         name = record.task_name
         attributes = _for_sampler("process", name)
@@ -364,7 +392,7 @@ class TracingPlugin:
         elif not span.get_span_context().is_valid:
             return  # the API's invalid no-op span: nothing to make current
         self._closes.follow(app.hooks)
-        run.state[TOKEN] = context.attach(trace.set_span_in_context(span, parent))
+        run.state[TOKEN] = attach(trace.set_span_in_context(span, parent))
 
     @hookimpl
     def qtasks_task_rejected(self, app: AsyncQueueTasks, delivery: Delivery, reason: str) -> None:

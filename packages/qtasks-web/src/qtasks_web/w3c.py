@@ -1,21 +1,29 @@
 """The W3C trace context as :class:`~qtasks_web.tracing.TracingPlugin` reads and writes it
 itself, with the API's default propagator: a canonical version-00 ``traceparent``, what the
-W3C propagator would make of it, at a fraction of its cost (the hot path's budget, issue 20).
+W3C propagator would make of it, at a fraction of its cost (the hot path's budget, issue 20);
+and the current context read, attached and detached as the API's default runtime context does
+it, without the calls around its ``ContextVar``.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
+
+log = logging.getLogger("qtasks.web")
 
 TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 """A ``traceparent`` of version 00 in its canonical form: the only one the plugin reads itself
@@ -101,6 +109,44 @@ def in_context(span: Span) -> context.Context:
     if SPAN_KEY is None:  # pragma: no cover - another API's contexts
         return trace.set_span_in_context(span, context.Context())
     return context.Context({SPAN_KEY: span})
+
+
+def _context_var() -> ContextVar[context.Context] | None:
+    """The ``ContextVar`` holding the current context, when the API's runtime context is its
+    default, ``ContextVarsRuntimeContext`` (``OTEL_PYTHON_CONTEXT`` unset), exactly: else
+    ``None``, and the runtime's own methods are called."""
+    runtime = getattr(context, "_RUNTIME_CONTEXT", None)  # private: gone means "no"
+    if type(runtime) is not ContextVarsRuntimeContext:
+        return None  # pragma: no cover - another runtime context
+    var = getattr(runtime, "_current_context", None)
+    return var if isinstance(var, ContextVar) else None
+
+
+_CURRENT = _context_var()
+
+get_current: Callable[[], context.Context] = (
+    context.get_current if _CURRENT is None else _CURRENT.get
+)
+"""``context.get_current``: with the default runtime, the ``ContextVar``'s own ``get`` (what
+the API's function calls through two of its own, on the path of every enqueue)."""
+
+attach: Callable[[context.Context], Token[context.Context]] = (
+    context.attach if _CURRENT is None else _CURRENT.set
+)
+"""``context.attach``, as :data:`get_current` (the ``ContextVar``'s ``set``): for every run
+the plugin makes current, in a trace or not."""
+
+
+def detach(token: Token[context.Context]) -> None:
+    """``context.detach(token)`` of a token :data:`attach` made: a failure (another task's
+    token, or one used already) is logged, as the API logs it."""
+    if _CURRENT is None:  # pragma: no cover - another runtime context
+        context.detach(token)
+        return
+    try:
+        _CURRENT.reset(token)
+    except (ValueError, RuntimeError):
+        log.exception("tracing: failed to detach the run's context")
 
 
 def is_w3c(textmap: Any) -> bool:
