@@ -155,18 +155,6 @@ class TracingPlugin:
         self._sampling()
         return self._roots
 
-    def _plain_roots(self) -> Roots | None:
-        """:meth:`_root_sampling`'s answer when the global propagator is the API's default
-        (a root's context, in an empty context, is then a ``traceparent`` alone), else
-        ``None``: the checks of :meth:`_root_sampling` and :meth:`_propagation` in one call,
-        for the enqueue outside any trace."""
-        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
-        if provider is not self._sampling_for:
-            self._sampling()
-        if propagate.get_global_textmap() is not self._textmap:
-            self._propagation()
-        return self._roots if self._w3c else None
-
     def _sampling(self) -> None:
         """Refresh what the plugin knows of the provider's sampler when the provider is not
         the one last asked (the global one may be set after the plugin was made)."""
@@ -258,9 +246,19 @@ class TracingPlugin:
             # nothing else looked up or built (the path of 99 % of tasks at a 1 % ratio):
             # with the SDK's default id generator, its ids drawn as that generator draws
             # them, and kept() written out (no call around either).
-            if self._idle():
+            if self._maybe_idle and self._idle():
                 return None  # the API's no-op tracer
-            plain = self._plain_roots()
+            # What _root_sampling() answers, when the global propagator is the API's default
+            # (a root's context, in an empty context, is then a traceparent alone): both
+            # caches checked here, without a call around them.
+            provider = self._provider
+            if provider is None:
+                provider = trace.get_tracer_provider()
+            if provider is not self._sampling_for:
+                self._sampling()
+            if propagate.get_global_textmap() is not self._textmap:
+                self._propagation()
+            plain = self._roots if self._w3c else None
             if plain is not None:
                 bits = plain.bits
                 trace_id = plain.draw() if bits is None else bits(128) or plain.draw()
