@@ -29,7 +29,9 @@ means (the wrapper's time is in the batches' CPU per task then).
 ``--baseline REV`` compares a change with the plugins as they were at git revision ``REV``
 in the same run: a mode written ``MODE@base`` (``--modes off,sampled@base,sampled``) runs
 ``qtasks_web/metrics.py`` and ``tracing.py`` of ``REV``, loaded from a temporary copy, in the
-producer and in the worker.
+producer and in the worker, and calls their hooks through the core's hook caller of ``REV``
+(``Hooks.notify`` and ``Hooks.transform`` of ``qtasks/plugins/__init__.py``; every other mode
+through this tree's): a change to how the core calls hooks is compared within one process too.
 
 The modes run in turn, the order rotated each round, a fresh worker process per run, so the
 shared machine's noise falls on every mode alike; the medians are printed at the end.
@@ -61,6 +63,7 @@ import redis
 from redis_throughput import URL, clean, cpu_seconds, wait_counter, warm
 
 from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.plugins import Hooks
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 WORKER = """
@@ -119,18 +122,42 @@ BASELINE = "QTASKS_BENCH_OBS_BASELINE"
 ``tracing.py`` (set by ``--baseline``; the worker processes inherit it)."""
 
 
+BASE_FILES = {
+    "metrics": "packages/qtasks-web/src/qtasks_web/metrics.py",
+    "tracing": "packages/qtasks-web/src/qtasks_web/tracing.py",
+    "hooks": "packages/qtasks-core/src/qtasks/plugins/__init__.py",
+}
+"""What ``MODE@base`` runs as it was at the baseline: the two plugins, and the core's hook
+caller (:class:`qtasks.plugins.Hooks`' ``notify`` and ``transform``, see :func:`hook_caller`)."""
+
+HOOK_CALLER = ("notify", "_notify_rest", "transform", "_transform_rest")
+"""The methods of :class:`qtasks.plugins.Hooks` that call the hooks on a task's path."""
+
+_CURRENT_CALLER = {name: getattr(Hooks, name) for name in HOOK_CALLER}
+
+
 def baseline(rev: str, into: Path) -> None:
-    """Copy the plugins' modules at git revision ``rev`` into ``into`` for ``MODE@base``."""
+    """Copy the modules of :data:`BASE_FILES` at git revision ``rev`` into ``into`` for
+    ``MODE@base``."""
     root = Path(__file__).resolve().parent.parent
-    for name in ("metrics", "tracing"):
+    for name, path in BASE_FILES.items():
         source = subprocess.run(
-            ["git", "-C", str(root), "show", f"{rev}:packages/qtasks-web/src/qtasks_web/{name}.py"],
+            ["git", "-C", str(root), "show", f"{rev}:{path}"],
             check=True,
             capture_output=True,
             text=True,
         ).stdout
         (into / f"{name}.py").write_text(source)
     os.environ[BASELINE] = str(into)
+
+
+def hook_caller(base: bool) -> None:
+    """Make :class:`qtasks.plugins.Hooks` call hooks as the baseline's did (``base``), or as
+    this tree's does: its methods of :data:`HOOK_CALLER` swapped, in this process, for every
+    app (each keeps its registrations; only how a call goes through them changes)."""
+    for name in HOOK_CALLER:
+        method = getattr(_module("hooks", True).Hooks, name) if base else _CURRENT_CALLER[name]
+        setattr(Hooks, name, method)
 
 
 def _module(name: str, base: bool) -> ModuleType:
@@ -215,6 +242,8 @@ def plugins(
     their hook times (``--hook-times``) kept under ``side`` (default: worker or producer)."""
     kind, _, rev = mode.partition("@")
     found: list[Any] = []
+    if os.environ.get(BASELINE) and worker and port is not None:
+        hook_caller(rev == "base")  # a W1 worker process: one mode for its life
     if kind == "off":
         return found
     side = side or ("worker" if worker else "producer")
@@ -234,6 +263,8 @@ def producer(prefix: str, mode: str) -> AsyncQueueTasks:
         global_config=RedisGlobalConfig(URL, prefix=prefix),
         config=QueueConfig(plugins_disabled=["*"]),
     )
+    if os.environ.get(BASELINE):
+        hook_caller(mode.endswith("@base"))
     for plugin in plugins(mode, worker=False):
         app.add_plugin(plugin)
     return app
@@ -318,6 +349,8 @@ async def inmemory(
                     app.hooks.unregister(plugin)
                 for plugin in each[mode]:
                     app.hooks.register(plugin)
+                if os.environ.get(BASELINE):
+                    hook_caller(mode.endswith("@base"))
                 done, target = anyio.Event(), count + n
                 for slot in HOOK_TIMES.values():  # the wrappers hold them: zeroed, not dropped
                     slot[:] = [0.0, 0]
