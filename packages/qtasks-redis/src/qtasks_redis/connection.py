@@ -41,6 +41,7 @@ from qtasks.errors import (
 from qtasks.masking import mask_text, mask_url, masked_entry
 from qtasks_redis.failures import connection_error, guarded
 from qtasks_redis.lane import Lane, lane_for
+from qtasks_redis.lua_unused import without_unused
 
 log = logging.getLogger("qtasks.redis")
 
@@ -289,13 +290,18 @@ async def delete_matching(target: RedisTarget, client: Any, pattern: str) -> int
 
 
 class Script:
-    """A Lua script run with EVALSHA, loaded by EVAL when the server does not know it."""
+    """A Lua script run with EVALSHA, loaded by EVAL when the server does not know it.
 
-    __slots__ = ("sha", "source")
+    ``source`` is the script as composed (other scripts are built from it); ``code``, what
+    the server runs: ``source`` without the functions it never calls (see
+    :mod:`~qtasks_redis.lua_unused`)."""
+
+    __slots__ = ("code", "sha", "source")
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.code = without_unused(source)
+        self.sha = hashlib.sha1(self.code.encode()).hexdigest()
 
     async def __call__(
         self, client: Client | Lane, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
@@ -307,7 +313,7 @@ class Script:
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
+            return await client.eval(self.code, len(keys), *keys, *args)
 
     def packed(
         self, client: Client | Lane, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0

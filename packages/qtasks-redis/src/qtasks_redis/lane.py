@@ -547,7 +547,7 @@ class Lane:
         try:
             return await self._one(self._evalsha(script, keys, args, dynamic))
         except NoScriptError:
-            return await self.command("EVAL", script.source, len(keys), *keys, *args)
+            return await self.command("EVAL", script.code, len(keys), *keys, *args)
 
     def packed(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], *, dynamic: int = 0
@@ -561,7 +561,7 @@ class Lane:
             try:
                 return await self._one(packed)
             except NoScriptError:
-                return await self.command("EVAL", script.source, len(keys), *keys, *args)
+                return await self.command("EVAL", script.code, len(keys), *keys, *args)
 
         return send
 
