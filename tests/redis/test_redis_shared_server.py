@@ -20,6 +20,7 @@ from begin_scenarios import (
     lost_deliveries_are_told_once,
     publish_as_the_worker_stops,
 )
+from fault_fixtures import FaultRig
 from fence_scenarios import late_result_after_a_shutdown_hand_back
 from redis_worker_app import build
 
@@ -325,6 +326,50 @@ async def test_ack_finals_settles_each_pair_on_its_own(
     # Waiters of each accepted record are woken as by a plain save.
     with anyio.fail_after(3):
         assert (await storage.wait("c", 2)).returning == "cc"
+
+
+async def test_ack_finals_forgets_the_acked_messages_in_one_write_per_key(
+    rig: FaultRig, prefix: str, stack: AsyncExitStack
+) -> None:
+    """The acks of a batch delete the messages' queue entries once for the batch (one ZREM
+    and four HDEL), not once per message; a delivery given twice is acked once, one whose
+    save is refused not at all. A private server, so its command counts are this test's."""
+    broker, storage = await parts(stack, rig.direct_url, prefix)
+    client = aioredis.Redis.from_url(rig.direct_url)
+    stack.push_async_callback(client.aclose)
+    for uuid in "abcd":
+        await broker.publish_new(Envelope(uuid, b"body"), storage, new_record(uuid))
+    async with broker.consume(prefetch=4) as it:
+        got = {d.id: d for d in [await take(it) for _ in range(4)]}
+        finals = []
+        for uuid in "abcd":
+            record = await begun(storage, got[uuid])
+            record.status = TaskStatus.SUCCESS
+            finals.append((got[uuid], record))
+        other = new_record("d")  # another attempt took d over: refused, its message stays
+        other.status, other.token = TaskStatus.PROCESS, "someone-else"
+        assert await storage.save(other)
+        await client.config_resetstat()
+        assert await broker.ack_finals(storage, [*finals, finals[0]]) == [
+            True,
+            True,
+            True,
+            False,
+            True,
+        ]
+        calls = {
+            name: stat["calls"]
+            for name, stat in (await client.info("commandstats")).items()
+            if name in ("cmdstat_hdel", "cmdstat_zrem")
+        }
+        # The saves' own: an HDEL of the begin's fields and a ZREM from 'process' each of
+        # the four written (a's twice); then the acks' five.
+        assert calls == {"cmdstat_hdel": 4 + 4, "cmdstat_zrem": 4 + 1}
+        stats = await broker.stats()
+        assert (stats.in_flight, stats.ready_by_priority) == (1, {})
+        assert not await got["a"].ack()
+        assert await got["d"].ack()
+    assert await client.hlen(broker.keys[3]) == 0  # body
 
 
 async def test_ack_finals_refuses_a_foreign_delivery(

@@ -125,12 +125,14 @@ local TAG = ARGV[1]
 local function storage(ARGV)
 {_body(storage_lua.SAVE, storage_lua.PRELUDE)}
 end
-local function broker(ARGV)
-{_body(broker_lua.ACK, broker_lua.PRELUDE)}
-end
 """
         + (BEGINS if begins else "")
         + f"""
+-- The broker's ACK of each task (valid, then forget) with forget's five writes made once for
+-- all the tasks acked, after the loop: nothing in between reads or writes the queue's keys
+-- (SAVE writes the storage's only), and an id acked already is not valid again (forget
+-- deleted its token).
+local acked, is_acked = {{}}, {{}}
 local out, base = {{}}, {first}
 while base < #ARGV do
   local sa = {{}}
@@ -138,9 +140,23 @@ while base < #ARGV do
   local uuid = sa[1]
   K_REC, K_WAKE, K_STEPS = TAG .. ':r:' .. uuid, TAG .. ':w:' .. uuid, TAG .. ':s:' .. uuid
   local saved = storage(sa)
-  if saved ~= 0 then broker({{ARGV[base + {SAVE_ARGS} + 1], ARGV[base + {SAVE_ARGS} + 2]}}) end
+  if saved ~= 0 then
+    local id = ARGV[base + {SAVE_ARGS} + 1]
+    if not is_acked[id] and valid(id, ARGV[base + {SAVE_ARGS} + 2]) then
+      is_acked[id] = true
+      acked[#acked + 1] = id
+    end
+  end
   out[#out + 1] = saved
   base = base + {SAVE_ARGS} + 2
+end
+for i = 1, #acked, 1000 do  -- unpack takes a few thousand values at most
+  local ids = {{unpack(acked, i, math.min(i + 999, #acked))}}
+  redis.call('ZREM', K_INFLIGHT, unpack(ids))
+  redis.call('HDEL', K_BODY, unpack(ids))
+  redis.call('HDEL', K_META, unpack(ids))
+  redis.call('HDEL', K_ATT, unpack(ids))
+  redis.call('HDEL', K_TOK, unpack(ids))
 end
 """
         + ("begin_all(out)\n" if begins else "")
