@@ -60,7 +60,7 @@ def test_the_hot_scripts_leave_out_what_they_never_call() -> None:
     # ACK_FINALS settles: nothing of publishing.
     for name in ("schedule", "notify", "ready_score", "promote"):
         assert f"local function {name}(" not in shared_lua.ACK_FINALS.code
-    assert "local function forget(" in shared_lua.ACK_FINALS.code
+    assert "local function valid(" in shared_lua.ACK_FINALS.code
 
 
 SCRIPTS = [
