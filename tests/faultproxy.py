@@ -20,6 +20,16 @@ Modes (:attr:`FaultProxy.mode`):
 ``reset``
     Every open connection is closed with a TCP RST (``SO_LINGER`` 0) on both sides, and every
     new one is reset as soon as it is accepted, until the mode changes.
+``slice``
+    Forward both ways, in pieces of ``size`` bytes written ``delay`` seconds apart (each piece
+    its own write, so the reader meets frames cut anywhere): a parser must wait for the rest.
+``close_after``
+    Forward both ways, but each connection forwards only a random number of bytes (both
+    directions together, drawn between ``low`` and ``high`` when the connection first carries
+    bytes in this mode), then is reset on both sides: the last chunk is cut at that byte, so
+    a command or a reply ends mid-frame, and whether the server ran a command whose reply was
+    cut is unknown to the client. With ``replies_only`` only the server's bytes count, so
+    every cut falls in a reply (a command applied, its outcome unknown to the client).
 
 The proxy runs its own event loop in a daemon thread, so a test that blocks its own loop (or
 uses a sync client) cannot stall it; the control methods are thread-safe. In a test::
@@ -42,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import socket
 import struct
 import sys
@@ -54,7 +65,7 @@ from typing import Any, Literal, TypeVar
 _HOLD_POLL = 0.01
 """Seconds between two looks at the mode while a partition holds a chunk back."""
 
-Mode = Literal["pass", "latency", "blackhole", "reset"]
+Mode = Literal["pass", "latency", "blackhole", "reset", "slice", "close_after"]
 T = TypeVar("T")
 
 _CHUNK = 65536
@@ -76,6 +87,8 @@ class ProxyStats:
     """Bytes forwarded server -> client."""
     held: int = 0
     """Bytes held back by the ``blackhole`` mode (both directions), delivered when it ends."""
+    cut: int = 0
+    """Connections reset by the ``close_after`` mode once their bytes ran out."""
 
 
 def _rst(writer: asyncio.StreamWriter) -> None:
@@ -103,6 +116,8 @@ class _Link:
         self.server = server
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = False
+        self.budget: int | None = None
+        """Bytes this link may still forward (``close_after``), drawn when first needed."""
 
     def start(self) -> None:
         for reader, writer, up in ((self.client[0], self.server[1], True),
@@ -141,19 +156,39 @@ class _Link:
                     await asyncio.sleep(wait)
                 while proxy.mode == "blackhole":  # noqa: ASYNC110 - set from another thread
                     await asyncio.sleep(_HOLD_POLL)
-                # Counted before the write: the reader may act on the bytes before drain()
-                # returns here, and must find them counted.
-                if up:
-                    proxy.stats.bytes_up += len(data)
-                else:
-                    proxy.stats.bytes_down += len(data)
-                writer.write(data)
-                await writer.drain()
+                cut = False
+                if proxy.mode == "close_after" and not (up and proxy.cut_replies_only):
+                    if self.budget is None:
+                        self.budget = proxy.rng.randint(*proxy.cut_range)
+                    if len(data) >= self.budget:
+                        data, cut = data[: self.budget], True
+                    self.budget -= len(data)
+                await self._write(writer, data, up)
+                if cut:
+                    proxy.stats.cut += 1
+                    self.reset()
+                    return
             # One side closed: pass the FIN on (half-close), the other direction goes on.
             if writer.can_write_eof():
                 writer.write_eof()
         except OSError:
             self.close()
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes, up: bool) -> None:
+        proxy = self.proxy
+        size = proxy.slice_size if proxy.mode == "slice" else len(data)
+        for at in range(0, len(data), max(size, 1)):
+            piece = data[at : at + size]
+            if at:
+                await asyncio.sleep(proxy.slice_delay)
+            # Counted before the write: the reader may act on the bytes before drain()
+            # returns here, and must find them counted.
+            if up:
+                proxy.stats.bytes_up += len(piece)
+            else:
+                proxy.stats.bytes_down += len(piece)
+            writer.write(piece)
+            await writer.drain()
 
     def reset(self) -> None:
         if not self.closed:
@@ -189,6 +224,11 @@ class FaultProxy:
         self.listen = listen
         self.mode: Mode = "pass"
         self.delay = 0.0
+        self.slice_size = 1
+        self.slice_delay = 0.0
+        self.cut_range = (1, 1)
+        self.cut_replies_only = False
+        self.rng = random.Random()
         self.stats = ProxyStats()
         self.port = 0
         self._links: set[_Link] = set()
@@ -255,6 +295,24 @@ class FaultProxy:
         self.delay = seconds
         self.mode = "latency"
 
+    def slice(self, size: int = 1, delay: float = 0.0) -> None:
+        """Forward in pieces of ``size`` bytes, ``delay`` seconds apart."""
+        self.slice_size, self.slice_delay = size, delay
+        self.mode = "slice"
+
+    def close_after(
+        self, low: int, high: int, seed: int | None = None, *, replies_only: bool = False
+    ) -> None:
+        """Reset each connection once it has forwarded a random number of bytes between
+        ``low`` and ``high`` (``seed``: the same draws each run). ``replies_only``: count
+        (and cut) only what the server sends, so that every cut falls in a reply: the server
+        ran the command, the client does not know it."""
+        if seed is not None:
+            self.rng.seed(seed)
+        self.cut_range = (low, high)
+        self.cut_replies_only = replies_only
+        self.mode = "close_after"
+
     def blackhole(self) -> None:
         """Forward nothing, drop everything, keep the connections open."""
         self.mode = "blackhole"
@@ -265,7 +323,8 @@ class FaultProxy:
         self._call(self._reset_all())
 
     def set_mode(self, mode: str, seconds: float = 0.0) -> None:
-        """By name: ``pass``, ``latency`` (with ``seconds``), ``blackhole``, ``reset``."""
+        """By name: ``pass``, ``latency`` (with ``seconds``), ``blackhole``, ``reset``,
+        ``slice`` (1-byte pieces, ``seconds`` apart)."""
         if mode == "pass":
             self.passthrough()
         elif mode == "latency":
@@ -274,6 +333,8 @@ class FaultProxy:
             self.blackhole()
         elif mode == "reset":
             self.reset()
+        elif mode == "slice":
+            self.slice(1, seconds)
         else:
             raise ValueError(f"unknown mode {mode!r}")
 

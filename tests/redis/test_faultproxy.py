@@ -189,3 +189,68 @@ def test_blackhole_holds_bytes_and_delivers_them_in_order_when_it_heals(rig: Fau
         while len(received) < len(expected):
             received += sock.recv(64)
         assert received == expected
+
+
+def test_slice_delivers_every_byte_in_order_in_pieces(rig: FaultRig) -> None:
+    """1-byte pieces: a 2,000-byte value comes back whole, over many reads (the client met the
+    reply cut at many places), and redis-py's parser still reads it."""
+    rig.proxy.slice(1, 0.0005)
+    value = bytes(range(256)) * 8
+    with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=5) as sock:
+        command = b"*2\r\n$4\r\nECHO\r\n$%d\r\n%s\r\n" % (len(value), value)
+        sock.sendall(command)
+        expected = b"$%d\r\n%s\r\n" % (len(value), value)
+        received, reads = b"", 0
+        while len(received) < len(expected):
+            received += sock.recv(65536)
+            reads += 1
+    assert received == expected
+    assert reads > 10, reads
+    conn = client(rig.proxy.port, timeout=10)
+    try:
+        conn.set("k", value)
+        assert conn.get("k") == value
+    finally:
+        conn.close()
+
+
+def test_close_after_cuts_each_connection_at_its_byte_budget(rig: FaultRig) -> None:
+    """Budget 10 bytes exactly: of a 15-byte command the server gets 10 (a cut frame it never
+    answers), and the client's connection is reset; a new connection gets a budget afresh."""
+    rig.proxy.close_after(10, 10)
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=5) as sock:
+            sock.sendall(b"ECHO abcdefgh\r\n")  # 15 bytes
+            # The server never answers the cut command: the first thing that comes is the RST.
+            with pytest.raises(ConnectionResetError):
+                sock.recv(64)
+    assert rig.proxy.stats.cut == 2
+    assert rig.proxy.stats.bytes_up == 20 and rig.proxy.stats.bytes_down == 0
+    rig.proxy.passthrough()
+    conn = client(rig.proxy.port)
+    try:
+        assert conn.ping()
+    finally:
+        conn.close()
+
+
+def test_close_after_replies_only_cuts_inside_a_reply_of_an_applied_command(
+    rig: FaultRig,
+) -> None:
+    """``replies_only``, budget 10: the commands all reach the server (which runs them), the
+    second reply is cut after its first 3 bytes, then the connection is reset."""
+    rig.proxy.close_after(10, 10, replies_only=True)
+    with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=5) as sock:
+        sock.sendall(b"PING\r\n")
+        assert sock.recv(64) == b"+PONG\r\n"  # 7 bytes of 10
+        sock.sendall(b"INCR applied\r\n")
+        assert sock.recv(64) == b":1\r"  # 3 bytes of its 4 (one write: one read)
+        with pytest.raises(ConnectionResetError):
+            sock.recv(64)
+    assert rig.proxy.stats.cut == 1
+    rig.proxy.passthrough()
+    conn = client(rig.proxy.port)
+    try:
+        assert conn.get("applied") == b"1"  # the command whose reply was cut did run
+    finally:
+        conn.close()
