@@ -10,6 +10,7 @@ survive a SIGKILL of the worker.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -105,6 +106,14 @@ def build(
             await anyio.sleep(seconds)
         note(f"end {i}")
         return i
+
+    @app.task
+    async def digest(i: int, payload: str) -> str:
+        """The SHA-256 of ``payload`` as it arrived (the caller compares it with its own)."""
+        note(f"start {i}")
+        value = hashlib.sha256(payload.encode()).hexdigest()
+        note(f"end {i}")
+        return value
 
     @app.task
     async def steps(n: int) -> Any:
