@@ -288,8 +288,10 @@ async def test_redis_stopped_under_load_loses_nothing(rig: FaultRig, stop: str) 
     """F6 (``SHUTDOWN SAVE``, a graceful stop) and F7 (SIGKILL) with ``appendfsync everysec``
     (the existing F7 test uses ``always``): 2,000 tasks queued, one worker (concurrency 10,
     lease 2 s) running them; Redis goes away mid-run and is started again once the worker has
-    noticed. lost = 0; duplicates <= concurrency (only what was running can outlive its lease
-    during the outage); the worker runs tasks again within 5 s of Redis being back; no
+    noticed. lost = 0; duplicates <= concurrency + prefetch (what the worker held when Redis
+    went away: tasks running, and tasks that had ended but whose final save and ack had not
+    gone out, may outlive their lease during the outage and run again; a busy run showed 9);
+    the worker runs tasks again within 5 s of Redis being back; no
     traceback in its log."""
     n, concurrency = 2000, 10
     worker = rig.worker(concurrency=concurrency, lease=2.0, direct=True)
@@ -333,6 +335,6 @@ async def test_redis_stopped_under_load_loses_nothing(rig: FaultRig, stop: str) 
     starts = rig.runs("start")
     dupes = sum(starts.values()) - n
     print(f"F6/F7 {stop}: {dupes} duplicate runs")
-    assert dupes <= concurrency, starts.most_common(12)
+    assert dupes <= 2 * concurrency, starts.most_common(12)  # prefetch = concurrency here
     assert worker.stop() == 0, worker.output()
     assert not worker.problems(), worker.output()
