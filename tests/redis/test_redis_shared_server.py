@@ -459,46 +459,6 @@ async def test_the_claim_reads_each_bodys_attempt_as_a_json_parser_does(
         assert record is not None and record.attempt == json.loads(body)["attempt"] + 1, uuid
 
 
-async def test_a_claim_writes_its_leases_and_index_moves_once(
-    rig: FaultRig, prefix: str, stack: AsyncExitStack
-) -> None:
-    """A claim that begins its records writes the messages' tokens (one HSET), leases (one
-    ZADD) and the records' moves between status indexes (one ZREM per old status, one ZADD
-    into 'process') once for the claim, not once per message; the indexes end as before. A
-    private server, so its command counts are this test's."""
-    broker, storage = await parts(stack, rig.direct_url, prefix)
-    client = aioredis.Redis.from_url(rig.direct_url)
-    stack.push_async_callback(client.aclose)
-    codec = Codec()
-    for uuid in "abc":
-        message = Message(uuid=uuid, task_name="t", args=[1])
-        await broker.publish_new(codec.encode(message), storage, new_record(uuid))
-    retried = new_record("c")
-    retried.status = TaskStatus.RETRY
-    assert await storage.save(retried)
-    assert await storage.stats() == {TaskStatus.NEW: 2, TaskStatus.RETRY: 1}
-    await client.config_resetstat()
-    async with broker.consume_begun(
-        prefetch=10, storage=storage, worker="w", starts=lambda: 10
-    ) as it:
-        got = {d.id: d for d in [await take(it) for _ in range(3)]}
-        calls = {
-            name: stat["calls"]
-            for name, stat in (await client.info("commandstats")).items()
-            if name in ("cmdstat_hset", "cmdstat_zadd", "cmdstat_zrem")
-        }
-        # HSET: the tokens once, each record's begin, and c's mark of its attempt kept (it
-        # was in 'retry': AttemptLog); ZREM: out of 'new', out of 'retry'.
-        assert calls == {"cmdstat_hset": 1 + 3 + 1, "cmdstat_zadd": 2, "cmdstat_zrem": 2}
-        assert await storage.stats() == {TaskStatus.PROCESS: 3}
-        for uuid, delivery in got.items():
-            assert delivery.begun is not None
-            assert delivery.begun.status is TaskStatus.PROCESS
-            assert await storage.get(uuid) == delivery.begun
-            assert await delivery.ack()
-        assert (await broker.stats()).in_flight == 0
-
-
 async def test_consume_begun_refuses_a_storage_elsewhere(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:

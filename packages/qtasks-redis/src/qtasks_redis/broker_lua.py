@@ -233,7 +233,6 @@ if last and string.sub(last, 1, #nonce + 1) == nonce .. ' ' then
       on_claim(id, body, token, out)
     end
   end
-  on_flush()
   return out
 end
 -- Earliest delayed and lease deadlines: promote only when one is due.
@@ -249,18 +248,6 @@ local out = {'-1'}
 local n = 0
 local claimed = {}
 local empty, published = false, false
--- Each claimed message's token and lease, written once for all (and on_flush's writes) before
--- anything else may read them: before a dead-lettering, and after the loop. In between, the
--- loop only pops and reads other messages.
-local claim_tokens, claim_leases = {}, {}
-local function flush_claims()
-  if #claim_leases > 0 then
-    redis.call('HSET', K_TOK, unpack(claim_tokens))
-    redis.call('ZADD', K_INFLIGHT, unpack(claim_leases))
-    claim_tokens, claim_leases = {}, {}
-  end
-  on_flush()
-end
 while n < count and not empty do
   -- Pop what is still wanted in one call; dead-lettered ones are made up for by the next.
   local popped = redis.call('ZPOPMIN', K_READY, count - n)
@@ -280,7 +267,6 @@ while n < count and not empty do
       if attempt > maxd then
         local reason = 'delivery limit reached: delivered ' .. (attempt - 1) ..
           ' times without being settled (max_deliveries=' .. maxd .. ')'
-        flush_claims()
         dead(id, body, reason, prio, attempt, now, ARGV[#ARGV - 1], ARGV[#ARGV])
         if on_dead(id, reason) then
           -- It published (a workflow's error callback): pop again, so this claim takes it
@@ -290,11 +276,8 @@ while n < count and not empty do
       else
         n = n + 1
         local token = nonce .. '.' .. n
-        claim_tokens[#claim_tokens + 1] = id
-        claim_tokens[#claim_tokens + 1] = token
-        claim_leases[#claim_leases + 1] = now + lease
-        claim_leases[#claim_leases + 1] = id
-        if #claim_leases >= 2000 then flush_claims() end  -- unpack takes a few thousand at most
+        redis.call('HSET', K_TOK, id, token)
+        redis.call('ZADD', K_INFLIGHT, now + lease, id)
         out[#out + 1] = id
         out[#out + 1] = body
         out[#out + 1] = prio
@@ -306,7 +289,6 @@ while n < count and not empty do
     end
   end
 end
-flush_claims()
 if n > 0 then redis.call('SET', K_CLAIMED, nonce .. ' ' .. cjson.encode(claimed), 'PX', lease) end
 if empty then
   -- Nothing left: stale wake-ups would only cause empty claims.
@@ -327,24 +309,20 @@ end
 return out
 """
 """The claim loop, after a prelude that defines ``on_claim(id, body, token, out)``: called for
-every claimed message, it may append fields of its own to ``out``; ``on_dead(id, reason)``:
-called for every message it dead-letters, returning true when it published a message itself
-(the loop then pops the ready set again); and ``on_flush()``: called where the loop writes the
-claimed messages' tokens and leases it gathered (before a dead-lettering, and once done), to
-write what ``on_claim`` gathered."""
+every claimed message, it may append fields of its own to ``out``; and ``on_dead(id,
+reason)``: called for every message it dead-letters, returning true when it published a
+message itself (the loop then pops the ready set again)."""
 
 CLAIM = Script(
     PRELUDE
     + "local function on_claim(id, body, token, out) end\n"
     + "local function on_dead(id, reason) end\n"
-    + "local function on_flush() end\n"
     + CLAIM_BODY
 )
 
 CLAIM_NOTICED = Script(
     PRELUDE
     + "local function on_claim(id, body, token, out) end\n"
-    + "local function on_flush() end\n"
     + "local BURIED = {}\n"
     + "local function on_dead(id, reason) BURIED[#BURIED + 1] = id; "
     + "BURIED[#BURIED + 1] = reason end\n"

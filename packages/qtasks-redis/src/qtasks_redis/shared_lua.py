@@ -193,9 +193,6 @@ local to_begin = tonumber(ARGV[8])
 local REC_PREFIX = TAG .. ':r:'
 local WAKE_TTL = 120000
 local begun_at, begun_ms = false, 0  -- the server time, read once per claim
--- The index moves of the records begun, for on_flush: status -> ids leaving its index; then
--- ms, id, ... entering 'process'.
-local begun_left, begun_entered = {}, {}
 -- The message's attempt (executions made): read from the codec's compact JSON without
 -- decoding it when the key occurs once (a kwarg or header named 'attempt' makes two); else
 -- decoded. nil when there is none to read. The memory broker reads it by the same rule
@@ -236,26 +233,11 @@ local function on_claim(id, body, token, out)
     else
       redis.call('HSET', rec, 's', 'process', 't', token, 'w', WORKER, 'u', begun_at)
     end
-    if IDX[cur[2]] then  -- the index moves, gathered for on_flush
-      local from = begun_left[cur[2]]
-      if not from then
-        from = {}
-        begun_left[cur[2]] = from
-      end
-      from[#from + 1] = id
-    end
-    begun_entered[#begun_entered + 1] = begun_ms
-    begun_entered[#begun_entered + 1] = id
+    if IDX[cur[2]] then redis.call('ZREM', IDX[cur[2]], id) end
+    redis.call('ZADD', IDX['process'], begun_ms, id)
     cur[2], cur[3], cur[5], cur[8] = 'process', token, begun_at, WORKER
   end
   for i = 1, 8 do out[#out + 1] = cur[i] end
-end
--- The status index moves of the records begun since the last call: out of their old status's
--- indexes, then into 'process' (a record begun again leaves and enters 'process').
-local function on_flush()
-  for status, ids in pairs(begun_left) do redis.call('ZREM', IDX[status], unpack(ids)) end
-  if #begun_entered > 0 then redis.call('ZADD', IDX['process'], unpack(begun_entered)) end
-  begun_left, begun_entered = {}, {}
 end
 -- A message dead-lettered by its delivery limit: its record turns final ('error', with why)
 -- under a token no delivery holds, so a late result of its last holder is refused. The
