@@ -6,12 +6,13 @@ each of the first three broke the app (a ``RuntimeError`` on leaving ``async wit
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, TaskStatus
+from qtasks import AsyncQueueTasks, MemoryStorage, TaskRecord, TaskStatus
 from qtasks.errors import TaskNotFoundError, TaskTimeoutError
 
 WAIT = 10
@@ -107,3 +108,15 @@ async def stream_errors_are_those_of_wait(app: AsyncQueueTasks) -> None:
                 await app.wait("no-such-task", WAIT)
             release.set()
             assert [step async for step in task.stream(timeout=WAIT)] == [0, 1]
+
+
+class NotedWait(MemoryStorage):
+    """Sets ``waiting`` once a ``wait`` is under way (so the test closes the app only then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
+        self.waiting.set()
+        return await super().wait(uuid, timeout)

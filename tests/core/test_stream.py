@@ -13,13 +13,14 @@ import anyio
 import pytest
 from stream_scenarios import (
     WAIT,
+    NotedWait,
     a_consumer_slower_than_the_deadline_gets_task_timeout_error,
     breaking_out_of_a_live_stream_leaves_the_app_clean,
     closing_a_stream_inside_another_scope_is_clean,
     stream_errors_are_those_of_wait,
 )
 
-from qtasks import AsyncQueueTasks, MemoryStorage, QueueConfig, QueueTasks, TaskRecord
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks
 from qtasks.context import SyncTaskHandle
 from qtasks.errors import ComponentNotStartedError, TaskNotFoundError, TaskTimeoutError
 
@@ -86,18 +87,6 @@ def test_sync_streams_raise_the_errors_of_wait() -> None:
     finally:
         app.close()
     assert seen == {"in task timeout": ([0], task.uuid), "in task unknown": "no-such-task"}
-
-
-class NotedWait(MemoryStorage):
-    """Sets ``waiting`` once a ``wait`` is under way (so the test closes the app only then)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waiting = threading.Event()
-
-    async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
-        self.waiting.set()
-        return await super().wait(uuid, timeout)
 
 
 def test_close_while_threads_wait_raises_component_not_started_in_them() -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 import anyio
 import pytest
+from stream_scenarios import NotedWait
 
-from qtasks import AsyncQueueTasks, InvalidTimeoutError, QueueConfig, QueueTasks, TaskRecord
+from qtasks import AsyncQueueTasks, InvalidTimeoutError, QueueConfig, QueueTasks
 from qtasks.errors import ComponentNotStartedError
-from qtasks.memory import MemoryStorage
 from qtasks.workflows import chain
 
 pytestmark = pytest.mark.anyio
@@ -131,18 +131,6 @@ def test_a_bad_timeout_is_refused_by_the_sync_app_and_inside_a_sync_task() -> No
         "wait: timeout expects finite seconds >= 0",
         "stream: timeout expects finite seconds >= 0",
     ]
-
-
-class NotedWait(MemoryStorage):
-    """A storage that tells when a wait on it began."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waiting = threading.Event()
-
-    async def wait(self, uuid: str, timeout: float | None) -> TaskRecord:
-        self.waiting.set()
-        return await super().wait(uuid, timeout)
 
 
 def test_close_while_a_thread_waits_for_a_workflow_raises_component_not_started() -> None:
