@@ -54,6 +54,7 @@ protocol with what its implementers must do (one file to read to write a backend
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -1102,6 +1103,30 @@ class RateRelease(Protocol):
         :meth:`FlowControl.reserve_rate` gives is one interval earlier, never earlier than
         now. ``True`` when a reservation ahead of now was given back."""
         ...
+
+
+_TAKES: dict[tuple[type, str, str], bool] = {}
+""":func:`takes_keyword` by component class, method and keyword (read once per class)."""
+
+
+def takes_keyword(component: object, method: str, keyword: str) -> bool:
+    """Whether ``component``'s ``method`` takes ``keyword``, added to the protocol since
+    (``waiter`` of ``acquire_slot``, ``limits`` of ``extend_slots``, ``fence`` of
+    ``add_step``): an implementation written before it existed does not, and is called the
+    older way. Read once per class from the bound method (a delegating wrapper answers
+    through ``__getattr__``), ``**kwargs`` counting as taking it; a method without a
+    signature to read is taken to follow the current protocol."""
+    key = (type(component), method, keyword)
+    known = _TAKES.get(key)
+    if known is None:
+        try:
+            params = inspect.signature(getattr(component, method)).parameters.values()
+        except (AttributeError, TypeError, ValueError):  # nothing to read: the current protocol
+            known = True
+        else:
+            known = any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in params)
+        _TAKES[key] = known
+    return known
 
 
 def plain_overridden(kind: type, plain: str, capability: str) -> bool:

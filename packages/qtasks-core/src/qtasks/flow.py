@@ -45,6 +45,7 @@ from qtasks.components import (
     UniquePublish,
     delivery_lease,
     plain_overridden,
+    takes_keyword,
 )
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
 from qtasks.messages import Envelope, Message
@@ -424,27 +425,6 @@ async def dropped(app: AsyncQueueTasks, record: TaskRecord) -> None:
 # --- worker side -----------------------------------------------------------------------------
 
 
-_TAKES: dict[tuple[type[Any], str, str], bool] = {}
-"""Whether a FlowControl class's method takes a parameter added since (read once per class)."""
-
-
-def _takes(fc: FlowControl, method: str, param: str) -> bool:
-    """Whether ``fc``'s ``method`` takes ``param`` (``waiter`` of ``acquire_slot``, ``limits``
-    of ``extend_slots``): an implementation written before it existed does not. Read from the
-    bound method (a delegating wrapper answers through ``__getattr__``), ``**kwargs``
-    counting as taking it."""
-    known = _TAKES.get((type(fc), method, param))
-    if known is None:
-        try:
-            params = inspect.signature(getattr(fc, method)).parameters.values()
-        except (AttributeError, TypeError, ValueError):  # nothing to read: the current protocol
-            known = True
-        else:
-            known = any(p.name == param or p.kind is p.VAR_KEYWORD for p in params)
-        _TAKES[(type(fc), method, param)] = known
-    return known
-
-
 class Slot(NamedTuple):
     """A concurrency slot held by this worker: its key, holder and the key's limit."""
 
@@ -540,7 +520,7 @@ class FlowGate:
                 # Held by this delivery, waiting as the task (see FlowControl.acquire_slot).
                 holder = f"{message.uuid}/{delivery.token}"
                 lease = delivery_lease(app.broker, app.config)  # renewed with the delivery
-                if _takes(fc, "acquire_slot", "waiter"):
+                if takes_keyword(fc, "acquire_slot", "waiter"):
                     wait = await fc.acquire_slot(
                         slot, spec.max_concurrency, holder, lease, waiter=message.uuid
                     )
@@ -780,7 +760,7 @@ class FlowGate:
         slots = [(slot.key, slot.holder) for _, slot in held]
         lease = delivery_lease(app.broker, app.config)
         try:
-            if _takes(fc, "extend_slots", "limits"):
+            if takes_keyword(fc, "extend_slots", "limits"):
                 found = await fc.extend_slots(slots, lease, limits=[s.limit for _, s in held])
             else:
                 found = await fc.extend_slots(slots, lease)

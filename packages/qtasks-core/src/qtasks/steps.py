@@ -3,10 +3,10 @@ and the worker's fenced write of a step (:func:`add_step`)."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qtasks.components import takes_keyword
 from qtasks.errors import LeaseLostError
 
 if TYPE_CHECKING:
@@ -33,33 +33,12 @@ class StepsRestarted:
     counts retries: a redelivery after a lost worker does not raise it."""
 
 
-_TAKES_FENCE: dict[type, bool] = {}
-"""Whether a storage class's ``add_step`` takes ``fence``, by class (read once)."""
-
-
-def takes_fence(storage: Storage) -> bool:
-    """Whether ``storage.add_step`` takes the keyword ``fence``: a storage written before
-    fenced steps existed does not, and is called without it (its steps are unfenced and mark
-    no restart). Read from the bound method, ``**kwargs`` counting as taking it."""
-    kind = type(storage)
-    known = _TAKES_FENCE.get(kind)
-    if known is None:
-        try:
-            params = inspect.signature(storage.add_step).parameters.values()
-        except (AttributeError, TypeError, ValueError):  # nothing to read: the current protocol
-            known = True
-        else:
-            known = any(p.name == "fence" or p.kind is p.VAR_KEYWORD for p in params)
-        _TAKES_FENCE[kind] = known
-    return known
-
-
 async def add_step(storage: Storage, uuid: str, value: Any, fence: str | None) -> int:
     """Store one step of the run of ``uuid`` whose delivery holds the token ``fence`` (``None``
     for a run with no delivery); return its index. Raises :class:`LeaseLostError` when the
     storage refused it: a newer delivery owns the task, so this run must stop (its worker drops
     its result, as for any lost lease)."""
-    if fence is None or not takes_fence(storage):
+    if fence is None or not takes_keyword(storage, "add_step", "fence"):
         index = await storage.add_step(uuid, value)
     else:
         index = await storage.add_step(uuid, value, fence=fence)
