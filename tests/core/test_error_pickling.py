@@ -68,7 +68,7 @@ def test_every_error_survives_pickle(cls: type[QTasksError]) -> None:
     assert vars(copy) == vars(error)  # uuid, timeout, size... and the notes
 
 
-def test_the_cause_is_kept_as_pickle_keeps_it() -> None:
+def test_an_error_raised_from_another_keeps_its_fields_and_message() -> None:
     from qtasks.errors import TaskTimeoutError
 
     try:

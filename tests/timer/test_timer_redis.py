@@ -35,6 +35,7 @@ from timer_helpers import (
 )
 
 from qtasks_testing.clock import FakeClock
+from qtasks_timer import AsyncTimer
 from qtasks_timer.timer import CLAIMS
 from qtasks_timer.triggers import tick_key
 
@@ -241,6 +242,24 @@ if HAVE_REDIS_BACKEND:
             return await self.gate.claim(key, value, make)
 
 
+def gated_replicas(
+    redis_url: str, prefix: str, clock: FakeClock, gate: Gate
+) -> tuple[tuple[AsyncTimer, AsyncTimer], tuple[Recorder, Recorder]]:
+    """Two timer replicas on ``clock`` whose tick claims go through ``gate``, each with a
+    :class:`Recorder` of its enqueues."""
+    from redis_replica import build
+
+    timers, recorders = [], []
+    for _ in range(2):
+        app, timer = build(redis_url, prefix, clock=clock.now, claims=GatedRedisClaims)
+        assert isinstance(app.global_config, GatedRedisClaims)
+        app.global_config.gate = gate
+        recorders.append(Recorder())
+        app.add_plugin(recorders[-1])
+        timers.append(timer)
+    return (timers[0], timers[1]), (recorders[0], recorders[1])
+
+
 @pytest.mark.anyio
 async def test_a_tick_whose_claim_a_replica_won_runs_though_it_heard_so_late(
     redis_url: str, redis_prefix: str
@@ -248,22 +267,11 @@ async def test_a_tick_whose_claim_a_replica_won_runs_though_it_heard_so_late(
     """Replica a's claim of tick T1 reaches Redis first, but a hears the answer once T2 is due,
     and b (which lost T1 in time) ran T2: a enqueues T1 instead of coalescing it into T2. The
     replicas' clock is the test's, so each tick comes due when the test says."""
-    from redis_replica import build
-
     clock = FakeClock()
     clock.freeze()
     gate = ClaimGate()
-    timers, recorders = [], []
-    for _ in range(2):
-        app, timer = build(redis_url, redis_prefix, clock=clock.now, claims=GatedRedisClaims)
-        assert isinstance(app.global_config, GatedRedisClaims)
-        app.global_config.gate = gate
-        recorders.append(Recorder())
-        app.add_plugin(recorders[-1])
-        timers.append(timer)
-    await check_a_won_tick_heard_late_runs(
-        (timers[0], timers[1]), (recorders[0], recorders[1]), gate, clock
-    )
+    timers, recorders = gated_replicas(redis_url, redis_prefix, clock, gate)
+    await check_a_won_tick_heard_late_runs(timers, recorders, gate, clock)
 
 
 @pytest.mark.anyio
@@ -276,22 +284,13 @@ async def test_an_outage_that_emptied_the_claims_gives_one_run(
     restarted empty (the test deletes the claims), as does a's claim of T1. Both replicas win
     and fold into T3; the one whose claim of T3 loses sees in that claim that its tick is
     accounted for, and does not run it on its own."""
-    from redis_replica import build
-
     clock = FakeClock()
     clock.freeze()
     gate = HeldUntilBack()
-    timers, recorders = [], []
-    for _ in range(2):
-        app, timer = build(redis_url, redis_prefix, clock=clock.now, claims=GatedRedisClaims)
-        assert isinstance(app.global_config, GatedRedisClaims)
-        app.global_config.gate = gate
-        recorders.append(Recorder())
-        app.add_plugin(recorders[-1])
-        timers.append(timer)
+    timers, recorders = gated_replicas(redis_url, redis_prefix, clock, gate)
     await check_an_outage_that_emptied_the_claims_gives_one_run(
-        (timers[0], timers[1]),
-        (recorders[0], recorders[1]),
+        timers,
+        recorders,
         gate,
         clock,
         partial(timers[0].app.global_config.clear, CLAIMS),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Literal
@@ -105,6 +105,15 @@ class ClaimGate(Gate):
             self.answered += 1
 
 
+def replica_runs(recorders: Sequence[Recorder]) -> list[tuple[datetime, int, str]]:
+    """(tick, late, replica) of every run of replicas a and b, in tick order."""
+    return sorted(
+        (key_time(info["tick"]), info["late"], who)
+        for who, recorder in zip("ab", recorders, strict=True)
+        for info, _, _ in recorder.enqueued
+    )
+
+
 async def check_a_won_tick_heard_late_runs(
     timers: tuple[AsyncTimer, AsyncTimer],
     recorders: tuple[Recorder, Recorder],
@@ -118,12 +127,7 @@ async def check_a_won_tick_heard_late_runs(
     second = timedelta(seconds=1)
 
     def runs() -> list[tuple[datetime, int, str]]:
-        """(tick, late, replica) of every run, in tick order."""
-        return sorted(
-            (key_time(info["tick"]), info["late"], who)
-            for who, recorder in zip("ab", recorders, strict=True)
-            for info, _, _ in recorder.enqueued
-        )
+        return replica_runs(recorders)
 
     async with timers[0], timers[1]:
         await wait_until(lambda: len(runs()) == 1, 10, "the start's catch-up run")
@@ -200,12 +204,7 @@ async def check_an_outage_that_emptied_the_claims_gives_one_run(
         return f"{handle.id}:{tick_key(handle.trigger, tick)}"
 
     def runs() -> list[tuple[datetime, int, str]]:
-        """(tick, late, replica) of every run, in tick order."""
-        return sorted(
-            (key_time(info["tick"]), info["late"], who)
-            for who, recorder in zip("ab", recorders, strict=True)
-            for info, _, _ in recorder.enqueued
-        )
+        return replica_runs(recorders)
 
     async with timers[0], timers[1]:
         await wait_until(lambda: len(runs()) == 1, 10, "the start's catch-up run")
