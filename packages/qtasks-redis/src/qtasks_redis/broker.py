@@ -112,6 +112,7 @@ class RedisDelivery:
         "_lease_until",
         "_owner",
         "_priority",
+        "_settled",
         "_token",
         "begun",
     )
@@ -134,6 +135,7 @@ class RedisDelivery:
         self._attempt = attempt
         self._token = token
         self._lease_until = time.monotonic() + broker._lease_ms / 1000
+        self._settled: anyio.Event | None = None  # set by its settle: a suspect's consumer waits
         self.begun: TaskRecord | None = None
         """The record as begun with the claim (:meth:`RedisBroker.consume_begun`)."""
 
@@ -164,8 +166,15 @@ class RedisDelivery:
         self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
     ) -> Any:
         reply = await self._broker._while_leased((self,), script, keys, args, dynamic)
-        self._owner.pop(self._token, None)
+        self._done()
         return reply
+
+    def _done(self) -> None:
+        """Settled (or its lease lost): no longer this consumer's, and the consumer waiting
+        for it (a suspect's, see ``RedisBroker._consume``) goes on."""
+        self._owner.pop(self._token, None)
+        if self._settled is not None:
+            self._settled.set()
 
     async def _settle(self, script: Script, *args: Any) -> bool:
         return bool(
@@ -191,6 +200,8 @@ class RedisDelivery:
         )
         if done:
             self._lease_until = deadline
+        elif self._settled is not None:
+            self._settled.set()  # lost: its consumer need not wait for it
         return done
 
 
@@ -462,6 +473,8 @@ class RedisBroker:
             for delivery, renewed in zip(chunk, reply, strict=True):
                 if renewed:
                     delivery._lease_until = deadline
+                elif delivery._settled is not None:
+                    delivery._settled.set()  # lost: its consumer need not wait for it
                 out.append(bool(renewed))
         return out
 
@@ -527,7 +540,7 @@ class RedisBroker:
         else:
             reply = await self._run_call(script, keys, args, RECORD_KEYS)
         for delivery in deliveries:
-            delivery._owner.pop(delivery._token, None)
+            delivery._done()
         n, end = len(finals), len(finals) + 8 * len(begins)
         if enqueued is not None:
             enqueued += [id.decode() for id in reply[end:]]
@@ -709,15 +722,36 @@ class RedisBroker:
                 return out, wait_ms / 1000, True
             return out, idle_ms / 1000, False
 
+        async def settled_or_lost(suspect: RedisDelivery) -> None:
+            """Until ``suspect`` is settled, or lost: its lease ran out unrenewed or a renewal
+            found it fenced. Woken by the settle (no polling): the deadline is its lease's,
+            read again after each renewal."""
+            settled = suspect._settled
+            assert settled is not None
+            while suspect._token in held and not settled.is_set():
+                left = suspect._lease_until - time.monotonic()
+                if left <= 0:
+                    return
+                with anyio.move_on_after(left):
+                    await settled.wait()
+
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             failures = 0
             wake_at: float | None = None  # when a deadline is due (monotonic), if blocking
             took = False  # whether the last claim took anything
             due = False  # whether wake_at is a deadline (not the idle bound)
+            # A suspect handed out (attempt > 1: its last delivery was lost with its holder,
+            # a crash, a lease run out; claimed alone, see CLAIM_BODY): nothing more is
+            # claimed until it is settled or lost, so that, should it kill this worker
+            # again, no message claimed beside it pays a delivery for it.
+            suspect: RedisDelivery | None = None
             while True:
                 if buffer:
                     yield buffer.popleft()
                     continue
+                if suspect is not None:
+                    await settled_or_lost(suspect)
+                    suspect = None
                 try:
                     block: float | None = None
                     if wake_at is not None and (not took or time.monotonic() < wake_at):
@@ -740,6 +774,10 @@ class RedisBroker:
                         block = None if took and left <= 0 else max(left, 0.001)
                     got, wait, due = await claim(block, due)
                     buffer.extend(got)  # before a wait: at exit, the records of the rest go back
+                    for delivery in got:
+                        if delivery.attempt > 1:
+                            suspect = delivery
+                            delivery._settled = anyio.Event()
                     if buried or told:
                         await tell()
                     took = bool(got)
@@ -778,9 +816,12 @@ class RedisBroker:
                 with stopping.shield("the records of unstarted messages", 5):
                     await _unbegin(storage, [*orphans, *buffer])
             if held:
+                # Claimed and never handed to the worker: not a delivery attempt (its count
+                # is taken back, or a graceful stop would make suspects of them).
+                unhanded = {delivery.token for delivery in (*orphans, *buffer)}
                 args: list[str] = []
                 for token, id in held.items():
-                    args += [id, token]
+                    args += [id, token, "1" if token in unhanded else "0"]
                 held.clear()
                 with stopping.shield("the hand-back of held messages", 5):
                     try:
@@ -791,7 +832,7 @@ class RedisBroker:
                         log.warning(
                             "could not hand back %d deliveries to Redis at %s; they return "
                             "when their lease ends",
-                            len(args) // 2,
+                            len(args) // 3,
                             self.target.where,
                         )
 

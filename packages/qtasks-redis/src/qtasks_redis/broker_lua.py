@@ -207,7 +207,9 @@ CLAIM_BODY = r"""
 -- dead-lettering)
 -- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
 -- on_claim appends>, ...}; the wait is only computed when the ready queue was emptied (fewer
--- than count claimed); the consumer blocks for it when it claimed nothing.
+-- than count claimed); the consumer blocks for it when it claimed nothing. A claim that met a
+-- suspect (attempt > 1: its last delivery was lost with its holder) stops there, the suspect
+-- claimed alone or left for the next claim: the wait is then 0 (more is ready).
 local lease, maxd, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local consumer, nonce = string.match(ARGV[4], '^([^/]*)/(.*)$')
 local now = now_ms()
@@ -247,15 +249,20 @@ end
 local out = {'-1'}
 local n = 0
 local claimed = {}
-local empty, published = false, false
-while n < count and not empty do
+local empty, published, alone = false, false, false
+while n < count and not empty and not alone do
   -- Pop what is still wanted in one call; dead-lettered ones are made up for by the next.
   local popped = redis.call('ZPOPMIN', K_READY, count - n)
   if #popped < 2 * (count - n) then empty = true end
   for i = 1, #popped, 2 do
     local id = popped[i]
-    local body = redis.call('HGET', K_BODY, id)
-    if body then
+    local body = false
+    if not alone then body = redis.call('HGET', K_BODY, id) end
+    if alone then
+      -- After a suspect (below): back with the exact score it had, order unchanged.
+      redis.call('ZADD', K_READY, popped[i + 1], id)
+      empty = false
+    elseif body then
       -- The priority is in the ready score, except where ready_score clamped it.
       local prio = math.floor(tonumber(popped[i + 1]) / SPAN)
       if prio >= 899 or prio <= -899 then
@@ -264,7 +271,14 @@ while n < count and not empty do
         prio = tostring(prio)
       end
       local attempt = redis.call('HINCRBY', K_ATT, id, 1)
-      if attempt > maxd then
+      if attempt > 1 and attempt <= maxd and n > 0 then
+        -- A suspect (its last delivery was lost with its holder: a crash, a lease that ran
+        -- out) is claimed alone, never beside others whose delivery it would cost if it
+        -- kills its worker again: not this call's; back uncounted, with its exact score.
+        redis.call('HINCRBY', K_ATT, id, -1)
+        redis.call('ZADD', K_READY, popped[i + 1], id)
+        alone, empty = true, false
+      elseif attempt > maxd then
         local reason = 'delivery limit reached: delivered ' .. (attempt - 1) ..
           ' times without being settled (max_deliveries=' .. maxd .. ')'
         dead(id, body, reason, prio, attempt, now, ARGV[#ARGV - 1], ARGV[#ARGV])
@@ -285,6 +299,7 @@ while n < count and not empty do
         out[#out + 1] = token
         on_claim(id, body, token, out)
         claimed[n] = id
+        if attempt > 1 then alone = true end  -- a suspect, claimed alone: nothing more
       end
     end
   end
@@ -293,9 +308,10 @@ if n > 0 then redis.call('SET', K_CLAIMED, nonce .. ' ' .. cjson.encode(claimed)
 if empty then
   -- Nothing left: stale wake-ups would only cause empty claims.
   redis.call('DEL', K_NOTIFY)
-elseif moved > 0 then
+elseif moved > 0 or alone then
   notify()  -- this consumer took what it could; wake another for the rest
 end
+if alone and not empty then out[1] = '0' end  -- more is ready: claim again at once
 if empty then
   -- The earliest deadline: a delayed message due, or a lease ending (those just taken too,
   -- as before they were taken).
@@ -409,10 +425,13 @@ return out
 RELEASE = Script(
     PRELUDE
     + r"""
--- ARGV: id1, token1, id2, token2, ...: hand unsettled deliveries back at once.
+-- ARGV: id1, token1, unhanded1, id2, ...: hand unsettled deliveries back at once. unhanded
+-- '1': claimed but never handed to the worker, not a delivery attempt: its count is taken
+-- back (else its next delivery would look lost with its holder, a suspect).
 local n = 0
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV, 3 do
   if valid(ARGV[i], ARGV[i + 1]) then
+    if ARGV[i + 2] == '1' then redis.call('HINCRBY', K_ATT, ARGV[i], -1) end
     back_to_ready(ARGV[i])
     n = n + 1
   end

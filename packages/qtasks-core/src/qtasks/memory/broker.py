@@ -198,6 +198,8 @@ class MemoryBroker(_Lifecycle):
         self._tokens = itertools.count(1)
         self._token_prefix = uuid_mod.uuid4().hex[:12] + "-"
         self._signal: _Signal | None = None
+        self._watched: dict[str, anyio.Event] = {}
+        """Token -> set when that delivery is settled: a suspect's consumer waits for it."""
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -246,7 +248,26 @@ class MemoryBroker(_Lifecycle):
         if entry is not None:
             self._known.pop(entry.id, None)
             entry.token = ""
+            if self._watched:
+                watched = self._watched.pop(token, None)
+                if watched is not None:
+                    watched.set()
         return entry
+
+    async def _settled_or_lost(self, entry: _Entry, token: str) -> None:
+        """Until the delivery ``token`` of ``entry`` is settled, or lost (its lease ran out
+        unrenewed). Woken by the settle; the deadline is its lease's, read again after each
+        renewal."""
+        settled = self._watched[token] = anyio.Event()
+        try:
+            while self._inflight.get(token) is entry and not settled.is_set():
+                left = entry.lease_until - time.monotonic()
+                if left <= 0:
+                    return
+                with anyio.move_on_after(left):
+                    await settled.wait()
+        finally:
+            self._watched.pop(token, None)
 
     def _dead(self, entry: _Entry, reason: str) -> None:
         self._known.pop(entry.id, None)
@@ -398,6 +419,7 @@ class MemoryBroker(_Lifecycle):
         dead: list[TaskRecord] = []  # workflow members a claim dead-lettered
         buried: deque[tuple[str, str]] | None = None if notice is None else deque()
         told: deque[TaskRecord] | None = None if ended is None else deque()  # records ended
+        unhanded = ""  # the token of the one taken and not yielded yet, if any
 
         async def tell() -> None:
             # Each taken off before it is told: told once, even if the consumer is cancelled
@@ -410,6 +432,7 @@ class MemoryBroker(_Lifecycle):
                     await ended(told.popleft())
 
         async def deliveries() -> AsyncIterator[MemoryDelivery]:
+            nonlocal unhanded
             signal = self._signal
             assert signal is not None
             storage = None if begin is None else begin[0]
@@ -418,6 +441,7 @@ class MemoryBroker(_Lifecycle):
                 entry = self._take(storage, dead, buried, told)
                 if entry is not None:  # held from here: handed back at exit if not yielded
                     mine.add(entry.token)
+                    unhanded = entry.token
                 members = bool(dead)  # workflow members ended: their error steps published
                 if dead:  # only with a storage: begin is set
                     assert begin is not None
@@ -436,7 +460,13 @@ class MemoryBroker(_Lifecycle):
                         delivery.begun = storage.begin_claimed(
                             entry.id, entry.token, worker, _body_attempt(entry.body)
                         )
+                unhanded = ""
                 yield delivery
+                if delivery.attempt > 1:
+                    # A suspect (its last delivery was lost with its holder: a crash, a lease
+                    # run out): nothing more is taken until it is settled or lost, so that,
+                    # should it kill the worker again, nothing taken beside it pays for it.
+                    await self._settled_or_lost(entry, delivery.token)
 
         try:
             yield deliveries()
@@ -448,6 +478,8 @@ class MemoryBroker(_Lifecycle):
                 entry = self._inflight.pop(token, None)
                 if entry is not None:
                     entry.token = ""
+                    if token == unhanded:  # never handed to the worker: not an attempt
+                        entry.attempt -= 1
                     self._ready.push(entry)
             if mine:
                 self._wake()

@@ -705,6 +705,44 @@ class BrokerContract(ContractSuite):
             assert await again.ack() is True
             assert await consumer.none_within(0.2) is None
 
+    @pytest.mark.anyio
+    async def test_a_suspect_is_delivered_alone(self, broker: Broker) -> None:
+        """A message whose last delivery was lost with its holder (``attempt > 1``: a worker
+        killed, a lease run out) is a suspect: should it kill its worker again, what that
+        worker holds beside it loses a delivery too, and innocent messages follow it to the
+        dead-letter queue. So a consumer never takes it together with other messages (they
+        stay ready for other consumers, in their order), and takes nothing more while it
+        holds it, until it is settled or lost."""
+        first, suspect, fresh, later = envelope(), envelope(), envelope(), envelope()
+        await broker.publish(suspect)
+        async with broker.consume(prefetch=1) as deliveries:
+            with anyio.fail_after(2):
+                held = await deliveries.__anext__()
+            assert held.id == suspect.id
+            await broker.publish(first)
+        # Its holder went away without settling it: the delivery counts, and is lost.
+        for item in (fresh, later):
+            await broker.publish(item)
+        async with consuming(broker) as consumer:
+            got = await consumer.next(timeout=2, what="the message ahead of the suspect")
+            assert (got.id, got.attempt) == (first.id, 1)
+            again = await consumer.next(timeout=2, what="the suspect")
+            assert (again.id, again.attempt) == (suspect.id, 2)
+            # Not taken with the suspect: another consumer gets them, in their order.
+            async with consuming(broker) as other:
+                for item in (fresh, later):
+                    taken = await other.next(timeout=2, what="a message behind the suspect")
+                    assert (taken.id, taken.attempt) == (item.id, 1)
+                    assert await taken.ack() is True
+            assert await got.ack() is True
+            last = envelope()
+            await broker.publish(last)
+            assert await consumer.none_within(0.3) is None, "taken beside a held suspect"
+            assert await again.ack() is True
+            after = await consumer.next(timeout=2, what="the message published meanwhile")
+            assert (after.id, after.attempt) == (last.id, 1)
+            assert await after.ack() is True
+
     # --- consumers ------------------------------------------------------------------------
 
     @pytest.mark.anyio
