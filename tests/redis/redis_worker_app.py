@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -114,6 +115,13 @@ def build(
         value = hashlib.sha256(payload.encode()).hexdigest()
         note(f"end {i}")
         return value
+
+    @app.task
+    async def suicide(i: int) -> None:
+        """Kills its own worker process (SIGKILL) every time it runs, as an OOM kill or a
+        crashing C extension would."""
+        note(f"start {i}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     @app.task
     async def steps(n: int) -> Any:

@@ -243,3 +243,80 @@ async def test_poison_written_into_redis_is_dead_lettered(redis_url: str, prefix
             assert again.returning == 12
     finally:
         await raw.aclose()
+
+
+@pytest.mark.reliability
+async def test_a_task_that_kills_its_worker_takes_no_innocent_with_it(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A task that SIGKILLs its worker process every time it runs, among 300 no-op tasks, on
+    two workers (concurrency 5, lease 1 s, max_deliveries 3) that a supervisor (the test)
+    restarts when they die. The poison runs exactly max_deliveries times and is dead-lettered
+    with the delivery-limit reason; every other task succeeds and none is dead-lettered.
+
+    Before suspects were claimed alone, the messages a killed worker held came back with the
+    poison when their leases ran out, were claimed with it in one batch, and died with it
+    each time: a few innocents were dead-lettered beside it in every run."""
+    limit, n, poison = 3, 300, 1_000_000
+    settings: dict[str, object] = {"max_deliveries": limit}
+    app = build(redis_url, prefix, lease=1.0, max_deliveries=limit)
+    await app.start()
+    workers: list[Worker] = []
+    restarts = 0
+
+    def worker() -> Worker:
+        made = Worker(
+            redis_url,
+            prefix,
+            tmp_path,
+            lease=1.0,
+            concurrency=5,
+            name=f"w{len(workers)}",
+            config=settings,
+        )
+        workers.append(made)
+        return made
+
+    live = [worker(), worker()]
+    try:
+        await wait_workers(app, 2, *live)
+        # In one publish, the poison among the first: claimed in a batch with others.
+        signatures = [app.signature("noop", (i,)) for i in range(n)]
+        signatures.insert(3, app.signature("suicide", (poison,)))
+        tasks = await app.add_tasks(signatures)
+        bad = tasks.pop(3)
+        ledger_path = tmp_path / "ledger.txt"
+
+        async def done() -> bool:
+            # Every message ended: succeeded or dead-lettered, the poison at least.
+            dead = len(await app.broker.dead_letters())
+            return dead > 0 and (await app.storage.stats()).get("success", 0) + dead >= n + 1
+
+        with anyio.fail_after(60):
+            while not await done():
+                for at, proc in enumerate(live):
+                    if proc.proc.poll() is not None:  # killed by the poison: restart it
+                        live[at] = worker()
+                        restarts += 1
+                await anyio.sleep(0.05)
+        runs = counts(ledger_path, "start")[poison]
+        letters = await app.broker.dead_letters()
+        assert [letter.id for letter in letters] == [bad.uuid], [
+            (letter.id, letter.reason) for letter in letters
+        ]
+        assert "delivery limit" in letters[0].reason, letters[0].reason
+        assert runs == limit, f"the poison ran {runs} times"
+        assert restarts >= limit - 1
+        ended = counts(ledger_path, "end")
+        assert set(ended) == set(range(n)), "a task never ran to its end"
+        for task in tasks:
+            record = await app.storage.get(task.uuid)
+            assert record is not None and record.status is TaskStatus.SUCCESS, record
+        stats = await settled(app)
+        assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 1)
+    finally:
+        for proc in live:
+            proc.stop()
+        await app.aclose()
+    for proc in live:
+        assert not proc.problems(), proc.output()
