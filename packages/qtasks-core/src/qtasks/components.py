@@ -177,6 +177,11 @@ class Broker(Protocol):
       purged: filter or drop on read too.
     * Bad input from the outside (bytes that are not a message) is delivered like any other
       message: deciding that it is poison is the worker's job (it nacks it with a reason).
+    * **Suspects alone** (memory and Redis; RabbitMQ not yet). A delivery with ``attempt > 1``
+      (the last one was lost with its holder: a crash, a lease run out) is never taken together
+      with other messages, and its consumer takes nothing more until it is settled or lost: a
+      task that kills its worker costs what was claimed beside it one delivery, not one per
+      crash. A message a consumer took but never handed out is handed back uncounted.
     """
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
