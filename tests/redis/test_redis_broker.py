@@ -27,6 +27,7 @@ from qtasks_redis import (
     RedisStorage,
     broker_lua,
 )
+from qtasks_redis import broker_lua as lua
 from qtasks_redis.lane import Lane
 
 pytestmark = pytest.mark.anyio
@@ -282,6 +283,56 @@ async def test_consumer_exit_hands_back_unsettled_at_once(
     # Claimed but never handed out: not a delivery attempt (counted, they would come back
     # as suspects, each claimed alone, after a mere graceful stop).
     assert [d.attempt for d in again] == [1, 1, 1]
+
+
+async def test_a_consumer_waiting_on_a_suspect_claims_nothing_and_exits_at_once(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A consumer holding a suspect (attempt 2) claims nothing more: its next claim waits for
+    the suspect's settle. Cancelled there (the worker stopping), it exits at once and hands
+    the suspect back, counted (it was handed out); what it never claimed stays as it was."""
+    broker = await make(stack, redis_url, prefix, lease=60)
+    await broker.publish(Envelope("suspect", b"x"))
+    async with broker.consume(prefetch=1) as it:
+        assert (await take(it)).attempt == 1  # handed out, never settled: lost with its holder
+    await broker.publish(Envelope("fresh", b"x"))
+    async with broker.consume(prefetch=4) as it:
+        held = await take(it)
+        assert (held.id, held.attempt) == ("suspect", 2)
+        with anyio.move_on_after(0.3) as waited:
+            await it.__anext__()
+        assert waited.cancelled_caught, "claimed beside a held suspect"
+        stats = await broker.stats()
+        assert (stats.in_flight, stats.ready_by_priority) == (1, {0: 1})
+        exiting = time.monotonic()
+    assert time.monotonic() - exiting < 1
+    async with broker.consume(prefetch=4) as it:
+        first, second = await take(it), await take(it)
+    assert [(d.id, d.attempt) for d in (first, second)] == [("fresh", 1), ("suspect", 3)]
+
+
+async def test_a_suspect_is_claimed_alone_keeping_its_place(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A claim takes a suspect only alone: met behind others, it is left in its place (FIFO
+    and priority kept) and uncounted, and the claim stops; taken first, nothing comes with
+    it. The claim reports more ready (no wait), so the consumer claims again at once."""
+    broker = await make(stack, redis_url, prefix, lease=60)
+    await broker.publish(Envelope("s", b"x", priority=1))
+    async with broker.consume(prefetch=1) as it:
+        await take(it)  # never settled: lost with its holder
+    await broker.publish(Envelope("a", b"x", priority=0))
+    await broker.publish(Envelope("b", b"x", priority=1))  # behind s within priority 1
+    await broker.publish(Envelope("c", b"x", priority=1))
+    raw = broker._require()
+    claimed = await lua.CLAIM(raw, broker.keys, (60000, 5, 10, "t/n1", "", ""))
+    assert claimed[0] == b"0"
+    assert claimed[1::5] == [b"a"]
+    claimed = await lua.CLAIM(raw, broker.keys, (60000, 5, 10, "t/n2", "", ""))
+    assert (claimed[0], claimed[1::5], claimed[4::5]) == (b"0", [b"s"], [b"2"])
+    claimed = await lua.CLAIM(raw, broker.keys, (60000, 5, 10, "t/n3", "", ""))
+    assert claimed[1::5] == [b"b", b"c"]
+    assert claimed[4::5] == [b"1", b"1"]
 
 
 async def test_prefetch_is_bounded(redis_url: str, prefix: str, stack: AsyncExitStack) -> None:
