@@ -706,6 +706,24 @@ class BrokerContract(ContractSuite):
             assert await consumer.none_within(0.2) is None
 
     @pytest.mark.anyio
+    async def test_taken_but_never_handed_out_is_not_a_delivery(self, broker: Broker) -> None:
+        """What a consumer took ahead (its prefetch) and never handed out when it closes goes
+        back uncounted: its next delivery is its first (counted, a graceful stop would make
+        suspects of a prefetch's worth of messages, see the test below)."""
+        sent = [envelope() for _ in range(3)]
+        for item in sent:
+            await broker.publish(item)
+        async with broker.consume(prefetch=10) as deliveries:
+            with anyio.fail_after(2):
+                first = await deliveries.__anext__()
+            assert await first.ack() is True
+        async with consuming(broker) as consumer:
+            for _ in range(2):
+                again = await consumer.next(timeout=2, what="a message taken ahead")
+                assert again.attempt == 1, again
+                assert await again.ack() is True
+
+    @pytest.mark.anyio
     async def test_a_suspect_is_delivered_alone(self, broker: Broker) -> None:
         """A message whose last delivery was lost with its holder (``attempt > 1``: a worker
         killed, a lease run out) is a suspect: should it kill its worker again, what that
