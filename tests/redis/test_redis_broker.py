@@ -288,10 +288,11 @@ async def test_consumer_exit_hands_back_unsettled_at_once(
 async def test_a_consumer_waiting_on_a_suspect_claims_nothing_and_exits_at_once(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:
-    """A consumer holding a suspect (attempt 2) claims nothing more: its next claim waits for
-    the suspect's settle. Cancelled there (the worker stopping), it exits at once and hands
-    the suspect back, counted (it was handed out); what it never claimed stays as it was."""
-    broker = await make(stack, redis_url, prefix, lease=60)
+    """A consumer holding a suspect (attempt 2 of max_deliveries=3: one of its last two)
+    claims nothing more: its next claim waits for the suspect's settle. Cancelled there (the
+    worker stopping), it exits at once and hands the suspect back, counted (it was handed
+    out); what it never claimed stays as it was."""
+    broker = await make(stack, redis_url, prefix, lease=60, max_deliveries=3)
     await broker.publish(Envelope("suspect", b"x"))
     async with broker.consume(prefetch=1) as it:
         assert (await take(it)).attempt == 1  # handed out, never settled: lost with its holder
@@ -317,7 +318,7 @@ async def test_a_suspect_is_claimed_alone_keeping_its_place(
     """A claim takes a suspect only alone: met behind others, it is left in its place (FIFO
     and priority kept) and uncounted, and the claim stops; taken first, nothing comes with
     it. The claim reports more ready (no wait), so the consumer claims again at once."""
-    broker = await make(stack, redis_url, prefix, lease=60)
+    broker = await make(stack, redis_url, prefix, lease=60, max_deliveries=3)
     await broker.publish(Envelope("s", b"x", priority=1))
     async with broker.consume(prefetch=1) as it:
         await take(it)  # never settled: lost with its holder
@@ -325,14 +326,29 @@ async def test_a_suspect_is_claimed_alone_keeping_its_place(
     await broker.publish(Envelope("b", b"x", priority=1))  # behind s within priority 1
     await broker.publish(Envelope("c", b"x", priority=1))
     raw = broker._require()
-    claimed = await lua.CLAIM(raw, broker.keys, (60000, 5, 10, "t/n1", "", ""))
+    claimed = await lua.CLAIM(raw, broker.keys, (60000, 3, 10, "t/n1", "", ""))
     assert claimed[0] == b"0"
     assert claimed[1::5] == [b"a"]
-    claimed = await lua.CLAIM(raw, broker.keys, (60000, 5, 10, "t/n2", "", ""))
+    claimed = await lua.CLAIM(raw, broker.keys, (60000, 3, 10, "t/n2", "", ""))
     assert (claimed[0], claimed[1::5], claimed[4::5]) == (b"0", [b"s"], [b"2"])
-    claimed = await lua.CLAIM(raw, broker.keys, (60000, 5, 10, "t/n3", "", ""))
+    claimed = await lua.CLAIM(raw, broker.keys, (60000, 3, 10, "t/n3", "", ""))
     assert claimed[1::5] == [b"b", b"c"]
     assert claimed[4::5] == [b"1", b"1"]
+
+
+async def test_a_message_lost_once_is_claimed_with_others_below_its_last_two(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """With max_deliveries=5 only the 4th and 5th deliveries are claimed alone
+    (qtasks.components.alone_from): a message lost once (a worker killed by a deploy) comes
+    back in the same claim as the others, at full speed."""
+    broker = await make(stack, redis_url, prefix, lease=60, max_deliveries=5)
+    await broker.publish(Envelope("s", b"x"))
+    async with broker.consume(prefetch=1) as it:
+        await take(it)  # never settled: lost with its holder
+    await broker.publish(Envelope("b", b"x"))
+    claimed = await lua.CLAIM(broker._require(), broker.keys, (60000, 5, 10, "t/n1", "", ""))
+    assert (claimed[1::5], claimed[4::5]) == ([b"s", b"b"], [b"2", b"1"])
 
 
 async def test_prefetch_is_bounded(redis_url: str, prefix: str, stack: AsyncExitStack) -> None:

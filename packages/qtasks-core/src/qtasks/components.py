@@ -177,11 +177,15 @@ class Broker(Protocol):
       purged: filter or drop on read too.
     * Bad input from the outside (bytes that are not a message) is delivered like any other
       message: deciding that it is poison is the worker's job (it nacks it with a reason).
-    * **Suspects alone** (memory and Redis; RabbitMQ not yet). A delivery with ``attempt > 1``
-      (the last one was lost with its holder: a crash, a lease run out) is never taken together
-      with other messages, and its consumer takes nothing more until it is settled or lost: a
-      task that kills its worker costs what was claimed beside it one delivery, not one per
-      crash. A message a consumer took but never handed out is handed back uncounted.
+    * **Suspects alone** (memory and Redis; RabbitMQ not yet). A message on one of its last
+      two allowed deliveries (``attempt >= alone_from(limit)``, see :func:`alone_from`: its
+      earlier deliveries were lost with their holders, crashes or leases run out) is a
+      suspect: it is never taken together with other messages, and its consumer takes
+      nothing more until it is settled or lost. A task that kills its worker at every run then
+      dies alone on its last deliveries, and the messages lost beside it on the earlier ones
+      run theirs alone too, instead of following it to the dead-letter queue; a delivery lost
+      once (a worker killed by a deploy) costs nothing more. A message a consumer took but
+      never handed out is handed back uncounted.
     """
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
@@ -503,6 +507,15 @@ class DeliveryLimit(Protocol):
         broker's last :meth:`Broker.start`: its own option when set, else
         ``config.max_deliveries``."""
         ...
+
+
+def alone_from(limit: int) -> int:
+    """The first delivery of a message that a broker with delivery limit ``limit`` hands out
+    alone (the Broker protocol's "Suspects alone"): its last two allowed deliveries, never
+    its first. From the second when ``limit`` is 2 or 3, so that a message lost once is kept
+    apart before its last delivery; later with a larger limit, so that the deliveries lost
+    to one crash (a deploy, a node gone) come back claimed as usual."""
+    return max(2, limit - 1)
 
 
 def delivery_limit(broker: object, config: QueueConfig) -> int:

@@ -40,6 +40,7 @@ from qtasks.components import (
     Ended,
     GlobalConfig,
     Storage,
+    alone_from,
 )
 from qtasks.config import QueueConfig, own_option
 from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
@@ -740,11 +741,12 @@ class RedisBroker:
             wake_at: float | None = None  # when a deadline is due (monotonic), if blocking
             took = False  # whether the last claim took anything
             due = False  # whether wake_at is a deadline (not the idle bound)
-            # A suspect handed out (attempt > 1: its last delivery was lost with its holder,
-            # a crash, a lease run out; claimed alone, see CLAIM_BODY): nothing more is
-            # claimed until it is settled or lost, so that, should it kill this worker
-            # again, no message claimed beside it pays a delivery for it.
+            # A suspect handed out (on one of its last two allowed deliveries, the earlier
+            # ones lost with their holders: crashes, leases run out; claimed alone, see
+            # CLAIM_BODY): nothing more is claimed until it is settled or lost, so that,
+            # should it kill this worker again, no message claimed beside it pays for it.
             suspect: RedisDelivery | None = None
+            suspect_from = alone_from(self._max_deliveries)
             while True:
                 if buffer:
                     yield buffer.popleft()
@@ -775,7 +777,7 @@ class RedisBroker:
                     got, wait, due = await claim(block, due)
                     buffer.extend(got)  # before a wait: at exit, the records of the rest go back
                     for delivery in got:
-                        if delivery.attempt > 1:
+                        if delivery.attempt >= suspect_from:
                             suspect = delivery
                             delivery._settled = anyio.Event()
                     if buried or told:

@@ -208,9 +208,11 @@ CLAIM_BODY = r"""
 -- Returns {wait_ms_until_next_deadline or -1, id, body, priority, attempt, token, <what
 -- on_claim appends>, ...}; the wait is only computed when the ready queue was emptied (fewer
 -- than count claimed); the consumer blocks for it when it claimed nothing. A claim that met a
--- suspect (attempt > 1: its last delivery was lost with its holder) stops there, the suspect
--- claimed alone or left for the next claim: the wait is then 0 (more is ready).
+-- suspect (on one of its last two allowed deliveries, qtasks.components.alone_from: the
+-- earlier ones were lost with their holders) stops there, the suspect claimed alone or left
+-- for the next claim: the wait is then 0 (more is ready).
 local lease, maxd, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local alone_from = math.max(2, maxd - 1)
 local consumer, nonce = string.match(ARGV[4], '^([^/]*)/(.*)$')
 local now = now_ms()
 -- A call re-sent after its reply was lost (the lane or redis-py retries it): its first run
@@ -271,10 +273,10 @@ while n < count and not empty and not alone do
         prio = tostring(prio)
       end
       local attempt = redis.call('HINCRBY', K_ATT, id, 1)
-      if attempt > 1 and attempt <= maxd and n > 0 then
-        -- A suspect (its last delivery was lost with its holder: a crash, a lease that ran
-        -- out) is claimed alone, never beside others whose delivery it would cost if it
-        -- kills its worker again: not this call's; back uncounted, with its exact score.
+      if attempt >= alone_from and attempt <= maxd and n > 0 then
+        -- A suspect (its earlier deliveries were lost with their holders: crashes, leases
+        -- that ran out) is claimed alone, never beside others whose delivery it would cost
+        -- if it kills its worker again: not this call's; back uncounted, exact score kept.
         redis.call('HINCRBY', K_ATT, id, -1)
         redis.call('ZADD', K_READY, popped[i + 1], id)
         alone, empty = true, false
@@ -299,7 +301,7 @@ while n < count and not empty and not alone do
         out[#out + 1] = token
         on_claim(id, body, token, out)
         claimed[n] = id
-        if attempt > 1 then alone = true end  -- a suspect, claimed alone: nothing more
+        if attempt >= alone_from then alone = true end  -- a suspect, alone: nothing more
       end
     end
   end

@@ -28,6 +28,7 @@ from qtasks.components import (
     Ended,
     Storage,
     WorkflowStore,
+    alone_from,
 )
 from qtasks.config import QueueConfig, own_option
 from qtasks.errors import ComponentError
@@ -462,10 +463,11 @@ class MemoryBroker(_Lifecycle):
                         )
                 unhanded = ""
                 yield delivery
-                if delivery.attempt > 1:
-                    # A suspect (its last delivery was lost with its holder: a crash, a lease
-                    # run out): nothing more is taken until it is settled or lost, so that,
-                    # should it kill the worker again, nothing taken beside it pays for it.
+                if delivery.attempt >= alone_from(self._max_deliveries):
+                    # A suspect (on one of its last two allowed deliveries, the earlier ones
+                    # lost with their holders): nothing more is taken until it is settled or
+                    # lost, so that, should it kill the worker again, nothing taken beside it
+                    # pays for it.
                     await self._settled_or_lost(entry, delivery.token)
 
         try:

@@ -5,6 +5,7 @@ Over ~500 lines: a contract suite is a list of tests, one per guarantee of the p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -16,7 +17,7 @@ import anyio
 import pytest
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from qtasks.components import Broker, DeadLetter, Delivery
+from qtasks.components import Broker, DeadLetter, Delivery, alone_from, delivery_limit
 from qtasks.config import QueueConfig
 from qtasks.errors import ComponentNotStartedError
 from qtasks.messages import Envelope
@@ -725,12 +726,13 @@ class BrokerContract(ContractSuite):
 
     @pytest.mark.anyio
     async def test_a_suspect_is_delivered_alone(self, broker: Broker) -> None:
-        """A message whose last delivery was lost with its holder (``attempt > 1``: a worker
-        killed, a lease run out) is a suspect: should it kill its worker again, what that
-        worker holds beside it loses a delivery too, and innocent messages follow it to the
-        dead-letter queue. So a consumer never takes it together with other messages (they
-        stay ready for other consumers, in their order), and takes nothing more while it
-        holds it, until it is settled or lost."""
+        """A message on one of its last two allowed deliveries (:func:`alone_from`; with the
+        suite's ``max_deliveries=3`` from its second), the earlier ones lost with their
+        holders (a worker killed, a lease run out), is a suspect: should it kill its worker
+        again, what that worker holds beside it loses a delivery too, and innocent messages
+        follow it to the dead-letter queue. So a consumer never takes it together with other
+        messages (they stay ready for other consumers, in their order), and takes nothing
+        more while it holds it, until it is settled or lost."""
         first, suspect, fresh, later = envelope(), envelope(), envelope(), envelope()
         await broker.publish(suspect)
         async with broker.consume(prefetch=1) as deliveries:
@@ -760,6 +762,40 @@ class BrokerContract(ContractSuite):
             after = await consumer.next(timeout=2, what="the message published meanwhile")
             assert (after.id, after.attempt) == (last.id, 1)
             assert await after.ack() is True
+
+    @pytest.mark.anyio
+    async def test_a_delivery_lost_once_is_not_kept_apart(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> None:
+        """Only a message's last two allowed deliveries are kept apart
+        (:func:`~qtasks.components.alone_from`): with ``max_deliveries=5`` a message lost once
+        with its holder (a worker killed by a deploy) comes back as usual, and its consumer
+        goes on taking messages while it holds it, so the deliveries one crash lost come back
+        at full speed."""
+        config = dataclasses.replace(contract_config, max_deliveries=5)
+        async with AsyncExitStack() as stack:
+            broker = broker_factory(config)
+            await broker.start(stack, config)
+            limit = delivery_limit(broker, config)
+            assert alone_from(limit) > 2, f"the broker's own delivery limit is {limit}"
+            lost = envelope()
+            await broker.publish(lost)
+            async with broker.consume(prefetch=1) as deliveries:
+                with anyio.fail_after(2):
+                    held = await deliveries.__anext__()
+                assert held.id == lost.id
+            behind = envelope()
+            await broker.publish(behind)
+            async with consuming(broker) as consumer:
+                # Both taken while neither is settled (in whichever order the broker hands
+                # them: RabbitMQ puts a lost delivery back at its old place).
+                taken = [
+                    await consumer.next(timeout=2, what="the message lost once, or the other")
+                    for _ in range(2)
+                ]
+                assert {d.id: d.attempt for d in taken} == {lost.id: 2, behind.id: 1}
+                for delivery in taken:
+                    assert await delivery.ack() is True
 
     # --- consumers ------------------------------------------------------------------------
 
