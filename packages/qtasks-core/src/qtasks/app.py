@@ -203,6 +203,10 @@ class AsyncQueueTasks:
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
+        self.starting: str | None = None
+        """The component :meth:`start` was starting when it failed (``"storage"``,
+        ``"global_config"`` or ``"broker"``); ``None`` once they all started or before any
+        did (a hook failed). For the warning of a worker waiting for its servers."""
         self._loop: asyncio.AbstractEventLoop | None = None
         """The asyncio loop the components were started in (``None`` under trio)."""
         self._pid = os.getpid()
@@ -393,6 +397,7 @@ class AsyncQueueTasks:
                 self._pending_hooks.clear()
                 for kind in ("storage", "global_config", "broker"):
                     component = getattr(self, kind)
+                    self.starting = kind
                     await component.start(stack, self.config)
                     stack.push_async_callback(self._stopped_hook, kind, component)
                     await self.hooks.notify(
@@ -405,9 +410,13 @@ class AsyncQueueTasks:
                 self._wait_added = (
                     storage.wait_fresh if isinstance(storage, FreshWait) else storage.wait
                 )
+                self.starting = None
                 await self.hooks.notify("qtasks_app_started", app=self)
             except BaseException:
-                await stack.aclose()
+                # Shielded: a start cancelled half-way (a stop while a worker waits for its
+                # servers, see qtasks.waiting) still closes what it opened.
+                with anyio.CancelScope(shield=True):
+                    await stack.aclose()
                 raise
             self._stack = stack
             self._loop = _running_loop()
@@ -574,6 +583,20 @@ class AsyncQueueTasks:
                     hurry()
                 except RuntimeError:  # as above
                     pass
+
+    async def stop_requested_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for :meth:`stop` (called before or meanwhile) and say whether
+        it was; the request is kept, for :meth:`wait_for_stop` to consume. What a worker
+        waiting for its servers at start sleeps on between two attempts."""
+        event = anyio.Event()
+        self._wake_stop = _threadsafe(event.set)
+        try:
+            if not self._stop_requested:
+                with anyio.move_on_after(seconds):
+                    await event.wait()
+        finally:
+            self._wake_stop = None
+        return self._stop_requested
 
     async def wait_for_stop(self) -> None:
         """Return once :meth:`stop` has been called (before this call or while it waits) and

@@ -73,6 +73,12 @@ class QueueConfig(QTasksConfigNames):
     """Upper bound of one retry delay."""
     shutdown_grace: float = 30.0
     """Seconds running tasks get to finish on shutdown before they are handed back."""
+    start_timeout: float | None = None
+    """Seconds a worker (``run_forever``, ``qtasks run``) waits for servers it cannot reach at
+    start, trying again with back-off and a warning per attempt (see :mod:`qtasks.waiting`).
+    ``None``: without limit, until they are up or it is stopped; ``0``: the error is raised
+    at once. Refused credentials and configuration errors are never waited on; producers
+    (``add_task``, ``app.start()``) do not wait."""
     heartbeat_interval: float = 5.0
     """Seconds between worker heartbeats in the GlobalConfig."""
     loop_stall_warning: float | None = 1.0
@@ -152,7 +158,9 @@ POSITIVE = frozenset(
 """Settings that must be a positive, finite number when set: zero, a negative number, nan or
 inf is refused, naming the setting (``None`` turns the optional ones off)."""
 
-NON_NEGATIVE = frozenset({"prefetch", "retry", "retry_backoff", "shutdown_grace"})
+NON_NEGATIVE = frozenset(
+    {"prefetch", "retry", "retry_backoff", "shutdown_grace", "start_timeout"}
+)
 """Settings that must be a finite number of 0 or more: a negative number, nan or inf is
 refused, naming the setting."""
 

@@ -219,6 +219,17 @@ class StorageFullError(ServerFullError, StorageConnectionError):
     """The storage's server refused a write for want of memory (see :class:`ServerFullError`)."""
 
 
+class CredentialsRefusedError(BrokerConnectionError):
+    """The server answered and refused the connection: wrong password or user, no
+    permission, a virtual host not allowed. A configuration error that no retry mends: a
+    worker waiting for its servers at start (``start_timeout``, see :mod:`qtasks.waiting`)
+    does not wait on it. A :class:`BrokerConnectionError`, as it was before it existed."""
+
+
+class StorageCredentialsRefusedError(CredentialsRefusedError, StorageConnectionError):
+    """The storage's server refused the credentials (see :class:`CredentialsRefusedError`)."""
+
+
 class LeaseLostError(ComponentError):
     """A worker presented a stale delivery token: another attempt owns this message now."""
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from qtasks.loop import loop_options
+from qtasks.waiting import start_when_reachable
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -61,6 +62,12 @@ class SignalStarter:
                 if signals is not None:
                     tg.start_soon(_stop_on_signals, app, signals)
                 try:
+                    # A worker started before its servers waits for them (qtasks.waiting).
+                    if not await start_when_reachable(app):
+                        log.info("stopped while waiting for the servers; nothing was taken")
+                        await app.wait_for_stop()  # consumes the request
+                        tg.cancel_scope.cancel()
+                        return
                     async with app:
                         log.info("qtasks app %r serving (worker %s)", app.name, app.worker.id)
                         await app.wait_for_stop()

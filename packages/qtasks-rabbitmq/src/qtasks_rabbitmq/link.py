@@ -29,7 +29,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from qtasks.errors import BrokerConnectionError
+from qtasks.errors import BrokerConnectionError, CredentialsRefusedError
 from qtasks.masking import MASK, mask_text, mask_url
 from qtasks_rabbitmq.confirms import (
     ConfirmPace,
@@ -47,6 +47,13 @@ from qtasks_rabbitmq.settings import check_url
 from qtasks_rabbitmq.topology import Topology
 
 log = logging.getLogger("qtasks.rabbitmq")
+
+_REFUSALS = (
+    aiormq.exceptions.AuthenticationError,  # no mechanism both sides accept
+    aiormq.exceptions.ProbableAuthenticationError,  # 403 ACCESS_REFUSED: user, password, vhost
+    aiormq.exceptions.ConnectionNotAllowed,  # 530 NOT_ALLOWED: a vhost that does not exist
+)
+"""What RabbitMQ answers to a connection it refuses for its configuration, not an outage."""
 
 Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
 
@@ -116,7 +123,10 @@ class Link:
             raise
         except Exception as exc:
             await self._drop_connection()
-            raise BrokerConnectionError(
+            # Refused credentials or access are a configuration error: a worker waiting for
+            # its servers at start (start_timeout) does not wait on them.
+            kind = CredentialsRefusedError if isinstance(exc, _REFUSALS) else BrokerConnectionError
+            raise kind(
                 f"cannot connect to RabbitMQ at {self.safe_url}: {describe(exc, self._secret)}"
             ) from None
         self._supervisor = asyncio.create_task(self._supervise(), name="qtasks-rabbitmq-link")

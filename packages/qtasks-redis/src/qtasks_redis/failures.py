@@ -23,7 +23,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.errors import (
     BrokerConnectionError,
+    CredentialsRefusedError,
     ServerFullError,
+    StorageCredentialsRefusedError,
     StorageConnectionError,
     StorageFullError,
 )
@@ -82,7 +84,12 @@ def connection_error(
             "it refused this call, which wrote nothing; free memory or raise maxmemory"
         )
     if refused_credentials(exc):
-        return kind(
+        refused = (
+            StorageCredentialsRefusedError
+            if issubclass(kind, StorageConnectionError)
+            else CredentialsRefusedError
+        )
+        return refused(
             f"Redis at {target.where}{db} refused the credentials (check the user name and "
             f"password of the URL): {reason}"
         )

@@ -78,14 +78,30 @@ def run(
         str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: config).")
     ] = None,
     metrics_port: MetricsPortOpt = None,
+    start_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds to wait for servers not reachable at start, trying again with "
+            "back-off (start_timeout; default: config, else without limit; 0: fail at once).",
+        ),
+    ] = None,
 ) -> None:
     """Serve tasks until SIGINT/SIGTERM, then stop gracefully.
+
+    A broker or storage not reachable yet is waited for (a warning per attempt) for up to
+    start_timeout seconds; refused credentials and configuration errors fail at once.
 
     On SIGINT/SIGTERM the worker takes no new messages, hands waiting ones back to the broker
     and gives running tasks shutdown_grace seconds before cancelling and requeueing them; a
     second signal requeues them at once.
     """
-    flags = {**where.flags(), "max_tasks_process": concurrency, "log_level": log_level}
+    flags = {
+        **where.flags(),
+        "max_tasks_process": concurrency,
+        "log_level": log_level,
+        "start_timeout": start_timeout,
+    }
     # Logging first, so that what configuration decides (a storage following the broker, a
     # default address) is shown; the configured level applies once the app is known.
     early = (log_level or "INFO").upper()
