@@ -144,6 +144,7 @@ def test_run_logs_serving_only_once_the_components_started(tmp_path: Path) -> No
     (tmp_path / "tasks.py").write_text(TASKS.replace("PREFIX", "'unused'"))
     url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
     command = ["run", "-A", "tasks:app", "--broker", "redis", "--broker-url", url]
+    command += ["--start-timeout", "0"]  # fail at once rather than wait for the server
     done = subprocess.run(
         [sys.executable, "-m", "qtasks", *command],
         cwd=tmp_path,
@@ -154,6 +155,40 @@ def test_run_logs_serving_only_once_the_components_started(tmp_path: Path) -> No
     )
     assert done.returncode == 1, done.stderr
     assert "error: cannot reach Redis" in done.stderr
+    assert "serving" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["toml", "flag"])
+def test_run_waits_for_an_unreachable_redis_up_to_start_timeout(tmp_path: Path, where: str) -> None:
+    """start_timeout from qtasks.toml or --start-timeout: the worker tries again (a warning
+    per attempt) for that long, then exits with the error (code 1)."""
+    (tmp_path / "tasks.py").write_text(TASKS.replace("PREFIX", "'unused'"))
+    url = f"redis://u:pw-s3cret@127.0.0.1:{_free_port()}/0"  # nothing listens there
+    command = ["run", "-A", "tasks:app", "--broker", "redis", "--broker-url", url]
+    if where == "toml":  # an app built by from_config(), which reads qtasks.toml
+        app_line = 'QueueTasks(config=QueueConfig(extra={"redis_prefix": PREFIX}))'
+        tasks = TASKS.replace(app_line, "QueueTasks.from_config()")
+        (tmp_path / "tasks.py").write_text(tasks.replace("PREFIX", "'unused'"))
+        (tmp_path / "qtasks.toml").write_text("start_timeout = 1.5\n")
+    else:
+        command += ["--start-timeout", "1.5"]
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "qtasks", *command],
+        cwd=tmp_path,
+        env=_clean_env(PYTHONPATH=_path(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - began >= 1.5
+    attempts = done.stderr.count("storage RedisStorage cannot start: cannot reach Redis")
+    assert 3 <= attempts <= 10, done.stderr
+    assert "gave up waiting for the servers after" in done.stderr
+    assert "error: cannot reach Redis" in done.stderr
+    assert "pw-s3cret" not in done.stderr
     assert "serving" not in done.stderr
 
 

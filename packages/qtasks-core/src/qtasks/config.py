@@ -158,9 +158,7 @@ POSITIVE = frozenset(
 """Settings that must be a positive, finite number when set: zero, a negative number, nan or
 inf is refused, naming the setting (``None`` turns the optional ones off)."""
 
-NON_NEGATIVE = frozenset(
-    {"prefetch", "retry", "retry_backoff", "shutdown_grace", "start_timeout"}
-)
+NON_NEGATIVE = frozenset({"prefetch", "retry", "retry_backoff", "shutdown_grace", "start_timeout"})
 """Settings that must be a finite number of 0 or more: a negative number, nan or inf is
 refused, naming the setting."""
 

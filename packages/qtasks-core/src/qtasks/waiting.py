@@ -56,7 +56,7 @@ def pause(failures: int) -> float:
     """Seconds to wait after the ``failures``-th failed attempt in a row (1, 2...): the
     capped exponential back-off, jittered down by up to a quarter so that workers started
     together do not all knock at once."""
-    base = min(START_RETRY_CAP, START_RETRY_FIRST * 2 ** min(failures - 1, 32))
+    base = min(START_RETRY_CAP, START_RETRY_FIRST * 2.0 ** min(failures - 1, 32))
     return base * (0.75 + random.random() / 4)
 
 

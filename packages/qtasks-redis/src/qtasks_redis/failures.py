@@ -25,8 +25,8 @@ from qtasks.errors import (
     BrokerConnectionError,
     CredentialsRefusedError,
     ServerFullError,
-    StorageCredentialsRefusedError,
     StorageConnectionError,
+    StorageCredentialsRefusedError,
     StorageFullError,
 )
 

@@ -1,0 +1,88 @@
+"""F9 on RabbitMQ: a worker whose RabbitMQ is not up yet waits for it through the same core
+path as on Redis (one warning per back-off step, the password masked) and a stop ends the
+wait; refused credentials are not waited on."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.errors import CredentialsRefusedError
+from qtasks_rabbitmq import RabbitMQBroker
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "s3cret-amqp-pw"
+
+
+class Caught(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def attempts(self) -> list[str]:
+        return [m for m in self.messages if "cannot start:" in m]
+
+
+@pytest.fixture
+def caught() -> Iterator[Caught]:
+    handler = Caught()
+    logger = logging.getLogger("qtasks")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (the shared RabbitMQ is left alone)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_a_worker_whose_rabbitmq_is_not_up_waits_one_warning_per_step(
+    caught: Caught,
+) -> None:
+    app = AsyncQueueTasks(
+        broker=RabbitMQBroker(f"amqp://guest:{SECRET}@127.0.0.1:{closed_port()}/")
+    )
+    began = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app.serve)
+        with anyio.fail_after(10):
+            while len(caught.attempts()) < 5:  # noqa: ASYNC110 - log records of another task
+                await anyio.sleep(0.02)
+        waited = time.monotonic() - began
+        assert not app.started
+        asked = time.monotonic()
+        app.stop()
+    assert time.monotonic() - asked < 1
+    # 0.1, 0.2, 0.4, 0.8 s (jittered down by at most a quarter) between the five: not a spin.
+    assert waited >= 0.75 * (0.1 + 0.2 + 0.4 + 0.8)
+    for message in caught.attempts():
+        assert message.startswith("broker RabbitMQBroker cannot start: cannot connect to RabbitMQ")
+        assert "guest:***@127.0.0.1" in message
+    assert all(SECRET not in m for m in caught.messages)
+
+
+async def test_refused_rabbitmq_credentials_are_not_waited_on(
+    rabbitmq_url: str, caught: Caught
+) -> None:
+    url = rabbitmq_url.replace("guest:guest@", f"guest:{SECRET}@")
+    app = AsyncQueueTasks(broker=RabbitMQBroker(url), config=QueueConfig())
+    with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
+        await app.serve()
+    assert SECRET not in str(info.value)
+    assert caught.attempts() == []

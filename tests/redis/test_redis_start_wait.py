@@ -1,0 +1,276 @@
+"""F9 of the reliability plan: a worker started before its Redis waits for it (one warning
+per back-off step, the password masked), serves once the server is up, and stops promptly
+while waiting; refused credentials and configuration errors fail at once; ``start_timeout``
+bounds the wait; an attempt that got halfway (storage connected, broker not) leaves nothing
+open."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+import redis
+from redis_procs import Worker, free_port, start_server
+from redis_worker_app import build
+
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus
+from qtasks.errors import BrokerConnectionError, ConfigError, CredentialsRefusedError
+from qtasks.waiting import START_RETRY_CAP, START_RETRY_FIRST
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+
+pytestmark = pytest.mark.anyio
+
+PASSWORD = "s3cret-start-pw"
+WARNING = re.compile(r"WARNING qtasks: (\w+) (\w+) cannot start: (.*); trying again in")
+
+
+def most_warnings(seconds: float) -> int:
+    """The most warnings the back-off allows in ``seconds`` of waiting (one per attempt):
+    pauses of at least 0.75 x 0.1, 0.2, 0.4... s up to the cap, plus the first attempt and
+    one for an attempt under way."""
+    least_first = 0.75 * START_RETRY_FIRST
+    doubling = math.ceil(math.log2(seconds / least_first + 1))
+    return 2 + doubling + math.ceil(seconds / (0.75 * START_RETRY_CAP))
+
+
+class Caught(logging.Handler):
+    """The messages of qtasks' warnings (start attempts) in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def attempts(self) -> list[str]:
+        return [m for m in self.messages if "cannot start:" in m]
+
+
+@pytest.fixture
+def caught() -> Iterator[Caught]:
+    handler = Caught()
+    logger = logging.getLogger("qtasks")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def redis_app(url: str, **config: object) -> AsyncQueueTasks:
+    return AsyncQueueTasks(
+        broker=RedisBroker(url),
+        storage=RedisStorage(url),
+        global_config=RedisGlobalConfig(url),
+        config=QueueConfig().merged(**config),
+    )
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    """Until ``condition()`` (a log line, a server's client count), failing at the deadline."""
+    with anyio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110 - logs and a server's state, not an event
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_worker_started_before_redis_waits_then_serves_within_5_s(
+    prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_server(tmp_path, fsync="no", password=PASSWORD)
+    server.kill()  # its port is known; nothing listens there until it starts again
+    url = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+    monkeypatch.setenv("QT_LOG_LEVEL", "INFO")
+    began = time.monotonic()
+    worker = Worker(url, prefix, tmp_path, concurrency=4)
+    app = build(url, prefix)
+    try:
+        # The scenario: the broker comes up 3 s after the worker (the plan says up to 10).
+        await anyio.sleep(3)
+        assert worker.proc.poll() is None, worker.output()
+        before = worker.output()
+        assert len(WARNING.findall(before)) >= 3, before
+        await anyio.to_thread.run_sync(server.start)
+        up = time.monotonic()
+        await app.start()
+        tasks = [await app.add_task("noop", i) for i in range(5)]
+        for i, task in enumerate(tasks):
+            left = 5 - (time.monotonic() - up)
+            done = await app.wait(task.uuid, timeout=max(left, 0.01))
+            assert (done.status, done.returning) == (TaskStatus.SUCCESS, i * 2)
+        assert time.monotonic() - up <= 5
+        assert worker.proc.poll() is None, worker.output()
+        out = worker.output()
+        assert "components started after" in out, out
+        warnings = WARNING.findall(out)
+        waited = up - began + 5  # at most: the worker stopped trying once it started
+        assert 3 <= len(warnings) <= most_warnings(waited), out
+        for kind, cls, error in warnings:
+            assert (kind, cls) == ("storage", "RedisStorage"), out
+            assert error.startswith(f"cannot reach Redis at 127.0.0.1:{server.port} (db 0)")
+        assert PASSWORD not in out
+        assert worker.problems() == []
+    finally:
+        code = worker.stop()
+        await app.aclose()
+        server.close()
+    assert code == 0, worker.output()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_sigterm_while_waiting_ends_the_worker_within_a_second(
+    prefix: str, tmp_path: Path
+) -> None:
+    worker = Worker(f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0", prefix, tmp_path)
+    try:
+        await wait_for(lambda: len(WARNING.findall(worker.output())) >= 4, 20)
+        asked = time.monotonic()
+        code = await anyio.to_thread.run_sync(worker.stop, 5)
+        assert time.monotonic() - asked < 1.5, worker.output()
+    finally:
+        worker.kill() if worker.proc.poll() is None else None
+    assert code == 0, worker.output()
+    assert PASSWORD not in worker.output()
+    assert worker.problems() == []
+
+
+async def test_serve_waits_without_limit_and_a_stop_ends_the_wait(caught: Caught) -> None:
+    app = redis_app(f"redis://user:{PASSWORD}@127.0.0.1:{free_port()}/0")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app.serve)
+        await wait_for(lambda: len(caught.attempts()) >= 5, 10)
+        assert not app.started
+        asked = time.monotonic()
+        app.stop()
+    assert time.monotonic() - asked < 1
+    assert not app.started
+    assert all(PASSWORD not in m for m in caught.messages)
+    for message in caught.attempts():
+        assert message.startswith("storage RedisStorage cannot start: cannot reach Redis")
+
+
+async def test_stop_during_an_attempt_that_hangs_cancels_it(caught: Caught) -> None:
+    """A host that accepts and never answers: the attempt would wait for the connect
+    timeout (here 30 s); the stop ends it at once."""
+    with socket_that_never_answers() as port:
+        app = redis_app(f"redis://127.0.0.1:{port}/0", extra={"redis_connect_timeout": 30.0})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            await anyio.sleep(0.3)  # the first attempt is under way, waiting on the socket
+            assert caught.attempts() == []
+            asked = time.monotonic()
+            app.stop()
+        assert time.monotonic() - asked < 1
+        assert not app.started
+
+
+@contextmanager
+def socket_that_never_answers() -> Iterator[int]:
+    """A listening loopback socket: the kernel accepts connections, nothing ever replies."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        port: int = sock.getsockname()[1]
+        yield port
+
+
+async def test_start_timeout_gives_up_with_the_error(caught: Caught) -> None:
+    app = redis_app(f"redis://127.0.0.1:{free_port()}/0", start_timeout=0.8)
+    began = time.monotonic()
+    with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="cannot reach Redis"):
+        await app.serve()
+    assert 0.8 <= time.monotonic() - began < 2
+    assert 2 <= len(caught.attempts()) <= most_warnings(0.8)
+    assert any("gave up waiting" in m for m in caught.messages)
+
+
+async def test_start_timeout_0_fails_at_once_as_before(caught: Caught) -> None:
+    app = redis_app(f"redis://127.0.0.1:{free_port()}/0", start_timeout=0)
+    with anyio.fail_after(2), pytest.raises(BrokerConnectionError, match="cannot reach Redis"):
+        await app.serve()
+    assert caught.attempts() == []
+
+
+async def test_refused_credentials_are_not_waited_on(tmp_path: Path, caught: Caught) -> None:
+    server = start_server(tmp_path, fsync="no", password=PASSWORD)
+    try:
+        app = redis_app(f"redis://:wrong-{PASSWORD}@127.0.0.1:{server.port}/0")
+        with anyio.fail_after(2), pytest.raises(CredentialsRefusedError) as info:
+            await app.serve()
+        assert "refused the credentials" in str(info.value)
+        assert PASSWORD not in str(info.value)
+        assert caught.attempts() == []
+    finally:
+        server.close()
+
+
+async def test_a_configuration_error_is_not_waited_on(caught: Caught) -> None:
+    app = redis_app(f"redis://127.0.0.1:{free_port()}/0", extra={"redis_socket_timout": 1.0})
+    with anyio.fail_after(2), pytest.raises(ConfigError, match="redis_socket_timout"):
+        await app.serve()
+    assert caught.attempts() == []
+
+
+async def test_an_attempt_that_got_halfway_leaves_nothing_open(
+    tmp_path: Path, caught: Caught
+) -> None:
+    """The storage and global config reach their server, the broker does not: each attempt
+    closes what it opened before the next, so the reachable server sees no connection pile
+    up (it has only the test's own once the wait is stopped)."""
+    server = start_server(tmp_path, fsync="no")
+    try:
+        app = AsyncQueueTasks(
+            broker=RedisBroker(f"redis://127.0.0.1:{free_port()}/0"),
+            storage=RedisStorage(server.url),
+            global_config=RedisGlobalConfig(server.url),
+        )
+        watcher = redis.Redis(port=server.port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            await wait_for(lambda: len(caught.attempts()) >= 5, 10)
+            app.stop()
+        assert all(m.startswith("broker RedisBroker cannot start") for m in caught.attempts())
+
+        def others() -> int:
+            return len(watcher.client_list()) - 1  # without the watcher itself
+
+        await wait_for(lambda: others() == 0, 2)
+        watcher.close()
+    finally:
+        server.close()
+
+
+def test_a_sync_app_run_forever_waits_too_and_stop_ends_it(caught: Caught) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    app = QueueTasks(
+        broker=RedisBroker(url), storage=RedisStorage(url), global_config=RedisGlobalConfig(url)
+    )
+    serving = threading.Thread(target=app.run_forever)
+    serving.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(caught.attempts()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(caught.attempts()) >= 4
+        assert serving.is_alive()
+        asked = time.monotonic()
+        app.stop()
+        serving.join(2)
+        assert not serving.is_alive()
+        assert time.monotonic() - asked < 1
+    finally:
+        app.stop()
+        serving.join(5)
+        app.close()
