@@ -548,7 +548,9 @@ class AsyncQueueTasks:
     def run_forever(self, starter: Starter | None = None, **qtasks17: Any) -> None:
         """Block serving tasks in a new event loop until :meth:`stop` or SIGINT/SIGTERM
         (through ``starter``, by default a :class:`~qtasks.starter.SignalStarter`). It may run
-        in any thread; signals are watched only when it runs on the main thread."""
+        in any thread; signals are watched only when it runs on the main thread. Servers not
+        reachable yet are waited for, up to ``config.start_timeout`` (see
+        :mod:`qtasks.waiting`)."""
         if qtasks17:  # QTasks' num_workers=, reset_config=, loop=: accepted, warned
             warn_run_forever_options(qtasks17)
         (starter or SignalStarter()).run(self)

@@ -32,6 +32,9 @@ class SignalStarter:
     running tasks are cancelled and handed back at once. Either way the stop waits on the
     backends at most :data:`~qtasks.stopping.STOP_MARGIN` more: what a stalled server did not
     take is left to the leases (one warning says what). Each signal is logged.
+
+    Components whose servers cannot be reached yet are waited for (a warning per attempt, up
+    to ``config.start_timeout``; a signal ends the wait): see :mod:`qtasks.waiting`.
     """
 
     def __init__(
