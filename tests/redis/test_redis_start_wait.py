@@ -22,7 +22,7 @@ import redis
 from redis_procs import Worker, free_port, start_server
 from redis_worker_app import build
 
-from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus, hookimpl
 from qtasks.errors import BrokerConnectionError, ConfigError, CredentialsRefusedError
 from qtasks.waiting import START_RETRY_CAP, START_RETRY_FIRST
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
@@ -274,3 +274,24 @@ def test_a_sync_app_run_forever_waits_too_and_stop_ends_it(caught: Caught) -> No
         app.stop()
         serving.join(5)
         app.close()
+
+
+async def test_a_stop_requested_before_serving_still_starts_and_stops_at_once(
+    redis_url: str,
+) -> None:
+    """The stop is kept for the next run (docs/tasks.md): with Redis up, it starts (the
+    components' hooks fire) and stops, rather than being taken for a stop while waiting."""
+    app = redis_app(redis_url)
+    seen: list[str] = []
+
+    class Watch:
+        @hookimpl
+        def qtasks_app_started(self, app: AsyncQueueTasks) -> None:
+            seen.append("started")
+
+    app.add_plugin(Watch(), "watch")
+    app.stop()
+    with anyio.fail_after(10):
+        await app.serve()
+    assert seen == ["started"]
+    assert not app.started

@@ -120,7 +120,13 @@ def _which(app: AsyncQueueTasks) -> str:
 
 async def _start_unless_stopped(app: AsyncQueueTasks) -> bool:
     """``await app.start()``, cancelled if a stop is requested meanwhile (an attempt may
-    take up to a connect timeout on a host that does not answer). ``False``: stopped."""
+    take up to a connect timeout on a host that does not answer). ``False``: stopped.
+
+    A stop requested before the attempt does not cancel it: ``run_forever`` after a
+    ``stop()`` starts and stops at once, as documented (if the servers are reachable)."""
+    if await app.stop_requested_within(0):
+        await app.start()
+        return True
     started = False
     failed: Exception | None = None
     async with anyio.create_task_group() as tg:
