@@ -164,11 +164,12 @@ async def test_serve_waits_without_limit_and_a_stop_ends_the_wait(caught: Caught
 async def test_stop_during_an_attempt_that_hangs_cancels_it(caught: Caught) -> None:
     """A host that accepts and never answers: the attempt would wait for the connect
     timeout (here 30 s); the stop ends it at once."""
-    with socket_that_never_answers() as port:
+    with socket_that_never_answers() as (port, connected):
         app = redis_app(f"redis://127.0.0.1:{port}/0", extra={"redis_connect_timeout": 30.0})
         async with anyio.create_task_group() as tg:
             tg.start_soon(app.serve)
-            await anyio.sleep(0.3)  # the first attempt is under way, waiting on the socket
+            # The first attempt is under way: connected, waiting on the socket for a reply.
+            assert await anyio.to_thread.run_sync(connected.wait, 5.0), "no connection came"
             assert caught.attempts() == []
             asked = time.monotonic()
             app.stop()
@@ -177,13 +178,37 @@ async def test_stop_during_an_attempt_that_hangs_cancels_it(caught: Caught) -> N
 
 
 @contextmanager
-def socket_that_never_answers() -> Iterator[int]:
-    """A listening loopback socket: the kernel accepts connections, nothing ever replies."""
+def socket_that_never_answers() -> Iterator[tuple[int, threading.Event]]:
+    """A listening loopback socket that accepts connections and never replies; the event is
+    set once a client connected."""
+    connected, done = threading.Event(), threading.Event()
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed at exit
+                return
+            accepted.append(conn)  # kept open, silent, until the end
+            connected.set()
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
+        sock.settimeout(0.1)
         port: int = sock.getsockname()[1]
-        yield port
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield port, connected
+        finally:
+            done.set()
+            thread.join(5)
+            for conn in accepted:
+                conn.close()
 
 
 async def test_start_timeout_gives_up_with_the_error(caught: Caught) -> None:
