@@ -233,6 +233,101 @@ async def test_delivery_handed_back_on_close_keeps_its_count(
         assert await again.ack()
 
 
+async def consumers_on(broker: RabbitMQBroker, count: int) -> None:
+    """Until RabbitMQ counts ``count`` consumers on the broker's work queue (a passive
+    declare; a quorum queue updates its count a moment after the ``basic.cancel``)."""
+
+    async def counted() -> bool:
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(broker.topology.queue, passive=True)
+            return queue.declaration_result.consumer_count == count
+
+    await poll(counted, timeout=5)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_suspect_is_received_alone_and_its_consumer_pauses_until_it_is_settled(
+    make_broker: BrokerFactory, queue_type: str
+) -> None:
+    """RabbitMQ pushes up to the prefetch to a consumer. The one that receives a suspect
+    (max_deliveries=3: its second delivery on) cancels its consumer, hands back uncounted
+    what was pushed to it beside the suspect, hands the suspect out alone, and consumes
+    again once it is settled. A consumer that closes while it keeps a suspect apart not
+    handed out yet hands it back uncounted."""
+    broker = await make_broker(max_deliveries=3, queue_type=queue_type)
+    suspect = envelope(b"suspect")
+    await broker.publish(suspect)
+    async with broker.consume(prefetch=1) as deliveries:
+        assert (await take(deliveries)).attempt == 1
+    # Lost with its holder (counted). Received and kept apart, never handed out: back uncounted
+    # (on a classic queue with its count in the header, ahead of what is published next).
+    async with broker.consume(prefetch=1) as deliveries:
+        consumer = cast(Consumer, deliveries)
+
+        async def kept_apart() -> bool:
+            return consumer.apart is not None and consumer.buffer.qsize() == 1
+
+        await poll(kept_apart, timeout=5)
+        assert consumer.apart is not None and consumer.apart.id == suspect.id
+        if queue_type == "classic":  # a quorum queue counts a cancelled consumer a while
+            await consumers_on(broker, 0)
+    innocents = [envelope(str(i).encode()) for i in range(6)]
+    for item in innocents:
+        await broker.publish(item)
+    async with broker.consume(prefetch=10) as deliveries:
+        consumer = cast(Consumer, deliveries)
+        got = await take(deliveries)
+        assert (got.id, got.attempt) == (suspect.id, 2)
+        # Alone on its channel: what was pushed beside it is ready in the queue again.
+        await eventually(
+            broker, lambda stats: (stats.ready_by_priority, stats.in_flight) == ({0: 6}, 1)
+        )
+        assert consumer.buffer.empty() and list(consumer.held) == [got.token]
+        if queue_type == "classic":
+            await consumers_on(broker, 0)
+        assert await nothing_within(deliveries, 0.3)
+        assert await got.ack()
+        rest = [await take(deliveries) for _ in innocents]
+        assert sorted((d.id, d.attempt) for d in rest) == sorted((i.id, 1) for i in innocents)
+        await consumers_on(broker, 1)
+        for delivery in rest:
+            assert await delivery.ack()
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_suspect_lost_by_its_lease_lets_its_consumer_consume_again(
+    make_broker: BrokerFactory, queue_type: str
+) -> None:
+    """A suspect whose lease runs out unrenewed is lost (counted): its consumer consumes
+    again, woken by that, and receives it once more, apart, and then the others."""
+    broker = await make_broker(max_deliveries=4, lease=0.5, queue_type=queue_type)
+    suspect = envelope(b"suspect")
+    await broker.publish(suspect)
+    async with broker.consume(prefetch=1) as deliveries:
+        for attempt in (1, 2):  # taken, never settled: the lease runs out
+            assert (await take(deliveries)).attempt == attempt
+        held = await take(deliveries)
+        assert (held.id, held.attempt) == (suspect.id, 3)  # alone_from(4): a suspect
+        other = envelope(b"other")
+        await broker.publish(other)
+        assert await nothing_within(deliveries, 0.2)
+        # Its lease runs out: lost, and the consumer consumes again.
+        first = await take(deliveries)
+        if first.id == other.id:  # received before the suspect came round again
+            assert first.attempt == 1 and await first.ack()
+            last = await take(deliveries)
+            assert (last.id, last.attempt) == (suspect.id, 4)
+        else:
+            assert (first.id, first.attempt) == (suspect.id, 4)
+            assert await first.ack()
+            last = await take(deliveries)
+            assert (last.id, last.attempt) == (other.id, 1)
+        assert await last.ack()
+        assert await held.ack() is False  # fenced: its lease ran out
+
+
 async def test_prefetch_bounds_messages_not_yet_handed_out(make_broker: BrokerFactory) -> None:
     """prefetch counts what the consumer holds beyond the deliveries the worker took: taking
     two and holding them unsettled still lets the consumer receive two more, never a fifth

@@ -41,13 +41,6 @@ class TestRabbitMQBroker(BrokerContract):
         "AMQP reports a queue's ready count, not its count by priority: all ready messages are "
         "reported under priority 0"
     )
-    not_applicable = {
-        "test_a_suspect_is_delivered_alone": (
-            "a documented limit (docs/tasks.md, 'Bad input'): RabbitMQ pushes up to the "
-            "prefetch to the channel, redeliveries included, and requeues a lost delivery at "
-            "its old place; the consumer does not yet keep a suspect apart"
-        ),
-    }
 
     @pytest.fixture
     def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:

@@ -19,6 +19,7 @@ from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.components import DeadLetter
 from qtasks.record import TaskStatus
 from qtasks_rabbitmq import RabbitMQBroker
+from qtasks_rabbitmq.topology import QueueType
 from qtasks_redis import RedisStorage
 
 from .conftest import URL, BrokerFactory, close_connections, poll
@@ -270,5 +271,99 @@ async def test_priorities_delays_and_retry_backoff(
             # equal jitter: retry k waits at least half of 0.4 * 2**(k-1)
             assert tries[1] - tries[0] >= 0.2
             assert tries[2] - tries[1] >= 0.4
+    finally:
+        await app.aclose()
+
+
+async def consumers_of(queue: str) -> int:
+    """How many consumers RabbitMQ counts on ``queue`` (a passive declare)."""
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        result = declared.declaration_result
+        return int(result.consumer_count or 0)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_task_that_kills_its_worker_takes_no_innocent_with_it(
+    workers: Workers,
+    queue_name: str,
+    tmp_path: Path,
+    make_broker: BrokerFactory,
+    redis_url: str,
+    prefix: str,
+    queue_type: QueueType,
+) -> None:
+    """A task that SIGKILLs its worker process every time it runs, among 300 no-op tasks, on
+    two workers (concurrency 5, prefetch 5, max_deliveries 3) that the test restarts when
+    they die. The poison runs exactly max_deliveries times and is dead-lettered with the
+    delivery-limit reason; every other task succeeds and none is dead-lettered.
+
+    Before the consumer kept suspects apart, the messages RabbitMQ had pushed to a killed
+    worker (its prefetch) and those it ran came back counted, met the poison again on its
+    next deliveries, and a few were dead-lettered beside it."""
+    limit, n, poison = 3, 300, 1_000_000
+    await make_broker(max_deliveries=limit, queue_type=queue_type)  # deleted afterwards
+    env = {
+        "WORKER_MAX_DELIVERIES": str(limit),
+        "WORKER_CONCURRENCY": "5",
+        "WORKER_PREFETCH": "5",
+        "WORKER_QUEUE_TYPE": queue_type,
+    }
+    app = AsyncQueueTasks(
+        broker=RabbitMQBroker(URL, queue=queue_name, queue_type=queue_type),
+        storage=RedisStorage(redis_url, prefix=prefix),
+        config=QueueConfig(max_deliveries=limit),
+    )
+
+    @app.task
+    async def record(i: int) -> int:  # run by the workers only
+        return i
+
+    @app.task
+    async def suicide(i: int) -> None:  # run by the workers only
+        return None
+
+    live = [workers.start(redis_url, prefix, **env) for _ in range(2)]
+    restarts = 0
+    try:
+
+        async def both_consume() -> bool:
+            return await consumers_of(queue_name) >= 2
+
+        await poll(both_consume, 30)
+        # In one publish, the poison among the first: pushed to a worker with others.
+        signatures = [app.signature("record", (i,)) for i in range(n)]
+        signatures.insert(3, app.signature("suicide", (poison,)))
+        tasks = await app.add_tasks(signatures)
+        bad = tasks.pop(3)
+
+        async def done() -> bool:
+            dead = len(await app.dead_letters())
+            return dead > 0 and (await app.storage.stats()).get("success", 0) + dead >= n + 1
+
+        with anyio.fail_after(90):
+            while not await done():
+                for at, proc in enumerate(live):
+                    if proc.poll() is not None:  # killed by the poison: restart it
+                        live[at] = workers.start(redis_url, prefix, **env)
+                        restarts += 1
+                await anyio.sleep(0.05)
+        letters = await app.dead_letters()
+        assert [letter.id for letter in letters] == [bad.uuid], [
+            (letter.id, letter.reason) for letter in letters
+        ]
+        assert "delivery limit" in letters[0].reason, letters[0].reason
+        runs = lines(tmp_path / "killed")
+        assert len(runs) == limit, f"the poison ran {len(runs)} times: {runs}"
+        assert restarts >= limit - 1
+        assert set(map(int, lines(tmp_path / "done"))) == set(range(n)), "a task never ran"
+        for task in tasks:
+            stored = await app.storage.get(task.uuid)
+            assert stored is not None and stored.status is TaskStatus.SUCCESS, stored
+        ended = await app.wait(bad.uuid, timeout=10)
+        assert ended.status is TaskStatus.ERROR, ended
     finally:
         await app.aclose()

@@ -5,6 +5,7 @@ Tasks write what they did into files under OUTDIR (results cannot be shared thro
 storage across processes); with REDIS_URL and PREFIX the storage is Redis, shared with the test.
 It serves until SIGTERM, or until it is killed. Environment: ``QTASKS_TEST_RABBITMQ_URL`` (the
 server), ``WORKER_MAX_DELIVERIES``, ``WORKER_SHUTDOWN_GRACE`` (5 unless set),
+``WORKER_CONCURRENCY`` and ``WORKER_PREFETCH`` (4 unless set), ``WORKER_QUEUE_TYPE``,
 ``WORKER_HEARTBEAT`` (the AMQP heartbeat, 30 unless set) and ``WORKER_MAX_SECONDS`` (the
 longest a task of this worker runs, whatever it was asked).
 """
@@ -12,6 +13,7 @@ longest a task of this worker runs, whatever it was asked).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,13 +33,18 @@ def build(
     heartbeat = int(os.environ.get("WORKER_HEARTBEAT", "30"))
     longest = float(os.environ.get("WORKER_MAX_SECONDS", "inf"))
     app = AsyncQueueTasks(
-        broker=RabbitMQBroker(URL, queue=queue, heartbeat=heartbeat),
+        broker=RabbitMQBroker(
+            URL,
+            queue=queue,
+            heartbeat=heartbeat,
+            queue_type="quorum" if os.environ.get("WORKER_QUEUE_TYPE") == "quorum" else "classic",
+        ),
         storage=None if redis_url is None else RedisStorage(redis_url, prefix=prefix),
         # With a Redis storage (the cancel tests) the lease is long: its renewal (lease / 3)
         # must not be what tells a worker of a cancel.
         config=QueueConfig(
-            max_tasks_process=4,
-            prefetch=4,
+            max_tasks_process=int(os.environ.get("WORKER_CONCURRENCY", "4")),
+            prefetch=int(os.environ.get("WORKER_PREFETCH", "4")),
             shutdown_grace=float(os.environ.get("WORKER_SHUTDOWN_GRACE", "5")),
             lease=30 if redis_url is None else 60,
             max_deliveries=int(os.environ.get("WORKER_MAX_DELIVERIES", "5")),
@@ -70,6 +77,12 @@ def build(
     async def record(i: int) -> int:
         note("done", str(i))
         return i
+
+    @app.task
+    def suicide(i: int) -> None:
+        """Kills its worker process, every time it runs."""
+        note("killed", f"{i} {os.getpid()}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     return app
 

@@ -177,15 +177,16 @@ class Broker(Protocol):
       purged: filter or drop on read too.
     * Bad input from the outside (bytes that are not a message) is delivered like any other
       message: deciding that it is poison is the worker's job (it nacks it with a reason).
-    * **Suspects alone** (memory and Redis; RabbitMQ not yet). A message on one of its last
-      two allowed deliveries (``attempt >= alone_from(limit)``, see :func:`alone_from`: its
-      earlier deliveries were lost with their holders, crashes or leases run out) is a
-      suspect: it is never taken together with other messages, and its consumer takes
-      nothing more until it is settled or lost. A task that kills its worker at every run then
-      dies alone on its last deliveries, and the messages lost beside it on the earlier ones
-      run theirs alone too, instead of following it to the dead-letter queue; a delivery lost
-      once (a worker killed by a deploy) costs nothing more. A message a consumer took but
-      never handed out is handed back uncounted.
+    * **Suspects alone.** A message on one of its last two allowed deliveries
+      (``attempt >= alone_from(limit)``, see :func:`alone_from`: its earlier deliveries were
+      lost with their holders, crashes or leases run out) is a suspect: it is never taken
+      together with other messages (a broker that receives messages ahead of the worker, as
+      RabbitMQ's prefetch does, hands back uncounted what it holds beside it, and receives
+      nothing more), and its consumer takes nothing more until it is settled or lost. A task
+      that kills its worker at every run then dies alone on its last deliveries, and the
+      messages lost beside it on the earlier ones run theirs alone too, instead of following
+      it to the dead-letter queue; a delivery lost once (a worker killed by a deploy) costs
+      nothing more. A message a consumer took but never handed out is handed back uncounted.
     """
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:

@@ -5,6 +5,10 @@ A received message becomes a :class:`~qtasks_rabbitmq.delivery.RabbitMQDelivery`
 worker, or is dealt with on arrival (:meth:`Consumer.receive`): still early (a delay longer
 than one pass of the chain), cancelled by this process, past ``max_deliveries`` (buried), or a
 redelivery on a classic queue (published again with its count in ``x-qtasks-deliveries``).
+A *suspect* (a delivery from :func:`~qtasks.components.alone_from` on: its earlier deliveries
+were lost with their holders) is kept apart (:meth:`Consumer.keep_apart`): the consumer stops
+consuming, hands back uncounted what it received and had not handed out, hands the suspect out
+alone and consumes again only once it is settled or lost.
 A received message is settled once: after its ack (a copy or dead letter published first),
 nothing nacks it, whatever follows (the worker's notice of a dead letter, :meth:`Consumer.tell`).
 """
@@ -27,7 +31,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 
 from qtasks import stopping
-from qtasks.components import Buried
+from qtasks.components import Buried, alone_from
 from qtasks_rabbitmq.delivery import RabbitMQDelivery
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.publisher import Published, Publisher
@@ -69,6 +73,20 @@ class Consumer:
         self.lease = lease
         self.max_running = max_running
         self.max_deliveries = max_deliveries
+        self.alone = alone_from(max_deliveries)
+        """The first delivery of a message that is a suspect, kept apart."""
+        self.apart: RabbitMQDelivery | None = None
+        """The suspect kept apart, from its receipt until it is settled or lost (or its
+        channel is gone): the consumer consumes nothing meanwhile."""
+        self.staged: RabbitMQDelivery | None = None
+        """The suspect kept apart while what was received beside it is handed back, before
+        it goes to :attr:`buffer` (handed back by :meth:`close` if it is still here)."""
+        self.paused = False
+        """Not consuming on purpose (a suspect kept apart): the watchdog sees it alive."""
+        self._apart_over = asyncio.Event()
+        self._pausing: asyncio.Future[Any] | None = None
+        self._paused_tag: str | None = None
+        self._apart_task: asyncio.Task[None] | None = None
         self.uid = uuid_mod.uuid4().hex[:12]
         self.key = next(self._keys)
         self.generation = 0
@@ -124,6 +142,10 @@ class Consumer:
                 await delivery._expire()
 
     def release(self, token: str) -> None:
+        apart = self.apart
+        if apart is not None and apart.token == token:
+            self.apart = None
+            self._apart_over.set()
         held = self.held
         if held.pop(token, None) is None or not self.dynamic:
             return
@@ -159,7 +181,11 @@ class Consumer:
 
     def alive(self) -> bool:
         channel = self.channel
-        if channel is None or channel.is_closed or self.tag is None:
+        if channel is None or channel.is_closed:
+            return False
+        if self.paused:
+            return True  # not consuming on purpose, while a suspect is kept apart
+        if self.tag is None:
             return False
         return self.underlay is not None and self.tag in self.underlay.consumers
 
@@ -180,6 +206,7 @@ class Consumer:
             return
         channel = await connection.channel(publisher_confirms=False)
         self.held.clear()  # deliveries of the old channel are stale now
+        self._end_apart()  # a suspect kept apart there too: RabbitMQ delivers it again
         if self.dynamic:
             self.qos = self.prefetch
             await channel.set_qos(prefetch_count=self.qos, global_=True)
@@ -200,11 +227,14 @@ class Consumer:
         self.channel = channel
         self.underlay = cast(aiormq.Channel, underlay)
         # Straight on aiormq: aio-pika would wrap every message in an IncomingMessage and
-        # a second task; the worker needs the raw frame only.
-        ok = await underlay.basic_consume(
-            self.link.topology.queue, functools.partial(self._on_message, generation)
+        # a second task; the worker needs the raw frame only. The tag is known before the
+        # first message comes: a suspect among the first cancels the consumer by it.
+        self.tag = self._new_tag()
+        await underlay.basic_consume(
+            self.link.topology.queue,
+            functools.partial(self._on_message, generation),
+            consumer_tag=self.tag,
         )
-        self.tag = ok.consumer_tag
         if self.closing:  # a close that gave up waiting for this reopen (its stop's deadline)
             await _quietly(channel.close())
 
@@ -236,11 +266,112 @@ class Consumer:
             if self.closing:
                 await delivery.hand_back()
                 return
+            if delivery.attempt >= self.alone or self.apart is not None:
+                await self.keep_apart(delivery)
+                return
             self.buffer.put_nowait(delivery)
         finally:
             self.pending -= 1
             if not self.pending:
                 self.idle.set()
+
+    async def keep_apart(self, delivery: RabbitMQDelivery) -> None:
+        """A suspect (a delivery from :attr:`alone` on), or a message received while one is
+        kept apart. A suspect kills its worker again, maybe: what the process holds then,
+        received and not handed out, comes back counted too (RabbitMQ pushes up to the
+        prefetch to the channel), and innocent messages follow it to the dead-letter queue.
+        So the first suspect is kept apart: the consumer is cancelled (RabbitMQ pushes
+        nothing more), what it received and had not handed out is handed back uncounted
+        (published again with its count, the original acked), and only then is the suspect
+        handed out, alone; once it is settled or lost (its lease run out) the consumer
+        consumes again (:meth:`_keep_apart`). A message received meanwhile (pushed before the
+        cancel took effect, another suspect among them) is handed back uncounted."""
+        if self.apart is not None:
+            await delivery.hand_back()
+            return
+        self.apart = self.staged = delivery
+        self.paused = True
+        self._apart_over = asyncio.Event()
+        beside: list[RabbitMQDelivery] = []
+        buffer = self.buffer
+        while not buffer.empty():
+            beside.append(buffer.get_nowait())
+        tag, underlay = self.tag, self.underlay
+        self.tag = self._pausing = None
+        self._paused_tag = tag
+        if tag is not None and underlay is not None:
+            # Shielded (aiormq closes a channel whose RPC is cancelled mid-flight); its
+            # outcome is read even if nobody awaits it (the consumer's close cut in).
+            self._pausing = asyncio.ensure_future(underlay.basic_cancel(tag))
+            self._pausing.add_done_callback(_read_outcome)
+        self._apart_task = asyncio.create_task(
+            self._keep_apart(delivery, self._apart_over), name="qtasks-rabbitmq-apart"
+        )
+        for other in beside:
+            await other.hand_back()
+
+    async def _keep_apart(self, suspect: RabbitMQDelivery, over: asyncio.Event) -> None:
+        """Hand out ``suspect`` once the consumer's cancel is answered and what it received
+        beside it is handed back; consume again once it is settled or lost. Woken by the
+        settle (or the suspect's channel gone, or the consumer's close), never polling."""
+        generation = suspect.generation
+        try:
+            pausing, tag, underlay = self._pausing, self._paused_tag, self.underlay
+            if pausing is not None:
+                await asyncio.shield(pausing)
+                if tag is not None and underlay is not None and self.holds(generation):
+                    # A quorum queue may still deliver to a consumer after its cancel is
+                    # answered (RabbitMQ 3.10 does), and aiormq drops a message for a tag it
+                    # forgot: left unacked, it would come back counted. So what comes for
+                    # the old tag is still received here (handed back while a suspect is
+                    # kept apart), for as long as the channel lives.
+                    underlay.consumers.setdefault(
+                        tag, functools.partial(self._on_message, generation)
+                    )
+            # The messages pushed before the cancel's answer are being handed back: once
+            # they are (the consumer idle), the suspect goes out alone.
+            await self.idle.wait()
+            if self.staged is suspect:
+                self.staged = None
+                if suspect._live():
+                    self.buffer.put_nowait(suspect)
+                elif self.apart is suspect:  # its channel is gone: nothing to wait for
+                    self.apart = None
+                    over.set()
+            await over.wait()
+            async with self._lock:
+                if self.closing or not self.holds(generation) or self.apart is not None:
+                    return
+                underlay = self.underlay
+                assert underlay is not None
+                # Known before the first message comes (a suspect cancels the consumer by it).
+                self.tag = tag = self._new_tag()
+                self.paused = False
+                rpc = asyncio.ensure_future(
+                    underlay.basic_consume(
+                        self.topology.queue,
+                        functools.partial(self._on_message, generation),
+                        consumer_tag=tag,
+                    )
+                )
+                rpc.add_done_callback(_read_outcome)
+                await asyncio.shield(rpc)
+        except Exception as exc:
+            self.paused = False
+            self._closed(generation, "keeping a suspect apart failed", exc)
+
+    def _new_tag(self) -> str:
+        return f"qtasks.{self.uid}.{uuid_mod.uuid4().hex[:12]}"
+
+    def _end_apart(self) -> None:
+        """Forget the suspect kept apart (its channel is gone, or the consumer closes)."""
+        self.apart = self.staged = None
+        self.paused = False
+        self._pausing = None
+        self._apart_over.set()
+        if self._apart_task is not None:
+            self._apart_task.cancel()
+            self._apart_task = None
 
     async def receive(self, generation: int, message: DeliveredMessage) -> RabbitMQDelivery | None:
         """Turn a raw message into a delivery, or deal with it here and return ``None``.
@@ -376,7 +507,7 @@ class Consumer:
     def _stop_loops(self) -> None:
         # Not waited for: a qos update under way goes on (shielded) and holds the channel's
         # next RPC, the consumer's cancel, which the bound of that one covers.
-        for task in (self._lease_task, self._qos_task):
+        for task in (self._lease_task, self._qos_task, self._apart_task):
             if task is not None:
                 task.cancel()
 
@@ -387,7 +518,13 @@ class Consumer:
             return
         if not channel.is_closed:
             answered = False
-            if self.tag is not None and self.underlay is not None:
+            if self.paused:  # cancelled already, a suspect kept apart: that cancel answered
+                pausing = self._pausing
+                answered = True
+                if pausing is not None:
+                    with stopping.shield("the consumer's cancel", SHUT_WAIT):
+                        answered = await _quietly(asyncio.shield(pausing))
+            elif self.tag is not None and self.underlay is not None:
                 with stopping.shield("the consumer's cancel", SHUT_WAIT):
                     answered = await _quietly(self.underlay.basic_cancel(self.tag))
             # Handed to the worker and not settled: back to the queue at once (counted).
@@ -400,6 +537,9 @@ class Consumer:
                         async with asyncio.timeout(2):
                             await self.idle.wait()
                     # Received but never handed to the worker: not a delivery attempt.
+                    staged, self.staged = self.staged, None
+                    if staged is not None and staged._live():  # a suspect not handed out yet
+                        await staged.hand_back()
                     while not self.buffer.empty():
                         delivery = self.buffer.get_nowait()
                         if delivery._live():
