@@ -23,6 +23,7 @@ from qtasks_rabbitmq.topology import QueueType
 from qtasks_redis import RedisStorage
 
 from .conftest import URL, BrokerFactory, close_connections, poll
+from .test_broker import QUORUM_CANCEL_RACE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -286,7 +287,9 @@ async def consumers_of(queue: str) -> int:
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+@pytest.mark.parametrize(
+    "queue_type", ["classic", pytest.param("quorum", marks=QUORUM_CANCEL_RACE)]
+)
 async def test_a_task_that_kills_its_worker_takes_no_innocent_with_it(
     workers: Workers,
     queue_name: str,

@@ -85,7 +85,6 @@ class Consumer:
         """Not consuming on purpose (a suspect kept apart): the watchdog sees it alive."""
         self._apart_over = asyncio.Event()
         self._pausing: asyncio.Future[Any] | None = None
-        self._paused_tag: str | None = None
         self._apart_task: asyncio.Task[None] | None = None
         self.uid = uuid_mod.uuid4().hex[:12]
         self.key = next(self._keys)
@@ -298,11 +297,10 @@ class Consumer:
             beside.append(buffer.get_nowait())
         tag, underlay = self.tag, self.underlay
         self.tag = self._pausing = None
-        self._paused_tag = tag
         if tag is not None and underlay is not None:
             # Shielded (aiormq closes a channel whose RPC is cancelled mid-flight); its
             # outcome is read even if nobody awaits it (the consumer's close cut in).
-            self._pausing = asyncio.ensure_future(underlay.basic_cancel(tag))
+            self._pausing = asyncio.ensure_future(self._cancel(underlay, tag))
             self._pausing.add_done_callback(_read_outcome)
         self._apart_task = asyncio.create_task(
             self._keep_apart(delivery, self._apart_over), name="qtasks-rabbitmq-apart"
@@ -316,18 +314,9 @@ class Consumer:
         settle (or the suspect's channel gone, or the consumer's close), never polling."""
         generation = suspect.generation
         try:
-            pausing, tag, underlay = self._pausing, self._paused_tag, self.underlay
+            pausing = self._pausing
             if pausing is not None:
                 await asyncio.shield(pausing)
-                if tag is not None and underlay is not None and self.holds(generation):
-                    # A quorum queue may still deliver to a consumer after its cancel is
-                    # answered (RabbitMQ 3.10 does), and aiormq drops a message for a tag it
-                    # forgot: left unacked, it would come back counted. So what comes for
-                    # the old tag is still received here (handed back while a suspect is
-                    # kept apart), for as long as the channel lives.
-                    underlay.consumers.setdefault(
-                        tag, functools.partial(self._on_message, generation)
-                    )
             # The messages pushed before the cancel's answer are being handed back: once
             # they are (the consumer idle), the suspect goes out alone.
             await self.idle.wait()
@@ -359,6 +348,21 @@ class Consumer:
         except Exception as exc:
             self.paused = False
             self._closed(generation, "keeping a suspect apart failed", exc)
+
+    async def _cancel(self, underlay: aiormq.Channel, tag: str) -> None:
+        """Cancel the consumer ``tag``; return once RabbitMQ sent what it pushed for it
+        before. A quorum queue may still push for it a moment after the cancel is answered
+        (RabbitMQ 3.10 does), and aiormq drops a message for a tag it forgot: left unacked on
+        the channel, it would come back counted. So the tag is cancelled without waiting
+        for the answer (aiormq forgets it at once) and its callback kept, for as long as the
+        channel lives: what still comes is received (handed back, while a suspect is kept
+        apart or the consumer closes). The answer to a passive declare sent after the cancel
+        comes after what RabbitMQ pushed before it (a classic queue pushes nothing later)."""
+        callback = underlay.consumers.get(tag)
+        await underlay.basic_cancel(tag, nowait=True)
+        if callback is not None:
+            underlay.consumers.setdefault(tag, callback)
+        await underlay.queue_declare(self.topology.queue, passive=True)
 
     def _new_tag(self) -> str:
         return f"qtasks.{self.uid}.{uuid_mod.uuid4().hex[:12]}"
@@ -526,7 +530,7 @@ class Consumer:
                         answered = await _quietly(asyncio.shield(pausing))
             elif self.tag is not None and self.underlay is not None:
                 with stopping.shield("the consumer's cancel", SHUT_WAIT):
-                    answered = await _quietly(self.underlay.basic_cancel(self.tag))
+                    answered = await _quietly(self._cancel(self.underlay, self.tag))
             # Handed to the worker and not settled: back to the queue at once (counted).
             for delivery in list(self.held.values()):
                 await delivery._expire()
