@@ -234,10 +234,11 @@ async def test_delivery_handed_back_on_close_keeps_its_count(
 
 
 QUORUM_CANCEL_RACE = pytest.mark.xfail(
-    reason="RabbitMQ (3.10 here) may still give a quorum queue's message to a consumer for a "
-    "moment after its basic.cancel, and returns it counted: a message handed back then (a "
-    "copy published while a suspect is kept apart) can come back counted once; see "
-    "docs/rabbitmq.md, 'Suspects are delivered alone'",
+    reason="RabbitMQ (3.10 here) may still give a quorum queue's message to a consumer after "
+    "its basic.cancel while it holds unacked messages, and returns it counted "
+    "(rabbitmq-server#3729): a message handed back then (a copy published while a suspect is "
+    "kept apart) can come back counted once; see docs/rabbitmq.md, 'Suspects are delivered "
+    "alone'",
     strict=False,
 )
 
