@@ -23,7 +23,6 @@ from qtasks_rabbitmq.topology import QueueType
 from qtasks_redis import RedisStorage
 
 from .conftest import URL, BrokerFactory, close_connections, poll
-from .test_broker import QUORUM_CANCEL_RACE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -287,9 +286,11 @@ async def consumers_of(queue: str) -> int:
 
 
 @pytest.mark.reliability
-@pytest.mark.parametrize(
-    "queue_type", ["classic", pytest.param("quorum", marks=QUORUM_CANCEL_RACE)]
-)
+# Classic queues only: on a quorum queue RabbitMQ (3.10 here) may still give a message to a
+# consumer after its basic.cancel while it holds unacked messages, and return it counted
+# (rabbitmq-server#3729), so a message handed back beside a suspect can come back counted
+# once: the guarantee is not given there, a limit said in docs/rabbitmq.md.
+@pytest.mark.parametrize("queue_type", ["classic"])
 async def test_a_task_that_kills_its_worker_takes_no_innocent_with_it(
     workers: Workers,
     queue_name: str,
