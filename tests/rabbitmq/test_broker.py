@@ -692,3 +692,24 @@ def test_a_bad_url_is_a_config_error_when_the_broker_is_built(url: str, says: st
 
     with pytest.raises(ConfigError, match=f"^{re.escape(says)}"):
         Link(url, RabbitMQBroker().topology)  # the link reads the URL by the same rule
+
+
+async def test_a_delivery_no_longer_live_is_not_kept_apart(make_broker: BrokerFactory) -> None:
+    """A message whose channel was replaced while it was being received (a reconnect during
+    its receipt's awaits) reaches the suspect check stale: it is dropped (RabbitMQ delivers
+    it again), never kept apart, which would cancel the new channel's consumer with nothing
+    left to resume it. Here a delivery settled already stands for it."""
+    broker = await make_broker(max_deliveries=3)
+    await broker.publish(envelope(b"first"))
+    async with broker.consume(prefetch=1) as deliveries:
+        consumer = cast(Consumer, deliveries)
+        stale = await take(deliveries)
+        assert await stale.ack()
+        tag = consumer.tag
+        await consumer.keep_apart(stale)
+        assert (consumer.paused, consumer.apart, consumer.tag) == (False, None, tag)
+        later = envelope(b"later")
+        await broker.publish(later)
+        got = await take(deliveries)
+        assert (got.id, got.attempt) == (later.id, 1)
+        assert await got.ack()

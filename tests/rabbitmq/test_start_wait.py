@@ -86,3 +86,32 @@ async def test_refused_rabbitmq_credentials_are_not_waited_on(
         await app.serve()
     assert SECRET not in str(info.value)
     assert caught.attempts() == []
+
+
+async def test_a_start_cancelled_after_connecting_closes_its_connection(
+    rabbitmq_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that cancels an attempt under way (qtasks.waiting) after the connection was
+    made, while the topology is declared: the connection is closed, not left open with its
+    heartbeats beside a worker that never started."""
+    from contextlib import AsyncExitStack
+
+    from qtasks_rabbitmq import link as link_module
+
+    made: list[object] = []
+    declaring = anyio.Event()
+
+    async def hangs(connection: object, *args: object, **kwargs: object) -> None:
+        made.append(connection)
+        declaring.set()
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(link_module, "declare", hangs)
+    broker = RabbitMQBroker(rabbitmq_url, queue=queue_name)
+    async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        tg.start_soon(broker.start, stack, QueueConfig())
+        with anyio.fail_after(5):
+            await declaring.wait()
+        tg.cancel_scope.cancel()
+    (connection,) = made
+    assert connection.is_closed  # type: ignore[attr-defined]

@@ -241,6 +241,19 @@ async def test_refused_credentials_are_not_waited_on(tmp_path: Path, caught: Cau
         server.close()
 
 
+async def test_a_database_the_server_refuses_is_not_waited_on(
+    redis_url: str, caught: Caught
+) -> None:
+    """A database number past the server's (``databases 16``): an error reply while the
+    connection is set up, not an outage; waiting would never mend it."""
+    app = redis_app(redis_url.rsplit("/", 1)[0] + "/99")
+    with anyio.fail_after(2), pytest.raises(CredentialsRefusedError) as info:
+        await app.serve()
+    assert "refused the connection's settings" in str(info.value)
+    assert "DB index is out of range" in str(info.value)
+    assert caught.attempts() == []
+
+
 async def test_a_configuration_error_is_not_waited_on(caught: Caught) -> None:
     app = redis_app(f"redis://127.0.0.1:{free_port()}/0", extra={"redis_socket_timout": 1.0})
     with anyio.fail_after(2), pytest.raises(ConfigError, match="redis_socket_timout"):

@@ -391,6 +391,7 @@ class AsyncQueueTasks:
             stack = AsyncExitStack()
             await stack.__aenter__()
             try:
+                self.starting = None  # not an earlier attempt's component, should a hook fail
                 await self.hooks.notify("qtasks_app_configured", app=self, config=self.config)
                 for pending in self._pending_hooks:
                     await pending

@@ -205,7 +205,6 @@ class Consumer:
             return
         channel = await connection.channel(publisher_confirms=False)
         self.held.clear()  # deliveries of the old channel are stale now
-        self._end_apart()  # a suspect kept apart there too: RabbitMQ delivers it again
         if self.dynamic:
             self.qos = self.prefetch
             await channel.set_qos(prefetch_count=self.qos, global_=True)
@@ -223,6 +222,10 @@ class Consumer:
             lambda _frame: self._closed(generation, "consumer cancelled by the server", None)
         )
         self.generation = generation
+        # A suspect kept apart on the old channel: RabbitMQ delivers it again. Forgotten once
+        # the generation moved, so that a message of the old channel still being received
+        # meanwhile cannot keep itself apart on the new one (keep_apart checks it is live).
+        self._end_apart()
         self.channel = channel
         self.underlay = cast(aiormq.Channel, underlay)
         # Straight on aiormq: aio-pika would wrap every message in an IncomingMessage and
@@ -287,6 +290,10 @@ class Consumer:
         cancel took effect, another suspect among them) is handed back uncounted."""
         if self.apart is not None:
             await delivery.hand_back()
+            return
+        if not delivery._live():
+            # Of a channel replaced meanwhile (a reconnect during its receipt's awaits):
+            # RabbitMQ delivers it again; keeping it apart would cancel the new consumer.
             return
         self.apart = self.staged = delivery
         self.paused = True

@@ -27,6 +27,7 @@ from typing import cast
 
 import aio_pika
 import aiormq
+import anyio
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from qtasks.errors import BrokerConnectionError, CredentialsRefusedError
@@ -52,6 +53,7 @@ _REFUSALS = (
     aiormq.exceptions.AuthenticationError,  # no mechanism both sides accept
     aiormq.exceptions.ProbableAuthenticationError,  # 403 ACCESS_REFUSED: user, password, vhost
     aiormq.exceptions.ConnectionNotAllowed,  # 530 NOT_ALLOWED: a vhost that does not exist
+    aiormq.exceptions.ChannelAccessRefused,  # 403 on a declare: no configure/write permission
 )
 """What RabbitMQ answers to a connection it refuses for its configuration, not an outage."""
 
@@ -121,8 +123,14 @@ class Link:
         except TopologyError:
             await self._drop_connection()
             raise
-        except Exception as exc:
-            await self._drop_connection()
+        except BaseException as exc:
+            # Closed whatever ended the attempt, a cancel included (a stop while a worker
+            # waits for its servers, qtasks.waiting): else the connection, its heartbeats
+            # going, would outlive the attempt.
+            with anyio.CancelScope(shield=True):
+                await self._drop_connection()
+            if not isinstance(exc, Exception):
+                raise
             # Refused credentials or access are a configuration error: a worker waiting for
             # its servers at start (start_timeout) does not wait on them.
             kind = CredentialsRefusedError if isinstance(exc, _REFUSALS) else BrokerConnectionError

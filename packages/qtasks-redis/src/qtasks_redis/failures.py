@@ -83,18 +83,26 @@ def connection_error(
             f"Redis at {target.where}{db} is out of memory (maxmemory reached, noeviction): "
             "it refused this call, which wrote nothing; free memory or raise maxmemory"
         )
+    refused = (
+        StorageCredentialsRefusedError
+        if issubclass(kind, StorageConnectionError)
+        else CredentialsRefusedError
+    )
     if refused_credentials(exc):
-        refused = (
-            StorageCredentialsRefusedError
-            if issubclass(kind, StorageConnectionError)
-            else CredentialsRefusedError
-        )
         return refused(
             f"Redis at {target.where}{db} refused the credentials (check the user name and "
             f"password of the URL): {reason}"
         )
-    if isinstance(exc, ResponseError):  # an error reply that is an outage (see outage())
-        return kind(f"Redis at {target.where}{db} cannot take calls for now: {reason}")
+    if isinstance(exc, ResponseError):
+        if outage(exc):  # LOADING, BUSY...: the same call succeeds later
+            return kind(f"Redis at {target.where}{db} cannot take calls for now: {reason}")
+        # Any other error reply while the connection is set up (a database number past the
+        # server's, a refused option): the server answered and no retry mends it, so a
+        # worker waiting for its servers at start does not wait on it (qtasks.waiting).
+        return refused(
+            f"Redis at {target.where}{db} refused the connection's settings (check the URL's "
+            f"database and options): {reason}"
+        )
     return kind(f"cannot reach Redis at {target.where}{db}: {reason}")
 
 
