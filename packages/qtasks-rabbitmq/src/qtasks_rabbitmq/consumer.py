@@ -11,6 +11,12 @@ consuming, hands back uncounted what it received and had not handed out, hands t
 alone and consumes again only once it is settled or lost.
 A received message is settled once: after its ack (a copy or dead letter published first),
 nothing nacks it, whatever follows (the worker's notice of a dead letter, :meth:`Consumer.tell`).
+
+Over ~600 lines: the receive path, the lease and qos loops, keeping a suspect apart and the
+close all read and change one channel's state (its generation, tag, held deliveries, buffer,
+pause) under one lock, and their orderings are what the tests pin (a reconnect during a
+receipt, a close while a suspect is kept apart). Moving keeping-apart into a module of its own,
+over an explicit channel-state object, is the next step (session 22's note).
 """
 
 from __future__ import annotations
