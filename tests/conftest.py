@@ -16,6 +16,7 @@ where nothing else shares the server; locally other processes may write there).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from redis_keys import (
     new_redis_prefix,
     scan_keys,
 )
+from start_wait_logs import Caught
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
@@ -149,3 +151,15 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 _default_keys_at_start = pytest.StashKey[dict[str, int] | None]()
 _key_report = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def caught() -> Iterator[Caught]:
+    """The warnings of qtasks in this process (tests of a worker waiting for its servers)."""
+    handler = Caught()
+    logger = logging.getLogger("qtasks")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

@@ -4,13 +4,12 @@ wait; refused credentials are not waited on."""
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
-from collections.abc import Iterator
 
 import anyio
 import pytest
+from start_wait_logs import Caught
 
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.errors import CredentialsRefusedError
@@ -19,29 +18,6 @@ from qtasks_rabbitmq import RabbitMQBroker
 pytestmark = pytest.mark.anyio
 
 SECRET = "s3cret-amqp-pw"
-
-
-class Caught(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def attempts(self) -> list[str]:
-        return [m for m in self.messages if "cannot start:" in m]
-
-
-@pytest.fixture
-def caught() -> Iterator[Caught]:
-    handler = Caught()
-    logger = logging.getLogger("qtasks")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 def closed_port() -> int:

@@ -6,7 +6,6 @@ open."""
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import socket
@@ -21,6 +20,7 @@ import pytest
 import redis
 from redis_procs import Worker, free_port, start_server
 from redis_worker_app import build
+from start_wait_logs import Caught
 
 from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus, hookimpl
 from qtasks.errors import BrokerConnectionError, ConfigError, CredentialsRefusedError
@@ -40,31 +40,6 @@ def most_warnings(seconds: float) -> int:
     least_first = 0.75 * START_RETRY_FIRST
     doubling = math.ceil(math.log2(seconds / least_first + 1))
     return 2 + doubling + math.ceil(seconds / (0.75 * START_RETRY_CAP))
-
-
-class Caught(logging.Handler):
-    """The messages of qtasks' warnings (start attempts) in this process."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def attempts(self) -> list[str]:
-        return [m for m in self.messages if "cannot start:" in m]
-
-
-@pytest.fixture
-def caught() -> Iterator[Caught]:
-    handler = Caught()
-    logger = logging.getLogger("qtasks")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 def redis_app(url: str, **config: object) -> AsyncQueueTasks:

@@ -1,0 +1,1 @@
+from tests.start_wait_logs import *  # noqa: F403
