@@ -46,10 +46,25 @@ def test_writes_under_the_default_prefix(redis_url):
 """
 
 
+# The suite's conftest.py and the helper modules it imports.
+CONFTEST_FILES = ("conftest.py", "redis_keys.py", "start_wait_logs.py")
+
+
 def session(pytester: pytest.Pytester, tests: str) -> None:
-    for name in ("conftest.py", "redis_keys.py"):
+    for name in CONFTEST_FILES:
         (pytester.path / name).write_text((TESTS / name).read_text())
     pytester.makepyfile(test_probe=tests)
+
+
+def test_the_copied_files_are_all_conftest_imports() -> None:
+    """A module conftest.py imports from tests/ and the copy lacks fails every case with a
+    usage error, not with the guard's verdict: the list is kept whole here."""
+    imported = {
+        line.split()[1] + ".py"
+        for line in (TESTS / "conftest.py").read_text().splitlines()
+        if line.startswith("from ") and (TESTS / (line.split()[1] + ".py")).is_file()
+    }
+    assert imported <= set(CONFTEST_FILES)
 
 
 def test_a_session_that_leaves_keys_fails(pytester: pytest.Pytester, redis_url: str) -> None:
