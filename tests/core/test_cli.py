@@ -131,6 +131,43 @@ def test_app_and_config_go_before_the_command_too(served: str, tmp_path: Path) -
     assert "-A/--app given twice with different values" in out
 
 
+def test_negative_numbers_are_arguments_without_a_double_dash(served: str) -> None:
+    # click took `-5` for an unknown option: `qtasks add add -5 3` failed with "No such option".
+    code, out = invoke("-A", served, "add", "add", "-5", "-2.5", "--wait", "5")
+    assert code == 0, out
+    assert "returning: -7.5" in out
+    # An option's own negative value, options before and after, and the explicit `--` form.
+    code, out = invoke("-A", served, "add", "--priority", "-1", "add", "-5", "3", "--wait", "5")
+    assert (code, "returning: -2" in out) == (0, True), out
+    code, out = invoke("-A", served, "add", "add", "--wait", "5", "--", "-1e1", "4")
+    assert (code, "returning: -6.0" in out) == (0, True), out
+    # Anything else that looks like an option is still refused.
+    code, out = invoke("-A", served, "add", "add", "-x", "3")
+    assert code != 0 and "No such option: -x" in out
+    code, out = invoke("-A", served, "add", "add", "3", "--wiat", "5")
+    assert code != 0 and "No such option: --wiat" in out
+
+
+def test_a_module_shadowed_by_the_standard_library_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `queue.py` in the working directory: `-A queue:app` imports the standard library's
+    # queue (imported already), which "has no 'app'" said without telling why.
+    (tmp_path / "queue.py").write_text(APP_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("-A", "queue:app", "inspect")
+    assert code == 1
+    assert "module 'queue' has no 'app': the standard library's module 'queue'" in out
+    assert str(tmp_path / "queue.py") in out and "rename your module" in out
+    # A module of the user's own that lacks the attribute gets the plain message.
+    (tmp_path / "mine_no_app.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out = invoke("-A", "mine_no_app:app", "inspect")
+    assert code == 1
+    assert "module 'mine_no_app' has no 'app'" in out and "rename" not in out
+    sys.modules.pop("mine_no_app", None)
+
+
 def test_record_times_are_iso_8601_local_and_numbers_in_json(
     served: str, app_module: ModuleType
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
@@ -30,13 +31,54 @@ def _plain_flags(params: Sequence[Any]) -> None:
             param.metavar = ""
 
 
+NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf(inity)?|-Infinity", re.ASCII)
+"""A negative number as an argument: ``-5``, ``-2.5``, ``-.5``, ``-1e3``, ``-inf``."""
+
+
+def negatives_as_arguments(params: Sequence[Any], args: list[str]) -> list[str]:
+    """``args`` with its positional arguments after a ``--`` when one of them is a negative
+    number (``qtasks add charge -5``), which click would take for an unknown option. Options
+    keep their place before it; an option's value (``--priority -5``) is left to click,
+    which takes it whatever it looks like. Anything unsure (an unknown option, a ``--``
+    already there) leaves ``args`` as they are."""
+    takes_value: dict[str, bool] = {}
+    for param in params:
+        if getattr(param, "param_type_name", None) == "option":
+            for name in (*param.opts, *param.secondary_opts):
+                takes_value[name] = not (param.is_flag or param.count)
+    options: list[str] = []
+    positionals: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--":
+            return args
+        if NEGATIVE.fullmatch(arg) and arg not in takes_value:
+            positionals.append(arg)
+        elif arg.startswith("-") and len(arg) > 1:
+            name = arg.partition("=")[0]
+            if name not in takes_value:
+                return args  # unknown, or short options run together: click says so
+            options.append(arg)
+            if takes_value[name] and "=" not in arg:
+                options.append(next(rest, ""))
+        else:
+            positionals.append(arg)
+    if not any(NEGATIVE.fullmatch(arg) for arg in positionals):
+        return args
+    return [*options, "--", *positionals]
+
+
 class _Command(TyperCommand):
-    """A command whose help shows flags without a value type."""
+    """A command whose help shows flags without a value type, and whose positional arguments
+    may be negative numbers without a ``--`` before them."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         params: list[Any] = super().get_params(ctx)
         _plain_flags(params)
         return params
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, negatives_as_arguments(self.get_params(ctx), args))
 
 
 class _Group(TyperGroup):
