@@ -60,7 +60,9 @@ def import_app(target: str) -> AnyApp:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ConfigError(f"--app {target}: module {module_name!r} has no {attr!r}") from None
+            raise ConfigError(
+                f"--app {target}: module {module_name!r} has no {attr!r}{_shadowed(module)}"
+            ) from None
     if not isinstance(obj, AsyncQueueTasks | QueueTasks) and callable(obj):
         try:
             obj = obj()
@@ -74,6 +76,26 @@ def import_app(target: str) -> AnyApp:
             f"returning one), got {type(obj).__name__}"
         )
     return obj
+
+
+def _shadowed(module: Any) -> str:
+    """What to add to "module has no app" when the module imported is not the user's file of
+    that name: ``queue.py`` in the working directory loses to the standard library's
+    ``queue`` (imported before the working directory is on the path, or a built-in)."""
+    name = module.__name__
+    base = os.path.join(os.getcwd(), *name.split("."))
+    own = base + ".py" if os.path.isfile(base + ".py") else base + os.sep
+    if not os.path.exists(own):
+        return ""
+    where = getattr(module, "__file__", None)
+    if where and os.path.realpath(where).startswith(os.path.realpath(own).removesuffix(os.sep)):
+        return ""  # the user's own file: it just lacks the attribute
+    top = name.partition(".")[0]
+    kind = "the standard library's" if top in sys.stdlib_module_names else "another"
+    return (
+        f": {kind} module {name!r} ({where or 'built in'}) was imported, not {own}; "
+        "rename your module"
+    )
 
 
 def _raised_in_app_code(target: str, doing: str, exc: Exception) -> ConfigError:
