@@ -61,6 +61,7 @@ OPTIONS: dict[str, type] = {
     "redis_connect_timeout": float,
     "redis_health_check_interval": int,
     "redis_fast_lane": bool,
+    "redis_wait_connections": int,
 }
 """Every ``redis_*`` key the Redis components read from ``config.extra``, with its type."""
 

@@ -50,6 +50,7 @@ from qtasks import stopping
 
 if TYPE_CHECKING:
     from qtasks_redis.connection import RedisTarget, Script
+    from qtasks_redis.watch import KeyWatch
 
 try:
     import hiredis
@@ -395,12 +396,14 @@ class Lane:
         self._closed = False
         self._made = 0  # connections made so far (each one's serial)
         self._unblock_refused = False  # CLIENT UNBLOCK got an error reply (ACL: no @admin)
+        self.watch: KeyWatch | None = None
+        """Its :class:`~qtasks_redis.watch.KeyWatch`, once a wait needed it."""
 
-    async def _open(self, *, blocking: bool = False) -> _Conn:
+    async def _open(self, *, blocking: bool = False, conn_class: type[_Conn] = _Conn) -> _Conn:
         if self._closed:
             raise RedisConnectionError("the lane is closed")
         loop = asyncio.get_running_loop()
-        conn = _Conn(loop, self._timeout)
+        conn = conn_class(loop, self._timeout)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self.target.socket is not None:
@@ -766,9 +769,12 @@ class Lane:
         self._closed = True
         self._main, self._opening = None, None
         self._idle.clear()
+        self.watch = None
 
     def close(self) -> None:
         self._closed = True
+        if self.watch is not None:
+            self.watch.close()
         if self._main is not None:
             self._main.close()
             self._main = None

@@ -17,17 +17,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import fields
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import anyio
 import anyio.abc
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from qtasks import stopping
 from qtasks.components import SCAN_BUDGET, GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import (
+    ConfigError,
     InvalidQueryError,
     SerializationError,
     StorageConnectionError,
@@ -52,6 +53,7 @@ from qtasks_redis.connection import (
 from qtasks_redis.failures import guarded as _guarded
 from qtasks_redis.lane import Lane
 from qtasks_redis.union import IndexUnion
+from qtasks_redis.watch import key_watch
 
 _FIELDS = tuple(f.name for f in fields(TaskRecord))
 _FIELD_SET = frozenset(_FIELDS)
@@ -118,6 +120,9 @@ record whose whole uuid the prefix is."""
 _SCORE = re.compile(r"-?[0-9]+(\.[0-9]+)?(e[-+][0-9]+)?", re.ASCII)
 """A cursor's score, as ``repr`` writes a finite float."""
 _FINAL_STATUSES = frozenset(status.value for status in TaskStatus if status.final)
+_FINAL_BYTES = frozenset(status.encode() for status in _FINAL_STATUSES)
+_WAIT_CONNECTIONS = 16
+"""Waits of one lane that block on connections of their own (``redis_wait_connections``)."""
 _FEED_IDLE = 5.0
 """Seconds the cancel feed waits for a message before it looks again (no round trip)."""
 
@@ -161,6 +166,7 @@ class RedisStorage:
         self._channel = f"{self._tag}:cancels"
         self._ttl_ms: str = ""
         self._shared = SharedClient(self.target, "RedisStorage")
+        self._wait_connections = _WAIT_CONNECTIONS
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -174,7 +180,12 @@ class RedisStorage:
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         ttl = config.result_ttl
         self._ttl_ms = "" if ttl is None else str(max(int(ttl * 1000), 1))
-        await self._shared.acquire(stack, {**config.extra, **self._options})
+        options = {**config.extra, **self._options}
+        waits = options.get("redis_wait_connections", _WAIT_CONNECTIONS)
+        if waits < 0:
+            raise ConfigError(f"extra.redis_wait_connections must be 0 or more, got {waits}")
+        self._wait_connections = int(waits)
+        await self._shared.acquire(stack, options)
 
     def _require(self) -> Client:
         """The redis-py client (blocking reads of steps; every path when there is no lane)."""
@@ -541,15 +552,8 @@ class RedisStorage:
                 await guarded(self.target, client.blmove(wake, wake, seconds, "RIGHT", "LEFT"))
                 record = await self.get(uuid)
                 continue
-            # Block and read the record in one round trip: the HMGET runs as soon as the
-            # BLMOVE returns (Redis answers a connection's commands in order).
-            call = lane.blocking(
-                seconds,
-                ("BLMOVE", wake, wake, "RIGHT", "LEFT", seconds),
-                ("HMGET", rec, *_RECORD_FIELDS),
-            )
             try:
-                _, fields = await guarded(self.target, call)
+                fields = await self._block(lane, rec, wake, seconds)
             except StorageConnectionError as exc:
                 # Lost or refused (a restart, a failover): tried again with the time left,
                 # as the lane retries its other calls and redis-py its own.
@@ -561,6 +565,45 @@ class RedisStorage:
                 continue
             failures = 0
             record = self._record(fields)
+
+    async def _block(self, lane: Lane, rec: str, wake: str, seconds: Any) -> list[Any]:
+        """The record's fields once it may have changed, or ``seconds`` passed. A few waits of
+        the lane block on connections of their own; past ``redis_wait_connections`` of them,
+        waits share the lane's :class:`~qtasks_redis.watch.KeyWatch` (two connections for
+        any number): a returned record that is not final is read again."""
+        watch = key_watch(lane)
+        if watch.blocking < self._wait_connections or watch.unavailable is not None:
+            watch.blocking += 1
+            try:
+                # Block and read the record in one round trip: the HMGET runs as soon as the
+                # BLMOVE returns (Redis answers a connection's commands in order).
+                _, fields = await guarded(
+                    self.target,
+                    lane.blocking(
+                        seconds,
+                        ("BLMOVE", wake, wake, "RIGHT", "LEFT", seconds),
+                        ("HMGET", rec, *_RECORD_FIELDS),
+                    ),
+                )
+                return cast(list[Any], fields)
+            finally:
+                watch.blocking -= 1
+        try:
+            event, replies = await guarded(
+                self.target, watch.read(wake, [("HMGET", rec, *_RECORD_FIELDS)])
+            )
+        except ResponseError:
+            if watch.unavailable is None:
+                raise
+            return await self._block(lane, rec, wake, seconds)  # blocks as before
+        fields = replies[0]
+        try:
+            if fields[1] not in _FINAL_BYTES:
+                with anyio.move_on_after(seconds):
+                    await event.wait()
+        finally:
+            watch.forget(wake, event)
+        return cast(list[Any], fields)
 
     async def add_step(self, uuid: str, value: Any, *, fence: str | None = None) -> int | None:
         """See :meth:`qtasks.components.Storage.add_step`: fenced, and the restart marked, in
