@@ -142,7 +142,7 @@ class KeyWatch:
             if reads is not None and reads.lost is None:
                 return reads
             if self.unavailable is not None:  # found out while this call waited its turn
-                raise self.unavailable
+                raise ResponseError(str(self.unavailable))
             self._drop()
             feed = cast(_Feed, await self._lane._open(blocking=True, conn_class=_Feed))
             try:
