@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from qtasks import AsyncQueueTasks, StepsRestarted, TaskStatus
+from qtasks.context import AsyncTaskHandle
 
 WAIT = 10
 
@@ -98,3 +99,49 @@ async def a_step_of_a_run_whose_lease_was_lost_is_refused_and_the_run_stops(
     messages = [r.getMessage() for r in caplog.records]
     assert any("was lost" in m and task.uuid in m for m in messages), messages
     assert not [m for m in messages if "worker failed" in m]
+
+
+async def a_step_after_a_cancel_is_not_stored_and_the_run_ends_cancelled(
+    app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task is cancelled as its generator yields (the cancel is stored before the step
+    that follows it): that step is refused, the record stays ``cancel`` with the steps of
+    before (neither its count nor the stream takes the late one), the run stops there and is
+    settled as cancelled at once (its message acked, not left to its lease as a lost one
+    would be: no "lease ... lost" warning), and the worker goes on serving."""
+    closed = anyio.Event()
+    after_refusal: list[int] = []
+
+    @app.task(echo=True)
+    async def produce(handle: AsyncTaskHandle) -> AsyncIterator[int]:
+        try:
+            yield 0
+            # What app.cancel from another process stores, right before the next step; no
+            # checkpoint between the cancel's return and the step's write.
+            await app.storage.cancel(handle.ctx.task_uuid, "not needed any more")
+            yield 1
+            after_refusal.append(1)
+            yield 2
+        finally:
+            closed.set()
+
+    @app.task
+    async def ping() -> str:
+        return "pong"
+
+    with caplog.at_level(logging.WARNING, logger="qtasks"), anyio.fail_after(WAIT):
+        async with app:
+            task = await app.add_task("produce")
+            final = await task.wait_result(timeout=WAIT)
+            await closed.wait()
+            assert (await app.add_task("ping", timeout=WAIT)).returning == "pong"
+            assert [step async for step in task.stream(timeout=WAIT)] == [0]
+            with anyio.fail_after(5):
+                while app.worker.running:  # noqa: ASYNC110 - the cancelled run winds down
+                    await anyio.sleep(0.01)
+            now = await app.storage.get(task.uuid)
+    assert after_refusal == []
+    assert (final.status, final.cancel_reason) == (TaskStatus.CANCEL, "not needed any more")
+    assert now is not None and (now.status, now.steps) == (TaskStatus.CANCEL, 1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "was lost" in m or "worker failed" in m], messages

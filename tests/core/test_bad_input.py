@@ -202,8 +202,17 @@ async def test_a_requeued_dead_letter_starts_with_no_steps(
     producer, worker = apps
     task = await producer.add_task("steps_for_now")
     await dead_letter(worker, task.uuid)
-    for step in ("old-0", "old-1"):  # what the lost run had yielded
+    # As if a run had yielded two steps before it was dead-lettered (a step after the end is
+    # refused): the record set back to running, its steps, then its dead-lettered end again.
+    ended = await worker.storage.get(task.uuid)
+    assert ended is not None
+    running = ended.copy()
+    running.status = TaskStatus.PROCESS
+    await worker.storage.add(running)
+    for step in ("old-0", "old-1"):
         await worker.storage.add_step(task.uuid, step)
+    ended.steps = 2
+    assert await worker.storage.save(ended)
     before = await worker.storage.get(task.uuid)
     assert before is not None and before.steps == 2
 

@@ -12,6 +12,7 @@ import pytest
 from generator_run_scenarios import (
     WAIT,
     a_retried_generator_is_marked_where_it_starts_over,
+    a_step_after_a_cancel_is_not_stored_and_the_run_ends_cancelled,
     a_step_of_a_run_whose_lease_was_lost_is_refused_and_the_run_stops,
 )
 
@@ -30,6 +31,12 @@ async def test_a_step_of_a_run_whose_lease_was_lost_is_refused_and_the_run_stops
     await a_step_of_a_run_whose_lease_was_lost_is_refused_and_the_run_stops(
         AsyncQueueTasks(), caplog
     )
+
+
+async def test_a_step_after_a_cancel_is_not_stored_and_the_run_ends_cancelled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await a_step_after_a_cancel_is_not_stored_and_the_run_ends_cancelled(AsyncQueueTasks(), caplog)
 
 
 class _UnfencedStorage(MemoryStorage):

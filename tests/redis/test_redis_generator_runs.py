@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from generator_run_scenarios import (
     a_retried_generator_is_marked_where_it_starts_over,
+    a_step_after_a_cancel_is_not_stored_and_the_run_ends_cancelled,
     a_step_of_a_run_whose_lease_was_lost_is_refused_and_the_run_stops,
 )
 from redis_worker_app import build
@@ -23,5 +24,13 @@ async def test_a_step_of_a_run_whose_lease_was_lost_is_refused_and_the_run_stops
     redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await a_step_of_a_run_whose_lease_was_lost_is_refused_and_the_run_stops(
+        build(redis_url, prefix), caplog
+    )
+
+
+async def test_a_step_after_a_cancel_is_not_stored_and_the_run_ends_cancelled(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await a_step_after_a_cancel_is_not_stored_and_the_run_ends_cancelled(
         build(redis_url, prefix), caplog
     )

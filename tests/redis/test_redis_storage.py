@@ -317,7 +317,8 @@ async def test_a_records_steps_are_kept_exactly_as_long_as_the_record(
     """Review r19 #7, item 3: the steps stream a follower made while the task ran expired
     after 24 h while the record stayed (forever with no ``result_ttl``, or ``result_ttl``
     when longer): a stream now has no TTL while its record has none, and the record's once
-    final; a step stored after the end (a cancel as the generator yielded) takes it too."""
+    final; a step after the end (a cancel as the generator yielded) is refused, so it makes
+    no stream beside the record."""
     storage = await make_storage(stack, redis_url, prefix, result_ttl=ttl)
     client = aioredis.Redis.from_url(redis_url)
     rec_key, steps_key = (f"{{{prefix}:rec}}:{kind}:t1" for kind in ("r", "s"))
@@ -335,11 +336,22 @@ async def test_a_records_steps_are_kept_exactly_as_long_as_the_record(
 
         await storage.add(record(uuid="t2"))
         await storage.cancel("t2", "stop")  # no stream yet: the final write made none
-        await storage.add_step("t2", "late")
-        late, rec2 = (f"{{{prefix}:rec}}:{kind}:t2" for kind in ("s", "r"))
-        if ttl is None:
-            assert await client.pttl(late) == await client.pttl(rec2) == -1
-        else:
-            assert 0 < await client.pttl(rec2) - 1000 <= await client.pttl(late)
+        assert await storage.add_step("t2", "late") is None
+        assert not await client.exists(f"{{{prefix}:rec}}:s:t2")
+    finally:
+        await client.aclose()
+
+
+async def test_a_step_of_an_unknown_task_leaves_no_key(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """A step with no record, fenced or not, is refused and makes no steps stream: nothing
+    would ever expire or delete one (its TTL comes from the record's final write)."""
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=60)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await storage.add_step("ghost", "orphan") is None
+        assert await storage.add_step("ghost", "orphan", fence="some-token") is None
+        assert await client.keys(f"*{prefix}*") == []
     finally:
         await client.aclose()

@@ -714,17 +714,21 @@ class Storage(Protocol):
         ``fence`` is the token of the delivery whose run yielded the step (the worker always
         passes it). Atomically with the append:
 
-        * Refused, returning ``None`` and storing nothing, when no record of ``uuid`` is
-          stored or the stored record's ``token`` is another one (a newer delivery began the
-          task: this run's lease was lost). A record with no token accepts it, as
-          :meth:`save` does.
+        * Refused, returning ``None`` and storing nothing, fenced or not, when no record of
+          ``uuid`` is stored (a stream beside no record would be read by nobody and kept for
+          ever: nothing expires or deletes it), or when the stored record is final (final is
+          final: a late step, e.g. of a run cancelled as it yielded, changes neither the
+          record's ``steps`` nor the stream).
+        * Refused too, with ``fence``, when the stored record's ``token`` is another one (a
+          newer delivery began the task: this run's lease was lost). A record with no token
+          accepts it, as :meth:`save` does.
         * When steps are stored already and the last one fenced was not this fence's (or none
           was fenced: steps stored before fences existed), a new run starts over: a
           :class:`~qtasks.steps.StepsRestarted` marker, ``run`` = 1 + how many such markers
           the stream holds, is stored right before the step.
 
         Without ``fence`` (a caller that is no worker's run; a storage written before fences
-        existed is called so), the step is appended unchecked and marks nothing. A call made
+        existed is called so), the token is not checked and nothing is marked. A call made
         again after its reply was lost must not append twice, for a remote backend."""
         ...
 

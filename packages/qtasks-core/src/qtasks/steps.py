@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import takes_keyword
-from qtasks.errors import LeaseLostError
+from qtasks.errors import LeaseLostError, TaskCancelledError
+from qtasks.record import TaskStatus
 
 if TYPE_CHECKING:
     from qtasks.components import Storage
@@ -35,16 +36,32 @@ class StepsRestarted:
 
 async def add_step(storage: Storage, uuid: str, value: Any, fence: str | None) -> int:
     """Store one step of the run of ``uuid`` whose delivery holds the token ``fence`` (``None``
-    for a run with no delivery); return its index. Raises :class:`LeaseLostError` when the
-    storage refused it: a newer delivery owns the task, so this run must stop (its worker drops
-    its result, as for any lost lease)."""
+    for a run with no delivery); return its index. When the storage refuses it, this run must
+    stop: raises :class:`TaskCancelledError` when the task is over (its record turned final,
+    a cancel made as the generator yielded: the worker then settles it as cancelled, which the
+    stored final record decides), else :class:`LeaseLostError` (a newer delivery owns the
+    task, or its record is gone: the worker drops its result, as for any lost lease)."""
     if fence is None or not takes_keyword(storage, "add_step", "fence"):
         index = await storage.add_step(uuid, value)
     else:
         index = await storage.add_step(uuid, value, fence=fence)
-    if index is None:
+    if index is not None:
+        return index
+    # Refused: read why, only on this rare path (no cost per step).
+    stored = await storage.get(uuid)
+    if stored is None:
         raise LeaseLostError(
-            f"a step of task {uuid} was refused: a newer delivery owns the task, "
-            "so this run stops and its result is dropped"
+            f"a step of task {uuid} was refused: its record is not stored (flushed or "
+            "expired), so this run stops and its result is dropped"
         )
-    return index
+    if stored.status.final and stored.token in (None, fence):
+        raise TaskCancelledError(
+            stored.cancel_reason
+            if stored.status is TaskStatus.CANCEL and stored.cancel_reason
+            else f"the task had already ended ({stored.status.value}): a step after the end "
+            "is not stored"
+        )
+    raise LeaseLostError(
+        f"a step of task {uuid} was refused: a newer delivery owns the task, "
+        "so this run stops and its result is dropped"
+    )

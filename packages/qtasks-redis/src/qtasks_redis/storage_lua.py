@@ -299,16 +299,19 @@ return cur
 ADD_STEP = Script(
     PRELUDE
     + r"""
--- ARGV: value_json, nonce, fence ('' for none). Returns the step's index, or -1 when refused
--- by the fence: no record, or a token that is not the fence (a newer delivery began the
--- task). Steps are added one at a time: a call re-sent after its reply was lost (the lane or
--- redis-py retries it) finds its nonce as the record's 'sn' and appends nothing again. The
--- first step of a run (fence) after steps of another is preceded by a restart marker.
+-- ARGV: value_json, nonce, fence ('' for none). Returns the step's index, or -1 when refused:
+-- no record (a stream beside none would be expired or deleted by nothing), a final one (the
+-- task is over: a late step changes neither 'n' nor the stream), or, with a fence, a token
+-- that is not the fence (a newer delivery began the task). Steps are added one at a time: a
+-- call re-sent after its reply was lost (the lane or redis-py retries it) finds its nonce as
+-- the record's 'sn' and appends nothing again. The first step of a run (fence) after steps
+-- of another is preceded by a restart marker.
 local cur = redis.call('HMGET', K_REC, 'sn', 'n', 'd', 's', 't', 'st')
 if cur[1] == ARGV[2] then return tonumber(cur[2]) - 1 end
+if not cur[3] or FINAL[cur[4]] then return -1 end
 local fence = ARGV[3]
 if fence ~= '' then
-  if not cur[3] or (cur[5] and cur[5] ~= '' and cur[5] ~= fence) then return -1 end
+  if cur[5] and cur[5] ~= '' and cur[5] ~= fence then return -1 end
   if cur[6] ~= fence then
     if tonumber(cur[2] or '0') > 0 then
       local run = redis.call('HINCRBY', K_REC, 'sr', 1) + 1
@@ -318,10 +321,6 @@ if fence ~= '' then
   end
 end
 redis.call('XADD', K_STEPS, '*', 'k', 's', 'v', ARGV[1])
-if cur[4] and FINAL[cur[4]] then  -- a step after the end (cancelled as it yielded)
-  local ttl = redis.call('PTTL', K_REC)
-  if ttl > 0 then redis.call('PEXPIRE', K_STEPS, ttl) end  -- kept as long as the record
-end
 redis.call('HSET', K_REC, 'sn', ARGV[2])
 return redis.call('HINCRBY', K_REC, 'n', 1) - 1
 """

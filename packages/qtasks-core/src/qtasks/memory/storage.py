@@ -405,8 +405,10 @@ class MemoryStorage(_Lifecycle):
         """See :meth:`qtasks.components.Storage.add_step`."""
         self._check()
         record = self._records.get(uuid)
-        if fence is not None and (record is None or record.token not in (None, fence)):
-            return None  # a newer delivery owns the task (or its record is gone)
+        if record is None or record.status.final:
+            return None  # no record (nothing would ever drop the steps), or the task is over
+        if fence is not None and record.token not in (None, fence):
+            return None  # a newer delivery owns the task
         stream = self._steps.setdefault(uuid, [])
         count, last, runs = self._step_runs.get(uuid, (0, None, 1))
         if fence is not None:
@@ -417,10 +419,7 @@ class MemoryStorage(_Lifecycle):
         stream.append(value)
         count += 1
         self._step_runs[uuid] = (count, last, runs)
-        if record is not None:
-            record.steps = count
-            if record.status.final:
-                self._records[uuid] = record  # a new object: stored again
+        record.steps = count
         self._fire(uuid)
         return count - 1
 

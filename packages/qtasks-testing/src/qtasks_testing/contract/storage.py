@@ -589,6 +589,53 @@ class StorageContract(ContractSuite):
         assert await storage.add_step(uuid.uuid4().hex, "orphan", fence="run-a") is None
 
     @pytest.mark.anyio
+    async def test_a_step_after_the_end_is_refused(self, storage: Storage) -> None:
+        """Final is final for steps too: once the record is final (its run's own final save,
+        or a cancel stored as the generator yielded), a late step of that run, fenced or not,
+        gets ``None`` and changes nothing: neither the record's step count nor the stream,
+        whether steps were stored before the end or none was. (The final records are
+        written with ``save``: ``cancel`` has its own test.)"""
+        for end in (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCEL):
+            rec = record()
+            await storage.add(rec)
+            begun = await self._begun(storage, rec, "run-a")
+            assert await storage.add_step(rec.uuid, "a0", fence="run-a") == 0
+            assert await storage.save(finished(begun, end, steps=1), fence="run-a")
+            assert await storage.add_step(rec.uuid, "late", fence="run-a") is None, end
+            assert await storage.add_step(rec.uuid, "late, unfenced") is None, end
+            stored = await storage.get(rec.uuid)
+            assert stored is not None and stored.steps == 1, end
+            with anyio.fail_after(2):
+                assert [s async for s in storage.steps(rec.uuid)] == ["a0"], end
+        quiet = record()
+        await storage.add(quiet)
+        begun = await self._begun(storage, quiet, "run-q")
+        # Ended before the run's first step.
+        assert await storage.save(finished(begun, TaskStatus.CANCEL), fence="run-q")
+        assert await storage.add_step(quiet.uuid, "late", fence="run-q") is None
+        stored = await storage.get(quiet.uuid)
+        assert stored is not None and stored.steps == 0
+        with anyio.fail_after(2):
+            assert [s async for s in storage.steps(quiet.uuid)] == []
+
+    @pytest.mark.anyio
+    async def test_a_step_of_an_unknown_task_is_refused(self, storage: Storage) -> None:
+        """Without ``fence`` too, a step of a task with no stored record is refused (``None``)
+        and stores nothing: a stream with no record would be read by nobody (``steps()`` of
+        an unknown task ends at once) and expired or deleted by nothing. A record added
+        afterwards starts with no steps."""
+        uid = uuid.uuid4().hex
+        assert await storage.add_step(uid, "orphan") is None
+        rec = record(uuid=uid)
+        await storage.add(rec, replace=False)
+        assert await storage.add_step(uid, "first") == 0
+        await storage.save(finished(rec, steps=1))
+        with anyio.fail_after(2):
+            assert [s async for s in storage.steps(uid)] == ["first"]
+        stored = await storage.get(uid)
+        assert stored is not None and stored.steps == 1
+
+    @pytest.mark.anyio
     async def test_a_run_that_starts_over_is_marked_in_the_stream(self, storage: Storage) -> None:
         """A run's first step after steps of another run is preceded by
         ``StepsRestarted(run)`` (2, then 3: the runs that stored steps), in the same write, so
