@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -226,6 +227,80 @@ async def test_a_database_the_server_refuses_is_not_waited_on(
         await app.serve()
     assert "refused the connection's settings" in str(info.value)
     assert "DB index is out of range" in str(info.value)
+    assert caught.attempts() == []
+
+
+@contextmanager
+def tls_server_with_an_untrusted_certificate() -> Iterator[int]:
+    """A loopback TLS server (its port) whose certificate is self-signed (untrusted_tls.pem):
+    a client that checks certificates, as ``rediss://`` does by default, refuses it."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(Path(__file__).with_name("untrusted_tls.pem"))
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed at exit
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except OSError:  # the client gives up on the handshake: what is tested
+                    pass
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.settimeout(0.1)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield sock.getsockname()[1]
+        finally:
+            done.set()
+            thread.join(5)
+
+
+async def test_a_tls_certificate_that_does_not_verify_is_not_waited_on(caught: Caught) -> None:
+    """``rediss://`` to a server whose certificate does not verify: the check fails the same
+    way on every attempt, so the worker fails at once with an error that says so."""
+    with tls_server_with_an_untrusted_certificate() as port:
+        app = redis_app(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0")
+        with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
+            await app.serve()
+    message = str(info.value)
+    assert f"Redis at 127.0.0.1:{port}" in message and "TLS" in message, message
+    assert "certificate verify failed" in message, message
+    assert PASSWORD not in message
+    assert caught.attempts() == []
+
+
+async def test_rediss_to_a_server_without_tls_is_not_waited_on(
+    tmp_path: Path, caught: Caught
+) -> None:
+    """``rediss://`` to a plain Redis: the server takes the TLS handshake for a command and
+    never answers it, so the client's connect times out as for a server that is down. The
+    server is up and answers without TLS: a URL to fix, not an outage to wait for (failed
+    after one connect timeout, here 1 s)."""
+    server = start_server(tmp_path, fsync="no", password=PASSWORD)
+    try:
+        app = redis_app(
+            f"rediss://:{PASSWORD}@127.0.0.1:{server.port}/0",
+            extra={"redis_connect_timeout": 1.0},
+        )
+        with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
+            await app.serve()
+    finally:
+        server.close()
+    message = str(info.value)
+    assert f"Redis at 127.0.0.1:{server.port}" in message, message
+    assert "answers without TLS" in message, message
+    assert PASSWORD not in message
     assert caught.attempts() == []
 
 

@@ -221,7 +221,9 @@ class StorageFullError(ServerFullError, StorageConnectionError):
 
 class CredentialsRefusedError(BrokerConnectionError):
     """The server answered and refused the connection: wrong password or user, no
-    permission, a virtual host not allowed. A configuration error that no retry mends: a
+    permission, a virtual host not allowed; or the connection's TLS failed its checks (a
+    certificate that does not verify, a server that does not speak TLS: Redis's
+    ``rediss://``). A configuration error that no retry mends: a
     worker waiting for its servers at start (``start_timeout``, see :mod:`qtasks.waiting`)
     does not wait on it. A :class:`BrokerConnectionError`, as it was before it existed."""
 

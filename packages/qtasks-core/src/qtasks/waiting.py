@@ -10,8 +10,8 @@ warning per attempt naming the component and the error (whose URLs are masked), 
 raised at once). A stop (``app.stop()``, SIGINT/SIGTERM) ends the wait at once, an attempt
 under way included; nothing was taken from the broker, so nothing is handed back.
 
-A configuration error is not waited on: refused credentials
-(:class:`~qtasks.errors.CredentialsRefusedError`), a bad URL or option
+A configuration error is not waited on: refused credentials or a connection whose TLS fails
+its checks (:class:`~qtasks.errors.CredentialsRefusedError`), a bad URL or option
 (:class:`~qtasks.errors.ConfigError`), any other error: they are raised at once.
 
 Each failed attempt is closed before the next (:meth:`AsyncQueueTasks.start` unwinds what it

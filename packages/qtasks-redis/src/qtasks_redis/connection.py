@@ -35,11 +35,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qtasks.errors import (
+    BrokerConnectionError,
     ComponentNotStartedError,
     ConfigError,
+    CredentialsRefusedError,
 )
 from qtasks.masking import mask_text, mask_url, masked_entry
-from qtasks_redis.failures import connection_error, guarded
+from qtasks_redis.failures import answers_without_tls, connection_error, guarded
 from qtasks_redis.lane import Lane, lane_for
 from qtasks_redis.lua_unused import without_unused
 
@@ -195,6 +197,8 @@ async def connect(stack: AsyncExitStack, target: RedisTarget, extra: dict[str, A
         if not target.cluster:
             await _probe(target, extra)
         await _ping(client)
+    except BrokerConnectionError:
+        raise  # ours already: _probe found a server that answers without TLS
     except (RedisError, OSError) as exc:
         raise connection_error(target, exc) from None
     if not target.cluster:
@@ -249,6 +253,15 @@ async def _probe(target: RedisTarget, extra: dict[str, Any]) -> None:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+    except RedisTimeoutError:
+        # A Redis without TLS takes the TLS handshake for a command and never answers it:
+        # the connect times out as for a server that is down. A URL to fix, not an outage.
+        if urlsplit(target.url).scheme == "rediss" and await answers_without_tls(target):
+            raise CredentialsRefusedError(
+                f"Redis at {target.where} (db {target.db}) answers without TLS, and the URL "
+                "says rediss://: use redis://, or turn TLS on at the server"
+            ) from None
+        raise
     finally:
         await _close(probe)
 

@@ -1,9 +1,14 @@
 """What a Redis error means to qtasks: an outage to ride out (:func:`outage`), refused
-credentials, or a refusal of the call itself; and the error a component raises for it
-(:func:`connection_error`, :func:`guarded`), naming the server but never the password."""
+credentials or a TLS connection that fails its checks (:func:`tls_refused`,
+:func:`answers_without_tls`), or a refusal of the call itself; and the error a component
+raises for it (:func:`connection_error`, :func:`guarded`), naming the server but never the
+password."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ssl
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -103,7 +108,31 @@ def connection_error(
             f"Redis at {target.where}{db} refused the connection's settings (check the URL's "
             f"database and options): {reason}"
         )
+    if tls_refused(exc) is not None:
+        return refused(
+            f"the TLS connection to Redis at {target.where}{db} failed its checks (check the "
+            f"server's certificate and the client's TLS settings, or the URL's scheme): {reason}"
+        )
     return kind(f"cannot reach Redis at {target.where}{db}: {reason}")
+
+
+_TLS_FOR_NOW = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+"""TLS errors of a connection closed mid-handshake (a server going down): an outage."""
+
+
+def tls_refused(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind ``exc`` (itself or a cause) that no retry mends: a certificate
+    that does not verify (``ssl.SSLCertVerificationError``), a handshake the server answered
+    in something else than TLS (``WRONG_VERSION_NUMBER``: a plain server), no protocol or
+    cipher in common; ``None`` for anything else, a connection closed mid-handshake too."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _TLS_FOR_NOW):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def refused_credentials(exc: BaseException) -> bool:
@@ -133,3 +162,30 @@ async def guarded(
         if not outage(exc):
             raise
         raise connection_error(target, exc, kind) from exc
+
+
+_PLAIN_CHECK = 1.0
+"""Seconds :func:`answers_without_tls` waits for a connection and a reply (a Redis answers a
+PING in well under a millisecond on a working link)."""
+
+
+async def answers_without_tls(target: RedisTarget) -> bool:
+    """Whether the server of ``target`` answers a PING sent in plain text with a Redis reply
+    (``+PONG``, ``-NOAUTH ...``): a Redis that does not speak TLS. Only after a TLS connect
+    timed out, so a working connection never pays for it."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(target.host, target.port), _PLAIN_CHECK
+        )
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"PING\r\n")
+        line = await asyncio.wait_for(reader.readline(), _PLAIN_CHECK)
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return line.startswith((b"+", b"-")) and line.endswith(b"\r\n")
