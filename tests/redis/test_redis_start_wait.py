@@ -383,3 +383,45 @@ async def test_a_stop_requested_before_serving_still_starts_and_stops_at_once(
         await app.serve()
     assert seen == ["started"]
     assert not app.started
+
+
+async def test_the_app_is_configured_once_per_start_however_many_attempts(
+    tmp_path: Path, caught: Caught
+) -> None:
+    """``qtasks_app_configured`` fires once per start, as ``qtasks_app_started`` does: not
+    once per attempt while the worker waits for its Redis; a start after a stop fires it
+    again."""
+    server = start_server(tmp_path, fsync="no")
+    server.kill()  # its port is known; nothing listens there until it starts again
+    calls: list[str] = []
+
+    class Lifecycle:
+        @hookimpl
+        def qtasks_app_configured(self) -> None:
+            calls.append("configured")
+
+        @hookimpl
+        def qtasks_app_started(self) -> None:
+            calls.append("started")
+
+        @hookimpl
+        def qtasks_app_stopped(self) -> None:
+            calls.append("stopped")
+
+    app = redis_app(f"redis://127.0.0.1:{server.port}/0", plugins_disabled=["*"])
+    app.add_plugin(Lifecycle())
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(app.serve)
+                await wait_for(lambda: len(caught.attempts()) >= 3, 10)
+                assert calls == ["configured"]
+                await anyio.to_thread.run_sync(server.start)
+                await wait_for(lambda: app.started, 10)
+                app.stop()
+            assert calls == ["configured", "started", "stopped"]
+            async with app:
+                pass
+        assert calls == ["configured", "started", "stopped"] * 2
+    finally:
+        server.close()

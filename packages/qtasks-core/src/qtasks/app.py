@@ -203,6 +203,10 @@ class AsyncQueueTasks:
         self._serving: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
         self._start_lock: anyio.Lock | None = None
+        self._configured = False
+        """``qtasks_app_configured`` fired for the start under way or done: a start tried
+        again after it failed (a worker waiting for its servers, see :mod:`qtasks.waiting`)
+        does not fire it again; :meth:`aclose` clears it, so the next start does."""
         self.starting: str | None = None
         """The component :meth:`start` was starting when it failed (``"storage"``,
         ``"global_config"`` or ``"broker"``); ``None`` once they all started or before any
@@ -392,7 +396,9 @@ class AsyncQueueTasks:
             await stack.__aenter__()
             try:
                 self.starting = None  # not an earlier attempt's component, should a hook fail
-                await self.hooks.notify("qtasks_app_configured", app=self, config=self.config)
+                if not self._configured:  # once per start, not per attempt of it
+                    await self.hooks.notify("qtasks_app_configured", app=self, config=self.config)
+                    self._configured = True
                 for pending in self._pending_hooks:
                     await pending
                 self._pending_hooks.clear()
@@ -466,6 +472,7 @@ class AsyncQueueTasks:
                 self.worker = self.worker.forked()
         self._stack = self._serving = self._task_group = None
         self._guard = self._loop = self._start_lock = None
+        self._configured = False
 
     async def _stopped_hook(self, kind: str, component: Any) -> None:
         await self.hooks.notify(
@@ -481,6 +488,7 @@ class AsyncQueueTasks:
         if guard is not None and guard is not asyncio.current_task():
             guard.cancel()
         self._closing = True
+        self._configured = False  # closed (or never started): the next start is a new one
         try:
             if self._serving is not None:
                 serving, self._serving = self._serving, None

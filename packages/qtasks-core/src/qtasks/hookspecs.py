@@ -213,7 +213,10 @@ hookspec = pluggy.HookspecMarker("qtasks")
 
 @hookspec
 def qtasks_app_configured(app: AsyncQueueTasks, config: QueueConfig) -> None:
-    """Notification: the app has its configuration and components, before anything starts."""
+    """Notification: the app has its configuration and components, before anything starts.
+    Fired once per start: a start tried again after it failed (a worker waiting for its
+    servers, see :mod:`qtasks.waiting`; a producer calling again) does not fire it again;
+    a start after :meth:`~qtasks.app.AsyncQueueTasks.aclose` does."""
 
 
 @hookspec

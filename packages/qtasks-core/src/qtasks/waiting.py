@@ -16,8 +16,10 @@ its checks (:class:`~qtasks.errors.CredentialsRefusedError`), a bad URL or optio
 
 Each failed attempt is closed before the next (:meth:`AsyncQueueTasks.start` unwinds what it
 started, a cancelled attempt too), so a broker connected while the storage was not is not
-left open. Producers (``add_task`` starting the components on first use, ``app.start()``,
-``async with app``) do not wait: a caller such as a web request gets the error at once.
+left open. Plugins see one start: ``qtasks_app_configured`` fires before the first attempt
+only, ``qtasks_app_started`` once the components started. Producers (``add_task`` starting
+the components on first use, ``app.start()``, ``async with app``) do not wait: a caller such
+as a web request gets the error at once.
 """
 
 from __future__ import annotations
