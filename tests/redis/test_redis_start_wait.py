@@ -280,6 +280,54 @@ async def test_a_tls_certificate_that_does_not_verify_is_not_waited_on(caught: C
     assert caught.attempts() == []
 
 
+@contextmanager
+def server_that_answers_in_plain_text() -> Iterator[int]:
+    """A loopback server (its port) that answers whatever comes with a line of plain text, as
+    a proxy or another service in front of the port would: no TLS."""
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed at exit
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"-ERR not what this port speaks\r\n")
+                except OSError:
+                    pass
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.settimeout(0.1)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield sock.getsockname()[1]
+        finally:
+            done.set()
+            thread.join(5)
+
+
+async def test_a_tls_handshake_answered_in_plain_text_is_not_waited_on(caught: Caught) -> None:
+    """``rediss://`` to a port that answers the handshake in plain text
+    (``WRONG_VERSION_NUMBER``): no TLS there, on any attempt; failed at once."""
+    with server_that_answers_in_plain_text() as port:
+        app = redis_app(f"rediss://127.0.0.1:{port}/0")
+        with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
+            await app.serve()
+    message = str(info.value)
+    assert f"TLS connection to Redis at 127.0.0.1:{port}" in message, message
+    assert "WRONG_VERSION_NUMBER" in message, message
+    assert caught.attempts() == []
+
+
 async def test_rediss_to_a_server_without_tls_is_not_waited_on(
     tmp_path: Path, caught: Caught
 ) -> None:
