@@ -9,8 +9,9 @@ matched to callers in order (Redis answers a connection's commands in the order 
 commands (``BLPOP``, ``BLMOVE``) get connections of their own from a small free list, since they
 would hold up everything queued behind them.
 
-It serves ``redis://`` and ``unix://`` targets whose URL carries no options other than ``db``;
-TLS and Redis Cluster go through redis-py (see :func:`lane_for`). Errors are redis-py's
+It serves ``redis://``, ``rediss://`` (TLS, its context made by redis-py from the URL's
+``ssl_*`` options) and ``unix://`` targets whose URL carries no other options than ``db``;
+Redis Cluster goes through redis-py (see :func:`lane_for`). Errors are redis-py's
 exception classes, so callers handle both paths alike: a lost connection fails every pending
 command with ``ConnectionError`` (retried, like redis-py's own retry policy, with jittered
 exponential backoff), a command that gets no reply within ``socket_timeout`` aborts the
@@ -27,6 +28,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -378,8 +380,10 @@ class Lane:
         username: str | None,
         db: int,
         options: dict[str, Any],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.target = target
+        self._tls = tls
         self._password = password
         self._username = username
         self._db = db
@@ -410,7 +414,9 @@ class Lane:
                     await loop.create_unix_connection(lambda: conn, self.target.socket)
                 else:
                     port = self.target.port or 6379
-                    await loop.create_connection(lambda: conn, self.target.host, port)
+                    await loop.create_connection(
+                        lambda: conn, self.target.host, port, ssl=self._tls
+                    )
                 # Numbered once connected: a connection made after another one reached the
                 # server the address named at that later time (see :meth:`_send_unblock`).
                 self._made += 1
@@ -784,15 +790,20 @@ class Lane:
 
 
 def lane_for(target: RedisTarget, options: dict[str, Any]) -> Lane | None:
-    """A lane for ``target``, or ``None`` when redis-py must serve it (TLS, cluster, URL
-    options other than ``db``, or ``redis_fast_lane=False`` in the options)."""
+    """A lane for ``target``, or ``None`` when redis-py must serve it (Redis Cluster, URL
+    options other than ``db`` and, for ``rediss://``, redis-py's ``ssl_*`` ones, or
+    ``redis_fast_lane=False`` in the options)."""
     if target.cluster or not options.get("redis_fast_lane", True):
         return None
     parts = urlsplit(target.url)
-    if parts.scheme not in ("redis", "unix"):
+    if parts.scheme not in ("redis", "unix", "rediss"):
         return None
     query = parse_qs(parts.query)
-    if set(query) - {"db"}:
+    tls = parts.scheme == "rediss"
+    if {key for key in query if key != "db" and not (tls and key.startswith("ssl_"))}:
+        return None
+    context = tls_context(target.url) if tls else None
+    if tls and context is None:
         return None
     db = target.db
     if "db" in query:
@@ -806,4 +817,21 @@ def lane_for(target: RedisTarget, options: dict[str, Any]) -> Lane | None:
         username=None if parts.username is None else unquote(parts.username),
         db=db,
         options=options,
+        tls=context,
     )
+
+
+def tls_context(url: str) -> ssl.SSLContext | None:
+    """The TLS context redis-py makes of a ``rediss://`` URL and its ``ssl_*`` options
+    (``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_check_hostname``, a client certificate...),
+    made by redis-py itself so that both paths check the server alike; ``None`` when redis-py
+    cannot make one (it then raises its own error where it connects)."""
+    from redis.asyncio.connection import SSLConnection, parse_url
+
+    try:
+        kwargs = parse_url(url)
+        kwargs.pop("connection_class", None)
+        context: ssl.SSLContext = SSLConnection(**kwargs).ssl_context.get()
+    except Exception:
+        return None
+    return context
