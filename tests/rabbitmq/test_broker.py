@@ -25,6 +25,7 @@ from qtasks_rabbitmq import (
     publisher,
 )
 from qtasks_rabbitmq.consumer import Consumer
+from qtasks_rabbitmq.wire import H_DELIVERIES
 
 from .conftest import URL, BrokerFactory, connection_pids, delete_topology, poll
 
@@ -713,3 +714,50 @@ async def test_a_delivery_no_longer_live_is_not_kept_apart(make_broker: BrokerFa
         got = await take(deliveries)
         assert (got.id, got.attempt) == (later.id, 1)
         assert await got.ack()
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_suspects_kept_apart_leave_no_cancelled_consumer_behind(
+    make_broker: BrokerFactory, queue_type: str
+) -> None:
+    """Each suspect kept apart cancels its consumer's tag, whose callback aiormq is left with
+    (late deliveries for the tag are received). Once the consumer consumes again the old tag is
+    dropped: many suspects on one channel leave aiormq with the current consumer only."""
+    broker = await make_broker(max_deliveries=10, queue_type=queue_type)
+    # Published with 8 deliveries counted: received as attempt 9, a suspect (alone_from(10)).
+    ids = {f"suspect-{i}" for i in range(12)}
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        for id in sorted(ids):
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"{}", message_id=id, headers={H_DELIVERIES: 8}),
+                broker.topology.queue,
+            )
+    seen: set[str] = set()
+    dead: set[str] = set()
+    async with broker.consume(prefetch=4) as deliveries:
+        consumer = cast(Consumer, deliveries)
+        underlay = consumer.underlay
+        assert underlay is not None
+        with anyio.fail_after(30):
+            while seen | dead != ids:
+                with anyio.move_on_after(1):
+                    got = await anext(deliveries)
+                    assert got.attempt >= 9 and consumer.apart is got  # each one kept apart
+                    seen.add(got.id)
+                    assert await got.ack()
+                    continue
+                # On a quorum queue a message handed back beside a suspect can come back
+                # counted (rabbitmq-server#3729, docs/rabbitmq.md), twice: dead-lettered.
+                dead = {d.id for d in await broker.dead_letters()}
+
+        async def consuming_again() -> bool:
+            return consumer.tag is not None and not consumer.paused
+
+        await poll(consuming_again, timeout=5)
+        assert consumer.underlay is underlay  # one channel all along
+        assert list(underlay.consumers) == [consumer.tag]
+    assert len(seen) >= 2  # kept apart more than once
+    if queue_type == "classic":
+        assert (seen, dead) == (ids, set())

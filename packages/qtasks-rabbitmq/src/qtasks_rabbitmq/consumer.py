@@ -92,6 +92,9 @@ class Consumer:
         self._apart_over = asyncio.Event()
         self._pausing: asyncio.Future[Any] | None = None
         self._apart_task: asyncio.Task[None] | None = None
+        self.retired: list[str] = []
+        """Consumer tags cancelled to keep a suspect apart whose callbacks aiormq still holds
+        (late deliveries for them are received); dropped once the consumer consumes again."""
         self.uid = uuid_mod.uuid4().hex[:12]
         self.key = next(self._keys)
         self.generation = 0
@@ -228,6 +231,7 @@ class Consumer:
             lambda _frame: self._closed(generation, "consumer cancelled by the server", None)
         )
         self.generation = generation
+        self.retired = []  # of the old channel
         # A suspect kept apart on the old channel: RabbitMQ delivers it again. Forgotten once
         # the generation moved, so that a message of the old channel still being received
         # meanwhile cannot keep itself apart on the new one (keep_apart checks it is live).
@@ -311,6 +315,7 @@ class Consumer:
         tag, underlay = self.tag, self.underlay
         self.tag = self._pausing = None
         if tag is not None and underlay is not None:
+            self.retired.append(tag)
             # Shielded (aiormq closes a channel whose RPC is cancelled mid-flight); its
             # outcome is read even if nobody awaits it (the consumer's close cut in).
             self._pausing = asyncio.ensure_future(self._cancel(underlay, tag))
@@ -349,6 +354,7 @@ class Consumer:
                 # Known before the first message comes (a suspect cancels the consumer by it).
                 self.tag = tag = self._new_tag()
                 self.paused = False
+                retired, self.retired = self.retired, []
                 rpc = asyncio.ensure_future(
                     underlay.basic_consume(
                         self.topology.queue,
@@ -358,6 +364,12 @@ class Consumer:
                 )
                 rpc.add_done_callback(_read_outcome)
                 await asyncio.shield(rpc)
+                # Dropped only now, or aiormq's dict grew by one per suspect for the channel's
+                # life. Nothing more comes for those tags: their barriers were answered before
+                # this consume was sent (what a quorum queue pushed across the cancel may
+                # trail its barrier's answer: this second round trip is later still).
+                for old in retired:
+                    underlay.consumers.pop(old, None)
         except Exception as exc:
             self.paused = False
             self._closed(generation, "keeping a suspect apart failed", exc)
@@ -367,10 +379,12 @@ class Consumer:
         before. A quorum queue may still push for it a moment after the cancel is answered
         (RabbitMQ 3.10 does), and aiormq drops a message for a tag it forgot: left unacked on
         the channel, it would come back counted. So the tag is cancelled without waiting
-        for the answer (aiormq forgets it at once) and its callback kept, for as long as the
-        channel lives: what still comes is received (handed back, while a suspect is kept
-        apart or the consumer closes). The answer to a passive declare sent after the cancel
-        comes after what RabbitMQ pushed before it (a classic queue pushes nothing later)."""
+        for the answer (aiormq forgets it at once) and its callback kept: what still comes is
+        received (handed back, while a suspect is kept apart or the consumer closes). The
+        answer to a passive declare sent after the cancel comes after what RabbitMQ pushed
+        before it (a classic queue pushes nothing later). A suspect's cancelled tag is
+        dropped from aiormq once the consumer consumes again (:attr:`retired`); a close's,
+        with the channel."""
         callback = underlay.consumers.get(tag)
         await underlay.basic_cancel(tag, nowait=True)
         if callback is not None:
