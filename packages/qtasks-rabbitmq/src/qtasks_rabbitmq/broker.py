@@ -15,7 +15,7 @@ Guarantees, and how they are kept (see ``docs/rabbitmq.md`` for the whole story)
 * Suspects alone: a message on one of its last two allowed deliveries
   (:func:`~qtasks.components.alone_from`) is handed out alone; its consumer, cancelled, hands
   back uncounted what RabbitMQ pushed to it beside the suspect and consumes again once the
-  suspect is settled or lost (:meth:`~qtasks_rabbitmq.consumer.Consumer.keep_apart`).
+  suspect is settled or lost (:mod:`qtasks_rabbitmq.apart`).
 * Delays: the binary wait-queue chain of :mod:`qtasks_rabbitmq.topology`.
 
 This module holds the lifecycle (a :class:`~qtasks_rabbitmq.link.Link` per event loop the

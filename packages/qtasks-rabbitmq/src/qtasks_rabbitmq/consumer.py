@@ -6,17 +6,13 @@ worker, or is dealt with on arrival (:meth:`Consumer.receive`): still early (a d
 than one pass of the chain), cancelled by this process, past ``max_deliveries`` (buried), or a
 redelivery on a classic queue (published again with its count in ``x-qtasks-deliveries``).
 A *suspect* (a delivery from :func:`~qtasks.components.alone_from` on: its earlier deliveries
-were lost with their holders) is kept apart (:meth:`Consumer.keep_apart`): the consumer stops
+were lost with their holders) is kept apart (:mod:`qtasks_rabbitmq.apart`): the consumer stops
 consuming, hands back uncounted what it received and had not handed out, hands the suspect out
 alone and consumes again only once it is settled or lost.
 A received message is settled once: after its ack (a copy or dead letter published first),
 nothing nacks it, whatever follows (the worker's notice of a dead letter, :meth:`Consumer.tell`).
-
-Over ~600 lines: the receive path, the lease and qos loops, keeping a suspect apart and the
-close all read and change one channel's state (its generation, tag, held deliveries, buffer,
-pause) under one lock, and their orderings are what the tests pin (a reconnect during a
-receipt, a close while a suspect is kept apart). Moving keeping-apart into a module of its own,
-over an explicit channel-state object, is the next step (session 22's note).
+The channel's state (:class:`~qtasks_rabbitmq.apart.ChannelState`) is shared with keeping a
+suspect apart.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ import time
 import uuid as uuid_mod
 from collections import deque
 from collections.abc import Awaitable
-from typing import Any, Self, cast
+from typing import Self, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -38,6 +34,7 @@ from aiormq.abc import DeliveredMessage
 
 from qtasks import stopping
 from qtasks.components import Buried, alone_from
+from qtasks_rabbitmq.apart import Apart, ChannelState, cancel, read_outcome
 from qtasks_rabbitmq.delivery import RabbitMQDelivery
 from qtasks_rabbitmq.link import Link
 from qtasks_rabbitmq.publisher import Published, Publisher
@@ -81,43 +78,56 @@ class Consumer:
         self.max_deliveries = max_deliveries
         self.alone = alone_from(max_deliveries)
         """The first delivery of a message that is a suspect, kept apart."""
-        self.apart: RabbitMQDelivery | None = None
-        """The suspect kept apart, from its receipt until it is settled or lost (or its
-        channel is gone): the consumer consumes nothing meanwhile."""
-        self.staged: RabbitMQDelivery | None = None
-        """The suspect kept apart while what was received beside it is handed back, before
-        it goes to :attr:`buffer` (handed back by :meth:`close` if it is still here)."""
-        self.paused = False
-        """Not consuming on purpose (a suspect kept apart): the watchdog sees it alive."""
-        self._apart_over = asyncio.Event()
-        self._pausing: asyncio.Future[Any] | None = None
-        self._apart_task: asyncio.Task[None] | None = None
-        self.retired: list[str] = []
-        """Consumer tags cancelled to keep a suspect apart whose callbacks aiormq still holds
-        (late deliveries for them are received); dropped once the consumer consumes again."""
-        self.uid = uuid_mod.uuid4().hex[:12]
         self.key = next(self._keys)
-        self.generation = 0
-        self.channel: AbstractChannel | None = None
-        self.tag: str | None = None
-        self.underlay: aiormq.Channel | None = None
-        self.buffer: asyncio.Queue[RabbitMQDelivery] = asyncio.Queue()
-        self.held: dict[str, RabbitMQDelivery] = {}
-        self.closing = False
-        self.pending = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.state = ChannelState(self.topology.queue, uuid_mod.uuid4().hex[:12])
+        self.keeper = Apart(
+            self.state,
+            self._on_message,
+            lambda generation, exc: self._closed(generation, "keeping a suspect apart failed", exc),
+        )
         self.qos = 0
         self.dynamic = self.topology.queue_type == "classic"
         self.slack = (self.prefetch - 1) // 2
         self._qos_wanted = asyncio.Event()
         self._qos_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
         self.untold: deque[tuple[str, str]] = deque()
         """Id and reason of each message this consumer dead-lettered whose notice
         (``buried``) was not given yet, or failed (:meth:`tell`)."""
         self._retell_task: asyncio.Task[None] | None = None
+
+    # Read-only views of the channel's state and the suspect kept apart.
+
+    @property
+    def channel(self) -> AbstractChannel | None:
+        return self.state.channel
+
+    @property
+    def underlay(self) -> aiormq.Channel | None:
+        return self.state.underlay
+
+    @property
+    def tag(self) -> str | None:
+        return self.state.tag
+
+    @property
+    def paused(self) -> bool:
+        return self.state.paused
+
+    @property
+    def buffer(self) -> asyncio.Queue[RabbitMQDelivery]:
+        return self.state.buffer
+
+    @property
+    def held(self) -> dict[str, RabbitMQDelivery]:
+        return self.state.held
+
+    @property
+    def apart(self) -> RabbitMQDelivery | None:
+        return self.keeper.suspect
+
+    def alive(self) -> bool:
+        return self.state.alive()
 
     # basic.qos counts every unacked message, but ``prefetch`` bounds only those not yet handed
     # to the worker. Classic queues: a channel-wide (global) qos of ``prefetch`` plus what the
@@ -134,8 +144,8 @@ class Consumer:
 
     def take(self, delivery: RabbitMQDelivery) -> None:
         delivery.lease_until = time.monotonic() + self.lease
-        self.held[delivery.token] = delivery
-        if self.dynamic and self.qos < len(self.held) + self.prefetch - self.slack:
+        self.state.held[delivery.token] = delivery
+        if self.dynamic and self.qos < len(self.state.held) + self.prefetch - self.slack:
             self._qos_wanted.set()
 
     async def _lease_loop(self) -> None:
@@ -143,18 +153,15 @@ class Consumer:
         kept here: a delivery not settled or extended within ``config.lease`` is handed back
         (``basic.nack`` with requeue, so it counts as a delivery) and its holder is fenced."""
         lease = self.lease
-        while not self.closing:
+        while not self.state.closing:
             await asyncio.sleep(min(lease / 4, 1.0))
             now = time.monotonic()
-            for delivery in [d for d in self.held.values() if d.lease_until <= now]:
+            for delivery in [d for d in self.state.held.values() if d.lease_until <= now]:
                 await delivery._expire()
 
     def release(self, token: str) -> None:
-        apart = self.apart
-        if apart is not None and apart.token == token:
-            self.apart = None
-            self._apart_over.set()
-        held = self.held
+        self.keeper.released(token)
+        held = self.state.held
         if held.pop(token, None) is None or not self.dynamic:
             return
         if self.qos > len(held) + self.prefetch:
@@ -164,10 +171,10 @@ class Consumer:
         while True:
             await self._qos_wanted.wait()
             self._qos_wanted.clear()
-            if self.closing:
+            if self.state.closing:
                 return
-            most = len(self.held) + self.prefetch
-            channel = self.channel
+            most = len(self.state.held) + self.prefetch
+            channel = self.state.channel
             if channel is None or channel.is_closed or not self.dynamic:
                 continue
             if most - self.slack <= self.qos <= most:
@@ -176,44 +183,30 @@ class Consumer:
             # Shielded: aiormq closes a channel whose RPC is cancelled mid-flight. Its outcome
             # is read even when this loop is cancelled first (the consumer's close).
             rpc = asyncio.ensure_future(channel.set_qos(prefetch_count=target, global_=True))
-            rpc.add_done_callback(_read_outcome)
+            rpc.add_done_callback(read_outcome)
             try:
                 await asyncio.shield(rpc)
                 self.qos = target
             except Exception:
                 continue  # the channel is dying; reopen sets qos again
 
-    def holds(self, generation: int) -> bool:
-        channel = self.channel
-        return generation == self.generation and channel is not None and not channel.is_closed
-
-    def alive(self) -> bool:
-        channel = self.channel
-        if channel is None or channel.is_closed:
-            return False
-        if self.paused:
-            return True  # not consuming on purpose, while a suspect is kept apart
-        if self.tag is None:
-            return False
-        return self.underlay is not None and self.tag in self.underlay.consumers
-
     def healthy(self) -> bool:
         """For the link's watchdog: consuming, or being (re)opened right now (not consuming
         yet, but not dead either)."""
-        return self._lock.locked() or self.alive()
+        return self.state.lock.locked() or self.state.alive()
 
     async def reopen(self, connection: AbstractConnection, generation: int) -> None:
         """Open this consumer on ``connection`` (after a reconnect), within the link's
         connect timeout: a server that stops answering fails the reopen (the link then
         reconnects) rather than holding the lock that :meth:`close` waits for."""
-        async with self._lock, asyncio.timeout(self.link.connect_timeout):
+        async with self.state.lock, asyncio.timeout(self.link.connect_timeout):
             await self._reopen(connection, generation)
 
     async def _reopen(self, connection: AbstractConnection, generation: int) -> None:
-        if self.closing or (self.generation == generation and self.alive()):
+        if self.state.closing or (self.state.generation == generation and self.state.alive()):
             return
         channel = await connection.channel(publisher_confirms=False)
-        self.held.clear()  # deliveries of the old channel are stale now
+        self.state.held.clear()  # deliveries of the old channel are stale now
         if self.dynamic:
             self.qos = self.prefetch
             await channel.set_qos(prefetch_count=self.qos, global_=True)
@@ -230,36 +223,36 @@ class Consumer:
         underlay.on_consumer_cancel_callbacks.add(
             lambda _frame: self._closed(generation, "consumer cancelled by the server", None)
         )
-        self.generation = generation
-        self.retired = []  # of the old channel
+        self.state.generation = generation
+        self.state.retired = []  # of the old channel
         # A suspect kept apart on the old channel: RabbitMQ delivers it again. Forgotten once
         # the generation moved, so that a message of the old channel still being received
         # meanwhile cannot keep itself apart on the new one (keep_apart checks it is live).
-        self._end_apart()
-        self.channel = channel
-        self.underlay = cast(aiormq.Channel, underlay)
+        self.keeper.end()
+        self.state.channel = channel
+        self.state.underlay = cast(aiormq.Channel, underlay)
         # Straight on aiormq: aio-pika would wrap every message in an IncomingMessage and
         # a second task; the worker needs the raw frame only. The tag is known before the
         # first message comes: a suspect among the first cancels the consumer by it.
-        self.tag = self._new_tag()
+        self.state.tag = self.state.new_tag()
         await underlay.basic_consume(
             self.link.topology.queue,
             functools.partial(self._on_message, generation),
-            consumer_tag=self.tag,
+            consumer_tag=self.state.tag,
         )
-        if self.closing:  # a close that gave up waiting for this reopen (its stop's deadline)
+        if self.state.closing:  # a close that gave up waiting for this reopen (its stop's deadline)
             await _quietly(channel.close())
 
     def _closed(self, generation: int, what: str, exc: BaseException | None) -> None:
         # A closed link ignores this (``Link.lost`` checks), as it does once the broker stopped.
-        if generation == self.generation and not self.closing:
+        if generation == self.state.generation and not self.state.closing:
             self.link.lost(what if exc is None else f"{what}: {type(exc).__name__}")
 
     async def _on_message(self, generation: int, message: DeliveredMessage) -> None:
-        if generation != self.generation:
+        if generation != self.state.generation:
             return  # from a channel already replaced; RabbitMQ redelivers it
-        self.pending += 1
-        self.idle.clear()
+        self.state.pending += 1
+        self.state.idle.clear()
         try:
             try:
                 delivery = await self.receive(generation, message)
@@ -275,134 +268,21 @@ class Consumer:
                 await self.tell()
             if delivery is None:
                 return
-            if self.closing:
+            if self.state.closing:
                 await delivery.hand_back()
                 return
-            if delivery.attempt >= self.alone or self.apart is not None:
+            if delivery.attempt >= self.alone or self.keeper.suspect is not None:
                 await self.keep_apart(delivery)
                 return
-            self.buffer.put_nowait(delivery)
+            self.state.buffer.put_nowait(delivery)
         finally:
-            self.pending -= 1
-            if not self.pending:
-                self.idle.set()
+            self.state.pending -= 1
+            if not self.state.pending:
+                self.state.idle.set()
 
     async def keep_apart(self, delivery: RabbitMQDelivery) -> None:
-        """A suspect (a delivery from :attr:`alone` on), or a message received while one is
-        kept apart. A suspect kills its worker again, maybe: what the process holds then,
-        received and not handed out, comes back counted too (RabbitMQ pushes up to the
-        prefetch to the channel), and innocent messages follow it to the dead-letter queue.
-        So the first suspect is kept apart: the consumer is cancelled (RabbitMQ pushes
-        nothing more), what it received and had not handed out is handed back uncounted
-        (published again with its count, the original acked), and only then is the suspect
-        handed out, alone; once it is settled or lost (its lease run out) the consumer
-        consumes again (:meth:`_keep_apart`). A message received meanwhile (pushed before the
-        cancel took effect, another suspect among them) is handed back uncounted."""
-        if self.apart is not None:
-            await delivery.hand_back()
-            return
-        if not delivery._live():
-            # Of a channel replaced meanwhile (a reconnect during its receipt's awaits):
-            # RabbitMQ delivers it again; keeping it apart would cancel the new consumer.
-            return
-        self.apart = self.staged = delivery
-        self.paused = True
-        self._apart_over = asyncio.Event()
-        beside: list[RabbitMQDelivery] = []
-        buffer = self.buffer
-        while not buffer.empty():
-            beside.append(buffer.get_nowait())
-        tag, underlay = self.tag, self.underlay
-        self.tag = self._pausing = None
-        if tag is not None and underlay is not None:
-            self.retired.append(tag)
-            # Shielded (aiormq closes a channel whose RPC is cancelled mid-flight); its
-            # outcome is read even if nobody awaits it (the consumer's close cut in).
-            self._pausing = asyncio.ensure_future(self._cancel(underlay, tag))
-            self._pausing.add_done_callback(_read_outcome)
-        self._apart_task = asyncio.create_task(
-            self._keep_apart(delivery, self._apart_over), name="qtasks-rabbitmq-apart"
-        )
-        for other in beside:
-            await other.hand_back()
-
-    async def _keep_apart(self, suspect: RabbitMQDelivery, over: asyncio.Event) -> None:
-        """Hand out ``suspect`` once the consumer's cancel is answered and what it received
-        beside it is handed back; consume again once it is settled or lost. Woken by the
-        settle (or the suspect's channel gone, or the consumer's close), never polling."""
-        generation = suspect.generation
-        try:
-            pausing = self._pausing
-            if pausing is not None:
-                await asyncio.shield(pausing)
-            # The messages pushed before the cancel's answer are being handed back: once
-            # they are (the consumer idle), the suspect goes out alone.
-            await self.idle.wait()
-            if self.staged is suspect:
-                self.staged = None
-                if suspect._live():
-                    self.buffer.put_nowait(suspect)
-                elif self.apart is suspect:  # its channel is gone: nothing to wait for
-                    self.apart = None
-                    over.set()
-            await over.wait()
-            async with self._lock:
-                if self.closing or not self.holds(generation) or self.apart is not None:
-                    return
-                underlay = self.underlay
-                assert underlay is not None
-                # Known before the first message comes (a suspect cancels the consumer by it).
-                self.tag = tag = self._new_tag()
-                self.paused = False
-                retired, self.retired = self.retired, []
-                rpc = asyncio.ensure_future(
-                    underlay.basic_consume(
-                        self.topology.queue,
-                        functools.partial(self._on_message, generation),
-                        consumer_tag=tag,
-                    )
-                )
-                rpc.add_done_callback(_read_outcome)
-                await asyncio.shield(rpc)
-                # Dropped only now, or aiormq's dict grew by one per suspect for the channel's
-                # life. Nothing more comes for those tags: their barriers were answered before
-                # this consume was sent (what a quorum queue pushed across the cancel may
-                # trail its barrier's answer: this second round trip is later still).
-                for old in retired:
-                    underlay.consumers.pop(old, None)
-        except Exception as exc:
-            self.paused = False
-            self._closed(generation, "keeping a suspect apart failed", exc)
-
-    async def _cancel(self, underlay: aiormq.Channel, tag: str) -> None:
-        """Cancel the consumer ``tag``; return once RabbitMQ sent what it pushed for it
-        before. A quorum queue may still push for it a moment after the cancel is answered
-        (RabbitMQ 3.10 does), and aiormq drops a message for a tag it forgot: left unacked on
-        the channel, it would come back counted. So the tag is cancelled without waiting
-        for the answer (aiormq forgets it at once) and its callback kept: what still comes is
-        received (handed back, while a suspect is kept apart or the consumer closes). The
-        answer to a passive declare sent after the cancel comes after what RabbitMQ pushed
-        before it (a classic queue pushes nothing later). A suspect's cancelled tag is
-        dropped from aiormq once the consumer consumes again (:attr:`retired`); a close's,
-        with the channel."""
-        callback = underlay.consumers.get(tag)
-        await underlay.basic_cancel(tag, nowait=True)
-        if callback is not None:
-            underlay.consumers.setdefault(tag, callback)
-        await underlay.queue_declare(self.topology.queue, passive=True)
-
-    def _new_tag(self) -> str:
-        return f"qtasks.{self.uid}.{uuid_mod.uuid4().hex[:12]}"
-
-    def _end_apart(self) -> None:
-        """Forget the suspect kept apart (its channel is gone, or the consumer closes)."""
-        self.apart = self.staged = None
-        self.paused = False
-        self._pausing = None
-        self._apart_over.set()
-        if self._apart_task is not None:
-            self._apart_task.cancel()
-            self._apart_task = None
+        """Keep a suspect apart (:meth:`qtasks_rabbitmq.apart.Apart.keep`)."""
+        await self.keeper.keep(delivery)
 
     async def receive(self, generation: int, message: DeliveredMessage) -> RabbitMQDelivery | None:
         """Turn a raw message into a delivery, or deal with it here and return ``None``.
@@ -453,7 +333,7 @@ class Consumer:
         # A class, not an async generator: a cancelled ``anext`` (a timeout around it) must
         # leave the iterator usable.
         while True:
-            delivery = await self.buffer.get()
+            delivery = await self.state.buffer.get()
             if delivery._live():
                 self.take(delivery)
                 return delivery
@@ -465,7 +345,7 @@ class Consumer:
         given again later, backing off, until it is given or the consumer closes (which gives
         it once more): its message is settled already (dead-lettered), so nothing else is
         redone, and the record ends as with the other brokers."""
-        if await self._give() or self.closing:
+        if await self._give() or self.state.closing:
             return
         if self._retell_task is None or self._retell_task.done():
             self._retell_task = asyncio.create_task(self._retell(), name="qtasks-rabbitmq-retell")
@@ -493,10 +373,10 @@ class Consumer:
 
     async def _retell(self) -> None:
         failures = 0
-        while not self.closing:
+        while not self.state.closing:
             failures += 1
             await asyncio.sleep(min(RETELL_CAP, 0.1 * 2**failures))
-            if self.closing or await self._give():
+            if self.state.closing or await self._give():
                 return
 
     async def close(self) -> None:
@@ -507,7 +387,7 @@ class Consumer:
         cannot hold the stop. Nothing is lost by what is cut short: RabbitMQ requeues every
         message unacked on a channel when the channel or its connection closes (the
         broker's stop closes the connection)."""
-        self.closing = True
+        self.state.closing = True
         self.link.unregister(self.key)
         if self._retell_task is not None:  # what it gives is kept, and given below
             self._retell_task.cancel()
@@ -517,14 +397,14 @@ class Consumer:
         # consuming for nobody.
         locked = False
         with stopping.shield("the consumer's reopen under way", self.link.connect_timeout):
-            await self._lock.acquire()
+            await self.state.lock.acquire()
             locked = True
         self._stop_loops()
         if locked:
             try:
                 await self._shut()
             finally:
-                self._lock.release()
+                self.state.lock.release()
         if self.untold:
             with stopping.shield("the dead letters' records", SHUT_WAIT):
                 await self._give()
@@ -538,52 +418,50 @@ class Consumer:
     def _stop_loops(self) -> None:
         # Not waited for: a qos update under way goes on (shielded) and holds the channel's
         # next RPC, the consumer's cancel, which the bound of that one covers.
-        for task in (self._lease_task, self._qos_task, self._apart_task):
+        for task in (self._lease_task, self._qos_task):
             if task is not None:
                 task.cancel()
+        self.keeper.stop()
 
     async def _shut(self) -> None:
         """Cancel the consumer, hand back what it received, close its channel."""
-        channel = self.channel
+        channel = self.state.channel
         if channel is None:
             return
         if not channel.is_closed:
             answered = False
-            if self.paused:  # cancelled already, a suspect kept apart: that cancel answered
-                pausing = self._pausing
+            if self.state.paused:  # cancelled already, a suspect kept apart: that cancel answered
+                pausing = self.keeper.pausing
                 answered = True
                 if pausing is not None:
                     with stopping.shield("the consumer's cancel", SHUT_WAIT):
                         answered = await _quietly(asyncio.shield(pausing))
-            elif self.tag is not None and self.underlay is not None:
+            elif self.state.tag is not None and self.state.underlay is not None:
                 with stopping.shield("the consumer's cancel", SHUT_WAIT):
-                    answered = await _quietly(self._cancel(self.underlay, self.tag))
+                    answered = await _quietly(
+                        cancel(self.state.underlay, self.state.tag, self.topology.queue)
+                    )
             # Handed to the worker and not settled: back to the queue at once (counted).
-            for delivery in list(self.held.values()):
+            for delivery in list(self.state.held.values()):
                 await delivery._expire()
-            self.held.clear()
+            self.state.held.clear()
             if answered:  # unanswered: RabbitMQ requeues the rest when the channel closes
                 with stopping.shield("the hand-back of received messages", SHUT_WAIT):
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(2):
-                            await self.idle.wait()
+                            await self.state.idle.wait()
                     # Received but never handed to the worker: not a delivery attempt.
-                    staged, self.staged = self.staged, None
+                    staged, self.keeper.staged = self.keeper.staged, None
                     if staged is not None and staged._live():  # a suspect not handed out yet
                         await staged.hand_back()
-                    while not self.buffer.empty():
-                        delivery = self.buffer.get_nowait()
+                    while not self.state.buffer.empty():
+                        delivery = self.state.buffer.get_nowait()
                         if delivery._live():
                             await delivery.hand_back()
         # Closed already (server, lost connection, the loop's end): still closed through
         # aio-pika, which waits for its close callbacks' tasks.
         with stopping.shield("the consumer channel's close", SHUT_WAIT):
             await _quietly(channel.close())
-
-
-def _read_outcome(rpc: asyncio.Future[Any]) -> None:
-    if not rpc.cancelled():
-        rpc.exception()  # read, so that asyncio does not log it as never retrieved
 
 
 async def _quietly(call: Awaitable[object]) -> bool:

@@ -49,7 +49,7 @@ class RabbitMQDelivery:
         self._attempt = attempt
         self._settled = False
         self.lease_until = 0.0
-        self.token = f"{consumer.uid}.{generation}.{message.delivery_tag}"
+        self.token = f"{consumer.state.uid}.{generation}.{message.delivery_tag}"
 
     @property
     def id(self) -> str:
@@ -72,7 +72,7 @@ class RabbitMQDelivery:
         return self._generation
 
     def _live(self) -> bool:
-        return not self._settled and self._consumer.holds(self._generation)
+        return not self._settled and self._consumer.state.holds(self._generation)
 
     async def _finish(self) -> bool:
         """Ack on the original channel; ``False`` if that channel is gone."""
