@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp import commands as spec
 
 if TYPE_CHECKING:
     from qtasks_rabbitmq.delivery import RabbitMQDelivery
@@ -93,16 +94,23 @@ async def cancel(underlay: aiormq.Channel, tag: str, queue: str) -> None:
     """Cancel the consumer ``tag``; return once RabbitMQ sent what it pushed for it before.
     A quorum queue may still push for it a moment after the cancel is answered (RabbitMQ 3.10
     does), and aiormq drops a message for a tag it forgot: left unacked on the channel, it
-    would come back counted. So the tag is cancelled without waiting for the answer (aiormq
-    forgets it at once) and its callback kept: what still comes is received (handed back,
-    while a suspect is kept apart or the consumer closes). The answer to a passive declare
-    sent after the cancel comes after what RabbitMQ pushed before it (a classic queue pushes
-    nothing later). A suspect's cancelled tag is dropped once the consumer consumes again
-    (:attr:`ChannelState.retired`); a close's, with the channel."""
-    callback = underlay.consumers.get(tag)
-    await underlay.basic_cancel(tag, nowait=True)
-    if callback is not None:
-        underlay.consumers.setdefault(tag, callback)
+    would come back counted. So the ``basic.cancel`` goes out with ``nowait`` and is not
+    waited for, and aiormq keeps the tag's callback: what still comes is received (handed
+    back, while a suspect is kept apart or the consumer closes). The answer to a passive
+    declare sent after the cancel comes after what RabbitMQ pushed before it (a classic queue
+    pushes nothing later). A suspect's cancelled tag is dropped once the consumer consumes
+    again (:attr:`ChannelState.retired`); a close's, with the channel.
+
+    Written on aiormq's frame queue, as :mod:`qtasks_rabbitmq.confirms` writes a batch of
+    publishes, not through ``basic_cancel``: aiormq before 7.2.4 waits for an answer to a
+    synchronous method sent with ``nowait``, which RabbitMQ never sends, holding every later
+    RPC of the channel (this declare, the next consume) behind that wait for ever."""
+    if underlay.is_closed:  # a frame for a closed channel would close the connection
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{underlay!r} closed")
+    frame = spec.Basic.Cancel(consumer_tag=tag, nowait=True)
+    await underlay.write_queue.put(
+        ChannelFrame.marshall(channel_number=underlay.number, frames=[frame])
+    )
     await underlay.queue_declare(queue, passive=True)
 
 
