@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
+from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -14,6 +16,8 @@ from start_wait_logs import Caught
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.errors import CredentialsRefusedError
 from qtasks_rabbitmq import RabbitMQBroker
+
+from .conftest import rabbitmqctl
 
 pytestmark = pytest.mark.anyio
 
@@ -91,3 +95,58 @@ async def test_a_start_cancelled_after_connecting_closes_its_connection(
         tg.cancel_scope.cancel()
     (connection,) = made
     assert connection.is_closed  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def user_without_access() -> Iterator[str]:
+    """A RabbitMQ user with a password and no permission on any virtual host."""
+    name = f"qtasks-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_user", name, SECRET)
+    try:
+        yield name
+    finally:
+        rabbitmqctl("delete_user", name)
+
+
+@pytest.mark.parametrize("vhost", ["", "qtasks-no-such-vhost"])
+async def test_a_virtual_host_refused_or_missing_is_not_waited_on(
+    rabbitmq_url: str, user_without_access: str, caught: Caught, vhost: str
+) -> None:
+    """RabbitMQ answers connection.open with connection.close (530 NOT_ALLOWED) for a virtual
+    host the user may not use or that does not exist: refused at once, saying why."""
+    if vhost:  # guest, who may use every virtual host that exists
+        url = rabbitmq_url + vhost
+    else:
+        url = rabbitmq_url.replace("guest:guest@", f"{user_without_access}:{SECRET}@")
+    app = AsyncQueueTasks(broker=RabbitMQBroker(url), config=QueueConfig())
+    with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
+        await app.serve()
+    says = f"vhost {vhost} not found" if vhost else "access to vhost '/' refused for user"
+    assert f"connection.open refused: NOT_ALLOWED - {says}" in str(info.value)
+    assert SECRET not in str(info.value)
+    assert caught.attempts() == []
+
+
+async def test_a_virtual_host_at_its_connection_limit_is_waited_on(
+    rabbitmq_url: str, caught: Caught
+) -> None:
+    """Also a connection.close in answer to connection.open, but one that waiting may mend
+    (other connections close, the limit is raised): waited on like an outage."""
+    vhost = f"qtasks-test-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        rabbitmqctl("set_vhost_limits", "-p", vhost, '{"max-connections": 0}')
+        app = AsyncQueueTasks(broker=RabbitMQBroker(rabbitmq_url + vhost))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            with anyio.fail_after(10):
+                while len(caught.attempts()) < 2:  # noqa: ASYNC110 - log records of another task
+                    await anyio.sleep(0.02)
+            assert not app.started
+            app.stop()
+        says = f"connection.open refused: NOT_ALLOWED - access to vhost '{vhost}' refused"
+        assert says in caught.attempts()[0]
+        assert "connection limit (0) is reached" in caught.attempts()[0]
+    finally:
+        rabbitmqctl("delete_vhost", vhost)

@@ -29,6 +29,7 @@ import aio_pika
 import aiormq
 import anyio
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp import commands as spec
 
 from qtasks.errors import BrokerConnectionError, CredentialsRefusedError
 from qtasks.masking import MASK, mask_text, mask_url
@@ -57,6 +58,31 @@ _REFUSALS = (
 )
 """What RabbitMQ answers to a connection it refuses for its configuration, not an outage."""
 
+
+def closed_at_open(exc: BaseException) -> spec.Connection.Close | None:
+    """RabbitMQ's ``connection.close`` in answer to ``connection.open``, if that is what
+    ``exc`` is: a virtual host the user may not use or that does not exist, a connection
+    limit reached (530 ``NOT_ALLOWED``, each). aiormq (7.2.x) raises an ``InvalidFrameError``
+    for it whose text names the frame only (``got <Connection.Close object at ...>``), not the
+    error its reply code maps to (:data:`_REFUSALS`); the frame is still a local of aiormq's
+    call in the traceback, read from there."""
+    if not isinstance(exc, aiormq.exceptions.InvalidFrameError):
+        return None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame.f_locals.get("frame")
+        if isinstance(frame, spec.Connection.Close):
+            return frame
+        tb = tb.tb_next
+    return None
+
+
+def refuses(close: spec.Connection.Close) -> bool:
+    """Whether RabbitMQ refused a connection for its configuration (403, 530), not for a
+    connection limit reached, which other connections' closing may mend: waited on."""
+    return close.reply_code in (403, 530) and "connection limit" not in (close.reply_text or "")
+
+
 Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
 
 
@@ -64,7 +90,11 @@ def describe(exc: BaseException, secret: str | None) -> str:
     """A one-line description of ``exc`` that never contains ``secret`` (the URL's password,
     or its user information when that has no password: a key), nor what
     :func:`~qtasks.masking.mask_text` masks."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return masked(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, secret)
+
+
+def masked(text: str, secret: str | None) -> str:
+    """``text`` without ``secret`` nor what :func:`~qtasks.masking.mask_text` masks."""
     if secret:
         text = text.replace(secret, MASK)
     return mask_text(text)
@@ -134,9 +164,13 @@ class Link:
             # Refused credentials or access are a configuration error: a worker waiting for
             # its servers at start (start_timeout) does not wait on them.
             kind = CredentialsRefusedError if isinstance(exc, _REFUSALS) else BrokerConnectionError
-            raise kind(
-                f"cannot connect to RabbitMQ at {self.safe_url}: {describe(exc, self._secret)}"
-            ) from None
+            why = describe(exc, self._secret)
+            close = closed_at_open(exc)
+            if close is not None:
+                why = masked(f"connection.open refused: {close.reply_text}", self._secret)
+                if refuses(close):
+                    kind = CredentialsRefusedError
+            raise kind(f"cannot connect to RabbitMQ at {self.safe_url}: {why}") from None
         self._supervisor = asyncio.create_task(self._supervise(), name="qtasks-rabbitmq-link")
         stack.push_async_callback(self.close)
 
