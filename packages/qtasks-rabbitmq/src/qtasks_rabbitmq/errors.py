@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import aiormq
+from pamqp import commands as spec
+
 from qtasks.errors import ComponentError, ConfigError, MessageTooLargeError
 
 
@@ -43,3 +46,42 @@ class TopologyError(ComponentError, ConfigError):
             f"RabbitMQ queue {queue!r} exists with different arguments ({detail}); delete it "
             "or choose another rabbitmq_queue"
         )
+
+
+_REFUSALS = (
+    aiormq.exceptions.AuthenticationError,  # no mechanism both sides accept
+    aiormq.exceptions.ProbableAuthenticationError,  # 403 ACCESS_REFUSED: user, password
+    aiormq.exceptions.ConnectionNotAllowed,  # 530 NOT_ALLOWED (an aiormq that maps it)
+    aiormq.exceptions.ChannelAccessRefused,  # 403 on a declare: no configure/write permission
+)
+
+
+def refused_at_connect(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while connecting and declaring, is RabbitMQ refusing the
+    connection for its configuration (credentials, permissions, a virtual host not allowed
+    or missing), which no wait mends, rather than an outage. A connection limit reached is
+    not (other connections may close: waited on)."""
+    if isinstance(exc, _REFUSALS):
+        return True
+    close = closed_at_open(exc)
+    if close is None:
+        return False
+    return close.reply_code in (403, 530) and "connection limit" not in (close.reply_text or "")
+
+
+def closed_at_open(exc: BaseException) -> spec.Connection.Close | None:
+    """RabbitMQ's ``connection.close`` in answer to ``connection.open``, if that is what
+    ``exc`` is: a virtual host the user may not use or that does not exist, a connection
+    limit reached (530 ``NOT_ALLOWED``, each). aiormq (7.2.x) raises an ``InvalidFrameError``
+    for it whose text names the frame only (``got <Connection.Close object at ...>``), not
+    the error its reply code maps to; the frame is still a local of aiormq's call in the
+    traceback, read from there."""
+    if not isinstance(exc, aiormq.exceptions.InvalidFrameError):
+        return None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame.f_locals.get("frame")
+        if isinstance(frame, spec.Connection.Close):
+            return frame
+        tb = tb.tb_next
+    return None

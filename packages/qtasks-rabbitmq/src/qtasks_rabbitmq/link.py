@@ -29,7 +29,6 @@ import aio_pika
 import aiormq
 import anyio
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from pamqp import commands as spec
 
 from qtasks.errors import BrokerConnectionError, CredentialsRefusedError
 from qtasks.masking import MASK, mask_text, mask_url
@@ -42,46 +41,19 @@ from qtasks_rabbitmq.confirms import (
     size_limit,
 )
 from qtasks_rabbitmq.declaring import declare
-from qtasks_rabbitmq.errors import OversizedMessageError, PublishRejectedError, TopologyError
+from qtasks_rabbitmq.errors import (
+    OversizedMessageError,
+    PublishRejectedError,
+    TopologyError,
+    closed_at_open,
+    refused_at_connect,
+)
 from qtasks_rabbitmq.masking import mask_library_logs
 from qtasks_rabbitmq.retention import Trimmer
 from qtasks_rabbitmq.settings import check_url
 from qtasks_rabbitmq.topology import Topology
 
 log = logging.getLogger("qtasks.rabbitmq")
-
-_REFUSALS = (
-    aiormq.exceptions.AuthenticationError,  # no mechanism both sides accept
-    aiormq.exceptions.ProbableAuthenticationError,  # 403 ACCESS_REFUSED: user, password, vhost
-    aiormq.exceptions.ConnectionNotAllowed,  # 530 NOT_ALLOWED: a vhost that does not exist
-    aiormq.exceptions.ChannelAccessRefused,  # 403 on a declare: no configure/write permission
-)
-"""What RabbitMQ answers to a connection it refuses for its configuration, not an outage."""
-
-
-def closed_at_open(exc: BaseException) -> spec.Connection.Close | None:
-    """RabbitMQ's ``connection.close`` in answer to ``connection.open``, if that is what
-    ``exc`` is: a virtual host the user may not use or that does not exist, a connection
-    limit reached (530 ``NOT_ALLOWED``, each). aiormq (7.2.x) raises an ``InvalidFrameError``
-    for it whose text names the frame only (``got <Connection.Close object at ...>``), not the
-    error its reply code maps to (:data:`_REFUSALS`); the frame is still a local of aiormq's
-    call in the traceback, read from there."""
-    if not isinstance(exc, aiormq.exceptions.InvalidFrameError):
-        return None
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame.f_locals.get("frame")
-        if isinstance(frame, spec.Connection.Close):
-            return frame
-        tb = tb.tb_next
-    return None
-
-
-def refuses(close: spec.Connection.Close) -> bool:
-    """Whether RabbitMQ refused a connection for its configuration (403, 530), not for a
-    connection limit reached, which other connections' closing may mend: waited on."""
-    return close.reply_code in (403, 530) and "connection limit" not in (close.reply_text or "")
-
 
 Reopen = Callable[[AbstractConnection, int], Awaitable[None]]
 
@@ -163,13 +135,11 @@ class Link:
                 raise
             # Refused credentials or access are a configuration error: a worker waiting for
             # its servers at start (start_timeout) does not wait on them.
-            kind = CredentialsRefusedError if isinstance(exc, _REFUSALS) else BrokerConnectionError
+            kind = CredentialsRefusedError if refused_at_connect(exc) else BrokerConnectionError
+            close = closed_at_open(exc)  # aiormq's error names the frame only, not the reason
             why = describe(exc, self._secret)
-            close = closed_at_open(exc)
             if close is not None:
                 why = masked(f"connection.open refused: {close.reply_text}", self._secret)
-                if refuses(close):
-                    kind = CredentialsRefusedError
             raise kind(f"cannot connect to RabbitMQ at {self.safe_url}: {why}") from None
         self._supervisor = asyncio.create_task(self._supervise(), name="qtasks-rabbitmq-link")
         stack.push_async_callback(self.close)
