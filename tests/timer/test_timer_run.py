@@ -14,6 +14,7 @@ from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import
 from timer_helpers import Recorder, key_time, wait_until
 
 from qtasks import AsyncQueueTasks, MemoryGlobalConfig
+from qtasks_testing.clock import FakeClock
 from qtasks_timer import AsyncTimer, TimerError
 
 pytestmark = pytest.mark.anyio
@@ -250,3 +251,31 @@ async def test_dst_fall_back_fires_a_local_time_once(fake_clock: Any) -> None:
             await wait_until(lambda: handle2.next_run_time == next_day, 3, "b handled")
     assert rec.count() + rec2.count() == 1
     assert rec.ticks() == ["2026-10-25T02:30:00.000000"]
+
+
+async def test_a_start_up_catch_up_counts_only_the_ticks_nobody_ran() -> None:
+    """Replica a runs an every-second timer, then every replica is down for three ticks; b
+    starts within ``misfire_grace``: its catch-up runs the latest tick once, ``late`` counting
+    the two ticks before it that nobody ran, not the ticks a ran before (it said 59, every
+    tick of the grace)."""
+    clock = FakeClock()
+    clock.freeze()
+    clock.advance_to(int(clock.time()) + 1.5)
+    shared = MemoryGlobalConfig()
+    (app_a, rec_a, _), (app_b, rec_b, _) = make_app("a", shared), make_app("b", shared)
+    second = timedelta(seconds=1)
+    AsyncTimer(app_a, clock=clock.now).add_task("tick", trigger=second)
+    AsyncTimer(app_b, clock=clock.now).add_task("tick", trigger=second)
+    async with app_a:
+        await wait_until(lambda: rec_a.count() == 1, 5, "a's start-up catch-up")
+        clock.advance(1)
+        await wait_until(lambda: rec_a.count() == 2, 5, "a's next run")
+        clock.advance(1)
+        await wait_until(lambda: rec_a.count() == 3, 5, "a's run after it")
+    last = key_time(rec_a.ticks()[-1])
+    clock.advance(3)  # the ticks last + 1 s, + 2 s and + 3 s fall while every replica is down
+    async with app_b:
+        await wait_until(lambda: rec_b.count() == 1, 5, "b's start-up catch-up")
+    (info, _, _), *_ = rec_b.enqueued
+    assert (key_time(info["tick"]), info["late"]) == (last + 3 * second, 2), rec_b.enqueued
+    assert [info["late"] for info, _, _ in rec_a.enqueued] == [59, 0, 0], rec_a.enqueued

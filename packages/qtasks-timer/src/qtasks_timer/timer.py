@@ -46,6 +46,7 @@ from qtasks_timer.triggers import (
     next_fire,
     plan,
     tick_key,
+    ticks_before,
     to_trigger,
     trigger_text,
 )
@@ -108,6 +109,9 @@ class _Entry:
     tick's claim fails in an outage."""
     ran: str | None = None
     """The key of the latest tick this replica enqueued (recorded in its claims)."""
+    catch_up: datetime | None = None
+    """The first tick of the start-up's catch-up, until the claims of the ticks it coalesces
+    are read: those up to the latest that has a claim were handled by a run before."""
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
 
@@ -431,6 +435,7 @@ class AsyncTimer:
         entry.retry_at, entry.folded, entry.first, entry.won = None, 0, None, None
         try:
             entry.next_fire = first_tick(entry.trigger, now, entry.grace)
+            entry.catch_up = entry.next_fire
         except Exception:
             self._trigger_failed(entry)
 
@@ -463,6 +468,8 @@ class AsyncTimer:
             fire, key, coalesced, first = due
             previous, entry.last_key = entry.last_key, key
             try:
+                if entry.catch_up is not None:
+                    coalesced, first = await self._not_run(entry, fire, key, coalesced, first)
                 claim = await self._fire(entry, key, coalesced, first, retry=retry, won=won)
             except Exception as exc:
                 self._failed(entry, key, fire, previous, exc)
@@ -630,6 +637,31 @@ class AsyncTimer:
             log.info("timer %s: %d late tick(s) coalesced into %s", entry.id, coalesced, key)
         log.debug("timer %s: enqueued %s for tick %s", entry.id, entry.task_name, key)
         return _Claim.LOST_LATE if late and not claimed else _Claim.DONE
+
+    async def _not_run(
+        self, entry: _Entry, fire: datetime, key: str, coalesced: int, first: str
+    ) -> tuple[int, str]:
+        """The start-up's catch-up of tick ``key`` (at ``fire``) coalescing ``coalesced``
+        ticks from ``first``: how many of them come after the latest one with a claim (a run
+        before this start, of any replica, handled that one and those before it), and the
+        earliest of those (``key`` when none). One read per such tick, at start only; should
+        one fail, the retry reads them again."""
+        since = entry.catch_up
+        if since is None or not coalesced:
+            entry.catch_up = None
+            return coalesced, first
+        ticks = ticks_before(entry.trigger, since, fire)[-coalesced:]
+        unrun: list[str] = []
+        with anyio.fail_after(_ENQUEUE_TIMEOUT):
+            for tick in reversed(ticks):
+                tick_name = tick_key(entry.trigger, tick)
+                if await self.app.global_config.get(CLAIMS, f"{entry.id}:{tick_name}") is not None:
+                    break
+                unrun.append(tick_name)
+        entry.catch_up = None
+        if len(unrun) == len(ticks):
+            return coalesced, first
+        return len(unrun), unrun[-1] if unrun else key
 
     async def _accounted(self, entry: _Entry, claim: str, tick: str) -> bool:
         """Whether the run of ``claim``, another replica's, accounts for ``tick``, an earlier

@@ -292,6 +292,17 @@ def first_tick(trigger: Trigger, now: datetime, grace: float) -> datetime | None
     return next_fire(trigger, None, now - timedelta(seconds=grace))
 
 
+def ticks_before(trigger: Trigger, since: datetime, fire: datetime) -> list[datetime]:
+    """The ticks from ``since`` (a tick) up to ``fire``, not included, oldest first."""
+    ticks: list[datetime] = []
+    tick: datetime | None = since
+    while tick is not None and tick < fire:
+        ticks.append(tick)
+        following = next_fire(trigger, tick, tick + _AFTER)
+        tick = following if following is not None and following > tick else None
+    return ticks
+
+
 def plan(trigger: Trigger, due: datetime, now: datetime, grace: float) -> Plan:
     """The misfire policy for a timer whose tick ``due`` is at or before ``now``.
 
