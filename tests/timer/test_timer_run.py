@@ -244,11 +244,13 @@ async def test_dst_fall_back_fires_a_local_time_once(fake_clock: Any) -> None:
     )
     async with app:
         await wait_until(lambda: rec.count() == 1, 3, "the 02:30 CEST run")
-        assert handle.next_run_time == first_cet  # APScheduler's second 02:30
+        # APScheduler's second 02:30 (CET) has the first one's key: it is no tick.
+        assert handle.next_run_time == next_day
         async with app2:  # a replica that starts between the two 02:30s
             clock.set(first_cet - timedelta(seconds=0.3))
-            await wait_until(lambda: handle.next_run_time == next_day, 3, "a handled")
-            await wait_until(lambda: handle2.next_run_time == next_day, 3, "b handled")
+            await wait_until(lambda: handle2.next_run_time == next_day, 3, "b armed")
+            await wait_until(lambda: clock() > first_cet + timedelta(seconds=0.3), 3, "02:30 CET")
+            assert handle.next_run_time == handle2.next_run_time == next_day
     assert rec.count() + rec2.count() == 1
     assert rec.ticks() == ["2026-10-25T02:30:00.000000"]
 
@@ -279,3 +281,32 @@ async def test_a_start_up_catch_up_counts_only_the_ticks_nobody_ran() -> None:
     (info, _, _), *_ = rec_b.enqueued
     assert (key_time(info["tick"]), info["late"]) == (last + 3 * second, 2), rec_b.enqueued
     assert [info["late"] for info, _, _ in rec_a.enqueued] == [59, 0, 0], rec_a.enqueued
+
+
+async def test_a_catch_up_into_the_repeated_dst_hour_runs_the_tick_it_missed(
+    fake_clock: Any,
+) -> None:
+    """A ``*/15`` timer in Berlin the night the clocks go back: it runs 02:30 CEST, then the
+    process sleeps until 02:20 CET, past 02:45 CEST. That tick, missed and within
+    ``misfire_grace``, runs; the second pass's 02:00 and 02:15 (keys of the first pass) do
+    not. Before, the catch-up coalesced into 02:15 CET, whose key sorts before 02:30: taken
+    as handled, it ran nothing, and 02:45 never ran."""
+    clock = fake_clock(datetime(2026, 10, 25, 0, 29, 59, 700000, tzinfo=UTC))
+    app, rec, _ = make_app()
+    handle = AsyncTimer(app, misfire_grace=3600, clock=clock).add_task(
+        "tick", trigger="*/15 * * * *", timezone="Europe/Berlin"
+    )
+    slept_until = datetime(2026, 10, 25, 1, 20, tzinfo=UTC)  # 02:20 CET
+    async with app:
+        await wait_until(lambda: rec.count() == 2, 3, "the start's catch-up and 02:30 CEST")
+        clock.set(slept_until)
+        await wait_until(
+            lambda: (handle.next_run_time or slept_until) > slept_until, 3, "the wake-up"
+        )
+        await wait_until(lambda: rec.count() >= 3, 3, "the catch-up of 02:45 CEST")
+    assert [(info["tick"], info["late"]) for info, _, _ in rec.enqueued] == [
+        ("2026-10-25T02:15:00.000000", 3),
+        ("2026-10-25T02:30:00.000000", 0),
+        ("2026-10-25T02:45:00.000000", 0),
+    ], rec.enqueued
+    assert handle.next_run_time == datetime(2026, 10, 25, 2, 0, tzinfo=UTC)  # 03:00 CET

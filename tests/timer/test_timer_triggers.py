@@ -303,3 +303,27 @@ def test_settings_that_are_no_time_are_refused_where_they_are(entry: dict[str, A
     config = QueueConfig(extra={"timers": [entry]})
     with pytest.raises(ScheduleError, match=r"extra\.timers\[0\]"):
         TimerSettings.from_config(config)
+
+
+def test_the_repeated_dst_hour_of_a_cron_timer_has_no_ticks() -> None:
+    """The night the clocks go back, a ``*/15`` timer's second pass through 02:00-02:45 has
+    the keys of the first one: those ticks are not ticks (the first pass had them), so the
+    ticks of a timer stay in the order of their keys. Before, a catch-up from 02:45 CEST to
+    03:05 CET coalesced the second pass into the run as well (``late: 5``, four of them run
+    an hour before under the same keys)."""
+    trigger = parse_crontab("*/15 * * * *", "Europe/Berlin")
+    at = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST
+    ticks = [at]
+    for _ in range(4):
+        following = next_fire(trigger, ticks[-1], ticks[-1] + timedelta(microseconds=1))
+        assert following is not None
+        ticks.append(following)
+    keys = [tick_key(trigger, tick) for tick in ticks]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys), keys
+    assert ticks[1:3] == [
+        datetime(2026, 10, 25, 0, 45, tzinfo=UTC),  # 02:45 CEST
+        datetime(2026, 10, 25, 2, 0, tzinfo=UTC),  # 03:00 CET
+    ]
+    catch_up = plan(trigger, ticks[1], datetime(2026, 10, 25, 2, 5, tzinfo=UTC), 7200)
+    assert (catch_up.fire, catch_up.coalesced, catch_up.first) == (ticks[2], 1, ticks[1])
+    assert first_tick(trigger, datetime(2026, 10, 25, 1, 10, tzinfo=UTC), 60) == ticks[2]

@@ -229,9 +229,39 @@ def _implicit_start(trigger: Any) -> bool:
 def next_fire(trigger: Trigger, previous: datetime | None, now: datetime) -> datetime | None:
     """The trigger's next fire time, in UTC. Times are kept in UTC because Python compares
     two times of one zone by wall clock, ignoring ``fold``: the two 02:30 of a DST fall-back
-    would be "equal"."""
+    would be "equal".
+
+    A cron trigger's times in the second pass of a local hour that repeats (fall back) are
+    passed over: they have the keys of the first pass's ticks (see :func:`tick_key`), which
+    had them, and left in they would come after later ticks of the first pass in time but
+    before them in key order."""
     fire = trigger.get_next_fire_time(previous, now)
+    while fire is not None and is_calendar(trigger):
+        end = _repeat_end(fire.astimezone(UTC), trigger.timezone)  # type: ignore[attr-defined]
+        if end is None:
+            break
+        fire = trigger.get_next_fire_time(fire, end)
     return None if fire is None else fire.astimezone(UTC)
+
+
+def _repeats(moment: datetime, zone: tzinfo) -> bool:
+    """Whether the local wall time of ``moment`` in ``zone`` is the second of two."""
+    local = moment.astimezone(zone)
+    return bool(local.fold) and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+
+def _repeat_end(moment: datetime, zone: tzinfo) -> datetime | None:
+    """The first instant after the repeated local hour ``moment`` is in the second pass of,
+    or ``None`` when it is in none."""
+    if not _repeats(moment, zone):
+        return None
+    local = moment.astimezone(zone)
+    length = local.replace(fold=0).utcoffset() - local.utcoffset()  # type: ignore[operator]
+    low, high = moment, moment + length  # the pass is at most that long
+    while high - low > _AFTER:
+        middle = low + (high - low) / 2
+        low, high = (middle, high) if _repeats(middle, zone) else (low, middle)
+    return high
 
 
 def is_calendar(trigger: Trigger) -> bool:
@@ -241,8 +271,10 @@ def is_calendar(trigger: Trigger) -> bool:
 
 def tick_key(trigger: Trigger, fire_time: datetime) -> str:
     """The per-tick dedupe key. Cron ticks use the local wall time without offset, so the
-    hour that repeats when daylight saving ends cannot fire a 02:30 job twice; other ticks use
-    the UTC instant. Fixed width, so keys of one timer sort in time order."""
+    hour that repeats when daylight saving ends cannot fire a 02:30 job twice (a replica that
+    does not pass over that hour's second pass, as :func:`next_fire` does, finds the first
+    pass's claim); other ticks use the UTC instant. Fixed width, so keys of one timer's ticks
+    sort in time order."""
     if is_calendar(trigger):
         local = fire_time.astimezone(trigger.timezone)  # type: ignore[attr-defined]
         return f"{local:%Y-%m-%dT%H:%M:%S.%f}"
