@@ -462,6 +462,7 @@ class AsyncTimer:
             return
         won, entry.folded, entry.first, entry.won = entry.won, 0, None, None
         if due is None or entry.id not in self._entries:
+            entry.catch_up = None  # no catch-up at start: a later tick's run is not one
             return
         retry, entry.retry_at = entry.retry_at is not None, None
         while True:
