@@ -257,6 +257,8 @@ def _repeat_end(moment: datetime, zone: tzinfo) -> datetime | None:
         return None
     local = moment.astimezone(zone)
     length = local.replace(fold=0).utcoffset() - local.utcoffset()  # type: ignore[operator]
+    if length <= timedelta(0) or _repeats(moment + length, zone):
+        return None  # not a fall back as zoneinfo tells one (a tzinfo of its own)
     low, high = moment, moment + length  # the pass is at most that long
     while high - low > _AFTER:
         middle = low + (high - low) / 2
