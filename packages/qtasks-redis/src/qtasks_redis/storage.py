@@ -649,8 +649,15 @@ class RedisStorage:
                 ]
 
     async def stats(self) -> dict[str, int]:
-        reply = await self._run(lua.STATS, "", self._ttl_ms)
-        return {status: int(n) for status, n in zip(lua.STATUSES, reply, strict=True) if int(n)}
+        """See :class:`qtasks.components.Storage`: the sizes of the status indexes, once
+        the entries of expired records are trimmed off them: a call per bounded trim
+        (``storage_lua.trim``), so a long backlog never blocks the server in one script."""
+        while True:
+            reply = await self._run(lua.STATS, "", self._ttl_ms)
+            if not int(reply[-1]):
+                break
+        counts = zip(lua.STATUSES, reply[:-1], strict=True)
+        return {status: int(n) for status, n in counts if int(n)}
 
     # --- StorageQuery ---------------------------------------------------------------------
 

@@ -63,13 +63,42 @@ end
 -- than the TTL are nearly all of records that expired; the others are of records kept longer
 -- (a running workflow's members, workflow_lua.keep, until a TTL after it ended; or a record
 -- another app saved with a longer TTL), still listed, as MemoryStorage lists them. So a trim
--- looks once at each entry that fell below now - ttl since it last trimmed that index (the
--- time it trimmed to: TAG:tm, HASH index key -> ms), a thousand at a time: it removes those
--- whose record is gone and puts the others on TAG:tk (ZSET '<#uuid>:<uuid><index key>' -> when
--- to look at it again: when its record's TTL ends, or a TTL from now while it has none), of
--- which each trim looks at those due (a thousand at most). An index with none kept costs
--- about 1 us an entry instead of 0.2 for removing by score (one EXISTS a thousand entries),
--- and each kept entry one look per TTL.
+-- looks once at each entry that fell below now - ttl since it last trimmed that index (how far
+-- it looked: TAG:tm, HASH index key -> mark, see mark_of), a thousand at a time and TRIM_MOST
+-- at most per call: it removes those whose record is gone and puts the others on TAG:tk (ZSET
+-- '<#uuid>:<uuid><index key>' -> when to look at it again: when its record's TTL ends, or a
+-- TTL from now while it has none), of which each trim looks at those due (a thousand at most).
+-- An index with none kept costs about 1 us an entry instead of 0.2 for removing by score (one
+-- EXISTS a thousand entries), and each kept entry one look per TTL.
+local TRIM_MOST = 2000
+-- Most entries one trim looks at: after a long idle spell an index can hold millions below the
+-- cutoff, and a script call blocks the whole server (a few ms for TRIM_MOST; a million at once
+-- took 0.9 s): the next trims go on from where this one stopped.
+
+-- A TAG:tm mark: '<ms>' when every entry below ms was looked at; '<ms>:<uuid>' when, besides,
+-- those of score ms up to uuid were (a trim that stopped at TRIM_MOST inside one millisecond).
+local function mark_of(value)
+  if not value then return nil, nil end
+  local ms, uuid = string.match(value, '^([^:]+):(.*)$')
+  if ms then return tonumber(ms), uuid end
+  return tonumber(value), nil
+end
+
+-- a <= b as a ZSET orders members (memcmp): Lua's '<' follows the server's locale.
+local function not_after(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a <= #b
+end
+
+-- Whether the entry (score, uuid) is before the mark (ms, after): looked at already.
+local function before_mark(score, uuid, ms, after)
+  if ms == nil then return false end
+  return score < ms or (after ~= nil and score == ms and not_after(uuid, after))
+end
+
 local RECHECKED = false
 local function recheck(tag, now, ttl)
   if RECHECKED then return end
@@ -81,9 +110,9 @@ local function recheck(tag, now, ttl)
     local left = redis.call('PTTL', tag .. ':r:' .. uuid)
     local score = redis.call('ZSCORE', key, uuid)
     if marks[key] == nil then marks[key] = redis.call('HGET', tag .. ':tm', key) end
-    local mark = marks[key]
+    local ms, after = mark_of(marks[key])
     if left == -2 then redis.call('ZREM', key, uuid) end
-    if left ~= -2 and score and mark and tonumber(score) < tonumber(mark) then
+    if left ~= -2 and score and before_mark(tonumber(score), uuid, ms, after) then
       redis.call('ZADD', kept, now + (left > 0 and left or ttl), entry)
     else  -- gone, or no longer below the trimmed time: the trims meet it if need be
       redis.call('ZREM', kept, entry)
@@ -91,20 +120,35 @@ local function recheck(tag, now, ttl)
   end
 end
 
+-- Returns true when it stopped at TRIM_MOST (entries below the cutoff may be left).
 local function trim(tag, key, now, ttl)
   recheck(tag, now, ttl)
   local marks, cutoff = tag .. ':tm', now - ttl
-  local mark = redis.call('HGET', marks, key)
-  if mark and tonumber(mark) >= cutoff then return end
-  local rec, kept, skip, seen = tag .. ':r:', tag .. ':tk', 0, false
+  local ms, after = mark_of(redis.call('HGET', marks, key))
+  if ms and ms >= cutoff then return false end
+  local rec, kept, skip, looked = tag .. ':r:', tag .. ':tk', 0, 0
+  if after then  -- the entries of ms up to after that were kept are first in the range
+    while true do
+      local same = redis.call('ZRANGEBYSCORE', key, ms, ms, 'LIMIT', skip, 1000)
+      local n = 0
+      while n < #same and not_after(same[n + 1], after) do n = n + 1 end
+      skip = skip + n
+      if n < 1000 then break end
+    end
+  end
+  local stop = nil
   while true do
+    local size = math.min(1000, TRIM_MOST - looked)
     -- The entries kept so far stay first in the range (by score, then uuid): skipped.
-    local batch = redis.call('ZRANGEBYSCORE', key, mark or '-inf', '(' .. cutoff,
-                             'LIMIT', skip, 1000)
+    local reply = redis.call('ZRANGEBYSCORE', key, ms or '-inf', '(' .. cutoff, 'WITHSCORES',
+                             'LIMIT', skip, size)
+    local batch, records = {}, {}
+    for i = 1, #reply, 2 do
+      batch[#batch + 1] = reply[i]
+      records[#records + 1] = rec .. reply[i]
+    end
     if #batch == 0 then break end
-    seen = true
-    local records = {}
-    for i, uuid in ipairs(batch) do records[i] = rec .. uuid end
+    looked = looked + #batch
     local gone = batch
     if redis.call('EXISTS', unpack(records)) > 0 then  -- rare: look at each
       gone = {}
@@ -119,9 +163,12 @@ local function trim(tag, key, now, ttl)
       end
     end
     if #gone > 0 then redis.call('ZREM', key, unpack(gone)) end
-    if #batch < 1000 then break end
+    if #batch < size then break end
+    if looked >= TRIM_MOST then stop = reply[#reply] .. ':' .. batch[#batch] break end
   end
-  if seen then redis.call('HSET', marks, key, cutoff) end
+  if stop then redis.call('HSET', marks, key, stop) return true end
+  if looked > 0 or after then redis.call('HSET', marks, key, cutoff) end
+  return false
 end
 
 -- Trimmed by the writes that add to an index, but only at one server millisecond in 16 (and
@@ -356,15 +403,20 @@ return out
 STATS = Script(
     PRELUDE
     + r"""
--- ARGV: ttl_ms ('' for none). Returns {count_new, count_process, ...} in STATUSES order.
+-- ARGV: ttl_ms ('' for none). Returns {count_new, count_process, ..., more} in STATUSES
+-- order, then 1 when a trim stopped at TRIM_MOST (the counts may hold expired records: the
+-- caller calls again), else 0.
 local ttl = tonumber(ARGV[1])
 local now = now_ms()
-local out = {}
+local out, more = {}, 0
 for _, name in ipairs({'new', 'process', 'success', 'error', 'cancel', 'retry', 'expired'}) do
   -- K_REC is the record key of uuid '': the tag, then ':r:'.
-  if ttl and FINAL[name] then trim(string.sub(K_REC, 1, #K_REC - 3), IDX[name], now, ttl) end
+  if ttl and FINAL[name] and trim(string.sub(K_REC, 1, #K_REC - 3), IDX[name], now, ttl) then
+    more = 1
+  end
   out[#out + 1] = redis.call('ZCARD', IDX[name])
 end
+out[#out + 1] = more
 return out
 """
 )
