@@ -3,6 +3,8 @@ reads the components at most once per ``refresh`` interval (no read per browser 
 
 from __future__ import annotations
 
+import html
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,11 +12,13 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import SocketStream
+from web_helpers import Client
 
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.components import RecordPage, RecordQuery
 from qtasks.memory import MemoryStorage
 from qtasks.record import TaskRecord, TaskStatus
+from qtasks_redis import RedisStorage
 from qtasks_web import WebSettings, create_app, live
 from qtasks_web.live import Hub
 from qtasks_web.server import running
@@ -232,3 +236,39 @@ async def test_a_task_page_shows_where_a_run_starts_over() -> None:
         b'data: {"i":2,"value":0}',
         b'data: {"i":3,"value":1}',
     ], received
+
+
+async def test_opening_a_tasks_page_reads_its_rows_once(redis_url: str, prefix: str) -> None:
+    """Item 2: a Tasks page read its rows (the full query of its filters) to render them,
+    and its live stream, opened next by the page, read them again at once. The stream now
+    starts from the rows the page showed, as long as the listing's head did not move."""
+    storage = RedisStorage(redis_url, prefix=prefix)
+    app = AsyncQueueTasks(storage=storage, config=QueueConfig(plugins_disabled=["*"]))
+    reads: list[RecordQuery] = []
+    async with app:
+        for i in range(3):
+            await storage.add(TaskRecord(uuid=f"t{i}", task_name="noop"))
+        original = storage.query
+
+        async def counted(query: RecordQuery) -> RecordPage:
+            reads.append(query)
+            return await original(query)
+
+        storage.query = counted  # type: ignore[method-assign]  # counts the page's reads
+        web = create_app(app, settings=WebSettings(refresh=60))
+        async with running(web) as url:
+            port = int(url.rsplit(":", 1)[1])
+            shown = await Client(web).get("/tasks?name=noop")
+            assert shown.status == 200 and 'data-uuid="t2"' in shown.text
+            live_url = re.search(r'data-live="([^"]+)"', shown.text)
+            assert live_url is not None
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            path = html.unescape(live_url.group(1))
+            await stream.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            received = b""
+            with anyio.fail_after(10):
+                while b'data-uuid="t2"' not in received:
+                    received += await stream.receive()
+            await stream.aclose()
+    page_reads = [query for query in reads if query.task_name == "noop"]
+    assert page_reads == [RecordQuery(task_name="noop")], reads

@@ -232,7 +232,10 @@ class Dashboard:
         next_cursor = None
         if storage is not None and not filters.errors:
             try:
-                page = await storage.query(filters.query())
+                query = filters.query()
+                # A first page opens a live stream next (not one with a cursor): the hub
+                # keeps its rows for it.
+                page = await (storage.query(query) if filters.cursor else self.hub.opened(query))
             except InvalidQueryError as exc:
                 filters.errors.append(exc.problem)
             else:

@@ -43,6 +43,12 @@ CHECK = 0.25
 FULL_ROWS = 30.0
 """Most seconds between two full reads of a Tasks page's rows while the cheap reads in
 between find nothing (see :meth:`Hub.rows`)."""
+SHOWN = 10.0
+"""Most seconds the rows a Tasks page was rendered with wait for its live stream, which
+starts from them (see :meth:`Hub.opened`)."""
+SHOWN_MOST = 64
+"""Most such rows kept at once (pages opened without a stream, by a client without scripts,
+are dropped first, the oldest first)."""
 
 
 @dataclass(slots=True)
@@ -107,6 +113,9 @@ class Hub:
         self._head_at = -float("inf")
         self._tasks: dict[str, _Followed] = {}
         self._listings: dict[RecordQuery, _Listing] = {}
+        self._shown: dict[RecordQuery, tuple[float, tuple[Any, ...], RecordPage]] = {}
+        """Per query, the rows a Tasks page was just rendered with: when read, the head
+        read before them, and the page."""
 
     async def overview(self) -> dict[str, Any]:
         """The overview's figures, read again when older than ``refresh``."""
@@ -131,6 +140,25 @@ class Hub:
                 self._head_at = time.monotonic()
             return self._head
 
+    async def opened(self, query: RecordQuery) -> RecordPage:
+        """The rows of a Tasks page being rendered (``query``, its filters), read in full
+        and kept a moment (:data:`SHOWN`): the page's live stream opens next and starts from
+        them in :meth:`rows` rather than reading them again. The head is read first, so that
+        any change after the rows were read moves it, and the stream reads them again."""
+        storage = queryable(self.app)
+        assert storage is not None, "opened() of a storage that cannot list"
+        head = await self.head()
+        page = await storage.query(query)
+        now = time.monotonic()
+        shown = self._shown
+        for old in [q for q, (at, _, _) in shown.items() if now - at >= SHOWN]:
+            del shown[old]
+        shown.pop(query, None)
+        while len(shown) >= SHOWN_MOST:
+            del shown[next(iter(shown))]
+        shown[query] = (now, head, page)
+        return page
+
     def listing(self, query: RecordQuery) -> AbstractAsyncContextManager[None]:
         """While open, :meth:`rows` shares the reads of ``query`` with the other pages that
         show it; the last one to leave drops what was read."""
@@ -145,12 +173,16 @@ class Hub:
         newest entries matches, and an older entry changes only by moving to the front. The
         full query runs again after :data:`FULL_ROWS` seconds, for what a step cannot see (more
         writes between two reads than a step looks at, a record shown that stopped matching
-        or expired)."""
+        or expired). A stream opened by a page that was just rendered starts from the rows
+        it showed (:meth:`opened`)."""
         storage = queryable(self.app)
         assert storage is not None, "rows() of a storage that cannot list"
         head = await self.head()
         entry = self._listings[query]
         async with entry.lock:
+            shown = self._shown.pop(query, None)
+            if entry.page is None and shown is not None and time.monotonic() - shown[0] < SHOWN:
+                entry.full_at, entry.head, entry.page = shown  # as the page showed them
             if entry.page is not None and entry.head == head:
                 return entry.page
             page = None
