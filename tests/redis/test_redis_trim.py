@@ -123,3 +123,41 @@ async def test_query_lists_no_expired_record_while_a_backlog_is_left(
                 break
             cursor = page.cursor
     assert sorted(listed) == sorted(saved | set(KEPT))
+
+
+async def test_a_record_expiring_as_it_is_trimmed_is_looked_at_again_when_gone(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Item 3: a record whose TTL ends in the very millisecond of a trim still exists (Redis
+    expires a key once the time is past its own; ``PTTL`` answers 0), and its entry was kept
+    on ``<tag>:tk`` for a whole ``result_ttl`` as if it had no TTL; in a tight loop of saves,
+    0.6 % of them. It is now looked at again a millisecond later."""
+    storage = await make_storage(stack, redis_url, prefix, result_ttl=60)
+    raw = aioredis.Redis.from_url(redis_url)
+    stack.push_async_callback(raw.aclose)
+    key, tag = storage.index_keys[2], storage.key_tag
+    seconds, micro = await raw.time()
+    start = seconds * 1000 + micro // 1000
+    # Entries whose records expire a millisecond after their score + TTL (a save that set the
+    # TTL a little after it read the time), one a millisecond over the next 3 s: whenever the
+    # trim runs, one of them expires in its very millisecond.
+    async with raw.pipeline(transaction=False) as pipe:
+        for i in range(3000):
+            score = start - 60_000 + i
+            pipe.zadd(key, {f"edge-{i:04d}": score})
+            pipe.hset(f"{tag}:r:edge-{i:04d}", "d", "x")
+            pipe.pexpireat(f"{tag}:r:edge-{i:04d}", score + 60_000 + 1)
+        await pipe.execute()
+    before = int(await raw.zcard(key))
+    n = 0
+    with anyio.fail_after(2.5):
+        while await raw.hlen(f"{tag}:tm") == 0:
+            n += 1
+            await storage.save(record(f"new-{n}", status=TaskStatus.SUCCESS))
+    seconds, micro = await raw.time()
+    after = seconds * 1000 + micro // 1000
+    assert int(await raw.zcard(key)) < before + n  # the trim removed the expired ones
+    kept: list[Any] = await raw.zrange(f"{tag}:tk", 0, -1, withscores=True)
+    due = [float(score) for _, score in kept]
+    assert due, "no record expired in the trim's millisecond"
+    assert max(due) <= after + 1, [d - after for d in due]
