@@ -63,22 +63,24 @@ end
 -- than the TTL are nearly all of records that expired; the others are of records kept longer
 -- (a running workflow's members, workflow_lua.keep, until a TTL after it ended; or a record
 -- another app saved with a longer TTL), still listed, as MemoryStorage lists them. So a trim
--- looks once at each entry that fell below now - ttl since it last trimmed that index (how far
--- it looked: TAG:tm, HASH index key -> mark, see mark_of), a thousand at a time and TRIM_MOST
--- at most per call: it removes those whose record is gone and puts the others on TAG:tk (ZSET
--- '<#uuid>:<uuid><index key>' -> when to look at it again: when its record's TTL ends, or a
--- TTL from now while it has none), of which each trim looks at those due (a thousand at most).
--- An index with none kept costs about 1 us an entry instead of 0.2 for removing by score (one
--- EXISTS a thousand entries), and each kept entry one look per TTL.
--- One call blocks the whole server: after an idle spell, a million entries took 0.9 s.
+-- looks once at each entry that fell below now - ttl since the trims of that index got to
+-- (mark_of), a thousand at a time and TRIM_MOST a call (a call blocks the whole server: after
+-- an idle spell, a million took 0.9 s): it removes those whose record is gone and puts the
+-- others on TAG:tk (ZSET '<#uuid>:<uuid><index key>' -> when to look at it again: when its
+-- record's TTL ends, or a TTL from now while it has none), of which each trim looks at those
+-- due (a thousand at most). An index with none kept costs about 1 us an entry instead of 0.2
+-- for removing by score (one EXISTS a thousand entries), and each kept entry one look per TTL.
 local TRIM_MOST = 2000
 
--- A TAG:tm mark: '<ms>' when every entry below ms was looked at; '<ms>:<uuid>' when, besides,
--- those of score ms up to uuid were (a trim that stopped at TRIM_MOST inside one millisecond).
-local function mark_of(value)
-  local ms, uuid = string.match(value or '', '^([^:]+):(.*)$')
-  if ms then return tonumber(ms), uuid end
-  return tonumber(value), nil
+-- Where the trims of an index got to: TAG:tm, field index key -> ms: every entry below ms was
+-- looked at; field '>' .. index key (index keys start with '{') -> '<ms>:<uuid>': those of ms
+-- up to uuid too (a trim stopped inside ms), apart so that earlier versions read numbers.
+local function mark_of(marks, key)
+  local got = redis.call('HMGET', marks, key, '>' .. key)
+  local ms = tonumber(got[1])
+  local at, uuid = string.match(got[2] or '', '^([^:]+):(.*)$')
+  if ms and at and tonumber(at) == ms then return ms, uuid end
+  return ms, nil
 end
 
 -- a <= b as a ZSET orders members (memcmp): Lua's '<' follows the server's locale.
@@ -92,13 +94,11 @@ end
 
 -- Whether the entry (score, uuid) is before the mark (ms, after): looked at already.
 local function before_mark(score, uuid, ms, after)
-  if ms == nil then return false end
-  return score < ms or (after ~= nil and score == ms and not_after(uuid, after))
+  return ms ~= nil and (score < ms or (after ~= nil and score == ms and not_after(uuid, after)))
 end
 
--- When to look again at a kept entry whose record has left ms to live (PTTL): the first
--- millisecond it is gone, as Redis expires a key once the time is past its own (PTTL 0: it
--- expires now, not in a TTL); a TTL from now when it has none.
+-- When to look again at a kept entry whose record has left ms to live (PTTL; 0: gone in 1 ms,
+-- Redis expires a key once the time is past its own), or has no TTL (a TTL from now).
 local function due(now, left, ttl)
   return left >= 0 and now + left + 1 or now + ttl
 end
@@ -113,10 +113,10 @@ local function recheck(tag, now, ttl)
     local uuid, key = string.sub(rest, 1, tonumber(n)), string.sub(rest, tonumber(n) + 1)
     local left = redis.call('PTTL', tag .. ':r:' .. uuid)
     local score = redis.call('ZSCORE', key, uuid)
-    if marks[key] == nil then marks[key] = redis.call('HGET', tag .. ':tm', key) end
-    local ms, after = mark_of(marks[key])
+    marks[key] = marks[key] or {mark_of(tag .. ':tm', key)}
     if left == -2 then redis.call('ZREM', key, uuid) end
-    if left ~= -2 and score and before_mark(tonumber(score), uuid, ms, after) then
+    local mark = marks[key]
+    if left ~= -2 and score and before_mark(tonumber(score), uuid, mark[1], mark[2]) then
       redis.call('ZADD', kept, due(now, left, ttl), entry)
     else  -- gone, or no longer below the trimmed time: the trims meet it if need be
       redis.call('ZREM', kept, entry)
@@ -128,19 +128,16 @@ end
 local function trim(tag, key, now, ttl)
   recheck(tag, now, ttl)
   local marks, cutoff = tag .. ':tm', now - ttl
-  local ms, after = mark_of(redis.call('HGET', marks, key))
+  local ms, after = mark_of(marks, key)
   if ms and ms >= cutoff then return false end
-  local rec, kept, skip, looked = tag .. ':r:', tag .. ':tk', 0, 0
+  local rec, kept, skip, looked, stop = tag .. ':r:', tag .. ':tk', 0, 0, nil
   if after then  -- the entries of ms up to after that were kept are first in the range
-    while true do
-      local same = redis.call('ZRANGEBYSCORE', key, ms, ms, 'LIMIT', skip, 1000)
-      local n = 0
+    repeat
+      local same, n = redis.call('ZRANGEBYSCORE', key, ms, ms, 'LIMIT', skip, 1000), 0
       while n < #same and not_after(same[n + 1], after) do n = n + 1 end
       skip = skip + n
-      if n < 1000 then break end
-    end
+    until n < 1000
   end
-  local stop = nil
   while true do
     local size = math.min(1000, TRIM_MOST - looked)
     -- The entries kept so far stay first in the range (by score, then uuid): skipped.
@@ -168,11 +165,15 @@ local function trim(tag, key, now, ttl)
     end
     if #gone > 0 then redis.call('ZREM', key, unpack(gone)) end
     if #batch < size then break end
-    if looked >= TRIM_MOST then stop = reply[#reply] .. ':' .. batch[#batch] break end
+    if looked >= TRIM_MOST then stop = {reply[#reply], batch[#batch]} break end
   end
-  if stop then redis.call('HSET', marks, key, stop) return true end
-  if looked > 0 or after then redis.call('HSET', marks, key, cutoff) end
-  return false
+  if stop then
+    redis.call('HSET', marks, key, stop[1], '>' .. key, stop[1] .. ':' .. stop[2])
+  elseif looked > 0 or after then
+    redis.call('HSET', marks, key, cutoff)
+    redis.call('HDEL', marks, '>' .. key)
+  end
+  return stop ~= nil
 end
 
 -- Trimmed by the writes that add to an index, but only at one server millisecond in 16 (and
