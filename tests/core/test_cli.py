@@ -938,6 +938,27 @@ def test_config_of_an_app_reads_the_file_given_with_c(
     sys.modules.pop("fromconfig_mod", None)
 
 
+def test_config_shows_the_app_the_configuration_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`app = "mod:app"` in the configuration and no -A: `qtasks config` showed the file's
+    values (max_tasks_process 10, "default") instead of that app's, unlike every other
+    command."""
+    (tmp_path / "configured_mod.py").write_text(
+        "from qtasks import QueueConfig, QueueTasks\n"
+        "app = QueueTasks(config=QueueConfig(max_tasks_process=7))\n"
+    )
+    (tmp_path / "qtasks.toml").write_text('app = "configured_mod:app"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        code, out = invoke("config", "--json")
+        assert code == 0, out
+        assert json.loads(out)["max_tasks_process"] == {"value": 7, "source": "app (constructor)"}
+    finally:
+        sys.modules.pop("configured_mod", None)
+
+
 def test_add_reads_what_is_not_json_as_text(served: str, app_module: ModuleType) -> None:
     """``NaN``, ``Infinity`` and ``1e999`` are not JSON (Python's reader takes them as floats
     no message can carry): they are text, as docs/cli.md says; in --kwargs they are an error."""

@@ -116,14 +116,17 @@ def show_config(
     """Show the effective configuration and where each value came from.
 
     Sources: default, the file, an environment variable, a cli flag, code, or "follows broker"
-    (a storage or global config left unset follows a remote broker). With -A, the
-    configuration of that app (its module imported with -c's file, as every command does).
+    (a storage or global config left unset follows a remote broker). With -A, or an app
+    named in the configuration (`app = "module:app"`), the configuration of that app (its
+    module imported with -c's file, as every command does); without either, the file's.
     Passwords in URLs and values of secret-named keys (password, token, api_key...) are
     shown as ***, unless --show-secrets is given.
     """
-    if where.app is not None:
+    # -A, or the app the configuration names, as every other command takes it.
+    target = where.app if where.app is not None else load_config(where.config).config.app
+    if target is not None:
         with config_file(where.config):
-            aio = aio_of(import_app(where.app))
+            aio = aio_of(import_app(target))
         shown = aio.config
         sources = {
             f.name: aio.config_sources.get(f.name, "app (constructor)") for f in fields(shown)
