@@ -153,6 +153,9 @@ def test_a_module_shadowed_by_the_standard_library_is_named(
 ) -> None:
     # `queue.py` in the working directory: `-A queue:app` imports the standard library's
     # queue (imported already), which "has no 'app'" said without telling why.
+    # -A puts the working directory on sys.path for good: restored after the test, or a
+    # later child process given this sys.path would import that queue.py as the stdlib's.
+    monkeypatch.setattr(sys, "path", list(sys.path))
     (tmp_path / "queue.py").write_text(APP_SOURCE)
     monkeypatch.chdir(tmp_path)
     code, out = invoke("-A", "queue:app", "inspect")
@@ -160,8 +163,7 @@ def test_a_module_shadowed_by_the_standard_library_is_named(
     assert "module 'queue' has no 'app': the standard library's module 'queue'" in out
     assert str(tmp_path / "queue.py") in out and "rename your module" in out
     # A module of the user's own that lacks the attribute gets the plain message.
-    (tmp_path / "mine_no_app.py").write_text("x = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "mine_no_app.py").write_text("x = 1\n")  # importable: -A put the cwd on the path
     code, out = invoke("-A", "mine_no_app:app", "inspect")
     assert code == 1
     assert "module 'mine_no_app' has no 'app'" in out and "rename" not in out
