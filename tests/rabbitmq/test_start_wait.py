@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from loopback_servers import tls_server_with_an_untrusted_certificate
 from start_wait_logs import Caught
 
 from qtasks import AsyncQueueTasks, QueueConfig
@@ -65,6 +66,22 @@ async def test_refused_rabbitmq_credentials_are_not_waited_on(
     with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
         await app.serve()
     assert SECRET not in str(info.value)
+    assert caught.attempts() == []
+
+
+async def test_a_tls_certificate_that_does_not_verify_is_not_waited_on(caught: Caught) -> None:
+    """``amqps://`` to a server whose certificate does not verify: the check fails the same
+    way on every attempt, so the worker fails at once saying so (it was waited on, one
+    warning per attempt, as for a server that is down)."""
+    with tls_server_with_an_untrusted_certificate() as port:
+        url = f"amqps://guest:{SECRET}@127.0.0.1:{port}/"
+        app = AsyncQueueTasks(broker=RabbitMQBroker(url), config=QueueConfig())
+        with anyio.fail_after(10), pytest.raises(CredentialsRefusedError) as info:
+            await app.serve()
+    message = str(info.value)
+    assert "the TLS connection failed its checks" in message, message
+    assert "certificate verify failed" in message, message
+    assert SECRET not in message
     assert caught.attempts() == []
 
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import math
 import re
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 import redis
+from loopback_servers import (
+    server_that_answers_in_plain_text,
+    socket_that_never_answers,
+    tls_server_with_an_untrusted_certificate,
+)
 from redis_procs import Worker, free_port, start_server
 from redis_worker_app import build
 from start_wait_logs import Caught
@@ -153,40 +155,6 @@ async def test_stop_during_an_attempt_that_hangs_cancels_it(caught: Caught) -> N
         assert not app.started
 
 
-@contextmanager
-def socket_that_never_answers() -> Iterator[tuple[int, threading.Event]]:
-    """A listening loopback socket that accepts connections and never replies; the event is
-    set once a client connected."""
-    connected, done = threading.Event(), threading.Event()
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:  # closed at exit
-                return
-            accepted.append(conn)  # kept open, silent, until the end
-            connected.set()
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        sock.settimeout(0.1)
-        port: int = sock.getsockname()[1]
-        thread = threading.Thread(target=accept, daemon=True)
-        thread.start()
-        try:
-            yield port, connected
-        finally:
-            done.set()
-            thread.join(5)
-            for conn in accepted:
-                conn.close()
-
-
 async def test_start_timeout_gives_up_with_the_error(caught: Caught) -> None:
     app = redis_app(f"redis://127.0.0.1:{free_port()}/0", start_timeout=0.8)
     began = time.monotonic()
@@ -230,42 +198,6 @@ async def test_a_database_the_server_refuses_is_not_waited_on(
     assert caught.attempts() == []
 
 
-@contextmanager
-def tls_server_with_an_untrusted_certificate() -> Iterator[int]:
-    """A loopback TLS server (its port) whose certificate is self-signed (untrusted_tls.pem):
-    a client that checks certificates, as ``rediss://`` does by default, refuses it."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(Path(__file__).with_name("untrusted_tls.pem"))
-    done = threading.Event()
-
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:  # closed at exit
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    context.wrap_socket(conn, server_side=True).close()
-                except OSError:  # the client gives up on the handshake: what is tested
-                    pass
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        sock.settimeout(0.1)
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        try:
-            yield sock.getsockname()[1]
-        finally:
-            done.set()
-            thread.join(5)
-
-
 async def test_a_tls_certificate_that_does_not_verify_is_not_waited_on(caught: Caught) -> None:
     """``rediss://`` to a server whose certificate does not verify: the check fails the same
     way on every attempt, so the worker fails at once with an error that says so."""
@@ -278,41 +210,6 @@ async def test_a_tls_certificate_that_does_not_verify_is_not_waited_on(caught: C
     assert "certificate verify failed" in message, message
     assert PASSWORD not in message
     assert caught.attempts() == []
-
-
-@contextmanager
-def server_that_answers_in_plain_text() -> Iterator[int]:
-    """A loopback server (its port) that answers whatever comes with a line of plain text, as
-    a proxy or another service in front of the port would: no TLS."""
-    done = threading.Event()
-
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:  # closed at exit
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.recv(4096)
-                    conn.sendall(b"-ERR not what this port speaks\r\n")
-                except OSError:
-                    pass
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        sock.settimeout(0.1)
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        try:
-            yield sock.getsockname()[1]
-        finally:
-            done.set()
-            thread.join(5)
 
 
 async def test_a_tls_handshake_answered_in_plain_text_is_not_waited_on(caught: Caught) -> None:

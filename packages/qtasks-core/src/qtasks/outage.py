@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -12,6 +13,26 @@ import anyio
 from qtasks.errors import ServerFullError
 
 T = TypeVar("T")
+
+_TLS_FOR_NOW = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+"""TLS errors of a connection closed mid-handshake (a server going down): an outage."""
+
+
+def tls_refused(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind ``exc`` (itself or a cause) that no retry mends, for any
+    backend: a certificate that does not verify (``ssl.SSLCertVerificationError``), a
+    handshake the server answered in something else than TLS (``WRONG_VERSION_NUMBER``: a
+    plain server), no protocol or cipher in common; ``None`` for anything else, a connection
+    closed mid-handshake too."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _TLS_FOR_NOW):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
 
 RETRY_CAP = 2.0
 """Longest pause, in seconds, between two tries of a call made during an outage."""

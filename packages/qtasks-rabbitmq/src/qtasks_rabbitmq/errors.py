@@ -6,6 +6,7 @@ import aiormq
 from pamqp import commands as spec
 
 from qtasks.errors import ComponentError, ConfigError, MessageTooLargeError
+from qtasks.outage import tls_refused
 
 
 class PublishRejectedError(ComponentError):
@@ -60,8 +61,10 @@ def refused_at_connect(exc: BaseException) -> bool:
     """Whether ``exc``, raised while connecting and declaring, is RabbitMQ refusing the
     connection for its configuration (credentials, permissions, a virtual host not allowed
     or missing), which no wait mends, rather than an outage. A connection limit reached is
-    not (other connections may close: waited on)."""
-    if isinstance(exc, _REFUSALS):
+    not (other connections may close: waited on). A TLS connection that fails its checks
+    (``amqps://``: a certificate that does not verify, a server that does not speak TLS on
+    that port) is refused too (:func:`qtasks.outage.tls_refused`)."""
+    if isinstance(exc, _REFUSALS) or tls_refused(exc) is not None:
         return True
     close = closed_at_open(exc)
     if close is None:

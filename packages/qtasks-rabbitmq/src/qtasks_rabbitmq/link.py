@@ -32,6 +32,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from qtasks.errors import BrokerConnectionError, CredentialsRefusedError
 from qtasks.masking import MASK, mask_text, mask_url
+from qtasks.outage import tls_refused
 from qtasks_rabbitmq.confirms import (
     ConfirmPace,
     ConfirmTimeout,
@@ -140,6 +141,11 @@ class Link:
             why = describe(exc, self._secret)
             if close is not None:
                 why = masked(f"connection.open refused: {close.reply_text}", self._secret)
+            elif tls_refused(exc) is not None:
+                why = (
+                    "the TLS connection failed its checks (check the server's certificate and "
+                    f"the client's TLS settings, or the URL's scheme): {why}"
+                )
             raise kind(f"cannot connect to RabbitMQ at {self.safe_url}: {why}") from None
         self._supervisor = asyncio.create_task(self._supervise(), name="qtasks-rabbitmq-link")
         stack.push_async_callback(self.close)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,6 +33,9 @@ from qtasks.errors import (
     StorageCredentialsRefusedError,
     StorageFullError,
 )
+from qtasks.outage import tls_refused
+
+__all__ = ["tls_refused"]  # qtasks.outage's, used here: importable from here as before
 
 if TYPE_CHECKING:
     from qtasks_redis.connection import RedisTarget
@@ -114,25 +116,6 @@ def connection_error(
             f"server's certificate and the client's TLS settings, or the URL's scheme): {reason}"
         )
     return kind(f"cannot reach Redis at {target.where}{db}: {reason}")
-
-
-_TLS_FOR_NOW = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
-"""TLS errors of a connection closed mid-handshake (a server going down): an outage."""
-
-
-def tls_refused(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS failure behind ``exc`` (itself or a cause) that no retry mends: a certificate
-    that does not verify (``ssl.SSLCertVerificationError``), a handshake the server answered
-    in something else than TLS (``WRONG_VERSION_NUMBER``: a plain server), no protocol or
-    cipher in common; ``None`` for anything else, a connection closed mid-handshake too."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _TLS_FOR_NOW):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def refused_credentials(exc: BaseException) -> bool:

@@ -1,0 +1,1 @@
+from tests.loopback_servers import *  # noqa: F403
