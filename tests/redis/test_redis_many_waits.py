@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -20,6 +21,7 @@ from qtasks.errors import ConfigError, TaskTimeoutError
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 from qtasks_redis.lane import Lane
 from qtasks_redis.watch import KeyWatch
+from qtasks_testing.contract.storage import finished, record
 
 pytestmark = pytest.mark.anyio
 
@@ -64,10 +66,16 @@ def lane_of(app: AsyncQueueTasks) -> Lane:
     return lane
 
 
+def watch_of_storage(storage: RedisStorage) -> KeyWatch:
+    lane = storage._shared.lane
+    assert lane is not None and lane.watch is not None
+    return lane.watch
+
+
 def watch_of(app: AsyncQueueTasks) -> KeyWatch:
-    watch = lane_of(app).watch
-    assert watch is not None
-    return watch
+    storage = app.storage
+    assert isinstance(storage, RedisStorage)
+    return watch_of_storage(storage)
 
 
 async def until(condition: object, seconds: float = 30) -> None:
@@ -222,3 +230,48 @@ async def test_a_negative_number_of_wait_connections_is_refused(server: RedisSer
         await app.start()
     with pytest.raises(ConfigError, match=r"extra\.redis_wait_connections expects int"):
         RedisStorage(server.url, options={"redis_wait_connections": "many"})
+
+
+@pytest.mark.parametrize("lost", [None, "feed"])
+async def test_many_step_followers_share_the_watch(server: RedisServer, lost: str | None) -> None:
+    """Live step streams (``task.stream()``, the dashboard's) past the limit wait on the watch
+    too: 40 followers of 40 running tasks hold the watch's two connections, get every step in
+    order and end with their task, a lost connection of the watch included (each is woken to
+    read again; the safety re-read is at 10 s, they have 5)."""
+    storage = RedisStorage(server.url, options={"redis_wait_connections": 0})
+    async with AsyncExitStack() as stack:
+        await storage.start(stack, QueueConfig())
+        records = [record(TaskStatus.PROCESS) for _ in range(40)]
+        for rec in records:
+            await storage.add(rec)
+        before = clients(server)
+        got: dict[str, list[object]] = {rec.uuid: [] for rec in records}
+        ended: list[str] = []
+
+        async def follow(uuid: str) -> None:
+            async for item in storage.steps(uuid):
+                got[uuid].append(item)
+            ended.append(uuid)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for rec in records:
+                    tg.start_soon(follow, rec.uuid)
+                lane = storage._shared.lane
+                assert lane is not None
+                await until(lambda: lane.watch is not None and lane.watch.watched == len(records))
+                watch = lane.watch
+                assert watch is not None and watch._feed is not None
+                assert clients(server) <= before + 2
+                for rec in records:
+                    assert await storage.add_step(rec.uuid, "a") == 0
+                await until(lambda: all(got[rec.uuid] == ["a"] for rec in records))
+                if lost == "feed":
+                    with redis.Redis.from_url(server.url) as client:
+                        assert client.client_kill_filter(_id=str(watch._feed.client_id)) == 1
+                for rec in records:
+                    assert await storage.add_step(rec.uuid, "b") == 1
+                    await storage.save(finished(rec, steps=2))
+        assert sorted(ended) == sorted(got)
+        assert all(items == ["a", "b"] for items in got.values())
+        assert watch_of_storage(storage).watched == 0

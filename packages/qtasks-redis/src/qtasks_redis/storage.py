@@ -120,6 +120,16 @@ record whose whole uuid the prefix is."""
 _SCORE = re.compile(r"-?[0-9]+(\.[0-9]+)?(e[-+][0-9]+)?", re.ASCII)
 """A cursor's score, as ``repr`` writes a finite float."""
 _FINAL_STATUSES = frozenset(status.value for status in TaskStatus if status.final)
+
+
+def _field(flat: list[bytes], name: bytes) -> bytes:
+    """The value of ``name`` in a stream entry's flat field list (``XRANGE``'s reply)."""
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == name:
+            return flat[i + 1]
+    return b""
+
+
 _FINAL_BYTES = frozenset(status.encode() for status in _FINAL_STATUSES)
 _WAIT_CONNECTIONS = 16
 """Waits of one lane that block on connections of their own (``redis_wait_connections``)."""
@@ -637,16 +647,59 @@ class RedisStorage:
                         index += 1
                 if final:
                     return
+                more = await self._next_steps(client, stream, last)
+                if more is None:
+                    break  # block cap reached: read the record's status again
+                entries = more
+
+    async def _next_steps(
+        self, client: Client, stream: str, last: str
+    ) -> list[tuple[bytes, bytes, bytes]] | None:
+        """The entries of ``stream`` after ``last`` once there are some (``[]``: it may
+        have changed, read again), or ``None`` after ``_BLOCK_CAP`` seconds without any. A
+        few followers of the lane block on a connection of their own (redis-py's
+        ``XREAD``); past ``redis_wait_connections`` blocking waits, the rest wait on the
+        lane's :class:`~qtasks_redis.watch.KeyWatch`, as result waits do (an ``XADD``
+        changes the tracked stream)."""
+        lane = self._shared.lane
+        watch = None if lane is None else key_watch(lane)
+        if watch is None or watch.blocking < self._wait_connections or watch.unavailable:
+            if watch is not None:
+                watch.blocking += 1
+            try:
                 read: Any = await guarded(
                     self.target,
                     client.xread({stream: last}, count=100, block=int(_BLOCK_CAP * 1000)),
                 )
-                if not read:
-                    break  # block cap reached: read the record's status again
-                entries = [
-                    (entry_id, fields.get(b"k", b""), fields.get(b"v", b""))
-                    for entry_id, fields in read[0][1]
-                ]
+            finally:
+                if watch is not None:
+                    watch.blocking -= 1
+            if not read:
+                return None
+            return [
+                (entry_id, fields.get(b"k", b""), fields.get(b"v", b""))
+                for entry_id, fields in read[0][1]
+            ]
+        try:
+            event, (reply,) = await guarded(
+                self.target, watch.read(stream, [("XRANGE", stream, f"({last}", "+", "COUNT", 100)])
+            )
+        except ResponseError:
+            if watch.unavailable is None:
+                raise
+            return await self._next_steps(client, stream, last)  # blocks as before
+        try:
+            if not reply:
+                with anyio.move_on_after(_BLOCK_CAP) as waited:
+                    await event.wait()
+                if waited.cancelled_caught:
+                    return None
+                return []
+        finally:
+            watch.forget(stream, event)
+        return [
+            (entry_id, _field(fields, b"k"), _field(fields, b"v")) for entry_id, fields in reply
+        ]
 
     async def stats(self) -> dict[str, int]:
         """See :class:`qtasks.components.Storage`: the sizes of the status indexes, once
