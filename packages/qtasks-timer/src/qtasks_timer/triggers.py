@@ -240,7 +240,15 @@ def next_fire(trigger: Trigger, previous: datetime | None, now: datetime) -> dat
         end = _repeat_end(fire.astimezone(UTC), trigger.timezone)  # type: ignore[attr-defined]
         if end is None:
             break
-        fire = trigger.get_next_fire_time(fire, end)
+        after = trigger.get_next_fire_time(fire, end)
+        if after is not None and after.astimezone(UTC) <= fire.astimezone(UTC):
+            # Not later than the time it follows (APScheduler 3.11.0 answers a time of the
+            # first pass of the repeated hour): asked again, it would loop for ever.
+            raise ScheduleError(
+                f"the trigger {trigger!r} gives {after} as the next fire time after {fire}: "
+                "APScheduler >= 3.11.1 is needed"
+            )
+        fire = after
     return None if fire is None else fire.astimezone(UTC)
 
 
