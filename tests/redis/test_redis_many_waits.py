@@ -15,11 +15,11 @@ import anyio
 import pytest
 import redis
 from redis_procs import RedisServer, start_server
+from wait_apps import lane_of, make_app
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks.errors import ConfigError, TaskTimeoutError
-from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
-from qtasks_redis.lane import Lane
+from qtasks_redis import RedisStorage
 from qtasks_redis.watch import KeyWatch
 from qtasks_testing.contract.storage import finished, record
 
@@ -33,21 +33,6 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     started.close()
 
 
-def make_app(url: str, **extra: object) -> AsyncQueueTasks:
-    app = AsyncQueueTasks(
-        broker=RedisBroker(url),
-        storage=RedisStorage(url),
-        global_config=RedisGlobalConfig(url),
-        config=QueueConfig(max_tasks_process=50, plugins_disabled=["*"], extra=dict(extra)),
-    )
-
-    @app.task(name="double")
-    async def double(x: int) -> int:
-        return x * 2
-
-    return app
-
-
 @pytest.fixture
 async def producer(server: RedisServer) -> AsyncIterator[AsyncQueueTasks]:
     app = make_app(server.url)
@@ -56,14 +41,6 @@ async def producer(server: RedisServer) -> AsyncIterator[AsyncQueueTasks]:
         yield app
     finally:
         await app.aclose()
-
-
-def lane_of(app: AsyncQueueTasks) -> Lane:
-    storage = app.storage
-    assert isinstance(storage, RedisStorage)
-    lane = storage._shared.lane
-    assert lane is not None
-    return lane
 
 
 def watch_of_storage(storage: RedisStorage) -> KeyWatch:

@@ -16,12 +16,12 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_procs import RedisServer, free_port, start_server
+from wait_apps import lane_of, make_app
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
-from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
+from qtasks import TaskStatus
 from qtasks_redis.connection import RedisTarget
 from qtasks_redis.failures import tls_refused
-from qtasks_redis.lane import Lane, lane_for
+from qtasks_redis.lane import lane_for
 
 pytestmark = pytest.mark.anyio
 
@@ -52,32 +52,9 @@ def tls(tmp_path: Path) -> Iterator[TlsServer]:
     server.close()
 
 
-def make_app(url: str, **extra: object) -> AsyncQueueTasks:
-    app = AsyncQueueTasks(
-        broker=RedisBroker(url),
-        storage=RedisStorage(url),
-        global_config=RedisGlobalConfig(url),
-        config=QueueConfig(max_tasks_process=20, plugins_disabled=["*"], extra=dict(extra)),
-    )
-
-    @app.task(name="double")
-    async def double(x: int) -> int:
-        return x * 2
-
-    return app
-
-
-def lane_of(app: AsyncQueueTasks) -> Lane:
-    storage = app.storage
-    assert isinstance(storage, RedisStorage)
-    lane = storage._shared.lane
-    assert lane is not None
-    return lane
-
-
 async def test_a_tls_url_is_served_by_the_lane_over_tls(tls: TlsServer) -> None:
     producer = make_app(tls.url(), redis_wait_connections=0)  # the waits on the watch too
-    worker = make_app(tls.url())
+    worker = make_app(tls.url(), concurrency=20)
     await producer.start()
     try:
         lane = lane_of(producer)

@@ -1,0 +1,1 @@
+from tests.redis.wait_apps import *  # noqa: F403
