@@ -1069,3 +1069,56 @@ def test_task_records_are_printed_with_secrets_masked(
     finally:
         app.close()
         sys.modules.pop(name, None)
+
+
+UNREAD_APP = """
+from qtasks import AsyncQueueTasks, QueueConfig
+built = AsyncQueueTasks("built", config=QueueConfig(plugins_disabled=["*"]))
+configured = AsyncQueueTasks.from_config(name="configured", plugins_disabled=["*"], lease=7)
+"""
+
+
+def test_settings_an_app_built_in_code_does_not_read_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A qtasks.toml naming Redis next to an app built with its constructor: `qtasks run` would
+    serve an in-memory queue. Every command that loads the app says which settings it does
+    not use, and where they came from; an app built by from_config() reads them, and a key
+    it sets in code or a flag given on the command line is not named."""
+    (tmp_path / "qtasks.toml").write_text(
+        'broker = "redis"\nbroker_url = "redis://default:hunter2@127.0.0.1:6379/5"\n'
+        "prefetch = 3\nlease = 9\n"
+    )
+    name = f"unread_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(UNREAD_APP)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("QTASKS_MAX_TASKS_PROCESS", "4")
+    try:
+        code, out = invoke("-A", f"{name}:built", "config", "--json")
+        assert code == 0, out
+        warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+        assert len(warned) == 1, warned
+        message = warned[0]
+        toml = str(tmp_path / "qtasks.toml")
+        assert f'broker = "redis" ({toml}; the app has "memory")' in message
+        assert f"prefetch = 3 ({toml}; the app has null)" in message
+        assert "max_tasks_process = 4 (env QTASKS_MAX_TASKS_PROCESS; the app has 10)" in message
+        assert "hunter2" not in message and "redis://default:***@127.0.0.1:6379/5" in message
+        assert "QueueTasks.from_config()" in message
+
+        # The command works on a resolved app too (run, add, inspect...): a flag given for
+        # a key is applied, so it is not named.
+        caplog.clear()
+        from qtasks.cli import resolve_app
+
+        resolve_app(f"{name}:built", None, {"prefetch": 2}, need_tasks=False)
+        message = next(r.getMessage() for r in caplog.records if "does not use" in r.getMessage())
+        assert "prefetch" not in message and 'broker = "redis"' in message
+
+        # from_config() read the file and the variable; lease was set in code on purpose.
+        caplog.clear()
+        resolve_app(f"{name}:configured", None, {}, need_tasks=False)
+        assert not [r for r in caplog.records if "does not use" in r.getMessage()]
+    finally:
+        sys.modules.pop(name, None)

@@ -11,7 +11,7 @@ from qtasks.clash import other_qtasks
 from qtasks.cli.group import cli, command
 from qtasks.cli.options import ConfigOpt, JsonOpt, Place, ShowSecretsOpt, chosen
 from qtasks.cli.output import table, to_json, warn_secrets_shown
-from qtasks.cli.resolve import aio_of, import_app
+from qtasks.cli.resolve import aio_of, import_app, warn_unread_config
 from qtasks.config import QueueConfig, config_file, follow_broker, load_config
 from qtasks.discovery import Discovered, check_plugins, discover_all, load
 from qtasks.errors import ConfigError
@@ -127,6 +127,7 @@ def show_config(
     if target is not None:
         with config_file(where.config):
             aio = aio_of(import_app(target))
+            warn_unread_config(aio, target, where.config)
         shown = aio.config
         sources = {
             f.name: aio.config_sources.get(f.name, "app (constructor)") for f in fields(shown)

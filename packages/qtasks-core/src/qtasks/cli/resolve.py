@@ -11,6 +11,7 @@ directory is put on ``sys.path`` first, so ``-A tasks:app`` finds ``./tasks.py``
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -32,7 +33,7 @@ from qtasks.config import (
 )
 from qtasks.discovery import Kind, build_component, load, name_of_class
 from qtasks.errors import ConfigError, QTasksError
-from qtasks.masking import masked_error
+from qtasks.masking import masked, masked_error
 from qtasks.sync import QueueTasks
 
 T = TypeVar("T")
@@ -214,8 +215,53 @@ def resolve_app(
                 )
             return AsyncQueueTasks.from_config(config_path, cli=flags)
         app = import_app(target)
+        warn_unread_config(app, target, config_path, flags)
     apply_flags(app, flags)
     return app
+
+
+def warn_unread_config(
+    app: AnyApp, target: str, config_path: str | None, flags: dict[str, Any] | None = None
+) -> None:
+    """Warn when the configuration file or ``QTASKS_*`` variables set values that the app
+    ``target`` names does not have: an app built with its constructor (``QueueTasks(...)``)
+    takes its configuration from code only, so a ``qtasks.toml`` saying ``broker = "redis"``
+    would otherwise leave ``qtasks run`` serving an in-memory queue without a word.
+
+    Keys given as flags (applied next) or set in code through ``from_config`` keyword
+    arguments, and the ``app`` key, are left out; values are masked
+    as ``qtasks config`` masks them. A file that cannot be read is left to the commands that
+    read it."""
+    aio = aio_of(app)
+    try:
+        loaded = load_config(config_path)
+    except ConfigError:
+        return
+    given = {key for key, value in (flags or {}).items() if value is not None}
+    unread = [
+        (key, source)
+        for key, source in loaded.sources.items()
+        if key != "app"
+        and key not in given
+        and source != "default"
+        and aio.config_sources.get(key) not in (source, "code")
+        and getattr(loaded.config, key) != getattr(aio.config, key)
+    ]
+    if not unread:
+        return
+    listed = "; ".join(
+        f"{key} = {json.dumps(masked(getattr(loaded.config, key)), default=str)} "
+        f"({source}; the app has {json.dumps(masked(getattr(aio.config, key)), default=str)})"
+        for key, source in unread
+    )
+    logging.getLogger("qtasks.cli").warning(
+        "the app %s does not use these settings of the configuration: %s. An app built with "
+        "its constructor, QueueTasks(...), takes its configuration from code only; build it "
+        "with QueueTasks.from_config() to read the file and QTASKS_* variables, or give them "
+        "as flags",
+        target,
+        listed,
+    )
 
 
 _KIND_LABEL = {"broker": "broker", "storage": "storage", "global_config": "global config"}
