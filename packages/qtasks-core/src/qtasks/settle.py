@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle_batch import SettleBatch
 from qtasks.stopping import bounded
 from qtasks.teardowns import Teardowns
+from qtasks.tracebacks import task_frames, task_traceback
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import RETRY_HEADER
 
@@ -268,7 +268,7 @@ class Settlement:
                     "qtasks_task_cancelled", app=app, record=record, reason=outcome.reason
                 )
             return
-        record.traceback = "".join(traceback.format_exception(outcome))
+        record.traceback = task_traceback(outcome)
         record.error = f"{type(outcome).__name__}: {outcome}"
         if not noted:
             await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
@@ -309,6 +309,14 @@ class Settlement:
             body = app.codec.encode(next_message).body
             await self._flow.hand_back(app, delivery.token, run.abandoned)
             await delivery.requeue(delay=delay, body=body)
+            log.info(
+                "task %s (%s) failed on attempt %d, retrying in %.3g s: %s",
+                record.task_name,
+                record.uuid,
+                record.attempt,
+                delay,
+                mask_text(record.error or ""),
+            )
             await hooks.notify(
                 "qtasks_worker_task_retry", app=app, record=record, exc=outcome, delay=delay
             )
@@ -316,6 +324,16 @@ class Settlement:
             return
         record.status = TaskStatus.ERROR
         if await self._save_final(app, run, delivery):
+            # What a person running the worker looks for first; masked as qtasks masks what
+            # it did not write itself (an exception's text often quotes a URL with a password).
+            frames = task_frames(outcome)
+            log.error(
+                "task %s (%s) failed: %s%s",
+                record.task_name,
+                record.uuid,
+                mask_text(record.error or ""),
+                "\n" + mask_text(frames).rstrip() if frames else "",
+            )
             await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)
 
     async def _save_final(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> bool:

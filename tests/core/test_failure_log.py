@@ -1,0 +1,104 @@
+"""A failed task as the person running the worker sees it: logged (retries at INFO, the
+final failure at ERROR, masked), and a record traceback that starts at the task's own code."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.record import TaskStatus
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "redis://ops:hunter2@db.internal:6379/0"
+
+
+def app_with_failures() -> AsyncQueueTasks:
+    app = AsyncQueueTasks("failures", config=QueueConfig(plugins_disabled=["*"]))
+
+    @app.task(retry=1, retry_backoff=0.01)
+    def sync_fails(n: int) -> None:
+        raise ValueError(f"cannot reach {SECRET} for {n}")
+
+    @app.task
+    async def async_fails() -> None:
+        found: dict[str, int] = {}
+        try:
+            found["missing"]
+        except KeyError as exc:
+            raise RuntimeError("lookup failed") from exc
+
+    @app.task(max_time=0.05)
+    async def too_slow() -> None:
+        await app_sleep()
+
+    return app
+
+
+async def app_sleep() -> None:
+    import anyio
+
+    await anyio.sleep(5)
+
+
+def failures_of(caplog: pytest.LogCaptureFixture, uuid: str) -> list[tuple[int, str]]:
+    return [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == "qtasks.worker" and uuid in r.getMessage()
+    ]
+
+
+async def test_a_retried_then_failed_sync_task_is_logged_masked_from_its_own_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
+    app = app_with_failures()
+    async with app:
+        final = await app.add_task("sync_fails", 7, timeout=10)
+    assert final.status is TaskStatus.ERROR and final.attempt == 2
+    said = failures_of(caplog, final.uuid)
+    assert [level for level, _ in said] == [logging.INFO, logging.ERROR], said
+    retry, failed = said[0][1], said[1][1]
+    assert "task sync_fails" in retry and "failed on attempt 1, retrying in" in retry
+    assert "ValueError: cannot reach redis://ops:***@db.internal:6379/0 for 7" in retry
+    first, *frames = failed.splitlines()
+    assert first.endswith(
+        "failed: ValueError: cannot reach redis://ops:***@db.internal:6379/0 for 7"
+    )
+    assert frames[0].strip().startswith(f'File "{__file__}"') and "in sync_fails" in frames[0]
+    assert any('raise ValueError(f"cannot reach {SECRET} for {n}")' in f for f in frames)
+    assert "hunter2" not in retry + failed
+    # The record's traceback: Python's format, from the task's frame on (no worker.py,
+    # executor.py, threads.py nor anyio frame before it).
+    assert final.traceback is not None
+    lines = final.traceback.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[1].strip().startswith(f'File "{__file__}"'), lines[:3]
+    assert "qtasks/executor.py" not in final.traceback and "anyio" not in final.traceback
+
+
+async def test_a_chained_error_keeps_its_cause_and_an_error_of_qtasks_its_frames(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
+    app = app_with_failures()
+    async with app:
+        chained = await app.add_task("async_fails", timeout=10)
+        slow = await app.add_task("too_slow", timeout=10)
+    assert chained.traceback is not None
+    assert "KeyError: 'missing'" in chained.traceback
+    assert "The above exception was the direct cause" in chained.traceback
+    top = chained.traceback.split("The above exception was the direct cause")[1]
+    assert top.splitlines()[3].strip().startswith(f'File "{__file__}"'), top
+    [(level, failed)] = failures_of(caplog, chained.uuid)
+    assert level == logging.ERROR and "failed: RuntimeError: lookup failed" in failed
+    assert "in async_fails" in failed and "qtasks/worker.py" not in failed
+    # Raised by qtasks itself: the whole traceback stays in the record, the log line needs
+    # no frames.
+    assert slow.status is TaskStatus.ERROR and slow.traceback is not None
+    assert "TaskMaxTimeError" in slow.traceback and "qtasks/executor.py" in slow.traceback
+    [(level, failed)] = failures_of(caplog, slow.uuid)
+    assert level == logging.ERROR and "\n" not in failed and "TaskMaxTimeError" in failed
