@@ -8,14 +8,20 @@ Here the token is held by the call itself (:class:`ThreadCall`), taken before th
 starts and given back on the event loop when the call returns: an abandoned thread keeps its
 worker thread counted, and the task's concurrency slot waits for :attr:`ThreadCall.done`
 (see :meth:`qtasks.flow.FlowGate.release`).
+
+At exit Python waits for every non-daemon thread, an abandoned one too (anyio's threads are
+non-daemon when the event loop runs on the main thread: a script's ``asyncio.run``,
+``qtasks run``): :func:`_at_threads_shutdown` ends that wait (see there).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import anyio.to_thread
@@ -37,8 +43,116 @@ _RUNNING_ON: set[ThreadCall] = set()
 
 def still_running() -> list[ThreadCall]:
     """The calls of sync task code given up on (``max_time``, a cancel, the worker's stop)
-    whose threads still run, in any app of this process: Python waits for them at exit."""
+    whose threads still run, in any app of this process: Python waits for them at exit (but
+    see :func:`_at_threads_shutdown`)."""
     return [call for call in list(_RUNNING_ON) if not call.ended]
+
+
+_EXIT_HOOK: list[Callable[[], object]] = []
+"""What threading holds for :func:`_at_threads_shutdown` once it is registered (its wrapper)."""
+
+
+class _SkipThreadsWait(Exception):
+    """Raised out of Python's ``threading._shutdown`` to skip its wait for hung threads."""
+
+
+def _hook_exit() -> None:
+    """Once per process, when a call is first given up on: have Python's shutdown call
+    :func:`_at_threads_shutdown` before it joins the non-daemon threads, as concurrent.futures
+    has it call its own (``threading._register_atexit``, in CPython 3.11 to 3.13 at least)."""
+    if _EXIT_HOOK:
+        return
+    register = getattr(threading, "_register_atexit", None)
+    callbacks = getattr(threading, "_threading_atexits", None)
+    if register is None or not isinstance(callbacks, list):
+        return
+    try:
+        register(_at_threads_shutdown)
+    except RuntimeError:  # the shutdown began (a loop in a thread of its own): too late
+        return
+    _EXIT_HOOK.append(callbacks[-1])
+
+
+def _hung_threads() -> list[ThreadCall]:
+    """The calls of :func:`still_running` whose thread Python would wait for at exit."""
+    return [
+        call
+        for call in still_running()
+        if call.thread is not None and not call.thread.daemon and call.thread.is_alive()
+    ]
+
+
+def _at_threads_shutdown() -> None:
+    """In Python's shutdown, on the main thread, before it joins the non-daemon threads: if
+    sync task code given up on still runs in some, whose tasks were settled or handed back
+    already, the process would wait until it returns (for ever, for a call that hangs).
+
+    The other non-daemon threads (the user's) are waited for first, as Python would, after
+    the callbacks Python would call after this one (see :func:`_call_the_rest_now`). If hung
+    calls are left then, a warning names them and Python's wait is skipped: the rest of the
+    exit is Python's own (the ``atexit`` handlers, the flush of streams and files, the exit
+    code of the script, which ``os._exit`` would lose), the hung threads left to end with the
+    process as daemon threads are."""
+    if not _hung_threads():
+        return
+    _call_the_rest_now()
+    me, main = threading.current_thread(), threading.main_thread()
+    said: set[threading.Thread] = set()
+    while hung := _hung_threads():
+        theirs = {call.thread for call in hung}
+        others = [
+            t
+            for t in threading.enumerate()
+            if not t.daemon and t is not me and t is not main and t not in theirs
+        ]
+        if not others:
+            log.warning(
+                "exiting without waiting for %d thread(s) of sync task code still running after "
+                "they were given up on (Python cannot stop a thread; their tasks were settled or "
+                "handed back already): %s",
+                len(hung),
+                ", ".join(f"{call.run.task.name} ({call.run.record.uuid})" for call in hung),
+            )
+            _skip_threads_wait()
+        if said != set(others):
+            said = set(others)
+            log.info(
+                "at exit, waiting for %d other non-daemon thread(s) (%s), not for %d thread(s) "
+                "of sync task code given up on",
+                len(others),
+                ", ".join(t.name for t in others),
+                len(hung),
+            )
+        # Not for ever: a loop still running in one of them may give up on its thread.
+        others[0].join(1.0)
+
+
+def _call_the_rest_now() -> None:
+    """Call now, once, the ``threading._register_atexit`` callbacks that Python calls after
+    :func:`_at_threads_shutdown` (registered before it), so that the threads they end (the
+    idle ones of a ``ThreadPoolExecutor`` never shut down) are not waited for in vain."""
+    callbacks: list[Callable[[], object]] = getattr(threading, "_threading_atexits", [])
+    mine = next((i for i, call in enumerate(callbacks) if call is _EXIT_HOOK[0]), 0)
+    for i in reversed(range(mine)):
+        call, callbacks[i] = callbacks[i], _nothing  # replaced in place: Python iterates it
+        call()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _skip_threads_wait() -> NoReturn:
+    """Leave ``threading._shutdown`` by an exception: Python reports it as unraisable (not
+    here: this one is kept quiet) and goes on with its exit, without the wait for threads."""
+    previous = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, _SkipThreadsWait):
+            previous(unraisable)
+
+    sys.unraisablehook = quiet
+    raise _SkipThreadsWait
 
 
 class ThreadCall:
@@ -60,6 +174,7 @@ class ThreadCall:
         "run",
         "since",
         "started",
+        "thread",
         "wake",
     )
 
@@ -82,8 +197,11 @@ class ThreadCall:
         self.done: anyio.Event | None = None
         """Set when the thread of an abandoned call returned (made when it is abandoned)."""
         self.since = 0.0
+        self.thread: threading.Thread | None = None
+        """The thread that runs it, once it started."""
 
     def __call__(self) -> Any:  # in the worker thread
+        self.thread = threading.current_thread()
         self.started = True
         try:
             if self.abandoned:
@@ -117,6 +235,7 @@ class ThreadCall:
             self.done = anyio.Event()
             self.since = time.monotonic()
             _RUNNING_ON.add(self)  # before ``abandoned``: the thread's end takes it out
+            _hook_exit()
         self.abandoned = True
         if self.ended or not self.started:
             _RUNNING_ON.discard(self)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import logging
-import os
 import sys
 from dataclasses import replace
 from typing import Annotated
@@ -20,7 +17,6 @@ from qtasks.discovery import instantiate_plugin, load
 from qtasks.errors import ConfigError
 from qtasks.plugins import hookimpl
 from qtasks.report import components_line
-from qtasks.threads import still_running
 
 
 class _ServingLog:
@@ -121,29 +117,4 @@ def run(
     aio.add_plugin(_ServingLog(), "qtasks.cli")
     aio.run_forever()
     logging.getLogger("qtasks.cli").info("stopped")
-    _exit_without_hung_threads()
-
-
-def _exit_without_hung_threads() -> None:
-    """Python would wait at exit for the threads of sync task code the worker gave up on
-    (``max_time``, a cancel, the stop's grace), whose tasks are settled or handed back
-    already: a hung call would keep the stopped process alive until it returned (or until a
-    supervisor killed it). Exit now instead, with the code of a clean stop, after saying so
-    and after the ``atexit`` handlers ran (qtasks' own, a tracer's flush, the user's): only
-    Python's wait for the threads is skipped."""
-    hung = still_running()
-    if not hung:
-        return
-    logging.getLogger("qtasks.cli").warning(
-        "exiting without waiting for %d thread(s) of sync task code still running after "
-        "they were given up on (Python cannot stop a thread; their tasks were settled or "
-        "handed back already): %s",
-        len(hung),
-        ", ".join(f"{call.run.task.name} ({call.run.record.uuid})" for call in hung),
-    )
-    atexit._run_exitfuncs()  # what os._exit would skip (logging.shutdown among them)
-    logging.shutdown()  # flushes the handlers (again, if a handler above logged)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(0)
+    # Python's exit does not wait for threads of sync task code given up on: qtasks.threads.
