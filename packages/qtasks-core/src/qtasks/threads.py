@@ -50,6 +50,7 @@ def still_running() -> list[ThreadCall]:
 
 _EXIT_HOOK: list[Callable[[], object]] = []
 """What threading holds for :func:`_at_threads_shutdown` once it is registered (its wrapper)."""
+_EXIT_HOOK_LOCK = threading.Lock()
 
 
 class _SkipThreadsWait(Exception):
@@ -66,11 +67,14 @@ def _hook_exit() -> None:
     callbacks = getattr(threading, "_threading_atexits", None)
     if register is None or not isinstance(callbacks, list):
         return
-    try:
-        register(_at_threads_shutdown)
-    except RuntimeError:  # the shutdown began (a loop in a thread of its own): too late
-        return
-    _EXIT_HOOK.append(callbacks[-1])
+    with _EXIT_HOOK_LOCK:  # loops in two threads
+        if _EXIT_HOOK:
+            return
+        try:
+            register(_at_threads_shutdown)
+        except RuntimeError:  # the shutdown began (a loop in a thread of its own): too late
+            return
+        _EXIT_HOOK.append(callbacks[-1])
 
 
 def _hung_threads() -> list[ThreadCall]:
