@@ -34,6 +34,11 @@ def hang() -> None:
     threading.Event().wait()  # a call that never returns: no thread can be stopped
 
 
+def joiner() -> None:  # a clean-up that waits for the main thread to end
+    threading.main_thread().join()
+    print("joiner saw the main thread end", file=sys.stderr, flush=True)
+
+
 def users_thread() -> None:
     sys.stdin.readline()  # until the test writes a line
     print("users thread ended", file=sys.stderr, flush=True)
@@ -46,6 +51,8 @@ async def main() -> None:
         print(record.status.value, task.uuid, flush=True)
     if USERS_THREAD:
         threading.Thread(target=users_thread, name="users-thread").start()
+    if JOINER:
+        threading.Thread(target=joiner, name="joiner").start()
     sys.exit(3)
 
 
@@ -57,9 +64,11 @@ asyncio.run(main())
 """
 
 
-def _start(tmp_path: Path, users_thread: bool, executor: bool = False) -> subprocess.Popen[str]:
+def _start(
+    tmp_path: Path, users_thread: bool, executor: bool = False, joiner: bool = False
+) -> subprocess.Popen[str]:
     script = tmp_path / "script.py"
-    source = SCRIPT.replace("USERS_THREAD", repr(users_thread))
+    source = SCRIPT.replace("USERS_THREAD", repr(users_thread)).replace("JOINER", repr(joiner))
     script.write_text(source.replace("EXECUTOR", repr(executor)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)  # the tree under test
@@ -126,6 +135,22 @@ def test_a_users_non_daemon_thread_is_waited_for_before_that_exit(tmp_path: Path
     out, err = _end(proc, 30)
     assert out == "", err
     assert err.index("users thread ended") < err.index("exiting without waiting for"), err
+    _hung_warning(err, uuid)
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.timeout(90)
+def test_a_users_thread_waiting_for_the_main_thread_to_end_is_not_a_deadlock(
+    tmp_path: Path,
+) -> None:
+    """The main thread is marked ended before the user's threads are waited for, as Python's
+    own shutdown does: a thread joining it (a clean-up once the script ends) goes on."""
+    proc = _start(tmp_path, users_thread=False, joiner=True)
+    out, err = _end(proc, 30)
+    status, uuid = out.split()
+    assert status == "error", err
+    assert err.index("joiner saw the main thread end") < err.index("exiting without waiting"), err
     _hung_warning(err, uuid)
     assert proc.returncode == 3, err
     assert "Traceback" not in err and "Exception ignored" not in err, err

@@ -310,7 +310,7 @@ class Settlement:
             await self._flow.hand_back(app, delivery.token, run.abandoned)
             await delivery.requeue(delay=delay, body=body)
             log.info(
-                "task %s (%s) failed on attempt %d, retrying in %.3g s: %s",
+                "task %s (%s) failed on attempt %d, retrying in %.3f s: %s",
                 record.task_name,
                 record.uuid,
                 record.attempt,

@@ -74,7 +74,11 @@ def _hook_exit() -> None:
             register(_at_threads_shutdown)
         except RuntimeError:  # the shutdown began (a loop in a thread of its own): too late
             return
-        _EXIT_HOOK.append(callbacks[-1])
+        # Found by what it wraps (3.11 holds a functools.partial): another thread may have
+        # registered a callback of its own since.
+        ours = [c for c in callbacks if getattr(c, "func", c) is _at_threads_shutdown]
+        if ours:
+            _EXIT_HOOK.append(ours[-1])
 
 
 def _hung_threads() -> list[ThreadCall]:
@@ -91,18 +95,20 @@ def _at_threads_shutdown() -> None:
     sync task code given up on still runs in some, whose tasks were settled or handed back
     already, the process would wait until it returns (for ever, for a call that hangs).
 
-    The other non-daemon threads (the user's) are waited for first, as Python would, after
-    the callbacks Python would call after this one (see :func:`_call_the_rest_now`). If hung
+    The main thread is marked ended, as Python does next (:func:`_main_ended`), and the other
+    non-daemon threads (the user's) are waited for first, as Python would, after the
+    callbacks Python would call after this one (see :func:`_call_the_rest_now`). If hung
     calls are left then, a warning names them and Python's wait is skipped: the rest of the
     exit is Python's own (the ``atexit`` handlers, the flush of streams and files, the exit
     code of the script, which ``os._exit`` would lose), the hung threads left to end with the
     process as daemon threads are."""
-    if not _hung_threads():
+    if not _hung_threads() or not _main_ended():
         return
     _call_the_rest_now()
     me, main = threading.current_thread(), threading.main_thread()
     said: set[threading.Thread] = set()
-    while hung := _hung_threads():
+    while True:
+        hung = _hung_threads()
         theirs = {call.thread for call in hung}
         others = [
             t
@@ -110,14 +116,7 @@ def _at_threads_shutdown() -> None:
             if not t.daemon and t is not me and t is not main and t not in theirs
         ]
         if not others:
-            log.warning(
-                "exiting without waiting for %d thread(s) of sync task code still running after "
-                "they were given up on (Python cannot stop a thread; their tasks were settled or "
-                "handed back already): %s",
-                len(hung),
-                ", ".join(f"{call.run.task.name} ({call.run.record.uuid})" for call in hung),
-            )
-            _skip_threads_wait()
+            break
         if said != set(others):
             said = set(others)
             log.info(
@@ -129,6 +128,38 @@ def _at_threads_shutdown() -> None:
             )
         # Not for ever: a loop still running in one of them may give up on its thread.
         others[0].join(1.0)
+    if hung:
+        log.warning(
+            "exiting without waiting for %d thread(s) of sync task code still running after "
+            "they were given up on (Python cannot stop a thread; their tasks were settled or "
+            "handed back already): %s",
+            len(hung),
+            ", ".join(f"{call.run.task.name} ({call.run.record.uuid})" for call in hung),
+        )
+    # Always, now: _shutdown would assert that the main thread has not ended yet.
+    _skip_threads_wait()
+
+
+def _main_ended() -> bool:
+    """Mark the main thread ended, as ``threading._shutdown`` does right after the callbacks
+    (so threads that wait for it, ``main_thread().join()`` or ``is_alive()``, go on while the
+    others are waited for); whether it could be (on the main thread, on CPython 3.11 to
+    3.13's internals: else nothing is done and Python waits as usual)."""
+    main = threading.main_thread()
+    if main.ident != threading.get_ident():
+        return False
+    handle: Any = getattr(main, "_handle", None)
+    if handle is not None and hasattr(handle, "_set_done"):  # 3.13+
+        handle._set_done()
+        return True
+    lock: Any = getattr(main, "_tstate_lock", None)
+    stop: Any = getattr(main, "_stop", None)
+    if lock is None or stop is None:
+        return False
+    if lock.locked():
+        lock.release()
+    stop()
+    return True
 
 
 def _call_the_rest_now() -> None:
@@ -136,6 +167,8 @@ def _call_the_rest_now() -> None:
     :func:`_at_threads_shutdown` (registered before it), so that the threads they end (the
     idle ones of a ``ThreadPoolExecutor`` never shut down) are not waited for in vain."""
     callbacks: list[Callable[[], object]] = getattr(threading, "_threading_atexits", [])
+    if not _EXIT_HOOK:
+        return
     mine = next((i for i, call in enumerate(callbacks) if call is _EXIT_HOOK[0]), 0)
     for i in reversed(range(mine)):
         call, callbacks[i] = callbacks[i], _nothing  # replaced in place: Python iterates it
