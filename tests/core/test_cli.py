@@ -1122,3 +1122,47 @@ def test_settings_an_app_built_in_code_does_not_read_are_named(
         assert not [r for r in caplog.records if "does not use" in r.getMessage()]
     finally:
         sys.modules.pop(name, None)
+
+
+def test_unread_settings_are_not_claimed_for_components_the_code_built_nor_said_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker object the code built (its own URL) is not what the file's broker keys would
+    build, and the warning does not claim the app serves memory; the file's own warnings
+    (read when the command read it) are not repeated; a file that cannot be read next to an
+    app built in code is said, not ignored."""
+    from qtasks.cli import resolve_app
+    from qtasks.components import Broker
+
+    name = f"unread_obj_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "from qtasks import AsyncQueueTasks, QueueConfig\n"
+        "from qtasks.memory import MemoryBroker\n"
+        "class OwnBroker(MemoryBroker):\n"
+        "    pass\n"
+        "config = QueueConfig(plugins_disabled=['*'])\n"
+        "app = AsyncQueueTasks('obj', broker=OwnBroker(), config=config)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        (tmp_path / "qtasks.toml").write_text(
+            'broker = "redis"\nbroker_url = "redis://127.0.0.1:6379/5"\nprefetch = 3\n'
+            '[extra]\nbroker = "redis"\n'
+        )
+        app = resolve_app(f"{name}:app", None, {}, need_tasks=False)
+        assert isinstance(app.broker, Broker) and type(app.broker).__name__ == "OwnBroker"
+        said = [r.getMessage() for r in caplog.records]
+        [warned] = [m for m in said if "does not use" in m]
+        assert "prefetch = 3" in warned, warned
+        assert 'broker = "redis"' not in warned and "broker_url" not in warned, warned
+        # Read for the comparison only, quietly: what reading it says is said by the commands
+        # that read it for their app (none here, as before).
+        assert not [m for m in said if "inside [extra]" in m], said
+        caplog.clear()
+        (tmp_path / "qtasks.toml").write_text('broker = "redis\n')  # unterminated
+        resolve_app(f"{name}:app", None, {}, need_tasks=False)
+        [warned] = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+        assert "qtasks.toml" in warned and f"the app {name}:app, built in code" in warned
+    finally:
+        sys.modules.pop(name, None)

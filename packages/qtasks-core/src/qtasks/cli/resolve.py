@@ -171,6 +171,20 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
         aio.thread_limiter.total_tokens = aio.config.max_tasks_process
 
 
+class _Quiet(logging.Filter):
+    """Drops every record (the configuration's warnings, read a second time)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _built_in_code(aio: AsyncQueueTasks, kind: Kind) -> bool:
+    """Whether the app's ``kind`` component is an object its code built, not what its
+    configured name builds (``QueueTasks(broker=RedisBroker(url))``)."""
+    factory = load(kind, getattr(aio.config, kind))
+    return isinstance(factory, type) and type(getattr(aio, kind)) is not factory
+
+
 def _check_built_from_config(aio: AsyncQueueTasks, kind: Kind) -> None:
     """Refuse a URL flag for a component the app's code built: a URL flag rebuilds the
     component by the name its configuration holds, and for an object passed in code that
@@ -179,8 +193,7 @@ def _check_built_from_config(aio: AsyncQueueTasks, kind: Kind) -> None:
     drop what its constructor was given (``RedisBroker(url, queue="mail")``): the error names
     that name, to be given on purpose with ``--broker``."""
     component = getattr(aio, kind)
-    factory = load(kind, getattr(aio.config, kind))
-    if type(component) is factory or not isinstance(factory, type):
+    if not _built_in_code(aio, kind):
         return  # built by that name (a factory's product cannot be told: it is let through)
     label, flag = kind.replace("_", " "), "--" + kind.replace("_", "-")
     actual = name_of_class(kind, type(component))
@@ -233,11 +246,25 @@ def warn_unread_config(
     as ``qtasks config`` masks them. A file that cannot be read is left to the commands that
     read it."""
     aio = aio_of(app)
+    quiet = _Quiet()
+    config_log = logging.getLogger("qtasks.config")
+    config_log.addFilter(quiet)  # what reading it says was said when the command read it
     try:
         loaded = load_config(config_path)
-    except ConfigError:
+    except ConfigError as exc:
+        if not aio.config_sources:  # built with its constructor: nothing else reads it
+            logging.getLogger("qtasks.cli").warning(
+                "the configuration cannot be read (%s); the app %s, built in code, does not use it",
+                masked_error(exc),
+                target,
+            )
         return
+    finally:
+        config_log.removeFilter(quiet)
     given = {key for key, value in (flags or {}).items() if value is not None}
+    for kind in ("broker", "storage", "global_config"):
+        if _built_in_code(aio, kind):  # an object the code built: its own settings hold
+            given.update((kind, f"{kind}_url"))
     unread = [
         (key, source)
         for key, source in loaded.sources.items()
@@ -254,13 +281,18 @@ def warn_unread_config(
         f"({source}; the app has {json.dumps(masked(getattr(aio.config, key)), default=str)})"
         for key, source in unread
     )
+    why = (
+        "An app built with its constructor, QueueTasks(...), takes its configuration from code "
+        "only; build it with QueueTasks.from_config() to read the file and QTASKS_* variables"
+        if not aio.config_sources
+        else "It was built from another configuration (from_config with another file?)"
+    )
     logging.getLogger("qtasks.cli").warning(
-        "the app %s does not use these settings of the configuration: %s. An app built with "
-        "its constructor, QueueTasks(...), takes its configuration from code only; build it "
-        "with QueueTasks.from_config() to read the file and QTASKS_* variables, or give them "
-        "as flags",
+        "the app %s does not use these settings of the configuration: %s. %s, or give them as "
+        "flags",
         target,
         listed,
+        why,
     )
 
 
