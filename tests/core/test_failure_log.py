@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueConfig
@@ -30,6 +31,11 @@ def app_with_failures() -> AsyncQueueTasks:
         except KeyError as exc:
             raise RuntimeError("lookup failed") from exc
 
+    @app.task
+    async def group_fails() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(inner_fails)
+
     @app.task(max_time=0.05)
     async def too_slow() -> None:
         await app_sleep()
@@ -38,9 +44,11 @@ def app_with_failures() -> AsyncQueueTasks:
 
 
 async def app_sleep() -> None:
-    import anyio
-
     await anyio.sleep(5)
+
+
+async def inner_fails() -> None:
+    raise KeyError("the real cause")
 
 
 def failures_of(caplog: pytest.LogCaptureFixture, uuid: str) -> list[tuple[int, str]]:
@@ -94,7 +102,8 @@ async def test_a_chained_error_keeps_its_cause_and_an_error_of_qtasks_its_frames
     top = chained.traceback.split("The above exception was the direct cause")[1]
     assert top.splitlines()[3].strip().startswith(f'File "{__file__}"'), top
     [(level, failed)] = failures_of(caplog, chained.uuid)
-    assert level == logging.ERROR and "failed: RuntimeError: lookup failed" in failed
+    assert level == logging.ERROR
+    assert "failed: RuntimeError: lookup failed (from KeyError: 'missing')" in failed
     assert "in async_fails" in failed and "qtasks/worker.py" not in failed
     # Raised by qtasks itself: the whole traceback stays in the record, the log line needs
     # no frames.
@@ -102,3 +111,16 @@ async def test_a_chained_error_keeps_its_cause_and_an_error_of_qtasks_its_frames
     assert "TaskMaxTimeError" in slow.traceback and "qtasks/executor.py" in slow.traceback
     [(level, failed)] = failures_of(caplog, slow.uuid)
     assert level == logging.ERROR and "\n" not in failed and "TaskMaxTimeError" in failed
+
+
+async def test_an_exception_group_is_logged_with_the_errors_inside_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
+    app = app_with_failures()
+    async with app:
+        final = await app.add_task("group_fails", timeout=10)
+    [(level, failed)] = failures_of(caplog, final.uuid)
+    first, *frames = failed.splitlines()
+    assert level == logging.ERROR and "[KeyError: 'the real cause']" in first, failed
+    assert "in inner_fails" in frames[0] and 'raise KeyError("the real cause")' in failed

@@ -41,7 +41,7 @@ from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle_batch import SettleBatch
 from qtasks.stopping import bounded
 from qtasks.teardowns import Teardowns
-from qtasks.tracebacks import task_frames, task_traceback
+from qtasks.tracebacks import failure_summary, task_traceback
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import RETRY_HEADER
 
@@ -326,12 +326,13 @@ class Settlement:
         if await self._save_final(app, run, delivery):
             # What a person running the worker looks for first; masked as qtasks masks what
             # it did not write itself (an exception's text often quotes a URL with a password).
-            frames = task_frames(outcome)
+            why, frames = failure_summary(outcome)
             log.error(
-                "task %s (%s) failed: %s%s",
+                "task %s (%s) failed: %s%s%s",
                 record.task_name,
                 record.uuid,
                 mask_text(record.error or ""),
+                mask_text(why),
                 "\n" + mask_text(frames).rstrip() if frames else "",
             )
             await hooks.notify("qtasks_task_failed", app=app, record=record, exc=outcome)

@@ -49,3 +49,24 @@ def task_frames(exc: BaseException) -> str:
     names the error already (``task X failed: ValueError: ...``). Empty for an exception
     qtasks raised itself (``TaskMaxTimeError``): its message says it all."""
     return "".join(traceback.format_tb(_from_task_code(exc.__traceback__)))
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions at the leaves of an exception group (``exc`` itself if it is none)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def failure_summary(exc: BaseException) -> tuple[str, str]:
+    """What a log line says of a task's failure beyond its error: the errors that explain it
+    (the leaves of an exception group, an explicit ``raise ... from`` cause), as ``"; "``
+    separated ``Type: message`` text, and the frames of the task's own code where the first
+    of them was raised (:func:`task_frames`; of ``exc`` itself when there is no group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = _leaves(exc)
+        text = "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in leaves)
+        return f" [{text}]", task_frames(leaves[0]) or task_frames(exc)
+    cause = exc.__cause__
+    text = f" (from {type(cause).__name__}: {cause})" if cause is not None else ""
+    return text, task_frames(exc)
