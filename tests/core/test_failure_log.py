@@ -124,3 +124,33 @@ async def test_an_exception_group_is_logged_with_the_errors_inside_it(
     first, *frames = failed.splitlines()
     assert level == logging.ERROR and "[KeyError: 'the real cause']" in first, failed
     assert "in inner_fails" in frames[0] and 'raise KeyError("the real cause")' in failed
+
+
+class Unprintable(Exception):
+    """An exception whose text cannot be had (a library's broken ``__str__``)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_an_exception_without_a_text_fails_its_task_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its record says so, as Python's traceback module does, on the first delivery: not
+    handed back until the delivery limit dead-letters it with the ``__str__``'s error."""
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
+    app = AsyncQueueTasks("unprintable", config=QueueConfig(plugins_disabled=["*"]))
+    runs: list[int] = []
+
+    @app.task
+    async def unprintable() -> None:
+        runs.append(1)
+        raise Unprintable()
+
+    async with app:
+        final = await app.add_task("unprintable", timeout=10)
+    assert final.status is TaskStatus.ERROR and runs == [1]
+    assert final.error == "Unprintable: <exception str() failed>"
+    assert final.traceback is not None and "in unprintable" in final.traceback
+    [(level, failed)] = failures_of(caplog, final.uuid)
+    assert level == logging.ERROR and "failed: Unprintable: <exception str() failed>" in failed

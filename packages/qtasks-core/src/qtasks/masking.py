@@ -315,11 +315,20 @@ def masked_args(
     ]
 
 
+def text_of(exc: BaseException) -> str:
+    """``str(exc)``, or what :mod:`traceback` writes for an exception whose ``__str__``
+    raises (``<exception str() failed>``): an error is shown and recorded whatever it is."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<exception str() failed>"
+
+
 def masked_error(exc: BaseException) -> str:
     """An exception as qtasks shows one it did not raise itself (a plugin's, a component's):
     its type and its text through :func:`mask_text` (a failed call often quotes the DSN it
     could not reach)."""
-    text = mask_text(str(exc))
+    text = mask_text(text_of(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -41,7 +41,7 @@ from qtasks.record import TaskRecord, TaskStatus
 from qtasks.settle_batch import SettleBatch
 from qtasks.stopping import bounded
 from qtasks.teardowns import Teardowns
-from qtasks.tracebacks import failure_summary, task_traceback
+from qtasks.tracebacks import error_line, failure_summary, task_traceback
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import RETRY_HEADER
 
@@ -269,7 +269,7 @@ class Settlement:
                 )
             return
         record.traceback = task_traceback(outcome)
-        record.error = f"{type(outcome).__name__}: {outcome}"
+        record.error = error_line(outcome)
         if not noted:
             await hooks.notify("qtasks_executor_error", app=app, record=record, exc=outcome)
         delay: float | None = None
@@ -429,7 +429,7 @@ def _unstorable(app: AsyncQueueTasks, record: TaskRecord, exc: Exception) -> Uns
             what = f"the result ({size:,} bytes encoded)"
     else:
         what = f"its {record.status.value} record"
-    return UnstorableRecordError(record.uuid, what, mask_text(f"{type(exc).__name__}: {exc}"))
+    return UnstorableRecordError(record.uuid, what, mask_text(error_line(exc)))
 
 
 def _culprit(app: AsyncQueueTasks, run: TaskRun, exc: BaseException) -> str:

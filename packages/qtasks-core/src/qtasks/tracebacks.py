@@ -19,6 +19,7 @@ from types import TracebackType
 import anyio
 
 import qtasks
+from qtasks.masking import text_of
 
 _MACHINERY = tuple(
     os.path.dirname(module.__file__) + os.sep
@@ -26,6 +27,11 @@ _MACHINERY = tuple(
     if module.__file__ is not None
 )
 """The packages whose frames lead into a task's code."""
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, as a record's ``error`` holds it (see :func:`text_of`)."""
+    return f"{type(exc).__name__}: {text_of(exc)}"
 
 
 def _from_task_code(tb: TracebackType | None) -> TracebackType | None:
@@ -65,8 +71,8 @@ def failure_summary(exc: BaseException) -> tuple[str, str]:
     of them was raised (:func:`task_frames`; of ``exc`` itself when there is no group)."""
     if isinstance(exc, BaseExceptionGroup):
         leaves = _leaves(exc)
-        text = "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in leaves)
+        text = "; ".join(error_line(leaf) for leaf in leaves)
         return f" [{text}]", task_frames(leaves[0]) or task_frames(exc)
     cause = exc.__cause__
-    text = f" (from {type(cause).__name__}: {cause})" if cause is not None else ""
+    text = f" (from {error_line(cause)})" if cause is not None else ""
     return text, task_frames(exc)
