@@ -4,12 +4,13 @@ final failure at ERROR, masked), and a record traceback that starts at the task'
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueConfig
-from qtasks.record import TaskStatus
+from qtasks.record import TaskRecord, TaskStatus
 
 pytestmark = pytest.mark.anyio
 
@@ -51,6 +52,17 @@ async def inner_fails() -> None:
     raise KeyError("the real cause")
 
 
+@pytest.fixture(autouse=True)
+def worker_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
+
+
+async def finals(app: AsyncQueueTasks, *calls: tuple[Any, ...]) -> list[TaskRecord]:
+    """Serve ``app`` while each call (task name, then its arguments) runs to its end."""
+    async with app:
+        return [await app.add_task(name, *args, timeout=10) for name, *args in calls]
+
+
 def failures_of(caplog: pytest.LogCaptureFixture, uuid: str) -> list[tuple[int, str]]:
     return [
         (r.levelno, r.getMessage())
@@ -62,10 +74,7 @@ def failures_of(caplog: pytest.LogCaptureFixture, uuid: str) -> list[tuple[int, 
 async def test_a_retried_then_failed_sync_task_is_logged_masked_from_its_own_code(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="qtasks.worker")
-    app = app_with_failures()
-    async with app:
-        final = await app.add_task("sync_fails", 7, timeout=10)
+    [final] = await finals(app_with_failures(), ("sync_fails", 7))
     assert final.status is TaskStatus.ERROR and final.attempt == 2
     said = failures_of(caplog, final.uuid)
     assert [level for level, _ in said] == [logging.INFO, logging.ERROR], said
@@ -91,11 +100,7 @@ async def test_a_retried_then_failed_sync_task_is_logged_masked_from_its_own_cod
 async def test_a_chained_error_keeps_its_cause_and_an_error_of_qtasks_its_frames(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="qtasks.worker")
-    app = app_with_failures()
-    async with app:
-        chained = await app.add_task("async_fails", timeout=10)
-        slow = await app.add_task("too_slow", timeout=10)
+    chained, slow = await finals(app_with_failures(), ("async_fails",), ("too_slow",))
     assert chained.traceback is not None
     assert "KeyError: 'missing'" in chained.traceback
     assert "The above exception was the direct cause" in chained.traceback
@@ -116,10 +121,7 @@ async def test_a_chained_error_keeps_its_cause_and_an_error_of_qtasks_its_frames
 async def test_an_exception_group_is_logged_with_the_errors_inside_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="qtasks.worker")
-    app = app_with_failures()
-    async with app:
-        final = await app.add_task("group_fails", timeout=10)
+    [final] = await finals(app_with_failures(), ("group_fails",))
     [(level, failed)] = failures_of(caplog, final.uuid)
     first, *frames = failed.splitlines()
     assert level == logging.ERROR and "[KeyError: 'the real cause']" in first, failed
@@ -138,7 +140,6 @@ async def test_an_exception_without_a_text_fails_its_task_once(
 ) -> None:
     """Its record says so, as Python's traceback module does, on the first delivery: not
     handed back until the delivery limit dead-letters it with the ``__str__``'s error."""
-    caplog.set_level(logging.INFO, logger="qtasks.worker")
     app = AsyncQueueTasks("unprintable", config=QueueConfig(plugins_disabled=["*"]))
     runs: list[int] = []
 
@@ -147,8 +148,7 @@ async def test_an_exception_without_a_text_fails_its_task_once(
         runs.append(1)
         raise Unprintable()
 
-    async with app:
-        final = await app.add_task("unprintable", timeout=10)
+    [final] = await finals(app, ("unprintable",))
     assert final.status is TaskStatus.ERROR and runs == [1]
     assert final.error == "Unprintable: <exception str() failed>"
     assert final.traceback is not None and "in unprintable" in final.traceback

@@ -181,6 +181,18 @@ def test_loop_closed_without_cancelling_its_tasks(backend: Backend) -> None:
         gc.collect()
 
 
+def _pytest_passes(command: list[str], cwd: Path, passed: int) -> str:
+    """Run a pytest session (``command``) in ``cwd``; check that it passed ``passed`` tests
+    and return its output."""
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=cwd, check=False
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert f"{passed} passed" in output, output
+    return output
+
+
 FOLLOWER = """
 import asyncio
 import gc
@@ -211,17 +223,8 @@ def test_a_dead_loops_garbage_stays_in_its_test(
     code = "import gc, sys, pytest; gc.disable(); sys.exit(pytest.main(sys.argv[1:]))"
     config = ["-c", str(root / "pyproject.toml"), "--rootdir", str(root)]
     args = ["-q", "-p", "no:cacheprovider", "-W", "always", *config]
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args, node, str(tmp_path / "test_follower.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=root,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    assert "2 passed" in output, output
+    command = [sys.executable, "-c", code, *args, node, str(tmp_path / "test_follower.py")]
+    output = _pytest_passes(command, root, 2)
     # Nothing reported under the later test (a warning names its test and, for some, its file).
     assert "test_follower" not in output, output
 
@@ -298,16 +301,7 @@ def test_pytest_asyncio_suite_with_a_loop_per_test(backend: Backend, tmp_path: P
     (tmp_path / "test_user_suite.py").write_text(
         textwrap.dedent(SUITE).format(app=backend.app_source)
     )
-    done = subprocess.run(
-        [sys.executable, "-W", "default", "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    assert "4 passed" in output, output
+    command = [sys.executable, "-W", "default", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    output = _pytest_passes(command, tmp_path, 4)
     for noise in ("Event loop is closed", "destroyed but it is pending", "ResourceWarning"):
         assert noise not in output, output

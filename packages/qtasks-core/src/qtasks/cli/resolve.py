@@ -242,9 +242,11 @@ def warn_unread_config(
     would otherwise leave ``qtasks run`` serving an in-memory queue without a word.
 
     Keys given as flags (applied next) or set in code through ``from_config`` keyword
-    arguments, and the ``app`` key, are left out; values are masked
-    as ``qtasks config`` masks them. A file that cannot be read is left to the commands that
-    read it."""
+    arguments, and the ``app`` key, are left out, and so are the broker, storage and global
+    config keys of a component the code built as an object; values are masked as ``qtasks
+    config`` masks them. A configuration that cannot be read is said for an app built with
+    its constructor (nothing else reads it); for an app built from configuration, the command
+    that read it said so. What reading it logs (its own warnings) is not repeated."""
     aio = aio_of(app)
     quiet = _Quiet()
     config_log = logging.getLogger("qtasks.config")
