@@ -29,8 +29,9 @@ from flow_backlog import (
 from flow_windows import earliest_starts, max_in_window, max_overlap
 from sync_threads import a_slot_is_kept_while_its_thread_runs
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus
+from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus, chain, group
 from qtasks.components import FlowControl, SlotRenewal, UniquePublish
+from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Message, new_uuid
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
@@ -512,3 +513,31 @@ async def test_a_unique_publish_sent_again_after_the_task_ended_claims_nothing(
 def test_max_overlap_counts_an_end_before_a_start_at_a_tie() -> None:
     assert max_overlap([(0, 1), (1, 2)]) == 1
     assert max_in_window([0.0, 0.5, 0.99, 1.0]) == 3
+
+
+async def test_a_workflow_step_s_concurrency_key_is_of_its_input(local: AsyncQueueTasks) -> None:
+    # A chain step's first argument is its predecessor's result, read when it starts: its
+    # concurrency key is of that value (the message carries only a placeholder), and a step
+    # without an input has its key checked when the workflow is run, as add_task does.
+    app = local
+
+    @app.task
+    async def pick(name: str) -> str:
+        return name
+
+    @app.task(concurrency_key="account", max_concurrency=1)
+    async def sync_account(account: str, n: int) -> str:
+        return f"{account}:{n}"
+
+    @app.task(concurrency_key=lambda account, **_: ("acct", account), max_concurrency=1)
+    async def by_function(account: str) -> str:
+        return account
+
+    async with app:
+        flow = chain(pick.s("acme"), group(sync_account.s(1), by_function.s()))
+        state = await app.wait_workflow((await app.run_workflow(flow)).id, timeout=10)
+        assert (state.status, state.result, state.error) == ("success", ["acme:1", "acme"], None)
+        keys = await app.global_config.flow_state()  # type: ignore[attr-defined]
+        assert {"slots:sync_account:acme", "slots:by_function:acct:acme"} <= set(keys)
+        with pytest.raises(TaskArgumentsError, match="concurrency_key gave"):
+            await app.run_workflow(chain(sync_account.s(["not", "a", "key"], 1), pick.s()))

@@ -178,6 +178,21 @@ class FlowSpec:
         return text
 
 
+async def _call_args(app: AsyncQueueTasks, message: Message) -> Sequence[Any]:
+    """The positional arguments ``message`` calls its task with: a workflow step that takes
+    its predecessors' result (the ``INPUT`` header) carries a placeholder where that result
+    goes, read here from storage, as the executor reads it, so that a concurrency key of that
+    argument is the value the task gets. Raises
+    :class:`~qtasks.errors.WorkflowInputError` when the input cannot be read."""
+    from qtasks.workflows.plan import INPUT
+    from qtasks.workflows.runtime import resolve
+
+    spec = message.headers.get(INPUT)
+    if spec is None:
+        return message.args
+    return [await resolve(app, spec, message.uuid), *message.args[1:]]
+
+
 def _call_key(
     task: str, option: str, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
 ) -> Any:
@@ -515,7 +530,7 @@ class FlowGate:
             if spec.max_concurrency is not None:
                 key = headers.get("ckey")
                 if not isinstance(key, str):
-                    key = spec.concurrency_key(message.args, message.kwargs)
+                    key = spec.concurrency_key(await _call_args(app, message), message.kwargs)
                 slot = f"slots:{task.name}:{key}"
                 # Held by this delivery, waiting as the task (see FlowControl.acquire_slot).
                 holder = f"{message.uuid}/{delivery.token}"

@@ -43,6 +43,7 @@ from qtasks.errors import (
     SerializationError,
     TaskArgumentsError,
     UnknownTaskError,
+    WorkflowInputError,
 )
 from qtasks.executor import TaskExecutor, TaskRun
 from qtasks.flow import ADMIT_HEADERS, FlowGate
@@ -644,7 +645,9 @@ class QueueWorker:
             try:
                 if not await self._flow.admit(app, task, message, delivery):
                     return
-            except TaskArgumentsError as exc:  # a concurrency key function that fails
+            except (TaskArgumentsError, WorkflowInputError) as exc:
+                # A concurrency key function that fails, or a workflow step whose input (the
+                # key may be of it) cannot be read: rejected, its record (and workflow) failed.
                 await poison.reject(app, delivery, str(exc), await app.storage.get(message.uuid))
                 return
         # Deliveries of a BeginOnClaim broker that went straight to a free runner carry the

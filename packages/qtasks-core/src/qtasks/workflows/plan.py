@@ -230,6 +230,10 @@ def _call(
         headers[INPUT] = member.input
     if sig.retry is not None:
         headers[RETRY_HEADER] = sig.retry
+    spec = task.flow
+    if spec is not None and spec.max_concurrency is not None and member.input is None:
+        # Checked now, as add_task does; a step with an input gets its key at the worker.
+        headers["ckey"] = spec.concurrency_key(args, kwargs)
     message = Message(member.uuid, sig.task_name, args, kwargs, priority, now, 0, headers)
     record = TaskRecord(
         uuid=member.uuid,
