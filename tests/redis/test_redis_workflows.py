@@ -103,6 +103,37 @@ async def test_failures_fail_the_workflow_and_run_the_error_callback_once(
     assert workers.ran("total") == []
 
 
+async def test_immutable_signatures_get_no_input(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    # Celery's task.si(...): a chain step, a chord callback or an error callback called with
+    # its own arguments only (no predecessor's result, no workflow id).
+    workers.start(1)
+    app = producer(redis_url, prefix)
+    add, double, fail = app.tasks["add"], app.tasks["double"], app.tasks["fail"]
+    try:
+        flows: list[Node] = [
+            chain(add.s(1, 2), add.si(10, 20), double.s()),
+            chord([double.s(1), double.s(2)], double.si(7)),
+            chain(double.s(1), app.signature("add", (3, 4), immutable=True)),
+        ]
+        ids = [(await app.run_workflow(flow)).id for flow in flows]
+        failing = await app.run_workflow(fail.s(1), on_error=app.tasks["on_error"].si("alert"))
+        done = [await app.wait_workflow(id, timeout=30) for id in ids]
+        failed = await app.wait_workflow(failing.id, timeout=30)
+        assert failed.on_error is not None
+        callback = await app.wait(failed.on_error, 30)
+    finally:
+        await app.aclose()
+    assert [(d.status, d.result) for d in done] == [
+        ("success", 60),
+        ("success", 14),
+        ("success", 7),
+    ]
+    assert failed.status == "error"
+    assert (callback.status.value, callback.returning) == ("success", "alert")
+
+
 async def test_cancel_workflow_stops_running_and_pending_members(
     workers: Workers, redis_url: str, prefix: str
 ) -> None:

@@ -738,11 +738,22 @@ class AsyncQueueTasks:
         priority: int | None = None,
         delay: float | None = None,
         retry: int | None = None,
+        immutable: bool = False,
     ) -> Signature:
         """A call of the task ``task_name`` for a workflow or :meth:`add_tasks`, not made yet
-        (options: ``priority``, ``delay``, ``retry``); an unknown task raises
+        (options: ``priority``, ``delay``, ``retry``; ``immutable``: as a workflow step it
+        gets no input, see :meth:`TaskDef.si`); an unknown task raises
         :class:`~qtasks.errors.UnknownTaskError` here."""
-        return signature(self, task_name, args, kwargs, priority=priority, delay=delay, retry=retry)
+        return signature(
+            self,
+            task_name,
+            args,
+            kwargs,
+            priority=priority,
+            delay=delay,
+            retry=retry,
+            immutable=immutable,
+        )
 
     async def run_workflow(
         self, workflow: Node, *, on_error: Signature | None = None

@@ -420,6 +420,14 @@ class TaskDef(Generic[P, R]):
 
         return Signature(self.name, args, kwargs)
 
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An *immutable* signature of this task: as a chain step (or chord callback) it is
+        called with these arguments only, not with its predecessor's result first; as an
+        error callback, without the workflow id. Celery's ``task.si(...)``."""
+        from qtasks.workflows.canvas import Signature
+
+        return Signature(self.name, args, kwargs, immutable=True)
+
     def map(self, items: Iterable[Any]) -> Group:
         """A group of this task over ``items``, one call per item (a tuple or list item is the
         call's arguments, anything else its one argument)."""

@@ -26,9 +26,11 @@ RETRY_HEADER = "retry"
 class Signature:
     """One task call, not made yet: ``task.s(*args, **kwargs)`` or
     ``app.signature(name, args, kwargs)``. In a chain, the previous step's result is passed as
-    the first argument, before ``args``. ``priority``, ``delay`` (seconds, counted from
-    when the step is enqueued) and ``retry`` (retries after a failure, instead of the task's
-    own ``retry``) are options of the call."""
+    the first argument, before ``args``, unless the signature is ``immutable``
+    (``task.si(...)``): it is then called with its own arguments only (as an error callback,
+    without the workflow id). ``priority``, ``delay`` (seconds, counted from when the step is
+    enqueued) and ``retry`` (retries after a failure, instead of the task's own ``retry``) are
+    options of the call."""
 
     task_name: str
     args: tuple[Any, ...] = ()
@@ -36,6 +38,7 @@ class Signature:
     priority: int | None = None
     delay: float | None = None
     retry: int | None = None
+    immutable: bool = False
 
     def __post_init__(self) -> None:
         name = self.task_name
@@ -51,6 +54,8 @@ class Signature:
             not isinstance(self.retry, int) or isinstance(self.retry, bool) or self.retry < 0
         ):
             raise TaskDeclarationError(f"signature of {name!r}: retry must be an int >= 0")
+        if not isinstance(self.immutable, bool):
+            raise TaskDeclarationError(f"signature of {name!r}: immutable must be a bool")
 
     def set(
         self, *, priority: int | None = None, delay: float | None = None, retry: int | None = None
@@ -161,10 +166,11 @@ def signature(
     priority: int | None = None,
     delay: float | None = None,
     retry: int | None = None,
+    immutable: bool = False,
 ) -> Signature:
     """A signature of the task registered as ``task_name`` on ``app``; an unknown name raises
     :class:`~qtasks.errors.UnknownTaskError` here, a bad option
     :class:`~qtasks.errors.TaskDeclarationError`."""
     if task_name not in app.tasks:
         raise UnknownTaskError(task_name)
-    return Signature(task_name, tuple(args), dict(kwargs or {}), priority, delay, retry)
+    return Signature(task_name, tuple(args), dict(kwargs or {}), priority, delay, retry, immutable)

@@ -97,7 +97,7 @@ class _Compiler:
     def _node(self, node: Node, gate: str | None, input: Spec | None) -> tuple[Spec, list[str]]:
         if isinstance(node, Signature):
             uuid = new_uuid()
-            self.members.append(_Member(uuid, node, input, gate))
+            self.members.append(_Member(uuid, node, None if node.immutable else input, gate))
             return uuid, [uuid]
         if isinstance(node, Group):
             if not node.tasks:
@@ -152,7 +152,9 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
     gates[ERROR] = (1, [])
     members = list(compiler.members)
     if on_error is not None:
-        error_sig = replace(on_error, args=(workflow, *on_error.args))
+        error_sig = on_error
+        if not on_error.immutable:
+            error_sig = replace(on_error, args=(workflow, *on_error.args))
         members.append(_Member(new_uuid(), error_sig, None, ERROR))
     now = app.clock()
     records: list[TaskRecord] = []
