@@ -478,6 +478,10 @@ def test_inspect_shows_limits_tokens_and_waiting(
             text = CliRunner().invoke(cli, ["inspect", "-A", f"{name}:app"]).output
             assert "flow control:" in text
             assert "slots:exclusive:acme" in text and "1/1" in text
+            # Each task's own flow options, in the tasks table.
+            rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+            assert rows["limited"].endswith("rate 2/s burst 1")
+            assert rows["exclusive"].endswith("key customer max 1")
             module.release.set()
     finally:
         module.release.set()

@@ -45,6 +45,22 @@ def _report(where: Components) -> dict[str, Any]:
     return report
 
 
+def _flow_options(flow: dict[str, Any] | None) -> str:
+    """A task's flow options in a table cell: ``rate 5/s burst 1; key customer max 2``."""
+    if not flow:
+        return ""
+    parts = []
+    if flow["rate_limit"] is not None:
+        parts.append(f"rate {flow['rate_limit']} burst {flow['rate_burst']}")
+    if flow["max_concurrency"] is not None:
+        parts.append(f"key {flow['concurrency_key']} max {flow['max_concurrency']}")
+    if flow["expires"] is not None:
+        parts.append(f"expires {flow['expires']:g}s")
+    if flow["unique_key"] is not None:
+        parts.append(f"unique_key {flow['unique_key']}")
+    return "; ".join(parts)
+
+
 def _show(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(to_json(report))
@@ -58,7 +74,12 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
             [name, t["kind"], t["priority"], t["retry"], t["max_time"], ",".join(t["tags"])]
             for name, t in report["tasks"].items()
         ]
-        typer.echo(table(["name", "kind", "priority", "retry", "max_time", "tags"], rows))
+        headers = ["name", "kind", "priority", "retry", "max_time", "tags"]
+        if any("flow" in t for t in report["tasks"].values()):
+            headers.append("flow")
+            for row, t in zip(rows, report["tasks"].values(), strict=True):
+                row.append(_flow_options(t.get("flow")))
+        typer.echo(table(headers, rows))
     queue = report["queue"]
     ready = ", ".join(f"p{p}={n}" for p, n in queue["ready_by_priority"].items()) or "empty"
     typer.echo(
