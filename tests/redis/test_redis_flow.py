@@ -31,7 +31,7 @@ from sync_threads import a_slot_is_kept_while_its_thread_runs
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus, chain, group
 from qtasks.components import FlowControl, SlotRenewal, UniquePublish
-from qtasks.errors import TaskArgumentsError
+from qtasks.errors import TaskArgumentsError, TaskDeclarationError
 from qtasks.messages import Message, new_uuid
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
@@ -541,3 +541,29 @@ async def test_a_workflow_step_s_concurrency_key_is_of_its_input(local: AsyncQue
         assert {"slots:sync_account:acme", "slots:by_function:acct:acme"} <= set(keys)
         with pytest.raises(TaskArgumentsError, match="concurrency_key gave"):
             await app.run_workflow(chain(sync_account.s(["not", "a", "key"], 1), pick.s()))
+
+
+async def test_unique_for_on_the_task_holds_the_key_past_the_end(local: AsyncQueueTasks) -> None:
+    # @app.task(unique_key=..., unique_for=...) holds each add's key for unique_for, final or
+    # not, as add_task(unique_for=...) does; it was taken for an unknown option and dropped,
+    # so a second add after the first ended ran the work again.
+    app = local
+    runs: list[str] = []
+
+    @app.task(unique_key=lambda order, **_: f"receipt:{order}", unique_for=3600)
+    async def send_receipt(order: str) -> None:
+        runs.append(order)
+
+    async with app:
+        first = await send_receipt.add_task("order-7")
+        assert (await first.wait_result(timeout=5)).status is TaskStatus.SUCCESS
+        again = await send_receipt.add_task("order-7")
+        short = await send_receipt.add_task("order-8", unique_for=0.1)  # add_task's wins
+        await short.wait_result(timeout=5)
+    assert again.uuid == first.uuid
+    assert runs == ["order-7", "order-8"]
+    assert send_receipt.options.extra == {}
+    with pytest.raises(TaskDeclarationError, match="unique_for expects seconds > 0"):
+
+        @app.task(unique_key=lambda order, **_: order, unique_for=0)
+        async def bad(order: str) -> None: ...

@@ -281,6 +281,7 @@ class AsyncQueueTasks:
         max_concurrency: int | None = None,
         expires: float | None = None,
         unique_key: Callable[..., Any] | None = None,
+        unique_for: float | None = None,
         **extra: Any,
     ) -> Callable[[Callable[P, R]], TaskDef[P, R]]: ...
 

@@ -133,6 +133,8 @@ class FlowSpec:
     max_concurrency: int | None
     expires: float | None
     unique_key: Callable[..., Any] | None
+    unique_for: float | None = None
+    """How long an add's unique key is held by default (``add_task(unique_for=...)`` wins)."""
     signature: inspect.Signature | None = None
     """The caller's signature of the task, to find a key argument passed by position."""
 
@@ -248,6 +250,8 @@ def check_options(options: TaskOptions) -> None:
         raise bad(
             "unique_key", f"expects a callable of the task's arguments, got {options.unique_key!r}"
         )
+    if options.unique_for is not None:
+        check_expires(options.unique_for, f"task {options.name!r}: option unique_for")
 
 
 def _positive_int(value: Any) -> bool:
@@ -271,6 +275,7 @@ def flow_spec(options: TaskOptions, signature: inspect.Signature | None = None) 
         and options.max_concurrency is None
         and options.expires is None
         and options.unique_key is None
+        and options.unique_for is None
     ):
         return None
     key = options.concurrency_key
@@ -290,6 +295,7 @@ def flow_spec(options: TaskOptions, signature: inspect.Signature | None = None) 
         max_concurrency=options.max_concurrency,
         expires=options.expires,
         unique_key=options.unique_key,
+        unique_for=options.unique_for,
         signature=signature,
     )
 
@@ -334,6 +340,8 @@ def prepare(
         raise TaskArgumentsError(f"add_task: unique_key expects a str, got {unique_key!r}")
     if unique_key is None and unique_for is not None:
         raise TaskArgumentsError("add_task: unique_for needs a unique_key")
+    if unique_key is not None and unique_for is None and spec is not None:
+        unique_for = spec.unique_for  # the task's default
     headers = message.headers
     if expires is not None:
         headers["expires"] = message.created_at + expires

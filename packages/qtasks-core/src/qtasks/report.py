@@ -104,6 +104,7 @@ def task_summary(task: TaskDef[..., Any]) -> dict[str, Any]:
             "max_concurrency": spec.max_concurrency,
             "expires": spec.expires,
             "unique_key": label(spec.unique_key),
+            "unique_for": spec.unique_for,
         }
     if opts.extra:
         summary["extra"] = {k: label(v) for k, v in opts.extra.items()}

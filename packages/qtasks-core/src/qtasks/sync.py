@@ -158,6 +158,7 @@ class QueueTasks:
         max_concurrency: int | None = None,
         expires: float | None = None,
         unique_key: Callable[..., Any] | None = None,
+        unique_for: float | None = None,
         **extra: Any,
     ) -> Callable[[Callable[P, R]], SyncTaskDef[P, R]]: ...
 

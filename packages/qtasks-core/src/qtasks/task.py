@@ -101,6 +101,7 @@ class TaskOptions:
     max_concurrency: int | None = None
     expires: float | None = None
     unique_key: Callable[..., Any] | None = None
+    unique_for: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

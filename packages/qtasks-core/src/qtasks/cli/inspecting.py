@@ -58,6 +58,8 @@ def _flow_options(flow: dict[str, Any] | None) -> str:
         parts.append(f"expires {flow['expires']:g}s")
     if flow["unique_key"] is not None:
         parts.append(f"unique_key {flow['unique_key']}")
+    if flow.get("unique_for") is not None:
+        parts.append(f"unique_for {flow['unique_for']:g}s")
     return "; ".join(parts)
 
 
