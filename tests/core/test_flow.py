@@ -22,7 +22,7 @@ from flow_backlog import (
 from flow_windows import max_in_window, max_overlap
 from typer.testing import CliRunner
 
-from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, TaskStatus, hookimpl
+from qtasks import AsyncQueueTasks, MemoryBroker, QueueConfig, QueueTasks, TaskStatus, hookimpl
 from qtasks.cli import cli
 from qtasks.components import FlowControl
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
@@ -115,6 +115,20 @@ def test_bad_flow_options_are_refused_at_declaration(options: dict[str, Any], ma
 
         @app.task(**options)
         def f(x: Any = None) -> None: ...
+
+
+def test_a_misspelt_flow_option_warns_at_the_declaration() -> None:
+    # An unknown option is kept in the task's extra (QTasks' custom options): one close to a
+    # known option is most likely a typo whose limit would silently not apply.
+    app = QueueTasks("t")
+    with pytest.warns(UserWarning, match="'rate_limt' .* did you mean 'rate_limit'") as caught:
+
+        @app.task(rate_limt="1/s", test=True)
+        def f() -> None: ...
+
+    assert [w.filename for w in caught] == [__file__]  # points at the declaration
+    assert f.options.extra == {"rate_limt": "1/s", "test": True}
+    assert f.flow is None
 
 
 async def test_bad_add_task_options_are_refused_and_nothing_is_queued() -> None:

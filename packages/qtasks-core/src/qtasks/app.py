@@ -58,7 +58,7 @@ from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
 from qtasks.routers import Router, shared_tasks
 from qtasks.starter import SignalStarter
-from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple
+from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple, warn_misspelt_options
 from qtasks.worker import QueueWorker
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import Node, Signature, signature
@@ -310,6 +310,8 @@ class AsyncQueueTasks:
             raise TaskDeclarationError(f"a task named {task_name!r} is already registered")
         known = set(TaskOptions.__dataclass_fields__) - {"name", "extra"}
         extra = {k: options.pop(k) for k in list(options) if k not in known}
+        if extra:
+            warn_misspelt_options(task_name, extra, known)
         for key in ("retry_on_exc", "tags", "middlewares_before", "middlewares_after"):
             if key in options:
                 options[key] = as_tuple(options[key], key, task_name)

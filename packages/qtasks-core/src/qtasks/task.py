@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import builtins
 import copy
+import difflib
 import inspect
+import os
 import re
 import sys
+import warnings
 from collections.abc import (
     AsyncGenerator,
     Callable,
@@ -75,6 +78,27 @@ def task_kind(func: Callable[..., Any]) -> TaskKind:
     ):
         return TaskKind.ASYNC
     return TaskKind.SYNC
+
+
+def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> None:
+    """Warn about each unknown option of ``@app.task`` that is close to a known one
+    (``rate_limt``, ``max_concurency``): it is kept in the task's ``extra`` (QTasks' custom
+    options), so the limit it meant would silently not apply."""
+    for option in extra:
+        close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.8)
+        if close:
+            # Pointed at the declaration: the first frame outside qtasks.
+            here = os.path.dirname(__file__)
+            frame: FrameType | None = sys._getframe(0)
+            level = 1
+            while frame is not None and frame.f_code.co_filename.startswith(here):
+                frame, level = frame.f_back, level + 1
+            warnings.warn(
+                f"task {task!r}: unknown option {option!r} is kept in the task's extra and not "
+                f"applied; did you mean {close[0]!r}?",
+                UserWarning,
+                stacklevel=level,
+            )
 
 
 @dataclass(slots=True)
