@@ -127,6 +127,10 @@ def wire(**fields: Any) -> bytes:
         ({"headers": {"retry": -1}}, "message header 'retry' is malformed: -1"),
         ({"headers": {"parent_uuid": 5}}, "message header 'parent_uuid' is malformed: 5"),
         ({"headers": {"qtasks.input": [["a"], 5]}}, "message header 'qtasks.input' is malformed"),
+        (
+            {"headers": {"qtasks.input": [{"members": [5, 2, 1]}]}},
+            "message header 'qtasks.input' is malformed",
+        ),
         # The wire version was not read: a message of another version ran, its fields misread.
         ({"v": 7}, "unsupported message version 7 (this qtasks reads version 1)"),
         ({"v": 0}, "unsupported message version 0"),

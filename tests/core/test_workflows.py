@@ -36,8 +36,8 @@ from qtasks.errors import (
 )
 from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope, Message
-from qtasks.workflows.plan import GENERATION
-from qtasks.workflows.runtime import generation
+from qtasks.workflows.plan import GENERATION, MIN_RUN, compact
+from qtasks.workflows.runtime import _expand, generation
 
 pytestmark = pytest.mark.anyio
 
@@ -1121,3 +1121,24 @@ async def test_a_member_the_broker_dead_letters_itself_fails_its_workflow() -> N
         assert second is not None and second.status is not TaskStatus.SUCCESS
     finally:
         await app.aclose()
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        list(range(MIN_RUN)),  # a group of signatures
+        list(range(3, 3 + 2 * MIN_RUN, 2)),  # the last steps of a group of chains of 2
+        [7, *range(MIN_RUN + 20), 5, 5, *range(200, 100, -1), *range(300, 300 + 3 * MIN_RUN, 3)],
+        [0, 2, *range(3, MIN_RUN + 3)],  # a run that starts after a different step
+        list(range(MIN_RUN - 1)),  # too short: named one by one
+    ],
+)
+def test_an_input_spec_compacts_to_ranges_and_expands_back(positions: list[int]) -> None:
+    members = [f"m{i}" for i in range(500)]
+    index = {uuid: i for i, uuid in enumerate(members)}
+    spec = [members[i] for i in positions]
+    nested: list[Any] = [members[0], spec, [spec, members[1]]]
+    for value in (spec, nested):
+        packed = compact(value, index)
+        assert _expand(packed, members) == value
+    assert (len(str(compact(spec, index))) < len(str(spec))) == (len(spec) >= MIN_RUN)

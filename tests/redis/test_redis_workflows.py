@@ -716,3 +716,39 @@ async def test_long_running_workflows_do_not_keep_expired_ones_in_the_list(
     finally:
         await client.aclose()
         await app.aclose()
+
+
+async def test_a_chord_callback_s_input_fits_in_its_message(redis_url: str, prefix: str) -> None:
+    # The callback's message names where its input is read from. One uuid per member (35
+    # bytes) made a chord of 30,000 members (here 300, under a 4 KiB message limit) fail
+    # run_workflow with MessageTooLargeError; runs of members are named as ranges of the
+    # workflow's members instead, evenly spaced ones too (the last steps of a group of chains).
+    app = AsyncQueueTasks(
+        "big-chords",
+        broker=RedisBroker(redis_url, prefix=prefix, queue="wf"),
+        storage=RedisStorage(redis_url, prefix=prefix),
+        config=QueueConfig(max_message_size=4096, max_tasks_process=32),
+    )
+
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @app.task
+    async def total(xs: list[Any]) -> int:
+        return sum(x if isinstance(x, int) else sum(x) for x in xs)
+
+    flows: list[Node] = [
+        chord(double.map(range(300)), total.s()),
+        chain(group(chain(double.s(i), double.s()) for i in range(300)), total.s()),
+        chain(group(double.s(5), double.map(range(300)), *double.map(range(100)).tasks), total.s()),
+    ]
+    async with app:
+        ids = [(await app.run_workflow(flow)).id for flow in flows]
+        done = [await app.wait_workflow(id, timeout=30) for id in ids]
+    everything = sum(2 * i for i in range(300))
+    assert [(d.status, d.result, d.error) for d in done] == [
+        ("success", everything, None),
+        ("success", 2 * everything, None),
+        ("success", 10 + everything + sum(2 * i for i in range(100)), None),
+    ]

@@ -186,13 +186,15 @@ async def _call_args(app: AsyncQueueTasks, message: Message) -> Sequence[Any]:
     goes, read here from storage, as the executor reads it, so that a concurrency key of that
     argument is the value the task gets. Raises
     :class:`~qtasks.errors.WorkflowInputError` when the input cannot be read."""
-    from qtasks.workflows.plan import INPUT
+    from qtasks.workflows.plan import INPUT, WORKFLOW_HEADER
     from qtasks.workflows.runtime import resolve
 
-    spec = message.headers.get(INPUT)
+    headers = message.headers
+    spec = headers.get(INPUT)
     if spec is None:
         return message.args
-    return [await resolve(app, spec, message.uuid), *message.args[1:]]
+    value = await resolve(app, spec, message.uuid, headers.get(WORKFLOW_HEADER))
+    return [value, *message.args[1:]]
 
 
 def _call_key(

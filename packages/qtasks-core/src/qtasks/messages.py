@@ -307,12 +307,21 @@ def _is_unique(value: Any) -> bool:
 
 
 def _is_input(value: Any) -> bool:
-    """A workflow step's input spec: a uuid, or a list of specs (nested as its groups)."""
+    """A workflow step's input spec: a uuid, or a list of specs (nested as its groups), in
+    which ``{"members": [start, stop, step]}`` names a run of the workflow's members."""
     todo = [value]
     while todo:
         spec = todo.pop()
         if isinstance(spec, list | tuple):
             todo.extend(spec)
+        elif isinstance(spec, dict):
+            span = spec.get("members")
+            if len(spec) != 1 or not isinstance(span, list | tuple) or len(span) != 3:
+                return False
+            if not all(type(i) is int and i >= 0 for i in span) or not span[0] < span[1]:
+                return False
+            if span[2] < 1:
+                return False
         elif type(spec) is not str:
             return False
     return True

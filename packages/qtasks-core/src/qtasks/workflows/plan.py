@@ -49,7 +49,50 @@ WORKFLOW_TASK = "qtasks.workflow"
 FINAL, ERROR = "final", "error"
 
 Spec = str | list[Any]
-"""Where a result is read from: a member's uuid, or a list of specs (a group's results)."""
+"""Where a result is read from: a member's uuid, or a list of specs (a group's results). In a
+step's ``INPUT`` header, a list may also hold ``{"members": [start, stop, step]}``: the uuids
+of the workflow's ``members[start:stop:step]`` (its record's ``members``), so that a chord of
+100,000 members does not carry 100,000 uuids in its callback's message (see
+:func:`compact`)."""
+RANGE = "members"
+MIN_RUN = 64
+"""Fewer members in a row than this are named one by one in an ``INPUT`` header."""
+
+
+def compact(spec: Spec, index: dict[str, int]) -> Spec:
+    """``spec`` with every run of at least :data:`MIN_RUN` uuids evenly spaced in the
+    workflow's members (``index``: uuid -> position) written as ``{"members": [start, stop,
+    step]}``: the members of a group of signatures follow each other (step 1), the last steps
+    of a group of chains of the same length are as far apart as those chains are long."""
+    if isinstance(spec, str):
+        return spec
+    out: list[Any] = []
+    run: list[int] = []
+    uuids: list[str] = []
+
+    def flush() -> None:
+        if len(run) >= MIN_RUN:
+            step = run[1] - run[0]
+            out.append({RANGE: [run[0], run[-1] + 1, step]})
+        else:
+            out.extend(uuids)
+        run.clear()
+        uuids.clear()
+
+    for item in spec:
+        if isinstance(item, str):
+            at = index[item]
+            if (len(run) >= 2 and at - run[-1] != run[1] - run[0]) or (
+                len(run) == 1 and at <= run[0]
+            ):
+                flush()
+            run.append(at)
+            uuids.append(item)
+            continue
+        flush()
+        out.append(compact(item, index))
+    flush()
+    return out
 
 
 @dataclass(slots=True)
@@ -160,7 +203,14 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
     records: list[TaskRecord] = []
     start: list[tuple[TaskRecord, Envelope]] = []
     rewrite = "qtasks_task_enqueue" in app.hooks.active
+    index = {m.uuid: i for i, m in enumerate(compiler.members)}
+    compacted: dict[int, Spec] = {}  # by the input's id: a group's members share theirs
     for member in members:
+        if member.input is not None and not isinstance(member.input, str):
+            key = id(member.input)
+            if key not in compacted:
+                compacted[key] = compact(member.input, index)
+            member.input = compacted[key]
         record, message = _call(app, workflow, member, now)
         if rewrite:
             record, message = await _rewritten(app, record, message)

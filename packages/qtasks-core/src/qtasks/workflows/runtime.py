@@ -18,7 +18,15 @@ from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.canvas import Node, Signature
-from qtasks.workflows.plan import GENERATION, INPUT, WORKFLOW_TASK, Spec, compile_plan
+from qtasks.workflows.plan import (
+    GENERATION,
+    INPUT,
+    RANGE,
+    WORKFLOW_HEADER,
+    WORKFLOW_TASK,
+    Spec,
+    compile_plan,
+)
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -214,9 +222,15 @@ async def _cancel_started(app: AsyncQueueTasks, id: str, exc: BaseException) -> 
         log.warning("could not cancel workflow %s after its start failed", id, exc_info=True)
 
 
-async def resolve(app: AsyncQueueTasks, spec: Spec, uuid: str) -> Any:
-    """The value ``spec`` names, read from the members' stored records, for step ``uuid``:
-    raises :class:`~qtasks.errors.WorkflowInputError` when one is gone or did not succeed."""
+async def resolve(app: AsyncQueueTasks, spec: Spec, uuid: str, workflow: str | None) -> Any:
+    """The value ``spec`` names, read from the members' stored records, for step ``uuid`` of
+    ``workflow``: raises :class:`~qtasks.errors.WorkflowInputError` when one is gone or did
+    not succeed."""
+    if _ranged(spec):  # {"members": [start, stop, step]}: read from the workflow's record
+        own = None if workflow is None else await app.storage.get(workflow)
+        if own is None:
+            raise WorkflowInputError(uuid, f"the record of its workflow {workflow} is gone")
+        spec = _expand(spec, own.kwargs["members"])
     records, problem = await _read(app, spec)
     if problem is not None:
         raise WorkflowInputError(uuid, problem)
@@ -237,6 +251,26 @@ async def _read(app: AsyncQueueTasks, spec: Spec) -> tuple[dict[str, TaskRecord]
             return by_uuid, f"{wanted} has status {record.status.value}"
         by_uuid[wanted] = record
     return by_uuid, None
+
+
+def _ranged(spec: Spec) -> bool:
+    return not isinstance(spec, str) and any(
+        isinstance(item, dict) or (isinstance(item, list) and _ranged(item)) for item in spec
+    )
+
+
+def _expand(spec: Spec, members: list[str]) -> Spec:
+    """``spec`` with its ``{"members": [start, stop, step]}`` items replaced by those uuids."""
+    if isinstance(spec, str):
+        return spec
+    out: list[Any] = []
+    for item in spec:
+        if isinstance(item, dict):
+            start, stop, step = item[RANGE]
+            out.extend(members[start:stop:step])
+        else:
+            out.append(_expand(item, members))
+    return out
 
 
 def _flatten(spec: Spec, out: list[str]) -> None:
@@ -361,4 +395,6 @@ async def with_input(run: TaskRun, args: list[Any]) -> list[Any]:
     step after the ``qtasks_executor_args`` transform). Raises
     :class:`~qtasks.errors.WorkflowInputError` when a predecessor's record is gone or did
     not succeed: not retried, it would not heal."""
-    return [await resolve(run.app, run.message.headers[INPUT], run.record.uuid), *args[1:]]
+    headers = run.message.headers
+    value = await resolve(run.app, headers[INPUT], run.record.uuid, headers.get(WORKFLOW_HEADER))
+    return [value, *args[1:]]
