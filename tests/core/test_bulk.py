@@ -14,6 +14,7 @@ import pytest
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, chain, group, hookimpl
 from qtasks import bulk as bulk_module
 from qtasks.components import Storage
+from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
 
@@ -406,3 +407,23 @@ async def test_a_cancel_while_the_workflow_is_stored_ends_every_member() -> None
         assert sorted(ends.failed) == sorted((uuid, cancelled) for uuid in ends.begun)
     finally:
         await app.aclose()
+
+
+@pytest.mark.parametrize("items", ["abc", b"ab", {"a": 1}, 5, None])
+async def test_add_tasks_and_map_refuse_what_is_not_a_list_of_items(items: Any) -> None:
+    # A string is iterable: task.add_tasks("abc") made three tasks of one letter each, and a
+    # value that is not iterable raised a bare TypeError.
+    app = AsyncQueueTasks("t")
+
+    @app.task
+    async def echo(x: Any = None) -> Any:
+        return x
+
+    async with app:
+        with pytest.raises(TaskArgumentsError, match="add_tasks expects an iterable of items"):
+            await echo.add_tasks(items)
+        with pytest.raises(TaskArgumentsError, match="add_tasks expects an iterable of items"):
+            await app.add_tasks(items)
+        with pytest.raises(TaskArgumentsError, match=r"echo\.map expects an iterable of items"):
+            echo.map(items)
+        assert await app.storage.stats() == {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -48,6 +48,17 @@ the loop every this many items, so a long call does not hold up the loop's other
 worker's lease renewals, say) for its whole length."""
 
 
+def check_items(items: Any, what: str) -> None:
+    """Raise :class:`TaskArgumentsError` unless ``items`` is an iterable of items: a string
+    (``task.add_tasks("abc")`` would make three tasks of one letter each), a mapping (its keys)
+    or a value that is not iterable (a bare ``TypeError`` otherwise) is refused."""
+    if isinstance(items, str | bytes | bytearray | Mapping) or not isinstance(items, Iterable):
+        raise TaskArgumentsError(
+            f"{what} expects an iterable of items (a list, a generator...), one per task, "
+            f"not {type(items).__name__} {items!r:.60}"
+        )
+
+
 def as_args(item: Any) -> tuple[Any, ...]:
     """The positional arguments of one item of ``task.add_tasks(args_list)``: a tuple or list
     is the arguments, anything else the single argument."""
@@ -62,6 +73,7 @@ async def add_tasks(app: AsyncQueueTasks, signatures: Iterable[Signature]) -> li
     with remote components, up to two batches are in flight: a batch's records are stored while
     the one before waits for its publish (publisher confirms); its messages are published once
     that batch is done, so messages reach the broker, and hooks fire, in batch order."""
+    check_items(signatures, "add_tasks")
     prepared = await prepare_all(app, signatures)
     running: list[asyncio.Task[None]] = []  # in batch order, at most two
     # The batches whose enqueue_batch began: it ends their tasks' hooks itself, the others

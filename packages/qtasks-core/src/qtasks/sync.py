@@ -260,6 +260,9 @@ class QueueTasks:
     def add_tasks(self, signatures: Iterable[Signature]) -> list[Task]:
         """Enqueue many tasks in one round trip per batch; see
         :meth:`AsyncQueueTasks.add_tasks`."""
+        from qtasks.bulk import check_items
+
+        check_items(signatures, "add_tasks")
         records = self._call(self.aio.add_tasks, list(signatures))
         return [self._bind(record) for record in records]
 

@@ -456,9 +456,10 @@ class TaskDef(Generic[P, R]):
     def map(self, items: Iterable[Any]) -> Group:
         """A group of this task over ``items``, one call per item (a tuple or list item is the
         call's arguments, anything else its one argument)."""
-        from qtasks.bulk import as_args
+        from qtasks.bulk import as_args, check_items
         from qtasks.workflows.canvas import Signature, group
 
+        check_items(items, f"{self.name}.map")
         return group([Signature(self.name, as_args(item)) for item in items])
 
     def add_tasks(
@@ -478,9 +479,10 @@ class TaskDef(Generic[P, R]):
         """The signatures of ``add_tasks``; its options checked first, as ``add_task`` checks
         them (:class:`TaskArgumentsError`, ``add_tasks: ...``), not by each signature (a
         :class:`TaskDeclarationError`, for a signature built wrongly)."""
-        from qtasks.bulk import as_args
+        from qtasks.bulk import as_args, check_items
         from qtasks.workflows.canvas import Signature
 
+        check_items(args_list, "add_tasks")
         if priority is not None:
             priority = check_priority(priority, "add_tasks: priority", TaskArgumentsError)
         if delay is not None:
