@@ -1142,3 +1142,18 @@ def test_an_input_spec_compacts_to_ranges_and_expands_back(positions: list[int])
         packed = compact(value, index)
         assert _expand(packed, members) == value
     assert (len(str(compact(spec, index))) < len(str(spec))) == (len(spec) >= MIN_RUN)
+
+
+def test_signature_set_refuses_an_unknown_option_naming_the_known_ones() -> None:
+    # A Celery user's .set(countdown=5) raised a bare TypeError.
+    app = AsyncQueueTasks("t")
+
+    @app.task
+    async def f(x: int) -> int:
+        return x
+
+    with pytest.raises(TaskDeclarationError, match=r"'countdown' \(Celery's countdown is delay"):
+        f.s(1).set(countdown=5)
+    with pytest.raises(TaskDeclarationError, match="unknown option 'foo'; its options are"):
+        f.s(1).set(foo=1)
+    assert f.s(1).set(immutable=True) == f.si(1)

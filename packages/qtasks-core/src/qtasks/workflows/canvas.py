@@ -22,6 +22,14 @@ RETRY_HEADER = "retry"
 """Message header: the call's own ``retry`` (a signature's option), over the task's."""
 
 
+_CELERY_OPTIONS = {
+    "countdown": "Celery's countdown is delay=seconds",
+    "max_retries": "Celery's max_retries is retry=N",
+    "eta": "a workflow step takes delay=seconds, counted from when it is enqueued",
+    "queue": "a workflow's steps go to the app's broker queue",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Signature:
     """One task call, not made yet: ``task.s(*args, **kwargs)`` or
@@ -58,11 +66,31 @@ class Signature:
             raise TaskDeclarationError(f"signature of {name!r}: immutable must be a bool")
 
     def set(
-        self, *, priority: int | None = None, delay: float | None = None, retry: int | None = None
+        self,
+        *,
+        priority: int | None = None,
+        delay: float | None = None,
+        retry: int | None = None,
+        immutable: bool | None = None,
+        **unknown: Any,
     ) -> Signature:
-        """A copy with these options changed."""
+        """A copy with these options changed; an option it does not have raises
+        :class:`~qtasks.errors.TaskDeclarationError` (Celery's ``countdown`` is ``delay``)."""
+        if unknown:
+            option = next(iter(unknown))
+            hint = _CELERY_OPTIONS.get(option)
+            raise TaskDeclarationError(
+                f"signature of {self.task_name!r}: unknown option {option!r}"
+                + (f" ({hint})" if hint else "")
+                + "; its options are priority, delay, retry and immutable"
+            )
         changes: dict[str, Any] = {}
-        for option, value in (("priority", priority), ("delay", delay), ("retry", retry)):
+        for option, value in (
+            ("priority", priority),
+            ("delay", delay),
+            ("retry", retry),
+            ("immutable", immutable),
+        ):
             if value is not None:
                 changes[option] = value
         return replace(self, **changes)
