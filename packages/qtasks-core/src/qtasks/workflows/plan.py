@@ -214,6 +214,12 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
         record, message = _call(app, workflow, member, now)
         if rewrite:
             record, message = await _rewritten(app, record, message)
+        task = app.tasks.get(message.task_name)
+        spec = None if task is None else task.flow
+        if spec is not None and spec.max_concurrency is not None and member.input is None:
+            # Checked now, after the hook, as add_task does; a step with an input gets its key
+            # at the worker, of the input.
+            message.headers["ckey"] = spec.concurrency_key(message.args, message.kwargs)
         if member.gate is None:
             delay = member.sig.delay
             start.append((record, app.codec.encode(message, now + delay if delay else None)))
@@ -282,10 +288,6 @@ def _call(
         headers[INPUT] = member.input
     if sig.retry is not None:
         headers[RETRY_HEADER] = sig.retry
-    spec = task.flow
-    if spec is not None and spec.max_concurrency is not None and member.input is None:
-        # Checked now, as add_task does; a step with an input gets its key at the worker.
-        headers["ckey"] = spec.concurrency_key(args, kwargs)
     message = Message(member.uuid, sig.task_name, args, kwargs, priority, now, 0, headers)
     record = TaskRecord(
         uuid=member.uuid,
