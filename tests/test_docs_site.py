@@ -157,7 +157,7 @@ def test_from_celery_maps_the_canvas_to_the_workflows_qtasks_has() -> None:
     assert "no equivalent" not in ours
     for name in ("chain", "group", "chord"):
         assert f"`{name}`" in ours and callable(getattr(qtasks, name))
-    for method in ("s", "map"):
+    for method in ("s", "si", "map"):
         assert f".{method}(" in ours and callable(getattr(TaskDef, method))
     assert "app.run_workflow(" in ours and callable(qtasks.QueueTasks.run_workflow)
     assert "](workflows.md)" in ours
