@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, shared_task
+from qtasks.context import SyncTaskHandle
 from qtasks.plugins import hookimpl
 from qtasks.record import TaskRecord
 from qtasks.routers import Router, shared_tasks
@@ -253,3 +254,25 @@ def test_shared_tasks_declared_during_a_test_are_dropped_after_it() -> None:
             assert "made_in_a_test" not in QueueTasks().tasks
     finally:
         shared_tasks.tasks.pop("made_in_a_test", None)  # this process's other tests
+
+
+def test_ctx_sleep_inline_after_a_harness_with_a_worker() -> None:
+    """A harness with a worker stops the app's worker when it closes. The next test's inline
+    harness runs tasks through that same worker (not serving): its stop is over, so a task's
+    ``ctx.sleep`` must sleep, not hand the task back as if the worker were stopping (which
+    redelivered it in a busy loop until the harness's timeout)."""
+    app = QueueTasks()
+    runs: list[int] = []
+
+    @app.task(echo=True)
+    def nap(self: SyncTaskHandle, seconds: float) -> str:
+        runs.append(self.ctx.attempt)
+        self.ctx.sleep(seconds)
+        return "rested"
+
+    with SyncHarness(app, mode="worker") as qt:
+        assert qt.wait(nap.add_task(0.01)).returning == "rested"
+    runs.clear()
+    with SyncHarness(app, timeout=5):
+        assert nap.add_task(0.01).returning == "rested"
+    assert runs == [1]

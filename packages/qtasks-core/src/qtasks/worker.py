@@ -547,6 +547,10 @@ class QueueWorker:
         """Handle one delivery to the end exactly as the serving loop does (decode, run, store
         the final record, settle), renewing its lease meanwhile. For runners that take
         deliveries themselves, such as the inline runner of ``qtasks_testing``."""
+        if not self._serving and self._stopping.is_set():
+            # The stop of an earlier run is over: a task run here must not take it for a
+            # stop under way (``ctx.sleep`` would hand it back at once, again and again).
+            self._stopping = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._leases.keep, app)
             try:
