@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -661,3 +662,32 @@ def test_the_sync_harness_is_still_found_where_it_was() -> None:
     from qtasks_testing.harness import SyncHarness
 
     assert SyncHarness is qtasks_testing.SyncHarness
+
+
+@pytest.mark.parametrize("mode", ["inline", "worker"])
+def test_worker_scoped_dependencies_are_torn_down_before_the_components_ones(mode: Mode) -> None:
+    """A worker-scoped dependency may use a storage-scoped one (it does not outlive it), so
+    its teardown runs first, as a worker's stop does in production. Inline, no worker run
+    reports a stop: the worker scope used to be torn down after every component's, its
+    teardown meeting a pool already closed."""
+    app = QueueTasks()
+    events: list[str] = []
+
+    def pool() -> Iterator[list[str]]:
+        events.append("pool open")
+        yield events
+        events.append("pool closed")
+
+    def session(p: list[str] = Depends(pool, scope="storage")) -> Iterator[str]:
+        events.append("session open")
+        yield "session"
+        events.append("session closed" + (" on a closed pool" if "pool closed" in p else ""))
+
+    @app.task
+    def use(s: str = Depends(session, scope="worker")) -> str:
+        return s
+
+    with SyncHarness(app, mode=mode) as qt:
+        record = use.add_task()
+        assert qt.wait(record).returning == "session"
+    assert events == ["pool open", "session open", "session closed", "pool closed"]

@@ -306,8 +306,13 @@ class InjectPlugin:
 
     @hookimpl
     async def qtasks_component_stopped(self, kind: str) -> None:
-        cache = self._scopes.pop(kind, None)
-        if cache is not None:
+        # Shorter scopes still open end first: their values may use this one's. A worker
+        # scope is open here when no worker run reported its stop (the inline test harness
+        # runs tasks through ``process``).
+        for name in sorted(self._scopes, key=_RANK.__getitem__):
+            if _RANK[name] > _RANK.get(kind, 0):
+                break
+            cache = self._scopes.pop(name)
             await cache.aclose()
 
     @hookimpl
