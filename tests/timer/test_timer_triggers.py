@@ -81,6 +81,21 @@ def test_bad_crontab_is_refused(expr: str) -> None:
         parse_crontab(expr)
 
 
+@pytest.mark.parametrize("expr", ["0 0 30 2 *", "0 0 31 4 *", "0 0 31 2,4,6,9,11 *"])
+def test_a_crontab_that_never_fires_is_refused(expr: str) -> None:
+    """A date no month has (30 February, 31 April) is a typo: the timer would never run, and
+    nothing would say so."""
+    with pytest.raises(ScheduleError, match="never fires"):
+        parse_crontab(expr)
+
+
+def test_a_crontab_that_fires_rarely_is_accepted() -> None:
+    leap_day = parse_crontab("0 0 29 2 *")
+    assert fires(leap_day, datetime(2026, 6, 1, tzinfo=UTC), 1) == [
+        datetime(2028, 2, 29, tzinfo=UTC)
+    ]
+
+
 def test_bad_schedules_are_refused() -> None:
     with pytest.raises(ScheduleError):
         to_trigger(0)

@@ -130,7 +130,7 @@ def parse_crontab(expr: str, timezone: str | tzinfo | None = None) -> Trigger:
             "express; add two timers, one for each field"
         )
     try:
-        return CronTrigger(  # type: ignore[no-any-return]
+        trigger = CronTrigger(
             second=second,
             minute=minute,
             hour=hour,
@@ -141,6 +141,11 @@ def parse_crontab(expr: str, timezone: str | tzinfo | None = None) -> Trigger:
         )
     except ValueError as exc:
         raise ScheduleError(f"bad crontab {expr!r}: {exc}") from exc
+    # A crontab has no year: one that fires at all fires within 8 years of any date (29
+    # February), quickly found; one naming a date no month has (30 February) never does.
+    if trigger.get_next_fire_time(None, EPOCH) is None:
+        raise ScheduleError(f"crontab {expr!r} never fires: day {day} of month {month} is no date")
+    return trigger  # type: ignore[no-any-return]
 
 
 def every(interval: timedelta | float, timezone: str | tzinfo | None = None) -> Trigger:
