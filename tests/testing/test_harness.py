@@ -691,3 +691,23 @@ def test_worker_scoped_dependencies_are_torn_down_before_the_components_ones(mod
         record = use.add_task()
         assert qt.wait(record).returning == "session"
     assert events == ["pool open", "session open", "session closed", "pool closed"]
+
+
+def test_a_second_harness_on_the_same_app_is_refused_naming_the_cause() -> None:
+    """Two harness fixtures in one test (``qtasks`` and ``qtasks_worker``), or nested
+    harnesses: the error said the app was started by something at import time or by an
+    earlier test, sending the user after a cause that is not theirs."""
+    app = QueueTasks()
+    with SyncHarness(app), pytest.raises(HarnessError) as caught:
+        SyncHarness(app, mode="worker").__enter__()
+    text = str(caught.value)
+    assert "already has a harness" in text
+    assert "qtasks_worker" in text
+    assert "import time" not in text
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.nan])
+def test_a_timeout_that_leaves_no_time_is_refused(timeout: float) -> None:
+    """``timeout=0`` made every call of the harness fail as a task that did not finish."""
+    with pytest.raises(HarnessError, match="timeout must be a positive number of seconds"):
+        SyncHarness(QueueTasks(), timeout=timeout)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -178,6 +179,8 @@ class Harness(EnqueuedLog):
         unknown = set(keep) - set(COMPONENTS)
         if unknown:
             raise HarnessError(f"keep names unknown components {sorted(unknown)}: {COMPONENTS}")
+        if not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+            raise HarnessError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.app = app
         self.mode: Mode = mode
         self.keep = frozenset(keep)
@@ -220,6 +223,13 @@ class Harness(EnqueuedLog):
             raise HarnessError("the harness is already installed")
         if "global_config" in self.keep:
             self._refuse_a_foreign_rate_clock()
+        if any(wrapped in vars(app) for wrapped in WRAPPED):
+            raise HarnessError(
+                f"app {app.name!r} already has a harness installed: a test uses one harness "
+                "fixture (qtasks or qtasks_worker, aqtasks or aqtasks_worker; "
+                "@pytest.mark.qtasks(mode=...) picks the mode), and harnesses of one app do "
+                "not nest"
+            )
         if app.started:
             raise HarnessError(
                 f"app {app.name!r} is already started: the harness must swap its components "
