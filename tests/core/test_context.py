@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from contextlib import AsyncExitStack
 from typing import Any
@@ -319,3 +320,50 @@ def test_sync_sleep_hands_task_back_at_shutdown() -> None:
         app.close()
     assert record is not None
     assert record.status is TaskStatus.NEW
+
+
+@pytest.mark.parametrize("seconds", [-1, -0.5, "5"])
+async def test_a_bad_sleep_length_fails_the_task_saying_so(seconds: Any) -> None:
+    """``ctx.sleep(-1)`` (a deadline already past) failed the task with "ExceptionGroup:
+    unhandled errors in a TaskGroup", hiding the cause, and out of ``retry_on_exc``'s reach."""
+    app = AsyncQueueTasks()
+
+    @app.task(echo=True)
+    async def nap(self: AsyncTaskHandle, s: Any) -> str:
+        await self.ctx.sleep(s)
+        return "rested"
+
+    @app.task(echo=True)
+    def sync_nap(self: SyncTaskHandle, s: Any) -> str:
+        self.ctx.sleep(s)
+        return "rested"
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            finals = [
+                await (await app.add_task(name, seconds)).wait_result(timeout=WAIT)
+                for name in ("nap", "sync_nap")
+            ]
+    for final in finals:
+        assert final.status is TaskStatus.ERROR
+        assert final.error == (
+            f"InvalidTimeoutError: ctx.sleep expects finite seconds >= 0, got {seconds!r}"
+        )
+
+
+async def test_sleep_without_end_waits_for_the_cancel() -> None:
+    app = AsyncQueueTasks()
+    sleeping = anyio.Event()
+
+    @app.task(echo=True)
+    async def forever(self: AsyncTaskHandle) -> None:
+        sleeping.set()
+        await self.ctx.sleep(math.inf)
+
+    with anyio.fail_after(WAIT):
+        async with app:
+            task = await app.add_task("forever")
+            await sleeping.wait()
+            await app.cancel(task.uuid, "enough")
+            final = await task.wait_result(timeout=WAIT)
+    assert (final.status, final.cancel_reason) == (TaskStatus.CANCEL, "enough")

@@ -9,6 +9,7 @@ nothing is looked up globally.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, overload
@@ -17,9 +18,14 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from qtasks.checks import check_timeout
+from qtasks.checks import check_delay, check_timeout
 from qtasks.compat.calls import UNSET, split_task_name
-from qtasks.errors import TaskCancelledError, TaskNotFoundError, TaskTimeoutError
+from qtasks.errors import (
+    InvalidTimeoutError,
+    TaskCancelledError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
 from qtasks.record import TaskRecord
 from qtasks.task import AsyncTask, Task
 
@@ -114,6 +120,8 @@ class TaskContext:
 
     async def _wait(self, seconds: float) -> str | None:
         """Wait ``seconds``; return ``"stop"`` or ``"ended"`` if woken early by that."""
+        if not (isinstance(seconds, float) and seconds == math.inf):  # inf: until woken
+            check_delay(seconds, "ctx.sleep", InvalidTimeoutError)
         stopping: anyio.Event | None = getattr(self._run.app.worker, "stopping", None)
         woke: str | None = None
         async with anyio.create_task_group() as tg:
