@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, hookimpl
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus, hookimpl
 
 pytestmark = pytest.mark.anyio
 WAIT = 10
@@ -166,3 +166,36 @@ async def test_cancelled_generator_is_closed() -> None:
             final = await task.wait_result(timeout=WAIT)
     assert final.status is TaskStatus.CANCEL
     assert closed == [True]
+
+
+async def test_a_step_that_cannot_be_stored_names_the_step_and_generate_handler(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A yielded value the serializer cannot store failed the task saying the task
+    "returned" it and to "pass decode=", which is not applied to steps: the fix is a
+    ``generate_handler``."""
+    app = AsyncQueueTasks(
+        config=QueueConfig(broker_url=redis_url, extra={"redis_prefix": redis_prefix})
+    )
+
+    @app.task
+    async def tags() -> AsyncIterator[Any]:
+        yield ["a"]
+        yield {"b", "c"}
+
+    @app.task
+    def sync_tags() -> Iterator[Any]:
+        yield ["a"]
+        yield {"b", "c"}
+
+    with anyio.fail_after(20):
+        async with app:
+            for name in ("tags", "sync_tags"):
+                final = await (await app.add_task(name)).wait_result(timeout=10)
+                assert (final.status, final.steps) == (TaskStatus.ERROR, 1)
+                assert final.error is not None
+                assert final.error.startswith(
+                    f"SerializationError: task {name!r} yielded a value that cannot be "
+                    "stored as a step (set): cannot encode as JSON"
+                ), final.error
+                assert final.error.endswith("pass generate_handler= to convert it")

@@ -219,7 +219,7 @@ class TaskExecutor:
             index = await steps.add_step(
                 app.storage,
                 run.record.uuid,
-                self.storable(run, value),
+                self.storable(run, value, step=True),
                 None if delivery is None else delivery.token,
             )
         except LeaseLostError:
@@ -262,16 +262,19 @@ class TaskExecutor:
             result = decode(result)
         return self.storable(run, result)
 
-    def storable(self, run: TaskRun, result: Any) -> Any:
-        """Return ``result`` if the app's serializer can store it, else raise."""
+    def storable(self, run: TaskRun, result: Any, *, step: bool = False) -> Any:
+        """Return ``result`` (a yielded value if ``step``) if the app's serializer can store
+        it, else raise, naming the option that converts it."""
         kind = type(result)
         if result is None or kind is str or kind is bool or kind is int:
             return result  # every serializer stores these: skip a trial encoding
         try:
             run.app.codec.serializer.dumps(result)
         except SerializationError as exc:
+            what, option = ("yielded", "generate_handler") if step else ("returned", "decode")
             raise SerializationError(
-                f"task {run.task.name!r} returned a value that cannot be stored "
-                f"({type(result).__name__}): {exc}; pass decode= to convert it"
+                f"task {run.task.name!r} {what} a value that cannot be stored"
+                f"{' as a step' if step else ''} ({type(result).__name__}): {exc}; pass "
+                f"{option}= to convert it"
             ) from exc
         return result
