@@ -711,3 +711,24 @@ def test_a_timeout_that_leaves_no_time_is_refused(timeout: float) -> None:
     """``timeout=0`` made every call of the harness fail as a task that did not finish."""
     with pytest.raises(HarnessError, match="timeout must be a positive number of seconds"):
         SyncHarness(QueueTasks(), timeout=timeout)
+
+
+def test_a_misspelt_task_name_in_an_assertion_is_refused() -> None:
+    """``assert_not_enqueued("nofity")`` passed whatever the code did: nothing is ever
+    enqueued under a typo. A name the app does not have, that nothing was enqueued under,
+    and that is close to one of its tasks is refused, naming that task."""
+    app = QueueTasks()
+
+    @app.task
+    def notify(user: str) -> str:
+        return user
+
+    with SyncHarness(app, raise_task_errors=False) as qt:
+        notify.add_task("ada")
+        for check in (qt.assert_not_enqueued, qt.assert_enqueued, qt.enqueued):
+            with pytest.raises(HarnessError, match="did you mean 'notify'"):
+                check("nofity")
+        # A task of another app, enqueued by name, is a name the harness saw: no refusal.
+        app.add_task("notify_v2", "bob")
+        qt.assert_enqueued("notify_v2", "bob")
+        qt.assert_not_enqueued("audit")  # not close to any task: nothing to suggest

@@ -74,6 +74,16 @@ class HarnessTimeoutError(HarnessError, TaskTimeoutError):
         self.args = (text,)
 
 
+def _edits(a: str, b: str) -> int:
+    """How many characters to insert, delete or replace to turn ``a`` into ``b``."""
+    row = list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, other in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (char != other))
+    return row[-1]
+
+
 class _InlinePlugin:
     """Records what the app enqueues. Zeroes retry delays in inline mode: the retry decision is
     the task's own, the backoff is skipped so that a test does not sleep through it. In worker
@@ -659,6 +669,21 @@ class Harness(EnqueuedLog):
                 "that waits for it waits for itself)"
             )
         return HarnessTimeoutError(running[-1], self.timeout, text + advice)
+
+    def _check_name(self, name: str) -> None:
+        """A name the app has no task of, that nothing was enqueued under, and that is close
+        to one of the app's tasks is a typo: an assertion on it would pass (or fail) whatever
+        the code did. A task of another app, enqueued by name, is enqueued under its name."""
+        tasks = self.app.tasks
+        if name in tasks or any(item.task_name == name for item in self._enqueued):
+            return
+        limit = 2 if len(name) >= 5 else 1
+        close = [task for task in tasks if _edits(name, task) <= limit]
+        if close:
+            raise HarnessError(
+                f"app {self.app.name!r} has no task {name!r} and nothing was enqueued under "
+                f"that name: did you mean {close[0]!r}? (pass the task itself to be sure)"
+            )
 
     def _describe_uuid(self, uuid: str) -> str:
         for item in self._enqueued:

@@ -70,6 +70,7 @@ class EnqueuedLog:
         if task is None:
             return list(self._enqueued)
         name = task_name_of(task)
+        self._check_name(name)
         return [item for item in self._enqueued if item.task_name == name]
 
     def assert_enqueued(
@@ -104,6 +105,9 @@ class EnqueuedLog:
         if args or kwargs:
             calls = [c for c in calls if c.matches(name, args, kwargs)]
         return name, calls
+
+    def _check_name(self, name: str) -> None:
+        """Refuse a name that is likely a typo (see :meth:`Harness._check_name`)."""
 
     def _summary(self) -> str:
         return ", ".join(item.describe() for item in self._enqueued) or "nothing"
