@@ -732,3 +732,19 @@ def test_a_misspelt_task_name_in_an_assertion_is_refused() -> None:
         app.add_task("notify_v2", "bob")
         qt.assert_enqueued("notify_v2", "bob")
         qt.assert_not_enqueued("audit")  # not close to any task: nothing to suggest
+
+
+def test_call_given_a_blocking_method_of_the_sync_app_says_so() -> None:
+    """``qt.call(task.add_task, ...)`` with a task of a sync app ran the blocking method on the
+    app's loop: its error spoke of an ``async def`` task the test does not have."""
+    app = QueueTasks()
+
+    @app.task
+    def echo(x: int) -> int:
+        return x
+
+    with SyncHarness(app) as qt:
+        for blocking in (echo.add_task, app.add_task):
+            with pytest.raises(HarnessError, match="blocking method of the sync app"):
+                qt.call(blocking, 1)  # type: ignore[arg-type]  # the misuse under test
+        assert qt.call(echo.aio.add_task, 2).returning == 2

@@ -11,9 +11,9 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from qtasks.app import AsyncQueueTasks
 from qtasks.record import TaskRecord
 from qtasks.sync import QueueTasks
-from qtasks.task import AsyncTask, TaskDef
+from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks_testing.clock import FakeClock
-from qtasks_testing.harness import Harness, Mode
+from qtasks_testing.harness import Harness, HarnessError, Mode
 from qtasks_testing.records import EnqueuedTask
 
 T = TypeVar("T")
@@ -72,7 +72,17 @@ class SyncHarness:
         return self._portal
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``await func(*args)`` in the app's event loop and return the result."""
+        """Run ``await func(*args)`` in the app's event loop and return the result. A blocking
+        method of a sync app (``QueueTasks``, its tasks and records) is refused with
+        :class:`HarnessError`: call it directly, or pass its async form."""
+        owner = getattr(func, "__self__", None)
+        if isinstance(owner, QueueTasks | SyncTaskDef | Task):
+            raise HarnessError(
+                f"call() awaits its function in the app's event loop, for async code; "
+                f"{getattr(func, '__qualname__', func)!r} is a blocking method of the sync app, "
+                "which would wait for that loop from inside it: call it directly, or pass its "
+                "async form (app.aio.add_task, task.aio.add_task)"
+            )
         return self.portal.call(func, *args)
 
     def start(self) -> None:
