@@ -40,8 +40,9 @@ class TaskRecord:
     """A task's stored record, as kept by a Storage.
 
     ``returning`` holds the (encoded) result, ``traceback`` the last error's traceback, ``error``
-    a one-line description of it. ``attempt`` counts executions started; ``retries`` is how many
-    retries the task may still make in total. ``token`` fences writes: only the delivery that
+    a one-line description of it. ``attempt`` counts executions started (``attempt - 1`` retries
+    made); ``retries`` is a field of the record's layout that qtasks' worker does not keep (it
+    stays 0): read ``attempt``. ``token`` fences writes: only the delivery that
     holds it may finish the record.
     """
 
