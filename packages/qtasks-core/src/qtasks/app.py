@@ -139,7 +139,7 @@ class AsyncQueueTasks:
             from qtasks.compat.url import components_from_url
 
             config, broker, storage, global_config = components_from_url(
-                broker_url, config, broker, storage, global_config
+                broker_url, config, broker, storage, global_config, name
             )
         self.name = name
         self.config = config or QueueConfig()
