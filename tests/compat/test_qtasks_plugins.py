@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks
 from qtasks.compat.plugins import TRIGGERS, UNMAPPED
 from qtasks.errors import PluginError
 from qtasks.plugins.base import BasePlugin
@@ -371,4 +371,41 @@ def test_args_info_describes_the_task_parameters_as_qtasks_did() -> None:
             ArgMeta("items", None, list, str, list[str], is_kwarg=False, index=1),
             ArgMeta("clock", None, UnionType, Clock, Clock | None, is_kwarg=True, key="clock"),
         ]
+    ]
+
+
+def test_task_broker_and_task_func_have_the_fields_qtasks_plugins_read(
+    redis_url: str, prefix: str
+) -> None:
+    """QTasks' plugins (its own retry plugin among them) and event handlers read
+    ``task_broker.name``/``.priority``/``.uuid``/``.args`` and ``task_func.name``/``.func``/
+    ``.awaiting``/``.generating``/``.retry``...: they are there, on a worker fed from Redis."""
+    app = QueueTasks(broker_url=redis_url, config=QueueConfig(extra={"redis_prefix": prefix}))
+    seen: list[tuple[Any, ...]] = []
+
+    class ReadsFields(BasePlugin):
+        def trigger(self, name: str, **kwargs: Any) -> None:
+            broker, func = kwargs["task_broker"], kwargs["task_func"]
+            fields = (broker.name, broker.priority, broker.args, broker.kwargs, func.name)
+            flags = (func.func.__name__, func.awaiting, func.generating, func.echo, func.retry)
+            seen.append((name, *fields, *flags, func.priority, func.tags, func.extra))
+
+    app.add_plugin(ReadsFields("reads"), ["worker_execute_before"], "worker")
+
+    @app.events.on.task_success()  # type: ignore[untyped-decorator]  # QTasks' events: dynamic
+    def succeeded(task_func: Any, task_broker: Any) -> None:
+        seen.append(("task_success", task_broker.name, task_func.name, task_func.awaiting))
+
+    @app.task(name="steps", retry=2, priority=3, tags=["t"], test=True)
+    async def steps(n: int, *, by: int = 1) -> Any:
+        for i in range(n):
+            yield i * by
+
+    with app:
+        assert app.add_task("steps", 2, by=5, timeout=WAIT).returning == [0, 5]
+    app.close()
+    before = ("steps", 3, [2], {"by": 5}, "steps", "steps", True, "async", False, 2, 3)
+    assert seen == [
+        ("worker_execute_before", *before, ["t"], {"test": True}),
+        ("task_success", "steps", "steps", True),
     ]

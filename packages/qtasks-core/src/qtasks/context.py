@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.config import QueueConfig
     from qtasks.executor import TaskRun
+    from qtasks.task import TaskOptions
 
 COMPONENTS = ("broker", "storage", "global_config", "worker")
 _ENDED = "qtasks.context.ended"
@@ -151,55 +152,63 @@ class TaskOptionsView:
     _run: TaskRun
 
     @property
+    def _task_options(self) -> TaskOptions:
+        return self._run.task.options
+
+    @property
+    def _default_priority(self) -> int:
+        return self._run.app.config.default_priority
+
+    @property
     def priority(self) -> int:
         """The task's priority (the app's ``default_priority`` when it declares none)."""
-        declared = self._run.task.options.priority
-        return self._run.app.config.default_priority if declared is None else declared
+        declared = self._task_options.priority
+        return self._default_priority if declared is None else declared
 
     @property
     def echo(self) -> bool:
-        return self._run.task.options.echo
+        return self._task_options.echo
 
     @property
     def max_time(self) -> float | None:
-        return self._run.task.options.max_time
+        return self._task_options.max_time
 
     @property
     def retry(self) -> int | None:
-        return self._run.task.options.retry
+        return self._task_options.retry
 
     @property
     def retry_on_exc(self) -> list[type[BaseException]] | None:
-        exc = self._run.task.options.retry_on_exc
+        exc = self._task_options.retry_on_exc
         return None if exc is None else list(exc)
 
     @property
     def decode(self) -> Any:
-        return self._run.task.options.decode
+        return self._task_options.decode
 
     @property
     def tags(self) -> list[str]:
-        return list(self._run.task.options.tags)
+        return list(self._task_options.tags)
 
     @property
     def description(self) -> str | None:
-        return self._run.task.options.description
+        return self._task_options.description
 
     @property
     def generate_handler(self) -> Any:
-        return self._run.task.options.generate_handler
+        return self._task_options.generate_handler
 
     @property
     def executor(self) -> Any:
-        return self._run.task.options.executor
+        return self._task_options.executor
 
     @property
     def middlewares_before(self) -> list[Any]:
-        return list(self._run.task.options.middlewares_before)
+        return list(self._task_options.middlewares_before)
 
     @property
     def middlewares_after(self) -> list[Any]:
-        return list(self._run.task.options.middlewares_after)
+        return list(self._task_options.middlewares_after)
 
     @property
     def middlewares(self) -> list[Any]:
@@ -209,7 +218,7 @@ class TaskOptionsView:
     @property
     def extra(self) -> dict[str, Any]:
         """Options the task was declared with that qtasks does not know (``test=True``)."""
-        return dict(self._run.task.options.extra)
+        return dict(self._task_options.extra)
 
 
 class AsyncTaskHandle(TaskOptionsView):

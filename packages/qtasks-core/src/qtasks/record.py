@@ -72,6 +72,13 @@ class TaskRecord:
     workflow: str | None = None
     """The id of the workflow this task is a member of (see :mod:`qtasks.workflows`)."""
 
+    @property
+    def name(self) -> str:
+        """The task's name, :attr:`task_name`: what QTasks 1.7 called it on the record its
+        plugins and event handlers got as ``task_broker`` (``task_broker.name``, as its own
+        retry plugin read it). Not a field: not stored, not in :meth:`to_dict`."""
+        return self.task_name
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-like dict of every record field (status as its string); a bound task's
         client is not part of it."""

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qtasks.compat.task_func import task_func
 from qtasks.plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class Events:
     def _task(self, record: TaskRecord) -> dict[str, Any]:
         return {
             "worker": self.app.worker,
-            "task_func": self.app.tasks.get(record.task_name),
+            "task_func": task_func(self.app, record.task_name),
             "task_broker": record,
         }
 

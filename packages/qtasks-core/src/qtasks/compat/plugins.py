@@ -18,9 +18,11 @@ What differs from QTasks, on purpose:
   (QTasks' ``"Globals"``).
 * ``plugin.start()`` runs when the app has started, ``plugin.stop()`` when it has stopped, once
   each; ``plugin_cache`` is the plugin's own dict and is never shared between plugins.
-* Keyword values are qtasks objects: ``task_broker``/``model`` are the task's record,
-  ``task_func`` its :class:`~qtasks.task.TaskDef`, ``task_executor`` ``None``; ``args_info``
-  is QTasks' list of :class:`ArgMeta` (see :func:`args_info`).
+* Keyword values are qtasks objects: ``task_broker``/``model`` are the task's record (with
+  QTasks' ``name`` for its ``task_name``), ``task_func`` a view of its
+  :class:`~qtasks.task.TaskDef` with QTasks' fields (:mod:`qtasks.compat.task_func`),
+  ``task_executor`` ``None``; ``args_info`` is QTasks' list of :class:`ArgMeta` (see
+  :func:`args_info`).
 
 Over ~500 lines: QTasks 1.7's whole plugin surface, each of its triggers mapped onto one
 hook, in one table-like module.
@@ -35,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
+from qtasks.compat.task_func import task_func
 from qtasks.errors import PluginError, TaskCancelledError
 from qtasks.plugins import hookimpl
 
@@ -394,7 +397,7 @@ class _Adapter:
 
     @hookimpl
     async def qtasks_worker_execute_before(self, app: AsyncQueueTasks, record: TaskRecord) -> None:
-        task = app.tasks.get(record.task_name)
+        task = task_func(app, record.task_name)
         await self.fire(
             "worker_execute_before",
             worker=app.worker,
@@ -408,14 +411,14 @@ class _Adapter:
 
     @hookimpl
     async def qtasks_worker_execute_after(self, app: AsyncQueueTasks, record: TaskRecord) -> None:
-        task = app.tasks.get(record.task_name)
+        task = task_func(app, record.task_name)
         await self.fire("worker_execute_after", task_func=task, task_broker=record, model=record)
 
     @hookimpl
     async def qtasks_worker_task_retry(
         self, app: AsyncQueueTasks, record: TaskRecord, exc: BaseException
     ) -> None:
-        task = app.tasks.get(record.task_name)
+        task = task_func(app, record.task_name)
         await self.fire(
             "worker_task_error_retry",
             broker=app.broker,
@@ -426,7 +429,7 @@ class _Adapter:
 
     @hookimpl
     async def qtasks_broker_acked(self, app: AsyncQueueTasks, record: TaskRecord) -> None:
-        task = app.tasks.get(record.task_name)
+        task = task_func(app, record.task_name)
         await self.fire(
             "worker_remove_finished_task",
             worker=app.worker,
@@ -474,7 +477,7 @@ class _Adapter:
             got = await self.fire(
                 "task_executor_run_task_trigger_error",
                 task_executor=None,
-                task_func=run.task,
+                task_func=task_func(run.app, run.task.name),
                 task_broker=run.record,
                 e=exc,
             )
@@ -527,7 +530,7 @@ class _Adapter:
         await self.fire(
             "task_executor_task_close",
             task_executor=None,
-            task_func=app.tasks.get(record.task_name),
+            task_func=task_func(app, record.task_name),
             task_broker=record,
         )
 
