@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 import anyio
 from anyio.abc import TaskGroup
 
-from qtasks import bulk, flow, report
+from qtasks import bulk, flow, local_wait, report
 from qtasks import enqueue as enqueue_step
 from qtasks.checks import check_delay, check_timeout
 from qtasks.compat.calls import UNSET, split_task_name
@@ -159,7 +159,8 @@ class AsyncQueueTasks:
                     built["global_config"],
                 )
         self.broker: Broker = broker or MemoryBroker()
-        self.storage: Storage = storage or MemoryStorage()
+        self._made_storage: Storage | None = None if storage is not None else MemoryStorage()
+        self.storage: Storage = storage or self._made_storage or MemoryStorage()
         self.global_config: GlobalConfig = global_config or MemoryGlobalConfig()
         self.worker: QueueWorker = worker or QueueWorker()
         self.clock: Callable[[], float] = time.time
@@ -527,6 +528,7 @@ class AsyncQueueTasks:
             await serving.aclose()
             raise
         self._serving = serving
+        local_wait.warn_if_serving_alone(self)
         self._wake_hurry = _threadsafe(self._hurry_worker)
         if self._stop_now:
             self._hurry_worker()
@@ -536,6 +538,18 @@ class AsyncQueueTasks:
         hurry = getattr(self.worker, "hurry", None)  # read with a default: see Worker
         if hurry is not None:
             hurry()
+
+    @property
+    def own_memory_storage(self) -> bool:
+        """The storage is the in-memory one the app made itself (none was given, and no
+        configuration replaced it since): see :mod:`qtasks.local_wait`."""
+        return self._made_storage is not None and self.storage is self._made_storage
+
+    @property
+    def serving(self) -> bool:
+        """Whether a worker of this app serves in this process (``async with app:``,
+        :meth:`run_forever`, :meth:`serve`)."""
+        return self._serving is not None
 
     @property
     def task_group(self) -> TaskGroup:
@@ -686,6 +700,7 @@ class AsyncQueueTasks:
         """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
         if timeout is not None:  # before the enqueue: a bad one must not raise after it
             timeout = check_delay(timeout, "add_task: timeout", TaskArgumentsError)
+            local_wait.check_waitable(self, f"add_task({task_name!r}, timeout=...)")
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record, envelope, unique = await enqueue_step.prepare(
@@ -812,6 +827,7 @@ class AsyncQueueTasks:
         :class:`~qtasks.errors.TaskTimeoutError` when ``timeout`` runs out, and
         :class:`~qtasks.errors.InvalidTimeoutError` for a ``timeout`` that is not seconds."""
         timeout = check_timeout(timeout, "wait: timeout")
+        local_wait.check_waitable(self, f"waiting for task {uuid}")
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         if await self.storage.get(uuid) is None:
