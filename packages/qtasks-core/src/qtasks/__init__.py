@@ -40,6 +40,10 @@ except Exception as exc:  # re-raised; named as the clash when the other `qtasks
 
 __version__ = _version("qtasks-core")
 
+from qtasks.compat import modules as _qtasks17_modules
+
+_qtasks17_modules.install()  # QTasks' component modules: refused with what to write instead
+
 __all__ = [
     "AsyncQueueTasks",
     "AsyncRouter",

@@ -35,6 +35,11 @@ class ConfigError(QTasksError):
     """Bad configuration: a wrong type, an unknown key, a missing component."""
 
 
+class QTasksModuleNotProvidedError(QTasksError, ModuleNotFoundError):
+    """A QTasks 1.7 module qtasks does not have was imported (``qtasks.brokers``...); the
+    message says what to write instead (see :mod:`qtasks.compat.modules`)."""
+
+
 class TaskDeclarationError(QTasksError, TypeError):
     """A task was declared with a duplicate name or an option of the wrong type (or
     ``app.add_middleware`` was given something that is not a middleware)."""
