@@ -2,9 +2,11 @@
 
 QTasks built one per call with the task executor and awaited it before (or after) the task;
 what it returned was ignored. qtasks middlewares wrap the call (``async def mw(run, call_next)``),
-so a QTasks class is wrapped into one: built with the :class:`~qtasks.executor.TaskRun` as its
-``task_executor``, called before ``call_next()`` (``middlewares_before``) or after it
-(``middlewares_after``, only when the task returned). ``app.add_middleware(cls, position=)``
+so a QTasks class is wrapped into one: built with a
+:class:`~qtasks.executors.base.BaseTaskExecutor` of the :class:`~qtasks.executor.TaskRun` as
+its ``task_executor`` (QTasks' attributes, ``task_func``, ``task_broker``..., and the run's),
+called before ``call_next()`` (``middlewares_before``) or after it (``middlewares_after``,
+only when the task returned). ``app.add_middleware(cls, position=)``
 does the same for every task of the app (:func:`app_middleware`).
 """
 
@@ -40,7 +42,9 @@ def adapt_middleware(middleware: Any, after: bool) -> Any:
     cls = middleware
 
     async def run_qtasks_middleware(run: TaskRun) -> None:
-        outcome = cls(run)()
+        from qtasks.executors.base import BaseTaskExecutor
+
+        outcome = cls(BaseTaskExecutor(run))()
         if inspect.isawaitable(outcome):
             await outcome
 

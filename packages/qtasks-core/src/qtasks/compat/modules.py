@@ -39,7 +39,8 @@ INSTEAD: dict[str, str] = {
         "is a qtasks.starter.Starter given to run_forever(starter=...)"
     ),
     "qtasks.executors": (
-        "executor= of @app.task takes a qtasks executor (an object with execute(run)); "
+        "only qtasks.executors.base.BaseTaskExecutor is (what a QTasks TaskMiddleware gets); "
+        "executor= of @app.task takes a qtasks executor (an object with execute(run)), and "
         "wrapping a task is a middleware (docs/plugins.md)"
     ),
     "qtasks.results": (
