@@ -414,3 +414,42 @@ def test_add_middleware_takes_qtasks_task_middleware_classes_and_refuses_the_res
         app.close()
     assert (record.status, record.returning, record.error) == (TaskStatus.SUCCESS, 1, None)
     assert trail == ["before plain", "after plain"]
+
+
+def test_qtasks_packed_args_keywords_say_how_to_pass_the_arguments(
+    redis_url: str, prefix: str
+) -> None:
+    """QTasks' sync example writes ``self.add_task(task_name="test_num", args=(5,), ...)``
+    (an older QTasks' form that packed the arguments). qtasks passes a task's arguments as
+    they are, so the call is refused; the error says how to write it."""
+    from qtasks import QueueConfig
+    from qtasks.errors import TaskArgumentsError
+    from qtasks.registries import SyncTask
+
+    app = QueueTasks(broker_url=redis_url, config=QueueConfig(extra={"redis_prefix": prefix}))
+
+    @app.task(name="test_num")
+    def test_num(number: int) -> int:
+        return number
+
+    @app.task(name="test_echo", echo=True)
+    def test_echo(self: SyncTask) -> Any:
+        return self.add_task(task_name="test_num", args=(5,), timeout=50).returning
+
+    @app.task(name="takes_args")
+    def takes_args(args: list[int]) -> int:
+        return sum(args)
+
+    fix = "qtasks passes them as they are: add_task('test_num', *args, **kwargs)"
+    with app:
+        failed = app.add_task("test_echo", timeout=WAIT)
+        assert failed.status == "error" and failed.error is not None
+        assert "args= packed the task's arguments" in failed.error and fix in failed.error
+        with pytest.raises(TaskArgumentsError, match=r"args= and kwargs= packed") as raised:
+            test_num.add_task(args=(5,), kwargs={}, timeout=WAIT)
+        assert fix in str(raised.value)
+        assert app.add_task("takes_args", args=[1, 2], timeout=WAIT).returning == 3
+        with pytest.raises(TaskArgumentsError) as plain:
+            app.add_task("takes_args", [1], args=[2])
+        assert "packed" not in str(plain.value)  # its own parameter: no hint
+    app.close()

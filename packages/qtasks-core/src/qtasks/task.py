@@ -384,7 +384,23 @@ class TaskDef(Generic[P, R]):
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TaskArgumentsError(f"task {self.name!r}: {exc}{self._hint(exc)}") from None
+            hint = self._hint(exc) or self._packed_hint(kwargs)
+            raise TaskArgumentsError(f"task {self.name!r}: {exc}{hint}") from None
+
+    def _packed_hint(self, kwargs: dict[str, Any]) -> str:
+        """For ``args=(...)``/``kwargs={...}`` keywords the task has no parameters for: the
+        form of QTasks' examples (``self.add_task(task_name="x", args=(5,))``), which packed
+        the task's arguments; they are passed as they are."""
+        packed = [k for k in ("args", "kwargs") if k in kwargs]
+        packed = [k for k in packed if k not in self.caller_signature.parameters]
+        if not packed:
+            return ""
+        given = " and ".join(f"{k}=" for k in packed)
+        return (
+            f" ({given} packed the task's arguments in QTasks' examples; qtasks passes them as "
+            f"they are: add_task({self.name!r}, *args, **kwargs), e.g. "
+            f"add_task({self.name!r}, 5, key=value))"
+        )
 
     def _hint(self, exc: TypeError) -> str:
         """For a missing argument whose annotation did not resolve: it may be a lost State."""
