@@ -80,6 +80,20 @@ async def test_basic_auth_users(app: AsyncQueueTasks, caplog: pytest.LogCaptureF
     assert PASSWORD not in caplog.text
 
 
+async def test_with_a_token_and_users_a_browser_is_challenged_for_a_user(
+    app: AsyncQueueTasks,
+) -> None:
+    """Both configured: a page asked for by a browser answers 401 with the Basic challenge (a
+    redirect to the token form would shut the users out) and links to that form."""
+    client = Client(create_app(app, auth=Auth(token=TOKEN, users={"ops": PASSWORD})))
+    page = await client.get("/tasks")
+    assert page.status == 401
+    assert page.headers["www-authenticate"] == 'Basic realm="qtasks"'
+    assert 'href="/login"' in page.text
+    assert (await client.get("/tasks", headers=basic("ops", PASSWORD))).status == 200
+    assert (await client.get("/login")).status == 200
+
+
 async def test_no_auth_serves_loopback_only(app: AsyncQueueTasks) -> None:
     web = create_app(app)
     assert (await Client(web, server=("127.0.0.1", 8000)).get("/")).status == 200

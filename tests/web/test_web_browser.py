@@ -188,6 +188,16 @@ async def test_dead_letters_requeued_from_the_page(browser: Browser) -> None:
         await expect(page.locator("#dead-letters tbody tr")).to_have_text("no dead letter")
 
 
+async def signed_in_as_ops(browser: Browser, url: str, heading: str) -> None:
+    """A browser that answers the Basic challenge as user ``ops`` opens ``url``."""
+    context = await browser.new_context(http_credentials={"username": "ops", "password": "s3cret"})
+    page = await context.new_page()
+    response = await page.goto(url)
+    assert response is not None and response.status == 200
+    await expect(page.locator("h1")).to_have_text(heading)
+    await context.close()
+
+
 async def test_auth_is_enforced_in_the_browser(browser: Browser) -> None:
     app = make_app(Gates(0))
     token = "browser-token-77"
@@ -210,14 +220,7 @@ async def test_auth_is_enforced_in_the_browser(browser: Browser) -> None:
             await anonymous.goto(url + "/")  # 401 with a Basic challenge nobody answers
         asked = await anonymous.request.get(url + "/")
         assert asked.status == 401
-        context = await browser.new_context(
-            http_credentials={"username": "ops", "password": "s3cret"}
-        )
-        page = await context.new_page()
-        response = await page.goto(url + "/")
-        assert response is not None and response.status == 200
-        await expect(page.locator("h1")).to_have_text("Overview")
-        await context.close()
+        await signed_in_as_ops(browser, url + "/", "Overview")
 
 
 async def test_a_forged_csrf_token_is_rejected(browser: Browser) -> None:
@@ -233,3 +236,20 @@ async def test_a_forged_csrf_token_is_rejected(browser: Browser) -> None:
         stored = await app.get(task.uuid)
         assert stored is not None and not stored.status.final
         await app.cancel(task.uuid)
+
+
+async def test_users_sign_in_from_a_browser_when_a_token_is_configured_too(
+    browser: Browser,
+) -> None:
+    """docs/web.md's [extra.web] has a token and users: the browser of a user gets the Basic
+    challenge (not a redirect to the token form, which would leave it no way in), and the
+    token still signs in through the form."""
+    app = make_app(Gates(0))
+    auth = Auth(token="both-token-42", users={"ops": "s3cret"})
+    async with app, running(create_app(app, auth=auth)) as url:
+        await signed_in_as_ops(browser, url + "/tasks", "Tasks")
+        page = await browser.new_page()
+        await page.goto(url + "/login")
+        await page.fill("input[name=token]", "both-token-42")
+        await page.click("button[type=submit]")
+        await expect(page.locator("h1")).to_have_text("Overview")

@@ -4,7 +4,8 @@ Authentication (when :class:`~qtasks_web.settings.Auth` has credentials): a requ
 with ``Authorization: Bearer <token>``, ``Authorization: Basic`` of a configured user, or the
 session cookie that ``POST /login`` (the token typed into a form) sets: a timestamp signed
 with HMAC-SHA256 keyed by the token, valid for :data:`SESSION_AGE`. Tokens are never accepted
-in a URL (URLs end up in access logs and browser history).
+in a URL (URLs end up in access logs and browser history). A browser that is not signed in is sent
+to the login form with a token alone, and challenged for a user (Basic) when there are users.
 
 CSRF: every page sets a random per-browser token in a ``SameSite=Strict`` cookie and puts in
 each form that token signed with the dashboard's key (HMAC-SHA256), so a cookie planted by a
@@ -25,13 +26,14 @@ import base64
 import binascii
 import hashlib
 import hmac
+import html
 import secrets
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qtasks.components import GlobalConfig
@@ -138,11 +140,24 @@ class AuthMiddleware:
         await response(scope, receive, send)
 
     def _challenge(self, request: Request, root: str) -> Response:
-        wants_html = "text/html" in request.headers.get("accept", "")
-        if self.auth.token and wants_html and request.method == "GET":
+        browser = "text/html" in request.headers.get("accept", "") and request.method == "GET"
+        if self.auth.users:
+            # A Basic challenge, browsers included (they ask for a user and password in a
+            # dialog of their own): a redirect to the token form would leave the users no way
+            # in. With a token too, the page behind the dialog links to that form.
+            headers = {"WWW-Authenticate": 'Basic realm="qtasks"'}
+            if browser and self.auth.token:
+                login = html.escape(f"{root}/login", quote=True)
+                page = (
+                    "<!doctype html><title>Sign in · qtasks</title><h1>Sign in</h1><p>Sign in "
+                    f'with a user and password, or <a id="token-login" href="{login}">with the '
+                    "token</a>.</p>"
+                )
+                return HTMLResponse(page, status_code=401, headers=headers)
+            return PlainTextResponse("authentication required", status_code=401, headers=headers)
+        if self.auth.token and browser:
             return RedirectResponse(f"{root}/login", status_code=303)
-        headers = {"WWW-Authenticate": 'Basic realm="qtasks"'} if self.auth.users else {}
-        return PlainTextResponse("authentication required", status_code=401, headers=headers)
+        return PlainTextResponse("authentication required", status_code=401)
 
 
 def loopback_name(host: str) -> bool:
