@@ -386,3 +386,13 @@ async def test_a_message_the_worker_fails_on_max_deliveries_times_counts_as_reje
     assert (record.error or "").startswith("worker failed 2 times: RuntimeError")
     assert letter.reason == record.error
     assert metrics.outcomes == {("work", "rejected"): 1}
+
+
+def test_the_help_of_tasks_total_names_every_outcome() -> None:
+    """``# HELP qtasks_tasks_total`` is what a person reading a scrape learns the outcomes
+    from: it names each value the ``outcome`` label takes (``expired`` was left out)."""
+    exposed = generate_latest(MetricsPlugin().registry).decode()
+    help_line = next(
+        line for line in exposed.splitlines() if line.startswith("# HELP qtasks_tasks_total ")
+    )
+    assert [o for o in OUTCOMES if o not in help_line] == []

@@ -282,8 +282,7 @@ class _WorkerCollector:
         plugin = self._plugin
         tasks = CounterMetricFamily(
             "qtasks_tasks",
-            "Task executions ended on this worker, by task and outcome (success, error, "
-            "retry, cancel, rejected, dead_lettered).",
+            f"Task executions ended on this worker, by task and outcome ({', '.join(OUTCOMES)}).",
             labels=("task", "outcome"),
         )
         for (task, outcome), count in sorted(plugin.outcomes.items()):
