@@ -253,3 +253,20 @@ async def test_users_sign_in_from_a_browser_when_a_token_is_configured_too(
         await page.fill("input[name=token]", "both-token-42")
         await page.click("button[type=submit]")
         await expect(page.locator("h1")).to_have_text("Overview")
+
+
+async def test_ready_messages_by_priority_are_listed_lowest_first(browser: Browser) -> None:
+    """The overview lists the ready messages by priority in the order they run, lowest first:
+    a negative priority too (a JavaScript object puts "-2" after "0" and "3")."""
+    app = make_app(Gates(0))
+    await app.start()  # no worker: the messages stay ready
+    try:
+        for priority in (3, 0, -2, 0):
+            await app.add_task("add", 1, 1, priority=priority)
+        async with running(create_app(app)) as url:
+            page = await browser.new_page()
+            await page.goto(url + "/")
+            cells = page.locator("#priorities tbody tr td:first-child")
+            await expect(cells).to_have_text(["-2", "0", "3"])
+    finally:
+        await app.aclose()

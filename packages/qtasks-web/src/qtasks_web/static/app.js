@@ -84,7 +84,10 @@
     const body = document.querySelector("#priorities tbody");
     if (body) {
       body.textContent = "";
-      const entries = Object.entries(figures.queue.ready_by_priority);
+      // Lowest first, as they run: an object lists "-2" after "0" and "3" (integer-like
+      // keys come first, in ascending order, then the others).
+      const entries = Object.entries(figures.queue.ready_by_priority)
+        .sort((a, b) => Number(a[0]) - Number(b[0]));
       for (const [priority, count] of entries) {
         const row = body.insertRow();
         row.insertCell().textContent = priority;
