@@ -67,6 +67,17 @@ async def test_a_token_is_required_and_accepted_three_ways(
     assert "guess" not in caplog.text
 
 
+async def test_only_the_login_page_itself_is_open(app: AsyncQueueTasks) -> None:
+    # A path that merely starts with /login is behind the auth like every other one: a route
+    # added later under such a name must not be open to anybody.
+    client = Client(create_app(app, auth=Auth(token=TOKEN)))
+    assert (await client.get("/login")).status == 200
+    assert (await client.get("/static/app.js")).status == 200
+    for path in ("/loginx", "/login-something", "/login/../api/overview"):
+        response = await client.get(path, headers={"accept": "*/*"})
+        assert response.status == 401, path
+
+
 async def test_basic_auth_users(app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     client = Client(create_app(app, auth=Auth(users={"ops": PASSWORD})))

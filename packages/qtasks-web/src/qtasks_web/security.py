@@ -44,7 +44,11 @@ SESSION_COOKIE = "qtasks_web_session"
 CSRF_COOKIE = "qtasks_web_csrf"
 CSRF_FIELD = "csrf"
 SESSION_AGE = 12 * 3600
-_OPEN_PATHS = ("/login", "/static/")
+_OPEN_PATH = "/login"
+"""The one page served without credentials (the sign-in form), matched exactly: a prefix
+would open every later route whose path starts with it."""
+_OPEN_PREFIX = "/static/"
+"""The static files (script, styles), served to anybody."""
 
 
 def sign_session(token: str, now: float | None = None) -> str:
@@ -133,7 +137,8 @@ class AuthMiddleware:
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         local = path[len(root) :] if root and path.startswith(root) else path
-        if local.startswith(_OPEN_PATHS) or authenticated(self.auth, request):
+        open_path = local == _OPEN_PATH or local.startswith(_OPEN_PREFIX)
+        if open_path or authenticated(self.auth, request):
             await self.app(scope, receive, send)
             return
         response = self._challenge(request, root)
