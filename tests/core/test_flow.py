@@ -68,6 +68,10 @@ def test_bad_rate_strings_are_refused_at_declaration(bad: str) -> None:
         ("10/.s", "expected '<count>/<unit>'"),  # not "could not convert string to float"
         ("2000000/s", "at most 1,000,000 calls a second"),  # Redis would round it to no limit
         ("1000001/s", "at most 1,000,000 calls a second"),
+        # Celery's fractional counts: the whole-count form that means the same is named.
+        ("0.5/s", "write '1/2s' instead"),
+        ("0.25/m", "write '1/4m' instead"),
+        (".2/10s", "write '1/50s' instead"),
     ],
 )
 def test_rate_strings_refused_with_a_message_that_says_why(bad: str, match: str) -> None:

@@ -63,6 +63,8 @@ log = logging.getLogger("qtasks.flow")
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 """Units of a rate string: ``"100/s"``, ``"30/m"``, ``"500/h"`` (also ``"10/5s"``)."""
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+\.?\d*|\.\d+)?\s*([smh])\s*$")
+_FRACTION = re.compile(r"^\s*(\d*\.\d+)\s*/\s*(\d+\.?\d*|\.\d+)?\s*([smh])\s*$")
+"""A rate with a fractional count (Celery's ``"0.5/s"``): refused, with the whole-count form."""
 
 MIN_INTERVAL = 1e-6
 """The shortest interval between two calls a rate may give, in seconds: above 1,000,000
@@ -99,8 +101,15 @@ def parse_rate(text: str) -> Rate:
     :class:`ValueError` saying what is expected."""
     match = _RATE.match(text) if isinstance(text, str) else None
     if match is None:
+        hint = ""
+        fraction = _FRACTION.match(text) if isinstance(text, str) else None
+        if fraction is not None and float(fraction[1]) > 0:
+            # One call per (period / count): '0.5/s' is '1/2s', '0.25/m' is '1/4m'.
+            every = (float(fraction[2]) if fraction[2] else 1.0) / float(fraction[1])
+            hint = f"; the count is whole: write {f'1/{every:g}{fraction[3]}'!r} instead"
         raise ValueError(
-            f"expected '<count>/<unit>' with unit s, m or h (e.g. '100/s'), got {text!r}"
+            f"expected '<count>/<unit>' with unit s, m or h (e.g. '100/s', '1/2s'), got "
+            f"{text!r}{hint}"
         )
     count, amount, unit = int(match[1]), match[2], match[3]
     period = (float(amount) if amount else 1.0) * RATE_UNITS[unit]
