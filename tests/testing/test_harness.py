@@ -713,6 +713,13 @@ def test_a_timeout_that_leaves_no_time_is_refused(timeout: float) -> None:
         SyncHarness(QueueTasks(), timeout=timeout)
 
 
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_raise_task_errors_takes_a_bool_only(value: object) -> None:
+    """``@pytest.mark.qtasks(raise_task_errors="no")`` read as true without a word."""
+    with pytest.raises(HarnessError, match="raise_task_errors must be True or False"):
+        SyncHarness(QueueTasks(), raise_task_errors=value)  # type: ignore[arg-type]
+
+
 def test_a_misspelt_task_name_in_an_assertion_is_refused() -> None:
     """``assert_not_enqueued("nofity")`` passed whatever the code did: nothing is ever
     enqueued under a typo. A name the app does not have, that nothing was enqueued under,

@@ -191,6 +191,11 @@ class Harness(EnqueuedLog):
             raise HarnessError(f"keep names unknown components {sorted(unknown)}: {COMPONENTS}")
         if not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
             raise HarnessError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not isinstance(raise_task_errors, bool):
+            # "no" or 0 from a marker would read as true (or false) without a word.
+            raise HarnessError(
+                f"raise_task_errors must be True or False, not {raise_task_errors!r}"
+            )
         self.app = app
         self.mode: Mode = mode
         self.keep = frozenset(keep)
