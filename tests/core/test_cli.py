@@ -283,6 +283,27 @@ def test_workflow_and_get_link_members_to_their_workflow(
     assert code == 1 and "no workflow" in out
 
 
+def test_workflow_lists_a_big_workflow_s_members_counted_and_cut(
+    served: str, app_module: ModuleType
+) -> None:
+    # A chord of 100,000 printed 100,000 lines: the members are counted by status, the first
+    # --members listed, those that did not succeed first.
+    app: QueueTasks = app_module.app
+    add = app.tasks["add"]
+    state = app.run_workflow(chain(add.s(1, 2), add.s(10), add.s("x")))
+    assert state.wait_result(5).status == "error"
+    code, out = invoke("workflow", state.id, "-A", served, "--members", "1")
+    assert code == 0, out
+    assert "members: 3 (error=1, success=2)" in out
+    listed = [line.split() for line in out.splitlines() if line.startswith(tuple(state.members))]
+    assert listed == [[state.members[2], "add", "error"]]
+    assert "... 2 more (--members 0 shows all)" in out
+    code, out = invoke("workflow", state.id, "-A", served, "--members", "0")
+    assert code == 0 and all(member in out for member in state.members)
+    code, out = invoke("workflow", state.id, "-A", served, "--members", "1", "--json")
+    assert len(json.loads(out)["members"]) == 3
+
+
 def test_inspect_and_workflow_list_the_newest_workflows(
     served: str, app_module: ModuleType
 ) -> None:

@@ -170,6 +170,14 @@ def workflow(
     limit: Annotated[
         int, typer.Option(min=1, help="Without ID: list at most this many, newest first.")
     ] = 20,
+    members_shown: Annotated[
+        int,
+        typer.Option(
+            "--members",
+            min=0,
+            help="With ID: show at most this many members (0: all); --json lists them all.",
+        ),
+    ] = 50,
     *,
     where: Components,
     as_json: JsonOpt = False,
@@ -178,7 +186,9 @@ def workflow(
     """Print a workflow's status, error and members with their statuses (exit code 1 if
     there is none). Each member's record names its workflow (``qtasks get``). Without ID,
     list the newest workflows, as ``qtasks inspect`` does. Its result and error are masked
-    as ``qtasks get`` masks a record's, unless ``--show-secrets``."""
+    as ``qtasks get`` masks a record's, unless ``--show-secrets``. The members are counted by
+    status; the first ``--members`` are listed (a chord of 100,000 would print 100,000
+    lines), those not succeeded first."""
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
     warn_secrets_shown(show_secrets)
 
@@ -230,4 +240,18 @@ def workflow(
         typer.echo(f"error: {error}")
     if state.status == "success":
         typer.echo(f"result: {json.dumps(result, default=str)}")
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row[2]] = counts.get(row[2], 0) + 1
+    typer.echo(
+        f"members: {len(rows)} ("
+        + ", ".join(f"{status}={n}" for status, n in sorted(counts.items()))
+        + ")"
+    )
+    if members_shown and len(rows) > members_shown:
+        # What needs a look first: members that did not succeed, in workflow order.
+        rows = sorted(rows, key=lambda row: row[2] == "success")[:members_shown]
+        typer.echo(table(["member", "task", "status"], rows))
+        typer.echo(f"... {len(members) - members_shown} more (--members 0 shows all)")
+        return
     typer.echo(table(["member", "task", "status"], rows))
