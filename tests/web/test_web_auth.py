@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from web_helpers import Client
 
 from qtasks import AsyncQueueTasks, QueueConfig
@@ -76,6 +78,29 @@ async def test_only_the_login_page_itself_is_open(app: AsyncQueueTasks) -> None:
     for path in ("/loginx", "/login-something", "/login/../api/overview"):
         response = await client.get(path, headers={"accept": "*/*"})
         assert response.status == 401, path
+
+
+async def test_dashboards_mounted_side_by_side_keep_their_own_cookies(
+    app: AsyncQueueTasks,
+) -> None:
+    # Cookies were set with Path=/: a second dashboard on the same host (another app, another
+    # token) overwrote the first one's session, and signing in to one signed out of the other.
+    site = Starlette(
+        routes=[
+            Mount("/billing", app=create_app(app, auth=Auth(token=TOKEN))),
+            Mount("/mail/", app=create_app(app, auth=Auth(token=TOKEN + "-mail"))),
+        ]
+    )
+    for root, token in (("/billing", TOKEN), ("/mail", TOKEN + "-mail")):
+        client = Client(site)  # a browser sends a cookie only under its path: none here yet
+        form = await client.get(f"{root}/login")
+        assert "path=" + root in form.headers["set-cookie"].lower()  # the CSRF cookie
+        signed_in = await client.post(f"{root}/login", form={"csrf": form.csrf(), "token": token})
+        assert signed_in.status == 303
+        assert "path=" + root in signed_in.headers["set-cookie"].lower()  # the session
+    # On its own, a dashboard's cookies are the whole site's.
+    alone = await Client(create_app(app, auth=Auth(token=TOKEN))).get("/login")
+    assert "path=/;" in alone.headers["set-cookie"].lower()
 
 
 async def test_basic_auth_users(app: AsyncQueueTasks, caplog: pytest.LogCaptureFixture) -> None:

@@ -42,6 +42,7 @@ from qtasks_web.security import (
     SESSION_AGE,
     SESSION_COOKIE,
     AuthMiddleware,
+    cookie_path,
     csrf_field,
     csrf_key,
     csrf_problem,
@@ -382,7 +383,7 @@ class Dashboard:
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
-            path="/",
+            path=cookie_path(request),
         )
         return response
 

@@ -241,6 +241,14 @@ def csrf_token(request: Request) -> str:
     return made
 
 
+def cookie_path(request: Request) -> str:
+    """The path of the dashboard's cookies: where it is mounted (``/`` when it is served on
+    its own), so that two dashboards mounted on one host (``/billing``, ``/mail``) each keep
+    their own session and CSRF cookies instead of overwriting each other's."""
+    root: str = request.scope.get("root_path", "")
+    return root.rstrip("/") or "/"
+
+
 def set_csrf_cookie(request: Request, response: Response) -> None:
     """Store the token :func:`csrf_token` made for this request, if it made one."""
     made = getattr(request.state, "csrf", None)
@@ -251,7 +259,7 @@ def set_csrf_cookie(request: Request, response: Response) -> None:
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
-            path="/",
+            path=cookie_path(request),
         )
 
 
