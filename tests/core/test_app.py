@@ -21,6 +21,7 @@ from qtasks.errors import (
     TaskNotFoundError,
 )
 from qtasks.worker import QueueWorker
+from qtasks.workflows import chain
 
 pytestmark = pytest.mark.anyio
 
@@ -535,8 +536,16 @@ async def test_oversized_payload_is_refused() -> None:
     @app.task
     async def big(data: str) -> None: ...
 
-    with pytest.raises(MessageTooLargeError):
+    @app.task
+    async def first() -> str:
+        return "x"
+
+    with pytest.raises(MessageTooLargeError, match="task 'big': encoded message is 2"):
         await app.add_task("big", "x" * 2000)
+    # Of a workflow, the error names the member that does not fit.
+    with pytest.raises(MessageTooLargeError, match="task 'big'") as caught:
+        await app.run_workflow(chain(first.s(), big.si("x" * 2000)))
+    assert caught.value.task == "big" and caught.value.limit == 1000
     await app.aclose()
 
 

@@ -107,10 +107,14 @@ class SerializationError(PermanentError, ValueError):
 class MessageTooLargeError(SerializationError):
     """An encoded message is larger than ``max_message_size``."""
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, task: str | None = None) -> None:
         self.size = size
         self.limit = limit
-        super().__init__(f"encoded message is {size} bytes, above max_message_size={limit}")
+        self.task = task
+        """The name of the task whose message it is, when known (an enqueue, a workflow's
+        member): which one of a workflow's members is too large."""
+        of = "" if task is None else f"task {task!r}: "
+        super().__init__(f"{of}encoded message is {size} bytes, above max_message_size={limit}")
 
 
 class TaskArgumentsError(QTasksError, TypeError):

@@ -377,7 +377,7 @@ class Codec:
         else:
             body = serializer.dumps(message.to_wire())
         if len(body) > self.max_size:
-            raise MessageTooLargeError(len(body), self.max_size)
+            raise MessageTooLargeError(len(body), self.max_size, message.task_name)
         return Envelope(id=message.uuid, body=body, priority=message.priority, eta=eta)
 
     def decode(self, body: bytes) -> Message:

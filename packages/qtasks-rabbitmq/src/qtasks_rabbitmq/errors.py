@@ -33,6 +33,7 @@ class OversizedMessageError(PublishRejectedError, MessageTooLargeError):
         self.reason = reason
         self.size = size
         self.limit = limit
+        self.task: str | None = None  # MessageTooLargeError's: ``what`` names the message
         # Both bases build their message in __init__ with other arguments: set it here.
         Exception.__init__(self, f"cannot publish {what} to RabbitMQ: {reason}")
 
