@@ -19,6 +19,18 @@ from qtasks.errors import QTasksModuleNotProvidedError
 
 REDIS = "qtasks_redis.RedisBroker(url) (or QueueTasks(broker_url='redis://...'))"
 STORAGE = "storage=qtasks_redis.RedisStorage('redis://HOST:6379/0')"
+TESTING = (
+    "QTasks' stub components ran no task; for tests without servers use qtasks_testing's "
+    "in-memory components (docs/testing.md)"
+)
+DEPENDS = (
+    "Depends is built in, no plugin to add: 'from qtasks import Depends' (or "
+    "qtasks.plugins.depends), Depends(func, scope=...)"
+)
+STATES = (
+    "State is built in, no plugin to add: annotate a parameter with a subclass of AsyncState "
+    "or SyncState (qtasks.plugins.states)"
+)
 
 INSTEAD: dict[str, str] = {
     "qtasks.brokers": (
@@ -64,6 +76,26 @@ INSTEAD: dict[str, str] = {
     "qtasks.schemas.task": "records are qtasks.Task (qtasks.record.TaskRecord)",
     "qtasks.schemas.task_exec": "a task is qtasks.TaskDef (app.tasks[name])",
     "qtasks.schemas.task_status": "records are qtasks.Task; statuses qtasks.TaskStatus",
+    "qtasks.middlewares.base": (
+        "a QTasks middleware subclasses TaskMiddleware (qtasks.middlewares or "
+        "qtasks.middlewares.task); qtasks' own are functions async def mw(run, call_next) "
+        "(docs/plugins.md)"
+    ),
+    "qtasks.timers.base": (
+        "the timers are AsyncTimer and SyncTimer (qtasks.timers, or the qtasks-timer "
+        "distribution's qtasks_timer)"
+    ),
+    "qtasks.tests.base": (
+        "the test cases are qtasks.tests.SyncTestCase and AsyncTestCase, with no shared base"
+    ),
+    "qtasks.tests.async_classes": TESTING,
+    "qtasks.tests.sync_classes": TESTING,
+    "qtasks.plugins.depends.async_depends": DEPENDS,
+    "qtasks.plugins.depends.sync_depends": DEPENDS,
+    "qtasks.plugins.depends.contexts": DEPENDS,
+    "qtasks.plugins.states.async_state": STATES,
+    "qtasks.plugins.states.sync_state": STATES,
+    "qtasks.plugins.states.registry": STATES,
 }
 """QTasks module -> what to write in qtasks. Its submodules are covered too."""
 
