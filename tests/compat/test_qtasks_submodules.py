@@ -43,6 +43,10 @@ REFUSED = {
     "qtasks.plugins.states.async_state": "qtasks.plugins.states.async_state",
     "qtasks.plugins.states.sync_state": "qtasks.plugins.states.sync_state",
     "qtasks.plugins.states.registry": "qtasks.plugins.states.registry",
+    "qtasks.registries.task_registry": "qtasks.registries.task_registry",
+    "qtasks.schemas.task_cls": "qtasks.schemas.task_cls",
+    "qtasks.types.typing": "qtasks.types",
+    "qtasks._state": "qtasks._state",
 }
 
 

@@ -76,6 +76,12 @@ INSTEAD: dict[str, str] = {
     "qtasks.schemas.task": "records are qtasks.Task (qtasks.record.TaskRecord)",
     "qtasks.schemas.task_exec": "a task is qtasks.TaskDef (app.tasks[name])",
     "qtasks.schemas.task_status": "records are qtasks.Task; statuses qtasks.TaskStatus",
+    "qtasks.schemas.task_cls": (
+        "calling a task runs the function; enqueue with task.add_task(...), chain with "
+        "qtasks.chain(...) (docs/workflows.md)"
+    ),
+    "qtasks.schemas.inits": "app.events.on.<event>() returns the function itself",
+    "qtasks.schemas.global_config": "global config values are app.global_config's",
     "qtasks.middlewares.base": (
         "a QTasks middleware subclasses TaskMiddleware (qtasks.middlewares or "
         "qtasks.middlewares.task); qtasks' own are functions async def mw(run, call_next) "
@@ -96,6 +102,12 @@ INSTEAD: dict[str, str] = {
     "qtasks.plugins.states.async_state": STATES,
     "qtasks.plugins.states.sync_state": STATES,
     "qtasks.plugins.states.registry": STATES,
+    "qtasks.registries.task_registry": (
+        "shared tasks are declared with 'from qtasks import shared_task' and adopted by every app"
+    ),
+    "qtasks.types": "an echo task's self is typed qtasks.registries.AsyncTask or SyncTask",
+    "qtasks.version": "the version is qtasks.__version__",
+    "qtasks._state": "there is no global app: each task and router knows the app it belongs to",
 }
 """QTasks module -> what to write in qtasks. Its submodules are covered too."""
 
