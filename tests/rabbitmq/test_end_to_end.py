@@ -118,7 +118,8 @@ async def test_a_task_whose_every_worker_is_killed_ends_dead_lettered(
     """kill -9 of the worker running the task, on each of its ``max_deliveries`` deliveries:
     the next worker's consumer dead-letters the message and, told so by the broker
     (``BuryNotice``), ends its record ``error``, so a waiter gets the error instead of
-    waiting on a record that says ``process`` for ever."""
+    waiting on a record that says ``process`` for ever. The ended record keeps its last run
+    (when it began, on which worker), as a claim that ends it on Redis does."""
     await make_broker()  # declares the queue; the fixture deletes it afterwards
     limit = 2
     app = AsyncQueueTasks(
@@ -139,6 +140,8 @@ async def test_a_task_whose_every_worker_is_killed_ends_dead_lettered(
         assert ended.status == TaskStatus.ERROR
         assert ended.error is not None and ended.error.startswith("dead-lettered: "), ended.error
         assert str(limit) in ended.error, "the reason names the limit"
+        assert running is not None  # the record of the last run, read before its kill
+        assert (ended.started_at, ended.worker) == (running.updated_at, running.worker)
         letters = await app.dead_letters()
         assert [letter.id for letter in letters] == [task.uuid]
         assert ended.error == f"dead-lettered: {letters[0].reason}"

@@ -174,6 +174,8 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
         if record is None or record.status.final:
             return
         fence = record.token
+        if record.status is TaskStatus.PROCESS:  # its last run began (then), and was lost
+            record.started_at = record.updated_at
         record.status = TaskStatus.ERROR
         record.error = f"dead-lettered: {reason}"
         record.token = DEAD_LETTER_TOKEN

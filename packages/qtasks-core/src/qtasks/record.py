@@ -40,8 +40,10 @@ class TaskRecord:
     """A task's stored record, as kept by a Storage.
 
     ``returning`` holds the (encoded) result, ``traceback`` the last error's traceback, ``error``
-    a one-line description of it. ``attempt`` counts executions started (``attempt - 1`` retries
-    made); ``retries`` is a field of the record's layout that qtasks' worker does not keep (it
+    a one-line description of it. ``attempt`` counts attempts (``attempt - 1`` retries made): a
+    run lost with its worker is delivered again and runs as the same attempt (the delivery
+    limit counts those; an :class:`~qtasks.components.AttemptLog` storage keeps each such run);
+    ``retries`` is a field of the record's layout that qtasks' worker does not keep (it
     stays 0): read ``attempt``. ``token`` fences writes: only the delivery that
     holds it may finish the record.
     """
@@ -67,8 +69,10 @@ class TaskRecord:
     steps: int = 0
     """How many generator steps have been stored for this task."""
     started_at: float | None = None
-    """When the attempt that ended the record began (its ``updated_at`` as begun), set by the
-    worker on the records it settles; ``None`` before. Queue wait and run time derive from it."""
+    """When the run that ended the record began (its ``updated_at`` as begun), set by the worker
+    on the records it settles, and on a record dead-lettered past its delivery limit whose last
+    run was lost with its worker (status ``process`` until then); ``None`` before. Queue wait
+    and run time derive from it."""
     workflow: str | None = None
     """The id of the workflow this task is a member of (see :mod:`qtasks.workflows`)."""
 

@@ -697,7 +697,7 @@ class RedisBroker:
             elif over:
                 # (CLAIM_BEGIN_WF) the ids of the messages the claim published itself (the
                 # error callbacks of the workflow members it dead-lettered), comma-separated;
-                # then the fields of the records its dead letters ended, 9 per record.
+                # then the fields of the records its dead letters ended, 10 per record.
                 *reply, ids, fields = reply
                 if ids and published is not None:
                     published(ids.decode().split(","))
@@ -912,12 +912,12 @@ class RedisBroker:
 
 
 def _ended_records(storage: RedisStorage, fields: list[bytes | None]) -> list[TaskRecord]:
-    """The records a claim's dead letters ended, from their fields (9 per record); one that
+    """The records a claim's dead letters ended, from their fields (10 per record); one that
     cannot be read is logged and left out (its hook cannot fire)."""
     out: list[TaskRecord] = []
-    for at in range(0, len(fields), 9):
+    for at in range(0, len(fields), 10):
         try:
-            record = storage.decode_record(fields[at : at + 9])
+            record = storage.decode_record(fields[at : at + 10])
         except SerializationError as exc:
             log.error("the record a dead letter ended cannot be read: %s", exc)
             continue

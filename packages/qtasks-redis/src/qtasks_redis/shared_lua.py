@@ -240,17 +240,25 @@ local function on_claim(id, body, token, out)
   for i = 1, 8 do out[#out + 1] = cur[i] end
 end
 -- A message dead-lettered by its delivery limit: its record turns final ('error', with why)
--- under a token no delivery holds, so a late result of its last holder is refused. The
--- fields of each record so ended, {d, s, t, cr, u, n, a, w, e}, are appended to ENDED (the
--- reply of CLAIM_BEGIN_WF carries them: the worker fires the dead-letter hook).
+-- under a token no delivery holds, so a late result of its last holder is refused. A record
+-- its last delivery began ('process': that run was lost with its worker) keeps when that run
+-- began as 'b' (its started_at, read with 'e'), else has none. The fields of each record so
+-- ended, {d, s, t, cr, u, n, a, w, e, b}, are appended to ENDED (the reply of CLAIM_BEGIN_WF
+-- carries them: the worker fires the dead-letter hook).
 local ENDED = {}
 local function on_dead(id, reason)
   local rec = REC_PREFIX .. id
-  local status = redis.call('HGET', rec, 's')
+  local was = redis.call('HMGET', rec, 's', 'u')
+  local status = was[1]
   if not status or FINAL[status] then return end
   local updated, now = updated_at(), now_ms()
   redis.call('HSET', rec, 's', 'error', 't', 'dead-letter', 'e', 'dead-lettered: ' .. reason,
              'u', updated)
+  if status == 'process' and was[2] then
+    redis.call('HSET', rec, 'b', was[2])
+  else
+    redis.call('HDEL', rec, 'b')
+  end
   if IDX[status] then redis.call('ZREM', IDX[status], id) end
   redis.call('ZADD', IDX['error'], now, id)
   -- The task name's index of final records (see storage_lua).
@@ -270,8 +278,8 @@ local function on_dead(id, reason)
     redis.call('XADD', steps, '*', 'k', 'e')
     if TTL then redis.call('PEXPIRE', steps, TTL) else redis.call('PERSIST', steps) end
   end
-  local fields = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'e')
-  for i = 1, 9 do ENDED[#ENDED + 1] = fields[i] end
+  local fields = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'e', 'b')
+  for i = 1, 10 do ENDED[#ENDED + 1] = fields[i] end
 end
 """
     + broker_lua.CLAIM_BODY

@@ -93,10 +93,13 @@ _LAYOUTS = {1: _V1, 2: _V2}
 RECORD_KEYS = 3
 """Keys of one record (rec, wake, steps) at the head of every script's keys; the status
 indexes after them are the same for every record."""
-_RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w", "e")
+_RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w", "e", "b")
 """Hash fields read back into a record, in :meth:`RedisStorage._record`'s order (scripts
-return the first eight; ``e``, the error written when a message is dead-lettered, is read by
-:meth:`RedisStorage.get` and waiters)."""
+return the first eight; ``e``, the error written when a message is dead-lettered, and ``b``,
+when the run it ended began, are read by :meth:`RedisStorage.get` and waiters)."""
+_DEAD_LETTER = b"dead-letter"
+"""The token of a record a dead letter ended, as stored (``qtasks.poison.DEAD_LETTER_TOKEN``,
+which the claim scripts write too)."""
 _BLOCK_CAP = 10.0
 """Longest single block before the record is read again (a safety net, not a poll)."""
 
@@ -243,8 +246,8 @@ class RedisStorage:
 
     @staticmethod
     def _record(fields: list[bytes | None]) -> TaskRecord | None:
-        """Rebuild from ``[d, s, t, cr, u, n, a, w]`` (and ``e`` when given), applying the
-        fields that override ``d``."""
+        """Rebuild from ``[d, s, t, cr, u, n, a, w]`` (and ``e``, ``b`` when given), applying
+        the fields that override ``d``."""
         data, status, token, reason, updated, steps, attempt, worker = fields[:8]
         if data is None:
             return None
@@ -278,6 +281,11 @@ class RedisStorage:
             record.attempt = int(attempt)
         if len(fields) > 8 and fields[8] is not None:
             record.error = fields[8].decode()
+            # A claim dead-lettered it over a run that began and was lost with its worker:
+            # when that run began (its 'u' as begun). Read with 'e' only: a later save deletes
+            # 'e' (and 'u'), not 'b'.
+            if len(fields) > 9 and fields[9] is not None and token == _DEAD_LETTER:
+                record.started_at = float(fields[9])
         if worker is not None:
             record.worker = worker.decode()
         record.token = token.decode() if token else None

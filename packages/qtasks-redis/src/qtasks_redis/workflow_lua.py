@@ -560,7 +560,7 @@ end
     # When it published or ended anything, two elements go last (the reply is otherwise a
     # wait then 13 elements per delivery, so two over say they are there): the ids it
     # published, comma-separated ('' for none), and the fields of the records its dead
-    # letters ended, 9 per record (on_dead's ENDED).
+    # letters ended, 10 per record (on_dead's ENDED).
     + broker_lua.CLAIM_BODY.removesuffix("return out\n")
     + """if #CLAIM_PUBLISHED > 0 or #ENDED > 0 then
   out[#out + 1] = table.concat(CLAIM_PUBLISHED, ',')

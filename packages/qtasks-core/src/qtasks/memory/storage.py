@@ -244,12 +244,15 @@ class MemoryStorage(_Lifecycle):
 
     def dead_claimed(self, uuid: str, reason: str) -> TaskRecord | None:
         """The record of ``uuid``, dead-lettered by a claim with ``reason``, says so (status
-        ``error``, token ``dead-letter``), waiters woken; returned (a copy) when so ended. A
-        final record is left as it is."""
+        ``error``, token ``dead-letter``; ``started_at`` when its last run began, if that run
+        was lost in ``process``), waiters woken; returned (a copy) when so ended. A final
+        record is left as it is."""
         stored = self._records.get(uuid)
         if stored is None or stored.status.final:
             return None
         ended = stored.copy()
+        if stored.status is TaskStatus.PROCESS:  # its last run began, and was lost
+            ended.started_at = stored.updated_at
         ended.status, ended.token = TaskStatus.ERROR, "dead-letter"
         ended.error = f"dead-lettered: {reason}"
         ended.returning = None

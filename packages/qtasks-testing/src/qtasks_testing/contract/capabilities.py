@@ -505,7 +505,10 @@ class BeginOnClaimContract(_SharedFixtures):
         """Every delivery of the message is lost (its worker killed each time: here the
         lease just runs out); the claim that finds it past ``max_deliveries`` dead-letters it
         and its record ends ``error`` (before, it stayed ``process`` for ever on the
-        in-memory backend: ``wait`` waited for a task that would never end)."""
+        in-memory backend: ``wait`` waited for a task that would never end). The ended record
+        keeps when its last run began (``started_at``) and on which worker: that run is a
+        run of the task too (before, it had no ``started_at``, and the dashboard's history
+        left the last lost run out)."""
         limit, lease = contract_config.max_deliveries, contract_config.lease
         sent, rec = shared.new()
         await shared.server.publish_new(sent, shared.storage, rec)
@@ -513,6 +516,8 @@ class BeginOnClaimContract(_SharedFixtures):
             for attempt in range(1, limit + 1):
                 delivery = await consumer.next(timeout=lease * 2 + 1)
                 assert delivery.attempt == attempt  # never settled: the lease runs out
+            last: TaskRecord | None = getattr(delivery, "begun", None)
+            assert last is not None and last.status is TaskStatus.PROCESS
             try:
                 ended = await shared.storage.wait(rec.uuid, timeout=lease * 2 + 1)
             except TaskTimeoutError:
@@ -521,6 +526,8 @@ class BeginOnClaimContract(_SharedFixtures):
         assert ended.error is not None and ended.error.startswith("dead-lettered: ")
         [letter] = [d for d in await shared.broker.dead_letters() if d.id == rec.uuid]
         assert ended.error == f"dead-lettered: {letter.reason}"
+        assert (ended.started_at, ended.worker) == (last.updated_at, last.worker)
+        assert ended.updated_at >= last.updated_at
 
     @pytest.mark.anyio
     async def test_each_record_a_claim_ends_is_told_once_as_stored(
