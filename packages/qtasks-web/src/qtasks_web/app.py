@@ -507,6 +507,7 @@ def _state(record: TaskRecord, earlier: list[TaskRecord]) -> dict[str, Any]:
         "began": data.began(record),
         "wait": data.queue_wait(record),
         "ran": data.run_time(record),
+        "runs": data.runs(record, earlier),
     }
 
 

@@ -129,6 +129,15 @@ def began(record: TaskRecord) -> float | None:
     return record.updated_at if record.status is TaskStatus.PROCESS else None
 
 
+def runs(record: TaskRecord, earlier: list[TaskRecord]) -> int:
+    """How many runs of the task began, by its stored record and its ``earlier`` attempts
+    (:func:`attempts`): each earlier one began, and so did the record's own when it runs or
+    says when it began. More than ``record.attempt`` when a worker was lost mid-run (the
+    message is delivered again, the attempt runs again: ``attempt`` counts the retries)."""
+    own = record.started_at is not None or record.status is TaskStatus.PROCESS
+    return len(earlier) + own
+
+
 def run_time(record: TaskRecord) -> float | None:
     """Seconds from the beginning of the final attempt to the final status."""
     if record.started_at is None or not record.status.final:
