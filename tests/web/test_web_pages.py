@@ -47,6 +47,16 @@ def make_app(**kwargs: object) -> AsyncQueueTasks:
         await anyio.sleep_forever()
         return gate
 
+    @app.task(retry=1, retry_backoff=0.05)
+    async def flaky_hold(key: str) -> str:
+        """Fails its first attempt, then (50 ms on: its runs begin at other times) runs until
+        cancelled."""
+        if key not in failed_once:
+            failed_once.add(key)
+            raise ValueError(f"first try of {key}")
+        await anyio.sleep_forever()
+        return key
+
     return app
 
 
@@ -240,6 +250,31 @@ async def test_a_retried_task_shows_each_attempt(app: AsyncQueueTasks, client: C
     assert "retry" in earlier[0] and "ValueError: first try of k1" in earlier[0]
     once = await app.add_task("add", 1, 2, timeout=5)
     assert 'class="attempt"' not in (await client.get(f"/tasks/{once.uuid}")).text
+
+
+async def test_a_retried_task_that_runs_shows_when_its_run_began(
+    app: AsyncQueueTasks, client: Client
+) -> None:
+    """The record of a task running its second attempt still carries the ``started_at`` its
+    failed first run was stored with: the page shows when the running one began (the
+    record's ``updated_at`` as begun), not that."""
+    from qtasks_web.app import _when
+
+    task = await app.add_task("flaky_hold", "k2")
+    with anyio.fail_after(5):
+        while True:
+            running = await app.get(task.uuid)
+            assert running is not None
+            if running.status is TaskStatus.PROCESS and running.attempt == 2:
+                break
+            await anyio.sleep(0.01)
+    # (The stored record's started_at is still the failed run's, set by its retry save.)
+    page = await client.get(f"/tasks/{task.uuid}")
+    history = page.text.split('<ol class="history">', 1)[1].split("</ol>", 1)[0]
+    [line] = [line for line in history.split("<li") if "attempt 2 began" in line]
+    assert _when(running.updated_at) in line, line
+    assert f"<dt>Started</dt><dd>{_when(running.updated_at)}</dd>" in page.text
+    await app.cancel(task.uuid)
 
 
 async def test_dead_letters_requeue_and_purge(app: AsyncQueueTasks, client: Client) -> None:

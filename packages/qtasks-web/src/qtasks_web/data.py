@@ -122,11 +122,12 @@ def queue_wait(record: TaskRecord) -> float | None:
 
 
 def began(record: TaskRecord) -> float | None:
-    """When the record's last attempt began: ``started_at`` once settled, the time it was
-    begun (``updated_at``) while it runs."""
-    if record.started_at is not None:
-        return record.started_at
-    return record.updated_at if record.status is TaskStatus.PROCESS else None
+    """When the record's last run began: the time it was begun (``updated_at``) while it runs
+    (a retried task's record still carries the ``started_at`` of the run that failed),
+    ``started_at`` once settled."""
+    if record.status is TaskStatus.PROCESS:
+        return record.updated_at
+    return record.started_at
 
 
 def runs(record: TaskRecord, earlier: list[TaskRecord]) -> int:
