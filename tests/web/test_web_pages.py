@@ -277,6 +277,40 @@ async def test_a_retried_task_that_runs_shows_when_its_run_began(
     await app.cancel(task.uuid)
 
 
+async def test_an_earlier_run_lost_after_a_retry_shows_when_it_began(
+    app: AsyncQueueTasks, client: Client
+) -> None:
+    """An attempt log as the worker leaves it (written here through the storage): attempt 1
+    failed and was retried (its save stored its run's started_at), attempt 2 began on
+    worker-b and was lost with it, attempt 2 runs again on worker-c. The kept run of
+    worker-b still carries attempt 1's started_at: the page shows when it began (its
+    updated_at as begun), not that."""
+    from qtasks_web.app import _when
+
+    storage = app.storage
+    rec = TaskRecord(uuid=uuid4().hex, task_name="add", args=[1, 2])
+    await storage.add(rec)
+
+    def claim(attempt: int, token: str, worker: str) -> TaskRecord:
+        out = rec.copy()
+        out.status, out.attempt, out.token, out.worker = TaskStatus.PROCESS, attempt, token, worker
+        return out
+
+    first = await storage.begin(claim(1, "t1", "worker-a"))
+    first.status, first.token, first.started_at = TaskStatus.RETRY, None, 1_000_000.0
+    assert await storage.save(first, fence="t1")
+    lost = await storage.begin(claim(2, "t2", "worker-b"))
+    assert lost.started_at == 1_000_000.0  # the retry's, still in the record
+    await storage.begin(claim(2, "t3", "worker-c"))
+    page = await client.get(f"/tasks/{rec.uuid}")
+    history = page.text.split('<ol class="history">', 1)[1].split("</ol>", 1)[0]
+    [line] = [line for line in history.split("<li") if "attempt 2 began on worker-b" in line]
+    assert _when(lost.updated_at) in line, line
+    assert _when(1_000_000.0) in history  # attempt 1's own line
+    assert "attempt 2 began again on worker-c" in history
+    await app.cancel(rec.uuid)
+
+
 async def test_dead_letters_requeue_and_purge(app: AsyncQueueTasks, client: Client) -> None:
     first = await app.add_task("later", 1)
     second = await app.add_task("later", 2)

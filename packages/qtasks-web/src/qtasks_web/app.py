@@ -83,6 +83,7 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["when"] = _when
+    env.filters["began"] = data.began
     env.filters["seconds"] = _seconds
     env.filters["pretty"] = data.pretty
     env.filters["shown"] = data.shown_text
