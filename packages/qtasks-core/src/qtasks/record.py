@@ -69,10 +69,11 @@ class TaskRecord:
     steps: int = 0
     """How many generator steps have been stored for this task."""
     started_at: float | None = None
-    """When the run that ended the record began (its ``updated_at`` as begun), set by the worker
-    on the records it settles, and on a record dead-lettered past its delivery limit whose last
-    run was lost with its worker (status ``process`` until then); ``None`` before. Queue wait
-    and run time derive from it."""
+    """When the record's run began (its ``updated_at`` as begun): of the run under way for a
+    ``process`` record (not the earlier run a retry ended); of the run that ended it for a
+    record the worker settles, and for one dead-lettered past its delivery limit whose last
+    run was lost with its worker (status ``process`` until then); ``None`` before any run.
+    Queue wait and run time derive from it."""
     workflow: str | None = None
     """The id of the workflow this task is a member of (see :mod:`qtasks.workflows`)."""
 

@@ -97,6 +97,8 @@ _RECORD_FIELDS = ("d", "s", "t", "cr", "u", "n", "a", "w", "e", "b")
 """Hash fields read back into a record, in :meth:`RedisStorage._record`'s order (scripts
 return the first eight; ``e``, the error written when a message is dead-lettered, and ``b``,
 when the run it ended began, are read by :meth:`RedisStorage.get` and waiters)."""
+_PROCESS = b"process"
+"""A running record's status, as stored."""
 _DEAD_LETTER = b"dead-letter"
 """The token of a record a dead letter ended, as stored (``qtasks.poison.DEAD_LETTER_TOKEN``,
 which the claim scripts write too)."""
@@ -275,6 +277,10 @@ class RedisStorage:
             record.cancel_reason = reason.decode()
         if updated is not None:
             record.updated_at = float(updated)
+            if status == _PROCESS:
+                # The run under way began when it was begun ('u'); 'd' may still hold the
+                # started_at of the run a retry ended.
+                record.started_at = record.updated_at
         if steps is not None:
             record.steps = int(steps)
         if attempt is not None:

@@ -197,6 +197,8 @@ class MemoryStorage(_Lifecycle):
         stored.token = record.token
         stored.worker = record.worker
         stored.updated_at = self._clock()
+        if stored.status is TaskStatus.PROCESS:  # this run began now, not the one retried
+            stored.started_at = stored.updated_at
         if moved:
             self._index(stored)
         return stored.copy()
@@ -238,6 +240,7 @@ class MemoryStorage(_Lifecycle):
             if attempt is not None:
                 stored.attempt = attempt + 1
             stored.updated_at = self._clock()
+            stored.started_at = stored.updated_at  # this run began now
             if moved:
                 self._index(stored)
         return stored.copy()

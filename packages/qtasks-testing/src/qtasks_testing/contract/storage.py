@@ -253,6 +253,27 @@ class StorageContract(ContractSuite):
         assert await storage.save(finished(stored), fence="tok-2") is True
 
     @pytest.mark.anyio
+    async def test_a_record_begun_again_after_a_retry_says_when_this_run_began(
+        self, storage: Storage
+    ) -> None:
+        rec = record()
+        await storage.add(rec)
+        first = await storage.begin(
+            record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=1, token="tok-1")
+        )
+        retried = finished(first, TaskStatus.RETRY, attempt=1, token="tok-1")
+        retried.started_at = first.updated_at - 60.0  # the failed run's, kept by the retry
+        assert await storage.save(retried, fence="tok-1") is True
+        again = await storage.begin(
+            record(uuid=rec.uuid, status=TaskStatus.PROCESS, attempt=2, token="tok-2")
+        )
+        stored = await storage.get(rec.uuid)
+        assert stored is not None and stored.status is TaskStatus.PROCESS
+        # The run under way began when it was begun, not when the failed run did.
+        assert again.started_at == again.updated_at
+        assert stored.started_at == stored.updated_at == again.updated_at
+
+    @pytest.mark.anyio
     async def test_begin_without_a_stored_record_stores_it(self, storage: Storage) -> None:
         claim = record(status=TaskStatus.PROCESS, attempt=1, token="t1")
         begun = await storage.begin(claim)
