@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, chain
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus, chain
 from qtasks.cli import cli
 
 APP_SOURCE = """
@@ -192,6 +192,28 @@ def test_record_times_are_iso_8601_local_and_numbers_in_json(
     app.cancel(later.uuid)
     code, out = invoke("get", done.uuid, "-A", served, "--json")
     assert json.loads(out)["created_at"] == done.created_at
+
+
+def test_get_lists_how_the_earlier_attempts_ended(served: str, app_module: ModuleType) -> None:
+    # The record holds its last attempt only: the storage keeps the earlier ones (AttemptLog),
+    # which the dashboard showed and qtasks get did not.
+    app: QueueTasks = app_module.app
+    failed = app.add_task("add", 1, "x", timeout=30)  # TypeError, retried twice
+    assert failed.status is TaskStatus.ERROR and failed.attempt == 3
+    code, out = invoke("get", failed.uuid, "-A", served)
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("earlier attempt")]
+    assert len(lines) == 2, out
+    for n, line in enumerate(lines, 1):
+        assert line.startswith(f"earlier attempt {n}: retry on {failed.worker}, began "), line
+        assert line.endswith(": TypeError: unsupported operand type(s) for +: 'int' and 'str'")
+    code, out = invoke("get", failed.uuid, "-A", served, "--json")
+    kept = json.loads(out)["earlier_attempts"]
+    assert [(a["attempt"], a["status"]) for a in kept] == [(1, "retry"), (2, "retry")]
+    done = app.add_task("add", 1, 2, timeout=5)
+    code, out = invoke("get", done.uuid, "-A", served)
+    assert "earlier attempt" not in out
+    assert json.loads(invoke("get", done.uuid, "-A", served, "--json")[1])["earlier_attempts"] == []
 
 
 def test_inspect_shows_what_the_worker_just_did(served: str, app_module: ModuleType) -> None:

@@ -74,12 +74,20 @@ def warn_secrets_shown(show_secrets: bool) -> None:
 
 
 def print_record(
-    record: TaskRecord, as_json: bool, app: AsyncQueueTasks, show_secrets: bool
+    record: TaskRecord,
+    as_json: bool,
+    app: AsyncQueueTasks,
+    show_secrets: bool,
+    earlier: Sequence[TaskRecord] | None = None,
 ) -> None:
     """``key: value`` lines (times in local ISO 8601), or JSON (times as unix seconds);
-    secrets masked unless ``show_secrets`` (:func:`shown_record`)."""
+    secrets masked unless ``show_secrets`` (:func:`shown_record`). ``earlier``: the records
+    of its earlier attempts (:class:`~qtasks.components.AttemptLog`), one line each after
+    the record (JSON: ``earlier_attempts``); ``None`` when the storage keeps none."""
     data = shown_record(record, app, show_secrets)
     if as_json:
+        if earlier is not None:
+            data["earlier_attempts"] = [shown_record(r, app, show_secrets) for r in earlier]
         typer.echo(to_json(data))
         return
     for key, value in data.items():
@@ -92,6 +100,20 @@ def print_record(
         else:
             shown = value
         typer.echo(f"{key}: {shown}")
+    for kept in earlier or ():
+        typer.echo(_attempt_line(shown_record(kept, app, show_secrets)))
+
+
+def _attempt_line(data: dict[str, Any]) -> str:
+    """One earlier attempt as ``qtasks get`` lists it: how it ended, where and when it began,
+    and its error."""
+    began = data.get("started_at") or data.get("updated_at")
+    status = data["status"]
+    ended = "lost with its worker" if status == "process" else status
+    where = f" on {data['worker']}" if data.get("worker") else ""
+    when = f", began {_local_time(began)}" if isinstance(began, int | float) else ""
+    error = f": {data['error']}" if data.get("error") and status != "process" else ""
+    return f"earlier attempt {data['attempt']}: {ended}{where}{when}{error}"
 
 
 def workflows_table(workflows: Sequence[dict[str, Any]]) -> str:

@@ -22,6 +22,7 @@ from qtasks.cli.output import (
     workflows_table,
 )
 from qtasks.cli.resolve import aio_of, resolve_app, run_on
+from qtasks.components import AttemptLog
 from qtasks.errors import ConfigError, TaskTimeoutError, UnknownTaskError
 from qtasks.masking import masked_value
 from qtasks.record import TaskRecord, TaskStatus
@@ -123,20 +124,25 @@ def get(
     as_json: JsonOpt = False,
     show_secrets: ShowSecretsOpt = False,
 ) -> None:
-    """Print the stored record of a task (exit code 1 if there is none).
+    """Print the stored record of a task (exit code 1 if there is none), then how its
+    earlier attempts ended (storages that keep them: retried, or lost with their worker).
 
     Values of secret-named arguments (password, token, api_key...) and passwords in URLs are
     shown as ***, as in `qtasks config` and the dashboard, unless --show-secrets is given."""
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
 
-    async def go(aio: AsyncQueueTasks) -> TaskRecord | None:
-        return await aio.get(uuid)
+    async def go(aio: AsyncQueueTasks) -> tuple[TaskRecord | None, list[TaskRecord] | None]:
+        record = await aio.get(uuid)
+        log = aio.storage
+        if record is None or not isinstance(log, AttemptLog):
+            return record, None
+        return record, await log.attempts(uuid)
 
-    record = run_on(the_app, go, command="get", uses=("storage",))
+    record, earlier = run_on(the_app, go, command="get", uses=("storage",))
     if record is None:
         raise _no_record(uuid)
     warn_secrets_shown(show_secrets)
-    print_record(record, as_json, aio_of(the_app), show_secrets)
+    print_record(record, as_json, aio_of(the_app), show_secrets, earlier)
 
 
 @command(cli)
