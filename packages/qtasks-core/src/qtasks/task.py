@@ -11,7 +11,6 @@ import builtins
 import copy
 import difflib
 import inspect
-import os
 import re
 import sys
 import warnings
@@ -87,12 +86,7 @@ def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> 
     for option in extra:
         close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.8)
         if close:
-            # Pointed at the declaration: the first frame outside qtasks.
-            here = os.path.dirname(__file__)
-            frame: FrameType | None = sys._getframe(0)
-            level = 1
-            while frame is not None and frame.f_code.co_filename.startswith(here):
-                frame, level = frame.f_back, level + 1
+            _, level = _user_frame()  # pointed at the declaration
             warnings.warn(
                 f"task {task!r}: unknown option {option!r} is kept in the task's extra and not "
                 f"applied; did you mean {close[0]!r}?",
@@ -256,16 +250,26 @@ class _Placeholders(dict[str, Any]):
         return ForwardRef(name)
 
 
-def _declaring_scope() -> Mapping[str, Any] | None:
-    """The local names of the code applying ``@app.task`` (the first frame outside qtasks),
-    when that is a function: where a class local to it is visible. ``None`` at module level."""
-    frame: FrameType | None = sys._getframe()
+def _user_frame() -> tuple[FrameType | None, int]:
+    """The first frame outside qtasks up the stack from the caller of this function (the code
+    applying ``@app.task``), and its ``stacklevel`` for :func:`warnings.warn` called there."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module != "qtasks" and not module.startswith("qtasks."):
-            return None if frame.f_locals is frame.f_globals else frame.f_locals
-        frame = frame.f_back
-    return None
+            break
+        frame, level = frame.f_back, level + 1
+    return frame, level
+
+
+def _declaring_scope() -> Mapping[str, Any] | None:
+    """The local names of the code applying ``@app.task`` (the first frame outside qtasks),
+    when that is a function: where a class local to it is visible. ``None`` at module level."""
+    frame, _ = _user_frame()
+    if frame is None or frame.f_locals is frame.f_globals:
+        return None
+    return frame.f_locals
 
 
 def is_injected(annotation: Any, default: Any) -> bool:
