@@ -122,21 +122,17 @@ def queue_wait(record: TaskRecord) -> float | None:
 
 
 def began(record: TaskRecord) -> float | None:
-    """When the record's last run began: the time it was begun (``updated_at``) while it runs
-    (a retried task's record still carries the ``started_at`` of the run that failed),
-    ``started_at`` once settled."""
-    if record.status is TaskStatus.PROCESS:
-        return record.updated_at
+    """When the record's last run began: its ``started_at``, which a storage sets when a run
+    begins (the run under way for a ``process`` record; see :attr:`TaskRecord.started_at`)."""
     return record.started_at
 
 
 def runs(record: TaskRecord, earlier: list[TaskRecord]) -> int:
     """How many runs of the task began, by its stored record and its ``earlier`` attempts
-    (:func:`attempts`): each earlier one began, and so did the record's own when it runs or
-    says when it began. More than ``record.attempt`` when a worker was lost mid-run (the
-    message is delivered again, the attempt runs again: ``attempt`` counts the retries)."""
-    own = record.started_at is not None or record.status is TaskStatus.PROCESS
-    return len(earlier) + own
+    (:func:`attempts`): each earlier one began, and so did the record's own when it says when
+    it began. More than ``record.attempt`` when a worker was lost mid-run (the message is
+    delivered again, the attempt runs again: ``attempt`` counts the retries)."""
+    return len(earlier) + (record.started_at is not None)
 
 
 def run_time(record: TaskRecord) -> float | None:
