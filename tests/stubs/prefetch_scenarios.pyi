@@ -1,0 +1,1 @@
+from tests.prefetch_scenarios import *  # noqa: F403
