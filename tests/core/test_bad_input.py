@@ -224,3 +224,27 @@ async def test_a_requeued_dead_letter_starts_with_no_steps(
     again = await worker.wait(task.uuid, 5)  # still unknown: dead-lettered again, no step
     assert (again.status, again.steps) == (TaskStatus.ERROR, 0)
     assert [step async for step in worker.storage.steps(task.uuid)] == []
+
+
+async def test_a_worker_with_no_task_registered_warns_that_it_dead_letters_everything(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A process that only enqueues but serves (``async with app:``) takes other workers'
+    messages and dead-letters them as unknown: the worker says so when it starts."""
+    broker, storage = MemoryBroker(), MemoryStorage()
+    idle = AsyncQueueTasks("enqueues only", broker=broker, storage=storage)
+    serving = AsyncQueueTasks("serves", broker=broker, storage=storage)
+
+    @serving.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    with caplog.at_level("WARNING", logger="qtasks.worker"):
+        async with serving:
+            pass
+        assert not [r for r in caplog.records if "no task registered" in r.getMessage()]
+        async with idle:
+            pass
+    [warning] = [r for r in caplog.records if "no task registered" in r.getMessage()]
+    assert "dead-letters every message" in warning.getMessage()
+    assert "await app.start()" in warning.getMessage()

@@ -378,6 +378,14 @@ class QueueWorker:
             if config.loop_stall_warning is not None:
                 watchdog = LoopWatchdog(config.loop_stall_warning, self._suspects)
                 await serving.start(watchdog.run)
+            if not app.tasks:
+                log.warning(
+                    "worker %s serves with no task registered: it dead-letters every message "
+                    "it takes as an unknown task. A process that only enqueues needs no "
+                    "worker: `await app.start()` (or just add_task) instead of `async with "
+                    "app:`",
+                    self.id,
+                )
             serving.start_soon(_loud, "heartbeats", self._heartbeat, app, concurrency)
             serving.start_soon(_loud, "lease renewals", self._leases.keep, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
