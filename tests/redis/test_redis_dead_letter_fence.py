@@ -4,11 +4,13 @@ does not reset a stored success by accident, nor lets that late result in."""
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
 import pytest
+import redis.asyncio
 from fence_scenarios import late_result_after_a_dead_letter_is_requeued
 from redis_procs import Worker, counts, wait_workers
 from redis_worker_app import build
@@ -17,6 +19,7 @@ from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks.components import RecordQuery
 from qtasks.record import TaskRecord
 from qtasks_redis import RedisBroker, RedisStorage
+from qtasks_redis.broker import RedisDelivery
 
 pytestmark = pytest.mark.anyio
 
@@ -27,9 +30,13 @@ async def dead_lettered(app: AsyncQueueTasks, uuid: str, seconds: float) -> None
             await anyio.sleep(0.05)
 
 
-async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
+@asynccontextmanager
+async def running_task_dead_lettered(
     redis_url: str, prefix: str, stack: AsyncExitStack
-) -> None:
+) -> AsyncIterator[tuple[AsyncQueueTasks, TaskRecord, RedisDelivery]]:
+    """An app whose task ``job`` was begun by worker w1, then dead-lettered by worker w2's
+    claim once w1's lease ran out (delivery limit 1); yields the app, the task and w1's
+    delivery, still held."""
     app = AsyncQueueTasks(
         broker=RedisBroker(redis_url, prefix=prefix, queue="q"),
         storage=RedisStorage(redis_url, prefix=prefix),
@@ -61,6 +68,15 @@ async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
             tg.start_soon(claim)  # (anyio 4.7 wants a coroutine, not an async generator's asend)
             await dead_lettered(app, task.uuid, 5)
             tg.cancel_scope.cancel()
+        yield app, task, held
+
+
+async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    async with running_task_dead_lettered(redis_url, prefix, stack) as (app, task, held):
+        broker, storage = app.broker, app.storage
+        assert isinstance(broker, RedisBroker) and isinstance(storage, RedisStorage)
         stored = await app.get(task.uuid)
         assert stored is not None and stored.status is TaskStatus.ERROR
         assert stored.error is not None and stored.error.startswith("dead-lettered: delivery limit")
@@ -79,6 +95,29 @@ async def test_last_holder_cannot_store_a_result_after_the_dead_letter(
     assert stored is not None and (stored.status, stored.returning) == (TaskStatus.ERROR, None)
     # Requeueing resets the record (it holds no result) and the task runs again.
     assert await app.requeue_dead_letters([task.uuid]) == 1
+    again = await app.get(task.uuid)
+    assert again is not None and (again.status, again.error) == (TaskStatus.NEW, None)
+
+
+async def test_requeue_removes_the_lost_runs_begin_from_the_record(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """The dead letter kept when its lost run began (hash field ``b``, read with ``e``); the
+    requeue's reset of the record removes it with ``e``, in the same script, so the hash of a
+    requeued task holds nothing of the dead letter but its fencing token."""
+    async with running_task_dead_lettered(redis_url, prefix, stack) as (app, task, held):
+        storage = app.storage
+        assert isinstance(storage, RedisStorage)
+        key = storage.record_key(task.uuid)
+        client = redis.asyncio.Redis.from_url(redis_url)
+        stack.push_async_callback(client.aclose)
+        dead = await client.hgetall(key)
+        assert held.begun is not None
+        assert float(dead[b"b"]) == pytest.approx(held.begun.started_at)
+        assert await app.requeue_dead_letters([task.uuid]) == 1
+    requeued = await client.hgetall(key)
+    assert b"b" not in requeued and b"e" not in requeued
+    assert requeued[b"s"] == b"new" and requeued[b"t"] == b"dead-letter"
     again = await app.get(task.uuid)
     assert again is not None and (again.status, again.error) == (TaskStatus.NEW, None)
 

@@ -288,8 +288,8 @@ class RedisStorage:
         if len(fields) > 8 and fields[8] is not None:
             record.error = fields[8].decode()
             # A claim dead-lettered it over a run that began and was lost with its worker:
-            # when that run began (its 'u' as begun). Read with 'e' only: a later save deletes
-            # 'e' (and 'u'), not 'b'.
+            # when that run began (its 'u' as begun). Read with 'e' only; a later save (a
+            # requeue's reset too) deletes both.
             if len(fields) > 9 and fields[9] is not None and token == _DEAD_LETTER:
                 record.started_at = float(fields[9])
         if worker is not None:

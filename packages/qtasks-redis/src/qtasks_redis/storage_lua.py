@@ -271,7 +271,9 @@ if ARGV[11] then
 else
   redis.call('HSET', K_REC, 'd', ARGV[2], 's', status, 't', token)
 end
-if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e') end
+-- 'b' (when a dead-lettered run began) goes with 'e', which it is read with: a requeue's reset
+-- keeps the token 'dead-letter', and its hash must hold nothing else of the dead letter.
+if old then redis.call('HDEL', K_REC, 'cr', 'u', 'a', 'w', 'e', 'b') end
 if old and ARGV[7] == '1' then  -- replaced: the attempts kept and the steps were the old one's
   redis.call('HDEL', K_REC, 'k', 'n', 'sn', 'st', 'sr')
   redis.call('DEL', string.sub(K_REC, 1, #K_REC - #uuid - 3) .. ':at:' .. uuid, K_STEPS)
