@@ -4,6 +4,7 @@ r15 #1, #2)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +196,46 @@ def test_a_broker_url_flag_alone_gives_the_redis_components(redis_url: str, modu
     assert (type(app.aio.broker), type(app.aio.storage)) == (RedisBroker, RedisStorage)
     assert app.aio.config.storage_url == redis_url
     assert app.aio.config_sources["broker"] == "follows the scheme of broker_url"
+
+
+def _config_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "qtasks.config" and r.levelno >= logging.INFO
+    ]
+
+
+def test_config_lines_print_once_when_the_command_applies_its_flags(
+    redis_url: str, module: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``qtasks run --prefetch 3`` on an app built with ``from_config()``: the app module's
+    import logged how the components follow the broker, and applying the flags derived them
+    again, which logged every line a second time."""
+    (module / "urlapp_once.py").write_text(CONFIG_APP)
+    (module / "qtasks.toml").write_text(f'broker = "redis"\nbroker_url = "{redis_url}"\n')
+    caplog.set_level(logging.INFO, "qtasks.config")
+    app = resolve_app("urlapp_once:app", None, {"prefetch": 3}, need_tasks=True)
+    assert isinstance(app, QueueTasks) and app.aio.config.prefetch == 3
+    lines = _config_lines(caplog)
+    assert "storage 'redis' follows the broker" in lines
+    assert len(lines) == len(set(lines)) == 4, lines
+
+
+def test_a_flag_that_changes_what_follows_the_broker_is_logged(
+    redis_url: str, module: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real second configuration is said: ``--broker-url`` gives the storage and global
+    config another URL; only what did not change is not said again."""
+    (module / "urlapp_twice.py").write_text(CONFIG_APP)
+    (module / "qtasks.toml").write_text('broker = "redis"\n')
+    caplog.set_level(logging.INFO, "qtasks.config")
+    other = redis_url.rsplit("/", 1)[0] + "/13"
+    app = resolve_app("urlapp_twice:app", None, {"broker_url": other}, need_tasks=True)
+    assert isinstance(app, QueueTasks) and app.aio.config.storage_url == other
+    lines = _config_lines(caplog)
+    assert lines.count("storage 'redis' follows the broker") == 1, lines
+    # Read from the file, the storage had no URL (a warning); the flag gives it the broker's.
+    assert any(line.startswith("storage 'redis' has no storage_url: it connects") for line in lines)
+    assert f"storage_url {other} follows broker_url" in lines
+    assert len(lines) == len(set(lines)), lines

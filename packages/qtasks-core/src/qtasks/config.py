@@ -596,7 +596,7 @@ _LEADERS: dict[str, tuple[str, ...]] = {
 when it provides one of that kind; a global config otherwise follows the storage."""
 
 
-def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
+def follow_broker(loaded: LoadedConfig, *, said: LoadedConfig | None = None) -> LoadedConfig:
     """Make the storage and global config follow a remote broker when they are not set, and
     name the backend of a component given a URL but no name.
 
@@ -620,7 +620,10 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
     that URL too. Each decision is logged on ``qtasks.config``; a remote storage or global
     config left with no URL at all logs a warning naming the default address it uses.
     Passwords are masked in every message. Values an earlier call derived (source
-    ``follows ...``) are derived again, so a changed broker URL carries over."""
+    ``follows ...``) are derived again, so a changed broker URL carries over. ``said`` is
+    that call's result, when its messages were logged: what would say the same again (the
+    same value derived the same way, the same component still without a URL) is not logged
+    twice, while what changed is."""
     from qtasks.discovery import installed_names, load
 
     config, sources = loaded.config, dict(loaded.sources)
@@ -634,19 +637,26 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
     def current(key: str) -> Any:
         return values[key] if key in values else getattr(config, key)
 
+    def repeats(key: str, *also: str) -> bool:
+        """Whether ``said`` derived ``key`` as it is now (and held ``also`` as they are)."""
+        if said is None or said.sources.get(key) != sources[key]:
+            return False
+        return all(getattr(said.config, k) == current(k) for k in (key, *also))
+
     for component in ("broker", "storage", "global_config"):
         url_key = f"{component}_url"
         url = current(url_key)
         if url is not None and sources.get(component, "default") == "default":
             values[component] = _named_by_url(component, url, sources.get(url_key, "default"))
             sources[component] = f"follows the scheme of {url_key}"
-            log.info(
-                "%s %r follows the scheme of %s %s",
-                component.replace("_", " "),
-                values[component],
-                url_key,
-                mask_url(url),
-            )
+            if not repeats(component, url_key):
+                log.info(
+                    "%s %r follows the scheme of %s %s",
+                    component.replace("_", " "),
+                    values[component],
+                    url_key,
+                    mask_url(url),
+                )
     remote = {"broker": not getattr(load("broker", current("broker")), "local", False)}
     for kind in ("storage", "global_config"):
         url_key = f"{kind}_url"
@@ -659,17 +669,19 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
                 raise ConfigError(_no_follower(kind, current("broker"), names))
             values[kind] = current(leader)
             sources[kind] = f"follows {leader}"
-            log.info("%s %r follows the %s", kind.replace("_", " "), values[kind], leader)
+            if not repeats(kind):
+                log.info("%s %r follows the %s", kind.replace("_", " "), values[kind], leader)
         name, url = current(kind), current(url_key)
         for leader in leaders:
             lead_url = current(f"{leader}_url")
             if url is None and name == current(leader) and lead_url is not None:
                 url = values[url_key] = lead_url
                 sources[url_key] = f"follows {leader}_url"
-                log.info("%s %s follows %s_url", url_key, mask_url(url), leader)
+                if not repeats(url_key):
+                    log.info("%s %s follows %s_url", url_key, mask_url(url), leader)
         cls = load(kind, name)
         remote[kind] = not getattr(cls, "local", False)
-        if remote[kind] and url is None:
+        if remote[kind] and url is None and not _warned(said, kind, name):
             default = getattr(cls, "default_url", None)
             log.warning(
                 "%s %r has no %s: it connects to %s",
@@ -679,6 +691,14 @@ def follow_broker(loaded: LoadedConfig) -> LoadedConfig:
                 mask_url(default) if isinstance(default, str) else "its default address",
             )
     return LoadedConfig(replace(config, **values), sources, loaded.path)
+
+
+def _warned(said: LoadedConfig | None, kind: str, name: str) -> bool:
+    """Whether the :func:`follow_broker` call that gave ``said`` warned that ``kind`` is
+    ``name`` and has no URL (as it is again)."""
+    if said is None:
+        return False
+    return getattr(said.config, kind) == name and getattr(said.config, f"{kind}_url") is None
 
 
 def _named_by_url(kind: str, url: str, source: str) -> str:

@@ -126,6 +126,9 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
     class is not what its configured name builds) raises :class:`ConfigError` unless its
     name is given too: it would be rebuilt without what its constructor was given."""
     aio = aio_of(app)
+    # What building the app from its configuration derived and logged (from_config, or a
+    # config naming components): deriving again with the flags logs only what they change.
+    said = LoadedConfig(aio.config, dict(aio.config_sources)) if aio.config_sources else None
     given: dict[str, Any] = {}
     for key, value in flags.items():
         if value is None:
@@ -151,7 +154,7 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
     for kind in ("storage", "global_config"):
         if not getattr(getattr(aio, kind), "local", False):
             sources.setdefault(kind, "app (constructor)")  # built in code: it stays
-    followed = follow_broker(LoadedConfig(replace(old, **given), sources))
+    followed = follow_broker(LoadedConfig(replace(old, **given), sources), said=said)
     aio.config = followed.config
     for key in ("broker", "storage", "storage_url", "global_config", "global_config_url"):
         source = followed.sources.get(key, "default")
