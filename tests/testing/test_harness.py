@@ -77,6 +77,28 @@ async def test_inline_add_task_returns_the_final_record() -> None:
 
 
 @pytest.mark.anyio
+async def test_enqueued_arguments_are_what_the_task_receives() -> None:
+    """A tuple argument reaches the task as a list (JSON has no tuple): the harness records
+    the list, and matches either shape a test asserts with."""
+    app = AsyncQueueTasks()
+    received: list[Any] = []
+
+    @app.task
+    async def total(prices: list[int], pair: Any = None) -> int:
+        received.append((prices, pair))
+        return sum(prices)
+
+    async with Harness(app) as qt:
+        await app.add_task("total", (3, 4), pair=(1, (2,)))
+        assert received == [([3, 4], [1, [2]])]
+        (call,) = qt.enqueued(total)
+        assert (call.args, call.kwargs) == ([[3, 4]], {"pair": [1, [2]]})
+        for prices, pair in (([3, 4], [1, [2]]), ((3, 4), (1, (2,)))):
+            assert qt.assert_enqueued("total", prices, pair=pair) == call
+        qt.assert_not_enqueued("total", [4, 3], pair=[1, [2]])
+
+
+@pytest.mark.anyio
 async def test_inline_retries_skip_the_backoff() -> None:
     app, seen = make_async_app()
     async with Harness(app):

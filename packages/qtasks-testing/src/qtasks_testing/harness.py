@@ -42,6 +42,7 @@ from qtasks_testing.records import (
     CHILD_NOTE,
     EnqueuedLog,
     EnqueuedTask,
+    as_received,
     describe,
     failure_message,
 )
@@ -100,15 +101,9 @@ class _InlinePlugin:
     def qtasks_storage_added(self, record: TaskRecord) -> None:
         # Fires for every task the app stores as new: add_task, each task of add_tasks and
         # every member of a workflow (when run_workflow stores it, before its gate opens).
+        args, kwargs = self._harness._received(record.args, record.kwargs)
         self._harness._enqueued.append(
-            EnqueuedTask(
-                record.uuid,
-                record.task_name,
-                list(record.args),
-                dict(record.kwargs),
-                record.priority,
-                record.eta,
-            )
+            EnqueuedTask(record.uuid, record.task_name, args, kwargs, record.priority, record.eta)
         )
 
     @hookimpl(wrapper=True)
@@ -674,6 +669,11 @@ class Harness(EnqueuedLog):
                 "that waits for it waits for itself)"
             )
         return HarnessTimeoutError(running[-1], self.timeout, text + advice)
+
+    def _received(
+        self, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        return as_received(self.app.codec.serializer, args, kwargs)
 
     def _check_name(self, name: str) -> None:
         """A name the app has no task of, that nothing was enqueued under, and that is close

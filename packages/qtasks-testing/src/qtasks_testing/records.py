@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
 from qtasks.task import TaskDef
 
@@ -14,7 +15,8 @@ from qtasks.task import TaskDef
 @dataclass(frozen=True, slots=True)
 class EnqueuedTask:
     """One task the app enqueued while the harness was installed (``add_task``, each task of
-    ``add_tasks``, each member of a workflow), as stored (after enqueue hooks ran)."""
+    ``add_tasks``, each member of a workflow), as stored (after enqueue hooks ran), its
+    arguments as the task receives them (see :func:`as_received`)."""
 
     uuid: str
     task_name: str
@@ -29,6 +31,19 @@ class EnqueuedTask:
     def describe(self) -> str:
         call = ", ".join([*map(repr, self.args), *(f"{k}={v!r}" for k, v in self.kwargs.items())])
         return f"{self.task_name}({call})"
+
+
+def as_received(
+    serializer: Serializer, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """``args`` and ``kwargs`` as a task receives them: through ``serializer``, the app's (with
+    JSON a tuple comes as a list). Arguments it cannot encode are returned as given: their
+    enqueue fails on its own."""
+    try:
+        received = serializer.loads(serializer.dumps([list(args), kwargs]))
+    except Exception:  # any: a serializer of the user's may raise what it likes
+        return list(args), dict(kwargs)
+    return list(received[0]), dict(received[1])
 
 
 def task_name_of(task: str | TaskDef[..., Any]) -> str:
@@ -62,6 +77,12 @@ class EnqueuedLog:
 
     _enqueued: list[EnqueuedTask]
 
+    def _received(
+        self, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """``args`` and ``kwargs`` as the app's tasks receive them (see :func:`as_received`)."""
+        return list(args), dict(kwargs)
+
     def enqueued(self, task: str | TaskDef[..., Any] | None = None) -> list[EnqueuedTask]:
         """Every task the app enqueued since the harness started (of ``task`` only, if given),
         in order: ``add_task``, each task of ``add_tasks``, each member of a workflow (when
@@ -76,7 +97,8 @@ class EnqueuedLog:
     def assert_enqueued(
         self, task: str | TaskDef[..., Any], /, *args: Any, **kwargs: Any
     ) -> EnqueuedTask:
-        """Assert ``task`` was enqueued (with exactly these arguments, if any are given)."""
+        """Assert ``task`` was enqueued (with exactly these arguments, if any are given,
+        compared as the task receives them: ``(3, 4)`` and ``[3, 4]`` match alike with JSON)."""
         name, calls = self._calls(task, args, kwargs)
         if not calls:
             wanted = name
@@ -103,7 +125,8 @@ class EnqueuedLog:
         name = task_name_of(task)
         calls = self.enqueued(name)
         if args or kwargs:
-            calls = [c for c in calls if c.matches(name, args, kwargs)]
+            wanted, named = self._received(args, kwargs)
+            calls = [c for c in calls if c.matches(name, wanted, named)]
         return name, calls
 
     def _check_name(self, name: str) -> None:
