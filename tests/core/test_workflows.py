@@ -972,6 +972,49 @@ async def test_a_step_whose_input_is_gone_fails_once_naming_it() -> None:
     assert done.status == "error"
 
 
+class CountingStorage(MemoryStorage):
+    """Counts the reads of each record through ``get_many`` (how a step's input is read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: dict[str, int] = {}
+
+    async def get_many(self, uuids: Any) -> list[TaskRecord | None]:
+        for uuid in uuids:
+            self.reads[uuid] = self.reads.get(uuid, 0) + 1
+        return await super().get_many(uuids)
+
+
+async def test_a_step_keyed_by_its_input_reads_it_once() -> None:
+    """A step with a concurrency key and an input: the worker reads the input for the key,
+    and the task gets that value, not a second read of the previous step's result."""
+    storage = CountingStorage()
+    app = AsyncQueueTasks(storage=storage)
+    keys: list[Any] = []
+
+    @app.task
+    def one() -> list[int]:
+        return [1, 2]
+
+    def key(items: list[int]) -> str:
+        keys.append(items)
+        return str(sum(items))
+
+    @app.task(max_concurrency=1, concurrency_key=key)
+    def then(items: list[int]) -> int:
+        return sum(items)
+
+    try:
+        async with app:
+            wf = await app.run_workflow(chain(one.s(), then.s()))
+            done = await wf.wait_result(timeout=5)
+    finally:
+        await app.aclose()
+    assert done.status == "success" and done.result == 3
+    assert keys == [[1, 2]]
+    assert storage.reads[wf.members[0]] == 1, storage.reads
+
+
 async def test_the_state_of_a_workflow_whose_members_expired_since_it_ended_is_read() -> None:
     """Members' records expire ``result_ttl`` after their workflow ended: reading the state of
     a workflow that succeeded after that gives it without its result, saying why (before,

@@ -64,6 +64,10 @@ class TaskRun:
     """The call of this sync task whose thread ``max_time`` or a cancel gave up on while it
     still runs (see :mod:`qtasks.threads`): its concurrency slot is held, and its teardown
     waits, until it returns."""
+    step_input: tuple[Any] | None = None
+    """A workflow step's input, as ``(value,)``, when the worker read it before the run (a
+    concurrency key of it): the task is given this value, not a second read of its
+    predecessors' results. ``None``: not read yet."""
     ended_by: BaseException | None = None
     """How the run's code ended, for what :meth:`on_close` registered: ``None`` when it
     returned; else the exception it raised, a :class:`~qtasks.errors.TaskCancelledError` when

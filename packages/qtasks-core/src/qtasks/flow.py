@@ -189,21 +189,18 @@ class FlowSpec:
         return text
 
 
-async def _call_args(app: AsyncQueueTasks, message: Message) -> Sequence[Any]:
-    """The positional arguments ``message`` calls its task with: a workflow step that takes
-    its predecessors' result (the ``INPUT`` header) carries a placeholder where that result
-    goes, read here from storage, as the executor reads it, so that a concurrency key of that
-    argument is the value the task gets. Raises
+async def _step_input(app: AsyncQueueTasks, message: Message) -> tuple[Any] | None:
+    """The input of a workflow step that takes its predecessors' result (the ``INPUT``
+    header), as ``(value,)``; ``None`` for another message. Read from storage as the
+    executor reads it, so that a concurrency key of that argument is of the value the task
+    gets (the run is given it: it is read once). Raises
     :class:`~qtasks.errors.WorkflowInputError` when the input cannot be read."""
-    from qtasks.workflows.plan import INPUT, WORKFLOW_HEADER
-    from qtasks.workflows.runtime import resolve
+    from qtasks.workflows.plan import INPUT
+    from qtasks.workflows.runtime import step_input
 
-    headers = message.headers
-    spec = headers.get(INPUT)
-    if spec is None:
-        return message.args
-    value = await resolve(app, spec, message.uuid, headers.get(WORKFLOW_HEADER))
-    return [value, *message.args[1:]]
+    if INPUT not in message.headers:
+        return None
+    return (await step_input(app, message),)
 
 
 def _call_key(
@@ -528,28 +525,35 @@ class FlowGate:
         task: TaskDef[..., Any],
         message: Message,
         delivery: Delivery,
-    ) -> bool:
-        """Whether ``message`` may start now. ``False``: it was handled here (expired, or
-        handed back delayed) and the worker is done with ``delivery``."""
+    ) -> tuple[bool, tuple[Any] | None]:
+        """Whether ``message`` may start now (``False``: it was handled here, expired or
+        handed back delayed, and the worker is done with ``delivery``), and the workflow
+        step's input as ``(value,)`` when a concurrency key of it read it (``None`` else):
+        the run is given it (:attr:`~qtasks.executor.TaskRun.step_input`)."""
         headers = message.headers
+        read: tuple[Any] | None = None
         now = app.clock()
         expires = headers.get("expires")
         if expires is not None and now >= expires:
             await self._expire(app, message, delivery)
-            return False
+            return False, None
         spec = task.flow
         if spec is not None and (spec.rate is not None or spec.max_concurrency is not None):
             fc = flow_control(app, f"task {task.name!r}")
             if spec.rate is not None:
                 if not await self._take_token(app, fc, spec, message, delivery, now, expires):
-                    return False
+                    return False, None
                 if expires is not None and app.clock() >= expires:  # it waited for its token
                     await self._expire(app, message, delivery)
-                    return False
+                    return False, None
             if spec.max_concurrency is not None:
                 key = headers.get("ckey")
                 if not isinstance(key, str):
-                    key = spec.concurrency_key(await _call_args(app, message), message.kwargs)
+                    args = message.args
+                    read = await _step_input(app, message)
+                    if read is not None:
+                        args = [read[0], *args[1:]]
+                    key = spec.concurrency_key(args, message.kwargs)
                 slot = f"slots:{task.name}:{key}"
                 # Held by this delivery, waiting as the task (see FlowControl.acquire_slot).
                 holder = f"{message.uuid}/{delivery.token}"
@@ -565,12 +569,12 @@ class FlowGate:
                     # spent (never exceeding the rate), and reserved again when it returns.
                     headers.pop("flow_at", None)
                     await self._defer(app, message, delivery, wait, expires, now)
-                    return False
+                    return False, None
                 self.slots[delivery.token] = Slot(slot, holder, spec.max_concurrency)
         unique = headers.get("unique")
         if unique and not unique[2]:
             self.unique[delivery.token] = unique
-        return True
+        return True, read
 
     async def _take_token(
         self,

@@ -652,10 +652,12 @@ class QueueWorker:
         if "qtasks_worker_task_received" in hooks.active:
             await hooks.notify("qtasks_worker_task_received", app=app, message=message)
         headers = message.headers
+        step_input: tuple[Any] | None = None  # read by a concurrency key: given to the run
         if task.flow is not None or (headers and not ADMIT_HEADERS.isdisjoint(headers)):
             # Expiry, rate, concurrency, unique keys (qtasks.flow).
             try:
-                if not await self._flow.admit(app, task, message, delivery):
+                admitted, step_input = await self._flow.admit(app, task, message, delivery)
+                if not admitted:
                     return
             except (TaskArgumentsError, WorkflowInputError) as exc:
                 # A concurrency key function that fails, or a workflow step whose input (the
@@ -741,6 +743,7 @@ class QueueWorker:
             record=record,
             delivery=delivery,
             cancel_scope=scope,
+            step_input=step_input,
         )
         self._running[delivery.token] = run
         heard = self._recent_cancels.get(record.uuid)

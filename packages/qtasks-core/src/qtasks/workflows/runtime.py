@@ -15,7 +15,7 @@ from qtasks.checks import check_timeout
 from qtasks.components import GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
 from qtasks.memory.signals import _Signal
-from qtasks.messages import Envelope
+from qtasks.messages import Envelope, Message
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.canvas import Node, Signature
 from qtasks.workflows.plan import (
@@ -392,9 +392,17 @@ def gate_envelopes(messages: Sequence[GateMessage], now: float) -> list[Envelope
 async def with_input(run: TaskRun, args: list[Any]) -> list[Any]:
     """``args`` of a workflow step (its message has the ``INPUT`` header) with its input,
     the predecessors' results read from storage, as the first argument (the executor's
-    step after the ``qtasks_executor_args`` transform). Raises
+    step after the ``qtasks_executor_args`` transform); the value the worker read before
+    the run (``run.step_input``, for a concurrency key of it) is not read again. Raises
     :class:`~qtasks.errors.WorkflowInputError` when a predecessor's record is gone or did
     not succeed: not retried, it would not heal."""
-    headers = run.message.headers
-    value = await resolve(run.app, headers[INPUT], run.record.uuid, headers.get(WORKFLOW_HEADER))
+    read = run.step_input
+    value = await step_input(run.app, run.message) if read is None else read[0]
     return [value, *args[1:]]
+
+
+async def step_input(app: AsyncQueueTasks, message: Message) -> Any:
+    """The input of the workflow step ``message`` (it has the ``INPUT`` header), read from
+    its predecessors' stored records (see :func:`resolve`)."""
+    headers = message.headers
+    return await resolve(app, headers[INPUT], message.uuid, headers.get(WORKFLOW_HEADER))
