@@ -217,7 +217,12 @@ async def test_async_sleep_ends_early_when_cancelled(seconds: float) -> None:
     assert cleaned == [True]
 
 
-def test_sync_sleep_wakes_its_thread_when_cancelled() -> None:
+def _given_up_on(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "given up on" in r.getMessage()]
+
+
+def test_sync_sleep_wakes_its_thread_when_cancelled(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
     app = QueueTasks()
     sleeping = threading.Event()
     woke: list[BaseException] = []
@@ -249,9 +254,12 @@ def test_sync_sleep_wakes_its_thread_when_cancelled() -> None:
     assert len(woke) == 1, woke
     assert isinstance(woke[0], TaskCancelledError)
     assert woke[0].reason == "enough"
+    # Its thread returned a moment after the cancel: not said to run on (nor to return late).
+    assert _given_up_on(caplog) == []
 
 
-def test_sync_sleep_wakes_at_max_time() -> None:
+def test_sync_sleep_wakes_at_max_time(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="qtasks.worker")
     app = QueueTasks()
     thread_done = threading.Event()
 
@@ -271,6 +279,7 @@ def test_sync_sleep_wakes_at_max_time() -> None:
     assert final.status is TaskStatus.ERROR
     assert final.error is not None
     assert "TaskMaxTimeError" in final.error
+    assert _given_up_on(caplog) == []
 
 
 async def test_async_sleep_hands_task_back_at_shutdown() -> None:

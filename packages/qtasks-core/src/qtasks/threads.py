@@ -33,6 +33,10 @@ log = logging.getLogger("qtasks.worker")
 
 _NO_KWARGS: dict[str, Any] = {}
 
+_RETURN_GRACE = 0.1
+"""Seconds a thread given up on has to return before the warning that it runs on: a sync
+``ctx.sleep`` wakes as its wait is cancelled, and its task ends a moment later."""
+
 _ORPHANS: list[ThreadCall] = []
 """Calls whose thread returned after their event loop closed: their tokens are given back by
 the next call that finds the limiter full (see :func:`_acquire`)."""
@@ -261,10 +265,23 @@ class ThreadCall:
         except RuntimeError:  # the loop is closed (or trio's run finished)
             _ORPHANS.append(self)
 
-    def abandon(self) -> None:
+    async def give_up(self) -> None:
         """On the loop, when the await of the call ended without its result (cancelled by
-        ``max_time`` or a cancel; or the call raised): the token stays with the thread while
-        it still runs."""
+        ``max_time`` or a cancel; or the call raised): :meth:`abandon`. A thread that still
+        runs has :data:`_RETURN_GRACE` seconds to return (a shielded wait for :attr:`done`,
+        on this path only) before it is said to run on, and its run is told
+        (``run.abandoned``): one that returns by then was not given up on."""
+        if not self.abandon():
+            return
+        assert self.done is not None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_RETURN_GRACE):
+            await self.done.wait()
+        if not self.done.is_set():
+            self._ran_on()
+
+    def abandon(self) -> bool:
+        """On the loop, when the await of the call ended without its result: the token stays
+        with the thread while it still runs. Returns whether it does."""
         if not self.ended:
             from qtasks.app import _threadsafe  # app imports this module (through executor)
 
@@ -277,7 +294,11 @@ class ThreadCall:
         if self.ended or not self.started:
             _RUNNING_ON.discard(self)
             self._release()  # returned already, or will never run
-            return
+            return False
+        return True
+
+    def _ran_on(self) -> None:
+        """The thread of the call given up on still runs: tell its run, and warn."""
         run = self.run
         run.abandoned = self
         flow = run.task.flow
@@ -346,7 +367,7 @@ async def in_thread(
             call, abandon_on_cancel=True, limiter=app._no_thread_limit
         )
     except BaseException:
-        call.abandon()
+        await call.give_up()
         raise
     call._release()
     return result
