@@ -40,6 +40,35 @@ class QTasksModuleNotProvidedError(QTasksError, ModuleNotFoundError):
     message says what to write instead (see :mod:`qtasks.compat.modules`)."""
 
 
+class QTasksNameNotProvidedError(QTasksError):
+    """A QTasks 1.7 name qtasks does not have was read from one of QTasks' modules that qtasks
+    has (``qtasks.plugins.AsyncDependsPlugin``); the message says what to write instead (see
+    :mod:`qtasks.compat.names`). Raised as one of its two subclasses."""
+
+    LEAD = "cannot import name {attribute!r} from {module!r}"
+
+    def __init__(self, module: str, attribute: str, advice: str) -> None:
+        self.module, self.attribute, self.advice = module, attribute, advice
+        lead = self.LEAD.format(module=module, attribute=attribute)
+        super().__init__(
+            f"{lead}: it is QTasks 1.7's, and qtasks has no such name: {advice} "
+            "(see docs/coming-from-qtasks.md)"
+        )
+
+
+class QTasksAttributeNotProvidedError(QTasksNameNotProvidedError, AttributeError):
+    """The name read as an attribute (``module.Name``, ``getattr``): an ``AttributeError``, so
+    ``hasattr()`` says ``False``."""
+
+    LEAD = "module {module!r} has no attribute {attribute!r}"
+
+
+class QTasksImportNotProvidedError(QTasksNameNotProvidedError, ImportError):
+    """The name imported (``from qtasks.plugins import AsyncDependsPlugin``): an
+    ``ImportError``, since CPython replaces an ``AttributeError`` raised there with a bare
+    "cannot import name", losing the advice."""
+
+
 class TaskDeclarationError(QTasksError, TypeError):
     """A task was declared with a duplicate name or an option of the wrong type (or
     ``app.add_middleware`` was given something that is not a middleware)."""

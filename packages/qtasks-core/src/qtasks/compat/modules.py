@@ -96,11 +96,7 @@ INSTEAD: dict[str, str] = {
     ),
     "qtasks.tests.async_classes": TESTING,
     "qtasks.tests.sync_classes": TESTING,
-    "qtasks.plugins.depends.async_depends": DEPENDS,
-    "qtasks.plugins.depends.sync_depends": DEPENDS,
     "qtasks.plugins.depends.contexts": DEPENDS,
-    "qtasks.plugins.states.async_state": STATES,
-    "qtasks.plugins.states.sync_state": STATES,
     "qtasks.plugins.states.registry": STATES,
     "qtasks.registries.task_registry": (
         "shared tasks are declared with 'from qtasks import shared_task' and adopted by every app"

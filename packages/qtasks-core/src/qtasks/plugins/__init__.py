@@ -1,7 +1,8 @@
 """Plugin registration and the one helper through which the core calls every hook.
 
 (A package so that QTasks' import paths work beneath it: ``qtasks.plugins.states``,
-``qtasks.plugins.depends`` and ``qtasks.plugins.base``; see :mod:`qtasks.compat`.)
+``qtasks.plugins.depends`` and ``qtasks.plugins.base``; see :mod:`qtasks.compat`. QTasks'
+plugin classes it held say what to write instead, see :mod:`qtasks.compat.names`.)
 
 ``hookimpl`` marks implementations. :class:`Hooks` wraps a pluggy ``PluginManager``: it checks
 plugins at registration (unknown hook names, async ``firstresult``/wrapper implementations), and
@@ -16,7 +17,7 @@ import inspect
 import logging
 import operator
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import pluggy
 
@@ -368,6 +369,14 @@ def _culprit(hooks: Hooks, hook: str) -> str:
     return ",".join(names) or "?"
 
 
-# Re-exported: ``from qtasks.plugins import AsyncState, SyncState``.
+# Re-exported: ``from qtasks.plugins import AsyncState, SyncState, Depends`` (QTasks' path;
+# Depends on first use: qtasks.depends imports this module).
 from qtasks.state import AsyncState as AsyncState  # noqa: E402
 from qtasks.state import SyncState as SyncState  # noqa: E402
+
+if TYPE_CHECKING:
+    from qtasks.depends import Depends as Depends
+else:  # a type checker reports QTasks' names qtasks lacks as missing
+    from qtasks.compat.names import refuse
+
+    __getattr__ = refuse(__name__, lazy={"Depends": "qtasks.depends"})

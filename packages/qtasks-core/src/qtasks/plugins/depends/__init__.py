@@ -1,6 +1,7 @@
 """QTasks' path ``qtasks.plugins.depends``: ``Depends`` and ``ScopeEnum``."""
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from qtasks.depends import Depends
 
@@ -16,3 +17,9 @@ class ScopeEnum(StrEnum):
 
 
 __all__ = ["Depends", "ScopeEnum"]
+
+
+if not TYPE_CHECKING:  # a type checker reports QTasks' names qtasks lacks as missing
+    from qtasks.compat.names import refuse
+
+    __getattr__ = refuse(__name__)

@@ -1,5 +1,6 @@
-"""QTasks' path ``qtasks.plugins.depends.class_depends``: ``Depends`` (``qtasks.Depends``)."""
+"""QTasks' path ``qtasks.plugins.depends.class_depends``: ``Depends`` (``qtasks.Depends``)
+and ``ScopeEnum``."""
 
-from qtasks.plugins.depends import Depends
+from qtasks.plugins.depends import Depends, ScopeEnum
 
-__all__ = ["Depends"]
+__all__ = ["Depends", "ScopeEnum"]
