@@ -15,6 +15,7 @@ from web_helpers import CHROMIUM
 from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus
 from qtasks_web import Auth, create_app
 from qtasks_web.server import running
+from qtasks_web.settings import WebSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -270,3 +271,18 @@ async def test_ready_messages_by_priority_are_listed_lowest_first(browser: Brows
             await expect(cells).to_have_text(["-2", "0", "3"])
     finally:
         await app.aclose()
+
+
+async def test_the_failure_rate_axis_ends_at_100_percent(browser: Browser) -> None:
+    """Every task failed: the chart's top is 100 %, not the 110 % the 10 % headroom of the
+    other charts made of it."""
+    app = make_app(Gates(0))
+    settings = WebSettings(window=30.0)  # intervals of 1 s: the failures' one closes soon
+    async with app, running(create_app(app, settings=settings)) as url:
+        for note in ("a", "b"):
+            await app.add_task("fail", note, timeout=5)
+        page = await browser.new_page()
+        await page.goto(url + "/")
+        chart = page.locator("#chart-failures")
+        await expect(chart.locator("circle.failed").first).to_be_attached(timeout=5000)
+        await expect(chart.locator("text").first).to_have_text("100")

@@ -53,13 +53,15 @@
     return node;
   }
 
-  function chart(id, series) {
+  // ceiling: the most the axis may read (a percentage's 100), headroom or not.
+  function chart(id, series, ceiling) {
     const svg = document.getElementById(id);
     if (!svg) return;
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     let maxY = 0;
     for (const s of series) for (const y of s.points) if (y != null && y > maxY) maxY = y;
     maxY = maxY > 0 ? maxY * 1.1 : 1;
+    if (ceiling != null && maxY > ceiling) maxY = ceiling;
     const axis = document.createElementNS(SVG, "path");
     axis.setAttribute("d", "M40 10 L40 140 L590 140");
     axis.setAttribute("class", "frame");
@@ -107,7 +109,7 @@
       { points: pick("started"), cls: "started" },
       { points: pick("finished"), cls: "finished" },
     ]);
-    chart("chart-failures", [{ points: pick("failure_rate", 100), cls: "failed" }]);
+    chart("chart-failures", [{ points: pick("failure_rate", 100), cls: "failed" }], 100);
     chart("chart-wait", [
       { points: pick("wait_p50"), cls: "p50" },
       { points: pick("wait_p95"), cls: "p95" },
