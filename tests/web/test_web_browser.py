@@ -286,3 +286,24 @@ async def test_the_failure_rate_axis_ends_at_100_percent(browser: Browser) -> No
         chart = page.locator("#chart-failures")
         await expect(chart.locator("circle.failed").first).to_be_attached(timeout=5000)
         await expect(chart.locator("text").first).to_have_text("100")
+
+
+async def test_every_page_has_a_favicon_the_browser_loads(browser: Browser) -> None:
+    """No 404 for the icon in the browser's console: each page names one, served as SVG."""
+    app = make_app(Gates(0))
+    async with app, running(create_app(app)) as url:
+        page = await browser.new_page()
+        failed: list[str] = []
+        page.on("console", lambda m: failed.append(m.text) if m.type == "error" else None)
+        page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+        for path in ("/", "/tasks", "/workers", "/timers", "/dead-letters"):
+            await page.goto(url + path)
+            icon = page.locator('link[rel="icon"]')
+            await expect(icon).to_have_count(1)
+            href = await icon.get_attribute("href")
+            assert href is not None
+            loaded = await page.request.get(url + href)
+            assert loaded.status == 200
+            assert loaded.headers["content-type"].startswith("image/svg+xml")
+            assert (await loaded.text()).lstrip().startswith("<svg")
+        assert failed == []
