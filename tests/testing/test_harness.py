@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import pydantic
 import pytest
 
 from qtasks import (
@@ -96,6 +97,24 @@ async def test_enqueued_arguments_are_what_the_task_receives() -> None:
         for prices, pair in (([3, 4], [1, [2]]), ((3, 4), (1, (2,)))):
             assert qt.assert_enqueued("total", prices, pair=pair) == call
         qt.assert_not_enqueued("total", [4, 3], pair=[1, [2]])
+
+
+@pytest.mark.anyio
+async def test_a_model_argument_matches_as_the_model_or_its_dict() -> None:
+    class Item(pydantic.BaseModel):
+        name: str
+
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def store(item: Item) -> str:
+        return str(item.name)
+
+    async with Harness(app) as qt:
+        await app.add_task("store", Item(name="x"))
+        assert qt.enqueued(store)[0].args == [{"name": "x"}]
+        qt.assert_enqueued(store, Item(name="x"))
+        qt.assert_enqueued(store, {"name": "x"})
 
 
 @pytest.mark.anyio

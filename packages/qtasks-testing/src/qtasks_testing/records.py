@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtasks.messages import Serializer
+from qtasks.models import to_wire
 from qtasks.record import TaskRecord
 from qtasks.task import TaskDef
 
@@ -36,11 +37,13 @@ class EnqueuedTask:
 def as_received(
     serializer: Serializer, args: Sequence[Any], kwargs: dict[str, Any]
 ) -> tuple[list[Any], dict[str, Any]]:
-    """``args`` and ``kwargs`` as a task receives them: through ``serializer``, the app's (with
-    JSON a tuple comes as a list). Arguments it cannot encode are returned as given: their
-    enqueue fails on its own."""
+    """``args`` and ``kwargs`` as a task's message delivers them: through ``serializer``, the
+    app's (with JSON a tuple comes as a list; a pydantic model is its dict, as the enqueue
+    stores it, validated into the model only as the task is called). Arguments it cannot
+    encode are returned as given: their enqueue fails on its own."""
+    wire = [to_wire(value) for value in args], {k: to_wire(v) for k, v in kwargs.items()}
     try:
-        received = serializer.loads(serializer.dumps([list(args), kwargs]))
+        received = serializer.loads(serializer.dumps(list(wire)))
     except Exception:  # any: a serializer of the user's may raise what it likes
         return list(args), dict(kwargs)
     return list(received[0]), dict(received[1])
