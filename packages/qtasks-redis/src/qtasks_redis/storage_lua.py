@@ -24,6 +24,9 @@ through the status indexes. Entries of expired records are removed from the inde
 records by some writes (see ``prune``), by :meth:`stats` and by the queries that meet them;
 an entry stays while its record exists, however old (see ``trim``: a workflow's members are
 kept past ``result_ttl``), with ``<tag>:tm`` and ``<tag>:tk`` for the trimming's own use.
+
+Over ~500 lines: the storage's scripts share one Lua prelude (the keys, ``index``, ``trim``,
+``prune``), which each script's source starts with; split, a script would read in two files.
 """
 
 from __future__ import annotations
