@@ -57,6 +57,7 @@ from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
 from qtasks.routers import Router, shared_tasks
+from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple, warn_misspelt_options
 from qtasks.worker import QueueWorker
@@ -576,9 +577,11 @@ class AsyncQueueTasks:
         (through ``starter``, by default a :class:`~qtasks.starter.SignalStarter`). It may run
         in any thread; signals are watched only when it runs on the main thread. Servers not
         reachable yet are waited for, up to ``config.start_timeout`` (see
-        :mod:`qtasks.waiting`)."""
+        :mod:`qtasks.waiting`). In a process that set up no logging, it logs to stderr at
+        ``config.log_level`` as ``qtasks run`` does (:mod:`qtasks.serving_log`)."""
         if qtasks17:  # QTasks' num_workers=, reset_config=, loop=: accepted, warned
             warn_run_forever_options(qtasks17)
+        log_when_unconfigured(self)
         (starter or SignalStarter()).run(self)
 
     def stop(self, *, now: bool = False) -> None:

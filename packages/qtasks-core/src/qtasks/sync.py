@@ -33,6 +33,7 @@ from qtasks.loop import loop_options
 from qtasks.messages import Serializer
 from qtasks.record import TaskRecord
 from qtasks.routers import Router, shared_tasks
+from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import stop_on_signals
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks.worker import QueueWorker
@@ -437,9 +438,11 @@ class QueueTasks:
         method uses, so ``add_task(..., timeout=...)`` from other threads meanwhile is served.
         It may run in any thread, e.g. ``threading.Thread(target=app.run_forever)``; signals
         are caught only when it runs on the main thread. With a ``starter``, that starter runs
-        the async app in a loop of its own in this thread instead."""
+        the async app in a loop of its own in this thread instead. In a process that set up
+        no logging, it logs to stderr at ``config.log_level`` as ``qtasks run`` does."""
         if qtasks17:  # QTasks' num_workers=, reset_config=, loop=: accepted, warned
             warn_run_forever_options(qtasks17)
+        log_when_unconfigured(self.aio)
         if starter is not None:
             # The components belong to one event loop: those started in the background
             # thread's loop by earlier calls are closed first, and start again in this one.

@@ -15,23 +15,7 @@ from qtasks.cli.options import Components, MetricsPortOpt
 from qtasks.cli.resolve import aio_of, resolve_app
 from qtasks.discovery import instantiate_plugin, load
 from qtasks.errors import ConfigError
-from qtasks.plugins import hookimpl
-from qtasks.report import components_line
-
-
-class _ServingLog:
-    """Logs "serving ..." once the worker listens, so a component that cannot start (Redis
-    unreachable) is never preceded by a claim that the app serves."""
-
-    @hookimpl
-    def qtasks_broker_listening(self, app: AsyncQueueTasks) -> None:
-        logging.getLogger("qtasks.cli").info(
-            "serving %r: %d tasks, concurrency %d; %s",
-            app.name,
-            len(app.tasks),
-            app.config.max_tasks_process,
-            components_line(app),
-        )
+from qtasks.serving_log import LOG_FORMAT, checked_level, say_serving
 
 
 def enable_metrics(app: AsyncQueueTasks, port: int) -> None:
@@ -103,18 +87,15 @@ def run(
     early = (log_level or "INFO").upper()
     logging.basicConfig(
         level=early if early in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     the_app = resolve_app(where.app, where.config, flags, need_tasks=True)
     aio = aio_of(the_app)
-    level = aio.config.log_level.upper()
-    if level not in logging.getLevelNamesMapping():
-        raise ConfigError(f"log_level: unknown level {aio.config.log_level!r}")
-    logging.getLogger().setLevel(level)
+    logging.getLogger().setLevel(checked_level(aio.config.log_level))
     if metrics_port is not None:
         enable_metrics(aio, metrics_port)
-    aio.add_plugin(_ServingLog(), "qtasks.cli")
+    say_serving(aio)
     aio.run_forever()
     logging.getLogger("qtasks.cli").info("stopped")
     # Python's exit does not wait for threads of sync task code given up on: qtasks.threads.
