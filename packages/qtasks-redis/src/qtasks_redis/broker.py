@@ -736,6 +736,27 @@ class RedisBroker:
                 with anyio.move_on_after(left):
                     await settled.wait()
 
+        async def still_ours(delivery: RedisDelivery) -> bool:
+            """Whether ``delivery``, claimed and not handed out yet, may go to the worker.
+            A claim takes up to ``count`` messages and the worker takes them one at a time
+            as it has room, so with long tasks the rest wait here, where no renewal pass
+            sees them, for longer than their lease; another worker may claim and run one
+            meanwhile. One that waited longer than a renewal interval (a third of the
+            lease, the worker's pass then comes before it ends) is renewed first, and
+            dropped when that is refused: another worker holds it now."""
+            if time.monotonic() < delivery._lease_until - 2 * self._lease_ms / 3000:
+                return True
+            try:
+                if await delivery.extend():
+                    return True
+            except Exception as exc:
+                if not outage(exc):
+                    raise
+                return True  # the worker's renewal pass finds out, as for the others
+            delivery._done()
+            log.info("message %s claimed here was taken by another worker", delivery.id)
+            return False
+
         async def deliveries() -> AsyncIterator[RedisDelivery]:
             failures = 0
             wake_at: float | None = None  # when a deadline is due (monotonic), if blocking
@@ -749,7 +770,9 @@ class RedisBroker:
             suspect_from = alone_from(self._max_deliveries)
             while True:
                 if buffer:
-                    yield buffer.popleft()
+                    delivery = buffer.popleft()
+                    if await still_ours(delivery):
+                        yield delivery
                     continue
                 if suspect is not None:
                     await settled_or_lost(suspect)
