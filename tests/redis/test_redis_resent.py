@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from qtasks.config import QueueConfig
 from qtasks.messages import Envelope
@@ -117,3 +118,50 @@ async def test_a_claim_s_list_of_what_it_leased_goes_with_the_next_claim(
             for delivery in held:
                 assert await delivery.ack()
     assert len(await lists()) <= 1
+
+
+async def test_a_blocking_claim_whose_reply_was_lost_is_made_again_with_its_nonce(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle consumer's claim (a BLPOP then the claim, on a connection of their own) whose
+    reply is lost with its connection is not re-sent by the lane: the consumer claims again
+    after the outage, with the lost claim's nonce, so that it gets what that one leased.
+    Before, a fresh claim left it leased to nobody until its lease ran out, a delivery burnt:
+    with ``max_deliveries=1`` it was dead-lettered without ever running."""
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=0.3)
+    await broker.start(stack, QueueConfig(max_deliveries=1))
+    lane = broker._shared.fast()
+    assert isinstance(lane, Lane)
+    real = lane.block_then_script
+    lost: list[Any] = []
+    idle = anyio.Event()
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        idle.set()
+        reply = await real(*args, **kwargs)
+        if not lost and len(reply) > 1:  # it leased something: its reply is lost
+            lost.append(reply)
+            raise RedisConnectionError("Connection closed by server.")
+        return reply
+
+    monkeypatch.setattr(lane, "block_then_script", reply_lost)
+    got: list[Any] = []
+    async with broker.consume(prefetch=1) as it:
+
+        async def take() -> None:
+            got.append(await it.__anext__())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            with anyio.fail_after(5):
+                await idle.wait()
+            await broker.publish(Envelope("m1", b"x"))  # wakes the idle claim
+            with anyio.fail_after(5):
+                while not got and not (await broker.stats()).dead_letters:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert lost
+        assert [(d.id, d.attempt) for d in got] == [("m1", 1)]
+        assert await got[0].ack()
+    stats = await broker.stats()
+    assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)

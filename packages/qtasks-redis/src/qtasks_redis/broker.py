@@ -634,6 +634,12 @@ class RedisBroker:
         lane = client if isinstance(client, Lane) else None
         # Names this loop's record of its last claim (kept for a re-sent call, see CLAIM_BODY).
         consumer = os.urandom(6).hex()
+        # The nonce of a claim that got no reply (an outage: it may have run, its reply lost
+        # with its connection), for the next claim: made with it, that one hands back what
+        # the lost one leased (see CLAIM_BODY) instead of leaving it leased to nobody until
+        # its lease ends, a delivery burnt. The lane re-sends a lost call itself, but not an
+        # idle claim (a block then the claim), and redis-py gives up after its retries.
+        unanswered: list[str] = []
 
         async def claim(
             block: float | None, due: bool
@@ -641,7 +647,8 @@ class RedisBroker:
             """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up;
             ``due``: ``block`` ends at a deadline, not at the idle bound); see ``parse`` for
             what it returns."""
-            nonce = os.urandom(6).hex()
+            nonce = unanswered.pop() if unanswered else os.urandom(6).hex()
+            unanswered.append(nonce)  # until its reply is read
             args: tuple[Any, ...] = (
                 self._lease_ms,
                 self._max_deliveries,
@@ -661,6 +668,7 @@ class RedisBroker:
                 reply = await lane.block_then_script(
                     block, wake, script, keys, args, orphan=orphaned, exact=due
                 )
+                unanswered.clear()
                 return parse(reply)
             if block is not None:
                 await self._block(client, block)
@@ -669,6 +677,7 @@ class RedisBroker:
             reply = _NO_REPLY
             with stopping.shield("a claim's reply"):
                 reply = await script(client, keys, args)
+                unanswered.clear()
             if reply is _NO_REPLY:
                 # Cut by a stopping worker's deadline (the server did not answer): what the
                 # claim may have leased is left to its lease. The stop's cancellation goes on.
