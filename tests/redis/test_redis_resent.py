@@ -40,6 +40,27 @@ def resend(lane: Any, monkeypatch: pytest.MonkeyPatch, scripts: Iterable[Script]
     return resent
 
 
+def lose_a_claim_reply(
+    lane: Any, monkeypatch: pytest.MonkeyPatch, lost: list[Any], idle: anyio.Event, grew: int
+) -> None:
+    """Make the first idle claim (a block then the claim, which the lane does not re-send) of
+    ``lane`` whose reply is over ``grew`` elements past a multiple of 5 (1: it leased
+    something; 2: it dead-lettered something, CLAIM_NOTICED) run, then fail as a lost
+    connection would; its reply goes to ``lost``. ``idle`` is set once a consumer blocks."""
+    assert isinstance(lane, Lane)
+    real = lane.block_then_script
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        idle.set()
+        reply = await real(*args, **kwargs)
+        if not lost and len(reply) > 1 and len(reply) % 5 == grew:
+            lost.append(reply)
+            raise RedisConnectionError("Connection closed by server.")
+        return reply
+
+    monkeypatch.setattr(lane, "block_then_script", reply_lost)
+
+
 async def test_a_resent_add_step_appends_once(
     redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,21 +151,9 @@ async def test_a_blocking_claim_whose_reply_was_lost_is_made_again_with_its_nonc
     with ``max_deliveries=1`` it was dead-lettered without ever running."""
     broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=0.3)
     await broker.start(stack, QueueConfig(max_deliveries=1))
-    lane = broker._shared.fast()
-    assert isinstance(lane, Lane)
-    real = lane.block_then_script
     lost: list[Any] = []
     idle = anyio.Event()
-
-    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
-        idle.set()
-        reply = await real(*args, **kwargs)
-        if not lost and len(reply) > 1:  # it leased something: its reply is lost
-            lost.append(reply)
-            raise RedisConnectionError("Connection closed by server.")
-        return reply
-
-    monkeypatch.setattr(lane, "block_then_script", reply_lost)
+    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, idle, 1)
     got: list[Any] = []
     async with broker.consume(prefetch=1) as it:
 
@@ -165,3 +174,44 @@ async def test_a_blocking_claim_whose_reply_was_lost_is_made_again_with_its_nonc
         assert await got[0].ack()
     stats = await broker.stats()
     assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)
+
+
+async def test_a_claim_whose_reply_was_lost_still_tells_what_it_dead_lettered(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that dead-lettered a message past its delivery limit and whose reply was lost:
+    the claim made again with its nonce still names the message, so that the worker ends
+    its record (:class:`~qtasks.components.BuryNotice`: the storage is elsewhere). Before,
+    the notice was lost with the reply and the record stayed unfinished for good."""
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=0.3)
+    await broker.start(stack, QueueConfig(max_deliveries=1))
+    lost: list[Any] = []
+    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, anyio.Event(), 2)
+    buried: list[str] = []
+
+    async def notice(id: str, reason: str) -> None:
+        buried.append(id)
+
+    await broker.publish(Envelope("m1", b"x"))
+    async with broker.consume_noticing(prefetch=1, buried=notice) as it:
+        with anyio.fail_after(5):
+            first = await it.__anext__()  # never settled: its lease runs out
+        assert (first.id, first.attempt) == ("m1", 1)
+        got: list[Any] = []
+
+        async def take() -> None:
+            got.append(await it.__anext__())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)  # its claim, once the lease ran out, dead-letters m1
+            with anyio.fail_after(5):
+                while not lost:  # noqa: ASYNC110 - no event for it
+                    await anyio.sleep(0.01)
+            await broker.publish(Envelope("m2", b"y"))  # taken by a claim after the lost one
+            with anyio.fail_after(5):
+                while not got:  # noqa: ASYNC110 - no event for it
+                    await anyio.sleep(0.01)
+        assert [d.id for d in got] == ["m2"]
+        assert await got[0].ack()
+    assert buried == ["m1"]
+    assert (await broker.stats()).dead_letters == 1

@@ -17,10 +17,11 @@ script touches one Redis Cluster slot and declares every key it uses):
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
 and, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
-the consumer's last claim call leased (its nonce, then the JSON list of ids; the tokens are
-``<nonce>.<n>``), for a lease at most (the consumer's next claim that leases overwrites it),
-so that the call re-sent after a lost reply hands those back rather than leasing more (see
-``CLAIM_BODY``).
+the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
+``[[id, ...], [dead id, reason, ...]]``; the tokens are ``<nonce>.<n>``), for a lease at most
+(the consumer's next claim that leases or dead-letters overwrites it), so that the call re-sent
+after a lost reply hands those back, and names those dead letters again, rather than leasing
+more (see ``CLAIM_BODY``).
 
 Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
 
@@ -215,18 +216,20 @@ local lease, maxd, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3
 local alone_from = math.max(2, maxd - 1)
 local consumer, nonce = string.match(ARGV[4], '^([^/]*)/(.*)$')
 local now = now_ms()
--- A call re-sent after its reply was lost (the lane or redis-py retries it): its first run
--- leased messages under this nonce and wrote them as this consumer's last claim. Hand back
--- those it still holds and lease nothing more (before, they were leased to nobody until the
--- lease ended, a delivery burnt each). One key per consumer, overwritten by its next claim:
--- a GET per claim and a SET per claim that leased, whatever the count.
+-- A call re-sent after its reply was lost (the lane or redis-py retries it, or the consumer
+-- claims again with its nonce): its first run leased messages under this nonce and wrote them
+-- as this consumer's last claim, with the messages it dead-lettered. Hand back those it still
+-- holds, name the dead letters again (on_dead: their records are ended, or were) and lease
+-- nothing more (before, they were leased to nobody until the lease ended, a delivery burnt
+-- each, and the dead letters went untold). One key per consumer, overwritten by its next
+-- claim: a GET per claim and a SET per claim that leased or dead-lettered, whatever the count.
 local K_CLAIMED = K_INFLIGHT .. ':c:' .. consumer
 local last = redis.call('GET', K_CLAIMED)
+local out = {'-1'}
 if last and string.sub(last, 1, #nonce + 1) == nonce .. ' ' then
-  local out = {'-1'}
   local before = cjson.decode(string.sub(last, #nonce + 2))
-  for n = 1, #before do
-    local id, token = before[n], nonce .. '.' .. n
+  for n = 1, #before[1] do
+    local id, token = before[1][n], nonce .. '.' .. n
     local body = redis.call('HGET', K_BODY, id)
     if body and redis.call('HGET', K_TOK, id) == token then
       out[#out + 1] = id
@@ -237,20 +240,20 @@ if last and string.sub(last, 1, #nonce + 1) == nonce .. ' ' then
       on_claim(id, body, token, out)
     end
   end
-  return out
+  for i = 1, #before[2], 2 do on_dead(before[2][i], before[2][i + 1]) end
+  count = 0  -- nothing more: the rest finds nothing to do, and the reply ends as any other
 end
 -- Earliest delayed and lease deadlines: promote only when one is due.
 local d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
 local l = redis.call('ZRANGE', K_INFLIGHT, 0, 0, 'WITHSCORES')
 local moved = 0
-if (d[2] and tonumber(d[2]) <= now) or (l[2] and tonumber(l[2]) <= now) then
+if count > 0 and ((d[2] and tonumber(d[2]) <= now) or (l[2] and tonumber(l[2]) <= now)) then
   moved = promote(now)
   d = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
   l = redis.call('ZRANGE', K_INFLIGHT, 0, 0, 'WITHSCORES')
 end
-local out = {'-1'}
 local n = 0
-local claimed = {}
+local claimed, dead_lettered = {}, {}
 local empty, published, alone = false, false, false
 while n < count and not empty and not alone do
   -- Pop what is still wanted in one call; dead-lettered ones are made up for by the next.
@@ -284,6 +287,8 @@ while n < count and not empty and not alone do
         local reason = 'delivery limit reached: delivered ' .. (attempt - 1) ..
           ' times without being settled (max_deliveries=' .. maxd .. ')'
         dead(id, body, reason, prio, attempt, now, ARGV[#ARGV - 1], ARGV[#ARGV])
+        dead_lettered[#dead_lettered + 1] = id
+        dead_lettered[#dead_lettered + 1] = reason
         if on_dead(id, reason) then
           -- It published (a workflow's error callback): pop again, so this claim takes it
           -- or leaves its wake-up for another consumer, and the next deadline counts it.
@@ -306,7 +311,9 @@ while n < count and not empty and not alone do
     end
   end
 end
-if n > 0 then redis.call('SET', K_CLAIMED, nonce .. ' ' .. cjson.encode(claimed), 'PX', lease) end
+if n > 0 or #dead_lettered > 0 then
+  redis.call('SET', K_CLAIMED, nonce .. ' ' .. cjson.encode({claimed, dead_lettered}), 'PX', lease)
+end
 if empty then
   -- Nothing left: stale wake-ups would only cause empty claims.
   redis.call('DEL', K_NOTIFY)
