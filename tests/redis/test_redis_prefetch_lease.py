@@ -1,18 +1,27 @@
-"""A Redis claim takes up to ``prefetch`` messages and the worker takes them one at a time as
-it has room: with tasks longer than the lease, those left with the consumer wait longer than
-their lease, unrenewed, and another worker may claim them meanwhile. Each must still run
-once: the consumer renews one that waited before handing it out, and drops it when another
-worker holds it now."""
+"""A delivery a Redis consumer hands to its worker may have outlived its lease before the
+worker renews it: a claim takes up to ``prefetch`` messages and the worker takes them one at a
+time as it has room (with tasks longer than the lease, those left with the consumer wait past
+their lease, unrenewed), or the claim's reply is read after a stall of the loop. Another worker
+may have claimed it meanwhile. Each must still run once: the consumer renews one whose lease
+(counted from when its claim was sent) is a third gone before handing it out, and drops it
+when another worker holds it now."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from redis_procs import Worker, counts, settled
+from redis_procs import ledger as ledger_lines
 from redis_worker_app import build
 
 from qtasks import TaskStatus
+from qtasks_redis import RedisBroker
+from qtasks_redis.lane import Lane
 
 pytestmark = pytest.mark.anyio
 
@@ -66,3 +75,52 @@ async def test_a_message_left_with_a_busy_workers_consumer_runs_once(
     finally:
         await busy.aclose()
         await idle.aclose()
+
+
+@pytest.mark.slow
+async def test_a_claim_read_after_its_lease_ran_out_does_not_run_again(
+    redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose loop stalls between its claim's run and the reading of its reply (a
+    task blocking the loop, a pause of the process) gets a delivery whose lease ran out
+    meanwhile: another worker holds it now. Its lease is counted from when the claim was
+    sent, so it is renewed before the worker gets it, and dropped. Before, it counted from
+    the reply's reading, looked fresh, and was begun and run here too: that begin took the
+    record's fence from the worker running it, whose result was then refused, not acked,
+    and the task ran a third time."""
+    ledger = tmp_path / "ledger.txt"
+    app = build(redis_url, prefix, lease=1.0, concurrency=1, prefetch=1, ledger=str(ledger))
+    await app.start()
+    broker = app.broker
+    assert isinstance(broker, RedisBroker)
+    lane = broker._shared.fast()
+    assert isinstance(lane, Lane)
+    real = lane.block_then_script
+    idle = anyio.Event()
+    other: list[Worker] = []
+
+    async def stalled(*args: Any, **kwargs: Any) -> Any:
+        idle.set()
+        reply = await real(*args, **kwargs)
+        if len(reply) > 1 and not other:  # it claimed the task: the loop stalls now
+            other.append(Worker(redis_url, prefix, tmp_path, lease=1.0, concurrency=1))
+            deadline = time.monotonic() + 20
+            while not counts(ledger, "start") and time.monotonic() < deadline:
+                time.sleep(0.05)  # noqa: ASYNC251 - on purpose: this worker's loop is stalled
+        return reply
+
+    monkeypatch.setattr(lane, "block_then_script", stalled)
+    try:
+        async with app:
+            with anyio.fail_after(10):
+                await idle.wait()
+            task = await app.add_task("slow", 1, 3.0)
+            done = await app.wait(task.uuid, timeout=30)
+            assert (done.status, done.returning) == (TaskStatus.SUCCESS, 1)
+            stats = await settled(app)
+            assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)
+        assert [pid for event, _, pid in ledger_lines(ledger) if event == "start"] == [other[0].pid]
+    finally:
+        for worker in other:
+            assert worker.stop() == 0, worker.output()
+        await app.aclose()

@@ -127,7 +127,11 @@ class RedisDelivery:
         priority: int,
         attempt: int,
         token: str,
+        sent: float | None = None,
     ) -> None:
+        """``sent``: when the claim that leased it was sent (``time.monotonic()``), which its
+        lease is counted from (the server's starts later): its reply may be read long after,
+        the loop stalled meanwhile."""
         self._broker = broker
         self._owner = owner
         self._id = id
@@ -135,7 +139,7 @@ class RedisDelivery:
         self._priority = priority
         self._attempt = attempt
         self._token = token
-        self._lease_until = time.monotonic() + broker._lease_ms / 1000
+        self._lease_until = (time.monotonic() if sent is None else sent) + broker._lease_ms / 1000
         self._settled: anyio.Event | None = None  # set by its settle: a suspect's consumer waits
         self.begun: TaskRecord | None = None
         """The record as begun with the claim (:meth:`RedisBroker.consume_begun`)."""
@@ -649,6 +653,7 @@ class RedisBroker:
             what it returns."""
             nonce = unanswered.pop() if unanswered else os.urandom(6).hex()
             unanswered.append(nonce)  # until its reply is read
+            sent = time.monotonic()  # what it leases is leased from then, not from its reply
             args: tuple[Any, ...] = (
                 self._lease_ms,
                 self._max_deliveries,
@@ -669,7 +674,7 @@ class RedisBroker:
                     block, wake, script, keys, args, orphan=orphaned, exact=due
                 )
                 unanswered.clear()
-                return parse(reply)
+                return parse(reply, sent)
             if block is not None:
                 await self._block(client, block)
             # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
@@ -683,14 +688,16 @@ class RedisBroker:
                 # claim may have leased is left to its lease. The stop's cancellation goes on.
                 await anyio.lowlevel.checkpoint()
                 return [], None, False
-            return parse(reply)
+            return parse(reply, sent)
 
         def orphaned(reply: Any) -> None:
             """The reply of a claim whose caller was cancelled: its records are put back at
             exit (:func:`_unbegin`), its deliveries handed back."""
             orphans.extend(parse(reply)[0])
 
-        def parse(reply: Any) -> tuple[list[RedisDelivery], float | None, bool]:
+        def parse(
+            reply: Any, sent: float | None = None
+        ) -> tuple[list[RedisDelivery], float | None, bool]:
             """The deliveries claimed; how long to block for a wake-up before the next claim
             (``None`` when the queue may hold more: as many claimed as asked for); and whether
             that wait ends at a deadline (a delayed message due, a lease ending) rather than
@@ -718,7 +725,9 @@ class RedisBroker:
                 token_s = token.decode()
                 id_s = id.decode()
                 held[token_s] = id_s
-                delivery = RedisDelivery(self, held, id_s, body, int(prio), int(attempt), token_s)
+                delivery = RedisDelivery(
+                    self, held, id_s, body, int(prio), int(attempt), token_s, sent
+                )
                 if storage is not None:
                     try:
                         delivery.begun = storage.decode_record(reply[i + 5 : i + stride])
