@@ -223,3 +223,62 @@ async def test_a_cancel_while_a_delivery_waits_holds_when_begins_are_folded() ->
     app, _ = remote_app(concurrency=1, prefetch=3)
     await cancel_while_waiting(app, count_begins(app))
     await app.aclose()
+
+
+async def test_a_waiting_delivery_another_worker_took_over_is_dropped_unstarted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delivery waits in a worker whose renewals do not get through (its loop stalled, or
+    it is cut off) until its lease runs out and another worker claims and runs it. Its begin,
+    carried by the busy worker's next settle call, is refused (the record stays the other
+    delivery's) and the worker drops it unstarted: before, it ran it too."""
+    broker, storage = RemoteBroker(), MemoryStorage()
+    config = QueueConfig(lease=0.3, max_tasks_process=1, prefetch=1, plugins_disabled=["*"])
+    busy, other = (
+        AsyncQueueTasks(name, broker=broker, storage=storage, config=config)
+        for name in ("busy", "other")
+    )
+    release, running, finish = anyio.Event(), anyio.Event(), anyio.Event()
+    runs: list[str] = []
+    for app in (busy, other):
+
+        @app.task(name="blocker")
+        async def blocker() -> None:
+            running.set()
+            await release.wait()
+
+        @app.task(name="job")
+        async def job(where: str = app.name) -> str:
+            runs.append(where)
+            await finish.wait()
+            return where
+
+    worker = busy.worker
+    assert isinstance(worker, QueueWorker)
+
+    async def no_renewal(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(worker._leases, "_renew", no_renewal)
+    async with busy:
+        await busy.add_task("blocker")
+        with anyio.fail_after(5):
+            await running.wait()
+        task = await busy.add_task("job", priority=-1)  # first for the other worker
+        with anyio.fail_after(5):
+            while not worker.waiting:  # noqa: ASYNC110 - no event for this
+                await anyio.sleep(0.002)
+        async with other:
+            with anyio.fail_after(5):
+                while not runs:  # noqa: ASYNC110 - the other worker runs it once its lease ends
+                    await anyio.sleep(0.002)
+            release.set()  # the busy worker settles the blocker and begins the job
+            with anyio.fail_after(5):
+                while (worker.waiting or worker.running) and "busy" not in runs:  # noqa: ASYNC110
+                    await anyio.sleep(0.002)
+            finish.set()
+            done = await task.wait_result(5)
+    assert (done.status, done.returning) == (TaskStatus.SUCCESS, "other")
+    assert runs == ["other"]
+    await busy.aclose()
+    await other.aclose()

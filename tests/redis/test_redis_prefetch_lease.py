@@ -124,3 +124,44 @@ async def test_a_claim_read_after_its_lease_ran_out_does_not_run_again(
         for worker in other:
             assert worker.stop() == 0, worker.output()
         await app.aclose()
+
+
+@pytest.mark.slow
+async def test_a_waiting_message_whose_lease_ran_out_in_a_stall_is_not_begun_here(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A task blocks its worker's loop past the lease while a message waits in that worker;
+    another worker claims the message and runs it. When the loop moves again, the blocked
+    worker's runner begins the waiting message before a renewal pass tells it is lost: the
+    begin must not take the record from the worker running it (whose result would then be
+    refused and not acked, the task running a third time), nor run it here."""
+    ledger = tmp_path / "ledger.txt"
+    app = build(redis_url, prefix, lease=1.0, concurrency=1, prefetch=1, ledger=str(ledger))
+    other: list[Worker] = []
+    hogging = anyio.Event()
+
+    @app.task(name="hog")
+    async def hog() -> None:
+        hogging.set()
+        worker = app.worker
+        while not worker.waiting:  # noqa: ASYNC110 - the message that waits here meanwhile
+            await anyio.sleep(0.01)
+        other.append(Worker(redis_url, prefix, tmp_path, lease=1.0, concurrency=1))
+        deadline = time.monotonic() + 20
+        while not counts(ledger, "start") and time.monotonic() < deadline:
+            time.sleep(0.05)  # noqa: ASYNC251 - on purpose: this worker's loop is stalled
+
+    await app.start()
+    try:
+        async with app:
+            await app.add_task("hog")
+            with anyio.fail_after(10):
+                await hogging.wait()
+            task = await app.add_task("slow", 1, 3.0, priority=-1)  # the other takes it first
+            done = await app.wait(task.uuid, timeout=30)
+            assert (done.status, done.returning) == (TaskStatus.SUCCESS, 1)
+        assert [pid for event, _, pid in ledger_lines(ledger) if event == "start"] == [other[0].pid]
+    finally:
+        for worker in other:
+            assert worker.stop() == 0, worker.output()
+        await app.aclose()

@@ -294,7 +294,11 @@ class SettleBegin(Protocol):
         per record of ``begins``, the record as ``begin`` returned it, or ``None`` where the
         call could not return it (no record stored, or a stored record that cannot be read):
         the caller then begins that one with :meth:`Storage.begin`, which for the same claim
-        changes nothing more and raises what ``begin`` raises."""
+        changes nothing more and raises what ``begin`` raises. A claim whose delivery the
+        broker no longer holds under the claim's token (its lease ran out and another
+        delivery holds the message) is not begun: its stored record is returned unchanged, its
+        token not the claim's, and the worker drops that delivery unstarted, so that the
+        record stays with the delivery that runs the task."""
         ...
 
 

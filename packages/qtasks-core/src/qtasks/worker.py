@@ -721,6 +721,11 @@ class QueueWorker:
             log.info("dropped a stale copy of workflow step %s", delivery.id)
             await delivery.ack()
             return
+        if record.token != delivery.token and self._settlement.folding is not None:
+            # Not begun: its lease ran out before its begin (the worker stalled) and another
+            # delivery holds the task now (see SettleBegin); that one runs it.
+            log.warning("lease of message %s was lost before it started", delivery.id)
+            return
         if self._serving and self._stopping.is_set():
             # The serving worker began stopping while this task was being begun: it does not
             # start now (shutdown finishes the running tasks only), it is handed back as the

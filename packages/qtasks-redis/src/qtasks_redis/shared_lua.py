@@ -92,14 +92,22 @@ BEGINS = (
 -- The begins of a settle-and-begin script (SettleBegin): ARGV[2] is how many, ARGV[3 ..
 -- BEGINS_END] hold each one's uuid, token, attempt and worker (the settle's arguments follow);
 -- begin_all appends each record's {d, s, t, cr, u, n, a, w} to out, as BEGIN_MANY returns them.
+-- A claim whose delivery the queue no longer holds under its token (its lease ran out and
+-- another delivery holds the message: the worker stalled) is not begun: its record is
+-- returned as it is, the token another's, so that the worker drops the delivery unstarted
+-- and the record stays with the delivery that runs the task (its result is not refused).
 local BEGINS_END = 2 + 4 * tonumber(ARGV[2])
 local function begin_all(out)
   if BEGINS_END < 3 then return end
   local updated, now = updated_at(), now_ms()
   for j = 3, BEGINS_END, 4 do
-    local uuid = ARGV[j]
-    local cur = begin_one(TAG .. ':r:' .. uuid, uuid, ARGV[j + 1], ARGV[j + 2], ARGV[j + 3],
-                          updated, now)
+    local uuid, key = ARGV[j], TAG .. ':r:' .. ARGV[j]
+    local cur
+    if valid(uuid, ARGV[j + 1]) then
+      cur = begin_one(key, uuid, ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], updated, now)
+    else
+      cur = redis.call('HMGET', key, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w')
+    end
     for k = 1, 8 do out[#out + 1] = cur[k] end
   end
 end

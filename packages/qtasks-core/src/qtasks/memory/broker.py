@@ -599,9 +599,17 @@ class MemoryBroker(_Lifecycle):
         *,
         enqueued: list[str] | None = None,
     ) -> tuple[list[bool], list[TaskRecord | None]]:
-        """See :class:`qtasks.components.SettleBegin`."""
+        """See :class:`qtasks.components.SettleBegin`: a claim whose delivery this broker no
+        longer holds (its lease ran out and another delivery took the message) is not begun."""
         saved = await self.ack_finals(storage, finals, enqueued=enqueued)
-        return saved, [await storage.begin(claim) for claim in begins]
+        begun: list[TaskRecord | None] = []
+        for claim in begins:
+            entry = self._known.get(claim.uuid)
+            if entry is not None and entry.token != claim.token:
+                begun.append(await storage.get(claim.uuid))
+            else:
+                begun.append(await storage.begin(claim))
+        return saved, begun
 
     async def extend_many(self, deliveries: Sequence[Delivery]) -> list[bool]:
         """See :class:`qtasks.components.LeaseBatch`."""

@@ -341,6 +341,28 @@ class SettleBeginContract(_SharedFixtures):
             assert await consumer.none_within(contract_config.lease + 0.3) is None
 
     @pytest.mark.anyio
+    async def test_ack_finals_begin_leaves_a_claim_another_delivery_took_over(
+        self, shared: Shared, contract_config: QueueConfig
+    ) -> None:
+        """A claim whose delivery's lease ran out, its message delivered again meanwhile (its
+        worker stalled), is not begun: the record stays the new delivery's, so that its
+        result is not refused."""
+        sent, rec = shared.new()
+        await shared.server.publish_new(sent, shared.storage, rec)
+        async with consuming(shared.broker) as first:
+            stale = await first.next(timeout=2)
+            async with consuming(shared.broker) as second:
+                fresh = await second.next(timeout=contract_config.lease + 5)
+                assert fresh.token != stale.token
+                current = await shared.begun(rec, fresh.token)
+                _, [got] = await self.folding(shared).ack_finals_begin(
+                    shared.storage, [], [self.claim(rec, stale.token)]
+                )
+                assert got is not None and got.token == fresh.token, got
+                assert await shared.storage.get(rec.uuid) == current
+                assert await fresh.ack() is True
+
+    @pytest.mark.anyio
     async def test_ack_finals_begin_with_one_list_empty(self, shared: Shared) -> None:
         folding = self.folding(shared)
         assert await folding.ack_finals_begin(shared.storage, [], []) == ([], [])
