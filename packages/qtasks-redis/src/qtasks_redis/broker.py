@@ -788,8 +788,10 @@ class RedisBroker:
             suspect_from = alone_from(self._max_deliveries)
             while True:
                 if buffer:
+                    # Taken off once checked: a stop during the check leaves it unhanded.
+                    ours = await still_ours(buffer[0])
                     delivery = buffer.popleft()
-                    if await still_ours(delivery):
+                    if ours:
                         yield delivery
                     continue
                 if suspect is not None:
