@@ -38,6 +38,7 @@ from qtasks.components import (
     CancelFeed,
     Delivery,
     HeartbeatEnd,
+    LeaseBatch,
 )
 from qtasks.errors import (
     SerializationError,
@@ -688,6 +689,16 @@ class QueueWorker:
                     # A remote SettleBegin broker: the begin rides the settle calls.
                     record = await folding.begin(claim)
                 else:
+                    if not isinstance(app.broker, LeaseBatch) and not await delivery.extend():
+                        # Its lease was lost while it waited here (RabbitMQ: its channel
+                        # closed, and the message went to another worker at once), before a
+                        # renewal pass told: begun, it would take the record from the
+                        # delivery that runs the task (whose result would then be refused).
+                        # Checked here only for a broker that renews deliveries one by one
+                        # (a local check for RabbitMQ); a settle call fences its begins
+                        # itself (above), a LeaseBatch broker's renewal is a round trip.
+                        log.warning("lease of message %s was lost before it started", delivery.id)
+                        return
                     begins = self._begins
                     if begins is None or begins.storage is not app.storage:
                         # Made on first use: qtasks-testing's harness processes deliveries
