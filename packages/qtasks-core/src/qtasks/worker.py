@@ -101,6 +101,10 @@ class QueueWorker:
         self._free = 0
         """Runners not processing a delivery (waiting for one, or about to take one)."""
         self._begins: BeginBatch | None = None
+        self._renewing: tuple[object, bool] = (None, False)
+        """The broker last asked, and whether it renews deliveries one by one (no
+        :class:`~qtasks.components.LeaseBatch`): asked once per broker, not per task (an
+        ``isinstance`` of a protocol costs microseconds)."""
         """The begin step's calls, many per round trip (for the app's storage)."""
         self._start_at_once: set[str] = set()
         """Tokens of deliveries begun with their claim that went to a free runner, nothing
@@ -689,7 +693,10 @@ class QueueWorker:
                     # A remote SettleBegin broker: the begin rides the settle calls.
                     record = await folding.begin(claim)
                 else:
-                    if not isinstance(app.broker, LeaseBatch) and not await delivery.extend():
+                    broker = app.broker
+                    if self._renewing[0] is not broker:
+                        self._renewing = (broker, not isinstance(broker, LeaseBatch))
+                    if self._renewing[1] and not await delivery.extend():
                         # Its lease was lost while it waited here (RabbitMQ: its channel
                         # closed, and the message went to another worker at once), before a
                         # renewal pass told: begun, it would take the record from the
