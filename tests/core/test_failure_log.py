@@ -154,3 +154,26 @@ async def test_an_exception_without_a_text_fails_its_task_once(
     assert final.traceback is not None and "in unprintable" in final.traceback
     [(level, failed)] = failures_of(caplog, final.uuid)
     assert level == logging.ERROR and "failed: Unprintable: <exception str() failed>" in failed
+
+
+class NoCredentialsError(Exception):
+    """As botocore's: a class whose name holds a secret noun."""
+
+
+async def test_an_error_named_after_credentials_is_logged_with_its_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker's log line says why the task failed (it said ``NoCredentialsError: ***``:
+    the class name was read as the name of a secret whose value followed)."""
+    app = AsyncQueueTasks("credentials", config=QueueConfig(plugins_disabled=["*"]))
+
+    @app.task
+    async def upload() -> None:
+        raise NoCredentialsError(f"Unable to locate credentials for {SECRET}")
+
+    [final] = await finals(app, ("upload",))
+    [(level, failed)] = failures_of(caplog, final.uuid)
+    assert level == logging.ERROR
+    shown = "NoCredentialsError: Unable to locate credentials for redis://ops:***@db.internal"
+    assert f"failed: {shown}" in failed, failed
+    assert "hunter2" not in failed

@@ -140,6 +140,11 @@ PLAIN_KEYS = [
     "password_min_length",
     "auth_enabled",
     "password_required",
+    "AuthenticationError",  # an exception's class: its message follows it, not a secret
+    "NoCredentialsError",
+    "ExpiredSignatureError",
+    "InvalidTokenException",
+    "token_errors",
     "",
     "123",
 ]
@@ -214,6 +219,15 @@ def test_a_secret_table_or_list_is_masked_whole() -> None:
             "ValueError({'password': '***', 'auth_mechanism': 'PLAIN'})",
         ),
         ("AUTH failed: password: hunter2", "AUTH failed: password: ***"),
+        # An exception's class is not a secret's name: its message is shown (masked itself).
+        (
+            "botocore.exceptions.NoCredentialsError: Unable to locate credentials",
+            "botocore.exceptions.NoCredentialsError: Unable to locate credentials",
+        ),
+        (
+            "AuthenticationError: bad login, password=hunter2",
+            "AuthenticationError: bad login, password=***",
+        ),
         ("token=abc; host=h:6379", "token=***; host=h:6379"),
         ("see https://docs.example/x?y=1 for more", "see https://docs.example/x?y=1 for more"),
         # A value is masked whole, whatever its shape.

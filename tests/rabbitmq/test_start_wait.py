@@ -66,6 +66,9 @@ async def test_refused_rabbitmq_credentials_are_not_waited_on(
     with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
         await app.serve()
     assert SECRET not in str(info.value)
+    # The server's reason is shown: the class name ProbableAuthenticationError is not the
+    # name of a secret whose value follows (it was shown as "ProbableAuthenticationError: ***").
+    assert "ProbableAuthenticationError: ACCESS_REFUSED" in str(info.value), info.value
     assert caught.attempts() == []
 
 

@@ -54,10 +54,13 @@ PLAIN_SUFFIXES = frozenset(
         "lifetime", "interval", "path", "file", "filename", "dir", "directory", "name",
         "names", "source", "method", "methods", "version", "scope", "scopes", "enabled",
         "disabled", "required", "len", "length", "count", "size", "max", "min", "limit",
+        "error", "errors", "exception", "warning",
     }
 )  # fmt: skip
 """Last words by which a secret-looking name describes the secret instead of holding it:
-``auth_mechanism``, ``token_url``, ``session_timeout``, ``cookie_name``, ``password_file``."""
+``auth_mechanism``, ``token_url``, ``session_timeout``, ``cookie_name``, ``password_file``;
+and an exception's class, whose message follows it in a traceback or an error line
+(``NoCredentialsError: Unable to locate credentials``, ``ExpiredSignatureError: ...``)."""
 
 
 def is_secret_key(name: str) -> bool:
