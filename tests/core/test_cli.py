@@ -831,6 +831,34 @@ def test_bad_app_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "expected a QueueTasks or AsyncQueueTasks app" in out
 
 
+def test_a_task_given_as_the_app_is_refused_without_running_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-A tasks:purge`` (a task's name where the app's was meant): a task is callable, and
+    was called as a factory, so its code ran in the command's process (here: it would have
+    written a file) before the error said it returned no app."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "task_target_mod.py").write_text(
+        "from pathlib import Path\n"
+        "from qtasks import QueueTasks\n"
+        "app = QueueTasks('shop')\n"
+        "@app.task\n"
+        "def purge() -> None:\n"
+        "    Path('purged').write_text('everything')\n"
+    )
+    try:
+        code, out = invoke("inspect", "-A", "task_target_mod:purge")
+    finally:
+        sys.modules.pop("task_target_mod", None)
+    assert (code, out) == (
+        1,
+        "error: --app task_target_mod:purge: 'purge' is a task, not an app: name the app it "
+        "belongs to (-A task_target_mod:app)\n",
+    )
+    assert not (tmp_path / "purged").exists()
+
+
 def test_an_app_module_that_raises_is_one_error_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,7 @@ from qtasks.discovery import Kind, build_component, load, name_of_class
 from qtasks.errors import ConfigError, QTasksError
 from qtasks.masking import masked, masked_error
 from qtasks.sync import QueueTasks
+from qtasks.task import TaskDef
 
 T = TypeVar("T")
 
@@ -64,6 +65,16 @@ def import_app(target: str) -> AnyApp:
             raise ConfigError(
                 f"--app {target}: module {module_name!r} has no {attr!r}{_shadowed(module)}"
             ) from None
+    if isinstance(obj, TaskDef):  # callable, but calling it runs the task's code here
+        apps = [
+            name
+            for name, value in vars(module).items()
+            if isinstance(value, AsyncQueueTasks | QueueTasks) and aio_of(value) is obj.app
+        ]
+        hint = f" (-A {module_name}:{apps[0]})" if apps else ""
+        raise ConfigError(
+            f"--app {target}: {attr!r} is a task, not an app: name the app it belongs to{hint}"
+        )
     if not isinstance(obj, AsyncQueueTasks | QueueTasks) and callable(obj):
         try:
             obj = obj()
