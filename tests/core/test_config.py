@@ -60,6 +60,29 @@ def test_pyproject_tool_table_and_qtasks_toml_wins(tmp_path: Path) -> None:
     assert load_config(directory=tmp_path, env={}).config.retry == 4
 
 
+def test_a_tool_qtasks_table_beside_qtasks_toml_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[tool.qtasks]`` written while a ``qtasks.toml`` sits beside it (left from an earlier
+    setup) was ignored without a word: the worker ran with other settings than those read."""
+    write(tmp_path / "pyproject.toml", "[tool.qtasks]\nmax_tasks_process = 4\n")
+    write(tmp_path / "qtasks.toml", 'broker = "memory"\n')
+    with caplog.at_level("WARNING", logger="qtasks.config"):
+        assert load_config(directory=tmp_path, env={}).config.max_tasks_process == 10
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'qtasks.toml'} is read and [tool.qtasks] of "
+        f"{tmp_path / 'pyproject.toml'} is not (qtasks.toml wins): keep the settings in one "
+        "of the two"
+    ]
+    caplog.clear()
+    # A pyproject.toml without the table, or one that is not TOML, is not a conflict.
+    for text in ('[project]\nname = "x"\n', "[tool.qtasks\n"):
+        write(tmp_path / "pyproject.toml", text)
+        with caplog.at_level("WARNING", logger="qtasks.config"):
+            assert load_config(directory=tmp_path, env={}).config.broker == "memory"
+        assert caplog.records == []
+
+
 def test_pyproject_without_tool_qtasks_is_not_a_config(tmp_path: Path) -> None:
     write(tmp_path / "pyproject.toml", '[project]\nname = "x"\n')
     assert find_config_file(tmp_path) is None

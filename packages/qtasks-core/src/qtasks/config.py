@@ -319,15 +319,36 @@ def find_config_file(directory: Path | None = None) -> tuple[Path, bool] | None:
     """The configuration file for ``directory`` (default: the working directory).
 
     ``qtasks.toml`` wins over ``pyproject.toml``; a ``pyproject.toml`` counts only when it has
-    a ``[tool.qtasks]`` table. Returns ``(path, is_pyproject)`` or ``None``."""
+    a ``[tool.qtasks]`` table, and one beside a ``qtasks.toml`` logs a warning (its settings
+    are not read). Returns ``(path, is_pyproject)`` or ``None``."""
     base = directory or Path.cwd()
     own = base / "qtasks.toml"
-    if own.is_file():
-        return own, False
     pyproject = base / "pyproject.toml"
-    if pyproject.is_file() and "qtasks" in _read_toml(pyproject).get("tool", {}):
+    if own.is_file():
+        if _has_qtasks_table(pyproject, strict=False):
+            log.warning(
+                "%s is read and [tool.qtasks] of %s is not (qtasks.toml wins): keep the "
+                "settings in one of the two",
+                own,
+                pyproject,
+            )
+        return own, False
+    if _has_qtasks_table(pyproject, strict=True):
         return pyproject, True
     return None
+
+
+def _has_qtasks_table(pyproject: Path, *, strict: bool) -> bool:
+    """Whether ``pyproject`` is a file with a ``[tool.qtasks]`` table; one that is not valid
+    TOML raises :class:`ConfigError` when ``strict``, else counts as without."""
+    if not pyproject.is_file():
+        return False
+    try:
+        return "qtasks" in _read_toml(pyproject).get("tool", {})
+    except ConfigError:
+        if strict:
+            raise
+        return False
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
