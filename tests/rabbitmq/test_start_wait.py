@@ -4,13 +4,17 @@ wait; refused credentials are not waited on."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
+from faultproxy import FaultProxy
 from loopback_servers import tls_server_with_an_untrusted_certificate
 from start_wait_logs import Caught
 
@@ -18,7 +22,7 @@ from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.errors import CredentialsRefusedError
 from qtasks_rabbitmq import RabbitMQBroker
 
-from .conftest import rabbitmqctl
+from .conftest import URL, delete_topology, rabbitmqctl
 
 pytestmark = pytest.mark.anyio
 
@@ -170,3 +174,57 @@ async def test_a_virtual_host_at_its_connection_limit_is_waited_on(
         assert "connection limit (0) is reached" in caught.attempts()[0]
     finally:
         rabbitmqctl("delete_vhost", vhost)
+
+
+def aiormq_records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, bool]]:
+    return [
+        (r.levelno, r.getMessage(), r.exc_info is not None)
+        for r in caplog.records
+        if r.name.startswith("aiormq")
+    ]
+
+
+async def test_a_connection_that_cannot_be_made_or_is_lost_logs_once_per_attempt(
+    caught: Caught, caplog: pytest.LogCaptureFixture, queue_name: str
+) -> None:
+    """aiormq logged each failed attempt again at ERROR (``error when creating transport``)
+    beside the worker's warning, and a lost connection with a traceback at WARNING beside the
+    link's "lost ... reconnecting": neither is shown now unless aiormq logs at DEBUG, and
+    then as DEBUG."""
+    for level in (logging.INFO, logging.DEBUG):
+        caplog.clear()
+        caplog.set_level(level, logger="aiormq")
+        caught.messages.clear()
+        app = AsyncQueueTasks(
+            broker=RabbitMQBroker(f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            with anyio.fail_after(10):
+                while len(caught.attempts()) < 2:  # noqa: ASYNC110 - log records of another task
+                    await anyio.sleep(0.02)
+            app.stop()
+        failed = [r for r in aiormq_records(caplog) if "creating transport" in r[1]]
+        if level == logging.INFO:
+            assert failed == []
+        else:
+            assert failed and all(r[0] == logging.DEBUG for r in failed), failed
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="aiormq")
+    server = urlsplit(URL)
+    with FaultProxy((server.hostname or "127.0.0.1", server.port or 5672)) as proxy:
+        broker = RabbitMQBroker(f"amqp://guest:guest@127.0.0.1:{proxy.port}/", queue=queue_name)
+        try:
+            async with AsyncExitStack() as stack:
+                await broker.start(stack, QueueConfig())
+                proxy.reset()
+                with anyio.fail_after(10):
+                    while not any("lost" in m for m in caught.messages):  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                    proxy.passthrough()
+                    while not any("restored" in m for m in caught.messages):  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+        finally:
+            await delete_topology(queue_name)
+    assert aiormq_records(caplog) == []
