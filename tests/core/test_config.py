@@ -268,6 +268,17 @@ def test_from_config_with_a_missing_component_fails_clearly(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="no broker named 'kafka' is installed") as info:
         QueueTasks.from_config(file)
     assert "memory" in str(info.value)
+    assert "did you mean" not in str(info.value)  # close to no installed name
+
+
+def test_a_misspelt_component_name_names_the_installed_one(tmp_path: Path) -> None:
+    """``broker = "memroy"`` said only that no such broker is installed and to install one
+    (unknown keys and ``QTASKS_*`` variables name the closest already)."""
+    file = write(tmp_path / "qtasks.toml", 'broker = "memroy"\n')
+    with pytest.raises(ConfigError) as info:
+        QueueTasks.from_config(file)
+    assert "is installed (installed: memory" in str(info.value)
+    assert "; did you mean 'memory'? Else install a distribution that declares" in str(info.value)
 
 
 def test_prefetch_defaults_to_a_fifth_of_the_concurrency() -> None:

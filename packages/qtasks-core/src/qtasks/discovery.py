@@ -190,8 +190,10 @@ def _missing_hint(kind: Kind, name: str) -> str:
     label = kind.replace("_", " ")
     distribution = KNOWN_DISTRIBUTIONS.get(name)
     if distribution is None:
+        close = difflib.get_close_matches(name, sorted(_entry_points(kind)), n=1, cutoff=0.6)
+        typo = f"; did you mean {close[0]!r}? Else" if close else ";"
         return (
-            f"; install a distribution that declares {name!r} in the entry-point group "
+            f"{typo} install a distribution that declares {name!r} in the entry-point group "
             f"{GROUPS[kind]}"
         )
     provides = [
