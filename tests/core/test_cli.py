@@ -831,6 +831,33 @@ def test_bad_app_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "expected a QueueTasks or AsyncQueueTasks app" in out
 
 
+def test_a_file_given_as_the_app_names_the_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-A tasks.py`` or ``-A ./tasks.py`` (a file, as ``python`` takes it): the error said
+    ``'tasks' is not a package`` or, for ``./``, a ``TypeError`` about relative imports."""
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        "file_target_mod.py": "error: --app file_target_mod.py: cannot import module "
+        "'file_target_mod.py': No module named 'file_target_mod.py'; 'file_target_mod' is not "
+        "a package; -A takes a module's dotted name, not a file: -A file_target_mod:app",
+        "./shop/file_target_mod.py:make": "error: --app ./shop/file_target_mod.py:make: "
+        "'./shop/file_target_mod.py' is a path; -A takes a module's dotted name, not a file: "
+        "-A shop.file_target_mod:make",
+        "../file_target_mod.py": "error: --app ../file_target_mod.py: "
+        "'../file_target_mod.py' is a path; -A takes a module's dotted name, not a file, "
+        "importable from here",
+    }
+    (tmp_path / "file_target_mod.py").write_text(
+        "from qtasks import QueueTasks\napp = QueueTasks()\n"
+    )
+    try:
+        for target, line in cases.items():
+            assert invoke("inspect", "-A", target) == (1, line + "\n")
+    finally:
+        sys.modules.pop("file_target_mod", None)
+
+
 def test_a_task_given_as_the_app_is_refused_without_running_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -49,10 +49,17 @@ def import_app(target: str) -> AnyApp:
     attr = attr or "app"
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if "/" in module_name or os.sep in module_name:  # never in a module's name
+        raise ConfigError(
+            f"--app {target}: {module_name!r} is a path{_file_hint(module_name, attr)}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"--app {target}: cannot import module {module_name!r}: {exc}") from exc
+        hint = _file_hint(module_name, attr) if module_name.endswith(".py") else ""
+        raise ConfigError(
+            f"--app {target}: cannot import module {module_name!r}: {exc}{hint}"
+        ) from exc
     except QTasksError:
         raise  # qtasks' own error (a bad configuration read by from_config) says it all
     except Exception as exc:
@@ -88,6 +95,16 @@ def import_app(target: str) -> AnyApp:
             f"returning one), got {type(obj).__name__}"
         )
     return obj
+
+
+def _file_hint(module_name: str, attr: str) -> str:
+    """What to add to the error of an ``-A`` given as a file (``tasks.py``, ``shop/tasks.py``),
+    as one may give it to ``python``: the module's dotted name it means."""
+    path = module_name.removesuffix(".py").replace(os.sep, "/")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if path.startswith("/") or ".." in parts:  # not below the working directory
+        return "; -A takes a module's dotted name, not a file, importable from here"
+    return f"; -A takes a module's dotted name, not a file: -A {'.'.join(parts)}:{attr}"
 
 
 def _shadowed(module: Any) -> str:
