@@ -468,6 +468,28 @@ def test_dlq_list_and_requeue(served: str, app_module: ModuleType) -> None:
     assert again.status.value == "error"
 
 
+def test_dlq_list_json_masks_the_bodies(served: str, app_module: ModuleType) -> None:
+    """``dlq list --json`` printed each body as it is: a password argument, a URL's password
+    (the dashboard's dead-letter page and ``qtasks get`` mask them); ``--show-secrets``
+    shows them."""
+    app: QueueTasks = app_module.app
+    rejected = app.add_task("no_such_task", "redis://u:hunter2@h/0", password="hunter2")
+    assert app.wait(rejected.uuid, 5).status.value == "error"
+    code, out = invoke("dlq", "list", "-A", served, "--json")
+    assert code == 0 and "hunter2" not in out
+    [letter] = json.loads(out)
+    body = json.loads(letter["body"])
+    assert (body["task"], body["args"], body["kwargs"]) == (
+        "no_such_task",
+        ["redis://u:***@h/0"],
+        {"password": "***"},
+    )
+    result = runner.invoke(cli, ["dlq", "list", "-A", served, "--json", "--show-secrets"])
+    assert result.exit_code == 0
+    assert json.loads(json.loads(result.stdout)[0]["body"])["kwargs"] == {"password": "hunter2"}
+    assert "--show-secrets: passwords and secrets are shown" in result.stderr
+
+
 def test_dlq_list_empty(served: str) -> None:
     code, out = invoke("dlq", "list", "-A", served)
     assert (code, out.strip()) == (0, "no dead letters")

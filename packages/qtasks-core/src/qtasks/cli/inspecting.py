@@ -4,18 +4,18 @@ components hold, and dead letters."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Annotated, Any
 
 import typer
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.cli.group import cli, command, dlq, stats
-from qtasks.cli.options import Components, JsonOpt
-from qtasks.cli.output import table, to_json, workflows_table
-from qtasks.cli.resolve import resolve_app, run_on
+from qtasks.cli.options import Components, JsonOpt, ShowSecretsOpt
+from qtasks.cli.output import shown_body, table, to_json, warn_secrets_shown, workflows_table
+from qtasks.cli.resolve import aio_of, resolve_app, run_on
 from qtasks.errors import ConfigError, UnknownTaskError
-from qtasks.masking import masked_value
+from qtasks.masking import mask_text, masked_value
 
 
 @command(cli)
@@ -178,14 +178,26 @@ def dlq_list(
     *,
     where: Components,
     as_json: JsonOpt = False,
+    show_secrets: ShowSecretsOpt = False,
 ) -> None:
-    """List the oldest dead letters: id, priority, deliveries and reason."""
+    """List the oldest dead letters: id, priority, deliveries and reason (--json: and body).
+
+    Secret-named arguments in a body and credentials in any text are shown as ***, as qtasks
+    get shows a record's, unless --show-secrets is given.
+    """
     the_app = resolve_app(where.app, where.config, where.flags(), need_tasks=False)
 
     async def go(aio: AsyncQueueTasks) -> list[Any]:
         return list(await aio.dead_letters(limit))
 
     letters = run_on(the_app, go, command="dlq list", uses=("broker",))
+    warn_secrets_shown(show_secrets)
+    if not show_secrets:
+        aio = aio_of(the_app)
+        letters = [
+            replace(d, reason=mask_text(d.reason), body=shown_body(d.body, aio).encode())
+            for d in letters
+        ]
     if as_json:
         rows = []
         for letter in letters:

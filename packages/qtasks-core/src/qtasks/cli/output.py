@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from qtasks.masking import masked_args, masked_value
+from qtasks.masking import mask_text, masked_args, masked_value
 from qtasks.record import TaskRecord
 
 if TYPE_CHECKING:
@@ -65,6 +65,24 @@ def shown_record(record: TaskRecord, app: AsyncQueueTasks, show_secrets: bool) -
         key: masked_args(value, signature) if key == "args" else masked_value(value)
         for key, value in data.items()
     }
+
+
+def shown_body(body: bytes, app: AsyncQueueTasks) -> str:
+    """A dead letter's body as ``qtasks dlq list --json`` prints it: its text, a JSON message
+    masked as :func:`shown_record` masks a record's arguments (positional ones by the task's
+    parameter names), any other text through :func:`~qtasks.masking.mask_text`."""
+    text = body.decode("utf-8", "replace")
+    try:
+        wire = json.loads(text)
+    except (ValueError, RecursionError):
+        return mask_text(text)
+    if not isinstance(wire, dict):
+        return mask_text(text)
+    shown = masked_value(wire)
+    if isinstance(wire.get("args"), list):
+        task = app.tasks.get(str(wire.get("task")))
+        shown["args"] = masked_args(wire["args"], task.caller_signature if task else None)
+    return json.dumps(shown, ensure_ascii=False, separators=(",", ":"))
 
 
 def warn_secrets_shown(show_secrets: bool) -> None:
