@@ -139,6 +139,32 @@ def test_a_bad_config_timer_fails_building_an_app_with_the_timer_plugin(
     assert f"ScheduleError: extra.timers[1]: {message}" in str(caught.value)
 
 
+async def test_a_timer_of_a_task_the_app_does_not_have_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``task = "ticks"`` in ``[[extra.timers]]``: each tick was enqueued and dead-lettered by
+    the worker (unknown task), with no word from the timer that a name was misspelt."""
+    app, _ = make_app([{"task": "ticks", "interval": 5}, {"task": "tick", "interval": 5}])
+    caplog.set_level("WARNING", logger="qtasks.timer")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "qtasks.timer"]
+
+    async with app:
+        await wait_until(lambda: bool(said()), 3, "the timer's warning")
+    [message] = said()
+    assert message.startswith("timer ticks@")
+    assert "this app has no task 'ticks' (did you mean 'tick'?)" in message
+    # An app without tasks (one that only runs timers for other apps' workers) is not warned.
+    caplog.clear()
+    alone = AsyncQueueTasks(config=QueueConfig(extra={"timers": [{"task": "x", "interval": 5}]}))
+    async with alone:
+        plugin = alone.hooks.pm.get_plugin("timer")
+        assert isinstance(plugin, TimerPlugin)
+        await wait_until(lambda: plugin.timer is not None and plugin.timer.running, 3, "timer")
+    assert said() == []
+
+
 TASKS_MODULE = """
 from qtasks import QueueTasks
 

@@ -31,6 +31,7 @@ from qtasks.checks import check_priority
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
 from qtasks.components import CompareDelete
+from qtasks.config import close_names
 from qtasks.sync import QueueTasks
 from qtasks_timer.claims import TickClaim, claimer
 from qtasks_timer.errors import ScheduleError, TimerError
@@ -388,6 +389,7 @@ class AsyncTimer:
             for entry in self._entries.values():
                 self._arm(entry, now)
             log.info("timer started with %d timer(s)", len(self._entries))
+            self._warn_foreign_tasks()
             task_status.started()
             await self._loop()
         finally:
@@ -395,6 +397,26 @@ class AsyncTimer:
             self._wake = None
             for entry in self._entries.values():
                 entry.armed = False
+
+    def _warn_foreign_tasks(self) -> None:
+        """Warn about each timer whose task this app, which has tasks, does not have (a
+        misspelt name in ``[[extra.timers]]``): every tick would be a poison message to its
+        workers. Not an error: an app may schedule another app's tasks, and one without
+        tasks (a process that only runs timers) is not warned about."""
+        tasks = self.app.tasks
+        if not tasks:
+            return
+        for entry in self._entries.values():
+            if entry.task_name in tasks:
+                continue
+            close = close_names(entry.task_name, tasks)
+            log.warning(
+                "timer %s: this app has no task %r%s; its ticks are enqueued for the workers "
+                "of an app that has it, and dead-lettered by those that do not",
+                entry.id,
+                entry.task_name,
+                f" (did you mean {close[0]!r}?)" if close else "",
+            )
 
     async def _loop(self) -> None:
         # Each due timer ticks in a task of its own: a tick whose enqueue is slow (up to the
