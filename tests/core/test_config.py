@@ -89,6 +89,19 @@ def test_pyproject_without_tool_qtasks_is_not_a_config(tmp_path: Path) -> None:
     assert load_config(directory=tmp_path, env={}).config == QueueConfig()
 
 
+def test_a_pyproject_named_without_a_tool_qtasks_table_is_an_error(tmp_path: Path) -> None:
+    """``qtasks -c pyproject.toml`` (or ``$QTASKS_CONFIG``) naming a file without the table
+    (the monorepo's root one, say) ran with the defaults: a worker serving an in-memory queue,
+    without a word."""
+    file = write(tmp_path / "pyproject.toml", '[project]\nname = "x"\n\n[tool.ruff]\n')
+    for how in ({"path": file, "env": {}}, {"env": {"QTASKS_CONFIG": str(file)}}):
+        with pytest.raises(ConfigError) as info:
+            load_config(**how)
+        assert str(info.value) == f"{file}: no [tool.qtasks] table (the settings live there)"
+    write(file, "[tool.qtasks]\n")  # an empty table: the defaults, on purpose
+    assert load_config(file, env={}).config == QueueConfig()
+
+
 def test_qtasks_config_env_names_the_file(tmp_path: Path) -> None:
     file = write(tmp_path / "prod.toml", 'broker = "memory"\nshutdown_grace = 2.5\n')
     loaded = load_config(env={"QTASKS_CONFIG": str(file)}, directory=tmp_path / "nowhere")

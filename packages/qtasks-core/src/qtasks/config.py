@@ -369,7 +369,12 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
     logs a warning (the TOML pitfall of keys written after a sub-table)."""
     data = _read_toml(path)
     if path.name == "pyproject.toml":
-        table = data.get("tool", {}).get("qtasks", {})
+        tool = data.get("tool", {})
+        if not isinstance(tool, dict) or "qtasks" not in tool:
+            # Named on purpose (-c, $QTASKS_CONFIG): the defaults instead would serve an
+            # in-memory queue without a word.
+            raise ConfigError(f"{path}: no [tool.qtasks] table (the settings live there)")
+        table = tool["qtasks"]
         source, prefix = f"{path} [tool.qtasks]", "tool.qtasks."
     else:
         table = data
