@@ -93,6 +93,16 @@ def run(
     the_app = resolve_app(where.app, where.config, flags, need_tasks=True)
     aio = aio_of(the_app)
     logging.getLogger().setLevel(checked_level(aio.config.log_level))
+    if getattr(aio.broker, "local", False):
+        # Most often no configuration was found (qtasks run started in another directory):
+        # the worker would wait for tasks no other process can send it.
+        logging.getLogger("qtasks.cli").warning(
+            "the broker is in memory (%s): only tasks this process enqueues (its timers, "
+            "its own code) reach this worker, none from another process; name a shared one "
+            "(--broker redis --broker-url URL, or broker and broker_url in qtasks.toml or "
+            "[tool.qtasks] of pyproject.toml; qtasks config shows what was read)",
+            type(aio.broker).__name__,
+        )
     if metrics_port is not None:
         enable_metrics(aio, metrics_port)
     say_serving(aio)
