@@ -83,6 +83,19 @@ def server_that_answers_in_plain_text() -> Iterator[int]:
 
 
 @contextmanager
+def server_of_another_protocol() -> Iterator[int]:
+    """A loopback server (its port) that answers whatever comes with AMQP's protocol header,
+    as RabbitMQ does on its port: a ``redis://`` URL with the wrong port."""
+
+    def answer(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(b"AMQP\x00\x00\x09\x01")
+
+    with loopback_server(answer) as port:
+        yield port
+
+
+@contextmanager
 def socket_that_never_answers() -> Iterator[tuple[int, threading.Event]]:
     """A loopback server (its port) that accepts connections and never replies; the event is
     set once a client connected."""

@@ -17,6 +17,7 @@ import anyio
 import pytest
 import redis
 from loopback_servers import (
+    server_of_another_protocol,
     server_that_answers_in_plain_text,
     socket_that_never_answers,
     tls_server_with_an_untrusted_certificate,
@@ -195,6 +196,23 @@ async def test_a_database_the_server_refuses_is_not_waited_on(
         await app.serve()
     assert "refused the connection's settings" in str(info.value)
     assert "DB index is out of range" in str(info.value)
+    assert caught.attempts() == []
+
+
+async def test_a_server_that_is_not_redis_is_not_waited_on(caught: Caught) -> None:
+    """``redis://`` to RabbitMQ's port (a server of another protocol): its reply is not
+    Redis's on any attempt, yet the worker waited for ever, each warning saying that it
+    "cannot reach Redis" (``InvalidResponse``); failed at once now, saying what is wrong."""
+    with server_of_another_protocol() as port:
+        app = redis_app(f"redis://:{PASSWORD}@127.0.0.1:{port}/0")
+        with anyio.fail_after(5), pytest.raises(CredentialsRefusedError) as info:
+            await app.serve()
+    message = str(info.value)
+    assert message.startswith(
+        f"the server at 127.0.0.1:{port} does not answer as Redis does (check the URL's host "
+        "and port): InvalidResponse: "
+    ), message
+    assert PASSWORD not in message
     assert caught.attempts() == []
 
 

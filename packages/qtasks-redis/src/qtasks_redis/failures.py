@@ -15,6 +15,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     ClusterDownError,
+    InvalidResponse,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -109,6 +110,14 @@ def connection_error(
         return refused(
             f"Redis at {target.where}{db} refused the connection's settings (check the URL's "
             f"database and options): {reason}"
+        )
+    if isinstance(exc, InvalidResponse):
+        # Bytes that are not Redis's protocol while connecting: another server listens
+        # there (RabbitMQ's port, an HTTP proxy). No retry mends it, so a worker waiting for
+        # its servers at start does not wait on it.
+        return refused(
+            f"the server at {target.where} does not answer as Redis does (check the URL's "
+            f"host and port): {reason}"
         )
     if tls_refused(exc) is not None:
         return refused(
