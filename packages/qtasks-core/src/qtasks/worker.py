@@ -53,7 +53,7 @@ from qtasks.memory import EventFactory, _Signal
 from qtasks.outage import Outage
 from qtasks.record import TaskRecord, TaskStatus, record_of
 from qtasks.settle import Settlement
-from qtasks.stopping import StopClock, shield
+from qtasks.stopping import STOP_MARGIN, StopClock, shield
 from qtasks.stopping import serving as _clock_of
 from qtasks.watchdog import LoopWatchdog
 from qtasks.workflows import runtime as workflows
@@ -432,6 +432,7 @@ class QueueWorker:
                     with clock.bound():  # each run's own settle ends by the deadline too
                         while self._running:
                             await self._wait_idle()
+                    await self._name_unstoppable()
                     if settler is not None:
                         # Before the consumer closes: it hands back what is not settled.
                         with clock.bound():
@@ -449,6 +450,24 @@ class QueueWorker:
                     await app.hooks.notify(
                         "qtasks_component_stopped", app=app, kind="worker", component=self
                     )
+
+    async def _name_unstoppable(self) -> None:
+        """Name the runs still going past the stop's deadline, their settles cut by it: a task
+        whose code catches the cancellation and goes on (``except BaseException:``,
+        ``except CancelledError:`` without ``raise``). The worker cannot end while one runs,
+        and said nothing: a stop that hung for ever without a word."""
+        with anyio.move_on_after(STOP_MARGIN):  # a settle cut by the deadline ends at once
+            while self._running:
+                await self._wait_idle()
+        if self._running:
+            log.error(
+                "the worker cannot stop: %s did not end when cancelled (its code catches the "
+                "cancellation and goes on: re-raise it); what it holds is handed back or left "
+                "to its lease; end the process (SIGKILL)",
+                ", ".join(
+                    f"task {run.task.name} ({run.record.uuid})" for run in self._running.values()
+                ),
+            )
 
     async def _wait_idle(self) -> None:
         self._idle = anyio.Event()
