@@ -135,8 +135,8 @@ def _at_threads_shutdown() -> None:
     if hung:
         log.warning(
             "exiting without waiting for %d thread(s) of sync task code still running after "
-            "they were given up on (Python cannot stop a thread; their tasks were settled or "
-            "handed back already): %s",
+            "they were given up on (Python cannot stop a thread; the worker is done with their "
+            "tasks: settled, handed back, or left to their leases): %s",
             len(hung),
             ", ".join(f"{call.run.task.name} ({call.run.record.uuid})" for call in hung),
         )
