@@ -126,7 +126,9 @@ class Settlement:
             await hooks.notify("qtasks_executor_closed", app=app, record=record, run=run)
         if run.lease_lost:
             log.warning(
-                "lease of task %s was lost; another worker owns it now, result dropped",
+                "task %s (%s): its lease was lost, its result dropped: its message is "
+                "delivered again (to this worker or another)",
+                record.task_name,
                 record.uuid,
             )
         elif cancelled:
