@@ -165,6 +165,26 @@ async def test_a_timer_of_a_task_the_app_does_not_have_is_warned_about(
     assert said() == []
 
 
+async def test_a_config_timer_whose_arguments_do_not_fit_leaves_the_others_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Arguments are checked against the task when the worker starts (the task is declared
+    after the app is built): an unfit one made the plugin's hook fail, logged and ignored,
+    and the worker served with none of its timers, the good ones neither."""
+    good = {"task": "tick", "interval": 0.3, "args": [1], "id": "good"}
+    unfit = {"task": "tick", "interval": 0.3, "kwargs": {"nope": 1}, "id": "unfit"}
+    app, rec = make_app([unfit, good])
+    caplog.set_level("ERROR")
+    async with app:
+        await wait_until(lambda: rec.count("good") >= 1, 5, "the good timer")
+        plugin = app.hooks.pm.get_plugin("timer")
+        assert isinstance(plugin, TimerPlugin) and plugin.timer is not None
+        assert [h.id for h in plugin.timer.timers] == ["good"]
+    [message] = [r.getMessage() for r in caplog.records if r.levelno >= 40]
+    assert message.startswith("extra.timers[0] is not scheduled (the others are): task 'tick'")
+    assert "nope" in message
+
+
 TASKS_MODULE = """
 from qtasks import QueueTasks
 

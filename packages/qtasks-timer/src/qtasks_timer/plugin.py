@@ -14,7 +14,7 @@ from qtasks import hookimpl
 from qtasks.importing import importing
 from qtasks_timer.errors import TimerError
 from qtasks_timer.settings import TimerSettings
-from qtasks_timer.timer import FIRING, HEADER, AsyncTimer
+from qtasks_timer.timer import FIRING, HEADER, SKIP_UNFIT, AsyncTimer
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -67,7 +67,11 @@ class TimerPlugin:
                 if isinstance(plugin, TimerPlugin) and plugin.timer is not None:
                     return None
             if TimerSettings.declared(app.config):
-                AsyncTimer(app)  # binds itself to one TimerPlugin of the app
+                token = SKIP_UNFIT.set(True)  # as the worker starts: one unfit timer, not all
+                try:
+                    AsyncTimer(app)  # binds itself to one TimerPlugin of the app
+                finally:
+                    SKIP_UNFIT.reset(token)
         return self.timer
 
     @hookimpl

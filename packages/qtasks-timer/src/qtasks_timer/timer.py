@@ -32,6 +32,7 @@ from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
 from qtasks.components import CompareDelete
 from qtasks.config import close_names
+from qtasks.errors import TaskArgumentsError
 from qtasks.sync import QueueTasks
 from qtasks_timer.claims import TickClaim, claimer
 from qtasks_timer.errors import ScheduleError, TimerError
@@ -69,6 +70,11 @@ HEADER = "qtasks_timer"
 of earlier ticks coalesced into this run}``."""
 
 FIRING: ContextVar[dict[str, Any] | None] = ContextVar("qtasks_timer_firing", default=None)
+
+SKIP_UNFIT: ContextVar[bool] = ContextVar("qtasks_timer_skip_unfit", default=False)
+"""Set by the plugin while it builds the app's timer as the worker starts: a configured timer
+whose arguments do not fit its task is logged and left out, and the others run. (An error
+there is a notification hook's, logged and ignored: every timer of the app was left out.)"""
 """Set while the timer enqueues a tick; the plugin copies it into the message headers."""
 
 _MAX_SLEEP = 1.0  # re-read the wall clock at least this often: it may jump
@@ -354,20 +360,27 @@ class AsyncTimer:
         ``interval`` (seconds), and optional ``args``, ``kwargs``, ``id``, ``timezone``,
         ``misfire_grace``, ``priority``."""
         settings = TimerSettings.from_config(self.app.config)
-        return [
-            self._add(
-                spec.task,
-                spec.schedule,
-                spec.args,
-                spec.kwargs,
-                spec.timezone,
-                spec.id,
-                spec.misfire_grace,
-                spec.priority,
-                "config",
-            )
-            for spec in settings.timers
-        ]
+        handles = []
+        for index, spec in enumerate(settings.timers):
+            try:
+                handles.append(
+                    self._add(
+                        spec.task,
+                        spec.schedule,
+                        spec.args,
+                        spec.kwargs,
+                        spec.timezone,
+                        spec.id,
+                        spec.misfire_grace,
+                        spec.priority,
+                        "config",
+                    )
+                )
+            except TaskArgumentsError as exc:
+                if not SKIP_UNFIT.get():
+                    raise
+                log.error("extra.timers[%d] is not scheduled (the others are): %s", index, exc)
+        return handles
 
     # --- running --------------------------------------------------------------------------
 
