@@ -97,6 +97,25 @@ async def test_delayed_message_is_woken_when_due(
     assert 0.35 <= elapsed < 0.6, elapsed
 
 
+async def test_a_message_due_in_thousands_of_years_does_not_break_the_claim(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """An ``eta`` given in milliseconds (``time.time() * 1000``, a JavaScript habit): the
+    claim's wait until it is due (over 10**14 ms) came back as ``9.9e+14``, which the
+    consumer could not read, so every worker of the queue crashed on every claim."""
+    broker = await make(stack, redis_url, prefix)
+    await broker.publish(Envelope("far", b"x", eta=time.time() * 1000))
+    async with broker.consume(prefetch=5) as it:
+        # Nothing ready and nothing in flight: the claim's wait is the far message's.
+        with anyio.move_on_after(0.3) as idle:
+            await it.__anext__()
+    assert idle.cancelled_caught  # nothing to claim, and no error
+    await broker.publish(Envelope("now", b"y"))
+    async with broker.consume(prefetch=5) as it:
+        assert (await take(it)).id == "now"
+    assert (await broker.stats()).delayed == 1
+
+
 async def test_idle_consumer_is_woken_by_publish(
     redis_url: str, prefix: str, stack: AsyncExitStack
 ) -> None:

@@ -329,7 +329,9 @@ if empty then
   if d[2] then next_at = tonumber(d[2]) end
   if l[2] and (not next_at or tonumber(l[2]) < next_at) then next_at = tonumber(l[2]) end
   if n > 0 and (not next_at or now + lease < next_at) then next_at = now + lease end
-  if next_at then out[1] = tostring(math.max(next_at - now, 0)) end
+  -- At most a day: the consumer waits less than that anyway, and tostring() writes a number
+  -- past 10^14 as '1.7e+15' (an eta in ms by mistake), which it could not read.
+  if next_at then out[1] = tostring(math.min(math.max(next_at - now, 0), 86400000)) end
 end
 return out
 """
