@@ -11,6 +11,7 @@ import importlib
 import json
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -396,6 +397,17 @@ def test_workflow_and_inspect_mask_a_workflow_s_result_and_error(
         assert "--show-secrets: passwords and secrets are shown" in result.stderr
         code, out = invoke("workflow", done.id, "--show-secrets", "-A", target)
         assert code == 0 and 'result: "redis://u:hunter2@h/0"' in out
+
+
+def test_get_shows_a_time_past_the_year_9999(served: str, app_module: ModuleType) -> None:
+    """An ``eta`` given in milliseconds (``time.time() * 1000``): ``qtasks get`` printed the
+    record's first lines, then a traceback (``year 58903 is out of range``)."""
+    app: QueueTasks = app_module.app
+    eta = time.time() * 1000
+    task = app.add_task("add", 1, 2, eta=eta)
+    code, out = invoke("get", task.uuid, "-A", served)
+    assert code == 0, out
+    assert f"eta: {eta} (unix seconds, past the year 9999)" in out.splitlines()
 
 
 def test_get_unknown_uuid_exits_1(served: str) -> None:

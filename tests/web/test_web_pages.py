@@ -151,6 +151,18 @@ async def test_unknown_and_absurd_uuids_are_not_found(client: Client) -> None:
     assert page.status == 404
 
 
+async def test_a_task_due_past_the_year_9999_has_its_page(
+    app: AsyncQueueTasks, client: Client
+) -> None:
+    """An ``eta`` given in milliseconds (``time.time() * 1000``): the task page failed (500,
+    ``year 58903 is out of range``) where it shows the eta."""
+    eta = time.time() * 1000
+    task = await app.add_task("add", 1, 2, eta=eta)
+    page = await client.get(f"/tasks/{task.uuid}")
+    assert page.status == 200
+    assert f"{eta} (unix seconds, past the year 9999)" in page.text
+
+
 async def test_secrets_are_masked_and_text_is_escaped(app: AsyncQueueTasks, client: Client) -> None:
     task = await app.add_task("fail", "hunter2", note="<script>alert(1)</script>", timeout=5)
     page = await client.get(f"/tasks/{task.uuid}")

@@ -62,7 +62,10 @@ CANCEL_REASON = "cancelled from the dashboard"
 def _when(value: float | None) -> str:
     if value is None:
         return "—"
-    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+    try:
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+    except (ValueError, OverflowError, OSError):  # past the year 9999: an eta in ms, say
+        return f"{value} (unix seconds, past the year 9999)"
 
 
 def _seconds(value: float | None) -> str:

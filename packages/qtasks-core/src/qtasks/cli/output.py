@@ -41,8 +41,12 @@ def record_dict(record: TaskRecord) -> dict[str, Any]:
 
 
 def _local_time(timestamp: float) -> str:
-    """A unix timestamp as ISO 8601 in local time, with its UTC offset."""
-    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
+    """A unix timestamp as ISO 8601 in local time, with its UTC offset; past what a date can
+    hold (year 9999: an ``eta`` given in milliseconds), the number, said so."""
+    try:
+        return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):
+        return f"{timestamp} (unix seconds, past the year 9999)"
 
 
 def _is_time(key: str) -> bool:
