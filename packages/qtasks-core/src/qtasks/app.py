@@ -546,6 +546,15 @@ class AsyncQueueTasks:
         configuration replaced it since): see :mod:`qtasks.local_wait`."""
         return self._made_storage is not None and self.storage is self._made_storage
 
+    def started_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop this app's components were started in, while it runs (in this
+        process), else ``None``: where a blocking call from another thread must go, such as
+        the sync app's from a sync task of a worker serving there (``qtasks run``)."""
+        loop = self._loop
+        if self._stack is None or loop is None or self._pid != os.getpid():
+            return None
+        return loop if loop.is_running() else None
+
     @property
     def serving(self) -> bool:
         """Whether a worker of this app serves in this process (``async with app:``,

@@ -6,6 +6,7 @@ and the portal's life (start, close, a forked child's fresh start) goes with the
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import inspect
 import os
@@ -71,6 +72,7 @@ class QueueTasks:
         )
         self._portal: BlockingPortal | None = None
         self._portal_stop: threading.Thread | None = None
+        self._portal_loop: asyncio.AbstractEventLoop | None = None
         self._serving: AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
         self._forever = 0
@@ -117,18 +119,13 @@ class QueueTasks:
         :class:`~qtasks.errors.ComponentError` on that loop's own thread (in an ``async def``
         task), where a blocking call would wait for itself."""
         if threading.current_thread() is self._portal_stop:
-            raise ComponentError(
-                f"app {self.aio.name!r}: a blocking call of the sync app was made on its own "
-                "event loop (an async def task runs there), where it would wait for itself; "
-                "await the async form: `await app.aio.add_task(...)` (`.get`, `.wait`... alike), "
-                "`await task.aio.add_task(...)` on a task, `await record.wait_result_async()`"
-            )
+            raise self._on_its_loop()
         with self._lock:
             if self._portal is None:
                 # Before the async app starts (and adopts them unwrapped): shared tasks
                 # imported since __init__ get this app's blocking add_task.
                 shared_tasks.adopt(self)
-                self._portal, self._portal_stop = _start_portal()
+                self._portal, self._portal_stop, self._portal_loop = _start_portal()
                 atexit.register(_close_at_exit, weakref.ref(self))
             return self._portal
 
@@ -312,7 +309,12 @@ class QueueTasks:
             async for step in self.aio.stream(uuid, timeout):
                 steps.put((True, step))
 
-        future = self.portal.start_task_soon(pump)
+        loop = self._loop_elsewhere()
+        future = (
+            self.portal.start_task_soon(pump)
+            if loop is None
+            else asyncio.run_coroutine_threadsafe(pump(), loop)
+        )
         # How the pump ended comes last: the stream's error, or a cancel by close() (the
         # portal's stop), told apart here rather than raised raw in this thread.
         future.add_done_callback(lambda done: steps.put((False, done)))
@@ -334,9 +336,33 @@ class QueueTasks:
         :meth:`close` (the portal's stop, from another thread) cancels raises
         :class:`~qtasks.errors.ComponentNotStartedError`, not a bare ``CancelledError``."""
         try:
+            loop = self._loop_elsewhere()
+            if loop is not None:
+                return asyncio.run_coroutine_threadsafe(_awaited(fn, *args), loop).result()
             return self.portal.call(fn, *args)
         except CancelledError as exc:  # only close() cancels a call in the portal
             raise self._closed() from exc
+
+    def _loop_elsewhere(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the async app was started in, when it runs and is not the portal's:
+        a worker serving the async app in this process (``qtasks run``, ``app.aio.run_forever()``,
+        ``async with app.aio:``). A blocking call goes there, rather than start the
+        components again in the portal's loop (refused: they belong to that running loop).
+        On that loop's own thread (an ``async def`` task) it would wait for itself: raised."""
+        loop = self.aio.started_loop()
+        if loop is None or loop is self._portal_loop:
+            return None
+        if loop is _running_loop():
+            raise self._on_its_loop()
+        return loop
+
+    def _on_its_loop(self) -> ComponentError:
+        return ComponentError(
+            f"app {self.aio.name!r}: a blocking call of the sync app was made on its own "
+            "event loop (an async def task runs there), where it would wait for itself; "
+            "await the async form: `await app.aio.add_task(...)` (`.get`, `.wait`... alike), "
+            "`await task.aio.add_task(...)` on a task, `await record.wait_result_async()`"
+        )
 
     def _closed(self) -> ComponentNotStartedError:
         return ComponentNotStartedError(
@@ -391,7 +417,7 @@ class QueueTasks:
         locks another thread may have held, so that the next call starts afresh here."""
         if self._portal is not None:
             _inherited.append((self._portal, self._portal_stop, self._serving))
-        self._portal = self._portal_stop = self._serving = None
+        self._portal = self._portal_stop = self._serving = self._portal_loop = None
         self._lock = threading.Lock()
         self._forever = 0
         self._forever_done = threading.Condition()
@@ -423,7 +449,7 @@ class QueueTasks:
                 )
         self.__exit__()
         if self._portal is not None:
-            portal, self._portal = self._portal, None
+            portal, self._portal, self._portal_loop = self._portal, None, None
             portal.call(self.aio.aclose)
             # Cancelled, not awaited: they would hold the thread (and the process) until they
             # ended on their own, on components just closed.
@@ -484,6 +510,15 @@ _ASYNC_ONLY = {
 """Coroutine methods of the async app whose sync counterpart has another name."""
 
 
+async def _awaited(fn: Callable[..., Awaitable[R]], *args: Any) -> R:
+    """``await fn(*args)``, a coroutine for ``asyncio.run_coroutine_threadsafe``."""
+    return await fn(*args)
+
+
+_running_loop = asyncio._get_running_loop
+"""The running asyncio loop or ``None``, without an exception when there is none."""
+
+
 def _is_async_callable(value: Any) -> bool:
     """Whether calling ``value`` gives a coroutine or an async iterator to be awaited."""
     return inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value)
@@ -493,14 +528,14 @@ _SIGNAL_SLICE = 0.2
 """Seconds the main thread waits at a time while ``run_forever`` serves (see there)."""
 
 
-def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
+def _start_portal() -> tuple[BlockingPortal, threading.Thread, asyncio.AbstractEventLoop]:
     """Run an event loop with a portal in a daemon thread."""
     ready = threading.Event()
-    holder: list[BlockingPortal] = []
+    holder: list[tuple[BlockingPortal, asyncio.AbstractEventLoop]] = []
 
     async def main() -> None:
         async with BlockingPortal() as portal:
-            holder.append(portal)
+            holder.append((portal, asyncio.get_running_loop()))
             ready.set()
             await portal.sleep_until_stopped()
 
@@ -513,7 +548,8 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread]:
     )
     thread.start()
     ready.wait()
-    return holder[0], thread
+    portal, loop = holder[0]
+    return portal, thread, loop
 
 
 _apps: weakref.WeakSet[QueueTasks] = weakref.WeakSet()
