@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks
-from qtasks.errors import ConfigError, TaskArgumentsError, TaskDeclarationError
+from qtasks.errors import (
+    ConfigError,
+    SerializationError,
+    TaskArgumentsError,
+    TaskDeclarationError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -236,3 +241,25 @@ async def test_qtasks_echo_form_on_the_app_says_how_to_name_the_task() -> None:
                 call()
         assert sync.portal.call(sync.aio.storage.stats) == {}
         assert sync.add_task("add", 1, b=2, timeout=5).returning == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "culprit"),
+    [
+        ((1, object()), {}, "argument args[1] cannot be encoded (object)"),
+        ((1,), {"b": {1, 2}}, "argument kwargs['b'] cannot be encoded (set)"),
+        ((b"raw", 2), {}, "argument args[0] cannot be encoded (bytes)"),
+    ],
+)
+async def test_an_argument_that_cannot_be_encoded_is_named_with_its_task(
+    args: tuple[Any, ...], kwargs: dict[str, Any], culprit: str
+) -> None:
+    """``add_task("send", user)`` with an object the serializer cannot store said only
+    "cannot encode as JSON: Object of type User is not JSON serializable": not which task, nor
+    which of its arguments (walk-through). Now the error names both, before anything is
+    written."""
+    app = app_with_add()
+    with pytest.raises(SerializationError) as raised:
+        await app.add_task("add", *args, **kwargs)
+    assert str(raised.value).startswith(f"task 'add': {culprit}: cannot encode as JSON: ")
+    await assert_nothing_written(app)

@@ -492,7 +492,12 @@ async def test_a_bad_add_tasks_item_after_a_full_batch_stores_nothing(
     double = app.tasks["double"]
     bad_items: list[tuple[int, Any, type[Exception], str]] = [
         (1500, double.s(1, 2), TaskArgumentsError, "add_tasks item 1500: "),
-        (1000, double.s(object()), SerializationError, "add_tasks item 1000: cannot encode"),
+        (
+            1000,
+            double.s(object()),
+            SerializationError,
+            "add_tasks item 1000: task 'double': argument args[0] cannot be encoded (object)",
+        ),
         (2499, "double", TaskArgumentsError, "add_tasks item 2499: add_tasks expects a signature"),
     ]
     for index, bad, error, says in bad_items:

@@ -371,14 +371,36 @@ class Codec:
         self.max_size = max_size
 
     def encode(self, message: Message, eta: float | None = None) -> Envelope:
+        """``message`` as an envelope; raise :class:`SerializationError` naming the task and
+        the argument that cannot be encoded, :class:`MessageTooLargeError` past the limit."""
         serializer = self.serializer
-        if type(serializer) is JSONSerializer:  # not a subclass: it may encode otherwise
-            body = serializer.dumps_message(message)
-        else:
-            body = serializer.dumps(message.to_wire())
+        try:
+            if type(serializer) is JSONSerializer:  # not a subclass: it may encode otherwise
+                body = serializer.dumps_message(message)
+            else:
+                body = serializer.dumps(message.to_wire())
+        except SerializationError as exc:
+            raise self._unencodable(message, exc) from exc
         if len(body) > self.max_size:
             raise MessageTooLargeError(len(body), self.max_size, message.task_name)
         return Envelope(id=message.uuid, body=body, priority=message.priority, eta=eta)
+
+    def _unencodable(self, message: Message, exc: SerializationError) -> SerializationError:
+        """The error for a message that cannot be encoded: which task, and which of its
+        arguments (``args[1]``, ``kwargs['user']``) with its type, found by encoding each
+        alone (a header, a hook's doing, is named by the serializer's own text)."""
+        named = [(f"args[{i}]", value) for i, value in enumerate(message.args)]
+        named += [(f"kwargs[{key!r}]", value) for key, value in message.kwargs.items()]
+        for where, value in named:
+            try:
+                self.serializer.dumps(value)
+            except SerializationError as own:
+                return SerializationError(
+                    f"task {message.task_name!r}: argument {where} cannot be encoded "
+                    f"({type(value).__name__}): {own}; pass a value the serializer stores "
+                    "(an id, a dict of its fields)"
+                )
+        return SerializationError(f"task {message.task_name!r}: {exc}")
 
     def decode(self, body: bytes) -> Message:
         if len(body) > self.max_size:
