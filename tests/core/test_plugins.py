@@ -414,6 +414,33 @@ def test_unknown_hook_name_fails_at_registration() -> None:
     assert not app.hooks.pm.has_plugin("typo")
 
 
+def test_a_hook_method_without_hookimpl_fails_at_registration() -> None:
+    """A hook method without ``@hookimpl`` was registered without a word and never called
+    (pluggy takes marked methods only): a plugin that did nothing, silently (walk-through).
+    Other ``qtasks_`` attributes (``qtasks_off``, a helper not named after a hook) are fine."""
+
+    class Forgot:
+        qtasks_off = "off: set audit.enabled"
+
+        def qtasks_helper(self) -> None: ...
+
+        @hookimpl
+        def qtasks_task_failed(self) -> None: ...
+
+        def qtasks_task_succeeded(self) -> None: ...
+
+    app = AsyncQueueTasks(config=QueueConfig(plugins_disabled=["*"]))
+    with pytest.raises(
+        PluginError, match="qtasks_task_succeeded is named after a hook but not marked @hookimpl"
+    ) as info:
+        app.add_plugin(Forgot(), name="forgot")
+    assert info.value.plugin == "forgot"
+    assert not app.hooks.pm.has_plugin("forgot")
+    del Forgot.qtasks_task_succeeded
+    app.add_plugin(Forgot(), name="forgot")
+    assert app.hooks.pm.has_plugin("forgot")
+
+
 def test_async_firstresult_hook_is_rejected() -> None:
     class AsyncDecide:
         @hookimpl

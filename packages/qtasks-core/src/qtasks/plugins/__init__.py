@@ -99,6 +99,13 @@ class Hooks:
             impl = getattr(plugin, hook_name, None)
             opts = getattr(impl, "qtasks_impl", None)
             if opts is None:
+                if hook_name.startswith("qtasks_") and callable(impl) and self._is_hook(hook_name):
+                    # pluggy registers marked methods only: this one would never be called.
+                    raise PluginError(
+                        label,
+                        f"{hook_name} is named after a hook but not marked @hookimpl "
+                        "(from qtasks import hookimpl), so it would never be called",
+                    )
                 continue
             spec_name = opts.get("specname") or hook_name
             caller = getattr(self.pm.hook, spec_name, None)
@@ -114,6 +121,10 @@ class Hooks:
                 raise PluginError(
                     label, f"{spec_name}: wrappers are only supported on firstresult hooks"
                 )
+
+    def _is_hook(self, name: str) -> bool:
+        caller = getattr(self.pm.hook, name, None)
+        return isinstance(caller, pluggy.HookCaller) and caller.spec is not None
 
     def _refresh(self) -> None:
         self._impls = {}
