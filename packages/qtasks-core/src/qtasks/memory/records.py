@@ -14,13 +14,32 @@ from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
 
+from qtasks.messages import json_decoder, strict_json_encoder
 from qtasks.record import _STATUSES, TaskRecord, TaskStatus
 
 _FIELD = {f.name: i for i, f in enumerate(fields(TaskRecord))}
 """Where :meth:`~qtasks.record.TaskRecord.packed` puts each field (declaration order)."""
-_NAME, _STATUS, _UPDATED, _PARENT = (
-    _FIELD[name] for name in ("task_name", "status", "updated_at", "parent_uuid")
+_NAME, _STATUS, _UPDATED, _PARENT, _RETURNING = (
+    _FIELD[name] for name in ("task_name", "status", "updated_at", "parent_uuid", "returning")
 )
+
+_encode, _decode = strict_json_encoder(), json_decoder()
+_AS_IS = frozenset({type(None), str, int, float, bool})
+"""Types that JSON gives back as they are (a float JSON refuses, NaN, stays as it is too)."""
+
+
+def as_stored(value: Any) -> Any:
+    """``value`` as a storage that keeps JSON (Redis) gives it back: a tuple becomes a list,
+    a dict's int keys strings, and it is a new object, not the one the task still holds.
+    Results and steps read from the in-memory storage are then what they are in production,
+    so a test that passes in memory does not fail on Redis. A value JSON cannot hold (an app
+    serializer that can) is kept as it is."""
+    if type(value) in _AS_IS:
+        return value
+    try:
+        return _decode(_encode(value))
+    except (TypeError, ValueError, RecursionError):
+        return value
 
 
 class Records:
@@ -80,7 +99,14 @@ class Records:
     def __setitem__(self, uuid: str, record: TaskRecord) -> None:
         """Store ``record`` (owned from now on while in flight; packed once final)."""
         if record.status.final:
-            self._final[uuid] = record.packed()
+            values = record.packed()
+            if type(values[_RETURNING]) not in _AS_IS:
+                values = (
+                    *values[:_RETURNING],
+                    as_stored(values[_RETURNING]),
+                    *values[_RETURNING + 1 :],
+                )
+            self._final[uuid] = values
             self._live.pop(uuid, None)
         else:
             self._live[uuid] = record

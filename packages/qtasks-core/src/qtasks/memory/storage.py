@@ -22,7 +22,7 @@ from qtasks.components import SCAN_BUDGET, GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import InvalidQueryError, TaskTimeoutError
 from qtasks.memory.counts import LiveCounts
-from qtasks.memory.records import Records
+from qtasks.memory.records import Records, as_stored
 from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.workflows import MemoryWorkflows
 from qtasks.record import TaskRecord, TaskStatus
@@ -422,7 +422,7 @@ class MemoryStorage(_Lifecycle):
                 runs += 1
                 stream.append(StepsRestarted(runs))
             last = fence
-        stream.append(value)
+        stream.append(as_stored(value))
         count += 1
         self._step_runs[uuid] = (count, last, runs)
         record.steps = count
