@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import re
+from typing import Any
 
 import pytest
 
@@ -128,3 +130,27 @@ def test_argument_check(args: tuple[int, ...], kwargs: dict[str, int], ok: bool)
     except TypeError:
         expected = False
     assert fits(with_default) is expected
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "instead"),
+    [
+        ("max_retries", 3, "retry=N"),
+        ("autoretry_for", (ConnectionError,), "retry_on_exc=[...] with retry=N"),
+        ("time_limit", 30, "max_time=seconds"),
+        ("bind", True, "echo=True"),
+    ],
+)
+def test_celerys_name_for_an_option_warns_with_ours(option: str, value: Any, instead: str) -> None:
+    """``@app.task(max_retries=3, autoretry_for=(ConnectionError,))``, Celery's spelling, was
+    kept in the task's extra without a word: the task was never retried (walk-through). It
+    warns at the declaration, naming the option to write (docs/from-celery.md)."""
+    app = QueueTasks("celery-names")
+    says = f"unknown option '{option}' is kept in the task's extra and not applied; did you mean"
+    with pytest.warns(UserWarning, match=re.escape(f"{says} {instead}?")) as caught:
+
+        @app.task(**{option: value})
+        def f() -> None: ...
+
+    assert [w.filename for w in caught] == [__file__]  # points at the declaration
+    assert f.options.extra == {option: value}

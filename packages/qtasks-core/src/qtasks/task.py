@@ -79,17 +79,32 @@ def task_kind(func: Callable[..., Any]) -> TaskKind:
     return TaskKind.SYNC
 
 
+_CELERY_OPTIONS = {
+    "max_retries": "retry=N",
+    "autoretry_for": "retry_on_exc=[...] with retry=N",
+    "default_retry_delay": "retry_backoff=seconds",
+    "time_limit": "max_time=seconds",
+    "soft_time_limit": "max_time=seconds",
+    "bind": "echo=True",
+}
+"""Celery's task options that mean one of ours (docs/from-celery.md), with what to write."""
+
+
 def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> None:
     """Warn about each unknown option of ``@app.task`` that is close to a known one
-    (``rate_limt``, ``max_concurency``): it is kept in the task's ``extra`` (QTasks' custom
-    options), so the limit it meant would silently not apply."""
+    (``rate_limt``, ``max_concurency``) or is Celery's name for one (``max_retries``,
+    ``autoretry_for``): it is kept in the task's ``extra`` (QTasks' custom options), so what
+    it meant (a limit, retries) would silently not apply."""
     for option in extra:
-        close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.8)
-        if close:
+        instead = _CELERY_OPTIONS.get(option)  # before a typo's match: time_limit/rate_limit
+        if instead is None:
+            close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.8)
+            instead = f"{close[0]!r}" if close else None
+        if instead is not None:
             _, level = _user_frame()  # pointed at the declaration
             warnings.warn(
                 f"task {task!r}: unknown option {option!r} is kept in the task's extra and not "
-                f"applied; did you mean {close[0]!r}?",
+                f"applied; did you mean {instead}?",
                 UserWarning,
                 stacklevel=level,
             )
