@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -11,6 +12,7 @@ import pytest
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 from qtasks.components import DeadLetter
+from qtasks.errors import TaskExitError
 from qtasks.messages import Envelope, Message
 
 pytestmark = pytest.mark.anyio
@@ -248,3 +250,49 @@ async def test_a_worker_with_no_task_registered_warns_that_it_dead_letters_every
     [warning] = [r for r in caplog.records if "no task registered" in r.getMessage()]
     assert "dead-letters every message" in warning.getMessage()
     assert "await app.start()" in warning.getMessage()
+
+
+async def test_a_task_calling_sys_exit_fails_and_the_worker_serves_on() -> None:
+    """``sys.exit()`` in a task's code (or a click command it calls, which exits when done)
+    raised ``SystemExit`` through the worker: ``qtasks run`` exited with the task's code and
+    the sync app's background loop died, every later call failing with "This portal is not
+    running" (walk-through). Now the task fails with ``TaskExitError``, chained from the
+    ``SystemExit``, retried as any error is, and the worker serves on."""
+    app = AsyncQueueTasks("exits")
+
+    @app.task
+    def sync_exit() -> None:
+        sys.exit(3)
+
+    @app.task(retry=1, retry_backoff=0)
+    async def async_exit() -> None:
+        sys.exit()
+
+    @app.task
+    def generator_exit() -> Iterator[int]:
+        yield 1
+        sys.exit("done")
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with app:
+        exits = [
+            await app.add_task(name, timeout=10)
+            for name in ("sync_exit", "async_exit", "generator_exit")
+        ]
+        after = await app.add_task("add", 1, 2, timeout=10)
+    assert [(r.status, r.attempt) for r in exits] == [
+        (TaskStatus.ERROR, 1),
+        (TaskStatus.ERROR, 2),
+        (TaskStatus.ERROR, 1),
+    ]
+    assert [r.error for r in exits] == [
+        f"TaskExitError: task {name!r} raised SystemExit({code}) (sys.exit() in its code): it "
+        "fails the task, not the worker"
+        for name, code in (("sync_exit", 3), ("async_exit", None), ("generator_exit", "'done'"))
+    ]
+    assert "SystemExit: 3" in (exits[0].traceback or "")
+    assert (after.status, after.returning) == (TaskStatus.SUCCESS, 3)
+    assert TaskExitError("t", "3").code == "3"

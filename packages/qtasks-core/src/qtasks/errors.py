@@ -203,6 +203,22 @@ class StrayCancellationError(QTasksError):
         )
 
 
+class TaskExitError(QTasksError):
+    """A task's code raised ``SystemExit`` (``sys.exit()``, or a command-line entry point it
+    called, such as a click command, which exits when done): the task fails with this error,
+    chained from it, instead of the ``SystemExit`` ending the worker's process and with it
+    every task that runs there. Retried as any error is."""
+
+    def __init__(self, task: str, code: str) -> None:
+        self.task = task
+        self.code = code
+        """The exit code given to ``sys.exit``, as ``repr`` shows it (``'3'``, ``'None'``)."""
+        super().__init__(
+            f"task {task!r} raised SystemExit({code}) (sys.exit() in its code): it fails "
+            "the task, not the worker"
+        )
+
+
 class TaskFailedError(QTasksError):
     """A waited-for task ended with status ``error``; ``task`` holds its record."""
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from qtasks import steps
-from qtasks.errors import LeaseLostError, SerializationError, TaskMaxTimeError
+from qtasks.errors import LeaseLostError, SerializationError, TaskExitError, TaskMaxTimeError
 from qtasks.messages import Message
 from qtasks.middleware import chain_of
 from qtasks.record import TaskRecord
@@ -193,6 +193,8 @@ class TaskExecutor:
     async def run_function(self, run: TaskRun, args: list[Any], kwargs: dict[str, Any]) -> Any:
         try:
             return await self._run_function(run, args, kwargs)
+        except SystemExit as exc:  # the task's, not a stop of the worker (signals don't raise it)
+            raise TaskExitError(run.task.name, repr(exc.code)) from exc
         finally:
             # Wakes a sync task's ctx.sleep in its (possibly abandoned) worker thread.
             ended = run.state.get(_ENDED)
