@@ -69,6 +69,31 @@ def test_task_name_by_keyword_everywhere() -> None:
         app.close()
 
 
+def test_a_task_with_a_task_name_parameter_gets_it_from_its_own_add_task() -> None:
+    """``audit.add_task(task_name="resize")`` of a task with its own ``task_name`` parameter
+    was read as QTasks' form and enqueued a task named ``resize`` instead (an unknown task,
+    or another one run with audit's arguments; walk-through). The task's own parameter wins;
+    a task without one keeps QTasks' form."""
+    app = QueueTasks()
+
+    @app.task
+    def audit(task_name: str, ok: bool) -> str:
+        return f"{task_name}: {ok}"
+
+    @app.task
+    def resize(ok: bool) -> str:
+        return f"resized: {ok}"
+
+    try:
+        with app:
+            done = audit.add_task(task_name="resize", ok=True, timeout=WAIT)
+            assert (done.task_name, done.returning) == ("audit", "resize: True")
+            other = resize.add_task(task_name="resize", ok=False, timeout=WAIT)  # QTasks' form
+            assert (other.task_name, other.returning) == ("resize", "resized: False")
+    finally:
+        app.close()
+
+
 async def test_echo_self_has_the_task_options_and_cached_metadata() -> None:
     app = AsyncQueueTasks()
 

@@ -444,7 +444,8 @@ class TaskDef(Generic[P, R]):
     ) -> Coroutine[Any, Any, AsyncTask]:
         """Enqueue this task. ``priority``, ``timeout``, ``delay`` and ``eta`` keywords are
         options of the call; use :meth:`enqueue` when the task itself takes such parameters.
-        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead.
+        QTasks' ``task_name=`` keyword enqueues another task with these arguments instead,
+        unless this task has a ``task_name`` parameter: it is then this task's argument.
 
         Typing: the options are checked, the task's own arguments are not (``*args: Any``).
         A ``ParamSpec`` signature cannot take extra keywords, and it cannot leave out the
@@ -453,10 +454,18 @@ class TaskDef(Generic[P, R]):
         the task raises :class:`~qtasks.errors.TaskArgumentsError`). Calling the task directly,
         ``task(...)``, keeps the function's checked signature."""
         extra: dict[str, Any] = dict(kwargs)
-        name = extra.pop("task_name", self.name)
+        name = self._called_name(extra)
         return self.app.add_task(
             name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
         )
+
+    def _called_name(self, kwargs: dict[str, Any]) -> Any:
+        """The task an ``add_task`` call enqueues: QTasks' ``task_name=`` keyword names
+        another (taken out of ``kwargs``), unless this task has a parameter of that name,
+        which the keyword is then for; else this task."""
+        if "task_name" in kwargs and "task_name" not in self.caller_signature.parameters:
+            return kwargs.pop("task_name")
+        return self.name
 
     def enqueue(
         self,
@@ -547,7 +556,7 @@ class SyncTaskDef(TaskDef[P, R]):
     ) -> Task:
         """Enqueue this task and return its record (typed as :meth:`TaskDef.add_task`)."""
         extra: dict[str, Any] = dict(kwargs)
-        name = extra.pop("task_name", self.name)
+        name = self._called_name(extra)
         return self.facade.add_task(
             name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
         )
