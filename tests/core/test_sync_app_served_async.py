@@ -8,12 +8,15 @@ blocking call still says what to await."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import pytest
 
 from qtasks import QueueTasks, TaskStatus
+from qtasks.errors import ComponentNotStartedError
 
 
 def make_app() -> tuple[QueueTasks, dict[str, Any]]:
@@ -88,4 +91,21 @@ def test_run_forever_of_the_async_app_serves_sync_fan_out() -> None:
     fan_out = outcome["fan_out"]
     assert fan_out.status is TaskStatus.SUCCESS, fan_out.error
     assert fan_out.returning == [10, 12, "success", [0, 1, 2]]
+    app.close()
+
+
+def test_a_call_sent_to_a_loop_that_ends_without_running_it_raises() -> None:
+    """A sync task's thread still calling while the serving loop ends (the worker's process
+    exiting) is told so, rather than blocked for ever on a call the loop will never run."""
+    app = QueueTasks("ended")
+    loop = asyncio.new_event_loop()  # not running: it will never run the call
+    try:
+        with pytest.raises(ComponentNotStartedError, match="was closed while this call waited"):
+            app._call_in(loop, app.aio.get, "0" * 32)
+    finally:
+        loop.close()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    with pytest.raises(ComponentNotStartedError):
+        app._call_in(loop, app.aio.get, "0" * 32)
     app.close()

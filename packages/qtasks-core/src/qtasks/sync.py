@@ -338,10 +338,34 @@ class QueueTasks:
         try:
             loop = self._loop_elsewhere()
             if loop is not None:
-                return asyncio.run_coroutine_threadsafe(_awaited(fn, *args), loop).result()
+                return self._call_in(loop, fn, *args)
             return self.portal.call(fn, *args)
         except CancelledError as exc:  # only close() cancels a call in the portal
             raise self._closed() from exc
+
+    def _call_in(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Awaitable[R]], *args: Any
+    ) -> R:
+        """``fn(*args)`` run in ``loop`` (see :meth:`_loop_elsewhere`), waited for in slices:
+        a loop that ends without running it (the worker's process exiting) raises
+        :class:`~qtasks.errors.ComponentNotStartedError` instead of blocking for ever."""
+        call = _awaited(fn, *args)
+        try:
+            future = asyncio.run_coroutine_threadsafe(call, loop)
+        except RuntimeError as exc:  # closed since it was found running
+            call.close()
+            raise self._closed() from exc
+        while True:
+            try:
+                return future.result(timeout=_SIGNAL_SLICE)
+            except TimeoutError:
+                if future.done():
+                    raise  # fn itself raised a TimeoutError (e.g. TaskTimeoutError)
+                if not loop.is_running():
+                    future.cancel()
+                    if inspect.getcoroutinestate(call) == inspect.CORO_CREATED:
+                        call.close()  # never started: the ended loop will not run it
+                    raise self._closed() from None
 
     def _loop_elsewhere(self) -> asyncio.AbstractEventLoop | None:
         """The event loop the async app was started in, when it runs and is not the portal's:
