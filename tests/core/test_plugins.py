@@ -318,6 +318,51 @@ async def test_enqueue_transform_exception_aborts_add_task(app: AsyncQueueTasks)
     assert sum((await app.storage.stats()).values()) == 0  # nothing stored either
 
 
+@pytest.mark.parametrize("colour", ["sync", "async"])
+async def test_a_transform_returning_the_wrong_shape_is_blamed_on_its_plugin(
+    app: AsyncQueueTasks, colour: str
+) -> None:
+    """A transform that returned a value of the wrong shape failed later, in the core, blamed
+    on the task ("TypeError: 'int' object is not iterable" on its record) or on the caller
+    (``add_task`` raising "AttributeError: 'dict' object has no attribute 'uuid'"), never
+    naming the plugin (walk-through). It fails as a transform that raised does: a
+    ``PluginError`` naming the plugin, the hook and what was wrong, nothing stored."""
+
+    def plugin(hook: str, value: Any) -> object:
+        def plain(self: Any) -> Any:
+            return value
+
+        async def coroutine(self: Any) -> Any:
+            return value
+
+        return type("Wrong", (), {hook: hookimpl(plain if colour == "sync" else coroutine)})()
+
+    app.add_plugin(plugin("qtasks_task_enqueue", {"task": "add"}), name="wrong-message")
+    with pytest.raises(PluginError) as info:
+        await app.add_task("anything")
+    assert str(info.value) == (
+        "plugin 'wrong-message': hook qtasks_task_enqueue returned message of type dict, "
+        "not Message"
+    )
+    assert sum((await app.storage.stats()).values()) == 0
+    app.hooks.unregister(app.hooks.pm.get_plugin("wrong-message"))
+
+    # args=1, kwargs=2, where (list, dict) was due
+    app.add_plugin(plugin("qtasks_executor_args", [1, 2]), name="wrong-args")
+
+    @app.task(retry=2, retry_backoff=0)
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with app:
+        task = await add.add_task(1, 2, timeout=5)
+    assert (task.status, task.attempt) == (TaskStatus.ERROR, 1)  # a broken plugin: no retry
+    assert task.error == (
+        "PluginError: plugin 'wrong-args': hook qtasks_executor_args returned args of type "
+        "int, not list or tuple"
+    )
+
+
 SECRET = "redis://u:hunter2@db:6379/0 password=hunter2"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
+import reprlib
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -25,6 +26,8 @@ from qtasks import hookspecs
 from qtasks.cancels import is_error
 from qtasks.errors import PluginError, TaskCodeError
 from qtasks.masking import masked_error, masked_traceback
+from qtasks.messages import Message
+from qtasks.record import TaskRecord
 
 hookimpl = pluggy.HookimplMarker("qtasks")
 """Marker for hook implementations: ``@hookimpl`` (``tryfirst``/``trylast`` supported)."""
@@ -229,7 +232,9 @@ class Hooks:
                 continue  # unchanged: a value handed back as it came is no awaitable to check
             if inspect.isawaitable(result):
                 return self._transform_rest(hook, impls, _index(impls, impl), result, field, kwargs)
-            _assign(kwargs, field, result)
+            wrong = _assign(kwargs, field, result)
+            if wrong is not None:
+                return _Failed(PluginError(plugin, f"hook {hook} {wrong}"))
         return _Ready(kwargs[one] if one is not None else _value(kwargs, field))
 
     async def _transform_rest(
@@ -247,7 +252,9 @@ class Hooks:
         except BaseException as exc:
             _Failed(_blame(impls[index][0], hook, exc)).throw()
         if result is not None:
-            _assign(kwargs, field, result)
+            wrong = _assign(kwargs, field, result)
+            if wrong is not None:
+                raise PluginError(impls[index][0], f"hook {hook} {wrong}")
         for plugin, func, pick in impls[index + 1 :]:
             try:
                 result = func(*pick(kwargs))
@@ -258,7 +265,9 @@ class Hooks:
             except BaseException as exc:
                 _Failed(_blame(plugin, hook, exc)).throw()
             if result is not None:
-                _assign(kwargs, field, result)
+                wrong = _assign(kwargs, field, result)
+                if wrong is not None:
+                    raise PluginError(plugin, f"hook {hook} {wrong}")
         return _value(kwargs, field)
 
     def decide(self, hook: str, **kwargs: Any) -> Any:
@@ -293,12 +302,32 @@ def _value(kwargs: dict[str, Any], field: str | tuple[str, ...]) -> Any:
     return tuple(kwargs[name] for name in field)
 
 
-def _assign(kwargs: dict[str, Any], field: str | tuple[str, ...], result: Any) -> None:
-    if isinstance(field, str):
-        kwargs[field] = result
-    else:
-        for name, value in zip(field, result, strict=True):
-            kwargs[name] = value
+_SHAPES: dict[str, tuple[type[Any], ...]] = {
+    "args": (list, tuple),
+    "kwargs": (dict,),
+    "middlewares": (list, tuple),
+    "report": (dict,),
+    "message": (Message,),
+    "record": (TaskRecord,),
+}
+"""What a transform hook must return for each of these values; the others (``result``,
+``value``) may be anything."""
+
+
+def _assign(kwargs: dict[str, Any], field: str | tuple[str, ...], result: Any) -> str | None:
+    """Put a transform's ``result`` in ``kwargs``; what is wrong with it instead (the rest of
+    the error message), leaving ``kwargs`` unchanged: a value of the wrong type or shape would
+    fail later, in the core, blamed on the task or the caller rather than on the plugin."""
+    names, values = ((field,), (result,)) if isinstance(field, str) else (field, result)
+    if not isinstance(values, tuple | list) or len(values) != len(names):
+        return f"returned {reprlib.repr(result)}, not a tuple ({', '.join(names)})"
+    for name, value in zip(names, values, strict=True):
+        shape = _SHAPES.get(name)
+        if shape is not None and not isinstance(value, shape):
+            expected = " or ".join(kind.__name__ for kind in shape)
+            return f"returned {name} of type {type(value).__name__}, not {expected}"
+    kwargs.update(zip(names, values, strict=True))
+    return None
 
 
 def _blame(plugin: str, hook: str, exc: BaseException) -> BaseException:
