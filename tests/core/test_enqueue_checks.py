@@ -263,3 +263,27 @@ async def test_an_argument_that_cannot_be_encoded_is_named_with_its_task(
         await app.add_task("add", *args, **kwargs)
     assert str(raised.value).startswith(f"task 'add': {culprit}: cannot encode as JSON: ")
     await assert_nothing_written(app)
+
+
+async def test_a_tasks_own_parameter_named_like_an_app_option_is_its_argument() -> None:
+    """``cache.add_task("k", expires=10)`` of a task with its own ``expires`` parameter took
+    the keyword as the app's option: the message expired in 10 s and the task ran with its
+    default (``unique_key``, ``unique_for`` alike; walk-through). On the declaration, whose
+    ``add_task`` passes those options on through its keywords, the task's own parameter
+    wins; a task without one keeps the option (docs/flow-control.md)."""
+    app = AsyncQueueTasks("own-names")
+
+    @app.task
+    async def cache(key: str, expires: int = 60, unique_key: str = "-") -> str:
+        return f"{key} for {expires}s ({unique_key})"
+
+    @app.task
+    async def notify(user: int) -> int:
+        return user
+
+    async with app:
+        done = await cache.add_task("k", expires=10, unique_key="u", timeout=5)
+        assert done.returning == "k for 10s (u)"
+        first = await notify.add_task(7, unique_key="receipt:7")
+        again = await notify.add_task(7, unique_key="receipt:7")  # the option still works
+        assert again.uuid == first.uuid

@@ -297,6 +297,11 @@ def is_injected(annotation: Any, default: Any) -> bool:
     return any(getattr(c, "__qtasks_injected__", False) for c in candidates)
 
 
+_APP_OPTIONS = ("expires", "unique_key", "unique_for")
+"""Options of the app's ``add_task`` that a declaration's ``add_task`` passes on through its
+keywords (it declares ``priority``, ``timeout``, ``delay`` and ``eta`` itself)."""
+
+
 class TaskDef(Generic[P, R]):
     """A task registered with ``@app.task``.
 
@@ -453,19 +458,27 @@ class TaskDef(Generic[P, R]):
         the arguments are checked when the task is enqueued instead (a call that does not fit
         the task raises :class:`~qtasks.errors.TaskArgumentsError`). Calling the task directly,
         ``task(...)``, keeps the function's checked signature."""
-        extra: dict[str, Any] = dict(kwargs)
-        name = self._called_name(extra)
-        return self.app.add_task(
-            name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
+        name, own, options = self._call_parts(kwargs)
+        return self.app.enqueue(
+            name, args, own, priority=priority, timeout=timeout, delay=delay, eta=eta, **options
         )
 
-    def _called_name(self, kwargs: dict[str, Any]) -> Any:
-        """The task an ``add_task`` call enqueues: QTasks' ``task_name=`` keyword names
-        another (taken out of ``kwargs``), unless this task has a parameter of that name,
-        which the keyword is then for; else this task."""
-        if "task_name" in kwargs and "task_name" not in self.caller_signature.parameters:
-            return kwargs.pop("task_name")
-        return self.name
+    def _call_parts(self, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """What an ``add_task(*args, **kwargs)`` call enqueues: the task (this one, or the
+        one QTasks' ``task_name=`` keyword names), its keyword arguments, and the app's
+        options among ``kwargs`` (``expires``, ``unique_key``, ``unique_for``). A keyword
+        that names a parameter of this task is this task's argument, not an option."""
+        own = dict(kwargs)
+        params = self.caller_signature.parameters
+        name = self.name
+        if "task_name" in own and "task_name" not in params:
+            name = own.pop("task_name")
+        options = {
+            key: own.pop(key)
+            for key in _APP_OPTIONS
+            if key in own and (key not in params or name != self.name)
+        }
+        return name, own, options
 
     def enqueue(
         self,
@@ -555,10 +568,9 @@ class SyncTaskDef(TaskDef[P, R]):
         **kwargs: Any,
     ) -> Task:
         """Enqueue this task and return its record (typed as :meth:`TaskDef.add_task`)."""
-        extra: dict[str, Any] = dict(kwargs)
-        name = self._called_name(extra)
-        return self.facade.add_task(
-            name, *args, priority=priority, timeout=timeout, delay=delay, eta=eta, **extra
+        name, own, options = self._call_parts(kwargs)
+        return self.facade.enqueue(
+            name, args, own, priority=priority, timeout=timeout, delay=delay, eta=eta, **options
         )
 
     def enqueue(  # type: ignore[override]
