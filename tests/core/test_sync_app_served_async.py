@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from qtasks import QueueTasks, TaskStatus
-from qtasks.errors import ComponentNotStartedError
+from qtasks.errors import ComponentError, ComponentNotStartedError
 
 
 def make_app() -> tuple[QueueTasks, dict[str, Any]]:
@@ -108,4 +108,22 @@ def test_a_call_sent_to_a_loop_that_ends_without_running_it_raises() -> None:
     loop.close()
     with pytest.raises(ComponentNotStartedError):
         app._call_in(loop, app.aio.get, "0" * 32)
+    app.close()
+
+
+def test_a_blocking_call_inside_async_with_app_aio_says_what_to_await() -> None:
+    """Code inside ``async with app.aio:`` runs on the loop serving the app: a blocking call of
+    the sync app there would wait for itself. It was refused as "started in an event loop
+    that is still running in another thread", which named neither the cause nor the fix."""
+    app, _ = make_app()
+
+    async def main() -> None:
+        async with app.aio:
+            with pytest.raises(ComponentError) as raised:
+                app.add_task("child", 1)
+            assert "inside `async with app.aio:`" in str(raised.value)
+            assert "`await app.aio.add_task(...)`" in str(raised.value)
+            assert (await app.aio.add_task("child", 2, timeout=10)).returning == 4
+
+    anyio.run(main)
     app.close()

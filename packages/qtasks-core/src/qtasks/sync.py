@@ -383,7 +383,8 @@ class QueueTasks:
     def _on_its_loop(self) -> ComponentError:
         return ComponentError(
             f"app {self.aio.name!r}: a blocking call of the sync app was made on its own "
-            "event loop (an async def task runs there), where it would wait for itself; "
+            "event loop (where async def tasks run, and the code inside `async with app.aio:`), "
+            "where it would wait for itself; "
             "await the async form: `await app.aio.add_task(...)` (`.get`, `.wait`... alike), "
             "`await task.aio.add_task(...)` on a task, `await record.wait_result_async()`"
         )
