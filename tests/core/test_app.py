@@ -415,6 +415,34 @@ async def test_retry_on_exc_matches_subclasses_only(app: AsyncQueueTasks) -> Non
     assert (b.status, calls["other"]) == (TaskStatus.ERROR, 1)
 
 
+async def test_retry_on_exc_matches_a_task_groups_exception_group(app: AsyncQueueTasks) -> None:
+    """A ``ConnectionError`` raised in a task group's child reaches the task's caller as
+    ``ExceptionGroup([ConnectionError])``, which ``retry_on_exc=[ConnectionError]`` did not
+    match: an async task using a task group was never retried (walk-through). A group is
+    retried when every exception in it matches, as ``except*`` would handle it all; one
+    with another error in it is not."""
+    calls: dict[str, int] = {"all": 0, "mixed": 0}
+
+    async def fail(key: str, exc: Exception) -> None:
+        calls[key] += 1
+        raise exc
+
+    @app.task(retry=2, retry_on_exc=[OSError], retry_backoff=0)
+    async def all_match() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fail, "all", ConnectionError("flaky"))
+
+    @app.task(retry=2, retry_on_exc=[OSError], retry_backoff=0)
+    async def mixed() -> None:
+        raise ExceptionGroup("two", [ConnectionError("flaky"), KeyError("a bug")])
+
+    async with app:
+        retried = await app.add_task("all_match", timeout=5)
+        kept = await app.add_task("mixed", timeout=5)
+    assert (retried.status, retried.attempt, calls["all"]) == (TaskStatus.ERROR, 3, 3)
+    assert (kept.status, kept.attempt) == (TaskStatus.ERROR, 1)
+
+
 async def test_retry_backoff_goes_through_delayed_delivery(app: AsyncQueueTasks) -> None:
     times: list[float] = []
 
