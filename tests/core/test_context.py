@@ -173,6 +173,33 @@ async def test_async_ctx_cancel_sets_reason() -> None:
     assert after == []
 
 
+async def test_ctx_cancel_in_a_task_groups_child_cancels_the_task() -> None:
+    """``self.ctx.cancel()`` in a child of the task's own task group reached the worker as
+    ``ExceptionGroup([TaskCancelledError])``: the record said ``error`` ("unhandled errors in
+    a TaskGroup") instead of ``cancel`` with the reason (walk-through). A group of other
+    errors, or one mixing them with the cancel, still fails the task."""
+    app = AsyncQueueTasks()
+
+    @app.task(echo=True)
+    async def stopper(self: AsyncTaskHandle, also_fail: bool) -> None:
+        async def child() -> None:
+            self.ctx.cancel("no work left")
+
+        async def failing() -> None:
+            raise ValueError("broken")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child)
+            if also_fail:
+                tg.start_soon(failing)
+
+    async with app:
+        cancelled = await app.add_task("stopper", False, timeout=5)
+        failed = await app.add_task("stopper", True, timeout=5)
+    assert (cancelled.status, cancelled.cancel_reason) == (TaskStatus.CANCEL, "no work left")
+    assert failed.status is TaskStatus.ERROR
+
+
 def test_sync_ctx_cancel_sets_reason() -> None:
     app = QueueTasks()
 

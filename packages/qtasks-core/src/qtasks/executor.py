@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from qtasks import steps
-from qtasks.errors import LeaseLostError, SerializationError, TaskExitError, TaskMaxTimeError
+from qtasks.errors import (
+    LeaseLostError,
+    SerializationError,
+    TaskCancelledError,
+    TaskExitError,
+    TaskMaxTimeError,
+)
 from qtasks.messages import Message
 from qtasks.middleware import chain_of
 from qtasks.record import TaskRecord
@@ -195,6 +201,15 @@ class TaskExecutor:
             return await self._run_function(run, args, kwargs)
         except SystemExit as exc:  # the task's, not a stop of the worker (signals don't raise it)
             raise TaskExitError(run.task.name, repr(exc.code)) from exc
+        except BaseExceptionGroup as group:
+            # ctx.cancel() in a task group's child: the task is cancelled, as without the group.
+            cancels, rest = group.split(TaskCancelledError)
+            if cancels is None or rest is not None:
+                raise
+            first: BaseException = cancels
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         finally:
             # Wakes a sync task's ctx.sleep in its (possibly abandoned) worker thread.
             ended = run.state.get(_ENDED)
