@@ -39,6 +39,14 @@ Middleware = Callable[["TaskRun", CallNext], Awaitable[Any]]
 calling it (short-circuit)."""
 
 
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception in ``group``, nested groups included."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
 @dataclass(slots=True)
 class TaskRun:
     """Everything about one execution of one task, passed to the executor and middlewares."""
@@ -203,13 +211,11 @@ class TaskExecutor:
             raise TaskExitError(run.task.name, repr(exc.code)) from exc
         except BaseExceptionGroup as group:
             # ctx.cancel() in a task group's child: the task is cancelled, as without the group.
+            # (A child's sys.exit() is not caught: asyncio raises it out of the event loop.)
             cancels, rest = group.split(TaskCancelledError)
             if cancels is None or rest is not None:
                 raise
-            first: BaseException = cancels
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+            raise _first(cancels) from None
         finally:
             # Wakes a sync task's ctx.sleep in its (possibly abandoned) worker thread.
             ended = run.state.get(_ENDED)
