@@ -18,7 +18,7 @@ import pytest
 from stream_scenarios import NotedWait
 
 from qtasks import AsyncQueueTasks, InvalidTimeoutError, QueueConfig, QueueTasks
-from qtasks.errors import ComponentNotStartedError
+from qtasks.errors import ComponentNotStartedError, TaskTimeoutError
 from qtasks.workflows import chain
 
 pytestmark = pytest.mark.anyio
@@ -164,3 +164,35 @@ def test_close_while_a_thread_waits_for_a_workflow_raises_component_not_started(
     assert len(outcome) == 1, "the waiter is still blocked"
     assert isinstance(outcome[0], ComponentNotStartedError), repr(outcome[0])
     assert "was closed while this call waited" in str(outcome[0])
+
+
+async def test_waiting_with_no_worker_on_the_in_memory_broker_says_why() -> None:
+    """A script that waits for a result of the in-memory app without ``with app:`` around it
+    waited out its timeout and got "did not finish within 1 s", which reads as a slow task
+    (walk-through): nothing consumes that broker, so nothing could have run it. The error
+    says so; with a worker serving, a timeout says nothing more."""
+    app = AsyncQueueTasks("alone")
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    async def slow() -> None:
+        await anyio.sleep_forever()
+
+    with pytest.raises(TaskTimeoutError) as raised:
+        await app.add_task("add", 1, 2, timeout=0.05)
+    assert str(raised.value).endswith(
+        "did not finish within 0.05 s: no worker serves MemoryBroker (process memory), so "
+        "nothing ran it; serve in this process (with app:, async with app:, app.run_forever())"
+    )
+    with pytest.raises(TaskTimeoutError, match="no worker serves"):
+        await app.wait(raised.value.uuid, timeout=0.05)
+    async with app:
+        task = await app.add_task("slow")
+        with pytest.raises(TaskTimeoutError) as served:
+            await app.wait(task.uuid, timeout=0.05)
+        assert str(served.value) == f"task {task.uuid} did not finish within 0.05 s"
+        await app.cancel(task.uuid, "done")
+    await app.aclose()

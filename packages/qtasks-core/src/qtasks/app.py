@@ -748,7 +748,10 @@ class AsyncQueueTasks:
             await self.hooks.notify("qtasks_task_enqueued", app=self, record=record)
         if timeout is not None:
             # Just stored: neither wait()'s existence check nor (FreshWait) a first read.
-            return self._bind(await self._wait_added(record.uuid, timeout))
+            try:
+                return self._bind(await self._wait_added(record.uuid, timeout))
+            except TaskTimeoutError as exc:
+                raise local_wait.explained(self, exc) from None
         return record
 
     async def add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
@@ -844,7 +847,10 @@ class AsyncQueueTasks:
             await self.start()
         if await self.storage.get(uuid) is None:
             raise TaskNotFoundError(uuid)
-        return self._bind(await self.storage.wait(uuid, timeout))
+        try:
+            return self._bind(await self.storage.wait(uuid, timeout))
+        except TaskTimeoutError as exc:
+            raise local_wait.explained(self, exc) from None
 
     async def stream(self, uuid: str, timeout: float | None = None) -> AsyncGenerator[Any, None]:
         """Yield the stored steps of a generator task as they come, until it is final; where

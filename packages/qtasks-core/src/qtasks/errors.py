@@ -159,10 +159,10 @@ class TaskCodeError(QTasksError):
 class TaskTimeoutError(QTasksError, TimeoutError):
     """Waiting for a task's final record took longer than the timeout."""
 
-    def __init__(self, uuid: str, timeout: float | None) -> None:
+    def __init__(self, uuid: str, timeout: float | None, why: str = "") -> None:
         self.uuid = uuid
         self.timeout = timeout
-        super().__init__(f"task {uuid} did not finish within {timeout} s")
+        super().__init__(f"task {uuid} did not finish within {timeout} s{why}")
 
 
 class InvalidTimeoutError(QTasksError, ValueError):

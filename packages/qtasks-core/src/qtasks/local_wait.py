@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from qtasks.errors import ConfigError
+from qtasks.errors import ConfigError, TaskTimeoutError
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -53,3 +53,21 @@ def warn_if_serving_alone(app: AsyncQueueTasks) -> None:
     """Log a warning when a worker starts serving tasks whose records nobody else can read."""
     if _records_stay_here(app):
         log.warning("%s; other processes cannot see the results of its tasks", _advice(app))
+
+
+def explained(app: AsyncQueueTasks, exc: TaskTimeoutError) -> TaskTimeoutError:
+    """``exc``, saying why when nothing could have run the task: the app's broker is one of
+    this process's memory (the in-memory one) and nothing consumes it, as when a script waits
+    for a result without ``with app:`` around it, which would only ever time out."""
+    from qtasks.memory import MemoryBroker  # the memory package imports the app's modules
+
+    broker = app.broker
+    # Not a test harness's own TaskTimeoutError subclass, which says more.
+    if type(exc) is TaskTimeoutError and isinstance(broker, MemoryBroker) and not broker.consumers:
+        return TaskTimeoutError(
+            exc.uuid,
+            exc.timeout,
+            f": no worker serves {type(broker).__name__} (process memory), so nothing ran "
+            "it; serve in this process (with app:, async with app:, app.run_forever())",
+        )
+    return exc

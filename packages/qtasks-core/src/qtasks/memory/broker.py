@@ -185,6 +185,9 @@ class MemoryBroker(_Lifecycle):
         self._lease = self._lease_opt if self._lease_opt is not None else 30.0
         self._max_deliveries = self._max_opt if self._max_opt is not None else 5
         self._ready = _ReadyQueue()
+        self.consumers = 0
+        """How many consumers take messages now (a worker serving: see
+        :func:`qtasks.local_wait.explained`)."""
         self._delayed: list[tuple[float, int, _Entry]] = []
         self._leases: list[tuple[float, str]] = []
         self._inflight: dict[str, _Entry] = {}
@@ -470,9 +473,11 @@ class MemoryBroker(_Lifecycle):
                     # pays for it.
                     await self._settled_or_lost(entry, delivery.token)
 
+        self.consumers += 1
         try:
             yield deliveries()
         finally:
+            self.consumers -= 1
             if buried or told:
                 with anyio.CancelScope(shield=True):
                     await tell()
