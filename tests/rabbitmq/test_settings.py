@@ -77,3 +77,14 @@ async def test_start_refuses_a_misspelt_key_in_the_apps_extra() -> None:
         with pytest.raises(ConfigError, match="rabbitmq_qeue"):
             await broker.start(stack, QueueConfig(extra={"rabbitmq_qeue": "x"}))
     assert broker.reconnects == 0
+
+
+@pytest.mark.anyio
+async def test_start_refuses_an_out_of_range_value_in_the_apps_extra() -> None:
+    """docs/rabbitmq.md: a value out of range is refused wherever it comes in, the app's
+    ``config.extra`` at start included; the start checked its types only."""
+    broker = RabbitMQBroker(queue="never-declared")
+    async with AsyncExitStack() as stack:
+        with pytest.raises(ConfigError, match=r"rabbitmq_max_priority must be 0\.\.255"):
+            await broker.start(stack, QueueConfig(extra={"rabbitmq_max_priority": 300}))
+    assert broker.reconnects == 0

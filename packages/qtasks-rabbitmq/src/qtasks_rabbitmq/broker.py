@@ -48,7 +48,6 @@ from qtasks_rabbitmq.settings import (
     DEFAULT_URL,
     SERVER_MAX_MESSAGE_SIZE,
     RabbitMQSettings,
-    check_options,
     check_url,
 )
 from qtasks_rabbitmq.topology import QueueType, Topology
@@ -187,11 +186,11 @@ class RabbitMQBroker:
         consumer and publish on the link of its loop. A link whose loop is no longer running
         (closed without having closed the link) is forgotten at the next start. The
         ``config`` of the first start (while no loop holds a link) sets the topology's
-        limits. An unknown or ill-typed ``rabbitmq_*`` key in ``config.extra`` raises
-        :class:`~qtasks.errors.ConfigError` (the keys are read by :meth:`from_config`).
+        limits. An unknown, ill-typed or out-of-range ``rabbitmq_*`` key in ``config.extra``
+        raises :class:`~qtasks.errors.ConfigError` (the keys are read by :meth:`from_config`).
         Concurrent starts in one loop (``asyncio.gather`` of two apps' starts) connect once:
         the others wait for that start and count, or connect themselves if it failed."""
-        check_options(config.extra)
+        RabbitMQSettings.from_extra(config.extra)  # checked as from_config would: ranges too
         async with self._start_lock():
             await self._start(config)
         stack.push_async_callback(self._release)
