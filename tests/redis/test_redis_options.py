@@ -77,6 +77,27 @@ def test_ill_typed_options_are_refused(key: str, value: Any) -> None:
         RedisBroker.from_config(QueueConfig(extra={key: value}))
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("redis_socket_timeout", 0),
+        ("redis_socket_timeout", -5.0),
+        ("redis_socket_timeout", float("inf")),
+        ("redis_connect_timeout", 0),
+        ("redis_connect_timeout", float("nan")),
+    ],
+)
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_a_timeout_that_is_not_a_positive_number_is_refused(
+    component: Any, key: str, value: float
+) -> None:
+    """A socket timeout of 0 made every call hang past its own timeout (add_task(timeout=3)
+    included), and a connect timeout of 0 read as "cannot reach Redis", which a worker waits
+    on for ever: both are refused when the component is built, as a type error is."""
+    with pytest.raises(ConfigError, match=rf"extra\.{key} must be a number of seconds above 0"):
+        component(NOWHERE, options={key: value})
+
+
 def test_an_ill_typed_option_is_quoted_masked() -> None:
     """A URL given to the wrong key (or as bytes) is quoted in the error without its secret."""
     for value in ("redis://default:hunter2@h:6379/0", b"redis://default:hunter2@h:6379/0"):

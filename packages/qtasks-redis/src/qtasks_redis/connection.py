@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -67,13 +68,19 @@ OPTIONS: dict[str, type] = {
 }
 """Every ``redis_*`` key the Redis components read from ``config.extra``, with its type."""
 
+TIMEOUTS = frozenset({"redis_socket_timeout", "redis_connect_timeout"})
+"""The options that must be a finite number of seconds above 0: a socket timeout of 0 turns
+every call non-blocking (calls then hang past their own timeouts), a connect timeout of 0
+fails every connect as "cannot reach Redis"."""
+
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
     """Return ``options`` once every ``redis_*`` key in it is known and of the right type.
 
     Keys without the ``redis_`` prefix belong to other components or plugins and are left
     alone; an unknown ``redis_*`` key (a typo such as ``redis_socket_timout``) raises
-    :class:`~qtasks.errors.ConfigError` listing the valid ones, rather than being ignored."""
+    :class:`~qtasks.errors.ConfigError` listing the valid ones, rather than being ignored, and
+    so does a timeout that is not above 0 (:data:`TIMEOUTS`)."""
     for key, value in options.items():
         if not key.startswith("redis_"):
             continue
@@ -84,6 +91,9 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
             shown = masked_entry(key, value)  # quoted: a misplaced URL keeps its password out
             raise ConfigError(f"extra.{key} expects {kind.__name__}, got {shown!r}")
+        seconds = value if key in TIMEOUTS and isinstance(value, int | float) else None
+        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+            raise ConfigError(f"extra.{key} must be a number of seconds above 0, got {value!r}")
     return options
 
 
