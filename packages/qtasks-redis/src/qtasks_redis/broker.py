@@ -754,16 +754,17 @@ class RedisBroker:
                 with anyio.move_on_after(left):
                     await settled.wait()
 
+        # A delivery whose lease ends sooner than this is renewed before it is handed out.
+        renew_within = 2 * self._lease_ms / 3000
+
         async def still_ours(delivery: RedisDelivery) -> bool:
-            """Whether ``delivery``, claimed and not handed out yet, may go to the worker.
-            A claim takes up to ``count`` messages and the worker takes them one at a time
-            as it has room, so with long tasks the rest wait here, where no renewal pass
-            sees them, for longer than their lease; another worker may claim and run one
-            meanwhile. One that waited longer than a renewal interval (a third of the
-            lease, the worker's pass then comes before it ends) is renewed first, and
-            dropped when that is refused: another worker holds it now."""
-            if time.monotonic() < delivery._lease_until - 2 * self._lease_ms / 3000:
-                return True
+            """Whether ``delivery``, claimed and not handed out yet, that waited here longer
+            than a renewal interval (its lease ends within ``renew_within``), may go to the
+            worker. A claim takes up to ``count`` messages and the worker takes them one at
+            a time as it has room, so with long tasks the rest wait here, where no renewal
+            pass sees them, for longer than their lease; another worker may claim and run
+            one meanwhile. It is renewed first (the worker's pass then comes before its
+            lease ends), and dropped when that is refused: another worker holds it now."""
             try:
                 if await delivery.extend():
                     return True
@@ -788,8 +789,12 @@ class RedisBroker:
             suspect_from = alone_from(self._max_deliveries)
             while True:
                 if buffer:
-                    # Taken off once checked: a stop during the check leaves it unhanded.
-                    ours = await still_ours(buffer[0])
+                    head = buffer[0]
+                    # Checked (a round trip) only when it waited long; taken off once checked:
+                    # a stop during the check leaves it unhanded.
+                    ours = time.monotonic() < head._lease_until - renew_within or await still_ours(
+                        head
+                    )
                     delivery = buffer.popleft()
                     if ours:
                         yield delivery
