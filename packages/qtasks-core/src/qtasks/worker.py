@@ -101,11 +101,11 @@ class QueueWorker:
         self._free = 0
         """Runners not processing a delivery (waiting for one, or about to take one)."""
         self._begins: BeginBatch | None = None
+        """The begin step's calls, many per round trip (for the app's storage)."""
         self._renewing: tuple[object, bool] = (None, False)
         """The broker last asked, and whether it renews deliveries one by one (no
         :class:`~qtasks.components.LeaseBatch`): asked once per broker, not per task (an
         ``isinstance`` of a protocol costs microseconds)."""
-        """The begin step's calls, many per round trip (for the app's storage)."""
         self._start_at_once: set[str] = set()
         """Tokens of deliveries begun with their claim that went to a free runner, nothing
         waiting before them (see :meth:`_starts`)."""
