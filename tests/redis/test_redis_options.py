@@ -120,3 +120,41 @@ def test_valid_and_foreign_options_are_accepted() -> None:
     }
     broker = RedisBroker.from_config(QueueConfig(broker_url=NOWHERE, extra=extra))
     assert (broker.queue, broker.prefix) == ("mail", "app")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("redis_retries", -1, "0 or more"),
+        ("redis_retry_cap", -0.5, "a number of seconds of 0 or more"),
+        ("redis_retry_cap", float("nan"), "a number of seconds of 0 or more"),
+        ("redis_health_check_interval", -5, "a number of seconds of 0 or more"),
+        ("redis_queue", "", "a non-empty queue name"),
+    ],
+)
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_an_option_out_of_its_range_is_refused(
+    component: Any, key: str, value: Any, allowed: str
+) -> None:
+    """redis_retries=-1 retried for ever in redis-py's clients and never in the fast lane, a
+    negative retry cap retried in a tight loop, a negative health-check interval pinged before
+    every command, an empty queue name made keys like ``{qtasks:}:ready``: each is refused
+    when the component is built, naming the key and what it allows."""
+    with pytest.raises(ConfigError, match=rf"extra\.{key} must be {allowed}, got"):
+        component(NOWHERE, options={key: value})
+    with pytest.raises(ConfigError, match=rf"extra\.{key} must be {allowed}, got"):
+        component.from_config(QueueConfig(extra={key: value}))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("redis_retries", 0), ("redis_retry_cap", 0), ("redis_health_check_interval", 0)],
+)
+def test_zero_is_allowed_where_it_means_none(key: str, value: int) -> None:
+    """No retries, no backoff, no health check: 0 is a choice, not a typo."""
+    RedisBroker(NOWHERE, options={key: value})
+
+
+def test_an_empty_queue_name_given_to_the_broker_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"queue \(extra\.redis_queue\) must not be empty"):
+        RedisBroker(NOWHERE, queue="")

@@ -43,7 +43,7 @@ from qtasks.components import (
     alone_from,
 )
 from qtasks.config import QueueConfig, own_option
-from qtasks.errors import BrokerConnectionError, ComponentError, SerializationError
+from qtasks.errors import BrokerConnectionError, ComponentError, ConfigError, SerializationError
 from qtasks.messages import Envelope, new_uuid
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import broker_lua as lua
@@ -233,6 +233,10 @@ class RedisBroker:
         options: dict[str, Any] | None = None,
     ) -> None:
         self.target = RedisTarget.parse(url, cluster=cluster)
+        if not queue:
+            raise ConfigError(
+                f"RedisBroker's queue (extra.redis_queue) must not be empty, got {queue!r}"
+            )
         self.queue = queue
         self.prefix = prefix
         self._lease_opt = own_option("lease", lease, "RedisBroker")

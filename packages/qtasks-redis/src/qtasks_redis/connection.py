@@ -68,10 +68,22 @@ OPTIONS: dict[str, type] = {
 }
 """Every ``redis_*`` key the Redis components read from ``config.extra``, with its type."""
 
-TIMEOUTS = frozenset({"redis_socket_timeout", "redis_connect_timeout"})
-"""The options that must be a finite number of seconds above 0: a socket timeout of 0 turns
-every call non-blocking (calls then hang past their own timeouts), a connect timeout of 0
-fails every connect as "cannot reach Redis"."""
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # A socket timeout of 0 turns every call non-blocking (calls then hang past their own
+    # timeouts); a connect timeout of 0 fails every connect as "cannot reach Redis".
+    "redis_socket_timeout": (lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
+    "redis_connect_timeout": (lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
+    # redis-py's clients read -1 as "retry for ever", the fast lane as "never": neither is
+    # what a typo meant.
+    "redis_retries": (lambda v: v >= 0, "0 or more"),
+    # Below 0, the backoff is no wait: lost connections are retried in a tight loop.
+    "redis_retry_cap": (lambda v: math.isfinite(v) and v >= 0, "a number of seconds of 0 or more"),
+    # 0 turns the check off; below 0, redis-py pings before every command.
+    "redis_health_check_interval": (lambda v: v >= 0, "a number of seconds of 0 or more"),
+    # An empty name makes keys such as {qtasks:}:ready, which nothing else would use.
+    "redis_queue": (lambda v: v != "", "a non-empty queue name"),
+}
+"""The options whose value must also be in a range (the predicate), with what is allowed."""
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +92,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     Keys without the ``redis_`` prefix belong to other components or plugins and are left
     alone; an unknown ``redis_*`` key (a typo such as ``redis_socket_timout``) raises
     :class:`~qtasks.errors.ConfigError` listing the valid ones, rather than being ignored, and
-    so does a timeout that is not above 0 (:data:`TIMEOUTS`)."""
+    so does a value out of its range (:data:`RANGES`: a timeout not above 0, a negative retry
+    count, retry cap or health-check interval, an empty queue name)."""
     for key, value in options.items():
         if not key.startswith("redis_"):
             continue
@@ -91,9 +104,9 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
             shown = masked_entry(key, value)  # quoted: a misplaced URL keeps its password out
             raise ConfigError(f"extra.{key} expects {kind.__name__}, got {shown!r}")
-        seconds = value if key in TIMEOUTS and isinstance(value, int | float) else None
-        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-            raise ConfigError(f"extra.{key} must be a number of seconds above 0, got {value!r}")
+        allowed = RANGES.get(key)
+        if allowed is not None and not allowed[0](value):
+            raise ConfigError(f"extra.{key} must be {allowed[1]}, got {value!r}")
     return options
 
 
