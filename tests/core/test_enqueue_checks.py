@@ -287,3 +287,29 @@ async def test_a_tasks_own_parameter_named_like_an_app_option_is_its_argument() 
         first = await notify.add_task(7, unique_key="receipt:7")
         again = await notify.add_task(7, unique_key="receipt:7")  # the option still works
         assert again.uuid == first.uuid
+
+
+@pytest.mark.parametrize("option", ["delay", "eta"])
+async def test_an_eta_or_delay_in_milliseconds_is_refused(option: str) -> None:
+    """``eta=time.time() * 1000`` (or a delay that large) was taken and left to the worker;
+    more than 100 years ahead is refused at the call, saying it looks like milliseconds."""
+    app = app_with_add()
+    async with app:
+        now = app.clock()
+        value = now * 1000 if option == "eta" else 200 * 365.25 * 86400
+        says = f"^add_task: {option} {re.escape(repr(value))} is [0-9,]+ years ahead, more than"
+        for call in entry_points(app).values():
+            with pytest.raises(TaskArgumentsError, match=f"{says} 100: it looks like millis"):
+                await call(**{option: value})
+            await assert_nothing_written(app)
+        if option == "delay":
+            with pytest.raises(TaskArgumentsError, match=r"^add_tasks item 0: add_task: delay"):
+                await app.tasks["add"].add_tasks([(1, 2)], delay=value)
+            await assert_nothing_written(app)
+        # 99 years ahead is still a time.
+        far = 99 * 365.25 * 86400
+        if option == "eta":
+            task = await app.add_task("add", 1, 2, eta=now + far)
+        else:
+            task = await app.add_task("add", 1, 2, delay=far)
+        assert task.status == "new"

@@ -88,6 +88,21 @@ async def _overlapped(
     await added
 
 
+FAR_AHEAD = 100 * 365.25 * 86400
+"""Seconds (100 years): an ``eta`` or ``delay`` further ahead is refused as milliseconds given
+for seconds (``eta=time.time() * 1000`` is some 50,000 years ahead), which a broker would
+keep for ever and ``qtasks`` commands print past the year 9999."""
+
+
+def _far_ahead(option: str, value: float, ahead: float, takes: str) -> TaskArgumentsError:
+    """The error for ``option=value``, ``ahead`` seconds ahead (past :data:`FAR_AHEAD`)."""
+    years = ahead / (365.25 * 86400)
+    return TaskArgumentsError(
+        f"add_task: {option} {value!r} is {years:,.0f} years ahead, more than 100: it looks "
+        f"like milliseconds; {option} takes {takes}"
+    )
+
+
 def _eta(value: Any) -> float:
     """``value`` of the ``add_task`` option ``eta`` as a float; raises
     :class:`TaskArgumentsError` unless it is a finite number (nan or inf: a time no broker
@@ -167,10 +182,17 @@ def new_message(
     if priority is None:
         priority = app.config.default_priority
     now = app.clock()
+    # One comparison more, and only for a task given a delay or an eta.
     if delay is not None:
-        eta = now + check_delay(delay, "add_task: delay", TaskArgumentsError)
+        seconds = check_delay(delay, "add_task: delay", TaskArgumentsError)
+        if seconds > FAR_AHEAD:
+            raise _far_ahead("delay", seconds, seconds, "seconds")
+        eta = now + seconds
     elif eta is not None:
         eta = _eta(eta)
+        if eta - now > FAR_AHEAD:
+            takes = "a unix time in seconds (time.time() + seconds)"
+            raise _far_ahead("eta", eta, eta - now, takes)
     headers: dict[str, Any] = {}
     if parent_uuid is not None:
         headers["parent_uuid"] = parent_uuid
