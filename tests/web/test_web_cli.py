@@ -4,6 +4,7 @@ configuration, and stops at once on SIGTERM with a browser's event stream open."
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,42 @@ def test_it_takes_the_component_flags_and_refuses_in_memory_components(
         "RedisStorage",
         "RedisGlobalConfig",
     ]
+
+
+CONSTRUCTED = """
+from qtasks import AsyncQueueTasks
+
+app = AsyncQueueTasks("cli-shop")
+"""
+
+
+@pytest.mark.parametrize("app", [None, "configured", "constructed"])
+def test_a_mistyped_variable_is_warned_of_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    app: str | None,
+) -> None:
+    """``qtasks web`` reads the configuration three times (for the ``app`` key, to build the
+    app, for ``[extra.web]``) and said each of its warnings each time. Once now, whichever
+    app: none named, one built from the configuration, one built with its constructor (whose
+    reading by the check of unread settings is silent)."""
+    module = f"webonce_{uuid.uuid4().hex[:8]}"  # imported afresh, gone after
+    if app is not None:
+        (tmp_path / f"{module}.py").write_text(APP if app == "configured" else CONSTRUCTED)
+    target = [] if app is None else ["-A", f"{module}:app"]
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    (tmp_path / "qtasks.toml").write_text('[extra.web]\ntoken = "env:QTASKS_WEB_TOKEN"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("QTASKS_WEB_TOKEN", raising=False)
+    monkeypatch.setenv("QTASKS_WEB_TOKNE", "t")
+    with caplog.at_level(logging.WARNING, logger="qtasks.config"):
+        result = CliRunner().invoke(cli, [*target, "web"])
+    # The dashboard then refuses the unset token: the command ends before serving.
+    assert result.exit_code == 1, result.output
+    assert "'QTASKS_WEB_TOKEN' is not set" in result.output
+    said = [
+        r for r in caplog.records if "QTASKS_WEB_TOKNE is set but nothing reads it" in r.message
+    ]
+    assert len(said) == 1, caplog.text

@@ -190,16 +190,40 @@ def main_options(
     ctx.obj = Before(app, config)
 
 
+class _Once(logging.Filter):
+    """Lets each distinct record through once. A command reads the configuration more than
+    once (for the ``app`` key, to build the app, for its own settings: ``qtasks web`` three
+    times), and each read logged its warnings again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = (record.levelno, record.getMessage())
+        if said in self._said:
+            return False
+        self._said.add(said)
+        return True
+
+
 def _handle_errors(func: F) -> F:
-    """Print qtasks errors as one line on stderr and exit 1, instead of a traceback."""
+    """Print qtasks errors as one line on stderr and exit 1, instead of a traceback; while
+    the command runs, each warning of reading the configuration is logged once
+    (:class:`_Once`)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        once = _Once()
+        config_log = logging.getLogger("qtasks.config")
+        config_log.addFilter(once)
         try:
             return func(*args, **kwargs)
         except QTasksError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
+        finally:
+            config_log.removeFilter(once)
 
     return wrapper  # type: ignore[return-value]
 

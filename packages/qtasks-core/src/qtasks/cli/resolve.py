@@ -202,13 +202,6 @@ def apply_flags(app: AnyApp, flags: dict[str, Any]) -> None:
         aio.thread_limiter.total_tokens = aio.config.max_tasks_process
 
 
-class _Quiet(logging.Filter):
-    """Drops every record (the configuration's warnings, read a second time)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
 def _built_in_code(aio: AsyncQueueTasks, kind: Kind) -> bool:
     """Whether the app's ``kind`` component is an object its code built, not what its
     configured name builds (``QueueTasks(broker=RedisBroker(url))``)."""
@@ -279,9 +272,11 @@ def warn_unread_config(
     its constructor (nothing else reads it); for an app built from configuration, the command
     that read it said so. What reading it logs (its own warnings) is not repeated."""
     aio = aio_of(app)
-    quiet = _Quiet()
     config_log = logging.getLogger("qtasks.config")
-    config_log.addFilter(quiet)  # what reading it says was said when the command read it
+    # What reading it says was said when the command read it. Disabled rather than
+    # filtered: the command's own filter (qtasks.cli.group._Once) must not count these
+    # records as said.
+    was_disabled, config_log.disabled = config_log.disabled, True
     try:
         loaded = load_config(config_path)
     except ConfigError as exc:
@@ -293,7 +288,7 @@ def warn_unread_config(
             )
         return
     finally:
-        config_log.removeFilter(quiet)
+        config_log.disabled = was_disabled
     given = {key for key, value in (flags or {}).items() if value is not None}
     for kind in ("broker", "storage", "global_config"):
         if _built_in_code(aio, kind):  # an object the code built: its own settings hold
