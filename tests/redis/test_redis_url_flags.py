@@ -222,11 +222,13 @@ def test_config_lines_print_once_when_the_command_applies_its_flags(
     assert len(lines) == len(set(lines)) == 4, lines
 
 
-def test_a_flag_that_changes_what_follows_the_broker_is_logged(
+def test_a_flag_that_changes_what_follows_the_broker_is_logged_once(
     redis_url: str, module: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A real second configuration is said: ``--broker-url`` gives the storage and global
-    config another URL; only what did not change is not said again."""
+    """``--broker-url`` gives the storage and global config another URL than the file's:
+    the app module's import logged how they follow the broker (a storage without a URL, a
+    warning), then applying the flag derived it again with the flag's URL. The app module's
+    from_config() now takes the flags: one derivation, said once, with the URL used."""
     (module / "urlapp_twice.py").write_text(CONFIG_APP)
     (module / "qtasks.toml").write_text('broker = "redis"\n')
     caplog.set_level(logging.INFO, "qtasks.config")
@@ -235,7 +237,34 @@ def test_a_flag_that_changes_what_follows_the_broker_is_logged(
     assert isinstance(app, QueueTasks) and app.aio.config.storage_url == other
     lines = _config_lines(caplog)
     assert lines.count("storage 'redis' follows the broker") == 1, lines
-    # Read from the file, the storage had no URL (a warning); the flag gives it the broker's.
-    assert any(line.startswith("storage 'redis' has no storage_url: it connects") for line in lines)
+    assert not any("has no storage_url" in line for line in lines), lines
     assert f"storage_url {other} follows broker_url" in lines
-    assert len(lines) == len(set(lines)), lines
+    assert len(lines) == len(set(lines)) == 4, lines
+
+
+def test_config_lines_name_the_url_of_the_flag_not_the_files(
+    redis_url: str, module: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``qtasks run -A app --broker-url URL`` with a broker_url in the file: each line that
+    says what follows the broker is logged once, with the flag's URL, its password masked;
+    the file's URL is in none of them. The app is built with the flag's URL."""
+    host = redis_url.split("://", 1)[1].rsplit("/", 1)[0]
+    in_file = f"redis://filer:filepw@{host}/12"
+    flag = f"redis://flagger:flagpw@{host}/13"
+    (module / "urlapp_flagged.py").write_text(CONFIG_APP)
+    (module / "qtasks.toml").write_text(f'broker_url = "{in_file}"\n')
+    caplog.set_level(logging.INFO, "qtasks.config")
+    app = resolve_app("urlapp_flagged:app", None, {"broker_url": flag}, need_tasks=True)
+    assert isinstance(app, QueueTasks)
+    assert app.aio.config.broker_url == app.aio.config.storage_url == flag
+    assert app.aio.config_sources["broker_url"] == "cli --broker-url"
+    lines = _config_lines(caplog)
+    masked = f"redis://flagger:***@{host}/13"
+    assert lines == [
+        f"broker 'redis' follows the scheme of broker_url {masked}",
+        "storage 'redis' follows the broker",
+        f"storage_url {masked} follows broker_url",
+        "global config 'redis' follows the broker",
+        f"global_config_url {masked} follows broker_url",
+    ], lines
+    assert not any("filer" in line or "pw" in line for line in lines)

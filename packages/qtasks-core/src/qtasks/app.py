@@ -38,7 +38,7 @@ from qtasks.components import (
     Storage,
     plain_overridden,
 )
-from qtasks.config import QueueConfig, follow_broker, load_config
+from qtasks.config import QueueConfig, follow_broker, load_config, with_command_flags
 from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, components_named, load_plugins
 from qtasks.errors import (
@@ -243,13 +243,15 @@ class AsyncQueueTasks:
 
         Reads ``path`` (default: ``$QTASKS_CONFIG``, else ``qtasks.toml`` or ``[tool.qtasks]``
         of ``pyproject.toml`` in the working directory), then ``QTASKS_*`` variables, then
-        ``cli`` flags, then ``overrides`` (keyword arguments win over everything). The broker,
+        ``cli`` flags (over those of the command importing the app, see
+        :func:`~qtasks.config.command_flags`), then ``overrides`` (keyword arguments win over
+        everything). The broker,
         storage and global config are found by name among the installed entry points and built
         with ``from_config(config)``; a storage and global config left unset follow a remote
         broker (see :func:`~qtasks.config.follow_broker`). ``app.config_sources`` tells where
         each value came from.
         """
-        loaded = follow_broker(load_config(path, cli=cli, overrides=overrides))
+        loaded = follow_broker(load_config(path, cli=with_command_flags(cli), overrides=overrides))
         app = cls(name, config=loaded.config, **build_components(loaded.config))
         app.config_sources = loaded.sources
         return app

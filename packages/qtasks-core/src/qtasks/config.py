@@ -304,6 +304,35 @@ def config_file(path: str | os.PathLike[str] | None) -> Iterator[None]:
         _chosen_file.reset(token)
 
 
+_command_flags: ContextVar[Mapping[str, Any] | None] = ContextVar(
+    "qtasks_command_flags", default=None
+)
+
+
+@contextmanager
+def command_flags(flags: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, ``from_config`` takes ``flags`` (config keys; ``None``: not given)
+    as command-line flags, under its own ``cli=`` (:func:`with_command_flags`).
+
+    How ``qtasks run --broker-url URL`` reaches an app module that calls ``from_config()``
+    while the CLI imports it: the app is built with the URL used, and what the configuration
+    decides (a storage following the broker's URL) is logged once, with that URL. Applied
+    after the import instead, it was logged twice: with the file's URL, then the flag's."""
+    token = _command_flags.set(flags)
+    try:
+        yield
+    finally:
+        _command_flags.reset(token)
+
+
+def with_command_flags(cli: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``cli`` over the flags of an enclosing :func:`command_flags` block (``None``: neither)."""
+    flags = _command_flags.get()
+    if flags is None:
+        return None if cli is None else dict(cli)
+    return {**flags, **{key: value for key, value in (cli or {}).items() if value is not None}}
+
+
 @dataclass(slots=True)
 class LoadedConfig:
     """The effective configuration and, per key, where its value came from."""

@@ -27,7 +27,7 @@ from qtasks.app import AsyncQueueTasks
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import Broker, DeadLetter, GlobalConfig, Starter, Storage
-from qtasks.config import QueueConfig, follow_broker, load_config
+from qtasks.config import QueueConfig, follow_broker, load_config, with_command_flags
 from qtasks.discovery import build_components
 from qtasks.errors import ComponentError, ComponentNotStartedError
 from qtasks.loop import loop_options
@@ -91,7 +91,7 @@ class QueueTasks:
         **overrides: Any,
     ) -> Self:
         """Build an app from configuration alone; see :meth:`AsyncQueueTasks.from_config`."""
-        loaded = follow_broker(load_config(path, cli=cli, overrides=overrides))
+        loaded = follow_broker(load_config(path, cli=with_command_flags(cli), overrides=overrides))
         app = cls(name, config=loaded.config, **build_components(loaded.config))
         app.aio.config_sources = loaded.sources
         return app

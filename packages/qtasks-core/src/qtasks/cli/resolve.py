@@ -27,6 +27,7 @@ from qtasks.config import (
     CLI_FLAGS,
     LoadedConfig,
     check_value,
+    command_flags,
     config_file,
     follow_broker,
     load_config,
@@ -240,8 +241,11 @@ def resolve_app(
     """The app a command works on (see the module docstring).
 
     ``config_path`` is the file read for the ``app`` key and, while the app module is
-    imported, by its ``from_config()`` (:func:`~qtasks.config.config_file`)."""
-    with config_file(config_path):
+    imported, by its ``from_config()`` (:func:`~qtasks.config.config_file`), which takes
+    ``flags`` as its command-line flags (:func:`~qtasks.config.command_flags`); they are
+    applied again after (:func:`apply_flags`) for an app built otherwise."""
+    # The file and the flags reach what the app module's from_config() reads while imported.
+    with config_file(config_path), command_flags(flags):
         if target is None:
             target = load_config(config_path).config.app
         if target is None:
