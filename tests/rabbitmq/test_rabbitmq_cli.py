@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from qtasks import AsyncQueueTasks
+from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.cli import cli
 from qtasks.errors import ConfigError
+from qtasks.memory import MemoryGlobalConfig, MemoryStorage
 
 
 def test_a_rabbitmq_broker_alone_is_refused_naming_the_options(
@@ -76,3 +77,36 @@ def test_a_url_yarl_cannot_read_is_one_error_line(
         "ValueError: Invalid URL: port can't be converted to integer"
     )
     assert "s3cret" not in result.output
+
+
+def test_the_constructor_and_from_config_keep_memory_chosen_on_purpose(rabbitmq_url: str) -> None:
+    """``from_config(storage="memory")`` is a choice (its source is the code), kept. The
+    constructor refused the same choice made with objects (``storage=MemoryStorage()``), and
+    for ``QueueConfig(storage="memory")``, which a QueueConfig cannot tell from the default
+    (``QueueConfig(broker="rabbitmq")`` alone must stay refused), its error offered a flag:
+    it now offers the two ways code has."""
+    config = QueueConfig(
+        broker="rabbitmq", broker_url=rabbitmq_url, storage="memory", plugins_disabled=["*"]
+    )
+    built = AsyncQueueTasks.from_config(
+        broker="rabbitmq",
+        broker_url=rabbitmq_url,
+        storage="memory",
+        global_config="memory",
+        plugins_disabled=["*"],
+    )
+    storage, global_config = MemoryStorage(), MemoryGlobalConfig()
+    constructed = AsyncQueueTasks(config=config, storage=storage, global_config=global_config)
+    for app in (built, constructed):
+        assert type(app.broker).__name__ == "RabbitMQBroker"
+        assert (type(app.storage), type(app.global_config)) == (MemoryStorage, MemoryGlobalConfig)
+    assert (constructed.storage, constructed.global_config) == (storage, global_config)
+    left_unset = QueueConfig(broker="rabbitmq", broker_url=rabbitmq_url, plugins_disabled=["*"])
+    assert left_unset == config  # the same value: one answer for both
+    for given in (config, left_unset):
+        with pytest.raises(ConfigError) as info:
+            AsyncQueueTasks(config=given)
+        message = str(info.value)
+        assert "cannot tell storage='memory' from one left unset" in message, message
+        assert "pass storage=MemoryStorage() (qtasks.memory) to the constructor" in message
+        assert "from_config(storage='memory')" in message and "guest:guest" not in message

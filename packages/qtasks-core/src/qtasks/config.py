@@ -651,7 +651,9 @@ _LEADERS: dict[str, tuple[str, ...]] = {
 when it provides one of that kind; a global config otherwise follows the storage."""
 
 
-def follow_broker(loaded: LoadedConfig, *, said: LoadedConfig | None = None) -> LoadedConfig:
+def follow_broker(
+    loaded: LoadedConfig, *, said: LoadedConfig | None = None, constructor: bool = False
+) -> LoadedConfig:
     """Make the storage and global config follow a remote broker when they are not set, and
     name the backend of a component given a URL but no name.
 
@@ -678,7 +680,9 @@ def follow_broker(loaded: LoadedConfig, *, said: LoadedConfig | None = None) -> 
     ``follows ...``) are derived again, so a changed broker URL carries over. ``said`` is
     that call's result, when its messages were logged: what would say the same again (the
     same value derived the same way, the same component still without a URL) is not logged
-    twice, while what changed is."""
+    twice, while what changed is. ``constructor``: ``loaded`` is a ``QueueConfig`` given to
+    an app's constructor, which cannot tell ``storage="memory"`` from the default; the error
+    for a backend without a follower says how to keep one in memory there."""
     from qtasks.discovery import installed_names, load
 
     config, sources = loaded.config, dict(loaded.sources)
@@ -721,7 +725,7 @@ def follow_broker(loaded: LoadedConfig, *, said: LoadedConfig | None = None) -> 
             names = installed_names(kind)
             leader = next((lead for lead in leaders if current(lead) in names), None)
             if leader is None:
-                raise ConfigError(_no_follower(kind, current("broker"), names))
+                raise ConfigError(_no_follower(kind, current("broker"), names, constructor))
             values[kind] = current(leader)
             sources[kind] = f"follows {leader}"
             if not repeats(kind):
@@ -774,9 +778,22 @@ def _named_by_url(kind: str, url: str, source: str) -> str:
     return name
 
 
-def _no_follower(kind: str, broker: str, installed: set[str]) -> str:
+def _no_follower(kind: str, broker: str, installed: set[str], constructor: bool) -> str:
     flag = "--" + kind.replace("_", "-")
     keeps = "results" if kind == "storage" else "worker heartbeats and shared settings"
+    if constructor:
+        # A QueueConfig holds values, not where they came from: its "memory" may be the
+        # default, left by accident (QueueConfig(broker="rabbitmq")), so it is not taken as
+        # a choice; the component object, or from_config's keyword, says it is one.
+        memory = "MemoryStorage" if kind == "storage" else "MemoryGlobalConfig"
+        return (
+            f"broker {broker!r} provides no {kind.replace('_', ' ')}, and a QueueConfig given "
+            f"to the constructor cannot tell {kind}='memory' from one left unset: an in-memory "
+            f"one would keep {keeps} inside one process. Name one ({kind}='redis', "
+            f"{kind}_url='redis://HOST:6379/0'), or keep it in memory on purpose: pass "
+            f"{kind}={memory}() (qtasks.memory) to the constructor, or build the app with "
+            f"from_config({kind}='memory') (installed: {', '.join(sorted(installed))})"
+        )
     return (
         f"broker {broker!r} provides no {kind.replace('_', ' ')} and none is set: an in-memory "
         f"one would keep {keeps} inside one process. Set {flag} NAME and {flag}-url URL (or "

@@ -282,7 +282,10 @@ def components_named(
         for option in fields(config)
         if getattr(config, option.name) != getattr(defaults, option.name)
     }
-    loaded = follow_broker(LoadedConfig(config, sources))
+    for kind in kinds:
+        if given[kind] is not None:  # an object the code built: kept, nothing follows there
+            sources[kind] = "code"
+    loaded = follow_broker(LoadedConfig(config, sources), constructor=True)
     built: dict[str, Any] = {}
     for kind in kinds:
         name = getattr(loaded.config, kind)
