@@ -15,7 +15,10 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 from faultproxy import FaultProxy
-from loopback_servers import tls_server_with_an_untrusted_certificate
+from loopback_servers import (
+    server_that_answers_in_plain_text,
+    tls_server_with_an_untrusted_certificate,
+)
 from start_wait_logs import Caught
 
 from qtasks import AsyncQueueTasks, QueueConfig
@@ -76,20 +79,42 @@ async def test_refused_rabbitmq_credentials_are_not_waited_on(
     assert caught.attempts() == []
 
 
+async def refused_at_once(url: str, caught: Caught) -> str:
+    """The message of the :class:`CredentialsRefusedError` a worker serving ``url`` fails
+    with, at once: no attempt waited on, the password not shown."""
+    app = AsyncQueueTasks(broker=RabbitMQBroker(url), config=QueueConfig())
+    with anyio.fail_after(10), pytest.raises(CredentialsRefusedError) as info:
+        await app.serve()
+    message = str(info.value)
+    assert SECRET not in message
+    assert caught.attempts() == []
+    return message
+
+
 async def test_a_tls_certificate_that_does_not_verify_is_not_waited_on(caught: Caught) -> None:
     """``amqps://`` to a server whose certificate does not verify: the check fails the same
     way on every attempt, so the worker fails at once saying so (it was waited on, one
     warning per attempt, as for a server that is down)."""
     with tls_server_with_an_untrusted_certificate() as port:
-        url = f"amqps://guest:{SECRET}@127.0.0.1:{port}/"
-        app = AsyncQueueTasks(broker=RabbitMQBroker(url), config=QueueConfig())
-        with anyio.fail_after(10), pytest.raises(CredentialsRefusedError) as info:
-            await app.serve()
-    message = str(info.value)
+        message = await refused_at_once(f"amqps://guest:{SECRET}@127.0.0.1:{port}/", caught)
     assert "the TLS connection failed its checks" in message, message
     assert "certificate verify failed" in message, message
-    assert SECRET not in message
-    assert caught.attempts() == []
+
+
+async def test_a_server_that_is_not_rabbitmq_is_not_waited_on(caught: Caught) -> None:
+    """``amqp://`` to a port where another protocol's server answers the protocol header with
+    its own bytes and closes (a protected-mode or full Redis says ``-DENIED``/``-ERR``, an
+    HTTP server ``400``): the same answer comes on every attempt, yet the worker waited for
+    ever, each warning saying it cannot connect ("Server connection unexpectedly closed");
+    failed at once now, saying what is wrong, as redis:// to RabbitMQ's port does."""
+    with server_that_answers_in_plain_text() as port:
+        message = await refused_at_once(f"amqp://guest:{SECRET}@127.0.0.1:{port}/", caught)
+    assert message == (
+        "cannot connect to RabbitMQ at "
+        f"amqp://guest:***@127.0.0.1:{port}/?heartbeat=30: the server there does not answer "
+        "as RabbitMQ does (check the URL's host and port): it answered in another protocol "
+        "and closed the connection"
+    ), message
 
 
 async def test_a_start_cancelled_after_connecting_closes_its_connection(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiormq
 from pamqp import commands as spec
 
@@ -71,6 +73,22 @@ def refused_at_connect(exc: BaseException) -> bool:
     if close is None:
         return False
     return close.reply_code in (403, 530) and "connection limit" not in (close.reply_text or "")
+
+
+def not_amqp(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while connecting, says the server answered the protocol header
+    with bytes and closed the connection in the middle of what would be an AMQP frame: another
+    protocol's server listens on the port (a protected-mode or full Redis's ``-DENIED`` or
+    ``-ERR``, an HTTP server's ``400``), which no retry mends. RabbitMQ sends whole frames
+    (one segment each while connecting) or its protocol header, and an outage closes without
+    a word: neither is this. A server that says nothing and keeps the connection open (Redis,
+    given the header and no end of line) is seen only when the connect times out."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, aiormq.exceptions.AMQPConnectionError)
+        and isinstance(cause, asyncio.IncompleteReadError)
+        and bool(cause.partial)
+    )
 
 
 def closed_at_open(exc: BaseException) -> spec.Connection.Close | None:

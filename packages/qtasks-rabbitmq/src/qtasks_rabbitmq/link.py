@@ -47,6 +47,7 @@ from qtasks_rabbitmq.errors import (
     PublishRejectedError,
     TopologyError,
     closed_at_open,
+    not_amqp,
     refused_at_connect,
 )
 from qtasks_rabbitmq.masking import mask_library_logs
@@ -139,7 +140,13 @@ class Link:
             kind = CredentialsRefusedError if refused_at_connect(exc) else BrokerConnectionError
             close = closed_at_open(exc)  # aiormq's error names the frame only, not the reason
             why = describe(exc, self._secret)
-            if close is not None:
+            if not_amqp(exc):  # a server of another protocol: the URL is to fix
+                kind = CredentialsRefusedError
+                why = (
+                    "the server there does not answer as RabbitMQ does (check the URL's host "
+                    "and port): it answered in another protocol and closed the connection"
+                )
+            elif close is not None:
                 why = masked(f"connection.open refused: {close.reply_text}", self._secret)
             elif tls_refused(exc) is not None:
                 why = (
