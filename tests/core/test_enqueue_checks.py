@@ -297,15 +297,19 @@ async def test_an_eta_or_delay_in_milliseconds_is_refused(option: str) -> None:
     async with app:
         now = app.clock()
         value = now * 1000 if option == "eta" else 200 * 365.25 * 86400
-        says = f"^add_task: {option} {re.escape(repr(value))} is [0-9,]+ years ahead, more than"
+        says = f"{option} {re.escape(repr(value))} is [0-9,]+ years ahead, more than 100: it "
+        says += "looks like milliseconds"
         for call in entry_points(app).values():
-            with pytest.raises(TaskArgumentsError, match=f"{says} 100: it looks like millis"):
+            with pytest.raises(TaskArgumentsError, match=f"^add_task: {says}"):
                 await call(**{option: value})
             await assert_nothing_written(app)
-        if option == "delay":
-            with pytest.raises(TaskArgumentsError, match=r"^add_tasks item 0: add_task: delay"):
+        if option == "delay":  # add_tasks takes no eta
+            with pytest.raises(TaskArgumentsError, match=f"^add_tasks: {says}"):
                 await app.tasks["add"].add_tasks([(1, 2)], delay=value)
             await assert_nothing_written(app)
+            # A workflow's steps are enqueued without add_task: their signatures refuse it.
+            with pytest.raises(TaskDeclarationError, match=f"^signature of 'add': {says}"):
+                app.tasks["add"].s(1, 2).set(delay=value)
         # 99 years ahead is still a time.
         far = 99 * 365.25 * 86400
         if option == "eta":

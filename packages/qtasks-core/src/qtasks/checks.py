@@ -53,6 +53,25 @@ def check_delay(value: Any, what: str, error: type[Exception]) -> float:
     return number
 
 
+FAR_AHEAD = 100 * 365.25 * 86400
+"""Seconds (100 years): a ``delay`` or ``eta`` further ahead is refused as milliseconds given
+for seconds (``eta=time.time() * 1000`` is some 50,000 years ahead), which a broker would
+keep for ever and ``qtasks`` commands print past the year 9999."""
+
+
+def far_ahead(
+    what: str, value: float, ahead: float, takes: str, error: type[Exception]
+) -> Exception:
+    """The ``error`` for ``what`` = ``value``, ``ahead`` seconds ahead (past
+    :data:`FAR_AHEAD`): it looks like milliseconds; ``what`` takes ``takes``."""
+    years = ahead / (365.25 * 86400)
+    option = what.rpartition(" ")[2]
+    return error(
+        f"{what} {value!r} is {years:,.0f} years ahead, more than 100: it looks like "
+        f"milliseconds; {option} takes {takes}"
+    )
+
+
 def check_timeout(value: Any, what: str) -> float | None:
     """``value`` as a wait's timeout: ``None`` (or ``math.inf``) for no limit, else seconds of 0
     or more; raises :class:`~qtasks.errors.InvalidTimeoutError` otherwise (a negative one is a

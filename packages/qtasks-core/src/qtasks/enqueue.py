@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qtasks import flow
-from qtasks.checks import check_delay, check_priority, finite
+from qtasks.checks import FAR_AHEAD, check_delay, check_priority, far_ahead, finite
 from qtasks.compat.calls import bad_task_name
 from qtasks.components import Broker, SharedServer, Storage
 from qtasks.errors import TaskArgumentsError
@@ -86,21 +86,6 @@ async def _overlapped(
         added.cancel()
         raise
     await added
-
-
-FAR_AHEAD = 100 * 365.25 * 86400
-"""Seconds (100 years): an ``eta`` or ``delay`` further ahead is refused as milliseconds given
-for seconds (``eta=time.time() * 1000`` is some 50,000 years ahead), which a broker would
-keep for ever and ``qtasks`` commands print past the year 9999."""
-
-
-def _far_ahead(option: str, value: float, ahead: float, takes: str) -> TaskArgumentsError:
-    """The error for ``option=value``, ``ahead`` seconds ahead (past :data:`FAR_AHEAD`)."""
-    years = ahead / (365.25 * 86400)
-    return TaskArgumentsError(
-        f"add_task: {option} {value!r} is {years:,.0f} years ahead, more than 100: it looks "
-        f"like milliseconds; {option} takes {takes}"
-    )
 
 
 def _eta(value: Any) -> float:
@@ -186,13 +171,13 @@ def new_message(
     if delay is not None:
         seconds = check_delay(delay, "add_task: delay", TaskArgumentsError)
         if seconds > FAR_AHEAD:
-            raise _far_ahead("delay", seconds, seconds, "seconds")
+            raise far_ahead("add_task: delay", seconds, seconds, "seconds", TaskArgumentsError)
         eta = now + seconds
     elif eta is not None:
         eta = _eta(eta)
         if eta - now > FAR_AHEAD:
             takes = "a unix time in seconds (time.time() + seconds)"
-            raise _far_ahead("eta", eta, eta - now, takes)
+            raise far_ahead("add_task: eta", eta, eta - now, takes, TaskArgumentsError)
     headers: dict[str, Any] = {}
     if parent_uuid is not None:
         headers["parent_uuid"] = parent_uuid

@@ -37,7 +37,7 @@ from typing import (
     get_origin,
 )
 
-from qtasks.checks import check_delay, check_priority
+from qtasks.checks import FAR_AHEAD, check_delay, check_priority, far_ahead
 from qtasks.errors import TaskArgumentsError, TaskDeclarationError, UnresolvedAnnotationError
 from qtasks.flow import check_options as check_flow_options
 from qtasks.flow import flow_spec
@@ -543,7 +543,9 @@ class TaskDef(Generic[P, R]):
         if priority is not None:
             priority = check_priority(priority, "add_tasks: priority", TaskArgumentsError)
         if delay is not None:
-            check_delay(delay, "add_tasks: delay", TaskArgumentsError)
+            seconds = check_delay(delay, "add_tasks: delay", TaskArgumentsError)
+            if seconds > FAR_AHEAD:
+                raise far_ahead("add_tasks: delay", seconds, seconds, "seconds", TaskArgumentsError)
         return [Signature(self.name, as_args(a), {}, priority, delay) for a in args_list]
 
 

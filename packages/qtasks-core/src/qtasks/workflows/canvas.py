@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from qtasks.checks import check_delay, check_priority
+from qtasks.checks import FAR_AHEAD, check_delay, check_priority, far_ahead
 from qtasks.errors import QTasksError, TaskDeclarationError, UnknownTaskError, WorkflowError
 
 if TYPE_CHECKING:
@@ -57,7 +57,10 @@ class Signature:
             if priority is not self.priority:  # an IntEnum member, as its int
                 object.__setattr__(self, "priority", priority)
         if self.delay is not None:
-            check_delay(self.delay, f"signature of {name!r}: delay", TaskDeclarationError)
+            what = f"signature of {name!r}: delay"
+            seconds = check_delay(self.delay, what, TaskDeclarationError)
+            if seconds > FAR_AHEAD:  # a workflow's steps are enqueued without add_task's check
+                raise far_ahead(what, seconds, seconds, "seconds", TaskDeclarationError)
         if self.retry is not None and (
             not isinstance(self.retry, int) or isinstance(self.retry, bool) or self.retry < 0
         ):
