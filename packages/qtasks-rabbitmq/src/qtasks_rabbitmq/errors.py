@@ -75,6 +75,13 @@ def refused_at_connect(exc: BaseException) -> bool:
     return close.reply_code in (403, 530) and "connection limit" not in (close.reply_text or "")
 
 
+NOT_AMQP = (
+    "the server there does not answer as RabbitMQ does (check the URL's host and port): it "
+    "answered in another protocol and closed the connection"
+)
+"""Why a start failed when :func:`not_amqp` holds."""
+
+
 def not_amqp(exc: BaseException) -> bool:
     """Whether ``exc``, raised while connecting, says the server answered the protocol header
     with bytes and closed the connection in the middle of what would be an AMQP frame: another

@@ -43,6 +43,7 @@ from qtasks_rabbitmq.confirms import (
 )
 from qtasks_rabbitmq.declaring import declare
 from qtasks_rabbitmq.errors import (
+    NOT_AMQP,
     OversizedMessageError,
     PublishRejectedError,
     TopologyError,
@@ -141,11 +142,7 @@ class Link:
             close = closed_at_open(exc)  # aiormq's error names the frame only, not the reason
             why = describe(exc, self._secret)
             if not_amqp(exc):  # a server of another protocol: the URL is to fix
-                kind = CredentialsRefusedError
-                why = (
-                    "the server there does not answer as RabbitMQ does (check the URL's host "
-                    "and port): it answered in another protocol and closed the connection"
-                )
+                kind, why = CredentialsRefusedError, NOT_AMQP
             elif close is not None:
                 why = masked(f"connection.open refused: {close.reply_text}", self._secret)
             elif tls_refused(exc) is not None:
