@@ -68,10 +68,17 @@ class TaskContext:
 
     def get_logger(self, name: str | None = None) -> logging.LoggerAdapter[logging.Logger]:
         """A logger (``qtasks.task.<task name>`` by default) whose records carry ``task_name``
-        and ``task_uuid`` attributes."""
+        and ``task_uuid`` attributes, and ``qtasks_task`` (`` [<task name> <task uuid>]``),
+        which the format of ``qtasks run`` prints after the logger's name. Made on each call,
+        nothing for a task that does not log."""
         logger = logging.getLogger(name or f"qtasks.task.{self.task_name}")
         return logging.LoggerAdapter(
-            logger, {"task_name": self.task_name, "task_uuid": self.task_uuid}
+            logger,
+            {
+                "task_name": self.task_name,
+                "task_uuid": self.task_uuid,
+                "qtasks_task": f" [{self.task_name} {self.task_uuid}]",
+            },
         )
 
     def get_config(self) -> QueueConfig:

@@ -15,8 +15,19 @@ from qtasks.report import components_line
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-"""The format of the lines ``qtasks run`` (and an unconfigured ``run_forever()``) writes."""
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s%(qtasks_task)s: %(message)s"
+"""The format of the lines ``qtasks run`` (and an unconfigured ``run_forever()``) writes.
+``qtasks_task`` is `` [<task name> <task uuid>]`` on a record of a task's ``ctx.get_logger()``
+(see :meth:`qtasks.context.TaskContext.get_logger`), empty on any other record."""
+
+
+def log_to_stderr(level: str) -> None:
+    """``logging.basicConfig`` at ``level`` to stderr in :data:`LOG_FORMAT` (a no-op when the
+    root logger has a handler already, as ``basicConfig`` is)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, defaults={"qtasks_task": ""}))
+    logging.basicConfig(level=level, handlers=[handler])
+
 
 PLUGIN_NAME = "qtasks.serving"
 
@@ -61,5 +72,5 @@ def log_when_unconfigured(app: AsyncQueueTasks) -> None:
     if logging.getLogger().handlers:
         return
     level = checked_level(app.config.log_level)
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    log_to_stderr(level)
     say_serving(app)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import replace
 from typing import Annotated
 
@@ -15,7 +14,7 @@ from qtasks.cli.options import Components, MetricsPortOpt
 from qtasks.cli.resolve import aio_of, resolve_app
 from qtasks.discovery import instantiate_plugin, load
 from qtasks.errors import ConfigError
-from qtasks.serving_log import LOG_FORMAT, checked_level, say_serving
+from qtasks.serving_log import checked_level, log_to_stderr, say_serving
 
 
 def enable_metrics(app: AsyncQueueTasks, port: int) -> None:
@@ -85,11 +84,7 @@ def run(
     # Logging first, so that what configuration decides (a storage following the broker, a
     # default address) is shown; the configured level applies once the app is known.
     early = (log_level or "INFO").upper()
-    logging.basicConfig(
-        level=early if early in logging.getLevelNamesMapping() else "INFO",
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
+    log_to_stderr(early if early in logging.getLevelNamesMapping() else "INFO")
     the_app = resolve_app(where.app, where.config, flags, need_tasks=True)
     aio = aio_of(the_app)
     logging.getLogger().setLevel(checked_level(aio.config.log_level))
