@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from os import PathLike
@@ -42,6 +42,7 @@ from qtasks.config import QueueConfig, follow_broker, load_config, with_command_
 from qtasks.depends import InjectPlugin
 from qtasks.discovery import build_components, components_named, load_plugins
 from qtasks.errors import (
+    AsyncCallInThreadError,
     ComponentError,
     ComponentNotStartedError,
     TaskArgumentsError,
@@ -60,6 +61,7 @@ from qtasks.routers import Router, shared_tasks
 from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple, warn_misspelt_options
+from qtasks.threads import in_task_thread
 from qtasks.worker import QueueWorker
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import Node, Signature, signature
@@ -654,7 +656,10 @@ class AsyncQueueTasks:
 
     # --- producing ------------------------------------------------------------------------
 
-    async def add_task(
+    # add_task, enqueue and add_tasks return their coroutine from a plain def, so that a call
+    # in a sync task's thread (which nothing there could await) raises at once: one C call
+    # (no loop runs in this thread?) on the async path, and one coroutine frame fewer.
+    def add_task(
         self,
         task_name: str = UNSET,
         /,
@@ -668,7 +673,7 @@ class AsyncQueueTasks:
         unique_for: float | None = None,
         _parent_uuid: str | None = None,
         **kwargs: Any,
-    ) -> AsyncTask:
+    ) -> Coroutine[Any, Any, AsyncTask]:
         """Enqueue ``task_name(*args, **kwargs)`` and return its record.
 
         ``priority`` (lower runs first), ``delay`` (seconds, 0 or more) or ``eta`` (unix time)
@@ -679,10 +684,14 @@ class AsyncQueueTasks:
         seconds from the add instead, final or not, and no longer), adding another returns
         that task's record instead (see :mod:`qtasks.flow`). Tasks whose own
         parameters use these names are enqueued with :meth:`enqueue`. QTasks' keyword form
-        ``add_task(task_name="x", ...)`` (no positional) is accepted too."""
+        ``add_task(task_name="x", ...)`` (no positional) is accepted too. Called in a sync
+        task's thread, where nothing could await it, it raises
+        :class:`~qtasks.errors.AsyncCallInThreadError`."""
+        if _running_loop() is None and in_task_thread():
+            raise AsyncCallInThreadError(self.name, "add_task")
         if task_name is UNSET:
             task_name, args = split_task_name(task_name, args, kwargs)
-        return await self.enqueue(
+        return self.enqueue(  # the attribute: qtasks-testing's harness stands in for it
             task_name,
             args,
             kwargs,
@@ -696,7 +705,7 @@ class AsyncQueueTasks:
             _parent_uuid=_parent_uuid,
         )
 
-    async def enqueue(
+    def enqueue(
         self,
         task_name: str,
         args: Sequence[Any] = (),
@@ -710,8 +719,40 @@ class AsyncQueueTasks:
         unique_key: str | None = None,
         unique_for: float | None = None,
         _parent_uuid: str | None = None,
+    ) -> Coroutine[Any, Any, AsyncTask]:
+        """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task).
+        In a sync task's thread: :class:`~qtasks.errors.AsyncCallInThreadError`."""
+        if _running_loop() is None and in_task_thread():
+            raise AsyncCallInThreadError(self.name, "enqueue")
+        return self._enqueue(
+            task_name,
+            args,
+            kwargs,
+            priority=priority,
+            timeout=timeout,
+            delay=delay,
+            eta=eta,
+            expires=expires,
+            unique_key=unique_key,
+            unique_for=unique_for,
+            _parent_uuid=_parent_uuid,
+        )
+
+    async def _enqueue(
+        self,
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        *,
+        priority: int | None,
+        timeout: float | None,
+        delay: float | None,
+        eta: float | None,
+        expires: float | None,
+        unique_key: str | None,
+        unique_for: float | None,
+        _parent_uuid: str | None,
     ) -> AsyncTask:
-        """Enqueue with explicit ``args``/``kwargs`` (every keyword stays free for the task)."""
         if timeout is not None:  # before the enqueue: a bad one must not raise after it
             timeout = check_delay(timeout, "add_task: timeout", TaskArgumentsError)
             local_wait.check_waitable(self, f"add_task({task_name!r}, timeout=...)")
@@ -756,10 +797,15 @@ class AsyncQueueTasks:
                 raise local_wait.explained(self, exc) from None
         return record
 
-    async def add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
+    def add_tasks(self, signatures: Iterable[Signature]) -> Coroutine[Any, Any, list[AsyncTask]]:
         """Enqueue many tasks (``[task.s(1), task.s(2), ...]``) in one round trip per batch
         of 1,000; return their records in order. Each is checked and hooked as by
-        :meth:`add_task` (see :mod:`qtasks.bulk`)."""
+        :meth:`add_task` (see :mod:`qtasks.bulk`); in a sync task's thread it raises, too."""
+        if _running_loop() is None and in_task_thread():
+            raise AsyncCallInThreadError(self.name, "add_tasks")
+        return self._add_tasks(signatures)
+
+    async def _add_tasks(self, signatures: Iterable[Signature]) -> list[AsyncTask]:
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         return await bulk.add_tasks(self, signatures)

@@ -146,6 +146,23 @@ class MessageTooLargeError(SerializationError):
         super().__init__(f"{of}encoded message is {size} bytes, above max_message_size={limit}")
 
 
+class AsyncCallInThreadError(PermanentError, RuntimeError):
+    """A coroutine method of the async app (``app.add_task``, ``task.add_task``,
+    ``enqueue``, ``add_tasks``) was called in a sync task's thread, where nothing awaits the
+    coroutine it returns: the enqueue would be lost. The message says what works there."""
+
+    def __init__(self, app_name: str, method: str) -> None:
+        self.app_name = app_name
+        self.method = method
+        super().__init__(
+            f"app {app_name!r}: {method}(...) was called in a sync task (def), whose thread "
+            "cannot await the coroutine it returns, so nothing would be enqueued; there, call "
+            "`self.add_task(...)` (echo=True) or `anyio.from_thread.run(app.add_task, ...)`, "
+            "make the task `async def` and await the call, or use the sync app (QueueTasks), "
+            "whose add_task blocks"
+        )
+
+
 class TaskArgumentsError(QTasksError, TypeError):
     """The arguments do not fit the task's signature."""
 

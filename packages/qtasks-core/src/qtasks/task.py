@@ -7,6 +7,7 @@ with its async and sync call shapes, and the record a task call returns belong t
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import copy
 import difflib
@@ -38,10 +39,16 @@ from typing import (
 )
 
 from qtasks.checks import FAR_AHEAD, check_delay, check_priority, far_ahead
-from qtasks.errors import TaskArgumentsError, TaskDeclarationError, UnresolvedAnnotationError
+from qtasks.errors import (
+    AsyncCallInThreadError,
+    TaskArgumentsError,
+    TaskDeclarationError,
+    UnresolvedAnnotationError,
+)
 from qtasks.flow import check_options as check_flow_options
 from qtasks.flow import flow_spec
 from qtasks.record import TaskRecord
+from qtasks.threads import in_task_thread
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -50,6 +57,9 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+_running_loop = asyncio._get_running_loop
+"""The running asyncio loop or ``None``, without an exception when there is none."""
 
 
 class TaskKind(StrEnum):
@@ -457,11 +467,19 @@ class TaskDef(Generic[P, R]):
         parameters qtasks injects (``State``, ``Depends``), which callers must not pass; so
         the arguments are checked when the task is enqueued instead (a call that does not fit
         the task raises :class:`~qtasks.errors.TaskArgumentsError`). Calling the task directly,
-        ``task(...)``, keeps the function's checked signature."""
+        ``task(...)``, keeps the function's checked signature. In a sync task's thread,
+        where nothing could await it: :class:`~qtasks.errors.AsyncCallInThreadError`."""
+        self._not_in_task_thread("add_task")
         name, own, options = self._call_parts(kwargs)
         return self.app.enqueue(
             name, args, own, priority=priority, timeout=timeout, delay=delay, eta=eta, **options
         )
+
+    def _not_in_task_thread(self, method: str) -> None:
+        """A coroutine made in a sync task's thread would never be awaited: refused, naming
+        the call (the app's own methods check again, as cheaply: one C call)."""
+        if _running_loop() is None and in_task_thread():
+            raise AsyncCallInThreadError(self.app.name, f"{self.name}.{method}")
 
     def _call_parts(self, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """What an ``add_task(*args, **kwargs)`` call enqueues: the task (this one, or the
@@ -491,6 +509,7 @@ class TaskDef(Generic[P, R]):
         eta: float | None = None,
     ) -> Coroutine[Any, Any, AsyncTask]:
         """Enqueue with explicit ``args``/``kwargs``, leaving every name free for the task."""
+        self._not_in_task_thread("enqueue")
         return self.app.enqueue(
             self.name, args, kwargs, priority=priority, timeout=timeout, delay=delay, eta=eta
         )
@@ -528,6 +547,7 @@ class TaskDef(Generic[P, R]):
     ) -> Coroutine[Any, Any, list[AsyncTask]]:
         """Enqueue one call of this task per item of ``args_list`` (a tuple or list item is
         the arguments, anything else the one argument), in one round trip per batch."""
+        self._not_in_task_thread("add_tasks")
         return self.app.add_tasks(self._signatures(args_list, priority, delay))
 
     def _signatures(

@@ -44,6 +44,15 @@ the next call that finds the limiter full (see :func:`_acquire`)."""
 _RUNNING_ON: set[ThreadCall] = set()
 """Calls given up on whose thread may still run (see :func:`still_running`)."""
 
+_HERE = threading.local()
+"""``call``: the :class:`ThreadCall` running in this thread, if any (see :func:`in_task_thread`)."""
+
+
+def in_task_thread() -> bool:
+    """Whether this thread runs sync task code (a :class:`ThreadCall`): a coroutine made here
+    has nothing to await it."""
+    return getattr(_HERE, "call", None) is not None
+
 
 def still_running() -> list[ThreadCall]:
     """The calls of sync task code given up on (``max_time``, a cancel, the worker's stop)
@@ -244,11 +253,13 @@ class ThreadCall:
     def __call__(self) -> Any:  # in the worker thread
         self.thread = threading.current_thread()
         self.started = True
+        _HERE.call = self
         try:
             if self.abandoned:
                 return None  # given up on before the thread took it: never started
             return self.func(*self.args, **self.kwargs)
         finally:
+            _HERE.call = None  # anyio's worker threads run other code next
             self.ended = True
             if self.abandoned:
                 _RUNNING_ON.discard(self)
