@@ -236,6 +236,24 @@ class TaskExitError(QTasksError):
         )
 
 
+class TaskInterruptError(QTasksError):
+    """A task's code raised ``KeyboardInterrupt`` where no Ctrl-C can arrive: in a worker
+    thread (a sync task) or on an event loop outside the main thread (the sync app's), as
+    Python delivers signals to the main thread only. The task fails with this error, chained
+    from it, instead of the ``KeyboardInterrupt`` ending the loop that serves every task
+    (the sync app's next call failed, obscurely). Retried as any error is. On the main
+    thread (an async task of ``qtasks run``, ``asyncio.run``) it may be a real Ctrl-C: it
+    propagates there."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(
+            f"task {task!r} raised KeyboardInterrupt in its code, not a Ctrl-C (none reaches "
+            "a worker thread or an event loop outside the main thread): it fails the task, "
+            "not the app"
+        )
+
+
 class TaskFailedError(QTasksError):
     """A waited-for task ended with status ``error``; ``task`` holds its record."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,6 +17,7 @@ from qtasks.errors import (
     SerializationError,
     TaskCancelledError,
     TaskExitError,
+    TaskInterruptError,
     TaskMaxTimeError,
 )
 from qtasks.messages import Message
@@ -209,6 +211,13 @@ class TaskExecutor:
             return await self._run_function(run, args, kwargs)
         except SystemExit as exc:  # the task's, not a stop of the worker (signals don't raise it)
             raise TaskExitError(run.task.name, repr(exc.code)) from exc
+        except KeyboardInterrupt as exc:
+            # Python delivers Ctrl-C to the main thread only: on another (the sync app's loop)
+            # the task's code raised it, and it would end the loop. A sync task's is turned
+            # into the error in its worker thread (ThreadCall).
+            if threading.current_thread() is threading.main_thread():
+                raise
+            raise TaskInterruptError(run.task.name) from exc
         except BaseExceptionGroup as group:
             # ctx.cancel() in a task group's child: the task is cancelled, as without the group.
             # (A child's sys.exit() is not caught: asyncio raises it out of the event loop.)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 import anyio.to_thread
 
+from qtasks.errors import TaskInterruptError
+
 if TYPE_CHECKING:
     from qtasks.executor import TaskRun
 
@@ -258,6 +260,8 @@ class ThreadCall:
             if self.abandoned:
                 return None  # given up on before the thread took it: never started
             return self.func(*self.args, **self.kwargs)
+        except KeyboardInterrupt as exc:  # no Ctrl-C reaches this thread: the task's code
+            raise TaskInterruptError(self.run.task.name) from exc
         finally:
             _HERE.call = None  # anyio's worker threads run other code next
             self.ended = True
