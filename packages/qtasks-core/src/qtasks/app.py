@@ -325,6 +325,8 @@ class AsyncQueueTasks:
             options["retry_on_exc"] = None
         opts = TaskOptions(name=task_name, extra=extra, **options)
         task = TaskDef(self, func, opts)
+        if task.injected:
+            self.injector.check(task)  # Depends and State errors here, not at the first run
         self.tasks[task_name] = task
         self._pending_hooks.extend(
             self.hooks.notify_sync("qtasks_task_registered", app=self, task=task)

@@ -195,6 +195,20 @@ class InjectPlugin:
         ]
         return _Plan(items, positional, keep or not injected_positional)
 
+    def check(self, task: TaskDef[..., Any]) -> None:
+        """At declaration (``@app.task``): raise :class:`DependencyError` (or
+        :class:`StateError`) for what would fail the task's every run and is known already:
+        a parameter of a dependency function that nothing fills, a dependency using a
+        shorter-lived one, an unknown scope, a cycle, injected parameters that cannot be
+        passed, a State of the wrong colour. A string annotation that does not resolve yet
+        (a name defined further down the module) is left to the run, as before."""
+        self._make_plan(task)  # not kept: annotations resolve again when the app starts
+        params = list(task.signature.parameters.values())
+        for p in params[1:] if task.options.echo else params:
+            dep = dependency_of(p)
+            if dep is not None:
+                _check_dependency(dep, ())
+
     # --- resolution -----------------------------------------------------------------------
 
     def _scope(self, name: str, run: TaskRun) -> ScopeCache:
@@ -245,26 +259,12 @@ class InjectPlugin:
             sub = dependency_of(p)
             state = state_class(p.annotation)
             if sub is not None:
-                if _RANK[sub.scope] < _RANK[dep.scope]:
-                    raise DependencyError(
-                        f"{_name(dep.func)} (scope {dep.scope!r}) cannot use "
-                        f"{_name(sub.func)} (scope {sub.scope!r}): it would outlive it"
-                    )
+                _check_use(dep, sub)
                 kwargs[p.name] = await self.resolve(sub, run, path)
             elif state is not None:
                 kwargs[p.name] = self._state(state, run.app)
             elif p.default is inspect.Parameter.empty:
-                unresolved = (
-                    f" (its annotation {p.annotation!r} could not be resolved in the module of "
-                    f"{_name(dep.func)}; if it names a State or a Depends, "
-                    f"{UnresolvedAnnotationError.FIX})"
-                    if isinstance(p.annotation, str)
-                    else ""
-                )
-                raise DependencyError(
-                    f"parameter {p.name!r} of dependency {_name(dep.func)} has no default and "
-                    f"is neither Depends nor State{unresolved}"
-                )
+                raise _unfilled(dep, p)
         return kwargs
 
     # --- the executor's injection step ----------------------------------------------------
@@ -320,6 +320,58 @@ class InjectPlugin:
         # Safety net for a custom worker that does not report its stop.
         for kind in list(self._scopes):
             await self.qtasks_component_stopped(kind)
+
+
+def _check_use(dep: Dependency, sub: Dependency) -> None:
+    """``dep`` takes ``sub``'s value: ``sub`` must live at least as long."""
+    if _RANK[sub.scope] < _RANK[dep.scope]:
+        raise DependencyError(
+            f"{_name(dep.func)} (scope {dep.scope!r}) cannot use "
+            f"{_name(sub.func)} (scope {sub.scope!r}): it would outlive it"
+        )
+
+
+def _unfilled(dep: Dependency, p: inspect.Parameter) -> DependencyError:
+    """A parameter of ``dep``'s function without a default that nothing injects."""
+    unresolved = (
+        f" (its annotation {p.annotation!r} could not be resolved in the module of "
+        f"{_name(dep.func)}; if it names a State or a Depends, {UnresolvedAnnotationError.FIX})"
+        if isinstance(p.annotation, str)
+        else ""
+    )
+    return DependencyError(
+        f"parameter {p.name!r} of dependency {_name(dep.func)} has no default and "
+        f"is neither Depends nor State{unresolved}"
+    )
+
+
+def _check_dependency(dep: Dependency, path: tuple[Callable[..., Any], ...]) -> None:
+    """:meth:`InjectPlugin.check` for one dependency and, recursively, those it uses."""
+    if dep.scope not in _RANK:  # a Dependency built directly, not through Depends()
+        raise DependencyError(
+            f"unknown Depends scope {dep.scope!r} of {_name(dep.func)}; expected one of "
+            f"{list(_RANK)}"
+        )
+    if dep.func in path:
+        chain = " -> ".join(_name(f) for f in (*path, dep.func))
+        raise DependencyError(f"dependency cycle: {chain}")
+    try:
+        signature = resolved_signature(dep.func)
+    except (TypeError, ValueError):  # no signature: called without arguments, as at run time
+        return
+    for p in signature.parameters.values():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        sub = dependency_of(p)
+        if sub is not None:
+            _check_dependency(sub, (*path, dep.func))
+            _check_use(dep, sub)
+        elif (
+            state_class(p.annotation) is None
+            and p.default is inspect.Parameter.empty
+            and not isinstance(p.annotation, str)  # may resolve by the run: checked then
+        ):
+            raise _unfilled(dep, p)
 
 
 def _check_colour(task: TaskDef[..., Any], state: type[Any]) -> None:
