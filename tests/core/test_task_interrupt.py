@@ -5,9 +5,12 @@ worker thread, the sync app's event loop thread) fails that task with
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
+from qtasks.errors import ComponentNotStartedError
 
 WAIT = 10
 
@@ -54,3 +57,27 @@ async def test_a_sync_tasks_keyboard_interrupt_fails_it_in_the_async_app() -> No
         record = await app.add_task("boom", timeout=WAIT)
     assert record.status is TaskStatus.ERROR
     assert record.error is not None and record.error.startswith("TaskInterruptError")
+
+
+def test_a_sync_app_whose_loop_died_says_why_on_every_call() -> None:
+    # KeyboardInterrupt raised on the loop outside any task's code (a callback here; a
+    # plugin's or middleware's alike) still ends the loop: every call says so, the waiting
+    # one too (it read "closed while this call waited", later ones "This portal is not
+    # running"), and close() returns.
+    app = QueueTasks()
+
+    @app.task
+    async def sabotage() -> None:
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        asyncio.get_running_loop().call_soon(interrupt)
+
+    with app:
+        with pytest.raises(ComponentNotStartedError, match="event loop ended: KeyboardInterrupt"):
+            app.add_task("sabotage", timeout=WAIT)
+        with pytest.raises(ComponentNotStartedError, match="event loop ended: KeyboardInterrupt"):
+            app.get("no-such-task")
+    app.close()  # returns: nothing to stop through the ended loop
+    with pytest.raises(ComponentNotStartedError, match="close\\(\\) it and make a new one"):
+        app.get("no-such-task")

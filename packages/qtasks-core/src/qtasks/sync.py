@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import inspect
 import os
 import queue
@@ -73,6 +74,8 @@ class QueueTasks:
         self._portal: BlockingPortal | None = None
         self._portal_stop: threading.Thread | None = None
         self._portal_loop: asyncio.AbstractEventLoop | None = None
+        self._portal_ended: list[BaseException] = []
+        """What ended the portal's loop, if something raised out of it (see :meth:`_ended`)."""
         self._serving: AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
         self._forever = 0
@@ -121,11 +124,15 @@ class QueueTasks:
         if threading.current_thread() is self._portal_stop:
             raise self._on_its_loop()
         with self._lock:
+            if self._portal_ended:  # for good: its components may still be in that loop
+                raise self._ended()
             if self._portal is None:
                 # Before the async app starts (and adopts them unwrapped): shared tasks
                 # imported since __init__ get this app's blocking add_task.
                 shared_tasks.adopt(self)
-                self._portal, self._portal_stop, self._portal_loop = _start_portal()
+                self._portal, self._portal_stop, self._portal_loop = _start_portal(
+                    self._portal_ended
+                )
                 atexit.register(_close_at_exit, weakref.ref(self))
             return self._portal
 
@@ -340,7 +347,7 @@ class QueueTasks:
             if loop is not None:
                 return self._call_in(loop, fn, *args)
             return self.portal.call(fn, *args)
-        except CancelledError as exc:  # only close() cancels a call in the portal
+        except CancelledError as exc:  # close(), or the loop's end, cancels a portal call
             raise self._closed() from exc
 
     def _call_in(
@@ -373,6 +380,8 @@ class QueueTasks:
         ``async with app.aio:``). A blocking call goes there, rather than start the
         components again in the portal's loop (refused: they belong to that running loop).
         On that loop's own thread (an ``async def`` task) it would wait for itself: raised."""
+        if self._portal_ended:  # its loop may still run its teardown: not a loop to use
+            raise self._ended()
         loop = self.aio.started_loop()
         if loop is None or loop is self._portal_loop:
             return None
@@ -390,8 +399,20 @@ class QueueTasks:
         )
 
     def _closed(self) -> ComponentNotStartedError:
+        if self._portal_ended:
+            return self._ended()
         return ComponentNotStartedError(
             f"app {self.aio.name!r} was closed while this call waited on it"
+        )
+
+    def _ended(self) -> ComponentNotStartedError:
+        """The portal's loop ended on an exception raised out of it (a ``KeyboardInterrupt``
+        from a loop callback, a plugin, a middleware: a task's own is its error), so nothing
+        runs there: said on every call instead of anyio's "This portal is not running"."""
+        return ComponentNotStartedError(
+            f"app {self.aio.name!r}: its event loop ended: {self._portal_ended[0]!r} was "
+            "raised on it outside any task's code (a plugin, a middleware, a loop callback); "
+            "this app cannot serve any more: close() it and make a new one"
         )
 
     def cancel(self, uuid: str, reason: str = "cancelled") -> Task | None:
@@ -443,6 +464,7 @@ class QueueTasks:
         if self._portal is not None:
             _inherited.append((self._portal, self._portal_stop, self._serving))
         self._portal = self._portal_stop = self._serving = self._portal_loop = None
+        self._portal_ended = []
         self._lock = threading.Lock()
         self._forever = 0
         self._forever_done = threading.Condition()
@@ -457,7 +479,8 @@ class QueueTasks:
     def __exit__(self, *exc_info: Any) -> None:
         if self._serving is not None:
             serving, self._serving = self._serving, None
-            serving.__exit__(None, None, None)
+            if not self._portal_ended:  # else nothing is left to stop
+                serving.__exit__(None, None, None)
 
     def close(self) -> None:
         """Stop serving (ending a :meth:`run_forever` in another thread gracefully), stop
@@ -473,6 +496,10 @@ class QueueTasks:
                     lambda: not self._forever, self.aio.config.shutdown_grace + 30
                 )
         self.__exit__()
+        if self._portal is not None and self._portal_ended:
+            # Nothing to stop through it: the thread's own teardown (asyncio cancelling the
+            # tasks left) ends what it can, as a daemon.
+            self._portal = self._portal_loop = None
         if self._portal is not None:
             portal, self._portal, self._portal_loop = self._portal, None, None
             portal.call(self.aio.aclose)
@@ -553,8 +580,12 @@ _SIGNAL_SLICE = 0.2
 """Seconds the main thread waits at a time while ``run_forever`` serves (see there)."""
 
 
-def _start_portal() -> tuple[BlockingPortal, threading.Thread, asyncio.AbstractEventLoop]:
-    """Run an event loop with a portal in a daemon thread."""
+def _start_portal(
+    ended: list[BaseException],
+) -> tuple[BlockingPortal, threading.Thread, asyncio.AbstractEventLoop]:
+    """Run an event loop with a portal in a daemon thread; an exception raised out of the
+    loop is put in ``ended`` at once, before the loop's teardown cancels the calls waiting in
+    the portal (which can take the shutdown grace period), so they can name it."""
     ready = threading.Event()
     holder: list[tuple[BlockingPortal, asyncio.AbstractEventLoop]] = []
 
@@ -564,10 +595,30 @@ def _start_portal() -> tuple[BlockingPortal, threading.Thread, asyncio.AbstractE
             ready.set()
             await portal.sleep_until_stopped()
 
+    options = loop_options("asyncio")
+    make: Callable[[], asyncio.AbstractEventLoop] = options.get(
+        "loop_factory", asyncio.new_event_loop
+    )
+
+    def noted_loop() -> asyncio.AbstractEventLoop:
+        loop = make()
+        run_forever = loop.run_forever
+
+        def run_noted() -> None:
+            try:
+                run_forever()
+            except BaseException as exc:
+                ended.append(exc)
+                raise
+
+        with contextlib.suppress(AttributeError):  # a loop type without instance attributes
+            loop.run_forever = run_noted  # type: ignore[method-assign]  # noted, same call
+        return loop
+
     thread = threading.Thread(
         target=anyio.run,
         args=(main,),
-        kwargs={"backend_options": loop_options("asyncio")},
+        kwargs={"backend_options": {**options, "loop_factory": noted_loop}},
         name="qtasks-portal",
         daemon=True,
     )
