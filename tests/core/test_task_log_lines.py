@@ -1,6 +1,7 @@
-"""A task's log lines under ``qtasks run`` name the run they belong to: ``ctx.get_logger()``
-records print `` [<task name> <task uuid>]`` after the logger's name in qtasks' format, and
-every other record prints as before (no "--- Logging error ---" for the missing field)."""
+"""A task's log lines under ``qtasks run`` name the run they belong to: ``ctx.logger`` and
+``ctx.get_logger()`` records print `` [<task name> <task uuid>]`` after the logger's name in
+qtasks' format, and every other record prints as before (no "--- Logging error ---" for the
+missing field)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ OUT = pathlib.Path(os.environ["OUT_FILE"])
 
 @app.task(echo=True)
 async def greet(self, who: str) -> None:
-    self.ctx.get_logger().info("hello %s", who)
+    self.ctx.logger.info("hello %s", who)
+    assert self.ctx.logger is self.ctx.logger  # made once
     with OUT.open("a") as f:
         f.write(f"greet {self.ctx.task_uuid}\\n")
 
@@ -33,6 +35,7 @@ async def greet(self, who: str) -> None:
 @app.task(echo=True)
 def count(self, n: int) -> None:
     self.ctx.get_logger("billing").warning("counted %d", n)
+    self.ctx.logger.info("sync %d", n)
     with OUT.open("a") as f:
         f.write(f"count {self.ctx.task_uuid}\\n")
 
@@ -73,6 +76,7 @@ def test_task_log_lines_carry_the_task_name_and_uuid_under_qtasks_run(tmp_path: 
     uuids = dict(line.split() for line in out_file.read_text().splitlines())
     assert f"INFO qtasks.task.greet [greet {uuids['greet']}]: hello ada" in err
     assert f"WARNING billing [count {uuids['count']}]: counted 3" in err
+    assert f"INFO qtasks.task.count [count {uuids['count']}]: sync 3" in err
     assert "INFO qtasks.serving: serving 'log-lines'" in err  # other records: as before
     assert "Logging error" not in err
     assert "Traceback" not in err

@@ -8,6 +8,7 @@ nothing is looked up globally.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -65,6 +66,11 @@ class TaskContext:
     def app(self) -> AsyncQueueTasks:
         """The app running this task."""
         return self._run.app
+
+    @functools.cached_property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """``get_logger()``, made on first use and kept for this run."""
+        return self.get_logger()
 
     def get_logger(self, name: str | None = None) -> logging.LoggerAdapter[logging.Logger]:
         """A logger (``qtasks.task.<task name>`` by default) whose records carry ``task_name``
@@ -325,6 +331,11 @@ class SyncContext:
     @property
     def app(self) -> AsyncQueueTasks:
         return self._inner.app
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """``get_logger()``, made on first use and kept for this run."""
+        return self._inner.logger
 
     def get_metadata(self, cache: bool = False) -> Task:
         """This task's stored record (with ``cache=True``, the one read earlier, if any)."""
