@@ -661,3 +661,35 @@ def test_a_config_given_to_the_constructor_builds_the_components_it_names() -> N
         QueueTasks(config=QueueConfig(storage="nosuch"))
     app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=3))
     assert type(app.broker).__name__ == "MemoryBroker" and app.config_sources == {}
+
+
+@pytest.mark.parametrize("app_class", [AsyncQueueTasks, QueueTasks])
+@pytest.mark.parametrize("kind", ["broker", "storage", "global_config"])
+def test_a_component_name_given_for_the_object_is_refused_saying_how_to_name_one(
+    app_class: type[AsyncQueueTasks] | type[QueueTasks], kind: str
+) -> None:
+    """``QueueTasks(broker="rabbitmq")`` was kept as the broker and failed at start with
+    ``'str' object has no attribute 'start'``: now refused at once, naming the value, what the
+    option takes and the two ways to choose a component by name."""
+    name = "rabbitmq" if kind == "broker" else "redis"
+    with pytest.raises(ConfigError) as info:
+        app_class(**{kind: name})  # type: ignore[arg-type]  # the mistake under test
+    text = str(info.value)
+    cls = app_class.__name__
+    label = kind.replace("_", " ")
+    assert text.startswith(f"{cls}({kind}={name!r}): {kind}= takes a {label} object (")
+    assert f"not a name; to choose the {label} by name, pass config=QueueConfig({kind}=" in text
+    assert f"{cls}.from_config({kind}={name!r}) (see docs/configuration.md" in text
+    assert f"installed {label}s: memory, " in text
+
+
+def test_a_url_given_for_the_broker_is_refused_pointing_to_broker_url_masked() -> None:
+    """QTasks 1.7 took a Redis URL as ``broker_url=``: a URL passed as ``broker=`` says so,
+    its password masked; another scheme is pointed to ``QueueConfig(broker_url=...)``."""
+    with pytest.raises(ConfigError) as info:
+        QueueTasks(broker="redis://:s3cret@localhost:6379/0")  # type: ignore[arg-type]
+    text = str(info.value)
+    assert "s3cret" not in text
+    assert "broker= takes a broker object, not a URL; pass broker_url='redis://:***@" in text
+    with pytest.raises(ConfigError, match=r"pass config=QueueConfig\(storage_url='amqp://"):
+        AsyncQueueTasks(storage="amqp://guest@localhost/")  # type: ignore[arg-type]

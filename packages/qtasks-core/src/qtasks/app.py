@@ -54,6 +54,7 @@ from qtasks.executor import Middleware
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.messages import Codec, Envelope, Serializer
 from qtasks.models import typed_result
+from qtasks.named_components import refuse_names
 from qtasks.plugins import Hooks
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.retry import RetryPlugin
@@ -138,6 +139,8 @@ class AsyncQueueTasks:
         serializer: Serializer | None = None,
         broker_url: str | None = None,
     ) -> None:
+        given = {"broker": broker, "storage": storage, "global_config": global_config}
+        refuse_names(type(self).__name__, given)
         if broker_url is not None:  # QTasks' form: the Redis components from one URL
             from qtasks.compat.url import components_from_url
 

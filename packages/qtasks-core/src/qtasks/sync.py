@@ -33,6 +33,7 @@ from qtasks.discovery import build_components
 from qtasks.errors import ComponentError, ComponentNotStartedError
 from qtasks.loop import loop_options
 from qtasks.messages import Serializer
+from qtasks.named_components import refuse_names
 from qtasks.record import TaskRecord
 from qtasks.routers import Router, shared_tasks
 from qtasks.serving_log import log_when_unconfigured
@@ -61,6 +62,8 @@ class QueueTasks:
         serializer: Serializer | None = None,
         broker_url: str | None = None,
     ) -> None:
+        given = {"broker": broker, "storage": storage, "global_config": global_config}
+        refuse_names(type(self).__name__, given)  # named as this class, not the async one
         self.aio = AsyncQueueTasks(
             name,
             broker=broker,

@@ -1,0 +1,60 @@
+"""A component's name or URL passed where the app's constructor takes the component object.
+
+``AsyncQueueTasks(broker="rabbitmq")`` used to be kept as the broker and failed at start with
+``'str' object has no attribute 'start'``. Components are chosen by name in configuration
+(``QueueConfig(broker=...)``, ``from_config(broker=...)``); QTasks 1.7 took a Redis URL as
+``broker_url=``. The constructor refuses a string at once, saying which of those to write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtasks.discovery import Kind, backend_of_url, discover
+from qtasks.errors import ConfigError
+from qtasks.masking import mask_url
+
+KINDS: tuple[Kind, ...] = ("broker", "storage", "global_config")
+"""The components the constructor takes as objects."""
+
+
+def refuse_names(app: str, given: dict[str, Any]) -> None:
+    """Raise :class:`~qtasks.errors.ConfigError` when a component in ``given`` (by kind,
+    ``None`` where none was passed) is a ``str``: a name or a URL given to the constructor of
+    ``app`` (the class name) instead of a component object."""
+    for kind in KINDS:
+        value = given.get(kind)
+        if isinstance(value, str):
+            raise ConfigError(_message(app, kind, value))
+
+
+def _message(app: str, kind: Kind, value: str) -> str:
+    label = kind.replace("_", " ")
+    if "://" in value:
+        shown = mask_url(value)
+        head = f"{app}({kind}={shown!r}): {kind}= takes a {label} object, not a URL; pass "
+        choose = (
+            f"config=QueueConfig({kind}_url={shown!r}) or "
+            f"{app}.from_config({kind}_url={shown!r}), the {label} named by the URL's scheme "
+            "(see docs/configuration.md)"
+        )
+        if kind == "broker" and backend_of_url(value) == "redis":
+            # QTasks 1.7's own form, kept: the Redis broker, storage and global config.
+            return f"{head}broker_url={shown!r} (the Redis components), or {choose}"
+        return head + choose
+    found = {item.name: item.value for item in discover(kind)}
+    # The class QTasks 1.7 code built itself (AsyncRabbitMQBroker...) has a name here.
+    example = f" ({_call(found[value])} for {value!r})" if value in found else ""
+    return (
+        f"{app}({kind}={value!r}): {kind}= takes a {label} object{example}, not a name; to "
+        f"choose the {label} by name, pass config=QueueConfig({kind}={value!r}) or build the "
+        f"app with {app}.from_config({kind}={value!r}) (see docs/configuration.md; installed "
+        f"{label}s: {', '.join(found) or 'none'})"
+    )
+
+
+def _call(value: str) -> str:
+    """``qtasks_rabbitmq.RabbitMQBroker(...)`` for the entry point
+    ``qtasks_rabbitmq:RabbitMQBroker``."""
+    module, _, attribute = value.partition(":")
+    return f"{module}.{attribute}(...)" if attribute else f"{module}(...)"
