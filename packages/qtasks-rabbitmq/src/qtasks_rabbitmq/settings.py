@@ -10,15 +10,17 @@ unknown key, every valid one). Keys without the prefix belong to other component
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self, get_args
 
+from pamqp.constants import DOMAIN_REGEX
 from yarl import URL
 
 from qtasks.errors import ConfigError
 from qtasks.masking import mask_text, mask_url, masked_entry
-from qtasks_rabbitmq.topology import QueueType
+from qtasks_rabbitmq.topology import QueueType, Topology
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -48,6 +50,51 @@ def check_url(url: str) -> URL:
     if not parsed.host:
         raise ConfigError(f"bad RabbitMQ URL {mask_url(url)}: it names no host")
     return parsed
+
+
+NAME_CHARACTERS = DOMAIN_REGEX["queue-name"]
+"""What a queue or exchange name may hold (ASCII letters, digits, space and ``-_.:@#,/+``):
+the AMQP client (pamqp) refuses to send any other name. Its exchange names take the same."""
+
+MAX_EXCHANGE_NAME = 127
+"""AMQP 0-9-1's limit on an exchange name, which the client enforces (the server's is 255 bytes,
+the limit of any AMQP short string, for queue names too)."""
+
+MAX_QUEUE_NAME = MAX_EXCHANGE_NAME - max(len(name) for name in Topology("").all_exchanges())
+"""The longest ``rabbitmq_queue``: the exchanges named after it (``Q.delay.out``, the longest,
+adds 10) must fit in :data:`MAX_EXCHANGE_NAME`, and its queues (``Q.delay.31``) then fit too."""
+
+RESERVED_PREFIX = "amq."
+"""Queue names starting so are the server's: declaring one is refused (``ACCESS_REFUSED``)."""
+
+
+def check_queue_name(queue: str) -> None:
+    """Raise :class:`~qtasks.errors.ConfigError` unless ``queue`` can name a qtasks queue on
+    RabbitMQ: not empty nor only whitespace, not starting with ``amq.`` (reserved by the
+    server), of :data:`NAME_CHARACTERS` only and at most :data:`MAX_QUEUE_NAME` characters.
+    Else the broker's start failed, as if the server or the credentials had."""
+    if not queue:
+        raise ConfigError("rabbitmq_queue must not be empty")
+    shown = reprlib.repr(queue)
+    if queue.isspace():
+        raise ConfigError(f"rabbitmq_queue must not be only whitespace, got {shown}")
+    if queue.startswith(RESERVED_PREFIX):
+        raise ConfigError(
+            f"rabbitmq_queue must not start with {RESERVED_PREFIX!r} (names the RabbitMQ server "
+            f"reserves), got {shown}"
+        )
+    if not NAME_CHARACTERS.fullmatch(queue):
+        bad = sorted({char for char in queue if not NAME_CHARACTERS.fullmatch(char)})
+        raise ConfigError(
+            "rabbitmq_queue may hold only ASCII letters, digits, spaces and - _ . : @ # , / + "
+            f"(the AMQP client sends no other name), got {shown}, with {', '.join(map(repr, bad))}"
+        )
+    if len(queue) > MAX_QUEUE_NAME:
+        raise ConfigError(
+            f"rabbitmq_queue must be at most {MAX_QUEUE_NAME} characters (qtasks declares the "
+            f"exchange '<queue>.delay.out', and AMQP allows {MAX_EXCHANGE_NAME} for an "
+            f"exchange name), got {len(queue)}: {shown}"
+        )
 
 
 PREFIX = "rabbitmq_"
@@ -110,8 +157,7 @@ class RabbitMQSettings:
             problem = _type_error(key, getattr(self, key.removeprefix(PREFIX)))
             if problem is not None:
                 raise ConfigError(f"{key} {problem}")
-        if not self.queue:
-            raise ConfigError("rabbitmq_queue must not be empty")
+        check_queue_name(self.queue)
         if self.queue_type not in get_args(QueueType):
             raise ConfigError(
                 f"rabbitmq_queue_type must be 'classic' or 'quorum', not {self.queue_type!r}"
