@@ -202,11 +202,20 @@ async def test_a_server_that_refuses_tracking_gets_blocking_waits(
 
 
 async def test_a_negative_number_of_wait_connections_is_refused(server: RedisServer) -> None:
-    app = make_app(server.url, redis_wait_connections=-1)
-    with pytest.raises(ConfigError, match="redis_wait_connections must be 0 or more"):
-        await app.start()
+    """Refused when the storage is built, as the other Redis options out of range are (it was
+    only at start); the app's ``config.extra``, which the storage reads at start, there."""
+    refused = r"extra\.redis_wait_connections must be 0 or more, got -1"
+    with pytest.raises(ConfigError, match=refused):
+        RedisStorage(server.url, options={"redis_wait_connections": -1})
+    with pytest.raises(ConfigError, match=refused):
+        RedisStorage.from_config(
+            QueueConfig(storage_url=server.url, extra={"redis_wait_connections": -1})
+        )
     with pytest.raises(ConfigError, match=r"extra\.redis_wait_connections expects int"):
         RedisStorage(server.url, options={"redis_wait_connections": "many"})
+    app = make_app(server.url, redis_wait_connections=-1)
+    with pytest.raises(ConfigError, match=refused):
+        await app.start()
 
 
 @pytest.mark.parametrize("lost", [None, "feed"])

@@ -130,6 +130,7 @@ def test_valid_and_foreign_options_are_accepted() -> None:
         ("redis_retry_cap", float("nan"), "a number of seconds of 0 or more"),
         ("redis_health_check_interval", -5, "a number of seconds of 0 or more"),
         ("redis_queue", "", "a non-empty queue name"),
+        ("redis_wait_connections", -1, "0 or more"),
     ],
 )
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -138,8 +139,9 @@ def test_an_option_out_of_its_range_is_refused(
 ) -> None:
     """redis_retries=-1 retried for ever in redis-py's clients and never in the fast lane, a
     negative retry cap retried in a tight loop, a negative health-check interval pinged before
-    every command, an empty queue name made keys like ``{qtasks:}:ready``: each is refused
-    when the component is built, naming the key and what it allows."""
+    every command, an empty queue name made keys like ``{qtasks:}:ready``, a negative number of
+    wait connections was refused only at start: each is refused when the component is built,
+    naming the key and what it allows."""
     with pytest.raises(ConfigError, match=rf"extra\.{key} must be {allowed}, got"):
         component(NOWHERE, options={key: value})
     with pytest.raises(ConfigError, match=rf"extra\.{key} must be {allowed}, got"):
@@ -148,10 +150,16 @@ def test_an_option_out_of_its_range_is_refused(
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("redis_retries", 0), ("redis_retry_cap", 0), ("redis_health_check_interval", 0)],
+    [
+        ("redis_retries", 0),
+        ("redis_retry_cap", 0),
+        ("redis_health_check_interval", 0),
+        ("redis_wait_connections", 0),
+    ],
 )
 def test_zero_is_allowed_where_it_means_none(key: str, value: int) -> None:
-    """No retries, no backoff, no health check: 0 is a choice, not a typo."""
+    """No retries, no backoff, no health check, every wait on the shared watch: 0 is a
+    choice, not a typo."""
     RedisBroker(NOWHERE, options={key: value})
 
 

@@ -82,6 +82,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "redis_health_check_interval": (lambda v: v >= 0, "a number of seconds of 0 or more"),
     # An empty name makes keys such as {qtasks:}:ready, which nothing else would use.
     "redis_queue": (lambda v: v != "", "a non-empty queue name"),
+    # 0 sends every wait through the shared watch; below 0 is no count of connections.
+    "redis_wait_connections": (lambda v: v >= 0, "0 or more"),
 }
 """The options whose value must also be in a range (the predicate), with what is allowed."""
 
@@ -93,7 +95,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     alone; an unknown ``redis_*`` key (a typo such as ``redis_socket_timout``) raises
     :class:`~qtasks.errors.ConfigError` listing the valid ones, rather than being ignored, and
     so does a value out of its range (:data:`RANGES`: a timeout not above 0, a negative retry
-    count, retry cap or health-check interval, an empty queue name)."""
+    count, retry cap, health-check interval or number of wait connections, an empty queue
+    name)."""
     for key, value in options.items():
         if not key.startswith("redis_"):
             continue

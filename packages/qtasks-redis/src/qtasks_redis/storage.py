@@ -28,7 +28,6 @@ from qtasks import stopping
 from qtasks.components import SCAN_BUDGET, GateMessage, RecordPage, RecordQuery
 from qtasks.config import QueueConfig
 from qtasks.errors import (
-    ConfigError,
     InvalidQueryError,
     SerializationError,
     StorageConnectionError,
@@ -196,11 +195,8 @@ class RedisStorage:
         ttl = config.result_ttl
         self._ttl_ms = "" if ttl is None else str(max(int(ttl * 1000), 1))
         options = {**config.extra, **self._options}
-        waits = options.get("redis_wait_connections", _WAIT_CONNECTIONS)
-        if waits < 0:
-            raise ConfigError(f"extra.redis_wait_connections must be 0 or more, got {waits}")
-        self._wait_connections = int(waits)
-        await self._shared.acquire(stack, options)
+        await self._shared.acquire(stack, options)  # checks them (the app's extra is new here)
+        self._wait_connections = int(options.get("redis_wait_connections", _WAIT_CONNECTIONS))
 
     def _require(self) -> Client:
         """The redis-py client (blocking reads of steps; every path when there is no lane)."""
