@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.cli.argtypes import check_argument_types
 from qtasks.cli.group import cli, command
 from qtasks.cli.options import Components, JsonOpt, ShowSecretsOpt
 from qtasks.cli.output import (
@@ -63,7 +64,9 @@ def add(
 ) -> None:
     """Enqueue a task and print its uuid.
 
-    A task the loaded app does not have is refused (exit code 1) unless --force is given.
+    A task the loaded app does not have is refused (exit code 1) unless --force is given, and
+    so is an argument of another JSON type than its parameter's plain annotation (int, float,
+    str, bool, list, dict, X | None).
     With --wait, print its final record instead (secrets masked as in `qtasks get`); the exit
     code is 1 if the task ended in error or was cancelled, or did not finish in time.
     """
@@ -85,6 +88,8 @@ def add(
             raise UnknownTaskError(
                 task, aio.tasks, fix="--force enqueues it for a worker of another app"
             )
+        if task in aio.tasks:  # else (--force) no signature to check against
+            check_argument_types(aio.tasks[task], positional, parsed_kwargs)
         record = await aio.enqueue(task, positional, parsed_kwargs, priority=priority, delay=delay)
         enqueued.append(record.uuid)
         if wait is None:
