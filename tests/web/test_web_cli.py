@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +42,37 @@ def free_port() -> int:
         return port
 
 
-def test_the_command_is_listed_and_refuses_a_public_bind_without_auth(tmp_path: Path) -> None:
+@pytest.fixture
+def shop_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The working directory, holding ``shopapp.py``, for a CLI run in this process. The
+    ``shopapp`` module ``-A shopapp:app`` imports and the directory it puts on ``sys.path`` (for
+    good, as a command does) are gone afterwards: a later test imports its own."""
+    (tmp_path / "shopapp.py").write_text(APP)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # restored when the test ends
+    sys.modules.pop("shopapp", None)  # an earlier one, not this directory's
+    try:
+        yield tmp_path
+    finally:
+        sys.modules.pop("shopapp", None)
+
+
+@pytest.mark.usefixtures("shop_dir")
+def test_the_command_is_listed_and_refuses_a_public_bind_without_auth() -> None:
     runner = CliRunner()
     listed = runner.invoke(cli, ["--help"])
     assert listed.exit_code == 0 and "web" in listed.output
-    (tmp_path / "shopapp.py").write_text(APP)
-    old = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        refused = runner.invoke(cli, ["-A", "shopapp:app", "web", "--host", "0.0.0.0"])
-    finally:
-        os.chdir(old)
+    refused = runner.invoke(cli, ["-A", "shopapp:app", "web", "--host", "0.0.0.0"])
     assert refused.exit_code == 1
     assert "not a loopback address, needs authentication" in refused.output
+
+
+def test_no_app_module_is_left_imported_for_a_later_test() -> None:
+    """Runs after the test above (file order): the ``shopapp`` module ``-A`` imported there,
+    and the directory it put on ``sys.path``, are gone; else a later test's own
+    ``shopapp.py`` (another directory, another app) would get that one."""
+    assert "shopapp" not in sys.modules
+    assert [p for p in sys.path if Path(p, "shopapp.py").exists()] == []
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
