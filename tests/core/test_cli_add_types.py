@@ -106,7 +106,7 @@ def recorded(served: str) -> int:
         ),
         (["square", "2.5"], "task 'square': parameter 'x' expects int, got 2.5 (float)"),
         (["square", "true"], "task 'square': parameter 'x' expects int, got True (bool)"),
-        (["square", "--kwargs", '{"x": null}'], "parameter 'x' expects int, got None (NoneType)"),
+        (["square", "--kwargs", '{"x": null}'], "'square': parameter 'x' expects int, got None"),
         (["scale", "[1]"], "task 'scale': parameter 'x' expects float, got [1] (list)"),
         (["scale", "1", "1.5"], "parameter 'times' expects int | None, got 1.5 (float)"),
         (["scale", "1", "--kwargs", '{"label": 3}'], "'label' expects Optional[str], got 3 (int)"),
@@ -127,6 +127,14 @@ def recorded(served: str) -> int:
         (["pack", "a", "2", "x"], "task 'pack': parameter 'count' expects int, got 'x' (str)"),
         # A parameter named like a secret: its value is not shown.
         (["login", "ann", "hunter2"], "parameter 'password' expects int, got *** (str)"),
+        (
+            ["total", "--kwargs", '{"token": "hunter2"}'],
+            "\"weights['token']\" expects float, got ***",
+        ),
+        (
+            ["greet", "null"],
+            """'name' expects str, got None; to pass it as text, give a JSON string: '"null"'""",
+        ),
     ],
 )
 def test_an_argument_of_the_wrong_json_type_is_refused_before_enqueueing(

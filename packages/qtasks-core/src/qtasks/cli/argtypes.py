@@ -81,34 +81,37 @@ def check_argument_types(task: TaskDef[..., Any], args: list[Any], kwargs: dict[
         accepted = plain_types(param.annotation)
         if accepted is None:
             continue
+        secret = is_secret_key(name)
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
-            given = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+            given = [(f"{name}[{i}]", item, secret) for i, item in enumerate(value)]
         elif param.kind is inspect.Parameter.VAR_KEYWORD:
-            given = [(f"{name}[{key!r}]", item) for key, item in value.items()]
+            given = [
+                (f"{name}[{key!r}]", item, secret or is_secret_key(key))
+                for key, item in value.items()
+            ]
         else:
-            given = [(name, value)]
-        for label, item in given:
+            given = [(name, value, secret)]
+        for label, item, hidden in given:
             if not fits(item, accepted):
-                raise TaskArgumentsError(_refusal(task.name, label, param, item, accepted))
+                where = f"task {task.name!r}: parameter {label!r}"
+                raise TaskArgumentsError(_refusal(where, param, item, accepted, hidden))
 
 
 def _refusal(
-    task: str, label: str, param: inspect.Parameter, value: Any, accepted: tuple[type, ...]
+    where: str, param: inspect.Parameter, value: Any, accepted: tuple[type, ...], secret: bool
 ) -> str:
-    """What is wrong, and how to write it when a different ARG was meant."""
-    secret = is_secret_key(param.name)
-    shown = MASK if secret else reprlib.repr(value)
+    """What is wrong, and how to write the ARG when a different one was meant."""
     annotation = param.annotation
     if get_origin(annotation) is Annotated:  # its metadata is no type
         annotation = get_args(annotation)[0]
-    expected = inspect.formatannotation(annotation)
-    text = f"task {task!r}: parameter {label!r} expects {expected}, got {shown}"
-    text += f" ({type(value).__name__})"
+    text = f"{where} expects {inspect.formatannotation(annotation)}, got "
+    text += MASK if secret else reprlib.repr(value)
+    if value is not None:
+        text += f" ({type(value).__name__})"
     if secret:
         return text
-    if str in accepted:  # a number, true, null...: JSON that was meant as text
-        quoted = json.dumps(json.dumps(value, ensure_ascii=False), ensure_ascii=False)
-        return f"{text}; to pass it as text, give a JSON string: '{reprlib.repr(quoted)[1:-1]}'"
+    if str in accepted and not isinstance(value, list | dict):  # 5, true, null meant as text
+        return f"{text}; to pass it as text, give a JSON string: '{json.dumps(json.dumps(value))}'"
     if isinstance(value, str):
         return f"{text}; an ARG is JSON when it parses (5, 2.5, true, null, [1], {{}}), else text"
     return text
