@@ -119,7 +119,8 @@ async def late_result_after_a_dead_letter_is_requeued(app: AsyncQueueTasks) -> N
     letter is requeued. The reset record keeps the dead letter's token (it was cleared): the
     stalled holder's late result is refused, and the next worker runs the task (before, the
     stale result was stored over the reset record and the requeued message acked unrun).
-    ``app`` is started here and closed."""
+    The reset record holds nothing of the lost run (its ``worker`` and ``started_at`` were
+    kept: a queued task that looked started). ``app`` is started here and closed."""
     runs: list[str] = []
     buried = anyio.Event()
 
@@ -148,6 +149,9 @@ async def late_result_after_a_dead_letter_is_requeued(app: AsyncQueueTasks) -> N
                 None,
                 ended.token,
             )
+            # Queued again: nothing of the lost run is left to make it look started.
+            assert (ended.worker, ended.started_at is None) == ("stalled", False)
+            assert (reset.worker, reset.started_at, reset.traceback) == (None, None, None)
             await settles_late(app, old)
         done = await run_until_done(app, task)
     finally:

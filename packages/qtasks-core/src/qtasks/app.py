@@ -1001,7 +1001,8 @@ class AsyncQueueTasks:
         self, ids: list[str] | None = None, *, force: bool = False
     ) -> int:
         """Put dead letters back in the queue (all when ``ids`` is None) and reset their
-        records to ``new`` (their fencing token kept) so that a worker runs them again.
+        records to ``new`` (their fencing token kept; the last run's result, error, steps,
+        ``worker`` and ``started_at`` cleared) so that a worker runs them again.
         Returns how many.
 
         A dead letter whose task record says ``success`` (a late result came in, or the task
@@ -1028,6 +1029,9 @@ class AsyncQueueTasks:
                 # empty token would let its result or error end the task before it runs again.
                 record.status, record.error = TaskStatus.NEW, None
                 record.returning, record.steps = None, 0  # add() drops the old steps
+                # Queued again: nothing of the lost run (a queued task that looked started).
+                record.worker = record.started_at = record.traceback = None
+                record.cancel_reason = None
                 record.updated_at = time.time()
                 await self.storage.add(record)  # add() replaces: a deliberate reset
             requeue.append(letter.id)
