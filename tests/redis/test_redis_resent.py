@@ -4,7 +4,7 @@ the lane sends each such call twice and drops the first reply, as a lost reply w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -41,19 +41,25 @@ def resend(lane: Any, monkeypatch: pytest.MonkeyPatch, scripts: Iterable[Script]
 
 
 def lose_a_claim_reply(
-    lane: Any, monkeypatch: pytest.MonkeyPatch, lost: list[Any], idle: anyio.Event, grew: int
+    lane: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    lost: list[Any],
+    idle: anyio.Event,
+    grew: int,
+    stride: int = 5,
 ) -> None:
     """Make the first idle claim (a block then the claim, which the lane does not re-send) of
-    ``lane`` whose reply is over ``grew`` elements past a multiple of 5 (1: it leased
-    something; 2: it dead-lettered something, CLAIM_NOTICED) run, then fail as a lost
-    connection would; its reply goes to ``lost``. ``idle`` is set once a consumer blocks."""
+    ``lane`` whose reply is over ``grew`` elements past a multiple of ``stride`` (5: 1, it
+    leased something; 2, it dead-lettered something, CLAIM_NOTICED; 13, CLAIM_BEGIN_WF: 3, it
+    ended a dead letter's record) run, then fail as a lost connection would; its reply goes to
+    ``lost``. ``idle`` is set once a consumer blocks."""
     assert isinstance(lane, Lane)
     real = lane.block_then_script
 
     async def reply_lost(*args: Any, **kwargs: Any) -> Any:
         idle.set()
         reply = await real(*args, **kwargs)
-        if not lost and len(reply) > 1 and len(reply) % 5 == grew:
+        if not lost and len(reply) > 1 and len(reply) % stride == grew:
             lost.append(reply)
             raise RedisConnectionError("Connection closed by server.")
         return reply
@@ -176,6 +182,39 @@ async def test_a_blocking_claim_whose_reply_was_lost_is_made_again_with_its_nonc
     assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)
 
 
+async def dead_letter_with_its_claim_reply_lost(
+    broker: RedisBroker,
+    it: AsyncIterator[Any],
+    lost: list[Any],
+    publish: Callable[[str, bytes], Awaitable[None]],
+) -> None:
+    """``it`` (consuming ``broker``, limit 1, a claim reply that dead-letters to be lost)
+    takes ``m1`` (published with ``publish``) and never settles it; its next claim, once the
+    lease ran out, dead-letters it and its reply is lost; then ``m2`` is published and taken
+    by a claim made after the lost one, and acked."""
+    await publish("m1", b"x")
+    with anyio.fail_after(5):
+        first = await it.__anext__()  # never settled: its lease runs out
+    assert (first.id, first.attempt) == ("m1", 1)
+    got: list[Any] = []
+
+    async def take() -> None:
+        got.append(await it.__anext__())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)  # its claim, once the lease ran out, dead-letters m1
+        with anyio.fail_after(5):
+            while not lost:  # noqa: ASYNC110 - no event for it
+                await anyio.sleep(0.01)
+        await publish("m2", b"y")  # taken by a claim after the lost one
+        with anyio.fail_after(5):
+            while not got:  # noqa: ASYNC110 - no event for it
+                await anyio.sleep(0.01)
+    assert [d.id for d in got] == ["m2"]
+    assert await got[0].ack()
+    assert (await broker.stats()).dead_letters == 1
+
+
 async def test_a_claim_whose_reply_was_lost_still_tells_what_it_dead_lettered(
     redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,26 +231,39 @@ async def test_a_claim_whose_reply_was_lost_still_tells_what_it_dead_lettered(
     async def notice(id: str, reason: str) -> None:
         buried.append(id)
 
-    await broker.publish(Envelope("m1", b"x"))
+    async def publish(id: str, body: bytes) -> None:
+        await broker.publish(Envelope(id, body))
+
     async with broker.consume_noticing(prefetch=1, buried=notice) as it:
-        with anyio.fail_after(5):
-            first = await it.__anext__()  # never settled: its lease runs out
-        assert (first.id, first.attempt) == ("m1", 1)
-        got: list[Any] = []
-
-        async def take() -> None:
-            got.append(await it.__anext__())
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(take)  # its claim, once the lease ran out, dead-letters m1
-            with anyio.fail_after(5):
-                while not lost:  # noqa: ASYNC110 - no event for it
-                    await anyio.sleep(0.01)
-            await broker.publish(Envelope("m2", b"y"))  # taken by a claim after the lost one
-            with anyio.fail_after(5):
-                while not got:  # noqa: ASYNC110 - no event for it
-                    await anyio.sleep(0.01)
-        assert [d.id for d in got] == ["m2"]
-        assert await got[0].ack()
+        await dead_letter_with_its_claim_reply_lost(broker, it, lost, publish)
     assert buried == ["m1"]
-    assert (await broker.stats()).dead_letters == 1
+
+
+async def test_a_claim_whose_reply_was_lost_still_carries_the_records_it_ended(
+    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that begins records (:class:`~qtasks.components.BeginOnClaim`) dead-letters a
+    message past its delivery limit and ends its record, and its reply is lost: the claim
+    made again with its nonce carries that record again, so that ``ended`` (the worker's
+    ``qtasks_task_dead_lettered``) gets it, once. Before, the repeat found the record final
+    already and said nothing: the hook never fired for it."""
+    storage = RedisStorage(redis_url, prefix=prefix)
+    await storage.start(stack, QueueConfig())
+    broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=0.3)
+    await broker.start(stack, QueueConfig(max_deliveries=1))
+    lost: list[Any] = []
+    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, anyio.Event(), 3, 13)
+    ended: list[TaskRecord] = []
+
+    async def end(record: TaskRecord) -> None:
+        ended.append(record)
+
+    async def publish(id: str, body: bytes) -> None:
+        await storage.add(TaskRecord(uuid=id, task_name="job"))
+        await broker.publish(Envelope(id, body))
+
+    async with broker.consume_begun(
+        prefetch=1, storage=storage, worker="w", starts=lambda: 1, ended=end
+    ) as it:
+        await dead_letter_with_its_claim_reply_lost(broker, it, lost, publish)
+    assert [(r.uuid, r.status, r.token) for r in ended] == [("m1", TaskStatus.ERROR, "dead-letter")]

@@ -618,7 +618,8 @@ class BeginOnClaim(Protocol):
         reason>"`` and the token ``"dead-letter"``, its waiters woken: a task whose every
         delivery was lost (its worker killed each time) ends, rather than staying ``process``.
         ``ended``, when given, is then awaited with each record a claim so ended, as the claim
-        stored it, once, before the consumer goes on (the worker fires
+        stored it, once (also when a claim whose reply was lost is made again: the repeat
+        carries the records its first run ended), before the consumer goes on (the worker fires
         ``qtasks_task_dead_lettered``); not for a message without a record nor one whose
         record was final already (its last worker ended it, and fired the hook). Ended by a
         claim made while the consumer is being closed, it is awaited before the context

@@ -18,7 +18,8 @@ script touches one Redis Cluster slot and declares every key it uses):
 
 and, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
 the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
-``[[id, ...], [dead id, reason, ...]]``; the tokens are ``<nonce>.<n>``), for a lease at most
+``[[id, ...], [dead id, reason, ended, ...]]``, ``ended`` 1 when ``on_dead`` said it ended the
+dead letter's record, else 0; the tokens are ``<nonce>.<n>``), for a lease at most
 (the consumer's next claim that leases or dead-letters overwrites it), so that the call re-sent
 after a lost reply hands those back, and names those dead letters again, rather than leasing
 more (see ``CLAIM_BODY``).
@@ -219,7 +220,7 @@ local now = now_ms()
 -- A call re-sent after its reply was lost (the lane or redis-py retries it, or the consumer
 -- claims again with its nonce): its first run leased messages under this nonce and wrote them
 -- as this consumer's last claim, with the messages it dead-lettered. Hand back those it still
--- holds, name the dead letters again (on_dead: their records are ended, or were) and lease
+-- holds, name the dead letters again (on_dead, told it is a repeat) and lease
 -- nothing more (before, they were leased to nobody until the lease ended, a delivery burnt
 -- each, and the dead letters went untold). One key per consumer, overwritten by its next
 -- claim: a GET per claim and a SET per claim that leased or dead-lettered, whatever the count.
@@ -240,7 +241,8 @@ if last and string.sub(last, 1, #nonce + 1) == nonce .. ' ' then
       on_claim(id, body, token, out)
     end
   end
-  for i = 1, #before[2], 2 do on_dead(before[2][i], before[2][i + 1]) end
+  -- Told again, as a repeat (the third argument: whether the first run ended the record).
+  for i = 1, #before[2], 3 do on_dead(before[2][i], before[2][i + 1], before[2][i + 2] == 1) end
   count = 0  -- nothing more: the rest finds nothing to do, and the reply ends as any other
 end
 -- Earliest delayed and lease deadlines: promote only when one is due.
@@ -287,9 +289,11 @@ while n < count and not empty and not alone do
         local reason = 'delivery limit reached: delivered ' .. (attempt - 1) ..
           ' times without being settled (max_deliveries=' .. maxd .. ')'
         dead(id, body, reason, prio, attempt, now, ARGV[#ARGV - 1], ARGV[#ARGV])
+        local opened, ended = on_dead(id, reason)
         dead_lettered[#dead_lettered + 1] = id
         dead_lettered[#dead_lettered + 1] = reason
-        if on_dead(id, reason) then
+        dead_lettered[#dead_lettered + 1] = ended and 1 or 0
+        if opened then
           -- It published (a workflow's error callback): pop again, so this claim takes it
           -- or leaves its wake-up for another consumer, and the next deadline counts it.
           empty, published = false, true
@@ -336,9 +340,13 @@ end
 return out
 """
 """The claim loop, after a prelude that defines ``on_claim(id, body, token, out)``: called for
-every claimed message, it may append fields of its own to ``out``; and ``on_dead(id,
-reason)``: called for every message it dead-letters, returning true when it published a
-message itself (the loop then pops the ready set again)."""
+every claimed message, it may append fields of its own to ``out``; and ``on_dead(id, reason,
+again)``: called for every message it dead-letters (``again`` nil), returning two values:
+true when it published a message itself (the loop then pops the ready set again), and true
+when it ended the message's record. A call re-sent after its reply was lost calls it again
+for the messages its first run dead-lettered, ``again`` saying whether that run ended the
+record: what it tells in its reply must be told again (the first reply is lost), but nothing
+done twice."""
 
 CLAIM = Script(
     PRELUDE

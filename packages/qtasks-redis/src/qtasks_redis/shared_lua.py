@@ -252,13 +252,25 @@ end
 -- its last delivery began ('process': that run was lost with its worker) keeps when that run
 -- began as 'b' (its started_at, read with 'e'), else has none. The fields of each record so
 -- ended, {d, s, t, cr, u, n, a, w, e, b}, are appended to ENDED (the reply of CLAIM_BEGIN_WF
--- carries them: the worker fires the dead-letter hook).
+-- carries them: the worker fires the dead-letter hook). Returns false (it publishes nothing)
+-- and whether it ended the record. Again (a claim re-sent after its reply was lost), it
+-- writes nothing: a record the first run ended (``again`` true) is appended to ENDED as
+-- stored, while it is still that dead letter's end, since the reply that carried it was lost.
 local ENDED = {}
-local function on_dead(id, reason)
+local function append_ended(rec)
+  local fields = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'e', 'b')
+  for i = 1, 10 do ENDED[#ENDED + 1] = fields[i] end
+end
+local function on_dead(id, reason, again)
   local rec = REC_PREFIX .. id
+  if again ~= nil then
+    local now = redis.call('HMGET', rec, 's', 't')
+    if again and now[1] == 'error' and now[2] == 'dead-letter' then append_ended(rec) end
+    return false, false
+  end
   local was = redis.call('HMGET', rec, 's', 'u')
   local status = was[1]
-  if not status or FINAL[status] then return end
+  if not status or FINAL[status] then return false, false end
   local updated, now = updated_at(), now_ms()
   redis.call('HSET', rec, 's', 'error', 't', 'dead-letter', 'e', 'dead-lettered: ' .. reason,
              'u', updated)
@@ -286,8 +298,8 @@ local function on_dead(id, reason)
     redis.call('XADD', steps, '*', 'k', 'e')
     if TTL then redis.call('PEXPIRE', steps, TTL) else redis.call('PERSIST', steps) end
   end
-  local fields = redis.call('HMGET', rec, 'd', 's', 't', 'cr', 'u', 'n', 'a', 'w', 'e', 'b')
-  for i = 1, 10 do ENDED[#ENDED + 1] = fields[i] end
+  append_ended(rec)
+  return false, true
 end
 """
     + broker_lua.CLAIM_BODY

@@ -540,21 +540,21 @@ local CLAIM_PUBLISHED = {{}}
 -- was sent). Returns whether it published (CLAIM_BODY then pops the ready set again: before,
 -- a claim that had popped it short deleted the callback's wake-up, and the callback waited
 -- for an idle consumer's next claim, up to min(lease, 5 s)).
-local function on_dead(id, reason)
+local function on_dead(id, reason, repeated)
   local rec = TAG .. ':r:' .. id
   local was = redis.call('HGET', rec, 's')
   local again = was == 'error' and redis.call('HGET', rec, 't') == 'dead-letter'
-  record_dead(id, reason)
-  if not was or (FINAL[was] and not again) then return end
+  local _, ended = record_dead(id, reason, repeated)
+  if not was or (FINAL[was] and not again) then return false, ended end
   local ok, d = pcall(cjson.decode, redis.call('HGET', rec, 'd') or '')
-  if not ok or type(d) ~= 'table' then return end
+  if not ok or type(d) ~= 'table' then return false, ended end
   local w, task = d.workflow, d.task_name
   if d[1] == 1 or d[1] == 2 then w, task = d[#d], d[3] end
-  if type(w) ~= 'string' then return end
+  if type(w) ~= 'string' then return false, ended end
   local err = 'member ' .. id .. ' (' .. tostring(task) .. ') error: dead-lettered: ' .. reason
   local before = #CLAIM_PUBLISHED
   publish_opened(w, member_done(w, id, 'error', err, TTL), CLAIM_PUBLISHED, again)
-  return #CLAIM_PUBLISHED > before
+  return #CLAIM_PUBLISHED > before, ended
 end
 """
     # When it published or ended anything, two elements go last (the reply is otherwise a
