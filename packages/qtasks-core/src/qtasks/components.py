@@ -60,7 +60,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
 from qtasks.config import QueueConfig
 from qtasks.errors import InvalidQueryError
@@ -91,6 +91,10 @@ class BrokerStats:
     delayed: int = 0
     in_flight: int = 0
     dead_letters: int = 0
+
+
+Counting = Literal["reset", "kept", "earlier"]
+"""What :meth:`Delivery.requeue` keeps of the message's delivery count (see there)."""
 
 
 class Delivery(Protocol):
@@ -139,11 +143,26 @@ class Delivery(Protocol):
         """Give up on the message: move it to the dead-letter queue with ``reason``."""
         ...
 
-    async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
+    async def requeue(
+        self, *, delay: float | None = None, body: bytes | None = None, count: Counting = "reset"
+    ) -> bool:
         """Hand the message back, optionally replacing its body, due after ``delay`` seconds.
 
-        A requeue is deliberate (retry, graceful shutdown), so it resets ``attempt`` to 0: the
-        next delivery has ``attempt == 1``.
+        ``count`` says what the delivery count (``attempt``, which the delivery limit reads)
+        keeps:
+
+        * ``"reset"``: a deliberate requeue (a retry, a component's failure counted in the
+          body): the count starts over, the next delivery has ``attempt == 1``.
+        * ``"kept"``: a run a stopping worker interrupted: this delivery counts as one not
+          settled, the next has ``attempt + 1``; a message that keeps stopping its workers
+          reaches the limit and is dead-lettered, as one that keeps killing them does.
+        * ``"earlier"``: held and never begun, handed back by a stopping worker: this
+          delivery is taken back, the ones before it still count; the next has this
+          ``attempt``. A message only waiting is not charged, and a graceful stop does not
+          wipe the deliveries lost with earlier holders.
+
+        A broker written before ``count`` existed takes no such keyword: the worker then
+        calls it without (a reset).
         """
         ...
 
@@ -1155,6 +1174,14 @@ def takes_keyword(component: object, method: str, keyword: str) -> bool:
             known = any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in params)
         _TAKES[key] = known
     return known
+
+
+async def requeue_counting(delivery: Delivery, count: Counting) -> bool:
+    """``delivery.requeue(count=count)``; plain ``delivery.requeue()`` (a reset) for a
+    broker written before ``count`` existed (see :meth:`Delivery.requeue`)."""
+    if takes_keyword(delivery, "requeue", "count"):
+        return await delivery.requeue(count=count)
+    return await delivery.requeue()
 
 
 def plain_overridden(kind: type, plain: str, capability: str) -> bool:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiormq.abc import DeliveredMessage
 
+from qtasks.components import Counting
 from qtasks_rabbitmq.wire import settle
 
 if TYPE_CHECKING:
@@ -117,12 +118,16 @@ class RabbitMQDelivery:
             lambda: publisher.bury(self._id, self.body, self._priority, self._attempt, reason)
         )
 
-    async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
+    async def requeue(
+        self, *, delay: float | None = None, body: bytes | None = None, count: Counting = "reset"
+    ) -> bool:
         publisher = self._consumer.publisher
         eta = time.time() + delay if delay else None
+        # The copy carries the deliveries counted so far (see hand_back).
+        deliveries = {"reset": 0, "kept": self._attempt, "earlier": self._attempt - 1}[count]
         return await self._then_finish(
             lambda: publisher.send(
-                self._id, self.body if body is None else body, self._priority, 0, eta
+                self._id, self.body if body is None else body, self._priority, deliveries, eta
             )
         )
 

@@ -35,6 +35,7 @@ from qtasks import stopping
 from qtasks.components import (
     BrokerStats,
     Buried,
+    Counting,
     DeadLetter,
     Delivery,
     Ended,
@@ -192,11 +193,13 @@ class RedisDelivery:
     async def nack(self, reason: str) -> bool:
         return await self._settle(lua.NACK, reason, *self._broker._retention)
 
-    async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
+    async def requeue(
+        self, *, delay: float | None = None, body: bytes | None = None, count: Counting = "reset"
+    ) -> bool:
         delay_ms = "" if not delay else str(max(int(delay * 1000), 1))
         if body is None:
-            return await self._settle(lua.REQUEUE, delay_ms, "0", b"")
-        return await self._settle(lua.REQUEUE, delay_ms, "1", body)
+            return await self._settle(lua.REQUEUE, delay_ms, "0", b"", count)
+        return await self._settle(lua.REQUEUE, delay_ms, "1", body, count)
 
     async def extend(self) -> bool:
         deadline = time.monotonic() + self._broker._lease_ms / 1000

@@ -395,13 +395,18 @@ return 1
 REQUEUE = Script(
     PRELUDE
     + r"""
--- ARGV: id, token, delay_ms ('' for none), replace_body ('1'/'0'), body
+-- ARGV: id, token, delay_ms ('' for none), replace_body ('1'/'0'), body, count ('reset',
+-- 'kept' or 'earlier': what the delivery count keeps, see Delivery.requeue; none: 'reset')
 local id = ARGV[1]
 if not valid(id, ARGV[2]) then return 0 end
 local now = now_ms()
 redis.call('ZREM', K_INFLIGHT, id)
 redis.call('HDEL', K_TOK, id)
-redis.call('HSET', K_ATT, id, 0)
+if ARGV[6] == 'earlier' then
+  redis.call('HINCRBY', K_ATT, id, -1)
+elseif ARGV[6] ~= 'kept' then
+  redis.call('HSET', K_ATT, id, 0)
+end
 if ARGV[4] == '1' then redis.call('HSET', K_BODY, id, ARGV[5]) end
 local delay = tonumber(ARGV[3])
 local eta = false

@@ -23,6 +23,7 @@ import anyio
 from qtasks.components import (
     BrokerStats,
     Buried,
+    Counting,
     DeadLetter,
     Delivery,
     Ended,
@@ -131,11 +132,16 @@ class MemoryDelivery:
         self._broker._dead(entry, reason)
         return True
 
-    async def requeue(self, *, delay: float | None = None, body: bytes | None = None) -> bool:
+    async def requeue(
+        self, *, delay: float | None = None, body: bytes | None = None, count: Counting = "reset"
+    ) -> bool:
         entry = self._broker._settle(self._token)
         if entry is None:
             return False
-        entry.attempt = 0
+        if count == "reset":
+            entry.attempt = 0
+        elif count == "earlier":
+            entry.attempt -= 1
         if body is not None:
             entry.body = body
         self._broker._schedule(entry, self._broker._clock() + delay if delay else None)

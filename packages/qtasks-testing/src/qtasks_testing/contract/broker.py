@@ -581,6 +581,38 @@ class BrokerContract(ContractSuite):
                 1,
             )
 
+    @pytest.mark.anyio
+    async def test_a_stopping_workers_requeue_keeps_the_lost_deliveries(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        """A stopping worker's hand-back does not wipe the deliveries lost before it (a
+        message that killed workers must still reach its limit): ``count="earlier"`` (held,
+        never begun) takes back only this delivery, ``count="kept"`` (a run the stop
+        interrupted) counts it, so a message that keeps stopping its workers is
+        dead-lettered at the limit like one that keeps killing them."""
+        limit, lease = contract_config.max_deliveries, contract_config.lease
+        assert limit == 3, "written for the suite's max_deliveries=3"
+        sent = envelope()
+        await broker.publish(sent)
+        async with consuming(broker) as consumer:
+            await consumer.next(timeout=2)  # never settled: lost with its holder
+            lost_once = await consumer.next(timeout=lease * 2 + self.timing_slack)
+            assert lost_once.attempt == 2
+            assert await lost_once.requeue(count="earlier") is True
+            held = await consumer.next(timeout=1 + self.timing_slack, what="the hand-back")
+            assert (held.id, held.attempt) == (sent.id, 2)
+            assert await held.requeue(count="kept") is True
+            last = await consumer.next(timeout=1 + self.timing_slack, what="the hand-back")
+            assert (last.id, last.attempt) == (sent.id, limit)
+            assert await last.requeue(count="kept") is True
+
+            async def dead() -> list[DeadLetter]:
+                return [d for d in await broker.dead_letters() if d.id == sent.id]
+
+            letters = await wait_until(dead, timeout=2 + self.timing_slack, what="the dead letter")
+            assert await consumer.none_within(0.2) is None
+        assert str(limit) in letters[0].reason, letters[0].reason
+
     # --- leases ---------------------------------------------------------------------------
 
     @pytest.mark.anyio
