@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks import poison
 from qtasks.cancels import culprit, is_error, is_stray, shielded, stray_error
-from qtasks.components import Delivery, delivery_limit
+from qtasks.components import Delivery, delivery_limit, requeue_counting
 from qtasks.errors import (
     LeaseLostError,
     PermanentError,
@@ -191,7 +191,8 @@ class Settlement:
             await refused(app, record, delivery, delivery)
             return
         await self._flow.hand_back(app, delivery.token, run.abandoned)
-        await delivery.requeue()
+        # Counted: a message whose runs keep stopping their workers reaches its limit.
+        await requeue_counting(delivery, "kept")
         await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=None)
 
     async def settle_alone(self, app: AsyncQueueTasks, run: TaskRun, delivery: Delivery) -> None:

@@ -39,6 +39,7 @@ from qtasks.components import (
     Delivery,
     HeartbeatEnd,
     LeaseBatch,
+    requeue_counting,
 )
 from qtasks.errors import (
     SerializationError,
@@ -497,7 +498,8 @@ class QueueWorker:
                 log.warning("could not requeue the record of %s: %r", delivery.id, exc)
         try:
             await self._flow.hand_back(app, delivery.token)  # its slot, before it comes back
-            await delivery.requeue()
+            # Never begun: this delivery is not charged, those lost before it still count.
+            await requeue_counting(delivery, "earlier")
         except Exception as exc:
             # The broker is out (a Redis requeue retries until the lease ends): the
             # message comes back after its lease, and the shutdown goes on, running tasks
