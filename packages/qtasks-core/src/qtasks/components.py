@@ -219,7 +219,16 @@ class Broker(Protocol):
     def consume(self, *, prefetch: int) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
         """Open a consumer. Iterating yields deliveries as they become due, blocking (not
         polling) while there are none. When the context exits, messages delivered to it and
-        not yet settled are handed back at once."""
+        not yet settled are handed back at once.
+
+        **Demand** (optional). A broker whose ``consume`` (and ``consume_noticing``,
+        ``consume_begun``) also takes the keyword ``wanted: Callable[[], int]`` is given it
+        when the worker adapts its prefetch (:mod:`qtasks.hold`): ``wanted()`` is how many
+        messages the worker would take now (its free slots, and what it holds beyond them);
+        the consumer then holds at most ``min(prefetch, wanted())`` undelivered messages
+        (none when it is 0 or less), asked again before each claim (or each change of what it
+        lets the server push); a claim the worker asks for takes at least one. A broker
+        without the keyword is given none and keeps ``prefetch``."""
         ...
 
     async def cancel(self, id: str) -> bool:

@@ -49,6 +49,7 @@ from qtasks.errors import (
 )
 from qtasks.executor import TaskExecutor, TaskRun
 from qtasks.flow import ADMIT_HEADERS, FlowGate
+from qtasks.hold import Hold
 from qtasks.leases import LeaseKeeper
 from qtasks.memory import EventFactory, _Signal
 from qtasks.outage import Outage
@@ -127,6 +128,8 @@ class QueueWorker:
         """The waits of the stop that the grace period bounds (cancelled by :meth:`hurry`)."""
         self._clock = StopClock()
         """The stop's deadline, which every wait of the stop on a backend ends by."""
+        self._hold = Hold(0, adaptive=False)
+        """How many messages this run holds beyond its free slots (:mod:`qtasks.hold`)."""
 
     @property
     def running(self) -> int:
@@ -248,7 +251,19 @@ class QueueWorker:
         prefetch = (
             self._prefetch if self._prefetch is not None else config.prefetch_for(concurrency)
         )
-        capacity = concurrency + prefetch
+        # With the default prefetch it is held only while runs are short (qtasks.hold).
+        hold = Hold(prefetch, adaptive=self._prefetch is None and config.prefetch is None)
+        self._hold = hold
+
+        def wanted() -> int:
+            """How many messages the worker would take now: its free slots, and what it holds
+            beyond them (see :meth:`qtasks.components.Broker.consume`)."""
+            return concurrency + hold.now - self._held
+
+        def demand(method: Any) -> dict[str, Any]:
+            """``wanted=`` for a consume method that takes it, when the hold adapts."""
+            return {"wanted": wanted} if hold.adaptive and _takes(method, "wanted") else {}
+
         self._held = 0
         self._free = concurrency
         slot_freed = _Signal()
@@ -273,6 +288,7 @@ class QueueWorker:
                 told["ended"] = partial(poison.dead_lettered, app)
             else:
                 consumer_tells = False
+            told.update(demand(broker.consume_begun))
             consumer = broker.consume_begun(
                 prefetch=prefetch,
                 storage=app.storage,
@@ -284,9 +300,11 @@ class QueueWorker:
         elif isinstance(broker, BuryNotice):
             # The broker dead-letters on its own: the worker ends those records.
             buried = partial(poison.buried, app)
-            consumer = broker.consume_noticing(prefetch=prefetch, buried=buried)
+            consumer = broker.consume_noticing(
+                prefetch=prefetch, buried=buried, **demand(broker.consume_noticing)
+            )
         else:
-            consumer = broker.consume(prefetch=prefetch)
+            consumer = broker.consume(prefetch=prefetch, **demand(broker.consume))
             consumer_tells = False
         settler = self._settlement.open_batch(app, concurrency)
         self._settlement.noticing = consumer_tells
@@ -319,10 +337,13 @@ class QueueWorker:
                                 )
                                 continue
                             self._free -= 1
+                            took = time.monotonic() if hold.adaptive else 0.0
                             try:
                                 await self._process(app, delivery, scope)
                             finally:
                                 self._free += 1
+                                if took:
+                                    hold.ran(time.monotonic() - took)
                         finally:
                             self._held -= 1
                             slot_freed.fire()
@@ -348,7 +369,7 @@ class QueueWorker:
             async def receive() -> None:
                 iterator = deliveries.__aiter__()
                 while True:
-                    while self._held >= capacity:
+                    while self._held >= concurrency + hold.now:
                         await slot_freed.wait(None)
                     delivery = await iterator.__anext__()
                     self._held += 1

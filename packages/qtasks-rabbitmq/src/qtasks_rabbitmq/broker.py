@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Self
@@ -282,23 +282,24 @@ class RabbitMQBroker:
     # consuming
 
     def consume(
-        self, *, prefetch: int
+        self, *, prefetch: int, wanted: Callable[[], int] | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[RabbitMQDelivery]]:
         """Open a consumer that holds at most ``prefetch`` messages (at least 1) beyond those it
         handed out and that are not settled yet (``basic.qos``, adjusted when what was handed
-        out moved far enough: see :mod:`qtasks_rabbitmq.consumer`)."""
-        return self._consume(prefetch, None)
+        out moved far enough: see :mod:`qtasks_rabbitmq.consumer`); on a classic queue at
+        most ``wanted()`` too, when given (a quorum queue's qos is fixed when it consumes)."""
+        return self._consume(prefetch, None, wanted)
 
     def consume_noticing(
-        self, *, prefetch: int, buried: Buried
+        self, *, prefetch: int, buried: Buried, wanted: Callable[[], int] | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[RabbitMQDelivery]]:
         """:meth:`consume`, awaiting ``buried(id, reason)`` for each message the consumer
         dead-letters past ``max_deliveries`` (see :class:`~qtasks.components.BuryNotice`)."""
-        return self._consume(prefetch, buried)
+        return self._consume(prefetch, buried, wanted)
 
     @asynccontextmanager
     async def _consume(
-        self, prefetch: int, buried: Buried | None
+        self, prefetch: int, buried: Buried | None, wanted: Callable[[], int] | None = None
     ) -> AsyncIterator[AsyncIterator[RabbitMQDelivery]]:
         session = self._session()
         link = session.link
@@ -311,6 +312,7 @@ class RabbitMQBroker:
             max_running=self._max_running,
             max_deliveries=self._max_deliveries,
             buried=buried,
+            wanted=wanted,
         )
         link.register(consumer.key, consumer.reopen, consumer.healthy)
         session.consumers[consumer.key] = consumer

@@ -13,6 +13,9 @@ A received message is settled once: after its ack (a copy or dead letter publish
 nothing nacks it, whatever follows (the worker's notice of a dead letter, :meth:`Consumer.tell`).
 The channel's state (:class:`~qtasks_rabbitmq.apart.ChannelState`) is shared with keeping a
 suspect apart.
+
+Over ~500 lines: one consumer whose receive path, lease and qos loops and reopen share its
+channel state; the suspect's keeping apart is already in :mod:`qtasks_rabbitmq.apart`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 import time
 import uuid as uuid_mod
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Self, cast
 
 import aiormq
@@ -66,6 +69,7 @@ class Consumer:
         max_running: int,
         max_deliveries: int,
         buried: Buried | None = None,
+        wanted: Callable[[], int] | None = None,
     ) -> None:
         self.link = link
         self.buried = buried
@@ -73,6 +77,10 @@ class Consumer:
         self.published = published
         self.topology = publisher.topology
         self.prefetch = max(prefetch, 1)
+        self.wanted = wanted
+        """How many messages the worker would take now (see
+        :meth:`qtasks.components.Broker.consume`): fewer at hand than ``prefetch`` when it
+        wants fewer (:meth:`ahead`)."""
         self.lease = lease
         self.max_running = max_running
         self.max_deliveries = max_deliveries
@@ -87,7 +95,6 @@ class Consumer:
         )
         self.qos = 0
         self.dynamic = self.topology.queue_type == "classic"
-        self.slack = (self.prefetch - 1) // 2
         self._qos_wanted = asyncio.Event()
         self._qos_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -136,17 +143,32 @@ class Consumer:
     # background only when what the worker holds moved it out of that band, and then to the
     # band's middle, so a worker taking and settling one at a time, whose holding goes up and
     # down by one, sends none: kept exact, it cost a round trip every few tasks (issue 21).
+    # ``prefetch`` there is :meth:`ahead`: fewer when the worker wants fewer (its runs are
+    # long, qtasks.hold), the band then narrower (none at 1 or 2).
     # RabbitMQ applies a changed global limit at once; a lowered one goes out after the
     # settle that called for it, so RabbitMQ may first fill the window the old one left
     # (sent before, it would make the settle wait for the server's answer). Quorum queues
     # refuse global qos and per-consumer qos is fixed at basic.consume, so there it is
     # ``prefetch`` plus ``max_tasks_process`` (what a worker may hold running).
 
+    def ahead(self) -> int:
+        """How many messages to keep at hand beyond those handed out: ``prefetch`` (at least
+        1), or what the worker wants when that is fewer (none when it wants none)."""
+        wanted = self.wanted
+        if wanted is None:
+            return self.prefetch
+        want = wanted()
+        if want >= self.prefetch:
+            return self.prefetch
+        return want if want > 0 else 0
+
     def take(self, delivery: RabbitMQDelivery) -> None:
         delivery.lease_until = time.monotonic() + self.lease
         self.state.held[delivery.token] = delivery
-        if self.dynamic and self.qos < len(self.state.held) + self.prefetch - self.slack:
-            self._qos_wanted.set()
+        if self.dynamic:
+            ahead = self.ahead()
+            if self.qos < len(self.state.held) + ahead - _slack(ahead):
+                self._qos_wanted.set()
 
     async def _lease_loop(self) -> None:
         """RabbitMQ holds an unacked message until its channel closes; the contract's lease is
@@ -164,7 +186,7 @@ class Consumer:
         held = self.state.held
         if held.pop(token, None) is None or not self.dynamic:
             return
-        if self.qos > len(held) + self.prefetch:
+        if self.qos > len(held) + self.ahead():
             self._qos_wanted.set()
 
     async def _qos_loop(self) -> None:
@@ -173,13 +195,17 @@ class Consumer:
             self._qos_wanted.clear()
             if self.state.closing:
                 return
-            most = len(self.state.held) + self.prefetch
+            ahead = self.ahead()
+            most = len(self.state.held) + ahead
             channel = self.state.channel
             if channel is None or channel.is_closed or not self.dynamic:
                 continue
-            if most - self.slack <= self.qos <= most:
+            slack = _slack(ahead)
+            if most - slack <= self.qos <= most:
                 continue
-            target = most - self.slack // 2
+            target = max(most - slack // 2, 1)  # 0 would be no limit at all
+            if target == self.qos:
+                continue
             # Shielded: aiormq closes a channel whose RPC is cancelled mid-flight. Its outcome
             # is read even when this loop is cancelled first (the consumer's close).
             rpc = asyncio.ensure_future(channel.set_qos(prefetch_count=target, global_=True))
@@ -208,7 +234,7 @@ class Consumer:
         channel = await connection.channel(publisher_confirms=False)
         self.state.held.clear()  # deliveries of the old channel are stale now
         if self.dynamic:
-            self.qos = self.prefetch
+            self.qos = max(self.ahead(), 1)
             await channel.set_qos(prefetch_count=self.qos, global_=True)
         else:
             self.qos = self.prefetch + self.max_running
@@ -492,3 +518,9 @@ async def _settle_with(message: DeliveredMessage, publish: Awaitable[None]) -> N
     fails (nothing is settled then)."""
     await publish
     await _ack(message)
+
+
+def _slack(ahead: int) -> int:
+    """How far below ``held + ahead`` the qos may stay before it is raised (about half of
+    ``ahead``, none for 2 or fewer)."""
+    return (ahead - 1) // 2 if ahead > 1 else 0

@@ -565,16 +565,20 @@ class RedisBroker:
         return [saved == 1 for saved in reply[:n]], begun
 
     def consume(
-        self, *, prefetch: int
+        self, *, prefetch: int, wanted: Callable[[], int] | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
-        return self._consume(prefetch, lua.CLAIM, self.keys, (), None, None, None)
+        """See :meth:`qtasks.components.Broker.consume`: each claim takes up to ``prefetch``
+        messages, and up to ``wanted()`` when given."""
+        return self._consume(prefetch, lua.CLAIM, self.keys, (), None, None, None, wanted=wanted)
 
     def consume_noticing(
-        self, *, prefetch: int, buried: Buried
+        self, *, prefetch: int, buried: Buried, wanted: Callable[[], int] | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
         """:meth:`consume`, awaiting ``buried(id, reason)`` for each message a claim
         dead-letters past ``max_deliveries`` (see :class:`~qtasks.components.BuryNotice`)."""
-        return self._consume(prefetch, lua.CLAIM_NOTICED, self.keys, (), None, None, None, buried)
+        return self._consume(
+            prefetch, lua.CLAIM_NOTICED, self.keys, (), None, None, None, buried, wanted=wanted
+        )
 
     def consume_begun(
         self,
@@ -585,6 +589,7 @@ class RedisBroker:
         starts: Callable[[], int],
         published: Callable[[Sequence[str]], None] | None = None,
         ended: Ended | None = None,
+        wanted: Callable[[], int] | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
         """:meth:`consume`, beginning in the same script the records of the claimed messages
         that start at once (``starts()``, asked at each claim); see
@@ -599,7 +604,15 @@ class RedisBroker:
         extra = (redis_storage.key_tag, worker, redis_storage.ttl_ms)
         claim = workflow_lua.CLAIM_BEGIN_WF  # CLAIM_BEGIN, failing the workflows of dead members
         return self._consume(
-            prefetch, claim, keys, extra, redis_storage, starts, published, ended=ended
+            prefetch,
+            claim,
+            keys,
+            extra,
+            redis_storage,
+            starts,
+            published,
+            ended=ended,
+            wanted=wanted,
         )
 
     @asynccontextmanager
@@ -615,6 +628,7 @@ class RedisBroker:
         notice: Buried | None = None,
         *,
         ended: Ended | None = None,
+        wanted: Callable[[], int] | None = None,
     ) -> AsyncIterator[AsyncIterator[RedisDelivery]]:
         client = self._require()
         held: dict[str, str] = {}  # token -> id, delivered to this consumer and not settled
@@ -655,16 +669,22 @@ class RedisBroker:
         async def claim(
             block: float | None, due: bool
         ) -> tuple[list[RedisDelivery], float | None, bool]:
-            """Claim up to ``count`` (after blocking up to ``block`` seconds for a wake-up;
-            ``due``: ``block`` ends at a deadline, not at the idle bound); see ``parse`` for
-            what it returns."""
+            """Claim up to ``count``, and up to what the worker wants (``wanted()``: it holds
+            nothing beyond its free slots while its runs are long, see :mod:`qtasks.hold`),
+            after blocking up to ``block`` seconds for a wake-up (``due``: ``block`` ends at a
+            deadline, not at the idle bound); see ``parse`` for what it returns."""
+            asked = count
+            if wanted is not None:
+                want = wanted()
+                if want < asked:
+                    asked = want if want > 1 else 1
             nonce = unanswered.pop() if unanswered else os.urandom(6).hex()
             unanswered.append(nonce)  # until its reply is read
             sent = time.monotonic()  # what it leases is leased from then, not from its reply
             args: tuple[Any, ...] = (
                 self._lease_ms,
                 self._max_deliveries,
-                count,
+                asked,
                 f"{consumer}/{nonce}",
                 *extra,
             )
@@ -681,7 +701,7 @@ class RedisBroker:
                     block, wake, script, keys, args, orphan=orphaned, exact=due
                 )
                 unanswered.clear()
-                return parse(reply, sent)
+                return parse(reply, sent, asked)
             if block is not None:
                 await self._block(client, block)
             # Shielded: once the script ran, its deliveries must be recorded in ``held`` so
@@ -695,7 +715,7 @@ class RedisBroker:
                 # claim may have leased is left to its lease. The stop's cancellation goes on.
                 await anyio.lowlevel.checkpoint()
                 return [], None, False
-            return parse(reply, sent)
+            return parse(reply, sent, asked)
 
         def orphaned(reply: Any) -> None:
             """The reply of a claim whose caller was cancelled: its records are put back at
@@ -703,10 +723,10 @@ class RedisBroker:
             orphans.extend(parse(reply)[0])
 
         def parse(
-            reply: Any, sent: float | None = None
+            reply: Any, sent: float | None = None, asked: int = count
         ) -> tuple[list[RedisDelivery], float | None, bool]:
             """The deliveries claimed; how long to block for a wake-up before the next claim
-            (``None`` when the queue may hold more: as many claimed as asked for); and whether
+            (``None`` when the queue may hold more: as many claimed as ``asked`` for); and whether
             that wait ends at a deadline (a delayed message due, a lease ending) rather than
             at the idle bound."""
             over = (len(reply) - 1) % stride
@@ -741,7 +761,7 @@ class RedisBroker:
                     except SerializationError:
                         delivery.begun = None  # the worker begins it (and sees the error)
                 out.append(delivery)
-            if len(out) == count:
+            if len(out) == asked:
                 return out, None, False
             wait_ms = int(reply[0])  # -1: nothing is due
             if 0 <= wait_ms <= idle_ms:
