@@ -46,8 +46,9 @@ class QueueConfig(QTasksConfigNames):
     """Tasks one worker runs at once."""
     prefetch: int | None = None
     """Messages a worker holds beyond those running (bounded, so others are not starved).
-    ``None``: one fifth of the worker's concurrency, at least 10 (see
-    :meth:`prefetch_for`)."""
+    ``None``: one fifth of the worker's concurrency, at least 10 (see :meth:`prefetch_for`),
+    held only while the worker's recent runs are short (:mod:`qtasks.hold`); a value given is
+    always held."""
     default_priority: int = 0
     """Priority of tasks that set none; a lower number runs first."""
     result_ttl: float | None = 86400.0
