@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus, TaskTimeoutError, hookimpl
@@ -732,9 +733,18 @@ async def test_a_task_whose_begin_ends_after_stop_is_handed_back_not_started() -
 
 
 async def test_unset_prefetch_is_a_fifth_of_the_concurrency() -> None:
-    app = AsyncQueueTasks(config=QueueConfig(max_tasks_process=60, plugins_disabled=["*"]))
+    """Held once the worker's runs are seen to be short (qtasks.hold): a few quick runs first,
+    then tasks that run until released."""
+    worker = QueueWorker()
+    app = AsyncQueueTasks(
+        config=QueueConfig(max_tasks_process=60, plugins_disabled=["*"]), worker=worker
+    )
     release, all_started = anyio.Event(), anyio.Event()
     started: list[int] = []
+
+    @app.task
+    async def quick() -> None:
+        pass
 
     @app.task
     async def hold(i: int) -> None:
@@ -743,13 +753,22 @@ async def test_unset_prefetch_is_a_fifth_of_the_concurrency() -> None:
             all_started.set()
         await release.wait()
 
-    for i in range(100):
-        await app.add_task("hold", i)
+    async def until(done: Callable[[], bool]) -> None:
+        with anyio.fail_after(5):
+            while not done():
+                await anyio.lowlevel.checkpoint()
+
     async with app:
+        for _ in range(3):
+            await app.add_task("quick", timeout=5)
+        await until(lambda: worker._hold.now == 12)
+        for i in range(100):
+            await app.add_task("hold", i)
         with anyio.fail_after(5):
             await all_started.wait()
         # 60 running and 12 (60 // 5) waiting; the other 28 stay with the broker.
-        assert (app.worker.running, app.worker.waiting) == (60, 12)
+        await until(lambda: app.worker.waiting == 12)
+        assert app.worker.running == 60
         stats = await app.broker.stats()
         assert (stats.in_flight, sum(stats.ready_by_priority.values())) == (72, 28)
         release.set()

@@ -210,7 +210,8 @@ async def test_a_handed_back_message_frees_its_concurrency_slot_before_it_comes_
         broker=MemoryBroker(),
         storage=FailsOnce(),
         global_config=Order(log),
-        config=QueueConfig(max_tasks_process=1, retry_backoff=0.01),
+        # prefetch 1: the limited task waits in the worker while the other runs.
+        config=QueueConfig(max_tasks_process=1, prefetch=1, retry_backoff=0.01),
     )
     release = anyio.Event()
 
