@@ -5,6 +5,10 @@ Every component builds its client here, so they share one policy: bounded comman
 jittered exponential backoff, errors re-raised as :mod:`qtasks.errors` with the host and port but
 never the password, and scripts run by SHA with a fallback to ``EVAL`` (which also works on a
 cluster node or a restarted server that has not cached the script yet).
+
+Over ~500 lines: that one policy, and the range of every Redis option it reads (``RANGES``),
+checked once where each component is built; the scripts' runner is in
+:mod:`qtasks_redis.lane`.
 """
 
 from __future__ import annotations
