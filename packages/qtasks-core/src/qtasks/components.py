@@ -1185,12 +1185,14 @@ def takes_keyword(component: object, method: str, keyword: str) -> bool:
     return known
 
 
-async def requeue_counting(delivery: Delivery, count: Counting) -> bool:
-    """``delivery.requeue(count=count)``; plain ``delivery.requeue()`` (a reset) for a
-    broker written before ``count`` existed (see :meth:`Delivery.requeue`)."""
+async def requeue_counting(
+    delivery: Delivery, count: Counting, *, delay: float | None = None, body: bytes | None = None
+) -> bool:
+    """``delivery.requeue(delay=delay, body=body, count=count)``; without ``count`` (a reset)
+    for a broker written before it existed (see :meth:`Delivery.requeue`)."""
     if takes_keyword(delivery, "requeue", "count"):
-        return await delivery.requeue(count=count)
-    return await delivery.requeue()
+        return await delivery.requeue(delay=delay, body=body, count=count)
+    return await delivery.requeue(delay=delay, body=body)
 
 
 def plain_overridden(kind: type, plain: str, capability: str) -> bool:

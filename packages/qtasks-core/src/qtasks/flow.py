@@ -45,6 +45,7 @@ from qtasks.components import (
     UniquePublish,
     delivery_lease,
     plain_overridden,
+    requeue_counting,
     takes_keyword,
 )
 from qtasks.errors import ConfigError, QTasksError, TaskArgumentsError, TaskDeclarationError
@@ -667,7 +668,8 @@ class FlowGate:
             begun.status, begun.eta, begun.updated_at = TaskStatus.NEW, now + wait, now
             await app.storage.save(begun, fence=delivery.token)
         body = app.codec.encode(message).body if rewrite else None
-        await delivery.requeue(delay=wait, body=body)
+        # Not a delivery attempt: the ones lost before it still count (a reset wiped them).
+        await requeue_counting(delivery, "earlier", delay=wait, body=body)
         if "qtasks_broker_requeued" in app.hooks.active:
             await app.hooks.notify("qtasks_broker_requeued", app=app, delivery=delivery, delay=wait)
 

@@ -632,7 +632,8 @@ class QueueWorker:
             self._outage.failed(exc)
             with anyio.CancelScope(shield=True):
                 try:
-                    await delivery.requeue(delay=1.0)
+                    # Not charged (the outage is not the message's), earlier losses kept.
+                    await requeue_counting(delivery, "earlier", delay=1.0)
                 except Exception:  # its lease brings it back
                     pass
         except Exception as exc:
