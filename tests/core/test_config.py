@@ -683,6 +683,23 @@ def test_a_component_name_given_for_the_object_is_refused_saying_how_to_name_one
     assert f"installed {label}s: memory, " in text
 
 
+@pytest.mark.parametrize("app_class", [AsyncQueueTasks, QueueTasks])
+def test_a_component_class_given_for_the_object_is_refused(
+    app_class: type[AsyncQueueTasks] | type[QueueTasks],
+) -> None:
+    """``broker=MemoryBroker`` (the class, not called) failed only when the app started."""
+    from qtasks.memory import MemoryBroker, MemoryStorage
+
+    with pytest.raises(ConfigError) as info:
+        app_class(broker=MemoryBroker)  # type: ignore[arg-type]  # the mistake under test
+    assert str(info.value) == (
+        f"{app_class.__name__}(broker=MemoryBroker): broker= takes a broker object, not its "
+        "class; call it: broker=MemoryBroker(...)"
+    )
+    with pytest.raises(ConfigError, match=r"storage=MemoryStorage\(\.\.\.\)"):
+        app_class(storage=MemoryStorage)  # type: ignore[arg-type]
+
+
 def test_a_url_given_for_the_broker_is_refused_pointing_to_broker_url_masked() -> None:
     """QTasks 1.7 took a Redis URL as ``broker_url=``: a URL passed as ``broker=`` says so,
     its password masked; another scheme is pointed to ``QueueConfig(broker_url=...)``."""

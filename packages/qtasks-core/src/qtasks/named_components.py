@@ -20,12 +20,18 @@ KINDS: tuple[Kind, ...] = ("broker", "storage", "global_config")
 
 def refuse_names(app: str, given: dict[str, Any]) -> None:
     """Raise :class:`~qtasks.errors.ConfigError` when a component in ``given`` (by kind,
-    ``None`` where none was passed) is a ``str``: a name or a URL given to the constructor of
-    ``app`` (the class name) instead of a component object."""
+    ``None`` where none was passed) is a ``str`` (a name or a URL) or a class, given to the
+    constructor of ``app`` (the class name) instead of a component object."""
     for kind in KINDS:
         value = given.get(kind)
         if isinstance(value, str):
             raise ConfigError(_message(app, kind, value))
+        if isinstance(value, type):
+            # The class, not an instance (``broker=RedisBroker``): it failed at start.
+            raise ConfigError(
+                f"{app}({kind}={value.__name__}): {kind}= takes a {kind.replace('_', ' ')} "
+                f"object, not its class; call it: {kind}={value.__name__}(...)"
+            )
 
 
 def _message(app: str, kind: Kind, value: str) -> str:
