@@ -47,7 +47,10 @@ async def test_a_waiting_delivery_of_a_dropped_connection_is_not_begun_again(
 
         return app
 
-    # The second takes both messages RabbitMQ requeues (the blocker comes first).
+    # The second takes both messages RabbitMQ requeues (the blocker comes first), mostly: when
+    # the first's consumer is back before the second consumes (a loaded machine), RabbitMQ may
+    # give the job to the first's new channel, a delivery of its own that it runs. Either way
+    # the job runs once: the stale delivery waiting in the first worker is never begun.
     first, second = make("first", 1), make("second", 2)
     try:
         async with first:
@@ -62,7 +65,7 @@ async def test_a_waiting_delivery_of_a_dropped_connection_is_not_begun_again(
             assert close_connections(queue_name) >= 1
             async with second:
                 with anyio.fail_after(20):
-                    while not runs:  # noqa: ASYNC110 - the second worker runs it
+                    while not runs:  # noqa: ASYNC110 - a worker runs it
                         await anyio.sleep(0.01)
                 release.set()  # the first worker's runner is free: it takes the waiting one
                 with anyio.fail_after(10):
@@ -70,8 +73,8 @@ async def test_a_waiting_delivery_of_a_dropped_connection_is_not_begun_again(
                         await anyio.sleep(0.01)
                 finish.set()
                 done = await first.wait(task.uuid, timeout=20)
-        assert (done.status, done.returning) == (TaskStatus.SUCCESS, "second")
-        assert runs == ["second"]
+        assert len(runs) == 1, runs  # the stale delivery was not run as well
+        assert (done.status, done.returning) == (TaskStatus.SUCCESS, runs[0])
     finally:
         finish.set()
         release.set()
