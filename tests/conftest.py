@@ -3,7 +3,12 @@
 A service test that cannot reach its server skips with the reason locally and fails when the
 ``CI`` environment variable is set, so CI never passes by skipping.
 
-Redis keys: the tests share a developer's Redis (db 0), so none of them may write under the
+The shared Redis: ``QTASKS_TEST_REDIS`` (a ``redis://`` URL, default ``redis://127.0.0.1:6379/0``),
+read here only; every test that talks to it gets it from the ``redis_url`` fixture (tests that
+start a redis-server of their own keep theirs). Point it at another db (``.../9``) or server to
+keep the tests off a database you use; down, it skips or fails as any service does.
+
+Redis keys: the tests share a developer's Redis (that db), so none of them may write under the
 default prefix ``qtasks`` or leave keys behind. A test that touches Redis takes the
 ``redis_prefix`` fixture (directly, or through ``prefix`` in tests/redis and the timer's
 ``unique_name``) and passes it to every component, subprocess and CLI call it makes (for an app
@@ -21,6 +26,7 @@ import os
 import socket
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from redis_keys import (
@@ -32,9 +38,25 @@ from redis_keys import (
 )
 from start_wait_logs import Caught
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+
+
+def _test_redis(url: str) -> tuple[str, str, int, str]:
+    """``QTASKS_TEST_REDIS``: the URL, the host and port to probe, and where it points without
+    its password (for messages); a usage error if it is not a ``redis://`` URL."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise pytest.UsageError(f"QTASKS_TEST_REDIS: {exc}") from exc
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise pytest.UsageError("QTASKS_TEST_REDIS is not a redis://host[:port][/db] URL")
+    return url, parts.hostname, port, f"{parts.hostname}:{port} db {parts.path[1:] or '0'}"
+
+
+REDIS_URL, REDIS_HOST, REDIS_PORT, REDIS_SHOWN = _test_redis(
+    os.environ.get("QTASKS_TEST_REDIS") or "redis://127.0.0.1:6379/0"
+)
 
 
 @pytest.fixture
@@ -67,9 +89,9 @@ def require_service(name: str, host: str, port: int) -> None:
 
 @pytest.fixture
 def redis_url() -> str:
-    """URL of the real Redis server (db 0); the test skips/fails if it is down. Use it with
-    ``redis_prefix``."""
-    require_service("Redis", REDIS_HOST, REDIS_PORT)
+    """URL of the real Redis server (``QTASKS_TEST_REDIS``); the test skips/fails if it is
+    down. Use it with ``redis_prefix``."""
+    require_service("Redis (QTASKS_TEST_REDIS)", REDIS_HOST, REDIS_PORT)
     return REDIS_URL
 
 
@@ -128,8 +150,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             strict = bool(os.environ.get("CI"))
             failed = failed or strict
             report.append(
-                f"{len(new)} Redis key(s) appeared under the default prefix 'qtasks' in db 0 "
-                "during this session: a test built a Redis component without a prefix"
+                f"{len(new)} Redis key(s) appeared under the default prefix 'qtasks' in "
+                f"{REDIS_SHOWN} during this session: a test built a Redis component without a "
+                "prefix"
                 + ("." if strict else " (or another process sharing this Redis wrote them).")
             )
             report += [

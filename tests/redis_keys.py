@@ -12,6 +12,15 @@ SESSION_TAG = f"qt-test-{uuid.uuid4().hex[:6]}"
 """Starts every Redis key prefix this test session uses."""
 DEFAULT_PREFIX_PATTERNS = ("{qtasks:*", "qtasks:*")
 """Keys of qtasks components built without a prefix."""
+DOCS_REDIS_URL = "redis://127.0.0.1:6379/0"
+"""The Redis URL the docs' examples name (the default server)."""
+
+
+def on_test_redis(code: str, url: str) -> str:
+    """``code`` of a docs example with the Redis it names swapped for the test's ``url``
+    (``QTASKS_TEST_REDIS``, from the ``redis_url`` fixture)."""
+    assert DOCS_REDIS_URL in code, f"the example does not name {DOCS_REDIS_URL}:\n{code}"
+    return code.replace(DOCS_REDIS_URL, url)
 
 
 def new_redis_prefix() -> str:

@@ -92,14 +92,21 @@ def readme_example(name: str) -> tuple[str, str]:
     return code, promised
 
 
-def run_readme_example(name: str, tmp_path: Path, extra: dict[str, str] | None = None) -> None:
-    """Run ``name``'s README example as a script; ``extra`` becomes ``$QTASKS_EXTRA``."""
+def run_readme_example(
+    name: str, tmp_path: Path, extra: dict[str, str] | None = None, redis_url: str | None = None
+) -> None:
+    """Run ``name``'s README example as a script; ``extra`` becomes ``$QTASKS_EXTRA``, and
+    ``redis_url`` (the fixture's) replaces the Redis URL the example names."""
     import json
     import os
     import subprocess
     import sys
 
+    from redis_keys import on_test_redis
+
     code, promised = readme_example(name)
+    if redis_url is not None:
+        code = on_test_redis(code, redis_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
     if extra:
         env["QTASKS_EXTRA"] = json.dumps(extra)

@@ -7,6 +7,7 @@ import time
 
 import anyio
 import pytest
+from redis_keys import on_test_redis
 from redis_procs import settled
 from redis_worker_app import build
 
@@ -148,7 +149,7 @@ async def test_docs_example_runs(redis_url: str, prefix: str) -> None:
     from pathlib import Path
 
     text = (Path(__file__).parents[2] / "docs" / "redis.md").read_text()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    code = on_test_redis(text.split("```python\n", 1)[1].split("```", 1)[0], redis_url)
     namespace: dict[str, object] = {}
     exec(code, namespace)
     app = namespace["app"]

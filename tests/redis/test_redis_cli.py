@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis_keys import DOCS_REDIS_URL
 
 from qtasks import AsyncQueueTasks, QueueTasks
 from qtasks.memory import MemoryGlobalConfig
@@ -364,7 +365,7 @@ def test_cli_docs_redis_examples_run(redis_url: str, prefix: str, tmp_path: Path
             elif commands and line.strip():
                 commands[-1][1].append(line.strip())
         for command, expected in commands:
-            argv = shlex.split(command.replace("redis://127.0.0.1:6379/0", redis_url))
+            argv = shlex.split(command.replace(DOCS_REDIS_URL, redis_url))
             proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
             output = proc.stdout + proc.stderr
             assert proc.returncode == 0, f"$ {command}\n{output}"

@@ -8,22 +8,21 @@ import time
 import pytest
 
 from qtasks import AsyncQueueTasks
-from qtasks.messages import new_uuid
 from qtasks_redis import RedisGlobalConfig
 from qtasks_testing.harness import Harness, HarnessError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
-URL = "redis://127.0.0.1:6379/0"
 
-
-def app_on_redis() -> tuple[AsyncQueueTasks, RedisGlobalConfig]:
-    global_config = RedisGlobalConfig(URL, prefix=f"harness-{new_uuid()}")
+def app_on_redis(url: str, prefix: str) -> tuple[AsyncQueueTasks, RedisGlobalConfig]:
+    global_config = RedisGlobalConfig(url, prefix=prefix)
     return AsyncQueueTasks(global_config=global_config), global_config
 
 
-async def test_a_kept_redis_global_config_with_a_rate_limit_is_refused() -> None:
-    app, global_config = app_on_redis()
+async def test_a_kept_redis_global_config_with_a_rate_limit_is_refused(
+    redis_url: str, prefix: str
+) -> None:
+    app, global_config = app_on_redis(redis_url, prefix)
 
     @app.task(rate_limit="10/s")
     async def call() -> None:
@@ -38,8 +37,10 @@ async def test_a_kept_redis_global_config_with_a_rate_limit_is_refused() -> None
     assert app.clock is time.time
 
 
-async def test_a_kept_redis_global_config_serves_tasks_without_a_rate_limit() -> None:
-    app, global_config = app_on_redis()
+async def test_a_kept_redis_global_config_serves_tasks_without_a_rate_limit(
+    redis_url: str, prefix: str
+) -> None:
+    app, global_config = app_on_redis(redis_url, prefix)
 
     @app.task(concurrency_key="n", max_concurrency=1)
     async def one_at_a_time(n: int) -> int:

@@ -11,4 +11,4 @@ pytestmark = pytest.mark.redis
 
 
 def test_readme_example_runs(redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
-    run_readme_example("qtasks-redis", tmp_path, {"redis_prefix": redis_prefix})
+    run_readme_example("qtasks-redis", tmp_path, {"redis_prefix": redis_prefix}, redis_url)
