@@ -1168,10 +1168,11 @@ _TAKES: dict[tuple[type, str, str], bool] = {}
 def takes_keyword(component: object, method: str, keyword: str) -> bool:
     """Whether ``component``'s ``method`` takes ``keyword``, added to the protocol since
     (``waiter`` of ``acquire_slot``, ``limits`` of ``extend_slots``, ``fence`` of
-    ``add_step``): an implementation written before it existed does not, and is called the
-    older way. Read once per class from the bound method (a delegating wrapper answers
-    through ``__getattr__``), ``**kwargs`` counting as taking it; a method without a
-    signature to read is taken to follow the current protocol."""
+    ``add_step``, ``ended`` of ``consume_begun``, ``wanted`` of the consume methods): an
+    implementation written before it existed does not, and is called the older way. Read once
+    per class from the bound method (a delegating wrapper answers through ``__getattr__``), a
+    parameter of that name that is not positional-only or a ``**kwargs`` counting as taking
+    it; a method without a signature to read is taken to follow the current protocol."""
     key = (type(component), method, keyword)
     known = _TAKES.get(key)
     if known is None:
@@ -1180,7 +1181,10 @@ def takes_keyword(component: object, method: str, keyword: str) -> bool:
         except (AttributeError, TypeError, ValueError):  # nothing to read: the current protocol
             known = True
         else:
-            known = any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in params)
+            known = any(
+                p.kind is p.VAR_KEYWORD or (p.name == keyword and p.kind is not p.POSITIONAL_ONLY)
+                for p in params
+            )
         _TAKES[key] = known
     return known
 

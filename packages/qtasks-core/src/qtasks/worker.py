@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import heapq
-import inspect
 import itertools
 import logging
 import os
@@ -40,6 +39,7 @@ from qtasks.components import (
     HeartbeatEnd,
     LeaseBatch,
     requeue_counting,
+    takes_keyword,
 )
 from qtasks.errors import (
     SerializationError,
@@ -260,9 +260,11 @@ class QueueWorker:
             beyond them (see :meth:`qtasks.components.Broker.consume`)."""
             return concurrency + hold.now - self._held
 
-        def demand(method: Any) -> dict[str, Any]:
-            """``wanted=`` for a consume method that takes it, when the hold adapts."""
-            return {"wanted": wanted} if hold.adaptive and _takes(method, "wanted") else {}
+        def demand(method: str) -> dict[str, Any]:
+            """``wanted=`` for the broker's consume ``method`` if it takes it, when the hold
+            adapts."""
+            adapts = hold.adaptive and takes_keyword(app.broker, method, "wanted")
+            return {"wanted": wanted} if adapts else {}
 
         self._held = 0
         self._free = concurrency
@@ -284,11 +286,11 @@ class QueueWorker:
             # ``ended`` came after the capability did: a broker written before it is called
             # without it (its claims' dead letters then fire the hook from the settle step).
             told: dict[str, Any] = {}
-            if _takes(broker.consume_begun, "ended"):
+            if takes_keyword(broker, "consume_begun", "ended"):
                 told["ended"] = partial(poison.dead_lettered, app)
             else:
                 consumer_tells = False
-            told.update(demand(broker.consume_begun))
+            told.update(demand("consume_begun"))
             consumer = broker.consume_begun(
                 prefetch=prefetch,
                 storage=app.storage,
@@ -301,10 +303,10 @@ class QueueWorker:
             # The broker dead-letters on its own: the worker ends those records.
             buried = partial(poison.buried, app)
             consumer = broker.consume_noticing(
-                prefetch=prefetch, buried=buried, **demand(broker.consume_noticing)
+                prefetch=prefetch, buried=buried, **demand("consume_noticing")
             )
         else:
-            consumer = broker.consume(prefetch=prefetch, **demand(broker.consume))
+            consumer = broker.consume(prefetch=prefetch, **demand("consume"))
             consumer_tells = False
         settler = self._settlement.open_batch(app, concurrency)
         self._settlement.noticing = consumer_tells
@@ -919,15 +921,3 @@ async def _loud(
         if not is_stray(exc):
             raise
         raise stray_error(f"the worker's {what}", exc) from exc
-
-
-def _takes(method: Any, name: str) -> bool:
-    """Whether ``method`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(method).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: call it as the protocol says
-        return True
-    return any(
-        p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY)
-        for p in parameters
-    )
