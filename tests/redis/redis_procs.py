@@ -101,6 +101,33 @@ class Worker:
         ]
 
 
+class Workers:
+    """Worker processes of one configuration, named ``w0``, ``w1``... in the order they start:
+    the supervisor of a test whose task kills the worker that runs it (``suicide``)."""
+
+    def __init__(self, url: str, prefix: str, tmp: Path, **options: Any) -> None:
+        """``options``: those of :class:`Worker` but ``name``, the same for every worker."""
+        self._args = (url, prefix, tmp)
+        self._options = options
+        self.started: list[Worker] = []
+        """Every worker started, the dead ones too."""
+
+    def start(self) -> Worker:
+        """One more worker."""
+        made = Worker(*self._args, name=f"w{len(self.started)}", **self._options)
+        self.started.append(made)
+        return made
+
+    def replace_dead(self, live: list[Worker]) -> int:
+        """Start a worker in the place of each of ``live`` that has exited; how many."""
+        replaced = 0
+        for at, worker in enumerate(live):
+            if worker.proc.poll() is not None:
+                live[at] = self.start()
+                replaced += 1
+        return replaced
+
+
 async def wait_workers(app: Any, n: int, *workers: Worker) -> None:
     """Until ``n`` workers have sent a heartbeat through ``app``'s global config (they are
     serving: their consumers claim from then on); fails at once if one of ``workers`` exited."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from redis_procs import Worker, counts, wait_workers
+from redis_procs import Workers, counts, wait_workers
 from redis_worker_app import build
 
 from qtasks import TaskStatus
@@ -33,24 +33,12 @@ async def test_every_lost_run_of_a_dead_lettered_task_is_on_record_and_page(
     limit = 3
     app = build(redis_url, prefix, lease=1.0, max_deliveries=limit)
     await app.start()
-    workers: list[Worker] = []
-
-    def worker() -> Worker:
-        made = Worker(
-            redis_url,
-            prefix,
-            tmp_path,
-            lease=1.0,
-            concurrency=1,
-            name=f"w{len(workers)}",
-            config={"max_deliveries": limit},
-        )
-        workers.append(made)
-        return made
-
-    live = worker()
+    workers = Workers(
+        redis_url, prefix, tmp_path, lease=1.0, concurrency=1, config={"max_deliveries": limit}
+    )
+    live = [workers.start()]
     try:
-        await wait_workers(app, 1, live)
+        await wait_workers(app, 1, *live)
         task = await app.add_task("suicide", 7)
         with anyio.fail_after(60):
             while True:
@@ -58,8 +46,7 @@ async def test_every_lost_run_of_a_dead_lettered_task_is_on_record_and_page(
                 assert record is not None
                 if record.status.final:
                     break
-                if live.proc.poll() is not None:  # killed by the task: a new worker
-                    live = worker()
+                workers.replace_dead(live)  # killed by the task: a new worker
                 await anyio.sleep(0.05)
         assert counts(tmp_path / "ledger.txt", "start")[7] == limit  # it ran 3 times
         assert record.status is TaskStatus.ERROR
@@ -81,8 +68,8 @@ async def test_every_lost_run_of_a_dead_lettered_task_is_on_record_and_page(
         assert record.worker in history.rsplit(" began", 1)[1], history  # the last run's
         assert f"1 started, {limit} runs started" in text, text
     finally:
-        for proc in [live, *workers]:
+        for proc in workers.started:
             proc.stop()
         await app.aclose()
-    for proc in workers:
+    for proc in workers.started:
         assert not proc.problems(), proc.output()

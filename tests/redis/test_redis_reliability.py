@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from redis_procs import Worker, counts, ledger, settled, start_server, wait_workers
+from redis_procs import Worker, Workers, counts, ledger, settled, start_server, wait_workers
 from redis_worker_app import build
 
 from qtasks import TaskStatus
@@ -261,23 +261,9 @@ async def test_a_task_that_kills_its_worker_takes_no_innocent_with_it(
     settings: dict[str, object] = {"max_deliveries": limit}
     app = build(redis_url, prefix, lease=1.0, max_deliveries=limit)
     await app.start()
-    workers: list[Worker] = []
+    workers = Workers(redis_url, prefix, tmp_path, lease=1.0, concurrency=5, config=settings)
     restarts = 0
-
-    def worker() -> Worker:
-        made = Worker(
-            redis_url,
-            prefix,
-            tmp_path,
-            lease=1.0,
-            concurrency=5,
-            name=f"w{len(workers)}",
-            config=settings,
-        )
-        workers.append(made)
-        return made
-
-    live = [worker(), worker()]
+    live = [workers.start(), workers.start()]
     try:
         await wait_workers(app, 2, *live)
         # In one publish, the poison among the first: claimed in a batch with others.
@@ -294,10 +280,7 @@ async def test_a_task_that_kills_its_worker_takes_no_innocent_with_it(
 
         with anyio.fail_after(60):
             while not await done():
-                for at, proc in enumerate(live):
-                    if proc.proc.poll() is not None:  # killed by the poison: restart it
-                        live[at] = worker()
-                        restarts += 1
+                restarts += workers.replace_dead(live)  # killed by the poison: restart it
                 await anyio.sleep(0.05)
         runs = counts(ledger_path, "start")[poison]
         letters = await app.broker.dead_letters()
