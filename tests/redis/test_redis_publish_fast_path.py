@@ -115,7 +115,9 @@ def test_what_the_fast_path_leaves_to_the_general_one(sides: tuple[Side, Side]) 
     both(sides, "u1", "n1")
     both(sides, "u1", "n2")  # the same uuid again: replaces record and message
     both(sides, "u2", "n3", parent="u1")
+    both(sides, "u2b", "n3b", parent="u1", ttl="")
     both(sides, "u3", "n4", eta="99999999999999")
+    both(sides, "u3b", "n4b", eta="1")  # due already
     both(sides, "u4", "n5", status="success")
     both(sides, "u5", "n6", force="n")
     # A message whose record is gone (expired, deleted): the general path replaces it.
@@ -143,12 +145,12 @@ def test_the_fast_path_takes_a_new_tasks_common_case_only(
         assert side.publish("u1", "n1") == b"fast"
         assert side.publish("u1", "n1") == 1  # sent again
         assert side.publish("u2", "n2", priority="7") == b"fast"
-        for n, over in enumerate(
-            ({"parent": "u2"}, {"eta": "1"}, {"status": "success"}, {"force": "n"})
-        ):
+        assert side.publish("u3", "n3", parent="u2") == b"fast"
+        assert side.publish("u4", "n4", eta="99999999999999") == b"fast"
+        for n, over in enumerate(({"status": "success"}, {"force": "n"})):
             assert side.publish(f"v{n}", f"m{n}", **over) == 1, over
-        assert side.publish("u1", "n3") == 1  # its record exists
+        assert side.publish("u1", "n5") == 1  # its record exists
         client.delete(side.storage._keys("u1")[0])
-        assert side.publish("u1", "n4") == 1  # its message exists
+        assert side.publish("u1", "n6") == 1  # its message exists
     finally:
         client.close()

@@ -77,10 +77,10 @@ return saved
 
 def _new_fast_path() -> str:
     """Lua run before PUBLISH_NEW's general path: the common enqueue, done before the
-    preludes' functions and tables are built (about a third of the script's server time,
+    preludes' functions and tables are built (about a quarter of the script's server time,
     paid by every call). It applies to a task whose record does not exist yet, with status
-    ``new``, no parent, no eta, and a message id not stored yet; anything else goes on to the
-    general path, which does the same writes for such a task
+    ``new`` and a message id not stored yet; anything else goes on to the general path, which
+    does the same writes for such a task
     (``tests/redis/test_redis_publish_fast_path.py`` runs both on the same calls and compares
     every key). The message's body is written first, with ``HSETNX``: when the id is stored
     already, nothing was written and the general path replaces the message."""
@@ -92,17 +92,28 @@ def _new_fast_path() -> str:
     return f"""do
   local rec = redis.call('HMGET', KEYS[1], 'd', 'p')
   if rec[2] == ARGV[{nonce}] then return 1 end
-  if not rec[1] and ARGV[3] == 'new' and ARGV[7] == '1' and ARGV[10] == '' and ARGV[14] == ''
+  if not rec[1] and ARGV[3] == 'new' and ARGV[7] == '1'
       and redis.call('HSETNX', KEYS[{key["body"]}], ARGV[11], ARGV[12]) == 1 then
     redis.call('HSET', KEYS[1], 'd', ARGV[2], 's', 'new', 't', ARGV[4], 'p', ARGV[{nonce}])
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     redis.call('ZADD', KEYS[{new_index}], now, ARGV[1])
+    if ARGV[10] ~= '' then  -- the parent's index of its children
+      local children = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[1] - 3) .. ':np:' .. ARGV[10]
+      redis.call('ZADD', children, now, ARGV[1])
+      local ttl = tonumber(ARGV[8])
+      if ttl then redis.call('PEXPIRE', children, ttl) end
+    end
     redis.call('HSET', KEYS[{key["meta"]}], ARGV[11], ARGV[13])
-    local p = tonumber(ARGV[13]) or 0
-    if p > 899 then p = 899 elseif p < -899 then p = -899 end
-    local seq = redis.call('INCR', KEYS[{key["seq"]}])
-    redis.call('ZADD', KEYS[{key["ready"]}], p * 10000000000000 + seq, ARGV[11])
+    local eta = tonumber(ARGV[14])
+    if eta and eta > now then
+      redis.call('ZADD', KEYS[{key["delayed"]}], eta, ARGV[11])
+    else
+      local p = tonumber(ARGV[13]) or 0
+      if p > 899 then p = 899 elseif p < -899 then p = -899 end
+      local seq = redis.call('INCR', KEYS[{key["seq"]}])
+      redis.call('ZADD', KEYS[{key["ready"]}], p * 10000000000000 + seq, ARGV[11])
+    end
     if redis.call('RPUSH', KEYS[{key["notify"]}], '1') > 64 then
       redis.call('RPOP', KEYS[{key["notify"]}])
     end
