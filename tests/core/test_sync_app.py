@@ -145,7 +145,11 @@ def _public_async_methods() -> list[str]:
         name
         for name, value in vars(AsyncQueueTasks).items()
         if not name.startswith("_")
-        and (inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value))
+        # Through the decorator that refuses a sync task's thread (qtasks.threads.loop_only).
+        and (
+            inspect.iscoroutinefunction(inspect.unwrap(value))
+            or inspect.isasyncgenfunction(inspect.unwrap(value))
+        )
     )
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
+from operator import attrgetter
 from os import PathLike
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
@@ -62,7 +63,7 @@ from qtasks.routers import Router, shared_tasks
 from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple, warn_misspelt_options
-from qtasks.threads import in_task_thread
+from qtasks.threads import in_task_thread, loop_only
 from qtasks.worker import QueueWorker
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import Node, Signature, signature
@@ -82,6 +83,18 @@ _running_loop = asyncio._get_running_loop
 """The running asyncio loop or ``None`` (under trio, or outside a loop): the C function behind
 ``asyncio.get_running_loop``, without an exception when there is none. Comparing it with the
 loop the components were started in costs well under a microsecond per call."""
+
+
+def _sync_app() -> type:
+    from qtasks.sync import QueueTasks
+
+    return QueueTasks
+
+
+_loop_only = loop_only(attrgetter("name"), "app", _sync_app)
+"""Every public coroutine method of the app but ``add_task``, ``enqueue`` and ``add_tasks``
+(plain defs that check the same inline, one frame fewer on the enqueue path) raises
+:class:`~qtasks.errors.AsyncCallInThreadError` in a sync task's thread."""
 
 
 _INHERITED: list[object] = []
@@ -385,6 +398,7 @@ class AsyncQueueTasks:
         """Whether the components are started (``start()`` ran and ``aclose()`` did not)."""
         return self._stack is not None
 
+    @_loop_only
     async def start(self) -> None:
         """Start the components (not the worker). Idempotent.
 
@@ -493,6 +507,7 @@ class AsyncQueueTasks:
             "qtasks_component_stopped", app=self, kind=kind, component=component
         )
 
+    @_loop_only
     async def aclose(self) -> None:
         """Stop the worker (if serving) and every component."""
         if self._stack is not None and self._loop is not _running_loop():
@@ -585,6 +600,7 @@ class AsyncQueueTasks:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    @_loop_only
     async def serve(self) -> None:
         """Serve in the running loop until :meth:`stop` or SIGINT/SIGTERM (watched only when
         this loop runs on the main thread), then stop gracefully."""
@@ -633,6 +649,7 @@ class AsyncQueueTasks:
                 except RuntimeError:  # as above
                     pass
 
+    @_loop_only
     async def stop_requested_within(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for :meth:`stop` (called before or meanwhile) and say whether
         it was; the request is kept, for :meth:`wait_for_stop` to consume. What a worker
@@ -647,6 +664,7 @@ class AsyncQueueTasks:
             self._wake_stop = None
         return self._stop_requested
 
+    @_loop_only
     async def wait_for_stop(self) -> None:
         """Return once :meth:`stop` has been called (before this call or while it waits) and
         consume the request. What a :class:`~qtasks.components.Starter` awaits while serving."""
@@ -841,6 +859,7 @@ class AsyncQueueTasks:
             immutable=immutable,
         )
 
+    @_loop_only
     async def run_workflow(
         self, workflow: Node, *, on_error: Signature | None = None
     ) -> workflows.Workflow:
@@ -851,18 +870,21 @@ class AsyncQueueTasks:
             await self.start()
         return await workflows.run(self, workflow, on_error)
 
+    @_loop_only
     async def get_workflow(self, id: str) -> workflows.Workflow | None:
         """The state of the workflow ``id``, or ``None``."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         return await workflows.get(self, id)
 
+    @_loop_only
     async def wait_workflow(self, id: str, timeout: float | None = None) -> workflows.Workflow:
         """Wait until the workflow ``id`` ended (woken, not polled); return its state."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         return await workflows.wait(self, id, timeout)
 
+    @_loop_only
     async def cancel_workflow(
         self, id: str, reason: str = "cancelled"
     ) -> workflows.Workflow | None:
@@ -880,6 +902,7 @@ class AsyncQueueTasks:
             typed_result(task, bound)  # a pydantic result, as the task's annotation says
         return bound
 
+    @_loop_only
     async def get(self, uuid: str) -> AsyncTask | None:
         """The stored record of ``uuid``, or ``None``."""
         if self._stack is None or self._loop is not _running_loop():
@@ -890,6 +913,7 @@ class AsyncQueueTasks:
         record = await self.hooks.transform("qtasks_storage_got", "record", app=self, record=record)
         return self._bind(record)
 
+    @_loop_only
     async def wait(self, uuid: str, timeout: float | None) -> AsyncTask:
         """Wait for the final record of ``uuid`` (woken when it is written); raises
         :class:`~qtasks.errors.TaskTimeoutError` when ``timeout`` runs out, and
@@ -905,6 +929,7 @@ class AsyncQueueTasks:
         except TaskTimeoutError as exc:
             raise local_wait.explained(self, exc) from None
 
+    @_loop_only
     async def stream(self, uuid: str, timeout: float | None = None) -> AsyncGenerator[Any, None]:
         """Yield the stored steps of a generator task as they come, until it is final; where
         the task ran again and its generator started over, a
@@ -941,6 +966,7 @@ class AsyncQueueTasks:
                 with anyio.CancelScope(shield=True):
                     await aclose()
 
+    @_loop_only
     async def cancel(self, uuid: str, reason: str = "cancelled") -> AsyncTask | None:
         """Cancel a task: a queued one never runs (a rate token it held is given back), a
         running one on this worker is cancelled now (on another worker, at its next lease
@@ -991,12 +1017,14 @@ class AsyncQueueTasks:
                 )
         return self._bind(record)
 
+    @_loop_only
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The broker's dead letters (oldest first), each with the reason it was given up."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         return await self.broker.dead_letters(limit)
 
+    @_loop_only
     async def requeue_dead_letters(
         self, ids: list[str] | None = None, *, force: bool = False
     ) -> int:
@@ -1039,6 +1067,7 @@ class AsyncQueueTasks:
             return 0
         return await self.broker.requeue_dead_letters(requeue)
 
+    @_loop_only
     async def config_get(self, namespace: str, key: str, default: Any = None) -> Any:
         """Read a cluster-wide value from the GlobalConfig (``default`` when missing)."""
         if self._stack is None or self._loop is not _running_loop():
@@ -1053,6 +1082,7 @@ class AsyncQueueTasks:
             value=value,
         )
 
+    @_loop_only
     async def config_set(self, namespace: str, key: str, value: Any) -> None:
         """Write a cluster-wide value to the GlobalConfig (``qtasks_global_config_write`` may
         replace the value first)."""
@@ -1072,18 +1102,21 @@ class AsyncQueueTasks:
             "qtasks_global_config_set", app=self, namespace=namespace, key=key, value=value
         )
 
+    @_loop_only
     async def inspect(self) -> dict[str, Any]:
         """What ``qtasks inspect`` shows (JSON-ready); see :func:`qtasks.report.inspect`."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         return await report.inspect(self)
 
+    @_loop_only
     async def ping(self, server: bool = True) -> bool:
         """QTasks' health check; see :func:`qtasks.compat.admin.ping`."""
         from qtasks.compat.admin import ping
 
         return await ping(self, server)
 
+    @_loop_only
     async def flush_all(self) -> dict[str, int]:
         """Delete everything this app's components hold (guarded); see
         :func:`qtasks.compat.admin.flush_all`."""

@@ -147,20 +147,46 @@ class MessageTooLargeError(SerializationError):
 
 
 class AsyncCallInThreadError(PermanentError, RuntimeError):
-    """A coroutine method of the async app (``app.add_task``, ``task.add_task``,
-    ``enqueue``, ``add_tasks``) was called in a sync task's thread, where nothing awaits the
-    coroutine it returns: the enqueue would be lost. The message says what works there."""
+    """A coroutine method of the async app (``app.add_task``, ``app.get``, ``app.wait``,
+    ``app.cancel``..., ``task.add_task``, a record's ``wait_result``) was called in a sync
+    task's thread, where nothing awaits the coroutine it returns: the call would be lost. The
+    message says what works there.
 
-    def __init__(self, app_name: str, method: str) -> None:
+    ``method``: what was called (``"get"``, ``"child.add_task"``, ``"record.wait_result"``);
+    ``call``: how to name it to ``anyio.from_thread.run`` (``"app.get"``); ``blocking``: the
+    blocking form of the sync app, if it has one (``"QueueTasks.get"``)."""
+
+    ENQUEUES = ("add_task", "enqueue", "add_tasks")
+
+    def __init__(
+        self,
+        app_name: str,
+        method: str,
+        *,
+        call: str | None = None,
+        blocking: str | None = None,
+    ) -> None:
         self.app_name = app_name
         self.method = method
-        super().__init__(
+        short = method.rpartition(".")[2]
+        call = call or f"app.{short}"
+        head = (
             f"app {app_name!r}: {method}(...) was called in a sync task (def), whose thread "
-            "cannot await the coroutine it returns, so nothing would be enqueued; there, call "
-            "`self.add_task(...)` (echo=True) or `anyio.from_thread.run(app.add_task, ...)`, "
-            "make the task `async def` and await the call, or use the sync app (QueueTasks), "
-            "whose add_task blocks"
+            "cannot await the coroutine it returns"
         )
+        if short in self.ENQUEUES:
+            lost = "nothing would be enqueued"
+            ways = (
+                f"`self.add_task(...)` (echo=True) or `anyio.from_thread.run({call}, ...)`, "
+                "make the task `async def` and await the call"
+            )
+            blocking = blocking or f"QueueTasks.{short}"
+        else:
+            lost = "it would never run"
+            ways = f"`anyio.from_thread.run({call}, ...)` or make the task `async def` and await it"
+        sync = f", or use the sync app, whose `{blocking}` blocks" if blocking else ""
+        message = f"{head}, so {lost}; there, call {ways}{sync}"
+        super().__init__(message)
 
 
 class TaskArgumentsError(QTasksError, TypeError):

@@ -575,7 +575,9 @@ _running_loop = asyncio._get_running_loop
 
 
 def _is_async_callable(value: Any) -> bool:
-    """Whether calling ``value`` gives a coroutine or an async iterator to be awaited."""
+    """Whether calling ``value`` gives a coroutine or an async iterator to be awaited (seen
+    through the decorator that refuses a sync task's thread, :func:`qtasks.threads.loop_only`)."""
+    value = inspect.unwrap(value)
     return inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value)
 
 

@@ -48,7 +48,7 @@ from qtasks.errors import (
 from qtasks.flow import check_options as check_flow_options
 from qtasks.flow import flow_spec
 from qtasks.record import TaskRecord
-from qtasks.threads import in_task_thread
+from qtasks.threads import in_task_thread, loop_only
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -655,21 +655,33 @@ class Task(TaskRecord):
         return record
 
 
+def _client_name(record: AsyncTask) -> str:
+    return str(getattr(record._client, "name", "?"))
+
+
+_record_loop_only = loop_only(_client_name, "record", lambda: Task)
+"""A record's coroutine methods refuse a sync task's thread, as the app's do."""
+
+
 @dataclass(slots=True)
 class AsyncTask(TaskRecord):
-    """A task record returned to a producer of the async app."""
+    """A task record returned to a producer of the async app. Its coroutine methods called in
+    a sync task's thread raise :class:`~qtasks.errors.AsyncCallInThreadError`."""
 
     _client: Any = field(default=None, repr=False, compare=False)
 
+    @_record_loop_only
     async def wait_result(self, timeout: float | None = None) -> AsyncTask:
         """Wait until the task is final and return its record (woken, not polled)."""
         record: AsyncTask = await self._client.wait(self.uuid, timeout)
         return record
 
+    @_record_loop_only
     async def wait_result_async(self, timeout: float | None = None) -> AsyncTask:
         """QTasks' name of :meth:`wait_result`."""
         return await self.wait_result(timeout)
 
+    @_record_loop_only
     def stream(self, timeout: float | None = None) -> AsyncGenerator[Any, None]:
         """Follow a generator task: ``async for step in task.stream()``; see
         :meth:`~qtasks.app.AsyncQueueTasks.stream` for its errors, ``timeout`` and the
@@ -677,6 +689,7 @@ class AsyncTask(TaskRecord):
         iterator: AsyncGenerator[Any, None] = self._client.stream(self.uuid, timeout)
         return iterator
 
+    @_record_loop_only
     async def refresh(self) -> AsyncTask:
         """The record as stored now."""
         record: AsyncTask = await self._client.get(self.uuid)

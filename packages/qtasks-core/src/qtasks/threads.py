@@ -16,17 +16,19 @@ non-daemon when the event loop runs on the main thread: a script's ``asyncio.run
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
-from qtasks.errors import TaskInterruptError
+from qtasks.errors import AsyncCallInThreadError, TaskInterruptError
 
 if TYPE_CHECKING:
     from qtasks.executor import TaskRun
@@ -54,6 +56,48 @@ def in_task_thread() -> bool:
     """Whether this thread runs sync task code (a :class:`ThreadCall`): a coroutine made here
     has nothing to await it."""
     return getattr(_HERE, "call", None) is not None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_running_loop = asyncio._get_running_loop
+"""The running asyncio loop or ``None``: a C call, no exception when there is none."""
+
+
+def loop_only(
+    app_name: Callable[[Any], str], receiver: str, blocking: Callable[[], type]
+) -> Callable[[F], F]:
+    """A decorator for the coroutine (and async generator) methods of the async app and its
+    records: called in a sync task's thread, where nothing could await what they return, they
+    raise :class:`~qtasks.errors.AsyncCallInThreadError` at once instead of handing back a
+    coroutine that fails obscurely later (or silently never runs).
+
+    ``app_name(self)``: the app's name for the message; ``receiver``: how the message names
+    the object (``"app"``, ``"record"``); ``blocking()``: the sync app's class with the
+    blocking form, if it has a method of that name (read only when raising).
+
+    On the event loop it costs the wrapper's call and one C call (a thread without a running
+    asyncio loop is the only one asked whether it runs task code); under trio no asyncio loop
+    runs, and the event loop's thread is not a task's."""
+
+    def decorate(func: F) -> F:
+        short = func.__name__
+
+        @functools.wraps(func)
+        def call(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+            if _running_loop() is None and in_task_thread():
+                sync = blocking()
+                raise AsyncCallInThreadError(
+                    app_name(self),
+                    short if receiver == "app" else f"{receiver}.{short}",
+                    call=f"{receiver}.{short}",
+                    blocking=f"{sync.__name__}.{short}" if hasattr(sync, short) else None,
+                )
+            return func(self, *args, **kwargs)
+
+        return cast(F, call)
+
+    return decorate
 
 
 def still_running() -> list[ThreadCall]:
