@@ -700,6 +700,32 @@ def test_a_component_class_given_for_the_object_is_refused(
         app_class(storage=MemoryStorage)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("app_class", [AsyncQueueTasks, QueueTasks])
+def test_a_worker_name_or_class_is_refused_by_the_constructor(
+    app_class: type[AsyncQueueTasks] | type[QueueTasks],
+) -> None:
+    """``worker="redis"`` was kept as the worker and failed when the app served
+    (``'str' object has no attribute ...``); the class, not called, likewise."""
+    from qtasks.worker import QueueWorker
+
+    with pytest.raises(ConfigError) as info:
+        app_class(worker="redis")  # type: ignore[arg-type]  # the mistake under test
+    text = str(info.value)
+    assert text.startswith(
+        f"{app_class.__name__}(worker='redis'): worker= takes a worker object "
+        "(qtasks.QueueWorker(...)), not a name or URL"
+    )
+    assert "config=QueueConfig(broker=...)" in text
+    with pytest.raises(ConfigError, match=r"worker='redis://user:\*\*\*@host:6379/0'"):
+        app_class(worker="redis://user:secret@host:6379/0")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as info:
+        app_class(worker=QueueWorker)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        f"{app_class.__name__}(worker=QueueWorker): worker= takes a worker object, not its "
+        "class; call it: worker=QueueWorker(...)"
+    )
+
+
 def test_a_url_given_for_the_broker_is_refused_pointing_to_broker_url_masked() -> None:
     """QTasks 1.7 took a Redis URL as ``broker_url=``: a URL passed as ``broker=`` says so,
     its password masked; another scheme is pointed to ``QueueConfig(broker_url=...)``."""

@@ -153,7 +153,7 @@ class AsyncQueueTasks:
         broker_url: str | None = None,
     ) -> None:
         given = {"broker": broker, "storage": storage, "global_config": global_config}
-        refuse_names(type(self).__name__, given)
+        refuse_names(type(self).__name__, {**given, "worker": worker})
         if broker_url is not None:  # QTasks' form: the Redis components from one URL
             from qtasks.compat.url import components_from_url
 

@@ -15,16 +15,18 @@ from qtasks.errors import ConfigError
 from qtasks.masking import mask_url
 
 KINDS: tuple[Kind, ...] = ("broker", "storage", "global_config")
-"""The components the constructor takes as objects."""
+"""The components the constructor takes as objects and configuration names."""
 
 
 def refuse_names(app: str, given: dict[str, Any]) -> None:
     """Raise :class:`~qtasks.errors.ConfigError` when a component in ``given`` (by kind,
     ``None`` where none was passed) is a ``str`` (a name or a URL) or a class, given to the
-    constructor of ``app`` (the class name) instead of a component object."""
-    for kind in KINDS:
-        value = given.get(kind)
+    constructor of ``app`` (the class name) instead of a component object. ``worker`` is
+    checked too: it has no name in configuration, the backends are chosen by the broker's."""
+    for kind, value in given.items():
         if isinstance(value, str):
+            if kind not in KINDS:  # the worker
+                raise ConfigError(_worker_message(app, value))
             raise ConfigError(_message(app, kind, value))
         if isinstance(value, type):
             # The class, not an instance (``broker=RedisBroker``): it failed at start.
@@ -32,6 +34,16 @@ def refuse_names(app: str, given: dict[str, Any]) -> None:
                 f"{app}({kind}={value.__name__}): {kind}= takes a {kind.replace('_', ' ')} "
                 f"object, not its class; call it: {kind}={value.__name__}(...)"
             )
+
+
+def _worker_message(app: str, value: str) -> str:
+    shown = mask_url(value) if "://" in value else value
+    return (
+        f"{app}(worker={shown!r}): worker= takes a worker object (qtasks.QueueWorker(...)), "
+        "not a name or URL; a worker is not chosen by name: the backends it serves from are "
+        "the broker's (broker=, broker_url= or config=QueueConfig(broker=...)), and its "
+        "settings are QueueConfig's (see docs/configuration.md)"
+    )
 
 
 def _message(app: str, kind: Kind, value: str) -> str:

@@ -63,7 +63,8 @@ class QueueTasks:
         broker_url: str | None = None,
     ) -> None:
         given = {"broker": broker, "storage": storage, "global_config": global_config}
-        refuse_names(type(self).__name__, given)  # named as this class, not the async one
+        # Named as this class, not the async one.
+        refuse_names(type(self).__name__, {**given, "worker": worker})
         self.aio = AsyncQueueTasks(
             name,
             broker=broker,
