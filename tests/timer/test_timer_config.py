@@ -8,14 +8,15 @@ import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from timer_helpers import Recorder, wait_until
 
-from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks import AsyncQueueTasks, Depends, QueueConfig
 from qtasks.config import load_config
 from qtasks.errors import ConfigError, PluginError, TaskArgumentsError
+from qtasks.state import AsyncState
 from qtasks_timer import AsyncTimer, ScheduleError, TimerPlugin, TimerSettings
 
 pytestmark = pytest.mark.anyio
@@ -308,3 +309,81 @@ async def test_a_bad_priority_of_a_timer_in_code_is_refused_when_it_is_added(pri
     with pytest.raises(ScheduleError, match="timer priority expects an int"):
         timer.add_task("tick", trigger="@hourly", priority=priority)
     assert timer.timers == []
+
+
+async def test_a_timer_added_before_its_task_is_checked_when_the_timer_starts() -> None:
+    """A timer added in code before its task is declared could not be checked then: its
+    arguments were found unfit only when it fired, each tick failing in a worker. They are
+    checked as the timer starts, the error naming the timer, the task and the parameter."""
+    app = AsyncQueueTasks("early")
+    timer = AsyncTimer(app)
+    handle = timer.add_task("later", trigger="@hourly", timer_id="early-one")
+    assert handle.id == "early-one"  # the task is unknown yet: accepted
+
+    @app.task
+    async def later(count: int) -> None:
+        return None
+
+    with pytest.raises(TaskArgumentsError) as info:
+        async with timer:
+            pass
+    assert str(info.value) == (
+        "timer early-one: task 'later': missing a required argument: 'count'"
+    )
+    assert not timer.running
+
+
+async def test_as_the_worker_starts_an_unfit_timer_added_early_is_left_out_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, rec = make_app([])
+    timer = AsyncTimer(app)
+    timer.add_task("late_task", trigger=0.3, timer_id="unfit", nope=1)
+    timer.add_task("late_task", trigger=0.3, timer_id="good")
+
+    @app.task
+    async def late_task() -> None:
+        return None
+
+    caplog.set_level("ERROR")
+    async with app:
+        await wait_until(lambda: rec.count("good") >= 1, 5, "the good timer")
+        assert [h.id for h in timer.timers] == ["good"]
+    [message] = [r.getMessage() for r in caplog.records if r.levelno >= 40]
+    assert message.startswith(
+        "timer unfit is not scheduled (the others are): timer unfit: task 'late_task': "
+    )
+    assert "'nope'" in message
+
+
+class Counter(AsyncState):
+    scope = "worker"
+
+
+def make_number() -> int:
+    return 1
+
+
+async def test_injected_parameters_are_not_asked_of_a_timer_added_early() -> None:
+    """State, Depends and an echo task's ``self`` are qtasks', not the timer's arguments."""
+    app = AsyncQueueTasks("injected")
+    timer = AsyncTimer(app)
+    timer.add_task("echoed", 1, trigger="@hourly")
+    timer.add_task("with_state", trigger="@hourly", n=2)
+    timer.add_task("with_depends", 3, trigger="@hourly")
+
+    @app.task(echo=True)
+    async def echoed(self: Any, n: int) -> None:
+        return None
+
+    @app.task
+    async def with_state(counter: Counter, n: int) -> None:
+        return None
+
+    @app.task
+    async def with_depends(n: int, extra: Annotated[int, Depends(make_number)]) -> None:
+        return None
+
+    async with timer:
+        assert timer.running
+        assert len(timer.timers) == 3

@@ -84,7 +84,12 @@ class TimerPlugin:
             return
         timer = self._timer(app)
         if timer is not None:
-            await app.task_group.start(timer.run, name="qtasks timer")
+            # One timer whose arguments do not fit its task is left out, not every timer.
+            token = SKIP_UNFIT.set(True)
+            try:
+                await app.task_group.start(timer.run, name="qtasks timer")
+            finally:
+                SKIP_UNFIT.reset(token)
 
     @hookimpl
     def qtasks_app_restored(self) -> None:

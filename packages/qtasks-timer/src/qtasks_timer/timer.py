@@ -72,9 +72,11 @@ of earlier ticks coalesced into this run}``."""
 FIRING: ContextVar[dict[str, Any] | None] = ContextVar("qtasks_timer_firing", default=None)
 
 SKIP_UNFIT: ContextVar[bool] = ContextVar("qtasks_timer_skip_unfit", default=False)
-"""Set by the plugin while it builds the app's timer as the worker starts: a configured timer
-whose arguments do not fit its task is logged and left out, and the others run. (An error
-there is a notification hook's, logged and ignored: every timer of the app was left out.)"""
+"""Set by the plugin while it builds the app's timer and starts it as the worker starts: a
+timer whose arguments do not fit its task (configured, or added in code before its task was
+declared, see :meth:`AsyncTimer._check_arguments`) is logged and left out, and the others
+run. (An error there is a notification hook's, logged and ignored: every timer of the app
+was left out.)"""
 """Set while the timer enqueues a tick; the plugin copies it into the message headers."""
 
 _MAX_SLEEP = 1.0  # re-read the wall clock at least this often: it may jump
@@ -121,6 +123,9 @@ class _Entry:
     are read: those up to the latest that has a claim were handled by a run before."""
     source: str = "code"
     handles: list[TimerHandle] = field(default_factory=list)
+    checked: bool = False
+    """Its arguments were checked against its task's signature (the task was declared when
+    the timer was added; else :meth:`AsyncTimer.run` checks them as it starts)."""
 
     @property
     def wake_at(self) -> datetime | None:
@@ -313,7 +318,7 @@ class AsyncTimer:
             priority = check_priority(priority, "timer priority", ScheduleError)
         args_t, kwargs_d = tuple(args), dict(kwargs or {})
         task = self.app.tasks.get(task_name)
-        if task is not None:
+        if task is not None:  # else checked when the timer starts (_check_arguments)
             task.check_arguments(args_t, kwargs_d)
         grace = self.misfire_grace if misfire_grace is None else misfire_grace
         _check_grace(grace)
@@ -327,6 +332,7 @@ class AsyncTimer:
                 raise TimerError(f"timer id {ident!r} is already used by another timer")
             return TimerHandle(self, existing)
         entry = _Entry(ident, task_name, trigger, args_t, kwargs_d, priority, grace, source=source)
+        entry.checked = task is not None
         self._entries[ident] = entry
         if self._running:
             self._arm(entry, self._clock())
@@ -395,6 +401,7 @@ class AsyncTimer:
         if self._running:
             task_status.started()
             return
+        self._check_arguments()
         self._running = True
         self._wake = anyio.Event()
         try:
@@ -410,6 +417,29 @@ class AsyncTimer:
             self._wake = None
             for entry in self._entries.values():
                 entry.armed = False
+
+    def _check_arguments(self) -> None:
+        """Check the arguments of the timers added before their task was declared against
+        its signature now, as the timers start, not when each first fires: raise
+        :class:`~qtasks.errors.TaskArgumentsError` naming the timer, the task and the
+        parameter; as the worker starts them (:data:`SKIP_UNFIT`), log it and leave that timer
+        out, the others run. Injected parameters (State, Depends, an echo task's ``self``)
+        are not the caller's, as for ``add_task``."""
+        tasks = self.app.tasks
+        for entry in list(self._entries.values()):
+            task = tasks.get(entry.task_name)
+            if entry.checked or task is None:
+                continue
+            try:
+                task.check_arguments(entry.args, entry.kwargs)
+            except TaskArgumentsError as exc:
+                error = TaskArgumentsError(f"timer {entry.id}: {exc}")
+                if not SKIP_UNFIT.get():
+                    raise error from None
+                log.error("timer %s is not scheduled (the others are): %s", entry.id, error)
+                del self._entries[entry.id]
+                continue
+            entry.checked = True
 
     def _warn_foreign_tasks(self) -> None:
         """Warn about each timer whose task this app, which has tasks, does not have (a
