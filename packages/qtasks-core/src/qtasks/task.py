@@ -11,6 +11,7 @@ import asyncio
 import builtins
 import copy
 import difflib
+import functools
 import inspect
 import re
 import sys
@@ -232,7 +233,7 @@ def resolved_signature(
     ``ForwardRef`` placeholders gives an injection (``Annotated[Conn, Depends(connect)]``
     still injects ``connect`` when ``Conn`` is unknown at run time)."""
     signature = inspect.signature(func)
-    namespace = getattr(inspect.unwrap(func), "__globals__", None)
+    namespace = _namespace_of(func)
     if namespace is None:
         return signature
     params = []
@@ -242,6 +243,26 @@ def resolved_signature(
             annotation = _evaluate(annotation, namespace, localns or {})
         params.append(param.replace(annotation=annotation))
     return signature.replace(parameters=params)
+
+
+def _namespace_of(func: Callable[..., Any]) -> dict[str, Any] | None:
+    """The module namespace ``func``'s annotations are written in: a function's globals, or
+    those of the code ``inspect.signature`` reads for a ``functools.partial`` (its function),
+    a class (its ``__init__``, else its module) or a callable object (its ``__call__``), as
+    ``Depends(Conn)`` or ``Depends(partial(connect, url))`` take."""
+    target: Any = inspect.unwrap(func)
+    while isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    if isinstance(target, type):  # the __init__ it runs, perhaps a base class's
+        inits = (vars(c)["__init__"] for c in target.__mro__[:-1] if "__init__" in vars(c))
+        code = next(inits, None)
+    else:
+        code = target if hasattr(target, "__globals__") else type(target).__call__
+    namespace = getattr(code, "__globals__", None)
+    if namespace is None:
+        module = sys.modules.get(getattr(target, "__module__", None) or "")
+        namespace = None if module is None else vars(module)
+    return namespace
 
 
 def _evaluate(text: str, globalns: dict[str, Any], localns: Mapping[str, Any]) -> Any:
