@@ -317,3 +317,25 @@ async def test_an_eta_or_delay_in_milliseconds_is_refused(option: str) -> None:
         else:
             task = await app.add_task("add", 1, 2, delay=far)
         assert task.status == "new"
+
+
+async def test_an_envelope_with_an_eta_in_milliseconds_is_refused_for_every_broker() -> None:
+    """``Broker.publish`` called directly was handed any eta: the check was add_task's. It is
+    made where every envelope is made, so no broker gets one (nor a workflow's step)."""
+    import time
+
+    from qtasks.memory import MemoryBroker
+    from qtasks.messages import Envelope
+
+    value = time.time() * 1000
+    says = f"^Envelope: eta {re.escape(repr(value))} is [0-9,]+ years ahead, more than 100: "
+    says += r"it looks like milliseconds; eta takes a unix time in seconds \(time.time\(\)"
+    with pytest.raises(TaskArgumentsError, match=says):
+        Envelope("id-1", b"{}", 0, value)
+    kept = Envelope("id-2", b"{}", 0, time.time() + 99 * 365.25 * 86400)  # 99 years: a time
+    broker = MemoryBroker()
+    app = AsyncQueueTasks(broker=broker)
+    async with app:
+        await broker.publish(kept)
+        assert kept.eta is not None
+        assert Envelope("id-3", b"{}") == Envelope("id-3", b"{}", 0, None)  # still a dataclass

@@ -59,6 +59,10 @@ for seconds (``eta=time.time() * 1000`` is some 50,000 years ahead), which a bro
 keep for ever and ``qtasks`` commands print past the year 9999."""
 
 
+ETA_TAKES = "a unix time in seconds (time.time() + seconds)"
+"""What an ``eta`` takes, for :func:`far_ahead`'s message."""
+
+
 def far_ahead(
     what: str, value: float, ahead: float, takes: str, error: type[Exception]
 ) -> Exception:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qtasks import flow
-from qtasks.checks import FAR_AHEAD, check_delay, check_priority, far_ahead, finite
+from qtasks.checks import ETA_TAKES, FAR_AHEAD, check_delay, check_priority, far_ahead, finite
 from qtasks.compat.calls import bad_task_name
 from qtasks.components import Broker, SharedServer, Storage
 from qtasks.errors import TaskArgumentsError
@@ -176,8 +176,7 @@ def new_message(
     elif eta is not None:
         eta = _eta(eta)
         if eta - now > FAR_AHEAD:
-            takes = "a unix time in seconds (time.time() + seconds)"
-            raise far_ahead("add_task: eta", eta, eta - now, takes, TaskArgumentsError)
+            raise far_ahead("add_task: eta", eta, eta - now, ETA_TAKES, TaskArgumentsError)
     headers: dict[str, Any] = {}
     if parent_uuid is not None:
         headers["parent_uuid"] = parent_uuid
