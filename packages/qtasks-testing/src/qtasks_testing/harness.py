@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import anyio
 
@@ -35,6 +35,7 @@ from qtasks.state import StateRegistry
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
+from qtasks.workflows import Workflow
 from qtasks_testing.calls import RUNNING, Call, Running, Session
 from qtasks_testing.clock import FakeClock
 from qtasks_testing.isolation import Additions
@@ -531,7 +532,31 @@ class Harness(EnqueuedLog):
             self._report(call)
 
     def _delayed(self, record: TaskRecord) -> bool:
-        return record.eta is not None and record.eta > self.clock.time()
+        eta = self._eta(record)
+        return eta is not None and eta > self.clock.time()
+
+    def _in_gate(self, record: TaskRecord) -> bool:
+        """Whether ``record`` is a workflow step not published yet: it waits for the steps
+        before it (in a retry backoff, say), not for the worker. The settle step that opens
+        its gate publishes it, so it has a message once they ended."""
+        broker = self.app.broker
+        return (
+            record.workflow is not None
+            and record.status is TaskStatus.NEW
+            and isinstance(broker, MemoryBroker)
+            and not broker.holds(record.uuid)
+        )
+
+    def _eta(self, record: TaskRecord) -> float | None:
+        """When ``record``'s task is due: its ``eta``, else the in-memory broker's due time of
+        its message (a workflow step published with a ``delay`` by the worker that finished
+        the step before has no ``eta`` in its record)."""
+        if record.eta is not None:
+            return record.eta
+        broker = self.app.broker
+        if isinstance(broker, MemoryBroker) and record.status is TaskStatus.NEW:
+            return broker.due(record.uuid)
+        return None
 
     async def _hand_out(self, call: Call, record: TaskRecord, parent: Call | None) -> AsyncTask:
         """The final record of the task a call ran: to the task that enqueued it (``parent``),
@@ -734,7 +759,8 @@ class Harness(EnqueuedLog):
         return sum(stats.ready_by_priority.values())
 
     async def _next_eta(self) -> float | None:
-        etas = [r.eta for r in await self._records() if not r.status.final and r.eta is not None]
+        pending = [r for r in await self._records() if not r.status.final]
+        etas = [eta for r in pending if (eta := self._eta(r)) is not None]
         return min(etas) if etas else None
 
     async def run_pending(self, *, include_delayed: bool = False) -> list[AsyncTask]:
@@ -826,12 +852,13 @@ class Harness(EnqueuedLog):
             raise HarnessError(f"the worker did not finish within {self.timeout} s: {names}")
 
     async def _catch_up(
-        self, uuid: str | None, include_delayed: bool, timeout: float
+        self, uuids: Collection[str] | None, include_delayed: bool, timeout: float
     ) -> list[TaskRecord]:
-        """Worker mode: wait until every task enqueued through the harness (or only ``uuid``)
-        that is due is final. A task the worker requeued with a retry delay, or that its rate or
-        concurrency limit held back, is still due (as in inline mode, where retries skip their
-        backoff): the clock is moved to its turn.
+        """Worker mode: wait until every task enqueued through the harness (or only those of
+        ``uuids``) that is due is final. A task the worker requeued with a retry delay, or
+        that its rate or concurrency limit held back, is still due (as in inline mode, where
+        retries skip their backoff): the clock is moved to its turn. A workflow step still in
+        its gate is not waited for: the steps before it are.
         Tasks delayed at enqueue are moved to with ``include_delayed`` only.
 
         Returns ``[]``, or the tasks still running when ``timeout`` seconds passed without one
@@ -842,11 +869,11 @@ class Harness(EnqueuedLog):
             progress = anyio.Event()
             self._progress.add(progress)
             try:
-                if uuid is None:
+                if uuids is None:
                     records = await self._records()
                 else:
-                    one = await self.app.storage.get(uuid)
-                    records = [] if one is None else [one]
+                    stored = [await self.app.storage.get(uuid) for uuid in uuids]
+                    records = [one for one in stored if one is not None]
                 pending = [r for r in records if not r.status.final]
                 backoff = {r.uuid: due for r in pending if (due := self._held_until(r)) is not None}
                 busy = [
@@ -854,6 +881,7 @@ class Harness(EnqueuedLog):
                     for r in pending
                     if r.uuid not in backoff
                     and (r.status is not TaskStatus.NEW or not self._delayed(r))
+                    and not self._in_gate(r)
                 ]
                 if busy:
                     if not await self._wait_for_progress(busy, progress, timeout):
@@ -863,7 +891,7 @@ class Harness(EnqueuedLog):
                 self._progress.discard(progress)
             etas = list(backoff.values())
             if not etas and include_delayed:
-                etas = [r.eta for r in pending if r.eta is not None]
+                etas = [eta for r in pending if (eta := self._eta(r)) is not None]
             if not etas:
                 return []
             await self.advance_to(min(etas))
@@ -895,9 +923,21 @@ class Harness(EnqueuedLog):
             return True
         return False
 
-    async def wait(self, task: str | TaskRecord, timeout: float | None = None) -> AsyncTask:
+    @overload
+    async def wait(self, task: Workflow, timeout: float | None = None) -> Workflow: ...
+
+    @overload
+    async def wait(self, task: str | TaskRecord, timeout: float | None = None) -> AsyncTask: ...
+
+    async def wait(
+        self, task: str | TaskRecord | Workflow, timeout: float | None = None
+    ) -> AsyncTask | Workflow:
         """The final record of ``task`` (a uuid or a record); runs it first in inline mode. In
-        worker mode the clock is moved through the task's retry backoffs."""
+        worker mode the clock is moved through the task's retry backoffs. For a
+        :class:`~qtasks.workflows.Workflow` (what ``run_workflow`` returned): its state once
+        it ended, its members run (inline) or waited for (worker) the same way."""
+        if isinstance(task, Workflow):
+            return await self._wait_workflow(task.id, timeout)
         uuid = task if isinstance(task, str) else task.uuid
         record = await self.app.storage.get(uuid)
         if record is None:
@@ -914,11 +954,34 @@ class Harness(EnqueuedLog):
                 return await self._hand_out(call, record, parent)
         else:
             limit = timeout if timeout is not None else self.timeout
-            if self.mode == "worker" and await self._catch_up(uuid, False, limit):
+            if self.mode == "worker" and await self._catch_up([uuid], False, limit):
                 raise TaskTimeoutError(uuid, limit)
             # Final by now, or delayed at enqueue: wait for it as the app would.
             record = await self.app.wait(uuid, limit)
         return await self._checked(None, record)
+
+    async def _wait_workflow(self, id: str, timeout: float | None) -> Workflow:
+        """:meth:`wait` for the workflow ``id``: its record ends when its members did."""
+        state = await self.app.get_workflow(id)
+        if state is None:
+            raise TaskNotFoundError(id)
+        if not state.done:
+            members = [await self.app.storage.get(uuid) for uuid in state.members]
+            delayed = [r for r in members if r is not None and self._delayed(r)]
+            if self.mode == "inline" and delayed:
+                raise HarnessError(
+                    f"workflow {id} waits for its step {delayed[0].task_name} "
+                    f"[{delayed[0].uuid}], which is delayed; call advance_time() or "
+                    "run_pending(include_delayed=True) to let it run"
+                )
+            if self.mode == "worker":
+                limit = timeout if timeout is not None else self.timeout
+                if await self._catch_up(state.members, False, limit):
+                    raise TaskTimeoutError(id, limit)
+            await self.wait(id, timeout)
+        ended = await self.app.get_workflow(id)
+        assert ended is not None  # its record was there, and a final one is not removed
+        return ended
 
     # --- time -----------------------------------------------------------------------------
 

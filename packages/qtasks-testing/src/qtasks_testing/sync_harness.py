@@ -12,6 +12,7 @@ from qtasks.app import AsyncQueueTasks
 from qtasks.record import TaskRecord
 from qtasks.sync import QueueTasks
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
+from qtasks.workflows import Workflow
 from qtasks_testing.clock import FakeClock
 from qtasks_testing.harness import Harness, HarnessError, Mode
 from qtasks_testing.records import EnqueuedTask
@@ -130,9 +131,15 @@ class SyncHarness:
         records = self.call(lambda: self.harness.run_pending(include_delayed=include_delayed))
         return [self._bind(r) for r in records]
 
-    def wait(self, task: str | TaskRecord, timeout: float | None = None) -> Any:
-        """See :meth:`Harness.wait`."""
-        return self._bind(self.call(self.harness.wait, task, timeout))
+    def wait(self, task: str | TaskRecord | Workflow, timeout: float | None = None) -> Any:
+        """See :meth:`Harness.wait`: a record, or for a workflow its state."""
+        if isinstance(task, Workflow):
+            state = self.call(self.harness.wait, task, timeout)
+            if self._facade is None:
+                return state
+            return self._facade.get_workflow(state.id) or state
+        one: str | TaskRecord = task
+        return self._bind(self.call(lambda: self.harness.wait(one, timeout)))
 
     def freeze_time(self) -> None:
         self.harness.freeze_time()

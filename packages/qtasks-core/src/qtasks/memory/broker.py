@@ -243,6 +243,21 @@ class MemoryBroker(_Lifecycle):
         """Make waiting consumers re-check what is due now (after an injected clock moved)."""
         self._wake()
 
+    def due(self, id: str) -> float | None:
+        """When the message ``id``, queued with a delay, becomes due (unix time on the
+        broker's clock); ``None`` when no such message waits for its time. For the testing
+        harness, which moves its clock there: a workflow step published by a worker with a
+        ``delay`` has no ``eta`` in its record."""
+        entry = self._known.get(id)
+        if entry is None or entry.token or entry.due <= self._clock():
+            return None
+        return entry.due
+
+    def holds(self, id: str) -> bool:
+        """Whether a message ``id`` is queued, delayed or in flight (for the testing harness:
+        a workflow step still waiting in its gate has none)."""
+        return id in self._known
+
     def _schedule(self, entry: _Entry, eta: float | None) -> None:
         self._known[entry.id] = entry
         if eta is not None and eta > self._clock():

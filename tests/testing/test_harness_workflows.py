@@ -1,0 +1,145 @@
+"""The harness with workflows: steps a worker publishes later (with a ``delay``), and
+``wait(workflow)``."""
+
+import anyio
+import pytest
+
+from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, chain
+from qtasks.errors import TaskFailedError
+from qtasks.workflows import SyncWorkflow
+from qtasks_testing.harness import Harness, HarnessError, Mode
+from qtasks_testing.sync_harness import SyncHarness
+
+
+def make_app() -> AsyncQueueTasks:
+    app = AsyncQueueTasks()
+
+    @app.task
+    async def double(n: int) -> int:
+        return n * 2
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["inline", "worker"])
+async def test_a_later_step_with_a_delay_waits_for_the_clock(mode: Mode) -> None:
+    # The second step is published by the worker that finished the first, due 60 s later:
+    # its record has no eta, the broker's message has.
+    app = make_app()
+    double = app.tasks["double"]
+    async with Harness(app, mode=mode, timeout=5) as qt:
+        qt.freeze_time()
+        start = qt.clock.time()
+        state = await app.run_workflow(chain(double.s(1), double.s().set(delay=60)))
+        with anyio.fail_after(3):
+            done = await qt.run_pending()  # the first step only: the second is not due
+        # Inline, run_workflow ran (and handed out) the first step already.
+        first = [] if mode == "inline" else [(state.members[0], TaskStatus.SUCCESS)]
+        assert [(d.uuid, d.status) for d in done] == first
+        assert qt.clock.time() == start
+        if mode == "inline":
+            with pytest.raises(HarnessError, match="is delayed; call advance_time"):
+                await qt.wait(state.members[1])
+        with anyio.fail_after(3):
+            (second,) = await qt.run_pending(include_delayed=True)
+        assert (second.uuid, second.returning) == (state.members[1], 4)
+        assert qt.clock.time() == start + 60
+        ended = await app.get_workflow(state.id)
+        assert ended is not None
+        assert (ended.status, ended.result) == ("success", 4)
+
+
+def make_retrying_app() -> AsyncQueueTasks:
+    app = make_app()
+    tries: list[int] = []
+
+    @app.task(retry=1, retry_backoff=30)
+    async def flaky(n: int) -> int:
+        tries.append(n)
+        if len(tries) == 1:
+            raise ConnectionError("down")
+        return n + 1
+
+    @app.task
+    async def boom(n: int) -> int:
+        raise ValueError(f"boom {n}")
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["inline", "worker"])
+async def test_wait_takes_a_workflow_and_returns_its_state(mode: Mode) -> None:
+    app = make_retrying_app()
+    flaky, double = app.tasks["flaky"], app.tasks["double"]
+    async with Harness(app, mode=mode, timeout=5) as qt:
+        qt.freeze_time()
+        state = await app.run_workflow(chain(flaky.s(1), double.s()))
+        with anyio.fail_after(3):  # worker: the clock is moved through the 30 s backoff
+            ended = await qt.wait(state)
+        assert (ended.id, ended.status, ended.result) == (state.id, "success", 4)
+
+
+@pytest.mark.anyio
+async def test_wait_for_a_workflow_raises_its_failure() -> None:
+    app = make_retrying_app()
+    boom, double = app.tasks["boom"], app.tasks["double"]
+    async with Harness(app, mode="worker", timeout=5) as qt:
+        state = await app.run_workflow(chain(boom.s(1), double.s()))
+        with pytest.raises(TaskFailedError, match="boom 1"):
+            await qt.wait(state)
+    async with Harness(app, mode="worker", timeout=5, raise_task_errors=False) as qt:
+        state = await app.run_workflow(chain(boom.s(2), double.s()))
+        ended = await qt.wait(state)
+        assert ended.status == "error"
+        assert "boom 2" in (ended.error or "")
+
+
+@pytest.mark.anyio
+async def test_inline_wait_for_a_workflow_with_a_delayed_step_says_so() -> None:
+    app = make_app()
+    double = app.tasks["double"]
+    async with Harness(app, timeout=5) as qt:
+        qt.freeze_time()
+        state = await app.run_workflow(chain(double.s(1), double.s().set(delay=60)))
+        with pytest.raises(HarnessError, match="which is delayed; call advance_time"):
+            await qt.wait(state)
+        await qt.advance_time(60)
+        assert (await qt.wait(state)).result == 4
+
+
+def test_the_sync_harness_waits_for_a_workflow_of_the_sync_app() -> None:
+    app = QueueTasks()
+
+    @app.task
+    def double(n: int) -> int:
+        return n * 2
+
+    with SyncHarness(app, mode="worker", timeout=5) as qt:
+        state = app.run_workflow(chain(double.s(1), double.s()))
+        ended = qt.wait(state)
+        assert isinstance(ended, SyncWorkflow)
+        assert (ended.status, ended.result) == ("success", 4)
+
+
+@pytest.mark.anyio
+async def test_worker_run_pending_moves_the_clock_through_a_chain_steps_backoff() -> None:
+    # The second step waits in its gate (no message yet) while the first is in its 30 s
+    # backoff: it is not the worker's to finish, so the clock moves to the retry.
+    app = make_retrying_app()
+    flaky, double = app.tasks["flaky"], app.tasks["double"]
+    async with Harness(app, mode="worker", timeout=5) as qt:
+        qt.freeze_time()
+        start = qt.clock.time()
+        state = await app.run_workflow(chain(flaky.s(1), double.s()))
+        with anyio.fail_after(3):
+            done = await qt.run_pending()
+        assert [(d.task_name, d.status) for d in done] == [
+            ("flaky", TaskStatus.SUCCESS),
+            ("double", TaskStatus.SUCCESS),
+        ]
+        assert start < qt.clock.time() <= start + 30  # the backoff, jittered
+        ended = await app.get_workflow(state.id)
+        assert ended is not None
+        assert ended.result == 4
