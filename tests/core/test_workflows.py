@@ -457,8 +457,26 @@ async def test_a_start_that_fails_after_its_first_batch_cancels_the_workflow(
 
 async def test_wait_result_times_out(app: AsyncQueueTasks) -> None:
     wf = await app.run_workflow(app.tasks["double"].s(1))  # no worker serves
-    with pytest.raises(TaskTimeoutError):
+    with pytest.raises(TaskTimeoutError) as raised:
         await wf.wait_result(timeout=0.1)
+    # Named as a workflow, with why nothing ran it (as a task's wait says).
+    assert raised.value.what == "workflow"
+    assert str(raised.value).startswith(f"workflow {wf.id} did not finish within 0.1 s")
+    assert "Broker (process memory), so nothing ran it" in str(raised.value)
+
+
+async def test_a_workflow_wait_timeout_names_the_members_not_final() -> None:
+    app = make_app()
+    double, add = app.tasks["double"], app.tasks["add"]
+    async with app:
+        wf = await app.run_workflow(chain(double.s(1).set(delay=60), add.s(1)))
+        with pytest.raises(TaskTimeoutError) as raised:
+            await wf.wait_result(timeout=0.1)
+    first, second = wf.members
+    assert str(raised.value) == (
+        f"workflow {wf.id} did not finish within 0.1 s: 2 of its 2 members are not final: "
+        f"double [{first}] (new), add [{second}] (new)"
+    )
 
 
 async def test_add_tasks_enqueues_each_and_fires_hooks_per_task(app: AsyncQueueTasks) -> None:

@@ -200,12 +200,16 @@ class TaskCodeError(QTasksError):
 
 
 class TaskTimeoutError(QTasksError, TimeoutError):
-    """Waiting for a task's final record took longer than the timeout."""
+    """Waiting for a task's final record took longer than the timeout (``what`` is
+    ``"workflow"`` when it was a workflow's, ``uuid`` then its id)."""
 
-    def __init__(self, uuid: str, timeout: float | None, why: str = "") -> None:
+    def __init__(
+        self, uuid: str, timeout: float | None, why: str = "", *, what: str = "task"
+    ) -> None:
         self.uuid = uuid
         self.timeout = timeout
-        super().__init__(f"task {uuid} did not finish within {timeout} s{why}")
+        self.what = what
+        super().__init__(f"{what} {uuid} did not finish within {timeout} s{why}")
 
 
 class InvalidTimeoutError(QTasksError, ValueError):

@@ -69,5 +69,6 @@ def explained(app: AsyncQueueTasks, exc: TaskTimeoutError) -> TaskTimeoutError:
             exc.timeout,
             f": no worker serves {type(broker).__name__} (process memory), so nothing ran "
             "it; serve in this process (with app:, async with app:, app.run_forever())",
+            what=exc.what,
         )
     return exc

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from qtasks import local_wait
 from qtasks.bulk import BATCH, enqueue_batch, notify_failed, notify_stored, publish_many
 from qtasks.checks import check_timeout
 from qtasks.components import GateMessage, WorkflowStore
-from qtasks.errors import TaskNotFoundError, WorkflowError, WorkflowInputError
+from qtasks.errors import TaskNotFoundError, TaskTimeoutError, WorkflowError, WorkflowInputError
 from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope, Message
 from qtasks.record import TaskRecord, TaskStatus
@@ -177,12 +178,34 @@ async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow
     :class:`~qtasks.errors.TaskNotFoundError` at once, a ``timeout`` that is not seconds
     :class:`~qtasks.errors.InvalidTimeoutError`."""
     timeout = check_timeout(timeout, "wait_workflow: timeout")
+    local_wait.check_waitable(app, f"waiting for workflow {id}")
     record = await app.storage.get(id)
     if record is None or record.task_name != WORKFLOW_TASK:
         raise TaskNotFoundError(id)
     if not record.status.final:
-        record = await app.storage.wait(id, timeout)
+        try:
+            record = await app.storage.wait(id, timeout)
+        except TaskTimeoutError as exc:
+            why = await _unfinished(app, record)
+            late = TaskTimeoutError(id, exc.timeout, why, what="workflow")
+            raise local_wait.explained(app, late) from None
     return await state(app, record)
+
+
+async def _unfinished(app: AsyncQueueTasks, record: TaskRecord) -> str:
+    """What the workflow ``record`` still waits for, for its wait's timeout: its first
+    members not final, with their status."""
+    members: list[str] = record.kwargs["members"]
+    waiting = [
+        m for m in await store_of(app).get_many(members) if m is not None and not m.status.final
+    ]
+    if not waiting:
+        return ""
+    shown = [f"{m.task_name} [{m.uuid}] ({m.status.value})" for m in waiting[:3]]
+    more = f" and {len(waiting) - 3} more" if len(waiting) > 3 else ""
+    return (
+        f": {len(waiting)} of its {len(members)} members are not final: " + ", ".join(shown) + more
+    )
 
 
 async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
