@@ -28,6 +28,7 @@ from qtasks import (
     hookimpl,
 )
 from qtasks.errors import (
+    ConfigError,
     SerializationError,
     StorageConnectionError,
     TaskArgumentsError,
@@ -1223,3 +1224,25 @@ def test_signature_set_refuses_an_unknown_option_naming_the_known_ones() -> None
     with pytest.raises(TaskDeclarationError, match="unknown option 'foo'; its options are"):
         f.s(1).set(foo=1)
     assert f.s(1).set(immutable=True) == f.si(1)
+
+
+class SharedLikeBroker(MemoryBroker):
+    """Stands for a broker shared with other processes (RabbitMQ's): a worker elsewhere
+    would record what it runs in its own storage."""
+
+    local = False
+
+
+async def test_waiting_for_a_workflow_whose_records_stay_here_is_refused_at_once() -> None:
+    app = AsyncQueueTasks(broker=SharedLikeBroker())  # no storage=: records in this process
+
+    @app.task
+    def one() -> int:
+        return 1
+
+    try:
+        wf = await app.run_workflow(one.s())
+        with anyio.fail_after(1), pytest.raises(ConfigError, match="waiting for workflow"):
+            await wf.wait_result(timeout=30)
+    finally:
+        await app.aclose()
