@@ -1246,3 +1246,22 @@ async def test_waiting_for_a_workflow_whose_records_stay_here_is_refused_at_once
             await wf.wait_result(timeout=30)
     finally:
         await app.aclose()
+
+
+async def test_an_argument_error_names_the_workflow_member() -> None:
+    app = make_app()
+    add, double, total = app.tasks["add"], app.tasks["double"], app.tasks["total"]
+    try:
+        flow = chain(add.s(1, 2), double.s(), group(double.s(), add.s(5, 6)), total.s())
+        with pytest.raises(TaskArgumentsError) as raised:
+            await app.run_workflow(flow)
+        assert str(raised.value).startswith(
+            "workflow member 3 add.s(5, 6); the previous step's result comes first: "
+            "task 'add': too many positional arguments"
+        )
+        error = r"^on_error double\.s\(x=1\); the workflow id comes first: task 'double'"
+        with pytest.raises(TaskArgumentsError, match=error):
+            await app.run_workflow(add.s(1, 2), on_error=double.s(x=1))
+        assert await app.storage.workflows(10) == []  # type: ignore[attr-defined]
+    finally:
+        await app.aclose()

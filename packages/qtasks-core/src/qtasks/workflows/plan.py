@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qtasks.components import GateMessage
-from qtasks.errors import UnknownTaskError, WorkflowError
+from qtasks.errors import TaskArgumentsError, UnknownTaskError, WorkflowError
 from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks.workflows.canvas import (
@@ -205,13 +205,17 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
     rewrite = "qtasks_task_enqueue" in app.hooks.active
     index = {m.uuid: i for i, m in enumerate(compiler.members)}
     compacted: dict[int, Spec] = {}  # by the input's id: a group's members share theirs
-    for member in members:
+    for position, member in enumerate(members):
         if member.input is not None and not isinstance(member.input, str):
             key = id(member.input)
             if key not in compacted:
                 compacted[key] = compact(member.input, index)
             member.input = compacted[key]
-        record, message = _call(app, workflow, member, now)
+        try:
+            record, message = _call(app, workflow, member, now)
+        except TaskArgumentsError as exc:  # which of the workflow's calls does not fit
+            exc.args = (f"{_describe(member, position, len(compiler.members))}: {exc}",)
+            raise
         if rewrite:
             record, message = await _rewritten(app, record, message)
         task = app.tasks.get(message.task_name)
@@ -266,6 +270,22 @@ def failure(record: TaskRecord) -> str:
     """The workflow error naming the member ``record`` that ended it (failed or cancelled)."""
     why = record.error if record.status is TaskStatus.ERROR else record.cancel_reason
     return f"member {record.uuid} ({record.task_name}) {record.status.value}: {why}"
+
+
+def _describe(member: _Member, position: int, declared: int) -> str:
+    """``member`` for an error: where it is in the workflow (members counted in the order they
+    were declared, from 0) and how it is called."""
+    sig = member.sig
+    args = sig.args
+    if position >= declared:  # the error callback
+        where, fed = "on_error", ""
+        if not sig.immutable:  # called with the workflow id first, which it was given here
+            args, fed = args[1:], "; the workflow id comes first"
+    else:
+        where = f"workflow member {position}"
+        fed = "; the previous step's result comes first" if member.input is not None else ""
+    shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in sig.kwargs.items())])
+    return f"{where} {sig.task_name}.s({shown:.80}){fed}"
 
 
 def _call(
