@@ -37,6 +37,7 @@ from qtasks.errors import (
 )
 from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope, Message
+from qtasks.workflows import Chain, Chord, Group
 from qtasks.workflows.plan import GENERATION, MIN_RUN, compact
 from qtasks.workflows.runtime import _expand, generation
 
@@ -1265,3 +1266,19 @@ async def test_an_argument_error_names_the_workflow_member() -> None:
         assert await app.storage.workflows(10) == []  # type: ignore[attr-defined]
     finally:
         await app.aclose()
+
+
+def test_celerys_apply_async_and_delay_of_a_canvas_point_to_run_workflow() -> None:
+    app = make_app()
+    add, total = app.tasks["add"], app.tasks["total"]
+    canvases: list[Chain | Group | Chord] = [
+        chain(add.s(1, 2), add.s(3)),
+        group(add.s(1, 2)),
+        chord([add.s(1, 2)], total.s()),
+    ]
+    for canvas in canvases:
+        for call in (canvas.apply_async, canvas.delay):
+            with pytest.raises(WorkflowError, match=r"runs with app\.run_workflow\(flow\)"):
+                call()
+    with pytest.raises(WorkflowError, match=r"^add\.s\(\.\.\.\)\.apply_async\(\): a workflow"):
+        add.s(1, 2).apply_async(countdown=5)

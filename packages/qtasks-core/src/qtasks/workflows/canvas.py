@@ -30,6 +30,15 @@ _CELERY_OPTIONS = {
 }
 
 
+def _run_it_with_the_app(what: str) -> WorkflowError:
+    """Celery's ``apply_async()``/``delay()`` of a canvas: qtasks runs a workflow through
+    the app, which knows the broker and storage."""
+    return WorkflowError(
+        f"{what}: a workflow (a signature included) runs with app.run_workflow(flow), which "
+        "returns a Workflow to wait on (Celery's apply_async()/delay() of a canvas)"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Signature:
     """One task call, not made yet: ``task.s(*args, **kwargs)`` or
@@ -102,6 +111,11 @@ class Signature:
         """``a.s() | b.s()`` is ``chain(a.s(), b.s())``."""
         return chain(self, other)
 
+    def apply_async(self, *args: Any, **options: Any) -> None:
+        """Refused: ``app.run_workflow(sig)`` runs it (``delay`` is the option, not a
+        method)."""
+        raise _run_it_with_the_app(f"{self.task_name}.s(...).apply_async()")
+
 
 @dataclass(slots=True)
 class Chain:
@@ -112,6 +126,14 @@ class Chain:
     def __or__(self, other: Node) -> Chain:
         """``chain(...) | b.s()``: this chain, then ``b``."""
         return chain(self, other)
+
+    def apply_async(self, *args: Any, **options: Any) -> None:
+        """Refused, as Celery's canvas call: ``app.run_workflow(...)`` runs it."""
+        raise _run_it_with_the_app("chain(...).apply_async()")
+
+    def delay(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as Celery's canvas call: ``app.run_workflow(...)`` runs it."""
+        raise _run_it_with_the_app("chain(...).delay()")
 
 
 @dataclass(slots=True)
@@ -125,6 +147,14 @@ class Group:
         """``group(...) | cb.s()``: ``cb`` gets the group's results (a chord)."""
         return chain(self, other)
 
+    def apply_async(self, *args: Any, **options: Any) -> None:
+        """Refused, as Celery's canvas call: ``app.run_workflow(...)`` runs it."""
+        raise _run_it_with_the_app("group(...).apply_async()")
+
+    def delay(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as Celery's canvas call: ``app.run_workflow(...)`` runs it."""
+        raise _run_it_with_the_app("group(...).delay()")
+
 
 @dataclass(slots=True)
 class Chord:
@@ -137,6 +167,14 @@ class Chord:
     def __or__(self, other: Node) -> Chain:
         """``chord(...) | b.s()``: ``b`` gets the callback's result."""
         return chain(self, other)
+
+    def apply_async(self, *args: Any, **options: Any) -> None:
+        """Refused, as Celery's canvas call: ``app.run_workflow(...)`` runs it."""
+        raise _run_it_with_the_app("chord(...).apply_async()")
+
+    def delay(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as Celery's canvas call: ``app.run_workflow(...)`` runs it."""
+        raise _run_it_with_the_app("chord(...).delay()")
 
 
 Node: TypeAlias = Signature | Chain | Group | Chord
