@@ -5,7 +5,7 @@ import anyio
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, chain
-from qtasks.errors import TaskFailedError
+from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks.workflows import SyncWorkflow
 from qtasks_testing.harness import Harness, HarnessError, Mode
 from qtasks_testing.sync_harness import SyncHarness
@@ -39,7 +39,7 @@ async def test_a_later_step_with_a_delay_waits_for_the_clock(mode: Mode) -> None
         assert [(d.uuid, d.status) for d in done] == first
         assert qt.clock.time() == start
         if mode == "inline":
-            with pytest.raises(HarnessError, match="is delayed; call advance_time"):
+            with pytest.raises(HarnessError, match="is delayed: inline, it runs only when"):
                 await qt.wait(state.members[1])
         with anyio.fail_after(3):
             (second,) = await qt.run_pending(include_delayed=True)
@@ -103,7 +103,7 @@ async def test_inline_wait_for_a_workflow_with_a_delayed_step_says_so() -> None:
     async with Harness(app, timeout=5) as qt:
         qt.freeze_time()
         state = await app.run_workflow(chain(double.s(1), double.s().set(delay=60)))
-        with pytest.raises(HarnessError, match="which is delayed; call advance_time"):
+        with pytest.raises(HarnessError, match="which is delayed: inline"):
             await qt.wait(state)
         await qt.advance_time(60)
         assert (await qt.wait(state)).result == 4
@@ -143,3 +143,42 @@ async def test_worker_run_pending_moves_the_clock_through_a_chain_steps_backoff(
         ended = await app.get_workflow(state.id)
         assert ended is not None
         assert ended.result == 4
+
+
+@pytest.mark.anyio
+async def test_inline_wait_result_without_a_timeout_on_what_is_delayed_raises() -> None:
+    # Nothing runs a delayed task inline until the clock moves: the wait could only hang.
+    app = make_app()
+    double = app.tasks["double"]
+    async with Harness(app, timeout=5) as qt:
+        qt.freeze_time()
+        task = await double.add_task(1, delay=60)
+        state = await app.run_workflow(chain(double.s(1), double.s().set(delay=60)))
+        with anyio.fail_after(3):
+            with pytest.raises(HarnessError, match=r"task double\(1\) \[.*\] is delayed"):
+                await task.wait_result()
+            with pytest.raises(HarnessError, match="waits for its step double"):
+                await state.wait_result()
+            # With a timeout, the wait times out, as in production without a worker.
+            with pytest.raises(TaskTimeoutError):
+                await task.wait_result(0.05)
+        await qt.advance_time(60)
+        assert (await task.wait_result()).returning == 2
+        ended = await state.wait_result()
+        assert ended.result == 4
+
+
+def test_the_sync_apps_wait_result_is_refused_the_same() -> None:
+    app = QueueTasks()
+
+    @app.task
+    def double(n: int) -> int:
+        return n * 2
+
+    with SyncHarness(app, timeout=5) as qt:
+        qt.freeze_time()
+        task = double.add_task(1, delay=60)
+        with pytest.raises(HarnessError, match="is delayed"):
+            task.wait_result()
+        qt.advance_time(60)
+        assert task.wait_result().returning == 2
