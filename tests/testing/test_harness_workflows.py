@@ -96,19 +96,6 @@ async def test_wait_for_a_workflow_raises_its_failure() -> None:
         assert "boom 2" in (ended.error or "")
 
 
-@pytest.mark.anyio
-async def test_inline_wait_for_a_workflow_with_a_delayed_step_says_so() -> None:
-    app = make_app()
-    double = app.tasks["double"]
-    async with Harness(app, timeout=5) as qt:
-        qt.freeze_time()
-        state = await app.run_workflow(chain(double.s(1), double.s().set(delay=60)))
-        with pytest.raises(HarnessError, match="which is delayed: inline"):
-            await qt.wait(state)
-        await qt.advance_time(60)
-        assert (await qt.wait(state)).result == 4
-
-
 def test_the_sync_harness_waits_for_a_workflow_of_the_sync_app() -> None:
     app = QueueTasks()
 
@@ -159,13 +146,15 @@ async def test_inline_wait_result_without_a_timeout_on_what_is_delayed_raises() 
                 await task.wait_result()
             with pytest.raises(HarnessError, match="waits for its step double"):
                 await state.wait_result()
+            with pytest.raises(HarnessError, match="which is delayed: inline"):
+                await qt.wait(state)
             # With a timeout, the wait times out, as in production without a worker.
             with pytest.raises(TaskTimeoutError):
                 await task.wait_result(0.05)
         await qt.advance_time(60)
         assert (await task.wait_result()).returning == 2
         ended = await state.wait_result()
-        assert ended.result == 4
+        assert ended.result == (await qt.wait(state)).result == 4
 
 
 def test_the_sync_apps_wait_result_is_refused_the_same() -> None:
