@@ -86,9 +86,14 @@ async def test_wait_for_a_workflow_raises_its_failure() -> None:
     app = make_retrying_app()
     boom, double = app.tasks["boom"], app.tasks["double"]
     async with Harness(app, mode="worker", timeout=5) as qt:
-        state = await app.run_workflow(chain(boom.s(1), double.s()))
-        with pytest.raises(TaskFailedError, match="boom 1"):
+        state = await app.run_workflow(chain(double.s(1), boom.s()))
+        with pytest.raises(TaskFailedError) as raised:
             await qt.wait(state)
+        # The member's failure, with its traceback, not the workflow record's summary.
+        message = str(raised.value)
+        assert message.startswith(f"task boom(None) [{state.members[1]}] failed: ValueError")
+        assert 'raise ValueError(f"boom {n}")' in message
+        assert f"It failed workflow {state.id}" in message
     async with Harness(app, mode="worker", timeout=5, raise_task_errors=False) as qt:
         state = await app.run_workflow(chain(boom.s(2), double.s()))
         ended = await qt.wait(state)

@@ -996,20 +996,32 @@ class Harness(EnqueuedLog):
         return await self._checked(None, record)
 
     async def _wait_workflow(self, id: str, timeout: float | None) -> Workflow:
-        """:meth:`wait` for the workflow ``id``: its record ends when its members did."""
+        """:meth:`wait` for the workflow ``id``: its record ends when its members did. A
+        workflow that failed raises (if asked to) the failure of the member that failed it,
+        with that member's traceback."""
         state = await self.app.get_workflow(id)
         if state is None:
             raise TaskNotFoundError(id)
-        if not state.done:
-            if self.mode == "inline":
-                await self._refuse_a_delayed_step(id)
-            if self.mode == "worker":
-                limit = timeout if timeout is not None else self.timeout
-                if await self._catch_up(state.members, False, limit):
-                    raise TaskTimeoutError(id, limit)
-            await self.wait(id, timeout)
+        if not state.done and self.mode == "inline":
+            await self._refuse_a_delayed_step(id)
+            await self.wait(id, timeout)  # raises a member's failure as it runs
+        elif not state.done:
+            limit = timeout if timeout is not None else self.timeout
+            if await self._catch_up(state.members, False, limit):
+                raise TaskTimeoutError(id, limit)
+            await type(self.app).wait(self.app, id, limit)
         ended = await self.app.get_workflow(id)
         assert ended is not None  # its record was there, and a final one is not removed
+        self._handed_out.add(id)
+        if ended.status == "error" and self.raise_task_errors:
+            members = [await self.app.storage.get(uuid) for uuid in ended.members]
+            failed = [m for m in members if m is not None and m.status is TaskStatus.ERROR]
+            if failed:
+                note = f"It failed workflow {id}: its steps not final then were cancelled."
+                raise self._failure(failed[0], [], note)
+            record = await self.app.storage.get(id)
+            assert record is not None
+            raise self._failure(record, [])
         return ended
 
     # --- time -----------------------------------------------------------------------------
