@@ -6,7 +6,7 @@ tests); :class:`~qtasks_testing.sync_harness.SyncHarness` is its blocking facade
 :mod:`qtasks_testing.records` what it records. The unittest cases and the pytest fixtures are
 thin layers over these.
 
-Over ~900 lines: one class, whose two modes share the component swap, the clock and the
+Over ~1,000 lines: one class, whose two modes share the component swap, the clock and the
 bookkeeping of the tasks it holds back and moves the clock for (what a test adds to the app is
 taken off by :mod:`qtasks_testing.isolation`; which call of the test a task belongs to is kept
 by :mod:`qtasks_testing.calls`).

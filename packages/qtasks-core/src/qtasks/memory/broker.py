@@ -1,6 +1,6 @@
 """The in-memory broker: priorities, delays, leases, redelivery and dead letters.
 
-Over ~500 lines: one class that implements the broker protocol and every optional capability
+Over ~700 lines: one class that implements the broker protocol and every optional capability
 the core's own tests run through (claim and begin, dead letters, stats, bulk), as Redis does.
 """
 
