@@ -94,6 +94,12 @@ async def test_wait_for_a_workflow_raises_its_failure() -> None:
         assert message.startswith(f"task boom(None) [{state.members[1]}] failed: ValueError")
         assert 'raise ValueError(f"boom {n}")' in message
         assert f"It failed workflow {state.id}" in message
+        assert f"It is a member of workflow {state.id}" in message
+    async with Harness(app, timeout=5) as qt:  # inline: run_workflow raises it
+        with pytest.raises(TaskFailedError) as raised:
+            await app.run_workflow(chain(double.s(1), boom.s()))
+        assert "It is a member of workflow " in str(raised.value)
+        assert "shows None in that argument's place" in str(raised.value)
     async with Harness(app, mode="worker", timeout=5, raise_task_errors=False) as qt:
         state = await app.run_workflow(chain(boom.s(2), double.s()))
         ended = await qt.wait(state)

@@ -11,6 +11,7 @@ from qtasks.messages import Serializer
 from qtasks.models import to_wire
 from qtasks.record import TaskRecord
 from qtasks.task import TaskDef
+from qtasks.workflows.plan import WORKFLOW_TASK
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +62,17 @@ def describe(record: TaskRecord) -> str:
 
 
 def failure_message(record: TaskRecord) -> str:
-    """A message naming the failed task, its call and its traceback."""
+    """A message naming the failed task, its call and its traceback (and its workflow, for a
+    member of one)."""
     text = f"task {describe(record)} failed: {record.error}"
     if record.traceback:
         text += "\n\nTask traceback:\n" + record.traceback.rstrip()
+    if record.workflow is not None and record.task_name != WORKFLOW_TASK:
+        text += (
+            f"\n\nIt is a member of workflow {record.workflow} (app.get_workflow() reads its "
+            "state); a step fed the result of the step before shows None in that argument's "
+            "place."
+        )
     return text
 
 
