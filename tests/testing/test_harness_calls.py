@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus
+from qtasks import AsyncQueueTasks, QueueTasks, Task, TaskStatus
 from qtasks.errors import TaskFailedError
 from qtasks.task import AsyncTask
 from qtasks_testing import Harness, HarnessError, HarnessTimeoutError, SyncHarness
@@ -192,13 +192,25 @@ def test_a_task_waiting_for_its_own_thread_s_enqueue_times_out_saying_so() -> No
     def child() -> str:
         return "child"
 
+    enqueues: list[Future[Task]] = []
+
     @app.task
     def parent() -> str:
+        if enqueues:
+            # Its delivery, cancelled at the timeout, came back: the waiting call ran it
+            # first. Enqueuing again would leave a call running past the harness's close.
+            return "again"
         with ThreadPoolExecutor(1) as pool:
-            return str(pool.submit(child.add_task).result().returning)
+            enqueues.append(pool.submit(child.add_task))
+            return str(enqueues[0].result().returning)
 
-    with SyncHarness(app, timeout=0.5), pytest.raises(HarnessTimeoutError) as caught:
-        parent.add_task()
+    with SyncHarness(app, timeout=0.5):
+        with pytest.raises(HarnessTimeoutError) as caught:
+            parent.add_task()
+        # The waiting call runs once the parent's ended: it ends before the harness closes
+        # (else its enqueue, racing the close, started the closed app again).
+        (enqueue,) = enqueues
+        assert enqueue.result(timeout=10).returning == "child"
     assert "task parent() [" in str(caught.value)
     assert "1 other call of the test waited for it meanwhile" in str(caught.value)
 
