@@ -38,6 +38,7 @@ from qtasks.record import TaskRecord
 from qtasks.routers import Router, shared_tasks
 from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import stop_on_signals
+from qtasks.stopping import STOP_MARGIN
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
 from qtasks.worker import QueueWorker
 from qtasks.workflows.canvas import Node, Signature
@@ -490,7 +491,9 @@ class QueueTasks:
         """Stop serving (ending a :meth:`run_forever` in another thread gracefully), stop
         every component and the portal's thread. Calls still in flight in the portal (a
         ``wait`` left behind by a Ctrl-C in its caller) are cancelled: a thread blocked in
-        ``wait_result()`` or ``stream()`` gets :class:`~qtasks.errors.ComponentNotStartedError`."""
+        ``wait_result()`` or ``stream()`` gets :class:`~qtasks.errors.ComponentNotStartedError`.
+        A portal whose loop ended on an exception (see :meth:`_ended`) is waited for, its
+        worker's grace period cut short: its thread is over when this returns."""
         with self._forever_done:
             if self._forever:
                 self.stop()
@@ -502,8 +505,14 @@ class QueueTasks:
         self.__exit__()
         if self._portal is not None and self._portal_ended:
             # Nothing to stop through it: the thread's own teardown (asyncio cancelling the
-            # tasks left) ends what it can, as a daemon.
+            # tasks left) ends what it can. Its worker's stop would give the tasks the grace
+            # period, though none can run there any more: cut short (as a second Ctrl-C does)
+            # and waited for, so the thread is over (and its exception reported) when this
+            # returns, not seconds later in whatever code runs then.
             self._portal = self._portal_loop = None
+            self.aio.stop(now=True)
+            if self._portal_stop is not None:
+                self._portal_stop.join(timeout=STOP_MARGIN + 10)
         if self._portal is not None:
             portal, self._portal, self._portal_loop = self._portal, None, None
             portal.call(self.aio.aclose)
