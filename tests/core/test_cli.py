@@ -403,6 +403,12 @@ def test_workflow_and_inspect_mask_a_workflow_s_result_and_error(
         assert "--show-secrets: passwords and secrets are shown" in result.stderr
         code, out = invoke("workflow", done.id, "--show-secrets", "-A", target)
         assert code == 0 and 'result: "redis://u:hunter2@h/0"' in out
+        code, out = invoke("workflow", failed.id, "-A", target)
+        assert code == 0 and f"failed member: {failed.members[0]}" in out
+        assert (
+            json.loads(invoke("workflow", failed.id, "--json", "-A", target)[1])["failed_member"]
+            == (failed.members[0])
+        )
 
 
 def test_get_shows_a_time_past_the_year_9999(served: str, app_module: ModuleType) -> None:

@@ -176,6 +176,38 @@ async def test_failing_step_fails_the_chain_and_cancels_later_steps(app: AsyncQu
     assert [c for c in calls(app) if c[0] == "on_error"] == [("on_error", (done.id, "note"))]
 
 
+async def test_a_failed_workflow_names_the_member_that_failed_it() -> None:
+    """The error callback finds the failing member's record, its traceback with it."""
+    app = AsyncQueueTasks()
+    tracebacks: list[str | None] = []
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    async def fail(n: int) -> None:
+        raise ValueError(f"bad {n}")
+
+    @app.task
+    async def alert(workflow: str) -> None:
+        state = await app.get_workflow(workflow)
+        assert state is not None and state.failed_member is not None
+        record = await app.get(state.failed_member)
+        tracebacks.append(None if record is None else record.traceback)
+
+    async with app:
+        ok = await (await app.run_workflow(chain(add.s(1, 2)))).wait_result(timeout=5)
+        wf = await app.run_workflow(chain(add.s(1, 2), fail.s(), add.s(4)), on_error=alert.s())
+        done = await wf.wait_result(timeout=5)
+        assert done.on_error is not None
+        await app.wait(done.on_error, 5)
+    assert (ok.status, ok.failed_member) == ("success", None)
+    assert (done.status, done.failed_member) == ("error", done.members[1])
+    (traceback,) = tracebacks
+    assert traceback is not None and "ValueError: bad 3" in traceback
+
+
 async def test_failing_chord_member_never_runs_the_callback(app: AsyncQueueTasks) -> None:
     double, fail, total = app.tasks["double"], app.tasks["fail"], app.tasks["total"]
     async with app:

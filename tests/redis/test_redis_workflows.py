@@ -100,6 +100,7 @@ async def test_failures_fail_the_workflow_and_run_the_error_callback_once(
     assert workers.ran("on_error") == [first.id]
     assert second.status == "error" and second.error is not None
     assert second.members[-2] in second.error  # the failing member, named
+    assert (first.failed_member, second.failed_member) == (first.members[1], second.members[-2])
     assert workers.ran("total") == []
 
 

@@ -460,6 +460,12 @@ class WorkflowStore(Protocol):
         Returns what :meth:`Storage.cancel` returns."""
         ...
 
+    async def failed_member(self, workflow: str) -> str | None:
+        """The uuid of the member whose failure ended ``workflow`` (the one that opened its
+        ``error`` gate in :meth:`member_done`), kept as long as the workflow's record; ``None``
+        when none did (running, succeeded or cancelled)."""
+        ...
+
     async def workflows(self, limit: int = 20) -> list[TaskRecord]:
         """The records of the newest ``limit`` workflows still stored (running or ended), by
         ``created_at``, newest first, for ``qtasks inspect``. Costs a bounded number of round

@@ -297,7 +297,14 @@ class QueueTasks:
 
     def _workflow(self, state: Workflow) -> SyncWorkflow:
         return SyncWorkflow(
-            state.id, state.status, state.members, state.result, state.error, state.on_error, self
+            state.id,
+            state.status,
+            state.members,
+            state.result,
+            state.error,
+            state.on_error,
+            state.failed_member,
+            self,
         )
 
     def get(self, uuid: str) -> Task | None:

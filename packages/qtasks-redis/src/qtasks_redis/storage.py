@@ -383,6 +383,10 @@ class RedisStorage:
         ``DEL`` of the workflow's keys."""
         return await workflows.cancel_workflow(self, workflow, reason)
 
+    async def failed_member(self, workflow: str) -> str | None:
+        """See :class:`qtasks.components.WorkflowStore`: the opener of its ``error`` gate."""
+        return await workflows.failed_member(self, workflow)
+
     async def workflows(self, limit: int = 20) -> list[TaskRecord]:
         """See :class:`qtasks.components.WorkflowStore`: the ``<tag>:wf`` index, a batch at a
         time (one round trip for the ids, one for their records)."""

@@ -85,6 +85,13 @@ async def cancel_workflow(storage: RedisStorage, workflow: str, reason: str) -> 
     return record
 
 
+async def failed_member(storage: RedisStorage, workflow: str) -> str | None:
+    """Who opened the ``error`` gate (``o`` expires with the workflow's record)."""
+    (opened,) = workflow_keys(storage, workflow, "o")
+    uuid = await guarded(storage.target, storage._require().hget(opened, "error"))
+    return uuid.decode() if isinstance(uuid, bytes) else uuid
+
+
 async def newest(storage: RedisStorage, limit: int) -> list[TaskRecord]:
     """The newest ``limit`` workflow records; entries of expired ones are removed as met,
     reading at most :data:`_LIST_BATCHES` batches."""

@@ -238,6 +238,7 @@ def workflow(
                     "id": state.id,
                     "status": state.status,
                     "error": error,
+                    "failed_member": state.failed_member,
                     "result": result,
                     "members": [
                         dict(zip(("uuid", "task", "status"), r, strict=True)) for r in rows
@@ -249,6 +250,8 @@ def workflow(
     typer.echo(f"workflow {state.id}: {state.status}")
     if error:
         typer.echo(f"error: {error}")
+    if state.failed_member:
+        typer.echo(f"failed member: {state.failed_member} (qtasks get it for its traceback)")
     if state.status == "success":
         typer.echo(f"result: {json.dumps(result, default=str)}")
     counts: dict[str, int] = {}

@@ -350,6 +350,11 @@ class MemoryStorage(_Lifecycle):
         self._check()
         return await self._workflows.cancel(workflow, reason)
 
+    async def failed_member(self, workflow: str) -> str | None:
+        """See :class:`qtasks.components.WorkflowStore`."""
+        self._check()
+        return self._workflows.failed_member(workflow)
+
     async def workflows(self, limit: int = 20) -> list[TaskRecord]:
         """See :class:`qtasks.components.WorkflowStore`."""
         self._check()

@@ -87,6 +87,10 @@ class MemoryWorkflows:
             self.forget(uuid)
         return out
 
+    def failed_member(self, workflow: str) -> str | None:
+        flow = self._flows.get(workflow)
+        return None if flow is None else flow.opened_by.get(ERROR)
+
     def forget(self, uuid: str) -> None:
         """``uuid``'s record is gone (expired): so is its workflow state, if it is one."""
         if self._ids.pop(uuid, 0) is None:

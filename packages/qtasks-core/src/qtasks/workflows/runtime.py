@@ -44,7 +44,8 @@ class Workflow:
     ``cancel``; ``members`` the uuids of its tasks in the order they were declared;
     ``result`` (once ``success``) the result of its last step, a list for a group; ``error``
     names the member that failed (or, for a ``success`` whose members' records expired
-    since it ended, says why ``result`` is ``None``)."""
+    since it ended, says why ``result`` is ``None``); ``failed_member`` (once ``error``) is
+    that member's uuid, for ``app.get(wf.failed_member)`` and its traceback."""
 
     id: str
     status: str
@@ -52,6 +53,7 @@ class Workflow:
     result: Any = None
     error: str | None = None
     on_error: str | None = None
+    failed_member: str | None = None
     _client: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -114,7 +116,7 @@ async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> W
         raise
     # The others are stored and wait in gates: enqueued when a worker opens their gate.
     await notify_stored(app, plan.members, enqueued=False)
-    return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], None, None, None, app)
+    return Workflow(plan.id, RUNNING, plan.record.kwargs["members"], _client=app)
 
 
 async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
@@ -134,8 +136,11 @@ async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
                 f"its result cannot be read: {problem} (members' records expire result_ttl "
                 "after their workflow ended)"
             )
+    failed = None
+    if record.status is TaskStatus.ERROR:
+        failed = await store_of(app).failed_member(record.uuid)
     return Workflow(
-        record.uuid, status, list(info["members"]), result, error, info.get("on_error"), app
+        record.uuid, status, list(info["members"]), result, error, info.get("on_error"), failed, app
     )
 
 
