@@ -146,6 +146,23 @@ async def test_chord_callback_gets_every_result_once(app: AsyncQueueTasks) -> No
     assert [c for c in calls(app) if c[0] == "total"] == [("total", [2 * i for i in range(50)])]
 
 
+async def test_celery_s_chord_header_then_callback_builds_the_same_chord(
+    app: AsyncQueueTasks,
+) -> None:
+    """Celery's ``chord(header)(callback)`` (it raised ``TypeError: missing callback``)."""
+    double, total = app.tasks["double"], app.tasks["total"]
+    header = [double.s(1), double.s(2)]
+    built = chord(header)(total.s())
+    assert built == chord(header, total.s())
+    with pytest.raises(WorkflowError, match=r"no callback yet: call it with one"):
+        await app.run_workflow(chord(header))  # type: ignore[arg-type]  # what is refused
+    with pytest.raises(WorkflowError, match=r"no callback yet"):
+        chain(double.s(1), chord(header))  # type: ignore[arg-type]  # what is refused
+    async with app:
+        done = await (await app.run_workflow(built)).wait_result(timeout=5)
+    assert done.result == 6
+
+
 async def test_nesting_chain_of_groups_and_group_of_chains(app: AsyncQueueTasks) -> None:
     add, double, total = app.tasks["add"], app.tasks["double"], app.tasks["total"]
     flow = chain(

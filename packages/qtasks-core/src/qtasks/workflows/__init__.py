@@ -6,12 +6,23 @@ that finished the step before, as part of settling it (see ``docs/workflows.md``
 workflow goes on when every client is gone.
 """
 
-from qtasks.workflows.canvas import Chain, Chord, Group, Node, Signature, chain, chord, group
+from qtasks.workflows.canvas import (
+    Chain,
+    Chord,
+    ChordHeader,
+    Group,
+    Node,
+    Signature,
+    chain,
+    chord,
+    group,
+)
 from qtasks.workflows.runtime import SyncWorkflow, Workflow
 
 __all__ = [
     "Chain",
     "Chord",
+    "ChordHeader",
     "Group",
     "Node",
     "Signature",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
 from qtasks.checks import FAR_AHEAD, check_delay, check_priority, far_ahead
 from qtasks.errors import QTasksError, TaskDeclarationError, UnknownTaskError, WorkflowError
@@ -181,6 +181,18 @@ Node: TypeAlias = Signature | Chain | Group | Chord
 """Anything a workflow is built of."""
 
 
+@dataclass(frozen=True, slots=True)
+class ChordHeader:
+    """``chord(header)`` without its callback (Celery's ``chord(header)(callback)`` form):
+    not a workflow yet; called with the callback, it is the :class:`Chord`."""
+
+    header: Group
+
+    def __call__(self, callback: Node) -> Chord:
+        """``chord(header)(cb.s())``: the same chord as ``chord(header, cb.s())``."""
+        return Chord(self.header, as_node(callback))
+
+
 def as_signature(value: Any, what: str, error: type[QTasksError] = WorkflowError) -> Signature:
     """``value`` when it is a :class:`Signature`, else ``error`` saying that ``what`` takes
     one (the usual mistake: a task itself, ``alert`` for ``alert.s()``)."""
@@ -189,9 +201,15 @@ def as_signature(value: Any, what: str, error: type[QTasksError] = WorkflowError
     raise error(f"{what} expects a signature (task.s(...)), not {value!r:.80}")
 
 
-def _node(value: Any) -> Node:
+def as_node(value: Any) -> Node:
+    """``value`` when a workflow can be built of it, else a :class:`WorkflowError` saying why."""
     if isinstance(value, Signature | Chain | Group | Chord):
         return value
+    if isinstance(value, ChordHeader):
+        raise WorkflowError(
+            "chord(header) has no callback yet: call it with one, chord(header)(cb.s()), or "
+            "write chord(header, cb.s())"
+        )
     raise WorkflowError(
         f"a workflow is built of signatures (task.s(...)), chain, group and chord, not {value!r}"
     )
@@ -202,7 +220,7 @@ def chain(*tasks: Node) -> Chain:
     finished the previous one."""
     if not tasks:
         raise WorkflowError("a chain needs at least one step")
-    return Chain([_node(t) for t in tasks])
+    return Chain([as_node(t) for t in tasks])
 
 
 def group(*tasks: Node | Iterable[Node]) -> Group:
@@ -213,17 +231,29 @@ def group(*tasks: Node | Iterable[Node]) -> Group:
         if isinstance(item, Signature | Chain | Group | Chord):
             members.append(item)
         elif isinstance(item, Iterable):
-            members.extend(_node(t) for t in item)
+            members.extend(as_node(t) for t in item)
         else:
-            members.append(_node(item))
+            members.append(as_node(item))
     if not members:
         raise WorkflowError("a group needs at least one member")
     return Group(members)
 
 
-def chord(header: Group | Iterable[Node], callback: Node) -> Chord:
-    """``chord(group(...), cb.s())``: ``cb(results)`` once every member succeeded."""
-    return Chord(header if isinstance(header, Group) else group(header), _node(callback))
+@overload
+def chord(header: Group | Iterable[Node], callback: Node) -> Chord: ...
+
+
+@overload
+def chord(header: Group | Iterable[Node]) -> ChordHeader: ...
+
+
+def chord(header: Group | Iterable[Node], callback: Node | None = None) -> Chord | ChordHeader:
+    """``chord(group(...), cb.s())``: ``cb(results)`` once every member succeeded; Celery's
+    ``chord(group(...))(cb.s())`` builds the same chord."""
+    members = header if isinstance(header, Group) else group(header)
+    if callback is None:
+        return ChordHeader(members)
+    return Chord(members, as_node(callback))
 
 
 def signature(

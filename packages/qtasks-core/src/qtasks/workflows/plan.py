@@ -30,6 +30,7 @@ from qtasks.workflows.canvas import (
     Group,
     Node,
     Signature,
+    as_node,
     as_signature,
 )
 
@@ -185,7 +186,7 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
         on_error = as_signature(on_error, "on_error")
     workflow = new_uuid()
     compiler = _Compiler()
-    result, ends = compiler.node(node, None, None)
+    result, ends = compiler.node(as_node(node), None, None)
     compiler.counts[FINAL] = len(ends)
     for uuid in ends:
         compiler.feeds[uuid] = FINAL
