@@ -27,6 +27,7 @@ from qtasks import (
     group,
     hookimpl,
 )
+from qtasks.components import FailedMember, WorkflowStore
 from qtasks.errors import (
     ConfigError,
     SerializationError,
@@ -223,6 +224,27 @@ async def test_a_failed_workflow_names_the_member_that_failed_it() -> None:
     assert (done.status, done.failed_member) == ("error", done.members[1])
     (traceback,) = tracebacks
     assert traceback is not None and "ValueError: bad 3" in traceback
+
+
+class _OlderWorkflowStore(MemoryStorage):
+    """A WorkflowStore written before FailedMember existed."""
+
+    failed_member = None  # type: ignore[assignment]
+
+
+async def test_a_workflow_store_without_failed_member_still_keeps_workflows() -> None:
+    app = AsyncQueueTasks(storage=_OlderWorkflowStore())
+
+    @app.task
+    async def fail(n: int) -> None:
+        raise ValueError(f"bad {n}")
+
+    assert isinstance(app.storage, WorkflowStore)
+    assert not isinstance(app.storage, FailedMember)
+    async with app:
+        done = await (await app.run_workflow(chain(fail.s(3)))).wait_result(timeout=5)
+    assert (done.status, done.failed_member) == ("error", None)
+    assert done.error is not None and done.members[0] in done.error
 
 
 async def test_failing_chord_member_never_runs_the_callback(app: AsyncQueueTasks) -> None:

@@ -460,12 +460,6 @@ class WorkflowStore(Protocol):
         Returns what :meth:`Storage.cancel` returns."""
         ...
 
-    async def failed_member(self, workflow: str) -> str | None:
-        """The uuid of the member whose failure ended ``workflow`` (the one that opened its
-        ``error`` gate in :meth:`member_done`), kept as long as the workflow's record; ``None``
-        when none did (running, succeeded or cancelled)."""
-        ...
-
     async def workflows(self, limit: int = 20) -> list[TaskRecord]:
         """The records of the newest ``limit`` workflows still stored (running or ended), by
         ``created_at``, newest first, for ``qtasks inspect``. Costs a bounded number of round
@@ -483,6 +477,19 @@ class GateMessage:
     body: bytes
     priority: int = 0
     delay: float = 0.0
+
+
+@runtime_checkable
+class FailedMember(Protocol):
+    """Optional :class:`WorkflowStore` capability, added after it (a store without it still
+    keeps workflows; their state then has no ``failed_member``): which member failed a
+    workflow."""
+
+    async def failed_member(self, workflow: str) -> str | None:
+        """The uuid of the member whose failure ended ``workflow`` (the one that opened its
+        ``error`` gate in :meth:`WorkflowStore.member_done`), kept as long as the workflow's
+        record; ``None`` when none did (running, succeeded or cancelled)."""
+        ...
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@ import anyio
 from qtasks import local_wait
 from qtasks.bulk import BATCH, enqueue_batch, notify_failed, notify_stored, publish_many
 from qtasks.checks import check_timeout
-from qtasks.components import GateMessage, WorkflowStore
+from qtasks.components import FailedMember, GateMessage, WorkflowStore
 from qtasks.errors import TaskNotFoundError, TaskTimeoutError, WorkflowError, WorkflowInputError
 from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope, Message
@@ -138,7 +138,9 @@ async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
             )
     failed = None
     if record.status is TaskStatus.ERROR:
-        failed = await store_of(app).failed_member(record.uuid)
+        store = store_of(app)
+        if isinstance(store, FailedMember):
+            failed = await store.failed_member(record.uuid)
     return Workflow(
         record.uuid, status, list(info["members"]), result, error, info.get("on_error"), failed, app
     )
