@@ -1353,3 +1353,10 @@ def test_celerys_apply_async_and_delay_of_a_canvas_point_to_run_workflow() -> No
                 call()
     with pytest.raises(WorkflowError, match=r"^add\.s\(\.\.\.\)\.apply_async\(\): a workflow"):
         add.s(1, 2).apply_async(countdown=5)
+    # Not "'NoneType' object is not callable": the delay option is kept as delay_seconds.
+    with pytest.raises(WorkflowError, match=r"^add\.s\(\.\.\.\)\.delay\(\): a workflow"):
+        add.s(1, 2).delay()
+    with pytest.raises(WorkflowError, match=r"^add\.s\(\.\.\.\)\.delay\(\): a workflow"):
+        add.s(1, 2).set(delay=5).delay(3)
+    assert add.s(1, 2).set(delay=5).delay_seconds == 5
+    assert app.signature("add", (1, 2), delay=2.5).delay_seconds == 2.5

@@ -162,7 +162,7 @@ async def prepare_all(
                 sig.args,
                 sig.kwargs,
                 sig.priority,
-                sig.delay,
+                sig.delay_seconds,
                 None,
                 None,
                 sig.retry,

@@ -47,13 +47,15 @@ class Signature:
     (``task.si(...)``): it is then called with its own arguments only (as an error callback,
     without the workflow id). ``priority``, ``delay`` (seconds, counted from when the step is
     enqueued) and ``retry`` (retries after a failure, instead of the task's own ``retry``) are
-    options of the call."""
+    options of the call, set with :meth:`set` or ``app.signature(...)``; the ``delay`` option
+    is kept as :attr:`delay_seconds`, since ``sig.delay()`` is Celery's call (refused here, as
+    :meth:`apply_async`)."""
 
     task_name: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     priority: int | None = None
-    delay: float | None = None
+    delay_seconds: float | None = None
     retry: int | None = None
     immutable: bool = False
 
@@ -65,9 +67,9 @@ class Signature:
             )
             if priority is not self.priority:  # an IntEnum member, as its int
                 object.__setattr__(self, "priority", priority)
-        if self.delay is not None:
+        if self.delay_seconds is not None:
             what = f"signature of {name!r}: delay"
-            seconds = check_delay(self.delay, what, TaskDeclarationError)
+            seconds = check_delay(self.delay_seconds, what, TaskDeclarationError)
             if seconds > FAR_AHEAD:  # a workflow's steps are enqueued without add_task's check
                 raise far_ahead(what, seconds, seconds, "seconds", TaskDeclarationError)
         if self.retry is not None and (
@@ -99,7 +101,7 @@ class Signature:
         changes: dict[str, Any] = {}
         for option, value in (
             ("priority", priority),
-            ("delay", delay),
+            ("delay_seconds", delay),
             ("retry", retry),
             ("immutable", immutable),
         ):
@@ -112,9 +114,13 @@ class Signature:
         return chain(self, other)
 
     def apply_async(self, *args: Any, **options: Any) -> None:
-        """Refused: ``app.run_workflow(sig)`` runs it (``delay`` is the option, not a
-        method)."""
+        """Refused: ``app.run_workflow(sig)`` runs it."""
         raise _run_it_with_the_app(f"{self.task_name}.s(...).apply_async()")
+
+    def delay(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as Celery's call: ``app.run_workflow(sig)`` runs it (the ``delay``
+        option is ``sig.set(delay=seconds)``, read back as :attr:`delay_seconds`)."""
+        raise _run_it_with_the_app(f"{self.task_name}.s(...).delay()")
 
 
 @dataclass(slots=True)

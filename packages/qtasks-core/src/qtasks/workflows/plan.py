@@ -226,13 +226,13 @@ async def compile_plan(app: AsyncQueueTasks, node: Node, on_error: Signature | N
             # at the worker, of the input.
             message.headers["ckey"] = spec.concurrency_key(message.args, message.kwargs)
         if member.gate is None:
-            delay = member.sig.delay
+            delay = member.sig.delay_seconds
             start.append((record, app.codec.encode(message, now + delay if delay else None)))
         else:
             records.append(record)
             body = app.codec.encode(message).body
             gates[member.gate][1].append(
-                GateMessage(member.uuid, body, message.priority, member.sig.delay or 0.0)
+                GateMessage(member.uuid, body, message.priority, member.sig.delay_seconds or 0.0)
             )
     own = TaskRecord(
         uuid=workflow,
