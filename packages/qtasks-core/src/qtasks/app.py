@@ -63,7 +63,7 @@ from qtasks.routers import Router, shared_tasks
 from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import SignalStarter
 from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple, warn_misspelt_options
-from qtasks.threads import in_task_thread, loop_only
+from qtasks.threads import _running_loop, in_task_thread, loop_only
 from qtasks.worker import QueueWorker
 from qtasks.workflows import runtime as workflows
 from qtasks.workflows.canvas import Node, Signature, signature
@@ -77,12 +77,6 @@ R = TypeVar("R")
 log = logging.getLogger("qtasks")
 
 _RESERVED = ("priority", "timeout", "delay", "eta")
-
-
-_running_loop = asyncio._get_running_loop
-"""The running asyncio loop or ``None`` (under trio, or outside a loop): the C function behind
-``asyncio.get_running_loop``, without an exception when there is none. Comparing it with the
-loop the components were started in costs well under a microsecond per call."""
 
 
 def _sync_app() -> type:

@@ -40,6 +40,7 @@ from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import stop_on_signals
 from qtasks.stopping import STOP_MARGIN
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
+from qtasks.threads import _running_loop
 from qtasks.worker import QueueWorker
 from qtasks.workflows.canvas import Node, Signature
 from qtasks.workflows.runtime import SyncWorkflow, Workflow
@@ -585,10 +586,6 @@ _ASYNC_ONLY = {
 async def _awaited(fn: Callable[..., Awaitable[R]], *args: Any) -> R:
     """``await fn(*args)``, a coroutine for ``asyncio.run_coroutine_threadsafe``."""
     return await fn(*args)
-
-
-_running_loop = asyncio._get_running_loop
-"""The running asyncio loop or ``None``, without an exception when there is none."""
 
 
 def _is_async_callable(value: Any) -> bool:

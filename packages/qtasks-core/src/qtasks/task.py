@@ -7,7 +7,6 @@ with its async and sync call shapes, and the record a task call returns belong t
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import copy
 import difflib
@@ -49,7 +48,7 @@ from qtasks.errors import (
 from qtasks.flow import check_options as check_flow_options
 from qtasks.flow import flow_spec
 from qtasks.record import TaskRecord
-from qtasks.threads import in_task_thread, loop_only
+from qtasks.threads import _running_loop, in_task_thread, loop_only
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -58,9 +57,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_running_loop = asyncio._get_running_loop
-"""The running asyncio loop or ``None``, without an exception when there is none."""
 
 
 class TaskKind(StrEnum):

@@ -61,7 +61,10 @@ def in_task_thread() -> bool:
 F = TypeVar("F", bound=Callable[..., Any])
 
 _running_loop = asyncio._get_running_loop
-"""The running asyncio loop or ``None``: a C call, no exception when there is none."""
+"""The running asyncio loop or ``None`` (under trio, or outside a loop): the C function behind
+``asyncio.get_running_loop``, without an exception when there is none. Comparing it with the
+loop the components were started in costs well under a microsecond per call. The one alias
+of it: the app, the sync app and tasks import it from here."""
 
 
 def loop_only(
