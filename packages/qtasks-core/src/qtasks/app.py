@@ -402,7 +402,12 @@ class AsyncQueueTasks:
         app starts them again: an app can be used from one ``asyncio.run`` to the next, and
         from test to test with a loop per test. Components left behind by a loop closed
         without that (``loop.close()`` after ``run_until_complete``) are dropped without
-        touching the dead loop, and started anew."""
+        touching the dead loop, and started anew.
+
+        While :meth:`aclose` stops the components, a start (so any call that would start them:
+        ``add_task``, ``get``...) raises :class:`~qtasks.errors.ComponentNotStartedError`
+        rather than start a second life of the app in the middle of its close; once the close
+        has returned, the next call starts the app again."""
         if self._stack is not None and self._loop is not _running_loop():
             self._leave_old_loop()
         if self._start_lock is None:
@@ -410,6 +415,11 @@ class AsyncQueueTasks:
         async with self._start_lock:
             if self._stack is not None:
                 return
+            if self._closing and self._pid == os.getpid():  # a forked child's is the parent's
+                raise ComponentNotStartedError(
+                    f"app {self.name!r} is closing (aclose() or close() is under way): it is "
+                    "not started again meanwhile; use it once the close has returned"
+                )
             shared_tasks.adopt(self)  # modules of shared tasks imported since __init__
             # Names a task's annotations use may be defined after it in its module.
             for task in self.tasks.values():
@@ -503,7 +513,8 @@ class AsyncQueueTasks:
 
     @_loop_only
     async def aclose(self) -> None:
-        """Stop the worker (if serving) and every component."""
+        """Stop the worker (if serving) and every component. Calls that would start the app
+        meanwhile raise :class:`~qtasks.errors.ComponentNotStartedError` (see :meth:`start`)."""
         if self._stack is not None and self._loop is not _running_loop():
             self._leave_old_loop()  # nothing can be closed on a loop that is gone
             return
