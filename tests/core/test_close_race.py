@@ -4,10 +4,13 @@ second life of the app (a second event loop of the sync app) in the middle of th
 
 from __future__ import annotations
 
+import threading
+
 import anyio
+import anyio.to_thread
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueConfig, TaskStatus, hookimpl
+from qtasks import AsyncQueueTasks, QueueConfig, QueueTasks, TaskStatus, hookimpl
 from qtasks.errors import ComponentNotStartedError
 
 WAIT = 10
@@ -51,3 +54,58 @@ async def test_an_enqueue_while_the_app_closes_is_refused_not_started_again() ->
     stopping, go = anyio.Event(), anyio.Event()
     go.set()
     await app.aclose()
+
+
+def test_a_call_from_another_thread_while_close_stops_the_portal_is_refused() -> None:
+    # close() cleared the portal before stopping it: a call from another thread meanwhile
+    # made a second portal, a second event loop, and started the app there while the first
+    # one was still being closed.
+    app = QueueTasks()
+    stopping, go = threading.Event(), threading.Event()
+
+    @app.task
+    def ok() -> int:
+        return 1
+
+    async def lingering() -> None:
+        # Cancelled by close()'s stop of the portal, after the app's aclose(): it holds the
+        # stop (the old loop) until the test has made its call.
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                stopping.set()
+                await anyio.to_thread.run_sync(go.wait, WAIT)
+
+    assert app.add_task("ok").status is TaskStatus.NEW  # a first call starts it
+    app.portal.start_task_soon(lingering)
+    closer = threading.Thread(target=app.close, name="closer")
+    closer.start()
+    try:
+        assert stopping.wait(WAIT)
+        with pytest.raises(ComponentNotStartedError, match="is closing"):
+            app.add_task("ok")
+        with pytest.raises(ComponentNotStartedError, match="is closing"):
+            app.get("no-such-task")
+        portals = [t for t in threading.enumerate() if t.name == "qtasks-portal"]
+        assert len(portals) == 1  # the old loop's only
+        # A second close meanwhile returns once the first one has stopped the loop.
+        after_second: list[bool] = []
+
+        def close_again() -> None:
+            app.close()
+            after_second.append(portals[0].is_alive())
+
+        second = threading.Thread(target=close_again, name="second closer")
+        second.start()
+    finally:
+        go.set()
+    closer.join(WAIT)
+    second.join(WAIT)
+    assert not closer.is_alive() and not second.is_alive()
+    assert after_second == [False]
+    assert not portals[0].is_alive()
+    # Closed (close() returned): the next call starts it again, in a new portal.
+    with app:
+        assert app.add_task("ok", timeout=WAIT).returning == 1
+    app.close()

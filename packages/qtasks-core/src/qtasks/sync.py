@@ -40,7 +40,7 @@ from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import stop_on_signals
 from qtasks.stopping import STOP_MARGIN
 from qtasks.task import AsyncTask, SyncTaskDef, Task, TaskDef
-from qtasks.threads import _running_loop
+from qtasks.threads import _running_loop, in_task_thread
 from qtasks.worker import QueueWorker
 from qtasks.workflows.canvas import Node, Signature
 from qtasks.workflows.runtime import SyncWorkflow, Workflow
@@ -84,6 +84,10 @@ class QueueTasks:
         """What ended the portal's loop, if something raised out of it (see :meth:`_ended`)."""
         self._serving: AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
+        self._closing = False
+        """:meth:`close` is stopping the portal: other calls are refused until it returns."""
+        self._close_done = threading.Condition(self._lock)
+        """Notified when :meth:`close` has stopped the portal (``_closing`` cleared)."""
         self._forever = 0
         """How many :meth:`run_forever` calls are serving (for :meth:`close`)."""
         self._forever_done = threading.Condition()
@@ -126,12 +130,21 @@ class QueueTasks:
         Its thread is a daemon, and an ``atexit`` handler closes the app, so a script that
         forgets :meth:`close` still stops gracefully and exits. Raises
         :class:`~qtasks.errors.ComponentError` on that loop's own thread (in an ``async def``
-        task), where a blocking call would wait for itself."""
+        task), where a blocking call would wait for itself; and
+        :class:`~qtasks.errors.ComponentNotStartedError` while :meth:`close` runs in another
+        thread (a new portal then would be a second event loop, the app started again in the
+        middle of its close)."""
         if threading.current_thread() is self._portal_stop:
             raise self._on_its_loop()
         with self._lock:
             if self._portal_ended:  # for good: its components may still be in that loop
                 raise self._ended()
+            if self._closing:
+                raise ComponentNotStartedError(
+                    f"app {self.aio.name!r} is closing (close() is under way in another "
+                    "thread): this call is refused rather than start the app again in the "
+                    "middle of its close; make it once close() has returned"
+                )
             if self._portal is None:
                 # Before the async app starts (and adopts them unwrapped): shared tasks
                 # imported since __init__ get this app's blocking add_task.
@@ -479,6 +492,8 @@ class QueueTasks:
         self._portal = self._portal_stop = self._serving = self._portal_loop = None
         self._portal_ended = []
         self._lock = threading.Lock()
+        self._closing = False
+        self._close_done = threading.Condition(self._lock)
         self._forever = 0
         self._forever_done = threading.Condition()
 
@@ -501,7 +516,12 @@ class QueueTasks:
         ``wait`` left behind by a Ctrl-C in its caller) are cancelled: a thread blocked in
         ``wait_result()`` or ``stream()`` gets :class:`~qtasks.errors.ComponentNotStartedError`.
         A portal whose loop ended on an exception (see :meth:`_ended`) is waited for, its
-        worker's grace period cut short: its thread is over when this returns."""
+        worker's grace period cut short: its thread is over when this returns.
+
+        While it stops the portal, calls from other threads raise
+        :class:`~qtasks.errors.ComponentNotStartedError` (none starts a second event loop),
+        and a second ``close()`` waits for this one. Once it has returned, the next call starts
+        the app again in a new portal."""
         with self._forever_done:
             if self._forever:
                 self.stop()
@@ -511,24 +531,41 @@ class QueueTasks:
                     lambda: not self._forever, self.aio.config.shutdown_grace + 30
                 )
         self.__exit__()
-        if self._portal is not None and self._portal_ended:
-            # Nothing to stop through it: the thread's own teardown (asyncio cancelling the
-            # tasks left) ends what it can. Its worker's stop would give the tasks the grace
-            # period, though none can run there any more: cut short (as a second Ctrl-C does)
-            # and waited for, so the thread is over (and its exception reported) when this
-            # returns, not seconds later in whatever code runs then.
-            self._portal = self._portal_loop = None
-            self.aio.stop(now=True)
-            if self._portal_stop is not None:
-                self._portal_stop.join(timeout=STOP_MARGIN + 10)
-        if self._portal is not None:
-            portal, self._portal, self._portal_loop = self._portal, None, None
-            portal.call(self.aio.aclose)
-            # Cancelled, not awaited: they would hold the thread (and the process) until they
-            # ended on their own, on components just closed.
-            portal.call(partial(portal.stop, cancel_remaining=True))
-            if self._portal_stop is not None:
-                self._portal_stop.join(timeout=10)
+        with self._lock:
+            if self._closing:
+                # Another thread's close: waited for, unless this thread is one it waits
+                # for in turn (the loop's, a task's).
+                if threading.current_thread() is self._portal_stop or in_task_thread():
+                    return
+                self._close_done.wait_for(lambda: not self._closing)
+            portal, thread = self._portal, self._portal_stop
+            if portal is None:
+                return
+            # The portal stays set (a call from another thread must not make a new one)
+            # until it is stopped; meanwhile those calls are refused (see portal).
+            self._closing = True
+        try:
+            if self._portal_ended:
+                # Nothing to stop through it: the thread's own teardown (asyncio cancelling
+                # the tasks left) ends what it can. Its worker's stop would give the tasks the
+                # grace period, though none can run there any more: cut short (as a second
+                # Ctrl-C does) and waited for, so the thread is over (and its exception
+                # reported) when this returns, not seconds later in whatever code runs then.
+                self.aio.stop(now=True)
+                if thread is not None:
+                    thread.join(timeout=STOP_MARGIN + 10)
+            else:
+                portal.call(self.aio.aclose)
+                # Cancelled, not awaited: they would hold the thread (and the process) until
+                # they ended on their own, on components just closed.
+                portal.call(partial(portal.stop, cancel_remaining=True))
+                if thread is not None:
+                    thread.join(timeout=10)
+        finally:
+            with self._lock:
+                self._portal = self._portal_loop = None
+                self._closing = False
+                self._close_done.notify_all()
 
     def run_forever(self, starter: Starter | None = None, **qtasks17: Any) -> None:
         """Block serving tasks until :meth:`stop` or SIGINT/SIGTERM, then stop gracefully.
