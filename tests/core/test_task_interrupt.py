@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -68,7 +69,10 @@ def test_a_sync_app_whose_loop_died_says_why_on_every_call(
     # one too (it read "closed while this call waited", later ones "This portal is not
     # running"), and close() returns once the loop's thread is over. That thread raised it:
     # reported by then (it used to run on for the grace period, and pytest blamed the
-    # exception on a test tens of seconds later).
+    # exception on a test tens of seconds later). Promptly: the worker's stop in the loop's
+    # teardown waited for the settle of the task's result, whose settler the teardown had
+    # cancelled, the stop's whole margin (1 s). And close()'s stop(now=True) is not left
+    # requested: the async app's next serving (a loop of its own) stopped at once.
     died: list[threading.ExceptHookArgs] = []
     monkeypatch.setattr(threading, "excepthook", died.append)
     app = QueueTasks()
@@ -86,8 +90,13 @@ def test_a_sync_app_whose_loop_died_says_why_on_every_call(
         with pytest.raises(ComponentNotStartedError, match="event loop ended: KeyboardInterrupt"):
             app.get("no-such-task")
     thread = app._portal_stop
+    began = time.monotonic()
     app.close()  # returns: nothing to stop through the ended loop
+    took = time.monotonic() - began
     assert thread is not None and not thread.is_alive()
+    assert took < 0.5, f"close() took {took:.2f} s"
+    assert asyncio.run(app.aio.stop_requested_within(0)) is False
+    assert not app.aio._stop_now
     assert [(one.thread, one.exc_type) for one in died] == [(thread, KeyboardInterrupt)]
     with pytest.raises(ComponentNotStartedError, match="close\\(\\) it and make a new one"):
         app.get("no-such-task")

@@ -654,6 +654,14 @@ class AsyncQueueTasks:
                 except RuntimeError:  # as above
                     pass
 
+    def _withdraw_stop(self) -> None:
+        """Forget a :meth:`stop` request nothing consumed (no ``run_forever`` to end): the
+        next serving would otherwise start and stop at once, and without grace after
+        ``now=True``. The sync app's ``close()`` calls it after stopping an app whose loop
+        died. From any thread."""
+        self._stop_requested = False
+        self._stop_now = False
+
     @_loop_only
     async def stop_requested_within(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for :meth:`stop` (called before or meanwhile) and say whether

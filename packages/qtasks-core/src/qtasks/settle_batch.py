@@ -49,6 +49,7 @@ class SettleBatch:
         "_app",
         "_busy",
         "_done",
+        "_ended",
         "_give_up",
         "_inflight",
         "_limit",
@@ -84,6 +85,8 @@ class SettleBatch:
         """Tasks queued or in the call in flight."""
         self._ready = _Signal()
         self._done = _Signal()
+        self._ended = False
+        """:meth:`serve` is over: nothing queued here is settled any more."""
         self._rounds: list[_Round] = []
         """Begins waiting for a call, in rounds of at most ``BEGIN_BATCH`` (one per call)."""
         self._new_event = EventFactory()
@@ -136,17 +139,23 @@ class SettleBatch:
         ]
 
     async def drained(self) -> None:
-        """Until every task handed over is settled."""
-        while self._busy:
+        """Until every task handed over is settled, or :meth:`serve` ended without settling
+        them (cancelled with the loop's other tasks when the loop itself ends): what is held
+        then is left to its leases, not waited for until the stop's deadline."""
+        while self._busy and not self._ended:
             await self._done.wait(None)
 
     async def serve(self) -> None:
         """Make the calls, until cancelled: one at a time, and a second one alongside only
         for tasks waiting to begin, with nothing else (they do not wait for the reply of a
         call they are not in, nor for settles; the server takes the two in turn)."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._calls)
-            await self._calls()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._calls)
+                await self._calls()
+        finally:
+            self._ended = True
+            self._done.fire()  # a drained() waiting
 
     async def _calls(self) -> None:
         while True:

@@ -554,6 +554,10 @@ class QueueTasks:
                 self.aio.stop(now=True)
                 if thread is not None:
                     thread.join(timeout=STOP_MARGIN + 10)
+                if thread is None or not thread.is_alive():
+                    # Nothing served there consumed the request: not left to stop at once
+                    # the next serving of the async app (app.aio) in a loop of its own.
+                    self.aio._withdraw_stop()
             else:
                 portal.call(self.aio.aclose)
                 # Cancelled, not awaited: they would hold the thread (and the process) until
