@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 from late_chord import add_late, chord_ending_late
+from step_inputs import check_step_inputs
 
 from qtasks import (
     AsyncQueueTasks,
@@ -127,6 +128,11 @@ async def test_chain_passes_each_result_on(app: AsyncQueueTasks) -> None:
     assert [r.status for r in records if r] == [TaskStatus.SUCCESS] * 3
     assert all(r is not None and r.workflow == done.id for r in records)
     assert calls(app) == [("add", (1, 2)), ("double", 3), ("double", 6)]
+
+
+async def test_a_step_s_record_shows_its_input_once_it_started(app: AsyncQueueTasks) -> None:
+    # Its record showed None in its input's place for ever: while it ran, and once it ended.
+    await check_step_inputs(app)
 
 
 async def test_group_results_in_input_order_and_map(app: AsyncQueueTasks) -> None:

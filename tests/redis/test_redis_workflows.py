@@ -14,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio
 from late_chord import add_late, chord_ending_late
+from step_inputs import check_step_inputs
 from workflow_app import Workers, build, kill_while_running
 
 from qtasks import AsyncQueueTasks, QueueConfig, chain, chord, group, hookimpl
@@ -753,3 +754,18 @@ async def test_a_chord_callback_s_input_fits_in_its_message(redis_url: str, pref
         ("success", 2 * everything, None),
         ("success", 10 + everything + sum(2 * i for i in range(100)), None),
     ]
+
+
+async def test_a_step_s_record_shows_its_input_once_it_started(redis_url: str, prefix: str) -> None:
+    # Its record showed None in its input's place for ever: while it ran, and once it ended.
+    app = AsyncQueueTasks(
+        "step-input",
+        broker=RedisBroker(redis_url, prefix=prefix, queue="wf"),
+        storage=RedisStorage(redis_url, prefix=prefix),
+    )
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    await check_step_inputs(app)

@@ -4,7 +4,7 @@
 import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, chain
+from qtasks import AsyncQueueTasks, QueueTasks, TaskStatus, chain, chord
 from qtasks.errors import TaskFailedError, TaskTimeoutError
 from qtasks.workflows import SyncWorkflow
 from qtasks_testing.harness import Harness, HarnessError, Mode
@@ -91,7 +91,8 @@ async def test_wait_for_a_workflow_raises_its_failure() -> None:
             await qt.wait(state)
         # The member's failure, with its traceback, not the workflow record's summary.
         message = str(raised.value)
-        assert message.startswith(f"task boom(None) [{state.members[1]}] failed: ValueError")
+        # Called with the first step's result, which its record shows (it showed None).
+        assert message.startswith(f"task boom(2) [{state.members[1]}] failed: ValueError")
         assert 'raise ValueError(f"boom {n}")' in message
         assert f"It failed workflow {state.id}" in message
         assert f"It is a member of workflow {state.id}" in message
@@ -99,12 +100,40 @@ async def test_wait_for_a_workflow_raises_its_failure() -> None:
         with pytest.raises(TaskFailedError) as raised:
             await app.run_workflow(chain(double.s(1), boom.s()))
         assert "It is a member of workflow " in str(raised.value)
-        assert "shows None in that argument's place" in str(raised.value)
+        assert "shows None in that argument's place until it started" in str(raised.value)
     async with Harness(app, mode="worker", timeout=5, raise_task_errors=False) as qt:
         state = await app.run_workflow(chain(boom.s(2), double.s()))
         ended = await qt.wait(state)
         assert ended.status == "error"
         assert "boom 2" in (ended.error or "")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["inline", "worker"])
+async def test_enqueued_shows_a_step_s_input_once_it_started(mode: Mode) -> None:
+    # A step fed by the one before is recorded (stored) before that one's result exists:
+    # enqueued() and assert_enqueued saw None in its place, even after it ran.
+    app = make_app()
+    double = app.tasks["double"]
+
+    @app.task
+    async def total(xs: list[int], extra: int) -> int:
+        return sum(xs) + extra
+
+    async with Harness(app, mode=mode, timeout=5) as qt:
+        state = await app.run_workflow(chain(double.s(1), double.s(), double.s()))
+        flow = await qt.wait(state)
+        chord_state = await app.run_workflow(chord([double.s(1), double.s(2)], total.s(10)))
+        ended = await qt.wait(chord_state)
+        assert (flow.result, ended.result) == (8, 16)
+        assert [(e.uuid, e.args) for e in qt.enqueued(double)][:3] == [
+            (state.members[0], [1]),
+            (state.members[1], [2]),
+            (state.members[2], [4]),
+        ]
+        qt.assert_enqueued(double, 4)
+        qt.assert_enqueued(total, [2, 4], 10)
+        qt.assert_not_enqueued(total, None, 10)
 
 
 def test_the_sync_harness_waits_for_a_workflow_of_the_sync_app() -> None:

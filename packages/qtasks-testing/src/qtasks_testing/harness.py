@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import anyio
@@ -106,6 +107,13 @@ class _InlinePlugin:
         self._harness._enqueued.append(
             EnqueuedTask(record.uuid, record.task_name, args, kwargs, record.priority, record.eta)
         )
+
+    @hookimpl
+    def qtasks_executor_execute_before(self, record: TaskRecord) -> None:
+        # A workflow step fed its predecessors' result was stored (and recorded above) with a
+        # placeholder in that argument's place: its input is in its record once it starts.
+        if record.workflow is not None:
+            self._harness._started_with(record)
 
     @hookimpl(wrapper=True)
     def qtasks_task_retry_delay(self) -> Generator[None, float | None, float | None]:
@@ -737,6 +745,18 @@ class Harness(EnqueuedLog):
         self, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> tuple[list[Any], dict[str, Any]]:
         return as_received(self.app.codec.serializer, args, kwargs)
+
+    def _started_with(self, record: TaskRecord) -> None:
+        """The workflow step ``record`` starts: what :meth:`enqueued` shows of it takes the
+        arguments it is called with (its input in place of the placeholder)."""
+        enqueued = self._enqueued
+        for i in range(len(enqueued) - 1, -1, -1):
+            item = enqueued[i]
+            if item.uuid == record.uuid:
+                args, kwargs = self._received(record.args, record.kwargs)
+                if (args, kwargs) != (item.args, item.kwargs):
+                    enqueued[i] = replace(item, args=args, kwargs=kwargs)
+                return
 
     def _check_name(self, name: str) -> None:
         """A name the app has no task of, that nothing was enqueued under, and that is close

@@ -70,8 +70,8 @@ def failure_message(record: TaskRecord) -> str:
     if record.workflow is not None and record.task_name != WORKFLOW_TASK:
         text += (
             f"\n\nIt is a member of workflow {record.workflow} (app.get_workflow() reads its "
-            "state); a step fed the result of the step before shows None in that argument's "
-            "place."
+            "state); a step fed the result of the steps before it shows None in that "
+            "argument's place until it started."
         )
     return text
 

@@ -1,0 +1,1 @@
+from tests.step_inputs import *  # noqa: F403
