@@ -19,6 +19,7 @@ from qtasks_testing.contract import (
     CancelCheckContract,
     CancelFeedContract,
     DeliveryLimitContract,
+    FailedMemberContract,
     FlowControlContract,
     GlobalConfigContract,
     GlobalConfigFactory,
@@ -125,6 +126,10 @@ class TestMemoryBulkAdd(BulkAddContract):
 
 
 class TestMemoryWorkflowStore(WorkflowStoreContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryFailedMember(FailedMemberContract):
     """Runs with the module's factories."""
 
 

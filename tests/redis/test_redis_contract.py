@@ -20,6 +20,7 @@ from qtasks_testing.contract import (
     CancelCheckContract,
     CancelFeedContract,
     DeliveryLimitContract,
+    FailedMemberContract,
     FlowControlContract,
     FreshWaitContract,
     GlobalConfigContract,
@@ -139,6 +140,10 @@ class TestRedisBulkAdd(BulkAddContract):
 
 
 class TestRedisWorkflowStore(WorkflowStoreContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisFailedMember(FailedMemberContract):
     """Runs with the module's factories."""
 
 

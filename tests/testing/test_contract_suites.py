@@ -590,3 +590,74 @@ def test_the_capability_suites_catch_broken_components(pytester: pytest.Pytester
         ["SKIPPED *NotASharedServer does not implement the optional capability SharedServer*"]
     )
     assert outcomes["passed"] >= 30 + 3 * 3, outcomes  # what the broken parts do not touch
+
+
+BROKEN_FAILED_MEMBER = '''
+import pytest
+
+from qtasks.memory import MemoryStorage
+from qtasks_testing.contract import FailedMemberContract
+
+
+class LastFailureWins(MemoryStorage):
+    """failed_member names the last member that failed or was cancelled, whether or not it
+    opened the error gate (after the workflow ended too), and keeps it for ever."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last = {}
+
+    async def member_done(self, record):
+        if record.status.value in ("error", "cancel"):
+            self._last[record.workflow] = record.uuid
+        return await super().member_done(record)
+
+    async def failed_member(self, workflow):
+        return self._last.get(workflow)
+
+
+class NoFailedMember(MemoryStorage):
+    """A WorkflowStore written before FailedMember: its suite is skipped, not passed."""
+
+    failed_member = None
+
+
+class TestLastFailureWins(FailedMemberContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return LastFailureWins.from_config
+
+
+class TestNoFailedMember(FailedMemberContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return NoFailedMember.from_config
+
+
+class TestMemory(FailedMemberContract):
+    @pytest.fixture
+    def storage_factory(self):
+        return MemoryStorage.from_config
+'''
+
+
+def test_the_failed_member_suite_catches_a_broken_one_and_skips_a_store_without(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_broken_failed_member=BROKEN_FAILED_MEMBER)
+    result = pytester.runpytest_subprocess(*OPTIONS, "-rfEs")
+    output = result.stdout.str()
+    assert failed_tests(result) == {
+        "TestLastFailureWins::test_the_member_that_opened_the_error_gate_and_no_other",
+        "TestLastFailureWins::test_none_when_no_member_failed_it",  # [cancel]
+        "TestLastFailureWins::test_forgotten_with_the_workflow_s_record",
+    }, output
+    outcomes = result.parseoutcomes()
+    assert (outcomes.get("failed"), outcomes.get("skipped"), outcomes.get("passed")) == (
+        3,
+        6,
+        6 + 3,
+    ), output
+    result.stdout.fnmatch_lines(
+        ["SKIPPED *NoFailedMember does not implement the optional capability FailedMember*"]
+    )

@@ -20,6 +20,7 @@ from qtasks_testing.contract.bulk import (
     BulkAddContract,
     BulkPublishContract,
     BulkPublishNewContract,
+    FailedMemberContract,
     WorkflowSettleContract,
     WorkflowStoreContract,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "Consumer",
     "ContractSuite",
     "DeliveryLimitContract",
+    "FailedMemberContract",
     "FlowControlContract",
     "FreshWaitContract",
     "GlobalConfigContract",

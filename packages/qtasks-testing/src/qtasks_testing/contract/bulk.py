@@ -2,14 +2,15 @@
 
 :class:`BulkPublishContract` (a ``broker_factory``), :class:`BulkPublishNewContract` (a
 ``broker_factory`` and a ``storage_factory`` whose storage the broker shares a server with),
-:class:`BulkAddContract` and :class:`WorkflowStoreContract` (a ``storage_factory``), and
-:class:`WorkflowSettleContract` (a shared server's settle of workflow members) check
-:class:`~qtasks.components.BulkPublish`, :class:`~qtasks.components.BulkPublishNew`,
-:class:`~qtasks.components.BulkAdd` and :class:`~qtasks.components.WorkflowStore`. As in
+:class:`BulkAddContract`, :class:`WorkflowStoreContract` and :class:`FailedMemberContract` (a
+``storage_factory``), and :class:`WorkflowSettleContract` (a shared server's settle of workflow
+members) check :class:`~qtasks.components.BulkPublish`, :class:`~qtasks.components.BulkPublishNew`,
+:class:`~qtasks.components.BulkAdd`, :class:`~qtasks.components.WorkflowStore` and
+:class:`~qtasks.components.FailedMember`. As in
 :mod:`qtasks_testing.contract.capabilities`, a component without the capability has every test
 of the suite skipped with a reason naming it.
 
-Over ~500 lines: four small suites, a test per guarantee, kept together because the workflow
+Over ~500 lines: six small suites, a test per guarantee, kept together because the workflow
 suites share their fixtures and helpers.
 """
 
@@ -32,6 +33,7 @@ from qtasks.components import (
     BulkAdd,
     BulkPublish,
     BulkPublishNew,
+    FailedMember,
     GateMessage,
     RecordQuery,
     SettleBegin,
@@ -268,6 +270,19 @@ async def _three_members(storage: Storage) -> Flow:
     return own, members, opened
 
 
+async def _started(
+    stack: AsyncExitStack, storage_factory: StorageFactory, config: QueueConfig, *needs: type
+) -> Storage:
+    """A storage of ``storage_factory`` started with ``config`` on ``stack``; the test is
+    skipped unless it implements every capability of ``needs``."""
+    storage = storage_factory(config)
+    for capability in needs:
+        if not isinstance(storage, capability):
+            pytest.skip(lacks(storage, capability))
+    await storage.start(stack, config)
+    return storage
+
+
 class WorkflowStoreContract(_StorageCapability):
     """The guarantees of :class:`qtasks.components.WorkflowStore` (a ``storage_factory``).
 
@@ -464,12 +479,8 @@ class WorkflowStoreContract(_StorageCapability):
         ttl = 0.5
         config = contract_config.merged(result_ttl=ttl)
         async with AsyncExitStack() as stack:
-            storage = storage_factory(config)
-            for capability in (WorkflowStore, StorageQuery):
-                if not isinstance(storage, capability):
-                    pytest.skip(lacks(storage, capability))
+            storage = await _started(stack, storage_factory, config, WorkflowStore, StorageQuery)
             assert isinstance(storage, WorkflowStore) and isinstance(storage, StorageQuery)
-            await storage.start(stack, config)
             own, members, _ = await _three_members(storage)
             since = time.time() - 1
             a = finished(members["a"], returning="a")
@@ -641,6 +652,108 @@ class WorkflowStoreContract(_StorageCapability):
         assert got[0] == a, "begin_many began a stale copy"
         assert (got[1].status, got[1].token) == (TaskStatus.PROCESS, "tok-b")
         assert await storage.get(a.uuid) == a
+
+
+class FailedMemberContract(_StorageCapability):
+    """The guarantees of :class:`qtasks.components.FailedMember` (a ``storage_factory``;
+    skipped unless the storage is also a :class:`~qtasks.components.WorkflowStore`): which
+    member failed a workflow, on the workflow of :class:`WorkflowStoreContract`'s ``flow``."""
+
+    capability = FailedMember
+
+    @pytest.fixture
+    async def flow(self, storage: Storage) -> Flow:
+        if not isinstance(storage, WorkflowStore):
+            pytest.skip(lacks(storage, WorkflowStore))
+        return await _three_members(storage)
+
+    @pytest.mark.anyio
+    async def test_the_member_that_opened_the_error_gate_and_no_other(
+        self, storage: Storage, flow: Flow
+    ) -> None:
+        """``None`` while the workflow runs (a member that succeeded changes nothing); then
+        the member whose failure opened the error gate, kept when another member fails after
+        it."""
+        assert isinstance(storage, FailedMember) and isinstance(storage, WorkflowStore)
+        own, members, _ = flow
+        assert await storage.failed_member(own.uuid) is None
+        a = finished(members["a"], returning="a")
+        await storage.save(a)
+        await storage.member_done(a)
+        assert await storage.failed_member(own.uuid) is None
+        b, c = (finished(members[n], TaskStatus.ERROR, error="ValueError: no") for n in "bc")
+        await storage.save(b)
+        assert await storage.member_done(b) != []
+        assert await storage.failed_member(own.uuid) == b.uuid
+        await storage.save(c, fence=None)
+        assert await storage.member_done(c) == []
+        assert await storage.failed_member(own.uuid) == b.uuid
+        # Asking again changes nothing; a workflow that ended so is not cancelled over it.
+        assert await storage.failed_member(own.uuid) == b.uuid
+        await storage.cancel_workflow(own.uuid, "too late")
+        assert await storage.failed_member(own.uuid) == b.uuid
+
+    @pytest.mark.anyio
+    async def test_a_cancelled_member_fails_its_workflow_too(
+        self, storage: Storage, flow: Flow
+    ) -> None:
+        assert isinstance(storage, FailedMember) and isinstance(storage, WorkflowStore)
+        own, members, _ = flow
+        cancelled = await storage.cancel(members["c"].uuid, "stop it")
+        assert cancelled is not None and cancelled.status is TaskStatus.CANCEL
+        await storage.member_done(cancelled)
+        ended = await storage.get(own.uuid)
+        assert ended is not None and ended.status is TaskStatus.ERROR
+        assert await storage.failed_member(own.uuid) == members["c"].uuid
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("end", ["success", "cancel", "unknown"])
+    async def test_none_when_no_member_failed_it(
+        self, storage: Storage, flow: Flow, end: str
+    ) -> None:
+        """A workflow that succeeded, one cancelled (``cancel_workflow``; its members that
+        end later open no gate), and an id that is no workflow."""
+        assert isinstance(storage, FailedMember) and isinstance(storage, WorkflowStore)
+        own, members, _ = flow
+        if end == "unknown":
+            assert await storage.failed_member(uuid.uuid4().hex) is None
+            return
+        if end == "cancel":
+            await storage.cancel_workflow(own.uuid, "stop")
+            late = finished(members["a"], TaskStatus.ERROR, error="ValueError: late")
+            await storage.save(late)
+            assert await storage.member_done(late) == []
+        else:
+            for name in "abc":
+                done = finished(members[name], returning=name)
+                await storage.save(done)
+                await storage.member_done(done)
+        ended = await storage.get(own.uuid)
+        assert ended is not None and ended.status.value == end
+        assert await storage.failed_member(own.uuid) is None
+
+    @pytest.mark.anyio
+    async def test_forgotten_with_the_workflow_s_record(
+        self, storage_factory: StorageFactory, contract_config: QueueConfig
+    ) -> None:
+        """Kept as long as the workflow's record: read after the failure, and gone (``None``,
+        nothing kept for ever) once that record expired, ``result_ttl`` after the end."""
+        ttl = 0.5
+        config = contract_config.merged(result_ttl=ttl)
+        async with AsyncExitStack() as stack:
+            storage = await _started(stack, storage_factory, config, WorkflowStore, FailedMember)
+            assert isinstance(storage, FailedMember) and isinstance(storage, WorkflowStore)
+            own, members, _ = await _three_members(storage)
+            a = finished(members["a"], TaskStatus.ERROR, error="ValueError: no")
+            await storage.save(a)
+            await storage.member_done(a)
+            assert await storage.failed_member(own.uuid) == a.uuid
+
+            async def expired() -> bool:
+                return await storage.get(own.uuid) is None
+
+            await wait_until(expired, timeout=ttl + 1.5, what="the workflow's record to expire")
+            assert await storage.failed_member(own.uuid) is None
 
 
 class WorkflowSettleContract(_SharedFixtures):
