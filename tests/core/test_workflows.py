@@ -18,6 +18,7 @@ from qtasks import (
     MemoryStorage,
     QueueConfig,
     QueueTasks,
+    Task,
     TaskDeclarationError,
     TaskRecord,
     TaskStatus,
@@ -230,6 +231,44 @@ async def test_a_failed_workflow_names_the_member_that_failed_it() -> None:
     assert (done.status, done.failed_member) == ("error", done.members[1])
     (traceback,) = tracebacks
     assert traceback is not None and "ValueError: bad 3" in traceback
+
+
+async def test_get_workflow_records_reads_every_member_s_record(app: AsyncQueueTasks) -> None:
+    add, fail, on_error = app.tasks["add"], app.tasks["fail"], app.tasks["on_error"]
+
+    read: list[str] = []
+
+    class Reads:
+        @hookimpl
+        def qtasks_storage_got(self, record: TaskRecord) -> None:
+            read.append(record.uuid)
+
+    app.add_plugin(Reads())
+
+    async with app:
+        wf = await app.run_workflow(
+            chain(add.s(1, 2), fail.s(), add.s(4)), on_error=on_error.s("note")
+        )
+        done = await wf.wait_result(timeout=5)
+        assert done.on_error is not None
+        await app.wait(done.on_error, 5)
+        records = await app.get_workflow_records(wf.id)
+        assert await app.get_workflow_records("no-such-workflow") is None
+        assert await app.get_workflow_records(done.members[0]) is None  # a member, no workflow
+    assert records is not None
+    assert list(records) == [*done.members, done.on_error]
+    got = [(r.task_name, r.status, r.args) for r in records.values() if r is not None]
+    assert got == [
+        ("add", TaskStatus.SUCCESS, [1, 2]),
+        ("fail", TaskStatus.ERROR, [3]),
+        ("add", TaskStatus.CANCEL, [None, 4]),
+        ("on_error", TaskStatus.SUCCESS, [done.id, "note"]),
+    ]
+    failed = records[done.members[1]]
+    assert failed is not None and failed.traceback is not None and "bad 3" in failed.traceback
+    assert failed.uuid == done.failed_member
+    # Read as app.get reads a record: through qtasks_storage_got.
+    assert set(records) <= set(read)
 
 
 class _OlderWorkflowStore(MemoryStorage):
@@ -709,6 +748,10 @@ def test_sync_app_twins() -> None:
             assert wf.wait_result(5).result == 5
             again = app.get_workflow(wf.id)
             assert again is not None and again.status == "success"
+            members = app.get_workflow_records(wf.id)
+            assert members is not None and list(members) == wf.members
+            assert [r.returning for r in members.values() if isinstance(r, Task)] == [2, 3, 5]
+            assert app.get_workflow_records("no-such-workflow") is None
     finally:
         app.close()
 

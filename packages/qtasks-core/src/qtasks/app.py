@@ -907,6 +907,27 @@ class AsyncQueueTasks:
             await self.start()
         return await workflows.cancel(self, id, reason)
 
+    @_loop_only
+    async def get_workflow_records(self, id: str) -> dict[str, AsyncTask | None] | None:
+        """Every member's record of the workflow ``id`` in one read: uuid -> record, in the
+        order the members were declared, the error callback last; ``None`` for a record that
+        expired (``result_ttl`` after the workflow ended). ``None`` when no such workflow is
+        stored. For a failed workflow, each member's status, error and traceback."""
+        if self._stack is None or self._loop is not _running_loop():
+            await self.start()
+        found = await workflows.records(self, id)
+        if found is None:
+            return None
+        return {
+            uuid: None if record is None else await self._got(record)
+            for uuid, record in found.items()
+        }
+
+    async def _got(self, record: TaskRecord) -> AsyncTask:
+        """A stored record as :meth:`get` returns it: through ``qtasks_storage_got``, bound."""
+        record = await self.hooks.transform("qtasks_storage_got", "record", app=self, record=record)
+        return self._bind(record)
+
     def _bind(self, record: TaskRecord) -> AsyncTask:
         bound = AsyncTask(*record.values())
         bound._client = self
@@ -921,10 +942,7 @@ class AsyncQueueTasks:
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         record = await self.storage.get(uuid)
-        if record is None:
-            return None
-        record = await self.hooks.transform("qtasks_storage_got", "record", app=self, record=record)
-        return self._bind(record)
+        return None if record is None else await self._got(record)
 
     @_loop_only
     async def wait(self, uuid: str, timeout: float | None) -> AsyncTask:

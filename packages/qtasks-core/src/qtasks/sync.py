@@ -309,6 +309,14 @@ class QueueTasks:
         state = self._call(self.aio.cancel_workflow, id, reason)
         return None if state is None else self._workflow(state)
 
+    def get_workflow_records(self, id: str) -> dict[str, Task | None] | None:
+        """Every member's record of the workflow ``id``; see
+        :meth:`AsyncQueueTasks.get_workflow_records`."""
+        records = self._call(self.aio.get_workflow_records, id)
+        if records is None:
+            return None
+        return {u: None if r is None else self._bind(r) for u, r in records.items()}
+
     def _workflow(self, state: Workflow) -> SyncWorkflow:
         return SyncWorkflow(
             state.id,

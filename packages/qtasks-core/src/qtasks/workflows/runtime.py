@@ -180,6 +180,19 @@ async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
     return await state(app, record)
 
 
+async def records(app: AsyncQueueTasks, id: str) -> dict[str, TaskRecord | None] | None:
+    """The stored records of the members of the workflow ``id``, by uuid, in the order they
+    were declared, its error callback last (``None`` for a record that expired), read in one
+    call; ``None`` when no such workflow is stored."""
+    record = await app.storage.get(id)
+    if record is None or record.task_name != WORKFLOW_TASK:
+        return None
+    uuids: list[str] = list(record.kwargs["members"])
+    if record.kwargs.get("on_error"):
+        uuids.append(record.kwargs["on_error"])
+    return dict(zip(uuids, await store_of(app).get_many(uuids), strict=True))
+
+
 async def wait(app: AsyncQueueTasks, id: str, timeout: float | None) -> Workflow:
     """Wait for the workflow ``id`` to end; return its state. An unknown id raises
     :class:`~qtasks.errors.TaskNotFoundError` at once, a ``timeout`` that is not seconds
