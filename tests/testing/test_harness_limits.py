@@ -60,6 +60,42 @@ async def test_inline_add_task_of_a_task_that_never_ends_fails_after_the_timeout
 
 
 @pytest.mark.anyio
+async def test_a_task_given_up_on_at_the_timeout_is_settled_and_not_run_again() -> None:
+    # Its message went back to the broker, its record stayed 'process': the test's next call
+    # ran it (and its parent) again behind the test's back.
+    app = AsyncQueueTasks()
+    runs: list[str] = []
+
+    @app.task
+    async def stuck() -> None:
+        runs.append("stuck")
+        await anyio.sleep_forever()
+
+    @app.task(echo=True)
+    async def parent(self: Any) -> None:
+        runs.append("parent")
+        await self.add_task("stuck")
+
+    async with Harness(app, timeout=0.3) as qt:
+        with anyio.fail_after(5), pytest.raises(HarnessTimeoutError) as caught:
+            await app.add_task("parent")
+        assert "settled: its record is 'cancel'" in str(caught.value)
+        uuids = [item.uuid for item in qt.enqueued()]
+        assert [item.task_name for item in qt.enqueued()] == ["parent", "stuck"]
+        for uuid in uuids:
+            record = await app.get(uuid)
+            assert record is not None and record.status is TaskStatus.CANCEL
+            assert record.cancel_reason == (
+                f"given up on by the test harness: add_task of parent() [{uuids[0]}] did not "
+                "end within its timeout of 0.3 s"
+            )
+        assert sum((await app.broker.stats()).ready_by_priority.values()) == 0
+        with anyio.fail_after(5):
+            assert await qt.run_pending() == []  # nothing runs again, nothing to hand out
+        assert runs == ["parent", "stuck"]
+
+
+@pytest.mark.anyio
 async def test_inline_run_pending_is_bounded_too() -> None:
     app, cancelled = make_stuck_app()
     async with Harness(app, timeout=0.5) as qt:

@@ -149,7 +149,8 @@ class Harness(EnqueuedLog):
     ``add_task`` returns the final record; delayed tasks wait for :meth:`advance_time` or
     :meth:`run_pending` (``add_task(delay=..., timeout=...)`` moves the clock to the task when
     the delay is within the timeout). Each call ends within ``timeout`` seconds: a task still
-    running then is cancelled and :class:`HarnessTimeoutError` names it. Calls made at once
+    running then is cancelled, settled (its record ends ``cancel``, no later call runs it
+    again) and :class:`HarnessTimeoutError` names it. Calls made at once
     (``asyncio.gather`` of two ``add_task``, code under test enqueuing from two threads) run
     one after the other, each with its own timeout and its own failures: inline mode runs one
     task at a time (a child within its parent), each call takes whatever task the broker hands
@@ -207,7 +208,8 @@ class Harness(EnqueuedLog):
         self.clock = clock or FakeClock()
         self.timeout = timeout
         """Seconds a call of the harness may take: inline, a task still running then is
-        cancelled; with a worker, :meth:`wait` and :meth:`run_pending` stop waiting for it."""
+        cancelled for good (its record ends ``cancel``); with a worker, :meth:`wait` and
+        :meth:`run_pending` stop waiting for it."""
         self._enqueued: list[EnqueuedTask] = []
         self._handed_out: set[str] = set()
         self._saved: dict[str, Any] | None = None
@@ -706,7 +708,25 @@ class Harness(EnqueuedLog):
             finally:
                 call.ended = True
             if scope.cancelled_caught:
-                raise self._timed_out(call) from None
+                given_up = list(call.cancelled)
+                error = self._timed_out(call)
+                await self._give_up(given_up, call.what)
+                raise error from None
+
+    async def _give_up(self, uuids: Sequence[str], what: str) -> None:
+        """Inline: settle the tasks cancelled at the harness's timeout (the innermost one and
+        the parents that enqueued it), so that no later call runs them again: each is
+        cancelled as by ``app.cancel`` (its record ends ``cancel``, with a reason naming the
+        harness's timeout; its message, which the broker got back with the cancel, is
+        dropped; its workflow, if any, is told), and counts as handed out (the error names
+        it)."""
+        reason = (
+            f"given up on by the test harness: {what} did not end within its timeout of "
+            f"{self.timeout:g} s"
+        )
+        for uuid in uuids:
+            await type(self.app).cancel(self.app, uuid, reason)
+            self._handed_out.add(uuid)
 
     def _timed_out(self, call: Call) -> HarnessError:
         advice = (
@@ -730,6 +750,10 @@ class Harness(EnqueuedLog):
         )
         if len(named) > 1:
             text += f"; it was enqueued by {' <- '.join(reversed(named[:-1]))}, cancelled too"
+        text += (
+            "; settled: its record is 'cancel' (the harness gave up on it) and no later call "
+            "runs it again"
+        )
         assert self._lock is not None
         waiting = self._lock.statistics().tasks_waiting
         if waiting:
