@@ -47,12 +47,14 @@ def lose_a_claim_reply(
     idle: anyio.Event,
     grew: int,
     stride: int = 5,
+    outage: float = 0.0,
 ) -> None:
     """Make the first idle claim (a block then the claim, which the lane does not re-send) of
     ``lane`` whose reply is over ``grew`` elements past a multiple of ``stride`` (5: 1, it
     leased something; 2, it dead-lettered something, CLAIM_NOTICED; 13, CLAIM_BEGIN_WF: 3, it
-    ended a dead letter's record) run, then fail as a lost connection would; its reply goes to
-    ``lost``. ``idle`` is set once a consumer blocks."""
+    ended a dead letter's record) run, then fail as a lost connection would, ``outage``
+    seconds later (the server out of reach that long); its reply goes to ``lost``. ``idle``
+    is set once a consumer blocks."""
     assert isinstance(lane, Lane)
     real = lane.block_then_script
 
@@ -61,6 +63,7 @@ def lose_a_claim_reply(
         reply = await real(*args, **kwargs)
         if not lost and len(reply) > 1 and len(reply) % stride == grew:
             lost.append(reply)
+            await anyio.sleep(outage)  # the outage lasts that long: no race hidden
             raise RedisConnectionError("Connection closed by server.")
         return reply
 
@@ -147,19 +150,33 @@ async def test_a_claim_s_list_of_what_it_leased_goes_with_the_next_claim(
     assert len(await lists()) <= 1
 
 
+OUTAGES = [0.0, 1.0]
+"""How long the server is out of reach after a claim's reply is lost: a moment, and longer
+than three of the tests' leases (0.3 s), during which the claim's note must stay."""
+
+
+@pytest.mark.parametrize("outage", OUTAGES)
 async def test_a_blocking_claim_whose_reply_was_lost_is_made_again_with_its_nonce(
-    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    prefix: str,
+    stack: AsyncExitStack,
+    monkeypatch: pytest.MonkeyPatch,
+    outage: float,
 ) -> None:
     """An idle consumer's claim (a BLPOP then the claim, on a connection of their own) whose
     reply is lost with its connection is not re-sent by the lane: the consumer claims again
-    after the outage, with the lost claim's nonce, so that it gets what that one leased.
-    Before, a fresh claim left it leased to nobody until its lease ran out, a delivery burnt:
-    with ``max_deliveries=1`` it was dead-lettered without ever running."""
+    after the outage, with the lost claim's nonce, so that it gets what that one leased,
+    leased again from then (the consumer counts its lease from that call). Before, a fresh
+    claim left it leased to nobody until its lease ran out, a delivery burnt: with
+    ``max_deliveries=1`` it was dead-lettered without ever running; and so it was still after
+    an outage longer than a lease, the note of the lost claim gone with that lease."""
     broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=0.3)
     await broker.start(stack, QueueConfig(max_deliveries=1))
     lost: list[Any] = []
     idle = anyio.Event()
-    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, idle, 1)
+    lane = broker._shared.fast()
+    assert isinstance(lane, Lane)
+    lose_a_claim_reply(lane, monkeypatch, lost, idle, 1, outage=outage)
     got: list[Any] = []
     async with broker.consume(prefetch=1) as it:
 
@@ -172,11 +189,19 @@ async def test_a_blocking_claim_whose_reply_was_lost_is_made_again_with_its_nonc
                 await idle.wait()
             await broker.publish(Envelope("m1", b"x"))  # wakes the idle claim
             with anyio.fail_after(5):
-                while not got and not (await broker.stats()).dead_letters:  # noqa: ASYNC110
+                while not got:
+                    # Read only while the lease may hold: the read takes back expired leases
+                    # (as another consumer's claim would), and after a long outage m1's is.
+                    if not outage and (await broker.stats()).dead_letters:
+                        break
                     await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
         assert lost
         assert [(d.id, d.attempt) for d in got] == [("m1", 1)]
+        seconds, micros = await lane.command("TIME")
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        deadline = await lane.command("ZSCORE", broker.keys[2], "m1")
+        assert deadline is not None and float(deadline) > now_ms, "handed back, lease over"
         assert await got[0].ack()
     stats = await broker.stats()
     assert (stats.in_flight, stats.ready_by_priority, stats.dead_letters) == (0, {}, 0)
@@ -215,8 +240,13 @@ async def dead_letter_with_its_claim_reply_lost(
     assert (await broker.stats()).dead_letters == 1
 
 
+@pytest.mark.parametrize("outage", OUTAGES)
 async def test_a_claim_whose_reply_was_lost_still_tells_what_it_dead_lettered(
-    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    prefix: str,
+    stack: AsyncExitStack,
+    monkeypatch: pytest.MonkeyPatch,
+    outage: float,
 ) -> None:
     """A claim that dead-lettered a message past its delivery limit and whose reply was lost:
     the claim made again with its nonce still names the message, so that the worker ends
@@ -225,7 +255,7 @@ async def test_a_claim_whose_reply_was_lost_still_tells_what_it_dead_lettered(
     broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=0.3)
     await broker.start(stack, QueueConfig(max_deliveries=1))
     lost: list[Any] = []
-    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, anyio.Event(), 2)
+    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, anyio.Event(), 2, outage=outage)
     buried: list[str] = []
 
     async def notice(id: str, reason: str) -> None:
@@ -239,8 +269,13 @@ async def test_a_claim_whose_reply_was_lost_still_tells_what_it_dead_lettered(
     assert buried == ["m1"]
 
 
+@pytest.mark.parametrize("outage", OUTAGES)
 async def test_a_claim_whose_reply_was_lost_still_carries_the_records_it_ended(
-    redis_url: str, prefix: str, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    prefix: str,
+    stack: AsyncExitStack,
+    monkeypatch: pytest.MonkeyPatch,
+    outage: float,
 ) -> None:
     """A claim that begins records (:class:`~qtasks.components.BeginOnClaim`) dead-letters a
     message past its delivery limit and ends its record, and its reply is lost: the claim
@@ -252,7 +287,7 @@ async def test_a_claim_whose_reply_was_lost_still_carries_the_records_it_ended(
     broker = RedisBroker(redis_url, prefix=prefix, queue="q", lease=0.3)
     await broker.start(stack, QueueConfig(max_deliveries=1))
     lost: list[Any] = []
-    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, anyio.Event(), 3, 13)
+    lose_a_claim_reply(broker._shared.fast(), monkeypatch, lost, anyio.Event(), 3, 13, outage)
     ended: list[TaskRecord] = []
 
     async def end(record: TaskRecord) -> None:

@@ -665,6 +665,7 @@ class RedisBroker:
         # its lease ends, a delivery burnt. The lane re-sends a lost call itself, but not an
         # idle claim (a block then the claim), and redis-py gives up after its retries.
         unanswered: list[str] = []
+        claimed = False  # whether a claim was sent: its note (CLAIM_BODY) is deleted at exit
 
         async def claim(
             block: float | None, due: bool
@@ -673,6 +674,8 @@ class RedisBroker:
             nothing beyond its free slots while its runs are long, see :mod:`qtasks.hold`),
             after blocking up to ``block`` seconds for a wake-up (``due``: ``block`` ends at a
             deadline, not at the idle bound); see ``parse`` for what it returns."""
+            nonlocal claimed
+            claimed = True
             asked = count
             if wanted is not None:
                 want = wanted()
@@ -892,11 +895,12 @@ class RedisBroker:
             if storage is not None and (orphans or buffer):
                 with stopping.shield("the records of unstarted messages", 5):
                     await _unbegin(storage, [*orphans, *buffer])
-            if held:
+            if held or claimed:
                 # Claimed and never handed to the worker: not a delivery attempt (its count
-                # is taken back, or a graceful stop would make suspects of them).
+                # is taken back, or a graceful stop would make suspects of them). The same
+                # call deletes this consumer's note of its last claim.
                 unhanded = {delivery.token for delivery in (*orphans, *buffer)}
-                args: list[str] = []
+                args: list[str] = [consumer]
                 for token, id in held.items():
                     args += [id, token, "1" if token in unhanded else "0"]
                 held.clear()
@@ -906,12 +910,13 @@ class RedisBroker:
                     except Exception as exc:
                         if not outage(exc):
                             raise
-                        log.warning(
-                            "could not hand back %d deliveries to Redis at %s; they return "
-                            "when their lease ends",
-                            len(args) // 3,
-                            self.target.where,
-                        )
+                        if len(args) > 1:
+                            log.warning(
+                                "could not hand back %d deliveries to Redis at %s; they "
+                                "return when their lease ends",
+                                len(args) // 3,
+                                self.target.where,
+                            )
 
     async def _block(self, client: Client | Lane, seconds: float) -> None:
         """Until the queue is notified or ``seconds`` pass."""

@@ -19,10 +19,10 @@ script touches one Redis Cluster slot and declares every key it uses):
 and, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
 the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
 ``[[id, ...], [dead id, reason, ended, ...]]``, ``ended`` 1 when ``on_dead`` said it ended the
-dead letter's record, else 0; the tokens are ``<nonce>.<n>``), for a lease at most
-(the consumer's next claim that leases or dead-letters overwrites it), so that the call re-sent
-after a lost reply hands those back, and names those dead letters again, rather than leasing
-more (see ``CLAIM_BODY``).
+dead letter's record, else 0; the tokens are ``<nonce>.<n>``), until the consumer's next claim
+that leases or dead-letters overwrites it or the consumer ends (a day at most, for one that
+was killed), so that the call re-sent after a lost reply, however long the outage, hands those
+back, and names those dead letters again, rather than leasing more (see ``CLAIM_BODY``).
 
 Time is always the Redis server's (``TIME``), so clients with skewed clocks agree on leases.
 
@@ -216,14 +216,19 @@ CLAIM_BODY = r"""
 local lease, maxd, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local alone_from = math.max(2, maxd - 1)
 local consumer, nonce = string.match(ARGV[4], '^([^/]*)/(.*)$')
+local NOTE_MS = 86400000
 local now = now_ms()
 -- A call re-sent after its reply was lost (the lane or redis-py retries it, or the consumer
 -- claims again with its nonce): its first run leased messages under this nonce and wrote them
 -- as this consumer's last claim, with the messages it dead-lettered. Hand back those it still
--- holds, name the dead letters again (on_dead, told it is a repeat) and lease
+-- holds, leased again from now (the consumer counts their lease from this call), name the
+-- dead letters again (on_dead, told it is a repeat) and lease
 -- nothing more (before, they were leased to nobody until the lease ended, a delivery burnt
 -- each, and the dead letters went untold). One key per consumer, overwritten by its next
 -- claim: a GET per claim and a SET per claim that leased or dead-lettered, whatever the count.
+-- It is kept as long as the consumer may claim again (deleted when it ends, at most a day:
+-- NOTE_MS), not for one lease: the repeat comes after the outage, which may outlast a lease,
+-- and the dead letters must be told still (their records ended, the hook fired).
 local K_CLAIMED = K_INFLIGHT .. ':c:' .. consumer
 local last = redis.call('GET', K_CLAIMED)
 local out = {'-1'}
@@ -233,6 +238,7 @@ if last and string.sub(last, 1, #nonce + 1) == nonce .. ' ' then
     local id, token = before[1][n], nonce .. '.' .. n
     local body = redis.call('HGET', K_BODY, id)
     if body and redis.call('HGET', K_TOK, id) == token then
+      redis.call('ZADD', K_INFLIGHT, now + lease, id)
       out[#out + 1] = id
       out[#out + 1] = body
       out[#out + 1] = redis.call('HGET', K_META, id)
@@ -316,7 +322,8 @@ while n < count and not empty and not alone do
   end
 end
 if n > 0 or #dead_lettered > 0 then
-  redis.call('SET', K_CLAIMED, nonce .. ' ' .. cjson.encode({claimed, dead_lettered}), 'PX', lease)
+  redis.call('SET', K_CLAIMED, nonce .. ' ' .. cjson.encode({claimed, dead_lettered}), 'PX',
+    math.max(lease, NOTE_MS))
 end
 if empty then
   -- Nothing left: stale wake-ups would only cause empty claims.
@@ -449,11 +456,13 @@ return out
 RELEASE = Script(
     PRELUDE
     + r"""
--- ARGV: id1, token1, unhanded1, id2, ...: hand unsettled deliveries back at once. unhanded
--- '1': claimed but never handed to the worker, not a delivery attempt: its count is taken
--- back (else its next delivery would look lost with its holder, a suspect).
+-- ARGV: consumer, id1, token1, unhanded1, id2, ...: a consumer ends; hand its unsettled
+-- deliveries back at once. unhanded '1': claimed but never handed to the worker, not a
+-- delivery attempt: its count is taken back (else its next delivery would look lost with its
+-- holder, a suspect). Its note of its last claim goes (see CLAIM_BODY): it claims no more.
+redis.call('DEL', K_INFLIGHT .. ':c:' .. ARGV[1])
 local n = 0
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   if valid(ARGV[i], ARGV[i + 1]) then
     if ARGV[i + 2] == '1' then redis.call('HINCRBY', K_ATT, ARGV[i], -1) end
     back_to_ready(ARGV[i])
