@@ -16,9 +16,11 @@ from begin_scenarios import (
     claim_as_the_worker_stops,
     count_begins,
     lost_deliveries_are_told_once,
+    sharing,
+    taken_over_while_waiting,
 )
 
-from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, hookimpl
 from qtasks.executor import TaskRun
 from qtasks.memory.broker import _body_attempt
 from qtasks.messages import Codec, Message
@@ -325,3 +327,13 @@ async def test_a_consumer_cancelled_while_telling_tells_once_and_hands_back_its_
         return i
 
     await cancelled_while_telling(app)
+
+
+async def test_a_waiting_delivery_another_worker_took_over_is_not_begun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The in-memory broker's waiting deliveries are begun by the worker (not with their
+    claim, nor in a settle call: the broker is local), fenced by the lease their delivery
+    tells (LeaseDeadline): one another worker took over is dropped unstarted. Before, the
+    busy worker began it and ran it a second time."""
+    await taken_over_while_waiting(*sharing(MemoryBroker(), MemoryStorage()), monkeypatch)

@@ -10,7 +10,12 @@ from typing import Any
 
 import anyio
 import pytest
-from begin_scenarios import cancel_while_waiting, count_begins
+from begin_scenarios import (
+    cancel_while_waiting,
+    count_begins,
+    sharing,
+    taken_over_while_waiting,
+)
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus
 from qtasks.components import Delivery, SettleBegin, Storage
@@ -232,59 +237,4 @@ async def test_a_waiting_delivery_another_worker_took_over_is_dropped_unstarted(
     it is cut off) until its lease runs out and another worker claims and runs it. Its begin,
     carried by the busy worker's next settle call, is refused (the record stays the other
     delivery's) and the worker drops it unstarted: before, it ran it too."""
-    broker, storage = RemoteBroker(), MemoryStorage()
-    config = QueueConfig(lease=0.3, max_tasks_process=1, prefetch=1, plugins_disabled=["*"])
-    busy, other = (
-        AsyncQueueTasks(name, broker=broker, storage=storage, config=config)
-        for name in ("busy", "other")
-    )
-    release, running, finish = anyio.Event(), anyio.Event(), anyio.Event()
-    runs: list[str] = []
-    for app in (busy, other):
-
-        @app.task(name="blocker")
-        async def blocker() -> None:
-            running.set()
-            await release.wait()
-
-        @app.task(name="job")
-        async def job(where: str = app.name) -> str:
-            runs.append(where)
-            await finish.wait()
-            return where
-
-    worker = busy.worker
-    assert isinstance(worker, QueueWorker)
-
-    renew = worker._leases._renew
-
-    async def running_only(app: Any, waiting: list[Any], runs: list[Any]) -> None:
-        # The waiting job's renewals do not get through; the running blocker's do. Were the
-        # blocker's lease to run out too, it would be ready a few milliseconds before the job,
-        # and the other worker, started in between, would take it into its one slot and never
-        # get to the job (seen once in a CI run).
-        await renew(app, [], runs)
-
-    monkeypatch.setattr(worker._leases, "_renew", running_only)
-    async with busy:
-        await busy.add_task("blocker")
-        with anyio.fail_after(5):
-            await running.wait()
-        task = await busy.add_task("job")
-        with anyio.fail_after(5):
-            while not worker.waiting:  # noqa: ASYNC110 - no event for this
-                await anyio.sleep(0.002)
-        async with other:
-            with anyio.fail_after(5):
-                while not runs:  # noqa: ASYNC110 - the other worker runs it once its lease ends
-                    await anyio.sleep(0.002)
-            release.set()  # the busy worker settles the blocker and begins the job
-            with anyio.fail_after(5):
-                while (worker.waiting or worker.running) and "busy" not in runs:  # noqa: ASYNC110
-                    await anyio.sleep(0.002)
-            finish.set()
-            done = await task.wait_result(5)
-    assert (done.status, done.returning) == (TaskStatus.SUCCESS, "other")
-    assert runs == ["other"]
-    await busy.aclose()
-    await other.aclose()
+    await taken_over_while_waiting(*sharing(RemoteBroker(), MemoryStorage()), monkeypatch)

@@ -505,6 +505,24 @@ class LeaseBatch(Protocol):
 
 
 @runtime_checkable
+class LeaseDeadline(Protocol):
+    """Optional delivery capability: the delivery tells until when its lease surely holds, so
+    the worker begins a task fenced by the lease without a call to the broker.
+
+    Without it, the worker renews a delivery (:meth:`Delivery.extend`) before it begins its
+    task (a round trip for a remote broker): a delivery another worker took over meanwhile
+    must not begin, and no storage knows the broker's leases."""
+
+    @property
+    def held_until(self) -> float:
+        """A ``time.monotonic()`` time before which no other delivery of this message can be
+        handed out: the lease counted from when the call that last took or renewed it (the
+        claim, :meth:`Delivery.extend`, :meth:`LeaseBatch.extend_many`) was sent, not from its
+        reply. Never later than the broker's own deadline; it may be earlier."""
+        ...
+
+
+@runtime_checkable
 class LeaseLength(Protocol):
     """Optional broker capability: the broker tells how long its deliveries are held. A
     broker with a lease of its own (a ``lease=`` option of its constructor) must have it:

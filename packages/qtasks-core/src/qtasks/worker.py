@@ -37,7 +37,7 @@ from qtasks.components import (
     CancelFeed,
     Delivery,
     HeartbeatEnd,
-    LeaseBatch,
+    delivery_lease,
     requeue_counting,
     takes_keyword,
 )
@@ -64,6 +64,14 @@ if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
 log = logging.getLogger("qtasks.worker")
+
+BEGIN_LEFT = 1 / 3
+"""The part of its lease a waiting delivery must have left (as its broker last confirmed,
+:class:`~qtasks.components.LeaseDeadline`) to be begun without renewing it first: its
+renewal pass leaves it two thirds or more."""
+
+LEASE_SKEW = 0.01
+"""The part of a lease kept back for the drift between this host's clock and the broker's."""
 
 HEARTBEAT_FRESH = 0.5
 """Seconds within which a change of a worker's figures (running, waiting, processed) reaches
@@ -104,10 +112,6 @@ class QueueWorker:
         """Runners not processing a delivery (waiting for one, or about to take one)."""
         self._begins: BeginBatch | None = None
         """The begin step's calls, many per round trip (for the app's storage)."""
-        self._renewing: tuple[object, bool] = (None, False)
-        """The broker last asked, and whether it renews deliveries one by one (no
-        :class:`~qtasks.components.LeaseBatch`): asked once per broker, not per task (an
-        ``isinstance`` of a protocol costs microseconds)."""
         self._start_at_once: set[str] = set()
         """Tokens of deliveries begun with their claim that went to a free runner, nothing
         waiting before them (see :meth:`_starts`)."""
@@ -667,6 +671,51 @@ class QueueWorker:
             except Exception:
                 log.exception("could not hand message %s back", delivery.id)
 
+    async def _begin_leased(
+        self, app: AsyncQueueTasks, delivery: Delivery, claim: TaskRecord, generation: int
+    ) -> TaskRecord | None:
+        """Begin ``claim`` in the app's storage (with the tasks that start together, or alone
+        for a ``generation``), fenced by ``delivery``'s lease: ``None`` when the lease was lost,
+        and the task must not start. Another worker may hold the delivery by then (this one's
+        lease ran out while it waited here unrenewed, or while the loop stalled), and no
+        storage knows the broker's leases: begun, it would take the record from the delivery
+        that runs the task, and run it twice.
+
+        A :class:`~qtasks.components.LeaseDeadline` delivery says until when its lease
+        surely holds: a begin sent with more than a third of the lease left, whose reply comes
+        before that time, landed while no other delivery could be handed out, and costs no
+        call to the broker; otherwise the lease is renewed (:meth:`Delivery.extend`, one
+        round trip) before the begin, or after it, before the task starts. Any other delivery
+        is renewed before the begin (a local check for RabbitMQ)."""
+        until: float | None = getattr(delivery, "held_until", None)
+        if until is None:
+            if not await delivery.extend():
+                return None
+            return await self._begin(app, claim, generation)
+        lease = delivery_lease(app.broker, app.config)
+        if time.monotonic() >= until - lease * BEGIN_LEFT and not await delivery.extend():
+            return None
+        record = await self._begin(app, claim, generation)
+        until = getattr(delivery, "held_until", until)  # renewed meanwhile, maybe
+        if time.monotonic() >= until - lease * LEASE_SKEW and not await delivery.extend():
+            # The reply came too late to tell that the begin landed within the lease, and the
+            # broker says it is lost: the begin may have taken the record from the delivery
+            # that holds the task, whose result is then refused and the task runs again (at
+            # least once), but never here.
+            return None
+        return record
+
+    async def _begin(self, app: AsyncQueueTasks, claim: TaskRecord, generation: int) -> TaskRecord:
+        """:meth:`Storage.begin` of ``claim``: alone for a ``generation``, else shared with
+        the tasks starting meanwhile (:class:`~qtasks.begin.BeginBatch`)."""
+        if generation:
+            return await app.storage.begin(claim, generation=generation)
+        begins = self._begins
+        if begins is None or begins.storage is not app.storage:
+            # Made on first use: qtasks-testing's harness processes deliveries without ``run``.
+            begins = self._begins = BeginBatch(app.storage)
+        return await begins.begin(claim)
+
     async def _process_inner(
         self, app: AsyncQueueTasks, delivery: Delivery, scope: anyio.CancelScope
     ) -> None:
@@ -732,31 +781,18 @@ class QueueWorker:
             claim.worker = self.id
             try:
                 generation = workflows.generation(message.headers) if message.headers else 0
-                if generation:  # a workflow step published again (rare): begun alone, checked
-                    record = await app.storage.begin(claim, generation=generation)
-                elif (folding := self._settlement.folding) is not None:
-                    # A remote SettleBegin broker: the begin rides the settle calls.
+                folding = self._settlement.folding
+                if folding is not None and not generation:
+                    # A remote SettleBegin broker: the begin rides the settle calls, which
+                    # fence it themselves (see below).
                     record = await folding.begin(claim)
                 else:
-                    broker = app.broker
-                    if self._renewing[0] is not broker:
-                        self._renewing = (broker, not isinstance(broker, LeaseBatch))
-                    if self._renewing[1] and not await delivery.extend():
-                        # Its lease was lost while it waited here (RabbitMQ: its channel
-                        # closed, and the message went to another worker at once), before a
-                        # renewal pass told: begun, it would take the record from the
-                        # delivery that runs the task (whose result would then be refused).
-                        # Checked here only for a broker that renews deliveries one by one
-                        # (a local check for RabbitMQ); a settle call fences its begins
-                        # itself (above), a LeaseBatch broker's renewal is a round trip.
+                    # A workflow step published again (rare) is begun alone, checked.
+                    leased = await self._begin_leased(app, delivery, claim, generation)
+                    if leased is None:
                         log.warning("lease of message %s was lost before it started", delivery.id)
                         return
-                    begins = self._begins
-                    if begins is None or begins.storage is not app.storage:
-                        # Made on first use: qtasks-testing's harness processes deliveries
-                        # without ``run``.
-                        begins = self._begins = BeginBatch(app.storage)
-                    record = await begins.begin(claim)
+                    record = leased
             except SerializationError as exc:
                 # The stored record cannot be read (written by something else): poison too.
                 await poison.reject(app, delivery, f"stored task record unreadable: {exc}", None)

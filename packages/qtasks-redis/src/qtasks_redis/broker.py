@@ -168,6 +168,12 @@ class RedisDelivery:
     def token(self) -> str:
         return self._token
 
+    @property
+    def held_until(self) -> float:
+        """See :class:`~qtasks.components.LeaseDeadline`: counted from the sending of the
+        claim or renewal whose script last set the lease."""
+        return self._lease_until
+
     async def _settle_call(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], dynamic: int = 0
     ) -> Any:

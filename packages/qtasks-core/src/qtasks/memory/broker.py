@@ -122,6 +122,13 @@ class MemoryDelivery:
     def token(self) -> str:
         return self._token
 
+    @property
+    def held_until(self) -> float:
+        """See :class:`~qtasks.components.LeaseDeadline`: the lease's end, 0 once it is not
+        this delivery's."""
+        entry = self._broker._inflight.get(self._token)
+        return 0.0 if entry is None else entry.lease_until
+
     async def ack(self) -> bool:
         return self._broker._settle(self._token) is not None
 
