@@ -18,6 +18,7 @@ from qtasks_testing.contract import (
     BuryNoticeContract,
     CancelCheckContract,
     CancelFeedContract,
+    ConsumeHealthContract,
     DeliveryLimitContract,
     FailedMemberContract,
     FlowControlContract,
@@ -147,3 +148,7 @@ class TestMemoryDeliveryLimit(DeliveryLimitContract):
     @pytest.fixture
     def limited_broker_factory(self) -> LimitedBrokerFactory:
         return lambda limit: MemoryBroker(max_deliveries=limit)
+
+
+class TestMemoryConsumeHealth(ConsumeHealthContract):
+    """Runs with the module's factories."""

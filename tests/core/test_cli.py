@@ -471,6 +471,10 @@ def test_inspect_human_and_json(served: str, app_module: ModuleType) -> None:
     assert code == 0
     assert "tasks (3):" in out
     assert "workers alive (1):" in out
+    header, _, row = out.split("workers alive (1):\n", 1)[1].splitlines()[:3]
+    assert header.split()[-1] == "consuming" and row.split()[-1] == "yes"  # qtasks.health
+    (beat,) = report["workers"].values()
+    assert (beat["consume_stalled"], beat["stall_limit"]) == (0.0, 60.0)
     assert "queue: ready" in out
     assert "audit:" in out
 

@@ -8,11 +8,14 @@ logs every success.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -160,3 +163,48 @@ def test_sigterm_lets_a_running_task_finish(tmp_path: Path) -> None:
     assert code == 0, err
     assert "linger finished" in out_file.read_text()  # within shutdown_grace
     assert "audit: task linger" in err
+
+
+@pytest.mark.timeout(60)
+def test_run_health_port_serves_the_probe(tmp_path: Path) -> None:
+    """``qtasks run --health-port``: the worker process answers ``/readyz`` and ``/livez``
+    (qtasks.health) while it serves, and says where in its log."""
+    (tmp_path / "worker_app.py").write_text(APP_SOURCE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    env["OUT_FILE"] = str(tmp_path / "out.txt")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    argv = [sys.executable, "-m", "qtasks", "run", "-A", "worker_app:app"]
+    proc = subprocess.Popen(
+        [*argv, "--health-port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as got:
+                    ready = json.loads(got.read())
+                break
+            except OSError:  # not listening yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"no probe on {port}:\n{proc.communicate()[1]}")
+                time.sleep(0.05)
+        assert (ready["status"], ready["consume_stalled"]) == ("ok", 0.0)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as got:
+            assert got.status == 200
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, err
+    assert f"health probe on http://127.0.0.1:{port} (/livez, /readyz)" in err

@@ -620,6 +620,24 @@ class BuryNotice(Protocol):
 
 
 @runtime_checkable
+class ConsumeHealth(Protocol):
+    """Optional :class:`Broker` capability: whether its consumers still hear from the server,
+    for the worker's health probe (``/livez``, ``/readyz``: :mod:`qtasks.health`) and its
+    heartbeat. Without it the probe cannot tell a worker that is alive but no longer
+    consuming (a connection that hangs, a consumer the server dropped) from an idle one."""
+
+    def consume_stalled(self) -> float:
+        """Seconds the most stalled consumer of this broker has been trying to receive
+        without the server answering: a fetch outstanding (a polling broker's own bounded
+        wait counts: up to 5 s for Redis), retried through an outage, or a push consumer
+        whose channel is down and not open again yet. ``0.0`` when every consumer is
+        answered, waits on purpose (a suspect kept apart, nothing asked for while the
+        worker's slots are busy), or none consumes. Called on the event loop: it must
+        neither block nor call the server."""
+        ...
+
+
+@runtime_checkable
 class CancelCheck(Protocol):
     """Optional storage capability: find which of many records are cancelled in one round
     trip (the worker's safety net for cancels its :class:`CancelFeed` missed)."""

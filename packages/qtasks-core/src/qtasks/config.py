@@ -82,6 +82,16 @@ class QueueConfig(QTasksConfigNames):
     (``add_task``, ``app.start()``) do not wait."""
     heartbeat_interval: float = 5.0
     """Seconds between worker heartbeats in the GlobalConfig."""
+    health_port: int | None = None
+    """Port of the worker's health probe, ``/livez`` and ``/readyz`` over HTTP
+    (:mod:`qtasks.health`; ``qtasks run --health-port``); ``None``: not served. ``0`` picks a
+    free port (logged)."""
+    health_host: str = "127.0.0.1"
+    """Address the health probe listens on (``0.0.0.0`` for a probe from outside the host,
+    such as Kubernetes'). It shows no task data: status, counts and the worker's id."""
+    health_stall_limit: float = 60.0
+    """Seconds the broker's consumer may go without an answer from the server while it tries
+    to receive before ``/livez`` and ``/readyz`` answer 503 (alive but not consuming)."""
     loop_stall_warning: float | None = 1.0
     """Seconds a worker's event loop may be blocked (a blocking call inside ``async def``)
     before a watchdog thread logs which task blocks it and where; ``None`` turns it off."""
@@ -152,6 +162,7 @@ POSITIVE = frozenset(
         "max_deliveries",
         "retry_backoff_max",
         "heartbeat_interval",
+        "health_stall_limit",
         "loop_stall_warning",
         "max_message_size",
     }
@@ -258,6 +269,8 @@ def check_value(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key!r} must be a finite number of 0 or more, got {value!r}")
     if key == "default_priority":
         return check_priority(value, f"{source}: 'default_priority'", ConfigError)
+    if key == "health_port" and not 0 <= value <= 65535:
+        raise ConfigError(f"{source}: 'health_port' must be a port number (0-65535), got {value!r}")
     return float(value) if base is float else value
 
 

@@ -26,15 +26,18 @@ from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from anyio.abc import SocketStream
 from anyio.abc import TaskStatus as AnyioTaskStatus
+from anyio.streams.stapled import MultiListener
 
-from qtasks import poison
+from qtasks import health, poison
 from qtasks.begin import BeginBatch
 from qtasks.cancels import culprit, is_stray, stray_error
 from qtasks.components import (
     BeginOnClaim,
     BuryNotice,
     CancelFeed,
+    ConsumeHealth,
     Delivery,
     HeartbeatEnd,
     delivery_lease,
@@ -49,6 +52,7 @@ from qtasks.errors import (
 )
 from qtasks.executor import TaskExecutor, TaskRun
 from qtasks.flow import ADMIT_HEADERS, FlowGate
+from qtasks.health import Health
 from qtasks.hold import Hold
 from qtasks.leases import LeaseKeeper
 from qtasks.memory import EventFactory, _Signal
@@ -62,6 +66,7 @@ from qtasks.workflows import runtime as workflows
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
+    from qtasks.config import QueueConfig
 
 log = logging.getLogger("qtasks.worker")
 
@@ -125,6 +130,10 @@ class QueueWorker:
         self._seq = itertools.count()
         self._stopping = anyio.Event()
         self._serving = False
+        self._state = "starting"
+        """What the health probe says the worker does: ``starting``, ``serving``, ``stopping``."""
+        self.health_port: int | None = None
+        """The port of this worker's health probe while it serves one (``health_port``)."""
         self._stopped = anyio.Event()
         self._hurried = False
         """Whether :meth:`hurry` cut the grace of this run's stop short."""
@@ -142,6 +151,21 @@ class QueueWorker:
     @property
     def waiting(self) -> int:
         return len(self._local)
+
+    def health(self, app: AsyncQueueTasks) -> Health:
+        """What the health probe answers now (:mod:`qtasks.health`): the worker's state,
+        how long the broker's consumer has been stalled (``None`` for a broker without
+        :class:`~qtasks.components.ConsumeHealth`), and its counts."""
+        broker = app.broker
+        stalled = broker.consume_stalled() if isinstance(broker, ConsumeHealth) else None
+        return Health(
+            state=self._state,
+            consume_stalled=None if stalled is None else round(stalled, 3),
+            stall_limit=app.config.health_stall_limit,
+            running=self.running,
+            waiting=self.waiting,
+            worker=self.id,
+        )
 
     def cancel_local(self, uuid: str, reason: str) -> bool:
         """Cancel the run of ``uuid`` on this worker, if it runs here; ``True`` if it did."""
@@ -207,6 +231,23 @@ class QueueWorker:
         finally:
             self._serving = False
 
+    @asynccontextmanager
+    async def _probe_listening(
+        self, config: QueueConfig
+    ) -> AsyncIterator[MultiListener[SocketStream] | None]:
+        """The health probe's listener while :meth:`run` serves, when ``health_port`` is set
+        (bound before serving starts: a port taken fails the start with a
+        :class:`~qtasks.errors.ConfigError`)."""
+        if config.health_port is None:
+            yield None
+            return
+        async with health.listening(config.health_host, config.health_port) as listener:
+            self.health_port = health.bound_port(listener)
+            try:
+                yield listener
+            finally:
+                self.health_port = None
+
     def stop(self) -> None:
         """Ask the worker to stop: no new messages; running tasks get the grace period."""
         self._stopping.set()
@@ -245,6 +286,7 @@ class QueueWorker:
         task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         config = app.config
+        self._state = "starting"
         self._flow.check(app)
         self._limit_told = self._limit_told or poison.tell_limit(app)
         concurrency = self._max_tasks or config.max_tasks_process
@@ -315,6 +357,7 @@ class QueueWorker:
         settler = self._settlement.open_batch(app, concurrency)
         self._settlement.noticing = consumer_tells
         async with (
+            self._probe_listening(config) as probe,
             self._serving_now(),
             _clock_of(self._clock),
             consumer as deliveries,
@@ -419,16 +462,21 @@ class QueueWorker:
                     "app:`",
                     self.id,
                 )
+            if probe is not None:
+                answer = partial(self.health, app)
+                serving.start_soon(_loud, "health probe", health.serve, answer, probe)
             serving.start_soon(_loud, "heartbeats", self._heartbeat, app, concurrency)
             serving.start_soon(_loud, "lease renewals", self._leases.keep, app)
             await app.hooks.notify("qtasks_broker_listening", app=app, worker=self)
             await app.hooks.notify(
                 "qtasks_component_started", app=app, kind="worker", component=self
             )
+            self._state = "serving"
             task_status.started()
             try:
                 await self._stopping.wait()
             finally:
+                self._state = "stopping"
                 grace = 0.0 if self._hurried else config.shutdown_grace
                 self._settlement.give_up_at = time.monotonic() + grace
                 # Every wait below on a backend ends by the stop's deadline (the grace and
@@ -573,6 +621,15 @@ class QueueWorker:
                 exc,
             )
 
+    def _stalled_for_beat(self, app: AsyncQueueTasks) -> float | None:
+        """The heartbeat's ``consume_stalled`` (see :meth:`health`); ``None`` when the broker
+        cannot tell, or its check fails (logged; the probe answers 500 then)."""
+        try:
+            return self.health(app).consume_stalled
+        except Exception as exc:
+            log.warning("the broker's consume_stalled failed: %r", exc)
+            return None
+
     async def _beat(self, app: AsyncQueueTasks, concurrency: int, interval: float) -> None:
         info = {
             "id": self.id,
@@ -584,6 +641,8 @@ class QueueWorker:
             "processed": self.processed,
             "concurrency": concurrency,
             "beat_at": time.time(),
+            "consume_stalled": self._stalled_for_beat(app),
+            "stall_limit": app.config.health_stall_limit,
             "ttl": interval * 3,
         }
         try:

@@ -94,10 +94,18 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
     typer.echo(f"\nworkers alive ({len(workers)}):")
     if workers:
         rows = [
-            [wid, w.get("running"), w.get("waiting"), w.get("processed"), w.get("concurrency")]
+            [
+                wid,
+                w.get("running"),
+                w.get("waiting"),
+                w.get("processed"),
+                w.get("concurrency"),
+                consuming(w),
+            ]
             for wid, w in sorted(workers.items())
         ]
-        typer.echo(table(["id", "running", "waiting", "processed", "concurrency"], rows))
+        headers = ["id", "running", "waiting", "processed", "concurrency", "consuming"]
+        typer.echo(table(headers, rows))
     flow = report.get("flow")
     if flow:
         typer.echo("\nflow control:")
@@ -260,3 +268,15 @@ def dlq_requeue(
         typer.echo(("error: " if chosen is not None else "") + "; ".join(problems), err=True)
         if chosen is not None:
             raise typer.Exit(1)
+
+
+def consuming(info: dict[str, Any]) -> str:
+    """A worker's heartbeat's word on its consumer (see :mod:`qtasks.health`): ``yes``, or
+    ``stalled N s`` past the worker's ``health_stall_limit``; ``?`` when its broker cannot
+    tell."""
+    stalled, limit = info.get("consume_stalled"), info.get("stall_limit")
+    if not isinstance(stalled, int | float):
+        return "?"
+    if isinstance(limit, int | float) and stalled > limit:
+        return f"stalled {stalled:.0f} s"
+    return "yes"

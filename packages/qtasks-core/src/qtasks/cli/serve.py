@@ -57,6 +57,15 @@ def run(
         str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: config).")
     ] = None,
     metrics_port: MetricsPortOpt = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve the health probe (/livez, /readyz) on this port (health_port; "
+            "health_host, loopback by default, says where).",
+        ),
+    ] = None,
     start_timeout: Annotated[
         float | None,
         typer.Option(
@@ -80,6 +89,7 @@ def run(
         "max_tasks_process": concurrency,
         "log_level": log_level,
         "start_timeout": start_timeout,
+        "health_port": health_port,
     }
     # Logging first, so that what configuration decides (a storage following the broker, a
     # default address) is shown; the configured level applies once the app is known.

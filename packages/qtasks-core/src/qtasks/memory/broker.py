@@ -649,6 +649,11 @@ class MemoryBroker(_Lifecycle):
         self._check()
         return [await delivery.extend() for delivery in deliveries]
 
+    def consume_stalled(self) -> float:
+        """Always ``0.0``: the in-memory queue has no server to lose (see
+        :class:`~qtasks.components.ConsumeHealth`)."""
+        return 0.0
+
     async def cancel(self, id: str) -> bool:
         self._check()
         entry = self._known.get(id)

@@ -12,7 +12,8 @@ component without the capability (``isinstance`` says no) has every test of the 
 refactoring, shows in the report instead of passing.
 
 Over ~500 lines: a contract suite per optional capability, each a list of tests, one per
-guarantee.
+guarantee. :class:`ConsumeHealthContract` checks
+:class:`~qtasks.components.ConsumeHealth` the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from qtasks.components import (
     BuryNotice,
     CancelCheck,
     CancelFeed,
+    ConsumeHealth,
     DeadLetter,
     Delivery,
     FreshWait,
@@ -647,6 +649,42 @@ class _BrokerCapability(ContractSuite):
             yield broker
 
 
+class ConsumeHealthContract(_BrokerCapability):
+    """The guarantees of :class:`qtasks.components.ConsumeHealth`, as tests: a broker whose
+    consumers hear from the server is not stalled, and one whose consumers are gone says so
+    at once (a stall left behind by a closed consumer would fail a worker's ``/livez`` for
+    ever). Stalling a consumer takes a network fault, which each backend's own tests make
+    (a fault proxy in front of the real server).
+
+    Provide a ``broker_factory`` fixture, as for :class:`~qtasks_testing.contract.BrokerContract`.
+    Every test is skipped when the broker is not a ``ConsumeHealth``."""
+
+    capability = ConsumeHealth
+
+    STALL_BOUND = 6.0
+    """Seconds a healthy consumer may count as trying: a polling broker's own bounded wait
+    (up to 5 s for Redis) and a round trip."""
+
+    @pytest.mark.anyio
+    async def test_a_broker_nobody_consumes_from_is_not_stalled(self, broker: Broker) -> None:
+        stalled = cast(ConsumeHealth, broker).consume_stalled()
+        assert type(stalled) is float and stalled == 0.0
+
+    @pytest.mark.anyio
+    async def test_a_consumer_answered_is_not_stalled_and_leaves_no_stall_behind(
+        self, broker: Broker
+    ) -> None:
+        health = cast(ConsumeHealth, broker)
+        await broker.publish(envelope())
+        async with consuming(broker) as consumer:
+            delivery = await consumer.next(timeout=5)
+            assert 0.0 <= health.consume_stalled() < self.STALL_BOUND
+            assert await delivery.ack() is True
+            assert await consumer.none_within(0.2) is None  # trying again, answered or waiting
+            assert 0.0 <= health.consume_stalled() < self.STALL_BOUND
+        assert health.consume_stalled() == 0.0
+
+
 class LeaseBatchContract(_BrokerCapability):
     """The guarantees of :class:`qtasks.components.LeaseBatch`, as tests.
 
@@ -1140,6 +1178,7 @@ __all__ = [
     "BeginOnClaimContract",
     "CancelCheckContract",
     "CancelFeedContract",
+    "ConsumeHealthContract",
     "LeaseBatchContract",
     "SharedServerContract",
 ]

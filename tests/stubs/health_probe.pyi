@@ -1,0 +1,1 @@
+from tests.health_probe import *  # noqa: F403
