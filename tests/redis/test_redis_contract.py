@@ -19,6 +19,7 @@ from qtasks_testing.contract import (
     BuryNoticeContract,
     CancelCheckContract,
     CancelFeedContract,
+    ConsumeHealthContract,
     DeliveryLimitContract,
     FailedMemberContract,
     FlowControlContract,
@@ -163,3 +164,7 @@ class TestRedisDeliveryLimit(DeliveryLimitContract):
         return lambda limit: RedisBroker(
             redis_url, prefix=prefix, queue="contract", max_deliveries=limit
         )
+
+
+class TestRedisConsumeHealth(ConsumeHealthContract):
+    """Runs with the module's factories."""

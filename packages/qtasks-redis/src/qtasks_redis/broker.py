@@ -259,6 +259,9 @@ class RedisBroker:
         self._retention: tuple[str, str] = ("", "")
         """``dead_letter_ttl`` in ms and ``max_dead_letters``, as the scripts take them."""
         self._shared = SharedClient(self.target, "RedisBroker")
+        self._trying: dict[str, float] = {}
+        """When each consumer's claim still unanswered was first made (monotonic), by
+        consumer; a failed one keeps its time through the retries (:meth:`consume_stalled`)."""
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -672,6 +675,7 @@ class RedisBroker:
         # idle claim (a block then the claim), and redis-py gives up after its retries.
         unanswered: list[str] = []
         claimed = False  # whether a claim was sent: its note (CLAIM_BODY) is deleted at exit
+        trying = self._trying
 
         async def claim(
             block: float | None, due: bool
@@ -858,7 +862,9 @@ class RedisBroker:
                         # have outlasted the deadline (then the claim is made at once).
                         left = wake_at - time.monotonic()
                         block = None if took and left <= 0 else max(left, 0.001)
+                    trying.setdefault(consumer, time.monotonic())
                     got, wait, due = await claim(block, due)
+                    del trying[consumer]  # answered
                     buffer.extend(got)  # before a wait: at exit, the records of the rest go back
                     for delivery in got:
                         if delivery.attempt >= suspect_from:
@@ -893,6 +899,7 @@ class RedisBroker:
         try:
             yield deliveries()
         finally:
+            trying.pop(consumer, None)
             # Each bounded, and by a stopping worker's deadline (qtasks.stopping): what a
             # stalled server does not take in time is left to the leases.
             if buried or told:  # a claim's reply read after the consumer was cancelled
@@ -930,6 +937,14 @@ class RedisBroker:
             await client.blocking(seconds, ("BLPOP", self._notify_key, seconds))
         else:
             await client.blpop([self._notify_key], timeout=seconds)
+
+    def consume_stalled(self) -> float:
+        """Seconds the oldest unanswered claim of this broker's consumers has waited (an idle
+        claim blocks up to 5 s by design, or the lease when shorter), its retries through an
+        outage included; ``0.0`` when none waits on Redis (see
+        :class:`~qtasks.components.ConsumeHealth`)."""
+        trying = self._trying
+        return time.monotonic() - min(trying.values()) if trying else 0.0
 
     async def cancel(self, id: str) -> bool:
         return bool(await self._run(lua.CANCEL, id))
