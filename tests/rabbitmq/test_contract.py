@@ -17,6 +17,7 @@ from qtasks_testing.contract import (
     BrokerFactory,
     BulkPublishContract,
     BuryNoticeContract,
+    ConsumeHealthContract,
 )
 
 from .conftest import URL, delete_topology
@@ -82,3 +83,9 @@ async def test_the_rabbitmq_broker_s_delivery_limit_is_its_start_s_config(
         assert isinstance(broker, DeliveryLimit)
         assert broker.max_deliveries == 3
         assert delivery_limit(broker, QueueConfig(max_deliveries=7)) == 3
+
+
+class TestRabbitMQConsumeHealth(ConsumeHealthContract):
+    @pytest.fixture
+    def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
+        return rabbitmq_broker_factory

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -337,6 +338,15 @@ class RabbitMQBroker:
         taken by another process is not affected here; the worker there skips it because its
         stored record is already cancelled."""
         return self._published.cancel(id)
+
+    def consume_stalled(self) -> float:
+        """Seconds the consumer of this process down the longest has not been consuming
+        (its channel or connection lost and not open again, or cancelled by the server);
+        ``0.0`` while every consumer consumes (see
+        :class:`~qtasks.components.ConsumeHealth`)."""
+        now = time.monotonic()
+        sessions = list(self._sessions.values())
+        return max((c.stalled(now) for s in sessions for c in s.consumers.values()), default=0.0)
 
     async def stats(self) -> BrokerStats:
         """Ready, delayed and dead counts from RabbitMQ; ``in_flight`` counts the deliveries

@@ -98,6 +98,10 @@ class Consumer:
         self._qos_wanted = asyncio.Event()
         self._qos_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        self.down_since: float | None = time.monotonic()
+        """Since when (monotonic) this consumer is not consuming against its will: not opened
+        yet, or its channel closed (a lost connection, a cancel by the server) and not open
+        again; ``None`` while it consumes (:meth:`stalled`)."""
         self.untold: deque[tuple[str, str]] = deque()
         """Id and reason of each message this consumer dead-lettered whose notice
         (``buried``) was not given yet, or failed (:meth:`tell`)."""
@@ -135,6 +139,13 @@ class Consumer:
 
     def alive(self) -> bool:
         return self.state.alive()
+
+    def stalled(self, now: float) -> float:
+        """Seconds this consumer has not been consuming against its will (``0.0`` while it
+        consumes or keeps a suspect apart); see :meth:`RabbitMQBroker.consume_stalled`."""
+        if self.down_since is None and not self.state.closing and not self.state.alive():
+            self.down_since = now  # closed without a callback telling (a safety net)
+        return 0.0 if self.down_since is None else now - self.down_since
 
     # basic.qos counts every unacked message, but ``prefetch`` bounds only those not yet handed
     # to the worker. Classic queues: a channel-wide (global) qos of ``prefetch`` plus what the
@@ -266,12 +277,15 @@ class Consumer:
             functools.partial(self._on_message, generation),
             consumer_tag=self.state.tag,
         )
+        self.down_since = None
         if self.state.closing:  # a close that gave up waiting for this reopen (its stop's deadline)
             await _quietly(channel.close())
 
     def _closed(self, generation: int, what: str, exc: BaseException | None) -> None:
         # A closed link ignores this (``Link.lost`` checks), as it does once the broker stopped.
         if generation == self.state.generation and not self.state.closing:
+            if self.down_since is None:
+                self.down_since = time.monotonic()
             self.link.lost(what if exc is None else f"{what}: {type(exc).__name__}")
 
     async def _on_message(self, generation: int, message: DeliveredMessage) -> None:
