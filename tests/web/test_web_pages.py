@@ -542,3 +542,23 @@ async def test_a_uuid_is_found_under_many_newer_records(monkeypatch: pytest.Monk
         assert "no task matches" not in page.text
         assert "none of the records searched so far matches" in page.text
         assert 'id="next"' in page.text
+
+
+async def test_a_worker_that_stopped_consuming_is_shown_so(
+    app: AsyncQueueTasks, client: Client
+) -> None:
+    """Its heartbeat says its consumer has gone unanswered past its limit (qtasks.health):
+    the Workers page says "not consuming", not "live"; a worker within its limit is live."""
+    beat = {"host": "h", "pid": 1, "running": 0, "concurrency": 4, "beat_at": time.time()}
+    gc = app.global_config
+    await gc.heartbeat("stuck", {**beat, "consume_stalled": 75.4, "stall_limit": 60.0}, ttl=30)
+    await gc.heartbeat("fine", {**beat, "consume_stalled": 4.0, "stall_limit": 60.0}, ttl=30)
+    page = await client.get("/workers")
+    assert page.status == 200
+    rows = {
+        row.split('class="mono">', 1)[1].split("<", 1)[0]: row
+        for row in page.text.split("<tr")[1:]
+        if 'class="mono">' in row
+    }
+    assert "not consuming (75 s)" in rows["stuck"]
+    assert "not consuming" not in rows["fine"] and ">live<" in rows["fine"]

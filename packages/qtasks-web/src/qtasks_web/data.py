@@ -312,6 +312,16 @@ class WorkerRow:
     beat_at: float | None = None
     started_at: float | None = None
     held: list[str] = field(default_factory=list)
+    stalled: float | None = None
+    """Seconds its consumer had gone unanswered at its last heartbeat, when past the worker's
+    ``health_stall_limit`` (alive but not consuming: :mod:`qtasks.health`); else ``None``."""
+
+
+def _stalled(info: dict[str, Any]) -> float | None:
+    stalled, limit = info.get("consume_stalled"), info.get("stall_limit")
+    if isinstance(stalled, int | float) and isinstance(limit, int | float) and stalled > limit:
+        return float(stalled)
+    return None
 
 
 async def workers(app: AsyncQueueTasks) -> list[WorkerRow]:
@@ -330,6 +340,7 @@ async def workers(app: AsyncQueueTasks) -> list[WorkerRow]:
             processed=info.get("processed"),
             beat_at=info.get("beat_at"),
             started_at=info.get("started_at"),
+            stalled=_stalled(info),
         )
     storage = queryable(app)
     if storage is not None:
