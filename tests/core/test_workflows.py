@@ -133,8 +133,8 @@ async def test_chain_passes_each_result_on(app: AsyncQueueTasks) -> None:
     assert calls(app) == [("add", (1, 2)), ("double", 3), ("double", 6)]
 
 
-async def test_a_step_s_record_shows_its_input_once_it_started(app: AsyncQueueTasks) -> None:
-    # Its record showed None in its input's place for ever: while it ran, and once it ended.
+async def test_a_step_s_record_shows_its_input_once_it_ended(app: AsyncQueueTasks) -> None:
+    # Its record showed None in its input's place for ever, even once it ended.
     await check_step_inputs(app)
 
 

@@ -100,7 +100,7 @@ async def test_wait_for_a_workflow_raises_its_failure() -> None:
         with pytest.raises(TaskFailedError) as raised:
             await app.run_workflow(chain(double.s(1), boom.s()))
         assert "It is a member of workflow " in str(raised.value)
-        assert "shows None in that argument's place until it started" in str(raised.value)
+        assert "shows None in that argument's place until it ended" in str(raised.value)
     async with Harness(app, mode="worker", timeout=5, raise_task_errors=False) as qt:
         state = await app.run_workflow(chain(boom.s(2), double.s()))
         ended = await qt.wait(state)

@@ -71,7 +71,7 @@ def failure_message(record: TaskRecord) -> str:
         text += (
             f"\n\nIt is a member of workflow {record.workflow} (app.get_workflow() reads its "
             "state); a step fed the result of the steps before it shows None in that "
-            "argument's place until it started."
+            "argument's place until it ended."
         )
     return text
 

@@ -441,28 +441,20 @@ async def with_input(run: TaskRun, args: list[Any]) -> list[Any]:
     not succeed: not retried, it would not heal."""
     read = run.step_input
     value = await step_input(run.app, run.message) if read is None else read[0]
-    await _record_input(run, value)
+    _record_input(run, value)
     return [value, *args[1:]]
 
 
-async def _record_input(run: TaskRun, value: Any) -> None:
-    """Write the step's input into its record in place of the placeholder it was stored with
-    (its predecessors had not ended then): into ``run.record``, which the worker saves whole at
-    the end, and, at once, into the stored record (a save fenced by this run's delivery, so
-    ``app.get`` of a running step shows what it was called with; one round trip, for the steps
-    fed by their predecessors only). Best effort: a run whose lease was lost or that was
-    cancelled meanwhile is left as it is (the fence or the final status refuses the save),
-    and a storage error is logged, not raised (the task runs on; its final save carries the
-    input too)."""
+def _record_input(run: TaskRun, value: Any) -> None:
+    """Write the step's input into ``run.record`` in place of the placeholder it was stored
+    with (its predecessors had not ended then): the worker saves the record whole when the run
+    ends, so the stored record shows what the step was called with from then on. Not saved at
+    once: that would cost every such step a round trip (about a sixth of a chain step's time
+    on Redis, ``bench/workflows.py`` C2); while it runs, its stored record keeps the
+    placeholder."""
     record = run.record
-    if not record.args:
-        return
-    record.args = [value, *record.args[1:]]
-    token = None if run.delivery is None else run.delivery.token
-    try:
-        await run.app.storage.save(record, fence=token)
-    except Exception:
-        log.warning("could not store the input of workflow step %s", record.uuid, exc_info=True)
+    if record.args:
+        record.args = [value, *record.args[1:]]
 
 
 async def step_input(app: AsyncQueueTasks, message: Message) -> Any:
