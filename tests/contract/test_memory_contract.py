@@ -26,6 +26,7 @@ from qtasks_testing.contract import (
     GlobalConfigFactory,
     LeaseBatchContract,
     LeasedBrokerFactory,
+    LeaseDeadlineContract,
     LeaseLengthContract,
     LimitedBrokerFactory,
     SettleBeginContract,
@@ -151,4 +152,8 @@ class TestMemoryDeliveryLimit(DeliveryLimitContract):
 
 
 class TestMemoryConsumeHealth(ConsumeHealthContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryLeaseDeadline(LeaseDeadlineContract):
     """Runs with the module's factories."""

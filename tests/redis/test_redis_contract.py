@@ -28,6 +28,7 @@ from qtasks_testing.contract import (
     GlobalConfigFactory,
     LeaseBatchContract,
     LeasedBrokerFactory,
+    LeaseDeadlineContract,
     LeaseLengthContract,
     LimitedBrokerFactory,
     SettleBeginContract,
@@ -167,4 +168,8 @@ class TestRedisDeliveryLimit(DeliveryLimitContract):
 
 
 class TestRedisConsumeHealth(ConsumeHealthContract):
+    """Runs with the module's factories."""
+
+
+class TestRedisLeaseDeadline(LeaseDeadlineContract):
     """Runs with the module's factories."""

@@ -34,6 +34,7 @@ from qtasks_testing.contract.capabilities import (
     ConsumeHealthContract,
     FreshWaitContract,
     LeaseBatchContract,
+    LeaseDeadlineContract,
     SettleBeginContract,
     SharedServerContract,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "GlobalConfigContract",
     "GlobalConfigFactory",
     "LeaseBatchContract",
+    "LeaseDeadlineContract",
     "LeaseLengthContract",
     "LeasedBrokerFactory",
     "LimitedBrokerFactory",

@@ -12,8 +12,9 @@ component without the capability (``isinstance`` says no) has every test of the 
 refactoring, shows in the report instead of passing.
 
 Over ~500 lines: a contract suite per optional capability, each a list of tests, one per
-guarantee. :class:`ConsumeHealthContract` checks
-:class:`~qtasks.components.ConsumeHealth` the same way.
+guarantee. :class:`ConsumeHealthContract` and :class:`LeaseDeadlineContract` check
+:class:`~qtasks.components.ConsumeHealth` and :class:`~qtasks.components.LeaseDeadline` the
+same way.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ from qtasks.components import (
     Delivery,
     FreshWait,
     LeaseBatch,
+    LeaseDeadline,
     SettleBegin,
     SharedServer,
     Storage,
+    delivery_lease,
 )
 from qtasks.config import QueueConfig
 from qtasks.errors import TaskTimeoutError
@@ -685,6 +688,78 @@ class ConsumeHealthContract(_BrokerCapability):
         assert health.consume_stalled() == 0.0
 
 
+class LeaseDeadlineContract(ContractSuite):
+    """The guarantees of :class:`qtasks.components.LeaseDeadline` (a capability of the broker's
+    deliveries), as tests: ``held_until`` is the lease counted from the sending of the call
+    that took or last renewed the delivery, never from its reply, so the worker may begin a
+    task before it without asking the broker.
+
+    Provide a ``broker_factory`` fixture, as for :class:`~qtasks_testing.contract.BrokerContract`.
+    Every test is skipped when the broker's deliveries are not ``LeaseDeadline``."""
+
+    EPSILON = 0.005
+    """Seconds of clock rounding tolerated."""
+
+    @pytest.fixture
+    async def broker(
+        self, broker_factory: BrokerFactory, contract_config: QueueConfig
+    ) -> AsyncIterator[Broker]:
+        broker = broker_factory(contract_config)
+        async with AsyncExitStack() as stack:
+            await broker.start(stack, contract_config)
+            yield broker
+
+    async def _sent_between(
+        self, broker: Broker, config: QueueConfig, call: Callable[[], Any]
+    ) -> tuple[float, float, float]:
+        """``(before, after, lease)`` around ``await call()``."""
+        before = time.monotonic()
+        await call()
+        return before, time.monotonic(), delivery_lease(broker, config)
+
+    def _check(self, until: float, before: float, after: float, lease: float) -> None:
+        assert before - self.EPSILON <= until - lease <= after + self.EPSILON, (
+            f"held_until is {until - before:.4f} s after the call was made and "
+            f"{until - after:.4f} s after it returned, for a lease of {lease} s"
+        )
+
+    @pytest.mark.anyio
+    async def test_held_until_is_a_lease_from_the_claim(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        async with consuming(broker) as consumer:
+            got: list[Delivery] = []
+
+            async def claim() -> None:
+                await broker.publish(envelope())  # the waiting consumer claims it now
+                got.append(await consumer.next(timeout=5))
+
+            before, after, lease = await self._sent_between(broker, contract_config, claim)
+            (delivery,) = got
+            if not isinstance(delivery, LeaseDeadline):
+                pytest.skip(lacks(delivery, LeaseDeadline))
+            self._check(delivery.held_until, before, after, lease)
+            assert await delivery.ack() is True
+
+    @pytest.mark.anyio
+    async def test_a_renewal_moves_it_to_a_lease_from_the_renewal(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        await broker.publish(envelope())
+        async with consuming(broker) as consumer:
+            delivery = await consumer.next(timeout=5)
+            if not isinstance(delivery, LeaseDeadline):
+                pytest.skip(lacks(delivery, LeaseDeadline))
+            renewals: list[Callable[[], Any]] = [delivery.extend]
+            if isinstance(broker, LeaseBatch):
+                renewals.append(partial(broker.extend_many, [delivery]))
+            for renew in renewals:
+                await anyio.sleep(0.05)  # so that a held_until left unmoved shows
+                before, after, lease = await self._sent_between(broker, contract_config, renew)
+                self._check(delivery.held_until, before, after, lease)
+            assert await delivery.ack() is True
+
+
 class LeaseBatchContract(_BrokerCapability):
     """The guarantees of :class:`qtasks.components.LeaseBatch`, as tests.
 
@@ -1180,5 +1255,6 @@ __all__ = [
     "CancelFeedContract",
     "ConsumeHealthContract",
     "LeaseBatchContract",
+    "LeaseDeadlineContract",
     "SharedServerContract",
 ]
