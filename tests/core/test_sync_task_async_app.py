@@ -128,6 +128,7 @@ APP_CALLS: dict[str, Callable[[AsyncQueueTasks, str], Any]] = {
     "get_workflow": lambda app, uuid: app.get_workflow(uuid),
     "wait_workflow": lambda app, uuid: app.wait_workflow(uuid, 1),
     "cancel_workflow": lambda app, uuid: app.cancel_workflow(uuid),
+    "get_workflow_records": lambda app, uuid: app.get_workflow_records(uuid),
     "get": lambda app, uuid: app.get(uuid),
     "wait": lambda app, uuid: app.wait(uuid, 1),
     "stream": lambda app, uuid: app.stream(uuid, 1),
