@@ -58,6 +58,16 @@ _REASONS = {
 }
 
 
+def stalled_past(stalled: object, limit: object) -> float | None:
+    """``stalled`` (seconds, as :class:`Health` and a worker's heartbeat carry it) when it is
+    past ``limit``: the worker is alive but not consuming; else ``None`` (within the limit,
+    or either unknown). The one rule the probe, ``qtasks inspect`` and the dashboard apply."""
+    numbers = (int, float)
+    if isinstance(stalled, numbers) and isinstance(limit, numbers) and stalled > limit:
+        return float(stalled)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     """What the probe answers: the worker's ``state`` (``starting``, ``serving`` or
@@ -74,7 +84,7 @@ class Health:
     @property
     def live(self) -> bool:
         """Whether ``/livez`` answers 200: the consumer is not stalled past the limit."""
-        return self.consume_stalled is None or self.consume_stalled <= self.stall_limit
+        return stalled_past(self.consume_stalled, self.stall_limit) is None
 
     @property
     def ready(self) -> bool:

@@ -156,11 +156,9 @@ class QueueWorker:
         """What the health probe answers now (:mod:`qtasks.health`): the worker's state,
         how long the broker's consumer has been stalled (``None`` for a broker without
         :class:`~qtasks.components.ConsumeHealth`), and its counts."""
-        broker = app.broker
-        stalled = broker.consume_stalled() if isinstance(broker, ConsumeHealth) else None
         return Health(
             state=self._state,
-            consume_stalled=None if stalled is None else round(stalled, 3),
+            consume_stalled=_consume_stalled(app),
             stall_limit=app.config.health_stall_limit,
             running=self.running,
             waiting=self.waiting,
@@ -625,7 +623,7 @@ class QueueWorker:
         """The heartbeat's ``consume_stalled`` (see :meth:`health`); ``None`` when the broker
         cannot tell, or its check fails (logged; the probe answers 500 then)."""
         try:
-            return self.health(app).consume_stalled
+            return _consume_stalled(app)
         except Exception as exc:
             log.warning("the broker's consume_stalled failed: %r", exc)
             return None
@@ -1000,6 +998,13 @@ class _WakeOne:
     def wake_all(self) -> None:
         while self._waiting:
             self._waiting.popleft().set()
+
+
+def _consume_stalled(app: AsyncQueueTasks) -> float | None:
+    """The app's broker's :meth:`~qtasks.components.ConsumeHealth.consume_stalled`, to the
+    millisecond; ``None`` for a broker without it."""
+    broker = app.broker
+    return round(broker.consume_stalled(), 3) if isinstance(broker, ConsumeHealth) else None
 
 
 async def _loud(

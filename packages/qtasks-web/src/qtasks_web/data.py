@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtasks import masking
 from qtasks.components import AttemptLog, DeadLetter, RecordQuery, StorageQuery
+from qtasks.health import stalled_past
 from qtasks.masking import mask_text, masked_value
 from qtasks.record import TaskRecord, TaskStatus
 
@@ -317,13 +318,6 @@ class WorkerRow:
     ``health_stall_limit`` (alive but not consuming: :mod:`qtasks.health`); else ``None``."""
 
 
-def _stalled(info: dict[str, Any]) -> float | None:
-    stalled, limit = info.get("consume_stalled"), info.get("stall_limit")
-    if isinstance(stalled, int | float) and isinstance(limit, int | float) and stalled > limit:
-        return float(stalled)
-    return None
-
-
 async def workers(app: AsyncQueueTasks) -> list[WorkerRow]:
     """Live workers (heartbeats in the global config) and lost ones: workers named on
     records still ``process`` that no longer beat (their tasks come back when their lease
@@ -340,7 +334,7 @@ async def workers(app: AsyncQueueTasks) -> list[WorkerRow]:
             processed=info.get("processed"),
             beat_at=info.get("beat_at"),
             started_at=info.get("started_at"),
-            stalled=_stalled(info),
+            stalled=stalled_past(info.get("consume_stalled"), info.get("stall_limit")),
         )
     storage = queryable(app)
     if storage is not None:

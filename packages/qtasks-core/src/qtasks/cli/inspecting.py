@@ -15,6 +15,7 @@ from qtasks.cli.options import Components, JsonOpt, ShowSecretsOpt
 from qtasks.cli.output import shown_body, table, to_json, warn_secrets_shown, workflows_table
 from qtasks.cli.resolve import aio_of, resolve_app, run_on
 from qtasks.errors import ConfigError, UnknownTaskError
+from qtasks.health import stalled_past
 from qtasks.masking import mask_text, masked_value
 
 
@@ -274,9 +275,8 @@ def consuming(info: dict[str, Any]) -> str:
     """A worker's heartbeat's word on its consumer (see :mod:`qtasks.health`): ``yes``, or
     ``stalled N s`` past the worker's ``health_stall_limit``; ``?`` when its broker cannot
     tell."""
-    stalled, limit = info.get("consume_stalled"), info.get("stall_limit")
+    stalled = info.get("consume_stalled")
     if not isinstance(stalled, int | float):
         return "?"
-    if isinstance(limit, int | float) and stalled > limit:
-        return f"stalled {stalled:.0f} s"
-    return "yes"
+    past = stalled_past(stalled, info.get("stall_limit"))
+    return "yes" if past is None else f"stalled {past:.0f} s"

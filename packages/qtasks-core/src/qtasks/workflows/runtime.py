@@ -180,6 +180,15 @@ async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
     return await state(app, record)
 
 
+def _member_uuids(record: TaskRecord) -> list[str]:
+    """The members of the workflow ``record``, in the order they were declared, its error
+    callback last."""
+    uuids: list[str] = list(record.kwargs["members"])
+    if record.kwargs.get("on_error"):
+        uuids.append(record.kwargs["on_error"])
+    return uuids
+
+
 async def records(app: AsyncQueueTasks, id: str) -> dict[str, TaskRecord | None] | None:
     """The stored records of the members of the workflow ``id``, by uuid, in the order they
     were declared, its error callback last (``None`` for a record that expired), read in one
@@ -187,9 +196,7 @@ async def records(app: AsyncQueueTasks, id: str) -> dict[str, TaskRecord | None]
     record = await app.storage.get(id)
     if record is None or record.task_name != WORKFLOW_TASK:
         return None
-    uuids: list[str] = list(record.kwargs["members"])
-    if record.kwargs.get("on_error"):
-        uuids.append(record.kwargs["on_error"])
+    uuids = _member_uuids(record)
     return dict(zip(uuids, await store_of(app).get_many(uuids), strict=True))
 
 
@@ -245,9 +252,7 @@ async def cancel(app: AsyncQueueTasks, id: str, reason: str) -> Workflow | None:
         # It had ended (success or error) before: nothing is cancelled, its error callback
         # (which may be running) included; its state is returned as it is.
         return await state(app, record)
-    uuids: list[str] = list(record.kwargs["members"])
-    if record.kwargs.get("on_error"):
-        uuids.append(record.kwargs["on_error"])
+    uuids = _member_uuids(record)
     stored = await store.get_many(uuids)
     for uuid, member in zip(uuids, stored, strict=True):
         if member is not None and not member.status.final:
