@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,41 +82,46 @@ def wait_for(path: Path, predicate: object, proc: subprocess.Popen[str], timeout
     pytest.fail(f"condition not met within {timeout}s; file: {text!r}\nstderr:\n{err}")
 
 
-@pytest.mark.timeout(60)
-def test_run_serves_tasks_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    (tmp_path / "worker_app.py").write_text(APP_SOURCE)
-    out_file = tmp_path / "out.txt"
+@contextmanager
+def qtasks_run(
+    tmp_path: Path, source: str, argv: list[str], **env_extra: str
+) -> Iterator[subprocess.Popen[str]]:
+    """``argv`` (a ``qtasks run -A worker_app:app ...`` command) as a process in ``tmp_path``,
+    serving ``source`` as ``worker_app.py``, with ``OUT_FILE`` (``out.txt``) and ``env_extra``
+    in its environment and no ``QTASKS_*`` variable of this one; killed at the exit if it is
+    still running."""
+    (tmp_path / "worker_app.py").write_text(source)
     env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
-    env["OUT_FILE"] = str(out_file)
+    env.update(OUT_FILE=str(tmp_path / "out.txt"), **env_extra)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qtasks",
-            "run",
-            "-A",
-            "worker_app:app",
-            "--concurrency",
-            "2",
-            "--log-level",
-            "INFO",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        text = wait_for(out_file, lambda t: len(t.splitlines()) >= 5, proc, 30)
-        assert sorted(int(n) for n in text.split()) == [0, 1, 2, 3, 4]
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=20)
-        _, err = proc.communicate()
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def sigterm(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM ``proc``; its exit code and stderr once it ended (within 20 s)."""
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=20)
+    return code, proc.communicate()[1]
+
+
+RUN = [sys.executable, "-m", "qtasks", "run", "-A", "worker_app:app"]
+
+
+@pytest.mark.timeout(60)
+def test_run_serves_tasks_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    out_file = tmp_path / "out.txt"
+    argv = [*RUN, "--concurrency", "2", "--log-level", "INFO"]
+    with qtasks_run(tmp_path, APP_SOURCE, argv) as proc:
+        text = wait_for(out_file, lambda t: len(t.splitlines()) >= 5, proc, 30)
+        assert sorted(int(n) for n in text.split()) == [0, 1, 2, 3, 4]
+        code, err = sigterm(proc)
     assert code == 0, err
     assert (
         "serving 'subprocess-app': 2 tasks, concurrency 2; broker MemoryBroker, storage "
@@ -137,29 +144,12 @@ def test_sigterm_lets_a_running_task_finish(tmp_path: Path) -> None:
         'await app.add_task("record", n)',
         'await app.add_task("record", n)\n        await app.add_task("linger")',
     ).replace("for n in range(5):", "for n in range(1):")
-    (tmp_path / "worker_app.py").write_text(source)
     out_file = tmp_path / "out.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
-    env["OUT_FILE"] = str(out_file)
-    env["LINGER"] = "1"
     script = Path(sys.executable).parent / "qtasks"  # the console script of the distribution
-    proc = subprocess.Popen(
-        [str(script), "run", "-A", "worker_app:app"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    argv = [str(script), "run", "-A", "worker_app:app"]
+    with qtasks_run(tmp_path, source, argv, LINGER="1") as proc:
         wait_for(out_file, lambda t: "linger started" in t, proc, 30)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=20)
-        _, err = proc.communicate()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        code, err = sigterm(proc)
     assert code == 0, err
     assert "linger finished" in out_file.read_text()  # within shutdown_grace
     assert "audit: task linger" in err
@@ -169,22 +159,10 @@ def test_sigterm_lets_a_running_task_finish(tmp_path: Path) -> None:
 def test_run_health_port_serves_the_probe(tmp_path: Path) -> None:
     """``qtasks run --health-port``: the worker process answers ``/readyz`` and ``/livez``
     (qtasks.health) while it serves, and says where in its log."""
-    (tmp_path / "worker_app.py").write_text(APP_SOURCE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
-    env["OUT_FILE"] = str(tmp_path / "out.txt")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    argv = [sys.executable, "-m", "qtasks", "run", "-A", "worker_app:app"]
-    proc = subprocess.Popen(
-        [*argv, "--health-port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with qtasks_run(tmp_path, APP_SOURCE, [*RUN, "--health-port", str(port)]) as proc:
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -199,12 +177,6 @@ def test_run_health_port_serves_the_probe(tmp_path: Path) -> None:
         assert (ready["status"], ready["consume_stalled"]) == ("ok", 0.0)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as got:
             assert got.status == 200
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=20)
-        _, err = proc.communicate()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        code, err = sigterm(proc)
     assert code == 0, err
     assert f"health probe on http://127.0.0.1:{port} (/livez, /readyz)" in err
