@@ -20,7 +20,7 @@ OPTIONS = ("-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scop
 def test_the_doc_shows_files() -> None:
     assert {"pytest.ini", "myproject.py", "test_unittest_cases.py"} <= set(FILES)
     assert {"factory/pytest.ini", "factory/shop.py", "factory/test_shop.py"} <= set(FILES)
-    assert sum(Path(name).name.startswith("test_") for name in FILES) >= 7
+    assert sum(Path(name).name.startswith("test_") for name in FILES) >= 8
 
 
 def write_files(root: Path) -> None:
@@ -41,7 +41,7 @@ def test_docs_testing_examples_pass(pytester: pytest.Pytester) -> None:
     write_files(pytester.path)
     # The factory project has its own pytest.ini: it runs on its own, below.
     result = pytester.runpytest_subprocess(*OPTIONS, "--ignore=factory")
-    assert_all_passed(result, 13 + 20)  # examples + storage contract
+    assert_all_passed(result, 14 + 20)  # examples + storage contract
 
 
 def test_docs_testing_factory_example_passes(pytester: pytest.Pytester) -> None:

@@ -192,9 +192,13 @@ async def test_components_are_restored() -> None:
         assert app.broker is not broker
         assert app.storage is storage
         assert set(WRAPPED) <= set(vars(app))
-        assert (app.clock, app.sleep_until) == (qt.clock.time, qt.advance_to)
+        assert (app.clock, app.sleep_until, app.wait_clock) == (
+            qt.clock.time,
+            qt.advance_to,
+            qt._wait_clock,
+        )
     assert app.broker is broker
-    assert (app.clock, app.sleep_until) == (time.time, None)
+    assert (app.clock, app.sleep_until, app.wait_clock) == (time.time, None, None)
     assert not set(WRAPPED) & set(vars(app))
     assert not app.started
 

@@ -187,6 +187,11 @@ class AsyncQueueTasks:
         waits (a rate token at most 0.1 s away). ``None``: they sleep in real time (held back
         if the worker begins to stop). A test harness sets it with :attr:`clock`, to move its
         fake clock there instead of sleeping."""
+        self.wait_clock: Callable[[float], Awaitable[None]] | None = None
+        """Returns once :attr:`clock` reads at least the given unix time, without moving it:
+        ``ctx.sleep`` also ends there, when that comes before its length in real time. ``None``
+        (production): only time moves the clock. A test harness sets it with :attr:`clock`, so
+        that moving its fake clock past a sleeping task's end wakes the task."""
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())

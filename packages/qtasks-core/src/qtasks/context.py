@@ -133,10 +133,15 @@ class TaskContext:
         raise TaskPluginTriggerError(**kwargs)
 
     async def _wait(self, seconds: float) -> str | None:
-        """Wait ``seconds``; return ``"stop"`` or ``"ended"`` if woken early by that."""
-        if not (isinstance(seconds, float) and seconds == math.inf):  # inf: until woken
+        """Wait ``seconds`` (or until the app's clock reads their end, when something other
+        than time moves it: :attr:`~qtasks.app.AsyncQueueTasks.wait_clock`); return
+        ``"stop"`` or ``"ended"`` if woken early by that."""
+        app = self._run.app
+        forever = isinstance(seconds, float) and seconds == math.inf  # inf: until woken
+        if not forever:
             check_delay(seconds, "ctx.sleep", InvalidTimeoutError)
-        stopping: anyio.Event | None = getattr(self._run.app.worker, "stopping", None)
+        stopping: anyio.Event | None = getattr(app.worker, "stopping", None)
+        wait_clock = None if forever else app.wait_clock
         woke: str | None = None
         async with anyio.create_task_group() as tg:
 
@@ -149,6 +154,13 @@ class TaskContext:
             if stopping is not None:
                 tg.start_soon(watch, stopping, "stop")
             tg.start_soon(watch, self._ended, "ended")
+            if wait_clock is not None:
+
+                async def clock_reaches(when: float) -> None:
+                    await wait_clock(when)
+                    tg.cancel_scope.cancel()  # the sleep's end, on the app's clock
+
+                tg.start_soon(clock_reaches, app.clock() + seconds)
             await anyio.sleep(seconds)
             tg.cancel_scope.cancel()
         return woke

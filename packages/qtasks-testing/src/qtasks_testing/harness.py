@@ -206,6 +206,9 @@ class Harness(EnqueuedLog):
         self.keep = frozenset(keep)
         self.raise_task_errors = raise_task_errors
         self.clock = clock or FakeClock()
+        self._moved: anyio.Event | None = None
+        """Set when the test moves the clock (and replaced): what :meth:`_wait_clock` waits
+        on."""
         self.timeout = timeout
         """Seconds a call of the harness may take: inline, a task still running then is
         cancelled for good (its record ends ``cancel``); with a worker, :meth:`wait` and
@@ -216,7 +219,12 @@ class Harness(EnqueuedLog):
         self._saved_states: StateRegistry | None = None
         self._saved_limiter: anyio.CapacityLimiter | None = None
         self._saved_clock: (
-            tuple[Callable[[], float], Callable[[float], Awaitable[None]] | None] | None
+            tuple[
+                Callable[[], float],
+                Callable[[float], Awaitable[None]] | None,
+                Callable[[float], Awaitable[None]] | None,
+            ]
+            | None
         ) = None
         self._plugin = _InlinePlugin(self)
         self._worker = QueueWorker()
@@ -273,11 +281,13 @@ class Harness(EnqueuedLog):
         app.thread_limiter = anyio.CapacityLimiter(app.thread_limiter.total_tokens)
         # New tasks' times and the flow gate's decisions (expires, rate limits) follow our
         # clock.
-        self._saved_clock = app.clock, app.sleep_until
+        self._saved_clock = app.clock, app.sleep_until, app.wait_clock
         app.clock = self.clock.time
         # The flow gate's own short waits for a rate token move the clock, as the harness
         # does for the longer holds it hands back to the broker: no real sleep.
         app.sleep_until = self.advance_to
+        # A task's ctx.sleep ends when the test moves the clock past its end (advance_time).
+        app.wait_clock = self._wait_clock
         replacements: dict[str, Any] = {
             "broker": MemoryBroker(clock=self.clock),
             "storage": MemoryStorage(clock=self.clock),
@@ -349,7 +359,10 @@ class Harness(EnqueuedLog):
         if self._saved_limiter is not None:
             app.thread_limiter, self._saved_limiter = self._saved_limiter, None
         if self._saved_clock is not None:
-            (app.clock, app.sleep_until), self._saved_clock = self._saved_clock, None
+            (app.clock, app.sleep_until, app.wait_clock), self._saved_clock = (
+                self._saved_clock,
+                None,
+            )
         if self._session is not None:
             self._session.installed = False
         self._saved = None
@@ -1090,10 +1103,25 @@ class Harness(EnqueuedLog):
         self.clock.advance_to(when)
         self._clock_moved()
 
+    async def _wait_clock(self, when: float) -> None:
+        """Return once the clock reads ``when`` or later, moved there by the test
+        (:meth:`advance_time`, :meth:`advance_to`, the flow gate's waits): the app's
+        :attr:`~qtasks.app.AsyncQueueTasks.wait_clock`, which ends a task's ``ctx.sleep``
+        there, or once time brings it there (a clock not frozen runs at the real rate)."""
+        while (left := when - self.clock.time()) > 0:
+            moved = self._moved
+            if moved is None:
+                moved = self._moved = anyio.Event()
+            with anyio.move_on_after(math.inf if self.clock.frozen else left):
+                await moved.wait()
+
     def _clock_moved(self) -> None:
         broker = self.app.broker
         if isinstance(broker, MemoryBroker):
             broker.wake()
+        moved, self._moved = self._moved, None
+        if moved is not None:
+            moved.set()
 
 
 def __getattr__(name: str) -> Any:
