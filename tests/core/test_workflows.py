@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
 import pytest
 from late_chord import add_late, chord_ending_late
+from lost_member import check_a_lost_member_reads_none
 from step_inputs import check_step_inputs
 
 from qtasks import (
@@ -271,6 +272,25 @@ async def test_get_workflow_records_reads_every_member_s_record(app: AsyncQueueT
     assert failed.uuid == done.failed_member
     # Read as app.get reads a record: through qtasks_storage_got.
     assert set(records) <= set(read)
+
+
+def forget_in(storage: object) -> Callable[[str], Awaitable[None]]:
+    """Removes a record from ``storage`` (a MemoryStorage) as its expiry does, whatever its
+    ``result_ttl`` and its workflow: the expiry of a workflow's members together with its
+    own record leaves no moment when one member is gone and the workflow is not."""
+    assert isinstance(storage, MemoryStorage)
+
+    async def forget(uuid: str) -> None:
+        del storage._records[uuid]
+        storage._forget(uuid)
+
+    return forget
+
+
+async def test_get_workflow_records_gives_none_for_a_record_that_is_gone(
+    app: AsyncQueueTasks,
+) -> None:
+    await check_a_lost_member_reads_none(app, forget_in(app.storage))
 
 
 class _OlderWorkflowStore(MemoryStorage):
@@ -753,6 +773,10 @@ def test_sync_app_twins() -> None:
             members = app.get_workflow_records(wf.id)
             assert members is not None and list(members) == wf.members
             assert [r.returning for r in members.values() if isinstance(r, Task)] == [2, 3, 5]
+            app.portal.call(forget_in(app.storage), wf.members[0])
+            members = app.get_workflow_records(wf.id)
+            assert members is not None and list(members) == wf.members
+            assert [r.returning if r else None for r in members.values()] == [None, 3, 5]
             assert app.get_workflow_records("no-such-workflow") is None
     finally:
         app.close()

@@ -14,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio
 from late_chord import add_late, chord_ending_late
+from lost_member import check_a_lost_member_reads_none
 from step_inputs import check_step_inputs
 from workflow_app import Workers, build, kill_while_running
 
@@ -385,6 +386,25 @@ async def test_a_chord_whose_members_end_further_apart_than_result_ttl_succeeds(
                 while await app.get(wf.members[0]) is not None:  # noqa: ASYNC110 - Redis expiry
                     await anyio.sleep(0.05)
     finally:
+        await app.aclose()
+
+
+async def test_get_workflow_records_gives_none_for_a_record_that_is_gone(
+    redis_url: str, prefix: str
+) -> None:
+    """A member's record deleted (evicted, or deleted by hand) under its workflow's record."""
+    app = producer(redis_url, prefix)
+    storage = app.storage
+    assert isinstance(storage, RedisStorage)
+    client = redis.asyncio.Redis.from_url(redis_url)
+
+    async def delete(uuid: str) -> None:
+        assert await client.delete(storage.record_key(uuid)) == 1
+
+    try:
+        await check_a_lost_member_reads_none(app, delete)
+    finally:
+        await client.aclose()
         await app.aclose()
 
 

@@ -916,8 +916,9 @@ class AsyncQueueTasks:
     async def get_workflow_records(self, id: str) -> dict[str, AsyncTask | None] | None:
         """Every member's record of the workflow ``id`` in one read: uuid -> record, in the
         order the members were declared, the error callback last; ``None`` for a record that
-        expired (``result_ttl`` after the workflow ended). ``None`` when no such workflow is
-        stored. For a failed workflow, each member's status, error and traceback."""
+        expired (``result_ttl`` after the workflow ended) or is gone otherwise (evicted,
+        deleted). ``None`` when no such workflow is stored. For a failed workflow, each
+        member's status, error and traceback."""
         if self._stack is None or self._loop is not _running_loop():
             await self.start()
         found = await workflows.records(self, id)

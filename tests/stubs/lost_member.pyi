@@ -1,0 +1,1 @@
+from tests.lost_member import *  # noqa: F403
