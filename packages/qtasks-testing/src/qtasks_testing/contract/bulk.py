@@ -20,7 +20,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -270,17 +270,23 @@ async def _three_members(storage: Storage) -> Flow:
     return own, members, opened
 
 
-async def _started(
-    stack: AsyncExitStack, storage_factory: StorageFactory, config: QueueConfig, *needs: type
-) -> Storage:
-    """A storage of ``storage_factory`` started with ``config`` on ``stack``; the test is
-    skipped unless it implements every capability of ``needs``."""
-    storage = storage_factory(config)
-    for capability in needs:
-        if not isinstance(storage, capability):
-            pytest.skip(lacks(storage, capability))
-    await storage.start(stack, config)
-    return storage
+@asynccontextmanager
+async def _short_ttl_flow(
+    storage_factory: StorageFactory, contract_config: QueueConfig, *needs: type
+) -> AsyncIterator[tuple[Storage, float, Flow]]:
+    """For the tests of how long records live: a storage of ``storage_factory`` started
+    (for the block) with a short ``result_ttl``, that TTL, and the workflow of
+    :func:`_three_members` stored on it. The test is skipped unless the storage is a
+    :class:`~qtasks.components.WorkflowStore` and implements every capability of ``needs``."""
+    ttl = 0.5
+    config = contract_config.merged(result_ttl=ttl)
+    async with AsyncExitStack() as stack:
+        storage = storage_factory(config)
+        for capability in (WorkflowStore, *needs):
+            if not isinstance(storage, capability):
+                pytest.skip(lacks(storage, capability))
+        await storage.start(stack, config)
+        yield storage, ttl, await _three_members(storage)
 
 
 class WorkflowStoreContract(_StorageCapability):
@@ -429,14 +435,9 @@ class WorkflowStoreContract(_StorageCapability):
         ``result_ttl`` after the member ended, and expires ``result_ttl`` after the workflow
         ended (by success, a failure, or ``cancel_workflow``). Before, a chord whose members
         ended further apart than the TTL failed for want of the first one's result."""
-        ttl = 0.5
-        config = contract_config.merged(result_ttl=ttl)
-        async with AsyncExitStack() as stack:
-            storage = storage_factory(config)
-            if not isinstance(storage, WorkflowStore):
-                pytest.skip(lacks(storage, WorkflowStore))
-            await storage.start(stack, config)
-            own, members, _ = await _three_members(storage)
+        async with _short_ttl_flow(storage_factory, contract_config) as started:
+            storage, ttl, (own, members, _) = started
+            assert isinstance(storage, WorkflowStore)
             a = finished(members["a"], returning="a")
             await storage.save(a)
             assert await storage.member_done(a) == []
@@ -476,12 +477,9 @@ class WorkflowStoreContract(_StorageCapability):
         ``stats`` and ``count``, both while its workflow runs and after it ended; then it
         leaves them with its record. Before, Redis dropped it from its indexes once it had
         ended ``result_ttl`` ago, while ``get`` still returned it."""
-        ttl = 0.5
-        config = contract_config.merged(result_ttl=ttl)
-        async with AsyncExitStack() as stack:
-            storage = await _started(stack, storage_factory, config, WorkflowStore, StorageQuery)
+        async with _short_ttl_flow(storage_factory, contract_config, StorageQuery) as started:
+            storage, ttl, (own, members, _) = started
             assert isinstance(storage, WorkflowStore) and isinstance(storage, StorageQuery)
-            own, members, _ = await _three_members(storage)
             since = time.time() - 1
             a = finished(members["a"], returning="a")
             plain = finished(record(task_name=a.task_name), returning="no workflow")
@@ -738,12 +736,9 @@ class FailedMemberContract(_StorageCapability):
     ) -> None:
         """Kept as long as the workflow's record: read after the failure, and gone (``None``,
         nothing kept for ever) once that record expired, ``result_ttl`` after the end."""
-        ttl = 0.5
-        config = contract_config.merged(result_ttl=ttl)
-        async with AsyncExitStack() as stack:
-            storage = await _started(stack, storage_factory, config, WorkflowStore, FailedMember)
+        async with _short_ttl_flow(storage_factory, contract_config, FailedMember) as started:
+            storage, ttl, (own, members, _) = started
             assert isinstance(storage, FailedMember) and isinstance(storage, WorkflowStore)
-            own, members, _ = await _three_members(storage)
             a = finished(members["a"], TaskStatus.ERROR, error="ValueError: no")
             await storage.save(a)
             await storage.member_done(a)
