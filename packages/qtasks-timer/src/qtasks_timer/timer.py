@@ -69,15 +69,16 @@ HEADER = "qtasks_timer"
 """Message header of timer-enqueued tasks: ``{"id": timer id, "tick": tick key, "late": number
 of earlier ticks coalesced into this run}``."""
 
-FIRING: ContextVar[dict[str, Any] | None] = ContextVar("qtasks_timer_firing", default=None)
-
 SKIP_UNFIT: ContextVar[bool] = ContextVar("qtasks_timer_skip_unfit", default=False)
 """Set by the plugin while it builds the app's timer and starts it as the worker starts: a
 timer whose arguments do not fit its task (configured, or added in code before its task was
 declared, see :meth:`AsyncTimer._check_arguments`) is logged and left out, and the others
 run. (An error there is a notification hook's, logged and ignored: every timer of the app
 was left out.)"""
-"""Set while the timer enqueues a tick; the plugin copies it into the message headers."""
+
+FIRING: ContextVar[dict[str, Any] | None] = ContextVar("qtasks_timer_firing", default=None)
+"""Set while the timer enqueues a tick (once it runs: after the start :data:`SKIP_UNFIT`
+covers); the plugin copies it into the message headers (:data:`HEADER`)."""
 
 _MAX_SLEEP = 1.0  # re-read the wall clock at least this often: it may jump
 _SKEW_ALLOWANCE = 600.0  # seconds replicas' clocks may disagree by, kept in claim TTLs
