@@ -6,6 +6,7 @@ worker thread, the sync app's event loop thread) fails that task with
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -62,7 +63,7 @@ async def test_a_sync_tasks_keyboard_interrupt_fails_it_in_the_async_app() -> No
 
 
 def test_a_sync_app_whose_loop_died_says_why_on_every_call(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # KeyboardInterrupt raised on the loop outside any task's code (a callback here; a
     # plugin's or middleware's alike) still ends the loop: every call says so, the waiting
@@ -72,7 +73,10 @@ def test_a_sync_app_whose_loop_died_says_why_on_every_call(
     # exception on a test tens of seconds later). Promptly: the worker's stop in the loop's
     # teardown waited for the settle of the task's result, whose settler the teardown had
     # cancelled, the stop's whole margin (1 s). And close()'s stop(now=True) is not left
-    # requested: the async app's next serving (a loop of its own) stopped at once.
+    # requested: the async app's next serving (a loop of its own) stopped at once. The
+    # stop's warning says the settler ended with the loop, not "no answer by the stop's
+    # deadline": no deadline was waited for.
+    caplog.set_level(logging.WARNING, logger="qtasks.worker")
     died: list[threading.ExceptHookArgs] = []
     monkeypatch.setattr(threading, "excepthook", died.append)
     app = QueueTasks()
@@ -98,5 +102,11 @@ def test_a_sync_app_whose_loop_died_says_why_on_every_call(
     assert asyncio.run(app.aio.stop_requested_within(0)) is False
     assert not app.aio._stop_now
     assert [(one.thread, one.exc_type) for one in died] == [(thread, KeyboardInterrupt)]
+    warned = [r.getMessage() for r in caplog.records if r.name == "qtasks.worker"]
+    assert len(warned) == 1, warned
+    assert "the worker's settler had ended" in warned[0], warned
+    assert "as the loop ends" in warned[0] and "deadline was waited for" in warned[0]
+    assert warned[0].endswith(": results of finished tasks (1)"), warned
+    assert "no answer by the stop's deadline" not in warned[0]
     with pytest.raises(ComponentNotStartedError, match="close\\(\\) it and make a new one"):
         app.get("no-such-task")

@@ -138,6 +138,12 @@ class SettleBatch:
             run for batch in self._inflight for run, _ in batch
         ]
 
+    @property
+    def ended(self) -> bool:
+        """Whether :meth:`serve` is over (cancelled with the loop's other tasks when the loop
+        itself ends): nothing handed over is settled any more."""
+        return self._ended
+
     async def drained(self) -> None:
         """Until every task handed over is settled, or :meth:`serve` ended without settling
         them (cancelled with the loop's other tasks when the loop itself ends): what is held

@@ -39,18 +39,24 @@ class StopClock:
     """The deadline of one worker's stop, and the waits it bounds (see the module docstring).
     Times are the event loop's (:func:`anyio.current_time`)."""
 
-    __slots__ = ("_scopes", "deadline", "gave_up")
+    __slots__ = ("_scopes", "deadline", "gave_up", "settler_ended")
 
     def __init__(self) -> None:
         self.deadline = math.inf
         self._scopes: set[anyio.CancelScope] = set()
         self.gave_up: Counter[str] = Counter()
         """What the deadline cut short, counted by what it was (for the stop's warning)."""
+        self.settler_ended: Counter[str] = Counter()
+        """What was left unwritten because the worker's settler had ended, cancelled with the
+        loop's other tasks as the event loop ends (after an exception raised out of it), or
+        with the worker's as it ends on an error, counted by what it was: nothing waited for
+        it, no deadline was reached (for the stop's warning)."""
 
     def reset(self) -> None:
         """For the next run: no deadline, nothing given up."""
         self.deadline = math.inf
         self.gave_up.clear()
+        self.settler_ended.clear()
 
     def start(self, grace: float) -> None:
         """The stop begins now: it ends by ``grace`` plus :data:`STOP_MARGIN` seconds."""
@@ -61,15 +67,25 @@ class StopClock:
         self._move(_now() + STOP_MARGIN)
 
     def report(self) -> None:
-        """Say what the deadline cut short, if anything (once the stop is over)."""
+        """Say what the deadline cut short, and what the end of the worker's settler left
+        unwritten, if anything (once the stop is over)."""
         if self.gave_up:
-            what = ", ".join(f"{name} ({n})" for name, n in self.gave_up.items())
             log.warning(
                 "stopped without waiting longer for the backend (no answer by the stop's "
                 "deadline); left to their leases, to run or settle again once it answers: %s",
-                what,
+                _counted(self.gave_up),
             )
             self.gave_up.clear()
+        if self.settler_ended:
+            log.warning(
+                "stopped without writing to the backend: the worker's settler had ended, "
+                "cancelled with the event loop's other tasks as the loop ends (after an "
+                "exception raised out of it, say) or as the worker ends on an error, so "
+                "nothing more could be written (no deadline was waited for); left to their "
+                "leases, to run or settle again: %s",
+                _counted(self.settler_ended),
+            )
+            self.settler_ended.clear()
 
     def _move(self, deadline: float) -> None:
         self.deadline = min(self.deadline, deadline)
@@ -97,6 +113,10 @@ class StopClock:
                 self._scopes.discard(scope)
         if what is not None and scope.cancelled_caught and self.passed:
             self.gave_up[what] += 1
+
+
+def _counted(what: Counter[str]) -> str:
+    return ", ".join(f"{name} ({n})" for name, n in what.items())
 
 
 def _now() -> float:

@@ -511,8 +511,9 @@ class QueueWorker:
                         # Before the consumer closes: it hands back what is not settled.
                         with clock.bound():
                             await settler.drained()
-                        if settler.held():
-                            clock.gave_up["results of finished tasks"] += len(settler.held())
+                        if settler.held():  # cut short by the deadline, or by the loop's end
+                            left = clock.settler_ended if settler.ended else clock.gave_up
+                            left["results of finished tasks"] += len(settler.held())
                     self._settlement.close_batch()
                     for scope in runners:
                         scope.cancel()
