@@ -4,10 +4,12 @@ Kubernetes does: one request, the answer read until the probe closes the connect
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
 import anyio
+import pytest
 
 from qtasks import AsyncQueueTasks, QueueConfig
 from qtasks.components import Broker
@@ -63,3 +65,42 @@ def probed_app(broker: Broker, stall_limit: float) -> AsyncQueueTasks:
         return "done"
 
     return app
+
+
+async def probe_port(app: AsyncQueueTasks, within: float) -> int:
+    """The port of the probe of ``app``'s worker once it listens (``health_port`` 0 picks
+    it), which ``app.serve()`` does before its components start; fails after ``within``."""
+    with anyio.fail_after(within):
+        while app.worker.health_port is None:  # noqa: ASYNC110 - set by the worker, no event
+            await anyio.sleep(0.02)
+    return app.worker.health_port
+
+
+def assert_port_free(port: int) -> None:
+    """Nothing listens on loopback ``port`` any more: a listener of our own binds it (with
+    ``SO_REUSEADDR``, as the probe's own, so the closed probe's connections in TIME_WAIT do
+    not count), and nobody else answered a connection before."""
+    with socket.socket() as client:
+        assert client.connect_ex(("127.0.0.1", port)) != 0, f"something listens on {port}"
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+
+
+async def serve_until_it_gives_up(app: AsyncQueueTasks, error: type[Exception], match: str) -> int:
+    """``app.serve()`` until it raises ``error`` (its message matching ``match``) as its
+    ``start_timeout`` passes, its probe found alive meanwhile; the probe's port."""
+    ports: list[int] = []
+
+    async def watch() -> None:
+        ports.append(await probe_port(app, 10))
+        assert (await probe(ports[0], "/livez"))[0] == 200
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            with pytest.raises(error, match=match):
+                await app.serve()
+    assert app.worker.health_port is None
+    return ports[0]

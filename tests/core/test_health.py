@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
-from health_probe import ask, probe, until
+from health_probe import (
+    ask,
+    assert_port_free,
+    probe,
+    probe_port,
+    serve_until_it_gives_up,
+    until,
+)
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
-from qtasks.components import ConsumeHealth
+from qtasks.components import ConsumeHealth, EarlyProbe
 from qtasks.errors import ConfigError
 from qtasks.memory import MemoryBroker
 
@@ -28,6 +35,22 @@ class StallingBroker(MemoryBroker):
 
     def consume_stalled(self) -> float:
         return self.stalled
+
+
+class Unreachable(MemoryBroker):
+    """The in-memory broker, whose start fails as a broker's does while its server cannot be
+    reached (the Redis tests wait for a real one), until ``reachable`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reachable = False
+        self.attempts = 0
+
+    async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
+        self.attempts += 1
+        if not self.reachable:
+            raise ConnectionError("cannot reach the broker's server (a test's)")
+        await super().start(stack, config)
 
 
 class Served:
@@ -207,3 +230,52 @@ async def test_without_health_port_nothing_is_served() -> None:
     async with app:
         assert app.worker.health_port is None
     await app.aclose()
+
+
+async def test_the_probe_answers_while_the_worker_waits_for_its_servers() -> None:
+    """``serve`` (as ``run_forever`` and ``qtasks run``) listens before the components' start
+    wait: alive (200) and not ready (503) while it waits, ready once they started; closed
+    with the app."""
+    broker = Unreachable()
+    app = AsyncQueueTasks(
+        broker=broker, config=QueueConfig(health_port=0, start_timeout=60.0, shutdown_grace=1.0)
+    )
+    assert isinstance(app.worker, EarlyProbe)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app.serve)
+        port = await probe_port(app, 10)
+        with anyio.fail_after(10):
+            while broker.attempts < 2:  # noqa: ASYNC110 - a failed start has no event
+                await anyio.sleep(0.02)
+        assert not app.started
+        code, body = await probe(port, "/livez")
+        assert (code, body["status"], body["state"]) == (200, "starting", "starting"), body
+        assert body["consume_stalled"] == 0.0  # not asked before its start: none consumes
+        code, body = await probe(port, "/readyz")
+        assert (code, body["status"], body["state"]) == (503, "starting", "starting"), body
+        broker.reachable = True
+        body = await until(port, "/readyz", 200, 15)  # the next attempt, within its pause
+        assert (body["state"], app.worker.health_port) == ("serving", port)
+        app.stop()
+    assert app.worker.health_port is None
+    assert_port_free(port)
+
+
+async def test_a_worker_that_gives_up_waiting_closes_its_probe() -> None:
+    app = AsyncQueueTasks(broker=Unreachable(), config=QueueConfig(health_port=0, start_timeout=1))
+    assert_port_free(await serve_until_it_gives_up(app, ConnectionError, "cannot reach"))
+
+
+async def test_a_taken_port_fails_serve_before_the_wait() -> None:
+    """A port taken is a configuration error: raised at once, not after ``start_timeout``."""
+    broker = Unreachable()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = AsyncQueueTasks(
+            broker=broker, config=QueueConfig(health_port=port, start_timeout=None)
+        )
+        with anyio.fail_after(10), pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
+            await app.serve()
+    assert broker.attempts == 0

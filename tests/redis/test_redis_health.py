@@ -11,11 +11,40 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 from faultproxy import FaultProxy
-from health_probe import probe, probed_app, until
+from health_probe import (
+    assert_port_free,
+    probe,
+    probe_port,
+    probed_app,
+    serve_until_it_gives_up,
+    until,
+)
+from redis_server import free_port
 
-from qtasks_redis import RedisBroker
+from qtasks import AsyncQueueTasks, QueueConfig
+from qtasks.errors import BrokerConnectionError
+from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 
 pytestmark = pytest.mark.anyio
+
+
+def redis_on(port: int, db: str, prefix: str, **config: object) -> AsyncQueueTasks:
+    """An app whose components are all on Redis at loopback ``port`` (``db``: the URL's
+    path), its worker's probe on a free port, a task ``noop`` returning ``"done"``."""
+    url = f"redis://127.0.0.1:{port}{db}"
+    app = AsyncQueueTasks(
+        broker=RedisBroker(url, prefix=prefix, queue="health"),
+        storage=RedisStorage(url, prefix=prefix),
+        global_config=RedisGlobalConfig(url, prefix=prefix),
+        config=QueueConfig(health_port=0, shutdown_grace=1.0).merged(**config),
+    )
+
+    @app.task(name="noop")
+    async def noop() -> str:
+        return "done"
+
+    return app
+
 
 LIMIT = 2.5
 """The stall limit: over the idle claim's own wait here (the broker's lease, 1 s)."""
@@ -54,3 +83,38 @@ async def test_a_partitioned_consumer_fails_the_probe_until_it_heals(
                 assert record.returning == "done"
         finally:
             await app.aclose()
+
+
+async def test_the_probe_answers_while_the_worker_waits_for_redis(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Started before its Redis (nothing listens on its port), a worker served by ``serve``
+    (as ``qtasks run``) answers: alive, not ready; ready once Redis is there (a proxy to
+    the real server starts listening on that port)."""
+    parts = urlsplit(redis_url)
+    port = free_port()
+    app = redis_on(port, parts.path, redis_prefix, start_timeout=60.0)
+    proxy = FaultProxy((parts.hostname or "127.0.0.1", parts.port or 6379), ("127.0.0.1", port))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            probe_at = await probe_port(app, 10)
+            for path, code in (("/livez", 200), ("/readyz", 503)):
+                got, body = await probe(probe_at, path)
+                assert (got, body["state"], body["status"]) == (code, "starting", "starting")
+            assert not app.started
+            proxy.start()
+            body = await until(probe_at, "/readyz", 200, 20)  # the next attempt (<= 5 s)
+            assert body["state"] == "serving" and body["consume_stalled"] < LIMIT
+            record = await app.add_task("noop", timeout=30)
+            assert record.returning == "done"
+            app.stop()
+    finally:
+        proxy.close()
+    assert_port_free(probe_at)
+
+
+async def test_a_worker_that_gives_up_on_redis_closes_its_probe(redis_prefix: str) -> None:
+    app = redis_on(free_port(), "/0", redis_prefix, start_timeout=1.0)
+    port = await serve_until_it_gives_up(app, BrokerConnectionError, "cannot reach Redis")
+    assert_port_free(port)

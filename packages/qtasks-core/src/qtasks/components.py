@@ -1351,6 +1351,25 @@ class Worker(Protocol):
         ...
 
 
+@runtime_checkable
+class EarlyProbe(Protocol):
+    """Optional :class:`Worker` capability: answer the health probe (``health_port``,
+    :mod:`qtasks.health`) from before the app's components start, so that a probe asked while
+    the app waits for its servers (``start_timeout``, :mod:`qtasks.waiting`) is answered, not
+    refused (a Kubernetes liveness probe refused kills the pod). The
+    :class:`~qtasks.starter.SignalStarter` (``run_forever``, ``serve``, ``qtasks run``) uses
+    it; without it the probe listens once :meth:`Worker.run` serves."""
+
+    async def serve_probe(self, app: AsyncQueueTasks, *, task_status: Any = ...) -> None:
+        """Listen on the probe's address, then report ``task_status.started()`` (a port that
+        cannot be listened on raises :class:`~qtasks.errors.ConfigError` before), and answer
+        until cancelled; the listener is closed then. While the components start, ``/livez``
+        answers 200 and ``/readyz`` 503, both with the state ``starting``; :meth:`Worker.run`
+        answers through this listener meanwhile (it does not listen itself). Without
+        ``health_port`` it reports started and returns."""
+        ...
+
+
 class TaskExecutor(Protocol):
     """Runs one task call: argument injection, the call itself, generators, result encoding."""
 

@@ -10,6 +10,11 @@ probes, a load balancer or a supervisor.
 - ``GET /readyz``: 200 while the worker serves and is not stalled; 503 while it starts or
   stops, or is stalled.
 
+``run_forever``, ``serve`` and ``qtasks run`` listen before the components start
+(:class:`~qtasks.components.EarlyProbe`): while the worker waits for its servers
+(``start_timeout``, :mod:`qtasks.waiting`) ``/livez`` answers 200 and ``/readyz`` 503, the
+state ``starting``.
+
 Both answer a small JSON object::
 
     {"status": "ok", "state": "serving", "consume_stalled": 0.0, "stall_limit": 60.0,

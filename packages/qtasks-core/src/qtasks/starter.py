@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from qtasks.components import EarlyProbe
 from qtasks.loop import loop_options
 from qtasks.waiting import start_when_reachable
 
@@ -34,7 +35,9 @@ class SignalStarter:
     take is left to the leases (one warning says what). Each signal is logged.
 
     Components whose servers cannot be reached yet are waited for (a warning per attempt, up
-    to ``config.start_timeout``; a signal ends the wait): see :mod:`qtasks.waiting`.
+    to ``config.start_timeout``; a signal ends the wait): see :mod:`qtasks.waiting`. The
+    worker's health probe (``health_port``) answers from before that wait until the app is
+    closed (:class:`~qtasks.components.EarlyProbe`).
     """
 
     def __init__(
@@ -65,6 +68,11 @@ class SignalStarter:
                 if signals is not None:
                     tg.start_soon(_stop_on_signals, app, signals)
                 try:
+                    worker = app.worker
+                    if isinstance(worker, EarlyProbe):
+                        # Answered while the app waits for its servers, until the app is
+                        # closed (the task group's cancel below closes the listener).
+                        await tg.start(worker.serve_probe, app)
                     # A worker started before its servers waits for them (qtasks.waiting).
                     if not await start_when_reachable(app):
                         log.info("stopped while waiting for the servers; nothing was taken")

@@ -134,6 +134,9 @@ class QueueWorker:
         """What the health probe says the worker does: ``starting``, ``serving``, ``stopping``."""
         self.health_port: int | None = None
         """The port of this worker's health probe while it serves one (``health_port``)."""
+        self._probe_first = False
+        """Whether :meth:`serve_probe` answers the probe: :meth:`run` then answers through
+        it rather than listen itself."""
         self._stopped = anyio.Event()
         self._hurried = False
         """Whether :meth:`hurry` cut the grace of this run's stop short."""
@@ -229,14 +232,37 @@ class QueueWorker:
         finally:
             self._serving = False
 
+    async def serve_probe(
+        self,
+        app: AsyncQueueTasks,
+        *,
+        task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Answer the health probe (when ``health_port`` is set) until cancelled, from before
+        the app's components start: see :class:`~qtasks.components.EarlyProbe`."""
+        config = app.config
+        if config.health_port is None or self._probe_first:
+            task_status.started()
+            return
+        if not self._serving:
+            self._state = "starting"  # not a previous run's "stopping"
+        async with self._probe_listening(config) as listener:
+            assert listener is not None
+            self._probe_first = True
+            try:
+                task_status.started()
+                await _loud("health probe", health.serve, partial(self.health, app), listener)
+            finally:
+                self._probe_first = False
+
     @asynccontextmanager
     async def _probe_listening(
         self, config: QueueConfig
     ) -> AsyncIterator[MultiListener[SocketStream] | None]:
         """The health probe's listener while :meth:`run` serves, when ``health_port`` is set
-        (bound before serving starts: a port taken fails the start with a
-        :class:`~qtasks.errors.ConfigError`)."""
-        if config.health_port is None:
+        and :meth:`serve_probe` does not answer it already (bound before serving starts: a
+        port taken fails the start with a :class:`~qtasks.errors.ConfigError`)."""
+        if config.health_port is None or self._probe_first:
             yield None
             return
         async with health.listening(config.health_host, config.health_port) as listener:
@@ -1003,9 +1029,13 @@ class _WakeOne:
 
 def _consume_stalled(app: AsyncQueueTasks) -> float | None:
     """The app's broker's :meth:`~qtasks.components.ConsumeHealth.consume_stalled`, to the
-    millisecond; ``None`` for a broker without it."""
+    millisecond; ``None`` for a broker without it. ``0.0`` while the components are not
+    started (none consumes; the probe answers while they start): a broker is not asked
+    before its start."""
     broker = app.broker
-    return round(broker.consume_stalled(), 3) if isinstance(broker, ConsumeHealth) else None
+    if not isinstance(broker, ConsumeHealth):
+        return None
+    return round(broker.consume_stalled(), 3) if app.started else 0.0
 
 
 async def _loud(
