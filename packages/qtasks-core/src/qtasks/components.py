@@ -628,12 +628,14 @@ class ConsumeHealth(Protocol):
 
     def consume_stalled(self) -> float:
         """Seconds the most stalled consumer of this broker has been trying to receive
-        without the server answering: a fetch outstanding (a polling broker's own bounded
-        wait counts: up to 5 s for Redis), retried through an outage, or a push consumer
-        whose channel is down and not open again yet. ``0.0`` when every consumer is
-        answered, waits on purpose (a suspect kept apart, nothing asked for while the
-        worker's slots are busy), or none consumes. Called on the event loop: it must
-        neither block nor call the server."""
+        without the server answering: a fetch outstanding past the wait it asked the server
+        for (a polling broker's own bounded wait for messages does not count, only what comes
+        after it, beyond a round trip's grace: an idle, healthy consumer stays at ``0.0``),
+        retried through an outage, or a push consumer whose channel is down and not open
+        again yet. ``0.0`` when every consumer is answered or within its wait, waits on
+        purpose (a suspect kept apart, nothing asked for while the worker's slots are busy),
+        or none consumes. Called on the event loop: it must neither block nor call the
+        server."""
         ...
 
 

@@ -71,6 +71,10 @@ log = logging.getLogger("qtasks.redis")
 _IDLE_WAKE_MS = 5000
 """Longest a consumer blocks without re-checking, unless the lease is shorter (a safety net,
 not a poll interval)."""
+_CLAIM_GRACE = 1.0
+"""Seconds a claim's reply may come after the wait it asked Redis for (its block) before its
+consumer counts as stalled (:meth:`RedisBroker.consume_stalled`): the round trip, Redis's
+``hz`` tick that ends an idle block, a busy event loop reading the reply."""
 _BACKOFF_CAP = 5.0
 _PUBLISH_BATCH = 1000
 """Most messages published in one script call (see :meth:`RedisBroker.publish_many`)."""
@@ -260,8 +264,9 @@ class RedisBroker:
         """``dead_letter_ttl`` in ms and ``max_dead_letters``, as the scripts take them."""
         self._shared = SharedClient(self.target, "RedisBroker")
         self._trying: dict[str, float] = {}
-        """When each consumer's claim still unanswered was first made (monotonic), by
-        consumer; a failed one keeps its time through the retries (:meth:`consume_stalled`)."""
+        """By consumer, when its claim still unanswered was due to be answered (monotonic: sent,
+        plus the block it asked for, plus :data:`_CLAIM_GRACE`), or when a claim failed if
+        sooner; kept through the retries of a failed one (:meth:`consume_stalled`)."""
 
     @classmethod
     def from_config(cls, config: QueueConfig) -> Self:
@@ -862,7 +867,8 @@ class RedisBroker:
                         # have outlasted the deadline (then the claim is made at once).
                         left = wake_at - time.monotonic()
                         block = None if took and left <= 0 else max(left, 0.001)
-                    trying.setdefault(consumer, time.monotonic())
+                    # An idle claim's block is a wait asked for, not a stall.
+                    trying.setdefault(consumer, time.monotonic() + (block or 0.0) + _CLAIM_GRACE)
                     got, wait, due = await claim(block, due)
                     del trying[consumer]  # answered
                     buffer.extend(got)  # before a wait: at exit, the records of the rest go back
@@ -880,6 +886,8 @@ class RedisBroker:
                 except Exception as exc:
                     if not outage(exc):
                         raise
+                    failed = time.monotonic()  # not consuming from now on, whatever it asked
+                    trying[consumer] = min(trying.get(consumer, failed), failed)
                     wake_at = None
                     failures += 1
                     pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
@@ -939,12 +947,13 @@ class RedisBroker:
             await client.blpop([self._notify_key], timeout=seconds)
 
     def consume_stalled(self) -> float:
-        """Seconds the oldest unanswered claim of this broker's consumers has waited (an idle
-        claim blocks up to 5 s by design, or the lease when shorter), its retries through an
-        outage included; ``0.0`` when none waits on Redis (see
+        """Seconds the most overdue claim of this broker's consumers has waited past the wait
+        it asked for (an idle claim blocks up to 5 s, or the lease when shorter: that does not
+        count) and :data:`_CLAIM_GRACE`, or since a claim failed, its retries through an
+        outage included; ``0.0`` when every claim is answered or within its wait (see
         :class:`~qtasks.components.ConsumeHealth`)."""
         trying = self._trying
-        return time.monotonic() - min(trying.values()) if trying else 0.0
+        return max(time.monotonic() - min(trying.values()), 0.0) if trying else 0.0
 
     async def cancel(self, id: str) -> bool:
         return bool(await self._run(lua.CANCEL, id))

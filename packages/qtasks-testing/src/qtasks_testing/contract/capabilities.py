@@ -664,14 +664,33 @@ class ConsumeHealthContract(_BrokerCapability):
 
     capability = ConsumeHealth
 
-    STALL_BOUND = 6.0
-    """Seconds a healthy consumer may count as trying: a polling broker's own bounded wait
-    (up to 5 s for Redis) and a round trip."""
+    STALL_BOUND = 0.5
+    """Seconds a healthy consumer may count as trying: not its own bounded wait for messages
+    (a polling broker's block), which is not a stall, so little beyond 0."""
+
+    IDLE_SPAN = 2.5
+    """Seconds an idle consumer is watched: over two of a polling broker's blocks at the
+    suite's 1 s lease (Redis blocks for the lease when it is under 5 s)."""
 
     @pytest.mark.anyio
     async def test_a_broker_nobody_consumes_from_is_not_stalled(self, broker: Broker) -> None:
         stalled = cast(ConsumeHealth, broker).consume_stalled()
         assert type(stalled) is float and stalled == 0.0
+
+    @pytest.mark.anyio
+    async def test_an_idle_consumer_waiting_for_messages_is_not_stalled(
+        self, broker: Broker
+    ) -> None:
+        """Its wait for messages is one it asked the server for: a probe's stall limit under
+        that wait must not fail an idle, healthy worker."""
+        health = cast(ConsumeHealth, broker)
+        most = 0.0
+        async with consuming(broker) as consumer:
+            end = time.monotonic() + self.IDLE_SPAN
+            while time.monotonic() < end:
+                assert await consumer.none_within(0.05) is None
+                most = max(most, health.consume_stalled())
+        assert 0.0 <= most < self.STALL_BOUND, f"an idle consumer reported {most} s stalled"
 
     @pytest.mark.anyio
     async def test_a_consumer_answered_is_not_stalled_and_leaves_no_stall_behind(
