@@ -1,11 +1,18 @@
 """The worker's health probe with the Redis broker: a network partition between the worker's
 consumer and a real Redis (a fault proxy holding every byte) makes ``/livez`` and ``/readyz``
-answer 503 once the consumer's claim has gone unanswered past ``health_stall_limit``, and 200
-again once the partition heals (peers' goal G4: "alive but not consuming")."""
+answer 503 once the consumer's claim is overdue past ``health_stall_limit`` (its own wait for
+messages not counted), and 200 again once the partition heals (peers' goal G4: "alive but not
+consuming"). A worker started before its Redis answers the probe while it waits: alive, not
+ready."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -126,3 +133,67 @@ async def test_a_worker_that_gives_up_on_redis_closes_its_probe(redis_prefix: st
     app = redis_on(free_port(), "/0", redis_prefix, start_timeout=1.0)
     port = await serve_until_it_gives_up(app, BrokerConnectionError, "cannot reach Redis")
     assert_port_free(port)
+
+
+WORKER_APP = """
+from qtasks import QueueConfig, QueueTasks
+
+app = QueueTasks(config=QueueConfig(extra={"redis_prefix": PREFIX}))
+
+
+@app.task
+def noop() -> str:
+    return "done"
+"""
+
+
+@pytest.mark.timeout(90)
+async def test_qtasks_run_answers_the_probe_while_it_waits_for_redis(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A real ``qtasks run --health-port`` process started before its Redis: its probe is
+    answered (alive, not ready) from the first attempt on, ready once Redis is reachable."""
+    parts = urlsplit(redis_url)
+    redis_port, port = free_port(), free_port()
+    url = f"redis://127.0.0.1:{redis_port}{parts.path}"  # nothing listens there yet
+    (tmp_path / "tasks.py").write_text(WORKER_APP.replace("PREFIX", repr(redis_prefix)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QTASKS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    env["QTASKS_GLOBAL_CONFIG_URL"] = url
+    argv = [sys.executable, "-m", "qtasks", "run", "-A", "tasks:app", "--log-level", "INFO"]
+    argv += ["--broker", "redis", "--broker-url", url, "--storage", "redis"]
+    argv += ["--storage-url", url, "--global-config", "redis"]
+    argv += ["--health-port", str(port), "--start-timeout", "60"]
+    proxy = FaultProxy(
+        (parts.hostname or "127.0.0.1", parts.port or 6379), ("127.0.0.1", redis_port)
+    )
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = await anyio.open_process(
+            argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    code, body = await probe(port, "/livez")
+                    break
+                except OSError:  # the process is still importing
+                    assert proc.returncode is None, log.read_text()
+                    await anyio.sleep(0.05)
+        assert (code, body["state"]) == (200, "starting"), body
+        assert (await probe(port, "/readyz"))[0] == 503
+        assert "cannot start: cannot reach Redis" in log.read_text()  # it was waiting
+        proxy.start()
+        body = await until(port, "/readyz", 200, 20)
+        assert body["state"] == "serving"
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            assert await proc.wait() == 0, log.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await proc.aclose()
+        proxy.close()
+    assert f"health probe on http://127.0.0.1:{port}" in log.read_text()
