@@ -58,16 +58,16 @@ LIMIT = 2.5
 
 
 @pytest.mark.parametrize(
-    ("lease", "limit"),
-    [(1.0, LIMIT), (2.0, 1.0)],
-    ids=["limit-over-the-idle-wait", "limit-under-the-idle-wait"],
+    ("lease", "limit", "fault"),
+    [(1.0, LIMIT, "blackhole"), (2.0, 1.0, "blackhole"), (2.0, 1.0, "reset")],
+    ids=["limit-over-the-idle-wait", "limit-under-the-idle-wait", "connections-reset"],
 )
 async def test_a_partitioned_consumer_fails_the_probe_until_it_heals(
-    redis_url: str, redis_prefix: str, lease: float, limit: float
+    redis_url: str, redis_prefix: str, lease: float, limit: float, fault: str
 ) -> None:
     """An idle claim blocks for the lease here (under 5 s): a wait asked for, not a stall, so
     a limit under it does not flap while the worker is idle and healthy, and a partition
-    fails the probe all the same."""
+    (or connections reset: claims that fail, retried) fails the probe all the same."""
     parts = urlsplit(redis_url)
     with FaultProxy((parts.hostname or "127.0.0.1", parts.port or 6379)) as proxy:
         url = f"redis://127.0.0.1:{proxy.port}{parts.path}"
@@ -86,7 +86,7 @@ async def test_a_partitioned_consumer_fails_the_probe_until_it_heals(
                     most = max(most, body["consume_stalled"])
                     await anyio.sleep(0.05)
                 assert most < 0.5, most  # answered within its wait and the grace: 0
-                proxy.blackhole()
+                proxy.set_mode(fault)
                 body = await until(port, "/livez", 503, 20)
                 assert body["status"] == "stalled" and body["consume_stalled"] > limit
                 code, body = await probe(port, "/readyz")

@@ -886,8 +886,8 @@ class RedisBroker:
                 except Exception as exc:
                     if not outage(exc):
                         raise
-                    failed = time.monotonic()  # not consuming from now on, whatever it asked
-                    trying[consumer] = min(trying.get(consumer, failed), failed)
+                    if consumer in trying:  # the claim failed: it waits for nothing now
+                        trying[consumer] = min(trying[consumer], time.monotonic())
                     wake_at = None
                     failures += 1
                     pause = min(_BACKOFF_CAP, 0.1 * 2**failures) * (0.5 + random.random() / 2)
