@@ -550,6 +550,20 @@ def _has(component: object, capability: type) -> bool:
     return found
 
 
+def provides(component: object, capability: type) -> bool:
+    """``isinstance(component, capability)`` for a runtime-checkable protocol, with Python
+    3.11's answer on every version: a component that forwards the attributes it does not
+    define (``__getattr__``, as instrumentation wrappers do) provides ``capability`` when
+    every member of it is found on it. Python 3.12 made ``isinstance`` look members up
+    statically (``inspect.getattr_static``), which does not see forwarded ones."""
+    if isinstance(component, capability):
+        return True
+    members = getattr(capability, "__protocol_attrs__", None)  # 3.12+ (3.11: as isinstance)
+    if members is None or getattr(type(component), "__getattr__", None) is None:
+        return False
+    return all(hasattr(component, name) for name in members)
+
+
 def delivery_lease(broker: object, config: QueueConfig) -> float:
     """The lease of ``broker``'s deliveries: its :class:`LeaseLength`, else ``config.lease``.
     The worker's renewal pass and the concurrency slots it renews are timed by it."""

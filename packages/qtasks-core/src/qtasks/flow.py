@@ -45,6 +45,7 @@ from qtasks.components import (
     UniquePublish,
     delivery_lease,
     plain_overridden,
+    provides,
     requeue_counting,
     takes_keyword,
 )
@@ -313,12 +314,12 @@ def flow_control(app: AsyncQueueTasks, why: str) -> FlowControl:
     """The app's global config as :class:`FlowControl`; :class:`ConfigError` naming ``why``
     when it is not one."""
     gc = app.global_config
-    if not isinstance(gc, FlowControl):
+    if not provides(gc, FlowControl):  # a wrapper forwarding to one (__getattr__) is one
         raise ConfigError(
             f"{why} needs a global config with flow control (the in-memory or Redis one); "
             f"{type(gc).__name__} has none"
         )
-    return gc
+    return gc  # type: ignore[return-value]  # provides() checked it
 
 
 # --- producer side ---------------------------------------------------------------------------

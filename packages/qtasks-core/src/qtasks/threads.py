@@ -136,11 +136,25 @@ def _hook_exit() -> None:
             register(_at_threads_shutdown)
         except RuntimeError:  # the shutdown began (a loop in a thread of its own): too late
             return
-        # Found by what it wraps (3.11 holds a functools.partial): another thread may have
-        # registered a callback of its own since.
-        ours = [c for c in callbacks if getattr(c, "func", c) is _at_threads_shutdown]
+        # Found by what it wraps (a functools.partial up to 3.12, a lambda from 3.13):
+        # another thread may have registered a callback of its own since.
+        ours = [c for c in callbacks if _wraps(c, _at_threads_shutdown)]
         if ours:
             _EXIT_HOOK.append(ours[-1])
+
+
+def _wraps(callback: object, func: Callable[[], None]) -> bool:
+    """Whether ``callback``, as ``threading._register_atexit`` stores it, calls ``func``: a
+    ``functools.partial`` of it (CPython 3.11 and 3.12) or a lambda closing over it (3.13)."""
+    if getattr(callback, "func", None) is func:
+        return True
+    for cell in getattr(callback, "__closure__", None) or ():
+        try:
+            if cell.cell_contents is func:
+                return True
+        except ValueError:  # an empty cell
+            continue
+    return False
 
 
 def _hung_threads() -> list[ThreadCall]:
