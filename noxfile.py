@@ -1,5 +1,5 @@
 """Developer sessions: ``nox -s tests``, ``reliability``, ``lint``, ``typecheck``, ``docs``,
-``lowest``, ``bench``.
+``lowest``, ``newer_python``, ``bench``.
 
 Each session installs the whole uv workspace from ``uv.lock`` into its own environment, except
 ``lowest``, which resolves the lowest allowed versions instead.
@@ -7,7 +7,10 @@ Each session installs the whole uv workspace from ``uv.lock`` into its own envir
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -70,6 +73,60 @@ def lowest(session: nox.Session) -> None:
         "uv", "pip", "list", env={"VIRTUAL_ENV": session.virtualenv.location}, external=True
     )
     session.run("pytest", *session.posargs)
+
+
+NEWER = ("3.14", "3.13", "3.12")
+"""The CPython versions above the lock's 3.11 that :func:`_newest_python` looks for, newest
+first."""
+
+
+def _newest_python() -> tuple[str, str] | None:
+    """The newest CPython of :data:`NEWER` on this machine, as ``(version, executable)``: on
+    the ``PATH`` (``python3.13``) or installed by pyenv (``~/.pyenv/versions/3.13.*``; its
+    shims only answer for the selected versions). ``None`` when there is none."""
+    home = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    for version in NEWER:
+        found = [shutil.which(f"python{version}") or ""]
+        found += sorted(map(str, home.glob(f"versions/{version}*/bin/python{version}")))
+        for exe in found:
+            if exe and subprocess.run([exe, "-c", ""], capture_output=True).returncode == 0:
+                return version, exe
+    return None
+
+
+@nox.session(venv_backend="none")
+def newer_python(session: nox.Session) -> None:
+    """``tests/core`` (or the pytest arguments given) on the newest CPython above 3.11 found
+    on this machine (:func:`_newest_python`), in its own environment from ``uv.lock``
+    (``.nox/newer-python``): 3.12 changed how ``isinstance`` reads protocols and 3.13 how
+    threading keeps its exit callbacks, which the lock's 3.11 does not see. Without one it
+    says so and fails when ``CI`` is set."""
+    found = _newest_python()
+    if found is None:
+        message = f"no CPython {', '.join(NEWER)} on this machine (PATH or pyenv)"
+        if os.environ.get("CI"):
+            session.error(message)
+        session.skip(message)
+    version, exe = found
+    env = ROOT / ".nox" / "newer-python"
+    session.log(f"CPython {version}: {exe}")
+    session.run(
+        "uv",
+        "sync",
+        "--all-packages",
+        "--locked",
+        "--python",
+        exe,
+        env={"UV_PROJECT_ENVIRONMENT": str(env)},
+        external=True,
+    )
+    session.run(
+        str(env / "bin" / "python"),
+        "-m",
+        "pytest",
+        *(session.posargs or ["tests/core"]),
+        external=True,
+    )
 
 
 @nox.session
