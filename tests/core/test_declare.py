@@ -154,3 +154,33 @@ def test_celerys_name_for_an_option_warns_with_ours(option: str, value: Any, ins
 
     assert [w.filename for w in caught] == [__file__]  # points at the declaration
     assert f.options.extra == {option: value}
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "advice"),
+    [
+        ("queue", "high", "an app has one queue, its broker's"),
+        ("routing_key", "high", "an app has one queue, its broker's"),
+        ("ignore_result", True, "every task's record is stored with its result"),
+        ("serializer", "pickle", "messages and results are JSON"),
+        ("retry_backoff_max", 60, "did you mean the app's setting retry_backoff_max"),
+    ],
+)
+def test_celerys_options_without_a_counterpart_warn_with_what_qtasks_does(
+    option: str, value: Any, advice: str
+) -> None:
+    """``@app.task(queue="high")``, the commonest Celery option, was kept in the task's extra
+    without a word: the task went to the app's one queue, served by every worker of the app,
+    and the newcomer's routing silently did nothing (walk-through of docs/from-celery.md).
+    It warns at the declaration with what qtasks does instead; so do ``routing_key``,
+    ``ignore_result`` and ``serializer``, and ``retry_backoff_max``, which named
+    ``retry_backoff`` (a typo's match) rather than the app's setting of that name."""
+    app = QueueTasks("celery-advice")
+    with pytest.warns(UserWarning, match=re.escape(advice)) as caught:
+
+        @app.task(**{option: value})
+        def f() -> None: ...
+
+    assert [w.filename for w in caught] == [__file__]
+    assert f"unknown option '{option}' is kept in the task's extra" in str(caught[0].message)
+    assert f.options.extra == {option: value}

@@ -93,8 +93,25 @@ _CELERY_OPTIONS = {
     "time_limit": "max_time=seconds",
     "soft_time_limit": "max_time=seconds",
     "bind": "echo=True",
+    "retry_backoff_max": "the app's setting retry_backoff_max (QueueConfig, [tool.qtasks])",
 }
 """Celery's task options that mean one of ours (docs/from-celery.md), with what to write."""
+
+_ONE_QUEUE = (
+    "an app has one queue, its broker's: give tasks that must be kept apart an app of their "
+    "own, with its broker's queue (RedisBroker(url, queue=...), RabbitMQBroker(url, "
+    "queue=...), or redis_queue / rabbitmq_queue in [extra]) and its own workers"
+)
+_CELERY_ADVICE = {
+    "queue": _ONE_QUEUE,
+    "routing_key": _ONE_QUEUE,
+    "ignore_result": "every task's record is stored with its result, which expires after "
+    "the app's result_ttl",
+    "serializer": "messages and results are JSON, or the app's serializer= (QueueTasks("
+    "serializer=...)) for every task",
+}
+"""Celery's task options that have no counterpart on a task, with what qtasks does instead:
+a ``queue`` kept in ``extra`` would send the task to the app's one queue without a word."""
 
 
 def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> None:
@@ -103,18 +120,20 @@ def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> 
     ``autoretry_for``): it is kept in the task's ``extra`` (QTasks' custom options), so what
     it meant (a limit, retries) would silently not apply."""
     for option in extra:
+        said = f"task {task!r}: unknown option {option!r} is kept in the task's extra and not "
+        advice = _CELERY_ADVICE.get(option)
         instead = _CELERY_OPTIONS.get(option)  # before a typo's match: time_limit/rate_limit
-        if instead is None:
+        if instead is None and advice is None:
             close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.8)
             instead = f"{close[0]!r}" if close else None
-        if instead is not None:
-            _, level = _user_frame()  # pointed at the declaration
-            warnings.warn(
-                f"task {task!r}: unknown option {option!r} is kept in the task's extra and not "
-                f"applied; did you mean {instead}?",
-                UserWarning,
-                stacklevel=level,
-            )
+        if advice is not None:
+            said += f"applied (Celery's option): {advice}"
+        elif instead is not None:
+            said += f"applied; did you mean {instead}?"
+        else:
+            continue
+        _, level = _user_frame()  # pointed at the declaration
+        warnings.warn(said, UserWarning, stacklevel=level)
 
 
 @dataclass(slots=True)
