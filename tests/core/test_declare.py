@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from qtasks import AsyncQueueTasks, QueueTasks, TaskDeclarationError
-from qtasks.errors import QTasksError
+from qtasks.errors import QTasksError, TaskArgumentsError
 from qtasks.task import TaskKind
 
 
@@ -184,3 +184,36 @@ def test_celerys_options_without_a_counterpart_warn_with_what_qtasks_does(
     assert [w.filename for w in caught] == [__file__]
     assert f"unknown option '{option}' is kept in the task's extra" in str(caught[0].message)
     assert f.options.extra == {option: value}
+
+
+def test_celerys_delay_and_apply_async_of_a_task_name_add_task() -> None:
+    """``add.delay(2, 3)``, the first line of every Celery tutorial, raised a bare
+    ``AttributeError: 'SyncTaskDef' object has no attribute 'delay'`` (a signature's
+    ``.delay()`` already named ``run_workflow``); and ``add_task(2, 3, countdown=10)`` only
+    said "unexpected keyword argument 'countdown'". Each now names what to write, before
+    anything is enqueued."""
+    app = QueueTasks("celery-calls")
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(
+        TaskArgumentsError, match=r"^add\.delay\(\.\.\.\) is Celery's call: .*add\.add_task"
+    ):
+        add.delay(2, 3)
+    with pytest.raises(TaskArgumentsError, match=r"^add\.apply_async\(\.\.\.\) .* delay=seconds"):
+        add.apply_async((2, 3), countdown=10)
+    with pytest.raises(TaskArgumentsError, match=r"countdown= is Celery.s: .*delay=seconds\)\)$"):
+        add.add_task(2, 3, countdown=10)
+    with pytest.raises(TaskArgumentsError, match=r"queue= is Celery's: an app has one queue"):
+        app.add_task("add", 2, 3, queue="high")
+
+    @app.task
+    def scheduled(countdown: int) -> int:  # a task's own parameter of that name is its own
+        return countdown
+
+    with pytest.raises(TaskArgumentsError) as caught:
+        scheduled.add_task()
+    assert "Celery" not in str(caught.value)
+    app.close()

@@ -32,6 +32,7 @@ from typing import (
     Any,
     ForwardRef,
     Generic,
+    NoReturn,
     ParamSpec,
     TypeVar,
     get_args,
@@ -112,6 +113,13 @@ _CELERY_ADVICE = {
 }
 """Celery's task options that have no counterpart on a task, with what qtasks does instead:
 a ``queue`` kept in ``extra`` would send the task to the app's one queue without a word."""
+
+_CELERY_CALL_OPTIONS = {
+    "countdown": "the seconds to wait are add_task(..., delay=seconds)",
+    "queue": _ONE_QUEUE,
+    "routing_key": _ONE_QUEUE,
+}
+"""Celery's ``apply_async`` options given to ``add_task``, with what to write."""
 
 
 def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> None:
@@ -454,8 +462,31 @@ class TaskDef(Generic[P, R]):
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:
-            hint = self._hint(exc) or self._packed_hint(kwargs)
+            hint = self._hint(exc) or self._packed_hint(kwargs) or self._celery_hint(kwargs)
             raise TaskArgumentsError(f"task {self.name!r}: {exc}{hint}") from None
+
+    def _celery_hint(self, kwargs: dict[str, Any]) -> str:
+        """For Celery's ``apply_async`` options given to ``add_task`` (``countdown=10``,
+        ``queue="high"``) that the task has no parameters for: what qtasks writes."""
+        for option, instead in _CELERY_CALL_OPTIONS.items():
+            if option in kwargs and option not in self.caller_signature.parameters:
+                return f" ({option}= is Celery's: {instead})"
+        return ""
+
+    def delay(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused, as Celery's call: ``add_task(*args, **kwargs)`` enqueues."""
+        raise TaskArgumentsError(
+            f"{self.name}.delay(...) is Celery's call: enqueue with {self.name}.add_task(...), "
+            "the same arguments, or app.add_task(name, ...)"
+        )
+
+    def apply_async(self, *args: Any, **options: Any) -> NoReturn:
+        """Refused, as Celery's call: ``add_task(*args, delay=, eta=, priority=)`` enqueues."""
+        raise TaskArgumentsError(
+            f"{self.name}.apply_async(...) is Celery's call: enqueue with "
+            f"{self.name}.add_task(*args, delay=seconds, eta=unix_time, priority=n, **kwargs) "
+            "(countdown= is delay=; a lower priority runs first)"
+        )
 
     def _packed_hint(self, kwargs: dict[str, Any]) -> str:
         """For ``args=(...)``/``kwargs={...}`` keywords the task has no parameters for: the
