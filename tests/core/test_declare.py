@@ -217,3 +217,27 @@ def test_celerys_delay_and_apply_async_of_a_task_name_add_task() -> None:
         scheduled.add_task()
     assert "Celery" not in str(caught.value)
     app.close()
+
+
+def test_a_self_parameter_without_echo_says_to_declare_echo() -> None:
+    """``def poll(self, every)`` declared with a bare ``@app.task`` (Celery's ``bind=True``,
+    or qtasks' ``echo=True``, left out): ``add_task("poll", 5)`` said only "missing a required
+    argument: 'every'", the caller's 5 gone to ``self``. The error now names the fix."""
+    app = QueueTasks("self-without-echo")
+
+    @app.task
+    def poll(self: Any, every: float) -> float:
+        return every
+
+    for args in [(5,), ()]:
+        with pytest.raises(TaskArgumentsError, match=r"first parameter is 'self': .*echo=True"):
+            poll.add_task(*args)
+
+    @app.task(echo=True)
+    def polled(self: Any, every: float) -> float:
+        return every
+
+    with pytest.raises(TaskArgumentsError) as caught:
+        polled.add_task()  # echo=True: 'every' is what is missing, no word about self
+    assert "echo" not in str(caught.value)
+    app.close()

@@ -462,8 +462,24 @@ class TaskDef(Generic[P, R]):
         try:
             self.caller_signature.bind(*args, **kwargs)
         except TypeError as exc:
-            hint = self._hint(exc) or self._packed_hint(kwargs) or self._celery_hint(kwargs)
+            hint = (
+                self._echo_hint()
+                or self._hint(exc)
+                or self._packed_hint(kwargs)
+                or self._celery_hint(kwargs)
+            )
             raise TaskArgumentsError(f"task {self.name!r}: {exc}{hint}") from None
+
+    def _echo_hint(self) -> str:
+        """For a task whose first parameter is ``self`` but declared without ``echo=True``
+        (Celery's ``bind=True`` left out): the caller's first argument went to ``self``."""
+        first = next(iter(self.caller_signature.parameters), None)
+        if self.options.echo or first != "self":
+            return ""
+        return (
+            " (its first parameter is 'self': declare it @app.task(echo=True) for the worker "
+            "to pass the task's handle there, as Celery's bind=True; callers leave it out)"
+        )
 
     def _celery_hint(self, kwargs: dict[str, Any]) -> str:
         """For Celery's ``apply_async`` options given to ``add_task`` (``countdown=10``,
