@@ -174,6 +174,19 @@ async def test_celery_s_chord_header_then_callback_builds_the_same_chord(
     assert done.result == 6
 
 
+async def test_celerys_chain_of_a_list_is_the_chain_of_its_items(app: AsyncQueueTasks) -> None:
+    """Celery's ``chain([a.s(1, 2), b.s()])`` (a list, as ``group([...])`` already took) was
+    refused: "a workflow is built of signatures ..., not [Signature(...), ...]"."""
+    add, double = app.tasks["add"], app.tasks["double"]
+    steps = [add.s(1, 2), double.s()]
+    assert chain(steps) == chain(*steps) == chain(add.s(1, 2), (s for s in [double.s()]))
+    async with app:
+        done = await (await app.run_workflow(chain(steps, double.s()))).wait_result(timeout=5)
+    assert (done.status, done.result) == ("success", 12)
+    with pytest.raises(WorkflowError, match="a chain needs at least one step"):
+        chain([])
+
+
 async def test_nesting_chain_of_groups_and_group_of_chains(app: AsyncQueueTasks) -> None:
     add, double, total = app.tasks["add"], app.tasks["double"], app.tasks["total"]
     flow = chain(

@@ -221,25 +221,33 @@ def as_node(value: Any) -> Node:
     )
 
 
-def chain(*tasks: Node) -> Chain:
+def _nodes(items: tuple[Node | Iterable[Node], ...]) -> list[Node]:
+    """The nodes of ``chain(...)``'s or ``group(...)``'s arguments, an iterable of nodes
+    (a list, a generator) standing for its items, as in Celery."""
+    nodes: list[Node] = []
+    for item in items:
+        if isinstance(item, Signature | Chain | Group | Chord):
+            nodes.append(item)
+        elif isinstance(item, Iterable):
+            nodes.extend(as_node(t) for t in item)
+        else:
+            nodes.append(as_node(item))
+    return nodes
+
+
+def chain(*tasks: Node | Iterable[Node]) -> Chain:
     """``chain(a.s(1), b.s(), c.s())``: ``c(b(a(1)))``, each step enqueued by the worker that
-    finished the previous one."""
-    if not tasks:
+    finished the previous one. Celery's ``chain([a.s(1), b.s()])`` is the same chain."""
+    steps = _nodes(tasks)
+    if not steps:
         raise WorkflowError("a chain needs at least one step")
-    return Chain([as_node(t) for t in tasks])
+    return Chain(steps)
 
 
 def group(*tasks: Node | Iterable[Node]) -> Group:
     """``group(a.s(1), a.s(2))`` or ``group(a.s(i) for i in range(10))``: run in parallel;
     the result is the list of the members' results."""
-    members: list[Node] = []
-    for item in tasks:
-        if isinstance(item, Signature | Chain | Group | Chord):
-            members.append(item)
-        elif isinstance(item, Iterable):
-            members.extend(as_node(t) for t in item)
-        else:
-            members.append(as_node(item))
+    members = _nodes(tasks)
     if not members:
         raise WorkflowError("a group needs at least one member")
     return Group(members)
