@@ -152,6 +152,36 @@ def test_an_unknown_key_close_to_a_setting_suggests_it(tmp_path: Path) -> None:
     assert "unknown key 'zzz' (known keys: app, " in str(info.value)  # close to none
 
 
+@pytest.mark.parametrize("header", ["[tool.qtasks]", "[qtasks]"])
+def test_a_settings_table_in_qtasks_toml_says_the_settings_are_at_its_top_level(
+    tmp_path: Path, header: str
+) -> None:
+    """``[tool.qtasks]`` copied from a pyproject into qtasks.toml said "unknown key 'tool'"
+    (or 'qtasks') and listed every setting, the newcomer's broker = "redis" right there."""
+    file = write(tmp_path / "qtasks.toml", f'{header}\nbroker = "redis"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(file, env={})
+    assert str(info.value) == (
+        f"{file}: a {header} table: in qtasks.toml the settings are at the top level, with no "
+        'table header (broker = "redis"); [tool.qtasks] is pyproject.toml\'s'
+    )
+
+
+def test_concurrency_names_the_setting_it_means(tmp_path: Path) -> None:
+    """``concurrency = 8`` (``qtasks run --concurrency``'s name, Celery's
+    ``worker_concurrency``) is close to no key by spelling: nothing said which one it is."""
+    for key in ["concurrency", "worker_concurrency"]:
+        file = write(tmp_path / "qtasks.toml", f"{key} = 8\n")
+        with pytest.raises(
+            ConfigError, match=f"unknown key '{key}' \\(did you mean 'max_tasks_process'"
+        ):
+            load_config(file, env={})
+    with pytest.raises(
+        ConfigError, match=r"env QTASKS_CONCURRENCY: .*did you mean 'max_tasks_process'"
+    ):
+        load_config(env={"QTASKS_CONCURRENCY": "8"}, directory=tmp_path / "none")
+
+
 def test_a_mistyped_extension_table_is_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

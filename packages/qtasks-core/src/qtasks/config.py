@@ -287,9 +287,13 @@ def own_option(key: str, value: _T | None, source: str) -> _T | None:
     return checked
 
 
+_SAME_AS = {"concurrency": "max_tasks_process", "worker_concurrency": "max_tasks_process"}
+"""Keys that name a setting by another name (``qtasks run --concurrency``'s, Celery's)."""
+
+
 def _unknown_key(key: str) -> str:
     """``unknown key 'brokr' (did you mean 'broker'?; known keys: ...)``."""
-    close = close_names(key, _FIELD_TYPES)
+    close = [_SAME_AS[key]] if key in _SAME_AS else close_names(key, _FIELD_TYPES)
     meant = f"did you mean {' or '.join(map(repr, close))}?; " if close else ""
     return f"unknown key {key!r} ({meant}known keys: {', '.join(sorted(_FIELD_TYPES))})"
 
@@ -422,12 +426,28 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], str]:
     else:
         table = data
         source, prefix = str(path), ""
+        _refuse_a_settings_table(table, path)
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: expected a table of settings")
     values = {k: check_value(k, v, source) for k, v in table.items()}
     _warn_settings_in_extra(values.get("extra", {}), path, prefix)
     _warn_mistyped_tables(values.get("extra", {}), path, prefix)
     return values, source
+
+
+def _refuse_a_settings_table(data: dict[str, Any], path: Path) -> None:
+    """A ``[tool.qtasks]`` (or ``[qtasks]``) table in a file other than ``pyproject.toml``,
+    ``qtasks.toml`` say, copied from a pyproject: its settings are read from the top level
+    there, so the error says that rather than "unknown key 'tool'"."""
+    tool = data.get("tool")
+    table = "tool.qtasks" if isinstance(tool, dict) and "qtasks" in tool else None
+    if table is None and isinstance(data.get("qtasks"), dict):
+        table = "qtasks"
+    if table is not None:
+        raise ConfigError(
+            f"{path}: a [{table}] table: in {path.name} the settings are at the top level, "
+            f'with no table header (broker = "redis"); [tool.qtasks] is pyproject.toml\'s'
+        )
 
 
 EXTRA_TABLES = frozenset({"timers"})
