@@ -786,6 +786,35 @@ def test_a_misspelt_task_name_in_an_assertion_is_refused() -> None:
         qt.assert_not_enqueued("audit")  # not close to any task: nothing to suggest
 
 
+def test_an_assertion_on_a_task_the_app_under_test_lacks_says_which_app_it_tested() -> None:
+    """Walk-through of docs/testing.md without the ``qtasks_app`` ini option: the plugin's
+    ``qtasks`` fixture harnessed a fresh app, the code under test enqueued through its own app
+    (a ``new`` record in that app's memory, no worker), and ``assert_enqueued`` said only
+    "send_email(...) was not enqueued; enqueued: nothing". It now says that the app under test
+    has no such task, and how to test the app the code uses."""
+    theirs = QueueTasks("theirs")
+
+    @theirs.task
+    def send_email(to: str) -> str:
+        return to
+
+    with SyncHarness(QueueTasks("fresh")) as qt:
+        send_email.add_task("ada@example.org")  # through the app that is not under test
+        with pytest.raises(AssertionError) as caught:
+            qt.assert_enqueued("send_email", "ada@example.org")
+        assert str(caught.value) == (
+            "send_email('ada@example.org') was not enqueued; enqueued: nothing; the app under "
+            "test ('fresh', 0 task(s)) has no task 'send_email': if the code enqueues it "
+            "through another app, test that one (the pytest ini option qtasks_app = "
+            "'module:app', a qtasks_app fixture returning it, or the harness built around it)"
+        )
+    theirs.close()
+    with SyncHarness(theirs) as qt:  # the app the code uses: nothing more to say
+        with pytest.raises(AssertionError) as caught:
+            qt.assert_enqueued("send_email", "bob@example.org")
+        assert str(caught.value).endswith("enqueued: nothing")
+
+
 def test_call_given_a_blocking_method_of_the_sync_app_says_so() -> None:
     """``qt.call(task.add_task, ...)`` with a task of a sync app ran the blocking method on the
     app's loop: its error spoke of an ``async def`` task the test does not have."""

@@ -810,6 +810,19 @@ class Harness(EnqueuedLog):
                 f"that name: did you mean {close[0]!r}? (pass the task itself to be sure)"
             )
 
+    def _elsewhere(self, name: str) -> str:
+        """A task the app under test does not have, that nothing was enqueued under: the code
+        under test most likely enqueued it through another app (the pytest plugin's fresh
+        app, with no ``qtasks_app`` ini option), which no harness records."""
+        if name in self.app.tasks or any(item.task_name == name for item in self._enqueued):
+            return ""
+        return (
+            f"; the app under test ({self.app.name!r}, {len(self.app.tasks)} task(s)) has no "
+            f"task {name!r}: if the code enqueues it through another app, test that one (the "
+            "pytest ini option qtasks_app = 'module:app', a qtasks_app fixture returning it, "
+            "or the harness built around it)"
+        )
+
     def _describe_uuid(self, uuid: str) -> str:
         for item in self._enqueued:
             if item.uuid == uuid:

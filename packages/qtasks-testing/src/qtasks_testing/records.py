@@ -115,7 +115,9 @@ class EnqueuedLog:
             wanted = name
             if args or kwargs:
                 wanted = EnqueuedTask("", name, list(args), kwargs).describe()
-            raise AssertionError(f"{wanted} was not enqueued; enqueued: {self._summary()}")
+            raise AssertionError(
+                f"{wanted} was not enqueued; enqueued: {self._summary()}{self._elsewhere(name)}"
+            )
         return calls[-1]
 
     def assert_not_enqueued(
@@ -142,6 +144,11 @@ class EnqueuedLog:
 
     def _check_name(self, name: str) -> None:
         """Refuse a name that is likely a typo (see :meth:`Harness._check_name`)."""
+
+    def _elsewhere(self, name: str) -> str:
+        """What to add to a failed :meth:`assert_enqueued` of ``name`` when the app under test
+        has no such task (see :meth:`Harness._elsewhere`)."""
+        return ""
 
     def _summary(self) -> str:
         return ", ".join(item.describe() for item in self._enqueued) or "nothing"
