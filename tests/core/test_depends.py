@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from qtasks import AsyncQueueTasks, Depends, QueueConfig, QueueTasks, TaskStatus
+from qtasks.errors import TaskArgumentsError
 
 pytestmark = pytest.mark.anyio
 WAIT = 20
@@ -506,3 +507,32 @@ async def test_teardown_is_told_how_the_task_ended() -> None:
         ("cm", "cancel", "TaskCancelledError"),
         ("gen", "cancel", "TaskCancelledError"),
     ]
+
+
+def test_a_direct_call_that_leaves_out_a_depends_default_is_refused() -> None:
+    """``transfer(10)``, the task called directly as tasks.md's "still a plain function for
+    tests" invites, gave the function the ``Depends`` marker itself for ``tx``: the test then
+    failed on ``'Dependency' object has no attribute 'append'``, or passed with nonsense. It
+    raises, naming the parameter; passing it (by keyword or position) calls the function."""
+    app = QueueTasks("direct-calls")
+
+    def connect() -> str:
+        return "db"
+
+    @app.task
+    def transfer(amount: int, tx: str = Depends(connect)) -> str:
+        return f"{amount} on {tx}"
+
+    with pytest.raises(
+        TaskArgumentsError, match=r"without its parameter 'tx': its default is a Depends"
+    ):
+        transfer(10)
+    assert transfer(10, tx="test-db") == "10 on test-db"
+    assert transfer(10, "test-db") == "10 on test-db"
+
+    @app.task
+    def plain(amount: int, fee: int = 1) -> int:
+        return amount + fee
+
+    assert plain(10) == 11  # no Depends: called as it is
+    app.close()

@@ -384,6 +384,13 @@ class TaskDef(Generic[P, R]):
     def _use(self, signature: inspect.Signature) -> None:
         """Derive what enqueue and injection need from ``signature``."""
         self.signature = signature
+        self._depends_defaults = tuple(
+            (index, p.name)
+            for index, p in enumerate(signature.parameters.values())
+            if getattr(p.default, "__qtasks_injected__", False)
+        )
+        """Parameters whose default is a ``Depends`` (position, name): what a direct call
+        must pass, since only a worker resolves them."""
         params = list(signature.parameters.values())
         if self.options.echo:
             params = params[1:]
@@ -432,7 +439,21 @@ class TaskDef(Generic[P, R]):
             self._use(resolved_signature(self.func))
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._depends_defaults:
+            self._check_direct_call(len(args), kwargs)
         return self.func(*args, **kwargs)
+
+    def _check_direct_call(self, positional: int, kwargs: dict[str, Any]) -> None:
+        """Refuse a direct call that leaves out a ``= Depends(f)`` parameter: the function
+        would get the ``Depends`` marker itself, which only a worker replaces with ``f``'s
+        value, and fail further on (or not at all) with an unrelated error."""
+        for index, name in self._depends_defaults:
+            if name not in kwargs and positional <= index:
+                raise TaskArgumentsError(
+                    f"task {self.name!r} called directly without its parameter {name!r}: its "
+                    f"default is a Depends, which only a worker resolves; pass {name}=... "
+                    "here, or run the task (add_task, or qtasks-testing's harness in a test)"
+                )
 
     def with_options(self, **changes: Any) -> TaskDef[P, R]:
         """A copy of this task with some options changed (e.g. a call's own ``retry``)."""
