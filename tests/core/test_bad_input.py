@@ -12,7 +12,7 @@ import pytest
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryStorage, QueueConfig, TaskStatus, hookimpl
 from qtasks.components import DeadLetter
-from qtasks.errors import TaskExitError
+from qtasks.errors import TaskExitError, UnknownTaskError
 from qtasks.messages import Envelope, Message
 
 pytestmark = pytest.mark.anyio
@@ -70,6 +70,23 @@ async def test_unknown_task_name(apps: tuple[AsyncQueueTasks, AsyncQueueTasks]) 
     assert "unknown task" in letter.reason
     # still serving
     assert (await producer.add_task("add", 1, 2, timeout=5)).returning == 3
+
+
+async def test_an_unknown_task_close_to_one_of_the_workers_names_it(
+    apps: tuple[AsyncQueueTasks, AsyncQueueTasks],
+) -> None:
+    """``app.add_task("ad", 2, 3)`` (a producer enqueues by name: it may not have the task)
+    ended ``error`` with "unknown task 'ad': it is not registered in this app", where the CLI
+    already suggested the close name: the worker's record, and ``app.signature``, now do."""
+    producer, worker = apps
+    task = await producer.add_task("ad", 2, 3)
+    final = await task.wait_result(5)
+    assert (
+        final.error == "unknown task 'ad' (did you mean 'add'?): it is not registered in this app"
+    )
+    assert "did you mean 'add'?" in (await dead_letter(worker, task.uuid)).reason
+    with pytest.raises(UnknownTaskError, match=r"^unknown task 'ad' \(did you mean 'add'\?\)"):
+        worker.signature("ad", (2, 3))
 
 
 async def test_wrong_arguments(apps: tuple[AsyncQueueTasks, AsyncQueueTasks]) -> None:

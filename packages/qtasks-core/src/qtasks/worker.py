@@ -817,7 +817,7 @@ class QueueWorker:
         task = app.tasks.get(message.task_name)
         problem: str | None = None
         if task is None:
-            problem = str(UnknownTaskError(message.task_name))
+            problem = str(UnknownTaskError(message.task_name, app.tasks))
         else:
             try:
                 task.check_arguments(message.args, message.kwargs)

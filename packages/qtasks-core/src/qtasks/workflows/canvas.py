@@ -285,5 +285,5 @@ def signature(
     :class:`~qtasks.errors.UnknownTaskError` here, a bad option
     :class:`~qtasks.errors.TaskDeclarationError`."""
     if task_name not in app.tasks:
-        raise UnknownTaskError(task_name)
+        raise UnknownTaskError(task_name, app.tasks)
     return Signature(task_name, tuple(args), dict(kwargs or {}), priority, delay, retry, immutable)

@@ -295,7 +295,7 @@ def _call(
     sig = member.sig
     task = app.tasks.get(sig.task_name)
     if task is None:
-        raise UnknownTaskError(sig.task_name)
+        raise UnknownTaskError(sig.task_name, app.tasks)
     args = [None, *sig.args] if member.input is not None else list(sig.args)
     kwargs = dict(sig.kwargs)
     task.check_arguments(args, kwargs)
