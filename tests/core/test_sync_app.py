@@ -171,6 +171,28 @@ def test_no_async_method_leaks_through_the_sync_app(name: str) -> None:
         app.close()
 
 
+def test_a_missing_attribute_of_the_sync_app_names_the_sync_app() -> None:
+    """``app.AsyncResult(uuid)`` (Celery's) on a ``QueueTasks`` said "'AsyncQueueTasks' object
+    has no attribute 'AsyncResult'", naming a class the newcomer never built. The error names
+    the sync app, with what it has instead for Celery's names, and keeps Python's own
+    suggestion of a close name (its ``name`` and ``obj``)."""
+    app = QueueTasks()
+    try:
+        with pytest.raises(AttributeError) as caught:
+            app.AsyncResult("some-uuid")
+        assert str(caught.value) == (
+            "'QueueTasks' object has no attribute 'AsyncResult' (AsyncResult is Celery's: "
+            "app.get(uuid) reads a task's record, app.wait(uuid, timeout) waits for it)"
+        )
+        with pytest.raises(AttributeError) as caught:
+            app.taks  # noqa: B018 - the typo under test
+        assert str(caught.value) == "'QueueTasks' object has no attribute 'taks'"
+        assert (caught.value.name, caught.value.obj) == ("taks", app)
+        assert getattr(app, "no_such_thing", None) is None and not hasattr(app, "send_task")
+    finally:
+        app.close()
+
+
 def test_sync_admin_methods_block_and_start_the_app() -> None:
     """inspect, dead_letters, requeue_dead_letters, config_get/config_set return values (not
     coroutines) and start the components on first use, as add_task does."""

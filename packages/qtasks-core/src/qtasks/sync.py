@@ -113,7 +113,19 @@ class QueueTasks:
         # Plain attributes (name, config, tasks, broker, hooks...) come from the async app.
         # Its coroutine methods never do: each has a blocking method here, and handing one
         # back would give the caller an un-awaited coroutine.
-        value = getattr(self.aio, name)
+        try:
+            value = getattr(self.aio, name)
+        except AttributeError as exc:
+            if type(exc) is not AttributeError or exc.obj is not self.aio:
+                raise  # an attribute's own error (a property's), kept as it says
+            # Python's "no attribute", named for the app the caller holds, not the async one.
+            celery = _CELERY_APP.get(name)
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}"
+                + (f" ({name} is Celery's: {celery})" if celery else ""),
+                name=name,
+                obj=self,
+            ) from None
         if _is_async_callable(value):
             instead = _ASYNC_ONLY.get(name)
             hint = f"use {instead}" if instead else f"call app.portal.call(app.aio.{name}, ...)"
@@ -630,6 +642,13 @@ _ASYNC_ONLY = {
     "wait_for_stop": "run_forever(), which returns when stopped",
 }
 """Coroutine methods of the async app whose sync counterpart has another name."""
+
+_CELERY_APP = {
+    "AsyncResult": "app.get(uuid) reads a task's record, app.wait(uuid, timeout) waits for it",
+    "send_task": "app.add_task(name, *args, **kwargs) enqueues a task by name",
+    "control": "app.cancel(uuid) cancels a task; app.inspect() reports the workers",
+}
+"""Celery's app attributes, with what the sync app has instead."""
 
 
 async def _awaited(fn: Callable[..., Awaitable[R]], *args: Any) -> R:
