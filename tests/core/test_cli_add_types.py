@@ -135,6 +135,15 @@ def recorded(served: str) -> int:
             ["greet", "null"],
             """'name' expects str, got None; to pass it as text, give a JSON string: '"null"'""",
         ),
+        # A keyword written as an ARG went, as text, to the next positional parameter: an
+        # unannotated one took it without a word (walk-through of docs/cli.md).
+        (
+            ["loose", "1", "y=2.5", "3"],
+            "task 'loose': ARG y=... looks like a keyword argument, which qtasks add takes as "
+            """--kwargs '{"y": 2.5}'; to pass the text as it is, give a JSON string ('"y=..."')""",
+        ),
+        (["greet", "ann", "loud=true"], """--kwargs '{"loud": true}'"""),
+        (["login", "ann", "password=hunter2"], "ARG password=... looks like a keyword argument"),
     ],
 )
 def test_an_argument_of_the_wrong_json_type_is_refused_before_enqueueing(
@@ -160,6 +169,8 @@ def test_arguments_that_fit_or_are_not_plainly_annotated_are_enqueued(served: st
         ["pack", '{"name": "a", "size": 2}', "3"],
         ["pack", "a", "2", "--kwargs", '{"count": 3}'],
         ["loose", "abc", "[1]", "text"],
+        ["loose", "abc", '"y=2"', "w=3"],  # the text given as JSON; w= names no parameter
+        ["greet", "nobody=x"],  # no parameter of that name: text
         ["elsewhere", "abc", "--force"],
     ]
     for args in fine:

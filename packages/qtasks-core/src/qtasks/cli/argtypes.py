@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import reprlib
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
@@ -95,6 +96,32 @@ def check_argument_types(task: TaskDef[..., Any], args: list[Any], kwargs: dict[
             if not fits(item, accepted):
                 where = f"task {task.name!r}: parameter {label!r}"
                 raise TaskArgumentsError(_refusal(where, param, item, accepted, hidden))
+
+
+_KEYWORD = re.compile(r"([A-Za-z_]\w*)=(.*)", re.S)
+
+
+def check_keyword_text(task: TaskDef[..., Any], raw_args: list[str]) -> None:
+    """Refuse a text ARG written as a keyword argument of the task (``qtasks add charge 17
+    amount=9.5``): it would be passed, as text, to the next positional parameter (an
+    unannotated one took it without a word). Keywords go in ``--kwargs``; the text itself is
+    still given as a JSON string (``'"amount=9.5"'``)."""
+    from qtasks.cli.output import parse_arg, strict_json
+
+    for raw in raw_args:
+        match = _KEYWORD.fullmatch(raw)
+        if match is None or match[1] not in task.caller_signature.parameters:
+            continue
+        try:
+            strict_json(raw)
+        except ValueError:
+            name, value = match[1], parse_arg(match[2])
+            shown = MASK if is_secret_key(name) else json.dumps({name: value})
+            raise TaskArgumentsError(
+                f"task {task.name!r}: ARG {name}=... looks like a keyword argument, which "
+                f"qtasks add takes as --kwargs '{shown}'; to pass the text as it is, give "
+                f"a JSON string ('\"{name}=...\"')"
+            ) from None
 
 
 def _refusal(

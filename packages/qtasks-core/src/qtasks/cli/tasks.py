@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.cli.argtypes import check_argument_types
+from qtasks.cli.argtypes import check_argument_types, check_keyword_text
 from qtasks.cli.group import cli, command
 from qtasks.cli.options import Components, JsonOpt, ShowSecretsOpt
 from qtasks.cli.output import (
@@ -89,6 +89,7 @@ def add(
                 task, aio.tasks, fix="--force enqueues it for a worker of another app"
             )
         if task in aio.tasks:  # else (--force) no signature to check against
+            check_keyword_text(aio.tasks[task], args or [])
             check_argument_types(aio.tasks[task], positional, parsed_kwargs)
         record = await aio.enqueue(task, positional, parsed_kwargs, priority=priority, delay=delay)
         enqueued.append(record.uuid)
