@@ -910,6 +910,32 @@ def test_a_file_given_as_the_app_names_the_module(
         sys.modules.pop("file_target_mod", None)
 
 
+def test_a_misspelt_app_target_names_the_module_or_app_meant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-A taks:app`` said only "No module named 'taks'" with tasks.py right there, and
+    ``-A tasks:ap`` "module 'tasks' has no 'ap'" (walk-through of docs/cli.md): each now
+    names the module of the working directory, or the module's app, that is close."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "typo_target_mod.py").write_text(
+        "from qtasks import QueueTasks\nshop = QueueTasks('shop')\n"
+    )
+    try:
+        assert invoke("inspect", "-A", "typo_targt_mod:shop") == (
+            1,
+            "error: --app typo_targt_mod:shop: cannot import module 'typo_targt_mod': No "
+            "module named 'typo_targt_mod' (did you mean -A typo_target_mod:shop?)\n",
+        )
+        assert invoke("inspect", "-A", "typo_target_mod") == (
+            1,
+            "error: --app typo_target_mod: module 'typo_target_mod' has no 'app' (its apps: "
+            "-A typo_target_mod:shop)\n",
+        )
+    finally:
+        sys.modules.pop("typo_target_mod", None)
+
+
 def test_a_task_given_as_the_app_is_refused_without_running_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

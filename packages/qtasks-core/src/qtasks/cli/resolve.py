@@ -10,6 +10,7 @@ directory is put on ``sys.path`` first, so ``-A tasks:app`` finds ``./tasks.py``
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import logging
@@ -58,6 +59,7 @@ def import_app(target: str) -> AnyApp:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         hint = _file_hint(module_name, attr) if module_name.endswith(".py") else ""
+        hint = hint or _close_module(exc, module_name, attr)
         raise ConfigError(
             f"--app {target}: cannot import module {module_name!r}: {exc}{hint}"
         ) from exc
@@ -70,15 +72,13 @@ def import_app(target: str) -> AnyApp:
         try:
             obj = getattr(obj, part)
         except AttributeError:
+            apps = _apps_of(module)
+            hint = _shadowed(module) or (f" (its apps: -A {module_name}:{apps[0]})" if apps else "")
             raise ConfigError(
-                f"--app {target}: module {module_name!r} has no {attr!r}{_shadowed(module)}"
+                f"--app {target}: module {module_name!r} has no {attr!r}{hint}"
             ) from None
     if isinstance(obj, TaskDef):  # callable, but calling it runs the task's code here
-        apps = [
-            name
-            for name, value in vars(module).items()
-            if isinstance(value, AsyncQueueTasks | QueueTasks) and aio_of(value) is obj.app
-        ]
+        apps = _apps_of(module, obj.app)
         hint = f" (-A {module_name}:{apps[0]})" if apps else ""
         raise ConfigError(
             f"--app {target}: {attr!r} is a task, not an app: name the app it belongs to{hint}"
@@ -106,6 +106,25 @@ def _file_hint(module_name: str, attr: str) -> str:
     if path.startswith("/") or ".." in parts:  # not below the working directory
         return "; -A takes a module's dotted name, not a file, importable from here"
     return f"; -A takes a module's dotted name, not a file: -A {'.'.join(parts)}:{attr}"
+
+
+def _apps_of(module: Any, app: AsyncQueueTasks | None = None) -> list[str]:
+    """The names of the module's apps (of ``app`` only, if given)."""
+    return [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, AsyncQueueTasks | QueueTasks) and app in (None, aio_of(value))
+    ]
+
+
+def _close_module(exc: ImportError, module_name: str, attr: str) -> str:
+    """For a top-level module that is not found (``-A taks:app``): the module of the working
+    directory whose name is close to it."""
+    if not isinstance(exc, ModuleNotFoundError) or exc.name != module_name or "." in module_name:
+        return ""
+    here = [f.removesuffix(".py") for f in os.listdir(os.getcwd()) if f.endswith(".py")]
+    close = difflib.get_close_matches(module_name, here, n=1)
+    return f" (did you mean -A {close[0]}:{attr}?)" if close else ""
 
 
 def _shadowed(module: Any) -> str:
