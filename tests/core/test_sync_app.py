@@ -474,3 +474,80 @@ def test_close_cancels_a_call_still_in_flight_instead_of_waiting_for_it() -> Non
     assert took < 5, took
     assert not thread.is_alive()
     assert [type(exc).__name__ for exc in errors] == ["CancelledError"]
+
+
+SYNC_ADD = """
+from qtasks import QueueTasks
+app = QueueTasks()
+@app.task
+def add(a: int, b: int) -> int:
+    return a + b
+"""
+ASYNC_ADD = """
+import asyncio
+from qtasks import AsyncQueueTasks
+app = AsyncQueueTasks()
+@app.task
+async def add(a: int, b: int) -> int:
+    return a + b
+"""
+FORGOT = {
+    "sync app, no with app:": SYNC_ADD
+    + """
+print(app.add_task("add", 2, 3).status.value)
+print(app.add_task("add", 4, 5, delay=60).status.value)
+""",
+    "async app, no async with app:": ASYNC_ADD
+    + """
+async def main() -> None:
+    print((await app.add_task("add", 2, 3)).status.value)
+    print((await app.add_task("add", 4, 5, delay=60)).status.value)
+asyncio.run(main())
+""",
+}
+SERVED = {
+    "served": SYNC_ADD
+    + """
+with app:
+    print(app.add_task("add", 2, 3, timeout=10).status.value)
+    print(app.add_task("add", 4, 5, delay=60).status.value)  # left delayed: it was served
+app.close()
+""",
+    "served by the next event loop": ASYNC_ADD
+    + """
+async def produce() -> str:
+    return (await app.add_task("add", 2, 3)).uuid
+async def serve(uuid: str) -> str:
+    async with app:
+        return (await app.wait(uuid, timeout=10)).status.value
+print(asyncio.run(serve(asyncio.run(produce()))))
+""",
+}
+
+
+@pytest.mark.parametrize("name", [*FORGOT, *SERVED])
+def test_a_script_that_never_served_its_in_memory_broker_says_so_at_exit(
+    name: str, tmp_path: Path
+) -> None:
+    """The quickstart without its ``with app:`` (and without ``timeout=``): ``add_task``
+    returned the ``new`` record, the script exited, the task never ran, and nothing said so.
+    At the exit, an in-memory broker that no worker ever took from and that still holds
+    messages logs a warning saying what to do; a broker that was served says nothing, also
+    when a later event loop served what an earlier one enqueued (tasks.md)."""
+    script = tmp_path / "script.py"
+    script.write_text((FORGOT | SERVED)[name])
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    if name in FORGOT:
+        assert done.stdout.split() == ["new", "new"]
+        assert done.stderr == (
+            "the process exits with 2 task message(s) in an in-memory broker that no worker "
+            "ever served: they never ran, and in-memory messages live only in this process. "
+            "Serve in this process (with app:, async with app:, app.run_forever()), or give "
+            "the app a shared broker (Redis, RabbitMQ) and run a worker with qtasks run\n"
+        )
+    else:
+        assert done.stdout.split()[0] == "success"
+        assert "never ran" not in done.stderr, done.stderr

@@ -6,12 +6,15 @@ the core's own tests run through (claim and begin, dead letters, stats, bulk), a
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import json
+import logging
 import re
 import time
 import uuid as uuid_mod
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -37,6 +40,8 @@ from qtasks.memory.signals import _Lifecycle, _Signal
 from qtasks.memory.storage import MemoryStorage
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord, TaskStatus
+
+log = logging.getLogger("qtasks")
 
 
 @dataclass(slots=True)
@@ -215,6 +220,9 @@ class MemoryBroker(_Lifecycle):
         self._tokens = itertools.count(1)
         self._token_prefix = uuid_mod.uuid4().hex[:12] + "-"
         self._signal: _Signal | None = None
+        self._ever_consumed = False
+        """Whether a consumer ever took from this broker (else its last stop warns about the
+        messages left: see :meth:`_left_unserved`)."""
         self._watched: dict[str, anyio.Event] = {}
         """Token -> set when that delivery is settled: a suspect's consumer waits for it."""
 
@@ -235,12 +243,20 @@ class MemoryBroker(_Lifecycle):
 
     async def start(self, stack: AsyncExitStack, config: QueueConfig) -> None:
         self._begin(stack)
+        _in_use.add(self)
         self._lease = self._lease_opt if self._lease_opt is not None else config.lease
         self._max_deliveries = self._max_opt if self._max_opt is not None else config.max_deliveries
         self._dead_ttl = config.dead_letter_ttl
         self._max_dead = config.max_dead_letters
         if self._signal is None:
             self._signal = _Signal()
+
+    def unserved(self) -> int:
+        """How many messages this broker holds if no consumer ever took from it (else 0):
+        what a process that enqueued without serving leaves behind (see :func:`_at_exit`)."""
+        if self._ever_consumed:
+            return 0
+        return sum(1 for _ in self._ready) + len(self._delayed)
 
     def _wake(self) -> None:
         if self._signal is not None:
@@ -447,6 +463,7 @@ class MemoryBroker(_Lifecycle):
         ended: Ended | None = None,
     ) -> AsyncIterator[AsyncIterator[Delivery]]:
         self._check()
+        self._ever_consumed = True
         mine: set[str] = set()
         dead: list[TaskRecord] = []  # workflow members a claim dead-lettered
         buried: deque[tuple[str, str]] | None = None if notice is None else deque()
@@ -742,3 +759,27 @@ def _body_attempt(body: bytes) -> int | None:
     except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return None  # not a message (too deep to parse, even): the worker rejects it
     return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
+
+
+_in_use: weakref.WeakSet[MemoryBroker] = weakref.WeakSet()
+"""The in-memory brokers started in this process (see :func:`_at_exit`)."""
+
+
+@atexit.register
+def _at_exit() -> None:
+    """Warn, as the process exits, about the messages of an in-memory broker that no worker
+    ever took: they die with the process. A script that enqueued without serving (no ``with
+    app:``) and without waiting (``timeout=``) ended with its tasks never run, without a
+    word. (At the exit, not when the broker stops: an app started again in another event
+    loop serves what an earlier loop enqueued.)"""
+    for broker in list(_in_use):
+        waiting = broker.unserved()
+        if waiting:
+            log.warning(
+                "the process exits with %d task message(s) in an in-memory broker that no "
+                "worker ever served: they never ran, and in-memory messages live only in this "
+                "process. Serve in this process (with app:, async with app:, "
+                "app.run_forever()), or give the app a shared broker (Redis, RabbitMQ) and run "
+                "a worker with qtasks run",
+                waiting,
+            )
