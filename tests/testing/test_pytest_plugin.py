@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+from qtasks_testing.harness import HarnessError
+from qtasks_testing.pytest_plugin import load_app
 
 pytest_plugins = ["pytester"]
 
@@ -155,3 +161,40 @@ ORIGINAL_BROKER = myproject.app.aio.broker
     pytester.makeini("[pytest]\nqtasks_app = myproject:app\n")
     result = pytester.runpytest("-p", "no:asyncio")
     result.assert_outcomes(passed=2)
+
+
+def test_a_wrong_qtasks_app_option_names_the_modules_apps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``qtasks_app = myproject:ap`` raised a bare ``AttributeError`` from the fixture, and
+    ``qtasks_app = myproject:send_email`` (a task is callable) called the task as an app
+    factory: its code ran in the test process, then "is a str, not a qtasks app" (the ``qtasks
+    -A`` option already refused a task). Both are refused naming the module's apps."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "ini_target_mod.py").write_text(
+        "from pathlib import Path\n"
+        "from qtasks import QueueTasks\n"
+        "shop = QueueTasks('shop')\n"
+        "@shop.task\n"
+        "def purge() -> str:\n"
+        "    Path('purged').write_text('everything')\n"
+        "    return 'purged'\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(HarnessError) as caught:
+            load_app("ini_target_mod:ap")
+        assert str(caught.value) == (
+            "qtasks_app 'ini_target_mod:ap': module 'ini_target_mod' has no 'ap' (its apps: "
+            "ini_target_mod:shop)"
+        )
+        with pytest.raises(HarnessError) as caught:
+            load_app("ini_target_mod:purge")
+        assert str(caught.value) == (
+            "qtasks_app 'ini_target_mod:purge' is a task, not an app: name the app it belongs "
+            "to (its apps: ini_target_mod:shop)"
+        )
+        assert not (tmp_path / "purged").exists()
+        assert load_app("ini_target_mod:shop").name == "shop"
+    finally:
+        sys.modules.pop("ini_target_mod", None)

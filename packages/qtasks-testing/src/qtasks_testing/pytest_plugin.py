@@ -32,7 +32,9 @@ from typing import Any
 import pytest
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.routers import TaskDeclaration
 from qtasks.sync import QueueTasks
+from qtasks.task import TaskDef
 from qtasks_testing.harness import Harness, HarnessError
 from qtasks_testing.sync_harness import SyncHarness
 
@@ -57,13 +59,30 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def load_app(spec: str) -> QueueTasks | AsyncQueueTasks:
-    """Import ``module:attribute`` (dots allowed in the attribute); call it if it is a factory."""
+    """Import ``module:attribute`` (dots allowed in the attribute); call it if it is a factory.
+    An attribute the module lacks, and a task (callable, but calling it would run the task's
+    code), are refused naming the module's apps."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise HarnessError(f"qtasks_app must look like 'package.module:app', not {spec!r}")
-    target: Any = importlib.import_module(module_name)
+    module = importlib.import_module(module_name)
+    target: Any = module
+    apps = [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, QueueTasks | AsyncQueueTasks)
+    ]
+    its_apps = f" (its apps: {', '.join(f'{module_name}:{name}' for name in apps)})" if apps else ""
     for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise HarnessError(
+                f"qtasks_app {spec!r}: module {module_name!r} has no {attribute!r}{its_apps}"
+            )
         target = getattr(target, part)
+    if isinstance(target, TaskDef | TaskDeclaration):  # callable: calling it runs the task
+        raise HarnessError(
+            f"qtasks_app {spec!r} is a task, not an app: name the app it belongs to{its_apps}"
+        )
     if not isinstance(target, QueueTasks | AsyncQueueTasks) and callable(target):
         target = target()
     if not isinstance(target, QueueTasks | AsyncQueueTasks):
