@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -241,3 +242,38 @@ def test_a_self_parameter_without_echo_says_to_declare_echo() -> None:
         polled.add_task()  # echo=True: 'every' is what is missing, no word about self
     assert "echo" not in str(caught.value)
     app.close()
+
+
+def test_a_router_or_shared_tasks_option_is_warned_about_where_it_is_declared() -> None:
+    """``@shared_task(bind=True)`` / ``@router.task(max_retries=3)`` warned when an app bound
+    the task, pointing at ``QueueTasks()`` or ``include_router`` (not at the option) and once
+    per app (twice for a sync app's build). It warns once, at the declaration."""
+    from qtasks import SyncRouter, shared_task
+    from qtasks.routers import shared_tasks
+
+    router = SyncRouter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
+
+        @router.task(max_retries=3)
+        def routed() -> None: ...
+
+        @shared_task(bind=True)
+        def shared(self: Any) -> None: ...
+
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line), (__file__, line + 3)]
+    assert "did you mean retry=N" in str(caught[0].message)
+    assert "did you mean echo=True" in str(caught[1].message)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # binding them to an app warns no more
+            app = QueueTasks("declared-once")
+            app.include_router(router)
+            with app:
+                pass
+            app.close()
+        assert {"routed", "shared"} <= set(app.tasks)
+        assert app.tasks["routed"].options.extra == {"max_retries": 3}
+    finally:
+        shared_tasks.tasks.pop("shared", None)  # this process's other tests

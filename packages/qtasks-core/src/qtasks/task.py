@@ -24,6 +24,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import FrameType
@@ -122,11 +123,27 @@ _CELERY_CALL_OPTIONS = {
 """Celery's ``apply_async`` options given to ``add_task``, with what to write."""
 
 
+OPTIONS_WARNED: ContextVar[bool] = ContextVar("qtasks_options_warned", default=False)
+"""Set while a router's or shared task's declaration is bound to an app: its options were
+warned about where it was declared (:func:`warn_declared_options`), once, not again per app."""
+
+
+def warn_declared_options(task: str, options: dict[str, Any]) -> None:
+    """:func:`warn_misspelt_options` for the options of ``@router.task``/``@shared_task``,
+    at that declaration (an app binds it later, where a warning would point at the app)."""
+    known = set(TaskOptions.__dataclass_fields__) - {"name", "extra"}
+    extra = {k: v for k, v in options.items() if k not in known}
+    if extra:
+        warn_misspelt_options(task, extra, known)
+
+
 def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> None:
     """Warn about each unknown option of ``@app.task`` that is close to a known one
     (``rate_limt``, ``max_concurency``) or is Celery's name for one (``max_retries``,
     ``autoretry_for``): it is kept in the task's ``extra`` (QTasks' custom options), so what
     it meant (a limit, retries) would silently not apply."""
+    if OPTIONS_WARNED.get():
+        return
     for option in extra:
         said = f"task {task!r}: unknown option {option!r} is kept in the task's extra and not "
         advice = _CELERY_ADVICE.get(option)

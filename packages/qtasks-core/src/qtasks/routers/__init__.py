@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from qtasks.errors import TaskDeclarationError
-from qtasks.task import TaskDef
+from qtasks.task import OPTIONS_WARNED, TaskDef, warn_declared_options
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -47,6 +47,7 @@ class TaskDeclaration(Generic[P, R]):
         self.func = func
         self.name: str = name or getattr(func, "__name__", None) or repr(func)
         self.options = {k: v for k, v in options.items() if k not in _IGNORED_OPTIONS}
+        warn_declared_options(self.name, self.options)  # here, not at each app that binds it
         self._bound: weakref.ref[TaskDef[P, R]] | None = None
         self.__doc__ = func.__doc__
         self.__name__ = getattr(func, "__name__", self.name)
@@ -71,7 +72,11 @@ class TaskDeclaration(Generic[P, R]):
         if existing is not None:
             # Registered by the async app inside a sync app's facade: let the facade wrap it.
             del app.tasks[self.name]
-        task: TaskDef[P, R] = app.task(self.name, **self.options)(self.func)
+        said = OPTIONS_WARNED.set(True)  # at the declaration already
+        try:
+            task: TaskDef[P, R] = app.task(self.name, **self.options)(self.func)
+        finally:
+            OPTIONS_WARNED.reset(said)
         pinned = self._pinned() if _pinned else None
         if pinned is None or pinned.app is task.app:
             self._bound = weakref.ref(task)
