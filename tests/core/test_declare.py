@@ -163,7 +163,7 @@ def test_celerys_name_for_an_option_warns_with_ours(option: str, value: Any, ins
         ("queue", "high", "an app has one queue, its broker's"),
         ("routing_key", "high", "an app has one queue, its broker's"),
         ("ignore_result", True, "every task's record is stored with its result"),
-        ("serializer", "pickle", "messages and results are JSON"),
+        ("serializer", "pickle", "messages are JSON, or what the app's serializer="),
         ("retry_backoff_max", 60, "did you mean the app's setting retry_backoff_max"),
     ],
 )

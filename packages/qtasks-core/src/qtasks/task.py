@@ -109,8 +109,8 @@ _CELERY_ADVICE = {
     "routing_key": _ONE_QUEUE,
     "ignore_result": "every task's record is stored with its result, which expires after "
     "the app's result_ttl",
-    "serializer": "messages and results are JSON, or the app's serializer= (QueueTasks("
-    "serializer=...)) for every task",
+    "serializer": "messages are JSON, or what the app's serializer= (QueueTasks("
+    "serializer=...)) makes, for every task",
 }
 """Celery's task options that have no counterpart on a task, with what qtasks does instead:
 a ``queue`` kept in ``extra`` would send the task to the app's one queue without a word."""
