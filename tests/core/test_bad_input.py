@@ -267,6 +267,9 @@ async def test_a_worker_with_no_task_registered_warns_that_it_dead_letters_every
     [warning] = [r for r in caplog.records if "no task registered" in r.getMessage()]
     assert "dead-letters every message" in warning.getMessage()
     assert "await app.start()" in warning.getMessage()
+    # It named only the async app's forms; a sync app's user wrote `with app:`.
+    assert "(the sync app's `app.start()`)" in warning.getMessage()
+    assert "instead of `async with app:` (the sync app's `with app:`)" in warning.getMessage()
 
 
 async def test_a_task_calling_sys_exit_fails_and_the_worker_serves_on() -> None:

@@ -482,8 +482,8 @@ class QueueWorker:
                 log.warning(
                     "worker %s serves with no task registered: it dead-letters every message "
                     "it takes as an unknown task. A process that only enqueues needs no "
-                    "worker: `await app.start()` (or just add_task) instead of `async with "
-                    "app:`",
+                    "worker: `await app.start()` (the sync app's `app.start()`), or just "
+                    "add_task, instead of `async with app:` (the sync app's `with app:`)",
                     self.id,
                 )
             if probe is not None:
