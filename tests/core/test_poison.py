@@ -296,3 +296,65 @@ async def test_a_dead_letter_told_by_a_notice_while_its_run_ends_fires_the_hook_
         final = await app.get(task.uuid)
     assert final is not None and final.status is TaskStatus.ERROR
     assert heard == ["dead-lettered: delivery limit reached (another consumer)"]
+
+
+class ReadTogether(MemoryStorage):
+    """Each read of record ``uuid`` waits until two are under way: two callers both read it
+    before either writes."""
+
+    def __init__(self, uuid: str) -> None:
+        super().__init__()
+        self.uuid = uuid
+        self.reads = 0
+        self.both = anyio.Event()
+
+    async def get(self, uuid: str) -> TaskRecord | None:
+        record = await super().get(uuid)
+        if uuid == self.uuid:
+            self.reads += 1
+            if self.reads == 2:
+                self.both.set()
+            with anyio.fail_after(5):
+                await self.both.wait()
+        return record
+
+
+@pytest.mark.parametrize(
+    ("status", "token"), [(TaskStatus.NEW, None), (TaskStatus.PROCESS, "delivery-1")]
+)
+async def test_two_notices_of_one_dead_letter_at_once_end_its_record_once(
+    status: TaskStatus, token: str | None
+) -> None:
+    """Two consumers tell the same dead letter at once (a Redis consumer's start tells the
+    notices left in the pending hash, maybe while the consumer that claimed it tells it too):
+    both read the record before either writes; it ends once and the hook fires once. Before,
+    a record never begun (no token: its fenced save is never refused) was ended twice and
+    fired the hook twice."""
+    uuid = "m-1"
+    storage = ReadTogether(uuid)
+    app = AsyncQueueTasks(storage=storage, config=QueueConfig(plugins_disabled=["*"]))
+    heard: list[str] = []
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            heard.append(record.uuid)
+
+    app.add_plugin(Watch())
+    await app.start()
+    try:
+        await storage.add(TaskRecord(uuid=uuid, task_name="noop", status=status, token=token))
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(poison.buried, app, uuid, "delivery limit reached")
+        final = await storage.get(uuid)
+    finally:
+        await app.aclose()
+    assert storage.reads >= 2  # both read it before either wrote
+    assert heard == [uuid]
+    assert final is not None
+    assert (final.status, final.error, final.token) == (
+        TaskStatus.ERROR,
+        "dead-lettered: delivery limit reached",
+        poison.DEAD_LETTER_TOKEN,
+    )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from qtasks.components import delivery_limit
 from qtasks.config import is_default
 from qtasks.errors import SerializationError
-from qtasks.messages import Message
+from qtasks.messages import Message, new_uuid
 from qtasks.record import TaskRecord, TaskStatus, record_of
 from qtasks.workflows import runtime as workflows
 
@@ -168,12 +168,24 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
     :data:`DEAD_LETTER_TOKEN`, its waiters are woken, and its workflow learns it, as a
     :class:`~qtasks.components.BeginOnClaim` broker's claim does in its own round trip; then
     ``qtasks_task_dead_lettered`` fires, as for a dead letter the worker decides itself.
-    Never raises: the storage may be what fails, and the consumer goes on."""
+    Never raises: the storage may be what fails, and the consumer goes on.
+
+    Safe to call again, and at once, for the same ``id`` (a broker may tell a notice again
+    from another consumer, see :class:`~qtasks.components.BuryNotice`): the record is ended
+    by one call only, and the hook fires once. A record read final is left as it is; the
+    ending save is fenced by the token read, which the first ending save replaces. A record
+    read without a token (never begun: a fenced save would not be refused) is first taken
+    with a token of this call, fenced by it (refused once another call took it), then
+    ended fenced by that token."""
     try:
         record = await app.storage.get(id)
         if record is None or record.status.final:
             return
         fence = record.token
+        if fence is None:
+            fence = record.token = f"{DEAD_LETTER_TOKEN}:{new_uuid()}"
+            if not await app.storage.save(record, fence=fence):
+                return  # another call took it (or it ended meanwhile)
         if record.status is TaskStatus.PROCESS:  # its last run began (then), and was lost
             record.started_at = record.updated_at
         record.status = TaskStatus.ERROR
