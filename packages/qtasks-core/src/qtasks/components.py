@@ -627,9 +627,15 @@ class BuryNotice(Protocol):
         """Exactly :meth:`Broker.consume`, except that ``await buried(id, reason)`` is
         called for every message this consumer dead-letters itself past
         ``max_deliveries``, with the reason its dead letter has, before the consumer goes on
-        (once per dead letter, not for a :meth:`Delivery.nack`). Dead-lettered while the
-        consumer is being closed, it is called before the context exits. ``buried`` must not
-        raise."""
+        (once per dead letter by this consumer, not for a :meth:`Delivery.nack`).
+        Dead-lettered while the consumer is being closed, it is called before the context
+        exits. ``buried`` must not raise.
+
+        A broker may keep each notice until ``buried`` returned for it, so that one whose
+        consumer died first (killed, or closed with a claim's reply unread) is told by a
+        consumer that starts later (the Redis broker does, see docs/redis.md): ``buried`` must
+        then be safe to call again, and at once from two consumers, for the same id
+        (:func:`qtasks.poison.buried` is: the record ends once, the hook fires once)."""
         ...
 
 

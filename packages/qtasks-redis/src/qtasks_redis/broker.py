@@ -258,6 +258,8 @@ class RedisBroker:
         tag = f"{{{prefix}:{queue}}}"
         self.keys: tuple[str, ...] = tuple(f"{tag}:{name}" for name in lua.KEY_NAMES)
         self._notify_key = self.keys[lua.KEY_NAMES.index("notify")]
+        self._pending_key = f"{tag}:pending"
+        """The notices of dead letters not told yet (see ``CLAIM_NOTICED``)."""
         self._lease_ms = 30_000
         self._max_deliveries = 5
         self._retention: tuple[str, str] = ("", "")
@@ -590,8 +592,9 @@ class RedisBroker:
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
         """:meth:`consume`, awaiting ``buried(id, reason)`` for each message a claim
         dead-letters past ``max_deliveries`` (see :class:`~qtasks.components.BuryNotice`)."""
+        keys = (*self.keys, self._pending_key)
         return self._consume(
-            prefetch, lua.CLAIM_NOTICED, self.keys, (), None, None, None, buried, wanted=wanted
+            prefetch, lua.CLAIM_NOTICED, keys, (), None, None, None, buried, wanted=wanted
         )
 
     def consume_begun(
@@ -650,13 +653,20 @@ class RedisBroker:
         told: deque[TaskRecord] = deque()  # records a claim's dead letters ended, not yet told
         buffer: deque[RedisDelivery] = deque()  # claimed, not handed out yet
         orphans: list[RedisDelivery] = []  # claimed as the consumer was cancelled
+        # Told (``notice`` returned), their note in the pending hash not deleted yet (see
+        # CLAIM_NOTICED): deleted after each telling, or by a later one when that failed.
+        noticed: list[str] = []
 
         async def tell() -> None:
             # Each taken off before it is told: told once, even if the consumer is cancelled
             # while telling it (its exit tells the rest).
             if notice is not None:
                 while buried:
-                    await notice(*buried.popleft())
+                    id, reason = buried.popleft()
+                    await notice(id, reason)
+                    noticed.append(id)
+                if noticed:
+                    await self._forget_notices(client, noticed)
             if ended is not None:
                 while told:
                     await ended(told.popleft())
@@ -832,6 +842,10 @@ class RedisBroker:
             # should it kill this worker again, no message claimed beside it pays for it.
             suspect: RedisDelivery | None = None
             suspect_from = alone_from(self._max_deliveries)
+            # A noticing consumer first tells what the pending hash holds: the notices that a
+            # consumer killed after its claim (or one that never read its claim's reply) left
+            # untold (retried after an outage, as a claim is).
+            sweep = notice is not None
             while True:
                 if buffer:
                     head = buffer[0]
@@ -848,6 +862,10 @@ class RedisBroker:
                     await settled_or_lost(suspect)
                     suspect = None
                 try:
+                    if sweep:
+                        buried.extend(await self._pending_notices(client))
+                        sweep = False
+                        await tell()
                     block: float | None = None
                     if wake_at is not None and (not took or time.monotonic() < wake_at):
                         # The queue was empty at the last claim: block for a wake-up (a
@@ -910,7 +928,8 @@ class RedisBroker:
             trying.pop(consumer, None)
             # Each bounded, and by a stopping worker's deadline (qtasks.stopping): what a
             # stalled server does not take in time is left to the leases.
-            if buried or told:  # a claim's reply read after the consumer was cancelled
+            # A claim's reply read after the consumer was cancelled, or notes not deleted.
+            if buried or told or noticed:
                 with stopping.shield("the dead letters' records", 5):
                     await tell()
             if storage is not None and (orphans or buffer):
@@ -938,6 +957,37 @@ class RedisBroker:
                                 len(args) // 3,
                                 self.target.where,
                             )
+
+    async def _pending_notices(self, client: Client | Lane) -> list[tuple[str, str]]:
+        """The notices noted in the pending hash (see ``CLAIM_NOTICED``): (id, reason)."""
+        key = self._pending_key
+        if isinstance(client, Lane):
+            flat = await guarded(self.target, client.command("HGETALL", key))
+            return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
+        notes: Any = await guarded(self.target, client.hgetall(key))
+        return [(id.decode(), reason.decode()) for id, reason in notes.items()]
+
+    async def _forget_notices(self, client: Client | Lane, ids: list[str]) -> None:
+        """Delete the notes of ``ids``, told, from the pending hash, and empty ``ids``; an
+        outage leaves them for the next telling (a consumer started after this one ends
+        would tell them again: :func:`qtasks.poison.buried` finds their records final)."""
+        key, done = self._pending_key, ids[:]
+        try:
+            if isinstance(client, Lane):
+                await client.command("HDEL", key, *done)
+            else:
+                await client.hdel(key, *done)
+        except Exception as exc:
+            if not outage(exc):
+                raise
+            log.warning(
+                "could not delete the notes of %d dead letters told (Redis at %s): %s",
+                len(ids),
+                self.target.where,
+                type(exc).__name__,
+            )
+            return
+        del ids[: len(done)]
 
     async def _block(self, client: Client | Lane, seconds: float) -> None:
         """Until the queue is notified or ``seconds`` pass."""

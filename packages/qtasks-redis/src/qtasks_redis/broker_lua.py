@@ -16,7 +16,11 @@ script touches one Redis Cluster slot and declares every key it uses):
 11. ``dlmeta``   HASH id -> JSON {reason, priority, deliveries, dead_at}
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
-and, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
+and, passed to ``CLAIM_NOTICED`` only, a thirteenth: ``pending``, HASH id -> reason of the
+messages its claims dead-lettered whose notice no consumer has told yet (see
+``CLAIM_NOTICED``).
+
+And, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
 the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
 ``[[id, ...], [dead id, reason, ended, ...]]``, ``ended`` 1 when ``on_dead`` said it ended the
 dead letter's record, else 0; the tokens are ``<nonce>.<n>``), until the consumer's next claim
@@ -364,16 +368,28 @@ CLAIM = Script(
 
 CLAIM_NOTICED = Script(
     PRELUDE
-    + "local function on_claim(id, body, token, out) end\n"
-    + "local BURIED = {}\n"
-    + "local function on_dead(id, reason) BURIED[#BURIED + 1] = id; "
-    + "BURIED[#BURIED + 1] = reason end\n"
+    + r"""local function on_claim(id, body, token, out) end
+local BURIED = {}
+-- KEYS[13], the pending notices (HASH id -> reason): each message this claim dead-letters is
+-- noted there too, in the same atomic step, until the consumer has told it (HDEL after its
+-- buried() returned); a consumer killed before that leaves it for the next one to start
+-- (RedisBroker._consume). Kept the dead letters' retention (ttl_ms) after the last one noted.
+local function on_dead(id, reason)
+  BURIED[#BURIED + 1] = id
+  BURIED[#BURIED + 1] = reason
+  redis.call('HSET', KEYS[13], id, reason)
+  local ttl = tonumber(ARGV[#ARGV - 1])
+  if ttl then redis.call('PEXPIRE', KEYS[13], ttl) end
+end
+"""
     + CLAIM_BODY.removesuffix("return out\n")
     + "if #BURIED > 0 then out[#out + 1] = cjson.encode(BURIED) end\nreturn out\n"
 )
 """CLAIM that also returns the messages it dead-lettered: one more element, the JSON list
 ``[id, reason, id, reason, ...]``, when there are any (see
-:class:`~qtasks.components.BuryNotice`)."""
+:class:`~qtasks.components.BuryNotice`). It takes a thirteenth key, ``pending``
+(``{<prefix>:<queue>}:pending``, HASH id -> reason), where it also notes each of them until
+the consumer has told it; a claim that dead-letters nothing does not touch it."""
 
 ACK = Script(
     PRELUDE

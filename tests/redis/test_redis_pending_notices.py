@@ -1,0 +1,185 @@
+"""The notices of a Redis claim's dead letters survive the worker that got them: with the
+storage on another server (:class:`~qtasks.components.BuryNotice`: the worker ends the
+records of the messages its claims dead-letter), the claim also notes each one in the queue's
+pending hash, deleted once ``buried()`` returned, and a consumer that starts tells what the
+hash holds. Before, a worker killed between its claim's reply and the end of the record left
+the record ``new``/``process`` until its TTL: its waiters hung, its workflow never learnt,
+``qtasks_task_dead_lettered`` never fired."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+import redis.asyncio
+from anyio.streams.text import TextReceiveStream
+from bury_worker import build
+from redis_server import start_server
+
+from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+from qtasks.record import TaskRecord, TaskStatus
+from qtasks_redis import RedisBroker, RedisStorage
+from qtasks_redis.lane import Lane
+
+pytestmark = pytest.mark.anyio
+
+WORKER = Path(__file__).parent / "bury_worker.py"
+
+
+class Heard:
+    """Counts ``qtasks_task_dead_lettered`` by uuid; ``first`` is set at the first."""
+
+    def __init__(self) -> None:
+        self.uuids: list[str] = []
+        self.first = anyio.Event()
+
+    @hookimpl
+    def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+        self.uuids.append(record.uuid)
+        self.first.set()
+
+
+def pending_key(app: AsyncQueueTasks) -> str:
+    broker = app.broker
+    assert isinstance(broker, RedisBroker)
+    return broker._pending_key
+
+
+def on_lane(app: AsyncQueueTasks) -> bool:
+    """Whether ``app``'s broker, started, talks through its fast lane (else redis-py)."""
+    broker = app.broker
+    assert isinstance(broker, RedisBroker)
+    return isinstance(broker._shared.fast(), Lane)
+
+
+async def lose_its_delivery(app: AsyncQueueTasks) -> str:
+    """Add a task and lose its only allowed delivery (a consumer takes it and goes away
+    without settling, as a killed worker does): the next claim dead-letters it. Its uuid."""
+    assert app.shared_server is None  # the worker ends the record: BuryNotice
+    task = await app.add_task("noop", 1)
+    async with app.broker.consume(prefetch=1) as raw:  # never settled
+        with anyio.fail_after(5):
+            await anext(raw)
+    return task.uuid
+
+
+async def serve_until_heard(app: AsyncQueueTasks, heard: Heard) -> None:
+    """Run ``app``'s worker until ``qtasks_task_dead_lettered`` fired, then stop it."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.worker.run, app)
+        with anyio.fail_after(10):
+            await heard.first.wait()
+        app.worker.stop()
+
+
+async def ended_and_told_once(
+    app: AsyncQueueTasks, heard: Heard, uuid: str, client: redis.asyncio.Redis
+) -> None:
+    record = await app.storage.get(uuid)
+    assert record is not None
+    assert record.status is TaskStatus.ERROR
+    assert (record.error or "").startswith("dead-lettered: delivery limit reached")
+    assert heard.uuids == [uuid]
+    assert await client.hlen(pending_key(app)) == 0
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "redis-py"])
+async def test_a_worker_killed_while_telling_a_dead_letter_leaves_it_to_the_next(
+    redis_url: str, prefix: str, tmp_path: Path, lane: bool
+) -> None:
+    """A worker process's claim dead-letters a message whose one delivery was lost, and the
+    worker is killed (SIGKILL) inside ``buried()``, before the record is ended (its storage
+    blocks reading it). The record is still ``new``; a worker started afterwards tells the
+    notice the dead one left in the pending hash: the record ends ``error``, the hook fires
+    once, the hash is empty. Before, the notice died with the worker. (``lane``: how the
+    worker started afterwards talks to Redis.)"""
+    records = start_server(tmp_path)  # the storage's server, outliving the worker
+    client = redis.asyncio.Redis.from_url(redis_url)
+    app = build(redis_url, records.url, prefix, lane=lane)
+    heard = Heard()
+    app.add_plugin(heard)
+    await app.start()
+    try:
+        assert on_lane(app) is lane
+        uuid = await lose_its_delivery(app)
+        argv = [sys.executable, str(WORKER), redis_url, records.url, prefix, uuid]
+        with (tmp_path / "worker.log").open("w") as log:
+            worker = await anyio.open_process(argv, stderr=log, start_new_session=True)
+        try:
+            assert worker.stdout is not None
+            said = ""
+            with anyio.fail_after(30):
+                async for text in TextReceiveStream(worker.stdout):
+                    said += text
+                    if f"reading {uuid}\n" in said:
+                        break
+            assert f"reading {uuid}\n" in said, (tmp_path / "worker.log").read_text()
+        finally:
+            os.killpg(worker.pid, signal.SIGKILL)
+            with anyio.fail_after(10):
+                await worker.wait()
+            await worker.aclose()
+        left = await app.storage.get(uuid)
+        assert left is not None and left.status is TaskStatus.NEW  # not ended: the kill came first
+        assert [d.id for d in await app.broker.dead_letters()] == [uuid]
+        await serve_until_heard(app, heard)
+        await ended_and_told_once(app, heard, uuid, client)
+    finally:
+        await app.aclose()
+        await client.aclose()
+        records.close()
+
+
+class Watched(RedisStorage):
+    """Reading the record of ``uuid`` notes what the broker's pending hash holds of it then
+    (``buried()`` reads the record first) and that hash's TTL."""
+
+    def __init__(self, url: str, *, prefix: str, client: redis.asyncio.Redis) -> None:
+        super().__init__(url, prefix=prefix)
+        self.client = client
+        self.uuid = ""
+        self.key = ""
+        self.seen: list[tuple[bytes | None, int]] = []
+
+    async def get(self, uuid: str) -> TaskRecord | None:
+        if uuid == self.uuid:
+            reason = await self.client.hget(self.key, uuid)
+            assert not isinstance(reason, str)
+            self.seen.append((reason, await self.client.pttl(self.key)))
+        return await super().get(uuid)
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "redis-py"])
+async def test_a_dead_letter_told_leaves_no_note(
+    redis_url: str, prefix: str, tmp_path: Path, lane: bool
+) -> None:
+    """The claim that dead-letters a message notes it in the pending hash (with the dead
+    letters' retention as its TTL) while the worker tells it; once told, the note is gone and
+    the hook fired once."""
+    records = start_server(tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    storage = Watched(records.url, prefix=prefix, client=client)
+    app = build(redis_url, records.url, prefix, storage, lane=lane)
+    heard = Heard()
+    app.add_plugin(heard)
+    await app.start()
+    try:
+        assert on_lane(app) is lane
+        storage.uuid = await lose_its_delivery(app)
+        storage.key = pending_key(app)
+        await serve_until_heard(app, heard)
+        seen = storage.seen[:]
+        await ended_and_told_once(app, heard, storage.uuid, client)
+        [letter] = await app.broker.dead_letters()
+    finally:
+        await app.aclose()
+        await client.aclose()
+        records.close()
+    [(reason, ttl)] = seen  # read once: the notice was told once
+    assert reason == letter.reason.encode()
+    ttl_ms = QueueConfig().dead_letter_ttl
+    assert ttl_ms is not None and 0 < ttl <= ttl_ms * 1000

@@ -1,0 +1,1 @@
+from tests.redis.bury_worker import *  # noqa: F403
