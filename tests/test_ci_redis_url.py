@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from redis_server import unavailable
 
 LIB = Path(__file__).resolve().parents[1] / ".ci" / "redis_url.bash"
 SECRET = "s3cr@t-pw"
@@ -109,7 +110,7 @@ def test_the_probe_reaches_the_local_redis_at_either_address(host: str) -> None:
     try:
         socket.create_connection((address, 6379), timeout=1).close()
     except OSError:
-        pytest.skip(f"no Redis listening at {host}:6379")
+        unavailable(f"no Redis listening at {host}:6379")
     done = bash(
         'set -euo pipefail; source "$1"; parse_redis_url "$2"; redis_ping', f"redis://{host}:6379/0"
     )
