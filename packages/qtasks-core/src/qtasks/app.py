@@ -62,7 +62,14 @@ from qtasks.retry import RetryPlugin
 from qtasks.routers import Router, shared_tasks
 from qtasks.serving_log import log_when_unconfigured
 from qtasks.starter import SignalStarter
-from qtasks.task import AsyncTask, TaskDef, TaskOptions, as_tuple, warn_misspelt_options
+from qtasks.task import (
+    OPTION_NAMES,
+    AsyncTask,
+    TaskDef,
+    TaskOptions,
+    as_tuple,
+    warn_misspelt_options,
+)
 from qtasks.threads import _running_loop, in_task_thread, loop_only
 from qtasks.worker import QueueWorker
 from qtasks.workflows import runtime as workflows
@@ -329,10 +336,9 @@ class AsyncQueueTasks:
         task_name = name or getattr(func, "__name__", None) or repr(func)
         if task_name in self.tasks:
             raise TaskDeclarationError(f"a task named {task_name!r} is already registered")
-        known = set(TaskOptions.__dataclass_fields__) - {"name", "extra"}
-        extra = {k: options.pop(k) for k in list(options) if k not in known}
+        extra = {k: options.pop(k) for k in list(options) if k not in OPTION_NAMES}
         if extra:
-            warn_misspelt_options(task_name, extra, known)
+            warn_misspelt_options(task_name, extra, OPTION_NAMES)
         for key in ("retry_on_exc", "tags", "middlewares_before", "middlewares_after"):
             if key in options:
                 options[key] = as_tuple(options[key], key, task_name)

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import (
     AsyncGenerator,
     Callable,
+    Collection,
     Coroutine,
     Iterable,
     Iterator,
@@ -131,13 +132,12 @@ warned about where it was declared (:func:`warn_declared_options`), once, not ag
 def warn_declared_options(task: str, options: dict[str, Any]) -> None:
     """:func:`warn_misspelt_options` for the options of ``@router.task``/``@shared_task``,
     at that declaration (an app binds it later, where a warning would point at the app)."""
-    known = set(TaskOptions.__dataclass_fields__) - {"name", "extra"}
-    extra = {k: v for k, v in options.items() if k not in known}
+    extra = {k: v for k, v in options.items() if k not in OPTION_NAMES}
     if extra:
-        warn_misspelt_options(task, extra, known)
+        warn_misspelt_options(task, extra, OPTION_NAMES)
 
 
-def warn_misspelt_options(task: str, extra: dict[str, Any], known: set[str]) -> None:
+def warn_misspelt_options(task: str, extra: dict[str, Any], known: Collection[str]) -> None:
     """Warn about each unknown option of ``@app.task`` that is close to a known one
     (``rate_limt``, ``max_concurency``) or is Celery's name for one (``max_retries``,
     ``autoretry_for``): it is kept in the task's ``extra`` (QTasks' custom options), so what
@@ -249,6 +249,10 @@ class TaskOptions:
                 for middleware in getattr(self, option):
                     check_middleware(middleware, f"task {self.name!r}: {option} takes {SHAPE}")
         check_flow_options(self)
+
+
+OPTION_NAMES = frozenset(TaskOptions.__dataclass_fields__) - {"name", "extra"}
+"""The options ``@app.task`` knows; any other is kept in the task's ``extra``."""
 
 
 def as_tuple(value: Any, option: str, name: str) -> tuple[Any, ...]:
