@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from functools import partial
 from operator import attrgetter
 from os import PathLike
-from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, cast, overload
 
 import anyio
 from anyio.abc import TaskGroup
@@ -37,7 +37,9 @@ from qtasks.components import (
     SharedServer,
     Starter,
     Storage,
+    forwards,
     plain_overridden,
+    provides,
 )
 from qtasks.config import QueueConfig, follow_broker, load_config, with_command_flags
 from qtasks.depends import InjectPlugin
@@ -458,7 +460,9 @@ class AsyncQueueTasks:
                 )
                 storage = self.storage
                 self._wait_added = (
-                    storage.wait_fresh if isinstance(storage, FreshWait) else storage.wait
+                    cast(FreshWait, storage).wait_fresh
+                    if provides(storage, FreshWait)
+                    else storage.wait
                 )
                 self.starting = None
                 await self.hooks.notify("qtasks_app_started", app=self)
@@ -1026,8 +1030,7 @@ class AsyncQueueTasks:
         storage = self.storage
         prior: TaskStatus | None = None  # unknown without CancelFrom
         if _cancels_from(storage):
-            assert isinstance(storage, CancelFrom)  # _cancels_from said so
-            done = await storage.cancel_from(uuid, reason)
+            done = await cast(CancelFrom, storage).cancel_from(uuid, reason)  # _cancels_from
             if done is None:
                 return None
             record, prior = done
@@ -1174,7 +1177,8 @@ class AsyncQueueTasks:
 
 
 _CANCELS_FROM: dict[type, bool] = {}
-""":func:`_cancels_from` by storage class: decided once per class, not at every cancel."""
+""":func:`_cancels_from` by storage class: decided once per class, not at every cancel
+(not kept for a wrapper forwarding with ``__getattr__``: it answers as what it wraps)."""
 
 
 def _cancels_from(storage: object) -> bool:
@@ -1185,8 +1189,9 @@ def _cancels_from(storage: object) -> bool:
     kind = type(storage)
     known = _CANCELS_FROM.get(kind)
     if known is None:
-        known = isinstance(storage, CancelFrom) and not plain_overridden(
+        known = provides(storage, CancelFrom) and not plain_overridden(
             kind, "cancel", "cancel_from"
         )
-        _CANCELS_FROM[kind] = known
+        if not forwards(kind):
+            _CANCELS_FROM[kind] = known
     return known

@@ -10,9 +10,11 @@ taking the tasks that waited in its prefetch) pays one round trip per batch.
 
 from __future__ import annotations
 
+from typing import cast
+
 import anyio
 
-from qtasks.components import BeginMany, Storage
+from qtasks.components import BeginMany, Storage, provides
 from qtasks.errors import SerializationError
 from qtasks.memory.signals import EventFactory
 from qtasks.record import TaskRecord
@@ -43,7 +45,7 @@ class BeginBatch:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._new_event = EventFactory()  # a waiter's event: anyio.Event() costs ~4 us
-        self._many = storage if isinstance(storage, BeginMany) else None
+        self._many = cast(BeginMany, storage) if provides(storage, BeginMany) else None
         self._busy = False
         self._queue: list[_Waiter] = []
 

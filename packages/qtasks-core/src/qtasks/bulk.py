@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.lowlevel
 
 from qtasks import enqueue as enqueue_step
-from qtasks.components import Broker, BulkAdd, BulkPublish, BulkPublishNew, Storage
+from qtasks.components import Broker, BulkAdd, BulkPublish, BulkPublishNew, Storage, provides
 from qtasks.errors import QTasksError, TaskArgumentsError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
@@ -282,13 +282,14 @@ async def store_and_publish_many(
     broker, storage = app.broker, app.storage
     shared = app.shared_server
     if shared is not None:
-        if isinstance(broker, BulkPublishNew):
-            if _takes_after(broker):
-                await broker.publish_new_many(storage, tasks, after=after)
+        if provides(broker, BulkPublishNew):
+            bulk = cast(BulkPublishNew, broker)
+            if _takes_after(bulk):
+                await bulk.publish_new_many(storage, tasks, after=after)
                 return
             if after is not None:  # a broker written before ``after`` existed
                 await after()
-            await broker.publish_new_many(storage, tasks)
+            await bulk.publish_new_many(storage, tasks)
             return
         if after is not None:
             await after()
@@ -326,8 +327,8 @@ def _takes_after(broker: BulkPublishNew) -> bool:
 async def add_many(storage: Storage, records: Sequence[TaskRecord]) -> None:
     """``storage.add`` of every record: in one call with :class:`BulkAdd`, else one after the
     other on a local storage, concurrently on a remote one."""
-    if isinstance(storage, BulkAdd):
-        await storage.add_many(records)
+    if provides(storage, BulkAdd):
+        await cast(BulkAdd, storage).add_many(records)
         return
     if getattr(storage, "local", False) or len(records) < 2:
         for record in records:
@@ -343,8 +344,8 @@ async def publish_many(broker: Broker, envelopes: Sequence[Envelope]) -> None:
     one (the plain default built from :meth:`Broker.publish`)."""
     if not envelopes:
         return
-    if isinstance(broker, BulkPublish):
-        await broker.publish_many(envelopes)
+    if provides(broker, BulkPublish):
+        await cast(BulkPublish, broker).publish_many(envelopes)
         return
     for envelope in envelopes:
         await broker.publish(envelope)

@@ -43,7 +43,8 @@ for a broker without it); ``begun`` on the deliveries of a :class:`BeginOnClaim`
 :class:`BulkPublishNew`, :class:`BuryNotice`,
 :class:`BulkAdd`, :class:`WorkflowStore`, :class:`FlowControl`, :class:`RateRelease`,
 :class:`HeartbeatEnd` and :class:`UniquePublish`,
-checked with ``isinstance``; ``qtasks_testing.contract.capabilities``,
+checked with :func:`provides` (``isinstance``, with a ``__getattr__`` wrapper keeping the
+capabilities of what it wraps); ``qtasks_testing.contract.capabilities``,
 ``qtasks_testing.contract.query``, ``qtasks_testing.contract.bulk``,
 ``qtasks_testing.contract.flow`` and ``qtasks_testing.contract.global_config`` hold their
 suites.
@@ -536,38 +537,65 @@ class LeaseLength(Protocol):
         ...
 
 
-_HAS: dict[tuple[type, type], bool] = {}
+_PROVIDES: dict[tuple[type, type], bool] = {}
+""":func:`provides` by (class, capability), for classes that forward nothing."""
 
 
-def _has(component: object, capability: type) -> bool:
-    """``isinstance(component, capability)``, decided once per class: on Python 3.11 a
-    runtime-checkable protocol's ``isinstance`` walks its members at every call, microseconds
-    that :func:`delivery_limit` would pay on every settle."""
-    key = (type(component), capability)
-    found = _HAS.get(key)
-    if found is None:
-        found = _HAS[key] = isinstance(component, capability)
-    return found
+def forwards(kind: type) -> bool:
+    """Whether instances of ``kind`` forward the attributes it does not define
+    (``__getattr__``): what such an instance has depends on what it wraps, so nothing read
+    from it is kept per class."""
+    return getattr(kind, "__getattr__", None) is not None
 
 
 def provides(component: object, capability: type) -> bool:
-    """``isinstance(component, capability)`` for a runtime-checkable protocol, with Python
-    3.11's answer on every version: a component that forwards the attributes it does not
-    define (``__getattr__``, as instrumentation wrappers do) provides ``capability`` when
-    every member of it is found on it. Python 3.12 made ``isinstance`` look members up
-    statically (``inspect.getattr_static``), which does not see forwarded ones."""
-    if isinstance(component, capability):
-        return True
-    members = getattr(capability, "__protocol_attrs__", None)  # 3.12+ (3.11: as isinstance)
-    if members is None or getattr(type(component), "__getattr__", None) is None:
+    """Whether ``component`` has the optional ``capability`` (a runtime-checkable protocol of
+    this module): ``isinstance(component, capability)`` with Python 3.11's answer on every
+    version. The core checks every capability with it.
+
+    A wrapper that forwards with ``__getattr__`` (as instrumentation wrappers do) keeps the
+    capabilities of what it wraps: it provides ``capability`` when every member of it is
+    found on it, forwarded or not, as 3.11's ``isinstance`` said; Python 3.12 made
+    ``isinstance`` look members up statically (``inspect.getattr_static``), which does not
+    see forwarded ones. A wrapper around a component without the capability does not
+    provide it (reading a missing member raises ``AttributeError``), nor does one whose
+    method member reads as ``None``.
+
+    Decided once per class, except for a class with ``__getattr__`` (one wrapper class may
+    wrap components with and without it): on Python 3.11 a runtime-checkable protocol's
+    ``isinstance`` walks its members at every call, microseconds that :func:`delivery_limit`
+    would pay on every settle."""
+    kind = type(component)
+    key = (kind, capability)
+    found = _PROVIDES.get(key)
+    if found is None:
+        found = isinstance(component, capability)
+        if forwards(kind):
+            return found or _forwarded(component, capability)
+        _PROVIDES[key] = found
+    return found
+
+
+def _forwarded(component: object, capability: type) -> bool:
+    """Python 3.11's ``isinstance(component, capability)`` on Python 3.12+, where it looks
+    members up statically: every member found by ``getattr``, a method one not ``None``."""
+    members = getattr(capability, "__protocol_attrs__", None)
+    if members is None:  # Python 3.11: isinstance looked them up this way already
         return False
-    return all(hasattr(component, name) for name in members)
+    for name in members:
+        try:
+            value = getattr(component, name)
+        except AttributeError:
+            return False
+        if value is None and callable(getattr(capability, name, None)):
+            return False
+    return True
 
 
 def delivery_lease(broker: object, config: QueueConfig) -> float:
     """The lease of ``broker``'s deliveries: its :class:`LeaseLength`, else ``config.lease``.
     The worker's renewal pass and the concurrency slots it renews are timed by it."""
-    return broker.lease if _has(broker, LeaseLength) else config.lease  # type: ignore[attr-defined]
+    return broker.lease if provides(broker, LeaseLength) else config.lease  # type: ignore[attr-defined]
 
 
 @runtime_checkable
@@ -599,7 +627,7 @@ def alone_from(limit: int) -> int:
 def delivery_limit(broker: object, config: QueueConfig) -> int:
     """The delivery limit of ``broker``: its :class:`DeliveryLimit`, else
     ``config.max_deliveries``."""
-    if _has(broker, DeliveryLimit):
+    if provides(broker, DeliveryLimit):
         limit: int = broker.max_deliveries  # type: ignore[attr-defined]
         return limit
     return config.max_deliveries

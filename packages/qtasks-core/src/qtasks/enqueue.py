@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import reprlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qtasks import flow
 from qtasks.checks import ETA_TAKES, FAR_AHEAD, check_delay, check_priority, far_ahead, finite
 from qtasks.compat.calls import bad_task_name
-from qtasks.components import Broker, SharedServer, Storage
+from qtasks.components import Broker, SharedServer, Storage, provides
 from qtasks.errors import TaskArgumentsError
 from qtasks.messages import Envelope, Message, new_uuid
 from qtasks.record import TaskRecord
@@ -42,9 +42,9 @@ def choose(app: AsyncQueueTasks, on_asyncio: bool) -> tuple[str, StoreAndPublish
     (see the module docstring); also sets ``app.shared_server``, which the worker's settle
     step uses too."""
     broker, storage = app.broker, app.storage
-    shared = (
-        broker if isinstance(broker, SharedServer) and broker.shares_server_with(storage) else None
-    )
+    shared = cast(SharedServer, broker) if provides(broker, SharedServer) else None
+    if shared is not None and not shared.shares_server_with(storage):
+        shared = None
     app.shared_server = shared
     if shared is not None:
 

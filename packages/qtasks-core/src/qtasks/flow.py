@@ -30,7 +30,7 @@ import logging
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import anyio
 
@@ -44,6 +44,7 @@ from qtasks.components import (
     SlotWake,
     UniquePublish,
     delivery_lease,
+    forwards,
     plain_overridden,
     provides,
     requeue_counting,
@@ -378,11 +379,9 @@ async def publish_unique(
     gc = app.global_config
     fc = flow_control(app, "unique_key")
     shared = app.shared_server
-    folded = (
-        shared
-        if isinstance(shared, UniquePublish) and shared.shares_server_with_config(gc)
-        else None
-    )
+    folded = cast(UniquePublish, shared) if provides(shared, UniquePublish) else None
+    if folded is not None and not folded.shares_server_with_config(gc):
+        folded = None
     replace: str | None = None
     for _ in range(3):
         if folded is not None:
@@ -448,9 +447,9 @@ async def dropped(app: AsyncQueueTasks, record: TaskRecord) -> None:
     task = app.tasks.get(record.task_name)
     spec = None if task is None else task.flow
     gc = app.global_config
-    if spec is not None and spec.rate is not None and isinstance(gc, RateRelease):
+    if spec is not None and spec.rate is not None and provides(gc, RateRelease):
         try:
-            await gc.release_rate(f"rate:{spec.task}")
+            await cast(RateRelease, gc).release_rate(f"rate:{spec.task}")
         except Exception as exc:  # the cancel is done; the token is spent at its moment
             log.warning("could not give back the rate token of %s: %s", record.uuid, exc)
 
@@ -780,11 +779,10 @@ class FlowGate:
         if not _wakes(fc, broker):
             await fc.release_slot(slot.key, slot.holder)
             return
-        assert isinstance(fc, SlotWake) and isinstance(broker, BringForward)  # _wakes said so
-        waiter = await fc.release_slot_waking(slot.key, slot.holder)
+        waiter = await cast(SlotWake, fc).release_slot_waking(slot.key, slot.holder)  # _wakes
         if waiter is not None:
             try:
-                await broker.bring_forward(waiter)
+                await cast(BringForward, broker).bring_forward(waiter)
             except Exception as exc:  # it comes back at its own time
                 log.warning(
                     "could not bring forward the waiter %s of %s: %s", waiter, slot.key, exc
@@ -855,7 +853,8 @@ class FlowGate:
 _WAKES: dict[tuple[type, type], bool] = {}
 """:func:`_wakes` by the classes of the global config and the broker: the protocol checks
 (``isinstance`` of a runtime protocol looks up every member) are made once per pair, not at
-every freed slot."""
+every freed slot (not kept when either forwards with ``__getattr__``: a wrapper answers as
+what it wraps)."""
 
 
 def _wakes(flow_control: object, broker: object) -> bool:
@@ -867,9 +866,10 @@ def _wakes(flow_control: object, broker: object) -> bool:
     known = _WAKES.get(pair)
     if known is None:
         known = (
-            isinstance(flow_control, SlotWake)
-            and isinstance(broker, BringForward)
+            provides(flow_control, SlotWake)
+            and provides(broker, BringForward)
             and not plain_overridden(pair[0], "release_slot", "release_slot_waking")
         )
-        _WAKES[pair] = known
+        if not (forwards(pair[0]) or forwards(pair[1])):
+            _WAKES[pair] = known
     return known

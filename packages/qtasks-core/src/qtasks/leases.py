@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
-from qtasks.components import CancelCheck, Delivery, LeaseBatch, delivery_lease
+from qtasks.components import CancelCheck, Delivery, LeaseBatch, delivery_lease, provides
 from qtasks.config import is_default
 from qtasks.executor import TaskRun
 from qtasks.flow import FlowGate
@@ -100,8 +100,8 @@ class LeaseKeeper:
             return
         broker = app.broker
         try:
-            if isinstance(broker, LeaseBatch):
-                renewed = await broker.extend_many(deliveries)
+            if provides(broker, LeaseBatch):
+                renewed = await cast(LeaseBatch, broker).extend_many(deliveries)
             else:
                 renewed = [False] * len(deliveries)
 
@@ -127,8 +127,8 @@ class LeaseKeeper:
         storage = app.storage
         uuids = [run.record.uuid for run in runs]
         try:
-            if isinstance(storage, CancelCheck):
-                cancelled = await storage.cancelled(uuids)
+            if provides(storage, CancelCheck):
+                cancelled = await cast(CancelCheck, storage).cancelled(uuids)
             else:
                 cancelled = {}
                 for uuid in uuids:

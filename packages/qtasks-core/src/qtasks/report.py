@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from qtasks.components import FlowControl, WorkflowStore
+from qtasks.components import FlowControl, WorkflowStore, provides
 from qtasks.masking import mask_url
 from qtasks.task import TaskDef
 from qtasks.workflows import runtime as workflows
@@ -60,12 +60,13 @@ async def inspect(app: AsyncQueueTasks) -> dict[str, Any]:
         "plugins": sorted(str(name) for name, _ in app.hooks.pm.list_name_plugin()),
     }
     gc = app.global_config
-    if isinstance(gc, FlowControl):
+    if provides(gc, FlowControl):
         try:
-            report["flow"] = dict(sorted((await gc.flow_state()).items()))
+            flow = await cast(FlowControl, gc).flow_state()
+            report["flow"] = dict(sorted(flow.items()))
         except Exception as exc:  # the rest of the report still tells what it can
             report["flow_error"] = f"{type(exc).__name__}: {exc}"
-    if isinstance(app.storage, WorkflowStore):
+    if provides(app.storage, WorkflowStore):
         report["workflows"] = await workflows.newest(app, WORKFLOWS_SHOWN)
     result: dict[str, Any] = await app.hooks.transform(
         "qtasks_inspect", "report", app=app, report=report

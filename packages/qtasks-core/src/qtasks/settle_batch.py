@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
 from qtasks.begin import BEGIN_BATCH
 from qtasks.cancels import is_error, stray_error
-from qtasks.components import Delivery, SettleBegin, SharedServer
+from qtasks.components import Delivery, SettleBegin, SharedServer, provides
 from qtasks.executor import TaskRun
 from qtasks.finals import stored_final
 from qtasks.masking import mask_text
@@ -93,7 +93,8 @@ class SettleBatch:
         # Only for a remote broker: folding saves a round trip, and a local one (in memory)
         # makes none, so the hand-over between tasks would be all it added.
         local = getattr(shared, "local", False)
-        self._settle_begin = shared if isinstance(shared, SettleBegin) and not local else None
+        folds = provides(shared, SettleBegin) and not local
+        self._settle_begin = cast(SettleBegin, shared) if folds else None
 
     @property
     def folds_begins(self) -> bool:

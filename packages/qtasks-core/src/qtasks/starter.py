@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from qtasks.components import EarlyProbe
+from qtasks.components import EarlyProbe, provides
 from qtasks.loop import loop_options
 from qtasks.waiting import start_when_reachable
 
@@ -69,7 +69,7 @@ class SignalStarter:
                     tg.start_soon(_stop_on_signals, app, signals)
                 try:
                     worker = app.worker
-                    if isinstance(worker, EarlyProbe):
+                    if provides(worker, EarlyProbe):
                         # Answered while the app waits for its servers, until the app is
                         # closed (the task group's cancel below closes the listener).
                         await tg.start(worker.serve_probe, app)

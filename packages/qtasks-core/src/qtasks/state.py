@@ -21,12 +21,12 @@ import threading
 import uuid as uuid_mod
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import anyio
 import anyio.from_thread
 
-from qtasks.components import CompareDelete
+from qtasks.components import CompareDelete, provides
 from qtasks.errors import StateError
 
 if TYPE_CHECKING:
@@ -139,8 +139,8 @@ class GlobalStore:
         :class:`~qtasks.components.CompareDelete`; else a get then a delete, which a lock
         running out between the two defeats)."""
         config = self.config
-        if isinstance(config, CompareDelete):
-            await config.delete_if_equal(self.locks, key, token)
+        if provides(config, CompareDelete):
+            await cast(CompareDelete, config).delete_if_equal(self.locks, key, token)
         elif await config.get(self.locks, key) == token:
             await config.delete(self.locks, key)
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from types import CodeType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from anyio.abc import SocketStream
@@ -41,6 +41,7 @@ from qtasks.components import (
     Delivery,
     HeartbeatEnd,
     delivery_lease,
+    provides,
     requeue_counting,
     takes_keyword,
 )
@@ -350,7 +351,7 @@ class QueueWorker:
         # Whether the consumer tells the worker of the records of the messages it
         # dead-letters itself (the hook fires then, once per message; see Settlement).
         consumer_tells = True
-        if shared is not None and isinstance(broker, BeginOnClaim):
+        if shared is not None and provides(broker, BeginOnClaim):
             if "qtasks_task_enqueued" in app.hooks.active:
                 announcer = workflows.Announcer(app)
             # ``ended`` came after the capability did: a broker written before it is called
@@ -361,7 +362,7 @@ class QueueWorker:
             else:
                 consumer_tells = False
             told.update(demand("consume_begun"))
-            consumer = broker.consume_begun(
+            consumer = cast(BeginOnClaim, broker).consume_begun(
                 prefetch=prefetch,
                 storage=app.storage,
                 worker=self.id,
@@ -369,10 +370,10 @@ class QueueWorker:
                 published=None if announcer is None else announcer.published,
                 **told,
             )
-        elif isinstance(broker, BuryNotice):
+        elif provides(broker, BuryNotice):
             # The broker dead-letters on its own: the worker ends those records.
             buried = partial(poison.buried, app)
-            consumer = broker.consume_noticing(
+            consumer = cast(BuryNotice, broker).consume_noticing(
                 prefetch=prefetch, buried=buried, **demand("consume_noticing")
             )
         else:
@@ -471,9 +472,11 @@ class QueueWorker:
             if announcer is not None:
                 serving.start_soon(_loud, "announcing", announcer.serve)
             storage = app.storage
-            if isinstance(storage, CancelFeed):
+            if provides(storage, CancelFeed):
                 # Cancels made by other processes reach running tasks at once.
-                follow = partial(storage.follow_cancels, self._cancelled_elsewhere)
+                follow = partial(
+                    cast(CancelFeed, storage).follow_cancels, self._cancelled_elsewhere
+                )
                 await serving.start(partial(_loud, "following cancels", follow))
             if config.loop_stall_warning is not None:
                 watchdog = LoopWatchdog(config.loop_stall_warning, self._suspects)
@@ -633,11 +636,11 @@ class QueueWorker:
         """As the worker stops: its heartbeat removed, so that it is listed as gone at once;
         with a global config that cannot, a last beat (it expires after three intervals)."""
         global_config = app.global_config
-        if not isinstance(global_config, HeartbeatEnd):
+        if not provides(global_config, HeartbeatEnd):
             await self._beat(app, concurrency, interval)
             return
         try:
-            await global_config.end_heartbeat(self.id)
+            await cast(HeartbeatEnd, global_config).end_heartbeat(self.id)
         except Exception as exc:  # stopping: the heartbeat expires instead
             log.warning(
                 "could not remove the heartbeat of worker %s (it expires within %g s): %r",
@@ -1033,9 +1036,9 @@ def _consume_stalled(app: AsyncQueueTasks) -> float | None:
     started (none consumes; the probe answers while they start): a broker is not asked
     before its start."""
     broker = app.broker
-    if not isinstance(broker, ConsumeHealth):
+    if not provides(broker, ConsumeHealth):
         return None
-    return round(broker.consume_stalled(), 3) if app.started else 0.0
+    return round(cast(ConsumeHealth, broker).consume_stalled(), 3) if app.started else 0.0
 
 
 async def _loud(

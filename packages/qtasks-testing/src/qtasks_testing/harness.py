@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import anyio
 
 from qtasks.app import AsyncQueueTasks
-from qtasks.components import Delivery, FlowControl
+from qtasks.components import Delivery, FlowControl, provides
 from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskTimeoutError
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks.plugins import hookimpl
@@ -315,7 +315,7 @@ class Harness(EnqueuedLog):
         them by the server) cannot work: the harness moves its clock to each held task's turn,
         the global config still holds it back, and the clock runs away. Refused up front."""
         kept = self.app.global_config
-        if not isinstance(kept, FlowControl):
+        if not provides(kept, FlowControl):
             return
         if isinstance(kept, MemoryGlobalConfig) and kept.clock in (self.clock, self.clock.time):
             return

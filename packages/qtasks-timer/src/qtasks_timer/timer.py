@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -30,7 +30,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 from qtasks.checks import check_priority
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import QTasksCompatWarning
-from qtasks.components import CompareDelete
+from qtasks.components import CompareDelete, provides
 from qtasks.config import close_names
 from qtasks.errors import TaskArgumentsError
 from qtasks.sync import QueueTasks
@@ -757,10 +757,10 @@ class AsyncTimer:
                 held = await global_config.get(CLAIMS, claim)
                 if claimer(held) != me:
                     return
-                if isinstance(global_config, CompareDelete):
+                if provides(global_config, CompareDelete):
                     # Only the claim read: had it run out meanwhile and another replica
                     # claimed the tick, a plain delete would free that replica's claim too.
-                    await global_config.delete_if_equal(CLAIMS, claim, held)
+                    await cast(CompareDelete, global_config).delete_if_equal(CLAIMS, claim, held)
                 else:
                     await global_config.delete(CLAIMS, claim)
         except Exception:

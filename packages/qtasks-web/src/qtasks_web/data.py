@@ -14,10 +14,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qtasks import masking
-from qtasks.components import AttemptLog, DeadLetter, RecordQuery, StorageQuery
+from qtasks.components import AttemptLog, DeadLetter, RecordQuery, StorageQuery, provides
 from qtasks.health import stalled_past
 from qtasks.masking import mask_text, masked_value
 from qtasks.record import TaskRecord, TaskStatus
@@ -146,7 +146,7 @@ def run_time(record: TaskRecord) -> float | None:
 def queryable(app: AsyncQueueTasks) -> StorageQuery | None:
     """The app's storage when it can list records, else ``None``."""
     storage = app.storage
-    return storage if isinstance(storage, StorageQuery) else None
+    return cast(StorageQuery, storage) if provides(storage, StorageQuery) else None
 
 
 _COUNTED = (*_FINAL, TaskStatus.PROCESS, TaskStatus.RETRY)
@@ -353,10 +353,10 @@ async def attempts(app: AsyncQueueTasks, record: TaskRecord) -> list[TaskRecord]
     """The earlier attempts of ``record``, oldest first, when the storage keeps them
     (:class:`~qtasks.components.AttemptLog`); ``[]`` otherwise, or when it fails to say."""
     storage = app.storage
-    if not isinstance(storage, AttemptLog):
+    if not provides(storage, AttemptLog):
         return []
     try:
-        return await storage.attempts(record.uuid)
+        return await cast(AttemptLog, storage).attempts(record.uuid)
     except Exception:
         log.warning("the attempts of %s could not be read", record.uuid, exc_info=True)
         return []

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -23,7 +23,7 @@ from qtasks.cli.output import (
     workflows_table,
 )
 from qtasks.cli.resolve import aio_of, resolve_app, run_on
-from qtasks.components import AttemptLog
+from qtasks.components import AttemptLog, provides
 from qtasks.errors import ConfigError, TaskTimeoutError, UnknownTaskError
 from qtasks.masking import masked_value
 from qtasks.record import TaskRecord, TaskStatus
@@ -140,9 +140,9 @@ def get(
     async def go(aio: AsyncQueueTasks) -> tuple[TaskRecord | None, list[TaskRecord] | None]:
         record = await aio.get(uuid)
         log = aio.storage
-        if record is None or not isinstance(log, AttemptLog):
+        if record is None or not provides(log, AttemptLog):
             return record, None
-        return record, await log.attempts(uuid)
+        return record, await cast(AttemptLog, log).attempts(uuid)
 
     record, earlier = run_on(the_app, go, command="get", uses=("storage",))
     if record is None:

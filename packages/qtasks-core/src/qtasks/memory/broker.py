@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
 
 import anyio
 
@@ -33,6 +33,7 @@ from qtasks.components import (
     Storage,
     WorkflowStore,
     alone_from,
+    provides,
 )
 from qtasks.config import QueueConfig, own_option
 from qtasks.errors import ComponentError
@@ -592,7 +593,7 @@ class MemoryBroker(_Lifecycle):
         member's workflow is continued between the save and the ack, with nothing awaited
         in between that could let another task interleave."""
         self._check()
-        member = record.workflow is not None and isinstance(storage, WorkflowStore)
+        member = record.workflow is not None and provides(storage, WorkflowStore)
         was = await storage.get(record.uuid) if member else None
         if await storage.save(record, fence=delivery.token):
             if member:
@@ -617,9 +618,9 @@ class MemoryBroker(_Lifecycle):
         """Count ``record``'s member in its workflow and publish what that opened; with
         ``again``, only the steps still ``new`` whose message is not here already (as Redis's
         settle script does)."""
-        assert isinstance(storage, WorkflowStore)
+        store = cast(WorkflowStore, storage)  # ack_final checked it
         now = self._clock()
-        for m in await storage.member_done(record):
+        for m in await store.member_done(record):
             if again:
                 step = await storage.get(m.id)
                 if step is None or step.status is not TaskStatus.NEW or m.id in self._known:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
 from qtasks import local_wait
 from qtasks.bulk import BATCH, enqueue_batch, notify_failed, notify_stored, publish_many
 from qtasks.checks import check_timeout
-from qtasks.components import FailedMember, GateMessage, WorkflowStore
+from qtasks.components import FailedMember, GateMessage, WorkflowStore, provides
 from qtasks.errors import TaskNotFoundError, TaskTimeoutError, WorkflowError, WorkflowInputError
 from qtasks.memory.signals import _Signal
 from qtasks.messages import Envelope, Message
@@ -82,12 +82,12 @@ class SyncWorkflow(Workflow):
 def store_of(app: AsyncQueueTasks) -> WorkflowStore:
     """The app's storage as a :class:`WorkflowStore`, or a clear error."""
     storage = app.storage
-    if not isinstance(storage, WorkflowStore):
+    if not provides(storage, WorkflowStore):
         raise WorkflowError(
             f"{type(storage).__name__} does not keep workflows (it is not a WorkflowStore); "
             "use the in-memory or the Redis storage"
         )
-    return storage
+    return cast(WorkflowStore, storage)
 
 
 async def run(app: AsyncQueueTasks, node: Node, on_error: Signature | None) -> Workflow:
@@ -139,8 +139,8 @@ async def state(app: AsyncQueueTasks, record: TaskRecord) -> Workflow:
     failed = None
     if record.status is TaskStatus.ERROR:
         store = store_of(app)
-        if isinstance(store, FailedMember):
-            failed = await store.failed_member(record.uuid)
+        if provides(store, FailedMember):
+            failed = await cast(FailedMember, store).failed_member(record.uuid)
     return Workflow(
         record.uuid, status, list(info["members"]), result, error, info.get("on_error"), failed, app
     )
@@ -167,9 +167,9 @@ async def newest(app: AsyncQueueTasks, limit: int) -> list[dict[str, Any]]:
     """:func:`summary` of the newest ``limit`` workflows, newest first; ``[]`` when the
     storage keeps no workflows."""
     storage = app.storage
-    if not isinstance(storage, WorkflowStore):
+    if not provides(storage, WorkflowStore):
         return []
-    return [summary(r) for r in await storage.workflows(limit)]
+    return [summary(r) for r in await cast(WorkflowStore, storage).workflows(limit)]
 
 
 async def get(app: AsyncQueueTasks, id: str) -> Workflow | None:
