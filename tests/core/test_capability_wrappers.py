@@ -10,19 +10,22 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from qtasks import AsyncQueueTasks, MemoryBroker, MemoryGlobalConfig, MemoryStorage, QueueConfig
 from qtasks.app import _cancels_from
+from qtasks.bulk import _takes_after
 from qtasks.components import (
+    BulkPublishNew,
     BuryNotice,
     DeliveryLimit,
     LeaseLength,
     delivery_lease,
     delivery_limit,
     provides,
+    takes_keyword,
 )
 from qtasks.flow import _wakes
 from qtasks.record import TaskStatus
@@ -194,6 +197,36 @@ def test_a_wrapper_class_keeps_no_answer_of_the_paths_chosen_by_capability() -> 
         for storage, gc, has in pairs if has_first else pairs[::-1]:
             assert _cancels_from(storage) is has
             assert _wakes(gc, broker) is has
+
+
+class Older:
+    """Methods written before ``wanted`` and ``after`` were added to them."""
+
+    def consume(self, *, prefetch: int) -> None: ...
+
+    async def publish_new_many(self, storage: object, tasks: object) -> None: ...
+
+
+class Newer:
+    """The same methods, taking the keywords added since."""
+
+    def consume(self, *, prefetch: int, wanted: object = None) -> None: ...
+
+    async def publish_new_many(
+        self, storage: object, tasks: object, *, after: object = None
+    ) -> None: ...
+
+
+def test_a_wrapper_class_keeps_no_answer_of_which_keywords_a_method_takes() -> None:
+    """Whether a method takes a keyword added to the protocol since is read once per class,
+    but not for a wrapper class: one wrapper class around an older and a newer component
+    calls each as it can be called (in either order)."""
+    for newer_first in (True, False):
+        wrap = wrapper_class()
+        pairs = [(wrap(Newer()), True), (wrap(Older()), False)]
+        for component, takes in pairs if newer_first else pairs[::-1]:
+            assert takes_keyword(component, "consume", "wanted") is takes
+            assert _takes_after(cast(BulkPublishNew, component)) is takes
 
 
 def test_components_without_getattr_answer_as_isinstance() -> None:

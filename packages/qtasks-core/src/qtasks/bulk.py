@@ -28,7 +28,15 @@ import anyio
 import anyio.lowlevel
 
 from qtasks import enqueue as enqueue_step
-from qtasks.components import Broker, BulkAdd, BulkPublish, BulkPublishNew, Storage, provides
+from qtasks.components import (
+    Broker,
+    BulkAdd,
+    BulkPublish,
+    BulkPublishNew,
+    Storage,
+    forwards,
+    provides,
+)
 from qtasks.errors import QTasksError, TaskArgumentsError
 from qtasks.messages import Envelope
 from qtasks.record import TaskRecord
@@ -303,7 +311,9 @@ async def store_and_publish_many(
 
 
 _TAKES_AFTER: dict[type, bool] = {}
-""":func:`_takes_after` by broker class: its signature is read once per class, not per batch."""
+""":func:`_takes_after` by broker class: its signature is read once per class, not per batch
+(but at each batch for a class that forwards with ``__getattr__``: it answers for what it
+wraps)."""
 
 _BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
@@ -320,7 +330,8 @@ def _takes_after(broker: BulkPublishNew) -> bool:
         except (TypeError, ValueError):  # no signature to read: call it the older way
             param = None
         known = param is not None and param.kind in _BY_KEYWORD
-        _TAKES_AFTER[kind] = known
+        if not forwards(kind):
+            _TAKES_AFTER[kind] = known
     return known
 
 

@@ -1268,8 +1268,9 @@ def takes_keyword(component: object, method: str, keyword: str) -> bool:
     """Whether ``component``'s ``method`` takes ``keyword``, added to the protocol since
     (``waiter`` of ``acquire_slot``, ``limits`` of ``extend_slots``, ``fence`` of
     ``add_step``, ``ended`` of ``consume_begun``, ``wanted`` of the consume methods): an
-    implementation written before it existed does not, and is called the older way. Read once
-    per class from the bound method (a delegating wrapper answers through ``__getattr__``), a
+    implementation written before it existed does not, and is called the older way. Read from
+    the bound method (a delegating wrapper answers through ``__getattr__``), once per class
+    but for a class that forwards (:func:`forwards`: it answers for what it wraps), a
     parameter of that name that is not positional-only or a ``**kwargs`` counting as taking
     it; a method without a signature to read is taken to follow the current protocol."""
     key = (type(component), method, keyword)
@@ -1284,7 +1285,8 @@ def takes_keyword(component: object, method: str, keyword: str) -> bool:
                 p.kind is p.VAR_KEYWORD or (p.name == keyword and p.kind is not p.POSITIONAL_ONLY)
                 for p in params
             )
-        _TAKES[key] = known
+        if not forwards(key[0]):
+            _TAKES[key] = known
     return known
 
 
