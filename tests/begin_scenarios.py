@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -90,15 +90,54 @@ async def cancel_while_waiting(app: AsyncQueueTasks, begins: list[str]) -> None:
     assert begins == [doomed.uuid, kept.uuid], "the waiting ones are begun when they start"
 
 
-async def publish_as_the_worker_stops(app: AsyncQueueTasks) -> AsyncTask:
-    """Run ``app``'s worker (started) until it waits for a message, ask it to stop and, in the
-    same turn, publish a task ``noop``; return once the worker has stopped."""
+HoldClaim = Callable[[AsyncQueueTasks], Callable[[], Awaitable[None]]]
+"""Given a started app, makes its worker's idle claim wait for the worker's stop alone (a
+publish does not end it) and returns a wait, with a deadline, until such a claim is
+outstanding: for a backend whose claim a stop could otherwise miss or race."""
+
+
+async def publish_as_the_worker_stops(
+    app: AsyncQueueTasks, hold: HoldClaim | None = None
+) -> AsyncTask:
+    """Run ``app``'s worker (started) until it waits for a message, ask it to stop and
+    publish a task ``noop`` as it does; return the task once the worker has stopped.
+
+    Without ``hold``, the stop and the publish are made in the same turn (in memory, the
+    claim the publish wakes is cancelled only at its next wait: it takes the message). With
+    ``hold``, the worker's claim is held open first, the task published (the claim does not
+    take it yet) and the stop then asked: the claim, cut short by the stop, takes the
+    message every time, however the event loop orders the rest."""
+    outstanding = None if hold is None else hold(app)
     async with anyio.create_task_group() as tg:
         await tg.start(app.worker.run, app)
-        await anyio.wait_all_tasks_blocked()  # the worker waits for a message
-        app.worker.stop()
-        task = await app.add_task("noop", 4)  # no wait in between: the same turn
+        if outstanding is None:
+            await anyio.wait_all_tasks_blocked()  # the worker waits for a message
+            app.worker.stop()
+            task = await app.add_task("noop", 4)  # no wait in between: the same turn
+        else:
+            await outstanding()
+            task = await app.add_task("noop", 4)
+            app.worker.stop()
     return task
+
+
+def watch_put_backs(app: AsyncQueueTasks, refusal: Exception | None = None) -> list[str]:
+    """The uuids of the records ``app``'s storage is asked to save as ``new`` again (a claim
+    took the message of a record it began, and the worker or consumer put it back), as they
+    come; each such save raises ``refusal`` when given."""
+    storage = app.storage
+    put_backs: list[str] = []
+    plain_save = storage.save
+
+    async def watched(record: TaskRecord, *, fence: str | None = None) -> bool:
+        if record.status is TaskStatus.NEW:
+            put_backs.append(record.uuid)
+            if refusal is not None:
+                raise refusal
+        return bool(await plain_save(record, fence=fence))
+
+    storage.save = watched  # type: ignore[method-assign]
+    return put_backs
 
 
 async def claim_as_the_worker_stops(app: AsyncQueueTasks) -> None:
