@@ -140,17 +140,21 @@ def watch_put_backs(app: AsyncQueueTasks, refusal: Exception | None = None) -> l
     return put_backs
 
 
-async def claim_as_the_worker_stops(app: AsyncQueueTasks) -> None:
-    """An idle worker is asked to stop and, in the same turn, a task ``noop`` is published: a
-    claim the publish wakes may still take the message and begin its record (in memory, a
-    cancel reaches a woken task only at its next wait, so the delivery is handed to the
-    worker; on Redis, the blocked claim is cut short and its reply read all the same, and
-    the consumer hands it back). Either way it goes back unstarted with its record ``new``,
-    not ``process`` (a waiter and the dashboard saw it running while nobody ran it), and
-    the next worker runs it. ``app`` is started here and closed."""
+async def claim_as_the_worker_stops(app: AsyncQueueTasks, hold: HoldClaim | None = None) -> None:
+    """An idle worker is asked to stop and a task ``noop`` is published as it does (see
+    :func:`publish_as_the_worker_stops` for ``hold``): a claim takes the message and begins
+    its record as the worker stops (in memory, a cancel reaches a woken task only at its next
+    wait, so the delivery is handed to the worker; on Redis, the blocked claim is cut short
+    and its reply read all the same, and the consumer hands it back). Either way it goes back
+    unstarted with its record ``new``, not ``process`` (a waiter and the dashboard saw it
+    running while nobody ran it), and the next worker runs it. ``app`` is started here and
+    closed."""
     await app.start()
     try:
-        task = await publish_as_the_worker_stops(app)
+        put_backs = watch_put_backs(app)
+        task = await publish_as_the_worker_stops(app, hold)
+        # Else the claim missed the message and what follows holds trivially.
+        assert put_backs == [task.uuid], "no put-back: no claim took the message as it stopped?"
         record = await app.get(task.uuid)
         assert record is not None
         assert (record.status, record.worker) == (TaskStatus.NEW, None)

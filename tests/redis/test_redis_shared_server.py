@@ -524,9 +524,10 @@ def hold_the_idle_claim(monkeypatch: pytest.MonkeyPatch) -> HoldClaim:
 
 
 async def test_a_claim_woken_as_the_worker_stops_is_handed_back_with_its_record_new(
-    redis_url: str, prefix: str
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await claim_as_the_worker_stops(build(redis_url, prefix, concurrency=1, prefetch=1))
+    app = build(redis_url, prefix, concurrency=1, prefetch=1)
+    await claim_as_the_worker_stops(app, hold_the_idle_claim(monkeypatch))
 
 
 async def test_a_stale_result_is_refused_after_a_shutdown_hand_back(
