@@ -11,6 +11,7 @@ claim's reply and before the record is ended.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import anyio
 
@@ -28,17 +29,18 @@ def build(
     storage: RedisStorage | None = None,
     *,
     lane: bool = True,
+    **config: Any,
 ) -> AsyncQueueTasks:
     """The app (``max_deliveries=1``: a message whose one delivery was lost is dead-lettered
     by the next claim); ``storage``, else a :class:`RedisStorage` at ``storage_url``;
     ``lane``: whether the broker talks through its fast lane (else through redis-py, as on
-    TLS or Redis Cluster)."""
+    TLS or Redis Cluster); ``config``: more settings of its :class:`QueueConfig`."""
     app = AsyncQueueTasks(
         "bury",
         broker=RedisBroker(broker_url, prefix=prefix, queue="q", options={"redis_fast_lane": lane}),
         storage=storage or RedisStorage(storage_url, prefix=prefix),
         config=QueueConfig(
-            lease=LEASE, max_deliveries=1, shutdown_grace=1.0, plugins_disabled=["*"]
+            lease=LEASE, max_deliveries=1, shutdown_grace=1.0, plugins_disabled=["*"], **config
         ),
     )
 

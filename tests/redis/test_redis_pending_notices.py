@@ -76,6 +76,35 @@ async def serve_until_heard(app: AsyncQueueTasks, heard: Heard) -> None:
         app.worker.stop()
 
 
+async def killed_inside_buried(app: AsyncQueueTasks, args: list[str], tmp_path: Path) -> None:
+    """Start a worker process (``bury_worker.py args``: broker url, storage url, prefix, the
+    uuid of a message whose one delivery was lost), wait until its claim dead-lettered the
+    message and it is inside ``buried()``, reading the record, and SIGKILL it there: the
+    record is left ``new``, the message dead-lettered, its note in the pending hash."""
+    uuid = args[-1]
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = await anyio.open_process(
+            [sys.executable, str(WORKER), *args], stderr=log, start_new_session=True
+        )
+    try:
+        assert worker.stdout is not None
+        said = ""
+        with anyio.fail_after(30):
+            async for text in TextReceiveStream(worker.stdout):
+                said += text
+                if f"reading {uuid}\n" in said:
+                    break
+        assert f"reading {uuid}\n" in said, (tmp_path / "worker.log").read_text()
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        with anyio.fail_after(10):
+            await worker.wait()
+        await worker.aclose()
+    left = await app.storage.get(uuid)
+    assert left is not None and left.status is TaskStatus.NEW  # not ended: the kill came first
+    assert [d.id for d in await app.broker.dead_letters()] == [uuid]
+
+
 async def ended_and_told_once(
     app: AsyncQueueTasks, heard: Heard, uuid: str, client: redis.asyncio.Redis
 ) -> None:
@@ -85,6 +114,7 @@ async def ended_and_told_once(
     assert (record.error or "").startswith("dead-lettered: delivery limit reached")
     assert heard.uuids == [uuid]
     assert await client.hlen(pending_key(app)) == 0
+    assert await client.exists(pending_key(app) + ":at") == 0
 
 
 @pytest.mark.parametrize("lane", [True, False], ids=["lane", "redis-py"])
@@ -106,26 +136,7 @@ async def test_a_worker_killed_while_telling_a_dead_letter_leaves_it_to_the_next
     try:
         assert on_lane(app) is lane
         uuid = await lose_its_delivery(app)
-        argv = [sys.executable, str(WORKER), redis_url, records.url, prefix, uuid]
-        with (tmp_path / "worker.log").open("w") as log:
-            worker = await anyio.open_process(argv, stderr=log, start_new_session=True)
-        try:
-            assert worker.stdout is not None
-            said = ""
-            with anyio.fail_after(30):
-                async for text in TextReceiveStream(worker.stdout):
-                    said += text
-                    if f"reading {uuid}\n" in said:
-                        break
-            assert f"reading {uuid}\n" in said, (tmp_path / "worker.log").read_text()
-        finally:
-            os.killpg(worker.pid, signal.SIGKILL)
-            with anyio.fail_after(10):
-                await worker.wait()
-            await worker.aclose()
-        left = await app.storage.get(uuid)
-        assert left is not None and left.status is TaskStatus.NEW  # not ended: the kill came first
-        assert [d.id for d in await app.broker.dead_letters()] == [uuid]
+        await killed_inside_buried(app, [redis_url, records.url, prefix, uuid], tmp_path)
         await serve_until_heard(app, heard)
         await ended_and_told_once(app, heard, uuid, client)
     finally:
@@ -153,17 +164,19 @@ class Watched(RedisStorage):
         return await super().get(uuid)
 
 
-@pytest.mark.parametrize("lane", [True, False], ids=["lane", "redis-py"])
-async def test_a_dead_letter_told_leaves_no_note(
-    redis_url: str, prefix: str, tmp_path: Path, lane: bool
-) -> None:
-    """The claim that dead-letters a message notes it in the pending hash (with the dead
-    letters' retention as its TTL) while the worker tells it; once told, the note is gone and
-    the hook fired once."""
-    records = start_server(tmp_path)
-    client = redis.asyncio.Redis.from_url(redis_url)
-    storage = Watched(records.url, prefix=prefix, client=client)
-    app = build(redis_url, records.url, prefix, storage, lane=lane)
+async def told_through(
+    storage: Watched,
+    redis_url: str,
+    prefix: str,
+    client: redis.asyncio.Redis,
+    *,
+    lane: bool = True,
+) -> tuple[list[tuple[bytes | None, int]], bytes]:
+    """Lose the one delivery of a task and serve, with ``storage`` watching its note, until
+    the hook of its dead letter fired; the record ended and was told once, no note left.
+    What ``storage`` saw of the note at each read of the record, and the dead letter's
+    reason."""
+    app = build(redis_url, "", prefix, storage, lane=lane)  # no storage url: it is given
     heard = Heard()
     app.add_plugin(heard)
     await app.start()
@@ -177,9 +190,68 @@ async def test_a_dead_letter_told_leaves_no_note(
         [letter] = await app.broker.dead_letters()
     finally:
         await app.aclose()
+    return seen, letter.reason.encode()
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "redis-py"])
+async def test_a_dead_letter_told_leaves_no_note(
+    redis_url: str, prefix: str, tmp_path: Path, lane: bool
+) -> None:
+    """The claim that dead-letters a message notes it in the pending hash (with the dead
+    letters' retention as its TTL) while the worker tells it; once told, the note is gone and
+    the hook fired once."""
+    records = start_server(tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    storage = Watched(records.url, prefix=prefix, client=client)
+    try:
+        seen, letter = await told_through(storage, redis_url, prefix, client, lane=lane)
+    finally:
         await client.aclose()
         records.close()
     [(reason, ttl)] = seen  # read once: the notice was told once
-    assert reason == letter.reason.encode()
+    assert reason == letter
     ttl_ms = QueueConfig().dead_letter_ttl
     assert ttl_ms is not None and 0 < ttl <= ttl_ms * 1000
+
+
+async def test_a_running_worker_tells_a_dead_letter_a_killed_one_left(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A worker (one slot) is already serving, so its start's sweep of the pending hash is
+    over, and busy with a task (it claims nothing meanwhile). A worker process's claim
+    dead-letters a message whose one delivery was lost, and that process is SIGKILLed inside
+    ``buried()``. Once the first worker's task ends, its claims take the note left (untaken
+    for a lease): the record ends ``error``, the hook fires once, the hash is empty. Before,
+    only a consumer that started later told it: with the killed worker not restarted, the
+    record stayed ``new`` for ever."""
+    records = start_server(tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    app = build(redis_url, records.url, prefix, max_tasks_process=1)
+    heard = Heard()
+    app.add_plugin(heard)
+    running, release = anyio.Event(), anyio.Event()
+
+    @app.task
+    async def hold() -> None:
+        running.set()
+        await release.wait()
+
+    await app.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.worker.run, app)
+            await app.add_task("hold")
+            with anyio.fail_after(10):
+                await running.wait()
+            uuid = await lose_its_delivery(app)
+            await killed_inside_buried(app, [redis_url, records.url, prefix, uuid], tmp_path)
+            assert await client.hexists(pending_key(app), uuid)
+            release.set()
+            with anyio.fail_after(20):
+                await heard.first.wait()
+            app.worker.stop()
+        await ended_and_told_once(app, heard, uuid, client)
+    finally:
+        await app.aclose()
+        await client.aclose()
+        records.close()

@@ -260,6 +260,8 @@ class RedisBroker:
         self._notify_key = self.keys[lua.KEY_NAMES.index("notify")]
         self._pending_key = f"{tag}:pending"
         """The notices of dead letters not told yet (see ``CLAIM_NOTICED``)."""
+        self._pending_keys = (self._pending_key, f"{tag}:pending:at")
+        """That hash and when a consumer last took each of its notes (``FORGET_NOTES``)."""
         self._lease_ms = 30_000
         self._max_deliveries = 5
         self._retention: tuple[str, str] = ("", "")
@@ -592,7 +594,7 @@ class RedisBroker:
     ) -> AbstractAsyncContextManager[AsyncIterator[RedisDelivery]]:
         """:meth:`consume`, awaiting ``buried(id, reason)`` for each message a claim
         dead-letters past ``max_deliveries`` (see :class:`~qtasks.components.BuryNotice`)."""
-        keys = (*self.keys, self._pending_key)
+        keys = (*self.keys, *self._pending_keys)
         return self._consume(
             prefetch, lua.CLAIM_NOTICED, keys, (), None, None, None, buried, wanted=wanted
         )
@@ -844,7 +846,10 @@ class RedisBroker:
             suspect_from = alone_from(self._max_deliveries)
             # A noticing consumer first tells what the pending hash holds: the notices that a
             # consumer killed after its claim (or one that never read its claim's reply) left
-            # untold (retried after an outage, as a claim is).
+            # untold (retried after an outage, as a claim is). After that, its claims take the
+            # notes no consumer took for a lease (CLAIM_NOTICED), within a lease and an idle
+            # wake of being left, while this consumer claims: a consumer killed while others
+            # run, and not restarted, does not leave them for ever.
             sweep = notice is not None
             while True:
                 if buffer:
@@ -969,14 +974,11 @@ class RedisBroker:
 
     async def _forget_notices(self, client: Client | Lane, ids: list[str]) -> None:
         """Delete the notes of ``ids``, told, from the pending hash, and empty ``ids``; an
-        outage leaves them for the next telling (a consumer started after this one ends
-        would tell them again: :func:`qtasks.poison.buried` finds their records final)."""
-        key, done = self._pending_key, ids[:]
+        outage leaves them for the next telling (a claim a lease later, or a consumer that
+        starts, tells them again: :func:`qtasks.poison.buried` finds their records final)."""
+        done = ids[:]
         try:
-            if isinstance(client, Lane):
-                await client.command("HDEL", key, *done)
-            else:
-                await client.hdel(key, *done)
+            await lua.FORGET_NOTES(client, self._pending_keys, done)
         except Exception as exc:
             if not outage(exc):
                 raise

@@ -16,9 +16,10 @@ script touches one Redis Cluster slot and declares every key it uses):
 11. ``dlmeta``   HASH id -> JSON {reason, priority, deliveries, dead_at}
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
-and, passed to ``CLAIM_NOTICED`` only, a thirteenth: ``pending``, HASH id -> reason of the
-messages its claims dead-lettered whose notice no consumer has told yet (see
-``CLAIM_NOTICED``).
+and, passed to ``CLAIM_NOTICED`` only (and ``FORGET_NOTES``), a thirteenth and a fourteenth:
+``pending``, HASH id -> reason of the messages its claims dead-lettered whose notice no
+consumer has told yet, and ``pending:at``, ZSET id -> when a consumer last took that note to
+tell it (ms) (see ``CLAIM_NOTICED``).
 
 And, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
 the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
@@ -370,26 +371,67 @@ CLAIM_NOTICED = Script(
     PRELUDE
     + r"""local function on_claim(id, body, token, out) end
 local BURIED = {}
+local K_PENDING, K_PENDING_AT = KEYS[13], KEYS[14]
 -- KEYS[13], the pending notices (HASH id -> reason): each message this claim dead-letters is
--- noted there too, in the same atomic step, until the consumer has told it (HDEL after its
--- buried() returned); a consumer killed before that leaves it for the next one to start
--- (RedisBroker._consume). Kept the dead letters' retention (ttl_ms) after the last one noted.
+-- noted there too, in the same atomic step, until the consumer has told it (FORGET_NOTES
+-- once its buried() ended the record); KEYS[14] (ZSET id -> ms) says when a consumer took
+-- the note to tell it: now, for this one. A consumer killed before it told the note
+-- leaves it; a claim a lease later takes it
+-- (below). Kept the dead letters' retention (ttl_ms) after the last one noted.
 local function on_dead(id, reason)
   BURIED[#BURIED + 1] = id
   BURIED[#BURIED + 1] = reason
-  redis.call('HSET', KEYS[13], id, reason)
+  redis.call('HSET', K_PENDING, id, reason)
+  redis.call('ZADD', K_PENDING_AT, now_ms(), id)
   local ttl = tonumber(ARGV[#ARGV - 1])
-  if ttl then redis.call('PEXPIRE', KEYS[13], ttl) end
+  if ttl then
+    redis.call('PEXPIRE', K_PENDING, ttl)
+    redis.call('PEXPIRE', K_PENDING_AT, ttl)
+  end
 end
 """
     + CLAIM_BODY.removesuffix("return out\n")
-    + "if #BURIED > 0 then out[#out + 1] = cjson.encode(BURIED) end\nreturn out\n"
+    + r"""
+-- The notes no consumer took for a lease (its consumer was killed before it told them):
+-- this claim takes up to 100 of them, for a lease (stamped now, so
+-- that no other claim takes them meanwhile), and names them with its own. A note just
+-- written is its consumer's for a lease: taken from it only if telling it takes longer, and
+-- then told twice (buried() ends the record once). One ZRANGEBYSCORE per claim, on a key
+-- that is most often absent.
+local stale = redis.call('ZRANGEBYSCORE', K_PENDING_AT, '-inf', now - lease, 'LIMIT', 0, 100)
+for _, id in ipairs(stale) do
+  local reason = redis.call('HGET', K_PENDING, id)
+  if reason then
+    redis.call('ZADD', K_PENDING_AT, now, id)
+    BURIED[#BURIED + 1] = id
+    BURIED[#BURIED + 1] = reason
+  else
+    redis.call('ZREM', K_PENDING_AT, id)
+  end
+end
+if #BURIED > 0 then out[#out + 1] = cjson.encode(BURIED) end
+return out
+"""
 )
 """CLAIM that also returns the messages it dead-lettered: one more element, the JSON list
 ``[id, reason, id, reason, ...]``, when there are any (see
-:class:`~qtasks.components.BuryNotice`). It takes a thirteenth key, ``pending``
-(``{<prefix>:<queue>}:pending``, HASH id -> reason), where it also notes each of them until
-the consumer has told it; a claim that dead-letters nothing does not touch it."""
+:class:`~qtasks.components.BuryNotice`). It takes a thirteenth and a fourteenth key,
+``pending`` (``{<prefix>:<queue>}:pending``, HASH id -> reason) and ``pending:at`` (ZSET id ->
+ms), where it also notes each of them until the consumer has told it; the list also names
+the notes no consumer took for a lease (each taken for a lease by this claim). A claim that
+dead-letters nothing only reads ``pending:at``."""
+
+FORGET_NOTES = Script(
+    r"""
+-- KEYS: pending, pending:at (see CLAIM_NOTICED). ARGV: ids whose notice was told.
+for i = 1, #ARGV, 1000 do  -- unpack takes a few thousand values at most
+  redis.call('HDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  redis.call('ZREM', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return 1
+"""
+)
+"""Delete the notes of the dead letters told (see ``CLAIM_NOTICED``)."""
 
 ACK = Script(
     PRELUDE
