@@ -22,7 +22,7 @@ from qtasks import (
     hookimpl,
     poison,
 )
-from qtasks.errors import SerializationError
+from qtasks.errors import SerializationError, StorageConnectionError
 from qtasks.memory import MemoryGlobalConfig
 from qtasks.messages import JSONSerializer
 from qtasks.poison import FAILURES_HEADER
@@ -358,3 +358,33 @@ async def test_two_notices_of_one_dead_letter_at_once_end_its_record_once(
         "dead-lettered: delivery limit reached",
         poison.DEAD_LETTER_TOKEN,
     )
+
+
+class SavesFail(MemoryStorage):
+    """Every save fails as if the storage's server were down."""
+
+    async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        raise StorageConnectionError("the storage is down")
+
+
+async def test_buried_says_whether_the_record_was_dealt_with() -> None:
+    """``buried()`` returns False when the record could not be written (a broker then keeps
+    the notice to tell it again), True once it is ended, or when telling it again cannot
+    change anything (a record that cannot be decoded, one already final)."""
+    unreadable = Unreadable()
+    told: list[bool] = []
+    for storage in (SavesFail(), unreadable, MemoryStorage()):
+        app = AsyncQueueTasks(storage=storage, config=QueueConfig(plugins_disabled=["*"]))
+        await app.start()
+        try:
+            unreadable.broken = False
+            await storage.add(TaskRecord(uuid="m-1", task_name="noop", status=TaskStatus.NEW))
+            unreadable.broken = True
+            told.append(await poison.buried(app, "m-1", "delivery limit reached"))
+            if type(storage) is MemoryStorage:  # ended: told again, it is found final
+                told.append(await poison.buried(app, "m-1", "delivery limit reached"))
+                final = await storage.get("m-1")
+                assert final is not None and final.status is TaskStatus.ERROR
+        finally:
+            await app.aclose()
+    assert told == [False, True, True, True]

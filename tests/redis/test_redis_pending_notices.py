@@ -21,6 +21,7 @@ from bury_worker import build
 from redis_server import start_server
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+from qtasks.errors import StorageConnectionError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import RedisBroker, RedisStorage
 from qtasks_redis.lane import Lane
@@ -255,3 +256,39 @@ async def test_a_running_worker_tells_a_dead_letter_a_killed_one_left(
         await app.aclose()
         await client.aclose()
         records.close()
+
+
+class FailsOnce(Watched):
+    """:class:`Watched`, whose first save of the record of ``uuid`` fails (an outage of the
+    storage while ``buried()`` ends it)."""
+
+    def __init__(self, url: str, *, prefix: str, client: redis.asyncio.Redis) -> None:
+        super().__init__(url, prefix=prefix, client=client)
+        self.failed = False
+
+    async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        if record.uuid == self.uuid and not self.failed:
+            self.failed = True
+            raise StorageConnectionError("the storage is down (once)")
+        return await super().save(record, fence=fence)
+
+
+async def test_a_dead_letter_whose_record_could_not_be_written_is_told_again(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The worker's ``buried()`` fails to write the record (the storage raises once): the
+    note stays in the pending hash, and a claim of the same worker a lease later tells it
+    again; the record then ends ``error``, the hook fires once, the hash is empty. Before,
+    ``buried()`` logged the failure and returned, the note was deleted, and the record stayed
+    ``new`` for ever."""
+    records = start_server(tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    storage = FailsOnce(records.url, prefix=prefix, client=client)
+    try:
+        seen, letter = await told_through(storage, redis_url, prefix, client)
+    finally:
+        await client.aclose()
+        records.close()
+    assert storage.failed
+    # Read at each telling: the first, whose save failed, and the one after, the note kept.
+    assert [reason for reason, _ in seen] == [letter] * 2

@@ -633,8 +633,9 @@ def delivery_limit(broker: object, config: QueueConfig) -> int:
     return config.max_deliveries
 
 
-Buried = Callable[[str, str], Awaitable[None]]
-"""Called with a message's id and the reason of its dead letter (see :class:`BuryNotice`)."""
+Buried = Callable[[str, str], Awaitable[bool | None]]
+"""Called with a message's id and the reason of its dead letter (see :class:`BuryNotice`);
+returns False when the notice could not be dealt with (its record not written)."""
 
 Ended = Callable[[TaskRecord], Awaitable[None]]
 """Called with a record a claim ended because it dead-lettered the record's message (see
@@ -663,7 +664,9 @@ class BuryNotice(Protocol):
         consumer died first (killed, or closed with a claim's reply unread) is told by a
         consumer that starts later (the Redis broker does, see docs/redis.md): ``buried`` must
         then be safe to call again, and at once from two consumers, for the same id
-        (:func:`qtasks.poison.buried` is: the record ends once, the hook fires once)."""
+        (:func:`qtasks.poison.buried` is: the record ends once, the hook fires once). Such a
+        broker keeps the notice, to tell it again later, when ``buried`` returns False (its
+        record could not be written: the storage failed); None or True: dealt with."""
         ...
 
 

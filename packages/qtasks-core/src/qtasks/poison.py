@@ -161,14 +161,17 @@ DEAD_LETTER_TOKEN = "dead-letter"
 no delivery holds it, so a late result of the message's last holder is refused."""
 
 
-async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
+async def buried(app: AsyncQueueTasks, id: str, reason: str) -> bool:
     """The broker dead-lettered message ``id`` past ``max_deliveries`` without a worker
     seeing it (a :class:`~qtasks.components.BuryNotice` broker): its record, unless final,
     says ``error`` with ``"dead-lettered: <reason>"`` and the token
     :data:`DEAD_LETTER_TOKEN`, its waiters are woken, and its workflow learns it, as a
     :class:`~qtasks.components.BeginOnClaim` broker's claim does in its own round trip; then
     ``qtasks_task_dead_lettered`` fires, as for a dead letter the worker decides itself.
-    Never raises: the storage may be what fails, and the consumer goes on.
+    Never raises: the storage may be what fails, and the consumer goes on. Returns False
+    when the record could not be read or written (the storage failed: telling the notice
+    again later may end it), else True (ended, or nothing to end; or a record that cannot be
+    decoded, which telling again would not change).
 
     Safe to call again, and at once, for the same ``id`` (a broker may tell a notice again
     from another consumer, see :class:`~qtasks.components.BuryNotice`): the record is ended
@@ -176,16 +179,17 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
     ending save is fenced by the token read, which the first ending save replaces. A record
     read without a token (never begun: a fenced save would not be refused) is first taken
     with a token of this call, fenced by it (refused once another call took it), then
-    ended fenced by that token."""
+    ended fenced by that token (a call that failed after taking it leaves that token, which
+    the next call reads and fences by)."""
     try:
         record = await app.storage.get(id)
         if record is None or record.status.final:
-            return
+            return True
         fence = record.token
         if fence is None:
             fence = record.token = f"{DEAD_LETTER_TOKEN}:{new_uuid()}"
             if not await app.storage.save(record, fence=fence):
-                return  # another call took it (or it ended meanwhile)
+                return True  # another call took it (or it ended meanwhile)
         if record.status is TaskStatus.PROCESS:  # its last run began (then), and was lost
             record.started_at = record.updated_at
         record.status = TaskStatus.ERROR
@@ -195,13 +199,21 @@ async def buried(app: AsyncQueueTasks, id: str, reason: str) -> None:
         # Fenced by the token read: a newer delivery's write in between (the message
         # published again) is not overwritten.
         if not await app.storage.save(record, fence=fence):
-            return  # a newer delivery's record: not this dead letter's
-        if record.workflow is not None:
-            await workflows.member_ended(app, record)
+            return True  # a newer delivery's record: not this dead letter's
+    except SerializationError:
+        log.exception("could not end the record of dead-lettered message %s", id)
+        return True
     except Exception:
         log.exception("could not end the record of dead-lettered message %s", id)
-        return
+        return False
+    try:
+        if record.workflow is not None:
+            await workflows.member_ended(app, record)
+    except Exception:  # the record is ended: told again, it would be found final
+        log.exception("could not tell the workflow of dead-lettered message %s", id)
+        return True
     await dead_lettered(app, record)
+    return True
 
 
 async def dead_lettered(app: AsyncQueueTasks, record: TaskRecord) -> None:

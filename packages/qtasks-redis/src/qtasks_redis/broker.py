@@ -665,7 +665,10 @@ class RedisBroker:
             if notice is not None:
                 while buried:
                     id, reason = buried.popleft()
-                    await notice(id, reason)
+                    if await notice(id, reason) is False:
+                        # Its record not written (the storage failed): its note stays, for
+                        # a claim to take a lease from now (CLAIM_NOTICED), here or elsewhere.
+                        continue
                     noticed.append(id)
                 if noticed:
                     await self._forget_notices(client, noticed)

@@ -375,8 +375,8 @@ local K_PENDING, K_PENDING_AT = KEYS[13], KEYS[14]
 -- KEYS[13], the pending notices (HASH id -> reason): each message this claim dead-letters is
 -- noted there too, in the same atomic step, until the consumer has told it (FORGET_NOTES
 -- once its buried() ended the record); KEYS[14] (ZSET id -> ms) says when a consumer took
--- the note to tell it: now, for this one. A consumer killed before it told the note
--- leaves it; a claim a lease later takes it
+-- the note to tell it: now, for this one. A consumer killed before it told the note, or
+-- whose buried() could not write the record, leaves it; a claim a lease later takes it
 -- (below). Kept the dead letters' retention (ttl_ms) after the last one noted.
 local function on_dead(id, reason)
   BURIED[#BURIED + 1] = id
@@ -392,8 +392,8 @@ end
 """
     + CLAIM_BODY.removesuffix("return out\n")
     + r"""
--- The notes no consumer took for a lease (its consumer was killed before it told them):
--- this claim takes up to 100 of them, for a lease (stamped now, so
+-- The notes no consumer took for a lease (its consumer was killed before it told them, or
+-- its buried() failed): this claim takes up to 100 of them, for a lease (stamped now, so
 -- that no other claim takes them meanwhile), and names them with its own. A note just
 -- written is its consumer's for a lease: taken from it only if telling it takes longer, and
 -- then told twice (buried() ends the record once). One ZRANGEBYSCORE per claim, on a key
