@@ -30,16 +30,18 @@ async def make(stack: AsyncExitStack, url: str, prefix: str, **config: object) -
     return broker
 
 
-async def claim_dead(broker: RedisBroker, ids: list[str]) -> None:
-    """Publish ``ids``; claims dead-letter them all (their delivery limit is 0)."""
+async def claim_dead(broker: RedisBroker, ids: list[str], *, told: bool = True) -> None:
+    """Publish ``ids``; claims dead-letter them all (their delivery limit is 0). ``told``:
+    what the notice returns (False: not dealt with, its note kept)."""
     await broker.publish_many([Envelope(id, id.encode(), 0) for id in ids])
     left = set(ids)
     done = anyio.Event()
 
-    async def buried(id: str, reason: str) -> None:
+    async def buried(id: str, reason: str) -> bool:
         left.discard(id)
         if not left:
             done.set()
+        return told
 
     async def pull(deliveries: AsyncIterator[RedisDelivery]) -> None:
         async for _ in deliveries:
@@ -69,6 +71,25 @@ async def test_a_claim_that_dead_letters_keeps_the_cap(
     await claim_dead(broker, ["c", "d", "e"])
     assert await dlq_size(redis_url, broker) == 3
     assert [d.id for d in await broker.dead_letters()] == ["c", "d", "e"]
+
+
+async def test_the_notes_of_dead_letters_not_told_keep_the_cap(
+    redis_url: str, prefix: str, stack: AsyncExitStack
+) -> None:
+    """Notices never dealt with (the storage down, say) keep their notes in the pending hash:
+    with no TTL (``dead_letter_ttl=None``) it holds no more than ``max_dead_letters``, the
+    newest, as the dead letters do. Before, it grew with every dead letter, for ever."""
+    broker = await make(stack, redis_url, prefix, dead_letter_ttl=None, max_dead_letters=3)
+    await claim_dead(broker, ["a", "b"], told=False)
+    await claim_dead(broker, ["c", "d", "e"], told=False)
+    client = aioredis.from_url(redis_url)
+    try:
+        pending, at = broker._pending_keys
+        assert sorted(await client.hkeys(pending)) == [b"c", b"d", b"e"]
+        assert sorted(await client.zrange(at, 0, -1)) == [b"c", b"d", b"e"]
+        assert await client.pttl(pending) == -1  # no TTL: the cap is the bound
+    finally:
+        await client.aclose()
 
 
 async def test_one_dead_lettering_drops_at_most_100_and_reads_drop_the_rest(

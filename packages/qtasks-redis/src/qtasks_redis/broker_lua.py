@@ -377,13 +377,25 @@ local K_PENDING, K_PENDING_AT = KEYS[13], KEYS[14]
 -- once its buried() ended the record); KEYS[14] (ZSET id -> ms) says when a consumer took
 -- the note to tell it: now, for this one. A consumer killed before it told the note, or
 -- whose buried() could not write the record, leaves it; a claim a lease later takes it
--- (below). Kept the dead letters' retention (ttl_ms) after the last one noted.
+-- (below). Kept the dead letters' retention: the keys expire ttl_ms after the last note,
+-- and hold no more notes than cap (the oldest dropped, as the oldest dead letters are).
+-- With neither (dead_letter_ttl and max_dead_letters None) they are not bounded, as the
+-- dead letters themselves are not: there is at most one note per dead letter, and one only
+-- outlives its claim's consumer when that consumer died or its storage failed, and then
+-- only until some consumer of the queue claims again.
 local function on_dead(id, reason)
   BURIED[#BURIED + 1] = id
   BURIED[#BURIED + 1] = reason
   redis.call('HSET', K_PENDING, id, reason)
   redis.call('ZADD', K_PENDING_AT, now_ms(), id)
-  local ttl = tonumber(ARGV[#ARGV - 1])
+  local ttl, cap = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])
+  if cap then
+    local over = redis.call('ZCARD', K_PENDING_AT) - cap
+    if over > 0 then
+      local popped = redis.call('ZPOPMIN', K_PENDING_AT, math.min(over, 100))
+      for i = 1, #popped, 2 do redis.call('HDEL', K_PENDING, popped[i]) end
+    end
+  end
   if ttl then
     redis.call('PEXPIRE', K_PENDING, ttl)
     redis.call('PEXPIRE', K_PENDING_AT, ttl)
