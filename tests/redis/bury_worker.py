@@ -29,15 +29,17 @@ def build(
     storage: RedisStorage | None = None,
     *,
     lane: bool = True,
+    broker: type[RedisBroker] = RedisBroker,
     **config: Any,
 ) -> AsyncQueueTasks:
     """The app (``max_deliveries=1``: a message whose one delivery was lost is dead-lettered
     by the next claim); ``storage``, else a :class:`RedisStorage` at ``storage_url``;
     ``lane``: whether the broker talks through its fast lane (else through redis-py, as on
-    TLS or Redis Cluster); ``config``: more settings of its :class:`QueueConfig`."""
+    TLS or Redis Cluster); ``broker``: the broker's class; ``config``: more settings of its
+    :class:`QueueConfig`."""
     app = AsyncQueueTasks(
         "bury",
-        broker=RedisBroker(broker_url, prefix=prefix, queue="q", options={"redis_fast_lane": lane}),
+        broker=broker(broker_url, prefix=prefix, queue="q", options={"redis_fast_lane": lane}),
         storage=storage or RedisStorage(storage_url, prefix=prefix),
         config=QueueConfig(
             lease=LEASE, max_deliveries=1, shutdown_grace=1.0, plugins_disabled=["*"], **config

@@ -11,19 +11,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 import redis.asyncio
+from anyio.abc import TaskGroup
 from anyio.streams.text import TextReceiveStream
-from bury_worker import build
+from bury_worker import LEASE, build
 from redis_server import start_server
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
 from qtasks.errors import StorageConnectionError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import RedisBroker, RedisStorage
+from qtasks_redis.connection import Client
 from qtasks_redis.lane import Lane
 
 pytestmark = pytest.mark.anyio
@@ -215,6 +219,24 @@ async def test_a_dead_letter_told_leaves_no_note(
     assert ttl_ms is not None and 0 < ttl <= ttl_ms * 1000
 
 
+async def serving_busy(app: AsyncQueueTasks, tg: TaskGroup) -> anyio.Event:
+    """Start ``app``'s worker in ``tg`` (one slot: ``max_tasks_process=1``), so that its
+    start's sweep of the pending hash is over, and keep it busy with a task until the event
+    returned is set: meanwhile it claims nothing."""
+    running, release = anyio.Event(), anyio.Event()
+
+    @app.task
+    async def hold() -> None:
+        running.set()
+        await release.wait()
+
+    await tg.start(app.worker.run, app)
+    await app.add_task("hold")
+    with anyio.fail_after(10):
+        await running.wait()
+    return release
+
+
 async def test_a_running_worker_tells_a_dead_letter_a_killed_one_left(
     redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
@@ -230,20 +252,10 @@ async def test_a_running_worker_tells_a_dead_letter_a_killed_one_left(
     app = build(redis_url, records.url, prefix, max_tasks_process=1)
     heard = Heard()
     app.add_plugin(heard)
-    running, release = anyio.Event(), anyio.Event()
-
-    @app.task
-    async def hold() -> None:
-        running.set()
-        await release.wait()
-
     await app.start()
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(app.worker.run, app)
-            await app.add_task("hold")
-            with anyio.fail_after(10):
-                await running.wait()
+            release = await serving_busy(app, tg)
             uuid = await lose_its_delivery(app)
             await killed_inside_buried(app, [redis_url, records.url, prefix, uuid], tmp_path)
             assert await client.hexists(pending_key(app), uuid)
@@ -254,6 +266,81 @@ async def test_a_running_worker_tells_a_dead_letter_a_killed_one_left(
         await ended_and_told_once(app, heard, uuid, client)
     finally:
         await app.aclose()
+        await client.aclose()
+        records.close()
+
+
+class Slow(RedisStorage):
+    """Reading the record of ``uuid`` sets ``reading``, then waits for ``go``: a live worker
+    slow to tell a notice (its storage slow)."""
+
+    def __init__(self, url: str, *, prefix: str) -> None:
+        super().__init__(url, prefix=prefix)
+        self.uuid = ""
+        self.reading, self.go = anyio.Event(), anyio.Event()
+
+    async def get(self, uuid: str) -> TaskRecord | None:
+        if uuid == self.uuid:
+            self.reading.set()
+            await self.go.wait()
+        return await super().get(uuid)
+
+
+class Forgetting(RedisBroker):
+    """Sets ``forgot`` once the notes of notices told were deleted: a telling is over."""
+
+    def __init__(self, url: str | None = None, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.forgot = anyio.Event()
+
+    async def _forget_notices(self, client: Client | Lane, ids: list[str]) -> None:
+        await super()._forget_notices(client, ids)
+        self.forgot.set()
+
+
+async def test_a_note_taken_from_a_slow_live_worker_is_told_twice_safely(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Worker A's claim dead-letters a message and A is slow to tell it (reading the record
+    waits). Worker B, free (its one slot was busy until then), does not take the note at
+    once, only once it is a lease old, and ends the record; then A's telling goes on and
+    finds the record final. The record is ended once, the hook fires once (in B), no note is
+    left: a note taken from a live worker is told twice, harmlessly."""
+    records = start_server(tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    slow = Slow(records.url, prefix=prefix)
+    a = build(redis_url, records.url, prefix, slow, broker=Forgetting)
+    b = build(redis_url, records.url, prefix, max_tasks_process=1)
+    heard_a, heard_b = Heard(), Heard()
+    a.add_plugin(heard_a)
+    b.add_plugin(heard_b)
+    await a.start()
+    await b.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            release = await serving_busy(b, tg)
+            slow.uuid = await lose_its_delivery(a)
+            await tg.start(a.worker.run, a)
+            with anyio.fail_after(10):
+                await slow.reading.wait()  # A's claim dead-lettered it: A is telling it
+            noted = time.monotonic()
+            release.set()
+            with anyio.fail_after(20):
+                await heard_b.first.wait()
+            # Not at B's first claim, a moment after the release: a lease after A's claim.
+            assert time.monotonic() - noted > LEASE * 0.75
+            slow.go.set()
+            assert isinstance(a.broker, Forgetting)
+            with anyio.fail_after(10):
+                await a.broker.forgot.wait()
+            a.worker.stop()
+            b.worker.stop()
+        heard = Heard()
+        heard.uuids = heard_a.uuids + heard_b.uuids
+        await ended_and_told_once(b, heard, slow.uuid, client)
+    finally:
+        await a.aclose()
+        await b.aclose()
         await client.aclose()
         records.close()
 
