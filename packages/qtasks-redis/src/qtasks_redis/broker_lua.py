@@ -16,10 +16,10 @@ script touches one Redis Cluster slot and declares every key it uses):
 11. ``dlmeta``   HASH id -> JSON {reason, priority, deliveries, dead_at}
 12. ``dlq``      ZSET id -> sequence number, oldest first
 
-and, passed to ``CLAIM_NOTICED`` only (and ``FORGET_NOTES``), a thirteenth and a fourteenth:
-``pending``, HASH id -> reason of the messages its claims dead-lettered whose notice no
-consumer has told yet, and ``pending:at``, ZSET id -> when a consumer last took that note to
-tell it (ms) (see ``CLAIM_NOTICED``).
+and, passed to ``CLAIM_NOTICED`` only, a thirteenth and a fourteenth: ``pending``, HASH id ->
+reason of the messages its claims dead-lettered whose notice no consumer has told yet, and
+``pending:at``, ZSET id -> when a consumer last took that note to tell it (ms) (see
+``CLAIM_NOTICED``); ``FORGET_NOTES`` takes only these two.
 
 And, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
 the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
