@@ -7,7 +7,8 @@ variables: ``QT_BACKEND`` (``redis`` or ``rabbitmq``), ``QT_REDIS``, ``QT_RABBIT
 (``1``: the :class:`CopyProbe` of the test of a step published twice). Every execution
 appends ``<task> <argument> <pid>`` to the ledger, opened with ``O_APPEND`` so the lines
 survive a SIGKILL of the worker, and every ``qtasks_task_enqueued`` the process fires
-``enqueued <uuid> <pid>``.
+``enqueued <uuid> <pid>``, and every delivery of a message delivered before (a lost holder's,
+a broker's restart) ``redelivered <uuid>:<attempt> <pid>``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import anyio
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
-from qtasks.components import Broker
+from qtasks.components import Broker, Delivery
 from qtasks.memory import _Signal
 from qtasks.messages import Message
 from qtasks.record import TaskRecord
@@ -83,11 +84,18 @@ def build(
     if ledger:
 
         class Enqueued:
-            """Notes every ``qtasks_task_enqueued`` this process fires: ``enqueued <uuid>``."""
+            """Notes every ``qtasks_task_enqueued`` this process fires: ``enqueued <uuid>``,
+            and every delivery it receives of a message delivered before:
+            ``redelivered <uuid>:<attempt>``."""
 
             @hookimpl
             def qtasks_task_enqueued(self, record: TaskRecord) -> None:
                 note("enqueued", record.uuid)
+
+            @hookimpl
+            def qtasks_broker_message_received(self, delivery: Delivery) -> None:
+                if delivery.attempt > 1:
+                    note("redelivered", f"{delivery.id}:{delivery.attempt}")
 
         app.add_plugin(Enqueued())
 

@@ -11,8 +11,9 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
@@ -20,6 +21,7 @@ import anyio
 import pytest
 from amqp_cleanup import URL as URL  # re-exported: the tests here import it from conftest
 from amqp_cleanup import delete_topology as delete_topology
+from workflow_app import Workers
 
 from qtasks.config import QueueConfig
 from qtasks_rabbitmq import RabbitMQBroker, Topology
@@ -87,6 +89,28 @@ async def make_broker(queue_name: str) -> AsyncIterator[BrokerFactory]:
             await stack.aclose()
             for topology in {t.queue: t for t in topologies}.values():
                 await asyncio.wait_for(delete_topology(topology), 30)
+
+
+@pytest.fixture
+def workers(tmp_path: Path, redis_url: str, prefix: str, queue_name: str) -> Iterator[Workers]:
+    """Worker subprocesses of ``tests/workflow_app.py`` on this test's queue, their storage
+    Redis under ``prefix``, with a lease of 2 s (a test may set more of their environment in
+    ``.env`` before it starts them); stopped, and the queue's topology deleted, afterwards.
+    ``test_end_to_end.py`` has a ``workers`` of its own, of ``worker_app.py`` processes."""
+    made = Workers(
+        tmp_path,
+        {
+            "QT_BACKEND": "rabbitmq",
+            "QT_REDIS": redis_url,
+            "QT_RABBITMQ": URL,
+            "QT_QUEUE": queue_name,
+            "QT_PREFIX": prefix,
+            "QT_LEASE": "2",
+        },
+    )
+    yield made
+    made.stop()
+    anyio.run(delete_topology, Topology(queue_name))
 
 
 def connection_pids(queue: str) -> list[str]:

@@ -4,8 +4,6 @@ settles a member publishes the next step (confirmed) before it acks."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import pytest
@@ -13,29 +11,10 @@ from workflow_app import Workers, build, kill_while_running, ledger_lines
 
 from qtasks import AsyncQueueTasks, chain, chord, group
 from qtasks.workflows import Node
-from qtasks_rabbitmq import Topology
 
-from .conftest import URL, delete_topology
+from .conftest import URL
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def workers(tmp_path: Path, redis_url: str, prefix: str, queue_name: str) -> Iterator[Workers]:
-    made = Workers(
-        tmp_path,
-        {
-            "QT_BACKEND": "rabbitmq",
-            "QT_REDIS": redis_url,
-            "QT_RABBITMQ": URL,
-            "QT_QUEUE": queue_name,
-            "QT_PREFIX": prefix,
-            "QT_LEASE": "2",
-        },
-    )
-    yield made
-    made.stop()
-    anyio.run(delete_topology, Topology(queue_name))
 
 
 def producer(redis_url: str, prefix: str, queue: str) -> AsyncQueueTasks:
