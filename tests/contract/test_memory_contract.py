@@ -7,6 +7,7 @@ import pytest
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
 from qtasks_testing.contract import (
     AttemptLogContract,
+    BadInputContract,
     BeginManyContract,
     BeginOnClaimContract,
     BringForwardContract,
@@ -156,4 +157,8 @@ class TestMemoryConsumeHealth(ConsumeHealthContract):
 
 
 class TestMemoryLeaseDeadline(LeaseDeadlineContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryBadInput(BadInputContract):
     """Runs with the module's factories."""

@@ -11,13 +11,16 @@ import pytest
 
 from qtasks.components import DeliveryLimit, LeaseBatch, SharedServer, delivery_limit
 from qtasks.config import QueueConfig
+from qtasks.memory import MemoryStorage
 from qtasks_rabbitmq import RabbitMQBroker, Topology
 from qtasks_testing.contract import (
+    BadInputContract,
     BrokerContract,
     BrokerFactory,
     BulkPublishContract,
     BuryNoticeContract,
     ConsumeHealthContract,
+    StorageFactory,
 )
 
 from .conftest import URL, delete_topology
@@ -89,3 +92,15 @@ class TestRabbitMQConsumeHealth(ConsumeHealthContract):
     @pytest.fixture
     def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
         return rabbitmq_broker_factory
+
+
+class TestRabbitMQBadInput(BadInputContract):
+    """RabbitMQ holds no task records: the worker's records are kept in memory here."""
+
+    @pytest.fixture
+    def broker_factory(self, rabbitmq_broker_factory: BrokerFactory) -> BrokerFactory:
+        return rabbitmq_broker_factory
+
+    @pytest.fixture
+    def storage_factory(self) -> StorageFactory:
+        return MemoryStorage.from_config

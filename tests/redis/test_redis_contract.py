@@ -8,6 +8,7 @@ from qtasks.config import QueueConfig
 from qtasks_redis import RedisBroker, RedisGlobalConfig, RedisStorage
 from qtasks_testing.contract import (
     AttemptLogContract,
+    BadInputContract,
     BeginManyContract,
     BeginOnClaimContract,
     BringForwardContract,
@@ -173,3 +174,8 @@ class TestRedisConsumeHealth(ConsumeHealthContract):
 
 class TestRedisLeaseDeadline(LeaseDeadlineContract):
     """Runs with the module's factories."""
+
+
+class TestRedisBadInput(BadInputContract):
+    """Runs with the module's factories: the raw bodies go into Redis's keys through
+    ``RedisBroker.publish``, as a producer of another program would write them."""

@@ -46,6 +46,7 @@ from qtasks.components import (
     takes_keyword,
 )
 from qtasks.errors import (
+    MessageTooLargeError,
     SerializationError,
     TaskArgumentsError,
     UnknownTaskError,
@@ -814,8 +815,15 @@ class QueueWorker:
         try:
             message = app.codec.decode(delivery.body)
         except SerializationError as exc:
+            # Refused by its size before any decoding: not "undecodable", what an operator
+            # would look for in its body.
+            what = (
+                "message too large"
+                if isinstance(exc, MessageTooLargeError)
+                else "undecodable message"
+            )
             stored = await app.storage.get(delivery.id)
-            await poison.reject(app, delivery, f"undecodable message: {exc}", stored)
+            await poison.reject(app, delivery, f"{what}: {exc}", stored)
             return
         task = app.tasks.get(message.task_name)
         problem: str | None = None

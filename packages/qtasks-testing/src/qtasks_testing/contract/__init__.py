@@ -8,6 +8,7 @@ are the executable form of the docstrings in :mod:`qtasks.components`. See ``doc
 """
 
 from qtasks_testing.contract._base import ContractSuite, wait_until
+from qtasks_testing.contract.bad_input import BadInputContract
 from qtasks_testing.contract.broker import (
     BrokerContract,
     BrokerFactory,
@@ -51,6 +52,7 @@ from qtasks_testing.contract.storage import StorageContract, StorageFactory, fin
 
 __all__ = [
     "AttemptLogContract",
+    "BadInputContract",
     "BeginManyContract",
     "BeginOnClaimContract",
     "BringForwardContract",
