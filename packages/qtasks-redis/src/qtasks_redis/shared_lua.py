@@ -259,16 +259,22 @@ local begun_at, begun_ms = false, 0  -- the server time, read once per claim
 -- decoding it when the key occurs once (a kwarg or header named 'attempt' makes two); else
 -- decoded. nil when there is none to read. The memory broker reads it by the same rule
 -- (qtasks.memory.broker._body_attempt).
+-- Only a whole number of up to 13 digits is read: the record's 'a' is written with
+-- tostring(attempt + 1), whose 14 significant digits would write a larger number or a
+-- fraction as '1e+30' or '2.5', which no reader takes for a count (the claim's reply then
+-- stopped the worker's consumer). The worker writes the attempt it decodes itself.
 local function body_attempt(body)
   if string.sub(body, 1, 5) == '{"v":' then
     local _, e = string.find(body, '"attempt":', 1, true)
     if e and not string.find(body, '"attempt":', e + 1, true) then
       local n = string.match(body, '^(%d+)[,}]', e + 1)  -- digits, then the value ends
-      if n then return tonumber(n) end
+      if n and #n <= 13 then return tonumber(n) end
     end
   end
   local ok, message = pcall(cjson.decode, body)
-  if ok and type(message) == 'table' then return tonumber(message.attempt) end
+  if not ok or type(message) ~= 'table' then return nil end
+  local a = message.attempt
+  if type(a) == 'number' and a == math.floor(a) and a > -1e13 and a < 1e13 then return a end
   return nil
 end
 -- Appends the record's {d, s, t, cr, u, n, a, w} (as BEGIN returns them), all false when

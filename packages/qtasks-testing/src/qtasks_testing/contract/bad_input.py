@@ -29,7 +29,7 @@ from qtasks.components import DeadLetter, Delivery
 from qtasks.config import QueueConfig
 from qtasks.messages import Codec, Envelope, Message
 from qtasks.plugins import hookimpl
-from qtasks.record import TaskRecord, TaskStatus
+from qtasks.record import TaskRecord, TaskStatus, record_of
 from qtasks_testing.contract._base import ContractSuite
 from qtasks_testing.contract.broker import BrokerFactory
 from qtasks_testing.contract.storage import StorageFactory
@@ -254,12 +254,15 @@ class BadInputContract(ContractSuite):
         bad: dict[str, tuple[str, bytes]] = {}
         good: dict[str, Any] = {}
         plan: list[Envelope] = []
+        recorded: list[TaskRecord] = []  # as a producer with the task stores them
         every = max(1, self.fuzz_bad // max(1, self.fuzz_valid))
         for i in range(self.fuzz_bad):
             id = f"fuzz-{seed}-{i}"
             kind, body = fuzz.bad(id)
             bad[id] = (kind, body)
             plan.append(Envelope(id=id, body=body))
+            if i % 3 == 0:
+                recorded.append(record_of(Message(uuid=id, task_name="add", args=[1, 2])))
             if i % every == 0 and len(good) < self.fuzz_valid:
                 ok = f"fuzz-{seed}-valid-{len(good)}"
                 value = fuzz.valid_value()
@@ -268,10 +271,13 @@ class BadInputContract(ContractSuite):
         config = replace(contract_config, max_message_size=1 << 22)
         with caplog.at_level(logging.ERROR, logger="qtasks"):
             async with self.worker(broker_factory, storage_factory, config) as (app, seen):
+                for record in recorded:
+                    await app.storage.add(record)
                 for item in plan:
                     await app.broker.publish(item)
                 await seen.wait({*bad, *good}, timeout=self.settle_timeout)
                 succeeded, failed = dict(seen.succeeded), dict(seen.failed)
+                ended = [await app.get(record.uuid) for record in recorded]
                 await self.serving(app)
         assert pickle_calls.calls == []
         kinds: dict[str, int] = {}
@@ -283,6 +289,7 @@ class BadInputContract(ContractSuite):
         assert len([id for id in seen.rejected if id in bad]) == self.fuzz_bad
         assert failed == {}
         assert succeeded == good
+        assert [r.status if r else None for r in ended] == [TaskStatus.ERROR] * len(recorded)
         tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
         assert tracebacks == []
         assert not [r for r in caplog.records if "worker failed" in r.getMessage()]
@@ -365,6 +372,47 @@ class BadInputContract(ContractSuite):
         assert (letters[big.id].body, letters[big.id].deliveries) == (big.body, 1)
         assert seen.succeeded[small.id] == "fits"
         assert decoded and max(decoded) <= limit
+
+    # --- a stored record, and an attempt no count holds ------------------------------------
+
+    @pytest.mark.anyio
+    async def test_an_attempt_too_large_for_a_double_is_settled_as_any_other(
+        self,
+        broker_factory: BrokerFactory,
+        storage_factory: StorageFactory,
+        contract_config: QueueConfig,
+    ) -> None:
+        """Messages whose record a producer stored, with an ``attempt`` beyond a double's
+        exact integers (or a fraction, or one that reads as infinity): the whole numbers run
+        and count one more attempt, exactly; the others are dead-lettered as undecodable. On
+        Redis the claim that begins the record wrote ``1e+30`` as its attempt, which the
+        claim's reply could not be read with: the worker's consumer died."""
+        ids = {fresh(str(n)): n for n in (10**30, 2**53 + 1, 2**64)}
+        odd = {fresh("fraction"): b"1.5", fresh("infinite"): b"1e400"}
+        async with self.worker(broker_factory, storage_factory, contract_config) as (app, seen):
+            for id, attempt in ids.items():
+                message = Message(uuid=id, task_name="add", args=[attempt, 1], attempt=attempt)
+                await app.storage.add(record_of(message))
+                await app.broker.publish(Codec(max_size=1 << 20).encode(message))
+            for id, attempt_text in odd.items():
+                message = Message(uuid=id, task_name="add", args=[1, 2])
+                await app.storage.add(record_of(message))
+                body = (
+                    Codec()
+                    .encode(message)
+                    .body.replace(b'"attempt":0', b'"attempt":' + attempt_text)
+                )
+                await app.broker.publish(Envelope(id=id, body=body))
+            await seen.wait({*ids, *odd}, timeout=self.settle_timeout)
+            records = {id: await app.wait(id, timeout=10) for id in {*ids, *odd}}
+            await self.serving(app)
+        assert {
+            id: (records[id].status, records[id].returning, records[id].attempt) for id in ids
+        } == {id: (TaskStatus.SUCCESS, n + 1, n + 1) for id, n in ids.items()}
+        assert {id: seen.rejected.get(id) for id in odd} == dict.fromkeys(
+            odd, "undecodable message: message fields 'priority'/'attempt' must be integers"
+        )
+        assert {id: records[id].status for id in odd} == dict.fromkeys(odd, TaskStatus.ERROR)
 
     # --- F18: plugin hooks that raise ------------------------------------------------------
 
@@ -530,7 +578,7 @@ class Fuzz:
         """Huge numbers where a number is refused: a non-finite ``created_at`` or
         ``expires`` (``1e999`` reads as infinity), a version or retry count past any."""
         wire = self._wire(id)
-        choice = self.rng.randrange(4)
+        choice = self.rng.randrange(5)
         if choice == 0:
             return self._dumps(wire).replace(b'"created_at": ', b'"created_at": 1e999, "x": ', 1)
         if choice == 1:
@@ -538,6 +586,9 @@ class Fuzz:
             return self._dumps(wire).replace(b'"expires": 0', b'"expires": -1e999', 1)
         if choice == 2:
             wire["v"] = self.rng.choice([10**30, -(10**30), 2**64])
+        elif choice == 3:  # an attempt no double holds, of a task the worker does not have
+            wire["attempt"], wire["task"] = self.rng.choice([10**30, 2**64]), "nope.huge"
+            return self._dumps(wire).replace(b": ", b":").replace(b", ", b",")
         else:
             wire["headers"] = {"retry": -self.rng.choice([10**30, 2**64])}
         return self._dumps(wire)
@@ -547,7 +598,10 @@ class Fuzz:
         depth = self.rng.randrange(5_000, 60_000)
         nested = b"[" * depth + b"]" * depth
         wire = self._wire(id)
-        wire["args"] = "@@"
+        if self.rng.random() < 0.5:
+            wire["args"] = "@@"
+        else:
+            wire["headers"] = {"trace": "@@"}
         return self._dumps(wire).replace(b'"@@"', nested, 1)
 
     def _unknown(self, id: str) -> bytes:
