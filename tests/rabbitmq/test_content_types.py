@@ -10,11 +10,11 @@ import pickle
 from typing import Any
 
 import aio_pika
-import anyio
 import pytest
 
-from qtasks import AsyncQueueTasks, MemoryStorage, TaskStatus, hookimpl
+from qtasks import AsyncQueueTasks, MemoryStorage, TaskStatus
 from qtasks.messages import Message
+from qtasks_testing.contract.bad_input import Outcomes
 
 from .conftest import URL, BrokerFactory
 
@@ -44,16 +44,8 @@ async def test_a_pickle_content_type_is_never_unpickled(
     async def add(a: int, b: int) -> int:
         return a + b
 
-    rejected: dict[str, str] = {}
-    seen = anyio.Event()
-
-    class Rejections:
-        @hookimpl
-        def qtasks_task_rejected(self, delivery: Any, reason: str) -> None:
-            rejected[delivery.id] = reason
-            seen.set()
-
-    app.add_plugin(Rejections())
+    seen = Outcomes()
+    app.add_plugin(seen)
     wire = Message(uuid="labelled-json", task_name="add", args=[2, 3]).to_wire()
     pickled = pickle.dumps({**wire, "uuid": "pickled"})
     async with app:
@@ -68,11 +60,10 @@ async def test_a_pickle_content_type_is_never_unpickled(
                     aio_pika.Message(body, message_id=id, content_type=content_type),
                     broker.topology.queue,
                 )
+        await seen.wait({"pickled", "labelled-json"}, timeout=10)
         ran = await app.wait("labelled-json", timeout=10)
-        with anyio.fail_after(10):
-            await seen.wait()
         letters = {d.id: d for d in await app.dead_letters()}
     assert (ran.status, ran.returning) == (TaskStatus.SUCCESS, 5)
-    assert rejected["pickled"].startswith("undecodable message: cannot decode JSON message")
+    assert seen.rejected["pickled"].startswith("undecodable message: cannot decode JSON message")
     assert (letters["pickled"].body, letters["pickled"].deliveries) == (pickled, 1)
     assert unpickled == []

@@ -83,3 +83,48 @@ async def blocked_in_blmove(port: int) -> bool:
         return any(c.get("cmd") == "blmove" for c in await client.client_list())
     finally:
         await client.aclose()
+
+
+async def test_a_record_field_that_does_not_read_is_an_invalid_record_not_a_dead_consumer(
+    redis_url: str, prefix: str
+) -> None:
+    """A record whose step count (``n``, a field beside ``d``, as the attempt ``a`` is) is
+    not a count: ``int()`` of it raised a plain ``ValueError`` out of the claim that begins the
+    record, which the worker's consumer did not survive. Now the record is invalid
+    (``SerializationError``): the claim leaves it to the worker, which dead-letters the
+    message ("stored task record unreadable") and serves on."""
+    import redis.asyncio as aioredis
+
+    from qtasks import AsyncQueueTasks, TaskStatus
+    from qtasks.errors import SerializationError
+    from qtasks.messages import Message
+    from qtasks.record import record_of
+    from qtasks_redis import RedisBroker
+    from qtasks_testing.contract.bad_input import Outcomes
+
+    storage = RedisStorage(redis_url, prefix=prefix)
+    app = AsyncQueueTasks(
+        "bad-field", broker=RedisBroker(redis_url, prefix=prefix, queue="q"), storage=storage
+    )
+
+    @app.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    seen = Outcomes()
+    app.add_plugin(seen)
+    message = Message(uuid="bad-field", task_name="add", args=[1, 2])
+    async with app:
+        await storage.add(record_of(message))
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await client.hset(storage.record_key(message.uuid), "n", "1e+30")
+        finally:
+            await client.aclose()
+        await app.broker.publish(app.codec.encode(message))
+        await seen.wait({message.uuid}, timeout=10)
+        with pytest.raises(SerializationError, match="stored task record is not valid"):
+            await storage.get(message.uuid)
+        after = await app.add_task("add", 2, 2, timeout=10)
+    assert seen.rejected["bad-field"].startswith("stored task record unreadable: ")
+    assert (after.status, after.returning) == (TaskStatus.SUCCESS, 4)

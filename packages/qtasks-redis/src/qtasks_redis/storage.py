@@ -269,28 +269,34 @@ class RedisStorage:
                 record = TaskRecord(**named)
         except (TypeError, ValueError, AttributeError, IndexError) as exc:
             raise SerializationError(f"stored task record is not valid: {exc}") from exc
-        if reason is not None:
-            record.cancel_reason = reason.decode()
-        if updated is not None:
-            record.updated_at = float(updated)
-            if status == _PROCESS:
-                # The run under way began when it was begun ('u'); 'd' may still hold the
-                # started_at of the run a retry ended.
-                record.started_at = record.updated_at
-        if steps is not None:
-            record.steps = int(steps)
-        if attempt is not None:
-            record.attempt = int(attempt)
-        if len(fields) > 8 and fields[8] is not None:
-            record.error = fields[8].decode()
-            # A claim dead-lettered it over a run that began and was lost with its worker:
-            # when that run began (its 'u' as begun). Read with 'e' only; a later save (a
-            # requeue's reset too) deletes both.
-            if len(fields) > 9 and fields[9] is not None and token == _DEAD_LETTER:
-                record.started_at = float(fields[9])
-        if worker is not None:
-            record.worker = worker.decode()
-        record.token = token.decode() if token else None
+        try:
+            # The fields a script writes beside 'd' ('a' from a message's attempt): one
+            # that does not read is an invalid record too, not an error of the caller's
+            # (a claim's reply that raised it stopped the worker's consumer).
+            if reason is not None:
+                record.cancel_reason = reason.decode()
+            if updated is not None:
+                record.updated_at = float(updated)
+                if status == _PROCESS:
+                    # The run under way began when it was begun ('u'); 'd' may still hold the
+                    # started_at of the run a retry ended.
+                    record.started_at = record.updated_at
+            if steps is not None:
+                record.steps = int(steps)
+            if attempt is not None:
+                record.attempt = int(attempt)
+            if len(fields) > 8 and fields[8] is not None:
+                record.error = fields[8].decode()
+                # A claim dead-lettered it over a run that began and was lost with its worker:
+                # when that run began (its 'u' as begun). Read with 'e' only; a later save (a
+                # requeue's reset too) deletes both.
+                if len(fields) > 9 and fields[9] is not None and token == _DEAD_LETTER:
+                    record.started_at = float(fields[9])
+            if worker is not None:
+                record.worker = worker.decode()
+            record.token = token.decode() if token else None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise SerializationError(f"stored task record is not valid: {exc}") from exc
         return record
 
     @staticmethod
