@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anyio
 import pydantic
@@ -79,13 +80,19 @@ async def test_invalid_input_from_a_producer_without_the_task_is_rejected_at_the
 
     with anyio.fail_after(WAIT):
         async with worker:
-            # The worker's own enqueue path would refuse it; send it as a foreign producer would.
-            worker.tasks.pop("take")
-            record = await worker.add_task("take", name="x", value="nope")
-            worker.tasks["take"] = take
-            final = await record.wait_result(timeout=WAIT)
+            final = await (await sent_without_the_task(worker, "take")).wait_result(WAIT)
     assert final.status is TaskStatus.ERROR
     assert "wrong arguments" in (final.error or "") and "value" in (final.error or "")
+
+
+async def sent_without_the_task(worker: AsyncQueueTasks, name: str) -> Any:
+    """``name`` sent ``name="x", value="nope"``, which its model refuses, as a producer
+    without the task would send it (the worker's own enqueue path would refuse it)."""
+    task = worker.tasks.pop(name)
+    try:
+        return await worker.add_task(name, name="x", value="nope")
+    finally:
+        worker.tasks[name] = task
 
 
 def test_a_model_result_is_stored_as_json_and_returned_as_the_model() -> None:
@@ -127,3 +134,41 @@ def test_models_over_redis(redis_url: str, prefix: str) -> None:
             assert record.returning == Receipt(text="r", total=7)
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_value_its_model_refuses_is_dead_lettered_once_even_with_retries(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The plan's B4 for a declared type: a task with ``retry=3`` and a pydantic-model
+    parameter, sent a value the model refuses by a producer without the task: its record ends
+    ``error`` naming the task and the parameter, after one delivery, with no retry and no
+    run (on Redis too, where the claim begins the stored record)."""
+    from qtasks_redis import RedisBroker, RedisStorage
+
+    if backend == "redis":
+        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("prefix")
+        worker = AsyncQueueTasks(
+            broker=RedisBroker(url, prefix=prefix, queue="q"),
+            storage=RedisStorage(url, prefix=prefix),
+        )
+    else:
+        worker = AsyncQueueTasks()
+    runs: list[Item] = []
+
+    @worker.task(retry=3, retry_backoff=0)
+    async def take(item: Item) -> int:
+        runs.append(item)
+        return item.value
+
+    with anyio.fail_after(WAIT):
+        async with worker:
+            record = await sent_without_the_task(worker, "take")
+            final = await record.wait_result(timeout=WAIT)
+            letters = [d for d in await worker.dead_letters() if d.id == record.uuid]
+    assert final.status is TaskStatus.ERROR
+    assert (final.error or "").startswith(
+        "wrong arguments: task 'take': parameter 'item' (Item) is invalid: value: "
+    )
+    assert [d.deliveries for d in letters] == [1]
+    assert runs == []
