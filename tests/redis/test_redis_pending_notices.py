@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from anyio.streams.text import TextReceiveStream
 from bury_worker import LEASE, build
 from redis_server import start_server
 
-from qtasks import AsyncQueueTasks, QueueConfig, hookimpl
+from qtasks import AsyncQueueTasks, QueueConfig, hookimpl, poison
 from qtasks.errors import StorageConnectionError
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import RedisBroker, RedisStorage
@@ -61,11 +63,12 @@ def on_lane(app: AsyncQueueTasks) -> bool:
     return isinstance(broker._shared.fast(), Lane)
 
 
-async def lose_its_delivery(app: AsyncQueueTasks) -> str:
-    """Add a task and lose its only allowed delivery (a consumer takes it and goes away
-    without settling, as a killed worker does): the next claim dead-letters it. Its uuid."""
+async def lose_its_delivery(app: AsyncQueueTasks, name: str = "noop") -> str:
+    """Add a task (``name``, taking 1) and lose its only allowed delivery (a consumer takes it
+    and goes away without settling, as a killed worker does): the next claim dead-letters
+    it. Its uuid."""
     assert app.shared_server is None  # the worker ends the record: BuryNotice
-    task = await app.add_task("noop", 1)
+    task = await app.add_task(name, 1)
     async with app.broker.consume(prefetch=1) as raw:  # never settled
         with anyio.fail_after(5):
             await anext(raw)
@@ -379,3 +382,118 @@ async def test_a_dead_letter_whose_record_could_not_be_written_is_told_again(
     assert storage.failed
     # Read at each telling: the first, whose save failed, and the one after, the note kept.
     assert [reason for reason, _ in seen] == [letter] * 2
+
+
+class Sweeping(RedisBroker):
+    """Its consumers tell notices through :func:`qtasks.poison.buried` of ``app``
+    (:meth:`tell`); :meth:`told_all` waits until one told what its start-time sweep read."""
+
+    app: AsyncQueueTasks
+
+    def __init__(self, url: str | None = None, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.swept: set[str] = set()
+        self.read, self.telling = anyio.Event(), anyio.Event()
+
+    async def _pending_notices(self, client: Client | Lane) -> list[tuple[str, str]]:
+        notes = await super()._pending_notices(client)
+        self.swept = {id for id, _ in notes}
+        self.read.set()
+        return notes
+
+    async def tell(self, id: str, reason: str) -> bool:
+        done = await poison.buried(self.app, id, reason)
+        self.swept.discard(id)
+        if not self.swept:
+            self.telling.set()
+        return done
+
+    async def told_all(self) -> None:
+        await self.read.wait()
+        if self.swept:
+            await self.telling.wait()
+
+
+async def claiming_until(
+    consumer: AbstractAsyncContextManager[AsyncIterator[Any]], until: Callable[[], Awaitable[None]]
+) -> None:
+    """Claim with ``consumer`` (it gets nothing to deliver) until ``until()`` returns."""
+
+    async def claim(claims: AsyncIterator[Any]) -> None:
+        await anext(claims)
+
+    async with consumer as claims, anyio.create_task_group() as tg:
+        tg.start_soon(claim, claims)
+        with anyio.fail_after(10):
+            await until()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_dead_letter_requeued_before_its_notice_was_told_keeps_its_new_run(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A claim dead-letters a message, its notice untold (``buried()`` could not write the
+    record: the note stays); it is requeued and a worker runs it again; a consumer that
+    starts sweeps the pending hash. The re-run's record is untouched (``process``, then
+    ``success``), the hook never fires, no note is left. Before, the requeue left the note,
+    whose telling ended the running task's record ``error`` (fenced by the re-run's token)."""
+    records = start_server(tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    app = build(redis_url, records.url, prefix, max_tasks_process=1)
+    heard = Heard()
+    app.add_plugin(heard)
+    running, done = anyio.Event(), anyio.Event()
+
+    @app.task
+    async def again(i: int) -> int:
+        running.set()
+        await done.wait()
+        return i
+
+    starting = build(redis_url, records.url, prefix, broker=Sweeping)
+    starting.add_plugin(heard)
+    sweeping = starting.broker
+    assert isinstance(sweeping, Sweeping)
+    sweeping.app = starting
+    await app.start()
+    await starting.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            # Serving, its start's sweep over (the hash empty then), busy: it claims nothing.
+            release = await serving_busy(app, tg)
+            uuid = await lose_its_delivery(app, "again")
+            untold = anyio.Event()
+
+            async def not_written(id: str, reason: str) -> bool:
+                untold.set()
+                return False  # as when the storage fails: the note is kept
+
+            # Its claim dead-letters it (handed back at once), its note is kept.
+            assert isinstance(app.broker, RedisBroker)
+            noticing = app.broker.consume_noticing(prefetch=1, buried=not_written)
+            await claiming_until(noticing, untold.wait)
+            assert await client.hexists(pending_key(app), uuid)
+            assert await app.requeue_dead_letters([uuid]) == 1
+            release.set()
+            with anyio.fail_after(10):
+                await running.wait()
+            begun = await app.storage.get(uuid)
+            assert begun is not None and begun.status is TaskStatus.PROCESS
+            # A consumer that starts tells what the pending hash holds.
+            told = sweeping.consume_noticing(prefetch=1, buried=sweeping.tell)
+            await claiming_until(told, sweeping.told_all)
+            now = await app.storage.get(uuid)
+            assert now is not None and now.status is TaskStatus.PROCESS
+            assert now.token == begun.token
+            done.set()
+            with anyio.fail_after(10):
+                ended = await app.storage.wait(uuid, None)
+            app.worker.stop()
+        assert ended.status is TaskStatus.SUCCESS
+        assert heard.uuids == []
+        assert await client.exists(pending_key(app), pending_key(app) + ":at") == 0
+    finally:
+        await app.aclose()
+        await starting.aclose()
+        await client.aclose()
+        records.close()

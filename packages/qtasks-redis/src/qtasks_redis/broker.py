@@ -1017,12 +1017,19 @@ class RedisBroker:
         """See :class:`~qtasks.components.BringForward` (one script)."""
         return bool(await self._run(lua.BRING_FORWARD, id))
 
-    async def _run_pruned(self, script: Script, *args: Any) -> Any:
+    async def _run_pruned(
+        self, script: Script, *args: Any, keys: Sequence[str] | None = None
+    ) -> Any:
         """Run a script that reads dead letters (see ``pruned_for_read`` in
         :mod:`~qtasks_redis.broker_lua`): again while it replies -1, each call dropping up to
-        1,000 dead letters past the retention first."""
+        1,000 dead letters past the retention first. ``keys``: the script's, when not the
+        queue's twelve."""
         while True:
-            reply = await self._run(script, *self._retention, *args)
+            retention = self._retention
+            if keys is None:
+                reply = await self._run(script, *retention, *args)
+            else:
+                reply = await self._run_call(script, keys, (*retention, *args))
             if reply != -1:
                 return reply
 
@@ -1057,20 +1064,28 @@ class RedisBroker:
         return out
 
     async def requeue_dead_letters(self, ids: list[str] | None = None) -> int:
-        return await self._dead_letter_script(lua.REQUEUE_DEAD, ids)
+        """See :meth:`qtasks.components.Broker.requeue_dead_letters`. The note of a dead letter
+        whose notice no consumer told yet (``CLAIM_NOTICED``) is dropped in the same script:
+        told after the requeue, it would end the record of the message's new run."""
+        return await self._dead_letter_script(
+            lua.REQUEUE_DEAD, ids, (*self.keys, *self._pending_keys)
+        )
 
     async def purge_dead_letters(self, ids: list[str] | None = None) -> int:
         """Delete dead letters for good (all when ``ids`` is None); return how many (the
         dashboard's purge; see :mod:`qtasks.components`)."""
         return await self._dead_letter_script(lua.PURGE_DEAD, ids)
 
-    async def _dead_letter_script(self, script: Script, ids: list[str] | None) -> int:
-        """Run a script of ``DEAD_IDS`` on ``ids``, or on every dead letter, 1,000 a call."""
+    async def _dead_letter_script(
+        self, script: Script, ids: list[str] | None, keys: Sequence[str] | None = None
+    ) -> int:
+        """Run a script of ``DEAD_IDS`` on ``ids``, or on every dead letter, 1,000 a call
+        (``keys``: the script's, when not the queue's twelve)."""
         if ids is not None:
-            return int(await self._run_pruned(script, "ids", *ids)) if ids else 0
+            return int(await self._run_pruned(script, "ids", *ids, keys=keys)) if ids else 0
         total = 0
         while True:
-            done = int(await self._run_pruned(script, "all"))
+            done = int(await self._run_pruned(script, "all", keys=keys))
             total += done
             if done < 1000:
                 return total

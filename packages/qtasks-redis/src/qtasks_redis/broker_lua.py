@@ -19,7 +19,8 @@ script touches one Redis Cluster slot and declares every key it uses):
 and, passed to ``CLAIM_NOTICED`` only, a thirteenth and a fourteenth: ``pending``, HASH id ->
 reason of the messages its claims dead-lettered whose notice no consumer has told yet, and
 ``pending:at``, ZSET id -> when a consumer last took that note to tell it (ms) (see
-``CLAIM_NOTICED``); ``FORGET_NOTES`` takes only these two.
+``CLAIM_NOTICED``); ``FORGET_NOTES`` takes only these two; ``REQUEUE_DEAD`` takes them too,
+to drop the notes of the dead letters it requeues.
 
 And, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
 the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
@@ -645,9 +646,16 @@ the caller must run the script again), then ``'all'`` (the oldest 1000) or ``'id
 REQUEUE_DEAD = Script(
     PRELUDE
     + r"""
--- ARGV: ttl_ms, cap, mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call."""
+-- ARGV: ttl_ms, cap, mode ('all' or 'ids'), then ids. 'all' moves at most 1000 per call.
+-- KEYS[13], KEYS[14]: pending, pending:at (see CLAIM_NOTICED): the note of a dead letter
+-- requeued before its notice was told is dropped with it, in this step. Told later, it would
+-- end the record of the message living again: the new run's (buried() fences its save by the
+-- token it reads, which the new delivery wrote), or, before that run began, end it so that
+-- the run never happens (its begin finds the record final). The dead-lettering it noted is
+-- over: the requeue undoes it."""
     + DEAD_IDS
-    + r"""local n = 0
+    + r"""local K_PENDING, K_PENDING_AT = KEYS[13], KEYS[14]
+local n = 0
 for _, id in ipairs(ids) do
   local body = redis.call('HGET', K_DLBODY, id)
   if body and cutoff and dead_expired(id, cutoff) then
@@ -668,6 +676,8 @@ for _, id in ipairs(ids) do
     redis.call('HSET', K_BODY, id, body)
     redis.call('HSET', K_META, id, prio)
     schedule(id, prio, false, now)
+    redis.call('HDEL', K_PENDING, id)
+    redis.call('ZREM', K_PENDING_AT, id)
     n = n + 1
   end
 end
@@ -675,6 +685,8 @@ if n > 0 then notify() end
 return n
 """
 )
+"""Requeue dead letters (see ``DEAD_IDS``); it takes the two keys of ``CLAIM_NOTICED``'s
+notes as a thirteenth and a fourteenth and drops the notes of the letters it requeues."""
 
 PURGE_DEAD = Script(
     PRELUDE
