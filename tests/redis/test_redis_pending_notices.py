@@ -4,7 +4,10 @@ records of the messages its claims dead-letter), the claim also notes each one i
 pending hash, deleted once ``buried()`` returned, and a consumer that starts tells what the
 hash holds. Before, a worker killed between its claim's reply and the end of the record left
 the record ``new``/``process`` until its TTL: its waiters hung, its workflow never learnt,
-``qtasks_task_dead_lettered`` never fired."""
+``qtasks_task_dead_lettered`` never fired.
+
+Over ~500 lines: one scenario per way a note is told, kept or dropped, sharing the workers,
+storages and brokers defined above them."""
 
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ from redis_server import start_server
 
 from qtasks import AsyncQueueTasks, QueueConfig, hookimpl, poison
 from qtasks.errors import StorageConnectionError
+from qtasks.messages import Envelope
 from qtasks.record import TaskRecord, TaskStatus
 from qtasks_redis import RedisBroker, RedisStorage
+from qtasks_redis import broker_lua as lua
 from qtasks_redis.connection import Client
 from qtasks_redis.lane import Lane
 
@@ -429,14 +434,26 @@ async def claiming_until(
         tg.cancel_scope.cancel()
 
 
-async def test_a_dead_letter_requeued_before_its_notice_was_told_keeps_its_new_run(
-    redis_url: str, prefix: str, tmp_path: Path
+async def live_again(app: AsyncQueueTasks, uuid: str, how: str) -> None:
+    """The dead letter ``uuid`` made live again: ``requeued`` (``qtasks dlq requeue``), or
+    ``published`` again under its id (the dead letter left as it is)."""
+    if how == "requeued":
+        assert await app.requeue_dead_letters([uuid]) == 1
+    else:
+        [letter] = await app.broker.dead_letters()
+        await app.broker.publish(Envelope(uuid, letter.body))
+
+
+@pytest.mark.parametrize("how", ["requeued", "published"])
+async def test_a_dead_letter_live_again_before_its_notice_was_told_keeps_its_new_run(
+    redis_url: str, prefix: str, tmp_path: Path, how: str
 ) -> None:
     """A claim dead-letters a message, its notice untold (``buried()`` could not write the
-    record: the note stays); it is requeued and a worker runs it again; a consumer that
-    starts sweeps the pending hash. The re-run's record is untouched (``process``, then
-    ``success``), the hook never fires, no note is left. Before, the requeue left the note,
-    whose telling ended the running task's record ``error`` (fenced by the re-run's token)."""
+    record: the note stays); it is requeued (or published again) and a worker runs it again;
+    a consumer that starts sweeps the pending hash. The re-run's record is untouched
+    (``process``, then ``success``), the hook never fires, no note is left. Before, the note
+    stayed, and its telling ended the running task's record ``error`` (fenced by the re-run's
+    token)."""
     records = start_server(tmp_path)
     client = redis.asyncio.Redis.from_url(redis_url)
     app = build(redis_url, records.url, prefix, max_tasks_process=1)
@@ -473,7 +490,9 @@ async def test_a_dead_letter_requeued_before_its_notice_was_told_keeps_its_new_r
             noticing = app.broker.consume_noticing(prefetch=1, buried=not_written)
             await claiming_until(noticing, untold.wait)
             assert await client.hexists(pending_key(app), uuid)
-            assert await app.requeue_dead_letters([uuid]) == 1
+            await live_again(app, uuid, how)
+            # Requeued: the note dropped with it; published: left for the sweep to drop.
+            assert await client.hexists(pending_key(app), uuid) == (how == "published")
             release.set()
             with anyio.fail_after(10):
                 await running.wait()
@@ -495,5 +514,41 @@ async def test_a_dead_letter_requeued_before_its_notice_was_told_keeps_its_new_r
     finally:
         await app.aclose()
         await starting.aclose()
+        await client.aclose()
+        records.close()
+
+
+async def test_a_claim_drops_the_stale_note_of_a_message_published_again(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A note a lease old whose message was published again under its id (its body back) is
+    dropped by the claim that would take it, not named in its reply: told, it would end the
+    record of the new life. (Run through the claim script itself: a consumer's start-time
+    sweep drops it first, tested above.) Before, the claim named it."""
+    records = start_server(tmp_path)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    app = build(redis_url, records.url, prefix)
+    await app.start()
+    try:
+        uuid = await lose_its_delivery(app)
+        untold = anyio.Event()
+
+        async def not_written(id: str, reason: str) -> bool:
+            untold.set()
+            return False
+
+        assert isinstance(app.broker, RedisBroker)
+        noticing = app.broker.consume_noticing(prefetch=1, buried=not_written)
+        await claiming_until(noticing, untold.wait)
+        await live_again(app, uuid, "published")
+        at = pending_key(app) + ":at"
+        await client.zadd(at, {uuid: 0})  # taken by nobody for a lease (not waited for here)
+        keys = (*app.broker.keys, pending_key(app), at)
+        reply = await lua.CLAIM_NOTICED(client, keys, (LEASE * 1000, 1, 1, "c/n", "", ""))
+        assert [id.decode() for id in reply[1:2]] == [uuid]  # claimed, its new life
+        assert len(reply) == 6  # and no list of dead letters to tell
+        assert await client.exists(pending_key(app), at) == 0
+    finally:
+        await app.aclose()
         await client.aclose()
         records.close()

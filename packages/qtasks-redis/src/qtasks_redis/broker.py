@@ -967,13 +967,11 @@ class RedisBroker:
                             )
 
     async def _pending_notices(self, client: Client | Lane) -> list[tuple[str, str]]:
-        """The notices noted in the pending hash (see ``CLAIM_NOTICED``): (id, reason)."""
-        key = self._pending_key
-        if isinstance(client, Lane):
-            flat = await guarded(self.target, client.command("HGETALL", key))
-            return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
-        notes: Any = await guarded(self.target, client.hgetall(key))
-        return [(id.decode(), reason.decode()) for id, reason in notes.items()]
+        """The notices noted in the pending hash (see ``CLAIM_NOTICED``): (id, reason); the
+        note of a message published again under its id is dropped (``SWEEP_NOTES``)."""
+        keys = (*self._pending_keys, self.keys[lua.KEY_NAMES.index("body")])
+        flat = await guarded(self.target, lua.SWEEP_NOTES(client, keys, ()))
+        return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
 
     async def _forget_notices(self, client: Client | Lane, ids: list[str]) -> None:
         """Delete the notes of ``ids``, told, from the pending hash, and empty ``ids``; an

@@ -19,8 +19,8 @@ script touches one Redis Cluster slot and declares every key it uses):
 and, passed to ``CLAIM_NOTICED`` only, a thirteenth and a fourteenth: ``pending``, HASH id ->
 reason of the messages its claims dead-lettered whose notice no consumer has told yet, and
 ``pending:at``, ZSET id -> when a consumer last took that note to tell it (ms) (see
-``CLAIM_NOTICED``); ``FORGET_NOTES`` takes only these two; ``REQUEUE_DEAD`` takes them too,
-to drop the notes of the dead letters it requeues.
+``CLAIM_NOTICED``); ``FORGET_NOTES`` takes only these two, ``SWEEP_NOTES`` these and
+``body``; ``REQUEUE_DEAD`` takes them too, to drop the notes of the dead letters it requeues.
 
 And, built from ``inflight``'s name (same slot), ``<inflight>:c:<consumer>``: STRING, what
 the consumer's last claim call leased or dead-lettered (its nonce, then the JSON
@@ -410,15 +410,17 @@ end
 -- that no other claim takes them meanwhile), and names them with its own. A note just
 -- written is its consumer's for a lease: taken from it only if telling it takes longer, and
 -- then told twice (buried() ends the record once). One ZRANGEBYSCORE per claim, on a key
--- that is most often absent.
+-- that is most often absent. A note whose message lives again (published again under its
+-- id: its body is back) is dropped, not told: told, it would end the new life's record.
 local stale = redis.call('ZRANGEBYSCORE', K_PENDING_AT, '-inf', now - lease, 'LIMIT', 0, 100)
 for _, id in ipairs(stale) do
   local reason = redis.call('HGET', K_PENDING, id)
-  if reason then
+  if reason and redis.call('HEXISTS', K_BODY, id) == 0 then
     redis.call('ZADD', K_PENDING_AT, now, id)
     BURIED[#BURIED + 1] = id
     BURIED[#BURIED + 1] = reason
   else
+    redis.call('HDEL', K_PENDING, id)
     redis.call('ZREM', K_PENDING_AT, id)
   end
 end
@@ -445,6 +447,26 @@ return 1
 """
 )
 """Delete the notes of the dead letters told (see ``CLAIM_NOTICED``)."""
+
+SWEEP_NOTES = Script(
+    r"""
+-- KEYS: pending, pending:at (see CLAIM_NOTICED), body. Returns {id, reason, ...}: every note
+-- of a message still dead. The note of one that lives again (published again under its id:
+-- its body is back) is dropped: told, it would end the record of the new life.
+local flat, out = redis.call('HGETALL', KEYS[1]), {}
+for i = 1, #flat, 2 do
+  if redis.call('HEXISTS', KEYS[3], flat[i]) == 1 then
+    redis.call('HDEL', KEYS[1], flat[i])
+    redis.call('ZREM', KEYS[2], flat[i])
+  else
+    out[#out + 1] = flat[i]
+    out[#out + 1] = flat[i + 1]
+  end
+end
+return out
+"""
+)
+"""What a consumer that starts tells: the notes of ``CLAIM_NOTICED`` (see there)."""
 
 ACK = Script(
     PRELUDE
