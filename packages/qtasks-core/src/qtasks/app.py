@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup
 from qtasks import bulk, flow, local_wait, report
 from qtasks import enqueue as enqueue_step
 from qtasks.checks import check_delay, check_timeout
+from qtasks.clock import SYSTEM_CLOCK, Clock
 from qtasks.compat.calls import UNSET, split_task_name
 from qtasks.compat.config import warn_run_forever_options
 from qtasks.components import (
@@ -185,22 +186,10 @@ class AsyncQueueTasks:
         self.storage: Storage = storage or self._made_storage or MemoryStorage()
         self.global_config: GlobalConfig = global_config or MemoryGlobalConfig()
         self.worker: QueueWorker = worker or QueueWorker()
-        self.clock: Callable[[], float] = time.time
-        """Unix time as the app reads it to stamp new tasks (``created_at``, the due time of a
-        ``delay``, ``expires``) and for the worker's flow decisions (expiry, rate limits,
-        unique keys); a test harness replaces it with its fake clock. It does not reach the
-        components' own time: the in-memory ones take a ``clock=``, the Redis ones read the
-        server's (a shared state is timed by one clock, not by each client's)."""
-        self.sleep_until: Callable[[float], Awaitable[None]] | None = None
-        """Waits until :attr:`clock` reads the given unix time, for the flow gate's short
-        waits (a rate token at most 0.1 s away). ``None``: they sleep in real time (held back
-        if the worker begins to stop). A test harness sets it with :attr:`clock`, to move its
-        fake clock there instead of sleeping."""
-        self.wait_clock: Callable[[float], Awaitable[None]] | None = None
-        """Returns once :attr:`clock` reads at least the given unix time, without moving it:
-        ``ctx.sleep`` also ends there, when that comes before its length in real time. ``None``
-        (production): only time moves the clock. A test harness sets it with :attr:`clock`, so
-        that moving its fake clock past a sleeping task's end wakes the task."""
+        self.clock: Callable[[], float]
+        """:attr:`time_source`'s ``time``, the unix time the app reads (set with it): a plain
+        attribute, so that reading the time per task stays one lookup and one call."""
+        self.time_source = SYSTEM_CLOCK
         self.codec = Codec(serializer, self.config.max_message_size)
         self.hooks = Hooks()
         self.hooks.register(RetryPlugin())
@@ -255,6 +244,32 @@ class AsyncQueueTasks:
         self._stop_now = False
         self._wake_hurry: Callable[[], object] | None = None
         shared_tasks.adopt(self)
+
+    # --- time -----------------------------------------------------------------------------
+
+    @property
+    def time_source(self) -> Clock:
+        """The app's :class:`~qtasks.clock.Clock`: the unix time it reads and its waits for a
+        point in it (:data:`~qtasks.clock.SYSTEM_CLOCK` in production). A test harness
+        assigns its fake one, then the one it saved."""
+        return self._time_source
+
+    @time_source.setter
+    def time_source(self, clock: Clock) -> None:
+        self._time_source = clock
+        self.clock = clock.time
+
+    @property
+    def sleep_until(self) -> Callable[[float], Awaitable[None]] | None:
+        """:attr:`time_source`'s ``sleep_until``: the flow gate's short waits (``None``: real
+        sleeps)."""
+        return self._time_source.sleep_until
+
+    @property
+    def wait_clock(self) -> Callable[[float], Awaitable[None]] | None:
+        """:attr:`time_source`'s ``wait_until``, where ``ctx.sleep`` also ends (``None``: only
+        time moves the clock)."""
+        return self._time_source.wait_until
 
     @classmethod
     def from_config(

@@ -134,14 +134,15 @@ class TaskContext:
 
     async def _wait(self, seconds: float) -> str | None:
         """Wait ``seconds`` (or until the app's clock reads their end, when something other
-        than time moves it: :attr:`~qtasks.app.AsyncQueueTasks.wait_clock`); return
+        than time moves it: the ``wait_until`` of the app's
+        :attr:`~qtasks.app.AsyncQueueTasks.time_source`); return
         ``"stop"`` or ``"ended"`` if woken early by that."""
         app = self._run.app
         forever = isinstance(seconds, float) and seconds == math.inf  # inf: until woken
         if not forever:
             check_delay(seconds, "ctx.sleep", InvalidTimeoutError)
         stopping: anyio.Event | None = getattr(app.worker, "stopping", None)
-        wait_clock = None if forever else app.wait_clock
+        wait_until = None if forever else app.time_source.wait_until
         woke: str | None = None
         async with anyio.create_task_group() as tg:
 
@@ -154,10 +155,10 @@ class TaskContext:
             if stopping is not None:
                 tg.start_soon(watch, stopping, "stop")
             tg.start_soon(watch, self._ended, "ended")
-            if wait_clock is not None:
+            if wait_until is not None:
 
                 async def clock_reaches(when: float) -> None:
-                    await wait_clock(when)
+                    await wait_until(when)
                     tg.cancel_scope.cancel()  # the sleep's end, on the app's clock
 
                 tg.start_soon(clock_reaches, app.clock() + seconds)

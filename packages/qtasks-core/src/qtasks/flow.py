@@ -631,8 +631,9 @@ class FlowGate:
         wait = at - app.clock()
         if wait <= 0:
             return True
-        if app.sleep_until is not None:  # a test's fake clock: moved there, not slept through
-            await app.sleep_until(at)
+        sleep_until = app.time_source.sleep_until
+        if sleep_until is not None:  # a test's fake clock: moved there, not slept through
+            await sleep_until(at)
             return True
         stopping = getattr(app.worker, "stopping", None)
         if stopping is None:

@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import anyio
 
 from qtasks.app import AsyncQueueTasks
+from qtasks.clock import Clock
 from qtasks.components import Delivery, FlowControl, provides
 from qtasks.errors import QTasksError, TaskFailedError, TaskNotFoundError, TaskTimeoutError
 from qtasks.memory import MemoryBroker, MemoryGlobalConfig, MemoryStorage
@@ -218,14 +219,7 @@ class Harness(EnqueuedLog):
         self._saved: dict[str, Any] | None = None
         self._saved_states: StateRegistry | None = None
         self._saved_limiter: anyio.CapacityLimiter | None = None
-        self._saved_clock: (
-            tuple[
-                Callable[[], float],
-                Callable[[float], Awaitable[None]] | None,
-                Callable[[float], Awaitable[None]] | None,
-            ]
-            | None
-        ) = None
+        self._saved_clock: Clock | None = None
         self._plugin = _InlinePlugin(self)
         self._worker = QueueWorker()
         self._stop_serving: anyio.Event | None = None
@@ -280,14 +274,11 @@ class Harness(EnqueuedLog):
         self._saved_limiter = app.thread_limiter
         app.thread_limiter = anyio.CapacityLimiter(app.thread_limiter.total_tokens)
         # New tasks' times and the flow gate's decisions (expires, rate limits) follow our
-        # clock.
-        self._saved_clock = app.clock, app.sleep_until, app.wait_clock
-        app.clock = self.clock.time
-        # The flow gate's own short waits for a rate token move the clock, as the harness
-        # does for the longer holds it hands back to the broker: no real sleep.
-        app.sleep_until = self.advance_to
-        # A task's ctx.sleep ends when the test moves the clock past its end (advance_time).
-        app.wait_clock = self._wait_clock
+        # clock. The flow gate's own short waits for a rate token move it, as the harness
+        # does for the longer holds it hands back to the broker: no real sleep. A task's
+        # ctx.sleep ends when the test moves it past its end (advance_time).
+        self._saved_clock = app.time_source
+        app.time_source = Clock(self.clock.time, self.advance_to, self._wait_clock)
         replacements: dict[str, Any] = {
             "broker": MemoryBroker(clock=self.clock),
             "storage": MemoryStorage(clock=self.clock),
@@ -359,10 +350,7 @@ class Harness(EnqueuedLog):
         if self._saved_limiter is not None:
             app.thread_limiter, self._saved_limiter = self._saved_limiter, None
         if self._saved_clock is not None:
-            (app.clock, app.sleep_until, app.wait_clock), self._saved_clock = (
-                self._saved_clock,
-                None,
-            )
+            app.time_source, self._saved_clock = self._saved_clock, None
         if self._session is not None:
             self._session.installed = False
         self._saved = None
@@ -1119,7 +1107,8 @@ class Harness(EnqueuedLog):
     async def _wait_clock(self, when: float) -> None:
         """Return once the clock reads ``when`` or later, moved there by the test
         (:meth:`advance_time`, :meth:`advance_to`, the flow gate's waits): the app's
-        :attr:`~qtasks.app.AsyncQueueTasks.wait_clock`, which ends a task's ``ctx.sleep``
+        clock's ``wait_until`` (:attr:`~qtasks.app.AsyncQueueTasks.time_source`), which ends a
+        task's ``ctx.sleep``
         there, or once time brings it there (a clock not frozen runs at the real rate)."""
         while (left := when - self.clock.time()) > 0:
             moved = self._moved
