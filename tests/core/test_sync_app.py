@@ -551,3 +551,20 @@ def test_a_script_that_never_served_its_in_memory_broker_says_so_at_exit(
     else:
         assert done.stdout.split()[0] == "success"
         assert "never ran" not in done.stderr, done.stderr
+
+
+def test_apps_in_names_a_modules_apps_of_both_kinds() -> None:
+    """``qtasks.sync.apps_in``, which ``qtasks -A`` and the pytest plugin's ``qtasks_app``
+    both use to name a module's apps: sync and async ones in the order the module set them,
+    and with ``app`` only those of that async app (a sync app counts by the one it wraps)."""
+    from types import ModuleType
+
+    from qtasks.sync import apps_in
+
+    module = ModuleType("apps_in_mod")
+    shop, billing = QueueTasks("shop"), AsyncQueueTasks("billing")
+    module.__dict__.update(shop=shop, billing=billing, again=shop, other=object())
+    assert apps_in(module) == ["shop", "billing", "again"]
+    assert apps_in(module, shop.aio) == ["shop", "again"]
+    assert apps_in(module, billing) == ["billing"]
+    assert apps_in(module, AsyncQueueTasks()) == []

@@ -19,6 +19,7 @@ from concurrent.futures import CancelledError
 from contextlib import AbstractContextManager
 from functools import partial
 from os import PathLike
+from types import ModuleType
 from typing import Any, ParamSpec, Self, TypeVar, overload
 
 import anyio
@@ -634,6 +635,19 @@ class QueueTasks:
         the grace period, as a second signal does); see :meth:`AsyncQueueTasks.stop`. From any
         thread or a signal handler; it does not wait."""
         self.aio.stop(now=now)
+
+
+def apps_in(module: ModuleType, app: AsyncQueueTasks | None = None) -> list[str]:
+    """The names under which ``module`` holds a qtasks app, sync or async, in the order it
+    set them; with ``app``, only those of that async app (it, or a sync app wrapping it). For
+    an error that names a module's apps when the one looked for is not there (``qtasks -A``,
+    the pytest plugin's ``qtasks_app``)."""
+    return [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, AsyncQueueTasks | QueueTasks)
+        and app in (None, value.aio if isinstance(value, QueueTasks) else value)
+    ]
 
 
 _ASYNC_ONLY = {

@@ -33,7 +33,7 @@ import pytest
 
 from qtasks.app import AsyncQueueTasks
 from qtasks.routers import TaskDeclaration
-from qtasks.sync import QueueTasks
+from qtasks.sync import QueueTasks, apps_in
 from qtasks.task import TaskDef
 from qtasks_testing.harness import Harness, HarnessError
 from qtasks_testing.sync_harness import SyncHarness
@@ -67,11 +67,7 @@ def load_app(spec: str) -> QueueTasks | AsyncQueueTasks:
         raise HarnessError(f"qtasks_app must look like 'package.module:app', not {spec!r}")
     module = importlib.import_module(module_name)
     target: Any = module
-    apps = [
-        name
-        for name, value in vars(module).items()
-        if isinstance(value, QueueTasks | AsyncQueueTasks)
-    ]
+    apps = apps_in(module)
     its_apps = f" (its apps: {', '.join(f'{module_name}:{name}' for name in apps)})" if apps else ""
     for part in attribute.split("."):
         if not hasattr(target, part):

@@ -36,7 +36,7 @@ from qtasks.config import (
 from qtasks.discovery import Kind, build_component, load, name_of_class
 from qtasks.errors import ConfigError, QTasksError
 from qtasks.masking import masked, masked_error
-from qtasks.sync import QueueTasks
+from qtasks.sync import QueueTasks, apps_in
 from qtasks.task import TaskDef
 
 T = TypeVar("T")
@@ -72,13 +72,13 @@ def import_app(target: str) -> AnyApp:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            apps = _apps_of(module)
+            apps = apps_in(module)
             hint = _shadowed(module) or (f" (its apps: -A {module_name}:{apps[0]})" if apps else "")
             raise ConfigError(
                 f"--app {target}: module {module_name!r} has no {attr!r}{hint}"
             ) from None
     if isinstance(obj, TaskDef):  # callable, but calling it runs the task's code here
-        apps = _apps_of(module, obj.app)
+        apps = apps_in(module, obj.app)
         hint = f" (-A {module_name}:{apps[0]})" if apps else ""
         raise ConfigError(
             f"--app {target}: {attr!r} is a task, not an app: name the app it belongs to{hint}"
@@ -106,15 +106,6 @@ def _file_hint(module_name: str, attr: str) -> str:
     if path.startswith("/") or ".." in parts:  # not below the working directory
         return "; -A takes a module's dotted name, not a file, importable from here"
     return f"; -A takes a module's dotted name, not a file: -A {'.'.join(parts)}:{attr}"
-
-
-def _apps_of(module: Any, app: AsyncQueueTasks | None = None) -> list[str]:
-    """The names of the module's apps (of ``app`` only, if given)."""
-    return [
-        name
-        for name, value in vars(module).items()
-        if isinstance(value, AsyncQueueTasks | QueueTasks) and app in (None, aio_of(value))
-    ]
 
 
 def _close_module(exc: ImportError, module_name: str, attr: str) -> str:
