@@ -36,6 +36,7 @@ from redis_keys import (
     new_redis_prefix,
     scan_keys,
 )
+from skips import unavailable
 from start_wait_logs import Caught
 
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
@@ -73,18 +74,11 @@ def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def skip_or_fail(reason: str) -> None:
-    """Skip locally; under CI (``CI`` set) fail instead, so CI never passes by skipping."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: service tests must not skip)")
-    pytest.skip(reason)
-
-
 def require_service(name: str, host: str, port: int) -> None:
     """Skip (locally) or fail (under CI) when the service is down."""
     if reachable(host, port):
         return
-    skip_or_fail(f"{name} is not reachable at {host}:{port}")
+    unavailable(f"{name} is not reachable at {host}:{port}")
 
 
 @pytest.fixture

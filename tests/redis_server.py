@@ -4,16 +4,15 @@ shared server must not get). Lives at the top of tests/ so every test folder imp
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import pytest
 import redis
+from skips import unavailable
 
 
 def free_port() -> int:
@@ -84,14 +83,6 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-def unavailable(reason: str) -> NoReturn:
-    """A test-owned redis-server could not start: skip locally, fail under ``CI`` (where
-    redis-server is installed, so not starting is a real failure)."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: this test must run)")
-    pytest.skip(reason)
 
 
 def start_server(tmp: Path, **options: Any) -> RedisServer:

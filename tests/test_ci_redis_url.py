@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from redis_server import unavailable
+from skips import unavailable
 
 LIB = Path(__file__).resolve().parents[1] / ".ci" / "redis_url.bash"
 SECRET = "s3cr@t-pw"

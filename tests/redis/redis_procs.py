@@ -19,7 +19,7 @@ import anyio
 from redis_server import RedisServer as RedisServer
 from redis_server import free_port as free_port
 from redis_server import start_server as start_server
-from redis_server import unavailable as unavailable
+from skips import unavailable as unavailable
 
 from qtasks.components import BrokerStats
 

@@ -1,0 +1,1 @@
+from tests.skips import *  # noqa: F403
