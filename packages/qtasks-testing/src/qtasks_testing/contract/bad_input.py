@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import random
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -594,8 +595,12 @@ class Fuzz:
         return self._dumps(wire)
 
     def _deep(self, id: str) -> bytes:
-        """Nested deeper than any parser goes, in the arguments or a header."""
-        depth = self.rng.randrange(5_000, 60_000)
+        """Nested deeper than any parser goes, in the arguments or a header: deeper than
+        the interpreter's recursion limit, read when the message is made (a process that
+        raised it, as mypy's API does to 2**14, decodes a nesting of 10,000, and a header
+        nested that deep is then a valid message, which runs)."""
+        low = max(5_000, 2 * sys.getrecursionlimit())
+        depth = self.rng.randrange(low, 12 * low)
         nested = b"[" * depth + b"]" * depth
         wire = self._wire(id)
         if self.rng.random() < 0.5:
