@@ -8,7 +8,10 @@ Modes (:attr:`FaultProxy.mode`):
 ``latency``
     Forward both ways, every chunk ``delay`` seconds after it was read. Each direction has a
     queue of ``(release time, chunk)``: chunks keep their order and the delay is not paid once
-    per chunk, so throughput is unchanged and a round trip costs ``2 * delay`` more.
+    per chunk, so throughput is unchanged and a round trip costs ``2 * delay`` more. With
+    ``jitter`` each chunk's delay is drawn between ``delay - jitter`` and ``delay + jitter``;
+    a chunk is never released before the one read before it (TCP keeps order), so a short
+    draw behind a long one waits for it.
 ``blackhole``
     A network partition: connections are accepted and kept, but nothing is forwarded in either
     direction; what arrives meanwhile (and what was still delayed) is held, in order, and
@@ -130,13 +133,19 @@ class _Link:
         self, reader: asyncio.StreamReader, queue: asyncio.Queue[tuple[float, bytes] | None]
     ) -> None:
         proxy = self.proxy
+        last = 0.0  # the release time of the chunk before: none is released before it
         try:
             while data := await reader.read(_CHUNK):
                 mode = proxy.mode
                 if mode == "blackhole":
                     proxy.stats.held += len(data)
-                delay = proxy.delay if mode == "latency" else 0.0
-                queue.put_nowait((time.monotonic() + delay, data))
+                delay = 0.0
+                if mode == "latency":
+                    delay = proxy.delay
+                    if proxy.jitter:
+                        delay += proxy.rng.uniform(-proxy.jitter, proxy.jitter)
+                last = max(time.monotonic() + max(delay, 0.0), last)
+                queue.put_nowait((last, data))
         except OSError:
             pass
         queue.put_nowait(None)  # end of stream, after what is still queued
@@ -224,6 +233,7 @@ class FaultProxy:
         self.listen = listen
         self.mode: Mode = "pass"
         self.delay = 0.0
+        self.jitter = 0.0
         self.slice_size = 1
         self.slice_delay = 0.0
         self.cut_range = (1, 1)
@@ -290,9 +300,10 @@ class FaultProxy:
         """Forward both ways (what is still delayed keeps its release time)."""
         self.mode = "pass"
 
-    def latency(self, seconds: float) -> None:
-        """Delay every chunk by ``seconds`` in each direction (``2 * seconds`` a round trip)."""
-        self.delay = seconds
+    def latency(self, seconds: float, jitter: float = 0.0) -> None:
+        """Delay every chunk by ``seconds`` in each direction (``2 * seconds`` a round trip),
+        give or take up to ``jitter`` seconds drawn per chunk (order kept)."""
+        self.delay, self.jitter = seconds, jitter
         self.mode = "latency"
 
     def slice(self, size: int = 1, delay: float = 0.0) -> None:

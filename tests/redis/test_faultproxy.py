@@ -90,6 +90,31 @@ def test_latency_keeps_throughput_with_many_chunks_in_flight(rig: FaultRig) -> N
     assert done - start < 1.0, done - start  # a delay paid per chunk would take 20 x 0.2 s
 
 
+def test_latency_with_jitter_varies_each_chunk_and_keeps_order(rig: FaultRig) -> None:
+    """0.1 s give or take 0.05 s each way: round trips spread between 0.1 and 0.3 s (plus
+    the machine's own time), and commands sent as separate chunks come back in order."""
+    conn = client(rig.proxy.port)
+    try:
+        assert conn.ping()  # connected (its handshake's round trips) before the latency
+        rig.proxy.latency(0.1, jitter=0.05)
+        trips = [round_trip(conn) for _ in range(12)]
+        assert min(trips) >= 0.1, trips
+        assert max(trips) < 0.3 + 0.3, trips
+        assert max(trips) - min(trips) > 0.01, f"no jitter: {trips}"
+    finally:
+        conn.close()
+    with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(20):
+            time.sleep(0.005)  # pacing, so that the commands leave as separate chunks
+            sock.sendall(b"ECHO %d\r\n" % i)
+        expected = b"".join(b"$%d\r\n%d\r\n" % (len(str(i)), i) for i in range(20))
+        received = b""
+        while len(received) < len(expected):
+            received += sock.recv(65536)
+    assert received == expected  # a short draw behind a long one waited for it
+
+
 def test_blackhole_times_out_and_pass_restores(rig: FaultRig) -> None:
     conn = client(rig.proxy.port, timeout=0.5)
     try:
