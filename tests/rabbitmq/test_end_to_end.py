@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,6 +50,8 @@ class Workers:
     def __init__(self, queue: str, out: Path) -> None:
         self.queue, self.out = queue, out
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.log: Path | None = None
+        """A file the workers' output goes to (else the test's own)."""
 
     def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
         """A worker; ``args`` follow the queue and directory (a Redis URL and prefix),
@@ -56,9 +59,15 @@ class Workers:
         root = Path(__file__).parents[2]
         path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path, **env}
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKER), self.queue, str(self.out), *args], env=env, cwd=root
-        )
+        with contextlib.ExitStack() as files:
+            out = None if self.log is None else files.enter_context(self.log.open("ab"))
+            proc = subprocess.Popen(
+                [sys.executable, str(WORKER), self.queue, str(self.out), *args],
+                env=env,
+                cwd=root,
+                stdout=out,
+                stderr=None if out is None else subprocess.STDOUT,
+            )
         self.procs.append(proc)
         return proc
 

@@ -6,12 +6,14 @@ storage across processes); with REDIS_URL and PREFIX the storage is Redis, share
 It serves until SIGTERM, or until it is killed. Environment: ``QTASKS_TEST_RABBITMQ_URL`` (the
 server), ``WORKER_MAX_DELIVERIES``, ``WORKER_SHUTDOWN_GRACE`` (5 unless set),
 ``WORKER_CONCURRENCY`` and ``WORKER_PREFETCH`` (4 unless set), ``WORKER_QUEUE_TYPE``,
-``WORKER_HEARTBEAT`` (the AMQP heartbeat, 30 unless set) and ``WORKER_MAX_SECONDS`` (the
-longest a task of this worker runs, whatever it was asked).
+``WORKER_HEARTBEAT`` (the AMQP heartbeat, 30 unless set), ``WORKER_LEASE`` (30 unless set, 60
+with a Redis storage) and ``WORKER_MAX_SECONDS`` (the longest a task of this worker runs,
+whatever it was asked).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -46,7 +48,7 @@ def build(
             max_tasks_process=int(os.environ.get("WORKER_CONCURRENCY", "4")),
             prefetch=int(os.environ.get("WORKER_PREFETCH", "4")),
             shutdown_grace=float(os.environ.get("WORKER_SHUTDOWN_GRACE", "5")),
-            lease=30 if redis_url is None else 60,
+            lease=float(os.environ.get("WORKER_LEASE", "30" if redis_url is None else "60")),
             max_deliveries=int(os.environ.get("WORKER_MAX_DELIVERIES", "5")),
         ),
     )
@@ -72,6 +74,16 @@ def build(
             raise
         note("done", f"{tag} {os.getpid()}")
         return tag
+
+    @app.task
+    async def digest(tag: str, payload: str, seconds: float) -> str:
+        """Notes the SHA-256 of the payload it was given, as it was given (UTF-8): the test
+        compares it with what it sent."""
+        note("started", f"{tag} {os.getpid()}")
+        await anyio.sleep(seconds)
+        sha = hashlib.sha256(payload.encode()).hexdigest()
+        note("done", f"{tag} {os.getpid()} {sha}")
+        return sha
 
     @app.task
     async def record(i: int) -> int:
