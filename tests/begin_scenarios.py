@@ -1,4 +1,4 @@
-"""The begin step's scenarios, run on the backends they apply to (memory, Redis)."""
+"""The begin step's scenarios, run on the backends they apply to (memory, Redis, RabbitMQ)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 
 from qtasks import AsyncQueueTasks, QueueConfig, TaskRecord, TaskStatus, hookimpl
 from qtasks.components import BeginOnClaim, Broker, SettleBegin, Storage
+from qtasks.errors import StorageConnectionError
+from qtasks.memory import MemoryStorage
 from qtasks.task import AsyncTask
 from qtasks.worker import QueueWorker
 
@@ -212,6 +214,64 @@ async def lost_deliveries_are_told_once(app: AsyncQueueTasks) -> None:
     assert sorted(heard) == sorted(
         (uuid, error, TaskStatus.ERROR, "dead-letter") for uuid, error in errors.items()
     )
+
+
+class SaveFailsOnce(MemoryStorage):
+    """Its first save of the record of ``uuid`` raises (the storage down while ``buried()``
+    ends the record); ``failed`` is set then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uuid = ""
+        self.failed = anyio.Event()
+
+    async def save(self, record: TaskRecord, *, fence: str | None = None) -> bool:
+        if record.uuid == self.uuid and not self.failed.is_set():
+            self.failed.set()
+            raise StorageConnectionError("the storage is down (once)")
+        return await super().save(record, fence=fence)
+
+
+async def a_dead_letter_not_written_is_told_again(
+    app: AsyncQueueTasks, storage: SaveFailsOnce
+) -> None:
+    """``app`` (not started, on ``storage``, a :class:`~qtasks.components.BuryNotice` broker
+    with ``max_deliveries=1``, task ``noop`` declared): a task's one allowed delivery is lost
+    (its consumer goes away without settling); the worker's consumer dead-letters it and
+    tells it, and ``buried()`` cannot write the record (``storage`` raises once): it returns
+    False, so the broker keeps the notice and tells it again. The record ends ``error`` (a
+    waiter gets it), ``qtasks_task_dead_lettered`` fires once. Before, the notice was
+    dropped and the record stayed ``new`` for ever. ``app`` is started here and closed."""
+    heard: list[str] = []
+    ended = anyio.Event()
+
+    class Watch:
+        @hookimpl
+        def qtasks_task_dead_lettered(self, record: TaskRecord, reason: str) -> None:
+            heard.append(record.uuid)
+            ended.set()
+
+    app.add_plugin(Watch())
+    await app.start()
+    try:
+        task = await app.add_task("noop", 1)
+        storage.uuid = task.uuid
+        async with app.broker.consume(prefetch=1) as raw:  # never settled
+            with anyio.fail_after(5):
+                await anext(raw)
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.worker.run, app)
+            with anyio.fail_after(10):
+                await storage.failed.wait()
+            with anyio.fail_after(10):
+                await ended.wait()
+            app.worker.stop()
+        record = await app.wait(task.uuid, timeout=5)
+    finally:
+        await app.aclose()
+    assert record.status is TaskStatus.ERROR
+    assert (record.error or "").startswith("dead-lettered: delivery limit reached")
+    assert heard == [task.uuid]
 
 
 async def cancelled_while_telling(app: AsyncQueueTasks) -> None:

@@ -11,9 +11,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import pytest
+from begin_scenarios import SaveFailsOnce, a_dead_letter_not_written_is_told_again
 from faultproxy import FaultProxy
 from yarl import URL as ParsedURL
 
+from qtasks import AsyncQueueTasks
 from qtasks.config import QueueConfig
 from qtasks.messages import Envelope
 from qtasks_rabbitmq import RabbitMQBroker, RabbitMQDelivery
@@ -94,6 +96,28 @@ async def test_a_notice_failing_until_the_close_is_given_once_more_there(
         failing = False
     assert attempts[-1] == "poison" and len(attempts) >= 2
     assert broker.reconnects == 0
+
+
+async def test_a_dead_letter_whose_record_could_not_be_written_is_told_again(
+    make_broker: BrokerFactory, queue_name: str
+) -> None:
+    """``buried()`` returns False for a dead letter's notice (the storage raised at the first
+    save of its record): the consumer keeps it and tells it again, backing off, in the
+    background; the record ends, the hook fires once. Before, a False return counted as
+    told (only a raise was told again) and the record stayed ``new`` for ever."""
+    await make_broker()  # declares the queue; the fixture deletes it afterwards
+    storage = SaveFailsOnce()
+    app = AsyncQueueTasks(
+        broker=RabbitMQBroker(URL, queue=queue_name),
+        storage=storage,
+        config=QueueConfig(max_deliveries=1, shutdown_grace=1.0),
+    )
+
+    @app.task
+    async def noop(i: int) -> int:
+        return 2 * i
+
+    await a_dead_letter_not_written_is_told_again(app, storage)
 
 
 @asynccontextmanager

@@ -380,15 +380,20 @@ class Consumer:
             # Its channel died: RabbitMQ delivers the message again.
 
     async def tell(self) -> None:
-        """Give the worker the notices of :attr:`untold`, oldest first. One that raises (the
-        contract says ``buried`` must not; a storage unreachable for a moment) is kept and
-        given again later, backing off, until it is given or the consumer closes (which gives
-        it once more): its message is settled already (dead-lettered), so nothing else is
-        redone, and the record ends as with the other brokers."""
-        if await self._give() or self.state.closing:
+        """Give the worker the notices of :attr:`untold`, oldest first. One that fails (its
+        ``buried`` returned False: the record could not be written, a storage outage; or it
+        raised, which the contract says it must not) is kept and given again later, backing
+        off up to :data:`RETELL_CAP` seconds, in a task of its own, until it is given or the
+        consumer closes (which gives it once more): its message is settled already
+        (dead-lettered), so nothing else is redone, and the record ends as with the other
+        brokers. While that task retries, the notices of later dead letters are left to it,
+        so that received messages do not wait on a storage that is down."""
+        if self._retelling() or await self._give() or self.state.closing:
             return
-        if self._retell_task is None or self._retell_task.done():
-            self._retell_task = asyncio.create_task(self._retell(), name="qtasks-rabbitmq-retell")
+        self._retell_task = asyncio.create_task(self._retell(), name="qtasks-rabbitmq-retell")
+
+    def _retelling(self) -> bool:
+        return self._retell_task is not None and not self._retell_task.done()
 
     async def _give(self) -> bool:
         """Give the notices of :attr:`untold`; ``False`` once one fails (it is kept, first).
@@ -398,7 +403,7 @@ class Consumer:
         while notice is not None and self.untold:
             id, reason = self.untold.popleft()
             try:
-                await notice(id, reason)
+                done = await notice(id, reason)
             except BaseException as exc:
                 self.untold.appendleft((id, reason))
                 if not isinstance(exc, Exception):
@@ -406,6 +411,14 @@ class Consumer:
                 log.exception(
                     "qtasks_rabbitmq: the notice that message %s was dead-lettered failed; "
                     "given again later",
+                    id,
+                )
+                return False
+            if done is False:  # its record was not written (None, from older callables: done)
+                self.untold.appendleft((id, reason))
+                log.warning(
+                    "qtasks_rabbitmq: the record of dead-lettered message %s could not be "
+                    "ended; its notice is given again later",
                     id,
                 )
                 return False
@@ -445,6 +458,10 @@ class Consumer:
                 await self._shut()
             finally:
                 self.state.lock.release()
+        # The notices still untold are given once more, bounded, and then dropped with an
+        # error logged: they live in this consumer only, and their messages are settled (in
+        # Q.dead, with their reasons), so no other consumer would tell them. Their records
+        # stay new/process until their TTL (requeue_dead_letters() puts their messages back).
         if self.untold:
             with stopping.shield("the dead letters' records", SHUT_WAIT):
                 await self._give()
