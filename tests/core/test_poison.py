@@ -11,7 +11,11 @@ from typing import Any
 
 import anyio
 import pytest
-from begin_scenarios import lost_deliveries_are_told_once
+from begin_scenarios import (
+    SaveFailsOnce,
+    a_dead_letter_not_written_is_told_again,
+    lost_deliveries_are_told_once,
+)
 
 from qtasks import (
     AsyncQueueTasks,
@@ -255,6 +259,25 @@ async def test_a_message_the_broker_dead_letters_itself_fires_the_dead_lettered_
         return 2 * i
 
     await lost_deliveries_are_told_once(app)
+
+
+async def test_a_dead_letter_whose_record_could_not_be_written_is_told_again() -> None:
+    """The in-memory broker's notice (``BuryNotice``) for which ``buried()`` returned False
+    (the storage down for its first save) is kept and told again at a later claim or idle
+    wake: the record ends, the hook fires once (the scenario
+    :func:`begin_scenarios.a_dead_letter_not_written_is_told_again`)."""
+    storage = SaveFailsOnce()
+    app = AsyncQueueTasks(
+        broker=NoticingBroker(),
+        storage=storage,
+        config=QueueConfig(max_deliveries=1, lease=0.2, shutdown_grace=1.0),
+    )
+
+    @app.task
+    async def noop(i: int) -> int:
+        return 2 * i
+
+    await a_dead_letter_not_written_is_told_again(app, storage)
 
 
 async def test_a_dead_letter_told_by_a_notice_while_its_run_ends_fires_the_hook_once() -> None:

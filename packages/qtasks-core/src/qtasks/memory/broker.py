@@ -44,6 +44,10 @@ from qtasks.record import TaskRecord, TaskStatus
 
 log = logging.getLogger("qtasks")
 
+RETELL_CAP = 5.0
+"""Longest pause, in seconds, before a dead letter's notice whose telling returned False
+(its record not written) is told again."""
+
 
 @dataclass(slots=True)
 class _Entry:
@@ -470,13 +474,25 @@ class MemoryBroker(_Lifecycle):
         buried: deque[tuple[str, str]] | None = None if notice is None else deque()
         told: deque[TaskRecord] | None = None if ended is None else deque()  # records ended
         unhanded = ""  # the token of the one taken and not yielded yet, if any
+        retell_at = 0.0  # monotonic: when a notice whose telling returned False is told again
+        failures = 0
 
-        async def tell() -> None:
+        async def tell(*, last: bool = False) -> None:
             # Each taken off before it is told: told once, even if the consumer is cancelled
-            # while telling it (its exit tells the rest).
-            if notice is not None and buried is not None:
+            # while telling it (its exit tells the rest). One for which ``notice`` returns
+            # False (its record not written: the storage failed) is kept, first, and told
+            # again at the first take or idle wake from ``retell_at`` on, backing off.
+            nonlocal retell_at, failures
+            if notice is not None and buried and (last or time.monotonic() >= retell_at):
                 while buried:
-                    await notice(*buried.popleft())
+                    id, reason = buried.popleft()
+                    if await notice(id, reason) is False:
+                        buried.appendleft((id, reason))
+                        failures += 1
+                        retell_at = time.monotonic() + min(RETELL_CAP, 0.1 * 2**failures)
+                        break
+                else:
+                    failures = 0
             if ended is not None and told is not None:
                 while told:
                     await ended(told.popleft())
@@ -501,6 +517,9 @@ class MemoryBroker(_Lifecycle):
                 if members and entry is None:
                     continue  # what it published may be due now: take again
                 if entry is None:
+                    if buried:  # a notice to tell again
+                        due = max(retell_at - time.monotonic(), 0.0)
+                        next_due = due if next_due is None else min(next_due, due)
                     await signal.wait(next_due)
                     continue
                 delivery = MemoryDelivery(self, entry)
@@ -526,7 +545,15 @@ class MemoryBroker(_Lifecycle):
             self.consumers -= 1
             if buried or told:
                 with anyio.CancelScope(shield=True):
-                    await tell()
+                    await tell(last=True)
+            # A notice still untold is dropped, its record left new/process until its TTL:
+            # it lived in this consumer only (its message is in the dead letters).
+            for id, _ in buried or ():
+                log.error(
+                    "the record of dead-lettered message %s could not be ended (its notice "
+                    "kept failing until the consumer closed)",
+                    id,
+                )
             for token in mine:
                 entry = self._inflight.pop(token, None)
                 if entry is not None:
