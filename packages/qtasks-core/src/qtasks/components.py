@@ -664,9 +664,12 @@ class BuryNotice(Protocol):
         consumer died first (killed, or closed with a claim's reply unread) is told by a
         consumer that starts later (the Redis broker does, see docs/redis.md): ``buried`` must
         then be safe to call again, and at once from two consumers, for the same id
-        (:func:`qtasks.poison.buried` is: the record ends once, the hook fires once). Such a
-        broker keeps the notice, to tell it again later, when ``buried`` returns False (its
-        record could not be written: the storage failed); None or True: dealt with."""
+        (:func:`qtasks.poison.buried` is: the record ends once, the hook fires once). Every
+        noticing broker keeps a notice for which ``buried`` returns False (its record could
+        not be written: the storage failed) and tells it again later, on its own, backing off to
+        a bound of seconds (not in a loop that hammers the storage), without holding its
+        deliveries back; None or True: dealt with. What a consumer that closes does with a
+        notice still untold is the broker's to say (in its docs)."""
         ...
 
 

@@ -886,6 +886,41 @@ class BuryNoticeContract(_BrokerCapability):
         assert told == [(sent.id, reason)], "told more than once, or of another message"
 
     @pytest.mark.anyio
+    async def test_a_notice_whose_record_was_not_written_is_told_again(
+        self, broker: Broker, contract_config: QueueConfig
+    ) -> None:
+        """``buried`` returns False at the first notice of a dead letter (its record could
+        not be written: the storage was down): the consumer keeps the notice and tells it
+        again later, on its own, while it goes on delivering. Told True, it is not told again,
+        not even as the consumer closes."""
+        limit, lease = contract_config.max_deliveries, contract_config.lease
+        sent, other = envelope(), envelope()
+        told: list[tuple[str, str]] = []
+        again = anyio.Event()
+
+        async def buried(id: str, reason: str) -> bool:
+            told.append((id, reason))
+            if id == sent.id and len(told) > 1:
+                again.set()
+            return len(told) > 1
+
+        await broker.publish(sent)
+        noticing = cast(BuryNotice, broker).consume_noticing(prefetch=10, buried=buried)
+        async with consuming_from(noticing) as consumer:
+            for attempt in range(1, limit + 1):
+                delivery = await consumer.next(timeout=lease * 2 + self.timing_slack)
+                assert (delivery.id, delivery.attempt) == (sent.id, attempt)
+            await broker.publish(other)
+            later = await consumer.next(timeout=lease * 2 + self.timing_slack)
+            assert later.id == other.id
+            assert await later.ack() is True
+            # A polling broker may keep the notice for a lease, then tell it at an idle claim.
+            with anyio.fail_after(lease * 4 + self.timing_slack):
+                await again.wait()
+        [letter] = [d for d in await broker.dead_letters() if d.id == sent.id]
+        assert told == [(sent.id, letter.reason)] * 2, "not told again, or told once more"
+
+    @pytest.mark.anyio
     async def test_a_nack_is_not_told(self, broker: Broker) -> None:
         """A delivery the worker gives up on (:meth:`Delivery.nack`) is the worker's own
         doing: the notice is only for what the broker dead-letters by itself."""
