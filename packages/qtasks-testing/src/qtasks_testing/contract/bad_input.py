@@ -335,6 +335,72 @@ class BadInputContract(ContractSuite):
         assert {id: r.attempt for id, r in records.items()} == dict.fromkeys(ids, 0)
         assert {id: letter.deliveries for id, letter in letters.items()} == dict.fromkeys(ids, 1)
 
+    # --- B1: what a rejection logs --------------------------------------------------------
+
+    @pytest.mark.anyio
+    async def test_a_rejection_logs_the_task_and_the_id_never_the_arguments(
+        self,
+        broker_factory: BrokerFactory,
+        storage_factory: StorageFactory,
+        contract_config: QueueConfig,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Messages that cannot run, whose arguments hold a secret-looking value: an unknown
+        task, wrong arguments for a known one, and bodies whose JSON reads but whose fields
+        do not (so they are undecodable with the arguments in plain view). Each is
+        dead-lettered with an ERROR line naming its id (and the task, when the message was
+        read), and the secret appears in no log record (qtasks's at any level, the others'
+        from INFO): not in its message, its arguments, nor its exception's text. Arguments
+        may carry secrets."""
+        secret = f"hunter2-{uuid.uuid4().hex}"
+        named = {
+            fresh("unknown"): ("no_such_task", raw("", "no_such_task", secret, token=secret)),
+            fresh("wrong-args"): ("add_retried", raw("", "add_retried", secret, 1, 2)),
+            fresh("wrong-kwargs"): ("add_retried", raw("", "add_retried", 1, 2, token=secret)),
+        }
+        wire = Message(uuid="", task_name="add", args=[secret], kwargs={"token": secret})
+        partly: dict[str, dict[str, Any]] = {
+            fresh("bad-priority"): {"priority": "high"},
+            fresh("bad-version"): {"v": 99},
+            fresh("bad-headers"): {"headers": [secret]},
+            fresh("bad-created-at"): {"created_at": "yesterday"},
+        }
+        bodies: dict[str, bytes] = {}
+        for id, (_, envelope) in named.items():
+            data = json.loads(envelope.body)
+            bodies[id] = json.dumps({**data, "uuid": id}).encode()
+        for id, change in partly.items():
+            bodies[id] = json.dumps({**wire.to_wire(), "uuid": id, **change}).encode()
+        assert all(secret.encode() in body for body in bodies.values())
+        # qtasks's loggers at DEBUG, every other at INFO: aiormq's DEBUG dumps each frame it
+        # sends, bodies included (what an operator turning on a client's wire log asks for).
+        with caplog.at_level(logging.INFO), caplog.at_level(logging.DEBUG, logger="qtasks"):
+            async with self.worker(broker_factory, storage_factory, contract_config) as (
+                app,
+                seen,
+            ):
+                for id, body in bodies.items():
+                    await app.broker.publish(Envelope(id=id, body=body))
+                await seen.wait(set(bodies), timeout=self.settle_timeout)
+                await self.serving(app)
+        assert set(seen.rejected) >= set(bodies)
+        assert not any(secret in reason for reason in seen.rejected.values())
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        lines = {id: [line for line in errors if id in line] for id in bodies}
+        assert {id: len(found) >= 1 for id, found in lines.items()} == dict.fromkeys(bodies, True)
+        assert {
+            id: any(repr(task) in line for line in lines[id]) for id, (task, _) in named.items()
+        } == dict.fromkeys(named, True)
+        formatter = logging.Formatter()
+        leaks = [
+            record.name
+            for record in caplog.records
+            if secret in formatter.format(record)
+            or secret in str(record.msg)
+            or secret in repr(record.args)
+        ]
+        assert leaks == [], "log records holding a task's arguments"
+
     # --- B5: an oversized message, consumer side ----------------------------------------------
 
     @pytest.mark.anyio
