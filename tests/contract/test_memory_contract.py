@@ -30,6 +30,7 @@ from qtasks_testing.contract import (
     LeaseDeadlineContract,
     LeaseLengthContract,
     LimitedBrokerFactory,
+    RetryContract,
     SettleBeginContract,
     SharedServerContract,
     StorageContract,
@@ -161,4 +162,8 @@ class TestMemoryLeaseDeadline(LeaseDeadlineContract):
 
 
 class TestMemoryBadInput(BadInputContract):
+    """Runs with the module's factories."""
+
+
+class TestMemoryRetry(RetryContract):
     """Runs with the module's factories."""

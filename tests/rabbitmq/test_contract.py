@@ -20,6 +20,7 @@ from qtasks_testing.contract import (
     BulkPublishContract,
     BuryNoticeContract,
     ConsumeHealthContract,
+    RetryContract,
     StorageFactory,
 )
 
@@ -94,7 +95,7 @@ class TestRabbitMQConsumeHealth(ConsumeHealthContract):
         return rabbitmq_broker_factory
 
 
-class TestRabbitMQBadInput(BadInputContract):
+class WithMemoryRecords:
     """RabbitMQ holds no task records: the worker's records are kept in memory here."""
 
     @pytest.fixture
@@ -104,3 +105,11 @@ class TestRabbitMQBadInput(BadInputContract):
     @pytest.fixture
     def storage_factory(self) -> StorageFactory:
         return MemoryStorage.from_config
+
+
+class TestRabbitMQBadInput(WithMemoryRecords, BadInputContract):
+    """The bad bodies are published straight to the queue."""
+
+
+class TestRabbitMQRetry(WithMemoryRecords, RetryContract):
+    """Each retry waits out its backoff in RabbitMQ."""

@@ -32,6 +32,7 @@ from qtasks_testing.contract import (
     LeaseDeadlineContract,
     LeaseLengthContract,
     LimitedBrokerFactory,
+    RetryContract,
     SettleBeginContract,
     SharedServerContract,
     StorageContract,
@@ -179,3 +180,7 @@ class TestRedisLeaseDeadline(LeaseDeadlineContract):
 class TestRedisBadInput(BadInputContract):
     """Runs with the module's factories: the raw bodies go into Redis's keys through
     ``RedisBroker.publish``, as a producer of another program would write them."""
+
+
+class TestRedisRetry(RetryContract):
+    """Runs with the module's factories."""

@@ -48,6 +48,7 @@ from qtasks_testing.contract.lease import (
     LimitedBrokerFactory,
 )
 from qtasks_testing.contract.query import StorageQueryContract
+from qtasks_testing.contract.retry import RetryContract
 from qtasks_testing.contract.storage import StorageContract, StorageFactory, finished, record
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "LeaseLengthContract",
     "LeasedBrokerFactory",
     "LimitedBrokerFactory",
+    "RetryContract",
     "SettleBeginContract",
     "SharedServerContract",
     "StorageContract",
