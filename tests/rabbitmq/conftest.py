@@ -23,6 +23,7 @@ from amqp_cleanup import URL as URL  # re-exported: the tests here import it fro
 from amqp_cleanup import delete_topology as delete_topology
 from workflow_app import Workers
 
+from qtasks.components import BrokerStats
 from qtasks.config import QueueConfig
 from qtasks_rabbitmq import RabbitMQBroker, Topology
 
@@ -113,6 +114,16 @@ def workers(tmp_path: Path, redis_url: str, prefix: str, queue_name: str) -> Ite
     anyio.run(delete_topology, Topology(queue_name))
 
 
+PROBLEMS = ("Traceback", "never retrieved", "was destroyed but it is pending", "CRITICAL")
+"""What must never be in a worker's log: an unhandled exception in any form (as for Redis's
+worker processes, ``tests/redis/redis_procs.py``)."""
+
+
+def problems(log: str) -> list[str]:
+    """The lines of a worker's log that show an unhandled exception (:data:`PROBLEMS`)."""
+    return [line for line in log.splitlines() if any(p in line for p in PROBLEMS)]
+
+
 def connection_pids(queue: str) -> list[str]:
     """The server-side pids of the open connections of brokers on ``queue``."""
     lines = rabbitmqctl("list_connections", "-q", "pid", "client_properties").splitlines()
@@ -144,3 +155,13 @@ async def poll(check: Callable[[], Awaitable[T | None]], timeout: float, every: 
             if value is not None and value is not False:
                 return value
             await anyio.sleep(every)
+
+
+async def drained(broker: RabbitMQBroker, timeout: float) -> BrokerStats:
+    """Wait until ``broker``'s queue holds nothing ready and nothing unacked; its stats then."""
+
+    async def empty() -> BrokerStats | None:
+        stats = await broker.stats()
+        return stats if stats.ready_by_priority == {} and stats.in_flight == 0 else None
+
+    return await poll(empty, timeout)
