@@ -47,7 +47,7 @@ def test_writes_under_the_default_prefix(redis_url):
 
 
 # The suite's conftest.py and the helper modules it imports.
-CONFTEST_FILES = ("conftest.py", "redis_keys.py", "start_wait_logs.py")
+CONFTEST_FILES = ("conftest.py", "redis_keys.py", "skips.py", "start_wait_logs.py")
 
 
 def session(pytester: pytest.Pytester, tests: str) -> None:
